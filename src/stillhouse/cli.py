@@ -1,0 +1,57 @@
+"""The `stillhouse` command line. Thin: each verb parses arguments and calls the library.
+
+Every stage is a verb over a run directory:
+    serve | harvest | export | curate | train | eval | guard | detect | arena | bench
+
+Each area registers its own verbs (``register(app, bench_app)`` in its ``commands``
+module); those modules import heavy libraries inside the command functions, so
+``stillhouse --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from stillhouse import __version__
+
+app = typer.Typer(
+    name="stillhouse",
+    help=(
+        "The LLM distillation pathway and the blocking of it, each measured against the other.\n\n"
+        "Distill: serve a teacher, harvest data from it, curate, train a student, evaluate.\n"
+        "Guard: a gateway that logs, detects and enforces. Arena: campaigns against the guard."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+bench_app = typer.Typer(help="Benchmarks: us and named peers side by side, in one run, as ratios.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"stillhouse {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """stillhouse."""
+
+
+def _register() -> None:
+    from stillhouse.arena import commands as arena_commands
+    from stillhouse.distill import commands as distill_commands
+    from stillhouse.distill import harvest_commands
+    from stillhouse.guard import commands as guard_commands
+    from stillhouse.teacher import commands as teacher_commands
+
+    for module in (teacher_commands, harvest_commands, distill_commands, guard_commands, arena_commands):
+        module.register(app, bench_app)
+
+
+_register()

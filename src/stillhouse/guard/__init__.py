@@ -1,0 +1,1 @@
+"""Guard: an OpenAI-compatible gateway that authenticates, logs, limits and enforces."""

@@ -1,0 +1,194 @@
+"""The one Teacher protocol that both sides of the house talk to.
+
+A teacher takes chat messages and sampling parameters and returns completions with,
+where the backend can give them, per-token logprobs and top-k logprobs. Three
+implementations live beside this file: ``local`` (in-process transformers model,
+white-box), ``openai`` (any OpenAI-compatible HTTP endpoint) and ``fake``
+(deterministic, for tests). ``spec.py`` turns a spec string into one of them.
+
+Exception tree (every backend maps its own failures into it, with ``raise ... from``)::
+
+    TeacherError
+    ├── TeacherConnectionError      could not reach the server (retryable)
+    ├── TeacherTimeout              no answer within the per-request timeout (retryable)
+    ├── TeacherHTTPError            the server answered with an error status
+    │   ├── RateLimited             429; carries retry_after seconds when the server sent it
+    │   ├── ServerError             5xx; 503 may carry retry_after (retryable)
+    │   └── BadRequest              other 4xx: our request is wrong (not retryable)
+    └── TeacherResponseError        2xx with an unusable body (truncated JSON, no choices);
+                                    carries the raw body so it can be stored
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+Message = dict[str, Any]
+"""An OpenAI chat message: ``{"role": "user", "content": "..."}``."""
+
+FinishReason = Literal["stop", "length", "error"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. Mirrors the OpenAI chat-completions fields of the same names."""
+
+    temperature: float = 0.0
+    """0 means greedy decoding."""
+    top_p: float = 1.0
+    max_tokens: int = 256
+    """Upper bound on completion tokens."""
+    n: int = 1
+    """Completions per request."""
+    seed: int | None = None
+    """Makes sampling reproducible where the backend supports it."""
+    stop: tuple[str, ...] = ()
+    """Generation ends before any of these strings."""
+    logprobs: bool = False
+    """Return the logprob of each sampled token."""
+    top_logprobs: int = 0
+    """Also return the k most likely tokens at each position (0..20; needs logprobs)."""
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.temperature <= 2.0) or math.isnan(self.temperature):
+            raise ValueError(f"temperature={self.temperature}: must be between 0 and 2 (0 = greedy)")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens}: must be at least 1")
+        if self.n < 1:
+            raise ValueError(f"n={self.n}: must be at least 1")
+        if not (0 <= self.top_logprobs <= 20):
+            raise ValueError(f"top_logprobs={self.top_logprobs}: must be between 0 and 20")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=True: set both")
+        if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
+            raise ValueError("stop must be a tuple of strings, e.g. stop=('\\n',)")
+
+    def to_openai(self) -> dict[str, Any]:
+        """The request fields for an OpenAI chat-completions body."""
+        body: dict[str, Any] = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_tokens": self.max_tokens,
+            "n": self.n,
+        }
+        if self.seed is not None:
+            body["seed"] = self.seed
+        if self.stop:
+            body["stop"] = list(self.stop)
+        if self.logprobs:
+            body["logprobs"] = True
+            if self.top_logprobs:
+                body["top_logprobs"] = self.top_logprobs
+        return body
+
+
+@dataclass
+class TokenLogprobs:
+    """Per-token logprobs of one completion, position by position.
+
+    ``token_ids``/``top_ids`` are None when the backend gave only token strings
+    (an HTTP API); a local teacher always fills them.
+    """
+
+    tokens: list[str]
+    logprobs: list[float]
+    token_ids: list[int] | None = None
+    top_tokens: list[list[str]] = field(default_factory=list)
+    top_logprobs: list[list[float]] = field(default_factory=list)
+    top_ids: list[list[int]] | None = None
+
+
+@dataclass
+class Completion:
+    """One completion of a chat request."""
+
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int] | None = None
+    logprobs: TokenLogprobs | None = None
+
+
+@dataclass
+class ChatResult:
+    """The answer to one chat request: ``n`` completions plus provenance."""
+
+    completions: list[Completion]
+    model: str
+    latency_s: float = 0.0
+    raw: dict[str, Any] | None = None
+    """The decoded response body, when it came over HTTP."""
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    """What every teacher implements."""
+
+    @property
+    def name(self) -> str:
+        """The model name, as an OpenAI ``model`` field would carry it."""
+        ...
+
+    @property
+    def revision(self) -> str:
+        """Something that changes when the weights change (a file hash, a served revision)."""
+        ...
+
+    async def chat(self, messages: list[Message], params: SamplingParams) -> ChatResult:
+        """Complete one conversation ``params.n`` times."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections, threads, memory."""
+        ...
+
+
+class TeacherError(Exception):
+    """Base of every teacher failure."""
+
+
+class TeacherConnectionError(TeacherError):
+    """The server could not be reached."""
+
+
+class TeacherTimeout(TeacherError):
+    """No answer within the per-request timeout."""
+
+
+class TeacherHTTPError(TeacherError):
+    """The server answered with an error status."""
+
+    def __init__(self, status: int, message: str, body: str = "", retry_after: float | None = None):
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.body = body
+        self.retry_after = retry_after
+
+
+class RateLimited(TeacherHTTPError):
+    """429 Too Many Requests."""
+
+
+class ServerError(TeacherHTTPError):
+    """5xx from the server."""
+
+
+class BadRequest(TeacherHTTPError):
+    """A 4xx other than 429: the request itself is wrong, retrying will not help."""
+
+
+class TeacherResponseError(TeacherError):
+    """A 2xx answer whose body cannot be used; ``raw`` keeps it for the store."""
+
+    def __init__(self, message: str, raw: str):
+        super().__init__(message)
+        self.raw = raw
+
+
+RETRYABLE = (TeacherConnectionError, TeacherTimeout, RateLimited, ServerError, TeacherResponseError)
+"""Failures worth another attempt."""
