@@ -1,0 +1,219 @@
+"""Distillation losses as plain functions of tensors.
+
+Conventions shared by every function here:
+
+* ``*_logits`` are ``(B, T, V)`` and already aligned with their targets: position ``t``
+  of the logits is scored against position ``t`` of ``labels`` / the teacher tensors
+  (use :func:`shift_for_next_token` to align a causal LM's output with its inputs).
+* ``mask`` is a ``(B, T)`` bool tensor of the positions that count (assistant tokens).
+* Every loss is the mean over the masked positions of a per-position quantity; the
+  per-position KL/JSD sums over the vocabulary. A mask with no True entry gives 0.
+
+The losses:
+
+* :func:`sft_loss` - sequence-level KD: cross-entropy on the teacher's text.
+* :func:`forward_kl` - KL(teacher || student), mode-covering (classic Hinton KD).
+* :func:`reverse_kl` - KL(student || teacher), mode-seeking (MiniLLM).
+* :func:`generalized_jsd` - TRL's ``generalized_jsd_loss``: beta=0 is forward KL,
+  beta=1 reverse KL, in between the beta-skewed Jensen-Shannon divergence.
+* :func:`topk_kd` - forward KL against harvested top-k logprobs with one tail bucket,
+  for API teachers that give only the k most likely tokens at each position.
+* :func:`mix_losses` - ``alpha * CE + (1 - alpha) * KD``, returning both terms so the
+  known weak spot (a KD term too small beside CE to matter) is visible in every log.
+
+Temperature follows TRL: both distributions are softened by dividing logits by T, and
+the loss is not rescaled by T^2.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported inside functions so that importing this module stays cheap
+    import torch
+
+IGNORE_INDEX = -100
+"""Label value for positions that carry no loss (prompt tokens, padding)."""
+
+
+def _check_temperature(temperature: float) -> None:
+    if not (temperature > 0) or math.isinf(temperature):
+        raise ValueError(f"temperature={temperature}: must be a positive finite number (1.0 = no softening)")
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` (B, T) over ``mask`` (B, T); 0 (with a graph) when nothing is masked in."""
+    if values.shape != mask.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match positions {tuple(values.shape)}")
+    m = mask.to(values.dtype)
+    return (values * m).sum() / m.sum().clamp(min=1.0)
+
+
+def shift_for_next_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Align a causal LM's ``logits`` (B, T, V) with next-token ``labels`` (B, T).
+
+    Returns ``(logits[:, :-1], labels[:, 1:])``, so that position t predicts token t+1.
+    """
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on (B, T)")
+    return logits[:, :-1, :], labels[:, 1:]
+
+
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Token-level cross-entropy on positions whose label is not ``ignore_index``.
+
+    Sequence-level KD is exactly this, on the teacher's generated text, with the prompt
+    tokens set to ``ignore_index`` (assistant-only loss).
+    """
+    import torch.nn.functional as F
+
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on (B, T)")
+    mask = labels != ignore_index
+    per_pos = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        labels.clamp(min=0).reshape(-1),
+        reduction="none",
+    ).reshape(labels.shape)
+    return _masked_mean(per_pos, mask)
+
+
+def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    _check_temperature(temperature)
+    return F.log_softmax(logits.float() / temperature, dim=-1)
+
+
+def _kl_per_position(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) summed over the last axis, with 0 * log 0 = 0."""
+    import torch
+
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+
+
+def forward_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Mean over masked positions of KL(teacher || student)."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
+            "differ: the two models must share a tokenizer (vocabulary) for dense KD"
+        )
+    s = _log_probs(student_logits, temperature)
+    t = _log_probs(teacher_logits, temperature)
+    return _masked_mean(_kl_per_position(t, s), mask)
+
+
+def reverse_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Mean over masked positions of KL(student || teacher)."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
+            "differ: the two models must share a tokenizer (vocabulary) for dense KD"
+        )
+    s = _log_probs(student_logits, temperature)
+    t = _log_probs(teacher_logits, temperature)
+    return _masked_mean(_kl_per_position(s, t), mask)
+
+
+def generalized_jsd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """The generalized Jensen-Shannon divergence of GKD (as TRL's ``generalized_jsd_loss``).
+
+    With the mixture M = beta * teacher + (1 - beta) * student (in probability space),
+    the loss is ``beta * KL(teacher || M) + (1 - beta) * KL(student || M)``; the
+    end points are defined as the KLs they tend to in TRL: beta=0 gives forward KL
+    KL(teacher || student) and beta=1 gives reverse KL KL(student || teacher).
+    """
+    import torch
+
+    if not (0.0 <= beta <= 1.0):
+        raise ValueError(f"beta={beta}: must be in [0, 1] (0 = forward KL, 1 = reverse KL)")
+    if beta == 0.0:
+        return forward_kl(student_logits, teacher_logits, mask, temperature)
+    if beta == 1.0:
+        return reverse_kl(student_logits, teacher_logits, mask, temperature)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
+            "differ: the two models must share a tokenizer (vocabulary) for dense KD"
+        )
+    s = _log_probs(student_logits, temperature)
+    t = _log_probs(teacher_logits, temperature)
+    log_m = torch.logsumexp(torch.stack([s + math.log(1.0 - beta), t + math.log(beta)]), dim=0)
+    per_pos = beta * _kl_per_position(t, log_m) + (1.0 - beta) * _kl_per_position(s, log_m)
+    return _masked_mean(per_pos, mask)
+
+
+def topk_kd(
+    student_logits: torch.Tensor,
+    top_ids: torch.Tensor,
+    top_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 1.0,
+    tail_eps: float = 1e-12,
+) -> torch.Tensor:
+    """Forward KL from a teacher known only through its top-k logprobs, with a tail bucket.
+
+    ``top_ids`` (B, T, K) are the teacher's k most likely token ids at each position and
+    ``top_logprobs`` (B, T, K) their log-probabilities (as harvested, at temperature 1).
+    Entries of ``-inf`` mark unused slots (probability 0), so a position with fewer than
+    K candidates can be padded. The teacher's distribution becomes K + 1 buckets: its
+    top-k tokens plus one tail holding ``1 - sum(top-k)``; the student's distribution is
+    folded onto the same buckets (its probabilities of those ids, and all the rest as
+    its tail). The loss is KL(teacher buckets || student buckets). With K equal to the
+    vocabulary size the tail is empty and this equals :func:`forward_kl`.
+
+    ``temperature`` softens only the student (harvested teacher logprobs cannot be
+    re-tempered without the full distribution); keep it at 1 unless you mean that.
+    """
+    import torch
+
+    if top_ids.shape != top_logprobs.shape:
+        raise ValueError(f"top_ids {tuple(top_ids.shape)} and top_logprobs {tuple(top_logprobs.shape)} differ")
+    if top_ids.shape[:2] != student_logits.shape[:2]:
+        raise ValueError(
+            f"top-k tensors {tuple(top_ids.shape)} and student logits {tuple(student_logits.shape)} "
+            "disagree on (B, T)"
+        )
+    if top_ids.shape[-1] > student_logits.shape[-1]:
+        raise ValueError(f"k={top_ids.shape[-1]} exceeds the vocabulary size {student_logits.shape[-1]}")
+    s = _log_probs(student_logits, temperature)
+    t_lp = top_logprobs.float()
+    used = torch.isfinite(t_lp)
+    # Padding slots point at id 0; they carry no teacher mass and are excluded from the student's sum.
+    ids = torch.where(used, top_ids, torch.zeros_like(top_ids)).long()
+    s_top = torch.gather(s, -1, ids)
+    # A large finite negative (not -inf) keeps logsumexp and its gradient finite even at
+    # positions where every slot is padding.
+    s_top = torch.where(used, s_top, torch.full_like(s_top, -1e9))
+    t_lp = torch.where(used, t_lp, torch.zeros_like(t_lp))
+
+    t_p = torch.where(used, t_lp.exp(), torch.zeros_like(t_lp))
+    kl_top = (t_p * (t_lp - s_top)).sum(-1)
+
+    t_tail = (1.0 - t_p.sum(-1)).clamp(min=0.0)
+    s_in = torch.logsumexp(s_top, dim=-1).clamp(max=0.0)
+    # log(1 - exp(x)) for x <= 0, clamped so an empty tail never produces inf/nan gradients.
+    s_tail_log = torch.log((-torch.expm1(s_in)).clamp(min=tail_eps))
+    t_tail_log = torch.log(t_tail.clamp(min=tail_eps))
+    kl_tail = torch.where(t_tail > tail_eps, t_tail * (t_tail_log - s_tail_log), torch.zeros_like(t_tail))
+    return _masked_mean(kl_top + kl_tail, mask)
+
+
+def mix_losses(ce: torch.Tensor, kd: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``alpha * ce + (1 - alpha) * kd``; alpha=1 is plain SFT, alpha=0 pure KD."""
+    if not (0.0 <= alpha <= 1.0):
+        raise ValueError(f"alpha={alpha}: must be in [0, 1] (weight of the cross-entropy term)")
+    return alpha * ce + (1.0 - alpha) * kd
