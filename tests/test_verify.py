@@ -1,0 +1,94 @@
+"""Verifiers: numeric answers (arithmetic, GSM8K) and HumanEval-style code checks."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from stillhouse.distill.verify import (
+    Check,
+    check_code,
+    check_numeric,
+    extract_answer,
+    gsm8k_reference,
+    parse_number,
+    verify,
+)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("12 + 30 = 42", "42"),
+        ("12 + 30 = 42. The answer is 42.", "42"),  # after '=' wins
+        ("The answer is 42.", "42"),
+        ("Sum: 1,234", "1,234"),
+        ("It costs $5.50 in total", "$5.50"),
+        ("x is -7", "-7"),
+        ("12 - 5 is 7", "7"),  # the minus between operands is not a sign
+        ("first 3 then 9", "9"),
+        ("no digits here", None),
+        ("", None),
+    ],
+)
+def test_extract_answer(text: str, expected: str | None) -> None:
+    assert extract_answer(text) == expected
+
+
+def test_parse_number_tolerates_format() -> None:
+    assert parse_number("$1,234.50") == Decimal("1234.50")
+    assert parse_number("42.") == Decimal(42)
+    assert parse_number("50%") == Decimal(50)
+    assert parse_number("forty") is None
+
+
+def test_check_numeric_accepts_right_and_rejects_wrong() -> None:
+    assert check_numeric("12 + 30 = 42", 42) == Check(True, "correct")
+    ok, reason = check_numeric("12 + 30 = 41", 42)
+    assert not ok and reason.startswith("wrong") and "41" in reason and "42" in reason
+    assert check_numeric("42.0", "42").ok  # decimals compare by value
+    assert not check_numeric("the sum is 4.2", 42).ok
+    assert check_numeric("", 42).reason.startswith("empty")
+    assert check_numeric("I do not know", 42).reason.startswith("no_number")
+    # a model that echoes and then keeps counting: the number after '=' decides
+    assert not check_numeric("12 + 30 = 41, so 42", 42).ok
+
+
+def test_gsm8k_reference_and_check() -> None:
+    field = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 1,072"
+    assert gsm8k_reference(field) == "1,072"
+    assert check_numeric("So she sold $1,072.", field).ok
+    assert not check_numeric("So she sold 1,071 clips.", field).ok
+    with pytest.raises(ValueError, match="####"):
+        gsm8k_reference("no final line")
+
+
+def test_bad_reference_is_an_error_not_a_verdict() -> None:
+    with pytest.raises(ValueError, match="not a number"):
+        check_numeric("42", "forty-two")
+
+
+PROBLEM = {
+    "prompt": "def add(a, b):\n    \"\"\"Return a + b.\"\"\"\n",
+    "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n",
+    "entry_point": "add",
+}
+
+
+def test_check_code_passes_and_fails() -> None:
+    assert check_code("    return a + b\n", PROBLEM) == Check(True, "passed")
+    ok, reason = check_code("    return a - b\n", PROBLEM)
+    assert not ok and "AssertionError" in reason
+    ok, reason = check_code("    return a +\n", PROBLEM)
+    assert not ok and "SyntaxError" in reason
+
+
+def test_verify_dispatch() -> None:
+    assert verify("arithmetic2", "3 + 4 = 7", 7).ok
+    assert verify("gsm8k", "#### 7", "#### 7").ok
+    assert verify("humaneval", "    return a + b\n", PROBLEM).ok
+    with pytest.raises(ValueError, match="no verifier"):
+        verify("poetry", "x", "y")
+    with pytest.raises(ValueError, match="problem dict"):
+        verify("humaneval", "x", 3)
