@@ -1,0 +1,591 @@
+"""The guard gateway: a plain ASGI reverse proxy in front of an OpenAI-compatible upstream.
+
+``create_app(config, store, upstream=None, clock=time.time, detector=None)`` returns an ASGI
+app (run it with uvicorn; ``stillhouse guard`` does). Per request, in this order:
+
+1. authenticate the ``Authorization: Bearer sk-sh-...`` key (in memory; nothing reaches the
+   upstream without a live key) → 401;
+2. fail-closed: the log store is down → 503;
+3. read the body with a size limit → 413; parse and check the JSON → 400;
+4. policy: block → 403; degrade → cap max_tokens, refuse logprobs / n>1 (403), strip
+   reasoning from the answer; throttle → tighter limits;
+5. limits: requests/min, tokens/min, concurrent streams → 429 with Retry-After;
+6. forward through the pooled aiohttp client; SSE chunks go to the client as they arrive;
+   a client disconnect closes the upstream connection; upstream down → 502, silent → 504;
+7. log a TrafficRecord (redacted as configured) through the background writer, feed the
+   detector (unredacted) and let the policy engine take its verdict.
+
+Errors are OpenAI-shaped: ``{"error": {"message", "type", "param", "code"}}``.
+The admin API (``guard/admin.py``) lives under ``/admin/`` behind its own token; the
+OpenAPI schema is served at ``/openapi.json``. ``clock`` only stamps records and drives
+limits and decisions (the arena injects simulated time); latency is always wall time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from stillhouse.guard.config import GuardConfig
+from stillhouse.guard.degrade import SSEReasoningStripper, degrade_request, strip_reasoning
+from stillhouse.guard.events import AccountInfo, Detector, TrafficRecord
+from stillhouse.guard.keys import KeyRing
+from stillhouse.guard.limits import Limits, RateLimiter
+from stillhouse.guard.policy import Effective, PolicyEngine
+from stillhouse.guard.redact import Redactor
+from stillhouse.guard.spool import LogWriter, Spool
+from stillhouse.guard.store import AccountLimits, DecisionRow, SqlStore
+from stillhouse.guard.upstream import Upstream, UpstreamError, UpstreamResponse
+
+log = logging.getLogger("stillhouse.guard")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+PARAM_KEYS = ("max_tokens", "max_completion_tokens", "n", "temperature", "top_p", "logprobs", "top_logprobs",
+              "stream", "seed", "stop", "presence_penalty", "frequency_penalty", "response_format", "tools")
+PROXIED = {("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models")}
+_JSON = [(b"content-type", b"application/json")]
+
+
+class BadRequest(Exception):
+    """The client's request is malformed; ``param`` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_request"):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}}).encode()
+
+
+async def send_json(send: Send, status: int, body: bytes | Any,
+                    headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*_JSON, (b"content-length", str(len(data)).encode()), *(headers or [])]})
+    await send({"type": "http.response.body", "body": data})
+
+
+def header_fingerprint(headers: list[tuple[bytes, bytes]]) -> str:
+    """Hash of the request's header names in arrival order (clients differ in order and set)."""
+    return hashlib.blake2b(b"\n".join(k for k, _ in headers), digest_size=8).hexdigest()
+
+
+def check_request(path: str, body: Any) -> None:
+    """Validate the fields the guard relies on; the upstream checks the rest."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' is required and must be a non-empty string", "model")
+    if path == "/v1/chat/completions":
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise BadRequest("'messages' is required and must be a non-empty array", "messages")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise BadRequest(f"messages[{i}] must be an object with a string 'role'", f"messages[{i}]")
+            c = m.get("content")
+            if c is not None and not isinstance(c, str | list):
+                raise BadRequest(f"messages[{i}].content must be a string, an array or null",
+                                 f"messages[{i}].content")
+    else:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str | list):
+            raise BadRequest("'prompt' is required and must be a string or an array", "prompt")
+    for name, kind, low in (("max_tokens", int, 1), ("max_completion_tokens", int, 1), ("n", int, 1),
+                            ("top_logprobs", int, 0)):
+        v = body.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, kind) or v < low):
+            raise BadRequest(f"'{name}' must be an integer >= {low}", name)
+    for name in ("stream", "logprobs"):
+        v = body.get(name)
+        if v is not None and not isinstance(v, bool):
+            raise BadRequest(f"'{name}' must be true or false", name)
+    for name in ("temperature", "top_p"):
+        v = body.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
+            raise BadRequest(f"'{name}' must be a number", name)
+
+
+def _estimate_tokens(text: str) -> int:
+    return (len(text) + 3) // 4
+
+
+def _prompt_text(body: dict[str, Any]) -> str:
+    if "messages" in body:
+        parts = []
+        for m in body["messages"]:
+            c = m.get("content")
+            if isinstance(c, str):
+                parts.append(c)
+            elif isinstance(c, list):
+                parts.extend(p.get("text", "") for p in c if isinstance(p, dict) and isinstance(p.get("text"), str))
+        return "\n".join(parts)
+    p = body.get("prompt")
+    return p if isinstance(p, str) else json.dumps(p)
+
+
+def parse_json_response(data: bytes) -> tuple[str, int | None, int | None]:
+    """(text of the first choice, prompt_tokens, completion_tokens) of a non-streamed response."""
+    try:
+        obj = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return data.decode("utf-8", "replace")[:10000], None, None
+    if not isinstance(obj, dict):
+        return "", None, None
+    texts = []
+    for ch in obj.get("choices") or []:
+        if isinstance(ch, dict):
+            msg = ch.get("message")
+            if isinstance(msg, dict) and isinstance(msg.get("content"), str):
+                texts.append(msg["content"])
+            elif isinstance(ch.get("text"), str):
+                texts.append(ch["text"])
+    usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else {}
+    return "\n\n".join(texts), usage.get("prompt_tokens"), usage.get("completion_tokens")
+
+
+def parse_sse(data: bytes) -> tuple[str, int | None, int | None]:
+    """(concatenated text per choice, prompt_tokens, completion_tokens) of a streamed response."""
+    by_choice: dict[int, list[str]] = {}
+    pt = ct = None
+    for line in data.decode("utf-8", "replace").split("\n"):
+        if not line.startswith("data:"):
+            continue
+        payload = line[5:].strip()
+        if not payload or payload == "[DONE]":
+            continue
+        try:
+            obj = json.loads(payload)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(obj, dict):
+            continue
+        for ch in obj.get("choices") or []:
+            if not isinstance(ch, dict):
+                continue
+            idx = ch.get("index", 0) if isinstance(ch.get("index", 0), int) else 0
+            delta = ch.get("delta")
+            piece = delta.get("content") if isinstance(delta, dict) else ch.get("text")
+            if isinstance(piece, str):
+                by_choice.setdefault(idx, []).append(piece)
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            pt, ct = usage.get("prompt_tokens", pt), usage.get("completion_tokens", ct)
+    return "\n\n".join("".join(by_choice[i]) for i in sorted(by_choice)), pt, ct
+
+
+class GuardApp:
+    """The ASGI app. Build it with :func:`create_app`."""
+
+    def __init__(self, config: GuardConfig, store: SqlStore, upstream: Upstream | None = None,
+                 clock: Callable[[], float] = time.time, detector: Detector | None = None):
+        self.config = config
+        self.store = store
+        self.clock = clock
+        self.detector = detector
+        self.upstream = upstream or Upstream(
+            config.upstream_url,
+            api_key=os.environ.get(config.upstream_api_key_env, "") if config.upstream_api_key_env else "",
+            pool_size=config.upstream_pool_size, connect_timeout_s=config.upstream_connect_timeout_s,
+            read_timeout_s=config.upstream_timeout_s)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="guard-store")
+        self.keys = KeyRing(store)
+        self.accounts: dict[str, tuple[AccountInfo, AccountLimits]] = {}
+        self.writer = LogWriter(store, Spool(config.spool_dir), self.executor, config.log_flush_interval_s,
+                                config.log_batch_size, config.store_retry_s)
+        self.policy = PolicyEngine(config.rules, config.shadow, clock, persist=self.writer.put_decision)
+        self.limiter = RateLimiter(clock)
+        self.redactor = Redactor(config.redact, config.redact_patterns)
+        self.default_limits = Limits(config.requests_per_min, config.tokens_per_min, config.max_concurrent_streams)
+        self._limits: dict[str, Limits] = {}
+        self._started = False
+        self._start_lock = asyncio.Lock()
+        self._refresh_task: asyncio.Task[None] | None = None
+        self._last_refresh = 0.0
+        self._background: set[asyncio.Task[Any]] = set()
+        self.upstream_calls = 0
+        from stillhouse.guard.admin import AdminAPI
+        self.admin = AdminAPI(self)
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def db(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a store call in the store's worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def _load(self) -> int:
+        self.store.init()
+        self.keys.load()
+        self.accounts = {a.account_id: (a, lim) for a, lim in self.store.list_accounts()}
+        self.policy.load(self.store.list_decisions())
+        self._last_refresh = time.time()
+        return self.writer.spool.replay(self.store)
+
+    async def start(self) -> None:
+        async with self._start_lock:
+            if self._started:
+                return
+            replayed = await self.db(self._load)
+            if replayed:
+                log.warning("guard: replayed %d records left in the spool by an earlier run", replayed)
+            await self.writer.start()
+            await self.upstream.start()
+            if self.config.key_refresh_s > 0:
+                self._refresh_task = asyncio.create_task(self._refresh_loop(), name="guard-refresh")
+            self._started = True
+
+    async def stop(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        if self._refresh_task is not None:
+            self._refresh_task.cancel()
+            try:
+                await self._refresh_task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        await self.writer.close()
+        await self.upstream.close()
+        await self.db(self.store.close)
+
+    def _refresh(self) -> None:
+        since = self._last_refresh - 5.0
+        self._last_refresh = time.time()
+        changed = self.keys.refresh()
+        for row in self.store.list_decisions(updated_since=since):
+            self.policy.apply_row(row)
+        if changed or any(r.account_id not in self.accounts for r in self.keys.rows()):
+            self.accounts = {a.account_id: (a, lim) for a, lim in self.store.list_accounts()}
+            self._limits.clear()
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.key_refresh_s)
+            if not self.writer.store_ok:
+                continue
+            try:
+                await self.db(self._refresh)
+            except Exception as exc:  # noqa: BLE001 - a failed refresh keeps the last known state
+                log.warning("guard: key/decision refresh failed: %s", exc)
+
+    # -- ASGI ---------------------------------------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if kind != "http":
+            return
+        if not self._started:
+            await self.start()
+        method, path = scope["method"], scope["path"]
+        if (method, path) in PROXIED:
+            await self._proxy(scope, receive, send, method, path)
+        elif path.startswith("/admin/"):
+            await self.admin.handle(scope, receive, send)
+        elif path == "/healthz" and method == "GET":
+            ok = self.writer.store_ok
+            await send_json(send, 200 if ok or self.config.on_store_failure == "open" else 503,
+                            {"ok": ok, "store": "ok" if ok else "down", "mode": self.config.on_store_failure,
+                             "log": self.writer.stats()})
+        elif path == "/openapi.json" and method == "GET":
+            from stillhouse.guard.openapi import openapi_schema
+            await send_json(send, 200, openapi_schema())
+        elif path in {p for _, p in PROXIED} or path == "/healthz" or path == "/openapi.json":
+            await send_json(send, 405, error_body(f"{method} is not allowed on {path}", "invalid_request_error",
+                                                  "method_not_allowed"))
+        else:
+            await send_json(send, 404, error_body(f"unknown path {path}; the guard serves /v1/chat/completions, "
+                                                  "/v1/completions, /v1/models and /admin/...",
+                                                  "invalid_request_error", "not_found"))
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                try:
+                    await self.start()
+                except Exception as exc:  # noqa: BLE001 - report it to the server, which exits
+                    await send({"type": "lifespan.startup.failed", "message": f"{type(exc).__name__}: {exc}"})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                await self.stop()
+                self.executor.shutdown(wait=True)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # -- the proxy ----------------------------------------------------------------------
+    def limits_for(self, account_id: str, throttled: bool) -> Limits:
+        key = account_id + ("\0t" if throttled else "")
+        lim = self._limits.get(key)
+        if lim is None:
+            over = self.accounts.get(account_id, (None, AccountLimits()))[1]
+            d = self.default_limits
+            lim = Limits(d.requests_per_min if over.requests_per_min is None else over.requests_per_min,
+                         d.tokens_per_min if over.tokens_per_min is None else over.tokens_per_min,
+                         d.max_concurrent_streams if over.max_concurrent_streams is None
+                         else over.max_concurrent_streams)
+            if throttled:
+                lim = lim.scaled(self.config.throttle_factor)
+            self._limits[key] = lim
+        return lim
+
+    def _finish(self, rec: TrafficRecord, account: AccountInfo | None) -> None:
+        """Log the record and let the detector and policy see it."""
+        self.writer.put(self.redactor.record(rec))
+        if self.detector is not None and rec.account_id:
+            try:
+                self.detector.observe(rec, account)
+                self.policy.take_verdict(self.detector.verdict(rec.account_id))
+            except Exception:  # noqa: BLE001 - a detector bug must not take the gateway down
+                log.exception("guard: detector failed on request %s", rec.request_id)
+
+    async def _refuse(self, send: Send, rec: TrafficRecord, account: AccountInfo | None, status: int,
+                      message: str, type_: str, code: str, param: str | None = None,
+                      headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        rec.status = status
+        if not rec.decision_reason:
+            rec.decision_reason = f"{code}: {message}"
+        await send_json(send, status, error_body(message, type_, code, param), headers)
+        self._finish(rec, account)
+
+    async def _proxy(self, scope: Scope, receive: Receive, send: Send, method: str, path: str) -> None:
+        t0 = time.perf_counter()
+        cfg = self.config
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        auth = ua = session = fwd = b""
+        length = -1
+        for k, v in headers:
+            if k == b"authorization":
+                auth = v
+            elif k == b"user-agent":
+                ua = v
+            elif k == b"x-session-id":
+                session = v
+            elif k == b"content-length":
+                length = int(v) if v.isdigit() else -1
+            elif k == b"x-forwarded-for":
+                fwd = v
+        client = scope.get("client")
+        ip = fwd.split(b",")[0].strip().decode("latin-1") if (fwd and cfg.trust_forwarded_for) \
+            else (client[0] if client else "")
+        rec = TrafficRecord(uuid.uuid4().hex, self.clock(), "", "", ip, ua.decode("latin-1")[:512],
+                            header_fingerprint(headers), session_id=session.decode("latin-1")[:200])
+        rec.params = {}
+
+        # 1. auth: before anything else, nothing reaches the upstream without a live key.
+        token = auth[7:].strip().decode("latin-1") if auth[:7].lower() == b"bearer " else ""
+        entry = self.keys.authenticate(token) if token else None
+        if entry is None:
+            msg = ("missing API key: send 'Authorization: Bearer sk-sh-...'" if not token
+                   else "invalid or revoked API key")
+            await self._refuse(send, rec, None, 401, msg, "invalid_request_error",
+                               "missing_api_key" if not token else "invalid_api_key")
+            return
+        rec.account_id, rec.key_id = entry.account_id, entry.key_id
+        acct = self.accounts.get(entry.account_id)
+        account = acct[0] if acct else AccountInfo(entry.account_id)
+
+        # 2. fail-closed when the log store is down.
+        if cfg.on_store_failure == "closed" and not self.writer.store_ok:
+            await self._refuse(send, rec, account, 503, "the traffic log is unavailable; the guard fails closed. "
+                               "Retry shortly.", "server_error", "log_store_unavailable",
+                               headers=[(b"retry-after", b"5")])
+            return
+
+        # 3. body.
+        body: dict[str, Any] = {}
+        raw = b""
+        if method == "POST":
+            if length > cfg.max_body_bytes:
+                await self._refuse(send, rec, account, 413, f"request body of {length} bytes exceeds the limit "
+                                   f"of {cfg.max_body_bytes} bytes", "invalid_request_error", "body_too_large")
+                return
+            chunks = []
+            size = 0
+            more = True
+            while more:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    rec.status, rec.decision_reason = 499, "client disconnected while sending the body"
+                    self._finish(rec, account)
+                    return
+                part = msg.get("body", b"")
+                size += len(part)
+                if size > cfg.max_body_bytes:
+                    await self._refuse(send, rec, account, 413, f"request body exceeds the limit of "
+                                       f"{cfg.max_body_bytes} bytes", "invalid_request_error", "body_too_large")
+                    return
+                chunks.append(part)
+                more = msg.get("more_body", False)
+            raw = b"".join(chunks)
+            try:
+                body = json.loads(raw)
+                check_request(path, body)
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+                await self._refuse(send, rec, account, 400, f"the request body is not valid JSON: {exc}",
+                                   "invalid_request_error", "invalid_json")
+                return
+            except BadRequest as exc:
+                await self._refuse(send, rec, account, 400, str(exc), "invalid_request_error", exc.code, exc.param)
+                return
+            rec.model = body["model"]
+            rec.params = {k: body[k] for k in PARAM_KEYS if k in body}
+            rec.messages = body["messages"] if "messages" in body else [
+                {"role": "user", "content": body["prompt"] if isinstance(body["prompt"], str)
+                 else json.dumps(body["prompt"])}]
+        stream = bool(body.get("stream"))
+
+        # 4. policy.
+        eff: Effective = self.policy.decide(account)
+        rec.decision, rec.decision_reason = eff.action, eff.reason
+        if eff.action == "block":
+            await self._refuse(send, rec, account, 403, "this account is blocked; contact support",
+                               "permission_denied", "account_blocked")
+            return
+        degraded = eff.action == "degrade"
+        if degraded and method == "POST":
+            body2, refusal = degrade_request(body, cfg.degrade_max_tokens, cfg.degrade_refuse_logprobs,
+                                             cfg.degrade_refuse_n)
+            if refusal:
+                await self._refuse(send, rec, account, 403, refusal, "permission_denied", "feature_unavailable")
+                return
+            raw = json.dumps(body2).encode()
+
+        # 5. limits.
+        limits = self.limits_for(account.account_id, eff.action == "throttle")
+        refusal_ = self.limiter.admit(account.account_id, limits, stream)
+        if refusal_ is not None:
+            await self._refuse(send, rec, account, 429, refusal_.message,
+                               "tokens" if refusal_.which == "tokens_per_min" else "requests",
+                               "rate_limit_exceeded",
+                               headers=[(b"retry-after", str(refusal_.retry_after_s).encode())])
+            return
+
+        # 6. upstream.
+        try:
+            await self._forward(receive, send, rec, method, path, raw if method == "POST" else None,
+                                stream, degraded and cfg.degrade_strip_reasoning)
+        finally:
+            if stream:
+                self.limiter.release_stream(account.account_id)
+            rec.latency_ms = (time.perf_counter() - t0) * 1000.0
+            if method == "POST" and not rec.prompt_tokens:
+                rec.prompt_tokens = _estimate_tokens(_prompt_text(body))
+            self.limiter.charge_tokens(account.account_id, limits, rec.prompt_tokens + rec.completion_tokens)
+            self._finish(rec, account)
+
+    async def _forward(self, receive: Receive, send: Send, rec: TrafficRecord, method: str, path: str,
+                       raw: bytes | None, stream: bool, strip: bool) -> None:
+        """Call the upstream and relay its answer, racing a client disconnect."""
+        collected: list[bytes] = []
+        started = False
+        sse = False
+
+        async def relay() -> None:
+            nonlocal started, sse
+            self.upstream_calls += 1
+            resp: UpstreamResponse = await self.upstream.send(method, path, raw)
+            try:
+                rec.status = resp.status
+                if not stream or resp.status != 200:
+                    data = await resp.read()
+                    collected.append(data)
+                    if strip and resp.status == 200:
+                        try:
+                            data = json.dumps(strip_reasoning(json.loads(data))).encode()
+                        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                            pass
+                    started = True
+                    await send({"type": "http.response.start", "status": resp.status,
+                                "headers": [(b"content-type", resp.content_type.encode("latin-1")),
+                                            (b"content-length", str(len(data)).encode())]})
+                    await send({"type": "http.response.body", "body": data})
+                    return
+                started = sse = True
+                await send({"type": "http.response.start", "status": 200,
+                            "headers": [(b"content-type", resp.content_type.encode("latin-1")),
+                                        (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]})
+                stripper = SSEReasoningStripper() if strip else None
+                async for chunk in resp.chunks():
+                    collected.append(chunk)
+                    out = stripper.feed(chunk) if stripper else chunk
+                    if out:
+                        await send({"type": "http.response.body", "body": out, "more_body": True})
+                tail = stripper.flush() if stripper else b""
+                await send({"type": "http.response.body", "body": tail, "more_body": False})
+            except BaseException:
+                resp.close()
+                raise
+            else:
+                resp.release()
+
+        async def wait_disconnect() -> None:
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    return
+
+        relay_task = asyncio.ensure_future(relay())
+        watch_task = asyncio.ensure_future(wait_disconnect())
+        try:
+            done, _ = await asyncio.wait({relay_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+            if relay_task not in done:
+                # The client went away: cancelling the relay closes the upstream connection.
+                relay_task.cancel()
+                try:
+                    await relay_task
+                except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                    pass
+                rec.status = 499
+                rec.decision_reason = (rec.decision_reason + "; " if rec.decision_reason else "") + \
+                    "client disconnected; upstream call cancelled"
+            else:
+                relay_task.result()
+        except UpstreamError as exc:
+            rec.status = exc.status
+            rec.decision_reason = (rec.decision_reason + "; " if rec.decision_reason else "") + str(exc)
+            if not started:
+                await send_json(send, exc.status, error_body(str(exc), "upstream_error",
+                                                             "upstream_timeout" if exc.status == 504
+                                                             else "upstream_unavailable"))
+            else:
+                # Headers are already out: end the stream with an SSE error event the client can see.
+                ev = b"data: " + error_body(str(exc), "upstream_error", "upstream_stream_broken") + b"\n\n"
+                try:
+                    await send({"type": "http.response.body", "body": ev, "more_body": False})
+                except Exception:  # noqa: BLE001
+                    pass
+        finally:
+            watch_task.cancel()
+        data = b"".join(collected)
+        if rec.status == 200 or collected:
+            text, pt, ct = parse_sse(data) if sse else parse_json_response(data)
+            rec.response_text = text
+            rec.prompt_tokens = int(pt) if isinstance(pt, int) else 0
+            rec.completion_tokens = int(ct) if isinstance(ct, int) else _estimate_tokens(text)
+
+
+def create_app(config: GuardConfig, store: SqlStore, upstream: Upstream | None = None,
+               clock: Callable[[], float] = time.time, detector: Detector | None = None) -> GuardApp:
+    """The guard as an ASGI app (lifespan starts the log writer and the upstream pool)."""
+    return GuardApp(config, store, upstream, clock, detector)
+
+
+__all__ = ["GuardApp", "create_app", "DecisionRow"]

@@ -1,0 +1,236 @@
+"""The guard's one frozen config, and a typed loader that fails loudly.
+
+``GuardConfig`` holds everything the gateway needs: where the upstream and the
+log store are, body and rate limits, degrade modes, the failure mode of the log
+store, redaction, and the policy rules. It validates itself in ``__post_init__``
+with errors that name the field and the fix.
+
+Secrets never live in it: the admin token is kept as its SHA-256 (``admin_token_sha256``)
+and the upstream's API key is read from the environment variable named by
+``upstream_api_key_env``. So a saved config can be committed or attached to a report.
+
+``load_guard_config(path)`` reads a JSON file and insists that *every* field is
+present and of the right type (write a complete one with
+``stillhouse guard --print-config``); ``config_from_dict`` in ``stillhouse.config``
+is the lenient variant used for overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from stillhouse.config import ConfigError
+from stillhouse.guard.events import ACTIONS, Action
+
+RedactMode = Literal["none", "patterns", "hash", "drop"]
+StoreFailureMode = Literal["closed", "open"]
+RuleField = Literal["country", "signup_path", "org", "payment_fingerprint", "score"]
+
+
+def sha256_hex(text: str) -> str:
+    """Hex SHA-256 of a UTF-8 string (admin token, payment fingerprints)."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class PolicyRule:
+    """One automatic rule: when ``field`` matches, take ``action``.
+
+    Metadata rules (``country``, ``signup_path``, ``org``, ``payment_fingerprint``) match
+    when the account's field equals ``equals``. Score rules (``field="score"``) match when
+    the detector's verdict score is at least ``min_score``.
+    """
+
+    name: str
+    field: RuleField
+    action: Action
+    equals: str = ""
+    min_score: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("PolicyRule.name: must not be empty (it explains the decision)")
+        if self.field not in typing.get_args(RuleField):
+            raise ValueError(f"PolicyRule {self.name!r}: field={self.field!r}; use one of {typing.get_args(RuleField)}")
+        if self.action not in ACTIONS:
+            raise ValueError(f"PolicyRule {self.name!r}: action={self.action!r}; use one of {ACTIONS}")
+        if self.field != "score" and not self.equals:
+            raise ValueError(f"PolicyRule {self.name!r}: a {self.field} rule needs equals='<value>'")
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """Configuration of one guard replica."""
+
+    upstream_url: str
+    """Base URL of the OpenAI-compatible upstream, e.g. http://127.0.0.1:8000 (paths /v1/... are appended)."""
+    admin_token_sha256: str
+    """SHA-256 hex of the admin token (``sha256_hex(token)``); the admin API compares against it."""
+    db_url: str = "sqlite:///guard.db"
+    """Traffic log, accounts, keys and decisions: ``sqlite:///path`` or ``postgresql://user@host:port/db``."""
+    host: str = "127.0.0.1"
+    port: int = 8080
+    upstream_api_key_env: str = ""
+    """Name of an environment variable holding the upstream's API key ("" = send none)."""
+    upstream_pool_size: int = 512
+    """Most open connections to the upstream (aiohttp connector limit)."""
+    upstream_connect_timeout_s: float = 3.0
+    """No TCP connection within this → 502."""
+    upstream_timeout_s: float = 120.0
+    """No byte from the upstream for this long (first byte or between stream chunks) → 504."""
+    max_body_bytes: int = 1_000_000
+    """Request bodies larger than this get 413."""
+    requests_per_min: int = 600
+    """Default per-account request rate (0 = unlimited); accounts may override."""
+    tokens_per_min: int = 1_000_000
+    """Default per-account prompt+completion tokens per minute (0 = unlimited)."""
+    max_concurrent_streams: int = 16
+    """Default per-account open streaming responses (0 = unlimited)."""
+    throttle_factor: float = 0.1
+    """A throttled account gets its limits multiplied by this."""
+    degrade_max_tokens: int = 256
+    """A degraded account's max_tokens is capped here."""
+    degrade_strip_reasoning: bool = True
+    """Degraded responses lose reasoning fields and <think>...</think> blocks."""
+    degrade_refuse_logprobs: bool = True
+    """Degraded accounts asking for logprobs get 403."""
+    degrade_refuse_n: bool = True
+    """Degraded accounts asking for n>1 get 403."""
+    shadow: bool = False
+    """Shadow mode: automatic (rule/detector) decisions are recorded but not enforced."""
+    rules: tuple[PolicyRule, ...] = ()
+    """Automatic rules (see PolicyRule); the harshest matching one applies."""
+    on_store_failure: StoreFailureMode = "closed"
+    """Log store down: "closed" answers 503; "open" serves and spools the log to disk."""
+    spool_dir: str = "guard-spool"
+    """Where log batches that could not be written wait for replay (both modes)."""
+    log_flush_interval_s: float = 0.05
+    """How often the background writer flushes the traffic log."""
+    log_batch_size: int = 1000
+    """Most records per write."""
+    store_retry_s: float = 0.5
+    """How often a down store is probed before replaying the spool."""
+    key_refresh_s: float = 2.0
+    """How often keys/decisions changed by other replicas are re-read (0 = never; single replica)."""
+    redact: RedactMode = "none"
+    """Prompt/response text in the log: none | patterns (emails, phone, card-like numbers and
+    redact_patterns become [REDACTED]) | hash (SHA-256 only) | drop (empty)."""
+    redact_patterns: tuple[str, ...] = ()
+    """Extra regular expressions redacted in "patterns" mode."""
+    trust_forwarded_for: bool = False
+    """Take the client IP from X-Forwarded-For (only behind a trusted proxy)."""
+
+    def __post_init__(self) -> None:
+        if not re.match(r"^https?://[^/\s]+", self.upstream_url):
+            raise ValueError(f"upstream_url={self.upstream_url!r}: give a base URL like http://127.0.0.1:8000")
+        if not re.fullmatch(r"[0-9a-f]{64}", self.admin_token_sha256):
+            raise ValueError("admin_token_sha256: must be 64 lowercase hex chars; "
+                             "compute it with stillhouse.guard.config.sha256_hex(token)")
+        if not (self.db_url.startswith("sqlite:///") or self.db_url.startswith(("postgresql://", "postgres://"))):
+            raise ValueError(f"db_url={self.db_url!r}: use sqlite:///path/to/guard.db or postgresql://user@host:port/db")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port={self.port}: must be 0..65535")
+        for name in ("upstream_pool_size", "max_body_bytes", "log_batch_size", "degrade_max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
+        for name in ("requests_per_min", "tokens_per_min", "max_concurrent_streams"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0 (0 = unlimited)")
+        for name in ("upstream_connect_timeout_s", "upstream_timeout_s", "log_flush_interval_s", "store_retry_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be > 0 seconds")
+        if self.key_refresh_s < 0:
+            raise ValueError(f"key_refresh_s={self.key_refresh_s}: must be >= 0 (0 = never)")
+        if not 0 < self.throttle_factor <= 1:
+            raise ValueError(f"throttle_factor={self.throttle_factor}: must be in (0, 1]")
+        if self.on_store_failure not in ("closed", "open"):
+            raise ValueError(f"on_store_failure={self.on_store_failure!r}: use 'closed' (503) or 'open' (spool)")
+        if self.redact not in typing.get_args(RedactMode):
+            raise ValueError(f"redact={self.redact!r}: use one of {typing.get_args(RedactMode)}")
+        for pattern in self.redact_patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"redact_patterns: {pattern!r} is not a valid regex: {exc}") from exc
+        rules = tuple(PolicyRule(**r) if isinstance(r, dict) else r for r in self.rules)
+        if not all(isinstance(r, PolicyRule) for r in rules):
+            raise ValueError("rules: each rule must be a PolicyRule or a dict of its fields")
+        object.__setattr__(self, "rules", rules)
+        object.__setattr__(self, "upstream_url", self.upstream_url.rstrip("/"))
+
+    def check_admin_token(self, token: str) -> bool:
+        """Constant-time comparison of a presented admin token with the stored hash."""
+        import hmac
+
+        return hmac.compare_digest(sha256_hex(token), self.admin_token_sha256)
+
+
+def _check_type(name: str, value: Any, hint: Any, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(f"{source}: {name}={value!r}; use one of {typing.get_args(hint)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{source}: {name} must be a list, got {type(value).__name__}")
+        return tuple(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {name} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {name} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{source}: {name} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {name} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def guard_config_from_dict(data: dict[str, Any], source: str = "guard config",
+                           require_all: bool = True) -> GuardConfig:
+    """Build a GuardConfig, type-checking every field; with ``require_all`` every field must be present."""
+    data = {k: v for k, v in data.items() if k != "__config__"}
+    hints = typing.get_type_hints(GuardConfig)
+    names = [f.name for f in dataclasses.fields(GuardConfig)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"{source}: unknown field(s) {unknown}; known: {names}")
+    missing = [n for n in names if n not in data]
+    if require_all and missing:
+        raise ConfigError(f"{source}: missing field(s) {missing}; write a complete file with "
+                          "`stillhouse guard --print-config > guard.json` and edit it")
+    kwargs = {n: _check_type(n, data[n], hints[n], source) for n in names if n in data}
+    try:
+        return GuardConfig(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+
+
+def load_guard_config(path: str | Path) -> GuardConfig:
+    """Read a complete guard config from JSON; fails loudly on a missing, unknown or mistyped key."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"guard config {p} does not exist") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"guard config {p} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"guard config {p} must hold a JSON object")
+    return guard_config_from_dict(data, source=str(p), require_all=True)
+

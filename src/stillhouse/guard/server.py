@@ -1,0 +1,90 @@
+"""Running the guard: in the foreground (the CLI) or on a background thread (tests, bench, demo).
+
+``serve_forever(config)`` opens the store named by ``config.db_url`` and runs uvicorn
+until interrupted. ``start_in_thread(app)`` runs any ASGI app under uvicorn on its own
+event loop in a daemon thread, bound to 127.0.0.1 on a free port, and returns once it
+accepts connections; ``stop()`` runs the app's lifespan shutdown (which flushes the
+traffic log) and joins the thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from stillhouse.guard.config import GuardConfig
+
+
+@dataclass
+class ServerThread:
+    """A uvicorn server running on a background thread."""
+
+    port: int
+    host: str = "127.0.0.1"
+    _server: Any = field(default=None, repr=False)
+    _thread: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise RuntimeError(f"server on port {self.port} did not stop within {timeout:g}s")
+        self._server = self._thread = None
+
+    def __enter__(self) -> ServerThread:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0, timeout: float = 20.0) -> ServerThread:
+    """Serve ``app`` with uvicorn on a daemon thread; returns once it listens."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
+                            access_log=False, timeout_graceful_shutdown=5, backlog=4096)
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            asyncio.run(server.serve())
+        except BaseException as exc:  # noqa: BLE001 - surfaced to the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="guard-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if "error" in box or not thread.is_alive():
+            raise RuntimeError(f"server failed to start: {box.get('error', 'lifespan startup failed')}")
+        if time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"server did not start within {timeout:g}s")
+        time.sleep(0.01)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    return ServerThread(bound, host, server, thread)
+
+
+def serve_forever(config: GuardConfig, detector: Any = None) -> None:
+    """Open the store and run the guard under uvicorn until interrupted (the CLI's `guard` verb)."""
+    import uvicorn
+
+    from stillhouse.guard.app import create_app
+    from stillhouse.guard.store import open_store
+
+    store = open_store(config.db_url)
+    app = create_app(config, store, detector=detector)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=False,
+                lifespan="on", backlog=4096, timeout_graceful_shutdown=10)

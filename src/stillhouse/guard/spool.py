@@ -1,0 +1,220 @@
+"""The traffic-log writer and its disk spool: no log record is silently lost.
+
+The gateway never writes the log on its request path. ``LogWriter.put`` appends the
+record to memory; a background task flushes batches every ``log_flush_interval_s`` in
+the store's single worker thread. When a write fails the store is marked down and:
+
+- the failed batch (and every later one while the store is down) is appended to a JSONL
+  file under ``spool_dir`` and fsynced;
+- ``store_ok`` turns False, which the gateway reads to answer 503 in fail-closed mode
+  (in fail-open mode it keeps serving);
+- a probe pings the store every ``store_retry_s``; once it answers, the spool files are
+  replayed in order (writes are idempotent on request_id / decision_id) and deleted.
+
+If even the spool cannot be written (disk full), the batch stays in memory, is retried,
+and the error is logged loudly with its size. On shutdown ``close()`` flushes everything
+to the store or, failing that, to the spool. Spool files left by a crash are replayed
+on the next start.
+
+Run ``python -m stillhouse.guard.spool SPOOL_DIR DB_URL`` to replay a spool by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from stillhouse.guard.events import TrafficRecord
+from stillhouse.guard.store import DecisionRow, SqlStore
+
+log = logging.getLogger("stillhouse.guard")
+
+
+class Spool:
+    """A directory of JSONL batch files waiting to be written to the store."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+
+    def files(self) -> list[Path]:
+        if not self.dir.exists():
+            return []
+        return sorted(self.dir.glob("spool-*.jsonl"))
+
+    def append(self, records: list[TrafficRecord], decisions: list[DecisionRow]) -> Path:
+        """Write one batch as a new file, fsynced before returning."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        name = f"spool-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.jsonl"
+        tmp = self.dir / f".{name}.tmp"
+        with open(tmp, "w") as f:
+            for r in records:
+                f.write(json.dumps({"kind": "traffic", "data": asdict(r)}) + "\n")
+            for d in decisions:
+                f.write(json.dumps({"kind": "decision", "data": asdict(d)}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        path = self.dir / name
+        os.replace(tmp, path)
+        return path
+
+    @staticmethod
+    def read(path: Path) -> tuple[list[TrafficRecord], list[DecisionRow]]:
+        records, decisions = [], []
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            if item["kind"] == "traffic":
+                records.append(TrafficRecord(**item["data"]))
+            elif item["kind"] == "decision":
+                decisions.append(DecisionRow(**item["data"]))
+        return records, decisions
+
+    def replay(self, store: SqlStore) -> int:
+        """Write every spooled batch to the store, oldest first, deleting each once written."""
+        n = 0
+        for path in self.files():
+            records, decisions = self.read(path)
+            store.write_records(records)
+            store.put_decisions(decisions)
+            path.unlink()
+            n += len(records)
+        return n
+
+    def pending_records(self) -> int:
+        return sum(sum(1 for ln in p.read_text().splitlines() if '"kind": "traffic"' in ln) for p in self.files())
+
+
+class LogWriter:
+    """Batches traffic records and decisions to the store; spools them when it is down."""
+
+    def __init__(self, store: SqlStore, spool: Spool, executor: ThreadPoolExecutor,
+                 flush_interval_s: float = 0.05, batch_size: int = 1000, retry_s: float = 0.5):
+        self.store = store
+        self.spool = spool
+        self.executor = executor
+        self.flush_interval_s = flush_interval_s
+        self.batch_size = batch_size
+        self.retry_s = retry_s
+        self.store_ok = True
+        self.last_error = ""
+        self.written = 0
+        self.spooled = 0
+        self.replayed = 0
+        self._records: list[TrafficRecord] = []
+        self._decisions: list[DecisionRow] = []
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._wake = asyncio.Event()
+
+    def put(self, record: TrafficRecord) -> None:
+        self._records.append(record)
+        if len(self._records) >= self.batch_size:
+            self._wake.set()
+
+    def put_decision(self, row: DecisionRow) -> None:
+        self._decisions.append(row)
+        self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._records) + len(self._decisions)
+
+    async def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._loop(), name="guard-log-writer")
+
+    async def _loop(self) -> None:
+        next_probe = 0.0
+        while not self._closing:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
+            except (asyncio.TimeoutError, TimeoutError):
+                pass
+            self._wake.clear()
+            if not self.store_ok and time.monotonic() >= next_probe:
+                next_probe = time.monotonic() + self.retry_s
+                await self._probe()
+            await self.flush()
+
+    async def _probe(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            n = await loop.run_in_executor(self.executor, self._ping_and_replay)
+        except Exception as exc:  # noqa: BLE001 - still down; stay in spool mode
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            return
+        self.replayed += n
+        self.store_ok = True
+        log.warning("guard: log store is back; replayed %d spooled records", n)
+
+    def _ping_and_replay(self) -> int:
+        self.store.ping()
+        return self.spool.replay(self.store)
+
+    def _write(self, records: list[TrafficRecord], decisions: list[DecisionRow]) -> None:
+        # Anything spooled earlier goes first, so replay order follows arrival order.
+        if self.spool.files():
+            self.replayed += self.spool.replay(self.store)
+        self.store.write_records(records)
+        self.store.put_decisions(decisions)
+
+    async def flush(self) -> None:
+        """Write (or spool) everything pending now."""
+        while self._records or self._decisions:
+            records, self._records = self._records[:self.batch_size], self._records[self.batch_size:]
+            decisions, self._decisions = self._decisions, []
+            loop = asyncio.get_running_loop()
+            if self.store_ok:
+                try:
+                    await loop.run_in_executor(self.executor, self._write, records, decisions)
+                    self.written += len(records)
+                    continue
+                except Exception as exc:  # noqa: BLE001 - any failure: spool, never drop
+                    self.store_ok = False
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    log.error("guard: log store write failed (%s); spooling to %s", self.last_error,
+                              self.spool.dir)
+            try:
+                await loop.run_in_executor(self.executor, self.spool.append, records, decisions)
+                self.spooled += len(records)
+            except Exception as exc:  # noqa: BLE001
+                # Keep them in memory and retry: losing them silently is the one thing we must not do.
+                self._records[:0] = records
+                self._decisions[:0] = decisions
+                log.critical("guard: cannot spool %d log records to %s (%s); holding them in memory",
+                             len(records), self.spool.dir, exc)
+                await asyncio.sleep(self.retry_s)
+                return
+
+    async def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await self._task
+            except Exception:  # noqa: BLE001
+                log.exception("guard: log writer loop failed")
+        await self.flush()
+
+    def stats(self) -> dict[str, Any]:
+        return {"store_ok": self.store_ok, "last_error": self.last_error, "written": self.written,
+                "spooled": self.spooled, "replayed": self.replayed, "pending": self.pending,
+                "spool_files": len(self.spool.files())}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    from stillhouse.guard.store import open_store
+
+    spool_dir, url = sys.argv[1], sys.argv[2]
+    print(f"replayed {Spool(spool_dir).replay(open_store(url))} records from {spool_dir} into {url}")
