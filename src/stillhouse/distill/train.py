@@ -1,0 +1,425 @@
+"""Train a student from teacher data: SFT (sequence-level KD), dense logit KD, or top-k KD.
+
+    stillhouse train --data curated.jsonl --teacher bundled --student pruned:10 --loss sft --out runs/s1
+
+What it does, in order:
+
+1. loads the teacher (``stillhouse.teacher.bundled.load_model``) and builds the student
+   (``stillhouse.distill.student``: ``pruned:N``, ``every:K``, ``fresh[:N]``, ``self``);
+   optionally wraps it with LoRA (peft);
+2. tokenizes the data (``stillhouse.distill.data``: assistant-only labels, harvested top-k);
+3. trains with AdamW: loss = ``alpha * CE + (1 - alpha) * KD`` where KD is forward KL,
+   reverse KL or generalized JSD against the live teacher's logits (``fkl|rkl|jsd``),
+   or top-k KD against the harvested top-k logprobs (``topk``); ``sft`` is CE alone.
+   Both terms are logged at every step (``metrics.jsonl``) so a KD term too small
+   beside CE to matter is visible, not hidden inside one number;
+4. writes checkpoints atomically (a temp directory renamed into place, so ``kill -9`` at
+   any moment leaves the last complete checkpoint) and resumes from the newest one;
+5. exports the final student as an HF directory (``OUT/final``: weights, tokenizer and
+   ``train_config.json``) that transformers loads and ``stillhouse serve --teacher hf:OUT/final``
+   serves; ``snapshot_at`` also exports ``OUT/snapshots/n<N>`` after N examples.
+
+Data order: the rows are shuffled once with ``seed`` and cut to ``max_examples``; epoch 1
+walks that order and later epochs reshuffle. With one epoch and a constant learning
+rate, the snapshot after N examples is exactly the model a separate run with
+``max_examples=N`` would give (when N is a multiple of the batch size) - a nested grid
+over N costs one run.
+
+Layout of OUT::
+
+    train_config.json  metrics.jsonl  checkpoints/step-000120/{state.pt,train_config.json,progress.json}
+    snapshots/n1000/   final/
+
+Exception tree::
+
+    ValueError
+    ├── TrainConfigError     a config field is wrong (names the field and the fix)
+    └── DataError            (stillhouse.distill.data) a row or file is unusable
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from stillhouse.config import atomic_write_text, save_config
+
+LossKind = Literal["sft", "fkl", "rkl", "jsd", "topk"]
+
+
+class TrainConfigError(ValueError):
+    """A training config field is wrong; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on; saved as JSON beside each checkpoint and export."""
+
+    data: str
+    """A .jsonl of rows (curated file or harvest export); see stillhouse.distill.data."""
+    out: str
+    """Output directory (checkpoints, snapshots, final HF export)."""
+    teacher: str = "bundled"
+    """Teacher spec (local: bundled, hf:DIR, gguf:FILE). The student is built from it."""
+    student: str = "pruned:10"
+    """pruned:N | every:K | fresh | fresh:N | self."""
+    loss: LossKind = "sft"
+    """sft (CE on the teacher's text) | fkl | rkl | jsd (live teacher logits) | topk (harvested)."""
+    alpha: float = 0.0
+    """Weight of CE in alpha*CE + (1-alpha)*KD for the KD losses; ignored for sft."""
+    beta: float = 0.5
+    """Generalized-JSD beta (0 = forward KL, 1 = reverse KL)."""
+    temperature: float = 1.0
+    """KD softening temperature (dense losses; topk softens the student only)."""
+    only_correct: bool = False
+    """Skip rows whose 'correct' field is false (verified data)."""
+    max_examples: int = 0
+    """Use the first N rows after the seeded shuffle (0 = all)."""
+    epochs: int = 1
+    batch_size: int = 8
+    lr: float = 1e-4
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    """Max gradient norm (0 = no clipping)."""
+    max_len: int = 256
+    seed: int = 0
+    lora_r: int = 0
+    """LoRA rank (0 = full fine-tuning)."""
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    save_every: int = 0
+    """Checkpoint every N steps (0 = only at the end of each epoch)."""
+    keep_checkpoints: int = 1
+    snapshot_at: tuple[int, ...] = ()
+    """Export an HF snapshot after this many examples (first epoch only)."""
+    threads: int = 0
+    """torch CPU threads (0 = leave torch's default). On a shared, busy CPU, 1 is often fastest."""
+    device: str = "auto"
+    """auto (cuda when present, else cpu) | cpu | cuda."""
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("sft", "fkl", "rkl", "jsd", "topk"):
+            raise TrainConfigError(f"loss={self.loss!r}: use sft, fkl, rkl, jsd or topk")
+        if not (0.0 <= self.alpha <= 1.0):
+            raise TrainConfigError(f"alpha={self.alpha}: the CE weight must be in [0, 1]")
+        if not (0.0 <= self.beta <= 1.0):
+            raise TrainConfigError(f"beta={self.beta}: must be in [0, 1]")
+        if not (self.temperature > 0):
+            raise TrainConfigError(f"temperature={self.temperature}: must be positive")
+        for name in ("epochs", "batch_size", "max_len", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise TrainConfigError(f"{name}={getattr(self, name)}: must be at least 1")
+        for name in ("max_examples", "warmup_steps", "lora_r", "save_every", "threads"):
+            if getattr(self, name) < 0:
+                raise TrainConfigError(f"{name}={getattr(self, name)}: must not be negative")
+        if not (self.lr > 0):
+            raise TrainConfigError(f"lr={self.lr}: must be positive, e.g. 1e-4")
+        if self.schedule not in ("constant", "cosine"):
+            raise TrainConfigError(f"schedule={self.schedule!r}: use constant or cosine")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise TrainConfigError(f"device={self.device!r}: use auto, cpu or cuda")
+        if any(n < 1 for n in self.snapshot_at):
+            raise TrainConfigError(f"snapshot_at={self.snapshot_at}: example counts must be positive")
+        from stillhouse.distill.student import parse_student
+
+        try:
+            parse_student(self.student)
+        except ValueError as exc:
+            raise TrainConfigError(f"student: {exc}") from exc
+
+
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    out: Path
+    final_dir: Path
+    steps: int
+    examples_seen: int
+    tokens_seen: int
+    wall_s: float
+    last: dict[str, float]
+    snapshots: dict[int, Path]
+
+
+def _device(cfg: TrainConfig) -> str:
+    import torch
+
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise TrainConfigError("device='cuda' but torch sees no GPU: use device='auto' or 'cpu'")
+    return cfg.device
+
+
+def _lr_at(cfg: TrainConfig, step: int, total: int) -> float:
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "cosine":
+        span = max(1, total - cfg.warmup_steps)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+    return cfg.lr
+
+
+def _order(n: int, seed: int, epoch: int) -> list[int]:
+    idx = list(range(n))
+    if epoch > 0:
+        random.Random(seed * 1_000_003 + epoch).shuffle(idx)
+    return idx
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    root = out / "checkpoints"
+    if not root.exists():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / "progress.json").exists())
+
+
+def _save_checkpoint(out: Path, cfg: TrainConfig, model: Any, opt: Any, progress: dict[str, Any]) -> Path:
+    import torch
+
+    root = out / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{progress['step']:07d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    trainable = {k: v for k, v in model.state_dict().items()} if not cfg.lora_r else _lora_state(model)
+    torch.save({"model": trainable, "optimizer": opt.state_dict(),
+                "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
+    save_config(cfg, tmp / "train_config.json")
+    # progress.json is written last: a directory without it is incomplete and ignored.
+    atomic_write_text(tmp / "progress.json", json.dumps(progress, indent=2))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in _checkpoints(out)[:-cfg.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _lora_state(model: Any) -> dict[str, Any]:
+    return {k: v for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def export_hf(model: Any, tok: Any, cfg: TrainConfig, dest: Path, extra: dict[str, Any] | None = None) -> Path:
+    """Save the student (LoRA merged) as an HF directory with its tokenizer and config, atomically."""
+    dest = Path(dest)
+    tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    to_save = model
+    if cfg.lora_r:
+        import copy
+
+        to_save = copy.deepcopy(model).merge_and_unload()
+    to_save.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    save_config(cfg, tmp / "train_config.json")
+    if extra:
+        atomic_write_text(tmp / "train_result.json", json.dumps(extra, indent=2))
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    return dest
+
+
+def _apply_lora(model: Any, cfg: TrainConfig) -> Any:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:
+        raise ImportError("LoRA needs peft: pip install 'stillhouse[train]' (or pip install peft)") from exc
+    targets = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj")
+               if any(name.endswith(n) for name, _ in model.named_modules())]
+    if not targets:
+        raise TrainConfigError("lora_r>0 but the student has no q/k/v/o/mlp projections peft can target")
+    lc = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                    target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, lc)
+
+
+def compute_losses(cfg: TrainConfig, logits: Any, batch: dict[str, Any],
+                   teacher_logits: Any | None = None) -> tuple[Any, dict[str, float]]:
+    """The training loss of one batch and its parts (``ce``, ``kd``) as floats for logging."""
+    from stillhouse.distill import losses as L
+
+    s_logits, labels = L.shift_for_next_token(logits, batch["labels"])
+    mask = labels != L.IGNORE_INDEX
+    ce = L.sft_loss(s_logits, labels)
+    if cfg.loss == "sft":
+        return ce, {"ce": ce.item(), "kd": float("nan")}
+    if cfg.loss == "topk":
+        kd = L.topk_kd(s_logits, batch["top_ids"][:, 1:], batch["top_logprobs"][:, 1:], mask, cfg.temperature)
+    else:
+        if teacher_logits is None:
+            raise TrainConfigError(f"loss={cfg.loss} needs the live teacher's logits")
+        t_logits = teacher_logits[:, :-1, :]
+        if cfg.loss == "fkl":
+            kd = L.forward_kl(s_logits, t_logits, mask, cfg.temperature)
+        elif cfg.loss == "rkl":
+            kd = L.reverse_kl(s_logits, t_logits, mask, cfg.temperature)
+        else:
+            kd = L.generalized_jsd(s_logits, t_logits, mask, cfg.beta, cfg.temperature)
+    total = L.mix_losses(ce, kd, cfg.alpha)
+    return total, {"ce": ce.item(), "kd": kd.item()}
+
+
+def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
+          on_step: Callable[[dict[str, Any]], None] | None = None, progress: bool = True,
+          stop_after_steps: int = 0) -> TrainResult:
+    """Run (or resume) training as ``cfg`` says. ``teacher`` = a loaded ``(model, tokenizer, revision)``
+    (to skip loading); ``stop_after_steps`` ends early without exporting (tests of resume)."""
+    import torch
+
+    from stillhouse.distill.data import DataError, collate, encode_rows, read_rows
+    from stillhouse.distill.modelio import load_causal_lm
+    from stillhouse.distill.student import count_parameters, make_student
+
+    t_start = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = _device(cfg)
+
+    rows = read_rows(cfg.data)
+    if cfg.only_correct:
+        rows = [r for r in rows if r.get("correct", True)]
+    random.Random(cfg.seed).shuffle(rows)
+    if cfg.max_examples:
+        if cfg.max_examples > len(rows):
+            raise TrainConfigError(f"max_examples={cfg.max_examples} but {cfg.data} has only {len(rows)} usable rows")
+        rows = rows[: cfg.max_examples]
+    t_model, tok, t_rev = teacher if teacher is not None else load_causal_lm(cfg.teacher)
+    examples = encode_rows(rows, tok, cfg.max_len, source=cfg.data)
+    k = 0
+    if cfg.loss == "topk":
+        k = max((len(p) for e in examples if e.top_ids for p in e.top_ids), default=0)
+        if k == 0:
+            raise DataError(f"loss=topk but no row of {cfg.data} has top-k logprobs: harvest with "
+                            "top_logprobs (e.g. 20) or train with --loss sft")
+
+    torch.manual_seed(cfg.seed)
+    student = make_student(t_model, cfg.student, seed=cfg.seed)
+    if cfg.lora_r:
+        student = _apply_lora(student, cfg)
+    student.to(device).train()
+    need_teacher = cfg.loss in ("fkl", "rkl", "jsd")
+    if need_teacher:
+        t_model.to(device).eval()
+        for p in t_model.parameters():
+            p.requires_grad_(False)
+    else:
+        t_model = None  # not needed on the training path; free it if the caller holds no reference
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    state = {"step": 0, "examples_seen": 0, "tokens_seen": 0, "train_s": 0.0}
+    ckpts = _checkpoints(out)
+    if ckpts:
+        saved = torch.load(ckpts[-1] / "state.pt", map_location=device, weights_only=False)
+        missing, unexpected = student.load_state_dict(saved["model"], strict=not cfg.lora_r)
+        if unexpected:
+            raise RuntimeError(f"checkpoint {ckpts[-1]} does not fit this student: unexpected {unexpected[:3]}")
+        opt.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["torch_rng"])
+        state.update(json.loads((ckpts[-1] / "progress.json").read_text()))
+    save_config(cfg, out / "train_config.json")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    snapshots: dict[int, Path] = {}
+    meta = {"teacher_revision": t_rev, "student_parameters": count_parameters(student),
+            "trainable_parameters": count_parameters(student, trainable_only=True), "device": device}
+    atomic_write_text(out / "run_info.json", json.dumps(meta, indent=2))
+
+    bar = None
+    if progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                       TextColumn("{task.fields[info]}"))
+        bar.start()
+        task = bar.add_task("train", total=total_steps, completed=state["step"], info="")
+    last: dict[str, float] = {}
+    try:
+        with open(out / "metrics.jsonl", "a") as mf:
+            while state["step"] < total_steps:
+                step = state["step"]
+                epoch, i = divmod(step, steps_per_epoch)
+                order = _order(len(examples), cfg.seed, epoch)
+                idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+                batch = collate([examples[j] for j in idx], pad, k)
+                batch = {name: t.to(device) for name, t in batch.items()}
+                t0 = time.time()
+                lr = _lr_at(cfg, step, total_steps)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                t_logits = None
+                if need_teacher:
+                    with torch.no_grad():
+                        t_logits = t_model(input_ids=batch["input_ids"],
+                                           attention_mask=batch["attention_mask"]).logits
+                loss, parts = compute_losses(cfg, logits, batch, t_logits)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf")))
+                opt.step()
+                ntok = int(batch["attention_mask"].sum())
+                dt = time.time() - t0
+                state["step"] += 1
+                state["examples_seen"] += len(idx)
+                state["tokens_seen"] += ntok
+                state["train_s"] += dt
+                last = {"step": state["step"], "epoch": epoch, "examples_seen": state["examples_seen"],
+                        "loss": loss.item(), **parts, "lr": lr, "grad_norm": gnorm, "tok_per_s": ntok / dt}
+                mf.write(json.dumps(last) + "\n")
+                mf.flush()
+                if on_step:
+                    on_step(last)
+                if bar is not None:
+                    bar.update(task, completed=state["step"],
+                               info=f"loss {last['loss']:.3f} ce {parts['ce']:.3f} kd {parts['kd']:.4f}")
+                if epoch == 0 and state["examples_seen"] in cfg.snapshot_at:
+                    n = state["examples_seen"]
+                    snapshots[n] = export_hf(student, tok, cfg, out / "snapshots" / f"n{n}",
+                                             {**meta, **state, "last": last})
+                end_of_epoch = state["step"] % steps_per_epoch == 0
+                if (cfg.save_every and state["step"] % cfg.save_every == 0) or end_of_epoch:
+                    _save_checkpoint(out, cfg, student, opt, state)
+                if stop_after_steps and state["step"] >= stop_after_steps:
+                    if not ((cfg.save_every and state["step"] % cfg.save_every == 0) or end_of_epoch):
+                        _save_checkpoint(out, cfg, student, opt, state)
+                    return TrainResult(out, out / "final", state["step"], state["examples_seen"],
+                                       state["tokens_seen"], time.time() - t_start, last, snapshots)
+    finally:
+        if bar is not None:
+            bar.stop()
+    final = export_hf(student, tok, cfg, out / "final", {**meta, **state, "last": last})
+    return TrainResult(out, final, state["step"], state["examples_seen"], state["tokens_seen"],
+                       time.time() - t_start, last, snapshots)
+
+
+def config_with(cfg: TrainConfig, **changes: Any) -> TrainConfig:
+    """A copy of ``cfg`` with fields changed (validated again)."""
+    return replace(cfg, **changes)
+
+
+def describe(cfg: TrainConfig) -> str:
+    """One line naming the run."""
+    d = asdict(cfg)
+    return f"{d['student']} {d['loss']} alpha={d['alpha']} lr={d['lr']} bs={d['batch_size']} epochs={d['epochs']}"

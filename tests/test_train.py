@@ -1,0 +1,183 @@
+"""Training on a tiny random-init Llama built from a config, with the real SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from stillhouse.distill import data as D  # noqa: E402
+from stillhouse.distill.student import count_parameters, kept_layers, make_student, parse_student  # noqa: E402
+from stillhouse.distill.train import TrainConfig, TrainConfigError, train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from stillhouse.teacher.bundled import resolve_model_dir
+
+    path, _, _ = resolve_model_dir("bundled")
+    t = transformers.AutoTokenizer.from_pretrained(str(path))
+    if t.pad_token_id is None:
+        t.pad_token = t.eos_token
+    return t
+
+
+def _tiny_teacher(tok, layers: int = 4):
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=256, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def _rows(tok, n: int = 8, topk: int = 3):
+    rows = []
+    for i in range(n):
+        a, b = 10 + i, 20 + 2 * i
+        ans = f"{a} + {b} = {a + b}"
+        ids = tok.encode(ans, add_special_tokens=False)
+        g = torch.Generator().manual_seed(i)
+        top_ids = [[t] + torch.randint(0, len(tok), (topk - 1,), generator=g).tolist() for t in ids + [tok.eos_token_id]]
+        top_lps = [[-0.2, -2.5, -3.0][:topk] for _ in top_ids]
+        rows.append({"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
+                                  {"role": "assistant", "content": ans}],
+                     "token_ids": ids, "top_ids": top_ids, "top_logprobs": top_lps, "correct": i % 2 == 0})
+    return rows
+
+
+def _write(tmp_path, rows):
+    p = tmp_path / "data.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+def test_student_specs_and_pruning(tok):
+    teacher = _tiny_teacher(tok, layers=6)
+    assert kept_layers(30, parse_student("pruned:10")) == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
+    assert kept_layers(6, parse_student("every:2")) == [0, 2, 4]
+    s = make_student(teacher, "pruned:3")
+    assert s.config.num_hidden_layers == 3
+    keep = kept_layers(6, parse_student("pruned:3"))
+    for new, old in enumerate(keep):
+        assert torch.equal(s.model.layers[new].mlp.up_proj.weight, teacher.model.layers[old].mlp.up_proj.weight)
+    assert torch.equal(s.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
+    assert count_parameters(s) < count_parameters(teacher)
+    fresh = make_student(teacher, "fresh:2", seed=1)
+    assert not torch.equal(fresh.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
+    selfcopy = make_student(teacher, "self")
+    assert selfcopy.model.embed_tokens.weight.data_ptr() != teacher.model.embed_tokens.weight.data_ptr()
+    for bad in ("pruned", "pruned:x", "self:3", "half"):
+        with pytest.raises(ValueError):
+            parse_student(bad)
+    with pytest.raises(ValueError, match="only 6 layers"):
+        make_student(teacher, "pruned:9")
+
+
+def test_encode_masks_prompt_and_aligns_topk(tok):
+    row = _rows(tok, 1)[0]
+    ex = D.encode_row(row, tok)
+    n_prompt = sum(1 for x in ex.labels if x == D.IGNORE_INDEX)
+    comp = [x for x in ex.labels if x != D.IGNORE_INDEX]
+    assert comp == row["token_ids"] + [tok.eos_token_id]
+    assert ex.input_ids[n_prompt:] == comp
+    assert ex.top_ids[n_prompt] == row["top_ids"][0] and ex.top_ids[n_prompt - 1] == []
+    batch = D.collate([ex, D.encode_row(_rows(tok, 2)[1], tok)], tok.pad_token_id, k=3)
+    assert batch["top_ids"].shape[-1] == 3
+    lab = batch["labels"][0, n_prompt]
+    assert batch["top_ids"][0, n_prompt, 0] == lab  # teacher's top-1 is the label in these rows
+    with pytest.raises(D.DataError, match="assistant"):
+        D.encode_row({"messages": [{"role": "user", "content": "hi"}]}, tok)
+
+
+def _cfg(tmp_path, data, **kw):
+    base = dict(data=str(data), out=str(tmp_path / "out"), student="pruned:2", loss="sft", batch_size=4,
+                lr=1e-2, threads=1, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("loss", ["sft", "topk", "fkl", "jsd"])
+def test_one_step_changes_every_trainable_parameter(tmp_path, tok, loss):
+    teacher = _tiny_teacher(tok)
+    data = _write(tmp_path, _rows(tok))
+    cfg = _cfg(tmp_path, data, loss=loss, alpha=0.5 if loss != "sft" else 0.0)
+    before = {n: p.detach().clone() for n, p in make_student(teacher, "pruned:2").named_parameters()}
+    res = train(cfg, teacher=(teacher, tok, "test"), progress=False, stop_after_steps=1)
+    assert res.steps == 1
+    ckpt = sorted((tmp_path / "out" / "checkpoints").iterdir())[-1]
+    state = torch.load(ckpt / "state.pt", weights_only=False)["model"]
+    for name, old in before.items():
+        assert not torch.equal(state[name], old), f"{name} did not change after one step ({loss})"
+    m = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[0])
+    assert math.isfinite(m["ce"]) and (loss == "sft" or math.isfinite(m["kd"]))
+
+
+def test_resume_continues_and_final_export_loads(tmp_path, tok):
+    teacher = _tiny_teacher(tok)
+    data = _write(tmp_path, _rows(tok))
+    cfg = _cfg(tmp_path, data, epochs=2, save_every=1)
+    train(cfg, teacher=(teacher, tok, "test"), progress=False, stop_after_steps=3)
+    seen = []
+    res = train(cfg, teacher=(teacher, tok, "test"), progress=False, on_step=lambda m: seen.append(m["step"]))
+    assert seen == [4], "resume must continue from step 3, not start over"
+    assert res.steps == 4 and res.examples_seen == 16
+    # An uninterrupted run lands on the same weights (the data order and RNG are restored).
+    cfg2 = _cfg(tmp_path, data, epochs=2, out=str(tmp_path / "out2"))
+    train(cfg2, teacher=(teacher, tok, "test"), progress=False)
+    a = transformers.AutoModelForCausalLM.from_pretrained(str(res.final_dir))
+    b = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out2" / "final"))
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.allclose(p, q, atol=1e-6), n
+    assert (res.final_dir / "train_config.json").exists()
+    assert transformers.AutoTokenizer.from_pretrained(str(res.final_dir)).eos_token_id == tok.eos_token_id
+    # A half-written checkpoint directory (no progress.json) is ignored.
+    (tmp_path / "out" / "checkpoints" / "step-9999999").mkdir()
+    from stillhouse.distill.train import _checkpoints
+
+    assert _checkpoints(tmp_path / "out")[-1].name != "step-9999999"
+
+
+def test_snapshots_equal_separate_runs_on_prefix(tmp_path, tok):
+    teacher = _tiny_teacher(tok)
+    data = _write(tmp_path, _rows(tok))
+    res = train(_cfg(tmp_path, data, snapshot_at=(4,)), teacher=(teacher, tok, "t"), progress=False)
+    sep = train(_cfg(tmp_path, data, max_examples=4, out=str(tmp_path / "sep")), teacher=(teacher, tok, "t"),
+                progress=False)
+    a = transformers.AutoModelForCausalLM.from_pretrained(str(res.snapshots[4]))
+    b = transformers.AutoModelForCausalLM.from_pretrained(str(sep.final_dir))
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.allclose(p, q, atol=1e-6), n
+
+
+def test_lora_trains_adapters_only_and_exports_merged(tmp_path, tok):
+    pytest.importorskip("peft")
+    teacher = _tiny_teacher(tok)
+    data = _write(tmp_path, _rows(tok))
+    cfg = _cfg(tmp_path, data, lora_r=4, student="self", only_correct=True)
+    res = train(cfg, teacher=(teacher, tok, "t"), progress=False)
+    assert res.examples_seen == 4  # only the rows marked correct
+    info = json.loads((tmp_path / "out" / "run_info.json").read_text())
+    assert 0 < info["trainable_parameters"] < info["student_parameters"] / 5
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(res.final_dir))
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    diff = sum(float((p - q).detach().abs().sum()) for p, q in zip(merged.parameters(), teacher.parameters()))
+    assert diff > 0, "merged LoRA weights must differ from the base"
+
+
+def test_bad_config_and_data_errors(tmp_path, tok):
+    with pytest.raises(TrainConfigError, match="loss"):
+        TrainConfig(data="x", out="y", loss="kl")  # type: ignore[arg-type]
+    with pytest.raises(TrainConfigError, match="student"):
+        TrainConfig(data="x", out="y", student="half")
+    with pytest.raises(TrainConfigError, match="alpha"):
+        TrainConfig(data="x", out="y", alpha=2)
+    rows = _rows(tok)
+    for r in rows:
+        del r["top_ids"], r["top_logprobs"]
+    data = _write(tmp_path, rows)
+    with pytest.raises(D.DataError, match="top-k"):
+        train(_cfg(tmp_path, data, loss="topk"), teacher=(_tiny_teacher(tok), tok, "t"), progress=False)
