@@ -181,3 +181,18 @@ def test_bad_config_and_data_errors(tmp_path, tok):
     data = _write(tmp_path, rows)
     with pytest.raises(D.DataError, match="top-k"):
         train(_cfg(tmp_path, data, loss="topk"), teacher=(_tiny_teacher(tok), tok, "t"), progress=False)
+
+
+def test_answer_logits_equal_full_forward_at_selected_positions(tok):
+    from stillhouse.distill.train import answer_logits, loss_positions
+
+    model = _tiny_teacher(tok)
+    batch = D.collate([D.encode_row(r, tok) for r in _rows(tok, 3)], tok.pad_token_id)
+    sel = loss_positions(batch["labels"])
+    with torch.no_grad():
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        part = answer_logits(model, batch["input_ids"], batch["attention_mask"], sel)
+    assert part.shape == (1, len(sel[0]), full.shape[-1])
+    assert torch.allclose(part[0], full[sel], atol=1e-5)
+    # col t predicts label t+1: every selected target is an answer token
+    assert (batch["labels"][sel[0], sel[1] + 1] != D.IGNORE_INDEX).all()

@@ -251,28 +251,57 @@ def _apply_lora(model: Any, cfg: TrainConfig) -> Any:
     return get_peft_model(model, lc)
 
 
+def answer_logits(model: Any, input_ids: Any, attention_mask: Any, sel: tuple[Any, Any]) -> Any:
+    """Logits ``(1, N, V)`` at the ``N`` selected positions ``sel = (rows, cols)`` only.
+
+    The LM head (49k x 576 in SmolLM2, as big as a third of its layers) then runs on the
+    answer positions alone, not on the prompt - most of every sequence here.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    head = base.get_output_embeddings()
+    if decoder is None or head is None or getattr(base.config, "final_logit_softcapping", None):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logits[sel].unsqueeze(0)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return head(hidden[sel]).unsqueeze(0)
+
+
+def loss_positions(labels: Any) -> tuple[Any, Any]:
+    """``(rows, cols)`` of the logits that predict a labelled token (col t predicts label t+1)."""
+    from stillhouse.distill.losses import IGNORE_INDEX
+
+    rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    return rows, cols
+
+
 def compute_losses(cfg: TrainConfig, logits: Any, batch: dict[str, Any],
                    teacher_logits: Any | None = None) -> tuple[Any, dict[str, float]]:
-    """The training loss of one batch and its parts (``ce``, ``kd``) as floats for logging."""
+    """The training loss and its parts (``ce``, ``kd``, as floats for logging).
+
+    ``logits`` (and ``teacher_logits``) are ``(1, N, V)`` at the positions
+    :func:`loss_positions` selects from ``batch["labels"]``.
+    """
     from stillhouse.distill import losses as L
 
-    s_logits, labels = L.shift_for_next_token(logits, batch["labels"])
-    mask = labels != L.IGNORE_INDEX
-    ce = L.sft_loss(s_logits, labels)
+    rows, cols = loss_positions(batch["labels"])
+    targets = batch["labels"][rows, cols + 1].unsqueeze(0)
+    mask = targets != L.IGNORE_INDEX
+    ce = L.sft_loss(logits, targets)
     if cfg.loss == "sft":
         return ce, {"ce": ce.item(), "kd": float("nan")}
     if cfg.loss == "topk":
-        kd = L.topk_kd(s_logits, batch["top_ids"][:, 1:], batch["top_logprobs"][:, 1:], mask, cfg.temperature)
+        kd = L.topk_kd(logits, batch["top_ids"][rows, cols + 1].unsqueeze(0),
+                       batch["top_logprobs"][rows, cols + 1].unsqueeze(0), mask, cfg.temperature)
     else:
         if teacher_logits is None:
             raise TrainConfigError(f"loss={cfg.loss} needs the live teacher's logits")
-        t_logits = teacher_logits[:, :-1, :]
         if cfg.loss == "fkl":
-            kd = L.forward_kl(s_logits, t_logits, mask, cfg.temperature)
+            kd = L.forward_kl(logits, teacher_logits, mask, cfg.temperature)
         elif cfg.loss == "rkl":
-            kd = L.reverse_kl(s_logits, t_logits, mask, cfg.temperature)
+            kd = L.reverse_kl(logits, teacher_logits, mask, cfg.temperature)
         else:
-            kd = L.generalized_jsd(s_logits, t_logits, mask, cfg.beta, cfg.temperature)
+            kd = L.generalized_jsd(logits, teacher_logits, mask, cfg.beta, cfg.temperature)
     total = L.mix_losses(ce, kd, cfg.alpha)
     return total, {"ce": ce.item(), "kd": kd.item()}
 
@@ -368,12 +397,12 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
                 lr = _lr_at(cfg, step, total_steps)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                sel = loss_positions(batch["labels"])
+                logits = answer_logits(student, batch["input_ids"], batch["attention_mask"], sel)
                 t_logits = None
                 if need_teacher:
                     with torch.no_grad():
-                        t_logits = t_model(input_ids=batch["input_ids"],
-                                           attention_mask=batch["attention_mask"]).logits
+                        t_logits = answer_logits(t_model, batch["input_ids"], batch["attention_mask"], sel)
                 loss, parts = compute_losses(cfg, logits, batch, t_logits)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
