@@ -84,8 +84,8 @@ class PgCluster:
             raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
 
     def start(self) -> None:
-        opts = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
-                "-c synchronous_commit=off -c full_page_writes=off")
+        opts = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1"
+                " -c fsync=off")
         self._run("pg_ctl", "-D", str(self.data), "-o", opts, "-l", str(self.dir / "log.txt"), "-w", "start")
         self.running = True
 

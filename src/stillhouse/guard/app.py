@@ -349,7 +349,7 @@ class GuardApp:
     def _finish(self, rec: TrafficRecord, account: AccountInfo | None) -> None:
         """Log the record and let the detector and policy see it."""
         self.writer.put(self.redactor.record(rec))
-        if self.detector is not None and rec.account_id:
+        if self.detector is not None and account is not None:
             try:
                 self.detector.observe(rec, account)
                 self.policy.take_verdict(self.detector.verdict(rec.account_id))
@@ -393,10 +393,14 @@ class GuardApp:
         token = auth[7:].strip().decode("latin-1") if auth[:7].lower() == b"bearer " else ""
         entry = self.keys.authenticate(token) if token else None
         if entry is None:
+            revoked = self.keys.identify_revoked(token) if token else None
+            if revoked is not None:
+                rec.account_id, rec.key_id = revoked.account_id, revoked.key_id
             msg = ("missing API key: send 'Authorization: Bearer sk-sh-...'" if not token
                    else "invalid or revoked API key")
             await self._refuse(send, rec, None, 401, msg, "invalid_request_error",
                                "missing_api_key" if not token else "invalid_api_key")
+            # (the detector is not fed 401s: _finish skips records without an account object)
             return
         rec.account_id, rec.key_id = entry.account_id, entry.key_id
         acct = self.accounts.get(entry.account_id)

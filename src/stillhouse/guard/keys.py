@@ -105,6 +105,14 @@ class KeyRing:
             return None
         return self._by_hash.get(hash_key(key))
 
+    def identify_revoked(self, key: str) -> KeyEntry | None:
+        """The entry of a revoked key when ``key`` is exactly that key (so its use is logged to its account)."""
+        kid = key_id_of(key)
+        row = self._rows.get(kid) if kid else None
+        if row is not None and row.revoked_at is not None and row.key_hash == hash_key(key):
+            return KeyEntry(row.key_id, row.account_id)
+        return None
+
     def issue(self, account_id: str, now: float) -> IssuedKey:
         """Create a key for an existing account; raises NotFound for an unknown account."""
         self.store.get_account(account_id)
