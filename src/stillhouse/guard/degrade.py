@@ -75,6 +75,8 @@ class ThinkFilter:
     def __init__(self) -> None:
         self.inside = False
         self.held = ""
+        self.skip_ws = False
+        """Whitespace right after a closing tag is dropped, even when it arrives in a later chunk."""
 
     def feed(self, text: str) -> str:
         text = self.held + text
@@ -87,9 +89,15 @@ class ThinkFilter:
                     k = _partial_tag_suffix(text, _CLOSE)
                     self.held = text[len(text) - k:] if k else ""
                     return "".join(out)
-                text = text[i + len(_CLOSE):].lstrip()
+                text = text[i + len(_CLOSE):]
                 self.inside = False
+                self.skip_ws = True
             else:
+                if self.skip_ws:
+                    text = text.lstrip()
+                    if not text:
+                        break
+                    self.skip_ws = False
                 i = text.find(_OPEN)
                 if i < 0:
                     k = _partial_tag_suffix(text, _OPEN)

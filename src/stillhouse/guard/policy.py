@@ -112,8 +112,12 @@ class PolicyEngine:
 
     def load(self, rows: list[DecisionRow]) -> None:
         """Load the store's decisions (all of them, in creation order)."""
-        for row in sorted(rows, key=lambda r: (r.created_at, r.decision_id)):
-            self.apply_row(row)
+        latest: dict[str, DecisionRow] = {}
+        for row in rows:  # a row persisted twice (issued, then cleared): the later version wins
+            latest[row.decision_id] = row
+        for row in sorted(latest.values(), key=lambda r: (r.created_at, r.decision_id)):
+            if row.cleared_at is None or row.source == "rule":
+                self.apply_row(row)
 
     def active(self) -> list[DecisionRow]:
         """Every active manual and detector decision."""
