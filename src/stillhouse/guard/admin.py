@@ -105,6 +105,8 @@ class AdminAPI:
                 if raw.strip():
                     try:
                         body = json.loads(raw)
+                        if body is None:
+                            body = {}
                     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
                         raise AdminError(400, f"the body is not valid JSON: {exc}", "invalid_json") from exc
                     if not isinstance(body, dict):

@@ -1,9 +1,292 @@
-"""CLI verbs of this area (placeholder until the area lands)."""
+"""CLI verbs of the guard: ``guard`` (run the gateway), ``guard admin ...``, ``guard demo``, ``bench guard``.
+
+    stillhouse guard --upstream http://127.0.0.1:8000 --port 8080 --db sqlite:///runs/guard.db
+    STILLHOUSE_GUARD_ADMIN_TOKEN=... stillhouse guard admin --url http://127.0.0.1:8080 create-account --org acme
+    stillhouse guard demo --fake
+    stillhouse bench guard --out docs/bench-guard.json
+
+Thin: each command parses arguments and calls the library (``guard/app.py``, ``guard/admin.py``,
+``guard/bench.py``). Heavy imports live inside the functions so ``stillhouse --help`` stays fast.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+from typing import Any
+
 import typer
+
+ADMIN_ENV = "STILLHOUSE_GUARD_ADMIN_TOKEN"
+
+guard_app = typer.Typer(
+    help=(
+        "The guard: an OpenAI-compatible gateway that authenticates, logs, limits and enforces.\n\n"
+        "Run it in front of any OpenAI-compatible upstream:\n\n"
+        "  export STILLHOUSE_GUARD_ADMIN_TOKEN=$(python -c 'import secrets; print(secrets.token_urlsafe())')\n\n"
+        "  stillhouse guard --upstream http://127.0.0.1:8000 --port 8080 --db sqlite:///runs/guard.db\n\n"
+        "then create accounts and keys with `stillhouse guard admin ...`. Clients use the guard as their\n"
+        "OpenAI base URL (http://127.0.0.1:8080/v1) with `Authorization: Bearer sk-sh-...`."
+    ),
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
+admin_app = typer.Typer(help="Administer a running guard through its admin API (accounts, keys, decisions).",
+                        no_args_is_help=True)
+guard_app.add_typer(admin_app, name="admin")
+
+
+def _die(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
+@guard_app.callback()
+def guard(
+    ctx: typer.Context,
+    upstream: str = typer.Option(None, help="Upstream base URL (OpenAI-compatible; /v1/... is appended)."),
+    port: int = typer.Option(None, help="Port to listen on [8080]."),
+    host: str = typer.Option(None, help="Address to bind [127.0.0.1]."),
+    db: str = typer.Option(None, help="sqlite:///path/guard.db (default) or postgresql://user@host:port/db."),
+    config: str = typer.Option(None, "--config", help="A complete guard config JSON (every field; see "
+                               "--print-config). Flags given here override it."),
+    admin_token_env: str = typer.Option(ADMIN_ENV, help="Environment variable holding the admin token."),
+    on_store_failure: str = typer.Option(None, help="Log store down: 'closed' (503) or 'open' (serve + spool)."),
+    spool_dir: str = typer.Option(None, help="Where unwritten log batches wait for replay."),
+    shadow: bool = typer.Option(None, "--shadow/--enforce", help="Shadow mode: record automatic decisions only."),
+    redact: str = typer.Option(None, help="Prompt/response text in the log: none|patterns|hash|drop."),
+    max_body_bytes: int = typer.Option(None, help="Larger request bodies get 413."),
+    rpm: int = typer.Option(None, "--rpm", help="Default requests/min per account (0 = unlimited)."),
+    tpm: int = typer.Option(None, "--tpm", help="Default tokens/min per account (0 = unlimited)."),
+    max_streams: int = typer.Option(None, help="Default concurrent streams per account (0 = unlimited)."),
+    save_config: str = typer.Option(None, help="Write the resolved config (no secrets) to this JSON file."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as JSON and exit."),
+) -> None:
+    """Run the guard gateway (or a subcommand)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from stillhouse.config import ConfigError, config_to_dict, save_config as _save
+    from stillhouse.guard.config import GuardConfig, guard_config_from_dict, load_guard_config, sha256_hex
+
+    overrides: dict[str, Any] = {k: v for k, v in dict(
+        upstream_url=upstream, port=port, host=host, db_url=db, on_store_failure=on_store_failure,
+        spool_dir=spool_dir, shadow=shadow, redact=redact, max_body_bytes=max_body_bytes,
+        requests_per_min=rpm, tokens_per_min=tpm, max_concurrent_streams=max_streams).items() if v is not None}
+    try:
+        if config:
+            base = config_to_dict(load_guard_config(config))
+        else:
+            token = os.environ.get(admin_token_env, "")
+            if not token and not print_config:
+                _die(f"set the admin token in ${admin_token_env} (e.g. export {admin_token_env}=$(python -c "
+                     "'import secrets; print(secrets.token_urlsafe())')); the admin API needs it")
+            base = {"admin_token_sha256": sha256_hex(token or "change-me")}
+            if "upstream_url" not in overrides:
+                if not print_config:
+                    _die("--upstream is required (the OpenAI-compatible server to guard), or --config FILE")
+                overrides["upstream_url"] = "http://127.0.0.1:8000"
+        cfg = guard_config_from_dict({**base, **overrides}, source="guard options", require_all=False)
+    except (ConfigError, ValueError) as exc:
+        _die(str(exc))
+        return
+    if print_config:
+        typer.echo(json.dumps(config_to_dict(cfg), indent=2, sort_keys=True))
+        return
+    if save_config:
+        _save(cfg, save_config)
+    from stillhouse.guard.server import serve_forever
+
+    typer.echo(f"guard on http://{cfg.host}:{cfg.port}/v1 → {cfg.upstream_url}  (log: {cfg.db_url}, "
+               f"store failure: fail-{cfg.on_store_failure}{', SHADOW' if cfg.shadow else ''})", err=True)
+    serve_forever(cfg)
+
+
+# -- admin --------------------------------------------------------------------------------
+_ADMIN_URL = typer.Option("http://127.0.0.1:8080", "--url", envvar="STILLHOUSE_GUARD_URL",
+                          help="The guard's base URL.")
+_ADMIN_TOKEN = typer.Option(None, "--token", envvar=ADMIN_ENV,
+                            help=f"Admin token (default: ${ADMIN_ENV}).")
+
+
+def _call(url: str, token: str | None, method: str, path: str, body: Any = None) -> Any:
+    import urllib.error
+    import urllib.request
+
+    if not token:
+        _die(f"no admin token: pass --token or set ${ADMIN_ENV}")
+    data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
+    req = urllib.request.Request(url.rstrip("/") + path, data=data, method=method,
+                                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            out = json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        try:
+            msg = json.loads(exc.read())["error"]["message"]
+        except Exception:  # noqa: BLE001
+            msg = exc.reason
+        _die(f"{method} {path} → {exc.code}: {msg}")
+    except OSError as exc:
+        _die(f"cannot reach the guard at {url}: {exc}")
+    typer.echo(json.dumps(out, indent=2))
+    return out
+
+
+@admin_app.command("create-account")
+def create_account(
+    account_id: str = typer.Option(None, help="Id (default: generated acct_...)."),
+    org: str = typer.Option("", help="Organisation."),
+    signup_path: str = typer.Option("", help="How the account signed up (web, partner, api, ...)."),
+    country: str = typer.Option("", help="Country code."),
+    payment_fingerprint: str = typer.Option("", help="Payment fingerprint; stored as SHA-256 unless already a hash."),
+    rpm: int = typer.Option(None, "--rpm", help="Requests/min override."),
+    tpm: int = typer.Option(None, "--tpm", help="Tokens/min override."),
+    max_streams: int = typer.Option(None, help="Concurrent streams override."),
+    url: str = _ADMIN_URL, token: str = _ADMIN_TOKEN,
+) -> None:
+    """Create (or update) an account."""
+    body: dict[str, Any] = {"org": org, "signup_path": signup_path, "country": country,
+                            "payment_fingerprint": payment_fingerprint,
+                            "limits": {"requests_per_min": rpm, "tokens_per_min": tpm,
+                                       "max_concurrent_streams": max_streams}}
+    if account_id:
+        body["account_id"] = account_id
+    _call(url, token, "POST", "/admin/accounts", body)
+
+
+@admin_app.command("accounts")
+def accounts(url: str = _ADMIN_URL, token: str = _ADMIN_TOKEN) -> None:
+    """List accounts."""
+    _call(url, token, "GET", "/admin/accounts")
+
+
+@admin_app.command("account")
+def account(account_id: str, url: str = _ADMIN_URL, token: str = _ADMIN_TOKEN) -> None:
+    """Show one account, its keys and why it gets the decision it gets."""
+    _call(url, token, "GET", f"/admin/accounts/{account_id}")
+
+
+@admin_app.command("issue-key")
+def issue_key(account_id: str, url: str = _ADMIN_URL, token: str = _ADMIN_TOKEN) -> None:
+    """Issue an API key (printed once; the guard keeps only its hash)."""
+    _call(url, token, "POST", f"/admin/accounts/{account_id}/keys")
+
+
+@admin_app.command("keys")
+def keys(account_id: str, url: str = _ADMIN_URL, token: str = _ADMIN_TOKEN) -> None:
+    """List an account's keys (ids and times only)."""
+    _call(url, token, "GET", f"/admin/accounts/{account_id}/keys")
+
+
+@admin_app.command("revoke-key")
+def revoke_key(key_id: str, url: str = _ADMIN_URL, token: str = _ADMIN_TOKEN) -> None:
+    """Revoke a key: its next request gets 401."""
+    _call(url, token, "POST", f"/admin/keys/{key_id}/revoke")
+
+
+@admin_app.command("rotate-key")
+def rotate_key(key_id: str, url: str = _ADMIN_URL, token: str = _ADMIN_TOKEN) -> None:
+    """Revoke a key and issue its replacement."""
+    _call(url, token, "POST", f"/admin/keys/{key_id}/rotate")
+
+
+@admin_app.command("decisions")
+def decisions(target: str = typer.Option(None, help="Account or cluster id."),
+              active: bool = typer.Option(False, "--active", help="Only decisions in force."),
+              url: str = _ADMIN_URL, token: str = _ADMIN_TOKEN) -> None:
+    """List decisions with their reasons and signals."""
+    q = "&".join(p for p in ((f"target={target}" if target else ""), ("active=true" if active else "")) if p)
+    _call(url, token, "GET", "/admin/decisions" + (f"?{q}" if q else ""))
+
+
+@admin_app.command("decide")
+def decide(target: str, action: str = typer.Argument(..., help="allow | throttle | degrade | block"),
+           scope: str = typer.Option("account", help="account or cluster"),
+           reason: str = typer.Option("", help="Why (kept with the decision)."),
+           url: str = _ADMIN_URL, token: str = _ADMIN_TOKEN) -> None:
+    """Set a manual decision on an account or cluster (overrides automatic ones)."""
+    _call(url, token, "POST", "/admin/decisions", {"scope": scope, "target": target, "action": action,
+                                                    "reason": reason})
+
+
+@admin_app.command("clear-decision")
+def clear_decision(decision_id: str, url: str = _ADMIN_URL, token: str = _ADMIN_TOKEN) -> None:
+    """Reverse a decision."""
+    _call(url, token, "POST", f"/admin/decisions/{decision_id}/clear")
+
+
+@admin_app.command("traffic")
+def traffic(account_id: str = typer.Option(None), limit: int = typer.Option(20),
+            url: str = _ADMIN_URL, token: str = _ADMIN_TOKEN) -> None:
+    """Show traffic-log records (as stored, i.e. redacted per config)."""
+    q = f"?limit={limit}" + (f"&account_id={account_id}" if account_id else "")
+    _call(url, token, "GET", "/admin/traffic" + q)
+
+
+@admin_app.command("stats")
+def stats(url: str = _ADMIN_URL, token: str = _ADMIN_TOKEN) -> None:
+    """Log writer state: store up/down, spooled and replayed records."""
+    _call(url, token, "GET", "/admin/stats")
+
+
+# -- demo ---------------------------------------------------------------------------------
+@guard_app.command("demo")
+def demo(
+    upstream: str = typer.Option(None, help="Guard this running upstream instead of starting one."),
+    fake: bool = typer.Option(False, "--fake", help="Use the built-in fake upstream instead of `stillhouse serve`."),
+    prompt: str = typer.Option("What is 12 + 30?", help="The chat message to send through the guard."),
+) -> None:
+    """Run the guard in front of `stillhouse serve` (or --fake / --upstream) and send one request with a key."""
+    from stillhouse.guard.demo import run_demo
+
+    try:
+        run_demo(upstream=upstream, fake=fake, prompt=prompt)
+    except RuntimeError as exc:
+        _die(str(exc))
+
+
+# -- bench --------------------------------------------------------------------------------
+def bench_guard(
+    latency_ms: float = typer.Option(50.0, help="Fixed latency of the fake upstream."),
+    rates: str = typer.Option("200,1000", help="Offered loads (requests/s) for the throughput ratios."),
+    duration_s: float = typer.Option(10.0, help="Seconds per offered-load run."),
+    latency_requests: int = typer.Option(2000, help="Requests for the added-latency percentiles."),
+    latency_concurrency: int = typer.Option(8, help="Concurrency of the added-latency run."),
+    lossless_requests: int = typer.Option(50000, help="Requests for the log-loss count (0 = skip)."),
+    litellm_python: str = typer.Option("/work/venvs/litellm/bin/python",
+                                       help="Python of a virtualenv with 'litellm[proxy]' ('' = skip LiteLLM)."),
+    db: str = typer.Option(None, help="Guard log store (default: SQLite in a temp dir)."),
+    out: str = typer.Option(None, help="Write the results JSON here."),
+    config: str = typer.Option(None, "--config", help="Replay a saved GuardBenchConfig JSON."),
+) -> None:
+    """Guard vs direct vs LiteLLM proxy on loopback: added latency p50/p99, throughput ratio, log loss."""
+    from stillhouse.config import load_config
+    from stillhouse.guard.bench import GuardBenchConfig, run_bench
+
+    if config:
+        cfg = load_config(GuardBenchConfig, config)
+    else:
+        try:
+            cfg = GuardBenchConfig(latency_ms=latency_ms, rates=tuple(float(r) for r in rates.split(",") if r),
+                                   duration_s=duration_s, latency_requests=latency_requests,
+                                   latency_concurrency=latency_concurrency, lossless_requests=lossless_requests,
+                                   litellm_python=litellm_python, db_url=db or "")
+        except ValueError as exc:
+            _die(str(exc))
+            return
+    result = run_bench(cfg)
+    text = json.dumps(result, indent=2)
+    if out:
+        from stillhouse.config import atomic_write_text
+
+        atomic_write_text(out, text + "\n")
+    typer.echo(text)
+    if result.get("errors"):
+        sys.exit(1)
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
-    """Add this area's verbs to the CLI."""
+    """Add the guard's verbs to the CLI."""
+    app.add_typer(guard_app, name="guard")
+    bench_app.command("guard")(bench_guard)
