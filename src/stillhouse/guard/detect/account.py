@@ -1,0 +1,195 @@
+"""One account's sliding window, kept as additive sums so that every feature is O(1) to update.
+
+Each request adds a fixed contribution to the account's sums; when it leaves the
+window (older than ``window_s``, or beyond ``window_max_requests``) the same
+contribution is subtracted. Features are read off the sums (:func:`features`), and a
+cluster's pooled features are the same function of its members' summed sums — so an
+account, a cluster of accounts, online and offline all go through one formula.
+
+Layout of the sums vector (``Layout``): counts and token totals, the per-request
+signal totals, template and duplicate totals, log-gap moments, 24 hour-of-day bins,
+the embedding sum, the random-Fourier-feature sum and its squared norms, topic counts.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from stillhouse.guard.detect.requests import REQUEST_SIGNALS
+from stillhouse.guard.detect.stats import mean_pair_cosine, mmd2_unbiased_from_sums, normalized_entropy
+
+FEATURES = ("volume", "tokens", "cot", "grader", "persona", "max_tokens", "multi", "labelled", "first_turn",
+            "template", "duplicate", "regularity", "around_clock", "output_share", "concentration",
+            "narrowness", "mmd")
+"""Account features, each oriented so that larger is more suspicious."""
+
+FAMILIES = {
+    "content": ("cot", "grader", "labelled", "persona"),
+    "sampling": ("max_tokens", "multi"),
+    "volume": ("volume", "tokens", "output_share"),
+    "automation": ("first_turn", "regularity", "around_clock"),
+    "repetition": ("template", "duplicate"),
+    "topic": ("concentration", "narrowness", "mmd"),
+}
+"""Correlated features grouped: the score counts each family once (its most surprising member),
+so an account that is merely machine-like (a batch service: regular, 24/7, single-turn) is not
+scored as if each of those were independent evidence."""
+FAMILY_INDEX = tuple(tuple(FEATURES.index(f) for f in members) for members in FAMILIES.values())
+
+FEATURE_HELP = {
+    "volume": "log(1 + requests in the window)",
+    "tokens": "log(1 + completion tokens in the window)",
+    "cot": "rate of chain-of-thought / internal-reasoning elicitation",
+    "grader": "rate of grader, rubric or reward-model prompts",
+    "persona": "rate of long system prompts",
+    "max_tokens": "rate of max_tokens at the served maximum",
+    "multi": "rate of n>1 or logprobs requests",
+    "labelled": "rate of labelled output templates",
+    "first_turn": "share of requests that open a conversation (single-turn traffic)",
+    "template": "mean share of a prompt's shingles already sent by this account (template reuse)",
+    "duplicate": "rate of near-duplicate prompts (MinHash LSH)",
+    "regularity": "1 / (1 + std of log inter-arrival gaps): machine-regular pacing",
+    "around_clock": "entropy of the hour-of-day histogram (24/7 activity)",
+    "output_share": "completion tokens / all tokens",
+    "concentration": "share of the account's prompts in its most frequent topic",
+    "narrowness": "mean pairwise cosine of prompt embeddings (low dispersion)",
+    "mmd": "unbiased MMD^2 of prompt embeddings against benign traffic",
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Index map of the sums vector for embedding dim ``d``, ``rff`` features and ``k`` topics."""
+
+    d: int
+    rff: int
+    k: int
+
+    COUNT = 0
+    COMPLETION = 1
+    PROMPT = 2
+    SIGNALS = 3  # len(REQUEST_SIGNALS) slots
+    TEMPLATE = SIGNALS + len(REQUEST_SIGNALS)
+    DUP = TEMPLATE + 1
+    GAP_N = DUP + 1
+    GAP_SUM = GAP_N + 1
+    GAP_SQ = GAP_SUM + 1
+    HOURS = GAP_SQ + 1
+    EMB = HOURS + 24
+
+    @property
+    def phi(self) -> int:
+        return self.EMB + self.d
+
+    @property
+    def phi_sq(self) -> int:
+        return self.phi + self.rff
+
+    @property
+    def topics(self) -> int:
+        return self.phi_sq + 1
+
+    @property
+    def size(self) -> int:
+        return self.topics + self.k
+
+
+@dataclass
+class Entry:
+    """What one request added to its account (kept until it leaves the window)."""
+
+    ts: float
+    scalars: np.ndarray
+    """float64[Layout.HOURS]: count, tokens, signals, template, dup, gap moments."""
+    hour: int
+    emb: np.ndarray
+    """float16 embedding (exactly what was added)."""
+    phi: np.ndarray
+    """float16 random Fourier features (exactly what was added)."""
+    topic: int
+    shingles: tuple[int, ...]
+    dup_keys: tuple[int, ...]
+
+
+@dataclass
+class AccountState:
+    """An account's window: its entries, their sums, and the counters the next request is compared with."""
+
+    layout: Layout
+    sums: np.ndarray = field(init=False)
+    entries: deque[Entry] = field(default_factory=deque)
+    shingle_counts: Counter[int] = field(default_factory=Counter)
+    dup_counts: Counter[int] = field(default_factory=Counter)
+    last_ts: float | None = None
+    total_requests: int = 0
+    """All requests ever seen (the window's count is ``sums[COUNT]``)."""
+
+    def __post_init__(self) -> None:
+        self.sums = np.zeros(self.layout.size, dtype=np.float64)
+
+    def add(self, entry: Entry) -> None:
+        self._apply(entry, +1.0)
+        self.entries.append(entry)
+        self.shingle_counts.update(entry.shingles)
+        self.dup_counts.update(entry.dup_keys)
+        self.total_requests += 1
+
+    def evict(self, now: float, window_s: float, max_requests: int) -> None:
+        while self.entries and (self.entries[0].ts < now - window_s or len(self.entries) > max_requests):
+            entry = self.entries.popleft()
+            self._apply(entry, -1.0)
+            for counter, keys in ((self.shingle_counts, entry.shingles), (self.dup_counts, entry.dup_keys)):
+                for key in keys:
+                    left = counter[key] - 1
+                    if left > 0:
+                        counter[key] = left
+                    else:
+                        del counter[key]
+
+    def _apply(self, entry: Entry, sign: float) -> None:
+        lay = self.layout
+        s = self.sums
+        s[: lay.HOURS] += sign * entry.scalars
+        s[lay.HOURS + entry.hour] += sign
+        s[lay.EMB: lay.phi] += sign * entry.emb.astype(np.float64)
+        phi = entry.phi.astype(np.float64)
+        s[lay.phi: lay.phi_sq] += sign * phi
+        s[lay.phi_sq] += sign * float(phi @ phi)
+        s[lay.topics + entry.topic] += sign
+
+
+def features(sums: np.ndarray, layout: Layout, prior: float, mu_ref: np.ndarray | None,
+             ref_sq: float) -> np.ndarray:
+    """The account features (order of :data:`FEATURES`) of a sums vector (an account or a pooled cluster)."""
+    lay = layout
+    n = float(sums[lay.COUNT])
+    out = np.zeros(len(FEATURES), dtype=np.float64)
+    if n <= 0:
+        return out
+    shrink = n + prior
+    out[0] = np.log1p(n)
+    out[1] = np.log1p(max(sums[lay.COMPLETION], 0.0))
+    out[2:9] = sums[lay.SIGNALS: lay.SIGNALS + len(REQUEST_SIGNALS)] / shrink
+    out[9] = sums[lay.TEMPLATE] / shrink
+    out[10] = sums[lay.DUP] / shrink
+    gap_n = int(round(sums[lay.GAP_N]))
+    if gap_n >= 2:
+        mean = sums[lay.GAP_SUM] / gap_n
+        std = np.sqrt(max(sums[lay.GAP_SQ] / gap_n - mean * mean, 0.0))
+        out[11] = (1.0 / (1.0 + std)) * (gap_n - 1) / (gap_n - 1 + prior)
+    out[12] = normalized_entropy(np.maximum(sums[lay.HOURS: lay.EMB], 0.0)) * n / shrink
+    tokens = sums[lay.COMPLETION] + sums[lay.PROMPT]
+    out[13] = sums[lay.COMPLETION] / tokens if tokens > 0 else 0.0
+    out[14] = float(sums[lay.topics: lay.size].max()) / shrink
+    ni = int(round(n))
+    pair_shrink = (ni - 1) / (ni - 1 + prior) if ni >= 2 else 0.0
+    out[15] = mean_pair_cosine(ni, sums[lay.EMB: lay.phi], float(ni)) * pair_shrink
+    if mu_ref is not None:
+        out[16] = mmd2_unbiased_from_sums(ni, sums[lay.phi: lay.phi_sq], float(sums[lay.phi_sq]), mu_ref,
+                                          ref_sq) * pair_shrink
+    return out
+
+

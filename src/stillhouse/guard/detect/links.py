@@ -1,0 +1,142 @@
+"""Cross-account linking: shared evidence -> weighted links -> clusters.
+
+Every account collects keys of seven kinds (``LINK_KINDS``): its client IPs, their
+/24 (IPv4) or /48 (IPv6) subnets, user-agent + header-order fingerprints, payment
+fingerprints, long system prompts, template shingles (word 3-grams it repeated at
+least 3 times) and the time buckets it was active in.
+
+:func:`link_matrix` turns them into one weighted, symmetric account x account
+matrix: for each kind, ``A_k A_k^T`` counts the keys two accounts share (keys shared
+by more than ``link_max_key_accounts`` accounts, or — for time buckets — more than
+``sync_max_bucket_accounts``, are too common to be evidence and are dropped); each
+count becomes ``weight_k * min(1, shared / need_k)``. Timing needs
+``sync_min_events`` co-timed buckets *and* at least 5x the co-occurrences two
+independent accounts of that volume would have by chance. :func:`clusters` takes
+the connected components of links at or above ``link_threshold``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import defaultdict
+
+import numpy as np
+
+from stillhouse.guard.detect.config import LINK_KINDS, DetectConfig
+
+TEMPLATE_REPEATS = 3
+_NEED = {"template": 3}
+
+
+def subnet_of(ip: str) -> str:
+    """The /24 (IPv4) or /48 (IPv6) network of an address, or '' when it does not parse."""
+    try:
+        addr = ipaddress.ip_address(ip.strip())
+    except ValueError:
+        return ""
+    prefix = 24 if addr.version == 4 else 48
+    return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False))
+
+
+class LinkIndex:
+    """key -> accounts per kind, and per-account request counts (for the timing baseline)."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, dict[object, set[str]]] = {k: defaultdict(set) for k in LINK_KINDS}
+        self.requests: dict[str, int] = defaultdict(int)
+        self.first_ts: float | None = None
+        self.last_ts: float | None = None
+
+    def add(self, kind: str, key: object, account_id: str) -> None:
+        if key == "" or key is None:
+            return
+        self.keys[kind][key].add(account_id)
+
+    def count_request(self, account_id: str, ts: float) -> None:
+        self.requests[account_id] += 1
+        self.first_ts = ts if self.first_ts is None else min(self.first_ts, ts)
+        self.last_ts = ts if self.last_ts is None else max(self.last_ts, ts)
+
+
+def link_matrix(index: LinkIndex, cfg: DetectConfig) -> tuple[list[str], object, dict[str, object]]:
+    """(account ids, total link weight as a scipy CSR matrix, per-kind weight matrices)."""
+    from scipy import sparse
+
+    accounts = sorted(index.requests)
+    row = {a: i for i, a in enumerate(accounts)}
+    n = len(accounts)
+    total = sparse.csr_matrix((n, n), dtype=np.float64)
+    per_kind: dict[str, object] = {}
+    span = max((index.last_ts or 0.0) - (index.first_ts or 0.0), cfg.sync_bucket_s)
+    counts = np.array([index.requests[a] for a in accounts], dtype=np.float64)
+    for kind in LINK_KINDS:
+        weight = cfg.link_weight(kind)
+        if weight <= 0:
+            continue
+        cap = cfg.sync_max_bucket_accounts if kind == "timing" else cfg.link_max_key_accounts
+        rows: list[int] = []
+        cols: list[int] = []
+        col = 0
+        for key in index.keys[kind]:  # insertion order: deterministic for a given stream
+            members = index.keys[kind][key]
+            if len(members) < 2 or len(members) > cap:
+                continue
+            for a in members:
+                rows.append(row[a])
+                cols.append(col)
+            col += 1
+        if not col:
+            continue
+        incidence = sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, col))
+        shared = (incidence @ incidence.T).tocoo()
+        keep = shared.row != shared.col
+        r, c, v = shared.row[keep], shared.col[keep], shared.data[keep]
+        if kind == "timing":
+            expected = counts[r] * counts[c] * cfg.sync_bucket_s / span
+            need = np.maximum(float(cfg.sync_min_events), 5.0 * expected)
+        else:
+            need = np.full(v.shape, float(_NEED.get(kind, 1)))
+        strength = weight * np.minimum(1.0, v / need)
+        if kind == "timing":
+            strength = np.where(v >= need, strength, 0.0)
+        m = sparse.csr_matrix((strength, (r, c)), shape=(n, n))
+        m.eliminate_zeros()
+        per_kind[kind] = m
+        total = total + m
+    return accounts, total.tocsr(), per_kind
+
+
+def clusters(accounts: list[str], weights: object, threshold: float) -> dict[str, str]:
+    """account id -> cluster id (the smallest member id) for clusters of two or more accounts."""
+    from scipy import sparse
+    from scipy.sparse.csgraph import connected_components
+
+    if not accounts:
+        return {}
+    w = sparse.csr_matrix(weights)
+    strong = sparse.csr_matrix(((w.data >= threshold).astype(np.float64), w.indices, w.indptr), shape=w.shape)
+    strong.eliminate_zeros()
+    count, labels = connected_components(strong, directed=False)
+    groups: dict[int, list[str]] = defaultdict(list)
+    for account, label in zip(accounts, labels):
+        groups[int(label)].append(account)
+    out: dict[str, str] = {}
+    for members in groups.values():
+        if len(members) >= 2:
+            cid = "c-" + min(members)
+            for m in members:
+                out[m] = cid
+    return out
+
+
+def top_link_kinds(per_kind: dict[str, object], accounts: list[str], members: list[str]) -> list[tuple[str, float]]:
+    """Total link weight per kind inside a cluster, largest first (the cluster's explanation)."""
+    idx = {a: i for i, a in enumerate(accounts)}
+    rows = [idx[m] for m in members if m in idx]
+    out = []
+    for kind, m in per_kind.items():
+        sub = m[rows][:, rows]  # type: ignore[index]
+        total = float(sub.sum()) / 2.0
+        if total > 0:
+            out.append((kind, total))
+    return sorted(out, key=lambda kv: -kv[1])

@@ -1,0 +1,102 @@
+"""Per-request signals: what one request says about its sender, in a few microseconds.
+
+Each signal is a number in [0, 1] computed from one :class:`TrafficRecord` alone:
+
+- ``cot``        wording that elicits chain of thought or "internal reasoning"
+                 (strong markers count 1, everyday "step by step" counts 0.5);
+- ``grader``     grader, rubric, judge or reward-model prompts;
+- ``persona``    a long system prompt (a fixed persona is caught again by the template signals);
+- ``max_tokens`` ``max_tokens`` at (>= 95% of) the served maximum;
+- ``multi``      ``n > 1``, ``logprobs`` or ``top_logprobs`` requested;
+- ``labelled``   the prompt asks for a labelled output template (two or more ``Label:`` fields,
+                 or "respond in the following format"/JSON with named fields);
+- ``first_turn`` the request opens a conversation (no earlier assistant turn in it).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from stillhouse.guard.detect.config import DetectConfig
+from stillhouse.guard.events import TrafficRecord
+
+REQUEST_SIGNALS = ("cot", "grader", "persona", "max_tokens", "multi", "labelled", "first_turn")
+
+# Literal phrases (lower case), matched with ``in`` on the lower-cased prompt: C-speed substring
+# search is ~50x faster than a case-insensitive alternation regex on long system prompts.
+COT_STRONG = ("internal reasoning", "chain of thought", "chain-of-thought", "reasoning trace", "reasoning process",
+              "reasoning steps", "<think>", "thinking process", "full reasoning", "full derivation",
+              "every step", "every intermediate step", "do not skip any step", "don't skip any step",
+              "never skip steps", "think out loud", "think aloud", "reason carefully before",
+              "reason thoroughly", "verbatim", "exhaustive, explicit reasoning", "explicit reasoning")
+COT_WEAK = ("step by step", "step-by-step", "show your work", "show all your work", "show your reasoning",
+            "show your steps", "explain your reasoning", "let's think", "lets think")
+GRADER = ("rubric", "grader", "reward model", "grade the response", "grade this response", "grade the answer",
+          "grade each", "score the response", "score this response", "score the answer", "rate the response",
+          "rate the answer", "judge the response", "evaluate the response", "evaluate the answer",
+          "evaluate the assistant", "which response is better", "which answer is better",
+          "which completion is better", "preference label", "preference pair")
+_SCALE = re.compile(r"on a scale (?:of|from) \d+")
+_LABEL_LINE = re.compile(
+    r"^\s*(?:#+\s*)?(reasoning|answer|final answer|score|justification|explanation|thought|action|action input"
+    r"|observation|critique|verdict|rationale|solution|steps?|confidence)\s*:", re.MULTILINE)
+FORMAT_ASK = ("the following format", "this format", "exactly this format", "output format", "respond with json",
+              "respond in json", "respond with a json", "json only", "output a json", "json object with")
+
+
+def last_user_text(messages: list[dict[str, Any]]) -> str:
+    """The content of the last user message (the query), as text."""
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return _content_text(message.get("content"))
+    return ""
+
+
+def system_text(messages: list[dict[str, Any]]) -> str:
+    """The concatenated system prompt(s)."""
+    return "\n".join(_content_text(m.get("content")) for m in messages if m.get("role") == "system")
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return "" if content is None else str(content)
+
+
+def request_signals(record: TrafficRecord, cfg: DetectConfig) -> dict[str, float]:
+    """The per-request signals of one record (see the module docstring)."""
+    messages = record.messages or []
+    user = last_user_text(messages)
+    system = system_text(messages)
+    low = (system + "\n" + user).lower()
+    cot = 1.0 if _any(COT_STRONG, low) else 0.5 if _any(COT_WEAK, low) else 0.0
+    grader = 1.0 if _any(GRADER, low) or ("scale" in low and _SCALE.search(low)) else 0.0
+    labelled = 1.0 if _any(FORMAT_ASK, low) else 0.0
+    if not labelled and ":" in low:
+        labelled = 1.0 if len(set(_LABEL_LINE.findall(low))) >= 2 else 0.0
+    params = record.params or {}
+    max_tokens = _as_int(params.get("max_tokens", params.get("max_completion_tokens")))
+    at_max = 1.0 if max_tokens is not None and max_tokens >= 0.95 * cfg.max_tokens_limit else 0.0
+    n = _as_int(params.get("n")) or 1
+    top = _as_int(params.get("top_logprobs")) or 0
+    multi = 1.0 if n > 1 or bool(params.get("logprobs")) or top > 0 else 0.0
+    persona = 1.0 if len(system) >= cfg.long_system_chars else 0.0
+    first = 0.0 if any(m.get("role") == "assistant" for m in messages) else 1.0
+    return {"cot": cot, "grader": grader, "persona": persona, "max_tokens": at_max, "multi": multi,
+            "labelled": labelled, "first_turn": first}
+
+
+def _any(phrases: tuple[str, ...], text: str) -> bool:
+    return any(p in text for p in phrases)
+
+
+def _as_int(value: Any) -> int | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
