@@ -1,0 +1,515 @@
+"""``stillhouse serve``: an OpenAI-compatible HTTP server over a teacher.
+
+Endpoints (plain ASGI on starlette, run by uvicorn):
+
+    POST /v1/chat/completions   stream (SSE), n, temperature, top_p, max_tokens, seed, stop,
+                                logprobs, top_logprobs, stream_options.include_usage
+    GET  /v1/models             the one model served (its name and the spec string both work)
+    GET  /health                {"status": "ok", ...} plus batching counters
+
+A local teacher (``bundled``, ``hf:DIR``, ``gguf:FILE``) decodes concurrent requests in
+shared forward passes (continuous batching, see ``batcher.py``): a request that arrives
+while others run joins the batch at the next step, and a client that disconnects, streamed
+or not, frees its slot at the next step. Other teachers (``fake``, ``http://...``) are
+served through their ``chat()``; a stream then carries the whole text in one chunk.
+
+Errors are OpenAI-shaped ``{"error": {"message", "type", "param", "code"}}``:
+400 malformed JSON, a field of the wrong type or range, ``max_tokens`` over the server's
+limit, prompt plus ``max_tokens`` over the context limit (each message names the limit);
+404 unknown model or path; 503 with Retry-After when ``max_pending`` completions are
+already queued; 500 when generation itself fails.
+
+Run::
+
+    stillhouse serve --teacher bundled --host 127.0.0.1 --port 8000
+    curl -s localhost:8000/v1/chat/completions -d '{"model": "bundled",
+         "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 20}'
+
+In code (tests, benchmarks): ``with ServerThread(create_app(teacher, cfg)) as srv: srv.base_url``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from stillhouse.teacher.base import ChatResult, Completion, Teacher, TokenLogprobs
+from stillhouse.teacher.openai_schema import (
+    APIError,
+    ChatRequest,
+    chunk_json,
+    completion_json,
+    error_json,
+    logprob_entries,
+    new_completion_id,
+    parse_chat_request,
+    usage_json,
+)
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+
+    from stillhouse.teacher.batcher import StepEvent
+    from stillhouse.teacher.local import LocalTeacher
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything ``stillhouse serve`` needs; saved as JSON with ``--save-config``."""
+
+    teacher: str = "bundled"
+    """Teacher spec: bundled, hf:DIR, gguf:FILE, http://HOST:PORT/v1[#MODEL] or fake."""
+    host: str = "127.0.0.1"
+    """Interface to bind. Keep 127.0.0.1 unless a gateway on another host must reach it."""
+    port: int = 8000
+    """TCP port; 0 picks a free one (printed at start)."""
+    max_batch: int = 32
+    """Most completions decoded together; 1 disables batching."""
+    batch_window_ms: float = 5.0
+    """When idle, wait this long after a request for others to share its first forward pass."""
+    continuous: bool = True
+    """Let requests join a running batch at the next step (False: batches run to completion)."""
+    max_tokens_limit: int = 2048
+    """Largest max_tokens a request may ask for; more gets 400 naming this limit."""
+    default_max_tokens: int = 512
+    """max_tokens when a request gives none (capped by what the context leaves)."""
+    max_context: int | None = None
+    """Prompt plus max_tokens may not exceed this; None: the model's max_position_embeddings."""
+    max_n: int = 16
+    """Most completions per request (n)."""
+    max_pending: int = 1024
+    """Completions queued or running before new requests get 503 + Retry-After."""
+    served_name: str | None = None
+    """Model id reported and accepted; default: the teacher's own name."""
+    dtype: str = "float32"
+    """Weights dtype for a local teacher: float32 or bfloat16."""
+
+    def __post_init__(self) -> None:
+        from stillhouse.teacher.spec import parse_spec
+
+        parse_spec(self.teacher)  # raises ValueError listing the accepted forms
+        if not self.host:
+            raise ValueError("host is empty: use 127.0.0.1 (loopback) or an interface address")
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"port={self.port!r}: must be 0..65535 (0 picks a free port)")
+        for name in ("max_batch", "max_tokens_limit", "default_max_tokens", "max_n", "max_pending"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: must be an integer >= 1")
+        if not 0.0 <= self.batch_window_ms <= 5000.0:
+            raise ValueError(f"batch_window_ms={self.batch_window_ms}: must be between 0 and 5000")
+        if self.max_context is not None and self.max_context < 2:
+            raise ValueError(f"max_context={self.max_context}: must be at least 2 tokens, or None for the model's")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype={self.dtype!r}: use float32 or bfloat16")
+
+
+def load_teacher(config: ServeConfig) -> Teacher:
+    """Build the teacher a config names, with its batching settings when it is local."""
+    from stillhouse.teacher.batcher import BatchConfig
+    from stillhouse.teacher.spec import make_teacher, parse_spec
+
+    ts = parse_spec(config.teacher)
+    if ts.is_local:
+        from stillhouse.teacher.local import LocalTeacher
+
+        batch = BatchConfig(max_batch=config.max_batch, batch_window_s=config.batch_window_ms / 1000,
+                            continuous=config.continuous)
+        return LocalTeacher.from_spec(ts, batch=batch, max_context=config.max_context, dtype=config.dtype)
+    return make_teacher(ts)
+
+
+class ChatServer:
+    """The state behind the routes: the teacher, the config, in-flight counters."""
+
+    def __init__(self, teacher: Teacher, config: ServeConfig):
+        from stillhouse.teacher.local import LocalTeacher
+
+        self.teacher = teacher
+        self.config = config
+        self.local: LocalTeacher | None = teacher if isinstance(teacher, LocalTeacher) else None
+        self.model_id = config.served_name or teacher.name
+        self.aliases = {self.model_id, teacher.name, config.teacher}
+        self.created = int(time.time())
+        self.pending = 0
+        self.requests = 0
+
+    # -- routes ---------------------------------------------------------------------
+    async def health(self, request: Request) -> Any:
+        from starlette.responses import JSONResponse
+
+        body: dict[str, Any] = {"status": "ok", "model": self.model_id, "revision": self.teacher.revision,
+                                "pending": self.pending, "requests": self.requests}
+        if self.local is not None:
+            b = self.local.batcher
+            body.update(active=b.active, decode_steps=b.steps, max_batch_seen=b.max_rows_seen,
+                        max_batch=b.config.max_batch, max_context=self.local.max_context)
+        return JSONResponse(body)
+
+    async def models(self, request: Request) -> Any:
+        from starlette.responses import JSONResponse
+
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "stillhouse",
+             "root": self.teacher.revision}]})
+
+    async def chat(self, request: Request) -> Any:
+        from starlette.responses import JSONResponse
+
+        try:
+            return await self._chat(request)
+        except APIError as err:
+            return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    # -- chat -----------------------------------------------------------------------
+    async def _chat(self, request: Request) -> Any:
+        from starlette.responses import JSONResponse
+
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"the request body is not valid JSON ({exc}); send a JSON object with "
+                                "'model' and 'messages'", code="invalid_json") from exc
+        cfg = self.config
+        req = parse_chat_request(body, max_tokens_limit=cfg.max_tokens_limit,
+                                 default_max_tokens=cfg.default_max_tokens, max_n=cfg.max_n)
+        if req.model is not None and req.model not in self.aliases:
+            raise APIError(404, f"the model {req.model!r} does not exist here; this server serves "
+                                f"{self.model_id!r} (see GET /v1/models)", param="model", code="model_not_found")
+        prompt_ids: list[int] | None = None
+        if self.local is not None:
+            from stillhouse.teacher.local import ContextTooLong
+
+            try:
+                prompt_ids = self.local.encode(req.messages)
+            except ValueError as exc:
+                raise APIError(400, str(exc), param="messages") from exc
+            limit = self.local.max_context
+            if not req.max_tokens_given:
+                room = limit - len(prompt_ids)
+                req = _with_max_tokens(req, max(1, min(req.params.max_tokens, room)))
+            try:
+                self.local.check_fits(len(prompt_ids), req.params.max_tokens)
+            except ContextTooLong as exc:
+                raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from exc
+        n = req.params.n
+        if self.pending + n > cfg.max_pending:
+            raise APIError(503, f"the server has {self.pending} completions queued or running (limit "
+                                f"{cfg.max_pending}); retry shortly", code="overloaded",
+                           headers={"Retry-After": "1"})
+        self.requests += 1
+        if req.stream:
+            return _SSE(self, req, prompt_ids)
+        self.pending += n
+        try:
+            result = await self._complete(request, req, prompt_ids)
+        finally:
+            self.pending -= n
+        if result is None:  # the client went away; nobody reads this
+            return JSONResponse(error_json("client disconnected"), status_code=499)
+        body_out = completion_json(new_completion_id(), self.model_id, result.completions,
+                                   [self._choice_logprobs(c) if req.params.logprobs else None
+                                    for c in result.completions], self.teacher.revision[:32])
+        return JSONResponse(body_out)
+
+    async def _complete(self, request: Request, req: ChatRequest, prompt_ids: list[int] | None) -> ChatResult | None:
+        """Run a non-streamed request; None when the client disconnects first (its slots freed)."""
+        if self.local is None:
+            work: asyncio.Future[Any] = asyncio.ensure_future(self.teacher.chat(req.messages, req.params))
+            handles: list[Any] = []
+        else:
+            handles = [self.local.submit(prompt_ids or [], req.params, index=i) for i in range(req.params.n)]
+            work = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(h.future) for h in handles)))
+        gone = asyncio.ensure_future(_wait_disconnect(request.receive))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                for h in handles:
+                    h.cancel()
+                work.cancel()
+                return None
+            try:
+                done = work.result()
+            except Exception as exc:
+                log.exception("generation failed")
+                raise APIError(500, f"generation failed: {type(exc).__name__}: {exc}") from exc
+            if self.local is None:
+                return done  # type: ignore[no-any-return]
+            return ChatResult(completions=list(done), model=self.model_id)
+        finally:
+            gone.cancel()
+            if not work.done():
+                work.cancel()
+
+    def _choice_logprobs(self, c: Completion) -> dict[str, Any] | None:
+        lp = c.logprobs
+        if lp is None:
+            return {"content": []}
+        return {"content": self._entries(lp.tokens, lp.token_ids, lp.logprobs, lp.top_tokens, lp.top_ids,
+                                         lp.top_logprobs)}
+
+    def _entries(self, tokens: list[str] | None, ids: list[int] | None, lps: list[float],
+                 top_tokens: list[list[str]] | None, top_ids: list[list[int]] | None,
+                 top_lps: list[list[float]]) -> list[dict[str, Any]]:
+        if self.local is not None and ids is not None:
+            tt = self.local.batcher.token_text
+            tokens = [tt.text(t) for t in ids]
+            raw = [tt.bytes(t) for t in ids]
+            tids = top_ids or []
+            top_tokens = [[tt.text(t) for t in row] for row in tids]
+            top_raw = [[tt.bytes(t) for t in row] for row in tids]
+        else:
+            tokens = tokens or []
+            raw = [t.encode() for t in tokens]
+            top_tokens = top_tokens or []
+            top_raw = [[t.encode() for t in row] for row in top_tokens]
+        return logprob_entries(tokens, raw, lps, top_tokens, top_raw, top_lps)
+
+
+def _with_max_tokens(req: ChatRequest, max_tokens: int) -> ChatRequest:
+    from dataclasses import replace
+
+    return replace(req, params=replace(req.params, max_tokens=max_tokens))
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class _SSE:
+    """A plain-ASGI streamed response: OpenAI chunks as server-sent events, then ``[DONE]``.
+
+    It watches ``receive`` for ``http.disconnect`` and cancels its completions the moment
+    the client goes away, so their batch slots free up at the next step.
+    """
+
+    def __init__(self, server: ChatServer, req: ChatRequest, prompt_ids: list[int] | None):
+        self.server = server
+        self.req = req
+        self.prompt_ids = prompt_ids
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        srv, req = self.server, self.req
+        n = req.params.n
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        handles: list[Any] = []
+        fallback: asyncio.Future[Any] | None = None
+        gone = asyncio.ensure_future(_wait_disconnect(receive))
+        srv.pending += n
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no")]})
+            cid, created, fp = new_completion_id(), int(time.time()), srv.teacher.revision[:32]
+
+            async def emit(obj: Any) -> None:
+                data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
+                await send({"type": "http.response.body", "body": f"data: {data}\n\n".encode(),
+                            "more_body": True})
+
+            if srv.local is not None:
+                for i in range(n):
+                    def on_event(ev: StepEvent, i: int = i) -> None:
+                        loop.call_soon_threadsafe(events.put_nowait, (i, ev))
+                    handles.append(srv.local.submit(self.prompt_ids or [], req.params, index=i, on_event=on_event))
+            else:
+                fallback = asyncio.ensure_future(srv.teacher.chat(req.messages, req.params))
+                fallback.add_done_callback(lambda f: events.put_nowait((-1, f)))
+            for i in range(n):
+                await emit(chunk_json(cid, srv.model_id, created, i, {"role": "assistant", "content": ""},
+                                      fingerprint=fp))
+            finished: dict[int, Completion] = {}
+            while len(finished) < n:
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    return  # client gone: finally cancels the completions
+                i, item = getter.result()
+                if i == -1:  # a non-local teacher answered all choices at once
+                    result: ChatResult = item.result()
+                    for j, c in enumerate(result.completions):
+                        await self._send_completion(emit, cid, created, fp, j, c)
+                        finished[j] = c
+                    continue
+                ev: StepEvent = item
+                if ev.text or ev.token_ids:
+                    lp = None
+                    if req.params.logprobs:
+                        lp = {"content": srv._entries(None, ev.token_ids, ev.logprobs, None, ev.top_ids,
+                                                      ev.top_logprobs)}
+                    await emit(chunk_json(cid, srv.model_id, created, i, {"content": ev.text}, lp,
+                                          fingerprint=fp))
+                if ev.finish_reason is not None and ev.completion is not None:
+                    await emit(chunk_json(cid, srv.model_id, created, i, {}, None, ev.finish_reason,
+                                          fingerprint=fp))
+                    finished[i] = ev.completion
+            if req.include_usage:
+                done = list(finished.values())
+                await emit({"id": cid, "object": "chat.completion.chunk", "created": created,
+                            "model": srv.model_id, "system_fingerprint": fp, "choices": [],
+                            "usage": usage_json(done[0].prompt_tokens if done else 0,
+                                                sum(c.completion_tokens for c in done))})
+            await emit("[DONE]")
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:
+            return  # the socket closed under us: same as a disconnect
+        except Exception as exc:
+            log.exception("stream failed")
+            try:
+                err = error_json(f"generation failed: {type(exc).__name__}: {exc}", type="server_error")
+                await send({"type": "http.response.body", "body": f"data: {json.dumps(err)}\n\n".encode(),
+                            "more_body": False})
+            except Exception:
+                pass
+        finally:
+            for h in handles:
+                h.cancel()
+            if fallback is not None and not fallback.done():
+                fallback.cancel()
+            gone.cancel()
+            srv.pending -= n
+
+    async def _send_completion(self, emit: Callable[[Any], Awaitable[None]], cid: str, created: int,
+                               fp: str, i: int, c: Completion) -> None:
+        srv = self.server
+        lp = None
+        if self.req.params.logprobs:
+            lp = srv._choice_logprobs(c) if c.logprobs is not None else {"content": []}
+        await emit(chunk_json(cid, srv.model_id, created, i, {"content": c.text}, lp, fingerprint=fp))
+        await emit(chunk_json(cid, srv.model_id, created, i, {}, None, c.finish_reason, fingerprint=fp))
+
+
+def create_app(teacher: Teacher, config: ServeConfig | None = None, *, close_teacher: bool = False) -> Starlette:
+    """The ASGI app over ``teacher``. ``close_teacher`` closes it on shutdown."""
+    from contextlib import asynccontextmanager
+
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    server = ChatServer(teacher, config or ServeConfig(teacher="fake"))
+
+    async def not_found(request: Request, exc: Exception) -> JSONResponse:
+        status = exc.status_code if isinstance(exc, HTTPException) else 404
+        msg = (f"no route {request.method} {request.url.path}; this server has POST /v1/chat/completions, "
+               "GET /v1/models and GET /health")
+        return JSONResponse(error_json(msg, code="not_found" if status == 404 else "method_not_allowed"),
+                            status_code=status)
+
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(error_json(f"internal error: {type(exc).__name__}: {exc}", type="server_error"),
+                            status_code=500)
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> Any:
+        yield
+        if close_teacher:
+            await teacher.aclose()
+
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", server.chat, methods=["POST"]),
+            Route("/chat/completions", server.chat, methods=["POST"]),
+            Route("/v1/models", server.models, methods=["GET"]),
+            Route("/health", server.health, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: not_found, 404: not_found, 405: not_found, 500: server_error},
+        lifespan=lifespan,
+    )
+    app.state.server = server
+    return app
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket (port 0 picks a free one), ready to hand to uvicorn."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot bind {host}:{port}: {exc.strerror}; pick another --port (0 = any free)") from exc
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+class ServerThread:
+    """Runs an ASGI app under uvicorn in a background thread: ``with ServerThread(app) as s: s.base_url``."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, startup_timeout_s: float = 30.0):
+        self.app, self.host, self.port = app, host, port
+        self.startup_timeout_s = startup_timeout_s
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        """The API base, ending in /v1."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    def __enter__(self) -> ServerThread:
+        import uvicorn
+
+        sock = bind_socket(self.host, self.port)
+        self.port = sock.getsockname()[1]
+        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on",
+                                                     timeout_graceful_shutdown=2))
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
+                                        name="stillhouse-serve", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + self.startup_timeout_s
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError(f"server on {self.host}:{self.port} did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(10)
+
+
+def run(config: ServeConfig, teacher: Teacher | None = None) -> None:
+    """Load the teacher, bind, print the address and serve until interrupted."""
+    import sys
+
+    import uvicorn
+
+    sock = bind_socket(config.host, config.port)  # fail fast, before the model loads
+    t0 = time.perf_counter()
+    if teacher is None:
+        print(f"stillhouse serve: loading teacher {config.teacher!r} ...", file=sys.stderr, flush=True)
+        teacher = load_teacher(config)
+    app = create_app(teacher, config, close_teacher=True)
+    host, port = sock.getsockname()[:2]
+    print(f"stillhouse serve: {teacher.name} ({teacher.revision[:19]}) loaded in "
+          f"{time.perf_counter() - t0:.1f} s; listening on http://{host}:{port}/v1 "
+          f"(max_batch={config.max_batch})", file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5))
+    server.run(sockets=[sock])
