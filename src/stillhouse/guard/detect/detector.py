@@ -114,7 +114,13 @@ class WindowDetector:
 
     # --------------------------------------------------------------- observe
     def observe(self, record: TrafficRecord, account: AccountInfo | None = None) -> None:
-        """Take one finished request into account: update the window, links and the account's score."""
+        """Take one finished request into account: update the window, links and the account's score.
+
+        Refused requests (status >= 400: blocked, rate-limited, malformed) returned nothing
+        and are not counted.
+        """
+        if record.status >= 400:
+            return
         cfg = self.config
         lay = self.layout
         aid = record.account_id
@@ -134,7 +140,8 @@ class WindowDetector:
         user_sh = shingle_hashes(user_tokens)
         sys_sh = shingle_hashes(words(system)) if system else user_sh[:0]
         prompt_sh = np.concatenate([sys_sh, user_sh])
-        sampled = tuple(np.unique(prompt_sh[(prompt_sh & np.uint32(3)) == 0]).tolist())
+        keep = prompt_sh if cfg.shingle_sample == 1 else prompt_sh[prompt_sh % np.uint32(cfg.shingle_sample) == 0]
+        sampled = tuple(np.unique(keep).tolist())
         counts = st.shingle_counts
         template = sum(1 for h in sampled if counts.get(h, 0) > 0) / len(sampled) if sampled else 0.0
         dup_keys = band_keys(minhash(user_sh, cfg.minhash_perm, cfg.seed), cfg.minhash_bands, "f") \

@@ -11,7 +11,8 @@ by more than ``link_max_key_accounts`` accounts, or — for time buckets — mor
 ``sync_max_bucket_accounts``, are too common to be evidence and are dropped); each
 count becomes ``weight_k * min(1, shared / need_k)``. Timing needs
 ``sync_min_events`` co-timed buckets *and* at least 5x the co-occurrences two
-independent accounts of that volume would have by chance. :func:`clusters` takes
+independent accounts of that volume would have by chance; its weight doubles (so
+timing alone can link two accounts) at twice that many. :func:`clusters` takes
 the connected components of links at or above ``link_threshold``.
 """
 
@@ -96,9 +97,10 @@ def link_matrix(index: LinkIndex, cfg: DetectConfig) -> tuple[list[str], object,
             need = np.maximum(float(cfg.sync_min_events), 5.0 * expected)
         else:
             need = np.full(v.shape, float(_NEED.get(kind, 1)))
-        strength = weight * np.minimum(1.0, v / need)
-        if kind == "timing":
-            strength = np.where(v >= need, strength, 0.0)
+        if kind == "timing":  # grows to 2x the weight at twice the needed co-timed buckets
+            strength = np.where(v >= need, weight * np.minimum(2.0, v / need), 0.0)
+        else:
+            strength = weight * np.minimum(1.0, v / need)
         m = sparse.csr_matrix((strength, (r, c)), shape=(n, n))
         m.eliminate_zeros()
         per_kind[kind] = m

@@ -1,0 +1,386 @@
+"""Detector unit tests: each signal on constructed traffic, the maths against naive references,
+calibration, save/load, and online == offline on the same log."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+
+from stillhouse.guard.detect import DetectConfig, WindowDetector
+from stillhouse.guard.detect.account import FEATURES
+from stillhouse.guard.detect.embed import HashEmbedder
+from stillhouse.guard.detect.links import LinkIndex, clusters, link_matrix, subnet_of
+from stillhouse.guard.detect.requests import request_signals
+from stillhouse.guard.detect.stats import (
+    mean_pair_cosine,
+    mmd2_unbiased_from_sums,
+    mmd2_unbiased_naive,
+    normalized_entropy,
+    quantile_threshold,
+    rff,
+    rff_params,
+    tail_surprisal,
+)
+from stillhouse.guard.detect.text import minhash, shingle_hashes, words
+from stillhouse.guard.events import AccountInfo, TrafficRecord
+
+CFG = DetectConfig(max_tokens_limit=4096, cluster_every=50)
+T0 = 1_767_225_600.0
+
+QUESTIONS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May. How many?",
+    "Weng earns $12 an hour for babysitting. Yesterday she did 50 minutes. How much did she earn?",
+    "Betty is saving money for a new wallet which costs $100. She has half. How much more does she need?",
+    "James writes a 3-page letter to 2 different friends twice a week. How many pages a year?",
+    "Mark has a garden with flowers. He planted plants of three different colors in it.",
+    "Albert is wondering how much pizza he can eat in one day. He buys 2 large pizzas.",
+    "Ken created a care package to send to his brother, who was away at boarding school.",
+    "Alexis is applying for a new job and bought a new set of business clothes to wear.",
+    "Tina makes $18.00 an hour. If she works more than 8 hours per shift, she is eligible for overtime.",
+    "A deep-sea monster rises from the waters once every hundred years to feast on a ship.",
+    "Write a function that returns the sum of the squares of the odd numbers in a list.",
+    "Julie is reading a 120-page book. Yesterday, she was able to read 12 pages.",
+]
+
+
+def rec(i: int, account: str = "a", user: str = "hello", system: str = "", ts: float | None = None,
+        **kw: object) -> TrafficRecord:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    extra = dict(kw)
+    if "messages" in extra:
+        messages = extra.pop("messages")  # type: ignore[assignment]
+    return TrafficRecord(request_id=f"r{i:06d}", ts=T0 + i * 60.0 if ts is None else ts, account_id=account,
+                         key_id=f"k-{account}", messages=messages, **extra)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ per-request signals
+@pytest.mark.parametrize(("text", "expected"), [
+    ("Show your complete internal reasoning before answering.", 1.0),
+    ("Use chain-of-thought.", 1.0),
+    ("Can you explain step by step?", 0.5),
+    ("What is the capital of France?", 0.0),
+])
+def test_cot_signal(text: str, expected: float) -> None:
+    assert request_signals(rec(0, user=text), CFG)["cot"] == expected
+
+
+def test_grader_signal() -> None:
+    assert request_signals(rec(0, user="Using the rubric, score the response from 0 to 10."), CFG)["grader"] == 1
+    assert request_signals(rec(0, user="Rate it on a scale of 1 to 5"), CFG)["grader"] == 1
+    assert request_signals(rec(0, user="How do I grade a slope for a driveway?"), CFG)["grader"] == 0
+
+
+def test_persona_signal_needs_a_long_system_prompt() -> None:
+    assert request_signals(rec(0, system="You are helpful."), CFG)["persona"] == 0
+    assert request_signals(rec(0, system="You are a tutor. " * 40), CFG)["persona"] == 1
+
+
+def test_max_tokens_signal_at_the_served_maximum() -> None:
+    assert request_signals(rec(0, params={"max_tokens": 4096}), CFG)["max_tokens"] == 1
+    assert request_signals(rec(0, params={"max_tokens": 3000}), CFG)["max_tokens"] == 0
+    assert request_signals(rec(0, params={}), CFG)["max_tokens"] == 0
+    assert request_signals(rec(0, params={"max_tokens": "junk"}), CFG)["max_tokens"] == 0
+
+
+def test_multi_signal_n_or_logprobs() -> None:
+    assert request_signals(rec(0, params={"n": 4}), CFG)["multi"] == 1
+    assert request_signals(rec(0, params={"logprobs": True}), CFG)["multi"] == 1
+    assert request_signals(rec(0, params={"top_logprobs": 5}), CFG)["multi"] == 1
+    assert request_signals(rec(0, params={"n": 1, "logprobs": False}), CFG)["multi"] == 0
+
+
+def test_labelled_template_signal() -> None:
+    tmpl = "Solve it.\nReasoning: <steps>\nFinal answer: <number>"
+    assert request_signals(rec(0, user=tmpl), CFG)["labelled"] == 1
+    assert request_signals(rec(0, user="Respond in JSON with fields a and b"), CFG)["labelled"] == 1
+    assert request_signals(rec(0, user="Answer: is it 4?"), CFG)["labelled"] == 0
+
+
+def test_first_turn_signal() -> None:
+    follow = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+              {"role": "user", "content": "more"}]
+    assert request_signals(rec(0, user="hi"), CFG)["first_turn"] == 1
+    assert request_signals(rec(0, messages=follow), CFG)["first_turn"] == 0
+
+
+# ------------------------------------------------------------------ text and maths
+def test_minhash_equals_datasketch() -> None:
+    from datasketch import MinHash
+
+    hashes = shingle_hashes(words("the quick brown fox jumps over the lazy dog again and again"))
+    ref = MinHash(num_perm=32, seed=7, hashfunc=lambda x: x)
+    ref.update_batch([int(h) for h in hashes])
+    assert np.array_equal(ref.hashvalues, minhash(hashes, 32, 7))
+
+
+def test_mmd_from_sums_matches_naive() -> None:
+    rng = np.random.default_rng(0)
+    w, b = rff_params(8, 32, 1.0, seed=1)
+    x = rng.normal(size=(20, 8))
+    y = rng.normal(0.5, 1.0, size=(50, 8))
+    px, py = rff(x, w, b).astype(np.float64), rff(y, w, b).astype(np.float64)
+    ref_sq = float((py.sum(0) @ py.sum(0) - (py * py).sum()) / (50 * 49))
+    got = mmd2_unbiased_from_sums(20, px.sum(0), float((px * px).sum()), py.mean(0), ref_sq)
+    assert got == pytest.approx(mmd2_unbiased_naive(px, py), abs=1e-9)
+
+
+def test_mean_pair_cosine_matches_naive() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(9, 5))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    g = x @ x.T
+    naive = (g.sum() - np.trace(g)) / (9 * 8)
+    assert mean_pair_cosine(9, x.sum(0), 9.0) == pytest.approx(naive)
+
+
+def test_entropy_and_surprisal_and_threshold() -> None:
+    assert normalized_entropy(np.ones(24)) == pytest.approx(1.0)
+    assert normalized_entropy(np.eye(24)[3]) == 0.0
+    benign = np.sort(np.r_[np.zeros(90), np.linspace(0.1, 1.0, 10)])
+    assert tail_surprisal(benign, 0.0) == pytest.approx(0.0)
+    assert tail_surprisal(benign, 0.5) < tail_surprisal(benign, 0.95) < tail_surprisal(benign, 2.0, scale=0.1)
+    scores = np.arange(1000, dtype=float)
+    t = quantile_threshold(scores, 0.01)
+    assert (scores > t).sum() <= 10 and (scores >= t).sum() > 10
+
+
+def test_hash_embedder_is_unit_and_similar_for_similar_text() -> None:
+    e = HashEmbedder(256)
+    a, b, c = (e.embed(t) for t in ("how many apples does she have", "how many apples does he have",
+                                    "def parse_json(s): return json.loads(s)"))
+    assert np.linalg.norm(a) == pytest.approx(1.0, abs=1e-5)
+    assert a @ b > a @ c
+
+
+# ------------------------------------------------------------------ account window features
+def _feed(det: WindowDetector, records: list[TrafficRecord]) -> dict[str, float]:
+    for r in records:
+        det.observe(r)
+    return det.features_of(records[0].account_id)
+
+
+def test_template_and_duplicate_rates() -> None:
+    tmpl = "You must show your full reasoning. Problem: {q} Respond in the following format: Thought: ... Answer: ..."
+    templated = _feed(WindowDetector(CFG), [rec(i, user=tmpl.format(q=q)) for i, q in enumerate(QUESTIONS)])
+    diverse = _feed(WindowDetector(CFG), [rec(i, user=q) for i, q in enumerate(QUESTIONS)])
+    dups = _feed(WindowDetector(CFG), [rec(i, user=QUESTIONS[i % 2]) for i in range(12)])
+    assert templated["template"] > 0.2 > 0.05 > diverse["template"]
+    assert dups["duplicate"] > 0.5 > diverse["duplicate"]
+
+
+def test_regularity_and_around_the_clock() -> None:
+    periodic = _feed(WindowDetector(CFG), [rec(i, user=QUESTIONS[i % 12], ts=T0 + 3600.0 * i) for i in range(48)])
+    rng = np.random.default_rng(0)
+    human_ts = np.sort(T0 + rng.integers(0, 2, 48) * 86400 + rng.uniform(9, 11, 48) * 3600
+                       + rng.exponential(30, 48))
+    human = _feed(WindowDetector(CFG), [rec(i, user=QUESTIONS[i % 12], ts=float(t)) for i, t in enumerate(human_ts)])
+    assert periodic["regularity"] > 0.8 > human["regularity"]
+    assert periodic["around_clock"] > 0.9 > 0.6 > human["around_clock"]
+
+
+def test_first_turn_share_and_output_share() -> None:
+    single = _feed(WindowDetector(CFG), [rec(i, user=q, prompt_tokens=20, completion_tokens=900)
+                                         for i, q in enumerate(QUESTIONS)])
+    chat = []
+    for i in range(12):
+        msgs = [{"role": "user", "content": QUESTIONS[i]}]
+        if i % 3:
+            msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}] + msgs
+        chat.append(rec(i, messages=msgs, prompt_tokens=200, completion_tokens=100))
+    multi = _feed(WindowDetector(CFG), chat)
+    assert single["first_turn"] > multi["first_turn"]
+    assert single["output_share"] > 0.9 > 0.5 > multi["output_share"]
+
+
+def test_window_eviction_restores_the_sums() -> None:
+    det = WindowDetector(DetectConfig(window_s=3600.0))
+    early = [rec(i, user=QUESTIONS[i], ts=T0 + i) for i in range(6)]
+    late = [rec(100 + i, user=QUESTIONS[6 + i], ts=T0 + 10_000 + i) for i in range(6)]
+    for r in early + late:
+        det.observe(r)
+    fresh = WindowDetector(DetectConfig(window_s=3600.0))
+    for r in late:
+        fresh.observe(r)
+    a, b = det.accounts_["a"].sums, fresh.accounts_["a"].sums
+    lay = det.layout
+    # everything except the gap moments (the first late request has a gap only in `det`)
+    mask = np.ones_like(a, dtype=bool)
+    mask[[lay.GAP_N, lay.GAP_SUM, lay.GAP_SQ]] = False
+    assert np.allclose(a[mask], b[mask], atol=1e-6)
+    assert det.accounts_["a"].total_requests == 12
+
+
+def test_refused_requests_are_not_counted() -> None:
+    det = WindowDetector(CFG)
+    det.observe(rec(0, status=403))
+    assert det.verdict("a") is None
+
+
+# ------------------------------------------------------------------ cross-account links
+def test_subnet_of() -> None:
+    assert subnet_of("198.51.100.7") == "198.51.100.0/24"
+    assert subnet_of("2001:db8:1:2::5") == "2001:db8:1::/48"
+    assert subnet_of("not-an-ip") == ""
+
+
+def test_links_payment_joins_ip_alone_does_not() -> None:
+    idx = LinkIndex()
+    for a in ("p1", "p2", "n1", "n2", "solo"):
+        idx.count_request(a, T0)
+    idx.add("payment", "card-x", "p1")
+    idx.add("payment", "card-x", "p2")
+    idx.add("ip", "10.0.0.1", "n1")
+    idx.add("ip", "10.0.0.1", "n2")
+    accounts, weights, _ = link_matrix(idx, CFG)
+    got = clusters(accounts, weights, CFG.link_threshold)
+    assert got["p1"] == got["p2"]
+    assert "n1" not in got and "solo" not in got
+
+
+def test_synchronized_timing_links_accounts() -> None:
+    det = WindowDetector(DetectConfig(cluster_every=10_000))
+    i = 0
+    rng = np.random.default_rng(3)
+    for wave in range(12):
+        t = T0 + wave * 3600.0 * 5 + float(rng.uniform(0, 600))
+        for a in ("h1", "h2", "h3"):
+            det.observe(rec(i, account=a, user=QUESTIONS[(wave + i) % 12], ts=t + i % 3, client_ip=f"9.9.{i}.1"))
+            i += 1
+        det.observe(rec(i, account="lone", user=QUESTIONS[wave % 12], ts=t + 1800.0, client_ip="8.8.8.8"))
+        i += 1
+    det.refresh_clusters()
+    assert det.cluster_of_.get("h1") == det.cluster_of_.get("h2") == det.cluster_of_.get("h3") is not None
+    assert "lone" not in det.cluster_of_
+
+
+# ------------------------------------------------------------------ calibration and scoring
+def _benign(n_accounts: int, seed: int) -> tuple[list[TrafficRecord], dict[str, AccountInfo]]:
+    rng = np.random.default_rng(seed)
+    out, infos, i = [], {}, 0
+    for k in range(n_accounts):
+        aid = f"b{seed}-{k}"
+        infos[aid] = AccountInfo(aid, payment_fingerprint=f"card-{aid}")
+        for _ in range(int(rng.integers(2, 12))):
+            ts = T0 + float(rng.uniform(0, 3 * 86400))
+            q = QUESTIONS[int(rng.integers(0, len(QUESTIONS)))]
+            out.append(rec(i, account=aid, user=q, ts=ts, client_ip=f"{rng.integers(1, 200)}.1.2.3",
+                           params={"max_tokens": int(rng.choice([256, 1024]))},
+                           prompt_tokens=40, completion_tokens=int(rng.integers(50, 400))))
+            i += 1
+    return sorted(out, key=lambda r: r.ts), infos
+
+
+def _campaign(start: int) -> list[TrafficRecord]:
+    tmpl = ("Think step by step and write out your complete internal reasoning; do not skip any step.\n{q}\n"
+            "Reasoning: ...\nFinal answer: ...")
+    return [rec(start + j, account="evil", user=tmpl.format(q=QUESTIONS[j % 12] + f" ({j})"),
+                ts=T0 + 1000.0 + j * 97.0, params={"max_tokens": 4096, "n": 4}, client_ip="203.0.113.9",
+                prompt_tokens=60, completion_tokens=4000) for j in range(60)]
+
+
+@pytest.fixture(scope="module")
+def fitted() -> WindowDetector:
+    records, infos = _benign(160, seed=1)
+    return WindowDetector(DetectConfig(cluster_every=200, seed=0)).fit(records, infos)
+
+
+def test_fit_sets_thresholds_from_benign_only(fitted: WindowDetector) -> None:
+    assert fitted.fitted
+    assert fitted.thresholds_["block"] >= fitted.thresholds_["throttle"] > 0
+    cal = fitted.calibration_
+    assert cal["accounts_half_a"] + cal["accounts_half_b"] == 160
+    assert cal["fpr_resolution"] == pytest.approx(1 / cal["accounts_half_b"])
+
+
+def test_campaign_is_flagged_and_explained_benign_mostly_not(fitted: WindowDetector) -> None:
+    fitted.reset()
+    benign, infos = _benign(100, seed=2)
+    records = sorted(benign + _campaign(10**6), key=lambda r: r.ts)
+    for r in records:
+        fitted.observe(r, infos.get(r.account_id))
+    v = fitted.verdict("evil")
+    assert v is not None and v.flagged and v.suggested == "block"
+    assert v.fpr_at_threshold == fitted.config.block_fpr
+    names = [name for name, _ in v.reasons]
+    assert {"cot", "max_tokens", "multi"} & set(names)
+    assert all(name in FEATURES for name in names)
+    flagged = sum(fitted.verdict(a).flagged for a in infos)  # type: ignore[union-attr]
+    assert flagged <= 3  # held-out benign seed: a few percent at most at these tiny sizes
+    fitted.reset()
+
+
+def test_save_load_roundtrip_scores_identically(fitted: WindowDetector, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    fitted.save(tmp_path / "det")
+    loaded = WindowDetector.load(tmp_path / "det")
+    records = _campaign(0)
+    fitted.reset()
+    for r in records:
+        fitted.observe(r)
+        loaded.observe(r)
+    assert fitted.verdict("evil") == loaded.verdict("evil")
+    fitted.reset()
+
+
+def test_online_equals_offline_on_a_sqlite_log(fitted: WindowDetector, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from stillhouse.guard.detect.offline import read_log, records_to_jsonl, replay
+
+    benign, infos = _benign(40, seed=3)
+    records = sorted(benign + _campaign(10**6), key=lambda r: (r.ts, r.request_id))
+    online = {}
+    fitted.reset()
+    for r in records:  # what the guard does: observe each finished request, in arrival order
+        fitted.observe(r, infos.get(r.account_id))
+    for a in {r.account_id for r in records}:
+        online[a] = fitted.verdict(a)
+    # offline 1: JSON lines
+    records_to_jsonl(records, tmp_path / "log.jsonl")
+    logged, _ = read_log(str(tmp_path / "log.jsonl"))
+    fitted.reset()
+    assert replay(fitted, logged, infos) == online
+    # offline 2: the guard's own SQLite traffic log
+    store_mod = pytest.importorskip("stillhouse.guard.store")
+    url = f"sqlite:///{tmp_path / 'guard.db'}"
+    store = store_mod.open_store(url)
+    for info in infos.values():
+        store.put_account(info)
+    store.write_records(list(reversed(records)))  # insertion order must not matter: the log orders by ts
+    store.close()
+    logged, accounts = read_log(url)
+    fitted.reset()
+    assert replay(fitted, logged, accounts) == online
+    assert online["evil"].flagged
+    fitted.reset()
+
+
+def test_observe_cost_is_small(fitted: WindowDetector) -> None:
+    import time
+
+    fitted.reset()
+    records = _campaign(0)
+    t0 = time.perf_counter()
+    for r in records:
+        fitted.observe(r)
+    per = (time.perf_counter() - t0) / len(records)
+    fitted.reset()
+    assert per < 0.02  # generous bound for a loaded CI box; `stillhouse detect bench` measures it properly
+
+
+# ------------------------------------------------------------------ config
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("window_s", 0, "window_s"), ("minhash_bands", 5, "minhash_bands"), ("embedder", "bert", "embedder"),
+    ("block_fpr", 0.5, "block_fpr"), ("link_weights", (("dns", 1.0),), "unknown kind"),
+])
+def test_config_errors_name_the_field(field: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DetectConfig(**{field: value})
+
+
+def test_fit_needs_benign_traffic() -> None:
+    with pytest.raises(ValueError, match="benign"):
+        WindowDetector(CFG).fit([])
+
+
+def test_stable_hash_is_process_independent() -> None:
+    assert zlib.crc32(b"abc") == 891568578
