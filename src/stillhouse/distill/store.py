@@ -220,8 +220,13 @@ def completion_row(
     meta: dict[str, Any] | None = None,
     messages_json: str | None = None,
     prompt_hash_hex: str | None = None,
+    params_json: str | None = None,
 ) -> tuple[Any, ...]:
-    """The database row for one finished attempt (a completion, or an error)."""
+    """The database row for one finished attempt (a completion, or an error).
+
+    ``messages_json``/``prompt_hash_hex``/``params_json`` may be passed precomputed (the
+    harvester does, once per prompt) to save encoding them per record.
+    """
     now = time.time()
     c = completion
     token_ids = tokens = logprobs = top_ids = top_tokens = top_lp = None
@@ -247,7 +252,8 @@ def completion_row(
     mj = messages_json if messages_json is not None else canonical_json(messages)
     ph = prompt_hash_hex if prompt_hash_hex is not None else prompt_hash(messages)
     return (
-        key, prompt_id, ph, sample_index, mj, teacher, model, revision, canonical_json(params),
+        key, prompt_id, ph, sample_index, mj, teacher, model, revision,
+        params_json if params_json is not None else canonical_json(params),
         "ok" if c is not None and error is None else "error",
         None if c is None else c.text, None if c is None else c.finish_reason,
         None if c is None else c.prompt_tokens, None if c is None else c.completion_tokens,

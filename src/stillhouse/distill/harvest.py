@@ -1,0 +1,603 @@
+"""Harvest: a teacher → a crash-safe, resumable store of post-training data.
+
+    stillhouse harvest --prompts prompts.jsonl --teacher http://127.0.0.1:8000/v1 --out runs/h1
+    stillhouse harvest --prompts builtin:arithmetic:500 --teacher bundled --out runs/arith --samples 4 \\
+        --temperature 0.8 --logprobs --top-logprobs 20
+    stillhouse harvest --config runs/h1/config.json          # replay a saved run
+
+Library use::
+
+    report = asyncio.run(run_harvest(HarvestConfig(prompts=..., teacher=..., out=...)))
+    # or with a teacher you already hold (e.g. a LocalTeacher): run_harvest(cfg, teacher=t)
+
+How it works. Every (prompt, sample index) is one record keyed by a content hash of
+(messages, teacher, sampling params, sample index) — see :mod:`stillhouse.distill.store`.
+Keys already stored as ``ok`` are skipped; ``error`` rows are retried. ``concurrency``
+workers pull work from one iterator (no task per record, so memory stays flat), each call
+passes the rate limiter (Retry-After cool-down, RPM spacing, TPM bucket) and the budget
+(requests, tokens, cost: reserved before the call, settled after). Finished rows are written
+by one flusher in committed batches every ``flush_interval_s``; a kill -9 loses only the
+unflushed rows, which the next run redoes.
+
+Retries: retryable failures (connection, timeout, 429, 5xx, unusable 2xx body) are retried
+up to ``max_attempts`` with exponential backoff and full jitter. A 429/503 with Retry-After
+pauses *all* new requests until it has passed (the polite reading of a rate limit); there is
+no key rotation, proxying or any other way around a provider's limits. Non-retryable
+failures (4xx, a local teacher's ValueError) are recorded at once with the server's body.
+
+Budgets apply to the run directory as a whole (every run into it together): a rerun of a
+run that hit ``max_requests=100`` stops at once and says so. Requests are counted exactly;
+tokens and cost are reserved as (estimated prompt + max_tokens) before a call and settled
+with the usage the server reports, so a cap is exceeded only by the error of the prompt
+estimate on requests in flight. A kill -9 forgets the spend of unflushed rows.
+
+Exceptions::
+
+    HarvestError            the run cannot start (bad config, teacher revision changed, ...)
+    PromptError (ValueError) bad prompt source, or bad rows under strict=True
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from stillhouse.config import ConfigError, config_to_dict, load_config, save_config
+from stillhouse.distill.prompts import Prompt, PromptSet, load_prompts
+from stillhouse.distill.store import CONFIG_NAME, HarvestStore, canonical_json, completion_row, record_key
+from stillhouse.teacher.base import (
+    RETRYABLE,
+    RateLimited,
+    SamplingParams,
+    ServerError,
+    Teacher,
+    TeacherError,
+    TeacherHTTPError,
+    TeacherResponseError,
+    TeacherTimeout,
+)
+from stillhouse.teacher.spec import parse_spec
+
+
+class HarvestError(RuntimeError):
+    """The harvest cannot start or continue; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class HarvestConfig:
+    """One harvest run. Saved as RUN_DIR/config.json; ``--config`` replays it."""
+
+    prompts: str
+    """A .jsonl/.parquet file, a datasets directory (DIR[#SPLIT]) or builtin:NAME[:N]."""
+    teacher: str
+    """A teacher spec: bundled, hf:DIR, gguf:FILE, http://HOST:PORT/v1[#MODEL], fake[:SEED]."""
+    out: str
+    """The run directory."""
+    samples: int = 1
+    """Completions per prompt (each its own request and record), for best-of-n later."""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    seed: int | None = None
+    """Sample i is requested with seed+i, so samples differ and reruns reproduce."""
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    """k most likely tokens per position (0..20; needs logprobs)."""
+    concurrency: int = 0
+    """Requests in flight. 0 picks: 64 for HTTP teachers, 32 for local ones, 16 for fake."""
+    timeout_s: float = 120.0
+    """Per-request timeout."""
+    max_attempts: int = 5
+    """Attempts per record in one run, the first included."""
+    backoff_s: float = 0.5
+    """First retry delay; doubles each attempt, full jitter."""
+    backoff_max_s: float = 30.0
+    rpm: float = 0.0
+    """Requests per minute (0 = no limit)."""
+    tpm: float = 0.0
+    """Tokens (prompt + completion) per minute (0 = no limit)."""
+    max_requests: int = 0
+    """Hard cap on requests for the run directory (0 = none)."""
+    max_total_tokens: int = 0
+    """Hard cap on prompt + completion tokens for the run directory (0 = none)."""
+    max_cost: float = 0.0
+    """Hard cap on cost (same currency as the prices; 0 = none)."""
+    price_prompt_per_1m: float = 0.0
+    """Price per million prompt tokens, for cost tracking."""
+    price_completion_per_1m: float = 0.0
+    strict: bool = False
+    """Fail before any teacher call when the prompt source has a bad row."""
+    limit: int | None = None
+    """Use only the first N usable prompts."""
+    allow_revision_change: bool = False
+    """Continue a run although the teacher's revision differs from the one stored."""
+    flush_interval_s: float = 0.25
+    """How often finished rows are committed to SQLite."""
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"{name}={getattr(self, name)!r}: {why}")
+
+        if not self.prompts:
+            raise bad("prompts", "give a .jsonl/.parquet file, a datasets directory or builtin:NAME[:N]")
+        try:
+            parse_spec(self.teacher)
+        except ValueError as exc:
+            raise ConfigError(f"teacher: {exc}") from exc
+        if not self.out:
+            raise bad("out", "give a run directory, e.g. runs/h1")
+        if self.samples < 1:
+            raise bad("samples", "must be >= 1")
+        try:
+            self.params(0)
+        except ValueError as exc:
+            raise ConfigError(f"sampling params: {exc}") from exc
+        if self.concurrency < 0:
+            raise bad("concurrency", "must be >= 0 (0 picks a default)")
+        if self.timeout_s <= 0:
+            raise bad("timeout_s", "must be > 0")
+        if self.max_attempts < 1:
+            raise bad("max_attempts", "must be >= 1")
+        if self.backoff_s < 0 or self.backoff_max_s < self.backoff_s:
+            raise bad("backoff_max_s", f"must be >= backoff_s={self.backoff_s} >= 0")
+        for name in ("rpm", "tpm", "max_cost", "price_prompt_per_1m", "price_completion_per_1m"):
+            v = getattr(self, name)
+            if v < 0 or math.isnan(v):
+                raise bad(name, "must be >= 0 (0 means none)")
+        for name in ("max_requests", "max_total_tokens"):
+            if getattr(self, name) < 0:
+                raise bad(name, "must be >= 0 (0 means no cap)")
+        if self.max_cost and not (self.price_prompt_per_1m or self.price_completion_per_1m):
+            raise bad("max_cost", "a cost cap needs prices: set price_prompt_per_1m / price_completion_per_1m")
+        if self.limit is not None and self.limit < 1:
+            raise bad("limit", "must be >= 1 (or unset)")
+        if self.flush_interval_s <= 0:
+            raise bad("flush_interval_s", "must be > 0")
+
+    def params(self, sample_index: int) -> SamplingParams:
+        """The sampling params of one sample (seed offset by the sample index)."""
+        return SamplingParams(
+            temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens, n=1,
+            seed=None if self.seed is None else self.seed + sample_index, stop=tuple(self.stop),
+            logprobs=self.logprobs, top_logprobs=self.top_logprobs,
+        )
+
+    def effective_concurrency(self) -> int:
+        if self.concurrency:
+            return self.concurrency
+        kind = parse_spec(self.teacher).kind
+        return 64 if kind == "http" else 16 if kind == "fake" else 32
+
+
+@dataclass
+class HarvestStats:
+    """Live counters of a run (what the progress bar shows)."""
+
+    total: int = 0
+    """Records this run set out to do (after skipping finished ones)."""
+    skipped: int = 0
+    """Records already ok in the store."""
+    ok: int = 0
+    errors: int = 0
+    retries: int = 0
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+    in_flight: int = 0
+    started: float = field(default_factory=time.monotonic)
+    stopped_reason: str | None = None
+    """Why the run stopped before doing everything (a budget cap, an interrupt)."""
+    error_kinds: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def done(self) -> int:
+        return self.ok + self.errors
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
+
+
+@dataclass
+class HarvestReport:
+    """What a finished (or stopped) run did, plus the store's counts afterwards."""
+
+    config: HarvestConfig
+    stats: HarvestStats
+    store_counts: dict[str, int]
+    prompt_problems: list[str]
+    duplicates: int
+
+    @property
+    def complete(self) -> bool:
+        """True when every (prompt, sample) of the run has an ok record."""
+        return self.stats.stopped_reason is None and self.stats.errors == 0
+
+    def summary(self) -> str:
+        s = self.stats
+        rate = s.done / s.elapsed_s if s.elapsed_s > 0 else 0.0
+        lines = [
+            f"harvest into {self.config.out}: {s.ok} ok, {s.errors} errors this run "
+            f"({s.skipped} already done), {s.requests} requests, {s.retries} retries, "
+            f"{s.elapsed_s:.1f} s ({rate:.1f} records/s)",
+            f"tokens: {s.prompt_tokens} prompt + {s.completion_tokens} completion; cost {s.cost:.4f}",
+            f"store: {self.store_counts}",
+        ]
+        if s.error_kinds:
+            lines.append(f"errors by kind: {dict(sorted(s.error_kinds.items()))}")
+        if self.prompt_problems:
+            lines.append(f"skipped {len(self.prompt_problems)} bad prompt row(s), e.g. {self.prompt_problems[0]}")
+        if self.duplicates:
+            lines.append(f"merged {self.duplicates} duplicate prompt(s)")
+        if s.stopped_reason:
+            lines.append(f"STOPPED EARLY: {s.stopped_reason}")
+        return "\n".join(lines)
+
+
+# -- rate limits and budgets ------------------------------------------------------------------------
+
+class RateLimiter:
+    """Retry-After cool-down, RPM spacing and a TPM bucket, for one event loop."""
+
+    def __init__(self, rpm: float = 0.0, tpm: float = 0.0, clock: Callable[[], float] = time.monotonic):
+        self.rpm, self.tpm, self.clock = rpm, tpm, clock
+        self.not_before = 0.0
+        self._next_slot = 0.0
+        self._level = tpm  # tokens available; may go negative (a queue of reservations)
+        self._level_t = clock()
+
+    def cool_down(self, seconds: float) -> None:
+        """No request starts for ``seconds`` from now (a 429/503 Retry-After)."""
+        self.not_before = max(self.not_before, self.clock() + seconds)
+
+    def delay_for(self, tokens: int) -> float:
+        """Reserve a start for a request of ~``tokens``; returns how long to wait before it."""
+        now = self.clock()
+        start = max(now, self.not_before)
+        if self.rpm:
+            start = max(start, self._next_slot)
+            self._next_slot = start + 60.0 / self.rpm
+        if self.tpm:
+            rate = self.tpm / 60.0
+            self._level = min(self.tpm, self._level + (now - self._level_t) * rate)
+            self._level_t = now
+            self._level -= tokens
+            if self._level < 0:
+                start = max(start, now + (-self._level) / rate)
+        return start - now
+
+    def settle(self, reserved: int, actual: int) -> None:
+        """Give back (or take) the difference between the reserved and the reported tokens."""
+        if self.tpm:
+            self._level += reserved - actual
+
+    async def acquire(self, tokens: int) -> None:
+        wait = self.delay_for(tokens)
+        if wait > 0:
+            await asyncio.sleep(wait)
+        # A Retry-After that arrived while we slept pushes us back again.
+        while self.not_before > self.clock():
+            await asyncio.sleep(self.not_before - self.clock())
+
+
+class Budget:
+    """Hard caps on requests, tokens and cost, with reservations for requests in flight."""
+
+    def __init__(self, max_requests: int = 0, max_tokens: int = 0, max_cost: float = 0.0,
+                 spent_requests: int = 0, spent_tokens: int = 0, spent_cost: float = 0.0):
+        self.max_requests, self.max_tokens, self.max_cost = max_requests, max_tokens, max_cost
+        self.requests, self.tokens, self.cost = spent_requests, spent_tokens, spent_cost
+
+    def reserve(self, tokens: int, cost: float) -> str | None:
+        """Reserve one request; returns None, or the reason the cap forbids it."""
+        if self.max_requests and self.requests + 1 > self.max_requests:
+            return f"budget cap max_requests={self.max_requests} reached ({self.requests} used)"
+        if self.max_tokens and self.tokens + tokens > self.max_tokens:
+            return (f"budget cap max_total_tokens={self.max_tokens} reached ({self.tokens} used, the next request "
+                    f"may need {tokens})")
+        if self.max_cost and self.cost + cost > self.max_cost + 1e-12:
+            return f"budget cap max_cost={self.max_cost:g} reached ({self.cost:.6g} used)"
+        self.requests += 1
+        self.tokens += tokens
+        self.cost += cost
+        return None
+
+    def settle(self, reserved_tokens: int, reserved_cost: float, tokens: int, cost: float) -> None:
+        self.tokens += tokens - reserved_tokens
+        self.cost += cost - reserved_cost
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Full-jitter exponential backoff before retry number ``attempt`` (1-based)."""
+    return rng.uniform(0, min(cap, base * 2 ** (attempt - 1)))
+
+
+def estimate_prompt_tokens(messages_json: str, n_messages: int) -> int:
+    """A rough token count for budgets and TPM before the server tells us (≈ 4 bytes a token)."""
+    return len(messages_json) // 4 + 4 * n_messages + 8
+
+
+# -- the runner -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Work:
+    prompt: Prompt
+    sample_index: int
+    key: str
+    params: SamplingParams
+    params_json: str
+    params_dict: dict[str, Any]
+
+
+class Harvester:
+    """One run: prompts × samples through a teacher into a store. Use :func:`run_harvest`."""
+
+    def __init__(self, config: HarvestConfig, teacher: Teacher, store: HarvestStore, prompts: PromptSet,
+                 teacher_id: str, on_progress: Callable[[HarvestStats], None] | None = None,
+                 rng_seed: int | None = None):
+        self.config = config
+        self.teacher = teacher
+        self.store = store
+        self.prompts = prompts
+        self.teacher_id = teacher_id
+        self.on_progress = on_progress
+        self.stats = HarvestStats()
+        self.limiter = RateLimiter(config.rpm, config.tpm)
+        totals = store.totals()
+        self.budget = Budget(config.max_requests, config.max_total_tokens, config.max_cost,
+                             int(totals["attempts"]), int(totals["prompt_tokens"] + totals["completion_tokens"]),
+                             float(totals["cost"]))
+        self._rng = random.Random(rng_seed)
+        self._rows: list[tuple[Any, ...]] = []
+        self._stopping = False
+        self._model = teacher.name
+        self._revision = teacher.revision
+        self._timeout_here = parse_spec(config.teacher).kind != "http"  # HTTP teachers time out themselves
+
+    def work(self) -> list[_Work]:
+        """Every (prompt, sample) whose key is not ok in the store yet."""
+        cfg = self.config
+        done = self.store.keys("ok")
+        per_sample = []
+        for i in range(cfg.samples):
+            p = cfg.params(i)
+            d = json.loads(canonical_json(asdict(p)))
+            per_sample.append((p, d, canonical_json(d)))
+        todo = []
+        for prompt in self.prompts.prompts:
+            for i, (p, d, pj) in enumerate(per_sample):
+                key = record_key(prompt.messages, self.teacher_id, d, i)
+                if key in done:
+                    self.stats.skipped += 1
+                else:
+                    todo.append(_Work(prompt, i, key, p, pj, d))
+        self.stats.total = len(todo)
+        return todo
+
+    def _cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        c = self.config
+        return (prompt_tokens * c.price_prompt_per_1m + completion_tokens * c.price_completion_per_1m) / 1e6
+
+    def _row(self, w: _Work, completion: Any, latency: float | None, cost: float, attempts: int,
+             error: str | None = None, raw: str | None = None) -> tuple[Any, ...]:
+        return completion_row(
+            key=w.key, prompt_id=w.prompt.id, messages=w.prompt.messages, teacher=self.teacher_id,
+            model=self._model, revision=self._revision, params=w.params_dict, sample_index=w.sample_index,
+            completion=completion, latency_s=latency, cost=cost, attempts=attempts, error=error, raw=raw,
+            meta=w.prompt.meta, messages_json=w.prompt.messages_json, prompt_hash_hex=w.prompt.hash,
+            params_json=w.params_json,
+        )
+
+    async def _one(self, w: _Work) -> None:
+        cfg, st = self.config, self.stats
+        est_prompt = estimate_prompt_tokens(w.prompt.messages_json, len(w.prompt.messages))
+        est_tokens = est_prompt + cfg.max_tokens
+        est_cost = self._cost(est_prompt, cfg.max_tokens)
+        attempts = 0
+        while True:
+            if self._stopping:
+                return  # not recorded: the next run redoes it
+            await self.limiter.acquire(est_tokens)
+            if self._stopping:
+                return
+            reason = self.budget.reserve(est_tokens, est_cost)
+            if reason is not None:
+                self._stop(reason)
+                return
+            attempts += 1
+            st.requests += 1
+            st.in_flight += 1
+            t0 = time.perf_counter()
+            try:
+                if self._timeout_here:
+                    async with asyncio.timeout(cfg.timeout_s):
+                        res = await self.teacher.chat(w.prompt.messages, w.params)
+                else:
+                    res = await self.teacher.chat(w.prompt.messages, w.params)
+                if not res.completions:
+                    raise TeacherResponseError("the teacher returned no completions",
+                                               json.dumps(res.raw) if res.raw else "")
+            except TimeoutError as exc:  # only from asyncio.timeout above
+                err: BaseException = TeacherTimeout(f"no answer within {cfg.timeout_s:g} s")
+                err.__cause__ = exc
+            except TeacherError as exc:
+                err = exc
+            except (ValueError, RuntimeError) as exc:  # a local teacher's refusal: not retryable
+                err = exc
+            else:
+                err = None
+            finally:
+                st.in_flight -= 1
+            latency = time.perf_counter() - t0
+            if err is None:
+                c = res.completions[0]
+                cost = self._cost(c.prompt_tokens, c.completion_tokens)
+                self.budget.settle(est_tokens, est_cost, c.prompt_tokens + c.completion_tokens, cost)
+                self.limiter.settle(est_tokens, c.prompt_tokens + c.completion_tokens)
+                st.ok += 1
+                st.prompt_tokens += c.prompt_tokens
+                st.completion_tokens += c.completion_tokens
+                st.cost += cost
+                self._rows.append(self._row(w, c, res.latency_s or latency, cost, attempts))
+                return
+            self.budget.settle(est_tokens, est_cost, 0, 0.0)
+            self.limiter.settle(est_tokens, 0)
+            retry_after = getattr(err, "retry_after", None)
+            if isinstance(err, (RateLimited, ServerError)) and retry_after:
+                self.limiter.cool_down(retry_after)
+            if isinstance(err, RETRYABLE) and attempts < cfg.max_attempts and not self._stopping:
+                st.retries += 1
+                delay = retry_after if retry_after else backoff_delay(attempts, cfg.backoff_s, cfg.backoff_max_s,
+                                                                      self._rng)
+                await asyncio.sleep(delay)
+                continue
+            kind = type(err).__name__ + (f" {err.status}" if isinstance(err, TeacherHTTPError) else "")
+            st.errors += 1
+            st.error_kinds[kind] = st.error_kinds.get(kind, 0) + 1
+            raw = getattr(err, "raw", None) or getattr(err, "body", None) or None
+            self._rows.append(self._row(w, None, latency, 0.0, attempts, error=f"{kind}: {err}", raw=raw))
+            return
+
+    def _stop(self, reason: str) -> None:
+        if not self._stopping:
+            self._stopping = True
+            self.stats.stopped_reason = reason
+
+    async def _flush(self) -> None:
+        if self._rows:
+            batch, self._rows = self._rows, []
+            await asyncio.to_thread(self.store.put_rows, batch)
+
+    async def run(self) -> HarvestStats:
+        todo = self.work()
+        it: Iterator[_Work] = iter(todo)
+
+        async def worker() -> None:
+            for w in it:
+                if self._stopping:
+                    return
+                await self._one(w)
+
+        async def flusher() -> None:
+            while True:
+                await asyncio.sleep(self.config.flush_interval_s)
+                await self._flush()
+                if self.on_progress is not None:
+                    self.on_progress(self.stats)
+
+        n = min(self.config.effective_concurrency(), max(1, len(todo)))
+        flush_task = asyncio.create_task(flusher())
+        workers = [asyncio.create_task(worker()) for _ in range(n)]
+        try:
+            await asyncio.gather(*workers)
+        except BaseException:
+            self._stop("interrupted")
+            for t in workers:
+                t.cancel()
+            raise
+        finally:
+            flush_task.cancel()
+            try:
+                await flush_task
+            except asyncio.CancelledError:
+                pass
+            # Rows finished before an interrupt are kept; shielded so a second cancel cannot lose them.
+            await asyncio.shield(self._flush())
+            if self.on_progress is not None:
+                self.on_progress(self.stats)
+        return self.stats
+
+
+def teacher_identity(spec: str, teacher: Teacher) -> str:
+    """What the record key says about the teacher: the spec, with the served model for HTTP."""
+    ts = parse_spec(spec)
+    if ts.kind == "http":
+        ts = replace(ts, model=teacher.name or ts.model)
+    return str(ts)
+
+
+def save_run_config(cfg: HarvestConfig) -> None:
+    """Write RUN_DIR/config.json; an earlier, different config is kept as config.prev-N.json."""
+    out = Path(cfg.out)
+    path = out / CONFIG_NAME
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = None
+        new = {"__config__": type(cfg).__name__, **config_to_dict(cfg)}
+        if old is not None and old != new:
+            n = 1
+            while (out / f"config.prev-{n}.json").exists():
+                n += 1
+            (out / f"config.prev-{n}.json").write_text(path.read_text())
+    save_config(cfg, path)
+
+
+def load_harvest_config(path: str) -> HarvestConfig:
+    """Read a saved HarvestConfig (``--config``)."""
+    return load_config(HarvestConfig, path)
+
+
+def make_harvest_teacher(cfg: HarvestConfig) -> Teacher:
+    """The teacher the config names, with options suited to harvesting."""
+    from stillhouse.teacher.spec import make_teacher
+
+    kind = parse_spec(cfg.teacher).kind
+    if kind == "http":
+        return make_teacher(cfg.teacher, timeout_s=cfg.timeout_s,
+                            max_connections=max(cfg.effective_concurrency(), 8))
+    if kind == "fake":
+        return make_teacher(cfg.teacher)
+    # Local teachers batch concurrent calls; let the batch hold every request in flight.
+    return make_teacher(cfg.teacher, max_batch=cfg.effective_concurrency())
+
+
+async def run_harvest(
+    cfg: HarvestConfig,
+    teacher: Teacher | None = None,
+    on_progress: Callable[[HarvestStats], None] | None = None,
+    on_prompts: Callable[[PromptSet], None] | None = None,
+) -> HarvestReport:
+    """Validate everything, then harvest. Raises HarvestError/PromptError before any teacher call."""
+    prompts = load_prompts(cfg.prompts, strict=cfg.strict, limit=cfg.limit)
+    if on_prompts is not None:
+        on_prompts(prompts)
+    own = teacher is None
+    if teacher is None:
+        teacher = make_harvest_teacher(cfg)
+    try:
+        resolve = getattr(teacher, "resolve", None)
+        if resolve is not None:
+            try:
+                await resolve()
+            except TeacherError as exc:
+                raise HarvestError(f"cannot reach teacher {cfg.teacher}: {exc}") from exc
+        tid = teacher_identity(cfg.teacher, teacher)
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        with HarvestStore(cfg.out) as store:
+            meta_key = f"revision:{tid}"
+            stored = store.get_meta(meta_key)
+            if stored is not None and stored != teacher.revision and not cfg.allow_revision_change:
+                raise HarvestError(
+                    f"teacher {tid} now reports revision {teacher.revision!r}, but {cfg.out} was harvested from "
+                    f"revision {stored!r}. Harvest into a new --out, or pass --allow-revision-change to mix them"
+                )
+            store.set_meta(meta_key, teacher.revision)
+            save_run_config(cfg)
+            h = Harvester(cfg, teacher, store, prompts, tid, on_progress)
+            await h.run()
+            counts = store.counts()
+        return HarvestReport(cfg, h.stats, counts, [str(p) for p in prompts.problems], prompts.duplicates)
+    finally:
+        if own:
+            await teacher.aclose()

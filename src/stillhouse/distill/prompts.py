@@ -1,0 +1,238 @@
+"""Prompt inputs for harvest: JSONL, Parquet, a Hugging Face datasets directory, or a built-in set.
+
+``load_prompts(source)`` reads any of::
+
+    prompts.jsonl               one JSON object a line: {"id": ..., "messages": [...]}
+                                or {"id": ..., "prompt": "..."} (id optional)
+    prompts.parquet             the same fields as columns
+    DIR[#SPLIT]                 a directory written by datasets' save_to_disk
+                                (a DatasetDict uses SPLIT, default 'train')
+    builtin:NAME[:N]            a built-in task set, see stillhouse.distill.tasks
+
+Every other field of a row (``answer``, ``task``, ``tests``...) travels with the prompt as
+``meta`` into the harvest store, so curation can verify against it. A row without an id
+gets ``p-`` plus the first 12 hex digits of its prompt hash, which is stable when lines move.
+
+Bad rows (not JSON, no messages/prompt, wrong roles or types) become :class:`Problem`\\ s
+with their line numbers; the caller skips them, or with ``strict=True`` :class:`PromptError`
+is raised before any teacher call. Rows whose messages repeat an earlier row are merged (one
+record per distinct prompt) and counted in ``duplicates``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stillhouse.distill.store import canonical_json, prompt_hash
+from stillhouse.teacher.base import Message
+
+ROLES = ("system", "user", "assistant", "developer", "tool")
+
+
+class PromptError(ValueError):
+    """The prompt source is unusable, or (strict mode) has bad rows; the message lists them."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt: a stable id, the chat messages, and whatever else its row carried."""
+
+    id: str
+    messages: list[Message]
+    meta: dict[str, Any] = field(default_factory=dict)
+    hash: str = ""
+    """prompt_hash(messages), filled by the loader."""
+    messages_json: str = ""
+    """canonical_json(messages), filled by the loader (saves re-encoding per record)."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A row that could not be used."""
+
+    where: str
+    """'FILE:LINE' (JSONL), 'FILE:row N' (Parquet, datasets)."""
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.reason}"
+
+
+@dataclass
+class PromptSet:
+    """What a source yielded."""
+
+    prompts: list[Prompt]
+    problems: list[Problem]
+    duplicates: int = 0
+    source: str = ""
+
+
+def check_messages(messages: Any) -> list[Message]:
+    """Validate OpenAI chat messages; raises ValueError naming the first wrong field."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{i}] is a {type(m).__name__}, not an object")
+        if m.get("role") not in ROLES:
+            raise ValueError(f"messages[{i}].role={m.get('role')!r}: use one of {', '.join(ROLES)}")
+        content = m.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in content):
+                raise ValueError(f"messages[{i}].content parts must be {{'type': 'text', 'text': '...'}}")
+        elif not isinstance(content, str):
+            raise ValueError(f"messages[{i}].content must be a string, not {type(content).__name__}")
+    if messages[-1].get("role") == "assistant":
+        raise ValueError("the last message is the assistant's: end with a user turn for the teacher to answer")
+    return messages
+
+
+def row_to_prompt(row: Any) -> Prompt:
+    """One input row (a dict) → Prompt; raises ValueError saying what is wrong."""
+    if not isinstance(row, dict):
+        raise ValueError(f"a row must be a JSON object, not {type(row).__name__}")
+    if "messages" in row and row["messages"] is not None:
+        messages = row["messages"]
+        # Parquet/datasets give list-of-struct rows with every key present; drop the None ones.
+        if isinstance(messages, list):
+            messages = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m
+                        for m in messages]
+        messages = check_messages(messages)
+    elif "prompt" in row and row["prompt"] is not None:
+        if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+            raise ValueError("'prompt' must be a non-empty string")
+        messages = [{"role": "user", "content": row["prompt"]}]
+    else:
+        raise ValueError("needs 'messages' (a list of {role, content}) or 'prompt' (a string)")
+    mj = canonical_json(messages)
+    ph = prompt_hash(messages)
+    rid = row.get("id")
+    if rid is None or rid == "":
+        rid = f"p-{ph[:12]}"
+    elif not isinstance(rid, (str, int)):
+        raise ValueError(f"'id' must be a string or an integer, not {type(rid).__name__}")
+    meta = {k: v for k, v in row.items() if k not in ("id", "messages", "prompt")}
+    json.dumps(meta)  # meta must be JSON-serialisable; raises TypeError otherwise
+    return Prompt(id=str(rid), messages=messages, meta=meta, hash=ph, messages_json=mj)
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any, str | None]]:
+    with path.open("rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path.name}:{lineno}"
+            try:
+                yield where, json.loads(line), None
+            except ValueError as exc:
+                yield where, None, f"not valid JSON ({exc})"
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, Any, str | None]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise PromptError("reading Parquet needs pyarrow: pip install 'stillhouse[data]'") from exc
+    table = pq.read_table(path)
+    for i, row in enumerate(table.to_pylist()):
+        yield f"{path.name}:row {i}", row, None
+
+
+def _datasets_rows(path: Path, split: str | None) -> Iterator[tuple[str, Any, str | None]]:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise PromptError("reading a datasets directory needs datasets: pip install 'stillhouse[data]'") from exc
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        name = split or "train"
+        if name not in ds:
+            raise PromptError(f"{path} holds splits {sorted(ds)}; choose one with '{path}#SPLIT'")
+        ds = ds[name]
+    elif split:
+        raise PromptError(f"{path} is a single Dataset; drop '#{split}'")
+    for i, row in enumerate(ds):
+        yield f"{path.name}:row {i}", row, None
+
+
+def _rows(source: str) -> Iterator[tuple[str, Any, str | None]]:
+    if source.startswith("builtin:"):
+        from stillhouse.distill.tasks import TaskDataMissing, load_builtin
+
+        try:
+            items = load_builtin(source)
+        except (TaskDataMissing, ValueError) as exc:
+            raise PromptError(str(exc)) from exc
+        for item in items:
+            row = item.to_json()
+            row = {k: v for k, v in row.items() if v is not None and v != {}}
+            yield f"{source}:{item.id}", row, None
+        return
+    path_s, _, split = source.partition("#")
+    path = Path(path_s).expanduser()
+    if not path.exists():
+        raise PromptError(f"prompts source {path} does not exist. Give a .jsonl or .parquet file, a datasets "
+                          "directory, or builtin:NAME[:N]")
+    if path.is_dir():
+        yield from _datasets_rows(path, split or None)
+    elif path.suffix == ".parquet":
+        yield from _parquet_rows(path)
+    elif path.suffix in (".jsonl", ".json", ".ndjson"):
+        yield from _jsonl_rows(path)
+    else:
+        raise PromptError(f"{path}: unknown prompt format {path.suffix!r}; use .jsonl, .parquet, a datasets "
+                          "directory or builtin:NAME[:N]")
+
+
+def load_prompts(source: str | os.PathLike[str], *, strict: bool = False, limit: int | None = None) -> PromptSet:
+    """Read every usable prompt of ``source`` (the first ``limit`` usable ones when given)."""
+    source = str(source)
+    if limit is not None and limit < 0:
+        raise PromptError(f"limit={limit}: must be >= 0")
+    prompts: list[Prompt] = []
+    problems: list[Problem] = []
+    by_hash: dict[str, str] = {}
+    ids: dict[str, str] = {}
+    duplicates = 0
+    for where, row, err in _rows(source):
+        if limit is not None and len(prompts) >= limit:
+            break
+        if err is None:
+            try:
+                p = row_to_prompt(row)
+            except (ValueError, TypeError) as exc:
+                err = str(exc)
+        if err is not None:
+            problems.append(Problem(where, err))
+            continue
+        if p.hash in by_hash:
+            duplicates += 1
+            continue
+        if p.id in ids:
+            problems.append(Problem(where, f"id {p.id!r} already used at {ids[p.id]} for different messages"))
+            continue
+        by_hash[p.hash] = p.id
+        ids[p.id] = where
+        prompts.append(p)
+    if strict and problems:
+        raise PromptError(format_problems(problems, header=f"{source}: {len(problems)} bad row(s) (strict mode)"))
+    if not prompts:
+        detail = ("\n" + format_problems(problems)) if problems else ""
+        raise PromptError(f"{source}: no usable prompts{detail}")
+    return PromptSet(prompts, problems, duplicates, source)
+
+
+def format_problems(problems: Iterable[Problem], header: str = "", show: int = 20) -> str:
+    """A readable list of problems (the first ``show``)."""
+    problems = list(problems)
+    lines = [header] if header else []
+    lines += [f"  {p}" for p in problems[:show]]
+    if len(problems) > show:
+        lines.append(f"  ... and {len(problems) - show} more")
+    return "\n".join(lines)
