@@ -18,7 +18,8 @@ verdict), ``config.json`` (replay with ``--config``) and PNG plots (student vs t
 score vs training examples when ``--train-examples`` is given).
 
 The teacher's greedy outputs are cached on disk keyed by (revision, task, items,
-max_new_tokens), so evaluating several students re-generates nothing for the teacher.
+max_new_tokens), so evaluating several students re-generates nothing for the teacher; a
+student loaded from disk (a ``sha256:`` content-hash revision) is cached the same way.
 
 Library use (what an experiment script calls)::
 
@@ -359,7 +360,7 @@ class ModelScore:
                 "accuracy": est(self.accuracy), "agreement": est(self.agreement), "kl": self.kl,
                 "ceiling_ratio": est(self.ceiling), "train_examples": self.train_examples,
                 "gen_seconds": round(self.gen_seconds, 3), "tokens_generated": self.tokens_generated,
-                "teacher_outputs_cached": self.cached}
+                "outputs_cached": self.cached}
 
 
 @dataclass
@@ -456,21 +457,25 @@ def evaluate_models(
         gens = greedy_generate(lm, convs, max_new, cfg.batch_size, cb)
         return gens, time.perf_counter() - t0
 
-    # the teacher, from the cache when its revision, the task and the items match
-    cached = False
-    key = teacher_cache_key(teacher.revision, task, items, max_new)
-    cache_path = Path(cache_dir) / f"teacher-{key}.json" if cache_dir else None
-    t_gens = _load_cached(cache_path) if cache_path and cache_path.is_file() else None
-    if t_gens is not None and len(t_gens) == len(items):
-        cached, t_secs = True, 0.0
-    else:
-        t_gens, t_secs = gen(teacher)
-        if cache_path:
-            atomic_write_text(cache_path, json.dumps({
-                "revision": teacher.revision, "task": task, "max_new_tokens": max_new,
+    def gen_cached(lm: LoadedModel, always: bool) -> tuple[list[Generation], float, bool]:
+        """Outputs from the cache when the revision, task, items and cap match. The teacher is
+        always cached; a student only when its revision is a content hash (sha256:...), since an
+        in-memory model's label-like revision may not change when its weights do."""
+        use = cache_dir is not None and (always or lm.revision.startswith("sha256:"))
+        path = Path(cache_dir) / f"greedy-{teacher_cache_key(lm.revision, task, items, max_new)}.json" if use else None
+        hit = _load_cached(path) if path is not None and path.is_file() else None
+        if hit is not None and len(hit) == len(items):
+            return hit, 0.0, True
+        gens, secs = gen(lm)
+        if path is not None:
+            atomic_write_text(path, json.dumps({
+                "revision": lm.revision, "task": task, "max_new_tokens": max_new,
                 "item_ids": [it.id for it in items],
                 "generations": [{"text": g.text, "token_ids": g.token_ids, "finish_reason": g.finish_reason}
-                                for g in t_gens]}))
+                                for g in gens]}))
+        return gens, secs, False
+
+    t_gens, t_secs, cached = gen_cached(teacher, True)
     t_texts = [g.text for g in t_gens]
     t_verdicts = score_outputs(task, items, t_texts)
     t_correct = [v.ok for v in t_verdicts]
@@ -486,7 +491,7 @@ def evaluate_models(
     sizes = list(train_examples) if train_examples is not None else list(cfg.train_examples) or [None] * len(students)
     scores: list[ModelScore] = []
     for lm, n_train in zip(students, sizes + [None] * (len(students) - len(sizes))):
-        gens, secs = gen(lm)
+        gens, secs, hit = gen_cached(lm, False)
         texts = [g.text for g in gens]
         verdicts = score_outputs(task, items, texts)
         correct = [v.ok for v in verdicts]
@@ -501,7 +506,8 @@ def evaluate_models(
             lm.label, lm.spec, lm.revision, lm.n_params, accuracy(correct), texts, correct,
             [v.reason for v in verdicts], agreement=agreement(texts, t_texts), kl=kl,
             ceiling=ceiling_ratio(correct, t_correct, n_boot=cfg.n_boot, seed=cfg.seed),
-            train_examples=n_train, gen_seconds=secs, tokens_generated=sum(len(g.token_ids) for g in gens)))
+            train_examples=n_train, gen_seconds=secs, tokens_generated=sum(len(g.token_ids) for g in gens),
+            cached=hit))
     return EvalResult(task, [it.id for it in items], t_score, scores, cfg)
 
 
