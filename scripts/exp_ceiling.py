@@ -68,8 +68,10 @@ def _log(msg: str) -> None:
 
 
 def generate_rows(model: Any, tok: Any, problems: list[tuple[int, int]], path: Path, *, temperature: float = 0.0,
-                  n: int = 1, topk: int = 0, batch: int = 64, seed: int = 0, meta: dict[str, Any]) -> list[dict]:
+                  n: int = 1, topk: int = 0, batch: int = 64, seed: int = 0, meta: dict[str, Any],
+                  system: str | None = None) -> list[dict]:
     """Generate ``n`` completions per problem, appending verified rows to ``path`` (resumable)."""
+    from stillhouse.distill.data import with_system
     from stillhouse.distill.modelio import chat_prompt_ids, generate_batch
     from stillhouse.distill.verify import check_numeric
 
@@ -81,7 +83,7 @@ def generate_rows(model: Any, tok: Any, problems: list[tuple[int, int]], path: P
         for i in range(0, len(todo), batch):
             chunk = todo[i:i + batch]
             msgs = [[{"role": "user", "content": PROMPT.format(a=a, b=b)}] for a, b, _ in chunk]
-            prompts = [chat_prompt_ids(tok, m) for m in msgs]
+            prompts = [chat_prompt_ids(tok, with_system(m, system)) for m in msgs]
             gens = generate_batch(model, tok, prompts, max_new_tokens=16, temperature=temperature,
                                   top_k_logprobs=topk, seed=seed + i)
             for (a, b, s), m, g in zip(chunk, msgs, gens):
@@ -115,6 +117,186 @@ def stage_harvest(args: argparse.Namespace, out: Path) -> None:
          f"harvest wall {time.time() - t0:.0f}s")
 
 
+def evaluate(model: Any, tok: Any, held: list[tuple[int, int]], path: Path, label: str,
+             system: str | None = None) -> dict[str, Any]:
+    """Greedy accuracy (Wilson 95%) of a model on the held-out problems; outputs kept in ``path``."""
+    from stillhouse.distill.metrics import accuracy
+
+    if path.exists():
+        rows = _read_jsonl(path)
+    else:
+        t0 = time.time()
+        tmp = path.with_suffix(".part")
+        tmp.unlink(missing_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = generate_rows(model, tok, held, tmp, batch=100, meta={"model": label}, system=system)
+        tmp.rename(path)
+        _log(f"eval {label}: {time.time() - t0:.0f}s")
+    est = accuracy([r["correct"] for r in rows])
+    return {"label": label, "correct": sum(r["correct"] for r in rows), "n": len(rows),
+            "acc": est.value, "lo": est.lo, "hi": est.hi}
+
+
+def stage_probe(args: argparse.Namespace, out: Path) -> None:
+    """Per-sample accuracy and pass@k on greedy-wrong training problems, at a few temperatures."""
+    from stillhouse.distill.modelio import load_causal_lm
+
+    wrong = [(r["a"], r["b"]) for r in _read_jsonl(out / "harvest_greedy.jsonl") if not r["correct"]]
+    probe = wrong[: args.probe_problems]
+    model, tok, rev = load_causal_lm("bundled")
+    summary = {}
+    for temp in args.probe_temps:
+        t0 = time.time()
+        rows = generate_rows(model, tok, probe, out / f"probe_T{temp}.jsonl", temperature=temp, n=args.probe_n,
+                             seed=17, meta={"model": "SmolLM2-135M-Instruct", "revision": rev})
+        by: dict[tuple[int, int], list[bool]] = {}
+        for r in rows:
+            by.setdefault((r["a"], r["b"]), []).append(r["correct"])
+        pass_at = {k: sum(_pass_at_k(len(v), sum(v), k) for v in by.values()) / len(by)
+                   for k in (1, 2, 4, 8) if k <= args.probe_n}
+        summary[str(temp)] = {"problems": len(by), "samples": len(rows),
+                              "per_sample": sum(r["correct"] for r in rows) / len(rows),
+                              "pass_at": pass_at, "tokens": sum(r["completion_tokens"] for r in rows),
+                              "wall_s": round(time.time() - t0, 1)}
+        _log(f"probe T={temp}: {summary[str(temp)]}")
+    (out / "probe.json").write_text(json.dumps(summary, indent=2))
+
+
+def _pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021)."""
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+def stage_sample(args: argparse.Namespace, out: Path) -> None:
+    """Best-of-n sampling on greedy-wrong training problems; only verified samples are used later."""
+    from stillhouse.distill.modelio import load_causal_lm
+
+    wrong = [(r["a"], r["b"]) for r in _read_jsonl(out / "harvest_greedy.jsonl") if not r["correct"]]
+    todo = wrong[args.probe_problems: args.probe_problems + args.sample_problems]
+    model, tok, rev = load_causal_lm("bundled")
+    t0 = time.time()
+    rows = generate_rows(model, tok, todo, out / "harvest_sampled.jsonl", temperature=args.sample_temp,
+                         n=args.sample_n, seed=1234, meta={"model": "SmolLM2-135M-Instruct", "revision": rev})
+    solved = {(r["a"], r["b"]) for r in rows if r["correct"]}
+    _log(f"best-of-{args.sample_n} at T={args.sample_temp}: {len(solved)}/{len(todo)} greedy-wrong problems "
+         f"rescued; {sum(r['completion_tokens'] for r in rows)} completion tokens; {time.time() - t0:.0f}s")
+
+
+def verified_rows(out: Path) -> list[dict[str, Any]]:
+    """One verified teacher answer per problem: greedy when it verifies, else the first verified sample.
+
+    Answers are never constructed: every row is a teacher output that the verifier accepted.
+    """
+    rows, seen = [], set()
+    for name in ("harvest_greedy.jsonl", "harvest_sampled.jsonl"):
+        for r in _read_jsonl(out / name):
+            key = (r["a"], r["b"])
+            if r["correct"] and key not in seen:
+                seen.add(key)
+                rows.append(r)
+    return rows
+
+
+def _train_and_eval(args, out: Path, name: str, data: Path, held, teacher, snapshot_at=(), **cfg_kw) -> list[dict]:
+    from stillhouse.distill.train import TrainConfig, train
+    from transformers import AutoModelForCausalLM
+
+    from stillhouse.config import config_to_dict
+
+    run = out / "runs" / name
+    cfg = TrainConfig(data=str(data), out=str(run), teacher="bundled", threads=args.threads, seed=0,
+                      snapshot_at=tuple(snapshot_at), shuffle=False, system_prompt=args.student_system, **cfg_kw)
+    done = run / "final" / "train_config.json"
+    if not done.exists() or {k: v for k, v in json.loads(done.read_text()).items() if k != "__config__"} \
+            != config_to_dict(cfg):
+        t0 = time.time()
+        res = train(cfg, teacher=teacher)
+        _log(f"train {name}: {res.steps} steps, {res.examples_seen} examples, {res.tokens_seen} tokens, "
+             f"{time.time() - t0:.0f}s; last {res.last}")
+    results = []
+    dirs = [(n, run / "snapshots" / f"n{n}") for n in snapshot_at]
+    if not snapshot_at:
+        dirs.append((0, run / "final"))
+    for n, d in dirs:
+        model = AutoModelForCausalLM.from_pretrained(str(d)).eval()
+        label = f"{name}@{n}" if snapshot_at else name
+        r = evaluate(model, teacher[1], held, out / "evals" / f"{label}.jsonl", label, system=args.student_system)
+        r.update(train_examples=n, run=name, parameters=sum(p.numel() for p in model.parameters()))
+        results.append(r)
+        _log(f"{label}: {r['correct']}/{r['n']} = {r['acc']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]")
+    return results
+
+
+def stage_grid(args: argparse.Namespace, out: Path) -> None:
+    """SFT and top-k KD of the pruned student on the first N greedy examples (nested, one pass)."""
+    from stillhouse.distill.modelio import load_causal_lm
+
+    held, _ = split_problems(args.heldout, args.train)
+    teacher = load_causal_lm("bundled")
+    # The teacher's score under the students' prompt format too, so the comparison is like for like.
+    evaluate(teacher[0], teacher[1], held, out / "evals" / "teacher-student-format.jsonl", "teacher-student-format",
+             system=args.student_system)
+    grid = tuple(n for n in args.grid if n <= args.train)
+    results = []
+    for loss in args.grid_losses:
+        results += _train_and_eval(args, out, f"pruned10-{loss}", out / "harvest_greedy.jsonl", held, teacher,
+                                   snapshot_at=grid, student="pruned:10", loss=loss, alpha=0.0,
+                                   max_examples=max(grid), batch_size=args.batch, lr=args.lr,
+                                   warmup_steps=10, epochs=1)
+    old = [r for r in json.loads((out / "grid.json").read_text())] if (out / "grid.json").exists() else []
+    keep = {(r["label"]) for r in results}
+    (out / "grid.json").write_text(json.dumps([r for r in old if r["label"] not in keep] + results, indent=2))
+
+
+def stage_verified(args: argparse.Namespace, out: Path) -> None:
+    """Students trained only on verified-correct teacher answers."""
+    from stillhouse.distill.modelio import load_causal_lm
+
+    held, _ = split_problems(args.heldout, args.train)
+    rows = verified_rows(out)
+    data = out / "verified.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _log(f"verified set: {len(rows)} rows ({sum(r['temperature'] == 0 for r in rows)} greedy)")
+    teacher = load_causal_lm("bundled")
+    results = _train_and_eval(args, out, "pruned10-verified", data, held, teacher, student="pruned:10",
+                              loss="sft", batch_size=args.batch, lr=args.lr, warmup_steps=10,
+                              epochs=args.verified_epochs)
+    results += _train_and_eval(args, out, "self-verified", data, held, teacher, student="self", loss="sft",
+                               batch_size=args.batch, lr=args.self_lr, warmup_steps=10, epochs=args.self_epochs)
+    (out / "verified.json").write_text(json.dumps(results, indent=2))
+
+
+def stage_report(args: argparse.Namespace, out: Path) -> None:
+    """Markdown tables of every measured model, with 95% Wilson intervals."""
+    from stillhouse.distill.modelio import load_causal_lm
+
+    held, _ = split_problems(args.heldout, args.train)
+    t = evaluate(None, None, held, out / "teacher_heldout.jsonl", "teacher")
+    lines = ["| model | train examples | params | correct | accuracy [95% CI] | ÷ teacher |", "|---|---|---|---|---|---|",
+             f"| teacher SmolLM2-135M-Instruct (greedy) | - | 134.5M | {t['correct']}/{t['n']} | "
+             f"{t['acc']:.3f} [{t['lo']:.3f}, {t['hi']:.3f}] | 1.00 |"]
+    ts = out / "evals" / "teacher-student-format.jsonl"
+    if ts.exists():
+        r = evaluate(None, None, held, ts, "teacher")
+        lines.append(f"| teacher, students' prompt format (system '{args.student_system}') | - | 134.5M | "
+                     f"{r['correct']}/{r['n']} | {r['acc']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}] | "
+                     f"{r['acc'] / t['acc']:.2f} |")
+    for name in ("grid.json", "verified.json"):
+        for r in json.loads((out / name).read_text()) if (out / name).exists() else []:
+            lines.append(f"| {r['label']} | {r['train_examples'] or 'all'} | {r['parameters'] / 1e6:.1f}M | "
+                         f"{r['correct']}/{r['n']} | {r['acc']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}] | "
+                         f"{r['acc'] / t['acc']:.2f} |")
+    table = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(table)
+    print(table)
+    del load_causal_lm
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/exp_ceiling"))
@@ -122,13 +304,31 @@ def main(argv: list[str] | None = None) -> int:
                    choices=["all", "harvest", "probe", "sample", "grid", "verified", "report"])
     p.add_argument("--heldout", type=int, default=300, help="held-out problems")
     p.add_argument("--train", type=int, default=4000, help="training-pool problems harvested greedily")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads; 1 is fastest on a shared 2-core machine")
+    p.add_argument("--grid", type=int, nargs="+", default=[250, 1000, 4000], help="training-set sizes N")
+    p.add_argument("--grid-losses", nargs="+", default=["sft", "topk"])
+    p.add_argument("--student-system", default="",
+                   help="system prompt of student training and evaluation ('' keeps sequences short; "
+                        "the template default adds 30 tokens to a 40-token example)")
+    p.add_argument("--batch", type=int, default=10)
+    p.add_argument("--lr", type=float, default=2e-4, help="learning rate of the pruned student")
+    p.add_argument("--self-lr", type=float, default=5e-5, help="learning rate of the self-distilled student")
+    p.add_argument("--verified-epochs", type=int, default=3)
+    p.add_argument("--self-epochs", type=int, default=2)
+    p.add_argument("--probe-problems", type=int, default=32)
+    p.add_argument("--probe-n", type=int, default=8)
+    p.add_argument("--probe-temps", type=float, nargs="+", default=[0.3, 0.7])
+    p.add_argument("--sample-problems", type=int, default=600, help="greedy-wrong problems to sample on")
+    p.add_argument("--sample-n", type=int, default=4)
+    p.add_argument("--sample-temp", type=float, default=0.3)
     args = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    stages = {"harvest": stage_harvest}
+    stages = {"harvest": stage_harvest, "probe": stage_probe, "sample": stage_sample, "grid": stage_grid,
+              "verified": stage_verified, "report": stage_report}
     for name, fn in stages.items():
         if args.stage in ("all", name):
             _log(f"stage {name}")

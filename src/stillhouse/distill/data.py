@@ -116,9 +116,19 @@ def prompt_ids(tok: Any, messages: list[dict[str, Any]]) -> list[int]:
     return list(ids)
 
 
-def encode_row(row: dict[str, Any], tok: Any, max_len: int = 512, where: str = "row") -> Example:
+def with_system(messages: list[dict[str, Any]], system_prompt: str | None) -> list[dict[str, Any]]:
+    """``messages`` with ``system_prompt`` as the system turn when they have none (None = leave as is,
+    so the chat template's default system prompt applies)."""
+    if system_prompt is None or (messages and messages[0].get("role") == "system"):
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
+def encode_row(row: dict[str, Any], tok: Any, max_len: int = 512, where: str = "row",
+               system_prompt: str | None = None) -> Example:
     """Tokenize one row into an :class:`Example` (assistant-only labels)."""
     msgs, answer = _chat(row, where)
+    msgs = with_system(msgs, system_prompt)
     p = prompt_ids(tok, msgs)
     comp = [int(t) for t in row["token_ids"]] if row.get("token_ids") else tok.encode(answer, add_special_tokens=False)
     if tok.eos_token_id is None:
@@ -142,9 +152,11 @@ def encode_row(row: dict[str, Any], tok: Any, max_len: int = 512, where: str = "
     return ex
 
 
-def encode_rows(rows: list[dict[str, Any]], tok: Any, max_len: int = 512, source: str = "data") -> list[Example]:
+def encode_rows(rows: list[dict[str, Any]], tok: Any, max_len: int = 512, source: str = "data",
+                system_prompt: str | None = None) -> list[Example]:
     """Tokenize every row; errors name the row."""
-    return [encode_row(r, tok, max_len, where=f"{source} row {i}") for i, r in enumerate(rows)]
+    return [encode_row(r, tok, max_len, where=f"{source} row {i}", system_prompt=system_prompt)
+            for i, r in enumerate(rows)]
 
 
 def collate(examples: list[Example], pad_id: int, k: int = 0) -> dict[str, Any]:

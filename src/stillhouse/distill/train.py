@@ -81,7 +81,13 @@ class TrainConfig:
     only_correct: bool = False
     """Skip rows whose 'correct' field is false (verified data)."""
     max_examples: int = 0
-    """Use the first N rows after the seeded shuffle (0 = all)."""
+    """Use the first N rows (after the seeded shuffle when shuffle is on; 0 = all)."""
+    shuffle: bool = True
+    """Shuffle the rows once with seed before cutting to max_examples. Off: file order, so runs on
+    growing prefixes of one file are nested (a larger run can resume from a smaller one)."""
+    system_prompt: str | None = None
+    """System turn added to rows that have none (None = the chat template's default). The
+    student must be served/evaluated with the same one."""
     epochs: int = 1
     batch_size: int = 8
     lr: float = 1e-4
@@ -327,13 +333,14 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
     rows = read_rows(cfg.data)
     if cfg.only_correct:
         rows = [r for r in rows if r.get("correct", True)]
-    random.Random(cfg.seed).shuffle(rows)
+    if cfg.shuffle:
+        random.Random(cfg.seed).shuffle(rows)
     if cfg.max_examples:
         if cfg.max_examples > len(rows):
             raise TrainConfigError(f"max_examples={cfg.max_examples} but {cfg.data} has only {len(rows)} usable rows")
         rows = rows[: cfg.max_examples]
     t_model, tok, t_rev = teacher if teacher is not None else load_causal_lm(cfg.teacher)
-    examples = encode_rows(rows, tok, cfg.max_len, source=cfg.data)
+    examples = encode_rows(rows, tok, cfg.max_len, source=cfg.data, system_prompt=cfg.system_prompt)
     k = 0
     if cfg.loss == "topk":
         k = max((len(p) for e in examples if e.top_ids for p in e.top_ids), default=0)
