@@ -218,6 +218,9 @@ class GuardApp:
         self._last_refresh = 0.0
         self._background: set[asyncio.Task[Any]] = set()
         self.upstream_calls = 0
+        self._id_prefix = uuid.uuid4().hex[:14]
+        """Request ids: a random per-process prefix plus a counter (unique across replicas, no syscall)."""
+        self._seq = 0
         from stillhouse.guard.admin import AdminAPI
         self.admin = AdminAPI(self)
 
@@ -385,7 +388,8 @@ class GuardApp:
         client = scope.get("client")
         ip = fwd.split(b",")[0].strip().decode("latin-1") if (fwd and cfg.trust_forwarded_for) \
             else (client[0] if client else "")
-        rec = TrafficRecord(uuid.uuid4().hex, self.clock(), "", "", ip, ua.decode("latin-1")[:512],
+        self._seq += 1
+        rec = TrafficRecord(f"{self._id_prefix}{self._seq:010x}", self.clock(), "", "", ip, ua.decode("latin-1")[:512],
                             header_fingerprint(headers), session_id=session.decode("latin-1")[:200])
         rec.params = {}
 
@@ -501,9 +505,10 @@ class GuardApp:
         collected: list[bytes] = []
         started = False
         sse = False
+        finished = False
 
         async def relay() -> None:
-            nonlocal started, sse
+            nonlocal started, sse, finished
             self.upstream_calls += 1
             resp: UpstreamResponse = await self.upstream.send(method, path, raw)
             try:
@@ -521,6 +526,7 @@ class GuardApp:
                                 "headers": [(b"content-type", resp.content_type.encode("latin-1")),
                                             (b"content-length", str(len(data)).encode())]})
                     await send({"type": "http.response.body", "body": data})
+                    finished = True
                     return
                 started = sse = True
                 await send({"type": "http.response.start", "status": 200,
@@ -534,34 +540,40 @@ class GuardApp:
                         await send({"type": "http.response.body", "body": out, "more_body": True})
                 tail = stripper.flush() if stripper else b""
                 await send({"type": "http.response.body", "body": tail, "more_body": False})
+                finished = True
             except BaseException:
                 resp.close()
                 raise
             else:
                 resp.release()
 
+        # One watcher task per request: on a client disconnect it cancels this task, which closes
+        # the upstream response (the upstream sees the connection drop and stops generating).
+        me = asyncio.current_task()
+        gone = False
+
         async def wait_disconnect() -> None:
+            nonlocal gone
             while True:
                 msg = await receive()
                 if msg["type"] == "http.disconnect":
+                    # uvicorn also answers http.disconnect once the response is complete: not a hang-up.
+                    if not finished and me is not None:
+                        gone = True
+                        me.cancel()
                     return
 
-        relay_task = asyncio.ensure_future(relay())
         watch_task = asyncio.ensure_future(wait_disconnect())
         try:
-            done, _ = await asyncio.wait({relay_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
-            if relay_task not in done:
-                # The client went away: cancelling the relay closes the upstream connection.
-                relay_task.cancel()
-                try:
-                    await relay_task
-                except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                    pass
+            try:
+                await relay()
+            except asyncio.CancelledError:
+                if not gone or me is None:
+                    raise
+                me.uncancel()
                 rec.status = 499
                 rec.decision_reason = (rec.decision_reason + "; " if rec.decision_reason else "") + \
                     "client disconnected; upstream call cancelled"
-            else:
-                relay_task.result()
         except UpstreamError as exc:
             rec.status = exc.status
             rec.decision_reason = (rec.decision_reason + "; " if rec.decision_reason else "") + str(exc)
@@ -577,7 +589,8 @@ class GuardApp:
                 except Exception:  # noqa: BLE001
                     pass
         finally:
-            watch_task.cancel()
+            if not watch_task.done():
+                watch_task.cancel()
         data = b"".join(collected)
         if rec.status == 200 or collected:
             text, pt, ct = parse_sse(data) if sse else parse_json_response(data)

@@ -1,0 +1,395 @@
+"""`stillhouse bench guard`: the guard against going direct and against the LiteLLM proxy, in one run.
+
+Setup, all on loopback, each server in its own process:
+
+- the upstream: ``stillhouse.teacher.fakeserver`` with a fixed latency (default 50 ms);
+- **direct**: the load generator talks to the upstream itself;
+- **guard**: ``stillhouse guard`` (uvicorn, SQLite log in a temp dir unless ``db_url``), one
+  account with high but active limits, a real key;
+- **litellm**: ``litellm --config`` from its own virtualenv (``litellm_python``), with
+  ``LITELLM_LOCAL_MODEL_COST_MAP=True``, one ``openai/<model>`` entry pointing at the same
+  upstream and a ``master_key`` (no database: it has no virtual keys and no spend log then).
+
+Measured, per target, interleaved so drift hits all three alike:
+
+1. added latency: ``latency_requests`` requests at ``latency_concurrency`` (closed loop);
+   p50/p99 of each minus direct's;
+2. throughput ratio: open loop at each offered rate for ``duration_s`` s; completed OK/s
+   divided by direct's at the same rate;
+3. log loss (guard only): ``lossless_requests`` requests at concurrency 64, the guard is then
+   stopped (graceful: it flushes) and its log is counted against the responses received.
+
+Run: ``stillhouse bench guard --out bench-guard.json`` (``--help`` lists the knobs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MODEL = "fake-model"
+
+
+@dataclass(frozen=True)
+class GuardBenchConfig:
+    """What the guard benchmark runs."""
+
+    latency_ms: float = 50.0
+    """Fixed latency of the fake upstream."""
+    rates: tuple[float, ...] = (200.0, 1000.0)
+    """Offered loads (requests/s) for the throughput ratios."""
+    duration_s: float = 10.0
+    """Seconds of offered load per rate and target."""
+    drain_s: float = 15.0
+    """After the offered-load window, how long outstanding requests may still finish."""
+    latency_requests: int = 2000
+    latency_concurrency: int = 8
+    lossless_requests: int = 50000
+    """Requests for the log-loss count (0 = skip)."""
+    lossless_concurrency: int = 64
+    litellm_python: str = "/work/venvs/litellm/bin/python"
+    """Python of a virtualenv with 'litellm[proxy]'; "" skips LiteLLM."""
+    db_url: str = ""
+    """Guard log store; "" = SQLite in the run's temp dir."""
+    max_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        if self.latency_ms < 0:
+            raise ValueError(f"latency_ms={self.latency_ms}: must be >= 0")
+        if not self.rates or any(r <= 0 for r in self.rates):
+            raise ValueError(f"rates={self.rates}: give positive requests/s, e.g. (200, 1000)")
+        if self.duration_s <= 0 or self.drain_s < 0:
+            raise ValueError("duration_s must be > 0 and drain_s >= 0")
+        if self.latency_requests < 10 or self.latency_concurrency < 1:
+            raise ValueError("latency_requests must be >= 10 and latency_concurrency >= 1")
+        if self.lossless_requests < 0 or self.lossless_concurrency < 1:
+            raise ValueError("lossless_requests must be >= 0 and lossless_concurrency >= 1")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) by linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        return float("nan")
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float, log: Path,
+               headers: dict[str, str] | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: the server exited with code {proc.returncode}; "
+                               f"log tail:\n{log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.25)
+    raise RuntimeError(f"{url} not up after {timeout_s:.0f}s; log tail:\n{log.read_text()[-2000:]}")
+
+
+def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **(env or {})})
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 60) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def _post_json(url: str, body: Any, token: str) -> Any:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+# -- load generation ----------------------------------------------------------------------
+async def closed_loop(url: str, token: str | None, n: int, concurrency: int, body: dict[str, Any],
+                      progress: Any = None) -> dict[str, Any]:
+    """``n`` requests with ``concurrency`` workers; latencies in ms of the OK ones."""
+    import aiohttp
+
+    payload = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    lat: list[float] = []
+    statuses: dict[int, int] = {}
+    errors = 0
+    next_i = 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=60)) as s:
+        async def worker() -> None:
+            nonlocal next_i, errors
+            while next_i < n:
+                next_i += 1
+                t = time.perf_counter()
+                try:
+                    async with s.post(url, data=payload, headers=headers) as r:
+                        await r.read()
+                        statuses[r.status] = statuses.get(r.status, 0) + 1
+                        if r.status == 200:
+                            lat.append((time.perf_counter() - t) * 1000)
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    errors += 1
+                if progress is not None:
+                    progress()
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return {"n": n, "ok": len(lat), "statuses": statuses, "client_errors": errors, "wall_s": wall,
+            "p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99), "rps": len(lat) / wall}
+
+
+async def open_loop(url: str, token: str | None, rate: float, duration_s: float, drain_s: float,
+                    body: dict[str, Any]) -> dict[str, Any]:
+    """Requests sent on a fixed schedule (``rate``/s for ``duration_s``), whatever the answers do."""
+    import aiohttp
+
+    payload = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    n = int(rate * duration_s)
+    lat: list[float] = []
+    done_at: list[float] = []
+    statuses: dict[int, int] = {}
+    errors = 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=duration_s + drain_s)) as s:
+        t0 = time.perf_counter()
+
+        async def one() -> None:
+            nonlocal errors
+            t = time.perf_counter()
+            try:
+                async with s.post(url, data=payload, headers=headers) as r:
+                    await r.read()
+                    statuses[r.status] = statuses.get(r.status, 0) + 1
+                    if r.status == 200:
+                        now = time.perf_counter()
+                        lat.append((now - t) * 1000)
+                        done_at.append(now - t0)
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                errors += 1
+
+        tasks = []
+        for i in range(n):
+            delay = t0 + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one()))
+        send_lag = time.perf_counter() - t0 - duration_s
+        await asyncio.wait(tasks, timeout=drain_s + 1)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    elapsed = max(duration_s, max(done_at) if done_at else duration_s)
+    return {"offered_rps": rate, "sent": n, "ok": len(lat), "statuses": statuses, "client_errors": errors,
+            "achieved_rps": len(lat) / elapsed, "p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99),
+            "generator_lag_s": round(send_lag, 3)}
+
+
+# -- the run ------------------------------------------------------------------------------
+def _litellm_config(path: Path, upstream: str, master_key: str) -> str:
+    text = (
+        "model_list:\n"
+        f"  - model_name: {MODEL}\n"
+        "    litellm_params:\n"
+        f"      model: openai/{MODEL}\n"
+        f"      api_base: {upstream}/v1\n"
+        "      api_key: none\n"
+        "litellm_settings:\n"
+        "  telemetry: false\n"
+        "general_settings:\n"
+        f"  master_key: {master_key}\n"
+    )
+    path.write_text(text)
+    return text
+
+
+def run_bench(cfg: GuardBenchConfig, work: Path | None = None) -> dict[str, Any]:
+    """Run everything; returns the results as a JSON-ready dict (ratios included)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from stillhouse.config import config_to_dict
+    from stillhouse.guard.config import GuardConfig, sha256_hex
+    from stillhouse.guard.store import open_store
+
+    work = work or Path(tempfile.mkdtemp(prefix="stillhouse-bench-guard-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    result: dict[str, Any] = {"config": config_to_dict(cfg), "work_dir": str(work), "errors": []}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "What is 12 + 30?"}],
+            "max_tokens": cfg.max_tokens}
+    try:
+        # upstream
+        up_port = _free_port()
+        up_log = work / "upstream.log"
+        up = _spawn([sys.executable, "-m", "stillhouse.teacher.fakeserver", "--port", str(up_port),
+                     "--latency-ms", str(cfg.latency_ms), "--model", MODEL], up_log)
+        procs.append(up)
+        upstream = f"http://127.0.0.1:{up_port}"
+        _wait_http(upstream + "/health", up, 30, up_log)
+
+        # guard
+        admin = secrets.token_urlsafe(24)
+        g_port = _free_port()
+        gcfg = GuardConfig(upstream_url=upstream, admin_token_sha256=sha256_hex(admin), port=g_port,
+                           db_url=cfg.db_url or f"sqlite:///{work}/guard.db", spool_dir=str(work / "spool"))
+        from stillhouse.config import save_config
+
+        save_config(gcfg, work / "guard-config.json")
+        g_log = work / "guard.log"
+        guard = _spawn([str(Path(sys.executable).parent / "stillhouse"), "guard", "--config",
+                        str(work / "guard-config.json")], g_log)
+        procs.append(guard)
+        g_url = f"http://127.0.0.1:{g_port}"
+        _wait_http(g_url + "/healthz", guard, 60, g_log)
+        lim = {"requests_per_min": 10**9, "tokens_per_min": 10**12, "max_concurrent_streams": 10**6}
+        _post_json(g_url + "/admin/accounts", {"account_id": "bench", "limits": lim}, admin)
+        key = _post_json(g_url + "/admin/accounts/bench/keys", {}, admin)["key"]
+        _post_json(g_url + "/admin/accounts", {"account_id": "lossless", "limits": lim}, admin)
+        loss_key = _post_json(g_url + "/admin/accounts/lossless/keys", {}, admin)["key"]
+        result["guard_config"] = config_to_dict(gcfg)
+
+        targets: dict[str, tuple[str, str | None]] = {
+            "direct": (upstream + "/v1/chat/completions", None),
+            "guard": (g_url + "/v1/chat/completions", key),
+        }
+
+        # litellm
+        if cfg.litellm_python:
+            try:
+                l_port = _free_port()
+                master = "sk-bench-" + secrets.token_hex(8)
+                l_text = _litellm_config(work / "litellm.yaml", upstream, master)
+                l_log = work / "litellm.log"
+                lbin = Path(cfg.litellm_python).parent / "litellm"
+                if not lbin.exists():
+                    raise RuntimeError(f"{lbin} not found: pip install 'litellm[proxy]' into "
+                                       f"{Path(cfg.litellm_python).parent.parent}")
+                version = subprocess.run([cfg.litellm_python, "-c",
+                                          "import importlib.metadata as m; print(m.version('litellm'))"],
+                                         capture_output=True, text=True, timeout=60).stdout.strip()
+                ll = _spawn([str(lbin), "--config", str(work / "litellm.yaml"), "--host", "127.0.0.1",
+                             "--port", str(l_port), "--num_workers", "1"], l_log,
+                            env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"})
+                procs.append(ll)
+                l_url = f"http://127.0.0.1:{l_port}"
+                _wait_http(l_url + "/health/liveliness", ll, 180, l_log)
+                _post_json(l_url + "/v1/chat/completions", body, master)  # warm-up, proves auth works
+                targets["litellm"] = (l_url + "/v1/chat/completions", master)
+                result["litellm"] = {"version": version, "config_yaml": l_text.replace(master, "<master_key>"),
+                                     "mode": "master_key auth only; no database (so no virtual keys and no "
+                                             "spend log)", "workers": 1}
+            except Exception as exc:  # noqa: BLE001 - report and carry on without the peer
+                result["errors"].append(f"litellm: {exc}")
+
+        loop = asyncio.new_event_loop()
+        try:
+            with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn()) as bar:
+                # warm-up
+                for name, (url, tok) in targets.items():
+                    loop.run_until_complete(closed_loop(url, tok, 100, 8, body))
+                # 1. added latency
+                lat: dict[str, Any] = {}
+                for name, (url, tok) in targets.items():
+                    t = bar.add_task(f"latency  {name:7s}", total=cfg.latency_requests)
+                    lat[name] = loop.run_until_complete(closed_loop(
+                        url, tok, cfg.latency_requests, cfg.latency_concurrency, body,
+                        progress=lambda t=t: bar.advance(t)))
+                result["latency"] = lat
+                # 2. offered load
+                thr: dict[str, Any] = {}
+                for rate in cfg.rates:
+                    for name, (url, tok) in targets.items():
+                        t = bar.add_task(f"{rate:g} req/s {name:7s}", total=None)
+                        thr.setdefault(f"{rate:g}", {})[name] = loop.run_until_complete(
+                            open_loop(url, tok, rate, cfg.duration_s, cfg.drain_s, body))
+                        bar.update(t, total=1, completed=1)
+                result["throughput"] = thr
+                # 3. log loss through the guard
+                if cfg.lossless_requests:
+                    t = bar.add_task("lossless guard", total=cfg.lossless_requests)
+                    result["lossless_run"] = loop.run_until_complete(closed_loop(
+                        targets["guard"][0], loss_key, cfg.lossless_requests, cfg.lossless_concurrency, body,
+                        progress=lambda: bar.advance(t)))
+        finally:
+            loop.close()
+
+        # stop the guard gracefully (it flushes its log), then count
+        _stop(guard)
+        if guard.returncode not in (0, -signal.SIGTERM):
+            result["errors"].append(f"guard exited with {guard.returncode}")
+        if cfg.lossless_requests:
+            store = open_store(gcfg.db_url)
+            logged = len(store.read_records("lossless"))
+            spooled = 0
+            from stillhouse.guard.spool import Spool
+
+            spooled = Spool(gcfg.spool_dir).pending_records()
+            run = result["lossless_run"]
+            answered = sum(run["statuses"].values())
+            result["lossless"] = {"requests": cfg.lossless_requests, "answered": answered,
+                                  "client_errors": run["client_errors"], "logged": logged,
+                                  "still_in_spool": spooled,
+                                  "lost": max(0, answered - logged - spooled)}
+            store.close()
+        result["summary"] = summarize(result)
+        return result
+    finally:
+        for p in reversed(procs):
+            _stop(p)
+
+
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
+    """The headline ratios: added latency vs direct, throughput vs direct, per proxy."""
+    out: dict[str, Any] = {}
+    lat = result.get("latency", {})
+    d = lat.get("direct")
+    for name in ("guard", "litellm"):
+        if name not in lat or d is None:
+            continue
+        s: dict[str, Any] = {
+            "added_p50_ms": round(lat[name]["p50_ms"] - d["p50_ms"], 2),
+            "added_p99_ms": round(lat[name]["p99_ms"] - d["p99_ms"], 2),
+        }
+        for rate, per in result.get("throughput", {}).items():
+            if name in per and per["direct"]["achieved_rps"] > 0:
+                s[f"throughput_ratio_at_{rate}"] = round(per[name]["achieved_rps"] / per["direct"]["achieved_rps"], 3)
+        out[name] = s
+    if "lossless" in result:
+        out.setdefault("guard", {})["log_records_lost"] = result["lossless"]["lost"]
+    return out
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(json.dumps(run_bench(GuardBenchConfig()), indent=2))
