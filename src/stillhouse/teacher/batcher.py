@@ -48,7 +48,7 @@ from stillhouse.teacher.decoding import (
     TokenText,
     find_stop,
     safe_prefix_len,
-    sample_token,
+    sample_rows,
     seed_for,
     tokens_covering,
 )
@@ -395,12 +395,14 @@ class Batcher:
         logp = torch.log_softmax(scores, dim=-1) if need_lp else None
         k = max((r.p.top_logprobs for r in rows), default=0)
         top = torch.topk(logp, k, dim=-1) if (k and logp is not None) else None
-        greedy = torch.argmax(scores, dim=-1)
+        picks = torch.argmax(scores, dim=-1)
+        sampled = [i for i, r in enumerate(rows) if r.p.temperature > 0]
+        if sampled:
+            index = torch.tensor(sampled, dtype=torch.long)
+            picks[index] = sample_rows(scores[index], [rows[i].p.temperature for i in sampled],
+                                       [rows[i].p.top_p for i in sampled], [rows[i].generator for i in sampled])
         for i, r in enumerate(rows):
-            if r.p.temperature <= 0:
-                tok = int(greedy[i])
-            else:
-                tok = sample_token(scores[i], r.p.temperature, r.p.top_p, r.generator)
+            tok = int(picks[i])
             r.pending = tok
             if tok in self.eos_ids:
                 r.finish = "stop"

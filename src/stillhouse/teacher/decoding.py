@@ -44,9 +44,30 @@ def sample_token(
 
     if temperature <= 0.0:
         return int(torch.argmax(scores).item())
-    probs = torch.softmax(scores.float() / temperature, dim=-1)
-    probs = top_p_filter(probs, top_p)
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+    return int(sample_rows(scores[None], [temperature], [top_p], [generator])[0])
+
+
+def sample_rows(
+    scores: torch.Tensor, temperatures: list[float], top_ps: list[float],
+    generators: list[torch.Generator | None],
+) -> torch.Tensor:
+    """Sample one token per row of ``scores`` [B, V] (all temperatures > 0).
+
+    Inverse-CDF sampling with one uniform draw per row from that row's generator, so a
+    row's choice depends only on its own logits and seed, never on its batch neighbours.
+    (``torch.multinomial`` was ~40x slower here on 49k-token rows.)
+    """
+    import torch
+
+    temps = torch.tensor(temperatures, dtype=torch.float32)[:, None]
+    probs = torch.softmax(scores.float() / temps, dim=-1)
+    for i, p in enumerate(top_ps):
+        if p < 1.0:
+            probs[i] = top_p_filter(probs[i], p)
+    cdf = torch.cumsum(probs, dim=-1)
+    u = torch.stack([torch.rand((), generator=g) for g in generators]) * cdf[:, -1]
+    picks = torch.searchsorted(cdf, u[:, None], right=True)[:, 0]
+    return picks.clamp_(max=scores.shape[-1] - 1)
 
 
 def find_stop(text: str, stops: tuple[str, ...]) -> int | None:
