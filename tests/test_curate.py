@@ -217,3 +217,32 @@ def test_real_eval_sets_flag_a_gsm8k_test_question_but_not_train() -> None:
     assert d.check(test_item.messages[0]["content"]) is not None
     flagged = sum(d.check(it.messages[0]["content"]) is not None for it in train_items)
     assert flagged <= 2   # the template is not indexed; train questions do not collide
+
+
+def test_curate_a_real_harvest_run_directory(tmp_path: Path) -> None:
+    """Harvest the fake teacher (3 sampled answers per prompt, ~30% wrong), then curate the run
+    directory: exactly the prompts with at least one right answer survive, one row each."""
+    from typer.testing import CliRunner
+
+    from stillhouse.cli import app
+    from stillhouse.distill.store import HarvestStore
+
+    run = tmp_path / "run"
+    res = CliRunner().invoke(app, ["harvest", "--prompts", "builtin:arithmetic:40", "--teacher", "fake",
+                                   "--out", str(run), "--samples", "3", "--temperature", "0.8"])
+    assert res.exit_code == 0, res.output
+    with HarvestStore(run, readonly=True) as store:
+        recs = list(store.records())
+    assert len(recs) == 120
+    solvable = {r.prompt_id for r in recs if r.text.split("=")[-1].strip() == str(r.meta["answer"])}
+    assert 0 < len(solvable) < 40   # the fake teacher is wrong sometimes, right mostly
+
+    out = CliRunner().invoke(app, ["curate", str(run), "--eval-sets", "builtin:arithmetic-heldout:50"])
+    assert out.exit_code == 0, out.output
+    report = json.loads((run / "curated" / "report.json").read_text())
+    assert report["rows_in"] == 120 and report["kept"] + report["dropped"] == 120
+    kept = [json.loads(x) for x in (run / "curated" / "train.jsonl").read_text().splitlines()]
+    assert {k["prompt_id"] for k in kept} == solvable
+    assert len(kept) == len(solvable)
+    keys = {r.key for r in recs}
+    assert all(k["record_id"] in keys for k in kept)   # pointers back into the store (top-k logprobs)

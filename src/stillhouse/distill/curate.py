@@ -198,30 +198,36 @@ def _get(obj: Any, *names: str, default: Any = None) -> Any:
 
 
 def row_from_record(rec: Any) -> dict[str, Any]:
-    """A curation row from one harvest-store record (dict or object)."""
-    params = _get(rec, "params", "sampling", "sampling_params", default={}) or {}
+    """A curation row from one :class:`~stillhouse.distill.store.HarvestRecord`.
+
+    The reference travels in ``rec.meta`` (what the prompt row carried: ``task``, ``answer``,
+    ``tests``, ``entry_point``, and for built-in sets a nested ``meta`` with the HumanEval prompt).
+    """
+    params = _get(rec, "params", default={}) or {}
     if isinstance(params, str):
         try:
             params = json.loads(params)
         except json.JSONDecodeError:
             params = {}
     meta = _get(rec, "meta", default={}) or {}
+    inner = meta.get("meta") if isinstance(meta.get("meta"), dict) else {}
     return {
-        "id": _get(rec, "key", "id", "record_id"),
-        "prompt_id": _get(rec, "prompt_id", "item_id"),
+        "id": _get(rec, "key", "id"),
+        "prompt_id": _get(rec, "prompt_id"),
         "messages": _get(rec, "messages"),
-        "response": _get(rec, "response", "text", "response_text"),
-        "sample_index": _get(rec, "sample_index", "index", default=0),
-        "temperature": _get(rec, "temperature", default=_get(params, "temperature", default=0.0)),
+        "response": _get(rec, "response", "text"),
+        "sample_index": _get(rec, "sample_index", default=0),
+        "temperature": _get(rec, "temperature", default=params.get("temperature", 0.0)),
         "finish_reason": _get(rec, "finish_reason"),
         "completion_tokens": _get(rec, "completion_tokens"),
-        "error": _get(rec, "error"),
-        "task": _get(rec, "task", default=_get(meta, "task")),
-        "answer": _get(rec, "answer", default=_get(meta, "answer")),
-        "tests": _get(rec, "tests", default=_get(meta, "tests")),
-        "entry_point": _get(rec, "entry_point", default=_get(meta, "entry_point")),
-        "teacher": _get(rec, "teacher", "teacher_spec"),
-        "revision": _get(rec, "revision", "teacher_revision"),
+        "error": _get(rec, "error") if _get(rec, "status", default="ok") != "ok" or _get(rec, "error") else None,
+        "task": meta.get("task"),
+        "answer": meta.get("answer"),
+        "tests": meta.get("tests"),
+        "entry_point": meta.get("entry_point"),
+        "prompt": inner.get("prompt") or meta.get("humaneval_prompt"),
+        "teacher": _get(rec, "teacher"),
+        "revision": _get(rec, "revision"),
     }
 
 
@@ -246,17 +252,13 @@ def load_rows(source: str | Path) -> list[dict[str, Any]]:
         return [normalize_row(r, i) for i, r in enumerate(raw)]
     if not path.is_dir():
         raise CurateError(f"{path} does not exist: give a harvest run directory or a .jsonl/.parquet file")
+    from stillhouse.distill.store import HarvestStore, StoreError
+
     try:
-        from stillhouse.distill.store import HarvestStore
-    except ImportError as exc:
-        raise CurateError("reading a run directory needs stillhouse.distill.store (the harvest store)") from exc
-    store = HarvestStore(path)
-    try:
-        records = list(store.records())
-    finally:
-        close = getattr(store, "close", None)
-        if callable(close):
-            close()
+        with HarvestStore(path, readonly=True) as store:
+            records = list(store.records(status=None))  # failed records too: they are reported, not hidden
+    except StoreError as exc:
+        raise CurateError(str(exc)) from exc
     if not records:
         raise CurateError(f"{path}: the harvest store holds no records; run `stillhouse harvest` first")
     return [normalize_row(row_from_record(r), i) for i, r in enumerate(records)]
@@ -302,7 +304,10 @@ class ReferenceResolver:
         """``(task, reference)``; reference is a number string or a HumanEval problem dict."""
         task = row.get("task")
         if row.get("tests") and row.get("entry_point"):
-            prompt = row.get("prompt") or ""
+            prompt = row.get("prompt")
+            if not prompt:
+                known = self._humaneval().get(str(row.get("prompt_id") or ""))
+                prompt = known.meta["prompt"] if known is not None else ""
             return "humaneval", {"prompt": prompt, "test": row["tests"], "entry_point": row["entry_point"]}
         if row.get("answer") not in (None, ""):
             return task or "math", str(row["answer"])

@@ -125,7 +125,7 @@ def completion_for(problem: dict[str, Any], response: str) -> str:
     if re.search(rf"^(?:async\s+)?def\s+{re.escape(entry)}\s*\(", code, re.MULTILINE) or re.match(
         r"^(import|from|def|class)\b", code.lstrip("\n")
     ):
-        return "\n    pass\n\n" + code
+        return ("\n    pass\n\n" if problem.get("prompt", "").strip() else "") + code
     return code
 
 
