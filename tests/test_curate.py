@@ -229,7 +229,8 @@ def test_curate_a_real_harvest_run_directory(tmp_path: Path) -> None:
 
     run = tmp_path / "run"
     res = CliRunner().invoke(app, ["harvest", "--prompts", "builtin:arithmetic:40", "--teacher", "fake",
-                                   "--out", str(run), "--samples", "3", "--temperature", "0.8"])
+                                   "--out", str(run), "--samples", "3", "--temperature", "0.8",
+                                   "--logprobs", "--top-logprobs", "5"])
     assert res.exit_code == 0, res.output
     with HarvestStore(run, readonly=True) as store:
         recs = list(store.records())
@@ -245,4 +246,9 @@ def test_curate_a_real_harvest_run_directory(tmp_path: Path) -> None:
     assert {k["prompt_id"] for k in kept} == solvable
     assert len(kept) == len(solvable)
     keys = {r.key for r in recs}
-    assert all(k["record_id"] in keys for k in kept)   # pointers back into the store (top-k logprobs)
+    assert all(k["record_id"] in keys for k in kept)   # pointers back into the store
+    by_key = {r.key: r for r in recs}
+    for k in kept:   # the teacher's top-k travels into train.jsonl for top-k KD
+        rec = by_key[k["record_id"]]
+        assert len(k["top_logprobs"]) == len(rec.top_logprobs) and len(k["top_logprobs"][0]) == 5
+        assert k["top_tokens"] == rec.top_tokens

@@ -20,8 +20,9 @@ Nothing is deleted: every dropped row is written with its step and reason. Outpu
     kept.parquet      the kept rows (all fields)
     dropped.parquet   the dropped rows, with ``step``, ``reason`` and ``reason_code``
     train.jsonl       chat messages for training: {"messages": [..., assistant], "id",
-                      "record_id", "prompt_id", "task"}; ``record_id`` is the harvest
-                      store's key, the pointer to that sample's top-k logprobs for KD
+                      "record_id", "prompt_id", "task", "correct"}, plus the teacher's
+                      "token_ids", "top_ids" and "top_logprobs" when harvested (for top-k
+                      KD); ``record_id`` is the harvest store's key
     report.json       per-step counts and reasons, the input, the config
     config.json       the frozen :class:`CurateConfig` (replay with ``--config``)
 
@@ -50,6 +51,9 @@ ROW_FIELDS = (
     "completion_tokens", "error", "task", "answer", "tests", "entry_point", "prompt", "teacher", "revision",
 )
 """The fields of a curation row. Only ``messages`` and ``response`` are required."""
+
+LOGPROB_FIELDS = ("token_ids", "top_ids", "top_logprobs", "top_tokens")
+"""Optional per-token teacher data a row may carry into train.jsonl (for top-k KD)."""
 
 DEFAULT_EVAL_SETS = ("builtin:arithmetic-heldout:1000", "builtin:gsm8k-test", "builtin:humaneval")
 
@@ -86,6 +90,8 @@ class CurateConfig:
     """Longer answers (completion tokens; whitespace words when unknown) are dropped; None = no cap."""
     drop_truncated: bool = True
     """Drop answers that stopped at max_tokens (finish_reason 'length')."""
+    include_logprobs: bool = True
+    """Copy the teacher's token ids and top-k logprobs (when harvested) into train.jsonl, for top-k KD."""
     sandbox_timeout_s: float = 5.0
     """Per-sample wall-clock limit for code verification."""
     sandbox_memory_mb: int = 512
@@ -169,6 +175,9 @@ def normalize_row(raw: dict[str, Any], index: int = 0) -> dict[str, Any]:
     A row whose ``messages`` end with an assistant turn and that has no ``response``
     takes that turn as its response (exported chat data)."""
     row = {k: raw.get(k) for k in ROW_FIELDS}
+    for k in LOGPROB_FIELDS:
+        if raw.get(k) is not None:
+            row[k] = raw[k]
     msgs = raw.get("messages")
     if msgs is None and raw.get("prompt") is not None and raw.get("task") != "humaneval":
         msgs = [{"role": "user", "content": str(raw["prompt"])}]
@@ -228,7 +237,23 @@ def row_from_record(rec: Any) -> dict[str, Any]:
         "prompt": inner.get("prompt") or meta.get("humaneval_prompt"),
         "teacher": _get(rec, "teacher"),
         "revision": _get(rec, "revision"),
+        **_logprob_lists(rec),
     }
+
+
+def _logprob_lists(rec: Any) -> dict[str, Any]:
+    """The record's token ids and top-k arrays as JSON-ready lists (absent ones omitted)."""
+    out: dict[str, Any] = {}
+    for name in LOGPROB_FIELDS:
+        value = _get(rec, name)
+        if value is None:
+            continue
+        if hasattr(value, "tolist"):
+            value = value.tolist()
+        if name == "top_logprobs":
+            value = [[round(float(x), 4) for x in row] for row in value]
+        out[name] = value
+    return out
 
 
 def load_rows(source: str | Path) -> list[dict[str, Any]]:
@@ -519,16 +544,21 @@ def curate_rows(
 
 # -- writing -----------------------------------------------------------------------------------
 
-def training_record(row: dict[str, Any]) -> dict[str, Any]:
-    """One train.jsonl line: the chat with the answer as the assistant turn, plus pointers."""
-    return {
+def training_record(row: dict[str, Any], include_logprobs: bool = True) -> dict[str, Any]:
+    """One train.jsonl line: the chat with the answer as the assistant turn, pointers back to
+    the harvest record, and (``include_logprobs``) the teacher's token ids and top-k logprobs."""
+    rec = {
         "messages": list(row["messages"]) + [{"role": "assistant", "content": row["response"]}],
         "id": row["id"],
         "record_id": row["id"],
         "prompt_id": row["prompt_id"],
         "task": row.get("task"),
         "verified": row.get("verified"),
+        "correct": row.get("verified"),
     }
+    if include_logprobs:
+        rec.update({k: row[k] for k in LOGPROB_FIELDS if row.get(k) is not None})
+    return rec
 
 
 def _to_table(rows: list[dict[str, Any]]) -> Any:
@@ -560,7 +590,8 @@ def write_outputs(result: CurateResult, out_dir: str | Path, source: str = "") -
     pq.write_table(_to_table(result.kept), out / "kept.parquet")
     pq.write_table(_to_table(result.dropped), out / "dropped.parquet")
     atomic_write_text(out / "train.jsonl",
-                      "".join(json.dumps(training_record(r), ensure_ascii=False) + "\n" for r in result.kept))
+                      "".join(json.dumps(training_record(r, result.config.include_logprobs), ensure_ascii=False) + "\n"
+                              for r in result.kept))
     save_config(result.config, out / "config.json")
     report = {"source": str(source), "created_unix": time.time(), **result.summary(),
               "config": config_to_dict(result.config),
