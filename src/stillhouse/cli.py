@@ -46,11 +46,13 @@ def main(
 def _register() -> None:
     from stillhouse.arena import commands as arena_commands
     from stillhouse.distill import commands as distill_commands
-    from stillhouse.distill import harvest_commands
+    from stillhouse.distill import harvest_commands, train_commands
     from stillhouse.guard import commands as guard_commands
     from stillhouse.teacher import commands as teacher_commands
 
-    for module in (teacher_commands, harvest_commands, distill_commands, guard_commands, arena_commands):
+    for module in (
+        teacher_commands, harvest_commands, distill_commands, train_commands, guard_commands, arena_commands
+    ):
         module.register(app, bench_app)
 
 
