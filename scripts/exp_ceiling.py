@@ -258,17 +258,31 @@ def stage_verified(args: argparse.Namespace, out: Path) -> None:
     from stillhouse.distill.modelio import load_causal_lm
 
     held, _ = split_problems(args.heldout, args.train)
-    rows = verified_rows(out)
-    data = out / "verified.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    _log(f"verified set: {len(rows)} rows ({sum(r['temperature'] == 0 for r in rows)} greedy)")
     teacher = load_causal_lm("bundled")
-    results = _train_and_eval(args, out, "pruned10-verified", data, held, teacher, student="pruned:10",
-                              loss="sft", batch_size=args.batch, lr=args.lr, warmup_steps=10,
-                              epochs=args.verified_epochs)
-    results += _train_and_eval(args, out, "self-verified", data, held, teacher, student="self", loss="sft",
-                               batch_size=args.batch, lr=args.self_lr, warmup_steps=10, epochs=args.self_epochs)
-    (out / "verified.json").write_text(json.dumps(results, indent=2))
+    results = []
+    for who in args.verified_students:
+        rows = verified_rows(out)
+        limit = args.self_max if who == "self" else args.verified_max
+        rows = rows[:limit] if limit else rows
+        data = out / f"verified_{who}.jsonl"
+        if not data.exists():  # frozen at first use, so a resumed run sees the same rows
+            data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        rows = _read_jsonl(data)
+        _log(f"verified set for {who}: {len(rows)} rows ({sum(r['temperature'] == 0 for r in rows)} greedy)")
+        if who == "self":
+            res = _train_and_eval(args, out, "self-verified", data, held, teacher, student="self", loss="sft",
+                                       batch_size=args.batch, lr=args.self_lr, warmup_steps=10,
+                                       epochs=args.self_epochs)
+        else:
+            res = _train_and_eval(args, out, "pruned10-verified", data, held, teacher, student="pruned:10",
+                                       loss="sft", batch_size=args.batch, lr=args.lr, warmup_steps=10,
+                                       epochs=args.verified_epochs)
+        for r in res:
+            r["verified_rows"] = len(rows)
+        results += res
+    old = json.loads((out / "verified.json").read_text()) if (out / "verified.json").exists() else []
+    keep = {r["label"] for r in results}
+    (out / "verified.json").write_text(json.dumps([r for r in old if r["label"] not in keep] + results, indent=2))
 
 
 def stage_report(args: argparse.Namespace, out: Path) -> None:
@@ -316,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--self-lr", type=float, default=5e-5, help="learning rate of the self-distilled student")
     p.add_argument("--verified-epochs", type=int, default=3)
     p.add_argument("--self-epochs", type=int, default=2)
+    p.add_argument("--verified-students", nargs="+", default=["pruned", "self"], choices=["pruned", "self"])
+    p.add_argument("--verified-max", type=int, default=0, help="cap on verified rows for the pruned student")
+    p.add_argument("--self-max", type=int, default=0, help="cap on verified rows for the self-distilled student")
     p.add_argument("--probe-problems", type=int, default=32)
     p.add_argument("--probe-n", type=int, default=8)
     p.add_argument("--probe-temps", type=float, nargs="+", default=[0.3, 0.7])

@@ -196,3 +196,25 @@ def test_answer_logits_equal_full_forward_at_selected_positions(tok):
     assert torch.allclose(part[0], full[sel], atol=1e-5)
     # col t predicts label t+1: every selected target is an answer token
     assert (batch["labels"][sel[0], sel[1] + 1] != D.IGNORE_INDEX).all()
+
+
+def test_train_cli_reports_bad_input_clearly(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from stillhouse.distill import train_commands
+
+    app = typer.Typer()
+    train_commands.register(app, typer.Typer())
+
+    @app.command("noop")
+    def _noop() -> None:  # a second verb keeps typer in multi-command mode
+        pass
+
+    runner = CliRunner()
+    assert "topk" in runner.invoke(app, ["train", "--help"]).output
+    r = runner.invoke(app, ["train", "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o"),
+                            "--student", "half"])
+    assert r.exit_code == 2 and "pruned:N" in r.output
+    r = runner.invoke(app, ["train", "--config", str(tmp_path / "missing.json")])
+    assert r.exit_code == 2 and "does not exist" in r.output
