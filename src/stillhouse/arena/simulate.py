@@ -85,6 +85,101 @@ class DirectGateway:
         return Reply(200, texts[0], pt, ct)
 
 
+class GuardGateway:
+    """The real guard app, in-process over ASGI, forwarding over loopback HTTP to ``upstream_url``.
+
+    Client IPs reach the guard as ``X-Forwarded-For`` (the arena plays a trusted front proxy);
+    headers are sent in each simulated client's own order, so the guard's header fingerprint
+    tells client stacks apart as it would live. Rate limits are the guard's defaults unless
+    given; enforcement is the guard's policy engine acting on the detector's verdicts.
+    """
+
+    def __init__(self, run_dir: str, upstream_url: str, detector: Any, clock: SimClock,
+                 accounts: list[SimAccount], requests_per_min: int = 600, tokens_per_min: int = 2_000_000):
+        import secrets
+        from pathlib import Path
+
+        from stillhouse.guard.app import create_app
+        from stillhouse.guard.config import GuardConfig, sha256_hex
+        from stillhouse.guard.store import open_store
+
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        self.db_url = f"sqlite:///{Path(run_dir).resolve() / 'guard.db'}"
+        self.store = open_store(self.db_url)
+        self.config = GuardConfig(upstream_url=upstream_url, admin_token_sha256=sha256_hex(secrets.token_hex(16)),
+                                  db_url=self.db_url, spool_dir=str(Path(run_dir) / "spool"), key_refresh_s=0.0,
+                                  trust_forwarded_for=True, requests_per_min=requests_per_min,
+                                  tokens_per_min=tokens_per_min, log_flush_interval_s=0.2, log_batch_size=2000)
+        self.app = create_app(self.config, self.store, clock=clock, detector=detector)
+        self.accounts = accounts
+        self.keys: dict[str, str] = {}
+
+    async def start(self) -> None:
+        await self.app.start()
+        now = time.time()
+
+        def issue() -> None:
+            for a in self.accounts:
+                self.store.put_account(a.info)
+            self.app.accounts = {i.account_id: (i, lim) for i, lim in self.store.list_accounts()}
+            for a in self.accounts:
+                self.keys[a.info.account_id] = self.app.keys.issue(a.info.account_id, now).key
+        await self.app.db(issue)
+
+    async def stop(self) -> None:
+        await self.app.stop()
+        self.app.executor.shutdown(wait=True)
+
+    async def send(self, turn: Turn, messages: list[dict[str, Any]], account: AccountInfo) -> Reply:
+        import json
+
+        body = json.dumps({"model": "sim", "messages": messages, **turn.params}).encode()
+        values = {"host": b"guard.local", "user-agent": turn.user_agent.encode(), "accept": b"application/json",
+                  "accept-encoding": b"gzip, deflate", "connection": b"keep-alive",
+                  "authorization": b"Bearer " + self.keys[turn.account_id].encode(),
+                  "content-type": b"application/json", "content-length": str(len(body)).encode(),
+                  "origin": b"https://app.example", "accept-language": b"en-US"}
+        names = turn.header_names or ("host", "user-agent", "authorization", "content-type", "content-length")
+        headers = [(n.encode(), values.get(n, b"x")) for n in names]
+        headers += [(b"x-forwarded-for", turn.client_ip.encode()), (b"x-session-id", turn.session_id.encode())]
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+                 "query_string": b"", "headers": headers, "client": ("127.0.0.1", 40000),
+                 "server": ("127.0.0.1", 8080)}
+        import asyncio
+
+        sent = False
+        done = asyncio.Event()
+        out: dict[str, Any] = {"status": 0, "body": b""}
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await done.wait()  # the client stays connected until the response is complete
+            return {"type": "http.disconnect"}
+
+        async def send(msg: dict[str, Any]) -> None:
+            if msg["type"] == "http.response.start":
+                out["status"] = msg["status"]
+            elif msg["type"] == "http.response.body":
+                out["body"] += msg.get("body", b"")
+                if not msg.get("more_body", False):
+                    done.set()
+
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            done.set()
+        if out["status"] != 200:
+            return Reply(out["status"])
+        data = json.loads(out["body"])
+        usage = data.get("usage") or {}
+        text = data["choices"][0]["message"]["content"] if data.get("choices") else ""
+        return Reply(200, text, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
+
+
 @dataclass
 class AccountOutcome:
     sent: int = 0
@@ -109,6 +204,8 @@ class RunResult:
     clusters: dict[str, str | None]
     leak_curve: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
     """campaign id -> [(ts, cumulative leaked)] sampled as the run goes."""
+    send_ts: dict[str, list[float]] = field(default_factory=dict)
+    """campaign id -> simulated time of each request it sent (sorted), for 'volume before detection'."""
     wall_s: float = 0.0
     requests: int = 0
 
@@ -122,6 +219,7 @@ async def run_traffic(accounts: list[SimAccount], turns: list[Turn], gateway: Ga
     outcomes = {aid: AccountOutcome() for aid in by_id}
     leak_curve: dict[str, list[tuple[float, int]]] = defaultdict(list)
     leaked_by_campaign: dict[str, int] = defaultdict(int)
+    send_ts: dict[str, list[float]] = defaultdict(list)
 
     def note_flags(aid: str) -> None:
         o = outcomes[aid]
@@ -161,6 +259,8 @@ async def run_traffic(accounts: list[SimAccount], turns: list[Turn], gateway: Ga
         reply = await gateway.send(turn, messages, acct.info)
         o = outcomes[turn.account_id]
         o.sent += 1
+        if acct.malicious:
+            send_ts[acct.campaign or ""].append(clock())
         if reply.status == 200:
             o.accepted += 1
             history[turn.session_id].extend([{"role": "user", "content": turn.user_text},
@@ -185,4 +285,4 @@ async def run_traffic(accounts: list[SimAccount], turns: list[Turn], gateway: Ga
     max_scores = dict(getattr(detector, "max_score_", {})) if detector is not None else {}
     clusters = {aid: (detector.cluster_of_.get(aid) if detector is not None else None) for aid in by_id}
     return RunResult(accounts=by_id, outcomes=outcomes, max_scores=max_scores, clusters=clusters,
-                     leak_curve=dict(leak_curve), wall_s=time.perf_counter() - t0, requests=len(order))
+                     leak_curve=dict(leak_curve), send_ts=dict(send_ts), wall_s=time.perf_counter() - t0, requests=len(order))

@@ -162,16 +162,20 @@ class AccountState:
 
 
 def features(sums: np.ndarray, layout: Layout, prior: float, mu_ref: np.ndarray | None,
-             ref_sq: float) -> np.ndarray:
-    """The account features (order of :data:`FEATURES`) of a sums vector (an account or a pooled cluster)."""
+             ref_sq: float, members: int = 1) -> np.ndarray:
+    """The account features (order of :data:`FEATURES`) of a sums vector (an account or a pooled cluster).
+
+    For a cluster (``members`` > 1) volume and tokens are per member: a large legitimate
+    organisation is many ordinary accounts, not one enormous one.
+    """
     lay = layout
     n = float(sums[lay.COUNT])
     out = np.zeros(len(FEATURES), dtype=np.float64)
     if n <= 0:
         return out
     shrink = n + prior
-    out[0] = np.log1p(n)
-    out[1] = np.log1p(max(sums[lay.COMPLETION], 0.0))
+    out[0] = np.log1p(n / members)
+    out[1] = np.log1p(max(sums[lay.COMPLETION], 0.0) / members)
     out[2:9] = sums[lay.SIGNALS: lay.SIGNALS + len(REQUEST_SIGNALS)] / shrink
     out[9] = sums[lay.TEMPLATE] / shrink
     out[10] = sums[lay.DUP] / shrink

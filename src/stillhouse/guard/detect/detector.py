@@ -237,7 +237,7 @@ class WindowDetector:
             for aid in group:
                 pooled += self.accounts_[aid].sums
                 requests += self.accounts_[aid].total_requests
-            f = features(pooled, lay, cfg.rate_prior_weight, self.mu_ref_, self.ref_sq_)
+            f = features(pooled, lay, cfg.rate_prior_weight, self.mu_ref_, self.ref_sq_, members=len(group))
             score, reasons = self._score(f)
             self.clusters_[cid] = {"members": group, "score": score, "reasons": reasons, "features": f,
                                    "requests": requests,

@@ -23,13 +23,16 @@ EXTRA_CAP = 10.0
 
 
 def tail_scale(sorted_benign: np.ndarray) -> float:
-    """Exponential tail scale: the mean excess over the benign 99th percentile (its MLE)."""
+    """Exponential tail scale: the mean excess over the benign 99th percentile (its MLE), floored
+    at a tenth of the benign range, so that a tail made of many near-identical snapshots (one
+    busy account) does not turn a hair past the maximum into an extreme surprisal."""
     if sorted_benign.size == 0:
         return 1.0
     q = float(np.quantile(sorted_benign, 0.99))
     excess = sorted_benign[sorted_benign > q] - q
     span = float(sorted_benign[-1] - sorted_benign[0])
-    return float(excess.mean()) if excess.size else max(span, 1e-3) * 0.05 + 1e-3
+    mle = float(excess.mean()) if excess.size else 0.0
+    return max(mle, 0.1 * span, 1e-3)
 
 
 def tail_surprisal(sorted_benign: np.ndarray, value: float, scale: float | None = None) -> float:

@@ -1,0 +1,112 @@
+"""The contest's metrics, as plain functions of a run's outcomes.
+
+- :func:`roc` / :func:`tpr_at_fpr` — per-account ROC of the detector's maximum score
+  (campaign accounts vs benign accounts of the *evaluation* seed);
+- :func:`operational` — TPR and realized benign FPR at the thresholds calibrated on the
+  separate benign seed (what the guard actually enforces);
+- :func:`campaign_table` — per campaign: accounts, planned, sent, leaked before
+  enforcement, detection rate, queries and tokens until the first flag, and the share of
+  the campaign's planned volume it had sent when its first account / half its accounts
+  were flagged;
+- :func:`cluster_ari` — adjusted Rand index of detector clusters against the truth.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from stillhouse.arena.simulate import RunResult
+
+
+def roc(benign: np.ndarray, attack: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds) for 'flag when score > t' over every distinct score."""
+    thresholds = np.unique(np.r_[benign, attack, -np.inf])[::-1]
+    fpr = np.array([(benign > t).mean() if benign.size else 0.0 for t in thresholds])
+    tpr = np.array([(attack > t).mean() if attack.size else 0.0 for t in thresholds])
+    return fpr, tpr, thresholds
+
+
+def tpr_at_fpr(benign: np.ndarray, attack: np.ndarray, fpr: float) -> tuple[float, float]:
+    """(TPR, threshold) at the smallest threshold whose benign FPR is <= fpr (eval-set oracle)."""
+    if benign.size == 0:
+        raise ValueError("no benign accounts to set an FPR on")
+    s = np.sort(benign)[::-1]
+    k = int(np.floor(fpr * s.size))
+    t = float(s[min(k, s.size - 1)])
+    return float((attack > t).mean()) if attack.size else float("nan"), t
+
+
+def split_scores(result: RunResult) -> tuple[np.ndarray, np.ndarray]:
+    benign = np.array([result.max_scores.get(a, 0.0) for a, acc in result.accounts.items() if not acc.malicious])
+    attack = np.array([result.max_scores.get(a, 0.0) for a, acc in result.accounts.items() if acc.malicious])
+    return benign, attack
+
+
+def operational(result: RunResult, thresholds: dict[str, float]) -> dict[str, Any]:
+    benign, attack = split_scores(result)
+    out: dict[str, Any] = {"benign_accounts": int(benign.size), "campaign_accounts": int(attack.size)}
+    for name, t in thresholds.items():
+        out[name] = {"threshold": t, "tpr": float((attack > t).mean()) if attack.size else float("nan"),
+                     "benign_fpr": float((benign > t).mean()) if benign.size else float("nan"),
+                     "benign_flagged": int((benign > t).sum())}
+    by_kind: dict[str, list[float]] = defaultdict(list)
+    for a, acc in result.accounts.items():
+        if not acc.malicious:
+            by_kind[acc.kind].append(result.max_scores.get(a, 0.0))
+    out["benign_flagged_by_kind"] = {k: {"accounts": len(v), "over_block": int(sum(x > thresholds["block"] for x in v)),
+                                         "over_throttle": int(sum(x > thresholds["throttle"] for x in v))}
+                                     for k, v in sorted(by_kind.items())}
+    return out
+
+
+def _frac_sent_by(send_ts: list[float], t: float | None, planned: int) -> float | None:
+    if t is None or planned <= 0:
+        return None
+    return bisect.bisect_right(send_ts, t) / planned
+
+
+def campaign_table(result: RunResult, thresholds: dict[str, float]) -> list[dict[str, Any]]:
+    members: dict[str, list[str]] = defaultdict(list)
+    for a, acc in result.accounts.items():
+        if acc.malicious:
+            members[acc.campaign or ""].append(a)
+    rows = []
+    for cid, accs in sorted(members.items()):
+        outs = [result.outcomes[a] for a in accs]
+        shape = result.accounts[accs[0]].kind.split(":", 1)[1]
+        planned = sum(result.accounts[a].planned for a in accs)
+        flag_ts = sorted(o.first_flag_ts for o in outs if o.first_flag_ts is not None)
+        first = flag_ts[0] if flag_ts else None
+        half = flag_ts[(len(accs) + 1) // 2 - 1] if len(flag_ts) >= (len(accs) + 1) // 2 else None
+        q = [o.first_flag for o in outs if o.first_flag is not None]
+        tok = [o.first_flag_tokens for o in outs if o.first_flag_tokens is not None]
+        send_ts = result.send_ts.get(cid, [])
+        rows.append({
+            "campaign": cid, "shape": shape, "accounts": len(accs), "planned": planned,
+            "sent": sum(o.sent for o in outs), "leaked": sum(o.leaked for o in outs),
+            "leaked_share": sum(o.leaked for o in outs) / planned if planned else 0.0,
+            "detected_accounts": sum(result.max_scores.get(a, 0.0) > thresholds["block"] for a in accs),
+            "flagged_accounts": len(flag_ts),
+            "median_queries_to_flag": float(np.median(q)) if q else None,
+            "median_tokens_to_flag": float(np.median(tok)) if tok else None,
+            "volume_share_at_first_flag": _frac_sent_by(send_ts, first, planned),
+            "volume_share_at_half_flagged": _frac_sent_by(send_ts, half, planned),
+        })
+    return rows
+
+
+def cluster_ari(result: RunResult) -> dict[str, float]:
+    """ARI over all accounts, and over campaign accounts only (truth: campaign id; benign: own id)."""
+    from sklearn.metrics import adjusted_rand_score
+
+    ids = sorted(result.accounts)
+    truth = [result.accounts[a].campaign or f"benign:{a}" for a in ids]
+    pred = [result.clusters.get(a) or f"single:{a}" for a in ids]
+    mal = [i for i, a in enumerate(ids) if result.accounts[a].malicious]
+    return {"all_accounts": float(adjusted_rand_score(truth, pred)),
+            "campaign_accounts": float(adjusted_rand_score([truth[i] for i in mal], [pred[i] for i in mal]))
+            if mal else float("nan")}

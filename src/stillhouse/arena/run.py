@@ -1,0 +1,225 @@
+"""One arena run: calibrate the detector on benign traffic, then score campaigns mixed into
+fresh benign traffic, through the real guard in simulated time; write the report.
+
+Steps (``run_arena``):
+
+1. benign *calibration* population (seed ``calib_seed``) through a guard with no detector
+   → its traffic log → ``WindowDetector.fit`` (benign only) → ``run/detector/``;
+2. *evaluation* traffic: a new benign population (seed ``eval_seed``) plus every campaign
+   (their own seeds; no campaign traffic ever reaches calibration) through a guard with
+   the fitted detector and its policy engine enforcing;
+3. optionally replay the evaluation guard's traffic log offline and check that the
+   offline verdicts equal the online ones;
+4. metrics (:mod:`.metrics`) and the report (:mod:`.report`) into ``run/``.
+
+Run: ``stillhouse arena --quick`` (CI, ~30 s) or ``stillhouse arena`` (default, ~15 min on 2 cores).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from stillhouse.arena.campaigns import SHAPES, CampaignConfig, generate_campaign
+from stillhouse.arena.population import PopulationConfig, generate_population
+from stillhouse.arena.simulate import DirectGateway, GuardGateway, RunResult, SimClock, run_traffic
+from stillhouse.arena.traffic import SimAccount, Turn
+
+GatewayKind = Literal["guard", "direct"]
+
+
+@dataclass(frozen=True)
+class ArenaConfig:
+    days: float = 7.0
+    """Simulated span of both the calibration and the evaluation traffic."""
+    calib_accounts: int = 3000
+    """Benign accounts in the calibration population (half build the feature tables, half set thresholds)."""
+    eval_accounts: int = 2000
+    """Benign accounts mixed with the campaigns in the evaluation run."""
+    calib_seed: int = 1
+    eval_seed: int = 2
+    campaigns: tuple[tuple[str, int, int], ...] = (
+        ("cot", 3, 1500), ("rubric", 3, 1000), ("agentic", 3, 1200), ("hydra", 200, 40), ("slow", 10, 100),
+        ("paraphrase", 3, 1000),
+    )
+    """(shape, accounts, planned requests per account) for each campaign."""
+    fractions: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5)
+    """Attacker fractions of the 'mixed' campaigns (the cot shape diluted with cover traffic)."""
+    mixed_accounts: int = 3
+    mixed_requests: int = 800
+    campaign_seed: int = 100
+    gateway: GatewayKind = "guard"
+    """'guard': the real guard app (ASGI in-process) → HTTP on loopback → upstream; 'direct': no HTTP."""
+    upstream: str = "sim"
+    """'sim' (the length-aware sim teacher, started on loopback) or a base URL (e.g. `stillhouse serve`)."""
+    max_tokens_limit: int = 4096
+    verify_offline: bool = True
+    """Replay the evaluation log offline and check that the verdicts equal the online ones."""
+    embedder: Literal["hash", "minilm"] = "hash"
+    cluster_every: int = 500
+
+    def __post_init__(self) -> None:
+        if self.days <= 0:
+            raise ValueError(f"ArenaConfig.days={self.days}: must be > 0")
+        if self.calib_accounts < 20 or self.eval_accounts < 10:
+            raise ValueError("ArenaConfig: calib_accounts >= 20 and eval_accounts >= 10 (thresholds need benign data)")
+        if self.calib_seed == self.eval_seed:
+            raise ValueError("ArenaConfig: calib_seed and eval_seed must differ (never score the calibration accounts)")
+        for c in self.campaigns:
+            if len(c) != 3 or c[0] not in SHAPES or c[0] == "mixed":
+                raise ValueError(f"ArenaConfig.campaigns entry {c!r}: use (shape, accounts, requests) with shape in "
+                                 f"{[s for s in SHAPES if s != 'mixed']} (mixed comes from `fractions`)")
+        if any(not 0 < f <= 1 for f in self.fractions):
+            raise ValueError(f"ArenaConfig.fractions={self.fractions}: each must be in (0, 1]")
+        if self.gateway not in ("guard", "direct"):
+            raise ValueError(f"ArenaConfig.gateway={self.gateway!r}: use 'guard' or 'direct'")
+
+
+QUICK = ArenaConfig(days=2.0, calib_accounts=400, eval_accounts=250,
+                    campaigns=(("cot", 2, 300), ("rubric", 2, 200), ("agentic", 2, 200), ("hydra", 40, 12),
+                               ("slow", 3, 20), ("paraphrase", 2, 200)),
+                    mixed_accounts=2, mixed_requests=200, cluster_every=200)
+
+
+def build_campaigns(cfg: ArenaConfig) -> tuple[list[SimAccount], list[Turn]]:
+    accounts: list[SimAccount] = []
+    turns: list[Turn] = []
+    seed = cfg.campaign_seed
+    specs = [CampaignConfig(shape=s, accounts=n, requests_per_account=r, days=cfg.days, seed=seed + i,
+                            max_tokens_limit=cfg.max_tokens_limit) for i, (s, n, r) in enumerate(cfg.campaigns)]
+    for j, f in enumerate(cfg.fractions):
+        specs.append(CampaignConfig(shape="mixed", accounts=cfg.mixed_accounts, requests_per_account=cfg.mixed_requests,
+                                    days=cfg.days, attacker_fraction=f, seed=seed + 50 + j,
+                                    max_tokens_limit=cfg.max_tokens_limit, name=f"mixed{int(round(f * 100))}"))
+    for spec in specs:
+        a, t = generate_campaign(spec)
+        accounts += a
+        turns += t
+    return accounts, turns
+
+
+async def _send(cfg: ArenaConfig, run_dir: Path, accounts: list[SimAccount], turns: list[Turn], detector: Any,
+                upstream_url: str, progress: Any, label: str) -> tuple[RunResult, str | None]:
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh guard database per run (old blocks must not carry over)
+    run_dir.mkdir(parents=True)
+    clock = SimClock()
+    if cfg.gateway == "direct":
+        gw = DirectGateway(detector, clock, keep_log=True)
+        result = await run_traffic(accounts, turns, gw, detector, clock, progress, label)
+        from stillhouse.guard.detect.offline import records_to_jsonl
+
+        records_to_jsonl(gw.log, run_dir / "traffic.jsonl")
+        return result, str(run_dir / "traffic.jsonl")
+    guard = GuardGateway(str(run_dir), upstream_url, detector, clock, accounts)
+    await guard.start()
+    try:
+        result = await run_traffic(accounts, turns, guard, detector, clock, progress, label)
+    finally:
+        await guard.stop()
+    return result, guard.db_url
+
+
+def run_arena(cfg: ArenaConfig, out_dir: str | Path, progress: Any = None) -> dict[str, Any]:
+    """Run the whole arena (see the module docstring); returns the metrics dict (also in ``metrics.json``)."""
+    from stillhouse.config import save_config
+    from stillhouse.guard.detect import DetectConfig, WindowDetector
+    from stillhouse.guard.detect.offline import read_log, replay
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "arena.json")
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+    upstream = None
+    if cfg.upstream == "sim":
+        from stillhouse.arena.simteacher import SimUpstream
+
+        upstream = SimUpstream()
+        upstream_url = f"http://127.0.0.1:{upstream.port}"
+    else:
+        upstream_url = cfg.upstream.rstrip("/").removesuffix("/v1")
+    try:
+        # 1. calibration: benign only, through the same gateway, no detector.
+        t = time.perf_counter()
+        calib_accounts, calib_turns = generate_population(PopulationConfig(
+            accounts=cfg.calib_accounts, days=cfg.days, seed=cfg.calib_seed, max_tokens_limit=cfg.max_tokens_limit))
+        _, calib_log = asyncio.run(_send(cfg, out / "calibration", calib_accounts, calib_turns, None,
+                                         upstream_url, progress, "calibration traffic (benign)"))
+        records, infos = read_log(calib_log) if calib_log else ([], {})
+        infos = infos or {a.info.account_id: a.info for a in calib_accounts}
+        timings["calibration_traffic_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        dcfg = DetectConfig(max_tokens_limit=cfg.max_tokens_limit, embedder=cfg.embedder,
+                            cluster_every=cfg.cluster_every)
+        detector = WindowDetector(dcfg).fit(records, infos, progress=progress)
+        detector.save(out / "detector")
+        timings["fit_s"] = time.perf_counter() - t
+
+        # 2. evaluation: fresh benign seed + campaigns, detector online, policy enforcing.
+        t = time.perf_counter()
+        ev_accounts, ev_turns = generate_population(PopulationConfig(
+            accounts=cfg.eval_accounts, days=cfg.days, seed=cfg.eval_seed, max_tokens_limit=cfg.max_tokens_limit))
+        c_accounts, c_turns = build_campaigns(cfg)
+        accounts, turns = ev_accounts + c_accounts, ev_turns + c_turns
+        result, eval_log = asyncio.run(_send(cfg, out / "evaluation", accounts, turns, detector, upstream_url,
+                                             progress, "evaluation traffic (benign + campaigns)"))
+        timings["evaluation_traffic_s"] = time.perf_counter() - t
+        online = {a: detector.verdict(a) for a in result.accounts}
+
+        # 3. online == offline on the guard's own log.
+        offline_check: dict[str, Any] = {"checked": False}
+        if cfg.verify_offline and eval_log:
+            t = time.perf_counter()
+            fresh = WindowDetector.load(out / "detector")
+            logged, logged_infos = read_log(eval_log)
+            offline = replay(fresh, logged, logged_infos or {a.info.account_id: a.info for a in accounts})
+            fresh.refresh_clusters()  # the online run ended with a refresh too
+            offline = {a: fresh.verdict(a) for a in offline}
+            compared = [a for a in offline if online.get(a) is not None]
+            mismatches = [a for a in compared if offline[a] != online[a]]
+            offline_check = {"checked": True, "accounts": len(compared), "records": len(logged),
+                             "mismatches": len(mismatches), "examples": mismatches[:5]}
+            timings["offline_replay_s"] = time.perf_counter() - t
+    finally:
+        if upstream is not None:
+            upstream.stop()
+    timings["total_s"] = time.perf_counter() - t_all
+
+    from stillhouse.arena import metrics as m
+    from stillhouse.arena.report import write_report
+
+    benign, attack = m.split_scores(result)
+    thresholds = dict(detector.thresholds_ or {})
+    oracle = {str(f): dict(zip(("tpr", "threshold"), m.tpr_at_fpr(benign, attack, f))) for f in (1e-3, 1e-2)}
+    fractions = {}
+    table = m.campaign_table(result, thresholds)
+    for row in table:
+        if row["shape"] == "mixed":
+            fractions[row["campaign"]] = row["detected_accounts"] / row["accounts"]
+    metrics = {
+        "config": json.loads((out / "arena.json").read_text()),
+        "calibration": detector.calibration_, "thresholds": thresholds,
+        "operational": m.operational(result, thresholds),
+        "eval_oracle_tpr_at_fpr": oracle,
+        "tpr_by_attacker_fraction": fractions,
+        "campaigns": table, "ari": m.cluster_ari(result),
+        "offline_equals_online": offline_check,
+        "requests": {"calibration": len(calib_turns), "evaluation": result.requests},
+        "timings_s": timings,
+        "capability_leaked": "not measured in this run (see docs/results.md)",
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    write_report(out, metrics, result, thresholds)
+    return metrics
+
+
+def quick_config(**overrides: Any) -> ArenaConfig:
+    return replace(QUICK, **overrides)
+
+
