@@ -149,7 +149,7 @@ def test_load_rows_from_jsonl_and_cli(tmp_path: Path) -> None:
 
     from stillhouse.cli import app
 
-    rows, expect = constructed_rows()
+    rows, _ = constructed_rows()
     src = tmp_path / "rows.jsonl"
     src.write_text("".join(json.dumps({k: v for k, v in r.items() if v is not None}) + "\n" for r in rows))
     assert len(load_rows(src)) == len(rows)

@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from stillhouse.distill.evaluate import (  # noqa: E402
+from stillhouse.distill.evaluate import (
     EvalConfig,
     EvalError,
     LoadedModel,

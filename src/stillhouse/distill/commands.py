@@ -14,6 +14,7 @@ Ownership: curate/eval by D1; ``train`` is added by D2 in the marked section at 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -69,7 +70,7 @@ def curate_command(
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as bar:
-        tasks: dict[str, int] = {}
+        tasks: dict[str, Any] = {}
 
         def progress(step: str, done: int, total: int) -> None:
             if step not in tasks:

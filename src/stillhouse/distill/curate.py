@@ -99,7 +99,7 @@ class CurateConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.eval_sets, str):
-            raise ValueError("eval_sets must be a tuple of specs, e.g. ('builtin:gsm8k-test',)")
+            raise TypeError("eval_sets must be a tuple of specs, e.g. ('builtin:gsm8k-test',)")
         if self.ngram < 1:
             raise ValueError(f"ngram={self.ngram}: must be >= 1 (13 is the usual)")
         if not 0.0 < self.near_dup_threshold <= 1.0:
@@ -218,8 +218,8 @@ def row_from_record(rec: Any) -> dict[str, Any]:
             params = json.loads(params)
         except json.JSONDecodeError:
             params = {}
-    meta = _get(rec, "meta", default={}) or {}
-    inner = meta.get("meta") if isinstance(meta.get("meta"), dict) else {}
+    meta: dict[str, Any] = _get(rec, "meta", default={}) or {}
+    inner: dict[str, Any] = meta["meta"] if isinstance(meta.get("meta"), dict) else {}
     return {
         "id": _get(rec, "key", "id"),
         "prompt_id": _get(rec, "prompt_id"),
@@ -436,7 +436,8 @@ def curate_rows(
                  decide: Callable[[list[dict[str, Any]]], list[str | None]]) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
         verdicts = decide(current)
-        kept, reasons = [], Counter()
+        kept: list[dict[str, Any]] = []
+        reasons: Counter[str] = Counter()
         for row, reason in zip(current, verdicts):
             if reason is None:
                 kept.append(row)

@@ -85,12 +85,13 @@ class NearDeduper:
         self.num_perm = num_perm
         self.ngram = ngram
         self.seed = seed
+        self.permutations_: tuple[Any, Any] | None = None
 
     def _minhash(self, text: str) -> Any:
         from datasketch import MinHash
 
         # Drawing the permutations is the slow part of MinHash(); draw them once per fit.
-        perms = getattr(self, "permutations_", None)
+        perms: tuple[Any, Any] | None = getattr(self, "permutations_", None)
         if perms is None:
             m = MinHash(num_perm=self.num_perm, seed=self.seed)
             self.permutations_ = (m.permutations, m.scheme)

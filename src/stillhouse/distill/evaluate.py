@@ -49,7 +49,7 @@ from stillhouse.distill.metrics import Estimate, accuracy, agreement, ceiling_ra
 
 TASKS = ("arithmetic2", "arithmetic3", "gsm8k", "humaneval")
 DEFAULT_MAX_NEW_TOKENS = {"arithmetic2": 16, "arithmetic3": 16, "gsm8k": 320, "humaneval": 384}
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 class EvalError(Exception):
@@ -91,7 +91,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.students, str):
-            raise ValueError("students must be a tuple of specs, e.g. ('hf:runs/student',)")
+            raise TypeError("students must be a tuple of specs, e.g. ('hf:runs/student',)")
         if self.task not in TASKS:
             raise ValueError(f"task={self.task!r}: choose one of {', '.join(TASKS)}")
         if self.limit < 1:
@@ -200,6 +200,8 @@ class Generation:
     text: str
     token_ids: list[int]
     finish_reason: str
+    stop_id: int | None = None
+    """The token that ended generation (not in ``token_ids``), when it stopped."""
 
 
 def _stop_ids(tok: Any) -> set[int]:
@@ -254,12 +256,12 @@ def greedy_generate(
                                       eos_token_id=sorted(stops) or None)
             for r, i in enumerate(idx):
                 gen = seqs[r, width:].tolist()
-                n, finish = len(gen), "length"
+                n, finish, stop_id = len(gen), "length", None
                 for j, t in enumerate(gen):
                     if t in stops:
-                        n, finish = j, "stop"
+                        n, finish, stop_id = j, "stop", t
                         break
-                out[i] = Generation(tok.decode(gen[:n], skip_special_tokens=True), gen[:n], finish)
+                out[i] = Generation(tok.decode(gen[:n], skip_special_tokens=True), gen[:n], finish, stop_id)
             if progress:
                 progress(min(start + batch_size, len(order)))
     finally:
@@ -424,7 +426,8 @@ def teacher_cache_key(revision: str, task: str, items: Sequence[Any], max_new_to
 def _load_cached(path: Path) -> list[Generation] | None:
     try:
         data = json.loads(path.read_text())
-        return [Generation(g["text"], list(g["token_ids"]), g["finish_reason"]) for g in data["generations"]]
+        return [Generation(g["text"], list(g["token_ids"]), g["finish_reason"], g.get("stop_id"))
+                for g in data["generations"]]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -461,8 +464,9 @@ def evaluate_models(
         """Outputs from the cache when the revision, task, items and cap match. The teacher is
         always cached; a student only when its revision is a content hash (sha256:...), since an
         in-memory model's label-like revision may not change when its weights do."""
-        use = cache_dir is not None and (always or lm.revision.startswith("sha256:"))
-        path = Path(cache_dir) / f"greedy-{teacher_cache_key(lm.revision, task, items, max_new)}.json" if use else None
+        path: Path | None = None
+        if cache_dir is not None and (always or lm.revision.startswith("sha256:")):
+            path = Path(cache_dir) / f"greedy-{teacher_cache_key(lm.revision, task, items, max_new)}.json"
         hit = _load_cached(path) if path is not None and path.is_file() else None
         if hit is not None and len(hit) == len(items):
             return hit, 0.0, True
@@ -471,8 +475,8 @@ def evaluate_models(
             atomic_write_text(path, json.dumps({
                 "revision": lm.revision, "task": task, "max_new_tokens": max_new,
                 "item_ids": [it.id for it in items],
-                "generations": [{"text": g.text, "token_ids": g.token_ids, "finish_reason": g.finish_reason}
-                                for g in gens]}))
+                "generations": [{"text": g.text, "token_ids": g.token_ids, "finish_reason": g.finish_reason,
+                                 "stop_id": g.stop_id} for g in gens]}))
         return gens, secs, False
 
     t_gens, t_secs, cached = gen_cached(teacher, True)
@@ -484,11 +488,11 @@ def evaluate_models(
                          tokens_generated=sum(len(g.token_ids) for g in t_gens), cached=cached)
 
     t_prompts = [prompt_ids(teacher.tokenizer, list(c)) for c in convs]
-    stops = sorted(_stop_ids(teacher.tokenizer))
     # the completion as the teacher produced it, including its stop token: ending is learnt too
-    t_completions = [g.token_ids + ([stops[0]] if g.finish_reason == "stop" and stops else []) for g in t_gens]
+    t_completions = [g.token_ids + ([g.stop_id] if g.stop_id is not None else []) for g in t_gens]
 
-    sizes = list(train_examples) if train_examples is not None else list(cfg.train_examples) or [None] * len(students)
+    sizes: list[int | None] = (list(train_examples) if train_examples is not None
+                               else list(cfg.train_examples) or [None] * len(students))
     scores: list[ModelScore] = []
     for lm, n_train in zip(students, sizes + [None] * (len(students) - len(sizes))):
         gens, secs, hit = gen_cached(lm, False)
@@ -536,9 +540,9 @@ def write_report(result: EvalResult, out_dir: str | Path, command: str = "") -> 
         pngs.append(plots.score_vs_examples(series, out / "score_vs_examples.png", teacher=result.teacher.accuracy,
                                             title=f"{result.task}: accuracy vs training examples"))
     t = result.teacher
-    md = [f"# Evaluation: {result.task}", "",
-          f"{len(result.item_ids)} held-out items, greedy decoding. Teacher: `{t.spec or t.label}` "
-          f"(revision `{t.revision[:20]}`, {t.n_params / 1e6:.1f}M parameters).", ""]
+    intro = (f"{len(result.item_ids)} held-out items, greedy decoding. Teacher: `{t.spec or t.label}` "
+             f"(revision `{t.revision[:20]}`, {t.n_params / 1e6:.1f}M parameters).")
+    md = [f"# Evaluation: {result.task}", "", intro, ""]
     if command:
         md += ["Command:", "", "```", command, "```", ""]
     md += [result.markdown(), "",

@@ -151,7 +151,7 @@ class SandboxResult:
 
 def isolation_available() -> tuple[str, ...]:
     """The layers this process can apply (root adds netns, mountns and uid)."""
-    layers = ("session", "rlimits", "env")
+    layers: tuple[str, ...] = ("session", "rlimits", "env")
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         layers += ("netns", "mountns", "uid")
     return layers
@@ -169,7 +169,7 @@ def _child_setup(cfg: SandboxConfig, uid: int | None, layers: tuple[str, ...], e
     mem = cfg.memory_mb * 1024 * 1024
     cpu = cfg.cpu_s if cfg.cpu_s is not None else int(cfg.timeout_s) + 1
     fsize = cfg.max_file_mb * 1024 * 1024
-    libc = _libc() if ("netns" in layers or "mountns" in layers) else None
+    libc: Any = _libc() if ("netns" in layers or "mountns" in layers) else None
 
     def fail(msg: str) -> None:
         os.write(errpipe_w, msg.encode()[:500])
@@ -205,7 +205,7 @@ def _child_setup(cfg: SandboxConfig, uid: int | None, layers: tuple[str, ...], e
                 os.setgroups([])
                 os.setgid(uid)
                 os.setuid(uid)
-        except Exception as exc:  # report the failure to the parent instead of running unconfined
+        except Exception as exc:  # noqa: BLE001 - report any failure to the parent, never run unconfined
             fail(f"sandbox setup failed: {type(exc).__name__}: {exc}")
 
     return setup
@@ -222,7 +222,7 @@ def _kill_uid(uid: int) -> None:
                 os.kill(-1, signal.SIGKILL)
             except ProcessLookupError:
                 os._exit(0)  # nothing left
-            except BaseException:
+            except BaseException:  # noqa: BLE001 - a forked child must never return into our code
                 os._exit(2)
             os._exit(1)  # killed something: sweep again, children may have been mid-fork
         _, status = os.waitpid(pid, 0)
@@ -308,7 +308,8 @@ def run_python(code: str, config: SandboxConfig | None = None, *, stdin: str = "
                         cwd=workdir, env=env, stdin=subprocess.PIPE, stdout=out, stderr=err,
                         # w_err is close-on-exec: open during setup, gone once the code runs
                         start_new_session=True, close_fds=True,
-                        preexec_fn=_child_setup(cfg, uid, layers, w_err, workdir),
+                        # the setup only makes os/resource/ctypes calls; its imports happen before the fork
+                        preexec_fn=_child_setup(cfg, uid, layers, w_err, workdir),  # noqa: PLW1509
                     )
                 except OSError as exc:
                     raise SandboxError(f"could not start {python}: {exc}") from exc

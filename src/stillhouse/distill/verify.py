@@ -79,7 +79,7 @@ def _fmt(d: Decimal) -> str:
     return format(d.normalize(), "f") if d == d.to_integral_value() else str(d)
 
 
-def check_numeric(response: str, reference: str | int | float | Decimal) -> Check:
+def check_numeric(response: str, reference: str | float | Decimal) -> Check:
     """Is the number in ``response`` equal to ``reference``?
 
     ``reference`` may be a number or a string; a GSM8K answer field (with ``####``)
