@@ -252,3 +252,12 @@ def test_curate_a_real_harvest_run_directory(tmp_path: Path) -> None:
         rec = by_key[k["record_id"]]
         assert len(k["top_logprobs"]) == len(rec.top_logprobs) and len(k["top_logprobs"][0]) == 5
         assert k["top_tokens"] == rec.top_tokens
+
+
+def test_normalize_row_accepts_exported_chat_and_aliases() -> None:
+    row = normalize_row({"messages": [{"role": "user", "content": "What is 1 + 2?"},
+                                      {"role": "assistant", "content": "1 + 2 = 3"}],
+                         "completion": "1 + 2 = 3", "sample": 2, "temperature": 0.8, "top_ids": [[1, 2]]})
+    assert row["response"] == "1 + 2 = 3" and row["sample_index"] == 2
+    assert row["messages"] == [{"role": "user", "content": "What is 1 + 2?"}]   # the answer is not in the prompt
+    assert row["top_ids"] == [[1, 2]]

@@ -175,6 +175,11 @@ def normalize_row(raw: dict[str, Any], index: int = 0) -> dict[str, Any]:
     A row whose ``messages`` end with an assistant turn and that has no ``response``
     takes that turn as its response (exported chat data)."""
     row = {k: raw.get(k) for k in ROW_FIELDS}
+    # aliases used by experiment scripts and exports: completion = response, sample = sample_index
+    if row["response"] is None and raw.get("completion") is not None:
+        row["response"] = raw["completion"]
+    if row["sample_index"] is None and raw.get("sample") is not None:
+        row["sample_index"] = raw["sample"]
     for k in LOGPROB_FIELDS:
         if raw.get(k) is not None:
             row[k] = raw[k]
@@ -184,8 +189,9 @@ def normalize_row(raw: dict[str, Any], index: int = 0) -> dict[str, Any]:
     if not isinstance(msgs, list) or not msgs:
         raise CurateError(f"row {index}: no 'messages' list (fields: {sorted(raw)[:12]})")
     msgs = [dict(m) for m in msgs]
-    if row["response"] is None and msgs[-1].get("role") == "assistant":
-        row["response"] = str(msgs[-1].get("content", ""))
+    if msgs[-1].get("role") == "assistant":  # exported chat data: the last turn is the answer
+        if row["response"] is None:
+            row["response"] = str(msgs[-1].get("content", ""))
         msgs = msgs[:-1]
     row["messages"] = msgs
     row["response"] = "" if row["response"] is None else str(row["response"])
