@@ -99,3 +99,14 @@ def test_check_code_accepts_a_chat_answer_with_a_code_block() -> None:
     assert check_code(answer, PROBLEM).ok
     wrong = "```python\ndef add(a, b):\n    return 0\n```"
     assert not check_code(wrong, PROBLEM).ok
+
+
+def test_word_problems_take_the_final_answer_not_the_last_equation() -> None:
+    solution = "She buys 3 packs: 3 * 4 = 12 pens. Then 12 + 8 = 20. So the answer is 20 pens, minus 2 lost: 18."
+    assert extract_answer(solution, "final") == "20"      # "answer is" wins over the last number
+    marked = "3 * 4 = 12 pens, 12 + 8 = 20 pens\n#### 20"
+    assert extract_answer(marked, "final") == extract_answer(marked, "equals") == "20"   # #### wins
+    assert extract_answer("First 3 * 4 = 12, then add 8 to get 20", "final") == "20"
+    assert extract_answer("First 3 * 4 = 12, then add 8 to get 20", "equals") == "12"
+    assert verify("gsm8k", "3 * 4 = 12, then add 8 to get 20", "20").ok
+    assert not verify("arithmetic", "3 * 4 = 12, then add 8 to get 20", "20").ok

@@ -431,7 +431,7 @@ def curate_rows(
     from stillhouse.distill.decontam import Decontaminator, load_eval_texts
     from stillhouse.distill.dedup import NearDeduper, exact_duplicates, normalize
     from stillhouse.distill.sandbox import SandboxConfig
-    from stillhouse.distill.verify import check_code, check_numeric
+    from stillhouse.distill.verify import answer_style, check_code, check_numeric
 
     cfg = config or CurateConfig()
     resolver = resolver or ReferenceResolver()
@@ -508,7 +508,7 @@ def curate_rows(
             elif task == "humaneval":
                 ok, reason = check_code(r["response"], ref, config=sandbox)
             else:
-                ok, reason = check_numeric(r["response"], ref)
+                ok, reason = check_numeric(r["response"], ref, answer_style(task))
             r["verified"], r["verdict"] = ok, reason
             out.append(None if ok or cfg.verify == "annotate" else reason)
         step_tick(len(rs))

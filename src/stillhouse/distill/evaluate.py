@@ -322,7 +322,7 @@ def kl_to_teacher(
 def score_outputs(task: str, items: Sequence[Any], texts: Sequence[str], sandbox_timeout_s: float = 5.0) -> list[Any]:
     """Verdicts (:class:`~stillhouse.distill.verify.Check`) for each output."""
     from stillhouse.distill.sandbox import SandboxConfig
-    from stillhouse.distill.verify import check_code, check_numeric
+    from stillhouse.distill.verify import answer_style, check_code, check_numeric
 
     verdicts = []
     for item, text in zip(items, texts):
@@ -330,7 +330,7 @@ def score_outputs(task: str, items: Sequence[Any], texts: Sequence[str], sandbox
             problem = {"prompt": item.meta["prompt"], "test": item.tests, "entry_point": item.entry_point}
             verdicts.append(check_code(text, problem, config=SandboxConfig(timeout_s=sandbox_timeout_s)))
         else:
-            verdicts.append(check_numeric(text, item.answer))
+            verdicts.append(check_numeric(text, item.answer, answer_style(task)))
     return verdicts
 
 

@@ -1,9 +1,13 @@
 """Verifiers: is a model's answer right? Each returns a :class:`Check` — ``(ok, reason)``.
 
-* Arithmetic and math (:func:`check_numeric`): the answer is the number after the last
-  ``=`` when the model echoes the sum (``"12 + 30 = 42"``), otherwise the last number in
-  the text. Commas as thousands separators, a leading ``$``, a trailing period and a
-  trailing ``%`` are tolerated; numbers compare exactly as decimals (``42.0 == 42``).
+* Arithmetic and math (:func:`check_numeric`): a ``#### N`` line wins when present (the
+  GSM8K convention our prompts ask for). Otherwise, for arithmetic (``style="equals"``),
+  the answer is the number after the last ``=`` when the model echoes the sum
+  (``"12 + 30 = 42"``), else the last number; for word problems (``style="final"``:
+  GSM8K, math) it is the number after "answer is", else the last number, because the
+  last ``=`` of a worked solution is often an intermediate step. Commas as thousands
+  separators, a leading ``$``, a trailing period and a trailing ``%`` are tolerated;
+  numbers compare exactly as decimals (``42.0 == 42``).
 * GSM8K references (:func:`gsm8k_reference`): the number after ``####`` in the dataset's
   answer field.
 * Code (:func:`check_code`): HumanEval-style — the prompt, the completion, the problem's
@@ -42,6 +46,9 @@ _NUMBER = r"(?:(?<![\w.])-)?\$?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?"
 _NUMBER_RE = re.compile(_NUMBER)
 _AFTER_EQUALS_RE = re.compile(r"=\s*(" + _NUMBER + r")")
 _GSM8K_RE = re.compile(r"####\s*(" + _NUMBER + r")")
+_ANSWER_IS_RE = re.compile(r"answer\s*(?:is|:)\s*[:=]?\s*\**\s*(" + _NUMBER + r")", re.IGNORECASE)
+
+AnswerStyle = Literal["equals", "final"]
 
 
 def parse_number(text: str) -> Decimal | None:
@@ -56,13 +63,16 @@ def parse_number(text: str) -> Decimal | None:
     return value if value.is_finite() else None
 
 
-def extract_answer(text: str) -> str | None:
-    """The answer string in a response: after the last ``=`` if any, else the last number."""
+def extract_answer(text: str, style: AnswerStyle = "equals") -> str | None:
+    """The answer string in a response (see the module docstring for the rules)."""
     if not text:
         return None
-    after = _AFTER_EQUALS_RE.findall(text)
-    if after:
-        return after[-1].strip()
+    marked = _GSM8K_RE.findall(text)
+    if marked:
+        return marked[-1].strip()
+    preferred = _AFTER_EQUALS_RE.findall(text) if style == "equals" else _ANSWER_IS_RE.findall(text)
+    if preferred:
+        return preferred[-1].strip()
     numbers = _NUMBER_RE.findall(text)
     return numbers[-1].strip() if numbers else None
 
@@ -79,11 +89,11 @@ def _fmt(d: Decimal) -> str:
     return format(d.normalize(), "f") if d == d.to_integral_value() else str(d)
 
 
-def check_numeric(response: str, reference: str | float | Decimal) -> Check:
+def check_numeric(response: str, reference: str | float | Decimal, style: AnswerStyle = "equals") -> Check:
     """Is the number in ``response`` equal to ``reference``?
 
     ``reference`` may be a number or a string; a GSM8K answer field (with ``####``)
-    is accepted too.
+    is accepted too. ``style``: ``"equals"`` for arithmetic, ``"final"`` for word problems.
     """
     if isinstance(reference, str) and "####" in reference:
         reference = gsm8k_reference(reference)
@@ -92,7 +102,7 @@ def check_numeric(response: str, reference: str | float | Decimal) -> Check:
         raise ValueError(f"reference {reference!r} is not a number; give e.g. 42, '1,234' or '#### 42'")
     if response is None or not str(response).strip():
         return Check(False, "empty: the response is empty")
-    got_text = extract_answer(str(response))
+    got_text = extract_answer(str(response), style)
     if got_text is None:
         return Check(False, f"no_number: no number in {str(response)[:60]!r}")
     got = parse_number(got_text)
@@ -152,12 +162,19 @@ def check_code(
     return Check(result.passed, result.reason)
 
 
+def answer_style(task: str | None) -> AnswerStyle:
+    """``"equals"`` for arithmetic tasks, ``"final"`` for word problems."""
+    return "equals" if (task or "arithmetic").startswith("arithmetic") else "final"
+
+
 def verify(task: TaskKind | str, response: str, reference: Any) -> Check:
     """One entry point: ``reference`` is the number for arithmetic/math/gsm8k, the problem
     dict for humaneval."""
     kind = task.split(":")[0]
-    if kind.startswith("arithmetic") or kind in ("math", "gsm8k"):
-        return check_numeric(response, reference)
+    if kind.startswith("arithmetic"):
+        return check_numeric(response, reference, "equals")
+    if kind in ("math", "gsm8k"):
+        return check_numeric(response, reference, "final")
     if kind == "humaneval":
         if not isinstance(reference, dict):
             raise ValueError("humaneval needs the problem dict (prompt, test, entry_point) as reference")
