@@ -90,8 +90,8 @@ def curate_command(
 # -- eval ----------------------------------------------------------------------------------------
 
 def eval_command(
-    model: list[str] = typer.Option(..., "--model", help="Student spec(s): hf:DIR, bundled, gguf:FILE. "
-                                                          "Repeat for several students; 'LABEL=SPEC' names one."),
+    model: list[str] = typer.Option(None, "--model", help="Student spec(s): hf:DIR, bundled, gguf:FILE. "
+                                                           "Repeat for several students; 'LABEL=SPEC' names one."),
     teacher: str = typer.Option("bundled", help="Teacher spec (a local model, for KL and agreement)."),
     task: str = typer.Option("arithmetic2", help="arithmetic2 | arithmetic3 | gsm8k | humaneval"),
     limit: int = typer.Option(200, help="Held-out items to evaluate."),
@@ -122,6 +122,8 @@ def eval_command(
         if config is not None:
             cfg = load_config(EvalConfig, config)
         else:
+            if not model:
+                raise ValueError("give at least one --model SPEC (or --config FILE to replay a run)")
             labels, specs = parse_model_args(model)
             cfg = EvalConfig(
                 students=specs, labels=labels, teacher=teacher, task=task, limit=limit, batch_size=batch_size,
