@@ -340,10 +340,10 @@ class ReferenceResolver:
                 known = self._humaneval().get(str(row.get("prompt_id") or ""))
                 prompt = known.meta["prompt"] if known is not None else ""
             return "humaneval", {"prompt": prompt, "test": row["tests"], "entry_point": row["entry_point"]}
-        if row.get("answer") not in (None, ""):
-            return task or "math", str(row["answer"])
         pid = str(row.get("prompt_id") or "")
         text = _user_text(row["messages"])
+        if row.get("answer") not in (None, ""):
+            return task or ("arithmetic" if _ARITH.search(text) else "math"), str(row["answer"])
         m = re.match(r"^arith-(\d+)\+(\d+)$", pid) or _ARITH.search(text)
         if m:
             return "arithmetic", str(int(m.group(1)) + int(m.group(2)))
