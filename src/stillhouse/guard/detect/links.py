@@ -118,7 +118,7 @@ def clusters(accounts: list[str], weights: object, threshold: float) -> dict[str
     w = sparse.csr_matrix(weights)
     strong = sparse.csr_matrix(((w.data >= threshold).astype(np.float64), w.indices, w.indptr), shape=w.shape)
     strong.eliminate_zeros()
-    count, labels = connected_components(strong, directed=False)
+    _, labels = connected_components(strong, directed=False)
     groups: dict[int, list[str]] = defaultdict(list)
     for account, label in zip(accounts, labels):
         groups[int(label)].append(account)

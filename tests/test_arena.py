@@ -1,0 +1,142 @@
+"""Arena tests: generators, the sim teacher, metrics against naive references, enforcement,
+and a tiny end-to-end run through the real guard (online == offline on its log)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from stillhouse.arena.campaigns import SHAPES, CampaignConfig, generate_campaign
+from stillhouse.arena.metrics import cluster_ari, roc, tpr_at_fpr
+from stillhouse.arena.population import PopulationConfig, generate_population
+from stillhouse.arena.simteacher import answer
+from stillhouse.arena.simulate import AccountOutcome, DirectGateway, RunResult, SimClock, run_traffic
+from stillhouse.arena.traffic import SimAccount
+from stillhouse.guard.events import AccountInfo, Verdict
+
+
+def test_population_shape_and_determinism() -> None:
+    cfg = PopulationConfig(accounts=300, days=3, seed=5)
+    accounts, turns = generate_population(cfg)
+    _, turns2 = generate_population(cfg)
+    assert [t.user_text for t in turns] == [t.user_text for t in turns2]
+    kinds = {a.kind for a in accounts}
+    assert {"benign:casual", "benign:power"} <= kinds
+    assert all(cfg.start_ts <= t.ts < cfg.start_ts + 3 * 86400 + 3600 * 6 for t in turns)
+    assert any(t.followup for t in turns)  # multi-turn sessions
+    volume = np.array([a.planned for a in accounts])
+    assert volume.max() > 10 * np.median(volume)  # heavy tail
+    other, _ = generate_population(replace(cfg, seed=6))
+    assert not {a.info.account_id for a in accounts} & {a.info.account_id for a in other}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_campaign_shape_generates(shape: str) -> None:
+    cfg = CampaignConfig(shape=shape, accounts=20 if shape == "hydra" else 2, requests_per_account=30, days=2)
+    accounts, turns = generate_campaign(cfg)
+    assert accounts and turns
+    assert all(a.malicious and a.campaign == cfg.campaign_id for a in accounts)
+    assert {t.account_id for t in turns} <= {a.info.account_id for a in accounts}
+    assert sum(a.planned for a in accounts) == len(turns)
+
+
+def test_hydra_shares_infrastructure_and_mixed_dilutes() -> None:
+    accounts, turns = generate_campaign(CampaignConfig(shape="hydra", accounts=50, requests_per_account=10))
+    assert len({a.info.payment_fingerprint for a in accounts}) < 10
+    assert len({t.client_ip.rsplit(".", 1)[0] for t in turns}) <= 6
+    _, mixed = generate_campaign(CampaignConfig(shape="mixed", accounts=2, requests_per_account=400,
+                                                attacker_fraction=0.25))
+    share = np.mean([not t.cover for t in mixed])
+    assert 0.18 < share < 0.32
+
+
+def test_campaign_config_errors() -> None:
+    with pytest.raises(ValueError, match="shape"):
+        CampaignConfig(shape="nope")
+    with pytest.raises(ValueError, match="attacker_fraction"):
+        CampaignConfig(shape="mixed", attacker_fraction=0)
+
+
+def test_sim_teacher_lengths_follow_the_prompt() -> None:
+    msgs = lambda t: [{"role": "user", "content": t}]
+    _, _, long = answer(msgs("Explain your full reasoning step by step for 17 * 23"), {"max_tokens": 4096})
+    _, _, short = answer(msgs("Respond with JSON only: the topic of 17 * 23"), {"max_tokens": 4096})
+    _, _, capped = answer(msgs("Explain your full reasoning step by step for 17 * 23"), {"max_tokens": 10})
+    texts, _, _ = answer(msgs("hi"), {"n": 3})
+    assert long > 3 * short and capped <= 10 and len(texts) == 3
+
+
+def test_roc_and_tpr_match_naive() -> None:
+    rng = np.random.default_rng(0)
+    benign, attack = rng.normal(0, 1, 1000), rng.normal(2, 1, 100)
+    fpr, tpr, thr = roc(benign, attack)
+    for f, t, th in list(zip(fpr, tpr, thr))[::50]:
+        assert f == pytest.approx(np.mean(benign > th)) and t == pytest.approx(np.mean(attack > th))
+    got, th = tpr_at_fpr(benign, attack, 0.01)
+    assert np.mean(benign > th) <= 0.01 and got == pytest.approx(np.mean(attack > th))
+
+
+def test_cluster_ari_perfect_and_wrong() -> None:
+    accs = {f"x{i}": SimAccount(AccountInfo(f"x{i}"), "campaign:hydra", campaign="h" if i < 3 else "g")
+            for i in range(6)}
+    accs["b"] = SimAccount(AccountInfo("b"), "benign:casual")
+    perfect = RunResult(accs, {a: AccountOutcome() for a in accs}, {}, {a: ("c1" if a < "x3" and a != "b" else
+                                                                         "c2" if a != "b" else None) for a in accs})
+    assert cluster_ari(perfect)["campaign_accounts"] == pytest.approx(1.0)
+    lumped = replace(perfect, clusters={a: "c" for a in accs})
+    assert cluster_ari(lumped)["campaign_accounts"] < 0.5
+
+
+class _BlockAfter:
+    """A stand-in detector that says 'block' after an account's third request."""
+
+    def __init__(self) -> None:
+        self.n: dict[str, int] = {}
+        self.on_refresh = None
+        self.cluster_of_: dict[str, str] = {}
+        self.max_score_: dict[str, float] = {}
+        self.seen: list = []
+
+    def observe(self, record, account=None) -> None:  # type: ignore[no-untyped-def]
+        self.n[record.account_id] = self.n.get(record.account_id, 0) + 1
+        self.seen.append(record)
+
+    def verdict(self, account_id: str) -> Verdict | None:
+        n = self.n.get(account_id, 0)
+        return Verdict(account_id, float(n), n >= 3, "block" if n >= 3 else "allow")
+
+    def refresh_clusters(self) -> None:
+        pass
+
+
+def test_direct_gateway_enforces_blocks_and_carries_history() -> None:
+    accounts, turns = generate_campaign(CampaignConfig(shape="agentic", accounts=1, requests_per_account=10, days=1))
+    det = _BlockAfter()
+    clock = SimClock()
+    result = asyncio.run(run_traffic(accounts, turns, DirectGateway(det, clock), det, clock))
+    o = result.outcomes[accounts[0].info.account_id]
+    assert o.sent == 10 and o.accepted == 3 and o.refused == 7 and o.leaked == 3 and o.first_block == 3
+    followups = [r for r in det.seen if any(m["role"] == "assistant" for m in r.messages)]
+    assert followups, "follow-up turns must carry the earlier answers"
+
+
+def test_tiny_arena_through_the_real_guard(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("stillhouse.guard.app")
+    from stillhouse.arena.run import QUICK, run_arena
+
+    cfg = replace(QUICK, days=1.0, calib_accounts=80, eval_accounts=40,
+                  campaigns=(("cot", 1, 60), ("hydra", 12, 5)), fractions=(0.5,), mixed_accounts=1,
+                  mixed_requests=40, cluster_every=100)
+    metrics = run_arena(cfg, tmp_path / "run")
+    assert metrics["offline_equals_online"]["checked"] and metrics["offline_equals_online"]["mismatches"] == 0
+    assert metrics["offline_equals_online"]["accounts"] > 40
+    for name in ("report.md", "roc.png", "leak_curve.png", "metrics.json", "arena.json", "detector/detector.json"):
+        assert (tmp_path / "run" / name).exists(), name
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["operational"]["campaign_accounts"] == 1 + 12 + 1
+    cot = next(r for r in saved["campaigns"] if r["shape"] == "cot")
+    assert cot["sent"] == 60 and 0 <= cot["leaked"] <= 60
