@@ -534,3 +534,58 @@ def test_openapi_schema_is_served(guard):
     status, _, schema = http("GET", guard.url + "/openapi.json")
     assert status == 200 and schema["openapi"].startswith("3.")
     assert "/v1/chat/completions" in schema["paths"] and "/admin/accounts" in schema["paths"]
+
+
+# -- the command line ---------------------------------------------------------------------
+def test_admin_cli_wraps_the_admin_api(guard):
+    from typer.testing import CliRunner
+
+    from stillhouse.cli import app
+
+    runner = CliRunner()
+    env = {"STILLHOUSE_GUARD_ADMIN_TOKEN": ADMIN, "STILLHOUSE_GUARD_URL": guard.url}
+
+    def run(*args: str, **kw: Any) -> Any:
+        res = runner.invoke(app, ["guard", "admin", *args], env=kw.get("env", env))
+        return res
+
+    res = run("create-account", "--account-id", "cli1", "--country", "FR", "--rpm", "5",
+              "--payment-fingerprint", "card-123")
+    assert res.exit_code == 0, res.output
+    acct = json.loads(res.stdout)
+    assert acct["limits"]["requests_per_min"] == 5 and acct["payment_fingerprint"] == sha256_hex("card-123")
+    key = json.loads(run("issue-key", "cli1").stdout)["key"]
+    assert guard.chat(key)[0] == 200
+    did = json.loads(run("decide", "cli1", "block", "--reason", "cli test").stdout)["decision_id"]
+    assert guard.chat(key)[0] == 403
+    assert json.loads(run("account", "cli1").stdout)["decision"]["reason"].endswith("cli test")
+    assert run("clear-decision", did).exit_code == 0
+    assert guard.chat(key)[0] == 200
+    kid = json.loads(run("keys", "cli1").stdout)["data"][0]["key_id"]
+    assert run("revoke-key", kid).exit_code == 0
+    assert guard.chat(key)[0] == 401
+    assert len(json.loads(run("traffic", "--account-id", "cli1").stdout)["data"]) == 4
+    bad = run("accounts", env={**env, "STILLHOUSE_GUARD_ADMIN_TOKEN": "nope"})
+    assert bad.exit_code == 2 and "401" in bad.output
+
+
+def test_guard_cli_config_errors_are_loud(tmp_path):
+    from typer.testing import CliRunner
+
+    from stillhouse.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["guard", "--upstream", "http://127.0.0.1:9"], env={"STILLHOUSE_GUARD_ADMIN_TOKEN": ""})
+    assert res.exit_code == 2 and "STILLHOUSE_GUARD_ADMIN_TOKEN" in res.output
+    res = runner.invoke(app, ["guard", "--print-config", "--upstream", "http://127.0.0.1:9", "--rpm", "7"],
+                        env={"STILLHOUSE_GUARD_ADMIN_TOKEN": "s3cr3t-T0K"})
+    assert res.exit_code == 0, res.output
+    cfg = json.loads(res.stdout)
+    assert cfg["requests_per_min"] == 7 and cfg["admin_token_sha256"] == sha256_hex("s3cr3t-T0K")
+    assert "s3cr3t-T0K" not in res.stdout
+    del cfg["spool_dir"]
+    (tmp_path / "g.json").write_text(json.dumps(cfg))
+    res = runner.invoke(app, ["guard", "--config", str(tmp_path / "g.json")])
+    assert res.exit_code == 2 and "spool_dir" in res.output
+    res = runner.invoke(app, ["guard", "--upstream", "nope"], env={"STILLHOUSE_GUARD_ADMIN_TOKEN": "tok"})
+    assert res.exit_code == 2 and "upstream_url" in res.output

@@ -13,7 +13,7 @@ Endpoints (JSON in and out; ``stillhouse guard admin ...`` wraps each one):
     GET  /admin/decisions?target=&active=      decisions with their reasons and signals
     POST /admin/decisions                      set a manual decision {scope, target, action, reason}
     POST /admin/decisions/{id}/clear           reverse a decision
-    GET  /admin/traffic?account_id=&limit=     the traffic log as stored (redacted per config)
+    GET  /admin/traffic?account_id=&limit=     the latest traffic records as stored (redacted per config)
     GET  /admin/stats                          log writer state (store up/down, spooled, replayed)
 
 Admin changes are written to the store synchronously (503 while it is down) and take
@@ -246,7 +246,7 @@ class AdminAPI:
             raise AdminError(400, "'limit' must be an integer", "invalid_field", "limit") from exc
         limit = max(1, min(limit, 10000))
         await self.app.writer.flush()
-        rows = await self.app.db(self.app.store.read_records, q.get("account_id"), None, limit)
+        rows = await self.app.db(self.app.store.read_records, q.get("account_id"), None, limit, True)
         return 200, {"data": [dataclasses.asdict(r) for r in rows]}
 
     async def stats(self, body: dict[str, Any], q: dict[str, str], _: str | None) -> tuple[int, Any]:

@@ -127,6 +127,31 @@ def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 60) -> None:
         proc.wait(10)
 
 
+def process_cpu_s(pid: int) -> float:
+    """User+system CPU seconds of a process and its direct children (Linux /proc), 0.0 if unreadable."""
+    tck = os.sysconf("SC_CLK_TCK")
+
+    def one(p: str) -> tuple[int, float]:
+        with open(f"/proc/{p}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[1]), (int(fields[11]) + int(fields[12])) / tck
+
+    total = 0.0
+    try:
+        total += one(str(pid))[1]
+    except OSError:
+        return 0.0
+    for p in os.listdir("/proc"):
+        if p.isdigit() and p != str(pid):
+            try:
+                ppid, cpu = one(p)
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                total += cpu
+    return total
+
+
 def _post_json(url: str, body: Any, token: str) -> Any:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                  headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
@@ -246,7 +271,8 @@ def run_bench(cfg: GuardBenchConfig, work: Path | None = None) -> dict[str, Any]
 
     work = work or Path(tempfile.mkdtemp(prefix="stillhouse-bench-guard-"))
     procs: list[subprocess.Popen[bytes]] = []
-    result: dict[str, Any] = {"config": config_to_dict(cfg), "work_dir": str(work), "errors": []}
+    result: dict[str, Any] = {"config": config_to_dict(cfg), "work_dir": str(work), "errors": [],
+                              "machine": {"cpus": os.cpu_count(), "loadavg_before": os.getloadavg()}}
     body = {"model": MODEL, "messages": [{"role": "user", "content": "What is 12 + 30?"}],
             "max_tokens": cfg.max_tokens}
     try:
@@ -284,6 +310,7 @@ def run_bench(cfg: GuardBenchConfig, work: Path | None = None) -> dict[str, Any]
             "direct": (upstream + "/v1/chat/completions", None),
             "guard": (g_url + "/v1/chat/completions", key),
         }
+        server_pid = {"direct": up.pid, "guard": guard.pid}
 
         # litellm
         if cfg.litellm_python:
@@ -307,6 +334,7 @@ def run_bench(cfg: GuardBenchConfig, work: Path | None = None) -> dict[str, Any]
                 _wait_http(l_url + "/health/liveliness", ll, 180, l_log)
                 _post_json(l_url + "/v1/chat/completions", body, master)  # warm-up, proves auth works
                 targets["litellm"] = (l_url + "/v1/chat/completions", master)
+                server_pid["litellm"] = ll.pid
                 result["litellm"] = {"version": version, "config_yaml": l_text.replace(master, "<master_key>"),
                                      "mode": "master_key auth only; no database (so no virtual keys and no "
                                              "spend log)", "workers": 1}
@@ -323,9 +351,14 @@ def run_bench(cfg: GuardBenchConfig, work: Path | None = None) -> dict[str, Any]
                 lat: dict[str, Any] = {}
                 for name, (url, tok) in targets.items():
                     t = bar.add_task(f"latency  {name:7s}", total=cfg.latency_requests)
+                    c0 = process_cpu_s(server_pid[name]), process_cpu_s(up.pid)
                     lat[name] = loop.run_until_complete(closed_loop(
                         url, tok, cfg.latency_requests, cfg.latency_concurrency, body,
                         progress=lambda t=t: bar.advance(t)))
+                    c1 = process_cpu_s(server_pid[name]), process_cpu_s(up.pid)
+                    # CPU per request is what contention cannot blur: it says how many cores a rate needs.
+                    lat[name]["server_cpu_ms_per_request"] = 1000 * (c1[0] - c0[0]) / cfg.latency_requests
+                    lat[name]["upstream_cpu_ms_per_request"] = 1000 * (c1[1] - c0[1]) / cfg.latency_requests
                 result["latency"] = lat
                 # 2. offered load
                 thr: dict[str, Any] = {}
@@ -339,9 +372,12 @@ def run_bench(cfg: GuardBenchConfig, work: Path | None = None) -> dict[str, Any]
                 # 3. log loss through the guard
                 if cfg.lossless_requests:
                     t = bar.add_task("lossless guard", total=cfg.lossless_requests)
+                    c0g = process_cpu_s(guard.pid)
                     result["lossless_run"] = loop.run_until_complete(closed_loop(
                         targets["guard"][0], loss_key, cfg.lossless_requests, cfg.lossless_concurrency, body,
                         progress=lambda: bar.advance(t)))
+                    result["lossless_run"]["guard_cpu_ms_per_request"] = \
+                        1000 * (process_cpu_s(guard.pid) - c0g) / cfg.lossless_requests
         finally:
             loop.close()
 
@@ -363,6 +399,7 @@ def run_bench(cfg: GuardBenchConfig, work: Path | None = None) -> dict[str, Any]
                                   "still_in_spool": spooled,
                                   "lost": max(0, answered - logged - spooled)}
             store.close()
+        result["machine"]["loadavg_after"] = os.getloadavg()
         result["summary"] = summarize(result)
         return result
     finally:
@@ -381,6 +418,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         s: dict[str, Any] = {
             "added_p50_ms": round(lat[name]["p50_ms"] - d["p50_ms"], 2),
             "added_p99_ms": round(lat[name]["p99_ms"] - d["p99_ms"], 2),
+            "server_cpu_ms_per_request": round(lat[name].get("server_cpu_ms_per_request", float("nan")), 3),
         }
         for rate, per in result.get("throughput", {}).items():
             if name in per and per["direct"]["achieved_rps"] > 0:
@@ -389,6 +427,46 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     if "lossless" in result:
         out.setdefault("guard", {})["log_records_lost"] = result["lossless"]["lost"]
     return out
+
+
+def format_markdown(result: dict[str, Any]) -> str:
+    """The figures as markdown tables (what docs/benchmarks.md carries)."""
+    lines = []
+    lat = result.get("latency", {})
+    if lat:
+        c = result["config"]
+        lines += [f"Latency, {c['latency_requests']} requests at concurrency {c['latency_concurrency']} "
+                  f"(upstream latency {c['latency_ms']:g} ms):", "",
+                  "| target | p50 ms | p99 ms | added p50 ms | added p99 ms | proxy CPU ms/request |",
+                  "|---|---|---|---|---|---|"]
+        d = lat.get("direct", {})
+        for name, v in lat.items():
+            if name == "direct":
+                lines.append(f"| direct | {v['p50_ms']:.1f} | {v['p99_ms']:.1f} | — | — | — |")
+                continue
+            add50 = v["p50_ms"] - d.get("p50_ms", float("nan"))
+            add99 = v["p99_ms"] - d.get("p99_ms", float("nan"))
+            cpu = v.get("server_cpu_ms_per_request", float("nan"))
+            lines.append(f"| {name} | {v['p50_ms']:.1f} | {v['p99_ms']:.1f} | {add50:+.1f} | {add99:+.1f} | "
+                         f"{cpu:.2f} |")
+        lines.append("")
+    thr = result.get("throughput", {})
+    if thr:
+        lines += [f"Offered load, {result['config']['duration_s']:g} s per rate (open loop):", "",
+                  "| offered req/s | target | achieved OK req/s | ratio to direct | p50 ms | p99 ms | non-200 |",
+                  "|---|---|---|---|---|---|---|"]
+        for rate, per in thr.items():
+            base = per.get("direct", {}).get("achieved_rps", 0) or float("nan")
+            for name, v in per.items():
+                bad = v["sent"] - v["ok"]
+                lines.append(f"| {rate} | {name} | {v['achieved_rps']:.0f} | {v['achieved_rps'] / base:.2f} | "
+                             f"{v['p50_ms']:.0f} | {v['p99_ms']:.0f} | {bad} |")
+        lines.append("")
+    if "lossless" in result:
+        x = result["lossless"]
+        lines.append(f"Log loss: {x['requests']} requests through the guard, {x['answered']} answered, "
+                     f"{x['logged']} records in the log, {x['still_in_spool']} in the spool, **{x['lost']} lost**.")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -275,7 +275,10 @@ def bench_guard(
         except ValueError as exc:
             _die(str(exc))
             return
+    from stillhouse.guard.bench import format_markdown
+
     result = run_bench(cfg)
+    typer.echo(format_markdown(result), err=True)
     text = json.dumps(result, indent=2)
     if out:
         from stillhouse.config import atomic_write_text

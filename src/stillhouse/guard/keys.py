@@ -138,4 +138,5 @@ class KeyRing:
         return issued
 
     def rows(self, account_id: str | None = None) -> list[KeyRow]:
-        return [r for r in self._rows.values() if account_id is None or r.account_id == account_id]
+        rows = list(self._rows.values())  # one C-level copy: safe while the refresh thread writes
+        return [r for r in rows if account_id is None or r.account_id == account_id]

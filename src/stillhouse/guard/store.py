@@ -342,8 +342,9 @@ class SqlStore:
         self._run(lambda cur: cur.executemany(sql, rows))
 
     def read_records(self, account_id: str | None = None, since: float | None = None,
-                     limit: int | None = None) -> list[TrafficRecord]:
-        """Traffic in arrival order, optionally for one account / after a time / the first ``limit``."""
+                     limit: int | None = None, newest: bool = False) -> list[TrafficRecord]:
+        """Traffic in arrival order, optionally for one account / after a time / at most ``limit``
+        (the first ones, or with ``newest`` the last ones, still returned oldest first)."""
         sql = f"SELECT {', '.join(_TRAFFIC_COLS)} FROM traffic"
         where, args = [], []  # type: ignore[var-annotated]
         if account_id is not None:
@@ -354,10 +355,11 @@ class SqlStore:
             args.append(since)
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY ts, request_id"
+        sql += " ORDER BY ts DESC, request_id DESC" if newest else " ORDER BY ts, request_id"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
-        return [_row_record(r) for r in self._run(lambda cur: cur.execute(self._sql(sql), args).fetchall())]
+        rows = [_row_record(r) for r in self._run(lambda cur: cur.execute(self._sql(sql), args).fetchall())]
+        return rows[::-1] if newest else rows
 
     def count_records(self) -> int:
         return int(self._run(lambda cur: cur.execute("SELECT COUNT(*) FROM traffic").fetchone()[0]))
