@@ -67,12 +67,16 @@ def harvest_cmd(
                                                help="Continue although the teacher's revision changed."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
-    import asyncio
-
     from rich.console import Console
 
     from stillhouse.config import ConfigError, config_to_dict
-    from stillhouse.distill.harvest import HarvestConfig, HarvestError, load_harvest_config, run_harvest
+    from stillhouse.distill.harvest import (
+        HarvestConfig,
+        HarvestError,
+        load_harvest_config,
+        run_async,
+        run_harvest,
+    )
     from stillhouse.distill.prompts import PromptError, format_problems
 
     console = Console(stderr=True)
@@ -115,7 +119,7 @@ def harvest_cmd(
     try:
         if bar is not None:
             bar.start()
-        report = asyncio.run(run_harvest(cfg, on_progress=bar.update if bar else None, on_prompts=on_prompts))
+        report = run_async(run_harvest(cfg, on_progress=bar.update if bar else None, on_prompts=on_prompts))
     except PromptError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
@@ -208,6 +212,7 @@ def bench_harvest_cmd(
     concurrency: list[int] = typer.Option([64, 256], "--concurrency", "-c", help="Concurrency levels."),
     latency_ms: float = typer.Option(50.0, "--latency-ms", help="The fake server's fixed latency L."),
     peers_n: int = typer.Option(5_000, "--peers-n", help="Requests per peer run (peers are slow)."),
+    capacity_n: int = typer.Option(20_000, "--capacity-n", help="Requests for the server-capacity stage."),
     only: str = typer.Option("", "--only", help="Comma list of: server, ours, naive, curator, distilabel."),
     server_workers: int = typer.Option(1, "--server-workers", help="Fake server processes (SO_REUSEPORT)."),
     out: Path = typer.Option(Path("runs/bench-harvest"), "--out", help="Where results and run dirs go."),
@@ -215,7 +220,7 @@ def bench_harvest_cmd(
     """Harvest throughput vs the physical limit C/L, a naive aiohttp loop, curator and distilabel."""
     from stillhouse.distill.bench_harvest import BenchConfig, run_bench
 
-    cfg = BenchConfig(n=n, concurrency=tuple(concurrency), latency_ms=latency_ms, peers_n=peers_n,
+    cfg = BenchConfig(n=n, concurrency=tuple(concurrency), latency_ms=latency_ms, peers_n=peers_n, capacity_n=capacity_n,
                       only=tuple(x for x in only.split(",") if x), server_workers=server_workers, out=str(out))
     run_bench(cfg)
 

@@ -33,7 +33,8 @@ those records can never succeed. Kinds:
     empty      200 with ``"choices": []``
     drop       the connection is closed without an answer
 
-Why aiohttp.web and not uvicorn+starlette: on this machine, with no uvloop/httptools,
+The foreground server runs on uvloop when it is installed (STILLHOUSE_LOOP=asyncio forces
+asyncio's loop). Why aiohttp.web and not uvicorn+starlette: on this machine, with no uvloop/httptools,
 measured with ``stillhouse bench harvest --only server`` (see docs/benchmarks.md).
 """
 
@@ -44,6 +45,7 @@ import asyncio
 import hashlib
 import json
 import math
+import os
 import re
 import time
 import zlib
@@ -442,14 +444,15 @@ def start_in_thread(config: FakeServerConfig | None = None, host: str = "127.0.0
     return RunningServer(fake, box["port"], host, _stop)
 
 
-def serve(config: FakeServerConfig, host: str = "127.0.0.1", port: int = 8001, ready_file: str | None = None) -> None:
-    """Run the server in the foreground until interrupted."""
+def serve(config: FakeServerConfig, host: str = "127.0.0.1", port: int = 8001, ready_file: str | None = None,
+          reuse_port: bool = False) -> None:
+    """Run the server in the foreground until interrupted (``reuse_port``: share the port with siblings)."""
     from aiohttp import web
 
     async def _main() -> None:
         runner = web.AppRunner(FakeServer(config).app(), access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, host, port, backlog=4096)
+        site = web.TCPSite(runner, host, port, backlog=4096, reuse_port=reuse_port or None)
         await site.start()
         bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         print(f"fake OpenAI server on http://{host}:{bound}/v1 (model {config.model!r}, "
@@ -463,8 +466,17 @@ def serve(config: FakeServerConfig, host: str = "127.0.0.1", port: int = 8001, r
         finally:
             await runner.cleanup()
 
+    factory = None
+    if os.environ.get("STILLHOUSE_LOOP", "auto") != "asyncio":
+        try:
+            import uvloop
+
+            factory = uvloop.new_event_loop
+        except ImportError:
+            factory = None
     try:
-        asyncio.run(_main())
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(_main())
     except KeyboardInterrupt:
         pass
 
@@ -484,14 +496,49 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hang-s", type=float, default=30.0, help="how long a 'timeout' fault holds the answer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ready-file", default=None, help="write the bound port here once listening")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes sharing the port (SO_REUSEPORT); needs a fixed --port")
+    p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.workers < 1 or (a.workers > 1 and a.port == 0):
+        p.error("--workers N needs N >= 1 and, above 1, a fixed --port")
     try:
         cfg = FakeServerConfig(latency_ms=a.latency_ms, model=a.model, faults=parse_faults(a.faults),
                                permanent_faults=parse_faults(a.permanent_faults), fault_attempts=a.fault_attempts,
                                retry_after_s=a.retry_after, hang_s=a.hang_s, seed=a.seed)
     except ValueError as exc:
         p.error(str(exc))
-    serve(cfg, a.host, a.port, a.ready_file)
+    siblings = []
+    if a.workers > 1:
+        import subprocess
+        import sys
+
+        args = _drop_opt(_drop_opt(list(argv if argv is not None else sys.argv[1:]), "--workers"), "--ready-file")
+        for _ in range(a.workers - 1):
+            siblings.append(subprocess.Popen([sys.executable, "-m", "stillhouse.teacher.fakeserver", *args,
+                                              "--reuse-port"],
+                                             stdout=subprocess.DEVNULL))
+    try:
+        serve(cfg, a.host, a.port, a.ready_file, reuse_port=a.reuse_port or a.workers > 1)
+    finally:
+        for s in siblings:
+            s.terminate()
+
+
+def _drop_opt(args: list[str], name: str) -> list[str]:
+    """``args`` without ``name VALUE`` / ``name=VALUE``."""
+    out, skip = [], False
+    for x in args:
+        if skip:
+            skip = False
+            continue
+        if x == name:
+            skip = True
+            continue
+        if x.startswith(name + "="):
+            continue
+        out.append(x)
+    return out
 
 
 if __name__ == "__main__":

@@ -60,6 +60,9 @@ failures; everything else (status codes, bodies) is interpreted by the teacher.
 """
 
 
+_NO_HEADERS: dict[str, str] = {}
+
+
 def parse_retry_after(headers: dict[str, str]) -> float | None:
     """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date)."""
     low = {k.lower(): v for k, v in headers.items()}
@@ -211,6 +214,7 @@ class OpenAITeacher:
         self._owns_session = session is None and transport is None
         self._transport = transport
         self._resolve_lock: asyncio.Lock | None = None
+        self._timeout: Any = None  # one aiohttp.ClientTimeout for every request, built on first use
 
     # -- identity ------------------------------------------------------------------------------
     @property
@@ -286,13 +290,14 @@ class OpenAITeacher:
                 timeout=aiohttp.ClientTimeout(total=None),
                 skip_auto_headers=("User-Agent",),
             )
+        if self._timeout is None:
+            self._timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         try:
-            async with self._session.request(
-                method, url, data=body, headers=self._headers,
-                timeout=aiohttp.ClientTimeout(total=self.timeout_s),
-            ) as resp:
+            async with self._session.request(method, url, data=body, headers=self._headers,
+                                             timeout=self._timeout) as resp:
                 data = await resp.read()
-                return resp.status, dict(resp.headers), data
+                # Headers are only read on errors (Retry-After); skip copying them on success.
+                return resp.status, (_NO_HEADERS if resp.status == 200 else dict(resp.headers)), data
         except asyncio.TimeoutError as exc:
             raise TeacherTimeout(f"{method} {url}: no answer within {self.timeout_s:g} s") from exc
         except aiohttp.ClientPayloadError as exc:

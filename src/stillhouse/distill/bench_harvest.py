@@ -1,0 +1,424 @@
+"""``stillhouse bench harvest``: harvest throughput against the physical limit C/L, and peers.
+
+    stillhouse bench harvest                                   # N=100k, C=64 and 256, L=50 ms
+    stillhouse bench harvest --n 20000 --only server,ours,naive
+
+Setup: a fake OpenAI-compatible server (:mod:`stillhouse.teacher.fakeserver`) with fixed
+latency L runs in its own process. At concurrency C no client can beat C/L requests/s.
+
+1. ``server``: the fake server's own capacity, with a trivial client (the naive loop below)
+   at L=0 and C=256 — so we know it is not the bottleneck (or that it is).
+2. per C, on the same server and the same prompts, one after another in one run:
+   - ``ours``: :func:`stillhouse.distill.harvest.run_harvest` into a fresh run directory
+     (SQLite store, keys, retries, limits: the whole harvester), N requests;
+   - ``naive``: a bare aiohttp loop with C workers that POSTs and parses JSON, N requests;
+   - ``curator``: bespokelabs-curator in /work/venvs/curator (``peers_n`` requests);
+   - ``distilabel``: a distilabel pipeline in /work/venvs/distilabel (``peers_n`` requests).
+
+Each system runs as a child process; this process samples the child's process tree with
+psutil: CPU time from the child's "READY" line (imports and setup excluded) to its end,
+divided by the requests (client CPU-ms per request), and resident memory (peak, and the
+value shortly after the start, to show whether memory stays flat). Throughput is the
+child's own count of completed requests over its own wall time of the run.
+
+Results go to OUT/results.json and a Markdown table on stdout (copied into docs/benchmarks.md).
+Peer virtualenvs (offline notes in ../shared/DESIGN.md)::
+
+    python3 -m venv /work/venvs/curator && /work/venvs/curator/bin/pip install bespokelabs-curator==0.1.31
+    python3 -m venv /work/venvs/distilabel && /work/venvs/distilabel/bin/pip install 'distilabel[openai]==1.5.3' requests
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stillhouse.config import ConfigError, save_config
+
+SYSTEMS = ("server", "ours", "naive", "curator", "distilabel")
+VENVS = {"curator": "/work/venvs/curator", "distilabel": "/work/venvs/distilabel"}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark run."""
+
+    n: int = 100_000
+    """Requests for ours and naive, per concurrency level."""
+    concurrency: tuple[int, ...] = (64, 256)
+    latency_ms: float = 50.0
+    """The fake server's fixed latency L."""
+    peers_n: int = 5_000
+    """Requests for curator and distilabel (they are slow; the rate settles well before 5k)."""
+    only: tuple[str, ...] = ()
+    """Run only these systems (default: all)."""
+    server_workers: int = 1
+    """Fake server processes sharing the port."""
+    out: str = "runs/bench-harvest"
+    capacity_n: int = 20_000
+    """Requests for the server-capacity stage."""
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.peers_n < 1 or self.capacity_n < 1:
+            raise ConfigError("n, peers_n and capacity_n must be >= 1")
+        if not self.concurrency or any(c < 1 for c in self.concurrency):
+            raise ConfigError(f"concurrency={self.concurrency}: give levels >= 1, e.g. 64 256")
+        if self.latency_ms <= 0:
+            raise ConfigError(f"latency_ms={self.latency_ms}: must be > 0 (the limit is C/L)")
+        unknown = set(self.only) - set(SYSTEMS)
+        if unknown:
+            raise ConfigError(f"only: unknown {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
+        if self.server_workers < 1:
+            raise ConfigError("server_workers must be >= 1")
+
+    def wants(self, system: str) -> bool:
+        return not self.only or system in self.only
+
+
+# -- child programs (each prints READY once set up, then one JSON line) ------------------------------
+
+NAIVE = r'''
+import asyncio, json, sys, time
+import aiohttp
+url, model, C, prompts_path = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+prompts = [json.loads(l)["prompt"] for l in open(prompts_path)]
+async def main():
+    out = []
+    it = iter(prompts)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=C)) as s:
+        async def worker():
+            for p in it:
+                body = {"model": model, "messages": [{"role": "user", "content": p}], "max_tokens": 16}
+                async with s.post(url + "/chat/completions", json=body) as r:
+                    data = await r.json()
+                out.append(data["choices"][0]["message"]["content"])
+        print("READY", flush=True)
+        t = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(C)])
+        return len(out), time.perf_counter() - t
+n, dt = asyncio.run(main())
+print(json.dumps({"n": n, "wall_s": dt}), flush=True)
+'''
+
+OURS = r'''
+import asyncio, json, sys, time
+import aiohttp  # imported before READY, like the others
+from stillhouse.distill.harvest import HarvestConfig, run_async, run_harvest
+url, C, prompts_path, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+cfg = HarvestConfig(prompts=prompts_path, teacher=url, out=out, concurrency=C, max_tokens=16)
+print("READY", flush=True)
+t = time.perf_counter()
+rep = run_async(run_harvest(cfg))
+dt = time.perf_counter() - t
+print(json.dumps({"n": rep.stats.ok, "errors": rep.stats.errors, "wall_s": dt}), flush=True)
+'''
+
+CURATOR = r'''
+import json, os, sys, time, glob
+url, model, C, prompts_path, cache = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+os.environ["CURATOR_CACHE_DIR"] = cache
+os.environ.setdefault("CURATOR_DISABLE_CACHE", "1")
+import litellm
+tok = os.path.join(os.path.dirname(litellm.__file__), "litellm_core_utils", "tokenizers")
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", tok)
+from bespokelabs import curator
+prompts = [json.loads(l)["prompt"] for l in open(prompts_path)]
+llm = curator.LLM(model_name="openai/" + model, backend="openai",
+                  generation_params={"max_tokens": 16},
+                  backend_params={"base_url": url, "api_key": "sk-bench", "max_concurrent_requests": C,
+                                  "max_requests_per_minute": 10_000_000, "max_tokens_per_minute": 10_000_000_000,
+                                  "max_retries": 1, "require_all_responses": False})
+print("READY", flush=True)
+t = time.perf_counter()
+res = llm(prompts)
+dt = time.perf_counter() - t
+try:
+    n = len(res.dataset) if hasattr(res, "dataset") else len(res)
+except Exception:
+    n = -1
+print(json.dumps({"n": n, "wall_s": dt}), flush=True)
+'''
+
+DISTILABEL = r'''
+import json, os, sys, time
+url, model, C, prompts_path, cache = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+os.environ["DISTILABEL_CACHE_DIR"] = cache
+from distilabel.pipeline import Pipeline
+from distilabel.steps import LoadDataFromDicts
+from distilabel.steps.tasks import TextGeneration
+try:
+    from distilabel.models import OpenAILLM
+except ImportError:
+    from distilabel.llms import OpenAILLM
+prompts = [json.loads(l)["prompt"] for l in open(prompts_path)]
+with Pipeline(name="bench-harvest", cache_dir=cache) as pipe:
+    load = LoadDataFromDicts(data=[{"instruction": p} for p in prompts], batch_size=C)
+    gen = TextGeneration(llm=OpenAILLM(model=model, base_url=url, api_key="sk-bench",
+                                       generation_kwargs={"max_new_tokens": 16}),
+                         input_batch_size=C)
+    load >> gen
+print("READY", flush=True)
+t = time.perf_counter()
+ds = pipe.run(use_cache=False)
+dt = time.perf_counter() - t
+n = sum(1 for r in ds["default"]["train"] if r.get("generation"))
+print(json.dumps({"n": n, "wall_s": dt}), flush=True)
+'''
+
+
+@dataclass
+class Measured:
+    """One system at one concurrency."""
+
+    system: str
+    concurrency: int
+    n: int = 0
+    wall_s: float = 0.0
+    rate: float = 0.0
+    cpu_ms_per_req: float = 0.0
+    rss_start_mb: float = 0.0
+    rss_peak_mb: float = 0.0
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _tree(proc: Any) -> list[Any]:
+    try:
+        return [proc, *proc.children(recursive=True)]
+    except Exception:
+        return [proc]
+
+
+def run_child(argv: list[str], system: str, concurrency: int, env: dict[str, str] | None = None,
+              timeout_s: float = 1800.0) -> Measured:
+    """Run one child program, sampling its process tree's CPU and RSS."""
+    import psutil
+
+    m = Measured(system, concurrency)
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    ps = psutil.Process(p.pid)
+    lines: list[str] = []
+    ready = threading.Event()
+    err_tail: list[str] = []
+
+    def read_out() -> None:
+        assert p.stdout is not None
+        for line in p.stdout:
+            line = line.strip()
+            if line == "READY":
+                ready.set()
+            elif line:
+                lines.append(line)
+
+    def read_err() -> None:
+        assert p.stderr is not None
+        for line in p.stderr:
+            err_tail.append(line)
+            del err_tail[:-30]
+
+    threads = [threading.Thread(target=read_out, daemon=True), threading.Thread(target=read_err, daemon=True)]
+    for t in threads:
+        t.start()
+    cpu_by_pid: dict[int, float] = {}
+
+    def sample() -> tuple[float, float]:
+        rss = 0.0
+        for q in _tree(ps):
+            try:
+                ct = q.cpu_times()
+                cpu_by_pid[q.pid] = ct.user + ct.system + getattr(ct, "children_user", 0) + getattr(
+                    ct, "children_system", 0)
+                rss += q.memory_info().rss
+            except psutil.Error:
+                pass
+        return sum(cpu_by_pid.values()), rss / 2**20
+
+    t_start = time.monotonic()
+    cpu0 = None
+    rss_series: list[tuple[float, float]] = []
+    while p.poll() is None:
+        if time.monotonic() - t_start > timeout_s:
+            p.kill()
+            m.error = f"timed out after {timeout_s:.0f} s"
+            break
+        cpu, rss = sample()
+        if ready.is_set():
+            if cpu0 is None:
+                cpu0 = cpu
+            rss_series.append((time.monotonic(), rss))
+        time.sleep(0.2)
+    cpu_end = sum(cpu_by_pid.values())
+    for t in threads:
+        t.join(5)
+    if p.returncode and m.error is None:
+        m.error = f"exit {p.returncode}: {''.join(err_tail)[-800:]}"
+    result = None
+    for line in reversed(lines):
+        try:
+            result = json.loads(line)
+            break
+        except ValueError:
+            continue
+    if result is None:
+        m.error = m.error or f"no result line; stderr: {''.join(err_tail)[-800:]}"
+        return m
+    m.n, m.wall_s = int(result["n"]), float(result["wall_s"])
+    m.extra = {k: v for k, v in result.items() if k not in ("n", "wall_s")}
+    m.rate = m.n / m.wall_s if m.wall_s > 0 else 0.0
+    if cpu0 is not None and m.n > 0:
+        m.cpu_ms_per_req = (cpu_end - cpu0) * 1000 / m.n
+    if rss_series:
+        t0 = rss_series[0][0]
+        early = [r for t, r in rss_series if t - t0 <= max(1.0, 0.1 * m.wall_s)]
+        m.rss_start_mb = max(early) if early else rss_series[0][1]
+        m.rss_peak_mb = max(r for _, r in rss_series)
+    return m
+
+
+def start_server(latency_ms: float, workers: int, out: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """The fake server in its own process (group); returns it and its /v1 base URL."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ready = out / f"server-{port}.port"
+    argv = [sys.executable, "-m", "stillhouse.teacher.fakeserver", "--port", str(port), "--latency-ms",
+            str(latency_ms), "--ready-file", str(ready), "--workers", str(workers)]
+    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, start_new_session=True)
+    t0 = time.monotonic()
+    while not ready.exists():
+        if p.poll() is not None or time.monotonic() - t0 > 30:
+            raise RuntimeError("the fake server did not start")
+        time.sleep(0.05)
+    time.sleep(0.3 * workers)
+    return p, f"http://127.0.0.1:{port}/v1"
+
+
+def stop_server(p: subprocess.Popen[bytes]) -> None:
+    import signal
+
+    try:
+        os.killpg(p.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        p.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+
+
+def write_prompts(path: Path, n: int) -> None:
+    """n distinct arithmetic prompts, one JSON object a line."""
+    with path.open("w") as f:
+        for i in range(n):
+            a, b = 10 + i // 1000, i % 1000
+            f.write(json.dumps({"id": f"b{i}", "prompt": f"What is {a} + {b}? Reply with just the number."}) + "\n")
+
+
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    """Run every stage and print the table; returns the results (also saved as OUT/results.json)."""
+    from rich.console import Console
+
+    console = Console()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.json")
+    code = out / "children"
+    code.mkdir(exist_ok=True)
+    for name, src in (("naive", NAIVE), ("ours", OURS), ("curator", CURATOR), ("distilabel", DISTILABEL)):
+        (code / f"{name}.py").write_text(src)
+    peer_prompts = out / "prompts-peers.jsonl"
+    write_prompts(peer_prompts, cfg.peers_n)
+    small = out / "prompts-capacity.jsonl"
+    write_prompts(small, cfg.capacity_n)
+    big = out / f"prompts-{cfg.n}.jsonl"
+    write_prompts(big, cfg.n)
+    results: dict[str, Any] = {"config": cfg.__dict__ | {"concurrency": list(cfg.concurrency)},
+                               "machine": {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()},
+                               "rows": []}
+    py = sys.executable
+    model = "fake-model"
+
+    if cfg.wants("server"):
+        srv, url = start_server(0.0, cfg.server_workers, out)
+        try:
+            console.print(f"[bold]server capacity[/bold] (L=0, C=256, trivial aiohttp client, N={cfg.capacity_n})")
+            m = run_child([py, str(code / "naive.py"), url, model, "256", str(small)], "server", 256)
+            m.extra["latency_ms"] = 0.0
+            results["rows"].append(m.__dict__)
+            console.print(f"  {m.rate:,.0f} req/s  (client CPU {m.cpu_ms_per_req:.3f} ms/req)  {m.error or ''}")
+        finally:
+            stop_server(srv)
+
+    srv, url = start_server(cfg.latency_ms, cfg.server_workers, out)
+    try:
+        for c in cfg.concurrency:
+            limit = c / (cfg.latency_ms / 1000.0)
+            console.print(f"[bold]C={c}, L={cfg.latency_ms:g} ms: limit C/L = {limit:,.0f} req/s[/bold]")
+            runs: list[tuple[str, list[str], dict[str, str] | None]] = []
+            if cfg.wants("ours"):
+                run_dir = out / f"ours-c{c}"
+                if run_dir.exists():
+                    import shutil
+
+                    shutil.rmtree(run_dir)
+                runs.append(("ours", [py, str(code / "ours.py"), url, str(c), str(big), str(run_dir)], None))
+            if cfg.wants("naive"):
+                runs.append(("naive", [py, str(code / "naive.py"), url, model, str(c), str(big)], None))
+            for peer in ("curator", "distilabel"):
+                if not cfg.wants(peer):
+                    continue
+                vpy = Path(VENVS[peer]) / "bin" / "python"
+                if not vpy.exists():
+                    console.print(f"  {peer}: [yellow]skipped[/yellow], no virtualenv at {VENVS[peer]} "
+                                  "(see the module docstring)")
+                    continue
+                cache = out / f"{peer}-cache-c{c}-{int(time.time())}"
+                env = {**os.environ, "HF_HUB_OFFLINE": "1", "TELEMETRY_ENABLED": "false",
+                       "CURATOR_DISABLE_RICH_DISPLAY": "1", "DO_NOT_TRACK": "1"}
+                runs.append((peer, [str(vpy), str(code / f"{peer}.py"), url, model, str(c), str(peer_prompts),
+                                    str(cache)], env))
+            for system, argv, env in runs:
+                m = run_child(argv, system, c, env=env)
+                m.extra["limit"] = limit
+                results["rows"].append(m.__dict__)
+                frac = m.rate / limit if limit else 0.0
+                console.print(f"  {system:10s} N={m.n:>7,}  {m.rate:8,.0f} req/s  {frac:6.1%} of C/L  "
+                              f"{m.cpu_ms_per_req:6.3f} CPU-ms/req  RSS {m.rss_start_mb:6.0f} -> "
+                              f"{m.rss_peak_mb:6.0f} MB  {m.error or ''}")
+    finally:
+        stop_server(srv)
+    results["machine"]["load_avg_end"] = os.getloadavg()
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    console.print(markdown_table(results, cfg))
+    return results
+
+
+def markdown_table(results: dict[str, Any], cfg: BenchConfig) -> str:
+    """The results as the Markdown table docs/benchmarks.md carries."""
+    rows = [r for r in results["rows"] if r["system"] != "server"]
+    lines = ["| C | system | N | req/s | % of C/L | vs best peer | client CPU-ms/req | RSS start → peak (MB) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in cfg.concurrency:
+        at = [r for r in rows if r["concurrency"] == c]
+        peers = [r["rate"] for r in at if r["system"] in ("curator", "distilabel") and not r["error"]]
+        best = max(peers) if peers else 0.0
+        limit = c / (cfg.latency_ms / 1000.0)
+        for r in at:
+            vs = f"{r['rate'] / best:.2f}×" if best else "–"
+            err = f" ({r['error'][:60]})" if r["error"] else ""
+            lines.append(f"| {c} | {r['system']}{err} | {r['n']:,} | {r['rate']:,.0f} | {r['rate'] / limit:.1%} | "
+                         f"{vs} | {r['cpu_ms_per_req']:.3f} | {r['rss_start_mb']:.0f} → {r['rss_peak_mb']:.0f} |")
+    server = [r for r in results["rows"] if r["system"] == "server"]
+    if server:
+        lines.append("")
+        lines.append(f"Fake server capacity (L=0, C=256, trivial aiohttp client): {server[0]['rate']:,.0f} req/s.")
+    return "\n".join(lines)
