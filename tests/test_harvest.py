@@ -268,3 +268,22 @@ async def test_local_style_teacher_without_resolve_is_batched_concurrently(tmp_p
     t = Slow()
     await run_harvest(cfg_for(tmp_path, prompts="builtin:arithmetic:40", concurrency=8), teacher=t)
     assert t.peak == 8
+
+
+async def test_local_teacher_harvest_stores_ids_and_topk(tmp_path, tiny_teacher):
+    """A LocalTeacher (tiny random Llama) harvested with logprobs: ids and top-k come back decoded."""
+    cfg = HarvestConfig(prompts="builtin:arithmetic:6", teacher="bundled", out=str(tmp_path / "run"), samples=2,
+                        temperature=1.0, seed=0, max_tokens=5, logprobs=True, top_logprobs=4, concurrency=12)
+    rep = await run_harvest(cfg, teacher=tiny_teacher)
+    assert rep.stats.ok == 12
+    with HarvestStore(cfg.out, readonly=True) as s:
+        recs = list(s.records())
+    assert {r.revision for r in recs} == {"tiny-0"}
+    for r in recs:
+        t = r.completion_tokens
+        assert r.token_ids.dtype.name == "int32" and r.token_ids.shape == (t,)
+        assert r.logprobs.shape == (t,) and r.top_ids.shape == (t, 4) and r.top_logprobs.shape == (t, 4)
+        assert r.tokens is None and r.top_tokens is None  # ids, not strings, for a white-box teacher
+        # top-1 logprob is at least the sampled token's (float16 storage: compare loosely)
+        assert (r.top_logprobs[:, 0] >= r.logprobs - 1e-2).all()
+        assert (r.top_logprobs[:, :-1] >= r.top_logprobs[:, 1:] - 1e-3).all()
