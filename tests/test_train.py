@@ -134,6 +134,10 @@ def test_resume_continues_and_final_export_loads(tmp_path, tok):
         assert torch.allclose(p, q, atol=1e-6), n
     assert (res.final_dir / "train_config.json").exists()
     assert transformers.AutoTokenizer.from_pretrained(str(res.final_dir)).eos_token_id == tok.eos_token_id
+    from stillhouse.teacher.bundled import load_model  # what `stillhouse serve --teacher hf:DIR` loads
+
+    served, served_tok, rev = load_model(f"hf:{res.final_dir}")
+    assert rev.startswith("sha256:") and served.config.num_hidden_layers == 2
     # A half-written checkpoint directory (no progress.json) is ignored.
     (tmp_path / "out" / "checkpoints" / "step-9999999").mkdir()
     from stillhouse.distill.train import _checkpoints
