@@ -503,7 +503,10 @@ def evaluate_models(
         if cfg.kl:
             if progress:
                 progress(f"KL {lm.label}", 0, 1)
-            kl, _ = kl_to_teacher(teacher, lm, t_prompts, t_completions, cfg.kl_batch_size)
+            try:
+                kl, _ = kl_to_teacher(teacher, lm, t_prompts, t_completions, cfg.kl_batch_size)
+            except EvalError:
+                kl = None  # a different tokenizer: no shared next-token distribution to compare
             if progress:
                 progress(f"KL {lm.label}", 1, 1)
         scores.append(ModelScore(
