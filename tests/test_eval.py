@@ -29,13 +29,13 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_tokenizer() -> object:
+def tiny_tokenizer(extra: tuple[str, ...] = ()) -> object:
     """A character-level tokenizer with a chat template, built offline."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     chars = [chr(c) for c in range(32, 127)] + ["\n"]
-    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", *extra]
     vocab = {t: i for i, t in enumerate(specials + chars)}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
@@ -46,10 +46,10 @@ def tiny_tokenizer() -> object:
     return tok
 
 
-def tiny_model_dir(root: Path, name: str, seed: int, layers: int = 2) -> Path:
+def tiny_model_dir(root: Path, name: str, seed: int, layers: int = 2, extra: tuple[str, ...] = ()) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = tiny_tokenizer()
+    tok = tiny_tokenizer(extra)
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -207,3 +207,14 @@ def test_bundled_teacher_against_itself(tmp_path: Path) -> None:
     assert s.agreement.value == 1.0 and s.kl == pytest.approx(0.0, abs=1e-4)
     assert 0.0 < res.teacher.accuracy.value < 1.0
     assert all(len(o) < 80 for o in res.teacher.outputs)
+
+
+def test_student_with_another_tokenizer_gets_no_kl(models: dict[str, Path], tmp_path: Path) -> None:
+    teacher = LoadedModel.load(f"hf:{models['teacher']}", label="teacher", device="cpu")
+    other = LoadedModel.load(f"hf:{tiny_model_dir(tmp_path, 'other', 3, extra=('<x>',))}", label="o", device="cpu")
+    with pytest.raises(EvalError, match="share a tokenizer"):
+        kl_to_teacher(teacher, other, [[1, 2]], [[3]])
+    items = load_items("arithmetic2", 2)
+    res = evaluate_models(items, "arithmetic2", teacher, [other],
+                          EvalConfig(students=(), limit=2, max_new_tokens=2, n_boot=20))
+    assert res.students[0].kl is None and res.students[0].accuracy.n == 2
