@@ -32,7 +32,7 @@ def bars(labels: Sequence[str], estimates: Sequence[Estimate], path: str | Path,
          title: str = "", ylabel: str = "accuracy", highlight_first: bool = True) -> Path:
     """A bar per estimate with its interval as an error bar."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(labels) + 2), 3.6), dpi=120)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(labels) + 2), 3.8), dpi=120)
     xs = list(range(len(labels)))
     vals = [e.value for e in estimates]
     err = [[max(0.0, e.value - e.lo) for e in estimates], [max(0.0, e.hi - e.value) for e in estimates]]
@@ -44,7 +44,7 @@ def bars(labels: Sequence[str], estimates: Sequence[Estimate], path: str | Path,
     ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
     ax.set_ylim(0, 1.1)
     ax.set_ylabel(ylabel)
-    ax.set_title(title or "accuracy (95% CI)")
+    ax.set_title(title or "accuracy (95% CI)", fontsize=10)
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out)
@@ -56,7 +56,7 @@ def student_vs_teacher(result: Any, path: str | Path) -> Path:
     """Bars for an :class:`~stillhouse.distill.evaluate.EvalResult`: the teacher, then each student."""
     models = [result.teacher, *result.students]
     return bars([m.label for m in models], [m.accuracy for m in models], path,
-                title=f"{result.task}: student vs teacher (n={len(result.item_ids)}, 95% CI)")
+                title=f"{result.task}: accuracy, n={len(result.item_ids)} (95% CI)")
 
 
 def score_vs_examples(series: Mapping[str, Sequence[tuple[int, Estimate]]], path: str | Path, *,
@@ -75,12 +75,19 @@ def score_vs_examples(series: Mapping[str, Sequence[tuple[int, Estimate]]], path
     if teacher is not None:
         ax.axhline(teacher.value, color="#555555", linestyle="--", label=f"teacher {teacher.value:.2f}")
         ax.axhspan(teacher.lo, teacher.hi, color="#555555", alpha=0.12)
-    if log_x and any(p[0] > 0 for pts in series.values() for p in pts):
+    xs_all = sorted({p[0] for pts in series.values() for p in pts})
+    if log_x and xs_all and xs_all[0] > 0:
+        from matplotlib.ticker import NullFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    if xs_all:  # label the sizes actually trained on, as plain numbers
+        ax.set_xticks(xs_all)
+        ax.set_xticklabels([f"{x:,}" for x in xs_all])
     ax.set_xlabel("training examples")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.05)
-    ax.set_title(title or "accuracy vs training examples (95% CI)")
+    ax.set_title(title or "accuracy vs training examples (95% CI)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     out = Path(path)
