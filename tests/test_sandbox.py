@@ -151,6 +151,7 @@ def test_cannot_signal_the_parent() -> None:
 
 
 @needs_root
+@pytest.mark.skipif("mountns" not in isolation_available(), reason="namespaces not allowed here")
 def test_cannot_write_outside_its_directory() -> None:
     # a root-owned directory outside /tmp (the sandbox gets its own /tmp)
     target = Path.cwd() / f".sandbox-escape-{os.getpid()}.txt"
@@ -171,6 +172,7 @@ def test_cannot_write_outside_its_directory() -> None:
 
 
 @needs_root
+@pytest.mark.skipif("netns" not in isolation_available(), reason="namespaces not allowed here")
 def test_no_network() -> None:
     server = socket.socket()
     server.bind(("127.0.0.1", 0))

@@ -18,9 +18,9 @@ rlimits                RLIMIT_AS (memory), RLIMIT_CPU, RLIMIT_FSIZE always
 env                    scrubbed environment (PATH, HOME=TMPDIR=cwd, always
                        LANG), ``python -I`` (ignores PYTHON* vars
                        and the user site), cwd = fresh temp dir
-netns                  a new, empty network namespace (only a       root
-                       downed loopback): no network at all
-mountns                a private mount namespace with fresh small   root
+netns                  a new, empty network namespace (only a       root (+ the
+                       downed loopback): no network at all          kernel allowing
+mountns                a private mount namespace with fresh small   namespaces)
                        tmpfs over /tmp, /var/tmp and /dev/shm, so
                        the only shared world-writable places vanish
 uid                    drops to a throw-away uid/gid (random in a   root
@@ -49,6 +49,9 @@ What is NOT contained, honestly:
   can write anywhere we can, use the network, signal our process, and a child that
   calls ``setsid()`` escapes the process-group kill. ``SandboxResult.isolation``
   says which layers were active, and :func:`isolation_available` says so up front.
+* As root in a container that forbids namespaces, netns and mountns are skipped (probed
+  once): the code then has the network, and /tmp and /dev/shm stay writable for the
+  throw-away uid (what it writes there outlives the run).
 * RLIMIT_AS limits address space, not resident memory; a program that maps little
   but touches much is still bounded by it. Threads count toward RLIMIT_NPROC.
 
@@ -149,11 +152,36 @@ class SandboxResult:
     """The layers that were active, e.g. ``("session", "rlimits", "env", "netns", "mountns", "uid")``."""
 
 
+_PROBED: dict[str, bool] = {}
+
+
+def _can_unshare(flag: int) -> bool:
+    """Whether a child may unshare(flag): root inside a container without CAP_SYS_ADMIN may not.
+    Probed once per flag with a throw-away fork."""
+    key = hex(flag)
+    if key not in _PROBED:
+        libc = _libc()
+        pid = os.fork()
+        if pid == 0:  # child: try, report through the exit code, never return
+            try:
+                os._exit(0 if libc.unshare(flag) == 0 else 1)
+            except BaseException:  # noqa: BLE001 - a forked child must never return into our code
+                os._exit(2)
+        _, status = os.waitpid(pid, 0)
+        _PROBED[key] = os.waitstatus_to_exitcode(status) == 0
+    return _PROBED[key]
+
+
 def isolation_available() -> tuple[str, ...]:
-    """The layers this process can apply (root adds netns, mountns and uid)."""
+    """The layers this process can apply: root adds uid, and netns/mountns where the kernel
+    lets us create namespaces (probed once)."""
     layers: tuple[str, ...] = ("session", "rlimits", "env")
     if hasattr(os, "geteuid") and os.geteuid() == 0:
-        layers += ("netns", "mountns", "uid")
+        if _can_unshare(_CLONE_NEWNET):
+            layers += ("netns",)
+        if _can_unshare(_CLONE_NEWNS):
+            layers += ("mountns",)
+        layers += ("uid",)
     return layers
 
 
