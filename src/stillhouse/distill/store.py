@@ -85,8 +85,7 @@ CREATE TABLE IF NOT EXISTS records (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS records_status ON records(status);
-CREATE INDEX IF NOT EXISTS records_prompt ON records(prompt_hash, sample_index);
+-- No secondary indexes: each costs every insert, and every read here scans in rowid order anyway.
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 """
 

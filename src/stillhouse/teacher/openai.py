@@ -133,29 +133,36 @@ def parse_logprobs(block: Any) -> TokenLogprobs | None:
 
 def parse_chat_response(raw: bytes, n: int = 1) -> tuple[list[Completion], str, dict[str, Any]]:
     """Parse a chat-completions body into completions; TeacherResponseError keeps ``raw``."""
-    text = raw.decode("utf-8", "replace")
+
+    def fail(msg: str) -> TeacherResponseError:
+        return TeacherResponseError(msg, raw.decode("utf-8", "replace"))
+
     try:
         data = json.loads(raw)
     except ValueError as exc:
-        raise TeacherResponseError(f"response is not valid JSON ({exc})", text) from exc
+        raise fail(f"response is not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
-        raise TeacherResponseError("response is not a JSON object", text)
+        raise fail("response is not a JSON object")
     choices = data.get("choices")
     if not isinstance(choices, list) or not choices:
-        raise TeacherResponseError("response has no choices", text)
-    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        raise fail("response has no choices")
+    usage = data.get("usage")
+    if not isinstance(usage, dict):
+        usage = {}
     prompt_tokens = int(usage.get("prompt_tokens") or 0)
     total_completion = int(usage.get("completion_tokens") or 0)
+    if len(choices) > 1:
+        choices = sorted(choices, key=lambda c: c.get("index", 0))
     completions = []
     try:
-        for ch in sorted(choices, key=lambda c: c.get("index", 0)):
+        for ch in choices:
             msg = ch.get("message")
             if not isinstance(msg, dict):
-                raise TeacherResponseError("a choice has no message", text)
+                raise fail("a choice has no message")
             content = msg.get("content")
             if content is None:
                 content = ""
-            lp = parse_logprobs(ch.get("logprobs"))
+            lp = parse_logprobs(ch.get("logprobs")) if ch.get("logprobs") else None
             if lp is not None:
                 ctoks = len(lp.tokens)
             elif len(choices) == 1:
@@ -170,7 +177,7 @@ def parse_chat_response(raw: bytes, n: int = 1) -> tuple[list[Completion], str, 
                 logprobs=lp,
             ))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise TeacherResponseError(f"malformed choice: {exc!r}", text) from exc
+        raise fail(f"malformed choice: {exc!r}") from exc
     return completions, str(data.get("model") or ""), data
 
 
