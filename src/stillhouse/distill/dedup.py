@@ -85,37 +85,20 @@ class NearDeduper:
         self.num_perm = num_perm
         self.ngram = ngram
         self.seed = seed
-        self.permutations_: tuple[Any, Any] | None = None
-
-    def _minhash(self, text: str) -> Any:
-        from datasketch import MinHash
-
-        # Drawing the permutations is the slow part of MinHash(); draw them once per fit.
-        perms: tuple[Any, Any] | None = getattr(self, "permutations_", None)
-        if perms is None:
-            m = MinHash(num_perm=self.num_perm, seed=self.seed)
-            self.permutations_ = (m.permutations, m.scheme)
-        else:
-            m = MinHash(num_perm=self.num_perm, seed=self.seed, permutations=perms[0], scheme=perms[1])
-        sh = shingles(text, self.ngram)
-        if sh:
-            m.update_batch(sorted(sh))
-        return m
 
     def fit_predict(self, texts: Sequence[str]) -> list[NearDup | None]:
         """For each text, None (kept) or the :class:`NearDup` it collapses into."""
         try:
-            from datasketch import MinHashLSH
+            from datasketch import MinHash, MinHashLSH
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise ImportError("near-dedup needs datasketch: pip install 'stillhouse[curate]'") from exc
 
-        self.permutations_ = None
         self.lsh_ = MinHashLSH(threshold=self.threshold, num_perm=self.num_perm)
-        self.minhashes_: list[Any] = []
+        # bulk: one set of permutations for all (drawing them is the slow part of MinHash())
+        self.minhashes_: list[Any] = MinHash.bulk([sorted(shingles(t, self.ngram)) for t in texts],
+                                                  num_perm=self.num_perm, seed=self.seed)
         out: list[NearDup | None] = []
-        for i, text in enumerate(texts):
-            m = self._minhash(text)
-            self.minhashes_.append(m)
+        for i, m in enumerate(self.minhashes_):
             best: NearDup | None = None
             for key in self.lsh_.query(m):
                 j = int(key)
