@@ -261,3 +261,11 @@ def test_normalize_row_accepts_exported_chat_and_aliases() -> None:
     assert row["response"] == "1 + 2 = 3" and row["sample_index"] == 2
     assert row["messages"] == [{"role": "user", "content": "What is 1 + 2?"}]   # the answer is not in the prompt
     assert row["top_ids"] == [[1, 2]]
+
+
+def test_heldout_split_rule_can_be_turned_off() -> None:
+    (ha, hb), = _pairs(True, 1)
+    rows = [_row(Q.format(a=ha, b=hb), f"{ha} + {hb} = {ha + hb}")]
+    on = curate_rows(rows, CurateConfig(eval_sets=()), eval_texts=[])
+    off = curate_rows(rows, CurateConfig(eval_sets=(), arithmetic_split_rule=False), eval_texts=[])
+    assert [d["reason_code"] for d in on.dropped] == ["contaminated"] and len(off.kept) == 1

@@ -33,6 +33,8 @@ def curate_command(
     eval_sets: str = typer.Option(
         "builtin:arithmetic-heldout:1000,builtin:gsm8k-test,builtin:humaneval", "--eval-sets",
         help="Comma-separated evaluation sets to decontaminate against (13-gram overlap); '' or 'none' skips."),
+    heldout_rule: bool = typer.Option(True, help="Drop additions whose pair is in the generated held-out split "
+                                                 "(tasks.is_heldout_pair); off for an experiment's own split."),
     keep_per_prompt: int = typer.Option(1, help="Best-of-n: verified samples kept per prompt (greedy first)."),
     verify: str = typer.Option("require", help="require: drop unverified rows; annotate: keep and mark; off."),
     near_dup_threshold: float = typer.Option(0.85, help="MinHash Jaccard at or above which rows are near-duplicates."),
@@ -44,8 +46,20 @@ def curate_command(
 ) -> None:
     """Curate harvested samples: dedup, decontaminate, verify, best-of-n. Dropped rows are kept with reasons.
 
-    Writes kept.parquet, dropped.parquet, train.jsonl (chat messages for `stillhouse train`),
+    Steps: load → format → exact_dup → decontam → verify → near_dup → best_of_n. Writes
+    kept.parquet, dropped.parquet (every dropped row with its step and reason), train.jsonl
+    (chat messages, plus the teacher's top-k logprobs when harvested, for `stillhouse train`),
     report.json and config.json, and prints rows in/out per step.
+
+    Examples:
+
+      stillhouse curate runs/h1                          (writes runs/h1/curated/)
+
+      stillhouse curate runs/h1 --keep-per-prompt 2 --eval-sets builtin:arithmetic-heldout:1000
+
+      stillhouse curate rows.jsonl --verify annotate --out curated/      (keep wrong rows, marked)
+
+      stillhouse curate runs/h1 --config runs/h1/curated/config.json     (replay)
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -60,7 +74,8 @@ def curate_command(
             console.print(f"replaying {config}")
         else:
             cfg = CurateConfig(
-                eval_sets=_split_specs(eval_sets), keep_per_prompt=keep_per_prompt, verify=verify,  # type: ignore[arg-type]
+                eval_sets=_split_specs(eval_sets), arithmetic_split_rule=heldout_rule,
+                keep_per_prompt=keep_per_prompt, verify=verify,  # type: ignore[arg-type]
                 near_dup_threshold=near_dup_threshold,
                 max_response_tokens=max_response_tokens or None, drop_truncated=not keep_truncated,
                 sandbox_timeout_s=sandbox_timeout,
@@ -110,7 +125,17 @@ def eval_command(
     """Evaluate students against their teacher on held-out items: accuracy (95% CI), agreement, KL, ceiling ratio.
 
     Greedy, batched generation for every model on the same items; the teacher's outputs are
-    cached on disk by (revision, task, items). Writes report.md, results.json and PNG plots.
+    cached on disk by (revision, task, items). Writes report.md, results.json, samples.jsonl
+    and PNG plots. KL needs the student to share the teacher's tokenizer.
+
+    Examples:
+
+      stillhouse eval --model hf:runs/s1/final --teacher bundled --task arithmetic2 --limit 300 --out eval/s1
+
+      stillhouse eval --model sft250=hf:runs/a --model sft1000=hf:runs/b --train-examples 250
+      --train-examples 1000 --task arithmetic2 --out eval/grid      (adds the score-vs-examples plot)
+
+      stillhouse eval --config eval/s1/config.json --out eval/s1-again      (replay)
     """
     from rich.console import Console
 

@@ -72,6 +72,10 @@ class CurateConfig:
     """Evaluation sets to decontaminate against (``builtin:...`` specs); empty = skip."""
     ngram: int = 13
     """n-gram length for decontamination."""
+    arithmetic_split_rule: bool = True
+    """Also drop any addition whose pair lies in the generated held-out split (by its hash,
+    :func:`stillhouse.distill.tasks.is_heldout_pair`), whichever items an eval draws. Turn off
+    when the experiment uses its own train/held-out split of additions."""
     near_dup_threshold: float = 0.85
     """Estimated Jaccard (word 3-gram shingles of prompt + answer) at or above which two rows
     are near-duplicates; 1.0 disables in effect."""
@@ -479,7 +483,7 @@ def curate_rows(
 
     # 4. decontamination
     texts = list(eval_texts) if eval_texts is not None else (load_eval_texts(cfg.eval_sets) if cfg.eval_sets else [])
-    deco = Decontaminator(n=cfg.ngram).fit(texts)
+    deco = Decontaminator(n=cfg.ngram, arithmetic_split_rule=cfg.arithmetic_split_rule).fit(texts)
 
     def decontam(rs: list[dict[str, Any]]) -> list[str | None]:
         out: list[str | None] = []
