@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -332,9 +333,10 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.json")
     code = out / "children"
-    code.mkdir(exist_ok=True)
+    shutil.rmtree(code, ignore_errors=True)
+    code.mkdir()
     for name, src in (("naive", NAIVE), ("ours", OURS), ("curator", CURATOR), ("distilabel", DISTILABEL)):
-        (code / f"{name}.py").write_text(src)
+        (code / f"child_{name}.py").write_text(src)  # not NAME.py: it would shadow the package
     peer_prompts = out / "prompts-peers.jsonl"
     write_prompts(peer_prompts, cfg.peers_n)
     small = out / "prompts-capacity.jsonl"
@@ -351,7 +353,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         srv, url = start_server(0.0, cfg.server_workers, out)
         try:
             console.print(f"[bold]server capacity[/bold] (L=0, C=256, trivial aiohttp client, N={cfg.capacity_n})")
-            m = run_child([py, str(code / "naive.py"), url, model, "256", str(small)], "server", 256)
+            m = run_child([py, str(code / "child_naive.py"), url, model, "256", str(small)], "server", 256)
             m.extra["latency_ms"] = 0.0
             results["rows"].append(m.__dict__)
             console.print(f"  {m.rate:,.0f} req/s  (client CPU {m.cpu_ms_per_req:.3f} ms/req)  {m.error or ''}")
@@ -366,13 +368,10 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             runs: list[tuple[str, list[str], dict[str, str] | None]] = []
             if cfg.wants("ours"):
                 run_dir = out / f"ours-c{c}"
-                if run_dir.exists():
-                    import shutil
-
-                    shutil.rmtree(run_dir)
-                runs.append(("ours", [py, str(code / "ours.py"), url, str(c), str(big), str(run_dir)], None))
+                shutil.rmtree(run_dir, ignore_errors=True)
+                runs.append(("ours", [py, str(code / "child_ours.py"), url, str(c), str(big), str(run_dir)], None))
             if cfg.wants("naive"):
-                runs.append(("naive", [py, str(code / "naive.py"), url, model, str(c), str(big)], None))
+                runs.append(("naive", [py, str(code / "child_naive.py"), url, model, str(c), str(big)], None))
             for peer in ("curator", "distilabel"):
                 if not cfg.wants(peer):
                     continue
@@ -384,7 +383,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 cache = out / f"{peer}-cache-c{c}-{int(time.time())}"
                 env = {**os.environ, "HF_HUB_OFFLINE": "1", "TELEMETRY_ENABLED": "false",
                        "CURATOR_DISABLE_RICH_DISPLAY": "1", "DO_NOT_TRACK": "1"}
-                runs.append((peer, [str(vpy), str(code / f"{peer}.py"), url, model, str(c), str(peer_prompts),
+                runs.append((peer, [str(vpy), str(code / f"child_{peer}.py"), url, model, str(c), str(peer_prompts),
                                     str(cache)], env))
             for system, argv, env in runs:
                 m = run_child(argv, system, c, env=env)
@@ -414,7 +413,7 @@ def markdown_table(results: dict[str, Any], cfg: BenchConfig) -> str:
         limit = c / (cfg.latency_ms / 1000.0)
         for r in at:
             vs = f"{r['rate'] / best:.2f}×" if best else "–"
-            err = f" ({r['error'][:60]})" if r["error"] else ""
+            err = f" (failed: {' '.join(r['error'].split())[:80]})" if r["error"] else ""
             lines.append(f"| {c} | {r['system']}{err} | {r['n']:,} | {r['rate']:,.0f} | {r['rate'] / limit:.1%} | "
                          f"{vs} | {r['cpu_ms_per_req']:.3f} | {r['rss_start_mb']:.0f} → {r['rss_peak_mb']:.0f} |")
     server = [r for r in results["rows"] if r["system"] == "server"]
