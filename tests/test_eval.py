@@ -156,7 +156,9 @@ def test_cli_writes_report_and_plots(models: dict[str, Path], tmp_path: Path) ->
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "report.md").read_text()
     assert "ceiling ratio" in report and "small" in report
-    assert len((out / "samples.jsonl").read_text().splitlines()) == 5
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 5 and "kl" in samples[0]["small"] and "output" in samples[0]["teacher"]
+    json.loads((out / "results.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     # replay from the saved config
     again = CliRunner().invoke(app, ["eval", "--config", str(out / "config.json"),
                                      "--out", str(tmp_path / "eval2")])

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -334,6 +335,11 @@ def score_outputs(task: str, items: Sequence[Any], texts: Sequence[str], sandbox
     return verdicts
 
 
+def _num(x: float | None) -> float | None:
+    """A JSON-safe number: NaN (an undefined ratio, an empty completion) becomes null."""
+    return None if x is None or math.isnan(x) else round(float(x), 6)
+
+
 @dataclass
 class ModelScore:
     """One model's results on the items."""
@@ -348,6 +354,8 @@ class ModelScore:
     reasons: list[str]
     agreement: Estimate | None = None
     kl: float | None = None
+    kl_items: list[float] | None = None
+    """Per-item mean KL over that item's teacher completion."""
     ceiling: Estimate | None = None
     train_examples: int | None = None
     gen_seconds: float = 0.0
@@ -356,10 +364,10 @@ class ModelScore:
 
     def to_json(self) -> dict[str, Any]:
         def est(e: Estimate | None) -> dict[str, float] | None:
-            return None if e is None else {"value": e.value, "lo": e.lo, "hi": e.hi, "n": e.n}
+            return None if e is None else {"value": _num(e.value), "lo": _num(e.lo), "hi": _num(e.hi), "n": e.n}
 
         return {"label": self.label, "spec": self.spec, "revision": self.revision, "n_params": self.n_params,
-                "accuracy": est(self.accuracy), "agreement": est(self.agreement), "kl": self.kl,
+                "accuracy": est(self.accuracy), "agreement": est(self.agreement), "kl": _num(self.kl),
                 "ceiling_ratio": est(self.ceiling), "train_examples": self.train_examples,
                 "gen_seconds": round(self.gen_seconds, 3), "tokens_generated": self.tokens_generated,
                 "outputs_cached": self.cached}
@@ -499,19 +507,19 @@ def evaluate_models(
         texts = [g.text for g in gens]
         verdicts = score_outputs(task, items, texts)
         correct = [v.ok for v in verdicts]
-        kl = None
+        kl, kl_items = None, None
         if cfg.kl:
             if progress:
                 progress(f"KL {lm.label}", 0, 1)
             try:
-                kl, _ = kl_to_teacher(teacher, lm, t_prompts, t_completions, cfg.kl_batch_size)
+                kl, kl_items = kl_to_teacher(teacher, lm, t_prompts, t_completions, cfg.kl_batch_size)
             except EvalError:
                 kl = None  # a different tokenizer: no shared next-token distribution to compare
             if progress:
                 progress(f"KL {lm.label}", 1, 1)
         scores.append(ModelScore(
             lm.label, lm.spec, lm.revision, lm.n_params, accuracy(correct), texts, correct,
-            [v.reason for v in verdicts], agreement=agreement(texts, t_texts), kl=kl,
+            [v.reason for v in verdicts], agreement=agreement(texts, t_texts), kl=kl, kl_items=kl_items,
             ceiling=ceiling_ratio(correct, t_correct, n_boot=cfg.n_boot, seed=cfg.seed),
             train_examples=n_train, gen_seconds=secs, tokens_generated=sum(len(g.token_ids) for g in gens),
             cached=hit))
@@ -533,6 +541,8 @@ def write_report(result: EvalResult, out_dir: str | Path, command: str = "") -> 
         rec: dict[str, Any] = {"id": iid}
         for s in [result.teacher, *result.students]:
             rec[s.label] = {"output": s.outputs[k], "correct": s.correct[k], "reason": s.reasons[k]}
+            if s.kl_items is not None:
+                rec[s.label]["kl"] = _num(s.kl_items[k])
         lines.append(json.dumps(rec, ensure_ascii=False))
     atomic_write_text(out / "samples.jsonl", "\n".join(lines) + "\n")
 
