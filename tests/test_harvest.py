@@ -62,7 +62,7 @@ def write_jsonl(path: Path, rows) -> str:
 
 
 def cfg_for(tmp_path, **kw) -> HarvestConfig:
-    base = dict(prompts="builtin:arithmetic:20", teacher="fake", out=str(tmp_path / "run"), concurrency=4)
+    base = {"prompts": "builtin:arithmetic:20", "teacher": "fake", "out": str(tmp_path / "run"), "concurrency": 4}
     base.update(kw)
     return HarvestConfig(**base)
 

@@ -63,7 +63,7 @@ def test_kill9_ten_times_then_finish(tmp_path):
         assert kills >= 10, f"the harvest finished after only {kills} kills; progress {progress}"
         assert progress[-1] < PROMPTS * SAMPLES, "every kill should have landed before the end"
         assert progress == sorted(progress), f"ok records never go down: {progress}"
-        final = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+        final = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, check=False)
         assert final.returncode == 0, final.stderr
 
     con = sqlite3.connect(out / "harvest.sqlite")

@@ -28,7 +28,7 @@ def test_jsonl_forms_ids_meta_and_bad_lines_with_line_numbers(tmp_path):
         {"id": 12, "prompt": "numbers as ids are fine"},
     ])
     ps = load_prompts(src)
-    assert [p.id for p in ps.prompts][0] == "a"
+    assert ps.prompts[0].id == "a"
     assert ps.prompts[1].id.startswith("p-") and ps.prompts[1].meta == {"answer": "4"}
     assert ps.prompts[1].messages == [{"role": "user", "content": "What is 2 + 2?"}]
     assert ps.prompts[2].id == "12"

@@ -119,7 +119,7 @@ async def test_injected_transport_sees_request_and_key(monkeypatch):
     t = OpenAITeacher("http://example.invalid/v1", transport=transport, timeout_s=3)
     res = await t.chat(MSGS, SamplingParams(temperature=0.5, seed=3, stop=("\n",)))
     assert res.completions[0].text == "42" and res.completions[0].prompt_tokens == 9
-    (m1, u1, _, h1, _), (m2, u2, b2, h2, to2) = seen
+    (m1, u1, _, _, _), (m2, u2, b2, h2, to2) = seen
     assert (m1, u1) == ("GET", "http://example.invalid/v1/models")
     assert (m2, u2, to2) == ("POST", "http://example.invalid/v1/chat/completions", 3)
     assert b2["model"] == "first" and b2["seed"] == 3 and b2["stop"] == ["\n"] and b2["temperature"] == 0.5

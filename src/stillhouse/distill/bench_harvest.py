@@ -191,9 +191,11 @@ class Measured:
 
 
 def _tree(proc: Any) -> list[Any]:
+    import psutil
+
     try:
         return [proc, *proc.children(recursive=True)]
-    except Exception:
+    except psutil.Error:
         return [proc]
 
 
@@ -381,7 +383,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                                   "(see the module docstring)")
                     continue
                 cache = out / f"{peer}-cache-c{c}-{int(time.time())}"
-                env = {**os.environ, "HF_HUB_OFFLINE": "1", "TELEMETRY_ENABLED": "false",
+                env: dict[str, str] | None = {**os.environ, "HF_HUB_OFFLINE": "1", "TELEMETRY_ENABLED": "false",
                        "CURATOR_DISABLE_RICH_DISPLAY": "1", "DO_NOT_TRACK": "1"}
                 runs.append((peer, [str(vpy), str(code / f"child_{peer}.py"), url, model, str(c), str(peer_prompts),
                                     str(cache)], env))

@@ -226,9 +226,9 @@ class HarvestReport:
         s = self.stats
         rate = s.done / s.elapsed_s if s.elapsed_s > 0 else 0.0
         lines = [
-            f"harvest into {self.config.out}: {s.ok} ok, {s.errors} errors this run "
-            f"({s.skipped} already done), {s.requests} requests, {s.retries} retries, "
-            f"{s.elapsed_s:.1f} s ({rate:.1f} records/s)",
+            (f"harvest into {self.config.out}: {s.ok} ok, {s.errors} errors this run "
+             f"({s.skipped} already done), {s.requests} requests, {s.retries} retries, "
+             f"{s.elapsed_s:.1f} s ({rate:.1f} records/s)"),
             f"tokens: {s.prompt_tokens} prompt + {s.completion_tokens} completion; cost {s.cost:.4f}",
             f"store: {self.store_counts}",
         ]
@@ -417,6 +417,7 @@ class Harvester:
             st.requests += 1
             st.in_flight += 1
             t0 = time.perf_counter()
+            err: BaseException | None
             try:
                 if self._timeout_here:
                     async with asyncio.timeout(cfg.timeout_s):
@@ -427,7 +428,7 @@ class Harvester:
                     raise TeacherResponseError("the teacher returned no completions",
                                                json.dumps(res.raw) if res.raw else "")
             except TimeoutError as exc:  # only from asyncio.timeout above
-                err: BaseException = TeacherTimeout(f"no answer within {cfg.timeout_s:g} s")
+                err = TeacherTimeout(f"no answer within {cfg.timeout_s:g} s")
                 err.__cause__ = exc
             except TeacherError as exc:
                 err = exc

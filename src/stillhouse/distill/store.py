@@ -330,7 +330,8 @@ class HarvestStore:
 
     def records(self, status: Status | None = "ok", prompt_id: str | None = None) -> Iterator[HarvestRecord]:
         """Records in insertion order, decoded; ``status=None`` yields ok and error rows alike."""
-        where, args = [], []
+        where: list[str] = []
+        args: list[str] = []
         if status is not None:
             where.append("status=?")
             args.append(status)

