@@ -363,7 +363,7 @@ class ModelScore:
     cached: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        def est(e: Estimate | None) -> dict[str, float] | None:
+        def est(e: Estimate | None) -> dict[str, float | None] | None:
             return None if e is None else {"value": _num(e.value), "lo": _num(e.lo), "hi": _num(e.hi), "n": e.n}
 
         return {"label": self.label, "spec": self.spec, "revision": self.revision, "n_params": self.n_params,
