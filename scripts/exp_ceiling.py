@@ -203,10 +203,10 @@ def verified_rows(out: Path) -> list[dict[str, Any]]:
 
 
 def _train_and_eval(args, out: Path, name: str, data: Path, held, teacher, snapshot_at=(), **cfg_kw) -> list[dict]:
-    from stillhouse.distill.train import TrainConfig, train
     from transformers import AutoModelForCausalLM
 
     from stillhouse.config import config_to_dict
+    from stillhouse.distill.train import TrainConfig, train
 
     run = out / "runs" / name
     cfg = TrainConfig(data=str(data), out=str(run), teacher="bundled", threads=args.threads, seed=0,
@@ -292,8 +292,8 @@ def stage_report(args: argparse.Namespace, out: Path) -> None:
     held, _ = split_problems(args.heldout, args.train)
     t = evaluate(None, None, held, out / "teacher_heldout.jsonl", "teacher")
     lines = ["| model | train examples | params | correct | accuracy [95% CI] | ÷ teacher |", "|---|---|---|---|---|---|",
-             f"| teacher SmolLM2-135M-Instruct (greedy) | - | 134.5M | {t['correct']}/{t['n']} | "
-             f"{t['acc']:.3f} [{t['lo']:.3f}, {t['hi']:.3f}] | 1.00 |"]
+             (f"| teacher SmolLM2-135M-Instruct (greedy) | - | 134.5M | {t['correct']}/{t['n']} | "
+              f"{t['acc']:.3f} [{t['lo']:.3f}, {t['hi']:.3f}] | 1.00 |")]
     ts = out / "evals" / "teacher-student-format.jsonl"
     if ts.exists():
         r = evaluate(None, None, held, ts, "teacher")

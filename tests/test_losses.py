@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from stillhouse.distill import losses  # noqa: E402
+from stillhouse.distill import losses
 
 B, T, V = 2, 5, 7
 

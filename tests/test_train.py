@@ -10,9 +10,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from stillhouse.distill import data as D  # noqa: E402
-from stillhouse.distill.student import count_parameters, kept_layers, make_student, parse_student  # noqa: E402
-from stillhouse.distill.train import TrainConfig, TrainConfigError, train  # noqa: E402
+from stillhouse.distill import data as D
+from stillhouse.distill.student import count_parameters, kept_layers, make_student, parse_student
+from stillhouse.distill.train import TrainConfig, TrainConfigError, train
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +94,8 @@ def test_encode_masks_prompt_and_aligns_topk(tok):
 
 
 def _cfg(tmp_path, data, **kw):
-    base = dict(data=str(data), out=str(tmp_path / "out"), student="pruned:2", loss="sft", batch_size=4,
-                lr=1e-2, threads=1, device="cpu")
+    base = {"data": str(data), "out": str(tmp_path / "out"), "student": "pruned:2", "loss": "sft",
+            "batch_size": 4, "lr": 1e-2, "threads": 1, "device": "cpu"}
     base.update(kw)
     return TrainConfig(**base)
 
@@ -108,7 +108,7 @@ def test_one_step_changes_every_trainable_parameter(tmp_path, tok, loss):
     before = {n: p.detach().clone() for n, p in make_student(teacher, "pruned:2").named_parameters()}
     res = train(cfg, teacher=(teacher, tok, "test"), progress=False, stop_after_steps=1)
     assert res.steps == 1
-    ckpt = sorted((tmp_path / "out" / "checkpoints").iterdir())[-1]
+    ckpt = max((tmp_path / "out" / "checkpoints").iterdir())
     state = torch.load(ckpt / "state.pt", weights_only=False)["model"]
     for name, old in before.items():
         assert not torch.equal(state[name], old), f"{name} did not change after one step ({loss})"
@@ -136,7 +136,7 @@ def test_resume_continues_and_final_export_loads(tmp_path, tok):
     assert transformers.AutoTokenizer.from_pretrained(str(res.final_dir)).eos_token_id == tok.eos_token_id
     from stillhouse.teacher.bundled import load_model  # what `stillhouse serve --teacher hf:DIR` loads
 
-    served, served_tok, rev = load_model(f"hf:{res.final_dir}")
+    served, _tok, rev = load_model(f"hf:{res.final_dir}")
     assert rev.startswith("sha256:") and served.config.num_hidden_layers == 2
     # A half-written checkpoint directory (no progress.json) is ignored.
     (tmp_path / "out" / "checkpoints" / "step-9999999").mkdir()

@@ -85,7 +85,8 @@ def _chat(row: dict[str, Any], where: str) -> tuple[list[dict[str, Any]], str]:
 
 
 def _teacher_topk(row: dict[str, Any], tok: Any) -> tuple[list[list[int]], list[list[float]]] | None:
-    src = row.get("logprobs") if isinstance(row.get("logprobs"), dict) else row
+    nested = row.get("logprobs")
+    src: dict[str, Any] = nested if isinstance(nested, dict) else row
     lps = src.get("top_logprobs")
     if not lps:
         return None

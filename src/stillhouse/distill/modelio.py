@@ -67,8 +67,8 @@ def generate_batch(
         attn[i, width - len(p):] = 1
     if seed is not None:
         torch.manual_seed(seed)
-    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, return_dict_in_generate=True,
-                                  output_logits=top_k_logprobs > 0)
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": pad,
+                              "return_dict_in_generate": True, "output_logits": top_k_logprobs > 0}
     if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
     else:

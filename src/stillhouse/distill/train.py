@@ -45,9 +45,10 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from stillhouse.config import atomic_write_text, save_config
 
@@ -365,11 +366,11 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
 
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
-    state = {"step": 0, "examples_seen": 0, "tokens_seen": 0, "train_s": 0.0}
+    state: dict[str, Any] = {"step": 0, "examples_seen": 0, "tokens_seen": 0, "train_s": 0.0}
     ckpts = _checkpoints(out)
     if ckpts:
         saved = torch.load(ckpts[-1] / "state.pt", map_location=device, weights_only=False)
-        missing, unexpected = student.load_state_dict(saved["model"], strict=not cfg.lora_r)
+        _missing, unexpected = student.load_state_dict(saved["model"], strict=not cfg.lora_r)
         if unexpected:
             raise RuntimeError(f"checkpoint {ckpts[-1]} does not fit this student: unexpected {unexpected[:3]}")
         opt.load_state_dict(saved["optimizer"])

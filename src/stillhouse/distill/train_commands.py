@@ -9,7 +9,6 @@ Register with ``register(app, bench_app)`` (cli.py does this for each area's com
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -29,8 +28,8 @@ Serve the result with: stillhouse serve --teacher hf:OUT/final
 
 
 def train_command(
-    data: Optional[Path] = typer.Option(None, "--data", help="Curated .jsonl or harvest export (rows with messages)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run directory: checkpoints, metrics, final/."),
+    data: Path | None = typer.Option(None, "--data", help="Curated .jsonl or harvest export (rows with messages)."),
+    out: Path | None = typer.Option(None, "--out", help="Run directory: checkpoints, metrics, final/."),
     teacher: str = typer.Option("bundled", "--teacher", help="Local teacher spec: bundled, hf:DIR, gguf:FILE."),
     student: str = typer.Option("pruned:10", "--student", help="pruned:N | every:K | fresh[:N] | self."),
     loss: str = typer.Option("sft", "--loss", help="sft | fkl | rkl | jsd | topk."),
@@ -40,7 +39,7 @@ def train_command(
     only_correct: bool = typer.Option(False, "--only-correct", help="Skip rows with correct=false."),
     max_examples: int = typer.Option(0, "--max-examples", help="Use the first N rows (0 = all)."),
     shuffle: bool = typer.Option(True, "--shuffle/--no-shuffle", help="Shuffle rows once before cutting."),
-    system_prompt: Optional[str] = typer.Option(None, "--system-prompt",
+    system_prompt: str | None = typer.Option(None, "--system-prompt",
                                                 help="System turn for rows without one (default: template's)."),
     epochs: int = typer.Option(1, "--epochs"),
     batch_size: int = typer.Option(8, "--batch-size"),
@@ -53,7 +52,7 @@ def train_command(
     save_every: int = typer.Option(0, "--save-every", help="Checkpoint every N steps (0 = each epoch end)."),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0 = default; 1 on a busy CPU)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Replay a saved train_config.json."),
+    config: Path | None = typer.Option(None, "--config", help="Replay a saved train_config.json."),
 ) -> None:
     from stillhouse.config import ConfigError, load_config
     from stillhouse.distill.data import DataError
