@@ -446,7 +446,7 @@ class GuardApp:
             try:
                 body = json.loads(raw)
                 check_request(path, body)
-            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError included
                 await self._refuse(send, rec, account, 400, f"the request body is not valid JSON: {exc}",
                                    "invalid_request_error", "invalid_json")
                 return
@@ -455,7 +455,7 @@ class GuardApp:
                 return
             rec.model = body["model"]
             rec.params = {k: body[k] for k in PARAM_KEYS if k in body}
-            rec.messages = body["messages"] if "messages" in body else [
+            rec.messages = body["messages"] if path == "/v1/chat/completions" else [
                 {"role": "user", "content": body["prompt"] if isinstance(body["prompt"], str)
                  else json.dumps(body["prompt"])}]
         stream = bool(body.get("stream"))
