@@ -20,6 +20,7 @@ import socket
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Self
 
 
 def find_pg_bin() -> Path | None:
@@ -79,7 +80,7 @@ class PgCluster:
         cmd = [str(self.bin / tool), *args]  # type: ignore[operator]
         if self.as_root:
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=str(self.dir))
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=str(self.dir), check=False)
         if res.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
 
@@ -100,7 +101,7 @@ class PgCluster:
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> PgCluster:
+    def __enter__(self) -> Self:
         self.start()
         return self
 

@@ -10,7 +10,13 @@ import random
 import pytest
 
 from stillhouse.config import ConfigError, config_to_dict
-from stillhouse.guard.config import GuardConfig, PolicyRule, guard_config_from_dict, load_guard_config, sha256_hex
+from stillhouse.guard.config import (
+    GuardConfig,
+    PolicyRule,
+    guard_config_from_dict,
+    load_guard_config,
+    sha256_hex,
+)
 from stillhouse.guard.degrade import SSEReasoningStripper, degrade_request, strip_reasoning, strip_think
 from stillhouse.guard.events import AccountInfo, TrafficRecord, Verdict
 from stillhouse.guard.keys import hash_key, key_id_of, new_key
@@ -49,17 +55,17 @@ def test_config_round_trip_and_loud_failures(tmp_path):
 
 
 @pytest.mark.parametrize("kw,msg", [
-    (dict(upstream_url="localhost:8000"), "upstream_url"),
-    (dict(admin_token_sha256="plain-token"), "admin_token_sha256"),
-    (dict(db_url="mysql://x"), "db_url"),
-    (dict(throttle_factor=0), "throttle_factor"),
-    (dict(max_body_bytes=0), "max_body_bytes"),
-    (dict(redact_patterns=("([",)), "redact_patterns"),
-    (dict(rules=({"name": "r", "field": "country", "action": "block"},)), "equals"),
-    (dict(rules=({"name": "r", "field": "score", "action": "nuke"},)), "action"),
+    ({"upstream_url": "localhost:8000"}, "upstream_url"),
+    ({"admin_token_sha256": "plain-token"}, "admin_token_sha256"),
+    ({"db_url": "mysql://x"}, "db_url"),
+    ({"throttle_factor": 0}, "throttle_factor"),
+    ({"max_body_bytes": 0}, "max_body_bytes"),
+    ({"redact_patterns": ("([",)}, "redact_patterns"),
+    ({"rules": ({"name": "r", "field": "country", "action": "block"},)}, "equals"),
+    ({"rules": ({"name": "r", "field": "score", "action": "nuke"},)}, "action"),
 ])
 def test_config_validation_names_the_field(kw, msg):
-    base = dict(upstream_url="http://127.0.0.1:9", admin_token_sha256=TOKEN_HASH)
+    base = {"upstream_url": "http://127.0.0.1:9", "admin_token_sha256": TOKEN_HASH}
     base.update(kw)
     with pytest.raises((ValueError, ConfigError), match=msg):
         guard_config_from_dict(base, require_all=False)

@@ -24,6 +24,7 @@ limits and decisions (the arena injects simulated time); latency is always wall 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -154,7 +155,8 @@ def parse_json_response(data: bytes) -> tuple[str, int | None, int | None]:
                 texts.append(msg["content"])
             elif isinstance(ch.get("text"), str):
                 texts.append(ch["text"])
-    usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else {}
+    raw_usage = obj.get("usage")
+    usage: dict[str, Any] = raw_usage if isinstance(raw_usage, dict) else {}
     return "\n\n".join(texts), usage.get("prompt_tokens"), usage.get("completion_tokens")
 
 
@@ -256,10 +258,8 @@ class GuardApp:
         self._started = False
         if self._refresh_task is not None:
             self._refresh_task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._refresh_task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self.writer.close()
@@ -356,7 +356,7 @@ class GuardApp:
             try:
                 self.detector.observe(rec, account)
                 self.policy.take_verdict(self.detector.verdict(rec.account_id))
-            except Exception:  # noqa: BLE001 - a detector bug must not take the gateway down
+            except Exception:
                 log.exception("guard: detector failed on request %s", rec.request_id)
 
     async def _refuse(self, send: Send, rec: TrafficRecord, account: AccountInfo | None, status: int,
@@ -429,19 +429,19 @@ class GuardApp:
             size = 0
             more = True
             while more:
-                msg = await receive()
-                if msg["type"] == "http.disconnect":
+                event = await receive()
+                if event["type"] == "http.disconnect":
                     rec.status, rec.decision_reason = 499, "client disconnected while sending the body"
                     self._finish(rec, account)
                     return
-                part = msg.get("body", b"")
+                part = event.get("body", b"")
                 size += len(part)
                 if size > cfg.max_body_bytes:
                     await self._refuse(send, rec, account, 413, f"request body exceeds the limit of "
                                        f"{cfg.max_body_bytes} bytes", "invalid_request_error", "body_too_large")
                     return
                 chunks.append(part)
-                more = msg.get("more_body", False)
+                more = event.get("more_body", False)
             raw = b"".join(chunks)
             try:
                 body = json.loads(raw)
@@ -584,10 +584,8 @@ class GuardApp:
             else:
                 # Headers are already out: end the stream with an SSE error event the client can see.
                 ev = b"data: " + error_body(str(exc), "upstream_error", "upstream_stream_broken") + b"\n\n"
-                try:
+                with contextlib.suppress(Exception):  # the client may be gone too
                     await send({"type": "http.response.body", "body": ev, "more_body": False})
-                except Exception:  # noqa: BLE001
-                    pass
         finally:
             if not watch_task.done():
                 watch_task.cancel()
@@ -605,4 +603,4 @@ def create_app(config: GuardConfig, store: SqlStore, upstream: Upstream | None =
     return GuardApp(config, store, upstream, clock, detector)
 
 
-__all__ = ["GuardApp", "create_app", "DecisionRow"]
+__all__ = ["DecisionRow", "GuardApp", "create_app"]

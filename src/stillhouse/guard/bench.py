@@ -112,8 +112,9 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float, log: P
 
 
 def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, **(env or {})})
+    with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **(env or {})})
 
 
 def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 60) -> None:
@@ -184,7 +185,7 @@ async def closed_loop(url: str, token: str | None, n: int, concurrency: int, bod
                         statuses[r.status] = statuses.get(r.status, 0) + 1
                         if r.status == 200:
                             lat.append((time.perf_counter() - t) * 1000)
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError):
                     errors += 1
                 if progress is not None:
                     progress()
@@ -223,7 +224,7 @@ async def open_loop(url: str, token: str | None, rate: float, duration_s: float,
                         now = time.perf_counter()
                         lat.append((now - t) * 1000)
                         done_at.append(now - t0)
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 errors += 1
 
         tasks = []
@@ -325,7 +326,7 @@ def run_bench(cfg: GuardBenchConfig, work: Path | None = None) -> dict[str, Any]
                                        f"{Path(cfg.litellm_python).parent.parent}")
                 version = subprocess.run([cfg.litellm_python, "-c",
                                           "import importlib.metadata as m; print(m.version('litellm'))"],
-                                         capture_output=True, text=True, timeout=60).stdout.strip()
+                                         capture_output=True, text=True, timeout=60, check=False).stdout.strip()
                 ll = _spawn([str(lbin), "--config", str(work / "litellm.yaml"), "--host", "127.0.0.1",
                              "--port", str(l_port), "--num_workers", "1"], l_log,
                             env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"})
@@ -435,8 +436,8 @@ def format_markdown(result: dict[str, Any]) -> str:
     lat = result.get("latency", {})
     if lat:
         c = result["config"]
-        lines += [f"Latency, {c['latency_requests']} requests at concurrency {c['latency_concurrency']} "
-                  f"(upstream latency {c['latency_ms']:g} ms):", "",
+        lines += [(f"Latency, {c['latency_requests']} requests at concurrency {c['latency_concurrency']} "
+                   f"(upstream latency {c['latency_ms']:g} ms):"), "",
                   "| target | p50 ms | p99 ms | added p50 ms | added p99 ms | proxy CPU ms/request |",
                   "|---|---|---|---|---|---|"]
         d = lat.get("direct", {})

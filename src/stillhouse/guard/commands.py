@@ -66,13 +66,14 @@ def guard(
     """Run the guard gateway (or a subcommand)."""
     if ctx.invoked_subcommand is not None:
         return
-    from stillhouse.config import ConfigError, config_to_dict, save_config as _save
-    from stillhouse.guard.config import GuardConfig, guard_config_from_dict, load_guard_config, sha256_hex
+    from stillhouse.config import ConfigError, config_to_dict
+    from stillhouse.config import save_config as _save
+    from stillhouse.guard.config import guard_config_from_dict, load_guard_config, sha256_hex
 
-    overrides: dict[str, Any] = {k: v for k, v in dict(
-        upstream_url=upstream, port=port, host=host, db_url=db, on_store_failure=on_store_failure,
-        spool_dir=spool_dir, shadow=shadow, redact=redact, max_body_bytes=max_body_bytes,
-        requests_per_min=rpm, tokens_per_min=tpm, max_concurrent_streams=max_streams).items() if v is not None}
+    overrides: dict[str, Any] = {k: v for k, v in {
+        "upstream_url": upstream, "port": port, "host": host, "db_url": db, "on_store_failure": on_store_failure,
+        "spool_dir": spool_dir, "shadow": shadow, "redact": redact, "max_body_bytes": max_body_bytes,
+        "requests_per_min": rpm, "tokens_per_min": tpm, "max_concurrent_streams": max_streams}.items() if v is not None}
     try:
         if config:
             base = config_to_dict(load_guard_config(config))

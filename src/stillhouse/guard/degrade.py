@@ -34,9 +34,9 @@ def degrade_request(body: dict[str, Any], max_tokens: int, refuse_logprobs: bool
     out = dict(body)
     for name in ("max_tokens", "max_completion_tokens"):
         value = out.get(name)
-        if not isinstance(value, int) or value > max_tokens:
-            if name == "max_tokens" or name in out:
-                out[name] = max_tokens
+        too_big = not isinstance(value, int) or value > max_tokens
+        if too_big and (name == "max_tokens" or name in out):
+            out[name] = max_tokens
     return out, None
 
 
@@ -81,7 +81,7 @@ class ThinkFilter:
     def feed(self, text: str) -> str:
         text = self.held + text
         self.held = ""
-        out = []
+        out: list[str] = []
         while text:
             if self.inside:
                 i = text.find(_CLOSE)

@@ -52,9 +52,9 @@ def _free_port() -> int:
 def _start_serve(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     cli = Path(sys.executable).parent / "stillhouse"
-    log = open(workdir / "serve.log", "wb")
-    proc = subprocess.Popen([str(cli), "serve", "--teacher", "bundled", "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(workdir / "serve.log", "wb") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([str(cli), "serve", "--teacher", "bundled", "--host", "127.0.0.1", "--port",
+                                 str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

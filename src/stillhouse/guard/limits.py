@@ -55,7 +55,7 @@ class Refusal:
 
 
 class _State:
-    __slots__ = ("req_level", "req_last", "tok_level", "tok_last", "streams")
+    __slots__ = ("req_last", "req_level", "streams", "tok_last", "tok_level")
 
     def __init__(self, now: float, limits: Limits):
         self.req_level = float(limits.requests_per_min)

@@ -200,12 +200,11 @@ class PolicyEngine:
                              "manual", row.decision_id, row.signals)
         best: Effective = _ALLOW
         for rule in self.rules:
-            if rule.field != "score" and rule_matches(rule, account, None):
-                if ACTIONS.index(rule.action) > ACTIONS.index(best.would):
-                    did = f"rule:{rule.name}:{aid}"
-                    best = Effective(rule.action, rule.action,
-                                     f"rule {rule.name}: {rule.field} == {rule.equals!r}", "rule", did,
-                                     [[rule.field, rule.equals]])
+            if (rule.field != "score" and rule_matches(rule, account, None)
+                    and ACTIONS.index(rule.action) > ACTIONS.index(best.would)):
+                did = f"rule:{rule.name}:{aid}"
+                best = Effective(rule.action, rule.action, f"rule {rule.name}: {rule.field} == {rule.equals!r}",
+                                 "rule", did, [[rule.field, rule.equals]])
         det = self._detector.get(aid)
         if det is not None and ACTIONS.index(det.action) > ACTIONS.index(best.would):  # type: ignore[arg-type]
             da: Action = det.action  # type: ignore[assignment]

@@ -55,10 +55,8 @@ class Spool:
         name = f"spool-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.jsonl"
         tmp = self.dir / f".{name}.tmp"
         with open(tmp, "w") as f:
-            for r in records:
-                f.write(json.dumps({"kind": "traffic", "data": asdict(r)}) + "\n")
-            for d in decisions:
-                f.write(json.dumps({"kind": "decision", "data": asdict(d)}) + "\n")
+            f.writelines(json.dumps({"kind": "traffic", "data": asdict(r)}) + "\n" for r in records)
+            f.writelines(json.dumps({"kind": "decision", "data": asdict(d)}) + "\n" for d in decisions)
             f.flush()
             os.fsync(f.fileno())
         path = self.dir / name
@@ -137,7 +135,7 @@ class LogWriter:
         while not self._closing:
             try:
                 await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
-            except (asyncio.TimeoutError, TimeoutError):
+            except TimeoutError:
                 pass
             self._wake.clear()
             if not self.store_ok and time.monotonic() >= next_probe:
@@ -201,7 +199,7 @@ class LogWriter:
         if self._task is not None:
             try:
                 await self._task
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("guard: log writer loop failed")
         await self.flush()
 

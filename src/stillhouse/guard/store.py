@@ -22,6 +22,7 @@ Exception tree::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -178,10 +179,8 @@ class SqlStore:
                         self._drop()
                     raise
                 finally:
-                    try:
+                    with contextlib.suppress(Exception):
                         cur.close()
-                    except Exception:  # noqa: BLE001
-                        pass
             except StoreError:
                 raise
             except Exception as exc:
@@ -192,10 +191,8 @@ class SqlStore:
 
     def _drop(self) -> None:
         if self._conn is not None:
-            try:
+            with contextlib.suppress(Exception):  # already broken: nothing to close cleanly
                 self._conn.close()
-            except Exception:  # noqa: BLE001
-                pass
         self._conn = None
 
     def describe(self) -> str:
@@ -317,7 +314,8 @@ class SqlStore:
     def list_decisions(self, target: str | None = None, active_only: bool = False,
                        updated_since: float | None = None) -> list[DecisionRow]:
         sql = f"SELECT {', '.join(_DECISION_COLS)} FROM decisions"
-        where, args = [], []  # type: ignore[var-annotated]
+        where: list[str] = []
+        args: list[Any] = []
         if target is not None:
             where.append("target = ?")
             args.append(target)
@@ -346,7 +344,8 @@ class SqlStore:
         """Traffic in arrival order, optionally for one account / after a time / at most ``limit``
         (the first ones, or with ``newest`` the last ones, still returned oldest first)."""
         sql = f"SELECT {', '.join(_TRAFFIC_COLS)} FROM traffic"
-        where, args = [], []  # type: ignore[var-annotated]
+        where: list[str] = []
+        args: list[Any] = []
         if account_id is not None:
             where.append("account_id = ?")
             args.append(account_id)

@@ -15,7 +15,6 @@ Exception tree (aiohttp errors are mapped with ``raise ... from``)::
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -48,7 +47,7 @@ class UpstreamResponse:
 
         try:
             return await self._resp.read()
-        except (asyncio.TimeoutError, TimeoutError) as exc:
+        except TimeoutError as exc:
             raise UpstreamTimeout(f"upstream {self.url} stopped answering mid-body") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamUnavailable(f"upstream {self.url} broke the response: {exc}") from exc
@@ -62,7 +61,7 @@ class UpstreamResponse:
         try:
             async for chunk in self._resp.content.iter_any():
                 yield chunk
-        except (asyncio.TimeoutError, TimeoutError) as exc:
+        except TimeoutError as exc:
             raise UpstreamTimeout(f"upstream {self.url} stalled mid-stream") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamUnavailable(f"upstream {self.url} broke the stream: {exc}") from exc
@@ -119,7 +118,7 @@ class Upstream:
             headers["Authorization"] = f"Bearer {self.api_key}"
         try:
             resp = await self._session.request(method, url, data=body, headers=headers)  # type: ignore[union-attr]
-        except (asyncio.TimeoutError, TimeoutError) as exc:
+        except TimeoutError as exc:
             raise UpstreamTimeout(f"upstream {url} did not answer within {self.read_timeout_s:g}s "
                                   f"(connect limit {self.connect_timeout_s:g}s)") from exc
         except aiohttp.ClientError as exc:
