@@ -590,3 +590,72 @@ def test_guard_cli_config_errors_are_loud(tmp_path):
     assert res.exit_code == 2 and "spool_dir" in res.output
     res = runner.invoke(app, ["guard", "--upstream", "nope"], env={"STILLHOUSE_GUARD_ADMIN_TOKEN": "tok"})
     assert res.exit_code == 2 and "upstream_url" in res.output
+
+
+def _reasoning_upstream():
+    """A minimal upstream that answers with reasoning fields and think blocks (JSON and SSE)."""
+    import threading
+
+    from aiohttp import web
+
+    async def chat(request: Any) -> Any:
+        body = await request.json()
+        text = "<think>carry the one, then</think> The answer is 42."
+        if not body.get("stream"):
+            return web.json_response({"choices": [{"index": 0, "message": {
+                "role": "assistant", "reasoning_content": "step by step...", "content": text}}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 9}})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for piece in ["<thi", "nk>carry the", " one, then</th", "ink> The answer", " is 42."]:
+            ev = {"choices": [{"index": 0, "delta": {"content": piece, "reasoning_content": "hmm"}}]}
+            await resp.write(b"data: " + json.dumps(ev).encode() + b"\n\n")
+            await asyncio.sleep(0.01)
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    loop = asyncio.new_event_loop()
+    box: dict[str, Any] = {}
+
+    async def start() -> None:
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        box["port"] = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(start())
+        box["ready"] = True
+        loop.run_forever()
+
+    threading.Thread(target=run, daemon=True).start()
+    while "ready" not in box:
+        time.sleep(0.01)
+    return box["port"], lambda: loop.call_soon_threadsafe(loop.stop)
+
+
+def test_degrade_strips_reasoning_from_json_and_streams(tmp_path):
+    port, stop = _reasoning_upstream()
+    g = start_guard(make_config(tmp_path, f"http://127.0.0.1:{port}"))
+    try:
+        key = g.account_with_key("rita")
+        out = g.chat(key)[2]                                       # allowed: passed through untouched
+        assert out["choices"][0]["message"]["reasoning_content"] == "step by step..."
+        assert "<think>" in out["choices"][0]["message"]["content"]
+        g.admin("POST", "/admin/decisions", {"target": "rita", "action": "degrade"})
+        msg = g.chat(key)[2]["choices"][0]["message"]
+        assert msg == {"role": "assistant", "content": "The answer is 42."}
+        status, _, text = g.chat(key, chat_body(stream=True))
+        assert status == 200 and "hmm" not in text and "think" not in text and "carry" not in text
+        pieces = [json.loads(ln[6:])["choices"][0]["delta"].get("content", "")
+                  for ln in text.split("\n") if ln.startswith("data: {")]
+        assert "".join(pieces) == "The answer is 42." and text.rstrip().endswith("data: [DONE]")
+        rec = g.records("rita")[-1]
+        assert rec.decision == "degrade" and "carry the one" in rec.response_text   # the log keeps what upstream said
+    finally:
+        g.stop()
+        stop()
