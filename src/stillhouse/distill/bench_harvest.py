@@ -131,7 +131,7 @@ tok = os.path.join(os.path.dirname(litellm.__file__), "litellm_core_utils", "tok
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", tok)
 from bespokelabs import curator
 prompts = [json.loads(l)["prompt"] for l in open(prompts_path)]
-llm = curator.LLM(model_name="openai/" + model, backend="openai",
+llm = curator.LLM(model_name=model, backend="openai",
                   generation_params={"max_tokens": 16},
                   backend_params={"base_url": url, "api_key": "sk-bench", "max_concurrent_requests": C,
                                   "max_requests_per_minute": 10_000_000, "max_tokens_per_minute": 10_000_000_000,
