@@ -14,7 +14,9 @@ the store's single worker thread. When a write fails the store is marked down an
 If even the spool cannot be written (disk full), the batch stays in memory, is retried,
 and the error is logged loudly with its size. On shutdown ``close()`` flushes everything
 to the store or, failing that, to the spool. Spool files left by a crash are replayed
-on the next start.
+on the next start. The one window left: a SIGKILL or power loss drops what was still in
+memory, i.e. at most one flush interval of traffic (50 ms by default); a graceful stop
+(SIGTERM) loses nothing.
 
 Run ``python -m stillhouse.guard.spool SPOOL_DIR DB_URL`` to replay a spool by hand.
 """
