@@ -236,7 +236,7 @@ class GuardApp:
         self.keys.load()
         self.accounts = {a.account_id: (a, lim) for a, lim in self.store.list_accounts()}
         self.policy.load(self.store.list_decisions())
-        self._last_refresh = time.time()
+        self._last_refresh = self.clock()  # the clock that stamps decision rows
         return self.writer.spool.replay(self.store)
 
     async def start(self) -> None:
@@ -267,8 +267,8 @@ class GuardApp:
         await self.db(self.store.close)
 
     def _refresh(self) -> None:
-        since = self._last_refresh - 5.0
-        self._last_refresh = time.time()
+        since = self._last_refresh - 5.0  # overlap covers clock skew between replicas
+        self._last_refresh = self.clock()
         changed = self.keys.refresh()
         for row in self.store.list_decisions(updated_since=since):
             self.policy.apply_row(row)
