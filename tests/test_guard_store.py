@@ -147,11 +147,15 @@ def test_two_replicas_share_one_postgres_log(tmp_path, pg_url):
 
 # -- the log store going down -------------------------------------------------------------
 class FlakyStore(SqliteStore):
-    """SQLite with a switch that makes every call fail as if the database were gone."""
+    """SQLite with switches: ``down`` fails every call as if the database were gone, ``hang_s``
+    makes every call stall that long first (a database that stopped answering)."""
 
     down = False
+    hang_s = 0.0
 
     def _run(self, fn: Any) -> Any:
+        if self.hang_s:
+            time.sleep(self.hang_s)
         if self.down:
             raise StoreUnavailable("simulated outage")
         return super()._run(fn)
@@ -228,6 +232,34 @@ def test_real_postgres_outage(tmp_path, pg, pg_url, mode):
         finally:
             if not pg.running:
                 pg.start()
+            g.stop()
+
+
+def test_a_hung_store_counts_as_down(tmp_path):
+    """Writes that hang trip fail-closed within store_timeout_s; nothing is lost once it answers again."""
+    with start_fake(FakeServerConfig(latency_ms=1)) as fake:
+        cfg = make_config(tmp_path, f"http://127.0.0.1:{fake.port}", on_store_failure="closed",
+                          store_timeout_s=0.3, store_retry_s=0.1)
+        store = FlakyStore(cfg.db_url)
+        store.init()
+        g = start_guard(cfg, store=store)
+        try:
+            key = g.account_with_key("hugo")
+            assert g.chat(key)[0] == 200
+            store.hang_s = 2.0
+            statuses = []
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 1.5:
+                statuses.append(g.chat(key, chat_body(f"h{len(statuses)}"))[0])
+                time.sleep(0.05)
+            assert statuses[-1] == 503 and statuses.count(503) >= len(statuses) // 2, statuses
+            store.hang_s = 0.0
+            deadline = time.monotonic() + 10
+            while Spool(cfg.spool_dir).files() or not g.app.writer.store_ok:
+                assert time.monotonic() < deadline, f"never recovered: {g.app.writer.stats()}"
+                time.sleep(0.1)
+            assert len(g.records("hugo")) == 1 + len(statuses)
+        finally:
             g.stop()
 
 

@@ -208,7 +208,7 @@ class GuardApp:
         self.keys = KeyRing(store)
         self.accounts: dict[str, tuple[AccountInfo, AccountLimits]] = {}
         self.writer = LogWriter(store, Spool(config.spool_dir), self.executor, config.log_flush_interval_s,
-                                config.log_batch_size, config.store_retry_s)
+                                config.log_batch_size, config.store_retry_s, config.store_timeout_s)
         self.policy = PolicyEngine(config.rules, config.shadow, clock, persist=self.writer.put_decision)
         self.limiter = RateLimiter(clock)
         self.redactor = Redactor(config.redact, config.redact_patterns)

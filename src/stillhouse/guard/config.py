@@ -117,6 +117,8 @@ class GuardConfig:
     """Most records per write."""
     store_retry_s: float = 0.5
     """How often a down store is probed before replaying the spool."""
+    store_timeout_s: float = 5.0
+    """A log write that takes longer counts as a store failure (a hung database is down, not slow)."""
     key_refresh_s: float = 2.0
     """How often keys/decisions changed by other replicas are re-read (0 = never; single replica)."""
     redact: RedactMode = "none"
@@ -143,7 +145,8 @@ class GuardConfig:
         for name in ("requests_per_min", "tokens_per_min", "max_concurrent_streams"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 0 (0 = unlimited)")
-        for name in ("upstream_connect_timeout_s", "upstream_timeout_s", "log_flush_interval_s", "store_retry_s"):
+        for name in ("upstream_connect_timeout_s", "upstream_timeout_s", "log_flush_interval_s", "store_retry_s",
+                     "store_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be > 0 seconds")
         if self.key_refresh_s < 0:

@@ -5,7 +5,10 @@ record to memory; a background task flushes batches every ``log_flush_interval_s
 the store's single worker thread. When a write fails the store is marked down and:
 
 - the failed batch (and every later one while the store is down) is appended to a JSONL
-  file under ``spool_dir`` and fsynced;
+  file under ``spool_dir`` and fsynced (in a thread of its own, so a hung store cannot block it);
+- a write that takes longer than ``store_timeout_s`` counts as a failure too: a hung
+  database is treated as down. If the hung write completes later, the replay of the same
+  batch is a no-op (writes are idempotent);
 - ``store_ok`` turns False, which the gateway reads to answer 503 in fail-closed mode
   (in fail-open mode it keeps serving);
 - a probe pings the store every ``store_retry_s``; once it answers, the spool files are
@@ -97,13 +100,16 @@ class LogWriter:
     """Batches traffic records and decisions to the store; spools them when it is down."""
 
     def __init__(self, store: SqlStore, spool: Spool, executor: ThreadPoolExecutor,
-                 flush_interval_s: float = 0.05, batch_size: int = 1000, retry_s: float = 0.5):
+                 flush_interval_s: float = 0.05, batch_size: int = 1000, retry_s: float = 0.5,
+                 timeout_s: float = 5.0):
         self.store = store
         self.spool = spool
         self.executor = executor
         self.flush_interval_s = flush_interval_s
         self.batch_size = batch_size
         self.retry_s = retry_s
+        self.timeout_s = timeout_s
+        self._spool_executor = ThreadPoolExecutor(1, thread_name_prefix="guard-spool")
         self.store_ok = True
         self.last_error = ""
         self.written = 0
@@ -148,8 +154,9 @@ class LogWriter:
     async def _probe(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            n = await loop.run_in_executor(self.executor, self._ping_and_replay)
-        except Exception as exc:  # noqa: BLE001 - still down; stay in spool mode
+            n = await asyncio.wait_for(asyncio.shield(loop.run_in_executor(self.executor, self._ping_and_replay)),
+                                       self.timeout_s)
+        except Exception as exc:  # noqa: BLE001 - still down (or hung); stay in spool mode
             self.last_error = f"{type(exc).__name__}: {exc}"
             return
         self.replayed += n
@@ -175,16 +182,19 @@ class LogWriter:
             loop = asyncio.get_running_loop()
             if self.store_ok:
                 try:
-                    await loop.run_in_executor(self.executor, self._write, records, decisions)
+                    # shield: on timeout the write keeps running in its thread; a late success is harmless.
+                    await asyncio.wait_for(asyncio.shield(
+                        loop.run_in_executor(self.executor, self._write, records, decisions)), self.timeout_s)
                     self.written += len(records)
                     continue
                 except Exception as exc:  # noqa: BLE001 - any failure: spool, never drop
                     self.store_ok = False
-                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    self.last_error = (f"write took longer than {self.timeout_s:g}s"
+                                       if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}")
                     log.error("guard: log store write failed (%s); spooling to %s", self.last_error,
                               self.spool.dir)
             try:
-                await loop.run_in_executor(self.executor, self.spool.append, records, decisions)
+                await loop.run_in_executor(self._spool_executor, self.spool.append, records, decisions)
                 self.spooled += len(records)
             except Exception as exc:  # noqa: BLE001
                 # Keep them in memory and retry: losing them silently is the one thing we must not do.
@@ -204,6 +214,7 @@ class LogWriter:
             except Exception:
                 log.exception("guard: log writer loop failed")
         await self.flush()
+        self._spool_executor.shutdown(wait=True)
 
     def stats(self) -> dict[str, Any]:
         return {"store_ok": self.store_ok, "last_error": self.last_error, "written": self.written,
