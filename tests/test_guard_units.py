@@ -262,3 +262,26 @@ def test_key_format():
     assert key_id_of("sk-sh-zz") is None and key_id_of("sk-sh-" + kid) is None
     assert hash_key(key) != hash_key(new_key()[1]) and len(hash_key(key)) == 64
     assert len({new_key()[1] for _ in range(200)}) == 200
+
+
+def test_check_request_accepts_both_openai_shapes():
+    from stillhouse.guard.app import BadRequest, check_request
+
+    check_request("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": None}],
+                                           "logprobs": True, "top_logprobs": 2, "stream": False})
+    check_request("/v1/chat/completions", {"model": "m", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]}]})
+    check_request("/v1/completions", {"model": "m", "prompt": "x", "logprobs": 5})
+    check_request("/v1/completions", {"model": "m", "prompt": ["a", "b"]})
+    for path, body, param in [
+        ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user"}], "logprobs": 3}, "logprobs"),
+        ("/v1/completions", {"model": "m", "prompt": 3}, "prompt"),
+        ("/v1/completions", {"model": "m", "prompt": "x", "logprobs": 99}, "logprobs"),
+        ("/v1/chat/completions", {"model": "m", "messages": [{"role": 1}]}, "messages[0]"),
+        ("/v1/chat/completions", {"model": "m", "messages": [{"role": "u", "content": 5}]}, "messages[0].content"),
+        ("/v1/chat/completions", {"model": "m", "messages": [{"role": "u"}], "max_tokens": True}, "max_tokens"),
+        ("/v1/chat/completions", {"model": "m", "messages": [{"role": "u"}], "temperature": "hot"}, "temperature"),
+    ]:
+        with pytest.raises(BadRequest) as err:
+            check_request(path, body)
+        assert err.value.param == param

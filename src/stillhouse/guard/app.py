@@ -111,10 +111,15 @@ def check_request(path: str, body: Any) -> None:
         v = body.get(name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, kind) or v < low):
             raise BadRequest(f"'{name}' must be an integer >= {low}", name)
-    for name in ("stream", "logprobs"):
-        v = body.get(name)
+    v = body.get("stream")
+    if v is not None and not isinstance(v, bool):
+        raise BadRequest("'stream' must be true or false", "stream")
+    v = body.get("logprobs")
+    if path == "/v1/chat/completions":
         if v is not None and not isinstance(v, bool):
-            raise BadRequest(f"'{name}' must be true or false", name)
+            raise BadRequest("'logprobs' must be true or false", "logprobs")
+    elif v is not None and not (isinstance(v, bool) or (isinstance(v, int) and 0 <= v <= 20)):
+        raise BadRequest("'logprobs' must be an integer 0..20 on /v1/completions", "logprobs")
     for name in ("temperature", "top_p"):
         v = body.get(name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
