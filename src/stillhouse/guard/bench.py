@@ -262,6 +262,16 @@ def _litellm_config(path: Path, upstream: str, master_key: str) -> str:
     return text
 
 
+def _git_commit() -> str:
+    """The commit of the code under test ("" outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             check=False, cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip()
+    except OSError:
+        return ""
+
+
 def run_bench(cfg: GuardBenchConfig, work: Path | None = None) -> dict[str, Any]:
     """Run everything; returns the results as a JSON-ready dict (ratios included)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -273,7 +283,9 @@ def run_bench(cfg: GuardBenchConfig, work: Path | None = None) -> dict[str, Any]
     work = work or Path(tempfile.mkdtemp(prefix="stillhouse-bench-guard-"))
     procs: list[subprocess.Popen[bytes]] = []
     result: dict[str, Any] = {"config": config_to_dict(cfg), "work_dir": str(work), "errors": [],
-                              "machine": {"cpus": os.cpu_count(), "loadavg_before": os.getloadavg()}}
+                              "machine": {"cpus": os.cpu_count(), "loadavg_before": os.getloadavg()},
+                              "git_commit": _git_commit(), "started_utc": time.strftime("%Y-%m-%d %H:%M:%S",
+                                                                                        time.gmtime())}
     body = {"model": MODEL, "messages": [{"role": "user", "content": "What is 12 + 30?"}],
             "max_tokens": cfg.max_tokens}
     try:
