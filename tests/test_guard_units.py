@@ -285,3 +285,16 @@ def test_check_request_accepts_both_openai_shapes():
         with pytest.raises(BadRequest) as err:
             check_request(path, body)
         assert err.value.param == param
+
+
+def test_response_parsers_never_raise_on_odd_upstream_bodies():
+    from stillhouse.guard.app import parse_json_response, parse_sse
+
+    for body in (b'{"choices": 5}', b"[1,2]", b'{"choices": [{"message": 3}], "usage": 7}', b"\xff\xfe", b"null"):
+        text, _, _ = parse_json_response(body)
+        assert isinstance(text, str)
+        assert isinstance(parse_sse(b"data: " + body + b"\n\n")[0], str)
+    s = SSEReasoningStripper()
+    odd = b'data: {"choices": 5}\n\ndata: [1]\n\ndata: {"choices": [{"index": "x", "delta": {"content": "a"}}]}\n\n'
+    assert b'"a"' in s.feed(odd) + s.flush()
+    assert strip_reasoning({"choices": {"x": 1}}) == {"choices": {"x": 1}}

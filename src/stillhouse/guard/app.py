@@ -145,7 +145,16 @@ def _prompt_text(body: dict[str, Any]) -> str:
 
 
 def parse_json_response(data: bytes) -> tuple[str, int | None, int | None]:
-    """(text of the first choice, prompt_tokens, completion_tokens) of a non-streamed response."""
+    """(text of every choice, prompt_tokens, completion_tokens) of a non-streamed response.
+
+    Never raises: an upstream body of any shape is logged, as text when it is not a response."""
+    try:
+        return _parse_json_response(data)
+    except Exception:  # noqa: BLE001 - the upstream's body shape is not ours to trust
+        return data.decode("utf-8", "replace")[:10000], None, None
+
+
+def _parse_json_response(data: bytes) -> tuple[str, int | None, int | None]:
     try:
         obj = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -166,7 +175,14 @@ def parse_json_response(data: bytes) -> tuple[str, int | None, int | None]:
 
 
 def parse_sse(data: bytes) -> tuple[str, int | None, int | None]:
-    """(concatenated text per choice, prompt_tokens, completion_tokens) of a streamed response."""
+    """(concatenated text per choice, prompt_tokens, completion_tokens) of a streamed response. Never raises."""
+    try:
+        return _parse_sse(data)
+    except Exception:  # noqa: BLE001
+        return data.decode("utf-8", "replace")[:10000], None, None
+
+
+def _parse_sse(data: bytes) -> tuple[str, int | None, int | None]:
     by_choice: dict[int, list[str]] = {}
     pt = ct = None
     for line in data.decode("utf-8", "replace").split("\n"):
@@ -522,20 +538,18 @@ class GuardApp:
                     data = await resp.read()
                     collected.append(data)
                     if strip and resp.status == 200:
-                        try:
+                        with contextlib.suppress(Exception):  # an odd body passes through as it came
                             data = json.dumps(strip_reasoning(json.loads(data))).encode()
-                        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-                            pass
                     started = True
                     await send({"type": "http.response.start", "status": resp.status,
-                                "headers": [(b"content-type", resp.content_type.encode("latin-1")),
+                                "headers": [(b"content-type", resp.content_type.encode("latin-1", "replace")),
                                             (b"content-length", str(len(data)).encode())]})
                     await send({"type": "http.response.body", "body": data})
                     finished = True
                     return
                 started = sse = True
                 await send({"type": "http.response.start", "status": 200,
-                            "headers": [(b"content-type", resp.content_type.encode("latin-1")),
+                            "headers": [(b"content-type", resp.content_type.encode("latin-1", "replace")),
                                         (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]})
                 stripper = SSEReasoningStripper() if strip else None
                 async for chunk in resp.chunks():

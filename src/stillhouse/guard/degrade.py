@@ -47,7 +47,8 @@ def strip_think(text: str) -> str:
 
 def strip_reasoning(resp: dict[str, Any]) -> dict[str, Any]:
     """A chat/completions response without reasoning fields or think blocks (modified in place)."""
-    for choice in resp.get("choices") or []:
+    choices = resp.get("choices")
+    for choice in choices if isinstance(choices, list) else []:
         if not isinstance(choice, dict):
             continue
         msg = choice.get("message")
@@ -143,13 +144,16 @@ class SSEReasoningStripper:
             return event
         try:
             obj = json.loads(payload)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             return event
-        for choice in obj.get("choices") or []:
+        if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
+            return event
+        for choice in obj["choices"]:
             if not isinstance(choice, dict):
                 continue
             delta = choice.get("delta")
-            f = self._filters.setdefault(int(choice.get("index", 0) or 0), ThinkFilter())
+            idx = choice.get("index", 0)
+            f = self._filters.setdefault(idx if isinstance(idx, int) else 0, ThinkFilter())
             if isinstance(delta, dict):
                 for name in _REASONING_FIELDS:
                     delta.pop(name, None)
