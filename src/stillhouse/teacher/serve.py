@@ -148,6 +148,12 @@ class ChatServer:
         self.pending = 0
         self.requests = 0
 
+    @property
+    def context_limit(self) -> int:
+        """Prompt plus max_tokens limit: the config's, capped by the model's."""
+        model_limit = self.local.max_context if self.local is not None else 1 << 30
+        return min(model_limit, self.config.max_context or model_limit)
+
     # -- routes ---------------------------------------------------------------------
     async def health(self, request: Request) -> Any:
         from starlette.responses import JSONResponse
@@ -157,7 +163,7 @@ class ChatServer:
         if self.local is not None:
             b = self.local.batcher
             body.update(active=b.active, decode_steps=b.steps, max_batch_seen=b.max_rows_seen,
-                        max_batch=b.config.max_batch, max_context=self.local.max_context)
+                        max_batch=b.config.max_batch, max_context=self.context_limit)
         return JSONResponse(body)
 
     async def models(self, request: Request) -> Any:
@@ -199,14 +205,13 @@ class ChatServer:
                 prompt_ids = self.local.encode(req.messages)
             except ValueError as exc:
                 raise APIError(400, str(exc), param="messages") from exc
-            limit = self.local.max_context
+            limit = self.context_limit
             if not req.max_tokens_given:
                 room = limit - len(prompt_ids)
                 req = _with_max_tokens(req, max(1, min(req.params.max_tokens, room)))
-            try:
-                self.local.check_fits(len(prompt_ids), req.params.max_tokens)
-            except ContextTooLong as exc:
-                raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from exc
+            if len(prompt_ids) + req.params.max_tokens > limit:
+                exc = ContextTooLong(len(prompt_ids), req.params.max_tokens, limit)
+                raise APIError(400, str(exc), param="messages", code="context_length_exceeded")
         n = req.params.n
         if self.pending + n > cfg.max_pending:
             raise APIError(503, f"the server has {self.pending} completions queued or running (limit "
