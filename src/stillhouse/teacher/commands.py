@@ -52,6 +52,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         max_context: int = typer.Option(None, help="Prompt + max_tokens limit [default: the model's]."),
         served_name: str = typer.Option(None, help="Model id to report and accept [default: the teacher's]."),
         dtype: str = typer.Option(None, help="float32 or bfloat16 for a local teacher [default: float32]."),
+        threads: int = typer.Option(None, help="torch CPU threads [default: torch's]. On a busy shared machine "
+                                               "1 can be far faster than oversubscribed threads."),
         config: Path = typer.Option(None, "--config", help="Load settings from a JSON file saved with "
                                                            "--save-config; flags given here override it."),
         save_config: Path = typer.Option(None, "--save-config", help="Write the effective settings as JSON "
@@ -68,7 +70,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             overrides = {k: v for k, v in dict(
                 teacher=teacher, host=host, port=port, max_batch=max_batch, batch_window_ms=batch_window_ms,
                 max_tokens_limit=max_tokens_limit, default_max_tokens=default_max_tokens,
-                max_context=max_context, served_name=served_name, dtype=dtype).items() if v is not None}
+                max_context=max_context, served_name=served_name, dtype=dtype, threads=threads).items() if v is not None}
             if no_continuous:
                 overrides["continuous"] = False
             cfg = dataclasses.replace(base, **overrides)
@@ -83,3 +85,41 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             raise typer.Exit(2) from exc
         except KeyboardInterrupt:
             pass
+
+    @bench_app.command("serve", help=BENCH_SERVE_HELP)
+    def bench_serve(
+        teacher: str = typer.Option("bundled", "--teacher", "-t", help="A local teacher: bundled, hf:DIR, gguf:FILE."),
+        concurrency: str = typer.Option("1,8,32", help="Comma-separated client concurrency levels."),
+        requests: int = typer.Option(0, help="Requests per level; 0 = max(8, concurrency)."),
+        baseline_requests: int = typer.Option(8, help="Requests for the generate() baseline."),
+        max_tokens: int = typer.Option(64, help="max_tokens per request (greedy)."),
+        max_batch: int = typer.Option(32, help="max_batch of the batching server."),
+        threads: int = typer.Option(0, help="torch CPU threads for every column; 0 = torch's default."),
+        out: Path = typer.Option(None, "--out", help="Write the full result as JSON here."),
+    ) -> None:
+        from rich.console import Console
+
+        from stillhouse.teacher.bench import BenchServeConfig, render_markdown, run_bench, save
+
+        try:
+            levels = tuple(int(x) for x in concurrency.split(",") if x.strip())
+            cfg = BenchServeConfig(teacher=teacher, concurrency=levels, requests=requests,
+                                   baseline_requests=baseline_requests, max_tokens=max_tokens, max_batch=max_batch,
+                                   threads=threads)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+        console = Console(stderr=True)
+        result = run_bench(cfg, progress=lambda msg: console.log(msg))
+        if out:
+            save(result, str(out))
+        typer.echo(render_markdown(result))
+
+
+BENCH_SERVE_HELP = """Completion tokens/s of `stillhouse serve` at several client concurrencies, with
+continuous batching and with batching disabled (max_batch 1), against the same model's
+plain transformers generate() run one request at a time -- all in one run, as ratios.
+
+\b
+Example (about 5-15 minutes on 2 CPU cores):
+  nice -n 10 stillhouse bench serve --teacher bundled --out runs/bench-serve.json
+"""

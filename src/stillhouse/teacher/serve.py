@@ -97,6 +97,9 @@ class ServeConfig:
     """Model id reported and accepted; default: the teacher's own name."""
     dtype: str = "float32"
     """Weights dtype for a local teacher: float32 or bfloat16."""
+    threads: int | None = None
+    """torch CPU threads; None keeps torch's default. On a shared, oversubscribed machine 1 can be
+    several times faster than spinning OpenMP threads that fight other processes for cores."""
 
     def __post_init__(self) -> None:
         from stillhouse.teacher.spec import parse_spec
@@ -114,6 +117,9 @@ class ServeConfig:
             raise ValueError(f"batch_window_ms={self.batch_window_ms}: must be between 0 and 5000")
         if self.max_context is not None and self.max_context < 2:
             raise ValueError(f"max_context={self.max_context}: must be at least 2 tokens, or None for the model's")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ValueError(f"threads={self.threads!r}: must be an integer >= 1, or None for torch's default")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r}: use float32 or bfloat16")
 
@@ -125,6 +131,10 @@ def load_teacher(config: ServeConfig) -> Teacher:
 
     ts = parse_spec(config.teacher)
     if ts.is_local:
+        if config.threads:
+            import torch
+
+            torch.set_num_threads(config.threads)
         from stillhouse.teacher.local import LocalTeacher
 
         batch = BatchConfig(max_batch=config.max_batch, batch_window_s=config.batch_window_ms / 1000,
