@@ -442,6 +442,64 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_SERVER_RUNNER = """
+import sys, uvicorn
+from stillhouse.guard.config import load_guard_config
+from stillhouse.guard.app import create_app
+from stillhouse.guard.store import open_store
+cfg = load_guard_config(sys.argv[1])
+uvicorn.run(create_app(cfg, open_store(cfg.db_url)), host="127.0.0.1", port=cfg.port, log_level="warning",
+            access_log=False, http=sys.argv[2], loop=sys.argv[3])
+"""
+
+
+def compare_servers(requests: int = 3000, concurrency: int = 64, latency_ms: float = 50.0,
+                    repeats: int = 2) -> dict[str, Any]:
+    """Guard CPU per request under uvicorn h11+asyncio versus httptools+uvloop (what chose the guard extra)."""
+    from stillhouse.config import save_config
+    from stillhouse.guard.config import GuardConfig, sha256_hex
+
+    work = Path(tempfile.mkdtemp(prefix="stillhouse-bench-servers-"))
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "What is 12 + 30?"}], "max_tokens": 16}
+    out: dict[str, Any] = {"requests": requests, "concurrency": concurrency, "latency_ms": latency_ms,
+                           "loadavg_before": os.getloadavg(), "runs": []}
+    up_port = _free_port()
+    up = _spawn([sys.executable, "-m", "stillhouse.teacher.fakeserver", "--port", str(up_port), "--latency-ms",
+                 str(latency_ms), "--model", MODEL], work / "upstream.log")
+    try:
+        _wait_http(f"http://127.0.0.1:{up_port}/health", up, 30, work / "upstream.log")
+        for rep in range(repeats):
+            for http, loop_name in (("h11", "asyncio"), ("httptools", "uvloop")):
+                port = _free_port()
+                admin = secrets.token_urlsafe(16)
+                cfg = GuardConfig(upstream_url=f"http://127.0.0.1:{up_port}", admin_token_sha256=sha256_hex(admin),
+                                  port=port, db_url=f"sqlite:///{work}/{http}-{rep}.db",
+                                  spool_dir=str(work / f"spool-{http}-{rep}"))
+                save_config(cfg, work / f"{http}-{rep}.json")
+                log = work / f"guard-{http}-{rep}.log"
+                g = _spawn([sys.executable, "-c", _SERVER_RUNNER, str(work / f"{http}-{rep}.json"), http, loop_name],
+                           log)
+                try:
+                    url = f"http://127.0.0.1:{port}"
+                    _wait_http(url + "/healthz", g, 60, log)
+                    lim = {"requests_per_min": 10**9, "tokens_per_min": 10**12}
+                    _post_json(url + "/admin/accounts", {"account_id": "b", "limits": lim}, admin)
+                    key = _post_json(url + "/admin/accounts/b/keys", {}, admin)["key"]
+                    asyncio.run(closed_loop(url + "/v1/chat/completions", key, 200, 16, body))  # warm-up
+                    c0 = process_cpu_s(g.pid)
+                    r = asyncio.run(closed_loop(url + "/v1/chat/completions", key, requests, concurrency, body))
+                    cpu = 1000 * (process_cpu_s(g.pid) - c0) / requests
+                finally:
+                    _stop(g)
+                out["runs"].append({"server": f"uvicorn --http {http} --loop {loop_name}", "repeat": rep,
+                                    "guard_cpu_ms_per_request": round(cpu, 3), "rps": round(r["rps"], 1),
+                                    "p50_ms": round(r["p50_ms"], 1), "ok": r["ok"]})
+    finally:
+        _stop(up)
+    out["loadavg_after"] = os.getloadavg()
+    return out
+
+
 def format_markdown(result: dict[str, Any]) -> str:
     """The figures as markdown tables (what docs/benchmarks.md carries)."""
     lines = []

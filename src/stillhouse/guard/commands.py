@@ -260,10 +260,19 @@ def bench_guard(
     db: str = typer.Option(None, help="Guard log store (default: SQLite in a temp dir)."),
     out: str = typer.Option(None, help="Write the results JSON here."),
     config: str = typer.Option(None, "--config", help="Replay a saved GuardBenchConfig JSON."),
+    compare_servers: bool = typer.Option(False, "--compare-servers",
+                                         help="Instead: guard CPU/request under uvicorn h11+asyncio vs "
+                                              "httptools+uvloop (3,000 requests at concurrency 64, twice each)."),
 ) -> None:
     """Guard vs direct vs LiteLLM proxy on loopback: added latency p50/p99, throughput ratio, log loss."""
     from stillhouse.config import load_config
     from stillhouse.guard.bench import GuardBenchConfig, run_bench
+
+    if compare_servers:
+        from stillhouse.guard.bench import compare_servers as _compare
+
+        typer.echo(json.dumps(_compare(latency_ms=latency_ms), indent=2))
+        return
 
     if config:
         cfg = load_config(GuardBenchConfig, config)
