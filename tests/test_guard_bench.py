@@ -1,0 +1,53 @@
+"""The guard benchmark's maths against numpy, and a tiny end-to-end run (no LiteLLM, ~10 s)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from stillhouse.guard.bench import GuardBenchConfig, format_markdown, percentile, run_bench, summarize
+
+
+def test_percentile_matches_numpy():
+    rng = random.Random(1)
+    for n in (1, 2, 7, 100, 1001):
+        xs = [rng.expovariate(1.0) for _ in range(n)]
+        for q in (0, 1, 50, 99, 100):
+            assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
+    assert percentile([], 50) != percentile([], 50)  # NaN for no data
+
+
+def test_summary_ratios():
+    result = {
+        "latency": {"direct": {"p50_ms": 50.0, "p99_ms": 60.0},
+                    "guard": {"p50_ms": 51.0, "p99_ms": 64.0, "server_cpu_ms_per_request": 0.5}},
+        "throughput": {"200": {"direct": {"achieved_rps": 200.0}, "guard": {"achieved_rps": 190.0}}},
+        "lossless": {"requests": 10, "answered": 10, "client_errors": 0, "logged": 10, "still_in_spool": 0, "lost": 0},
+        "config": {"latency_requests": 10, "latency_concurrency": 1, "latency_ms": 50.0, "duration_s": 1.0},
+    }
+    s = summarize(result)["guard"]
+    assert s["added_p50_ms"] == 1.0 and s["added_p99_ms"] == 4.0
+    assert s["throughput_ratio_at_200"] == 0.95 and s["log_records_lost"] == 0
+    result["throughput"]["200"]["direct"].update(sent=200, ok=200, p50_ms=1, p99_ms=2)
+    result["throughput"]["200"]["guard"].update(sent=200, ok=190, p50_ms=1, p99_ms=2)
+    md = format_markdown(result)
+    assert "| guard | 51.0 | 64.0 | +1.0 | +4.0 | 0.50 |" in md and "**0 lost**" in md
+
+
+def test_bench_config_validation():
+    with pytest.raises(ValueError, match="rates"):
+        GuardBenchConfig(rates=())
+    with pytest.raises(ValueError, match="latency_requests"):
+        GuardBenchConfig(latency_requests=1)
+
+
+def test_tiny_bench_run(tmp_path):
+    cfg = GuardBenchConfig(latency_ms=5, rates=(50.0,), duration_s=1.0, drain_s=2.0, latency_requests=50,
+                           latency_concurrency=4, lossless_requests=300, lossless_concurrency=8, litellm_python="")
+    r = run_bench(cfg, work=tmp_path)
+    assert not r["errors"], r["errors"]
+    assert r["lossless"]["lost"] == 0 and r["lossless"]["logged"] == 300
+    assert r["summary"]["guard"]["throughput_ratio_at_50"] > 0.5
+    assert r["latency"]["guard"]["server_cpu_ms_per_request"] > 0
