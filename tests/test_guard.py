@@ -659,3 +659,17 @@ def test_degrade_strips_reasoning_from_json_and_streams(tmp_path):
     finally:
         g.stop()
         stop()
+
+
+def test_upstream_429_and_its_retry_after_pass_through(tmp_path):
+    with start_fake(FakeServerConfig(latency_ms=1, faults=(("429", 1.0),), fault_attempts=1,
+                                     retry_after_s=7)) as limited:
+        g = start_guard(make_config(tmp_path, f"http://127.0.0.1:{limited.port}"))
+        try:
+            key = g.account_with_key("uma")
+            status, headers, out = g.chat(key)
+            assert status == 429 and headers["retry-after"] == "7" and "error" in out
+            assert g.chat(key)[0] == 200           # the fake only refuses the first attempt of a body
+            assert [r.status for r in g.records("uma")] == [429, 200]
+        finally:
+            g.stop()

@@ -543,14 +543,16 @@ class GuardApp:
                     started = True
                     await send({"type": "http.response.start", "status": resp.status,
                                 "headers": [(b"content-type", resp.content_type.encode("latin-1", "replace")),
-                                            (b"content-length", str(len(data)).encode())]})
+                                            (b"content-length", str(len(data)).encode()),
+                                            *resp.passthrough_headers]})
                     await send({"type": "http.response.body", "body": data})
                     finished = True
                     return
                 started = sse = True
                 await send({"type": "http.response.start", "status": 200,
                             "headers": [(b"content-type", resp.content_type.encode("latin-1", "replace")),
-                                        (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]})
+                                        (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"),
+                                        *resp.passthrough_headers]})
                 stripper = SSEReasoningStripper() if strip else None
                 async for chunk in resp.chunks():
                     collected.append(chunk)

@@ -33,6 +33,9 @@ class UpstreamTimeout(UpstreamError):
     status = 504
 
 
+PASSTHROUGH_HEADERS = frozenset({"retry-after", "x-request-id", "openai-processing-ms"})
+
+
 class UpstreamResponse:
     """An open upstream response: status and headers now, the body as it arrives."""
 
@@ -41,6 +44,10 @@ class UpstreamResponse:
         self.url = url
         self.status: int = resp.status
         self.content_type: str = resp.headers.get("Content-Type", "application/json")
+        self.passthrough_headers: list[tuple[bytes, bytes]] = [
+            (k.lower().encode("latin-1", "replace"), v.encode("latin-1", "replace"))
+            for k, v in resp.headers.items() if k.lower() in PASSTHROUGH_HEADERS or k.lower().startswith("x-ratelimit-")]
+        """Upstream headers a client needs to behave (Retry-After on 429/503, rate-limit state)."""
 
     async def read(self) -> bytes:
         import aiohttp
