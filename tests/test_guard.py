@@ -673,3 +673,12 @@ def test_upstream_429_and_its_retry_after_pass_through(tmp_path):
             assert [r.status for r in g.records("uma")] == [429, 200]
         finally:
             g.stop()
+
+
+def test_demo_runs_against_the_fake_upstream(capsys):
+    from stillhouse.guard.demo import run_demo
+
+    rec = run_demo(fake=True, prompt="What is 2 + 2?")
+    out = capsys.readouterr().out
+    assert "without a key: 401" in out and "with the key:  200" in out
+    assert rec["status"] == 200 and rec["account_id"] == "demo" and rec["completion_tokens"] > 0
