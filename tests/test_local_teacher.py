@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from stillhouse.teacher.base import SamplingParams, Teacher
-from stillhouse.teacher.batcher import BatchConfig, Request, RequestCancelled
+from stillhouse.teacher.batcher import BatchConfig, RequestCancelled
 from stillhouse.teacher.decoding import (
     TokenText,
     find_stop,
@@ -60,7 +60,7 @@ def test_logprobs_match_a_manual_forward_pass(tiny_teacher, tiny_model):
             assert set(ids) == set(ref_ids.tolist())
         tt = TokenText(tiny_teacher.tokenizer)
         assert c.logprobs.top_tokens[0] == [tt.text(i) for i in c.logprobs.top_ids[0]]
-        assert b"".join(tt.bytes(i) for i in c.token_ids).decode("utf-8", "replace") == c.text
+        assert b"".join(tt.raw(i) for i in c.token_ids).decode("utf-8", "replace") == c.text
 
 
 def test_greedy_matches_transformers_generate(tiny_teacher, tiny_model):
@@ -250,7 +250,7 @@ def test_token_bytes_are_exact_for_multibyte_text(smol_tokenizer):
     tt = TokenText(smol_tokenizer)
     text = "naïve café 🙂"
     ids = smol_tokenizer.encode(text, add_special_tokens=False)
-    assert b"".join(tt.bytes(i) for i in ids) == text.encode()
+    assert b"".join(tt.raw(i) for i in ids) == text.encode()
 
 
 # -- the model cache ----------------------------------------------------------------------------

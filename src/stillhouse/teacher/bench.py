@@ -182,8 +182,8 @@ def run_bench(cfg: BenchServeConfig, progress: Any = None) -> dict[str, Any]:
 def render_markdown(result: dict[str, Any]) -> str:
     """A markdown table of one run: tokens/s and ratios to the generate() baseline."""
     base = result["generate_one_at_a_time"]
-    lines = [f"| concurrency | `stillhouse serve` (continuous batching) | `serve` with max_batch 1 | "
-             f"plain `generate()` one at a time |", "|---|---|---|---|"]
+    lines = ["| concurrency | `stillhouse serve` (continuous batching) | `serve` with max_batch 1 | "
+             "plain `generate()` one at a time |", "|---|---|---|---|"]
     for c in result["config"]["concurrency"]:
         a = result["columns"]["serve"][str(c)]
         b = result["columns"]["serve_b1"][str(c)]

@@ -239,7 +239,7 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_dtype(dtype))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]
     model.eval()
     return model, tokenizer, revision
 

@@ -6,6 +6,7 @@ Heavy imports (torch, transformers, uvicorn) happen inside the command functions
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -67,7 +68,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
         try:
             base = load_config(ServeConfig, config) if config else ServeConfig()
-            overrides = {k: v for k, v in dict(
+            overrides: dict[str, Any] = {k: v for k, v in dict(
                 teacher=teacher, host=host, port=port, max_batch=max_batch, batch_window_ms=batch_window_ms,
                 max_tokens_limit=max_tokens_limit, default_max_tokens=default_max_tokens,
                 max_context=max_context, served_name=served_name, dtype=dtype, threads=threads).items() if v is not None}

@@ -142,7 +142,7 @@ class TokenText:
             self._byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
         self._special = set(getattr(tokenizer, "all_special_ids", []) or [])
 
-    def bytes(self, token_id: int) -> bytes:
+    def raw(self, token_id: int) -> bytes:
         """The exact bytes this token contributes to the text."""
         return self._lookup(token_id)[1]
 

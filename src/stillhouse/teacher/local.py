@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from stillhouse.teacher.base import ChatResult, Completion, Message, SamplingParams
-from stillhouse.teacher.batcher import Batcher, BatchConfig, Handle, LogitsProcessor, Request, StepEvent
+from stillhouse.teacher.batcher import BatchConfig, Batcher, Handle, LogitsProcessor, Request, StepEvent
 from stillhouse.teacher.spec import TeacherSpec
 
 if TYPE_CHECKING:

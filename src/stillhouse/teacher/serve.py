@@ -40,7 +40,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from stillhouse.teacher.base import ChatResult, Completion, Teacher, TokenLogprobs
+from stillhouse.teacher.base import ChatResult, Completion, Teacher
 from stillhouse.teacher.openai_schema import (
     APIError,
     ChatRequest,
@@ -220,8 +220,8 @@ class ChatServer:
                 room = limit - len(prompt_ids)
                 req = _with_max_tokens(req, max(1, min(req.params.max_tokens, room)))
             if len(prompt_ids) + req.params.max_tokens > limit:
-                exc = ContextTooLong(len(prompt_ids), req.params.max_tokens, limit)
-                raise APIError(400, str(exc), param="messages", code="context_length_exceeded")
+                too_long = ContextTooLong(len(prompt_ids), req.params.max_tokens, limit)
+                raise APIError(400, str(too_long), param="messages", code="context_length_exceeded")
         n = req.params.n
         if self.pending + n > cfg.max_pending:
             raise APIError(503, f"the server has {self.pending} completions queued or running (limit "
@@ -284,10 +284,10 @@ class ChatServer:
         if self.local is not None and ids is not None:
             tt = self.local.batcher.token_text
             tokens = [tt.text(t) for t in ids]
-            raw = [tt.bytes(t) for t in ids]
+            raw = [tt.raw(t) for t in ids]
             tids = top_ids or []
             top_tokens = [[tt.text(t) for t in row] for row in tids]
-            top_raw = [[tt.bytes(t) for t in row] for row in tids]
+            top_raw = [[tt.raw(t) for t in row] for row in tids]
         else:
             tokens = tokens or []
             raw = [t.encode() for t in tokens]
@@ -420,7 +420,6 @@ def create_app(teacher: Teacher, config: ServeConfig | None = None, *, close_tea
 
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
-    from starlette.requests import Request
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
