@@ -287,3 +287,17 @@ async def test_local_teacher_harvest_stores_ids_and_topk(tmp_path, tiny_teacher)
         # top-1 logprob is at least the sampled token's (float16 storage: compare loosely)
         assert (r.top_logprobs[:, 0] >= r.logprobs - 1e-2).all()
         assert (r.top_logprobs[:, :-1] >= r.top_logprobs[:, 1:] - 1e-3).all()
+
+
+async def test_stored_keys_are_the_documented_content_hash(tmp_path):
+    import hashlib
+
+    from stillhouse.distill.store import canonical_json, record_key
+
+    cfg = cfg_for(tmp_path, prompts="builtin:arithmetic:4", samples=2, temperature=0.3, seed=1)
+    await run_harvest(cfg, teacher=Counting())
+    with HarvestStore(cfg.out, readonly=True) as s:
+        for r in s.records():
+            blob = canonical_json({"m": r.messages, "t": r.teacher, "p": r.params, "s": r.sample_index})
+            assert r.key == hashlib.sha256(blob.encode()).hexdigest()
+            assert r.key == record_key(r.messages, r.teacher, r.params, r.sample_index)

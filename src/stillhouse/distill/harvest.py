@@ -51,7 +51,13 @@ from typing import Any
 
 from stillhouse.config import ConfigError, config_to_dict, load_config, save_config
 from stillhouse.distill.prompts import Prompt, PromptSet, load_prompts
-from stillhouse.distill.store import CONFIG_NAME, HarvestStore, canonical_json, completion_row, record_key
+from stillhouse.distill.store import (
+    CONFIG_NAME,
+    HarvestStore,
+    canonical_json,
+    completion_row,
+    record_key_from_json,
+)
 from stillhouse.teacher.base import (
     RETRYABLE,
     RateLimited,
@@ -375,7 +381,7 @@ class Harvester:
         todo = []
         for prompt in self.prompts.prompts:
             for i, (p, d, pj) in enumerate(per_sample):
-                key = record_key(prompt.messages, self.teacher_id, d, i)
+                key = record_key_from_json(prompt.messages_json, self.teacher_id, pj, i)
                 if key in done:
                     self.stats.skipped += 1
                 else:
@@ -394,7 +400,7 @@ class Harvester:
             model=self._model, revision=self._revision, params=w.params_dict, sample_index=w.sample_index,
             completion=completion, latency_s=latency, cost=cost, attempts=attempts, error=error, raw=raw,
             meta=w.prompt.meta, messages_json=w.prompt.messages_json, prompt_hash_hex=w.prompt.hash,
-            params_json=w.params_json,
+            params_json=w.params_json, meta_json=w.prompt.meta_json,
         )
 
     async def _one(self, w: _Work) -> None:

@@ -49,6 +49,8 @@ class Prompt:
     """prompt_hash(messages), filled by the loader."""
     messages_json: str = ""
     """canonical_json(messages), filled by the loader (saves re-encoding per record)."""
+    meta_json: str = "{}"
+    """canonical_json(meta), filled by the loader."""
 
 
 @dataclass(frozen=True)
@@ -111,15 +113,15 @@ def row_to_prompt(row: Any) -> Prompt:
     else:
         raise ValueError("needs 'messages' (a list of {role, content}) or 'prompt' (a string)")
     mj = canonical_json(messages)
-    ph = prompt_hash(messages)
+    ph = prompt_hash(messages, mj)
     rid = row.get("id")
     if rid is None or rid == "":
         rid = f"p-{ph[:12]}"
     elif not isinstance(rid, (str, int)):
         raise ValueError(f"'id' must be a string or an integer, not {type(rid).__name__}")
     meta = {k: v for k, v in row.items() if k not in ("id", "messages", "prompt")}
-    json.dumps(meta)  # meta must be JSON-serialisable; raises TypeError otherwise
-    return Prompt(id=str(rid), messages=messages, meta=meta, hash=ph, messages_json=mj)
+    meta_json = canonical_json(meta) if meta else "{}"  # raises TypeError when not JSON-serialisable
+    return Prompt(id=str(rid), messages=messages, meta=meta, hash=ph, messages_json=mj, meta_json=meta_json)
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any, str | None]]:

@@ -113,14 +113,23 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def prompt_hash(messages: list[Message]) -> str:
+def prompt_hash(messages: list[Message], messages_json: str | None = None) -> str:
     """SHA-256 (hex) of the messages alone; export splits train/held-out by it."""
-    return hashlib.sha256(canonical_json(messages).encode()).hexdigest()
+    mj = canonical_json(messages) if messages_json is None else messages_json
+    return hashlib.sha256(mj.encode()).hexdigest()
 
 
 def record_key(messages: list[Message], teacher: str, params: dict[str, Any], sample_index: int) -> str:
-    """The content hash that identifies one record: (messages, teacher, sampling params, sample index)."""
-    blob = canonical_json({"m": messages, "t": teacher, "p": params, "s": sample_index})
+    """The content hash that identifies one record: (messages, teacher, sampling params, sample index).
+
+    It is SHA-256 of ``canonical_json({"m": messages, "p": params, "s": sample_index, "t": teacher})``.
+    """
+    return record_key_from_json(canonical_json(messages), teacher, canonical_json(params), sample_index)
+
+
+def record_key_from_json(messages_json: str, teacher: str, params_json: str, sample_index: int) -> str:
+    """:func:`record_key` from already canonical JSON of the messages and params (same result, less work)."""
+    blob = f'{{"m":{messages_json},"p":{params_json},"s":{int(sample_index)},"t":{canonical_json(teacher)}}}'
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -220,10 +229,11 @@ def completion_row(
     messages_json: str | None = None,
     prompt_hash_hex: str | None = None,
     params_json: str | None = None,
+    meta_json: str | None = None,
 ) -> tuple[Any, ...]:
     """The database row for one finished attempt (a completion, or an error).
 
-    ``messages_json``/``prompt_hash_hex``/``params_json`` may be passed precomputed (the
+    ``messages_json``/``prompt_hash_hex``/``params_json``/``meta_json`` may be passed precomputed (the
     harvester does, once per prompt) to save encoding them per record.
     """
     now = time.time()
@@ -257,7 +267,8 @@ def completion_row(
         None if c is None else c.text, None if c is None else c.finish_reason,
         None if c is None else c.prompt_tokens, None if c is None else c.completion_tokens,
         token_ids, tokens, logprobs, top_k, top_ids, top_tokens, top_lp,
-        latency_s, cost, attempts, error, raw, canonical_json(meta or {}), now, now,
+        latency_s, cost, attempts, error, raw, meta_json if meta_json is not None else canonical_json(meta or {}),
+        now, now,
     )
 
 
