@@ -107,6 +107,9 @@ def test_word_problems_take_the_final_answer_not_the_last_equation() -> None:
     marked = "3 * 4 = 12 pens, 12 + 8 = 20 pens\n#### 20"
     assert extract_answer(marked, "final") == extract_answer(marked, "equals") == "20"   # #### wins
     assert extract_answer("First 3 * 4 = 12, then add 8 to get 20", "final") == "20"
+    # seen from the bundled teacher on GSM8K: the answer line is itself an equation
+    assert extract_answer("So 20 * 2 = 40.\n\nSo, the answer is 60 + 40 = 100.", "final") == "100"
+    assert extract_answer("The final answer is 20,000.", "final") == "20,000"
     assert extract_answer("First 3 * 4 = 12, then add 8 to get 20", "equals") == "12"
     assert verify("gsm8k", "3 * 4 = 12, then add 8 to get 20", "20").ok
     assert not verify("arithmetic", "3 * 4 = 12, then add 8 to get 20", "20").ok

@@ -399,6 +399,8 @@ class EvalResult:
             kl = "—" if s.kl is None else f"{s.kl:.4f}"
             if s.ceiling is None:
                 ceil = "1 (teacher)" if s is self.teacher else "—"
+            elif math.isnan(s.ceiling.value):
+                ceil = "undefined (teacher scored 0)"
             else:
                 ceil = f"{s.ceiling.value:.2f} [{s.ceiling.lo:.2f}, {s.ceiling.hi:.2f}]"
             out.append([s.label, f"{s.n_params / 1e6:.1f}M", acc, agr, kl, ceil])

@@ -4,8 +4,9 @@
   GSM8K convention our prompts ask for). Otherwise, for arithmetic (``style="equals"``),
   the answer is the number after the last ``=`` when the model echoes the sum
   (``"12 + 30 = 42"``), else the last number; for word problems (``style="final"``:
-  GSM8K, math) it is the number after "answer is", else the last number, because the
-  last ``=`` of a worked solution is often an intermediate step. Commas as thousands
+  GSM8K, math) it is the number after the last "answer is" (the result, when that line
+  is an equation), else the last number, because the last ``=`` of a worked solution
+  is often an intermediate step. Commas as thousands
   separators, a leading ``$``, a trailing period and a trailing ``%`` are tolerated;
   numbers compare exactly as decimals (``42.0 == 42``).
 * GSM8K references (:func:`gsm8k_reference`): the number after ``####`` in the dataset's
@@ -46,7 +47,7 @@ _NUMBER = r"(?:(?<![\w.])-)?\$?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?"
 _NUMBER_RE = re.compile(_NUMBER)
 _AFTER_EQUALS_RE = re.compile(r"=\s*(" + _NUMBER + r")")
 _GSM8K_RE = re.compile(r"####\s*(" + _NUMBER + r")")
-_ANSWER_IS_RE = re.compile(r"answer\s*(?:is|:)\s*[:=]?\s*\**\s*(" + _NUMBER + r")", re.IGNORECASE)
+_ANSWER_IS_RE = re.compile(r"answer\s*(?:is|:)([^\n]*)", re.IGNORECASE)
 
 AnswerStyle = Literal["equals", "final"]
 
@@ -70,9 +71,18 @@ def extract_answer(text: str, style: AnswerStyle = "equals") -> str | None:
     marked = _GSM8K_RE.findall(text)
     if marked:
         return marked[-1].strip()
-    preferred = _AFTER_EQUALS_RE.findall(text) if style == "equals" else _ANSWER_IS_RE.findall(text)
-    if preferred:
-        return preferred[-1].strip()
+    if style == "equals":
+        after = _AFTER_EQUALS_RE.findall(text)
+        if after:
+            return after[-1].strip()
+    else:
+        # the line after the last "answer is": its result if it is an equation ("60 + 40 = 100"),
+        # else its first number ("20 pens, minus ...")
+        for tail in reversed(_ANSWER_IS_RE.findall(text)):
+            after = _AFTER_EQUALS_RE.findall(tail)
+            numbers = after or _NUMBER_RE.findall(tail)
+            if numbers:
+                return (numbers[-1] if after else numbers[0]).strip()
     numbers = _NUMBER_RE.findall(text)
     return numbers[-1].strip() if numbers else None
 
