@@ -19,7 +19,7 @@ from stillhouse.teacher.fakeserver import start_in_thread as start_fake
 from test_guard import ADMIN, make_config, start_guard
 
 
-def _fuzz(tmp_path, examples: int) -> Counter[int]:
+def _fuzz(tmp_path, examples: int) -> tuple[Counter[int], Counter[str]]:
     import schemathesis
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
@@ -34,6 +34,7 @@ def _fuzz(tmp_path, examples: int) -> Counter[int]:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             strategies.append(op.as_strategy(generation_mode=mode))
     statuses: Counter[int] = Counter()
+    paths: Counter[str] = Counter()
     failures: list[str] = []
     with start_fake(FakeServerConfig(latency_ms=0)) as fake:
         g = start_guard(make_config(tmp_path, f"http://127.0.0.1:{fake.port}", max_body_bytes=20_000,
@@ -48,6 +49,7 @@ def _fuzz(tmp_path, examples: int) -> Counter[int]:
                 token = ADMIN if case.path.startswith("/admin") else key
                 resp = case.call(base_url=g.url, headers={"Authorization": f"Bearer {token}"}, timeout=15)
                 statuses[resp.status_code] += 1
+                paths[case.path] += 1
                 if resp.status_code >= 500:
                     failures.append(f"{case.method} {case.path} body={case.body!r:.300} → "
                                     f"{resp.status_code} {resp.text[:300]}")
@@ -59,16 +61,17 @@ def _fuzz(tmp_path, examples: int) -> Counter[int]:
         finally:
             g.stop()
     assert not failures, failures
-    return statuses
+    return statuses, paths
 
 
 def test_fuzz_short(tmp_path):
-    statuses = _fuzz(tmp_path, int(os.environ.get("STILLHOUSE_FUZZ_EXAMPLES", "120")))
+    statuses, paths = _fuzz(tmp_path, int(os.environ.get("STILLHOUSE_FUZZ_EXAMPLES", "120")))
     assert sum(statuses.values()) >= 80
+    assert paths["/health"] > 0 and paths["/v1/chat/completions"] > 0   # every kind of route is exercised
     assert statuses[200] + statuses[201] > 0 and statuses[400] > 0   # it reached both sides of validation
 
 
 @pytest.mark.slow
 def test_fuzz_long(tmp_path):
-    statuses = _fuzz(tmp_path, int(os.environ.get("STILLHOUSE_FUZZ_EXAMPLES", "2000")))
+    statuses, _ = _fuzz(tmp_path, int(os.environ.get("STILLHOUSE_FUZZ_EXAMPLES", "2000")))
     assert sum(statuses.values()) >= 1500

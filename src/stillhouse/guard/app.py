@@ -17,7 +17,9 @@ app (run it with uvicorn; ``stillhouse guard`` does). Per request, in this order
 
 Errors are OpenAI-shaped: ``{"error": {"message", "type", "param", "code"}}``.
 The admin API (``guard/admin.py``) lives under ``/admin/`` behind its own token; the
-OpenAPI schema is served at ``/openapi.json``. ``clock`` only stamps records and drives
+OpenAPI schema is served at ``/openapi.json``; ``GET /health`` (no key) answers
+``{"status": "ok", "store": "up"|"down", "upstream": URL}`` from memory, and ``/healthz``
+(log writer counters, 503 when fail-closed with the store down) is for operators. ``clock`` only stamps records and drives
 limits and decisions (the arena injects simulated time); latency is always wall time.
 """
 
@@ -124,6 +126,21 @@ def check_request(path: str, body: Any) -> None:
         v = body.get(name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
             raise BadRequest(f"'{name}' must be a number", name)
+
+
+def public_url(url: str) -> str:
+    """``url`` without user:password@, query string or fragment (safe to show without a key)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if ":" in host:  # IPv6 literal
+            host = f"[{host}]"
+        netloc = f"{host}:{parts.port}" if parts.port is not None else host
+    except ValueError:  # an unparsable port: show nothing rather than something wrong
+        return ""
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def _estimate_tokens(text: str) -> int:
@@ -322,6 +339,8 @@ class GuardApp:
             await self._proxy(scope, receive, send, method, path)
         elif path.startswith("/admin/"):
             await self.admin.handle(scope, receive, send)
+        elif path == "/health" and method == "GET":
+            await send_json(send, 200, self.health())
         elif path == "/healthz" and method == "GET":
             ok = self.writer.store_ok
             await send_json(send, 200 if ok or self.config.on_store_failure == "open" else 503,
@@ -330,13 +349,21 @@ class GuardApp:
         elif path == "/openapi.json" and method == "GET":
             from stillhouse.guard.openapi import openapi_schema
             await send_json(send, 200, openapi_schema())
-        elif path in {p for _, p in PROXIED} or path == "/healthz" or path == "/openapi.json":
+        elif path in {p for _, p in PROXIED} or path in ("/health", "/healthz", "/openapi.json"):
             await send_json(send, 405, error_body(f"{method} is not allowed on {path}", "invalid_request_error",
                                                   "method_not_allowed"))
         else:
             await send_json(send, 404, error_body(f"unknown path {path}; the guard serves /v1/chat/completions, "
                                                   "/v1/completions, /v1/models and /admin/...",
                                                   "invalid_request_error", "not_found"))
+
+    def health(self) -> dict[str, str]:
+        """``GET /health``: liveness for load balancers and scripts; no key needed.
+
+        Answered from memory: it never calls the upstream or the store (``store`` is the log
+        writer's last known state), and the upstream URL loses any credentials, query or fragment."""
+        return {"status": "ok", "store": "up" if self.writer.store_ok else "down",
+                "upstream": public_url(self.config.upstream_url)}
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

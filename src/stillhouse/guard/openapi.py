@@ -88,6 +88,11 @@ def openapi_schema() -> dict[str, Any]:
                     "scope": {"type": "string", "enum": ["account", "cluster"]}, "target": _ID,
                     "action": {"type": "string", "enum": ["allow", "throttle", "degrade", "block"]},
                     "reason": {"type": "string", "maxLength": 512}, "by": {"type": "string", "maxLength": 512}}},
+                "Health": {"type": "object", "required": ["status", "store", "upstream"],
+                           "additionalProperties": False, "properties": {
+                               "status": {"type": "string", "enum": ["ok"]},
+                               "store": {"type": "string", "enum": ["up", "down"]},
+                               "upstream": {"type": "string"}}},
                 "Any": {"type": "object"},
             },
         },
@@ -110,7 +115,10 @@ def openapi_schema() -> dict[str, Any]:
             "/v1/models": {"get": {"operationId": "models", "security": [{"apiKey": []}],
                                    "responses": {"200": _resp("models", {"$ref": "#/components/schemas/Passthrough"}),
                                                  **_PROXY_ERRORS}}},
-            "/healthz": {"get": {"operationId": "health", "responses": {
+            "/health": {"get": {"operationId": "health", "security": [], "responses": {
+                "200": _resp("the guard is up (answered from memory; never calls the upstream)",
+                             {"$ref": "#/components/schemas/Health"})}}},
+            "/healthz": {"get": {"operationId": "healthz", "responses": {
                 "200": _resp("up", {"$ref": "#/components/schemas/Any"}),
                 "503": _resp("log store down (fail-closed)", {"$ref": "#/components/schemas/Any"})}}},
             "/admin/accounts": {
