@@ -76,7 +76,7 @@ async def test_connection_refused_maps_to_connection_error():
 
 
 async def test_timeout_maps_to_teacher_timeout():
-    cfg = FakeServerConfig(latency_ms=0, faults=(("timeout", 1.0),), fault_attempts=5, hang_s=5)
+    cfg = FakeServerConfig(latency_ms=0, faults=(("timeout", 1.0),), fault_attempts=5, hang_s=1)
     with start_in_thread(cfg) as s:
         async with OpenAITeacher(s.base_url, model="fake-model", timeout_s=0.2) as t:
             with pytest.raises(TeacherTimeout):
