@@ -209,7 +209,8 @@ def _train_and_eval(args, out: Path, name: str, data: Path, held, teacher, snaps
     from stillhouse.distill.train import TrainConfig, train
 
     run = out / "runs" / name
-    cfg = TrainConfig(data=str(data), out=str(run), teacher="bundled", threads=args.threads, seed=0,
+    cfg = TrainConfig(data=str(data), out=str(run), teacher=cfg_kw.pop("teacher_spec", "bundled"),
+                      threads=args.threads, seed=0,
                       snapshot_at=tuple(snapshot_at), shuffle=False, system_prompt=args.student_system, **cfg_kw)
     done = run / "final" / "train_config.json"
     if not done.exists() or {k: v for k, v in json.loads(done.read_text()).items() if k != "__config__"} \
@@ -285,6 +286,27 @@ def stage_verified(args: argparse.Namespace, out: Path) -> None:
     (out / "verified.json").write_text(json.dumps([r for r in old if r["label"] not in keep] + results, indent=2))
 
 
+def stage_staged(args: argparse.Namespace, out: Path) -> None:
+    """The pruned student healed on N greedy examples (grid SFT snapshot), then fine-tuned on verified rows only."""
+    from stillhouse.distill.modelio import load_causal_lm
+
+    held, _ = split_problems(args.heldout, args.train)
+    base = out / "runs" / "pruned10-sft" / "snapshots" / f"n{args.staged_from}"
+    start = load_causal_lm(f"hf:{base}")
+    data = out / "verified_pruned.jsonl"
+    rows = _read_jsonl(data)
+    res = _train_and_eval(args, out, f"pruned10-sft{args.staged_from}+verified", data, held, start,
+                          teacher_spec=f"hf:{base}", student="self",
+                          loss="sft", batch_size=args.batch, lr=args.lr, warmup_steps=10,
+                          epochs=args.staged_epochs)
+    for r in res:
+        r["verified_rows"] = len(rows)
+        r["train_examples"] = f"{args.staged_from} greedy + {len(rows)} verified x {args.staged_epochs}"
+    old = json.loads((out / "verified.json").read_text()) if (out / "verified.json").exists() else []
+    keep = {r["label"] for r in res}
+    (out / "verified.json").write_text(json.dumps([r for r in old if r["label"] not in keep] + res, indent=2))
+
+
 def stage_report(args: argparse.Namespace, out: Path) -> None:
     """Markdown tables of every measured model, with 95% Wilson intervals."""
     from stillhouse.distill.modelio import load_causal_lm
@@ -315,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/exp_ceiling"))
     p.add_argument("--stage", default="all",
-                   choices=["all", "harvest", "probe", "sample", "grid", "verified", "report"])
+                   choices=["all", "harvest", "probe", "sample", "grid", "verified", "staged", "report"])
     p.add_argument("--heldout", type=int, default=300, help="held-out problems")
     p.add_argument("--train", type=int, default=4000, help="training-pool problems harvested greedily")
     p.add_argument("--threads", type=int, default=1,
@@ -330,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--self-lr", type=float, default=5e-5, help="learning rate of the self-distilled student")
     p.add_argument("--verified-epochs", type=int, default=3)
     p.add_argument("--self-epochs", type=int, default=2)
+    p.add_argument("--staged-from", type=int, default=1000, help="grid SFT snapshot the staged student starts from")
+    p.add_argument("--staged-epochs", type=int, default=1)
     p.add_argument("--verified-students", nargs="+", default=["pruned", "self"], choices=["pruned", "self"])
     p.add_argument("--verified-max", type=int, default=0, help="cap on verified rows for the pruned student")
     p.add_argument("--self-max", type=int, default=0, help="cap on verified rows for the self-distilled student")
@@ -345,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     stages = {"harvest": stage_harvest, "probe": stage_probe, "sample": stage_sample, "grid": stage_grid,
-              "verified": stage_verified, "report": stage_report}
+              "verified": stage_verified, "staged": stage_staged, "report": stage_report}
     for name, fn in stages.items():
         if args.stage in ("all", name):
             _log(f"stage {name}")
