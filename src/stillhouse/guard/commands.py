@@ -1,6 +1,7 @@
 """CLI verbs of the guard: ``guard`` (run the gateway), ``guard admin ...``, ``guard demo``, ``bench guard``.
 
     stillhouse guard --upstream http://127.0.0.1:8000 --port 8080 --db sqlite:///runs/guard.db
+    stillhouse guard --upstream http://127.0.0.1:8000 --detector runs/detector --shadow
     STILLHOUSE_GUARD_ADMIN_TOKEN=... stillhouse guard admin --url http://127.0.0.1:8080 create-account --org acme
     stillhouse guard demo --fake
     stillhouse bench guard --out docs/bench-guard.json
@@ -27,7 +28,11 @@ guard_app = typer.Typer(
         "  export STILLHOUSE_GUARD_ADMIN_TOKEN=$(python -c 'import secrets; print(secrets.token_urlsafe())')\n\n"
         "  stillhouse guard --upstream http://127.0.0.1:8000 --port 8080 --db sqlite:///runs/guard.db\n\n"
         "then create accounts and keys with `stillhouse guard admin ...`. Clients use the guard as their\n"
-        "OpenAI base URL (http://127.0.0.1:8080/v1) with `Authorization: Bearer sk-sh-...`."
+        "OpenAI base URL (http://127.0.0.1:8080/v1) with `Authorization: Bearer sk-sh-...`.\n\n"
+        "Online detection: fit a detector on benign traffic, then hand it to the guard\n\n"
+        "  stillhouse detect --fit --log benign.jsonl --model runs/detector\n\n"
+        "  stillhouse guard --upstream http://127.0.0.1:8000 --detector runs/detector --shadow\n\n"
+        "(--shadow records what the detector would do; drop it to enforce)."
     ),
     invoke_without_command=True,
     no_args_is_help=False,
@@ -60,6 +65,10 @@ def guard(
     rpm: int = typer.Option(None, "--rpm", help="Default requests/min per account (0 = unlimited)."),
     tpm: int = typer.Option(None, "--tpm", help="Default tokens/min per account (0 = unlimited)."),
     max_streams: int = typer.Option(None, help="Default concurrent streams per account (0 = unlimited)."),
+    detector: str = typer.Option(None, "--detector", metavar="DIR",
+                                 help="Score every request online with this fitted detector (written by "
+                                      "`stillhouse detect --fit --log BENIGN_LOG --model DIR`); its verdicts "
+                                      "throttle or block accounts (only recorded with --shadow)."),
     save_config: str = typer.Option(None, help="Write the resolved config (no secrets) to this JSON file."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as JSON and exit."),
 ) -> None:
@@ -73,7 +82,8 @@ def guard(
     overrides: dict[str, Any] = {k: v for k, v in {
         "upstream_url": upstream, "port": port, "host": host, "db_url": db, "on_store_failure": on_store_failure,
         "spool_dir": spool_dir, "shadow": shadow, "redact": redact, "max_body_bytes": max_body_bytes,
-        "requests_per_min": rpm, "tokens_per_min": tpm, "max_concurrent_streams": max_streams}.items() if v is not None}
+        "requests_per_min": rpm, "tokens_per_min": tpm, "max_concurrent_streams": max_streams,
+        "detector_dir": detector}.items() if v is not None}
     try:
         if config:
             base = config_to_dict(load_guard_config(config))
@@ -96,11 +106,21 @@ def guard(
         return
     if save_config:
         _save(cfg, save_config)
-    from stillhouse.guard.server import serve_forever
+    from stillhouse.guard.server import DetectorLoadError, load_detector, serve_forever
 
+    det = None
+    if cfg.detector_dir:
+        try:
+            det = load_detector(cfg.detector_dir)  # before binding the port: a bad DIR fails fast
+        except DetectorLoadError as exc:
+            _die(str(exc))
+            return
     typer.echo(f"guard on http://{cfg.host}:{cfg.port}/v1 → {cfg.upstream_url}  (log: {cfg.db_url}, "
                f"store failure: fail-{cfg.on_store_failure}{', SHADOW' if cfg.shadow else ''})", err=True)
-    serve_forever(cfg)
+    if det is not None:
+        typer.echo(f"detector: {cfg.detector_dir} (thresholds {det.thresholds_}; verdicts "
+                   f"{'recorded only (shadow)' if cfg.shadow else 'enforced'})", err=True)
+    serve_forever(cfg, detector=det)
 
 
 # -- admin --------------------------------------------------------------------------------

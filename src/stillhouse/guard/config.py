@@ -128,6 +128,9 @@ class GuardConfig:
     """Extra regular expressions redacted in "patterns" mode."""
     trust_forwarded_for: bool = False
     """Take the client IP from X-Forwarded-For (only behind a trusted proxy)."""
+    detector_dir: str = ""
+    """A fitted detector (``stillhouse detect --fit --log BENIGN_LOG --model DIR``) scoring every request
+    online; its verdicts go to the policy engine ("" = none: manual decisions and rules only)."""
 
     def __post_init__(self) -> None:
         if not re.match(r"^https?://[^/\s]+", self.upstream_url):

@@ -1,10 +1,14 @@
 """Running the guard: in the foreground (the CLI) or on a background thread (tests, bench, demo).
 
-``serve_forever(config)`` opens the store named by ``config.db_url`` and runs uvicorn
-until interrupted. ``start_in_thread(app)`` runs any ASGI app under uvicorn on its own
+``serve_forever(config)`` opens the store named by ``config.db_url``, loads the fitted
+detector named by ``config.detector_dir`` (``load_detector``; none when empty) and runs
+uvicorn until interrupted. ``start_in_thread(app)`` runs any ASGI app under uvicorn on its own
 event loop in a daemon thread, bound to 127.0.0.1 on a free port, and returns once it
 accepts connections; ``stop()`` runs the app's lifespan shutdown (which flushes the
 traffic log) and joins the thread.
+
+Errors: ``DetectorLoadError(ValueError)`` — ``detector_dir`` is missing or holds no fitted
+detector; the message names the directory and the command that writes one.
 """
 
 from __future__ import annotations
@@ -13,9 +17,44 @@ import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Self
 
 from stillhouse.guard.config import GuardConfig
+
+FIT_HINT = "fit one on benign traffic with `stillhouse detect --fit --log BENIGN_LOG --model {dir}`"
+
+
+class DetectorLoadError(ValueError):
+    """The guard's detector directory is missing or does not hold a fitted detector."""
+
+
+def load_detector(directory: str | Path) -> Any:
+    """The fitted ``WindowDetector`` saved in ``directory`` (by ``stillhouse detect --fit``).
+
+    Raises DetectorLoadError, naming the directory and the fix, when it is missing, has no
+    ``detector.json``/``detector.npz`` or they do not hold a fitted detector."""
+    import json
+    import zipfile
+
+    from stillhouse.config import ConfigError
+    from stillhouse.guard.detect.detector import WindowDetector
+
+    d = Path(directory)
+    hint = FIT_HINT.format(dir=d)
+    if not d.is_dir():
+        raise DetectorLoadError(f"detector directory {d} does not exist; {hint}")
+    missing = [name for name in ("detector.json", "detector.npz") if not (d / name).is_file()]
+    if missing:
+        raise DetectorLoadError(f"{d} is not a fitted detector (no {' or '.join(missing)}); {hint}")
+    try:
+        det = WindowDetector.load(d)
+    except (OSError, KeyError, TypeError, ValueError, ConfigError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+        raise DetectorLoadError(f"{d} is not a fitted detector ({type(exc).__name__}: {exc}); "
+                                f"{hint} again") from exc
+    if not det.fitted:
+        raise DetectorLoadError(f"{d} holds an unfitted detector (no thresholds); {hint}")
+    return det
 
 
 @dataclass
@@ -78,12 +117,16 @@ def start_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0, timeout: f
 
 
 def serve_forever(config: GuardConfig, detector: Any = None) -> None:
-    """Open the store and run the guard under uvicorn until interrupted (the CLI's `guard` verb)."""
+    """Open the store and run the guard under uvicorn until interrupted (the CLI's `guard` verb).
+
+    ``detector``: an already loaded detector; otherwise the one in ``config.detector_dir``, if set."""
     import uvicorn
 
     from stillhouse.guard.app import create_app
     from stillhouse.guard.store import open_store
 
+    if detector is None and config.detector_dir:
+        detector = load_detector(config.detector_dir)
     store = open_store(config.db_url)
     app = create_app(config, store, detector=detector)
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=False,
