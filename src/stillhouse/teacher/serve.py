@@ -256,7 +256,7 @@ class ChatServer:
             if not work.done():
                 for h in handles:
                     h.cancel()
-                work.cancel()
+                _discard(work)
                 return None
             try:
                 done = work.result()
@@ -269,7 +269,7 @@ class ChatServer:
         finally:
             gone.cancel()
             if not work.done():
-                work.cancel()
+                _discard(work)
 
     def _choice_logprobs(self, c: Completion) -> dict[str, Any] | None:
         lp = c.logprobs
@@ -294,6 +294,16 @@ class ChatServer:
             top_tokens = top_tokens or []
             top_raw = [[t.encode() for t in row] for row in top_tokens]
         return logprob_entries(tokens, raw, lps, top_tokens, top_raw, top_lps)
+
+
+def _discard(fut: asyncio.Future[Any]) -> None:
+    """Cancel work whose result nobody will read, and read its outcome when it settles.
+
+    A cancelled ``asyncio.gather`` does not end cancelled: it settles later with a
+    CancelledError set as its exception, which asyncio logs as "exception was never
+    retrieved" once the future is collected (once per cancelled request)."""
+    fut.cancel()
+    fut.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
 def _with_max_tokens(req: ChatRequest, max_tokens: int) -> ChatRequest:
