@@ -8,8 +8,9 @@ One run, one loaded model, three ways of using it on the same prompts:
     serve        ``stillhouse serve`` with continuous batching (max_batch 32)
 
 Each server column is measured at concurrency 1, 8 and 32 by an aiohttp client on
-loopback (greedy, ``max_tokens`` per request, tokens counted from ``usage``). The server
-runs in this process on its own thread; the model runs on the batcher's worker thread.
+loopback (greedy, ``max_tokens`` per request, tokens counted from ``usage``). Each server
+is a ``stillhouse serve`` child process; the baseline runs in this process before and after
+the server columns and their mean is the reference for every ratio.
 
 Run::
 
@@ -22,7 +23,11 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -91,7 +96,7 @@ def baseline_generate(model: Any, tokenizer: Any, convs: list[list[dict[str, str
 
 
 async def _drive(base_url: str, convs: list[list[dict[str, str]]], concurrency: int, max_tokens: int,
-                 model: str) -> dict[str, float]:
+                 model: str) -> dict[str, Any]:
     import aiohttp
 
     todo: asyncio.Queue[list[dict[str, str]]] = asyncio.Queue()
@@ -125,16 +130,60 @@ async def _drive(base_url: str, convs: list[list[dict[str, str]]], concurrency: 
             "p50_latency_s": statistics.median(lat) if lat else float("nan"), "errors": errors}
 
 
+class _ServeProcess:
+    """``stillhouse serve`` in a child process on a free loopback port (as users run it)."""
+
+    def __init__(self, teacher: str, max_batch: int, threads: int):
+        self.args = ["serve", "--teacher", teacher, "--port", "0", "--max-batch", str(max_batch)]
+        if threads:
+            self.args += ["--threads", str(threads)]
+        self.proc: subprocess.Popen[str] | None = None
+        self.base_url = ""
+
+    def __enter__(self) -> _ServeProcess:
+        exe = Path(sys.executable).parent / "stillhouse"
+        self.proc = subprocess.Popen([str(exe), *self.args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + 600
+        assert self.proc.stderr is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line and self.proc.poll() is not None:
+                raise RuntimeError(f"stillhouse serve exited with {self.proc.returncode}")
+            if "listening on " in line:
+                self.base_url = line.split("listening on ")[1].split()[0]
+                threading.Thread(target=self.proc.stderr.read, daemon=True).start()  # keep the pipe drained
+                return self
+        raise RuntimeError("stillhouse serve did not start within 600 s")
+
+    def health(self) -> dict[str, Any]:
+        import urllib.request
+
+        with urllib.request.urlopen(self.base_url[:-3] + "/health", timeout=30) as r:
+            return json.loads(r.read())  # type: ignore[no-any-return]
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
 def run_bench(cfg: BenchServeConfig, progress: Any = None) -> dict[str, Any]:
-    """Run every column; returns a JSON-ready dict with figures and ratios to the baseline."""
+    """Run every column; returns a JSON-ready dict with figures and ratios to the baseline.
+
+    The baseline runs in this process before and after the server columns (their mean is
+    the reference, so drift in machine load hits both sides); each server column is a
+    ``stillhouse serve`` child process with the same torch thread count.
+    """
     import platform
 
     import torch
 
-    from stillhouse.teacher.batcher import BatchConfig
     from stillhouse.teacher.bundled import load_model, model_name
     from stillhouse.teacher.local import LocalTeacher
-    from stillhouse.teacher.serve import ServeConfig, ServerThread, create_app
 
     def say(msg: str) -> None:
         if progress:
@@ -151,31 +200,36 @@ def run_bench(cfg: BenchServeConfig, progress: Any = None) -> dict[str, Any]:
     say("warm-up (first forward passes are slow and are not timed)")
     baseline_generate(model, tokenizer, convs[:1], 4, probe.encode)
     say(f"baseline: generate() one at a time, {cfg.baseline_requests} requests")
-    baseline = baseline_generate(model, tokenizer, convs[:cfg.baseline_requests], cfg.max_tokens, probe.encode)
-    probe.close()
-    say(f"  {baseline['tokens_per_s']:.1f} tok/s")
+    before = baseline_generate(model, tokenizer, convs[:cfg.baseline_requests], cfg.max_tokens, probe.encode)
+    say(f"  {before['tokens_per_s']:.2f} tok/s")
     columns: dict[str, dict[str, Any]] = {}
     for label, max_batch in (("serve", cfg.max_batch), ("serve_b1", 1)):
-        teacher = LocalTeacher(model, tokenizer, name=name, revision=revision,
-                               batch=BatchConfig(max_batch=max_batch))
-        app = create_app(teacher, ServeConfig(teacher=cfg.teacher, max_batch=max_batch))
-        with ServerThread(app) as srv:
+        with _ServeProcess(cfg.teacher, max_batch, cfg.threads) as srv:
             asyncio.run(_drive(srv.base_url, convs[:1], 1, 4, name))  # warm-up, not timed
             for c in cfg.concurrency:
                 n = max(8, c) if cfg.requests == 0 else cfg.requests
+                if max_batch == 1 and cfg.requests == 0:
+                    n = 8  # one request decodes at a time: more requests only queue longer
                 say(f"{label} (max_batch={max_batch}) at concurrency {c}: {n} requests")
                 res = asyncio.run(_drive(srv.base_url, convs[:n], c, cfg.max_tokens, name))
-                res["ratio_to_generate"] = res["tokens_per_s"] / baseline["tokens_per_s"]
-                res["max_batch_seen"] = teacher.batcher.max_rows_seen
+                res["max_batch_seen"] = srv.health().get("max_batch_seen")
                 columns.setdefault(label, {})[str(c)] = res
-                say(f"  {res['tokens_per_s']:.1f} tok/s ({res['ratio_to_generate']:.2f}x generate())")
-        teacher.close()
+                say(f"  {res['tokens_per_s']:.2f} tok/s")
+    say(f"baseline again: generate() one at a time, {cfg.baseline_requests} requests")
+    after = baseline_generate(model, tokenizer, convs[:cfg.baseline_requests], cfg.max_tokens, probe.encode)
+    say(f"  {after['tokens_per_s']:.2f} tok/s")
+    probe.close()
+    reference = (before["tokens_per_s"] + after["tokens_per_s"]) / 2
+    for col in columns.values():
+        for res in col.values():
+            res["ratio_to_generate"] = res["tokens_per_s"] / reference
     return {
         "config": asdict(cfg), "model": name, "revision": revision,
         "machine": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "python": platform.python_version(), "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
-                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-        "generate_one_at_a_time": baseline, "columns": columns,
+                    "python": platform.python_version(), "load_avg_start": load_start,
+                    "load_avg_end": os.getloadavg(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        "generate_one_at_a_time": {"before": before, "after": after, "tokens_per_s": reference},
+        "columns": columns,
     }
 
 
@@ -187,9 +241,10 @@ def render_markdown(result: dict[str, Any]) -> str:
     for c in result["config"]["concurrency"]:
         a = result["columns"]["serve"][str(c)]
         b = result["columns"]["serve_b1"][str(c)]
-        lines.append(f"| {c} | {a['tokens_per_s']:.1f} tok/s (**{a['ratio_to_generate']:.2f}x**) | "
-                     f"{b['tokens_per_s']:.1f} tok/s ({b['ratio_to_generate']:.2f}x) | "
-                     f"{base['tokens_per_s']:.1f} tok/s (1.00x) |")
+        lines.append(f"| {c} | {a['tokens_per_s']:.2f} tok/s (**{a['ratio_to_generate']:.2f}x**) | "
+                     f"{b['tokens_per_s']:.2f} tok/s ({b['ratio_to_generate']:.2f}x) | "
+                     f"{base['tokens_per_s']:.2f} tok/s (1.00x; {base['before']['tokens_per_s']:.2f} before, "
+                     f"{base['after']['tokens_per_s']:.2f} after) |")
     return "\n".join(lines)
 
 
