@@ -305,6 +305,50 @@ def start_server(latency_ms: float, workers: int, out: Path) -> tuple[subprocess
     return p, f"http://127.0.0.1:{port}/v1"
 
 
+STARLETTE = r'''
+import json, sys
+import uvicorn
+from starlette.applications import Starlette
+from starlette.responses import Response
+from starlette.routing import Route
+
+async def chat(request):
+    body = json.loads(await request.body())
+    last = body["messages"][-1]["content"]
+    payload = {"id": "x", "object": "chat.completion", "created": 0, "model": body.get("model"),
+               "choices": [{"index": 0, "message": {"role": "assistant", "content": last[:16]},
+                            "finish_reason": "stop", "logprobs": None}],
+               "usage": {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14}}
+    return Response(json.dumps(payload), media_type="application/json")
+
+app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False, backlog=4096)
+'''
+
+
+def start_starlette(out: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A plain uvicorn+starlette fake (the kind DESIGN.md measured at ~3.6k req/s), for comparison."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = out / "children" / "child_starlette_server.py"
+    script.write_text(STARLETTE)
+    p = subprocess.Popen([sys.executable, str(script), str(port)], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    t0 = time.monotonic()
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            if p.poll() is not None or time.monotonic() - t0 > 30:
+                raise RuntimeError("the starlette fake did not start") from None
+            time.sleep(0.1)
+    return p, f"http://127.0.0.1:{port}/v1"
+
+
 def stop_server(p: subprocess.Popen[bytes]) -> None:
     import signal
 
@@ -352,15 +396,18 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     model = "fake-model"
 
     if cfg.wants("server"):
-        srv, url = start_server(0.0, cfg.server_workers, out)
-        try:
-            console.print(f"[bold]server capacity[/bold] (L=0, C=256, trivial aiohttp client, N={cfg.capacity_n})")
-            m = run_child([py, str(code / "child_naive.py"), url, model, "256", str(small)], "server", 256)
-            m.extra["latency_ms"] = 0.0
-            results["rows"].append(m.__dict__)
-            console.print(f"  {m.rate:,.0f} req/s  (client CPU {m.cpu_ms_per_req:.3f} ms/req)  {m.error or ''}")
-        finally:
-            stop_server(srv)
+        console.print(f"[bold]server capacity[/bold] (L=0, C=256, trivial aiohttp client, N={cfg.capacity_n})")
+        for label, starter in (("server", lambda: start_server(0.0, cfg.server_workers, out)),
+                               ("server-starlette", lambda: start_starlette(out))):
+            srv, url = starter()
+            try:
+                m = run_child([py, str(code / "child_naive.py"), url, model, "256", str(small)], label, 256)
+                m.extra["latency_ms"] = 0.0
+                results["rows"].append(m.__dict__)
+                name = "our fake (aiohttp.web)" if label == "server" else "plain uvicorn+starlette fake"
+                console.print(f"  {name:30s} {m.rate:,.0f} req/s  {m.error or ''}")
+            finally:
+                stop_server(srv)
 
     srv, url = start_server(cfg.latency_ms, cfg.server_workers, out)
     try:
@@ -405,7 +452,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
 def markdown_table(results: dict[str, Any], cfg: BenchConfig) -> str:
     """The results as the Markdown table docs/benchmarks.md carries."""
-    rows = [r for r in results["rows"] if r["system"] != "server"]
+    rows = [r for r in results["rows"] if not r["system"].startswith("server")]
     lines = ["| C | system | N | req/s | % of C/L | vs best peer | client CPU-ms/req | RSS start → peak (MB) |",
              "|---|---|---|---|---|---|---|---|"]
     for c in cfg.concurrency:
@@ -418,8 +465,10 @@ def markdown_table(results: dict[str, Any], cfg: BenchConfig) -> str:
             err = f" (failed: {' '.join(r['error'].split())[:80]})" if r["error"] else ""
             lines.append(f"| {c} | {r['system']}{err} | {r['n']:,} | {r['rate']:,.0f} | {r['rate'] / limit:.1%} | "
                          f"{vs} | {r['cpu_ms_per_req']:.3f} | {r['rss_start_mb']:.0f} → {r['rss_peak_mb']:.0f} |")
-    server = [r for r in results["rows"] if r["system"] == "server"]
+    server = {r["system"]: r["rate"] for r in results["rows"] if r["system"].startswith("server")}
     if server:
         lines.append("")
-        lines.append(f"Fake server capacity (L=0, C=256, trivial aiohttp client): {server[0]['rate']:,.0f} req/s.")
+        lines.append("Fake server capacity (L=0, C=256, trivial aiohttp client): "
+                     + ", ".join(f"{'ours (aiohttp.web)' if k == 'server' else 'uvicorn+starlette'} {v:,.0f} req/s"
+                                 for k, v in server.items()) + ".")
     return "\n".join(lines)
