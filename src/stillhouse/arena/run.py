@@ -41,7 +41,7 @@ class ArenaConfig:
     eval_accounts: int = 2000
     """Benign accounts mixed with the campaigns in the evaluation run."""
     calib_seed: int = 1
-    eval_seed: int = 3
+    eval_seed: int = 4
     campaigns: tuple[tuple[str, int, int], ...] = (
         ("cot", 3, 1500), ("rubric", 3, 1000), ("agentic", 3, 1200), ("hydra", 200, 40), ("slow", 10, 100),
         ("paraphrase", 3, 1000),
@@ -51,7 +51,7 @@ class ArenaConfig:
     """Attacker fractions of the 'mixed' campaigns (the cot shape diluted with cover traffic)."""
     mixed_accounts: int = 3
     mixed_requests: int = 800
-    campaign_seed: int = 200
+    campaign_seed: int = 300
     gateway: GatewayKind = "guard"
     """'guard': the real guard app (ASGI in-process) → HTTP on loopback → upstream; 'direct': no HTTP."""
     upstream: str = "sim"

@@ -59,9 +59,11 @@ class DetectConfig:
     """Recompute links and clusters after every this many observed requests (counted, so replays agree)."""
     link_weights: tuple[tuple[str, float], ...] = (
         ("ip", 0.5), ("subnet", 0.25), ("ua_headers", 0.25), ("payment", 1.0),
-        ("system_prompt", 0.5), ("template", 0.5), ("timing", 0.5),
+        ("system_prompt", 0.4), ("template", 0.4), ("timing", 0.5),
     )
-    """Weight each kind of shared evidence adds to a pair of accounts."""
+    """Weight each kind of shared evidence adds to a pair of accounts. Shared content (system prompt,
+    template) sums to 0.8, below the link threshold: many unrelated customers run the same open-source
+    tool's prompts, so content alone never links accounts; with any shared infrastructure it does."""
     top_signals: int = 6
     """How many of the largest per-signal surprisals (-ln p) a verdict lists as its reasons."""
     throttle_fpr: float = 1e-2
