@@ -271,7 +271,8 @@ def stage_verified(args: argparse.Namespace, out: Path) -> None:
         rows = _read_jsonl(data)
         _log(f"verified set for {who}: {len(rows)} rows ({sum(r['temperature'] == 0 for r in rows)} greedy)")
         if who == "self":
-            res = _train_and_eval(args, out, "self-verified", data, held, teacher, student="self", loss="sft",
+            name = "self-verified" if args.self_epochs == 1 else f"self-verified-{args.self_epochs}ep"
+            res = _train_and_eval(args, out, name, data, held, teacher, student="self", loss="sft",
                                        batch_size=args.batch, lr=args.self_lr, warmup_steps=10,
                                        epochs=args.self_epochs)
         else:

@@ -392,6 +392,9 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
         bar.start()
         task = bar.add_task("train", total=total_steps, completed=state["step"], info="")
     last: dict[str, float] = {}
+    if (out / "metrics.jsonl").exists():  # a resumed run that has no steps left still reports its last step
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        last = json.loads(lines[-1]) if lines else {}
     try:
         with open(out / "metrics.jsonl", "a") as mf:
             while state["step"] < total_steps:
