@@ -18,13 +18,15 @@ Stages (each reads/writes OUT, default runs/exp_ceiling; finished stages are ski
               snapshots at N are the models a separate run on N examples would give)
     verified  students trained only on verified-correct teacher answers: the pruned
               student, and the teacher itself (self-distillation)
+    staged    the grid's SFT snapshot, then fine-tuned on verified rows only
     report    the markdown tables with 95% Wilson intervals
 
-Run everything (about an hour on 2 CPU cores):
+Run everything (several CPU hours at the defaults; on 2 shared cores the training ran at 12-19
+tokens/s for the pruned student and about 5 for the full-size one - see docs/results.md):
 
     nice -n 10 .venv/bin/python scripts/exp_ceiling.py --out runs/exp_ceiling
 
-or one stage: ``... --stage grid``. A scaled-down smoke run: ``--small``.
+or one stage: ``... --stage grid``. Sizes: ``--heldout``, ``--train``, ``--grid``.
 """
 
 from __future__ import annotations
