@@ -27,8 +27,8 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 

@@ -33,38 +33,33 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
-import threading
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from stillhouse.teacher.asgi_server import ServerThread, bind_socket
 from stillhouse.teacher.base import ChatResult, Completion, Teacher
 from stillhouse.teacher.openai_schema import (
     APIError,
     ChatRequest,
-    chunk_json,
     completion_json,
     error_json,
     logprob_entries,
     new_completion_id,
     parse_chat_request,
-    usage_json,
 )
+from stillhouse.teacher.sse import SSEStream, wait_disconnect
+
+__all__ = ["ChatServer", "ServeConfig", "ServerThread", "create_app", "load_teacher", "run"]
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
     from starlette.requests import Request
 
-    from stillhouse.teacher.batcher import StepEvent
     from stillhouse.teacher.local import LocalTeacher
 
 log = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -229,7 +224,7 @@ class ChatServer:
                            headers={"Retry-After": "1"})
         self.requests += 1
         if req.stream:
-            return _SSE(self, req, prompt_ids)
+            return SSEStream(self, req, prompt_ids)
         self.pending += n
         try:
             result = await self._complete(request, req, prompt_ids)
@@ -250,7 +245,7 @@ class ChatServer:
         else:
             handles = [self.local.submit(prompt_ids or [], req.params, index=i) for i in range(req.params.n)]
             work = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(h.future) for h in handles)))
-        gone = asyncio.ensure_future(_wait_disconnect(request.receive))
+        gone = asyncio.ensure_future(wait_disconnect(request.receive))
         try:
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
             if not work.done():
@@ -312,118 +307,6 @@ def _with_max_tokens(req: ChatRequest, max_tokens: int) -> ChatRequest:
     return replace(req, params=replace(req.params, max_tokens=max_tokens))
 
 
-async def _wait_disconnect(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-class _SSE:
-    """A plain-ASGI streamed response: OpenAI chunks as server-sent events, then ``[DONE]``.
-
-    It watches ``receive`` for ``http.disconnect`` and cancels its completions the moment
-    the client goes away, so their batch slots free up at the next step.
-    """
-
-    def __init__(self, server: ChatServer, req: ChatRequest, prompt_ids: list[int] | None):
-        self.server = server
-        self.req = req
-        self.prompt_ids = prompt_ids
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        srv, req = self.server, self.req
-        n = req.params.n
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-        handles: list[Any] = []
-        fallback: asyncio.Future[Any] | None = None
-        gone = asyncio.ensure_future(_wait_disconnect(receive))
-        srv.pending += n
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": [
-                (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-                (b"x-accel-buffering", b"no")]})
-            cid, created, fp = new_completion_id(), int(time.time()), srv.teacher.revision[:32]
-
-            async def emit(obj: Any) -> None:
-                data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
-                await send({"type": "http.response.body", "body": f"data: {data}\n\n".encode(),
-                            "more_body": True})
-
-            if srv.local is not None:
-                for i in range(n):
-                    def on_event(ev: StepEvent, i: int = i) -> None:
-                        loop.call_soon_threadsafe(events.put_nowait, (i, ev))
-                    handles.append(srv.local.submit(self.prompt_ids or [], req.params, index=i, on_event=on_event))
-            else:
-                fallback = asyncio.ensure_future(srv.teacher.chat(req.messages, req.params))
-                fallback.add_done_callback(lambda f: events.put_nowait((-1, f)))
-            for i in range(n):
-                await emit(chunk_json(cid, srv.model_id, created, i, {"role": "assistant", "content": ""},
-                                      fingerprint=fp))
-            finished: dict[int, Completion] = {}
-            while len(finished) < n:
-                getter = asyncio.ensure_future(events.get())
-                await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
-                if not getter.done():
-                    getter.cancel()
-                    return  # client gone: finally cancels the completions
-                i, item = getter.result()
-                if i == -1:  # a non-local teacher answered all choices at once
-                    result: ChatResult = item.result()
-                    for j, c in enumerate(result.completions):
-                        await self._send_completion(emit, cid, created, fp, j, c)
-                        finished[j] = c
-                    continue
-                ev: StepEvent = item
-                if ev.text or ev.token_ids:
-                    lp = None
-                    if req.params.logprobs:
-                        lp = {"content": srv._entries(None, ev.token_ids, ev.logprobs, None, ev.top_ids,
-                                                      ev.top_logprobs)}
-                    await emit(chunk_json(cid, srv.model_id, created, i, {"content": ev.text}, lp,
-                                          fingerprint=fp))
-                if ev.finish_reason is not None and ev.completion is not None:
-                    await emit(chunk_json(cid, srv.model_id, created, i, {}, None, ev.finish_reason,
-                                          fingerprint=fp))
-                    finished[i] = ev.completion
-            if req.include_usage:
-                done = list(finished.values())
-                await emit({"id": cid, "object": "chat.completion.chunk", "created": created,
-                            "model": srv.model_id, "system_fingerprint": fp, "choices": [],
-                            "usage": usage_json(done[0].prompt_tokens if done else 0,
-                                                sum(c.completion_tokens for c in done))})
-            await emit("[DONE]")
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except OSError:
-            return  # the socket closed under us: same as a disconnect
-        except Exception as exc:
-            log.exception("stream failed")
-            try:
-                err = error_json(f"generation failed: {type(exc).__name__}: {exc}", type="server_error")
-                await send({"type": "http.response.body", "body": f"data: {json.dumps(err)}\n\n".encode(),
-                            "more_body": False})
-            except Exception:
-                pass
-        finally:
-            for h in handles:
-                h.cancel()
-            if fallback is not None and not fallback.done():
-                fallback.cancel()
-            gone.cancel()
-            srv.pending -= n
-
-    async def _send_completion(self, emit: Callable[[Any], Awaitable[None]], cid: str, created: int,
-                               fp: str, i: int, c: Completion) -> None:
-        srv = self.server
-        lp = None
-        if self.req.params.logprobs:
-            lp = srv._choice_logprobs(c) if c.logprobs is not None else {"content": []}
-        await emit(chunk_json(cid, srv.model_id, created, i, {"content": c.text}, lp, fingerprint=fp))
-        await emit(chunk_json(cid, srv.model_id, created, i, {}, None, c.finish_reason, fingerprint=fp))
-
-
 def create_app(teacher: Teacher, config: ServeConfig | None = None, *, close_teacher: bool = False) -> Starlette:
     """The ASGI app over ``teacher``. ``close_teacher`` closes it on shutdown."""
     from contextlib import asynccontextmanager
@@ -464,59 +347,6 @@ def create_app(teacher: Teacher, config: ServeConfig | None = None, *, close_tea
     )
     app.state.server = server
     return app
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket (port 0 picks a free one), ready to hand to uvicorn."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise OSError(f"cannot bind {host}:{port}: {exc.strerror}; pick another --port (0 = any free)") from exc
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock
-
-
-class ServerThread:
-    """Runs an ASGI app under uvicorn in a background thread: ``with ServerThread(app) as s: s.base_url``."""
-
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, startup_timeout_s: float = 30.0):
-        self.app, self.host, self.port = app, host, port
-        self.startup_timeout_s = startup_timeout_s
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def base_url(self) -> str:
-        """The API base, ending in /v1."""
-        return f"http://{self.host}:{self.port}/v1"
-
-    def __enter__(self) -> ServerThread:
-        import uvicorn
-
-        sock = bind_socket(self.host, self.port)
-        self.port = sock.getsockname()[1]
-        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on",
-                                                     timeout_graceful_shutdown=2))
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
-                                        name="stillhouse-serve", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + self.startup_timeout_s
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError(f"server on {self.host}:{self.port} did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(10)
 
 
 def run(config: ServeConfig, teacher: Teacher | None = None) -> None:
