@@ -278,7 +278,8 @@ def stage_verified(args: argparse.Namespace, out: Path) -> None:
                                        batch_size=args.batch, lr=args.self_lr, warmup_steps=10,
                                        epochs=args.self_epochs)
         else:
-            res = _train_and_eval(args, out, "pruned10-verified", data, held, teacher, student="pruned:10",
+            name = "pruned10-verified" if args.verified_epochs == 2 else f"pruned10-verified-{args.verified_epochs}ep"
+            res = _train_and_eval(args, out, name, data, held, teacher, student="pruned:10",
                                        loss="sft", batch_size=args.batch, lr=args.lr, warmup_steps=10,
                                        epochs=args.verified_epochs)
         for r in res:
@@ -353,8 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=10)
     p.add_argument("--lr", type=float, default=2e-4, help="learning rate of the pruned student")
     p.add_argument("--self-lr", type=float, default=5e-5, help="learning rate of the self-distilled student")
-    p.add_argument("--verified-epochs", type=int, default=3)
-    p.add_argument("--self-epochs", type=int, default=2)
+    p.add_argument("--verified-epochs", type=int, default=2)
+    p.add_argument("--self-epochs", type=int, default=2, help="1 names the run self-verified, N>1 self-verified-Nep")
     p.add_argument("--staged-from", type=int, default=1000, help="grid SFT snapshot the staged student starts from")
     p.add_argument("--staged-epochs", type=int, default=1)
     p.add_argument("--verified-students", nargs="+", default=["pruned", "self"], choices=["pruned", "self"])
