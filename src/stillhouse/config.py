@@ -74,15 +74,20 @@ def config_from_dict(cls: type[T], data: dict[str, Any], source: str = "config")
         raise ConfigError(f"{source}: {exc}") from exc
 
 
-def load_config(cls: type[T], path: str | os.PathLike[str]) -> T:
-    """Read a config saved by :func:`save_config`."""
+def read_json_object(path: str | os.PathLike[str], what: str = "config file") -> dict[str, Any]:
+    """Read a JSON object from a file, with a ConfigError that says which file and what is wrong."""
     p = Path(path)
     try:
         data = json.loads(p.read_text())
     except FileNotFoundError as exc:
-        raise ConfigError(f"config file {p} does not exist") from exc
+        raise ConfigError(f"{what} {p} does not exist") from exc
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"config file {p} is not valid JSON: {exc}") from exc
+        raise ConfigError(f"{what} {p} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {p} must hold a JSON object")
-    return config_from_dict(cls, data, source=str(p))
+        raise ConfigError(f"{what} {p} must hold a JSON object")
+    return data
+
+
+def load_config(cls: type[T], path: str | os.PathLike[str]) -> T:
+    """Read a config saved by :func:`save_config`."""
+    return config_from_dict(cls, read_json_object(path), source=str(path))

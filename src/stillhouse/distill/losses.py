@@ -94,17 +94,23 @@ def _kl_per_position(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
 
 
-def forward_kl(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
-    """Mean over masked positions of KL(teacher || student)."""
+def _paired_log_probs(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student and teacher log-probs at one temperature; dense KD needs one shared vocabulary."""
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
             "differ: the two models must share a tokenizer (vocabulary) for dense KD"
         )
-    s = _log_probs(student_logits, temperature)
-    t = _log_probs(teacher_logits, temperature)
+    return _log_probs(student_logits, temperature), _log_probs(teacher_logits, temperature)
+
+
+def forward_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Mean over masked positions of KL(teacher || student)."""
+    s, t = _paired_log_probs(student_logits, teacher_logits, temperature)
     return _masked_mean(_kl_per_position(t, s), mask)
 
 
@@ -112,13 +118,7 @@ def reverse_kl(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
     """Mean over masked positions of KL(student || teacher)."""
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
-            "differ: the two models must share a tokenizer (vocabulary) for dense KD"
-        )
-    s = _log_probs(student_logits, temperature)
-    t = _log_probs(teacher_logits, temperature)
+    s, t = _paired_log_probs(student_logits, teacher_logits, temperature)
     return _masked_mean(_kl_per_position(s, t), mask)
 
 
@@ -144,13 +144,7 @@ def generalized_jsd(
         return forward_kl(student_logits, teacher_logits, mask, temperature)
     if beta == 1.0:
         return reverse_kl(student_logits, teacher_logits, mask, temperature)
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
-            "differ: the two models must share a tokenizer (vocabulary) for dense KD"
-        )
-    s = _log_probs(student_logits, temperature)
-    t = _log_probs(teacher_logits, temperature)
+    s, t = _paired_log_probs(student_logits, teacher_logits, temperature)
     log_m = torch.logsumexp(torch.stack([s + math.log(1.0 - beta), t + math.log(beta)]), dim=0)
     per_pos = beta * _kl_per_position(t, log_m) + (1.0 - beta) * _kl_per_position(s, log_m)
     return _masked_mean(per_pos, mask)

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from stillhouse.config import ConfigError
+from stillhouse.config import ConfigError, read_json_object
 from stillhouse.guard.events import ACTIONS, Action
 
 RedactMode = Literal["none", "patterns", "hash", "drop"]
@@ -229,14 +228,6 @@ def guard_config_from_dict(data: dict[str, Any], source: str = "guard config",
 
 def load_guard_config(path: str | Path) -> GuardConfig:
     """Read a complete guard config from JSON; fails loudly on a missing, unknown or mistyped key."""
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"guard config {p} does not exist") from exc
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"guard config {p} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"guard config {p} must hold a JSON object")
-    return guard_config_from_dict(data, source=str(p), require_all=True)
+    data = read_json_object(path, what="guard config")
+    return guard_config_from_dict(data, source=str(path), require_all=True)
 
