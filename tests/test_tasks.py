@@ -65,3 +65,13 @@ def test_humaneval_and_specs():
     assert len(load_builtin("builtin:arithmetic-heldout:7")) == 7
     with pytest.raises(ValueError, match="builtin:gsm8k"):
         load_builtin("builtin:arith")
+
+
+def test_heldout_split_is_symmetric_in_the_operands():
+    from stillhouse.distill.tasks import arithmetic, is_heldout_pair
+
+    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
+    assert all(is_heldout_pair(a, b) == is_heldout_pair(b, a) for a, b in pairs)
+    train = {(i.meta["a"], i.meta["b"]) for i in arithmetic(2000, split="train", digits=(2,))}
+    held = {(i.meta["a"], i.meta["b"]) for i in arithmetic(300, split="heldout", digits=(2,))}
+    assert not {(b, a) for a, b in held} & train

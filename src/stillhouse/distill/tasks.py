@@ -87,8 +87,12 @@ class TaskItem:
 # -- arithmetic ---------------------------------------------------------------------------------
 
 def is_heldout_pair(a: int, b: int, fraction: float = HELDOUT_FRACTION) -> bool:
-    """True when (a, b) belongs to the held-out split: a hash of 'a+b', not the seed, decides."""
-    h = int.from_bytes(hashlib.sha256(f"{a}+{b}".encode()).digest()[:8], "big")
+    """True when (a, b) belongs to the held-out split: a hash of the *unordered* pair, not the seed, decides.
+
+    Unordered, so that ``b + a`` of a held-out ``a + b`` is held out too and never trained on.
+    """
+    lo, hi = min(a, b), max(a, b)
+    h = int.from_bytes(hashlib.sha256(f"{lo}+{hi}".encode()).digest()[:8], "big")
     return h / 2**64 < fraction
 
 
