@@ -133,6 +133,18 @@ def _row_record(row: tuple[Any, ...]) -> TrafficRecord:
     return TrafficRecord(**d)
 
 
+def _where(conditions: list[tuple[str, Any]]) -> tuple[str, list[Any]]:
+    """`` WHERE a AND b`` and its arguments from (clause, value) pairs, skipping pairs whose value is None.
+
+    A clause with a ``?`` takes its value as the argument; one without (``cleared_at IS NULL``) takes none.
+    """
+    used = [(clause, value) for clause, value in conditions if value is not None]
+    if not used:
+        return "", []
+    args = [value for clause, value in used if "?" in clause]
+    return " WHERE " + " AND ".join(clause for clause, _ in used), args
+
+
 def _row_decision(row: tuple[Any, ...]) -> DecisionRow:
     d = dict(zip(_DECISION_COLS, row, strict=True))
     d["signals"] = json.loads(d["signals"])
@@ -263,18 +275,9 @@ class SqlStore:
         return KeyRow(*row)
 
     def list_keys(self, account_id: str | None = None, updated_since: float | None = None) -> list[KeyRow]:
-        sql = "SELECT key_id, account_id, key_hash, created_at, revoked_at, updated_at FROM api_keys"
-        args: list[Any] = []
-        where = []
-        if account_id is not None:
-            where.append("account_id = ?")
-            args.append(account_id)
-        if updated_since is not None:
-            where.append("updated_at >= ?")
-            args.append(updated_since)
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql = self._sql(sql + " ORDER BY created_at")
+        where, args = _where([("account_id = ?", account_id), ("updated_at >= ?", updated_since)])
+        sql = self._sql("SELECT key_id, account_id, key_hash, created_at, revoked_at, updated_at FROM api_keys"
+                        + where + " ORDER BY created_at")
         return [KeyRow(*r) for r in self._run(lambda cur: cur.execute(sql, args).fetchall())]
 
     # -- decisions ----------------------------------------------------------------------
@@ -313,20 +316,10 @@ class SqlStore:
 
     def list_decisions(self, target: str | None = None, active_only: bool = False,
                        updated_since: float | None = None) -> list[DecisionRow]:
-        sql = f"SELECT {', '.join(_DECISION_COLS)} FROM decisions"
-        where: list[str] = []
-        args: list[Any] = []
-        if target is not None:
-            where.append("target = ?")
-            args.append(target)
-        if active_only:
-            where.append("cleared_at IS NULL")
-        if updated_since is not None:
-            where.append("updated_at >= ?")
-            args.append(updated_since)
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql = self._sql(sql + " ORDER BY created_at, decision_id")
+        where, args = _where([("target = ?", target), ("cleared_at IS NULL", True if active_only else None),
+                              ("updated_at >= ?", updated_since)])
+        sql = self._sql(f"SELECT {', '.join(_DECISION_COLS)} FROM decisions" + where
+                        + " ORDER BY created_at, decision_id")
         return [_row_decision(r) for r in self._run(lambda cur: cur.execute(sql, args).fetchall())]
 
     # -- traffic log --------------------------------------------------------------------
@@ -343,17 +336,8 @@ class SqlStore:
                      limit: int | None = None, newest: bool = False) -> list[TrafficRecord]:
         """Traffic in arrival order, optionally for one account / after a time / at most ``limit``
         (the first ones, or with ``newest`` the last ones, still returned oldest first)."""
-        sql = f"SELECT {', '.join(_TRAFFIC_COLS)} FROM traffic"
-        where: list[str] = []
-        args: list[Any] = []
-        if account_id is not None:
-            where.append("account_id = ?")
-            args.append(account_id)
-        if since is not None:
-            where.append("ts >= ?")
-            args.append(since)
-        if where:
-            sql += " WHERE " + " AND ".join(where)
+        where, args = _where([("account_id = ?", account_id), ("ts >= ?", since)])
+        sql = f"SELECT {', '.join(_TRAFFIC_COLS)} FROM traffic" + where
         sql += " ORDER BY ts DESC, request_id DESC" if newest else " ORDER BY ts, request_id"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
