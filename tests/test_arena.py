@@ -34,6 +34,38 @@ def test_population_shape_and_determinism() -> None:
     assert not {a.info.account_id for a in accounts} & {a.info.account_id for a in other}
 
 
+def test_casual_scale_makes_light_users_and_keeps_the_tail() -> None:
+    heavy, _ = generate_population(PopulationConfig(accounts=600, days=7, seed=3))
+    light, _ = generate_population(PopulationConfig(accounts=600, days=7, seed=3, casual_scale=0.5))
+    casual = lambda accs: np.array([a.planned for a in accs if a.kind == "benign:casual"])
+    assert np.median(casual(light)) < np.median(casual(heavy))
+    assert casual(light).max() > 10 * np.median(casual(light))  # still heavy-tailed
+    power = np.median([a.planned for a in light if a.kind == "benign:power"])
+    assert power > 5 * np.median(casual(light))  # the scale is the casual users' only
+    with pytest.raises(ValueError, match="casual_scale"):
+        PopulationConfig(casual_scale=0)
+
+
+def test_arena_config_checks_the_population_mix() -> None:
+    from stillhouse.arena.run import ArenaConfig
+
+    with pytest.raises(ValueError, match="population mix"):
+        ArenaConfig(power_share=0.9, batch_share=0.2)
+    with pytest.raises(ValueError, match="calib_seed"):
+        ArenaConfig(eval_seed=1)
+
+
+def test_harvest_shape_asks_the_distill_templates_training_additions() -> None:
+    from stillhouse.distill.tasks import ARITHMETIC_TEMPLATE, arithmetic
+
+    accounts, turns = generate_campaign(CampaignConfig(shape="harvest", accounts=2, requests_per_account=20, seed=9))
+    asked = {t.user_text for t in turns}
+    train = {it.messages[-1]["content"] for it in arithmetic(40, "train", seed=9)}
+    assert asked == train and len(asked) == 40
+    assert all(t.params["temperature"] == 0.0 and not t.system for t in turns)
+    assert ARITHMETIC_TEMPLATE.split("{")[0] in turns[0].user_text
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_every_campaign_shape_generates(shape: str) -> None:
     cfg = CampaignConfig(shape=shape, accounts=20 if shape == "hydra" else 2, requests_per_account=30, days=2)
@@ -134,9 +166,17 @@ def test_tiny_arena_through_the_real_guard(tmp_path) -> None:  # type: ignore[no
     metrics = run_arena(cfg, tmp_path / "run")
     assert metrics["offline_equals_online"]["checked"] and metrics["offline_equals_online"]["mismatches"] == 0
     assert metrics["offline_equals_online"]["accounts"] > 40
-    for name in ("report.md", "roc.png", "leak_curve.png", "metrics.json", "arena.json", "detector/detector.json"):
+    for name in ("report.md", "roc.png", "leak_curve.png", "fractions.png", "metrics.json", "arena.json",
+                 "detector/detector.json"):
         assert (tmp_path / "run" / name).exists(), name
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["operational"]["campaign_accounts"] == 1 + 12 + 1
     cot = next(r for r in saved["campaigns"] if r["shape"] == "cot")
     assert cot["sent"] == 60 and 0 <= cot["leaked"] <= 60
+    block = saved["operational"]["block"]
+    assert block["fpr_ci"]["n"] == 40 and block["fpr_ci"]["lo"] <= block["benign_fpr"] <= block["fpr_ci"]["hi"]
+    assert block["tpr_ci"]["k"] == round(block["tpr"] * 14)
+    frac = saved["tpr_by_attacker_fraction"]["mixed50"]
+    assert frac["accounts"] == 1 and frac["block"]["n"] == 1
+    assert set(saved["tpr_by_shape"]) == {"cot", "hydra", "mixed"}
+    assert "not run" in saved["capability_leaked"]

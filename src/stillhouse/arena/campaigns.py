@@ -13,7 +13,12 @@ and have no features for evading real providers. Shapes (``SHAPES``):
                  some follow-ups, moderate ``max_tokens``;
 - ``paraphrase`` every request re-worded from a combinatorial pool, no system prompt;
 - ``mixed``      the ``cot`` shape diluted with benign-looking cover traffic, so that only
-                 ``attacker_fraction`` of the account's requests are distillation.
+                 ``attacker_fraction`` of the account's requests are distillation;
+- ``harvest``    the distill pipeline's own harvest as a scripted client sends it: generated
+                 additions in the one fixed template ``stillhouse.distill.tasks`` uses (train
+                 split), greedy, ``max_tokens`` 32, no system prompt, no logprobs (an SFT
+                 harvest needs only text), Poisson arrivals around the clock. The capability
+                 stage (:mod:`.capability`) runs it against the real teacher and trains on it.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from stillhouse.arena.prompts import code_request, prompt_pool
 from stillhouse.arena.traffic import SDK_HEADERS, USER_AGENTS, SimAccount, Turn, fingerprint
 from stillhouse.guard.events import AccountInfo
 
-SHAPES = ("cot", "rubric", "agentic", "hydra", "slow", "paraphrase", "mixed")
+SHAPES = ("cot", "rubric", "agentic", "hydra", "slow", "paraphrase", "mixed", "harvest")
+HARVEST_MAX_TOKENS = 32
 
 COT_TEMPLATES = (
     "Solve the following problem. Think step by step and write out your complete internal reasoning before "
@@ -138,6 +144,12 @@ def generate_campaign(cfg: CampaignConfig) -> tuple[list[SimAccount], list[Turn]
 
     if cfg.shape == "hydra":
         return _hydra(cfg, rng, pool)
+    harvest_items: list[str] = []
+    if cfg.shape == "harvest":
+        from stillhouse.distill.tasks import arithmetic
+
+        harvest_items = [str(it.messages[-1]["content"])
+                         for it in arithmetic(cfg.accounts * cfg.requests_per_account, "train", seed=cfg.seed)]
     for k in range(cfg.accounts):
         aid = f"x-{cid}-{k:04d}"
         ua_i = int(rng.integers(0, 4))
@@ -196,6 +208,11 @@ def generate_campaign(cfg: CampaignConfig) -> tuple[list[SimAccount], list[Turn]
                         mine.append(Turn(ts=ts + float(rng.uniform(30, 200)), session_id=sid, followup=True,
                                          user_text=FOLLOWUPS[int(rng.integers(0, len(FOLLOWUPS)))], **common))
             mine = [t for t in mine if t.ts < cfg.start_ts + span][:n]
+        elif cfg.shape == "harvest":
+            times = np.sort(cfg.start_ts + rng.uniform(0, span, size=n))
+            for i, ts in enumerate(times):
+                mine.append(Turn(ts=float(ts), session_id=f"{aid}-{i}", user_text=harvest_items[k * n + i],
+                                 params={"max_tokens": HARVEST_MAX_TOKENS, "temperature": 0.0}, **common))
         elif cfg.shape == "paraphrase":
             times = np.sort(cfg.start_ts + rng.uniform(0, span, size=n))
             for i, ts in enumerate(times):

@@ -106,6 +106,14 @@ def arena(
                                                                      "from `stillhouse serve`."),
     days: float | None = typer.Option(None, "--days", help="Simulated days (overrides the scenario)."),
     embedder: str | None = typer.Option(None, "--embedder", help="'hash' (default) or 'minilm'."),
+    capability: bool = typer.Option(False, "--capability", help="Also measure capability leaked: a harvest "
+                                    "campaign through the guard to the real bundled teacher, then SFT students on "
+                                    "what leaked vs the unblocked harvest, scored on held-out additions (minutes "
+                                    "more on 2 cores)."),
+    capability_only: bool = typer.Option(False, "--capability-only", help="Only the capability stage, with the "
+                                         "fitted detector of an earlier run in --out (OUT/detector)."),
+    capability_config: Path | None = typer.Option(None, "--capability-config", help="CapabilityConfig JSON "
+                                                  "(e.g. a previous OUT/capability/capability_config.json)."),
 ) -> None:
     """Campaigns and benign users through the real guard in simulated time; what is caught, how early, what leaks.
 
@@ -114,7 +122,9 @@ def arena(
     2. a fresh benign population (another seed) + campaigns (cot, rubric, agentic, hydra, slow,
        paraphrase, mixed at 5/10/25/50% attacker fraction) through the guard with the detector
        and policy enforcing;
-    3. online == offline check on the guard's own log; report.md + roc.png + leak_curve.png.
+    3. online == offline check on the guard's own log; report.md + roc.png + leak_curve.png
+       + fractions.png; every TPR/FPR with its Wilson interval and account count;
+    4. with --capability: students trained on what leaked vs on the unblocked harvest.
     Default scenario: ~15 min on 2 cores. `--quick`: the CI scenario.
     """
     from dataclasses import replace
@@ -122,12 +132,27 @@ def arena(
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from stillhouse.arena.capability import CapabilityConfig, CapabilityError, run_capability
+    from stillhouse.arena.report import capability_lines
     from stillhouse.arena.run import QUICK, ArenaConfig, run_arena
     from stillhouse.config import load_config
 
+    cap_cfg = load_config(CapabilityConfig, capability_config) if capability_config is not None else CapabilityConfig()
+    if capability_only:
+        console = Console()
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=console) as progress:
+            try:
+                cap = run_capability(cap_cfg, out / "detector", out / "capability", progress=progress)
+            except CapabilityError as exc:
+                raise typer.BadParameter(str(exc), param_hint="--out") from exc
+        text = "\n".join(["# Capability leaked", "", *capability_lines(cap), ""])
+        (out / "capability" / "report.md").write_text(text)
+        console.print(text)
+        return
     cfg = load_config(ArenaConfig, config) if config is not None else (QUICK if quick else ArenaConfig())
     overrides = {k: v for k, v in {"gateway": gateway, "upstream": upstream, "days": days,
-                                   "embedder": embedder}.items() if v is not None}
+                                   "embedder": embedder, "capability": capability or None}.items() if v is not None}
     try:
         cfg = replace(cfg, **overrides)
     except ValueError as exc:
@@ -135,11 +160,14 @@ def arena(
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console) as progress:
-        metrics = run_arena(cfg, out, progress=progress)
+        metrics = run_arena(cfg, out, progress=progress, capability=cap_cfg)
     op = metrics["operational"]
     console.print(f"block tier: campaign TPR {op['block']['tpr']:.3f}, benign FPR {op['block']['benign_fpr']:.4f} "
                   f"({op['block']['benign_flagged']}/{op['benign_accounts']}); offline==online: "
                   f"{metrics['offline_equals_online']}")
+    if isinstance(metrics["capability_leaked"], dict):
+        r = metrics["capability_leaked"]["gain_ratio"]
+        console.print(f"capability leaked: gain ratio {r['value']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]")
     console.print(f"report: {out / 'report.md'}")
 
 

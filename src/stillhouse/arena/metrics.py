@@ -8,7 +8,12 @@
   enforcement, detection rate, queries and tokens until the first flag, and the share of
   the campaign's planned volume it had sent when its first account / half its accounts
   were flagged;
-- :func:`cluster_ari` — adjusted Rand index of detector clusters against the truth.
+- :func:`cluster_ari` — adjusted Rand index of detector clusters against the truth;
+- :func:`rate` — a count over a total with its Wilson 95% interval (every TPR and FPR
+  in the report carries one, and the number of accounts it rests on);
+- :func:`tpr_by_shape` — per campaign shape, the share of accounts over each threshold;
+- :func:`gain_ratio` — capability leaked: the leaked-data student's gain over its init as a
+  share of the full-harvest student's gain, with a paired-bootstrap interval over items.
 """
 
 from __future__ import annotations
@@ -46,13 +51,32 @@ def split_scores(result: RunResult) -> tuple[np.ndarray, np.ndarray]:
     return benign, attack
 
 
+def rate(k: int, n: int) -> dict[str, float | int]:
+    """``k`` of ``n`` as {k, n, value, lo, hi}: the proportion and its Wilson 95% interval."""
+    from stillhouse.distill.metrics import wilson_interval
+
+    lo, hi = wilson_interval(int(k), int(n))
+    return {"k": int(k), "n": int(n), "value": k / n if n else float("nan"), "lo": lo, "hi": hi}
+
+
+ACTIVE_MIN_REQUESTS = 10
+"""Benign accounts with at least this many requests count as 'active' (their FPR is reported apart:
+most accounts are light users that no threshold would flag)."""
+
+
 def operational(result: RunResult, thresholds: dict[str, float]) -> dict[str, Any]:
     benign, attack = split_scores(result)
-    out: dict[str, Any] = {"benign_accounts": int(benign.size), "campaign_accounts": int(attack.size)}
+    active = np.array([result.max_scores.get(a, 0.0) for a, acc in result.accounts.items()
+                       if not acc.malicious and result.outcomes[a].sent >= ACTIVE_MIN_REQUESTS])
+    out: dict[str, Any] = {"benign_accounts": int(benign.size), "campaign_accounts": int(attack.size),
+                           "active_benign_accounts": int(active.size), "active_min_requests": ACTIVE_MIN_REQUESTS}
     for name, t in thresholds.items():
         out[name] = {"threshold": t, "tpr": float((attack > t).mean()) if attack.size else float("nan"),
                      "benign_fpr": float((benign > t).mean()) if benign.size else float("nan"),
-                     "benign_flagged": int((benign > t).sum())}
+                     "benign_flagged": int((benign > t).sum()),
+                     "tpr_ci": rate(int((attack > t).sum()), attack.size),
+                     "fpr_ci": rate(int((benign > t).sum()), benign.size),
+                     "active_fpr_ci": rate(int((active > t).sum()), active.size)}
     by_kind: dict[str, list[float]] = defaultdict(list)
     for a, acc in result.accounts.items():
         if not acc.malicious:
@@ -110,3 +134,40 @@ def cluster_ari(result: RunResult) -> dict[str, float]:
     return {"all_accounts": float(adjusted_rand_score(truth, pred)),
             "campaign_accounts": float(adjusted_rand_score([truth[i] for i in mal], [pred[i] for i in mal]))
             if mal else float("nan")}
+
+
+def tpr_by_shape(result: RunResult, thresholds: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """shape -> {tier: rate(accounts of that shape over the tier's threshold, accounts)}."""
+    scores: dict[str, list[float]] = defaultdict(list)
+    for a, acc in result.accounts.items():
+        if acc.malicious:
+            scores[acc.kind.split(":", 1)[1] if acc.kind.startswith("campaign:") else acc.kind].append(
+                result.max_scores.get(a, 0.0))
+    return {shape: {name: rate(sum(x > t for x in xs), len(xs)) for name, t in thresholds.items()}
+            for shape, xs in sorted(scores.items())}
+
+
+def gain_ratio(init: np.ndarray, leaked: np.ndarray, full: np.ndarray, n_boot: int = 2000,
+               seed: int = 0) -> dict[str, float]:
+    """(leaked - init) / (full - init) of per-item correctness (0/1 arrays over the same items).
+
+    Returns {value, lo, hi, gain_leaked, gain_full}; the interval is the 2.5/97.5 percentiles of
+    a paired bootstrap over items (resamples whose full-harvest gain is <= 0 are left out, and
+    their share is reported as ``undefined_share``). ``value`` is NaN when the full harvest
+    gained nothing (no gain to take a share of).
+    """
+    init, leaked, full = (np.asarray(x, dtype=float) for x in (init, leaked, full))
+    if not (init.shape == leaked.shape == full.shape) or init.ndim != 1 or init.size == 0:
+        raise ValueError("gain_ratio: init, leaked and full must be 1-D arrays over the same items")
+    g_leak, g_full = float(leaked.mean() - init.mean()), float(full.mean() - init.mean())
+    value = g_leak / g_full if g_full > 0 else float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, init.size, size=(n_boot, init.size))
+    gl = leaked[idx].mean(1) - init[idx].mean(1)
+    gf = full[idx].mean(1) - init[idx].mean(1)
+    ok = gf > 0
+    ratios = gl[ok] / gf[ok]
+    lo, hi = (float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))) if ratios.size else (
+        float("nan"), float("nan"))
+    return {"value": value, "lo": lo, "hi": hi, "gain_leaked": g_leak, "gain_full": g_full,
+            "undefined_share": float(1 - ok.mean())}

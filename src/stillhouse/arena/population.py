@@ -5,7 +5,7 @@ Archetypes (shares are ``PopulationConfig`` fields):
 - ``casual`` — heavy-tailed (Pareto) number of sessions, multi-turn sessions with
   follow-ups, daily rhythm in the user's time zone, GSM8K questions and HumanEval
   stubs pasted as real people do; a tenth ask for "step by step" explanations.
-- ``power``  — ten times the volume, longer sessions, many keep one long persona
+- ``power``  — ten times the volume of a casual user at ``casual_scale=2``, longer sessions, many keep one long persona
   system prompt, some ask for the maximum ``max_tokens``.
 - ``batch``  — legitimate services: one fixed system prompt with a labelled JSON
   output format, single-turn, machine-regular, around the clock, short outputs.
@@ -33,6 +33,8 @@ from stillhouse.guard.events import AccountInfo
 
 START_TS = 1_767_225_600.0  # 2026-01-01 00:00 UTC
 PROXY_SUBNETS = tuple(f"198.51.{i}" for i in range(100, 112))
+POWER_SCALE = 20.0
+"""Pareto scale of a power user's weekly sessions (ten times the original casual default of 2)."""
 
 FOLLOWUPS = (
     "Can you explain that part again more simply?", "Why did you multiply there?",
@@ -87,6 +89,10 @@ BENCH_TEMPLATES = (
 class PopulationConfig:
     accounts: int = 2000
     """Benign accounts."""
+    casual_scale: float = 2.0
+    """Pareto scale of a casual user's sessions per week (tail index 1.3): the median user has
+    about 1 + 0.7 x this many sessions, the mean about 1 + 3.3 x this; lower it for a population
+    of mostly light users (cheap accounts that still count toward the per-account FPR)."""
     days: float = 7.0
     """Simulated span."""
     power_share: float = 0.06
@@ -110,6 +116,8 @@ class PopulationConfig:
             raise ValueError(f"PopulationConfig.accounts={self.accounts}: must be >= 1")
         if self.days <= 0:
             raise ValueError(f"PopulationConfig.days={self.days}: must be > 0")
+        if self.casual_scale <= 0:
+            raise ValueError(f"PopulationConfig.casual_scale={self.casual_scale}: must be > 0 (e.g. 1.0)")
         shares = (self.power_share, self.batch_share, self.bench_share, self.corporate_share, self.proxy_share)
         if any(not 0 <= s <= 1 for s in shares) or self.power_share + self.batch_share + self.bench_share > 1:
             raise ValueError("PopulationConfig shares must be in [0, 1] and power+batch+bench <= 1")
@@ -154,9 +162,9 @@ def generate_population(cfg: PopulationConfig) -> tuple[list[SimAccount], list[T
         common = {"account_id": aid, "client_ip": ip, "user_agent": ua, "header_names": headers}
         tz = float(rng.choice([-8, -5, 0, 1, 2, 5.5, 8, 9]))
         if kind == "casual":
-            mine = _casual(rng, cfg, pool, common, tz, volume=1.0)
+            mine = _casual(rng, cfg, pool, common, tz, scale=cfg.casual_scale)
         elif kind == "power":
-            mine = _casual(rng, cfg, pool, common, tz, volume=10.0, power=True)
+            mine = _casual(rng, cfg, pool, common, tz, scale=POWER_SCALE, power=True)
         elif kind == "batch":
             mine = _batch(rng, cfg, pool, common)
         else:
@@ -173,9 +181,9 @@ def _question(rng: np.random.Generator, pool, math_pref: float) -> str:  # type:
 
 
 def _casual(rng: np.random.Generator, cfg: PopulationConfig, pool, common: dict, tz: float,  # type: ignore[no-untyped-def]
-            volume: float, power: bool = False) -> list[Turn]:
+            scale: float, power: bool = False) -> list[Turn]:
     aid = common["account_id"]
-    sessions = int(min(1 + rng.pareto(1.3) * 2.0 * volume * cfg.days / 7.0, 400 * cfg.days / 7.0))
+    sessions = int(min(1 + rng.pareto(1.3) * scale * cfg.days / 7.0, 400 * cfg.days / 7.0))
     math_pref = float(rng.beta(2, 1.2))
     steppy = rng.random() < (0.3 if power else 0.1)
     system = ""

@@ -72,6 +72,67 @@ def plot_leak(path: Path, result: RunResult, planned: dict[str, int]) -> None:
     plt.close(fig)
 
 
+def plot_fractions(path: Path, fractions: dict[str, dict[str, Any]]) -> None:
+    """TPR (with Wilson intervals) against the attacker fraction, one line per tier."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(fractions.values(), key=lambda r: r["attacker_fraction"])
+    fig, ax = plt.subplots(figsize=(5.5, 4.0))
+    xs = [r["attacker_fraction"] for r in rows]
+    for tier, marker in (("throttle", "s"), ("block", "o")):
+        if not rows or tier not in rows[0]:
+            continue
+        ys = np.array([r[tier]["value"] for r in rows])
+        err = np.array([[y - r[tier]["lo"] for y, r in zip(ys, rows)], [r[tier]["hi"] - y for y, r in zip(ys, rows)]])
+        ax.errorbar(xs, ys, yerr=np.maximum(err, 0), marker=marker, capsize=3, label=f"{tier} threshold")
+    ax.set_xscale("log")
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("attacker fraction of the account's requests")
+    ax.set_ylabel(f"campaign TPR (n={rows[0]['accounts'] if rows else 0} accounts each)")
+    ax.set_title("TPR by attacker fraction (Wilson 95%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def capability_lines(cap: Any) -> list[str]:
+    """The capability-leaked section (a sentence when the stage did not run)."""
+    if not isinstance(cap, dict):
+        return [str(cap)]
+    acc = cap["accuracy"]
+    r = cap["gain_ratio"]
+    cfg = cap["config"]
+
+    def est(e: dict[str, Any]) -> str:
+        return f"{e['value']:.3f} [{e['lo']:.3f}, {e['hi']:.3f}]"
+
+    out = [f"A `harvest` campaign ({cap['accounts']} accounts, {cap['planned']} planned additions over "
+           f"{cfg['days']:g} simulated days) through the guard with the fitted detector to the real teacher "
+           f"(`{cfg['teacher']}`, revision {str(cap['teacher_revision'])[:24]}): {cap['leaked']} answers leaked "
+           f"({cap['leaked_share']:.1%} of plan), {cap['blocked_accounts']}/{cap['accounts']} accounts blocked. "
+           f"Students: `{cfg['student']}` init, SFT {cfg['epochs']} epochs, batch {cfg['batch_size']}, lr {cfg['lr']:g}"
+           f"{', verified rows only' if cfg['verified_only'] else ''} (leaked: {cap['train_rows']['leaked']} rows, "
+           f"full harvest: {cap['train_rows']['full']} rows). Eval: {cap['eval_items']} held-out 2-digit additions, "
+           "greedy; Wilson 95% intervals.", "",
+           "| model | accuracy [95% CI] |", "|---|---|",
+           f"| init ({cfg['student']}) | {est(acc['init'])} |",
+           f"| trained on what leaked before the block | {est(acc['leaked'])} |",
+           f"| trained on the unblocked harvest | {est(acc['full'])} |", ""]
+    if r["value"] == r["value"]:
+        out.append(f"Gain ratio (leaked gain / full gain over the init): {r['value']:.3f} "
+                   f"[{r['lo']:.3f}, {r['hi']:.3f}] (paired bootstrap over items); gains "
+                   f"{r['gain_leaked']:+.3f} vs {r['gain_full']:+.3f}. Goal <= 0.5: "
+                   f"{'met' if cap['goal_met'] else 'not met'}.")
+    else:
+        out.append(f"Gain ratio undefined: the full-harvest student gained {r['gain_full']:+.3f} over its init.")
+    return out
+
+
 def write_report(out: Path, metrics: dict[str, Any], result: RunResult, thresholds: dict[str, float]) -> Path:
     from stillhouse.arena.metrics import split_scores
 
@@ -79,36 +140,54 @@ def write_report(out: Path, metrics: dict[str, Any], result: RunResult, threshol
     plot_roc(out / "roc.png", benign, attack, thresholds)
     planned = {row["campaign"]: row["planned"] for row in metrics["campaigns"]}
     plot_leak(out / "leak_curve.png", result, planned)
+    plot_fractions(out / "fractions.png", metrics["tpr_by_attacker_fraction"])
     op = metrics["operational"]
     cal = metrics["calibration"]
+    def ci(r: dict[str, Any], digits: int = 3) -> str:
+        return f"{r['value']:.{digits}g} [{r['lo']:.{digits}g}, {r['hi']:.{digits}g}] ({r['k']}/{r['n']})"
+
     lines = [
         "# Arena report", "",
         f"Simulated {metrics['config']['days']} days; gateway `{metrics['config']['gateway']}`; "
         f"upstream `{metrics['config']['upstream']}`. Calibration: {cal['accounts_half_a']} + "
         f"{cal['accounts_half_b']} benign accounts (seed {metrics['config']['calib_seed']}), "
         f"{metrics['requests']['calibration']} requests. Evaluation: {op['benign_accounts']} benign accounts "
-        f"(seed {metrics['config']['eval_seed']}) + {op['campaign_accounts']} campaign accounts, "
+        f"(seed {metrics['config']['eval_seed']}; {op['active_benign_accounts']} of them active, i.e. with "
+        f">= {op['active_min_requests']} requests) + {op['campaign_accounts']} campaign accounts, "
         f"{metrics['requests']['evaluation']} requests. Wall time {metrics['timings_s']['total_s']:.0f} s.", "",
-        "## Detection at the calibrated thresholds (what the guard enforced)", "",
-        "| tier | target benign FPR | threshold | campaign TPR | realized benign FPR (eval) | benign flagged |",
+        "## Per-account TPR at the calibrated FPR targets (what the guard enforced)", "",
+        "Thresholds are benign quantiles of the calibration seed's held-out half; the campaigns and the "
+        "evaluation accounts never touch them. Intervals are Wilson 95%.", "",
+        "| tier | target benign FPR | threshold | campaign TPR (accounts) | benign FPR, all eval accounts | "
+        "benign FPR, active accounts |",
         "|---|---|---|---|---|---|",
     ]
-    targets = {"throttle": metrics["config"].get("throttle_fpr", 1e-2), "block": 1e-3}
-    targets["throttle"] = 1e-2
+    targets = {"throttle": 1e-2, "block": 1e-3}
     for name in ("throttle", "block"):
         row = op[name]
-        lines.append(f"| {name} | {targets[name]:g} | {row['threshold']:.2f} | {row['tpr']:.3f} | "
-                     f"{row['benign_fpr']:.4f} | {row['benign_flagged']} / {op['benign_accounts']} |")
+        lines.append(f"| {name} | {targets[name]:g} | {row['threshold']:.2f} | {ci(row['tpr_ci'])} | "
+                     f"{ci(row['fpr_ci'])} | {ci(row['active_fpr_ci'])} |")
     lines += ["", f"Calibration FPR resolution: 1/{cal['accounts_half_b']} = {cal['fpr_resolution']:.2g} "
               "(a target below it is set at the benign maximum).", "",
-              "Benign accounts over the thresholds, by archetype:", "",
+              "TPR by campaign shape (share of the shape's accounts over each threshold):", "",
+              "| shape | accounts | TPR at throttle (FPR 1e-2) | TPR at block (FPR 1e-3) |", "|---|---|---|---|"]
+    for shape, row in metrics["tpr_by_shape"].items():
+        lines.append(f"| {shape} | {row['block']['n']} | {ci(row['throttle'])} | {ci(row['block'])} |")
+    lines += ["", "Benign accounts over the thresholds, by archetype:", "",
               "| archetype | accounts | over throttle | over block |", "|---|---|---|---|"]
     for kind, row in op["benign_flagged_by_kind"].items():
         lines.append(f"| {kind} | {row['accounts']} | {row['over_throttle']} | {row['over_block']} |")
     lines += ["", "Eval-set oracle (threshold chosen on these benign accounts; for the ROC only):", ""]
     for f, row in metrics["eval_oracle_tpr_at_fpr"].items():
         lines.append(f"- TPR at FPR {float(f):g}: {row['tpr']:.3f} (threshold {row['threshold']:.2f})")
-    lines += ["", "![ROC](roc.png)", "", "## Campaigns", "",
+    lines += ["", "![ROC](roc.png)", "", "## TPR by attacker fraction", "",
+              "The `cot` shape diluted with benign-looking cover questions, so that only this share of each "
+              "account's requests is distillation traffic:", "",
+              "| attacker fraction | accounts | TPR at throttle | TPR at block |", "|---|---|---|---|"]
+    for name, row in metrics["tpr_by_attacker_fraction"].items():
+        lines.append(f"| {row['attacker_fraction']:g} | {row['accounts']} | {ci(row['throttle'])} | "
+                     f"{ci(row['block'])} |")
+    lines += ["", "![TPR by attacker fraction](fractions.png)", "", "## Campaigns", "",
               "| campaign | shape | accts | planned | sent | leaked | leaked/planned | blocked accts | "
               "median queries to flag | median tokens to flag | volume at 1st flag | volume at half flagged |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -120,14 +199,13 @@ def write_report(out: Path, metrics: dict[str, Any], result: RunResult, threshol
             f"{_fmt(r['volume_share_at_half_flagged'])} |")
     lines += ["", "'volume at …' = share of the campaign's planned requests it had sent when its first account "
               "(or half its accounts) was first flagged.", "",
-              "TPR by attacker fraction (mixed campaigns, share of accounts over the block threshold): " +
-              ", ".join(f"{k}: {v:.2f}" for k, v in metrics["tpr_by_attacker_fraction"].items()), "",
               f"Cluster recovery (ARI): all accounts {metrics['ari']['all_accounts']:.3f}, "
               f"campaign accounts {metrics['ari']['campaign_accounts']:.3f}.", "",
               "![leak curve](leak_curve.png)", "",
               f"Online == offline on the guard's log: {metrics['offline_equals_online']}", "",
-              f"Capability leaked: {metrics['capability_leaked']}", "",
-              "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in metrics["timings_s"].items()), ""]
+              "## Capability leaked", ""]
+    lines += capability_lines(metrics["capability_leaked"])
+    lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in metrics["timings_s"].items()), ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -10,9 +10,13 @@ Steps (``run_arena``):
    the fitted detector and its policy engine enforcing;
 3. optionally replay the evaluation guard's traffic log offline and check that the
    offline verdicts equal the online ones;
-4. metrics (:mod:`.metrics`) and the report (:mod:`.report`) into ``run/``.
+4. optionally (``capability=True``) the capability-leaked stage (:mod:`.capability`): an
+   arithmetic harvest campaign through a guard with the same fitted detector to the real
+   teacher, and students trained on what leaked vs on the unblocked harvest;
+5. metrics (:mod:`.metrics`) and the report (:mod:`.report`) into ``run/``.
 
-Run: ``stillhouse arena --quick`` (CI, ~30 s) or ``stillhouse arena`` (default, ~15 min on 2 cores).
+Run: ``stillhouse arena --quick`` (CI, ~30 s) or ``stillhouse arena`` (default, ~15 min on 2 cores);
+add ``--capability`` for stage 4 (bundled teacher, minutes more).
 """
 
 from __future__ import annotations
@@ -36,22 +40,32 @@ GatewayKind = Literal["guard", "direct"]
 class ArenaConfig:
     days: float = 7.0
     """Simulated span of both the calibration and the evaluation traffic."""
-    calib_accounts: int = 3000
+    calib_accounts: int = 6000
     """Benign accounts in the calibration population (half build the feature tables, half set thresholds)."""
-    eval_accounts: int = 2000
-    """Benign accounts mixed with the campaigns in the evaluation run."""
+    eval_accounts: int = 5000
+    """Benign accounts mixed with the campaigns in the evaluation run (the FPR's denominator)."""
+    casual_scale: float = 1.0
+    """Pareto scale of casual users' weekly sessions (``PopulationConfig.casual_scale``): 1.0 makes most
+    accounts light users (median 3 requests a week), so thousands of them cost little."""
+    power_share: float = 0.03
+    """Share of power users (hard negatives; ``PopulationConfig.power_share``)."""
+    batch_share: float = 0.008
+    """Share of legitimate batch/service accounts (hard negatives)."""
+    bench_share: float = 0.008
+    """Share of benchmark runners (hard negatives)."""
     calib_seed: int = 1
-    eval_seed: int = 4
+    eval_seed: int = 5
     campaigns: tuple[tuple[str, int, int], ...] = (
         ("cot", 3, 1500), ("rubric", 3, 1000), ("agentic", 3, 1200), ("hydra", 200, 40), ("slow", 10, 100),
-        ("paraphrase", 3, 1000),
+        ("paraphrase", 3, 1000), ("harvest", 3, 1000),
     )
     """(shape, accounts, planned requests per account) for each campaign."""
     fractions: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5)
     """Attacker fractions of the 'mixed' campaigns (the cot shape diluted with cover traffic)."""
-    mixed_accounts: int = 3
-    mixed_requests: int = 800
-    campaign_seed: int = 300
+    mixed_accounts: int = 6
+    """Accounts per attacker fraction (each fraction's TPR rests on this many accounts)."""
+    mixed_requests: int = 500
+    campaign_seed: int = 400
     gateway: GatewayKind = "guard"
     """'guard': the real guard app (ASGI in-process) → HTTP on loopback → upstream; 'direct': no HTTP."""
     upstream: str = "sim"
@@ -61,6 +75,8 @@ class ArenaConfig:
     """Replay the evaluation log offline and check that the verdicts equal the online ones."""
     embedder: Literal["hash", "minilm"] = "hash"
     cluster_every: int = 500
+    capability: bool = False
+    """Run the capability-leaked stage (:mod:`.capability`, its own ``CapabilityConfig``) after the evaluation."""
 
     def __post_init__(self) -> None:
         if self.days <= 0:
@@ -77,12 +93,27 @@ class ArenaConfig:
             raise ValueError(f"ArenaConfig.fractions={self.fractions}: each must be in (0, 1]")
         if self.gateway not in ("guard", "direct"):
             raise ValueError(f"ArenaConfig.gateway={self.gateway!r}: use 'guard' or 'direct'")
+        if self.mixed_accounts < 1 or self.mixed_requests < 1:
+            raise ValueError("ArenaConfig.mixed_accounts and mixed_requests must be >= 1")
+        try:  # the population mix is validated where it is used
+            PopulationConfig(accounts=1, casual_scale=self.casual_scale, power_share=self.power_share,
+                             batch_share=self.batch_share, bench_share=self.bench_share)
+        except ValueError as exc:
+            raise ValueError(f"ArenaConfig population mix: {exc}") from exc
 
 
-QUICK = ArenaConfig(days=2.0, calib_accounts=400, eval_accounts=250,
+QUICK = ArenaConfig(days=2.0, calib_accounts=400, eval_accounts=250, casual_scale=2.0, power_share=0.06,
+                    batch_share=0.015, bench_share=0.015, eval_seed=4, campaign_seed=300,
                     campaigns=(("cot", 2, 300), ("rubric", 2, 200), ("agentic", 2, 200), ("hydra", 40, 12),
-                               ("slow", 3, 20), ("paraphrase", 2, 200)),
+                               ("slow", 3, 20), ("paraphrase", 2, 200), ("harvest", 2, 200)),
                     mixed_accounts=2, mixed_requests=200, cluster_every=200)
+
+
+def population_config(cfg: ArenaConfig, accounts: int, seed: int) -> PopulationConfig:
+    """The benign population of one arena phase (calibration or evaluation): same mix, own seed."""
+    return PopulationConfig(accounts=accounts, days=cfg.days, seed=seed, max_tokens_limit=cfg.max_tokens_limit,
+                            casual_scale=cfg.casual_scale, power_share=cfg.power_share,
+                            batch_share=cfg.batch_share, bench_share=cfg.bench_share)
 
 
 def build_campaigns(cfg: ArenaConfig) -> tuple[list[SimAccount], list[Turn]]:
@@ -125,8 +156,12 @@ async def _send(cfg: ArenaConfig, run_dir: Path, accounts: list[SimAccount], tur
     return result, guard.db_url
 
 
-def run_arena(cfg: ArenaConfig, out_dir: str | Path, progress: Any = None) -> dict[str, Any]:
-    """Run the whole arena (see the module docstring); returns the metrics dict (also in ``metrics.json``)."""
+def run_arena(cfg: ArenaConfig, out_dir: str | Path, progress: Any = None,
+              capability: Any = None) -> dict[str, Any]:
+    """Run the whole arena (see the module docstring); returns the metrics dict (also in ``metrics.json``).
+
+    ``capability``: the ``CapabilityConfig`` of stage 4 when ``cfg.capability`` (default: its defaults).
+    """
     from stillhouse.config import save_config
     from stillhouse.guard.detect import DetectConfig, WindowDetector
     from stillhouse.guard.detect.offline import read_log, replay
@@ -148,8 +183,7 @@ def run_arena(cfg: ArenaConfig, out_dir: str | Path, progress: Any = None) -> di
     try:
         # 1. calibration: benign only, through the same gateway, no detector.
         t = time.perf_counter()
-        calib_accounts, calib_turns = generate_population(PopulationConfig(
-            accounts=cfg.calib_accounts, days=cfg.days, seed=cfg.calib_seed, max_tokens_limit=cfg.max_tokens_limit))
+        calib_accounts, calib_turns = generate_population(population_config(cfg, cfg.calib_accounts, cfg.calib_seed))
         _, calib_log = asyncio.run(_send(cfg, out / "calibration", calib_accounts, calib_turns, None,
                                          upstream_url, progress, "calibration traffic (benign)"))
         records, infos = read_log(calib_log) if calib_log else ([], {})
@@ -164,8 +198,7 @@ def run_arena(cfg: ArenaConfig, out_dir: str | Path, progress: Any = None) -> di
 
         # 2. evaluation: fresh benign seed + campaigns, detector online, policy enforcing.
         t = time.perf_counter()
-        ev_accounts, ev_turns = generate_population(PopulationConfig(
-            accounts=cfg.eval_accounts, days=cfg.days, seed=cfg.eval_seed, max_tokens_limit=cfg.max_tokens_limit))
+        ev_accounts, ev_turns = generate_population(population_config(cfg, cfg.eval_accounts, cfg.eval_seed))
         c_accounts, c_turns = build_campaigns(cfg)
         accounts, turns = ev_accounts + c_accounts, ev_turns + c_turns
         result, eval_log = asyncio.run(_send(cfg, out / "evaluation", accounts, turns, detector, upstream_url,
@@ -199,22 +232,34 @@ def run_arena(cfg: ArenaConfig, out_dir: str | Path, progress: Any = None) -> di
     benign, attack = m.split_scores(result)
     thresholds = dict(detector.thresholds_ or {})
     oracle = {str(f): dict(zip(("tpr", "threshold"), m.tpr_at_fpr(benign, attack, f))) for f in (1e-3, 1e-2)}
-    fractions = {}
     table = m.campaign_table(result, thresholds)
-    for row in table:
-        if row["shape"] == "mixed":
-            fractions[row["campaign"]] = row["detected_accounts"] / row["accounts"]
+    fractions = {}
+    for j, f in enumerate(cfg.fractions):
+        name = f"mixed{int(round(f * 100))}"
+        mixed = [a for a, acc in result.accounts.items() if acc.campaign == name]
+        scores = [result.max_scores.get(a, 0.0) for a in mixed]
+        fractions[name] = {"attacker_fraction": f, "accounts": len(mixed),
+                           **{tier: m.rate(sum(x > t for x in scores), len(scores)) for tier, t in thresholds.items()}}
+    cap_metrics: Any = "not run (add --capability)"
+    if cfg.capability:
+        from stillhouse.arena.capability import CapabilityConfig, run_capability
+
+        t = time.perf_counter()
+        cap_metrics = run_capability(capability or CapabilityConfig(), out / "detector", out / "capability",
+                                     progress=progress)
+        timings["capability_s"] = time.perf_counter() - t
     metrics = {
         "config": json.loads((out / "arena.json").read_text()),
         "calibration": detector.calibration_, "thresholds": thresholds,
         "operational": m.operational(result, thresholds),
+        "tpr_by_shape": m.tpr_by_shape(result, thresholds),
         "eval_oracle_tpr_at_fpr": oracle,
         "tpr_by_attacker_fraction": fractions,
         "campaigns": table, "ari": m.cluster_ari(result),
         "offline_equals_online": offline_check,
         "requests": {"calibration": len(calib_turns), "evaluation": result.requests},
         "timings_s": timings,
-        "capability_leaked": "not measured in this run (see docs/results.md)",
+        "capability_leaked": cap_metrics,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     write_report(out, metrics, result, thresholds)

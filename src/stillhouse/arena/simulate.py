@@ -95,7 +95,8 @@ class GuardGateway:
     """
 
     def __init__(self, run_dir: str, upstream_url: str, detector: Any, clock: SimClock,
-                 accounts: list[SimAccount], requests_per_min: int = 600, tokens_per_min: int = 2_000_000):
+                 accounts: list[SimAccount], requests_per_min: int = 600, tokens_per_min: int = 2_000_000,
+                 model: str = "sim"):
         import secrets
         from pathlib import Path
 
@@ -112,6 +113,8 @@ class GuardGateway:
                                   tokens_per_min=tokens_per_min, log_flush_interval_s=0.2, log_batch_size=2000)
         self.app = create_app(self.config, self.store, clock=clock, detector=detector)
         self.accounts = accounts
+        self.model = model
+        """The model name sent in each request (the upstream must serve it)."""
         self.keys: dict[str, str] = {}
 
     async def start(self) -> None:
@@ -133,7 +136,7 @@ class GuardGateway:
     async def send(self, turn: Turn, messages: list[dict[str, Any]], account: AccountInfo) -> Reply:
         import json
 
-        body = json.dumps({"model": "sim", "messages": messages, **turn.params}).encode()
+        body = json.dumps({"model": self.model, "messages": messages, **turn.params}).encode()
         values = {"host": b"guard.local", "user-agent": turn.user_agent.encode(), "accept": b"application/json",
                   "accept-encoding": b"gzip, deflate", "connection": b"keep-alive",
                   "authorization": b"Bearer " + self.keys[turn.account_id].encode(),
@@ -178,6 +181,19 @@ class GuardGateway:
         usage = data.get("usage") or {}
         text = data["choices"][0]["message"]["content"] if data.get("choices") else ""
         return Reply(200, text, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
+
+
+class RecordingGateway:
+    """Wraps a gateway and keeps every (turn, reply) it passed, in sending order."""
+
+    def __init__(self, inner: Gateway):
+        self.inner = inner
+        self.sent: list[tuple[Turn, Reply]] = []
+
+    async def send(self, turn: Turn, messages: list[dict[str, Any]], account: AccountInfo) -> Reply:
+        reply = await self.inner.send(turn, messages, account)
+        self.sent.append((turn, reply))
+        return reply
 
 
 @dataclass

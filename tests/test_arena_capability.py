@@ -1,0 +1,88 @@
+"""The capability-leaked stage's plumbing on a tiny random-init model (real tokenizer, real guard,
+real served teacher on loopback, real SFT and eval), with a stand-in detector that blocks each
+account after its third request; and the gain-ratio maths against a direct computation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from stillhouse.arena.capability import CapabilityConfig, CapabilityError, run_capability
+from stillhouse.arena.metrics import gain_ratio, rate
+from stillhouse.arena.report import capability_lines
+from stillhouse.guard.events import Verdict
+
+
+class _BlockAfter3:
+    """Says 'block' from an account's third request on (the guard's policy engine enforces it)."""
+
+    def __init__(self) -> None:
+        self.n: dict[str, int] = {}
+        self.on_refresh = None
+        self.cluster_of_: dict[str, str] = {}
+        self.max_score_: dict[str, float] = {}
+
+    def observe(self, record: Any, account: Any = None) -> None:
+        self.n[record.account_id] = self.n.get(record.account_id, 0) + 1
+        self.max_score_[record.account_id] = float(self.n[record.account_id])
+
+    def verdict(self, account_id: str) -> Verdict | None:
+        n = self.n.get(account_id, 0)
+        return Verdict(account_id, float(n), n >= 3, "block" if n >= 3 else "allow")
+
+    def refresh_clusters(self) -> None:
+        pass
+
+
+def test_gain_ratio_matches_direct_computation() -> None:
+    rng = np.random.default_rng(0)
+    init = (rng.random(200) < 0.3).astype(float)
+    leaked = np.maximum(init, rng.random(200) < 0.35)
+    full = np.maximum(leaked, rng.random(200) < 0.6)
+    r = gain_ratio(init, leaked, full, n_boot=500, seed=1)
+    expect = (leaked.mean() - init.mean()) / (full.mean() - init.mean())
+    assert r["value"] == pytest.approx(expect)
+    assert r["lo"] <= r["value"] <= r["hi"]
+    assert np.isnan(gain_ratio(init, leaked, init)["value"])  # full gained nothing: undefined
+    with pytest.raises(ValueError, match="same items"):
+        gain_ratio(init, leaked, full[:10])
+    assert rate(0, 5000)["hi"] == pytest.approx(7.68e-4, rel=0.01)  # Wilson upper bound of 0/5000
+
+
+def test_capability_config_errors() -> None:
+    with pytest.raises(CapabilityError, match="accounts"):
+        CapabilityConfig(accounts=0)
+    with pytest.raises(CapabilityError, match="student"):
+        CapabilityConfig(student="half")
+
+
+def test_missing_detector_names_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(CapabilityError, match="stillhouse arena"):
+        run_capability(CapabilityConfig(), tmp_path / "nope", tmp_path / "out")
+
+
+def test_capability_stage_on_a_tiny_model(tmp_path: Path, smol_tokenizer: Any) -> None:
+    from conftest import build_tiny_model
+
+    model = build_tiny_model(smol_tokenizer, max_positions=256)
+    cfg = CapabilityConfig(accounts=2, requests_per_account=8, days=0.5, verified_only=False, epochs=1,
+                           batch_size=4, eval_limit=6, max_batch=4)
+    m = run_capability(cfg, tmp_path / "unused", tmp_path / "cap", loaded=(model, smol_tokenizer, "tiny-0"),
+                       detector=_BlockAfter3())
+    assert m["planned"] == 16 and m["sent"] == 16
+    # the verdict after an account's 3rd request blocks from its 4th on: 3 answers leak per account
+    assert m["blocked_accounts"] == 2 and m["leaked"] == 2 * 3
+    assert m["train_rows"] == {"leaked": 6, "full": 16} and m["trained"] == {"leaked": True, "full": True}
+    leaked = [json.loads(x) for x in (tmp_path / "cap" / "leaked.jsonl").read_text().splitlines()]
+    full = {json.dumps(r["messages"]) for r in map(json.loads, (tmp_path / "cap" / "full.jsonl").read_text().splitlines())}
+    assert len(full) == 16 and all(json.dumps(r["messages"]) in full for r in leaked)
+    for name in ("init", "leaked", "full"):
+        assert m["accuracy"][name]["n"] == 6 and 0 <= m["accuracy"][name]["value"] <= 1
+    for name in ("leaked", "full"):
+        assert (tmp_path / "cap" / name / "student" / "final" / "config.json").exists()
+    assert (tmp_path / "cap" / "capability.json").exists()
+    assert any("unblocked harvest" in line for line in capability_lines(m))
