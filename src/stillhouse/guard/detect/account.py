@@ -13,6 +13,7 @@ the embedding sum, the random-Fourier-feature sum and its squared norms, topic c
 
 from __future__ import annotations
 
+import math
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
@@ -153,13 +154,19 @@ class AccountState:
                         del counter[key]
 
     def _apply(self, entry: Entry, sign: float) -> None:
+        # Adding -x is subtracting x in IEEE arithmetic, and float16 -> float64 is exact, so in-place
+        # ufuncs on views give the same sums as ``s += sign * x.astype(float64)``, without temporaries.
         lay = self.layout
         s = self.sums
-        s[: lay.HOURS] += sign * entry.scalars
+        op = np.add if sign > 0 else np.subtract
+        head = s[: lay.HOURS]
+        op(head, entry.scalars, out=head)
         s[lay.HOURS + entry.hour] += sign
-        s[lay.EMB: lay.phi] += sign * entry.emb.astype(np.float64)
+        emb = s[lay.EMB: lay.phi]
+        op(emb, entry.emb, out=emb)
         phi = entry.phi.astype(np.float64)
-        s[lay.phi: lay.phi_sq] += sign * phi
+        rff = s[lay.phi: lay.phi_sq]
+        op(rff, phi, out=rff)
         s[lay.phi_sq] += sign * float(phi @ phi)
         s[lay.topics + entry.topic] += sign
 
@@ -172,26 +179,28 @@ def features(sums: np.ndarray, layout: Layout, prior: float, mu_ref: np.ndarray 
     organisation is many ordinary accounts, not one enormous one.
     """
     lay = layout
-    n = float(sums[lay.COUNT])
-    out = np.zeros(len(FEATURES), dtype=np.float64)
+    head = sums[: lay.EMB].tolist()  # the scalar slots as Python floats: the same IEEE arithmetic, less overhead
+    n = head[lay.COUNT]
     if n <= 0:
-        return out
+        return np.zeros(len(FEATURES), dtype=np.float64)
+    out: list[float] = [0.0] * len(FEATURES)
     shrink = n + prior
     f = _F
+    completion = head[lay.COMPLETION]
     out[f["volume"]] = np.log1p(n / members)
-    out[f["tokens"]] = np.log1p(max(sums[lay.COMPLETION], 0.0) / members)
+    out[f["tokens"]] = np.log1p(max(completion, 0.0) / members)
     for j, name in enumerate(REQUEST_SIGNALS):
-        out[f[name]] = sums[lay.SIGNALS + j] / shrink
-    out[f["template"]] = sums[lay.TEMPLATE] / shrink
-    out[f["duplicate"]] = sums[lay.DUP] / shrink
-    gap_n = round(sums[lay.GAP_N])
+        out[f[name]] = head[lay.SIGNALS + j] / shrink
+    out[f["template"]] = head[lay.TEMPLATE] / shrink
+    out[f["duplicate"]] = head[lay.DUP] / shrink
+    gap_n = round(head[lay.GAP_N])
     if gap_n >= 2:
-        mean = sums[lay.GAP_SUM] / gap_n
-        std = np.sqrt(max(sums[lay.GAP_SQ] / gap_n - mean * mean, 0.0))
+        mean = head[lay.GAP_SUM] / gap_n
+        std = math.sqrt(max(head[lay.GAP_SQ] / gap_n - mean * mean, 0.0))  # sqrt is correctly rounded
         out[f["regularity"]] = (1.0 / (1.0 + std)) * (gap_n - 1) / (gap_n - 1 + prior)
     out[f["around_clock"]] = normalized_entropy(np.maximum(sums[lay.HOURS: lay.EMB], 0.0)) * n / shrink
-    tokens = sums[lay.COMPLETION] + sums[lay.PROMPT]
-    out[f["output_share"]] = sums[lay.COMPLETION] / tokens if tokens > 0 else 0.0
+    tokens = completion + head[lay.PROMPT]
+    out[f["output_share"]] = completion / tokens if tokens > 0 else 0.0
     out[f["concentration"]] = float(sums[lay.topics: lay.size].max()) / shrink
     ni = round(n)
     pair_shrink = (ni - 1) / (ni - 1 + prior) if ni >= 2 else 0.0
@@ -199,6 +208,4 @@ def features(sums: np.ndarray, layout: Layout, prior: float, mu_ref: np.ndarray 
     if mu_ref is not None:
         out[f["mmd"]] = mmd2_unbiased_from_sums(ni, sums[lay.phi: lay.phi_sq], float(sums[lay.phi_sq]), mu_ref,
                                                 ref_sq) * pair_shrink
-    return out
-
-
+    return np.array(out, dtype=np.float64)

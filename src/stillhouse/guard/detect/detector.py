@@ -52,15 +52,15 @@ from stillhouse.guard.detect.links import (
 )
 from stillhouse.guard.detect.requests import REQUEST_SIGNALS, last_user_text, request_signals, system_text
 from stillhouse.guard.detect.stats import (
+    TailTables,
     combine_families,
     combine_top,
     quantile_threshold,
     rff,
     rff_params,
     tail_scale,
-    tail_surprisals,
 )
-from stillhouse.guard.detect.text import band_keys, minhash, shingle_hashes, stable_hash, words
+from stillhouse.guard.detect.text import band_keys, minhash, shingle_hashes, stable_hash, word_hashes, words
 from stillhouse.guard.events import AccountInfo, TrafficRecord, Verdict
 
 
@@ -83,6 +83,9 @@ class WindowDetector:
         self.tail_scales_: list[float] | None = None
         self.thresholds_: dict[str, float] | None = None
         self.calibration_: dict[str, Any] = {}
+        self._layout: Layout | None = None
+        self._tails: TailTables | None = None
+        self._system_cache: dict[str, tuple[np.ndarray, int | None]] = {}
         self.reset()
 
     # ----------------------------------------------------------------- state
@@ -94,7 +97,10 @@ class WindowDetector:
 
     @property
     def layout(self) -> Layout:
-        return Layout(d=self.embedder_.dim, rff=self.config.rff_dim, k=self.config.topics)
+        lay = self._layout
+        if lay is None or lay.d != self.embedder_.dim:
+            lay = self._layout = Layout(d=self.embedder_.dim, rff=self.config.rff_dim, k=self.config.topics)
+        return lay
 
     @property
     def fitted(self) -> bool:
@@ -135,20 +141,22 @@ class WindowDetector:
         messages = record.messages or []
         user = last_user_text(messages)
         system = system_text(messages)
-        signals = request_signals(record, cfg)
+        signals = request_signals(record, cfg, user, system)
         user_tokens = words(user)
-        user_sh = shingle_hashes(user_tokens)
-        sys_sh = shingle_hashes(words(system)) if system else user_sh[:0]
-        prompt_sh = np.concatenate([sys_sh, user_sh])
+        user_wh = word_hashes(user_tokens)
+        user_sh = shingle_hashes(user_tokens, hashes=user_wh)
+        sys_sh, sys_key = self._system_parts(system) if system else (user_sh[:0], None)
+        prompt_sh = np.concatenate([sys_sh, user_sh]) if sys_sh.size else user_sh
         keep = prompt_sh if cfg.shingle_sample == 1 else prompt_sh[prompt_sh % np.uint32(cfg.shingle_sample) == 0]
-        sampled = tuple(np.unique(keep).tolist())
-        counts = st.shingle_counts
-        template = sum(1 for h in sampled if counts.get(h, 0) > 0) / len(sampled) if sampled else 0.0
+        sampled = tuple(sorted(set(keep.tolist())))  # == np.unique, without its overhead on short arrays
+        counts = st.shingle_counts  # a Counter holds no zero or negative counts (evict deletes them)
+        template = sum(map(counts.__contains__, sampled)) / len(sampled) if sampled else 0.0
         dup_keys = band_keys(minhash(user_sh, cfg.minhash_perm, cfg.seed), cfg.minhash_bands, "f") \
             if user_sh.size else ()
-        dup = 1.0 if any(st.dup_counts.get(k, 0) > 0 for k in dup_keys) else 0.0
+        dup_counts = st.dup_counts
+        dup = 1.0 if any(map(dup_counts.__contains__, dup_keys)) else 0.0
 
-        emb = self.embedder_.embed(user, user_tokens).astype(np.float16)
+        emb = self.embedder_.embed(user, user_tokens, hashes=user_wh).astype(np.float16)
         emb32 = emb.astype(np.float32)
         if self.rff_w_ is not None and self.rff_b_ is not None:
             phi = rff(emb32, self.rff_w_, self.rff_b_).astype(np.float16)
@@ -182,8 +190,8 @@ class WindowDetector:
             links.add("subnet", subnet_of(record.client_ip), aid)
         if record.user_agent or record.header_fingerprint:
             links.add("ua_headers", stable_hash(f"{record.user_agent}|{record.header_fingerprint}"), aid)
-        if len(system) >= 40:
-            links.add("system_prompt", stable_hash(" ".join(system.lower().split())), aid)
+        if sys_key is not None:
+            links.add("system_prompt", sys_key, aid)
         links.add("timing", int(record.ts // cfg.sync_bucket_s), aid)
         links.count_request(aid, record.ts)
 
@@ -193,12 +201,28 @@ class WindowDetector:
             self.refresh_clusters()
         self._track(aid)
 
+    def _system_parts(self, system: str) -> tuple[np.ndarray, int | None]:
+        """(shingle hashes, system-prompt link key or None) of a system prompt, cached: an account
+        sends the same few system prompts on every request."""
+        hit = self._system_cache.get(system)
+        if hit is None:
+            if len(self._system_cache) >= 4096:
+                self._system_cache.clear()
+            key = stable_hash(" ".join(system.lower().split())) if len(system) >= 40 else None
+            hit = self._system_cache[system] = (shingle_hashes(words(system)), key)
+        return hit
+
     def _score(self, f: np.ndarray) -> tuple[float, list[tuple[str, float]]]:
         if self.tables_ is None:
             return 0.0, []
-        s = tail_surprisals(self.tables_, f, self.tail_scales_)
+        tails = self._tails
+        if tails is None or tails.source[0] is not self.tables_ or tails.source[1] is not self.tail_scales_:
+            tails = self._tails = TailTables(self.tables_, self.tail_scales_)
+        s = tails.surprisals(f)
         _, order = combine_top(s, self.config.top_signals)
-        return combine_families(s, FAMILY_INDEX), [(FEATURES[i], round(float(s[i]), 4)) for i in order if s[i] > 0]
+        values = s.tolist()
+        return combine_families(s, FAMILY_INDEX), [(FEATURES[i], round(values[i], 4)) for i in order
+                                                   if values[i] > 0]
 
     def _effective(self, aid: str) -> tuple[float, list[tuple[str, float]], str | None, int]:
         own, reasons = self.own_.get(aid, (0.0, []))

