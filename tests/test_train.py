@@ -222,3 +222,44 @@ def test_train_cli_reports_bad_input_clearly(tmp_path):
     assert r.exit_code == 2 and "pruned:N" in r.output
     r = runner.invoke(app, ["train", "--config", str(tmp_path / "missing.json")])
     assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_bf16_mixed_precision_trains_close_to_fp32(tok, tmp_path):
+    """bf16 autocast keeps fp32 weights and fp32 losses; its first loss is near the fp32 one."""
+    data = _write(tmp_path, _rows(tok, 8))
+    runs = {}
+    for prec in ("fp32", "bf16"):
+        cfg = TrainConfig(data=str(data), out=str(tmp_path / prec), student="self", loss="sft", batch_size=4,
+                          lr=1e-3, precision=prec, shuffle=False)
+        res = train(cfg, teacher=(_tiny_teacher(tok), tok, "tiny"), progress=False)
+        info = json.loads((tmp_path / prec / "run_info.json").read_text())
+        assert info["precision"] == prec
+        rows = [json.loads(x) for x in (tmp_path / prec / "metrics.jsonl").read_text().splitlines()]
+        runs[prec] = rows
+        served = transformers.AutoModelForCausalLM.from_pretrained(str(res.final_dir))
+        assert all(p.dtype == torch.float32 for p in served.parameters())
+    first32, first16 = runs["fp32"][0]["loss"], runs["bf16"][0]["loss"]
+    assert math.isfinite(first16) and abs(first16 - first32) < 0.05 * first32
+    assert runs["bf16"][-1]["loss"] < first16
+
+
+def test_precision_is_validated():
+    with pytest.raises(TrainConfigError, match="precision"):
+        TrainConfig(data="d.jsonl", out="o", precision="fp16")  # type: ignore[arg-type]
+
+
+def test_bench_train_arms_on_a_tiny_student(tok, tmp_path):
+    """The bench's plumbing end to end on a tiny model: same tokens in every arm, MFU from the peak."""
+    from stillhouse.distill.bench_train import BenchTrainConfig, run_bench
+
+    tdir = tmp_path / "tiny"
+    _tiny_teacher(tok).save_pretrained(tdir)
+    tok.save_pretrained(tdir)
+    cfg = BenchTrainConfig(teacher=f"hf:{tdir}", student="self", examples=16, batch_size=4, threads=1,
+                           arms=("peak-fp32", "plain-fp32", "ours-fp32", "trl-fp32"),
+                           trl_python=str(tmp_path / "no-such-python"), out=str(tmp_path / "bench"), peak_size=256)
+    res = run_bench(cfg)["arms"]
+    assert res["plain-fp32"]["tokens"] == res["ours-fp32"]["tokens"] > 16 * 10
+    assert res["plain-fp32"]["steps"] == res["ours-fp32"]["steps"] == 4
+    assert 0 < res["ours-fp32"]["hfu"] < res["ours-fp32"]["mfu"]
+    assert "not found" in res["trl-fp32"]["skipped"]

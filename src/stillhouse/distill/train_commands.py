@@ -12,6 +12,8 @@ from pathlib import Path
 
 import typer
 
+from stillhouse.distill.bench_train import ARMS
+
 _HELP = """Train a student on teacher data and export it as an HF directory (OUT/final).
 
 Losses: sft = cross-entropy on the teacher's text (sequence-level KD, assistant tokens only);
@@ -52,6 +54,9 @@ def train_command(
     save_every: int = typer.Option(0, "--save-every", help="Checkpoint every N steps (0 = each epoch end)."),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0 = default; 1 on a busy CPU)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    precision: str = typer.Option("auto", "--precision",
+                                  help="auto | fp32 | bf16. bf16 = mixed precision (fp32 master weights); auto picks "
+                                       "bf16 on GPUs with bf16 and on CPUs with AVX512-BF16/AMX."),
     config: Path | None = typer.Option(None, "--config", help="Replay a saved train_config.json."),
 ) -> None:
     from stillhouse.config import ConfigError, load_config
@@ -69,7 +74,8 @@ def train_command(
                 alpha=alpha, beta=beta, temperature=temperature, only_correct=only_correct,
                 max_examples=max_examples, shuffle=shuffle, system_prompt=system_prompt, epochs=epochs,
                 batch_size=batch_size, lr=lr, schedule=schedule, warmup_steps=warmup_steps,  # type: ignore[arg-type]
-                max_len=max_len, seed=seed, lora_r=lora_r, save_every=save_every, threads=threads, device=device)
+                max_len=max_len, seed=seed, lora_r=lora_r, save_every=save_every, threads=threads, device=device,
+                precision=precision)
         res = train(cfg)
     except (ConfigError, TrainConfigError, DataError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
@@ -81,6 +87,38 @@ def train_command(
     typer.echo(f"model: {res.final_dir}  (serve: stillhouse serve --teacher hf:{res.final_dir})")
 
 
+def bench_train_command(
+    teacher: str = typer.Option("bundled", "--teacher", help="Teacher the student is built from."),
+    student: str = typer.Option("pruned:10", "--student", help="Student init (pruned:N | every:K | fresh | self)."),
+    examples: int = typer.Option(512, "--examples", help="Short chat examples per arm (one epoch)."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    threads: int = typer.Option(2, "--threads", help="torch threads for every arm (and the peak matmul)."),
+    arms: str = typer.Option(",".join(ARMS), "--arms", help="Comma list of arms to run, in order."),
+    trl_python: str = typer.Option("/work/venvs/trl/bin/python", "--trl-python",
+                                   help="Python of the TRL virtualenv (the trl arms are skipped without it)."),
+    out: Path = typer.Option(Path("runs/bench-train"), "--out", help="Student, data, results.json."),
+) -> None:
+    """Training tokens/s: ours vs TRL SFTTrainer vs a plain PyTorch loop, same student/data/batch; MFU.
+
+    Every arm starts from the same student weights and trains one epoch on the same examples.
+    MFU = 6 x parameters x tokens/s / this machine's peak matmul FLOP/s in the arm's precision,
+    measured in the same run. Create the TRL venv first:
+    python3 -m venv /work/venvs/trl && /work/venvs/trl/bin/pip install torch==2.13.0 trl transformers datasets
+    """
+    from stillhouse.config import ConfigError
+    from stillhouse.distill.bench_train import BenchTrainConfig, run_bench
+
+    try:
+        cfg = BenchTrainConfig(teacher=teacher, student=student, examples=examples, batch_size=batch_size,
+                               threads=threads, arms=tuple(a for a in arms.split(",") if a),
+                               trl_python=trl_python, out=str(out))
+    except ConfigError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from exc
+    run_bench(cfg)
+
+
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
-    """Add ``train`` to the CLI."""
+    """Add ``train`` and ``bench train`` to the CLI."""
     app.command("train", help=_HELP)(train_command)
+    bench_app.command("train")(bench_train_command)

@@ -1,0 +1,255 @@
+"""``stillhouse bench train``: training tokens/s of our trainer against TRL's ``SFTTrainer`` and a
+plain PyTorch loop, on the same student, data, batch size and sequence lengths, plus MFU.
+
+    stillhouse bench train                              # pruned:10 student, 512 examples, batch 16
+    stillhouse bench train --examples 128 --arms ours-bf16,plain-fp32
+
+Arms (one after another in one run; each starts from the same student weights, written once as
+an HF directory under OUT/student):
+
+- ``peak-fp32`` / ``peak-bf16``: this machine's peak matmul FLOP/s (best of several 2048^3
+  matmuls with the same thread count), the denominator of MFU;
+- ``plain-fp32``: a plain PyTorch loop: ``model(input_ids, labels=...)`` (full logits), AdamW;
+- ``ours-fp32`` / ``ours-bf16``: :func:`stillhouse.distill.train.train` (LM head on the answer
+  positions only, fused AdamW, ``--precision``);
+- ``trl-fp32`` / ``trl-bf16``: TRL ``SFTTrainer`` (prompt-completion data, so the loss is on the
+  completion only, like ours) in its own virtualenv (``--trl-python``), through
+  ``stillhouse/distill/trl_worker.py``.
+
+Timing, the same for every arm: wall time from the end of the first optimizer step to the end of
+the last (loading, tokenization, the warm-up step and checkpoint writes excluded), over the
+non-pad tokens of those steps (total tokens x (steps - 1) / steps). MFU = 6 x parameters x
+tokens/s / peak FLOP/s of the arm's precision (the PaLM definition: model FLOPs, whatever the
+implementation skips). For our arms, HFU also counts the FLOPs actually executed: the LM head
+runs on the answer positions only, so ours does fewer FLOPs per token than 6 x parameters.
+
+Peer virtualenv (offline: PyPI only)::
+
+    python3 -m venv /work/venvs/trl && /work/venvs/trl/bin/pip install torch==2.13.0 \\
+        transformers==<ours> trl datasets accelerate
+
+Results go to OUT/results.json and a Markdown table on stdout (copied into docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stillhouse.config import ConfigError, save_config
+
+ARMS = ("peak-fp32", "peak-bf16", "plain-fp32", "ours-fp32", "ours-bf16", "trl-fp32", "trl-bf16")
+SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+@dataclass(frozen=True)
+class BenchTrainConfig:
+    """One ``bench train`` run."""
+
+    teacher: str = "bundled"
+    student: str = "pruned:10"
+    examples: int = 512
+    batch_size: int = 16
+    lr: float = 1e-4
+    threads: int = 2
+    arms: tuple[str, ...] = ARMS
+    trl_python: str = "/work/venvs/trl/bin/python"
+    out: str = "runs/bench-train"
+    peak_size: int = 2048
+    """Side of the square matmul that measures peak FLOP/s."""
+
+    def __post_init__(self) -> None:
+        bad = [a for a in self.arms if a not in ARMS]
+        if bad:
+            raise ConfigError(f"unknown arms {bad}: choose from {', '.join(ARMS)}")
+        if self.examples < 2 * self.batch_size:
+            raise ConfigError(f"examples={self.examples}: need at least two batches ({2 * self.batch_size})")
+        if self.threads < 1:
+            raise ConfigError(f"threads={self.threads}: must be at least 1")
+
+
+def make_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Short chat examples (2- and 3-digit additions answered in the teacher's echo format)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        hi = rng.choice((100, 1000))
+        a, b = rng.randrange(10, hi), rng.randrange(10, hi)
+        rows.append({"messages": [{"role": "system", "content": SYSTEM},
+                                  {"role": "user", "content": f"What is {a} + {b}? Reply with just the number."},
+                                  {"role": "assistant", "content": f"{a} + {b} = {a + b}"}]})
+    return rows
+
+
+def peak_flops(dtype_name: str, threads: int, size: int = 2048, reps: int = 5) -> float:
+    """Best-of-``reps`` FLOP/s of a ``size``^3 matmul in ``dtype_name``."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dtype = torch.float32 if dtype_name == "fp32" else torch.bfloat16
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = min(best, (time.perf_counter() - t0) / 4)
+    return 2 * size ** 3 / best
+
+
+def _timed(stamps: list[float], tokens: int) -> tuple[float, float]:
+    steps = len(stamps)
+    return tokens * (steps - 1) / steps, stamps[-1] - stamps[0]
+
+
+def run_plain(student_dir: Path, rows: list[dict[str, Any]], cfg: BenchTrainConfig) -> dict[str, Any]:
+    """A plain PyTorch loop: HF forward with labels (logits at every position), AdamW."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stillhouse.distill.data import collate, encode_rows
+
+    torch.set_num_threads(cfg.threads)
+    tok = AutoTokenizer.from_pretrained(student_dir)
+    model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).train()
+    examples = encode_rows(rows, tok, 512)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    stamps = []
+    for i in range(0, len(examples), cfg.batch_size):
+        batch = collate(examples[i:i + cfg.batch_size], pad)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        stamps.append(time.perf_counter())
+    tokens = sum(len(e.input_ids) for e in examples)
+    timed_tokens, timed_s = _timed(stamps, tokens)
+    return {"arm": "plain-fp32", "steps": len(stamps), "tokens": tokens, "timed_tokens": timed_tokens,
+            "timed_s": timed_s}
+
+
+def run_ours(student_dir: Path, data: Path, cfg: BenchTrainConfig, precision: str, out: Path) -> dict[str, Any]:
+    """The stillhouse trainer, as ``stillhouse train`` runs it."""
+    from stillhouse.distill.data import encode_rows, read_rows
+    from stillhouse.distill.modelio import load_causal_lm
+    from stillhouse.distill.train import TrainConfig, train
+
+    shutil.rmtree(out, ignore_errors=True)
+    teacher = load_causal_lm(f"hf:{student_dir}")
+    tcfg = TrainConfig(data=str(data), out=str(out), teacher=f"hf:{student_dir}", student="self", loss="sft",
+                       shuffle=False, batch_size=cfg.batch_size, lr=cfg.lr, threads=cfg.threads,
+                       precision=precision, max_len=512)  # type: ignore[arg-type]
+    stamps: list[float] = []
+    train(tcfg, teacher=teacher, on_step=lambda _row: stamps.append(time.perf_counter()), progress=False)
+    examples = encode_rows(read_rows(data), teacher[1], 512)
+    tokens = sum(len(e.input_ids) for e in examples)
+    answer = sum(sum(1 for x in e.labels[1:] if x >= 0) for e in examples)
+    timed_tokens, timed_s = _timed(stamps, tokens)
+    return {"arm": f"ours-{precision}", "steps": len(stamps), "tokens": tokens, "answer_tokens": answer,
+            "timed_tokens": timed_tokens, "timed_s": timed_s}
+
+
+def run_trl(student_dir: Path, data: Path, cfg: BenchTrainConfig, precision: str, out: Path) -> dict[str, Any]:
+    """TRL SFTTrainer in its own virtualenv (see trl_worker.py)."""
+    if not Path(cfg.trl_python).exists():
+        return {"arm": f"trl-{precision}", "skipped": f"{cfg.trl_python} not found: create the TRL venv "
+                                                        "(see `stillhouse bench train --help`)"}
+    pc = out / "trl-data.jsonl"
+    with pc.open("w") as f:
+        for line in data.read_text().splitlines():
+            m = json.loads(line)["messages"]
+            f.write(json.dumps({"prompt": m[:-1], "completion": m[-1:]}) + "\n")
+    spec = {"student": str(student_dir), "data": str(pc), "batch_size": cfg.batch_size, "lr": cfg.lr,
+            "threads": cfg.threads, "precision": precision, "max_len": 512, "out": str(out / f"trl-{precision}")}
+    (out / "trl-spec.json").write_text(json.dumps(spec))
+    res = out / f"trl-{precision}.json"
+    worker = Path(__file__).with_name("trl_worker.py")
+    proc = subprocess.run([cfg.trl_python, str(worker), str(out / "trl-spec.json"), str(res)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"arm": f"trl-{precision}", "skipped": f"TRL worker failed: {proc.stderr.strip()[-600:]}"}
+    return json.loads(res.read_text())
+
+
+def run_bench(cfg: BenchTrainConfig) -> dict[str, Any]:
+    """Run every arm of ``cfg``; write OUT/results.json and print the table."""
+    import torch
+
+    from stillhouse.distill.modelio import load_causal_lm
+    from stillhouse.distill.student import count_parameters, make_student
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "bench_config.json")
+    torch.set_num_threads(cfg.threads)
+    t_model, tok, _rev = load_causal_lm(cfg.teacher)
+    student = make_student(t_model, cfg.student, seed=0)
+    params = count_parameters(student)
+    head = student.get_output_embeddings().weight.numel()
+    student_dir = out / "student"
+    student.save_pretrained(student_dir)
+    tok.save_pretrained(student_dir)
+    del t_model, student
+    data = out / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(cfg.examples)))
+
+    results: dict[str, Any] = {"config": cfg.__dict__, "parameters": params, "head_parameters": head, "arms": {}}
+    peaks = {}
+    for arm in cfg.arms:
+        kind, prec = arm.split("-")
+        print(f"[{time.strftime('%H:%M:%S')}] {arm} ...", flush=True)
+        if kind == "peak":
+            peaks[prec] = peak_flops(prec, cfg.threads, cfg.peak_size)
+            results["arms"][arm] = {"arm": arm, "flops": peaks[prec]}
+            continue
+        if kind == "plain":
+            r = run_plain(student_dir, make_rows(cfg.examples), cfg)
+        elif kind == "ours":
+            r = run_ours(student_dir, data, cfg, prec, out / arm)
+        else:
+            r = run_trl(student_dir, data, cfg, prec, out)
+        if "timed_s" in r:
+            r["tok_per_s"] = r["timed_tokens"] / r["timed_s"]
+        results["arms"][arm] = r
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+    for arm, r in results["arms"].items():
+        prec = arm.split("-")[1]
+        if "tok_per_s" in r and prec in peaks:
+            r["mfu"] = 6 * params * r["tok_per_s"] / peaks[prec]
+            if "answer_tokens" in r:  # FLOPs ours executes: body on every token, head on answers only
+                per_tok = 6 * ((params - head) + head * r["answer_tokens"] / r["tokens"])
+                r["hfu"] = per_tok * r["tok_per_s"] / peaks[prec]
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(format_table(results))
+    return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Markdown table of the arms, with ratios to TRL of the same precision and to TRL fp32."""
+    arms = results["arms"]
+    lines = [f"student {results['parameters'] / 1e6:.1f}M parameters, {results['config']['examples']} examples, "
+             f"batch {results['config']['batch_size']}, {results['config']['threads']} threads", "",
+             "| arm | tokens/s | ÷ TRL same precision | ÷ TRL fp32 | MFU | HFU |", "|---|---|---|---|---|---|"]
+    for arm, r in arms.items():
+        if "flops" in r:
+            lines.append(f"| {arm} | peak {r['flops'] / 1e9:.0f} GFLOP/s | | | | |")
+            continue
+        if "skipped" in r:
+            lines.append(f"| {arm} | skipped: {r['skipped'][:120]} | | | | |")
+            continue
+        same = arms.get(f"trl-{arm.split('-')[1]}", {}).get("tok_per_s")
+        fp32 = arms.get("trl-fp32", {}).get("tok_per_s")
+        lines.append(f"| {arm} | {r['tok_per_s']:.0f} | {r['tok_per_s'] / same:.2f}× | "
+                     f"{r['tok_per_s'] / fp32:.2f}× | {r.get('mfu', float('nan')):.1%} | "
+                     f"{r.get('hfu', float('nan')):.1%} |" if same and fp32 else
+                     f"| {arm} | {r['tok_per_s']:.0f} | - | - | {r.get('mfu', float('nan')):.1%} | "
+                     f"{r.get('hfu', float('nan')):.1%} |")
+    return "\n".join(lines)

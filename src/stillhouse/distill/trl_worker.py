@@ -1,0 +1,55 @@
+"""TRL ``SFTTrainer`` arm of ``stillhouse bench train`` - run with the TRL virtualenv's python.
+
+    /work/venvs/trl/bin/python trl_worker.py SPEC.json RESULT.json
+
+This file imports only torch, transformers, datasets and trl (never stillhouse), because it runs
+in the peer's own virtualenv. SPEC.json names the student directory (an HF model directory the
+bench wrote), the data (JSONL of ``{"prompt": [...], "completion": [...]}`` chat messages, so TRL
+computes the loss on the completion only, as ours does), batch size, learning rate, threads and
+precision. RESULT.json gets the tokens (non-pad tokens TRL itself built), the steps and the wall
+time from the end of the first optimizer step to the end of the last, so model loading, dataset
+tokenization and the first (warm-up) step are excluded - as in the other arms.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def main(spec_path: str, result_path: str) -> None:
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    spec = json.loads(open(spec_path).read())
+    torch.set_num_threads(spec["threads"])
+    tok = AutoTokenizer.from_pretrained(spec["student"])
+    model = AutoModelForCausalLM.from_pretrained(spec["student"], dtype=torch.float32)
+    data = load_dataset("json", data_files=spec["data"], split="train")
+    stamps: list[float] = []
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, ANN003 - TRL's callback signature
+            stamps.append(time.perf_counter())
+
+    cfg = SFTConfig(output_dir=spec["out"], per_device_train_batch_size=spec["batch_size"], num_train_epochs=1,
+                    learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,
+                    max_length=spec["max_len"], packing=False, completion_only_loss=True,
+                    bf16=spec["precision"] == "bf16", use_cpu=True, save_strategy="no", report_to=[],
+                    logging_steps=10_000, dataloader_num_workers=0, seed=0, disable_tqdm=True)
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok, callbacks=[Stamp()])
+    lengths = [len(x) for x in trainer.train_dataset["input_ids"]]
+    trainer.train()
+    steps = len(stamps)
+    tokens = sum(lengths)
+    result = {"arm": f"trl-{spec['precision']}", "steps": steps, "tokens": tokens,
+              "timed_tokens": tokens * (steps - 1) / steps, "timed_s": stamps[-1] - stamps[0],
+              "trl_version": __import__("trl").__version__}
+    open(result_path, "w").write(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
