@@ -301,3 +301,40 @@ async def test_stored_keys_are_the_documented_content_hash(tmp_path):
             blob = canonical_json({"m": r.messages, "t": r.teacher, "p": r.params, "s": r.sample_index})
             assert r.key == hashlib.sha256(blob.encode()).hexdigest()
             assert r.key == record_key(r.messages, r.teacher, r.params, r.sample_index)
+
+
+async def test_store_writes_never_overlap_and_all_land_before_the_store_closes(tmp_path, monkeypatch):
+    """Slow SQLite writes: one writer at a time, and the last batch is committed before run_harvest returns."""
+    import threading
+
+    active, peak, lock = [0], [0], threading.Lock()
+    real = HarvestStore.put_rows
+
+    def slow_put_rows(self, rows):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            time.sleep(0.05)
+            real(self, rows)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(HarvestStore, "put_rows", slow_put_rows)
+    cfg = cfg_for(tmp_path, prompts="builtin:arithmetic:300", concurrency=32, flush_interval_s=0.01)
+    rep = await run_harvest(cfg)
+    assert rep.stats.ok == 300 and rep.store_counts == {"ok": 300}
+    assert peak[0] == 1
+    assert active[0] == 0  # no write still running after the run returned
+    with HarvestStore(cfg.out, readonly=True) as store:
+        assert store.counts() == {"ok": 300}
+
+
+async def test_a_failed_store_write_stops_the_run_and_says_so(tmp_path, monkeypatch):
+    def broken(self, rows):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(HarvestStore, "put_rows", broken)
+    with pytest.raises(HarvestError, match="disk full"):
+        await run_harvest(cfg_for(tmp_path, prompts="builtin:arithmetic:50", flush_interval_s=0.01))

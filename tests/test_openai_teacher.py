@@ -170,3 +170,146 @@ def test_fault_schedule_is_a_pure_function_and_transient_faults_end():
     assert {"429", "500"} <= set(first)
     with pytest.raises(ValueError, match="choose from"):
         parse_faults("418=0.1")
+
+
+# -- the raw engine of the fake server and the raw HTTP client ------------------------------------
+
+async def _scripted_server(answers):
+    """A loopback server that answers the k-th request it reads with answers[k] (bytes, or None to hang up)."""
+    import asyncio
+
+    count = [0]
+
+    async def handle(reader, writer):
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            n = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    n = int(line.split(b":")[1])
+            await reader.readexactly(n)
+            k = count[0]
+            count[0] += 1
+            ans = answers[k % len(answers)]
+            if ans is None:
+                break
+            pieces = ans if isinstance(ans, list) else [ans]
+            for piece in pieces:
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(0.01)
+            if pieces[0].startswith(b"HTTP/1.0") or b"Connection: close" in pieces[0]:
+                break
+        writer.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return srv, srv.sockets[0].getsockname()[1], count
+
+
+async def test_raw_client_framings_and_failures():
+    from stillhouse.teacher.rawhttp import RawHTTPTransport
+
+    ok = b'{"ok": 1}'
+    gz = __import__("gzip").compress(ok)
+    answers = [
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n" + ok,  # 1xx skipped
+        [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{\"ok", b"\r\n5\r\n\": 1}\r\n0\r\n\r\n"],
+        b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(gz) + gz,
+        b"HTTP/1.1 429 Too Many\r\nRetry-After: 3\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.0 200 OK\r\n\r\n" + ok,  # framed by the connection's end
+    ]
+    srv, port, count = await _scripted_server(answers)
+    t = RawHTTPTransport(max_connections=1)
+    url = f"http://127.0.0.1:{port}/v1/x"
+    try:
+        for _ in range(3):
+            assert await t("POST", url, b"{}", {}, 5) == (200, {}, ok)
+        status, headers, body = await t("POST", url, b"{}", {}, 5)
+        assert (status, headers["Retry-After"], body) == (429, "3", b"{}")
+        assert await t("GET", url, None, {}, 5) == (200, {}, ok)
+        assert count[0] == 5
+    finally:
+        await t.aclose()
+        srv.close()
+
+    for answer, exc in ((None, TeacherConnectionError),
+                        (b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\nConnection: close\r\n\r\n{\"cut", TeacherResponseError),
+                        (b"SMTP ready\r\n\r\n", TeacherResponseError)):
+        srv, port, _ = await _scripted_server([answer])
+        t = RawHTTPTransport()
+        try:
+            with pytest.raises(exc):
+                await t("POST", f"http://127.0.0.1:{port}/", b"{}", {}, 5)
+        finally:
+            await t.aclose()
+            srv.close()
+
+
+async def test_raw_client_limit_reuse_and_timeout():
+    import asyncio
+
+    from stillhouse.teacher.rawhttp import RawHTTPTransport
+
+    with start_in_thread(FakeServerConfig(latency_ms=20, model="m"), engine="raw") as s:
+        t = RawHTTPTransport(max_connections=3)
+        body = json.dumps({"model": "m", "messages": MSGS}).encode()
+        res = await asyncio.gather(*[t("POST", s.base_url + "/chat/completions", body, {}, 5) for _ in range(12)])
+        assert all(r[0] == 200 for r in res)
+        assert t.open_connections == 3  # 12 requests through 3 kept-alive connections
+        with pytest.raises(TeacherTimeout):
+            await t("POST", s.base_url + "/chat/completions", body, {}, 0.005)
+        assert t.open_connections == 2  # the timed-out connection was dropped, not reused
+        assert (await t("POST", s.base_url + "/chat/completions", body, {}, 5))[0] == 200
+        await t.aclose()
+        assert t.open_connections == 0
+    with pytest.raises(ValueError, match="plain http"):
+        OpenAITeacher("https://example.invalid/v1", client="raw")
+
+
+async def test_raw_engine_keeps_alive_pipelines_in_order_and_refuses_what_it_cannot_do():
+    import asyncio
+
+    with start_in_thread(FakeServerConfig(latency_ms=5, model="m"), engine="raw") as s:
+        reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+        reqs = b""
+        for a in (1, 2, 3):
+            body = json.dumps({"model": "m", "messages": [{"role": "user", "content": f"What is {a} + 10?"}]})
+            reqs += (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+                     + body.encode())
+        writer.write(reqs + b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")  # four pipelined requests, one write
+        texts = []
+        for _ in range(4):
+            head = await reader.readuntil(b"\r\n\r\n")
+            n = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            texts.append((head.split(b" ")[1], json.loads(await reader.readexactly(n))))
+        assert [t[1]["choices"][0]["message"]["content"].split(" =")[0] for t in texts[:3]] == [
+            "1 + 10", "2 + 10", "3 + 10"]
+        assert texts[3][0] == b"404"
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 411") and b"Connection: close" in head
+        writer.close()
+        async with OpenAITeacher(s.base_url, model="m") as t:
+            assert t.client == "raw"
+            status, _, body = await t._request("POST", s.base_url + "/chat/completions",
+                                               json.dumps({"model": "m", "messages": MSGS, "stream": True}).encode())
+            assert status == 400 and b"aiohttp engine" in body
+    with pytest.raises(RuntimeError, match="no faults"):
+        start_in_thread(FakeServerConfig(faults=(("429", 0.1),)), engine="raw")
+
+
+@pytest.mark.parametrize("client", ["raw", "aiohttp"])
+async def test_both_clients_agree_on_answers_and_errors(client):
+    with start_in_thread(FakeServerConfig(latency_ms=1, model="m1")) as s:
+        async with OpenAITeacher(s.base_url, client=client) as t:
+            assert t.client == client
+            res = await t.chat(MSGS, SamplingParams(logprobs=True, top_logprobs=3, max_tokens=50))
+            assert res.completions[0].text.startswith("12 + 30 =")
+            assert len(res.completions[0].logprobs.top_logprobs[0]) == 3
+        async with OpenAITeacher(s.base_url, model="nope", client=client) as t:
+            with pytest.raises(BadRequest) as ei:
+                await t.chat(MSGS, SamplingParams())
+            assert ei.value.status == 404 and "nope" in str(ei.value)

@@ -43,7 +43,8 @@ from typing import Any
 
 from stillhouse.config import ConfigError, save_config
 
-SYSTEMS = ("server", "ours", "naive", "curator", "distilabel")
+SYSTEMS = ("server", "ours", "bare", "naive", "curator", "distilabel")
+ENGINES = ("raw", "aiohttp")
 VENVS = {"curator": "/work/venvs/curator", "distilabel": "/work/venvs/distilabel"}
 
 
@@ -62,6 +63,8 @@ class BenchConfig:
     """Run only these systems (default: all)."""
     server_workers: int = 1
     """Fake server processes sharing the port."""
+    server_engine: str = "raw"
+    """The fake's HTTP engine for the C/L rows: raw (bare asyncio.Protocol, cheapest) or aiohttp."""
     out: str = "runs/bench-harvest"
     capacity_n: int = 20_000
     """Requests for the server-capacity stage."""
@@ -78,6 +81,8 @@ class BenchConfig:
             raise ConfigError(f"only: unknown {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
         if self.server_workers < 1:
             raise ConfigError("server_workers must be >= 1")
+        if self.server_engine not in ENGINES:
+            raise ConfigError(f"server_engine={self.server_engine!r}: choose from {', '.join(ENGINES)}")
 
     def wants(self, system: str) -> bool:
         return not self.only or system in self.only
@@ -105,6 +110,32 @@ async def main():
         await asyncio.gather(*[worker() for _ in range(C)])
         return len(out), time.perf_counter() - t
 n, dt = asyncio.run(main())
+print(json.dumps({"n": n, "wall_s": dt}), flush=True)
+'''
+
+BARE = r'''
+import asyncio, json, sys, time
+from stillhouse.distill.harvest import run_async
+from stillhouse.teacher.rawhttp import RawHTTPTransport
+url, model, C, prompts_path = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+prompts = [json.loads(l)["prompt"] for l in open(prompts_path)]
+headers = {"Content-Type": "application/json"}
+async def main():
+    out = []
+    it = iter(prompts)
+    t = RawHTTPTransport(max_connections=C)
+    async def worker():
+        for p in it:
+            body = json.dumps({"model": model, "messages": [{"role": "user", "content": p}], "max_tokens": 16})
+            status, _, raw = await t("POST", url + "/chat/completions", body.encode(), headers, 120.0)
+            out.append(json.loads(raw)["choices"][0]["message"]["content"])
+    print("READY", flush=True)
+    t0 = time.perf_counter()
+    await asyncio.gather(*[worker() for _ in range(C)])
+    dt = time.perf_counter() - t0
+    await t.aclose()
+    return len(out), dt
+n, dt = run_async(main())
 print(json.dumps({"n": n, "wall_s": dt}), flush=True)
 '''
 
@@ -200,11 +231,24 @@ def _tree(proc: Any) -> list[Any]:
 
 
 def run_child(argv: list[str], system: str, concurrency: int, env: dict[str, str] | None = None,
-              timeout_s: float = 1800.0) -> Measured:
-    """Run one child program, sampling its process tree's CPU and RSS."""
+              timeout_s: float = 1800.0, server: Any = None) -> Measured:
+    """Run one child program, sampling its process tree's CPU and RSS (and the server's CPU, when given)."""
     import psutil
 
     m = Measured(system, concurrency)
+    m.extra["load_avg_start"] = round(os.getloadavg()[0], 2)
+    srv = psutil.Process(server.pid) if server is not None else None
+
+    def server_cpu() -> float:
+        total = 0.0
+        for q in _tree(srv) if srv is not None else []:
+            try:
+                ct = q.cpu_times()
+                total += ct.user + ct.system
+            except psutil.Error:
+                pass
+        return total
+
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     ps = psutil.Process(p.pid)
     lines: list[str] = []
@@ -245,6 +289,7 @@ def run_child(argv: list[str], system: str, concurrency: int, env: dict[str, str
 
     t_start = time.monotonic()
     cpu0 = None
+    scpu0 = 0.0
     rss_series: list[tuple[float, float]] = []
     while p.poll() is None:
         if time.monotonic() - t_start > timeout_s:
@@ -254,10 +299,11 @@ def run_child(argv: list[str], system: str, concurrency: int, env: dict[str, str
         cpu, rss = sample()
         if ready.is_set():
             if cpu0 is None:
-                cpu0 = cpu
+                cpu0, scpu0 = cpu, server_cpu()
             rss_series.append((time.monotonic(), rss))
         time.sleep(0.2)
     cpu_end = sum(cpu_by_pid.values())
+    scpu_end = server_cpu()
     for t in threads:
         t.join(5)
     if p.returncode and m.error is None:
@@ -273,10 +319,12 @@ def run_child(argv: list[str], system: str, concurrency: int, env: dict[str, str
         m.error = m.error or f"no result line; stderr: {''.join(err_tail)[-800:]}"
         return m
     m.n, m.wall_s = int(result["n"]), float(result["wall_s"])
-    m.extra = {k: v for k, v in result.items() if k not in ("n", "wall_s")}
+    m.extra.update({k: v for k, v in result.items() if k not in ("n", "wall_s")})
     m.rate = m.n / m.wall_s if m.wall_s > 0 else 0.0
     if cpu0 is not None and m.n > 0:
         m.cpu_ms_per_req = (cpu_end - cpu0) * 1000 / m.n
+        if srv is not None:
+            m.extra["server_cpu_ms_per_req"] = round((scpu_end - scpu0) * 1000 / m.n, 4)
     if rss_series:
         t0 = rss_series[0][0]
         early = [r for t, r in rss_series if t - t0 <= max(1.0, 0.1 * m.wall_s)]
@@ -285,7 +333,7 @@ def run_child(argv: list[str], system: str, concurrency: int, env: dict[str, str
     return m
 
 
-def start_server(latency_ms: float, workers: int, out: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(latency_ms: float, workers: int, out: Path, engine: str = "raw") -> tuple[subprocess.Popen[bytes], str]:
     """The fake server in its own process (group); returns it and its /v1 base URL."""
     import socket
 
@@ -294,7 +342,7 @@ def start_server(latency_ms: float, workers: int, out: Path) -> tuple[subprocess
         port = s.getsockname()[1]
     ready = out / f"server-{port}.port"
     argv = [sys.executable, "-m", "stillhouse.teacher.fakeserver", "--port", str(port), "--latency-ms",
-            str(latency_ms), "--ready-file", str(ready), "--workers", str(workers)]
+            str(latency_ms), "--ready-file", str(ready), "--workers", str(workers), "--engine", engine]
     p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, start_new_session=True)
     t0 = time.monotonic()
     while not ready.exists():
@@ -381,7 +429,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     code = out / "children"
     shutil.rmtree(code, ignore_errors=True)
     code.mkdir()
-    for name, src in (("naive", NAIVE), ("ours", OURS), ("curator", CURATOR), ("distilabel", DISTILABEL)):
+    for name, src in (("naive", NAIVE), ("bare", BARE), ("ours", OURS), ("curator", CURATOR),
+                      ("distilabel", DISTILABEL)):
         (code / f"child_{name}.py").write_text(src)  # not NAME.py: it would shadow the package
     peer_prompts = out / "prompts-peers.jsonl"
     write_prompts(peer_prompts, cfg.peers_n)
@@ -397,19 +446,21 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
     if cfg.wants("server"):
         console.print(f"[bold]server capacity[/bold] (L=0, C=256, trivial aiohttp client, N={cfg.capacity_n})")
-        for label, starter in (("server", lambda: start_server(0.0, cfg.server_workers, out)),
+        for label, starter in (("server-raw", lambda: start_server(0.0, cfg.server_workers, out, "raw")),
+                               ("server-aiohttp", lambda: start_server(0.0, cfg.server_workers, out, "aiohttp")),
                                ("server-starlette", lambda: start_starlette(out))):
             srv, url = starter()
             try:
-                m = run_child([py, str(code / "child_naive.py"), url, model, "256", str(small)], label, 256)
+                m = run_child([py, str(code / "child_naive.py"), url, model, "256", str(small)], label, 256,
+                              server=srv)
                 m.extra["latency_ms"] = 0.0
                 results["rows"].append(m.__dict__)
-                name = "our fake (aiohttp.web)" if label == "server" else "plain uvicorn+starlette fake"
-                console.print(f"  {name:30s} {m.rate:,.0f} req/s  {m.error or ''}")
+                console.print(f"  {SERVER_LABELS[label]:36s} {m.rate:,.0f} req/s  server "
+                              f"{m.extra.get('server_cpu_ms_per_req', 0):.3f} CPU-ms/req  {m.error or ''}")
             finally:
                 stop_server(srv)
 
-    srv, url = start_server(cfg.latency_ms, cfg.server_workers, out)
+    srv, url = start_server(cfg.latency_ms, cfg.server_workers, out, cfg.server_engine)
     try:
         for c in cfg.concurrency:
             limit = c / (cfg.latency_ms / 1000.0)
@@ -419,6 +470,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 run_dir = out / f"ours-c{c}"
                 shutil.rmtree(run_dir, ignore_errors=True)
                 runs.append(("ours", [py, str(code / "child_ours.py"), url, str(c), str(big), str(run_dir)], None))
+            if cfg.wants("bare"):
+                runs.append(("bare", [py, str(code / "child_bare.py"), url, model, str(c), str(big)], None))
             if cfg.wants("naive"):
                 runs.append(("naive", [py, str(code / "child_naive.py"), url, model, str(c), str(big)], None))
             for peer in ("curator", "distilabel"):
@@ -435,13 +488,14 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 runs.append((peer, [str(vpy), str(code / f"child_{peer}.py"), url, model, str(c), str(peer_prompts),
                                     str(cache)], env))
             for system, argv, env in runs:
-                m = run_child(argv, system, c, env=env)
+                m = run_child(argv, system, c, env=env, server=srv)
                 m.extra["limit"] = limit
                 results["rows"].append(m.__dict__)
                 frac = m.rate / limit if limit else 0.0
                 console.print(f"  {system:10s} N={m.n:>7,}  {m.rate:8,.0f} req/s  {frac:6.1%} of C/L  "
                               f"{m.cpu_ms_per_req:6.3f} CPU-ms/req  RSS {m.rss_start_mb:6.0f} -> "
-                              f"{m.rss_peak_mb:6.0f} MB  {m.error or ''}")
+                              f"{m.rss_peak_mb:6.0f} MB  server {m.extra.get('server_cpu_ms_per_req', 0):.3f} "
+                              f"CPU-ms/req  load {m.extra['load_avg_start']:.1f}  {m.error or ''}")
     finally:
         stop_server(srv)
     results["machine"]["load_avg_end"] = os.getloadavg()
@@ -450,11 +504,16 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     return results
 
 
+SERVER_LABELS = {"server-raw": "our fake, raw engine (asyncio.Protocol)",
+                 "server-aiohttp": "our fake, aiohttp.web engine", "server-starlette": "plain uvicorn+starlette fake", "server": "our fake (aiohttp.web)"}
+
+
 def markdown_table(results: dict[str, Any], cfg: BenchConfig) -> str:
     """The results as the Markdown table docs/benchmarks.md carries."""
     rows = [r for r in results["rows"] if not r["system"].startswith("server")]
-    lines = ["| C | system | N | req/s | % of C/L | vs best peer | client CPU-ms/req | RSS start → peak (MB) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [("| C | system | N | req/s | % of C/L | vs best peer | client CPU-ms/req | server CPU-ms/req | "
+              "RSS start → peak (MB) | load |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for c in cfg.concurrency:
         at = [r for r in rows if r["concurrency"] == c]
         peers = [r["rate"] for r in at if r["system"] in ("curator", "distilabel") and not r["error"]]
@@ -463,12 +522,14 @@ def markdown_table(results: dict[str, Any], cfg: BenchConfig) -> str:
         for r in at:
             vs = f"{r['rate'] / best:.2f}×" if best else "–"
             err = f" (failed: {' '.join(r['error'].split())[:80]})" if r["error"] else ""
+            ex = r.get("extra", {})
             lines.append(f"| {c} | {r['system']}{err} | {r['n']:,} | {r['rate']:,.0f} | {r['rate'] / limit:.1%} | "
-                         f"{vs} | {r['cpu_ms_per_req']:.3f} | {r['rss_start_mb']:.0f} → {r['rss_peak_mb']:.0f} |")
-    server = {r["system"]: r["rate"] for r in results["rows"] if r["system"].startswith("server")}
+                         f"{vs} | {r['cpu_ms_per_req']:.3f} | {ex.get('server_cpu_ms_per_req', 0):.3f} | "
+                         f"{r['rss_start_mb']:.0f} → {r['rss_peak_mb']:.0f} | {ex.get('load_avg_start', 0):.1f} |")
+    server = [r for r in results["rows"] if r["system"].startswith("server")]
     if server:
         lines.append("")
-        lines.append("Fake server capacity (L=0, C=256, trivial aiohttp client): "
-                     + ", ".join(f"{'ours (aiohttp.web)' if k == 'server' else 'uvicorn+starlette'} {v:,.0f} req/s"
-                                 for k, v in server.items()) + ".")
+        lines.append("Fake server capacity (L=0, C=256, trivial aiohttp client): " + ", ".join(
+            f"{SERVER_LABELS.get(r['system'], r['system'])} {r['rate']:,.0f} req/s "
+            f"({r.get('extra', {}).get('server_cpu_ms_per_req', 0):.3f} server CPU-ms/req)" for r in server) + ".")
     return "\n".join(lines)

@@ -365,6 +365,7 @@ class Harvester:
                              float(totals["cost"]))
         self._rng = random.Random(rng_seed)
         self._rows: list[tuple[Any, ...]] = []
+        self._writer: _Writer  # started by run()
         self._stopping = False
         self._model = teacher.name
         self._revision = teacher.revision
@@ -480,10 +481,11 @@ class Harvester:
             self._stopping = True
             self.stats.stopped_reason = reason
 
-    async def _flush(self) -> None:
+    def _flush(self) -> None:
+        """Hand the finished rows to the writer thread (it commits them as one batch)."""
         if self._rows:
             batch, self._rows = self._rows, []
-            await asyncio.to_thread(self.store.put_rows, batch)
+            self._writer.put(batch)
 
     async def run(self) -> HarvestStats:
         todo = self.work()
@@ -501,11 +503,14 @@ class Harvester:
         async def flusher() -> None:
             while True:
                 await asyncio.sleep(self.config.flush_interval_s)
-                await self._flush()
+                self._flush()
+                if self._writer.error is not None:
+                    self._stop(f"cannot write to the store: {self._writer.error}")
                 if self.on_progress is not None:
                     self.on_progress(self.stats)
 
         n = min(self.config.effective_concurrency(), max(1, len(todo)))
+        self._writer = _Writer(self.store)
         flush_task = asyncio.create_task(flusher())
         workers = [asyncio.create_task(worker()) for _ in range(n)]
         try:
@@ -517,16 +522,68 @@ class Harvester:
             raise
         finally:
             flush_task.cancel()
-            try:
-                await flush_task
-            except asyncio.CancelledError:
-                pass
-            # Rows finished before an interrupt are kept; shielded so a second cancel cannot lose them.
-            await asyncio.shield(self._flush())
+            # Rows finished before an interrupt are kept. The writer is joined here, synchronously,
+            # so no write is still running when the store closes (and a second cancel cannot skip it).
+            self._flush()
+            self._writer.close()
             if self.on_progress is not None:
                 self.on_progress(self.stats)
             gc.unfreeze()
+        if self._writer.error is not None:
+            raise HarvestError(f"cannot write to the store {self.store.path}: {self._writer.error}. Rows not "
+                               "written are redone by the next run") from self._writer.error
         return self.stats
+
+
+class _Writer:
+    """The one thread that writes finished rows into the store, one committed transaction per batch.
+
+    The event loop only hands batches over (``put``); SQLite runs here, off the loop. Batches that
+    queue up while a write runs are merged into the next transaction. ``close`` writes what is
+    queued and joins the thread; after a failed write, ``error`` holds it and later batches are
+    dropped (not committed, so the next run redoes them).
+    """
+
+    def __init__(self, store: HarvestStore):
+        import queue
+        import threading
+
+        self.store = store
+        self.error: BaseException | None = None
+        self._q: queue.SimpleQueue[list[tuple[Any, ...]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="harvest-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, batch: list[tuple[Any, ...]]) -> None:
+        self._q.put(batch)
+
+    def _run(self) -> None:
+        import queue
+
+        done = False
+        while not done:
+            batch = self._q.get()
+            if batch is None:
+                break
+            while True:  # merge whatever queued meanwhile
+                try:
+                    more = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    done = True
+                    break
+                batch.extend(more)
+            if self.error is not None:
+                continue
+            try:
+                self.store.put_rows(batch)
+            except BaseException as exc:  # kept and raised on the loop's side  # noqa: BLE001
+                self.error = exc
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join()
 
 
 def run_async(coro: Any) -> Any:

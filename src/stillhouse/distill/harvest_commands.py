@@ -213,15 +213,18 @@ def bench_harvest_cmd(
     latency_ms: float = typer.Option(50.0, "--latency-ms", help="The fake server's fixed latency L."),
     peers_n: int = typer.Option(5_000, "--peers-n", help="Requests per peer run (peers are slow)."),
     capacity_n: int = typer.Option(20_000, "--capacity-n", help="Requests for the server-capacity stage."),
-    only: str = typer.Option("", "--only", help="Comma list of: server, ours, naive, curator, distilabel."),
+    only: str = typer.Option("", "--only", help="Comma list of: server, ours, bare, naive, curator, distilabel."),
     server_workers: int = typer.Option(1, "--server-workers", help="Fake server processes (SO_REUSEPORT)."),
+    server_engine: str = typer.Option("raw", "--server-engine",
+                                      help="The fake's HTTP engine for the C/L rows: raw (cheapest) or aiohttp."),
     out: Path = typer.Option(Path("runs/bench-harvest"), "--out", help="Where results and run dirs go."),
 ) -> None:
     """Harvest throughput vs the physical limit C/L, a naive aiohttp loop, curator and distilabel."""
     from stillhouse.distill.bench_harvest import BenchConfig, run_bench
 
     cfg = BenchConfig(n=n, concurrency=tuple(concurrency), latency_ms=latency_ms, peers_n=peers_n, capacity_n=capacity_n,
-                      only=tuple(x for x in only.split(",") if x), server_workers=server_workers, out=str(out))
+                      only=tuple(x for x in only.split(",") if x), server_workers=server_workers,
+                      server_engine=server_engine, out=str(out))
     run_bench(cfg)
 
 

@@ -50,6 +50,7 @@ import re
 import time
 import zlib
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -206,23 +207,30 @@ class FakeServer:
         app.router.add_post("/stats/reset", self._reset)
         return app
 
+    def simple_answer(self, path: str) -> dict[str, Any]:
+        """The JSON of GET /health, /v1/models or /stats."""
+        if path == "/health":
+            return {"status": "ok"}
+        if path == "/v1/models":
+            return {"object": "list",
+                    "data": [{"id": self.config.model, "object": "model", "created": self._created,
+                              "owned_by": "fake"}]}
+        return dict(self.stats)
+
     async def _health(self, request: Any) -> Any:
         from aiohttp import web
 
-        return web.json_response({"status": "ok"})
+        return web.json_response(self.simple_answer("/health"))
 
     async def _models(self, request: Any) -> Any:
         from aiohttp import web
 
-        return web.json_response(
-            {"object": "list",
-             "data": [{"id": self.config.model, "object": "model", "created": self._created, "owned_by": "fake"}]}
-        )
+        return web.json_response(self.simple_answer("/v1/models"))
 
     async def _stats(self, request: Any) -> Any:
         from aiohttp import web
 
-        return web.json_response(dict(self.stats))
+        return web.json_response(self.simple_answer("/stats"))
 
     async def _reset(self, request: Any) -> Any:
         from aiohttp import web
@@ -231,11 +239,9 @@ class FakeServer:
         self._seen.clear()
         return web.json_response({"status": "reset"})
 
-    async def _chat(self, request: Any) -> Any:
-        from aiohttp import web
-
+    def parse_request(self, raw: bytes) -> tuple[Any, ...]:
+        """Count and check one chat request: (body, messages, model), or (status, error body)."""
         cfg = self.config
-        raw = await request.read()
         self.stats["requests"] += 1
         try:
             body = json.loads(raw)
@@ -244,15 +250,23 @@ class FakeServer:
                 raise ValueError("messages must be a non-empty list")
         except (ValueError, KeyError, TypeError) as exc:
             self.stats["bad_request"] += 1
-            return web.Response(status=400, body=_error_body(f"invalid request: {exc}", "invalid_request_error"),
-                                content_type="application/json")
+            return 400, _error_body(f"invalid request: {exc}", "invalid_request_error")
         model = body.get("model") or cfg.model
         if model != cfg.model:
             self.stats["unknown_model"] += 1
-            return web.Response(status=404, body=_error_body(f"model {model!r} not found; this server has "
-                                                             f"{cfg.model!r}", "invalid_request_error",
-                                                             "model_not_found"),
-                                content_type="application/json")
+            return 404, _error_body(f"model {model!r} not found; this server has {cfg.model!r}",
+                                    "invalid_request_error", "model_not_found")
+        return body, messages, model
+
+    async def _chat(self, request: Any) -> Any:
+        from aiohttp import web
+
+        cfg = self.config
+        raw = await request.read()
+        parsed = self.parse_request(raw)
+        if isinstance(parsed[0], int):
+            return web.Response(status=parsed[0], body=parsed[1], content_type="application/json")
+        body, messages, model = parsed
 
         fault = None
         if self._track:
@@ -269,6 +283,21 @@ class FakeServer:
         if cfg.latency_ms:
             await asyncio.sleep(cfg.latency_ms / 1000.0)
 
+        rid = f"chatcmpl-fake-{self.stats['requests']}"
+        if body.get("stream"):
+            choices, usage = self.completion(body, messages)
+            if fault == "empty":
+                choices = []
+            return await self._stream(request, rid, model, choices, usage, body)
+        payload = self.completion_body(body, messages, model, rid, empty=fault == "empty")
+        if fault == "truncated":
+            payload = payload[: len(payload) // 2]
+        self.stats["ok"] += 1
+        return web.Response(body=payload, content_type="application/json")
+
+    def completion(self, body: dict[str, Any], messages: list[Any]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """The choices and usage of one chat request (deterministic; no I/O)."""
+        cfg = self.config
         last = messages[-1].get("content", "") if isinstance(messages[-1], dict) else ""
         if not isinstance(last, str):
             last = json.dumps(last)
@@ -294,19 +323,16 @@ class FakeServer:
             if want_lp:
                 choice["logprobs"] = {"content": _logprob_content(words, top_k, zlib.crc32(last.encode()) + i)}
             choices.append(choice)
-        rid = f"chatcmpl-fake-{self.stats['requests']}"
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens}
-        if fault == "empty":
-            choices = []
-        if body.get("stream"):
-            return await self._stream(request, rid, model, choices, usage, body)
-        payload = json.dumps({"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-                              "choices": choices, "usage": usage}).encode()
-        if fault == "truncated":
-            payload = payload[: len(payload) // 2]
-        self.stats["ok"] += 1
-        return web.Response(body=payload, content_type="application/json")
+        return choices, usage
+
+    def completion_body(self, body: dict[str, Any], messages: list[Any], model: str, rid: str,
+                        empty: bool = False) -> bytes:
+        """The encoded (non-streaming) chat.completion answer to one request."""
+        choices, usage = self.completion(body, messages)
+        return json.dumps({"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+                           "choices": [] if empty else choices, "usage": usage}).encode()
 
     async def _fault(self, request: Any, fault: str) -> Any:
         """Answer a fault now, or return None to let the normal path finish it (truncated, empty)."""
@@ -370,6 +396,175 @@ class FakeServer:
         return resp
 
 
+ENGINES = ("aiohttp", "raw")
+
+_REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
+            411: b"Length Required", 413: b"Payload Too Large", 431: b"Request Header Fields Too Large"}
+_MAX_HEAD = 64 * 1024
+_MAX_BODY = 64 * 1024 * 1024
+
+
+class RawHTTPProtocol(asyncio.Protocol):
+    """The fake on a bare asyncio.Protocol: HTTP/1.1 keep-alive, Content-Length bodies, no framework.
+
+    Made for throughput benchmarks, where the fake must cost the client's machine as little as
+    possible: one ``data_received`` parses the request line and Content-Length by hand, the
+    latency is a ``loop.call_later`` (no task, no coroutine), and the answer goes out in one
+    ``write``. It serves ``POST /v1/chat/completions`` (non-streaming), ``GET /v1/models``,
+    ``/health``, ``/stats`` and ``POST /stats/reset``, with the same bodies as the aiohttp
+    engine; streaming and fault injection need ``engine="aiohttp"``. Pipelined requests on one
+    connection are answered in order.
+    """
+
+    def __init__(self, fake: FakeServer, loop: asyncio.AbstractEventLoop):
+        self.fake = fake
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.pending: list[list[Any]] = []  # [response bytes or None, keep-alive], in request order
+        self.delay = fake.config.latency_ms / 1000.0
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.pending.clear()
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data if self.buf else data
+        while buf:
+            he = buf.find(b"\r\n\r\n")
+            if he < 0:
+                if len(buf) > _MAX_HEAD:
+                    self._fail(431, "request head over 64 KiB")
+                    return
+                break
+            head = buf[:he]
+            low = head.lower()
+            cl = 0
+            i = low.find(b"\r\ncontent-length:")
+            if i >= 0:
+                j = low.find(b"\r\n", i + 17)
+                try:
+                    cl = int(low[i + 17:j if j >= 0 else len(low)])
+                except ValueError:
+                    self._fail(400, "bad Content-Length")
+                    return
+                if cl < 0 or cl > _MAX_BODY:
+                    self._fail(413, f"Content-Length {cl} out of range")
+                    return
+            elif low.find(b"\r\ntransfer-encoding:") >= 0:
+                self._fail(411, "chunked request bodies are not served by the raw engine; send Content-Length")
+                return
+            end = he + 4 + cl
+            if len(buf) < end:
+                break
+            eol = head.find(b"\r\n")
+            parts = (head if eol < 0 else head[:eol]).split(b" ")
+            if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+                self._fail(400, "bad request line")
+                return
+            method, target, version = parts
+            if version == b"HTTP/1.1":
+                keep = low.find(b"\r\nconnection: close") < 0
+            else:
+                keep = low.find(b"\r\nconnection: keep-alive") >= 0
+            self._handle(method, target.split(b"?", 1)[0], buf[he + 4:end], keep)
+            buf = buf[end:]
+        self.buf = buf
+
+    def _handle(self, method: bytes, path: bytes, body: bytes, keep: bool) -> None:
+        slot: list[Any] = [None, keep]
+        self.pending.append(slot)
+        fake = self.fake
+        if path == b"/v1/chat/completions":
+            if method != b"POST":
+                self._ready(slot, 405, _error_body("use POST", "invalid_request_error"))
+                return
+            parsed = fake.parse_request(body)
+            if isinstance(parsed[0], int):
+                self._ready(slot, parsed[0], parsed[1])
+                return
+            req, messages, model = parsed
+            if req.get("stream"):
+                fake.stats["bad_request"] += 1
+                self._ready(slot, 400, _error_body("stream=true needs the aiohttp engine (--engine aiohttp)",
+                                                   "invalid_request_error"))
+                return
+            payload = fake.completion_body(req, messages, model, f"chatcmpl-fake-{fake.stats['requests']}")
+            fake.stats["ok"] += 1
+            if self.delay:
+                self.loop.call_later(self.delay, self._ready, slot, 200, payload)
+            else:
+                self._ready(slot, 200, payload)
+            return
+        if method == b"GET" and path in (b"/v1/models", b"/health", b"/stats"):
+            self._ready(slot, 200, json.dumps(fake.simple_answer(path.decode())).encode())
+        elif method == b"POST" and path == b"/stats/reset":
+            fake.stats.clear()
+            fake._seen.clear()
+            self._ready(slot, 200, b'{"status": "reset"}')
+        else:
+            self._ready(slot, 404, _error_body(f"no route {method.decode()} {path.decode()}", "not_found"))
+
+    def _ready(self, slot: list[Any], status: int, payload: bytes) -> None:
+        t = self.transport
+        if t is None:
+            return
+        keep = slot[1]
+        slot[0] = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s" % (
+            status, _REASONS.get(status, b"OK"), len(payload), b"" if keep else b"Connection: close\r\n", payload)
+        pending = self.pending
+        if pending[0] is slot and len(pending) == 1:  # the common case: one request at a time
+            pending.clear()
+            t.write(slot[0])
+            if not keep:
+                t.close()
+            return
+        while pending and pending[0][0] is not None:
+            out, k = pending.pop(0)
+            t.write(out)
+            if not k:
+                t.close()
+                pending.clear()
+                return
+
+    def _fail(self, status: int, why: str) -> None:
+        """A request this engine cannot read: answer (after any earlier ones) and close."""
+        self.buf = b""
+        slot: list[Any] = [None, False]
+        self.pending.append(slot)
+        self._ready(slot, status, _error_body(why, "invalid_request_error"))
+
+
+async def listen(fake: FakeServer, engine: str = "aiohttp", host: str = "127.0.0.1", port: int = 0,
+                 reuse_port: bool = False) -> tuple[int, Callable[[], Awaitable[None]]]:
+    """Serve ``fake`` on the running loop with ``engine``; returns (bound port, async close)."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}: choose from {', '.join(ENGINES)}")
+    if engine == "raw":
+        cfg = fake.config
+        if cfg.faults or cfg.permanent_faults or cfg.stream_chunk_delay_ms:
+            raise ValueError("the raw engine serves no faults and no streaming; use engine='aiohttp' "
+                             "(--engine aiohttp) for fault schedules")
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: RawHTTPProtocol(fake, loop), host, port, backlog=4096,
+                                          reuse_port=reuse_port or None)
+
+        async def close_raw() -> None:
+            server.close()
+
+        return server.sockets[0].getsockname()[1], close_raw
+    from aiohttp import web
+
+    runner = web.AppRunner(fake.app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=4096, reuse_port=reuse_port or None)
+    await site.start()
+    return site._server.sockets[0].getsockname()[1], runner.cleanup  # type: ignore[union-attr]
+
+
 @dataclass
 class RunningServer:
     """A fake server running on a background event loop in this process (for tests)."""
@@ -397,11 +592,10 @@ class RunningServer:
         self.stop()
 
 
-def start_in_thread(config: FakeServerConfig | None = None, host: str = "127.0.0.1", port: int = 0) -> RunningServer:
+def start_in_thread(config: FakeServerConfig | None = None, host: str = "127.0.0.1", port: int = 0,
+                    engine: str = "aiohttp") -> RunningServer:
     """Start a fake server on a daemon thread with its own event loop; returns once it listens."""
     import threading
-
-    from aiohttp import web
 
     fake = FakeServer(config)
     loop = asyncio.new_event_loop()
@@ -409,12 +603,7 @@ def start_in_thread(config: FakeServerConfig | None = None, host: str = "127.0.0
     box: dict[str, Any] = {}
 
     async def _start() -> None:
-        runner = web.AppRunner(fake.app(), access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port, backlog=4096)
-        await site.start()
-        box["runner"] = runner
-        box["port"] = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        box["port"], box["close"] = await listen(fake, engine, host, port)
 
     def _run() -> None:
         asyncio.set_event_loop(loop)
@@ -426,7 +615,7 @@ def start_in_thread(config: FakeServerConfig | None = None, host: str = "127.0.0
             return
         ready.set()
         loop.run_forever()
-        loop.run_until_complete(box["runner"].cleanup())
+        loop.run_until_complete(box["close"]())
         loop.close()
 
     thread = threading.Thread(target=_run, name="fakeserver", daemon=True)
@@ -445,18 +634,13 @@ def start_in_thread(config: FakeServerConfig | None = None, host: str = "127.0.0
 
 
 def serve(config: FakeServerConfig, host: str = "127.0.0.1", port: int = 8001, ready_file: str | None = None,
-          reuse_port: bool = False) -> None:
+          reuse_port: bool = False, engine: str = "aiohttp") -> None:
     """Run the server in the foreground until interrupted (``reuse_port``: share the port with siblings)."""
-    from aiohttp import web
 
     async def _main() -> None:
-        runner = web.AppRunner(FakeServer(config).app(), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port, backlog=4096, reuse_port=reuse_port or None)
-        await site.start()
-        bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        bound, close = await listen(FakeServer(config), engine, host, port, reuse_port)
         print(f"fake OpenAI server on http://{host}:{bound}/v1 (model {config.model!r}, "
-              f"latency {config.latency_ms:g} ms)", flush=True)
+              f"latency {config.latency_ms:g} ms, engine {engine})", flush=True)
         if ready_file:
             from stillhouse.config import atomic_write_text
 
@@ -464,7 +648,7 @@ def serve(config: FakeServerConfig, host: str = "127.0.0.1", port: int = 8001, r
         try:
             await asyncio.Event().wait()
         finally:
-            await runner.cleanup()
+            await close()
 
     factory = None
     if os.environ.get("STILLHOUSE_LOOP", "auto") != "asyncio":
@@ -498,6 +682,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ready-file", default=None, help="write the bound port here once listening")
     p.add_argument("--workers", type=int, default=1,
                    help="server processes sharing the port (SO_REUSEPORT); needs a fixed --port")
+    p.add_argument("--engine", choices=ENGINES, default="aiohttp",
+                   help="aiohttp: everything (faults, streaming); raw: a bare asyncio.Protocol HTTP/1.1 "
+                        "responder for throughput benchmarks (no faults, no streaming)")
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.workers < 1 or (a.workers > 1 and a.port == 0):
@@ -519,7 +706,7 @@ def main(argv: list[str] | None = None) -> None:
                                               "--reuse-port"],
                                              stdout=subprocess.DEVNULL))
     try:
-        serve(cfg, a.host, a.port, a.ready_file, reuse_port=a.reuse_port or a.workers > 1)
+        serve(cfg, a.host, a.port, a.ready_file, reuse_port=a.reuse_port or a.workers > 1, engine=a.engine)
     finally:
         for s in siblings:
             s.terminate()

@@ -1,16 +1,23 @@
-"""A teacher behind any OpenAI-compatible chat-completions endpoint, over aiohttp.
+"""A teacher behind any OpenAI-compatible chat-completions endpoint.
 
 vLLM, llama.cpp's server, Ollama, ``stillhouse serve``, the guard gateway, hosted APIs: any
-server that answers ``POST {base}/chat/completions``. Why aiohttp and not httpx (which the
-official SDK uses): measured here at 50 ms latency, httpx's AsyncClient collapsed to 108 req/s
-at concurrency 64, aiohttp held 1,167 req/s (see ../shared/DESIGN.md).
+server that answers ``POST {base}/chat/completions``. The HTTP client (``client=``):
+
+- ``"auto"`` (default): the lean keep-alive client of :mod:`stillhouse.teacher.rawhttp` for
+  ``http://`` URLs, aiohttp for ``https://``;
+- ``"raw"`` / ``"aiohttp"``: force one (raw cannot do TLS).
+
+Why not httpx (which the official SDK uses): measured here at 50 ms latency, httpx's
+AsyncClient collapsed to 108 req/s at concurrency 64, aiohttp held 1,167 req/s (see
+../shared/DESIGN.md). Why raw over aiohttp for plain http: about a fifth of aiohttp's client
+CPU per request, which is what bounds a harvest at high concurrency (docs/benchmarks.md).
 
     teacher = OpenAITeacher("http://127.0.0.1:8000/v1")           # model = first id of /v1/models
     result = await teacher.chat(messages, SamplingParams(logprobs=True, top_logprobs=5))
     await teacher.aclose()
 
 The API key comes from ``api_key=`` or $STILLHOUSE_API_KEY or $OPENAI_API_KEY. One pooled
-``aiohttp.ClientSession`` serves every request; pass ``session=`` to share yours, or
+client serves every request; pass ``session=`` (an ``aiohttp.ClientSession``) to share yours, or
 ``transport=`` (an async callable, see :data:`Transport`) to run with no network at all.
 There are no retries here: the caller (the harvester) decides, from the exception type.
 
@@ -51,6 +58,7 @@ from stillhouse.teacher.base import (
     TeacherTimeout,
     TokenLogprobs,
 )
+from stillhouse.teacher.rawhttp import RawHTTPTransport
 
 Transport = Callable[[str, str, bytes | None, dict[str, str], float], Awaitable[tuple[int, dict[str, str], bytes]]]
 """``await transport(method, url, body, headers, timeout_s) -> (status, headers, body)``.
@@ -61,6 +69,7 @@ failures; everything else (status codes, bodies) is interpreted by the teacher.
 
 
 _NO_HEADERS: dict[str, str] = {}
+CLIENTS = ("auto", "raw", "aiohttp")
 
 
 def parse_retry_after(headers: dict[str, str]) -> float | None:
@@ -195,6 +204,7 @@ class OpenAITeacher:
         session: Any = None,
         transport: Transport | None = None,
         headers: dict[str, str] | None = None,
+        client: str = "auto",
     ):
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url={base_url!r}: give the API base, e.g. http://127.0.0.1:8000/v1")
@@ -204,6 +214,10 @@ class OpenAITeacher:
             raise ValueError(f"max_connections={max_connections}: must be >= 1")
         if session is not None and transport is not None:
             raise ValueError("pass session= or transport=, not both")
+        if client not in CLIENTS:
+            raise ValueError(f"client={client!r}: choose from {', '.join(CLIENTS)}")
+        if client == "raw" and not base_url.startswith("http://"):
+            raise ValueError(f"client='raw' speaks plain http:// only; {base_url!r} needs client='aiohttp' or 'auto'")
         self.base_url = base_url.rstrip("/")
         self._model = model
         self._revision: str | None = None
@@ -219,6 +233,12 @@ class OpenAITeacher:
             self._headers.update(headers)
         self._session = session
         self._owns_session = session is None and transport is None
+        self._raw: RawHTTPTransport | None = None
+        if transport is None and session is None and (
+                client == "raw" or (client == "auto" and base_url.startswith("http://"))):
+            self._raw = transport = RawHTTPTransport(max_connections=max_connections)
+        self.client = "transport" if transport is not None and self._raw is None else (
+            "raw" if self._raw is not None else "aiohttp")
         self._transport = transport
         self._resolve_lock: asyncio.Lock | None = None
         self._timeout: Any = None  # one aiohttp.ClientTimeout for every request, built on first use
@@ -315,6 +335,8 @@ class OpenAITeacher:
             raise TeacherConnectionError(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
 
     async def aclose(self) -> None:
+        if self._raw is not None:
+            await self._raw.aclose()
         if self._owns_session and self._session is not None:
             await self._session.close()
         self._session = None
