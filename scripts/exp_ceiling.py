@@ -17,16 +17,19 @@ Stages (each reads/writes OUT, default runs/exp_ceiling; finished stages are ski
               examples, N = 250, 1000, 4000 (one pass, constant learning rate, so the
               snapshots at N are the models a separate run on N examples would give)
     verified  students trained only on verified-correct teacher answers: the pruned
-              student, and the teacher itself (self-distillation)
+              student, and the teacher itself (self-distillation); every epoch is exported
+              and scored on a validation split, and only the best epoch is scored on the
+              held-out set (so epochs are never chosen on the held-out problems)
     staged    the grid's SFT snapshot, then fine-tuned on verified rows only
     report    the markdown tables with 95% Wilson intervals
 
-Run everything (several CPU hours at the defaults; on 2 shared cores the training ran at 12-19
-tokens/s for the pruned student and about 5 for the full-size one - see docs/results.md):
+Run the experiment (``all`` = harvest, grid, verified, report; probe, sample and staged
+run only when named):
 
-    nice -n 10 .venv/bin/python scripts/exp_ceiling.py --out runs/exp_ceiling
+    .venv/bin/python scripts/exp_ceiling.py --out runs/exp_ceiling --threads 2
 
-or one stage: ``... --stage grid``. Sizes: ``--heldout``, ``--train``, ``--grid``.
+or one stage: ``... --stage grid``. Sizes: ``--heldout``, ``--train``, ``--validation``,
+``--grid``. tests/test_exp_ceiling.py runs it scaled down on a tiny random-init teacher.
 """
 
 from __future__ import annotations
@@ -45,6 +48,14 @@ TOPK = 20
 
 def split_problems(n_heldout: int, n_train: int, seed: int = 0) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """Held-out and training problems, disjoint as unordered pairs."""
+    held, train, _val = split_three(n_heldout, n_train, 0, seed)
+    return held, train
+
+
+def split_three(n_heldout: int, n_train: int, n_val: int,
+                seed: int = 0) -> tuple[list[tuple[int, int]], list[tuple[int, int]], list[tuple[int, int]]]:
+    """Held-out (test), training and validation problems; test and validation are each disjoint
+    from every other set as unordered pairs. Validation picks epochs; the test set only reports."""
     rng = random.Random(seed)
     pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
     rng.shuffle(pairs)
@@ -55,8 +66,18 @@ def split_problems(n_heldout: int, n_train: int, seed: int = 0) -> tuple[list[tu
         if frozenset((a, b)) not in held_keys:
             held.append((a, b))
             held_keys.add(frozenset((a, b)))
-    train = [(a, b) for a, b in pairs if frozenset((a, b)) not in held_keys][:n_train]
-    return held, train
+    rest = [(a, b) for a, b in pairs if frozenset((a, b)) not in held_keys]
+    train = rest[:n_train]
+    train_keys = {frozenset(p) for p in train}
+    val, val_keys = [], set()
+    for a, b in rest[n_train:]:
+        key = frozenset((a, b))
+        if len(val) == n_val:
+            break
+        if key not in train_keys and key not in val_keys:
+            val.append((a, b))
+            val_keys.add(key)
+    return held, train, val
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -109,7 +130,7 @@ def stage_harvest(args: argparse.Namespace, out: Path) -> None:
     from stillhouse.distill.modelio import load_causal_lm
 
     held, train = split_problems(args.heldout, args.train)
-    model, tok, rev = load_causal_lm("bundled")
+    model, tok, rev = load_causal_lm(args.teacher)
     meta = {"model": "SmolLM2-135M-Instruct", "revision": rev}
     t0 = time.time()
     rows = generate_rows(model, tok, held, out / "teacher_heldout.jsonl", meta=meta)
@@ -145,7 +166,7 @@ def stage_probe(args: argparse.Namespace, out: Path) -> None:
 
     wrong = [(r["a"], r["b"]) for r in _read_jsonl(out / "harvest_greedy.jsonl") if not r["correct"]]
     probe = wrong[: args.probe_problems]
-    model, tok, rev = load_causal_lm("bundled")
+    model, tok, rev = load_causal_lm(args.teacher)
     summary = {}
     for temp in args.probe_temps:
         t0 = time.time()
@@ -180,7 +201,7 @@ def stage_sample(args: argparse.Namespace, out: Path) -> None:
 
     wrong = [(r["a"], r["b"]) for r in _read_jsonl(out / "harvest_greedy.jsonl") if not r["correct"]]
     todo = wrong[args.probe_problems: args.probe_problems + args.sample_problems]
-    model, tok, rev = load_causal_lm("bundled")
+    model, tok, rev = load_causal_lm(args.teacher)
     t0 = time.time()
     rows = generate_rows(model, tok, todo, out / "harvest_sampled.jsonl", temperature=args.sample_temp,
                          n=args.sample_n, seed=1234, meta={"model": "SmolLM2-135M-Instruct", "revision": rev})
@@ -204,15 +225,21 @@ def verified_rows(out: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _train_and_eval(args, out: Path, name: str, data: Path, held, teacher, snapshot_at=(), **cfg_kw) -> list[dict]:
+def _train_and_eval(args, out: Path, name: str, data: Path, held, teacher, snapshot_at=(), select: bool = False,
+                    **cfg_kw) -> list[dict]:
+    """Train (or resume) run ``name`` and evaluate it on ``held``. ``select``: export every epoch,
+    score each on the validation problems and report the held-out score of the best epoch only
+    (fewest epochs on a tie), so the number of epochs is never chosen on the held-out set."""
+    if select:
+        cfg_kw["export_epochs"] = True
     from transformers import AutoModelForCausalLM
 
     from stillhouse.config import config_to_dict
     from stillhouse.distill.train import TrainConfig, train
 
     run = out / "runs" / name
-    cfg = TrainConfig(data=str(data), out=str(run), teacher=cfg_kw.pop("teacher_spec", "bundled"),
-                      threads=args.threads, seed=0,
+    cfg = TrainConfig(data=str(data), out=str(run), teacher=cfg_kw.pop("teacher_spec", args.teacher),
+                      threads=args.threads, seed=0, precision=args.precision,
                       snapshot_at=tuple(snapshot_at), shuffle=False, system_prompt=args.student_system, **cfg_kw)
     done = run / "final" / "train_config.json"
     if not done.exists() or {k: v for k, v in json.loads(done.read_text()).items() if k != "__config__"} \
@@ -223,13 +250,27 @@ def _train_and_eval(args, out: Path, name: str, data: Path, held, teacher, snaps
              f"{time.time() - t0:.0f}s; last {res.last}")
     results = []
     dirs = [(n, run / "snapshots" / f"n{n}") for n in snapshot_at]
-    if not snapshot_at:
+    val_scores: list[dict[str, Any]] = []
+    if select:
+        _, _, val = split_three(args.heldout, args.train, args.validation)
+        for k in range(1, cfg.epochs + 1):
+            model = AutoModelForCausalLM.from_pretrained(str(run / "epochs" / f"e{k}")).eval()
+            v = evaluate(model, teacher[1], val, out / "evals" / "val" / f"{name}-e{k}.jsonl", f"{name}-e{k}",
+                         system=args.student_system)
+            val_scores.append({"epochs": k, **v})
+            _log(f"validation {name} e{k}: {v['correct']}/{v['n']} = {v['acc']:.3f}")
+        best = max(val_scores, key=lambda v: (v["correct"], -v["epochs"]))
+        dirs.append((0, run / "epochs" / f"e{best['epochs']}"))
+    elif not snapshot_at:
         dirs.append((0, run / "final"))
     for n, d in dirs:
         model = AutoModelForCausalLM.from_pretrained(str(d)).eval()
-        label = f"{name}@{n}" if snapshot_at else name
+        label = f"{name}@{n}" if snapshot_at else (f"{name}-e{best['epochs']}" if select else name)
         r = evaluate(model, teacher[1], held, out / "evals" / f"{label}.jsonl", label, system=args.student_system)
         r.update(train_examples=n, run=name, parameters=sum(p.numel() for p in model.parameters()))
+        if select:
+            r.update(epochs_chosen=best["epochs"], validation=[{k: v[k] for k in ("epochs", "correct", "n", "acc")}
+                                                                for v in val_scores])
         results.append(r)
         _log(f"{label}: {r['correct']}/{r['n']} = {r['acc']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]")
     return results
@@ -240,7 +281,7 @@ def stage_grid(args: argparse.Namespace, out: Path) -> None:
     from stillhouse.distill.modelio import load_causal_lm
 
     held, _ = split_problems(args.heldout, args.train)
-    teacher = load_causal_lm("bundled")
+    teacher = load_causal_lm(args.teacher)
     # The teacher's score under the students' prompt format too, so the comparison is like for like.
     evaluate(teacher[0], teacher[1], held, out / "evals" / "teacher-student-format.jsonl", "teacher-student-format",
              system=args.student_system)
@@ -248,7 +289,7 @@ def stage_grid(args: argparse.Namespace, out: Path) -> None:
     results = []
     for loss in args.grid_losses:
         results += _train_and_eval(args, out, f"pruned10-{loss}", out / "harvest_greedy.jsonl", held, teacher,
-                                   snapshot_at=grid, student="pruned:10", loss=loss, alpha=0.0,
+                                   snapshot_at=grid, student=args.pruned, loss=loss, alpha=0.0,
                                    max_examples=max(grid), batch_size=args.batch, lr=args.lr,
                                    warmup_steps=10, epochs=1)
     old = [r for r in json.loads((out / "grid.json").read_text())] if (out / "grid.json").exists() else []
@@ -261,7 +302,7 @@ def stage_verified(args: argparse.Namespace, out: Path) -> None:
     from stillhouse.distill.modelio import load_causal_lm
 
     held, _ = split_problems(args.heldout, args.train)
-    teacher = load_causal_lm("bundled")
+    teacher = load_causal_lm(args.teacher)
     results = []
     for who in args.verified_students:
         rows = verified_rows(out)
@@ -272,16 +313,18 @@ def stage_verified(args: argparse.Namespace, out: Path) -> None:
             data.write_text("".join(json.dumps(r) + "\n" for r in rows))
         rows = _read_jsonl(data)
         _log(f"verified set for {who}: {len(rows)} rows ({sum(r['temperature'] == 0 for r in rows)} greedy)")
+        if not rows:
+            data.unlink()
+            _log(f"no verified rows for {who}: the teacher answered no training problem correctly; skipped")
+            continue
         if who == "self":
-            name = "self-verified" if args.self_epochs == 1 else f"self-verified-{args.self_epochs}ep"
-            res = _train_and_eval(args, out, name, data, held, teacher, student="self", loss="sft",
-                                       batch_size=args.batch, lr=args.self_lr, warmup_steps=10,
-                                       epochs=args.self_epochs)
+            res = _train_and_eval(args, out, "self-verified", data, held, teacher, select=True, student="self",
+                                  loss="sft", batch_size=args.batch, lr=args.self_lr, warmup_steps=10,
+                                  epochs=args.self_epochs)
         else:
-            name = "pruned10-verified" if args.verified_epochs == 2 else f"pruned10-verified-{args.verified_epochs}ep"
-            res = _train_and_eval(args, out, name, data, held, teacher, student="pruned:10",
-                                       loss="sft", batch_size=args.batch, lr=args.lr, warmup_steps=10,
-                                       epochs=args.verified_epochs)
+            res = _train_and_eval(args, out, "pruned10-verified", data, held, teacher, select=True,
+                                  student=args.pruned, loss="sft", batch_size=args.batch, lr=args.lr,
+                                  warmup_steps=10, epochs=args.verified_epochs)
         for r in res:
             r["verified_rows"] = len(rows)
         results += res
@@ -311,6 +354,10 @@ def stage_staged(args: argparse.Namespace, out: Path) -> None:
     (out / "verified.json").write_text(json.dumps([r for r in old if r["label"] not in keep] + res, indent=2))
 
 
+def _ratio(acc: float, teacher_acc: float) -> str:
+    return f"{acc / teacher_acc:.2f}" if teacher_acc else "-"
+
+
 def stage_report(args: argparse.Namespace, out: Path) -> None:
     """Markdown tables of every measured model, with 95% Wilson intervals."""
     from stillhouse.distill.modelio import load_causal_lm
@@ -325,12 +372,12 @@ def stage_report(args: argparse.Namespace, out: Path) -> None:
         r = evaluate(None, None, held, ts, "teacher")
         lines.append(f"| teacher, students' prompt format (system '{args.student_system}') | - | 134.5M | "
                      f"{r['correct']}/{r['n']} | {r['acc']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}] | "
-                     f"{r['acc'] / t['acc']:.2f} |")
+                     f"{_ratio(r['acc'], t['acc'])} |")
     for name in ("grid.json", "verified.json"):
         for r in json.loads((out / name).read_text()) if (out / name).exists() else []:
             lines.append(f"| {r['label']} | {r['train_examples'] or 'all'} | {r['parameters'] / 1e6:.1f}M | "
                          f"{r['correct']}/{r['n']} | {r['acc']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}] | "
-                         f"{r['acc'] / t['acc']:.2f} |")
+                         f"{_ratio(r['acc'], t['acc'])} |")
     table = "\n".join(lines) + "\n"
     (out / "results.md").write_text(table)
     print(table)
@@ -354,8 +401,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=10)
     p.add_argument("--lr", type=float, default=2e-4, help="learning rate of the pruned student")
     p.add_argument("--self-lr", type=float, default=5e-5, help="learning rate of the self-distilled student")
-    p.add_argument("--verified-epochs", type=int, default=2)
-    p.add_argument("--self-epochs", type=int, default=2, help="1 names the run self-verified, N>1 self-verified-Nep")
+    p.add_argument("--validation", type=int, default=200,
+                   help="validation problems (disjoint from held-out and training) that choose the epochs")
+    p.add_argument("--verified-epochs", type=int, default=12,
+                   help="most epochs of the pruned student on verified rows (the best on validation is reported)")
+    p.add_argument("--self-epochs", type=int, default=2,
+                   help="most epochs of the self-distilled student (the best on validation is reported)")
+    p.add_argument("--pruned", default="pruned:10", help="the small student's init (10 of the teacher's 30 layers)")
+    p.add_argument("--teacher", default="bundled", help="teacher spec (bundled, hf:DIR); tests use a tiny hf: model")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="training precision (auto = bf16 where the CPU has AVX512-BF16/AMX)")
     p.add_argument("--staged-from", type=int, default=1000, help="grid SFT snapshot the staged student starts from")
     p.add_argument("--staged-epochs", type=int, default=1)
     p.add_argument("--verified-students", nargs="+", default=["pruned", "self"], choices=["pruned", "self"])
@@ -375,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     stages = {"harvest": stage_harvest, "probe": stage_probe, "sample": stage_sample, "grid": stage_grid,
               "verified": stage_verified, "staged": stage_staged, "report": stage_report}
     for name, fn in stages.items():
-        if args.stage in ("all", name):
+        if args.stage == name or (args.stage == "all" and name in ("harvest", "grid", "verified", "report")):
             _log(f"stage {name}")
             fn(args, args.out)
     return 0

@@ -263,3 +263,17 @@ def test_bench_train_arms_on_a_tiny_student(tok, tmp_path):
     assert res["plain-fp32"]["steps"] == res["ours-fp32"]["steps"] == 4
     assert 0 < res["ours-fp32"]["hfu"] < res["ours-fp32"]["mfu"]
     assert "not found" in res["trl-fp32"]["skipped"]
+
+
+def test_export_epochs_writes_one_model_per_epoch(tok, tmp_path):
+    data = _write(tmp_path, _rows(tok, 8))
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), student="self", loss="sft", batch_size=4,
+                      lr=1e-3, epochs=3, export_epochs=True, precision="fp32")
+    res = train(cfg, teacher=(_tiny_teacher(tok), tok, "tiny"), progress=False)
+    dirs = sorted(p.name for p in (tmp_path / "run" / "epochs").iterdir())
+    assert dirs == ["e1", "e2", "e3"]
+    e1, e3, final = (transformers.AutoModelForCausalLM.from_pretrained(str(d)) for d in
+                     (tmp_path / "run" / "epochs" / "e1", tmp_path / "run" / "epochs" / "e3", res.final_dir))
+    w = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(e3.state_dict()[w], final.state_dict()[w])
+    assert not torch.equal(e1.state_dict()[w], final.state_dict()[w])

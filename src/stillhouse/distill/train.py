@@ -17,7 +17,9 @@ What it does, in order:
    any moment leaves the last complete checkpoint) and resumes from the newest one;
 5. exports the final student as an HF directory (``OUT/final``: weights, tokenizer and
    ``train_config.json``) that transformers loads and ``stillhouse serve --teacher hf:OUT/final``
-   serves; ``snapshot_at`` also exports ``OUT/snapshots/n<N>`` after N examples.
+   serves; ``snapshot_at`` also exports ``OUT/snapshots/n<N>`` after N examples, and
+   ``export_epochs`` exports ``OUT/epochs/e<K>`` after each epoch K (to pick the number of
+   epochs on a validation set afterwards, not on the test set).
 
 Data order: the rows are shuffled once with ``seed`` and cut to ``max_examples``; epoch 1
 walks that order and later epochs reshuffle. With one epoch and a constant learning
@@ -108,6 +110,8 @@ class TrainConfig:
     keep_checkpoints: int = 1
     snapshot_at: tuple[int, ...] = ()
     """Export an HF snapshot after this many examples (first epoch only)."""
+    export_epochs: bool = False
+    """Export an HF directory OUT/epochs/e<K> at the end of every epoch K."""
     threads: int = 0
     """torch CPU threads (0 = leave torch's default). On a shared, busy CPU, 1 is often fastest."""
     device: str = "auto"
@@ -482,6 +486,8 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
                     snapshots[n] = export_hf(student, tok, cfg, out / "snapshots" / f"n{n}",
                                              {**meta, **state, "last": last})
                 end_of_epoch = state["step"] % steps_per_epoch == 0
+                if end_of_epoch and cfg.export_epochs:
+                    export_hf(student, tok, cfg, out / "epochs" / f"e{epoch + 1}", {**meta, **state, "last": last})
                 if (cfg.save_every and state["step"] % cfg.save_every == 0) or end_of_epoch:
                     _save_checkpoint(out, cfg, student, opt, state)
                 if stop_after_steps and state["step"] >= stop_after_steps:
