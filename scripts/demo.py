@@ -187,6 +187,8 @@ def main() -> None:
     run([sh, "detect", "--log", f"sqlite:///{out / 'guard.db'}", "--model", str(out / "arena" / "detector"),
          "--out", str(out / "verdicts.jsonl")])
 
+    table = [ln for ln in (out / "eval" / "report.md").read_text().splitlines() if ln.startswith("|")]
+    print("\nStudent against teacher (held-out additions, greedy):\n" + "\n".join(table))
     print(f"\nDone in {time.perf_counter() - t_all:.0f} s. Everything the demo wrote is under {out}/ "
           f"(eval report: {out / 'eval' / 'report.md'}).")
 
