@@ -10,7 +10,8 @@ app (run it with uvicorn; ``stillhouse guard`` does). Per request, in this order
 4. policy: block → 403; degrade → cap max_tokens, refuse logprobs / n>1 (403), strip
    reasoning from the answer; throttle → tighter limits;
 5. limits: requests/min, tokens/min, concurrent streams → 429 with Retry-After;
-6. forward through the pooled aiohttp client; SSE chunks go to the client as they arrive;
+6. forward through the pooled upstream client (``guard/http1.py`` by default, aiohttp on request);
+   SSE chunks go to the client as they arrive;
    a client disconnect closes the upstream connection; upstream down → 502, silent → 504;
 7. log a TrafficRecord (redacted as configured) through the background writer, feed the
    detector (unredacted) and let the policy engine take its verdict.
@@ -46,7 +47,7 @@ from stillhouse.guard.policy import Effective, PolicyEngine
 from stillhouse.guard.redact import Redactor
 from stillhouse.guard.spool import LogWriter, Spool
 from stillhouse.guard.store import AccountLimits, DecisionRow, SqlStore
-from stillhouse.guard.upstream import Upstream, UpstreamError, UpstreamResponse
+from stillhouse.guard.upstream import Upstream, UpstreamError
 
 log = logging.getLogger("stillhouse.guard")
 
@@ -228,20 +229,26 @@ def _parse_sse(data: bytes) -> tuple[str, int | None, int | None]:
     return "\n\n".join("".join(by_choice[i]) for i in sorted(by_choice)), pt, ct
 
 
+def make_upstream(config: GuardConfig) -> Any:
+    """The upstream client ``config.upstream_client`` names (both have the ``Upstream`` API)."""
+    from stillhouse.guard.http1 import Http1Upstream
+
+    api_key = os.environ.get(config.upstream_api_key_env, "") if config.upstream_api_key_env else ""
+    cls: Any = Http1Upstream if config.upstream_client == "http1" else Upstream
+    return cls(config.upstream_url, api_key=api_key, pool_size=config.upstream_pool_size,
+               connect_timeout_s=config.upstream_connect_timeout_s, read_timeout_s=config.upstream_timeout_s)
+
+
 class GuardApp:
     """The ASGI app. Build it with :func:`create_app`."""
 
-    def __init__(self, config: GuardConfig, store: SqlStore, upstream: Upstream | None = None,
+    def __init__(self, config: GuardConfig, store: SqlStore, upstream: Any = None,
                  clock: Callable[[], float] = time.time, detector: Detector | None = None):
         self.config = config
         self.store = store
         self.clock = clock
         self.detector = detector
-        self.upstream = upstream or Upstream(
-            config.upstream_url,
-            api_key=os.environ.get(config.upstream_api_key_env, "") if config.upstream_api_key_env else "",
-            pool_size=config.upstream_pool_size, connect_timeout_s=config.upstream_connect_timeout_s,
-            read_timeout_s=config.upstream_timeout_s)
+        self.upstream = upstream or make_upstream(config)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="guard-store")
         self.keys = KeyRing(store)
         self.accounts: dict[str, tuple[AccountInfo, AccountLimits]] = {}
@@ -558,7 +565,7 @@ class GuardApp:
         async def relay() -> None:
             nonlocal started, sse, finished
             self.upstream_calls += 1
-            resp: UpstreamResponse = await self.upstream.send(method, path, raw)
+            resp = await self.upstream.send(method, path, raw)
             try:
                 rec.status = resp.status
                 if not stream or resp.status != 200:
@@ -645,7 +652,7 @@ class GuardApp:
             rec.completion_tokens = int(ct) if isinstance(ct, int) else _estimate_tokens(text)
 
 
-def create_app(config: GuardConfig, store: SqlStore, upstream: Upstream | None = None,
+def create_app(config: GuardConfig, store: SqlStore, upstream: Any = None,
                clock: Callable[[], float] = time.time, detector: Detector | None = None) -> GuardApp:
     """The guard as an ASGI app (lifespan starts the log writer and the upstream pool)."""
     return GuardApp(config, store, upstream, clock, detector)

@@ -449,7 +449,7 @@ from stillhouse.guard.app import create_app
 from stillhouse.guard.store import open_store
 cfg = load_guard_config(sys.argv[1])
 uvicorn.run(create_app(cfg, open_store(cfg.db_url)), host="127.0.0.1", port=cfg.port, log_level="warning",
-            access_log=False, http=sys.argv[2], loop=sys.argv[3])
+            access_log=False, http=sys.argv[2], loop=sys.argv[3], proxy_headers=False)
 """
 
 

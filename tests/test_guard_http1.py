@@ -1,0 +1,284 @@
+"""The guard's lean HTTP/1.1 upstream client (guard/http1.py) against real loopback servers.
+
+Each test starts a raw asyncio TCP server that answers with exactly the bytes under test
+(keep-alive, chunked, close-delimited, truncated, stalled, closed while idle), so what the
+client does with each framing and failure is checked on the wire, not through a mock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from stillhouse.guard.http1 import Http1Upstream
+from stillhouse.guard.upstream import UpstreamTimeout, UpstreamUnavailable
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, dict[str, Any]], Awaitable[None]]
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """(head, body) of one request; (b"", b"") at EOF."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return b"", b""
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return head, await reader.readexactly(length) if length else b""
+
+
+async def serve(handler: Handler) -> tuple[asyncio.Server, int, dict[str, Any]]:
+    state: dict[str, Any] = {"connections": 0, "requests": [], "lost": 0}
+
+    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        state["connections"] += 1
+        try:
+            await handler(reader, writer, state)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            state["lost"] += 1
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], state
+
+
+def ok(body: bytes, extra: bytes = b"") -> bytes:
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(body)).encode() + b"\r\n" + extra + b"\r\n" + body)
+
+
+async def keepalive_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: dict[str, Any]) -> None:
+    while True:
+        head, body = await read_request(reader)
+        if not head:
+            return
+        state["requests"].append((head, body))
+        await asyncio.sleep(0.01)
+        writer.write(ok(b'{"echo": ' + str(len(body)).encode() + b"}",
+                        b"X-RateLimit-Remaining: 7\r\nRetry-After: 3\r\nX-Other: no\r\n"))
+        await writer.drain()
+
+
+def test_keep_alive_reuses_connections_and_the_pool_bounds_them() -> None:
+    async def main() -> None:
+        server, port, state = await serve(keepalive_echo)
+        up = Http1Upstream(f"http://127.0.0.1:{port}/base", api_key="sk-up", pool_size=2)
+        await up.start()
+
+        async def one(i: int) -> bytes:
+            r = await up.send("POST", "/v1/chat/completions", b"x" * i)
+            assert r.status == 200 and r.content_type == "application/json"
+            assert sorted(r.passthrough_headers) == [(b"retry-after", b"3"), (b"x-ratelimit-remaining", b"7")]
+            return await r.read()
+
+        assert await one(5) == b'{"echo": 5}'
+        assert [await one(i) for i in range(4)] == [b'{"echo": %d}' % i for i in range(4)]
+        assert state["connections"] == 1, "sequential requests must share one keep-alive connection"
+        out = await asyncio.gather(*(one(i) for i in range(10)))
+        assert out == [b'{"echo": %d}' % i for i in range(10)]
+        assert state["connections"] == 2, "pool_size=2 allows two connections, no more"
+        head, body = state["requests"][0]
+        assert head.startswith(b"POST /base/v1/chat/completions HTTP/1.1\r\n")
+        assert b"\r\nAuthorization: Bearer sk-up\r\n" in head and body == b"xxxxx"
+        assert b"\r\nHost: 127.0.0.1:%d\r\n" % port in head
+        await up.close()
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_chunked_stream_arrives_in_pieces_and_a_big_body_survives_flow_control() -> None:
+    pieces = [b"data: one\n\n", b"data: two\n\n", b"data: [DONE]\n\n"]
+    big = bytes(range(256)) * 8192  # 2 MiB, past the 256 KiB pause mark
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: dict[str, Any]) -> None:
+        head, _ = await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for p in pieces:
+            writer.write(b"%x\r\n%s\r\n" % (len(p), p))
+            await writer.drain()
+            await asyncio.sleep(0.02)
+        writer.write(b"0\r\n\r\n")
+        head, _ = await read_request(reader)  # the same connection carries the next request
+        writer.write(ok(big))
+        await writer.drain()
+        await read_request(reader)
+
+    async def main() -> None:
+        server, port, state = await serve(handler)
+        up = Http1Upstream(f"http://127.0.0.1:{port}")
+        r = await up.send("POST", "/v1/chat/completions", b"{}")
+        assert r.content_type == "text/event-stream"
+        got = [c async for c in r.chunks()]
+        r.release()
+        assert b"".join(got) == b"".join(pieces) and len(got) == 3, "each SSE chunk goes on as it arrives"
+        r2 = await up.send("POST", "/v1/chat/completions", b"{}")
+        await asyncio.sleep(0.2)  # let the server fill the buffer: reading pauses, then resumes on take()
+        assert await r2.read() == big
+        assert state["connections"] == 1
+        await up.close()
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_close_delimited_body_ends_at_eof_and_the_connection_is_not_reused() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: dict[str, Any]) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nhello ")
+        await writer.drain()
+        await asyncio.sleep(0.02)
+        writer.write(b"world")
+        await writer.drain()
+
+    async def main() -> None:
+        server, port, state = await serve(handler)
+        up = Http1Upstream(f"http://127.0.0.1:{port}")
+        for _ in range(2):
+            r = await up.send("GET", "/v1/models")
+            assert await r.read() == b"hello world"
+        assert state["connections"] == 2 and up._idle == []
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_truncated_body_stall_and_silence_map_to_502_and_504() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: dict[str, Any]) -> None:
+        head, _ = await read_request(reader)
+        kind = head.split(b" ")[1]
+        if kind == b"/truncated":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-part")
+            await writer.drain()
+            return  # the handler closes the connection
+        if kind == b"/stall":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nfirst")
+            await writer.drain()
+        await asyncio.sleep(2)  # /silent: never a byte; /stall: nothing after the first piece
+
+    async def main() -> None:
+        server, port, state = await serve(handler)
+        up = Http1Upstream(f"http://127.0.0.1:{port}", read_timeout_s=0.3)
+        r = await up.send("GET", "/truncated")
+        with pytest.raises(UpstreamUnavailable, match="broke the response"):
+            await r.read()
+        with pytest.raises(UpstreamTimeout, match="did not answer within 0.3s"):
+            await up.send("GET", "/silent")
+        r = await up.send("GET", "/stall")
+        with pytest.raises(UpstreamTimeout, match="stopped answering"):
+            await r.read()
+        assert up._idle == [] and up._slots is not None and up._slots._value == up.pool_size, \
+            "failed requests give back their pool slots and keep no broken connection"
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_refused_connection_is_502_and_an_idle_connection_closed_by_the_server_is_replaced() -> None:
+    async def one_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                             state: dict[str, Any]) -> None:
+        await read_request(reader)
+        writer.write(ok(b"{}"))
+        await writer.drain()
+        await asyncio.sleep(0.05)  # then close the keep-alive connection while the client holds it idle
+
+    async def main() -> None:
+        server, port, state = await serve(one_then_close)
+        up = Http1Upstream(f"http://127.0.0.1:{port}")
+        for _ in range(3):
+            r = await up.send("POST", "/v1/chat/completions", b"{}")
+            assert await r.read() == b"{}"
+            await asyncio.sleep(0.2)
+        assert state["connections"] == 3
+        server.close()
+        await server.wait_closed()
+        with pytest.raises(UpstreamUnavailable, match="cannot reach upstream"):
+            await up.send("POST", "/v1/chat/completions", b"{}")
+
+    asyncio.run(main())
+
+
+def test_close_drops_the_connection_so_the_upstream_sees_the_disconnect() -> None:
+    async def slow_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: dict[str, Any]) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(50):
+            writer.write(b"5\r\nchunk\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.02)
+        state["finished"] = True
+
+    async def main() -> None:
+        server, port, state = await serve(slow_stream)
+        up = Http1Upstream(f"http://127.0.0.1:{port}")
+        r = await up.send("POST", "/v1/chat/completions", b"{}")
+        it = r.chunks()
+        assert (await it.__anext__()).startswith(b"chunk")
+        r.close()
+        await asyncio.sleep(0.3)
+        assert "finished" not in state and state["lost"] == 1
+        assert up._idle == []
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_bad_urls_and_keys_are_refused_with_the_fix() -> None:
+    with pytest.raises(ValueError, match="give http://host"):
+        Http1Upstream("ftp://example.com")
+    with pytest.raises(ValueError, match="line break"):
+        Http1Upstream("http://127.0.0.1:1", api_key="a\r\nX-Evil: 1")
+
+
+@pytest.mark.parametrize("client", ["http1", "aiohttp"])
+def test_the_guard_proxies_json_and_sse_with_either_upstream_client(tmp_path, client) -> None:
+    from stillhouse.teacher.fakeserver import FakeServerConfig
+    from stillhouse.teacher.fakeserver import start_in_thread as start_fake
+    from test_guard import chat_body, make_config, start_guard
+
+    with start_fake(FakeServerConfig(latency_ms=2, stream_chunk_delay_ms=1)) as fake:
+        g = start_guard(make_config(tmp_path, f"http://127.0.0.1:{fake.port}", upstream_client=client))
+        try:
+            key = g.account_with_key("alice")
+            status, _, out = g.chat(key)
+            assert status == 200 and out["choices"][0]["message"]["content"]
+            status, hdrs, text = g.chat(key, chat_body(stream=True))
+            assert status == 200 and hdrs["content-type"].startswith("text/event-stream")
+            assert text.rstrip().endswith("data: [DONE]")
+            assert isinstance(g.app.upstream, Http1Upstream) == (client == "http1")
+            recs = g.records("alice")
+            assert [r.status for r in recs] == [200, 200] and all(r.response_text for r in recs)
+        finally:
+            g.stop()
+
+
+def test_guard_config_names_the_upstream_clients() -> None:
+    from stillhouse.guard.config import GuardConfig, sha256_hex
+
+    with pytest.raises(ValueError, match="upstream_client='curl'"):
+        GuardConfig(upstream_url="http://127.0.0.1:1", admin_token_sha256=sha256_hex("x"), upstream_client="curl")
+
+
+def test_x_forwarded_for_is_only_believed_when_the_config_trusts_it(tmp_path) -> None:
+    """uvicorn's own proxy-header rewrite is off: a loopback client cannot pick its logged IP."""
+    from stillhouse.teacher.fakeserver import FakeServerConfig
+    from stillhouse.teacher.fakeserver import start_in_thread as start_fake
+    from test_guard import make_config, start_guard
+
+    with start_fake(FakeServerConfig(latency_ms=1)) as fake:
+        for trust, expected in ((False, "127.0.0.1"), (True, "203.0.113.9")):
+            g = start_guard(make_config(tmp_path / str(trust), f"http://127.0.0.1:{fake.port}",
+                                        trust_forwarded_for=trust))
+            try:
+                key = g.account_with_key("alice")
+                status, _, _ = g.chat(key, headers={"X-Forwarded-For": "203.0.113.9, 10.0.0.1"})
+                assert status == 200
+                assert [r.client_ip for r in g.records("alice")] == [expected]
+            finally:
+                g.stop()
