@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -84,19 +85,19 @@ class Layout:
     HOURS = GAP_SQ + 1
     EMB = HOURS + 24
 
-    @property
+    @cached_property
     def phi(self) -> int:
         return self.EMB + self.d
 
-    @property
+    @cached_property
     def phi_sq(self) -> int:
         return self.phi + self.rff
 
-    @property
+    @cached_property
     def topics(self) -> int:
         return self.phi_sq + 1
 
-    @property
+    @cached_property
     def size(self) -> int:
         return self.topics + self.k
 
@@ -198,10 +199,10 @@ def features(sums: np.ndarray, layout: Layout, prior: float, mu_ref: np.ndarray 
         mean = head[lay.GAP_SUM] / gap_n
         std = math.sqrt(max(head[lay.GAP_SQ] / gap_n - mean * mean, 0.0))  # sqrt is correctly rounded
         out[f["regularity"]] = (1.0 / (1.0 + std)) * (gap_n - 1) / (gap_n - 1 + prior)
-    out[f["around_clock"]] = normalized_entropy(np.maximum(sums[lay.HOURS: lay.EMB], 0.0)) * n / shrink
+    out[f["around_clock"]] = _hour_entropy(head[lay.HOURS: lay.EMB]) * n / shrink
     tokens = completion + head[lay.PROMPT]
     out[f["output_share"]] = completion / tokens if tokens > 0 else 0.0
-    out[f["concentration"]] = float(sums[lay.topics: lay.size].max()) / shrink
+    out[f["concentration"]] = max(sums[lay.topics: lay.size].tolist()) / shrink  # counts: never NaN
     ni = round(n)
     pair_shrink = (ni - 1) / (ni - 1 + prior) if ni >= 2 else 0.0
     out[f["narrowness"]] = mean_pair_cosine(ni, sums[lay.EMB: lay.phi], float(ni)) * pair_shrink
@@ -209,3 +210,21 @@ def features(sums: np.ndarray, layout: Layout, prior: float, mu_ref: np.ndarray 
         out[f["mmd"]] = mmd2_unbiased_from_sums(ni, sums[lay.phi: lay.phi_sq], float(sums[lay.phi_sq]), mu_ref,
                                                 ref_sq) * pair_shrink
     return np.array(out, dtype=np.float64)
+
+
+_ENTROPY: dict[tuple[float, ...], float] = {}
+
+
+def _hour_entropy(hours: list[float]) -> float:
+    """``normalized_entropy(np.maximum(hours, 0))``, memoized on the nonzero counts in hour order.
+
+    The entropy depends only on those (in that order: numpy's summation order), and accounts of
+    ordinary volume repeat a few small histograms, so most requests hit the memo.
+    """
+    key = tuple([h for h in hours if h > 0])
+    value = _ENTROPY.get(key)
+    if value is None:
+        if len(_ENTROPY) >= 200_000:
+            _ENTROPY.clear()
+        value = _ENTROPY[key] = normalized_entropy(np.array(key, dtype=np.float64), bins=len(hours))
+    return value

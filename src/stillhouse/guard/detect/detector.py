@@ -54,13 +54,20 @@ from stillhouse.guard.detect.requests import REQUEST_SIGNALS, last_user_text, re
 from stillhouse.guard.detect.stats import (
     TailTables,
     combine_families,
-    combine_top,
     quantile_threshold,
     rff,
     rff_params,
     tail_scale,
 )
-from stillhouse.guard.detect.text import band_keys, minhash, shingle_hashes, stable_hash, word_hashes, words
+from stillhouse.guard.detect.text import (
+    band_keys,
+    minhash,
+    pair_hashes,
+    shingle_hashes,
+    stable_hash,
+    word_hashes,
+    words,
+)
 from stillhouse.guard.events import AccountInfo, TrafficRecord, Verdict
 
 
@@ -144,7 +151,8 @@ class WindowDetector:
         signals = request_signals(record, cfg, user, system)
         user_tokens = words(user)
         user_wh = word_hashes(user_tokens)
-        user_sh = shingle_hashes(user_tokens, hashes=user_wh)
+        user_pairs = pair_hashes(user_wh)  # shared by the shingles and the hashed embedding
+        user_sh = shingle_hashes(user_tokens, hashes=user_wh, pairs=user_pairs)
         sys_sh, sys_key = self._system_parts(system) if system else (user_sh[:0], None)
         prompt_sh = np.concatenate([sys_sh, user_sh]) if sys_sh.size else user_sh
         keep = prompt_sh if cfg.shingle_sample == 1 else prompt_sh[prompt_sh % np.uint32(cfg.shingle_sample) == 0]
@@ -156,26 +164,27 @@ class WindowDetector:
         dup_counts = st.dup_counts
         dup = 1.0 if any(map(dup_counts.__contains__, dup_keys)) else 0.0
 
-        emb = self.embedder_.embed(user, user_tokens, hashes=user_wh).astype(np.float16)
+        emb = self.embedder_.embed(user, user_tokens, hashes=user_wh, pairs=user_pairs).astype(np.float16)
         emb32 = emb.astype(np.float32)
         if self.rff_w_ is not None and self.rff_b_ is not None:
             phi = rff(emb32, self.rff_w_, self.rff_b_).astype(np.float16)
         else:
             phi = np.zeros(cfg.rff_dim, dtype=np.float16)
-        topic = int(np.argmax(self.centroids_ @ emb32)) if self.centroids_ is not None else 0
+        topic = int((self.centroids_ @ emb32).argmax()) if self.centroids_ is not None else 0
 
-        scalars = np.zeros(lay.HOURS, dtype=np.float64)
-        scalars[lay.COUNT] = 1.0
-        scalars[lay.COMPLETION] = max(int(record.completion_tokens or 0), 0)
-        scalars[lay.PROMPT] = max(int(record.prompt_tokens or 0), 0)
-        scalars[lay.SIGNALS: lay.SIGNALS + len(REQUEST_SIGNALS)] = [signals[k] for k in REQUEST_SIGNALS]
-        scalars[lay.TEMPLATE] = template
-        scalars[lay.DUP] = dup
+        row = [0.0] * lay.HOURS  # filled as Python numbers, converted once
+        row[lay.COUNT] = 1.0
+        row[lay.COMPLETION] = max(int(record.completion_tokens or 0), 0)
+        row[lay.PROMPT] = max(int(record.prompt_tokens or 0), 0)
+        row[lay.SIGNALS: lay.SIGNALS + len(REQUEST_SIGNALS)] = [signals[k] for k in REQUEST_SIGNALS]
+        row[lay.TEMPLATE] = template
+        row[lay.DUP] = dup
         if st.last_ts is not None:
             gap = float(np.log1p(max(record.ts - st.last_ts, 0.0)))
-            scalars[lay.GAP_N] = 1.0
-            scalars[lay.GAP_SUM] = gap
-            scalars[lay.GAP_SQ] = gap * gap
+            row[lay.GAP_N] = 1.0
+            row[lay.GAP_SUM] = gap
+            row[lay.GAP_SQ] = gap * gap
+        scalars = np.array(row, dtype=np.float64)
         hour = int(record.ts // 3600) % 24
         st.add(Entry(ts=record.ts, scalars=scalars, hour=hour, emb=emb, phi=phi, topic=topic,
                      shingles=sampled, dup_keys=dup_keys))
@@ -219,10 +228,10 @@ class WindowDetector:
         if tails is None or tails.source[0] is not self.tables_ or tails.source[1] is not self.tail_scales_:
             tails = self._tails = TailTables(self.tables_, self.tail_scales_)
         s = tails.surprisals(f)
-        _, order = combine_top(s, self.config.top_signals)
+        order = np.argsort(-s, kind="stable")[: self.config.top_signals].tolist()  # as combine_top
         values = s.tolist()
-        return combine_families(s, FAMILY_INDEX), [(FEATURES[i], round(values[i], 4)) for i in order
-                                                   if values[i] > 0]
+        return combine_families(values, FAMILY_INDEX), [(FEATURES[i], round(values[i], 4)) for i in order
+                                                        if values[i] > 0]
 
     def _effective(self, aid: str) -> tuple[float, list[tuple[str, float]], str | None, int]:
         own, reasons = self.own_.get(aid, (0.0, []))

@@ -21,15 +21,16 @@ from typing import Protocol
 
 import numpy as np
 
-from stillhouse.guard.detect.text import combine, word_hashes, words
+from stillhouse.guard.detect.text import pair_hashes, word_hashes, words
 
 
 class Embedder(Protocol):
     dim: int
 
-    def embed(self, text: str, tokens: list[str] | None = None, hashes: np.ndarray | None = None) -> np.ndarray:
-        """Unit vector for one text (``tokens``: its words, ``hashes``: their ``word_hashes``, when the
-        caller already has them; an embedder may ignore either)."""
+    def embed(self, text: str, tokens: list[str] | None = None, hashes: np.ndarray | None = None,
+              pairs: np.ndarray | None = None) -> np.ndarray:
+        """Unit vector for one text (``tokens``: its words, ``hashes`` and ``pairs``: their ``word_hashes``
+        and ``pair_hashes``, when the caller already has them; an embedder may ignore any of them)."""
         ...
 
 
@@ -41,20 +42,21 @@ class HashEmbedder:
             raise ValueError(f"HashEmbedder dim={dim}: use at least 8 (256 is the default)")
         self.dim = dim
 
-    def embed(self, text: str, tokens: list[str] | None = None, hashes: np.ndarray | None = None) -> np.ndarray:
+    def embed(self, text: str, tokens: list[str] | None = None, hashes: np.ndarray | None = None,
+              pairs: np.ndarray | None = None) -> np.ndarray:
         tokens = words(text) if tokens is None else tokens
         if not tokens:
             vec = np.zeros(self.dim, dtype=np.float32)
             vec[0] = 1.0
             return vec
         wh = word_hashes(tokens) if hashes is None else hashes
-        feats = np.concatenate([wh, combine(wh[:-1], wh[1:])])
+        feats = np.concatenate([wh, pair_hashes(wh) if pairs is None else pairs])
         signs = np.where(feats & np.uint32(1 << 31), -1.0, 1.0)
         # Sums of +-1 are small integers, exact in float64 and float32 alike, so bincount (one C pass)
         # gives the same vector as accumulating in float32 one element at a time.
         vec = np.bincount((feats % np.uint32(self.dim)).astype(np.intp), weights=signs,
                           minlength=self.dim).astype(np.float32)
-        norm = float(np.linalg.norm(vec))
+        norm = float(np.sqrt(vec.dot(vec)))  # what np.linalg.norm computes for a 1-d array
         if norm == 0.0:
             vec[0] = 1.0
             return vec
@@ -98,7 +100,8 @@ class MiniLMEmbedder:
             self.model_ = SentenceTransformer(str(minilm_dir()), device="cpu")
         return self.model_
 
-    def embed(self, text: str, tokens: list[str] | None = None, hashes: np.ndarray | None = None) -> np.ndarray:
+    def embed(self, text: str, tokens: list[str] | None = None, hashes: np.ndarray | None = None,
+              pairs: np.ndarray | None = None) -> np.ndarray:
         text = text[: self.max_chars]
         hit = self.cache_.get(text)
         if hit is not None:

@@ -16,6 +16,9 @@
 
 from __future__ import annotations
 
+from array import array
+from bisect import bisect_left
+
 import numpy as np
 
 EXTRA_CAP = 10.0
@@ -69,8 +72,6 @@ class TailTables:
     """
 
     def __init__(self, sorted_benign: list[np.ndarray], scales: list[float] | None = None):
-        from array import array
-
         self.source = (sorted_benign, scales)
         self.cols = [np.asarray(c, dtype=np.float64) for c in sorted_benign]
         self.sizes = [int(c.size) for c in self.cols]
@@ -84,21 +85,21 @@ class TailTables:
             below = np.append(first, n).astype(np.float64)
             self.distinct.append(array("d", values.tolist()))
             self.surprisal.append(array("d", (-np.log((1.0 + (n - below)) / (n + 1.0))).tolist()))
+        scales_or_none = self.scales if self.scales is not None else [None] * len(self.cols)
+        self.columns = list(zip(self.cols, self.distinct, self.surprisal, self.sizes, self.last, scales_or_none,
+                                self.nan))
 
     def surprisals(self, values: np.ndarray) -> np.ndarray:
-        from bisect import bisect_left
-
         out = []
-        for j, value in enumerate(np.asarray(values, dtype=np.float64).tolist()):
-            n = self.sizes[j]
-            if self.nan[j] or value != value:
-                below = int(self.cols[j].searchsorted(value, side="left"))
+        for (col, distinct, surprisal, n, last, scale, nan), value in zip(
+                self.columns, np.asarray(values, dtype=np.float64).tolist()):
+            if nan or value != value:
+                below = int(col.searchsorted(value, side="left"))
                 s = float(-np.log((1 + (n - below)) / (n + 1)))
             else:
-                s = self.surprisal[j][bisect_left(self.distinct[j], value)]
-            last = self.last[j]
-            if self.scales is not None and last is not None and value > last:
-                s += min((value - last) / self.scales[j], EXTRA_CAP)
+                s = surprisal[bisect_left(distinct, value)]
+            if scale is not None and last is not None and value > last:
+                s += min((value - last) / scale, EXTRA_CAP)
             out.append(s)
         return np.array(out, dtype=np.float64)
 
@@ -110,9 +111,9 @@ def combine_top(surprisals: np.ndarray, k: int) -> tuple[float, np.ndarray]:
     return float(surprisals[order].sum()), order
 
 
-def combine_families(surprisals: np.ndarray, families: tuple[tuple[int, ...], ...]) -> float:
+def combine_families(surprisals: np.ndarray | list[float], families: tuple[tuple[int, ...], ...]) -> float:
     """Sum over families of the largest surprisal among each family's members."""
-    s = surprisals.tolist()
+    s = surprisals.tolist() if isinstance(surprisals, np.ndarray) else surprisals
     return float(sum(max([s[i] for i in members]) for members in families))
 
 
@@ -161,13 +162,16 @@ def mean_pair_cosine(n: int, sum_x: np.ndarray, sum_sq: float) -> float:
     return (float(sum_x @ sum_x) - sum_sq) / (n * (n - 1))
 
 
-def normalized_entropy(counts: np.ndarray) -> float:
-    """Shannon entropy of a histogram divided by log(bins): 0 = one bin, 1 = uniform."""
+def normalized_entropy(counts: np.ndarray, bins: int | None = None) -> float:
+    """Shannon entropy of a histogram divided by log(bins): 0 = one bin, 1 = uniform.
+
+    ``bins``: the histogram's number of bins when ``counts`` holds only its nonzero bins.
+    """
     total = float(counts.sum())
     if total <= 0:
         return 0.0
     p = counts[counts > 0] / total
-    return float(-(p * np.log(p)).sum() / _log_int(counts.size))
+    return float(-(p * np.log(p)).sum() / _log_int(counts.size if bins is None else bins))
 
 
 _LOGS: dict[int, float] = {}

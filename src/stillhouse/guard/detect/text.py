@@ -19,7 +19,7 @@ from functools import lru_cache
 import numpy as np
 
 _WORD = re.compile(r"[a-z0-9]+")
-_FMIX = (16, np.uint32(0x85EBCA6B), 13, np.uint32(0xC2B2AE35), 16)
+_FMIX = (np.uint32(16), np.uint32(0x85EBCA6B), np.uint32(13), np.uint32(0xC2B2AE35), np.uint32(16))
 
 
 def stable_hash(text: str) -> int:
@@ -53,24 +53,45 @@ def word_hashes(tokens: list[str]) -> np.ndarray:
 _MIX = (np.uint32(0x9E3779B1), np.uint32(0x85EBCA6B), np.uint32(0xC2B2AE35))
 
 
-def combine(*parts: np.ndarray) -> np.ndarray:
-    """Order-sensitive uint32 combination of equally long hash arrays (for n-gram hashes)."""
-    with np.errstate(over="ignore"):
-        h = parts[0].copy()
-        for i, p in enumerate(parts[1:]):
-            h = (h * _MIX[i % 3]) ^ p
-            h ^= h >> np.uint32(15)
-        return h
+_SHIFT = np.uint32(15)
 
 
-def shingle_hashes(tokens: list[str], k: int = 3, hashes: np.ndarray | None = None) -> np.ndarray:
-    """32-bit hashes of each k-word shingle (one hash of the whole text when it is shorter than k)."""
+def combine(*parts: np.ndarray, start: int = 0) -> np.ndarray:
+    """Order-sensitive uint32 combination of equally long hash arrays (for n-gram hashes).
+
+    ``combine(a, b, c) == combine(combine(a, b), c, start=1)``: an n-gram's hash extends its
+    (n-1)-gram prefix's, so word-pair hashes can be reused for 3-word shingles. uint32 arrays wrap
+    silently on overflow (numpy checks overflow only for scalars).
+    """
+    h = parts[0]
+    if len(parts) == 1:
+        return h.copy()
+    for i, p in enumerate(parts[1:], start):
+        h = (h * _MIX[i % 3]) ^ p
+        h ^= h >> _SHIFT
+    return h
+
+
+def pair_hashes(hashes: np.ndarray) -> np.ndarray:
+    """Hashes of each pair of adjacent words (``combine`` of the word hashes and their successors)."""
+    return combine(hashes[:-1], hashes[1:])
+
+
+def shingle_hashes(tokens: list[str], k: int = 3, hashes: np.ndarray | None = None,
+                   pairs: np.ndarray | None = None) -> np.ndarray:
+    """32-bit hashes of each k-word shingle (one hash of the whole text when it is shorter than k).
+
+    ``hashes``: the tokens' :func:`word_hashes`, ``pairs``: their :func:`pair_hashes`, when the
+    caller already has them.
+    """
     if not tokens:
         return np.zeros(0, dtype=np.uint32)
     wh = word_hashes(tokens) if hashes is None else hashes
     if len(tokens) < k:
         return combine(*[wh[i:i + 1] for i in range(len(tokens))])
     n = len(tokens) - k + 1
+    if k == 3 and pairs is not None:
+        return combine(pairs[:n], wh[2:2 + n], start=1)
     return combine(*[wh[i:i + n] for i in range(k)])
 
 
@@ -87,21 +108,20 @@ def _permuted(hashes: np.ndarray, num_perm: int, seed: int) -> np.ndarray:
     """The permuted hash matrix (len(hashes) x num_perm) of datasketch's affine32 scheme."""
     a, b = permutations(num_perm, seed)
     s1, m1, s2, m2, s3 = _FMIX
-    with np.errstate(over="ignore"):
-        hv = hashes.astype(np.uint32).reshape(-1, 1)
-        hv = hv ^ (hv >> np.uint32(s1))
-        hv = hv * m1
-        hv = hv ^ (hv >> np.uint32(s2))
-        hv = hv * m2
-        hv = hv ^ (hv >> np.uint32(s3))
-        return hv * a + b
+    hv = hashes.astype(np.uint32).reshape(-1, 1)  # uint32 arrays wrap silently on overflow
+    hv ^= hv >> s1
+    hv *= m1
+    hv ^= hv >> s2
+    hv *= m2
+    hv ^= hv >> s3
+    return hv * a + b
 
 
 def minhash(hashes: np.ndarray, num_perm: int, seed: int) -> np.ndarray:
     """MinHash signature (uint32[num_perm]) of a set of 32-bit element hashes; all-max when empty."""
     if hashes.size == 0:
         return np.full(num_perm, np.iinfo(np.uint32).max, dtype=np.uint32)
-    return _permuted(hashes, num_perm, seed).min(axis=0)
+    return np.minimum.reduce(_permuted(hashes, num_perm, seed), axis=0)  # == .min(axis=0), minus a wrapper
 
 
 def band_keys(signature: np.ndarray, bands: int, salt: str = "") -> tuple[int, ...]:
