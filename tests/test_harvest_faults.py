@@ -39,9 +39,9 @@ async def test_every_recoverable_record_completes_and_the_rest_keep_raw_bodies(t
         expected_fail = {}
         with HarvestStore(cfg.out, readonly=True) as store:
             recs = {r.prompt_id: r for r in store.records(status=None)}
-        for prompt in load_prompts(cfg.prompts).prompts:  # the very message objects the harvester sent
+        for prompt in load_prompts(cfg.prompts).prompts:  # the very messages JSON the harvester sent
             pid = prompt.id
-            body = json.dumps(probe.request_body(prompt.messages, cfg.params(0))).encode()
+            body = probe.chat_body(prompt.messages_json, cfg.params(0))
             kind = choose_fault(scfg, hashlib.sha1(body).hexdigest(), 99)
             if kind is not None:
                 expected_fail[pid] = kind

@@ -313,3 +313,12 @@ async def test_both_clients_agree_on_answers_and_errors(client):
             with pytest.raises(BadRequest) as ei:
                 await t.chat(MSGS, SamplingParams())
             assert ei.value.status == 404 and "nope" in str(ei.value)
+
+
+def test_chat_body_is_the_request_body_with_cached_params():
+    t = OpenAITeacher("http://x/v1", model="m", transport=lambda *a: None)
+    p = SamplingParams(temperature=0.5, seed=3, stop=("\n",), logprobs=True, top_logprobs=2)
+    for msgs in (MSGS, [{"role": "system", "content": "é \"q\""}, {"role": "user", "content": "hi"}]):
+        for _ in range(2):  # the second call uses the cached tail
+            assert json.loads(t.chat_body(json.dumps(msgs), p)) == t.request_body(msgs, p)
+    assert json.loads(t.chat_body(json.dumps(MSGS), SamplingParams())) == t.request_body(MSGS, SamplingParams())

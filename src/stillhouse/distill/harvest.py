@@ -204,6 +204,8 @@ class HarvestStats:
     stopped_reason: str | None = None
     """Why the run stopped before doing everything (a budget cap, an interrupt)."""
     error_kinds: dict[str, int] = field(default_factory=dict)
+    request_phase_s: float = 0.0
+    """Seconds from the first request's start to the last one's end (prompt loading and keys excluded)."""
 
     @property
     def done(self) -> int:
@@ -370,6 +372,7 @@ class Harvester:
         self._model = teacher.name
         self._revision = teacher.revision
         self._timeout_here = parse_spec(config.teacher).kind != "http"  # HTTP teachers time out themselves
+        self._chat_json = getattr(teacher, "chat_json", None) if not self._timeout_here else None
 
     def work(self) -> list[_Work]:
         """Every (prompt, sample) whose key is not ok in the store yet."""
@@ -414,9 +417,11 @@ class Harvester:
         while True:
             if self._stopping:
                 return  # not recorded: the next run redoes it
-            await self.limiter.acquire(est_tokens)
-            if self._stopping:
-                return
+            lim = self.limiter
+            if lim.rpm or lim.tpm or lim.not_before:  # no limits and no Retry-After seen: nothing to wait for
+                await lim.acquire(est_tokens)
+                if self._stopping:
+                    return
             reason = self.budget.reserve(est_tokens, est_cost)
             if reason is not None:
                 self._stop(reason)
@@ -427,7 +432,9 @@ class Harvester:
             t0 = time.perf_counter()
             err: BaseException | None
             try:
-                if self._timeout_here:
+                if self._chat_json is not None:  # an HTTP teacher: send the messages JSON we already hold
+                    res = await self._chat_json(w.prompt.messages_json, w.params)
+                elif self._timeout_here:
                     async with asyncio.timeout(cfg.timeout_s):
                         res = await self.teacher.chat(w.prompt.messages, w.params)
                 else:
@@ -513,8 +520,10 @@ class Harvester:
         self._writer = _Writer(self.store)
         flush_task = asyncio.create_task(flusher())
         workers = [asyncio.create_task(worker()) for _ in range(n)]
+        t_requests = time.monotonic()
         try:
             await asyncio.gather(*workers)
+            self.stats.request_phase_s = time.monotonic() - t_requests
         except BaseException:
             self._stop("interrupted")
             for t in workers:

@@ -242,6 +242,9 @@ class OpenAITeacher:
         self._transport = transport
         self._resolve_lock: asyncio.Lock | None = None
         self._timeout: Any = None  # one aiohttp.ClientTimeout for every request, built on first use
+        self._chat_url = self.base_url + "/chat/completions"
+        self._head = b""
+        self._tails: dict[SamplingParams, bytes] = {}
 
     # -- identity ------------------------------------------------------------------------------
     @property
@@ -295,15 +298,42 @@ class OpenAITeacher:
         return {"model": self._model, "messages": messages, **params.to_openai()}
 
     async def chat(self, messages: list[Message], params: SamplingParams) -> ChatResult:
+        return await self.chat_json(json.dumps(messages, ensure_ascii=False), params)
+
+    async def chat_json(self, messages_json: str, params: SamplingParams) -> ChatResult:
+        """:meth:`chat` with the messages already JSON-encoded (the harvester holds them so)."""
         if self._model is None:
             await self.resolve()
-        payload = json.dumps(self.request_body(messages, params)).encode()
+        payload = self.chat_body(messages_json, params)
         t0 = time.perf_counter()
-        status, headers, body = await self._request("POST", self.base_url + "/chat/completions", payload)
+        status, headers, body = await self._request("POST", self._chat_url, payload)
         latency = time.perf_counter() - t0
-        raise_for_status(status, headers, body)
+        if status != 200:
+            raise_for_status(status, headers, body)
         completions, model, data = parse_chat_response(body, params.n)
         return ChatResult(completions=completions, model=model or self.name, latency_s=latency, raw=data)
+
+    def chat_body(self, messages_json: str, params: SamplingParams) -> bytes:
+        """The exact bytes :meth:`chat_json` POSTs (the model must be known)."""
+        try:
+            tail = self._tails.get(params)
+        except TypeError:  # unhashable params (a list where a tuple belongs): no caching
+            tail = None
+        if tail is None:
+            tail = self._tail(params)
+        return b"".join((self._head, messages_json.encode(), tail))
+
+    def _tail(self, params: SamplingParams) -> bytes:
+        """The encoded body after the messages; cached per params (the model is fixed by then)."""
+        fields = params.to_openai()
+        tail = b"".join(b', "%s": %s' % (k.encode(), json.dumps(v).encode()) for k, v in fields.items()) + b"}"
+        self._head = b'{"model": %s, "messages": ' % json.dumps(self._model).encode()
+        if len(self._tails) < 256:
+            try:
+                self._tails[params] = tail
+            except TypeError:
+                pass
+        return tail
 
     async def _request(self, method: str, url: str, body: bytes | None) -> tuple[int, dict[str, str], bytes]:
         if self._transport is not None:
