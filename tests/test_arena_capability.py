@@ -13,7 +13,7 @@ import pytest
 
 from stillhouse.arena.capability import CapabilityConfig, CapabilityError, run_capability
 from stillhouse.arena.metrics import gain_ratio, rate
-from stillhouse.arena.report import capability_lines
+from stillhouse.arena.report import capability_lines, merge_capability
 from stillhouse.guard.events import Verdict
 
 
@@ -86,3 +86,32 @@ def test_capability_stage_on_a_tiny_model(tmp_path: Path, smol_tokenizer: Any) -
         assert (tmp_path / "cap" / name / "student" / "final" / "config.json").exists()
     assert (tmp_path / "cap" / "capability.json").exists()
     assert any("unblocked harvest" in line for line in capability_lines(m))
+    # --capability-only merges into an earlier run's report and metrics
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "report.md").write_text("# Arena report\n\n## Capability leaked\n\nnot run (add --capability)\n\n"
+                                   "Timings (s): total_s 1.0\n")
+    (run / "metrics.json").write_text(json.dumps({"capability_leaked": "not run"}))
+    merge_capability(run, m)
+    report = (run / "report.md").read_text()
+    assert "not run" not in report and "unblocked harvest" in report and report.endswith("total_s 1.0\n")
+    assert json.loads((run / "metrics.json").read_text())["capability_leaked"]["planned"] == 16
+    assert (run / "capability" / "report.md").exists()
+
+
+class _NeverBlock(_BlockAfter3):
+    def verdict(self, account_id: str) -> Verdict | None:
+        return Verdict(account_id, 0.0, False, "allow")
+
+
+def test_nothing_refused_means_leaked_is_the_full_harvest(tmp_path: Path, smol_tokenizer: Any) -> None:
+    from conftest import build_tiny_model
+
+    model = build_tiny_model(smol_tokenizer, max_positions=256)
+    cfg = CapabilityConfig(accounts=2, requests_per_account=3, days=0.2, verified_only=False, epochs=1,
+                           batch_size=4, eval_limit=4, max_batch=4)
+    m = run_capability(cfg, tmp_path / "unused", tmp_path / "cap", loaded=(model, smol_tokenizer, "tiny-0"),
+                       detector=_NeverBlock())
+    assert m["leaked"] == m["planned"] == 6 and m["blocked_accounts"] == 0
+    assert m["accuracy"]["leaked"] == m["accuracy"]["full"]
+    assert not (tmp_path / "cap" / "leaked" / "student").exists()  # one training run serves both

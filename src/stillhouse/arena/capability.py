@@ -80,10 +80,13 @@ class CapabilityConfig:
     """torch CPU threads for serving, training and eval (1 is fastest on a shared 2-core machine)."""
     max_batch: int = 16
     """Continuous-batching width of the served teacher (the unguarded re-asks run concurrently)."""
+    concurrency: int = 3
+    """Turns of different accounts sent through the guard at once (``run_traffic(concurrency=)``), so
+    the real teacher batches them; 1 = strictly one at a time."""
 
     def __post_init__(self) -> None:
         for name in ("accounts", "requests_per_account", "epochs", "batch_size", "eval_limit", "threads",
-                     "max_batch"):
+                     "max_batch", "concurrency"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise CapabilityError(f"CapabilityConfig.{name}={value!r}: must be an integer >= 1")
@@ -212,7 +215,8 @@ def run_capability(cfg: CapabilityConfig, detector_dir: str | Path, out_dir: str
             await guard.start()
             try:
                 return await run_traffic(accounts, turns, recorder, detector, clock, progress,
-                                         "capability: harvest through the guard (real teacher)")
+                                         "capability: harvest through the guard (real teacher)",
+                                         concurrency=cfg.concurrency)
             finally:
                 await guard.stop()
 
@@ -238,8 +242,9 @@ def run_capability(cfg: CapabilityConfig, detector_dir: str | Path, out_dir: str
 
     # 3. two students from the same init, same recipe.
     t = time.perf_counter()
-    dirs = {"leaked": _train(cfg, train_leaked, out / "leaked", loaded),
-            "full": _train(cfg, train_full, out / "full", loaded)}
+    dirs = {"full": _train(cfg, train_full, out / "full", loaded)}
+    # nothing refused: the leaked set is the full harvest, and so is its student (same data, same seed)
+    dirs["leaked"] = dirs["full"] if not missing else _train(cfg, train_leaked, out / "leaked", loaded)
     timings["train_s"] = time.perf_counter() - t
 
     # 4. evaluate init (= the teacher for 'self'), leaked and full students on the same held-out items.
@@ -255,8 +260,9 @@ def run_capability(cfg: CapabilityConfig, detector_dir: str | Path, out_dir: str
         students.append(LoadedModel("init", make_student(model, cfg.student, seed=0).eval(), tok, "init",
                                     cfg.student))
         labels.append("init")
-    for name, d in dirs.items():
-        if d is not None:
+    for name in ("leaked", "full"):
+        d = dirs[name]
+        if d is not None and not (name == "full" and d == dirs["leaked"]):
             students.append(LoadedModel.load(f"hf:{d}", label=f"{name}-student", device="cpu"))
             labels.append(name)
     ev = evaluate_models(items, "arithmetic2", teacher_lm, students,
@@ -269,6 +275,8 @@ def run_capability(cfg: CapabilityConfig, detector_dir: str | Path, out_dir: str
         correct[label], scores[label] = np.array(s.correct, dtype=float), s.accuracy
     correct.setdefault("init", correct["teacher"])
     scores.setdefault("init", scores["teacher"])
+    if dirs["full"] is not None and dirs["full"] == dirs["leaked"]:
+        correct["full"], scores["full"] = correct["leaked"], scores["leaked"]
     for name in ("leaked", "full"):  # nothing to train on: the student is its init
         correct.setdefault(name, correct["init"])
         scores.setdefault(name, scores["init"])

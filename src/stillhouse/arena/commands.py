@@ -133,7 +133,7 @@ def arena(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from stillhouse.arena.capability import CapabilityConfig, CapabilityError, run_capability
-    from stillhouse.arena.report import capability_lines
+    from stillhouse.arena.report import capability_lines, merge_capability
     from stillhouse.arena.run import QUICK, ArenaConfig, run_arena
     from stillhouse.config import load_config
 
@@ -146,9 +146,10 @@ def arena(
                 cap = run_capability(cap_cfg, out / "detector", out / "capability", progress=progress)
             except CapabilityError as exc:
                 raise typer.BadParameter(str(exc), param_hint="--out") from exc
-        text = "\n".join(["# Capability leaked", "", *capability_lines(cap), ""])
-        (out / "capability" / "report.md").write_text(text)
-        console.print(text)
+        merge_capability(out, cap)
+        console.print("\n".join(capability_lines(cap)))
+        console.print(f"report: {out / 'capability' / 'report.md'} (and the Capability section of "
+                      f"{out / 'report.md'} when it exists)")
         return
     cfg = load_config(ArenaConfig, config) if config is not None else (QUICK if quick else ArenaConfig())
     overrides = {k: v for k, v in {"gateway": gateway, "upstream": upstream, "days": days,

@@ -209,3 +209,25 @@ def write_report(out: Path, metrics: dict[str, Any], result: RunResult, threshol
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def merge_capability(out: Path, cap: dict[str, Any]) -> None:
+    """Put a capability stage run later (``--capability-only``) into an earlier run's ``metrics.json``
+    and the Capability section of its ``report.md``; writes ``capability/report.md`` either way."""
+    import json
+
+    section = capability_lines(cap)
+    (out / "capability").mkdir(parents=True, exist_ok=True)
+    (out / "capability" / "report.md").write_text("\n".join(["# Capability leaked", "", *section, ""]))
+    if (out / "metrics.json").exists():
+        metrics = json.loads((out / "metrics.json").read_text())
+        metrics["capability_leaked"] = cap
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    report = out / "report.md"
+    if report.exists():
+        text = report.read_text()
+        head, sep, rest = text.partition("## Capability leaked\n\n")
+        if sep:
+            _, tsep, tail = rest.partition("\n\nTimings (s): ")
+            report.write_text(head + sep + "\n".join(section) + (tsep + tail if tsep else "\n"))
+

@@ -227,8 +227,17 @@ class RunResult:
 
 
 async def run_traffic(accounts: list[SimAccount], turns: list[Turn], gateway: Gateway, detector: Any,
-                      clock: SimClock, progress: Any = None, label: str = "arena") -> RunResult:
-    """Send every turn in time order through ``gateway``; track flags, blocks and leaks."""
+                      clock: SimClock, progress: Any = None, label: str = "arena", concurrency: int = 1) -> RunResult:
+    """Send every turn in time order through ``gateway``; track flags, blocks and leaks.
+
+    ``concurrency`` > 1 sends up to that many consecutive turns of *different* accounts at once
+    (the clock set to the bunch's latest timestamp), so a slow real teacher batches them; 1 (the
+    default, and what online == offline checks use) sends strictly one at a time.
+    """
+    import asyncio
+
+    if concurrency < 1:
+        raise ValueError(f"run_traffic concurrency={concurrency}: must be >= 1")
     by_id = {a.info.account_id: a for a in accounts}
     order = sorted(range(len(turns)), key=lambda i: (turns[i].ts, turns[i].account_id, i))
     history: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -262,38 +271,57 @@ async def run_traffic(accounts: list[SimAccount], turns: list[Turn], gateway: Ga
 
     task = progress.add_task(label, total=len(order)) if progress is not None else None
     t0 = time.perf_counter()
-    for step, i in enumerate(order):
-        turn = turns[i]
-        acct = by_id[turn.account_id]
-        clock.now = max(clock.now, turn.ts)
+    def build(turn: Turn) -> list[dict[str, Any]]:
         messages: list[dict[str, Any]] = []
         if turn.system:
             messages.append({"role": "system", "content": turn.system})
         if turn.followup:
             messages.extend(history[turn.session_id][-8:])
         messages.append({"role": "user", "content": turn.user_text})
-        reply = await gateway.send(turn, messages, acct.info)
-        o = outcomes[turn.account_id]
-        o.sent += 1
-        if acct.malicious:
-            send_ts[acct.campaign or ""].append(clock())
-        if reply.status == 200:
-            o.accepted += 1
-            history[turn.session_id].extend([{"role": "user", "content": turn.user_text},
-                                             {"role": "assistant", "content": reply.text}])
-            if acct.malicious and not turn.cover:
-                o.leaked += 1
-                o.leaked_tokens += reply.completion_tokens
-                leaked_by_campaign[acct.campaign or ""] += 1
-                if leaked_by_campaign[acct.campaign or ""] % 10 == 1:
-                    leak_curve[acct.campaign or ""].append((clock(), leaked_by_campaign[acct.campaign or ""]))
+        return messages
+
+    pos = 0
+    while pos < len(order):
+        bunch = [order[pos]]
+        seen = {turns[order[pos]].account_id}
+        while len(bunch) < concurrency and pos + len(bunch) < len(order):
+            nxt = order[pos + len(bunch)]
+            if turns[nxt].account_id in seen:
+                break
+            seen.add(turns[nxt].account_id)
+            bunch.append(nxt)
+        clock.now = max(clock.now, max(turns[i].ts for i in bunch))
+        if len(bunch) == 1:
+            t = turns[bunch[0]]
+            replies = [await gateway.send(t, build(t), by_id[t.account_id].info)]
         else:
-            o.refused += 1
-            if o.first_refused is None:
-                o.first_refused = o.sent - 1
-        note_flags(turn.account_id)
-        if task is not None and (step % 500 == 499 or step == len(order) - 1):
-            progress.update(task, completed=step + 1)
+            replies = list(await asyncio.gather(*(gateway.send(turns[i], build(turns[i]), by_id[turns[i].account_id].info)
+                                                  for i in bunch)))
+        for i, reply in zip(bunch, replies):
+            turn = turns[i]
+            acct = by_id[turn.account_id]
+            o = outcomes[turn.account_id]
+            o.sent += 1
+            if acct.malicious:
+                send_ts[acct.campaign or ""].append(clock())
+            if reply.status == 200:
+                o.accepted += 1
+                history[turn.session_id].extend([{"role": "user", "content": turn.user_text},
+                                                 {"role": "assistant", "content": reply.text}])
+                if acct.malicious and not turn.cover:
+                    o.leaked += 1
+                    o.leaked_tokens += reply.completion_tokens
+                    leaked_by_campaign[acct.campaign or ""] += 1
+                    if leaked_by_campaign[acct.campaign or ""] % 10 == 1:
+                        leak_curve[acct.campaign or ""].append((clock(), leaked_by_campaign[acct.campaign or ""]))
+            else:
+                o.refused += 1
+                if o.first_refused is None:
+                    o.first_refused = o.sent - 1
+            note_flags(turn.account_id)
+        before, pos = pos, pos + len(bunch)
+        if task is not None and (before // 500 != pos // 500 or pos == len(order)):
+            progress.update(task, completed=pos)
     for cid, n in leaked_by_campaign.items():
         leak_curve[cid].append((clock(), n))
     if detector is not None:
