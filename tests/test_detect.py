@@ -22,8 +22,9 @@ from stillhouse.guard.detect.stats import (
     rff,
     rff_params,
     tail_surprisal,
+    tail_surprisals,
 )
-from stillhouse.guard.detect.text import minhash, shingle_hashes, words
+from stillhouse.guard.detect.text import minhash, pair_hashes, shingle_hashes, word_hashes, words
 from stillhouse.guard.events import AccountInfo, TrafficRecord
 
 CFG = DetectConfig(max_tokens_limit=4096, cluster_every=50)
@@ -153,6 +154,77 @@ def test_hash_embedder_is_unit_and_similar_for_similar_text() -> None:
                                     "def parse_json(s): return json.loads(s)"))
     assert np.linalg.norm(a) == pytest.approx(1.0, abs=1e-5)
     assert a @ b > a @ c
+
+
+@pytest.mark.parametrize(("system", "user"), [
+    ("", "What is 2 + 2?"),
+    ("You are a grader. Use the rubric.", "Response: 4"),
+    ("Think step by step.", "Show your full reasoning, chain of thought included."),
+    ("Respond in the following format.", "Reasoning: ...\nAnswer: ..."),
+    ("Format:\nReasoning", ": explain first\nAnswer: the number"),  # a label split across the join
+    ("Rate it on a scale", " of 1 to 10"),
+    ("Reasoning: a\nAnswer: b", "hello"),
+])
+def test_request_signals_per_part_equal_those_of_the_joined_text(system: str, user: str) -> None:
+    wording = ("cot", "step_by_step", "grader", "labelled")
+    split = request_signals(rec(0, user=user, system=system), CFG)
+    joined = request_signals(rec(0, user=(system + "\n" + user) if system else user), CFG)
+    assert {k: split[k] for k in wording} == {k: joined[k] for k in wording}
+
+
+def test_word_and_shingle_hashes_shortcuts_are_exact() -> None:
+    text = "the quick brown fox jumps over the lazy dog, brand-new words: zyxwv qwerty 42"
+    for n in range(0, 12):
+        tokens = words(text)[:n]
+        wh = word_hashes(tokens)
+        assert wh.tolist() == [zlib.crc32(w.encode()) for w in tokens]
+        assert np.array_equal(shingle_hashes(tokens), shingle_hashes(tokens, hashes=wh, pairs=pair_hashes(wh)))
+    tokens = words(text)
+    assert word_hashes(tokens).tolist() == word_hashes(tokens).tolist()  # cached path == first path
+
+
+def test_hash_embedder_shortcuts_match_elementwise_float32_accumulation() -> None:
+    e = HashEmbedder(64)
+    text = "how many apples does she have if she gives away three apples"
+    tokens = words(text)
+    wh = word_hashes(tokens)
+    ref = np.zeros(64, dtype=np.float32)  # the textbook form: one signed float32 add per feature
+    feats = np.concatenate([wh, pair_hashes(wh)])
+    np.add.at(ref, (feats % np.uint32(64)).astype(np.intp), np.where(feats >> np.uint32(31), -1.0, 1.0)
+              .astype(np.float32))
+    ref /= np.linalg.norm(ref)
+    assert np.array_equal(e.embed(text), ref)
+    assert np.array_equal(e.embed(text, tokens, hashes=wh, pairs=pair_hashes(wh)), ref)
+
+
+def test_tail_tables_equal_the_scalar_surprisal_bit_for_bit() -> None:
+    rng = np.random.default_rng(3)
+    cols = [np.sort(np.round(rng.exponential(1.0, size=n), digits)) for n, digits in ((500, 2), (2000, 6), (1, 1),
+                                                                                        (0, 1), (300, 0))]
+    cols.append(np.sort(np.r_[rng.random(40), [np.nan] * 3]))
+    scales = [0.3, 0.1, 1.0, 1.0, 2.0, 0.5]
+    for trial in range(300):
+        values = rng.exponential(1.5, size=len(cols))
+        if trial % 3 == 0:  # values that are exactly in the tables (ties decide searchsorted's side)
+            values = np.array([c[rng.integers(c.size)] if c.size else 0.0 for c in cols])
+        if trial % 7 == 0:
+            values[trial % len(cols)] = np.nan
+        for sc in (scales, None):
+            got = tail_surprisals(cols, values, sc)
+            want = [tail_surprisal(c, float(v), None if sc is None else sc[j])
+                    for j, (c, v) in enumerate(zip(cols, values))]
+            assert got.tolist() == want
+
+
+def test_memoized_hour_entropy_equals_normalized_entropy() -> None:
+    from stillhouse.guard.detect.account import _hour_entropy
+
+    rng = np.random.default_rng(4)
+    for _ in range(200):
+        hours = np.where(rng.random(24) < 0.6, 0.0, rng.integers(1, 50, size=24).astype(float))
+        assert _hour_entropy(hours.tolist()) == normalized_entropy(hours)
+        assert _hour_entropy(hours.tolist()) == normalized_entropy(hours)  # from the memo
+    assert _hour_entropy([0.0] * 24) == normalized_entropy(np.zeros(24)) == 0.0
 
 
 # ------------------------------------------------------------------ account window features
@@ -325,6 +397,20 @@ def test_save_load_roundtrip_scores_identically(fitted: WindowDetector, tmp_path
         loaded.observe(r)
     assert fitted.verdict("evil") == loaded.verdict("evil")
     fitted.reset()
+
+
+def test_load_names_the_real_fit_command(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from stillhouse.cli import app
+
+    with pytest.raises(FileNotFoundError) as err:
+        WindowDetector.load(tmp_path / "nothing")
+    message = str(err.value)
+    assert "stillhouse detect --fit --log" in message and "--model" in message
+    help_text = CliRunner().invoke(app, ["detect", "--help"], env={"COLUMNS": "200"}).output
+    for flag in ("--fit", "--log", "--model"):
+        assert flag in help_text
 
 
 def test_online_equals_offline_on_a_sqlite_log(fitted: WindowDetector, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -411,12 +411,17 @@ class WindowDetector:
         d = Path(directory)
         meta_path = d / "detector.json"
         if not meta_path.exists():
-            raise FileNotFoundError(f"{meta_path} not found: fit a detector first "
-                                    "(`stillhouse detect fit --benign FILE --out DIR`)")
+            raise FileNotFoundError(f"{meta_path} not found: fit a detector on benign traffic first "
+                                    f"(`stillhouse detect --fit --log BENIGN_LOG --model {d}`), or point "
+                                    "--model at the directory that holds detector.json")
+        npz_path = d / "detector.npz"
+        if not npz_path.exists():
+            raise FileNotFoundError(f"{npz_path} not found next to {meta_path.name}: copy both files of a fitted "
+                                    f"detector, or fit again (`stillhouse detect --fit --log BENIGN_LOG --model {d}`)")
         meta = json.loads(meta_path.read_text())
         cfg = config_from_dict(DetectConfig, meta["config"], source=str(meta_path))
         det = cls(cfg, embedder)
-        arrays = np.load(d / "detector.npz")
+        arrays = np.load(npz_path)
         det.centroids_, det.rff_w_, det.rff_b_ = arrays["centroids"], arrays["rff_w"], arrays["rff_b"]
         det.mu_ref_, det.ref_sq_ = arrays["mu_ref"], float(meta["ref_sq"])
         det.tables_ = [arrays[f"table_{i}"] for i in range(len(FEATURES))]
