@@ -359,9 +359,7 @@ def _ratio(acc: float, teacher_acc: float) -> str:
 
 
 def stage_report(args: argparse.Namespace, out: Path) -> None:
-    """Markdown tables of every measured model, with 95% Wilson intervals."""
-    from stillhouse.distill.modelio import load_causal_lm
-
+    """Markdown tables of every measured model, with 95% Wilson intervals, and grid.png."""
     held, _ = split_problems(args.heldout, args.train)
     t = evaluate(None, None, held, out / "teacher_heldout.jsonl", "teacher")
     lines = ["| model | train examples | params | correct | accuracy [95% CI] | ÷ teacher |", "|---|---|---|---|---|---|",
@@ -379,9 +377,24 @@ def stage_report(args: argparse.Namespace, out: Path) -> None:
                          f"{r['correct']}/{r['n']} | {r['acc']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}] | "
                          f"{_ratio(r['acc'], t['acc'])} |")
     table = "\n".join(lines) + "\n"
-    (out / "results.md").write_text(table)
+    plot_grid(out, t)
+    (out / "results.md").write_text(table + "\n![accuracy vs N](grid.png)\n")
     print(table)
-    del load_causal_lm
+
+
+def plot_grid(out: Path, teacher: dict[str, Any]) -> Path | None:
+    """grid.png: the pruned student's accuracy against N per loss, with the teacher's line."""
+    from stillhouse.distill.metrics import Estimate
+    from stillhouse.distill.plots import score_vs_examples
+
+    if not (out / "grid.json").exists():
+        return None
+    series: dict[str, list[tuple[int, Estimate]]] = {}
+    for r in json.loads((out / "grid.json").read_text()):
+        series.setdefault(r["run"], []).append((int(r["train_examples"]), Estimate(r["acc"], r["lo"], r["hi"], r["n"])))
+    t = Estimate(teacher["acc"], teacher["lo"], teacher["hi"], teacher["n"])
+    return score_vs_examples(series, out / "grid.png", teacher=t,
+                             title="pruned student vs N harvested examples (one pass)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,3 +58,4 @@ def test_experiment_end_to_end_on_a_tiny_teacher(tmp_path, smol_tokenizer):
     assert pruned["verified_rows"] == 6 and pruned["n"] == 8
     table = (out / "results.md").read_text()
     assert "pruned10-verified-e" in table and "self-verified-e1" in table
+    assert (out / "grid.png").stat().st_size > 1000

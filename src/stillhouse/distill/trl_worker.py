@@ -24,7 +24,8 @@ def main(spec_path: str, result_path: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    spec = json.loads(open(spec_path).read())
+    with open(spec_path) as f:
+        spec = json.load(f)
     torch.set_num_threads(spec["threads"])
     tok = AutoTokenizer.from_pretrained(spec["student"])
     model = AutoModelForCausalLM.from_pretrained(spec["student"], dtype=torch.float32)
@@ -32,7 +33,7 @@ def main(spec_path: str, result_path: str) -> None:
     stamps: list[float] = []
 
     class Stamp(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, ANN003 - TRL's callback signature
+        def on_step_end(self, args, state, control, **kw):  # TRL's callback signature
             stamps.append(time.perf_counter())
 
     cfg = SFTConfig(output_dir=spec["out"], per_device_train_batch_size=spec["batch_size"], num_train_epochs=1,
@@ -48,7 +49,8 @@ def main(spec_path: str, result_path: str) -> None:
     result = {"arm": f"trl-{spec['precision']}", "steps": steps, "tokens": tokens,
               "timed_tokens": tokens * (steps - 1) / steps, "timed_s": stamps[-1] - stamps[0],
               "trl_version": __import__("trl").__version__}
-    open(result_path, "w").write(json.dumps(result))
+    with open(result_path, "w") as f:
+        json.dump(result, f)
 
 
 if __name__ == "__main__":
