@@ -172,6 +172,19 @@ def test_request_signals_per_part_equal_those_of_the_joined_text(system: str, us
     assert {k: split[k] for k in wording} == {k: joined[k] for k in wording}
 
 
+def test_anchored_phrase_search_equals_searching_every_phrase() -> None:
+    from stillhouse.guard.detect import requests as rq
+
+    lists = (rq.COT_STRONG, rq.COT_WEAK, rq.GRADER, rq.FORMAT_ASK)
+    texts = [f"please, {p}: now" for phrases in lists for p in phrases] + [q.lower() for q in QUESTIONS]
+    texts += ["separate the rate thereof", "rubrics and json-ish formats", "steps? no. reasoning? no.", ""]
+    for text in texts:
+        facts = rq._text_facts(text)
+        assert (facts.cot, facts.weak, facts.fmt) == tuple(rq._any(p, text) for p in (rq.COT_STRONG, rq.COT_WEAK,
+                                                                                        rq.FORMAT_ASK))
+        assert facts.grader == (rq._any(rq.GRADER, text) or rq._SCALE.search(text) is not None)
+
+
 def test_word_and_shingle_hashes_shortcuts_are_exact() -> None:
     text = "the quick brown fox jumps over the lazy dog, brand-new words: zyxwv qwerty 42"
     for n in range(0, 12):

@@ -115,10 +115,44 @@ class _Facts(NamedTuple):
     colon: bool
 
 
+# Every phrase contains one of these anchors (or is searched on every text, see ``_index``): a text
+# without an anchor cannot contain the phrases filed under it, so those ~60 searches shrink to
+# ~18 anchor searches plus the phrases of the anchors present. Same answers, a third of the work.
+_ANCHORS = ("reason", "think", "step", "chain", "deriv", "verbatim", "show", "rubric", "grade", "reward",
+            "score", "rate the", "judge", "evaluat", "better", "preferen", "format", "json")
+
+
+def _index(phrases: tuple[str, ...]) -> tuple[tuple[tuple[str, tuple[str, ...]], ...], tuple[str, ...]]:
+    """(anchor -> its phrases, phrases without an anchor) for :func:`_any_indexed`."""
+    groups: dict[str, list[str]] = {}
+    rest: list[str] = []
+    for phrase in phrases:
+        anchor = next((a for a in _ANCHORS if a in phrase), None)
+        if anchor is None:
+            rest.append(phrase)
+        else:
+            groups.setdefault(anchor, []).append(phrase)
+    return tuple((a, tuple(g)) for a, g in groups.items()), tuple(rest)
+
+
+_COT_STRONG, _COT_WEAK, _GRADER, _FORMAT_ASK = (_index(p) for p in (COT_STRONG, COT_WEAK, GRADER, FORMAT_ASK))
+
+
+def _any_indexed(index: tuple[tuple[tuple[str, tuple[str, ...]], ...], tuple[str, ...]], text: str,
+                 present: set[str]) -> bool:
+    """``_any(phrases, text)`` for an :func:`_index` of the phrases, given the anchors present in text."""
+    groups, rest = index
+    for anchor, phrases in groups:
+        if anchor in present and _any(phrases, text):
+            return True
+    return _any(rest, text)
+
+
 def _text_facts(low: str) -> _Facts:
-    return _Facts(low=low, cot=_any(COT_STRONG, low), weak=_any(COT_WEAK, low),
-                  grader=_any(GRADER, low) or ("scale" in low and _SCALE.search(low) is not None),
-                  fmt=_any(FORMAT_ASK, low), colon=":" in low)
+    present = {a for a in _ANCHORS if a in low}
+    return _Facts(low=low, cot=_any_indexed(_COT_STRONG, low, present), weak=_any_indexed(_COT_WEAK, low, present),
+                  grader=_any_indexed(_GRADER, low, present) or ("scale" in low and _SCALE.search(low) is not None),
+                  fmt=_any_indexed(_FORMAT_ASK, low, present), colon=":" in low)
 
 
 @lru_cache(maxsize=4096)
