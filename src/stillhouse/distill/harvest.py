@@ -495,11 +495,19 @@ class Harvester:
             self._writer.put(batch)
 
     async def run(self) -> HarvestStats:
-        todo = self.work()
-        it: Iterator[_Work] = iter(todo)
         # The prompts and work items live for the whole run; without this, every full collection
-        # walks all of them (measured: 0.11 vs 0.06 CPU-ms per request at 100k prompts).
+        # walks all of them (measured: 0.11 vs 0.06 CPU-ms per request at 100k prompts). Building
+        # the work list allocates only long-lived objects: no collection while it runs either.
         gc.freeze()
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            todo = self.work()
+        finally:
+            if was_enabled:
+                gc.enable()
+        gc.freeze()
+        it: Iterator[_Work] = iter(todo)
 
         async def worker() -> None:
             for w in it:
