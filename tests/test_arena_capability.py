@@ -47,7 +47,8 @@ def test_gain_ratio_matches_direct_computation() -> None:
     expect = (leaked.mean() - init.mean()) / (full.mean() - init.mean())
     assert r["value"] == pytest.approx(expect)
     assert r["lo"] <= r["value"] <= r["hi"]
-    assert np.isnan(gain_ratio(init, leaked, init)["value"])  # full gained nothing: undefined
+    undefined = gain_ratio(init, leaked, init)  # full gained nothing: no share to take
+    assert np.isnan(undefined["value"]) and np.isnan(undefined["lo"]) and np.isnan(undefined["hi"])
     with pytest.raises(ValueError, match="same items"):
         gain_ratio(init, leaked, full[:10])
     assert rate(0, 5000)["hi"] == pytest.approx(7.68e-4, rel=0.01)  # Wilson upper bound of 0/5000

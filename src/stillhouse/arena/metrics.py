@@ -167,7 +167,7 @@ def gain_ratio(init: np.ndarray, leaked: np.ndarray, full: np.ndarray, n_boot: i
     gf = full[idx].mean(1) - init[idx].mean(1)
     ok = gf > 0
     ratios = gl[ok] / gf[ok]
-    lo, hi = (float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))) if ratios.size else (
-        float("nan"), float("nan"))
+    lo, hi = (float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))) if ratios.size and g_full > 0 \
+        else (float("nan"), float("nan"))
     return {"value": value, "lo": lo, "hi": hi, "gain_leaked": g_leak, "gain_full": g_full,
             "undefined_share": float(1 - ok.mean())}
