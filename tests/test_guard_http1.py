@@ -282,3 +282,36 @@ def test_x_forwarded_for_is_only_believed_when_the_config_trusts_it(tmp_path) ->
                 assert [r.client_ip for r in g.records("alice")] == [expected]
             finally:
                 g.stop()
+
+
+def test_a_client_that_hangs_up_on_a_slow_non_streamed_answer_cancels_the_upstream_call(tmp_path) -> None:
+    """The disconnect watcher starts lazily (WATCH_AFTER_S) but still catches a hang-up."""
+    import time
+
+    from stillhouse.teacher.fakeserver import FakeServerConfig
+    from stillhouse.teacher.fakeserver import start_in_thread as start_fake
+    from test_guard import chat_body, make_config, start_guard
+
+    with start_fake(FakeServerConfig(latency_ms=3000)) as slow:
+        g = start_guard(make_config(tmp_path, f"http://127.0.0.1:{slow.port}"))
+        try:
+            key = g.account_with_key("kim")
+
+            async def go() -> None:
+                import aiohttp
+
+                async with aiohttp.ClientSession() as s:
+                    with pytest.raises(TimeoutError):
+                        await s.post(g.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                                     json=chat_body("slow please"), timeout=aiohttp.ClientTimeout(total=0.5))
+
+            t0 = time.monotonic()
+            asyncio.run(go())
+            deadline = time.monotonic() + 2.0
+            while not g.records("kim") and time.monotonic() < deadline:
+                time.sleep(0.1)
+            rec = g.records("kim")[0]
+            assert rec.status == 499 and "upstream call cancelled" in rec.decision_reason
+            assert time.monotonic() - t0 < 2.5 and rec.latency_ms < 1500, "the guard waited for the upstream"
+        finally:
+            g.stop()

@@ -59,6 +59,8 @@ PARAM_KEYS = ("max_tokens", "max_completion_tokens", "n", "temperature", "top_p"
               "stream", "seed", "stop", "presence_penalty", "frequency_penalty", "response_format", "tools")
 PROXIED = {("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models")}
 _JSON = [(b"content-type", b"application/json")]
+WATCH_AFTER_S = 0.1
+"""A client disconnect is watched for once an upstream call has run this long (see _forward)."""
 
 
 class BadRequest(Exception):
@@ -268,6 +270,8 @@ class GuardApp:
         self._id_prefix = uuid.uuid4().hex[:14]
         """Request ids: a random per-process prefix plus a counter (unique across replicas, no syscall)."""
         self._seq = 0
+        self._post_pending = 0
+        """Answered requests whose record is still to be logged (``_after_response`` queued)."""
         from stillhouse.guard.admin import AdminAPI
         self.admin = AdminAPI(self)
 
@@ -301,6 +305,8 @@ class GuardApp:
         if not self._started:
             return
         self._started = False
+        while self._post_pending:  # records of answered requests are queued as loop callbacks
+            await asyncio.sleep(0)
         if self._refresh_task is not None:
             self._refresh_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -542,21 +548,42 @@ class GuardApp:
             return
 
         # 6. upstream.
+        answer: list[Any] = [b"", False]
         try:
             await self._forward(receive, send, rec, method, path, raw if method == "POST" else None,
-                                stream, degraded and cfg.degrade_strip_reasoning)
+                                stream, degraded and cfg.degrade_strip_reasoning, answer)
         finally:
             if stream:
                 self.limiter.release_stream(account.account_id)
             rec.latency_ms = (time.perf_counter() - t0) * 1000.0
+            # The response is out: parsing it, charging tokens, logging and the detector run as the
+            # next callback of the loop, after the other requests already waiting to be answered.
+            self._post_pending += 1
+            asyncio.get_running_loop().call_soon(self._after_response, rec, account, limits, body, method,
+                                                 answer[0], answer[1])
+
+    def _after_response(self, rec: TrafficRecord, account: AccountInfo, limits: Limits, body: dict[str, Any],
+                        method: str, data: bytes, sse: bool) -> None:
+        """Parse the relayed answer into the record, charge its tokens, log it (never skipped)."""
+        self._post_pending -= 1
+        try:
+            if rec.status == 200 or data:
+                text, pt, ct = parse_sse(data) if sse else parse_json_response(data)
+                rec.response_text = text
+                rec.prompt_tokens = int(pt) if isinstance(pt, int) else 0
+                rec.completion_tokens = int(ct) if isinstance(ct, int) else _estimate_tokens(text)
             if method == "POST" and not rec.prompt_tokens:
                 rec.prompt_tokens = _estimate_tokens(_prompt_text(body))
             self.limiter.charge_tokens(account.account_id, limits, rec.prompt_tokens + rec.completion_tokens)
-            self._finish(rec, account)
+        except Exception:  # noqa: BLE001 - the record is logged whatever went wrong above
+            log.exception("guard: post-processing failed on request %s", rec.request_id)
+        self._finish(rec, account)
 
     async def _forward(self, receive: Receive, send: Send, rec: TrafficRecord, method: str, path: str,
-                       raw: bytes | None, stream: bool, strip: bool) -> None:
-        """Call the upstream and relay its answer, racing a client disconnect."""
+                       raw: bytes | None, stream: bool, strip: bool, answer: list[Any]) -> None:
+        """Call the upstream and relay its answer, racing a client disconnect.
+
+        ``answer`` receives [the upstream's body bytes as relayed, whether it was SSE]."""
         collected: list[bytes] = []
         started = False
         sse = False
@@ -602,10 +629,13 @@ class GuardApp:
             else:
                 resp.release()
 
-        # One watcher task per request: on a client disconnect it cancels this task, which closes
-        # the upstream response (the upstream sees the connection drop and stops generating).
+        # A watcher task: on a client disconnect it cancels this task, which closes the upstream
+        # response (the upstream sees the connection drop and stops generating). It starts only
+        # once the call has run WATCH_AFTER_S: most answers are done before that, and a task per
+        # request is a measurable share of the guard's CPU.
         me = asyncio.current_task()
         gone = False
+        watch_task: asyncio.Future[None] | None = None
 
         async def wait_disconnect() -> None:
             nonlocal gone
@@ -618,7 +648,12 @@ class GuardApp:
                         me.cancel()
                     return
 
-        watch_task = asyncio.ensure_future(wait_disconnect())
+        def start_watch() -> None:
+            nonlocal watch_task
+            if not finished:
+                watch_task = asyncio.ensure_future(wait_disconnect())
+
+        timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, start_watch)
         try:
             try:
                 await relay()
@@ -642,14 +677,11 @@ class GuardApp:
                 with contextlib.suppress(Exception):  # the client may be gone too
                     await send({"type": "http.response.body", "body": ev, "more_body": False})
         finally:
-            if not watch_task.done():
+            timer.cancel()
+            if watch_task is not None and not watch_task.done():
                 watch_task.cancel()
-        data = b"".join(collected)
-        if rec.status == 200 or collected:
-            text, pt, ct = parse_sse(data) if sse else parse_json_response(data)
-            rec.response_text = text
-            rec.prompt_tokens = int(pt) if isinstance(pt, int) else 0
-            rec.completion_tokens = int(ct) if isinstance(ct, int) else _estimate_tokens(text)
+            answer[0] = collected[0] if len(collected) == 1 else b"".join(collected)
+            answer[1] = sse
 
 
 def create_app(config: GuardConfig, store: SqlStore, upstream: Any = None,

@@ -120,6 +120,8 @@ class LogWriter:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._wake = asyncio.Event()
+        self._spool_dirty = True
+        """The spool may hold files (set when a batch is spooled; cleared once a write replayed them)."""
 
     def put(self, record: TrafficRecord) -> None:
         self._records.append(record)
@@ -168,9 +170,12 @@ class LogWriter:
         return self.spool.replay(self.store)
 
     def _write(self, records: list[TrafficRecord], decisions: list[DecisionRow]) -> None:
-        # Anything spooled earlier goes first, so replay order follows arrival order.
-        if self.spool.files():
-            self.replayed += self.spool.replay(self.store)
+        # Anything spooled earlier goes first, so replay order follows arrival order. The directory
+        # is looked at once after start and after each spooling, not on every flush.
+        if self._spool_dirty:
+            if self.spool.files():
+                self.replayed += self.spool.replay(self.store)
+            self._spool_dirty = False
         self.store.write_records(records)
         self.store.put_decisions(decisions)
 
@@ -194,6 +199,7 @@ class LogWriter:
                     log.error("guard: log store write failed (%s); spooling to %s", self.last_error,
                               self.spool.dir)
             try:
+                self._spool_dirty = True
                 await loop.run_in_executor(self._spool_executor, self.spool.append, records, decisions)
                 self.spooled += len(records)
             except Exception as exc:  # noqa: BLE001
