@@ -338,3 +338,22 @@ async def test_a_failed_store_write_stops_the_run_and_says_so(tmp_path, monkeypa
     monkeypatch.setattr(HarvestStore, "put_rows", broken)
     with pytest.raises(HarvestError, match="disk full"):
         await run_harvest(cfg_for(tmp_path, prompts="builtin:arithmetic:50", flush_interval_s=0.01))
+
+
+def test_bench_config_systems_and_table():
+    from stillhouse.distill.bench_harvest import BenchConfig, markdown_table
+
+    cfg = BenchConfig(n=10, concurrency=(64,), only=())
+    assert cfg.wants("ours") and cfg.wants("bare") and not cfg.wants("anatomy")  # anatomy is opt-in
+    assert BenchConfig(only=("anatomy",)).wants("anatomy") and not BenchConfig(only=("anatomy",)).wants("ours")
+    with pytest.raises(ConfigError, match="server_engine"):
+        BenchConfig(server_engine="nginx")
+    with pytest.raises(ConfigError, match="unknown"):
+        BenchConfig(only=("vllm",))
+    rows = [{"system": "ours", "concurrency": 64, "n": 1000, "rate": 1216.0, "cpu_ms_per_req": 0.1,
+             "rss_start_mb": 80, "rss_peak_mb": 81, "error": None,
+             "extra": {"rate_requests": 1241.6, "server_cpu_ms_per_req": 0.07, "load_avg_start": 1.0}},
+            {"system": "curator", "concurrency": 64, "n": 100, "rate": 304.0, "cpu_ms_per_req": 4.0,
+             "rss_start_mb": 300, "rss_peak_mb": 310, "error": None, "extra": {}}]
+    table = markdown_table({"rows": rows}, cfg)
+    assert "| 64 | ours | 1,000 | 1,216 | 95.0% | 97.0% | 4.00× |" in table

@@ -4,13 +4,19 @@
     stillhouse bench harvest --n 20000 --only server,ours,naive
 
 Setup: a fake OpenAI-compatible server (:mod:`stillhouse.teacher.fakeserver`) with fixed
-latency L runs in its own process. At concurrency C no client can beat C/L requests/s.
+latency L runs in its own process, on its raw engine (a bare asyncio.Protocol HTTP/1.1
+responder on uvloop; ``--server-engine aiohttp`` for aiohttp.web). At concurrency C no client
+can beat C/L requests/s.
 
-1. ``server``: the fake server's own capacity, with a trivial client (the naive loop below)
-   at L=0 and C=256 — so we know it is not the bottleneck (or that it is).
+1. ``server``: the fake server's own capacity, with the cheapest client (``bare`` below)
+   at L=0 and C=256, for both engines and a plain uvicorn+starlette fake — so we know it is
+   not the bottleneck (or that it is).
 2. per C, on the same server and the same prompts, one after another in one run:
    - ``ours``: :func:`stillhouse.distill.harvest.run_harvest` into a fresh run directory
      (SQLite store, keys, retries, limits: the whole harvester), N requests;
+   - ``bare``: a bare loop over :class:`stillhouse.teacher.rawhttp.RawHTTPTransport` (the
+     client ours uses) that POSTs and parses JSON and stores nothing: the cheapest client
+     we have, so what it reaches is what this machine allows;
    - ``naive``: a bare aiohttp loop with C workers that POSTs and parses JSON, N requests;
    - ``curator``: bespokelabs-curator in /work/venvs/curator (``peers_n`` requests);
    - ``distilabel``: a distilabel pipeline in /work/venvs/distilabel (``peers_n`` requests).
@@ -18,8 +24,11 @@ latency L runs in its own process. At concurrency C no client can beat C/L reque
 Each system runs as a child process; this process samples the child's process tree with
 psutil: CPU time from the child's "READY" line (imports and setup excluded) to its end,
 divided by the requests (client CPU-ms per request), and resident memory (peak, and the
-value shortly after the start, to show whether memory stays flat). Throughput is the
-child's own count of completed requests over its own wall time of the run.
+value shortly after the start, to show whether memory stays flat). The server's CPU over
+the same span is reported per request too. Throughput is the child's own count of completed
+requests over its own wall time of the run. Ours loads its prompts and computes their keys
+after READY (the others read theirs before), so for ours the table also gives the rate over
+the request phase alone (first request to last answer).
 
 Results go to OUT/results.json and a Markdown table on stdout (copied into docs/benchmarks.md).
 Peer virtualenvs (offline notes in ../shared/DESIGN.md)::
@@ -43,7 +52,9 @@ from typing import Any
 
 from stillhouse.config import ConfigError, save_config
 
-SYSTEMS = ("server", "ours", "bare", "naive", "curator", "distilabel")
+SYSTEMS = ("server", "ours", "bare", "naive", "curator", "distilabel", "anatomy")
+OPT_IN = ("anatomy",)
+"""Systems that run only when --only names them."""
 ENGINES = ("raw", "aiohttp")
 VENVS = {"curator": "/work/venvs/curator", "distilabel": "/work/venvs/distilabel"}
 
@@ -85,7 +96,7 @@ class BenchConfig:
             raise ConfigError(f"server_engine={self.server_engine!r}: choose from {', '.join(ENGINES)}")
 
     def wants(self, system: str) -> bool:
-        return not self.only or system in self.only
+        return system in self.only if (self.only or system in OPT_IN) else True
 
 
 # -- child programs (each prints READY once set up, then one JSON line) ------------------------------
@@ -137,6 +148,72 @@ async def main():
     return len(out), dt
 n, dt = run_async(main())
 print(json.dumps({"n": n, "wall_s": dt}), flush=True)
+'''
+
+ANATOMY = r'''
+import asyncio, glob, json, os, sys, time
+url, C, dur, client, server_pid = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+from stillhouse.distill.harvest import run_async
+
+def sched(pid):
+    """(CPU ns, run-queue wait ns) summed over the threads of pid (/proc/PID/task/*/schedstat)."""
+    cpu = wait = 0
+    for f in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+        try:
+            a, b, _ = open(f).read().split()
+        except (OSError, ValueError):
+            continue
+        cpu, wait = cpu + int(a), wait + int(b)
+    return cpu, wait
+
+async def main():
+    import aiohttp
+    from stillhouse.teacher.rawhttp import RawHTTPTransport
+    lats, lags, n, stop = [], [], 0, False
+    raw = RawHTTPTransport(max_connections=C)
+    hdr = {"Content-Type": "application/json"}
+    async def lagmon():
+        while not stop:
+            t = time.perf_counter()
+            await asyncio.sleep(0.001)
+            lags.append(time.perf_counter() - t - 0.001)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=C)) as s:
+        async def worker(k):
+            nonlocal n
+            i = k
+            while not stop:
+                body = {"model": "fake-model", "max_tokens": 16, "messages": [
+                    {"role": "user", "content": f"What is {10 + i // 1000} + {i % 1000}? Reply with just the number."}]}
+                t = time.perf_counter()
+                if client == "raw":
+                    _, _, b = await raw("POST", url + "/chat/completions", json.dumps(body).encode(), hdr, 60)
+                    json.loads(b)
+                else:
+                    async with s.post(url + "/chat/completions", json=body) as r:
+                        await r.json()
+                lats.append(time.perf_counter() - t)
+                n += 1
+                i += C
+        tasks = [asyncio.create_task(worker(k)) for k in range(C)] + [asyncio.create_task(lagmon())]
+        await asyncio.sleep(1.0)  # warm up: connections open, phases settle
+        lats.clear(); lags.clear(); n0 = n
+        c0, s0, t0 = sched(os.getpid()), sched(server_pid), time.perf_counter()
+        await asyncio.sleep(dur)
+        c1, s1, t1, n1 = sched(os.getpid()), sched(server_pid), time.perf_counter(), n
+        stop = True
+        await asyncio.gather(*tasks)
+    await raw.aclose()
+    done, wall = n1 - n0, t1 - t0
+    lats.sort(); lags.sort()
+    q = lambda a, p: round(a[int(p * (len(a) - 1))] * 1000, 2) if a else 0.0
+    return {"n": done, "wall_s": wall, "lat_p50_ms": q(lats, .5), "lat_p99_ms": q(lats, .99),
+            "lag_p50_ms": q(lags, .5), "lag_p99_ms": q(lags, .99),
+            "client_cpu_ms_per_req": round((c1[0] - c0[0]) / 1e6 / done, 4),
+            "server_cpu_ms_per_req": round((s1[0] - s0[0]) / 1e6 / done, 4),
+            "client_runq_ms_per_s": round((c1[1] - c0[1]) / 1e6 / wall, 1),
+            "server_runq_ms_per_s": round((s1[1] - s0[1]) / 1e6 / wall, 1)}
+print("READY", flush=True)
+print(json.dumps(run_async(main())), flush=True)
 '''
 
 OURS = r'''
@@ -433,7 +510,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     shutil.rmtree(code, ignore_errors=True)
     code.mkdir()
     for name, src in (("naive", NAIVE), ("bare", BARE), ("ours", OURS), ("curator", CURATOR),
-                      ("distilabel", DISTILABEL)):
+                      ("distilabel", DISTILABEL), ("anatomy", ANATOMY)):
         (code / f"child_{name}.py").write_text(src)  # not NAME.py: it would shadow the package
     peer_prompts = out / "prompts-peers.jsonl"
     write_prompts(peer_prompts, cfg.peers_n)
@@ -448,13 +525,13 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     model = "fake-model"
 
     if cfg.wants("server"):
-        console.print(f"[bold]server capacity[/bold] (L=0, C=256, trivial aiohttp client, N={cfg.capacity_n})")
+        console.print(f"[bold]server capacity[/bold] (L=0, C=256, the bare raw client, N={cfg.capacity_n})")
         for label, starter in (("server-raw", lambda: start_server(0.0, cfg.server_workers, out, "raw")),
                                ("server-aiohttp", lambda: start_server(0.0, cfg.server_workers, out, "aiohttp")),
                                ("server-starlette", lambda: start_starlette(out))):
             srv, url = starter()
             try:
-                m = run_child([py, str(code / "child_naive.py"), url, model, "256", str(small)], label, 256,
+                m = run_child([py, str(code / "child_bare.py"), url, model, "256", str(small)], label, 256,
                               server=srv)
                 m.extra["latency_ms"] = 0.0
                 results["rows"].append(m.__dict__)
@@ -462,6 +539,9 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                               f"{m.extra.get('server_cpu_ms_per_req', 0):.3f} CPU-ms/req  {m.error or ''}")
             finally:
                 stop_server(srv)
+
+    if cfg.wants("anatomy"):
+        run_anatomy(cfg, out, results, console)
 
     srv, url = start_server(cfg.latency_ms, cfg.server_workers, out, cfg.server_engine)
     try:
@@ -509,13 +589,44 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     return results
 
 
+def run_anatomy(cfg: BenchConfig, out: Path, results: dict[str, Any], console: Any, dur_s: float = 8.0) -> None:
+    """Where the time goes: each server engine x each client, per C, an 8 s closed loop after 1 s of warm-up.
+
+    Per cell: latency p50/p99 against L, event-loop lag of the client (a 1 ms sleep's overshoot),
+    CPU per request on each side and run-queue wait per second on each side (from
+    /proc/PID/task/*/schedstat: time runnable but not running, i.e. waiting for a core).
+    """
+    py = sys.executable
+    console.print(f"[bold]anatomy[/bold] (L={cfg.latency_ms:g} ms; {dur_s:g} s per cell)")
+    for engine in ENGINES:
+        srv, url = start_server(cfg.latency_ms, cfg.server_workers, out, engine)
+        try:
+            for c in cfg.concurrency:
+                limit = c / (cfg.latency_ms / 1000.0)
+                for client in ("aiohttp", "raw"):
+                    m = run_child([py, str(out / "children" / "child_anatomy.py"), url, str(c), str(dur_s), client,
+                                   str(srv.pid)], f"anatomy:{engine}-server/{client}-client", c)
+                    m.extra["limit"] = limit
+                    results["rows"].append(m.__dict__)
+                    e = m.extra
+                    console.print(f"  server {engine:7s} client {client:7s} C={c:<4d} {m.rate / limit:6.1%} of C/L  "
+                                  f"latency p50/p99 {e.get('lat_p50_ms', 0):.1f}/{e.get('lat_p99_ms', 0):.1f} ms  "
+                                  f"loop lag p50/p99 {e.get('lag_p50_ms', 0):.2f}/{e.get('lag_p99_ms', 0):.1f} ms  "
+                                  f"CPU-ms/req client {e.get('client_cpu_ms_per_req', 0):.3f} server "
+                                  f"{e.get('server_cpu_ms_per_req', 0):.3f}  run-queue wait ms/s client "
+                                  f"{e.get('client_runq_ms_per_s', 0):.0f} server {e.get('server_runq_ms_per_s', 0):.0f}  "
+                                  f"load {e['load_avg_start']:.1f} {m.error or ''}")
+        finally:
+            stop_server(srv)
+
+
 SERVER_LABELS = {"server-raw": "our fake, raw engine (asyncio.Protocol)",
                  "server-aiohttp": "our fake, aiohttp.web engine", "server-starlette": "plain uvicorn+starlette fake", "server": "our fake (aiohttp.web)"}
 
 
 def markdown_table(results: dict[str, Any], cfg: BenchConfig) -> str:
     """The results as the Markdown table docs/benchmarks.md carries."""
-    rows = [r for r in results["rows"] if not r["system"].startswith("server")]
+    rows = [r for r in results["rows"] if not r["system"].startswith(("server", "anatomy"))]
     lines = [("| C | system | N | req/s | % of C/L | % of C/L, request phase | vs best peer | client CPU-ms/req | "
               "server CPU-ms/req | RSS start → peak (MB) | load |"),
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -532,10 +643,24 @@ def markdown_table(results: dict[str, Any], cfg: BenchConfig) -> str:
             lines.append(f"| {c} | {r['system']}{err} | {r['n']:,} | {r['rate']:,.0f} | {r['rate'] / limit:.1%} | "
                          f"{rq / limit:.1%} | {vs} | {r['cpu_ms_per_req']:.3f} | {ex.get('server_cpu_ms_per_req', 0):.3f} | "
                          f"{r['rss_start_mb']:.0f} → {r['rss_peak_mb']:.0f} | {ex.get('load_avg_start', 0):.1f} |")
+    anatomy = [r for r in results["rows"] if r["system"].startswith("anatomy")]
+    if anatomy:
+        lines += ["", ("| server / client | C | % of C/L | latency p50 / p99 (ms) | client loop lag p50 / p99 (ms) | "
+                       "CPU-ms/req client / server | run-queue wait ms/s client / server | load |"),
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in anatomy:
+            e = r.get("extra", {})
+            lim = e.get("limit") or 1.0
+            lines.append(f"| {r['system'].split(':', 1)[1]} | {r['concurrency']} | {r['rate'] / lim:.1%} | "
+                         f"{e.get('lat_p50_ms', 0):.1f} / {e.get('lat_p99_ms', 0):.1f} | "
+                         f"{e.get('lag_p50_ms', 0):.2f} / {e.get('lag_p99_ms', 0):.1f} | "
+                         f"{e.get('client_cpu_ms_per_req', 0):.3f} / {e.get('server_cpu_ms_per_req', 0):.3f} | "
+                         f"{e.get('client_runq_ms_per_s', 0):.0f} / {e.get('server_runq_ms_per_s', 0):.0f} | "
+                         f"{e.get('load_avg_start', 0):.1f} |")
     server = [r for r in results["rows"] if r["system"].startswith("server")]
     if server:
         lines.append("")
-        lines.append("Fake server capacity (L=0, C=256, trivial aiohttp client): " + ", ".join(
+        lines.append("Fake server capacity (L=0, C=256, the bare raw client): " + ", ".join(
             f"{SERVER_LABELS.get(r['system'], r['system'])} {r['rate']:,.0f} req/s "
             f"({r.get('extra', {}).get('server_cpu_ms_per_req', 0):.3f} server CPU-ms/req)" for r in server) + ".")
     return "\n".join(lines)
