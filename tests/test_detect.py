@@ -24,7 +24,14 @@ from stillhouse.guard.detect.stats import (
     tail_surprisal,
     tail_surprisals,
 )
-from stillhouse.guard.detect.text import minhash, pair_hashes, shingle_hashes, word_hashes, words
+from stillhouse.guard.detect.text import (
+    minhash,
+    pair_hashes,
+    shingle_hashes,
+    text_word_hashes,
+    word_hashes,
+    words,
+)
 from stillhouse.guard.events import AccountInfo, TrafficRecord
 
 CFG = DetectConfig(max_tokens_limit=4096, cluster_every=50)
@@ -183,6 +190,15 @@ def test_anchored_phrase_search_equals_searching_every_phrase() -> None:
         assert (facts.cot, facts.weak, facts.fmt) == tuple(rq._any(p, text) for p in (rq.COT_STRONG, rq.COT_WEAK,
                                                                                         rq.FORMAT_ASK))
         assert facts.grader == (rq._any(rq.GRADER, text) or rq._SCALE.search(text) is not None)
+
+
+@pytest.mark.parametrize("text", ["Hello, World! 42x\tY_z\n\x0bq\x0c", "", "   ", "a-b.c/d\\e|f~g`h", "Ünïcode café İstanbul 3",
+                                  "tabs\tand\r\nnewlines", "MiXeD CaSe123abc"])
+def test_words_are_the_alphanumeric_runs(text: str) -> None:
+    import re
+
+    assert words(text) == re.findall(r"[a-z0-9]+", text.lower())
+    assert text_word_hashes(text).tolist() == word_hashes(words(text)).tolist()
 
 
 def test_word_and_shingle_hashes_shortcuts_are_exact() -> None:

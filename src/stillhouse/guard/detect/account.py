@@ -15,6 +15,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter, deque
+
+try:
+    from collections import _count_elements  # the C helper behind Counter.update(iterable)
+except ImportError:  # pragma: no cover - other Pythons
+    def _count_elements(mapping: dict, iterable) -> None:  # type: ignore[no-redef, type-arg, no-untyped-def]
+        for item in iterable:
+            mapping[item] = mapping.get(item, 0) + 1
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -138,8 +145,8 @@ class AccountState:
     def add(self, entry: Entry) -> None:
         self._apply(entry, +1.0)
         self.entries.append(entry)
-        self.shingle_counts.update(entry.shingles)
-        self.dup_counts.update(entry.dup_keys)
+        _count_elements(self.shingle_counts, entry.shingles)  # Counter.update without its Mapping check
+        _count_elements(self.dup_counts, entry.dup_keys)
         self.total_requests += 1
 
     def evict(self, now: float, window_s: float, max_requests: int) -> None:
@@ -179,12 +186,18 @@ def features(sums: np.ndarray, layout: Layout, prior: float, mu_ref: np.ndarray 
     For a cluster (``members`` > 1) volume and tokens are per member: a large legitimate
     organisation is many ordinary accounts, not one enormous one.
     """
+    return np.array(feature_values(sums, layout, prior, mu_ref, ref_sq, members), dtype=np.float64)
+
+
+def feature_values(sums: np.ndarray, layout: Layout, prior: float, mu_ref: np.ndarray | None,
+                   ref_sq: float, members: int = 1) -> list[float]:
+    """:func:`features` as a list of Python floats (the request path's form: no array round trip)."""
     lay = layout
     head = sums[: lay.EMB].tolist()  # the scalar slots as Python floats: the same IEEE arithmetic, less overhead
     n = head[lay.COUNT]
-    if n <= 0:
-        return np.zeros(len(FEATURES), dtype=np.float64)
     out: list[float] = [0.0] * len(FEATURES)
+    if n <= 0:
+        return out
     shrink = n + prior
     f = _F
     completion = head[lay.COMPLETION]
@@ -209,7 +222,7 @@ def features(sums: np.ndarray, layout: Layout, prior: float, mu_ref: np.ndarray 
     if mu_ref is not None:
         out[f["mmd"]] = mmd2_unbiased_from_sums(ni, sums[lay.phi: lay.phi_sq], float(sums[lay.phi_sq]), mu_ref,
                                                 ref_sq) * pair_shrink
-    return np.array(out, dtype=np.float64)
+    return [float(x) for x in out]
 
 
 _ENTROPY: dict[tuple[float, ...], float] = {}

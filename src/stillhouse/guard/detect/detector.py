@@ -39,7 +39,15 @@ from typing import Any
 
 import numpy as np
 
-from stillhouse.guard.detect.account import FAMILY_INDEX, FEATURES, AccountState, Entry, Layout, features
+from stillhouse.guard.detect.account import (
+    FAMILY_INDEX,
+    FEATURES,
+    AccountState,
+    Entry,
+    Layout,
+    feature_values,
+    features,
+)
 from stillhouse.guard.detect.config import DetectConfig
 from stillhouse.guard.detect.embed import Embedder, make_embedder
 from stillhouse.guard.detect.links import (
@@ -65,7 +73,7 @@ from stillhouse.guard.detect.text import (
     pair_hashes,
     shingle_hashes,
     stable_hash,
-    word_hashes,
+    text_word_hashes,
     words,
 )
 from stillhouse.guard.events import AccountInfo, TrafficRecord, Verdict
@@ -149,10 +157,9 @@ class WindowDetector:
         user = last_user_text(messages)
         system = system_text(messages)
         signals = request_signals(record, cfg, user, system)
-        user_tokens = words(user)
-        user_wh = word_hashes(user_tokens)
+        user_wh = text_word_hashes(user)
         user_pairs = pair_hashes(user_wh)  # shared by the shingles and the hashed embedding
-        user_sh = shingle_hashes(user_tokens, hashes=user_wh, pairs=user_pairs)
+        user_sh = shingle_hashes(None, hashes=user_wh, pairs=user_pairs)
         sys_sh, sys_key = self._system_parts(system) if system else (user_sh[:0], None)
         prompt_sh = np.concatenate([sys_sh, user_sh]) if sys_sh.size else user_sh
         keep = prompt_sh if cfg.shingle_sample == 1 else prompt_sh[prompt_sh % np.uint32(cfg.shingle_sample) == 0]
@@ -164,7 +171,7 @@ class WindowDetector:
         dup_counts = st.dup_counts
         dup = 1.0 if any(map(dup_counts.__contains__, dup_keys)) else 0.0
 
-        emb = self.embedder_.embed(user, user_tokens, hashes=user_wh, pairs=user_pairs).astype(np.float16)
+        emb = self.embedder_.embed(user, hashes=user_wh, pairs=user_pairs).astype(np.float16)
         emb32 = emb.astype(np.float32)
         if self.rff_w_ is not None and self.rff_b_ is not None:
             phi = rff(emb32, self.rff_w_, self.rff_b_).astype(np.float16)
@@ -205,7 +212,8 @@ class WindowDetector:
         links.count_request(aid, record.ts)
 
         self.n_observed_ += 1
-        self.own_[aid] = self._score(features(st.sums, lay, cfg.rate_prior_weight, self.mu_ref_, self.ref_sq_))
+        self.own_[aid] = self._score(feature_values(st.sums, lay, cfg.rate_prior_weight, self.mu_ref_,
+                                                    self.ref_sq_)) if self.tables_ is not None else (0.0, [])
         if self.n_observed_ % cfg.cluster_every == 0:
             self.refresh_clusters()
         self._track(aid)
@@ -221,15 +229,18 @@ class WindowDetector:
             hit = self._system_cache[system] = (shingle_hashes(words(system)), key)
         return hit
 
-    def _score(self, f: np.ndarray) -> tuple[float, list[tuple[str, float]]]:
+    def _score(self, f: np.ndarray | list[float]) -> tuple[float, list[tuple[str, float]]]:
         if self.tables_ is None:
             return 0.0, []
         tails = self._tails
         if tails is None or tails.source[0] is not self.tables_ or tails.source[1] is not self.tail_scales_:
             tails = self._tails = TailTables(self.tables_, self.tail_scales_)
-        s = tails.surprisals(f)
-        order = np.argsort(-s, kind="stable")[: self.config.top_signals].tolist()  # as combine_top
-        values = s.tolist()
+        values = tails.surprisal_list(f.tolist() if isinstance(f, np.ndarray) else f)
+        k = self.config.top_signals
+        if all(v == v for v in values):  # largest first, ties in feature order: combine_top's stable argsort
+            order = sorted(range(len(values)), key=values.__getitem__, reverse=True)[:k]
+        else:
+            order = np.argsort(-np.array(values), kind="stable")[:k].tolist()
         return combine_families(values, FAMILY_INDEX), [(FEATURES[i], round(values[i], 4)) for i in order
                                                         if values[i] > 0]
 

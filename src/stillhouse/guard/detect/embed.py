@@ -44,18 +44,16 @@ class HashEmbedder:
 
     def embed(self, text: str, tokens: list[str] | None = None, hashes: np.ndarray | None = None,
               pairs: np.ndarray | None = None) -> np.ndarray:
-        tokens = words(text) if tokens is None else tokens
-        if not tokens:
+        wh = word_hashes(words(text) if tokens is None else tokens) if hashes is None else hashes
+        if not wh.size:
             vec = np.zeros(self.dim, dtype=np.float32)
             vec[0] = 1.0
             return vec
-        wh = word_hashes(tokens) if hashes is None else hashes
         feats = np.concatenate([wh, pair_hashes(wh) if pairs is None else pairs])
         signs = np.where(feats & np.uint32(1 << 31), -1.0, 1.0)
         # Sums of +-1 are small integers, exact in float64 and float32 alike, so bincount (one C pass)
         # gives the same vector as accumulating in float32 one element at a time.
-        vec = np.bincount((feats % np.uint32(self.dim)).astype(np.intp), weights=signs,
-                          minlength=self.dim).astype(np.float32)
+        vec = np.bincount(feats % np.uint32(self.dim), weights=signs, minlength=self.dim).astype(np.float32)
         norm = float(np.sqrt(vec.dot(vec)))  # what np.linalg.norm computes for a 1-d array
         if norm == 0.0:
             vec[0] = 1.0

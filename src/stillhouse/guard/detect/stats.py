@@ -88,20 +88,31 @@ class TailTables:
         scales_or_none = self.scales if self.scales is not None else [None] * len(self.cols)
         self.columns = list(zip(self.cols, self.distinct, self.surprisal, self.sizes, self.last, scales_or_none,
                                 self.nan))
+        self.memo: list[dict[float, float]] = [{} for _ in self.cols]
 
     def surprisals(self, values: np.ndarray) -> np.ndarray:
+        return np.array(self.surprisal_list(np.asarray(values, dtype=np.float64).tolist()), dtype=np.float64)
+
+    def surprisal_list(self, values: list[float]) -> list[float]:
+        """:meth:`surprisals` of Python floats, as a list. Memoized per feature on the value: rates
+        and counts repeat across requests and accounts, and a value's surprisal never changes."""
         out = []
-        for (col, distinct, surprisal, n, last, scale, nan), value in zip(
-                self.columns, np.asarray(values, dtype=np.float64).tolist()):
-            if nan or value != value:
-                below = int(col.searchsorted(value, side="left"))
-                s = float(-np.log((1 + (n - below)) / (n + 1)))
-            else:
-                s = surprisal[bisect_left(distinct, value)]
-            if scale is not None and last is not None and value > last:
-                s += min((value - last) / scale, EXTRA_CAP)
+        for (col, distinct, surprisal, n, last, scale, nan), memo, value in zip(self.columns, self.memo, values):
+            s = memo.get(value)
+            if s is None:
+                if nan or value != value:
+                    below = int(col.searchsorted(value, side="left"))
+                    s = float(-np.log((1 + (n - below)) / (n + 1)))
+                else:
+                    s = surprisal[bisect_left(distinct, value)]
+                if scale is not None and last is not None and value > last:
+                    s += min((value - last) / scale, EXTRA_CAP)
+                if value == value:
+                    if len(memo) >= 50_000:
+                        memo.clear()
+                    memo[value] = s
             out.append(s)
-        return np.array(out, dtype=np.float64)
+        return out
 
 
 def combine_top(surprisals: np.ndarray, k: int) -> tuple[float, np.ndarray]:

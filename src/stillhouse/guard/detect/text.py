@@ -27,9 +27,29 @@ def stable_hash(text: str) -> int:
     return zlib.crc32(text.encode("utf-8", "replace"))
 
 
+_SPACE_OUT = bytes(c if 48 <= c <= 57 or 97 <= c <= 122 else 32 for c in range(256))
+
+
 def words(text: str) -> list[str]:
-    """Lower-cased alphanumeric words (numbers kept: they are the variable part of many templates)."""
-    return _WORD.findall(text.lower())
+    """Lower-cased alphanumeric words (numbers kept: they are the variable part of many templates).
+
+    The maximal runs of ``[a-z0-9]``; for ASCII text (nearly all prompts) found by mapping every
+    other byte to a space and splitting, which is twice as fast as the regex and gives the same list.
+    """
+    low = text.lower()
+    if low.isascii():
+        return low.encode("ascii").translate(_SPACE_OUT).decode("ascii").split()
+    return _WORD.findall(low)
+
+
+def text_word_hashes(text: str) -> np.ndarray:
+    """``word_hashes(words(text))``: for ASCII text straight from the bytes (crc32 of each run of
+    ``[a-z0-9]`` bytes is crc32 of the word's UTF-8), without building the words as strings."""
+    low = text.lower()
+    if low.isascii():
+        tokens = low.encode("ascii").translate(_SPACE_OUT).split()
+        return np.fromiter(map(zlib.crc32, tokens), dtype=np.uint32, count=len(tokens))
+    return word_hashes(_WORD.findall(low))
 
 
 _WORD_CACHE: dict[str, int] = {}
@@ -77,19 +97,22 @@ def pair_hashes(hashes: np.ndarray) -> np.ndarray:
     return combine(hashes[:-1], hashes[1:])
 
 
-def shingle_hashes(tokens: list[str], k: int = 3, hashes: np.ndarray | None = None,
+def shingle_hashes(tokens: list[str] | None, k: int = 3, hashes: np.ndarray | None = None,
                    pairs: np.ndarray | None = None) -> np.ndarray:
     """32-bit hashes of each k-word shingle (one hash of the whole text when it is shorter than k).
 
-    ``hashes``: the tokens' :func:`word_hashes`, ``pairs``: their :func:`pair_hashes`, when the
-    caller already has them.
+    ``hashes``: the tokens' :func:`word_hashes` (then ``tokens`` may be None), ``pairs``: their
+    :func:`pair_hashes`, when the caller already has them.
     """
-    if not tokens:
+    if hashes is None:
+        hashes = word_hashes(tokens or [])
+    wh = hashes
+    count = wh.size
+    if not count:
         return np.zeros(0, dtype=np.uint32)
-    wh = word_hashes(tokens) if hashes is None else hashes
-    if len(tokens) < k:
-        return combine(*[wh[i:i + 1] for i in range(len(tokens))])
-    n = len(tokens) - k + 1
+    if count < k:
+        return combine(*[wh[i:i + 1] for i in range(count)])
+    n = count - k + 1
     if k == 3 and pairs is not None:
         return combine(pairs[:n], wh[2:2 + n], start=1)
     return combine(*[wh[i:i + n] for i in range(k)])
@@ -108,13 +131,17 @@ def _permuted(hashes: np.ndarray, num_perm: int, seed: int) -> np.ndarray:
     """The permuted hash matrix (len(hashes) x num_perm) of datasketch's affine32 scheme."""
     a, b = permutations(num_perm, seed)
     s1, m1, s2, m2, s3 = _FMIX
-    hv = hashes.astype(np.uint32).reshape(-1, 1)  # uint32 arrays wrap silently on overflow
-    hv ^= hv >> s1
-    hv *= m1
+    hv = hashes.reshape(-1, 1)
+    if hv.dtype != np.uint32:
+        hv = hv.astype(np.uint32)
+    hv = hv ^ (hv >> s1)  # a new array: the in-place steps below leave the caller's hashes alone
+    hv *= m1  # uint32 arrays wrap silently on overflow
     hv ^= hv >> s2
     hv *= m2
     hv ^= hv >> s3
-    return hv * a + b
+    hv = hv * a
+    hv += b
+    return hv
 
 
 def minhash(hashes: np.ndarray, num_perm: int, seed: int) -> np.ndarray:
@@ -129,7 +156,8 @@ def band_keys(signature: np.ndarray, bands: int, salt: str = "") -> tuple[int, .
     rows = signature.size // bands
     raw = signature.tobytes()
     width = rows * signature.itemsize
-    return tuple(zlib.crc32(raw[i * width:(i + 1) * width], _SALTS[salt] + i) for i in range(bands))
+    return tuple(map(zlib.crc32, [raw[i:i + width] for i in range(0, bands * width, width)],
+                     range(_SALTS[salt], _SALTS[salt] + bands)))
 
 
 _SALTS = {"h": 1000, "t": 2000, "f": 3000}
