@@ -31,6 +31,7 @@ Run: ``stillhouse detect --help``.
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -198,9 +199,11 @@ class WindowDetector:
         st.last_ts = record.ts if st.last_ts is None else max(st.last_ts, record.ts)
 
         links = self.links_
-        for h in sampled:
-            if counts.get(h, 0) == TEMPLATE_REPEATS:
-                links.add("template", h, aid)
+        now = list(map(counts.__getitem__, sampled))  # every sampled shingle is counted by now
+        if TEMPLATE_REPEATS in now:  # a shingle this account has now sent exactly TEMPLATE_REPEATS times
+            for h, c in zip(sampled, now):
+                if c == TEMPLATE_REPEATS:
+                    links.add("template", h, aid)
         if record.client_ip:
             links.add("ip", record.client_ip, aid)
             links.add("subnet", subnet_of(record.client_ip), aid)
@@ -237,7 +240,7 @@ class WindowDetector:
             tails = self._tails = TailTables(self.tables_, self.tail_scales_)
         values = tails.surprisal_list(f.tolist() if isinstance(f, np.ndarray) else f)
         k = self.config.top_signals
-        if all(v == v for v in values):  # largest first, ties in feature order: combine_top's stable argsort
+        if not any(map(math.isnan, values)):  # largest first, ties in feature order: combine_top's stable argsort
             order = sorted(range(len(values)), key=values.__getitem__, reverse=True)[:k]
         else:
             order = np.argsort(-np.array(values), kind="stable")[:k].tolist()

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left
+from functools import lru_cache
+from operator import itemgetter
 
 import numpy as np
 
@@ -96,23 +98,28 @@ class TailTables:
     def surprisal_list(self, values: list[float]) -> list[float]:
         """:meth:`surprisals` of Python floats, as a list. Memoized per feature on the value: rates
         and counts repeat across requests and accounts, and a value's surprisal never changes."""
-        out = []
-        for (col, distinct, surprisal, n, last, scale, nan), memo, value in zip(self.columns, self.memo, values):
-            s = memo.get(value)
-            if s is None:
-                if nan or value != value:
-                    below = int(col.searchsorted(value, side="left"))
-                    s = float(-np.log((1 + (n - below)) / (n + 1)))
-                else:
-                    s = surprisal[bisect_left(distinct, value)]
-                if scale is not None and last is not None and value > last:
-                    s += min((value - last) / scale, EXTRA_CAP)
-                if value == value:
-                    if len(memo) >= 50_000:
-                        memo.clear()
-                    memo[value] = s
-            out.append(s)
+        out = list(map(dict.get, self.memo, values))
+        if None in out:
+            for j, s in enumerate(out):
+                if s is None:
+                    out[j] = self._surprisal(j, values[j])
         return out
+
+    def _surprisal(self, j: int, value: float) -> float:
+        col, distinct, surprisal, n, last, scale, nan = self.columns[j]
+        if nan or value != value:
+            below = int(col.searchsorted(value, side="left"))
+            s = float(-np.log((1 + (n - below)) / (n + 1)))
+        else:
+            s = surprisal[bisect_left(distinct, value)]
+        if scale is not None and last is not None and value > last:
+            s += min((value - last) / scale, EXTRA_CAP)
+        if value == value:  # NaN is never found again: not worth keeping
+            memo = self.memo[j]
+            if len(memo) >= 50_000:
+                memo.clear()
+            memo[value] = s
+        return s
 
 
 def combine_top(surprisals: np.ndarray, k: int) -> tuple[float, np.ndarray]:
@@ -125,7 +132,14 @@ def combine_top(surprisals: np.ndarray, k: int) -> tuple[float, np.ndarray]:
 def combine_families(surprisals: np.ndarray | list[float], families: tuple[tuple[int, ...], ...]) -> float:
     """Sum over families of the largest surprisal among each family's members."""
     s = surprisals.tolist() if isinstance(surprisals, np.ndarray) else surprisals
-    return float(sum(max([s[i] for i in members]) for members in families))
+    return float(sum(max(_getter(members)(s)) for members in families))
+
+
+@lru_cache(maxsize=256)
+def _getter(members: tuple[int, ...]):  # type: ignore[no-untyped-def]
+    """A C-level picker of ``members`` from a sequence, always returning a tuple."""
+    pick = itemgetter(*members)
+    return pick if len(members) > 1 else (lambda seq: (pick(seq),))
 
 
 def rff_params(dim: int, features: int, gamma: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
