@@ -197,6 +197,11 @@ async def _scripted_server(answers):
             if ans is None:
                 break
             pieces = ans if isinstance(ans, list) else [ans]
+            if pieces[-1] is None:  # answer, then hang up without having said so
+                for piece in pieces[:-1]:
+                    writer.write(piece)
+                await writer.drain()
+                break
             for piece in pieces:
                 writer.write(piece)
                 await writer.drain()
@@ -246,6 +251,24 @@ async def test_raw_client_framings_and_failures():
         finally:
             await t.aclose()
             srv.close()
+
+
+async def test_raw_client_drops_a_keep_alive_connection_the_server_closed():
+    import asyncio
+
+    from stillhouse.teacher.rawhttp import RawHTTPTransport
+
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+    srv, port, count = await _scripted_server([[ok, None]])
+    t = RawHTTPTransport(max_connections=1)
+    try:
+        for _ in range(3):
+            assert await t("POST", f"http://127.0.0.1:{port}/", b"{}", {}, 5) == (200, {}, b"{}")
+            await asyncio.sleep(0.05)  # the hang-up arrives while the connection idles in the pool
+        assert count[0] == 3 and t.open_connections == 0
+    finally:
+        await t.aclose()
+        srv.close()
 
 
 async def test_raw_client_limit_reuse_and_timeout():

@@ -238,6 +238,12 @@ class RawHTTPTransport:
 
     @property
     def open_connections(self) -> int:
+        """Connections open now (idle ones the server has closed are dropped first)."""
+        for conns in self._idle.values():
+            dead = [c for c in conns if c.lost]
+            for c in dead:
+                conns.remove(c)
+                self._open -= 1
         return self._open
 
     def _split(self, url: str) -> tuple[str, int, bytes]:
@@ -272,10 +278,10 @@ class RawHTTPTransport:
         hdr = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         if body is not None:
             hdr += f"Content-Length: {len(body)}\r\n"
-        conn.transport.write(b"".join((method.encode("latin-1"), prefix, hdr.encode("latin-1"), b"\r\n",
-                                       body or b"")))
         timer = loop.call_at(deadline, _expire, fut, method, url, timeout_s)
         try:
+            conn.transport.write(b"".join((method.encode("latin-1"), prefix, hdr.encode("latin-1"), b"\r\n",
+                                           body or b"")))
             result = await fut
         except BaseException:
             conn.keep_alive = False
