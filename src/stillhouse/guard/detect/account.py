@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - other Pythons
         for item in iterable:
             mapping[item] = mapping.get(item, 0) + 1
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -201,7 +201,7 @@ def feature_values(sums: np.ndarray, layout: Layout, prior: float, mu_ref: np.nd
     shrink = n + prior
     f = _F
     completion = head[lay.COMPLETION]
-    out[f["volume"]] = np.log1p(n / members)
+    out[f["volume"]] = _log1p_count(n / members)
     out[f["tokens"]] = np.log1p(max(completion, 0.0) / members)
     for j, name in enumerate(REQUEST_SIGNALS):
         out[f[name]] = head[lay.SIGNALS + j] / shrink
@@ -241,3 +241,9 @@ def _hour_entropy(hours: list[float]) -> float:
             _ENTROPY.clear()
         value = _ENTROPY[key] = normalized_entropy(np.array(key, dtype=np.float64), bins=len(hours))
     return value
+
+
+@lru_cache(maxsize=65536)
+def _log1p_count(x: float) -> float:
+    """np.log1p of a request count (per member), memoized: counts repeat."""
+    return float(np.log1p(x))

@@ -152,7 +152,12 @@ def rff_params(dim: int, features: int, gamma: float, seed: int) -> tuple[np.nda
 
 def rff(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Random Fourier features of one vector (or rows of a matrix)."""
-    return (np.sqrt(2.0 / w.shape[0]) * np.cos(x @ w.T + b)).astype(np.float32)
+    return (_rff_scale(w.shape[0]) * np.cos(x @ w.T + b)).astype(np.float32)
+
+
+@lru_cache(maxsize=64)
+def _rff_scale(features: int) -> np.float64:
+    return np.sqrt(2.0 / features)
 
 
 def mmd2_unbiased_from_sums(n: int, sum_phi: np.ndarray, sum_sq: float, mu_ref: np.ndarray,
