@@ -122,36 +122,41 @@ _ANCHORS = ("reason", "think", "step", "chain", "deriv", "verbatim", "show", "ru
             "score", "rate the", "judge", "evaluat", "better", "preferen", "format", "json")
 
 
-def _index(phrases: tuple[str, ...]) -> tuple[tuple[tuple[str, tuple[str, ...]], ...], tuple[str, ...]]:
-    """(anchor -> its phrases, phrases without an anchor) for :func:`_any_indexed`."""
-    groups: dict[str, list[str]] = {}
+def _index(phrases: tuple[str, ...]) -> tuple[tuple[tuple[int, tuple[str, ...]], ...], tuple[str, ...]]:
+    """((anchor position in ``_ANCHORS``, its phrases), ...), phrases without an anchor)."""
+    groups: dict[int, list[str]] = {}
     rest: list[str] = []
     for phrase in phrases:
-        anchor = next((a for a in _ANCHORS if a in phrase), None)
+        anchor = next((i for i, a in enumerate(_ANCHORS) if a in phrase), None)
         if anchor is None:
             rest.append(phrase)
         else:
             groups.setdefault(anchor, []).append(phrase)
-    return tuple((a, tuple(g)) for a, g in groups.items()), tuple(rest)
+    return tuple((i, tuple(g)) for i, g in groups.items()), tuple(rest)
 
 
 _COT_STRONG, _COT_WEAK, _GRADER, _FORMAT_ASK = (_index(p) for p in (COT_STRONG, COT_WEAK, GRADER, FORMAT_ASK))
 
 
-def _any_indexed(index: tuple[tuple[tuple[str, tuple[str, ...]], ...], tuple[str, ...]], text: str,
-                 present: set[str]) -> bool:
-    """``_any(phrases, text)`` for an :func:`_index` of the phrases, given the anchors present in text."""
+def _any_indexed(index: tuple[tuple[tuple[int, tuple[str, ...]], ...], tuple[str, ...]], text: str,
+                 present: list[bool]) -> bool:
+    """``_any(phrases, text)`` for an :func:`_index` of the phrases, given which anchors are in text."""
     groups, rest = index
     for anchor, phrases in groups:
-        if anchor in present and _any(phrases, text):
+        if present[anchor] and _any(phrases, text):
             return True
-    return _any(rest, text)
+    return _any(rest, text) if rest else False
 
 
 def _text_facts(low: str) -> _Facts:
-    present = {a for a in _ANCHORS if a in low}
+    present = list(map(low.__contains__, _ANCHORS))
+    grader_scale = "scale" in low and _SCALE.search(low) is not None
+    if True not in present:  # most prompts: no anchor, so no phrase (unless one has no anchor)
+        return _Facts(low=low, cot=_any(_COT_STRONG[1], low), weak=_any(_COT_WEAK[1], low),
+                      grader=_any(_GRADER[1], low) or grader_scale, fmt=_any(_FORMAT_ASK[1], low),
+                      colon=":" in low)
     return _Facts(low=low, cot=_any_indexed(_COT_STRONG, low, present), weak=_any_indexed(_COT_WEAK, low, present),
-                  grader=_any_indexed(_GRADER, low, present) or ("scale" in low and _SCALE.search(low) is not None),
+                  grader=_any_indexed(_GRADER, low, present) or grader_scale,
                   fmt=_any_indexed(_FORMAT_ASK, low, present), colon=":" in low)
 
 
