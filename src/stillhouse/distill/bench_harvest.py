@@ -410,6 +410,9 @@ def run_child(argv: list[str], system: str, concurrency: int, env: dict[str, str
         early = [r for t, r in rss_series if t - t0 <= max(1.0, 0.1 * m.wall_s)]
         m.rss_start_mb = max(early) if early else rss_series[0][1]
         m.rss_peak_mb = max(r for _, r in rss_series)
+        span = rss_series[-1][0] - t0
+        m.extra["rss_quartiles_mb"] = [round(next((r for t, r in rss_series if t - t0 >= q * span),
+                                                  rss_series[-1][1])) for q in (0.25, 0.5, 0.75, 1.0)]
     return m
 
 

@@ -33,9 +33,11 @@ those records can never succeed. Kinds:
     empty      200 with ``"choices": []``
     drop       the connection is closed without an answer
 
-The foreground server runs on uvloop when it is installed (STILLHOUSE_LOOP=asyncio forces
-asyncio's loop). Why aiohttp.web and not uvicorn+starlette: on this machine, with no uvloop/httptools,
-measured with ``stillhouse bench harvest --only server`` (see docs/benchmarks.md).
+Engines (``--engine``): ``aiohttp`` (default; everything above) and ``raw``, a bare
+asyncio.Protocol HTTP/1.1 keep-alive responder for throughput benchmarks (no faults, no
+streaming): about a third of aiohttp.web's server CPU per request, and 3x its capacity, measured
+with ``stillhouse bench harvest --only server`` (docs/benchmarks.md). The foreground server runs
+on uvloop when it is installed (STILLHOUSE_LOOP=asyncio forces asyncio's loop).
 """
 
 from __future__ import annotations
