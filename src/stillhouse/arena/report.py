@@ -54,6 +54,8 @@ def plot_leak(path: Path, result: RunResult, planned: dict[str, int]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.set_prop_cycle(color=[plt.get_cmap("tab20")(i / 20) for i in range(0, 20, 2)] +
+                      [plt.get_cmap("tab20")(i / 20) for i in range(1, 20, 2)])  # 20 distinct colours
     t0 = min((pts[0][0] for pts in result.leak_curve.values() if pts), default=0.0)
     for cid, pts in sorted(result.leak_curve.items()):
         if not pts or not planned.get(cid):
@@ -75,6 +77,7 @@ def plot_leak(path: Path, result: RunResult, planned: dict[str, int]) -> None:
 def plot_fractions(path: Path, fractions: dict[str, dict[str, Any]]) -> None:
     """TPR (with Wilson intervals) against the attacker fraction, one line per tier."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -90,6 +93,7 @@ def plot_fractions(path: Path, fractions: dict[str, dict[str, Any]]) -> None:
         ax.errorbar(xs, ys, yerr=np.maximum(err, 0), marker=marker, capsize=3, label=f"{tier} threshold")
     ax.set_xscale("log")
     ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("attacker fraction of the account's requests")
     ax.set_ylabel(f"campaign TPR (n={rows[0]['accounts'] if rows else 0} accounts each)")

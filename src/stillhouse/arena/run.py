@@ -260,6 +260,7 @@ def run_arena(cfg: ArenaConfig, out_dir: str | Path, progress: Any = None,
         "requests": {"calibration": len(calib_turns), "evaluation": result.requests},
         "timings_s": timings,
         "capability_leaked": cap_metrics,
+        "leak_curve": result.leak_curve,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     write_report(out, metrics, result, thresholds)
