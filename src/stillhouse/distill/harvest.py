@@ -374,41 +374,25 @@ class Harvester:
         self._timeout_here = parse_spec(config.teacher).kind != "http"  # HTTP teachers time out themselves
         self._chat_json = getattr(teacher, "chat_json", None) if not self._timeout_here else None
 
-    def _per_sample(self) -> list[tuple[SamplingParams, dict[str, Any], str]]:
-        out = []
-        for i in range(self.config.samples):
-            p = self.config.params(i)
-            d = json.loads(canonical_json(asdict(p)))
-            out.append((p, d, canonical_json(d)))
-        return out
-
     def work(self) -> list[_Work]:
         """Every (prompt, sample) whose key is not ok in the store yet."""
+        cfg = self.config
         done = self.store.keys("ok")
+        per_sample = []
+        for i in range(cfg.samples):
+            p = cfg.params(i)
+            d = json.loads(canonical_json(asdict(p)))
+            per_sample.append((p, d, canonical_json(d)))
         todo = []
-        for w in self._iter_work(self._per_sample()):
-            if w.key in done:
-                self.stats.skipped += 1
-            else:
-                todo.append(w)
+        for prompt in self.prompts.prompts:
+            for i, (p, d, pj) in enumerate(per_sample):
+                key = record_key_from_json(prompt.messages_json, self.teacher_id, pj, i)
+                if key in done:
+                    self.stats.skipped += 1
+                else:
+                    todo.append(_Work(prompt, i, key, p, pj, d))
         self.stats.total = len(todo)
         return todo
-
-    def _iter_work(self, per_sample: list[tuple[SamplingParams, dict[str, Any], str]]) -> Iterator[_Work]:
-        tid = self.teacher_id
-        for prompt in self.prompts.prompts:
-            mj = prompt.messages_json
-            for i, (p, d, pj) in enumerate(per_sample):
-                yield _Work(prompt, i, record_key_from_json(mj, tid, pj, i), p, pj, d)
-
-    def _plan(self) -> Iterator[_Work]:
-        """The work of this run. Into an empty store nothing can be skipped, so keys are computed as
-        the workers go (the first request starts at once); otherwise the finished keys are read and
-        skipped up front (so the progress total is exact)."""
-        if self.store.counts().get("ok", 0):
-            return iter(self.work())
-        self.stats.total = len(self.prompts.prompts) * self.config.samples
-        return self._iter_work(self._per_sample())
 
     def _cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         c = self.config
@@ -518,11 +502,12 @@ class Harvester:
         was_enabled = gc.isenabled()
         gc.disable()
         try:
-            it = self._plan()
+            todo = self.work()
         finally:
             if was_enabled:
                 gc.enable()
         gc.freeze()
+        it: Iterator[_Work] = iter(todo)
 
         async def worker() -> None:
             for w in it:
@@ -539,7 +524,7 @@ class Harvester:
                 if self.on_progress is not None:
                     self.on_progress(self.stats)
 
-        n = min(self.config.effective_concurrency(), max(1, self.stats.total))
+        n = min(self.config.effective_concurrency(), max(1, len(todo)))
         self._writer = _Writer(self.store)
         flush_task = asyncio.create_task(flusher())
         workers = [asyncio.create_task(worker()) for _ in range(n)]
