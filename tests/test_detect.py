@@ -203,7 +203,7 @@ def test_words_are_the_alphanumeric_runs(text: str) -> None:
 
 def test_word_and_shingle_hashes_shortcuts_are_exact() -> None:
     text = "the quick brown fox jumps over the lazy dog, brand-new words: zyxwv qwerty 42"
-    for n in range(0, 12):
+    for n in range(12):
         tokens = words(text)[:n]
         wh = word_hashes(tokens)
         assert wh.tolist() == [zlib.crc32(w.encode()) for w in tokens]

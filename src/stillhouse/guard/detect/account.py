@@ -17,7 +17,7 @@ import math
 from collections import Counter, deque
 
 try:
-    from collections import _count_elements  # the C helper behind Counter.update(iterable)
+    from collections import _count_elements  # type: ignore[attr-defined]  # the C helper behind Counter.update
 except ImportError:  # pragma: no cover - other Pythons
     def _count_elements(mapping: dict, iterable) -> None:  # type: ignore[no-redef, type-arg, no-untyped-def]
         for item in iterable:

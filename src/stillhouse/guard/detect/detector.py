@@ -34,7 +34,7 @@ import json
 import math
 import zlib
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +132,7 @@ class WindowDetector:
         self.own_: dict[str, tuple[float, list[tuple[str, float]]]] = {}
         self.max_score_: dict[str, float] = defaultdict(float)
         self.n_observed_ = 0
-        self.on_refresh = None  # optional callback(detector) after each cluster refresh
+        self.on_refresh: Callable[[WindowDetector], None] | None = None  # called after each cluster refresh
 
     # --------------------------------------------------------------- observe
     def observe(self, record: TrafficRecord, account: AccountInfo | None = None) -> None:
@@ -413,8 +413,9 @@ class WindowDetector:
                 "embedder_dim": self.embedder_.dim}
         atomic_write_text(d / "detector.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
         tables = self.tables_ or []
-        np.savez(d / "detector.npz", centroids=self.centroids_, rff_w=self.rff_w_, rff_b=self.rff_b_,
-                 mu_ref=self.mu_ref_, **{f"table_{i}": t for i, t in enumerate(tables)})
+        arrays: dict[str, Any] = {"centroids": self.centroids_, "rff_w": self.rff_w_, "rff_b": self.rff_b_,
+                                  "mu_ref": self.mu_ref_, **{f"table_{i}": t for i, t in enumerate(tables)}}
+        np.savez(d / "detector.npz", **arrays)
         return d
 
     @classmethod

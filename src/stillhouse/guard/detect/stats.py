@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import math
 from array import array
 from bisect import bisect_left
 from functools import lru_cache
@@ -98,23 +99,23 @@ class TailTables:
     def surprisal_list(self, values: list[float]) -> list[float]:
         """:meth:`surprisals` of Python floats, as a list. Memoized per feature on the value: rates
         and counts repeat across requests and accounts, and a value's surprisal never changes."""
-        out = list(map(dict.get, self.memo, values))
+        out: list[float | None] = list(map(dict.get, self.memo, values))
         if None in out:
             for j, s in enumerate(out):
                 if s is None:
                     out[j] = self._surprisal(j, values[j])
-        return out
+        return out  # type: ignore[return-value]  # no None left
 
     def _surprisal(self, j: int, value: float) -> float:
         col, distinct, surprisal, n, last, scale, nan = self.columns[j]
-        if nan or value != value:
+        if nan or math.isnan(value):
             below = int(col.searchsorted(value, side="left"))
             s = float(-np.log((1 + (n - below)) / (n + 1)))
         else:
             s = surprisal[bisect_left(distinct, value)]
         if scale is not None and last is not None and value > last:
             s += min((value - last) / scale, EXTRA_CAP)
-        if value == value:  # NaN is never found again: not worth keeping
+        if not math.isnan(value):  # NaN is never found again: not worth keeping
             memo = self.memo[j]
             if len(memo) >= 50_000:
                 memo.clear()
