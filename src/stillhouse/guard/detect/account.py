@@ -15,6 +15,17 @@ from __future__ import annotations
 
 import math
 from collections import Counter, deque
+from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
+
+import numpy as np
+
+from stillhouse.guard.detect.requests import REQUEST_SIGNALS
+from stillhouse.guard.detect.stats import (
+    log_int,
+    mean_pair_cosine,
+    mmd2_unbiased_from_sums,
+)
 
 try:
     from collections import _count_elements  # type: ignore[attr-defined]  # the C helper behind Counter.update
@@ -22,13 +33,7 @@ except ImportError:  # pragma: no cover - other Pythons
     def _count_elements(mapping: dict, iterable) -> None:  # type: ignore[no-redef, type-arg, no-untyped-def]
         for item in iterable:
             mapping[item] = mapping.get(item, 0) + 1
-from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
 
-import numpy as np
-
-from stillhouse.guard.detect.requests import REQUEST_SIGNALS
-from stillhouse.guard.detect.stats import mean_pair_cosine, mmd2_unbiased_from_sums, normalized_entropy
 
 FEATURES = ("volume", "tokens", "cot", "step_by_step", "grader", "persona", "max_tokens", "multi", "labelled",
             "first_turn",
@@ -202,7 +207,7 @@ def feature_values(sums: np.ndarray, layout: Layout, prior: float, mu_ref: np.nd
     f = _F
     completion = head[lay.COMPLETION]
     out[f["volume"]] = _log1p_count(n / members)
-    out[f["tokens"]] = np.log1p(max(completion, 0.0) / members)
+    out[f["tokens"]] = _log1p_count(max(completion, 0.0) / members)
     for j, name in enumerate(REQUEST_SIGNALS):
         out[f[name]] = head[lay.SIGNALS + j] / shrink
     out[f["template"]] = head[lay.TEMPLATE] / shrink
@@ -232,18 +237,25 @@ def _hour_entropy(hours: list[float]) -> float:
     """``normalized_entropy(np.maximum(hours, 0))``, memoized on the nonzero counts in hour order.
 
     The entropy depends only on those (in that order: numpy's summation order), and accounts of
-    ordinary volume repeat a few small histograms, so most requests hit the memo.
+    ordinary volume repeat a few small histograms, so many requests hit the memo. On a miss it is
+    the same numpy expression on the nonzero counts; their total is exact in any order, because
+    hour bins hold whole request counts.
     """
     key = tuple([h for h in hours if h > 0])
     value = _ENTROPY.get(key)
     if value is None:
         if len(_ENTROPY) >= 200_000:
             _ENTROPY.clear()
-        value = _ENTROPY[key] = normalized_entropy(np.array(key, dtype=np.float64), bins=len(hours))
+        if key:
+            p = np.array(key, dtype=np.float64) / float(sum(key))
+            value = float(-np.add.reduce(p * np.log(p)) / log_int(len(hours)))
+        else:
+            value = 0.0
+        _ENTROPY[key] = value
     return value
 
 
 @lru_cache(maxsize=65536)
 def _log1p_count(x: float) -> float:
-    """np.log1p of a request count (per member), memoized: counts repeat."""
+    """np.log1p of a request or token count (per member), memoized: counts repeat."""
     return float(np.log1p(x))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from array import array
 from bisect import bisect_left
+from collections.abc import Callable
 from functools import lru_cache
 from operator import itemgetter
 
@@ -133,11 +134,16 @@ def combine_top(surprisals: np.ndarray, k: int) -> tuple[float, np.ndarray]:
 def combine_families(surprisals: np.ndarray | list[float], families: tuple[tuple[int, ...], ...]) -> float:
     """Sum over families of the largest surprisal among each family's members."""
     s = surprisals.tolist() if isinstance(surprisals, np.ndarray) else surprisals
-    return float(sum(max(_getter(members)(s)) for members in families))
+    known = _PICKERS.get(id(families))
+    if known is None or known[0] is not families:
+        known = _PICKERS[id(families)] = (families, tuple(_picker(m) for m in families))
+    return float(sum(max(pick(s)) for pick in known[1]))
 
 
-@lru_cache(maxsize=256)
-def _getter(members: tuple[int, ...]):  # type: ignore[no-untyped-def]
+_PICKERS: dict[int, tuple[tuple[tuple[int, ...], ...], tuple[Callable[[list[float]], tuple[float, ...]], ...]]] = {}
+
+
+def _picker(members: tuple[int, ...]) -> Callable[[list[float]], tuple[float, ...]]:
     """A C-level picker of ``members`` from a sequence, always returning a tuple."""
     pick = itemgetter(*members)
     return pick if len(members) > 1 else (lambda seq: (pick(seq),))
@@ -202,13 +208,13 @@ def normalized_entropy(counts: np.ndarray, bins: int | None = None) -> float:
     if total <= 0:
         return 0.0
     p = counts[counts > 0] / total
-    return float(-(p * np.log(p)).sum() / _log_int(counts.size if bins is None else bins))
+    return float(-(p * np.log(p)).sum() / log_int(counts.size if bins is None else bins))
 
 
 _LOGS: dict[int, float] = {}
 
 
-def _log_int(n: int) -> float:
+def log_int(n: int) -> float:
     """np.log(n), memoized (the same value: one call's result, reused)."""
     v = _LOGS.get(n)
     if v is None:
