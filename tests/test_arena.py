@@ -58,7 +58,7 @@ def test_arena_config_checks_the_population_mix() -> None:
 def test_harvest_shape_asks_the_distill_templates_training_additions() -> None:
     from stillhouse.distill.tasks import ARITHMETIC_TEMPLATE, arithmetic
 
-    accounts, turns = generate_campaign(CampaignConfig(shape="harvest", accounts=2, requests_per_account=20, seed=9))
+    _, turns = generate_campaign(CampaignConfig(shape="harvest", accounts=2, requests_per_account=20, seed=9))
     asked = {t.user_text for t in turns}
     train = {it.messages[-1]["content"] for it in arithmetic(40, "train", seed=9)}
     assert asked == train and len(asked) == 40

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -153,7 +154,7 @@ def generate_campaign(cfg: CampaignConfig) -> tuple[list[SimAccount], list[Turn]
     for k in range(cfg.accounts):
         aid = f"x-{cid}-{k:04d}"
         ua_i = int(rng.integers(0, 4))
-        common = {"account_id": aid, "client_ip": _dc_ip(rng, cid, k),
+        common: dict[str, Any] = {"account_id": aid, "client_ip": _dc_ip(rng, cid, k),
                   "user_agent": USER_AGENTS[ua_i], "header_names": SDK_HEADERS[ua_i % len(SDK_HEADERS)]}
         info = AccountInfo(account_id=aid, signup_path="api", payment_fingerprint=fingerprint(f"card-{aid}"),
                            created_at=cfg.start_ts - float(rng.uniform(1, 30)) * 86400)

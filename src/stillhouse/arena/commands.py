@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -80,7 +81,7 @@ def detect(
         raise typer.BadParameter(str(exc), param_hint="--model") from exc
     verdicts = replay(det, records, infos)
     det.refresh_clusters()
-    verdicts = {a: det.verdict(a) for a in verdicts}
+    verdicts = {a: det.verdict(a) for a in verdicts}  # type: ignore[misc]
     if out is not None:
         with out.open("w") as f:
             for v in verdicts.values():
@@ -152,7 +153,7 @@ def arena(
                       f"{out / 'report.md'} when it exists)")
         return
     cfg = load_config(ArenaConfig, config) if config is not None else (QUICK if quick else ArenaConfig())
-    overrides = {k: v for k, v in {"gateway": gateway, "upstream": upstream, "days": days,
+    overrides: dict[str, Any] = {k: v for k, v in {"gateway": gateway, "upstream": upstream, "days": days,
                                    "embedder": embedder, "capability": capability or None}.items() if v is not None}
     try:
         cfg = replace(cfg, **overrides)

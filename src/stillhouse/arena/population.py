@@ -197,7 +197,7 @@ def _casual(rng: np.random.Generator, cfg: PopulationConfig, pool, common: dict,
         max_tok = cfg.max_tokens_limit
     elif rng.random() < 0.4:
         max_tok = int(rng.choice([256, 512, 1024, 2048]))
-    temp = rng.choice([None, 0.7, 1.0, 0.2])
+    temp = rng.choice([None, 0.7, 1.0, 0.2])  # type: ignore[arg-type]  # (a list of objects; kept so seeds reproduce)
     out: list[Turn] = []
     for s in range(sessions):
         sid = f"{aid}-s{s}"

@@ -18,6 +18,7 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from stillhouse.distill.tasks import arithmetic, shared_dir
 
@@ -29,7 +30,7 @@ class PromptDataMissing(FileNotFoundError):
 def _gsm8k(split: str) -> list[str]:
     path = shared_dir() / "data" / "gsm8k" / f"{split}.jsonl"
     if not path.exists():
-        task_split = "train" if split == "train" else "heldout"
+        task_split: Literal["train", "heldout"] = "train" if split == "train" else "heldout"
         warnings.warn(f"GSM8K {split} not found at {path} (set STILLHOUSE_SHARED to the folder that holds "
                       f"data/gsm8k/); the arena's math prompts fall back to generated additions ({task_split} split)",
                       stacklevel=2)

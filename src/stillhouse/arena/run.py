@@ -125,7 +125,7 @@ def build_campaigns(cfg: ArenaConfig) -> tuple[list[SimAccount], list[Turn]]:
     for j, f in enumerate(cfg.fractions):
         specs.append(CampaignConfig(shape="mixed", accounts=cfg.mixed_accounts, requests_per_account=cfg.mixed_requests,
                                     days=cfg.days, attacker_fraction=f, seed=seed + 50 + j,
-                                    max_tokens_limit=cfg.max_tokens_limit, name=f"mixed{int(round(f * 100))}"))
+                                    max_tokens_limit=cfg.max_tokens_limit, name=f"mixed{round(f * 100)}"))
     for spec in specs:
         a, t = generate_campaign(spec)
         accounts += a
@@ -214,9 +214,9 @@ def run_arena(cfg: ArenaConfig, out_dir: str | Path, progress: Any = None,
             logged, logged_infos = read_log(eval_log)
             offline = replay(fresh, logged, logged_infos or {a.info.account_id: a.info for a in accounts})
             fresh.refresh_clusters()  # the online run ended with a refresh too
-            offline = {a: fresh.verdict(a) for a in offline}
-            compared = [a for a in offline if online.get(a) is not None]
-            mismatches = [a for a in compared if offline[a] != online[a]]
+            offline_verdicts = {a: fresh.verdict(a) for a in offline}
+            compared = [a for a in offline_verdicts if online.get(a) is not None]
+            mismatches = [a for a in compared if offline_verdicts[a] != online[a]]
             offline_check = {"checked": True, "accounts": len(compared), "records": len(logged),
                              "mismatches": len(mismatches), "examples": mismatches[:5]}
             timings["offline_replay_s"] = time.perf_counter() - t
@@ -235,7 +235,7 @@ def run_arena(cfg: ArenaConfig, out_dir: str | Path, progress: Any = None,
     table = m.campaign_table(result, thresholds)
     fractions = {}
     for j, f in enumerate(cfg.fractions):
-        name = f"mixed{int(round(f * 100))}"
+        name = f"mixed{round(f * 100)}"
         mixed = [a for a, acc in result.accounts.items() if acc.campaign == name]
         scores = [result.max_scores.get(a, 0.0) for a in mixed]
         fractions[name] = {"attacker_fraction": f, "accounts": len(mixed),
