@@ -121,12 +121,14 @@ def arena(
     \b
     1. a benign calibration population through the guard -> detector fitted on benign traffic only;
     2. a fresh benign population (another seed) + campaigns (cot, rubric, agentic, hydra, slow,
-       paraphrase, mixed at 5/10/25/50% attacker fraction) through the guard with the detector
-       and policy enforcing;
+       paraphrase, harvest, mixed at 5/10/25/50% attacker fraction) through the guard with the
+       detector and policy enforcing;
     3. online == offline check on the guard's own log; report.md + roc.png + leak_curve.png
        + fractions.png; every TPR/FPR with its Wilson interval and account count;
     4. with --capability: students trained on what leaked vs on the unblocked harvest.
-    Default scenario: ~15 min on 2 cores. `--quick`: the CI scenario.
+    Default scenario: 6,000 + 5,000 benign accounts, 7 days, ~13 CPU-minutes (one core busy);
+    --capability adds ~8 CPU-minutes (bundled teacher, two SFT runs, eval). `--quick`: the CI
+    scenario (~30 s).
     """
     from dataclasses import replace
 
