@@ -244,7 +244,7 @@ def _hour_entropy(hours: list[float]) -> float:
     key = tuple([h for h in hours if h > 0])
     value = _ENTROPY.get(key)
     if value is None:
-        if len(_ENTROPY) >= 200_000:
+        if len(_ENTROPY) >= 20_000:
             _ENTROPY.clear()
         if key:
             p = np.array(key, dtype=np.float64) / float(sum(key))

@@ -118,7 +118,7 @@ class TailTables:
             s += min((value - last) / scale, EXTRA_CAP)
         if not math.isnan(value):  # NaN is never found again: not worth keeping
             memo = self.memo[j]
-            if len(memo) >= 50_000:
+            if len(memo) >= 8192:  # bounded: ~0.6 MB per feature at most
                 memo.clear()
             memo[value] = s
         return s
