@@ -16,6 +16,8 @@ Stages (each reads/writes OUT, default runs/exp_ceiling; finished stages are ski
     grid      pruned student (10 of 30 layers): SFT and top-k KD on the first N greedy
               examples, N = 250, 1000, 4000 (one pass, constant learning rate, so the
               snapshots at N are the models a separate run on N examples would give)
+    epochs    (only when named) the largest-N grid runs continued to --more-epochs passes,
+              the epoch chosen on validation
     verified  students trained only on verified-correct teacher answers: the pruned
               student, and the teacher itself (self-distillation); every epoch is exported
               and scored on a validation split, and only the best epoch is scored on the
@@ -297,6 +299,42 @@ def stage_grid(args: argparse.Namespace, out: Path) -> None:
     (out / "grid.json").write_text(json.dumps([r for r in old if r["label"] not in keep] + results, indent=2))
 
 
+def stage_epochs(args: argparse.Namespace, out: Path) -> None:
+    """More passes over the largest grid N: the grid run's end-of-pass checkpoint continued to
+    ``--more-epochs`` epochs (later epochs reshuffle), every epoch scored on validation, the best
+    one on the held-out set."""
+    import shutil
+
+    from stillhouse.distill.modelio import load_causal_lm
+
+    held, _ = split_problems(args.heldout, args.train)
+    teacher = load_causal_lm(args.teacher)
+    n = max(x for x in args.grid if x <= args.train)
+    results = []
+    for loss in args.epochs_losses:
+        src = out / "runs" / f"pruned10-{loss}"
+        name = f"pruned10-{loss}-{args.more_epochs}ep"
+        run = out / "runs" / name
+        first = src / "checkpoints" / f"step-{n // args.batch:07d}"
+        if not first.exists() and not (run / "checkpoints").exists():
+            raise SystemExit(f"{first} is missing: run --stage grid with N={n} first")
+        if not (run / "epochs" / "e1").exists():  # epoch 1 is the grid's one-pass model at N
+            (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+            shutil.copytree(first, run / "checkpoints" / first.name, dirs_exist_ok=True)
+            shutil.copytree(src / "snapshots" / f"n{n}", run / "epochs" / "e1", dirs_exist_ok=True)
+            shutil.copy(src / "metrics.jsonl", run / "metrics.jsonl")
+        res = _train_and_eval(args, out, name, out / "harvest_greedy.jsonl", held, teacher, select=True,
+                              student=args.pruned, loss=loss, alpha=0.0, max_examples=n, batch_size=args.batch,
+                              lr=args.lr, warmup_steps=10, epochs=args.more_epochs)
+        for r in res:
+            r["train_examples"] = n
+            r["label"] = f"{r['label']} (N={n})"
+        results += res
+    old = json.loads((out / "epochs.json").read_text()) if (out / "epochs.json").exists() else []
+    keep = {r["label"] for r in results}
+    (out / "epochs.json").write_text(json.dumps([r for r in old if r["label"] not in keep] + results, indent=2))
+
+
 def stage_verified(args: argparse.Namespace, out: Path) -> None:
     """Students trained only on verified-correct teacher answers."""
     from stillhouse.distill.modelio import load_causal_lm
@@ -371,7 +409,7 @@ def stage_report(args: argparse.Namespace, out: Path) -> None:
         lines.append(f"| teacher, students' prompt format (system '{args.student_system}') | - | 134.5M | "
                      f"{r['correct']}/{r['n']} | {r['acc']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}] | "
                      f"{_ratio(r['acc'], t['acc'])} |")
-    for name in ("grid.json", "verified.json"):
+    for name in ("grid.json", "epochs.json", "verified.json"):
         for r in json.loads((out / name).read_text()) if (out / name).exists() else []:
             lines.append(f"| {r['label']} | {r['train_examples'] or 'all'} | {r['parameters'] / 1e6:.1f}M | "
                          f"{r['correct']}/{r['n']} | {r['acc']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}] | "
@@ -401,13 +439,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/exp_ceiling"))
     p.add_argument("--stage", default="all",
-                   choices=["all", "harvest", "probe", "sample", "grid", "verified", "staged", "report"])
+                   choices=["all", "harvest", "probe", "sample", "grid", "epochs", "verified", "staged", "report"])
     p.add_argument("--heldout", type=int, default=300, help="held-out problems")
     p.add_argument("--train", type=int, default=4000, help="training-pool problems harvested greedily")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; 1 is fastest on a shared 2-core machine")
     p.add_argument("--grid", type=int, nargs="+", default=[250, 1000, 4000], help="training-set sizes N")
     p.add_argument("--grid-losses", nargs="+", default=["sft", "topk"])
+    p.add_argument("--more-epochs", type=int, default=3, help="stage epochs: passes over the largest N")
+    p.add_argument("--epochs-losses", nargs="+", default=["sft"], help="stage epochs: which grid runs to continue")
     p.add_argument("--student-system", default="",
                    help="system prompt of student training and evaluation ('' keeps sequences short; "
                         "the template default adds 30 tokens to a 40-token example)")
@@ -441,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     stages = {"harvest": stage_harvest, "probe": stage_probe, "sample": stage_sample, "grid": stage_grid,
-              "verified": stage_verified, "staged": stage_staged, "report": stage_report}
+              "epochs": stage_epochs, "verified": stage_verified, "staged": stage_staged, "report": stage_report}
     for name, fn in stages.items():
         if args.stage == name or (args.stage == "all" and name in ("harvest", "grid", "verified", "report")):
             _log(f"stage {name}")

@@ -56,6 +56,11 @@ def test_experiment_end_to_end_on_a_tiny_teacher(tmp_path, smol_tokenizer):
     pruned = next(r for r in verified if r["run"] == "pruned10-verified")
     assert pruned["epochs_chosen"] in (1, 2) and [v["epochs"] for v in pruned["validation"]] == [1, 2]
     assert pruned["verified_rows"] == 6 and pruned["n"] == 8
+    assert exp.main([*common, "--stage", "epochs", "--more-epochs", "2"]) == 0
+    more = json.loads((out / "epochs.json").read_text())
+    assert [v["epochs"] for v in more[0]["validation"]] == [1, 2] and more[0]["train_examples"] == 20
+    assert exp.main([*common, "--stage", "report"]) == 0
     table = (out / "results.md").read_text()
+    assert "pruned10-sft-2ep" in table
     assert "pruned10-verified-e" in table and "self-verified-e1" in table
     assert (out / "grid.png").stat().st_size > 1000
