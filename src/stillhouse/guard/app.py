@@ -14,7 +14,10 @@ app (run it with uvicorn; ``stillhouse guard`` does). Per request, in this order
    SSE chunks go to the client as they arrive;
    a client disconnect closes the upstream connection; upstream down → 502, silent → 504;
 7. log a TrafficRecord (redacted as configured) through the background writer, feed the
-   detector (unredacted) and let the policy engine take its verdict.
+   detector (unredacted) and let the policy engine take its verdict. This runs after the
+   response is sent: inline when no other request is in flight, else as a later loop callback
+   (so answers already waiting go out first); step 4 drains what is queued, so a verdict
+   applies to every request decided after the one that earned it was answered.
 
 Errors are OpenAI-shaped: ``{"error": {"message", "type", "param", "code"}}``.
 The admin API (``guard/admin.py``) lives under ``/admin/`` behind its own token; the
@@ -27,6 +30,7 @@ limits and decisions (the arena injects simulated time); latency is always wall 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import json
@@ -270,8 +274,10 @@ class GuardApp:
         self._id_prefix = uuid.uuid4().hex[:14]
         """Request ids: a random per-process prefix plus a counter (unique across replicas, no syscall)."""
         self._seq = 0
-        self._post_pending = 0
-        """Answered requests whose record is still to be logged (``_after_response`` queued)."""
+        self._post: collections.deque[tuple[Any, ...]] = collections.deque()
+        """Answered requests whose record is still to be parsed, charged, logged and observed."""
+        self._post_scheduled = False
+        self._inflight = 0
         from stillhouse.guard.admin import AdminAPI
         self.admin = AdminAPI(self)
 
@@ -305,8 +311,7 @@ class GuardApp:
         if not self._started:
             return
         self._started = False
-        while self._post_pending:  # records of answered requests are queued as loop callbacks
-            await asyncio.sleep(0)
+        self._drain_post()
         if self._refresh_task is not None:
             self._refresh_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -349,7 +354,11 @@ class GuardApp:
             await self.start()
         method, path = scope["method"], scope["path"]
         if (method, path) in PROXIED:
-            await self._proxy(scope, receive, send, method, path)
+            self._inflight += 1
+            try:
+                await self._proxy(scope, receive, send, method, path)
+            finally:
+                self._inflight -= 1
         elif path.startswith("/admin/"):
             await self.admin.handle(scope, receive, send)
         elif path == "/health" and method == "GET":
@@ -521,7 +530,9 @@ class GuardApp:
                  else json.dumps(body["prompt"])}]
         stream = bool(body.get("stream"))
 
-        # 4. policy.
+        # 4. policy (after the records of requests already answered have reached the detector).
+        if self._post:
+            self._drain_post()
         eff: Effective = self.policy.decide(account)
         rec.decision, rec.decision_reason = eff.action, eff.reason
         if eff.action == "block":
@@ -556,16 +567,29 @@ class GuardApp:
             if stream:
                 self.limiter.release_stream(account.account_id)
             rec.latency_ms = (time.perf_counter() - t0) * 1000.0
-            # The response is out: parsing it, charging tokens, logging and the detector run as the
-            # next callback of the loop, after the other requests already waiting to be answered.
-            self._post_pending += 1
-            asyncio.get_running_loop().call_soon(self._after_response, rec, account, limits, body, method,
-                                                 answer[0], answer[1])
+            item = (rec, account, limits, body, method, answer[0], answer[1])
+            if self._inflight <= 1 and not self._post:
+                self._after_response(*item)  # alone: nobody waits behind it
+            else:
+                # Others are in flight: the response is out, and parsing it, charging tokens, logging
+                # and the detector run as a later loop callback, after the requests already waiting.
+                # Every policy decision drains this queue first (step 4), so a verdict still applies
+                # to every request decided after this one was answered, as if it ran inline.
+                self._post.append(item)
+                if not self._post_scheduled:
+                    self._post_scheduled = True
+                    asyncio.get_running_loop().call_soon(self._drain_post)
+
+    def _drain_post(self) -> None:
+        """Finish every answered request still queued, in answer order."""
+        self._post_scheduled = False
+        q = self._post
+        while q:
+            self._after_response(*q.popleft())
 
     def _after_response(self, rec: TrafficRecord, account: AccountInfo, limits: Limits, body: dict[str, Any],
                         method: str, data: bytes, sse: bool) -> None:
         """Parse the relayed answer into the record, charge its tokens, log it (never skipped)."""
-        self._post_pending -= 1
         try:
             if rec.status == 200 or data:
                 text, pt, ct = parse_sse(data) if sse else parse_json_response(data)

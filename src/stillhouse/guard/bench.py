@@ -65,6 +65,15 @@ class GuardBenchConfig:
     db_url: str = ""
     """Guard log store; "" = SQLite in the run's temp dir."""
     max_tokens: int = 16
+    latency_rounds: int = 4
+    """The added-latency requests are split into this many rounds; each round runs every target
+    in turn, so drift on a shared machine hits all of them alike. Percentiles pool the rounds."""
+    detector_dir: str = ""
+    """A fitted detector (``stillhouse detect --fit``); adds the "guard+detector" target: a second
+    guard, identical but for online detection (in shadow mode, so verdicts are computed, persisted
+    and logged but the bench's one-prompt-family account is never blocked). "" = no such target."""
+    prompts: int = 64
+    """Distinct prompts the load cycles through (arithmetic questions), the same for every target."""
 
     def __post_init__(self) -> None:
         if self.latency_ms < 0:
@@ -77,6 +86,14 @@ class GuardBenchConfig:
             raise ValueError("latency_requests must be >= 10 and latency_concurrency >= 1")
         if self.lossless_requests < 0 or self.lossless_concurrency < 1:
             raise ValueError("lossless_requests must be >= 0 and lossless_concurrency >= 1")
+        if not 1 <= self.latency_rounds <= self.latency_requests:
+            raise ValueError(f"latency_rounds={self.latency_rounds}: must be 1..latency_requests")
+        if self.prompts < 1:
+            raise ValueError(f"prompts={self.prompts}: must be >= 1")
+        if self.detector_dir and not (Path(self.detector_dir) / "detector.json").is_file():
+            raise ValueError(f"detector_dir={self.detector_dir!r} holds no detector.json; fit one with "
+                             "`stillhouse detect --fit --log BENIGN_LOG --model DIR` (or use OUT/detector "
+                             "of a `stillhouse arena --quick --out OUT` run)")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -161,12 +178,14 @@ def _post_json(url: str, body: Any, token: str) -> Any:
 
 
 # -- load generation ----------------------------------------------------------------------
-async def closed_loop(url: str, token: str | None, n: int, concurrency: int, body: dict[str, Any],
-                      progress: Any = None) -> dict[str, Any]:
-    """``n`` requests with ``concurrency`` workers; latencies in ms of the OK ones."""
+async def closed_loop(url: str, token: str | None, n: int, concurrency: int,
+                      body: dict[str, Any] | list[dict[str, Any]], progress: Any = None) -> dict[str, Any]:
+    """``n`` requests with ``concurrency`` workers; latencies in ms of the OK ones.
+
+    ``body``: one request body, or a list the requests cycle through."""
     import aiohttp
 
-    payload = json.dumps(body).encode()
+    payloads = [json.dumps(b).encode() for b in (body if isinstance(body, list) else [body])]
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
     lat: list[float] = []
     statuses: dict[int, int] = {}
@@ -177,6 +196,7 @@ async def closed_loop(url: str, token: str | None, n: int, concurrency: int, bod
         async def worker() -> None:
             nonlocal next_i, errors
             while next_i < n:
+                payload = payloads[next_i % len(payloads)]
                 next_i += 1
                 t = time.perf_counter()
                 try:
@@ -194,15 +214,16 @@ async def closed_loop(url: str, token: str | None, n: int, concurrency: int, bod
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
     return {"n": n, "ok": len(lat), "statuses": statuses, "client_errors": errors, "wall_s": wall,
-            "p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99), "rps": len(lat) / wall}
+            "p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99), "rps": len(lat) / wall,
+            "latencies_ms": lat}
 
 
 async def open_loop(url: str, token: str | None, rate: float, duration_s: float, drain_s: float,
-                    body: dict[str, Any]) -> dict[str, Any]:
+                    body: dict[str, Any] | list[dict[str, Any]]) -> dict[str, Any]:
     """Requests sent on a fixed schedule (``rate``/s for ``duration_s``), whatever the answers do."""
     import aiohttp
 
-    payload = json.dumps(body).encode()
+    payloads = [json.dumps(b).encode() for b in (body if isinstance(body, list) else [body])]
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
     n = int(rate * duration_s)
     lat: list[float] = []
@@ -213,7 +234,7 @@ async def open_loop(url: str, token: str | None, rate: float, duration_s: float,
                                      timeout=aiohttp.ClientTimeout(total=duration_s + drain_s)) as s:
         t0 = time.perf_counter()
 
-        async def one() -> None:
+        async def one(payload: bytes) -> None:
             nonlocal errors
             t = time.perf_counter()
             try:
@@ -232,7 +253,7 @@ async def open_loop(url: str, token: str | None, rate: float, duration_s: float,
             delay = t0 + i / rate - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.ensure_future(one()))
+            tasks.append(asyncio.ensure_future(one(payloads[i % len(payloads)])))
         send_lag = time.perf_counter() - t0 - duration_s
         await asyncio.wait(tasks, timeout=drain_s + 1)
         for t in tasks:
@@ -272,12 +293,48 @@ def _git_commit() -> str:
         return ""
 
 
+DETECTOR_TARGET = "guard+detector"
+
+
+def bench_bodies(n: int, max_tokens: int) -> list[dict[str, Any]]:
+    """``n`` chat requests with distinct arithmetic questions (deterministic)."""
+    return [{"model": MODEL, "messages": [{"role": "user", "content": f"What is {12 + 7 * i} + {30 + 3 * i}?"}],
+             "max_tokens": max_tokens} for i in range(n)]
+
+
+def _start_guard(work: Path, name: str, upstream: str, db_url: str, accounts: list[str],
+                 extra: dict[str, Any]) -> tuple[subprocess.Popen[bytes], str, list[str], Any]:
+    """A guard process (``stillhouse guard --config``) with one high-limit account and key per name."""
+    from stillhouse.config import save_config
+    from stillhouse.guard.config import GuardConfig, sha256_hex
+
+    admin = secrets.token_urlsafe(24)
+    port = _free_port()
+    gcfg = GuardConfig(upstream_url=upstream, admin_token_sha256=sha256_hex(admin), port=port, db_url=db_url,
+                       spool_dir=str(work / f"spool-{name}"), **extra)
+    save_config(gcfg, work / f"{name}-config.json")
+    log = work / f"{name}.log"
+    proc = _spawn([str(Path(sys.executable).parent / "stillhouse"), "guard", "--config",
+                   str(work / f"{name}-config.json")], log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(url + "/healthz", proc, 120, log)
+        lim = {"requests_per_min": 10**9, "tokens_per_min": 10**12, "max_concurrent_streams": 10**6}
+        keys = []
+        for account in accounts:
+            _post_json(url + "/admin/accounts", {"account_id": account, "limits": lim}, admin)
+            keys.append(_post_json(url + f"/admin/accounts/{account}/keys", {}, admin)["key"])
+    except BaseException:
+        _stop(proc)
+        raise
+    return proc, url, keys, gcfg
+
+
 def run_bench(cfg: GuardBenchConfig, work: Path | None = None) -> dict[str, Any]:
     """Run everything; returns the results as a JSON-ready dict (ratios included)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from stillhouse.config import config_to_dict
-    from stillhouse.guard.config import GuardConfig, sha256_hex
     from stillhouse.guard.store import open_store
 
     work = work or Path(tempfile.mkdtemp(prefix="stillhouse-bench-guard-"))
@@ -286,8 +343,7 @@ def run_bench(cfg: GuardBenchConfig, work: Path | None = None) -> dict[str, Any]
                               "machine": {"cpus": os.cpu_count(), "loadavg_before": os.getloadavg()},
                               "git_commit": _git_commit(), "started_utc": time.strftime("%Y-%m-%d %H:%M:%S",
                                                                                         time.gmtime())}
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "What is 12 + 30?"}],
-            "max_tokens": cfg.max_tokens}
+    body = bench_bodies(cfg.prompts, cfg.max_tokens)
     try:
         # upstream
         up_port = _free_port()
@@ -298,25 +354,11 @@ def run_bench(cfg: GuardBenchConfig, work: Path | None = None) -> dict[str, Any]
         upstream = f"http://127.0.0.1:{up_port}"
         _wait_http(upstream + "/health", up, 30, up_log)
 
-        # guard
-        admin = secrets.token_urlsafe(24)
-        g_port = _free_port()
-        gcfg = GuardConfig(upstream_url=upstream, admin_token_sha256=sha256_hex(admin), port=g_port,
-                           db_url=cfg.db_url or f"sqlite:///{work}/guard.db", spool_dir=str(work / "spool"))
-        from stillhouse.config import save_config
-
-        save_config(gcfg, work / "guard-config.json")
-        g_log = work / "guard.log"
-        guard = _spawn([str(Path(sys.executable).parent / "stillhouse"), "guard", "--config",
-                        str(work / "guard-config.json")], g_log)
+        # guard (and, with a detector, a second guard that differs only by online detection)
+        guard, g_url, keys, gcfg = _start_guard(work, "guard", upstream, cfg.db_url or f"sqlite:///{work}/guard.db",
+                                                ["bench", "lossless"], {})
         procs.append(guard)
-        g_url = f"http://127.0.0.1:{g_port}"
-        _wait_http(g_url + "/healthz", guard, 60, g_log)
-        lim = {"requests_per_min": 10**9, "tokens_per_min": 10**12, "max_concurrent_streams": 10**6}
-        _post_json(g_url + "/admin/accounts", {"account_id": "bench", "limits": lim}, admin)
-        key = _post_json(g_url + "/admin/accounts/bench/keys", {}, admin)["key"]
-        _post_json(g_url + "/admin/accounts", {"account_id": "lossless", "limits": lim}, admin)
-        loss_key = _post_json(g_url + "/admin/accounts/lossless/keys", {}, admin)["key"]
+        key, loss_key = keys
         result["guard_config"] = config_to_dict(gcfg)
 
         targets: dict[str, tuple[str, str | None]] = {
@@ -324,6 +366,15 @@ def run_bench(cfg: GuardBenchConfig, work: Path | None = None) -> dict[str, Any]
             "guard": (g_url + "/v1/chat/completions", key),
         }
         server_pid = {"direct": up.pid, "guard": guard.pid}
+        if cfg.detector_dir:
+            gd, gd_url, (dkey,), gdcfg = _start_guard(work, "guard-detector", upstream,
+                                                      f"sqlite:///{work}/guard-detector.db", ["bench"],
+                                                      {"detector_dir": str(Path(cfg.detector_dir).resolve()),
+                                                       "shadow": True})
+            procs.append(gd)
+            targets[DETECTOR_TARGET] = (gd_url + "/v1/chat/completions", dkey)
+            server_pid[DETECTOR_TARGET] = gd.pid
+            result["guard_detector_config"] = config_to_dict(gdcfg)
 
         # litellm
         if cfg.litellm_python:
@@ -345,7 +396,7 @@ def run_bench(cfg: GuardBenchConfig, work: Path | None = None) -> dict[str, Any]
                 procs.append(ll)
                 l_url = f"http://127.0.0.1:{l_port}"
                 _wait_http(l_url + "/health/liveliness", ll, 180, l_log)
-                _post_json(l_url + "/v1/chat/completions", body, master)  # warm-up, proves auth works
+                _post_json(l_url + "/v1/chat/completions", body[0], master)  # warm-up, proves auth works
                 targets["litellm"] = (l_url + "/v1/chat/completions", master)
                 server_pid["litellm"] = ll.pid
                 result["litellm"] = {"version": version, "config_yaml": l_text.replace(master, "<master_key>"),
@@ -360,23 +411,44 @@ def run_bench(cfg: GuardBenchConfig, work: Path | None = None) -> dict[str, Any]
                 # warm-up
                 for name, (url, tok) in targets.items():
                     loop.run_until_complete(closed_loop(url, tok, 100, 8, body))
-                # 1. added latency
+                # 1. added latency, in rounds that visit every target in turn
+                per_round = [cfg.latency_requests // cfg.latency_rounds + (i < cfg.latency_requests % cfg.latency_rounds)
+                             for i in range(cfg.latency_rounds)]
+                runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+                cpu = {name: [0.0, 0.0] for name in targets}
+                tasks = {name: bar.add_task(f"latency  {name:7s}", total=cfg.latency_requests) for name in targets}
+                for n_round in per_round:
+                    for name, (url, tok) in targets.items():
+                        c0 = process_cpu_s(server_pid[name]), process_cpu_s(up.pid)
+                        runs[name].append(loop.run_until_complete(closed_loop(
+                            url, tok, n_round, cfg.latency_concurrency, body,
+                            progress=lambda t=tasks[name]: bar.advance(t))))
+                        c1 = process_cpu_s(server_pid[name]), process_cpu_s(up.pid)
+                        cpu[name][0] += c1[0] - c0[0]
+                        cpu[name][1] += c1[1] - c0[1]
                 lat: dict[str, Any] = {}
-                for name, (url, tok) in targets.items():
-                    t = bar.add_task(f"latency  {name:7s}", total=cfg.latency_requests)
-                    c0 = process_cpu_s(server_pid[name]), process_cpu_s(up.pid)
-                    lat[name] = loop.run_until_complete(closed_loop(
-                        url, tok, cfg.latency_requests, cfg.latency_concurrency, body,
-                        progress=lambda t=t: bar.advance(t)))
-                    c1 = process_cpu_s(server_pid[name]), process_cpu_s(up.pid)
-                    # CPU per request is what contention cannot blur: it says how many cores a rate needs.
-                    lat[name]["server_cpu_ms_per_request"] = 1000 * (c1[0] - c0[0]) / cfg.latency_requests
-                    lat[name]["upstream_cpu_ms_per_request"] = 1000 * (c1[1] - c0[1]) / cfg.latency_requests
+                for name, rs in runs.items():
+                    pooled = [x for r in rs for x in r.pop("latencies_ms")]
+                    wall = sum(r["wall_s"] for r in rs)
+                    statuses: dict[str, int] = {}
+                    for r in rs:
+                        for code, k in r["statuses"].items():
+                            statuses[str(code)] = statuses.get(str(code), 0) + k
+                    lat[name] = {"n": cfg.latency_requests, "ok": len(pooled), "statuses": statuses,
+                                 "client_errors": sum(r["client_errors"] for r in rs), "wall_s": wall,
+                                 "p50_ms": percentile(pooled, 50), "p99_ms": percentile(pooled, 99),
+                                 "rps": len(pooled) / wall if wall else 0.0,
+                                 "rounds_p50_ms": [round(r["p50_ms"], 3) for r in rs],
+                                 # CPU per request is what contention cannot blur: how many cores a rate needs.
+                                 "server_cpu_ms_per_request": 1000 * cpu[name][0] / cfg.latency_requests,
+                                 "upstream_cpu_ms_per_request": 1000 * cpu[name][1] / cfg.latency_requests}
                 result["latency"] = lat
                 # 2. offered load
                 thr: dict[str, Any] = {}
                 for rate in cfg.rates:
                     for name, (url, tok) in targets.items():
+                        if name == DETECTOR_TARGET:
+                            continue  # its goal is latency; the throughput ratios compare proxies
                         t = bar.add_task(f"{rate:g} req/s {name:7s}", total=None)
                         thr.setdefault(f"{rate:g}", {})[name] = loop.run_until_complete(
                             open_loop(url, tok, rate, cfg.duration_s, cfg.drain_s, body))
@@ -389,6 +461,7 @@ def run_bench(cfg: GuardBenchConfig, work: Path | None = None) -> dict[str, Any]
                     result["lossless_run"] = loop.run_until_complete(closed_loop(
                         targets["guard"][0], loss_key, cfg.lossless_requests, cfg.lossless_concurrency, body,
                         progress=lambda: bar.advance(t)))
+                    result["lossless_run"].pop("latencies_ms")
                     result["lossless_run"]["guard_cpu_ms_per_request"] = \
                         1000 * (process_cpu_s(guard.pid) - c0g) / cfg.lossless_requests
         finally:
@@ -425,7 +498,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     lat = result.get("latency", {})
     d = lat.get("direct")
-    for name in ("guard", "litellm"):
+    for name in ("guard", DETECTOR_TARGET, "litellm"):
         if name not in lat or d is None:
             continue
         s: dict[str, Any] = {
@@ -439,6 +512,15 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         out[name] = s
     if "lossless" in result:
         out.setdefault("guard", {})["log_records_lost"] = result["lossless"]["lost"]
+    g, gd = lat.get("guard"), lat.get(DETECTOR_TARGET)
+    if g is not None and gd is not None:
+        # What online detection adds: the same guard with and without it, same rounds (issue 6: <= 0.2 ms p50).
+        out["detector"] = {
+            "added_p50_ms": round(gd["p50_ms"] - g["p50_ms"], 3),
+            "added_p99_ms": round(gd["p99_ms"] - g["p99_ms"], 3),
+            "added_cpu_ms_per_request": round(gd.get("server_cpu_ms_per_request", float("nan"))
+                                              - g.get("server_cpu_ms_per_request", float("nan")), 3),
+        }
     return out
 
 
@@ -507,6 +589,7 @@ def format_markdown(result: dict[str, Any]) -> str:
     if lat:
         c = result["config"]
         lines += [(f"Latency, {c['latency_requests']} requests at concurrency {c['latency_concurrency']} "
+                   f"in {c.get('latency_rounds', 1)} interleaved round(s) "
                    f"(upstream latency {c['latency_ms']:g} ms):"), "",
                   "| target | p50 ms | p99 ms | added p50 ms | added p99 ms | proxy CPU ms/request |",
                   "|---|---|---|---|---|---|"]
@@ -521,6 +604,10 @@ def format_markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {name} | {v['p50_ms']:.1f} | {v['p99_ms']:.1f} | {add50:+.1f} | {add99:+.1f} | "
                          f"{cpu:.2f} |")
         lines.append("")
+    det = summarize(result).get("detector") if lat else None
+    if det:
+        lines += [f"Online detection (guard+detector minus guard, same rounds): p50 {det['added_p50_ms']:+.2f} ms, "
+                  f"p99 {det['added_p99_ms']:+.2f} ms, CPU {det['added_cpu_ms_per_request']:+.3f} ms/request.", ""]
     thr = result.get("throughput", {})
     if thr:
         lines += [f"Offered load, {result['config']['duration_s']:g} s per rate (open loop):", "",

@@ -278,13 +278,22 @@ def bench_guard(
     litellm_python: str = typer.Option("/work/venvs/litellm/bin/python",
                                        help="Python of a virtualenv with 'litellm[proxy]' ('' = skip LiteLLM)."),
     db: str = typer.Option(None, help="Guard log store (default: SQLite in a temp dir)."),
+    latency_rounds: int = typer.Option(4, help="Split the latency requests into rounds that visit every "
+                                               "target in turn (drift hits all alike)."),
+    detector: str = typer.Option(None, "--detector", metavar="DIR",
+                                 help="Also run a second guard with this fitted detector (shadow mode) and "
+                                      "report what online detection adds to p50/p99 and CPU. Fit one with "
+                                      "`stillhouse detect --fit --log BENIGN --model DIR`, or use OUT/detector "
+                                      "of `stillhouse arena --quick --out OUT`."),
     out: str = typer.Option(None, help="Write the results JSON here."),
     config: str = typer.Option(None, "--config", help="Replay a saved GuardBenchConfig JSON."),
     compare_servers: bool = typer.Option(False, "--compare-servers",
                                          help="Instead: guard CPU/request under uvicorn h11+asyncio vs "
                                               "httptools+uvloop (3,000 requests at concurrency 64, twice each)."),
 ) -> None:
-    """Guard vs direct vs LiteLLM proxy on loopback: added latency p50/p99, throughput ratio, log loss."""
+    """Guard vs direct vs LiteLLM proxy on loopback: added latency p50/p99, throughput ratio, log loss.
+
+    With --detector DIR: also what online detection adds (a second guard, identical but for the detector)."""
     from stillhouse.config import load_config
     from stillhouse.guard.bench import GuardBenchConfig, run_bench
 
@@ -301,7 +310,8 @@ def bench_guard(
             cfg = GuardBenchConfig(latency_ms=latency_ms, rates=tuple(float(r) for r in rates.split(",") if r),
                                    duration_s=duration_s, latency_requests=latency_requests,
                                    latency_concurrency=latency_concurrency, lossless_requests=lossless_requests,
-                                   litellm_python=litellm_python, db_url=db or "")
+                                   litellm_python=litellm_python, db_url=db or "",
+                                   latency_rounds=latency_rounds, detector_dir=detector or "")
         except ValueError as exc:
             _die(str(exc))
             return

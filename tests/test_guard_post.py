@@ -1,0 +1,142 @@
+"""After the answer: parsing, token charging, logging and the detector, deferred but never late.
+
+The guard finishes a request after its response is sent: inline when it is the only request
+in flight, else as a later loop callback. Every policy decision drains that queue first, so
+a verdict earned by request k applies to every request decided after k was answered. These
+tests drive the real app in-process over ASGI (like the arena) against a real fake upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from test_guard import FlagEveryone, chat_body, make_config
+
+from stillhouse.guard.app import create_app
+from stillhouse.guard.store import open_store
+from stillhouse.teacher.fakeserver import FakeServerConfig
+from stillhouse.teacher.fakeserver import start_in_thread as start_fake
+
+
+class OrderedFlag(FlagEveryone):
+    """FlagEveryone that also remembers the order in which it saw requests."""
+
+    def __init__(self, after: int):
+        super().__init__(after)
+        self.order: list[str] = []
+
+    def observe(self, record: Any, account: Any = None) -> None:
+        self.order.append(record.request_id)
+        super().observe(record, account)
+
+
+async def call(app: Any, key: str, body: dict[str, Any]) -> tuple[int, bytes]:
+    raw = json.dumps(body).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8080),
+             "headers": [(b"authorization", b"Bearer " + key.encode()), (b"content-type", b"application/json"),
+                         (b"content-length", str(len(raw)).encode())]}
+    sent = False
+    done = asyncio.Event()
+    out: dict[str, Any] = {"status": 0, "body": b""}
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(msg: dict[str, Any]) -> None:
+        if msg["type"] == "http.response.start":
+            out["status"] = msg["status"]
+        elif msg["type"] == "http.response.body":
+            out["body"] += msg.get("body", b"")
+            if not msg.get("more_body", False):
+                done.set()
+
+    try:
+        await app(scope, receive, send)
+    finally:
+        done.set()
+    return out["status"], out["body"]
+
+
+def test_concurrent_answers_are_all_observed_before_the_next_decision(tmp_path) -> None:
+    with start_fake(FakeServerConfig(latency_ms=30)) as fake:
+        det = OrderedFlag(after=4)
+        cfg = make_config(tmp_path, f"http://127.0.0.1:{fake.port}")
+        app = create_app(cfg, open_store(cfg.db_url), detector=det)
+
+        async def main() -> None:
+            await app.start()
+            try:
+                await scenario()
+            finally:
+                await app.stop()
+                app.executor.shutdown(wait=True)
+
+        async def scenario() -> None:
+            key = await app.db(_key, app, "ann")
+            first = await asyncio.gather(*(call(app, key, chat_body(f"q{i}")) for i in range(6)))
+            assert [s for s, _ in first] == [200] * 6  # all decided before any was answered
+            # Nothing else is in flight now; whatever was queued must reach the detector before this decision.
+            status, body = await call(app, key, chat_body("one more"))
+            assert status == 403 and b"account_blocked" in body
+            assert len(det.order) == 7  # the six answers, then the refusal itself
+
+        asyncio.run(main())
+        recs = open_store(cfg.db_url).read_records("ann")
+        assert len(recs) == 7 and sorted(r.status for r in recs) == [200] * 6 + [403]
+        assert all(r.response_text and r.completion_tokens > 0 for r in recs if r.status == 200)
+
+
+def test_a_queued_record_is_drained_before_the_policy_decides(tmp_path) -> None:
+    """Force the deferred path: a record sits in the queue (as when others were in flight)."""
+    with start_fake(FakeServerConfig(latency_ms=1)) as fake:
+        det = OrderedFlag(after=1)
+        cfg = make_config(tmp_path, f"http://127.0.0.1:{fake.port}")
+        app = create_app(cfg, open_store(cfg.db_url), detector=det)
+
+        async def main() -> None:
+            await app.start()
+            try:
+                await scenario()
+            finally:
+                await app.stop()
+                app.executor.shutdown(wait=True)
+
+        async def scenario() -> None:
+            key = await app.db(_key, app, "bo")
+            status, _ = await call(app, key, chat_body("first"))
+            assert status == 200 and det.seen == {"bo": 1}
+            det.seen.clear()
+            det.order.clear()
+            app.policy._detector.clear()
+            app.policy._cache.clear()
+            # Re-queue a finished record by hand, with no drain callback scheduled: only the
+            # decision of the next request can drain it.
+            from stillhouse.guard.events import TrafficRecord
+
+            rec = TrafficRecord("queued-by-hand", 0.0, "bo", "k", status=200)
+            app._post.append((rec, _info("bo"), app.limits_for("bo", False), {}, "POST", b"", False))
+            status, _ = await call(app, key, chat_body("second"))
+            assert status == 403, "the queued record's verdict did not apply to the next decision"
+            assert det.order[0] == rec.request_id and len(det.order) == 2  # queued first, then the refusal
+
+        asyncio.run(main())
+
+
+def _info(account_id: str) -> Any:
+    from stillhouse.guard.events import AccountInfo
+
+    return AccountInfo(account_id)
+
+
+def _key(app: Any, account_id: str) -> str:
+    app.store.put_account(_info(account_id))
+    return str(app.keys.issue(account_id, 0.0).key)
