@@ -51,3 +51,22 @@ def test_tiny_bench_run(tmp_path):
     assert r["lossless"]["lost"] == 0 and r["lossless"]["logged"] == 300
     assert r["summary"]["guard"]["throughput_ratio_at_50"] > 0.5
     assert r["latency"]["guard"]["server_cpu_ms_per_request"] > 0
+
+
+def test_detector_arm_summary_and_validation(tmp_path):
+    result = {
+        "latency": {"direct": {"p50_ms": 50.0, "p99_ms": 60.0},
+                    "guard": {"p50_ms": 50.8, "p99_ms": 62.0, "server_cpu_ms_per_request": 0.40},
+                    "guard+detector": {"p50_ms": 51.0, "p99_ms": 63.5, "server_cpu_ms_per_request": 0.55}},
+        "config": {"latency_requests": 10, "latency_concurrency": 1, "latency_ms": 50.0, "duration_s": 1.0,
+                   "latency_rounds": 2},
+    }
+    s = summarize(result)
+    assert s["detector"] == {"added_p50_ms": 0.2, "added_p99_ms": 1.5, "added_cpu_ms_per_request": 0.15}
+    assert s["guard+detector"]["added_p50_ms"] == 1.0
+    md = format_markdown(result)
+    assert "p50 +0.20 ms, p99 +1.50 ms, CPU +0.150 ms/request" in md and "2 interleaved round(s)" in md
+    with pytest.raises(ValueError, match="stillhouse detect --fit"):
+        GuardBenchConfig(detector_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="latency_rounds"):
+        GuardBenchConfig(latency_requests=10, latency_rounds=11)
