@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import json
 import math
 import random
@@ -54,10 +55,11 @@ from stillhouse.config import ConfigError, config_to_dict, load_config, save_con
 from stillhouse.distill.prompts import Prompt, PromptSet, load_prompts
 from stillhouse.distill.store import (
     CONFIG_NAME,
+    KEY_HEAD,
     HarvestStore,
     canonical_json,
     completion_row,
-    record_key_from_json,
+    record_key_tail,
 )
 from stillhouse.teacher.base import (
     RETRYABLE,
@@ -338,13 +340,18 @@ def estimate_prompt_tokens(messages_json: str, n_messages: int) -> int:
 # -- the runner -------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class _Work:
-    prompt: Prompt
-    sample_index: int
-    key: str
+class _Sample:
+    """What every record of one sample index shares: its params, as sent and as stored."""
+
     params: SamplingParams
     params_json: str
     params_dict: dict[str, Any]
+    key_tail: bytes
+    """record_key_tail(teacher, params_json, index): a record's key hashes KEY_HEAD, messages, this."""
+
+
+_Work = tuple[Prompt, int, str]
+"""(prompt, sample index, record key): one record to do. A plain tuple: a run builds one per record."""
 
 
 class Harvester:
@@ -373,24 +380,51 @@ class Harvester:
         self._revision = teacher.revision
         self._timeout_here = parse_spec(config.teacher).kind != "http"  # HTTP teachers time out themselves
         self._chat_json = getattr(teacher, "chat_json", None) if not self._timeout_here else None
+        self._samples: list[_Sample] = []
+        for i in range(config.samples):
+            p = config.params(i)
+            d = json.loads(canonical_json(asdict(p)))
+            pj = canonical_json(d)
+            self._samples.append(_Sample(p, pj, d, record_key_tail(teacher_id, pj, i)))
 
     def work(self) -> list[_Work]:
-        """Every (prompt, sample) whose key is not ok in the store yet."""
-        cfg = self.config
+        """Every (prompt, sample index, key) whose key is not ok in the store yet.
+
+        A key is ``sha256(KEY_HEAD + messages JSON + tail of the sample index)`` (= store.record_key):
+        the head's hash state is copied per prompt, so each prompt's messages are hashed once
+        whatever the number of samples.
+        """
         done = self.store.keys("ok")
-        per_sample = []
-        for i in range(cfg.samples):
-            p = cfg.params(i)
-            d = json.loads(canonical_json(asdict(p)))
-            per_sample.append((p, d, canonical_json(d)))
-        todo = []
-        for prompt in self.prompts.prompts:
-            for i, (p, d, pj) in enumerate(per_sample):
-                key = record_key_from_json(prompt.messages_json, self.teacher_id, pj, i)
+        samples = self._samples
+        head = hashlib.sha256(KEY_HEAD)
+        todo: list[_Work] = []
+        append = todo.append
+        skipped = 0
+        if len(samples) == 1:
+            tail = samples[0].key_tail
+            for prompt in self.prompts.prompts:
+                h = head.copy()
+                h.update(prompt.messages_json.encode())
+                h.update(tail)
+                key = h.hexdigest()
                 if key in done:
-                    self.stats.skipped += 1
+                    skipped += 1
                 else:
-                    todo.append(_Work(prompt, i, key, p, pj, d))
+                    append((prompt, 0, key))
+        else:
+            tails = [s.key_tail for s in samples]
+            for prompt in self.prompts.prompts:
+                hp = head.copy()
+                hp.update(prompt.messages_json.encode())
+                for i, tail in enumerate(tails):
+                    h = hp.copy()
+                    h.update(tail)
+                    key = h.hexdigest()
+                    if key in done:
+                        skipped += 1
+                    else:
+                        append((prompt, i, key))
+        self.stats.skipped += skipped
         self.stats.total = len(todo)
         return todo
 
@@ -400,17 +434,21 @@ class Harvester:
 
     def _row(self, w: _Work, completion: Any, latency: float | None, cost: float, attempts: int,
              error: str | None = None, raw: str | None = None) -> tuple[Any, ...]:
+        prompt, i, key = w
+        s = self._samples[i]
         return completion_row(
-            key=w.key, prompt_id=w.prompt.id, messages=w.prompt.messages, teacher=self.teacher_id,
-            model=self._model, revision=self._revision, params=w.params_dict, sample_index=w.sample_index,
+            key=key, prompt_id=prompt.id, messages=prompt.messages, teacher=self.teacher_id,
+            model=self._model, revision=self._revision, params=s.params_dict, sample_index=i,
             completion=completion, latency_s=latency, cost=cost, attempts=attempts, error=error, raw=raw,
-            meta=w.prompt.meta, messages_json=w.prompt.messages_json, prompt_hash_hex=w.prompt.hash,
-            params_json=w.params_json, meta_json=w.prompt.meta_json,
+            meta=prompt.meta, messages_json=prompt.messages_json, prompt_hash_hex=prompt.hash,
+            params_json=s.params_json, meta_json=prompt.meta_json,
         )
 
     async def _one(self, w: _Work) -> None:
         cfg, st = self.config, self.stats
-        est_prompt = estimate_prompt_tokens(w.prompt.messages_json, len(w.prompt.messages))
+        prompt = w[0]
+        params = self._samples[w[1]].params
+        est_prompt = estimate_prompt_tokens(prompt.messages_json, len(prompt.messages))
         est_tokens = est_prompt + cfg.max_tokens
         est_cost = self._cost(est_prompt, cfg.max_tokens)
         attempts = 0
@@ -433,12 +471,12 @@ class Harvester:
             err: BaseException | None
             try:
                 if self._chat_json is not None:  # an HTTP teacher: send the messages JSON we already hold
-                    res = await self._chat_json(w.prompt.messages_json, w.params)
+                    res = await self._chat_json(prompt.messages_json, params)
                 elif self._timeout_here:
                     async with asyncio.timeout(cfg.timeout_s):
-                        res = await self.teacher.chat(w.prompt.messages, w.params)
+                        res = await self.teacher.chat(prompt.messages, params)
                 else:
-                    res = await self.teacher.chat(w.prompt.messages, w.params)
+                    res = await self.teacher.chat(prompt.messages, params)
                 if not res.completions:
                     raise TeacherResponseError("the teacher returned no completions",
                                                json.dumps(res.raw) if res.raw else "")

@@ -21,14 +21,16 @@ record per distinct prompt) and counted in ``duplicates``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from json.encoder import encode_basestring
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from stillhouse.distill.store import canonical_json, prompt_hash
+from stillhouse.distill.store import canonical_json
 from stillhouse.teacher.base import Message
 
 ROLES = ("system", "user", "assistant", "developer", "tool")
@@ -38,13 +40,17 @@ class PromptError(ValueError):
     """The prompt source is unusable, or (strict mode) has bad rows; the message lists them."""
 
 
-@dataclass(frozen=True)
-class Prompt:
-    """One prompt: a stable id, the chat messages, and whatever else its row carried."""
+class Prompt(NamedTuple):
+    """One prompt: a stable id, the chat messages, and whatever else its row carried.
+
+    Immutable (a NamedTuple rather than a frozen dataclass: a loader builds one per row, and a frozen
+    dataclass's ``__init__`` cost about 6x as much here).
+    """
 
     id: str
     messages: list[Message]
-    meta: dict[str, Any] = field(default_factory=dict)
+    # The shared default is never mutated: every loaded row gets its own dict.
+    meta: dict[str, Any] = {}  # noqa: RUF012
     hash: str = ""
     """prompt_hash(messages), filled by the loader."""
     messages_json: str = ""
@@ -95,58 +101,95 @@ def check_messages(messages: Any) -> list[Message]:
     return messages
 
 
+def messages_json(messages: list[Message]) -> str:
+    """canonical_json(messages), built directly when every message is just a string role and content.
+
+    ``{"content": ..., "role": ...}`` in sorted-key order with the strings encoded by the very function
+    the canonical encoder uses (``ensure_ascii=False``), so the text is identical; anything else (other
+    keys, content parts) goes through :func:`canonical_json`.
+    """
+    parts = []
+    for m in messages:
+        if len(m) != 2:
+            return canonical_json(messages)
+        content, role = m.get("content"), m.get("role")
+        if type(content) is not str or type(role) is not str:
+            return canonical_json(messages)
+        parts.append(f'{{"content":{encode_basestring(content)},"role":{encode_basestring(role)}}}')
+    return f"[{','.join(parts)}]"
+
+
+_PROMPT_KEYS = ("id", "messages", "prompt")
+
+
 def row_to_prompt(row: Any) -> Prompt:
     """One input row (a dict) → Prompt; raises ValueError saying what is wrong."""
     if not isinstance(row, dict):
         raise ValueError(f"a row must be a JSON object, not {type(row).__name__}")
-    if "messages" in row and row["messages"] is not None:
-        messages = row["messages"]
+    messages = row.get("messages")
+    if messages is not None:
         # Parquet/datasets give list-of-struct rows with every key present; drop the None ones.
         if isinstance(messages, list):
             messages = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m
                         for m in messages]
         messages = check_messages(messages)
-    elif "prompt" in row and row["prompt"] is not None:
-        if not isinstance(row["prompt"], str) or not row["prompt"].strip():
-            raise ValueError("'prompt' must be a non-empty string")
-        messages = [{"role": "user", "content": row["prompt"]}]
+        mj = messages_json(messages)
     else:
-        raise ValueError("needs 'messages' (a list of {role, content}) or 'prompt' (a string)")
-    mj = canonical_json(messages)
-    ph = prompt_hash(messages, mj)
+        text = row.get("prompt")
+        if text is None:
+            raise ValueError("needs 'messages' (a list of {role, content}) or 'prompt' (a string)")
+        if not isinstance(text, str) or not text or text.isspace():
+            raise ValueError("'prompt' must be a non-empty string")
+        messages = [{"role": "user", "content": text}]
+        mj = f'[{{"content":{encode_basestring(text)},"role":"user"}}]'
+    ph = hashlib.sha256(mj.encode()).hexdigest()  # = store.prompt_hash(messages)
     rid = row.get("id")
     if rid is None or rid == "":
         rid = f"p-{ph[:12]}"
-    elif not isinstance(rid, (str, int)):
-        raise ValueError(f"'id' must be a string or an integer, not {type(rid).__name__}")
-    meta = {k: v for k, v in row.items() if k not in ("id", "messages", "prompt")}
-    meta_json = canonical_json(meta) if meta else "{}"  # raises TypeError when not JSON-serialisable
-    return Prompt(id=str(rid), messages=messages, meta=meta, hash=ph, messages_json=mj, meta_json=meta_json)
+    elif type(rid) is not str:
+        if not isinstance(rid, (str, int)):
+            raise ValueError(f"'id' must be a string or an integer, not {type(rid).__name__}")
+        rid = str(rid)
+    if len(row) == ("id" in row) + ("messages" in row) + ("prompt" in row):
+        return Prompt(rid, messages, {}, ph, mj, "{}")
+    meta = {k: v for k, v in row.items() if k not in _PROMPT_KEYS}
+    meta_json = canonical_json(meta)  # raises TypeError when not JSON-serialisable
+    return Prompt(rid, messages, meta, ph, mj, meta_json)
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any, str | None]]:
+_decode_json = json.JSONDecoder().decode
+
+Rows = Iterator[tuple[Any, Any, str | None]]
+"""(where in the source, without its prefix; the row; why it is unusable or None)."""
+
+
+def _jsonl_rows(path: Path) -> Rows:
     with path.open("rb") as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path.name}:{lineno}"
-            try:
-                yield where, json.loads(line), None
-            except ValueError as exc:
-                yield where, None, f"not valid JSON ({exc})"
+            try:  # the common case: a UTF-8 line (str decoding skips json.loads' encoding detection)
+                row = _decode_json(line.decode())
+            except ValueError:
+                if not line.strip():
+                    continue
+                try:  # json.loads itself: BOMs, UTF-16/32, and its own error message
+                    row = json.loads(line)
+                except ValueError as exc:
+                    yield lineno, None, f"not valid JSON ({exc})"
+                    continue
+            yield lineno, row, None
 
 
-def _parquet_rows(path: Path) -> Iterator[tuple[str, Any, str | None]]:
+def _parquet_rows(path: Path) -> Rows:
     try:
         import pyarrow.parquet as pq
     except ImportError as exc:
         raise PromptError("reading Parquet needs pyarrow: pip install 'stillhouse[data]'") from exc
     table = pq.read_table(path)
     for i, row in enumerate(table.to_pylist()):
-        yield f"{path.name}:row {i}", row, None
+        yield i, row, None
 
 
-def _datasets_rows(path: Path, split: str | None) -> Iterator[tuple[str, Any, str | None]]:
+def _datasets_rows(path: Path, split: str | None) -> Rows:
     try:
         import datasets
     except ImportError as exc:
@@ -160,36 +203,39 @@ def _datasets_rows(path: Path, split: str | None) -> Iterator[tuple[str, Any, st
     elif split:
         raise PromptError(f"{path} is a single Dataset; drop '#{split}'")
     for i, row in enumerate(ds):
-        yield f"{path.name}:row {i}", row, None
+        yield i, row, None
 
 
-def _rows(source: str) -> Iterator[tuple[str, Any, str | None]]:
+def _builtin_rows(source: str) -> Rows:
+    from stillhouse.distill.tasks import TaskDataMissing, load_builtin
+
+    try:
+        items = load_builtin(source)
+    except (TaskDataMissing, ValueError) as exc:
+        raise PromptError(str(exc)) from exc
+    for item in items:
+        row = item.to_json()
+        row = {k: v for k, v in row.items() if v is not None and v != {}}
+        yield item.id, row, None
+
+
+def _rows(source: str) -> tuple[str, Rows]:
+    """The source's rows, and the prefix that makes a row's place a 'where' ('FILE:' + line)."""
     if source.startswith("builtin:"):
-        from stillhouse.distill.tasks import TaskDataMissing, load_builtin
-
-        try:
-            items = load_builtin(source)
-        except (TaskDataMissing, ValueError) as exc:
-            raise PromptError(str(exc)) from exc
-        for item in items:
-            row = item.to_json()
-            row = {k: v for k, v in row.items() if v is not None and v != {}}
-            yield f"{source}:{item.id}", row, None
-        return
+        return f"{source}:", _builtin_rows(source)
     path_s, _, split = source.partition("#")
     path = Path(path_s).expanduser()
     if not path.exists():
         raise PromptError(f"prompts source {path} does not exist. Give a .jsonl or .parquet file, a datasets "
                           "directory, or builtin:NAME[:N]")
     if path.is_dir():
-        yield from _datasets_rows(path, split or None)
-    elif path.suffix == ".parquet":
-        yield from _parquet_rows(path)
-    elif path.suffix in (".jsonl", ".json", ".ndjson"):
-        yield from _jsonl_rows(path)
-    else:
-        raise PromptError(f"{path}: unknown prompt format {path.suffix!r}; use .jsonl, .parquet, a datasets "
-                          "directory or builtin:NAME[:N]")
+        return f"{path.name}:row ", _datasets_rows(path, split or None)
+    if path.suffix == ".parquet":
+        return f"{path.name}:row ", _parquet_rows(path)
+    if path.suffix in (".jsonl", ".json", ".ndjson"):
+        return f"{path.name}:", _jsonl_rows(path)
+    raise PromptError(f"{path}: unknown prompt format {path.suffix!r}; use .jsonl, .parquet, a datasets "
+                      "directory or builtin:NAME[:N]")
 
 
 def load_prompts(source: str | os.PathLike[str], *, strict: bool = False, limit: int | None = None) -> PromptSet:
@@ -197,13 +243,16 @@ def load_prompts(source: str | os.PathLike[str], *, strict: bool = False, limit:
     source = str(source)
     if limit is not None and limit < 0:
         raise PromptError(f"limit={limit}: must be >= 0")
+    prefix, rows = _rows(source)
     prompts: list[Prompt] = []
     problems: list[Problem] = []
-    by_hash: dict[str, str] = {}
-    ids: dict[str, str] = {}
+    seen: set[str] = set()  # prompt hashes
+    ids: dict[str, Any] = {}  # id -> where (without the prefix) it was first used
     duplicates = 0
-    for where, row, err in _rows(source):
-        if limit is not None and len(prompts) >= limit:
+    most = limit if limit is not None else -1
+    append = prompts.append
+    for loc, row, err in rows:
+        if len(prompts) == most:
             break
         if err is None:
             try:
@@ -211,17 +260,18 @@ def load_prompts(source: str | os.PathLike[str], *, strict: bool = False, limit:
             except (ValueError, TypeError) as exc:
                 err = str(exc)
         if err is not None:
-            problems.append(Problem(where, err))
+            problems.append(Problem(f"{prefix}{loc}", err))
             continue
-        if p.hash in by_hash:
+        if p.hash in seen:
             duplicates += 1
             continue
         if p.id in ids:
-            problems.append(Problem(where, f"id {p.id!r} already used at {ids[p.id]} for different messages"))
+            problems.append(Problem(f"{prefix}{loc}",
+                                    f"id {p.id!r} already used at {prefix}{ids[p.id]} for different messages"))
             continue
-        by_hash[p.hash] = p.id
-        ids[p.id] = where
-        prompts.append(p)
+        seen.add(p.hash)
+        ids[p.id] = loc
+        append(p)
     if strict and problems:
         raise PromptError(format_problems(problems, header=f"{source}: {len(problems)} bad row(s) (strict mode)"))
     if not prompts:
