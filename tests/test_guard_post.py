@@ -1,14 +1,17 @@
-"""After the answer: parsing, token charging, logging and the detector, deferred but never late.
+"""After the answer: parsing, token charging, logging and the detector, deferred but bounded.
 
 The guard finishes a request after its response is sent: inline when it is the only request
-in flight, else as a later loop callback. Every policy decision drains that queue first, so
-a verdict earned by request k applies to every request decided after k was answered. These
-tests drive the real app in-process over ASGI (like the arena) against a real fake upstream.
+in flight, else as a later loop callback. Every policy decision drains that queue first.
+The detector's work, with others in flight, queues and runs in slices between requests: a
+verdict applies at most ``detect_max_lag`` requests late (0 = strict: from the next
+decision). These tests drive the real app in-process over ASGI (like the arena) against a
+real fake upstream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 from typing import Any
 
@@ -66,10 +69,10 @@ async def call(app: Any, key: str, body: dict[str, Any]) -> tuple[int, bytes]:
     return out["status"], out["body"]
 
 
-def test_concurrent_answers_are_all_observed_before_the_next_decision(tmp_path) -> None:
+def test_strict_mode_observes_every_concurrent_answer_before_the_next_decision(tmp_path) -> None:
     with start_fake(FakeServerConfig(latency_ms=30)) as fake:
         det = OrderedFlag(after=4)
-        cfg = make_config(tmp_path, f"http://127.0.0.1:{fake.port}")
+        cfg = make_config(tmp_path, f"http://127.0.0.1:{fake.port}", detect_max_lag=0)
         app = create_app(cfg, open_store(cfg.db_url), detector=det)
 
         async def main() -> None:
@@ -140,3 +143,48 @@ def _info(account_id: str) -> Any:
 def _key(app: Any, account_id: str) -> str:
     app.store.put_account(_info(account_id))
     return str(app.keys.issue(account_id, 0.0).key)
+
+
+class MaxLen(collections.deque):  # type: ignore[type-arg]
+    """A deque that remembers the longest it has been."""
+
+    most = 0
+
+    def append(self, x: Any) -> None:
+        super().append(x)
+        MaxLen.most = max(MaxLen.most, len(self))
+
+
+def test_relaxed_mode_bounds_the_detector_lag_and_observes_everything_in_order(tmp_path) -> None:
+    with start_fake(FakeServerConfig(latency_ms=20)) as fake:
+        det = OrderedFlag(after=10**6)
+        cfg = make_config(tmp_path, f"http://127.0.0.1:{fake.port}", detect_max_lag=3)
+        app = create_app(cfg, open_store(cfg.db_url), detector=det)
+        app._detect_q = MaxLen()
+        logged: list[str] = []
+        put = app.writer.put
+
+        def spy(rec: Any) -> None:
+            logged.append(rec.request_id)
+            put(rec)
+
+        app.writer.put = spy  # type: ignore[method-assign]
+
+        async def main() -> None:
+            await app.start()
+            try:
+                key = await app.db(_key, app, "cy")
+                out = await asyncio.gather(*(call(app, key, chat_body(f"q{i}")) for i in range(12)))
+                assert [s for s, _ in out] == [200] * 12
+                for _ in range(100):
+                    if len(det.order) == 12:
+                        break
+                    await asyncio.sleep(0.01)
+            finally:
+                await app.stop()
+                app.executor.shutdown(wait=True)
+
+        asyncio.run(main())
+        assert MaxLen.most >= 1, "nothing was queued: the test did not exercise the deferred path"
+        assert MaxLen.most <= 3 + 1, "the queue outgrew detect_max_lag"
+        assert det.order == logged, "the detector must see records in the order they were logged"

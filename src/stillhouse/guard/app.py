@@ -16,8 +16,10 @@ app (run it with uvicorn; ``stillhouse guard`` does). Per request, in this order
 7. log a TrafficRecord (redacted as configured) through the background writer, feed the
    detector (unredacted) and let the policy engine take its verdict. This runs after the
    response is sent: inline when no other request is in flight, else as a later loop callback
-   (so answers already waiting go out first); step 4 drains what is queued, so a verdict
-   applies to every request decided after the one that earned it was answered.
+   (so answers already waiting go out first); step 4 drains what is queued. The detector
+   runs inline too when the request is alone; with others in flight its records queue and
+   are observed in short slices between requests, so a verdict applies at most
+   ``detect_max_lag`` requests late (``detect_max_lag=0``: strict, from the next decision).
 
 Errors are OpenAI-shaped: ``{"error": {"message", "type", "param", "code"}}``.
 The admin API (``guard/admin.py``) lives under ``/admin/`` behind its own token; the
@@ -64,6 +66,8 @@ PARAM_KEYS = ("max_tokens", "max_completion_tokens", "n", "temperature", "top_p"
 PROXIED = {("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models")}
 _JSON = [(b"content-type", b"application/json")]
 WATCH_AFTER_S = 0.1
+DETECT_SLICE_S = 0.0005
+"""Detector work queued behind requests runs in slices of about this long (at least one record)."""
 """A client disconnect is watched for once an upstream call has run this long (see _forward)."""
 
 
@@ -278,6 +282,9 @@ class GuardApp:
         """Answered requests whose record is still to be parsed, charged, logged and observed."""
         self._post_scheduled = False
         self._inflight = 0
+        self._detect_q: collections.deque[tuple[TrafficRecord, AccountInfo]] = collections.deque()
+        """Answered requests waiting for the detector (see GuardConfig.detect_max_lag)."""
+        self._detect_scheduled = False
         from stillhouse.guard.admin import AdminAPI
         self.admin = AdminAPI(self)
 
@@ -312,6 +319,7 @@ class GuardApp:
             return
         self._started = False
         self._drain_post()
+        self._drain_detect(None)
         if self._refresh_task is not None:
             self._refresh_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -420,14 +428,47 @@ class GuardApp:
         return lim
 
     def _finish(self, rec: TrafficRecord, account: AccountInfo | None) -> None:
-        """Log the record and let the detector and policy see it."""
+        """Log the record and let the detector and policy see it (now, or queued: see detect_max_lag)."""
         self.writer.put(self.redactor.record(rec))
         if self.detector is not None and account is not None:
-            try:
-                self.detector.observe(rec, account)
-                self.policy.take_verdict(self.detector.verdict(rec.account_id))
-            except Exception:
-                log.exception("guard: detector failed on request %s", rec.request_id)
+            q = self._detect_q
+            if not q and (self._inflight <= 1 or self.config.detect_max_lag == 0):
+                self._observe(rec, account)
+                return
+            q.append((rec, account))
+            if len(q) > self.config.detect_max_lag:  # the bound on the lag: catch up now
+                self._drain_detect(None)
+            elif not self._detect_scheduled:
+                self._detect_scheduled = True
+                self._schedule_slice()
+
+    def _observe(self, rec: TrafficRecord, account: AccountInfo) -> None:
+        try:
+            self.detector.observe(rec, account)  # type: ignore[union-attr]
+            self.policy.take_verdict(self.detector.verdict(rec.account_id))  # type: ignore[union-attr]
+        except Exception:
+            log.exception("guard: detector failed on request %s", rec.request_id)
+
+    def _schedule_slice(self) -> None:
+        # Two hops: the slice goes behind the callbacks (new requests) queued meanwhile.
+        loop = asyncio.get_running_loop()
+        loop.call_soon(loop.call_soon, self._detect_slice)
+
+    def _detect_slice(self) -> None:
+        self._drain_detect(DETECT_SLICE_S)
+        if self._detect_q:
+            self._schedule_slice()
+        else:
+            self._detect_scheduled = False
+
+    def _drain_detect(self, budget_s: float | None) -> None:
+        """Observe queued records in order: all of them, or at least one and until ``budget_s`` is spent."""
+        q = self._detect_q
+        end = time.perf_counter() + budget_s if budget_s is not None else 0.0
+        while q:
+            self._observe(*q.popleft())
+            if budget_s is not None and time.perf_counter() >= end:
+                return
 
     async def _refuse(self, send: Send, rec: TrafficRecord, account: AccountInfo | None, status: int,
                       message: str, type_: str, code: str, param: str | None = None,
@@ -530,9 +571,12 @@ class GuardApp:
                  else json.dumps(body["prompt"])}]
         stream = bool(body.get("stream"))
 
-        # 4. policy (after the records of requests already answered have reached the detector).
+        # 4. policy, after the requests already answered are parsed, charged and logged, and (strict
+        # mode) observed by the detector.
         if self._post:
             self._drain_post()
+        if self._detect_q and cfg.detect_max_lag == 0:
+            self._drain_detect(None)
         eff: Effective = self.policy.decide(account)
         rec.decision, rec.decision_reason = eff.action, eff.reason
         if eff.action == "block":

@@ -134,6 +134,13 @@ class GuardConfig:
     detector_dir: str = ""
     """A fitted detector (``stillhouse detect --fit --log BENIGN_LOG --model DIR``) scoring every request
     online; its verdicts go to the policy engine ("" = none: manual decisions and rules only)."""
+    detect_max_lag: int = 64
+    """How many answered requests may wait for the detector while others are in flight. The
+    detector then runs in slices of about ``DETECT_SLICE_S`` between requests instead of in
+    front of them, and a verdict applies from the first decision after the detector reached
+    the request that earned it (at most this many requests later). 0 = strict: every policy
+    decision first feeds the detector every answered request (a verdict for request k
+    applies from request k+1). A request alone in flight is always observed at once."""
 
     def __post_init__(self) -> None:
         if not re.match(r"^https?://[^/\s]+", self.upstream_url):
@@ -155,6 +162,8 @@ class GuardConfig:
                      "store_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be > 0 seconds")
+        if self.detect_max_lag < 0:
+            raise ValueError(f"detect_max_lag={self.detect_max_lag}: must be >= 0 (0 = strict)")
         if self.key_refresh_s < 0:
             raise ValueError(f"key_refresh_s={self.key_refresh_s}: must be >= 0 (0 = never)")
         if not 0 < self.throttle_factor <= 1:
