@@ -40,19 +40,20 @@ Exceptions::
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import hashlib
 import json
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from stillhouse.config import ConfigError, config_to_dict, load_config, save_config
-from stillhouse.distill.prompts import Prompt, PromptSet, load_prompts
+from stillhouse.distill.prompts import Prompt, PromptLoader, PromptSet
 from stillhouse.distill.store import (
     CONFIG_NAME,
     KEY_HEAD,
@@ -350,6 +351,11 @@ class _Sample:
     """record_key_tail(teacher, params_json, index): a record's key hashes KEY_HEAD, messages, this."""
 
 
+FIRST_PROMPTS = 256
+"""Prompts read before the first request (all of them under strict); the rest load between requests."""
+LOAD_CHUNK = 256
+"""Prompts read per turn of the loader between requests (about 2-3 ms of the event loop's time here)."""
+
 _Work = tuple[Prompt, int, str]
 """(prompt, sample index, record key): one record to do. A plain tuple: a run builds one per record."""
 
@@ -357,13 +363,28 @@ _Work = tuple[Prompt, int, str]
 class Harvester:
     """One run: prompts × samples through a teacher into a store. Use :func:`run_harvest`."""
 
-    def __init__(self, config: HarvestConfig, teacher: Teacher, store: HarvestStore, prompts: PromptSet,
-                 teacher_id: str, on_progress: Callable[[HarvestStats], None] | None = None,
-                 rng_seed: int | None = None):
+    def __init__(self, config: HarvestConfig, teacher: Teacher, store: HarvestStore,
+                 prompts: PromptSet | PromptLoader, teacher_id: str,
+                 on_progress: Callable[[HarvestStats], None] | None = None, rng_seed: int | None = None,
+                 on_prompts: Callable[[PromptSet], None] | None = None):
+        """``prompts``: a loaded set, or a PromptLoader that has read the first prompts; the run then
+        reads the rest between requests and calls ``on_prompts`` with the whole set when it has it."""
         self.config = config
         self.teacher = teacher
         self.store = store
-        self.prompts = prompts
+        self._loader: PromptLoader | None = None
+        self.prompts: PromptSet | None = None
+        """The whole prompt set; None while a loader is still reading it."""
+        if isinstance(prompts, PromptLoader):
+            if prompts.done:
+                self.prompts = prompts.result()
+            else:
+                self._loader = prompts
+        else:
+            self.prompts = prompts
+        self.on_prompts = on_prompts
+        self._done_keys: set[str] | None = None
+        self._loading = False
         self.teacher_id = teacher_id
         self.on_progress = on_progress
         self.stats = HarvestStats()
@@ -387,14 +408,19 @@ class Harvester:
             pj = canonical_json(d)
             self._samples.append(_Sample(p, pj, d, record_key_tail(teacher_id, pj, i)))
 
-    def work(self) -> list[_Work]:
-        """Every (prompt, sample index, key) whose key is not ok in the store yet.
+    def work(self, prompts: list[Prompt] | None = None) -> list[_Work]:
+        """Every (prompt, sample index, key) of ``prompts`` (default: all loaded so far) whose key is not
+        ok in the store yet; adds them to ``stats.total``.
 
         A key is ``sha256(KEY_HEAD + messages JSON + tail of the sample index)`` (= store.record_key):
         the head's hash state is copied per prompt, so each prompt's messages are hashed once
         whatever the number of samples.
         """
-        done = self.store.keys("ok")
+        if prompts is None:
+            prompts = self.prompts.prompts if self.prompts is not None else self._loader_prompts()
+        if self._done_keys is None:
+            self._done_keys = self.store.keys("ok")
+        done = self._done_keys
         samples = self._samples
         head = hashlib.sha256(KEY_HEAD)
         todo: list[_Work] = []
@@ -402,7 +428,7 @@ class Harvester:
         skipped = 0
         if len(samples) == 1:
             tail = samples[0].key_tail
-            for prompt in self.prompts.prompts:
+            for prompt in prompts:
                 h = head.copy()
                 h.update(prompt.messages_json.encode())
                 h.update(tail)
@@ -413,7 +439,7 @@ class Harvester:
                     append((prompt, 0, key))
         else:
             tails = [s.key_tail for s in samples]
-            for prompt in self.prompts.prompts:
+            for prompt in prompts:
                 hp = head.copy()
                 hp.update(prompt.messages_json.encode())
                 for i, tail in enumerate(tails):
@@ -425,8 +451,36 @@ class Harvester:
                     else:
                         append((prompt, i, key))
         self.stats.skipped += skipped
-        self.stats.total = len(todo)
+        self.stats.total += len(todo)
         return todo
+
+    def _loader_prompts(self) -> list[Prompt]:
+        return self._loader.prompts if self._loader is not None else []
+
+    async def _load_rest(self, queue: collections.deque[_Work], wake: Callable[[], None]) -> None:
+        """Read the rest of the prompts between requests, a chunk at a time, queueing their work."""
+        loader = self._loader
+        try:
+            while loader is not None and not loader.done and not self._stopping:
+                await asyncio.sleep(0)  # let answers that arrived meanwhile through first
+                gc_on = gc.isenabled()
+                gc.disable()  # long-lived objects only: collections would just rescan them
+                try:
+                    queue.extend(self.work(loader.take(LOAD_CHUNK)))
+                    gc.freeze()
+                finally:
+                    if gc_on:
+                        gc.enable()
+                wake()
+            if loader is not None and loader.done:
+                self.prompts = loader.result()
+                self._loader = None
+                if self.on_prompts is not None:
+                    self.on_prompts(self.prompts)
+        finally:
+            self._done_keys = None
+            self._loading = False
+            wake()
 
     def _cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         c = self.config
@@ -540,18 +594,30 @@ class Harvester:
         was_enabled = gc.isenabled()
         gc.disable()
         try:
-            todo = self.work()
+            queue = collections.deque(self.work())
         finally:
             if was_enabled:
                 gc.enable()
         gc.freeze()
-        it: Iterator[_Work] = iter(todo)
+        self._loading = self._loader is not None
+        if not self._loading:
+            self._done_keys = None
+        more = asyncio.Event()
+
+        def wake() -> None:  # workers waiting for the loader's next chunk
+            nonlocal more
+            ev, more = more, asyncio.Event()
+            ev.set()
 
         async def worker() -> None:
-            for w in it:
-                if self._stopping:
+            pop = queue.popleft
+            while not self._stopping:
+                if queue:
+                    await self._one(pop())
+                elif self._loading:
+                    await more.wait()
+                else:
                     return
-                await self._one(w)
 
         async def flusher() -> None:
             while True:
@@ -562,10 +628,14 @@ class Harvester:
                 if self.on_progress is not None:
                     self.on_progress(self.stats)
 
-        n = min(self.config.effective_concurrency(), max(1, len(todo)))
+        n = self.config.effective_concurrency()
+        if not self._loading:
+            n = min(n, max(1, len(queue)))
         self._writer = _Writer(self.store)
         flush_task = asyncio.create_task(flusher())
         workers = [asyncio.create_task(worker()) for _ in range(n)]
+        if self._loading:
+            workers.append(asyncio.create_task(self._load_rest(queue, wake)))
         t_requests = time.monotonic()
         try:
             await asyncio.gather(*workers)
@@ -710,14 +780,18 @@ async def run_harvest(
     on_prompts: Callable[[PromptSet], None] | None = None,
 ) -> HarvestReport:
     """Validate everything, then harvest. Raises HarvestError/PromptError before any teacher call."""
+    loader = PromptLoader(cfg.prompts, limit=cfg.limit)
     gc_was_enabled = gc.isenabled()
     gc.disable()  # loading allocates many long-lived objects: collections would only rescan them
     try:
-        prompts = load_prompts(cfg.prompts, strict=cfg.strict, limit=cfg.limit)
+        # Under strict every row is judged before any teacher call; otherwise the first prompts are
+        # enough to start, and the harvester reads the rest between its requests.
+        loader.take(None if cfg.strict else FIRST_PROMPTS)
+        prompts: PromptSet | None = loader.result(strict=cfg.strict) if loader.done else None
     finally:
         if gc_was_enabled:
             gc.enable()
-    if on_prompts is not None:
+    if prompts is not None and on_prompts is not None:
         on_prompts(prompts)
     own = teacher is None
     if teacher is None:
@@ -741,10 +815,10 @@ async def run_harvest(
                 )
             store.set_meta(meta_key, teacher.revision)
             save_run_config(cfg)
-            h = Harvester(cfg, teacher, store, prompts, tid, on_progress)
+            h = Harvester(cfg, teacher, store, loader, tid, on_progress, on_prompts=on_prompts)
             await h.run()
             counts = store.counts()
-        return HarvestReport(cfg, h.stats, counts, [str(p) for p in prompts.problems], prompts.duplicates)
+        return HarvestReport(cfg, h.stats, counts, [str(p) for p in loader.problems], loader.duplicates)
     finally:
         if own:
             await teacher.aclose()

@@ -238,46 +238,82 @@ def _rows(source: str) -> tuple[str, Rows]:
                       "directory or builtin:NAME[:N]")
 
 
+class PromptLoader:
+    """Reads a source a piece at a time, so a harvest can start its requests while the rest loads.
+
+    ``take(n)`` reads rows until ``n`` more usable prompts (all the rest when None) and returns them;
+    ``done`` turns True at the end of the source or the limit; ``result()`` is then the PromptSet that
+    :func:`load_prompts` returns (it raises the same errors). Problems, duplicates and id clashes are
+    judged exactly as one pass would: earlier rows win.
+    """
+
+    def __init__(self, source: str | os.PathLike[str], *, limit: int | None = None):
+        self.source = str(source)
+        if limit is not None and limit < 0:
+            raise PromptError(f"limit={limit}: must be >= 0")
+        self._limit = limit
+        self._prefix, self._rows = _rows(self.source)
+        self.prompts: list[Prompt] = []
+        self.problems: list[Problem] = []
+        self.duplicates = 0
+        self.done = limit == 0
+        self._seen: set[str] = set()  # prompt hashes
+        self._ids: dict[str, Any] = {}  # id -> where (without the prefix) it was first used
+
+    def take(self, n: int | None = None) -> list[Prompt]:
+        """The next usable prompts (up to ``n``), in source order; [] once ``done``."""
+        prompts = self.prompts
+        start = len(prompts)
+        if self.done or (n is not None and n < 1):
+            return []
+        stop = self._limit if self._limit is not None else -1
+        if n is not None and (stop < 0 or start + n < stop):
+            stop = start + n
+        prefix, seen, ids, problems = self._prefix, self._seen, self._ids, self.problems
+        append = prompts.append
+        for loc, row, err in self._rows:
+            if err is None:
+                try:
+                    p = row_to_prompt(row)
+                except (ValueError, TypeError) as exc:
+                    err = str(exc)
+            if err is not None:
+                problems.append(Problem(f"{prefix}{loc}", err))
+                continue
+            if p.hash in seen:
+                self.duplicates += 1
+                continue
+            if p.id in ids:
+                problems.append(Problem(f"{prefix}{loc}",
+                                        f"id {p.id!r} already used at {prefix}{ids[p.id]} for different messages"))
+                continue
+            seen.add(p.hash)
+            ids[p.id] = loc
+            append(p)
+            if len(prompts) == stop:
+                break
+        else:
+            self.done = True
+        if self._limit is not None and len(prompts) >= self._limit:
+            self.done = True
+        return prompts[start:]
+
+    def result(self, *, strict: bool = False) -> PromptSet:
+        """The whole set (reads what is left first); PromptError for bad rows under strict, or no prompts."""
+        self.take()
+        problems = self.problems
+        if strict and problems:
+            raise PromptError(format_problems(problems,
+                                              header=f"{self.source}: {len(problems)} bad row(s) (strict mode)"))
+        if not self.prompts:
+            detail = ("\n" + format_problems(problems)) if problems else ""
+            raise PromptError(f"{self.source}: no usable prompts{detail}")
+        return PromptSet(self.prompts, problems, self.duplicates, self.source)
+
+
 def load_prompts(source: str | os.PathLike[str], *, strict: bool = False, limit: int | None = None) -> PromptSet:
     """Read every usable prompt of ``source`` (the first ``limit`` usable ones when given)."""
-    source = str(source)
-    if limit is not None and limit < 0:
-        raise PromptError(f"limit={limit}: must be >= 0")
-    prefix, rows = _rows(source)
-    prompts: list[Prompt] = []
-    problems: list[Problem] = []
-    seen: set[str] = set()  # prompt hashes
-    ids: dict[str, Any] = {}  # id -> where (without the prefix) it was first used
-    duplicates = 0
-    most = limit if limit is not None else -1
-    append = prompts.append
-    for loc, row, err in rows:
-        if len(prompts) == most:
-            break
-        if err is None:
-            try:
-                p = row_to_prompt(row)
-            except (ValueError, TypeError) as exc:
-                err = str(exc)
-        if err is not None:
-            problems.append(Problem(f"{prefix}{loc}", err))
-            continue
-        if p.hash in seen:
-            duplicates += 1
-            continue
-        if p.id in ids:
-            problems.append(Problem(f"{prefix}{loc}",
-                                    f"id {p.id!r} already used at {prefix}{ids[p.id]} for different messages"))
-            continue
-        seen.add(p.hash)
-        ids[p.id] = loc
-        append(p)
-    if strict and problems:
-        raise PromptError(format_problems(problems, header=f"{source}: {len(problems)} bad row(s) (strict mode)"))
-    if not prompts:
-        detail = ("\n" + format_problems(problems)) if problems else ""
-        raise PromptError(f"{source}: no usable prompts{detail}")
-    return PromptSet(prompts, problems, duplicates, source)
+    return PromptLoader(source, limit=limit).result(strict=strict)
 
 
 def format_problems(problems: Iterable[Problem], header: str = "", show: int = 20) -> str:
