@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from concurrent.futures import Future
 
 import pytest
 import torch
 
 from stillhouse.teacher.base import SamplingParams, Teacher
-from stillhouse.teacher.batcher import BatchConfig, RequestCancelled
+from stillhouse.teacher.batcher import BatchConfig, Request, RequestCancelled
 from stillhouse.teacher.decoding import (
     TokenText,
     find_stop,
@@ -156,6 +157,47 @@ def test_a_request_joins_a_running_batch_and_matches_its_solo_run(tiny_model, sm
         with pytest.raises(RequestCancelled):
             long_a.future.result(timeout=30)
         assert teacher.batcher.active == 0
+    finally:
+        teacher.close()
+
+
+class CancelledMidResolve(Future):
+    """A future its caller cancels right after the worker checked ``done()`` (the race, made certain)."""
+
+    def done(self) -> bool:
+        was = super().done()
+        if not was:
+            self.cancel()
+        return was
+
+
+def test_a_future_cancelled_while_being_resolved_does_not_fail_its_batch(tiny_model, smol_tokenizer):
+    teacher = LocalTeacher(tiny_model, smol_tokenizer, batch=BatchConfig(max_batch=4, batch_window_s=0.05))
+    try:
+        ids_a, ids_b = teacher.encode(CONVS[0]), teacher.encode(CONVS[1])
+        racy = teacher.batcher.submit(Request(ids_a, SamplingParams(max_tokens=3), future=CancelledMidResolve()))
+        neighbour = teacher.submit(ids_b, SamplingParams(max_tokens=12))
+        done = neighbour.future.result(timeout=60)  # raised InvalidStateError before the fix
+        assert done.completion_tokens == 12 and teacher.batcher.max_rows_seen == 2
+        assert racy.future.cancelled()
+    finally:
+        teacher.close()
+
+
+def test_a_future_cancelled_by_its_caller_frees_its_slot(tiny_model, smol_tokenizer):
+    teacher = LocalTeacher(tiny_model, smol_tokenizer, batch=BatchConfig(max_batch=4, batch_window_s=0.0))
+    try:
+        ids = teacher.encode(CONVS[1])
+        long = teacher.submit(ids, SamplingParams(max_tokens=400))
+        deadline = time.monotonic() + 30
+        while teacher.batcher.steps < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert long.future.cancel()  # what asyncio.wrap_future does when the awaiting task is cancelled
+        while teacher.batcher.active and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert teacher.batcher.active == 0, "the cancelled request kept its batch slot"
+        assert teacher.batcher.steps < 200
+        assert teacher.submit(ids, SamplingParams(max_tokens=4)).future.result(timeout=60).completion_tokens == 4
     finally:
         teacher.close()
 

@@ -39,7 +39,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -231,23 +231,20 @@ class Batcher:
                 except Exception as exc:  # fail this batch, keep serving the next
                     log.exception("batch failed")
                     for row in self._rows:
-                        if not row.req.future.done():
-                            row.req.future.set_exception(exc)
+                        _settle(row.req.future, exc=exc)
                     self._rows, self._cache, self._mask = [], None, None
         err = RuntimeError("the teacher was closed before this request finished")
         for row in self._rows:
-            if not row.req.future.done():
-                row.req.future.set_exception(err)
+            _settle(row.req.future, exc=err)
         for req in list(self._waiting):
-            if not req.future.done():
-                req.future.set_exception(err)
+            _settle(req.future, exc=err)
         while True:
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            if item is not None and not item.future.done():
-                item.future.set_exception(err)
+            if item is not None:
+                _settle(item.future, exc=err)
 
     def _collect(self) -> bool:
         """Move submitted requests into the waiting line; False when closing."""
@@ -284,13 +281,12 @@ class Batcher:
                 return True
 
     def _drop_cancelled(self) -> None:
-        for req in [r for r in self._waiting if r.cancelled.is_set()]:
+        for req in [r for r in self._waiting if _cancelled(r)]:
             self._waiting.remove(req)
-            if not req.future.done():
-                req.future.set_exception(RequestCancelled())
-        if any(r.req.cancelled.is_set() for r in self._rows):
+            _settle(req.future, exc=RequestCancelled())
+        if any(_cancelled(r.req) for r in self._rows):
             for r in self._rows:
-                if r.req.cancelled.is_set():
+                if _cancelled(r.req):
                     r.finish = "cancelled"
             self._remove_finished()
 
@@ -306,8 +302,7 @@ class Batcher:
             logits, cache, mask = self._prefill([r.req.prompt_ids for r in rows])
         except Exception as exc:
             for req in new:
-                if not req.future.done():
-                    req.future.set_exception(exc)
+                _settle(req.future, exc=exc)
             raise
         self._merge(cache, mask)
         self._rows.extend(rows)
@@ -452,8 +447,8 @@ class Batcher:
             except Exception:  # a broken consumer must not take the batch down
                 log.exception("stream consumer failed; cancelling its request")
                 r.req.cancelled.set()
-        if completion is not None and not r.req.future.done():
-            r.req.future.set_result(completion)
+        if completion is not None:
+            _settle(r.req.future, completion)
 
     def _completion(self, r: _Row) -> Completion:
         lp = None
@@ -475,8 +470,8 @@ class Batcher:
         if len(keep) == len(self._rows):
             return
         for r in self._rows:
-            if r.finish == "cancelled" and not r.req.future.done():
-                r.req.future.set_exception(RequestCancelled())
+            if r.finish == "cancelled":
+                _settle(r.req.future, exc=RequestCancelled())
         self._rows = [self._rows[i] for i in keep]
         if not self._rows:
             self._cache, self._mask = None, None
@@ -490,6 +485,29 @@ class Batcher:
             for layer in self._cache.layers:
                 layer.keys = layer.keys[:, :, lead:, :]
                 layer.values = layer.values[:, :, lead:, :]
+
+
+def _cancelled(req: Request) -> bool:
+    """Cancelled through its handle, or its future cancelled by the caller (e.g. an asyncio wrapper)."""
+    return req.cancelled.is_set() or req.future.cancelled()
+
+
+def _settle(future: Future[Completion], result: Completion | None = None,
+            exc: BaseException | None = None) -> None:
+    """Resolve a caller's future unless it is already done.
+
+    The caller may cancel the future from another thread at any moment (``asyncio.wrap_future``
+    does when its task is cancelled), also between a ``done()`` check and ``set_result``; that
+    race raised InvalidStateError here and failed every other row of the batch with it."""
+    if future.done():
+        return
+    try:
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+    except InvalidStateError:
+        pass  # cancelled by its caller meanwhile: nobody is waiting for this result
 
 
 def _tokens_within(prefix_lens: list[int], n_chars: int) -> int:
