@@ -98,14 +98,14 @@ def test_chunked_stream_arrives_in_pieces_and_a_big_body_survives_flow_control()
     big = bytes(range(256)) * 8192  # 2 MiB, past the 256 KiB pause mark
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: dict[str, Any]) -> None:
-        head, _ = await read_request(reader)
+        await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
         for p in pieces:
             writer.write(b"%x\r\n%s\r\n" % (len(p), p))
             await writer.drain()
             await asyncio.sleep(0.02)
         writer.write(b"0\r\n\r\n")
-        head, _ = await read_request(reader)  # the same connection carries the next request
+        await read_request(reader)  # the same connection carries the next request
         writer.write(ok(big))
         await writer.drain()
         await read_request(reader)
@@ -163,7 +163,7 @@ def test_truncated_body_stall_and_silence_map_to_502_and_504() -> None:
         await asyncio.sleep(2)  # /silent: never a byte; /stall: nothing after the first piece
 
     async def main() -> None:
-        server, port, state = await serve(handler)
+        server, port, _ = await serve(handler)
         up = Http1Upstream(f"http://127.0.0.1:{port}", read_timeout_s=0.3)
         r = await up.send("GET", "/truncated")
         with pytest.raises(UpstreamUnavailable, match="broke the response"):

@@ -15,12 +15,11 @@ import collections
 import json
 from typing import Any
 
-from test_guard import FlagEveryone, chat_body, make_config
-
 from stillhouse.guard.app import create_app
 from stillhouse.guard.store import open_store
 from stillhouse.teacher.fakeserver import FakeServerConfig
 from stillhouse.teacher.fakeserver import start_in_thread as start_fake
+from test_guard import FlagEveryone, chat_body, make_config
 
 
 class OrderedFlag(FlagEveryone):

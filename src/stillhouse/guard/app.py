@@ -643,7 +643,7 @@ class GuardApp:
             if method == "POST" and not rec.prompt_tokens:
                 rec.prompt_tokens = _estimate_tokens(_prompt_text(body))
             self.limiter.charge_tokens(account.account_id, limits, rec.prompt_tokens + rec.completion_tokens)
-        except Exception:  # noqa: BLE001 - the record is logged whatever went wrong above
+        except Exception:  # the record is logged whatever went wrong above
             log.exception("guard: post-processing failed on request %s", rec.request_id)
         self._finish(rec, account)
 

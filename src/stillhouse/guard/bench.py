@@ -606,8 +606,8 @@ def format_markdown(result: dict[str, Any]) -> str:
         lines.append("")
     det = summarize(result).get("detector") if lat else None
     if det:
-        lines += [f"Online detection (guard+detector minus guard, same rounds): p50 {det['added_p50_ms']:+.2f} ms, "
-                  f"p99 {det['added_p99_ms']:+.2f} ms, CPU {det['added_cpu_ms_per_request']:+.3f} ms/request.", ""]
+        lines += [(f"Online detection (guard+detector minus guard, same rounds): p50 {det['added_p50_ms']:+.2f} ms, "
+                   f"p99 {det['added_p99_ms']:+.2f} ms, CPU {det['added_cpu_ms_per_request']:+.3f} ms/request."), ""]
     thr = result.get("throughput", {})
     if thr:
         lines += [f"Offered load, {result['config']['duration_s']:g} s per rate (open loop):", "",
