@@ -355,6 +355,10 @@ FIRST_PROMPTS = 256
 """Prompts read before the first request (all of them under strict); the rest load between requests."""
 LOAD_CHUNK = 256
 """Prompts read per turn of the loader between requests (about 2-3 ms of the event loop's time here)."""
+STREAM_MAX_CONCURRENCY = 64
+"""Above this concurrency every prompt is read before the first request. Measured on the 2-core box
+(docs/benchmarks.md, harvest): streaming closed most of the end-to-end gap at C=64, but at C=256, where
+the client is CPU-bound, it was worse end to end in 3 of 3 runs; in between is not measured."""
 
 _Work = tuple[Prompt, int, str]
 """(prompt, sample index, record key): one record to do. A plain tuple: a run builds one per record."""
@@ -784,9 +788,10 @@ async def run_harvest(
     gc_was_enabled = gc.isenabled()
     gc.disable()  # loading allocates many long-lived objects: collections would only rescan them
     try:
-        # Under strict every row is judged before any teacher call; otherwise the first prompts are
-        # enough to start, and the harvester reads the rest between its requests.
-        loader.take(None if cfg.strict else FIRST_PROMPTS)
+        # Under strict every row is judged before any teacher call; otherwise (at moderate concurrency)
+        # the first prompts are enough to start, and the harvester reads the rest between its requests.
+        stream = not cfg.strict and cfg.effective_concurrency() <= STREAM_MAX_CONCURRENCY
+        loader.take(FIRST_PROMPTS if stream else None)
         prompts: PromptSet | None = loader.result(strict=cfg.strict) if loader.done else None
     finally:
         if gc_was_enabled:
