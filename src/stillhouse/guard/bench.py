@@ -535,9 +535,23 @@ uvicorn.run(create_app(cfg, open_store(cfg.db_url)), host="127.0.0.1", port=cfg.
 """
 
 
+SERVER_VARIANTS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
+    ("uvicorn --http h11 --loop asyncio", "h11", "asyncio", {}),
+    ("uvicorn --http httptools --loop uvloop", "httptools", "uvloop", {}),
+)
+"""(label, uvicorn http, uvicorn loop, GuardConfig overrides): what chose the guard extra."""
+CLIENT_VARIANTS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
+    ("upstream_client=aiohttp", "httptools", "uvloop", {"upstream_client": "aiohttp"}),
+    ("upstream_client=http1", "httptools", "uvloop", {"upstream_client": "http1"}),
+)
+"""What chose the guard's default upstream client (guard/http1.py)."""
+
+
 def compare_servers(requests: int = 3000, concurrency: int = 64, latency_ms: float = 50.0,
-                    repeats: int = 2) -> dict[str, Any]:
-    """Guard CPU per request under uvicorn h11+asyncio versus httptools+uvloop (what chose the guard extra)."""
+                    repeats: int = 2,
+                    variants: tuple[tuple[str, str, str, dict[str, Any]], ...] = SERVER_VARIANTS) -> dict[str, Any]:
+    """Guard CPU per request for each variant, alternating, ``repeats`` times (default: uvicorn
+    h11+asyncio versus httptools+uvloop; ``CLIENT_VARIANTS``: aiohttp versus the http1 client)."""
     from stillhouse.config import save_config
     from stillhouse.guard.config import GuardConfig, sha256_hex
 
@@ -551,16 +565,16 @@ def compare_servers(requests: int = 3000, concurrency: int = 64, latency_ms: flo
     try:
         _wait_http(f"http://127.0.0.1:{up_port}/health", up, 30, work / "upstream.log")
         for rep in range(repeats):
-            for http, loop_name in (("h11", "asyncio"), ("httptools", "uvloop")):
+            for i, (label, http, loop_name, extra) in enumerate(variants):
                 port = _free_port()
                 admin = secrets.token_urlsafe(16)
+                name = f"v{i}-{rep}"
                 cfg = GuardConfig(upstream_url=f"http://127.0.0.1:{up_port}", admin_token_sha256=sha256_hex(admin),
-                                  port=port, db_url=f"sqlite:///{work}/{http}-{rep}.db",
-                                  spool_dir=str(work / f"spool-{http}-{rep}"))
-                save_config(cfg, work / f"{http}-{rep}.json")
-                log = work / f"guard-{http}-{rep}.log"
-                g = _spawn([sys.executable, "-c", _SERVER_RUNNER, str(work / f"{http}-{rep}.json"), http, loop_name],
-                           log)
+                                  port=port, db_url=f"sqlite:///{work}/{name}.db",
+                                  spool_dir=str(work / f"spool-{name}"), **extra)
+                save_config(cfg, work / f"{name}.json")
+                log = work / f"guard-{name}.log"
+                g = _spawn([sys.executable, "-c", _SERVER_RUNNER, str(work / f"{name}.json"), http, loop_name], log)
                 try:
                     url = f"http://127.0.0.1:{port}"
                     _wait_http(url + "/healthz", g, 60, log)
@@ -573,7 +587,7 @@ def compare_servers(requests: int = 3000, concurrency: int = 64, latency_ms: flo
                     cpu = 1000 * (process_cpu_s(g.pid) - c0) / requests
                 finally:
                     _stop(g)
-                out["runs"].append({"server": f"uvicorn --http {http} --loop {loop_name}", "repeat": rep,
+                out["runs"].append({"variant": label, "repeat": rep,
                                     "guard_cpu_ms_per_request": round(cpu, 3), "rps": round(r["rps"], 1),
                                     "p50_ms": round(r["p50_ms"], 1), "ok": r["ok"]})
     finally:

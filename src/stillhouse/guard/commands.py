@@ -290,6 +290,9 @@ def bench_guard(
     compare_servers: bool = typer.Option(False, "--compare-servers",
                                          help="Instead: guard CPU/request under uvicorn h11+asyncio vs "
                                               "httptools+uvloop (3,000 requests at concurrency 64, twice each)."),
+    compare_clients: bool = typer.Option(False, "--compare-clients",
+                                         help="Instead: guard CPU/request with the aiohttp upstream client vs "
+                                              "the http1 one (3,000 requests at concurrency 64, twice each)."),
 ) -> None:
     """Guard vs direct vs LiteLLM proxy on loopback: added latency p50/p99, throughput ratio, log loss.
 
@@ -297,10 +300,16 @@ def bench_guard(
     from stillhouse.config import load_config
     from stillhouse.guard.bench import GuardBenchConfig, run_bench
 
-    if compare_servers:
+    if compare_servers or compare_clients:
+        from stillhouse.guard.bench import CLIENT_VARIANTS, SERVER_VARIANTS
         from stillhouse.guard.bench import compare_servers as _compare
 
-        typer.echo(json.dumps(_compare(latency_ms=latency_ms), indent=2))
+        out_ = _compare(latency_ms=latency_ms, variants=CLIENT_VARIANTS if compare_clients else SERVER_VARIANTS)
+        typer.echo(json.dumps(out_, indent=2))
+        if out:
+            from stillhouse.config import atomic_write_text
+
+            atomic_write_text(out, json.dumps(out_, indent=2) + "\n")
         return
 
     if config:
