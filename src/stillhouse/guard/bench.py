@@ -72,6 +72,9 @@ class GuardBenchConfig:
     """A fitted detector (``stillhouse detect --fit``); adds the "guard+detector" target: a second
     guard, identical but for online detection (in shadow mode, so verdicts are computed, persisted
     and logged but the bench's one-prompt-family account is never blocked). "" = no such target."""
+    detector_strict: bool = False
+    """With ``detector_dir``: also a third guard with ``detect_max_lag=0`` (every decision waits for the
+    detector to see every answered request), reported as "guard+detector(strict)"."""
     prompts: int = 64
     """Distinct prompts the load cycles through (arithmetic questions), the same for every target."""
 
@@ -90,6 +93,8 @@ class GuardBenchConfig:
             raise ValueError(f"latency_rounds={self.latency_rounds}: must be 1..latency_requests")
         if self.prompts < 1:
             raise ValueError(f"prompts={self.prompts}: must be >= 1")
+        if self.detector_strict and not self.detector_dir:
+            raise ValueError("detector_strict needs detector_dir (the strict arm is a second detector guard)")
         if self.detector_dir and not (Path(self.detector_dir) / "detector.json").is_file():
             raise ValueError(f"detector_dir={self.detector_dir!r} holds no detector.json; fit one with "
                              "`stillhouse detect --fit --log BENIGN_LOG --model DIR` (or use OUT/detector "
@@ -294,6 +299,7 @@ def _git_commit() -> str:
 
 
 DETECTOR_TARGET = "guard+detector"
+STRICT_TARGET = "guard+detector(strict)"
 
 
 def bench_bodies(n: int, max_tokens: int) -> list[dict[str, Any]]:
@@ -375,6 +381,14 @@ def run_bench(cfg: GuardBenchConfig, work: Path | None = None) -> dict[str, Any]
             targets[DETECTOR_TARGET] = (gd_url + "/v1/chat/completions", dkey)
             server_pid[DETECTOR_TARGET] = gd.pid
             result["guard_detector_config"] = config_to_dict(gdcfg)
+            if cfg.detector_strict:
+                gs, gs_url, (skey,), _ = _start_guard(work, "guard-detector-strict", upstream,
+                                                      f"sqlite:///{work}/guard-detector-strict.db", ["bench"],
+                                                      {"detector_dir": str(Path(cfg.detector_dir).resolve()),
+                                                       "shadow": True, "detect_max_lag": 0})
+                procs.append(gs)
+                targets[STRICT_TARGET] = (gs_url + "/v1/chat/completions", skey)
+                server_pid[STRICT_TARGET] = gs.pid
 
         # litellm
         if cfg.litellm_python:
@@ -447,7 +461,7 @@ def run_bench(cfg: GuardBenchConfig, work: Path | None = None) -> dict[str, Any]
                 thr: dict[str, Any] = {}
                 for rate in cfg.rates:
                     for name, (url, tok) in targets.items():
-                        if name == DETECTOR_TARGET:
+                        if name in (DETECTOR_TARGET, STRICT_TARGET):
                             continue  # its goal is latency; the throughput ratios compare proxies
                         t = bar.add_task(f"{rate:g} req/s {name:7s}", total=None)
                         thr.setdefault(f"{rate:g}", {})[name] = loop.run_until_complete(
@@ -498,7 +512,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     lat = result.get("latency", {})
     d = lat.get("direct")
-    for name in ("guard", DETECTOR_TARGET, "litellm"):
+    for name in ("guard", DETECTOR_TARGET, STRICT_TARGET, "litellm"):
         if name not in lat or d is None:
             continue
         s: dict[str, Any] = {
@@ -512,15 +526,17 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         out[name] = s
     if "lossless" in result:
         out.setdefault("guard", {})["log_records_lost"] = result["lossless"]["lost"]
-    g, gd = lat.get("guard"), lat.get(DETECTOR_TARGET)
-    if g is not None and gd is not None:
-        # What online detection adds: the same guard with and without it, same rounds (issue 6: <= 0.2 ms p50).
-        out["detector"] = {
-            "added_p50_ms": round(gd["p50_ms"] - g["p50_ms"], 3),
-            "added_p99_ms": round(gd["p99_ms"] - g["p99_ms"], 3),
-            "added_cpu_ms_per_request": round(gd.get("server_cpu_ms_per_request", float("nan"))
-                                              - g.get("server_cpu_ms_per_request", float("nan")), 3),
-        }
+    g = lat.get("guard")
+    for key, target in (("detector", DETECTOR_TARGET), ("detector_strict", STRICT_TARGET)):
+        gd = lat.get(target)
+        if g is not None and gd is not None:
+            # What online detection adds: the same guard with and without it, same rounds (issue 6: <= 0.2 ms p50).
+            out[key] = {
+                "added_p50_ms": round(gd["p50_ms"] - g["p50_ms"], 3),
+                "added_p99_ms": round(gd["p99_ms"] - g["p99_ms"], 3),
+                "added_cpu_ms_per_request": round(gd.get("server_cpu_ms_per_request", float("nan"))
+                                                  - g.get("server_cpu_ms_per_request", float("nan")), 3),
+            }
     return out
 
 
@@ -618,10 +634,13 @@ def format_markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {name} | {v['p50_ms']:.1f} | {v['p99_ms']:.1f} | {add50:+.1f} | {add99:+.1f} | "
                          f"{cpu:.2f} |")
         lines.append("")
-    det = summarize(result).get("detector") if lat else None
-    if det:
-        lines += [(f"Online detection (guard+detector minus guard, same rounds): p50 {det['added_p50_ms']:+.2f} ms, "
-                   f"p99 {det['added_p99_ms']:+.2f} ms, CPU {det['added_cpu_ms_per_request']:+.3f} ms/request."), ""]
+    summ = summarize(result) if lat else {}
+    for key, target in (("detector", DETECTOR_TARGET), ("detector_strict", STRICT_TARGET)):
+        det = summ.get(key)
+        if det:
+            lines += [(f"Online detection ({target} minus guard, same rounds): p50 {det['added_p50_ms']:+.2f} ms, "
+                       f"p99 {det['added_p99_ms']:+.2f} ms, CPU {det['added_cpu_ms_per_request']:+.3f} ms/request."),
+                      ""]
     thr = result.get("throughput", {})
     if thr:
         lines += [f"Offered load, {result['config']['duration_s']:g} s per rate (open loop):", "",

@@ -285,6 +285,9 @@ def bench_guard(
                                       "report what online detection adds to p50/p99 and CPU. Fit one with "
                                       "`stillhouse detect --fit --log BENIGN --model DIR`, or use OUT/detector "
                                       "of `stillhouse arena --quick --out OUT`."),
+    detector_strict: bool = typer.Option(False, "--detector-strict",
+                                         help="With --detector: also a guard with detect_max_lag=0 (each decision "
+                                              "waits for the detector to see every answered request)."),
     out: str = typer.Option(None, help="Write the results JSON here."),
     config: str = typer.Option(None, "--config", help="Replay a saved GuardBenchConfig JSON."),
     compare_servers: bool = typer.Option(False, "--compare-servers",
@@ -320,7 +323,8 @@ def bench_guard(
                                    duration_s=duration_s, latency_requests=latency_requests,
                                    latency_concurrency=latency_concurrency, lossless_requests=lossless_requests,
                                    litellm_python=litellm_python, db_url=db or "",
-                                   latency_rounds=latency_rounds, detector_dir=detector or "")
+                                   latency_rounds=latency_rounds, detector_dir=detector or "",
+                                   detector_strict=detector_strict)
         except ValueError as exc:
             _die(str(exc))
             return
