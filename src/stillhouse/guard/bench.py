@@ -10,16 +10,23 @@ Setup, all on loopback, each server in its own process:
   ``LITELLM_LOCAL_MODEL_COST_MAP=True``, one ``openai/<model>`` entry pointing at the same
   upstream and a ``master_key`` (no database: it has no virtual keys and no spend log then).
 
-Measured, per target, interleaved so drift hits all three alike:
+- **guard+detector** (with ``detector_dir``): a second guard with online detection in shadow
+  mode; ``detector_strict`` adds a third with ``detect_max_lag=0``. The summary's ``detector``
+  entries are these minus the plain guard, from the same rounds.
 
-1. added latency: ``latency_requests`` requests at ``latency_concurrency`` (closed loop);
-   p50/p99 of each minus direct's;
+Requests cycle through ``prompts`` distinct arithmetic questions. Measured, per target,
+interleaved so drift hits all of them alike:
+
+1. added latency: ``latency_requests`` requests at ``latency_concurrency`` (closed loop), in
+   ``latency_rounds`` rounds that each visit every target; p50/p99 of each minus direct's;
 2. throughput ratio: open loop at each offered rate for ``duration_s`` s; completed OK/s
    divided by direct's at the same rate;
 3. log loss (guard only): ``lossless_requests`` requests at concurrency 64, the guard is then
    stopped (graceful: it flushes) and its log is counted against the responses received.
 
-Run: ``stillhouse bench guard --out bench-guard.json`` (``--help`` lists the knobs).
+Run: ``stillhouse bench guard --out bench-guard.json`` (``--help`` lists the knobs);
+``--detector DIR [--detector-strict]`` for the detection arms; ``--compare-servers`` and
+``--compare-clients`` for the uvicorn and upstream-client A/Bs.
 """
 
 from __future__ import annotations
