@@ -9,7 +9,6 @@ Setup, all on loopback, each server in its own process:
 - **litellm**: ``litellm --config`` from its own virtualenv (``litellm_python``), with
   ``LITELLM_LOCAL_MODEL_COST_MAP=True``, one ``openai/<model>`` entry pointing at the same
   upstream and a ``master_key`` (no database: it has no virtual keys and no spend log then).
-
 - **guard+detector** (with ``detector_dir``): a second guard with online detection in shadow
   mode; ``detector_strict`` adds a third with ``detect_max_lag=0``. The summary's ``detector``
   entries are these minus the plain guard, from the same rounds.
