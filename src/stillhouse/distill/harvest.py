@@ -13,9 +13,12 @@ Library use::
 How it works. Every (prompt, sample index) is one record keyed by a content hash of
 (messages, teacher, sampling params, sample index) — see :mod:`stillhouse.distill.store`.
 Keys already stored as ``ok`` are skipped; ``error`` rows are retried. ``concurrency``
-workers pull work from one iterator (no task per record, so memory stays flat), each call
+workers pull work from one queue (no task per record, so memory stays flat), each call
 passes the rate limiter (Retry-After cool-down, RPM spacing, TPM bucket) and the budget
-(requests, tokens, cost: reserved before the call, settled after). Finished rows are written
+(requests, tokens, cost: reserved before the call, settled after). Up to concurrency 64 the
+requests start after the first ``FIRST_PROMPTS`` prompts and the rest are read between requests
+(``--strict`` reads every row first; so does a higher concurrency, where the client is CPU-bound and
+streaming measured slower). Finished rows are written
 by one flusher in committed batches every ``flush_interval_s``; a kill -9 loses only the
 unflushed rows, which the next run redoes.
 
