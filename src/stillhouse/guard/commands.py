@@ -69,6 +69,17 @@ def guard(
                                  help="Score every request online with this fitted detector (written by "
                                       "`stillhouse detect --fit --log BENIGN_LOG --model DIR`); its verdicts "
                                       "throttle or block accounts (only recorded with --shadow)."),
+    upstream_client: str = typer.Option(None, "--upstream-client", metavar="http1|aiohttp",
+                                        help="How the guard talks to its upstream: 'http1' (default; the lean "
+                                             "keep-alive HTTP/1.1 pool, the least CPU per request) or 'aiohttp' "
+                                             "(aiohttp's ClientSession, for upstreams that need more than plain "
+                                             "HTTP/1.1). Compare them with `stillhouse bench guard --compare-clients`."),
+    detect_max_lag: int = typer.Option(None, "--detect-max-lag", metavar="N",
+                                       help="With --detector: how many answered requests may wait for the detector "
+                                            "while others are in flight [64]. The detector then runs between requests "
+                                            "instead of in front of them, and a verdict applies at most N requests "
+                                            "late. 0 = strict: every decision first scores every answered request "
+                                            "(more added latency)."),
     save_config: str = typer.Option(None, help="Write the resolved config (no secrets) to this JSON file."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as JSON and exit."),
 ) -> None:
@@ -83,7 +94,8 @@ def guard(
         "upstream_url": upstream, "port": port, "host": host, "db_url": db, "on_store_failure": on_store_failure,
         "spool_dir": spool_dir, "shadow": shadow, "redact": redact, "max_body_bytes": max_body_bytes,
         "requests_per_min": rpm, "tokens_per_min": tpm, "max_concurrent_streams": max_streams,
-        "detector_dir": detector}.items() if v is not None}
+        "detector_dir": detector, "upstream_client": upstream_client,
+        "detect_max_lag": detect_max_lag}.items() if v is not None}
     try:
         if config:
             base = config_to_dict(load_guard_config(config))
