@@ -1,8 +1,10 @@
-"""The guard's lean HTTP/1.1 upstream client (guard/http1.py) against real loopback servers.
+"""The one lean HTTP/1.1 client (teacher/rawhttp.py) against real loopback servers, through both callers.
 
-Each test starts a raw asyncio TCP server that answers with exactly the bytes under test
-(keep-alive, chunked, close-delimited, truncated, stalled, closed while idle), so what the
-client does with each framing and failure is checked on the wire, not through a mock.
+The guard's ``Http1Upstream`` (guard/upstream.py: streamed bodies, errors mapped to 502/504) and
+the harvester's ``RawHTTPTransport`` (whole bodies, teacher errors) share one pool. Each test starts
+a raw asyncio TCP server that answers with exactly the bytes under test (keep-alive, chunked,
+close-delimited, 1xx, gzip, truncated, stalled, closed while idle, unasked-for bytes), so what
+the client does with each framing and failure is checked on the wire, not through a mock.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from stillhouse.guard.http1 import Http1Upstream
-from stillhouse.guard.upstream import UpstreamTimeout, UpstreamUnavailable
+from stillhouse.guard.upstream import Http1Upstream, UpstreamTimeout, UpstreamUnavailable
+from stillhouse.teacher.base import TeacherConnectionError, TeacherResponseError, TeacherTimeout
+from stillhouse.teacher.rawhttp import HTTP1Pool, RawHTTPTransport
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, dict[str, Any]], Awaitable[None]]
 
@@ -143,7 +146,7 @@ def test_close_delimited_body_ends_at_eof_and_the_connection_is_not_reused() -> 
         for _ in range(2):
             r = await up.send("GET", "/v1/models")
             assert await r.read() == b"hello world"
-        assert state["connections"] == 2 and up._idle == []
+        assert state["connections"] == 2 and up.open_connections == 0
         server.close()
 
     asyncio.run(main())
@@ -173,7 +176,7 @@ def test_truncated_body_stall_and_silence_map_to_502_and_504() -> None:
         r = await up.send("GET", "/stall")
         with pytest.raises(UpstreamTimeout, match="stopped answering"):
             await r.read()
-        assert up._idle == [] and up._slots is not None and up._slots._value == up.pool_size, \
+        assert up.open_connections == 0, \
             "failed requests give back their pool slots and keep no broken connection"
         server.close()
 
@@ -223,7 +226,7 @@ def test_close_drops_the_connection_so_the_upstream_sees_the_disconnect() -> Non
         r.close()
         await asyncio.sleep(0.3)
         assert "finished" not in state and state["lost"] == 1
-        assert up._idle == []
+        assert up.open_connections == 0
         server.close()
 
     asyncio.run(main())
@@ -315,3 +318,188 @@ def test_a_client_that_hangs_up_on_a_slow_non_streamed_answer_cancels_the_upstre
             assert time.monotonic() - t0 < 2.5 and rec.latency_ms < 1500, "the guard waited for the upstream"
         finally:
             g.stop()
+
+
+# -- whole-body requests (RawHTTPTransport, the harvester's client) ------------------------------
+
+async def _scripted_server(answers):
+    """A loopback server that answers the k-th request it reads with answers[k] (bytes, or None to hang up)."""
+    count = [0]
+
+    async def handle(reader, writer):
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            n = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    n = int(line.split(b":")[1])
+            await reader.readexactly(n)
+            k = count[0]
+            count[0] += 1
+            ans = answers[k % len(answers)]
+            if ans is None:
+                break
+            pieces = ans if isinstance(ans, list) else [ans]
+            if pieces[-1] is None:  # answer, then hang up without having said so
+                for piece in pieces[:-1]:
+                    writer.write(piece)
+                await writer.drain()
+                break
+            for piece in pieces:
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(0.01)
+            if pieces[0].startswith(b"HTTP/1.0") or b"Connection: close" in pieces[0]:
+                break
+        writer.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return srv, srv.sockets[0].getsockname()[1], count
+
+
+async def test_raw_client_framings_and_failures():
+    ok = b'{"ok": 1}'
+    gz = __import__("gzip").compress(ok)
+    answers = [
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n" + ok,  # 1xx skipped
+        [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{\"ok", b"\r\n5\r\n\": 1}\r\n0\r\n\r\n"],
+        b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(gz) + gz,
+        b"HTTP/1.1 429 Too Many\r\nRetry-After: 3\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.0 200 OK\r\n\r\n" + ok,  # framed by the connection's end
+    ]
+    srv, port, count = await _scripted_server(answers)
+    t = RawHTTPTransport(max_connections=1)
+    url = f"http://127.0.0.1:{port}/v1/x"
+    try:
+        for _ in range(3):
+            assert await t("POST", url, b"{}", {}, 5) == (200, {}, ok)
+        status, headers, body = await t("POST", url, b"{}", {}, 5)
+        assert (status, headers["Retry-After"], body) == (429, "3", b"{}")
+        assert await t("GET", url, None, {}, 5) == (200, {}, ok)
+        assert count[0] == 5
+    finally:
+        await t.aclose()
+        srv.close()
+
+    for answer, exc in ((None, TeacherConnectionError),
+                        (b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\nConnection: close\r\n\r\n{\"cut", TeacherResponseError),
+                        (b"SMTP ready\r\n\r\n", TeacherResponseError)):
+        srv, port, _ = await _scripted_server([answer])
+        t = RawHTTPTransport()
+        try:
+            with pytest.raises(exc):
+                await t("POST", f"http://127.0.0.1:{port}/", b"{}", {}, 5)
+        finally:
+            await t.aclose()
+            srv.close()
+
+
+async def test_raw_client_drops_a_keep_alive_connection_the_server_closed():
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+    srv, port, count = await _scripted_server([[ok, None]])
+    t = RawHTTPTransport(max_connections=1)
+    try:
+        for _ in range(3):
+            assert await t("POST", f"http://127.0.0.1:{port}/", b"{}", {}, 5) == (200, {}, b"{}")
+            await asyncio.sleep(0.05)  # the hang-up arrives while the connection idles in the pool
+        assert count[0] == 3 and t.open_connections == 0
+    finally:
+        await t.aclose()
+        srv.close()
+
+
+async def test_deflate_bodies_are_decoded_and_unknown_encodings_refused():
+    import zlib
+
+    ok = b'{"ok": 1}'
+    raw_deflate = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    raw_deflate = raw_deflate.compress(ok) + raw_deflate.flush()
+    answers = [b"HTTP/1.1 200 OK\r\nContent-Encoding: deflate\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+               for body in (zlib.compress(ok), raw_deflate)]
+    answers.append(b"HTTP/1.1 200 OK\r\nContent-Encoding: br\r\nContent-Length: 2\r\n\r\n{}")
+    srv, port, count = await _scripted_server(answers)
+    t = RawHTTPTransport(max_connections=1)
+    try:
+        for _ in range(2):
+            assert await t("POST", f"http://127.0.0.1:{port}/", b"{}", {}, 5) == (200, {}, ok)
+        with pytest.raises(TeacherResponseError, match="unsupported Content-Encoding 'br'"):
+            await t("POST", f"http://127.0.0.1:{port}/", b"{}", {}, 5)
+        assert count[0] == 3
+    finally:
+        await t.aclose()
+        srv.close()
+
+
+async def test_unasked_for_bytes_on_an_idle_connection_drop_it():
+    # The server answers, then sends a second answer nobody asked for: that connection is unusable.
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+    srv, port, count = await _scripted_server([[ok + ok]])
+    t = RawHTTPTransport(max_connections=1)
+    try:
+        assert await t("POST", f"http://127.0.0.1:{port}/", b"{}", {}, 5) == (200, {}, b"{}")
+        await asyncio.sleep(0.05)
+        assert t.open_connections == 0
+        assert await t("POST", f"http://127.0.0.1:{port}/", b"{}", {}, 5) == (200, {}, b"{}")
+        assert count[0] == 2
+    finally:
+        await t.aclose()
+        srv.close()
+
+
+# -- the shared pool itself: streamed and whole bodies, neutral (teacher-layer) errors --------------
+
+async def test_one_pool_serves_streamed_and_whole_bodies_and_raises_teacher_errors():
+    chunked = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nab\n\r\n", b"3\r\ncd\n\r\n0\r\n\r\n"]
+    whole = b"HTTP/1.1 503 Busy\r\nRetry-After: 2\r\nContent-Length: 4\r\n\r\nbusy"
+    cut = [b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nab", None]
+    srv, port, count = await _scripted_server([chunked, whole, cut])
+    pool = HTTP1Pool(max_connections=1)
+    req = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    try:
+        r = await pool.send(("127.0.0.1", port), req, "POST /")
+        got = [c async for c in r.chunks()]
+        r.release()
+        assert b"".join(got) == b"ab\ncd\n" and len(got) == 2
+        r = await pool.send(("127.0.0.1", port), req, "POST /")
+        assert (r.status, r.header(b"retry-after"), await r.read()) == (503, b"2", b"busy")
+        assert pool.connections_opened == 1
+        r = await pool.send(("127.0.0.1", port), req, "POST /")
+        with pytest.raises(TeacherResponseError, match="closed mid-body"):
+            await r.read()
+        assert pool.open_connections == 0 and count[0] == 3
+        with pytest.raises(TeacherTimeout):  # a silent server: the read timeout, not a deadline
+            srv2 = await asyncio.start_server(lambda rd, wr: None, "127.0.0.1", 0)
+            try:
+                await pool.send(srv2.sockets[0].getsockname()[:2], req, "POST /", read_timeout_s=0.1)
+            finally:
+                srv2.close()
+        assert pool.open_connections == 0
+    finally:
+        await pool.aclose()
+        srv.close()
+    with pytest.raises(TeacherConnectionError, match="closed"):
+        await pool.send(("127.0.0.1", port), req, "POST /")
+
+
+# -- stillhouse guard CLI: the upstream client and the detector lag as flags ------------------------
+
+def test_guard_cli_sets_upstream_client_and_detect_max_lag(monkeypatch) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from stillhouse.cli import app
+
+    runner = CliRunner()
+    args = ["guard", "--upstream", "http://127.0.0.1:9", "--print-config"]
+    res = runner.invoke(app, args + ["--upstream-client", "aiohttp", "--detect-max-lag", "0"])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads(res.output[res.output.index("{"):])
+    assert (cfg["upstream_client"], cfg["detect_max_lag"]) == ("aiohttp", 0)
+    res = runner.invoke(app, args + ["--upstream-client", "curl"])
+    assert res.exit_code != 0 and "upstream_client='curl'" in res.output
+    res = runner.invoke(app, ["guard", "--help"], terminal_width=200)
+    assert "--upstream-client" in res.output and "--detect-max-lag" in res.output

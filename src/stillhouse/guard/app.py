@@ -10,7 +10,8 @@ app (run it with uvicorn; ``stillhouse guard`` does). Per request, in this order
 4. policy: block → 403; degrade → cap max_tokens, refuse logprobs / n>1 (403), strip
    reasoning from the answer; throttle → tighter limits;
 5. limits: requests/min, tokens/min, concurrent streams → 429 with Retry-After;
-6. forward through the pooled upstream client (``guard/http1.py`` by default, aiohttp on request);
+6. forward through the pooled upstream client (``Http1Upstream``, over ``teacher/rawhttp.py``, by
+   default; aiohttp on request);
    SSE chunks go to the client as they arrive;
    a client disconnect closes the upstream connection; upstream down → 502, silent → 504;
 7. log a TrafficRecord (redacted as configured) through the background writer, feed the
@@ -53,7 +54,7 @@ from stillhouse.guard.policy import Effective, PolicyEngine
 from stillhouse.guard.redact import Redactor
 from stillhouse.guard.spool import LogWriter, Spool
 from stillhouse.guard.store import AccountLimits, DecisionRow, SqlStore
-from stillhouse.guard.upstream import Upstream, UpstreamError
+from stillhouse.guard.upstream import Http1Upstream, Upstream, UpstreamError
 
 log = logging.getLogger("stillhouse.guard")
 
@@ -241,8 +242,6 @@ def _parse_sse(data: bytes) -> tuple[str, int | None, int | None]:
 
 def make_upstream(config: GuardConfig) -> Any:
     """The upstream client ``config.upstream_client`` names (both have the ``Upstream`` API)."""
-    from stillhouse.guard.http1 import Http1Upstream
-
     api_key = os.environ.get(config.upstream_api_key_env, "") if config.upstream_api_key_env else ""
     cls: Any = Http1Upstream if config.upstream_client == "http1" else Upstream
     return cls(config.upstream_url, api_key=api_key, pool_size=config.upstream_pool_size,

@@ -80,7 +80,7 @@ class GuardConfig:
     upstream_api_key_env: str = ""
     """Name of an environment variable holding the upstream's API key ("" = send none)."""
     upstream_client: UpstreamClient = "http1"
-    """The upstream client: "http1" (guard/http1.py: a lean keep-alive HTTP/1.1 pool, about 0.2 ms
+    """The upstream client: "http1" (teacher/rawhttp.py via guard/upstream.py: a lean keep-alive HTTP/1.1 pool, about 0.2 ms
     less CPU per request here) or "aiohttp" (aiohttp's ClientSession)."""
     upstream_pool_size: int = 512
     """Most open connections to the upstream."""

@@ -1,27 +1,37 @@
-"""A lean HTTP/1.1 client for plain-http endpoints: a keep-alive pool on bare asyncio.Protocol.
+"""The one lean HTTP/1.1 client of stillhouse: a keep-alive pool on asyncio.Protocol + httptools.
 
-:class:`stillhouse.teacher.openai.OpenAITeacher` uses it for ``http://`` URLs (``client="auto"``),
-aiohttp for ``https://``. Why: the harvester's throughput at high concurrency is bounded by the
-client's CPU per request, and aiohttp's client costs several times what this one does (measured
-with ``stillhouse bench harvest``; figures in docs/benchmarks.md).
+Two callers, one pool:
 
-    transport = RawHTTPTransport(max_connections=64)
-    status, headers, body = await transport("POST", "http://127.0.0.1:8000/v1/chat/completions",
-                                            b'{"model": ...}', {"Content-Type": "application/json"}, 30.0)
-    await transport.aclose()
+- :class:`RawHTTPTransport` — whole-body requests, the :data:`stillhouse.teacher.openai.Transport`
+  signature; :class:`~stillhouse.teacher.openai.OpenAITeacher` uses it for ``http://`` URLs
+  (the harvester), aiohttp for ``https://``::
 
-It matches :data:`stillhouse.teacher.openai.Transport`. What it speaks: HTTP/1.1 over TCP with
-no TLS, one request at a time per connection, connections kept alive and reused (LIFO; dropped
-when the server closes them or after ``idle_timeout_s``), at most ``max_connections`` open
-(callers beyond that wait for one). Answers framed by Content-Length, chunked transfer coding
-or the connection's end; gzip/deflate bodies are decoded; 1xx interim answers are skipped.
-Headers are returned (names as sent) for answers other than 200 — the caller reads Retry-After
-there; a 200 gets an empty dict. Requests are never resent: a failure is the caller's to retry.
+      transport = RawHTTPTransport(max_connections=64)
+      status, headers, body = await transport("POST", "http://127.0.0.1:8000/v1/chat/completions",
+                                              b'{"model": ...}', {"Content-Type": "application/json"}, 30.0)
+      await transport.aclose()
 
-Failures, from :mod:`stillhouse.teacher.base`::
+- :class:`HTTP1Pool` + :class:`HTTP1Response` — status and headers first, then the body whole
+  (``read``) or as it arrives (``chunks``, no re-chunking, reading pauses when more than 256 KiB
+  wait unread); the guard's upstream (``guard/upstream.py`` ``Http1Upstream``) streams SSE with it.
 
-    TeacherConnectionError   refused, reset, or closed before any of the answer arrived
-    TeacherTimeout           no complete answer within timeout_s (that connection is dropped)
+Why not aiohttp: at high concurrency the harvester and the guard are bounded by the client's CPU
+per request, and aiohttp's client costs several times what this one does (``stillhouse bench
+harvest`` and ``stillhouse bench guard --compare-clients``; figures in docs/benchmarks.md).
+
+What it speaks: HTTP/1.1 (TLS when the pool is given an SSL context), one request at a time per
+connection, connections kept alive and reused LIFO (dropped when the server closes them, after
+``idle_timeout_s`` idle, or when unasked-for bytes arrive), at most ``max_connections`` open
+(callers beyond that wait for one). Answers framed by Content-Length, chunked transfer coding or
+the connection's end, parsed by httptools; 1xx interim answers are skipped; ``read(decode=True)``
+decodes gzip/deflate. Timeouts: an absolute ``deadline`` for the whole exchange and/or a
+``read_timeout_s`` of silence (not counted while we paused reading). Requests are never resent.
+
+Failures, from :mod:`stillhouse.teacher.base` (the guard maps them to 502/504)::
+
+    TeacherConnectionError   refused, reset, no connection within connect_timeout_s, or closed
+                             before any of the answer arrived
+    TeacherTimeout           the deadline passed, or read_timeout_s of silence (connection dropped)
     TeacherResponseError     an answer that is not HTTP/1.x, or a body cut off (.raw: what came)
 """
 
@@ -31,40 +41,52 @@ import asyncio
 import collections
 import socket
 import zlib
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
 from stillhouse.teacher.base import TeacherConnectionError, TeacherResponseError, TeacherTimeout
 
-_MAX_HEAD = 64 * 1024
+_HIGH_WATER = 256 * 1024
+_LOW_WATER = 64 * 1024
 _NO_HEADERS: dict[str, str] = {}
 
-# Framing of the body being read.
-_LENGTH, _CHUNKED, _UNTIL_CLOSE = 0, 1, 2
+Key = tuple[str, int]
 
 
 class _Conn(asyncio.Protocol):
-    """One keep-alive connection; reads one answer at a time into ``waiter``."""
+    """One keep-alive connection and the answer being read on it."""
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        import httptools
+
+        self.loop = loop
+        self.parser = httptools.HttpResponseParser(self)
         self.transport: Any = None
-        self.waiter: asyncio.Future[tuple[int, dict[str, str], bytes]] | None = None
         self.lost = False
-        self.keep_alive = True
         self.idle_since = 0.0
+        self.busy = False
+        self.read_timeout_s = 0.0
         self._reset()
 
     def _reset(self) -> None:
-        self.buf = b""
-        self.status = -1  # -1: still reading the head
-        self.headers: dict[str, str] = _NO_HEADERS
-        self.framing = _LENGTH
-        self.body_end = 0  # _LENGTH: index in buf where the body ends
-        self.body_start = 0
-        self.chunks: list[bytes] = []  # _CHUNKED: decoded so far
-        self.encoding = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.status = 0
+        self.head_done = False
+        self.interim = False
+        self.complete = False
+        self.keep_alive = False
+        self.failure: Exception | None = None
+        self.chunks: list[bytes] = []
+        self.buffered = 0
+        self.paused = False
+        self.waiter: asyncio.Future[None] | None = None
+        self.last_data = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.deadline_timer: asyncio.TimerHandle | None = None
+        self.received = b""
 
-    # -- asyncio.Protocol -----------------------------------------------------------------------
+    # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         sock = transport.get_extra_info("socket")
@@ -74,166 +96,259 @@ class _Conn(asyncio.Protocol):
             except (OSError, AttributeError):
                 pass
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        self.keep_alive = False
-        w = self.waiter
-        if w is None or w.done():
-            return
-        if self.status >= 0 and self.framing == _UNTIL_CLOSE:
-            try:
-                self._finish(self.buf[self.body_start:])
-            except TeacherResponseError as err:
-                w.set_exception(err)
-        elif self.status >= 0:
-            raw = self.buf.decode("utf-8", "replace")
-            w.set_exception(TeacherResponseError(f"the connection closed mid-body ({exc or 'EOF'})", raw))
-        else:
-            why = f": {exc}" if exc else ""
-            w.set_exception(TeacherConnectionError(f"the server closed the connection before answering{why}"))
-
     def data_received(self, data: bytes) -> None:
-        w = self.waiter
-        if w is None or w.done():  # unasked-for bytes (or after a timeout): this connection is unusable
-            self.keep_alive = False
-            self.transport.close()
+        if not self.busy or self.complete or self.failure is not None:  # unasked-for bytes: unusable
+            self.close()
             return
-        buf = self.buf + data if self.buf else data
+        if self.read_timeout_s:
+            self.last_data = self.loop.time()
+        if not self.head_done and len(self.received) < 2000:
+            self.received += data[:2000]
         try:
-            while self.status < 0:
-                he = buf.find(b"\r\n\r\n")
-                if he < 0:
-                    if len(buf) > _MAX_HEAD:
-                        raise TeacherResponseError("answer head over 64 KiB", buf[:2000].decode("latin-1"))
-                    self.buf = buf
-                    return
-                if not self._head(buf, he):  # a 1xx interim answer: skip it
-                    buf = buf[he + 4:]
-            if self.framing == _LENGTH:
-                if len(buf) >= self.body_end:
-                    self.buf = b""
-                    self._finish(buf[self.body_start:self.body_end])
-                    return
-                self.buf = buf
-            elif self.framing == _CHUNKED:
-                self.buf = buf
-                self._chunked()
-            else:
-                self.buf = buf
-        except TeacherResponseError as exc:
-            self.keep_alive = False
-            self.transport.close()
-            if not w.done():
-                w.set_exception(exc)
+            self.parser.feed_data(data)
+        except Exception as exc:  # noqa: BLE001 - httptools.HttpParserError and friends
+            if not self.complete:
+                raw = self.received.decode("latin-1")
+                self._fail(TeacherResponseError(f"malformed HTTP answer: {exc}", raw))
+            self.close()  # complete: bytes after the answer (see on_message_begin); drop the connection
 
     def eof_received(self) -> bool | None:
-        return None  # close; connection_lost finishes an until-close body
+        return False  # close; connection_lost finishes a close-delimited body
 
-    # -- parsing --------------------------------------------------------------------------------
-    def _head(self, buf: bytes, he: int) -> bool:
-        """Parse the head ending at ``he``; False for a 1xx interim answer."""
-        head = buf[:he]
-        eol = head.find(b"\r\n")
-        line = head if eol < 0 else head[:eol]
-        parts = line.split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-            raise TeacherResponseError(f"not an HTTP/1.x answer: {line[:100]!r}", buf[:2000].decode("latin-1"))
-        status = int(parts[1])
-        if 100 <= status < 200 and status != 101:
-            return False
-        low = head.lower()
-        if parts[0] == b"HTTP/1.1":
-            self.keep_alive = low.find(b"\r\nconnection: close") < 0
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if not self.busy or self.complete:
+            self._cancel_timers()
+            return
+        if self.head_done and self.failure is None and exc is None and not any(
+                k.lower() in (b"content-length", b"transfer-encoding") for k, _ in self.headers):
+            self.on_message_complete()  # a close-delimited body ends at EOF
+        elif self.head_done:
+            self._fail(TeacherResponseError(f"the connection closed mid-body ({exc or 'EOF'})",
+                                            self.received.decode("latin-1", "replace")))
         else:
-            self.keep_alive = low.find(b"\r\nconnection: keep-alive") >= 0
-        if status != 200:
-            self.headers = {}
-            for hl in head[eol + 2:].split(b"\r\n") if eol >= 0 else ():
-                k, sep, v = hl.partition(b":")
-                if sep:
-                    self.headers[k.strip().decode("latin-1")] = v.strip().decode("latin-1")
-        i = low.find(b"\r\ncontent-encoding:")
-        if i >= 0:
-            j = low.find(b"\r\n", i + 19)
-            self.encoding = low[i + 19:j if j >= 0 else len(low)].strip()
-        self.body_start = he + 4
-        if status in (204, 304):
-            self.framing, self.body_end = _LENGTH, he + 4
-        elif low.find(b"\r\ntransfer-encoding:") >= 0 and low.find(b"chunked") >= 0:
-            self.framing = _CHUNKED
-            self.chunk_pos = he + 4
-        else:
-            i = low.find(b"\r\ncontent-length:")
-            if i >= 0:
-                j = low.find(b"\r\n", i + 17)
-                try:
-                    n = int(low[i + 17:j if j >= 0 else len(low)])
-                except ValueError:
-                    raise TeacherResponseError("bad Content-Length in the answer", head.decode("latin-1")) from None
-                self.framing, self.body_end = _LENGTH, he + 4 + n
-            else:
-                self.framing, self.keep_alive = _UNTIL_CLOSE, False
+            why = f": {exc}" if exc else ""
+            self._fail(TeacherConnectionError(f"the server closed the connection before answering{why}"))
+        self._cancel_timers()
+
+    # -- httptools callbacks ------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second answer in the same read: nobody asked for it
+            raise ConnectionError("unasked-for bytes after the answer")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:  # an interim answer: skip it
+            self.interim = True
+            self.headers = []
+            return
         self.status = status
-        return True
+        self.head_done = True
+        self._wake()
 
-    def _chunked(self) -> None:
-        buf, pos = self.buf, self.chunk_pos
-        while True:
-            eol = buf.find(b"\r\n", pos)
-            if eol < 0:
-                break
-            size_s = buf[pos:eol].split(b";", 1)[0].strip()
-            try:
-                size = int(size_s, 16)
-            except ValueError:
-                raise TeacherResponseError(f"bad chunk size {size_s[:20]!r}", buf.decode("latin-1")) from None
-            if size == 0:
-                if buf.find(b"\r\n\r\n", eol) < 0:  # the trailers (if any) end with an empty line
-                    break
-                self.buf = b""
-                self._finish(b"".join(self.chunks))
-                return
-            if len(buf) < eol + 2 + size + 2:
-                break
-            self.chunks.append(buf[eol + 2:eol + 2 + size])
-            pos = eol + 2 + size + 2
-        self.chunk_pos = pos
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > _HIGH_WATER and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+        self._wake()
 
-    def _finish(self, body: bytes) -> None:
-        if self.encoding and self.encoding != b"identity":
-            try:
-                if self.encoding in (b"gzip", b"x-gzip"):
-                    body = zlib.decompress(body, 16 + zlib.MAX_WBITS)
-                elif self.encoding == b"deflate":
-                    try:
-                        body = zlib.decompress(body)
-                    except zlib.error:
-                        body = zlib.decompress(body, -zlib.MAX_WBITS)
-                else:
-                    raise TeacherResponseError(f"unsupported Content-Encoding {self.encoding.decode()!r}", "")
-            except zlib.error as exc:
-                raise TeacherResponseError(f"cannot decode the {self.encoding.decode()} body: {exc}", "") from exc
-        w, status, headers = self.waiter, self.status, self.headers
-        self.waiter = None
-        self._reset()
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        # llhttp answers should_keep_alive() for the current message only inside its callbacks.
+        self.keep_alive = self.parser.should_keep_alive()
+        self.complete = True
+        self._cancel_timers()
+        self._wake()
+
+    # -- plumbing -----------------------------------------------------------------------------
+    def _wake(self) -> None:
+        w = self.waiter
         if w is not None and not w.done():
-            w.set_result((status, headers, body))
+            w.set_result(None)
+
+    def _fail(self, failure: Exception) -> None:
+        if self.failure is None:
+            self.failure = failure
+        self._cancel_timers()
+        self._wake()
+
+    def _cancel_timers(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.deadline_timer is not None:
+            self.deadline_timer.cancel()
+            self.deadline_timer = None
+
+    def _on_read_timer(self) -> None:
+        self.timer = None
+        if self.complete or self.failure is not None:
+            return
+        idle = 0.0 if self.paused else self.loop.time() - self.last_data  # paused: our reader is slow
+        if idle < self.read_timeout_s:  # data came since the timer was set: wait for the rest
+            self.timer = self.loop.call_later(self.read_timeout_s - idle, self._on_read_timer)
+            return
+        self._fail(TeacherTimeout(f"no byte for {self.read_timeout_s:g} s"))
+        self.close()
+
+    def _on_deadline(self, what: str) -> None:
+        self.deadline_timer = None
+        if not self.complete and self.failure is None:
+            self._fail(TeacherTimeout(what))
+            self.close()
+
+    def start(self, data: bytes, deadline: float | None, read_timeout_s: float | None, what: str) -> None:
+        """Send one request (head and body in one write) and arm the timers."""
+        self._reset()
+        self.busy = True
+        self.read_timeout_s = read_timeout_s or 0.0
+        if read_timeout_s:
+            self.last_data = self.loop.time()
+            self.timer = self.loop.call_later(read_timeout_s, self._on_read_timer)
+        if deadline is not None:
+            self.deadline_timer = self.loop.call_at(deadline, self._on_deadline, what)
+        self.transport.write(data)
+
+    async def wait(self) -> None:
+        """Until something new happened (head, body, end, failure)."""
+        self.waiter = self.loop.create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+    def take(self) -> bytes:
+        data = b"".join(self.chunks) if len(self.chunks) != 1 else self.chunks[0]
+        self.chunks = []
+        self.buffered = 0
+        if self.paused and not self.lost:
+            self.paused = False
+            self.last_data = self.loop.time()  # the read timer restarts when we read again
+            self.transport.resume_reading()
+        return data
+
+    def reusable(self) -> bool:
+        return self.complete and self.keep_alive and self.failure is None and not self.lost
+
+    def close(self) -> None:
+        self.lost = True
+        if self.transport is not None:
+            self.transport.abort()  # drop it now: the server sees the disconnect and stops
 
 
-class RawHTTPTransport:
-    """A pooled HTTP/1.1 client; ``await transport(method, url, body, headers, timeout_s)``."""
+def decode_body(body: bytes, encoding: bytes) -> bytes:
+    """``body`` decoded from its Content-Encoding (gzip, deflate or identity)."""
+    encoding = encoding.strip().lower()
+    if not encoding or encoding == b"identity":
+        return body
+    try:
+        if encoding in (b"gzip", b"x-gzip"):
+            return zlib.decompress(body, 16 + zlib.MAX_WBITS)
+        if encoding == b"deflate":
+            try:
+                return zlib.decompress(body)
+            except zlib.error:
+                return zlib.decompress(body, -zlib.MAX_WBITS)
+    except zlib.error as exc:
+        raise TeacherResponseError(f"cannot decode the {encoding.decode()} body: {exc}", "") from exc
+    raise TeacherResponseError(f"unsupported Content-Encoding {encoding.decode('latin-1')!r}", "")
 
-    def __init__(self, max_connections: int = 1024, idle_timeout_s: float = 15.0):
+
+class HTTP1Response:
+    """An answer: ``status`` and ``headers`` (names as sent) now, the body as it arrives."""
+
+    def __init__(self, conn: _Conn, pool: HTTP1Pool, key: Key):
+        self._conn = conn
+        self._pool = pool
+        self._key = key
+        self._done = False
+        self.status: int = conn.status
+        self.headers: list[tuple[bytes, bytes]] = conn.headers
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first header called ``name`` (lower case), or None."""
+        for k, v in self.headers:
+            if k.lower() == name:
+                return v
+        return None
+
+    async def read(self, decode: bool = False) -> bytes:
+        """The whole body (``decode``: undo gzip/deflate); the connection goes back to the pool."""
+        conn = self._conn
+        parts: list[bytes] = []
+        try:
+            while not conn.complete:
+                if conn.failure is not None:
+                    raise conn.failure
+                if conn.buffered > _LOW_WATER:
+                    parts.append(conn.take())  # resumes a paused transport
+                await conn.wait()
+            parts.append(conn.take())
+        finally:
+            self.release()
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        if decode:
+            enc = self.header(b"content-encoding")
+            if enc is not None:
+                body = decode_body(body, enc)
+        return body
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Body chunks as they arrive from the socket (decoded from chunked transfer coding)."""
+        conn = self._conn
+        while True:
+            if conn.chunks:
+                yield conn.take()
+                continue
+            if conn.complete:
+                return
+            if conn.failure is not None:
+                raise conn.failure
+            await conn.wait()
+
+    def close(self) -> None:
+        """Drop the connection (the reader went away: the server sees the disconnect)."""
+        if not self._done:
+            self._done = True
+            self._conn.close()
+            self._pool._release(self._key, None)
+
+    def release(self) -> None:
+        """Done: a complete keep-alive connection goes back to the pool, anything else is dropped."""
+        if not self._done:
+            self._done = True
+            conn = self._conn
+            conn.busy = False
+            conn._cancel_timers()
+            if conn.reusable():
+                self._pool._release(self._key, conn)
+            else:
+                conn.close()
+                self._pool._release(self._key, None)
+
+
+class HTTP1Pool:
+    """Keep-alive HTTP/1.1 connections per (host, port); at most ``max_connections`` open in all."""
+
+    def __init__(self, max_connections: int = 1024, idle_timeout_s: float = 15.0, ssl: Any = None):
         if max_connections < 1:
             raise ValueError(f"max_connections={max_connections}: must be >= 1")
         if idle_timeout_s <= 0:
             raise ValueError(f"idle_timeout_s={idle_timeout_s}: must be > 0")
         self.max_connections = max_connections
         self.idle_timeout_s = idle_timeout_s
-        self._idle: dict[tuple[str, int], list[_Conn]] = {}
+        self.ssl = ssl
+        self.connections_opened = 0
+        self._idle: dict[Key, list[_Conn]] = {}
         self._open = 0  # connections open or being opened (slots taken)
-        self._waiters: collections.deque[tuple[tuple[str, int], asyncio.Future[_Conn | None]]] = collections.deque()
-        self._urls: dict[str, tuple[str, int, bytes]] = {}
+        self._waiters: collections.deque[tuple[Key, asyncio.Future[_Conn | None]]] = collections.deque()
         self._closed = False
 
     @property
@@ -246,63 +361,39 @@ class RawHTTPTransport:
                 self._open -= 1
         return self._open
 
-    def _split(self, url: str) -> tuple[str, int, bytes]:
-        got = self._urls.get(url)
-        if got is None:
-            u = urlsplit(url)
-            if u.scheme != "http" or not u.hostname:
-                raise ValueError(f"{url!r}: the raw client speaks plain http:// only (https goes through aiohttp)")
-            port = u.port or 80
-            target = (u.path or "/") + (f"?{u.query}" if u.query else "")
-            host_header = u.hostname if port == 80 else f"{u.hostname}:{port}"
-            if ":" in u.hostname and port == 80:
-                host_header = f"[{u.hostname}]"
-            elif ":" in u.hostname:
-                host_header = f"[{u.hostname}]:{port}"
-            prefix = f" {target} HTTP/1.1\r\nHost: {host_header}\r\n".encode("latin-1")
-            got = (u.hostname, port, prefix)
-            if len(self._urls) < 1024:
-                self._urls[url] = got
-        return got
+    async def send(self, key: Key, data: bytes, what: str, *, deadline: float | None = None,
+                   connect_timeout_s: float | None = None, read_timeout_s: float | None = None) -> HTTP1Response:
+        """Write ``data`` (a whole request) on a pooled connection; returns once the answer's head is in.
 
-    async def __call__(self, method: str, url: str, body: bytes | None, headers: dict[str, str],
-                       timeout_s: float) -> tuple[int, dict[str, str], bytes]:
+        ``what`` names the request in errors ("POST http://..."). ``deadline`` (loop time) bounds
+        the whole exchange, the body included; ``read_timeout_s`` bounds each silence."""
         if self._closed:
             raise TeacherConnectionError("the HTTP client is closed")
-        host, port, prefix = self._split(url)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        conn = await self._acquire(loop, (host, port), deadline, method, url, timeout_s)
-        fut: asyncio.Future[tuple[int, dict[str, str], bytes]] = loop.create_future()
-        conn.waiter = fut
-        hdr = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        if body is not None:
-            hdr += f"Content-Length: {len(body)}\r\n"
-        timer = loop.call_at(deadline, _expire, fut, method, url, timeout_s)
+        timeout_s = deadline - loop.time() if deadline is not None else 0.0
+        conn = await self._acquire(loop, key, deadline, connect_timeout_s, what, timeout_s)
         try:
-            conn.transport.write(b"".join((method.encode("latin-1"), prefix, hdr.encode("latin-1"), b"\r\n",
-                                           body or b"")))
-            result = await fut
+            conn.start(data, deadline, read_timeout_s, f"{what}: no answer within {timeout_s:g} s")
+            while not conn.head_done:
+                if conn.failure is not None:
+                    raise conn.failure
+                await conn.wait()
         except BaseException:
-            conn.keep_alive = False
-            conn.waiter = None
-            conn.transport.close()
-            self._release((host, port), None)
+            conn.busy = False
+            conn.close()
+            self._release(key, None)
             raise
-        finally:
-            timer.cancel()
-        self._release((host, port), conn if conn.keep_alive and not conn.lost else None)
-        return result
+        return HTTP1Response(conn, self, key)
 
-    async def _acquire(self, loop: asyncio.AbstractEventLoop, key: tuple[str, int], deadline: float,
-                       method: str, url: str, timeout_s: float) -> _Conn:
+    async def _acquire(self, loop: asyncio.AbstractEventLoop, key: Key, deadline: float | None,
+                       connect_timeout_s: float | None, what: str, timeout_s: float) -> _Conn:
         idle = self._idle.get(key)
         while True:
             while idle:
                 c = idle.pop()
                 if not c.lost and loop.time() - c.idle_since < self.idle_timeout_s:
                     return c
-                c.transport.close()
+                c.close()
                 self._open -= 1
             if self._open < self.max_connections:
                 self._open += 1
@@ -314,7 +405,7 @@ class RawHTTPTransport:
                 async with asyncio.timeout_at(deadline):
                     got = await w
             except TimeoutError:
-                raise TeacherTimeout(f"{method} {url}: no free connection within {timeout_s:g} s") from None
+                raise TeacherTimeout(f"{what}: no free connection within {timeout_s:g} s") from None
             except BaseException:
                 if w.done() and not w.cancelled() and w.exception() is None:
                     self._release(key, w.result())  # handed to us as we were cancelled: pass it on
@@ -328,30 +419,38 @@ class RawHTTPTransport:
                 break
             if not got.lost:
                 return got
-            got.transport.close()  # handed over but died meanwhile: its slot is ours
+            got.close()  # handed over but died meanwhile: its slot is ours
             break
+        limit = deadline
+        if connect_timeout_s is not None:
+            limit = loop.time() + connect_timeout_s if deadline is None else min(deadline, loop.time() + connect_timeout_s)
         try:
-            async with asyncio.timeout_at(deadline):
-                _, conn = await loop.create_connection(_Conn, key[0], key[1])
+            async with asyncio.timeout_at(limit):
+                _, conn = await loop.create_connection(
+                    lambda: _Conn(loop), key[0], key[1], ssl=self.ssl,
+                    server_hostname=key[0] if self.ssl is not None else None)
         except TimeoutError:
             self._release(key, None)
-            raise TeacherTimeout(f"{method} {url}: no connection within {timeout_s:g} s") from None
+            if deadline is not None and limit == deadline:
+                raise TeacherTimeout(f"{what}: no connection within {timeout_s:g} s") from None
+            raise TeacherConnectionError(f"{what}: no connection within {connect_timeout_s:g} s") from None
         except OSError as exc:
             self._release(key, None)
-            raise TeacherConnectionError(f"{method} {url}: {exc}") from exc
+            raise TeacherConnectionError(f"{what}: {exc}") from exc
         except BaseException:
             self._release(key, None)
             raise
+        self.connections_opened += 1
         return conn
 
-    def _release(self, key: tuple[str, int], conn: _Conn | None) -> None:
+    def _release(self, key: Key, conn: _Conn | None) -> None:
         """Give a connection back (None: its slot, the connection being gone)."""
         while self._waiters:
             wkey, w = self._waiters.popleft()
             if w.done():
                 continue
             if conn is not None and (wkey != key or conn.lost):  # not for this waiter: free its slot instead
-                conn.transport.close()
+                conn.close()
                 conn = None
             w.set_result(conn)
             return
@@ -359,10 +458,10 @@ class RawHTTPTransport:
             self._open -= 1
             return
         if self._closed:
-            conn.transport.close()
+            conn.close()
             self._open -= 1
             return
-        conn.idle_since = asyncio.get_running_loop().time()
+        conn.idle_since = conn.loop.time()
         self._idle.setdefault(key, []).append(conn)
 
     async def aclose(self) -> None:
@@ -370,7 +469,7 @@ class RawHTTPTransport:
         self._closed = True
         for conns in self._idle.values():
             for c in conns:
-                c.transport.close()
+                c.close()
                 self._open -= 1
         self._idle.clear()
         while self._waiters:
@@ -379,6 +478,53 @@ class RawHTTPTransport:
                 w.set_exception(TeacherConnectionError("the HTTP client was closed"))
 
 
-def _expire(fut: asyncio.Future[Any], method: str, url: str, timeout_s: float) -> None:
-    if not fut.done():
-        fut.set_exception(TeacherTimeout(f"{method} {url}: no answer within {timeout_s:g} s"))
+class RawHTTPTransport:
+    """A pooled whole-body client; ``await transport(method, url, body, headers, timeout_s)``.
+
+    Returns ``(status, headers, body)``; headers (names as sent) only for answers other than
+    200 — the caller reads Retry-After there; a 200 gets an empty dict."""
+
+    def __init__(self, max_connections: int = 1024, idle_timeout_s: float = 15.0):
+        self.pool = HTTP1Pool(max_connections, idle_timeout_s)
+        self._urls: dict[str, tuple[Key, bytes]] = {}
+
+    @property
+    def open_connections(self) -> int:
+        return self.pool.open_connections
+
+    def _split(self, url: str) -> tuple[Key, bytes]:
+        got = self._urls.get(url)
+        if got is None:
+            u = urlsplit(url)
+            if u.scheme != "http" or not u.hostname:
+                raise ValueError(f"{url!r}: the raw client speaks plain http:// only (https goes through aiohttp)")
+            port = u.port or 80
+            target = (u.path or "/") + (f"?{u.query}" if u.query else "")
+            host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
+            host_header = host if port == 80 else f"{host}:{port}"
+            prefix = f" {target} HTTP/1.1\r\nHost: {host_header}\r\n".encode("latin-1")
+            got = ((u.hostname, port), prefix)
+            if len(self._urls) < 1024:
+                self._urls[url] = got
+        return got
+
+    async def __call__(self, method: str, url: str, body: bytes | None, headers: dict[str, str],
+                       timeout_s: float) -> tuple[int, dict[str, str], bytes]:
+        key, prefix = self._split(url)
+        hdr = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        if body is not None:
+            hdr += f"Content-Length: {len(body)}\r\n"
+        data = b"".join((method.encode("latin-1"), prefix, hdr.encode("latin-1"), b"\r\n", body or b""))
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        resp = await self.pool.send(key, data, f"{method} {url}", deadline=deadline)
+        try:
+            out = await resp.read(decode=True)
+        except BaseException:
+            resp.close()
+            raise
+        if resp.status == 200:
+            return 200, _NO_HEADERS, out
+        return resp.status, {k.decode("latin-1"): v.decode("latin-1") for k, v in resp.headers}, out
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
