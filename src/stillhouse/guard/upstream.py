@@ -144,22 +144,14 @@ class Upstream:
         return UpstreamResponse(resp, url)
 
 
-def _mapped(exc: TeacherError, url: str, what: str) -> UpstreamError:
-    if isinstance(exc, TeacherTimeout):
-        return UpstreamTimeout(f"upstream {url} {'stopped answering mid-body' if what == 'response' else 'stalled mid-stream'}")
-    return UpstreamUnavailable(f"upstream {url} broke the {what}: {exc}")
+class Http1Response(HTTP1Response):
+    """An upstream response from the lean pool; body failures mapped to 502/504."""
 
-
-class Http1Response:
-    """An upstream response read through :class:`stillhouse.teacher.rawhttp.HTTP1Pool`."""
-
-    def __init__(self, resp: HTTP1Response, url: str):
-        self._resp = resp
-        self.url = url
-        self.status: int = resp.status
+    def __init__(self, conn: Any, pool: HTTP1Pool, key: tuple[str, int], url: str):
+        super().__init__(conn, pool, key, url)
         ctype = b"application/json"
         passthrough: list[tuple[bytes, bytes]] = []
-        for k, v in resp.headers:
+        for k, v in self.headers:
             k = k.lower()
             if k == b"content-type":
                 ctype = v
@@ -168,27 +160,14 @@ class Http1Response:
         self.content_type: str = ctype.decode("latin-1")
         self.passthrough_headers: list[tuple[bytes, bytes]] = passthrough
 
-    async def read(self) -> bytes:
-        try:
-            return await self._resp.read()
-        except TeacherError as exc:
-            raise _mapped(exc, self.url, "response") from exc
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """Body chunks as they arrive from the socket (decoded from chunked transfer coding)."""
-        try:
-            async for chunk in self._resp.chunks():
-                yield chunk
-        except TeacherError as exc:
-            raise _mapped(exc, self.url, "stream") from exc
-
-    def close(self) -> None:
-        """Drop the connection (the client went away: the upstream sees the disconnect)."""
-        self._resp.close()
-
-    def release(self) -> None:
-        """Done: a complete keep-alive connection goes back to the pool."""
-        self._resp.release()
+    def _error(self, failure: Exception, what: str) -> Exception:
+        if isinstance(failure, TeacherTimeout):
+            err: UpstreamError = UpstreamTimeout(
+                f"upstream {self.url} {'stopped answering mid-body' if what == 'response' else 'stalled mid-stream'}")
+        else:
+            err = UpstreamUnavailable(f"upstream {self.url} broke the {what}: {failure}")
+        err.__cause__ = failure
+        return err
 
 
 class Http1Upstream:
@@ -263,11 +242,11 @@ class Http1Upstream:
         url = self.base_url + path
         head = self._head(method, path, -1 if body is None else len(body), content_type)
         try:
-            resp = await self._pool.send(self._key, head + body if body else head, f"{method} {url}",  # type: ignore[union-attr]
+            resp = await self._pool.send(self._key, head + body if body else head, url,  # type: ignore[union-attr]
                                          connect_timeout_s=self.connect_timeout_s,
-                                         read_timeout_s=self.read_timeout_s)
+                                         read_timeout_s=self.read_timeout_s, url=url, response_class=Http1Response)
         except TeacherError as exc:
             if isinstance(exc, TeacherTimeout):
                 raise UpstreamTimeout(f"upstream {url} did not answer within {self.read_timeout_s:g}s") from exc
-            raise UpstreamUnavailable(f"cannot reach upstream {url}: {exc}") from exc
-        return Http1Response(resp, url)
+            raise UpstreamUnavailable(f"cannot reach upstream {exc}") from exc  # exc starts with the url
+        return resp  # type: ignore[no-any-return]

@@ -85,6 +85,7 @@ class _Conn(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.deadline_timer: asyncio.TimerHandle | None = None
         self.received = b""
+        self.encoding = b""
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
@@ -102,15 +103,15 @@ class _Conn(asyncio.Protocol):
             return
         if self.read_timeout_s:
             self.last_data = self.loop.time()
-        if not self.head_done and len(self.received) < 2000:
-            self.received += data[:2000]
+        if not self.head_done and len(self.received) < 2000:  # kept for the error's .raw
+            self.received = self.received + data if self.received else data
         try:
             self.parser.feed_data(data)
         except Exception as exc:  # noqa: BLE001 - httptools.HttpParserError and friends
             if not self.complete:
-                raw = self.received.decode("latin-1")
+                raw = self.received[:2000].decode("latin-1")
                 self._fail(TeacherResponseError(f"malformed HTTP answer: {exc}", raw))
-            self.close()  # complete: bytes after the answer (see on_message_begin); drop the connection
+            self.close()  # complete: bytes after the answer (see on_header); drop the connection
 
     def eof_received(self) -> bool | None:
         return False  # close; connection_lost finishes a close-delimited body
@@ -125,21 +126,23 @@ class _Conn(asyncio.Protocol):
             self.on_message_complete()  # a close-delimited body ends at EOF
         elif self.head_done:
             self._fail(TeacherResponseError(f"the connection closed mid-body ({exc or 'EOF'})",
-                                            self.received.decode("latin-1", "replace")))
+                                            self.received[:2000].decode("latin-1", "replace")))
         else:
             why = f": {exc}" if exc else ""
             self._fail(TeacherConnectionError(f"the server closed the connection before answering{why}"))
         self._cancel_timers()
 
     # -- httptools callbacks ------------------------------------------------------------------
-    def on_message_begin(self) -> None:
+    def on_header(self, name: bytes, value: bytes) -> None:
         if self.complete:  # a second answer in the same read: nobody asked for it
             raise ConnectionError("unasked-for bytes after the answer")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
+        if len(name) == 16 and name.lower() == b"content-encoding":
+            self.encoding = value
 
     def on_headers_complete(self) -> None:
+        if self.complete:
+            raise ConnectionError("unasked-for bytes after the answer")
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:  # an interim answer: skip it
             self.interim = True
@@ -198,13 +201,14 @@ class _Conn(asyncio.Protocol):
         self._fail(TeacherTimeout(f"no byte for {self.read_timeout_s:g} s"))
         self.close()
 
-    def _on_deadline(self, what: str) -> None:
+    def _on_deadline(self, what: str, timeout_s: float) -> None:
         self.deadline_timer = None
         if not self.complete and self.failure is None:
-            self._fail(TeacherTimeout(what))
+            self._fail(TeacherTimeout(f"{what}: no answer within {timeout_s:g} s"))
             self.close()
 
-    def start(self, data: bytes, deadline: float | None, read_timeout_s: float | None, what: str) -> None:
+    def start(self, data: bytes, deadline: float | None, read_timeout_s: float | None, what: str,
+              timeout_s: float = 0.0) -> None:
         """Send one request (head and body in one write) and arm the timers."""
         self._reset()
         self.busy = True
@@ -213,7 +217,7 @@ class _Conn(asyncio.Protocol):
             self.last_data = self.loop.time()
             self.timer = self.loop.call_later(read_timeout_s, self._on_read_timer)
         if deadline is not None:
-            self.deadline_timer = self.loop.call_at(deadline, self._on_deadline, what)
+            self.deadline_timer = self.loop.call_at(deadline, self._on_deadline, what, timeout_s)
         self.transport.write(data)
 
     async def wait(self) -> None:
@@ -264,11 +268,12 @@ def decode_body(body: bytes, encoding: bytes) -> bytes:
 class HTTP1Response:
     """An answer: ``status`` and ``headers`` (names as sent) now, the body as it arrives."""
 
-    def __init__(self, conn: _Conn, pool: HTTP1Pool, key: Key):
+    def __init__(self, conn: _Conn, pool: HTTP1Pool, key: Key, url: str = ""):
         self._conn = conn
         self._pool = pool
         self._key = key
         self._done = False
+        self.url = url
         self.status: int = conn.status
         self.headers: list[tuple[bytes, bytes]] = conn.headers
 
@@ -286,7 +291,7 @@ class HTTP1Response:
         try:
             while not conn.complete:
                 if conn.failure is not None:
-                    raise conn.failure
+                    raise self._error(conn.failure, "response")
                 if conn.buffered > _LOW_WATER:
                     parts.append(conn.take())  # resumes a paused transport
                 await conn.wait()
@@ -294,10 +299,8 @@ class HTTP1Response:
         finally:
             self.release()
         body = parts[0] if len(parts) == 1 else b"".join(parts)
-        if decode:
-            enc = self.header(b"content-encoding")
-            if enc is not None:
-                body = decode_body(body, enc)
+        if decode and conn.encoding:
+            body = decode_body(body, conn.encoding)
         return body
 
     async def chunks(self) -> AsyncIterator[bytes]:
@@ -310,8 +313,13 @@ class HTTP1Response:
             if conn.complete:
                 return
             if conn.failure is not None:
-                raise conn.failure
+                raise self._error(conn.failure, "stream")
             await conn.wait()
+
+    def _error(self, failure: Exception, what: str) -> Exception:
+        """The exception to raise for ``failure`` while reading the ``what`` ("response" or
+        "stream"); subclasses map it into their caller's tree (with ``__cause__`` set)."""
+        return failure
 
     def close(self) -> None:
         """Drop the connection (the reader went away: the server sees the disconnect)."""
@@ -362,18 +370,32 @@ class HTTP1Pool:
         return self._open
 
     async def send(self, key: Key, data: bytes, what: str, *, deadline: float | None = None,
-                   connect_timeout_s: float | None = None, read_timeout_s: float | None = None) -> HTTP1Response:
+                   connect_timeout_s: float | None = None, read_timeout_s: float | None = None,
+                   url: str = "", response_class: type[HTTP1Response] | None = None,
+                   timeout_s: float | None = None) -> Any:
         """Write ``data`` (a whole request) on a pooled connection; returns once the answer's head is in.
 
         ``what`` names the request in errors ("POST http://..."). ``deadline`` (loop time) bounds
-        the whole exchange, the body included; ``read_timeout_s`` bounds each silence."""
+        the whole exchange, the body included; ``read_timeout_s`` bounds each silence. The answer
+        is a ``response_class`` (default :class:`HTTP1Response`; a subclass maps body errors)."""
         if self._closed:
             raise TeacherConnectionError("the HTTP client is closed")
         loop = asyncio.get_running_loop()
-        timeout_s = deadline - loop.time() if deadline is not None else 0.0
-        conn = await self._acquire(loop, key, deadline, connect_timeout_s, what, timeout_s)
+        if timeout_s is None:  # for messages only
+            timeout_s = deadline - loop.time() if deadline is not None else 0.0
+        conn = None
+        idle = self._idle.get(key)
+        while idle:  # the common case, without a coroutine: a kept-alive connection is free
+            c = idle.pop()
+            if not c.lost and loop.time() - c.idle_since < self.idle_timeout_s:
+                conn = c
+                break
+            c.close()
+            self._open -= 1
+        if conn is None:
+            conn = await self._acquire(loop, key, deadline, connect_timeout_s, what, timeout_s)
         try:
-            conn.start(data, deadline, read_timeout_s, f"{what}: no answer within {timeout_s:g} s")
+            conn.start(data, deadline, read_timeout_s, what, timeout_s)
             while not conn.head_done:
                 if conn.failure is not None:
                     raise conn.failure
@@ -383,7 +405,7 @@ class HTTP1Pool:
             conn.close()
             self._release(key, None)
             raise
-        return HTTP1Response(conn, self, key)
+        return (response_class or HTTP1Response)(conn, self, key, url)
 
     async def _acquire(self, loop: asyncio.AbstractEventLoop, key: Key, deadline: float | None,
                        connect_timeout_s: float | None, what: str, timeout_s: float) -> _Conn:
@@ -516,7 +538,7 @@ class RawHTTPTransport:
             hdr += f"Content-Length: {len(body)}\r\n"
         data = b"".join((method.encode("latin-1"), prefix, hdr.encode("latin-1"), b"\r\n", body or b""))
         deadline = asyncio.get_running_loop().time() + timeout_s
-        resp = await self.pool.send(key, data, f"{method} {url}", deadline=deadline)
+        resp = await self.pool.send(key, data, f"{method} {url}", deadline=deadline, timeout_s=timeout_s)
         try:
             out = await resp.read(decode=True)
         except BaseException:
