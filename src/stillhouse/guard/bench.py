@@ -566,7 +566,7 @@ CLIENT_VARIANTS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("upstream_client=aiohttp", "httptools", "uvloop", {"upstream_client": "aiohttp"}),
     ("upstream_client=http1", "httptools", "uvloop", {"upstream_client": "http1"}),
 )
-"""What chose the guard's default upstream client (guard/http1.py)."""
+"""What chose the guard's default upstream client (the http1 pool: teacher/rawhttp.py via guard/upstream.py Http1Upstream)."""
 
 
 def compare_servers(requests: int = 3000, concurrency: int = 64, latency_ms: float = 50.0,
