@@ -232,6 +232,14 @@ def run_bench(cfg: BenchTrainConfig) -> dict[str, Any]:
     return results
 
 
+def _ratio(x: float, ref: float | None) -> str:
+    return f"{x / ref:.2f}×" if ref else "-"
+
+
+def _pct(x: float | None) -> str:
+    return f"{x:.1%}" if x is not None else "-"
+
+
 def format_table(results: dict[str, Any]) -> str:
     """Markdown table of the arms, with ratios to TRL of the same precision and to TRL fp32."""
     arms = results["arms"]
@@ -248,9 +256,7 @@ def format_table(results: dict[str, Any]) -> str:
             continue
         same = arms.get(f"trl-{arm.split('-')[1]}", {}).get("tok_per_s")
         fp32 = arms.get("trl-fp32", {}).get("tok_per_s")
-        lines.append(f"| {arm} | {r['tok_per_s']:.0f} | {r['tok_per_s'] / same:.2f}× | "
-                     f"{r['tok_per_s'] / fp32:.2f}× | {r.get('mfu', float('nan')):.1%} | "
-                     f"{r.get('hfu', float('nan')):.1%} |" if same and fp32 else
-                     f"| {arm} | {r['tok_per_s']:.0f} | - | - | {r.get('mfu', float('nan')):.1%} | "
-                     f"{r.get('hfu', float('nan')):.1%} |")
+        cells = [arm, f"{r['tok_per_s']:.0f}", _ratio(r["tok_per_s"], same), _ratio(r["tok_per_s"], fp32),
+                 _pct(r.get("mfu")), _pct(r.get("hfu"))]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
