@@ -15,6 +15,7 @@ import collections
 import json
 from typing import Any
 
+from stillhouse.arena.simulate import asgi_post
 from stillhouse.guard.app import create_app
 from stillhouse.guard.store import open_store
 from stillhouse.teacher.fakeserver import FakeServerConfig
@@ -36,36 +37,9 @@ class OrderedFlag(FlagEveryone):
 
 async def call(app: Any, key: str, body: dict[str, Any]) -> tuple[int, bytes]:
     raw = json.dumps(body).encode()
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-             "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
-             "query_string": b"", "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8080),
-             "headers": [(b"authorization", b"Bearer " + key.encode()), (b"content-type", b"application/json"),
-                         (b"content-length", str(len(raw)).encode())]}
-    sent = False
-    done = asyncio.Event()
-    out: dict[str, Any] = {"status": 0, "body": b""}
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-        await done.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(msg: dict[str, Any]) -> None:
-        if msg["type"] == "http.response.start":
-            out["status"] = msg["status"]
-        elif msg["type"] == "http.response.body":
-            out["body"] += msg.get("body", b"")
-            if not msg.get("more_body", False):
-                done.set()
-
-    try:
-        await app(scope, receive, send)
-    finally:
-        done.set()
-    return out["status"], out["body"]
+    headers = [(b"authorization", b"Bearer " + key.encode()), (b"content-type", b"application/json"),
+               (b"content-length", str(len(raw)).encode())]
+    return await asgi_post(app, "/v1/chat/completions", raw, headers, client=("127.0.0.1", 5000))
 
 
 def test_strict_mode_observes_every_concurrent_answer_before_the_next_decision(tmp_path) -> None:

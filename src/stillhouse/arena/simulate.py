@@ -145,39 +145,10 @@ class GuardGateway:
         names = turn.header_names or ("host", "user-agent", "authorization", "content-type", "content-length")
         headers = [(n.encode(), values.get(n, b"x")) for n in names]
         headers += [(b"x-forwarded-for", turn.client_ip.encode()), (b"x-session-id", turn.session_id.encode())]
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
-                 "query_string": b"", "headers": headers, "client": ("127.0.0.1", 40000),
-                 "server": ("127.0.0.1", 8080)}
-        import asyncio
-
-        sent = False
-        done = asyncio.Event()
-        out: dict[str, Any] = {"status": 0, "body": b""}
-
-        async def receive() -> dict[str, Any]:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await done.wait()  # the client stays connected until the response is complete
-            return {"type": "http.disconnect"}
-
-        async def send(msg: dict[str, Any]) -> None:
-            if msg["type"] == "http.response.start":
-                out["status"] = msg["status"]
-            elif msg["type"] == "http.response.body":
-                out["body"] += msg.get("body", b"")
-                if not msg.get("more_body", False):
-                    done.set()
-
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            done.set()
-        if out["status"] != 200:
-            return Reply(out["status"])
-        data = json.loads(out["body"])
+        status, raw = await asgi_post(self.app, "/v1/chat/completions", body, headers, client=("127.0.0.1", 40000))
+        if status != 200:
+            return Reply(status)
+        data = json.loads(raw)
         usage = data.get("usage") or {}
         text = data["choices"][0]["message"]["content"] if data.get("choices") else ""
         return Reply(200, text, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
@@ -330,3 +301,42 @@ async def run_traffic(accounts: list[SimAccount], turns: list[Turn], gateway: Ga
     clusters = {aid: (detector.cluster_of_.get(aid) if detector is not None else None) for aid in by_id}
     return RunResult(accounts=by_id, outcomes=outcomes, max_scores=max_scores, clusters=clusters,
                      leak_curve=dict(leak_curve), send_ts=dict(send_ts), wall_s=time.perf_counter() - t0, requests=len(order))
+
+
+async def asgi_post(app: Any, path: str, body: bytes, headers: list[tuple[bytes, bytes]],
+                    client: tuple[str, int] = ("127.0.0.1", 40000)) -> tuple[int, bytes]:
+    """POST ``body`` to an ASGI ``app`` in-process; the status and the whole response body.
+
+    The client stays connected until the response is complete (then disconnects), as a real one
+    would, so the app's disconnect watch sees no hang-up while it answers.
+    """
+    import asyncio
+
+    sent = False
+    done = asyncio.Event()
+    out: dict[str, Any] = {"status": 0, "body": b""}
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "headers": headers, "client": client, "server": ("127.0.0.1", 8080)}
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(msg: dict[str, Any]) -> None:
+        if msg["type"] == "http.response.start":
+            out["status"] = msg["status"]
+        elif msg["type"] == "http.response.body":
+            out["body"] += msg.get("body", b"")
+            if not msg.get("more_body", False):
+                done.set()
+
+    try:
+        await app(scope, receive, send)
+    finally:
+        done.set()
+    return out["status"], out["body"]
