@@ -75,7 +75,7 @@ def train_command(
                 max_examples=max_examples, shuffle=shuffle, system_prompt=system_prompt, epochs=epochs,
                 batch_size=batch_size, lr=lr, schedule=schedule, warmup_steps=warmup_steps,  # type: ignore[arg-type]
                 max_len=max_len, seed=seed, lora_r=lora_r, save_every=save_every, threads=threads, device=device,
-                precision=precision)
+                precision=precision)  # type: ignore[arg-type]
         res = train(cfg)
     except (ConfigError, TrainConfigError, DataError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
