@@ -42,19 +42,25 @@ async def call(app: Any, key: str, body: dict[str, Any]) -> tuple[int, bytes]:
     return await asgi_post(app, "/v1/chat/completions", raw, headers, client=("127.0.0.1", 5000))
 
 
+def run_app(app: Any, scenario: Any) -> None:
+    """Start the guard app, run ``scenario()`` against it, then stop it and its executor."""
+
+    async def main() -> None:
+        await app.start()
+        try:
+            await scenario()
+        finally:
+            await app.stop()
+            app.executor.shutdown(wait=True)
+
+    asyncio.run(main())
+
+
 def test_strict_mode_observes_every_concurrent_answer_before_the_next_decision(tmp_path) -> None:
     with start_fake(FakeServerConfig(latency_ms=30)) as fake:
         det = OrderedFlag(after=4)
         cfg = make_config(tmp_path, f"http://127.0.0.1:{fake.port}", detect_max_lag=0)
         app = create_app(cfg, open_store(cfg.db_url), detector=det)
-
-        async def main() -> None:
-            await app.start()
-            try:
-                await scenario()
-            finally:
-                await app.stop()
-                app.executor.shutdown(wait=True)
 
         async def scenario() -> None:
             key = await app.db(_key, app, "ann")
@@ -65,7 +71,7 @@ def test_strict_mode_observes_every_concurrent_answer_before_the_next_decision(t
             assert status == 403 and b"account_blocked" in body
             assert len(det.order) == 7  # the six answers, then the refusal itself
 
-        asyncio.run(main())
+        run_app(app, scenario)
         recs = open_store(cfg.db_url).read_records("ann")
         assert len(recs) == 7 and sorted(r.status for r in recs) == [200] * 6 + [403]
         assert all(r.response_text and r.completion_tokens > 0 for r in recs if r.status == 200)
@@ -77,14 +83,6 @@ def test_a_queued_record_is_drained_before_the_policy_decides(tmp_path) -> None:
         det = OrderedFlag(after=1)
         cfg = make_config(tmp_path, f"http://127.0.0.1:{fake.port}")
         app = create_app(cfg, open_store(cfg.db_url), detector=det)
-
-        async def main() -> None:
-            await app.start()
-            try:
-                await scenario()
-            finally:
-                await app.stop()
-                app.executor.shutdown(wait=True)
 
         async def scenario() -> None:
             key = await app.db(_key, app, "bo")
@@ -104,7 +102,7 @@ def test_a_queued_record_is_drained_before_the_policy_decides(tmp_path) -> None:
             assert status == 403, "the queued record's verdict did not apply to the next decision"
             assert det.order[0] == rec.request_id and len(det.order) == 2  # queued first, then the refusal
 
-        asyncio.run(main())
+        run_app(app, scenario)
 
 
 def _info(account_id: str) -> Any:
@@ -143,28 +141,23 @@ def test_relaxed_mode_bounds_the_detector_lag_and_observes_everything_in_order(t
 
         app.writer.put = spy  # type: ignore[method-assign]
 
-        async def main() -> None:
-            await app.start()
+        async def scenario() -> None:
+            key = await app.db(_key, app, "cy")
+            # Two more requests counted as in flight until the detector has seen all 12 (as slow
+            # streams would be), so answers take the deferred path however the calls interleave
+            # (a deferred record's own request has already left the in-flight count).
+            app._inflight += 2
             try:
-                key = await app.db(_key, app, "cy")
-                # Two more requests counted as in flight until the detector has seen all 12 (as slow
-                # streams would be), so answers take the deferred path however the calls interleave
-                # (a deferred record's own request has already left the in-flight count).
-                app._inflight += 2
-                try:
-                    out = await asyncio.gather(*(call(app, key, chat_body(f"q{i}")) for i in range(12)))
-                    assert [s for s, _ in out] == [200] * 12
-                    for _ in range(100):
-                        if len(det.order) == 12:
-                            break
-                        await asyncio.sleep(0.01)
-                finally:
-                    app._inflight -= 2
+                out = await asyncio.gather(*(call(app, key, chat_body(f"q{i}")) for i in range(12)))
+                assert [s for s, _ in out] == [200] * 12
+                for _ in range(100):
+                    if len(det.order) == 12:
+                        break
+                    await asyncio.sleep(0.01)
             finally:
-                await app.stop()
-                app.executor.shutdown(wait=True)
+                app._inflight -= 2
 
-        asyncio.run(main())
+        run_app(app, scenario)
         assert MaxLen.most >= 1, "nothing was queued: the test did not exercise the deferred path"
         assert MaxLen.most <= 3 + 1, "the queue outgrew detect_max_lag"
         assert det.order == logged, "the detector must see records in the order they were logged"
