@@ -109,17 +109,17 @@ def _timed(stamps: list[float], tokens: int) -> tuple[float, float]:
     return tokens * (steps - 1) / steps, stamps[-1] - stamps[0]
 
 
-def run_plain(student_dir: Path, rows: list[dict[str, Any]], cfg: BenchTrainConfig) -> dict[str, Any]:
+def run_plain(student_dir: Path, data: Path, cfg: BenchTrainConfig) -> dict[str, Any]:
     """A plain PyTorch loop: HF forward with labels (logits at every position), AdamW."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stillhouse.distill.data import collate, encode_rows
+    from stillhouse.distill.data import collate, encode_rows, read_rows
 
     torch.set_num_threads(cfg.threads)
     tok = AutoTokenizer.from_pretrained(student_dir)
     model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).train()
-    examples = encode_rows(rows, tok, 512)
+    examples = encode_rows(read_rows(data), tok, 512)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     stamps = []
@@ -211,7 +211,7 @@ def run_bench(cfg: BenchTrainConfig) -> dict[str, Any]:
             results["arms"][arm] = {"arm": arm, "flops": peaks[prec]}
             continue
         if kind == "plain":
-            r = run_plain(student_dir, make_rows(cfg.examples), cfg)
+            r = run_plain(student_dir, data, cfg)
         elif kind == "ours":
             r = run_ours(student_dir, data, cfg, prec, out / arm)
         else:
