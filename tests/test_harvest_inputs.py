@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
 from stillhouse.distill.prompts import PromptError, load_prompts, row_to_prompt
+from stillhouse.distill.store import canonical_json
 
 
 def jsonl(path: Path, lines: list) -> str:
@@ -112,3 +114,28 @@ def test_row_to_prompt_content_parts():
     assert p.messages[0]["content"][0]["text"] == "hi"
     with pytest.raises(ValueError, match="content"):
         row_to_prompt({"messages": [{"role": "user", "content": 3}]})
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "Naïve \"quotes\"\n\u2028 and \\ back"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello"}, {"role": "user", "content": ""}],
+    [{"role": "user", "content": "hi", "name": "bob"}],  # a third key: the checked path
+    [{"content": "x", "role": "user"}],  # key order does not matter
+])
+def test_plain_fast_path_gives_the_canonical_json(messages):
+    p = row_to_prompt({"messages": messages})
+    assert p.messages_json == canonical_json(messages)
+    assert p.hash == hashlib.sha256(canonical_json(messages).encode()).hexdigest()
+
+
+@pytest.mark.parametrize("messages, why", [
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "assistant"),
+    ([{"role": "wizard", "content": "a"}], "role"),
+    ([{"role": ["user"], "content": "a"}], "role"),
+    ([{"role": "user", "content": None}], "content"),
+    ([], "non-empty"),
+])
+def test_fast_path_never_accepts_what_the_checks_reject(messages, why):
+    with pytest.raises(ValueError, match=why):
+        row_to_prompt({"messages": messages})

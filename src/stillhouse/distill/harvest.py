@@ -15,10 +15,9 @@ How it works. Every (prompt, sample index) is one record keyed by a content hash
 Keys already stored as ``ok`` are skipped; ``error`` rows are retried. ``concurrency``
 workers pull work from one queue (no task per record, so memory stays flat), each call
 passes the rate limiter (Retry-After cool-down, RPM spacing, TPM bucket) and the budget
-(requests, tokens, cost: reserved before the call, settled after). Up to concurrency 64 the
-requests start after the first ``FIRST_PROMPTS`` prompts and the rest are read between requests
-(``--strict`` reads every row first; so does a higher concurrency, where the client is CPU-bound and
-streaming measured slower). Finished rows are written
+(requests, tokens, cost: reserved before the call, settled after). The requests start after the
+first ``FIRST_PROMPTS`` prompts and the rest are read between requests (``--strict`` reads every row
+first). Finished rows are written
 by one flusher in committed batches every ``flush_interval_s``; a kill -9 loses only the
 unflushed rows, which the next run redoes.
 
@@ -358,10 +357,6 @@ FIRST_PROMPTS = 256
 """Prompts read before the first request (all of them under strict); the rest load between requests."""
 LOAD_CHUNK = 256
 """Prompts read per turn of the loader between requests (about 2-3 ms of the event loop's time here)."""
-STREAM_MAX_CONCURRENCY = 64
-"""Above this concurrency every prompt is read before the first request. Measured on the 2-core box
-(docs/benchmarks.md, harvest): streaming closed most of the end-to-end gap at C=64, but at C=256, where
-the client is CPU-bound, it was worse end to end in 3 of 3 runs; in between is not measured."""
 
 _Work = tuple[Prompt, int, str]
 """(prompt, sample index, record key): one record to do. A plain tuple: a run builds one per record."""
@@ -791,10 +786,11 @@ async def run_harvest(
     gc_was_enabled = gc.isenabled()
     gc.disable()  # loading allocates many long-lived objects: collections would only rescan them
     try:
-        # Under strict every row is judged before any teacher call; otherwise (at moderate concurrency)
-        # the first prompts are enough to start, and the harvester reads the rest between its requests.
-        stream = not cfg.strict and cfg.effective_concurrency() <= STREAM_MAX_CONCURRENCY
-        loader.take(FIRST_PROMPTS if stream else None)
+        # Under strict every row is judged before any teacher call; otherwise the first prompts are
+        # enough to start, and the harvester reads the rest between its requests. Measured on a quiet
+        # 2-core box (docs/benchmarks.md, harvest): at C=256 and 100k prompts streaming reached 94-95%
+        # of C/L end to end against 89% for reading everything first.
+        loader.take(None if cfg.strict else FIRST_PROMPTS)
         prompts: PromptSet | None = loader.result(strict=cfg.strict) if loader.done else None
     finally:
         if gc_was_enabled:

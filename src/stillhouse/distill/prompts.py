@@ -124,6 +124,29 @@ def messages_json(messages: list[Message]) -> str:
 
 
 _PROMPT_KEYS = ("id", "messages", "prompt")
+_ROLE_SET = frozenset(ROLES)
+
+
+def _plain_messages_json(messages: Any) -> str | None:
+    """messages_json(messages) in one pass when every message is exactly a valid string role and a
+    string content and the last is not the assistant's, else None (then check_messages decides).
+
+    The common JSONL row: 0.9 µs against 1.3 µs for check_messages + messages_json here. The loader
+    runs on the event loop between requests, so its time per row is taken from the requests."""
+    if type(messages) is not list or not messages:
+        return None
+    parts = []
+    role = None
+    for m in messages:
+        if type(m) is not dict or len(m) != 2:
+            return None
+        role, content = m.get("role"), m.get("content")
+        if type(role) is not str or role not in _ROLE_SET or type(content) is not str:
+            return None
+        parts.append(f'{{"content":{encode_basestring(content)},"role":{encode_basestring(role)}}}')
+    if role == "assistant":
+        return None
+    return f"[{','.join(parts)}]"
 
 
 def row_to_prompt(row: Any) -> Prompt:
@@ -132,12 +155,14 @@ def row_to_prompt(row: Any) -> Prompt:
         raise ValueError(f"a row must be a JSON object, not {type(row).__name__}")
     messages = row.get("messages")
     if messages is not None:
-        # Parquet/datasets give list-of-struct rows with every key present; drop the None ones.
-        if isinstance(messages, list):
-            messages = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m
-                        for m in messages]
-        messages = check_messages(messages)
-        mj = messages_json(messages)
+        mj = _plain_messages_json(messages)
+        if mj is None:  # anything unusual: the checked path (which also names what is wrong)
+            # Parquet/datasets give list-of-struct rows with every key present; drop the None ones.
+            if isinstance(messages, list):
+                messages = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m
+                            for m in messages]
+            messages = check_messages(messages)
+            mj = messages_json(messages)
     else:
         text = row.get("prompt")
         if text is None:
@@ -163,6 +188,16 @@ def row_to_prompt(row: Any) -> Prompt:
 
 _decode_json = json.JSONDecoder().decode
 
+
+def _loads_line_std(line: bytes) -> Any:
+    return _decode_json(line.decode())  # str decoding skips json.loads' encoding detection
+
+
+try:  # orjson (the `fast` extra) parses a short JSONL row in about half the time (2.0 vs 4.4 µs here)
+    from orjson import loads as _loads_line
+except ImportError:  # pragma: no cover - the standard library does the same, slower
+    _loads_line = _loads_line_std
+
 Rows = Iterator[tuple[Any, Any, str | None]]
 """(where in the source, without its prefix; the row; why it is unusable or None)."""
 
@@ -170,8 +205,8 @@ Rows = Iterator[tuple[Any, Any, str | None]]
 def _jsonl_rows(path: Path) -> Rows:
     with path.open("rb") as f:
         for lineno, line in enumerate(f, 1):
-            try:  # the common case: a UTF-8 line (str decoding skips json.loads' encoding detection)
-                row = _decode_json(line.decode())
+            try:  # the common case: a valid UTF-8 line; anything else takes the standard path below
+                row = _loads_line(line)
             except ValueError:
                 if not line.strip():
                     continue
