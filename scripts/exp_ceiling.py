@@ -300,9 +300,10 @@ def stage_grid(args: argparse.Namespace, out: Path) -> None:
 
 
 def stage_epochs(args: argparse.Namespace, out: Path) -> None:
-    """More passes over the largest grid N: the grid run's end-of-pass checkpoint continued to
-    ``--more-epochs`` epochs (later epochs reshuffle), every epoch scored on validation, the best
-    one on the held-out set."""
+    """More passes over the largest grid N, every epoch scored on validation, the best one on the
+    held-out set (later epochs reshuffle). ``--epochs-schedule continue``: the grid run's end-of-pass
+    checkpoint continued to ``--more-epochs`` epochs at the grid's constant learning rate; ``cosine``:
+    a fresh run from the init, ``--more-epochs`` epochs at ``--epochs-lr`` decayed to zero by cosine."""
     import shutil
 
     from stillhouse.distill.modelio import load_causal_lm
@@ -312,20 +313,24 @@ def stage_epochs(args: argparse.Namespace, out: Path) -> None:
     n = max(x for x in args.grid if x <= args.train)
     results = []
     for loss in args.epochs_losses:
-        src = out / "runs" / f"pruned10-{loss}"
-        name = f"pruned10-{loss}-{args.more_epochs}ep"
+        fresh = args.epochs_schedule == "cosine"
+        lr = args.epochs_lr if fresh and args.epochs_lr else args.lr
+        name = f"pruned10-{loss}-{args.more_epochs}ep" + (f"-cos{lr:g}" if fresh else "")
         run = out / "runs" / name
-        first = src / "checkpoints" / f"step-{n // args.batch:07d}"
-        if not first.exists() and not (run / "checkpoints").exists():
-            raise SystemExit(f"{first} is missing: run --stage grid with N={n} first")
-        if not (run / "epochs" / "e1").exists():  # epoch 1 is the grid's one-pass model at N
-            (run / "checkpoints").mkdir(parents=True, exist_ok=True)
-            shutil.copytree(first, run / "checkpoints" / first.name, dirs_exist_ok=True)
-            shutil.copytree(src / "snapshots" / f"n{n}", run / "epochs" / "e1", dirs_exist_ok=True)
-            shutil.copy(src / "metrics.jsonl", run / "metrics.jsonl")
+        if not fresh:
+            src = out / "runs" / f"pruned10-{loss}"
+            first = src / "checkpoints" / f"step-{n // args.batch:07d}"
+            if not first.exists() and not (run / "checkpoints").exists():
+                raise SystemExit(f"{first} is missing: run --stage grid with N={n} first")
+            if not (run / "epochs" / "e1").exists():  # epoch 1 is the grid's one-pass model at N
+                (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+                shutil.copytree(first, run / "checkpoints" / first.name, dirs_exist_ok=True)
+                shutil.copytree(src / "snapshots" / f"n{n}", run / "epochs" / "e1", dirs_exist_ok=True)
+                shutil.copy(src / "metrics.jsonl", run / "metrics.jsonl")
         res = _train_and_eval(args, out, name, out / "harvest_greedy.jsonl", held, teacher, select=True,
                               student=args.pruned, loss=loss, alpha=0.0, max_examples=n, batch_size=args.batch,
-                              lr=args.lr, warmup_steps=10, epochs=args.more_epochs)
+                              lr=lr, warmup_steps=10, epochs=args.more_epochs,
+                              schedule="cosine" if fresh else "constant")
         for r in res:
             r["train_examples"] = n
             r["label"] = f"{r['label']} (N={n})"
@@ -448,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid-losses", nargs="+", default=["sft", "topk"])
     p.add_argument("--more-epochs", type=int, default=3, help="stage epochs: passes over the largest N")
     p.add_argument("--epochs-losses", nargs="+", default=["sft"], help="stage epochs: which grid runs to continue")
+    p.add_argument("--epochs-schedule", default="continue", choices=["continue", "cosine"],
+                   help="stage epochs: continue the grid run at its constant LR, or a fresh run with cosine decay")
+    p.add_argument("--epochs-lr", type=float, default=0.0, help="stage epochs, cosine: peak LR (0 = --lr)")
     p.add_argument("--student-system", default="",
                    help="system prompt of student training and evaluation ('' keeps sequences short; "
                         "the template default adds 30 tokens to a 40-token example)")

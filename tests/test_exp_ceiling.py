@@ -59,6 +59,15 @@ def test_experiment_end_to_end_on_a_tiny_teacher(tmp_path, smol_tokenizer):
     assert exp.main([*common, "--stage", "epochs", "--more-epochs", "2"]) == 0
     more = json.loads((out / "epochs.json").read_text())
     assert [v["epochs"] for v in more[0]["validation"]] == [1, 2] and more[0]["train_examples"] == 20
+    assert exp.main([*common, "--stage", "epochs", "--more-epochs", "2", "--epochs-schedule", "cosine",
+                     "--epochs-lr", "1e-3"]) == 0
+    cos = json.loads((out / "epochs.json").read_text())
+    assert [r["run"] for r in cos] == ["pruned10-sft-2ep", "pruned10-sft-2ep-cos0.001"]
+    cos_run = out / "runs" / "pruned10-sft-2ep-cos0.001"
+    saved = json.loads((cos_run / "final" / "train_config.json").read_text())
+    assert saved["schedule"] == "cosine" and saved["lr"] == 1e-3 and saved["epochs"] == 2
+    steps = [json.loads(line)["step"] for line in (cos_run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0] == 1 and len(steps) == 2 * 20 // 5  # a fresh run from the init, not the grid's checkpoint
     assert exp.main([*common, "--stage", "report"]) == 0
     table = (out / "results.md").read_text()
     assert "pruned10-sft-2ep" in table
