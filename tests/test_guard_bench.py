@@ -66,8 +66,8 @@ def test_detector_arm_summary_and_validation(tmp_path):
     assert s["guard+detector"]["added_p50_ms"] == 1.0
     md = format_markdown(result)
     assert "p50 +0.20 ms, p99 +1.50 ms, CPU +0.150 ms/request" in md and "2 interleaved round(s)" in md
-    with pytest.raises(ValueError, match="detector_strict needs detector_dir"):
-        GuardBenchConfig(detector_strict=True)
+    with pytest.raises(ValueError, match="detector_inline needs detector_dir"):
+        GuardBenchConfig(detector_inline=True)
     with pytest.raises(ValueError, match="stillhouse detect --fit"):
         GuardBenchConfig(detector_dir=str(tmp_path))
     with pytest.raises(ValueError, match="latency_rounds"):

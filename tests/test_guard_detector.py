@@ -139,9 +139,12 @@ def _decisions(g: InProcess, target: str) -> list[dict[str, Any]]:
     return [d for d in g.admin("GET", f"/admin/decisions?target={target}")["data"] if d["source"] == "detector"]
 
 
-def test_guard_with_a_fitted_detector_blocks_a_campaign_account(detector_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["process", "inline"])
+def test_guard_with_a_fitted_detector_blocks_a_campaign_account(detector_dir: Path, tmp_path: Path,
+                                                                 mode: str) -> None:
     with start_fake(FakeServerConfig(latency_ms=1)) as fake:
-        g = GuardProcess(tmp_path, f"http://127.0.0.1:{fake.port}", "--detector", str(detector_dir))
+        g = GuardProcess(tmp_path, f"http://127.0.0.1:{fake.port}", "--detector", str(detector_dir),
+                         "--detect-mode", mode)
         try:
             evil_st, good_st = _traffic(g, 10)
             assert good_st == [200, 200, 200]
@@ -159,9 +162,79 @@ def test_guard_with_a_fitted_detector_blocks_a_campaign_account(detector_dir: Pa
             blocked = [r for r in g.admin("GET", "/admin/traffic?account_id=evil")["data"] if r["status"] == 403]
             assert len(blocked) == evil_st.count(403) and all("detector score" in r["decision_reason"]
                                                               for r in blocked)
+            health = g.admin("GET", "/healthz")
+            if mode == "process":
+                assert health["detector"]["sent"] == health["detector"]["applied"] > 0, health
+                assert health["detector"]["lost"] == 0 and health["detector"]["restarts"] == 0
+            else:
+                assert "detector" not in health
         finally:
             out = g.stop()
-    assert "detector:" in out and "enforced" in out, out
+    assert "detector:" in out and "enforced" in out and mode in out, out
+
+
+def _scored_records() -> tuple[list[Any], dict[str, Any]]:
+    from test_detect import _benign as benign
+    from test_detect import _campaign
+
+    records, infos = benign(12, seed=7)
+    records = sorted(records + _campaign(10_000), key=lambda r: r.ts)
+    from stillhouse.guard.events import AccountInfo
+
+    infos["evil"] = AccountInfo("evil", payment_fingerprint="card-evil")
+    return records, infos
+
+
+async def test_process_detector_gives_exactly_the_inline_verdicts(detector_dir: Path) -> None:
+    """Same records, same order: the child's verdicts equal an inline detector's, one per record."""
+    from stillhouse.guard.detect.remote import ProcessDetector
+    from stillhouse.guard.server import load_detector
+
+    records, infos = _scored_records()
+    inline = load_detector(detector_dir)
+    want = []
+    for r in records:
+        inline.observe(r, infos[r.account_id])
+        want.append(inline.verdict(r.account_id))
+    got: list[Any] = []
+    det = ProcessDetector(detector_dir)
+    await det.start(got.extend)
+    for r in records:
+        det.submit(r, infos[r.account_id])
+    await det.stop()
+    assert got == want
+    assert any(v.flagged for v in want) and not all(v.flagged for v in want)  # the comparison means something
+    assert det.stats()["sent"] == det.stats()["applied"] == len(records)
+
+
+async def test_a_killed_detector_process_is_restarted(detector_dir: Path) -> None:
+    import asyncio
+    import signal
+
+    from stillhouse.guard.detect.remote import ProcessDetector
+
+    records, infos = _scored_records()
+    got: list[Any] = []
+    det = ProcessDetector(detector_dir, restart_s=0.05)
+    await det.start(got.extend)
+    first = det.pid
+    for r in records[:5]:
+        det.submit(r, infos[r.account_id])
+    while len(got) < 5:
+        await asyncio.sleep(0.01)
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while det.stats()["restarts"] < 1 or det.pid == first:
+        assert time.monotonic() < deadline, det.stats()
+        await asyncio.sleep(0.05)
+    while det._reader is None or det._reader.done():  # the new child is ready
+        await asyncio.sleep(0.05)
+    for r in records[5:10]:
+        det.submit(r, infos[r.account_id])
+    await det.stop()
+    st = det.stats()
+    assert st["restarts"] == 1 and st["lost"] == 0 and st["applied"] == 10 and len(got) == 10, st
 
 
 def test_shadow_mode_records_the_would_be_block_without_enforcing(detector_dir: Path, tmp_path: Path) -> None:

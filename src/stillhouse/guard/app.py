@@ -17,10 +17,12 @@ app (run it with uvicorn; ``stillhouse guard`` does). Per request, in this order
 7. log a TrafficRecord (redacted as configured) through the background writer, feed the
    detector (unredacted) and let the policy engine take its verdict. This runs after the
    response is sent: inline when no other request is in flight, else as a later loop callback
-   (so answers already waiting go out first); step 4 drains what is queued. The detector
-   runs inline too when the request is alone; with others in flight its records queue and
-   are observed in short slices between requests, so a verdict applies at most
-   ``detect_max_lag`` requests late (``detect_max_lag=0``: strict, from the next decision).
+   (so answers already waiting go out first); step 4 drains what is queued. A detector in its
+   own process (``ProcessDetector``, the CLI's default) gets the record through a pipe and its
+   verdicts come back as loop callbacks. An inline detector runs when the request is alone;
+   with others in flight its records queue and are observed in short slices between requests,
+   so a verdict applies at most ``detect_max_lag`` requests late (``detect_max_lag=0``: strict,
+   from the next decision).
 
 Errors are OpenAI-shaped: ``{"error": {"message", "type", "param", "code"}}``.
 The admin API (``guard/admin.py``) lives under ``/admin/`` behind its own token; the
@@ -257,6 +259,8 @@ class GuardApp:
         self.store = store
         self.clock = clock
         self.detector = detector
+        self._remote: Any = detector if hasattr(detector, "submit") else None
+        """A detector in its own process (ProcessDetector): fed by submit, verdicts by callback."""
         self.upstream = upstream or make_upstream(config)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="guard-store")
         self.keys = KeyRing(store)
@@ -309,6 +313,8 @@ class GuardApp:
                 log.warning("guard: replayed %d records left in the spool by an earlier run", replayed)
             await self.writer.start()
             await self.upstream.start()
+            if self._remote is not None:
+                await self._remote.start(self._take_verdicts)
             if self.config.key_refresh_s > 0:
                 self._refresh_task = asyncio.create_task(self._refresh_loop(), name="guard-refresh")
             self._started = True
@@ -319,6 +325,8 @@ class GuardApp:
         self._started = False
         self._drain_post()
         self._drain_detect(None)
+        if self._remote is not None:
+            await self._remote.stop()  # its last verdicts become decisions before the log closes
         if self._refresh_task is not None:
             self._refresh_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -374,7 +382,8 @@ class GuardApp:
             ok = self.writer.store_ok
             await send_json(send, 200 if ok or self.config.on_store_failure == "open" else 503,
                             {"ok": ok, "store": "ok" if ok else "down", "mode": self.config.on_store_failure,
-                             "log": self.writer.stats()})
+                             "log": self.writer.stats(),
+                             **({"detector": self._remote.stats()} if self._remote is not None else {})})
         elif path == "/openapi.json" and method == "GET":
             from stillhouse.guard.openapi import openapi_schema
             await send_json(send, 200, openapi_schema())
@@ -429,7 +438,9 @@ class GuardApp:
     def _finish(self, rec: TrafficRecord, account: AccountInfo | None) -> None:
         """Log the record and let the detector and policy see it (now, or queued: see detect_max_lag)."""
         self.writer.put(self.redactor.record(rec))
-        if self.detector is not None and account is not None:
+        if self._remote is not None and account is not None:
+            self._remote.submit(rec, account)
+        elif self.detector is not None and account is not None:
             q = self._detect_q
             if not q and (self._inflight <= 1 or self.config.detect_max_lag == 0):
                 self._observe(rec, account)
@@ -440,6 +451,11 @@ class GuardApp:
             elif not self._detect_scheduled:
                 self._detect_scheduled = True
                 self._schedule_slice()
+
+    def _take_verdicts(self, verdicts: list[Any]) -> None:
+        """Verdicts from the detector process, in the order their requests finished."""
+        for v in verdicts:
+            self.policy.take_verdict(v)
 
     def _observe(self, rec: TrafficRecord, account: AccountInfo) -> None:
         try:

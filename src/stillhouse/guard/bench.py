@@ -10,8 +10,10 @@ Setup, all on loopback, each server in its own process:
   ``LITELLM_LOCAL_MODEL_COST_MAP=True``, one ``openai/<model>`` entry pointing at the same
   upstream and a ``master_key`` (no database: it has no virtual keys and no spend log then).
 - **guard+detector** (with ``detector_dir``): a second guard with online detection in shadow
-  mode; ``detector_strict`` adds a third with ``detect_max_lag=0``. The summary's ``detector``
-  entries are these minus the plain guard, from the same rounds.
+  mode, the detector in its own process (the guard's default); ``detector_inline`` adds a third
+  with the detector in the guard's loop (``detect_mode="inline"``). The summary's ``detector``
+  entries are these minus the plain guard, from the same rounds. A guard's CPU includes its
+  detector process (a direct child).
 
 Requests cycle through ``prompts`` distinct arithmetic questions. Measured, per target,
 interleaved so drift hits all of them alike:
@@ -24,7 +26,7 @@ interleaved so drift hits all of them alike:
    stopped (graceful: it flushes) and its log is counted against the responses received.
 
 Run: ``stillhouse bench guard --out bench-guard.json`` (``--help`` lists the knobs);
-``--detector DIR [--detector-strict]`` for the detection arms; ``--compare-servers`` and
+``--detector DIR [--detector-inline]`` for the detection arms; ``--compare-servers`` and
 ``--compare-clients`` for the uvicorn and upstream-client A/Bs.
 """
 
@@ -78,9 +80,9 @@ class GuardBenchConfig:
     """A fitted detector (``stillhouse detect --fit``); adds the "guard+detector" target: a second
     guard, identical but for online detection (in shadow mode, so verdicts are computed, persisted
     and logged but the bench's one-prompt-family account is never blocked). "" = no such target."""
-    detector_strict: bool = False
-    """With ``detector_dir``: also a third guard with ``detect_max_lag=0`` (every decision waits for the
-    detector to see every answered request), reported as "guard+detector(strict)"."""
+    detector_inline: bool = False
+    """With ``detector_dir``: also a third guard with the detector in its event loop
+    (``detect_mode="inline"``, default ``detect_max_lag``), reported as "guard+detector(inline)"."""
     prompts: int = 64
     """Distinct prompts the load cycles through (arithmetic questions), the same for every target."""
 
@@ -99,8 +101,8 @@ class GuardBenchConfig:
             raise ValueError(f"latency_rounds={self.latency_rounds}: must be 1..latency_requests")
         if self.prompts < 1:
             raise ValueError(f"prompts={self.prompts}: must be >= 1")
-        if self.detector_strict and not self.detector_dir:
-            raise ValueError("detector_strict needs detector_dir (the strict arm is a second detector guard)")
+        if self.detector_inline and not self.detector_dir:
+            raise ValueError("detector_inline needs detector_dir (the inline arm is a second detector guard)")
         if self.detector_dir and not (Path(self.detector_dir) / "detector.json").is_file():
             raise ValueError(f"detector_dir={self.detector_dir!r} holds no detector.json; fit one with "
                              "`stillhouse detect --fit --log BENIGN_LOG --model DIR` (or use OUT/detector "
@@ -305,7 +307,7 @@ def _git_commit() -> str:
 
 
 DETECTOR_TARGET = "guard+detector"
-STRICT_TARGET = "guard+detector(strict)"
+INLINE_TARGET = "guard+detector(inline)"
 
 
 def bench_bodies(n: int, max_tokens: int) -> list[dict[str, Any]]:
@@ -387,14 +389,14 @@ def run_bench(cfg: GuardBenchConfig, work: Path | None = None) -> dict[str, Any]
             targets[DETECTOR_TARGET] = (gd_url + "/v1/chat/completions", dkey)
             server_pid[DETECTOR_TARGET] = gd.pid
             result["guard_detector_config"] = config_to_dict(gdcfg)
-            if cfg.detector_strict:
-                gs, gs_url, (skey,), _ = _start_guard(work, "guard-detector-strict", upstream,
-                                                      f"sqlite:///{work}/guard-detector-strict.db", ["bench"],
+            if cfg.detector_inline:
+                gs, gs_url, (skey,), _ = _start_guard(work, "guard-detector-inline", upstream,
+                                                      f"sqlite:///{work}/guard-detector-inline.db", ["bench"],
                                                       {"detector_dir": str(Path(cfg.detector_dir).resolve()),
-                                                       "shadow": True, "detect_max_lag": 0})
+                                                       "shadow": True, "detect_mode": "inline"})
                 procs.append(gs)
-                targets[STRICT_TARGET] = (gs_url + "/v1/chat/completions", skey)
-                server_pid[STRICT_TARGET] = gs.pid
+                targets[INLINE_TARGET] = (gs_url + "/v1/chat/completions", skey)
+                server_pid[INLINE_TARGET] = gs.pid
 
         # litellm
         if cfg.litellm_python:
@@ -467,7 +469,7 @@ def run_bench(cfg: GuardBenchConfig, work: Path | None = None) -> dict[str, Any]
                 thr: dict[str, Any] = {}
                 for rate in cfg.rates:
                     for name, (url, tok) in targets.items():
-                        if name in (DETECTOR_TARGET, STRICT_TARGET):
+                        if name in (DETECTOR_TARGET, INLINE_TARGET):
                             continue  # its goal is latency; the throughput ratios compare proxies
                         t = bar.add_task(f"{rate:g} req/s {name:7s}", total=None)
                         thr.setdefault(f"{rate:g}", {})[name] = loop.run_until_complete(
@@ -518,7 +520,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     lat = result.get("latency", {})
     d = lat.get("direct")
-    for name in ("guard", DETECTOR_TARGET, STRICT_TARGET, "litellm"):
+    for name in ("guard", DETECTOR_TARGET, INLINE_TARGET, "litellm"):
         if name not in lat or d is None:
             continue
         s: dict[str, Any] = {
@@ -533,7 +535,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     if "lossless" in result:
         out.setdefault("guard", {})["log_records_lost"] = result["lossless"]["lost"]
     g = lat.get("guard")
-    for key, target in (("detector", DETECTOR_TARGET), ("detector_strict", STRICT_TARGET)):
+    for key, target in (("detector", DETECTOR_TARGET), ("detector_inline", INLINE_TARGET)):
         gd = lat.get(target)
         if g is not None and gd is not None:
             # What online detection adds: the same guard with and without it, same rounds (issue 6: <= 0.2 ms p50).
@@ -641,7 +643,7 @@ def format_markdown(result: dict[str, Any]) -> str:
                          f"{cpu:.2f} |")
         lines.append("")
     summ = summarize(result) if lat else {}
-    for key, target in (("detector", DETECTOR_TARGET), ("detector_strict", STRICT_TARGET)):
+    for key, target in (("detector", DETECTOR_TARGET), ("detector_inline", INLINE_TARGET)):
         det = summ.get(key)
         if det:
             lines += [(f"Online detection ({target} minus guard, same rounds): p50 {det['added_p50_ms']:+.2f} ms, "

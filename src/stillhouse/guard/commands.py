@@ -74,8 +74,13 @@ def guard(
                                              "keep-alive HTTP/1.1 pool, the least CPU per request) or 'aiohttp' "
                                              "(aiohttp's ClientSession, for upstreams that need more than plain "
                                              "HTTP/1.1). Compare them with `stillhouse bench guard --compare-clients`."),
+    detect_mode: str = typer.Option(None, "--detect-mode", metavar="process|inline",
+                                    help="With --detector: run it in its own process fed through a pipe "
+                                         "('process', default: the guard's event loop only hands each finished "
+                                         "request over, and a verdict applies about a millisecond later) or in "
+                                         "the guard's loop ('inline', paced by --detect-max-lag)."),
     detect_max_lag: int = typer.Option(None, "--detect-max-lag", metavar="N",
-                                       help="With --detector: how many answered requests may wait for the detector "
+                                       help="With --detector --detect-mode inline: how many answered requests may wait for the detector "
                                             "while others are in flight [64]. The detector then runs between requests "
                                             "instead of in front of them, and a verdict applies at most N requests "
                                             "late. 0 = strict: every decision first scores every answered request "
@@ -95,7 +100,7 @@ def guard(
         "spool_dir": spool_dir, "shadow": shadow, "redact": redact, "max_body_bytes": max_body_bytes,
         "requests_per_min": rpm, "tokens_per_min": tpm, "max_concurrent_streams": max_streams,
         "detector_dir": detector, "upstream_client": upstream_client,
-        "detect_max_lag": detect_max_lag}.items() if v is not None}
+        "detect_max_lag": detect_max_lag, "detect_mode": detect_mode}.items() if v is not None}
     try:
         if config:
             base = config_to_dict(load_guard_config(config))
@@ -130,8 +135,10 @@ def guard(
     typer.echo(f"guard on http://{cfg.host}:{cfg.port}/v1 → {cfg.upstream_url}  (log: {cfg.db_url}, "
                f"store failure: fail-{cfg.on_store_failure}{', SHADOW' if cfg.shadow else ''})", err=True)
     if det is not None:
-        typer.echo(f"detector: {cfg.detector_dir} (thresholds {det.thresholds_}; verdicts "
+        typer.echo(f"detector: {cfg.detector_dir} (thresholds {det.thresholds_}; {cfg.detect_mode}; verdicts "
                    f"{'recorded only (shadow)' if cfg.shadow else 'enforced'})", err=True)
+        if cfg.detect_mode == "process":
+            det = None  # checked above; serve_forever starts it in its own process
     serve_forever(cfg, detector=det)
 
 
@@ -297,9 +304,9 @@ def bench_guard(
                                       "report what online detection adds to p50/p99 and CPU. Fit one with "
                                       "`stillhouse detect --fit --log BENIGN --model DIR`, or use OUT/detector "
                                       "of `stillhouse arena --quick --out OUT`."),
-    detector_strict: bool = typer.Option(False, "--detector-strict",
-                                         help="With --detector: also a guard with detect_max_lag=0 (each decision "
-                                              "waits for the detector to see every answered request)."),
+    detector_inline: bool = typer.Option(False, "--detector-inline",
+                                         help="With --detector: also a guard with the detector in its event loop "
+                                              "(--detect-mode inline), against the default detector process."),
     out: str = typer.Option(None, help="Write the results JSON here."),
     config: str = typer.Option(None, "--config", help="Replay a saved GuardBenchConfig JSON."),
     compare_servers: bool = typer.Option(False, "--compare-servers",
@@ -336,7 +343,7 @@ def bench_guard(
                                    latency_concurrency=latency_concurrency, lossless_requests=lossless_requests,
                                    litellm_python=litellm_python, db_url=db or "",
                                    latency_rounds=latency_rounds, detector_dir=detector or "",
-                                   detector_strict=detector_strict)
+                                   detector_inline=detector_inline)
         except ValueError as exc:
             _die(str(exc))
             return

@@ -134,8 +134,13 @@ class GuardConfig:
     detector_dir: str = ""
     """A fitted detector (``stillhouse detect --fit --log BENIGN_LOG --model DIR``) scoring every request
     online; its verdicts go to the policy engine ("" = none: manual decisions and rules only)."""
+    detect_mode: str = "process"
+    """Where the detector of ``detector_dir`` runs: "process" (a child process fed through a pipe;
+    the guard's loop only pickles each finished record, see :mod:`stillhouse.guard.detect.remote`)
+    or "inline" (in the guard's loop, paced by ``detect_max_lag``). A detector object handed to
+    the app directly (tests, the arena) always runs inline."""
     detect_max_lag: int = 64
-    """How many answered requests may wait for the detector while others are in flight. The
+    """Inline mode: how many answered requests may wait for the detector while others are in flight. The
     detector then runs in slices of about ``DETECT_SLICE_S`` between requests instead of in
     front of them, and a verdict applies from the first decision after the detector reached
     the request that earned it (at most this many requests later). 0 = strict: every policy
@@ -162,6 +167,8 @@ class GuardConfig:
                      "store_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be > 0 seconds")
+        if self.detect_mode not in ("process", "inline"):
+            raise ValueError(f"detect_mode={self.detect_mode!r}: use process or inline")
         if self.detect_max_lag < 0:
             raise ValueError(f"detect_max_lag={self.detect_max_lag}: must be >= 0 (0 = strict)")
         if self.key_refresh_s < 0:

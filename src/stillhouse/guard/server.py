@@ -119,14 +119,21 @@ def start_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0, timeout: f
 def serve_forever(config: GuardConfig, detector: Any = None) -> None:
     """Open the store and run the guard under uvicorn until interrupted (the CLI's `guard` verb).
 
-    ``detector``: an already loaded detector; otherwise the one in ``config.detector_dir``, if set."""
+    ``detector``: an already loaded detector (or a ProcessDetector); otherwise the one in
+    ``config.detector_dir``, if set, in its own process unless ``config.detect_mode`` is "inline"."""
     import uvicorn
 
     from stillhouse.guard.app import create_app
     from stillhouse.guard.store import open_store
 
     if detector is None and config.detector_dir:
-        detector = load_detector(config.detector_dir)
+        if config.detect_mode == "process":
+            from stillhouse.guard.detect.remote import ProcessDetector
+
+            load_detector(config.detector_dir)  # a bad directory fails here, not in the child
+            detector = ProcessDetector(config.detector_dir)
+        else:
+            detector = load_detector(config.detector_dir)
     store = open_store(config.db_url)
     app = create_app(config, store, detector=detector)
     # proxy_headers=False: the guard alone decides whether X-Forwarded-For is trusted
