@@ -80,8 +80,8 @@ def guard(
                                          "request over, and a verdict applies about a millisecond later) or in "
                                          "the guard's loop ('inline', paced by --detect-max-lag)."),
     detect_max_lag: int = typer.Option(None, "--detect-max-lag", metavar="N",
-                                       help="With --detector --detect-mode inline: how many answered requests may wait for the detector "
-                                            "while others are in flight [64]. The detector then runs between requests "
+                                       help="With --detector --detect-mode inline: how many answered requests "
+                                            "may wait for the detector while others are in flight [64]. The detector then runs between requests "
                                             "instead of in front of them, and a verdict applies at most N requests "
                                             "late. 0 = strict: every decision first scores every answered request "
                                             "(more added latency)."),

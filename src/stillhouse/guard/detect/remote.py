@@ -210,7 +210,7 @@ def serve(directory: str, inp: Any, out: Any) -> int:
             try:
                 det.observe(record, account)
                 verdicts.append(det.verdict(record.account_id))
-            except Exception:  # one bad record must not stop scoring the others
+            except Exception:  # noqa: BLE001 - one bad record must not stop scoring the others
                 traceback.print_exc(file=sys.stderr)
                 verdicts.append(None)
         out.write(_frame(verdicts))
