@@ -134,6 +134,10 @@ def serve_forever(config: GuardConfig, detector: Any = None) -> None:
             detector = ProcessDetector(config.detector_dir)
         else:
             detector = load_detector(config.detector_dir)
+    if detector is not None and config.detector_dir and not hasattr(detector, "submit"):
+        from stillhouse.guard.detect.remote import warm_up
+
+        warm_up(config.detector_dir)  # inline: the first observe's imports happen now, not on a request
     store = open_store(config.db_url)
     app = create_app(config, store, detector=detector)
     # proxy_headers=False: the guard alone decides whether X-Forwarded-For is trusted

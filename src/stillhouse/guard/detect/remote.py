@@ -185,18 +185,25 @@ class ProcessDetector:
                 "lost": self.lost, "restarts": self.restarts}
 
 
+def warm_up(directory: str) -> None:
+    """Score one made-up request on a throwaway copy of the detector in ``directory``.
+
+    The first observe imports datasketch and fills caches (about a second here); done before the
+    guard takes traffic, the first real requests are scored at full speed."""
+    from stillhouse.guard.server import load_detector
+
+    spare = load_detector(directory)
+    spare.observe(TrafficRecord("warm-up", 0.0, "warm-up", "warm-up", messages=[{"role": "user", "content": "hi"}]),
+                  AccountInfo("warm-up"))
+    spare.verdict("warm-up")
+
+
 def serve(directory: str, inp: Any, out: Any) -> int:
     """The child's loop: frames of (record, account) in, frames of verdicts out, until EOF."""
     from stillhouse.guard.server import load_detector
 
     det = load_detector(directory)
-    # The first observe imports datasketch and fills caches (about a second here): do it on a
-    # throwaway copy before saying ready, so the first real requests are scored at full speed.
-    spare = load_detector(directory)
-    spare.observe(TrafficRecord("warm-up", 0.0, "warm-up", "warm-up", messages=[{"role": "user", "content": "hi"}]),
-                  AccountInfo("warm-up"))
-    spare.verdict("warm-up")
-    del spare
+    warm_up(directory)
     out.write(_frame([]))  # ready
     out.flush()
     n = 0
