@@ -138,7 +138,9 @@ def guard(
         typer.echo(f"detector: {cfg.detector_dir} (thresholds {det.thresholds_}; {cfg.detect_mode}; verdicts "
                    f"{'recorded only (shadow)' if cfg.shadow else 'enforced'})", err=True)
         if cfg.detect_mode == "process":
-            det = None  # checked above; serve_forever starts it in its own process
+            from stillhouse.guard.detect.remote import ProcessDetector
+
+            det = ProcessDetector(cfg.detector_dir)  # checked above; the child loads its own copy
     serve_forever(cfg, detector=det)
 
 
