@@ -17,7 +17,8 @@ Stages (each reads/writes OUT, default runs/exp_ceiling; finished stages are ski
               examples, N = 250, 1000, 4000 (one pass, constant learning rate, so the
               snapshots at N are the models a separate run on N examples would give)
     epochs    (only when named) the largest-N grid runs continued to --more-epochs passes,
-              the epoch chosen on validation
+              or (--epochs-schedule cosine) fresh cosine runs at each N of --epochs-n; the
+              epoch chosen on validation
     verified  students trained only on verified-correct teacher answers: the pruned
               student, and the teacher itself (self-distillation); every epoch is exported
               and scored on a validation split, and only the best epoch is scored on the
@@ -308,14 +309,21 @@ def stage_epochs(args: argparse.Namespace, out: Path) -> None:
 
     from stillhouse.distill.modelio import load_causal_lm
 
+    largest = max(x for x in args.grid if x <= args.train)
+    sizes = args.epochs_n or [largest]
+    fresh = args.epochs_schedule == "cosine"
+    if not fresh and sizes != [largest]:
+        raise SystemExit(f"--epochs-n {sizes}: only a cosine run starts fresh at another N; the 'continue' "
+                         f"schedule continues the grid run at N={largest} (add --epochs-schedule cosine)")
+    if any(not 0 < x <= args.train for x in sizes):
+        raise SystemExit(f"--epochs-n {sizes}: each N must be in 1..--train ({args.train})")
     held, _ = split_problems(args.heldout, args.train)
     teacher = load_causal_lm(args.teacher)
-    n = max(x for x in args.grid if x <= args.train)
     results = []
-    for loss in args.epochs_losses:
-        fresh = args.epochs_schedule == "cosine"
+    for n, loss in [(n, loss) for n in sizes for loss in args.epochs_losses]:
         lr = args.epochs_lr if fresh and args.epochs_lr else args.lr
-        name = f"pruned10-{loss}-{args.more_epochs}ep" + (f"-cos{lr:g}" if fresh else "")
+        name = f"pruned10-{loss}" + (f"-n{n}" if n != largest else "") + f"-{args.more_epochs}ep" + \
+            (f"-cos{lr:g}" if fresh else "")
         run = out / "runs" / name
         if not fresh:
             src = out / "runs" / f"pruned10-{loss}"
@@ -456,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs-schedule", default="continue", choices=["continue", "cosine"],
                    help="stage epochs: continue the grid run at its constant LR, or a fresh run with cosine decay")
     p.add_argument("--epochs-lr", type=float, default=0.0, help="stage epochs, cosine: peak LR (0 = --lr)")
+    p.add_argument("--epochs-n", type=int, nargs="+", default=None,
+                   help="stage epochs, cosine: training-set sizes N (default: the largest --grid N)")
     p.add_argument("--student-system", default="",
                    help="system prompt of student training and evaluation ('' keeps sequences short; "
                         "the template default adds 30 tokens to a 40-token example)")

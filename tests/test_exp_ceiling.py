@@ -68,6 +68,14 @@ def test_experiment_end_to_end_on_a_tiny_teacher(tmp_path, smol_tokenizer):
     assert saved["schedule"] == "cosine" and saved["lr"] == 1e-3 and saved["epochs"] == 2
     steps = [json.loads(line)["step"] for line in (cos_run / "metrics.jsonl").read_text().splitlines()]
     assert steps[0] == 1 and len(steps) == 2 * 20 // 5  # a fresh run from the init, not the grid's checkpoint
+    assert exp.main([*common, "--stage", "epochs", "--more-epochs", "2", "--epochs-schedule", "cosine",
+                     "--epochs-lr", "1e-3", "--epochs-n", "10"]) == 0  # the same recipe at a smaller N
+    small = out / "runs" / "pruned10-sft-n10-2ep-cos0.001"
+    steps = [json.loads(line)["step"] for line in (small / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 2 * 10 // 5
+    assert {r["train_examples"] for r in json.loads((out / "epochs.json").read_text())} == {10, 20}
+    with pytest.raises(SystemExit, match="only a cosine run"):
+        exp.main([*common, "--stage", "epochs", "--epochs-n", "10"])
     assert exp.main([*common, "--stage", "report"]) == 0
     table = (out / "results.md").read_text()
     assert "pruned10-sft-2ep" in table
