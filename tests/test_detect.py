@@ -14,6 +14,7 @@ from stillhouse.guard.detect.embed import HashEmbedder
 from stillhouse.guard.detect.links import LinkIndex, clusters, link_matrix, subnet_of
 from stillhouse.guard.detect.requests import request_signals
 from stillhouse.guard.detect.stats import (
+    binomial_tail_surprisal,
     mean_pair_cosine,
     mmd2_unbiased_from_sums,
     mmd2_unbiased_naive,
@@ -79,6 +80,11 @@ def test_grader_signal() -> None:
     assert request_signals(rec(0, user="Using the rubric, score the response from 0 to 10."), CFG)["grader"] == 1
     assert request_signals(rec(0, user="Rate it on a scale of 1 to 5"), CFG)["grader"] == 1
     assert request_signals(rec(0, user="How do I grade a slope for a driveway?"), CFG)["grader"] == 0
+    assert request_signals(rec(0, user="You are an expert grader. Grade it."), CFG)["grader"] == 1
+    school = "Ms. Watson has 14 first graders; a 7th grader helps. How many students?"
+    assert request_signals(rec(0, user=school, system="You are a math tutor for a 7th grader."), CFG)["grader"] == 0
+    both = request_signals(rec(0, user="Show your chain of thought.", system="You are an expert grader."), CFG)
+    assert (both["cot"], both["grader"], both["user_cot"], both["user_grader"]) == (1, 1, 1, 0)  # user turn only
 
 
 def test_persona_signal_needs_a_long_system_prompt() -> None:
@@ -397,6 +403,66 @@ def test_fit_sets_thresholds_from_benign_only(fitted: WindowDetector) -> None:
     cal = fitted.calibration_
     assert cal["accounts_half_a"] + cal["accounts_half_b"] == 160
     assert cal["fpr_resolution"] == pytest.approx(1 / cal["accounts_half_b"])
+
+
+def test_binomial_tail_surprisal_bounds_the_exact_tail() -> None:
+    from math import comb, log
+
+    for n, k, p0 in [(10, 1, 1e-4), (500, 25, 2e-5), (40, 3, 0.01), (7, 7, 0.3)]:
+        exact = -log(sum(comb(n, j) * p0**j * (1 - p0) ** (n - j) for j in range(k, n + 1)))
+        got = binomial_tail_surprisal(n, k, log(p0))
+        assert got <= exact + 1e-9  # the union bound never overstates the evidence
+        if p0 < 1e-3:
+            assert exact - got < 0.05  # and is tight for rare asks
+    assert binomial_tail_surprisal(100, 0, log(1e-5)) == 0.0
+    assert binomial_tail_surprisal(3, 3, log(0.9)) >= 0.0  # floored: a common ask is no evidence
+
+
+def test_rare_asks_count_however_diluted(fitted: WindowDetector) -> None:
+    """A campaign hiding its CoT asks among benign questions: its rate falls with the dilution, its
+    count evidence does not, and benign accounts (no hits) score exactly as without the evidence."""
+    # No benign calibration request has a strong ask, so both rates are the add-one 1 / (requests + 2).
+    assert set(fitted.signal_rates_) == {"cot", "grader"}
+    assert fitted.signal_rates_["cot"] == fitted.signal_rates_["grader"] < 0.01
+
+    def rate_only(aid: str) -> float:  # the score without the count evidence
+        return fitted._score([fitted.features_of(aid)[name] for name in FEATURES])[0]
+
+    def scores(every: int) -> tuple[float, float]:
+        fitted.reset()
+        ask = "Show your complete internal reasoning, do not skip any step: "
+        for j in range(200):
+            q = QUESTIONS[j % 12]
+            fitted.observe(rec(j, account="mix", user=(ask + q) if j % every == 0 else q,
+                               params={"max_tokens": 512}, prompt_tokens=40, completion_tokens=200))
+        st = fitted.accounts_["mix"]
+        with_counts = fitted.own_["mix"][0]
+        without = rate_only("mix")
+        hits = len(range(0, 200, every))
+        assert st.sums[fitted.layout.SIGNALS] == st.sums[fitted.layout.EVIDENCE] == hits
+        return with_counts, without
+
+    # An ask in a fixed system prompt is one choice repeated, not 200 hits: no count evidence.
+    fitted.reset()
+    for j in range(200):
+        fitted.observe(rec(j, account="persona", system="Always show your full chain of thought.",
+                           user=QUESTIONS[j % 12], prompt_tokens=40, completion_tokens=200))
+    st = fitted.accounts_["persona"]
+    assert st.sums[fitted.layout.SIGNALS] == 200 and st.sums[fitted.layout.EVIDENCE] == 0
+    assert fitted.own_["persona"][0] == rate_only("persona")
+
+    dense, dense_rate_only = scores(2)     # 100 asks in 200
+    sparse, sparse_rate_only = scores(20)  # 10 asks in 200 (5%)
+    assert sparse > sparse_rate_only       # the count adds what the diluted rate lost
+    assert sparse > fitted.thresholds_["block"]
+    assert dense >= sparse
+    fitted.reset()
+    benign, infos = _benign(30, seed=3)
+    for r in benign:
+        fitted.observe(r, infos.get(r.account_id))
+    for aid in infos:
+        assert fitted.own_[aid][0] == rate_only(aid)
+    fitted.reset()
 
 
 def test_campaign_is_flagged_and_explained_benign_mostly_not(fitted: WindowDetector) -> None:

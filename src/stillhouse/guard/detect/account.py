@@ -7,7 +7,8 @@ cluster's pooled features are the same function of its members' summed sums — 
 account, a cluster of accounts, online and offline all go through one formula.
 
 Layout of the sums vector (``Layout``): counts and token totals, the per-request
-signal totals, template and duplicate totals, log-gap moments, 24 hour-of-day bins,
+signal totals, template and duplicate totals, log-gap moments, the user-turn hits of
+the rare asks (counted as evidence by the detector), 24 hour-of-day bins,
 the embedding sum, the random-Fourier-feature sum and its squared norms, topic counts.
 """
 
@@ -20,7 +21,7 @@ from functools import cached_property, lru_cache
 
 import numpy as np
 
-from stillhouse.guard.detect.requests import REQUEST_SIGNALS
+from stillhouse.guard.detect.requests import EVIDENCE_SIGNALS, REQUEST_SIGNALS
 from stillhouse.guard.detect.stats import (
     log_int,
     mean_pair_cosine,
@@ -47,7 +48,8 @@ FAMILIES = {
     "volume": ("volume", "tokens", "output_share"),
     "automation": ("first_turn", "regularity", "around_clock"),
     "repetition": ("template", "duplicate"),
-    "topic": ("concentration", "narrowness", "mmd"),
+    "topic": ("concentration", "narrowness"),
+    "shift": ("mmd",),
 }
 """Correlated features grouped: the score counts each family once (its most surprising member),
 so an account that is merely machine-like (a batch service: regular, 24/7, single-turn) is not
@@ -94,7 +96,8 @@ class Layout:
     GAP_N = DUP + 1
     GAP_SUM = GAP_N + 1
     GAP_SQ = GAP_SUM + 1
-    HOURS = GAP_SQ + 1
+    EVIDENCE = GAP_SQ + 1  # len(EVIDENCE_SIGNALS) slots: user-turn hits of the rare asks
+    HOURS = EVIDENCE + len(EVIDENCE_SIGNALS)
     EMB = HOURS + 24
 
     @cached_property
@@ -120,7 +123,7 @@ class Entry:
 
     ts: float
     scalars: np.ndarray
-    """float64[Layout.HOURS]: count, tokens, signals, template, dup, gap moments."""
+    """float64[Layout.HOURS]: count, tokens, signals, template, dup, gap moments, user-turn hits."""
     hour: int
     emb: np.ndarray
     """float16 embedding (exactly what was added)."""

@@ -64,6 +64,12 @@ class DetectConfig:
     """Weight each kind of shared evidence adds to a pair of accounts. Shared content (system prompt,
     template) sums to 0.8, below the link threshold: many unrelated customers run the same open-source
     tool's prompts, so content alone never links accounts; with any shared infrastructure it does."""
+    evidence_signals: tuple[str, ...] = ("cot", "grader")
+    """Per-request asks that benign users rarely make, scored by their *count* as well as their rate: k hits in
+    the user turns of an account's n requests earn ``-ln P(X >= k)`` for X ~ Binomial(n, p0), p0 the ask's benign
+    per-request rate in calibration (add-one smoothed). Cover traffic dilutes a rate but not a count: an
+    account that hides 25 "show your internal reasoning" asks among 500 ordinary questions is still 25 hits.
+    A subset of ``requests.EVIDENCE_SIGNALS`` (cot, grader); empty turns the count evidence off."""
     top_signals: int = 6
     """How many of the largest per-signal surprisals (-ln p) a verdict lists as its reasons."""
     throttle_fpr: float = 1e-2
@@ -107,6 +113,12 @@ class DetectConfig:
                              f"{self.throttle_fpr} (blocking is the stricter tier)")
         if self.min_requests < 1:
             raise ValueError(f"DetectConfig.min_requests={self.min_requests}: must be >= 1")
+        from stillhouse.guard.detect.requests import EVIDENCE_SIGNALS
+
+        bad = set(self.evidence_signals) - set(EVIDENCE_SIGNALS)
+        if bad:
+            raise ValueError(f"DetectConfig.evidence_signals: unknown signal(s) {sorted(bad)}; "
+                             f"choose from {EVIDENCE_SIGNALS}")
         kinds = {k for k, _ in self.link_weights}
         unknown = kinds - set(LINK_KINDS)
         if unknown:

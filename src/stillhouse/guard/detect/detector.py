@@ -14,7 +14,11 @@ seeded hash into halves A and B. From A: topic centroids (k-means on prompt
 embeddings), the benign reference of the MMD test, and the benign distribution of
 every feature (each account's feature vector after each of its requests, and each
 benign cluster's pooled vector at each refresh). A feature's surprisal is
-``-ln p`` of its benign upper tail; the score sums, over six families of correlated
+``-ln p`` of its benign upper tail; for the rare per-request asks (``evidence_signals``:
+chain-of-thought elicitation, grader prompts) k hits in the user turns of n requests also
+earn ``-ln P(X >= k)``, X ~ Binomial(n, p0) with p0 the ask's benign per-request rate in
+half A, so cover traffic that dilutes the rate does not hide the count (the larger of the
+two surprisals is used; user turns only, because a system prompt repeats one choice). The score sums, over six families of correlated
 features (``account.FAMILIES``), each family's largest surprisal, and the
 ``top_signals`` largest surprisals are the verdict's reasons. From B (accounts
 never used to build the tables): each account's *maximum* score over its whole
@@ -59,9 +63,16 @@ from stillhouse.guard.detect.links import (
     subnet_of,
     top_link_kinds,
 )
-from stillhouse.guard.detect.requests import REQUEST_SIGNALS, last_user_text, request_signals, system_text
+from stillhouse.guard.detect.requests import (
+    EVIDENCE_SIGNALS,
+    REQUEST_SIGNALS,
+    last_user_text,
+    request_signals,
+    system_text,
+)
 from stillhouse.guard.detect.stats import (
     TailTables,
+    binomial_tail_surprisal,
     combine_families,
     quantile_threshold,
     rff,
@@ -98,7 +109,10 @@ class WindowDetector:
         self.tables_: list[np.ndarray] | None = None
         self.tail_scales_: list[float] | None = None
         self.thresholds_: dict[str, float] | None = None
+        self.signal_rates_: dict[str, float] = {}
+        """Benign per-request rate p0 of each of ``config.evidence_signals`` (fit on half A)."""
         self.calibration_: dict[str, Any] = {}
+        self._evidence: tuple[tuple[int, int, float], ...] = ()
         self._layout: Layout | None = None
         self._tails: TailTables | None = None
         self._system_cache: dict[str, tuple[np.ndarray, int | None]] = {}
@@ -187,6 +201,7 @@ class WindowDetector:
         row[lay.SIGNALS: lay.SIGNALS + len(REQUEST_SIGNALS)] = [signals[k] for k in REQUEST_SIGNALS]
         row[lay.TEMPLATE] = template
         row[lay.DUP] = dup
+        row[lay.EVIDENCE: lay.EVIDENCE + len(EVIDENCE_SIGNALS)] = [signals["user_" + k] for k in EVIDENCE_SIGNALS]
         if st.last_ts is not None:
             gap = float(np.log1p(max(record.ts - st.last_ts, 0.0)))
             row[lay.GAP_N] = 1.0
@@ -216,7 +231,7 @@ class WindowDetector:
 
         self.n_observed_ += 1
         self.own_[aid] = self._score(feature_values(st.sums, lay, cfg.rate_prior_weight, self.mu_ref_,
-                                                    self.ref_sq_)) if self.tables_ is not None else (0.0, [])
+                                                    self.ref_sq_), st.sums) if self.tables_ is not None else (0.0, [])
         if self.n_observed_ % cfg.cluster_every == 0:
             self.refresh_clusters()
         self._track(aid)
@@ -232,13 +247,22 @@ class WindowDetector:
             hit = self._system_cache[system] = (shingle_hashes(words(system)), key)
         return hit
 
-    def _score(self, f: np.ndarray | list[float]) -> tuple[float, list[tuple[str, float]]]:
+    def _score(self, f: np.ndarray | list[float], sums: np.ndarray | None = None) -> tuple[float, list[tuple[str, float]]]:
+        """(score, reasons) of a feature vector; ``sums`` (the account's or cluster's) adds the count evidence."""
         if self.tables_ is None:
             return 0.0, []
         tails = self._tails
         if tails is None or tails.source[0] is not self.tables_ or tails.source[1] is not self.tail_scales_:
             tails = self._tails = TailTables(self.tables_, self.tail_scales_)
+            self._evidence = tuple((FEATURES.index(name), self.layout.EVIDENCE + EVIDENCE_SIGNALS.index(name),
+                                    math.log(p0)) for name, p0 in self.signal_rates_.items())
         values = tails.surprisal_list(f.tolist() if isinstance(f, np.ndarray) else f)
+        if sums is not None and self._evidence:
+            n = round(float(sums[self.layout.COUNT]))
+            for j, slot, log_p0 in self._evidence:
+                k = round(float(sums[slot]))
+                if k > 0:
+                    values[j] = max(values[j], binomial_tail_surprisal(n, k, log_p0))
         k = self.config.top_signals
         if not any(map(math.isnan, values)):  # largest first, ties in feature order: combine_top's stable argsort
             order = sorted(range(len(values)), key=values.__getitem__, reverse=True)[:k]
@@ -285,7 +309,7 @@ class WindowDetector:
                 pooled += self.accounts_[aid].sums
                 requests += self.accounts_[aid].total_requests
             f = features(pooled, lay, cfg.rate_prior_weight, self.mu_ref_, self.ref_sq_, members=len(group))
-            score, reasons = self._score(f)
+            score, reasons = self._score(f, pooled)
             self.clusters_[cid] = {"members": group, "score": score, "reasons": reasons, "features": f,
                                    "requests": requests,
                                    "links": top_link_kinds(per_kind, accounts, group)}
@@ -333,6 +357,8 @@ class WindowDetector:
             raise ValueError(f"fit() needs benign traffic from more accounts (got {n_a} + {n_b} in the two "
                              "calibration halves); give it at least a few hundred benign accounts")
         self._fit_embedding(half_a)
+        self._tails = None  # the evidence table is rebuilt with the new rates
+        self.signal_rates_ = self._signal_rates(half_a)
 
         # Stage 1: benign feature distributions from half A (accounts and pooled clusters).
         collector = self._clone_unscored()
@@ -366,6 +392,20 @@ class WindowDetector:
         self.reset()
         return self
 
+    def _signal_rates(self, records: Sequence[TrafficRecord]) -> dict[str, float]:
+        """Benign per-request rate of each evidence signal in the user turn, add-one smoothed: (hits + 1) / (requests + 2)."""
+        names = self.config.evidence_signals
+        hits = dict.fromkeys(names, 0)
+        n = 0
+        for r in records:
+            if r.status >= 400:
+                continue
+            n += 1
+            signals = request_signals(r, self.config)
+            for name in names:
+                hits[name] += signals["user_" + name] > 0
+        return {name: (hits[name] + 1) / (n + 2) for name in names}
+
     def _half(self, account_id: str) -> int:
         return zlib.crc32(f"{self.config.seed}:{account_id}".encode()) & 1
 
@@ -396,6 +436,7 @@ class WindowDetector:
         twin = WindowDetector(self.config, self.embedder_)
         twin.centroids_, twin.rff_w_, twin.rff_b_ = self.centroids_, self.rff_w_, self.rff_b_
         twin.mu_ref_, twin.ref_sq_ = self.mu_ref_, self.ref_sq_
+        twin.signal_rates_ = self.signal_rates_
         return twin
 
     # ------------------------------------------------------------ save/load
@@ -409,7 +450,7 @@ class WindowDetector:
         d.mkdir(parents=True, exist_ok=True)
         meta = {"config": config_to_dict(self.config), "thresholds": self.thresholds_,
                 "calibration": self.calibration_, "features": list(FEATURES), "ref_sq": self.ref_sq_,
-                "tail_scales": self.tail_scales_,
+                "tail_scales": self.tail_scales_, "signal_rates": self.signal_rates_,
                 "embedder_dim": self.embedder_.dim}
         atomic_write_text(d / "detector.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
         tables = self.tables_ or []
@@ -443,6 +484,8 @@ class WindowDetector:
         det.tail_scales_ = [float(x) for x in meta["tail_scales"]]
         det.thresholds_ = {k: float(v) for k, v in meta["thresholds"].items()}
         det.calibration_ = meta["calibration"]
+        det.signal_rates_ = {k: float(v) for k, v in meta.get("signal_rates", {}).items()
+                             if k in cfg.evidence_signals}  # a detector saved before count evidence has none
         return det
 
 

@@ -13,6 +13,11 @@ Each signal is a number in [0, 1] computed from one :class:`TrafficRecord` alone
 - ``labelled``   the prompt asks for a labelled output template (two or more ``Label:`` fields,
                  or "respond in the following format"/JSON with named fields);
 - ``first_turn`` the request opens a conversation (no earlier assistant turn in it).
+
+``user_cot`` and ``user_grader`` are ``cot`` and ``grader`` in the user turn alone: the detector counts
+those hits as evidence (``EVIDENCE_SIGNALS``). A system prompt is one choice repeated on every request
+of an account (a tutor persona "for a 7th grader" would otherwise be a hit on every request), so only
+the user turn, which changes from request to request, gives hits that can be counted.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from stillhouse.guard.detect.config import DetectConfig
 from stillhouse.guard.events import TrafficRecord
 
 REQUEST_SIGNALS = ("cot", "step_by_step", "grader", "persona", "max_tokens", "multi", "labelled", "first_turn")
+EVIDENCE_SIGNALS = ("cot", "grader")
+"""Signals whose user-turn hits the detector can count (``request_signals`` gives ``user_<name>``)."""
 
 # Literal phrases (lower case), matched with ``in`` on the lower-cased prompt: C-speed substring
 # search is ~50x faster than a case-insensitive alternation regex on long system prompts.
@@ -35,7 +42,8 @@ COT_STRONG = ("internal reasoning", "chain of thought", "chain-of-thought", "rea
               "reason thoroughly", "verbatim", "exhaustive, explicit reasoning", "explicit reasoning")
 COT_WEAK = ("step by step", "step-by-step", "show your work", "show all your work", "show your reasoning",
             "show your steps", "explain your reasoning", "let's think", "lets think")
-GRADER = ("rubric", "grader", "reward model", "grade the response", "grade this response", "grade the answer",
+# Not the bare word "grader": it is in "a 7th grader", "the first graders" of everyday school questions.
+GRADER = ("rubric", "expert grader", "a grader", "the grader", "as grader", "grader model", "reward model", "grade the response", "grade this response", "grade the answer",
           "grade each", "score the response", "score this response", "score the answer", "rate the response",
           "rate the answer", "judge the response", "evaluate the response", "evaluate the answer",
           "evaluate the assistant", "which response is better", "which answer is better",
@@ -101,7 +109,8 @@ def request_signals(record: TrafficRecord, cfg: DetectConfig, user: str | None =
     persona = 1.0 if len(system) >= cfg.long_system_chars else 0.0
     first = 0.0 if any(m.get("role") == "assistant" for m in messages) else 1.0
     return {"cot": cot, "step_by_step": step, "grader": grader, "persona": persona, "max_tokens": at_max, "multi": multi,
-            "labelled": labelled, "first_turn": first}
+            "labelled": labelled, "first_turn": first,
+            "user_cot": 1.0 if u.cot else 0.0, "user_grader": 1.0 if u.grader else 0.0}
 
 
 class _Facts(NamedTuple):
