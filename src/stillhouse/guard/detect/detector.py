@@ -18,8 +18,8 @@ benign cluster's pooled vector at each refresh). A feature's surprisal is
 chain-of-thought elicitation, grader prompts) k hits in the user turns of n requests also
 earn ``-ln P(X >= k)``, X ~ Binomial(n, p0) with p0 the ask's benign per-request rate in
 half A, so cover traffic that dilutes the rate does not hide the count (the larger of the
-two surprisals is used; user turns only, because a system prompt repeats one choice). The score sums, over six families of correlated
-features (``account.FAMILIES``), each family's largest surprisal, and the
+two surprisals is used; user turns only, because a system prompt repeats one choice). The score sums,
+over seven families of correlated features (``account.FAMILIES``), each family's largest surprisal, and the
 ``top_signals`` largest surprisals are the verdict's reasons. From B (accounts
 never used to build the tables): each account's *maximum* score over its whole
 replay; thresholds are the benign quantiles at ``throttle_fpr`` and ``block_fpr``,
