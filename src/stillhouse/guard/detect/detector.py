@@ -18,7 +18,8 @@ benign cluster's pooled vector at each refresh). A feature's surprisal is
 chain-of-thought elicitation, grader prompts) k hits in the user turns of n requests also
 earn ``-ln P(X >= k)``, X ~ Binomial(n, p0) with p0 the ask's benign per-request rate in
 half A, so cover traffic that dilutes the rate does not hide the count (the larger of the
-two surprisals is used; user turns only, because a system prompt repeats one choice). The score sums,
+two surprisals is used, capped at what a value past the benign maximum earns, so no family
+outweighs all others; user turns only, because a system prompt repeats one choice). The score sums,
 over seven families of correlated features (``account.FAMILIES``), each family's largest surprisal, and the
 ``top_signals`` largest surprisals are the verdict's reasons. From B (accounts
 never used to build the tables): each account's *maximum* score over its whole
@@ -71,6 +72,7 @@ from stillhouse.guard.detect.requests import (
     system_text,
 )
 from stillhouse.guard.detect.stats import (
+    EXTRA_CAP,
     TailTables,
     binomial_tail_surprisal,
     combine_families,
@@ -254,15 +256,18 @@ class WindowDetector:
         tails = self._tails
         if tails is None or tails.source[0] is not self.tables_ or tails.source[1] is not self.tail_scales_:
             tails = self._tails = TailTables(self.tables_, self.tail_scales_)
-            self._evidence = tuple((FEATURES.index(name), self.layout.EVIDENCE + EVIDENCE_SIGNALS.index(name),
-                                    math.log(p0)) for name, p0 in self.signal_rates_.items())
+            # (feature, sums slot, ln p0, cap): the count evidence earns at most what any value of the feature
+            # can (a value past the benign maximum), so one family still cannot outweigh all the others.
+            self._evidence = tuple((j, self.layout.EVIDENCE + EVIDENCE_SIGNALS.index(name), math.log(p0),
+                                    math.log(tails.sizes[j] + 1) + EXTRA_CAP)
+                                   for name, p0 in self.signal_rates_.items() for j in (FEATURES.index(name),))
         values = tails.surprisal_list(f.tolist() if isinstance(f, np.ndarray) else f)
         if sums is not None and self._evidence:
             n = round(float(sums[self.layout.COUNT]))
-            for j, slot, log_p0 in self._evidence:
+            for j, slot, log_p0, cap in self._evidence:
                 k = round(float(sums[slot]))
                 if k > 0:
-                    values[j] = max(values[j], binomial_tail_surprisal(n, k, log_p0))
+                    values[j] = max(values[j], min(binomial_tail_surprisal(n, k, log_p0), cap))
         k = self.config.top_signals
         if not any(map(math.isnan, values)):  # largest first, ties in feature order: combine_top's stable argsort
             order = sorted(range(len(values)), key=values.__getitem__, reverse=True)[:k]
