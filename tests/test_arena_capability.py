@@ -87,6 +87,10 @@ def test_capability_stage_on_a_tiny_model(tmp_path: Path, smol_tokenizer: Any) -
         assert (tmp_path / "cap" / name / "student" / "final" / "config.json").exists()
     assert (tmp_path / "cap" / "capability.json").exists()
     assert any("unblocked harvest" in line for line in capability_lines(m))
+    # a rerun on the same directory starts over (the old guard store holds the blocks it enforced)
+    again = run_capability(cfg, tmp_path / "unused", tmp_path / "cap", loaded=(model, smol_tokenizer, "tiny-0"),
+                           detector=_BlockAfter3())
+    assert (again["leaked"], again["blocked_accounts"], again["train_rows"]) == (6, 2, {"leaked": 6, "full": 16})
     # --capability-only merges into an earlier run's report and metrics
     run = tmp_path / "run"
     run.mkdir()

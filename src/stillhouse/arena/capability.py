@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,6 +179,12 @@ def run_capability(cfg: CapabilityConfig, detector_dir: str | Path, out_dir: str
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # A rerun starts the stage over. Its outputs are all derived, and the old guard store still holds
+    # the blocks it enforced: a rerun on it was refused from its first request and "leaked" nothing.
+    for name in ("guard", "leaked", "full"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in ("leaked.jsonl", "full.jsonl", "capability.json"):
+        (out / name).unlink(missing_ok=True)
     save_config(cfg, out / "capability_config.json")
     if detector is None and not (Path(detector_dir) / "detector.json").exists():
         raise CapabilityError(f"no fitted detector in {detector_dir}: run `stillhouse arena` first (it writes "
