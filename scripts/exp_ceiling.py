@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -442,10 +443,19 @@ def plot_grid(out: Path, teacher: dict[str, Any]) -> Path | None:
         return None
     series: dict[str, list[tuple[int, Estimate]]] = {}
     for r in json.loads((out / "grid.json").read_text()):
-        series.setdefault(r["run"], []).append((int(r["train_examples"]), Estimate(r["acc"], r["lo"], r["hi"], r["n"])))
+        series.setdefault(f"{r['run']} (one pass)", []).append(
+            (int(r["train_examples"]), Estimate(r["acc"], r["lo"], r["hi"], r["n"])))
+    # the fresh cosine runs of stage epochs, one series per recipe across N (run names differ only in -n<N>)
+    epochs = json.loads((out / "epochs.json").read_text()) if (out / "epochs.json").exists() else []
+    for r in epochs:
+        if "-cos" in r["run"]:
+            recipe = re.sub(r"-n\d+-", "-", r["run"])
+            series.setdefault(recipe, []).append(
+                (int(r["train_examples"]), Estimate(r["acc"], r["lo"], r["hi"], r["n"])))
+    series = {k: sorted(v, key=lambda x: x[0]) for k, v in series.items()}
     t = Estimate(teacher["acc"], teacher["lo"], teacher["hi"], teacher["n"])
     return score_vs_examples(series, out / "grid.png", teacher=t,
-                             title="pruned student vs N harvested examples (one pass)")
+                             title="pruned student vs N harvested examples (cosine runs: epoch chosen on validation)")
 
 
 def main(argv: list[str] | None = None) -> int:
