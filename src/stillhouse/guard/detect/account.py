@@ -51,11 +51,11 @@ FAMILIES = {
     "topic": ("concentration", "narrowness"),
     "shift": ("mmd",),
 }
-# "topic" (the account asks about one narrow thing) and "shift" (its prompts are unlike benign prompts) are
-# separate evidence: a benchmark runner pasting many GSM8K questions has the first, not the second.
 """Correlated features grouped: the score counts each family once (its most surprising member),
 so an account that is merely machine-like (a batch service: regular, 24/7, single-turn) is not
-scored as if each of those were independent evidence."""
+scored as if each of those were independent evidence. "topic" (the account asks about one narrow
+thing) and "shift" (its prompts are unlike benign prompts) are separate evidence: a benchmark
+runner pasting many GSM8K questions has the first, not the second."""
 _F = {name: i for i, name in enumerate(FEATURES)}
 FAMILY_INDEX = tuple(tuple(FEATURES.index(f) for f in members) for members in FAMILIES.values())
 

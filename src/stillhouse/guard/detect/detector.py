@@ -114,7 +114,8 @@ class WindowDetector:
         self.signal_rates_: dict[str, float] = {}
         """Benign per-request rate p0 of each of ``config.evidence_signals`` (fit on half A)."""
         self.calibration_: dict[str, Any] = {}
-        self._evidence: tuple[tuple[int, int, float], ...] = ()
+        self._evidence: list[tuple[int, int, float, float]] = []
+        """(feature index, sums slot, ln p0, cap) per evidence signal; rebuilt with the tail tables."""
         self._layout: Layout | None = None
         self._tails: TailTables | None = None
         self._system_cache: dict[str, tuple[np.ndarray, int | None]] = {}
@@ -256,11 +257,13 @@ class WindowDetector:
         tails = self._tails
         if tails is None or tails.source[0] is not self.tables_ or tails.source[1] is not self.tail_scales_:
             tails = self._tails = TailTables(self.tables_, self.tail_scales_)
-            # (feature, sums slot, ln p0, cap): the count evidence earns at most what any value of the feature
-            # can (a value past the benign maximum), so one family still cannot outweigh all the others.
-            self._evidence = tuple((j, self.layout.EVIDENCE + EVIDENCE_SIGNALS.index(name), math.log(p0),
-                                    math.log(tails.sizes[j] + 1) + EXTRA_CAP)
-                                   for name, p0 in self.signal_rates_.items() for j in (FEATURES.index(name),))
+            self._evidence = []
+            for name, p0 in self.signal_rates_.items():
+                j = FEATURES.index(name)
+                # capped at what any value of the feature can earn (one past the benign maximum), so that
+                # one family still cannot outweigh all the others
+                cap = math.log(tails.sizes[j] + 1) + EXTRA_CAP
+                self._evidence.append((j, self.layout.EVIDENCE + EVIDENCE_SIGNALS.index(name), math.log(p0), cap))
         values = tails.surprisal_list(f.tolist() if isinstance(f, np.ndarray) else f)
         if sums is not None and self._evidence:
             n = round(float(sums[self.layout.COUNT]))
