@@ -65,6 +65,7 @@ from stillhouse.guard.detect.links import (
     top_link_kinds,
 )
 from stillhouse.guard.detect.requests import (
+    EVIDENCE_KEYS,
     EVIDENCE_SIGNALS,
     REQUEST_SIGNALS,
     last_user_text,
@@ -204,7 +205,7 @@ class WindowDetector:
         row[lay.SIGNALS: lay.SIGNALS + len(REQUEST_SIGNALS)] = [signals[k] for k in REQUEST_SIGNALS]
         row[lay.TEMPLATE] = template
         row[lay.DUP] = dup
-        row[lay.EVIDENCE: lay.EVIDENCE + len(EVIDENCE_SIGNALS)] = [signals["user_" + k] for k in EVIDENCE_SIGNALS]
+        row[lay.EVIDENCE: lay.EVIDENCE + len(EVIDENCE_KEYS)] = [signals[k] for k in EVIDENCE_KEYS]
         if st.last_ts is not None:
             gap = float(np.log1p(max(record.ts - st.last_ts, 0.0)))
             row[lay.GAP_N] = 1.0
@@ -403,6 +404,7 @@ class WindowDetector:
     def _signal_rates(self, records: Sequence[TrafficRecord]) -> dict[str, float]:
         """Benign per-request rate of each evidence signal in the user turn, add-one smoothed: (hits + 1) / (requests + 2)."""
         names = self.config.evidence_signals
+        keys = [EVIDENCE_KEYS[EVIDENCE_SIGNALS.index(name)] for name in names]
         hits = dict.fromkeys(names, 0)
         n = 0
         for r in records:
@@ -410,8 +412,8 @@ class WindowDetector:
                 continue
             n += 1
             signals = request_signals(r, self.config)
-            for name in names:
-                hits[name] += signals["user_" + name] > 0
+            for name, key in zip(names, keys):
+                hits[name] += signals[key] > 0
         return {name: (hits[name] + 1) / (n + 2) for name in names}
 
     def _half(self, account_id: str) -> int:

@@ -31,7 +31,9 @@ from stillhouse.guard.events import TrafficRecord
 
 REQUEST_SIGNALS = ("cot", "step_by_step", "grader", "persona", "max_tokens", "multi", "labelled", "first_turn")
 EVIDENCE_SIGNALS = ("cot", "grader")
-"""Signals whose user-turn hits the detector can count (``request_signals`` gives ``user_<name>``)."""
+"""Signals whose user-turn hits the detector can count."""
+EVIDENCE_KEYS = tuple(f"user_{name}" for name in EVIDENCE_SIGNALS)
+"""The ``request_signals`` keys of those user-turn hits, in ``EVIDENCE_SIGNALS`` order."""
 
 # Literal phrases (lower case), matched with ``in`` on the lower-cased prompt: C-speed substring
 # search is ~50x faster than a case-insensitive alternation regex on long system prompts.
