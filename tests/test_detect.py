@@ -350,6 +350,57 @@ def test_links_payment_joins_ip_alone_does_not() -> None:
     assert "n1" not in got and "solo" not in got
 
 
+def test_an_ip_and_its_subnet_count_once() -> None:
+    # A shared proxy egress IP (0.5) and a common SDK user-agent (0.25) stay below the threshold: the
+    # subnet the IP lies in is the same evidence, so it adds nothing on top. A shared card still joins.
+    idx = LinkIndex()
+    for a in ("u1", "u2", "s1", "s2", "c1", "c2"):
+        idx.count_request(a, T0)
+    for a, ip in (("u1", "198.51.100.7"), ("u2", "198.51.100.7"), ("s1", "198.51.100.7"), ("s2", "198.51.100.9"),
+                  ("c1", "203.0.113.4"), ("c2", "203.0.113.4")):
+        idx.add("ip", ip, a)
+        idx.add("subnet", subnet_of(ip), a)
+        idx.add("ua_headers", "OpenAI/Python 1.54.3|h", a)
+    idx.add("payment", "card-c", "c1")
+    idx.add("payment", "card-c", "c2")
+    accounts, weights, per_kind = link_matrix(idx, CFG)
+    i = {a: k for k, a in enumerate(accounts)}
+    assert weights[i["u1"], i["u2"]] == pytest.approx(CFG.link_weight("ip") + CFG.link_weight("ua_headers"))
+    assert weights[i["s1"], i["s2"]] == pytest.approx(CFG.link_weight("subnet") + CFG.link_weight("ua_headers"))
+    assert per_kind["subnet"][i["u1"], i["u2"]] == 0  # explained by the IP alone
+    got = clusters(accounts, weights, CFG.link_threshold)
+    assert "u1" not in got and "s1" not in got
+    assert got["c1"] == got["c2"]
+
+
+def test_a_shared_persona_prompt_is_one_piece_of_evidence() -> None:
+    # Two unrelated users who paste the same long persona and use the same SDK: the system prompt's
+    # words repeat in every request, but they are the system-prompt key, not also a shared template.
+    persona = ("You are Professor Ada, a patient mathematics tutor at a community college. Restate the problem "
+               "in plain words, identify what is asked, then solve it with short numbered steps.")
+    det = WindowDetector(DetectConfig(cluster_every=10_000))
+    for k in range(8):
+        for a, off in (("p1", 0), ("p2", 7)):
+            det.observe(rec(2 * k + off * 100, account=a, system=persona, user=QUESTIONS[(k + off) % 12],
+                            ts=T0 + 86400.0 * k + off * 3000.0, user_agent="OpenAI/Python 1.54.3",
+                            client_ip=f"{off + 20}.1.2.3"))
+    det.refresh_clusters()
+    accounts, weights, per_kind = link_matrix(det.links_, det.config)
+    i = {a: k for k, a in enumerate(accounts)}
+    assert per_kind["system_prompt"][i["p1"], i["p2"]] > 0
+    assert "template" not in per_kind or per_kind["template"][i["p1"], i["p2"]] == 0
+    assert "p1" not in det.cluster_of_
+    # The same wording in the user turns is a template the two share, and with the prompt it links them.
+    det2 = WindowDetector(DetectConfig(cluster_every=10_000))
+    for k in range(8):
+        for a, off in (("p1", 0), ("p2", 7)):
+            det2.observe(rec(2 * k + off * 100, account=a, system=persona, user=persona + " " + QUESTIONS[(k + off) % 12],
+                             ts=T0 + 86400.0 * k + off * 3000.0, user_agent="OpenAI/Python 1.54.3",
+                             client_ip=f"{off + 20}.1.2.3"))
+    det2.refresh_clusters()
+    assert det2.cluster_of_.get("p1") == det2.cluster_of_.get("p2") is not None
+
+
 def test_synchronized_timing_links_accounts() -> None:
     det = WindowDetector(DetectConfig(cluster_every=10_000))
     i = 0

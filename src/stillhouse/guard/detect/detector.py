@@ -220,8 +220,9 @@ class WindowDetector:
         links = self.links_
         now = list(map(counts.__getitem__, sampled))  # every sampled shingle is counted by now
         if TEMPLATE_REPEATS in now:  # a shingle this account has now sent exactly TEMPLATE_REPEATS times
+            mine = set(user_sh.tolist())  # user-turn shingles only: the system prompt has its own link key
             for h, c in zip(sampled, now):
-                if c == TEMPLATE_REPEATS:
+                if c == TEMPLATE_REPEATS and h in mine:
                     links.add("template", h, aid)
         if record.client_ip:
             links.add("ip", record.client_ip, aid)

@@ -2,8 +2,9 @@
 
 Every account collects keys of seven kinds (``LINK_KINDS``): its client IPs, their
 /24 (IPv4) or /48 (IPv6) subnets, user-agent + header-order fingerprints, payment
-fingerprints, long system prompts, template shingles (word 3-grams it repeated at
-least 3 times) and the time buckets it was active in.
+fingerprints, long system prompts, template shingles (word 3-grams of its *user turns* it
+repeated at least 3 times; a system prompt's words are the system-prompt key's evidence, so they
+are not counted twice) and the time buckets it was active in.
 
 :func:`link_matrix` turns them into one weighted, symmetric account x account
 matrix: for each kind, ``A_k A_k^T`` counts the keys two accounts share (keys shared
@@ -14,6 +15,12 @@ count becomes ``weight_k * min(1, shared / need_k)``. Timing needs
 independent accounts of that volume would have by chance; its weight doubles (so
 timing alone can link two accounts) at twice that many. :func:`clusters` takes
 the connected components of links at or above ``link_threshold``.
+
+An address lies inside its subnet, so the two are one piece of evidence at two strengths: a pair
+that shares an IP gets the IP's weight, not the IP's plus the subnet's (``per_kind["subnet"]`` keeps
+only what the subnet adds over the IP). Counted twice, a commercial proxy's egress address plus a
+common SDK user-agent reached the link threshold and tied unrelated customers of the proxy together
+(docs/results.md, "Linking", has the measurement that led to both rules).
 """
 
 from __future__ import annotations
@@ -108,6 +115,10 @@ def link_matrix(index: LinkIndex, cfg: DetectConfig) -> tuple[list[str], object,
         m = sparse.csr_matrix((strength, (r, c)), shape=(n, n))
         m.eliminate_zeros()
         per_kind[kind] = m
+    if "ip" in per_kind and "subnet" in per_kind:  # nested evidence: the larger of the two, not the sum
+        per_kind["subnet"] = (per_kind["subnet"] - per_kind["ip"]).maximum(0).tocsr()
+        per_kind["subnet"].eliminate_zeros()
+    for m in per_kind.values():
         total = total + m
     return accounts, total.tocsr(), per_kind
 
