@@ -13,12 +13,14 @@ Stages (each reads/writes OUT, default runs/exp_ceiling; finished stages are ski
     probe     sampling probe: per-sample accuracy and pass@n at a few temperatures,
               on problems the teacher got wrong greedily
     sample    best-of-n sampling at the chosen temperature on greedy-wrong problems
-    grid      pruned student (10 of 30 layers): SFT and top-k KD on the first N greedy
-              examples, N = 250, 1000, 4000 (one pass, constant learning rate, so the
+    grid      (only when named) pruned student (10 of 30 layers): SFT and top-k KD on the first
+              N greedy examples, N = 250, 1000, 4000 (one pass, constant learning rate, so the
               snapshots at N are the models a separate run on N examples would give)
-    epochs    (only when named) the largest-N grid runs continued to --more-epochs passes,
-              or (--epochs-schedule cosine) fresh cosine runs at each N of --epochs-n; the
-              epoch chosen on validation
+    epochs    the main grid: for each N (--epochs-n, default the --grid sizes) and loss (sft, topk),
+              a fresh run from the pruned init, --more-epochs passes at batch --epochs-batch with
+              the learning rate --epochs-lr decayed to zero by cosine; every pass scored on the
+              validation split, the best one on the held-out set. (--epochs-schedule continue:
+              the one-pass grid run at the largest N continued at its constant learning rate.)
     verified  students trained only on verified-correct teacher answers: the pruned
               student, and the teacher itself (self-distillation); every epoch is exported
               and scored on a validation split, and only the best epoch is scored on the
@@ -26,8 +28,8 @@ Stages (each reads/writes OUT, default runs/exp_ceiling; finished stages are ski
     staged    the grid's SFT snapshot, then fine-tuned on verified rows only
     report    the markdown tables with 95% Wilson intervals
 
-Run the experiment (``all`` = harvest, grid, verified, report; probe, sample and staged
-run only when named):
+Run the experiment (``all`` = harvest, epochs, verified, report; grid, probe, sample and
+staged run only when named; each stage's wall time goes to OUT/times.jsonl and the report):
 
     .venv/bin/python scripts/exp_ceiling.py --out runs/exp_ceiling --threads 2
 
@@ -47,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 PROMPT = "What is {a} + {b}? Reply with just the number."
+ALL_STAGES = ("harvest", "epochs", "verified", "report")
 TOPK = 20
 
 
@@ -311,8 +314,8 @@ def stage_epochs(args: argparse.Namespace, out: Path) -> None:
     from stillhouse.distill.modelio import load_causal_lm
 
     largest = max(x for x in args.grid if x <= args.train)
-    sizes = args.epochs_n or [largest]
     fresh = args.epochs_schedule == "cosine"
+    sizes = args.epochs_n or ([x for x in args.grid if x <= args.train] if fresh else [largest])
     if not fresh and sizes != [largest]:
         raise SystemExit(f"--epochs-n {sizes}: only a cosine run starts fresh at another N; the 'continue' "
                          f"schedule continues the grid run at N={largest} (add --epochs-schedule cosine)")
@@ -323,8 +326,9 @@ def stage_epochs(args: argparse.Namespace, out: Path) -> None:
     results = []
     for n, loss in [(n, loss) for n in sizes for loss in args.epochs_losses]:
         lr = args.epochs_lr if fresh and args.epochs_lr else args.lr
+        batch = args.epochs_batch if fresh else args.batch
         name = f"pruned10-{loss}" + (f"-n{n}" if n != largest else "") + f"-{args.more_epochs}ep" + \
-            (f"-cos{lr:g}" if fresh else "")
+            (f"-cos{lr:g}" + (f"-bs{batch}" if batch != 10 else "") if fresh else "")  # session 3-4 runs: bs 10
         run = out / "runs" / name
         if not fresh:
             src = out / "runs" / f"pruned10-{loss}"
@@ -337,7 +341,7 @@ def stage_epochs(args: argparse.Namespace, out: Path) -> None:
                 shutil.copytree(src / "snapshots" / f"n{n}", run / "epochs" / "e1", dirs_exist_ok=True)
                 shutil.copy(src / "metrics.jsonl", run / "metrics.jsonl")
         res = _train_and_eval(args, out, name, out / "harvest_greedy.jsonl", held, teacher, select=True,
-                              student=args.pruned, loss=loss, alpha=0.0, max_examples=n, batch_size=args.batch,
+                              student=args.pruned, loss=loss, alpha=0.0, max_examples=n, batch_size=batch,
                               lr=lr, warmup_steps=10, epochs=args.more_epochs,
                               schedule="cosine" if fresh else "constant")
         for r in res:
@@ -428,10 +432,23 @@ def stage_report(args: argparse.Namespace, out: Path) -> None:
             lines.append(f"| {r['label']} | {r['train_examples'] or 'all'} | {r['parameters'] / 1e6:.1f}M | "
                          f"{r['correct']}/{r['n']} | {r['acc']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}] | "
                          f"{_ratio(r['acc'], t['acc'])} |")
-    table = "\n".join(lines) + "\n"
+    table = "\n".join(lines) + "\n" + _times_table(out)
     plot_grid(out, t)
     (out / "results.md").write_text(table + "\n![accuracy vs N](grid.png)\n")
     print(table)
+
+
+def _times_table(out: Path) -> str:
+    """Wall time of the latest run of each stage (OUT/times.jsonl), and their sum."""
+    path = out / "times.jsonl"
+    if not path.exists():
+        return ""
+    latest = {r["stage"]: r for r in _read_jsonl(path)}
+    rows = [f"| {k} | {r['seconds'] / 60:.1f} | {r['threads']} | {r['load1']} | {r['finished']} |"
+            for k, r in latest.items() if k != "report"]
+    total = sum(r["seconds"] for k, r in latest.items() if k != "report")
+    return ("\n| stage | wall min | threads | load (1 min) at end | finished |\n|---|---|---|---|---|\n"
+            + "\n".join(rows) + f"\n| **total** | **{total / 60:.1f}** | | | |\n")
 
 
 def plot_grid(out: Path, teacher: dict[str, Any]) -> Path | None:
@@ -469,13 +486,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch threads; 1 is fastest on a shared 2-core machine")
     p.add_argument("--grid", type=int, nargs="+", default=[250, 1000, 4000], help="training-set sizes N")
     p.add_argument("--grid-losses", nargs="+", default=["sft", "topk"])
-    p.add_argument("--more-epochs", type=int, default=3, help="stage epochs: passes over the largest N")
-    p.add_argument("--epochs-losses", nargs="+", default=["sft"], help="stage epochs: which grid runs to continue")
-    p.add_argument("--epochs-schedule", default="continue", choices=["continue", "cosine"],
-                   help="stage epochs: continue the grid run at its constant LR, or a fresh run with cosine decay")
-    p.add_argument("--epochs-lr", type=float, default=0.0, help="stage epochs, cosine: peak LR (0 = --lr)")
+    p.add_argument("--more-epochs", type=int, default=3, help="stage epochs: passes over each N")
+    p.add_argument("--epochs-losses", nargs="+", default=["sft", "topk"], help="stage epochs: losses")
+    p.add_argument("--epochs-schedule", default="cosine", choices=["continue", "cosine"],
+                   help="stage epochs: fresh cosine runs at each N, or continue the one-pass grid run at the largest N")
+    p.add_argument("--epochs-lr", type=float, default=1e-3, help="stage epochs, cosine: peak LR (0 = --lr)")
+    p.add_argument("--epochs-batch", type=int, default=32, help="stage epochs, cosine: batch size")
     p.add_argument("--epochs-n", type=int, nargs="+", default=None,
-                   help="stage epochs, cosine: training-set sizes N (default: the largest --grid N)")
+                   help="stage epochs, cosine: training-set sizes (default: the --grid sizes)")
     p.add_argument("--student-system", default="",
                    help="system prompt of student training and evaluation ('' keeps sequences short; "
                         "the template default adds 30 tokens to a 40-token example)")
@@ -511,10 +529,22 @@ def main(argv: list[str] | None = None) -> int:
     stages = {"harvest": stage_harvest, "probe": stage_probe, "sample": stage_sample, "grid": stage_grid,
               "epochs": stage_epochs, "verified": stage_verified, "staged": stage_staged, "report": stage_report}
     for name, fn in stages.items():
-        if args.stage == name or (args.stage == "all" and name in ("harvest", "grid", "verified", "report")):
+        if args.stage == name or (args.stage == "all" and name in ALL_STAGES):
             _log(f"stage {name}")
+            t0 = time.time()
             fn(args, args.out)
+            _record_time(args.out, name, time.time() - t0, args.threads)
     return 0
+
+
+def _record_time(out: Path, stage: str, seconds: float, threads: int) -> None:
+    """Append one stage's wall time to OUT/times.jsonl (the report sums the latest run of each stage)."""
+    import os
+
+    row = {"stage": stage, "seconds": round(seconds, 1), "threads": threads, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "load1": round(os.getloadavg()[0], 2)}
+    with (out / "times.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

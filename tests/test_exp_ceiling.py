@@ -49,35 +49,37 @@ def test_experiment_end_to_end_on_a_tiny_teacher(tmp_path, smol_tokenizer):
     for r in harvest[:6]:
         r["correct"], r["messages"][-1]["content"] = True, f"{r['a']} + {r['b']} = {r['a'] + r['b']}"
     (out / "harvest_greedy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in harvest))
-    assert exp.main([*common, "--stage", "all"]) == 0
-    grid = json.loads((out / "grid.json").read_text())
-    assert {r["label"] for r in grid} == {"pruned10-sft@10", "pruned10-sft@20", "pruned10-topk@10", "pruned10-topk@20"}
+    assert exp.main([*common, "--stage", "all", "--more-epochs", "2", "--epochs-batch", "5"]) == 0
+    # all = harvest, epochs (fresh cosine runs at every N, both losses), verified, report
+    main = json.loads((out / "epochs.json").read_text())
+    assert sorted(r["run"] for r in main) == ["pruned10-sft-2ep-cos0.001-bs5", "pruned10-sft-n10-2ep-cos0.001-bs5",
+                                              "pruned10-topk-2ep-cos0.001-bs5", "pruned10-topk-n10-2ep-cos0.001-bs5"]
+    assert all([v["epochs"] for v in r["validation"]] == [1, 2] for r in main)
+    cos_run = out / "runs" / "pruned10-sft-2ep-cos0.001-bs5"
+    saved = json.loads((cos_run / "final" / "train_config.json").read_text())
+    assert saved["schedule"] == "cosine" and saved["lr"] == 1e-3 and saved["epochs"] == 2 and saved["batch_size"] == 5
+    steps = [json.loads(line)["step"] for line in (cos_run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0] == 1 and len(steps) == 2 * 20 // 5  # a fresh run from the init
+    small = out / "runs" / "pruned10-sft-n10-2ep-cos0.001-bs5"
+    assert len((small / "metrics.jsonl").read_text().splitlines()) == 2 * 10 // 5
     verified = json.loads((out / "verified.json").read_text())
     pruned = next(r for r in verified if r["run"] == "pruned10-verified")
     assert pruned["epochs_chosen"] in (1, 2) and [v["epochs"] for v in pruned["validation"]] == [1, 2]
     assert pruned["verified_rows"] == 6 and pruned["n"] == 8
-    assert exp.main([*common, "--stage", "epochs", "--more-epochs", "2"]) == 0
-    more = json.loads((out / "epochs.json").read_text())
+    times = [json.loads(x)["stage"] for x in (out / "times.jsonl").read_text().splitlines()]
+    assert times[-4:] == ["harvest", "epochs", "verified", "report"]
+    # the one-pass grid (named only), and the continue schedule on top of it
+    assert exp.main([*common, "--stage", "grid"]) == 0
+    grid = json.loads((out / "grid.json").read_text())
+    assert {r["label"] for r in grid} == {"pruned10-sft@10", "pruned10-sft@20", "pruned10-topk@10", "pruned10-topk@20"}
+    assert exp.main([*common, "--stage", "epochs", "--more-epochs", "2", "--epochs-schedule", "continue",
+                     "--epochs-losses", "sft"]) == 0
+    more = [r for r in json.loads((out / "epochs.json").read_text()) if r["run"] == "pruned10-sft-2ep"]
     assert [v["epochs"] for v in more[0]["validation"]] == [1, 2] and more[0]["train_examples"] == 20
-    assert exp.main([*common, "--stage", "epochs", "--more-epochs", "2", "--epochs-schedule", "cosine",
-                     "--epochs-lr", "1e-3"]) == 0
-    cos = json.loads((out / "epochs.json").read_text())
-    assert [r["run"] for r in cos] == ["pruned10-sft-2ep", "pruned10-sft-2ep-cos0.001"]
-    cos_run = out / "runs" / "pruned10-sft-2ep-cos0.001"
-    saved = json.loads((cos_run / "final" / "train_config.json").read_text())
-    assert saved["schedule"] == "cosine" and saved["lr"] == 1e-3 and saved["epochs"] == 2
-    steps = [json.loads(line)["step"] for line in (cos_run / "metrics.jsonl").read_text().splitlines()]
-    assert steps[0] == 1 and len(steps) == 2 * 20 // 5  # a fresh run from the init, not the grid's checkpoint
-    assert exp.main([*common, "--stage", "epochs", "--more-epochs", "2", "--epochs-schedule", "cosine",
-                     "--epochs-lr", "1e-3", "--epochs-n", "10"]) == 0  # the same recipe at a smaller N
-    small = out / "runs" / "pruned10-sft-n10-2ep-cos0.001"
-    steps = [json.loads(line)["step"] for line in (small / "metrics.jsonl").read_text().splitlines()]
-    assert len(steps) == 2 * 10 // 5
-    assert {r["train_examples"] for r in json.loads((out / "epochs.json").read_text())} == {10, 20}
     with pytest.raises(SystemExit, match="only a cosine run"):
-        exp.main([*common, "--stage", "epochs", "--epochs-n", "10"])
+        exp.main([*common, "--stage", "epochs", "--epochs-schedule", "continue", "--epochs-n", "10"])
     assert exp.main([*common, "--stage", "report"]) == 0
     table = (out / "results.md").read_text()
-    assert "pruned10-sft-2ep" in table
+    assert "pruned10-sft-2ep" in table and "pruned10-topk-n10-2ep-cos0.001-bs5" in table and "**total**" in table
     assert "pruned10-verified-e" in table and "self-verified-e1" in table
     assert (out / "grid.png").stat().st_size > 1000

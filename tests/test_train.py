@@ -75,6 +75,14 @@ def test_student_specs_and_pruning(tok):
             parse_student(bad)
     with pytest.raises(ValueError, match="only 6 layers"):
         make_student(teacher, "pruned:9")
+    ends = make_student(teacher, "layers:0,1,5")
+    assert str(parse_student("layers:0,1,5")) == "layers:0,1,5" and ends.config.num_hidden_layers == 3
+    assert torch.equal(ends.model.layers[2].mlp.up_proj.weight, teacher.model.layers[5].mlp.up_proj.weight)
+    for bad in ("layers:", "layers:2,1", "layers:1,1", "layers:a,b"):
+        with pytest.raises(ValueError, match="layer indices"):
+            parse_student(bad)
+    with pytest.raises(ValueError, match="layers 0..5"):
+        make_student(teacher, "layers:0,6")
 
 
 def test_encode_masks_prompt_and_aligns_topk(tok):

@@ -5,6 +5,7 @@ Student specs (``stillhouse train --student ...``)::
     pruned:N        keep N of the teacher's layers, evenly spaced, first and last included
                     (SmolLM2-135M has 30 layers; pruned:10 is a third of them, 64M parameters)
     every:K         keep every K-th layer (0, K, 2K, ...)
+    layers:I,J,...  keep exactly these layers (0-based, e.g. layers:0,1,2,3,14,15,26,27,28,29)
     fresh           the teacher's architecture, randomly initialised
     fresh:N         the same with N layers
     self            the teacher itself (self-distillation)
@@ -26,7 +27,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Literal
 
-StudentKind = Literal["pruned", "every", "fresh", "self"]
+StudentKind = Literal["pruned", "every", "layers", "fresh", "self"]
 
 _LAYER_KEY = re.compile(r"^(.*\blayers\.)(\d+)(\..*)$")
 
@@ -38,10 +39,17 @@ class StudentSpec:
     kind: StudentKind
     value: int = 0
     """pruned: layers kept; every: the stride K; fresh: layers (0 = as many as the teacher)."""
+    layers: tuple[int, ...] = ()
+    """layers: the teacher layer indices kept, ascending."""
 
     def __post_init__(self) -> None:
-        if self.kind not in ("pruned", "every", "fresh", "self"):
-            raise ValueError(f"student kind {self.kind!r}: use pruned:N, every:K, fresh, fresh:N or self")
+        if self.kind not in ("pruned", "every", "layers", "fresh", "self"):
+            raise ValueError(f"student kind {self.kind!r}: use pruned:N, every:K, layers:I,J,..., fresh, fresh:N "
+                             "or self")
+        if self.kind == "layers" and (not self.layers or list(self.layers) != sorted(set(self.layers))
+                                      or self.layers[0] < 0):
+            raise ValueError(f"student layers:{','.join(map(str, self.layers))}: give distinct layer indices "
+                             "in ascending order, e.g. layers:0,1,2,27,28,29")
         if self.kind in ("pruned", "every") and self.value < 1:
             raise ValueError(f"student {self.kind}:{self.value}: the number must be at least 1")
         if self.value < 0:
@@ -50,15 +58,23 @@ class StudentSpec:
     def __str__(self) -> str:
         if self.kind == "self" or (self.kind == "fresh" and not self.value):
             return self.kind
+        if self.kind == "layers":
+            return "layers:" + ",".join(map(str, self.layers))
         return f"{self.kind}:{self.value}"
 
 
 def parse_student(spec: str) -> StudentSpec:
-    """Parse ``pruned:N | every:K | fresh[:N] | self`` with an error that lists the forms."""
+    """Parse ``pruned:N | every:K | layers:I,J,... | fresh[:N] | self`` with an error that lists the forms."""
     s = spec.strip()
     kind, _, num = s.partition(":")
-    if kind not in ("pruned", "every", "fresh", "self"):
-        raise ValueError(f"unknown student {spec!r}: use pruned:N (keep N layers), every:K, fresh, fresh:N or self")
+    if kind not in ("pruned", "every", "layers", "fresh", "self"):
+        raise ValueError(f"unknown student {spec!r}: use pruned:N (keep N layers), every:K, layers:I,J,... "
+                         "(keep those layers), fresh, fresh:N or self")
+    if kind == "layers":
+        parts = [x.strip() for x in num.split(",")]
+        if not num or not all(x.isdigit() for x in parts):
+            raise ValueError(f"student {spec!r}: give comma-separated layer indices, e.g. 'layers:0,1,2,27,28,29'")
+        return StudentSpec("layers", len(parts), tuple(int(x) for x in parts))
     if kind == "self":
         if num:
             raise ValueError(f"student {spec!r}: 'self' takes no number")
@@ -80,6 +96,10 @@ def kept_layers(n_layers: int, spec: StudentSpec) -> list[int]:
         return sorted({round(i * (n_layers - 1) / (spec.value - 1)) for i in range(spec.value)})
     if spec.kind == "every":
         return list(range(0, n_layers, spec.value))
+    if spec.kind == "layers":
+        if spec.layers[-1] >= n_layers:
+            raise ValueError(f"student {spec}: the teacher has layers 0..{n_layers - 1}")
+        return list(spec.layers)
     raise ValueError(f"student {spec} keeps no subset of layers")
 
 
@@ -128,7 +148,7 @@ def make_student(teacher: Any, spec: str | StudentSpec, seed: int = 0) -> Any:
 
     st = parse_student(spec) if isinstance(spec, str) else spec
     n = teacher.config.num_hidden_layers
-    if st.kind in ("pruned", "every"):
+    if st.kind in ("pruned", "every", "layers"):
         return prune_layers(teacher, kept_layers(n, st))
     if st.kind == "self":
         return prune_layers(teacher, list(range(n)))  # a clean, saveable copy of every weight
