@@ -22,7 +22,8 @@ generalized JSD with --beta), softened by --temperature; topk = KD from the harv
 logprobs with a tail bucket (API teachers). KD losses mix in CE with --alpha
 (loss = alpha*CE + (1-alpha)*KD); both terms are logged in OUT/metrics.jsonl.
 
-Students: pruned:N (N of the teacher's layers, evenly spaced), every:K, fresh, fresh:N, self.
+Students: pruned:N (N of the teacher's layers, evenly spaced), every:K, layers:I,J,...
+(exactly those layers, e.g. layers:0,1,2,3,14,15,26,27,28,29), fresh, fresh:N, self.
 
 Re-running the same command resumes from the newest checkpoint in OUT/checkpoints.
 Serve the result with: stillhouse serve --teacher hf:OUT/final
@@ -33,7 +34,7 @@ def train_command(
     data: Path | None = typer.Option(None, "--data", help="Curated .jsonl or harvest export (rows with messages)."),
     out: Path | None = typer.Option(None, "--out", help="Run directory: checkpoints, metrics, final/."),
     teacher: str = typer.Option("bundled", "--teacher", help="Local teacher spec: bundled, hf:DIR, gguf:FILE."),
-    student: str = typer.Option("pruned:10", "--student", help="pruned:N | every:K | fresh[:N] | self."),
+    student: str = typer.Option("pruned:10", "--student", help="pruned:N | every:K | layers:I,J,... | fresh[:N] | self."),
     loss: str = typer.Option("sft", "--loss", help="sft | fkl | rkl | jsd | topk."),
     alpha: float = typer.Option(0.0, "--alpha", help="CE weight for KD losses (0 = pure KD)."),
     beta: float = typer.Option(0.5, "--beta", help="Generalized-JSD beta (0 = forward KL, 1 = reverse KL)."),
@@ -89,7 +90,7 @@ def train_command(
 
 def bench_train_command(
     teacher: str = typer.Option("bundled", "--teacher", help="Teacher the student is built from."),
-    student: str = typer.Option("pruned:10", "--student", help="Student init (pruned:N | every:K | fresh | self)."),
+    student: str = typer.Option("pruned:10", "--student", help="Student init (pruned:N | every:K | layers:I,J,... | fresh | self)."),
     examples: int = typer.Option(512, "--examples", help="Short chat examples per arm (one epoch)."),
     batch_size: int = typer.Option(16, "--batch-size"),
     threads: int = typer.Option(2, "--threads", help="torch threads for every arm (and the peak matmul)."),
