@@ -385,7 +385,7 @@ def test_a_shared_persona_prompt_is_one_piece_of_evidence() -> None:
                             ts=T0 + 86400.0 * k + off * 3000.0, user_agent="OpenAI/Python 1.54.3",
                             client_ip=f"{off + 20}.1.2.3"))
     det.refresh_clusters()
-    accounts, weights, per_kind = link_matrix(det.links_, det.config)
+    accounts, _, per_kind = link_matrix(det.links_, det.config)
     i = {a: k for k, a in enumerate(accounts)}
     assert per_kind["system_prompt"][i["p1"], i["p2"]] > 0
     assert "template" not in per_kind or per_kind["template"][i["p1"], i["p2"]] == 0
