@@ -486,12 +486,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch threads; 1 is fastest on a shared 2-core machine")
     p.add_argument("--grid", type=int, nargs="+", default=[250, 1000, 4000], help="training-set sizes N")
     p.add_argument("--grid-losses", nargs="+", default=["sft", "topk"])
-    p.add_argument("--more-epochs", type=int, default=3, help="stage epochs: passes over each N")
+    p.add_argument("--more-epochs", type=int, default=6, help="stage epochs: passes over each N")
     p.add_argument("--epochs-losses", nargs="+", default=["sft", "topk"], help="stage epochs: losses")
     p.add_argument("--epochs-schedule", default="cosine", choices=["continue", "cosine"],
                    help="stage epochs: fresh cosine runs at each N, or continue the one-pass grid run at the largest N")
-    p.add_argument("--epochs-lr", type=float, default=1e-3, help="stage epochs, cosine: peak LR (0 = --lr)")
-    p.add_argument("--epochs-batch", type=int, default=32, help="stage epochs, cosine: batch size")
+    p.add_argument("--epochs-lr", type=float, default=3e-4, help="stage epochs, cosine: peak LR (0 = --lr)")
+    p.add_argument("--epochs-batch", type=int, default=10, help="stage epochs, cosine: batch size")
     p.add_argument("--epochs-n", type=int, nargs="+", default=None,
                    help="stage epochs, cosine: training-set sizes (default: the --grid sizes)")
     p.add_argument("--student-system", default="",
@@ -502,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--self-lr", type=float, default=5e-5, help="learning rate of the self-distilled student")
     p.add_argument("--validation", type=int, default=200,
                    help="validation problems (disjoint from held-out and training) that choose the epochs")
-    p.add_argument("--verified-epochs", type=int, default=12,
+    p.add_argument("--verified-epochs", type=int, default=6,
                    help="most epochs of the pruned student on verified rows (the best on validation is reported)")
     p.add_argument("--self-epochs", type=int, default=2,
                    help="most epochs of the self-distilled student (the best on validation is reported)")
@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--staged-epochs", type=int, default=1)
     p.add_argument("--verified-students", nargs="+", default=["pruned", "self"], choices=["pruned", "self"])
     p.add_argument("--verified-max", type=int, default=0, help="cap on verified rows for the pruned student")
-    p.add_argument("--self-max", type=int, default=0, help="cap on verified rows for the self-distilled student")
+    p.add_argument("--self-max", type=int, default=400, help="cap on verified rows for the self-distilled student")
     p.add_argument("--probe-problems", type=int, default=32)
     p.add_argument("--probe-n", type=int, default=8)
     p.add_argument("--probe-temps", type=float, nargs="+", default=[0.3, 0.7])

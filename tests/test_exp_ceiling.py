@@ -49,7 +49,7 @@ def test_experiment_end_to_end_on_a_tiny_teacher(tmp_path, smol_tokenizer):
     for r in harvest[:6]:
         r["correct"], r["messages"][-1]["content"] = True, f"{r['a']} + {r['b']} = {r['a'] + r['b']}"
     (out / "harvest_greedy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in harvest))
-    assert exp.main([*common, "--stage", "all", "--more-epochs", "2", "--epochs-batch", "5"]) == 0
+    assert exp.main([*common, "--stage", "all", "--more-epochs", "2", "--epochs-batch", "5", "--epochs-lr", "1e-3"]) == 0
     # all = harvest, epochs (fresh cosine runs at every N, both losses), verified, report
     main = json.loads((out / "epochs.json").read_text())
     assert sorted(r["run"] for r in main) == ["pruned10-sft-2ep-cos0.001-bs5", "pruned10-sft-n10-2ep-cos0.001-bs5",
