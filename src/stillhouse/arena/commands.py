@@ -126,7 +126,7 @@ def arena(
     3. online == offline check on the guard's own log; report.md + roc.png + leak_curve.png
        + fractions.png; every TPR/FPR with its Wilson interval and account count;
     4. with --capability: students trained on what leaked vs on the unblocked harvest.
-    Default scenario: 6,000 + 5,000 benign accounts, 7 days, ~13 CPU-minutes (one core busy);
+    Default scenario: 6,000 + 5,000 benign accounts, 7 days, ~9 CPU-minutes (one core busy);
     --capability adds ~8 CPU-minutes (bundled teacher, two SFT runs, eval). `--quick`: the CI
     scenario (~30 s).
     """
