@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import sys
@@ -539,8 +540,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _record_time(out: Path, stage: str, seconds: float, threads: int) -> None:
     """Append one stage's wall time to OUT/times.jsonl (the report sums the latest run of each stage)."""
-    import os
-
     row = {"stage": stage, "seconds": round(seconds, 1), "threads": threads, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
            "load1": round(os.getloadavg()[0], 2)}
     with (out / "times.jsonl").open("a") as f:

@@ -74,7 +74,7 @@ def parse_student(spec: str) -> StudentSpec:
         parts = [x.strip() for x in num.split(",")]
         if not num or not all(x.isdigit() for x in parts):
             raise ValueError(f"student {spec!r}: give comma-separated layer indices, e.g. 'layers:0,1,2,27,28,29'")
-        return StudentSpec("layers", len(parts), tuple(int(x) for x in parts))
+        return StudentSpec("layers", layers=tuple(int(x) for x in parts))
     if kind == "self":
         if num:
             raise ValueError(f"student {spec!r}: 'self' takes no number")
