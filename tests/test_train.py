@@ -129,9 +129,13 @@ def test_resume_continues_and_final_export_loads(tmp_path, tok):
     data = _write(tmp_path, _rows(tok))
     cfg = _cfg(tmp_path, data, epochs=2, save_every=1)
     train(cfg, teacher=(teacher, tok, "test"), progress=False, stop_after_steps=3)
+    with (tmp_path / "out" / "metrics.jsonl").open("a") as f:  # logged after the checkpoint, then killed mid-line
+        f.write('{"step": 4, "loss": 9.9}\n{"step": 5, "lo')
     seen = []
     res = train(cfg, teacher=(teacher, tok, "test"), progress=False, on_step=lambda m: seen.append(m["step"]))
     assert seen == [4], "resume must continue from step 3, not start over"
+    logged = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == [1, 2, 3, 4] and logged[-1]["loss"] != 9.9
     assert res.steps == 4 and res.examples_seen == 16
     # An uninterrupted run lands on the same weights (the data order and RNG are restored).
     cfg2 = _cfg(tmp_path, data, epochs=2, out=str(tmp_path / "out2"))

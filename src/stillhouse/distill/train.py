@@ -438,9 +438,19 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
         bar.start()
         task = bar.add_task("train", total=total_steps, completed=state["step"], info="")
     last: dict[str, float] = {}
-    if (out / "metrics.jsonl").exists():  # a resumed run that has no steps left still reports its last step
-        lines = (out / "metrics.jsonl").read_text().splitlines()
-        last = json.loads(lines[-1]) if lines else {}
+    if (out / "metrics.jsonl").exists():
+        # Steps logged after the checkpoint this run resumes from are done again: drop their rows (and a line a
+        # kill cut short), so the curve has each step once. A resumed run with no steps left reports its last.
+        kept = []
+        for line in (out / "metrics.jsonl").read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("step", 0) <= state["step"]:
+                kept.append(line)
+        atomic_write_text(out / "metrics.jsonl", "".join(line + "\n" for line in kept))
+        last = json.loads(kept[-1]) if kept else {}
     try:
         with open(out / "metrics.jsonl", "a") as mf:
             while state["step"] < total_steps:
