@@ -444,10 +444,10 @@ def _times_table(out: Path) -> str:
     path = out / "times.jsonl"
     if not path.exists():
         return ""
-    latest = {r["stage"]: r for r in _read_jsonl(path)}
+    latest = {r["stage"]: r for r in _read_jsonl(path) if r["stage"] != "report"}
     rows = [f"| {k} | {r['seconds'] / 60:.1f} | {r['threads']} | {r['load1']} | {r['finished']} |"
-            for k, r in latest.items() if k != "report"]
-    total = sum(r["seconds"] for k, r in latest.items() if k != "report")
+            for k, r in latest.items()]
+    total = sum(r["seconds"] for r in latest.values())
     return ("\n| stage | wall min | threads | load (1 min) at end | finished |\n|---|---|---|---|---|\n"
             + "\n".join(rows) + f"\n| **total** | **{total / 60:.1f}** | | | |\n")
 

@@ -25,9 +25,10 @@ import copy
 import re
 import sys
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 StudentKind = Literal["pruned", "every", "layers", "fresh", "self"]
+_KINDS = get_args(StudentKind)
 
 _LAYER_KEY = re.compile(r"^(.*\blayers\.)(\d+)(\..*)$")
 
@@ -43,7 +44,7 @@ class StudentSpec:
     """layers: the teacher layer indices kept, ascending."""
 
     def __post_init__(self) -> None:
-        if self.kind not in ("pruned", "every", "layers", "fresh", "self"):
+        if self.kind not in _KINDS:
             raise ValueError(f"student kind {self.kind!r}: use pruned:N, every:K, layers:I,J,..., fresh, fresh:N "
                              "or self")
         if self.kind == "layers" and (not self.layers or list(self.layers) != sorted(set(self.layers))
@@ -67,7 +68,7 @@ def parse_student(spec: str) -> StudentSpec:
     """Parse ``pruned:N | every:K | layers:I,J,... | fresh[:N] | self`` with an error that lists the forms."""
     s = spec.strip()
     kind, _, num = s.partition(":")
-    if kind not in ("pruned", "every", "layers", "fresh", "self"):
+    if kind not in _KINDS:
         raise ValueError(f"unknown student {spec!r}: use pruned:N (keep N layers), every:K, layers:I,J,... "
                          "(keep those layers), fresh, fresh:N or self")
     if kind == "layers":
