@@ -44,13 +44,15 @@ def test_bench_config_validation():
 
 
 def test_tiny_bench_run(tmp_path):
-    cfg = GuardBenchConfig(latency_ms=5, rates=(50.0,), duration_s=1.0, drain_s=2.0, latency_requests=50,
-                           latency_concurrency=4, lossless_requests=300, lossless_concurrency=8, litellm_python="")
+    # CPU time is read in clock ticks (10 ms): 400 requests at ~0.3 ms each span many ticks, 50 could span none.
+    cfg = GuardBenchConfig(latency_ms=5, rates=(50.0,), duration_s=1.0, drain_s=2.0, latency_requests=400,
+                           latency_concurrency=8, lossless_requests=300, lossless_concurrency=8, litellm_python="")
     r = run_bench(cfg, work=tmp_path)
     assert not r["errors"], r["errors"]
     assert r["lossless"]["lost"] == 0 and r["lossless"]["logged"] == 300
     assert r["summary"]["guard"]["throughput_ratio_at_50"] > 0.5
     assert r["latency"]["guard"]["server_cpu_ms_per_request"] > 0
+    assert r["lossless_run"]["guard_cpu_ms_per_request"] > 0
 
 
 def test_detector_arm_summary_and_validation(tmp_path):

@@ -159,7 +159,11 @@ def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 60) -> None:
 
 
 def process_cpu_s(pid: int) -> float:
-    """User+system CPU seconds of a process and its direct children (Linux /proc), 0.0 if unreadable."""
+    """User+system CPU seconds of a process and its direct children (Linux /proc), 0.0 if unreadable.
+
+    The kernel counts in clock ticks (10 ms at the usual 100 Hz), so a difference is only meaningful over
+    runs that take many ticks of CPU: hundreds of requests, not tens.
+    """
     tck = os.sysconf("SC_CLK_TCK")
 
     def one(p: str) -> tuple[int, float]:
