@@ -248,7 +248,8 @@ def _train_and_eval(args, out: Path, name: str, data: Path, held, teacher, snaps
     run = out / "runs" / name
     cfg = TrainConfig(data=str(data), out=str(run), teacher=cfg_kw.pop("teacher_spec", args.teacher),
                       threads=args.threads, seed=0, precision=args.precision,
-                      snapshot_at=tuple(snapshot_at), shuffle=False, system_prompt=args.student_system, **cfg_kw)
+                      snapshot_at=tuple(snapshot_at), shuffle=False, system_prompt=args.student_system,
+                      freeze_embeddings=args.freeze_embeddings, **cfg_kw)
     done = run / "final" / "train_config.json"
     if not done.exists() or {k: v for k, v in json.loads(done.read_text()).items() if k != "__config__"} \
             != config_to_dict(cfg):
@@ -507,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="most epochs of the pruned student on verified rows (the best on validation is reported)")
     p.add_argument("--self-epochs", type=int, default=2,
                    help="most epochs of the self-distilled student (the best on validation is reported)")
+    p.add_argument("--freeze-embeddings", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep every student's token embeddings (tied to its LM head) at the init's values")
     p.add_argument("--pruned", default="pruned:10", help="the small student's init (10 of the teacher's 30 layers)")
     p.add_argument("--teacher", default="bundled", help="teacher spec (bundled, hf:DIR); tests use a tiny hf: model")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],

@@ -124,6 +124,23 @@ def test_one_step_changes_every_trainable_parameter(tmp_path, tok, loss):
     assert math.isfinite(m["ce"]) and (loss == "sft" or math.isfinite(m["kd"]))
 
 
+@pytest.mark.parametrize("loss", ["sft", "topk"])
+def test_frozen_embeddings_stay_and_everything_else_trains(tmp_path, tok, loss):
+    teacher = _tiny_teacher(tok)
+    data = _write(tmp_path, _rows(tok))
+    cfg = _cfg(tmp_path, data, loss=loss, alpha=0.0, freeze_embeddings=True)  # topk: pure KD, CE only logged
+    before = {n: p.detach().clone() for n, p in make_student(teacher, "pruned:2").named_parameters()}
+    train(cfg, teacher=(teacher, tok, "test"), progress=False, stop_after_steps=1)
+    state = torch.load(max((tmp_path / "out" / "checkpoints").iterdir()) / "state.pt", weights_only=False)["model"]
+    emb = "model.embed_tokens.weight"
+    assert torch.equal(state[emb], before[emb]), "frozen embeddings (tied to the head) changed"
+    for name, old in before.items():
+        if name != emb:
+            assert not torch.equal(state[name], old), f"{name} did not change after one step"
+    m = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[0])
+    assert math.isfinite(m["ce"]) and m["ce"] > 0
+
+
 def test_resume_continues_and_final_export_loads(tmp_path, tok):
     teacher = _tiny_teacher(tok)
     data = _write(tmp_path, _rows(tok))

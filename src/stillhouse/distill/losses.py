@@ -83,7 +83,8 @@ def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     import torch.nn.functional as F
 
     _check_temperature(temperature)
-    return F.log_softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()
+    return F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
 
 
 def _kl_per_position(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:

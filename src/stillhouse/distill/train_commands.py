@@ -52,6 +52,9 @@ def train_command(
     max_len: int = typer.Option(256, "--max-len"),
     seed: int = typer.Option(0, "--seed"),
     lora_r: int = typer.Option(0, "--lora-r", help="LoRA rank (0 = full fine-tuning)."),
+    freeze_embeddings: bool = typer.Option(False, "--freeze-embeddings",
+                                           help="Keep the token embeddings (and a head tied to them) fixed: "
+                                                "faster steps on a CPU; the layers still train."),
     save_every: int = typer.Option(0, "--save-every", help="Checkpoint every N steps (0 = each epoch end)."),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0 = default; 1 on a busy CPU)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
@@ -75,7 +78,8 @@ def train_command(
                 alpha=alpha, beta=beta, temperature=temperature, only_correct=only_correct,
                 max_examples=max_examples, shuffle=shuffle, system_prompt=system_prompt, epochs=epochs,
                 batch_size=batch_size, lr=lr, schedule=schedule, warmup_steps=warmup_steps,  # type: ignore[arg-type]
-                max_len=max_len, seed=seed, lora_r=lora_r, save_every=save_every, threads=threads, device=device,
+                max_len=max_len, seed=seed, lora_r=lora_r,
+                freeze_embeddings=freeze_embeddings, save_every=save_every, threads=threads, device=device,
                 precision=precision)  # type: ignore[arg-type]
         res = train(cfg)
     except (ConfigError, TrainConfigError, DataError) as exc:
