@@ -41,9 +41,16 @@ def test_experiment_end_to_end_on_a_tiny_teacher(tmp_path, smol_tokenizer):
     common = ["--out", str(out), "--teacher", f"hf:{tdir}", "--heldout", "8", "--train", "30", "--validation", "8",
               "--grid", "10", "20", "--batch", "5", "--verified-epochs", "2", "--self-epochs", "1",
               "--precision", "fp32", "--pruned", "pruned:1"]
-    assert exp.main([*common, "--stage", "harvest"]) == 0
+    assert exp.main([*common, "--stage", "harvest"]) == 0  # --jobs 2: two slices, merged
     harvest = [json.loads(x) for x in (out / "harvest_greedy.jsonl").read_text().splitlines()]
     assert len(harvest) == 30 and all(len(r["top_ids"][0]) == exp.TOPK for r in harvest if r["top_ids"])
+    assert not list(out.glob("*.part*.jsonl")), "the slices are merged away"
+    # the merged files are the one-process harvest: same problems, same order, same greedy outputs
+    seq = tmp_path / "seq"
+    assert exp.main([*common, "--out", str(seq), "--stage", "harvest", "--jobs", "1"]) == 0
+    for name in ("harvest_greedy.jsonl", "teacher_heldout.jsonl"):
+        a, b = ([json.loads(x) for x in (d / name).read_text().splitlines()] for d in (out, seq))
+        assert [(r["a"], r["b"], r["completion"]) for r in a] == [(r["a"], r["b"], r["completion"]) for r in b]
     # A random-init teacher is never right; mark a few rows correct with the true answer so the
     # verified stage has data (fixture only: the real experiment never constructs answers).
     for r in harvest[:6]:
@@ -66,8 +73,10 @@ def test_experiment_end_to_end_on_a_tiny_teacher(tmp_path, smol_tokenizer):
     pruned = next(r for r in verified if r["run"] == "pruned10-verified")
     assert pruned["epochs_chosen"] in (1, 2) and [v["epochs"] for v in pruned["validation"]] == [1, 2]
     assert pruned["verified_rows"] == 6 and pruned["n"] == 8
-    times = [json.loads(x)["stage"] for x in (out / "times.jsonl").read_text().splitlines()]
-    assert times[-4:] == ["harvest", "epochs", "verified", "report"]
+    times = [json.loads(x) for x in (out / "times.jsonl").read_text().splitlines()]
+    assert [t["stage"] for t in times[-3:]] == ["harvest", "epochs+verified", "report"]
+    assert times[-2]["jobs"] == 2 and len(list((out / "logs").glob("*.log"))) == 2 + 4 + 2  # harvest, runs
+    assert "| epochs+verified |" in (out / "results.md").read_text()
     # the one-pass grid (named only), and the continue schedule on top of it
     assert exp.main([*common, "--stage", "grid"]) == 0
     grid = json.loads((out / "grid.json").read_text())
