@@ -58,6 +58,7 @@ from typing import Any
 
 PROMPT = "What is {a} + {b}? Reply with just the number."
 ALL_STAGES = ("harvest", "epochs", "verified", "report")
+SMALL_STUDENT = "layers:0,1,2,3,14,15,26,27,28,29"
 TOPK = 20
 
 
@@ -355,7 +356,7 @@ def _train_and_eval(args, out: Path, name: str, data: Path, held, teacher, snaps
     cfg = TrainConfig(data=str(data), out=str(run), teacher=cfg_kw.pop("teacher_spec", args.teacher),
                       threads=args.threads, seed=0, precision=args.precision,
                       snapshot_at=tuple(snapshot_at), shuffle=False, system_prompt=args.student_system,
-                      freeze_embeddings=args.freeze_embeddings, **cfg_kw)
+                      freeze_embeddings=args.freeze_embeddings and cfg_kw.get("student") != "self", **cfg_kw)
     done = run / "final" / "train_config.json"
     if not done.exists() or {k: v for k, v in json.loads(done.read_text()).items() if k != "__config__"} \
             != config_to_dict(cfg):
@@ -603,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)  # parent pid: a job of --jobs
     p.add_argument("--grid", type=int, nargs="+", default=[250, 1000, 4000], help="training-set sizes N")
     p.add_argument("--grid-losses", nargs="+", default=["sft", "topk"])
-    p.add_argument("--more-epochs", type=int, default=6, help="stage epochs: passes over each N")
+    p.add_argument("--more-epochs", type=int, default=4, help="stage epochs: passes over each N")
     p.add_argument("--epochs-losses", nargs="+", default=["sft", "topk"], help="stage epochs: losses")
     p.add_argument("--epochs-schedule", default="cosine", choices=["continue", "cosine"],
                    help="stage epochs: fresh cosine runs at each N, or continue the one-pass grid run at the largest N")
@@ -623,9 +624,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="most epochs of the pruned student on verified rows (the best on validation is reported)")
     p.add_argument("--self-epochs", type=int, default=2,
                    help="most epochs of the self-distilled student (the best on validation is reported)")
-    p.add_argument("--freeze-embeddings", action=argparse.BooleanOptionalAction, default=False,
-                   help="keep every student's token embeddings (tied to its LM head) at the init's values")
-    p.add_argument("--pruned", default="pruned:10", help="the small student's init (10 of the teacher's 30 layers)")
+    p.add_argument("--freeze-embeddings", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the small student's token embeddings (tied to its LM head) at the teacher's values: "
+                        "1.24x faster steps on one CPU thread (the self student always trains them)")
+    p.add_argument("--pruned", default=SMALL_STUDENT,
+                   help="the small student's init: 10 of the teacher's 30 layers (the first four, two in the middle, "
+                        "the last four; pruned:10 = every third)")
     p.add_argument("--teacher", default="bundled", help="teacher spec (bundled, hf:DIR); tests use a tiny hf: model")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="training precision (auto = bf16 where the CPU has AVX512-BF16/AMX)")
