@@ -569,10 +569,10 @@ def plot_grid(out: Path, teacher: dict[str, Any]) -> Path | None:
     from stillhouse.distill.metrics import Estimate
     from stillhouse.distill.plots import score_vs_examples
 
-    if not (out / "grid.json").exists():
+    if not (out / "grid.json").exists() and not (out / "epochs.json").exists():
         return None
     series: dict[str, list[tuple[int, Estimate]]] = {}
-    for r in json.loads((out / "grid.json").read_text()):
+    for r in json.loads((out / "grid.json").read_text()) if (out / "grid.json").exists() else []:
         series.setdefault(f"{r['run']} (one pass)", []).append(
             (int(r["train_examples"]), Estimate(r["acc"], r["lo"], r["hi"], r["n"])))
     # the fresh cosine runs of stage epochs, one series per recipe across N (run names differ only in -n<N>)
@@ -585,7 +585,7 @@ def plot_grid(out: Path, teacher: dict[str, Any]) -> Path | None:
     series = {k: sorted(v, key=lambda x: x[0]) for k, v in series.items()}
     t = Estimate(teacher["acc"], teacher["lo"], teacher["hi"], teacher["n"])
     return score_vs_examples(series, out / "grid.png", teacher=t,
-                             title="pruned student vs N harvested examples (cosine runs: epoch chosen on validation)")
+                             title="10-layer student vs N examples (epoch chosen on validation)")
 
 
 def main(argv: list[str] | None = None) -> int:

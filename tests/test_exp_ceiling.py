@@ -77,6 +77,7 @@ def test_experiment_end_to_end_on_a_tiny_teacher(tmp_path, smol_tokenizer):
     assert [t["stage"] for t in times[-3:]] == ["harvest", "epochs+verified", "report"]
     assert times[-2]["jobs"] == 2 and len(list((out / "logs").glob("*.log"))) == 2 + 4 + 2  # harvest, runs
     assert "| epochs+verified |" in (out / "results.md").read_text()
+    assert (out / "grid.png").stat().st_size > 1000  # drawn from the cosine runs alone (no one-pass grid yet)
     # the one-pass grid (named only), and the continue schedule on top of it
     assert exp.main([*common, "--stage", "grid"]) == 0
     grid = json.loads((out / "grid.json").read_text())
