@@ -158,7 +158,17 @@ def test_entropy_and_surprisal_and_threshold() -> None:
     assert tail_surprisal(benign, 0.5) < tail_surprisal(benign, 0.95) < tail_surprisal(benign, 2.0, scale=0.1)
     scores = np.arange(1000, dtype=float)
     t = quantile_threshold(scores, 0.01)
-    assert (scores > t).sum() <= 10 and (scores >= t).sum() > 10
+    assert t == 990.0 and (scores > t).sum() == 9  # the 10th largest: floor(0.01 * 1001) = 10
+    assert quantile_threshold(scores, 1e-4) == 999.0  # below 1/(N+1): the maximum
+
+
+def test_threshold_false_positive_rate_is_at_most_the_target_out_of_sample() -> None:
+    # Benign scores ~ U(0, 1): a threshold t lets a new benign account through with probability 1 - t.
+    rng = np.random.default_rng(0)
+    fpr, n = 1e-3, 3000
+    ts = np.array([quantile_threshold(rng.random(n), fpr) for _ in range(4000)])
+    realised = float(np.mean(1.0 - ts))
+    assert realised <= fpr * 1.03, realised  # j / (N + 1) = 3/3000; the in-sample 4th largest gives 1.33e-3
 
 
 def test_hash_embedder_is_unit_and_similar_for_similar_text() -> None:
