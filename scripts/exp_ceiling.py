@@ -649,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--jobs {args.jobs} --threads {args.threads}: both must be at least 1")
     if args.part and not re.fullmatch(r"\d+/\d+", args.part):
         raise SystemExit(f"--part {args.part!r}: use I/J (slice I of J, from 0)")
-    args.argv = [a for a in (sys.argv[1:] if argv is None else argv)]  # what a parallel job inherits
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a parallel job inherits
     if args.child:
         _die_with_parent(args.child)
     import torch
