@@ -193,7 +193,7 @@ def _run_jobs(out: Path, jobs: list[tuple[str, list[str]]], args: argparse.Names
     each, in the given order (longest first), logs in OUT/logs/<name>.log.
 
     Two one-thread processes train 1.35x the tokens/s of one two-thread process on this 2-core machine
-    (measured: 413 + 430 against 625), since a 10-example step leaves a second thread idle much of the time.
+    (median per-step tokens/s, measured: 413 + 430 against 625): a 10-example step does not keep two threads busy.
     Children die with this process (PR_SET_PDEATHSIG), so a killed run leaves no trainer behind to race a
     rerun on the same run directory; the rerun resumes every job from its checkpoints.
     """
