@@ -150,16 +150,6 @@ def stage_harvest(args: argparse.Namespace, out: Path) -> None:
 
     held, train = split_problems(args.heldout, args.train)
     files = {"teacher_heldout.jsonl": held, "harvest_greedy.jsonl": train}
-    if args.part:
-        i, j = (int(x) for x in args.part.split("/"))
-        model, tok, rev = load_causal_lm(args.teacher)
-        meta = {"model": "SmolLM2-135M-Instruct", "revision": rev}
-        for name, problems in files.items():
-            done = {(r["a"], r["b"]) for r in _read_jsonl(out / name)}
-            mine = [q for q in problems[i::j] if q not in done]
-            generate_rows(model, tok, mine, out / f"{Path(name).stem}.part{i}.jsonl", meta=meta,
-                          topk=TOPK if name == "harvest_greedy.jsonl" else 0)
-        return
     if args.jobs > 1 and any(len(_read_jsonl(out / name)) < len(problems) for name, problems in files.items()):
         _run_jobs(out, [(f"harvest-{i}", ["--stage", "harvest", "--part", f"{i}/{args.jobs}"])
                         for i in range(args.jobs)], args)
@@ -168,11 +158,17 @@ def stage_harvest(args: argparse.Namespace, out: Path) -> None:
     model, tok, rev = load_causal_lm(args.teacher)
     meta = {"model": "SmolLM2-135M-Instruct", "revision": rev}
     t0 = time.time()
-    rows = generate_rows(model, tok, held, out / "teacher_heldout.jsonl", meta=meta)
-    _log(f"teacher held-out greedy accuracy {sum(r['correct'] for r in rows)}/{len(rows)}")
-    rows = generate_rows(model, tok, train, out / "harvest_greedy.jsonl", topk=TOPK, meta=meta)
-    _log(f"teacher train-pool greedy accuracy {sum(r['correct'] for r in rows)}/{len(rows)}; "
-         f"harvest wall {time.time() - t0:.0f}s")
+    for name, problems in files.items():
+        topk = TOPK if name == "harvest_greedy.jsonl" else 0
+        if args.part:  # one slice of a parallel harvest: the problems of slice i of j not yet in the merged file
+            i, j = (int(x) for x in args.part.split("/"))
+            done = {(r["a"], r["b"]) for r in _read_jsonl(out / name)}
+            generate_rows(model, tok, [q for q in problems[i::j] if q not in done],
+                          out / f"{Path(name).stem}.part{i}.jsonl", meta=meta, topk=topk)
+            continue
+        rows = generate_rows(model, tok, problems, out / name, topk=topk, meta=meta)
+        _log(f"teacher greedy accuracy on {name}: {sum(r['correct'] for r in rows)}/{len(rows)}")
+    _log(f"harvest wall {time.time() - t0:.0f}s")
 
 
 def _merge_parts(out: Path, name: str, problems: list[tuple[int, int]]) -> None:
