@@ -337,18 +337,13 @@ def compute_losses(cfg: TrainConfig, logits: Any, batch: dict[str, Any],
     ``logits`` (and ``teacher_logits``) are ``(1, N, V)`` at the positions
     :func:`loss_positions` selects from ``batch["labels"]``.
     """
-    import torch
-
     from stillhouse.distill import losses as L
 
     rows, cols = loss_positions(batch["labels"])
     targets = batch["labels"][rows, cols + 1].unsqueeze(0)
     mask = targets != L.IGNORE_INDEX
-    if cfg.loss != "sft" and cfg.alpha == 0.0:
-        with torch.no_grad():  # pure KD: CE is only logged, so it stays out of the backward pass
-            ce = L.sft_loss(logits, targets)
-    else:
-        ce = L.sft_loss(logits, targets)
+    pure_kd = cfg.loss != "sft" and cfg.alpha == 0.0  # CE is then only logged: keep it out of the backward pass
+    ce = L.sft_loss(logits.detach() if pure_kd else logits, targets)
     if cfg.loss == "sft":
         return ce, {"ce": ce.item(), "kd": float("nan")}
     if cfg.loss == "topk":
