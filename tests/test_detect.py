@@ -463,7 +463,7 @@ def test_fit_sets_thresholds_from_benign_only(fitted: WindowDetector) -> None:
     assert fitted.thresholds_["block"] >= fitted.thresholds_["throttle"] > 0
     cal = fitted.calibration_
     assert cal["accounts_half_a"] + cal["accounts_half_b"] == 160
-    assert cal["fpr_resolution"] == pytest.approx(1 / cal["accounts_half_b"])
+    assert cal["fpr_resolution"] == pytest.approx(1 / (cal["accounts_half_b"] + 1))
 
 
 def test_binomial_tail_surprisal_bounds_the_exact_tail() -> None:

@@ -171,7 +171,7 @@ def write_report(out: Path, metrics: dict[str, Any], result: RunResult, threshol
         row = op[name]
         lines.append(f"| {name} | {targets[name]:g} | {row['threshold']:.2f} | {ci(row['tpr_ci'])} | "
                      f"{ci(row['fpr_ci'])} | {ci(row['active_fpr_ci'])} |")
-    lines += ["", f"Calibration FPR resolution: 1/{cal['accounts_half_b']} = {cal['fpr_resolution']:.2g} "
+    lines += ["", f"Calibration FPR resolution: 1/{cal['accounts_half_b'] + 1} = {cal['fpr_resolution']:.2g} "
               "(a target below it is set at the benign maximum).", "",
               "TPR by campaign shape (share of the shape's accounts over each threshold):", "",
               "| shape | accounts | TPR at throttle (FPR 1e-2) | TPR at block (FPR 1e-3) |", "|---|---|---|---|"]

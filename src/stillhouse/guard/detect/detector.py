@@ -395,7 +395,7 @@ class WindowDetector:
         self.calibration_ = {
             "benign_records": len(records), "accounts_half_a": n_a, "accounts_half_b": n_b,
             "feature_snapshots": int(matrix.shape[0]),
-            "fpr_resolution": 1.0 / n_b,
+            "fpr_resolution": 1.0 / (n_b + 1),  # the smallest target the conformal threshold can meet
             "benign_max_score_quantiles": {q: float(np.quantile(maxima, q)) for q in (0.5, 0.9, 0.99, 1.0)},
             "span_days": (records[-1].ts - records[0].ts) / 86400.0,
         }
