@@ -141,6 +141,25 @@ def test_frozen_embeddings_stay_and_everything_else_trains(tmp_path, tok, loss):
     assert math.isfinite(m["ce"]) and m["ce"] > 0
 
 
+def test_eager_and_sdpa_attention_train_alike_and_the_export_keeps_no_choice(tmp_path, tok):
+    teacher = _tiny_teacher(tok)
+    data = _write(tmp_path, _rows(tok))  # rows of different lengths: the batches are padded
+    first = {}
+    for attention in ("eager", "sdpa"):
+        cfg = _cfg(tmp_path, data, attention=attention, precision="fp32", out=str(tmp_path / attention))
+        train(cfg, teacher=(teacher, tok, "test"), progress=False)
+        log = [json.loads(x) for x in (tmp_path / attention / "metrics.jsonl").read_text().splitlines()]
+        first[attention] = log[0]["loss"]
+        info = json.loads((tmp_path / attention / "run_info.json").read_text())
+        assert info["attention"] == attention
+        exported = json.loads((tmp_path / attention / "final" / "config.json").read_text())
+        assert exported.get("_attn_implementation") in (None, "sdpa"), "the training kernel leaked into the export"
+    assert first["eager"] == pytest.approx(first["sdpa"], rel=1e-4)
+    assert _cfg(tmp_path, data).attention == "auto"
+    with pytest.raises(TrainConfigError, match="attention"):
+        _cfg(tmp_path, data, attention="flash")
+
+
 def test_resume_continues_and_final_export_loads(tmp_path, tok):
     teacher = _tiny_teacher(tok)
     data = _write(tmp_path, _rows(tok))

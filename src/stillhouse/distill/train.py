@@ -125,6 +125,11 @@ class TrainConfig:
     the forward and backward, losses in fp32). auto = bf16 where the hardware runs it natively
     (a CUDA GPU with bf16, or a CPU with AVX512-BF16/AMX, where it measured 1.7-2.3x faster
     than fp32 on the pruned student), else fp32."""
+    attention: Literal["auto", "sdpa", "eager"] = "auto"
+    """Attention kernel for training. auto = eager on the CPU (a batch-10 step of the 10-layer
+    student, frozen embeddings, one thread: 0.614 s against 0.779 s with SDPA, 1.27x, interleaved
+    in one process), SDPA on a GPU. Training only: the exported HF directory carries no choice, so
+    whoever loads it gets transformers' default."""
 
     def __post_init__(self) -> None:
         if self.loss not in ("sft", "fkl", "rkl", "jsd", "topk"):
@@ -135,6 +140,8 @@ class TrainConfig:
             raise TrainConfigError(f"beta={self.beta}: must be in [0, 1]")
         if not (self.temperature > 0):
             raise TrainConfigError(f"temperature={self.temperature}: must be positive")
+        if self.attention not in ("auto", "sdpa", "eager"):
+            raise TrainConfigError(f"attention={self.attention!r}: use auto, sdpa or eager")
         for name in ("epochs", "batch_size", "max_len", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise TrainConfigError(f"{name}={getattr(self, name)}: must be at least 1")
@@ -195,6 +202,13 @@ def resolve_precision(precision: str, device: str) -> str:
         return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
     except (AttributeError, RuntimeError):
         return "fp32"
+
+
+def resolve_attention(attention: str, device: str) -> str:
+    """``auto`` -> ``eager`` on the CPU (measured faster for short chat rows), ``sdpa`` on a GPU."""
+    if attention != "auto":
+        return attention
+    return "sdpa" if device == "cuda" else "eager"
 
 
 def autocast(device: str, precision: str) -> Any:
@@ -402,6 +416,8 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
     student = make_student(t_model, cfg.student, seed=cfg.seed)
     if cfg.freeze_embeddings:
         student.get_input_embeddings().weight.requires_grad_(False)
+    attention = resolve_attention(cfg.attention, device)
+    student.set_attn_implementation(attention)
     if cfg.lora_r:
         student = _apply_lora(student, cfg)
     student.to(device).train()
@@ -433,7 +449,7 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
     snapshots: dict[int, Path] = {}
     meta = {"teacher_revision": t_rev, "student_parameters": count_parameters(student),
             "trainable_parameters": count_parameters(student, trainable_only=True), "device": device,
-            "precision": precision}
+            "precision": precision, "attention": attention}
     atomic_write_text(out / "run_info.json", json.dumps(meta, indent=2))
 
     bar = None

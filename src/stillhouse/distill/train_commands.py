@@ -61,6 +61,9 @@ def train_command(
     precision: str = typer.Option("auto", "--precision",
                                   help="auto | fp32 | bf16. bf16 = mixed precision (fp32 master weights); auto picks "
                                        "bf16 on GPUs with bf16 and on CPUs with AVX512-BF16/AMX."),
+    attention: str = typer.Option("auto", "--attention",
+                                  help="auto | sdpa | eager. The attention kernel for training; auto = eager on "
+                                       "a CPU (1.27x faster steps measured on short chat rows), SDPA on a GPU."),
     config: Path | None = typer.Option(None, "--config", help="Replay a saved train_config.json."),
 ) -> None:
     from stillhouse.config import ConfigError, load_config
@@ -80,7 +83,7 @@ def train_command(
                 batch_size=batch_size, lr=lr, schedule=schedule, warmup_steps=warmup_steps,  # type: ignore[arg-type]
                 max_len=max_len, seed=seed, lora_r=lora_r,
                 freeze_embeddings=freeze_embeddings, save_every=save_every, threads=threads, device=device,
-                precision=precision)  # type: ignore[arg-type]
+                precision=precision, attention=attention)  # type: ignore[arg-type]
         res = train(cfg)
     except (ConfigError, TrainConfigError, DataError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
