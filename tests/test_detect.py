@@ -466,6 +466,34 @@ def test_fit_sets_thresholds_from_benign_only(fitted: WindowDetector) -> None:
     assert cal["fpr_resolution"] == pytest.approx(1 / (cal["accounts_half_b"] + 1))
 
 
+def test_wording_common_among_benign_accounts_links_no_one(fitted: WindowDetector, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # The benign calibration accounts draw on QUESTIONS and repeat them: their shingles are common wording.
+    assert fitted.calibration_["common_template_shingles"] == len(fitted.common_templates_) > 0
+    det = WindowDetector.load(fitted.save(tmp_path / "det"))
+    assert det.common_templates_ == fitted.common_templates_
+    common = [q for q in QUESTIONS if set(shingle_hashes(words(q)).tolist()) <= det.common_templates_]
+    assert 0 < len(common) < len(QUESTIONS)  # some questions were repeated by two or more accounts, not all
+    novel = "Translate the following product review into formal Latin and rate its sentiment: {q}"
+    for k in range(4):
+        for a, user in (("q1", common[0]), ("q2", common[0]),
+                        ("t1", novel.format(q=QUESTIONS[k])), ("t2", novel.format(q=QUESTIONS[k + 4]))):
+            det.observe(rec(k, account=a, user=user, ts=T0 + 3600.0 * k, client_ip="198.51.100.7"))
+    accounts, _, per_kind = link_matrix(det.links_, det.config)
+    i = {a: n for n, a in enumerate(accounts)}
+    assert per_kind["template"][i["t1"], i["t2"]] > 0, "a wording no benign account repeats is still a template"
+    assert per_kind["template"][i["q1"], i["q2"]] == 0, "a public question both repeat is not a shared template"
+    # Without the list (0), the same public question links them: the test can tell the two apart.
+    raw = WindowDetector(DetectConfig(common_template_accounts=0))
+    for k in range(4):
+        for a in ("q1", "q2"):
+            raw.observe(rec(k, account=a, user=common[0], ts=T0 + 3600.0 * k))
+    accounts, _, per_kind = link_matrix(raw.links_, raw.config)
+    i = {a: n for n, a in enumerate(accounts)}
+    assert per_kind["template"][i["q1"], i["q2"]] > 0
+    with pytest.raises(ValueError, match="common_template_accounts"):
+        DetectConfig(common_template_accounts=-1)
+
+
 def test_binomial_tail_surprisal_bounds_the_exact_tail() -> None:
     from math import comb, log
 

@@ -64,6 +64,13 @@ class DetectConfig:
     """Weight each kind of shared evidence adds to a pair of accounts. Shared content (system prompt,
     template) sums to 0.8, below the link threshold: many unrelated customers run the same open-source
     tool's prompts, so content alone never links accounts; with any shared infrastructure it does."""
+    common_template_accounts: int = 2
+    """A user-turn shingle that at least this many benign calibration accounts (half A) each repeated
+    ``TEMPLATE_REPEATS`` times is common wording: a public prompt pool's ("how much money does", from
+    GSM8K) or a popular tool's. It never becomes a template link key, so two accounts drawing on the
+    same public questions are not 'sharing a template'. Learned from benign traffic only; 0 keeps every
+    shingle. (Held-out arena replays in session 6 found benign accounts tied to campaigns, and benign
+    service accounts to each other, through exactly such shingles; docs/results.md, "Linking".)"""
     evidence_signals: tuple[str, ...] = ("cot", "grader")
     """Per-request asks that benign users rarely make, scored by their *count* as well as their rate: k hits in
     the user turns of an account's n requests earn ``-ln P(X >= k)`` for X ~ Binomial(n, p0), p0 the ask's benign
@@ -98,6 +105,9 @@ class DetectConfig:
         if self.minhash_perm % self.minhash_bands:
             raise ValueError(f"DetectConfig.minhash_bands={self.minhash_bands} must divide "
                              f"minhash_perm={self.minhash_perm} (e.g. 32 and 8)")
+        if not isinstance(self.common_template_accounts, int) or self.common_template_accounts < 0:
+            raise ValueError(f"DetectConfig.common_template_accounts={self.common_template_accounts!r}: must be an "
+                             "integer >= 0 (0 keeps every template shingle)")
         if self.rate_prior_weight < 0:
             raise ValueError(f"DetectConfig.rate_prior_weight={self.rate_prior_weight}: must be >= 0")
         if self.embedder not in ("hash", "minilm"):

@@ -11,7 +11,8 @@ account's score is the larger of its own and its cluster's. Offline scoring
 
 Calibration (``fit``) uses benign traffic only: benign accounts are split by a
 seeded hash into halves A and B. From A: topic centroids (k-means on prompt
-embeddings), the benign reference of the MMD test, and the benign distribution of
+embeddings), the benign reference of the MMD test, the user-turn wording common enough among
+benign accounts that it links no one (``common_template_accounts``), and the benign distribution of
 every feature (each account's feature vector after each of its requests, and each
 benign cluster's pooled vector at each refresh). A feature's surprisal is
 ``-ln p`` of its benign upper tail; for the rare per-request asks (``evidence_signals``:
@@ -112,6 +113,8 @@ class WindowDetector:
         self.tables_: list[np.ndarray] | None = None
         self.tail_scales_: list[float] | None = None
         self.thresholds_: dict[str, float] | None = None
+        self.common_templates_: frozenset[int] = frozenset()
+        """User-turn shingles too common among benign accounts to link anyone (fit on half A)."""
         self.signal_rates_: dict[str, float] = {}
         """Benign per-request rate p0 of each of ``config.evidence_signals`` (fit on half A)."""
         self.calibration_: dict[str, Any] = {}
@@ -221,8 +224,9 @@ class WindowDetector:
         now = list(map(counts.__getitem__, sampled))  # every sampled shingle is counted by now
         if TEMPLATE_REPEATS in now:  # a shingle this account has now sent exactly TEMPLATE_REPEATS times
             mine = set(user_sh.tolist())  # user-turn shingles only: the system prompt has its own link key
+            common = self.common_templates_
             for h, c in zip(sampled, now):
-                if c == TEMPLATE_REPEATS and h in mine:
+                if c == TEMPLATE_REPEATS and h in mine and h not in common:
                     links.add("template", h, aid)
         if record.client_ip:
             links.add("ip", record.client_ip, aid)
@@ -369,6 +373,7 @@ class WindowDetector:
         self._fit_embedding(half_a)
         self._tails = None  # the evidence table is rebuilt with the new rates
         self.signal_rates_ = self._signal_rates(half_a)
+        self.common_templates_ = self._common_templates(half_a)
 
         # Stage 1: benign feature distributions from half A (accounts and pooled clusters).
         collector = self._clone_unscored()
@@ -395,6 +400,7 @@ class WindowDetector:
         self.calibration_ = {
             "benign_records": len(records), "accounts_half_a": n_a, "accounts_half_b": n_b,
             "feature_snapshots": int(matrix.shape[0]),
+            "common_template_shingles": len(self.common_templates_),
             "fpr_resolution": 1.0 / (n_b + 1),  # the smallest target the conformal threshold can meet
             "benign_max_score_quantiles": {q: float(np.quantile(maxima, q)) for q in (0.5, 0.9, 0.99, 1.0)},
             "span_days": (records[-1].ts - records[0].ts) / 86400.0,
@@ -416,6 +422,31 @@ class WindowDetector:
             for name, key in zip(names, keys):
                 hits[name] += signals[key] > 0
         return {name: (hits[name] + 1) / (n + 2) for name in names}
+
+    def _common_templates(self, records: Sequence[TrafficRecord]) -> frozenset[int]:
+        """User-turn shingles that ``config.common_template_accounts`` or more benign accounts each sent
+        ``TEMPLATE_REPEATS`` times (the rule that makes a template link key in ``observe``)."""
+        need = self.config.common_template_accounts
+        if need == 0:
+            return frozenset()
+        sample = np.uint32(self.config.shingle_sample)
+        counts: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        for r in records:
+            if r.status >= 400:
+                continue
+            wh = text_word_hashes(last_user_text(r.messages or []))
+            sh = shingle_hashes(None, hashes=wh, pairs=pair_hashes(wh))  # as observe() hashes them
+            if sample != 1:
+                sh = sh[sh % sample == 0]
+            mine = counts[r.account_id]
+            for h in set(sh.tolist()):
+                mine[h] += 1
+        holders: dict[int, int] = defaultdict(int)
+        for mine in counts.values():
+            for h, c in mine.items():
+                if c >= TEMPLATE_REPEATS:
+                    holders[h] += 1
+        return frozenset(h for h, k in holders.items() if k >= need)
 
     def _half(self, account_id: str) -> int:
         return zlib.crc32(f"{self.config.seed}:{account_id}".encode()) & 1
@@ -448,6 +479,7 @@ class WindowDetector:
         twin.centroids_, twin.rff_w_, twin.rff_b_ = self.centroids_, self.rff_w_, self.rff_b_
         twin.mu_ref_, twin.ref_sq_ = self.mu_ref_, self.ref_sq_
         twin.signal_rates_ = self.signal_rates_
+        twin.common_templates_ = self.common_templates_
         return twin
 
     # ------------------------------------------------------------ save/load
@@ -466,7 +498,8 @@ class WindowDetector:
         atomic_write_text(d / "detector.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
         tables = self.tables_ or []
         arrays: dict[str, Any] = {"centroids": self.centroids_, "rff_w": self.rff_w_, "rff_b": self.rff_b_,
-                                  "mu_ref": self.mu_ref_, **{f"table_{i}": t for i, t in enumerate(tables)}}
+                                  "mu_ref": self.mu_ref_, **{f"table_{i}": t for i, t in enumerate(tables)},
+                                  "common_templates": np.array(sorted(self.common_templates_), dtype=np.int64)}
         np.savez(d / "detector.npz", **arrays)
         return d
 
@@ -492,6 +525,8 @@ class WindowDetector:
         det.centroids_, det.rff_w_, det.rff_b_ = arrays["centroids"], arrays["rff_w"], arrays["rff_b"]
         det.mu_ref_, det.ref_sq_ = arrays["mu_ref"], float(meta["ref_sq"])
         det.tables_ = [arrays[f"table_{i}"] for i in range(len(FEATURES))]
+        if "common_templates" in arrays:  # a detector saved before the common-wording list has none
+            det.common_templates_ = frozenset(arrays["common_templates"].tolist())
         det.tail_scales_ = [float(x) for x in meta["tail_scales"]]
         det.thresholds_ = {k: float(v) for k, v in meta["thresholds"].items()}
         det.calibration_ = meta["calibration"]

@@ -4,7 +4,9 @@ Every account collects keys of seven kinds (``LINK_KINDS``): its client IPs, the
 /24 (IPv4) or /48 (IPv6) subnets, user-agent + header-order fingerprints, payment
 fingerprints, long system prompts, template shingles (word 3-grams of its *user turns* it
 repeated at least 3 times; a system prompt's words are the system-prompt key's evidence, so they
-are not counted twice) and the time buckets it was active in.
+are not counted twice; wording that two or more benign calibration accounts repeated is common
+language, not a template, and is skipped: ``DetectConfig.common_template_accounts``) and the time
+buckets it was active in.
 
 :func:`link_matrix` turns them into one weighted, symmetric account x account
 matrix: for each kind, ``A_k A_k^T`` counts the keys two accounts share (keys shared
