@@ -488,7 +488,8 @@ def stage_verified(args: argparse.Namespace, out: Path) -> None:
                                   epochs=args.self_epochs)
         else:
             res = _train_and_eval(args, out, "pruned10-verified", data, held, teacher, select=True,
-                                  student=args.pruned, loss="sft", batch_size=args.batch, lr=args.lr,
+                                  student=args.pruned, loss="sft", batch_size=args.batch,
+                                  lr=args.verified_lr or args.lr, schedule=args.verified_schedule,
                                   warmup_steps=10, epochs=args.verified_epochs)
         for r in res:
             r["verified_rows"] = len(rows)
@@ -618,6 +619,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="validation problems (disjoint from held-out and training) that choose the epochs")
     p.add_argument("--verified-epochs", type=int, default=6,
                    help="most epochs of the pruned student on verified rows (the best on validation is reported)")
+    p.add_argument("--verified-lr", type=float, default=0.0, help="peak LR of the pruned student on verified rows "
+                                                                   "(0 = --lr)")
+    p.add_argument("--verified-schedule", default="constant", choices=["constant", "cosine"],
+                   help="LR schedule of the pruned student on verified rows")
     p.add_argument("--self-epochs", type=int, default=2,
                    help="most epochs of the self-distilled student (the best on validation is reported)")
     p.add_argument("--freeze-embeddings", action=argparse.BooleanOptionalAction, default=True,
