@@ -619,10 +619,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="validation problems (disjoint from held-out and training) that choose the epochs")
     p.add_argument("--verified-epochs", type=int, default=6,
                    help="most epochs of the pruned student on verified rows (the best on validation is reported)")
-    p.add_argument("--verified-lr", type=float, default=0.0, help="peak LR of the pruned student on verified rows "
-                                                                   "(0 = --lr)")
-    p.add_argument("--verified-schedule", default="constant", choices=["constant", "cosine"],
-                   help="LR schedule of the pruned student on verified rows")
+    p.add_argument("--verified-lr", type=float, default=3e-4, help="peak LR of the pruned student on verified rows "
+                                                                    "(0 = --lr)")
+    p.add_argument("--verified-schedule", default="cosine", choices=["constant", "cosine"],
+                   help="LR schedule of the pruned student on verified rows (cosine: validation rises every pass, "
+                        "115/200 at pass 6; constant 2e-4 jumped between passes, 77-98/200 at its best)")
     p.add_argument("--self-epochs", type=int, default=2,
                    help="most epochs of the self-distilled student (the best on validation is reported)")
     p.add_argument("--freeze-embeddings", action=argparse.BooleanOptionalAction, default=True,
