@@ -70,7 +70,8 @@ class DetectConfig:
     GSM8K) or a popular tool's. It never becomes a template link key, so two accounts drawing on the
     same public questions are not 'sharing a template'. Learned from benign traffic only; 0 keeps every
     shingle. (Held-out arena replays in session 6 found benign accounts tied to campaigns, and benign
-    service accounts to each other, through exactly such shingles; docs/results.md, "Linking".)"""
+    service accounts to each other, through exactly such shingles; docs/results.md, "Session 7: common
+    wording links no one", has the replay and the three seed sets after the change.)"""
     evidence_signals: tuple[str, ...] = ("cot", "grader")
     """Per-request asks that benign users rarely make, scored by their *count* as well as their rate: k hits in
     the user turns of an account's n requests earn ``-ln P(X >= k)`` for X ~ Binomial(n, p0), p0 the ask's benign
