@@ -239,12 +239,17 @@ def _train_jobs(args: argparse.Namespace, out: Path, stages: list[str]) -> list[
     return [(name, extra) for _, name, extra in sorted(jobs, key=lambda j: -j[0])]
 
 
+def _read_results(path: Path) -> list[dict[str, Any]]:
+    """The rows of a results file (a JSON list), or none when it is not written yet."""
+    return json.loads(path.read_text()) if path.exists() else []
+
+
 def _merge_results(path: Path, results: list[dict[str, Any]]) -> None:
     """Replace the rows of ``path`` (a JSON list) that share a label with ``results``; under a file lock,
     as parallel jobs write the same file."""
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        old = json.loads(path.read_text()) if path.exists() else []
+        old = _read_results(path)
         keep = {r["label"] for r in results}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps([r for r in old if r["label"] not in keep] + results, indent=2))
@@ -534,7 +539,7 @@ def stage_report(args: argparse.Namespace, out: Path) -> None:
                      f"{r['correct']}/{r['n']} | {r['acc']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}] | "
                      f"{_ratio(r['acc'], t['acc'])} |")
     for name in ("grid.json", "epochs.json", "verified.json"):
-        for r in json.loads((out / name).read_text()) if (out / name).exists() else []:
+        for r in _read_results(out / name):
             lines.append(f"| {r['label']} | {r['train_examples'] or 'all'} | {r['parameters'] / 1e6:.1f}M | "
                          f"{r['correct']}/{r['n']} | {r['acc']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}] | "
                          f"{_ratio(r['acc'], t['acc'])} |")
@@ -569,12 +574,11 @@ def plot_grid(out: Path, teacher: dict[str, Any]) -> Path | None:
     if not (out / "grid.json").exists() and not (out / "epochs.json").exists():
         return None
     series: dict[str, list[tuple[int, Estimate]]] = {}
-    for r in json.loads((out / "grid.json").read_text()) if (out / "grid.json").exists() else []:
+    for r in _read_results(out / "grid.json"):
         series.setdefault(f"{r['run']} (one pass)", []).append(
             (int(r["train_examples"]), Estimate(r["acc"], r["lo"], r["hi"], r["n"])))
     # the fresh cosine runs of stage epochs, one series per recipe across N (run names differ only in -n<N>)
-    epochs = json.loads((out / "epochs.json").read_text()) if (out / "epochs.json").exists() else []
-    for r in epochs:
+    for r in _read_results(out / "epochs.json"):
         if "-cos" in r["run"]:
             recipe = re.sub(r"-n\d+-", "-", r["run"])
             series.setdefault(recipe, []).append(
