@@ -160,23 +160,6 @@ def test_eager_and_sdpa_attention_train_alike_and_the_export_keeps_no_choice(tmp
         _cfg(tmp_path, data, attention="flash")
 
 
-@pytest.mark.parametrize("loss", ["sft", "fkl"])
-def test_packed_and_padded_training_take_the_same_steps(tmp_path, tok, loss):
-    """Whole runs: the same losses step by step, fewer decoder positions packed (fkl: the teacher too)."""
-    teacher = _tiny_teacher(tok)
-    data = _write(tmp_path, _rows(tok))
-    logs = {}
-    for pack in (True, False):
-        cfg = _cfg(tmp_path, data, loss=loss, alpha=0.5 if loss != "sft" else 0.0, precision="fp32",
-                   pack=pack, out=str(tmp_path / str(pack)))
-        train(cfg, teacher=(teacher, tok, "test"), progress=False)
-        logs[pack] = [json.loads(x) for x in (tmp_path / str(pack) / "metrics.jsonl").read_text().splitlines()]
-    assert len(logs[True]) == len(logs[False]) == 2
-    for a, b in zip(logs[True], logs[False]):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
-        assert a["positions"] < b["positions"]  # the shared prefix ran once per batch
-
-
 def test_resume_continues_and_final_export_loads(tmp_path, tok):
     teacher = _tiny_teacher(tok)
     data = _write(tmp_path, _rows(tok))
@@ -267,59 +250,6 @@ def test_answer_logits_equal_full_forward_at_selected_positions(tok):
     assert (batch["labels"][sel[0], sel[1] + 1] != D.IGNORE_INDEX).all()
 
 
-@pytest.mark.parametrize("attention", ["eager", "sdpa"])
-@pytest.mark.parametrize("same_prompt", [False, True])
-def test_packed_batch_gives_the_padded_batch_logits_and_gradients(tok, attention, same_prompt):
-    from stillhouse.distill.train import answer_logits, loss_positions, pack_plan, shared_prefix_len
-
-    rows = _rows(tok, 4)
-    rows[1]["messages"][1]["content"] = "The answer is 52, because 11 + 41 = 52."  # a longer row: padding
-    del rows[1]["token_ids"]
-    if same_prompt:  # best-of-n samples of one prompt: the common prefix reaches into the answers
-        for r in rows:
-            r["messages"][0]["content"] = "What is 10 + 20?"
-    batch = D.collate([D.encode_row(r, tok) for r in rows], tok.pad_token_id)
-    sel = loss_positions(batch["labels"])
-    n = shared_prefix_len(batch["input_ids"], batch["attention_mask"], sel)
-    if same_prompt:  # the rows agree past the prompt: the prefix stops where the first loss position is
-        assert n == int(sel[1].min())
-    else:
-        assert 0 < n < int(sel[1].min())
-    model = _tiny_teacher(tok)
-    model.set_attn_implementation(attention)
-    out = {}
-    for pack in (False, True):
-        model.zero_grad()
-        prefix = pack_plan(model, batch["input_ids"], batch["attention_mask"], sel) if pack else None
-        assert (prefix == n) if pack else prefix is None
-        logits = answer_logits(model, batch["input_ids"], batch["attention_mask"], sel, prefix)
-        (logits.logsumexp(-1).sum() - logits[0, :, 7].sum()).backward()
-        out[pack] = logits.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
-    assert torch.allclose(out[True][0], out[False][0], atol=1e-5)
-    for k, g in out[False][1].items():
-        assert torch.allclose(out[True][1][k], g, atol=1e-6, rtol=1e-4), k
-
-
-def test_frozen_head_is_cast_once_and_again_after_it_changes(tok):
-    from stillhouse.distill.train import head_logits
-
-    head = _tiny_teacher(tok).get_output_embeddings()
-    head.weight.requires_grad_(False)
-    hidden = torch.randn(5, head.in_features)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected = head(hidden)
-        first = head_logits(head, hidden)
-        copy = head._stillhouse_cast[1]
-        head_logits(head, hidden)
-        assert head._stillhouse_cast[1] is copy  # reused, not recast
-        with torch.no_grad():
-            head.weight.mul_(2.0)
-        again = head_logits(head, hidden)
-        assert torch.equal(again, head(hidden))  # the changed weight, not the stale copy
-    assert first.dtype == torch.bfloat16 and torch.equal(first, expected)
-    assert not torch.equal(again, first)
-
-
 def test_train_cli_reports_bad_input_clearly(tmp_path):
     import typer
     from typer.testing import CliRunner
@@ -380,7 +310,6 @@ def test_bench_train_arms_on_a_tiny_student(tok, tmp_path):
     assert res["plain-fp32"]["tokens"] == res["ours-fp32"]["tokens"] > 16 * 10
     assert res["plain-fp32"]["steps"] == res["ours-fp32"]["steps"] == 4
     assert 0 < res["ours-fp32"]["hfu"] < res["ours-fp32"]["mfu"]
-    assert 0 < res["ours-fp32"]["positions"] < res["ours-fp32"]["tokens"]  # packed: each shared prefix once
     assert "not found" in res["trl-fp32"]["skipped"]
 
 

@@ -21,9 +21,7 @@ the last (loading, tokenization, the warm-up step and checkpoint writes excluded
 non-pad tokens of those steps (total tokens x (steps - 1) / steps). MFU = 6 x parameters x
 tokens/s / peak FLOP/s of the arm's precision (the PaLM definition: model FLOPs, whatever the
 implementation skips). For our arms, HFU also counts the FLOPs actually executed: the LM head
-runs on the answer positions only, and the body on the packed positions (each batch's shared
-prefix once, no padding: ``positions`` in metrics.jsonl), so ours does fewer FLOPs per token
-than 6 x parameters.
+runs on the answer positions only, so ours does fewer FLOPs per token than 6 x parameters.
 
 Peer virtualenv (offline: PyPI only)::
 
@@ -150,20 +148,13 @@ def run_ours(student_dir: Path, data: Path, cfg: BenchTrainConfig, precision: st
                        shuffle=False, batch_size=cfg.batch_size, lr=cfg.lr, threads=cfg.threads,
                        precision=precision, max_len=512)  # type: ignore[arg-type]
     stamps: list[float] = []
-    positions = 0
-
-    def on_step(row: dict[str, Any]) -> None:
-        nonlocal positions
-        stamps.append(time.perf_counter())
-        positions += row["positions"]
-
-    train(tcfg, teacher=teacher, on_step=on_step, progress=False)
+    train(tcfg, teacher=teacher, on_step=lambda _row: stamps.append(time.perf_counter()), progress=False)
     examples = encode_rows(read_rows(data), teacher[1], 512)
     tokens = sum(len(e.input_ids) for e in examples)
     answer = sum(sum(1 for x in e.labels[1:] if x >= 0) for e in examples)
     timed_tokens, timed_s = _timed(stamps, tokens)
     return {"arm": f"ours-{precision}", "steps": len(stamps), "tokens": tokens, "answer_tokens": answer,
-            "positions": positions, "timed_tokens": timed_tokens, "timed_s": timed_s}
+            "timed_tokens": timed_tokens, "timed_s": timed_s}
 
 
 def run_trl(student_dir: Path, data: Path, cfg: BenchTrainConfig, precision: str, out: Path) -> dict[str, Any]:
@@ -233,8 +224,8 @@ def run_bench(cfg: BenchTrainConfig) -> dict[str, Any]:
         prec = arm.split("-")[1]
         if "tok_per_s" in r and prec in peaks:
             r["mfu"] = 6 * params * r["tok_per_s"] / peaks[prec]
-            if "answer_tokens" in r:  # FLOPs ours executes: body on the packed positions, head on answers only
-                per_tok = 6 * ((params - head) * r["positions"] / r["tokens"] + head * r["answer_tokens"] / r["tokens"])
+            if "answer_tokens" in r:  # FLOPs ours executes: body on every token, head on answers only
+                per_tok = 6 * ((params - head) + head * r["answer_tokens"] / r["tokens"])
                 r["hfu"] = per_tok * r["tok_per_s"] / peaks[prec]
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(format_table(results))

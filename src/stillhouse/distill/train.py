@@ -125,11 +125,6 @@ class TrainConfig:
     the forward and backward, losses in fp32). auto = bf16 where the hardware runs it natively
     (a CUDA GPU with bf16, or a CPU with AVX512-BF16/AMX, where it measured 1.7-2.3x faster
     than fp32 on the pruned student), else fp32."""
-    pack: bool = True
-    """Run each batch packed as one sequence: the tokens every row starts with (a chat template's
-    opening and system prompt) once, not once per row, and no padding; the same attention, so
-    the same loss up to float rounding. ``positions`` in metrics.jsonl counts the token
-    positions the decoder ran. Needs the eager or SDPA kernel; other kernels run padded."""
     attention: Literal["auto", "sdpa", "eager"] = "auto"
     """Attention kernel for training. auto = eager on the CPU (a batch-10 step of the 10-layer
     student, frozen embeddings, one thread: 0.614 s against 0.779 s with SDPA, 1.27x, interleaved
@@ -324,126 +319,21 @@ def _apply_lora(model: Any, cfg: TrainConfig) -> Any:
     return get_peft_model(model, lc)
 
 
-def shared_prefix_len(input_ids: Any, attention_mask: Any, sel: tuple[Any, Any]) -> int:
-    """Tokens every row of the batch starts with, up to the first position a loss reads.
-
-    A chat dataset's rows share the chat template's opening (``<|im_start|>system ... What is``:
-    11 of the 44 tokens of an experiment row). The prefix stops at the first selected position
-    ``sel``, so a row's suffix holds every position its loss reads.
-    """
-    if input_ids.shape[0] < 2 or sel[1].numel() == 0:
-        return 0
-    same = ((input_ids == input_ids[:1]) & attention_mask.bool()).all(dim=0)
-    n = int(same.long().cumprod(0).sum())
-    return min(n, int(sel[1].min()))
-
-
-PACK_MAX_TOKENS = 2048
-"""Longest packed sequence: the packed attention is one (L x L) matrix, so past this the padded
-batch's B (T x T) matrices cost less memory than packing saves."""
-
-
-def packed_batch(input_ids: Any, attention_mask: Any, n: int) -> tuple[Any, Any, Any, Any]:
-    """The batch as one sequence: the ``n`` shared tokens once, then each row's remaining tokens.
-
-    Returns ``(ids, position_ids, mask, starts)``: ``ids`` and ``position_ids`` of shape (1, L),
-    an additive 4D mask (1, 1, L, L) under which each row's tokens see the shared prefix and
-    their own earlier tokens (the causal attention of the padded batch, row by row), and
-    ``starts[i]`` = the packed index of row i's token ``n``. Rows are right-padded. Padding
-    goes too: a batch of the experiment's rows packs 480 padded positions into 341.
-    """
-    import torch
-
-    lengths = attention_mask.sum(dim=1).tolist()
-    ids, pos, seg = [input_ids[0, :n]], [torch.arange(n)], [torch.full((n,), -1)]
-    starts = []
-    at = n
-    for i, length in enumerate(lengths):
-        ids.append(input_ids[i, n:length])
-        pos.append(torch.arange(n, length))
-        seg.append(torch.full((length - n,), i))
-        starts.append(at)
-        at += length - n
-    ids_t, pos_t, seg_t = torch.cat(ids), torch.cat(pos), torch.cat(seg)
-    causal = torch.ones(at, at, dtype=torch.bool).tril()
-    visible = causal & ((seg_t[:, None] == seg_t[None, :]) | (seg_t[None, :] == -1))
-    mask = torch.zeros(at, at).masked_fill_(~visible, torch.finfo(torch.float32).min)
-    device = input_ids.device
-    return (ids_t[None].to(device), pos_t[None].to(device), mask[None, None].to(device),
-            torch.tensor(starts, device=device))
-
-
-def pack_plan(model: Any, input_ids: Any, attention_mask: Any, sel: tuple[Any, Any]) -> int | None:
-    """The shared prefix to pack the batch with (:func:`packed_batch`), or None to run it padded.
-
-    Packing needs the decoder apart from the head, the eager or SDPA kernel (they take a 4D
-    mask) and at most :data:`PACK_MAX_TOKENS` packed tokens.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if _split(base) is None or base.config._attn_implementation not in ("eager", "sdpa"):
-        return None
-    n = shared_prefix_len(input_ids, attention_mask, sel)
-    return n if int(attention_mask.sum()) - n * (input_ids.shape[0] - 1) <= PACK_MAX_TOKENS else None
-
-
-def _split(base: Any) -> tuple[Any, Any] | None:
-    """``(decoder, head)`` of a causal LM, or None where the head is not a plain projection of the
-    decoder's output (no such accessors, or a logit soft-cap)."""
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
-    head = base.get_output_embeddings()
-    if decoder is None or head is None or getattr(base.config, "final_logit_softcapping", None):
-        return None
-    return decoder, head
-
-
-def answer_logits(model: Any, input_ids: Any, attention_mask: Any, sel: tuple[Any, Any],
-                  prefix: int | None = None) -> Any:
+def answer_logits(model: Any, input_ids: Any, attention_mask: Any, sel: tuple[Any, Any]) -> Any:
     """Logits ``(1, N, V)`` at the ``N`` selected positions ``sel = (rows, cols)`` only.
 
     The LM head (49k x 576 in SmolLM2, as big as a third of its layers) then runs on the
-    answer positions alone, not on the prompt - most of every sequence here. With ``prefix``
-    (from :func:`pack_plan`) the batch runs packed as one sequence (:func:`packed_batch`): the
-    ``prefix`` tokens every row starts with once, not once per row, and no padding - the same
-    attention, so the same logits up to float rounding. The logits come back in fp32 (also
-    under bf16 autocast), so every loss is computed in fp32.
+    answer positions alone, not on the prompt - most of every sequence here. The logits come
+    back in fp32 (also under bf16 autocast), so every loss is computed in fp32.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    parts = _split(base)
-    if parts is None:
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    head = base.get_output_embeddings()
+    if decoder is None or head is None or getattr(base.config, "final_logit_softcapping", None):
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         return logits[sel].unsqueeze(0).float()
-    decoder, head = parts
-    if prefix is not None:
-        ids, pos, mask, starts = packed_batch(input_ids, attention_mask, prefix)
-        hidden = decoder(input_ids=ids, position_ids=pos, attention_mask=mask).last_hidden_state[0]
-        return head_logits(head, hidden[starts[sel[0]] + sel[1] - prefix]).unsqueeze(0).float()
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return head_logits(head, hidden[sel]).unsqueeze(0).float()
-
-
-def head_logits(head: Any, hidden: Any) -> Any:
-    """``head(hidden)``, with a frozen head's autocast copy made once, not at every call.
-
-    Autocast casts a weight to bf16 at every call unless it requires grad; a frozen head
-    (``freeze_embeddings`` with SmolLM2's tied embeddings: 49,152 x 576) was recast at every
-    step, 10% of a batch-10 step of the 10-layer student on one CPU thread. The copy is
-    remade when the weight changes (its version counter: an in-place load or update).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    w = head.weight
-    kind = hidden.device.type
-    if w.requires_grad or not torch.is_autocast_enabled(kind):
-        return head(hidden)
-    dtype = torch.get_autocast_dtype(kind)
-    key = (w._version, w.data_ptr(), dtype)
-    cached = getattr(head, "_stillhouse_cast", None)
-    if cached is None or cached[0] != key:
-        cached = (key, w.detach().to(dtype))
-        head._stillhouse_cast = cached
-    bias = head.bias.to(dtype) if getattr(head, "bias", None) is not None else None
-    return F.linear(hidden.to(dtype), cached[1], bias)
+    return head(hidden[sel]).unsqueeze(0).float()
 
 
 def loss_positions(labels: Any) -> tuple[Any, Any]:
@@ -598,30 +488,25 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
                 for g in opt.param_groups:
                     g["lr"] = lr
                 sel = loss_positions(batch["labels"])
-                ids, mask = batch["input_ids"], batch["attention_mask"]
-                prefix = pack_plan(student, ids, mask, sel) if cfg.pack else None
                 with autocast(device, precision):
-                    logits = answer_logits(student, ids, mask, sel, prefix)
+                    logits = answer_logits(student, batch["input_ids"], batch["attention_mask"], sel)
                     t_logits = None
                     if need_teacher:
                         with torch.no_grad():
-                            t_prefix = pack_plan(t_model, ids, mask, sel) if cfg.pack else None
-                            t_logits = answer_logits(t_model, ids, mask, sel, t_prefix)
+                            t_logits = answer_logits(t_model, batch["input_ids"], batch["attention_mask"], sel)
                 loss, parts = compute_losses(cfg, logits, batch, t_logits)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf")))
                 opt.step()
-                ntok = int(mask.sum())
-                positions = ids.numel() if prefix is None else ntok - prefix * (ids.shape[0] - 1)
+                ntok = int(batch["attention_mask"].sum())
                 dt = time.time() - t0
                 state["step"] += 1
                 state["examples_seen"] += len(idx)
                 state["tokens_seen"] += ntok
                 state["train_s"] += dt
                 last = {"step": state["step"], "epoch": epoch, "examples_seen": state["examples_seen"],
-                        "loss": loss.item(), **parts, "lr": lr, "grad_norm": gnorm, "tok_per_s": ntok / dt,
-                        "positions": positions}
+                        "loss": loss.item(), **parts, "lr": lr, "grad_norm": gnorm, "tok_per_s": ntok / dt}
                 mf.write(json.dumps(last) + "\n")
                 mf.flush()
                 if on_step:

@@ -64,9 +64,6 @@ def train_command(
     attention: str = typer.Option("auto", "--attention",
                                   help="auto | sdpa | eager. The attention kernel for training; auto = eager on "
                                        "a CPU (1.27x faster steps measured on short chat rows), SDPA on a GPU."),
-    pack: bool = typer.Option(True, "--pack/--no-pack",
-                              help="Run each batch as one packed sequence: the tokens every row starts with "
-                                   "(the chat template's opening) once, and no padding. Same loss, fewer FLOPs."),
     config: Path | None = typer.Option(None, "--config", help="Replay a saved train_config.json."),
 ) -> None:
     from stillhouse.config import ConfigError, load_config
@@ -86,7 +83,7 @@ def train_command(
                 batch_size=batch_size, lr=lr, schedule=schedule, warmup_steps=warmup_steps,  # type: ignore[arg-type]
                 max_len=max_len, seed=seed, lora_r=lora_r,
                 freeze_embeddings=freeze_embeddings, save_every=save_every, threads=threads, device=device,
-                precision=precision, attention=attention, pack=pack)  # type: ignore[arg-type]
+                precision=precision, attention=attention)  # type: ignore[arg-type]
         res = train(cfg)
     except (ConfigError, TrainConfigError, DataError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
