@@ -250,6 +250,26 @@ def test_answer_logits_equal_full_forward_at_selected_positions(tok):
     assert (batch["labels"][sel[0], sel[1] + 1] != D.IGNORE_INDEX).all()
 
 
+def test_frozen_head_is_cast_once_and_again_after_it_changes(tok):
+    from stillhouse.distill.train import head_logits
+
+    head = _tiny_teacher(tok).get_output_embeddings()
+    head.weight.requires_grad_(False)
+    hidden = torch.randn(5, head.in_features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = head(hidden)
+        first = head_logits(head, hidden)
+        copy = head._stillhouse_cast[1]
+        head_logits(head, hidden)
+        assert head._stillhouse_cast[1] is copy  # reused, not recast
+        with torch.no_grad():
+            head.weight.mul_(2.0)
+        again = head_logits(head, hidden)
+        assert torch.equal(again, head(hidden))  # the changed weight, not the stale copy
+    assert first.dtype == torch.bfloat16 and torch.equal(first, expected)
+    assert not torch.equal(again, first)
+
+
 def test_train_cli_reports_bad_input_clearly(tmp_path):
     import typer
     from typer.testing import CliRunner
