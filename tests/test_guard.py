@@ -23,10 +23,10 @@ import pytest
 from stillhouse.guard.app import create_app
 from stillhouse.guard.config import GuardConfig, sha256_hex
 from stillhouse.guard.events import AccountInfo, TrafficRecord, Verdict
-from stillhouse.guard.server import ServerThread, start_in_thread
+from stillhouse.http.server import ServerThread, start_in_thread
 from stillhouse.guard.store import open_store
-from stillhouse.teacher.fakeserver import FakeServerConfig
-from stillhouse.teacher.fakeserver import start_in_thread as start_fake
+from stillhouse.testing.fakeserver import FakeServerConfig
+from stillhouse.testing.fakeserver import start_in_thread as start_fake
 
 ADMIN = "admin-secret-for-tests"
 MODEL = "fake-model"

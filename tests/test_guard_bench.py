@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from stillhouse.guard.bench import GuardBenchConfig, format_markdown, percentile, run_bench, summarize
+from stillhouse.bench.guard import GuardBenchConfig, format_markdown, percentile, run_bench, summarize
 
 
 def test_percentile_matches_numpy():

@@ -26,8 +26,8 @@ from typing import Any
 
 import pytest
 
-from stillhouse.teacher.fakeserver import FakeServerConfig
-from stillhouse.teacher.fakeserver import start_in_thread as start_fake
+from stillhouse.testing.fakeserver import FakeServerConfig
+from stillhouse.testing.fakeserver import start_in_thread as start_fake
 from test_detect import QUESTIONS, _benign
 from test_guard import ADMIN, chat_body, http
 
@@ -188,7 +188,7 @@ def _scored_records() -> tuple[list[Any], dict[str, Any]]:
 async def test_process_detector_gives_exactly_the_inline_verdicts(detector_dir: Path) -> None:
     """Same records, same order: the child's verdicts equal an inline detector's, one per record."""
     from stillhouse.guard.detect.remote import ProcessDetector
-    from stillhouse.guard.server import load_detector
+    from stillhouse.guard.detect.load import load_detector
 
     records, infos = _scored_records()
     inline = load_detector(detector_dir)
@@ -239,7 +239,7 @@ async def test_a_killed_detector_process_is_restarted(detector_dir: Path) -> Non
 
 def test_shadow_mode_records_the_would_be_block_without_enforcing(detector_dir: Path, tmp_path: Path) -> None:
     """Same traffic, in-process guard (config shadow=True, detector from load_detector): all served."""
-    from stillhouse.guard.server import load_detector
+    from stillhouse.guard.detect.load import load_detector
     from test_guard import make_config, start_guard
 
     with start_fake(FakeServerConfig(latency_ms=1)) as fake:
@@ -289,7 +289,7 @@ def test_missing_or_unfitted_detector_dir_names_the_fix(tmp_path: Path) -> None:
 
 
 def test_load_detector_returns_a_fitted_detector(detector_dir: Path) -> None:
-    from stillhouse.guard.server import load_detector
+    from stillhouse.guard.detect.load import load_detector
 
     det = load_detector(detector_dir)
     assert det.fitted and det.thresholds_["block"] > 0

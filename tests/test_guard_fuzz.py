@@ -14,8 +14,8 @@ from collections import Counter
 
 import pytest
 
-from stillhouse.teacher.fakeserver import FakeServerConfig
-from stillhouse.teacher.fakeserver import start_in_thread as start_fake
+from stillhouse.testing.fakeserver import FakeServerConfig
+from stillhouse.testing.fakeserver import start_in_thread as start_fake
 from test_guard import ADMIN, make_config, start_guard
 
 

@@ -9,8 +9,8 @@ import pytest
 
 from stillhouse.guard.app import public_url
 from stillhouse.guard.openapi import openapi_schema
-from stillhouse.teacher.fakeserver import FakeServerConfig
-from stillhouse.teacher.fakeserver import start_in_thread as start_fake
+from stillhouse.testing.fakeserver import FakeServerConfig
+from stillhouse.testing.fakeserver import start_in_thread as start_fake
 from test_guard import ADMIN, http, make_config, start_guard
 from test_guard_store import FlakyStore
 

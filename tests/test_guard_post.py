@@ -18,8 +18,8 @@ from typing import Any
 from stillhouse.arena.simulate import asgi_post
 from stillhouse.guard.app import create_app
 from stillhouse.guard.store import open_store
-from stillhouse.teacher.fakeserver import FakeServerConfig
-from stillhouse.teacher.fakeserver import start_in_thread as start_fake
+from stillhouse.testing.fakeserver import FakeServerConfig
+from stillhouse.testing.fakeserver import start_in_thread as start_fake
 from test_guard import FlagEveryone, chat_body, make_config
 
 

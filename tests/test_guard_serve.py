@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from stillhouse.teacher.serve import ServeConfig, ServerThread, create_app
+from stillhouse.serve.app import ServeConfig, ServerThread, create_app
 from test_guard import http, make_config, start_guard
 
 HI = [{"role": "user", "content": "Tell me a story."}]

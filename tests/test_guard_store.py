@@ -23,8 +23,8 @@ from stillhouse.guard.store import (
     StoreUnavailable,
     open_store,
 )
-from stillhouse.teacher.fakeserver import FakeServerConfig
-from stillhouse.teacher.fakeserver import start_in_thread as start_fake
+from stillhouse.testing.fakeserver import FakeServerConfig
+from stillhouse.testing.fakeserver import start_in_thread as start_fake
 from test_guard import chat_body, make_config, start_guard
 
 PG_SKIP = skip_reason()

@@ -52,6 +52,12 @@ class Counting:
             self.fail(messages, self.calls)
         return await self.inner.chat(messages, params)
 
+    async def resolve(self):
+        return self.name
+
+    async def chat_json(self, messages_json, params):
+        return await self.chat(json.loads(messages_json), params)
+
     async def aclose(self):
         pass
 
@@ -341,7 +347,7 @@ async def test_a_failed_store_write_stops_the_run_and_says_so(tmp_path, monkeypa
 
 
 def test_bench_config_systems_and_table():
-    from stillhouse.distill.bench_harvest import BenchConfig, markdown_table
+    from stillhouse.bench.harvest import BenchConfig, markdown_table
 
     cfg = BenchConfig(n=10, concurrency=(64,), only=())
     assert cfg.wants("ours") and cfg.wants("bare") and not cfg.wants("anatomy")  # anatomy is opt-in

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from stillhouse.distill.store import HarvestStore
-from stillhouse.teacher.fakeserver import FakeServerConfig, answer_text, parse_faults, start_in_thread
+from stillhouse.testing.fakeserver import FakeServerConfig, answer_text, parse_faults, start_in_thread
 
 PROMPTS, SAMPLES = 120, 2
 

@@ -13,7 +13,7 @@ import json
 from stillhouse.distill.harvest import HarvestConfig, run_harvest
 from stillhouse.distill.prompts import load_prompts
 from stillhouse.distill.store import HarvestStore
-from stillhouse.teacher.fakeserver import FakeServerConfig, choose_fault, parse_faults, start_in_thread
+from stillhouse.testing.fakeserver import FakeServerConfig, choose_fault, parse_faults, start_in_thread
 from stillhouse.teacher.openai import OpenAITeacher
 
 N = 120

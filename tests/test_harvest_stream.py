@@ -37,6 +37,12 @@ class Watching:
         self.calls_before_all_loaded += not self.all_loaded
         return await self.inner.chat(messages, params)
 
+    async def resolve(self):
+        return self.name
+
+    async def chat_json(self, messages_json, params):
+        return await self.chat(json.loads(messages_json), params)
+
     async def aclose(self):
         pass
 

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from stillhouse.guard.upstream import Http1Upstream, UpstreamTimeout, UpstreamUnavailable
-from stillhouse.teacher.base import TeacherConnectionError, TeacherResponseError, TeacherTimeout
-from stillhouse.teacher.rawhttp import HTTP1Pool, RawHTTPTransport
+from stillhouse.http.errors import BadResponse, ConnectFailed, TimedOut
+from stillhouse.http.client import HTTP1Pool, RawHTTPTransport
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, dict[str, Any]], Awaitable[None]]
 
@@ -241,8 +241,8 @@ def test_bad_urls_and_keys_are_refused_with_the_fix() -> None:
 
 @pytest.mark.parametrize("client", ["http1", "aiohttp"])
 def test_the_guard_proxies_json_and_sse_with_either_upstream_client(tmp_path, client) -> None:
-    from stillhouse.teacher.fakeserver import FakeServerConfig
-    from stillhouse.teacher.fakeserver import start_in_thread as start_fake
+    from stillhouse.testing.fakeserver import FakeServerConfig
+    from stillhouse.testing.fakeserver import start_in_thread as start_fake
     from test_guard import chat_body, make_config, start_guard
 
     with start_fake(FakeServerConfig(latency_ms=2, stream_chunk_delay_ms=1)) as fake:
@@ -270,8 +270,8 @@ def test_guard_config_names_the_upstream_clients() -> None:
 
 def test_x_forwarded_for_is_only_believed_when_the_config_trusts_it(tmp_path) -> None:
     """uvicorn's own proxy-header rewrite is off: a loopback client cannot pick its logged IP."""
-    from stillhouse.teacher.fakeserver import FakeServerConfig
-    from stillhouse.teacher.fakeserver import start_in_thread as start_fake
+    from stillhouse.testing.fakeserver import FakeServerConfig
+    from stillhouse.testing.fakeserver import start_in_thread as start_fake
     from test_guard import make_config, start_guard
 
     with start_fake(FakeServerConfig(latency_ms=1)) as fake:
@@ -291,8 +291,8 @@ def test_a_client_that_hangs_up_on_a_slow_non_streamed_answer_cancels_the_upstre
     """The disconnect watcher starts lazily (WATCH_AFTER_S) but still catches a hang-up."""
     import time
 
-    from stillhouse.teacher.fakeserver import FakeServerConfig
-    from stillhouse.teacher.fakeserver import start_in_thread as start_fake
+    from stillhouse.testing.fakeserver import FakeServerConfig
+    from stillhouse.testing.fakeserver import start_in_thread as start_fake
     from test_guard import chat_body, make_config, start_guard
 
     with start_fake(FakeServerConfig(latency_ms=3000)) as slow:
@@ -384,9 +384,9 @@ async def test_raw_client_framings_and_failures():
         await t.aclose()
         srv.close()
 
-    for answer, exc in ((None, TeacherConnectionError),
-                        (b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\nConnection: close\r\n\r\n{\"cut", TeacherResponseError),
-                        (b"SMTP ready\r\n\r\n", TeacherResponseError)):
+    for answer, exc in ((None, ConnectFailed),
+                        (b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\nConnection: close\r\n\r\n{\"cut", BadResponse),
+                        (b"SMTP ready\r\n\r\n", BadResponse)):
         srv, port, _ = await _scripted_server([answer])
         t = RawHTTPTransport()
         try:
@@ -425,7 +425,7 @@ async def test_deflate_bodies_are_decoded_and_unknown_encodings_refused():
     try:
         for _ in range(2):
             assert await t("POST", f"http://127.0.0.1:{port}/", b"{}", {}, 5) == (200, {}, ok)
-        with pytest.raises(TeacherResponseError, match="unsupported Content-Encoding 'br'"):
+        with pytest.raises(BadResponse, match="unsupported Content-Encoding 'br'"):
             await t("POST", f"http://127.0.0.1:{port}/", b"{}", {}, 5)
         assert count[0] == 3
     finally:
@@ -467,10 +467,10 @@ async def test_one_pool_serves_streamed_and_whole_bodies_and_raises_teacher_erro
         assert (r.status, r.header(b"retry-after"), await r.read()) == (503, b"2", b"busy")
         assert pool.connections_opened == 1
         r = await pool.send(("127.0.0.1", port), req, "POST /")
-        with pytest.raises(TeacherResponseError, match="closed mid-body"):
+        with pytest.raises(BadResponse, match="closed mid-body"):
             await r.read()
         assert pool.open_connections == 0 and count[0] == 3
-        with pytest.raises(TeacherTimeout):  # a silent server: the read timeout, not a deadline
+        with pytest.raises(TimedOut):  # a silent server: the read timeout, not a deadline
             srv2 = await asyncio.start_server(lambda rd, wr: None, "127.0.0.1", 0)
             try:
                 await pool.send(srv2.sockets[0].getsockname()[:2], req, "POST /", read_timeout_s=0.1)
@@ -480,7 +480,7 @@ async def test_one_pool_serves_streamed_and_whole_bodies_and_raises_teacher_erro
     finally:
         await pool.aclose()
         srv.close()
-    with pytest.raises(TeacherConnectionError, match="closed"):
+    with pytest.raises(ConnectFailed, match="closed"):
         await pool.send(("127.0.0.1", port), req, "POST /")
 
 

@@ -15,7 +15,7 @@ from stillhouse.teacher.base import (
     TeacherResponseError,
     TeacherTimeout,
 )
-from stillhouse.teacher.fakeserver import FakeServerConfig, choose_fault, parse_faults, start_in_thread
+from stillhouse.testing.fakeserver import FakeServerConfig, choose_fault, parse_faults, start_in_thread
 from stillhouse.teacher.openai import OpenAITeacher, parse_retry_after
 from stillhouse.teacher.spec import make_teacher
 
@@ -178,7 +178,8 @@ def test_fault_schedule_is_a_pure_function_and_transient_faults_end():
 async def test_raw_client_limit_reuse_and_timeout():
     import asyncio
 
-    from stillhouse.teacher.rawhttp import RawHTTPTransport
+    from stillhouse.http.client import RawHTTPTransport
+    from stillhouse.http.errors import TimedOut
 
     with start_in_thread(FakeServerConfig(latency_ms=20, model="m"), engine="raw") as s:
         t = RawHTTPTransport(max_connections=3)
@@ -186,7 +187,7 @@ async def test_raw_client_limit_reuse_and_timeout():
         res = await asyncio.gather(*[t("POST", s.base_url + "/chat/completions", body, {}, 5) for _ in range(12)])
         assert all(r[0] == 200 for r in res)
         assert t.open_connections == 3  # 12 requests through 3 kept-alive connections
-        with pytest.raises(TeacherTimeout):
+        with pytest.raises(TimedOut):
             await t("POST", s.base_url + "/chat/completions", body, {}, 0.005)
         assert t.open_connections == 2  # the timed-out connection was dropped, not reused
         assert (await t("POST", s.base_url + "/chat/completions", body, {}, 5))[0] == 200

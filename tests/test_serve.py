@@ -23,7 +23,7 @@ import pytest
 from stillhouse.teacher.base import SamplingParams
 from stillhouse.teacher.fake import FakeTeacher
 from stillhouse.teacher.local import LocalTeacher
-from stillhouse.teacher.serve import ServeConfig, ServerThread, create_app
+from stillhouse.serve.app import ServeConfig, ServerThread, create_app
 
 HI = [{"role": "user", "content": "Say hi."}]
 

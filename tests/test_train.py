@@ -277,7 +277,7 @@ def test_train_cli_reports_bad_input_clearly(tmp_path):
     from stillhouse.distill import train_commands
 
     app = typer.Typer()
-    train_commands.register(app, typer.Typer())
+    train_commands.register(app)
 
     @app.command("noop")
     def _noop() -> None:  # a second verb keeps typer in multi-command mode
@@ -318,7 +318,7 @@ def test_precision_is_validated():
 
 def test_bench_train_arms_on_a_tiny_student(tok, tmp_path):
     """The bench's plumbing end to end on a tiny model: same tokens in every arm, MFU from the peak."""
-    from stillhouse.distill.bench_train import BenchTrainConfig, run_bench
+    from stillhouse.bench.train import BenchTrainConfig, run_bench
 
     tdir = tmp_path / "tiny"
     _tiny_teacher(tok).save_pretrained(tdir)

@@ -45,15 +45,21 @@ def main(
 
 def _register() -> None:
     from stillhouse.arena import commands as arena_commands
+    from stillhouse.bench import commands as bench_commands
     from stillhouse.distill import commands as distill_commands
     from stillhouse.distill import harvest_commands, train_commands
     from stillhouse.guard import commands as guard_commands
-    from stillhouse.teacher import commands as teacher_commands
+    from stillhouse.serve import commands as serve_commands
 
     for module in (
-        teacher_commands, harvest_commands, distill_commands, train_commands, guard_commands, arena_commands
+        serve_commands, harvest_commands, distill_commands, train_commands, guard_commands, arena_commands
     ):
-        module.register(app, bench_app)
+        module.register(app)
+    bench_commands.register(bench_app)
 
 
 _register()
+
+
+if __name__ == "__main__":
+    app()

@@ -4,7 +4,7 @@ The arena's main run counts leaked *examples*; this stage measures leaked *capab
 with the distill pipeline's own training and evaluation:
 
 1. serve the real teacher (``CapabilityConfig.teacher``, the bundled SmolLM2 by default) on
-   loopback (``stillhouse.teacher.serve``, continuous batching);
+   loopback (``stillhouse.serve.app``, continuous batching);
 2. run the ``harvest`` campaign shape (generated additions in the distill template, see
    :mod:`.campaigns`) in simulated time through a real guard with the arena's fitted
    detector and its policy engine enforcing, to that teacher. Only campaign traffic is
@@ -172,10 +172,10 @@ def run_capability(cfg: CapabilityConfig, detector_dir: str | Path, out_dir: str
     from stillhouse.distill.evaluate import EvalConfig, LoadedModel, evaluate_models, load_items
     from stillhouse.distill.tasks import arithmetic
     from stillhouse.guard.detect import WindowDetector
-    from stillhouse.teacher.asgi_server import ServerThread
+    from stillhouse.http.server import ServerThread
     from stillhouse.teacher.batcher import BatchConfig
     from stillhouse.teacher.local import LocalTeacher
-    from stillhouse.teacher.serve import ServeConfig, create_app
+    from stillhouse.serve.app import ServeConfig, create_app
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -12,11 +12,10 @@ from typing import Any
 import typer
 
 
-def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+def register(app: typer.Typer) -> None:
     """Add this area's verbs to the CLI."""
     app.command("detect")(detect)
     app.command("arena")(arena)
-    bench_app.command("detect")(bench_detect)
 
 
 def detect(
@@ -173,51 +172,3 @@ def arena(
         r = metrics["capability_leaked"]["gain_ratio"]
         console.print(f"capability leaked: gain ratio {r['value']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]")
     console.print(f"report: {out / 'report.md'}")
-
-
-def bench_detect(
-    accounts: int = typer.Option(300, "--accounts", help="Benign accounts to generate (plus a few campaigns)."),
-    days: float = typer.Option(2.0, "--days", help="Simulated days of traffic."),
-    embedder: str = typer.Option("hash", "--embedder", help="'hash' or 'minilm' (cold cache: worst case)."),
-) -> None:
-    """Microseconds per ``observe`` (the detector's cost on the guard's request path), p50/p90/p99."""
-    import asyncio
-    import time
-
-    import numpy as np
-
-    from stillhouse.arena.campaigns import CampaignConfig, generate_campaign
-    from stillhouse.arena.population import PopulationConfig, generate_population
-    from stillhouse.arena.simulate import DirectGateway, SimClock, run_traffic
-    from stillhouse.guard.detect import DetectConfig, WindowDetector
-
-    acc, turns = generate_population(PopulationConfig(accounts=accounts, days=days, seed=11))
-    for i, shape in enumerate(("cot", "hydra")):
-        a, t = generate_campaign(CampaignConfig(shape=shape, accounts=3 if shape == "cot" else 30,
-                                                requests_per_account=200 if shape == "cot" else 10, days=days,
-                                                seed=300 + i))
-        acc, turns = acc + a, turns + t
-    clock = SimClock()
-    gw = DirectGateway(None, clock, keep_log=True)
-    asyncio.run(run_traffic(acc, turns, gw, None, clock))
-    infos = {a.info.account_id: a.info for a in acc}
-    det = WindowDetector(DetectConfig(embedder=embedder))  # type: ignore[arg-type]
-    det.fit([r for r in gw.log if not r.account_id.startswith("x-")], infos)
-    det.reset()
-    wall, cpu = [], []
-    for r in gw.log:
-        t0, c0 = time.perf_counter(), time.thread_time()
-        det.observe(r, infos[r.account_id])
-        det.verdict(r.account_id)
-        cpu.append(time.thread_time() - c0)
-        wall.append(time.perf_counter() - t0)
-    # CPU time of this thread is what the request path pays; wall time also counts waiting for a core,
-    # which on a shared, oversubscribed machine dominates the tail.
-    for name, xs in (("cpu", cpu), ("wall", wall)):
-        us = np.array(xs) * 1e6
-        typer.echo(f"observe+verdict {name} time over {us.size} requests ({embedder} embedder, cluster refresh "
-                   f"every {det.config.cluster_every}): p50 {np.median(us):.0f} us, p90 {np.quantile(us, 0.9):.0f} "
-                   f"us, p99 {np.quantile(us, 0.99):.0f} us, mean {us.mean():.0f} us")
-    import os
-
-    typer.echo(f"load average while measuring: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")

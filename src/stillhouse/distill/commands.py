@@ -169,8 +169,7 @@ def eval_command(
 # -- train (D2 adds train_command here) ------------------------------------------------------------
 
 
-def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+def register(app: typer.Typer) -> None:
     """Add this area's verbs to the CLI."""
     app.command("curate")(curate_command)
     app.command("eval")(eval_command)
-    # D2: app.command("train")(train_command)

@@ -402,7 +402,6 @@ class Harvester:
         self._model = teacher.name
         self._revision = teacher.revision
         self._timeout_here = parse_spec(config.teacher).kind != "http"  # HTTP teachers time out themselves
-        self._chat_json = getattr(teacher, "chat_json", None) if not self._timeout_here else None
         self._samples: list[_Sample] = []
         for i in range(config.samples):
             p = config.params(i)
@@ -526,8 +525,8 @@ class Harvester:
             t0 = time.perf_counter()
             err: BaseException | None
             try:
-                if self._chat_json is not None:  # an HTTP teacher: send the messages JSON we already hold
-                    res = await self._chat_json(prompt.messages_json, params)
+                if not self._timeout_here:  # an HTTP teacher: send the messages JSON we already hold
+                    res = await self.teacher.chat_json(prompt.messages_json, params)
                 elif self._timeout_here:
                     async with asyncio.timeout(cfg.timeout_s):
                         res = await self.teacher.chat(prompt.messages, params)
@@ -801,12 +800,10 @@ async def run_harvest(
     if teacher is None:
         teacher = make_harvest_teacher(cfg)
     try:
-        resolve = getattr(teacher, "resolve", None)
-        if resolve is not None:
-            try:
-                await resolve()
-            except TeacherError as exc:
-                raise HarvestError(f"cannot reach teacher {cfg.teacher}: {exc}") from exc
+        try:
+            await teacher.resolve()
+        except TeacherError as exc:
+            raise HarvestError(f"cannot reach teacher {cfg.teacher}: {exc}") from exc
         tid = teacher_identity(cfg.teacher, teacher)
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         with HarvestStore(cfg.out) as store:

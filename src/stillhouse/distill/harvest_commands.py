@@ -2,7 +2,7 @@
 
 Thin: each parses its options into a config and calls the library
 (:mod:`stillhouse.distill.harvest`, :mod:`stillhouse.distill.export`,
-:mod:`stillhouse.distill.bench_harvest`).
+:mod:`stillhouse.bench.harvest`).
 """
 
 from __future__ import annotations
@@ -207,29 +207,7 @@ def export_cmd(
     console.print(result.summary())
 
 
-def bench_harvest_cmd(
-    n: int = typer.Option(100_000, "--n", help="Requests per harvester run."),
-    concurrency: list[int] = typer.Option([64, 256], "--concurrency", "-c", help="Concurrency levels."),
-    latency_ms: float = typer.Option(50.0, "--latency-ms", help="The fake server's fixed latency L."),
-    peers_n: int = typer.Option(5_000, "--peers-n", help="Requests per peer run (peers are slow)."),
-    capacity_n: int = typer.Option(20_000, "--capacity-n", help="Requests for the server-capacity stage."),
-    only: str = typer.Option("", "--only", help="Comma list of: server, ours, bare, naive, curator, distilabel."),
-    server_workers: int = typer.Option(1, "--server-workers", help="Fake server processes (SO_REUSEPORT)."),
-    server_engine: str = typer.Option("raw", "--server-engine",
-                                      help="The fake's HTTP engine for the C/L rows: raw (cheapest) or aiohttp."),
-    out: Path = typer.Option(Path("runs/bench-harvest"), "--out", help="Where results and run dirs go."),
-) -> None:
-    """Harvest throughput vs the physical limit C/L, a naive aiohttp loop, curator and distilabel."""
-    from stillhouse.distill.bench_harvest import BenchConfig, run_bench
-
-    cfg = BenchConfig(n=n, concurrency=tuple(concurrency), latency_ms=latency_ms, peers_n=peers_n, capacity_n=capacity_n,
-                      only=tuple(x for x in only.split(",") if x), server_workers=server_workers,
-                      server_engine=server_engine, out=str(out))
-    run_bench(cfg)
-
-
-def register(app: typer.Typer, bench_app: typer.Typer) -> None:
-    """Add ``harvest``, ``export`` and ``bench harvest``."""
+def register(app: typer.Typer) -> None:
+    """Add ``harvest`` and ``export``."""
     app.command("harvest", help=HARVEST_HELP)(harvest_cmd)
     app.command("export", help=EXPORT_HELP)(export_cmd)
-    bench_app.command("harvest")(bench_harvest_cmd)

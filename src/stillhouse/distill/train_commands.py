@@ -12,7 +12,6 @@ from pathlib import Path
 
 import typer
 
-from stillhouse.distill.bench_train import ARMS
 
 _HELP = """Train a student on teacher data and export it as an HF directory (OUT/final).
 
@@ -95,38 +94,6 @@ def train_command(
     typer.echo(f"model: {res.final_dir}  (serve: stillhouse serve --teacher hf:{res.final_dir})")
 
 
-def bench_train_command(
-    teacher: str = typer.Option("bundled", "--teacher", help="Teacher the student is built from."),
-    student: str = typer.Option("pruned:10", "--student", help="Student init (pruned:N | every:K | layers:I,J,... | fresh | self)."),
-    examples: int = typer.Option(512, "--examples", help="Short chat examples per arm (one epoch)."),
-    batch_size: int = typer.Option(16, "--batch-size"),
-    threads: int = typer.Option(2, "--threads", help="torch threads for every arm (and the peak matmul)."),
-    arms: str = typer.Option(",".join(ARMS), "--arms", help="Comma list of arms to run, in order."),
-    trl_python: str = typer.Option("/work/venvs/trl/bin/python", "--trl-python",
-                                   help="Python of the TRL virtualenv (the trl arms are skipped without it)."),
-    out: Path = typer.Option(Path("runs/bench-train"), "--out", help="Student, data, results.json."),
-) -> None:
-    """Training tokens/s: ours vs TRL SFTTrainer vs a plain PyTorch loop, same student/data/batch; MFU.
-
-    Every arm starts from the same student weights and trains one epoch on the same examples.
-    MFU = 6 x parameters x tokens/s / this machine's peak matmul FLOP/s in the arm's precision,
-    measured in the same run. Create the TRL venv first:
-    python3 -m venv /work/venvs/trl && /work/venvs/trl/bin/pip install torch==2.13.0 trl transformers datasets
-    """
-    from stillhouse.config import ConfigError
-    from stillhouse.distill.bench_train import BenchTrainConfig, run_bench
-
-    try:
-        cfg = BenchTrainConfig(teacher=teacher, student=student, examples=examples, batch_size=batch_size,
-                               threads=threads, arms=tuple(a for a in arms.split(",") if a),
-                               trl_python=trl_python, out=str(out))
-    except ConfigError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from exc
-    run_bench(cfg)
-
-
-def register(app: typer.Typer, bench_app: typer.Typer) -> None:
-    """Add ``train`` and ``bench train`` to the CLI."""
+def register(app: typer.Typer) -> None:
+    """Add ``train`` to the CLI."""
     app.command("train", help=_HELP)(train_command)
-    bench_app.command("train")(bench_train_command)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Any
 
 import typer
@@ -123,7 +122,8 @@ def guard(
         return
     if save_config:
         _save(cfg, save_config)
-    from stillhouse.guard.server import DetectorLoadError, load_detector, serve_forever
+    from stillhouse.guard.detect.load import DetectorLoadError, load_detector
+    from stillhouse.guard.server import serve_forever
 
     det = None
     if cfg.detector_dir:
@@ -288,82 +288,6 @@ def demo(
         _die(str(exc))
 
 
-# -- bench --------------------------------------------------------------------------------
-def bench_guard(
-    latency_ms: float = typer.Option(50.0, help="Fixed latency of the fake upstream."),
-    rates: str = typer.Option("200,1000", help="Offered loads (requests/s) for the throughput ratios."),
-    duration_s: float = typer.Option(10.0, help="Seconds per offered-load run."),
-    latency_requests: int = typer.Option(2000, help="Requests for the added-latency percentiles."),
-    latency_concurrency: int = typer.Option(8, help="Concurrency of the added-latency run."),
-    lossless_requests: int = typer.Option(50000, help="Requests for the log-loss count (0 = skip)."),
-    litellm_python: str = typer.Option("/work/venvs/litellm/bin/python",
-                                       help="Python of a virtualenv with 'litellm[proxy]' ('' = skip LiteLLM)."),
-    db: str = typer.Option(None, help="Guard log store (default: SQLite in a temp dir)."),
-    latency_rounds: int = typer.Option(4, help="Split the latency requests into rounds that visit every "
-                                               "target in turn (drift hits all alike)."),
-    detector: str = typer.Option(None, "--detector", metavar="DIR",
-                                 help="Also run a second guard with this fitted detector (shadow mode) and "
-                                      "report what online detection adds to p50/p99 and CPU. Fit one with "
-                                      "`stillhouse detect --fit --log BENIGN --model DIR`, or use OUT/detector "
-                                      "of `stillhouse arena --quick --out OUT`."),
-    detector_inline: bool = typer.Option(False, "--detector-inline",
-                                         help="With --detector: also a guard with the detector in its event loop "
-                                              "(--detect-mode inline), against the default detector process."),
-    out: str = typer.Option(None, help="Write the results JSON here."),
-    config: str = typer.Option(None, "--config", help="Replay a saved GuardBenchConfig JSON."),
-    compare_servers: bool = typer.Option(False, "--compare-servers",
-                                         help="Instead: guard CPU/request under uvicorn h11+asyncio vs "
-                                              "httptools+uvloop (3,000 requests at concurrency 64, twice each)."),
-    compare_clients: bool = typer.Option(False, "--compare-clients",
-                                         help="Instead: guard CPU/request with the aiohttp upstream client vs "
-                                              "the http1 one (3,000 requests at concurrency 64, twice each)."),
-) -> None:
-    """Guard vs direct vs LiteLLM proxy on loopback: added latency p50/p99, throughput ratio, log loss.
-
-    With --detector DIR: also what online detection adds (a second guard, identical but for the detector)."""
-    from stillhouse.config import load_config
-    from stillhouse.guard.bench import GuardBenchConfig, run_bench
-
-    if compare_servers or compare_clients:
-        from stillhouse.guard.bench import CLIENT_VARIANTS, SERVER_VARIANTS
-        from stillhouse.guard.bench import compare_servers as _compare
-
-        out_ = _compare(latency_ms=latency_ms, variants=CLIENT_VARIANTS if compare_clients else SERVER_VARIANTS)
-        typer.echo(json.dumps(out_, indent=2))
-        if out:
-            from stillhouse.config import atomic_write_text
-
-            atomic_write_text(out, json.dumps(out_, indent=2) + "\n")
-        return
-
-    if config:
-        cfg = load_config(GuardBenchConfig, config)
-    else:
-        try:
-            cfg = GuardBenchConfig(latency_ms=latency_ms, rates=tuple(float(r) for r in rates.split(",") if r),
-                                   duration_s=duration_s, latency_requests=latency_requests,
-                                   latency_concurrency=latency_concurrency, lossless_requests=lossless_requests,
-                                   litellm_python=litellm_python, db_url=db or "",
-                                   latency_rounds=latency_rounds, detector_dir=detector or "",
-                                   detector_inline=detector_inline)
-        except ValueError as exc:
-            _die(str(exc))
-            return
-    from stillhouse.guard.bench import format_markdown
-
-    result = run_bench(cfg)
-    typer.echo(format_markdown(result), err=True)
-    text = json.dumps(result, indent=2)
-    if out:
-        from stillhouse.config import atomic_write_text
-
-        atomic_write_text(out, text + "\n")
-    typer.echo(text)
-    if result.get("errors"):
-        sys.exit(1)
-
-
-def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+def register(app: typer.Typer) -> None:
     """Add the guard's verbs to the CLI."""
     app.add_typer(guard_app, name="guard")
-    bench_app.command("guard")(bench_guard)

@@ -75,7 +75,7 @@ def run_demo(upstream: str | None = None, fake: bool = False, prompt: str = "Wha
     """Run the demo; returns the logged traffic record."""
     from stillhouse.guard.app import create_app
     from stillhouse.guard.config import GuardConfig, sha256_hex
-    from stillhouse.guard.server import start_in_thread
+    from stillhouse.http.server import start_in_thread
     from stillhouse.guard.store import open_store
 
     work = Path(tempfile.mkdtemp(prefix="stillhouse-guard-demo-"))
@@ -87,8 +87,8 @@ def run_demo(upstream: str | None = None, fake: bool = False, prompt: str = "Wha
             base = upstream.rstrip("/")
             model = _get(base + "/v1/models", "none")["data"][0]["id"]
         elif fake:
-            from stillhouse.teacher.fakeserver import FakeServerConfig
-            from stillhouse.teacher.fakeserver import start_in_thread as start_fake
+            from stillhouse.testing.fakeserver import FakeServerConfig
+            from stillhouse.testing.fakeserver import start_in_thread as start_fake
 
             fake_srv = start_fake(FakeServerConfig(latency_ms=5))
             base, model = f"http://127.0.0.1:{fake_srv.port}", fake_srv.server.config.model

@@ -1,7 +1,7 @@
 """The pooled async clients the guard uses to reach its upstream (both have one API).
 
 - :class:`Http1Upstream` (default, ``upstream_client="http1"``): the project's lean keep-alive
-  HTTP/1.1 pool, :mod:`stillhouse.teacher.rawhttp` (asyncio protocol + httptools; chunks handed
+  HTTP/1.1 pool, :mod:`stillhouse.http.client` (asyncio protocol + httptools; chunks handed
   over as they arrive, reading paused past 256 KiB unread). Measured on this machine (2 cores,
   uvloop, a 5 ms fake upstream at concurrency 8) aiohttp's client spent 0.20-0.24 ms of CPU per
   request and this one 0.03-0.04 ms — the largest single share of the guard's own CPU
@@ -12,7 +12,7 @@
 
 No retries: a request that fails is answered 502/504 (a POST is not safe to resend).
 
-Exception tree (aiohttp's and the teacher layer's errors are mapped with ``raise ... from``)::
+Exception tree (aiohttp's and the HTTP client's errors are mapped with ``raise ... from``)::
 
     UpstreamError                 the gateway answers 502 or 504, never a traceback
     ├── UpstreamUnavailable       refused/reset, no connection within connect_timeout_s, DNS,
@@ -26,8 +26,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
-from stillhouse.teacher.base import TeacherError, TeacherTimeout
-from stillhouse.teacher.rawhttp import HTTP1Pool, HTTP1Response
+from stillhouse.http.client import HTTP1Pool, HTTP1Response
+from stillhouse.http.errors import ClientError, TimedOut
 
 
 class UpstreamError(Exception):
@@ -161,7 +161,7 @@ class Http1Response(HTTP1Response):
         self.passthrough_headers: list[tuple[bytes, bytes]] = passthrough
 
     def _error(self, failure: Exception, what: str) -> Exception:
-        if isinstance(failure, TeacherTimeout):
+        if isinstance(failure, TimedOut):
             err: UpstreamError = UpstreamTimeout(
                 f"upstream {self.url} {'stopped answering mid-body' if what == 'response' else 'stalled mid-stream'}")
         else:
@@ -245,8 +245,8 @@ class Http1Upstream:
             resp = await self._pool.send(self._key, head + body if body else head, url,  # type: ignore[union-attr]
                                          connect_timeout_s=self.connect_timeout_s,
                                          read_timeout_s=self.read_timeout_s, url=url, response_class=Http1Response)
-        except TeacherError as exc:
-            if isinstance(exc, TeacherTimeout):
+        except ClientError as exc:
+            if isinstance(exc, TimedOut):
                 raise UpstreamTimeout(f"upstream {url} did not answer within {self.read_timeout_s:g}s") from exc
             raise UpstreamUnavailable(f"cannot reach upstream {exc}") from exc  # exc starts with the url
         return resp  # type: ignore[no-any-return]

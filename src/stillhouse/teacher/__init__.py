@@ -1,4 +1,4 @@
-"""The shared core: one Teacher protocol and its implementations (local, openai, fake)."""
+"""The model, the ground floor: one Teacher protocol and its implementations (local, openai, fake)."""
 
 from stillhouse.teacher.base import (
     ChatResult,

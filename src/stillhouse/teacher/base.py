@@ -139,8 +139,22 @@ class Teacher(Protocol):
         """Something that changes when the weights change (a file hash, a served revision)."""
         ...
 
+    async def resolve(self) -> str:
+        """Fix ``name`` and ``revision`` before the first call, and return the name.
+
+        An HTTP teacher asks the server (``GET /v1/models``) and raises a TeacherError when it
+        cannot; a local or fake teacher knows both already."""
+        ...
+
     async def chat(self, messages: list[Message], params: SamplingParams) -> ChatResult:
         """Complete one conversation ``params.n`` times."""
+        ...
+
+    async def chat_json(self, messages_json: str, params: SamplingParams) -> ChatResult:
+        """:meth:`chat` with the messages already JSON-encoded, as the harvester stores them.
+
+        Same answer as ``chat(json.loads(messages_json), params)``; an HTTP teacher sends the
+        bytes as they are instead of encoding the messages again."""
         ...
 
     async def aclose(self) -> None:

@@ -86,5 +86,11 @@ class FakeTeacher:
             )
         return ChatResult(completions=completions, model=self.name)
 
+    async def resolve(self) -> str:
+        return self.name
+
+    async def chat_json(self, messages_json: str, params: SamplingParams) -> ChatResult:
+        return await self.chat(json.loads(messages_json), params)
+
     async def aclose(self) -> None:
         return None

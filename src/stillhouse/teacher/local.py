@@ -21,6 +21,7 @@ the context limit, ``ValueError`` for malformed messages, ``ModelNotFound`` from
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -153,6 +154,12 @@ class LocalTeacher:
                 h.cancel()
             raise
         return ChatResult(completions=list(done), model=self.name, latency_s=time.perf_counter() - t0)
+
+    async def resolve(self) -> str:
+        return self.name
+
+    async def chat_json(self, messages_json: str, params: SamplingParams) -> ChatResult:
+        return await self.chat(json.loads(messages_json), params)
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.close)

@@ -3,7 +3,7 @@
 vLLM, llama.cpp's server, Ollama, ``stillhouse serve``, the guard gateway, hosted APIs: any
 server that answers ``POST {base}/chat/completions``. The HTTP client (``client=``):
 
-- ``"auto"`` (default): the lean keep-alive client of :mod:`stillhouse.teacher.rawhttp` for
+- ``"auto"`` (default): the lean keep-alive client of :mod:`stillhouse.http.client` for
   ``http://`` URLs, aiohttp for ``https://``;
 - ``"raw"`` / ``"aiohttp"``: force one (raw cannot do TLS).
 
@@ -43,6 +43,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from stillhouse.http.client import RawHTTPTransport
+from stillhouse.http.errors import BadResponse, ClientError, ConnectFailed, TimedOut
 from stillhouse.teacher.base import (
     BadRequest,
     ChatResult,
@@ -58,7 +60,6 @@ from stillhouse.teacher.base import (
     TeacherTimeout,
     TokenLogprobs,
 )
-from stillhouse.teacher.rawhttp import RawHTTPTransport
 
 Transport = Callable[[str, str, bytes | None, dict[str, str], float], Awaitable[tuple[int, dict[str, str], bytes]]]
 """``await transport(method, url, body, headers, timeout_s) -> (status, headers, body)``.
@@ -119,6 +120,17 @@ def raise_for_status(status: int, headers: dict[str, str], body: bytes) -> None:
     if 400 <= status < 500:
         raise BadRequest(status, msg, text)
     raise TeacherHTTPError(status, f"unexpected status: {msg}", text)
+
+
+def teacher_error(exc: ClientError) -> TeacherError:
+    """The teacher-tree twin of an HTTP client failure (the message and any raw body kept)."""
+    if isinstance(exc, TimedOut):
+        return TeacherTimeout(str(exc))
+    if isinstance(exc, BadResponse):
+        return TeacherResponseError(str(exc), exc.raw)
+    if isinstance(exc, ConnectFailed):
+        return TeacherConnectionError(str(exc))
+    return TeacherError(str(exc))
 
 
 def parse_logprobs(block: Any) -> TokenLogprobs | None:
@@ -337,7 +349,10 @@ class OpenAITeacher:
 
     async def _request(self, method: str, url: str, body: bytes | None) -> tuple[int, dict[str, str], bytes]:
         if self._transport is not None:
-            return await self._transport(method, url, body, self._headers, self.timeout_s)
+            try:
+                return await self._transport(method, url, body, self._headers, self.timeout_s)
+            except ClientError as exc:
+                raise teacher_error(exc) from exc
         import aiohttp
 
         if self._session is None:

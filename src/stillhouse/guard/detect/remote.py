@@ -190,7 +190,7 @@ def warm_up(directory: str) -> None:
 
     The first observe imports datasketch and fills caches (about a second here); done before the
     guard takes traffic, the first real requests are scored at full speed."""
-    from stillhouse.guard.server import load_detector
+    from stillhouse.guard.detect.load import load_detector
 
     spare = load_detector(directory)
     spare.observe(TrafficRecord("warm-up", 0.0, "warm-up", "warm-up", messages=[{"role": "user", "content": "hi"}]),
@@ -200,7 +200,7 @@ def warm_up(directory: str) -> None:
 
 def serve(directory: str, inp: Any, out: Any) -> int:
     """The child's loop: frames of (record, account) in, frames of verdicts out, until EOF."""
-    from stillhouse.guard.server import load_detector
+    from stillhouse.guard.detect.load import load_detector
 
     det = load_detector(directory)
     warm_up(directory)

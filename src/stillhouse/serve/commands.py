@@ -32,7 +32,7 @@ Requests default to temperature 1.0, as OpenAI's API does; send 0 for greedy dec
 """
 
 
-def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+def register(app: typer.Typer) -> None:
     """Add this area's verbs to the CLI."""
 
     @app.command("serve", help=SERVE_HELP)
@@ -64,7 +64,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
         from stillhouse.config import ConfigError, load_config
         from stillhouse.config import save_config as write_config
-        from stillhouse.teacher.serve import ServeConfig, run
+        from stillhouse.serve.app import ServeConfig, run
 
         try:
             base = load_config(ServeConfig, config) if config else ServeConfig()
@@ -86,41 +86,3 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             raise typer.Exit(2) from exc
         except KeyboardInterrupt:
             pass
-
-    @bench_app.command("serve", help=BENCH_SERVE_HELP)
-    def bench_serve(
-        teacher: str = typer.Option("bundled", "--teacher", "-t", help="A local teacher: bundled, hf:DIR, gguf:FILE."),
-        concurrency: str = typer.Option("1,8,32", help="Comma-separated client concurrency levels."),
-        requests: int = typer.Option(0, help="Requests per level; 0 = max(8, concurrency)."),
-        baseline_requests: int = typer.Option(8, help="Requests for the generate() baseline."),
-        max_tokens: int = typer.Option(64, help="max_tokens per request (greedy)."),
-        max_batch: int = typer.Option(32, help="max_batch of the batching server."),
-        threads: int = typer.Option(0, help="torch CPU threads for every column; 0 = torch's default."),
-        out: Path = typer.Option(None, "--out", help="Write the full result as JSON here."),
-    ) -> None:
-        from rich.console import Console
-
-        from stillhouse.teacher.bench import BenchServeConfig, render_markdown, run_bench, save
-
-        try:
-            levels = tuple(int(x) for x in concurrency.split(",") if x.strip())
-            cfg = BenchServeConfig(teacher=teacher, concurrency=levels, requests=requests,
-                                   baseline_requests=baseline_requests, max_tokens=max_tokens, max_batch=max_batch,
-                                   threads=threads)
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc)) from exc
-        console = Console(stderr=True)
-        result = run_bench(cfg, progress=lambda msg: console.log(msg))
-        if out:
-            save(result, str(out))
-        typer.echo(render_markdown(result))
-
-
-BENCH_SERVE_HELP = """Completion tokens/s of `stillhouse serve` at several client concurrencies, with
-continuous batching and with batching disabled (max_batch 1), against the same model's
-plain transformers generate() run one request at a time -- all in one run, as ratios.
-
-\b
-Example (about 5-15 minutes on 2 CPU cores):
-  nice -n 10 stillhouse bench serve --teacher bundled --out runs/bench-serve.json
-"""

@@ -37,9 +37,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from stillhouse.teacher.asgi_server import ServerThread, bind_socket
+from stillhouse.http.server import ServerThread, bind_socket
 from stillhouse.teacher.base import ChatResult, Completion, Teacher
-from stillhouse.teacher.openai_schema import (
+from stillhouse.serve.schema import (
     APIError,
     ChatRequest,
     completion_json,
@@ -48,7 +48,7 @@ from stillhouse.teacher.openai_schema import (
     new_completion_id,
     parse_chat_request,
 )
-from stillhouse.teacher.sse import SSEStream, wait_disconnect
+from stillhouse.serve.stream import SSEStream, wait_disconnect
 
 __all__ = ["ChatServer", "ServeConfig", "ServerThread", "create_app", "load_teacher", "run"]
 

@@ -8,8 +8,8 @@ waits ``latency_ms`` before it is sent, and faults are chosen by a deterministic
 
 Run it::
 
-    python -m stillhouse.teacher.fakeserver --port 8001 --latency-ms 50
-    python -m stillhouse.teacher.fakeserver --port 8001 --faults 429=0.1,500=0.05,truncated=0.05 \\
+    python -m stillhouse.testing.fakeserver --port 8001 --latency-ms 50
+    python -m stillhouse.testing.fakeserver --port 8001 --faults 429=0.1,500=0.05,truncated=0.05 \\
         --permanent-faults empty=0.02
 
 Endpoints: ``POST /v1/chat/completions`` (``n``, ``max_tokens``, ``logprobs``,
@@ -668,8 +668,8 @@ def serve(config: FakeServerConfig, host: str = "127.0.0.1", port: int = 8001, r
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m stillhouse.teacher.fakeserver --help``."""
-    p = argparse.ArgumentParser(prog="python -m stillhouse.teacher.fakeserver", description=__doc__,
+    """``python -m stillhouse.testing.fakeserver --help``."""
+    p = argparse.ArgumentParser(prog="python -m stillhouse.testing.fakeserver", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8001, help="0 picks a free port (see --ready-file)")
@@ -704,7 +704,7 @@ def main(argv: list[str] | None = None) -> None:
 
         args = _drop_opt(_drop_opt(list(argv if argv is not None else sys.argv[1:]), "--workers"), "--ready-file")
         for _ in range(a.workers - 1):
-            siblings.append(subprocess.Popen([sys.executable, "-m", "stillhouse.teacher.fakeserver", *args,
+            siblings.append(subprocess.Popen([sys.executable, "-m", "stillhouse.testing.fakeserver", *args,
                                               "--reuse-port"],
                                              stdout=subprocess.DEVNULL))
     try:

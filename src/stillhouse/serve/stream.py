@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from stillhouse.teacher.base import ChatResult, Completion
-from stillhouse.teacher.openai_schema import (
+from stillhouse.serve.schema import (
     ChatRequest,
     chunk_json,
     error_json,
@@ -27,7 +27,7 @@ from stillhouse.teacher.openai_schema import (
 
 if TYPE_CHECKING:
     from stillhouse.teacher.batcher import StepEvent
-    from stillhouse.teacher.serve import ChatServer
+    from stillhouse.serve.app import ChatServer
 
 log = logging.getLogger(__name__)
 

@@ -27,12 +27,12 @@ the connection's end, parsed by httptools; 1xx interim answers are skipped; ``re
 decodes gzip/deflate. Timeouts: an absolute ``deadline`` for the whole exchange and/or a
 ``read_timeout_s`` of silence (not counted while we paused reading). Requests are never resent.
 
-Failures, from :mod:`stillhouse.teacher.base` (the guard maps them to 502/504)::
+Failures, from :mod:`stillhouse.http.errors` (the teacher maps them into its tree, the guard to 502/504)::
 
-    TeacherConnectionError   refused, reset, no connection within connect_timeout_s, or closed
-                             before any of the answer arrived
-    TeacherTimeout           the deadline passed, or read_timeout_s of silence (connection dropped)
-    TeacherResponseError     an answer that is not HTTP/1.x, or a body cut off (.raw: what came)
+    ConnectFailed   refused, reset, no connection within connect_timeout_s, or closed
+                    before any of the answer arrived
+    TimedOut        the deadline passed, or read_timeout_s of silence (connection dropped)
+    BadResponse     an answer that is not HTTP/1.x, or a body cut off (.raw: what came)
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
-from stillhouse.teacher.base import TeacherConnectionError, TeacherResponseError, TeacherTimeout
+from stillhouse.http.errors import BadResponse, ConnectFailed, TimedOut
 
 _HIGH_WATER = 256 * 1024
 _LOW_WATER = 64 * 1024
@@ -110,7 +110,7 @@ class _Conn(asyncio.Protocol):
         except Exception as exc:  # noqa: BLE001 - httptools.HttpParserError and friends
             if not self.complete:
                 raw = self.received[:2000].decode("latin-1")
-                self._fail(TeacherResponseError(f"malformed HTTP answer: {exc}", raw))
+                self._fail(BadResponse(f"malformed HTTP answer: {exc}", raw))
             self.close()  # complete: bytes after the answer (see on_header); drop the connection
 
     def eof_received(self) -> bool | None:
@@ -125,11 +125,11 @@ class _Conn(asyncio.Protocol):
                 k.lower() in (b"content-length", b"transfer-encoding") for k, _ in self.headers):
             self.on_message_complete()  # a close-delimited body ends at EOF
         elif self.head_done:
-            self._fail(TeacherResponseError(f"the connection closed mid-body ({exc or 'EOF'})",
+            self._fail(BadResponse(f"the connection closed mid-body ({exc or 'EOF'})",
                                             self.received[:2000].decode("latin-1", "replace")))
         else:
             why = f": {exc}" if exc else ""
-            self._fail(TeacherConnectionError(f"the server closed the connection before answering{why}"))
+            self._fail(ConnectFailed(f"the server closed the connection before answering{why}"))
         self._cancel_timers()
 
     # -- httptools callbacks ------------------------------------------------------------------
@@ -198,13 +198,13 @@ class _Conn(asyncio.Protocol):
         if idle < self.read_timeout_s:  # data came since the timer was set: wait for the rest
             self.timer = self.loop.call_later(self.read_timeout_s - idle, self._on_read_timer)
             return
-        self._fail(TeacherTimeout(f"no byte for {self.read_timeout_s:g} s"))
+        self._fail(TimedOut(f"no byte for {self.read_timeout_s:g} s"))
         self.close()
 
     def _on_deadline(self, what: str, timeout_s: float) -> None:
         self.deadline_timer = None
         if not self.complete and self.failure is None:
-            self._fail(TeacherTimeout(f"{what}: no answer within {timeout_s:g} s"))
+            self._fail(TimedOut(f"{what}: no answer within {timeout_s:g} s"))
             self.close()
 
     def start(self, data: bytes, deadline: float | None, read_timeout_s: float | None, what: str,
@@ -261,8 +261,8 @@ def decode_body(body: bytes, encoding: bytes) -> bytes:
             except zlib.error:
                 return zlib.decompress(body, -zlib.MAX_WBITS)
     except zlib.error as exc:
-        raise TeacherResponseError(f"cannot decode the {encoding.decode()} body: {exc}", "") from exc
-    raise TeacherResponseError(f"unsupported Content-Encoding {encoding.decode('latin-1')!r}", "")
+        raise BadResponse(f"cannot decode the {encoding.decode()} body: {exc}", "") from exc
+    raise BadResponse(f"unsupported Content-Encoding {encoding.decode('latin-1')!r}", "")
 
 
 class HTTP1Response:
@@ -379,7 +379,7 @@ class HTTP1Pool:
         the whole exchange, the body included; ``read_timeout_s`` bounds each silence. The answer
         is a ``response_class`` (default :class:`HTTP1Response`; a subclass maps body errors)."""
         if self._closed:
-            raise TeacherConnectionError("the HTTP client is closed")
+            raise ConnectFailed("the HTTP client is closed")
         loop = asyncio.get_running_loop()
         if timeout_s is None:  # for messages only
             timeout_s = deadline - loop.time() if deadline is not None else 0.0
@@ -427,7 +427,7 @@ class HTTP1Pool:
                 async with asyncio.timeout_at(deadline):
                     got = await w
             except TimeoutError:
-                raise TeacherTimeout(f"{what}: no free connection within {timeout_s:g} s") from None
+                raise TimedOut(f"{what}: no free connection within {timeout_s:g} s") from None
             except BaseException:
                 if w.done() and not w.cancelled() and w.exception() is None:
                     self._release(key, w.result())  # handed to us as we were cancelled: pass it on
@@ -454,11 +454,11 @@ class HTTP1Pool:
         except TimeoutError:
             self._release(key, None)
             if deadline is not None and limit == deadline:
-                raise TeacherTimeout(f"{what}: no connection within {timeout_s:g} s") from None
-            raise TeacherConnectionError(f"{what}: no connection within {connect_timeout_s:g} s") from None
+                raise TimedOut(f"{what}: no connection within {timeout_s:g} s") from None
+            raise ConnectFailed(f"{what}: no connection within {connect_timeout_s:g} s") from None
         except OSError as exc:
             self._release(key, None)
-            raise TeacherConnectionError(f"{what}: {exc}") from exc
+            raise ConnectFailed(f"{what}: {exc}") from exc
         except BaseException:
             self._release(key, None)
             raise
@@ -497,7 +497,7 @@ class HTTP1Pool:
         while self._waiters:
             _, w = self._waiters.popleft()
             if not w.done():
-                w.set_exception(TeacherConnectionError("the HTTP client was closed"))
+                w.set_exception(ConnectFailed("the HTTP client was closed"))
 
 
 class RawHTTPTransport:

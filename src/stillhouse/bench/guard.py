@@ -2,7 +2,7 @@
 
 Setup, all on loopback, each server in its own process:
 
-- the upstream: ``stillhouse.teacher.fakeserver`` with a fixed latency (default 50 ms);
+- the upstream: ``stillhouse.testing.fakeserver`` with a fixed latency (default 50 ms);
 - **direct**: the load generator talks to the upstream itself;
 - **guard**: ``stillhouse guard`` (uvicorn, SQLite log in a temp dir unless ``db_url``), one
   account with high but active limits, a real key;
@@ -366,7 +366,7 @@ def run_bench(cfg: GuardBenchConfig, work: Path | None = None) -> dict[str, Any]
         # upstream
         up_port = _free_port()
         up_log = work / "upstream.log"
-        up = _spawn([sys.executable, "-m", "stillhouse.teacher.fakeserver", "--port", str(up_port),
+        up = _spawn([sys.executable, "-m", "stillhouse.testing.fakeserver", "--port", str(up_port),
                      "--latency-ms", str(cfg.latency_ms), "--model", MODEL], up_log)
         procs.append(up)
         upstream = f"http://127.0.0.1:{up_port}"
@@ -588,7 +588,7 @@ def compare_servers(requests: int = 3000, concurrency: int = 64, latency_ms: flo
     out: dict[str, Any] = {"requests": requests, "concurrency": concurrency, "latency_ms": latency_ms,
                            "loadavg_before": os.getloadavg(), "runs": []}
     up_port = _free_port()
-    up = _spawn([sys.executable, "-m", "stillhouse.teacher.fakeserver", "--port", str(up_port), "--latency-ms",
+    up = _spawn([sys.executable, "-m", "stillhouse.testing.fakeserver", "--port", str(up_port), "--latency-ms",
                  str(latency_ms), "--model", MODEL], work / "upstream.log")
     try:
         _wait_http(f"http://127.0.0.1:{up_port}/health", up, 30, work / "upstream.log")

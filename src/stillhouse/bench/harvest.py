@@ -3,7 +3,7 @@
     stillhouse bench harvest                                   # N=100k, C=64 and 256, L=50 ms
     stillhouse bench harvest --n 20000 --only server,ours,naive
 
-Setup: a fake OpenAI-compatible server (:mod:`stillhouse.teacher.fakeserver`) with fixed
+Setup: a fake OpenAI-compatible server (:mod:`stillhouse.testing.fakeserver`) with fixed
 latency L runs in its own process, on its raw engine (a bare asyncio.Protocol HTTP/1.1
 responder on uvloop; ``--server-engine aiohttp`` for aiohttp.web). At concurrency C no client
 can beat C/L requests/s.
@@ -14,7 +14,7 @@ can beat C/L requests/s.
 2. per C, on the same server and the same prompts, one after another in one run:
    - ``ours``: :func:`stillhouse.distill.harvest.run_harvest` into a fresh run directory
      (SQLite store, keys, retries, limits: the whole harvester), N requests;
-   - ``bare``: a bare loop over :class:`stillhouse.teacher.rawhttp.RawHTTPTransport` (the
+   - ``bare``: a bare loop over :class:`stillhouse.http.client.RawHTTPTransport` (the
      client ours uses) that POSTs and parses JSON and stores nothing: the cheapest client
      we have, so what it reaches is what this machine allows;
    - ``naive``: a bare aiohttp loop with C workers that POSTs and parses JSON, N requests;
@@ -127,7 +127,7 @@ print(json.dumps({"n": n, "wall_s": dt}), flush=True)
 BARE = r'''
 import asyncio, json, sys, time
 from stillhouse.distill.harvest import run_async
-from stillhouse.teacher.rawhttp import RawHTTPTransport
+from stillhouse.http.client import RawHTTPTransport
 url, model, C, prompts_path = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 prompts = [json.loads(l)["prompt"] for l in open(prompts_path)]
 headers = {"Content-Type": "application/json"}
@@ -168,7 +168,7 @@ def sched(pid):
 
 async def main():
     import aiohttp
-    from stillhouse.teacher.rawhttp import RawHTTPTransport
+    from stillhouse.http.client import RawHTTPTransport
     lats, lags, n, stop = [], [], 0, False
     raw = RawHTTPTransport(max_connections=C)
     hdr = {"Content-Type": "application/json"}
@@ -424,7 +424,7 @@ def start_server(latency_ms: float, workers: int, out: Path, engine: str = "raw"
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ready = out / f"server-{port}.port"
-    argv = [sys.executable, "-m", "stillhouse.teacher.fakeserver", "--port", str(port), "--latency-ms",
+    argv = [sys.executable, "-m", "stillhouse.testing.fakeserver", "--port", str(port), "--latency-ms",
             str(latency_ms), "--ready-file", str(ready), "--workers", str(workers), "--engine", engine]
     p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, start_new_session=True)
     t0 = time.monotonic()

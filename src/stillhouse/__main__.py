@@ -1,0 +1,5 @@
+"""``python -m stillhouse`` runs the CLI."""
+
+from stillhouse.cli import app
+
+app()

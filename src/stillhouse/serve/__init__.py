@@ -1,0 +1,1 @@
+"""``stillhouse serve``: an OpenAI-compatible server over a local teacher (continuous batching, SSE)."""
