@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import textwrap
@@ -153,21 +154,39 @@ def test_cannot_signal_the_parent() -> None:
 @needs_root
 @pytest.mark.skipif("mountns" not in isolation_available(), reason="namespaces not allowed here")
 def test_cannot_write_outside_its_directory() -> None:
-    # a root-owned directory outside /tmp (the sandbox gets its own /tmp)
-    target = Path.cwd() / f".sandbox-escape-{os.getpid()}.txt"
+    # Two places outside the sandbox's directory: the checkout (wherever it lies) and the root
+    # directory (root-owned, visible in every sandbox). A checkout under /tmp, /var/tmp or /dev/shm
+    # is hidden behind the sandbox's private tmpfs (FileNotFoundError); anywhere else, and for /,
+    # the throw-away uid is what stops the write (PermissionError). Either way nothing lands.
+    private = [Path(p).resolve() for p in ("/tmp", "/var/tmp", "/dev/shm")]
+    checkout = Path.cwd().resolve()
+    targets = {
+        str(checkout / f".sandbox-escape-{os.getpid()}.txt"):
+            "FileNotFoundError" if any(checkout.is_relative_to(p) for p in private) else "PermissionError",
+        f"/.sandbox-escape-{os.getpid()}.txt": "PermissionError",
+    }
     code = textwrap.dedent(
         f"""
-        import os
+        import json
         open("inside.txt", "w").write("ok")      # its own cwd is writable
         open("/tmp/leak.txt", "w").write("x")     # private tmpfs: vanishes with it
-        open({str(target)!r}, "w").write("pwned")
+        got = {{}}
+        for target in {sorted(targets)!r}:
+            try:
+                open(target, "w").write("pwned")
+                got[target] = "written"
+            except OSError as exc:
+                got[target] = type(exc).__name__
+        print(json.dumps(got))
         """
     )
     res = run_python(code, FAST)
-    assert not res.passed and "PermissionError" in res.reason
-    exists = target.exists()
-    target.unlink(missing_ok=True)
-    assert not exists
+    landed = [t for t in targets if Path(t).exists()]
+    for t in landed:
+        Path(t).unlink()
+    assert res.passed, res.reason
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == targets
+    assert landed == []
     assert not Path("/tmp/leak.txt").exists()
 
 
