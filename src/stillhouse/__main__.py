@@ -1,5 +1,5 @@
 """``python -m stillhouse`` runs the CLI."""
 
-from stillhouse.cli import app
+from stillhouse.cli import run
 
-app()
+run()

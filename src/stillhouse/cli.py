@@ -61,5 +61,27 @@ def _register() -> None:
 _register()
 
 
+def run() -> None:
+    """The console entry point: ``app``, with a missing optional dependency or a bad config file
+    reported as one line naming the fix (exit status 1) instead of a traceback."""
+    import sys
+
+    from stillhouse.config import ConfigError
+    from stillhouse.extras import missing_dependency
+
+    verb = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    try:
+        app()
+    except ImportError as exc:
+        message = missing_dependency(exc, verb)
+        if message is None:
+            raise
+        typer.echo(f"error: {message}", err=True)
+        raise SystemExit(1) from None
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(1) from None
+
+
 if __name__ == "__main__":
-    app()
+    run()

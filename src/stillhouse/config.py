@@ -70,7 +70,9 @@ def config_from_dict(cls: type[T], data: dict[str, Any], source: str = "config")
         kwargs[name] = value
     try:
         return cls(**kwargs)
-    except TypeError as exc:
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:  # ValueError: the class's own __post_init__ check
         raise ConfigError(f"{source}: {exc}") from exc
 
 
@@ -83,6 +85,8 @@ def read_json_object(path: str | os.PathLike[str], what: str = "config file") ->
         raise ConfigError(f"{what} {p} does not exist") from exc
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{what} {p} is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{what} {p} is nested too deeply to be a config: write a flat JSON object") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {p} must hold a JSON object")
     return data

@@ -62,6 +62,7 @@ def curate_command(
       stillhouse curate runs/h1 --config runs/h1/curated/config.json     (replay)
     """
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from stillhouse.config import ConfigError, load_config
@@ -95,7 +96,7 @@ def curate_command(
         try:
             result, report = curate_run(run_dir, cfg, out_dir=out, progress=progress)
         except CurateError as exc:
-            console.print(f"[red]error:[/red] {exc}")
+            console.print(f"[red]error:[/red] {escape(str(exc))}")
             raise typer.Exit(2) from exc
     console.print(report_table(result))
     console.print(f"kept {report['kept']} of {report['rows_in']} rows → {report['out_dir']}/train.jsonl "
@@ -138,6 +139,7 @@ def eval_command(
       stillhouse eval --config eval/s1/config.json --out eval/s1-again      (replay)
     """
     from rich.console import Console
+    from rich.markup import escape
 
     from stillhouse.config import ConfigError, load_config
     from stillhouse.distill.evaluate import EvalConfig, EvalError, parse_model_args, run_eval
@@ -160,7 +162,7 @@ def eval_command(
     try:
         result = run_eval(cfg, out, cache_dir=cache_dir, console=console)
     except EvalError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from exc
     console.print(result.table())
     console.print(f"report: {out / 'report.md'}")

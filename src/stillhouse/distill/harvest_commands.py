@@ -68,6 +68,7 @@ def harvest_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
     from stillhouse.config import ConfigError, config_to_dict
     from stillhouse.distill.harvest import (
@@ -104,7 +105,7 @@ def harvest_cmd(
                 raise typer.BadParameter(f"missing {', '.join(missing)} (or give --config RUN_DIR/config.json)")
             cfg = HarvestConfig(**given)
     except (ConfigError, ValueError, TypeError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from exc
 
     bar = _ProgressBar(console) if progress else None
@@ -121,10 +122,10 @@ def harvest_cmd(
             bar.start()
         report = run_async(run_harvest(cfg, on_progress=bar.update if bar else None, on_prompts=on_prompts))
     except PromptError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from exc
     except (HarvestError, ConfigError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from exc
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: finished records are saved; rerun the same command to "
@@ -191,6 +192,7 @@ def export_cmd(
     salt: str = typer.Option("", "--salt", help="Change the split without changing the share."),
 ) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
     from stillhouse.config import ConfigError
     from stillhouse.distill.export import ExportConfig, export_run
@@ -202,7 +204,7 @@ def export_cmd(
                            logprobs=logprobs, include_errors=include_errors, salt=salt)
         result = export_run(cfg)
     except (ConfigError, ValueError, StoreError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from exc
     console.print(result.summary())
 

@@ -54,6 +54,19 @@ _NO_HEADERS: dict[str, str] = {}
 Key = tuple[str, int]
 
 
+def raw_client_available() -> bool:
+    """Whether httptools (a core dependency, absent only after a --no-deps install) can be imported."""
+    import importlib.util
+
+    return importlib.util.find_spec("httptools") is not None
+
+
+def _need_httptools() -> None:
+    if not raw_client_available():
+        raise ModuleNotFoundError("the raw HTTP/1.1 client needs httptools, a core dependency of stillhouse: "
+                                  "pip install httptools", name="httptools")
+
+
 class _Conn(asyncio.Protocol):
     """One keep-alive connection and the answer being read on it."""
 
@@ -350,6 +363,7 @@ class HTTP1Pool:
             raise ValueError(f"max_connections={max_connections}: must be >= 1")
         if idle_timeout_s <= 0:
             raise ValueError(f"idle_timeout_s={idle_timeout_s}: must be > 0")
+        _need_httptools()  # here, not in the first connection's protocol factory
         self.max_connections = max_connections
         self.idle_timeout_s = idle_timeout_s
         self.ssl = ssl

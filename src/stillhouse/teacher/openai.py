@@ -4,7 +4,8 @@ vLLM, llama.cpp's server, Ollama, ``stillhouse serve``, the guard gateway, hoste
 server that answers ``POST {base}/chat/completions``. The HTTP client (``client=``):
 
 - ``"auto"`` (default): the lean keep-alive client of :mod:`stillhouse.http.client` for
-  ``http://`` URLs, aiohttp for ``https://``;
+  ``http://`` URLs, aiohttp for ``https://`` (and for every URL when httptools, a core
+  dependency, was left out by a ``--no-deps`` install);
 - ``"raw"`` / ``"aiohttp"``: force one (raw cannot do TLS).
 
 Why not httpx (which the official SDK uses): measured here at 50 ms latency, httpx's
@@ -43,7 +44,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from stillhouse.http.client import RawHTTPTransport
+from stillhouse.http.client import RawHTTPTransport, raw_client_available
 from stillhouse.http.errors import BadResponse, ClientError, ConnectFailed, TimedOut
 from stillhouse.teacher.base import (
     BadRequest,
@@ -247,7 +248,7 @@ class OpenAITeacher:
         self._owns_session = session is None and transport is None
         self._raw: RawHTTPTransport | None = None
         if transport is None and session is None and (
-                client == "raw" or (client == "auto" and base_url.startswith("http://"))):
+                client == "raw" or (client == "auto" and base_url.startswith("http://") and raw_client_available())):
             self._raw = transport = RawHTTPTransport(max_connections=max_connections)
         self.client = "transport" if transport is not None and self._raw is None else (
             "raw" if self._raw is not None else "aiohttp")
