@@ -226,6 +226,39 @@ def test_bad_input_gets_openai_style_4xx_and_never_reaches_upstream(tmp_path, fa
         g.stop()
 
 
+def test_nan_infinity_and_deep_nesting_get_400_and_never_reach_upstream(tmp_path, fake):
+    g = start_guard(make_config(tmp_path, f"http://127.0.0.1:{fake.port}"))
+    try:
+        key = g.account_with_key("nina")
+        msgs = json.dumps(chat_body())[:-1].encode()  # '{"model": ..., "messages": [...]' without the '}'
+        cases = [
+            (msgs + b', "temperature": NaN}', "temperature", "NaN"),
+            (msgs + b', "top_p": Infinity}', "top_p", "Infinity"),
+            (msgs + b', "temperature": -Infinity}', "temperature", "-Infinity"),
+            (msgs + b', "max_tokens": 1e999}', "max_tokens", "1e999"),
+            (msgs + b', "response_format": {"schema": [1, NaN]}}', "response_format.schema[1]", "NaN"),
+            (msgs + b', "tools": ' + b"[" * 100 + b"]" * 100 + b"}", None, "64 levels"),
+            (msgs + b', "tools": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None, "nested too deeply"),
+        ]
+        for raw, param, fragment in cases:
+            status, _, out = g.chat(key, raw=raw)
+            assert status == 400, (raw[-60:], out)
+            err = out["error"]
+            assert err["code"] == "invalid_json" and err["param"] == param and fragment in err["message"], err
+        assert g.chat(key)[0] == 200  # the account is fine: only those bodies were refused
+        assert fake.server.stats["requests"] == 1
+        assert [r.status for r in g.records("nina")] == [400] * len(cases) + [200]
+        # the admin API reads its bodies the same way
+        for raw, fragment in [(b'{"account_id": "x1", "limits": {"requests_per_min": NaN}}', "NaN"),
+                              (b'{"account_id": "x2", "org": ' + b"[" * 200 + b"]" * 200 + b"}", "64 levels"),
+                              (b"[" * 100_000 + b"]" * 100_000, "nested too deeply")]:
+            status, _, out = http("POST", g.url + "/admin/accounts", raw=raw, token=ADMIN)
+            assert status == 400 and out["error"]["code"] == "invalid_json" and fragment in out["error"]["message"]
+        assert g.admin("GET", "/admin/accounts/x1")[0] == 404
+    finally:
+        g.stop()
+
+
 # -- limits -------------------------------------------------------------------------------
 def test_requests_per_minute_limit_with_retry_after(tmp_path, fake):
     clock = Clock()

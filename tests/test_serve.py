@@ -121,6 +121,92 @@ def test_bad_input_gets_openai_400(fake_server, body, param, fragment):
     assert fragment in err["message"]
 
 
+HI_JSON = json.dumps(HI)
+
+
+@pytest.mark.parametrize("raw,param,fragments", [
+    (b'{"messages": %s, "temperature": NaN}' % HI_JSON.encode(), "temperature", ("NaN", "finite number")),
+    (b'{"messages": %s, "top_p": Infinity}' % HI_JSON.encode(), "top_p", ("Infinity", "finite number")),
+    (b'{"messages": %s, "temperature": -1e999}' % HI_JSON.encode(), "temperature", ("1e999", "finite number")),
+    (b'{"messages": %s, "x": %s}' % (HI_JSON.encode(), b"[" * 100 + b"]" * 100), None, ("nested", "64 levels")),
+    (b'{"messages": %s, "x": %s}' % (HI_JSON.encode(), b"[" * 100_000 + b"]" * 100_000), None,
+     ("nested too deeply",)),
+])
+def test_nan_infinity_and_deep_nesting_get_400_naming_the_field(fake_server, raw, param, fragments):
+    status, reply = post(fake_server.base_url, raw)
+    assert status == 400, reply
+    err = reply["error"]
+    assert err["code"] == "invalid_json" and err["param"] == param and err["type"] == "invalid_request_error"
+    assert all(f in err["message"] for f in fragments), err["message"]
+
+
+def test_a_nan_passed_as_a_python_float_is_out_of_range_not_a_type_error():
+    from stillhouse.serve.schema import APIError, parse_chat_request
+
+    with pytest.raises(APIError, match=r"'temperature'=nan is out of range: it must be a finite number in \[0.0, 2.0\]"):
+        parse_chat_request({"messages": HI, "temperature": float("nan")}, max_tokens_limit=10,
+                           default_max_tokens=10, max_n=1)
+
+
+def _raw_post(port: int, head_extra: bytes, chunks: list[bytes]) -> tuple[int, dict]:
+    """POST /v1/chat/completions by hand: the head, then ``chunks`` as they are; the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Connection: close\r\n" + head_extra + b"\r\n")
+        try:
+            for c in chunks:
+                sock.sendall(c)
+        except OSError:  # the server answered and closed while we were still sending: fine
+            pass
+        data = b""
+        while got := sock.recv(65536):
+            data += got
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_body_limit_413_before_reading_and_while_reading_chunks():
+    cfg = ServeConfig(teacher="fake:1", max_body_bytes=10_000)
+    with ServerThread(create_app(FakeTeacher(seed=1), cfg)) as srv:
+        big = json.dumps({"messages": [{"role": "user", "content": "x" * 20_000}]}).encode()
+        status, reply = post(srv.base_url, big)
+        assert status == 413 and reply["error"]["code"] == "body_too_large" and "10000" in reply["error"]["message"]
+        # Content-Length of 5 MB and not one byte of the body sent: the answer comes anyway.
+        status, reply = _raw_post(srv.port, b"Content-Length: 5000000\r\n", [])
+        assert status == 413 and "5000000" in reply["error"]["message"]
+        # chunked: refused once what arrived passes the limit
+        chunks = [b"%x\r\n%s\r\n" % (len(big[i:i + 4096]), big[i:i + 4096]) for i in range(0, len(big), 4096)]
+        status, reply = _raw_post(srv.port, b"Transfer-Encoding: chunked\r\n", [*chunks, b"0\r\n\r\n"])
+        assert status == 413 and reply["error"]["code"] == "body_too_large"
+        small = json.dumps({"messages": HI, "max_tokens": 5}).encode()
+        status, reply = _raw_post(srv.port, b"Transfer-Encoding: chunked\r\n",
+                                  [b"%x\r\n%s\r\n" % (len(small), small), b"0\r\n\r\n"])
+        assert status == 200 and reply["choices"][0]["message"]["content"]
+
+
+def test_large_prompts_are_refused_or_tokenized_off_the_event_loop(tiny_teacher):
+    """Over what the context could hold at the longest token: 400 without tokenizing; long: in a thread."""
+    threads: list[str] = []
+    encode = tiny_teacher.encode
+
+    def spy(messages):
+        threads.append(threading.current_thread().name)
+        return encode(messages)
+
+    tiny_teacher.encode = spy
+    with ServerThread(create_app(tiny_teacher, ServeConfig(teacher="hf:/tiny", max_context=2500))) as srv:
+        longest = max(map(len, tiny_teacher.tokenizer.get_vocab()))
+        huge = "a" * (2500 * longest + 1)
+        status, reply = post(srv.base_url, {"messages": [{"role": "user", "content": huge}], "max_tokens": 5})
+        assert status == 400 and reply["error"]["code"] == "context_length_exceeded", reply
+        assert threads == []  # refused on its length alone
+        assert post(srv.base_url, {"messages": HI, "max_tokens": 2})[0] == 200
+        status, _ = post(srv.base_url, {"messages": [{"role": "user", "content": "hi " * 2000}], "max_tokens": 2})
+        assert status == 200
+    assert threads[0] == "stillhouse-server"  # a short prompt: on the loop (a few ms)
+    assert threads[1] != "stillhouse-server"  # 6,000 characters: in a worker thread
+
+
 def test_unknown_model_is_404_and_aliases_work(fake_server):
     status, reply = post(fake_server.base_url, {"model": "gpt-9", "messages": HI})
     assert status == 404 and reply["error"]["code"] == "model_not_found" and "fake-teacher" in reply["error"]["message"]
@@ -267,6 +353,7 @@ def test_serve_config_validates_and_round_trips(tmp_path):
     from stillhouse.config import load_config, save_config
 
     for bad, fragment in [(dict(port=70000), "port"), (dict(max_batch=0), "max_batch"),
+                          (dict(max_body_bytes=0), "max_body_bytes"),
                           (dict(teacher="nonsense"), "unknown teacher spec"), (dict(max_context=1), "max_context"),
                           (dict(batch_window_ms=-1), "batch_window_ms"), (dict(dtype="int4"), "dtype")]:
         with pytest.raises(ValueError, match=fragment):

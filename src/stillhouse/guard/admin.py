@@ -23,7 +23,6 @@ effect in this replica immediately.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import secrets
 from typing import TYPE_CHECKING, Any
@@ -32,9 +31,10 @@ from urllib.parse import parse_qs
 from stillhouse.guard.config import sha256_hex
 from stillhouse.guard.events import ACTIONS, AccountInfo
 from stillhouse.guard.store import AccountLimits, NotFound, StoreUnavailable
+from stillhouse.http.asgi import Receive, RequestError, Scope, Send, content_length, loads_strict, read_body
 
 if TYPE_CHECKING:
-    from stillhouse.guard.app import GuardApp, Receive, Scope, Send
+    from stillhouse.guard.app import GuardApp
 
 _ID = re.compile(r"^[A-Za-z0-9_.@:\-]{1,128}$")
 _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
@@ -101,16 +101,18 @@ class AdminAPI:
                 raise AdminError(404, f"unknown admin path {path}", "not_found")
             body: dict[str, Any] = {}
             if method == "POST":
-                raw = await self._read(receive)
-                if raw.strip():
-                    try:
-                        body = json.loads(raw)
-                        if body is None:
-                            body = {}
-                    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-                        raise AdminError(400, f"the body is not valid JSON: {exc}", "invalid_json") from exc
-                    if not isinstance(body, dict):
-                        raise AdminError(400, "the body must be a JSON object", "invalid_json")
+                try:
+                    limit = self.app.config.max_body_bytes
+                    raw = await read_body(receive, limit, content_length(scope["headers"]))
+                    if raw.strip():
+                        body = loads_strict(raw)
+                except RequestError as exc:  # 413, 499, or 400: not JSON, NaN/Infinity, too deep
+                    raise AdminError(exc.status, f"admin request: {exc.message}", exc.code,
+                                     exc.param) from None
+                if body is None:
+                    body = {}
+                if not isinstance(body, dict):
+                    raise AdminError(400, "the body must be a JSON object", "invalid_json")
             query = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1")).items()}
             ident = match.groupdict().get("id")
             if ident is not None and not _ID.match(ident):
@@ -124,20 +126,6 @@ class AdminAPI:
         except StoreUnavailable as exc:
             await send_json(send, 503, error_body(f"the store is unavailable: {exc}", "server_error",
                                                   "store_unavailable"), [(b"retry-after", b"5")])
-
-    async def _read(self, receive: Receive) -> bytes:
-        chunks, size, more = [], 0, True
-        while more:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                raise AdminError(400, "client disconnected", "disconnected")
-            part = msg.get("body", b"")
-            size += len(part)
-            if size > self.app.config.max_body_bytes:
-                raise AdminError(413, "admin request body too large", "body_too_large")
-            chunks.append(part)
-            more = msg.get("more_body", False)
-        return b"".join(chunks)
 
     # -- accounts -----------------------------------------------------------------------
     async def create_account(self, body: dict[str, Any], q: dict[str, str], _: str | None) -> tuple[int, Any]:

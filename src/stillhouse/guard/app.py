@@ -6,7 +6,8 @@ app (run it with uvicorn; ``stillhouse guard`` does). Per request, in this order
 1. authenticate the ``Authorization: Bearer sk-sh-...`` key (in memory; nothing reaches the
    upstream without a live key) → 401;
 2. fail-closed: the log store is down → 503;
-3. read the body with a size limit → 413; parse and check the JSON → 400;
+3. read the body with a size limit (Content-Length checked before reading) → 413; parse the
+   JSON strictly (no NaN/Infinity, nesting depth bounded: ``http/asgi.py``) and check it → 400;
 4. policy: block → 403; degrade → cap max_tokens, refuse logprobs / n>1 (403), strip
    reasoning from the answer; throttle → tighter limits;
 5. limits: requests/min, tokens/min, concurrent streams → 429 with Retry-After;
@@ -43,7 +44,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -57,12 +58,9 @@ from stillhouse.guard.redact import Redactor
 from stillhouse.guard.spool import LogWriter, Spool
 from stillhouse.guard.store import AccountLimits, DecisionRow, SqlStore
 from stillhouse.guard.upstream import Http1Upstream, Upstream, UpstreamError
+from stillhouse.http.asgi import ClientGone, Receive, RequestError, Scope, Send, loads_strict, read_body
 
 log = logging.getLogger("stillhouse.guard")
-
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 PARAM_KEYS = ("max_tokens", "max_completion_tokens", "n", "temperature", "top_p", "logprobs", "top_logprobs",
               "stream", "seed", "stop", "presence_penalty", "frequency_penalty", "response_format", "tools")
@@ -547,34 +545,17 @@ class GuardApp:
         body: dict[str, Any] = {}
         raw = b""
         if method == "POST":
-            if length > cfg.max_body_bytes:
-                await self._refuse(send, rec, account, 413, f"request body of {length} bytes exceeds the limit "
-                                   f"of {cfg.max_body_bytes} bytes", "invalid_request_error", "body_too_large")
-                return
-            chunks = []
-            size = 0
-            more = True
-            while more:
-                event = await receive()
-                if event["type"] == "http.disconnect":
-                    rec.status, rec.decision_reason = 499, "client disconnected while sending the body"
-                    self._finish(rec, account)
-                    return
-                part = event.get("body", b"")
-                size += len(part)
-                if size > cfg.max_body_bytes:
-                    await self._refuse(send, rec, account, 413, f"request body exceeds the limit of "
-                                       f"{cfg.max_body_bytes} bytes", "invalid_request_error", "body_too_large")
-                    return
-                chunks.append(part)
-                more = event.get("more_body", False)
-            raw = b"".join(chunks)
             try:
-                body = json.loads(raw)
+                raw = await read_body(receive, cfg.max_body_bytes, length if length >= 0 else None)
+                body = loads_strict(raw)
                 check_request(path, body)
-            except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError included
-                await self._refuse(send, rec, account, 400, f"the request body is not valid JSON: {exc}",
-                                   "invalid_request_error", "invalid_json")
+            except ClientGone as exc:
+                rec.status, rec.decision_reason = 499, str(exc)
+                self._finish(rec, account)
+                return
+            except RequestError as exc:  # 413 too large; 400 not JSON, NaN/Infinity, too deep
+                await self._refuse(send, rec, account, exc.status, exc.message, "invalid_request_error",
+                                   exc.code, exc.param)
                 return
             except BadRequest as exc:
                 await self._refuse(send, rec, account, 400, str(exc), "invalid_request_error", exc.code, exc.param)

@@ -14,10 +14,15 @@ or not, frees its slot at the next step. Other teachers (``fake``, ``http://...`
 served through their ``chat()``; a stream then carries the whole text in one chunk.
 
 Errors are OpenAI-shaped ``{"error": {"message", "type", "param", "code"}}``:
-400 malformed JSON, a field of the wrong type or range, ``max_tokens`` over the server's
-limit, prompt plus ``max_tokens`` over the context limit (each message names the limit);
-404 unknown model or path; 503 with Retry-After when ``max_pending`` completions are
-already queued; 500 when generation itself fails.
+400 malformed JSON, NaN/Infinity, nesting deeper than 64 levels, a field of the wrong type or
+range, ``max_tokens`` over the server's limit, prompt plus ``max_tokens`` over the context
+limit (each message names the limit); 413 a body over ``max_body_bytes`` (Content-Length is
+checked before reading, a chunked body while reading); 404 unknown model or path; 503 with
+Retry-After when ``max_pending`` completions are already queued; 500 when generation itself fails.
+
+Large prompts never stall the event loop: a prompt with more characters than the context
+could hold even at the longest token is refused without tokenizing it, and one longer than
+a few thousand characters is tokenized in a worker thread.
 
 Run::
 
@@ -31,12 +36,12 @@ In code (tests, benchmarks): ``with ServerThread(create_app(teacher, cfg)) as sr
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from stillhouse.http.asgi import RequestError, content_length, loads_strict, read_body
 from stillhouse.http.server import ServerThread, bind_socket
 from stillhouse.teacher.base import ChatResult, Completion, Teacher
 from stillhouse.serve.schema import (
@@ -88,6 +93,8 @@ class ServeConfig:
     """Most completions per request (n)."""
     max_pending: int = 1024
     """Completions queued or running before new requests get 503 + Retry-After."""
+    max_body_bytes: int = 4_000_000
+    """Request bodies larger than this get 413 (Content-Length checked before reading the body)."""
     served_name: str | None = None
     """Model id reported and accepted; default: the teacher's own name."""
     dtype: str = "float32"
@@ -104,7 +111,8 @@ class ServeConfig:
             raise ValueError("host is empty: use 127.0.0.1 (loopback) or an interface address")
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ValueError(f"port={self.port!r}: must be 0..65535 (0 picks a free port)")
-        for name in ("max_batch", "max_tokens_limit", "default_max_tokens", "max_n", "max_pending"):
+        for name in ("max_batch", "max_tokens_limit", "default_max_tokens", "max_n", "max_pending",
+                     "max_body_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}: must be an integer >= 1")
@@ -152,6 +160,10 @@ class ChatServer:
         self.created = int(time.time())
         self.pending = 0
         self.requests = 0
+        self.max_token_chars = 0
+        """Characters of the longest vocabulary entry (local teacher): no token covers more text."""
+        if self.local is not None:
+            self.max_token_chars = max(map(len, self.local.tokenizer.get_vocab()), default=0)
 
     @property
     def context_limit(self) -> int:
@@ -190,13 +202,13 @@ class ChatServer:
     async def _chat(self, request: Request) -> Any:
         from starlette.responses import JSONResponse
 
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"the request body is not valid JSON ({exc}); send a JSON object with "
-                                "'model' and 'messages'", code="invalid_json") from exc
         cfg = self.config
+        try:
+            length = content_length(request.scope["headers"])
+            raw = await read_body(request.receive, cfg.max_body_bytes, length)
+            body = loads_strict(raw)
+        except RequestError as exc:  # 413 too large; 400 not JSON, NaN/Infinity, too deep
+            raise APIError(exc.status, exc.message, param=exc.param, code=exc.code) from None
         req = parse_chat_request(body, max_tokens_limit=cfg.max_tokens_limit,
                                  default_max_tokens=cfg.default_max_tokens, max_n=cfg.max_n)
         if req.model is not None and req.model not in self.aliases:
@@ -204,19 +216,7 @@ class ChatServer:
                                 f"{self.model_id!r} (see GET /v1/models)", param="model", code="model_not_found")
         prompt_ids: list[int] | None = None
         if self.local is not None:
-            from stillhouse.teacher.local import ContextTooLong
-
-            try:
-                prompt_ids = self.local.encode(req.messages)
-            except ValueError as exc:
-                raise APIError(400, str(exc), param="messages") from exc
-            limit = self.context_limit
-            if not req.max_tokens_given:
-                room = limit - len(prompt_ids)
-                req = _with_max_tokens(req, max(1, min(req.params.max_tokens, room)))
-            if len(prompt_ids) + req.params.max_tokens > limit:
-                too_long = ContextTooLong(len(prompt_ids), req.params.max_tokens, limit)
-                raise APIError(400, str(too_long), param="messages", code="context_length_exceeded")
+            prompt_ids, req = await self._encode(self.local, req)
         n = req.params.n
         if self.pending + n > cfg.max_pending:
             raise APIError(503, f"the server has {self.pending} completions queued or running (limit "
@@ -236,6 +236,35 @@ class ChatServer:
                                    [self._choice_logprobs(c) if req.params.logprobs else None
                                     for c in result.completions], self.teacher.revision[:32])
         return JSONResponse(body_out)
+
+    async def _encode(self, local: LocalTeacher, req: ChatRequest) -> tuple[list[int], ChatRequest]:
+        """The prompt's token ids, and ``req`` with max_tokens fitted to the context when none was given.
+
+        A prompt longer in characters than the context could hold even at the longest token is
+        refused without tokenizing it; a long one is tokenized in a worker thread, not on the loop."""
+        from stillhouse.teacher.local import ContextTooLong
+
+        limit = self.context_limit
+        chars = _prompt_chars(req.messages)
+        floor = -(-chars // self.max_token_chars) if self.max_token_chars else 0  # tokens it needs at least
+        if floor + (req.params.max_tokens if req.max_tokens_given else 1) > limit:
+            raise APIError(400, f"this model's context limit is {limit} tokens, but the messages hold "
+                                f"{chars} characters, at least {floor} tokens: shorten the messages",
+                           param="messages", code="context_length_exceeded")
+        try:
+            if chars <= INLINE_TOKENIZE_CHARS:
+                prompt_ids = local.encode(req.messages)
+            else:
+                prompt_ids = await asyncio.to_thread(local.encode, req.messages)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages") from exc
+        if not req.max_tokens_given:
+            room = limit - len(prompt_ids)
+            req = _with_max_tokens(req, max(1, min(req.params.max_tokens, room)))
+        if len(prompt_ids) + req.params.max_tokens > limit:
+            too_long = ContextTooLong(len(prompt_ids), req.params.max_tokens, limit)
+            raise APIError(400, str(too_long), param="messages", code="context_length_exceeded")
+        return prompt_ids, req
 
     async def _complete(self, request: Request, req: ChatRequest, prompt_ids: list[int] | None) -> ChatResult | None:
         """Run a non-streamed request; None when the client disconnects first (its slots freed)."""
@@ -289,6 +318,22 @@ class ChatServer:
             top_tokens = top_tokens or []
             top_raw = [[t.encode() for t in row] for row in top_tokens]
         return logprob_entries(tokens, raw, lps, top_tokens, top_raw, top_lps)
+
+
+INLINE_TOKENIZE_CHARS = 4096
+"""Prompts up to this many characters are tokenized on the event loop (a few ms); longer ones in a thread."""
+
+
+def _prompt_chars(messages: list[dict[str, Any]]) -> int:
+    """Characters of the messages' text (content strings and text parts)."""
+    n = 0
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            n += len(content)
+        elif isinstance(content, list):
+            n += sum(len(p.get("text", "")) for p in content if isinstance(p, dict))
+    return n
 
 
 def _discard(fut: asyncio.Future[Any]) -> None:

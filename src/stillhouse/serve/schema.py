@@ -71,11 +71,11 @@ def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _bad(f"'{key}' must be a number, got {json_type(value)}", key, "invalid_type")
-    if value < lo or value > hi or (lo_open and value == lo):
+    if not math.isfinite(value) or value < lo or value > hi or (lo_open and value == lo):
         interval = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
-        raise _bad(f"'{key}'={value} is out of range: it must be in {interval}", key)
+        raise _bad(f"'{key}'={value} is out of range: it must be a finite number in {interval}", key)
     return float(value)
 
 

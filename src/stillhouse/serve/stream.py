@@ -13,9 +13,10 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from stillhouse.http.asgi import Receive, Scope, Send
 from stillhouse.teacher.base import ChatResult, Completion
 from stillhouse.serve.schema import (
     ChatRequest,
@@ -30,10 +31,6 @@ if TYPE_CHECKING:
     from stillhouse.serve.app import ChatServer
 
 log = logging.getLogger(__name__)
-
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
 async def wait_disconnect(receive: Receive) -> None:
