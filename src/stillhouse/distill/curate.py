@@ -178,6 +178,8 @@ def normalize_row(raw: dict[str, Any], index: int = 0) -> dict[str, Any]:
 
     A row whose ``messages`` end with an assistant turn and that has no ``response``
     takes that turn as its response (exported chat data)."""
+    if not isinstance(raw, dict):
+        raise CurateError(f"row {index}: a row must be a JSON object with 'messages', not {type(raw).__name__}")
     row = {k: raw.get(k) for k in ROW_FIELDS}
     # aliases used by experiment scripts and exports: completion = response, sample = sample_index
     if row["response"] is None and raw.get("completion") is not None:
@@ -271,9 +273,16 @@ def load_rows(source: str | Path) -> list[dict[str, Any]]:
     path = Path(source)
     if path.is_file():
         if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
+            from stillhouse.distill.tables import TableError, parquet_row_groups
 
-            raw = pq.read_table(path).to_pylist()
+            raw = []
+            try:
+                for first, n, rows, why in parquet_row_groups(path):
+                    if rows is None:
+                        raise CurateError(f"{path}:rows {first}-{first + n - 1}: {why}")
+                    raw += rows
+            except TableError as exc:
+                raise CurateError(str(exc)) from None
         else:
             raw = []
             with path.open() as f:
@@ -284,7 +293,19 @@ def load_rows(source: str | Path) -> list[dict[str, Any]]:
                         raw.append(json.loads(line))
                     except json.JSONDecodeError as exc:
                         raise CurateError(f"{path}:{n}: not valid JSON ({exc.msg}); fix or remove the line") from exc
-        return [normalize_row(r, i) for i, r in enumerate(raw)]
+                    except RecursionError:
+                        raise CurateError(f"{path}:{n}: nested too deeply to parse (about 1,000 levels of "
+                                          "arrays/objects); fix or remove the line") from None
+        out = []
+        for i, r in enumerate(raw):
+            try:
+                out.append(normalize_row(r, i))
+            except CurateError as exc:
+                raise CurateError(f"{path}: {exc}") from None
+            except RecursionError:
+                raise CurateError(f"{path}: row {i} is nested too deeply to process (about 1,000 levels of "
+                                  "arrays/objects); fix or remove it") from None
+        return out
     if not path.is_dir():
         raise CurateError(f"{path} does not exist: give a harvest run directory or a .jsonl/.parquet file")
     from stillhouse.distill.store import HarvestStore, StoreError

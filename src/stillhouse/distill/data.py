@@ -38,6 +38,9 @@ class DataError(ValueError):
     """A training row or file is unusable; the message names the row and the fix."""
 
 
+TOO_DEEP = "nested too deeply to parse (about 1,000 levels of arrays/objects); fix or remove the row"
+
+
 @dataclass
 class Example:
     """One tokenized training example."""
@@ -56,7 +59,12 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
         raise DataError(f"training data {p} does not exist: pass a curated .jsonl file or a harvest export")
     text = p.read_text()
     if p.suffix == ".json":
-        rows = json.loads(text)
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{p}: not valid JSON ({exc}); a .json data file holds one list of rows") from exc
+        except RecursionError:
+            raise DataError(f"{p}: {TOO_DEEP}") from None
         if not isinstance(rows, list):
             raise DataError(f"{p}: a .json data file must hold a list of rows")
         return rows
@@ -68,6 +76,8 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
             rows.append(json.loads(line))
         except json.JSONDecodeError as exc:
             raise DataError(f"{p}:{n}: not valid JSON ({exc})") from exc
+        except RecursionError:
+            raise DataError(f"{p}:{n}: {TOO_DEEP}") from None
     if not rows:
         raise DataError(f"{p} holds no rows")
     return rows

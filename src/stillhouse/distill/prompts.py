@@ -13,10 +13,12 @@ Every other field of a row (``answer``, ``task``, ``tests``...) travels with the
 ``meta`` into the harvest store, so curation can verify against it. A row without an id
 gets ``p-`` plus the first 12 hex digits of its prompt hash, which is stable when lines move.
 
-Bad rows (not JSON, no messages/prompt, wrong roles or types) become :class:`Problem`\\ s
-with their line numbers; the caller skips them, or with ``strict=True`` :class:`PromptError`
-is raised before any teacher call. Rows whose messages repeat an earlier row are merged (one
-record per distinct prompt) and counted in ``duplicates``.
+Bad rows (not JSON, nested too deeply, no messages/prompt, wrong roles or types, a damaged
+Parquet row group) become :class:`Problem`\\ s with their line numbers (row ranges); the caller
+skips them, or with ``strict=True`` :class:`PromptError` is raised before any teacher call. A
+source that cannot be opened at all (a truncated Parquet file) is a PromptError at once. Rows
+whose messages repeat an earlier row are merged (one record per distinct prompt) and counted in
+``duplicates``.
 
 ``PromptLoader(source).take(n)`` reads the same way a piece at a time (the harvester starts its
 requests after the first prompts and reads the rest between them); ``load_prompts`` is
@@ -202,12 +204,16 @@ Rows = Iterator[tuple[Any, Any, str | None]]
 """(where in the source, without its prefix; the row; why it is unusable or None)."""
 
 
+TOO_DEEP = ("nested too deeply to parse (about 1,000 levels of arrays/objects); give each row as one flat "
+            'object: {"id", "messages"} or {"id", "prompt"}')
+
+
 def _jsonl_rows(path: Path) -> Rows:
     with path.open("rb") as f:
         for lineno, line in enumerate(f, 1):
             try:  # the common case: a valid UTF-8 line; anything else takes the standard path below
                 row = _loads_line(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 if not line.strip():
                     continue
                 try:  # json.loads itself: BOMs, UTF-16/32, and its own error message
@@ -215,17 +221,24 @@ def _jsonl_rows(path: Path) -> Rows:
                 except ValueError as exc:
                     yield lineno, None, f"not valid JSON ({exc})"
                     continue
+                except RecursionError:
+                    yield lineno, None, TOO_DEEP
+                    continue
             yield lineno, row, None
 
 
 def _parquet_rows(path: Path) -> Rows:
+    from stillhouse.distill.tables import TableError, parquet_row_groups
+
     try:
-        import pyarrow.parquet as pq
-    except ImportError as exc:
-        raise PromptError("reading Parquet needs pyarrow: pip install 'stillhouse[data]'") from exc
-    table = pq.read_table(path)
-    for i, row in enumerate(table.to_pylist()):
-        yield i, row, None
+        for first, n, rows, why in parquet_row_groups(path):
+            if rows is None:
+                yield f"{first}-{first + n - 1}", None, why
+                continue
+            for i, row in enumerate(rows, first):
+                yield i, row, None
+    except TableError as exc:
+        raise PromptError(str(exc)) from None
 
 
 def _datasets_rows(path: Path, split: str | None) -> Rows:
@@ -233,7 +246,12 @@ def _datasets_rows(path: Path, split: str | None) -> Rows:
         import datasets
     except ImportError as exc:
         raise PromptError("reading a datasets directory needs datasets: pip install 'stillhouse[data]'") from exc
-    ds = datasets.load_from_disk(str(path))
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # pyarrow's errors are OSError/ValueError
+        why = " ".join(str(exc).split())[:200]
+        raise PromptError(f"{path}: not a readable datasets directory ({type(exc).__name__}: {why}); save it "
+                          "again with save_to_disk, or give the prompts as .jsonl or .parquet") from None
     if isinstance(ds, datasets.DatasetDict):
         name = split or "train"
         if name not in ds:
@@ -316,6 +334,8 @@ class PromptLoader:
                     p = row_to_prompt(row)
                 except (ValueError, TypeError) as exc:
                     err = str(exc)
+                except RecursionError:  # a field nested too deeply to encode
+                    err = TOO_DEEP
             if err is not None:
                 problems.append(Problem(f"{prefix}{loc}", err))
                 continue

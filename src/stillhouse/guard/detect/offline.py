@@ -33,6 +33,9 @@ class LogError(ValueError):
     """A log source cannot be read; the message names the source and the fix."""
 
 
+TOO_DEEP = "nested too deeply to parse (about 1,000 levels of arrays/objects)"
+
+
 def record_to_dict(record: TrafficRecord) -> dict[str, Any]:
     return dataclasses.asdict(record)
 
@@ -57,6 +60,11 @@ def _read_jsonl(path: Path) -> Iterator[TrafficRecord]:
                 data = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise LogError(f"{path}:{lineno}: not JSON ({exc.msg}); expected one TrafficRecord per line") from exc
+            except RecursionError:
+                raise LogError(f"{path}:{lineno}: {TOO_DEEP}; expected one TrafficRecord per line") from None
+            if not isinstance(data, dict):
+                raise LogError(f"{path}:{lineno}: a {type(data).__name__}, not a JSON object; expected one "
+                               "TrafficRecord per line")
             unknown = set(data) - fields
             if unknown:
                 raise LogError(f"{path}:{lineno}: unknown field(s) {sorted(unknown)}; TrafficRecord has {sorted(fields)}")
@@ -88,10 +96,22 @@ def read_accounts(path: str | Path) -> dict[str, AccountInfo]:
     """AccountInfo per account from a JSONL file (one AccountInfo as JSON per line)."""
     out = {}
     with Path(path).open() as f:
-        for line in f:
-            if line.strip():
-                info = AccountInfo(**json.loads(line))
-                out[info.account_id] = info
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise LogError(f"{path}:{lineno}: not JSON ({exc.msg}); expected one AccountInfo per line") from exc
+            except RecursionError:
+                raise LogError(f"{path}:{lineno}: {TOO_DEEP}; expected one AccountInfo per line") from None
+            if not isinstance(data, dict):
+                raise LogError(f"{path}:{lineno}: expected one AccountInfo (a JSON object) per line")
+            try:
+                info = AccountInfo(**data)
+            except TypeError as exc:
+                raise LogError(f"{path}:{lineno}: {exc}; expected one AccountInfo per line") from exc
+            out[info.account_id] = info
     return out
 
 
