@@ -55,6 +55,66 @@ def test_arena_config_checks_the_population_mix() -> None:
         ArenaConfig(eval_seed=1)
 
 
+REFUSED = ["http://10.0.0.1:8000", "https://api.example.com/v1", "http://127.0.0.1@example.com/v1",
+           "http://localhost.example.com:8000", "http://0.0.0.0:8000", "http://[::]:8000", "http://[2001:db8::1]/v1",
+           "ftp://127.0.0.1/", "127.0.0.1:8000", "http://127.0.0.1:port"]
+ALLOWED = ["http://127.0.0.1:8000", "http://127.3.4.5:8000/v1", "http://[::1]:8000", "http://localhost:8000/v1",
+           "http://[::ffff:127.0.0.1]:8000"]
+
+
+@pytest.mark.parametrize("url", REFUSED)
+def test_arena_refuses_an_upstream_off_this_machine(url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from stillhouse.arena.run import QUICK, ArenaConfig
+    from stillhouse.arena.simulate import GuardGateway
+    from stillhouse.config import ConfigError, config_to_dict, load_config
+
+    with pytest.raises(ValueError, match="loopback"):
+        ArenaConfig(upstream=url)
+    with pytest.raises(ValueError, match="ArenaConfig.upstream.*loopback"):
+        replace(QUICK, upstream=url)  # what the CLI's --upstream does
+    saved = tmp_path / "arena.json"
+    saved.write_text(json.dumps({**config_to_dict(QUICK), "upstream": url}))
+    with pytest.raises(ConfigError, match="loopback"):
+        load_config(ArenaConfig, saved)  # --config replay
+    with pytest.raises(ValueError, match="loopback"):
+        GuardGateway(str(tmp_path / "g"), url, None, SimClock(), [])  # the library's own gateway
+    assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("url", ALLOWED)
+def test_arena_accepts_a_loopback_upstream(url: str) -> None:
+    from stillhouse.arena.run import ArenaConfig
+
+    assert ArenaConfig(upstream=url).upstream == url
+
+
+def test_arena_cli_refuses_a_remote_upstream_in_one_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from stillhouse.arena.run import QUICK
+    from stillhouse.config import config_to_dict
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    (tmp_path / "arena.json").write_text(json.dumps({**config_to_dict(QUICK), "upstream": "http://10.1.2.3:8000"}))
+    for args in (["--quick", "--upstream", "http://203.0.113.7:8000"], ["--config", "arena.json"]):
+        res = subprocess.run([sys.executable, "-m", "stillhouse", "arena", *args, "--out", "run"], cwd=tmp_path,
+                             env={**os.environ, "PYTHONPATH": str(src), "COLUMNS": "250"}, capture_output=True,
+                             text=True, timeout=120, check=False)
+        out = res.stdout + res.stderr
+        assert res.returncode != 0 and "loopback" in out and "Traceback" not in out, out
+        assert not (tmp_path / "run").exists()
+
+
+def test_capability_teacher_must_be_local() -> None:
+    from stillhouse.arena.capability import CapabilityConfig, CapabilityError
+
+    with pytest.raises(CapabilityError, match="local model"):
+        CapabilityConfig(teacher="http://127.0.0.1:8000/v1")
+
+
 def test_harvest_shape_asks_the_distill_templates_training_additions() -> None:
     from stillhouse.distill.tasks import ARITHMETIC_TEMPLATE, arithmetic
 

@@ -97,6 +97,15 @@ class CapabilityConfig:
             raise CapabilityError(f"CapabilityConfig.lr={self.lr}: must be > 0, e.g. 5e-5")
         if self.warmup_steps < 0:
             raise CapabilityError(f"CapabilityConfig.warmup_steps={self.warmup_steps}: must be >= 0")
+        from stillhouse.teacher.spec import parse_spec
+
+        try:
+            local = parse_spec(self.teacher).is_local
+        except ValueError as exc:
+            raise CapabilityError(f"CapabilityConfig.teacher: {exc}") from exc
+        if not local:  # the campaign goes to a teacher this process loads and serves on loopback
+            raise CapabilityError(f"CapabilityConfig.teacher={self.teacher!r}: give a local model (bundled, "
+                                  "hf:DIR or gguf:FILE); the campaign only reaches a teacher served on this machine")
         from stillhouse.distill.student import parse_student
 
         try:

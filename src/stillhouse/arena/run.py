@@ -32,6 +32,7 @@ from stillhouse.arena.campaigns import SHAPES, CampaignConfig, generate_campaign
 from stillhouse.arena.population import PopulationConfig, generate_population
 from stillhouse.arena.simulate import DirectGateway, GuardGateway, RunResult, SimClock, run_traffic
 from stillhouse.arena.traffic import SimAccount, Turn
+from stillhouse.http.loopback import require_loopback
 
 GatewayKind = Literal["guard", "direct"]
 
@@ -69,7 +70,8 @@ class ArenaConfig:
     gateway: GatewayKind = "guard"
     """'guard': the real guard app (ASGI in-process) → HTTP on loopback → upstream; 'direct': no HTTP."""
     upstream: str = "sim"
-    """'sim' (the length-aware sim teacher, started on loopback) or a base URL (e.g. `stillhouse serve`)."""
+    """'sim' (the length-aware sim teacher, started on loopback) or a base URL on this machine (loopback
+    only: 127.0.0.0/8, ::1, localhost), e.g. the one `stillhouse serve` prints."""
     max_tokens_limit: int = 4096
     verify_offline: bool = True
     """Replay the evaluation log offline and check that the verdicts equal the online ones."""
@@ -93,6 +95,8 @@ class ArenaConfig:
             raise ValueError(f"ArenaConfig.fractions={self.fractions}: each must be in (0, 1]")
         if self.gateway not in ("guard", "direct"):
             raise ValueError(f"ArenaConfig.gateway={self.gateway!r}: use 'guard' or 'direct'")
+        if self.upstream != "sim":
+            require_loopback(self.upstream, "ArenaConfig.upstream")
         if self.mixed_accounts < 1 or self.mixed_requests < 1:
             raise ValueError("ArenaConfig.mixed_accounts and mixed_requests must be >= 1")
         try:  # the population mix is validated where it is used

@@ -103,7 +103,9 @@ class GuardGateway:
         from stillhouse.guard.app import create_app
         from stillhouse.guard.config import GuardConfig, sha256_hex
         from stillhouse.guard.store import open_store
+        from stillhouse.http.loopback import require_loopback
 
+        require_loopback(upstream_url, "GuardGateway upstream_url")  # campaign traffic stays on this machine
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         self.db_url = f"sqlite:///{Path(run_dir).resolve() / 'guard.db'}"
         self.store = open_store(self.db_url)
