@@ -353,7 +353,7 @@ def test_serve_config_validates_and_round_trips(tmp_path):
     from stillhouse.config import load_config, save_config
 
     for bad, fragment in [(dict(port=70000), "port"), (dict(max_batch=0), "max_batch"),
-                          (dict(max_body_bytes=0), "max_body_bytes"),
+                          ({"max_body_bytes": 0}, "max_body_bytes"),
                           (dict(teacher="nonsense"), "unknown teacher spec"), (dict(max_context=1), "max_context"),
                           (dict(batch_window_ms=-1), "batch_window_ms"), (dict(dtype="int4"), "dtype")]:
         with pytest.raises(ValueError, match=fragment):
