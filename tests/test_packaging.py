@@ -60,7 +60,8 @@ def test_hints_pick_the_verbs_extra() -> None:
     assert missing_dependency(ModuleNotFoundError("No module named 'zzz'", name="zzz")) is None
 
 
-def _cli(args: list[str], block: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _cli(args: list[str], block: list[str], cwd: Path, timeout: float = 120,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """``stillhouse ARGS`` in a fresh interpreter where the modules in ``block`` cannot be imported."""
     boot = ("import sys\n"
             f"for name in {block!r}:\n"
@@ -68,9 +69,9 @@ def _cli(args: list[str], block: list[str], cwd: Path, timeout: float = 120) -> 
             "from stillhouse.cli import run\n"
             f"sys.argv = ['stillhouse', *{args!r}]\n"
             "run()\n")
-    env = {**os.environ, "PYTHONPATH": str(SRC), "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-c", boot], check=False, cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    full = {**os.environ, "PYTHONPATH": str(SRC), "COLUMNS": "200", **(env or {})}
+    return subprocess.run([sys.executable, "-c", boot], check=False, cwd=cwd, env=full, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +128,12 @@ def test_a_missing_extra_names_its_pip_line(fake_url: str, tmp_path: Path, case:
     assert res.returncode == 1, (res.stdout, res.stderr)
     assert hint in res.stderr, res.stderr
     assert "Traceback" not in res.stderr + res.stdout and "╭" not in res.stderr, res.stderr
+
+
+def test_missing_data_is_one_line_too(tmp_path: Path) -> None:
+    res = _cli(["harvest", "--prompts", "builtin:arithmetic:4", "--teacher", "fake", "--out", "run", "--no-progress"],
+               [], tmp_path)
+    assert res.returncode == 0, res.stderr
+    res = _cli(["curate", "run", "--out", "cur"], [], tmp_path, env={"STILLHOUSE_SHARED": str(tmp_path / "none")})
+    assert res.returncode == 1 and "GSM8K test split not found" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and "╭" not in res.stderr

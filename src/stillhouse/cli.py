@@ -62,12 +62,12 @@ _register()
 
 
 def run() -> None:
-    """The console entry point: ``app``, with a missing optional dependency or a bad config file
-    reported as one line naming the fix (exit status 1) instead of a traceback."""
+    """The console entry point: ``app``, with a missing optional dependency, missing data or a bad
+    config file reported as one line naming the fix (exit status 1) instead of a traceback."""
     import sys
 
     from stillhouse.config import ConfigError
-    from stillhouse.extras import missing_dependency
+    from stillhouse.extras import MissingData, missing_dependency
 
     verb = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
     try:
@@ -78,7 +78,7 @@ def run() -> None:
             raise
         typer.echo(f"error: {message}", err=True)
         raise SystemExit(1) from None
-    except ConfigError as exc:
+    except (ConfigError, MissingData) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(1) from None
 

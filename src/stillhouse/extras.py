@@ -3,7 +3,7 @@
 The core install (``pip install stillhouse``) harvests from any OpenAI-compatible URL, exports
 and runs the CLI; heavy libraries live in extras (pyproject.toml) and are imported inside the
 functions that need them. When one is missing, the CLI prints the line that fixes it instead of
-a traceback (``stillhouse.cli.run``)::
+a traceback (``stillhouse.cli.run``); so does missing data (:class:`MissingData`)::
 
     >>> install_hint("torch")
     "pip install 'stillhouse[local]'"
@@ -39,6 +39,11 @@ EXTRAS: dict[str, tuple[str, ...]] = {
 CORE: dict[str, str] = {"httptools": "httptools", "aiohttp": "aiohttp", "numpy": "numpy", "typer": "typer",
                         "rich": "rich"}
 """Top-level module → its distribution, for the core dependencies (missing only after a --no-deps install)."""
+
+
+class MissingData(FileNotFoundError):
+    """Data a command needs is not on this machine (a task set, a package's data file); the message
+    says where it was looked for and how to get it. The CLI prints it as one line."""
 
 
 def install_hint(module: str, verb: str | None = None) -> str | None:

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Literal
 
 from stillhouse.distill.tasks import arithmetic, shared_dir
+from stillhouse.extras import MissingData
 
 
-class PromptDataMissing(FileNotFoundError):
+class PromptDataMissing(MissingData):
     """Prompt data is not on this machine; the message says where it was looked for and the fix."""
 
 

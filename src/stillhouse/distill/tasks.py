@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from stillhouse.extras import MissingData
 from stillhouse.teacher.base import Message
 
 Split = Literal["train", "heldout"]
@@ -55,7 +56,7 @@ HUMANEVAL_TEMPLATE = (
 HELDOUT_FRACTION = 0.1
 
 
-class TaskDataMissing(FileNotFoundError):
+class TaskDataMissing(MissingData):
     """A task set's data is not on this machine; the message says where it was looked for."""
 
 
