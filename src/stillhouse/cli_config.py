@@ -337,11 +337,11 @@ def config_command(func: Callable[..., Any], options: ConfigOptions[Any]) -> Cal
     and its own typer parameters (positional arguments, ``--config``, ``--progress`` ...),
     declared as usual with ``typer.Option``/``typer.Argument`` defaults.
     """
-    sig = inspect.signature(func, eval_str=True)
+    sig = inspect.signature(func)  # the annotation of `settings` may name a class imported for type checking only
     if "settings" not in sig.parameters:
         raise TypeError(f"{func.__name__} must take a 'settings' parameter")
-    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for n, p in sig.parameters.items()
-           if n not in ("settings", "ctx")]
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=_evaluated(p.annotation, func))
+           for n, p in sig.parameters.items() if n not in ("settings", "ctx")]
     clash = {p.name for p in own} & set(options.names)
     if clash:
         raise TypeError(f"{func.__name__}: parameter(s) {sorted(clash)} clash with {options.cls.__name__} fields")
@@ -371,6 +371,13 @@ def config_command(func: Callable[..., Any], options: ConfigOptions[Any]) -> Cal
     command.__annotations__ = {}  # typer reads the types from the signature below
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     return command
+
+
+def _evaluated(annotation: Any, func: Callable[..., Any]) -> Any:
+    """A parameter's annotation as a type (under ``from __future__ import annotations`` it is a string)."""
+    if isinstance(annotation, str):
+        return eval(annotation, func.__globals__)  # as inspect.signature(eval_str=True) does
+    return annotation
 
 
 def fail(exc: Exception | str, code: int = 2) -> NoReturn:
