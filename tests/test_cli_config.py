@@ -106,7 +106,7 @@ def test_help_shows_every_setting_with_its_docstring_default_and_choices():
     assert code == 0, out
     for text in ("--name", "-n", "What to call the run [for example: toy].", "Required unless --config",
                  "Learning rate.", "[default: 0.5]", "[default: 10]", "--shuffle", "--no-shuffle",
-                 "[default: shuffle]", "sft|kl", "[default: sft]", "INT|none", "'none' for none",
+                 "[default: shuffle]", "sft|kl", "[default: sft]", "INT|none", "Give 'none' for None",
                  "--timeout-s", "--timeout", "Repeat the option", "--sizes", "separate values with commas"):
         assert text in out, (text, out)
     assert "--pairs" not in out  # skipped: a structured field is set through --config only

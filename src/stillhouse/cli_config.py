@@ -202,7 +202,7 @@ class ConfigOptions(Generic[C]):
     def _info(self, s: Setting) -> Any:
         text = _escape(s.help)
         if s.optional:
-            text += " 'none' for none."
+            text += " Give 'none' for None."
         if s.kind == "list":
             text += " Repeat the option" + (" or separate values with commas" if s.comma else "") + \
                     "; '' for none."
