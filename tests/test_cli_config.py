@@ -34,6 +34,8 @@ class Toy:
     """Optimizer steps."""
     shuffle: bool = True
     """Shuffle the rows."""
+    fast: bool = False
+    """Skip the slow checks."""
     loss: Literal["sft", "kl"] = "sft"
     """Which loss."""
     limit: int | None = None
@@ -54,7 +56,7 @@ class Toy:
             raise ValueError(f"limit={self.limit}: at least 1, or none")
 
 
-OPTIONS: dict = {"flags": {"timeout_s": ("--timeout-s", "--timeout"), "name": ("--name", "-n")}, "skip": ("pairs",)}
+OPTIONS: dict = {"flags": {"timeout_s": "--timeout", "name": ("--name", "-n")}, "skip": ("pairs",)}
 
 
 def _app() -> typer.Typer:
@@ -104,18 +106,19 @@ def test_field_docs_reads_each_fields_string_and_collapses_whitespace():
 def test_help_shows_every_setting_with_its_docstring_default_and_choices():
     code, out = _run("--help")
     assert code == 0, out
-    for text in ("--name", "-n", "What to call the run [for example: toy].", "Required unless --config",
+    for text in ("--name", "-n", "What to call the run [for example: toy].", "Required (or --config FILE)",
                  "Learning rate.", "[default: 0.5]", "[default: 10]", "--shuffle", "--no-shuffle",
-                 "[default: shuffle]", "sft|kl", "[default: sft]", "INT|none", "Give 'none' for None",
-                 "--timeout-s", "--timeout", "Repeat the option", "--sizes", "separate values with commas"):
+                 "[default: shuffle]", "--fast", "One of: sft, kl.", "[default: sft]", "INT|none", "Give 'none' for None",
+                 "--timeout", "Repeatable; '' for none", "--sizes", "Repeatable or comma-separated"):
         assert text in out, (text, out)
     assert "--pairs" not in out  # skipped: a structured field is set through --config only
+    assert "--no-fast" not in out and "--timeout-s" not in out  # an off-by-default bool is a switch; flags replace
 
 
 def test_types_are_converted_from_the_command_line():
-    cfg = _cfg("-n", "a", "--lr", "0.25", "--steps", "3", "--no-shuffle", "--loss", "kl", "--limit", "7",
+    cfg = _cfg("-n", "a", "--lr", "0.25", "--steps", "3", "--no-shuffle", "--fast", "--loss", "kl", "--limit", "7",
                "--stop", "x", "--stop", "y", "--sizes", "1,2", "--sizes", "5", "--timeout", "2.5")["cfg"]
-    assert cfg == {"name": "a", "lr": 0.25, "steps": 3, "shuffle": False, "loss": "kl", "limit": 7,
+    assert cfg == {"name": "a", "lr": 0.25, "steps": 3, "shuffle": False, "fast": True, "loss": "kl", "limit": 7,
                    "stop": ["x", "y"], "sizes": [1, 2, 5], "timeout_s": 2.5, "pairs": []}
     cfg = _cfg("--name", "a", "--limit", "none", "--stop", "")["cfg"]
     assert cfg["limit"] is None and cfg["stop"] == [] and cfg["lr"] == 0.5 and cfg["stop"] == []

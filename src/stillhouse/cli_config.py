@@ -18,8 +18,9 @@ Field to option:
 - name: ``--field-name`` (underscores become dashes). ``flags={field: decls}`` replaces the
   spellings, e.g. ``("--teacher", "-t")``, ``("--timeout-s", "--timeout")`` (an old spelling kept)
   or ``"--shadow/--enforce"``;
-- ``bool``: ``--x/--no-x``; ``Literal[...]``: one of the values (``a|b|c``); ``int``, ``float``,
-  ``str`` as typed; ``X | None`` also takes ``none``;
+- ``bool``: ``--x/--no-x`` when on by default, the switch ``--x`` when off (a replayed file that
+  turned it on is edited, or the verb gives ``flags``); ``Literal[...]``: one of the values
+  (listed in the help); ``int``, ``float``, ``str`` as typed; ``X | None`` also takes ``none``;
 - ``tuple[X, ...]``: repeatable; numbers (and the str fields named in ``comma``) also split on
   commas; a lone ``''`` or ``none`` gives the empty tuple;
 - default: the field's, shown in ``--help``; a field without one is required unless ``--config``
@@ -135,7 +136,8 @@ def _setting(f: dataclasses.Field[Any], hint: Any, doc: str, decls: tuple[str, .
     kw: dict[str, Any] = {"name": f.name, "required": required, "default": default, "help": doc,
                           "optional": optional}
     if hint is bool and not optional:
-        return Setting(decls=decls or (f"{flag}/--no-{flag[2:]}",), kind="bool", **kw)
+        # A setting that is off by default is a switch (--x); one that is on can be turned off (--x/--no-x).
+        return Setting(decls=decls or ((f"{flag}/--no-{flag[2:]}",) if default else (flag,)), kind="bool", **kw)
     if hint in (int, float, str):
         kind = _SCALARS[hint]
         return Setting(decls=decls or (flag,), kind=kind, item=kind, **kw)
@@ -156,15 +158,18 @@ class ConfigOptions(Generic[C]):
     ``skip`` names fields set through ``--config`` only (structured values, secrets);
     ``arguments`` names fields taken as positional arguments; ``comma`` names str-tuple
     fields whose values are also split on commas; ``panel`` groups the options in --help.
+    ``replay=False`` for a verb without ``--config``: settings without a default are then
+    required by typer itself.
     """
 
     def __init__(self, cls: type[C], *, flags: Mapping[str, str | tuple[str, ...]] | None = None,
                  skip: Collection[str] = (), arguments: Collection[str] = (), comma: Collection[str] = (),
-                 panel: str | None = None):
+                 panel: str | None = None, replay: bool = True):
         if not dataclasses.is_dataclass(cls):
             raise TypeError(f"{cls!r} is not a dataclass")
         self.cls = cls
         self.panel = panel
+        self.replay = replay
         self.arguments = tuple(arguments)
         decls = {k: (v,) if isinstance(v, str) else tuple(v) for k, v in (flags or {}).items()}
         names = {f.name for f in dataclasses.fields(cls)}
@@ -201,33 +206,36 @@ class ConfigOptions(Generic[C]):
 
     def _info(self, s: Setting) -> Any:
         text = _escape(s.help)
+        if s.kind == "choice":
+            text += f" One of: {', '.join(s.choices)}."
         if s.optional:
             text += " Give 'none' for None."
         if s.kind == "list":
-            text += " Repeat the option" + (" or separate values with commas" if s.comma else "") + \
-                    "; '' for none."
-        if s.required:
-            text += " Required unless --config gives it."
-        metavar = None
+            text += " Repeatable" + (" or comma-separated" if s.comma else "") + "; '' for none."
+        if s.required and self.replay:
+            text += " Required (or --config FILE)."
+        metavar = None  # typer's: <int>, <float>, <str>; choices go in the help, where they wrap
         if s.kind == "choice":
-            metavar = "|".join(s.choices)
+            metavar = "CHOICE"
         elif s.kind in ("int", "float", "str") and s.optional:
             metavar = f"{_METAVARS[s.kind]}|none"
         elif s.kind == "list":
             metavar = _METAVARS[s.item]
         # The typer default only shows in --help: values the user did not type are never used.
         default: Any = s.default
-        if s.required or default is None:
+        if s.required:
+            default = None if self.replay else ...
+        elif default is None:
             default = None
         elif s.kind == "list":
             default = [_shown(v) for v in default] or None
         elif s.kind in ("str", "choice"):
             default = _shown(default)
         if s.name in self.arguments:
-            return typer.Argument(default, help=text, metavar=s.name.upper(), show_default=default is not None,
-                                  rich_help_panel=self.panel)
-        return typer.Option(default, *s.decls, help=text, metavar=metavar, show_default=default is not None,
-                            rich_help_panel=self.panel)
+            return typer.Argument(default, help=text, metavar=s.name.upper(), show_default=not s.required
+                                  and default is not None, rich_help_panel=self.panel)
+        return typer.Option(default, *s.decls, help=text, metavar=metavar, show_default=not s.required
+                            and default is not None, rich_help_panel=self.panel)
 
     def given(self, ctx: typer.Context, raw: Mapping[str, Any]) -> Given[C]:
         """What the user typed (by typer's parameter source), converted to the fields' types."""
