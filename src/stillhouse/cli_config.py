@@ -211,7 +211,7 @@ class ConfigOptions(Generic[C]):
         if s.optional:
             text += " Give 'none' for None."
         if s.kind == "list":
-            text += " Repeatable" + (" or comma-separated" if s.comma else "") + "; '' for none."
+            text += " Repeatable" + (" or comma-separated" if s.comma else "") + ("." if s.required else "; '' for none.")
         if s.required and self.replay:
             text += " Required (or --config FILE)."
         metavar = None  # typer's: <int>, <float>, <str>; choices go in the help, where they wrap
@@ -409,8 +409,9 @@ def _shown(value: Any) -> str:
 
 
 def _escape(text: str) -> str:
-    """Keep square brackets literal in rich-rendered help ("[default: x]" is not a style tag)."""
+    """A docstring as help text: reST markup plain, square brackets literal ("[x]" is no rich style tag)."""
     from rich.markup import escape
 
-    return escape(text.replace("``", "`"))
+    text = re.sub(r":[a-z]+:`", "`", text.replace("``", "`"))  # reST roles read as plain code
+    return escape(text)
 

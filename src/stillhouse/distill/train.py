@@ -131,7 +131,7 @@ class TrainConfig:
     threads: int = 0
     """torch CPU threads (0 = leave torch's default). On a shared, busy CPU, 1 is often fastest."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """auto (cuda when present, else cpu) | cpu | cuda."""
+    """Where the student trains; auto = cuda when torch sees a GPU, else cpu."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Matmul precision. bf16 = mixed precision (fp32 weights and optimizer, bf16 autocast for
     the forward and backward, losses in fp32). auto = bf16 where the hardware runs it natively
