@@ -143,9 +143,9 @@ def test_validation_errors_name_the_option():
     code, out = _run("--name", "a", "--timeout", "x")
     assert code == 2 and "--timeout" in out, out  # typer's own type check
     code, out = _run("--name", "a", "--loss", "mse")
-    assert code == 2 and "error: --loss: 'mse' is not one of sft, kl" in out, out
+    assert code == 2 and "error: --loss: loss='mse': use one of sft, kl" in out, out
     code, out = _run("--name", "a", "--limit", "many")
-    assert code == 2 and "error: --limit: 'many' is not an integer" in out, out
+    assert code == 2 and "error: --limit: limit='many': not an integer" in out, out
     code, out = _run("--name", "a", "--limit", "0")
     assert code == 2 and "error: --limit: limit=0" in out, out
     code, out = _run("--lr", "0.1")

@@ -157,23 +157,24 @@ class ConfigOptions(Generic[C]):
     ``flags`` gives a field other spellings than ``--field-name`` (the whole list);
     ``skip`` names fields set through ``--config`` only (structured values, secrets);
     ``arguments`` names fields taken as positional arguments; ``comma`` names str-tuple
-    fields whose values are also split on commas; ``panel`` groups the options in --help.
+    fields whose values are also split on commas; ``panels`` groups the options in --help
+    (``{field: title}``: that field and the ones after it, up to the next field named, go in one
+    panel; each panel sizes its own columns, so a long name widens only its group).
     ``replay=False`` for a verb without ``--config``: settings without a default are then
     required by typer itself.
     """
 
     def __init__(self, cls: type[C], *, flags: Mapping[str, str | tuple[str, ...]] | None = None,
                  skip: Collection[str] = (), arguments: Collection[str] = (), comma: Collection[str] = (),
-                 panel: str | None = None, replay: bool = True):
+                 panels: Mapping[str, str] | None = None, replay: bool = True):
         if not dataclasses.is_dataclass(cls):
             raise TypeError(f"{cls!r} is not a dataclass")
         self.cls = cls
-        self.panel = panel
         self.replay = replay
         self.arguments = tuple(arguments)
         decls = {k: (v,) if isinstance(v, str) else tuple(v) for k, v in (flags or {}).items()}
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = (set(decls) | set(skip) | set(arguments) | set(comma)) - names
+        unknown = (set(decls) | set(skip) | set(arguments) | set(comma) | set(panels or {})) - names
         if unknown:
             raise TypeError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
         hints = typing.get_type_hints(cls)
@@ -183,6 +184,12 @@ class ConfigOptions(Generic[C]):
             for f in dataclasses.fields(cls) if f.name not in skip}
         self.skipped = tuple(f.name for f in dataclasses.fields(cls) if f.name not in self.settings)
         """Fields set through --config only."""
+        self.panel: dict[str, str | None] = {}
+        """Field -> its --help panel (None: typer's "Options")."""
+        current = None
+        for f in dataclasses.fields(cls):
+            current = (panels or {}).get(f.name, current)
+            self.panel[f.name] = current
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -233,9 +240,9 @@ class ConfigOptions(Generic[C]):
             default = _shown(default)
         if s.name in self.arguments:
             return typer.Argument(default, help=text, metavar=s.name.upper(), show_default=not s.required
-                                  and default is not None, rich_help_panel=self.panel)
+                                  and default is not None, rich_help_panel=self.panel[s.name])
         return typer.Option(default, *s.decls, help=text, metavar=metavar, show_default=not s.required
-                            and default is not None, rich_help_panel=self.panel)
+                            and default is not None, rich_help_panel=self.panel[s.name])
 
     def given(self, ctx: typer.Context, raw: Mapping[str, Any]) -> Given[C]:
         """What the user typed (by typer's parameter source), converted to the fields' types."""
@@ -253,7 +260,7 @@ class ConfigOptions(Generic[C]):
                 return int(text) if kind == "int" else float(text)
             except ValueError:
                 noun = "an integer" if kind == "int" else "a number"
-                raise ConfigError(f"{s.option}: {text!r} is not {noun}") from None
+                raise ConfigError(f"{s.option}: {s.name}={text!r}: not {noun}") from None
 
         if s.kind == "list":
             items = [str(v) for v in value]
@@ -265,7 +272,7 @@ class ConfigOptions(Generic[C]):
         if s.optional and isinstance(value, str) and value.strip().lower() == "none":
             return None
         if s.kind == "choice" and value not in s.choices:
-            raise ConfigError(f"{s.option}: {value!r} is not one of {', '.join(s.choices)}")
+            raise ConfigError(f"{s.option}: {s.name}={value!r}: use one of {', '.join(s.choices)}")
         if s.kind in ("int", "float") and isinstance(value, str):
             return number(value, s.kind)
         return value

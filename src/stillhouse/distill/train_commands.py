@@ -66,4 +66,7 @@ def register(app: typer.Typer) -> None:
     """Add ``train`` to the CLI."""
     from stillhouse.distill.train import TrainConfig
 
-    app.command("train", help=_HELP)(config_command(train_command, ConfigOptions(TrainConfig)))
+    options = ConfigOptions(TrainConfig, panels={
+        "data": "Run", "loss": "Loss", "only_correct": "Data", "epochs": "Optimization", "lora_r": "What trains",
+        "save_every": "Checkpoints and exports", "threads": "Hardware"})
+    app.command("train", help=_HELP)(config_command(train_command, options))
