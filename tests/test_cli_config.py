@@ -112,7 +112,7 @@ def test_help_shows_every_setting_with_its_docstring_default_and_choices():
                  "--timeout", "Repeatable; '' for none", "--sizes", "Repeatable or comma-separated"):
         assert text in out, (text, out)
     assert "--pairs" not in out  # skipped: a structured field is set through --config only
-    assert "--no-fast" not in out and "--timeout-s" not in out  # an off-by-default bool is a switch; flags replace
+    assert "--no-fast" in out and "--timeout-s" not in out  # both spellings of a bool; flags replace the name
 
 
 def test_types_are_converted_from_the_command_line():
@@ -173,3 +173,65 @@ def test_a_verb_parameter_may_not_shadow_a_setting():
 
     with pytest.raises(TypeError, match="lr"):
         config_command(verb, ConfigOptions(Toy, skip=("pairs",)))
+
+
+# -- the real verbs ------------------------------------------------------------------------------
+
+def _verbs() -> list[tuple[str, type, set[str]]]:
+    from stillhouse.arena.run import ArenaConfig
+    from stillhouse.distill.curate import CurateConfig
+    from stillhouse.distill.evaluate import EvalConfig
+    from stillhouse.distill.export import ExportConfig
+    from stillhouse.distill.harvest import HarvestConfig
+    from stillhouse.distill.train import TrainConfig
+    from stillhouse.guard.config import GuardConfig
+    from stillhouse.guard.detect import DetectConfig
+    from stillhouse.serve.app import ServeConfig
+
+    # (verb, its config, the fields set through --config or the environment only)
+    return [("serve", ServeConfig, set()), ("harvest", HarvestConfig, set()), ("export", ExportConfig, set()),
+            ("curate", CurateConfig, set()), ("eval", EvalConfig, {"labels"}), ("train", TrainConfig, set()),
+            ("guard", GuardConfig, {"admin_token_sha256", "rules"}), ("detect", DetectConfig, {"link_weights"}),
+            ("arena", ArenaConfig, {"campaigns"})]
+
+
+def test_every_setting_of_every_verb_is_an_option_documented_by_its_field():
+    import dataclasses
+
+    from stillhouse.cli import app
+
+    group = typer.main.get_command(app)
+    for verb, cls, only_in_files in _verbs():
+        assert undocumented_fields(cls) == [], (cls.__name__, undocumented_fields(cls))
+        params = {p.name: p for p in group.commands[verb].params}  # type: ignore[attr-defined]
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in only_in_files:
+                assert f.name not in params, (verb, f.name)
+                continue
+            assert f.name in params, (verb, f.name)
+            first_words = " ".join(docs[f.name].replace("``", "`").split()[:3])
+            assert first_words in (params[f.name].help or ""), (verb, f.name, params[f.name].help)
+
+
+def test_old_flag_spellings_still_parse():
+    from stillhouse.cli import app
+
+    group = typer.main.get_command(app)
+    spelled = {verb: {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}  # type: ignore[attr-defined]
+               for verb, cmd in group.commands.items()}  # type: ignore[attr-defined]
+    old = {"serve": {"-t", "--no-continuous", "--max-batch", "--threads", "--save-config", "--config"},
+           "harvest": {"-c", "--timeout", "--price-prompt", "--price-completion", "--logprobs", "--top-logprobs",
+                       "--stop", "--no-progress", "--allow-revision-change", "--config"},
+           "export": {"-f", "--format", "--heldout", "--include-errors", "--salt"},
+           "curate": {"--eval-sets", "--heldout-rule", "--no-heldout-rule", "--keep-truncated", "--sandbox-timeout",
+                      "--max-response-tokens", "--out", "--config"},
+           "eval": {"--model", "--train-examples", "--max-new-tokens", "--no-kl", "--cache-dir", "--out"},
+           "train": {"--data", "--out", "--only-correct", "--no-shuffle", "--freeze-embeddings", "--system-prompt"},
+           "guard": {"--upstream", "--db", "--rpm", "--tpm", "--max-streams", "--detector", "--shadow", "--enforce",
+                     "--upstream-client", "--detect-mode", "--detect-max-lag", "--spool-dir", "--print-config"},
+           "detect": {"--log", "--model", "--fit", "--accounts", "--out", "--show", "--config"},
+           "arena": {"--quick", "--gateway", "--upstream", "--days", "--embedder", "--capability",
+                     "--capability-only", "--capability-config"}}
+    for verb, flags in old.items():
+        assert flags <= spelled[verb], (verb, flags - spelled[verb])

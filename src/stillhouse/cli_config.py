@@ -18,9 +18,8 @@ Field to option:
 - name: ``--field-name`` (underscores become dashes). ``flags={field: decls}`` replaces the
   spellings, e.g. ``("--teacher", "-t")``, ``("--timeout-s", "--timeout")`` (an old spelling kept)
   or ``"--shadow/--enforce"``;
-- ``bool``: ``--x/--no-x`` when on by default, the switch ``--x`` when off (a replayed file that
-  turned it on is edited, or the verb gives ``flags``); ``Literal[...]``: one of the values
-  (listed in the help); ``int``, ``float``, ``str`` as typed; ``X | None`` also takes ``none``;
+- ``bool``: ``--x/--no-x``; ``Literal[...]``: one of the values (listed in the help); ``int``,
+  ``float``, ``str`` as typed; ``X | None`` also takes ``none``;
 - ``tuple[X, ...]``: repeatable; numbers (and the str fields named in ``comma``) also split on
   commas; a lone ``''`` or ``none`` gives the empty tuple;
 - default: the field's, shown in ``--help``; a field without one is required unless ``--config``
@@ -136,8 +135,8 @@ def _setting(f: dataclasses.Field[Any], hint: Any, doc: str, decls: tuple[str, .
     kw: dict[str, Any] = {"name": f.name, "required": required, "default": default, "help": doc,
                           "optional": optional}
     if hint is bool and not optional:
-        # A setting that is off by default is a switch (--x); one that is on can be turned off (--x/--no-x).
-        return Setting(decls=decls or ((f"{flag}/--no-{flag[2:]}",) if default else (flag,)), kind="bool", **kw)
+        # both spellings, whatever the default: a replayed file may have turned it either way
+        return Setting(decls=decls or (f"{flag}/--no-{flag[2:]}",), kind="bool", **kw)
     if hint in (int, float, str):
         kind = _SCALARS[hint]
         return Setting(decls=decls or (flag,), kind=kind, item=kind, **kw)

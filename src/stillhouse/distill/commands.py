@@ -132,7 +132,11 @@ def register(app: typer.Typer) -> None:
 
     curate = ConfigOptions(CurateConfig, comma=("eval_sets",), flags={
         "arithmetic_split_rule": "--heldout-rule/--no-heldout-rule",
-        "drop_truncated": "--drop-truncated/--keep-truncated", "sandbox_timeout_s": "--sandbox-timeout"})
+        "drop_truncated": "--drop-truncated/--keep-truncated", "sandbox_timeout_s": "--sandbox-timeout"}, panels={
+        "eval_sets": "Decontamination", "near_dup_threshold": "Near duplicates", "verify": "Verification",
+        "min_response_chars": "Answers", "sandbox_timeout_s": "Code sandbox"})
     app.command("curate")(config_command(curate_command, curate))
-    app.command("eval")(config_command(eval_command, ConfigOptions(EvalConfig, flags={"students": "--model"},
-                                                                    skip=("labels",))))
+    evaluate = ConfigOptions(EvalConfig, flags={"students": "--model"}, skip=("labels",), panels={
+        "students": "Models", "task": "Items", "batch_size": "Generation and KL", "train_examples": "Report",
+        "device": "Hardware"})
+    app.command("eval")(config_command(eval_command, evaluate))

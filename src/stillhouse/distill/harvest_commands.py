@@ -155,7 +155,9 @@ def register(app: typer.Typer) -> None:
 
     harvest = ConfigOptions(HarvestConfig, flags={
         "concurrency": ("--concurrency", "-c"), "timeout_s": "--timeout", "price_prompt_per_1m": "--price-prompt",
-        "price_completion_per_1m": "--price-completion"})
+        "price_completion_per_1m": "--price-completion"}, panels={
+        "prompts": "Run", "samples": "Sampling", "concurrency": "Requests", "max_requests": "Budget caps",
+        "strict": "Input and store"})
     app.command("harvest", help=HARVEST_HELP)(config_command(harvest_cmd, harvest))
     export = ConfigOptions(ExportConfig, flags={"format": ("--format", "-f")}, arguments=("run_dir",), replay=False)
     app.command("export", help=EXPORT_HELP)(config_command(export_cmd, export))

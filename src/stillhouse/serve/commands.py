@@ -66,5 +66,6 @@ def register(app: typer.Typer) -> None:
     """Add this area's verbs to the CLI."""
     from stillhouse.serve.app import ServeConfig
 
-    options = ConfigOptions(ServeConfig, flags={"teacher": ("--teacher", "-t")})
+    options = ConfigOptions(ServeConfig, flags={"teacher": ("--teacher", "-t")}, panels={
+        "teacher": "Server", "max_batch": "Batching", "max_tokens_limit": "Request limits", "served_name": "Model"})
     app.command("serve", help=SERVE_HELP)(config_command(serve_command, options))
