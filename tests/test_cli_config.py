@@ -56,6 +56,15 @@ class Toy:
             raise ValueError(f"limit={self.limit}: at least 1, or none")
 
 
+@dataclass(frozen=True)
+class Ragged:
+    a: int = 1
+    """A docstring whose second line
+starts at column 0 (the quick cut of the class's text stops there; inspect's source is used)."""
+    b: int = 2
+    """B."""
+
+
 OPTIONS: dict = {"flags": {"timeout_s": "--timeout", "name": ("--name", "-n")}, "skip": ("pairs",)}
 
 
@@ -93,6 +102,8 @@ def test_field_docs_reads_each_fields_string_and_collapses_whitespace():
     assert docs["lr"] == "Learning rate."
     assert docs["name"] == "What to call the run [for example: toy]."
     assert undocumented_fields(Toy) == []
+    assert field_docs(Ragged) == {"a": "A docstring whose second line starts at column 0 (the quick cut of the "
+                                       "class's text stops there; inspect's source is used).", "b": "B."}
 
     @dataclass(frozen=True)
     class Half:
