@@ -16,8 +16,8 @@ function what the user typed as a :class:`Given`::
 Field to option:
 
 - name: ``--field-name`` (underscores become dashes). ``flags={field: decls}`` replaces the
-  spellings, e.g. ``("--teacher", "-t")``, ``("--timeout-s", "--timeout")`` (an old spelling kept)
-  or ``"--shadow/--enforce"``;
+  spellings, e.g. ``("--teacher", "-t")``, ``"--timeout"`` (an older, shorter spelling kept for
+  ``timeout_s``) or ``"--shadow/--enforce"``;
 - ``bool``: ``--x/--no-x``; ``Literal[...]``: one of the values (listed in the help); ``int``,
   ``float``, ``str`` as typed; ``X | None`` also takes ``none``;
 - ``tuple[X, ...]``: repeatable; numbers (and the str fields named in ``comma``) also split on
@@ -51,7 +51,7 @@ from typing import Any, Generic, Literal, NoReturn, TypeVar
 
 import typer
 
-from stillhouse.config import ConfigError, config_from_dict, load_config
+from stillhouse.config import ConfigError, config_from_dict, load_config, save_config
 
 C = TypeVar("C")
 
@@ -433,8 +433,6 @@ def fail(exc: Exception | str, code: int = 2) -> NoReturn:
 def save_effective(cfg: Any, path: str | Path | None) -> None:
     """``--save-config FILE``: write the effective config for a later ``--config FILE``."""
     if path is not None:
-        from stillhouse.config import save_config
-
         save_config(cfg, path)
 
 
