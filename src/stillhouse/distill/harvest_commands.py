@@ -49,6 +49,7 @@ def harvest_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
     from stillhouse.distill.harvest import HarvestError, run_async, run_harvest
     from stillhouse.distill.prompts import PromptError, format_problems
@@ -75,10 +76,10 @@ def harvest_cmd(
             bar.start()
         report = run_async(run_harvest(cfg, on_progress=bar.update if bar else None, on_prompts=on_prompts))
     except PromptError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from exc
     except (HarvestError, ConfigError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from exc
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: finished records are saved; rerun the same command to "
