@@ -51,7 +51,7 @@ from typing import Any, Generic, Literal, NoReturn, TypeVar
 
 import typer
 
-from stillhouse.config import ConfigError, config_from_dict, load_config, save_config
+from stillhouse.config import ConfigError, load_config, save_config
 
 C = TypeVar("C")
 
@@ -338,7 +338,7 @@ class Given(Generic[C]):
         return name in self.values
 
     def config(self, base: C | Mapping[str, Any] | None = None) -> C:
-        """``base`` (a config, a dict of fields, or the defaults) with the typed settings applied.
+        """``base`` (a config, a dict of typed field values, or the defaults) with the typed settings applied.
 
         Raises ConfigError naming the option when a required setting is missing or the
         config's validation refuses a value.
@@ -354,7 +354,7 @@ class Given(Generic[C]):
                 raise ConfigError(f"missing {', '.join(missing)} (or replay a saved config with --config FILE)")
 
             def build() -> C:
-                return config_from_dict(cls, data, source=cls.__name__)
+                return cls(**data)  # values are typed already; the base names fields only
         try:
             return build()
         except (ValueError, TypeError) as exc:  # ConfigError is a ValueError
