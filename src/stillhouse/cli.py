@@ -3,9 +3,10 @@
 Every stage is a verb over a run directory:
     serve | harvest | export | curate | train | eval | guard | detect | arena | bench
 
-Each area registers its own verbs (``register(app, bench_app)`` in its ``commands``
-module); those modules import heavy libraries inside the command functions, so
-``stillhouse --help`` stays fast.
+Each area registers its own verbs (``register(app)`` in its ``commands`` module); a
+verb's options are the fields of its config dataclass, derived by
+:mod:`stillhouse.cli_config`. Those modules import heavy libraries inside the command
+functions, so ``stillhouse --help`` stays fast.
 """
 
 from __future__ import annotations

@@ -55,6 +55,8 @@ class CapabilityError(ValueError):
 
 @dataclass(frozen=True)
 class CapabilityConfig:
+    """The capability-leaked stage of the arena (``stillhouse arena --capability``)."""
+
     teacher: str = "bundled"
     """Local teacher spec (bundled, hf:DIR, gguf:FILE): served to the campaign and the students' init."""
     student: str = "self"
@@ -70,13 +72,17 @@ class CapabilityConfig:
     verified_only: bool = True
     """Train only on rows whose answer verifies (as ``stillhouse curate`` keeps them)."""
     epochs: int = 3
+    """SFT epochs of each student (the recipe of ``make demo``, scripts/demo.py, the same for both)."""
     batch_size: int = 8
+    """SFT batch size of each student."""
     lr: float = 5e-5
+    """SFT learning rate of each student."""
     warmup_steps: int = 2
-    """SFT recipe of ``make demo`` (scripts/demo.py), the same for both students."""
+    """SFT warmup steps of each student."""
     eval_limit: int = 100
     """Held-out 2-digit additions (``stillhouse eval --task arithmetic2``)."""
     eval_seed: int = 0
+    """Which held-out additions are drawn for the evaluation."""
     threads: int = 1
     """torch CPU threads for serving, training and eval (1 is fastest on a shared 2-core machine)."""
     max_batch: int = 16

@@ -1,31 +1,47 @@
-"""CLI verbs of detect and arena: ``stillhouse detect``, ``stillhouse arena``, ``stillhouse bench detect``.
+"""CLI verbs of detect and arena: ``stillhouse detect`` and ``stillhouse arena``.
 
-Heavy imports happen inside the commands, so ``stillhouse --help`` stays fast.
+Their settings are the fields of DetectConfig (used with ``detect --fit``) and ArenaConfig,
+derived by :mod:`stillhouse.cli_config`. Heavy imports happen inside the commands, so
+``stillhouse --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import typer
+
+from stillhouse.cli_config import ConfigError, ConfigOptions, Given, config_command, fail
+
+if TYPE_CHECKING:
+    from stillhouse.arena.run import ArenaConfig
+    from stillhouse.guard.detect import DetectConfig
 
 
 def register(app: typer.Typer) -> None:
     """Add this area's verbs to the CLI."""
-    app.command("detect")(detect)
-    app.command("arena")(arena)
+    from stillhouse.arena.run import ArenaConfig
+    from stillhouse.guard.detect import DetectConfig
+
+    detect_settings = ConfigOptions(DetectConfig, skip=("link_weights",), comma=("evidence_signals",),
+                                    panels={"window_s": "Detector settings (with --fit)"})
+    app.command("detect")(config_command(detect, detect_settings))
+    arena_settings = ConfigOptions(ArenaConfig, skip=("campaigns",), panels={
+        "days": "Populations", "calib_seed": "Seeds and campaigns", "gateway": "Run"})
+    app.command("arena")(config_command(arena, arena_settings))
 
 
 def detect(
+    settings: Given[DetectConfig],
     log: str = typer.Option(..., "--log", help="Traffic log: sqlite:///path/guard.db, postgresql://..., or a .jsonl "
                                                 "file of TrafficRecords (one JSON object per line)."),
     model: Path = typer.Option(Path("detector"), "--model", help="Fitted detector directory (detector.json + .npz)."),
     fit: bool = typer.Option(False, "--fit", help="Calibrate: treat --log as BENIGN traffic only and write the "
                                                  "fitted detector to --model (thresholds from benign quantiles)."),
-    config: Path | None = typer.Option(None, "--config", help="DetectConfig JSON (with --fit); replays a saved "
-                                                                  "detector.json's 'config' too."),
+    config: Path | None = typer.Option(None, "--config", help="With --fit: a DetectConfig JSON, or a saved "
+                                       "detector.json (its 'config'); the settings given too override it."),
     accounts: Path | None = typer.Option(None, "--accounts", help="JSONL of AccountInfo (payment fingerprints) "
                                                                       "when the log is a .jsonl file."),
     out: Path | None = typer.Option(None, "--out", help="Write one verdict per account as JSON lines here."),
@@ -45,10 +61,12 @@ def detect(
     from rich.progress import Progress
     from rich.table import Table
 
-    from stillhouse.config import load_config
-    from stillhouse.guard.detect import DetectConfig, WindowDetector
+    from stillhouse.guard.detect import WindowDetector
     from stillhouse.guard.detect.offline import LogError, read_accounts, read_log, replay
 
+    if settings.values and not fit:
+        given = ", ".join(settings.options.settings[n].option for n in settings.values)
+        fail(f"{given}: detector settings apply with --fit (a fitted detector keeps the config it was fitted with)")
     console = Console()
     try:
         records, infos = read_log(log)
@@ -59,15 +77,10 @@ def detect(
     if not records:
         raise typer.BadParameter(f"{log} holds no traffic records", param_hint="--log")
     if fit:
-        cfg = DetectConfig()
-        if config is not None:
-            data = json.loads(config.read_text())
-            if "config" in data and isinstance(data["config"], dict):  # a saved detector.json
-                from stillhouse.config import config_from_dict
-
-                cfg = config_from_dict(DetectConfig, data["config"], source=str(config))
-            else:
-                cfg = load_config(DetectConfig, config)
+        try:
+            cfg = settings.resolve(config, load=_load_detect_config)
+        except ConfigError as exc:
+            fail(exc)
         with Progress(console=console, transient=True) as progress:
             det = WindowDetector(cfg).fit(records, infos, progress=progress)
         det.save(model)
@@ -96,20 +109,23 @@ def detect(
     console.print(table)
 
 
+def _load_detect_config(cls: type[DetectConfig], path: str | Path) -> DetectConfig:
+    """A DetectConfig JSON, or the ``config`` a saved detector.json carries."""
+    from stillhouse.config import config_from_dict, load_config, read_json_object
+
+    data = read_json_object(path)
+    if isinstance(data.get("config"), dict):  # a saved detector.json
+        return config_from_dict(cls, data["config"], source=str(path))
+    return load_config(cls, path)
+
+
 def arena(
-    quick: bool = typer.Option(False, "--quick", help="The small CI scenario (~30 s): 2 days, 400+250 benign accounts."),
+    settings: Given[ArenaConfig],
+    quick: bool = typer.Option(False, "--quick", help="The small CI scenario (~30 s): 2 days, 400+250 benign accounts "
+                                                      "(the settings given too override it)."),
     out: Path = typer.Option(Path("arena-run"), "--out", help="Run directory (report.md, metrics.json, PNGs, logs)."),
-    config: Path | None = typer.Option(None, "--config", help="ArenaConfig JSON (e.g. a previous run's arena.json)."),
-    gateway: str | None = typer.Option(None, "--gateway", help="'guard' (real guard app, default) or 'direct'."),
-    upstream: str | None = typer.Option(None, "--upstream", help="'sim' (fast length-aware fake, default) or a "
-                                                                     "teacher base URL, e.g. http://127.0.0.1:8000 "
-                                                                     "from `stillhouse serve`."),
-    days: float | None = typer.Option(None, "--days", help="Simulated days (overrides the scenario)."),
-    embedder: str | None = typer.Option(None, "--embedder", help="'hash' (default) or 'minilm'."),
-    capability: bool = typer.Option(False, "--capability", help="Also measure capability leaked: a harvest "
-                                    "campaign through the guard to the real bundled teacher, then SFT students on "
-                                    "what leaked vs the unblocked harvest, scored on held-out additions (minutes "
-                                    "more on 2 cores)."),
+    config: Path | None = typer.Option(None, "--config", help="ArenaConfig JSON (e.g. a previous run's arena.json); "
+                                                                  "the settings given too override it."),
     capability_only: bool = typer.Option(False, "--capability-only", help="Only the capability stage, with the "
                                          "fitted detector of an earlier run in --out (OUT/detector)."),
     capability_config: Path | None = typer.Option(None, "--capability-config", help="CapabilityConfig JSON "
@@ -129,17 +145,19 @@ def arena(
     --capability adds ~8 CPU-minutes (bundled teacher, two SFT runs, eval). `--quick`: the CI
     scenario (~30 s).
     """
-    from dataclasses import replace
-
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from stillhouse.arena.capability import CapabilityConfig, CapabilityError, run_capability
     from stillhouse.arena.report import capability_lines, merge_capability
-    from stillhouse.arena.run import QUICK, ArenaConfig, run_arena
+    from stillhouse.arena.run import QUICK, run_arena
     from stillhouse.config import load_config
 
-    cap_cfg = load_config(CapabilityConfig, capability_config) if capability_config is not None else CapabilityConfig()
+    try:
+        cap_cfg = (load_config(CapabilityConfig, capability_config) if capability_config is not None
+                   else CapabilityConfig())
+    except (ConfigError, ValueError) as exc:
+        fail(f"--capability-config: {exc}")
     if capability_only:
         console = Console()
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -153,13 +171,10 @@ def arena(
         console.print(f"report: {out / 'capability' / 'report.md'} (and the Capability section of "
                       f"{out / 'report.md'} when it exists)")
         return
-    cfg = load_config(ArenaConfig, config) if config is not None else (QUICK if quick else ArenaConfig())
-    overrides: dict[str, Any] = {k: v for k, v in {"gateway": gateway, "upstream": upstream, "days": days,
-                                   "embedder": embedder, "capability": capability or None}.items() if v is not None}
     try:
-        cfg = replace(cfg, **overrides)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        cfg = settings.resolve(config) if config is not None else settings.config(QUICK if quick else None)
+    except ConfigError as exc:
+        fail(exc)
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console) as progress:

@@ -39,6 +39,8 @@ GatewayKind = Literal["guard", "direct"]
 
 @dataclass(frozen=True)
 class ArenaConfig:
+    """One arena scenario (``stillhouse arena``); saved as OUT/arena.json, replayed with ``--config``."""
+
     days: float = 7.0
     """Simulated span of both the calibration and the evaluation traffic."""
     calib_accounts: int = 6000
@@ -55,7 +57,9 @@ class ArenaConfig:
     bench_share: float = 0.008
     """Share of benchmark runners (hard negatives)."""
     calib_seed: int = 1
+    """Seed of the benign calibration population."""
     eval_seed: int = 5
+    """Seed of the benign evaluation population (must differ from calib_seed)."""
     campaigns: tuple[tuple[str, int, int], ...] = (
         ("cot", 3, 1500), ("rubric", 3, 1000), ("agentic", 3, 1200), ("hydra", 200, 40), ("slow", 10, 100),
         ("paraphrase", 3, 1000), ("harvest", 3, 1000),
@@ -66,17 +70,22 @@ class ArenaConfig:
     mixed_accounts: int = 6
     """Accounts per attacker fraction (each fraction's TPR rests on this many accounts)."""
     mixed_requests: int = 500
+    """Planned requests per account of the 'mixed' campaigns."""
     campaign_seed: int = 400
+    """Seed of the first campaign; campaign i uses campaign_seed + i (mixed ones + 50 + j)."""
     gateway: GatewayKind = "guard"
     """'guard': the real guard app (ASGI in-process) → HTTP on loopback → upstream; 'direct': no HTTP."""
     upstream: str = "sim"
     """'sim' (the length-aware sim teacher, started on loopback) or a base URL on this machine (loopback
     only: 127.0.0.0/8, ::1, localhost), e.g. the one `stillhouse serve` prints."""
     max_tokens_limit: int = 4096
+    """The served model's max_tokens limit: the traffic's asks and the detector's 'at max' signal use it."""
     verify_offline: bool = True
     """Replay the evaluation log offline and check that the verdicts equal the online ones."""
     embedder: Literal["hash", "minilm"] = "hash"
+    """The detector's prompt embedding (``DetectConfig.embedder``): hashed bag of words, or all-MiniLM-L6-v2."""
     cluster_every: int = 500
+    """The detector relinks accounts into clusters after this many requests (``DetectConfig.cluster_every``)."""
     capability: bool = False
     """Run the capability-leaked stage (:mod:`.capability`, its own ``CapabilityConfig``) after the evaluation."""
 

@@ -1,48 +1,37 @@
-"""CLI verbs of the distill area after harvest: ``curate``, ``eval`` (and ``train``).
+"""CLI verbs of the distill area after harvest: ``curate`` and ``eval`` (``train`` is in train_commands).
 
     stillhouse curate RUN_DIR [--eval-sets SPECS] [--keep-per-prompt K] [--config FILE]
     stillhouse eval --model SPEC --teacher SPEC --task arithmetic2 --limit 200 --out DIR
 
-Thin: each verb parses its options, builds the frozen config, and calls the library
+Thin: the options are the fields of CurateConfig and EvalConfig (derived by
+:mod:`stillhouse.cli_config`); each verb builds its config and calls the library
 (:mod:`stillhouse.distill.curate`, :mod:`stillhouse.distill.evaluate`). Heavy imports
 happen inside the functions so ``stillhouse --help`` stays fast.
-
-Ownership: curate/eval by D1; ``train`` is added by D2 in the marked section at the end
-(a ``train_command`` function plus one line in :func:`register`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
+from stillhouse.cli_config import ConfigError, ConfigOptions, Given, config_command, fail
 
-def _split_specs(text: str) -> tuple[str, ...]:
-    if text.strip().lower() in ("", "none"):
-        return ()
-    return tuple(s.strip() for s in text.split(",") if s.strip())
+if TYPE_CHECKING:
+    from stillhouse.distill.curate import CurateConfig
+    from stillhouse.distill.evaluate import EvalConfig
 
 
 # -- curate --------------------------------------------------------------------------------------
 
 def curate_command(
+    settings: Given[CurateConfig],
     run_dir: Path = typer.Argument(..., help="A harvest run directory, or a .jsonl/.parquet file of rows "
                                               "(fields: messages, response, and optionally answer/tests/...)."),
-    eval_sets: str = typer.Option(
-        "builtin:arithmetic-heldout:1000,builtin:gsm8k-test,builtin:humaneval", "--eval-sets",
-        help="Comma-separated evaluation sets to decontaminate against (13-gram overlap); '' or 'none' skips."),
-    heldout_rule: bool = typer.Option(True, help="Drop additions whose pair is in the generated held-out split "
-                                                 "(tasks.is_heldout_pair); off for an experiment's own split."),
-    keep_per_prompt: int = typer.Option(1, help="Best-of-n: verified samples kept per prompt (greedy first)."),
-    verify: str = typer.Option("require", help="require: drop unverified rows; annotate: keep and mark; off."),
-    near_dup_threshold: float = typer.Option(0.85, help="MinHash Jaccard at or above which rows are near-duplicates."),
-    max_response_tokens: int = typer.Option(0, help="Drop longer answers (0 = no cap)."),
-    keep_truncated: bool = typer.Option(False, help="Keep answers that stopped at max_tokens."),
-    sandbox_timeout: float = typer.Option(5.0, help="Seconds per code sample in the sandbox."),
-    out: Path = typer.Option(None, help="Output folder (default RUN_DIR/curated)."),
-    config: Path = typer.Option(None, help="Replay a saved curated/config.json (other options are ignored)."),
+    out: Path | None = typer.Option(None, help="Output folder (default RUN_DIR/curated)."),
+    config: Path | None = typer.Option(None, help="Replay a saved curated/config.json; options given too "
+                                                  "override it."),
 ) -> None:
     """Curate harvested samples: dedup, decontaminate, verify, best-of-n. Dropped rows are kept with reasons.
 
@@ -65,24 +54,15 @@ def curate_command(
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from stillhouse.config import ConfigError, load_config
-    from stillhouse.distill.curate import CurateConfig, CurateError, curate_run, report_table
+    from stillhouse.distill.curate import CurateError, curate_run, report_table
 
     console = Console(stderr=False)
     try:
-        if config is not None:
-            cfg = load_config(CurateConfig, config)
-            console.print(f"replaying {config}")
-        else:
-            cfg = CurateConfig(
-                eval_sets=_split_specs(eval_sets), arithmetic_split_rule=heldout_rule,
-                keep_per_prompt=keep_per_prompt, verify=verify,  # type: ignore[arg-type]
-                near_dup_threshold=near_dup_threshold,
-                max_response_tokens=max_response_tokens or None, drop_truncated=not keep_truncated,
-                sandbox_timeout_s=sandbox_timeout,
-            )
-    except (ValueError, ConfigError) as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        cfg = settings.resolve(config)
+    except ConfigError as exc:
+        fail(exc)
+    if config is not None:
+        console.print(f"replaying {config}")
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as bar:
@@ -106,22 +86,10 @@ def curate_command(
 # -- eval ----------------------------------------------------------------------------------------
 
 def eval_command(
-    model: list[str] = typer.Option(None, "--model", help="Student spec(s): hf:DIR, bundled, gguf:FILE. "
-                                                           "Repeat for several students; 'LABEL=SPEC' names one."),
-    teacher: str = typer.Option("bundled", help="Teacher spec (a local model, for KL and agreement)."),
-    task: str = typer.Option("arithmetic2", help="arithmetic2 | arithmetic3 | gsm8k | humaneval"),
-    limit: int = typer.Option(200, help="Held-out items to evaluate."),
+    settings: Given[EvalConfig],
     out: Path = typer.Option(Path("eval-out"), help="Folder for report.md, results.json and plots."),
-    batch_size: int = typer.Option(32, help="Prompts per generation batch."),
-    max_new_tokens: int = typer.Option(0, help="0 = the task's default."),
-    kl: bool = typer.Option(True, help="Compute KL(teacher||student) on the teacher's greedy completions."),
-    train_examples: list[int] = typer.Option(None, "--train-examples",
-                                             help="Training-set size of each --model, in order, for the "
-                                                  "score-vs-examples plot."),
-    seed: int = typer.Option(0, help="Seed of the held-out item draw (arithmetic)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    cache_dir: Path = typer.Option(None, help="Teacher-output cache (default OUT/../.eval-cache)."),
-    config: Path = typer.Option(None, help="Replay a saved results config (other options are ignored)."),
+    cache_dir: Path | None = typer.Option(None, help="Teacher-output cache (default OUT/../.eval-cache)."),
+    config: Path | None = typer.Option(None, help="Replay a saved OUT/config.json; options given too override it."),
 ) -> None:
     """Evaluate students against their teacher on held-out items: accuracy (95% CI), agreement, KL, ceiling ratio.
 
@@ -141,24 +109,15 @@ def eval_command(
     from rich.console import Console
     from rich.markup import escape
 
-    from stillhouse.config import ConfigError, load_config
-    from stillhouse.distill.evaluate import EvalConfig, EvalError, parse_model_args, run_eval
+    from stillhouse.distill.evaluate import EvalError, parse_model_args, run_eval
 
     console = Console()
     try:
-        if config is not None:
-            cfg = load_config(EvalConfig, config)
-        else:
-            if not model:
-                raise ValueError("give at least one --model SPEC (or --config FILE to replay a run)")
-            labels, specs = parse_model_args(model)
-            cfg = EvalConfig(
-                students=specs, labels=labels, teacher=teacher, task=task, limit=limit, batch_size=batch_size,
-                max_new_tokens=max_new_tokens or None, kl=kl,
-                train_examples=tuple(train_examples) if train_examples else (), seed=seed, device=device,
-            )
-    except (ValueError, ConfigError) as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        if "students" in settings:  # --model LABEL=SPEC: the label goes to its own field
+            settings.values["labels"], settings.values["students"] = parse_model_args(settings.values["students"])
+        cfg = settings.resolve(config)
+    except (ConfigError, ValueError) as exc:
+        fail(exc)
     try:
         result = run_eval(cfg, out, cache_dir=cache_dir, console=console)
     except EvalError as exc:
@@ -168,10 +127,18 @@ def eval_command(
     console.print(f"report: {out / 'report.md'}")
 
 
-# -- train (D2 adds train_command here) ------------------------------------------------------------
-
-
 def register(app: typer.Typer) -> None:
     """Add this area's verbs to the CLI."""
-    app.command("curate")(curate_command)
-    app.command("eval")(eval_command)
+    from stillhouse.distill.curate import CurateConfig
+    from stillhouse.distill.evaluate import EvalConfig
+
+    curate = ConfigOptions(CurateConfig, comma=("eval_sets",), flags={
+        "arithmetic_split_rule": "--heldout-rule/--no-heldout-rule",
+        "drop_truncated": "--drop-truncated/--keep-truncated", "sandbox_timeout_s": "--sandbox-timeout"}, panels={
+        "eval_sets": "Decontamination", "near_dup_threshold": "Near duplicates", "verify": "Verification",
+        "min_response_chars": "Answers", "sandbox_timeout_s": "Code sandbox"})
+    app.command("curate")(config_command(curate_command, curate))
+    evaluate = ConfigOptions(EvalConfig, flags={"students": "--model"}, skip=("labels",), panels={
+        "students": "Models", "task": "Items", "batch_size": "Generation and KL", "train_examples": "Report",
+        "device": "Hardware"})
+    app.command("eval")(config_command(eval_command, evaluate))

@@ -62,7 +62,8 @@ class EvalConfig:
     """One evaluation. Saved as ``config.json`` next to the report."""
 
     students: tuple[str, ...]
-    """Student specs (``hf:DIR``, ``bundled``, ``gguf:FILE``)."""
+    """Student specs (``hf:DIR``, ``bundled``, ``gguf:FILE``). On the command line: ``--model SPEC``, repeated
+    for several students; ``--model LABEL=SPEC`` also names one."""
     labels: tuple[str, ...] = ()
     """Display names, one per student; empty = derived from the specs."""
     teacher: str = "bundled"
@@ -85,10 +86,10 @@ class EvalConfig:
     """Training-set size behind each student (same order), for the score-vs-examples plot."""
     n_boot: int = 1000
     """Bootstrap resamples for the ceiling-ratio interval."""
-    device: str = "auto"
-    """auto (cuda when present) | cpu | cuda."""
-    dtype: str = "float32"
-    """Model dtype for loading (float32 on CPU)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the models run; auto = cuda when torch sees a GPU, else cpu."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Model dtype for loading (float32 on a CPU)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.students, str):
@@ -110,6 +111,8 @@ class EvalConfig:
             raise ValueError(f"n_boot={self.n_boot}: at least 10")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device={self.device!r}: auto, cpu or cuda")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype={self.dtype!r}: float32, bfloat16 or float16")
 
     @property
     def new_tokens(self) -> int:

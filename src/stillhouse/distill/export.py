@@ -45,7 +45,7 @@ class ExportConfig:
     out: str
     """Output directory."""
     format: Format = "jsonl"
-    """jsonl, parquet or hf (datasets save_to_disk)."""
+    """The file format; hf = a datasets directory (save_to_disk)."""
     heldout: float = 0.1
     """Share of prompts held out, in [0, 1]."""
     logprobs: bool = False

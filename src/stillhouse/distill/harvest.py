@@ -95,14 +95,19 @@ class HarvestConfig:
     samples: int = 1
     """Completions per prompt (each its own request and record), for best-of-n later."""
     temperature: float = 0.0
+    """Sampling temperature; 0 = greedy."""
     top_p: float = 1.0
+    """Nucleus sampling: sample from the smallest token set whose probability reaches this (1 = all)."""
     max_tokens: int = 256
+    """Completion token limit per request."""
     seed: int | None = None
     """Sample i is requested with seed+i, so samples differ and reruns reproduce."""
     stop: tuple[str, ...] = ()
+    """Stop strings: a completion ends before the first of them."""
     logprobs: bool = False
+    """Store the logprob of every completion token (for KD from the harvest)."""
     top_logprobs: int = 0
-    """k most likely tokens per position (0..20; needs logprobs)."""
+    """Store the k most likely tokens per position (0..20; needs logprobs, which ``--top-logprobs`` turns on)."""
     concurrency: int = 0
     """Requests in flight. 0 picks: 64 for HTTP teachers, 32 for local ones, 16 for fake."""
     timeout_s: float = 120.0
@@ -112,6 +117,7 @@ class HarvestConfig:
     backoff_s: float = 0.5
     """First retry delay; doubles each attempt, full jitter."""
     backoff_max_s: float = 30.0
+    """Cap on the backoff delay between retries (a server's Retry-After is obeyed as sent, not capped)."""
     rpm: float = 0.0
     """Requests per minute (0 = no limit)."""
     tpm: float = 0.0
@@ -125,6 +131,7 @@ class HarvestConfig:
     price_prompt_per_1m: float = 0.0
     """Price per million prompt tokens, for cost tracking."""
     price_completion_per_1m: float = 0.0
+    """Price per million completion tokens, for cost tracking."""
     strict: bool = False
     """Fail before any teacher call when the prompt source has a bad row."""
     limit: int | None = None

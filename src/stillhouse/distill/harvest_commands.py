@@ -1,16 +1,22 @@
-"""CLI verbs of the harvest area: ``harvest``, ``export`` and ``bench harvest``.
+"""CLI verbs of the harvest area: ``harvest`` and ``export``.
 
-Thin: each parses its options into a config and calls the library
-(:mod:`stillhouse.distill.harvest`, :mod:`stillhouse.distill.export`,
-:mod:`stillhouse.bench.harvest`).
+Thin: the options are the fields of HarvestConfig and ExportConfig (derived by
+:mod:`stillhouse.cli_config`); each verb builds its config and calls the library
+(:mod:`stillhouse.distill.harvest`, :mod:`stillhouse.distill.export`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
+
+from stillhouse.cli_config import ConfigError, ConfigOptions, Given, config_command, fail
+
+if TYPE_CHECKING:
+    from stillhouse.distill.export import ExportConfig
+    from stillhouse.distill.harvest import HarvestConfig
 
 HARVEST_HELP = """Harvest a teacher into a crash-safe, resumable run directory.
 
@@ -37,76 +43,24 @@ Examples:
 
 
 def harvest_cmd(
-    prompts: str = typer.Option(None, "--prompts", help="Prompt source (see above)."),
-    teacher: str = typer.Option(None, "--teacher", help="Teacher spec: bundled, hf:DIR, gguf:FILE, "
-                                "http://HOST:PORT/v1[#MODEL], fake."),
-    out: str = typer.Option(None, "--out", help="Run directory (created; reused on rerun)."),
-    config: Path = typer.Option(None, "--config", help="Replay a saved RUN_DIR/config.json."),
-    samples: int = typer.Option(None, "--samples", help="Completions per prompt (default 1)."),
-    temperature: float = typer.Option(None, "--temperature", help="0 = greedy (default)."),
-    top_p: float = typer.Option(None, "--top-p"),
-    max_tokens: int = typer.Option(None, "--max-tokens", help="Completion token limit (default 256)."),
-    seed: int = typer.Option(None, "--seed", help="Sample i uses seed+i."),
-    stop: list[str] = typer.Option(None, "--stop", help="Stop string (repeatable)."),
-    logprobs: bool = typer.Option(None, "--logprobs/--no-logprobs", help="Store per-token logprobs."),
-    top_logprobs: int = typer.Option(None, "--top-logprobs", help="Store the top-k logprobs (0..20)."),
-    concurrency: int = typer.Option(None, "--concurrency", "-c",
-                                    help="Requests in flight (default: 64 HTTP, 32 local)."),
-    timeout_s: float = typer.Option(None, "--timeout", help="Per-request timeout in seconds (default 120)."),
-    max_attempts: int = typer.Option(None, "--max-attempts", help="Attempts per record per run (default 5)."),
-    rpm: float = typer.Option(None, "--rpm", help="Requests-per-minute limit."),
-    tpm: float = typer.Option(None, "--tpm", help="Tokens-per-minute limit."),
-    max_requests: int = typer.Option(None, "--max-requests", help="Hard cap on requests for the run dir."),
-    max_total_tokens: int = typer.Option(None, "--max-total-tokens", help="Hard cap on tokens for the run dir."),
-    max_cost: float = typer.Option(None, "--max-cost", help="Hard cap on cost (needs prices)."),
-    price_prompt: float = typer.Option(None, "--price-prompt", help="Price per 1M prompt tokens."),
-    price_completion: float = typer.Option(None, "--price-completion", help="Price per 1M completion tokens."),
-    strict: bool = typer.Option(None, "--strict/--no-strict", help="Fail on any bad prompt row, before any call."),
-    limit: int = typer.Option(None, "--limit", help="Use only the first N prompts."),
-    allow_revision_change: bool = typer.Option(None, "--allow-revision-change",
-                                               help="Continue although the teacher's revision changed."),
+    settings: Given[HarvestConfig],
+    config: Path | None = typer.Option(None, "--config", help="Replay a saved RUN_DIR/config.json; options "
+                                                                "given too override it."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
     from rich.console import Console
     from rich.markup import escape
 
-    from stillhouse.config import ConfigError, config_to_dict
-    from stillhouse.distill.harvest import (
-        HarvestConfig,
-        HarvestError,
-        load_harvest_config,
-        run_async,
-        run_harvest,
-    )
+    from stillhouse.distill.harvest import HarvestError, run_async, run_harvest
     from stillhouse.distill.prompts import PromptError, format_problems
 
     console = Console(stderr=True)
-    given: dict[str, Any] = {
-        "prompts": prompts, "teacher": teacher, "out": out, "samples": samples, "temperature": temperature,
-        "top_p": top_p, "max_tokens": max_tokens, "seed": seed, "stop": tuple(stop) if stop else None,
-        "logprobs": logprobs, "top_logprobs": top_logprobs, "concurrency": concurrency, "timeout_s": timeout_s,
-        "max_attempts": max_attempts, "rpm": rpm, "tpm": tpm, "max_requests": max_requests,
-        "max_total_tokens": max_total_tokens, "max_cost": max_cost, "price_prompt_per_1m": price_prompt,
-        "price_completion_per_1m": price_completion, "strict": strict, "limit": limit,
-        "allow_revision_change": allow_revision_change,
-    }
-    given = {k: v for k, v in given.items() if v is not None}
-    if top_logprobs and "logprobs" not in given:
-        given["logprobs"] = True
+    if settings.values.get("top_logprobs") and "logprobs" not in settings:
+        settings.values["logprobs"] = True  # asking for top-k logprobs means storing logprobs
     try:
-        if config is not None:
-            base = config_to_dict(load_harvest_config(str(config)))
-            base.update(given)
-            base["stop"] = tuple(base.get("stop") or ())
-            cfg = HarvestConfig(**base)
-        else:
-            missing = [f"--{k}" for k in ("prompts", "teacher", "out") if k not in given]
-            if missing:
-                raise typer.BadParameter(f"missing {', '.join(missing)} (or give --config RUN_DIR/config.json)")
-            cfg = HarvestConfig(**given)
-    except (ConfigError, ValueError, TypeError) as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}")
-        raise typer.Exit(1) from exc
+        cfg = settings.resolve(config)
+    except ConfigError as exc:
+        fail(exc, code=1)  # exit 2 means "some records failed" for this verb
 
     bar = _ProgressBar(console) if progress else None
 
@@ -181,35 +135,30 @@ so it is the same on every machine and every rerun.
 """
 
 
-def export_cmd(
-    run_dir: Path = typer.Argument(..., help="A harvest run directory."),
-    fmt: str = typer.Option("jsonl", "--format", "-f", help="jsonl, parquet or hf (datasets save_to_disk)."),
-    out: Path = typer.Option(..., "--out", help="Output directory."),
-    heldout: float = typer.Option(0.1, "--heldout", help="Share of prompts held out (0..1)."),
-    logprobs: bool = typer.Option(False, "--logprobs/--no-logprobs", help="Include token logprobs."),
-    include_errors: bool = typer.Option(False, "--include-errors", help="Also export failed records (a column "
-                                        "'status' tells them apart)."),
-    salt: str = typer.Option("", "--salt", help="Change the split without changing the share."),
-) -> None:
+def export_cmd(settings: Given[ExportConfig]) -> None:
     from rich.console import Console
-    from rich.markup import escape
 
-    from stillhouse.config import ConfigError
-    from stillhouse.distill.export import ExportConfig, export_run
+    from stillhouse.distill.export import export_run
     from stillhouse.distill.store import StoreError
 
     console = Console(stderr=True)
     try:
-        cfg = ExportConfig(run_dir=str(run_dir), format=fmt, out=str(out), heldout=heldout,  # type: ignore[arg-type]
-                           logprobs=logprobs, include_errors=include_errors, salt=salt)
-        result = export_run(cfg)
-    except (ConfigError, ValueError, StoreError) as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}")
-        raise typer.Exit(1) from exc
+        result = export_run(settings.config())
+    except (ConfigError, StoreError) as exc:
+        fail(exc, code=1)
     console.print(result.summary())
 
 
 def register(app: typer.Typer) -> None:
     """Add ``harvest`` and ``export``."""
-    app.command("harvest", help=HARVEST_HELP)(harvest_cmd)
-    app.command("export", help=EXPORT_HELP)(export_cmd)
+    from stillhouse.distill.export import ExportConfig
+    from stillhouse.distill.harvest import HarvestConfig
+
+    harvest = ConfigOptions(HarvestConfig, flags={
+        "concurrency": ("--concurrency", "-c"), "timeout_s": "--timeout", "price_prompt_per_1m": "--price-prompt",
+        "price_completion_per_1m": "--price-completion"}, panels={
+        "prompts": "Run", "samples": "Sampling", "concurrency": "Requests", "max_requests": "Budget caps",
+        "strict": "Input and store"})
+    app.command("harvest", help=HARVEST_HELP)(config_command(harvest_cmd, harvest))
+    export = ConfigOptions(ExportConfig, flags={"format": ("--format", "-f")}, arguments=("run_dir",), replay=False)
+    app.command("export", help=EXPORT_HELP)(config_command(export_cmd, export))

@@ -72,7 +72,8 @@ class TrainConfig:
     teacher: str = "bundled"
     """Teacher spec (local: bundled, hf:DIR, gguf:FILE). The student is built from it."""
     student: str = "pruned:10"
-    """pruned:N | every:K | fresh | fresh:N | self."""
+    """pruned:N (N of the teacher's layers, evenly spaced) | every:K | layers:I,J,... (exactly those) |
+    fresh | fresh:N (random init) | self (a copy of the teacher)."""
     loss: LossKind = "sft"
     """sft (CE on the teacher's text) | fkl | rkl | jsd (live teacher logits) | topk (harvested)."""
     alpha: float = 0.0
@@ -92,15 +93,23 @@ class TrainConfig:
     """System turn added to rows that have none (None = the chat template's default). The
     student must be served/evaluated with the same one."""
     epochs: int = 1
+    """Passes over the (cut) rows."""
     batch_size: int = 8
+    """Rows per optimizer step."""
     lr: float = 1e-4
+    """Peak learning rate (AdamW)."""
     schedule: Literal["constant", "cosine"] = "constant"
+    """Learning-rate schedule after the warmup: constant, or cosine decay to 0 at the last step."""
     warmup_steps: int = 0
+    """Steps of linear warmup from 0 to lr."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     grad_clip: float = 1.0
     """Max gradient norm (0 = no clipping)."""
     max_len: int = 256
+    """Tokens per row (prompt + answer); longer rows are cut at the end."""
     seed: int = 0
+    """Seed of the row shuffle, the order of epochs after the first, and torch (a fresh student's init)."""
     lora_r: int = 0
     """LoRA rank (0 = full fine-tuning)."""
     freeze_embeddings: bool = False
@@ -108,18 +117,21 @@ class TrainConfig:
     SmolLM2). Their gradient is a dense vocab x hidden matrix each step: on the 10-layer student
     (28M of its 64M parameters) freezing them made a batch-10 step 1.24x faster on one CPU thread."""
     lora_alpha: int = 16
+    """LoRA scaling (the update is scaled by lora_alpha / lora_r)."""
     lora_dropout: float = 0.0
+    """Dropout on the LoRA path."""
     save_every: int = 0
     """Checkpoint every N steps (0 = only at the end of each epoch)."""
     keep_checkpoints: int = 1
+    """Newest checkpoints kept in OUT/checkpoints (older ones are deleted)."""
     snapshot_at: tuple[int, ...] = ()
     """Export an HF snapshot after this many examples (first epoch only)."""
     export_epochs: bool = False
     """Export an HF directory OUT/epochs/e<K> at the end of every epoch K."""
     threads: int = 0
     """torch CPU threads (0 = leave torch's default). On a shared, busy CPU, 1 is often fastest."""
-    device: str = "auto"
-    """auto (cuda when present, else cpu) | cpu | cuda."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the student trains; auto = cuda when torch sees a GPU, else cpu."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Matmul precision. bf16 = mixed precision (fp32 weights and optimizer, bf16 autocast for
     the forward and backward, losses in fp32). auto = bf16 where the hardware runs it natively

@@ -6,17 +6,24 @@
     stillhouse guard demo --fake
     stillhouse bench guard --out docs/bench-guard.json
 
-Thin: each command parses arguments and calls the library (``guard/app.py``, ``guard/admin.py``,
-``guard/bench.py``). Heavy imports live inside the functions so ``stillhouse --help`` stays fast.
+Thin: each command parses arguments and calls the library (``guard/server.py``, ``guard/admin.py``,
+``guard/demo.py``). The gateway's options are GuardConfig's fields (derived by :mod:`stillhouse.cli_config`;
+``rules`` and the admin token's hash come from ``--config`` and the environment). Heavy imports live
+inside the functions so ``stillhouse --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
+
+from stillhouse.cli_config import ConfigOptions, Given, config_command, fail, save_effective
+
+if TYPE_CHECKING:
+    from stillhouse.guard.config import GuardConfig
 
 ADMIN_ENV = "STILLHOUSE_GUARD_ADMIN_TOKEN"
 
@@ -46,82 +53,42 @@ def _die(msg: str) -> None:
     raise typer.Exit(2)
 
 
-@guard_app.callback()
 def guard(
     ctx: typer.Context,
-    upstream: str = typer.Option(None, help="Upstream base URL (OpenAI-compatible; /v1/... is appended)."),
-    port: int = typer.Option(None, help="Port to listen on [8080]."),
-    host: str = typer.Option(None, help="Address to bind [127.0.0.1]."),
-    db: str = typer.Option(None, help="sqlite:///path/guard.db (default) or postgresql://user@host:port/db."),
-    config: str = typer.Option(None, "--config", help="A complete guard config JSON (every field; see "
-                               "--print-config). Flags given here override it."),
+    settings: Given[GuardConfig],
+    config: str | None = typer.Option(None, "--config", help="A complete guard config JSON (every field; see "
+                                      "--print-config). Options given too override it."),
     admin_token_env: str = typer.Option(ADMIN_ENV, help="Environment variable holding the admin token."),
-    on_store_failure: str = typer.Option(None, help="Log store down: 'closed' (503) or 'open' (serve + spool)."),
-    spool_dir: str = typer.Option(None, help="Where unwritten log batches wait for replay."),
-    shadow: bool = typer.Option(None, "--shadow/--enforce", help="Shadow mode: record automatic decisions only."),
-    redact: str = typer.Option(None, help="Prompt/response text in the log: none|patterns|hash|drop."),
-    max_body_bytes: int = typer.Option(None, help="Larger request bodies get 413."),
-    rpm: int = typer.Option(None, "--rpm", help="Default requests/min per account (0 = unlimited)."),
-    tpm: int = typer.Option(None, "--tpm", help="Default tokens/min per account (0 = unlimited)."),
-    max_streams: int = typer.Option(None, help="Default concurrent streams per account (0 = unlimited)."),
-    detector: str = typer.Option(None, "--detector", metavar="DIR",
-                                 help="Score every request online with this fitted detector (written by "
-                                      "`stillhouse detect --fit --log BENIGN_LOG --model DIR`); its verdicts "
-                                      "throttle or block accounts (only recorded with --shadow)."),
-    upstream_client: str = typer.Option(None, "--upstream-client", metavar="http1|aiohttp",
-                                        help="How the guard talks to its upstream: 'http1' (default; the lean "
-                                             "keep-alive HTTP/1.1 pool, the least CPU per request) or 'aiohttp' "
-                                             "(aiohttp's ClientSession, for upstreams that need more than plain "
-                                             "HTTP/1.1). Compare them with `stillhouse bench guard --compare-clients`."),
-    detect_mode: str = typer.Option(None, "--detect-mode", metavar="process|inline",
-                                    help="With --detector: run it in its own process fed through a pipe "
-                                         "('process', default: the guard's event loop only hands each finished "
-                                         "request over, and a verdict applies about a millisecond later) or in "
-                                         "the guard's loop ('inline', paced by --detect-max-lag)."),
-    detect_max_lag: int = typer.Option(None, "--detect-max-lag", metavar="N",
-                                       help="With --detector --detect-mode inline: how many answered requests "
-                                            "may wait for the detector while others are in flight [64]. The detector then runs between requests "
-                                            "instead of in front of them, and a verdict applies at most N requests "
-                                            "late. 0 = strict: every decision first scores every answered request "
-                                            "(more added latency)."),
-    save_config: str = typer.Option(None, help="Write the resolved config (no secrets) to this JSON file."),
+    save_config: str | None = typer.Option(None, help="Write the resolved config (no secrets) to this JSON file."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as JSON and exit."),
 ) -> None:
     """Run the guard gateway (or a subcommand)."""
     if ctx.invoked_subcommand is not None:
         return
     from stillhouse.config import ConfigError, config_to_dict
-    from stillhouse.config import save_config as _save
-    from stillhouse.guard.config import guard_config_from_dict, load_guard_config, sha256_hex
+    from stillhouse.guard.config import load_guard_config, sha256_hex
 
-    overrides: dict[str, Any] = {k: v for k, v in {
-        "upstream_url": upstream, "port": port, "host": host, "db_url": db, "on_store_failure": on_store_failure,
-        "spool_dir": spool_dir, "shadow": shadow, "redact": redact, "max_body_bytes": max_body_bytes,
-        "requests_per_min": rpm, "tokens_per_min": tpm, "max_concurrent_streams": max_streams,
-        "detector_dir": detector, "upstream_client": upstream_client,
-        "detect_max_lag": detect_max_lag, "detect_mode": detect_mode}.items() if v is not None}
-    try:
-        if config:
-            base = config_to_dict(load_guard_config(config))
-        else:
-            token = os.environ.get(admin_token_env, "")
-            if not token and not print_config:
-                _die(f"set the admin token in ${admin_token_env} (e.g. export {admin_token_env}=$(python -c "
-                     "'import secrets; print(secrets.token_urlsafe())')); the admin API needs it")
-            base = {"admin_token_sha256": sha256_hex(token or "change-me")}
-            if "upstream_url" not in overrides:
-                if not print_config:
-                    _die("--upstream is required (the OpenAI-compatible server to guard), or --config FILE")
-                overrides["upstream_url"] = "http://127.0.0.1:8000"
-        cfg = guard_config_from_dict({**base, **overrides}, source="guard options", require_all=False)
-    except (ConfigError, ValueError) as exc:
-        _die(str(exc))
-        return
+    if config:
+        try:
+            cfg = settings.resolve(config, load=lambda _cls, path: load_guard_config(path))
+        except ConfigError as exc:
+            fail(exc)
+    else:
+        token = os.environ.get(admin_token_env, "")
+        if not token and not print_config:
+            _die(f"set the admin token in ${admin_token_env} (e.g. export {admin_token_env}=$(python -c "
+                 "'import secrets; print(secrets.token_urlsafe())')); the admin API needs it")
+        base = {"admin_token_sha256": sha256_hex(token or "change-me")}
+        if print_config:  # a template to edit: any upstream will do
+            base["upstream_url"] = "http://127.0.0.1:8000"
+        try:
+            cfg = settings.config(base)
+        except ConfigError as exc:
+            fail(exc)
     if print_config:
         typer.echo(json.dumps(config_to_dict(cfg), indent=2, sort_keys=True))
         return
-    if save_config:
-        _save(cfg, save_config)
+    save_effective(cfg, save_config)
     from stillhouse.guard.detect.load import DetectorLoadError, load_detector
     from stillhouse.guard.server import serve_forever
 
@@ -290,4 +257,12 @@ def demo(
 
 def register(app: typer.Typer) -> None:
     """Add the guard's verbs to the CLI."""
+    from stillhouse.guard.config import GuardConfig
+
+    options = ConfigOptions(GuardConfig, skip=("admin_token_sha256", "rules"), flags={
+        "upstream_url": "--upstream", "db_url": "--db", "requests_per_min": "--rpm", "tokens_per_min": "--tpm",
+        "max_concurrent_streams": "--max-streams", "detector_dir": "--detector", "shadow": "--shadow/--enforce"},
+        panels={"upstream_url": "Gateway", "requests_per_min": "Limits and enforcement",
+                "on_store_failure": "Traffic log", "detector_dir": "Online detection"})
+    guard_app.callback()(config_command(guard, options))
     app.add_typer(guard_app, name="guard")

@@ -31,6 +31,7 @@ from stillhouse.guard.events import ACTIONS, Action
 RedactMode = Literal["none", "patterns", "hash", "drop"]
 StoreFailureMode = Literal["closed", "open"]
 UpstreamClient = Literal["http1", "aiohttp"]
+DetectMode = Literal["process", "inline"]
 RuleField = Literal["country", "signup_path", "org", "payment_fingerprint", "score"]
 
 
@@ -76,12 +77,15 @@ class GuardConfig:
     db_url: str = "sqlite:///guard.db"
     """Traffic log, accounts, keys and decisions: ``sqlite:///path`` or ``postgresql://user@host:port/db``."""
     host: str = "127.0.0.1"
+    """Address to bind. Keep 127.0.0.1 unless clients on other hosts must reach the guard."""
     port: int = 8080
+    """Port to listen on."""
     upstream_api_key_env: str = ""
     """Name of an environment variable holding the upstream's API key ("" = send none)."""
     upstream_client: UpstreamClient = "http1"
-    """The upstream client: "http1" (teacher/rawhttp.py via guard/upstream.py: a lean keep-alive HTTP/1.1 pool, about 0.2 ms
-    less CPU per request here) or "aiohttp" (aiohttp's ClientSession)."""
+    """How the guard talks to its upstream: "http1" (the lean keep-alive HTTP/1.1 pool of http/client.py, via
+    guard/upstream.py; about 0.2 ms less CPU per request here) or "aiohttp" (aiohttp's ClientSession, for upstreams
+    that need more than plain HTTP/1.1). ``stillhouse bench guard --compare-clients`` compares them."""
     upstream_pool_size: int = 512
     """Most open connections to the upstream."""
     upstream_connect_timeout_s: float = 3.0
@@ -134,7 +138,7 @@ class GuardConfig:
     detector_dir: str = ""
     """A fitted detector (``stillhouse detect --fit --log BENIGN_LOG --model DIR``) scoring every request
     online; its verdicts go to the policy engine ("" = none: manual decisions and rules only)."""
-    detect_mode: str = "process"
+    detect_mode: DetectMode = "process"
     """Where the detector of ``detector_dir`` runs: "process" (a child process fed through a pipe;
     the guard's loop only pickles each finished record, see :mod:`stillhouse.guard.detect.remote`)
     or "inline" (in the guard's loop, paced by ``detect_max_lag``). A detector object handed to
