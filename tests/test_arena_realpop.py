@@ -181,8 +181,10 @@ def test_client_context_drops_the_oldest_exchanges_first() -> None:
 def test_reply_book_caps_at_max_tokens_and_misses_unknown_turns() -> None:
     book = ReplyBook()
     reply = " ".join(f"w{i}" for i in range(300))
-    book.add("hello there", "", reply)
+    book.add("hello there", "", reply, system="s")
     msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "hello there"}]
+    other_system = [{"role": "system", "content": "Respond with JSON only."}, msgs[1]]
+    assert book.answer(other_system, {}) is None  # a service asking the same text under its own instructions
     texts, pt, ct = book.answer(msgs, {})
     assert texts == [reply] and ct == 400 and pt > 0
     texts, _, ct = book.answer(msgs, {"max_tokens": 40, "n": 2})

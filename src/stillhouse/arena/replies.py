@@ -1,9 +1,11 @@
 """Real replies for the arena's sim upstream: a turn of a real conversation gets the reply it really got.
 
 A :class:`ReplyBook` maps a request to the reply its source conversation holds. The key is
-what the upstream can see in the request itself: the last user message and the assistant
-message just before it (the reply the client received to its previous turn, or nothing
-on a session's first turn). A chat client drops the oldest exchanges to fit its context
+what the upstream can see in the request itself: the system prompt, the last user message
+and the assistant message just before it (the reply the client received to its previous
+turn, or nothing on a session's first turn). The system prompt is part of the key so that a
+service sending a real opener under its own instructions ("respond with JSON only") is not
+answered with the opener's chat reply. A chat client drops the oldest exchanges to fit its context
 window, never the newest, so the key survives that; a turn whose previous turn was
 refused (blocked, rate-limited) or answered with filler no longer matches and gets the
 sim teacher's filler instead (:func:`stillhouse.arena.simteacher.answer`).
@@ -37,9 +39,11 @@ def _text(content: Any) -> str:
     return "" if content is None else str(content)
 
 
-def reply_key(user_text: str, previous_reply: str) -> bytes:
+def reply_key(user_text: str, previous_reply: str, system: str = "") -> bytes:
     """The book's key of a request whose last user message is ``user_text`` after ``previous_reply``."""
     h = hashlib.blake2b(digest_size=16)
+    h.update(system.encode("utf-8", "surrogatepass"))
+    h.update(b"\x00\x1d\x00")
     h.update(previous_reply.encode("utf-8", "surrogatepass"))
     h.update(b"\x00\x1e\x00")
     h.update(user_text.encode("utf-8", "surrogatepass"))
@@ -48,10 +52,11 @@ def reply_key(user_text: str, previous_reply: str) -> bytes:
 
 def request_key(messages: list[dict[str, Any]]) -> bytes | None:
     """:func:`reply_key` of a chat request as the upstream receives it (None when it has no user message)."""
+    system = "\n".join(_text(m.get("content")) for m in messages if m.get("role") == "system")
     for i in range(len(messages) - 1, -1, -1):
         if messages[i].get("role") == "user":
             prev = messages[i - 1] if i > 0 and messages[i - 1].get("role") == "assistant" else None
-            return reply_key(_text(messages[i].get("content")), _text(prev.get("content")) if prev else "")
+            return reply_key(_text(messages[i].get("content")), _text(prev.get("content")) if prev else "", system)
     return None
 
 
@@ -64,8 +69,8 @@ class ReplyBook:
     def __len__(self) -> int:
         return len(self._replies)
 
-    def add(self, user_text: str, previous_reply: str, reply: str) -> None:
-        self._replies.setdefault(reply_key(user_text, previous_reply), reply)
+    def add(self, user_text: str, previous_reply: str, reply: str, system: str = "") -> None:
+        self._replies.setdefault(reply_key(user_text, previous_reply, system), reply)
 
     def lookup(self, messages: list[dict[str, Any]]) -> str | None:
         key = request_key(messages)
@@ -102,6 +107,6 @@ def book_from_turns(turns: Iterable[Turn]) -> ReplyBook:
         previous: str | None = ""
         for t in session:
             if t.reply is not None and previous is not None:
-                book.add(t.user_text, previous if t.followup else "", t.reply)
+                book.add(t.user_text, previous if t.followup else "", t.reply, t.system)
             previous = t.reply
     return book
