@@ -19,6 +19,9 @@ and have no features for evading real providers. Shapes (``SHAPES``):
                  split), greedy, ``max_tokens`` 32, no system prompt, no logprobs (an SFT
                  harvest needs only text), Poisson arrivals around the clock. The capability
                  stage (:mod:`.capability`) runs it against the real teacher and trains on it.
+
+Topics (``CampaignConfig.topics``, :mod:`.campaign_text`): math and code (the default), general chat
+(real ShareGPT openers from a campaign-only pool; a rubric campaign grades their real replies), or both.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from stillhouse.arena.campaign_text import CHAT_COT_TEMPLATES, CHAT_FOLLOWUPS, TOPICS, Asker
 from stillhouse.arena.population import FOLLOWUPS, PROXY_SUBNETS, START_TS
 from stillhouse.arena.prompts import code_request, prompt_pool
 from stillhouse.arena.traffic import SDK_HEADERS, USER_AGENTS, SimAccount, Turn, fingerprint
@@ -97,6 +101,12 @@ class CampaignConfig:
     start_ts: float = START_TS
     name: str = ""
     """Campaign id (default: shape and seed)."""
+    topics: str = "math"
+    """What it asks (:mod:`.campaign_text`): 'math' (GSM8K; HumanEval for agentic and some paraphrase requests),
+    'chat' (real ShareGPT openers of ``chat_pool``), or 'both' (a coin per question). ``harvest`` always asks
+    the distill pipeline's additions and ``agentic`` always codes."""
+    chat_pool: str = "dev-campaign"
+    """ShareGPT pool of the general-chat questions (``dev-campaign`` or ``test-campaign``)."""
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES:
@@ -107,6 +117,11 @@ class CampaignConfig:
             raise ValueError(f"CampaignConfig.attacker_fraction={self.attacker_fraction}: must be in (0, 1]")
         if self.days <= 0:
             raise ValueError(f"CampaignConfig.days={self.days}: must be > 0")
+        if self.topics not in TOPICS:
+            raise ValueError(f"CampaignConfig.topics={self.topics!r}: use one of {TOPICS}")
+        if self.chat_pool not in ("dev-campaign", "test-campaign"):
+            raise ValueError(f"CampaignConfig.chat_pool={self.chat_pool!r}: use 'dev-campaign' or 'test-campaign' "
+                             "(the benign populations' pools must never be asked by a campaign)")
 
     @property
     def campaign_id(self) -> str:
@@ -123,28 +138,21 @@ def _dc_ip(rng: np.random.Generator, campaign_id: str, k: int) -> str:
     return f"10.{zlib.crc32(campaign_id.encode()) % 250}.{k % 250}.{rng.integers(1, 255)}"
 
 
-def _paraphrase(rng: np.random.Generator, q: str) -> str:
-    o = PARA_OPEN[int(rng.integers(0, len(PARA_OPEN)))]
-    a = PARA_ASK[int(rng.integers(0, len(PARA_ASK)))]
-    f = PARA_FORMAT[int(rng.integers(0, len(PARA_FORMAT)))]
-    parts = [o, q, a, f] if rng.random() < 0.5 else [o, a, q, f]
-    return "\n\n".join(p for p in parts if p)
+MATH_PARA = (PARA_OPEN, PARA_ASK, PARA_FORMAT)
 
 
 def generate_campaign(cfg: CampaignConfig) -> tuple[list[SimAccount], list[Turn]]:
     """The campaign's accounts and planned turns (unsorted)."""
     rng = np.random.default_rng(cfg.seed)
-    pool = prompt_pool("campaign")
+    ask = Asker(cfg.topics, rng, cfg.chat_pool)
+    pool = ask.pool
     cid = cfg.campaign_id
     span = cfg.days * 86400
     accounts: list[SimAccount] = []
     turns: list[Turn] = []
 
-    def q_math() -> str:
-        return pool.math[int(rng.integers(0, len(pool.math)))]
-
     if cfg.shape == "hydra":
-        return _hydra(cfg, rng, pool)
+        return _hydra(cfg, rng, ask)
     harvest_items: list[str] = []
     if cfg.shape == "harvest":
         from stillhouse.distill.tasks import arithmetic
@@ -164,18 +172,24 @@ def generate_campaign(cfg: CampaignConfig) -> tuple[list[SimAccount], list[Turn]
             times = np.sort(cfg.start_ts + rng.uniform(0, span, size=n))
             for i, ts in enumerate(times):
                 if cfg.shape == "mixed" and rng.random() > cfg.attacker_fraction:
-                    mine.append(_cover(rng, aid, i, float(ts), common))
+                    mine.append(_cover(rng, aid, i, float(ts), common, ask))
                     continue
                 params = {"max_tokens": cfg.max_tokens_limit, "temperature": 0.7}
                 if rng.random() < 0.3:
                     params["n"] = 4
+                q, chat = ask.question()
+                text = (CHAT_COT_TEMPLATES if chat else COT_TEMPLATES)[i % 2].format(q=q)
                 mine.append(Turn(ts=float(ts), session_id=f"{aid}-{i}", system=_system(COT_SYSTEM, cfg) if k % 2 else "",
-                                 user_text=COT_TEMPLATES[i % 2].format(q=q_math()), params=params, **common))
+                                 user_text=text, params=params, **common))
         elif cfg.shape == "rubric":
             times = np.sort(cfg.start_ts + rng.uniform(0, span, size=n))
             for i, ts in enumerate(times):
-                q = q_math()
-                a = f"The answer is {int(rng.integers(1, 500))}."
+                if ask.chat_turn():
+                    q, a = ask.opener()
+                    a = a[:1500]
+                else:
+                    q = ask.math()
+                    a = f"The answer is {int(rng.integers(1, 500))}."
                 mine.append(Turn(ts=float(ts), session_id=f"{aid}-{i}", user_text=RUBRIC_TEMPLATE.format(q=q, a=a),
                                  params={"max_tokens": 1024, "temperature": 0.0, "logprobs": True,
                                          "top_logprobs": 5}, **common))
@@ -203,11 +217,13 @@ def generate_campaign(cfg: CampaignConfig) -> tuple[list[SimAccount], list[Turn]
                     hour = float(rng.uniform(9, 22))
                     ts = cfg.start_ts + day * 86400 + ((hour - tz) % 24) * 3600
                     sid = f"{aid}-d{day}-{j}"
-                    mine.append(Turn(ts=ts, session_id=sid, user_text=_paraphrase(rng, q_math()),
+                    q, chat = ask.question()
+                    mine.append(Turn(ts=ts, session_id=sid, user_text=ask.paraphrase(q, chat, MATH_PARA),
                                      params={"max_tokens": 2048}, **common))
                     if rng.random() < 0.3:
+                        follow = CHAT_FOLLOWUPS if chat else FOLLOWUPS
                         mine.append(Turn(ts=ts + float(rng.uniform(30, 200)), session_id=sid, followup=True,
-                                         user_text=FOLLOWUPS[int(rng.integers(0, len(FOLLOWUPS)))], **common))
+                                         user_text=follow[int(rng.integers(0, len(follow)))], **common))
             mine = [t for t in mine if t.ts < cfg.start_ts + span][:n]
         elif cfg.shape == "harvest":
             times = np.sort(cfg.start_ts + rng.uniform(0, span, size=n))
@@ -217,21 +233,29 @@ def generate_campaign(cfg: CampaignConfig) -> tuple[list[SimAccount], list[Turn]
         elif cfg.shape == "paraphrase":
             times = np.sort(cfg.start_ts + rng.uniform(0, span, size=n))
             for i, ts in enumerate(times):
-                q = q_math() if rng.random() < 0.7 else code_request(pool.code[int(rng.integers(0, len(pool.code)))])
-                mine.append(Turn(ts=float(ts), session_id=f"{aid}-{i}", user_text=_paraphrase(rng, q),
+                chat = ask.chat_turn()
+                if chat:
+                    q = ask.opener()[0]
+                else:
+                    q = ask.math() if rng.random() < 0.7 else code_request(pool.code[int(rng.integers(0, len(pool.code)))])
+                mine.append(Turn(ts=float(ts), session_id=f"{aid}-{i}", user_text=ask.paraphrase(q, chat, MATH_PARA),
                                  params={"max_tokens": int(rng.choice([2048, 3000, cfg.max_tokens_limit]))}, **common))
         accounts.append(SimAccount(info=info, kind=f"campaign:{cfg.shape}", campaign=cid, planned=len(mine)))
         turns.extend(mine)
     return accounts, turns
 
 
-def _cover(rng: np.random.Generator, aid: str, i: int, ts: float, common: dict) -> Turn:  # type: ignore[type-arg]
-    pool = prompt_pool("benign")
-    q = pool.math[int(rng.integers(0, len(pool.math)))]
+def _cover(rng: np.random.Generator, aid: str, i: int, ts: float, common: dict, ask: Asker) -> Turn:  # type: ignore[type-arg]
+    """A benign-looking question: a GSM8K train question, or (topics 'chat'/'both') a real opener of the campaign pool."""
+    if ask.topics != "math" and ask.chat_turn():
+        q = ask.opener()[0]
+    else:
+        pool = prompt_pool("benign")
+        q = pool.math[int(rng.integers(0, len(pool.math)))]
     return Turn(ts=ts, session_id=f"{aid}-c{i}", user_text=q, params={"temperature": 0.7}, cover=True, **common)
 
 
-def _hydra(cfg: CampaignConfig, rng: np.random.Generator, pool) -> tuple[list[SimAccount], list[Turn]]:  # type: ignore[no-untyped-def]
+def _hydra(cfg: CampaignConfig, rng: np.random.Generator, ask: Asker) -> tuple[list[SimAccount], list[Turn]]:
     cid = cfg.campaign_id
     span = cfg.days * 86400
     cards = [fingerprint(f"hydra-card-{cid}-{i}") for i in range(max(2, cfg.accounts // 25))]
@@ -259,9 +283,9 @@ def _hydra(cfg: CampaignConfig, rng: np.random.Generator, pool) -> tuple[list[Si
             k = int(aid.rsplit("-", 1)[1])
             remaining[aid] -= 1
             ua_i = (k // 3) % 2
-            q = pool.math[int(rng.integers(0, len(pool.math)))]
+            q, chat = ask.question()
             turns.append(Turn(ts=float(wt + rng.uniform(0, 3)), account_id=aid, session_id=f"{aid}-w{w}",
-                              user_text=_paraphrase(rng, q), system=_system(COT_SYSTEM, cfg) if rng.random() < 0.5 else "",
+                              user_text=ask.paraphrase(q, chat, MATH_PARA), system=_system(COT_SYSTEM, cfg) if rng.random() < 0.5 else "",
                               params={"max_tokens": cfg.max_tokens_limit, "temperature": 0.7},
                               client_ip=f"{subnets[k % 5]}.{rng.integers(1, 255)}",
                               user_agent=USER_AGENTS[ua_i], header_names=SDK_HEADERS[ua_i]))

@@ -28,7 +28,8 @@ def register(app: typer.Typer) -> None:
     detect_settings = ConfigOptions(DetectConfig, skip=("link_weights",), comma=("evidence_signals",),
                                     panels={"window_s": "Detector settings (with --fit)"})
     app.command("detect")(config_command(detect, detect_settings))
-    arena_settings = ConfigOptions(ArenaConfig, skip=("campaigns",), panels={
+    arena_settings = ConfigOptions(ArenaConfig, skip=("campaigns",),
+                                   flags={"calib_population": ("--calib-population", "--calibrate-on")}, panels={
         "days": "Populations", "calib_seed": "Seeds and campaigns", "gateway": "Run"})
     app.command("arena")(config_command(arena, arena_settings))
 
@@ -144,13 +145,23 @@ def arena(
     Default scenario: 6,000 + 5,000 benign accounts, 7 days, ~9 CPU-minutes (one core busy);
     --capability adds ~8 CPU-minutes (bundled teacher, two SFT runs, eval). `--quick`: the CI
     scenario (~30 s).
+
+    \b
+    --population real: a benign population of real people (ShareGPT conversations with their
+    real replies; offices, VPNs, a chat app, eval runners, LLM judges, batch services, a
+    startup, a classroom) and campaigns on general-chat topics; development seeds.
+      stillhouse arena --population real                          (calibrated on real traffic)
+      stillhouse arena --population real --calibrate-on synthetic (the default arena's detector)
     """
+    from dataclasses import replace
+
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from stillhouse.arena.capability import CapabilityConfig, CapabilityError, run_capability
     from stillhouse.arena.report import capability_lines, merge_capability
-    from stillhouse.arena.run import QUICK, run_arena
+    from stillhouse.arena.run import QUICK, REAL, REAL_QUICK, ArenaConfig, run_arena
+    from stillhouse.arena.sharegpt import ShareGPTMissing
     from stillhouse.config import load_config
 
     try:
@@ -172,13 +183,25 @@ def arena(
                       f"{out / 'report.md'} when it exists)")
         return
     try:
-        cfg = settings.resolve(config) if config is not None else settings.config(QUICK if quick else None)
+        if config is not None:
+            cfg = settings.resolve(config)
+        else:
+            real = settings.values.get("population") == "real"
+            base = (REAL_QUICK if quick else REAL) if real else (QUICK if quick else None)
+            if real and settings.values.get("calib_population") == "synthetic":
+                synthetic = QUICK if quick else ArenaConfig()  # the synthetic scenario's own calibration
+                base = replace(base, **{k: getattr(synthetic, k) for k in ("calib_accounts", "calib_seed")
+                                        if k not in settings})
+            cfg = settings.config(base)
     except ConfigError as exc:
         fail(exc)
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console) as progress:
-        metrics = run_arena(cfg, out, progress=progress, capability=cap_cfg)
+        try:
+            metrics = run_arena(cfg, out, progress=progress, capability=cap_cfg)
+        except ShareGPTMissing as exc:
+            fail(f"--population: {exc}")
     op = metrics["operational"]
     console.print(f"block tier: campaign TPR {op['block']['tpr']:.3f}, benign FPR {op['block']['benign_fpr']:.4f} "
                   f"({op['block']['benign_flagged']}/{op['benign_accounts']}); offline==online: "

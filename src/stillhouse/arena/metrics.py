@@ -12,6 +12,8 @@
 - :func:`rate` — a count over a total with its Wilson 95% interval (every TPR and FPR
   in the report carries one, and the number of accounts it rests on);
 - :func:`tpr_by_shape` — per campaign shape, the share of accounts over each threshold;
+- :func:`fpr_by_kind` — per benign archetype, the share of its accounts with at least 3 requests over each
+  threshold (the FPR the issue-16 goals are stated on);
 - :func:`gain_ratio` — capability leaked: the leaked-data student's gain over its init as a
   share of the full-harvest student's gain, with a paired-bootstrap interval over items.
 """
@@ -84,6 +86,29 @@ def operational(result: RunResult, thresholds: dict[str, float]) -> dict[str, An
     out["benign_flagged_by_kind"] = {k: {"accounts": len(v), "over_block": int(sum(x > thresholds["block"] for x in v)),
                                          "over_throttle": int(sum(x > thresholds["throttle"] for x in v))}
                                      for k, v in sorted(by_kind.items())}
+    return out
+
+
+ELIGIBLE_MIN_REQUESTS = 3
+"""The issue-16 goals count benign accounts with at least this many requests (the detector flags no account
+before ``DetectConfig.min_requests`` = 3 of them)."""
+
+
+def fpr_by_kind(result: RunResult, thresholds: dict[str, float],
+                min_requests: int = ELIGIBLE_MIN_REQUESTS) -> dict[str, dict[str, Any]]:
+    """Benign archetype -> {accounts, eligible (>= ``min_requests`` sent), requests, and per tier the rate of
+    eligible accounts over its threshold with its Wilson interval}; '(all)' pools every benign account."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for a, acc in result.accounts.items():
+        if not acc.malicious:
+            groups[acc.kind.split(":", 1)[-1]].append(a)
+            groups["(all)"].append(a)
+    out: dict[str, dict[str, Any]] = {}
+    for kind, ids in sorted(groups.items()):
+        eligible = [result.max_scores.get(a, 0.0) for a in ids if result.outcomes[a].sent >= min_requests]
+        out[kind] = {"accounts": len(ids), "eligible": len(eligible), "min_requests": min_requests,
+                     "requests": sum(result.outcomes[a].sent for a in ids),
+                     **{tier: rate(sum(x > t for x in eligible), len(eligible)) for tier, t in thresholds.items()}}
     return out
 
 

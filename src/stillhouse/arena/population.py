@@ -24,6 +24,7 @@ Run: this module is a library; ``stillhouse arena`` uses it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -85,6 +86,18 @@ BENCH_TEMPLATES = (
 )
 
 
+class Span(Protocol):
+    """What the per-user generators read of a population's config (``PopulationConfig`` and
+    :class:`~stillhouse.arena.realpop.RealPopulationConfig` both have it)."""
+
+    @property
+    def days(self) -> float: ...
+    @property
+    def start_ts(self) -> float: ...
+    @property
+    def max_tokens_limit(self) -> int: ...
+
+
 @dataclass(frozen=True)
 class PopulationConfig:
     accounts: int = 2000
@@ -128,7 +141,7 @@ def _home_ip(rng: np.random.Generator) -> str:
     return f"{a}.{rng.integers(0, 256)}.{rng.integers(0, 256)}.{rng.integers(1, 255)}"
 
 
-def _diurnal_ts(rng: np.random.Generator, cfg: PopulationConfig, tz: float, spread: float = 1.0) -> float:
+def _diurnal_ts(rng: np.random.Generator, cfg: Span, tz: float, spread: float = 1.0) -> float:
     day = rng.integers(0, max(int(np.ceil(cfg.days)), 1))
     hour = rng.normal(10.5, 2.0 * spread) if rng.random() < 0.5 else rng.normal(20.0, 2.2 * spread)
     ts = cfg.start_ts + day * 86400 + ((hour - tz) % 24) * 3600 + rng.uniform(0, 60)
@@ -180,7 +193,7 @@ def _question(rng: np.random.Generator, pool, math_pref: float) -> str:  # type:
     return code_request(pool.code[int(rng.integers(0, len(pool.code)))])
 
 
-def _casual(rng: np.random.Generator, cfg: PopulationConfig, pool, common: dict, tz: float,  # type: ignore[no-untyped-def]
+def _casual(rng: np.random.Generator, cfg: Span, pool, common: dict, tz: float,  # type: ignore[no-untyped-def]
             scale: float, power: bool = False) -> list[Turn]:
     aid = common["account_id"]
     sessions = int(min(1 + rng.pareto(1.3) * scale * cfg.days / 7.0, 400 * cfg.days / 7.0))
@@ -221,7 +234,7 @@ def _casual(rng: np.random.Generator, cfg: PopulationConfig, pool, common: dict,
     return out
 
 
-def _batch(rng: np.random.Generator, cfg: PopulationConfig, pool, common: dict) -> list[Turn]:  # type: ignore[no-untyped-def]
+def _batch(rng: np.random.Generator, cfg: Span, pool, common: dict) -> list[Turn]:  # type: ignore[no-untyped-def]
     aid = common["account_id"]
     system = BATCH_SYSTEMS[int(rng.integers(0, len(BATCH_SYSTEMS)))]
     interval = float(rng.uniform(600, 3600))
@@ -238,7 +251,7 @@ def _batch(rng: np.random.Generator, cfg: PopulationConfig, pool, common: dict) 
     return out
 
 
-def _bench(rng: np.random.Generator, cfg: PopulationConfig, pool, common: dict) -> list[Turn]:  # type: ignore[no-untyped-def]
+def _bench(rng: np.random.Generator, cfg: Span, pool, common: dict) -> list[Turn]:  # type: ignore[no-untyped-def]
     aid = common["account_id"]
     out: list[Turn] = []
     for run in range(int(rng.integers(1, 3))):

@@ -144,7 +144,8 @@ def write_report(out: Path, metrics: dict[str, Any], result: RunResult, threshol
     plot_roc(out / "roc.png", benign, attack, thresholds)
     planned = {row["campaign"]: row["planned"] for row in metrics["campaigns"]}
     plot_leak(out / "leak_curve.png", result, planned)
-    plot_fractions(out / "fractions.png", metrics["tpr_by_attacker_fraction"])
+    if metrics["tpr_by_attacker_fraction"]:
+        plot_fractions(out / "fractions.png", metrics["tpr_by_attacker_fraction"])
     op = metrics["operational"]
     cal = metrics["calibration"]
     def ci(r: dict[str, Any], digits: int = 3) -> str:
@@ -153,6 +154,10 @@ def write_report(out: Path, metrics: dict[str, Any], result: RunResult, threshol
     lines = [
         "# Arena report", "",
         f"Simulated {metrics['config']['days']} days; gateway `{metrics['config']['gateway']}`; "
+        f"population `{metrics['config'].get('population', 'synthetic')}` (calibrated on "
+        f"`{metrics['config'].get('calib_population') or metrics['config'].get('population', 'synthetic')}`, "
+        f"split `{metrics['config'].get('split', 'dev')}`; campaign topics "
+        f"`{metrics['config'].get('campaign_topics', 'math')}`); "
         f"upstream `{metrics['config']['upstream']}`. Calibration: {cal['accounts_half_a']} + "
         f"{cal['accounts_half_b']} benign accounts (seed {metrics['config']['calib_seed']}), "
         f"{metrics['requests']['calibration']} requests. Evaluation: {op['benign_accounts']} benign accounts "
@@ -177,21 +182,27 @@ def write_report(out: Path, metrics: dict[str, Any], result: RunResult, threshol
               "| shape | accounts | TPR at throttle (FPR 1e-2) | TPR at block (FPR 1e-3) |", "|---|---|---|---|"]
     for shape, row in metrics["tpr_by_shape"].items():
         lines.append(f"| {shape} | {row['block']['n']} | {ci(row['throttle'])} | {ci(row['block'])} |")
-    lines += ["", "Benign accounts over the thresholds, by archetype:", "",
-              "| archetype | accounts | over throttle | over block |", "|---|---|---|---|"]
-    for kind, row in op["benign_flagged_by_kind"].items():
-        lines.append(f"| {kind} | {row['accounts']} | {row['over_throttle']} | {row['over_block']} |")
+    by_kind = metrics.get("fpr_by_archetype") or {}
+    n_min = next(iter(by_kind.values()))["min_requests"] if by_kind else 3
+    lines += ["", f"Benign FPR by archetype, over the accounts with at least {n_min} requests (eligible):", "",
+              "| archetype | accounts | eligible | requests | FPR at throttle | FPR at block |", "|---|---|---|---|---|---|"]
+    for kind, row in by_kind.items():
+        lines.append(f"| {kind} | {row['accounts']} | {row['eligible']} | {row['requests']} | "
+                     f"{ci(row['throttle'])} | {ci(row['block'])} |")
     lines += ["", "Eval-set oracle (threshold chosen on these benign accounts; for the ROC only):", ""]
     for f, row in metrics["eval_oracle_tpr_at_fpr"].items():
         lines.append(f"- TPR at FPR {float(f):g}: {row['tpr']:.3f} (threshold {row['threshold']:.2f})")
-    lines += ["", "![ROC](roc.png)", "", "## TPR by attacker fraction", "",
-              "The `cot` shape diluted with benign-looking cover questions, so that only this share of each "
-              "account's requests is distillation traffic:", "",
-              "| attacker fraction | accounts | TPR at throttle | TPR at block |", "|---|---|---|---|"]
-    for name, row in metrics["tpr_by_attacker_fraction"].items():
-        lines.append(f"| {row['attacker_fraction']:g} | {row['accounts']} | {ci(row['throttle'])} | "
-                     f"{ci(row['block'])} |")
-    lines += ["", "![TPR by attacker fraction](fractions.png)", "", "## Campaigns", "",
+    lines += ["", "![ROC](roc.png)", ""]
+    if metrics["tpr_by_attacker_fraction"]:
+        lines += ["## TPR by attacker fraction", "",
+                  "The `cot` shape diluted with benign-looking cover questions, so that only this share of each "
+                  "account's requests is distillation traffic:", "",
+                  "| attacker fraction | accounts | TPR at throttle | TPR at block |", "|---|---|---|---|"]
+        for row in metrics["tpr_by_attacker_fraction"].values():
+            lines.append(f"| {row['attacker_fraction']:g} | {row['accounts']} | {ci(row['throttle'])} | "
+                         f"{ci(row['block'])} |")
+        lines += ["", "![TPR by attacker fraction](fractions.png)", ""]
+    lines += ["## Campaigns", "",
               "| campaign | shape | accts | planned | sent | leaked | leaked/planned | blocked accts | "
               "median queries to flag | median tokens to flag | volume at 1st flag | volume at half flagged |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]

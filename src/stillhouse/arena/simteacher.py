@@ -7,6 +7,9 @@ request: a log-normal base length, times 4 when the prompt asks for reasoning, t
 0.15 when it asks for a terse or JSON reply, capped by ``max_tokens``; ``n`` choices.
 The text itself is filler (only its token count matters to the arena).
 
+:func:`respond` answers a turn of a real conversation with the reply it really got (a
+:class:`~stillhouse.arena.replies.ReplyBook`) and anything else as above.
+
 :func:`start_sim_upstream` serves the same answers as an OpenAI-compatible HTTP
 server on 127.0.0.1 (aiohttp, in a thread) for runs through the real guard.
 """
@@ -57,10 +60,23 @@ def completion_body(model: str, texts: list[str], prompt_tokens: int, completion
     }).encode()
 
 
-class SimUpstream:
-    """A running sim teacher on loopback: ``.base_url`` and ``.stop()`` (a context manager too)."""
+def respond(messages: list[dict[str, Any]], params: dict[str, Any], book: Any = None) -> tuple[list[str], int, int]:
+    """The real reply when ``book`` (a :class:`~stillhouse.arena.replies.ReplyBook`) has this turn, else :func:`answer`."""
+    if book is not None:
+        real = book.answer(messages, params)
+        if real is not None:
+            return real
+    return answer(messages, params)
 
-    def __init__(self) -> None:
+
+class SimUpstream:
+    """A running sim teacher on loopback: ``.base_url`` and ``.stop()`` (a context manager too).
+
+    ``book``: a :class:`~stillhouse.arena.replies.ReplyBook`; turns of real conversations get their real
+    replies (:func:`respond`), everything else the length-aware filler.
+    """
+
+    def __init__(self, book: Any = None) -> None:
         import asyncio
         import socket
         import threading
@@ -69,7 +85,7 @@ class SimUpstream:
 
         async def chat(request: web.Request) -> web.Response:
             body = await request.json()
-            texts, pt, ct = answer(body.get("messages") or [], body)
+            texts, pt, ct = respond(body.get("messages") or [], body, book)
             return web.Response(body=completion_body(str(body.get("model", "sim")), texts, pt, ct),
                                 content_type="application/json")
 
@@ -119,5 +135,5 @@ class SimUpstream:
         self.stop()
 
 
-def start_sim_upstream() -> SimUpstream:
-    return SimUpstream()
+def start_sim_upstream(book: Any = None) -> SimUpstream:
+    return SimUpstream(book)

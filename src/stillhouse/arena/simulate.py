@@ -23,7 +23,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from stillhouse.arena.simteacher import answer
+from stillhouse.arena.simteacher import respond
 from stillhouse.arena.traffic import SimAccount, Turn
 from stillhouse.guard.events import AccountInfo, TrafficRecord
 
@@ -57,8 +57,10 @@ def header_fingerprint(names: tuple[str, ...]) -> str:
 class DirectGateway:
     """The guard's logging and detector feed without HTTP; enforces ``block`` verdicts."""
 
-    def __init__(self, detector: Any, clock: SimClock, keep_log: bool = False):
+    def __init__(self, detector: Any, clock: SimClock, keep_log: bool = False, book: Any = None):
         self.detector = detector
+        self.book = book
+        """A :class:`~stillhouse.arena.replies.ReplyBook` of real replies, or None (filler only)."""
         self.clock = clock
         self.blocked: set[str] = set()
         self.log: list[TrafficRecord] = []
@@ -68,7 +70,7 @@ class DirectGateway:
     async def send(self, turn: Turn, messages: list[dict[str, Any]], account: AccountInfo) -> Reply:
         if turn.account_id in self.blocked:
             return Reply(403)
-        texts, pt, ct = answer(messages, turn.params)
+        texts, pt, ct = respond(messages, turn.params, self.book)
         self._n += 1
         rec = TrafficRecord(request_id=f"r{self._n:08d}", ts=self.clock(), account_id=turn.account_id,
                             key_id=f"k-{turn.account_id}", client_ip=turn.client_ip, user_agent=turn.user_agent,
@@ -199,6 +201,20 @@ class RunResult:
     requests: int = 0
 
 
+def chat_context(earlier: list[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
+    """The newest whole exchanges (user + assistant message pairs) of ``earlier`` whose text fits in
+    ``budget`` characters: how a chat client fits a conversation into its model's context window."""
+    used = 0
+    start = len(earlier)
+    while start >= 2:
+        size = len(str(earlier[start - 2].get("content", ""))) + len(str(earlier[start - 1].get("content", "")))
+        if used + size > budget:
+            break
+        used += size
+        start -= 2
+    return earlier[start:]
+
+
 async def run_traffic(accounts: list[SimAccount], turns: list[Turn], gateway: Gateway, detector: Any,
                       clock: SimClock, progress: Any = None, label: str = "arena", concurrency: int = 1) -> RunResult:
     """Send every turn in time order through ``gateway``; track flags, blocks and leaks.
@@ -249,7 +265,9 @@ async def run_traffic(accounts: list[SimAccount], turns: list[Turn], gateway: Ga
         if turn.system:
             messages.append({"role": "system", "content": turn.system})
         if turn.followup:
-            messages.extend(history[turn.session_id][-8:])
+            earlier = history[turn.session_id]
+            messages.extend(earlier[-8:] if turn.context_chars is None else
+                            chat_context(earlier, turn.context_chars - len(turn.user_text) - len(turn.system)))
         messages.append({"role": "user", "content": turn.user_text})
         return messages
 

@@ -34,6 +34,13 @@ class Turn:
     """Continue the session's conversation (earlier turns and answers are sent along)."""
     cover: bool = False
     """Cover traffic of a campaign account (benign-looking; not counted as leaked distillation data)."""
+    reply: str | None = None
+    """The real reply this turn got in its source conversation (ShareGPT); the arena's sim upstream answers
+    with it (:mod:`.replies`). None: the sim teacher's length-aware filler."""
+    context_chars: int | None = None
+    """How a follow-up carries its conversation. None: the last four exchanges (the synthetic population's
+    client). N: the full prior conversation, as a chat client sends it, the oldest exchanges dropped while
+    the whole exceeds N characters (a client fitting its model's context window)."""
 
 
 @dataclass
@@ -42,7 +49,8 @@ class SimAccount:
 
     info: AccountInfo
     kind: str
-    """'benign:casual', 'benign:power', 'benign:batch', 'benign:bench', or 'campaign:<shape>'."""
+    """'benign:<archetype>' (synthetic: casual, power, batch, bench; real: see :mod:`.realpop`) or
+    'campaign:<shape>'."""
     campaign: str | None = None
     """Campaign id (shared by every account of one campaign); None for benign accounts."""
     planned: int = 0
