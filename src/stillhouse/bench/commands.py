@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import typer
@@ -200,6 +201,48 @@ def bench_detect(
     typer.echo(format_text(run_bench(cfg)))
 
 
+def bench_peers(
+    names: list[str] = typer.Argument(None, help="Peers to act on (default: all)."),
+    install: bool = typer.Option(False, "--install", help="Build the peers' pinned virtualenvs now (else: on "
+                                                          "first use by a bench)."),
+    force: bool = typer.Option(False, "--force", help="With --install: rebuild ready ones too."),
+    as_json: bool = typer.Option(False, "--json", help="Print the status as JSON."),
+) -> None:
+    """The peers' pinned virtualenvs under $STILLHOUSE_CACHE/peers: state, size, install time; --install builds them."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from stillhouse.bench.peers import PEERS, PeerError, ensure_peer, peers_root, status
+
+    console = Console(stderr=True)
+    chosen = list(names or PEERS)
+    unknown = [n for n in chosen if n not in PEERS]
+    if unknown:
+        _die(f"unknown peer(s) {unknown}; known: {', '.join(PEERS)}")
+    if install:
+        for name in chosen:
+            t0 = time.monotonic()
+            try:
+                with console.status(f"{name}: starting") as st:
+                    py = ensure_peer(name, force=force, say=lambda msg, st=st: st.update(msg))
+            except PeerError as exc:
+                _die(str(exc))
+            console.print(f"[green]{name}[/green] ready: {escape(str(py))} ({time.monotonic() - t0:.0f} s)")
+    rows = [r for r in status() if r["name"] in chosen]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"peers under {peers_root()}")
+    for col in ("peer", "pins", "used by", "state", "size", "install time"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], escape(" ".join(r["requirements"])), r["used_by"], r["state"],
+                      f"{r['size_mb']} MB" if r["size_mb"] else "-",
+                      f"{r['install_s']:.0f} s" if r["install_s"] is not None else "-")
+    Console().print(table)
+
+
 def register(bench_app: typer.Typer) -> None:
     """Add the ``bench`` verbs to the CLI."""
     bench_app.command("harvest")(bench_harvest_cmd)
@@ -207,3 +250,4 @@ def register(bench_app: typer.Typer) -> None:
     bench_app.command("serve", help=BENCH_SERVE_HELP)(bench_serve)
     bench_app.command("guard")(bench_guard)
     bench_app.command("detect")(bench_detect)
+    bench_app.command("peers")(bench_peers)
