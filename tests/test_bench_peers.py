@@ -234,3 +234,63 @@ def test_real_peers_build_and_pass_their_checks():
     for name in P.PEERS:
         py = P.ensure_peer(name)
         assert py.exists() and P.is_ready(P.PEERS[name], py.parent.parent)
+
+
+# -- the benches' side: options, config validation, the peer column in tables ------------------------
+
+def test_bench_configs_take_peers_and_validate_overrides(tmp_path):
+    from stillhouse.bench.guard import GuardBenchConfig
+    from stillhouse.bench.harvest import BenchConfig
+    from stillhouse.bench.serve import BenchServeConfig
+    from stillhouse.bench.train import BenchTrainConfig
+    from stillhouse.config import ConfigError
+
+    assert BenchConfig().wants("curator") and BenchConfig().wants("distilabel")
+    off = BenchConfig(peers=False)
+    assert not off.wants("curator") and not off.wants("distilabel") and off.wants("ours")
+    assert not BenchConfig(peers=False, only=("curator",)).wants("curator")
+    for cls in (BenchConfig, GuardBenchConfig, BenchTrainConfig, BenchServeConfig):
+        assert cls().peers is True and cls().peer_python == ()
+        with pytest.raises(ConfigError, match="peer_python.*NAME=PATH"):
+            cls(peer_python=("trl",))
+        with pytest.raises(ConfigError, match="unknown peer 'vllm'"):
+            cls(peer_python=("vllm=/x",))
+        cls(peer_python=(f"trl={tmp_path}/python",))  # well-formed; existence is checked when it runs
+
+
+def test_cli_rejects_a_malformed_peer_python():
+    from typer.testing import CliRunner
+
+    from stillhouse.cli import app
+
+    r = CliRunner().invoke(app, ["bench", "harvest", "--peer-python", "curator"])
+    assert r.exit_code == 2 and "NAME=PATH" in r.output
+
+
+def test_serve_table_has_the_llama_cpp_column_and_ratio():
+    from stillhouse.bench.serve import render_markdown
+
+    def col(tps: float, ratio: float) -> dict:
+        return {"tokens_per_s": tps, "ratio_to_generate": ratio}
+
+    result = {"config": {"concurrency": [1, 8]},
+              "generate_one_at_a_time": {"tokens_per_s": 20.0, "before": col(19.0, 0), "after": col(21.0, 0)},
+              "columns": {"serve": {"1": col(18.0, 0.9), "8": col(90.0, 4.5)},
+                          "serve_b1": {"1": col(18.0, 0.9), "8": col(19.0, 0.95)},
+                          "llama_cpp": {"1": col(45.0, 2.25), "8": col(40.0, 2.0)}}}
+    md = render_markdown(result)
+    assert "`llama_cpp.server` (peer)" in md
+    assert f"| 8 | 90.00 tok/s (**4.50x**) | 19.00 tok/s (0.95x) | 40.00 tok/s (2.00x) | **{90 / 40:.2f}x** |" in md
+    del result["columns"]["llama_cpp"]
+    result["peer_errors"] = {"llama_cpp": "teacher 'hf:/m' is no GGUF file"}
+    md = render_markdown(result)
+    assert "llama.cpp" not in md.splitlines()[0] and "llama_cpp: not run: teacher 'hf:/m' is no GGUF file" in md
+
+
+def test_serve_finds_the_gguf_llama_cpp_serves(tmp_path):
+    from stillhouse.bench.serve import gguf_file
+
+    assert gguf_file(f"gguf:{tmp_path}/m.gguf") == tmp_path / "m.gguf"
+    assert gguf_file(f"hf:{tmp_path}") is None
+    bundled = gguf_file("bundled")
+    assert bundled is not None and bundled.suffix == ".gguf" and bundled.is_file()

@@ -6,7 +6,8 @@ Setup, all on loopback, each server in its own process:
 - **direct**: the load generator talks to the upstream itself;
 - **guard**: ``stillhouse guard`` (uvicorn, SQLite log in a temp dir unless ``db_url``), one
   account with high but active limits, a real key;
-- **litellm**: ``litellm --config`` from its own virtualenv (``litellm_python``), with
+- **litellm**: ``litellm --config`` from its pinned virtualenv (:mod:`stillhouse.bench.peers`,
+  built on first use; ``peer_python`` names another), with
   ``LITELLM_LOCAL_MODEL_COST_MAP=True``, one ``openai/<model>`` entry pointing at the same
   upstream and a ``master_key`` (no database: it has no virtual keys and no spend log then).
 - **guard+detector** (with ``detector_dir``): a second guard with online detection in shadow
@@ -68,8 +69,10 @@ class GuardBenchConfig:
     lossless_requests: int = 50000
     """Requests for the log-loss count (0 = skip)."""
     lossless_concurrency: int = 64
-    litellm_python: str = "/work/venvs/litellm/bin/python"
-    """Python of a virtualenv with 'litellm[proxy]'; "" skips LiteLLM."""
+    peers: bool = True
+    """Run the LiteLLM proxy column, building its pinned virtualenv on first use; False skips it."""
+    peer_python: tuple[str, ...] = ()
+    """``litellm=PATH``: run LiteLLM with this python instead of its pinned virtualenv."""
     db_url: str = ""
     """Guard log store; "" = SQLite in the run's temp dir."""
     max_tokens: int = 16
@@ -87,6 +90,9 @@ class GuardBenchConfig:
     """Distinct prompts the load cycles through (arithmetic questions), the same for every target."""
 
     def __post_init__(self) -> None:
+        from stillhouse.bench.peers import check_overrides
+
+        check_overrides(self.peer_python)
         if self.latency_ms < 0:
             raise ValueError(f"latency_ms={self.latency_ms}: must be >= 0")
         if not self.rates or any(r <= 0 for r in self.rates):
@@ -142,9 +148,9 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float, log: P
 
 
 def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """``cmd`` in its own session, output to ``log``; ``env`` is the child's whole environment (None: ours)."""
     with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **(env or {})})
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
 
 def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 60) -> None:
@@ -352,12 +358,16 @@ def run_bench(cfg: GuardBenchConfig, work: Path | None = None) -> dict[str, Any]
     """Run everything; returns the results as a JSON-ready dict (ratios included)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from stillhouse.bench.peers import prepare, run_env
     from stillhouse.config import config_to_dict
     from stillhouse.guard.store import open_store
 
+    # The peer first: a first-use build must finish before anything is measured.
+    peer_py, peer_errors = prepare(["litellm"] if cfg.peers else [], cfg.peer_python)
     work = work or Path(tempfile.mkdtemp(prefix="stillhouse-bench-guard-"))
     procs: list[subprocess.Popen[bytes]] = []
-    result: dict[str, Any] = {"config": config_to_dict(cfg), "work_dir": str(work), "errors": [],
+    result: dict[str, Any] = {"config": config_to_dict(cfg), "work_dir": str(work),
+                              "errors": [f"{k}: {v}" for k, v in peer_errors.items()],
                               "machine": {"cpus": os.cpu_count(), "loadavg_before": os.getloadavg()},
                               "git_commit": _git_commit(), "started_utc": time.strftime("%Y-%m-%d %H:%M:%S",
                                                                                         time.gmtime())}
@@ -403,22 +413,22 @@ def run_bench(cfg: GuardBenchConfig, work: Path | None = None) -> dict[str, Any]
                 server_pid[INLINE_TARGET] = gs.pid
 
         # litellm
-        if cfg.litellm_python:
+        if "litellm" in peer_py:
+            litellm_python = str(peer_py["litellm"])
             try:
                 l_port = _free_port()
                 master = "sk-bench-" + secrets.token_hex(8)
                 l_text = _litellm_config(work / "litellm.yaml", upstream, master)
                 l_log = work / "litellm.log"
-                lbin = Path(cfg.litellm_python).parent / "litellm"
+                lbin = Path(litellm_python).parent / "litellm"
                 if not lbin.exists():
                     raise RuntimeError(f"{lbin} not found: pip install 'litellm[proxy]' into "
-                                       f"{Path(cfg.litellm_python).parent.parent}")
-                version = subprocess.run([cfg.litellm_python, "-c",
+                                       f"{Path(litellm_python).parent.parent}")
+                version = subprocess.run([litellm_python, "-c",
                                           "import importlib.metadata as m; print(m.version('litellm'))"],
                                          capture_output=True, text=True, timeout=60, check=False).stdout.strip()
                 ll = _spawn([str(lbin), "--config", str(work / "litellm.yaml"), "--host", "127.0.0.1",
-                             "--port", str(l_port), "--num_workers", "1"], l_log,
-                            env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"})
+                             "--port", str(l_port), "--num_workers", "1"], l_log, env=run_env("litellm"))
                 procs.append(ll)
                 l_url = f"http://127.0.0.1:{l_port}"
                 _wait_http(l_url + "/health/liveliness", ll, 180, l_log)

@@ -18,8 +18,8 @@ can beat C/L requests/s.
      client ours uses) that POSTs and parses JSON and stores nothing: the cheapest client
      we have, so what it reaches is what this machine allows;
    - ``naive``: a bare aiohttp loop with C workers that POSTs and parses JSON, N requests;
-   - ``curator``: bespokelabs-curator in /work/venvs/curator (``peers_n`` requests);
-   - ``distilabel``: a distilabel pipeline in /work/venvs/distilabel (``peers_n`` requests).
+   - ``curator``: bespokelabs-curator in its pinned virtualenv (``peers_n`` requests);
+   - ``distilabel``: a distilabel pipeline in its pinned virtualenv (``peers_n`` requests).
 
 Each system runs as a child process; this process samples the child's process tree with
 psutil: CPU time from the child's "READY" line (imports and setup excluded) to its end,
@@ -31,10 +31,9 @@ after READY (the others read theirs before), so for ours the table also gives th
 the request phase alone (first request to last answer).
 
 Results go to OUT/results.json and a Markdown table on stdout (copied into docs/benchmarks.md).
-Peer virtualenvs (offline notes in ../shared/DESIGN.md)::
-
-    python3 -m venv /work/venvs/curator && /work/venvs/curator/bin/pip install bespokelabs-curator==0.1.31
-    python3 -m venv /work/venvs/distilabel && /work/venvs/distilabel/bin/pip install 'distilabel[openai]==1.5.3' requests
+The peers run in pinned virtualenvs under ``$STILLHOUSE_CACHE/peers``, built on first use
+(:mod:`stillhouse.bench.peers`; ``stillhouse bench peers --install`` builds them up front,
+``--no-peers`` leaves them out, ``--peer-python curator=PATH`` uses an existing one).
 """
 
 from __future__ import annotations
@@ -56,7 +55,8 @@ SYSTEMS = ("server", "ours", "bare", "naive", "curator", "distilabel", "anatomy"
 OPT_IN = ("anatomy",)
 """Systems that run only when --only names them."""
 ENGINES = ("raw", "aiohttp")
-VENVS = {"curator": "/work/venvs/curator", "distilabel": "/work/venvs/distilabel"}
+PEER_SYSTEMS = ("curator", "distilabel")
+"""Systems that are peers (run in their own pinned virtualenvs, see bench/peers.py)."""
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,15 @@ class BenchConfig:
     out: str = "runs/bench-harvest"
     capacity_n: int = 20_000
     """Requests for the server-capacity stage."""
+    peers: bool = True
+    """Run the peer systems (curator, distilabel), building their pinned virtualenvs on first use."""
+    peer_python: tuple[str, ...] = ()
+    """``NAME=PATH`` items: run peer NAME with this python instead of its pinned virtualenv."""
 
     def __post_init__(self) -> None:
+        from stillhouse.bench.peers import check_overrides
+
+        check_overrides(self.peer_python)
         if self.n < 1 or self.peers_n < 1 or self.capacity_n < 1:
             raise ConfigError("n, peers_n and capacity_n must be >= 1")
         if not self.concurrency or any(c < 1 for c in self.concurrency):
@@ -96,6 +103,8 @@ class BenchConfig:
             raise ConfigError(f"server_engine={self.server_engine!r}: choose from {', '.join(ENGINES)}")
 
     def wants(self, system: str) -> bool:
+        if system in PEER_SYSTEMS and not self.peers:
+            return False
         return system in self.only if (self.only or system in OPT_IN) else True
 
 
@@ -505,7 +514,11 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Run every stage and print the table; returns the results (also saved as OUT/results.json)."""
     from rich.console import Console
 
+    from stillhouse.bench.peers import prepare, run_env
+
     console = Console()
+    # Peers first: a first-use build must finish before anything is measured.
+    peer_py, peer_errors = prepare([p for p in PEER_SYSTEMS if cfg.wants(p)], cfg.peer_python, console)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.json")
@@ -523,6 +536,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     write_prompts(big, cfg.n)
     results: dict[str, Any] = {"config": cfg.__dict__ | {"concurrency": list(cfg.concurrency)},
                                "machine": {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()},
+                               "peers": {k: str(v) for k, v in peer_py.items()}, "peer_errors": peer_errors,
                                "rows": []}
     py = sys.executable
     model = "fake-model"
@@ -560,19 +574,14 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 runs.append(("bare", [py, str(code / "child_bare.py"), url, model, str(c), str(big)], None))
             if cfg.wants("naive"):
                 runs.append(("naive", [py, str(code / "child_naive.py"), url, model, str(c), str(big)], None))
-            for peer in ("curator", "distilabel"):
-                if not cfg.wants(peer):
-                    continue
-                vpy = Path(VENVS[peer]) / "bin" / "python"
-                if not vpy.exists():
-                    console.print(f"  {peer}: [yellow]skipped[/yellow], no virtualenv at {VENVS[peer]} "
-                                  "(see the module docstring)")
+            for peer in PEER_SYSTEMS:
+                if peer not in peer_py:
+                    if peer in peer_errors:
+                        console.print(f"  {peer}: [yellow]skipped[/yellow]: {peer_errors[peer]}")
                     continue
                 cache = out / f"{peer}-cache-c{c}-{int(time.time())}"
-                env: dict[str, str] | None = {**os.environ, "HF_HUB_OFFLINE": "1", "TELEMETRY_ENABLED": "false",
-                       "CURATOR_DISABLE_RICH_DISPLAY": "1", "DO_NOT_TRACK": "1"}
-                runs.append((peer, [str(vpy), str(code / f"child_{peer}.py"), url, model, str(c), str(peer_prompts),
-                                    str(cache)], env))
+                runs.append((peer, [str(peer_py[peer]), str(code / f"child_{peer}.py"), url, model, str(c),
+                                    str(peer_prompts), str(cache)], run_env(peer)))
             for system, argv, env in runs:
                 m = run_child(argv, system, c, env=env, server=srv)
                 m.extra["limit"] = limit
@@ -660,6 +669,8 @@ def markdown_table(results: dict[str, Any], cfg: BenchConfig) -> str:
                          f"{e.get('client_cpu_ms_per_req', 0):.3f} / {e.get('server_cpu_ms_per_req', 0):.3f} | "
                          f"{e.get('client_runq_ms_per_s', 0):.0f} / {e.get('server_runq_ms_per_s', 0):.0f} | "
                          f"{e.get('load_avg_start', 0):.1f} |")
+    for name, why in results.get("peer_errors", {}).items():
+        lines.append(f"\n{name}: not run: {why}")
     server = [r for r in results["rows"] if r["system"].startswith("server")]
     if server:
         lines.append("")

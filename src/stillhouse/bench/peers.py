@@ -80,7 +80,9 @@ PEERS: dict[str, Peer] = {p.name: p for p in (
     Peer("distilabel", "1.5.3", ("distilabel[openai]==1.5.3", "requests==2.34.2"),
          check="import distilabel, openai, requests; from distilabel.steps.tasks import TextGeneration",
          used_by="bench harvest", run_env=dict(_OFFLINE)),
-    Peer("litellm", "1.110.2", ("litellm[proxy]==1.110.2",),
+    # 1.108.7: the version of the published guard figures. From 1.110.0 on, the [proxy] extra needs a
+    # `litellm-proxy` package that PyPI does not serve ("from versions: none"), so they do not install.
+    Peer("litellm", "1.108.7", ("litellm[proxy]==1.108.7",),
          check="import litellm.proxy.proxy_cli",
          used_by="bench guard",
          run_env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"},
@@ -344,3 +346,42 @@ def status(root: Path | None = None) -> list[dict[str, Any]]:
                      "size_mb": round(dir_size(venv) / 2**20) if venv.exists() else 0,
                      "install_s": m.get("install_s") if m else None})
     return rows
+
+
+def check_overrides(items: Sequence[str], field_name: str = "peer_python") -> None:
+    """For a bench config's ``__post_init__``: raise ConfigError on a malformed NAME=PATH item."""
+    from stillhouse.config import ConfigError
+
+    try:
+        parse_overrides(items)
+    except PeerError as exc:
+        raise ConfigError(f"{field_name}: {exc}") from exc
+
+
+def prepare(names: Sequence[str], overrides: Sequence[str] = (), console: Any = None) -> tuple[
+        dict[str, Path], dict[str, str]]:
+    """Resolve (and build, on first use) every peer a bench is about to run, before it measures anything.
+
+    Returns ``(pythons, errors)``: the python per peer that is ready, and a one-line reason per peer
+    that is not (the bench reports that column as failed and runs the rest).
+    """
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = console if console is not None else Console(stderr=True)
+    pythons: dict[str, Path] = {}
+    errors: dict[str, str] = {}
+    for name in names:
+        peer = get_peer(name)
+        t0 = time.monotonic()
+        try:
+            with console.status(f"peer {name}: looking for its virtualenv") as st:
+                pythons[name] = resolve_python(name, overrides, say=lambda m, st=st: st.update(escape(m)))
+        except PeerError as exc:
+            errors[name] = str(exc)
+            console.print(f"[red]peer {name}: {escape(str(exc))}[/red]")
+            continue
+        took = time.monotonic() - t0
+        built = f" (built in {took:.0f} s)" if took > 5 else ""
+        console.print(f"peer {name} {peer.version}: {escape(str(pythons[name]))}{built}")
+    return pythons, errors
