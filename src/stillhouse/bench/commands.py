@@ -128,8 +128,8 @@ def bench_guard(
     from stillhouse.config import load_config
 
     if compare_servers or compare_clients:
-        from stillhouse.bench.guard import CLIENT_VARIANTS, SERVER_VARIANTS
-        from stillhouse.bench.guard import compare_servers as _compare
+        from stillhouse.bench.guard_ab import CLIENT_VARIANTS, SERVER_VARIANTS
+        from stillhouse.bench.guard_ab import compare_servers as _compare
 
         out_ = _compare(latency_ms=latency_ms, variants=CLIENT_VARIANTS if compare_clients else SERVER_VARIANTS)
         typer.echo(json.dumps(out_, indent=2))
@@ -249,7 +249,7 @@ def bench_peers(
             t0 = time.monotonic()
             try:
                 with console.status(f"{name}: starting") as st:
-                    py = ensure_peer(name, force=force, say=lambda msg, st=st: st.update(msg))
+                    py = ensure_peer(name, force=force, say=st.update)
             except PeerError as exc:
                 _die(str(exc))
             console.print(f"[green]{name}[/green] ready: {escape(str(py))} ({time.monotonic() - t0:.0f} s)")

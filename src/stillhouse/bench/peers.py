@@ -376,7 +376,10 @@ def prepare(names: Sequence[str], overrides: Sequence[str] = (), console: Any = 
         t0 = time.monotonic()
         try:
             with console.status(f"peer {name}: looking for its virtualenv") as st:
-                pythons[name] = resolve_python(name, overrides, say=lambda m, st=st: st.update(escape(m)))
+                def say(msg: str, st: Any = st) -> None:
+                    st.update(escape(msg))
+
+                pythons[name] = resolve_python(name, overrides, say=say)
         except PeerError as exc:
             errors[name] = str(exc)
             console.print(f"[red]peer {name}: {escape(str(exc))}[/red]")

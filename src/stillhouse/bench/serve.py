@@ -302,12 +302,12 @@ def run_bench(cfg: BenchServeConfig, progress: Any = None) -> dict[str, Any]:
         threads = torch.get_num_threads()
         try:
             with _LlamaCppProcess(peer_py["llama_cpp"], gguf, name, threads,
-                                  Path(tempfile.gettempdir()) / f"bench-serve-llama-cpp-{os.getpid()}.log") as srv:
-                asyncio.run(_drive(srv.base_url, convs[:1], 1, 4, name))  # warm-up, not timed
+                                  Path(tempfile.gettempdir()) / f"bench-serve-llama-cpp-{os.getpid()}.log") as peer:
+                asyncio.run(_drive(peer.base_url, convs[:1], 1, 4, name))  # warm-up, not timed
                 for c in cfg.concurrency:
                     n = _requests_at(cfg, c, one_at_a_time=True)
                     say(f"llama_cpp ({threads} threads) at concurrency {c}: {n} requests")
-                    res = asyncio.run(_drive(srv.base_url, convs[:n], c, cfg.max_tokens, name))
+                    res = asyncio.run(_drive(peer.base_url, convs[:n], c, cfg.max_tokens, name))
                     columns.setdefault("llama_cpp", {})[str(c)] = res
                     say(f"  {res['tokens_per_s']:.2f} tok/s")
         except RuntimeError as exc:
