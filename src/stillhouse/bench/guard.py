@@ -166,7 +166,7 @@ def _start_guard(work: Path, name: str, upstream: str, db_url: str, accounts: li
                        spool_dir=str(work / f"spool-{name}"), **extra)
     save_config(gcfg, work / f"{name}-config.json")
     log = work / f"{name}.log"
-    proc = spawn([str(Path(sys.executable).parent / "stillhouse"), "guard", "--config",
+    proc = spawn([sys.executable, "-m", "stillhouse", "guard", "--config",
                    str(work / f"{name}-config.json")], log)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -75,7 +75,7 @@ PEERS: dict[str, Peer] = {p.name: p for p in (
     Peer("curator", "0.1.31", ("bespokelabs-curator==0.1.31",),
          check="from bespokelabs import curator; import litellm",
          used_by="bench harvest",
-         run_env={**_OFFLINE, "CURATOR_DISABLE_RICH_DISPLAY": "1"},
+         run_env={**_OFFLINE, "CURATOR_DISABLE_RICH_DISPLAY": "1", "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
          note="runs offline with TIKTOKEN_CACHE_DIR at litellm's bundled tokenizers (the child sets it)"),
     Peer("distilabel", "1.5.3", ("distilabel[openai]==1.5.3", "requests==2.34.2"),
          check="import distilabel, openai, requests; from distilabel.steps.tasks import TextGeneration",

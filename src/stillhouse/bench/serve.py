@@ -153,8 +153,8 @@ class _ServeProcess:
         self.base_url = ""
 
     def __enter__(self) -> Self:
-        exe = Path(sys.executable).parent / "stillhouse"
-        self.proc = subprocess.Popen([str(exe), *self.args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        # python -m: the child runs the very code (and interpreter) of this process
+        self.proc = subprocess.Popen([sys.executable, "-m", "stillhouse", *self.args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                      text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + 600
         assert self.proc.stderr is not None
