@@ -294,3 +294,14 @@ def test_serve_finds_the_gguf_llama_cpp_serves(tmp_path):
     assert gguf_file(f"hf:{tmp_path}") is None
     bundled = gguf_file("bundled")
     assert bundled is not None and bundled.suffix == ".gguf" and bundled.is_file()
+
+
+@pytest.mark.slow
+def test_bench_serve_runs_the_llama_cpp_column(tmp_path):
+    """The real peer on the bundled GGUF (builds llama-cpp-python on first use: many minutes)."""
+    from stillhouse.bench.serve import BenchServeConfig, run_bench
+
+    r = run_bench(BenchServeConfig(concurrency=(1,), requests=2, baseline_requests=1, max_tokens=8))
+    assert r["peer_errors"] == {}
+    col = r["columns"]["llama_cpp"]["1"]
+    assert col["errors"] == 0 and col["completion_tokens"] > 0 and col["tokens_per_s"] > 0

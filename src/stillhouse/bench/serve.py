@@ -154,8 +154,8 @@ class _ServeProcess:
 
     def __enter__(self) -> Self:
         # python -m: the child runs the very code (and interpreter) of this process
-        self.proc = subprocess.Popen([sys.executable, "-m", "stillhouse", *self.args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.proc = subprocess.Popen([sys.executable, "-m", "stillhouse", *self.args], stderr=subprocess.PIPE,
+                                     stdout=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + 600
         assert self.proc.stderr is not None
         while time.monotonic() < deadline:
