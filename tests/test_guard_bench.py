@@ -46,7 +46,7 @@ def test_bench_config_validation():
 def test_tiny_bench_run(tmp_path):
     # CPU time is read in clock ticks (10 ms): 400 requests at ~0.3 ms each span many ticks, 50 could span none.
     cfg = GuardBenchConfig(latency_ms=5, rates=(50.0,), duration_s=1.0, drain_s=2.0, latency_requests=400,
-                           latency_concurrency=8, lossless_requests=300, lossless_concurrency=8, litellm_python="")
+                           latency_concurrency=8, lossless_requests=300, lossless_concurrency=8, peers=False)
     r = run_bench(cfg, work=tmp_path)
     assert not r["errors"], r["errors"]
     assert r["lossless"]["lost"] == 0 and r["lossless"]["logged"] == 300

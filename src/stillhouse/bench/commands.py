@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import typer
 
 from stillhouse.bench.train import ARMS
+
+PEERS_HELP = ("Run the peer columns, building each peer's pinned virtualenv under $STILLHOUSE_CACHE/peers on "
+              "first use (`stillhouse bench peers --install` builds them up front).")
+PEER_PYTHON_HELP = "Run peer NAME with this python (an existing virtualenv) instead of its pinned one. Repeatable."
 
 
 def _die(msg: str) -> None:
@@ -32,13 +37,21 @@ def bench_harvest_cmd(
     server_engine: str = typer.Option("raw", "--server-engine",
                                       help="The fake's HTTP engine for the C/L rows: raw (cheapest) or aiohttp."),
     out: Path = typer.Option(Path("runs/bench-harvest"), "--out", help="Where results and run dirs go."),
+    peers: bool = typer.Option(True, "--peers/--no-peers", help=PEERS_HELP),
+    peer_python: list[str] = typer.Option([], "--peer-python", metavar="NAME=PATH", help=PEER_PYTHON_HELP),
 ) -> None:
     """Harvest throughput vs the physical limit C/L, a naive aiohttp loop, curator and distilabel."""
     from stillhouse.bench.harvest import BenchConfig, run_bench
+    from stillhouse.config import ConfigError
 
-    cfg = BenchConfig(n=n, concurrency=tuple(concurrency), latency_ms=latency_ms, peers_n=peers_n, capacity_n=capacity_n,
-                      only=tuple(x for x in only.split(",") if x), server_workers=server_workers,
-                      server_engine=server_engine, out=str(out))
+    try:
+        cfg = BenchConfig(n=n, concurrency=tuple(concurrency), latency_ms=latency_ms, peers_n=peers_n,
+                          capacity_n=capacity_n, only=tuple(x for x in only.split(",") if x),
+                          server_workers=server_workers, server_engine=server_engine, out=str(out), peers=peers,
+                          peer_python=tuple(peer_python))
+    except ConfigError as exc:
+        _die(str(exc))
+        return
     run_bench(cfg)
 
 
@@ -49,24 +62,28 @@ def bench_train_command(
     batch_size: int = typer.Option(16, "--batch-size"),
     threads: int = typer.Option(2, "--threads", help="torch threads for every arm (and the peak matmul)."),
     arms: str = typer.Option(",".join(ARMS), "--arms", help="Comma list of arms to run, in order."),
-    trl_python: str = typer.Option("/work/venvs/trl/bin/python", "--trl-python",
-                                   help="Python of the TRL virtualenv (the trl arms are skipped without it)."),
+    trl_python: str = typer.Option(None, "--trl-python",
+                                   help="Same as --peer-python trl=PATH; '' skips the trl arms (as --no-peers)."),
+    peers: bool = typer.Option(True, "--peers/--no-peers", help=PEERS_HELP),
+    peer_python: list[str] = typer.Option([], "--peer-python", metavar="NAME=PATH", help=PEER_PYTHON_HELP),
     out: Path = typer.Option(Path("runs/bench-train"), "--out", help="Student, data, results.json."),
 ) -> None:
     """Training tokens/s: ours vs TRL SFTTrainer vs a plain PyTorch loop, same student/data/batch; MFU.
 
     Every arm starts from the same student weights and trains one epoch on the same examples.
     MFU = 6 x parameters x tokens/s / this machine's peak matmul FLOP/s in the arm's precision,
-    measured in the same run. Create the TRL venv first:
-    python3 -m venv /work/venvs/trl && /work/venvs/trl/bin/pip install torch==2.13.0 trl transformers datasets
+    measured in the same run. The trl arms run in TRL's pinned virtualenv, built on first use
+    (`stillhouse bench peers --install trl` builds it up front).
     """
-    from stillhouse.config import ConfigError
     from stillhouse.bench.train import BenchTrainConfig, run_bench
+    from stillhouse.config import ConfigError
 
     try:
         cfg = BenchTrainConfig(teacher=teacher, student=student, examples=examples, batch_size=batch_size,
                                threads=threads, arms=tuple(a for a in arms.split(",") if a),
-                               trl_python=trl_python, out=str(out))
+                               peers=peers and trl_python != "",
+                               peer_python=(*peer_python, *([f"trl={trl_python}"] if trl_python else [])),
+                               out=str(out))
     except ConfigError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from exc
@@ -80,8 +97,10 @@ def bench_guard(
     latency_requests: int = typer.Option(2000, help="Requests for the added-latency percentiles."),
     latency_concurrency: int = typer.Option(8, help="Concurrency of the added-latency run."),
     lossless_requests: int = typer.Option(50000, help="Requests for the log-loss count (0 = skip)."),
-    litellm_python: str = typer.Option("/work/venvs/litellm/bin/python",
-                                       help="Python of a virtualenv with 'litellm[proxy]' ('' = skip LiteLLM)."),
+    litellm_python: str = typer.Option(None, help="Same as --peer-python litellm=PATH; '' skips LiteLLM "
+                                                   "(as --no-peers)."),
+    peers: bool = typer.Option(True, "--peers/--no-peers", help=PEERS_HELP),
+    peer_python: list[str] = typer.Option([], "--peer-python", metavar="NAME=PATH", help=PEER_PYTHON_HELP),
     db: str = typer.Option(None, help="Guard log store (default: SQLite in a temp dir)."),
     latency_rounds: int = typer.Option(4, help="Split the latency requests into rounds that visit every "
                                                "target in turn (drift hits all alike)."),
@@ -105,12 +124,12 @@ def bench_guard(
     """Guard vs direct vs LiteLLM proxy on loopback: added latency p50/p99, throughput ratio, log loss.
 
     With --detector DIR: also what online detection adds (a second guard, identical but for the detector)."""
-    from stillhouse.config import load_config
     from stillhouse.bench.guard import GuardBenchConfig, run_bench
+    from stillhouse.config import load_config
 
     if compare_servers or compare_clients:
-        from stillhouse.bench.guard import CLIENT_VARIANTS, SERVER_VARIANTS
-        from stillhouse.bench.guard import compare_servers as _compare
+        from stillhouse.bench.guard_ab import CLIENT_VARIANTS, SERVER_VARIANTS
+        from stillhouse.bench.guard_ab import compare_servers as _compare
 
         out_ = _compare(latency_ms=latency_ms, variants=CLIENT_VARIANTS if compare_clients else SERVER_VARIANTS)
         typer.echo(json.dumps(out_, indent=2))
@@ -127,7 +146,9 @@ def bench_guard(
             cfg = GuardBenchConfig(latency_ms=latency_ms, rates=tuple(float(r) for r in rates.split(",") if r),
                                    duration_s=duration_s, latency_requests=latency_requests,
                                    latency_concurrency=latency_concurrency, lossless_requests=lossless_requests,
-                                   litellm_python=litellm_python, db_url=db or "",
+                                   peers=peers and litellm_python != "",
+                                   peer_python=(*peer_python, *([f"litellm={litellm_python}"] if litellm_python else [])),
+                                   db_url=db or "",
                                    latency_rounds=latency_rounds, detector_dir=detector or "",
                                    detector_inline=detector_inline)
         except ValueError as exc:
@@ -149,7 +170,9 @@ def bench_guard(
 
 BENCH_SERVE_HELP = """Completion tokens/s of `stillhouse serve` at several client concurrencies, with
 continuous batching and with batching disabled (max_batch 1), against the same model's
-plain transformers generate() run one request at a time -- all in one run, as ratios.
+plain transformers generate() run one request at a time and the llama.cpp server (the peer,
+llama-cpp-python built from source into its pinned virtualenv on first use: several minutes)
+on the same GGUF -- all in one run, as ratios.
 
 \b
 Example (about 5-15 minutes on 2 CPU cores):
@@ -166,6 +189,8 @@ def bench_serve(
     max_batch: int = typer.Option(32, help="max_batch of the batching server."),
     threads: int = typer.Option(0, help="torch CPU threads for every column; 0 = torch's default."),
     out: Path = typer.Option(None, "--out", help="Write the full result as JSON here."),
+    peers: bool = typer.Option(True, "--peers/--no-peers", help=PEERS_HELP),
+    peer_python: list[str] = typer.Option([], "--peer-python", metavar="NAME=PATH", help=PEER_PYTHON_HELP),
 ) -> None:
     from rich.console import Console
 
@@ -175,7 +200,7 @@ def bench_serve(
         levels = tuple(int(x) for x in concurrency.split(",") if x.strip())
         cfg = BenchServeConfig(teacher=teacher, concurrency=levels, requests=requests,
                                baseline_requests=baseline_requests, max_tokens=max_tokens, max_batch=max_batch,
-                               threads=threads)
+                               threads=threads, peers=peers, peer_python=tuple(peer_python))
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     console = Console(stderr=True)
@@ -200,6 +225,48 @@ def bench_detect(
     typer.echo(format_text(run_bench(cfg)))
 
 
+def bench_peers(
+    names: list[str] = typer.Argument(None, help="Peers to act on (default: all)."),
+    install: bool = typer.Option(False, "--install", help="Build the peers' pinned virtualenvs now (else: on "
+                                                          "first use by a bench)."),
+    force: bool = typer.Option(False, "--force", help="With --install: rebuild ready ones too."),
+    as_json: bool = typer.Option(False, "--json", help="Print the status as JSON."),
+) -> None:
+    """The peers' pinned virtualenvs under $STILLHOUSE_CACHE/peers: state, size, install time; --install builds them."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from stillhouse.bench.peers import PEERS, PeerError, ensure_peer, peers_root, status
+
+    console = Console(stderr=True)
+    chosen = list(names or PEERS)
+    unknown = [n for n in chosen if n not in PEERS]
+    if unknown:
+        _die(f"unknown peer(s) {unknown}; known: {', '.join(PEERS)}")
+    if install:
+        for name in chosen:
+            t0 = time.monotonic()
+            try:
+                with console.status(f"{name}: starting") as st:
+                    py = ensure_peer(name, force=force, say=st.update)
+            except PeerError as exc:
+                _die(str(exc))
+            console.print(f"[green]{name}[/green] ready: {escape(str(py))} ({time.monotonic() - t0:.0f} s)")
+    rows = [r for r in status() if r["name"] in chosen]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"peers under {peers_root()}")
+    for col in ("peer", "pins", "used by", "state", "size", "install time"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], escape(" ".join(r["requirements"])), r["used_by"], r["state"],
+                      f"{r['size_mb']} MB" if r["size_mb"] else "-",
+                      f"{r['install_s']:.0f} s" if r["install_s"] is not None else "-")
+    Console().print(table)
+
+
 def register(bench_app: typer.Typer) -> None:
     """Add the ``bench`` verbs to the CLI."""
     bench_app.command("harvest")(bench_harvest_cmd)
@@ -207,3 +274,4 @@ def register(bench_app: typer.Typer) -> None:
     bench_app.command("serve", help=BENCH_SERVE_HELP)(bench_serve)
     bench_app.command("guard")(bench_guard)
     bench_app.command("detect")(bench_detect)
+    bench_app.command("peers")(bench_peers)

@@ -6,7 +6,8 @@ Setup, all on loopback, each server in its own process:
 - **direct**: the load generator talks to the upstream itself;
 - **guard**: ``stillhouse guard`` (uvicorn, SQLite log in a temp dir unless ``db_url``), one
   account with high but active limits, a real key;
-- **litellm**: ``litellm --config`` from its own virtualenv (``litellm_python``), with
+- **litellm**: ``litellm --config`` from its pinned virtualenv (:mod:`stillhouse.bench.peers`,
+  built on first use; ``peer_python`` names another), with
   ``LITELLM_LOCAL_MODEL_COST_MAP=True``, one ``openai/<model>`` entry pointing at the same
   upstream and a ``master_key`` (no database: it has no virtual keys and no spend log then).
 - **guard+detector** (with ``detector_dir``): a second guard with online detection in shadow
@@ -27,26 +28,27 @@ interleaved so drift hits all of them alike:
 
 Run: ``stillhouse bench guard --out bench-guard.json`` (``--help`` lists the knobs);
 ``--detector DIR [--detector-inline]`` for the detection arms; ``--compare-servers`` and
-``--compare-clients`` for the uvicorn and upstream-client A/Bs.
+``--compare-clients`` for the uvicorn and upstream-client A/Bs (:mod:`stillhouse.bench.guard_ab`).
+The load comes from :mod:`stillhouse.bench.loadgen`, the processes from :mod:`stillhouse.bench.procs`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from stillhouse.bench.loadgen import closed_loop, open_loop, percentile
+from stillhouse.bench.procs import free_port, post_json, process_cpu_s, spawn, stop, wait_http
 
 MODEL = "fake-model"
 
@@ -68,8 +70,10 @@ class GuardBenchConfig:
     lossless_requests: int = 50000
     """Requests for the log-loss count (0 = skip)."""
     lossless_concurrency: int = 64
-    litellm_python: str = "/work/venvs/litellm/bin/python"
-    """Python of a virtualenv with 'litellm[proxy]'; "" skips LiteLLM."""
+    peers: bool = True
+    """Run the LiteLLM proxy column, building its pinned virtualenv on first use; False skips it."""
+    peer_python: tuple[str, ...] = ()
+    """``litellm=PATH``: run LiteLLM with this python instead of its pinned virtualenv."""
     db_url: str = ""
     """Guard log store; "" = SQLite in the run's temp dir."""
     max_tokens: int = 16
@@ -87,6 +91,9 @@ class GuardBenchConfig:
     """Distinct prompts the load cycles through (arithmetic questions), the same for every target."""
 
     def __post_init__(self) -> None:
+        from stillhouse.bench.peers import check_overrides
+
+        check_overrides(self.peer_python)
         if self.latency_ms < 0:
             raise ValueError(f"latency_ms={self.latency_ms}: must be >= 0")
         if not self.rates or any(r <= 0 for r in self.rates):
@@ -107,179 +114,6 @@ class GuardBenchConfig:
             raise ValueError(f"detector_dir={self.detector_dir!r} holds no detector.json; fit one with "
                              "`stillhouse detect --fit --log BENIGN_LOG --model DIR` (or use OUT/detector "
                              "of a `stillhouse arena --quick --out OUT` run)")
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100) by linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return float("nan")
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float, log: Path,
-               headers: dict[str, str] | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: the server exited with code {proc.returncode}; "
-                               f"log tail:\n{log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.25)
-    raise RuntimeError(f"{url} not up after {timeout_s:.0f}s; log tail:\n{log.read_text()[-2000:]}")
-
-
-def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **(env or {})})
-
-
-def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 60) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-
-
-def process_cpu_s(pid: int) -> float:
-    """User+system CPU seconds of a process and its direct children (Linux /proc), 0.0 if unreadable.
-
-    The kernel counts in clock ticks (10 ms at the usual 100 Hz), so a difference is only meaningful over
-    runs that take many ticks of CPU: hundreds of requests, not tens.
-    """
-    tck = os.sysconf("SC_CLK_TCK")
-
-    def one(p: str) -> tuple[int, float]:
-        with open(f"/proc/{p}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[1]), (int(fields[11]) + int(fields[12])) / tck
-
-    total = 0.0
-    try:
-        total += one(str(pid))[1]
-    except OSError:
-        return 0.0
-    for p in os.listdir("/proc"):
-        if p.isdigit() and p != str(pid):
-            try:
-                ppid, cpu = one(p)
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid == pid:
-                total += cpu
-    return total
-
-
-def _post_json(url: str, body: Any, token: str) -> Any:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
-
-
-# -- load generation ----------------------------------------------------------------------
-async def closed_loop(url: str, token: str | None, n: int, concurrency: int,
-                      body: dict[str, Any] | list[dict[str, Any]], progress: Any = None) -> dict[str, Any]:
-    """``n`` requests with ``concurrency`` workers; latencies in ms of the OK ones.
-
-    ``body``: one request body, or a list the requests cycle through."""
-    import aiohttp
-
-    payloads = [json.dumps(b).encode() for b in (body if isinstance(body, list) else [body])]
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
-    lat: list[float] = []
-    statuses: dict[int, int] = {}
-    errors = 0
-    next_i = 0
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                     timeout=aiohttp.ClientTimeout(total=60)) as s:
-        async def worker() -> None:
-            nonlocal next_i, errors
-            while next_i < n:
-                payload = payloads[next_i % len(payloads)]
-                next_i += 1
-                t = time.perf_counter()
-                try:
-                    async with s.post(url, data=payload, headers=headers) as r:
-                        await r.read()
-                        statuses[r.status] = statuses.get(r.status, 0) + 1
-                        if r.status == 200:
-                            lat.append((time.perf_counter() - t) * 1000)
-                except (TimeoutError, aiohttp.ClientError):
-                    errors += 1
-                if progress is not None:
-                    progress()
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
-    return {"n": n, "ok": len(lat), "statuses": statuses, "client_errors": errors, "wall_s": wall,
-            "p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99), "rps": len(lat) / wall,
-            "latencies_ms": lat}
-
-
-async def open_loop(url: str, token: str | None, rate: float, duration_s: float, drain_s: float,
-                    body: dict[str, Any] | list[dict[str, Any]]) -> dict[str, Any]:
-    """Requests sent on a fixed schedule (``rate``/s for ``duration_s``), whatever the answers do."""
-    import aiohttp
-
-    payloads = [json.dumps(b).encode() for b in (body if isinstance(body, list) else [body])]
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
-    n = int(rate * duration_s)
-    lat: list[float] = []
-    done_at: list[float] = []
-    statuses: dict[int, int] = {}
-    errors = 0
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                     timeout=aiohttp.ClientTimeout(total=duration_s + drain_s)) as s:
-        t0 = time.perf_counter()
-
-        async def one(payload: bytes) -> None:
-            nonlocal errors
-            t = time.perf_counter()
-            try:
-                async with s.post(url, data=payload, headers=headers) as r:
-                    await r.read()
-                    statuses[r.status] = statuses.get(r.status, 0) + 1
-                    if r.status == 200:
-                        now = time.perf_counter()
-                        lat.append((now - t) * 1000)
-                        done_at.append(now - t0)
-            except (TimeoutError, aiohttp.ClientError):
-                errors += 1
-
-        tasks = []
-        for i in range(n):
-            delay = t0 + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.ensure_future(one(payloads[i % len(payloads)])))
-        send_lag = time.perf_counter() - t0 - duration_s
-        await asyncio.wait(tasks, timeout=drain_s + 1)
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    elapsed = max(duration_s, max(done_at) if done_at else duration_s)
-    return {"offered_rps": rate, "sent": n, "ok": len(lat), "statuses": statuses, "client_errors": errors,
-            "achieved_rps": len(lat) / elapsed, "p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99),
-            "generator_lag_s": round(send_lag, 3)}
 
 
 # -- the run ------------------------------------------------------------------------------
@@ -327,23 +161,23 @@ def _start_guard(work: Path, name: str, upstream: str, db_url: str, accounts: li
     from stillhouse.guard.config import GuardConfig, sha256_hex
 
     admin = secrets.token_urlsafe(24)
-    port = _free_port()
+    port = free_port()
     gcfg = GuardConfig(upstream_url=upstream, admin_token_sha256=sha256_hex(admin), port=port, db_url=db_url,
                        spool_dir=str(work / f"spool-{name}"), **extra)
     save_config(gcfg, work / f"{name}-config.json")
     log = work / f"{name}.log"
-    proc = _spawn([str(Path(sys.executable).parent / "stillhouse"), "guard", "--config",
+    proc = spawn([sys.executable, "-m", "stillhouse", "guard", "--config",
                    str(work / f"{name}-config.json")], log)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_http(url + "/healthz", proc, 120, log)
+        wait_http(url + "/healthz", proc, 120, log)
         lim = {"requests_per_min": 10**9, "tokens_per_min": 10**12, "max_concurrent_streams": 10**6}
         keys = []
         for account in accounts:
-            _post_json(url + "/admin/accounts", {"account_id": account, "limits": lim}, admin)
-            keys.append(_post_json(url + f"/admin/accounts/{account}/keys", {}, admin)["key"])
+            post_json(url + "/admin/accounts", {"account_id": account, "limits": lim}, admin)
+            keys.append(post_json(url + f"/admin/accounts/{account}/keys", {}, admin)["key"])
     except BaseException:
-        _stop(proc)
+        stop(proc)
         raise
     return proc, url, keys, gcfg
 
@@ -352,25 +186,29 @@ def run_bench(cfg: GuardBenchConfig, work: Path | None = None) -> dict[str, Any]
     """Run everything; returns the results as a JSON-ready dict (ratios included)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from stillhouse.bench.peers import prepare, run_env
     from stillhouse.config import config_to_dict
     from stillhouse.guard.store import open_store
 
+    # The peer first: a first-use build must finish before anything is measured.
+    peer_py, peer_errors = prepare(["litellm"] if cfg.peers else [], cfg.peer_python)
     work = work or Path(tempfile.mkdtemp(prefix="stillhouse-bench-guard-"))
     procs: list[subprocess.Popen[bytes]] = []
-    result: dict[str, Any] = {"config": config_to_dict(cfg), "work_dir": str(work), "errors": [],
+    result: dict[str, Any] = {"config": config_to_dict(cfg), "work_dir": str(work),
+                              "errors": [f"{k}: {v}" for k, v in peer_errors.items()],
                               "machine": {"cpus": os.cpu_count(), "loadavg_before": os.getloadavg()},
                               "git_commit": _git_commit(), "started_utc": time.strftime("%Y-%m-%d %H:%M:%S",
                                                                                         time.gmtime())}
     body = bench_bodies(cfg.prompts, cfg.max_tokens)
     try:
         # upstream
-        up_port = _free_port()
+        up_port = free_port()
         up_log = work / "upstream.log"
-        up = _spawn([sys.executable, "-m", "stillhouse.testing.fakeserver", "--port", str(up_port),
+        up = spawn([sys.executable, "-m", "stillhouse.testing.fakeserver", "--port", str(up_port),
                      "--latency-ms", str(cfg.latency_ms), "--model", MODEL], up_log)
         procs.append(up)
         upstream = f"http://127.0.0.1:{up_port}"
-        _wait_http(upstream + "/health", up, 30, up_log)
+        wait_http(upstream + "/health", up, 30, up_log)
 
         # guard (and, with a detector, a second guard that differs only by online detection)
         guard, g_url, keys, gcfg = _start_guard(work, "guard", upstream, cfg.db_url or f"sqlite:///{work}/guard.db",
@@ -403,26 +241,26 @@ def run_bench(cfg: GuardBenchConfig, work: Path | None = None) -> dict[str, Any]
                 server_pid[INLINE_TARGET] = gs.pid
 
         # litellm
-        if cfg.litellm_python:
+        if "litellm" in peer_py:
+            litellm_python = str(peer_py["litellm"])
             try:
-                l_port = _free_port()
+                l_port = free_port()
                 master = "sk-bench-" + secrets.token_hex(8)
                 l_text = _litellm_config(work / "litellm.yaml", upstream, master)
                 l_log = work / "litellm.log"
-                lbin = Path(cfg.litellm_python).parent / "litellm"
+                lbin = Path(litellm_python).parent / "litellm"
                 if not lbin.exists():
                     raise RuntimeError(f"{lbin} not found: pip install 'litellm[proxy]' into "
-                                       f"{Path(cfg.litellm_python).parent.parent}")
-                version = subprocess.run([cfg.litellm_python, "-c",
+                                       f"{Path(litellm_python).parent.parent}")
+                version = subprocess.run([litellm_python, "-c",
                                           "import importlib.metadata as m; print(m.version('litellm'))"],
                                          capture_output=True, text=True, timeout=60, check=False).stdout.strip()
-                ll = _spawn([str(lbin), "--config", str(work / "litellm.yaml"), "--host", "127.0.0.1",
-                             "--port", str(l_port), "--num_workers", "1"], l_log,
-                            env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"})
+                ll = spawn([str(lbin), "--config", str(work / "litellm.yaml"), "--host", "127.0.0.1",
+                             "--port", str(l_port), "--num_workers", "1"], l_log, env=run_env("litellm"))
                 procs.append(ll)
                 l_url = f"http://127.0.0.1:{l_port}"
-                _wait_http(l_url + "/health/liveliness", ll, 180, l_log)
-                _post_json(l_url + "/v1/chat/completions", body[0], master)  # warm-up, proves auth works
+                wait_http(l_url + "/health/liveliness", ll, 180, l_log)
+                post_json(l_url + "/v1/chat/completions", body[0], master)  # warm-up, proves auth works
                 targets["litellm"] = (l_url + "/v1/chat/completions", master)
                 server_pid["litellm"] = ll.pid
                 result["litellm"] = {"version": version, "config_yaml": l_text.replace(master, "<master_key>"),
@@ -494,7 +332,7 @@ def run_bench(cfg: GuardBenchConfig, work: Path | None = None) -> dict[str, Any]
             loop.close()
 
         # stop the guard gracefully (it flushes its log), then count
-        _stop(guard)
+        stop(guard)
         if guard.returncode not in (0, -signal.SIGTERM):
             result["errors"].append(f"guard exited with {guard.returncode}")
         if cfg.lossless_requests:
@@ -516,7 +354,7 @@ def run_bench(cfg: GuardBenchConfig, work: Path | None = None) -> dict[str, Any]
         return result
     finally:
         for p in reversed(procs):
-            _stop(p)
+            stop(p)
 
 
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
@@ -549,78 +387,6 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
                 "added_cpu_ms_per_request": round(gd.get("server_cpu_ms_per_request", float("nan"))
                                                   - g.get("server_cpu_ms_per_request", float("nan")), 3),
             }
-    return out
-
-
-_SERVER_RUNNER = """
-import sys, uvicorn
-from stillhouse.guard.config import load_guard_config
-from stillhouse.guard.app import create_app
-from stillhouse.guard.store import open_store
-cfg = load_guard_config(sys.argv[1])
-uvicorn.run(create_app(cfg, open_store(cfg.db_url)), host="127.0.0.1", port=cfg.port, log_level="warning",
-            access_log=False, http=sys.argv[2], loop=sys.argv[3], proxy_headers=False)
-"""
-
-
-SERVER_VARIANTS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
-    ("uvicorn --http h11 --loop asyncio", "h11", "asyncio", {}),
-    ("uvicorn --http httptools --loop uvloop", "httptools", "uvloop", {}),
-)
-"""(label, uvicorn http, uvicorn loop, GuardConfig overrides): what chose the guard extra."""
-CLIENT_VARIANTS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
-    ("upstream_client=aiohttp", "httptools", "uvloop", {"upstream_client": "aiohttp"}),
-    ("upstream_client=http1", "httptools", "uvloop", {"upstream_client": "http1"}),
-)
-"""What chose the guard's default upstream client (the http1 pool: teacher/rawhttp.py via guard/upstream.py Http1Upstream)."""
-
-
-def compare_servers(requests: int = 3000, concurrency: int = 64, latency_ms: float = 50.0,
-                    repeats: int = 2,
-                    variants: tuple[tuple[str, str, str, dict[str, Any]], ...] = SERVER_VARIANTS) -> dict[str, Any]:
-    """Guard CPU per request for each variant, alternating, ``repeats`` times (default: uvicorn
-    h11+asyncio versus httptools+uvloop; ``CLIENT_VARIANTS``: aiohttp versus the http1 client)."""
-    from stillhouse.config import save_config
-    from stillhouse.guard.config import GuardConfig, sha256_hex
-
-    work = Path(tempfile.mkdtemp(prefix="stillhouse-bench-servers-"))
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "What is 12 + 30?"}], "max_tokens": 16}
-    out: dict[str, Any] = {"requests": requests, "concurrency": concurrency, "latency_ms": latency_ms,
-                           "loadavg_before": os.getloadavg(), "runs": []}
-    up_port = _free_port()
-    up = _spawn([sys.executable, "-m", "stillhouse.testing.fakeserver", "--port", str(up_port), "--latency-ms",
-                 str(latency_ms), "--model", MODEL], work / "upstream.log")
-    try:
-        _wait_http(f"http://127.0.0.1:{up_port}/health", up, 30, work / "upstream.log")
-        for rep in range(repeats):
-            for i, (label, http, loop_name, extra) in enumerate(variants):
-                port = _free_port()
-                admin = secrets.token_urlsafe(16)
-                name = f"v{i}-{rep}"
-                cfg = GuardConfig(upstream_url=f"http://127.0.0.1:{up_port}", admin_token_sha256=sha256_hex(admin),
-                                  port=port, db_url=f"sqlite:///{work}/{name}.db",
-                                  spool_dir=str(work / f"spool-{name}"), **extra)
-                save_config(cfg, work / f"{name}.json")
-                log = work / f"guard-{name}.log"
-                g = _spawn([sys.executable, "-c", _SERVER_RUNNER, str(work / f"{name}.json"), http, loop_name], log)
-                try:
-                    url = f"http://127.0.0.1:{port}"
-                    _wait_http(url + "/healthz", g, 60, log)
-                    lim = {"requests_per_min": 10**9, "tokens_per_min": 10**12}
-                    _post_json(url + "/admin/accounts", {"account_id": "b", "limits": lim}, admin)
-                    key = _post_json(url + "/admin/accounts/b/keys", {}, admin)["key"]
-                    asyncio.run(closed_loop(url + "/v1/chat/completions", key, 200, 16, body))  # warm-up
-                    c0 = process_cpu_s(g.pid)
-                    r = asyncio.run(closed_loop(url + "/v1/chat/completions", key, requests, concurrency, body))
-                    cpu = 1000 * (process_cpu_s(g.pid) - c0) / requests
-                finally:
-                    _stop(g)
-                out["runs"].append({"variant": label, "repeat": rep,
-                                    "guard_cpu_ms_per_request": round(cpu, 3), "rps": round(r["rps"], 1),
-                                    "p50_ms": round(r["p50_ms"], 1), "ok": r["ok"]})
-    finally:
-        _stop(up)
-    out["loadavg_after"] = os.getloadavg()
     return out
 
 

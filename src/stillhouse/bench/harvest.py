@@ -18,11 +18,11 @@ can beat C/L requests/s.
      client ours uses) that POSTs and parses JSON and stores nothing: the cheapest client
      we have, so what it reaches is what this machine allows;
    - ``naive``: a bare aiohttp loop with C workers that POSTs and parses JSON, N requests;
-   - ``curator``: bespokelabs-curator in /work/venvs/curator (``peers_n`` requests);
-   - ``distilabel``: a distilabel pipeline in /work/venvs/distilabel (``peers_n`` requests).
+   - ``curator``: bespokelabs-curator in its pinned virtualenv (``peers_n`` requests);
+   - ``distilabel``: a distilabel pipeline in its pinned virtualenv (``peers_n`` requests).
 
-Each system runs as a child process; this process samples the child's process tree with
-psutil: CPU time from the child's "READY" line (imports and setup excluded) to its end,
+Each system runs as a child process (its program: :mod:`stillhouse.bench.harvest_children`);
+this process samples the child's process tree with psutil (:mod:`stillhouse.bench.sampling`): CPU time from the child's "READY" line (imports and setup excluded) to its end,
 divided by the requests (client CPU-ms per request), and resident memory (peak, and the
 value shortly after the start, to show whether memory stays flat). The server's CPU over
 the same span is reported per request too. Throughput is the child's own count of completed
@@ -31,10 +31,9 @@ after READY (the others read theirs before), so for ours the table also gives th
 the request phase alone (first request to last answer).
 
 Results go to OUT/results.json and a Markdown table on stdout (copied into docs/benchmarks.md).
-Peer virtualenvs (offline notes in ../shared/DESIGN.md)::
-
-    python3 -m venv /work/venvs/curator && /work/venvs/curator/bin/pip install bespokelabs-curator==0.1.31
-    python3 -m venv /work/venvs/distilabel && /work/venvs/distilabel/bin/pip install 'distilabel[openai]==1.5.3' requests
+The peers run in pinned virtualenvs under ``$STILLHOUSE_CACHE/peers``, built on first use
+(:mod:`stillhouse.bench.peers`; ``stillhouse bench peers --install`` builds them up front,
+``--no-peers`` leaves them out, ``--peer-python curator=PATH`` uses an existing one).
 """
 
 from __future__ import annotations
@@ -44,19 +43,21 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stillhouse.bench.harvest_children import ANATOMY, BARE, CURATOR, DISTILABEL, NAIVE, OURS, STARLETTE
+from stillhouse.bench.sampling import run_child
 from stillhouse.config import ConfigError, save_config
 
 SYSTEMS = ("server", "ours", "bare", "naive", "curator", "distilabel", "anatomy")
 OPT_IN = ("anatomy",)
 """Systems that run only when --only names them."""
 ENGINES = ("raw", "aiohttp")
-VENVS = {"curator": "/work/venvs/curator", "distilabel": "/work/venvs/distilabel"}
+PEER_SYSTEMS = ("curator", "distilabel")
+"""Systems that are peers (run in their own pinned virtualenvs, see bench/peers.py)."""
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,15 @@ class BenchConfig:
     out: str = "runs/bench-harvest"
     capacity_n: int = 20_000
     """Requests for the server-capacity stage."""
+    peers: bool = True
+    """Run the peer systems (curator, distilabel), building their pinned virtualenvs on first use."""
+    peer_python: tuple[str, ...] = ()
+    """``NAME=PATH`` items: run peer NAME with this python instead of its pinned virtualenv."""
 
     def __post_init__(self) -> None:
+        from stillhouse.bench.peers import check_overrides
+
+        check_overrides(self.peer_python)
         if self.n < 1 or self.peers_n < 1 or self.capacity_n < 1:
             raise ConfigError("n, peers_n and capacity_n must be >= 1")
         if not self.concurrency or any(c < 1 for c in self.concurrency):
@@ -96,324 +104,10 @@ class BenchConfig:
             raise ConfigError(f"server_engine={self.server_engine!r}: choose from {', '.join(ENGINES)}")
 
     def wants(self, system: str) -> bool:
+        if system in PEER_SYSTEMS and not self.peers:
+            return False
         return system in self.only if (self.only or system in OPT_IN) else True
 
-
-# -- child programs (each prints READY once set up, then one JSON line) ------------------------------
-
-NAIVE = r'''
-import asyncio, json, sys, time
-import aiohttp
-url, model, C, prompts_path = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-prompts = [json.loads(l)["prompt"] for l in open(prompts_path)]
-async def main():
-    out = []
-    it = iter(prompts)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=C)) as s:
-        async def worker():
-            for p in it:
-                body = {"model": model, "messages": [{"role": "user", "content": p}], "max_tokens": 16}
-                async with s.post(url + "/chat/completions", json=body) as r:
-                    data = await r.json()
-                out.append(data["choices"][0]["message"]["content"])
-        print("READY", flush=True)
-        t = time.perf_counter()
-        await asyncio.gather(*[worker() for _ in range(C)])
-        return len(out), time.perf_counter() - t
-n, dt = asyncio.run(main())
-print(json.dumps({"n": n, "wall_s": dt}), flush=True)
-'''
-
-BARE = r'''
-import asyncio, json, sys, time
-from stillhouse.distill.harvest import run_async
-from stillhouse.http.client import RawHTTPTransport
-url, model, C, prompts_path = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-prompts = [json.loads(l)["prompt"] for l in open(prompts_path)]
-headers = {"Content-Type": "application/json"}
-async def main():
-    out = []
-    it = iter(prompts)
-    t = RawHTTPTransport(max_connections=C)
-    async def worker():
-        for p in it:
-            body = json.dumps({"model": model, "messages": [{"role": "user", "content": p}], "max_tokens": 16})
-            status, _, raw = await t("POST", url + "/chat/completions", body.encode(), headers, 120.0)
-            out.append(json.loads(raw)["choices"][0]["message"]["content"])
-    print("READY", flush=True)
-    t0 = time.perf_counter()
-    await asyncio.gather(*[worker() for _ in range(C)])
-    dt = time.perf_counter() - t0
-    await t.aclose()
-    return len(out), dt
-n, dt = run_async(main())
-print(json.dumps({"n": n, "wall_s": dt}), flush=True)
-'''
-
-ANATOMY = r'''
-import asyncio, glob, json, os, sys, time
-url, C, dur, client, server_pid = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], int(sys.argv[5])
-from stillhouse.distill.harvest import run_async
-
-def sched(pid):
-    """(CPU ns, run-queue wait ns) summed over the threads of pid (/proc/PID/task/*/schedstat)."""
-    cpu = wait = 0
-    for f in glob.glob(f"/proc/{pid}/task/*/schedstat"):
-        try:
-            a, b, _ = open(f).read().split()
-        except (OSError, ValueError):
-            continue
-        cpu, wait = cpu + int(a), wait + int(b)
-    return cpu, wait
-
-async def main():
-    import aiohttp
-    from stillhouse.http.client import RawHTTPTransport
-    lats, lags, n, stop = [], [], 0, False
-    raw = RawHTTPTransport(max_connections=C)
-    hdr = {"Content-Type": "application/json"}
-    async def lagmon():
-        while not stop:
-            t = time.perf_counter()
-            await asyncio.sleep(0.001)
-            lags.append(time.perf_counter() - t - 0.001)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=C)) as s:
-        async def worker(k):
-            nonlocal n
-            i = k
-            while not stop:
-                body = {"model": "fake-model", "max_tokens": 16, "messages": [
-                    {"role": "user", "content": f"What is {10 + i // 1000} + {i % 1000}? Reply with just the number."}]}
-                t = time.perf_counter()
-                if client == "raw":
-                    _, _, b = await raw("POST", url + "/chat/completions", json.dumps(body).encode(), hdr, 60)
-                    json.loads(b)
-                else:
-                    async with s.post(url + "/chat/completions", json=body) as r:
-                        await r.json()
-                lats.append(time.perf_counter() - t)
-                n += 1
-                i += C
-        tasks = [asyncio.create_task(worker(k)) for k in range(C)] + [asyncio.create_task(lagmon())]
-        await asyncio.sleep(1.0)  # warm up: connections open, phases settle
-        lats.clear(); lags.clear(); n0 = n
-        c0, s0, t0 = sched(os.getpid()), sched(server_pid), time.perf_counter()
-        await asyncio.sleep(dur)
-        c1, s1, t1, n1 = sched(os.getpid()), sched(server_pid), time.perf_counter(), n
-        stop = True
-        await asyncio.gather(*tasks)
-    await raw.aclose()
-    done, wall = n1 - n0, t1 - t0
-    lats.sort(); lags.sort()
-    q = lambda a, p: round(a[int(p * (len(a) - 1))] * 1000, 2) if a else 0.0
-    return {"n": done, "wall_s": wall, "lat_p50_ms": q(lats, .5), "lat_p99_ms": q(lats, .99),
-            "lag_p50_ms": q(lags, .5), "lag_p99_ms": q(lags, .99),
-            "client_cpu_ms_per_req": round((c1[0] - c0[0]) / 1e6 / done, 4),
-            "server_cpu_ms_per_req": round((s1[0] - s0[0]) / 1e6 / done, 4),
-            "client_runq_ms_per_s": round((c1[1] - c0[1]) / 1e6 / wall, 1),
-            "server_runq_ms_per_s": round((s1[1] - s0[1]) / 1e6 / wall, 1)}
-print("READY", flush=True)
-print(json.dumps(run_async(main())), flush=True)
-'''
-
-OURS = r'''
-import asyncio, json, sys, time
-import aiohttp  # imported before READY, like the others
-from stillhouse.distill.harvest import HarvestConfig, run_async, run_harvest
-url, C, prompts_path, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-cfg = HarvestConfig(prompts=prompts_path, teacher=url, out=out, concurrency=C, max_tokens=16)
-print("READY", flush=True)
-t = time.perf_counter()
-rep = run_async(run_harvest(cfg))
-dt = time.perf_counter() - t
-print(json.dumps({"n": rep.stats.ok, "errors": rep.stats.errors, "wall_s": dt,
-                  "request_phase_s": rep.stats.request_phase_s}), flush=True)
-'''
-
-CURATOR = r'''
-import json, os, sys, time, glob
-url, model, C, prompts_path, cache = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
-os.environ["CURATOR_CACHE_DIR"] = cache
-os.environ.setdefault("CURATOR_DISABLE_CACHE", "1")
-import litellm
-tok = os.path.join(os.path.dirname(litellm.__file__), "litellm_core_utils", "tokenizers")
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", tok)
-from bespokelabs import curator
-prompts = [json.loads(l)["prompt"] for l in open(prompts_path)]
-llm = curator.LLM(model_name=model, backend="openai",
-                  generation_params={"max_tokens": 16},
-                  backend_params={"base_url": url, "api_key": "sk-bench", "max_concurrent_requests": C,
-                                  "max_requests_per_minute": 10_000_000, "max_tokens_per_minute": 10_000_000_000,
-                                  "max_retries": 1, "require_all_responses": False})
-print("READY", flush=True)
-t = time.perf_counter()
-res = llm(prompts)
-dt = time.perf_counter() - t
-try:
-    n = len(res.dataset) if hasattr(res, "dataset") else len(res)
-except Exception:
-    n = -1
-print(json.dumps({"n": n, "wall_s": dt}), flush=True)
-'''
-
-DISTILABEL = r'''
-import json, os, sys, time
-url, model, C, prompts_path, cache = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
-os.environ["DISTILABEL_CACHE_DIR"] = cache
-from distilabel.pipeline import Pipeline
-from distilabel.steps import LoadDataFromDicts
-from distilabel.steps.tasks import TextGeneration
-try:
-    from distilabel.models import OpenAILLM
-except ImportError:
-    from distilabel.llms import OpenAILLM
-prompts = [json.loads(l)["prompt"] for l in open(prompts_path)]
-with Pipeline(name="bench-harvest", cache_dir=cache) as pipe:
-    load = LoadDataFromDicts(data=[{"instruction": p} for p in prompts], batch_size=C)
-    gen = TextGeneration(llm=OpenAILLM(model=model, base_url=url, api_key="sk-bench",
-                                       generation_kwargs={"max_new_tokens": 16}),
-                         input_batch_size=C)
-    load >> gen
-print("READY", flush=True)
-t = time.perf_counter()
-ds = pipe.run(use_cache=False)
-dt = time.perf_counter() - t
-n = sum(1 for r in ds["default"]["train"] if r.get("generation"))
-print(json.dumps({"n": n, "wall_s": dt}), flush=True)
-'''
-
-
-@dataclass
-class Measured:
-    """One system at one concurrency."""
-
-    system: str
-    concurrency: int
-    n: int = 0
-    wall_s: float = 0.0
-    rate: float = 0.0
-    cpu_ms_per_req: float = 0.0
-    rss_start_mb: float = 0.0
-    rss_peak_mb: float = 0.0
-    error: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _tree(proc: Any) -> list[Any]:
-    import psutil
-
-    try:
-        return [proc, *proc.children(recursive=True)]
-    except psutil.Error:
-        return [proc]
-
-
-def run_child(argv: list[str], system: str, concurrency: int, env: dict[str, str] | None = None,
-              timeout_s: float = 1800.0, server: Any = None) -> Measured:
-    """Run one child program, sampling its process tree's CPU and RSS (and the server's CPU, when given)."""
-    import psutil
-
-    m = Measured(system, concurrency)
-    m.extra["load_avg_start"] = round(os.getloadavg()[0], 2)
-    srv = psutil.Process(server.pid) if server is not None else None
-
-    def server_cpu() -> float:
-        total = 0.0
-        for q in _tree(srv) if srv is not None else []:
-            try:
-                ct = q.cpu_times()
-                total += ct.user + ct.system
-            except psutil.Error:
-                pass
-        return total
-
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    ps = psutil.Process(p.pid)
-    lines: list[str] = []
-    ready = threading.Event()
-    err_tail: list[str] = []
-
-    def read_out() -> None:
-        assert p.stdout is not None
-        for line in p.stdout:
-            line = line.strip()
-            if line == "READY":
-                ready.set()
-            elif line:
-                lines.append(line)
-
-    def read_err() -> None:
-        assert p.stderr is not None
-        for line in p.stderr:
-            err_tail.append(line)
-            del err_tail[:-30]
-
-    threads = [threading.Thread(target=read_out, daemon=True), threading.Thread(target=read_err, daemon=True)]
-    for t in threads:
-        t.start()
-    cpu_by_pid: dict[int, float] = {}
-
-    def sample() -> tuple[float, float]:
-        rss = 0.0
-        for q in _tree(ps):
-            try:
-                ct = q.cpu_times()
-                cpu_by_pid[q.pid] = ct.user + ct.system + getattr(ct, "children_user", 0) + getattr(
-                    ct, "children_system", 0)
-                rss += q.memory_info().rss
-            except psutil.Error:
-                pass
-        return sum(cpu_by_pid.values()), rss / 2**20
-
-    t_start = time.monotonic()
-    cpu0 = None
-    scpu0 = 0.0
-    rss_series: list[tuple[float, float]] = []
-    while p.poll() is None:
-        if time.monotonic() - t_start > timeout_s:
-            p.kill()
-            m.error = f"timed out after {timeout_s:.0f} s"
-            break
-        cpu, rss = sample()
-        if ready.is_set():
-            if cpu0 is None:
-                cpu0, scpu0 = cpu, server_cpu()
-            rss_series.append((time.monotonic(), rss))
-        time.sleep(0.2)
-    cpu_end = sum(cpu_by_pid.values())
-    scpu_end = server_cpu()
-    for t in threads:
-        t.join(5)
-    if p.returncode and m.error is None:
-        m.error = f"exit {p.returncode}: {''.join(err_tail)[-800:]}"
-    result = None
-    for line in reversed(lines):
-        try:
-            result = json.loads(line)
-            break
-        except ValueError:
-            continue
-    if result is None:
-        m.error = m.error or f"no result line; stderr: {''.join(err_tail)[-800:]}"
-        return m
-    m.n, m.wall_s = int(result["n"]), float(result["wall_s"])
-    m.extra.update({k: v for k, v in result.items() if k not in ("n", "wall_s")})
-    m.rate = m.n / m.wall_s if m.wall_s > 0 else 0.0
-    phase = float(result.get("request_phase_s") or 0.0)
-    m.extra["rate_requests"] = m.n / phase if phase > 0 else m.rate  # others load prompts before READY
-    if cpu0 is not None and m.n > 0:
-        m.cpu_ms_per_req = (cpu_end - cpu0) * 1000 / m.n
-        if srv is not None:
-            m.extra["server_cpu_ms_per_req"] = round((scpu_end - scpu0) * 1000 / m.n, 4)
-    if rss_series:
-        t0 = rss_series[0][0]
-        early = [r for t, r in rss_series if t - t0 <= max(1.0, 0.1 * m.wall_s)]
-        m.rss_start_mb = max(early) if early else rss_series[0][1]
-        m.rss_peak_mb = max(r for _, r in rss_series)
-        span = rss_series[-1][0] - t0
-        m.extra["rss_quartiles_mb"] = [round(next((r for t, r in rss_series if t - t0 >= q * span),
-                                                  rss_series[-1][1])) for q in (0.25, 0.5, 0.75, 1.0)]
-    return m
 
 
 def start_server(latency_ms: float, workers: int, out: Path, engine: str = "raw") -> tuple[subprocess.Popen[bytes], str]:
@@ -436,25 +130,6 @@ def start_server(latency_ms: float, workers: int, out: Path, engine: str = "raw"
     return p, f"http://127.0.0.1:{port}/v1"
 
 
-STARLETTE = r'''
-import json, sys
-import uvicorn
-from starlette.applications import Starlette
-from starlette.responses import Response
-from starlette.routing import Route
-
-async def chat(request):
-    body = json.loads(await request.body())
-    last = body["messages"][-1]["content"]
-    payload = {"id": "x", "object": "chat.completion", "created": 0, "model": body.get("model"),
-               "choices": [{"index": 0, "message": {"role": "assistant", "content": last[:16]},
-                            "finish_reason": "stop", "logprobs": None}],
-               "usage": {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14}}
-    return Response(json.dumps(payload), media_type="application/json")
-
-app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
-uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False, backlog=4096)
-'''
 
 
 def start_starlette(out: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -505,7 +180,11 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Run every stage and print the table; returns the results (also saved as OUT/results.json)."""
     from rich.console import Console
 
+    from stillhouse.bench.peers import prepare, run_env
+
     console = Console()
+    # Peers first: a first-use build must finish before anything is measured.
+    peer_py, peer_errors = prepare([p for p in PEER_SYSTEMS if cfg.wants(p)], cfg.peer_python, console)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.json")
@@ -523,6 +202,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     write_prompts(big, cfg.n)
     results: dict[str, Any] = {"config": cfg.__dict__ | {"concurrency": list(cfg.concurrency)},
                                "machine": {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()},
+                               "peers": {k: str(v) for k, v in peer_py.items()}, "peer_errors": peer_errors,
                                "rows": []}
     py = sys.executable
     model = "fake-model"
@@ -560,19 +240,14 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 runs.append(("bare", [py, str(code / "child_bare.py"), url, model, str(c), str(big)], None))
             if cfg.wants("naive"):
                 runs.append(("naive", [py, str(code / "child_naive.py"), url, model, str(c), str(big)], None))
-            for peer in ("curator", "distilabel"):
-                if not cfg.wants(peer):
-                    continue
-                vpy = Path(VENVS[peer]) / "bin" / "python"
-                if not vpy.exists():
-                    console.print(f"  {peer}: [yellow]skipped[/yellow], no virtualenv at {VENVS[peer]} "
-                                  "(see the module docstring)")
+            for peer in PEER_SYSTEMS:
+                if peer not in peer_py:
+                    if peer in peer_errors:
+                        console.print(f"  {peer}: [yellow]skipped[/yellow]: {peer_errors[peer]}")
                     continue
                 cache = out / f"{peer}-cache-c{c}-{int(time.time())}"
-                env: dict[str, str] | None = {**os.environ, "HF_HUB_OFFLINE": "1", "TELEMETRY_ENABLED": "false",
-                       "CURATOR_DISABLE_RICH_DISPLAY": "1", "DO_NOT_TRACK": "1"}
-                runs.append((peer, [str(vpy), str(code / f"child_{peer}.py"), url, model, str(c), str(peer_prompts),
-                                    str(cache)], env))
+                runs.append((peer, [str(peer_py[peer]), str(code / f"child_{peer}.py"), url, model, str(c),
+                                    str(peer_prompts), str(cache)], run_env(peer)))
             for system, argv, env in runs:
                 m = run_child(argv, system, c, env=env, server=srv)
                 m.extra["limit"] = limit
@@ -660,6 +335,8 @@ def markdown_table(results: dict[str, Any], cfg: BenchConfig) -> str:
                          f"{e.get('client_cpu_ms_per_req', 0):.3f} / {e.get('server_cpu_ms_per_req', 0):.3f} | "
                          f"{e.get('client_runq_ms_per_s', 0):.0f} / {e.get('server_runq_ms_per_s', 0):.0f} | "
                          f"{e.get('load_avg_start', 0):.1f} |")
+    for name, why in results.get("peer_errors", {}).items():
+        lines.append(f"\n{name}: not run: {why}")
     server = [r for r in results["rows"] if r["system"].startswith("server")]
     if server:
         lines.append("")

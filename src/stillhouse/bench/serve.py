@@ -1,16 +1,20 @@
 """``stillhouse bench serve``: completion tokens/s of ``stillhouse serve`` against one-at-a-time.
 
-One run, one loaded model, three ways of using it on the same prompts:
+One run, one model, four ways of serving it on the same prompts:
 
     generate()   the model's plain ``transformers`` ``generate()``, one request at a time
                  (the baseline every ratio is against)
     serve b=1    ``stillhouse serve`` with batching disabled (max_batch 1)
     serve        ``stillhouse serve`` with continuous batching (max_batch 32)
+    llama.cpp    the peer: ``llama_cpp.server`` (llama-cpp-python, in its pinned virtualenv,
+                 see :mod:`stillhouse.bench.peers`) on the same GGUF file, with as many threads
+                 as torch uses; it decodes one request at a time
 
 Each server column is measured at concurrency 1, 8 and 32 by an aiohttp client on
 loopback (greedy, ``max_tokens`` per request, tokens counted from ``usage``). Each server
-is a ``stillhouse serve`` child process; the baseline runs in this process before and after
-the server columns and their mean is the reference for every ratio.
+is a child process; the baseline runs in this process before and after the server columns
+and their mean is the reference for every ratio. The llama.cpp column needs a GGUF teacher
+(``bundled`` or ``gguf:FILE``); ``--no-peers`` leaves it out.
 
 Run::
 
@@ -25,11 +29,12 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 
 @dataclass(frozen=True)
@@ -50,9 +55,16 @@ class BenchServeConfig:
     """max_batch of the batching server."""
     threads: int = 0
     """torch CPU threads for every column; 0 keeps torch's default."""
+    peers: bool = True
+    """Run the llama.cpp column, building llama-cpp-python's pinned virtualenv on first use."""
+    peer_python: tuple[str, ...] = ()
+    """``llama_cpp=PATH``: run llama.cpp with this python instead of its pinned virtualenv."""
 
     def __post_init__(self) -> None:
+        from stillhouse.bench.peers import check_overrides
         from stillhouse.teacher.spec import parse_spec
+
+        check_overrides(self.peer_python)
 
         if not parse_spec(self.teacher).is_local:
             raise ValueError(f"teacher={self.teacher!r}: bench serve needs a local teacher (bundled, hf:, gguf:)")
@@ -140,10 +152,10 @@ class _ServeProcess:
         self.proc: subprocess.Popen[str] | None = None
         self.base_url = ""
 
-    def __enter__(self) -> _ServeProcess:
-        exe = Path(sys.executable).parent / "stillhouse"
-        self.proc = subprocess.Popen([str(exe), *self.args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    def __enter__(self) -> Self:
+        # python -m: the child runs the very code (and interpreter) of this process
+        self.proc = subprocess.Popen([sys.executable, "-m", "stillhouse", *self.args], stderr=subprocess.PIPE,
+                                     stdout=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + 600
         assert self.proc.stderr is not None
         while time.monotonic() < deadline:
@@ -171,6 +183,70 @@ class _ServeProcess:
                 self.proc.kill()
 
 
+class _LlamaCppProcess:
+    """``python -m llama_cpp.server`` from the peer's virtualenv on a free loopback port."""
+
+    def __init__(self, python: Path, gguf: Path, name: str, threads: int, log: Path):
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.argv = [str(python), "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", name,
+                     "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", "2048",
+                     "--n_threads", str(threads), "--n_threads_batch", str(threads),
+                     "--interrupt_requests", "False"]
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+
+    def __enter__(self) -> Self:
+        import urllib.request
+
+        from stillhouse.bench.peers import run_env
+
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, env=run_env("llama_cpp"))
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama_cpp.server exited with {self.proc.returncode}; log tail: "
+                                   f"{self.log.read_text(errors='replace')[-600:]}")
+            try:
+                with urllib.request.urlopen(self.base_url + "/models", timeout=5) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        self.__exit__()
+        raise RuntimeError("llama_cpp.server did not start within 300 s")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def gguf_file(teacher: str) -> Path | None:
+    """The GGUF file a teacher spec loads from (None for an HF directory: llama.cpp cannot serve it)."""
+    from stillhouse.teacher.bundled import bundled_gguf_path
+    from stillhouse.teacher.spec import parse_spec
+
+    spec = parse_spec(teacher)
+    if spec.kind == "bundled":
+        return bundled_gguf_path()
+    return Path(spec.target) if spec.kind == "gguf" else None
+
+
+def _requests_at(cfg: BenchServeConfig, c: int, one_at_a_time: bool) -> int:
+    if cfg.requests:
+        return cfg.requests
+    return 8 if one_at_a_time else max(8, c)  # one decode at a time: more requests only queue longer
+
+
 def run_bench(cfg: BenchServeConfig, progress: Any = None) -> dict[str, Any]:
     """Run every column; returns a JSON-ready dict with figures and ratios to the baseline.
 
@@ -189,7 +265,16 @@ def run_bench(cfg: BenchServeConfig, progress: Any = None) -> dict[str, Any]:
         if progress:
             progress(msg)
 
+    from stillhouse.bench.peers import prepare
+
     load_start = os.getloadavg()
+    gguf = gguf_file(cfg.teacher)
+    peer_errors: dict[str, str] = {}
+    peer_py: dict[str, Path] = {}
+    if cfg.peers and gguf is None:
+        peer_errors["llama_cpp"] = f"teacher {cfg.teacher!r} is no GGUF file: llama.cpp serves bundled or gguf:FILE"
+    elif cfg.peers:  # the peer first: a first-use build must finish before anything is measured
+        peer_py, peer_errors = prepare(["llama_cpp"], cfg.peer_python)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model, tokenizer, revision = load_model(cfg.teacher)
@@ -207,14 +292,27 @@ def run_bench(cfg: BenchServeConfig, progress: Any = None) -> dict[str, Any]:
         with _ServeProcess(cfg.teacher, max_batch, cfg.threads) as srv:
             asyncio.run(_drive(srv.base_url, convs[:1], 1, 4, name))  # warm-up, not timed
             for c in cfg.concurrency:
-                n = max(8, c) if cfg.requests == 0 else cfg.requests
-                if max_batch == 1 and cfg.requests == 0:
-                    n = 8  # one request decodes at a time: more requests only queue longer
+                n = _requests_at(cfg, c, one_at_a_time=max_batch == 1)
                 say(f"{label} (max_batch={max_batch}) at concurrency {c}: {n} requests")
                 res = asyncio.run(_drive(srv.base_url, convs[:n], c, cfg.max_tokens, name))
                 res["max_batch_seen"] = srv.health().get("max_batch_seen")
                 columns.setdefault(label, {})[str(c)] = res
                 say(f"  {res['tokens_per_s']:.2f} tok/s")
+    if "llama_cpp" in peer_py and gguf is not None:
+        threads = torch.get_num_threads()
+        try:
+            with _LlamaCppProcess(peer_py["llama_cpp"], gguf, name, threads,
+                                  Path(tempfile.gettempdir()) / f"bench-serve-llama-cpp-{os.getpid()}.log") as peer:
+                asyncio.run(_drive(peer.base_url, convs[:1], 1, 4, name))  # warm-up, not timed
+                for c in cfg.concurrency:
+                    n = _requests_at(cfg, c, one_at_a_time=True)
+                    say(f"llama_cpp ({threads} threads) at concurrency {c}: {n} requests")
+                    res = asyncio.run(_drive(peer.base_url, convs[:n], c, cfg.max_tokens, name))
+                    columns.setdefault("llama_cpp", {})[str(c)] = res
+                    say(f"  {res['tokens_per_s']:.2f} tok/s")
+        except RuntimeError as exc:
+            peer_errors["llama_cpp"] = str(exc)
+            say(f"llama_cpp failed: {exc}")
     say(f"baseline again: generate() one at a time, {cfg.baseline_requests} requests")
     after = baseline_generate(model, tokenizer, convs[:cfg.baseline_requests], cfg.max_tokens, probe.encode)
     say(f"  {after['tokens_per_s']:.2f} tok/s")
@@ -230,21 +328,31 @@ def run_bench(cfg: BenchServeConfig, progress: Any = None) -> dict[str, Any]:
                     "load_avg_end": os.getloadavg(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         "generate_one_at_a_time": {"before": before, "after": after, "tokens_per_s": reference},
         "columns": columns,
+        "peers": {k: str(v) for k, v in peer_py.items()}, "peer_errors": peer_errors,
     }
 
 
 def render_markdown(result: dict[str, Any]) -> str:
-    """A markdown table of one run: tokens/s and ratios to the generate() baseline."""
+    """A markdown table of one run: tokens/s and ratios to the generate() baseline (and to llama.cpp)."""
     base = result["generate_one_at_a_time"]
-    lines = ["| concurrency | `stillhouse serve` (continuous batching) | `serve` with max_batch 1 | "
-             "plain `generate()` one at a time |", "|---|---|---|---|"]
+    peer = result["columns"].get("llama_cpp")
+    head = "| concurrency | `stillhouse serve` (continuous batching) | `serve` with max_batch 1 | "
+    if peer:
+        head += "`llama_cpp.server` (peer) | `serve` ÷ llama.cpp | "
+    lines = [head + "plain `generate()` one at a time |", "|---" * (6 if peer else 4) + "|"]
     for c in result["config"]["concurrency"]:
         a = result["columns"]["serve"][str(c)]
         b = result["columns"]["serve_b1"][str(c)]
-        lines.append(f"| {c} | {a['tokens_per_s']:.2f} tok/s (**{a['ratio_to_generate']:.2f}x**) | "
-                     f"{b['tokens_per_s']:.2f} tok/s ({b['ratio_to_generate']:.2f}x) | "
-                     f"{base['tokens_per_s']:.2f} tok/s (1.00x; {base['before']['tokens_per_s']:.2f} before, "
-                     f"{base['after']['tokens_per_s']:.2f} after) |")
+        row = (f"| {c} | {a['tokens_per_s']:.2f} tok/s (**{a['ratio_to_generate']:.2f}x**) | "
+               f"{b['tokens_per_s']:.2f} tok/s ({b['ratio_to_generate']:.2f}x) | ")
+        if peer:
+            p = peer[str(c)]
+            row += (f"{p['tokens_per_s']:.2f} tok/s ({p['ratio_to_generate']:.2f}x) | "
+                    f"**{a['tokens_per_s'] / p['tokens_per_s']:.2f}x** | " if p["tokens_per_s"] else "- | - | ")
+        lines.append(row + f"{base['tokens_per_s']:.2f} tok/s (1.00x; {base['before']['tokens_per_s']:.2f} before, "
+                           f"{base['after']['tokens_per_s']:.2f} after) |")
+    for name, why in result.get("peer_errors", {}).items():
+        lines.append(f"\n{name}: not run: {why}")
     return "\n".join(lines)
 
 

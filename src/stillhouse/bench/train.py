@@ -13,8 +13,8 @@ an HF directory under OUT/student):
 - ``ours-fp32`` / ``ours-bf16``: :func:`stillhouse.distill.train.train` (LM head on the answer
   positions only, fused AdamW, ``--precision``);
 - ``trl-fp32`` / ``trl-bf16``: TRL ``SFTTrainer`` (prompt-completion data, so the loss is on the
-  completion only, like ours) in its own virtualenv (``--trl-python``), through
-  ``stillhouse/distill/trl_worker.py``.
+  completion only, like ours) in its pinned virtualenv (:mod:`stillhouse.bench.peers`, built on
+  first use; ``--peer-python trl=PATH`` names another), through ``bench/trl_worker.py``.
 
 Timing, the same for every arm: wall time from the end of the first optimizer step to the end of
 the last (loading, tokenization, the warm-up step and checkpoint writes excluded), over the
@@ -22,11 +22,6 @@ non-pad tokens of those steps (total tokens x (steps - 1) / steps). MFU = 6 x pa
 tokens/s / peak FLOP/s of the arm's precision (the PaLM definition: model FLOPs, whatever the
 implementation skips). For our arms, HFU also counts the FLOPs actually executed: the LM head
 runs on the answer positions only, so ours does fewer FLOPs per token than 6 x parameters.
-
-Peer virtualenv (offline: PyPI only)::
-
-    python3 -m venv /work/venvs/trl && /work/venvs/trl/bin/pip install torch==2.13.0 \\
-        transformers==<ours> trl datasets accelerate
 
 Results go to OUT/results.json and a Markdown table on stdout (copied into docs/benchmarks.md).
 """
@@ -59,12 +54,18 @@ class BenchTrainConfig:
     lr: float = 1e-4
     threads: int = 2
     arms: tuple[str, ...] = ARMS
-    trl_python: str = "/work/venvs/trl/bin/python"
+    peers: bool = True
+    """Run the TRL arms, building TRL's pinned virtualenv on first use; False skips them."""
+    peer_python: tuple[str, ...] = ()
+    """``trl=PATH``: run TRL with this python instead of its pinned virtualenv."""
     out: str = "runs/bench-train"
     peak_size: int = 2048
     """Side of the square matmul that measures peak FLOP/s."""
 
     def __post_init__(self) -> None:
+        from stillhouse.bench.peers import check_overrides
+
+        check_overrides(self.peer_python)
         bad = [a for a in self.arms if a not in ARMS]
         if bad:
             raise ConfigError(f"unknown arms {bad}: choose from {', '.join(ARMS)}")
@@ -157,11 +158,11 @@ def run_ours(student_dir: Path, data: Path, cfg: BenchTrainConfig, precision: st
             "timed_tokens": timed_tokens, "timed_s": timed_s}
 
 
-def run_trl(student_dir: Path, data: Path, cfg: BenchTrainConfig, precision: str, out: Path) -> dict[str, Any]:
+def run_trl(student_dir: Path, data: Path, cfg: BenchTrainConfig, precision: str, out: Path,
+            python: Path) -> dict[str, Any]:
     """TRL SFTTrainer in its own virtualenv (see trl_worker.py)."""
-    if not Path(cfg.trl_python).exists():
-        return {"arm": f"trl-{precision}", "skipped": f"{cfg.trl_python} not found: create the TRL venv "
-                                                        "(see `stillhouse bench train --help`)"}
+    from stillhouse.bench.peers import run_env
+
     pc = out / "trl-data.jsonl"
     with pc.open("w") as f:
         for line in data.read_text().splitlines():
@@ -172,8 +173,8 @@ def run_trl(student_dir: Path, data: Path, cfg: BenchTrainConfig, precision: str
     (out / "trl-spec.json").write_text(json.dumps(spec))
     res = out / f"trl-{precision}.json"
     worker = Path(__file__).with_name("trl_worker.py")
-    proc = subprocess.run([cfg.trl_python, str(worker), str(out / "trl-spec.json"), str(res)],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run([str(python), str(worker), str(out / "trl-spec.json"), str(res)],
+                          capture_output=True, text=True, check=False, env=run_env("trl"))
     if proc.returncode != 0:
         return {"arm": f"trl-{precision}", "skipped": f"TRL worker failed: {proc.stderr.strip()[-600:]}"}
     return json.loads(res.read_text())
@@ -183,9 +184,13 @@ def run_bench(cfg: BenchTrainConfig) -> dict[str, Any]:
     """Run every arm of ``cfg``; write OUT/results.json and print the table."""
     import torch
 
+    from stillhouse.bench.peers import prepare
     from stillhouse.distill.modelio import load_causal_lm
     from stillhouse.distill.student import count_parameters, make_student
 
+    # The peer first: a first-use build must finish before anything is measured.
+    wants_trl = cfg.peers and any(a.startswith("trl-") for a in cfg.arms)
+    peer_py, peer_errors = prepare(["trl"] if wants_trl else [], cfg.peer_python)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "bench_config.json")
@@ -214,8 +219,10 @@ def run_bench(cfg: BenchTrainConfig) -> dict[str, Any]:
             r = run_plain(student_dir, data, cfg)
         elif kind == "ours":
             r = run_ours(student_dir, data, cfg, prec, out / arm)
+        elif "trl" in peer_py:
+            r = run_trl(student_dir, data, cfg, prec, out, peer_py["trl"])
         else:
-            r = run_trl(student_dir, data, cfg, prec, out)
+            r = {"arm": arm, "skipped": peer_errors.get("trl", "--no-peers")}
         if "timed_s" in r:
             r["tok_per_s"] = r["timed_tokens"] / r["timed_s"]
         results["arms"][arm] = r
