@@ -36,6 +36,7 @@ class ConsoleClient:
         self.opener = urllib.request.build_opener(*handlers)
         self.csrf = ""
         self.last_headers: dict[str, str] = {}
+        self.set_cookies: list[str] = []
 
     def _open(self, req: urllib.request.Request) -> tuple[int, str]:
         try:
@@ -44,6 +45,7 @@ class ConsoleClient:
         except urllib.error.HTTPError as exc:
             status, body, headers = exc.code, exc.read(), exc.headers
         self.last_headers = {k.lower(): v for k, v in headers.items()}
+        self.set_cookies = headers.get_all("Set-Cookie") or []
         text = body.decode("utf-8", "replace")
         m = _CSRF.search(text)
         if m:

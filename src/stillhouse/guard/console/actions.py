@@ -134,3 +134,10 @@ async def review(app: GuardApp, actor: str, decision_id: str, verdict: str, reas
     await app.db(app.store.add_review, ReviewRow(uuid.uuid4().hex, decision_id, aid, name, label, reason, actor,
                                                  app.clock()))
     return await _audit(app, actor, f"review:{name}", aid, reason, before)
+
+
+def label_json(r: ReviewRow) -> dict[str, Any]:
+    """One label line, as ``labels.jsonl`` and ``GET /admin/labels`` give it (``stillhouse detect --fit --labels``
+    reads these): {"account_id", "label": 1 campaign | 0 benign, "verdict", "reason", "actor", "ts", "decision_id"}."""
+    return {"account_id": r.account_id, "label": int(r.label), "verdict": r.verdict, "reason": r.reason,
+            "actor": r.actor, "ts": r.created_at, "decision_id": r.decision_id}

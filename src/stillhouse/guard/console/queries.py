@@ -76,7 +76,7 @@ def overview(store: SqlStore, days: float = 7.0) -> dict[str, Any]:
                         for r in rows]
         per: dict[float, dict[str, int]] = {}
         for created, action in store.fetch("SELECT created_at, action FROM decisions WHERE created_at > ? "
-                                           "AND cleared_by NOT LIKE 'detector: superseded%'", (start,)):
+                                           "AND cleared_by NOT LIKE ?", (start, "detector: superseded%")):
             h = float(int(created // 3600) * 3600)
             per.setdefault(h, {}).setdefault(action, 0)
             per[h][action] += 1

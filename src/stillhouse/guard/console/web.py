@@ -39,7 +39,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from stillhouse.guard.console import queries as q
-from stillhouse.guard.console.actions import ACCOUNT_ACTIONS, VERDICTS, ActionError, act, review
+from stillhouse.guard.console.actions import ACCOUNT_ACTIONS, VERDICTS, ActionError, act, label_json, review
 from stillhouse.guard.console.graph import layout
 from stillhouse.guard.console.session import COOKIE, LOGIN_COOKIE, Session, SessionSigner, cookie_header
 from stillhouse.guard.events import ACTIONS, AccountInfo
@@ -164,7 +164,7 @@ class ConsoleApp:
         return HTMLResponse(html, status, headers=headers)
 
     def error(self, request: Request, session: Session | None, status: int, message: str) -> HTMLResponse:
-        return self.render(request, "error.html", session, status, message=message, status=status)
+        return self.render(request, "error.html", session, status, message=message, code=status)
 
     def login_redirect(self, request: Request) -> RedirectResponse:
         nxt = request.url.path + (f"?{request.url.query}" if request.url.query else "")
@@ -485,9 +485,3 @@ def explain_signal(name: str, help_: dict[str, str]) -> str:
     if name.endswith("_count"):
         return f"count evidence: {help_.get(name[:-6], name)}"
     return text or "detector signal"
-
-
-def label_json(r: Any) -> dict[str, Any]:
-    """One label line (``stillhouse detect --fit --labels`` reads these)."""
-    return {"account_id": r.account_id, "label": int(r.label), "verdict": r.verdict, "reason": r.reason,
-            "actor": r.actor, "ts": r.created_at, "decision_id": r.decision_id}
