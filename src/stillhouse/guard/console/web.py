@@ -56,7 +56,7 @@ _NAME = re.compile(r"^[^\x00-\x1f\x7f]{1,64}$")
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 SECURITY_HEADERS = [(b"content-security-policy", CSP.encode()), (b"x-frame-options", b"DENY"),
-                    (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
+                    (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"same-origin")]
 STATIC = Path(__file__).parent / "static"
 SHOW_LIMIT = 2000
 
