@@ -207,3 +207,5 @@ def register(bench_app: typer.Typer) -> None:
     bench_app.command("serve", help=BENCH_SERVE_HELP)(bench_serve)
     bench_app.command("guard")(bench_guard)
     bench_app.command("detect")(bench_detect)
+    from stillhouse.bench.console import bench_console
+    bench_app.command("console")(bench_console)
