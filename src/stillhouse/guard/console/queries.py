@@ -144,7 +144,8 @@ def accounts_page(store: SqlStore, f: AccountFilter, page: int = PAGE) -> tuple[
             args.append(aid)
         else:
             v = float(value)
-            where.append(f"({col} < ? OR ({col} = ? AND s.account_id < ?))")
+            # the leading ``<=`` bounds the index range (an OR alone makes SQLite scan)
+            where.append(f"{col} <= ? AND ({col} < ? OR s.account_id < ?)")
             args += [v, v, aid]
     sql = _SELECT_ACCOUNTS + (" WHERE " + " AND ".join(where) if where else "")
     sql += f" ORDER BY {col} DESC, s.account_id DESC" if desc else " ORDER BY s.account_id"
@@ -231,7 +232,7 @@ def account_detail(store: SqlStore, account_id: str, before: str = "") -> dict[s
     where, args = "account_id = ?", [account_id]
     if before:
         ts, _, rid = before.rpartition("|")
-        where += " AND (ts < ? OR (ts = ? AND request_id < ?))"
+        where += " AND ts <= ? AND (ts < ? OR request_id < ?)"
         args += [float(ts), float(ts), rid]
     samples = store.fetch(
         f"SELECT request_id, ts, key_id, client_ip, user_agent, model, params, substr(messages, 1, {TEXT_LIMIT}), "
@@ -302,7 +303,7 @@ def review_queue(store: SqlStore, after: str = "", page: int = PAGE) -> tuple[li
     cond = ""
     if after:
         ts, _, did = after.rpartition("|")
-        cond = " AND (d.created_at < ? OR (d.created_at = ? AND d.decision_id < ?))"
+        cond = " AND d.created_at <= ? AND (d.created_at < ? OR d.decision_id < ?)"
         args = [float(ts), float(ts), did]
     rows = store.fetch("SELECT d." + ", d.".join(_DEC) + ", s.score, s.requests, s.cluster_id FROM decisions d "
                        "LEFT JOIN account_stats s ON s.account_id = d.target WHERE " + pending + cond
@@ -337,7 +338,7 @@ def audit_page(store: SqlStore, after: str = "", page: int = PAGE) -> tuple[list
     cond = ""
     if after:
         ts, _, aid = after.rpartition("|")
-        cond = " WHERE ts < ? OR (ts = ? AND audit_id < ?)"
+        cond = " WHERE ts <= ? AND (ts < ? OR audit_id < ?)"
         args = [float(ts), float(ts), aid]
     rows = [_audit_row(r) for r in store.fetch(
         "SELECT audit_id, ts, actor, action, target, reason, before_state, after_state FROM audit" + cond

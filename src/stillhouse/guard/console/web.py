@@ -122,6 +122,7 @@ class ConsoleApp:
         """A connection of its own: console reads never queue behind the log writer."""
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="console-read")
         self._failures: dict[str, list[float]] = {}
+        self._orgs: tuple[float, list[str]] = (-1e9, [])
         self.router = Starlette(routes=[
             Route("/console", lambda r: RedirectResponse("/console/", 303)),
             Route("/console/", self.overview),
@@ -314,10 +315,26 @@ class ConsoleApp:
         return self.app.policy.decide(acct[0] if acct else AccountInfo(account_id)).action
 
     def tiers(self) -> dict[str, list[str]]:
-        """Account ids per enforced tier, from the policy in memory."""
-        out: dict[str, list[str]] = {t: [] for t in ACTIONS}
-        for aid, (info, _) in list(self.app.accounts.items()):
-            out[self.app.policy.decide(info).action].append(aid)
+        """Account ids per enforced tier other than allow, from the policy in memory.
+
+        Only accounts with an active decision (their own, or their cluster's) can be in one, plus those a
+        metadata rule matches: so this visits the active decisions, not every account, unless the config
+        has metadata rules."""
+        policy = self.app.policy
+        if any(r.field != "score" for r in policy.rules):
+            cand = set(self.app.accounts)
+        else:
+            cand = set()
+            clusters = set()
+            for row in policy.active():
+                (cand.add if row.scope == "account" else clusters.add)(row.target)
+            if clusters:
+                cand |= {a for a, c in list(policy._cluster_of.items()) if c in clusters}
+        out: dict[str, list[str]] = {t: [] for t in ACTIONS if t != "allow"}
+        for aid in cand:
+            t = self.tier_of(aid)
+            if t != "allow":
+                out[t].append(aid)
         return out
 
     async def accounts(self, request: Request) -> Response:
@@ -338,7 +355,7 @@ class ConsoleApp:
             if tier:
                 sets = self.tiers()
                 if tier == "allow":
-                    f.exclude = [a for t in ACTIONS if t != "allow" for a in sets[t]]
+                    f.exclude = [a for ids in sets.values() for a in ids]
                 else:
                     f.ids = sets[tier]
             try:
@@ -347,13 +364,20 @@ class ConsoleApp:
                 raise _Refused(400, f"bad page cursor: {exc}") from exc
             params = {k: v for k, v in {"q": f.q, "org": f.org, "cluster": f.cluster, "tier": tier,
                                         "min_score": p.get("min_score", ""), "sort": sort}.items() if v}
-            orgs = await self.read(q.orgs)
+            orgs = await self.orgs()
             return self.render(request, "accounts.html", s, rows=rows, filters=params, tiers=ACTIONS,
                                sorts=list(q.SORTS), orgs=orgs, tier_of=self.tier_of,
                                next_url=("/console/accounts?" + urlencode({**params, "after": nxt})) if nxt else None,
                                first_url="/console/accounts?" + urlencode(params) if f.after else None,
                                sort_url=lambda k: "/console/accounts?" + urlencode({**params, "sort": k}))
         return await self._page(request, build)
+
+    async def orgs(self) -> list[str]:
+        """The org filter's suggestions, re-read at most once a minute."""
+        now = time.monotonic()
+        if now - self._orgs[0] > 60.0:
+            self._orgs = (now, await self.read(q.orgs))
+        return self._orgs[1]
 
     async def account(self, request: Request) -> Response:
         aid = request.path_params["account_id"]
