@@ -258,6 +258,13 @@ def test_metrics_endpoint_counts_requests_and_can_require_a_token(tmp_path, fake
                      "detector_queue_depth", "store_up 1.0", 'tokens_total{kind="completion",status="200"'):
             assert "stillhouse_guard_" + name in text, name
         assert "m1" not in text   # no account ids in metrics
+        # Every series the Grafana dashboard plots is one this endpoint exports.
+        from pathlib import Path
+
+        dash = (Path(__file__).parent.parent / "docs" / "grafana" / "stillhouse-guard.json").read_text()
+        used = set(re.findall(r"stillhouse_guard_\w+", dash))
+        exported = set(re.findall(r"^(stillhouse_guard_\w+)", text, re.M))
+        assert used and used <= exported, used - exported
     finally:
         g.stop()
     g = start_guard(make_config(tmp_path, f"http://127.0.0.1:{fake.port}", metrics_token_sha256=sha256_hex("scrape")))
