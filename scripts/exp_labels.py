@@ -131,7 +131,7 @@ def main() -> None:
     infos |= {a.info.account_id: a.info for a in [*da, *dca]}
     phase(f"development traffic ({len(dev)} records, {sum(dev_truth.values())} campaign accounts)", t)
     t = time.perf_counter()
-    x_all, y_all, ids = labelled_vectors(base, dev, infos, {a: int(m) for a, m in dev_truth.items()})
+    x_all, y_all, _ = labelled_vectors(base, dev, infos, {a: int(m) for a, m in dev_truth.items()})
     phase("development family vectors", t)
 
     t = time.perf_counter()

@@ -36,8 +36,9 @@ import typer
 TRAFFIC_COLS = ("request_id", "ts", "account_id", "key_id", "client_ip", "user_agent", "header_fingerprint",
                 "model", "params", "messages", "response_text", "prompt_tokens", "completion_tokens",
                 "latency_ms", "status", "decision", "decision_reason", "session_id")
-WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river stone cloud table number "
-         "prove explain compute step reason answer question model tokens budget invoice travel recipe").split()
+WORDS = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "kappa", "lambda", "sigma", "omega", "river",
+         "stone", "cloud", "table", "number", "prove", "explain", "compute", "step", "reason", "answer", "question",
+         "model", "tokens", "budget", "invoice", "travel", "recipe")
 
 
 @dataclass(frozen=True)

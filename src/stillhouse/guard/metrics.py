@@ -151,8 +151,8 @@ class GuardMetrics:
         active: Counter[tuple[str, str]] = Counter((r.action, r.source) for r in app.policy.active())
         g = GaugeMetricFamily(PREFIX + "active_decisions", "Manual and detector decisions in force.",
                               labels=("tier", "source"))
-        for labels, n in sorted(active.items()):
-            g.add_metric(labels, n)
+        for pair, n in sorted(active.items()):
+            g.add_metric(pair, n)
         yield g
         yield GaugeMetricFamily(PREFIX + "accounts", "Accounts known to this replica.", value=len(app.accounts))
         yield GaugeMetricFamily(PREFIX + "live_keys", "Live API keys known to this replica.",

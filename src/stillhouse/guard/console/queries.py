@@ -229,7 +229,8 @@ def account_detail(store: SqlStore, account_id: str, before: str = "") -> dict[s
     out["audit"] = [_audit_row(r) for r in store.fetch(
         "SELECT audit_id, ts, actor, action, target, reason, before_state, after_state FROM audit WHERE target = ? "
         "ORDER BY ts DESC, audit_id DESC LIMIT 20", (account_id,))]
-    where, args = "account_id = ?", [account_id]
+    where = "account_id = ?"
+    args: list[Any] = [account_id]
     if before:
         ts, _, rid = before.rpartition("|")
         where += " AND ts <= ? AND (ts < ? OR request_id < ?)"

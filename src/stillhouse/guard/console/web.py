@@ -144,7 +144,7 @@ class ConsoleApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         static = scope["path"].startswith("/console/static/")
 
-        async def send_secure(msg: dict[str, Any]) -> None:
+        async def send_secure(msg: Any) -> None:
             if msg["type"] == "http.response.start":
                 extra = SECURITY_HEADERS if static else [*SECURITY_HEADERS, (b"cache-control", b"no-store")]
                 msg = {**msg, "headers": [*msg.get("headers", []), *extra]}
@@ -321,11 +321,11 @@ class ConsoleApp:
         metadata rule matches: so this visits the active decisions, not every account, unless the config
         has metadata rules."""
         policy = self.app.policy
+        cand: set[str] = set()
         if any(r.field != "score" for r in policy.rules):
             cand = set(self.app.accounts)
         else:
-            cand = set()
-            clusters = set()
+            clusters: set[str] = set()
             for row in policy.active():
                 (cand.add if row.scope == "account" else clusters.add)(row.target)
             if clusters:
