@@ -8,10 +8,12 @@ Arena traffic, development seeds only (the held-out sets 11/15/700 and 21/23/900
    its truth known (what an analyst's verdict would say);
 3. evaluation: the arena's default evaluation population and campaigns (``eval_seed`` /
    ``campaign_seed``), sent with no enforcement, so every account sends all it planned;
-4. for N labels (``draws`` random draws each): N/2 campaign accounts and N/2 benign ones drawn at
-   random from the development accounts (all campaign accounts when fewer), then the supervised
-   family weights (``detect/supervised.py``) and thresholds from the same held-out benign half of the
-   calibration traffic as the calibrated detector;
+4. for N labels, two ways of choosing which development accounts were reviewed:
+   ``queue``: the N highest-scoring ones under the calibrated detector (what a review queue shows:
+   its flags and near-misses, false positives included); ``random``: N/2 campaign and N/2 benign
+   accounts at random (all campaign accounts when fewer; ``draws`` draws). Then the supervised
+   family weights (``detect/supervised.py``) and thresholds from the same held-out benign half of
+   the calibration traffic as the calibrated detector;
 5. each detector replays the evaluation traffic offline; reported: the operational block tier
    (campaign TPR and benign FPR at the calibrated block threshold, target FPR ``block_fpr``), and
    the ranking (TPR at evaluation FPR <= 1e-3 and 1e-2).
@@ -95,7 +97,7 @@ def main() -> None:
     ap.add_argument("--eval-accounts", type=int, default=3000)
     ap.add_argument("--days", type=float, default=4.0)
     ap.add_argument("--labels", default="50,200,1000")
-    ap.add_argument("--draws", type=int, default=3)
+    ap.add_argument("--draws", type=int, default=2)
     ap.add_argument("--dev-seed", type=int, default=7)
     ap.add_argument("--dev-campaign-seed", type=int, default=450)
     ap.add_argument("--out", type=Path, default=Path("runs/exp-labels.json"))
@@ -103,7 +105,7 @@ def main() -> None:
 
     from stillhouse.arena.run import ArenaConfig, build_campaigns
     from stillhouse.guard.detect import DetectConfig, WindowDetector
-    from stillhouse.guard.detect.supervised import fit_family_weights, labelled_vectors
+    from stillhouse.guard.detect.supervised import LabelError, fit_family_weights, labelled_vectors
 
     t_all = time.perf_counter()
     cfg = ArenaConfig(days=args.days, calib_accounts=args.calib_accounts, eval_accounts=args.eval_accounts)
@@ -144,28 +146,39 @@ def main() -> None:
 
     rows: list[dict[str, Any]] = []
     t = time.perf_counter()
-    rows.append({"labels": 0, "draw": 0, "weights": None, "thresholds": base.thresholds_,
+    rows.append({"labels": 0, "sampling": "", "draw": 0, "campaign_labels": 0, "weights": None, "thresholds": base.thresholds_,
                  **evaluate(base, ev, infos, truth)})
     phase("evaluate calibrated", t)
     pos = [i for i, y in enumerate(y_all) if y == 1]
     neg = [i for i, y in enumerate(y_all) if y == 0]
-    for n in (int(x) for x in args.labels.split(",")):
-        for draw in range(args.draws):
-            t = time.perf_counter()
+    queue = list(np.argsort(-x_all.sum(axis=1), kind="stable"))  # the calibrated score's review order
+    plans = [(n, "queue", 0) for n in map(int, args.labels.split(","))] + \
+        [(n, "random", d) for n in map(int, args.labels.split(",")) for d in range(args.draws)]
+    for n, how, draw in plans:
+        t = time.perf_counter()
+        if how == "queue":
+            idx = queue[:n]
+        else:
             rng = np.random.default_rng(1000 * n + draw)
-            k_pos = min(n // 2, len(pos))
-            idx = [*rng.choice(pos, k_pos, replace=False), *rng.choice(neg, n - k_pos, replace=False)]
-            det = base._clone_unscored()
-            det.tables_, det.tail_scales_ = base.tables_, base.tail_scales_
+            k = min(n // 2, len(pos))
+            idx = [*rng.choice(pos, k, replace=False), *rng.choice(neg, n - k, replace=False)]
+        k_pos = int(y_all[idx].sum())
+        det = base._clone_unscored()
+        det.tables_, det.tail_scales_ = base.tables_, base.tail_scales_
+        try:
             det.family_weights_ = fit_family_weights(x_all[idx], y_all[idx], dcfg.label_prior)
-            det.thresholds_ = thresholds(det, calib, infos)
-            res = evaluate(det, ev, infos, truth)
-            rows.append({"labels": n, "draw": draw, "campaign_labels": k_pos,
-                         "weights": dict(zip(("content", "sampling", "volume", "automation", "repetition", "topic",
-                                              "shift"), map(float, det.family_weights_))),
-                         "thresholds": det.thresholds_, **res})
-            phase(f"labels {n} draw {draw}: block TPR {res['block_tpr']['value']:.3f} FPR "
-                  f"{res['block_fpr']['value']:.4f}", t)
+            note = ""
+        except LabelError as exc:  # e.g. the top of the queue is all campaign accounts: nothing to fit
+            det.family_weights_ = np.ones(x_all.shape[1])
+            note = f"calibrated score kept: {exc}"
+        det.thresholds_ = thresholds(det, calib, infos)
+        res = evaluate(det, ev, infos, truth)
+        rows.append({"labels": n, "sampling": how, "draw": draw, "campaign_labels": k_pos,
+                     "weights": dict(zip(("content", "sampling", "volume", "automation", "repetition", "topic",
+                                          "shift"), map(float, det.family_weights_))),
+                     "thresholds": det.thresholds_, "note": note, **res})
+        phase(f"labels {n} {how} {draw}: block TPR {res['block_tpr']['value']:.3f} FPR "
+              f"{res['block_fpr']['value']:.4f}", t)
     out = {"args": {k: str(v) for k, v in vars(args).items()}, "arena": {"calib_seed": cfg.calib_seed,
            "eval_seed": cfg.eval_seed, "campaign_seed": cfg.campaign_seed, "days": cfg.days},
            "target_fpr": dcfg.block_fpr, "label_prior": dcfg.label_prior, "timings_s": timings,
@@ -173,9 +186,9 @@ def main() -> None:
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
-    print("| labels | draw | block TPR | block FPR | ROC TPR@1e-3 | ROC TPR@1e-2 |")
+    print("| labels | sampling (draw) | campaign labels | block TPR | block FPR | ROC TPR@1e-3 | ROC TPR@1e-2 |")
     for r in rows:
-        print(f"| {r['labels']} | {r['draw']} | {r['block_tpr']['value']:.3f} ({r['block_tpr']['k']}/{r['block_tpr']['n']}) "
+        print(f"| {r['labels']} | {r['sampling']} ({r['draw']}) | {r['campaign_labels']} | {r['block_tpr']['value']:.3f} ({r['block_tpr']['k']}/{r['block_tpr']['n']}) "
               f"| {r['block_fpr']['value']:.4f} ({r['block_fpr']['k']}/{r['block_fpr']['n']}) "
               f"| {r['roc_tpr_at_fpr_1e-3']:.3f} | {r['roc_tpr_at_fpr_1e-2']:.3f} |")
 

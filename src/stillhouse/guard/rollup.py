@@ -51,8 +51,17 @@ def ua_key(user_agent: str, header_fingerprint: str) -> str:
     """A short key for (user agent, header-name fingerprint): clients that look alike share it."""
     if not user_agent and not header_fingerprint:
         return ""
-    h = hashlib.blake2b(f"{user_agent}|{header_fingerprint}".encode(), digest_size=6).hexdigest()
-    return f"{user_agent[:80]} [{h}]"
+    hit = _UA_KEYS.get((user_agent, header_fingerprint))
+    if hit is None:
+        if len(_UA_KEYS) > 4096:
+            _UA_KEYS.clear()
+        h = hashlib.blake2b(f"{user_agent}|{header_fingerprint}".encode(), digest_size=6).hexdigest()
+        hit = _UA_KEYS[(user_agent, header_fingerprint)] = f"{user_agent[:80]} [{h}]"
+    return hit
+
+
+_UA_KEYS: dict[tuple[str, str], str] = {}
+"""A few clients send most requests: their keys are computed once (bounded; cleared when full)."""
 
 
 @dataclass

@@ -193,7 +193,7 @@ class LogWriter:
             if self.spool.files():
                 self.replayed += self.spool.replay(self.store)
             self._spool_dirty = False
-        self.store.write_records(records)
+        self.store.write_records(records, first_write=True)  # a failed batch is spooled and replayed with lookup
         self.store.put_decisions(decisions)
 
     async def flush(self) -> None:

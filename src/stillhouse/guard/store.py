@@ -478,8 +478,10 @@ class SqlStore:
         return [_row_decision(r) for r in self._run(lambda cur: cur.execute(sql, args).fetchall())]
 
     # -- traffic log --------------------------------------------------------------------
-    def write_records(self, records: list[TrafficRecord]) -> None:
-        """Append records in one transaction; a request_id already stored is skipped (replay-safe)."""
+    def write_records(self, records: list[TrafficRecord], first_write: bool = False) -> None:
+        """Append records in one transaction; a request_id already stored is skipped (replay-safe), and
+        counted once in the counter tables. ``first_write``: the caller guarantees none of these ids was
+        written before (the log writer's own flush; a spool replay never says so), which saves the lookup."""
         if not records:
             return
         sql = self._sql(f"INSERT INTO traffic ({', '.join(_TRAFFIC_COLS)}) VALUES "
@@ -488,7 +490,7 @@ class SqlStore:
         def go(cur: Any) -> None:
             fresh = records
             seen: set[str] = set()
-            for i in range(0, len(records), 500):  # a replayed batch must not count twice in the counters
+            for i in range(0, 0 if first_write else len(records), 500):  # a replay must not count twice
                 chunk = [r.request_id for r in records[i:i + 500]]
                 q = self._sql(f"SELECT request_id FROM traffic WHERE request_id IN ({','.join('?' * len(chunk))})")
                 seen.update(row[0] for row in cur.execute(q, chunk).fetchall())

@@ -8,8 +8,9 @@ accounts:
 
 - non-negative, so more surprising traffic never lowers a score (no family can be gamed downwards);
 - pulled toward equal weights by ``DetectConfig.label_prior`` (a penalty on ``||w - mean(w)||^2``
-  next to the summed, class-balanced log loss), so a few labels move the weights a little and many
-  labels move them more; with no usable signal the weights stay equal, i.e. the calibrated score;
+  next to the summed, class-balanced log loss, and a small ridge ``RIDGE`` that bounds their scale),
+  so a few labels move the weights a little and many labels move them more; with no usable signal
+  the weights stay equal, i.e. the calibrated score;
 - rescaled to mean 1, then thresholds are set exactly as before, from the held-out benign half of
   the calibration traffic: the benign false-positive rate stays a calibrated quantity, labels only
   change which accounts rank above it.
@@ -114,10 +115,16 @@ def labelled_vectors(det: WindowDetector, records: Iterable[TrafficRecord], acco
     return np.array(xs, dtype=np.float64).reshape(len(xs), len(FAMILY_INDEX)), np.array(ys, dtype=np.float64), ids
 
 
+RIDGE = 1.0
+"""The penalty ``RIDGE/2 ||w||^2`` that bounds the weights' scale. Without it, labels that the equal-weight
+score already separates let the fit grow the scale forever and ignore the hardest labelled accounts (those
+near the other class) that should tilt the weights. Fixed before any measurement, not tuned."""
+
+
 def fit_family_weights(x: np.ndarray, y: np.ndarray, prior: float) -> np.ndarray:
     """Non-negative family weights (mean 1) from labelled vectors (see the module docstring).
 
-    Minimizes ``sum_i s_i logloss(sigmoid(x_i . w + b), y_i) + prior/2 ||w - mean(w)||^2 + 1e-6 ||w||^2``
+    Minimizes ``sum_i s_i logloss(sigmoid(x_i . w + b), y_i) + prior/2 ||w - mean(w)||^2 + RIDGE/2 ||w||^2``
     over w >= 0 and b, with class-balanced ``s_i`` (each class weighs half of n). Raises LabelError
     without both classes."""
     from scipy.optimize import minimize
@@ -135,9 +142,9 @@ def fit_family_weights(x: np.ndarray, y: np.ndarray, prior: float) -> np.ndarray
         p = 1.0 / (1.0 + np.exp(-np.clip(z, -40, 40)))
         ll = np.sum(s * (np.logaddexp(0.0, z) - y * z))
         dev = w - w.mean()
-        value = float(ll + 0.5 * prior * dev @ dev + 1e-6 * w @ w)
+        value = float(ll + 0.5 * prior * dev @ dev + 0.5 * RIDGE * w @ w)
         g = s * (p - y)
-        grad_w = x.T @ g + prior * (dev - dev.mean()) + 2e-6 * w
+        grad_w = x.T @ g + prior * (dev - dev.mean()) + RIDGE * w
         return value, np.r_[grad_w, g.sum()]
 
     theta0 = np.r_[np.full(k, 0.1), 0.0]
