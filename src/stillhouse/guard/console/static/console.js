@@ -8,6 +8,9 @@
     var spec = JSON.parse(src.textContent);
     if (!spec.x.length) { el.textContent = "no traffic in this period"; return; }
     var scales = { x: { time: true } };
+    if (spec.x.length === 1) {  // one point: an hour either side, not uPlot's default span of years
+      scales.x.range = function () { return [spec.x[0] - 3600, spec.x[0] + 3600]; };
+    }
     var axes = [{}, { scale: "y" }];
     var series = [{}];
     spec.series.forEach(function (s) {
