@@ -341,6 +341,8 @@ class GuardApp:
         await self.writer.close()
         await self.upstream.close()
         await self.db(self.store.close)
+        if self._console is not None:
+            self._console.close()
 
     def _refresh(self) -> None:
         since = self._last_refresh - 5.0  # overlap covers clock skew between replicas

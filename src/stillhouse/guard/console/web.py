@@ -141,6 +141,11 @@ class ConsoleApp:
             Mount("/console/static", StaticFiles(directory=str(STATIC)), name="static"),
         ])
 
+    def close(self) -> None:
+        """Close the console's own store connection (the guard's stop calls it)."""
+        self.executor.submit(self.store.close).result(timeout=10)
+        self.executor.shutdown(wait=False)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         static = scope["path"].startswith("/console/static/")
 
