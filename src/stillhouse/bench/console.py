@@ -54,7 +54,8 @@ class BenchConsoleConfig:
     clustered_share: float = 0.1
     """Share of accounts the fake detector puts into clusters (of 2-50 accounts)."""
     decisions: int = 2000
-    """Detector decisions (half of them reviewed, a review and an audit row each)."""
+    """Detector decisions in force (half of them reviewed, a review and an audit row each); the tier filter's
+    'block' page lists the accounts they block."""
     requests_per_page: int = 40
     """Measured requests per page."""
     warmup: int = 3
@@ -182,7 +183,7 @@ def fill(store: Any, cfg: BenchConsoleConfig, log: Any = print) -> dict[str, flo
     store.put_scores(scores)
     top = sorted(scores, key=lambda r: -r[2])[:cfg.decisions]
     decisions = [DecisionRow(f"d{j:06d}", "account", aid, "block" if s > 25 else "throttle",
-                             f"detector score {s:.2f}", "detector", ts - j, "detector", [["score", s]], True)
+                             f"detector score {s:.2f}", "detector", ts - j, "detector", [["score", s]], False)
                  for j, (aid, ts, s, _, _) in enumerate(top)]
     store.put_decisions(decisions)
     for j, d in enumerate(decisions[::2]):
