@@ -263,7 +263,7 @@ def test_metrics_endpoint_counts_requests_and_can_require_a_token(tmp_path, fake
 
         dash = (Path(__file__).parent.parent / "docs" / "grafana" / "stillhouse-guard.json").read_text()
         used = set(re.findall(r"stillhouse_guard_\w+", dash))
-        exported = set(re.findall(r"^(stillhouse_guard_\w+)", text, re.M))
+        exported = set(re.findall(r"^(stillhouse_guard_\w+)", text, re.MULTILINE))
         assert used and used <= exported, used - exported
     finally:
         g.stop()
