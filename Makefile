@@ -10,7 +10,7 @@ STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cu
 # CPU machines get the CPU build of torch that lies on disk; a bare `torch` can pull a multi-GB CUDA build.
 TORCH   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: demo test test-all lint venv postgres
+.PHONY: demo test test-all lint venv postgres chromium
 
 venv: $(STAMP)
 
@@ -28,15 +28,18 @@ $(STAMP): pyproject.toml Makefile
 postgres:
 	bash scripts/ensure-postgres.sh
 
+chromium:
+	bash scripts/ensure-chromium.sh
+
 demo: venv
 	$(BIN)/python scripts/demo.py
 
 # pytest exits 5 when it collects nothing: that must fail, not pass silently.
-test: venv postgres
+test: venv postgres chromium
 	$(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
-test-all: venv postgres
+test-all: venv postgres chromium
 	$(BIN)/python -m pytest -q -m ''
 
 lint: venv

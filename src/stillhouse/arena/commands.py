@@ -47,6 +47,12 @@ def detect(
                                                                       "when the log is a .jsonl file."),
     out: Path | None = typer.Option(None, "--out", help="Write one verdict per account as JSON lines here."),
     show: int = typer.Option(15, "--show", help="Print the N highest-scoring accounts."),
+    labels: str | None = typer.Option(None, "--labels", help="With --fit: analysts' labels (the console's "
+                                      "labels.jsonl, or the guard's DB URL to read its reviews): fits the family "
+                                      "weights on them (mode 'supervised'); campaign-labelled accounts leave "
+                                      "calibration."),
+    labelled_log: str | None = typer.Option(None, "--labelled-log", help="With --labels: the traffic of the "
+                                            "labelled accounts when it is not in --log (e.g. the guard's log)."),
 ) -> None:
     """Score a traffic log offline with the same code the guard runs online (identical verdicts).
 
@@ -54,6 +60,8 @@ def detect(
     Calibrate on benign traffic, then score any log:
       stillhouse detect --fit --log benign.jsonl --model run/detector
       stillhouse detect --log sqlite:///run/guard.db --model run/detector --out verdicts.jsonl
+    With reviewed accounts (the console's labels), weight the evidence by what analysts confirmed:
+      stillhouse detect --fit --log benign.jsonl --labels labels.jsonl --labelled-log sqlite:///run/guard.db
     Every verdict lists its top signals; thresholds carry the benign FPR they were set for.
     """
     import dataclasses
@@ -82,8 +90,31 @@ def detect(
             cfg = settings.resolve(config, load=_load_detect_config)
         except ConfigError as exc:
             fail(exc)
+        label_map = None
+        pool = None
+        if labels is not None:
+            from dataclasses import replace
+
+            from stillhouse.guard.detect.supervised import LabelError, read_labels
+
+            try:
+                label_map = read_labels(labels)
+            except LabelError as exc:
+                raise typer.BadParameter(str(exc), param_hint="--labels") from exc
+            cfg = replace(cfg, mode="supervised")
+            if labelled_log is not None:
+                try:
+                    pool, more = read_log(labelled_log)
+                except LogError as exc:
+                    raise typer.BadParameter(str(exc), param_hint="--labelled-log") from exc
+                infos = {**more, **infos}
+        elif cfg.mode == "supervised":
+            raise typer.BadParameter("the config says mode 'supervised': give --labels FILE", param_hint="--labels")
         with Progress(console=console, transient=True) as progress:
-            det = WindowDetector(cfg).fit(records, infos, progress=progress)
+            try:
+                det = WindowDetector(cfg).fit(records, infos, progress=progress, labels=label_map, labelled=pool)
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc), param_hint="--labels") from exc
         det.save(model)
         console.print(f"fitted on {len(records)} benign records -> {model}/  thresholds {det.thresholds_}")
         console.print(f"calibration: {det.calibration_}")

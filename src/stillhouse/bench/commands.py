@@ -275,3 +275,5 @@ def register(bench_app: typer.Typer) -> None:
     bench_app.command("guard")(bench_guard)
     bench_app.command("detect")(bench_detect)
     bench_app.command("peers")(bench_peers)
+    from stillhouse.bench.console import bench_console
+    bench_app.command("console")(bench_console)

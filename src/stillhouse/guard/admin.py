@@ -14,10 +14,12 @@ Endpoints (JSON in and out; ``stillhouse guard admin ...`` wraps each one):
     POST /admin/decisions                      set a manual decision {scope, target, action, reason}
     POST /admin/decisions/{id}/clear           reverse a decision
     GET  /admin/traffic?account_id=&limit=     the latest traffic records as stored (redacted per config)
+    GET  /admin/labels                         reviewed accounts as labels (the console's review verdicts)
     GET  /admin/stats                          log writer state (store up/down, spooled, replayed)
 
 Admin changes are written to the store synchronously (503 while it is down) and take
-effect in this replica immediately.
+effect in this replica immediately. Decisions set or cleared here land in the audit trail
+(actor ``by`` or "admin-api", with the account's decision before and after), as the console's do.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("POST", re.compile(r"^/admin/decisions$"), "set_decision"),
     ("POST", re.compile(r"^/admin/decisions/(?P<id>[^/]+)/clear$"), "clear_decision"),
     ("GET", re.compile(r"^/admin/traffic$"), "traffic"),
+    ("GET", re.compile(r"^/admin/labels$"), "labels"),
     ("GET", re.compile(r"^/admin/stats$"), "stats"),
 ]
 
@@ -214,16 +217,36 @@ class AdminAPI:
             raise AdminError(400, "'target' must be an account id or cluster id", "invalid_field", "target")
         if scope == "account" and target not in self.app.accounts:
             await self.app.db(self.app.store.get_account, target)  # NotFound → 404
-        row = self.app.policy.manual(scope, target, action, _opt_str(body, "reason"),
-                                     _opt_str(body, "by") or "admin")
+        by = _opt_str(body, "by") or "admin-api"
+        before = self._state(target) if scope == "account" else {}
+        row = self.app.policy.manual(scope, target, action, _opt_str(body, "reason"), by)
         await self.app.db(self.app.store.add_decision, row)
         self.app.policy.apply_row(row)
+        self.app.metrics.decision(row)
+        await self._audit(by, f"decision:{action}", target, row.reason, before)
         return 201, dataclasses.asdict(row)
 
+    def _state(self, target: str) -> dict[str, Any]:
+        from stillhouse.guard.console.actions import state
+
+        return state(self.app, target)
+
+    async def _audit(self, actor: str, action: str, target: str, reason: str, before: dict[str, Any]) -> None:
+        import uuid
+
+        from stillhouse.guard.store import AuditRow
+
+        after = self._state(target) if before else {}
+        await self.app.db(self.app.store.add_audit, AuditRow(uuid.uuid4().hex, self.app.clock(), actor, action,
+                                                             target, reason, before, after))
+
     async def clear_decision(self, body: dict[str, Any], q: dict[str, str], did: str | None) -> tuple[int, Any]:
-        row = await self.app.db(self.app.store.clear_decision, did, self.app.clock(),
-                                _opt_str(body, "by") or "admin")
+        by = _opt_str(body, "by") or "admin-api"
+        old = await self.app.db(self.app.store.get_decision, did)
+        before = self._state(old.target) if old.scope == "account" else {}
+        row = await self.app.db(self.app.store.clear_decision, did, self.app.clock(), by)
         self.app.policy.apply_row(row)
+        await self._audit(by, "decision:clear", row.target, f"cleared {did}", before)
         return 200, dataclasses.asdict(row)
 
     # -- traffic and state --------------------------------------------------------------
@@ -236,6 +259,12 @@ class AdminAPI:
         await self.app.writer.flush()
         rows = await self.app.db(self.app.store.read_records, q.get("account_id"), None, limit, True)
         return 200, {"data": [dataclasses.asdict(r) for r in rows]}
+
+    async def labels(self, body: dict[str, Any], q: dict[str, str], _: str | None) -> tuple[int, Any]:
+        from stillhouse.guard.console.actions import label_json
+
+        rows = await self.app.db(self.app.store.labels)
+        return 200, {"data": [label_json(r) for r in rows]}
 
     async def stats(self, body: dict[str, Any], q: dict[str, str], _: str | None) -> tuple[int, Any]:
         return 200, {"log": self.app.writer.stats(), "accounts": len(self.app.accounts),

@@ -26,8 +26,9 @@ app (run it with uvicorn; ``stillhouse guard`` does). Per request, in this order
    from the next decision).
 
 Errors are OpenAI-shaped: ``{"error": {"message", "type", "param", "code"}}``.
-The admin API (``guard/admin.py``) lives under ``/admin/`` behind its own token; the
-OpenAPI schema is served at ``/openapi.json``; ``GET /health`` (no key) answers
+The admin API (``guard/admin.py``) lives under ``/admin/`` behind its own token; the operator
+console (``guard/console/``) under ``/console`` behind a login with that token; Prometheus
+metrics (``guard/metrics.py``) at ``/metrics``; the OpenAPI schema is served at ``/openapi.json``; ``GET /health`` (no key) answers
 ``{"status": "ok", "store": "up"|"down", "upstream": URL}`` from memory, and ``/healthz``
 (log writer counters, 503 when fail-closed with the store down) is for operators. ``clock`` only stamps records and drives
 limits and decisions (the arena injects simulated time); latency is always wall time.
@@ -53,6 +54,7 @@ from stillhouse.guard.degrade import SSEReasoningStripper, degrade_request, stri
 from stillhouse.guard.events import AccountInfo, Detector, TrafficRecord
 from stillhouse.guard.keys import KeyRing
 from stillhouse.guard.limits import Limits, RateLimiter
+from stillhouse.guard.metrics import GuardMetrics
 from stillhouse.guard.policy import Effective, PolicyEngine
 from stillhouse.guard.redact import Redactor
 from stillhouse.guard.spool import LogWriter, Spool
@@ -265,7 +267,8 @@ class GuardApp:
         self.accounts: dict[str, tuple[AccountInfo, AccountLimits]] = {}
         self.writer = LogWriter(store, Spool(config.spool_dir), self.executor, config.log_flush_interval_s,
                                 config.log_batch_size, config.store_retry_s, config.store_timeout_s)
-        self.policy = PolicyEngine(config.rules, config.shadow, clock, persist=self.writer.put_decision)
+        self.metrics = GuardMetrics(self)
+        self.policy = PolicyEngine(config.rules, config.shadow, clock, persist=self._persist_decision)
         self.limiter = RateLimiter(clock)
         self.redactor = Redactor(config.redact, config.redact_patterns)
         self.default_limits = Limits(config.requests_per_min, config.tokens_per_min, config.max_concurrent_streams)
@@ -288,6 +291,8 @@ class GuardApp:
         self._detect_scheduled = False
         from stillhouse.guard.admin import AdminAPI
         self.admin = AdminAPI(self)
+        self._console: Any = None
+        """The operator console's ASGI app (guard/console/), built on its first request."""
 
     # -- lifecycle ----------------------------------------------------------------------
     async def db(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -334,6 +339,8 @@ class GuardApp:
         await self.writer.close()
         await self.upstream.close()
         await self.db(self.store.close)
+        if self._console is not None:
+            self._console.close()
 
     def _refresh(self) -> None:
         since = self._last_refresh - 5.0  # overlap covers clock skew between replicas
@@ -374,6 +381,10 @@ class GuardApp:
                 self._inflight -= 1
         elif path.startswith("/admin/"):
             await self.admin.handle(scope, receive, send)
+        elif path == "/console" or path.startswith("/console/"):
+            await self.console(scope, receive, send)
+        elif path == "/metrics" and method == "GET":
+            await self.serve_metrics(scope, send)
         elif path == "/health" and method == "GET":
             await send_json(send, 200, self.health())
         elif path == "/healthz" and method == "GET":
@@ -390,8 +401,55 @@ class GuardApp:
                                                   "method_not_allowed"))
         else:
             await send_json(send, 404, error_body(f"unknown path {path}; the guard serves /v1/chat/completions, "
-                                                  "/v1/completions, /v1/models and /admin/...",
+                                                  "/v1/completions, /v1/models, /admin/..., /console and /metrics",
                                                   "invalid_request_error", "not_found"))
+
+    async def console(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``/console/...``: the operator console (404 when ``config.console`` is off)."""
+        if not self.config.console:
+            await send_json(send, 404, error_body("the console is off (GuardConfig.console=false)",
+                                                  "invalid_request_error", "not_found"))
+            return
+        if self._console is None:
+            try:
+                from stillhouse.guard.console.web import ConsoleApp
+            except ImportError as exc:
+                await send_json(send, 501, error_body(f"the console needs starlette and jinja2 ({exc}): "
+                                                      "pip install 'stillhouse[guard]'", "server_error",
+                                                      "console_unavailable"))
+                return
+            self._console = ConsoleApp(self)
+        await self._console(scope, receive, send)
+
+    async def serve_metrics(self, scope: Scope, send: Send) -> None:
+        """``GET /metrics``: Prometheus exposition (see guard/metrics.py and GuardConfig.metrics_token_sha256)."""
+        auth = b""
+        for k, v in scope["headers"]:
+            if k == b"authorization":
+                auth = v
+        token = auth[7:].strip().decode("latin-1") if auth[:7].lower() == b"bearer " else ""
+        if not self.config.check_metrics_token(token):
+            await send_json(send, 401, error_body("metrics token missing or wrong: send 'Authorization: Bearer "
+                                                  "<metrics token>'", "invalid_request_error", "invalid_metrics_token"))
+            return
+        try:
+            body, ctype = self.metrics.exposition()
+        except ImportError as exc:
+            await send_json(send, 501, error_body(str(exc), "server_error", "metrics_unavailable"))
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    def _persist_decision(self, row: DecisionRow) -> None:
+        """The policy engine's decisions: counted for /metrics, then logged through the writer."""
+        self.metrics.decision(row)
+        self.writer.put_decision(row)
+
+    def _note_verdict(self, v: Any) -> None:
+        """Keep the detector's latest verdict on an account for the console (written with the log)."""
+        if v is not None:
+            self.writer.put_score(v.account_id, self.clock(), float(v.score), v.cluster_id or "", v.reasons)
 
     def health(self) -> dict[str, str]:
         """``GET /health``: liveness for load balancers and scripts; no key needed.
@@ -436,6 +494,7 @@ class GuardApp:
     def _finish(self, rec: TrafficRecord, account: AccountInfo | None) -> None:
         """Log the record and let the detector and policy see it (now, or queued: see detect_max_lag)."""
         self.writer.put(self.redactor.record(rec))
+        self.metrics.record(rec)
         if self._remote is not None and account is not None:
             self._remote.submit(rec, account)
         elif self.detector is not None and account is not None:
@@ -454,11 +513,14 @@ class GuardApp:
         """Verdicts from the detector process, in the order their requests finished."""
         for v in verdicts:
             self.policy.take_verdict(v)
+            self._note_verdict(v)
 
     def _observe(self, rec: TrafficRecord, account: AccountInfo) -> None:
         try:
             self.detector.observe(rec, account)  # type: ignore[union-attr]
-            self.policy.take_verdict(self.detector.verdict(rec.account_id))  # type: ignore[union-attr]
+            v = self.detector.verdict(rec.account_id)  # type: ignore[union-attr]
+            self.policy.take_verdict(v)
+            self._note_verdict(v)
         except Exception:
             log.exception("guard: detector failed on request %s", rec.request_id)
 
@@ -600,13 +662,16 @@ class GuardApp:
 
         # 6. upstream.
         answer: list[Any] = [b"", False]
+        t_up = time.perf_counter()
         try:
             await self._forward(receive, send, rec, method, path, raw if method == "POST" else None,
                                 stream, degraded and cfg.degrade_strip_reasoning, answer)
         finally:
             if stream:
                 self.limiter.release_stream(account.account_id)
-            rec.latency_ms = (time.perf_counter() - t0) * 1000.0
+            t_end = time.perf_counter()
+            rec.latency_ms = (t_end - t0) * 1000.0
+            self.metrics.latency(t_end - t0, t_end - t_up)
             item = (rec, account, limits, body, method, answer[0], answer[1])
             if self._inflight <= 1 and not self._post:
                 self._after_response(*item)  # alone: nobody waits behind it

@@ -150,6 +150,17 @@ class GuardConfig:
     the request that earned it (at most this many requests later). 0 = strict: every policy
     decision first feeds the detector every answered request (a verdict for request k
     applies from request k+1). A request alone in flight is always observed at once."""
+    console: bool = True
+    """Serve the operator console at /console (a browser login with the admin token; see guard/console/)."""
+    console_session_s: float = 900.0
+    """Lifetime of a console login in seconds (the session cookie expires then; 60..86400)."""
+    console_secure_cookie: bool = False
+    """Mark the console's session cookie Secure (only sent over HTTPS): set it when a TLS proxy fronts the guard."""
+    metrics_token_sha256: str = ""
+    """GET /metrics: "" = open to anyone who can reach the port (the metrics hold counts only: no account id, key or
+    text), like any Prometheus exporter kept on a private network; else the SHA-256 hex of a scrape token that
+    must come as ``Authorization: Bearer <token>`` (Prometheus ``authorization: credentials_file``). A separate
+    token, so the scraper never holds the admin token."""
 
     def __post_init__(self) -> None:
         if not re.match(r"^https?://[^/\s]+", self.upstream_url):
@@ -175,6 +186,11 @@ class GuardConfig:
             raise ValueError(f"detect_mode={self.detect_mode!r}: use process or inline")
         if self.detect_max_lag < 0:
             raise ValueError(f"detect_max_lag={self.detect_max_lag}: must be >= 0 (0 = strict)")
+        if not 60 <= self.console_session_s <= 86400:
+            raise ValueError(f"console_session_s={self.console_session_s}: must be 60..86400 seconds")
+        if self.metrics_token_sha256 and not re.fullmatch(r"[0-9a-f]{64}", self.metrics_token_sha256):
+            raise ValueError("metrics_token_sha256: must be '' (open /metrics) or 64 lowercase hex chars; "
+                             "compute it with stillhouse.guard.config.sha256_hex(token)")
         if self.key_refresh_s < 0:
             raise ValueError(f"key_refresh_s={self.key_refresh_s}: must be >= 0 (0 = never)")
         if not 0 < self.throttle_factor <= 1:
@@ -201,6 +217,12 @@ class GuardConfig:
         import hmac
 
         return hmac.compare_digest(sha256_hex(token), self.admin_token_sha256)
+
+    def check_metrics_token(self, token: str) -> bool:
+        """Whether a scrape may read /metrics (always, when no metrics token is configured)."""
+        import hmac
+
+        return not self.metrics_token_sha256 or hmac.compare_digest(sha256_hex(token), self.metrics_token_sha256)
 
 
 def _check_type(name: str, value: Any, hint: Any, source: str) -> Any:

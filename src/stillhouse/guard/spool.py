@@ -122,6 +122,11 @@ class LogWriter:
         self._wake = asyncio.Event()
         self._spool_dirty = True
         """The spool may hold files (set when a batch is spooled; cleared once a write replayed them)."""
+        self._scores: dict[str, tuple[str, float, float, str, Any]] = {}
+        """account -> its latest detector verdict, for the console (derived data: kept in memory while the
+        store is down, never spooled; the next verdict replaces it)."""
+        self.last_flush = time.monotonic()
+        """When the writer last had nothing left to write (the log-writer lag is measured from it)."""
 
     def put(self, record: TrafficRecord) -> None:
         self._records.append(record)
@@ -132,9 +137,18 @@ class LogWriter:
         self._decisions.append(row)
         self._wake.set()
 
+    def put_score(self, account_id: str, ts: float, score: float, cluster_id: str, reasons: Any) -> None:
+        """The detector's latest verdict on an account, ``reasons`` its [(signal, value), ...] (written with the
+        next flush; see SqlStore.put_scores)."""
+        self._scores[account_id] = (account_id, ts, score, cluster_id, reasons)
+
     @property
     def pending(self) -> int:
         return len(self._records) + len(self._decisions)
+
+    def lag_s(self) -> float:
+        """Seconds the oldest unwritten record may have waited (0 when nothing waits)."""
+        return time.monotonic() - self.last_flush if (self._records or self._decisions) else 0.0
 
     async def start(self) -> None:
         self._wake = asyncio.Event()
@@ -169,6 +183,9 @@ class LogWriter:
         self.store.ping()
         return self.spool.replay(self.store)
 
+    def _write_scores(self, scores: list[tuple[str, float, float, str, Any]]) -> None:
+        self.store.put_scores([(a, ts, s, c, json.dumps(list(r)[:8])) for a, ts, s, c, r in scores])
+
     def _write(self, records: list[TrafficRecord], decisions: list[DecisionRow]) -> None:
         # Anything spooled earlier goes first, so replay order follows arrival order. The directory
         # is looked at once after start and after each spooling, not on every flush.
@@ -176,11 +193,23 @@ class LogWriter:
             if self.spool.files():
                 self.replayed += self.spool.replay(self.store)
             self._spool_dirty = False
-        self.store.write_records(records)
+        self.store.write_records(records, first_write=True)  # a failed batch is spooled and replayed with lookup
         self.store.put_decisions(decisions)
 
     async def flush(self) -> None:
         """Write (or spool) everything pending now."""
+        await self._flush_log()
+        self.last_flush = time.monotonic()
+        if self._scores and self.store_ok:
+            scores, self._scores = self._scores, {}
+            try:
+                await asyncio.wait_for(asyncio.shield(asyncio.get_running_loop().run_in_executor(
+                    self.executor, self._write_scores, list(scores.values()))), self.timeout_s)
+            except Exception as exc:  # noqa: BLE001 - keep them for the next flush (newer verdicts win)
+                self._scores = {**scores, **self._scores}
+                log.warning("guard: writing detector scores failed (%s); kept for the next flush", exc)
+
+    async def _flush_log(self) -> None:
         while self._records or self._decisions:
             records, self._records = self._records[:self.batch_size], self._records[self.batch_size:]
             decisions, self._decisions = self._decisions, []
@@ -224,6 +253,7 @@ class LogWriter:
 
     def stats(self) -> dict[str, Any]:
         return {"store_ok": self.store_ok, "last_error": self.last_error, "written": self.written,
+                "lag_s": round(self.lag_s(), 3),
                 "spooled": self.spooled, "replayed": self.replayed, "pending": self.pending,
                 "spool_files": len(self.spool.files())}
 

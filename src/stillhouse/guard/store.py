@@ -13,6 +13,12 @@ be replayed without double-counting.
 
 Open one with ``open_store(url)``; ``python -m stillhouse.guard.store URL`` prints counts.
 
+Besides the log, the store keeps pre-aggregated counters (``traffic_hourly``, ``account_stats``,
+``account_hourly``, ``account_links``; see :mod:`stillhouse.guard.rollup`) that ``write_records``
+updates in the same transaction, and the operator console's ``reviews`` and ``audit`` tables.
+``init`` migrates a database written before the counters existed: it creates the tables and
+backfills them from the log once (recorded in ``schema_meta``).
+
 Exception tree::
 
     StoreError
@@ -31,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from stillhouse.guard.events import AccountInfo, TrafficRecord
+from stillhouse.guard.rollup import TIERS, batch_rollups
 
 
 class StoreError(Exception):
@@ -89,6 +96,36 @@ class DecisionRow:
     cleared_by: str = ""
 
 
+@dataclass
+class ReviewRow:
+    """An analyst's verdict on an automatic decision: the label it gives the account."""
+
+    review_id: str
+    decision_id: str
+    """The decision reviewed ("" for a label given on the account page without a decision)."""
+    account_id: str
+    verdict: str
+    """"confirmed" (label 1: a campaign), "dismissed" or "evaluator" (label 0: benign; a known evaluator)."""
+    label: int
+    reason: str
+    actor: str
+    created_at: float
+
+
+@dataclass
+class AuditRow:
+    """One action taken through the console or the admin API: who, when, on what, and the state before and after."""
+
+    audit_id: str
+    ts: float
+    actor: str
+    action: str
+    target: str
+    reason: str
+    before: dict[str, Any]
+    after: dict[str, Any]
+
+
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS accounts (
         account_id TEXT PRIMARY KEY, org TEXT NOT NULL, signup_path TEXT NOT NULL, country TEXT NOT NULL,
@@ -110,11 +147,54 @@ _SCHEMA = [
         completion_tokens INTEGER NOT NULL, latency_ms DOUBLE PRECISION NOT NULL, status INTEGER NOT NULL,
         decision TEXT NOT NULL, decision_reason TEXT NOT NULL, session_id TEXT NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS traffic_account_ts ON traffic (account_id, ts)",
+    # -- pre-aggregated counters (guard/rollup.py), kept by write_records --------------------
+    """CREATE TABLE IF NOT EXISTS traffic_hourly (
+        hour DOUBLE PRECISION PRIMARY KEY, requests BIGINT NOT NULL, prompt_tokens BIGINT NOT NULL,
+        completion_tokens BIGINT NOT NULL, errors BIGINT NOT NULL, refused BIGINT NOT NULL,
+        n_allow BIGINT NOT NULL, n_throttle BIGINT NOT NULL, n_degrade BIGINT NOT NULL, n_block BIGINT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS account_stats (
+        account_id TEXT PRIMARY KEY, requests BIGINT NOT NULL DEFAULT 0, prompt_tokens BIGINT NOT NULL DEFAULT 0,
+        completion_tokens BIGINT NOT NULL DEFAULT 0, errors BIGINT NOT NULL DEFAULT 0,
+        refused BIGINT NOT NULL DEFAULT 0, first_ts DOUBLE PRECISION, last_ts DOUBLE PRECISION NOT NULL DEFAULT 0,
+        score DOUBLE PRECISION NOT NULL DEFAULT 0, max_score DOUBLE PRECISION NOT NULL DEFAULT 0,
+        cluster_id TEXT NOT NULL DEFAULT '', reasons TEXT NOT NULL DEFAULT '[]', scored_at DOUBLE PRECISION)""",
+    "CREATE INDEX IF NOT EXISTS account_stats_score ON account_stats (score, account_id)",
+    "CREATE INDEX IF NOT EXISTS account_stats_requests ON account_stats (requests, account_id)",
+    "CREATE INDEX IF NOT EXISTS account_stats_last ON account_stats (last_ts, account_id)",
+    "CREATE INDEX IF NOT EXISTS account_stats_cluster ON account_stats (cluster_id)",
+    """CREATE TABLE IF NOT EXISTS account_hourly (
+        account_id TEXT NOT NULL, hour DOUBLE PRECISION NOT NULL, requests BIGINT NOT NULL, tokens BIGINT NOT NULL,
+        errors BIGINT NOT NULL, refused BIGINT NOT NULL, max_score DOUBLE PRECISION NOT NULL DEFAULT 0,
+        PRIMARY KEY (account_id, hour))""",
+    """CREATE TABLE IF NOT EXISTS account_links (
+        account_id TEXT NOT NULL, kind TEXT NOT NULL, value TEXT NOT NULL, first_ts DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (account_id, kind, value))""",
+    "CREATE INDEX IF NOT EXISTS account_links_value ON account_links (kind, value)",
+    # -- the console's review labels and audit trail ------------------------------------------
+    """CREATE TABLE IF NOT EXISTS reviews (
+        review_id TEXT PRIMARY KEY, decision_id TEXT NOT NULL, account_id TEXT NOT NULL, verdict TEXT NOT NULL,
+        label INTEGER NOT NULL, reason TEXT NOT NULL, actor TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS reviews_account ON reviews (account_id, created_at)",
+    "CREATE INDEX IF NOT EXISTS reviews_decision ON reviews (decision_id)",
+    "CREATE INDEX IF NOT EXISTS reviews_created ON reviews (created_at)",
+    """CREATE TABLE IF NOT EXISTS audit (
+        audit_id TEXT PRIMARY KEY, ts DOUBLE PRECISION NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
+        target TEXT NOT NULL, reason TEXT NOT NULL, before_state TEXT NOT NULL, after_state TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts, audit_id)",
+    "CREATE INDEX IF NOT EXISTS audit_target ON audit (target, ts)",
+    "CREATE INDEX IF NOT EXISTS decisions_created ON decisions (created_at)",
+    "CREATE INDEX IF NOT EXISTS api_keys_account ON api_keys (account_id)",
+    "CREATE TABLE IF NOT EXISTS schema_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
 ]
+ROLLUP_VERSION = "1"
+"""Bump to rebuild the counter tables from the log on the next ``init`` (a change to what they count)."""
 
 _TRAFFIC_COLS = ("request_id", "ts", "account_id", "key_id", "client_ip", "user_agent", "header_fingerprint",
                  "model", "params", "messages", "response_text", "prompt_tokens", "completion_tokens",
                  "latency_ms", "status", "decision", "decision_reason", "session_id")
+_HOURLY_COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "errors", "refused",
+                    *(f"n_{t}" for t in TIERS))
+_ACCOUNT_COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "errors", "refused")
 _DECISION_COLS = ("decision_id", "scope", "target", "action", "reason", "source", "created_at", "created_by",
                   "signals", "shadow", "cleared_at", "cleared_by")
 
@@ -214,11 +294,81 @@ class SqlStore:
         return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", self.url)
 
     def init(self) -> None:
-        """Create the tables if they do not exist (idempotent; safe for several replicas)."""
+        """Create the tables if they do not exist and backfill the counters of an older database
+        (idempotent; safe for several replicas)."""
         def go(cur: Any) -> None:
             for stmt in _SCHEMA:
                 cur.execute(stmt)
         self._run(go)
+        self.migrate()
+
+    # -- migration ----------------------------------------------------------------------
+    _hour_sql = "CAST(ts / 3600 AS INTEGER) * 3600.0"
+    """The start of a record's hour in SQL (PostgreSQL rounds a CAST, so it uses floor)."""
+
+    def _lock_migration(self, cur: Any) -> None:
+        """Serialize migrations of several replicas (a transaction-scoped lock where the database has one)."""
+
+    def migrate(self) -> bool:
+        """Backfill the counter tables from the traffic log once (a database written before they
+        existed, or by an older ``ROLLUP_VERSION``). Returns whether it ran."""
+        sel = self._sql("SELECT value FROM schema_meta WHERE name = ?")
+        if self._run(lambda cur: cur.execute(sel, ("rollup_version",)).fetchone()) == (ROLLUP_VERSION,):
+            return False
+
+        def go(cur: Any) -> bool:
+            self._lock_migration(cur)
+            if cur.execute(sel, ("rollup_version",)).fetchone() == (ROLLUP_VERSION,):
+                return False  # another replica did it meanwhile
+            self._backfill(cur)
+            cur.execute(self._sql("INSERT INTO schema_meta VALUES (?, ?) ON CONFLICT (name) DO UPDATE "
+                                  "SET value = excluded.value"), ("rollup_version", ROLLUP_VERSION))
+            return True
+        return bool(self._run(go))
+
+    def _backfill(self, cur: Any) -> None:
+        """Rebuild every counter table from the traffic log (in the caller's transaction)."""
+        from stillhouse.guard.rollup import subnet_key, ua_key
+
+        hour = self._hour_sql
+        tiers = ", ".join(f"SUM(CASE WHEN decision = '{t}' THEN 1 ELSE 0 END)" for t in TIERS)
+        err = "SUM(CASE WHEN status >= 500 THEN 1 ELSE 0 END)"
+        ref = "SUM(CASE WHEN status >= 400 AND status < 500 THEN 1 ELSE 0 END)"
+        scores = {r[0]: r[1:] for r in cur.execute(
+            "SELECT account_id, score, max_score, cluster_id, reasons, scored_at FROM account_stats").fetchall()}
+        for table in ("traffic_hourly", "account_hourly", "account_links", "account_stats"):
+            cur.execute(f"DELETE FROM {table}")
+        cur.execute(f"INSERT INTO traffic_hourly SELECT {hour}, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), "
+                    f"{err}, {ref}, {tiers} FROM traffic GROUP BY {hour}")
+        cur.execute(f"INSERT INTO account_hourly (account_id, hour, requests, tokens, errors, refused) "
+                    f"SELECT account_id, {hour}, COUNT(*), SUM(prompt_tokens + completion_tokens), {err}, {ref} "
+                    f"FROM traffic WHERE account_id <> '' GROUP BY account_id, {hour}")
+        cur.execute(f"INSERT INTO account_stats (account_id, requests, prompt_tokens, completion_tokens, errors, "
+                    f"refused, first_ts, last_ts) SELECT account_id, COUNT(*), SUM(prompt_tokens), "
+                    f"SUM(completion_tokens), {err}, {ref}, MIN(ts), MAX(ts) FROM traffic WHERE account_id <> '' "
+                    "GROUP BY account_id")
+        cur.execute("INSERT INTO account_stats (account_id) SELECT account_id FROM accounts a WHERE NOT EXISTS "
+                    "(SELECT 1 FROM account_stats s WHERE s.account_id = a.account_id)")
+        if scores:  # keep what the detector said: it is not in the log
+            cur.executemany(self._sql("UPDATE account_stats SET score = ?, max_score = ?, cluster_id = ?, "
+                                      "reasons = ?, scored_at = ? WHERE account_id = ?"),
+                            [(*v, k) for k, v in scores.items()])
+        links: dict[tuple[str, str, str], float] = {}
+        rows = cur.execute("SELECT account_id, client_ip, user_agent, header_fingerprint, MIN(ts) FROM traffic "
+                           "WHERE account_id <> '' GROUP BY account_id, client_ip, user_agent, header_fingerprint")
+        for aid, ip, ua, fp, ts in rows.fetchall():
+            for kind, value in (("ip", ip), ("subnet", subnet_key(ip)), ("ua", ua_key(ua, fp))):
+                if value:
+                    key = (aid, kind, value[:300])
+                    links[key] = min(ts, links.get(key, ts))
+        if links:
+            cur.executemany(self._sql("INSERT INTO account_links VALUES (?,?,?,?)"),
+                            [(*k, v) for k, v in links.items()])
+
+    def fetch(self, sql: str, args: tuple[Any, ...] | list[Any] = ()) -> list[tuple[Any, ...]]:
+        """Rows of one read query (``?`` placeholders on both backends). For read-only views such as the console."""
+        q = self._sql(sql)
+        return list(self._run(lambda cur: cur.execute(q, args).fetchall()))
 
     def ping(self) -> None:
         """Raise StoreUnavailable unless the database answers."""
@@ -236,7 +386,12 @@ class SqlStore:
         sql = self._sql("INSERT INTO accounts VALUES (?,?,?,?,?,?,?) ON CONFLICT (account_id) DO UPDATE SET "
                         "org=excluded.org, signup_path=excluded.signup_path, country=excluded.country, "
                         "payment_fingerprint=excluded.payment_fingerprint, limits=excluded.limits")
-        self._run(lambda cur: cur.execute(sql, row))
+        stats = self._sql("INSERT INTO account_stats (account_id) VALUES (?) ON CONFLICT (account_id) DO NOTHING")
+
+        def go(cur: Any) -> None:
+            cur.execute(sql, row)
+            cur.execute(stats, (info.account_id,))  # listed in the console before its first request
+        self._run(go)
 
     def list_accounts(self) -> list[tuple[AccountInfo, AccountLimits]]:
         sql = "SELECT account_id, org, signup_path, country, payment_fingerprint, created_at, limits " \
@@ -323,14 +478,102 @@ class SqlStore:
         return [_row_decision(r) for r in self._run(lambda cur: cur.execute(sql, args).fetchall())]
 
     # -- traffic log --------------------------------------------------------------------
-    def write_records(self, records: list[TrafficRecord]) -> None:
-        """Append records in one transaction; a request_id already stored is skipped (replay-safe)."""
+    def write_records(self, records: list[TrafficRecord], first_write: bool = False) -> None:
+        """Append records in one transaction; a request_id already stored is skipped (replay-safe), and
+        counted once in the counter tables. ``first_write``: the caller guarantees none of these ids was
+        written before (the log writer's own flush; a spool replay never says so), which saves the lookup."""
         if not records:
             return
         sql = self._sql(f"INSERT INTO traffic ({', '.join(_TRAFFIC_COLS)}) VALUES "
                         f"({','.join('?' * len(_TRAFFIC_COLS))}) ON CONFLICT (request_id) DO NOTHING")
-        rows = [_record_row(r) for r in records]
-        self._run(lambda cur: cur.executemany(sql, rows))
+
+        def go(cur: Any) -> None:
+            fresh = records
+            seen: set[str] = set()
+            for i in range(0, 0 if first_write else len(records), 500):  # a replay must not count twice
+                chunk = [r.request_id for r in records[i:i + 500]]
+                q = self._sql(f"SELECT request_id FROM traffic WHERE request_id IN ({','.join('?' * len(chunk))})")
+                seen.update(row[0] for row in cur.execute(q, chunk).fetchall())
+            if seen:
+                fresh = [r for r in records if r.request_id not in seen]
+            if not fresh:
+                return
+            cur.executemany(sql, [_record_row(r) for r in fresh])
+            self._add_rollups(cur, fresh)
+        self._run(go)
+
+    def _add_rollups(self, cur: Any, records: list[TrafficRecord]) -> None:
+        """Add a batch's counters (see guard/rollup.py) in the caller's transaction."""
+        ro = batch_rollups(records)
+        cur.executemany(self._sql(
+            "INSERT INTO traffic_hourly VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (hour) DO UPDATE SET "
+            + ", ".join(f"{c} = traffic_hourly.{c} + excluded.{c}" for c in _HOURLY_COUNTERS)),
+            [(h, *v) for h, v in ro.hourly.items()])
+        if ro.accounts:
+            cur.executemany(self._sql(
+                "INSERT INTO account_stats (account_id, requests, prompt_tokens, completion_tokens, errors, refused, "
+                "first_ts, last_ts) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (account_id) DO UPDATE SET "
+                + ", ".join(f"{c} = account_stats.{c} + excluded.{c}" for c in _ACCOUNT_COUNTERS)
+                + ", first_ts = CASE WHEN account_stats.first_ts IS NULL OR excluded.first_ts < account_stats.first_ts "
+                  "THEN excluded.first_ts ELSE account_stats.first_ts END"
+                + ", last_ts = CASE WHEN excluded.last_ts > account_stats.last_ts "
+                  "THEN excluded.last_ts ELSE account_stats.last_ts END"),
+                [(a, *v) for a, v in ro.accounts.items()])
+            cur.executemany(self._sql(
+                "INSERT INTO account_hourly (account_id, hour, requests, tokens, errors, refused) VALUES (?,?,?,?,?,?) "
+                "ON CONFLICT (account_id, hour) DO UPDATE SET "
+                + ", ".join(f"{c} = account_hourly.{c} + excluded.{c}" for c in ("requests", "tokens", "errors",
+                                                                                  "refused"))),
+                [(a, h, *v) for (a, h), v in ro.account_hourly.items()])
+        if ro.links:
+            cur.executemany(self._sql("INSERT INTO account_links VALUES (?,?,?,?) "
+                                      "ON CONFLICT (account_id, kind, value) DO NOTHING"),
+                            [(*k, v) for k, v in ro.links.items()])
+
+    def put_scores(self, scores: list[tuple[str, float, float, str, str]]) -> None:
+        """Record the detector's latest verdicts: (account_id, ts, score, cluster_id, reasons JSON) each.
+
+        Sets the account's current score, cluster and reasons, raises its maximum, and raises the
+        maximum score of the hour holding ``ts`` (the console's timeline)."""
+        if not scores:
+            return
+        from stillhouse.guard.rollup import hour_of
+
+        def go(cur: Any) -> None:
+            cur.executemany(self._sql(
+                "INSERT INTO account_stats (account_id, score, max_score, cluster_id, reasons, scored_at) "
+                "VALUES (?,?,?,?,?,?) ON CONFLICT (account_id) DO UPDATE SET score = excluded.score, "
+                "max_score = CASE WHEN excluded.score > account_stats.max_score THEN excluded.score "
+                "ELSE account_stats.max_score END, cluster_id = excluded.cluster_id, reasons = excluded.reasons, "
+                "scored_at = excluded.scored_at"),
+                [(a, s, s, c, r, ts) for a, ts, s, c, r in scores])
+            cur.executemany(self._sql(
+                "INSERT INTO account_hourly VALUES (?,?,0,0,0,0,?) ON CONFLICT (account_id, hour) DO UPDATE SET "
+                "max_score = CASE WHEN excluded.max_score > account_hourly.max_score THEN excluded.max_score "
+                "ELSE account_hourly.max_score END"),
+                [(a, hour_of(ts), s) for a, ts, s, _, _ in scores])
+        self._run(go)
+
+    # -- reviews and audit --------------------------------------------------------------
+    def add_review(self, r: ReviewRow) -> None:
+        sql = self._sql("INSERT INTO reviews VALUES (?,?,?,?,?,?,?,?)")
+        self._run(lambda cur: cur.execute(sql, (r.review_id, r.decision_id, r.account_id, r.verdict, int(r.label),
+                                                r.reason, r.actor, r.created_at)))
+
+    def add_audit(self, a: AuditRow) -> None:
+        sql = self._sql("INSERT INTO audit VALUES (?,?,?,?,?,?,?,?)")
+        self._run(lambda cur: cur.execute(sql, (a.audit_id, a.ts, a.actor, a.action, a.target, a.reason,
+                                                json.dumps(a.before, default=str), json.dumps(a.after, default=str))))
+
+    def labels(self) -> list[ReviewRow]:
+        """The latest review of every reviewed account (the labels ``stillhouse detect --fit --labels`` reads)."""
+        rows = self._run(lambda cur: cur.execute(
+            "SELECT review_id, decision_id, account_id, verdict, label, reason, actor, created_at FROM reviews "
+            "ORDER BY account_id, created_at, review_id").fetchall())
+        latest: dict[str, ReviewRow] = {}
+        for row in rows:
+            latest[row[2]] = ReviewRow(*row)
+        return list(latest.values())
 
     def read_records(self, account_id: str | None = None, since: float | None = None,
                      limit: int | None = None, newest: bool = False) -> list[TrafficRecord]:
@@ -391,6 +634,11 @@ class PostgresStore(SqlStore):
         import psycopg
 
         return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+
+    _hour_sql = "floor(ts / 3600) * 3600.0"
+
+    def _lock_migration(self, cur: Any) -> None:
+        cur.execute("SELECT pg_advisory_xact_lock(7301)")  # released at commit
 
 
 def open_store(url: str, init: bool = True) -> SqlStore:

@@ -87,7 +87,12 @@ class DetectConfig:
     min_requests: int = 3
     """No account is flagged before it has sent this many requests (its own or its cluster's)."""
     mode: ScoreMode = "calibrated"
-    """'calibrated': benign-quantile thresholds only; 'supervised': add a logistic model where labels exist."""
+    """'calibrated': the score sums each evidence family's largest surprisal; 'supervised': a weighted sum, the
+    non-negative weights fitted on analysts' labels (``stillhouse detect --fit --labels FILE``; see
+    ``detect/supervised.py``). Either way thresholds come from held-out benign traffic."""
+    label_prior: float = 10.0
+    """Supervised mode: how strongly the family weights are pulled toward equal weights (the penalty on
+    ||w - mean(w)||^2 beside the summed log loss of the labels); larger needs more labels to move them."""
     seed: int = 0
     """Seed for MinHash permutations, random features, k-means and calibration splits."""
 
@@ -109,6 +114,8 @@ class DetectConfig:
         if not isinstance(self.common_template_accounts, int) or self.common_template_accounts < 0:
             raise ValueError(f"DetectConfig.common_template_accounts={self.common_template_accounts!r}: must be an "
                              "integer >= 0 (0 keeps every template shingle)")
+        if not self.label_prior >= 0:
+            raise ValueError(f"DetectConfig.label_prior={self.label_prior}: must be >= 0")
         if self.rate_prior_weight < 0:
             raise ValueError(f"DetectConfig.rate_prior_weight={self.rate_prior_weight}: must be >= 0")
         if self.embedder not in ("hash", "minilm"):

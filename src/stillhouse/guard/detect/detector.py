@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from stillhouse.guard.detect.account import (
+    FAMILIES,
     FAMILY_INDEX,
     FEATURES,
     AccountState,
@@ -83,6 +84,7 @@ from stillhouse.guard.detect.stats import (
     rff_params,
     tail_scale,
 )
+from stillhouse.guard.detect.supervised import weighted_families
 from stillhouse.guard.detect.text import (
     band_keys,
     minhash,
@@ -118,6 +120,8 @@ class WindowDetector:
         self.signal_rates_: dict[str, float] = {}
         """Benign per-request rate p0 of each of ``config.evidence_signals`` (fit on half A)."""
         self.calibration_: dict[str, Any] = {}
+        self.family_weights_: np.ndarray | None = None
+        """Supervised mode: the family weights fitted on labels (``supervised.py``); None = the plain sum."""
         self._evidence: list[tuple[int, int, float, float]] = []
         """(feature index, sums slot, ln p0, cap) per evidence signal; rebuilt with the tail tables."""
         self._layout: Layout | None = None
@@ -260,6 +264,20 @@ class WindowDetector:
         """(score, reasons) of a feature vector; ``sums`` (the account's or cluster's) adds the count evidence."""
         if self.tables_ is None:
             return 0.0, []
+        values = self._surprisals(f, sums)
+        k = self.config.top_signals
+        if not any(map(math.isnan, values)):  # largest first, ties in feature order: combine_top's stable argsort
+            order = sorted(range(len(values)), key=values.__getitem__, reverse=True)[:k]
+        else:
+            order = np.argsort(-np.array(values), kind="stable")[:k].tolist()
+        w = self.family_weights_
+        score = combine_families(values, FAMILY_INDEX) if w is None else weighted_families(values, w)
+        return score, [(FEATURES[i], round(values[i], 4)) for i in order if values[i] > 0]
+
+    def _surprisals(self, f: np.ndarray | list[float], sums: np.ndarray | None = None) -> list[float]:
+        """Each feature's surprisal against the benign tables (count evidence from ``sums`` included)."""
+        if self.tables_ is None:
+            raise NotFittedError("no benign tables: fit() the detector first")
         tails = self._tails
         if tails is None or tails.source[0] is not self.tables_ or tails.source[1] is not self.tail_scales_:
             tails = self._tails = TailTables(self.tables_, self.tail_scales_)
@@ -277,13 +295,7 @@ class WindowDetector:
                 k = round(float(sums[slot]))
                 if k > 0:
                     values[j] = max(values[j], min(binomial_tail_surprisal(n, k, log_p0), cap))
-        k = self.config.top_signals
-        if not any(map(math.isnan, values)):  # largest first, ties in feature order: combine_top's stable argsort
-            order = sorted(range(len(values)), key=values.__getitem__, reverse=True)[:k]
-        else:
-            order = np.argsort(-np.array(values), kind="stable")[:k].tolist()
-        return combine_families(values, FAMILY_INDEX), [(FEATURES[i], round(values[i], 4)) for i in order
-                                                        if values[i] > 0]
+        return values
 
     def _effective(self, aid: str) -> tuple[float, list[tuple[str, float]], str | None, int]:
         own, reasons = self.own_.get(aid, (0.0, []))
@@ -356,13 +368,31 @@ class WindowDetector:
 
     # ------------------------------------------------------------------- fit
     def fit(self, benign: Iterable[TrafficRecord], accounts: dict[str, AccountInfo] | None = None,
-            progress: Any = None) -> WindowDetector:
-        """Calibrate on benign traffic only (see the module docstring); returns self."""
+            progress: Any = None, labels: dict[str, int] | None = None,
+            labelled: Iterable[TrafficRecord] | None = None) -> WindowDetector:
+        """Calibrate on benign traffic only (see the module docstring); returns self.
+
+        Supervised mode (``config.mode == "supervised"``) also needs ``labels`` (account -> 1 campaign /
+        0 benign) and the traffic of the labelled accounts (``labelled``; default: ``benign`` itself):
+        the family weights are fitted on them (``supervised.py``) before the thresholds are set, and
+        accounts labelled 1 never enter calibration."""
         records = sorted(benign, key=lambda r: r.ts)
         if not records:
             raise ValueError("fit() needs benign traffic: got no records")
         accounts = accounts or {}
         cfg = self.config
+        if cfg.mode == "supervised":
+            if not labels:
+                raise ValueError("DetectConfig.mode='supervised' needs labels: `stillhouse detect --fit --labels "
+                                 "FILE` (the console's labels.jsonl)")
+            pool = list(labelled) if labelled is not None else records
+            campaign = {a for a, y in labels.items() if y == 1}
+            records = [r for r in records if r.account_id not in campaign]
+        elif labels:
+            raise ValueError("labels were given but DetectConfig.mode='calibrated' ignores them: set "
+                             "mode='supervised'")
+        self.family_weights_ = None
+        self.calibration_ = {}
         half_a = [r for r in records if self._half(r.account_id) == 0]
         half_b = [r for r in records if self._half(r.account_id) == 1]
         n_a = len({r.account_id for r in half_a})
@@ -387,10 +417,19 @@ class WindowDetector:
         self.tables_ = [np.sort(matrix[:, j]) for j in range(matrix.shape[1])]
         self.tail_scales_ = [tail_scale(t) for t in self.tables_]
 
+        if cfg.mode == "supervised":
+            from stillhouse.guard.detect.supervised import fit_family_weights, labelled_vectors
+
+            x, y, ids = labelled_vectors(self, pool, accounts, labels or {})
+            self.family_weights_ = fit_family_weights(x, y, cfg.label_prior)
+            self.calibration_ = {"labelled_accounts": len(ids), "labelled_campaign": int(y.sum()),
+                                 "labels_without_traffic": len(labels or {}) - len(ids)}
+
         # Stage 2: thresholds from the maximum score of each held-out benign account (half B).
         self.thresholds_ = {"throttle": 0.0, "block": 0.0}
         scorer = self._clone_unscored()
         scorer.tables_, scorer.tail_scales_ = self.tables_, self.tail_scales_
+        scorer.family_weights_ = self.family_weights_
         for r in _progress(half_b, progress, "calibrate: benign thresholds (half B)"):
             scorer.observe(r, accounts.get(r.account_id))
         b_accounts = sorted({r.account_id for r in half_b})
@@ -398,6 +437,9 @@ class WindowDetector:
         self.thresholds_ = {"throttle": quantile_threshold(maxima, cfg.throttle_fpr),
                             "block": quantile_threshold(maxima, cfg.block_fpr)}
         self.calibration_ = {
+            **self.calibration_,
+            **({"family_weights": dict(zip(FAMILIES, map(float, self.family_weights_)))}
+               if self.family_weights_ is not None else {}),
             "benign_records": len(records), "accounts_half_a": n_a, "accounts_half_b": n_b,
             "feature_snapshots": int(matrix.shape[0]),
             "common_template_shingles": len(self.common_templates_),
@@ -494,6 +536,7 @@ class WindowDetector:
         meta = {"config": config_to_dict(self.config), "thresholds": self.thresholds_,
                 "calibration": self.calibration_, "features": list(FEATURES), "ref_sq": self.ref_sq_,
                 "tail_scales": self.tail_scales_, "signal_rates": self.signal_rates_,
+                "family_weights": None if self.family_weights_ is None else self.family_weights_.tolist(),
                 "embedder_dim": self.embedder_.dim}
         atomic_write_text(d / "detector.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
         tables = self.tables_ or []
@@ -532,6 +575,8 @@ class WindowDetector:
         det.calibration_ = meta["calibration"]
         det.signal_rates_ = {k: float(v) for k, v in meta.get("signal_rates", {}).items()
                              if k in cfg.evidence_signals}  # a detector saved before count evidence has none
+        if meta.get("family_weights") is not None:
+            det.family_weights_ = np.array(meta["family_weights"], dtype=np.float64)
         return det
 
 
