@@ -363,3 +363,41 @@ def test_bench_config_systems_and_table():
              "rss_start_mb": 300, "rss_peak_mb": 310, "error": None, "extra": {}}]
     table = markdown_table({"rows": rows}, cfg)
     assert "| 64 | ours | 1,000 | 1,216 | 95.0% | 97.0% | 4.00× |" in table
+
+
+async def test_local_greedy_harvest_runs_white_box_batches(tmp_path, tiny_model, smol_tokenizer):
+    """Greedy from a local teacher: fixed white-box batches (local_batch) store the same answers under the same
+    keys as continuous batching, plus the top-k of the stop position; a prompt too long fails alone; a rerun
+    redoes nothing."""
+    from stillhouse.teacher.local import LocalTeacher
+
+    prompts = tmp_path / "p.jsonl"
+    rows = [{"id": f"q{i}", "messages": [{"role": "user", "content": f"What is {10 + i} + {30 - i}?"}],
+             "answer": str(40)} for i in range(9)]
+    rows.append({"id": "long", "messages": [{"role": "user", "content": "many words " * 40}]})
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    teacher = LocalTeacher(tiny_model, smol_tokenizer, name="tiny", revision="tiny-0", max_context=70)
+    stored = {}
+    try:
+        for batch in (4, 0):
+            cfg = HarvestConfig(prompts=str(prompts), teacher="bundled", out=str(tmp_path / f"b{batch}"),
+                                max_tokens=6, logprobs=True, top_logprobs=3, local_batch=batch)
+            rep = await run_harvest(cfg, teacher=teacher)
+            assert (rep.stats.ok, rep.stats.errors) == (9, 1)
+            with HarvestStore(cfg.out, readonly=True) as s:
+                stored[batch] = {r.key: r for r in s.records(status=None)}
+            again = await run_harvest(cfg, teacher=teacher)
+            assert again.stats.ok == 0 and again.stats.skipped == 9
+    finally:
+        teacher.close()
+    assert stored[4].keys() == stored[0].keys()
+    for key, r in stored[4].items():
+        c = stored[0][key]
+        if r.prompt_id == "long":
+            assert r.status == c.status == "error" and "context limit" in r.error
+            continue
+        assert (r.text, r.finish_reason, r.token_ids.tolist()) == (c.text, c.finish_reason, c.token_ids.tolist())
+        assert r.logprobs.tolist() == pytest.approx(c.logprobs.tolist(), abs=1e-4)
+        extra = r.finish_reason == "stop"  # the stop position's top-k too
+        assert r.top_ids.shape == (r.completion_tokens + extra, 3) and c.top_ids.shape == (c.completion_tokens, 3)
+        assert r.top_ids[: c.completion_tokens].tolist() == c.top_ids.tolist()

@@ -133,6 +133,11 @@ class HarvestConfig:
     """Continue a run although the teacher's revision differs from the one stored."""
     flush_interval_s: float = 0.25
     """How often finished rows are committed to SQLite."""
+    local_batch: int = 64
+    """A local teacher, greedy and without stop strings: prompts per fixed white-box batch
+    (LocalTeacher.generate_batch: an answer does not depend on the prompts that run beside it, and the
+    top-k logprobs cover the stop position too). 0 = continuous batching through the teacher's batcher,
+    what sampling, stop strings and a watermarking teacher always use."""
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ConfigError:
@@ -173,6 +178,8 @@ class HarvestConfig:
             raise bad("limit", "must be >= 1 (or unset)")
         if self.flush_interval_s <= 0:
             raise bad("flush_interval_s", "must be > 0")
+        if self.local_batch < 0:
+            raise bad("local_batch", "must be >= 0 (0 = continuous batching)")
 
     def params(self, sample_index: int) -> SamplingParams:
         """The sampling params of one sample (seed offset by the sample index)."""
@@ -402,6 +409,8 @@ class Harvester:
         self._model = teacher.name
         self._revision = teacher.revision
         self._timeout_here = parse_spec(config.teacher).kind != "http"  # HTTP teachers time out themselves
+        self._batch = _white_box_batch(config, teacher)
+        """Prompts per white-box batch (LocalTeacher.generate_batch), or 0: concurrent chat calls."""
         self._samples: list[_Sample] = []
         for i in range(config.samples):
             p = config.params(i)
@@ -576,6 +585,57 @@ class Harvester:
             self._rows.append(self._row(w, None, latency, 0.0, attempts, error=f"{kind}: {err}", raw=raw))
             return
 
+    async def _one_batch(self, ws: list[_Work]) -> None:
+        """Records of one sample index as one white-box batch: the same store rows as :meth:`_one`, one
+        attempt each (a local teacher's refusal is not retryable); ``latency_s`` is the batch's wall time."""
+        cfg, st = self.config, self.stats
+        todo: list[_Work] = []
+        est: list[tuple[int, float]] = []
+        for w in ws:
+            p = estimate_prompt_tokens(w[0].messages_json, len(w[0].messages))
+            e = (p + cfg.max_tokens, self._cost(p, cfg.max_tokens))
+            reason = self.budget.reserve(*e)
+            if reason is not None:
+                self._stop(reason)
+                break
+            todo.append(w)
+            est.append(e)
+        if not todo:
+            return
+        st.requests += len(todo)
+        st.in_flight += len(todo)
+        t0 = time.perf_counter()
+        err: BaseException | None = None
+        try:
+            done = await asyncio.to_thread(self.teacher.generate_batch,  # type: ignore[attr-defined]
+                                           [w[0].messages for w in todo], self._samples[todo[0][1]].params,
+                                           len(todo))
+        except (ValueError, RuntimeError) as exc:  # a local teacher's refusal: a prompt too long, bad messages
+            done, err = [], exc
+        finally:
+            st.in_flight -= len(todo)
+        latency = time.perf_counter() - t0
+        if err is not None:
+            for e in est:
+                self.budget.settle(*e, 0, 0.0)
+            if len(todo) > 1 and not self._stopping:  # one bad prompt must not fail the others: one at a time
+                for w in todo:
+                    await self._one_batch([w])
+                return
+            kind = type(err).__name__
+            st.errors += 1
+            st.error_kinds[kind] = st.error_kinds.get(kind, 0) + 1
+            self._rows.append(self._row(todo[0], None, latency, 0.0, 1, error=f"{kind}: {err}"))
+            return
+        for w, e, c in zip(todo, est, done):
+            cost = self._cost(c.prompt_tokens, c.completion_tokens)
+            self.budget.settle(*e, c.prompt_tokens + c.completion_tokens, cost)
+            st.ok += 1
+            st.prompt_tokens += c.prompt_tokens
+            st.completion_tokens += c.completion_tokens
+            st.cost += cost
+            self._rows.append(self._row(w, c, latency, cost, 1))
+
     def _stop(self, reason: str) -> None:
         if not self._stopping:
             self._stopping = True
@@ -620,6 +680,17 @@ class Harvester:
                 else:
                     return
 
+        async def batch_worker() -> None:  # white-box batches of one sample index, in queue order
+            while not self._stopping:
+                if len(queue) < self._batch and self._loading:
+                    await more.wait()
+                elif queue:
+                    chunk = [queue.popleft() for _ in range(min(self._batch, len(queue)))]
+                    for i in sorted({w[1] for w in chunk}):
+                        await self._one_batch([w for w in chunk if w[1] == i])
+                else:
+                    return
+
         async def flusher() -> None:
             while True:
                 await asyncio.sleep(self.config.flush_interval_s)
@@ -634,7 +705,8 @@ class Harvester:
             n = min(n, max(1, len(queue)))
         self._writer = _Writer(self.store)
         flush_task = asyncio.create_task(flusher())
-        workers = [asyncio.create_task(worker()) for _ in range(n)]
+        workers = ([asyncio.create_task(batch_worker())] if self._batch
+                   else [asyncio.create_task(worker()) for _ in range(n)])
         if self._loading:
             workers.append(asyncio.create_task(self._load_rest(queue, wake)))
         t_requests = time.monotonic()
@@ -659,6 +731,18 @@ class Harvester:
             raise HarvestError(f"cannot write to the store {self.store.path}: {self._writer.error}. Rows not "
                                "written are redone by the next run") from self._writer.error
         return self.stats
+
+
+def _white_box_batch(cfg: HarvestConfig, teacher: Teacher) -> int:
+    """``cfg.local_batch`` when the teacher is a local model and the run is greedy, without stop strings
+    or logits processors (what LocalTeacher.generate_batch serves); else 0 (concurrent chat calls)."""
+    if not cfg.local_batch or cfg.temperature > 0 or cfg.stop:
+        return 0
+    from stillhouse.teacher.local import LocalTeacher
+
+    if not isinstance(teacher, LocalTeacher) or teacher.logits_processors:
+        return 0
+    return cfg.local_batch
 
 
 class _Writer:
