@@ -2,20 +2,20 @@
 data take it past the teacher? A recipe over the package's verbs.
 
 Teacher: the bundled SmolLM2-135M-Instruct. Task: 2-digit addition ("What is a + b? Reply with just
-the number."), checked by ``stillhouse.distill.verify.check_numeric``. Stages (each resumes, so a
-rerun of the same command redoes only what is missing):
+the number."), checked by ``stillhouse.distill.verify.check_numeric``. Stages, writing under OUT (each
+resumes: a rerun of the same command redoes only what is missing):
 
-    split     tasks.arithmetic_splits: held-out, training and validation additions, disjoint as
-              unordered pairs                                            OUT/items/*.jsonl
-    harvest   harvest: the teacher greedy on the training items, top-20 logprobs   OUT/harvest/
-    export    export: every answer, right or wrong (the plain students' data)      OUT/data/train.jsonl
-    curate    curate: the verified answers only (the verified students' data)     OUT/curated/train.jsonl
-    teacher   eval's teacher side on the held-out items (cached for every student's eval)
-    train     a job per student: ``stillhouse train --config`` (the pass chosen on the validation
-              items, TrainConfig.select_on), then ``stillhouse eval --config`` on the held-out items;
-              --jobs one-thread jobs side by side, longest first (distill/jobs.py)   OUT/runs/, OUT/evals/
-    report    accuracy [95% Wilson] and ceiling ratio [95% paired bootstrap, 4,000 draws] of every
-              student, with the validation score of each pass            OUT/results.md, OUT/grid.png
+    split    items/     held-out, training and validation additions, disjoint as unordered pairs
+    harvest  harvest/   the teacher greedy on the training items with top-20 logprobs: --jobs shards,
+                        one-thread jobs side by side (distill/jobs.py) filling one store
+    export   data/      every answer, right or wrong, in problem order: the plain students' data
+    curate   curated/   the verified answers only: the verified students' data
+    teacher  .eval-cache/  the teacher's held-out answers (every student's eval reuses them)
+    train    runs/, evals/  a job per student: `stillhouse train --config` (the pass chosen on the
+                        validation items, TrainConfig.select_on), then `stillhouse eval --config` on
+                        the held-out items; --jobs one-thread jobs side by side, longest first
+    report   results.md, grid.png  accuracy [95% Wilson] and ÷ teacher [95% paired bootstrap, 4,000
+                        draws] of every student, with each pass's validation score
 
 Students (STUDENTS below): the small student (``--student``, 10 of the teacher's 30 layers, frozen
 embeddings) on the first N harvested answers by SFT and by top-k KD, 4 cosine passes; the small student
@@ -61,21 +61,24 @@ def stage_split(a: argparse.Namespace, out: Path) -> None:
 
 
 def stage_harvest(a: argparse.Namespace, out: Path) -> None:
-    from stillhouse.distill.harvest import HarvestConfig, run_async, run_harvest
+    """--jobs one-thread processes, each a shard of the items in white-box batches of 64, into one store."""
+    from stillhouse.config import save_config
+    from stillhouse.distill.harvest import HarvestConfig
 
-    cfg = HarvestConfig(prompts=str(out / "items" / "train.jsonl"), teacher=a.teacher, out=str(out / "harvest"),
-                        max_tokens=16, logprobs=True, top_logprobs=20, local_batch=64)
-    report = run_async(run_harvest(cfg))
-    _log(report.summary())
-    if not report.complete:
-        raise SystemExit("the harvest is incomplete: run the same command again to redo what is missing")
+    jobs = []
+    for i in range(a.jobs):
+        cfg = HarvestConfig(prompts=str(out / "items" / "train.jsonl"), teacher=a.teacher, out=str(out / "harvest"),
+                            max_tokens=16, logprobs=True, top_logprobs=20, local_batch=64, shard=f"{i}/{a.jobs}")
+        save_config(cfg, out / "configs" / f"harvest-{i}.json")
+        jobs.append((f"harvest-{i}", [("harvest", "--config", str(out / "configs" / f"harvest-{i}.json"))], 0.0))
+    _run_jobs(a, out, jobs)
 
 
 def stage_export(a: argparse.Namespace, out: Path) -> None:
     from stillhouse.distill.export import ExportConfig, export_run
 
-    _log(export_run(ExportConfig(run_dir=str(out / "harvest"), out=str(out / "data"), heldout=0.0,
-                                 logprobs=True)).summary())
+    _log(export_run(ExportConfig(run_dir=str(out / "harvest"), out=str(out / "data"), heldout=0.0, logprobs=True,
+                                 order="prompts")).summary())
 
 
 def stage_curate(a: argparse.Namespace, out: Path) -> None:
@@ -129,22 +132,29 @@ def _eval_config(a: argparse.Namespace, out: Path, name: str, student: str, n: i
 
 def stage_train(a: argparse.Namespace, out: Path) -> bool:
     from stillhouse.config import save_config
-    from stillhouse.distill.jobs import Job, run_jobs
 
-    cli = [sys.executable, "-m", "stillhouse"]
     jobs = []
     for name, (cfg, n, cost) in students(a, out).items():
         train_cfg, eval_cfg = out / "configs" / f"train-{name}.json", out / "configs" / f"eval-{name}.json"
         save_config(cfg, train_cfg)
         save_config(_eval_config(a, out, name, f"hf:{cfg.out}/final", n), eval_cfg)
-        jobs.append(Job(name, ((*cli, "train", "--config", str(train_cfg)),
-                               (*cli, "eval", "--config", str(eval_cfg), "--out", str(out / "evals" / name),
-                                "--cache-dir", str(out / ".eval-cache"))), cost))
-    import stillhouse  # the jobs run this same code
+        jobs.append((name, [("train", "--config", str(train_cfg)),
+                            ("eval", "--config", str(eval_cfg), "--out", str(out / "evals" / name),
+                             "--cache-dir", str(out / ".eval-cache"))], cost))
+    return _run_jobs(a, out, jobs)
+
+
+def _run_jobs(a: argparse.Namespace, out: Path, jobs: list[tuple[str, list[tuple[str, ...]], float]]) -> bool:
+    """Run (name, stillhouse commands, cost) jobs on distill/jobs.py's pool with this same code; True when
+    one ran (False: all were done)."""
+    import stillhouse
+    from stillhouse.distill.jobs import Job, run_jobs
 
     src = str(Path(stillhouse.__file__).resolve().parents[1])
-    done = run_jobs(jobs, out / "jobs", parallel=a.jobs, threads_each=a.threads, log=_log,
-                    env={"PYTHONPATH": os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])])})
+    env = {"PYTHONPATH": os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    cli = (sys.executable, "-m", "stillhouse")
+    done = run_jobs([Job(name, tuple((*cli, *c) for c in cmds), cost) for name, cmds, cost in jobs], out / "jobs",
+                    parallel=a.jobs, threads_each=a.threads, log=_log, env=env)
     return any(r.status != "skipped" for r in done)
 
 
@@ -152,8 +162,8 @@ def stage_report(a: argparse.Namespace, out: Path) -> None:
     from stillhouse.distill.metrics import Estimate
     from stillhouse.distill.plots import score_vs_examples
 
-    def est(d: dict[str, Any]) -> str:  # a ratio is null when the teacher scored 0
-        return "undefined" if d["value"] is None else f"{d['value']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}]"
+    def est(d: dict[str, Any], digits: int = 3) -> str:  # a ratio is null when the teacher scored 0
+        return "undefined" if d["value"] is None else f"{d['value']:.{digits}f} [{d['lo']:.{digits}f}, {d['hi']:.{digits}f}]"
 
     header = "| model | training data | held-out correct | accuracy [95% CI] | ÷ teacher [95% CI] | validation by pass |"
     lines = [header, "|---|---|---|---|---|---|"]
@@ -170,7 +180,7 @@ def stage_report(a: argparse.Namespace, out: Path) -> None:
         passes = " / ".join(str(e["correct"]) for e in sel["epochs"])
         data = f"{cfg.max_examples} {'verified' if 'curated' in cfg.data else 'harvested'}, {cfg.epochs} passes"
         lines.append(f"| {name} ({s['n_params'] / 1e6:.1f}M) | {data} | {round(acc['value'] * acc['n'])}/"
-                     f"{acc['n']} | {est(acc)} | {est(ratio)} | {passes} (pass {sel['chosen_epoch']}) |")
+                     f"{acc['n']} | {est(acc)} | {est(ratio, 2)} | {passes} (pass {sel['chosen_epoch']}) |")
         if s["train_examples"]:
             series.setdefault(cfg.loss, []).append((s["train_examples"], Estimate(**acc)))
     if teacher is None:
@@ -213,9 +223,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{', '.join(STAGES)}; jobs and threads at least 1; each size in 1..--train")
     import torch
 
-    torch.set_num_threads(a.jobs * a.threads)
-    done = {"split": "items/validation.jsonl", "harvest": "harvest/.done", "export": "data/export.json",
-            "curate": "curated/report.json", "teacher": "evals/.teacher-done"}
+    # One thread here too: at load 5-7 on 2 cores, one two-thread process harvested 256 prompts in 307-435 s,
+    # two one-thread processes in 99-152 s (2026-12-05).
+    torch.set_num_threads(a.threads)
+    done = {"split": "items/validation.jsonl", "export": "data/export.json", "curate": "curated/report.json",
+            "teacher": "evals/.teacher-done"}
     for name in todo:
         if name in done and (a.out / done[name]).exists():
             continue
@@ -223,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         if STAGE_FUNCS[name](a, a.out) is False or name == "report":
             continue  # nothing ran: the latest wall time of the stage stands
-        if name in ("harvest", "teacher"):
+        if name == "teacher":
             (a.out / done[name]).parent.mkdir(parents=True, exist_ok=True)
             (a.out / done[name]).touch()
         row = {"stage": name, "seconds": round(time.time() - t0, 1), "load1": round(os.getloadavg()[0], 2),

@@ -41,7 +41,8 @@ def test_experiment_end_to_end_on_a_tiny_teacher(tmp_path, smol_tokenizer):
     items = {k: _rows(out / "items" / f"{k}.jsonl") for k in ("heldout", "train", "validation")}
     assert [len(v) for v in items.values()] == [8, 30, 8]
     harvest = _rows(out / "data" / "train.jsonl")
-    assert [r["id"] for r in harvest] == [it["id"] for it in items["train"]], "the harvest in problem order"
+    assert [r["id"] for r in harvest] == [it["id"] for it in items["train"]], "two shards, exported in problem order"
+    assert all((out / "jobs" / f"harvest-{i}.done").exists() for i in (0, 1))
     assert all(len(r["top_ids"][0]) == 20 and r["token_ids"] for r in harvest)
     # A random-init teacher is never right; make a few answers right so the verified students have data
     # (fixture only: the real experiment never constructs answers).

@@ -2,7 +2,9 @@
 
     stillhouse eval --model hf:runs/student --teacher bundled --task arithmetic2 --limit 300 --out eval/
 
-For each model (teacher first): greedy, batched generation on the held-out items, then
+For each model (teacher first): greedy, batched generation on the held-out items
+(:func:`stillhouse.teacher.generate.generate`; the items are a task's built-in held-out draw, or a
+file of items, ``EvalConfig.items``; students may get a system turn, ``EvalConfig.system_prompt``), then
 
 * **accuracy** with a Wilson 95% interval (answers checked by :mod:`.verify`; HumanEval
   in the sandbox);

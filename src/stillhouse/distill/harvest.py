@@ -21,6 +21,11 @@ first). Finished rows are written
 by one flusher in committed batches every ``flush_interval_s``; a kill -9 loses only the
 unflushed rows, which the next run redoes.
 
+A local teacher harvested greedily (no stop strings, no watermark) runs fixed white-box batches of
+``local_batch`` prompts (:meth:`LocalTeacher.generate_batch`) instead of concurrent chat calls: the
+same records under the same keys, in batches cut in prompt order (continuous batching's follow
+arrival timing).
+
 Retries: retryable failures (connection, timeout, 429, 5xx, unusable 2xx body) are retried
 up to ``max_attempts`` with exponential backoff and full jitter. A 429/503 with Retry-After
 pauses *all* new requests until it has passed (the polite reading of a rate limit); there is
@@ -133,11 +138,15 @@ class HarvestConfig:
     """Continue a run although the teacher's revision differs from the one stored."""
     flush_interval_s: float = 0.25
     """How often finished rows are committed to SQLite."""
+    shard: str = ""
+    """I/J: this process harvests prompts I, I+J, I+2J, ... of the source (counted from 0); J processes with
+    I = 0..J-1 fill one run directory together, e.g. one one-thread process per core for a local
+    teacher. Not part of the run's config.json: the run is the whole prompt set. Empty = every prompt."""
     local_batch: int = 64
     """A local teacher, greedy and without stop strings: prompts per fixed white-box batch
-    (LocalTeacher.generate_batch: an answer does not depend on the prompts that run beside it, and the
-    top-k logprobs cover the stop position too). 0 = continuous batching through the teacher's batcher,
-    what sampling, stop strings and a watermarking teacher always use."""
+    (LocalTeacher.generate_batch: batches cut in prompt order, and the top-k logprobs cover the stop
+    position too). 0 = continuous batching through the teacher's batcher, what sampling, stop strings
+    and a watermarking teacher always use."""
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ConfigError:
@@ -180,6 +189,10 @@ class HarvestConfig:
             raise bad("flush_interval_s", "must be > 0")
         if self.local_batch < 0:
             raise bad("local_batch", "must be >= 0 (0 = continuous batching)")
+        if self.shard:
+            i, sep, j = self.shard.partition("/")
+            if not (sep and i.isdigit() and j.isdigit() and int(i) < int(j)):
+                raise bad("shard", "write I/J with 0 <= I < J, e.g. 0/2 and 1/2 for two processes")
 
     def params(self, sample_index: int) -> SamplingParams:
         """The sampling params of one sample (seed offset by the sample index)."""
@@ -410,6 +423,9 @@ class Harvester:
         self._revision = teacher.revision
         self._timeout_here = parse_spec(config.teacher).kind != "http"  # HTTP teachers time out themselves
         self._batch = _white_box_batch(config, teacher)
+        self._shard = tuple(int(x) for x in config.shard.split("/")) if config.shard else (0, 1)
+        self._position = 0
+        """Prompts of the source seen so far (the shard picks by position)."""
         """Prompts per white-box batch (LocalTeacher.generate_batch), or 0: concurrent chat calls."""
         self._samples: list[_Sample] = []
         for i in range(config.samples):
@@ -428,6 +444,10 @@ class Harvester:
         """
         if prompts is None:
             prompts = self.prompts.prompts if self.prompts is not None else self._loader_prompts()
+        i, j = self._shard
+        if j > 1:
+            start, self._position = self._position, self._position + len(prompts)
+            prompts = [p for k, p in enumerate(prompts, start) if k % j == i]
         if self._done_keys is None:
             self._done_keys = self.store.keys("ok")
         done = self._done_keys
@@ -830,13 +850,13 @@ def save_run_config(cfg: HarvestConfig) -> None:
             old = json.loads(path.read_text())
         except ValueError:
             old = None
-        new = {"__config__": type(cfg).__name__, **config_to_dict(cfg)}
+        new = {"__config__": type(cfg).__name__, **config_to_dict(replace(cfg, shard=""))}
         if old is not None and old != new:
             n = 1
             while (out / f"config.prev-{n}.json").exists():
                 n += 1
             (out / f"config.prev-{n}.json").write_text(path.read_text())
-    save_config(cfg, path)
+    save_config(replace(cfg, shard=""), path)
 
 
 def load_harvest_config(path: str) -> HarvestConfig:
