@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -54,6 +55,9 @@ class ExportConfig:
     """Also export failed records (their 'status' says so; text is empty)."""
     salt: str = ""
     """A different salt gives a different split of the same share."""
+    order: Literal["store", "prompts"] = "store"
+    """store: rows in the order they were written; prompts: in the order of the run's prompt source
+    (config.json's prompts, then by sample index), e.g. after a sharded harvest."""
 
     def __post_init__(self) -> None:
         if self.format not in ("jsonl", "parquet", "hf"):
@@ -62,6 +66,8 @@ class ExportConfig:
             raise ConfigError(f"heldout={self.heldout}: a share between 0 and 1, e.g. 0.1")
         if not self.out:
             raise ConfigError("out: give an output directory")
+        if self.order not in ("store", "prompts"):
+            raise ConfigError(f"order={self.order!r}: choose store or prompts")
         if Path(self.out).resolve() == Path(self.run_dir).resolve():
             raise ConfigError("out: write the export next to the run directory, not into it")
 
@@ -119,6 +125,18 @@ class ExportResult:
         return f"exported {self.config.run_dir} as {self.config.format}: {parts}"
 
 
+def in_prompt_order(run_dir: str, records: Iterable[HarvestRecord]) -> list[HarvestRecord]:
+    """``records`` sorted by their prompt's place in the run's prompt source, then by sample index
+    (a record whose prompt is no longer in the source goes last)."""
+    from stillhouse.config import load_config
+    from stillhouse.distill.harvest import HarvestConfig
+    from stillhouse.distill.prompts import load_prompts
+
+    cfg = load_config(HarvestConfig, Path(run_dir) / "config.json")
+    place = {p.hash: i for i, p in enumerate(load_prompts(cfg.prompts, limit=cfg.limit).prompts)}
+    return sorted(records, key=lambda r: (place.get(r.prompt_hash, len(place)), r.sample_index))
+
+
 def _flat(row: dict[str, Any]) -> dict[str, Any]:
     """Parquet/hf form: meta and params as JSON strings, message content as strings."""
     out = dict(row)
@@ -141,7 +159,9 @@ def export_run(cfg: ExportConfig) -> ExportResult:
     files: dict[str, str] = {}
     try:
         with HarvestStore(cfg.run_dir, readonly=True) as store:
-            records = store.records(status=None if cfg.include_errors else "ok")
+            records: Iterable[HarvestRecord] = store.records(status=None if cfg.include_errors else "ok")
+            if cfg.order == "prompts":
+                records = in_prompt_order(cfg.run_dir, records)
             if cfg.format == "jsonl":
                 handles = {s: (tmp / f"{s}.jsonl").open("w") for s in ("train", "heldout")}
                 try:

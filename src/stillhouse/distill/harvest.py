@@ -21,6 +21,11 @@ first). Finished rows are written
 by one flusher in committed batches every ``flush_interval_s``; a kill -9 loses only the
 unflushed rows, which the next run redoes.
 
+A local teacher harvested greedily (no stop strings, no watermark) runs fixed white-box batches of
+``local_batch`` prompts (:meth:`LocalTeacher.generate_batch`) instead of concurrent chat calls: the
+same records under the same keys, in batches cut in prompt order (continuous batching's follow
+arrival timing).
+
 Retries: retryable failures (connection, timeout, 429, 5xx, unusable 2xx body) are retried
 up to ``max_attempts`` with exponential backoff and full jitter. A 429/503 with Retry-After
 pauses *all* new requests until it has passed (the polite reading of a rate limit); there is
@@ -140,6 +145,15 @@ class HarvestConfig:
     """Continue a run although the teacher's revision differs from the one stored."""
     flush_interval_s: float = 0.25
     """How often finished rows are committed to SQLite."""
+    shard: str = ""
+    """I/J: this process harvests prompts I, I+J, I+2J, ... of the source (counted from 0); J processes with
+    I = 0..J-1 fill one run directory together, e.g. one one-thread process per core for a local
+    teacher. Not part of the run's config.json: the run is the whole prompt set. Empty = every prompt."""
+    local_batch: int = 64
+    """A local teacher, greedy and without stop strings: prompts per fixed white-box batch
+    (LocalTeacher.generate_batch: batches cut in prompt order, and the top-k logprobs cover the stop
+    position too). 0 = continuous batching through the teacher's batcher, what sampling, stop strings
+    and a watermarking teacher always use."""
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ConfigError:
@@ -180,6 +194,12 @@ class HarvestConfig:
             raise bad("limit", "must be >= 1 (or unset)")
         if self.flush_interval_s <= 0:
             raise bad("flush_interval_s", "must be > 0")
+        if self.local_batch < 0:
+            raise bad("local_batch", "must be >= 0 (0 = continuous batching)")
+        if self.shard:
+            i, sep, j = self.shard.partition("/")
+            if not (sep and i.isdigit() and j.isdigit() and int(i) < int(j)):
+                raise bad("shard", "write I/J with 0 <= I < J, e.g. 0/2 and 1/2 for two processes")
 
     def params(self, sample_index: int) -> SamplingParams:
         """The sampling params of one sample (seed offset by the sample index)."""
@@ -409,6 +429,11 @@ class Harvester:
         self._model = teacher.name
         self._revision = teacher.revision
         self._timeout_here = parse_spec(config.teacher).kind != "http"  # HTTP teachers time out themselves
+        self._batch = _white_box_batch(config, teacher)
+        self._shard = tuple(int(x) for x in config.shard.split("/")) if config.shard else (0, 1)
+        self._position = 0
+        """Prompts of the source seen so far (the shard picks by position)."""
+        """Prompts per white-box batch (LocalTeacher.generate_batch), or 0: concurrent chat calls."""
         self._samples: list[_Sample] = []
         for i in range(config.samples):
             p = config.params(i)
@@ -426,6 +451,10 @@ class Harvester:
         """
         if prompts is None:
             prompts = self.prompts.prompts if self.prompts is not None else self._loader_prompts()
+        i, j = self._shard
+        if j > 1:
+            start, self._position = self._position, self._position + len(prompts)
+            prompts = [p for k, p in enumerate(prompts, start) if k % j == i]
         if self._done_keys is None:
             self._done_keys = self.store.keys("ok")
         done = self._done_keys
@@ -583,6 +612,57 @@ class Harvester:
             self._rows.append(self._row(w, None, latency, 0.0, attempts, error=f"{kind}: {err}", raw=raw))
             return
 
+    async def _one_batch(self, ws: list[_Work]) -> None:
+        """Records of one sample index as one white-box batch: the same store rows as :meth:`_one`, one
+        attempt each (a local teacher's refusal is not retryable); ``latency_s`` is the batch's wall time."""
+        cfg, st = self.config, self.stats
+        todo: list[_Work] = []
+        est: list[tuple[int, float]] = []
+        for w in ws:
+            p = estimate_prompt_tokens(w[0].messages_json, len(w[0].messages))
+            e = (p + cfg.max_tokens, self._cost(p, cfg.max_tokens))
+            reason = self.budget.reserve(*e)
+            if reason is not None:
+                self._stop(reason)
+                break
+            todo.append(w)
+            est.append(e)
+        if not todo:
+            return
+        st.requests += len(todo)
+        st.in_flight += len(todo)
+        t0 = time.perf_counter()
+        err: BaseException | None = None
+        try:
+            done = await asyncio.to_thread(self.teacher.generate_batch,  # type: ignore[attr-defined]
+                                           [w[0].messages for w in todo], self._samples[todo[0][1]].params,
+                                           len(todo))
+        except (ValueError, RuntimeError) as exc:  # a local teacher's refusal: a prompt too long, bad messages
+            done, err = [], exc
+        finally:
+            st.in_flight -= len(todo)
+        latency = time.perf_counter() - t0
+        if err is not None:
+            for e in est:
+                self.budget.settle(*e, 0, 0.0)
+            if len(todo) > 1 and not self._stopping:  # one bad prompt must not fail the others: one at a time
+                for w in todo:
+                    await self._one_batch([w])
+                return
+            kind = type(err).__name__
+            st.errors += 1
+            st.error_kinds[kind] = st.error_kinds.get(kind, 0) + 1
+            self._rows.append(self._row(todo[0], None, latency, 0.0, 1, error=f"{kind}: {err}"))
+            return
+        for w, e, c in zip(todo, est, done):
+            cost = self._cost(c.prompt_tokens, c.completion_tokens)
+            self.budget.settle(*e, c.prompt_tokens + c.completion_tokens, cost)
+            st.ok += 1
+            st.prompt_tokens += c.prompt_tokens
+            st.completion_tokens += c.completion_tokens
+            st.cost += cost
+            self._rows.append(self._row(w, c, latency, cost, 1))
+
     def _stop(self, reason: str) -> None:
         if not self._stopping:
             self._stopping = True
@@ -627,6 +707,17 @@ class Harvester:
                 else:
                     return
 
+        async def batch_worker() -> None:  # white-box batches of one sample index, in queue order
+            while not self._stopping:
+                if len(queue) < self._batch and self._loading:
+                    await more.wait()
+                elif queue:
+                    chunk = [queue.popleft() for _ in range(min(self._batch, len(queue)))]
+                    for i in sorted({w[1] for w in chunk}):
+                        await self._one_batch([w for w in chunk if w[1] == i])
+                else:
+                    return
+
         async def flusher() -> None:
             while True:
                 await asyncio.sleep(self.config.flush_interval_s)
@@ -641,7 +732,8 @@ class Harvester:
             n = min(n, max(1, len(queue)))
         self._writer = _Writer(self.store)
         flush_task = asyncio.create_task(flusher())
-        workers = [asyncio.create_task(worker()) for _ in range(n)]
+        workers = ([asyncio.create_task(batch_worker())] if self._batch
+                   else [asyncio.create_task(worker()) for _ in range(n)])
         if self._loading:
             workers.append(asyncio.create_task(self._load_rest(queue, wake)))
         t_requests = time.monotonic()
@@ -666,6 +758,18 @@ class Harvester:
             raise HarvestError(f"cannot write to the store {self.store.path}: {self._writer.error}. Rows not "
                                "written are redone by the next run") from self._writer.error
         return self.stats
+
+
+def _white_box_batch(cfg: HarvestConfig, teacher: Teacher) -> int:
+    """``cfg.local_batch`` when the teacher is a local model and the run is greedy, without stop strings
+    or logits processors (what LocalTeacher.generate_batch serves); else 0 (concurrent chat calls)."""
+    if not cfg.local_batch or cfg.temperature > 0 or cfg.stop:
+        return 0
+    from stillhouse.teacher.local import LocalTeacher
+
+    if not isinstance(teacher, LocalTeacher) or teacher.logits_processors:
+        return 0
+    return cfg.local_batch
 
 
 class _Writer:
@@ -753,13 +857,13 @@ def save_run_config(cfg: HarvestConfig) -> None:
             old = json.loads(path.read_text())
         except ValueError:
             old = None
-        new = {"__config__": type(cfg).__name__, **config_to_dict(cfg)}
+        new = {"__config__": type(cfg).__name__, **config_to_dict(replace(cfg, shard=""))}
         if old is not None and old != new:
             n = 1
             while (out / f"config.prev-{n}.json").exists():
                 n += 1
             (out / f"config.prev-{n}.json").write_text(path.read_text())
-    save_config(cfg, path)
+    save_config(replace(cfg, shard=""), path)
 
 
 def load_harvest_config(path: str) -> HarvestConfig:
