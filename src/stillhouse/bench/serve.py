@@ -6,6 +6,7 @@ One run, one loaded model, three ways of using it on the same prompts:
                  (the baseline every ratio is against)
     serve b=1    ``stillhouse serve`` with batching disabled (max_batch 1)
     serve        ``stillhouse serve`` with continuous batching (max_batch 32)
+    serve+wm     the same with ``--watermark`` (``watermark=True``): what keyed green lists cost
 
 Each server column is measured at concurrency 1, 8 and 32 by an aiohttp client on
 loopback (greedy, ``max_tokens`` per request, tokens counted from ``usage``). Each server
@@ -50,6 +51,8 @@ class BenchServeConfig:
     """max_batch of the batching server."""
     threads: int = 0
     """torch CPU threads for every column; 0 keeps torch's default."""
+    watermark: bool = False
+    """Also measure the batching server with --watermark (a fresh random secret), right after the plain one."""
 
     def __post_init__(self) -> None:
         from stillhouse.teacher.spec import parse_spec
@@ -133,17 +136,23 @@ async def _drive(base_url: str, convs: list[list[dict[str, str]]], concurrency: 
 class _ServeProcess:
     """``stillhouse serve`` in a child process on a free loopback port (as users run it)."""
 
-    def __init__(self, teacher: str, max_batch: int, threads: int):
+    def __init__(self, teacher: str, max_batch: int, threads: int, watermark: bool = False):
         self.args = ["serve", "--teacher", teacher, "--port", "0", "--max-batch", str(max_batch)]
         if threads:
             self.args += ["--threads", str(threads)]
+        self.env = dict(os.environ)
+        if watermark:
+            import secrets
+
+            self.args += ["--watermark", "--watermark-secret-env", "STILLHOUSE_BENCH_WM_SECRET"]
+            self.env["STILLHOUSE_BENCH_WM_SECRET"] = secrets.token_urlsafe(32)
         self.proc: subprocess.Popen[str] | None = None
         self.base_url = ""
 
     def __enter__(self) -> _ServeProcess:
         exe = Path(sys.executable).parent / "stillhouse"
         self.proc = subprocess.Popen([str(exe), *self.args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     text=True, env={**self.env, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + 600
         assert self.proc.stderr is not None
         while time.monotonic() < deadline:
@@ -203,8 +212,10 @@ def run_bench(cfg: BenchServeConfig, progress: Any = None) -> dict[str, Any]:
     before = baseline_generate(model, tokenizer, convs[:cfg.baseline_requests], cfg.max_tokens, probe.encode)
     say(f"  {before['tokens_per_s']:.2f} tok/s")
     columns: dict[str, dict[str, Any]] = {}
-    for label, max_batch in (("serve", cfg.max_batch), ("serve_b1", 1)):
-        with _ServeProcess(cfg.teacher, max_batch, cfg.threads) as srv:
+    runs = [("serve", cfg.max_batch, False), *([("serve_wm", cfg.max_batch, True)] if cfg.watermark else []),
+            ("serve_b1", 1, False)]
+    for label, max_batch, wm in runs:
+        with _ServeProcess(cfg.teacher, max_batch, cfg.threads, wm) as srv:
             asyncio.run(_drive(srv.base_url, convs[:1], 1, 4, name))  # warm-up, not timed
             for c in cfg.concurrency:
                 n = max(8, c) if cfg.requests == 0 else cfg.requests
@@ -236,12 +247,16 @@ def run_bench(cfg: BenchServeConfig, progress: Any = None) -> dict[str, Any]:
 def render_markdown(result: dict[str, Any]) -> str:
     """A markdown table of one run: tokens/s and ratios to the generate() baseline."""
     base = result["generate_one_at_a_time"]
-    lines = ["| concurrency | `stillhouse serve` (continuous batching) | `serve` with max_batch 1 | "
-             "plain `generate()` one at a time |", "|---|---|---|---|"]
+    wm = "serve_wm" in result["columns"]
+    lines = ["| concurrency | `stillhouse serve` (continuous batching) | "
+             + ("`serve --watermark` (vs serve) | " if wm else "") + "`serve` with max_batch 1 | "
+             "plain `generate()` one at a time |", "|---|---|---|---|" + ("---|" if wm else "")]
     for c in result["config"]["concurrency"]:
         a = result["columns"]["serve"][str(c)]
         b = result["columns"]["serve_b1"][str(c)]
-        lines.append(f"| {c} | {a['tokens_per_s']:.2f} tok/s (**{a['ratio_to_generate']:.2f}x**) | "
+        w = result["columns"]["serve_wm"][str(c)] if wm else None
+        wcol = (f"{w['tokens_per_s']:.2f} tok/s ({w['tokens_per_s'] / a['tokens_per_s']:.3f}x) | " if w else "")
+        lines.append(f"| {c} | {a['tokens_per_s']:.2f} tok/s (**{a['ratio_to_generate']:.2f}x**) | {wcol}"
                      f"{b['tokens_per_s']:.2f} tok/s ({b['ratio_to_generate']:.2f}x) | "
                      f"{base['tokens_per_s']:.2f} tok/s (1.00x; {base['before']['tokens_per_s']:.2f} before, "
                      f"{base['after']['tokens_per_s']:.2f} after) |")

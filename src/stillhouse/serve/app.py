@@ -473,6 +473,10 @@ def run(config: ServeConfig, teacher: Teacher | None = None) -> None:
 
     import uvicorn
 
+    if config.watermark:  # fail fast, before the model loads
+        from stillhouse.watermark.keys import load_secret
+
+        load_secret(config.watermark_secret_env)
     sock = bind_socket(config.host, config.port)  # fail fast, before the model loads
     t0 = time.perf_counter()
     if teacher is None:
