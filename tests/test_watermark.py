@@ -189,3 +189,25 @@ def test_score_keys_names_the_right_key_with_family_wise_correction() -> None:
     assert scores[0].key_id == "account/a7/0" and scores[0].p_holm < 1e-6
     assert scores[0].p_holm == pytest.approx(min(1.0, 16 * scores[0].p))
     assert all(s.p_holm > 1e-3 for s in scores[1:])
+
+
+def test_eval_generate_and_the_batcher_watermark_alike(tiny_teacher: Any, tiny_model: Any, smol_tokenizer: Any) -> None:
+    """``stillhouse eval --watermark-teacher`` (HF generate + batch_processor) picks the same greedy tokens
+    as ``serve --watermark`` (the batcher's per-row processor) for the same key."""
+    from stillhouse.distill.evaluate import LoadedModel, greedy_generate, prompt_ids
+    from stillhouse.teacher.base import SamplingParams
+    from stillhouse.watermark.green import batch_processor, vocab_hashes
+
+    vocab = int(tiny_model.get_output_embeddings().weight.shape[0])
+    wm = RowWatermark(key_u64(derive_key(SECRET, "server/eval/0")), P, vocab_hashes(vocab))
+    convs = [[{"role": "user", "content": t}] for t in ("Hi there", "What is 2+2?")]
+    lm = LoadedModel("t", tiny_model, smol_tokenizer, "r", processor=batch_processor(wm))
+    via_eval = [g.token_ids for g in greedy_generate(lm, convs, 12, batch_size=2)]
+    plain = [g.token_ids for g in greedy_generate(LoadedModel("t", tiny_model, smol_tokenizer, "r"), convs, 12)]
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    via_serve = [tiny_teacher.submit(prompt_ids(smol_tokenizer, c), params, row_processor=wm).future.result(60).token_ids
+                 for c in convs]
+    for a, b in zip(via_eval, via_serve):
+        n = min(len(a), len(b))
+        assert n > 0 and a[:n] == b[:n]
+    assert via_eval != plain

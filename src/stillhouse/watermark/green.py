@@ -158,6 +158,16 @@ class RowWatermark:
         return f"RowWatermark(key_id={self.key_id!r}, {self.params})"
 
 
+def batch_processor(row: RowWatermark) -> Any:
+    """``(input_ids [B, L], scores [B, V]) -> scores`` applying one key to every row (for HF ``generate``'s
+    ``logits_processor``; left padding is fine, the window is a row's last tokens)."""
+    def apply(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for i in range(scores.shape[0]):
+            scores[i] = row(input_ids[i].tolist(), scores[i])
+        return scores
+    return apply
+
+
 def vocab_hashes(vocab_size: int, _cache: dict[int, Any] = {}) -> np.ndarray:  # noqa: B006 - a memo
     """``T`` for a vocabulary size, computed once per process."""
     arr = _cache.get(vocab_size)
