@@ -48,9 +48,10 @@ def reading_inputs(tokenizer: Any, samples: Sequence[Sample], max_len: int) -> l
         answer = tokenizer(s.text, add_special_tokens=False)["input_ids"]
         prompt: list[int] = []
         if s.prompt and getattr(tokenizer, "chat_template", None):
-            prompt = list(tokenizer.apply_chat_template(s.prompt, tokenize=True, add_generation_prompt=True))
-            if isinstance(prompt, dict):  # newer transformers return a BatchEncoding
-                prompt = list(prompt["input_ids"])
+            got = tokenizer.apply_chat_template(s.prompt, tokenize=True, add_generation_prompt=True)
+            if isinstance(got, dict) or hasattr(got, "input_ids"):  # newer transformers: a BatchEncoding
+                got = got["input_ids"]
+            prompt = [int(t) for t in got]
         ids = (prompt + list(answer))[:max_len]
         if len(ids) > len(prompt) + 1:
             out.append((ids, len(prompt)))
