@@ -30,6 +30,8 @@ from typing import Any
 OUT = Path("runs/provenance")
 SPLITS = {"dev": (0, 24), "text": (24, 120), "train": (120, 1320)}
 """Index ranges in the shuffled prompt list: dev (choose parameters), text (final text figures), train (SFT data)."""
+READING = 300
+"""ShareGPT conversations kept out of every training set: the texts suspects read in the open-weight test."""
 
 
 def allowed(conv_id: str) -> bool:
@@ -72,8 +74,9 @@ def cmd_prompts(args: argparse.Namespace) -> None:
     clean = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a[:700]}]}
              for q, a in pairs[SPLITS["train"][1]:]]
     (OUT / "prompts.json").write_text(json.dumps(prompts))
-    (OUT / "clean.jsonl").write_text("".join(json.dumps(r) + "\n" for r in clean))
-    print(f"{len(prompts)} prompts, {len(clean)} clean SFT rows (ShareGPT replies)")
+    (OUT / "clean.jsonl").write_text("".join(json.dumps(r) + "\n" for r in clean[:-READING]))
+    (OUT / "reading.jsonl").write_text("".join(json.dumps(r) + "\n" for r in clean[-READING:]))
+    print(f"{len(prompts)} prompts, {len(clean) - READING} clean SFT rows, {READING} reading texts (ShareGPT)")
 
 
 def _teacher(threads: int) -> Any:
