@@ -14,11 +14,12 @@ Bonferroni figure is reported too): the best key is named only as strongly as it
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from stillhouse.provenance.stats import binom_sf, bonferroni, holm, z_score
+from stillhouse.provenance.stats import bonferroni, holm, log_binom_sf, z_score
 from stillhouse.watermark.green import WatermarkParams, green_flags, scored_tuples
 
 Tuple = tuple[int, ...]
@@ -41,6 +42,8 @@ class KeyScore:
     """``p`` adjusted for the keys tried (Bonferroni)."""
     z: float = 0.0
     """KGW's z-score, for comparison only."""
+    log10_p: float = 0.0
+    """``log10(p)``, finite where ``p`` itself underflows to 0."""
 
     @property
     def rate(self) -> float:
@@ -77,7 +80,8 @@ def score_key(key: int, tuples: Sequence[Tuple], params: WatermarkParams, key_id
     green = sum(green_flags(key, tuples, params))
     n = len(tuples)
     gamma = params.threshold / float(1 << 53)  # the exact green probability
-    return KeyScore(key_id, n, green, binom_sf(green, n, gamma) if n else 1.0, z=z_score(green, n, gamma))
+    log_p = log_binom_sf(green, n, gamma) if n else 0.0
+    return KeyScore(key_id, n, green, math.exp(log_p), z=z_score(green, n, gamma), log10_p=log_p / math.log(10))
 
 
 def score_keys(tuples: Sequence[Tuple], keys: Mapping[str, int], params: WatermarkParams) -> list[KeyScore]:
@@ -90,7 +94,10 @@ def score_keys(tuples: Sequence[Tuple], keys: Mapping[str, int], params: Waterma
 
 
 def tokens_to_detect(ids: Sequence[int], key: int, params: WatermarkParams, alpha: float) -> int | None:
-    """The fewest leading tokens of ``ids`` whose deduplicated tuples reach ``p < alpha`` (None: never)."""
+    """The fewest leading tokens of ``ids`` whose deduplicated tuples reach ``p < alpha`` (None: never).
+
+    Descriptive only: stopping at the first prefix below ``alpha`` is not a level-``alpha`` test (looking
+    after every token inflates false alarms); a decision uses the p-value at a length fixed in advance."""
     gamma = params.threshold / float(1 << 53)
     seen: set[Tuple] = set()
     n = green = 0
@@ -100,6 +107,6 @@ def tokens_to_detect(ids: Sequence[int], key: int, params: WatermarkParams, alph
         seen.add(tup)
         n += 1
         green += green_flags(key, [tup], params)[0]
-        if binom_sf(green, n, gamma) < alpha:
+        if math.exp(log_binom_sf(green, n, gamma)) < alpha:
             return i
     return None
