@@ -174,7 +174,12 @@ def _prompt_ids(tok: Any, s: Sample) -> list[int]:
 
 def model_provenance(cfg: SuspectConfig) -> dict[str, Any]:
     """``provenance model``: the radioactivity test, open-weight or closed."""
-    from stillhouse.provenance.radioactive import check_same_tokenizer, closed_texts, reading_inputs, reading_tuples
+    from stillhouse.provenance.radioactive import (
+        check_same_tokenizer,
+        closed_texts,
+        reading_inputs,
+        reading_tuples,
+    )
 
     t0 = time.perf_counter()
     secret = load_secret(cfg.secret_env)
