@@ -211,3 +211,25 @@ def test_eval_generate_and_the_batcher_watermark_alike(tiny_teacher: Any, tiny_m
         n = min(len(a), len(b))
         assert n > 0 and a[:n] == b[:n]
     assert via_eval != plain
+
+
+def test_an_older_guard_log_gains_the_key_id_column(tmp_path: Any) -> None:
+    import sqlite3
+
+    from stillhouse.guard.events import TrafficRecord
+    from stillhouse.guard.store import _SCHEMA, open_store
+
+    db = tmp_path / "old.db"
+    conn = sqlite3.connect(db)
+    old = _SCHEMA[5].replace(",\n        watermark_key_id TEXT NOT NULL DEFAULT '')", ")")
+    assert "watermark_key_id" not in old
+    conn.execute(old)
+    conn.execute("INSERT INTO traffic VALUES ('r0', 1.0, 'a', 'k', '', '', '', 'm', '{}', '[]', '', 0, 0, 0.0, 200, "
+                 "'allow', '', '')")
+    conn.commit()
+    conn.close()
+    store = open_store(f"sqlite:///{db}")  # migrates
+    store.write_records([TrafficRecord("r1", 2.0, "a", "k", watermark_key_id="account/a/0")])
+    assert [r.watermark_key_id for r in store.read_records()] == ["", "account/a/0"]
+    assert store.watermark_key_usage() == [("account/a/0", "a", 1)]
+    store.close()
