@@ -92,6 +92,14 @@ def guard(
     from stillhouse.guard.detect.load import DetectorLoadError, load_detector
     from stillhouse.guard.server import serve_forever
 
+    if cfg.watermark:  # the shared secret must be there before anything binds or loads
+        from stillhouse.watermark.keys import WatermarkKeyError, load_secret
+
+        try:
+            load_secret(cfg.watermark_secret_env)
+        except WatermarkKeyError as exc:
+            _die(str(exc))
+
     det = None
     if cfg.detector_dir:
         try:
@@ -263,6 +271,6 @@ def register(app: typer.Typer) -> None:
         "upstream_url": "--upstream", "db_url": "--db", "requests_per_min": "--rpm", "tokens_per_min": "--tpm",
         "max_concurrent_streams": "--max-streams", "detector_dir": "--detector", "shadow": "--shadow/--enforce"},
         panels={"upstream_url": "Gateway", "requests_per_min": "Limits and enforcement",
-                "on_store_failure": "Traffic log", "detector_dir": "Online detection"})
+                "on_store_failure": "Traffic log", "detector_dir": "Online detection", "watermark": "Watermark"})
     guard_app.callback()(config_command(guard, options))
     app.add_typer(guard_app, name="guard")

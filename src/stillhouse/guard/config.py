@@ -33,6 +33,7 @@ StoreFailureMode = Literal["closed", "open"]
 UpstreamClient = Literal["http1", "aiohttp"]
 DetectMode = Literal["process", "inline"]
 RuleField = Literal["country", "signup_path", "org", "payment_fingerprint", "score"]
+WatermarkScope = Literal["account", "cluster"]
 
 
 def sha256_hex(text: str) -> str:
@@ -162,6 +163,18 @@ class GuardConfig:
     must come as ``Authorization: Bearer <token>`` (Prometheus ``authorization: credentials_file``). A separate
     token, so the scraper never holds the admin token."""
 
+    watermark: bool = False
+    """Choose a watermark key per request and send its id to the upstream on the authenticated
+    X-Stillhouse-Watermark header (the upstream: ``stillhouse serve --watermark`` with the same secret);
+    the log records which key id answered each request. Never the key itself."""
+    watermark_secret_env: str = "STILLHOUSE_WATERMARK_SECRET"
+    """Environment variable holding the secret shared with the upstream (keys and the header's mac derive from it)."""
+    watermark_scope: WatermarkScope = "account"
+    """Whose key answers a request: "account" (one key per account) or "cluster" (the detector's cluster of
+    linked accounts once it has one, else the account's own key)."""
+    watermark_rotate_s: float = 2_592_000.0
+    """Keys rotate every this many seconds of the guard's clock (key id epoch = floor(t / this)); 0 = never."""
+
     def __post_init__(self) -> None:
         if not re.match(r"^https?://[^/\s]+", self.upstream_url):
             raise ValueError(f"upstream_url={self.upstream_url!r}: give a base URL like http://127.0.0.1:8000")
@@ -191,6 +204,12 @@ class GuardConfig:
         if self.metrics_token_sha256 and not re.fullmatch(r"[0-9a-f]{64}", self.metrics_token_sha256):
             raise ValueError("metrics_token_sha256: must be '' (open /metrics) or 64 lowercase hex chars; "
                              "compute it with stillhouse.guard.config.sha256_hex(token)")
+        if self.watermark_scope not in typing.get_args(WatermarkScope):
+            raise ValueError(f"watermark_scope={self.watermark_scope!r}: use one of {typing.get_args(WatermarkScope)}")
+        if self.watermark_rotate_s < 0:
+            raise ValueError(f"watermark_rotate_s={self.watermark_rotate_s}: must be >= 0 (0 = keys never rotate)")
+        if self.watermark and not self.watermark_secret_env:
+            raise ValueError("watermark_secret_env is empty: name the environment variable holding the shared secret")
         if self.key_refresh_s < 0:
             raise ValueError(f"key_refresh_s={self.key_refresh_s}: must be >= 0 (0 = never)")
         if not 0 < self.throttle_factor <= 1:

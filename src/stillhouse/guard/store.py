@@ -145,7 +145,8 @@ _SCHEMA = [
         client_ip TEXT NOT NULL, user_agent TEXT NOT NULL, header_fingerprint TEXT NOT NULL, model TEXT NOT NULL,
         params TEXT NOT NULL, messages TEXT NOT NULL, response_text TEXT NOT NULL, prompt_tokens INTEGER NOT NULL,
         completion_tokens INTEGER NOT NULL, latency_ms DOUBLE PRECISION NOT NULL, status INTEGER NOT NULL,
-        decision TEXT NOT NULL, decision_reason TEXT NOT NULL, session_id TEXT NOT NULL)""",
+        decision TEXT NOT NULL, decision_reason TEXT NOT NULL, session_id TEXT NOT NULL,
+        watermark_key_id TEXT NOT NULL DEFAULT '')""",
     "CREATE INDEX IF NOT EXISTS traffic_account_ts ON traffic (account_id, ts)",
     # -- pre-aggregated counters (guard/rollup.py), kept by write_records --------------------
     """CREATE TABLE IF NOT EXISTS traffic_hourly (
@@ -191,7 +192,7 @@ ROLLUP_VERSION = "1"
 
 _TRAFFIC_COLS = ("request_id", "ts", "account_id", "key_id", "client_ip", "user_agent", "header_fingerprint",
                  "model", "params", "messages", "response_text", "prompt_tokens", "completion_tokens",
-                 "latency_ms", "status", "decision", "decision_reason", "session_id")
+                 "latency_ms", "status", "decision", "decision_reason", "session_id", "watermark_key_id")
 _HOURLY_COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "errors", "refused",
                     *(f"n_{t}" for t in TIERS))
 _ACCOUNT_COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "errors", "refused")
@@ -203,7 +204,7 @@ def _record_row(r: TrafficRecord) -> tuple[Any, ...]:
     return (r.request_id, r.ts, r.account_id, r.key_id, r.client_ip, r.user_agent, r.header_fingerprint,
             r.model, json.dumps(r.params), json.dumps(r.messages), r.response_text, int(r.prompt_tokens),
             int(r.completion_tokens), float(r.latency_ms), int(r.status), r.decision, r.decision_reason,
-            r.session_id)
+            r.session_id, r.watermark_key_id)
 
 
 def _row_record(row: tuple[Any, ...]) -> TrafficRecord:
@@ -299,6 +300,7 @@ class SqlStore:
         def go(cur: Any) -> None:
             for stmt in _SCHEMA:
                 cur.execute(stmt)
+            self._add_columns(cur)
         self._run(go)
         self.migrate()
 
@@ -369,6 +371,14 @@ class SqlStore:
         """Rows of one read query (``?`` placeholders on both backends). For read-only views such as the console."""
         q = self._sql(sql)
         return list(self._run(lambda cur: cur.execute(q, args).fetchall()))
+
+    def _columns(self, cur: Any, table: str) -> set[str]:
+        raise NotImplementedError
+
+    def _add_columns(self, cur: Any) -> None:
+        """Add columns that newer versions of the schema have (a log written by an older guard)."""
+        if "watermark_key_id" not in self._columns(cur, "traffic"):
+            cur.execute("ALTER TABLE traffic ADD COLUMN watermark_key_id TEXT NOT NULL DEFAULT ''")
 
     def ping(self) -> None:
         """Raise StoreUnavailable unless the database answers."""
@@ -587,6 +597,12 @@ class SqlStore:
         rows = [_row_record(r) for r in self._run(lambda cur: cur.execute(self._sql(sql), args).fetchall())]
         return rows[::-1] if newest else rows
 
+    def watermark_key_usage(self) -> list[tuple[str, str, int]]:
+        """``(watermark key id, account id, requests)`` for every pair in the log with a key id."""
+        sql = ("SELECT watermark_key_id, account_id, COUNT(*) FROM traffic WHERE watermark_key_id <> '' "
+               "GROUP BY watermark_key_id, account_id ORDER BY watermark_key_id, account_id")
+        return [(str(a), str(b), int(n)) for a, b, n in self._run(lambda cur: cur.execute(sql).fetchall())]
+
     def count_records(self) -> int:
         return int(self._run(lambda cur: cur.execute("SELECT COUNT(*) FROM traffic").fetchone()[0]))
 
@@ -612,6 +628,9 @@ class SqliteStore(SqlStore):
     def _is_unavailable(self, exc: BaseException) -> bool:
         return isinstance(exc, sqlite3.OperationalError | sqlite3.DatabaseError) and not isinstance(
             exc, sqlite3.IntegrityError)
+
+    def _columns(self, cur: Any, table: str) -> set[str]:
+        return {str(r[1]) for r in cur.execute(f"PRAGMA table_info({table})").fetchall()}
 
 
 class PostgresStore(SqlStore):
@@ -639,6 +658,10 @@ class PostgresStore(SqlStore):
 
     def _lock_migration(self, cur: Any) -> None:
         cur.execute("SELECT pg_advisory_xact_lock(7301)")  # released at commit
+
+    def _columns(self, cur: Any, table: str) -> set[str]:
+        cur.execute("SELECT column_name FROM information_schema.columns WHERE table_name = %s", (table,))
+        return {str(r[0]) for r in cur.fetchall()}
 
 
 def open_store(url: str, init: bool = True) -> SqlStore:

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 from stillhouse.http.asgi import RequestError, content_length, loads_strict, read_body
 from stillhouse.http.server import ServerThread, bind_socket
 from stillhouse.teacher.base import ChatResult, Completion, Teacher
+from stillhouse.watermark.green import RowWatermark, WatermarkParams
 from stillhouse.serve.schema import (
     APIError,
     ChatRequest,
@@ -54,6 +55,7 @@ from stillhouse.serve.schema import (
     parse_chat_request,
 )
 from stillhouse.serve.stream import SSEStream, wait_disconnect
+from stillhouse.watermark.keys import APPLIED_HEADER
 
 __all__ = ["ChatServer", "ServeConfig", "ServerThread", "create_app", "load_teacher", "run"]
 
@@ -102,6 +104,18 @@ class ServeConfig:
     threads: int | None = None
     """torch CPU threads; None keeps torch's default. On a shared, oversubscribed machine 1 can be
     several times faster than spinning OpenMP threads that fight other processes for cores."""
+    watermark: bool = False
+    """Watermark every answer (KGW green lists) with a key chosen per request: the guard's key id from
+    its authenticated X-Stillhouse-Watermark header, else this server's own key (server/NAME/0).
+    Needs a local teacher and the secret in watermark_secret_env."""
+    watermark_secret_env: str = "STILLHOUSE_WATERMARK_SECRET"
+    """Environment variable holding the secret shared with the guard (keys and the header's mac derive from it)."""
+    watermark_gamma: float = 0.25
+    """Green share of the vocabulary per context window (detection must use the same)."""
+    watermark_delta: float = 2.0
+    """Logit bias added to green tokens (larger: stronger mark, more change to the answers)."""
+    watermark_context: int = 1
+    """Tokens before each token that seed its green list (KGW's h; detection must use the same)."""
 
     def __post_init__(self) -> None:
         from stillhouse.teacher.spec import parse_spec
@@ -125,6 +139,17 @@ class ServeConfig:
             raise ValueError(f"threads={self.threads!r}: must be an integer >= 1, or None for torch's default")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r}: use float32 or bfloat16")
+        self.watermark_params()  # raises naming gamma, delta or context
+        if self.watermark and not parse_spec(self.teacher).is_local:
+            raise ValueError(f"watermark: needs a local teacher (bundled, hf:DIR, gguf:FILE), not {self.teacher!r}; "
+                             "the green-list bias is applied to the model's logits")
+
+    def watermark_params(self) -> WatermarkParams:
+        """The scheme's parameters as the watermark module takes them."""
+        try:
+            return WatermarkParams(self.watermark_gamma, self.watermark_delta, self.watermark_context)
+        except ValueError as exc:
+            raise ValueError(f"watermark_{exc}") from exc
 
 
 def load_teacher(config: ServeConfig) -> Teacher:
@@ -164,6 +189,43 @@ class ChatServer:
         """Characters of the longest vocabulary entry (local teacher): no token covers more text."""
         if self.local is not None:
             self.max_token_chars = max(map(len, self.local.tokenizer.get_vocab()), default=0)
+        self.watermarks: dict[str, RowWatermark] = {}
+        """Per key id, the processor (holding the derived key); never logged or answered."""
+        self._wm_secret = b""
+        if config.watermark:
+            from stillhouse.watermark.keys import load_secret
+
+            if self.local is None:
+                raise ValueError("watermark: needs a local teacher; the bias is applied to the model's logits")
+            self._wm_secret = load_secret(config.watermark_secret_env)
+            self._wm_params = config.watermark_params()
+            self._wm_default = f"server/{_quote(self.model_id)}/0"
+
+    def watermark_for(self, headers: Any) -> RowWatermark | None:
+        """The processor for one request: the guard's authenticated key id, else this server's own key.
+
+        Raises APIError 401 when a watermark header is present but does not authenticate."""
+        if not self.config.watermark:
+            return None
+        from stillhouse.watermark.keys import HEADER, ChannelError, derive_key, key_u64, verify_header
+
+        value = headers.get(HEADER)
+        kid = self._wm_default
+        if value is not None:
+            try:
+                kid = str(verify_header(self._wm_secret, value, time.time()))
+            except ChannelError as exc:
+                raise APIError(401, str(exc), code="watermark_unauthenticated") from None
+        wm = self.watermarks.get(kid)
+        if wm is None and self.local is not None:  # (always local: checked in __init__)
+            from stillhouse.watermark.green import vocab_hashes
+
+            vocab = int(self.local.model.get_output_embeddings().weight.shape[0])
+            if len(self.watermarks) > 4096:  # one per key id seen; rotation retires old ones
+                self.watermarks.clear()
+            wm = self.watermarks[kid] = RowWatermark(key_u64(derive_key(self._wm_secret, kid)), self._wm_params,
+                                                     vocab_hashes(vocab), key_id=kid)
+        return wm
 
     @property
     def context_limit(self) -> int:
@@ -176,7 +238,8 @@ class ChatServer:
         from starlette.responses import JSONResponse
 
         body: dict[str, Any] = {"status": "ok", "model": self.model_id, "revision": self.teacher.revision,
-                                "pending": self.pending, "requests": self.requests}
+                                "pending": self.pending, "requests": self.requests,
+                                "watermark": self.config.watermark}
         if self.local is not None:
             b = self.local.batcher
             body.update(active=b.active, decode_steps=b.steps, max_batch_seen=b.max_rows_seen,
@@ -214,6 +277,8 @@ class ChatServer:
         if req.model is not None and req.model not in self.aliases:
             raise APIError(404, f"the model {req.model!r} does not exist here; this server serves "
                                 f"{self.model_id!r} (see GET /v1/models)", param="model", code="model_not_found")
+        wm = self.watermark_for(request.headers)
+        wm_headers = {APPLIED_HEADER: wm.key_id} if wm is not None else None
         prompt_ids: list[int] | None = None
         if self.local is not None:
             prompt_ids, req = await self._encode(self.local, req)
@@ -224,10 +289,10 @@ class ChatServer:
                            headers={"Retry-After": "1"})
         self.requests += 1
         if req.stream:
-            return SSEStream(self, req, prompt_ids)
+            return SSEStream(self, req, prompt_ids, wm)
         self.pending += n
         try:
-            result = await self._complete(request, req, prompt_ids)
+            result = await self._complete(request, req, prompt_ids, wm)
         finally:
             self.pending -= n
         if result is None:  # the client went away; nobody reads this
@@ -235,7 +300,7 @@ class ChatServer:
         body_out = completion_json(new_completion_id(), self.model_id, result.completions,
                                    [self._choice_logprobs(c) if req.params.logprobs else None
                                     for c in result.completions], self.teacher.revision[:32])
-        return JSONResponse(body_out)
+        return JSONResponse(body_out, headers=wm_headers)
 
     async def _encode(self, local: LocalTeacher, req: ChatRequest) -> tuple[list[int], ChatRequest]:
         """The prompt's token ids, and ``req`` with max_tokens fitted to the context when none was given.
@@ -266,13 +331,15 @@ class ChatServer:
             raise APIError(400, str(too_long), param="messages", code="context_length_exceeded")
         return prompt_ids, req
 
-    async def _complete(self, request: Request, req: ChatRequest, prompt_ids: list[int] | None) -> ChatResult | None:
+    async def _complete(self, request: Request, req: ChatRequest, prompt_ids: list[int] | None,
+                        wm: RowWatermark | None = None) -> ChatResult | None:
         """Run a non-streamed request; None when the client disconnects first (its slots freed)."""
         if self.local is None:
             work: asyncio.Future[Any] = asyncio.ensure_future(self.teacher.chat(req.messages, req.params))
             handles: list[Any] = []
         else:
-            handles = [self.local.submit(prompt_ids or [], req.params, index=i) for i in range(req.params.n)]
+            handles = [self.local.submit(prompt_ids or [], req.params, index=i, row_processor=wm)
+                       for i in range(req.params.n)]
             work = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(h.future) for h in handles)))
         gone = asyncio.ensure_future(wait_disconnect(request.receive))
         try:
@@ -322,6 +389,12 @@ class ChatServer:
 
 INLINE_TOKENIZE_CHARS = 4096
 """Prompts up to this many characters are tokenized on the event loop (a few ms); longer ones in a thread."""
+
+
+def _quote(text: str) -> str:
+    from urllib.parse import quote
+
+    return quote(text, safe="")
 
 
 def _prompt_chars(messages: list[dict[str, Any]]) -> int:
@@ -400,6 +473,10 @@ def run(config: ServeConfig, teacher: Teacher | None = None) -> None:
 
     import uvicorn
 
+    if config.watermark:  # fail fast, before the model loads
+        from stillhouse.watermark.keys import load_secret
+
+        load_secret(config.watermark_secret_env)
     sock = bind_socket(config.host, config.port)  # fail fast, before the model loads
     t0 = time.perf_counter()
     if teacher is None:

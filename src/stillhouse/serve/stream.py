@@ -26,8 +26,11 @@ from stillhouse.serve.schema import (
     usage_json,
 )
 
+from stillhouse.watermark.keys import APPLIED_HEADER
+
 if TYPE_CHECKING:
     from stillhouse.teacher.batcher import StepEvent
+    from stillhouse.watermark.green import RowWatermark
     from stillhouse.serve.app import ChatServer
 
 log = logging.getLogger(__name__)
@@ -47,10 +50,12 @@ class SSEStream:
     the client goes away, so their batch slots free up at the next step.
     """
 
-    def __init__(self, server: ChatServer, req: ChatRequest, prompt_ids: list[int] | None):
+    def __init__(self, server: ChatServer, req: ChatRequest, prompt_ids: list[int] | None,
+                 watermark: RowWatermark | None = None):
         self.server = server
         self.req = req
         self.prompt_ids = prompt_ids
+        self.watermark = watermark
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         srv, req = self.server, self.req
@@ -64,7 +69,8 @@ class SSEStream:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": [
                 (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-                (b"x-accel-buffering", b"no")]})
+                (b"x-accel-buffering", b"no"),
+                *([(APPLIED_HEADER.encode(), self.watermark.key_id.encode())] if self.watermark else [])]})
             cid, created, fp = new_completion_id(), int(time.time()), srv.teacher.revision[:32]
 
             async def emit(obj: Any) -> None:
@@ -76,7 +82,8 @@ class SSEStream:
                 for i in range(n):
                     def on_event(ev: StepEvent, i: int = i) -> None:
                         loop.call_soon_threadsafe(events.put_nowait, (i, ev))
-                    handles.append(srv.local.submit(self.prompt_ids or [], req.params, index=i, on_event=on_event))
+                    handles.append(srv.local.submit(self.prompt_ids or [], req.params, index=i, on_event=on_event,
+                                                    row_processor=self.watermark))
             else:
                 fallback = asyncio.ensure_future(srv.teacher.chat(req.messages, req.params))
                 fallback.add_done_callback(lambda f: events.put_nowait((-1, f)))
