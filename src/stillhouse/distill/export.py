@@ -50,11 +50,16 @@ from typing import Any, Literal
 
 from stillhouse.config import ConfigError, atomic_write_text, config_to_dict
 from stillhouse.distill.store import HarvestRecord, HarvestStore
-from stillhouse.teacher.message import THINK_OPEN, field_reasoning, inline_reasoning, split_think
+from stillhouse.teacher.message import (
+    DEFAULT_REASONING_TEMPLATE,
+    THINK_OPEN,
+    field_reasoning,
+    inline_reasoning,
+    split_think,
+)
 
 Format = Literal["jsonl", "parquet", "hf"]
 ReasoningMode = Literal["field", "inline", "strip"]
-DEFAULT_REASONING_TEMPLATE = "<think>\n{reasoning}\n</think>\n\n{answer}"
 
 
 @dataclass(frozen=True)

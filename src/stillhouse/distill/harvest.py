@@ -66,6 +66,7 @@ from stillhouse.distill.store import (
     KEY_HEAD,
     HarvestStore,
     canonical_json,
+    compact_json,
     completion_row,
     record_key_tail,
 )
@@ -267,7 +268,7 @@ class HarvestConfig:
         return SamplingParams(
             temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens, n=1,
             seed=None if self.seed is None else self.seed + sample_index, stop=tuple(self.stop),
-            logprobs=self.logprobs, top_logprobs=self.top_logprobs, extra=canonical_json(extra) if extra else "",
+            logprobs=self.logprobs, top_logprobs=self.top_logprobs, extra=compact_json(extra) if extra else "",
         )
 
     def effective_concurrency(self) -> int:
@@ -505,12 +506,11 @@ class Harvester:
 
     def _make_sample(self, p: SamplingParams, i: int) -> _Sample:
         """What every record of sample ``i`` under params ``p`` shares. The stored params are the
-        SamplingParams fields, with ``extra`` decoded when set and left out when not (the keys of runs
-        without further request fields are what they were before the field existed)."""
+        SamplingParams fields, with ``extra`` (the JSON text of the further request fields, as sent) left out
+        when empty: the keys of runs without further request fields are what they were before it existed."""
         d = json.loads(canonical_json(asdict(p)))
-        extra = d.pop("extra")
-        if extra:
-            d["extra"] = json.loads(extra)
+        if not d["extra"]:
+            del d["extra"]
         pj = canonical_json(d)
         return _Sample(p, pj, d, record_key_tail(self.teacher_id, pj, i))
 

@@ -50,7 +50,7 @@ from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from stillhouse.distill.store import canonical_json
+from stillhouse.distill.store import canonical_json, compact_json
 from stillhouse.teacher.base import Message
 
 ROLES = ("system", "user", "assistant", "developer", "tool")
@@ -78,7 +78,8 @@ class Prompt(NamedTuple):
     meta_json: str = "{}"
     """canonical_json(meta), filled by the loader."""
     request_json: str = ""
-    """canonical_json of the row's request fields (REQUEST_FIELDS: tools, ...); "" when it has none."""
+    """compact_json of the row's request fields (REQUEST_FIELDS: tools, ...; keys in the row's order, as
+    they are sent); "" when it has none."""
     turns: tuple[tuple[Message, ...], ...] = ()
     """A conversation's next turns (each the messages to add after the teacher's last answer); () = one turn."""
     turn: int = 0
@@ -281,7 +282,7 @@ def row_to_prompt(row: Any) -> Prompt:
     turns = check_turns(row["turns"]) if row.get("turns") is not None else ()
     if not req and not turns:
         return Prompt(rid, messages, meta, ph, mj, meta_json)
-    p = Prompt(rid, messages, meta, ph, mj, meta_json, canonical_json(req) if req else "", turns)
+    p = Prompt(rid, messages, meta, ph, mj, meta_json, compact_json(req) if req else "", turns)
     if rid == f"p-{ph[:12]}" and row.get("id") in (None, ""):
         p = p._replace(id=f"p-{p.dedup_key[:12]}")  # rows differing in tools or turns only: different ids
     return p

@@ -9,7 +9,8 @@ Layout of a run directory::
 Each row is keyed by :func:`record_key`, a SHA-256 of the canonical JSON of (messages,
 teacher, sampling params, sample index), so a rerun skips finished work and any changed
 parameter makes a new key. The params include the request's further fields when it has any
-(``extra``: tools, tool_choice, response_format, reasoning_effort, ...), so they are keyed too. A row is either ``ok`` or ``error``; an ``error`` row is retried
+(``extra``: tools, tool_choice, response_format, reasoning_effort, ...: the JSON text exactly as sent,
+keys in their order), so they are keyed too. A row is either ``ok`` or ``error``; an ``error`` row is retried
 by the next run and replaced when it succeeds, an ``ok`` row is never overwritten. Rows are
 written in committed batches, so a kill -9 loses at most the uncommitted batch, which the
 next run redoes (never twice: the key is the primary key).
@@ -138,6 +139,15 @@ def canonical_json(obj: Any) -> str:
     return _encode(obj)
 
 
+_compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def compact_json(obj: Any) -> str:
+    """No spaces, UTF-8, keys in their given order: request fields as they are sent (the order of a
+    tool's parameters is what a server shows its model, so it is kept, and keyed)."""
+    return _compact(obj)
+
+
 def prompt_hash(messages: list[Message], messages_json: str | None = None) -> str:
     """SHA-256 (hex) of the messages alone; export splits train/held-out by it."""
     mj = canonical_json(messages) if messages_json is None else messages_json
@@ -264,9 +274,15 @@ class HarvestRecord:
         return (self.message or {}).get("tool_calls") or None
 
     @property
+    def request_extra(self) -> dict[str, Any]:
+        """The request's further fields (tools, tool_choice, reasoning_effort...) as sent; {} when none."""
+        extra = self.params.get("extra")
+        return json.loads(extra) if isinstance(extra, str) and extra else {}
+
+    @property
     def tools(self) -> list[dict[str, Any]] | None:
-        """The tools the request offered (from the params' further fields), or None."""
-        return (self.params.get("extra") or {}).get("tools") or None
+        """The tools the request offered, as sent, or None."""
+        return self.request_extra.get("tools") or None
 
     def assistant(self) -> Message:
         """The teacher's answer as an OpenAI assistant message, every field as sent."""

@@ -52,9 +52,10 @@ class SamplingParams:
     top_logprobs: int = 0
     """Also return the k most likely tokens at each position (0..20; needs logprobs)."""
     extra: str = ""
-    """Further request fields, as the canonical JSON of an object sent as it is: ``tools``,
+    """Further request fields, as the JSON text of an object whose fields are sent as they are: ``tools``,
     ``tool_choice``, ``response_format``, ``reasoning_effort``, a server's own fields... "" = none.
-    A JSON string keeps the params hashable and their bytes exact; :meth:`extra_fields` decodes it."""
+    A JSON string keeps the params hashable and the fields' order and bytes exact; :meth:`extra_fields`
+    decodes it."""
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.temperature <= 2.0) or math.isnan(self.temperature):

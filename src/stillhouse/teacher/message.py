@@ -25,6 +25,8 @@ from typing import Any
 REASONING_FIELDS = ("reasoning_content", "reasoning")
 """Message fields that carry a chain of thought, in the order they are looked for."""
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+DEFAULT_REASONING_TEMPLATE = "<think>\n{reasoning}\n</think>\n\n{answer}"
+"""How a reasoning that came in a field is written into the content (the DeepSeek-R1 / Qwen3 layout)."""
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 
 
