@@ -99,7 +99,9 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
             raise DataError(f"{p}: a .json data file must hold a list of rows")
         return rows
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
+    # split on "\n" only: str.splitlines also splits at U+2028/U+2029 and other separators, which JSON
+    # written with ensure_ascii=False (a harvest export) may hold inside a string
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:

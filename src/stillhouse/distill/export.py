@@ -130,8 +130,8 @@ def is_heldout(prompt_hash: str, share: float, salt: str = "") -> bool:
 def format_assistant(message: dict[str, Any], mode: ReasoningMode = "field", key: str = "reasoning_content",
                      template: str = DEFAULT_REASONING_TEMPLATE) -> dict[str, Any]:
     """An assistant message with its reasoning (a reasoning field, or a ``<think>`` block leading the
-    content) as ``mode`` says; every other field as it is."""
-    out = {k: v for k, v in message.items() if k not in ("reasoning_content", "reasoning")}
+    content) as ``mode`` says; every other field as it is, in its place (a reasoning field kept under
+    ``key`` where it was), so a message that needs no change is the very message."""
     content = message.get("content")
     found = field_reasoning(message)
     if found is not None:
@@ -142,7 +142,13 @@ def format_assistant(message: dict[str, Any], mode: ReasoningMode = "field", key
         reasoning, answer = split_think(content)
         was_inline = True
     else:
-        return out
+        return dict(message)
+    out: dict[str, Any] = {}
+    for k, v in message.items():
+        if k not in ("reasoning_content", "reasoning"):
+            out[k] = v
+        elif mode == "field" and found is not None and k == found[0]:
+            out[key] = reasoning
     if mode == "field":
         out["content"] = answer
         out[key] = reasoning

@@ -35,7 +35,8 @@ Reading (what curate, export and eval use)::
 What a reasoning server sends is kept byte for byte: ``text`` is the content exactly as it came
 (a ``<think>`` block in it included), ``message`` the assistant message's other fields that carry
 something (``reasoning_content`` or ``reasoning``, ``tool_calls`` with their ``arguments`` strings,
-``"content": null`` for a null content), stored as ASCII-escaped JSON so every string survives.
+``"content": null`` for a null content), stored as ASCII-escaped JSON in the server's key order, so
+every string survives and ``rec.assistant()`` re-encodes to the very bytes of the server's message.
 
 Compact storage: per-token logprobs as float32, top-k logprobs as float16 and ids as
 int32 (k=20 ≈ 120 bytes per token), token strings as zlib-compressed JSON. ``raw`` keeps
@@ -357,12 +358,12 @@ def completion_row(
     )
 
 
-_ASCII = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode
+_ASCII = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
 
 
 def encode_message(message: dict[str, Any]) -> str:
-    """The ``message`` column: canonical JSON with every non-ASCII character escaped, so any string the
-    server sent (a lone surrogate included) is stored and read back exactly."""
+    """The ``message`` column: JSON in the server's own key order with every non-ASCII character escaped,
+    so any string the server sent (a lone surrogate included) is stored and read back exactly."""
     return _ASCII(message)
 
 
@@ -398,7 +399,7 @@ class HarvestStore:
                 self._select = f"SELECT {', '.join(cols)} FROM records"
             else:
                 self._upgrade_from_1()
-                version = SCHEMA_VERSION
+            version = SCHEMA_VERSION
         if version != SCHEMA_VERSION:
             raise StoreError(f"{self.path}: schema version {version} is not {SCHEMA_VERSION}; "
                              "harvest into a new --out directory")
