@@ -18,7 +18,6 @@ from stillhouse.serve.app import ServeConfig, ServerThread, create_app
 from stillhouse.teacher.fake import FakeTeacher, fake_tool_call
 from stillhouse.teacher.local import LocalTeacher
 from stillhouse.teacher.template import traits
-
 from test_serve import post, sse
 
 HERMES = (

@@ -259,9 +259,9 @@ def encode_row(row: dict[str, Any], tok: Any, max_len: int = 512, where: str = "
                 b = render_ids(tok, prep[:i], tools=t_tools, add_generation_prompt=True)
                 span = _turn_span(tok, b, render_ids(tok, prep[:i + 1], tools=t_tools), where)
                 if before[len(b):len(b) + len(span)] != span:
-                    raise DataError(f"{where}: the chat template renders assistant turn {i} differently once later "
-                                    "turns follow it (e.g. it drops earlier reasoning); train on rows of one turn "
-                                    "(export --conversations turns) or with --reasoning drop")
+                    raise DataError(f"{where}: the chat template renders the assistant turn messages[{i}] "
+                                    "differently once later turns follow it (e.g. it drops earlier reasoning); train "
+                                    "on rows of one turn (export --conversations turns) or with --reasoning drop")
                 earlier.append((len(b), span))
         trained_last = last.get("weight", 1) != 0
         if set(last_p) <= {"role", "content"}:  # the answer is text: tokens of the text, then EOS
