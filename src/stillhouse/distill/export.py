@@ -164,8 +164,9 @@ def record_to_row(rec: HarvestRecord, logprobs: bool = False, cfg: ExportConfig 
     """One store record as an export row (JSON-ready), formatted as ``cfg`` says (default: reasoning as a
     field). ``chain``: the records of the conversation's turns before ``rec`` (turn 0 first), whose answers
     are put in place of their context copies; without it, earlier assistant turns are context (weight 0)."""
-    mode, key, template = ("field", "reasoning_content", DEFAULT_REASONING_TEMPLATE) if cfg is None else (
-        cfg.reasoning, cfg.reasoning_key, cfg.reasoning_template)
+    mode: ReasoningMode = "field" if cfg is None else cfg.reasoning
+    key = "reasoning_content" if cfg is None else cfg.reasoning_key
+    template = DEFAULT_REASONING_TEMPLATE if cfg is None else cfg.reasoning_template
     messages = [dict(m) for m in rec.messages]
     for m in messages:
         if m.get("role") == "assistant":
@@ -253,15 +254,15 @@ def conversations(records: list[HarvestRecord]) -> list[tuple[HarvestRecord, lis
                         parent[r.key] = p
                         has_child.add(p.key)
                         break
-    out = []
+    out: list[tuple[HarvestRecord, list[HarvestRecord]]] = []
     for r in records:
         if r.key in has_child:
             continue
         chain: list[HarvestRecord] = []
-        p = parent.get(r.key)
-        while p is not None:
-            chain.append(p)
-            p = parent.get(p.key)
+        up = parent.get(r.key)
+        while up is not None:
+            chain.append(up)
+            up = parent.get(up.key)
         out.append((r, chain[::-1]))
     return out
 

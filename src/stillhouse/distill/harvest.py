@@ -664,7 +664,7 @@ class Harvester:
     def _row(self, w: _Work, completion: Any, latency: float | None, cost: float, attempts: int,
              error: str | None = None, raw: str | None = None) -> tuple[Any, ...]:
         prompt, i, key = w
-        s = self._sample(prompt, i)
+        s = self._sample(prompt, i) if prompt.request_json else self._samples[i]
         return completion_row(
             key=key, prompt_id=prompt.id, messages=prompt.messages, teacher=self.teacher_id,
             model=self._model, revision=self._revision, params=s.params_dict, sample_index=i,
@@ -677,13 +677,17 @@ class Harvester:
         """One record, retried as the config says; its completion, or None (an error row, or stopped)."""
         cfg, st = self.config, self.stats
         prompt = w[0]
-        params = self._sample(prompt, w[1]).params
-        if prompt.request_json and self._local:
-            st.errors += 1
-            st.error_kinds["ValueError"] = st.error_kinds.get("ValueError", 0) + 1
-            self._rows.append(self._row(w, None, 0.0, 0.0, 0, error=f"ValueError: {LOCAL_NO_REQUEST_FIELDS}"))
-            return None
-        est_prompt = estimate_prompt_tokens(prompt.messages_json, len(prompt.messages)) + len(prompt.request_json) // 4
+        est_prompt = estimate_prompt_tokens(prompt.messages_json, len(prompt.messages))
+        if prompt.request_json:  # request fields of its own (tools, ...)
+            if self._local:
+                st.errors += 1
+                st.error_kinds["ValueError"] = st.error_kinds.get("ValueError", 0) + 1
+                self._rows.append(self._row(w, None, 0.0, 0.0, 0, error=f"ValueError: {LOCAL_NO_REQUEST_FIELDS}"))
+                return None
+            params = self._sample(prompt, w[1]).params
+            est_prompt += len(prompt.request_json) // 4
+        else:
+            params = self._samples[w[1]].params
         est_tokens = est_prompt + cfg.max_tokens
         est_cost = self._cost(est_prompt, cfg.max_tokens)
         attempts = 0
