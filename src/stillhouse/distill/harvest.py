@@ -21,6 +21,13 @@ first). Finished rows are written
 by one flusher in committed batches every ``flush_interval_s``; a kill -9 loses only the
 unflushed rows, which the next run redoes.
 
+Reasoning teachers, tools, conversations (docs/distill/reasoning.md). Request fields that change the
+answer (``tools``, ``tool_choice``, ``response_format``, ``reasoning_effort``, ``extra_body``; per prompt
+row or per run) are sent and keyed; what comes back (``reasoning_content``/``reasoning``, a ``<think>``
+block, ``tool_calls``) is stored byte for byte. A row with ``turns`` is a conversation harvested turn by
+turn: each turn one record, sent with the teacher's earlier answers in context; a rerun rebuilds the
+context from the stored answers and resumes at the first turn not stored.
+
 A local teacher harvested greedily (no stop strings, no watermark) runs fixed white-box batches of
 ``local_batch`` prompts (:meth:`LocalTeacher.generate_batch`) instead of concurrent chat calls: the
 same records under the same keys, in batches cut in prompt order (continuous batching's follow
