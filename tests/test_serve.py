@@ -109,7 +109,11 @@ def test_models_health_and_json_404s(fake_server):
     ({"messages": HI, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "between 0 and 20"),
     ({"messages": HI, "top_logprobs": 2}, "top_logprobs", "needs 'logprobs'"),
     ({"messages": HI, "stream": "yes"}, "stream", "boolean"),
-    ({"messages": HI, "tools": [{"type": "function"}]}, "tools", "not supported"),
+    ({"messages": HI, "tools": [{"type": "function"}]}, "tools[0]", '"function": {"name"'),
+    ({"messages": HI, "tools": {"type": "function"}}, "tools", "array of function tools"),
+    ({"messages": HI, "tool_choice": "auto"}, "tool_choice", "needs 'tools'"),
+    ({"messages": HI, "functions": [{"name": "f"}]}, "functions", "not supported"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages[0]", "only an assistant"),
     ({"messages": HI, "model": 7}, "model", "string"),
 ])
 def test_bad_input_gets_openai_400(fake_server, body, param, fragment):
