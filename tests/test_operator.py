@@ -489,3 +489,20 @@ def test_detector_fit_unchanged_by_the_window_path(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     direct = WindowDetector(DetectConfig(cluster_every=200)).fit(recs, infos)
     assert load_detector(tmp_path / "d").thresholds_ == pytest.approx(direct.thresholds_)
+
+
+def test_check_and_watch_settings_are_documented_options() -> None:
+    import dataclasses
+
+    import typer
+
+    from stillhouse.cli import app
+    from stillhouse.cli_config import undocumented_fields
+
+    detect = typer.main.get_command(app).commands["detect"]  # type: ignore[attr-defined]
+    for verb, cls in (("check", CheckConfig), ("watch", WatchConfig)):
+        assert undocumented_fields(cls) == []
+        params = {p.name for p in detect.commands[verb].params}
+        assert {f.name for f in dataclasses.fields(cls)} <= params, (verb, params)
+    res = _cli("detect")
+    assert res.exit_code == 2 and "missing --log" in res.output
