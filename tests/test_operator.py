@@ -188,8 +188,8 @@ def test_a_window_leaves_out_decided_and_labelled_accounts(store_url: str) -> No
     assert len(read_window(store_url, None, None, exclude=False).records) == 32
 
 
-def test_the_time_range_read_pages_by_keyset(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path}/p.db"
+def test_the_time_range_read_pages_by_keyset(store_url: str) -> None:
+    url = store_url
     recs = [TrafficRecord(f"id{i:03d}", float(i // 3), f"a{i % 4}", "k") for i in range(40)]  # ties in ts
     store = _store(url, recs, {})
     whole = store.read_records(since=2.0, until=11.0)
@@ -197,9 +197,13 @@ def test_the_time_range_read_pages_by_keyset(tmp_path: Path) -> None:
     for page in (1, 2, 3, 5, 100):
         assert [r.request_id for r in store.iter_records(2.0, 11.0, page=page)] == [r.request_id for r in whole]
     assert len(list(store.iter_records(None, None, page=7))) == 40
-    plan = " ".join(str(row) for row in store.fetch("EXPLAIN QUERY PLAN SELECT request_id FROM traffic WHERE ts >= ? "
-                                                    "AND ts < ? ORDER BY ts, request_id", (2.0, 11.0)))
-    assert "traffic_ts" in plan   # the index, not a scan and a sort
+    assert [r.request_id for r in store.iter_records(5.0, None, page=4)] == [r.request_id for r in whole][9:] + \
+        sorted(r.request_id for r in recs if r.ts >= 11.0)
+    if url.startswith("sqlite"):
+        for sql, args in (("ts >= ? AND ts < ?", (2.0, 11.0)), ("(ts, request_id) > (?, ?) AND ts < ?", (2.0, "x", 9.0))):
+            plan = " ".join(str(row) for row in store.fetch(f"EXPLAIN QUERY PLAN SELECT request_id FROM traffic WHERE "
+                                                            f"{sql} ORDER BY ts, request_id LIMIT 5", args))
+            assert "traffic_ts" in plan and "TEMP B-TREE" not in plan   # the index, not a scan and a sort
     store.close()
 
 

@@ -601,7 +601,9 @@ class SqlStore:
         tail = " ORDER BY ts, request_id LIMIT " + str(int(page))
         where, args = _where([("ts >= ?", since), ("ts < ?", until)])
         sql = self._sql(f"SELECT {cols} FROM traffic" + where + tail)
-        after = self._sql(f"SELECT {cols} FROM traffic WHERE (ts > ? OR (ts = ? AND request_id > ?))"
+        # a row-value comparison: both SQLite and PostgreSQL seek the index to it (an OR of the two cases
+        # made SQLite scan from the index's start on every page)
+        after = self._sql(f"SELECT {cols} FROM traffic WHERE (ts, request_id) > (?, ?)"
                           + (" AND ts < ?" if until is not None else "") + tail)
         while True:
             rows = self._run(lambda cur, q=sql, a=args: cur.execute(q, a).fetchall())
@@ -610,7 +612,7 @@ class SqlStore:
             if len(rows) < page:
                 return
             last_id, last_ts = rows[-1][0], rows[-1][1]  # the next page starts after the last (ts, request_id)
-            sql, args = after, [last_ts, last_ts, last_id, *([until] if until is not None else [])]
+            sql, args = after, [last_ts, last_id, *([until] if until is not None else [])]
 
     def decisions_between(self, since: float | None, until: float | None) -> list[DecisionRow]:
         """Decisions in force at some time in ``[since, until)``: created before ``until`` and not cleared
