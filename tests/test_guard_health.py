@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from stillhouse.guard.app import public_url
 from stillhouse.guard.openapi import openapi_schema
+from stillhouse.guard.request import public_url
 from stillhouse.testing.fakeserver import FakeServerConfig
 from stillhouse.testing.fakeserver import start_in_thread as start_fake
 from test_guard import ADMIN, http, make_config, start_guard

@@ -265,7 +265,7 @@ def test_key_format():
 
 
 def test_check_request_accepts_both_openai_shapes():
-    from stillhouse.guard.app import BadRequest, check_request
+    from stillhouse.guard.request import BadRequest, check_request
 
     check_request("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": None}],
                                            "logprobs": True, "top_logprobs": 2, "stream": False})
@@ -288,7 +288,7 @@ def test_check_request_accepts_both_openai_shapes():
 
 
 def test_response_parsers_never_raise_on_odd_upstream_bodies():
-    from stillhouse.guard.app import parse_json_response, parse_sse
+    from stillhouse.guard.response import parse_json_response, parse_sse
 
     for body in (b'{"choices": 5}', b"[1,2]", b'{"choices": [{"message": 3}], "usage": 7}', b"\xff\xfe", b"null"):
         text, _, _ = parse_json_response(body)

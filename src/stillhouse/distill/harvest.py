@@ -58,25 +58,25 @@ import collections
 import gc
 import hashlib
 import json
-import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from stillhouse.config import ConfigError, config_to_dict, load_config, save_config
-from stillhouse.distill.prompts import Prompt, PromptLoader, PromptSet, check_request, messages_json
+from stillhouse.distill.harvest_config import HarvestConfig, save_run_config
+from stillhouse.distill.harvest_report import HarvestReport, HarvestStats
+from stillhouse.distill.pacing import Budget, RateLimiter, backoff_delay, estimate_prompt_tokens
+from stillhouse.distill.prompts import Prompt, PromptLoader, PromptSet, messages_json
 from stillhouse.distill.store import (
-    CONFIG_NAME,
     KEY_HEAD,
     HarvestStore,
     canonical_json,
-    compact_json,
     completion_row,
     record_key_tail,
 )
+from stillhouse.distill.store_writer import StoreWriter
 from stillhouse.teacher.base import (
     RETRYABLE,
     Completion,
@@ -94,346 +94,6 @@ from stillhouse.teacher.spec import parse_spec
 
 class HarvestError(RuntimeError):
     """The harvest cannot start or continue; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class HarvestConfig:
-    """One harvest run. Saved as RUN_DIR/config.json; ``--config`` replays it."""
-
-    prompts: str
-    """A .jsonl/.parquet file, a datasets directory (DIR[#SPLIT]) or builtin:NAME[:N]."""
-    teacher: str
-    """A teacher spec: bundled, hf:DIR, gguf:FILE, http://HOST:PORT/v1[#MODEL], fake[:SEED]."""
-    out: str
-    """The run directory."""
-    samples: int = 1
-    """Completions per prompt (each its own request and record), for best-of-n later."""
-    temperature: float = 0.0
-    """Sampling temperature; 0 = greedy."""
-    top_p: float = 1.0
-    """Nucleus sampling: sample from the smallest token set whose probability reaches this (1 = all)."""
-    max_tokens: int = 256
-    """Completion token limit per request."""
-    seed: int | None = None
-    """Sample i is requested with seed+i, so samples differ and reruns reproduce."""
-    stop: tuple[str, ...] = ()
-    """Stop strings: a completion ends before the first of them."""
-    logprobs: bool = False
-    """Store the logprob of every completion token (for KD from the harvest)."""
-    top_logprobs: int = 0
-    """Store the k most likely tokens per position (0..20; needs logprobs, which ``--top-logprobs`` turns on)."""
-    concurrency: int = 0
-    """Requests in flight. 0 picks: 64 for HTTP teachers, 32 for local ones, 16 for fake."""
-    timeout_s: float = 120.0
-    """Per-request timeout."""
-    max_attempts: int = 5
-    """Attempts per record in one run, the first included."""
-    backoff_s: float = 0.5
-    """First retry delay; doubles each attempt, full jitter."""
-    backoff_max_s: float = 30.0
-    """Cap on the backoff delay between retries (a server's Retry-After is obeyed as sent, not capped)."""
-    rpm: float = 0.0
-    """Requests per minute (0 = no limit)."""
-    tpm: float = 0.0
-    """Tokens (prompt + completion) per minute (0 = no limit)."""
-    max_requests: int = 0
-    """Hard cap on requests for the run directory (0 = none)."""
-    max_total_tokens: int = 0
-    """Hard cap on prompt + completion tokens for the run directory (0 = none)."""
-    max_cost: float = 0.0
-    """Hard cap on cost (same currency as the prices; 0 = none)."""
-    price_prompt_per_1m: float = 0.0
-    """Price per million prompt tokens, for cost tracking."""
-    price_completion_per_1m: float = 0.0
-    """Price per million completion tokens, for cost tracking."""
-    strict: bool = False
-    """Fail before any teacher call when the prompt source has a bad row."""
-    limit: int | None = None
-    """Use only the first N usable prompts."""
-    allow_revision_change: bool = False
-    """Continue a run although the teacher's revision differs from the one stored."""
-    flush_interval_s: float = 0.25
-    """How often finished rows are committed to SQLite."""
-    shard: str = ""
-    """I/J: this process harvests prompts I, I+J, I+2J, ... of the source (counted from 0); J processes with
-    I = 0..J-1 fill one run directory together, e.g. one one-thread process per core for a local
-    teacher. Not part of the run's config.json: the run is the whole prompt set. Empty = every prompt."""
-    local_batch: int = 64
-    """A local teacher, greedy and without stop strings: prompts per fixed white-box batch
-    (LocalTeacher.generate_batch: batches cut in prompt order, and the top-k logprobs cover the stop
-    position too). 0 = continuous batching through the teacher's batcher, what sampling, stop strings
-    and a watermarking teacher always use."""
-    tools: str = ""
-    """A JSON file holding an OpenAI tools list, sent with every prompt that brings no tools of its own
-    (part of the record key: the file's tools, not its name). Empty = none."""
-    tool_choice: str = ""
-    """Sent as tool_choice: auto, none, required, or a JSON object naming a function. Empty = not sent."""
-    reasoning_effort: str = ""
-    """Sent as reasoning_effort (e.g. low, medium, high) for teachers that reason. Empty = not sent."""
-    extra_body: str = ""
-    """A JSON object of further request fields sent as they are, e.g. '{"chat_template_kwargs":
-    {"enable_thinking": true}}' for vLLM or '{"reasoning": {"effort": "high"}}' for OpenRouter; part of
-    the record key. A prompt row's own tools, tool_choice, response_format... win over these."""
-
-    def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> ConfigError:
-            return ConfigError(f"{name}={getattr(self, name)!r}: {why}")
-
-        if not self.prompts:
-            raise bad("prompts", "give a .jsonl/.parquet file, a datasets directory or builtin:NAME[:N]")
-        try:
-            parse_spec(self.teacher)
-        except ValueError as exc:
-            raise ConfigError(f"teacher: {exc}") from exc
-        if not self.out:
-            raise bad("out", "give a run directory, e.g. runs/h1")
-        if self.samples < 1:
-            raise bad("samples", "must be >= 1")
-        try:
-            self.params(0, {})
-        except ValueError as exc:
-            raise ConfigError(f"sampling params: {exc}") from exc
-        if self.concurrency < 0:
-            raise bad("concurrency", "must be >= 0 (0 picks a default)")
-        if self.timeout_s <= 0:
-            raise bad("timeout_s", "must be > 0")
-        if self.max_attempts < 1:
-            raise bad("max_attempts", "must be >= 1")
-        if self.backoff_s < 0 or self.backoff_max_s < self.backoff_s:
-            raise bad("backoff_max_s", f"must be >= backoff_s={self.backoff_s} >= 0")
-        for name in ("rpm", "tpm", "max_cost", "price_prompt_per_1m", "price_completion_per_1m"):
-            v = getattr(self, name)
-            if v < 0 or math.isnan(v):
-                raise bad(name, "must be >= 0 (0 means none)")
-        for name in ("max_requests", "max_total_tokens"):
-            if getattr(self, name) < 0:
-                raise bad(name, "must be >= 0 (0 means no cap)")
-        if self.max_cost and not (self.price_prompt_per_1m or self.price_completion_per_1m):
-            raise bad("max_cost", "a cost cap needs prices: set price_prompt_per_1m / price_completion_per_1m")
-        if self.limit is not None and self.limit < 1:
-            raise bad("limit", "must be >= 1 (or unset)")
-        if self.flush_interval_s <= 0:
-            raise bad("flush_interval_s", "must be > 0")
-        if self.local_batch < 0:
-            raise bad("local_batch", "must be >= 0 (0 = continuous batching)")
-        if self.shard:
-            i, sep, j = self.shard.partition("/")
-            if not (sep and i.isdigit() and j.isdigit() and int(i) < int(j)):
-                raise bad("shard", "write I/J with 0 <= I < J, e.g. 0/2 and 1/2 for two processes")
-        extra = self.request_extra()  # reads the tools file: a bad one fails here, before any call
-        try:
-            self.params(0, extra)
-        except ValueError as exc:
-            raise ConfigError(f"extra_body: {exc}") from exc
-
-    def request_extra(self) -> dict[str, Any]:
-        """The further request fields every prompt is sent with (tools, tool_choice, reasoning_effort,
-        extra_body), checked; raises ConfigError naming the bad setting."""
-        extra: dict[str, Any] = {}
-        if self.extra_body:
-            try:
-                body = json.loads(self.extra_body)
-            except ValueError as exc:
-                raise ConfigError(f"extra_body: not valid JSON ({exc}); give an object, e.g. "
-                                  '\'{"chat_template_kwargs": {"enable_thinking": true}}\'') from None
-            if not isinstance(body, dict):
-                raise ConfigError("extra_body: give a JSON object of request fields")
-            extra.update(body)
-        if self.tools:
-            try:
-                tools = json.loads(Path(self.tools).read_text())
-            except OSError as exc:
-                raise ConfigError(f"tools={self.tools!r}: cannot read it ({exc.strerror or exc}); give a JSON file "
-                                  "holding an OpenAI tools list") from None
-            except ValueError as exc:
-                raise ConfigError(f"tools={self.tools!r}: not valid JSON ({exc})") from None
-            try:
-                extra.update(check_request({"tools": tools}))
-            except ValueError as exc:
-                raise ConfigError(f"tools={self.tools!r}: {exc}") from None
-        if self.tool_choice:
-            choice: Any = self.tool_choice
-            if choice.lstrip().startswith("{"):
-                try:
-                    choice = json.loads(choice)
-                except ValueError as exc:
-                    raise ConfigError(f"tool_choice: not valid JSON ({exc})") from None
-            try:
-                extra.update(check_request({"tool_choice": choice}))
-            except ValueError as exc:
-                raise ConfigError(f"tool_choice: {exc}") from None
-        if self.reasoning_effort:
-            extra["reasoning_effort"] = self.reasoning_effort
-        return extra
-
-    def params(self, sample_index: int, extra: dict[str, Any] | None = None) -> SamplingParams:
-        """The sampling params of one sample (seed offset by the sample index), with the further request
-        fields ``extra`` (default: :meth:`request_extra`)."""
-        if extra is None:
-            extra = self.request_extra() if (self.tools or self.tool_choice or self.reasoning_effort
-                                             or self.extra_body) else {}
-        return SamplingParams(
-            temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens, n=1,
-            seed=None if self.seed is None else self.seed + sample_index, stop=tuple(self.stop),
-            logprobs=self.logprobs, top_logprobs=self.top_logprobs, extra=compact_json(extra) if extra else "",
-        )
-
-    def effective_concurrency(self) -> int:
-        if self.concurrency:
-            return self.concurrency
-        kind = parse_spec(self.teacher).kind
-        return 64 if kind == "http" else 16 if kind == "fake" else 32
-
-
-@dataclass
-class HarvestStats:
-    """Live counters of a run (what the progress bar shows)."""
-
-    total: int = 0
-    """Records this run set out to do (after skipping finished ones)."""
-    skipped: int = 0
-    """Records already ok in the store."""
-    ok: int = 0
-    errors: int = 0
-    retries: int = 0
-    requests: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost: float = 0.0
-    in_flight: int = 0
-    started: float = field(default_factory=time.monotonic)
-    stopped_reason: str | None = None
-    """Why the run stopped before doing everything (a budget cap, an interrupt)."""
-    error_kinds: dict[str, int] = field(default_factory=dict)
-    request_phase_s: float = 0.0
-    """Seconds from the first request's start to the last one's end (prompt loading and keys excluded)."""
-
-    @property
-    def done(self) -> int:
-        return self.ok + self.errors
-
-    @property
-    def elapsed_s(self) -> float:
-        return time.monotonic() - self.started
-
-
-@dataclass
-class HarvestReport:
-    """What a finished (or stopped) run did, plus the store's counts afterwards."""
-
-    config: HarvestConfig
-    stats: HarvestStats
-    store_counts: dict[str, int]
-    prompt_problems: list[str]
-    duplicates: int
-
-    @property
-    def complete(self) -> bool:
-        """True when every (prompt, sample) of the run has an ok record."""
-        return self.stats.stopped_reason is None and self.stats.errors == 0
-
-    def summary(self) -> str:
-        s = self.stats
-        rate = s.done / s.elapsed_s if s.elapsed_s > 0 else 0.0
-        lines = [
-            (f"harvest into {self.config.out}: {s.ok} ok, {s.errors} errors this run "
-             f"({s.skipped} already done), {s.requests} requests, {s.retries} retries, "
-             f"{s.elapsed_s:.1f} s ({rate:.1f} records/s)"),
-            f"tokens: {s.prompt_tokens} prompt + {s.completion_tokens} completion; cost {s.cost:.4f}",
-            f"store: {self.store_counts}",
-        ]
-        if s.error_kinds:
-            lines.append(f"errors by kind: {dict(sorted(s.error_kinds.items()))}")
-        if self.prompt_problems:
-            lines.append(f"skipped {len(self.prompt_problems)} bad prompt row(s), e.g. {self.prompt_problems[0]}")
-        if self.duplicates:
-            lines.append(f"merged {self.duplicates} duplicate prompt(s)")
-        if s.stopped_reason:
-            lines.append(f"STOPPED EARLY: {s.stopped_reason}")
-        return "\n".join(lines)
-
-
-# -- rate limits and budgets ------------------------------------------------------------------------
-
-class RateLimiter:
-    """Retry-After cool-down, RPM spacing and a TPM bucket, for one event loop."""
-
-    def __init__(self, rpm: float = 0.0, tpm: float = 0.0, clock: Callable[[], float] = time.monotonic):
-        self.rpm, self.tpm, self.clock = rpm, tpm, clock
-        self.not_before = 0.0
-        self._next_slot = 0.0
-        self._level = tpm  # tokens available; may go negative (a queue of reservations)
-        self._level_t = clock()
-
-    def cool_down(self, seconds: float) -> None:
-        """No request starts for ``seconds`` from now (a 429/503 Retry-After)."""
-        self.not_before = max(self.not_before, self.clock() + seconds)
-
-    def delay_for(self, tokens: int) -> float:
-        """Reserve a start for a request of ~``tokens``; returns how long to wait before it."""
-        now = self.clock()
-        start = max(now, self.not_before)
-        if self.rpm:
-            start = max(start, self._next_slot)
-            self._next_slot = start + 60.0 / self.rpm
-        if self.tpm:
-            rate = self.tpm / 60.0
-            self._level = min(self.tpm, self._level + (now - self._level_t) * rate)
-            self._level_t = now
-            self._level -= tokens
-            if self._level < 0:
-                start = max(start, now + (-self._level) / rate)
-        return start - now
-
-    def settle(self, reserved: int, actual: int) -> None:
-        """Give back (or take) the difference between the reserved and the reported tokens."""
-        if self.tpm:
-            self._level += reserved - actual
-
-    async def acquire(self, tokens: int) -> None:
-        wait = self.delay_for(tokens)
-        if wait > 0:
-            await asyncio.sleep(wait)
-        # A Retry-After that arrived while we slept pushes us back again.
-        while self.not_before > self.clock():
-            await asyncio.sleep(self.not_before - self.clock())
-
-
-class Budget:
-    """Hard caps on requests, tokens and cost, with reservations for requests in flight."""
-
-    def __init__(self, max_requests: int = 0, max_tokens: int = 0, max_cost: float = 0.0,
-                 spent_requests: int = 0, spent_tokens: int = 0, spent_cost: float = 0.0):
-        self.max_requests, self.max_tokens, self.max_cost = max_requests, max_tokens, max_cost
-        self.requests, self.tokens, self.cost = spent_requests, spent_tokens, spent_cost
-
-    def reserve(self, tokens: int, cost: float) -> str | None:
-        """Reserve one request; returns None, or the reason the cap forbids it."""
-        if self.max_requests and self.requests + 1 > self.max_requests:
-            return f"budget cap max_requests={self.max_requests} reached ({self.requests} used)"
-        if self.max_tokens and self.tokens + tokens > self.max_tokens:
-            return (f"budget cap max_total_tokens={self.max_tokens} reached ({self.tokens} used, the next request "
-                    f"may need {tokens})")
-        if self.max_cost and self.cost + cost > self.max_cost + 1e-12:
-            return f"budget cap max_cost={self.max_cost:g} reached ({self.cost:.6g} used)"
-        self.requests += 1
-        self.tokens += tokens
-        self.cost += cost
-        return None
-
-    def settle(self, reserved_tokens: int, reserved_cost: float, tokens: int, cost: float) -> None:
-        self.tokens += tokens - reserved_tokens
-        self.cost += cost - reserved_cost
-
-
-def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
-    """Full-jitter exponential backoff before retry number ``attempt`` (1-based)."""
-    return rng.uniform(0, min(cap, base * 2 ** (attempt - 1)))
-
-
-def estimate_prompt_tokens(messages_json: str, n_messages: int) -> int:
-    """A rough token count for budgets and TPM before the server tells us (≈ 4 bytes a token)."""
-    return len(messages_json) // 4 + 4 * n_messages + 8
 
 
 # -- the runner -------------------------------------------------------------------------------------
@@ -493,7 +153,7 @@ class Harvester:
                              float(totals["cost"]))
         self._rng = random.Random(rng_seed)
         self._rows: list[tuple[Any, ...]] = []
-        self._writer: _Writer  # started by run()
+        self._writer: StoreWriter  # started by run()
         self._stopping = False
         self._model = teacher.name
         self._revision = teacher.revision
@@ -889,7 +549,7 @@ class Harvester:
         n = self.config.effective_concurrency()
         if not self._loading:
             n = min(n, max(1, len(queue)))
-        self._writer = _Writer(self.store)
+        self._writer = StoreWriter(self.store)
         flush_task = asyncio.create_task(flusher())
         workers = ([asyncio.create_task(batch_worker())] if self._batch
                    else [asyncio.create_task(worker()) for _ in range(n)])
@@ -959,57 +619,6 @@ def _white_box_batch(cfg: HarvestConfig, teacher: Teacher) -> int:
     return cfg.local_batch
 
 
-class _Writer:
-    """The one thread that writes finished rows into the store, one committed transaction per batch.
-
-    The event loop only hands batches over (``put``); SQLite runs here, off the loop. Batches that
-    queue up while a write runs are merged into the next transaction. ``close`` writes what is
-    queued and joins the thread; after a failed write, ``error`` holds it and later batches are
-    dropped (not committed, so the next run redoes them).
-    """
-
-    def __init__(self, store: HarvestStore):
-        import queue
-        import threading
-
-        self.store = store
-        self.error: BaseException | None = None
-        self._q: queue.SimpleQueue[list[tuple[Any, ...]] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="harvest-writer", daemon=True)
-        self._thread.start()
-
-    def put(self, batch: list[tuple[Any, ...]]) -> None:
-        self._q.put(batch)
-
-    def _run(self) -> None:
-        import queue
-
-        done = False
-        while not done:
-            batch = self._q.get()
-            if batch is None:
-                break
-            while True:  # merge whatever queued meanwhile
-                try:
-                    more = self._q.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    done = True
-                    break
-                batch.extend(more)
-            if self.error is not None:
-                continue
-            try:
-                self.store.put_rows(batch)
-            except BaseException as exc:  # kept and raised on the loop's side  # noqa: BLE001
-                self.error = exc
-
-    def close(self) -> None:
-        self._q.put(None)
-        self._thread.join()
-
-
 def run_async(coro: Any) -> Any:
     """Run a coroutine on uvloop when it is installed (measured: ~15% less client CPU per request
     than the default loop here), else on asyncio's loop. STILLHOUSE_LOOP=asyncio forces the default."""
@@ -1033,29 +642,6 @@ def teacher_identity(spec: str, teacher: Teacher) -> str:
     if ts.kind == "http":
         ts = replace(ts, model=teacher.name or ts.model)
     return str(ts)
-
-
-def save_run_config(cfg: HarvestConfig) -> None:
-    """Write RUN_DIR/config.json; an earlier, different config is kept as config.prev-N.json."""
-    out = Path(cfg.out)
-    path = out / CONFIG_NAME
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except ValueError:
-            old = None
-        new = {"__config__": type(cfg).__name__, **config_to_dict(replace(cfg, shard=""))}
-        if old is not None and old != new:
-            n = 1
-            while (out / f"config.prev-{n}.json").exists():
-                n += 1
-            (out / f"config.prev-{n}.json").write_text(path.read_text())
-    save_config(replace(cfg, shard=""), path)
-
-
-def load_harvest_config(path: str) -> HarvestConfig:
-    """Read a saved HarvestConfig (``--config``)."""
-    return load_config(HarvestConfig, path)
 
 
 def make_harvest_teacher(cfg: HarvestConfig) -> Teacher:

@@ -11,7 +11,7 @@ app (run it with uvicorn; ``stillhouse guard`` does). Per request, in this order
 4. policy: block → 403; degrade → cap max_tokens, refuse logprobs / n>1 (403), strip
    reasoning from the answer; throttle → tighter limits;
 5. limits: requests/min, tokens/min, concurrent streams → 429 with Retry-After;
-6. forward through the pooled upstream client (``Http1Upstream``, over ``teacher/rawhttp.py``, by
+6. forward through the pooled upstream client (``Http1Upstream``, over ``http/client.py``, by
    default; aiohttp on request);
    SSE chunks go to the client as they arrive;
    a client disconnect closes the upstream connection; upstream down → 502, silent → 504;
@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -57,6 +56,15 @@ from stillhouse.guard.limits import Limits, RateLimiter
 from stillhouse.guard.metrics import GuardMetrics
 from stillhouse.guard.policy import Effective, PolicyEngine
 from stillhouse.guard.redact import Redactor
+from stillhouse.guard.request import (
+    BadRequest,
+    check_request,
+    estimate_tokens,
+    header_fingerprint,
+    prompt_text,
+    public_url,
+)
+from stillhouse.guard.response import parse_json_response, parse_sse
 from stillhouse.guard.spool import LogWriter, Spool
 from stillhouse.guard.store import AccountLimits, DecisionRow, SqlStore
 from stillhouse.guard.upstream import Http1Upstream, Upstream, UpstreamError
@@ -69,18 +77,9 @@ PARAM_KEYS = ("max_tokens", "max_completion_tokens", "n", "temperature", "top_p"
 PROXIED = {("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models")}
 _JSON = [(b"content-type", b"application/json")]
 WATCH_AFTER_S = 0.1
+"""A client disconnect is watched for once an upstream call has run this long (see _forward)."""
 DETECT_SLICE_S = 0.0005
 """Detector work queued behind requests runs in slices of about this long (at least one record)."""
-"""A client disconnect is watched for once an upstream call has run this long (see _forward)."""
-
-
-class BadRequest(Exception):
-    """The client's request is malformed; ``param`` names the offending field."""
-
-    def __init__(self, message: str, param: str | None = None, code: str = "invalid_request"):
-        super().__init__(message)
-        self.param = param
-        self.code = code
 
 
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
@@ -93,153 +92,6 @@ async def send_json(send: Send, status: int, body: bytes | Any,
     await send({"type": "http.response.start", "status": status,
                 "headers": [*_JSON, (b"content-length", str(len(data)).encode()), *(headers or [])]})
     await send({"type": "http.response.body", "body": data})
-
-
-def header_fingerprint(headers: list[tuple[bytes, bytes]]) -> str:
-    """Hash of the request's header names in arrival order (clients differ in order and set)."""
-    return hashlib.blake2b(b"\n".join(k for k, _ in headers), digest_size=8).hexdigest()
-
-
-def check_request(path: str, body: Any) -> None:
-    """Validate the fields the guard relies on; the upstream checks the rest."""
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest("'model' is required and must be a non-empty string", "model")
-    if path == "/v1/chat/completions":
-        msgs = body.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise BadRequest("'messages' is required and must be a non-empty array", "messages")
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise BadRequest(f"messages[{i}] must be an object with a string 'role'", f"messages[{i}]")
-            c = m.get("content")
-            if c is not None and not isinstance(c, str | list):
-                raise BadRequest(f"messages[{i}].content must be a string, an array or null",
-                                 f"messages[{i}].content")
-    else:
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str | list):
-            raise BadRequest("'prompt' is required and must be a string or an array", "prompt")
-    for name, kind, low in (("max_tokens", int, 1), ("max_completion_tokens", int, 1), ("n", int, 1),
-                            ("top_logprobs", int, 0)):
-        v = body.get(name)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, kind) or v < low):
-            raise BadRequest(f"'{name}' must be an integer >= {low}", name)
-    v = body.get("stream")
-    if v is not None and not isinstance(v, bool):
-        raise BadRequest("'stream' must be true or false", "stream")
-    v = body.get("logprobs")
-    if path == "/v1/chat/completions":
-        if v is not None and not isinstance(v, bool):
-            raise BadRequest("'logprobs' must be true or false", "logprobs")
-    elif v is not None and not (isinstance(v, bool) or (isinstance(v, int) and 0 <= v <= 20)):
-        raise BadRequest("'logprobs' must be an integer 0..20 on /v1/completions", "logprobs")
-    for name in ("temperature", "top_p"):
-        v = body.get(name)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
-            raise BadRequest(f"'{name}' must be a number", name)
-
-
-def public_url(url: str) -> str:
-    """``url`` without user:password@, query string or fragment (safe to show without a key)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        if ":" in host:  # IPv6 literal
-            host = f"[{host}]"
-        netloc = f"{host}:{parts.port}" if parts.port is not None else host
-    except ValueError:  # an unparsable port: show nothing rather than something wrong
-        return ""
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-def _estimate_tokens(text: str) -> int:
-    return (len(text) + 3) // 4
-
-
-def _prompt_text(body: dict[str, Any]) -> str:
-    if "messages" in body:
-        parts = []
-        for m in body["messages"]:
-            c = m.get("content")
-            if isinstance(c, str):
-                parts.append(c)
-            elif isinstance(c, list):
-                parts.extend(p.get("text", "") for p in c if isinstance(p, dict) and isinstance(p.get("text"), str))
-        return "\n".join(parts)
-    p = body.get("prompt")
-    return p if isinstance(p, str) else json.dumps(p)
-
-
-def parse_json_response(data: bytes) -> tuple[str, int | None, int | None]:
-    """(text of every choice, prompt_tokens, completion_tokens) of a non-streamed response.
-
-    Never raises: an upstream body of any shape is logged, as text when it is not a response."""
-    try:
-        return _parse_json_response(data)
-    except Exception:  # noqa: BLE001 - the upstream's body shape is not ours to trust
-        return data.decode("utf-8", "replace")[:10000], None, None
-
-
-def _parse_json_response(data: bytes) -> tuple[str, int | None, int | None]:
-    try:
-        obj = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return data.decode("utf-8", "replace")[:10000], None, None
-    if not isinstance(obj, dict):
-        return "", None, None
-    texts = []
-    for ch in obj.get("choices") or []:
-        if isinstance(ch, dict):
-            msg = ch.get("message")
-            if isinstance(msg, dict) and isinstance(msg.get("content"), str):
-                texts.append(msg["content"])
-            elif isinstance(ch.get("text"), str):
-                texts.append(ch["text"])
-    raw_usage = obj.get("usage")
-    usage: dict[str, Any] = raw_usage if isinstance(raw_usage, dict) else {}
-    return "\n\n".join(texts), usage.get("prompt_tokens"), usage.get("completion_tokens")
-
-
-def parse_sse(data: bytes) -> tuple[str, int | None, int | None]:
-    """(concatenated text per choice, prompt_tokens, completion_tokens) of a streamed response. Never raises."""
-    try:
-        return _parse_sse(data)
-    except Exception:  # noqa: BLE001
-        return data.decode("utf-8", "replace")[:10000], None, None
-
-
-def _parse_sse(data: bytes) -> tuple[str, int | None, int | None]:
-    by_choice: dict[int, list[str]] = {}
-    pt = ct = None
-    for line in data.decode("utf-8", "replace").split("\n"):
-        if not line.startswith("data:"):
-            continue
-        payload = line[5:].strip()
-        if not payload or payload == "[DONE]":
-            continue
-        try:
-            obj = json.loads(payload)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(obj, dict):
-            continue
-        for ch in obj.get("choices") or []:
-            if not isinstance(ch, dict):
-                continue
-            idx = ch.get("index", 0) if isinstance(ch.get("index", 0), int) else 0
-            delta = ch.get("delta")
-            piece = delta.get("content") if isinstance(delta, dict) else ch.get("text")
-            if isinstance(piece, str):
-                by_choice.setdefault(idx, []).append(piece)
-        usage = obj.get("usage")
-        if isinstance(usage, dict):
-            pt, ct = usage.get("prompt_tokens", pt), usage.get("completion_tokens", ct)
-    return "\n\n".join("".join(by_choice[i]) for i in sorted(by_choice)), pt, ct
 
 
 def make_upstream(config: GuardConfig) -> Any:
@@ -727,9 +579,9 @@ class GuardApp:
                 text, pt, ct = parse_sse(data) if sse else parse_json_response(data)
                 rec.response_text = text
                 rec.prompt_tokens = int(pt) if isinstance(pt, int) else 0
-                rec.completion_tokens = int(ct) if isinstance(ct, int) else _estimate_tokens(text)
+                rec.completion_tokens = int(ct) if isinstance(ct, int) else estimate_tokens(text)
             if method == "POST" and not rec.prompt_tokens:
-                rec.prompt_tokens = _estimate_tokens(_prompt_text(body))
+                rec.prompt_tokens = estimate_tokens(prompt_text(body))
             self.limiter.charge_tokens(account.account_id, limits, rec.prompt_tokens + rec.completion_tokens)
         except Exception:  # the record is logged whatever went wrong above
             log.exception("guard: post-processing failed on request %s", rec.request_id)
