@@ -177,20 +177,12 @@ def run_capability(cfg: CapabilityConfig, detector_dir: str | Path, out_dir: str
     model); otherwise ``cfg.teacher`` is loaded. ``detector`` = a detector object to use instead
     of the fitted one in ``detector_dir`` (tests pass a stand-in).
     """
-    import numpy as np
     import torch
 
     from stillhouse.arena import metrics as m
-    from stillhouse.arena.campaigns import HARVEST_MAX_TOKENS, CampaignConfig, generate_campaign
-    from stillhouse.arena.simulate import GuardGateway, RecordingGateway, SimClock, run_traffic
+    from stillhouse.arena.campaigns import CampaignConfig, generate_campaign
     from stillhouse.config import save_config
-    from stillhouse.distill.evaluate import EvalConfig, LoadedModel, evaluate_models, load_items
     from stillhouse.distill.tasks import arithmetic
-    from stillhouse.guard.detect import WindowDetector
-    from stillhouse.http.server import ServerThread
-    from stillhouse.teacher.batcher import BatchConfig
-    from stillhouse.teacher.local import LocalTeacher
-    from stillhouse.serve.app import ServeConfig, create_app
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -211,7 +203,7 @@ def run_capability(cfg: CapabilityConfig, detector_dir: str | Path, out_dir: str
         from stillhouse.distill.modelio import load_causal_lm
 
         loaded = load_causal_lm(cfg.teacher)
-    model, tok, rev = loaded
+    rev = loaded[2]
     timings["load_s"] = time.perf_counter() - t_all
 
     spec = CampaignConfig(shape="harvest", accounts=cfg.accounts, requests_per_account=cfg.requests_per_account,
@@ -219,8 +211,67 @@ def run_capability(cfg: CapabilityConfig, detector_dir: str | Path, out_dir: str
     accounts, turns = generate_campaign(spec)
     answers = {str(it.messages[-1]["content"]): str(it.answer)
                for it in arithmetic(cfg.accounts * cfg.requests_per_account, "train", seed=cfg.seed)}
-    params = {"max_tokens": HARVEST_MAX_TOKENS, "temperature": 0.0}
 
+    result, leaked_pairs, full_pairs, missing = _harvest(cfg, out, loaded, detector, detector_dir, accounts, turns,
+                                                         progress, timings)
+
+    leaked_rows, full_rows = _rows(leaked_pairs, answers), _rows(full_pairs, answers)
+    for name, rows in (("leaked", leaked_rows), ("full", full_rows)):
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    keep = (lambda rows: [r for r in rows if r["correct"]]) if cfg.verified_only else (lambda rows: rows)
+    train_leaked, train_full = keep(leaked_rows), keep(full_rows)
+
+    # 3. two students from the same init, same recipe.
+    t = time.perf_counter()
+    dirs = {"full": _train(cfg, train_full, out / "full", loaded)}
+    # nothing refused: the leaked set is the full harvest, and so is its student (same data, same seed)
+    dirs["leaked"] = dirs["full"] if not missing else _train(cfg, train_leaked, out / "leaked", loaded)
+    timings["train_s"] = time.perf_counter() - t
+
+    # 4. evaluate init (= the teacher for 'self'), leaked and full students on the same held-out items.
+    t = time.perf_counter()
+    correct, scores, n_items = _evaluate(cfg, loaded, dirs)
+    timings["eval_s"] = time.perf_counter() - t
+    ratio = m.gain_ratio(correct["init"], correct["leaked"], correct["full"])
+    timings["total_s"] = time.perf_counter() - t_all
+
+    outcome = result.outcomes
+    first_block = [o.first_block for o in outcome.values() if o.first_block is not None]
+    metrics = {
+        "config": json.loads((out / "capability_config.json").read_text()),
+        "teacher_revision": rev,
+        "planned": len(turns), "sent": sum(o.sent for o in outcome.values()),
+        "leaked": len(leaked_pairs), "leaked_share": len(leaked_pairs) / len(turns) if turns else 0.0,
+        "blocked_accounts": len(first_block), "accounts": len(accounts),
+        "leaked_verified": len(train_leaked) if cfg.verified_only else sum(r["correct"] for r in leaked_rows),
+        "full_verified": sum(r["correct"] for r in full_rows),
+        "train_rows": {"leaked": len(train_leaked), "full": len(train_full)},
+        "trained": {k: v is not None for k, v in dirs.items()},
+        "eval_items": n_items,
+        "accuracy": {k: {"value": e.value, "lo": e.lo, "hi": e.hi, "n": e.n} for k, e in scores.items()},
+        "gain_ratio": ratio,
+        "goal_met": bool(ratio["value"] <= 0.5) if ratio["value"] == ratio["value"] else None,
+        "timings_s": timings,
+    }
+    (out / "capability.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    return metrics
+
+
+def _harvest(cfg: CapabilityConfig, out: Path, loaded: tuple[Any, Any, str], detector: Any, detector_dir: str | Path,
+             accounts: Any, turns: Any, progress: Any, timings: dict[str, float]) -> tuple[Any, list, list, list]:
+    """Steps 1-2: the campaign through the guard in front of the real teacher served on loopback, then
+    the prompts it refused straight to the same teacher. Returns (traffic result, leaked (prompt, answer)
+    pairs, the full harvest's pairs, the refused prompts)."""
+    from stillhouse.arena.campaigns import HARVEST_MAX_TOKENS
+    from stillhouse.arena.simulate import GuardGateway, RecordingGateway, SimClock, run_traffic
+    from stillhouse.guard.detect import WindowDetector
+    from stillhouse.http.server import ServerThread
+    from stillhouse.serve.app import ServeConfig, create_app
+    from stillhouse.teacher.batcher import BatchConfig
+    from stillhouse.teacher.local import LocalTeacher
+
+    model, tok, rev = loaded
+    params = {"max_tokens": HARVEST_MAX_TOKENS, "temperature": 0.0}
     teacher = LocalTeacher(model, tok, name=SERVED_NAME, revision=rev, batch=BatchConfig(max_batch=cfg.max_batch))
     app = create_app(teacher, ServeConfig(served_name=SERVED_NAME, max_batch=cfg.max_batch, threads=cfg.threads))
     if detector is None:
@@ -255,22 +306,19 @@ def run_capability(cfg: CapabilityConfig, detector_dir: str | Path, out_dir: str
     full_pairs = [(tu.user_text, got.get(tu.user_text, "")) for tu, _ in recorder.sent]
     rest = dict(zip(missing, extra))
     full_pairs = [(p, a if p in got else rest[p]) for p, a in full_pairs]
+    return result, leaked_pairs, full_pairs, missing
 
-    leaked_rows, full_rows = _rows(leaked_pairs, answers), _rows(full_pairs, answers)
-    for name, rows in (("leaked", leaked_rows), ("full", full_rows)):
-        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    keep = (lambda rows: [r for r in rows if r["correct"]]) if cfg.verified_only else (lambda rows: rows)
-    train_leaked, train_full = keep(leaked_rows), keep(full_rows)
 
-    # 3. two students from the same init, same recipe.
-    t = time.perf_counter()
-    dirs = {"full": _train(cfg, train_full, out / "full", loaded)}
-    # nothing refused: the leaked set is the full harvest, and so is its student (same data, same seed)
-    dirs["leaked"] = dirs["full"] if not missing else _train(cfg, train_leaked, out / "leaked", loaded)
-    timings["train_s"] = time.perf_counter() - t
+def _evaluate(cfg: CapabilityConfig, loaded: tuple[Any, Any, str],
+              dirs: dict[str, Path | None]) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """Step 4: the teacher, the init and the leaked and full students on the same held-out items; returns
+    (per-item correctness by label, accuracy by label, items). A student with nothing to train on is its init."""
+    import numpy as np
+    import torch
 
-    # 4. evaluate init (= the teacher for 'self'), leaked and full students on the same held-out items.
-    t = time.perf_counter()
+    from stillhouse.distill.evaluate import EvalConfig, LoadedModel, evaluate_models, load_items
+
+    model, tok, rev = loaded
     items = load_items("arithmetic2", cfg.eval_limit, seed=cfg.eval_seed)
     teacher_lm = LoadedModel("teacher", model, tok, rev, cfg.teacher)
     students: list[LoadedModel] = []
@@ -290,7 +338,6 @@ def run_capability(cfg: CapabilityConfig, detector_dir: str | Path, out_dir: str
     ev = evaluate_models(items, "arithmetic2", teacher_lm, students,
                          EvalConfig(students=(), task="arithmetic2", limit=cfg.eval_limit, seed=cfg.eval_seed,
                                     kl=False, device="cpu"))
-    timings["eval_s"] = time.perf_counter() - t
     correct = {"teacher": np.array(ev.teacher.correct, dtype=float)}
     scores = {"teacher": ev.teacher.accuracy}
     for label, s in zip(labels, ev.students):
@@ -302,26 +349,4 @@ def run_capability(cfg: CapabilityConfig, detector_dir: str | Path, out_dir: str
     for name in ("leaked", "full"):  # nothing to train on: the student is its init
         correct.setdefault(name, correct["init"])
         scores.setdefault(name, scores["init"])
-    ratio = m.gain_ratio(correct["init"], correct["leaked"], correct["full"])
-    timings["total_s"] = time.perf_counter() - t_all
-
-    outcome = result.outcomes
-    first_block = [o.first_block for o in outcome.values() if o.first_block is not None]
-    metrics = {
-        "config": json.loads((out / "capability_config.json").read_text()),
-        "teacher_revision": rev,
-        "planned": len(turns), "sent": sum(o.sent for o in outcome.values()),
-        "leaked": len(leaked_pairs), "leaked_share": len(leaked_pairs) / len(turns) if turns else 0.0,
-        "blocked_accounts": len(first_block), "accounts": len(accounts),
-        "leaked_verified": len(train_leaked) if cfg.verified_only else sum(r["correct"] for r in leaked_rows),
-        "full_verified": sum(r["correct"] for r in full_rows),
-        "train_rows": {"leaked": len(train_leaked), "full": len(train_full)},
-        "trained": {k: v is not None for k, v in dirs.items()},
-        "eval_items": len(items),
-        "accuracy": {k: {"value": e.value, "lo": e.lo, "hi": e.hi, "n": e.n} for k, e in scores.items()},
-        "gain_ratio": ratio,
-        "goal_met": bool(ratio["value"] <= 0.5) if ratio["value"] == ratio["value"] else None,
-        "timings_s": timings,
-    }
-    (out / "capability.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-    return metrics
+    return correct, scores, len(items)

@@ -186,9 +186,8 @@ def run_bench(cfg: GuardBenchConfig, work: Path | None = None) -> dict[str, Any]
     """Run everything; returns the results as a JSON-ready dict (ratios included)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from stillhouse.bench.peers import prepare, run_env
+    from stillhouse.bench.peers import prepare
     from stillhouse.config import config_to_dict
-    from stillhouse.guard.store import open_store
 
     # The peer first: a first-use build must finish before anything is measured.
     peer_py, peer_errors = prepare(["litellm"] if cfg.peers else [], cfg.peer_python)
@@ -240,32 +239,12 @@ def run_bench(cfg: GuardBenchConfig, work: Path | None = None) -> dict[str, Any]
                 targets[INLINE_TARGET] = (gs_url + "/v1/chat/completions", skey)
                 server_pid[INLINE_TARGET] = gs.pid
 
-        # litellm
         if "litellm" in peer_py:
-            litellm_python = str(peer_py["litellm"])
             try:
-                l_port = free_port()
-                master = "sk-bench-" + secrets.token_hex(8)
-                l_text = _litellm_config(work / "litellm.yaml", upstream, master)
-                l_log = work / "litellm.log"
-                lbin = Path(litellm_python).parent / "litellm"
-                if not lbin.exists():
-                    raise RuntimeError(f"{lbin} not found: pip install 'litellm[proxy]' into "
-                                       f"{Path(litellm_python).parent.parent}")
-                version = subprocess.run([litellm_python, "-c",
-                                          "import importlib.metadata as m; print(m.version('litellm'))"],
-                                         capture_output=True, text=True, timeout=60, check=False).stdout.strip()
-                ll = spawn([str(lbin), "--config", str(work / "litellm.yaml"), "--host", "127.0.0.1",
-                             "--port", str(l_port), "--num_workers", "1"], l_log, env=run_env("litellm"))
+                ll, l_url, master, result["litellm"] = _start_litellm(work, upstream, str(peer_py["litellm"]), body)
                 procs.append(ll)
-                l_url = f"http://127.0.0.1:{l_port}"
-                wait_http(l_url + "/health/liveliness", ll, 180, l_log)
-                post_json(l_url + "/v1/chat/completions", body[0], master)  # warm-up, proves auth works
                 targets["litellm"] = (l_url + "/v1/chat/completions", master)
                 server_pid["litellm"] = ll.pid
-                result["litellm"] = {"version": version, "config_yaml": l_text.replace(master, "<master_key>"),
-                                     "mode": "master_key auth only; no database (so no virtual keys and no "
-                                             "spend log)", "workers": 1}
             except Exception as exc:  # noqa: BLE001 - report and carry on without the peer
                 result["errors"].append(f"litellm: {exc}")
 
@@ -276,36 +255,7 @@ def run_bench(cfg: GuardBenchConfig, work: Path | None = None) -> dict[str, Any]
                 for name, (url, tok) in targets.items():
                     loop.run_until_complete(closed_loop(url, tok, 100, 8, body))
                 # 1. added latency, in rounds that visit every target in turn
-                per_round = [cfg.latency_requests // cfg.latency_rounds + (i < cfg.latency_requests % cfg.latency_rounds)
-                             for i in range(cfg.latency_rounds)]
-                runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
-                cpu = {name: [0.0, 0.0] for name in targets}
-                tasks = {name: bar.add_task(f"latency  {name:7s}", total=cfg.latency_requests) for name in targets}
-                for n_round in per_round:
-                    for name, (url, tok) in targets.items():
-                        c0 = process_cpu_s(server_pid[name]), process_cpu_s(up.pid)
-                        runs[name].append(loop.run_until_complete(closed_loop(
-                            url, tok, n_round, cfg.latency_concurrency, body,
-                            progress=lambda t=tasks[name]: bar.advance(t))))
-                        c1 = process_cpu_s(server_pid[name]), process_cpu_s(up.pid)
-                        cpu[name][0] += c1[0] - c0[0]
-                        cpu[name][1] += c1[1] - c0[1]
-                lat: dict[str, Any] = {}
-                for name, rs in runs.items():
-                    pooled = [x for r in rs for x in r.pop("latencies_ms")]
-                    wall = sum(r["wall_s"] for r in rs)
-                    statuses: dict[str, int] = {}
-                    for r in rs:
-                        for code, k in r["statuses"].items():
-                            statuses[str(code)] = statuses.get(str(code), 0) + k
-                    lat[name] = {"n": cfg.latency_requests, "ok": len(pooled), "statuses": statuses,
-                                 "client_errors": sum(r["client_errors"] for r in rs), "wall_s": wall,
-                                 "p50_ms": percentile(pooled, 50), "p99_ms": percentile(pooled, 99),
-                                 "rps": len(pooled) / wall if wall else 0.0,
-                                 "rounds_p50_ms": [round(r["p50_ms"], 3) for r in rs],
-                                 # CPU per request is what contention cannot blur: how many cores a rate needs.
-                                 "server_cpu_ms_per_request": 1000 * cpu[name][0] / cfg.latency_requests,
-                                 "upstream_cpu_ms_per_request": 1000 * cpu[name][1] / cfg.latency_requests}
+                lat = _measure_latency(loop, bar, cfg, targets, server_pid, up.pid, body)
                 result["latency"] = lat
                 # 2. offered load
                 thr: dict[str, Any] = {}
@@ -336,25 +286,94 @@ def run_bench(cfg: GuardBenchConfig, work: Path | None = None) -> dict[str, Any]
         if guard.returncode not in (0, -signal.SIGTERM):
             result["errors"].append(f"guard exited with {guard.returncode}")
         if cfg.lossless_requests:
-            store = open_store(gcfg.db_url)
-            logged = len(store.read_records("lossless"))
-            spooled = 0
-            from stillhouse.guard.spool import Spool
-
-            spooled = Spool(gcfg.spool_dir).pending_records()
-            run = result["lossless_run"]
-            answered = sum(run["statuses"].values())
-            result["lossless"] = {"requests": cfg.lossless_requests, "answered": answered,
-                                  "client_errors": run["client_errors"], "logged": logged,
-                                  "still_in_spool": spooled,
-                                  "lost": max(0, answered - logged - spooled)}
-            store.close()
+            result["lossless"] = _count_lossless(cfg.lossless_requests, gcfg, result["lossless_run"])
         result["machine"]["loadavg_after"] = os.getloadavg()
         result["summary"] = summarize(result)
         return result
     finally:
         for p in reversed(procs):
             stop(p)
+
+
+def _start_litellm(work: Path, upstream: str, litellm_python: str,
+                   body: list[dict[str, Any]]) -> tuple[subprocess.Popen[bytes], str, str, dict[str, Any]]:
+    """LiteLLM's proxy in front of the same upstream, warmed up: (process, URL, master key, what ran)."""
+    from stillhouse.bench.peers import run_env
+
+    l_port = free_port()
+    master = "sk-bench-" + secrets.token_hex(8)
+    l_text = _litellm_config(work / "litellm.yaml", upstream, master)
+    l_log = work / "litellm.log"
+    lbin = Path(litellm_python).parent / "litellm"
+    if not lbin.exists():
+        raise RuntimeError(f"{lbin} not found: pip install 'litellm[proxy]' into {Path(litellm_python).parent.parent}")
+    version = subprocess.run([litellm_python, "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
+                             capture_output=True, text=True, timeout=60, check=False).stdout.strip()
+    ll = spawn([str(lbin), "--config", str(work / "litellm.yaml"), "--host", "127.0.0.1",
+                "--port", str(l_port), "--num_workers", "1"], l_log, env=run_env("litellm"))
+    l_url = f"http://127.0.0.1:{l_port}"
+    try:
+        wait_http(l_url + "/health/liveliness", ll, 180, l_log)
+        post_json(l_url + "/v1/chat/completions", body[0], master)  # warm-up, proves auth works
+    except BaseException:
+        stop(ll)
+        raise
+    info = {"version": version, "config_yaml": l_text.replace(master, "<master_key>"),
+            "mode": "master_key auth only; no database (so no virtual keys and no spend log)", "workers": 1}
+    return ll, l_url, master, info
+
+
+def _measure_latency(loop: asyncio.AbstractEventLoop, bar: Any, cfg: GuardBenchConfig,
+                     targets: dict[str, tuple[str, str | None]], server_pid: dict[str, int], up_pid: int,
+                     body: list[dict[str, Any]]) -> dict[str, Any]:
+    """Closed-loop latency of every target, in rounds that visit each in turn (so drift in the machine's
+    load falls on all alike), with the server's and the upstream's CPU per request."""
+    per_round = [cfg.latency_requests // cfg.latency_rounds + (i < cfg.latency_requests % cfg.latency_rounds)
+                 for i in range(cfg.latency_rounds)]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+    cpu = {name: [0.0, 0.0] for name in targets}
+    tasks = {name: bar.add_task(f"latency  {name:7s}", total=cfg.latency_requests) for name in targets}
+    for n_round in per_round:
+        for name, (url, tok) in targets.items():
+            c0 = process_cpu_s(server_pid[name]), process_cpu_s(up_pid)
+            runs[name].append(loop.run_until_complete(closed_loop(
+                url, tok, n_round, cfg.latency_concurrency, body, progress=lambda t=tasks[name]: bar.advance(t))))
+            c1 = process_cpu_s(server_pid[name]), process_cpu_s(up_pid)
+            cpu[name][0] += c1[0] - c0[0]
+            cpu[name][1] += c1[1] - c0[1]
+    lat: dict[str, Any] = {}
+    for name, rs in runs.items():
+        pooled = [x for r in rs for x in r.pop("latencies_ms")]
+        wall = sum(r["wall_s"] for r in rs)
+        statuses: dict[str, int] = {}
+        for r in rs:
+            for code, k in r["statuses"].items():
+                statuses[str(code)] = statuses.get(str(code), 0) + k
+        lat[name] = {"n": cfg.latency_requests, "ok": len(pooled), "statuses": statuses,
+                     "client_errors": sum(r["client_errors"] for r in rs), "wall_s": wall,
+                     "p50_ms": percentile(pooled, 50), "p99_ms": percentile(pooled, 99),
+                     "rps": len(pooled) / wall if wall else 0.0,
+                     "rounds_p50_ms": [round(r["p50_ms"], 3) for r in rs],
+                     # CPU per request is what contention cannot blur: how many cores a rate needs.
+                     "server_cpu_ms_per_request": 1000 * cpu[name][0] / cfg.latency_requests,
+                     "upstream_cpu_ms_per_request": 1000 * cpu[name][1] / cfg.latency_requests}
+    return lat
+
+
+def _count_lossless(requests: int, gcfg: Any, run: dict[str, Any]) -> dict[str, Any]:
+    """After the guard stopped: of the answered requests, how many its log (or spool) holds."""
+    from stillhouse.guard.spool import Spool
+    from stillhouse.guard.store import open_store
+
+    store = open_store(gcfg.db_url)
+    try:
+        logged = len(store.read_records("lossless"))
+    finally:
+        store.close()
+    spooled = Spool(gcfg.spool_dir).pending_records()
+    answered = sum(run["statuses"].values())
+    return {"requests": requests, "answered": answered, "client_errors": run["client_errors"], "logged": logged,
+            "still_in_spool": spooled, "lost": max(0, answered - logged - spooled)}
 
 
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
