@@ -109,7 +109,7 @@ def test_detector_log_and_accounts(tmp_path: Path) -> None:
         with pytest.raises(LogError, match=r"log.jsonl:1: nested too deeply"):
             read_log(str(log))
     log.write_text("[1, [2]]\n")
-    with pytest.raises(LogError, match=r"log.jsonl:1: a list, not a JSON object"):
+    with pytest.raises(LogError, match=r"log.jsonl:1: a JSON array, not an object"):
         read_log(str(log))
     accounts = tmp_path / "accounts.jsonl"
     accounts.write_text(json.dumps({"account_id": "a"}) + "\n" + _deep(100_000) + "\n")
@@ -140,3 +140,24 @@ def test_cli_reports_one_line(tmp_path: Path) -> None:
         out = res.stdout + res.stderr
         assert res.returncode != 0 and fragment in " ".join(out.split()), out
         assert "Traceback" not in out
+
+
+def test_shared_jsonl_reader_names_the_line_and_keeps_u2028(tmp_path: Path) -> None:
+    from stillhouse.jsonl import iter_jsonl
+
+    class Bad(ValueError):
+        pass
+
+    f = tmp_path / "rows.jsonl"
+    f.write_text('{"a": "x\u2028y"}\n\n{"b": 2}\r\n', encoding="utf-8")
+    assert list(iter_jsonl(f, Bad, "rows")) == [(1, {"a": "x\u2028y"}), (3, {"b": 2})]
+    f.write_text('{"a": 1}\n"text"\n')
+    with pytest.raises(Bad, match=r"rows.jsonl:2: a JSON string, not an object; expected rows"):
+        list(iter_jsonl(f, Bad, "rows"))
+    assert list(iter_jsonl(f, Bad, "rows", objects=False)) == [(1, {"a": 1}), (2, "text")]
+    f.write_text('{"a": 1}\n{"a": \n')
+    with pytest.raises(Bad, match=r"rows.jsonl:2: not valid JSON \("):
+        list(iter_jsonl(f, Bad, "rows"))
+    f.write_bytes(b'{"a": "\xff"}\n')
+    with pytest.raises(Bad, match=r"rows.jsonl: not UTF-8 text; expected rows"):
+        list(iter_jsonl(f, Bad, "rows"))

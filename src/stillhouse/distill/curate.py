@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from stillhouse.config import atomic_write_text, config_to_dict, save_config
+from stillhouse.jsonl import iter_jsonl
 
 ROW_FIELDS = (
     "id", "prompt_id", "messages", "response", "sample_index", "temperature", "finish_reason",
@@ -284,18 +285,8 @@ def load_rows(source: str | Path) -> list[dict[str, Any]]:
             except TableError as exc:
                 raise CurateError(str(exc)) from None
         else:
-            raw = []
-            with path.open() as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        raw.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise CurateError(f"{path}:{n}: not valid JSON ({exc.msg}); fix or remove the line") from exc
-                    except RecursionError:
-                        raise CurateError(f"{path}:{n}: nested too deeply to parse (about 1,000 levels of "
-                                          "arrays/objects); fix or remove the line") from None
+            raw = [row for _, row in iter_jsonl(path, CurateError, "one row per line (fix or remove the line)",
+                                                objects=False)]
         out = []
         for i, r in enumerate(raw):
             try:

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from stillhouse.distill.losses import IGNORE_INDEX
+from stillhouse.jsonl import TOO_DEEP, iter_jsonl
 from stillhouse.teacher.message import (
     DEFAULT_REASONING_TEMPLATE,
     REASONING_FIELDS,
@@ -68,9 +69,6 @@ class DataError(ValueError):
     """A training row or file is unusable; the message names the row and the fix."""
 
 
-TOO_DEEP = "nested too deeply to parse (about 1,000 levels of arrays/objects); fix or remove the row"
-
-
 @dataclass
 class Example:
     """One tokenized training example."""
@@ -87,29 +85,17 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     p = Path(path)
     if not p.exists():
         raise DataError(f"training data {p} does not exist: pass a curated .jsonl file or a harvest export")
-    text = p.read_text()
     if p.suffix == ".json":
         try:
-            rows = json.loads(text)
+            rows = json.loads(p.read_text())
         except json.JSONDecodeError as exc:
             raise DataError(f"{p}: not valid JSON ({exc}); a .json data file holds one list of rows") from exc
         except RecursionError:
-            raise DataError(f"{p}: {TOO_DEEP}") from None
+            raise DataError(f"{p}: {TOO_DEEP}; fix or remove the row") from None
         if not isinstance(rows, list):
             raise DataError(f"{p}: a .json data file must hold a list of rows")
         return rows
-    rows = []
-    # split on "\n" only: str.splitlines also splits at U+2028/U+2029 and other separators, which JSON
-    # written with ensure_ascii=False (a harvest export) may hold inside a string
-    for n, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{p}:{n}: not valid JSON ({exc})") from exc
-        except RecursionError:
-            raise DataError(f"{p}:{n}: {TOO_DEEP}") from None
+    rows = [row for _, row in iter_jsonl(p, DataError, "one training row (a JSON object) per line", objects=False)]
     if not rows:
         raise DataError(f"{p} holds no rows")
     return rows

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from stillhouse.extras import MissingData
+from stillhouse.jsonl import iter_jsonl
 from stillhouse.teacher.base import Message
 
 Split = Literal["train", "heldout"]
@@ -220,13 +221,7 @@ def read_items(path: str | os.PathLike[str]) -> list[TaskItem]:
     if not p.is_file():
         raise TaskDataMissing(f"task items file {p} not found: write one with tasks.write_items")
     items = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{p}:{n}: not valid JSON ({exc.msg})") from exc
+    for n, row in iter_jsonl(p, ValueError, "one task item (a JSON object) per line", objects=False):
         if not isinstance(row, dict) or not isinstance(row.get("messages"), list) or not (
                 row.get("answer") is not None or row.get("tests")):
             raise ValueError(f"{p}:{n}: a task item needs 'messages' and an 'answer' (or 'tests')")

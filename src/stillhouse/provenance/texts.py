@@ -15,10 +15,11 @@ Errors: :class:`TextSourceError` (a ``ValueError``) names the source and what wa
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from stillhouse.jsonl import iter_jsonl
 
 TEXT_FIELDS = ("text", "response", "completion", "output", "answer")
 PROMPT_FIELDS = ("prompt", "instruction", "question")
@@ -91,17 +92,10 @@ def load_samples(source: str | Path, limit: int = 0) -> list[Sample]:
                     break
         return out
     if path.suffix == ".jsonl":
-        with path.open() as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except (json.JSONDecodeError, RecursionError) as exc:
-                    raise TextSourceError(f"{source}:{n}: not a JSON line ({exc})") from None
-                out.append(_from_row(row, f"{source}:{n}"))
-                if limit and len(out) >= limit:
-                    break
+        for n, row in iter_jsonl(path, TextSourceError, "one row per line", objects=False):
+            out.append(_from_row(row, f"{source}:{n}"))
+            if limit and len(out) >= limit:
+                break
         return out
     try:
         return [Sample(path.read_text())]

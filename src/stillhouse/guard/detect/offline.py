@@ -27,13 +27,13 @@ from typing import Any
 
 from stillhouse.guard.detect.detector import WindowDetector
 from stillhouse.guard.events import AccountInfo, TrafficRecord, Verdict
+from stillhouse.jsonl import iter_jsonl as read_jsonl
 
 
 class LogError(ValueError):
     """A log source cannot be read; the message names the source and the fix."""
 
 
-TOO_DEEP = "nested too deeply to parse (about 1,000 levels of arrays/objects)"
 
 
 def record_to_dict(record: TrafficRecord) -> dict[str, Any]:
@@ -53,26 +53,14 @@ def records_to_jsonl(records: Iterable[TrafficRecord], path: str | Path) -> int:
 def iter_jsonl(path: Path) -> Iterator[TrafficRecord]:
     """The TrafficRecords of a .jsonl log in file order; LogError names the line of a bad one."""
     fields = {f.name for f in dataclasses.fields(TrafficRecord)}
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LogError(f"{path}:{lineno}: not JSON ({exc.msg}); expected one TrafficRecord per line") from exc
-            except RecursionError:
-                raise LogError(f"{path}:{lineno}: {TOO_DEEP}; expected one TrafficRecord per line") from None
-            if not isinstance(data, dict):
-                raise LogError(f"{path}:{lineno}: a {type(data).__name__}, not a JSON object; expected one "
-                               "TrafficRecord per line")
-            unknown = set(data) - fields
-            if unknown:
-                raise LogError(f"{path}:{lineno}: unknown field(s) {sorted(unknown)}; TrafficRecord has {sorted(fields)}")
-            try:
-                yield TrafficRecord(**data)
-            except TypeError as exc:
-                raise LogError(f"{path}:{lineno}: {exc}") from exc
+    for lineno, data in read_jsonl(path, LogError, "one TrafficRecord per line"):
+        unknown = set(data) - fields
+        if unknown:
+            raise LogError(f"{path}:{lineno}: unknown field(s) {sorted(unknown)}; TrafficRecord has {sorted(fields)}")
+        try:
+            yield TrafficRecord(**data)
+        except TypeError as exc:
+            raise LogError(f"{path}:{lineno}: {exc}") from exc
 
 
 def read_log(source: str) -> tuple[list[TrafficRecord], dict[str, AccountInfo]]:
@@ -96,23 +84,12 @@ def read_log(source: str) -> tuple[list[TrafficRecord], dict[str, AccountInfo]]:
 def read_accounts(path: str | Path) -> dict[str, AccountInfo]:
     """AccountInfo per account from a JSONL file (one AccountInfo as JSON per line)."""
     out = {}
-    with Path(path).open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LogError(f"{path}:{lineno}: not JSON ({exc.msg}); expected one AccountInfo per line") from exc
-            except RecursionError:
-                raise LogError(f"{path}:{lineno}: {TOO_DEEP}; expected one AccountInfo per line") from None
-            if not isinstance(data, dict):
-                raise LogError(f"{path}:{lineno}: expected one AccountInfo (a JSON object) per line")
-            try:
-                info = AccountInfo(**data)
-            except TypeError as exc:
-                raise LogError(f"{path}:{lineno}: {exc}; expected one AccountInfo per line") from exc
-            out[info.account_id] = info
+    for lineno, data in read_jsonl(path, LogError, "one AccountInfo (a JSON object) per line"):
+        try:
+            info = AccountInfo(**data)
+        except TypeError as exc:
+            raise LogError(f"{path}:{lineno}: {exc}; expected one AccountInfo per line") from exc
+        out[info.account_id] = info
     return out
 
 

@@ -25,7 +25,6 @@ Labels come as JSON lines ``{"account_id": ..., "label": 1 | 0, ...}`` (the cons
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,6 +33,7 @@ import numpy as np
 
 from stillhouse.guard.detect.account import FAMILY_INDEX, features
 from stillhouse.guard.events import AccountInfo, TrafficRecord
+from stillhouse.jsonl import iter_jsonl
 
 if TYPE_CHECKING:
     from stillhouse.guard.detect.detector import WindowDetector
@@ -58,14 +58,12 @@ def read_labels(source: str | Path) -> dict[str, int]:
     if not path.exists():
         raise LabelError(f"labels {src!r} not found: give the console's labels.jsonl or the guard's DB URL")
     out: dict[str, int] = {}
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    expect = '{"account_id": ..., "label": 0 or 1} per line'
+    for lineno, d in iter_jsonl(path, LabelError, expect):
         try:
-            d = json.loads(line)
             aid, label = d["account_id"], d["label"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise LabelError(f"{path}:{lineno}: expected {{\"account_id\": ..., \"label\": 0 or 1}} ({exc})") from exc
+        except KeyError as exc:
+            raise LabelError(f"{path}:{lineno}: no {exc} field; expected {expect}") from None
         if not isinstance(aid, str) or label not in (0, 1) or isinstance(label, bool):
             raise LabelError(f"{path}:{lineno}: account_id must be a string and label 0 or 1, got {label!r}")
         out[aid] = int(label)
