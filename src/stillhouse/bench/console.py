@@ -142,7 +142,7 @@ def fill(store: Any, cfg: BenchConsoleConfig, log: Any = print) -> dict[str, flo
                     cp.write_row(row)
         store._run(copy)
     else:
-        sql = f"INSERT INTO traffic VALUES ({','.join('?' * len(TRAFFIC_COLS))})"
+        sql = f"INSERT INTO traffic ({', '.join(TRAFFIC_COLS)}) VALUES ({','.join('?' * len(TRAFFIC_COLS))})"
         batch: list[tuple[Any, ...]] = []
         store._run(lambda cur: cur.execute("PRAGMA synchronous=OFF"))
         for row in rows:
