@@ -17,7 +17,6 @@ from stillhouse.distill.student import make_student
 from stillhouse.distill.train import TrainConfig, TrainConfigError, train
 from stillhouse.serve.app import ServeConfig, ServerThread, create_app
 from stillhouse.teacher.local import LocalTeacher
-
 from test_train import _rows, _tiny_teacher, _write
 
 
@@ -127,3 +126,42 @@ def test_gkd_config_errors(tmp_path):
                        ({"score_teacher": "ftp://x"}, "score_teacher")]:
         with pytest.raises(TrainConfigError, match=field):
             TrainConfig(data="d", out="o", **{"loss": "gkd", **bad})
+
+
+def _bench_cfg(tok, tmp_path, **kw):
+    from stillhouse.bench.train import BenchTrainConfig
+
+    tdir = tmp_path / "tiny"
+    _tiny_teacher(tok).save_pretrained(tdir)
+    tok.save_pretrained(tdir)
+    base = {"teacher": f"hf:{tdir}", "student": "pruned:2", "examples": 8, "batch_size": 4, "threads": 1,
+            "gkd_examples": 8, "gkd_max_new_tokens": 4, "heldout": 4, "out": str(tmp_path / "bench")}
+    return BenchTrainConfig(**{**base, **kw})
+
+
+def test_bench_train_gkd_arms_on_a_tiny_student(tok, tmp_path):
+    from stillhouse.bench.train import format_table, run_bench
+
+    cfg = _bench_cfg(tok, tmp_path, arms=("ours_gkd-fp32", "trl_gkd-fp32"),
+                     peer_python=(f"trl={tmp_path / 'no-such-python'}",))
+    res = run_bench(cfg)
+    ours = res["arms"]["ours_gkd-fp32"]
+    assert ours["steps"] == 2 and ours["examples_per_s"] > 0 and ours["heldout_n"] == 4
+    assert 0 <= ours["on_policy_steps"] <= 2
+    assert res["arms"]["student-init"]["heldout_n"] == 4
+    assert "no such file" in res["arms"]["trl_gkd-fp32"]["skipped"]
+    assert "ours_gkd-fp32" in format_table(res)
+
+
+@pytest.mark.slow
+def test_bench_train_gkd_against_trl_on_a_tiny_student(tok, tmp_path):
+    """TRL's GKDTrainer in its pinned virtualenv (skipped when it is not built) on the same tiny student."""
+    from stillhouse.bench.peers import PEERS, peers_root, read_marker
+    from stillhouse.bench.train import run_bench
+
+    venv = peers_root() / PEERS["trl"].dirname
+    if read_marker(venv) is None:
+        pytest.skip("TRL's peer virtualenv is not built: stillhouse bench peers --install trl")
+    res = run_bench(_bench_cfg(tok, tmp_path, arms=("trl_gkd-fp32",)))["arms"]["trl_gkd-fp32"]
+    assert "skipped" not in res, res.get("skipped")
+    assert res["steps"] == 2 and res["examples_per_s"] > 0 and res["heldout_n"] == 4
