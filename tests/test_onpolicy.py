@@ -165,3 +165,43 @@ def test_bench_train_gkd_against_trl_on_a_tiny_student(tok, tmp_path):
     res = run_bench(_bench_cfg(tok, tmp_path, arms=("trl_gkd-fp32",)))["arms"]["trl_gkd-fp32"]
     assert "skipped" not in res, res.get("skipped")
     assert res["steps"] == 2 and res["examples_per_s"] > 0 and res["heldout_n"] == 4
+
+
+def _word_tokenizer(tmp_path):
+    """A tokenizer of another 'family': word-level, its own vocabulary and turn format."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<pad>", "<eos>", "<unk>", "<turn>", "user", "model", "What", "is", "+", "=", "?", "\n"]
+    words += [str(i) for i in range(100)]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>",
+                                                unk_token="<unk>")
+    fast.chat_template = ("{% for m in messages %}<turn> {{ 'model' if m['role'] == 'assistant' else 'user' }} "
+                          "{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}<turn> model {% endif %}")
+    return fast
+
+
+def test_a_student_of_another_family_learns_from_the_teachers_text(tmp_path, tok):
+    """student=model:hf:DIR with its own tokenizer: sequence-level SFT on the teacher's text; the teacher's token
+    ids in the rows (another vocabulary) are not used; logit losses are refused."""
+    wtok = _word_tokenizer(tmp_path)
+    cfg_m = transformers.LlamaConfig(vocab_size=len(wtok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    torch.manual_seed(0)
+    sdir = tmp_path / "other"
+    transformers.AutoModelForCausalLM.from_config(cfg_m).save_pretrained(sdir)
+    wtok.save_pretrained(sdir)
+    rows = _rows(tok)  # SmolLM2 token ids (up to 49k) that the word vocabulary does not have
+    data = _write(tmp_path, rows)
+    before = {n: p.detach().clone() for n, p in transformers.AutoModelForCausalLM.from_pretrained(sdir).named_parameters()}
+    res = train(_cfg(tmp_path, data, loss="sft", student=f"model:hf:{sdir}", lmbda=0.5),
+                teacher=(_tiny_teacher(tok), tok, "t"), progress=False)
+    final = transformers.AutoModelForCausalLM.from_pretrained(res.final_dir)
+    assert final.config.vocab_size == len(wtok) and res.steps == 2
+    assert transformers.AutoTokenizer.from_pretrained(res.final_dir).get_vocab() == wtok.get_vocab()
+    assert all(not torch.equal(p, before[n]) for n, p in final.named_parameters())
+    with pytest.raises(TrainConfigError, match="own tokenizer"):
+        _cfg(tmp_path, data, loss="gkd", student=f"model:hf:{sdir}")
+    with pytest.raises(TrainConfigError, match="local model"):
+        _cfg(tmp_path, data, loss="sft", student="model:fake")

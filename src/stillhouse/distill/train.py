@@ -77,7 +77,8 @@ class TrainConfig:
     """Teacher spec (local: bundled, hf:DIR, gguf:FILE). The student is built from it."""
     student: str = "pruned:10"
     """pruned:N (N of the teacher's layers, evenly spaced) | every:K | layers:I,J,... (exactly those) |
-    fresh | fresh:N (random init) | self (a copy of the teacher)."""
+    fresh | fresh:N (random init) | self (a copy of the teacher) | model:SPEC (another local model as it is,
+    e.g. model:bundled:gemma3-270m: its own tokenizer, loss sft only)."""
     loss: LossKind = "sft"
     """sft (CE on the teacher's text) | fkl | rkl | jsd (live teacher logits) | topk (harvested) |
     gkd (on-policy: the student's own samples scored by the teacher; see stillhouse.distill.onpolicy)."""
@@ -218,9 +219,12 @@ class TrainConfig:
         from stillhouse.distill.student import parse_student
 
         try:
-            parse_student(self.student)
+            st = parse_student(self.student)
         except ValueError as exc:
             raise TrainConfigError(f"student: {exc}") from exc
+        if st.kind == "model" and self.loss != "sft":
+            raise TrainConfigError(f"student={self.student} keeps its own tokenizer, so the teacher's logits do not "
+                                   f"line up with its tokens: use loss=sft (sequence-level), not loss={self.loss}")
 
 
 @dataclass
@@ -478,7 +482,7 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
     from stillhouse.distill import select
     from stillhouse.distill.data import DataError, collate, encode_rows, read_rows
     from stillhouse.distill.modelio import load_causal_lm
-    from stillhouse.distill.student import count_parameters, make_student
+    from stillhouse.distill.student import count_parameters, make_student, parse_student
 
     t_start = time.time()
     if cfg.threads:
@@ -502,7 +506,16 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
             sel_items = select.load_items(cfg.select_on)
         except (FileNotFoundError, ValueError) as exc:
             raise TrainConfigError(f"select_on: {exc}") from exc
-    t_model, tok, t_rev = teacher if teacher is not None else load_causal_lm(cfg.teacher)
+    s_spec = parse_student(cfg.student)
+    s_model = None
+    if s_spec.kind == "model":  # another model (family): its own tokenizer reads the teacher's text
+        t_rev = teacher[2] if teacher is not None else f"text of {cfg.teacher}"
+        s_model, tok, _ = load_causal_lm(s_spec.target)
+        t_model = None
+        rows = [{k: v for k, v in r.items() if k not in ("token_ids", "top_ids", "top_logprobs", "logprobs")}
+                for r in rows]  # the teacher's token ids belong to another vocabulary
+    else:
+        t_model, tok, t_rev = teacher if teacher is not None else load_causal_lm(cfg.teacher)
     examples = encode_rows(rows, tok, cfg.max_len, source=cfg.data, system_prompt=cfg.system_prompt)
     k = 0
     if cfg.loss == "topk":
@@ -512,7 +525,7 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
                             "top_logprobs (e.g. 20) or train with --loss sft")
 
     torch.manual_seed(cfg.seed)
-    student = make_student(t_model, cfg.student, seed=cfg.seed)
+    student = s_model if s_model is not None else make_student(t_model, cfg.student, seed=cfg.seed)
     if cfg.freeze_embeddings:
         student.get_input_embeddings().weight.requires_grad_(False)
     attention = resolve_attention(cfg.attention, device)
