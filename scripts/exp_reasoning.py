@@ -106,7 +106,13 @@ def stage_probe(a: argparse.Namespace, out: Path) -> None:
 
 
 def stage_rationales(a: argparse.Namespace, out: Path) -> None:
-    from stillhouse.distill.rationales import RationaleConfig, cost_report, mark_kept, sample_rationales, write_rows
+    from stillhouse.distill.rationales import (
+        RationaleConfig,
+        cost_report,
+        mark_kept,
+        sample_rationales,
+        write_rows,
+    )
     from stillhouse.distill.tasks import read_items
 
     t = _teacher(a)
@@ -138,7 +144,7 @@ def _eval_config(a: argparse.Namespace, out: Path, name: str, student: str, item
 
     gsm = items == "gsm8k"
     path = out / "items" / f"{items}.jsonl"
-    n = sum(1 for _ in path.open())
+    n = len(path.read_text().splitlines())
     return EvalConfig(students=(student,) if student else (), labels=(name,) if student else (), teacher=a.teacher,
                       task="gsm8k" if gsm else "wordproblem", items=str(path), limit=n, batch_size=64, kl=False,
                       n_boot=4000, max_new_tokens=a.gsm8k_tokens if gsm else a.max_new_tokens,
@@ -211,9 +217,10 @@ def _start_serve(a: argparse.Namespace, out: Path) -> subprocess.Popen[bytes]:
 
     log = (out / "jobs").resolve()
     log.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "stillhouse", "serve", "--teacher", a.teacher, "--host", "127.0.0.1",
-                             "--port", str(a.port), "--threads", str(a.threads)],
-                            stdout=(log / "serve.log").open("ab"), stderr=subprocess.STDOUT, env=_env())
+    with (log / "serve.log").open("ab") as sink:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "stillhouse", "serve", "--teacher", a.teacher, "--host",
+                                 "127.0.0.1", "--port", str(a.port), "--threads", str(a.threads)],
+                                stdout=sink, stderr=subprocess.STDOUT, env=_env())
     for _ in range(600):
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{a.port}/health", timeout=2):
@@ -257,8 +264,8 @@ def _est(d: dict[str, Any], digits: int = 3) -> str:
 
 def stage_report(a: argparse.Namespace, out: Path) -> None:
     cost = json.loads((out / "data" / "cost.json").read_text())
-    lines = ["| model | training data | teacher tokens | held-out correct | accuracy [95% CI] | ÷ teacher [95% CI] "
-             "| validation by pass |", "|---|---|---|---|---|---|---|"]
+    lines = [("| model | training data | teacher tokens | held-out correct | accuracy [95% CI] | ÷ teacher [95% CI] "
+              "| validation by pass |"), "|---|---|---|---|---|---|---|"]
     teacher = gsm = None
     gsm_rows = []
     for name, cfg in students(a, out).items():
@@ -278,7 +285,7 @@ def stage_report(a: argparse.Namespace, out: Path) -> None:
             info = json.loads((Path(cfg.out) / "final" / "train_result.json").read_text())
             passes = " / ".join(str(e["correct"]) for e in sel["epochs"])
             src = "verified" if "verified" in cfg.data else "greedy"
-            rows = sum(1 for _ in Path(cfg.data).open())
+            rows = len(Path(cfg.data).read_text().splitlines())
             if cfg.loss == "gkd":
                 tokens = info.get("teacher_scored_tokens", 0)
                 data = f"own samples on {rows} prompts, {cfg.epochs} pass, scored by the teacher" + (

@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from stillhouse.distill.rationales import RationaleConfig, cost_report, sample_rationales, write_rows
-from stillhouse.distill.tasks import TaskItem, read_items, wordproblem, wordproblem_splits, write_items
+from stillhouse.distill.tasks import read_items, wordproblem, wordproblem_splits, write_items
 
 
 def test_wordproblem_splits_are_disjoint_seeded_and_answer_checked(tmp_path):

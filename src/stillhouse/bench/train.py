@@ -377,8 +377,8 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if gkd:
         c = results["config"]
-        lines += ["", f"GKD: {c.get('gkd_examples')} examples, batch {c['batch_size']}, lmbda 0.5, beta 0.5, sampling "
-                  f"temperature 0.9, at most {c.get('gkd_max_new_tokens')} new tokens; held-out 2-digit additions",
+        lines += ["", (f"GKD: {c.get('gkd_examples')} examples, batch {c['batch_size']}, lmbda 0.5, beta 0.5, sampling "
+                       f"temperature 0.9, at most {c.get('gkd_max_new_tokens')} new tokens; held-out 2-digit additions"),
                   "", "| arm | examples/s | ÷ TRL GKD fp32 | on-policy steps | held-out correct | accuracy [95% CI] |",
                   "|---|---|---|---|---|---|"]
         ref = gkd.get("trl_gkd-fp32", {}).get("examples_per_s")
