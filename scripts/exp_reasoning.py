@@ -10,6 +10,7 @@ read by the same parser. Stages, under OUT (each resumes: a rerun redoes only wh
     split      items/      held-out, training and validation problems (disjoint), the first --gsm8k GSM8K test items
     probe      probe.json  the teacher on the validation problems: chain-of-thought and direct prompts, greedy
                            and sampled (how the task's difficulty was chosen: on validation, never held-out)
+    gemma      gemma_probe.json  Gemma 3 270M (base) as a few-shot teacher on the validation problems
     rationales data/       --samples chains of thought per training problem (temperature --temperature), verified
                            (samples.jsonl; verified.jsonl keeps one per problem; cost.json: teacher tokens per kept
                            row), and the teacher's greedy answers, right or wrong (greedy.jsonl: plain SFT's data)
@@ -42,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-STAGES = ("split", "probe", "rationales", "teacher", "train", "report")
+STAGES = ("split", "probe", "gemma", "rationales", "teacher", "train", "report")
 SMALL_STUDENT = "layers:0,1,2,3,14,15,26,27,28,29"
 SMALL = {"freeze_embeddings": True, "schedule": "cosine", "system_prompt": ""}
 STUDENTS: dict[str, dict[str, Any]] = {  # TrainConfig fields; data: verified | greedy
@@ -103,6 +104,23 @@ def stage_probe(a: argparse.Namespace, out: Path) -> None:
         _log(f"probe {name}: {rep['verified_samples']}/{rep['samples']} correct, pass@{cfg.samples} "
              f"{rep['problems_solved']}/{rep['problems']}")
     (out / "probe.json").write_text(json.dumps(res, indent=2) + "\n")
+
+
+def stage_gemma(a: argparse.Namespace, out: Path) -> None:
+    """Gemma 3 270M (a base model) as a teacher: the validation problems after three worked examples, greedy."""
+    from stillhouse.distill.evaluate import LoadedModel
+    from stillhouse.distill.rationales import RationaleConfig, cost_report, sample_rationales
+    from stillhouse.distill.tasks import few_shot, read_items
+
+    g = LoadedModel.load(a.gemma, "gemma", device="cpu")
+    items = [few_shot(it) for it in read_items(out / "items" / "validation.jsonl")]
+    t0 = time.time()
+    rows = sample_rationales(g.model, g.tokenizer, items, RationaleConfig(samples=1, temperature=0.0,
+                                                                         max_new_tokens=a.max_new_tokens))
+    rep = {**cost_report(rows), "seconds": round(time.time() - t0, 1), "examples": [r["messages"][-1]["content"]
+                                                                                   for r in rows[:3]]}
+    _log(f"gemma few-shot: {rep['verified_samples']}/{rep['samples']} correct")
+    (out / "gemma_probe.json").write_text(json.dumps(rep, indent=2) + "\n")
 
 
 def stage_rationales(a: argparse.Namespace, out: Path) -> None:
@@ -309,6 +327,8 @@ def stage_report(a: argparse.Namespace, out: Path) -> None:
             lines.append(f"| {name} | {round(s['accuracy']['value'] * s['accuracy']['n'])}/{s['accuracy']['n']} | "
                          f"{_est(s['accuracy'])} | {_est(s['ceiling_ratio'], 2)} |")
     probe = json.loads((out / "probe.json").read_text()) if (out / "probe.json").exists() else {}
+    if (out / "gemma_probe.json").exists():
+        probe["gemma-3-270m few-shot greedy"] = json.loads((out / "gemma_probe.json").read_text())
     if probe:
         lines += ["", "Teacher on the validation problems (the difficulty check):", "",
                   "| prompt, decoding | correct samples | problems with one correct |", "|---|---|---|"]
@@ -326,9 +346,9 @@ def stage_report(a: argparse.Namespace, out: Path) -> None:
     print("\n".join(lines))
 
 
-STAGE_FUNCS = {"split": stage_split, "probe": stage_probe, "rationales": stage_rationales, "teacher": stage_teacher,
+STAGE_FUNCS = {"split": stage_split, "probe": stage_probe, "gemma": stage_gemma, "rationales": stage_rationales, "teacher": stage_teacher,
                "train": stage_train, "report": stage_report}
-DONE = {"split": "items/validation.jsonl", "probe": "probe.json", "rationales": "data/cost.json",
+DONE = {"split": "items/validation.jsonl", "probe": "probe.json", "gemma": "gemma_probe.json", "rationales": "data/cost.json",
         "teacher": "evals/.teacher-done"}
 
 
@@ -337,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/exp_reasoning"))
     p.add_argument("--stage", default="all", help=f"all, or some of {', '.join(STAGES)} (comma-separated)")
     p.add_argument("--teacher", default="bundled", help="teacher spec (bundled, hf:DIR); tests use a tiny hf: model")
+    p.add_argument("--gemma", default="bundled:gemma3-270m", help="the other family's model (few-shot teacher probe, "
+                   "student init); '' skips the gemma stage")
     p.add_argument("--student", default=SMALL_STUDENT, help="the small student's init (layers of the teacher)")
     p.add_argument("--students", default=",".join(STUDENTS), help="which students to train (comma-separated)")
     p.add_argument("--heldout", type=int, default=150, help="held-out word problems (the test set)")
@@ -366,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(a.threads)
     for name in todo:
-        if name in DONE and (a.out / DONE[name]).exists():
+        if (name in DONE and (a.out / DONE[name]).exists()) or (name == "gemma" and not a.gemma):
             continue
         _log(f"stage {name}")
         t0 = time.time()

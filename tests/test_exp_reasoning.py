@@ -44,7 +44,7 @@ def test_reasoning_experiment_end_to_end_on_a_tiny_teacher(tmp_path, smol_tokeni
         port = s.getsockname()[1]
     common = ["--out", str(out), "--teacher", f"hf:{tdir}", "--heldout", "6", "--train", "8", "--validation", "4",
               "--gsm8k", "0", "--samples", "2", "--max-new-tokens", "8", "--student", "pruned:1", "--precision",
-              "fp32", "--students", "star,sft-greedy,gkd,gkd-bb", "--port", str(port)]
+              "fp32", "--students", "star,sft-greedy,gkd,gkd-bb", "--port", str(port), "--gemma", ""]
     _run(*common, "--stage", "split,probe,rationales")
     items = {k: _rows(out / "items" / f"{k}.jsonl") for k in ("heldout", "train", "validation")}
     assert [len(v) for v in items.values()] == [6, 8, 4]

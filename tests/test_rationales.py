@@ -86,3 +86,19 @@ def test_sampled_rationales_are_verified_kept_once_and_costed(smol_tokenizer, tm
 def test_write_rows_refuses_an_empty_training_file(tmp_path):
     with pytest.raises(ValueError, match="no sample verified"):
         write_rows([{"kept": False}], tmp_path / "x.jsonl", kept_only=True)
+
+
+def test_few_shot_puts_worked_examples_before_the_problem():
+    from stillhouse.distill.tasks import WORDPROBLEM_SHOTS, few_shot
+    from stillhouse.distill.verify import verify
+
+    item = wordproblem_splits(1, 0, 0)["heldout"][0]
+    shot = few_shot(item)
+    assert shot.messages[-1] == item.messages[-1] and shot.answer == item.answer and shot.id == item.id
+    assert [m["role"] for m in shot.messages] == ["user", "assistant"] * len(WORDPROBLEM_SHOTS) + ["user"]
+    import re
+
+    for (q, a), m in zip(WORDPROBLEM_SHOTS, shot.messages[1::2]):  # each worked example is right by our verifier
+        start, *events = re.findall(r"(has|buys|finds|wins|gives away|gives|loses|sells) (\d+)", q)
+        total = int(start[1]) + sum(int(n) * (1 if verb in ("buys", "finds", "wins") else -1) for verb, n in events)
+        assert m["content"] == a and verify("wordproblem", a, str(total)).ok and len(events) == 2

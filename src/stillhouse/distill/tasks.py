@@ -242,6 +242,29 @@ def wordproblem(rng: random.Random, steps: int = 2, lo: int = 10, hi: int = 99) 
     return " ".join(parts), total, tuple(key)
 
 
+WORDPROBLEM_SHOTS = (
+    ("Tom has 5 apples. He buys 3 more. Then he gives away 2. How many apples does Tom have now?",
+     "Tom starts with 5 apples.\nHe buys 3 more: 5 + 3 = 8.\nHe gives away 2: 8 - 2 = 6.\n#### 6"),
+    ("Ana has 12 cards. She loses 4. Then she wins 7 more. How many cards does Ana have now?",
+     "Ana starts with 12 cards.\nShe loses 4: 12 - 4 = 8.\nShe wins 7 more: 8 + 7 = 15.\n#### 15"),
+    ("Leo has 9 coins. He finds 6 more. Then he sells 10. How many coins does Leo have now?",
+     "Leo starts with 9 coins.\nHe finds 6 more: 9 + 6 = 15.\nHe sells 10: 15 - 10 = 5.\n#### 5"),
+)
+"""Worked examples (written for the prompt, not any model's output) that make a base model answer few-shot."""
+
+
+def few_shot(item: TaskItem, shots: tuple[tuple[str, str], ...] = WORDPROBLEM_SHOTS,
+             template: str = WORDPROBLEM_COT) -> TaskItem:
+    """``item`` asked after ``shots`` (question, worked answer) as earlier user/assistant turns: how a base model
+    (bundled:gemma3-270m) is prompted as a teacher. The item's own turn keeps its text."""
+    from dataclasses import replace
+
+    turns: list[Message] = []
+    for q, a in shots:
+        turns += [{"role": "user", "content": template.format(question=q)}, {"role": "assistant", "content": a}]
+    return replace(item, messages=[*turns, *item.messages])
+
+
 def wordproblem_splits(
     heldout: int,
     train: int,
