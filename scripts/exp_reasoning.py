@@ -47,14 +47,14 @@ STAGES = ("split", "probe", "gemma", "rationales", "teacher", "train", "report")
 SMALL_STUDENT = "layers:0,1,2,3,14,15,26,27,28,29"
 SMALL = {"freeze_embeddings": True, "schedule": "cosine", "system_prompt": ""}
 STUDENTS: dict[str, dict[str, Any]] = {  # TrainConfig fields; data: verified | greedy
-    "star": {**SMALL, "data": "verified", "loss": "sft", "epochs": 4, "lr": 3e-4},
-    "sft-greedy": {**SMALL, "data": "greedy", "loss": "sft", "epochs": 4, "lr": 3e-4},
-    "gkd": {**SMALL, "data": "greedy", "loss": "gkd", "lmbda": 1.0, "epochs": 1, "lr": 3e-4, "max_new_tokens": 80},
-    "gkd-bb": {**SMALL, "data": "greedy", "loss": "gkd", "lmbda": 1.0, "epochs": 1, "lr": 3e-4, "max_new_tokens": 80,
+    "star": {**SMALL, "data": "verified", "loss": "sft", "epochs": 3, "lr": 3e-4},
+    "sft-greedy": {**SMALL, "data": "greedy-all", "loss": "sft", "epochs": 3, "lr": 3e-4},
+    "gkd": {**SMALL, "data": "greedy-all", "loss": "gkd", "lmbda": 1.0, "epochs": 1, "lr": 3e-4},
+    "gkd-bb": {**SMALL, "data": "greedy-all", "loss": "gkd", "lmbda": 1.0, "epochs": 1, "lr": 3e-4,
                "score_teacher": "SERVE"},
     "star-self": {"data": "verified", "loss": "sft", "student": "self", "epochs": 2, "lr": 5e-5, "system_prompt": ""},
-    "gemma-star": {"data": "verified", "loss": "sft", "student": "model:bundled:gemma3-270m", "epochs": 3, "lr": 1e-4,
-                   "freeze_embeddings": True, "schedule": "cosine", "system_prompt": None},
+    "gemma-star": {"data": "verified", "loss": "sft", "student": "model:bundled:gemma3-270m", "epochs": 2, "lr": 1e-4,
+                   "freeze_embeddings": True, "schedule": "cosine", "system_prompt": None, "select_on": ""},
 }
 COMMON = {"shuffle": False, "batch_size": 8, "warmup_steps": 4, "select_batch_size": 64, "max_len": 320}
 GSM8K_STUDENTS = ("star",)
@@ -97,7 +97,8 @@ def stage_probe(a: argparse.Namespace, out: Path) -> None:
             ("cot-greedy", cot, RationaleConfig(samples=1, temperature=0.0, max_new_tokens=a.max_new_tokens)),
             ("direct-greedy", direct, RationaleConfig(samples=1, temperature=0.0, max_new_tokens=16)),
             (f"cot-T{a.temperature}", cot, RationaleConfig(samples=2, temperature=a.temperature,
-                                                         max_new_tokens=a.max_new_tokens, seed=a.seed + 7))]:
+                                                         max_new_tokens=a.max_new_tokens, seed=a.seed + 7))][
+            :None if a.probe_sampled else 2]:
         t0 = time.time()
         rep = cost_report(sample_rationales(t.model, t.tokenizer, items, cfg))
         res[name] = {**rep, "seconds": round(time.time() - t0, 1)}
@@ -124,6 +125,8 @@ def stage_gemma(a: argparse.Namespace, out: Path) -> None:
 
 
 def stage_rationales(a: argparse.Namespace, out: Path) -> None:
+    """The teacher's greedy answers (plain SFT's data) and --samples sampled chains of thought per training problem;
+    the verified pool is every answer of either kind that verifies (--keep per problem). Each part resumes."""
     from stillhouse.distill.rationales import (
         RationaleConfig,
         cost_report,
@@ -133,26 +136,37 @@ def stage_rationales(a: argparse.Namespace, out: Path) -> None:
     )
     from stillhouse.distill.tasks import read_items
 
-    t = _teacher(a)
     items = read_items(out / "items" / "train.jsonl")
-    cost = {}
-    for name, cfg in [("greedy", RationaleConfig(samples=1, temperature=0.0, max_new_tokens=a.max_new_tokens)),
-                      ("samples", RationaleConfig(samples=a.samples, temperature=a.temperature,
-                                                  max_new_tokens=a.max_new_tokens, seed=a.seed))]:
+    t = None
+    parts = {"greedy": RationaleConfig(samples=1, temperature=0.0, max_new_tokens=a.max_new_tokens),
+             "samples": RationaleConfig(samples=a.samples, temperature=a.temperature, max_new_tokens=a.max_new_tokens,
+                                        seed=a.seed)}
+    rows: dict[str, list[dict[str, Any]]] = {}
+    seconds = json.loads((out / "data" / "seconds.json").read_text()) if (out / "data" / "seconds.json").exists() else {}
+    for name, cfg in parts.items():
+        path = out / "data" / f"{name}.jsonl"
+        if path.exists():
+            rows[name] = [json.loads(x) for x in path.read_text().splitlines()]
+            continue
+        t = t or _teacher(a)
         t0 = time.time()
-        rows = sample_rationales(t.model, t.tokenizer, items, cfg)
-        if name == "greedy":
-            for r in rows:
-                r["kept"] = True  # plain SFT keeps every answer, right or wrong
-        write_rows(rows, out / "data" / f"{name}.jsonl")
-        cost[name] = {**cost_report(rows), "seconds": round(time.time() - t0, 1)}
-        _log(f"{name}: {json.dumps(cost[name])}")
-    sampled = mark_kept([json.loads(x) for x in (out / "data" / "samples.jsonl").read_text().splitlines()], a.keep)
-    cost["samples"] = {**cost["samples"], **cost_report(sampled)}  # kept and tokens per kept row under --keep
-    if any(r["kept"] for r in sampled):
-        write_rows(sampled, out / "data" / "verified.jsonl", kept_only=True)
+        rows[name] = sample_rationales(t.model, t.tokenizer, items, cfg)
+        write_rows(rows[name], path)
+        seconds[name] = round(time.time() - t0, 1)
+        (out / "data" / "seconds.json").write_text(json.dumps(seconds))
+        _log(f"{name}: {json.dumps(cost_report(rows[name]))}")
+    greedy = [{**r, "sample": "greedy"} for r in rows["greedy"]]
+    pool = mark_kept([*greedy, *rows["samples"]], a.keep)  # greedy first, then the samples in order
+    cost = {"greedy": {**cost_report(rows["greedy"]), "seconds": seconds.get("greedy")},
+            "samples": {**cost_report(rows["samples"]), "seconds": seconds.get("samples")},
+            "verified_pool": cost_report(pool)}
+    for r in rows["greedy"]:
+        r["kept"] = True  # plain SFT keeps every answer, right or wrong
+    write_rows(rows["greedy"], out / "data" / "greedy-all.jsonl")
+    if any(r["kept"] for r in pool):
+        write_rows(pool, out / "data" / "verified.jsonl", kept_only=True)
     else:
-        _log("no sampled rationale verified: the students on verified rationales will be skipped")
+        _log("no rationale verified: the students on verified rationales will be skipped")
     (out / "data" / "cost.json").write_text(json.dumps(cost, indent=2) + "\n")
 
 
@@ -188,7 +202,8 @@ def students(a: argparse.Namespace, out: Path) -> dict[str, Any]:
     for name, spec in STUDENTS.items():
         if name not in a.students:
             continue
-        fields = {"student": a.student, **COMMON, **spec}
+        fields = {"student": a.student, "select_on": str(out / "items" / "validation.jsonl"), **COMMON, **spec,
+                  "max_new_tokens": a.max_new_tokens}
         data = out / "data" / f"{fields.pop('data')}.jsonl"
         if not data.exists():
             _log(f"{name}: no {data.name}, skipped")
@@ -196,8 +211,7 @@ def students(a: argparse.Namespace, out: Path) -> dict[str, Any]:
         if fields.get("score_teacher") == "SERVE":
             fields["score_teacher"] = f"http://127.0.0.1:{a.port}/v1"
         runs[name] = TrainConfig(**fields, data=str(data), out=str(out / "runs" / name), teacher=a.teacher,
-                                 threads=a.threads, precision=a.precision, seed=a.seed,
-                                 select_on=str(out / "items" / "validation.jsonl"))
+                                 threads=a.threads, precision=a.precision, seed=a.seed)
     return runs
 
 
@@ -209,7 +223,13 @@ def stage_train(a: argparse.Namespace, out: Path) -> bool:
         train_cfg = out / "configs" / f"train-{name}.json"
         save_config(cfg, train_cfg)
         cmds = [("train", "--config", str(train_cfg))]
-        for items in ("heldout", "gsm8k") if (a.gsm8k and name in GSM8K_STUDENTS) else ("heldout",):
+        sets = ("heldout", "gsm8k") if (a.gsm8k and name in GSM8K_STUDENTS) else ("heldout",)
+        if name == "gemma-star" and a.gemma_heldout:
+            from stillhouse.distill.tasks import read_items, write_items
+
+            write_items(read_items(out / "items" / "heldout.jsonl")[:a.gemma_heldout], out / "items" / "heldout-gemma.jsonl")
+            sets = ("heldout-gemma",)
+        for items in sets:
             ecfg = out / "configs" / f"eval-{name}-{items}.json"
             save_config(_eval_config(a, out, name, f"hf:{cfg.out}/final", items, cfg.system_prompt), ecfg)
             cmds.append(("eval", "--config", str(ecfg), "--out", str(out / "evals" / f"{name}-{items}"),
@@ -287,7 +307,7 @@ def stage_report(a: argparse.Namespace, out: Path) -> None:
     teacher = gsm = None
     gsm_rows = []
     for name, cfg in students(a, out).items():
-        for items in ("heldout", "gsm8k"):
+        for items in ("heldout", "heldout-gemma", "gsm8k"):
             path = out / "evals" / f"{name}-{items}" / "results.json"
             if not path.exists():
                 continue
@@ -297,23 +317,33 @@ def stage_report(a: argparse.Namespace, out: Path) -> None:
                 gsm = res["teacher"]
                 gsm_rows.append((name, s))
                 continue
-            teacher = res["teacher"]
+            if items == "heldout":
+                teacher = res["teacher"]
             acc, ratio = s["accuracy"], s["ceiling_ratio"]
-            sel = json.loads((Path(cfg.out) / "selection.json").read_text())
+            sel_path = Path(cfg.out) / "selection.json"
             info = json.loads((Path(cfg.out) / "final" / "train_result.json").read_text())
-            passes = " / ".join(str(e["correct"]) for e in sel["epochs"])
+            if sel_path.exists():
+                sel = json.loads(sel_path.read_text())
+                passes = " / ".join(str(e["correct"]) for e in sel["epochs"]) + f" (pass {sel['chosen_epoch']})"
+            else:
+                passes = f"not chosen: {cfg.epochs} passes fixed in advance"
+            if items == "heldout-gemma":
+                t_sub = res["teacher"]["accuracy"]
+                passes += (f"; first {acc['n']} held-out problems, where the teacher has "
+                           f"{round(t_sub['value'] * t_sub['n'])}/{t_sub['n']}")
             src = "verified" if "verified" in cfg.data else "greedy"
+            pool = "verified_pool" if src == "verified" else "greedy"
             rows = len(Path(cfg.data).read_text().splitlines())
             if cfg.loss == "gkd":
                 tokens = info.get("teacher_scored_tokens", 0)
                 data = f"own samples on {rows} prompts, {cfg.epochs} pass, scored by the teacher" + (
                     " over HTTP (top-20)" if cfg.score_teacher else "")
             else:
-                tokens = cost["samples" if src == "verified" else "greedy"]["teacher_tokens"]
+                tokens = cost[pool]["teacher_tokens"]
                 data = f"{rows} {src} rationales, {cfg.epochs} passes"
             lines.append(f"| {name} ({s['n_params'] / 1e6:.1f}M) | {data} | {tokens:,} | "
                          f"{round(acc['value'] * acc['n'])}/{acc['n']} | {_est(acc)} | {_est(ratio, 2)} | "
-                         f"{passes} (pass {sel['chosen_epoch']}) |")
+                         f"{passes} |")
     if teacher is None:
         raise SystemExit(f"no student evaluated yet in {out / 'evals'}: run the train stage first")
     t = teacher["accuracy"]
@@ -335,8 +365,9 @@ def stage_report(a: argparse.Namespace, out: Path) -> None:
         lines += [f"| {k} | {v['verified_samples']}/{v['samples']} | {v['problems_solved']}/{v['problems']} |"
                   for k, v in probe.items()]
     lines += ["", "Rationales (training problems): " + "; ".join(
-        f"{k}: {v['verified_samples']}/{v['samples']} verified, {v['kept']} kept, {v['teacher_tokens']:,} teacher "
-        f"tokens, {v['tokens_per_kept']} per kept row" for k, v in cost.items())]
+        f"{k}: {v['verified_samples']}/{v['samples']} verified, {v['problems_solved']}/{v['problems']} problems "
+        f"solved, {v['teacher_tokens']:,} teacher tokens" + (f", {v['kept']} kept, {v['tokens_per_kept']} teacher "
+        "tokens per kept row" if k == "verified_pool" else "") for k, v in cost.items())]
     times = out / "times.jsonl"
     latest = {r["stage"]: r for r in map(json.loads, times.read_text().splitlines() if times.exists() else [])}
     lines += ["", "| stage | wall min | load (1 min) at end | finished |", "|---|---|---|---|"]
@@ -361,18 +392,21 @@ def main(argv: list[str] | None = None) -> int:
                    "student init); '' skips the gemma stage")
     p.add_argument("--student", default=SMALL_STUDENT, help="the small student's init (layers of the teacher)")
     p.add_argument("--students", default=",".join(STUDENTS), help="which students to train (comma-separated)")
-    p.add_argument("--heldout", type=int, default=150, help="held-out word problems (the test set)")
-    p.add_argument("--train", type=int, default=200, help="training word problems")
-    p.add_argument("--validation", type=int, default=60, help="validation word problems (difficulty, passes)")
-    p.add_argument("--gsm8k", type=int, default=40, help="GSM8K test items read by the same parser (0 = none)")
-    p.add_argument("--gsm8k-tokens", type=int, default=160, help="completion cap on GSM8K")
+    p.add_argument("--heldout", type=int, default=100, help="held-out word problems (the test set)")
+    p.add_argument("--train", type=int, default=120, help="training word problems")
+    p.add_argument("--validation", type=int, default=30, help="validation word problems (difficulty, passes)")
+    p.add_argument("--gsm8k", type=int, default=20, help="GSM8K test items read by the same parser (0 = none)")
+    p.add_argument("--gsm8k-tokens", type=int, default=128, help="completion cap on GSM8K")
     p.add_argument("--steps", type=int, default=2, help="events per word problem")
     p.add_argument("--lo", type=int, default=2, help="smallest number in a problem")
     p.add_argument("--hi", type=int, default=20, help="largest number in a problem")
-    p.add_argument("--samples", type=int, default=4, help="chains of thought sampled per training problem")
+    p.add_argument("--samples", type=int, default=2, help="chains of thought sampled per training problem")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the rationales")
     p.add_argument("--keep", type=int, default=0, help="verified rationales kept per problem (0 = every distinct one)")
-    p.add_argument("--max-new-tokens", type=int, default=80, help="completion cap on the word problems")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="completion cap on the word problems")
+    p.add_argument("--gemma-heldout", type=int, default=40, help="the Gemma student answers only the first N "
+                   "held-out problems (the teacher is scored on the same N); 0 = all")
+    p.add_argument("--probe-sampled", action="store_true", help="the probe also samples (2 per problem)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=8765, help="loopback port of the black-box teacher (gkd-bb)")
     p.add_argument("--jobs", type=int, default=2, help="training jobs side by side")

@@ -48,11 +48,13 @@ def test_reasoning_experiment_end_to_end_on_a_tiny_teacher(tmp_path, smol_tokeni
     _run(*common, "--stage", "split,probe,rationales")
     items = {k: _rows(out / "items" / f"{k}.jsonl") for k in ("heldout", "train", "validation")}
     assert [len(v) for v in items.values()] == [6, 8, 4]
-    assert set(json.loads((out / "probe.json").read_text())) == {"cot-greedy", "direct-greedy", "cot-T0.7"}
-    samples, greedy = _rows(out / "data" / "samples.jsonl"), _rows(out / "data" / "greedy.jsonl")
+    assert set(json.loads((out / "probe.json").read_text())) == {"cot-greedy", "direct-greedy"}
+    samples, greedy = _rows(out / "data" / "samples.jsonl"), _rows(out / "data" / "greedy-all.jsonl")
     assert len(samples) == 16 and len(greedy) == 8 and all(r["kept"] for r in greedy)
     cost = json.loads((out / "data" / "cost.json").read_text())
     assert cost["samples"]["teacher_tokens"] == sum(r["teacher_tokens"] for r in samples)
+    assert cost["verified_pool"]["teacher_tokens"] == cost["samples"]["teacher_tokens"] + sum(
+        r["teacher_tokens"] for r in greedy)
     # A random-init teacher is never right: mark a few samples verified so the verified student has data
     # (fixture only: the real experiment keeps only answers its verifier accepts).
     for r in samples[:3]:
