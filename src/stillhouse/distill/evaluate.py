@@ -101,8 +101,26 @@ class EvalConfig:
     system_prompt: str | None = None
     """System turn the students get on every item (None = their chat template's default): the
     system_prompt they were trained with. The teacher keeps its template's default."""
+    watermark_teacher: str = ""
+    """A watermark key id (e.g. server/eval/0): the teacher answers watermarked with it, as ``serve --watermark``
+    would (the secret from watermark_secret_env). Give the teacher as a student too (--model plain=bundled) to
+    score it both ways on the same items in one run."""
+    watermark_secret_env: str = "STILLHOUSE_WATERMARK_SECRET"
+    """Environment variable holding the watermark secret (for watermark_teacher)."""
+    watermark_gamma: float = 0.25
+    """Green share of the teacher's watermark (as serve's --watermark-gamma)."""
+    watermark_delta: float = 2.0
+    """Logit bias of the teacher's watermark (as serve's --watermark-delta)."""
+    watermark_context: int = 1
+    """Context window of the teacher's watermark (as serve's --watermark-context)."""
 
     def __post_init__(self) -> None:
+        if self.watermark_teacher:
+            from stillhouse.watermark.green import WatermarkParams
+            from stillhouse.watermark.keys import KeyId
+
+            KeyId.parse(self.watermark_teacher)  # raises naming the expected form
+            WatermarkParams(self.watermark_gamma, self.watermark_delta, self.watermark_context)
         if isinstance(self.students, str):
             raise TypeError("students must be a tuple of specs, e.g. ('hf:runs/student',)")
         if self.task not in TASKS:
@@ -193,6 +211,8 @@ class LoadedModel:
     tokenizer: Any
     revision: str
     spec: str = ""
+    processor: Any = None
+    """A logits processor ``(input_ids, scores) -> scores`` used in greedy generation (a watermark), or None."""
 
     @classmethod
     def load(cls, spec: str, label: str = "", device: str = "auto", dtype: str = "float32") -> LoadedModel:
@@ -420,7 +440,8 @@ def evaluate_models(
         t0 = time.perf_counter()
         cb = (lambda done: progress(f"generate {lm.label}", done, len(conversations))) if progress else None
         prompts = [chat_prompt_ids(lm.tokenizer, c) for c in conversations]
-        gens = generate(lm.model, lm.tokenizer, prompts, max_new, batch_size=cfg.batch_size, progress=cb)
+        gens = generate(lm.model, lm.tokenizer, prompts, max_new, batch_size=cfg.batch_size, progress=cb,
+                        logits_processor=lm.processor)
         return gens, time.perf_counter() - t0
 
     def gen_cached(lm: LoadedModel, always: bool,
@@ -525,6 +546,23 @@ def write_report(result: EvalResult, out_dir: str | Path, command: str = "") -> 
     return out / "report.md"
 
 
+def watermark_model(lm: LoadedModel, cfg: EvalConfig) -> None:
+    """Make ``lm`` answer watermarked with ``cfg.watermark_teacher``'s key; its label and revision say so
+    (so cached unwatermarked outputs are never reused)."""
+    from stillhouse.watermark.green import RowWatermark, WatermarkParams, batch_processor, vocab_hashes
+    from stillhouse.watermark.keys import WatermarkKeyError, derive_key, key_u64, load_secret
+
+    params = WatermarkParams(cfg.watermark_gamma, cfg.watermark_delta, cfg.watermark_context)
+    try:
+        key = key_u64(derive_key(load_secret(cfg.watermark_secret_env), cfg.watermark_teacher))
+    except WatermarkKeyError as exc:
+        raise EvalError(str(exc)) from None
+    vocab = int(lm.model.get_output_embeddings().weight.shape[0])
+    lm.processor = batch_processor(RowWatermark(key, params, vocab_hashes(vocab), cfg.watermark_teacher))
+    lm.label += "+watermark"
+    lm.revision += f"+watermark:{cfg.watermark_teacher}:g{params.gamma:g}:d{params.delta:g}:h{params.context}"
+
+
 def run_eval(cfg: EvalConfig, out_dir: str | Path, *, cache_dir: str | Path | None = None,
              console: Any = None) -> EvalResult:
     """Load the models a config names, evaluate, write the report. What ``stillhouse eval`` runs."""
@@ -539,6 +577,8 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, *, cache_dir: str | Path | No
     items = load_items(cfg.task, cfg.limit, cfg.seed, cfg.items)
     cache = Path(cache_dir) if cache_dir else out.parent / ".eval-cache"
     teacher = LoadedModel.load(cfg.teacher, label="teacher", device=cfg.device, dtype=cfg.dtype)
+    if cfg.watermark_teacher:
+        watermark_model(teacher, cfg)
     labels = cfg.labels or parse_model_args(cfg.students)[0]
     students = [LoadedModel.load(spec, label=label, device=cfg.device, dtype=cfg.dtype)
                 for spec, label in zip(cfg.students, labels)]

@@ -115,6 +115,10 @@ class TrainConfig:
     system_prompt: str | None = None
     """System turn added to rows that have none (None = the chat template's default). The
     student must be served/evaluated with the same one."""
+    reasoning: Literal["keep", "drop"] = "keep"
+    """The teacher's reasoning in the rows (reasoning_content / reasoning fields, <think> blocks): keep =
+    train on it (in the field the student's template renders, else inline before the answer); drop =
+    train on the bare answers."""
     epochs: int = 1
     """Passes over the (cut) rows."""
     batch_size: int = 8
@@ -197,6 +201,8 @@ class TrainConfig:
             raise TrainConfigError(f"beta={self.beta}: must be in [0, 1]")
         if not (self.temperature > 0):
             raise TrainConfigError(f"temperature={self.temperature}: must be positive")
+        if self.reasoning not in ("keep", "drop"):
+            raise TrainConfigError(f"reasoning={self.reasoning!r}: use keep or drop")
         if self.attention not in ("auto", "sdpa", "eager"):
             raise TrainConfigError(f"attention={self.attention!r}: use auto, sdpa or eager")
         for name in ("epochs", "batch_size", "max_len", "keep_checkpoints", "select_batch_size", "max_new_tokens",
@@ -516,7 +522,8 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
                 for r in rows]  # the teacher's token ids belong to another vocabulary
     else:
         t_model, tok, t_rev = teacher if teacher is not None else load_causal_lm(cfg.teacher)
-    examples = encode_rows(rows, tok, cfg.max_len, source=cfg.data, system_prompt=cfg.system_prompt)
+    examples = encode_rows(rows, tok, cfg.max_len, source=cfg.data, system_prompt=cfg.system_prompt,
+                           reasoning=cfg.reasoning)
     k = 0
     if cfg.loss == "topk":
         k = max((len(p) for e in examples if e.top_ids for p in e.top_ids), default=0)

@@ -17,7 +17,7 @@ the same greedy outputs (one thread, session 5); decoding is the rest.
 
 Unlike the continuous batcher behind :class:`~stillhouse.teacher.local.LocalTeacher` (requests
 join and leave a running batch; what ``serve`` uses), a batch here starts and ends together:
-no stop strings and no logits processors, but a generation depends only on its batch, so a
+no stop strings and at most one logits processor, but a generation depends only on its batch, so a
 rerun gives the same answers. ``top_logprobs`` are the model's own distribution (temperature 1)
 at every generated position, the stop position included (one row more than ``token_ids`` when
 the model stopped): a student trained on them learns to end its answer too.
@@ -81,12 +81,14 @@ def generate(
     seed: int | None = None,
     prefix_cache: bool = True,
     progress: Callable[[int], None] | None = None,
+    logits_processor: Any = None,
 ) -> list[Generation]:
     """One completion per prompt (token-id lists), in the prompts' order.
 
     Batches of ``batch_size`` after a stable sort by length; sampling (``temperature > 0``) seeds
     torch with ``seed + i`` before the batch that starts at sorted position ``i``. ``progress``
     gets the number of prompts done after each batch. The model is put in eval mode meanwhile.
+    ``logits_processor``: ``(input_ids, scores) -> scores`` applied at every step (a watermark).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be at least 1")
@@ -101,7 +103,8 @@ def generate(
             idx = order[start:start + batch_size]
             gens = generate_batch(model, tok, [prompts[i] for i in idx], max_new_tokens, temperature=temperature,
                                   top_p=top_p, logprobs=logprobs, top_logprobs=top_logprobs,
-                                  seed=None if seed is None else seed + start, prefix_cache=prefix_cache)
+                                  seed=None if seed is None else seed + start, prefix_cache=prefix_cache,
+                                  logits_processor=logits_processor)
             for i, g in zip(idx, gens):
                 out[i] = g
             if progress is not None:
@@ -123,6 +126,7 @@ def generate_batch(
     top_logprobs: int = 0,
     seed: int | None = None,
     prefix_cache: bool = True,
+    logits_processor: Any = None,
 ) -> list[Generation]:
     """Complete ``prompts`` as one left-padded batch (see the module docstring). ``logprobs``: each
     token's logprob; ``top_logprobs`` (implies logprobs): the k most likely tokens at each position."""
@@ -148,6 +152,10 @@ def generate_batch(
             cache = model(input_ids=input_ids[:1, :shared].to(device), use_cache=True).cache
         cache.batch_repeat_interleave(len(prompts))
         kwargs["cache"] = cache
+    if logits_processor is not None:
+        from transformers import LogitsProcessorList
+
+        kwargs["logits_processor"] = LogitsProcessorList([logits_processor])
     if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     else:

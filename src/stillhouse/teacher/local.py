@@ -40,7 +40,15 @@ from stillhouse.teacher.base import (
     ScoreResult,
     TokenLogprobs,
 )
-from stillhouse.teacher.batcher import BatchConfig, Batcher, Handle, LogitsProcessor, Request, StepEvent
+from stillhouse.teacher.batcher import (
+    BatchConfig,
+    Batcher,
+    Handle,
+    LogitsProcessor,
+    Request,
+    RowProcessor,
+    StepEvent,
+)
 from stillhouse.teacher.spec import TeacherSpec
 
 if TYPE_CHECKING:
@@ -213,9 +221,12 @@ class LocalTeacher:
         params: SamplingParams,
         index: int = 0,
         on_event: Callable[[StepEvent], None] | None = None,
+        row_processor: RowProcessor | None = None,
     ) -> Handle:
-        """Queue one completion of ``prompt_ids``; ``on_event`` runs in the worker thread."""
-        return self.batcher.submit(Request(list(prompt_ids), params, index=index, on_event=on_event))
+        """Queue one completion of ``prompt_ids``; ``on_event`` runs in the worker thread;
+        ``row_processor`` edits this row's logits each step (a per-request watermark)."""
+        return self.batcher.submit(Request(list(prompt_ids), params, index=index, on_event=on_event,
+                                           row_processor=row_processor))
 
     def generate(self, conversations: list[list[Message]], params: SamplingParams) -> list[ChatResult]:
         """Complete many conversations at once (blocking); one ChatResult each, in order."""
