@@ -147,10 +147,22 @@ def test_bench_train_gkd_arms_on_a_tiny_student(tok, tmp_path):
     res = run_bench(cfg)
     ours = res["arms"]["ours_gkd-fp32"]
     assert ours["steps"] == 2 and ours["examples_per_s"] > 0 and ours["heldout_n"] == 4
-    assert 0 <= ours["on_policy_steps"] <= 2
+    assert 0 <= ours["on_policy_steps"] <= 2 and len(ours["on_policy_at"]) == ours["on_policy_steps"]
+    assert len(ours["step_stamps"]) == 2 and ours["step_stamps"][1] >= ours["step_stamps"][0]
     assert res["arms"]["student-init"]["heldout_n"] == 4
     assert "no such file" in res["arms"]["trl_gkd-fp32"]["skipped"]
     assert "ours_gkd-fp32" in format_table(res)
+
+
+def test_step_seconds_and_at_lmbda():
+    from stillhouse.bench.train import at_lmbda, step_seconds
+
+    # steps 1 and 3 on-policy (3 s, 5 s), step 2 off-policy (1 s); step 0 is the unstamped warm-up
+    on, off = step_seconds([10.0, 13.0, 14.0, 19.0], [0, 1, 3])
+    assert on == pytest.approx(4.0) and off == pytest.approx(1.0)
+    assert at_lmbda(on, off, 16, 0.5) == pytest.approx(16 / 2.5)
+    assert at_lmbda(on, off, 16, 1.0) == pytest.approx(4.0)
+    assert step_seconds([1.0, 2.0], []) == (None, 1.0) and at_lmbda(None, 1.0, 16, 0.5) is None
 
 
 @pytest.mark.slow
@@ -165,6 +177,7 @@ def test_bench_train_gkd_against_trl_on_a_tiny_student(tok, tmp_path):
     res = run_bench(_bench_cfg(tok, tmp_path, arms=("trl_gkd-fp32",)))["arms"]["trl_gkd-fp32"]
     assert "skipped" not in res, res.get("skipped")
     assert res["steps"] == 2 and res["examples_per_s"] > 0 and res["heldout_n"] == 4
+    assert len(res["on_policy_at"]) == res["on_policy_steps"] and len(res["step_stamps"]) == 2
 
 
 def _word_tokenizer(tmp_path):

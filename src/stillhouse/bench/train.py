@@ -22,7 +22,10 @@ an HF directory under OUT/student):
   Speed is examples/s over the same timed span as the other arms (sampling included); then each trained
   student answers ``heldout`` held-out 2-digit additions greedily (the rows' system prompt), checked by
   the verifier: the speed counts only at equal or better held-out accuracy. The student before training
-  is scored too (``student-init``), for scale.
+  is scored too (``student-init``), for scale. Each trainer draws its own on-policy steps (ours from
+  (seed, step), TRL from Python's ``random``), and an on-policy step costs several off-policy ones, so the
+  table also gives each arm's mean seconds per on- and per off-policy step and the examples/s those imply
+  at exactly lmbda 0.5 (:func:`at_lmbda`): the ratio that does not depend on the coin flips of a short run.
 
 Timing, the same for every arm: wall time from the end of the first optimizer step to the end of
 the last (loading, tokenization, the warm-up step and checkpoint writes excluded), over the
@@ -234,14 +237,39 @@ def run_ours_gkd(teacher: tuple[Any, Any, str], teacher_spec: str, data: Path, c
                        shuffle=False, batch_size=cfg.batch_size, lr=cfg.lr, threads=cfg.threads,
                        precision=precision, max_len=512)  # type: ignore[arg-type]
     stamps: list[float] = []
+    on_policy_at: list[int] = []
+
+    def step(row: dict[str, Any]) -> None:
+        if row.get("on_policy"):
+            on_policy_at.append(len(stamps))
+        stamps.append(time.perf_counter())
+
     t0 = time.perf_counter()
-    res = train(tcfg, teacher=teacher, on_step=lambda _row: stamps.append(time.perf_counter()), progress=False)
+    res = train(tcfg, teacher=teacher, on_step=step, progress=False)
     wall = time.perf_counter() - t0
     n = cfg.gkd_examples
     info = json.loads((res.final_dir / "train_result.json").read_text())
     return {"arm": f"ours_gkd-{precision}", "steps": len(stamps), "examples": n,
             "timed_examples": n * (len(stamps) - 1) / len(stamps), "timed_s": stamps[-1] - stamps[0],
-            "wall_s": wall, "on_policy_steps": info.get("on_policy_steps"), "model_dir": str(res.final_dir)}
+            "wall_s": wall, "on_policy_steps": info.get("on_policy_steps"), "on_policy_at": on_policy_at,
+            "step_stamps": stamps, "model_dir": str(res.final_dir)}
+
+
+def step_seconds(stamps: list[float], on_policy_at: list[int]) -> tuple[float | None, float | None]:
+    """Mean seconds of the on-policy and of the off-policy steps after the first (the warm-up step, whose start
+    is not stamped); None for a kind with no timed step. Step i runs from stamps[i-1] to stamps[i]."""
+    on, off = [], []
+    for i in range(1, len(stamps)):
+        (on if i in on_policy_at else off).append(stamps[i] - stamps[i - 1])
+    return (sum(on) / len(on) if on else None), (sum(off) / len(off) if off else None)
+
+
+def at_lmbda(seconds_on: float | None, seconds_off: float | None, batch_size: int, lmbda: float) -> float | None:
+    """Examples/s a run would reach if its on-policy share were exactly ``lmbda`` (the per-kind step times
+    weighted by lmbda, so two trainers' coin flips do not decide their ratio)."""
+    if seconds_on is None or seconds_off is None:
+        return None
+    return batch_size / (lmbda * seconds_on + (1 - lmbda) * seconds_off)
 
 
 def run_trl_gkd(student_dir: Path, teacher_dir: Path, data: Path, cfg: BenchTrainConfig, precision: str, out: Path,
@@ -314,6 +342,10 @@ def run_bench(cfg: BenchTrainConfig) -> dict[str, Any]:
                 r = {"arm": arm, "skipped": peer_errors.get("trl", "--no-peers")}
             if "timed_s" in r:
                 r["examples_per_s"] = r["timed_examples"] / r["timed_s"]
+                if "step_stamps" in r:
+                    r["s_on_policy_step"], r["s_off_policy_step"] = step_seconds(r["step_stamps"], r["on_policy_at"])
+                    r["examples_per_s_at_lmbda"] = at_lmbda(r["s_on_policy_step"], r["s_off_policy_step"],
+                                                            cfg.batch_size, 0.5)
                 r.update(score_student(Path(r["model_dir"]), items, cfg.threads))
             results["arms"][arm] = r
             (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -379,17 +411,22 @@ def format_table(results: dict[str, Any]) -> str:
         c = results["config"]
         lines += ["", (f"GKD: {c.get('gkd_examples')} examples, batch {c['batch_size']}, lmbda 0.5, beta 0.5, sampling "
                        f"temperature 0.9, at most {c.get('gkd_max_new_tokens')} new tokens; held-out 2-digit additions"),
-                  "", "| arm | examples/s | ÷ TRL GKD fp32 | on-policy steps | held-out correct | accuracy [95% CI] |",
-                  "|---|---|---|---|---|---|"]
+                  "", ("| arm | examples/s | ÷ TRL GKD fp32 | on-policy steps | s per on- / off-policy step | "
+                       "examples/s at lmbda 0.5 | ÷ TRL GKD fp32 | held-out correct | accuracy [95% CI] |"),
+                  "|---|---|---|---|---|---|---|---|---|"]
         ref = gkd.get("trl_gkd-fp32", {}).get("examples_per_s")
+        ref_l = gkd.get("trl_gkd-fp32", {}).get("examples_per_s_at_lmbda")
         for arm, r in gkd.items():
             if "skipped" in r:
-                lines.append(f"| {arm} | skipped: {r['skipped'][:120]} | | | | |")
+                lines.append(f"| {arm} | skipped: {r['skipped'][:120]} | | | | | | | |")
                 continue
             acc = r.get("heldout_acc")
+            on, off, lam = r.get("s_on_policy_step"), r.get("s_off_policy_step"), r.get("examples_per_s_at_lmbda")
             cells = [arm, f"{r['examples_per_s']:.2f}" if "examples_per_s" in r else "-",
                      _ratio(r["examples_per_s"], ref) if "examples_per_s" in r else "-",
                      f"{r['on_policy_steps']}/{r['steps']}" if r.get("on_policy_steps") is not None else "-",
+                     " / ".join(f"{x:.1f}" if x is not None else "-" for x in (on, off)) if "step_stamps" in r else "-",
+                     f"{lam:.2f}" if lam else "-", _ratio(lam, ref_l) if lam else "-",
                      f"{r.get('heldout_correct')}/{r.get('heldout_n')}",
                      f"{acc[0]:.3f} [{acc[1]:.3f}, {acc[2]:.3f}]" if acc else "-"]
             lines.append("| " + " | ".join(cells) + " |")

@@ -48,6 +48,14 @@ def gkd(spec: dict, result_path: str) -> None:
                     logging_steps=10_000, dataloader_num_workers=0, seed=0, disable_tqdm=True)
     trainer = GKDTrainer(model=model, teacher_model=teacher, args=cfg, train_dataset=data, processing_class=tok,
                          callbacks=[Stamp()])
+    on_policy_at: list[int] = []  # the steps TRL drew on-policy (it calls generate_on_policy_outputs only then)
+    generate = trainer.generate_on_policy_outputs
+
+    def counted(*args, **kw):
+        on_policy_at.append(len(stamps))
+        return generate(*args, **kw)
+
+    trainer.generate_on_policy_outputs = counted
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
@@ -56,7 +64,8 @@ def gkd(spec: dict, result_path: str) -> None:
     steps = len(stamps)
     result = {"arm": f"trl-gkd-{spec['precision']}", "steps": steps, "examples": len(data),
               "timed_examples": len(data) * (steps - 1) / steps, "timed_s": stamps[-1] - stamps[0], "wall_s": wall,
-              "model_dir": spec["out"], "trl_version": __import__("trl").__version__}
+              "model_dir": spec["out"], "on_policy_steps": len(on_policy_at), "on_policy_at": on_policy_at,
+              "step_stamps": stamps, "trl_version": __import__("trl").__version__}
     with open(result_path, "w") as f:
         json.dump(result, f)
 
