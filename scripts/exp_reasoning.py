@@ -24,7 +24,8 @@ them), ``sft-greedy`` (SFT on the teacher's
 greedy answers), ``gkd`` (on-policy, lmbda 1: the student's own samples on the same prompts, scored by the
 white-box teacher; one pass costs about the teacher tokens of the greedy answers), ``gkd-bb`` (the same through
 ``stillhouse serve``'s POST /v1/score, top-20 logprobs: black-box), ``gemma-star`` (Gemma 3 270M, another family,
-SFT on the verified rationales' text).
+SFT on the verified rationales' text), ``gemma-sft`` (Gemma 3 270M on the teacher's greedy answers, right or wrong:
+plain sequence-level distillation across families).
 
     .venv/bin/python scripts/exp_reasoning.py --out runs/exp_reasoning
     .venv/bin/python scripts/exp_reasoning.py --out runs/exp_reasoning --stage report
@@ -55,6 +56,8 @@ STUDENTS: dict[str, dict[str, Any]] = {  # TrainConfig fields; data: verified | 
     "star-self": {"data": "verified", "loss": "sft", "student": "self", "epochs": 2, "lr": 5e-5, "system_prompt": ""},
     "gemma-star": {"data": "verified", "loss": "sft", "student": "model:bundled:gemma3-270m", "epochs": 2, "lr": 1e-4,
                    "freeze_embeddings": True, "schedule": "cosine", "system_prompt": None, "select_on": ""},
+    "gemma-sft": {"data": "greedy-all", "loss": "sft", "student": "model:bundled:gemma3-270m", "epochs": 2, "lr": 1e-4,
+                  "freeze_embeddings": True, "schedule": "cosine", "system_prompt": None, "select_on": ""},
 }
 COMMON = {"shuffle": False, "batch_size": 8, "warmup_steps": 4, "select_batch_size": 64, "max_len": 320}
 GSM8K_STUDENTS = ("star",)
@@ -224,7 +227,7 @@ def stage_train(a: argparse.Namespace, out: Path) -> bool:
         save_config(cfg, train_cfg)
         cmds = [("train", "--config", str(train_cfg))]
         sets = ("heldout", "gsm8k") if (a.gsm8k and name in GSM8K_STUDENTS) else ("heldout",)
-        if name == "gemma-star" and a.gemma_heldout:
+        if name.startswith("gemma-") and a.gemma_heldout:
             from stillhouse.distill.tasks import read_items, write_items
 
             write_items(read_items(out / "items" / "heldout.jsonl")[:a.gemma_heldout], out / "items" / "heldout-gemma.jsonl")
@@ -234,7 +237,7 @@ def stage_train(a: argparse.Namespace, out: Path) -> bool:
             save_config(_eval_config(a, out, name, f"hf:{cfg.out}/final", items, cfg.system_prompt), ecfg)
             cmds.append(("eval", "--config", str(ecfg), "--out", str(out / "evals" / f"{name}-{items}"),
                          "--cache-dir", str(out / ".eval-cache")))
-        cost = {"gemma-star": 6.0, "gkd": 3.0, "gkd-bb": 3.5, "star-self": 4.0}.get(name, 1.0)
+        cost = {"gemma-star": 6.0, "gemma-sft": 7.0, "gkd": 3.0, "gkd-bb": 3.5, "star-self": 4.0}.get(name, 1.0)
         jobs.append((name, cmds, cost))
         if cfg.score_teacher:
             serve = cfg.score_teacher
