@@ -56,7 +56,7 @@ STUDENTS: dict[str, dict[str, Any]] = {  # TrainConfig fields; data: verified | 
     "star-self": {"data": "verified", "loss": "sft", "student": "self", "epochs": 2, "lr": 5e-5, "system_prompt": ""},
     "gemma-star": {"data": "verified", "loss": "sft", "student": "model:bundled:gemma3-270m", "epochs": 2, "lr": 1e-4,
                    "freeze_embeddings": True, "schedule": "cosine", "system_prompt": None, "select_on": ""},
-    "gemma-sft": {"data": "greedy-all", "loss": "sft", "student": "model:bundled:gemma3-270m", "epochs": 2, "lr": 1e-4,
+    "gemma-sft": {"data": "greedy-all", "loss": "sft", "student": "model:bundled:gemma3-270m", "epochs": 1, "lr": 1e-4,
                   "freeze_embeddings": True, "schedule": "cosine", "system_prompt": None, "select_on": ""},
 }
 COMMON = {"shuffle": False, "batch_size": 8, "warmup_steps": 4, "select_batch_size": 64, "max_len": 320}
