@@ -153,3 +153,104 @@ def test_empty_mask_gives_zero_and_bad_arguments_raise():
     with pytest.raises(ValueError, match="alpha"):
         losses.mix_losses(torch.tensor(1.0), torch.tensor(1.0), 2.0)
     assert losses.mix_losses(torch.tensor(2.0), torch.tensor(4.0), 0.25).item() == pytest.approx(3.5)
+
+
+# -- on-policy (GKD) losses for a teacher known through top-k or sampled-token logprobs ---------------
+
+def _jsd_naive(p: list[float], q: list[float], beta: float) -> float:
+    """Generalized JSD of teacher p and student q (beta=0 forward KL, beta=1 reverse KL)."""
+    if beta == 0.0:
+        return _kl(p, q)
+    if beta == 1.0:
+        return _kl(q, p)
+    m = [beta * a + (1 - beta) * b for a, b in zip(p, q)]
+    return beta * _kl(p, m) + (1 - beta) * _kl(q, m)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
+def test_topk_jsd_with_k_equal_vocab_equals_dense(beta):
+    s, t, mask = _tensors(10)
+    vals, ids = torch.log_softmax(t, -1).sort(-1, descending=True)
+    got = losses.topk_generalized_jsd(s, ids, vals, mask, beta=beta)
+    assert got.item() == pytest.approx(losses.generalized_jsd(s, t, mask, beta=beta).item(), rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.9, 1.0])
+def test_topk_jsd_with_tail_bucket_matches_naive(beta):
+    s, t, mask = _tensors(11)
+    k = 3
+    t_lp = torch.log_softmax(t, -1)
+    vals, ids = t_lp.topk(k, -1)
+    total, count = 0.0, 0
+    for b in range(B):
+        for i in range(T):
+            if not mask[b, i]:
+                continue
+            pt, ps, top = t_lp[b, i].exp().tolist(), _softmax(s[b, i].tolist()), ids[b, i].tolist()
+            p = [pt[j] for j in top] + [1 - sum(pt[j] for j in top)]
+            q = [ps[j] for j in top] + [1 - sum(ps[j] for j in top)]
+            total += _jsd_naive(p, q, beta)
+            count += 1
+    got = losses.topk_generalized_jsd(s, ids, vals, mask, beta=beta)
+    assert got.item() == pytest.approx(total / count, rel=1e-4)
+
+
+def test_topk_jsd_beta0_is_topk_kd_and_bounded_by_dense():
+    s, t, mask = _tensors(12)
+    vals, ids = torch.log_softmax(t, -1).topk(2, -1)
+    assert losses.topk_generalized_jsd(s, ids, vals, mask, beta=0.0).item() == pytest.approx(
+        losses.topk_kd(s, ids, vals, mask).item(), rel=1e-5)
+    for beta in (0.0, 0.5, 1.0):  # folding onto buckets never increases a divergence
+        assert (losses.topk_generalized_jsd(s, ids, vals, mask, beta=beta).item()
+                <= losses.generalized_jsd(s, t, mask, beta=beta).item() + 1e-6)
+
+
+def test_topk_jsd_padding_gives_finite_gradients():
+    s, t, mask = _tensors(13)
+    s = s.clone().requires_grad_(True)
+    vals, ids = torch.log_softmax(t, -1).sort(-1, descending=True)
+    vals = vals.clone()
+    vals[1, 2, :] = -math.inf  # nothing known at this position: all mass in the tail, on both sides
+    vals[0, 1, 3:] = -math.inf  # some slots padding
+    losses.topk_generalized_jsd(s, ids, vals, mask, beta=0.5).backward()
+    assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="beta"):
+        losses.topk_generalized_jsd(s, ids, vals, mask, beta=-0.1)
+
+
+def test_sampled_reverse_kl_value_and_gradient_match_naive():
+    s, t, mask = _tensors(14)
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    t_tok = torch.gather(torch.log_softmax(t, -1), -1, tokens.unsqueeze(-1)).squeeze(-1)
+    s = s.clone().requires_grad_(True)
+    loss = losses.sampled_reverse_kl(s, tokens, t_tok, mask)
+    loss.backward()
+    # naive: value = mean (log s(y) - log t(y)); gradient wrt logits = mean gap * (onehot(y) - softmax)
+    count = int(mask.sum())
+    value, grad = 0.0, torch.zeros(B, T, V)
+    for b in range(B):
+        for i in range(T):
+            if not mask[b, i]:
+                continue
+            ps = _softmax(s[b, i].tolist())
+            y = int(tokens[b, i])
+            gap = math.log(ps[y]) - float(t_tok[b, i])
+            value += gap
+            for v in range(V):
+                grad[b, i, v] = gap * ((1.0 if v == y else 0.0) - ps[v]) / count
+    assert loss.item() == pytest.approx(value / count, rel=1e-5)
+    assert torch.allclose(s.grad, grad, atol=1e-6)
+
+
+def test_sampled_reverse_kl_averages_to_the_reverse_kl():
+    """Sampling many tokens from the student: the mean estimate approaches the exact reverse KL."""
+    g = torch.Generator().manual_seed(6)
+    s_row, t_row = torch.randn(V, generator=g), torch.randn(V, generator=g)
+    n = 20000
+    tokens = torch.multinomial(torch.softmax(s_row, -1), n, replacement=True, generator=g).view(1, n)
+    s = s_row.expand(1, n, V)
+    t_tok = torch.log_softmax(t_row, -1)[tokens]
+    est = losses.sampled_reverse_kl(s, tokens, t_tok, torch.ones(1, n, dtype=torch.bool)).item()
+    exact = losses.reverse_kl(s_row.view(1, 1, V), t_row.view(1, 1, V), torch.ones(1, 1, dtype=torch.bool)).item()
+    assert est == pytest.approx(exact, abs=0.05)

@@ -67,8 +67,13 @@ def bench_train_command(
     peers: bool = typer.Option(True, "--peers/--no-peers", help=PEERS_HELP),
     peer_python: list[str] = typer.Option([], "--peer-python", metavar="NAME=PATH", help=PEER_PYTHON_HELP),
     out: Path = typer.Option(Path("runs/bench-train"), "--out", help="Student, data, results.json."),
+    gkd_examples: int = typer.Option(256, "--gkd-examples", help="Chat rows of the GKD arms (one epoch)."),
+    gkd_max_new_tokens: int = typer.Option(16, "--gkd-max-new-tokens",
+                                           help="Most tokens the student samples per on-policy completion (GKD arms)."),
+    heldout: int = typer.Option(200, "--heldout", help="Held-out 2-digit additions each GKD arm's student answers."),
 ) -> None:
     """Training tokens/s: ours vs TRL SFTTrainer vs a plain PyTorch loop, same student/data/batch; MFU.
+    GKD: examples/s of `train --loss gkd` vs TRL's GKDTrainer at their held-out accuracy.
 
     Every arm starts from the same student weights and trains one epoch on the same examples.
     MFU = 6 x parameters x tokens/s / this machine's peak matmul FLOP/s in the arm's precision,
@@ -83,7 +88,8 @@ def bench_train_command(
                                threads=threads, arms=tuple(a for a in arms.split(",") if a),
                                peers=peers and trl_python != "",
                                peer_python=(*peer_python, *([f"trl={trl_python}"] if trl_python else [])),
-                               out=str(out))
+                               out=str(out), gkd_examples=gkd_examples, gkd_max_new_tokens=gkd_max_new_tokens,
+                               heldout=heldout)
     except ConfigError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from exc

@@ -90,7 +90,8 @@ PEERS: dict[str, Peer] = {p.name: p for p in (
     # transformers as ours, so the student directory the bench writes loads the same way;
     # torch pinned: a bare torch requirement can pull a multi-GB CUDA build.
     Peer("trl", "1.16.0", ("trl==1.16.0", "torch==2.13.0", "transformers==5.25.0"),
-         check="import torch, transformers, datasets, trl; from trl import SFTConfig, SFTTrainer",
+         check="import torch, transformers, datasets, trl; from trl import SFTConfig, SFTTrainer; "
+               "from trl.experimental.gkd import GKDConfig, GKDTrainer",
          used_by="bench train", run_env=dict(_OFFLINE)),
     # Built from source. Default flags build for the build machine's CPU and died with
     # "Illegal instruction" here; GGML_NATIVE=OFF builds a portable library (about 6-8 minutes on 2 cores).

@@ -14,7 +14,18 @@ an HF directory under OUT/student):
   positions only, fused AdamW, ``--precision``);
 - ``trl-fp32`` / ``trl-bf16``: TRL ``SFTTrainer`` (prompt-completion data, so the loss is on the
   completion only, like ours) in its pinned virtualenv (:mod:`stillhouse.bench.peers`, built on
-  first use; ``--peer-python trl=PATH`` names another), through ``bench/trl_worker.py``.
+  first use; ``--peer-python trl=PATH`` names another), through ``bench/trl_worker.py``;
+- ``ours_gkd-fp32`` / ``ours_gkd-bf16``: on-policy distillation, ``stillhouse train --loss gkd`` (white-box
+  teacher: the bundled model the student is cut from), and ``trl_gkd-fp32`` / ``trl_gkd-bf16``: TRL's
+  ``trl.experimental.gkd.GKDTrainer``, on the same student, teacher and ``gkd_examples`` chat rows, with
+  TRL's defaults on both sides (lmbda 0.5, beta 0.5, sampling temperature 0.9) and ``gkd_max_new_tokens``.
+  Speed is examples/s over the same timed span as the other arms (sampling included); then each trained
+  student answers ``heldout`` held-out 2-digit additions greedily (the rows' system prompt), checked by
+  the verifier: the speed counts only at equal or better held-out accuracy. The student before training
+  is scored too (``student-init``), for scale. Each trainer draws its own on-policy steps (ours from
+  (seed, step), TRL from Python's ``random``), and an on-policy step costs several off-policy ones, so the
+  table also gives each arm's mean seconds per on- and per off-policy step and the examples/s those imply
+  at exactly lmbda 0.5 (:func:`at_lmbda`): the ratio that does not depend on the coin flips of a short run.
 
 Timing, the same for every arm: wall time from the end of the first optimizer step to the end of
 the last (loading, tokenization, the warm-up step and checkpoint writes excluded), over the
@@ -39,7 +50,9 @@ from typing import Any
 
 from stillhouse.config import ConfigError, save_config
 
-ARMS = ("peak-fp32", "peak-bf16", "plain-fp32", "ours-fp32", "ours-bf16", "trl-fp32", "trl-bf16")
+ARMS = ("peak-fp32", "peak-bf16", "plain-fp32", "ours-fp32", "ours-bf16", "trl-fp32", "trl-bf16",
+        "ours_gkd-fp32", "ours_gkd-bf16", "trl_gkd-fp32")
+GKD_ARMS = ("ours_gkd-fp32", "ours_gkd-bf16", "trl_gkd-fp32", "trl_gkd-bf16")
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
@@ -61,14 +74,24 @@ class BenchTrainConfig:
     out: str = "runs/bench-train"
     peak_size: int = 2048
     """Side of the square matmul that measures peak FLOP/s."""
+    gkd_examples: int = 256
+    """Chat rows the GKD arms train on (one epoch, batch_size rows a step)."""
+    gkd_max_new_tokens: int = 16
+    """Most tokens the student samples per on-policy completion in the GKD arms."""
+    heldout: int = 200
+    """Held-out 2-digit additions each GKD arm's student answers after training."""
 
     def __post_init__(self) -> None:
         from stillhouse.bench.peers import check_overrides
 
         check_overrides(self.peer_python)
-        bad = [a for a in self.arms if a not in ARMS]
+        bad = [a for a in self.arms if a not in ARMS + GKD_ARMS]
         if bad:
-            raise ConfigError(f"unknown arms {bad}: choose from {', '.join(ARMS)}")
+            raise ConfigError(f"unknown arms {bad}: choose from {', '.join(dict.fromkeys(ARMS + GKD_ARMS))}")
+        if any(a in GKD_ARMS for a in self.arms) and (self.gkd_examples < 2 * self.batch_size or self.heldout < 1
+                                                       or self.gkd_max_new_tokens < 1):
+            raise ConfigError(f"gkd_examples={self.gkd_examples}, heldout={self.heldout}, gkd_max_new_tokens="
+                              f"{self.gkd_max_new_tokens}: need two batches of examples, and at least 1 of each")
         if self.examples < 2 * self.batch_size:
             raise ConfigError(f"examples={self.examples}: need at least two batches ({2 * self.batch_size})")
         if self.threads < 1:
@@ -180,6 +203,94 @@ def run_trl(student_dir: Path, data: Path, cfg: BenchTrainConfig, precision: str
     return json.loads(res.read_text())
 
 
+def heldout_items(n: int) -> list[Any]:
+    """The GKD arms' held-out 2-digit additions, asked as the training rows ask."""
+    from stillhouse.distill.tasks import arithmetic
+
+    return arithmetic(n, "heldout", seed=0, digits=(2,))
+
+
+def score_student(model_dir: Path, items: list[Any], threads: int) -> dict[str, Any]:
+    """Greedy answers of the student in ``model_dir`` on ``items`` (system prompt SYSTEM), verified."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from stillhouse.distill.metrics import accuracy
+    from stillhouse.distill.select import score_pass
+
+    torch.set_num_threads(threads)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    correct, ok = score_pass(Path(model_dir), tok, items, SYSTEM, batch_size=100)
+    acc = accuracy(ok)
+    return {"heldout_correct": correct, "heldout_n": len(ok), "heldout_acc": [acc.value, acc.lo, acc.hi],
+            "heldout_verdicts": ok}
+
+
+def run_ours_gkd(teacher: tuple[Any, Any, str], teacher_spec: str, data: Path, cfg: BenchTrainConfig,
+                 precision: str, out: Path) -> dict[str, Any]:
+    """``stillhouse train --loss gkd`` (TRL's GKD defaults), white-box, as the CLI runs it."""
+    from stillhouse.distill.train import TrainConfig, train
+
+    shutil.rmtree(out, ignore_errors=True)
+    tcfg = TrainConfig(data=str(data), out=str(out), teacher=teacher_spec, student=cfg.student, loss="gkd",
+                       lmbda=0.5, beta=0.5, gen_temperature=0.9, max_new_tokens=cfg.gkd_max_new_tokens,
+                       shuffle=False, batch_size=cfg.batch_size, lr=cfg.lr, threads=cfg.threads,
+                       precision=precision, max_len=512)  # type: ignore[arg-type]
+    stamps: list[float] = []
+    on_policy_at: list[int] = []
+
+    def step(row: dict[str, Any]) -> None:
+        if row.get("on_policy"):
+            on_policy_at.append(len(stamps))
+        stamps.append(time.perf_counter())
+
+    t0 = time.perf_counter()
+    res = train(tcfg, teacher=teacher, on_step=step, progress=False)
+    wall = time.perf_counter() - t0
+    n = cfg.gkd_examples
+    info = json.loads((res.final_dir / "train_result.json").read_text())
+    return {"arm": f"ours_gkd-{precision}", "steps": len(stamps), "examples": n,
+            "timed_examples": n * (len(stamps) - 1) / len(stamps), "timed_s": stamps[-1] - stamps[0],
+            "wall_s": wall, "on_policy_steps": info.get("on_policy_steps"), "on_policy_at": on_policy_at,
+            "step_stamps": stamps, "model_dir": str(res.final_dir)}
+
+
+def step_seconds(stamps: list[float], on_policy_at: list[int]) -> tuple[float | None, float | None]:
+    """Mean seconds of the on-policy and of the off-policy steps after the first (the warm-up step, whose start
+    is not stamped); None for a kind with no timed step. Step i runs from stamps[i-1] to stamps[i]."""
+    on, off = [], []
+    for i in range(1, len(stamps)):
+        (on if i in on_policy_at else off).append(stamps[i] - stamps[i - 1])
+    return (sum(on) / len(on) if on else None), (sum(off) / len(off) if off else None)
+
+
+def at_lmbda(seconds_on: float | None, seconds_off: float | None, batch_size: int, lmbda: float) -> float | None:
+    """Examples/s a run would reach if its on-policy share were exactly ``lmbda`` (the per-kind step times
+    weighted by lmbda, so two trainers' coin flips do not decide their ratio)."""
+    if seconds_on is None or seconds_off is None:
+        return None
+    return batch_size / (lmbda * seconds_on + (1 - lmbda) * seconds_off)
+
+
+def run_trl_gkd(student_dir: Path, teacher_dir: Path, data: Path, cfg: BenchTrainConfig, precision: str, out: Path,
+                python: Path) -> dict[str, Any]:
+    """TRL GKDTrainer in its own virtualenv (trl_worker.py, mode gkd)."""
+    from stillhouse.bench.peers import run_env
+
+    spec = {"mode": "gkd", "student": str(student_dir), "teacher": str(teacher_dir), "data": str(data),
+            "batch_size": cfg.batch_size, "lr": cfg.lr, "threads": cfg.threads, "precision": precision, "max_len": 512,
+            "lmbda": 0.5, "beta": 0.5, "temperature": 0.9, "max_new_tokens": cfg.gkd_max_new_tokens,
+            "out": str(out / f"trl_gkd-{precision}")}
+    (out / "trl-gkd-spec.json").write_text(json.dumps(spec))
+    res = out / f"trl_gkd-{precision}.json"
+    worker = Path(__file__).with_name("trl_worker.py")
+    proc = subprocess.run([str(python), str(worker), str(out / "trl-gkd-spec.json"), str(res)],
+                          capture_output=True, text=True, check=False, env=run_env("trl"))
+    if proc.returncode != 0:
+        return {"arm": f"trl_gkd-{precision}", "skipped": f"TRL GKD worker failed: {proc.stderr.strip()[-600:]}"}
+    return json.loads(res.read_text())
+
+
 def run_bench(cfg: BenchTrainConfig) -> dict[str, Any]:
     """Run every arm of ``cfg``; write OUT/results.json and print the table."""
     import torch
@@ -189,7 +300,7 @@ def run_bench(cfg: BenchTrainConfig) -> dict[str, Any]:
     from stillhouse.distill.student import count_parameters, make_student
 
     # The peer first: a first-use build must finish before anything is measured.
-    wants_trl = cfg.peers and any(a.startswith("trl-") for a in cfg.arms)
+    wants_trl = cfg.peers and any(a.startswith("trl") for a in cfg.arms)
     peer_py, peer_errors = prepare(["trl"] if wants_trl else [], cfg.peer_python)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -202,15 +313,43 @@ def run_bench(cfg: BenchTrainConfig) -> dict[str, Any]:
     student_dir = out / "student"
     student.save_pretrained(student_dir)
     tok.save_pretrained(student_dir)
-    del t_model, student
+    del student
+    gkd_arms = [a for a in cfg.arms if a in GKD_ARMS]
+    teacher = (t_model, tok, _rev) if gkd_arms else None
+    del t_model
     data = out / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(cfg.examples)))
+    gkd_data = out / "gkd-data.jsonl"
+    gkd_data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(cfg.gkd_examples, seed=1)))
+    items = heldout_items(cfg.heldout) if gkd_arms else []
 
     results: dict[str, Any] = {"config": cfg.__dict__, "parameters": params, "head_parameters": head, "arms": {}}
     peaks = {}
+    if gkd_arms:
+        results["arms"]["student-init"] = {"arm": "student-init", **score_student(student_dir, items, cfg.threads)}
     for arm in cfg.arms:
-        kind, prec = arm.split("-")
+        kind, prec = arm.rsplit("-", 1)
         print(f"[{time.strftime('%H:%M:%S')}] {arm} ...", flush=True)
+        if kind in ("ours_gkd", "trl_gkd"):
+            if kind == "ours_gkd" and teacher is not None:
+                r = run_ours_gkd(teacher, cfg.teacher, gkd_data, cfg, prec, out / arm)
+            elif "trl" in peer_py:
+                from stillhouse.teacher.bundled import resolve_model_dir
+
+                r = run_trl_gkd(student_dir, resolve_model_dir(cfg.teacher)[0], gkd_data, cfg, prec, out,
+                                peer_py["trl"])
+            else:
+                r = {"arm": arm, "skipped": peer_errors.get("trl", "--no-peers")}
+            if "timed_s" in r:
+                r["examples_per_s"] = r["timed_examples"] / r["timed_s"]
+                if "step_stamps" in r:
+                    r["s_on_policy_step"], r["s_off_policy_step"] = step_seconds(r["step_stamps"], r["on_policy_at"])
+                    r["examples_per_s_at_lmbda"] = at_lmbda(r["s_on_policy_step"], r["s_off_policy_step"],
+                                                            cfg.batch_size, 0.5)
+                r.update(score_student(Path(r["model_dir"]), items, cfg.threads))
+            results["arms"][arm] = r
+            (out / "results.json").write_text(json.dumps(results, indent=2))
+            continue
         if kind == "peak":
             peaks[prec] = peak_flops(prec, cfg.threads, cfg.peak_size)
             results["arms"][arm] = {"arm": arm, "flops": peaks[prec]}
@@ -228,7 +367,7 @@ def run_bench(cfg: BenchTrainConfig) -> dict[str, Any]:
         results["arms"][arm] = r
         (out / "results.json").write_text(json.dumps(results, indent=2))
     for arm, r in results["arms"].items():
-        prec = arm.split("-")[1]
+        prec = arm.rsplit("-", 1)[-1]
         if "tok_per_s" in r and prec in peaks:
             r["mfu"] = 6 * params * r["tok_per_s"] / peaks[prec]
             if "answer_tokens" in r:  # FLOPs ours executes: body on every token, head on answers only
@@ -254,6 +393,8 @@ def format_table(results: dict[str, Any]) -> str:
             f"batch {results['config']['batch_size']}, {results['config']['threads']} threads")
     lines = [head, "",
              "| arm | tokens/s | ÷ TRL same precision | ÷ TRL fp32 | MFU | HFU |", "|---|---|---|---|---|---|"]
+    gkd = {a: r for a, r in arms.items() if a in GKD_ARMS or a == "student-init"}
+    arms = {a: r for a, r in arms.items() if a not in gkd}
     for arm, r in arms.items():
         if "flops" in r:
             lines.append(f"| {arm} | peak {r['flops'] / 1e9:.0f} GFLOP/s | | | | |")
@@ -266,4 +407,27 @@ def format_table(results: dict[str, Any]) -> str:
         cells = [arm, f"{r['tok_per_s']:.0f}", _ratio(r["tok_per_s"], same), _ratio(r["tok_per_s"], fp32),
                  _pct(r.get("mfu")), _pct(r.get("hfu"))]
         lines.append("| " + " | ".join(cells) + " |")
+    if gkd:
+        c = results["config"]
+        lines += ["", (f"GKD: {c.get('gkd_examples')} examples, batch {c['batch_size']}, lmbda 0.5, beta 0.5, sampling "
+                       f"temperature 0.9, at most {c.get('gkd_max_new_tokens')} new tokens; held-out 2-digit additions"),
+                  "", ("| arm | examples/s | ÷ TRL GKD fp32 | on-policy steps | s per on- / off-policy step | "
+                       "examples/s at lmbda 0.5 | ÷ TRL GKD fp32 | held-out correct | accuracy [95% CI] |"),
+                  "|---|---|---|---|---|---|---|---|---|"]
+        ref = gkd.get("trl_gkd-fp32", {}).get("examples_per_s")
+        ref_l = gkd.get("trl_gkd-fp32", {}).get("examples_per_s_at_lmbda")
+        for arm, r in gkd.items():
+            if "skipped" in r:
+                lines.append(f"| {arm} | skipped: {r['skipped'][:120]} | | | | | | | |")
+                continue
+            acc = r.get("heldout_acc")
+            on, off, lam = r.get("s_on_policy_step"), r.get("s_off_policy_step"), r.get("examples_per_s_at_lmbda")
+            cells = [arm, f"{r['examples_per_s']:.2f}" if "examples_per_s" in r else "-",
+                     _ratio(r["examples_per_s"], ref) if "examples_per_s" in r else "-",
+                     f"{r['on_policy_steps']}/{r['steps']}" if r.get("on_policy_steps") is not None else "-",
+                     " / ".join(f"{x:.1f}" if x is not None else "-" for x in (on, off)) if "step_stamps" in r else "-",
+                     f"{lam:.2f}" if lam else "-", _ratio(lam, ref_l) if lam else "-",
+                     f"{r.get('heldout_correct')}/{r.get('heldout_n')}",
+                     f"{acc[0]:.3f} [{acc[1]:.3f}, {acc[2]:.3f}]" if acc else "-"]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

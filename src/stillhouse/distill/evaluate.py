@@ -52,8 +52,8 @@ from stillhouse.distill.data import with_system
 from stillhouse.distill.metrics import Estimate, accuracy, agreement, ceiling_ratio
 from stillhouse.teacher.generate import Generation, chat_prompt_ids, generate
 
-TASKS = ("arithmetic2", "arithmetic3", "gsm8k", "humaneval")
-DEFAULT_MAX_NEW_TOKENS = {"arithmetic2": 16, "arithmetic3": 16, "gsm8k": 320, "humaneval": 384}
+TASKS = ("arithmetic2", "arithmetic3", "gsm8k", "wordproblem", "humaneval")
+DEFAULT_MAX_NEW_TOKENS = {"arithmetic2": 16, "arithmetic3": 16, "gsm8k": 320, "wordproblem": 80, "humaneval": 384}
 CACHE_FORMAT = 3
 
 
@@ -72,8 +72,9 @@ class EvalConfig:
     """Display names, one per student; empty = derived from the specs."""
     teacher: str = "bundled"
     """Teacher spec: a local model (KL and agreement need its logits and greedy outputs)."""
-    task: Literal["arithmetic2", "arithmetic3", "gsm8k", "humaneval"] = "arithmetic2"
-    """arithmetic2/3: held-out 2-/3-digit additions; gsm8k: the test split; humaneval: all 164."""
+    task: Literal["arithmetic2", "arithmetic3", "gsm8k", "wordproblem", "humaneval"] = "arithmetic2"
+    """arithmetic2/3: held-out 2-/3-digit additions; gsm8k: the test split; wordproblem: held-out 2-step word
+    problems (chain-of-thought prompt, GSM8K's answer parser); humaneval: all 164."""
     limit: int = 200
     """Number of held-out items."""
     seed: int = 0
@@ -81,7 +82,7 @@ class EvalConfig:
     batch_size: int = 32
     """Prompts per generation batch (teacher.generate: equal-length prompts share their prefix's KV cache)."""
     max_new_tokens: int | None = None
-    """Completion cap; None = the task's default (16 arithmetic, 320 GSM8K, 384 HumanEval)."""
+    """Completion cap; None = the task's default (16 arithmetic, 320 GSM8K, 80 word problems, 384 HumanEval)."""
     kl: bool = True
     """Compute KL(teacher ‖ student) over the teacher's greedy completions."""
     kl_batch_size: int = 8
@@ -192,6 +193,8 @@ def load_items(task: str, limit: int, seed: int = 0, path: str = "") -> list[Any
             return tasks.arithmetic(limit, "heldout", seed=seed, digits=(3,))
         if task == "gsm8k":
             return tasks.gsm8k(limit, "test")
+        if task == "wordproblem":
+            return tasks.wordproblem_splits(limit, 0, 0, seed=seed)["heldout"]
         if task == "humaneval":
             return tasks.humaneval(limit)
     except (FileNotFoundError, ValueError) as exc:

@@ -21,6 +21,19 @@ The losses:
 * :func:`mix_losses` - ``alpha * CE + (1 - alpha) * KD``, returning both terms so the
   known weak spot (a KD term too small beside CE to matter) is visible in every log.
 
+On-policy distillation (GKD, Agarwal et al. 2024; :mod:`stillhouse.distill.onpolicy`) scores the
+student's own samples. A white-box teacher gives its full distribution at each of them, so the dense
+:func:`generalized_jsd` applies. A black-box teacher (``POST /v1/score``) gives only the log-probability
+of each sampled token and its top-k, for which:
+
+* :func:`topk_generalized_jsd` - the generalized JSD between the two distributions folded onto the
+  teacher's known tokens plus one tail bucket (the rest of the vocabulary): every beta, forward KL
+  (beta=0, equal to :func:`topk_kd`) and reverse KL (beta=1) included. Folding never increases a
+  divergence, so this is a lower bound of the dense one, equal to it when the known tokens cover the
+  vocabulary;
+* :func:`sampled_reverse_kl` - the Monte-Carlo reverse KL from the sampled tokens alone (no top-k),
+  with the score-function gradient, as on-policy distillation with an API's logprobs does.
+
 Temperature follows TRL: both distributions are softened by dividing logits by T, and
 the loss is not rescaled by T^2.
 """
@@ -212,3 +225,110 @@ def mix_losses(ce: torch.Tensor, kd: torch.Tensor, alpha: float) -> torch.Tensor
     if not (0.0 <= alpha <= 1.0):
         raise ValueError(f"alpha={alpha}: must be in [0, 1] (weight of the cross-entropy term)")
     return alpha * ce + (1.0 - alpha) * kd
+
+
+def _log1mexp(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, floored at ``log(eps)`` so an empty bucket keeps finite gradients."""
+    import torch
+
+    return torch.log((-torch.expm1(x.clamp(max=0.0))).clamp(min=eps))
+
+
+def topk_buckets(
+    student_logits: torch.Tensor,
+    top_ids: torch.Tensor,
+    top_logprobs: torch.Tensor,
+    temperature: float = 1.0,
+    tail_eps: float = 1e-12,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher and student log-probabilities on K + 1 buckets: the K known ids and one tail.
+
+    Returns ``(teacher (B, T, K+1), student (B, T, K+1), used (B, T, K+1) bool)``; the last bucket is
+    the tail. Slots whose teacher logprob is ``-inf`` are padding: unused, excluded from both sides.
+    A bucket with (near) zero mass holds ``log(tail_eps)``; ``used`` is False there and it carries
+    no loss. Ids must be distinct within a position.
+    """
+    import torch
+
+    if top_ids.shape != top_logprobs.shape:
+        raise ValueError(f"top_ids {tuple(top_ids.shape)} and top_logprobs {tuple(top_logprobs.shape)} differ")
+    if top_ids.shape[:2] != student_logits.shape[:2]:
+        raise ValueError(f"top-k tensors {tuple(top_ids.shape)} and student logits {tuple(student_logits.shape)} "
+                         "disagree on (B, T)")
+    if top_ids.shape[-1] > student_logits.shape[-1]:
+        raise ValueError(f"k={top_ids.shape[-1]} exceeds the vocabulary size {student_logits.shape[-1]}")
+    s = _log_probs(student_logits, temperature)
+    t_lp = top_logprobs.float()
+    used = torch.isfinite(t_lp)
+    ids = torch.where(used, top_ids, torch.zeros_like(top_ids)).long()
+    floor = math.log(tail_eps)
+    s_top = torch.where(used, torch.gather(s, -1, ids), torch.full_like(t_lp, -1e9))
+    t_top = torch.where(used, t_lp, torch.full_like(t_lp, -1e9))
+    t_tail = _log1mexp(torch.logsumexp(t_top, -1), tail_eps)
+    s_tail = _log1mexp(torch.logsumexp(s_top, -1), tail_eps)
+    teacher = torch.cat([torch.where(used, t_top, torch.full_like(t_top, floor)), t_tail.unsqueeze(-1)], -1)
+    student = torch.cat([torch.where(used, s_top, torch.full_like(s_top, floor)), s_tail.unsqueeze(-1)], -1)
+    used_all = torch.cat([used, (t_tail > floor + 1e-6).unsqueeze(-1)], -1)
+    return teacher, student, used_all
+
+
+def topk_generalized_jsd(
+    student_logits: torch.Tensor,
+    top_ids: torch.Tensor,
+    top_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """:func:`generalized_jsd` between a teacher known through top-k logprobs and the student, on
+    K + 1 buckets (:func:`topk_buckets`: the known ids and a tail holding the rest of each side's mass).
+
+    beta=0 is the bucketed forward KL (:func:`topk_kd`), beta=1 the bucketed reverse KL. With every id
+    known (K = V) the tail is empty and this equals the dense loss. ``temperature`` softens the student
+    only (the teacher's logprobs arrive at temperature 1).
+    """
+    import torch
+
+    if not (0.0 <= beta <= 1.0):
+        raise ValueError(f"beta={beta}: must be in [0, 1] (0 = forward KL, 1 = reverse KL)")
+    t, s, used = topk_buckets(student_logits, top_ids, top_logprobs, temperature)
+    zero = torch.zeros_like(t)
+
+    def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:  # KL(p || q) over the used buckets
+        return torch.where(used, log_p.exp() * (log_p - log_q), zero).sum(-1)
+
+    if beta == 0.0:
+        per_pos = kl(t, s)
+    elif beta == 1.0:
+        per_pos = kl(s, t)
+    else:
+        log_m = torch.logsumexp(torch.stack([s + math.log(1.0 - beta), t + math.log(beta)]), dim=0)
+        per_pos = beta * kl(t, log_m) + (1.0 - beta) * kl(s, log_m)
+    return _masked_mean(per_pos, mask)
+
+
+def sampled_reverse_kl(
+    student_logits: torch.Tensor,
+    tokens: torch.Tensor,
+    teacher_token_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Reverse KL estimated from the student's own sampled ``tokens`` (B, T) and the teacher's logprob of
+    each (B, T): no top-k needed.
+
+    The value is the mean over masked positions of ``log s(y) - log t(y)`` (an unbiased estimate of
+    KL(student || teacher) per position when ``y`` was sampled from the student at this temperature);
+    the gradient is the score-function one, ``(log s(y) - log t(y)) * grad log s(y)``, per position
+    (each token's own term; later tokens' terms are not credited back to it).
+    """
+    import torch
+
+    if tokens.shape != student_logits.shape[:2] or teacher_token_logprobs.shape != tokens.shape:
+        raise ValueError(f"tokens {tuple(tokens.shape)}, teacher logprobs {tuple(teacher_token_logprobs.shape)} "
+                         f"and student logits {tuple(student_logits.shape)} disagree on (B, T)")
+    s = torch.gather(_log_probs(student_logits, temperature), -1, tokens.clamp(min=0).long().unsqueeze(-1))
+    s = s.squeeze(-1)
+    gap = (s - teacher_token_logprobs.float()).detach()
+    surrogate = gap * s
+    return _masked_mean(surrogate - surrogate.detach() + gap, mask)

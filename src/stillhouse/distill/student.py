@@ -9,6 +9,9 @@ Student specs (``stillhouse train --student ...``)::
     fresh           the teacher's architecture, randomly initialised
     fresh:N         the same with N layers
     self            the teacher itself (self-distillation)
+    model:SPEC      another local model as it is (bundled:gemma3-270m, hf:DIR, gguf:FILE), e.g. of
+                    another family: it keeps its own tokenizer, so only sequence-level distillation
+                    (loss sft on the teacher's text) applies
 
 The pruned copy takes the embeddings, final norm and head of the teacher and, for each
 kept layer, that layer's weights; it is built with ``from_config`` (so it has no GGUF
@@ -27,7 +30,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-StudentKind = Literal["pruned", "every", "layers", "fresh", "self"]
+StudentKind = Literal["pruned", "every", "layers", "fresh", "self", "model"]
 _KINDS = get_args(StudentKind)
 
 _LAYER_KEY = re.compile(r"^(.*\blayers\.)(\d+)(\..*)$")
@@ -42,11 +45,13 @@ class StudentSpec:
     """pruned: layers kept; every: the stride K; fresh: layers (0 = as many as the teacher)."""
     layers: tuple[int, ...] = ()
     """layers: the teacher layer indices kept, ascending."""
+    target: str = ""
+    """model: the local model spec (bundled, bundled:NAME, hf:DIR, gguf:FILE)."""
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
-            raise ValueError(f"student kind {self.kind!r}: use pruned:N, every:K, layers:I,J,..., fresh, fresh:N "
-                             "or self")
+            raise ValueError(f"student kind {self.kind!r}: use pruned:N, every:K, layers:I,J,..., fresh, fresh:N, "
+                             "self or model:SPEC")
         if self.kind == "layers" and (not self.layers or list(self.layers) != sorted(set(self.layers))
                                       or self.layers[0] < 0):
             raise ValueError(f"student layers:{','.join(map(str, self.layers))}: give distinct layer indices "
@@ -57,6 +62,8 @@ class StudentSpec:
             raise ValueError(f"student {self.kind}:{self.value}: the number must not be negative")
 
     def __str__(self) -> str:
+        if self.kind == "model":
+            return f"model:{self.target}"
         if self.kind == "self" or (self.kind == "fresh" and not self.value):
             return self.kind
         if self.kind == "layers":
@@ -65,12 +72,23 @@ class StudentSpec:
 
 
 def parse_student(spec: str) -> StudentSpec:
-    """Parse ``pruned:N | every:K | layers:I,J,... | fresh[:N] | self`` with an error that lists the forms."""
+    """Parse ``pruned:N | every:K | layers:I,J,... | fresh[:N] | self | model:SPEC`` with an error that lists
+    the forms."""
     s = spec.strip()
     kind, _, num = s.partition(":")
     if kind not in _KINDS:
         raise ValueError(f"unknown student {spec!r}: use pruned:N (keep N layers), every:K, layers:I,J,... "
-                         "(keep those layers), fresh, fresh:N or self")
+                         "(keep those layers), fresh, fresh:N, self or model:SPEC (another local model)")
+    if kind == "model":
+        from stillhouse.teacher.spec import parse_spec
+
+        try:
+            ts = parse_spec(num)
+        except ValueError as exc:
+            raise ValueError(f"student {spec!r}: {exc}") from exc
+        if not ts.is_local:
+            raise ValueError(f"student {spec!r}: give a local model, e.g. 'model:bundled:gemma3-270m' or 'model:hf:DIR'")
+        return StudentSpec("model", target=str(ts))
     if kind == "layers":
         parts = [x.strip() for x in num.split(",")]
         if not num or not all(x.isdigit() for x in parts):
@@ -148,6 +166,10 @@ def make_student(teacher: Any, spec: str | StudentSpec, seed: int = 0) -> Any:
     from transformers import AutoModelForCausalLM
 
     st = parse_student(spec) if isinstance(spec, str) else spec
+    if st.kind == "model":  # another model as it is; the teacher only teaches through its text
+        from stillhouse.distill.modelio import load_causal_lm
+
+        return load_causal_lm(st.target)[0]
     n = teacher.config.num_hidden_layers
     if st.kind in ("pruned", "every", "layers"):
         return prune_layers(teacher, kept_layers(n, st))

@@ -9,6 +9,7 @@ functions directly::
     train = arithmetic(2000, split="train")          # 2- and 3-digit additions
     held = arithmetic(200, split="heldout")          # disjoint from every train item
     sets = arithmetic_splits(300, 4000, 200)         # held-out / train / validation, drawn by a seed
+    steps = wordproblem_splits(300, 2000, 200)      # multi-step word problems, chain-of-thought prompt
     items = load_builtin("builtin:gsm8k-test:100")
 
 Spec syntax (``load_builtin``)::
@@ -18,6 +19,15 @@ Spec syntax (``load_builtin``)::
     builtin:gsm8k[:N]                GSM8K train (7,473), first N
     builtin:gsm8k-test[:N]           GSM8K test (1,319), first N
     builtin:humaneval[:N]            HumanEval (164 problems), first N
+    builtin:wordproblem[:N]          N multi-step word problems (train split of wordproblem_splits)
+    builtin:wordproblem-heldout[:N]  N held-out word problems
+
+Word problems (the reasoning task): a person starts with some things and two or three events add or
+take some away ("Mia has 34 stickers. She buys 27 more. Then she gives 18 to a friend. How many
+stickers does she have now?"); the answer is an integer >= 0, checked with the same parser as GSM8K
+(``verify(task="wordproblem")``: ``#### N``, else "the answer is N", else the last number). The
+chain-of-thought prompt asks for the steps and a last line ``#### <number>``; the direct prompt for
+just the number. Splits are disjoint as numeric problems (the start, the events and their order).
 
 Arithmetic split: a pair (a, b) is held out when a hash of "a+b" falls in the held-out
 fraction (10%), so the split is disjoint by construction and the same for every seed and
@@ -55,6 +65,9 @@ HUMANEVAL_TEMPLATE = (
     "Complete the following Python function. Reply with the whole function in one ```python code block.\n\n"
     "```python\n{prompt}```"
 )
+WORDPROBLEM_COT = ("{question}\n\nSolve it step by step, one step per line. Put the final answer, a number, "
+                   "on the last line in the form '#### <number>'.")
+WORDPROBLEM_DIRECT = "{question}\n\nReply with just the number."
 HELDOUT_FRACTION = 0.1
 
 
@@ -205,6 +218,94 @@ def arithmetic_splits(
     return {"heldout": items("heldout", held), "train": items("train", tr), "validation": items("validation", val)}
 
 
+_NAMES = ("Mia", "Tom", "Ana", "Ben", "Lea", "Sam", "Ivy", "Max", "Zoe", "Leo", "Eva", "Noah")
+_PRONOUN = {"Mia": "She", "Ana": "She", "Lea": "She", "Ivy": "She", "Zoe": "She", "Eva": "She"}
+_THINGS = ("apples", "stickers", "marbles", "coins", "books", "pencils", "cards", "shells", "stamps", "cookies")
+_GAIN = ("buys {n} more", "finds {n} more", "gets {n} more from a friend", "wins {n} more")
+_LOSS = ("gives {n} to a friend", "loses {n}", "sells {n}", "gives away {n}")
+
+
+def wordproblem(rng: random.Random, steps: int = 2, lo: int = 10, hi: int = 99) -> tuple[str, int, tuple[int, ...]]:
+    """One problem: ``(question, answer, key)``; ``key`` (the start and signed events) identifies it
+    numerically. Every running total stays >= 0, so a loss never exceeds what the person has."""
+    name, thing = rng.choice(_NAMES), rng.choice(_THINGS)
+    he = _PRONOUN.get(name, "He")
+    total = rng.randint(lo, hi)
+    parts, key = [f"{name} has {total} {thing}."], [total]
+    for i in range(steps):
+        gain = total < lo or rng.random() < 0.5
+        n = rng.randint(lo, hi) if gain else rng.randint(max(1, lo // 2), max(1, min(hi, total)))
+        verb = rng.choice(_GAIN if gain else _LOSS).format(n=n)
+        parts.append(f"{he if i == 0 else 'Then ' + he.lower()} {verb}.")
+        total += n if gain else -n
+        key.append(n if gain else -n)
+    parts.append(f"How many {thing} does {name} have now?")
+    return " ".join(parts), total, tuple(key)
+
+
+WORDPROBLEM_SHOTS = (
+    ("Tom has 5 apples. He buys 3 more. Then he gives away 2. How many apples does Tom have now?",
+     "Tom starts with 5 apples.\nHe buys 3 more: 5 + 3 = 8.\nHe gives away 2: 8 - 2 = 6.\n#### 6"),
+    ("Ana has 12 cards. She loses 4. Then she wins 7 more. How many cards does Ana have now?",
+     "Ana starts with 12 cards.\nShe loses 4: 12 - 4 = 8.\nShe wins 7 more: 8 + 7 = 15.\n#### 15"),
+    ("Leo has 9 coins. He finds 6 more. Then he sells 10. How many coins does Leo have now?",
+     "Leo starts with 9 coins.\nHe finds 6 more: 9 + 6 = 15.\nHe sells 10: 15 - 10 = 5.\n#### 5"),
+)
+"""Worked examples (written for the prompt, not any model's output) that make a base model answer few-shot."""
+
+
+def few_shot(item: TaskItem, shots: tuple[tuple[str, str], ...] = WORDPROBLEM_SHOTS,
+             template: str = WORDPROBLEM_COT) -> TaskItem:
+    """``item`` asked after ``shots`` (question, worked answer) as earlier user/assistant turns: how a base model
+    (bundled:gemma3-270m) is prompted as a teacher. The item's own turn keeps its text."""
+    from dataclasses import replace
+
+    turns: list[Message] = []
+    for q, a in shots:
+        turns += [{"role": "user", "content": template.format(question=q)}, {"role": "assistant", "content": a}]
+    return replace(item, messages=[*turns, *item.messages])
+
+
+def wordproblem_splits(
+    heldout: int,
+    train: int,
+    validation: int = 0,
+    seed: int = 0,
+    steps: int = 2,
+    lo: int = 10,
+    hi: int = 99,
+    template: str = WORDPROBLEM_COT,
+) -> dict[str, list[TaskItem]]:
+    """Held-out, training and validation word problems of ``steps`` events with numbers in ``[lo, hi]``,
+    drawn by ``seed`` and disjoint as numeric problems (:func:`wordproblem`'s key): the first ``heldout``
+    distinct problems are the test set, the next ``train`` the training set, then ``validation``."""
+    if min(heldout, train, validation) < 0:
+        raise ValueError(f"heldout={heldout}, train={train}, validation={validation}: sizes must be >= 0")
+    if not 1 <= steps <= 5 or not 1 <= lo <= hi:
+        raise ValueError(f"steps={steps}, lo={lo}, hi={hi}: give 1..5 steps and 1 <= lo <= hi")
+    if "{question}" not in template:
+        raise ValueError("template must contain '{question}'")
+    rng = random.Random(f"wordproblem|{seed}|{steps}|{lo}|{hi}")
+    want = {"heldout": heldout, "train": train, "validation": validation}
+    out: dict[str, list[TaskItem]] = {k: [] for k in want}
+    seen: set[tuple[int, ...]] = set()
+    tries = 0
+    for split, n in want.items():
+        while len(out[split]) < n:
+            tries += 1
+            if tries > 50 * (heldout + train + validation) + 1000:
+                raise ValueError(f"could not draw {n} distinct {split} problems with steps={steps}, numbers "
+                                 f"{lo}..{hi}: ask for fewer or widen the range")
+            q, ans, key = wordproblem(rng, steps, lo, hi)
+            if key in seen:
+                continue
+            seen.add(key)
+            out[split].append(TaskItem(id=f"wp-{'_'.join(map(str, key))}", task="wordproblem",
+                                       messages=[{"role": "user", "content": template.format(question=q)}],
+                                       answer=str(ans), meta={"question": q, "steps": steps, "split": split}))
+    return out
+
+
 def write_items(items: list[TaskItem], path: str | os.PathLike[str]) -> Path:
     """Write items as JSONL (one :meth:`TaskItem.to_json` a line), atomically: what ``harvest --prompts``,
     ``eval`` (``EvalConfig.items``) and ``train`` (``TrainConfig.select_on``) read."""
@@ -325,7 +426,7 @@ def humaneval(n: int | None = None, template: str = HUMANEVAL_TEMPLATE) -> list[
 
 BUILTIN_HELP = (
     "builtin:arithmetic[:N], builtin:arithmetic-heldout[:N], builtin:gsm8k[:N], "
-    "builtin:gsm8k-test[:N], builtin:humaneval[:N]"
+    "builtin:gsm8k-test[:N], builtin:humaneval[:N], builtin:wordproblem[:N], builtin:wordproblem-heldout[:N]"
 )
 _SPEC = re.compile(r"^builtin:([a-z0-9-]+)(?::(\d+))?$")
 
@@ -347,4 +448,9 @@ def load_builtin(spec: str, seed: int = 0) -> list[TaskItem]:
         return gsm8k(n, "test")
     if name == "humaneval":
         return humaneval(n)
+    if name in ("wordproblem", "wordproblem-heldout"):
+        k = 1000 if n is None and name == "wordproblem" else 200 if n is None else n
+        sets = wordproblem_splits(k if name.endswith("heldout") else 0, 0 if name.endswith("heldout") else k,
+                                  seed=seed)
+        return sets["heldout"] if name.endswith("heldout") else sets["train"]
     raise ValueError(f"unknown built-in task set {name!r}: choose from {BUILTIN_HELP}")

@@ -1,6 +1,7 @@
-"""Train a student from teacher data: SFT (sequence-level KD), dense logit KD, or top-k KD.
+"""Train a student from teacher data: SFT (sequence-level KD), dense logit KD, top-k KD, or on-policy GKD.
 
     stillhouse train --data curated.jsonl --teacher bundled --student pruned:10 --loss sft --out runs/s1
+    stillhouse train --data curated.jsonl --loss gkd --lmbda 0.5 --beta 0.5 --out runs/g1   # on-policy
 
 What it does, in order:
 
@@ -10,7 +11,9 @@ What it does, in order:
 2. tokenizes the data (``stillhouse.distill.data``: assistant-only labels, harvested top-k);
 3. trains with AdamW: loss = ``alpha * CE + (1 - alpha) * KD`` where KD is forward KL,
    reverse KL or generalized JSD against the live teacher's logits (``fkl|rkl|jsd``),
-   or top-k KD against the harvested top-k logprobs (``topk``); ``sft`` is CE alone.
+   or top-k KD against the harvested top-k logprobs (``topk``); ``sft`` is CE alone; ``gkd`` is
+   on-policy distillation (:mod:`stillhouse.distill.onpolicy`: the student's own samples scored by the
+   live teacher, white-box, or by a served one through ``POST /v1/score``, black-box).
    Both terms are logged at every step (``metrics.jsonl``) so a KD term too small
    beside CE to matter is visible, not hidden inside one number;
 4. writes checkpoints atomically (a temp directory renamed into place, so ``kill -9`` at
@@ -55,7 +58,7 @@ from typing import Any, Literal
 
 from stillhouse.config import atomic_write_text, save_config
 
-LossKind = Literal["sft", "fkl", "rkl", "jsd", "topk"]
+LossKind = Literal["sft", "fkl", "rkl", "jsd", "topk", "gkd"]
 
 
 class TrainConfigError(ValueError):
@@ -74,15 +77,34 @@ class TrainConfig:
     """Teacher spec (local: bundled, hf:DIR, gguf:FILE). The student is built from it."""
     student: str = "pruned:10"
     """pruned:N (N of the teacher's layers, evenly spaced) | every:K | layers:I,J,... (exactly those) |
-    fresh | fresh:N (random init) | self (a copy of the teacher)."""
+    fresh | fresh:N (random init) | self (a copy of the teacher) | model:SPEC (another local model as it is,
+    e.g. model:bundled:gemma3-270m: its own tokenizer, loss sft only)."""
     loss: LossKind = "sft"
-    """sft (CE on the teacher's text) | fkl | rkl | jsd (live teacher logits) | topk (harvested)."""
+    """sft (CE on the teacher's text) | fkl | rkl | jsd (live teacher logits) | topk (harvested) |
+    gkd (on-policy: the student's own samples scored by the teacher; see stillhouse.distill.onpolicy)."""
     alpha: float = 0.0
     """Weight of CE in alpha*CE + (1-alpha)*KD for the KD losses; ignored for sft."""
     beta: float = 0.5
     """Generalized-JSD beta (0 = forward KL, 1 = reverse KL)."""
     temperature: float = 1.0
     """KD softening temperature (dense losses; topk softens the student only)."""
+    lmbda: float = 0.5
+    """gkd: probability that a step trains on the student's own samples instead of the data's completions
+    (TRL GKDTrainer's lmbda)."""
+    gen_temperature: float = 0.9
+    """gkd: sampling temperature of the student's on-policy completions (TRL GKDConfig's temperature)."""
+    max_new_tokens: int = 128
+    """gkd: most tokens the student samples per on-policy completion."""
+    score_teacher: str = ""
+    """gkd black-box: the teacher's scores come from this spec's Teacher.score, e.g. an OpenAI-compatible
+    base URL with POST /v1/score (http://127.0.0.1:8000/v1 from stillhouse serve), instead of the local
+    teacher's logits; it must share the student's tokenizer. Empty = white-box."""
+    score_top_k: int = 20
+    """gkd black-box: top-k logprobs asked at each completion position (0..20). The loss is the generalized
+    JSD on those ids, the scored token and a tail bucket; 0 = only the scored tokens' logprobs, with the
+    sampled-token reverse KL as the loss."""
+    score_concurrency: int = 8
+    """gkd black-box: score requests in flight at once."""
     only_correct: bool = False
     """Skip rows whose 'correct' field is false (verified data)."""
     max_examples: int = 0
@@ -156,8 +178,23 @@ class TrainConfig:
     whoever loads it gets transformers' default."""
 
     def __post_init__(self) -> None:
-        if self.loss not in ("sft", "fkl", "rkl", "jsd", "topk"):
-            raise TrainConfigError(f"loss={self.loss!r}: use sft, fkl, rkl, jsd or topk")
+        if self.loss not in ("sft", "fkl", "rkl", "jsd", "topk", "gkd"):
+            raise TrainConfigError(f"loss={self.loss!r}: use sft, fkl, rkl, jsd, topk or gkd")
+        if not (0.0 <= self.lmbda <= 1.0):
+            raise TrainConfigError(f"lmbda={self.lmbda}: the share of on-policy steps must be in [0, 1]")
+        if not (0.0 < self.gen_temperature <= 2.0):
+            raise TrainConfigError(f"gen_temperature={self.gen_temperature}: must be in (0, 2], e.g. 0.9")
+        if not (0 <= self.score_top_k <= 20):
+            raise TrainConfigError(f"score_top_k={self.score_top_k}: must be between 0 and 20")
+        if self.score_teacher:
+            from stillhouse.teacher.spec import parse_spec
+
+            if self.loss != "gkd":
+                raise TrainConfigError(f"score_teacher is for loss=gkd (black-box on-policy), not loss={self.loss}")
+            try:
+                parse_spec(self.score_teacher)
+            except ValueError as exc:
+                raise TrainConfigError(f"score_teacher: {exc}") from exc
         if not (0.0 <= self.alpha <= 1.0):
             raise TrainConfigError(f"alpha={self.alpha}: the CE weight must be in [0, 1]")
         if not (0.0 <= self.beta <= 1.0):
@@ -168,7 +205,8 @@ class TrainConfig:
             raise TrainConfigError(f"reasoning={self.reasoning!r}: use keep or drop")
         if self.attention not in ("auto", "sdpa", "eager"):
             raise TrainConfigError(f"attention={self.attention!r}: use auto, sdpa or eager")
-        for name in ("epochs", "batch_size", "max_len", "keep_checkpoints", "select_batch_size"):
+        for name in ("epochs", "batch_size", "max_len", "keep_checkpoints", "select_batch_size", "max_new_tokens",
+                     "score_concurrency"):
             if getattr(self, name) < 1:
                 raise TrainConfigError(f"{name}={getattr(self, name)}: must be at least 1")
         for name in ("max_examples", "warmup_steps", "lora_r", "save_every", "threads"):
@@ -187,9 +225,12 @@ class TrainConfig:
         from stillhouse.distill.student import parse_student
 
         try:
-            parse_student(self.student)
+            st = parse_student(self.student)
         except ValueError as exc:
             raise TrainConfigError(f"student: {exc}") from exc
+        if st.kind == "model" and self.loss != "sft":
+            raise TrainConfigError(f"student={self.student} keeps its own tokenizer, so the teacher's logits do not "
+                                   f"line up with its tokens: use loss=sft (sequence-level), not loss={self.loss}")
 
 
 @dataclass
@@ -415,7 +456,13 @@ def compute_losses(cfg: TrainConfig, logits: Any, batch: dict[str, Any],
     ce = L.sft_loss(logits.detach() if pure_kd else logits, targets)
     if cfg.loss == "sft":
         return ce, {"ce": ce.item(), "kd": float("nan")}
-    if cfg.loss == "topk":
+    if cfg.loss == "gkd":
+        from stillhouse.distill.onpolicy import gkd_loss
+
+        if teacher_logits is None and "top_logprobs" not in batch:
+            raise TrainConfigError("loss=gkd needs the live teacher's logits or the scores of score_teacher")
+        kd = gkd_loss(cfg, logits, batch, (rows, cols), mask, teacher_logits)
+    elif cfg.loss == "topk":
         kd = L.topk_kd(logits, batch["top_ids"][rows, cols + 1].unsqueeze(0),
                        batch["top_logprobs"][rows, cols + 1].unsqueeze(0), mask, cfg.temperature)
     else:
@@ -441,7 +488,7 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
     from stillhouse.distill import select
     from stillhouse.distill.data import DataError, collate, encode_rows, read_rows
     from stillhouse.distill.modelio import load_causal_lm
-    from stillhouse.distill.student import count_parameters, make_student
+    from stillhouse.distill.student import count_parameters, make_student, parse_student
 
     t_start = time.time()
     if cfg.threads:
@@ -465,7 +512,16 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
             sel_items = select.load_items(cfg.select_on)
         except (FileNotFoundError, ValueError) as exc:
             raise TrainConfigError(f"select_on: {exc}") from exc
-    t_model, tok, t_rev = teacher if teacher is not None else load_causal_lm(cfg.teacher)
+    s_spec = parse_student(cfg.student)
+    s_model = None
+    if s_spec.kind == "model":  # another model (family): its own tokenizer reads the teacher's text
+        t_rev = teacher[2] if teacher is not None else f"text of {cfg.teacher}"
+        s_model, tok, _ = load_causal_lm(s_spec.target)
+        t_model = None
+        rows = [{k: v for k, v in r.items() if k not in ("token_ids", "top_ids", "top_logprobs", "logprobs")}
+                for r in rows]  # the teacher's token ids belong to another vocabulary
+    else:
+        t_model, tok, t_rev = teacher if teacher is not None else load_causal_lm(cfg.teacher)
     examples = encode_rows(rows, tok, cfg.max_len, source=cfg.data, system_prompt=cfg.system_prompt,
                            reasoning=cfg.reasoning)
     k = 0
@@ -476,7 +532,7 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
                             "top_logprobs (e.g. 20) or train with --loss sft")
 
     torch.manual_seed(cfg.seed)
-    student = make_student(t_model, cfg.student, seed=cfg.seed)
+    student = s_model if s_model is not None else make_student(t_model, cfg.student, seed=cfg.seed)
     if cfg.freeze_embeddings:
         student.get_input_embeddings().weight.requires_grad_(False)
     attention = resolve_attention(cfg.attention, device)
@@ -484,7 +540,12 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
     if cfg.lora_r:
         student = _apply_lora(student, cfg)
     student.to(device).train()
-    need_teacher = cfg.loss in ("fkl", "rkl", "jsd")
+    need_teacher = cfg.loss in ("fkl", "rkl", "jsd") or (cfg.loss == "gkd" and not cfg.score_teacher)
+    scorer = None
+    if cfg.loss == "gkd" and cfg.score_teacher:
+        from stillhouse.distill.onpolicy import Scorer
+
+        scorer = Scorer(cfg.score_teacher, cfg.score_top_k, cfg.score_concurrency)
     if need_teacher:
         t_model.to(device).eval()
         for p in t_model.parameters():
@@ -497,7 +558,8 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
 
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
-    state: dict[str, Any] = {"step": 0, "examples_seen": 0, "tokens_seen": 0, "train_s": 0.0, "selection": []}
+    state: dict[str, Any] = {"step": 0, "examples_seen": 0, "tokens_seen": 0, "train_s": 0.0, "selection": [],
+                             "on_policy_steps": 0, "teacher_scored_tokens": 0}
     ckpts = _checkpoints(out)
     if ckpts:
         saved = torch.load(ckpts[-1] / "state.pt", map_location=device, weights_only=False)
@@ -546,9 +608,23 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
                 epoch, i = divmod(step, steps_per_epoch)
                 order = _order(len(examples), cfg.seed, epoch)
                 idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-                batch = collate([examples[j] for j in idx], pad, k)
-                batch = {name: t.to(device) for name, t in batch.items()}
                 t0 = time.time()
+                rows_now = [examples[j] for j in idx]
+                on_policy = False
+                if cfg.loss == "gkd":
+                    from stillhouse.distill import onpolicy
+
+                    on_policy = onpolicy.is_on_policy(cfg.seed, step, cfg.lmbda)
+                    if on_policy:
+                        rows_now = onpolicy.sample_completions(student, tok, rows_now, cfg.max_new_tokens,
+                                                               cfg.gen_temperature, cfg.seed * 1_000_003 + step,
+                                                               cfg.max_len)
+                    if scorer is not None:
+                        rows_now = scorer.annotate(rows_now)
+                    state["on_policy_steps"] += int(on_policy)
+                    state["teacher_scored_tokens"] += sum(len(onpolicy.completion_ids(e)[1]) for e in rows_now)
+                batch = collate(rows_now, pad, scorer.k if scorer is not None else k)
+                batch = {name: t.to(device) for name, t in batch.items()}
                 lr = _lr_at(cfg, step, total_steps)
                 for g in opt.param_groups:
                     g["lr"] = lr
@@ -572,6 +648,9 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
                 state["train_s"] += dt
                 last = {"step": state["step"], "epoch": epoch, "examples_seen": state["examples_seen"],
                         "loss": loss.item(), **parts, "lr": lr, "grad_norm": gnorm, "tok_per_s": ntok / dt}
+                if cfg.loss == "gkd":
+                    last.update(on_policy=on_policy, teacher_scored_tokens=state["teacher_scored_tokens"],
+                                step_s=dt)
                 mf.write(json.dumps(last) + "\n")
                 mf.flush()
                 if on_step:
@@ -607,6 +686,8 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
     finally:
         if bar is not None:
             bar.stop()
+        if scorer is not None:
+            scorer.close()
     selection = None
     if sel_items:
         final = select.finish(out, state["selection"], cfg.select_on, keep_epochs=cfg.export_epochs)

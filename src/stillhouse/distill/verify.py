@@ -32,7 +32,7 @@ import sys
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal, NamedTuple
 
-TaskKind = Literal["arithmetic", "math", "gsm8k", "humaneval"]
+TaskKind = Literal["arithmetic", "math", "gsm8k", "wordproblem", "humaneval"]
 
 
 class Check(NamedTuple):
@@ -183,13 +183,13 @@ def verify(task: TaskKind | str, response: str, reference: Any) -> Check:
     kind = task.split(":")[0]
     if kind.startswith("arithmetic"):
         return check_numeric(response, reference, "equals")
-    if kind in ("math", "gsm8k"):
+    if kind in ("math", "gsm8k", "wordproblem"):
         return check_numeric(response, reference, "final")
     if kind == "humaneval":
         if not isinstance(reference, dict):
             raise ValueError("humaneval needs the problem dict (prompt, test, entry_point) as reference")
         return check_code(response, reference)
-    raise ValueError(f"no verifier for task {task!r}; known: arithmetic*, math, gsm8k, humaneval")
+    raise ValueError(f"no verifier for task {task!r}; known: arithmetic*, math, gsm8k, wordproblem, humaneval")
 
 
 def main(argv: list[str] | None = None) -> int:

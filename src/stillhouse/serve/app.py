@@ -5,6 +5,12 @@ Endpoints (plain ASGI on starlette, run by uvicorn):
     POST /v1/chat/completions   stream (SSE), n, temperature, top_p, max_tokens, seed, stop,
                                 logprobs, top_logprobs, stream_options.include_usage, tools,
                                 tool_choice (auto, none)
+    POST /v1/score              log-probabilities of a given completion after a given prompt, with the
+                                top-k at each position (vLLM's prompt_logprobs, for one completion):
+                                {"messages" | "prompt_token_ids", "completion" | "completion_token_ids",
+                                 "top_logprobs": 0..20} -> {"logprobs": {"content": [{token, id, logprob,
+                                 bytes, top_logprobs: [{token, id, logprob, bytes}]}]}, "usage"}.
+                                What black-box on-policy distillation asks (stillhouse.distill.onpolicy)
     GET  /v1/models             the one model served (its name and the spec string both work)
     GET  /health                {"status": "ok", ...} plus batching counters
 
@@ -288,6 +294,55 @@ class ChatServer:
         except APIError as err:
             return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
+    # -- score ----------------------------------------------------------------------
+    async def score(self, request: Request) -> Any:
+        from starlette.responses import JSONResponse
+
+        try:
+            return JSONResponse(await self._score(request))
+        except APIError as err:
+            return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    async def _score(self, request: Request) -> dict[str, Any]:
+        from stillhouse.serve.score import parse_score_request
+
+        try:
+            raw = await read_body(request.receive, self.config.max_body_bytes,
+                                  content_length(request.scope["headers"]))
+            body = loads_strict(raw)
+        except RequestError as exc:
+            raise APIError(exc.status, exc.message, param=exc.param, code=exc.code) from None
+        model, prompt, completion, k = parse_score_request(body)
+        if model is not None and model not in self.aliases:
+            raise APIError(404, f"the model {model!r} does not exist here; this server serves "
+                                f"{self.model_id!r} (see GET /v1/models)", param="model", code="model_not_found")
+        self.requests += 1
+        try:
+            if self.local is not None:  # check the ids and this server's context limit before any work
+                prompt, completion = self.local.score_ids(prompt, completion)
+                if len(prompt) + len(completion) > self.context_limit:
+                    raise APIError(400, f"this model's context limit is {self.context_limit} tokens, but the prompt "
+                                        f"has {len(prompt)} and the completion {len(completion)}: score less",
+                                   param="completion_token_ids", code="context_length_exceeded")
+            result = await self.teacher.score(prompt, completion, k)
+        except APIError:
+            raise
+        except ValueError as exc:  # bad ids, empty completion, over the context (ContextTooLong)
+            raise APIError(400, str(exc), param="completion_token_ids") from exc
+        except Exception as exc:
+            log.exception("scoring failed")
+            raise APIError(500, f"scoring failed: {type(exc).__name__}: {exc}") from exc
+        lp = result.logprobs
+        entries = self._entries(lp.tokens, lp.token_ids, lp.logprobs, lp.top_tokens, lp.top_ids, lp.top_logprobs)
+        if lp.token_ids is not None:
+            for e, tid, top_ids in zip(entries, lp.token_ids, lp.top_ids or [[]] * len(entries)):
+                e["id"] = tid
+                for t, i in zip(e["top_logprobs"], top_ids):
+                    t["id"] = i
+        return {"object": "score", "model": self.model_id, "logprobs": {"content": entries},
+                "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": len(entries),
+                          "total_tokens": result.prompt_tokens + len(entries)}}
+
     # -- chat -----------------------------------------------------------------------
     async def _chat(self, request: Request) -> Any:
         from starlette.responses import JSONResponse
@@ -546,7 +601,7 @@ def create_app(teacher: Teacher, config: ServeConfig | None = None, *, close_tea
     async def not_found(request: Request, exc: Exception) -> JSONResponse:
         status = exc.status_code if isinstance(exc, HTTPException) else 404
         msg = (f"no route {request.method} {request.url.path}; this server has POST /v1/chat/completions, "
-               "GET /v1/models and GET /health")
+               "POST /v1/score, GET /v1/models and GET /health")
         return JSONResponse(error_json(msg, code="not_found" if status == 404 else "method_not_allowed"),
                             status_code=status)
 
@@ -564,6 +619,7 @@ def create_app(teacher: Teacher, config: ServeConfig | None = None, *, close_tea
         routes=[
             Route("/v1/chat/completions", server.chat, methods=["POST"]),
             Route("/chat/completions", server.chat, methods=["POST"]),
+            Route("/v1/score", server.score, methods=["POST"]),
             Route("/v1/models", server.models, methods=["GET"]),
             Route("/health", server.health, methods=["GET"]),
         ],

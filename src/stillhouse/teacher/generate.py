@@ -57,11 +57,13 @@ def chat_prompt_ids(tok: Any, messages: Sequence[dict[str, Any]]) -> list[int]:
 
 
 def stop_ids(tok: Any) -> set[int]:
-    """The tokens that end a turn: EOS, and ``<|im_end|>`` when the vocabulary has it."""
+    """The tokens that end a turn: EOS, and ``<|im_end|>`` (SmolLM2) or ``<end_of_turn>`` (Gemma) when the
+    vocabulary has them."""
     ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tok.unk_token_id:
-        ids.add(im_end)
+    for name in ("<|im_end|>", "<end_of_turn>"):
+        tid = tok.convert_tokens_to_ids(name)
+        if isinstance(tid, int) and tid != tok.unk_token_id:
+            ids.add(tid)
     return ids
 
 

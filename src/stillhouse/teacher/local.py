@@ -10,6 +10,8 @@ event loop. Besides the protocol it offers
 - ``submit(prompt_ids, params, index, on_event)``: one completion with per-step events
   (what ``stillhouse serve`` streams from);
 - ``logits(sequences)``: full next-token logits of given token sequences, for KD and KL;
+- ``score_batch(pairs, top_logprobs)``: logprobs (and top-k) of given completions after given prompts,
+  in batched forward passes (what ``score`` and ``serve``'s ``POST /v1/score`` run);
 - ``logits_processors``: a hook, a list of ``(input_ids, scores) -> scores`` callables
   applied before sampling and before logprobs are taken (the watermark plugs in here).
 
@@ -29,7 +31,15 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from stillhouse.teacher.base import ChatResult, Completion, Message, SamplingParams, TokenLogprobs
+from stillhouse.teacher.base import (
+    ChatResult,
+    Completion,
+    Message,
+    Prompt,
+    SamplingParams,
+    ScoreResult,
+    TokenLogprobs,
+)
 from stillhouse.teacher.batcher import (
     BatchConfig,
     Batcher,
@@ -174,6 +184,12 @@ class LocalTeacher:
     async def aclose(self) -> None:
         await asyncio.to_thread(self.close)
 
+    async def score(self, prompt: Prompt, completion: list[int] | str, top_logprobs: int = 0) -> ScoreResult:
+        t0 = time.perf_counter()
+        p, c = self.score_ids(prompt, completion)
+        lp = (await asyncio.to_thread(self.score_batch, [(p, c)], top_logprobs))[0]
+        return ScoreResult(lp, len(p), self.name, time.perf_counter() - t0)
+
     def close(self) -> None:
         """Stop the worker thread (the model stays loaded until this object is dropped)."""
         self.batcher.close()
@@ -260,6 +276,54 @@ class LocalTeacher:
             out.append(Completion(text=g.text, finish_reason=g.finish_reason,  # type: ignore[arg-type]
                                   prompt_tokens=len(ids), completion_tokens=len(g.token_ids),
                                   token_ids=g.token_ids, logprobs=lp))
+        return out
+
+    def score_ids(self, prompt: Prompt, completion: list[int] | str) -> tuple[list[int], list[int]]:
+        """Prompt and completion token ids for :meth:`score`, checked (ValueError, ContextTooLong)."""
+        if not isinstance(prompt, list) or not prompt:
+            raise ValueError("prompt must be a non-empty list of chat messages or of token ids")
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            p = list(prompt)  # type: ignore[arg-type]
+        else:
+            p = self.encode(prompt)  # type: ignore[arg-type]
+        if isinstance(completion, str):
+            c = list(self.tokenizer(completion, add_special_tokens=False)["input_ids"])
+        else:
+            c = list(completion)
+        vocab = int(self.model.get_output_embeddings().weight.shape[0])
+        if not c:
+            raise ValueError("completion is empty: give at least one token to score")
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in [*p, *c]):
+            raise ValueError(f"token ids must be integers in [0, {vocab}) for this model's vocabulary")
+        if len(p) + len(c) > self.max_context:
+            raise ContextTooLong(len(p), len(c), self.max_context)
+        return p, c
+
+    def score_batch(self, pairs: Sequence[tuple[list[int], list[int]]], top_logprobs: int = 0,
+                    batch_size: int = 8) -> list[TokenLogprobs]:
+        """For each ``(prompt_ids, completion_ids)``: the logprob of every completion token after what
+        precedes it, and the ``top_logprobs`` most likely tokens at each of those positions (temperature 1,
+        no logits processors)."""
+        import torch
+
+        if not 0 <= top_logprobs <= 20:
+            raise ValueError(f"top_logprobs={top_logprobs}: must be between 0 and 20")
+        if any(not p or not c for p, c in pairs):
+            raise ValueError("score_batch: every prompt and completion needs at least one token")
+        logits = self.logits([list(p) + list(c) for p, c in pairs], batch_size=batch_size)
+        out = []
+        for (p, c), row in zip(pairs, logits):
+            lp = torch.log_softmax(row[len(p) - 1: len(p) + len(c) - 1].float(), -1)
+            ids = torch.tensor(c, dtype=torch.long)
+            tok_lp = lp.gather(-1, ids.unsqueeze(-1)).squeeze(-1).tolist()
+            res = TokenLogprobs(tokens=self.tokenizer.convert_ids_to_tokens(list(c)), logprobs=tok_lp,
+                                token_ids=list(c))
+            if top_logprobs:
+                vals, top = lp.topk(top_logprobs, -1)
+                res.top_ids = top.tolist()
+                res.top_logprobs = vals.tolist()
+                res.top_tokens = [self.tokenizer.convert_ids_to_tokens(r) for r in res.top_ids]
+            out.append(res)
         return out
 
     def logits(self, sequences: list[list[int]], batch_size: int = 8) -> list[torch.Tensor]:

