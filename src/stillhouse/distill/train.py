@@ -486,9 +486,9 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
     import torch
 
     from stillhouse.distill import select
-    from stillhouse.distill.data import DataError, collate, encode_rows, read_rows
+    from stillhouse.distill.data import DataError, collate, encode_rows
     from stillhouse.distill.modelio import load_causal_lm
-    from stillhouse.distill.student import count_parameters, make_student, parse_student
+    from stillhouse.distill.student import count_parameters, parse_student
 
     t_start = time.time()
     if cfg.threads:
@@ -497,15 +497,7 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
     out.mkdir(parents=True, exist_ok=True)
     device = _device(cfg)
 
-    rows = read_rows(cfg.data)
-    if cfg.only_correct:
-        rows = [r for r in rows if r.get("correct", True)]
-    if cfg.shuffle:
-        random.Random(cfg.seed).shuffle(rows)
-    if cfg.max_examples:
-        if cfg.max_examples > len(rows):
-            raise TrainConfigError(f"max_examples={cfg.max_examples} but {cfg.data} has only {len(rows)} usable rows")
-        rows = rows[: cfg.max_examples]
+    rows = _training_rows(cfg)
     sel_items: list[Any] = []
     if cfg.select_on:
         try:
@@ -531,15 +523,7 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
             raise DataError(f"loss=topk but no row of {cfg.data} has top-k logprobs: harvest with "
                             "top_logprobs (e.g. 20) or train with --loss sft")
 
-    torch.manual_seed(cfg.seed)
-    student = s_model if s_model is not None else make_student(t_model, cfg.student, seed=cfg.seed)
-    if cfg.freeze_embeddings:
-        student.get_input_embeddings().weight.requires_grad_(False)
-    attention = resolve_attention(cfg.attention, device)
-    student.set_attn_implementation(attention)
-    if cfg.lora_r:
-        student = _apply_lora(student, cfg)
-    student.to(device).train()
+    student, attention = _student(cfg, s_model, t_model, device)
     need_teacher = cfg.loss in ("fkl", "rkl", "jsd") or (cfg.loss == "gkd" and not cfg.score_teacher)
     scorer = None
     if cfg.loss == "gkd" and cfg.score_teacher:
@@ -547,9 +531,7 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
 
         scorer = Scorer(cfg.score_teacher, cfg.score_top_k, cfg.score_concurrency)
     if need_teacher:
-        t_model.to(device).eval()
-        for p in t_model.parameters():
-            p.requires_grad_(False)
+        _freeze(t_model.to(device).eval())
     else:
         t_model = None  # not needed on the training path; free it if the caller holds no reference
     params = [p for p in student.parameters() if p.requires_grad]
@@ -560,17 +542,8 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
     total_steps = steps_per_epoch * cfg.epochs
     state: dict[str, Any] = {"step": 0, "examples_seen": 0, "tokens_seen": 0, "train_s": 0.0, "selection": [],
                              "on_policy_steps": 0, "teacher_scored_tokens": 0}
-    ckpts = _checkpoints(out)
-    if ckpts:
-        saved = torch.load(ckpts[-1] / "state.pt", map_location=device, weights_only=False)
-        _missing, unexpected = student.load_state_dict(saved["model"], strict=not cfg.lora_r)
-        if unexpected:
-            raise RuntimeError(f"checkpoint {ckpts[-1]} does not fit this student: unexpected {unexpected[:3]}")
-        opt.load_state_dict(saved["optimizer"])
-        torch.set_rng_state(saved["torch_rng"])
-        state.update(json.loads((ckpts[-1] / "progress.json").read_text()))
-        if sel_items and state["selection"] and not cfg.export_epochs:
-            select.prune_epochs(out, keep=select.best_epoch(state["selection"]))  # exports after the checkpoint
+    if _resume(out, cfg, student, opt, state, device) and sel_items and state["selection"] and not cfg.export_epochs:
+        select.prune_epochs(out, keep=select.best_epoch(state["selection"]))  # exports after the checkpoint
     save_config(cfg, out / "train_config.json")
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     snapshots: dict[int, Path] = {}
@@ -579,28 +552,8 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
             "precision": precision, "attention": attention}
     atomic_write_text(out / "run_info.json", json.dumps(meta, indent=2))
 
-    bar = None
-    if progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                       TextColumn("{task.fields[info]}"))
-        bar.start()
-        task = bar.add_task("train", total=total_steps, completed=state["step"], info="")
-    last: dict[str, float] = {}
-    if (out / "metrics.jsonl").exists():
-        # Steps logged after the checkpoint this run resumes from are done again: drop their rows (and a line a
-        # kill cut short), so the curve has each step once. A resumed run with no steps left reports its last.
-        kept = []
-        for line in (out / "metrics.jsonl").read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if row.get("step", 0) <= state["step"]:
-                kept.append(line)
-        atomic_write_text(out / "metrics.jsonl", "".join(line + "\n" for line in kept))
-        last = next((row for row in map(json.loads, reversed(kept)) if "loss" in row), {})  # a step, not a score
+    bar, task = _progress_bar(total_steps, state["step"]) if progress else (None, None)
+    last = _trim_metrics(out / "metrics.jsonl", state["step"])
     try:
         with open(out / "metrics.jsonl", "a") as mf:
             while state["step"] < total_steps:
@@ -612,17 +565,7 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
                 rows_now = [examples[j] for j in idx]
                 on_policy = False
                 if cfg.loss == "gkd":
-                    from stillhouse.distill import onpolicy
-
-                    on_policy = onpolicy.is_on_policy(cfg.seed, step, cfg.lmbda)
-                    if on_policy:
-                        rows_now = onpolicy.sample_completions(student, tok, rows_now, cfg.max_new_tokens,
-                                                               cfg.gen_temperature, cfg.seed * 1_000_003 + step,
-                                                               cfg.max_len)
-                    if scorer is not None:
-                        rows_now = scorer.annotate(rows_now)
-                    state["on_policy_steps"] += int(on_policy)
-                    state["teacher_scored_tokens"] += sum(len(onpolicy.completion_ids(e)[1]) for e in rows_now)
+                    rows_now, on_policy = _gkd_rows(cfg, student, tok, rows_now, step, scorer, state)
                 batch = collate(rows_now, pad, scorer.k if scorer is not None else k)
                 batch = {name: t.to(device) for name, t in batch.items()}
                 lr = _lr_at(cfg, step, total_steps)
@@ -666,14 +609,7 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
                 if end_of_epoch and (cfg.export_epochs or sel_items):
                     export_hf(student, tok, cfg, select.epoch_dir(out, epoch + 1), {**meta, **state, "last": last})
                 if end_of_epoch and sel_items:
-                    correct, _ = select.score_pass(select.epoch_dir(out, epoch + 1), tok, sel_items,
-                                                   cfg.system_prompt, cfg.select_batch_size, device)
-                    n_sel = len(sel_items)
-                    state["selection"] = [*state["selection"], {"epoch": epoch + 1, "correct": correct, "n": n_sel,
-                                                                "acc": round(correct / n_sel, 6)}]
-                    mf.write(json.dumps({"step": state["step"], "epoch": epoch, "select_correct": correct,
-                                         "select_n": n_sel}) + "\n")
-                    mf.flush()
+                    _score_pass(out, cfg, tok, sel_items, epoch, state, device, mf)
                 if (cfg.save_every and state["step"] % cfg.save_every == 0) or end_of_epoch:
                     _save_checkpoint(out, cfg, student, opt, state)
                 if end_of_epoch and sel_items and not cfg.export_epochs:
@@ -696,6 +632,123 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
         final = export_hf(student, tok, cfg, out / "final", {**meta, **state, "last": last})
     return TrainResult(out, final, state["step"], state["examples_seen"], state["tokens_seen"],
                        time.time() - t_start, last, snapshots, selection)
+
+
+def _student(cfg: TrainConfig, s_model: Any, t_model: Any, device: str) -> tuple[Any, str]:
+    """The student ``cfg`` names (a cut of the teacher, or another model already loaded as ``s_model``),
+    embeddings frozen and LoRA applied as asked, on ``device`` in training mode; and its attention kernel."""
+    import torch
+
+    from stillhouse.distill.student import make_student
+
+    torch.manual_seed(cfg.seed)
+    student = s_model if s_model is not None else make_student(t_model, cfg.student, seed=cfg.seed)
+    if cfg.freeze_embeddings:
+        student.get_input_embeddings().weight.requires_grad_(False)
+    attention = resolve_attention(cfg.attention, device)
+    student.set_attn_implementation(attention)
+    if cfg.lora_r:
+        student = _apply_lora(student, cfg)
+    student.to(device).train()
+    return student, attention
+
+
+def _freeze(model: Any) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def _score_pass(out: Path, cfg: TrainConfig, tok: Any, sel_items: list[Any], epoch: int, state: dict[str, Any],
+                device: str, mf: Any) -> None:
+    """Score pass ``epoch + 1``'s export on the validation items; kept in ``state`` and the metrics file."""
+    from stillhouse.distill import select
+
+    correct, _ = select.score_pass(select.epoch_dir(out, epoch + 1), tok, sel_items, cfg.system_prompt,
+                                   cfg.select_batch_size, device)
+    n_sel = len(sel_items)
+    state["selection"] = [*state["selection"], {"epoch": epoch + 1, "correct": correct, "n": n_sel,
+                                                "acc": round(correct / n_sel, 6)}]
+    mf.write(json.dumps({"step": state["step"], "epoch": epoch, "select_correct": correct, "select_n": n_sel}) + "\n")
+    mf.flush()
+
+
+def _training_rows(cfg: TrainConfig) -> list[dict[str, Any]]:
+    """The rows ``cfg`` trains on: read, only the correct ones if asked, shuffled if asked, the first
+    ``max_examples``."""
+    from stillhouse.distill.data import read_rows
+
+    rows = read_rows(cfg.data)
+    if cfg.only_correct:
+        rows = [r for r in rows if r.get("correct", True)]
+    if cfg.shuffle:
+        random.Random(cfg.seed).shuffle(rows)
+    if cfg.max_examples:
+        if cfg.max_examples > len(rows):
+            raise TrainConfigError(f"max_examples={cfg.max_examples} but {cfg.data} has only {len(rows)} usable rows")
+        rows = rows[: cfg.max_examples]
+    return rows
+
+
+def _resume(out: Path, cfg: TrainConfig, student: Any, opt: Any, state: dict[str, Any], device: str) -> bool:
+    """Load the latest checkpoint under ``out`` into the student, the optimizer, torch's RNG and ``state``;
+    False when there is none."""
+    import torch
+
+    ckpts = _checkpoints(out)
+    if not ckpts:
+        return False
+    saved = torch.load(ckpts[-1] / "state.pt", map_location=device, weights_only=False)
+    _missing, unexpected = student.load_state_dict(saved["model"], strict=not cfg.lora_r)
+    if unexpected:
+        raise RuntimeError(f"checkpoint {ckpts[-1]} does not fit this student: unexpected {unexpected[:3]}")
+    opt.load_state_dict(saved["optimizer"])
+    torch.set_rng_state(saved["torch_rng"])
+    state.update(json.loads((ckpts[-1] / "progress.json").read_text()))
+    return True
+
+
+def _progress_bar(total: int, done: int) -> tuple[Any, Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   TextColumn("{task.fields[info]}"))
+    bar.start()
+    return bar, bar.add_task("train", total=total, completed=done, info="")
+
+
+def _trim_metrics(path: Path, step: int) -> dict[str, Any]:
+    """Steps logged after the checkpoint a run resumes from are done again: drop their rows (and a line a kill
+    cut short) so the curve has each step once. Returns the last step's row (a resumed run with no steps left
+    reports it), or {}."""
+    if not path.exists():
+        return {}
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return next((row for row in map(json.loads, reversed(kept)) if "loss" in row), {})  # a step, not a score
+
+
+def _gkd_rows(cfg: TrainConfig, student: Any, tok: Any, rows: list[Any], step: int, scorer: Any,
+              state: dict[str, Any]) -> tuple[list[Any], bool]:
+    """GKD's batch for ``step``: the student's own samples on an on-policy step (the seed decides which),
+    else the data's answers; scored by the black-box teacher when there is one. Counts both in ``state``."""
+    from stillhouse.distill import onpolicy
+
+    on_policy = onpolicy.is_on_policy(cfg.seed, step, cfg.lmbda)
+    if on_policy:
+        rows = onpolicy.sample_completions(student, tok, rows, cfg.max_new_tokens, cfg.gen_temperature,
+                                           cfg.seed * 1_000_003 + step, cfg.max_len)
+    if scorer is not None:
+        rows = scorer.annotate(rows)
+    state["on_policy_steps"] += int(on_policy)
+    state["teacher_scored_tokens"] += sum(len(onpolicy.completion_ids(e)[1]) for e in rows)
+    return rows, on_policy
 
 
 def config_with(cfg: TrainConfig, **changes: Any) -> TrainConfig:
