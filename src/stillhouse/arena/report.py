@@ -151,8 +151,13 @@ def write_report(out: Path, metrics: dict[str, Any], result: RunResult, threshol
     def ci(r: dict[str, Any], digits: int = 3) -> str:
         return f"{r['value']:.{digits}g} [{r['lo']:.{digits}g}, {r['hi']:.{digits}g}] ({r['k']}/{r['n']})"
 
+    seed_set = metrics.get("seed_set", "unnamed development seeds")
     lines = [
         "# Arena report", "",
+        f"**Seed set: {seed_set}.** Every figure below comes from this seed set"
+        + (" (a test seed set: run to report, never to choose anything)." if "(test)" in seed_set else
+           " (development: tuning on it is allowed, so its figures are not held-out results).")
+        + "", "",
         f"Simulated {metrics['config']['days']} days; gateway `{metrics['config']['gateway']}`; "
         f"population `{metrics['config'].get('population', 'synthetic')}` (calibrated on "
         f"`{metrics['config'].get('calib_population') or metrics['config'].get('population', 'synthetic')}`, "
