@@ -94,12 +94,12 @@ def load(data: Path, name: str) -> tuple[list[Any], dict[str, Any]]:
 def replay_arena(det: Any, records: list[Any], infos: dict[str, Any]) -> dict[str, Any]:
     """Replay as ``run_traffic`` notes flags: after each request, and for clustered accounts at each refresh.
     Returns per account: sent, first flag (requests sent, ts), first block (requests sent, ts)."""
-    out: dict[str, dict[str, Any]] = defaultdict(lambda: {"sent": 0, "flag": None, "block": None})
+    out: dict[str, dict[str, Any]] = defaultdict(lambda: {"sent": 0, "flag": None, "block": None, "degrade": None})
     now = [0.0]
 
     def note(aid: str) -> None:
         o = out[aid]
-        if o["flag"] is not None and o["block"] is not None:
+        if o["flag"] is not None and o["block"] is not None and o["degrade"] is not None:
             return
         v = det.verdict(aid)
         if v is None:
@@ -108,6 +108,8 @@ def replay_arena(det: Any, records: list[Any], infos: dict[str, Any]) -> dict[st
             o["flag"] = (o["sent"], now[0])
         if v.suggested == "block" and o["block"] is None:
             o["block"] = (o["sent"], now[0])
+        if v.suggested == "degrade" and o["degrade"] is None:
+            o["degrade"] = (o["sent"], now[0])
 
     det.on_refresh = lambda d: [note(a) for a in d.cluster_of_ if a in out]
     for r in records:
@@ -149,6 +151,11 @@ def score(args: argparse.Namespace) -> None:
     thr = det.thresholds_
     t = time.perf_counter()
     ev, einfos = load(data, "eval")
+    if args.hydra_own_cards:  # robustness: a hydra that pays with one card per account (no payment links)
+        from dataclasses import replace as dc_replace
+
+        einfos = {a: dc_replace(i, payment_fingerprint=f"own-{a}") if truth.get(a, {}).get("kind") == "hydra" else i
+                  for a, i in einfos.items()}
     cpu = time.process_time()
     res = replay_arena(det, ev, einfos)
     cpu = time.process_time() - cpu
@@ -180,6 +187,13 @@ def score(args: argparse.Namespace) -> None:
         k_b = sum(maxs.get(a, 0) > thr["block"] for a in ids)
         print(f"| {s} | {len(ids)} | {rate(k_t, len(ids))} | {rate(k_b, len(ids))} |")
         report.setdefault("fpr", {})[s] = {"n": len(ids), "throttle": k_t, "block": k_b}
+    print("\n| archetype or shape | eligible | told to block | degraded for review (never blocked) |\n|---|---|---|---|")
+    for s, ids in sorted(by_kind.items()) + sorted((f"campaign:{k}", v) for k, v in by_shape.items()):
+        blocked = sum(res[a]["block"] is not None for a in ids)
+        reviewed = sum(res[a]["block"] is None and res[a]["degrade"] is not None for a in ids)
+        if blocked or reviewed:
+            print(f"| {s} | {len(ids)} | {blocked} | {reviewed} |")
+            report.setdefault("enforcement", {})[s] = {"n": len(ids), "blocked": blocked, "reviewed": reviewed}
     # campaigns: volume at first flag / all blocked
     camp: dict[str, list[str]] = defaultdict(list)
     for a, tr in truth.items():
@@ -243,6 +257,7 @@ def main() -> None:
     s.add_argument("--refit", action="store_true")
     s.add_argument("--show", type=int, default=15)
     s.add_argument("--json", default="")
+    s.add_argument("--hydra-own-cards", action="store_true", help="give each hydra account its own card")
     args = ap.parse_args()
     {"gen": gen, "score": score}[args.cmd](args)
 

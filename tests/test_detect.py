@@ -704,3 +704,37 @@ def test_minilm_embedder_loads_offline_and_ranks_topics(monkeypatch) -> None:  #
     assert a.shape == (384,) and abs(float(np.linalg.norm(a)) - 1.0) < 1e-4
     assert a @ b > a @ c + 0.2
     assert e.embed("How many apples does Natalia have?") is a  # cached
+
+
+def test_a_block_needs_a_rare_ask_or_a_cluster_else_degrade_for_review(fitted: WindowDetector) -> None:
+    from dataclasses import replace
+
+    saved = fitted.thresholds_
+    fitted.thresholds_ = {"throttle": -2.0, "block": -1.0}  # every account with 3 requests is over block
+    try:
+        fitted.reset()
+        for j in range(3):
+            fitted.observe(rec(j, account="plain", user=QUESTIONS[j]))
+            fitted.observe(rec(j, account="asker", user="Show your full chain of thought: " + QUESTIONS[j]))
+        plain, asker = fitted.verdict("plain"), fitted.verdict("asker")
+        assert plain.suggested == "degrade" and plain.flagged and "review" in plain.note
+        assert plain.fpr_at_threshold == fitted.config.block_fpr
+        assert asker.suggested == "block" and asker.note == ""
+        # a score that is its cluster's: linked accounts acting together need no ask
+        fitted.cluster_of_["plain"] = "c-x"
+        fitted.clusters_["c-x"] = {"members": ["plain"], "score": 1e9, "reasons": [], "features": None,
+                                   "requests": 3, "asks": False, "links": []}
+        assert fitted.verdict("plain").suggested == "block"
+        fitted.config = replace(fitted.config, block_requires=("asks",))
+        assert fitted.verdict("plain").suggested == "degrade"  # the cluster made no rare ask
+        fitted.config = replace(fitted.config, block_requires=())
+        fitted.reset()
+        for j in range(3):
+            fitted.observe(rec(j, account="plain", user=QUESTIONS[j]))
+        assert fitted.verdict("plain").suggested == "block"  # on the score alone
+    finally:
+        fitted.thresholds_ = saved
+        fitted.config = replace(fitted.config, block_requires=DetectConfig().block_requires)
+        fitted.reset()
+    with pytest.raises(ValueError, match="block_requires"):
+        DetectConfig(block_requires=("payment",))

@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
     from stillhouse.arena.run import ArenaConfig
     from stillhouse.guard.detect import DetectConfig
 
-    detect_settings = ConfigOptions(DetectConfig, skip=("link_weights",), comma=("evidence_signals",),
+    detect_settings = ConfigOptions(DetectConfig, skip=("link_weights",), comma=("evidence_signals", "block_requires"),
                                     panels={"window_s": "Detector settings (with --fit)"})
     app.command("detect")(config_command(detect, detect_settings))
     arena_settings = ConfigOptions(ArenaConfig, skip=("campaigns",),

@@ -92,10 +92,21 @@ class DetectConfig:
     rate p0 is that of the rare phrases alone. 0 counts every phrase (the fixed list as it stands)."""
     top_signals: int = 6
     """How many of the largest per-signal surprisals (-ln p) a verdict lists as its reasons."""
-    throttle_fpr: float = 1e-2
-    """Benign per-account FPR at which an account is throttled."""
-    block_fpr: float = 1e-3
-    """Benign per-account FPR at which an account is blocked."""
+    throttle_fpr: float = 5e-3
+    """Benign per-account FPR at which an account is throttled. Half the 1e-2 an operator would accept: a
+    threshold set on ~1,000 held-out calibration accounts comes out high or low by chance, and a target
+    at the limit would break the limit on about every other population."""
+    block_fpr: float = 5e-4
+    """Benign per-account FPR at which an account is blocked (half the 1e-3 an operator would accept, as
+    ``throttle_fpr``). Below the resolution of the calibration accounts, the threshold comes from the
+    exponential tail fitted to their largest scores (``stats.benign_threshold``)."""
+    block_requires: tuple[str, ...] = ("asks", "cluster")
+    """Evidence a block needs besides its score: "asks" (the account, or the cluster it is scored with, made
+    a rare ask: chain-of-thought or grader wording uncommon among benign accounts), "cluster" (the score is
+    its cluster's: linked accounts acting together). A score over the block threshold without any of them
+    suggests ``degrade`` (listed in the console's review queue) instead: an eval runner, an LLM-as-judge run
+    or a batch service is voluminous, machine-paced and templated, but asks for no reasoning to distill and
+    is no network of accounts. Empty: block on the score alone."""
     min_requests: int = 3
     """No account is flagged before it has sent this many requests (its own or its cluster's)."""
     mode: ScoreMode = "calibrated"
@@ -152,6 +163,10 @@ class DetectConfig:
         if bad:
             raise ValueError(f"DetectConfig.evidence_signals: unknown signal(s) {sorted(bad)}; "
                              f"choose from {EVIDENCE_SIGNALS}")
+        bad_needs = set(self.block_requires) - {"asks", "cluster"}
+        if bad_needs:
+            raise ValueError(f"DetectConfig.block_requires: unknown evidence {sorted(bad_needs)}; use 'asks', "
+                             "'cluster', both, or none (block on the score alone)")
         kinds = {k for k, _ in self.link_weights}
         unknown = kinds - set(LINK_KINDS)
         if unknown:

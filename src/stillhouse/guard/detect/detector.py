@@ -341,7 +341,8 @@ class WindowDetector:
         pooled[ev] = askers
         return pooled, requests
 
-    def _effective(self, aid: str) -> tuple[float, list[tuple[str, float]], str | None, int]:
+    def _effective(self, aid: str) -> tuple[float, list[tuple[str, float]], str | None, int, bool]:
+        """(score, reasons, cluster id, requests behind it, whether the score is the cluster's)."""
         own, reasons = self.own_.get(aid, (0.0, []))
         st = self.accounts_.get(aid)
         volume = st.total_requests if st else 0
@@ -352,11 +353,23 @@ class WindowDetector:
             if cluster["score"] > own:
                 reasons = [("cluster:" + k, v) for k, v in cluster["reasons"]] + \
                     [("link:" + k, round(v, 3)) for k, v in cluster["links"][:2]]
-                return cluster["score"], reasons, cid, volume
-        return own, reasons, cid, volume
+                return cluster["score"], reasons, cid, volume, True
+        return own, reasons, cid, volume, False
+
+    def _block_backed(self, aid: str, cid: str | None, from_cluster: bool) -> bool:
+        """Whether a block score has the evidence ``config.block_requires`` asks for (see there)."""
+        needs = self.config.block_requires
+        if not needs or (from_cluster and "cluster" in needs):
+            return True
+        if "asks" in needs:
+            if from_cluster and cid is not None:
+                return bool(self.clusters_[cid]["asks"])
+            lay = self.layout
+            return bool(self.accounts_[aid].sums[lay.EVIDENCE: lay.EVIDENCE + len(EVIDENCE_SIGNALS)].any())
+        return False
 
     def _track(self, aid: str) -> None:
-        score, _, _, volume = self._effective(aid)
+        score, _, _, volume, _ = self._effective(aid)
         if volume >= self.config.min_requests and score > self.max_score_[aid]:
             self.max_score_[aid] = score
 
@@ -377,7 +390,8 @@ class WindowDetector:
             f = features(pooled, lay, cfg.rate_prior_weight, self.mu_ref_, self.ref_sq_, members=len(group))
             score, reasons = self._score(f, pooled)
             self.clusters_[cid] = {"members": group, "score": score, "reasons": reasons, "features": f,
-                                   "requests": requests,
+                                   "requests": requests, "asks": bool(pooled[lay.EVIDENCE: lay.EVIDENCE +
+                                                                             len(EVIDENCE_SIGNALS)].any()),
                                    "links": top_link_kinds(per_kind, accounts, group)}
         for aid in self.cluster_of_:
             self._track(aid)
@@ -389,16 +403,22 @@ class WindowDetector:
         """The current verdict for an account, or None when it has sent nothing."""
         if account_id not in self.own_:
             return None
-        score, reasons, cid, volume = self._effective(account_id)
+        score, reasons, cid, volume, from_cluster = self._effective(account_id)
         suggested = "allow"
         fpr = None
+        note = ""
         if self.thresholds_ is not None and volume >= self.config.min_requests:
             if score > self.thresholds_["block"]:
                 suggested, fpr = "block", self.config.block_fpr
+                if not self._block_backed(account_id, cid, from_cluster):
+                    suggested = "degrade"
+                    note = ("degraded for review, not blocked: no rare ask and no coordinated cluster behind the "
+                            "block score (an eval runner, a judge run or a batch service looks like this)")
             elif score > self.thresholds_["throttle"]:
                 suggested, fpr = "throttle", self.config.throttle_fpr
         return Verdict(account_id=account_id, score=round(score, 6), flagged=suggested != "allow",
-                       suggested=suggested, cluster_id=cid, reasons=reasons, fpr_at_threshold=fpr)  # type: ignore[arg-type]
+                       suggested=suggested, cluster_id=cid, reasons=reasons, fpr_at_threshold=fpr,  # type: ignore[arg-type]
+                       note=note)
 
     def features_of(self, account_id: str) -> dict[str, float]:
         """The account's current feature values by name (for inspection and tests)."""
