@@ -269,3 +269,14 @@ def test_heldout_split_rule_can_be_turned_off() -> None:
     on = curate_rows(rows, CurateConfig(eval_sets=()), eval_texts=[])
     off = curate_rows(rows, CurateConfig(eval_sets=(), arithmetic_split_rule=False), eval_texts=[])
     assert [d["reason_code"] for d in on.dropped] == ["contaminated"] and len(off.kept) == 1
+
+
+def test_near_dup_threshold_one_turns_the_step_off() -> None:
+    """Two answers worded alike are near-duplicates at 0.5 and both kept at 1.0 (the documented off switch)."""
+    (a, b), = _pairs(False, 1)
+    rows = [_row(Q.format(a=a, b=b), f"{a} + {b} = {a + b}"),
+            _row(Q.format(a=a, b=b), f"{a} + {b} = {a + b}, I think", sample_index=1)]
+    cfg = CurateConfig(eval_sets=(), keep_per_prompt=2)
+    assert [d["step"] for d in curate_rows(rows, cfg, eval_texts=[]).dropped] == ["near_dup"]
+    off = curate_rows(rows, CurateConfig(eval_sets=(), keep_per_prompt=2, near_dup_threshold=1.0), eval_texts=[])
+    assert len(off.kept) == 2 and not off.dropped

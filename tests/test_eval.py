@@ -18,10 +18,10 @@ from stillhouse.distill.evaluate import (
     kl_to_teacher,
     load_items,
     parse_model_args,
-    prompt_ids,
     score_outputs,
     write_report,
 )
+from stillhouse.teacher.generate import chat_prompt_ids as prompt_ids
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -220,3 +220,35 @@ def test_student_with_another_tokenizer_gets_no_kl(models: dict[str, Path], tmp_
     res = evaluate_models(items, "arithmetic2", teacher, [other],
                           EvalConfig(students=(), limit=2, max_new_tokens=2, n_boot=20))
     assert res.students[0].kl is None and res.students[0].accuracy.n == 2
+
+
+def test_items_file_and_the_students_system_prompt(models: dict[str, Path], tmp_path: Path) -> None:
+    """EvalConfig.items evaluates a split written to a file (the first `limit`); the students get system_prompt,
+    the teacher its template's default, and a student's cached outputs are keyed by what it was sent."""
+    from stillhouse.distill.tasks import arithmetic_splits, write_items
+    from stillhouse.teacher.generate import generate
+
+    split = arithmetic_splits(5, 10, 0, seed=3)["heldout"]
+    path = write_items(split, tmp_path / "held.jsonl")
+    cfg = EvalConfig(students=(), items=str(path), limit=4, max_new_tokens=5, batch_size=3, n_boot=50,
+                     system_prompt="Be brief.", kl=False)
+    items = load_items(cfg.task, cfg.limit, cfg.seed, cfg.items)
+    assert [it.id for it in items] == [it.id for it in split[:4]]
+    teacher = LoadedModel.load(f"hf:{models['teacher']}", label="teacher", device="cpu")
+    student = LoadedModel.load(f"hf:{models['teacher']}", label="same weights", device="cpu")
+    res = evaluate_models(items, cfg.task, teacher, [student], cfg, cache_dir=tmp_path / "cache")
+    tok = teacher.tokenizer
+
+    def answers(system: list[dict[str, str]]) -> list[str]:
+        prompts = [prompt_ids(tok, system + it.messages) for it in items]
+        return [g.text for g in generate(teacher.model, tok, prompts, 5)]
+
+    assert res.teacher.outputs == answers([])
+    assert res.students[0].outputs == answers([{"role": "system", "content": "Be brief."}]) != res.teacher.outputs
+    assert not res.students[0].cached
+    again = evaluate_models(items, cfg.task, teacher, [student], cfg, cache_dir=tmp_path / "cache")
+    assert again.students[0].cached and again.students[0].outputs == res.students[0].outputs
+    # without the system turn the same weights are sent the teacher's prompts: its cached answers serve
+    plain = evaluate_models(items, cfg.task, teacher, [student], EvalConfig(students=(), max_new_tokens=5, kl=False,
+                                                                            n_boot=50), cache_dir=tmp_path / "cache")
+    assert plain.students[0].cached and plain.students[0].outputs == res.teacher.outputs

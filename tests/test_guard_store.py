@@ -184,7 +184,9 @@ def _run_outage(tmp_path: Any, mode: str) -> None:
             assert spooled >= 1 and not any(p.name.startswith(".") for p in Path(cfg.spool_dir).iterdir())
             store.down = False
             deadline = time.monotonic() + 5
-            while Spool(cfg.spool_dir).files():
+            # The writer empties the spool in its thread, then marks the store up on the event loop:
+            # wait for both (a request between the two is still refused in fail-closed mode).
+            while Spool(cfg.spool_dir).files() or not g.app.writer.store_ok:
                 assert time.monotonic() < deadline, "spool never replayed"
                 time.sleep(0.05)
             assert g.chat(key)[0] == 200

@@ -21,7 +21,7 @@ from stillhouse.distill.harvest import (
     backoff_delay,
     run_harvest,
 )
-from stillhouse.distill.prompts import PromptError
+from stillhouse.distill.prompts import PromptError, load_prompts
 from stillhouse.distill.store import HarvestStore
 from stillhouse.teacher.base import ChatResult, SamplingParams, ServerError
 from stillhouse.teacher.fake import FakeTeacher
@@ -363,3 +363,71 @@ def test_bench_config_systems_and_table():
              "rss_start_mb": 300, "rss_peak_mb": 310, "error": None, "extra": {}}]
     table = markdown_table({"rows": rows}, cfg)
     assert "| 64 | ours | 1,000 | 1,216 | 95.0% | 97.0% | 4.00× |" in table
+
+
+async def test_local_greedy_harvest_runs_white_box_batches(tmp_path, tiny_model, smol_tokenizer):
+    """Greedy from a local teacher: fixed white-box batches (local_batch) store the same answers under the same
+    keys as continuous batching, plus the top-k of the stop position; a prompt too long fails alone; a rerun
+    redoes nothing."""
+    from stillhouse.teacher.local import LocalTeacher
+
+    prompts = tmp_path / "p.jsonl"
+    rows = [{"id": f"q{i}", "messages": [{"role": "user", "content": f"What is {10 + i} + {30 - i}?"}],
+             "answer": str(40)} for i in range(9)]
+    rows.append({"id": "long", "messages": [{"role": "user", "content": "many words " * 40}]})
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    teacher = LocalTeacher(tiny_model, smol_tokenizer, name="tiny", revision="tiny-0", max_context=70)
+    stored = {}
+    try:
+        for batch in (4, 0):
+            cfg = HarvestConfig(prompts=str(prompts), teacher="bundled", out=str(tmp_path / f"b{batch}"),
+                                max_tokens=6, logprobs=True, top_logprobs=3, local_batch=batch)
+            rep = await run_harvest(cfg, teacher=teacher)
+            assert (rep.stats.ok, rep.stats.errors) == (9, 1)
+            with HarvestStore(cfg.out, readonly=True) as s:
+                stored[batch] = {r.key: r for r in s.records(status=None)}
+            again = await run_harvest(cfg, teacher=teacher)
+            assert again.stats.ok == 0 and again.stats.skipped == 9
+        with pytest.raises(ValueError, match="greedy, without stop strings"):
+            teacher.generate_batch([rows[0]["messages"]], SamplingParams(temperature=0.5))
+    finally:
+        teacher.close()
+    assert stored[4].keys() == stored[0].keys()
+    for key, r in stored[4].items():
+        c = stored[0][key]
+        if r.prompt_id == "long":
+            assert r.status == c.status == "error" and "context limit" in r.error
+            continue
+        assert (r.text, r.finish_reason, r.token_ids.tolist()) == (c.text, c.finish_reason, c.token_ids.tolist())
+        assert r.logprobs.tolist() == pytest.approx(c.logprobs.tolist(), abs=1e-4)
+        extra = r.finish_reason == "stop"  # the stop position's top-k too
+        assert r.top_ids.shape == (r.completion_tokens + extra, 3) and c.top_ids.shape == (c.completion_tokens, 3)
+        assert r.top_ids[: c.completion_tokens].tolist() == c.top_ids.tolist()
+
+
+async def test_shards_fill_one_run_and_export_restores_the_prompt_order(tmp_path):
+    """Three shards run side by side into one directory: every prompt once, under the keys of an unsharded
+    run; config.json names the whole run; export order=prompts gives the source order back."""
+    from stillhouse.distill.export import ExportConfig, export_run
+
+    cfgs = [cfg_for(tmp_path, prompts="builtin:arithmetic:30", samples=2, temperature=0.5, seed=1,
+                    shard=f"{i}/3") for i in range(3)]
+    reps = await asyncio.gather(*(run_harvest(c, teacher=Counting()) for c in cfgs))
+    assert [r.stats.ok for r in reps] == [20, 20, 20]
+    whole = cfg_for(tmp_path / "whole", prompts="builtin:arithmetic:30", samples=2, temperature=0.5, seed=1)
+    await run_harvest(whole, teacher=Counting())
+    with HarvestStore(cfgs[0].out, readonly=True) as a, HarvestStore(whole.out, readonly=True) as b:
+        assert sorted(a.keys()) == sorted(b.keys()) and len(a) == 60
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["shard"] == "" and not list((tmp_path / "run").glob("config.prev-*"))
+    rerun = await run_harvest(cfgs[1], teacher=Counting())
+    assert rerun.stats.ok == 0 and rerun.stats.skipped == 20
+    res = export_run(ExportConfig(run_dir=cfgs[0].out, out=str(tmp_path / "x"), heldout=0.0, order="prompts"))
+    rows = [json.loads(x) for x in Path(res.files["train"]).read_text().splitlines()]
+    order = [p.id for p in load_prompts("builtin:arithmetic:30").prompts]
+    assert [(r["id"], r["sample_index"]) for r in rows] == [(p, i) for p in order for i in (0, 1)]
+    as_written = export_run(ExportConfig(run_dir=cfgs[0].out, out=str(tmp_path / "y"), heldout=0.0))
+    written = [json.loads(x)["id"] for x in Path(as_written.files["train"]).read_text().splitlines()]
+    assert sorted(written) == sorted(r["id"] for r in rows) and written != [r["id"] for r in rows]
+    with pytest.raises(ConfigError, match="shard="):
+        cfg_for(tmp_path, shard="2/2")

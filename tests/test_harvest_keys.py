@@ -36,6 +36,14 @@ def _old_record_key_from_json(messages_json, teacher, params_json, sample_index)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _old_params(params):
+    """The params dict of the old code path: SamplingParams had no ``extra`` field then (a run without
+    further request fields leaves it out, so its keys are the old ones)."""
+    d = asdict(params)
+    assert d.pop("extra") == ""
+    return d
+
+
 def _old_fields(row):
     """(id, messages, meta, hash, messages_json, meta_json) as the old row_to_prompt made them (valid rows)."""
     if row.get("messages") is not None:
@@ -133,7 +141,7 @@ def test_work_keys_match_the_old_code_path_and_the_reference(tmp_path, samples):
         todo = Harvester(cfg, _T(), store, ps, tid).work()
     assert len(todo) == len(ps.prompts) * samples
     for prompt, i, key in todo:
-        pd = json.loads(_old_canonical_json(asdict(cfg.params(i))))
+        pd = json.loads(_old_canonical_json(_old_params(cfg.params(i))))
         assert key == _old_record_key_from_json(prompt.messages_json, tid, _old_canonical_json(pd), i)
         assert key == record_key(prompt.messages, tid, pd, i)
         assert key == record_key_from_json(prompt.messages_json, tid, _old_canonical_json(pd), i)
@@ -153,7 +161,7 @@ async def test_a_store_keyed_by_the_old_code_is_resumed_not_redone(tmp_path):
         for row in finished:
             rid, messages, meta, ph, mj, meta_json = _old_fields(row)
             for i in range(cfg.samples):
-                pd = json.loads(_old_canonical_json(asdict(cfg.params(i))))
+                pd = json.loads(_old_canonical_json(_old_params(cfg.params(i))))
                 key = _old_record_key_from_json(mj, "fake", _old_canonical_json(pd), i)
                 res = await teacher.chat(messages, cfg.params(i))
                 old_rows.append(completion_row(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -109,7 +110,11 @@ def test_models_health_and_json_404s(fake_server):
     ({"messages": HI, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "between 0 and 20"),
     ({"messages": HI, "top_logprobs": 2}, "top_logprobs", "needs 'logprobs'"),
     ({"messages": HI, "stream": "yes"}, "stream", "boolean"),
-    ({"messages": HI, "tools": [{"type": "function"}]}, "tools", "not supported"),
+    ({"messages": HI, "tools": [{"type": "function"}]}, "tools[0]", '"function": {"name"'),
+    ({"messages": HI, "tools": {"type": "function"}}, "tools", "array of function tools"),
+    ({"messages": HI, "tool_choice": "auto"}, "tool_choice", "needs 'tools'"),
+    ({"messages": HI, "functions": [{"name": "f"}]}, "functions", "not supported"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages[0]", "only an assistant"),
     ({"messages": HI, "model": 7}, "model", "string"),
 ])
 def test_bad_input_gets_openai_400(fake_server, body, param, fragment):
@@ -149,12 +154,19 @@ def test_a_nan_passed_as_a_python_float_is_out_of_range_not_a_type_error():
 
 
 def _raw_post(port: int, head_extra: bytes, chunks: list[bytes]) -> tuple[int, dict]:
-    """POST /v1/chat/completions by hand: the head, then ``chunks`` as they are; the answer."""
+    """POST /v1/chat/completions by hand: the head, then ``chunks`` as they are; the answer.
+
+    Chunks go one at a time, and sending stops once the server has answered, as a client that reads
+    while it sends does. Bytes the server had not read when it closed would make its kernel answer
+    with a reset that discards the 413 before we read it, so each chunk gets a moment to be read.
+    """
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Connection: close\r\n" + head_extra + b"\r\n")
         try:
             for c in chunks:
+                if select.select([sock], [], [], 0.05)[0]:
+                    break  # the answer is here
                 sock.sendall(c)
         except OSError:  # the server answered and closed while we were still sending: fine
             pass

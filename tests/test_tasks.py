@@ -75,3 +75,26 @@ def test_heldout_split_is_symmetric_in_the_operands():
     train = {(i.meta["a"], i.meta["b"]) for i in arithmetic(2000, split="train", digits=(2,))}
     held = {(i.meta["a"], i.meta["b"]) for i in arithmetic(300, split="heldout", digits=(2,))}
     assert not {(b, a) for a, b in held} & train
+
+
+def test_arithmetic_splits_are_disjoint_as_unordered_pairs_and_seeded(tmp_path):
+    from stillhouse.distill.tasks import arithmetic_splits, read_items, write_items
+
+    sets = arithmetic_splits(300, 4000, 200)
+    assert [len(sets[k]) for k in ("heldout", "train", "validation")] == [300, 4000, 200]
+    keys = {k: {frozenset((it.meta["a"], it.meta["b"])) for it in v} for k, v in sets.items()}
+    assert not keys["heldout"] & keys["train"] and not keys["heldout"] & keys["validation"]
+    assert not keys["train"] & keys["validation"]
+    assert len(keys["heldout"]) == 300 and len(keys["validation"]) == 200, "no unordered pair twice"
+    assert all(10 <= it.meta["a"] <= 99 and it.answer == str(it.meta["a"] + it.meta["b"]) for it in sets["train"])
+    assert arithmetic_splits(300, 4000, 200) == sets
+    assert arithmetic_splits(300, 4000, 200, seed=1)["heldout"] != sets["heldout"]
+    small = arithmetic_splits(300, 1000, 0)
+    assert small["heldout"] == sets["heldout"] and small["train"] == sets["train"][:1000], "sizes nest"
+    back = read_items(write_items(sets["validation"], tmp_path / "val.jsonl"))
+    assert back == sets["validation"]
+    with pytest.raises(ValueError, match="hold only"):
+        arithmetic_splits(300, 8000, 0)
+    (tmp_path / "bad.jsonl").write_text('{"messages": []}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1: a task item needs"):
+        read_items(tmp_path / "bad.jsonl")

@@ -1,7 +1,7 @@
 """The `stillhouse` command line. Thin: each verb parses arguments and calls the library.
 
 Every stage is a verb over a run directory:
-    serve | harvest | export | curate | train | eval | guard | detect | arena | bench
+    serve | harvest | export | curate | train | eval | guard | detect | arena | provenance | bench
 
 Each area registers its own verbs (``register(app)`` in its ``commands`` module); a
 verb's options are the fields of its config dataclass, derived by
@@ -50,10 +50,12 @@ def _register() -> None:
     from stillhouse.distill import commands as distill_commands
     from stillhouse.distill import harvest_commands, train_commands
     from stillhouse.guard import commands as guard_commands
+    from stillhouse.provenance import commands as provenance_commands
     from stillhouse.serve import commands as serve_commands
 
     for module in (
-        serve_commands, harvest_commands, distill_commands, train_commands, guard_commands, arena_commands
+        serve_commands, harvest_commands, distill_commands, train_commands, guard_commands, arena_commands,
+        provenance_commands,
     ):
         module.register(app)
     bench_commands.register(bench_app)

@@ -66,7 +66,17 @@ def field_docs(cls: type) -> dict[str, str]:
 
     Whitespace is collapsed to single spaces (help text wraps it again). Empty when the
     source cannot be read (a frozen application), so the CLI still works, without help.
+    Fields inherited from a dataclass base keep the base's docstrings.
     """
+    docs: dict[str, str] = {}
+    for base in cls.__mro__[-2:0:-1]:  # bases first (object excluded), so a subclass's own text wins
+        if dataclasses.is_dataclass(base):
+            docs.update(_own_field_docs(base))
+    docs.update(_own_field_docs(cls))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     source = _class_source(cls)
     if source is None:
         return {}

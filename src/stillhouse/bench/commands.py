@@ -188,6 +188,8 @@ def bench_serve(
     max_tokens: int = typer.Option(64, help="max_tokens per request (greedy)."),
     max_batch: int = typer.Option(32, help="max_batch of the batching server."),
     threads: int = typer.Option(0, help="torch CPU threads for every column; 0 = torch's default."),
+    watermark: bool = typer.Option(False, "--watermark", help="Also measure serve --watermark (keyed green "
+                                                             "lists) right after plain serve."),
     out: Path = typer.Option(None, "--out", help="Write the full result as JSON here."),
     peers: bool = typer.Option(True, "--peers/--no-peers", help=PEERS_HELP),
     peer_python: list[str] = typer.Option([], "--peer-python", metavar="NAME=PATH", help=PEER_PYTHON_HELP),
@@ -200,7 +202,8 @@ def bench_serve(
         levels = tuple(int(x) for x in concurrency.split(",") if x.strip())
         cfg = BenchServeConfig(teacher=teacher, concurrency=levels, requests=requests,
                                baseline_requests=baseline_requests, max_tokens=max_tokens, max_batch=max_batch,
-                               threads=threads, peers=peers, peer_python=tuple(peer_python))
+                               threads=threads, peers=peers, peer_python=tuple(peer_python),
+                               watermark=watermark)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     console = Console(stderr=True)

@@ -9,6 +9,7 @@ One run, one model, four ways of serving it on the same prompts:
     llama.cpp    the peer: ``llama_cpp.server`` (llama-cpp-python, in its pinned virtualenv,
                  see :mod:`stillhouse.bench.peers`) on the same GGUF file, with as many threads
                  as torch uses; it decodes one request at a time
+    serve+wm     the same with ``--watermark`` (``watermark=True``): what keyed green lists cost
 
 Each server column is measured at concurrency 1, 8 and 32 by an aiohttp client on
 loopback (greedy, ``max_tokens`` per request, tokens counted from ``usage``). Each server
@@ -59,6 +60,8 @@ class BenchServeConfig:
     """Run the llama.cpp column, building llama-cpp-python's pinned virtualenv on first use."""
     peer_python: tuple[str, ...] = ()
     """``llama_cpp=PATH``: run llama.cpp with this python instead of its pinned virtualenv."""
+    watermark: bool = False
+    """Also measure the batching server with --watermark (a fresh random secret), right after the plain one."""
 
     def __post_init__(self) -> None:
         from stillhouse.bench.peers import check_overrides
@@ -145,17 +148,24 @@ async def _drive(base_url: str, convs: list[list[dict[str, str]]], concurrency: 
 class _ServeProcess:
     """``stillhouse serve`` in a child process on a free loopback port (as users run it)."""
 
-    def __init__(self, teacher: str, max_batch: int, threads: int):
+    def __init__(self, teacher: str, max_batch: int, threads: int, watermark: bool = False):
         self.args = ["serve", "--teacher", teacher, "--port", "0", "--max-batch", str(max_batch)]
         if threads:
             self.args += ["--threads", str(threads)]
+        self.env = dict(os.environ)
+        if watermark:
+            import secrets
+
+            self.args += ["--watermark", "--watermark-secret-env", "STILLHOUSE_BENCH_WM_SECRET"]
+            self.env["STILLHOUSE_BENCH_WM_SECRET"] = secrets.token_urlsafe(32)
         self.proc: subprocess.Popen[str] | None = None
         self.base_url = ""
 
     def __enter__(self) -> Self:
         # python -m: the child runs the very code (and interpreter) of this process
         self.proc = subprocess.Popen([sys.executable, "-m", "stillhouse", *self.args], stderr=subprocess.PIPE,
-                                     stdout=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     stdout=subprocess.DEVNULL, text=True,
+                                     env={**self.env, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + 600
         assert self.proc.stderr is not None
         while time.monotonic() < deadline:
@@ -288,8 +298,10 @@ def run_bench(cfg: BenchServeConfig, progress: Any = None) -> dict[str, Any]:
     before = baseline_generate(model, tokenizer, convs[:cfg.baseline_requests], cfg.max_tokens, probe.encode)
     say(f"  {before['tokens_per_s']:.2f} tok/s")
     columns: dict[str, dict[str, Any]] = {}
-    for label, max_batch in (("serve", cfg.max_batch), ("serve_b1", 1)):
-        with _ServeProcess(cfg.teacher, max_batch, cfg.threads) as srv:
+    runs = [("serve", cfg.max_batch, False), *([("serve_wm", cfg.max_batch, True)] if cfg.watermark else []),
+            ("serve_b1", 1, False)]
+    for label, max_batch, wm in runs:
+        with _ServeProcess(cfg.teacher, max_batch, cfg.threads, wm) as srv:
             asyncio.run(_drive(srv.base_url, convs[:1], 1, 4, name))  # warm-up, not timed
             for c in cfg.concurrency:
                 n = _requests_at(cfg, c, one_at_a_time=max_batch == 1)
@@ -336,15 +348,21 @@ def render_markdown(result: dict[str, Any]) -> str:
     """A markdown table of one run: tokens/s and ratios to the generate() baseline (and to llama.cpp)."""
     base = result["generate_one_at_a_time"]
     peer = result["columns"].get("llama_cpp")
-    head = "| concurrency | `stillhouse serve` (continuous batching) | `serve` with max_batch 1 | "
+    wm = "serve_wm" in result["columns"]
+    head = "| concurrency | `stillhouse serve` (continuous batching) | "
+    head += "`serve --watermark` (vs serve) | " if wm else ""
+    head += "`serve` with max_batch 1 | "
     if peer:
         head += "`llama_cpp.server` (peer) | `serve` ÷ llama.cpp | "
-    lines = [head + "plain `generate()` one at a time |", "|---" * (6 if peer else 4) + "|"]
+    lines = [head + "plain `generate()` one at a time |", "|---" * (4 + (2 if peer else 0) + wm) + "|"]
     for c in result["config"]["concurrency"]:
         a = result["columns"]["serve"][str(c)]
         b = result["columns"]["serve_b1"][str(c)]
-        row = (f"| {c} | {a['tokens_per_s']:.2f} tok/s (**{a['ratio_to_generate']:.2f}x**) | "
-               f"{b['tokens_per_s']:.2f} tok/s ({b['ratio_to_generate']:.2f}x) | ")
+        row = f"| {c} | {a['tokens_per_s']:.2f} tok/s (**{a['ratio_to_generate']:.2f}x**) | "
+        if wm:
+            w = result["columns"]["serve_wm"][str(c)]
+            row += f"{w['tokens_per_s']:.2f} tok/s ({w['tokens_per_s'] / a['tokens_per_s']:.3f}x) | "
+        row += f"{b['tokens_per_s']:.2f} tok/s ({b['ratio_to_generate']:.2f}x) | "
         if peer:
             p = peer[str(c)]
             row += (f"{p['tokens_per_s']:.2f} tok/s ({p['ratio_to_generate']:.2f}x) | "

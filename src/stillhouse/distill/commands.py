@@ -140,5 +140,5 @@ def register(app: typer.Typer) -> None:
     app.command("curate")(config_command(curate_command, curate))
     evaluate = ConfigOptions(EvalConfig, flags={"students": "--model"}, skip=("labels",), panels={
         "students": "Models", "task": "Items", "batch_size": "Generation and KL", "train_examples": "Report",
-        "device": "Hardware"})
+        "device": "Hardware", "watermark_teacher": "Watermark"})
     app.command("eval")(config_command(eval_command, evaluate))

@@ -78,7 +78,7 @@ class CurateConfig:
     when the experiment uses its own train/held-out split of additions."""
     near_dup_threshold: float = 0.85
     """Estimated Jaccard (word 3-gram shingles of prompt + answer) at or above which two rows
-    are near-duplicates; 1.0 disables in effect."""
+    are near-duplicates; 1.0 turns the step off."""
     near_dup_num_perm: int = 128
     """MinHash permutations."""
     seed: int = 1
@@ -546,6 +546,8 @@ def curate_rows(
     current = [current[i] for i in order]
 
     def near(rs: list[dict[str, Any]]) -> list[str | None]:
+        if cfg.near_dup_threshold >= 1.0:  # off (MinHash LSH cannot band at a threshold of 1)
+            return [None] * len(rs)
         nd = NearDeduper(threshold=cfg.near_dup_threshold, num_perm=cfg.near_dup_num_perm, seed=cfg.seed)
         found = nd.fit_predict([normalize(_user_text(r["messages"])) + " || " + normalize(r["response"]) for r in rs])
         return [None if f is None else f"near_dup: ~{f.jaccard:.2f} Jaccard with {rs[f.of]['id']}" for f in found]

@@ -21,6 +21,24 @@ completion ids and the tokenizer's EOS (``<|im_end|>`` for SmolLM2-Instruct), so
 student learns to stop. Labels are -100 on the prompt; teacher top-k tensors are aligned
 with labels, and positions without teacher data hold a one-hot on the label, for which
 top-k KD reduces to cross-entropy.
+
+Conversations (a harvest export's rows, OpenAI messages): the loss falls on every assistant turn and on
+nothing else (system, user and tool turns are masked), except assistant turns marked ``"weight": 0``
+(context the export did not take from the teacher). An earlier assistant turn's labels are its tokens
+as the template renders them, through its end-of-turn token; the template must render earlier turns
+the same way whether or not later ones follow (a DataError says when it does not).
+
+Reasoning (``reasoning_content`` / ``reasoning`` fields, or a ``<think>`` block leading the content):
+``reasoning="keep"`` trains on it, in the field the student's template renders when it has one,
+else inline before the answer (:data:`~stillhouse.teacher.message.DEFAULT_REASONING_TEMPLATE`; a
+block that came inline stays as it came); ``"drop"`` trains on the bare answers.
+
+Tools: a row's ``tools`` (a list, or its JSON string) and its assistant turns' ``tool_calls`` are
+written by the student's template when it renders them (:func:`stillhouse.teacher.template.traits`);
+a template without tools (SmolLM2's) gets the Hermes form as text instead: the tools in the system
+turn and each call as a ``<tool_call>`` block in the content, what a Hermes-format parser reads back.
+When a turn's text changes this way, its harvested ``token_ids`` and top-k no longer spell it and are
+not used.
 """
 
 from __future__ import annotations
@@ -29,9 +47,21 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from stillhouse.distill.losses import IGNORE_INDEX
+from stillhouse.teacher.message import (
+    DEFAULT_REASONING_TEMPLATE,
+    REASONING_FIELDS,
+    THINK_OPEN,
+    answer_of,
+    format_tool_calls,
+    inline_reasoning,
+    reasoning_of,
+)
+from stillhouse.teacher.template import TemplateTraits, hermes_tools_system, render_ids, traits
+
+ReasoningUse = Literal["keep", "drop"]
 
 
 class DataError(ValueError):
@@ -69,7 +99,9 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
             raise DataError(f"{p}: a .json data file must hold a list of rows")
         return rows
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
+    # split on "\n" only: str.splitlines also splits at U+2028/U+2029 and other separators, which JSON
+    # written with ensure_ascii=False (a harvest export) may hold inside a string
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -135,22 +167,137 @@ def with_system(messages: list[dict[str, Any]], system_prompt: str | None) -> li
     return [{"role": "system", "content": system_prompt}, *messages]
 
 
+def _tools(row: dict[str, Any], where: str) -> list[dict[str, Any]] | None:
+    tools = row.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except ValueError as exc:
+            raise DataError(f"{where}: 'tools' is a string but not JSON ({exc})") from None
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list):
+        raise DataError(f"{where}: 'tools' must be a list of OpenAI tool objects (or its JSON string)")
+    return tools
+
+
+def prepare_message(m: dict[str, Any], tr: TemplateTraits, reasoning: ReasoningUse = "keep") -> dict[str, Any]:
+    """One message as the student's template should see it: reasoning kept (in the template's field,
+    else inline) or dropped, tool calls in the template's form or as Hermes text, no ``weight`` key."""
+    out = {k: v for k, v in m.items() if k != "weight"}
+    if m.get("role") != "assistant":
+        return out
+    content = m.get("content")
+    text = content if isinstance(content, str) else ""
+    thought = reasoning_of(text, m)
+    if thought is not None:
+        answer = answer_of(text, m)
+        for key in REASONING_FIELDS:
+            out.pop(key, None)
+        if reasoning == "drop":
+            text = answer
+        elif tr.reasoning_field is not None:
+            text = answer
+            out[tr.reasoning_field] = thought
+        elif not any(m.get(k) for k in REASONING_FIELDS):
+            pass  # it came inline: trained as it came
+        else:
+            text = inline_reasoning(thought, answer, DEFAULT_REASONING_TEMPLATE)
+    calls = m.get("tool_calls")
+    if calls and not tr.tool_calls:
+        out.pop("tool_calls")
+        text = f"{text}\n{format_tool_calls(calls)}" if text else format_tool_calls(calls)
+    out["content"] = text
+    return out
+
+
+def _with_tools_text(msgs: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The tools shown in the system turn as Hermes text (for a template that renders no tools)."""
+    text = hermes_tools_system(tools)
+    if msgs and msgs[0].get("role") == "system":
+        return [{**msgs[0], "content": f"{msgs[0].get('content') or ''}\n\n{text}"}, *msgs[1:]]
+    return [{"role": "system", "content": text}, *msgs]
+
+
+def _turn_span(tok: Any, before: list[int], through: list[int], where: str) -> list[int]:
+    """The tokens an assistant turn adds (``through`` less ``before``), up to and including its EOS."""
+    if through[:len(before)] != before:
+        raise DataError(f"{where}: the chat template does not render this conversation as its prompt plus the "
+                        "answer (the rendered prefix changes); train on rows of one turn (export "
+                        "--conversations turns) or drop the reasoning (--reasoning drop)")
+    span = through[len(before):]
+    eos = tok.eos_token_id
+    return span[:span.index(eos) + 1] if eos in span else span
+
+
 def encode_row(row: dict[str, Any], tok: Any, max_len: int = 512, where: str = "row",
-               system_prompt: str | None = None) -> Example:
-    """Tokenize one row into an :class:`Example` (assistant-only labels)."""
+               system_prompt: str | None = None, reasoning: ReasoningUse = "keep") -> Example:
+    """Tokenize one row into an :class:`Example`: labels on the assistant turns only (see the module doc)."""
     msgs, answer = _chat(row, where)
-    msgs = with_system(msgs, system_prompt)
-    p = prompt_ids(tok, msgs)
-    comp = [int(t) for t in row["token_ids"]] if row.get("token_ids") else tok.encode(answer, add_special_tokens=False)
     if tok.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; set tokenizer.eos_token to its end-of-turn token")
-    comp = comp + [tok.eos_token_id]
+    msgs = with_system(msgs, system_prompt)
+    last = dict(row["messages"][-1]) if "messages" in row else {"role": "assistant", "content": answer}
+    tools = _tools(row, where)
+    special = (bool(tools) or len(last) > 2 or THINK_OPEN in answer
+               or any(len(m) > 2 or m.get("role") in ("assistant", "tool") for m in msgs))
+    if not special:  # one plain answer (the common row): the prompt then the answer, as it always was
+        return _finish(row, tok, prompt_ids(tok, msgs), answer, True, max_len, where, [], [])
+    tr = traits(tok)
+    prep = [prepare_message(m, tr, reasoning) for m in msgs]
+    last_p = prepare_message(last, tr, reasoning)
+    weights = [m.get("weight", 1) for m in msgs]
+    t_tools = tools if tr.tools else None
+    if tools and not tr.tools:
+        prep = _with_tools_text(prep, tools)
+        weights = [1] * (len(prep) - len(weights)) + weights
+    try:
+        before = render_ids(tok, prep, tools=t_tools, add_generation_prompt=True)
+        earlier = []  # (start, tokens) of each earlier assistant turn that carries loss
+        for i, m in enumerate(prep):
+            if m.get("role") == "assistant" and weights[i] != 0:
+                b = render_ids(tok, prep[:i], tools=t_tools, add_generation_prompt=True)
+                span = _turn_span(tok, b, render_ids(tok, prep[:i + 1], tools=t_tools), where)
+                if before[len(b):len(b) + len(span)] != span:
+                    raise DataError(f"{where}: the chat template renders the assistant turn messages[{i}] "
+                                    "differently once later turns follow it (e.g. it drops earlier reasoning); train "
+                                    "on rows of one turn (export --conversations turns) or with --reasoning drop")
+                earlier.append((len(b), span))
+        trained_last = last.get("weight", 1) != 0
+        if set(last_p) <= {"role", "content"}:  # the answer is text: tokens of the text, then EOS
+            same = last_p["content"] == answer
+            return _finish(row, tok, before, last_p["content"], same, max_len, where, earlier, [],
+                           trained=trained_last)
+        span = _turn_span(tok, before, render_ids(tok, [*prep, last_p], tools=t_tools), where)
+    except DataError:
+        raise
+    except Exception as exc:  # the template refused the conversation (a role it has no place for, ...)
+        raise DataError(f"{where}: the student's chat template cannot render this row ({type(exc).__name__}: "
+                        f"{exc})") from exc
+    return _finish(row, tok, before, None, False, max_len, where, earlier, span, trained=trained_last)
+
+
+def _finish(row: dict[str, Any], tok: Any, p: list[int], answer: str | None, same: bool, max_len: int, where: str,
+            earlier: list[tuple[int, list[int]]], span: list[int], trained: bool = True) -> Example:
+    """The example: prompt ``p``, then the answer (its harvested ``token_ids`` when ``same`` text, else the
+    tokens of ``answer``, then EOS; or the template's ``span``), labels on it and on the ``earlier`` turns."""
+    if answer is not None:
+        use = same and row.get("token_ids")
+        comp = [int(t) for t in row["token_ids"]] if use else tok.encode(answer, add_special_tokens=False)
+        comp = comp + [tok.eos_token_id]
+    else:
+        comp = span
     ids = (p + comp)[:max_len]
-    labels = ([IGNORE_INDEX] * len(p) + comp)[:max_len]
+    labels = [IGNORE_INDEX] * len(p) + (comp if trained else [IGNORE_INDEX] * len(comp))
+    for start, toks in earlier:
+        labels[start:start + len(toks)] = toks
+    labels = labels[:max_len]
     if all(x == IGNORE_INDEX for x in labels):
+        if not trained and not earlier:
+            raise DataError(f"{where}: no assistant turn carries loss (every one has weight 0)")
         raise DataError(f"{where}: the prompt fills max_len={max_len}; raise max_len")
     ex = Example(ids, labels)
-    topk = _teacher_topk(row, tok)
+    topk = _teacher_topk(row, tok) if answer is not None and same and trained else None
     if topk is not None:
         t_ids: list[list[int]] = [[] for _ in ids]
         t_lps: list[list[float]] = [[] for _ in ids]
@@ -164,9 +311,9 @@ def encode_row(row: dict[str, Any], tok: Any, max_len: int = 512, where: str = "
 
 
 def encode_rows(rows: list[dict[str, Any]], tok: Any, max_len: int = 512, source: str = "data",
-                system_prompt: str | None = None) -> list[Example]:
+                system_prompt: str | None = None, reasoning: ReasoningUse = "keep") -> list[Example]:
     """Tokenize every row; errors name the row."""
-    return [encode_row(r, tok, max_len, where=f"{source} row {i}", system_prompt=system_prompt)
+    return [encode_row(r, tok, max_len, where=f"{source} row {i}", system_prompt=system_prompt, reasoning=reasoning)
             for i, r in enumerate(rows)]
 
 

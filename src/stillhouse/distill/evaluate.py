@@ -2,7 +2,9 @@
 
     stillhouse eval --model hf:runs/student --teacher bundled --task arithmetic2 --limit 300 --out eval/
 
-For each model (teacher first): greedy, batched generation on the held-out items, then
+For each model (teacher first): greedy, batched generation on the held-out items
+(:func:`stillhouse.teacher.generate.generate`; the items are a task's built-in held-out draw, or a
+file of items, ``EvalConfig.items``; students may get a system turn, ``EvalConfig.system_prompt``), then
 
 * **accuracy** with a Wilson 95% interval (answers checked by :mod:`.verify`; HumanEval
   in the sandbox);
@@ -46,11 +48,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from stillhouse.distill.data import with_system
 from stillhouse.distill.metrics import Estimate, accuracy, agreement, ceiling_ratio
+from stillhouse.teacher.generate import Generation, chat_prompt_ids, generate
 
 TASKS = ("arithmetic2", "arithmetic3", "gsm8k", "humaneval")
 DEFAULT_MAX_NEW_TOKENS = {"arithmetic2": 16, "arithmetic3": 16, "gsm8k": 320, "humaneval": 384}
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 
 
 class EvalError(Exception):
@@ -75,7 +79,7 @@ class EvalConfig:
     seed: int = 0
     """Which held-out arithmetic items are drawn (the split itself does not depend on it)."""
     batch_size: int = 32
-    """Prompts per generation batch."""
+    """Prompts per generation batch (teacher.generate: equal-length prompts share their prefix's KV cache)."""
     max_new_tokens: int | None = None
     """Completion cap; None = the task's default (16 arithmetic, 320 GSM8K, 384 HumanEval)."""
     kl: bool = True
@@ -90,8 +94,32 @@ class EvalConfig:
     """Where the models run; auto = cuda when torch sees a GPU, else cpu."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Model dtype for loading (float32 on a CPU)."""
+    items: str = ""
+    """A .jsonl of task items to evaluate on instead of the task's built-in held-out draw (rows of
+    TaskItem.to_json, e.g. a split from tasks.arithmetic_splits); limit caps them, seed is unused."""
+    system_prompt: str | None = None
+    """System turn the students get on every item (None = their chat template's default): the
+    system_prompt they were trained with. The teacher keeps its template's default."""
+    watermark_teacher: str = ""
+    """A watermark key id (e.g. server/eval/0): the teacher answers watermarked with it, as ``serve --watermark``
+    would (the secret from watermark_secret_env). Give the teacher as a student too (--model plain=bundled) to
+    score it both ways on the same items in one run."""
+    watermark_secret_env: str = "STILLHOUSE_WATERMARK_SECRET"
+    """Environment variable holding the watermark secret (for watermark_teacher)."""
+    watermark_gamma: float = 0.25
+    """Green share of the teacher's watermark (as serve's --watermark-gamma)."""
+    watermark_delta: float = 2.0
+    """Logit bias of the teacher's watermark (as serve's --watermark-delta)."""
+    watermark_context: int = 1
+    """Context window of the teacher's watermark (as serve's --watermark-context)."""
 
     def __post_init__(self) -> None:
+        if self.watermark_teacher:
+            from stillhouse.watermark.green import WatermarkParams
+            from stillhouse.watermark.keys import KeyId
+
+            KeyId.parse(self.watermark_teacher)  # raises naming the expected form
+            WatermarkParams(self.watermark_gamma, self.watermark_delta, self.watermark_context)
         if isinstance(self.students, str):
             raise TypeError("students must be a tuple of specs, e.g. ('hf:runs/student',)")
         if self.task not in TASKS:
@@ -117,6 +145,11 @@ class EvalConfig:
     @property
     def new_tokens(self) -> int:
         return self.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[self.task]
+
+
+def max_new_tokens_for(task: str) -> int:
+    """The completion cap of a task name (an EvalConfig task, or a TaskItem's: 'arithmetic', 'gsm8k', ...)."""
+    return DEFAULT_MAX_NEW_TOKENS.get(task, 16 if task.startswith("arithmetic") else 320)
 
 
 def parse_model_args(args: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -145,11 +178,14 @@ def resolve_device(device: str) -> str:
 
 # -- items and models ----------------------------------------------------------------------------
 
-def load_items(task: str, limit: int, seed: int = 0) -> list[Any]:
-    """The held-out items of a task (:class:`~stillhouse.distill.tasks.TaskItem`)."""
+def load_items(task: str, limit: int, seed: int = 0, path: str = "") -> list[Any]:
+    """The held-out items of a task (:class:`~stillhouse.distill.tasks.TaskItem`): the first ``limit``
+    of the file ``path`` when given, else the task's built-in held-out draw."""
     from stillhouse.distill import tasks
 
     try:
+        if path:
+            return tasks.read_items(path)[:limit]
         if task == "arithmetic2":
             return tasks.arithmetic(limit, "heldout", seed=seed, digits=(2,))
         if task == "arithmetic3":
@@ -172,6 +208,8 @@ class LoadedModel:
     tokenizer: Any
     revision: str
     spec: str = ""
+    processor: Any = None
+    """A logits processor ``(input_ids, scores) -> scores`` used in greedy generation (a watermark), or None."""
 
     @classmethod
     def load(cls, spec: str, label: str = "", device: str = "auto", dtype: str = "float32") -> LoadedModel:
@@ -195,82 +233,6 @@ class LoadedModel:
     @property
     def n_params(self) -> int:
         return int(sum(p.numel() for p in self.model.parameters()))
-
-
-@dataclass
-class Generation:
-    """A greedy completion."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    stop_id: int | None = None
-    """The token that ended generation (not in ``token_ids``), when it stopped."""
-
-
-def _stop_ids(tok: Any) -> set[int]:
-    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tok.unk_token_id:
-        ids.add(im_end)
-    return ids
-
-
-def prompt_ids(tok: Any, messages: list[dict[str, Any]]) -> list[int]:
-    """Token ids of a chat prompt ending with the assistant header."""
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-        ids = ids["input_ids"]
-    return list(ids)
-
-
-def greedy_generate(
-    lm: LoadedModel,
-    conversations: Sequence[list[dict[str, Any]]],
-    max_new_tokens: int,
-    batch_size: int = 32,
-    progress: Callable[[int], None] | None = None,
-) -> list[Generation]:
-    """Greedy completions, batched and left-padded; prompts sorted by length to waste less padding."""
-    import torch
-
-    tok, model = lm.tokenizer, lm.model
-    device = next(model.parameters()).device
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    stops = _stop_ids(tok)
-    encoded = [prompt_ids(tok, list(m)) for m in conversations]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    out: list[Generation | None] = [None] * len(encoded)
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, i in enumerate(idx):
-                p = encoded[i]
-                ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
-                mask[r, width - len(p):] = 1
-            with torch.inference_mode():
-                seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                      max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                                      top_p=None, top_k=None, pad_token_id=pad,
-                                      eos_token_id=sorted(stops) or None)
-            for r, i in enumerate(idx):
-                gen = seqs[r, width:].tolist()
-                n, finish, stop_id = len(gen), "length", None
-                for j, t in enumerate(gen):
-                    if t in stops:
-                        n, finish, stop_id = j, "stop", t
-                        break
-                out[i] = Generation(tok.decode(gen[:n], skip_special_tokens=True), gen[:n], finish, stop_id)
-            if progress:
-                progress(min(start + batch_size, len(order)))
-    finally:
-        model.train(was_training)
-    return [g for g in out if g is not None]
 
 
 def kl_to_teacher(
@@ -429,10 +391,13 @@ class EvalResult:
 
 # -- the teacher cache ---------------------------------------------------------------------------
 
-def teacher_cache_key(revision: str, task: str, items: Sequence[Any], max_new_tokens: int) -> str:
-    """A key that changes with the teacher's weights, the task, the exact items and the cap."""
+def teacher_cache_key(revision: str, task: str, items: Sequence[Any], max_new_tokens: int,
+                      conversations: Sequence[list[dict[str, Any]]] | None = None) -> str:
+    """A key that changes with the model's weights, the task, the exact items (as sent: ``conversations``
+    when they differ from the items' messages, e.g. with a system turn) and the cap."""
+    convs = conversations if conversations is not None else [it.messages for it in items]
     blob = json.dumps({"format": CACHE_FORMAT, "revision": revision, "task": task, "max_new_tokens": max_new_tokens,
-                       "items": [[it.id, it.messages] for it in items]}, sort_keys=True)
+                       "items": [[it.id, c] for it, c in zip(items, convs)]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -466,24 +431,29 @@ def evaluate_models(
         raise EvalError("no items to evaluate")
     max_new = cfg.new_tokens
     convs = [it.messages for it in items]
+    s_convs = [with_system(list(c), cfg.system_prompt) for c in convs]
 
-    def gen(lm: LoadedModel) -> tuple[list[Generation], float]:
+    def gen(lm: LoadedModel, conversations: list[list[dict[str, Any]]]) -> tuple[list[Generation], float]:
         t0 = time.perf_counter()
-        cb = (lambda done: progress(f"generate {lm.label}", done, len(convs))) if progress else None
-        gens = greedy_generate(lm, convs, max_new, cfg.batch_size, cb)
+        cb = (lambda done: progress(f"generate {lm.label}", done, len(conversations))) if progress else None
+        prompts = [chat_prompt_ids(lm.tokenizer, c) for c in conversations]
+        gens = generate(lm.model, lm.tokenizer, prompts, max_new, batch_size=cfg.batch_size, progress=cb,
+                        logits_processor=lm.processor)
         return gens, time.perf_counter() - t0
 
-    def gen_cached(lm: LoadedModel, always: bool) -> tuple[list[Generation], float, bool]:
+    def gen_cached(lm: LoadedModel, always: bool,
+                   conversations: list[list[dict[str, Any]]]) -> tuple[list[Generation], float, bool]:
         """Outputs from the cache when the revision, task, items and cap match. The teacher is
         always cached; a student only when its revision is a content hash (sha256:...), since an
         in-memory model's label-like revision may not change when its weights do."""
         path: Path | None = None
         if cache_dir is not None and (always or lm.revision.startswith("sha256:")):
-            path = Path(cache_dir) / f"greedy-{teacher_cache_key(lm.revision, task, items, max_new)}.json"
+            key = teacher_cache_key(lm.revision, task, items, max_new, conversations)
+            path = Path(cache_dir) / f"greedy-{key}.json"
         hit = _load_cached(path) if path is not None and path.is_file() else None
         if hit is not None and len(hit) == len(items):
             return hit, 0.0, True
-        gens, secs = gen(lm)
+        gens, secs = gen(lm, conversations)
         if path is not None:
             atomic_write_text(path, json.dumps({
                 "revision": lm.revision, "task": task, "max_new_tokens": max_new,
@@ -492,7 +462,7 @@ def evaluate_models(
                                  "stop_id": g.stop_id} for g in gens]}))
         return gens, secs, False
 
-    t_gens, t_secs, cached = gen_cached(teacher, True)
+    t_gens, t_secs, cached = gen_cached(teacher, True, convs)
     t_texts = [g.text for g in t_gens]
     t_verdicts = score_outputs(task, items, t_texts)
     t_correct = [v.ok for v in t_verdicts]
@@ -500,7 +470,7 @@ def evaluate_models(
                          t_texts, t_correct, [v.reason for v in t_verdicts], gen_seconds=t_secs,
                          tokens_generated=sum(len(g.token_ids) for g in t_gens), cached=cached)
 
-    t_prompts = [prompt_ids(teacher.tokenizer, list(c)) for c in convs]
+    t_prompts = [chat_prompt_ids(teacher.tokenizer, list(c)) for c in convs]
     # the completion as the teacher produced it, including its stop token: ending is learnt too
     t_completions = [g.token_ids + ([g.stop_id] if g.stop_id is not None else []) for g in t_gens]
 
@@ -508,7 +478,7 @@ def evaluate_models(
                                else list(cfg.train_examples) or [None] * len(students))
     scores: list[ModelScore] = []
     for lm, n_train in zip(students, sizes + [None] * (len(students) - len(sizes))):
-        gens, secs, hit = gen_cached(lm, False)
+        gens, secs, hit = gen_cached(lm, False, s_convs)
         texts = [g.text for g in gens]
         verdicts = score_outputs(task, items, texts)
         correct = [v.ok for v in verdicts]
@@ -573,6 +543,23 @@ def write_report(result: EvalResult, out_dir: str | Path, command: str = "") -> 
     return out / "report.md"
 
 
+def watermark_model(lm: LoadedModel, cfg: EvalConfig) -> None:
+    """Make ``lm`` answer watermarked with ``cfg.watermark_teacher``'s key; its label and revision say so
+    (so cached unwatermarked outputs are never reused)."""
+    from stillhouse.watermark.green import RowWatermark, WatermarkParams, batch_processor, vocab_hashes
+    from stillhouse.watermark.keys import WatermarkKeyError, derive_key, key_u64, load_secret
+
+    params = WatermarkParams(cfg.watermark_gamma, cfg.watermark_delta, cfg.watermark_context)
+    try:
+        key = key_u64(derive_key(load_secret(cfg.watermark_secret_env), cfg.watermark_teacher))
+    except WatermarkKeyError as exc:
+        raise EvalError(str(exc)) from None
+    vocab = int(lm.model.get_output_embeddings().weight.shape[0])
+    lm.processor = batch_processor(RowWatermark(key, params, vocab_hashes(vocab), cfg.watermark_teacher))
+    lm.label += "+watermark"
+    lm.revision += f"+watermark:{cfg.watermark_teacher}:g{params.gamma:g}:d{params.delta:g}:h{params.context}"
+
+
 def run_eval(cfg: EvalConfig, out_dir: str | Path, *, cache_dir: str | Path | None = None,
              console: Any = None) -> EvalResult:
     """Load the models a config names, evaluate, write the report. What ``stillhouse eval`` runs."""
@@ -584,9 +571,11 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, *, cache_dir: str | Path | No
     out = Path(out_dir)
     if not cfg.students:
         raise EvalError("no students: pass --model SPEC at least once")
-    items = load_items(cfg.task, cfg.limit, cfg.seed)
+    items = load_items(cfg.task, cfg.limit, cfg.seed, cfg.items)
     cache = Path(cache_dir) if cache_dir else out.parent / ".eval-cache"
     teacher = LoadedModel.load(cfg.teacher, label="teacher", device=cfg.device, dtype=cfg.dtype)
+    if cfg.watermark_teacher:
+        watermark_model(teacher, cfg)
     labels = cfg.labels or parse_model_args(cfg.students)[0]
     students = [LoadedModel.load(spec, label=label, device=cfg.device, dtype=cfg.dtype)
                 for spec, label in zip(cfg.students, labels)]

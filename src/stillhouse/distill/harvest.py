@@ -21,6 +21,18 @@ first). Finished rows are written
 by one flusher in committed batches every ``flush_interval_s``; a kill -9 loses only the
 unflushed rows, which the next run redoes.
 
+Reasoning teachers, tools, conversations (docs/distill/reasoning.md). Request fields that change the
+answer (``tools``, ``tool_choice``, ``response_format``, ``reasoning_effort``, ``extra_body``; per prompt
+row or per run) are sent and keyed; what comes back (``reasoning_content``/``reasoning``, a ``<think>``
+block, ``tool_calls``) is stored byte for byte. A row with ``turns`` is a conversation harvested turn by
+turn: each turn one record, sent with the teacher's earlier answers in context; a rerun rebuilds the
+context from the stored answers and resumes at the first turn not stored.
+
+A local teacher harvested greedily (no stop strings, no watermark) runs fixed white-box batches of
+``local_batch`` prompts (:meth:`LocalTeacher.generate_batch`) instead of concurrent chat calls: the
+same records under the same keys, in batches cut in prompt order (continuous batching's follow
+arrival timing).
+
 Retries: retryable failures (connection, timeout, 429, 5xx, unusable 2xx body) are retried
 up to ``max_attempts`` with exponential backoff and full jitter. A 429/503 with Retry-After
 pauses *all* new requests until it has passed (the polite reading of a rate limit); there is
@@ -55,17 +67,19 @@ from pathlib import Path
 from typing import Any
 
 from stillhouse.config import ConfigError, config_to_dict, load_config, save_config
-from stillhouse.distill.prompts import Prompt, PromptLoader, PromptSet
+from stillhouse.distill.prompts import Prompt, PromptLoader, PromptSet, check_request, messages_json
 from stillhouse.distill.store import (
     CONFIG_NAME,
     KEY_HEAD,
     HarvestStore,
     canonical_json,
+    compact_json,
     completion_row,
     record_key_tail,
 )
 from stillhouse.teacher.base import (
     RETRYABLE,
+    Completion,
     RateLimited,
     SamplingParams,
     ServerError,
@@ -140,6 +154,26 @@ class HarvestConfig:
     """Continue a run although the teacher's revision differs from the one stored."""
     flush_interval_s: float = 0.25
     """How often finished rows are committed to SQLite."""
+    shard: str = ""
+    """I/J: this process harvests prompts I, I+J, I+2J, ... of the source (counted from 0); J processes with
+    I = 0..J-1 fill one run directory together, e.g. one one-thread process per core for a local
+    teacher. Not part of the run's config.json: the run is the whole prompt set. Empty = every prompt."""
+    local_batch: int = 64
+    """A local teacher, greedy and without stop strings: prompts per fixed white-box batch
+    (LocalTeacher.generate_batch: batches cut in prompt order, and the top-k logprobs cover the stop
+    position too). 0 = continuous batching through the teacher's batcher, what sampling, stop strings
+    and a watermarking teacher always use."""
+    tools: str = ""
+    """A JSON file holding an OpenAI tools list, sent with every prompt that brings no tools of its own
+    (part of the record key: the file's tools, not its name). Empty = none."""
+    tool_choice: str = ""
+    """Sent as tool_choice: auto, none, required, or a JSON object naming a function. Empty = not sent."""
+    reasoning_effort: str = ""
+    """Sent as reasoning_effort (e.g. low, medium, high) for teachers that reason. Empty = not sent."""
+    extra_body: str = ""
+    """A JSON object of further request fields sent as they are, e.g. '{"chat_template_kwargs":
+    {"enable_thinking": true}}' for vLLM or '{"reasoning": {"effort": "high"}}' for OpenRouter; part of
+    the record key. A prompt row's own tools, tool_choice, response_format... win over these."""
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ConfigError:
@@ -156,7 +190,7 @@ class HarvestConfig:
         if self.samples < 1:
             raise bad("samples", "must be >= 1")
         try:
-            self.params(0)
+            self.params(0, {})
         except ValueError as exc:
             raise ConfigError(f"sampling params: {exc}") from exc
         if self.concurrency < 0:
@@ -180,13 +214,68 @@ class HarvestConfig:
             raise bad("limit", "must be >= 1 (or unset)")
         if self.flush_interval_s <= 0:
             raise bad("flush_interval_s", "must be > 0")
+        if self.local_batch < 0:
+            raise bad("local_batch", "must be >= 0 (0 = continuous batching)")
+        if self.shard:
+            i, sep, j = self.shard.partition("/")
+            if not (sep and i.isdigit() and j.isdigit() and int(i) < int(j)):
+                raise bad("shard", "write I/J with 0 <= I < J, e.g. 0/2 and 1/2 for two processes")
+        extra = self.request_extra()  # reads the tools file: a bad one fails here, before any call
+        try:
+            self.params(0, extra)
+        except ValueError as exc:
+            raise ConfigError(f"extra_body: {exc}") from exc
 
-    def params(self, sample_index: int) -> SamplingParams:
-        """The sampling params of one sample (seed offset by the sample index)."""
+    def request_extra(self) -> dict[str, Any]:
+        """The further request fields every prompt is sent with (tools, tool_choice, reasoning_effort,
+        extra_body), checked; raises ConfigError naming the bad setting."""
+        extra: dict[str, Any] = {}
+        if self.extra_body:
+            try:
+                body = json.loads(self.extra_body)
+            except ValueError as exc:
+                raise ConfigError(f"extra_body: not valid JSON ({exc}); give an object, e.g. "
+                                  '\'{"chat_template_kwargs": {"enable_thinking": true}}\'') from None
+            if not isinstance(body, dict):
+                raise ConfigError("extra_body: give a JSON object of request fields")
+            extra.update(body)
+        if self.tools:
+            try:
+                tools = json.loads(Path(self.tools).read_text())
+            except OSError as exc:
+                raise ConfigError(f"tools={self.tools!r}: cannot read it ({exc.strerror or exc}); give a JSON file "
+                                  "holding an OpenAI tools list") from None
+            except ValueError as exc:
+                raise ConfigError(f"tools={self.tools!r}: not valid JSON ({exc})") from None
+            try:
+                extra.update(check_request({"tools": tools}))
+            except ValueError as exc:
+                raise ConfigError(f"tools={self.tools!r}: {exc}") from None
+        if self.tool_choice:
+            choice: Any = self.tool_choice
+            if choice.lstrip().startswith("{"):
+                try:
+                    choice = json.loads(choice)
+                except ValueError as exc:
+                    raise ConfigError(f"tool_choice: not valid JSON ({exc})") from None
+            try:
+                extra.update(check_request({"tool_choice": choice}))
+            except ValueError as exc:
+                raise ConfigError(f"tool_choice: {exc}") from None
+        if self.reasoning_effort:
+            extra["reasoning_effort"] = self.reasoning_effort
+        return extra
+
+    def params(self, sample_index: int, extra: dict[str, Any] | None = None) -> SamplingParams:
+        """The sampling params of one sample (seed offset by the sample index), with the further request
+        fields ``extra`` (default: :meth:`request_extra`)."""
+        if extra is None:
+            extra = self.request_extra() if (self.tools or self.tool_choice or self.reasoning_effort
+                                             or self.extra_body) else {}
         return SamplingParams(
             temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens, n=1,
             seed=None if self.seed is None else self.seed + sample_index, stop=tuple(self.stop),
-            logprobs=self.logprobs, top_logprobs=self.top_logprobs,
+            logprobs=self.logprobs, top_logprobs=self.top_logprobs, extra=compact_json(extra) if extra else "",
         )
 
     def effective_concurrency(self) -> int:
@@ -409,12 +498,79 @@ class Harvester:
         self._model = teacher.name
         self._revision = teacher.revision
         self._timeout_here = parse_spec(config.teacher).kind != "http"  # HTTP teachers time out themselves
-        self._samples: list[_Sample] = []
-        for i in range(config.samples):
-            p = config.params(i)
-            d = json.loads(canonical_json(asdict(p)))
-            pj = canonical_json(d)
-            self._samples.append(_Sample(p, pj, d, record_key_tail(teacher_id, pj, i)))
+        self._batch = _white_box_batch(config, teacher)
+        self._shard = tuple(int(x) for x in config.shard.split("/")) if config.shard else (0, 1)
+        self._position = 0
+        """Prompts of the source seen so far (the shard picks by position)."""
+        """Prompts per white-box batch (LocalTeacher.generate_batch), or 0: concurrent chat calls."""
+        self._run_extra = config.request_extra()
+        self._samples = [self._make_sample(config.params(i, self._run_extra), i) for i in range(config.samples)]
+        self._merged: dict[tuple[str, int], _Sample] = {}
+        """Samples of prompts with request fields of their own, by (request_json, sample index)."""
+        self._reader_store: HarvestStore | None = None
+        """A read-only connection for resuming conversations (the writer thread owns ``store``)."""
+        self._local = parse_spec(config.teacher).is_local
+
+    def _make_sample(self, p: SamplingParams, i: int) -> _Sample:
+        """What every record of sample ``i`` under params ``p`` shares. The stored params are the
+        SamplingParams fields, with ``extra`` (the JSON text of the further request fields, as sent) left out
+        when empty: the keys of runs without further request fields are what they were before it existed."""
+        d = json.loads(canonical_json(asdict(p)))
+        if not d["extra"]:
+            del d["extra"]
+        pj = canonical_json(d)
+        return _Sample(p, pj, d, record_key_tail(self.teacher_id, pj, i))
+
+    def _sample(self, prompt: Prompt, i: int) -> _Sample:
+        """Sample ``i``'s params for ``prompt``: the run's, with the prompt's own request fields over them."""
+        if not prompt.request_json:
+            return self._samples[i]
+        s = self._merged.get((prompt.request_json, i))
+        if s is None:
+            if len(self._merged) >= 4096:
+                self._merged.clear()
+            extra = {**self._run_extra, **json.loads(prompt.request_json)}
+            s = self._merged[(prompt.request_json, i)] = self._make_sample(self.config.params(i, extra), i)
+        return s
+
+    def _key(self, prompt: Prompt, i: int) -> str:
+        """The record key of (prompt, sample i): store.record_key of its messages and params."""
+        h = hashlib.sha256(KEY_HEAD)
+        h.update(prompt.messages_json.encode())
+        h.update(self._sample(prompt, i).key_tail)
+        return h.hexdigest()
+
+    def _reader(self) -> HarvestStore:
+        if self._reader_store is None:
+            self._reader_store = HarvestStore(self.store.run_dir, readonly=True)
+        return self._reader_store
+
+    def _resume_chain(self, prompt: Prompt, i: int, done: set[str]) -> tuple[_Work | None, int]:
+        """The first turn of a conversation (sample ``i``) not done yet, rebuilt from the answers stored for
+        the turns before it, and how many turns were done; (None, n) when all n turns are."""
+        p, n = prompt, 0
+        while True:
+            key = self._key(p, i)
+            if key not in done:
+                return (p, i, key), n
+            rec = self._reader().get(key)
+            if rec is None or rec.status != "ok":  # written since the keys were read: redo from here
+                return (p, i, key), n
+            n += 1
+            if p.turn >= len(p.turns):
+                return None, n
+            p = next_turn(p, rec.text or "", rec.message)
+
+    async def _chain(self, w: _Work) -> None:
+        """A conversation from turn ``w``: each answer becomes context for the next turn."""
+        while True:
+            c = await self._one(w)
+            p, i, _ = w
+            if c is None or p.turn >= len(p.turns) or self._stopping:
+                return
+            p = next_turn(p, c.text, c.message)
+            w = (p, i, self._key(p, i))
+            self.stats.total += 1
 
     def work(self, prompts: list[Prompt] | None = None) -> list[_Work]:
         """Every (prompt, sample index, key) of ``prompts`` (default: all loaded so far) whose key is not
@@ -426,6 +582,10 @@ class Harvester:
         """
         if prompts is None:
             prompts = self.prompts.prompts if self.prompts is not None else self._loader_prompts()
+        i, j = self._shard
+        if j > 1:
+            start, self._position = self._position, self._position + len(prompts)
+            prompts = [p for k, p in enumerate(prompts, start) if k % j == i]
         if self._done_keys is None:
             self._done_keys = self.store.keys("ok")
         done = self._done_keys
@@ -434,6 +594,20 @@ class Harvester:
         todo: list[_Work] = []
         append = todo.append
         skipped = 0
+        special = [p for p in prompts if p.request_json or p.turns]
+        if special:  # request fields of their own, or conversations: keyed one by one
+            for prompt in special:
+                for i in range(len(samples)):
+                    if prompt.turns:
+                        w, n = self._resume_chain(prompt, i, done)
+                        skipped += n
+                    else:
+                        key = self._key(prompt, i)
+                        w = None if key in done else (prompt, i, key)
+                        skipped += w is None
+                    if w is not None:
+                        append(w)
+            prompts = [p for p in prompts if not (p.request_json or p.turns)]
         if len(samples) == 1:
             tail = samples[0].key_tail
             for prompt in prompts:
@@ -497,35 +671,45 @@ class Harvester:
     def _row(self, w: _Work, completion: Any, latency: float | None, cost: float, attempts: int,
              error: str | None = None, raw: str | None = None) -> tuple[Any, ...]:
         prompt, i, key = w
-        s = self._samples[i]
+        s = self._sample(prompt, i) if prompt.request_json else self._samples[i]
         return completion_row(
             key=key, prompt_id=prompt.id, messages=prompt.messages, teacher=self.teacher_id,
             model=self._model, revision=self._revision, params=s.params_dict, sample_index=i,
             completion=completion, latency_s=latency, cost=cost, attempts=attempts, error=error, raw=raw,
             meta=prompt.meta, messages_json=prompt.messages_json, prompt_hash_hex=prompt.hash,
-            params_json=s.params_json, meta_json=prompt.meta_json,
+            params_json=s.params_json, meta_json=prompt.meta_json, turn=prompt.turn,
         )
 
-    async def _one(self, w: _Work) -> None:
+    async def _one(self, w: _Work) -> Completion | None:
+        """One record, retried as the config says; its completion, or None (an error row, or stopped)."""
         cfg, st = self.config, self.stats
         prompt = w[0]
-        params = self._samples[w[1]].params
         est_prompt = estimate_prompt_tokens(prompt.messages_json, len(prompt.messages))
+        if prompt.request_json:  # request fields of its own (tools, ...)
+            if self._local:
+                st.errors += 1
+                st.error_kinds["ValueError"] = st.error_kinds.get("ValueError", 0) + 1
+                self._rows.append(self._row(w, None, 0.0, 0.0, 0, error=f"ValueError: {LOCAL_NO_REQUEST_FIELDS}"))
+                return None
+            params = self._sample(prompt, w[1]).params
+            est_prompt += len(prompt.request_json) // 4
+        else:
+            params = self._samples[w[1]].params
         est_tokens = est_prompt + cfg.max_tokens
         est_cost = self._cost(est_prompt, cfg.max_tokens)
         attempts = 0
         while True:
             if self._stopping:
-                return  # not recorded: the next run redoes it
+                return None  # not recorded: the next run redoes it
             lim = self.limiter
             if lim.rpm or lim.tpm or lim.not_before:  # no limits and no Retry-After seen: nothing to wait for
                 await lim.acquire(est_tokens)
                 if self._stopping:
-                    return
+                    return None
             reason = self.budget.reserve(est_tokens, est_cost)
             if reason is not None:
                 self._stop(reason)
-                return
+                return None
             attempts += 1
             st.requests += 1
             st.in_flight += 1
@@ -564,7 +748,7 @@ class Harvester:
                 st.completion_tokens += c.completion_tokens
                 st.cost += cost
                 self._rows.append(self._row(w, c, res.latency_s or latency, cost, attempts))
-                return
+                return c
             self.budget.settle(est_tokens, est_cost, 0, 0.0)
             self.limiter.settle(est_tokens, 0)
             retry_after = getattr(err, "retry_after", None)
@@ -581,7 +765,58 @@ class Harvester:
             st.error_kinds[kind] = st.error_kinds.get(kind, 0) + 1
             raw = getattr(err, "raw", None) or getattr(err, "body", None) or None
             self._rows.append(self._row(w, None, latency, 0.0, attempts, error=f"{kind}: {err}", raw=raw))
+            return None
+
+    async def _one_batch(self, ws: list[_Work]) -> None:
+        """Records of one sample index as one white-box batch: the same store rows as :meth:`_one`, one
+        attempt each (a local teacher's refusal is not retryable); ``latency_s`` is the batch's wall time."""
+        cfg, st = self.config, self.stats
+        todo: list[_Work] = []
+        est: list[tuple[int, float]] = []
+        for w in ws:
+            p = estimate_prompt_tokens(w[0].messages_json, len(w[0].messages))
+            e = (p + cfg.max_tokens, self._cost(p, cfg.max_tokens))
+            reason = self.budget.reserve(*e)
+            if reason is not None:
+                self._stop(reason)
+                break
+            todo.append(w)
+            est.append(e)
+        if not todo:
             return
+        st.requests += len(todo)
+        st.in_flight += len(todo)
+        t0 = time.perf_counter()
+        err: BaseException | None = None
+        try:
+            done = await asyncio.to_thread(self.teacher.generate_batch,  # type: ignore[attr-defined]
+                                           [w[0].messages for w in todo], self._samples[todo[0][1]].params,
+                                           len(todo))
+        except (ValueError, RuntimeError) as exc:  # a local teacher's refusal: a prompt too long, bad messages
+            done, err = [], exc
+        finally:
+            st.in_flight -= len(todo)
+        latency = time.perf_counter() - t0
+        if err is not None:
+            for e in est:
+                self.budget.settle(*e, 0, 0.0)
+            if len(todo) > 1 and not self._stopping:  # one bad prompt must not fail the others: one at a time
+                for w in todo:
+                    await self._one_batch([w])
+                return
+            kind = type(err).__name__
+            st.errors += 1
+            st.error_kinds[kind] = st.error_kinds.get(kind, 0) + 1
+            self._rows.append(self._row(todo[0], None, latency, 0.0, 1, error=f"{kind}: {err}"))
+            return
+        for w, e, c in zip(todo, est, done):
+            cost = self._cost(c.prompt_tokens, c.completion_tokens)
+            self.budget.settle(*e, c.prompt_tokens + c.completion_tokens, cost)
+            st.ok += 1
+            st.prompt_tokens += c.prompt_tokens
+            st.completion_tokens += c.completion_tokens
+            st.cost += cost
+            self._rows.append(self._row(w, c, latency, cost, 1))
 
     def _stop(self, reason: str) -> None:
         if not self._stopping:
@@ -621,9 +856,24 @@ class Harvester:
             pop = queue.popleft
             while not self._stopping:
                 if queue:
-                    await self._one(pop())
+                    w = pop()
+                    await (self._chain(w) if w[0].turns else self._one(w))
                 elif self._loading:
                     await more.wait()
+                else:
+                    return
+
+        async def batch_worker() -> None:  # white-box batches of one sample index, in queue order
+            while not self._stopping:
+                if len(queue) < self._batch and self._loading:
+                    await more.wait()
+                elif queue:
+                    chunk = [queue.popleft() for _ in range(min(self._batch, len(queue)))]
+                    for w in [w for w in chunk if w[0].turns or w[0].request_json]:  # not for white-box batches
+                        await (self._chain(w) if w[0].turns else self._one(w))
+                    chunk = [w for w in chunk if not (w[0].turns or w[0].request_json)]
+                    for i in sorted({w[1] for w in chunk}):
+                        await self._one_batch([w for w in chunk if w[1] == i])
                 else:
                     return
 
@@ -641,7 +891,8 @@ class Harvester:
             n = min(n, max(1, len(queue)))
         self._writer = _Writer(self.store)
         flush_task = asyncio.create_task(flusher())
-        workers = [asyncio.create_task(worker()) for _ in range(n)]
+        workers = ([asyncio.create_task(batch_worker())] if self._batch
+                   else [asyncio.create_task(worker()) for _ in range(n)])
         if self._loading:
             workers.append(asyncio.create_task(self._load_rest(queue, wake)))
         t_requests = time.monotonic()
@@ -659,6 +910,9 @@ class Harvester:
             # so no write is still running when the store closes (and a second cancel cannot skip it).
             self._flush()
             self._writer.close()
+            if self._reader_store is not None:
+                self._reader_store.close()
+                self._reader_store = None
             if self.on_progress is not None:
                 self.on_progress(self.stats)
             gc.unfreeze()
@@ -666,6 +920,43 @@ class Harvester:
             raise HarvestError(f"cannot write to the store {self.store.path}: {self._writer.error}. Rows not "
                                "written are redone by the next run") from self._writer.error
         return self.stats
+
+
+LOCAL_NO_REQUEST_FIELDS = ("a local teacher takes no request fields (tools, tool_choice, response_format, "
+                           "reasoning_effort...): serve it with `stillhouse serve`, which renders tools with the "
+                           "model's chat template, and harvest from its http://HOST:PORT/v1")
+
+
+def next_turn(p: Prompt, text: str, message: dict[str, Any] | None) -> Prompt:
+    """Turn ``p.turn + 1`` of a conversation: ``p``'s messages, the teacher's answer (its content and tool
+    calls; never its reasoning, which reasoning APIs refuse as input), and the next turn's messages. A tool
+    result there without a ``tool_call_id`` gets the id of the answer's call in the same place."""
+    ctx: dict[str, Any] = {"role": "assistant", "content": None if (message or {}).get("content", "") is None
+                           else text}
+    calls = (message or {}).get("tool_calls") or []
+    if calls:
+        ctx["tool_calls"] = calls
+    nxt = [dict(m) for m in p.turns[p.turn]]
+    ids = iter(c.get("id") for c in calls if isinstance(c, dict))
+    for m in nxt:
+        if m.get("role") == "tool" and "tool_call_id" not in m:
+            cid = next(ids, None)
+            if cid is not None:
+                m["tool_call_id"] = cid
+    msgs = [*p.messages, ctx, *nxt]
+    return p._replace(messages=msgs, messages_json=messages_json(msgs), turn=p.turn + 1)
+
+
+def _white_box_batch(cfg: HarvestConfig, teacher: Teacher) -> int:
+    """``cfg.local_batch`` when the teacher is a local model and the run is greedy, without stop strings
+    or logits processors (what LocalTeacher.generate_batch serves); else 0 (concurrent chat calls)."""
+    if not cfg.local_batch or cfg.temperature > 0 or cfg.stop:
+        return 0
+    from stillhouse.teacher.local import LocalTeacher
+
+    if not isinstance(teacher, LocalTeacher) or teacher.logits_processors:
+        return 0
+    return cfg.local_batch
 
 
 class _Writer:
@@ -753,13 +1044,13 @@ def save_run_config(cfg: HarvestConfig) -> None:
             old = json.loads(path.read_text())
         except ValueError:
             old = None
-        new = {"__config__": type(cfg).__name__, **config_to_dict(cfg)}
+        new = {"__config__": type(cfg).__name__, **config_to_dict(replace(cfg, shard=""))}
         if old is not None and old != new:
             n = 1
             while (out / f"config.prev-{n}.json").exists():
                 n += 1
             (out / f"config.prev-{n}.json").write_text(path.read_text())
-    save_config(cfg, path)
+    save_config(replace(cfg, shard=""), path)
 
 
 def load_harvest_config(path: str) -> HarvestConfig:
@@ -812,6 +1103,8 @@ async def run_harvest(
         except TeacherError as exc:
             raise HarvestError(f"cannot reach teacher {cfg.teacher}: {exc}") from exc
         tid = teacher_identity(cfg.teacher, teacher)
+        if parse_spec(cfg.teacher).is_local and cfg.request_extra():
+            raise HarvestError(LOCAL_NO_REQUEST_FIELDS)
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         with HarvestStore(cfg.out) as store:
             meta_key = f"revision:{tid}"

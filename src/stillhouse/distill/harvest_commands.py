@@ -28,6 +28,9 @@ sampling parameter and the records are new.
 PROMPTS: a .jsonl file ({"id", "messages"} or {"id", "prompt"} a line), a .parquet file, a
 datasets directory (DIR or DIR#SPLIT), or a built-in set: builtin:arithmetic[:N],
 builtin:arithmetic-heldout[:N], builtin:gsm8k[:N], builtin:gsm8k-test[:N], builtin:humaneval[:N].
+A row may also carry tools, tool_choice, response_format and reasoning_effort (sent, and keyed), and
+"turns": the next user turns of a conversation harvested turn by turn (docs/distill/reasoning.md).
+Reasoning (reasoning_content, reasoning, <think>) and tool calls are stored byte for byte.
 
 Exit status: 0 all done; 2 some records failed (rerun to retry them); 3 stopped by a budget
 cap; 130 interrupted.

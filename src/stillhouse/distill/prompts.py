@@ -13,6 +13,20 @@ Every other field of a row (``answer``, ``task``, ``tests``...) travels with the
 ``meta`` into the harvest store, so curation can verify against it. A row without an id
 gets ``p-`` plus the first 12 hex digits of its prompt hash, which is stable when lines move.
 
+Fields that change the teacher's answer travel with the request and its record key instead
+(:data:`REQUEST_FIELDS`: ``tools``, ``tool_choice``, ``parallel_tool_calls``, ``response_format``,
+``reasoning_effort``). Messages may be whole OpenAI conversations: assistant turns with
+``tool_calls`` (and a null content), ``tool`` results with their ``tool_call_id``.
+
+A conversation harvested turn by turn::
+
+    {"id": "c1", "messages": [{"role": "user", "content": "Hi"}], "turns": ["And then?", "Thanks"]}
+
+``messages`` is the seed (it may hold earlier turns of any author); ``turns`` are the next user turns,
+each a string, a message, or a list of messages (e.g. ``tool`` results; a tool result without a
+``tool_call_id`` gets the id of the teacher's call in the same place). Turn k is sent with the
+teacher's own answers to turns 0..k-1 in its context.
+
 Bad rows (not JSON, nested too deeply, no messages/prompt, wrong roles or types, a damaged
 Parquet row group) become :class:`Problem`\\ s with their line numbers (row ranges); the caller
 skips them, or with ``strict=True`` :class:`PromptError` is raised before any teacher call. A
@@ -36,7 +50,7 @@ from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from stillhouse.distill.store import canonical_json
+from stillhouse.distill.store import canonical_json, compact_json
 from stillhouse.teacher.base import Message
 
 ROLES = ("system", "user", "assistant", "developer", "tool")
@@ -63,6 +77,21 @@ class Prompt(NamedTuple):
     """canonical_json(messages), filled by the loader (saves re-encoding per record)."""
     meta_json: str = "{}"
     """canonical_json(meta), filled by the loader."""
+    request_json: str = ""
+    """compact_json of the row's request fields (REQUEST_FIELDS: tools, ...; keys in the row's order, as
+    they are sent); "" when it has none."""
+    turns: tuple[tuple[Message, ...], ...] = ()
+    """A conversation's next turns (each the messages to add after the teacher's last answer); () = one turn."""
+    turn: int = 0
+    """Which turn of its conversation this prompt is (the harvester builds turns 1, 2, ...)."""
+
+    @property
+    def dedup_key(self) -> str:
+        """What makes two rows the same prompt: the messages' hash, and the request fields and turns."""
+        if not self.request_json and not self.turns:
+            return self.hash
+        return hashlib.sha256(f"{self.hash}\x00{self.request_json}\x00{canonical_json(self.turns)}".encode()
+                              ).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -87,24 +116,88 @@ class PromptSet:
     source: str = ""
 
 
-def check_messages(messages: Any) -> list[Message]:
+def check_messages(messages: Any, where: str = "messages") -> list[Message]:
     """Validate OpenAI chat messages; raises ValueError naming the first wrong field."""
     if not isinstance(messages, list) or not messages:
-        raise ValueError("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
+        raise ValueError(f"'{where}' must be a non-empty list of {{\"role\", \"content\"}} objects")
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise ValueError(f"messages[{i}] is a {type(m).__name__}, not an object")
+            raise ValueError(f"{where}[{i}] is a {type(m).__name__}, not an object")
         if m.get("role") not in ROLES:
-            raise ValueError(f"messages[{i}].role={m.get('role')!r}: use one of {', '.join(ROLES)}")
+            raise ValueError(f"{where}[{i}].role={m.get('role')!r}: use one of {', '.join(ROLES)}")
         content = m.get("content")
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if m.get("role") != "assistant":
+                raise ValueError(f"{where}[{i}]: only an assistant message carries tool_calls")
+            check_tool_calls(calls, f"{where}[{i}].tool_calls")
         if isinstance(content, list):
             if not all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in content):
-                raise ValueError(f"messages[{i}].content parts must be {{'type': 'text', 'text': '...'}}")
+                raise ValueError(f"{where}[{i}].content parts must be {{'type': 'text', 'text': '...'}}")
+        elif content is None and calls:
+            pass  # an assistant turn that only calls tools
         elif not isinstance(content, str):
-            raise ValueError(f"messages[{i}].content must be a string, not {type(content).__name__}")
+            raise ValueError(f"{where}[{i}].content must be a string, not {type(content).__name__}")
     if messages[-1].get("role") == "assistant":
-        raise ValueError("the last message is the assistant's: end with a user turn for the teacher to answer")
+        raise ValueError(f"the last message of '{where}' is the assistant's: end with a user turn (or a tool "
+                         "result) for the teacher to answer")
     return messages
+
+
+def check_tool_calls(calls: Any, where: str) -> None:
+    """OpenAI ``tool_calls``: a list of ``{"id", "type": "function", "function": {"name", "arguments"}}``."""
+    if not isinstance(calls, list):
+        raise ValueError(f"{where} must be a list of {{'id', 'type': 'function', 'function': {{'name', "  # noqa: TRY004
+                         "'arguments'}}} objects")
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ValueError(f"{where}[{j}] needs 'function': {{'name': '...', 'arguments': '...'}}")  # noqa: TRY004
+
+
+REQUEST_FIELDS = ("tools", "tool_choice", "parallel_tool_calls", "response_format", "reasoning_effort")
+"""Row fields sent with the request (and part of its record key) rather than kept as meta."""
+
+
+def check_request(row: dict[str, Any]) -> dict[str, Any]:
+    """The row's request fields, checked; raises ValueError naming the bad one."""
+    req = {k: row[k] for k in REQUEST_FIELDS if row.get(k) is not None}
+    tools = req.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list) or not all(
+                isinstance(t, dict) and isinstance((t.get("function") or {}).get("name"), str) for t in tools):
+            raise ValueError("'tools' must be a list of {\"type\": \"function\", \"function\": {\"name\", "
+                             "\"parameters\"...}} objects")
+        if not tools:
+            del req["tools"]
+    choice = req.get("tool_choice")
+    if choice is not None and not (choice in ("auto", "none", "required") or isinstance(choice, dict)):
+        raise ValueError(f"'tool_choice'={choice!r}: use auto, none, required or {{\"type\": \"function\", "
+                         "\"function\": {\"name\": ...}}")
+    return req
+
+
+def check_turns(turns: Any) -> tuple[tuple[Message, ...], ...]:
+    """A conversation's next turns: each a string (a user message), a message, or a list of messages."""
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("'turns' must be a non-empty list of next user turns (strings, messages or lists of "
+                         "messages)")
+    out = []
+    for k, t in enumerate(turns):
+        if isinstance(t, str):
+            if not t.strip():
+                raise ValueError(f"turns[{k}] is empty")
+            msgs: list[Message] = [{"role": "user", "content": t}]
+        elif isinstance(t, dict):
+            msgs = [t]
+        else:
+            msgs = t
+        msgs = check_messages(msgs, where=f"turns[{k}]")
+        if any(m.get("role") == "assistant" for m in msgs):
+            raise ValueError(f"turns[{k}]: a turn holds the next user or tool messages; the teacher writes the "
+                             "assistant's")
+        out.append(tuple(msgs))
+    return tuple(out)
 
 
 def messages_json(messages: list[Message]) -> str:
@@ -125,7 +218,7 @@ def messages_json(messages: list[Message]) -> str:
     return f"[{','.join(parts)}]"
 
 
-_PROMPT_KEYS = ("id", "messages", "prompt")
+_PROMPT_KEYS = ("id", "messages", "prompt", "turns", *REQUEST_FIELDS)
 _ROLE_SET = frozenset(ROLES)
 
 
@@ -185,7 +278,14 @@ def row_to_prompt(row: Any) -> Prompt:
         return Prompt(rid, messages, {}, ph, mj, "{}")
     meta = {k: v for k, v in row.items() if k not in _PROMPT_KEYS}
     meta_json = canonical_json(meta)  # raises TypeError when not JSON-serialisable
-    return Prompt(rid, messages, meta, ph, mj, meta_json)
+    req = check_request(row)
+    turns = check_turns(row["turns"]) if row.get("turns") is not None else ()
+    if not req and not turns:
+        return Prompt(rid, messages, meta, ph, mj, meta_json)
+    p = Prompt(rid, messages, meta, ph, mj, meta_json, compact_json(req) if req else "", turns)
+    if rid == f"p-{ph[:12]}" and row.get("id") in (None, ""):
+        p = p._replace(id=f"p-{p.dedup_key[:12]}")  # rows differing in tools or turns only: different ids
+    return p
 
 
 _decode_json = json.JSONDecoder().decode
@@ -339,14 +439,15 @@ class PromptLoader:
             if err is not None:
                 problems.append(Problem(f"{prefix}{loc}", err))
                 continue
-            if p.hash in seen:
+            dk = p.hash if not p.request_json and not p.turns else p.dedup_key
+            if dk in seen:
                 self.duplicates += 1
                 continue
             if p.id in ids:
                 problems.append(Problem(f"{prefix}{loc}",
                                         f"id {p.id!r} already used at {prefix}{ids[p.id]} for different messages"))
                 continue
-            seen.add(p.hash)
+            seen.add(dk)
             ids[p.id] = loc
             append(p)
             if len(prompts) == stop:

@@ -8,7 +8,9 @@ Layout of a run directory::
 
 Each row is keyed by :func:`record_key`, a SHA-256 of the canonical JSON of (messages,
 teacher, sampling params, sample index), so a rerun skips finished work and any changed
-parameter makes a new key. A row is either ``ok`` or ``error``; an ``error`` row is retried
+parameter makes a new key. The params include the request's further fields when it has any
+(``extra``: tools, tool_choice, response_format, reasoning_effort, ...: the JSON text exactly as sent,
+keys in their order), so they are keyed too. A row is either ``ok`` or ``error``; an ``error`` row is retried
 by the next run and replaced when it succeeds, an ``ok`` row is never overwritten. Rows are
 written in committed batches, so a kill -9 loses at most the uncommitted batch, which the
 next run redoes (never twice: the key is the primary key).
@@ -25,6 +27,16 @@ Reading (what curate, export and eval use)::
             rec.top_ids         # np.int32 [T, k] when the teacher knows token ids (local)
             rec.top_tokens      # list[list[str]] when it only knows strings (HTTP)
             rec.chat()          # messages + the assistant turn, OpenAI chat form
+            rec.reasoning       # the chain of thought (reasoning_content / reasoning / <think>) or None
+            rec.answer          # the text without a leading <think> block
+            rec.tool_calls      # OpenAI tool_calls or None; rec.tools: the tools the request sent
+            rec.turn            # turn k of a conversation harvested turn by turn (0 otherwise)
+
+What a reasoning server sends is kept byte for byte: ``text`` is the content exactly as it came
+(a ``<think>`` block in it included), ``message`` the assistant message's other fields that carry
+something (``reasoning_content`` or ``reasoning``, ``tool_calls`` with their ``arguments`` strings,
+``"content": null`` for a null content), stored as ASCII-escaped JSON in the server's key order, so
+every string survives and ``rec.assistant()`` re-encodes to the very bytes of the server's message.
 
 Compact storage: per-token logprobs as float32, top-k logprobs as float16 and ids as
 int32 (k=20 ≈ 120 bytes per token), token strings as zlib-compressed JSON. ``raw`` keeps
@@ -47,10 +59,13 @@ from typing import Any, Literal
 import numpy as np
 
 from stillhouse.teacher.base import Completion, Message
+from stillhouse.teacher.message import answer_of, assistant_message, reasoning_of
 
 DB_NAME = "harvest.sqlite"
 CONFIG_NAME = "config.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2 added ``turn`` and ``message``; a version-1 store is upgraded in place when opened for writing
+(the columns added, nothing else touched) and read as it is when opened read-only."""
 Status = Literal["ok", "error"]
 
 _SCHEMA = """
@@ -83,7 +98,9 @@ CREATE TABLE IF NOT EXISTS records (
     raw TEXT,
     meta TEXT,
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    turn INTEGER NOT NULL DEFAULT 0,
+    message TEXT
 );
 -- No secondary indexes: each costs every insert, and every read here scans in rowid order anyway.
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
@@ -93,11 +110,17 @@ _COLUMNS = (
     "key", "prompt_id", "prompt_hash", "sample_index", "messages", "teacher", "model", "revision", "params",
     "status", "text", "finish_reason", "prompt_tokens", "completion_tokens", "token_ids", "tokens", "logprobs",
     "top_k", "top_ids", "top_tokens", "top_logprobs", "latency_s", "cost", "attempts", "error", "raw", "meta",
-    "created_at", "updated_at",
+    "created_at", "updated_at", "turn", "message",
 )
+_ADDED_IN_2 = {"turn": "0", "message": "NULL"}
+"""Columns schema 2 added, and what a version-1 store reads as in their place."""
+# A row tuple holds created_at once for both time columns (?28 twice): 30 items, not 31. CPython builds a
+# tuple display of more than 30 items through a list (its STACK_USE_GUIDELINE), which measured 826 against
+# 477 ns here, and completion_row runs once per record.
+_PARAMS = [f"?{i}" for i in range(1, 29)] + ["?28"] + [f"?{i}" for i in range(29, len(_COLUMNS))]
 # An ok row is final; an error row is replaced by whatever comes next. Attempts accumulate.
 _UPSERT = (
-    f"INSERT INTO records ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
+    f"INSERT INTO records ({', '.join(_COLUMNS)}) VALUES ({', '.join(_PARAMS)}) "
     "ON CONFLICT(key) DO UPDATE SET "
     + ", ".join(f"{c}=excluded.{c}" for c in _COLUMNS if c not in ("key", "created_at", "attempts"))
     + ", attempts=records.attempts+excluded.attempts WHERE records.status != 'ok'"
@@ -119,6 +142,15 @@ KEY_HEAD = b'{"m":'
 def canonical_json(obj: Any) -> str:
     """Sorted keys, no spaces, UTF-8: the form every hash here is taken over."""
     return _encode(obj)
+
+
+_compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def compact_json(obj: Any) -> str:
+    """No spaces, UTF-8, keys in their given order: request fields as they are sent (the order of a
+    tool's parameters is what a server shows its model, so it is kept, and keyed)."""
+    return _compact(obj)
 
 
 def prompt_hash(messages: list[Message], messages_json: str | None = None) -> str:
@@ -226,10 +258,44 @@ class HarvestRecord:
     """What the prompt carried besides its messages (task, reference answer, tests...)."""
     created_at: float = 0.0
     updated_at: float = 0.0
+    turn: int = 0
+    """Turn k of a conversation harvested turn by turn; its messages hold the teacher's answers to 0..k-1."""
+    message: dict[str, Any] | None = None
+    """The answer's message fields besides role and content, exactly as sent (Completion.message)."""
+
+    @property
+    def reasoning(self) -> str | None:
+        """The chain of thought: a reasoning field, else a ``<think>`` block leading the text; None if none."""
+        return reasoning_of(self.text, self.message)
+
+    @property
+    def answer(self) -> str:
+        """The answer without its chain of thought (the text less a leading ``<think>`` block)."""
+        return answer_of(self.text, self.message)
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]] | None:
+        """The OpenAI tool calls of the answer, or None."""
+        return (self.message or {}).get("tool_calls") or None
+
+    @property
+    def request_extra(self) -> dict[str, Any]:
+        """The request's further fields (tools, tool_choice, reasoning_effort...) as sent; {} when none."""
+        extra = self.params.get("extra")
+        return json.loads(extra) if isinstance(extra, str) and extra else {}
+
+    @property
+    def tools(self) -> list[dict[str, Any]] | None:
+        """The tools the request offered, as sent, or None."""
+        return self.request_extra.get("tools") or None
+
+    def assistant(self) -> Message:
+        """The teacher's answer as an OpenAI assistant message, every field as sent."""
+        return assistant_message(self.text or "", self.message)
 
     def chat(self) -> list[Message]:
-        """The conversation in OpenAI chat form, ending with the teacher's answer."""
-        return [*self.messages, {"role": "assistant", "content": self.text or ""}]
+        """The conversation in OpenAI chat form, ending with the teacher's answer (all its fields)."""
+        return [*self.messages, self.assistant()]
 
 
 def completion_row(
@@ -253,6 +319,7 @@ def completion_row(
     prompt_hash_hex: str | None = None,
     params_json: str | None = None,
     meta_json: str | None = None,
+    turn: int = 0,
 ) -> tuple[Any, ...]:
     """The database row for one finished attempt (a completion, or an error).
 
@@ -291,8 +358,17 @@ def completion_row(
         None if c is None else c.prompt_tokens, None if c is None else c.completion_tokens,
         token_ids, tokens, logprobs, top_k, top_ids, top_tokens, top_lp,
         latency_s, cost, attempts, error, raw, meta_json if meta_json is not None else canonical_json(meta or {}),
-        now, now,
+        now, turn, None if c is None or c.message is None else encode_message(c.message),
     )
+
+
+_ASCII = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+
+
+def encode_message(message: dict[str, Any]) -> str:
+    """The ``message`` column: JSON in the server's own key order with every non-ASCII character escaped,
+    so any string the server sent (a lone surrogate included) is stored and read back exactly."""
+    return _ASCII(message)
 
 
 class HarvestStore:
@@ -319,9 +395,33 @@ class HarvestStore:
             row = self._db.execute("SELECT v FROM meta WHERE k='schema_version'").fetchone()
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path} is not a harvest database: {exc}") from exc
-        if row is None or int(row[0]) != SCHEMA_VERSION:
-            raise StoreError(f"{self.path}: schema version {row and row[0]} is not {SCHEMA_VERSION}; "
+        version = None if row is None else int(row[0])
+        self._select = f"SELECT {', '.join(_COLUMNS)} FROM records"
+        if version == 1:
+            if readonly:  # read as it is: the new columns read as their defaults
+                cols = (f"{_ADDED_IN_2[c]} AS {c}" if c in _ADDED_IN_2 else c for c in _COLUMNS)
+                self._select = f"SELECT {', '.join(cols)} FROM records"
+            else:
+                self._upgrade_from_1()
+            version = SCHEMA_VERSION
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"{self.path}: schema version {version} is not {SCHEMA_VERSION}; "
                              "harvest into a new --out directory")
+
+    def _upgrade_from_1(self) -> None:
+        """Add schema 2's columns to a version-1 store (one transaction)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            have = {r[1] for r in self._db.execute("PRAGMA table_info(records)")}
+            if "turn" not in have:
+                self._db.execute("ALTER TABLE records ADD COLUMN turn INTEGER NOT NULL DEFAULT 0")
+            if "message" not in have:
+                self._db.execute("ALTER TABLE records ADD COLUMN message TEXT")
+            self._db.execute("UPDATE meta SET v=? WHERE k='schema_version'", (str(SCHEMA_VERSION),))
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     # -- writing -------------------------------------------------------------------------------
     def put_rows(self, rows: Iterable[tuple[Any, ...]]) -> None:
@@ -362,6 +462,15 @@ class HarvestStore:
             "COALESCE(SUM(completion_tokens),0), COALESCE(SUM(cost),0) FROM records").fetchone()
         return {"attempts": row[0], "prompt_tokens": row[1], "completion_tokens": row[2], "cost": row[3]}
 
+    def get(self, key: str) -> HarvestRecord | None:
+        """The record stored under ``key``, or None."""
+        row = self._db.execute(f"{self._select} WHERE key=?", (key,)).fetchone()
+        return None if row is None else _decode(dict(zip(_COLUMNS, row)))
+
+    def max_turn(self) -> int:
+        """The highest turn stored (0 when no conversation was harvested turn by turn)."""
+        return int(self._db.execute(f"SELECT COALESCE(MAX(turn), 0) FROM ({self._select})").fetchone()[0])
+
     def records(self, status: Status | None = "ok", prompt_id: str | None = None) -> Iterator[HarvestRecord]:
         """Records in insertion order, decoded; ``status=None`` yields ok and error rows alike."""
         where: list[str] = []
@@ -372,7 +481,7 @@ class HarvestStore:
         if prompt_id is not None:
             where.append("prompt_id=?")
             args.append(prompt_id)
-        sql = f"SELECT {', '.join(_COLUMNS)} FROM records"
+        sql = self._select
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY rowid"
@@ -404,7 +513,7 @@ def _decode(r: dict[str, Any]) -> HarvestRecord:
         top_lp = np.frombuffer(r["top_logprobs"], dtype=np.float16).reshape(-1, k).astype(np.float32)
     if r["top_ids"] is not None and k:
         top_ids = np.frombuffer(r["top_ids"], dtype=np.int32).reshape(-1, k)
-    return HarvestRecord(
+    rec = HarvestRecord(
         key=r["key"], prompt_id=r["prompt_id"], prompt_hash=r["prompt_hash"], sample_index=r["sample_index"],
         messages=json.loads(r["messages"]), teacher=r["teacher"], model=r["model"], revision=r["revision"],
         params=json.loads(r["params"]), status=r["status"], text=r["text"], finish_reason=r["finish_reason"],
@@ -416,3 +525,7 @@ def _decode(r: dict[str, Any]) -> HarvestRecord:
         latency_s=r["latency_s"], cost=r["cost"], attempts=r["attempts"], error=r["error"], raw=r["raw"],
         meta=json.loads(r["meta"]) if r["meta"] else {}, created_at=r["created_at"], updated_at=r["updated_at"],
     )
+    # set after: a call with more than 30 arguments is compiled through a dict (CPython's STACK_USE_GUIDELINE)
+    rec.turn = r["turn"] or 0
+    rec.message = json.loads(r["message"]) if r["message"] else None
+    return rec

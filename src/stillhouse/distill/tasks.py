@@ -8,6 +8,7 @@ functions directly::
     from stillhouse.distill.tasks import arithmetic, gsm8k, humaneval, load_builtin
     train = arithmetic(2000, split="train")          # 2- and 3-digit additions
     held = arithmetic(200, split="heldout")          # disjoint from every train item
+    sets = arithmetic_splits(300, 4000, 200)         # held-out / train / validation, drawn by a seed
     items = load_builtin("builtin:gsm8k-test:100")
 
 Spec syntax (``load_builtin``)::
@@ -146,6 +147,95 @@ def arithmetic(
     items: list[TaskItem] = []
     for i in range(max(quota.values(), default=0)):
         items.extend(per_width[d][i] for d in digits if i < len(per_width[d]))
+    return items
+
+
+def arithmetic_splits(
+    heldout: int,
+    train: int,
+    validation: int = 0,
+    seed: int = 0,
+    digits: int = 2,
+    template: str = ARITHMETIC_TEMPLATE,
+) -> dict[str, list[TaskItem]]:
+    """Three disjoint sets of ``digits``-digit additions, drawn by ``seed``: ``heldout`` (test),
+    ``train`` and ``validation`` items.
+
+    Every ordered pair is shuffled by ``seed``; the held-out set takes the first pairs whose unordered
+    pair {a, b} it does not hold yet, training takes the next pairs whose unordered pair is not held out
+    (so ``b + a`` of a held-out ``a + b`` is never trained on), and validation the next ones disjoint, as
+    unordered pairs, from training, held-out and itself. Validation chooses training passes; the
+    held-out set only reports. Unlike :func:`arithmetic`'s fixed hash split, a new seed draws new sets.
+    """
+    if min(heldout, train, validation) < 0:
+        raise ValueError(f"heldout={heldout}, train={train}, validation={validation}: sizes must be >= 0")
+    if not 1 <= digits <= 4:
+        raise ValueError(f"digits={digits}: give a width between 1 and 4 (every pair is enumerated)")
+    lo, hi = 10 ** (digits - 1), 10**digits - 1
+    pairs = [(a, b) for a in range(lo, hi + 1) for b in range(lo, hi + 1)]
+    random.Random(seed).shuffle(pairs)
+    held: list[tuple[int, int]] = []
+    held_keys: set[frozenset[int]] = set()
+    for a, b in pairs:
+        if len(held) == heldout:
+            break
+        if frozenset((a, b)) not in held_keys:
+            held.append((a, b))
+            held_keys.add(frozenset((a, b)))
+    rest = [(a, b) for a, b in pairs if frozenset((a, b)) not in held_keys]
+    tr = rest[:train]
+    taken = {frozenset(p) for p in tr}
+    val: list[tuple[int, int]] = []
+    for a, b in rest[train:]:
+        if len(val) == validation:
+            break
+        if frozenset((a, b)) not in taken:
+            val.append((a, b))
+            taken.add(frozenset((a, b)))
+    if (len(held), len(tr), len(val)) != (heldout, train, validation):
+        raise ValueError(f"{digits}-digit additions hold only {len(held)} held-out, {len(tr)} training and "
+                         f"{len(val)} validation items of the {heldout}, {train} and {validation} asked; ask for fewer")
+
+    def items(split: str, ps: list[tuple[int, int]]) -> list[TaskItem]:
+        return [TaskItem(id=f"arith-{a}+{b}", task="arithmetic",
+                         messages=[{"role": "user", "content": template.format(a=a, b=b)}], answer=str(a + b),
+                         meta={"a": a, "b": b, "digits": digits, "split": split}) for a, b in ps]
+
+    return {"heldout": items("heldout", held), "train": items("train", tr), "validation": items("validation", val)}
+
+
+def write_items(items: list[TaskItem], path: str | os.PathLike[str]) -> Path:
+    """Write items as JSONL (one :meth:`TaskItem.to_json` a line), atomically: what ``harvest --prompts``,
+    ``eval`` (``EvalConfig.items``) and ``train`` (``TrainConfig.select_on``) read."""
+    from stillhouse.config import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(it.to_json(), ensure_ascii=False) + "\n" for it in items))
+    return Path(path)
+
+
+def read_items(path: str | os.PathLike[str]) -> list[TaskItem]:
+    """Items from a JSONL file of :meth:`TaskItem.to_json` rows (``messages`` and ``answer`` or ``tests``
+    at least; ``task`` defaults to 'arithmetic')."""
+    p = Path(path)
+    if not p.is_file():
+        raise TaskDataMissing(f"task items file {p} not found: write one with tasks.write_items")
+    items = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{p}:{n}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(row, dict) or not isinstance(row.get("messages"), list) or not (
+                row.get("answer") is not None or row.get("tests")):
+            raise ValueError(f"{p}:{n}: a task item needs 'messages' and an 'answer' (or 'tests')")
+        items.append(TaskItem(id=str(row.get("id") or f"{p.stem}-{n}"), task=str(row.get("task") or "arithmetic"),
+                              messages=row["messages"], answer=None if row.get("answer") is None
+                              else str(row["answer"]), tests=row.get("tests"), entry_point=row.get("entry_point"),
+                              meta=row.get("meta") or {}))
+    if not items:
+        raise ValueError(f"{p} holds no task items")
     return items
 
 

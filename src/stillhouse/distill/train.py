@@ -18,8 +18,9 @@ What it does, in order:
 5. exports the final student as an HF directory (``OUT/final``: weights, tokenizer and
    ``train_config.json``) that transformers loads and ``stillhouse serve --teacher hf:OUT/final``
    serves; ``snapshot_at`` also exports ``OUT/snapshots/n<N>`` after N examples, and
-   ``export_epochs`` exports ``OUT/epochs/e<K>`` after each epoch K (to pick the number of
-   epochs on a validation set afterwards, not on the test set).
+   ``export_epochs`` exports ``OUT/epochs/e<K>`` after each epoch K; ``select_on`` (a file of
+   validation items) scores each epoch's export on them and makes the best one ``OUT/final``
+   (:mod:`stillhouse.distill.select`), so the number of passes is never chosen on the test set.
 
 Data order: the rows are shuffled once with ``seed`` and cut to ``max_examples``; epoch 1
 walks that order and later epochs reshuffle. With one epoch and a constant learning
@@ -30,7 +31,7 @@ over N costs one run.
 Layout of OUT::
 
     train_config.json  metrics.jsonl  checkpoints/step-000120/{state.pt,train_config.json,progress.json}
-    snapshots/n1000/   final/
+    snapshots/n1000/   epochs/e2/   final/   selection.json
 
 Exception tree::
 
@@ -92,6 +93,10 @@ class TrainConfig:
     system_prompt: str | None = None
     """System turn added to rows that have none (None = the chat template's default). The
     student must be served/evaluated with the same one."""
+    reasoning: Literal["keep", "drop"] = "keep"
+    """The teacher's reasoning in the rows (reasoning_content / reasoning fields, <think> blocks): keep =
+    train on it (in the field the student's template renders, else inline before the answer); drop =
+    train on the bare answers."""
     epochs: int = 1
     """Passes over the (cut) rows."""
     batch_size: int = 8
@@ -127,7 +132,14 @@ class TrainConfig:
     snapshot_at: tuple[int, ...] = ()
     """Export an HF snapshot after this many examples (first epoch only)."""
     export_epochs: bool = False
-    """Export an HF directory OUT/epochs/e<K> at the end of every epoch K."""
+    """Export an HF directory OUT/epochs/e<K> at the end of every epoch K (and keep them all)."""
+    select_on: str = ""
+    """Task items (.jsonl, e.g. from tasks.write_items) that choose the pass: after each epoch the student
+    answers them greedily, the task's verifier scores the answers, and OUT/final holds the epoch with the
+    most correct (the earliest on a tie), not the last. Scores go to metrics.jsonl and OUT/selection.json;
+    an epoch's export is deleted once a better one is checkpointed. Empty = final is the last epoch."""
+    select_batch_size: int = 64
+    """Prompts per generation batch when scoring select_on."""
     threads: int = 0
     """torch CPU threads (0 = leave torch's default). On a shared, busy CPU, 1 is often fastest."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -152,9 +164,11 @@ class TrainConfig:
             raise TrainConfigError(f"beta={self.beta}: must be in [0, 1]")
         if not (self.temperature > 0):
             raise TrainConfigError(f"temperature={self.temperature}: must be positive")
+        if self.reasoning not in ("keep", "drop"):
+            raise TrainConfigError(f"reasoning={self.reasoning!r}: use keep or drop")
         if self.attention not in ("auto", "sdpa", "eager"):
             raise TrainConfigError(f"attention={self.attention!r}: use auto, sdpa or eager")
-        for name in ("epochs", "batch_size", "max_len", "keep_checkpoints"):
+        for name in ("epochs", "batch_size", "max_len", "keep_checkpoints", "select_batch_size"):
             if getattr(self, name) < 1:
                 raise TrainConfigError(f"{name}={getattr(self, name)}: must be at least 1")
         for name in ("max_examples", "warmup_steps", "lora_r", "save_every", "threads"):
@@ -190,6 +204,8 @@ class TrainResult:
     wall_s: float
     last: dict[str, float]
     snapshots: dict[int, Path]
+    selection: dict[str, Any] | None = None
+    """With select_on: the validation score of every epoch and the chosen one (OUT/selection.json)."""
 
 
 def _device(cfg: TrainConfig) -> str:
@@ -422,6 +438,7 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
     (to skip loading); ``stop_after_steps`` ends early without exporting (tests of resume)."""
     import torch
 
+    from stillhouse.distill import select
     from stillhouse.distill.data import DataError, collate, encode_rows, read_rows
     from stillhouse.distill.modelio import load_causal_lm
     from stillhouse.distill.student import count_parameters, make_student
@@ -442,8 +459,15 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
         if cfg.max_examples > len(rows):
             raise TrainConfigError(f"max_examples={cfg.max_examples} but {cfg.data} has only {len(rows)} usable rows")
         rows = rows[: cfg.max_examples]
+    sel_items: list[Any] = []
+    if cfg.select_on:
+        try:
+            sel_items = select.load_items(cfg.select_on)
+        except (FileNotFoundError, ValueError) as exc:
+            raise TrainConfigError(f"select_on: {exc}") from exc
     t_model, tok, t_rev = teacher if teacher is not None else load_causal_lm(cfg.teacher)
-    examples = encode_rows(rows, tok, cfg.max_len, source=cfg.data, system_prompt=cfg.system_prompt)
+    examples = encode_rows(rows, tok, cfg.max_len, source=cfg.data, system_prompt=cfg.system_prompt,
+                           reasoning=cfg.reasoning)
     k = 0
     if cfg.loss == "topk":
         k = max((len(p) for e in examples if e.top_ids for p in e.top_ids), default=0)
@@ -473,7 +497,7 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
 
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
-    state: dict[str, Any] = {"step": 0, "examples_seen": 0, "tokens_seen": 0, "train_s": 0.0}
+    state: dict[str, Any] = {"step": 0, "examples_seen": 0, "tokens_seen": 0, "train_s": 0.0, "selection": []}
     ckpts = _checkpoints(out)
     if ckpts:
         saved = torch.load(ckpts[-1] / "state.pt", map_location=device, weights_only=False)
@@ -483,6 +507,8 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
         opt.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["torch_rng"])
         state.update(json.loads((ckpts[-1] / "progress.json").read_text()))
+        if sel_items and state["selection"] and not cfg.export_epochs:
+            select.prune_epochs(out, keep=select.best_epoch(state["selection"]))  # exports after the checkpoint
     save_config(cfg, out / "train_config.json")
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     snapshots: dict[int, Path] = {}
@@ -512,7 +538,7 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
             if row.get("step", 0) <= state["step"]:
                 kept.append(line)
         atomic_write_text(out / "metrics.jsonl", "".join(line + "\n" for line in kept))
-        last = json.loads(kept[-1]) if kept else {}
+        last = next((row for row in map(json.loads, reversed(kept)) if "loss" in row), {})  # a step, not a score
     try:
         with open(out / "metrics.jsonl", "a") as mf:
             while state["step"] < total_steps:
@@ -558,10 +584,21 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
                     snapshots[n] = export_hf(student, tok, cfg, out / "snapshots" / f"n{n}",
                                              {**meta, **state, "last": last})
                 end_of_epoch = state["step"] % steps_per_epoch == 0
-                if end_of_epoch and cfg.export_epochs:
-                    export_hf(student, tok, cfg, out / "epochs" / f"e{epoch + 1}", {**meta, **state, "last": last})
+                if end_of_epoch and (cfg.export_epochs or sel_items):
+                    export_hf(student, tok, cfg, select.epoch_dir(out, epoch + 1), {**meta, **state, "last": last})
+                if end_of_epoch and sel_items:
+                    correct, _ = select.score_pass(select.epoch_dir(out, epoch + 1), tok, sel_items,
+                                                   cfg.system_prompt, cfg.select_batch_size, device)
+                    n_sel = len(sel_items)
+                    state["selection"] = [*state["selection"], {"epoch": epoch + 1, "correct": correct, "n": n_sel,
+                                                                "acc": round(correct / n_sel, 6)}]
+                    mf.write(json.dumps({"step": state["step"], "epoch": epoch, "select_correct": correct,
+                                         "select_n": n_sel}) + "\n")
+                    mf.flush()
                 if (cfg.save_every and state["step"] % cfg.save_every == 0) or end_of_epoch:
                     _save_checkpoint(out, cfg, student, opt, state)
+                if end_of_epoch and sel_items and not cfg.export_epochs:
+                    select.prune_epochs(out, keep=select.best_epoch(state["selection"]))
                 if stop_after_steps and state["step"] >= stop_after_steps:
                     if not ((cfg.save_every and state["step"] % cfg.save_every == 0) or end_of_epoch):
                         _save_checkpoint(out, cfg, student, opt, state)
@@ -570,9 +607,14 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
     finally:
         if bar is not None:
             bar.stop()
-    final = export_hf(student, tok, cfg, out / "final", {**meta, **state, "last": last})
+    selection = None
+    if sel_items:
+        final = select.finish(out, state["selection"], cfg.select_on, keep_epochs=cfg.export_epochs)
+        selection = {"chosen_epoch": select.best_epoch(state["selection"]), "epochs": state["selection"]}
+    else:
+        final = export_hf(student, tok, cfg, out / "final", {**meta, **state, "last": last})
     return TrainResult(out, final, state["step"], state["examples_seen"], state["tokens_seen"],
-                       time.time() - t_start, last, snapshots)
+                       time.time() - t_start, last, snapshots, selection)
 
 
 def config_with(cfg: TrainConfig, **changes: Any) -> TrainConfig:

@@ -289,8 +289,16 @@ class GuardApp:
         self._detect_q: collections.deque[tuple[TrafficRecord, AccountInfo]] = collections.deque()
         """Answered requests waiting for the detector (see GuardConfig.detect_max_lag)."""
         self._detect_scheduled = False
+        self._wm_secret = b""
+        if config.watermark:
+            from stillhouse.watermark.keys import load_secret
+
+            self._wm_secret = load_secret(config.watermark_secret_env)  # a one-line error when missing
         from stillhouse.guard.admin import AdminAPI
+        from stillhouse.guard.reload import DetectorReloader
         self.admin = AdminAPI(self)
+        self.reloader = DetectorReloader(self)
+        """Swaps in a promoted detector without a restart (``POST /admin/detector/reload``, the directory poll)."""
         self._console: Any = None
         """The operator console's ASGI app (guard/console/), built on its first request."""
 
@@ -320,12 +328,14 @@ class GuardApp:
                 await self._remote.start(self._take_verdicts)
             if self.config.key_refresh_s > 0:
                 self._refresh_task = asyncio.create_task(self._refresh_loop(), name="guard-refresh")
+            self.reloader.start()
             self._started = True
 
     async def stop(self) -> None:
         if not self._started:
             return
         self._started = False
+        await self.reloader.stop()
         self._drain_post()
         self._drain_detect(None)
         if self._remote is not None:
@@ -498,6 +508,7 @@ class GuardApp:
         if self._remote is not None and account is not None:
             self._remote.submit(rec, account)
         elif self.detector is not None and account is not None:
+            self.reloader.capture(rec, account)
             q = self._detect_q
             if not q and (self._inflight <= 1 or self.config.detect_max_lag == 0):
                 self._observe(rec, account)
@@ -660,12 +671,13 @@ class GuardApp:
                                headers=[(b"retry-after", str(refusal_.retry_after_s).encode())])
             return
 
-        # 6. upstream.
+        # 6. upstream, with the watermark key id of this account (or its cluster) when watermarking.
+        extra = self._watermark_header(rec, account) if cfg.watermark else None
         answer: list[Any] = [b"", False]
         t_up = time.perf_counter()
         try:
             await self._forward(receive, send, rec, method, path, raw if method == "POST" else None,
-                                stream, degraded and cfg.degrade_strip_reasoning, answer)
+                                stream, degraded and cfg.degrade_strip_reasoning, answer, extra)
         finally:
             if stream:
                 self.limiter.release_stream(account.account_id)
@@ -684,6 +696,21 @@ class GuardApp:
                 if not self._post_scheduled:
                     self._post_scheduled = True
                     asyncio.get_running_loop().call_soon(self._drain_post)
+
+    def watermark_key_id(self, account_id: str) -> str:
+        """The key id that answers this account now: its own, or its cluster's (``watermark_scope``)."""
+        from stillhouse.watermark.keys import KeyId, epoch_of
+
+        epoch = epoch_of(self.clock(), self.config.watermark_rotate_s)
+        cluster = self.policy.cluster_of(account_id) if self.config.watermark_scope == "cluster" else None
+        return str(KeyId("cluster", cluster, epoch) if cluster else KeyId("account", account_id, epoch))
+
+    def _watermark_header(self, rec: TrafficRecord, account: AccountInfo) -> list[tuple[str, str]]:
+        from stillhouse.watermark.keys import HEADER, sign_header
+
+        kid = self.watermark_key_id(account.account_id)
+        # wall time, not self.clock: the upstream checks freshness against its own clock
+        return [(HEADER, sign_header(self._wm_secret, kid, rec.request_id, time.time()))]
 
     def _drain_post(self) -> None:
         """Finish every answered request still queued, in answer order."""
@@ -709,10 +736,12 @@ class GuardApp:
         self._finish(rec, account)
 
     async def _forward(self, receive: Receive, send: Send, rec: TrafficRecord, method: str, path: str,
-                       raw: bytes | None, stream: bool, strip: bool, answer: list[Any]) -> None:
+                       raw: bytes | None, stream: bool, strip: bool, answer: list[Any],
+                       extra: list[tuple[str, str]] | None = None) -> None:
         """Call the upstream and relay its answer, racing a client disconnect.
 
-        ``answer`` receives [the upstream's body bytes as relayed, whether it was SSE]."""
+        ``answer`` receives [the upstream's body bytes as relayed, whether it was SSE]; ``extra`` are
+        headers the guard adds (the watermark channel). Client headers are never forwarded."""
         collected: list[bytes] = []
         started = False
         sse = False
@@ -721,9 +750,12 @@ class GuardApp:
         async def relay() -> None:
             nonlocal started, sse, finished
             self.upstream_calls += 1
-            resp = await self.upstream.send(method, path, raw)
+            resp = await (self.upstream.send(method, path, raw, extra_headers=extra) if extra
+                          else self.upstream.send(method, path, raw))
             try:
                 rec.status = resp.status
+                if extra:
+                    rec.watermark_key_id = getattr(resp, "watermark_key_id", "")
                 if not stream or resp.status != 200:
                     data = await resp.read()
                     collected.append(data)

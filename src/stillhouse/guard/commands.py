@@ -92,6 +92,14 @@ def guard(
     from stillhouse.guard.detect.load import DetectorLoadError, load_detector
     from stillhouse.guard.server import serve_forever
 
+    if cfg.watermark:  # the shared secret must be there before anything binds or loads
+        from stillhouse.watermark.keys import WatermarkKeyError, load_secret
+
+        try:
+            load_secret(cfg.watermark_secret_env)
+        except WatermarkKeyError as exc:
+            _die(str(exc))
+
     det = None
     if cfg.detector_dir:
         try:
@@ -118,7 +126,7 @@ _ADMIN_TOKEN = typer.Option(None, "--token", envvar=ADMIN_ENV,
                             help=f"Admin token (default: ${ADMIN_ENV}).")
 
 
-def _call(url: str, token: str | None, method: str, path: str, body: Any = None) -> Any:
+def _call(url: str, token: str | None, method: str, path: str, body: Any = None, timeout: float = 30) -> Any:
     import urllib.error
     import urllib.request
 
@@ -128,7 +136,7 @@ def _call(url: str, token: str | None, method: str, path: str, body: Any = None)
     req = urllib.request.Request(url.rstrip("/") + path, data=data, method=method,
                                  headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             out = json.loads(resp.read() or b"{}")
     except urllib.error.HTTPError as exc:
         try:
@@ -239,6 +247,21 @@ def stats(url: str = _ADMIN_URL, token: str = _ADMIN_TOKEN) -> None:
     _call(url, token, "GET", "/admin/stats")
 
 
+@admin_app.command("detector")
+def detector(url: str = _ADMIN_URL, token: str = _ADMIN_TOKEN) -> None:
+    """The loaded detector (directory, thresholds) and its reloads."""
+    _call(url, token, "GET", "/admin/detector")
+
+
+@admin_app.command("reload-detector")
+def reload_detector(url: str = _ADMIN_URL, token: str = _ADMIN_TOKEN,
+                    timeout: float = typer.Option(900.0, help="Seconds to wait (the new model replays the log's "
+                                                                "last window first).")) -> None:
+    """Load the model --detector DIR points to now (after `stillhouse detect watch` promoted one), its window
+    rebuilt from the log; the current one keeps scoring until it is ready."""
+    _call(url, token, "POST", "/admin/detector/reload", timeout=timeout)
+
+
 # -- demo ---------------------------------------------------------------------------------
 @guard_app.command("demo")
 def demo(
@@ -263,6 +286,6 @@ def register(app: typer.Typer) -> None:
         "upstream_url": "--upstream", "db_url": "--db", "requests_per_min": "--rpm", "tokens_per_min": "--tpm",
         "max_concurrent_streams": "--max-streams", "detector_dir": "--detector", "shadow": "--shadow/--enforce"},
         panels={"upstream_url": "Gateway", "requests_per_min": "Limits and enforcement",
-                "on_store_failure": "Traffic log", "detector_dir": "Online detection"})
+                "on_store_failure": "Traffic log", "detector_dir": "Online detection", "watermark": "Watermark"})
     guard_app.callback()(config_command(guard, options))
     app.add_typer(guard_app, name="guard")

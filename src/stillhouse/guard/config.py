@@ -33,6 +33,7 @@ StoreFailureMode = Literal["closed", "open"]
 UpstreamClient = Literal["http1", "aiohttp"]
 DetectMode = Literal["process", "inline"]
 RuleField = Literal["country", "signup_path", "org", "payment_fingerprint", "score"]
+WatermarkScope = Literal["account", "cluster"]
 
 
 def sha256_hex(text: str) -> str:
@@ -150,6 +151,11 @@ class GuardConfig:
     the request that earned it (at most this many requests later). 0 = strict: every policy
     decision first feeds the detector every answered request (a verdict for request k
     applies from request k+1). A request alone in flight is always observed at once."""
+    detector_reload_s: float = 0.0
+    """Poll ``detector_dir`` this often (seconds) and reload the detector when it points to a new version
+    (``stillhouse detect watch`` promotes one by swapping a symlink); 0 = reload only on ``POST
+    /admin/detector/reload``. A reload replays the log's last ``window_s`` into the new model, so its verdicts
+    continue those of an offline replay of the log."""
     console: bool = True
     """Serve the operator console at /console (a browser login with the admin token; see guard/console/)."""
     console_session_s: float = 900.0
@@ -161,6 +167,18 @@ class GuardConfig:
     text), like any Prometheus exporter kept on a private network; else the SHA-256 hex of a scrape token that
     must come as ``Authorization: Bearer <token>`` (Prometheus ``authorization: credentials_file``). A separate
     token, so the scraper never holds the admin token."""
+
+    watermark: bool = False
+    """Choose a watermark key per request and send its id to the upstream on the authenticated
+    X-Stillhouse-Watermark header (the upstream: ``stillhouse serve --watermark`` with the same secret);
+    the log records which key id answered each request. Never the key itself."""
+    watermark_secret_env: str = "STILLHOUSE_WATERMARK_SECRET"
+    """Environment variable holding the secret shared with the upstream (keys and the header's mac derive from it)."""
+    watermark_scope: WatermarkScope = "account"
+    """Whose key answers a request: "account" (one key per account) or "cluster" (the detector's cluster of
+    linked accounts once it has one, else the account's own key)."""
+    watermark_rotate_s: float = 2_592_000.0
+    """Keys rotate every this many seconds of the guard's clock (key id epoch = floor(t / this)); 0 = never."""
 
     def __post_init__(self) -> None:
         if not re.match(r"^https?://[^/\s]+", self.upstream_url):
@@ -184,6 +202,9 @@ class GuardConfig:
                 raise ValueError(f"{name}={getattr(self, name)}: must be > 0 seconds")
         if self.detect_mode not in ("process", "inline"):
             raise ValueError(f"detect_mode={self.detect_mode!r}: use process or inline")
+        if self.detector_reload_s < 0:
+            raise ValueError(f"detector_reload_s={self.detector_reload_s}: must be >= 0 (0 = only on "
+                             "POST /admin/detector/reload)")
         if self.detect_max_lag < 0:
             raise ValueError(f"detect_max_lag={self.detect_max_lag}: must be >= 0 (0 = strict)")
         if not 60 <= self.console_session_s <= 86400:
@@ -191,6 +212,12 @@ class GuardConfig:
         if self.metrics_token_sha256 and not re.fullmatch(r"[0-9a-f]{64}", self.metrics_token_sha256):
             raise ValueError("metrics_token_sha256: must be '' (open /metrics) or 64 lowercase hex chars; "
                              "compute it with stillhouse.guard.config.sha256_hex(token)")
+        if self.watermark_scope not in typing.get_args(WatermarkScope):
+            raise ValueError(f"watermark_scope={self.watermark_scope!r}: use one of {typing.get_args(WatermarkScope)}")
+        if self.watermark_rotate_s < 0:
+            raise ValueError(f"watermark_rotate_s={self.watermark_rotate_s}: must be >= 0 (0 = keys never rotate)")
+        if self.watermark and not self.watermark_secret_env:
+            raise ValueError("watermark_secret_env is empty: name the environment variable holding the shared secret")
         if self.key_refresh_s < 0:
             raise ValueError(f"key_refresh_s={self.key_refresh_s}: must be >= 0 (0 = never)")
         if not 0 < self.throttle_factor <= 1:

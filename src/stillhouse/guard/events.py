@@ -56,6 +56,8 @@ class TrafficRecord:
     decision_reason: str = ""
     session_id: str = ""
     """Client-supplied conversation id when present (header ``X-Session-Id``), else empty."""
+    watermark_key_id: str = ""
+    """The watermark key id the upstream confirmed it answered with (never the key), else empty."""
 
 
 @dataclass

@@ -45,6 +45,8 @@ class UpstreamTimeout(UpstreamError):
 
 
 PASSTHROUGH_HEADERS = frozenset({"retry-after", "x-request-id", "openai-processing-ms"})
+WATERMARK_APPLIED = "x-stillhouse-watermark-applied"
+"""The key id the upstream says it watermarked with (kept for the log, never relayed to the client)."""
 
 
 class UpstreamResponse:
@@ -59,6 +61,7 @@ class UpstreamResponse:
             (k.lower().encode("latin-1", "replace"), v.encode("latin-1", "replace"))
             for k, v in resp.headers.items() if k.lower() in PASSTHROUGH_HEADERS or k.lower().startswith("x-ratelimit-")]
         """Upstream headers a client needs to behave (Retry-After on 429/503, rate-limit state)."""
+        self.watermark_key_id: str = resp.headers.get(WATERMARK_APPLIED, "")
 
     async def read(self) -> bytes:
         import aiohttp
@@ -124,7 +127,8 @@ class Upstream:
         self._session = None
 
     async def send(self, method: str, path: str, body: bytes | None = None,
-                   content_type: str = "application/json") -> UpstreamResponse:
+                   content_type: str = "application/json",
+                   extra_headers: list[tuple[str, str]] | None = None) -> UpstreamResponse:
         """Send a request; returns once the status line and headers are in."""
         import aiohttp
 
@@ -132,6 +136,7 @@ class Upstream:
             await self.start()
         url = self.base_url + path
         headers = {"Content-Type": content_type} if body is not None else {}
+        headers.update(extra_headers or ())
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         try:
@@ -151,10 +156,13 @@ class Http1Response(HTTP1Response):
         super().__init__(conn, pool, key, url)
         ctype = b"application/json"
         passthrough: list[tuple[bytes, bytes]] = []
+        self.watermark_key_id: str = ""
         for k, v in self.headers:
             k = k.lower()
             if k == b"content-type":
                 ctype = v
+            elif k == b"x-stillhouse-watermark-applied":
+                self.watermark_key_id = v.decode("latin-1")
             elif k.startswith(b"x-ratelimit-") or k.decode("latin-1") in PASSTHROUGH_HEADERS:
                 passthrough.append((k, v))
         self.content_type: str = ctype.decode("latin-1")
@@ -235,12 +243,17 @@ class Http1Upstream:
         return head
 
     async def send(self, method: str, path: str, body: bytes | None = None,
-                   content_type: str = "application/json") -> Http1Response:
+                   content_type: str = "application/json",
+                   extra_headers: list[tuple[str, str]] | None = None) -> Http1Response:
         """Send a request; returns once the status line and headers are in."""
         if self._pool is None:
             await self.start()
         url = self.base_url + path
         head = self._head(method, path, -1 if body is None else len(body), content_type)
+        if extra_headers:
+            if any(c in k + v for k, v in extra_headers for c in "\r\n"):
+                raise UpstreamUnavailable("an extra upstream header contains a line break")
+            head = head[:-2] + "".join(f"{k}: {v}\r\n" for k, v in extra_headers).encode("latin-1") + b"\r\n"
         try:
             resp = await self._pool.send(self._key, head + body if body else head, url,  # type: ignore[union-attr]
                                          connect_timeout_s=self.connect_timeout_s,

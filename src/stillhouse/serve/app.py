@@ -3,7 +3,8 @@
 Endpoints (plain ASGI on starlette, run by uvicorn):
 
     POST /v1/chat/completions   stream (SSE), n, temperature, top_p, max_tokens, seed, stop,
-                                logprobs, top_logprobs, stream_options.include_usage
+                                logprobs, top_logprobs, stream_options.include_usage, tools,
+                                tool_choice (auto, none)
     GET  /v1/models             the one model served (its name and the spec string both work)
     GET  /health                {"status": "ok", ...} plus batching counters
 
@@ -19,6 +20,18 @@ range, ``max_tokens`` over the server's limit, prompt plus ``max_tokens`` over t
 limit (each message names the limit); 413 a body over ``max_body_bytes`` (Content-Length is
 checked before reading, a chunked body while reading); 404 unknown model or path; 503 with
 Retry-After when ``max_pending`` completions are already queued; 500 when generation itself fails.
+
+Reasoning and tools. A completion that opens with a ``<think>...</think>`` block (or continues one
+the chat template's generation prompt opened) is answered with the block's text in
+``reasoning_content`` (``reasoning_field``) and the rest as ``content``, streamed as reasoning deltas
+then content deltas (``reasoning_parser=off`` returns the text as written). ``tools`` are rendered
+into the prompt by the model's chat template when it takes them (``apply_chat_template(tools=...)``);
+a template without tool support (SmolLM2's) gets a 400 saying so. Where the template defines a call
+format (Hermes ``<tool_call>{...}</tool_call>``) the calls the model writes come back as OpenAI
+``tool_calls`` with finish_reason ``tool_calls``; a streamed answer with tools sends its content and
+calls once the completion ends. ``tool_choice`` required or naming a function would need constrained
+decoding, which this server does not do: a local model gets a 400 for them. Non-local teachers
+(``fake``, ``http://``) get ``tools`` and ``tool_choice`` passed on and answer for themselves.
 
 Large prompts never stall the event loop: a prompt with more characters than the context
 could hold even at the longest token is refused without tokenizing it, and one longer than
@@ -38,12 +51,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Literal
 
 from stillhouse.http.asgi import RequestError, content_length, loads_strict, read_body
 from stillhouse.http.server import ServerThread, bind_socket
 from stillhouse.teacher.base import ChatResult, Completion, Teacher
+from stillhouse.watermark.green import RowWatermark, WatermarkParams
 from stillhouse.serve.schema import (
     APIError,
     ChatRequest,
@@ -54,6 +68,9 @@ from stillhouse.serve.schema import (
     parse_chat_request,
 )
 from stillhouse.serve.stream import SSEStream, wait_disconnect
+from stillhouse.teacher.message import field_reasoning, parse_tool_calls, split_think
+from stillhouse.teacher.template import TemplateTraits, render_ids, traits
+from stillhouse.watermark.keys import APPLIED_HEADER
 
 __all__ = ["ChatServer", "ServeConfig", "ServerThread", "create_app", "load_teacher", "run"]
 
@@ -102,6 +119,23 @@ class ServeConfig:
     threads: int | None = None
     """torch CPU threads; None keeps torch's default. On a shared, oversubscribed machine 1 can be
     several times faster than spinning OpenMP threads that fight other processes for cores."""
+    watermark: bool = False
+    """Watermark every answer (KGW green lists) with a key chosen per request: the guard's key id from
+    its authenticated X-Stillhouse-Watermark header, else this server's own key (server/NAME/0).
+    Needs a local teacher and the secret in watermark_secret_env."""
+    watermark_secret_env: str = "STILLHOUSE_WATERMARK_SECRET"
+    """Environment variable holding the secret shared with the guard (keys and the header's mac derive from it)."""
+    watermark_gamma: float = 0.25
+    """Green share of the vocabulary per context window (detection must use the same)."""
+    watermark_delta: float = 2.0
+    """Logit bias added to green tokens (larger: stronger mark, more change to the answers)."""
+    watermark_context: int = 1
+    """Tokens before each token that seed its green list (KGW's h; detection must use the same)."""
+    reasoning_parser: Literal["think", "off"] = "think"
+    """think: a <think>...</think> block leading a completion (or one the prompt opened) is answered in the
+    reasoning field, the rest as content; off: the text comes back as the model wrote it."""
+    reasoning_field: Literal["reasoning_content", "reasoning"] = "reasoning_content"
+    """The message field that carries the reasoning (DeepSeek, vLLM: reasoning_content; OpenRouter: reasoning)."""
 
     def __post_init__(self) -> None:
         from stillhouse.teacher.spec import parse_spec
@@ -125,6 +159,21 @@ class ServeConfig:
             raise ValueError(f"threads={self.threads!r}: must be an integer >= 1, or None for torch's default")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r}: use float32 or bfloat16")
+        if self.reasoning_parser not in ("think", "off"):
+            raise ValueError(f"reasoning_parser={self.reasoning_parser!r}: use think or off")
+        if self.reasoning_field not in ("reasoning_content", "reasoning"):
+            raise ValueError(f"reasoning_field={self.reasoning_field!r}: use reasoning_content or reasoning")
+        self.watermark_params()  # raises naming gamma, delta or context
+        if self.watermark and not parse_spec(self.teacher).is_local:
+            raise ValueError(f"watermark: needs a local teacher (bundled, hf:DIR, gguf:FILE), not {self.teacher!r}; "
+                             "the green-list bias is applied to the model's logits")
+
+    def watermark_params(self) -> WatermarkParams:
+        """The scheme's parameters as the watermark module takes them."""
+        try:
+            return WatermarkParams(self.watermark_gamma, self.watermark_delta, self.watermark_context)
+        except ValueError as exc:
+            raise ValueError(f"watermark_{exc}") from exc
 
 
 def load_teacher(config: ServeConfig) -> Teacher:
@@ -162,8 +211,48 @@ class ChatServer:
         self.requests = 0
         self.max_token_chars = 0
         """Characters of the longest vocabulary entry (local teacher): no token covers more text."""
+        self.traits: TemplateTraits | None = None
+        """What the local model's chat template renders (tools, tool calls, an opened <think>)."""
         if self.local is not None:
             self.max_token_chars = max(map(len, self.local.tokenizer.get_vocab()), default=0)
+            self.traits = traits(self.local.tokenizer)
+        self.watermarks: dict[str, RowWatermark] = {}
+        """Per key id, the processor (holding the derived key); never logged or answered."""
+        self._wm_secret = b""
+        if config.watermark:
+            from stillhouse.watermark.keys import load_secret
+
+            if self.local is None:
+                raise ValueError("watermark: needs a local teacher; the bias is applied to the model's logits")
+            self._wm_secret = load_secret(config.watermark_secret_env)
+            self._wm_params = config.watermark_params()
+            self._wm_default = f"server/{_quote(self.model_id)}/0"
+
+    def watermark_for(self, headers: Any) -> RowWatermark | None:
+        """The processor for one request: the guard's authenticated key id, else this server's own key.
+
+        Raises APIError 401 when a watermark header is present but does not authenticate."""
+        if not self.config.watermark:
+            return None
+        from stillhouse.watermark.keys import HEADER, ChannelError, derive_key, key_u64, verify_header
+
+        value = headers.get(HEADER)
+        kid = self._wm_default
+        if value is not None:
+            try:
+                kid = str(verify_header(self._wm_secret, value, time.time()))
+            except ChannelError as exc:
+                raise APIError(401, str(exc), code="watermark_unauthenticated") from None
+        wm = self.watermarks.get(kid)
+        if wm is None and self.local is not None:  # (always local: checked in __init__)
+            from stillhouse.watermark.green import vocab_hashes
+
+            vocab = int(self.local.model.get_output_embeddings().weight.shape[0])
+            if len(self.watermarks) > 4096:  # one per key id seen; rotation retires old ones
+                self.watermarks.clear()
+            wm = self.watermarks[kid] = RowWatermark(key_u64(derive_key(self._wm_secret, kid)), self._wm_params,
+                                                     vocab_hashes(vocab), key_id=kid)
+        return wm
 
     @property
     def context_limit(self) -> int:
@@ -176,7 +265,8 @@ class ChatServer:
         from starlette.responses import JSONResponse
 
         body: dict[str, Any] = {"status": "ok", "model": self.model_id, "revision": self.teacher.revision,
-                                "pending": self.pending, "requests": self.requests}
+                                "pending": self.pending, "requests": self.requests,
+                                "watermark": self.config.watermark}
         if self.local is not None:
             b = self.local.batcher
             body.update(active=b.active, decode_steps=b.steps, max_batch_seen=b.max_rows_seen,
@@ -214,8 +304,11 @@ class ChatServer:
         if req.model is not None and req.model not in self.aliases:
             raise APIError(404, f"the model {req.model!r} does not exist here; this server serves "
                                 f"{self.model_id!r} (see GET /v1/models)", param="model", code="model_not_found")
+        wm = self.watermark_for(request.headers)
+        wm_headers = {APPLIED_HEADER: wm.key_id} if wm is not None else None
         prompt_ids: list[int] | None = None
         if self.local is not None:
+            self._check_tools(req)
             prompt_ids, req = await self._encode(self.local, req)
         n = req.params.n
         if self.pending + n > cfg.max_pending:
@@ -224,18 +317,72 @@ class ChatServer:
                            headers={"Retry-After": "1"})
         self.requests += 1
         if req.stream:
-            return SSEStream(self, req, prompt_ids)
+            return SSEStream(self, req, prompt_ids, wm)
         self.pending += n
         try:
-            result = await self._complete(request, req, prompt_ids)
+            result = await self._complete(request, req, prompt_ids, wm)
         finally:
             self.pending -= n
         if result is None:  # the client went away; nobody reads this
             return JSONResponse(error_json("client disconnected"), status_code=499)
-        body_out = completion_json(new_completion_id(), self.model_id, result.completions,
+        completions = [self.shape(c, req) for c in result.completions]
+        body_out = completion_json(new_completion_id(), self.model_id, completions,
                                    [self._choice_logprobs(c) if req.params.logprobs else None
-                                    for c in result.completions], self.teacher.revision[:32])
-        return JSONResponse(body_out)
+                                    for c in completions], self.teacher.revision[:32])
+        return JSONResponse(body_out, headers=wm_headers)
+
+    # -- reasoning and tools ----------------------------------------------------------
+    def _check_tools(self, req: ChatRequest) -> None:
+        """400 for tools or tool calls the local model's chat template cannot render, and for a
+        tool_choice that would need constrained decoding."""
+        tr = self.traits
+        if tr is None:
+            return
+        if req.tools and not tr.tools:
+            raise APIError(400, f"the model {self.model_id!r} has a chat template without tool support (it does "
+                                "not render 'tools'), so it cannot be offered tools; remove 'tools' and "
+                                "'tool_choice', or serve a model whose template takes tools", param="tools",
+                           code="tools_unsupported")
+        if not tr.tool_calls and any(m.get("tool_calls") for m in req.messages):
+            raise APIError(400, f"the model {self.model_id!r} has a chat template that cannot render an assistant "
+                                "turn's 'tool_calls'; send the conversation without them", param="messages",
+                           code="tools_unsupported")
+        if req.tool_choice not in (None, "auto", "none"):
+            raise APIError(400, "'tool_choice' required or naming a function needs constrained decoding, which this "
+                                "server does not do; send \"auto\" (the model chooses) or \"none\"",
+                           param="tool_choice", code="unsupported_value")
+
+    def parses_tools(self, req: ChatRequest) -> bool:
+        """Whether tool calls are read out of this request's completions (a local model whose template
+        defines a call format, offered tools, tool_choice not none)."""
+        return bool(self.local is not None and req.tools and req.tool_choice != "none" and self.traits is not None
+                    and self.traits.tool_call_format == "hermes")
+
+    def reasoning_opened(self) -> bool:
+        """The prompt ends inside an open <think> block (the model's text starts as reasoning)."""
+        return bool(self.traits is not None and self.traits.opens_think)
+
+    def shape(self, c: Completion, req: ChatRequest) -> Completion:
+        """A completion as answered: a <think> block split into the reasoning field, tool calls read out."""
+        text, msg = c.text, dict(c.message or {})
+        finish = c.finish_reason
+        if self.config.reasoning_parser == "think" and field_reasoning(msg) is None:
+            thought, answer = split_think(text, self.reasoning_opened())
+            if thought is not None:
+                msg[self.config.reasoning_field] = thought
+                text = answer
+        if self.parses_tools(req) and not msg.get("tool_calls"):
+            content, calls = parse_tool_calls(text)
+            if calls:
+                text = content
+                msg["tool_calls"] = calls
+                if not content:
+                    msg["content"] = None
+                if finish == "stop":
+                    finish = "tool_calls"
+        if text == c.text and msg == (c.message or {}):
+            return c
+        return replace(c, text=text, message=msg or None, finish_reason=finish)
 
     async def _encode(self, local: LocalTeacher, req: ChatRequest) -> tuple[list[int], ChatRequest]:
         """The prompt's token ids, and ``req`` with max_tokens fitted to the context when none was given.
@@ -251,11 +398,21 @@ class ChatServer:
             raise APIError(400, f"this model's context limit is {limit} tokens, but the messages hold "
                                 f"{chars} characters, at least {floor} tokens: shorten the messages",
                            param="messages", code="context_length_exceeded")
+        encode: Any = local.encode
+        if req.tools or any(m.get("role") == "tool" or m.get("tool_calls") for m in req.messages):
+            def encode(messages: list[dict[str, Any]]) -> list[int]:  # through the template, tools and all
+                import jinja2
+
+                try:
+                    return render_ids(local.tokenizer, _template_messages(messages), tools=req.tools,
+                                      add_generation_prompt=True)
+                except (jinja2.TemplateError, TypeError) as exc:  # the template refused them
+                    raise ValueError(f"the model's chat template cannot render these messages: {exc}") from exc
         try:
             if chars <= INLINE_TOKENIZE_CHARS:
-                prompt_ids = local.encode(req.messages)
+                prompt_ids = encode(req.messages)
             else:
-                prompt_ids = await asyncio.to_thread(local.encode, req.messages)
+                prompt_ids = await asyncio.to_thread(encode, req.messages)
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from exc
         if not req.max_tokens_given:
@@ -266,13 +423,15 @@ class ChatServer:
             raise APIError(400, str(too_long), param="messages", code="context_length_exceeded")
         return prompt_ids, req
 
-    async def _complete(self, request: Request, req: ChatRequest, prompt_ids: list[int] | None) -> ChatResult | None:
+    async def _complete(self, request: Request, req: ChatRequest, prompt_ids: list[int] | None,
+                        wm: RowWatermark | None = None) -> ChatResult | None:
         """Run a non-streamed request; None when the client disconnects first (its slots freed)."""
         if self.local is None:
             work: asyncio.Future[Any] = asyncio.ensure_future(self.teacher.chat(req.messages, req.params))
             handles: list[Any] = []
         else:
-            handles = [self.local.submit(prompt_ids or [], req.params, index=i) for i in range(req.params.n)]
+            handles = [self.local.submit(prompt_ids or [], req.params, index=i, row_processor=wm)
+                       for i in range(req.params.n)]
             work = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(h.future) for h in handles)))
         gone = asyncio.ensure_future(wait_disconnect(request.receive))
         try:
@@ -324,6 +483,12 @@ INLINE_TOKENIZE_CHARS = 4096
 """Prompts up to this many characters are tokenized on the event loop (a few ms); longer ones in a thread."""
 
 
+def _quote(text: str) -> str:
+    from urllib.parse import quote
+
+    return quote(text, safe="")
+
+
 def _prompt_chars(messages: list[dict[str, Any]]) -> int:
     """Characters of the messages' text (content strings and text parts)."""
     n = 0
@@ -334,6 +499,21 @@ def _prompt_chars(messages: list[dict[str, Any]]) -> int:
         elif isinstance(content, list):
             n += sum(len(p.get("text", "")) for p in content if isinstance(p, dict))
     return n
+
+
+def _template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Request messages for the chat template: text content, developer as system, tool fields kept."""
+    from stillhouse.teacher.local import message_text
+
+    out = []
+    for m in messages:
+        mm = {k: v for k, v in m.items() if k in ("role", "content", "tool_calls", "tool_call_id", "name")}
+        if mm.get("role") == "developer":
+            mm["role"] = "system"
+        if mm.get("content") is not None:
+            mm["content"] = message_text(mm["content"])
+        out.append(mm)
+    return out
 
 
 def _discard(fut: asyncio.Future[Any]) -> None:
@@ -400,6 +580,10 @@ def run(config: ServeConfig, teacher: Teacher | None = None) -> None:
 
     import uvicorn
 
+    if config.watermark:  # fail fast, before the model loads
+        from stillhouse.watermark.keys import load_secret
+
+        load_secret(config.watermark_secret_env)
     sock = bind_socket(config.host, config.port)  # fail fast, before the model loads
     t0 = time.perf_counter()
     if teacher is None:

@@ -47,6 +47,7 @@ def serve_command(
                                                                           "to this file, then serve."),
 ) -> None:
     from stillhouse.serve.app import run
+    from stillhouse.watermark.keys import WatermarkKeyError
 
     try:
         cfg = settings.resolve(config)
@@ -55,6 +56,8 @@ def serve_command(
     save_effective(cfg, save_config)
     try:
         run(cfg)
+    except WatermarkKeyError as exc:
+        fail(exc)
     except OSError as exc:
         typer.echo(f"stillhouse serve: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -67,5 +70,6 @@ def register(app: typer.Typer) -> None:
     from stillhouse.serve.app import ServeConfig
 
     options = ConfigOptions(ServeConfig, flags={"teacher": ("--teacher", "-t")}, panels={
-        "teacher": "Server", "max_batch": "Batching", "max_tokens_limit": "Request limits", "served_name": "Model"})
+        "teacher": "Server", "max_batch": "Batching", "max_tokens_limit": "Request limits", "served_name": "Model",
+        "watermark": "Watermark"})
     app.command("serve", help=SERVE_HELP)(config_command(serve_command, options))

@@ -9,6 +9,7 @@ top_logprobs). Pure functions and dataclasses: no I/O, no model.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stillhouse.teacher.base import Completion, SamplingParams
+from stillhouse.teacher.message import assistant_message
 
 LOGPROB_FLOOR = -9999.0
 """JSON has no -inf; OpenAI reports impossible tokens with this value."""
@@ -54,12 +56,17 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     max_tokens_given: bool
+    tools: list[dict[str, Any]] | None = None
+    """The request's function tools (None: none offered)."""
+    tool_choice: Any = None
+    """auto, none, required, or {"type": "function", "function": {"name": ...}}; None when not sent."""
 
 
 _UNSUPPORTED = {
-    "tools": "tool calling", "tool_choice": "tool calling", "functions": "function calling",
-    "function_call": "function calling", "logit_bias": "logit_bias", "audio": "audio output",
+    "functions": "the legacy function calling; send 'tools'", "function_call": "the legacy function calling; "
+    "send 'tool_choice'", "logit_bias": "logit_bias", "audio": "audio output",
 }
+_ROLES = ("system", "user", "assistant", "developer", "tool")
 _ZERO_ONLY = ("frequency_penalty", "presence_penalty")
 
 
@@ -123,10 +130,20 @@ def parse_chat_request(
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise _bad(f"messages[{i}] must be an object, got {json_type(m)}", f"messages[{i}]", "invalid_type")
-        if m.get("role") not in ("system", "user", "assistant", "developer"):
-            raise _bad(f"messages[{i}].role={m.get('role')!r}: use 'system', 'user' or 'assistant'",
+        if m.get("role") not in _ROLES:
+            raise _bad(f"messages[{i}].role={m.get('role')!r}: use 'system', 'user', 'assistant' or 'tool'",
                        f"messages[{i}].role")
         content = m.get("content")
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if m.get("role") != "assistant":
+                raise _bad(f"messages[{i}]: only an assistant message carries 'tool_calls'", f"messages[{i}]")
+            _check_tool_calls(calls, f"messages[{i}].tool_calls")
+            if content is None:
+                continue  # an assistant turn that only calls tools
+        if m.get("role") == "tool" and not isinstance(m.get("tool_call_id", ""), str):
+            raise _bad(f"messages[{i}].tool_call_id must be a string, got {json_type(m.get('tool_call_id'))}",
+                       f"messages[{i}].tool_call_id", "invalid_type")
         if not isinstance(content, (str, list)):
             raise _bad(f"messages[{i}].content must be a string or an array of text parts, got "
                        f"{json_type(content)}", f"messages[{i}].content", "invalid_type")
@@ -138,6 +155,30 @@ def parse_chat_request(
     for key, what in _UNSUPPORTED.items():
         if body.get(key) not in (None, [], {}):
             raise _bad(f"'{key}' is not supported by this server ({what}); remove it", key, "unsupported_parameter")
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise _bad(f"'tools' must be an array of function tools, got {json_type(tools)}", "tools", "invalid_type")
+        for j, t in enumerate(tools):
+            fn = t.get("function") if isinstance(t, dict) else None
+            if not (isinstance(t, dict) and t.get("type", "function") == "function" and isinstance(fn, dict)
+                    and isinstance(fn.get("name"), str) and fn["name"]):
+                raise _bad(f"tools[{j}] must be {{\"type\": \"function\", \"function\": {{\"name\": ..., "
+                           "\"parameters\": {...}}}", f"tools[{j}]")
+        tools = tools or None
+    tool_choice = body.get("tool_choice")
+    if tool_choice is not None:
+        ok = tool_choice in ("auto", "none", "required") or (
+            isinstance(tool_choice, dict) and isinstance((tool_choice.get("function") or {}).get("name"), str))
+        if not ok:
+            raise _bad("'tool_choice' must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", "
+                       "\"function\": {\"name\": ...}}", "tool_choice")
+        if tools is None and tool_choice != "none":
+            raise _bad("'tool_choice' needs 'tools'", "tool_choice")
+        if isinstance(tool_choice, dict) and tool_choice["function"]["name"] not in {
+                t["function"]["name"] for t in tools or []}:
+            raise _bad(f"'tool_choice' names {tool_choice['function']['name']!r}, which is not among 'tools'",
+                       "tool_choice")
     for key in _ZERO_ONLY:
         if _number(body, key, 0.0, -2.0, 2.0) != 0.0:
             raise _bad(f"'{key}' is not supported by this server; send 0 or leave it out", key,
@@ -197,10 +238,28 @@ def parse_chat_request(
         raise _bad(f"'top_logprobs'={top} is out of range: it must be between 0 and 20", "top_logprobs")
     if top and not logprobs:
         raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    extra: dict[str, Any] = {}
+    if tools is not None:  # a teacher behind this server gets them as request fields
+        extra["tools"] = tools
+        if tool_choice is not None:
+            extra["tool_choice"] = tool_choice
     params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, n=n, seed=seed,
-                            stop=stops, logprobs=logprobs, top_logprobs=top)
+                            stop=stops, logprobs=logprobs, top_logprobs=top,
+                            extra=json.dumps(extra, ensure_ascii=False, separators=(",", ":")) if extra else "")
     return ChatRequest(model=model, messages=messages, params=params, stream=stream,
-                       include_usage=include_usage, max_tokens_given=given is not None)
+                       include_usage=include_usage, max_tokens_given=given is not None, tools=tools,
+                       tool_choice=tool_choice)
+
+
+def _check_tool_calls(calls: Any, where: str) -> None:
+    if not isinstance(calls, list):
+        raise _bad(f"'{where}' must be an array of tool calls, got {json_type(calls)}", where, "invalid_type")
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not (isinstance(fn, dict) and isinstance(fn.get("name"), str)
+                and isinstance(fn.get("arguments", ""), (str, dict))):
+            raise _bad(f"{where}[{j}] must be {{\"id\": ..., \"type\": \"function\", \"function\": {{\"name\": "
+                       "..., \"arguments\": \"...\"}}}", f"{where}[{j}]")
 
 
 def new_completion_id() -> str:
@@ -241,7 +300,7 @@ def completion_json(
         "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
         "system_fingerprint": fingerprint,
         "choices": [
-            {"index": i, "message": {"role": "assistant", "content": c.text},
+            {"index": i, "message": assistant_message(c.text, c.message),
              "logprobs": choice_logprobs[i], "finish_reason": c.finish_reason}
             for i, c in enumerate(completions)
         ],

@@ -5,6 +5,12 @@ Plain ASGI: ``SSEStream`` is returned by the chat route and called with
 relays each step as a ``chat.completion.chunk`` (``logprobs.content`` entries included when
 asked), ends with a usage chunk (``stream_options.include_usage``) and ``data: [DONE]``, and
 cancels its completions the moment ``receive`` reports ``http.disconnect``.
+
+A ``<think>`` block is streamed as reasoning deltas (``{"reasoning_content": ...}``) and the rest as
+content deltas, split as the text arrives (:class:`~stillhouse.teacher.message.ThinkSplitter`; a piece
+that may still be a tag waits for the next step, its logprobs with it). With tools whose calls the
+server reads out of the text, the content is held until the completion ends, then sent as content and
+``tool_calls`` deltas.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from stillhouse.http.asgi import Receive, Scope, Send
 from stillhouse.teacher.base import ChatResult, Completion
+from stillhouse.teacher.message import ThinkSplitter, field_reasoning, parse_tool_calls
 from stillhouse.serve.schema import (
     ChatRequest,
     chunk_json,
@@ -26,8 +33,11 @@ from stillhouse.serve.schema import (
     usage_json,
 )
 
+from stillhouse.watermark.keys import APPLIED_HEADER
+
 if TYPE_CHECKING:
     from stillhouse.teacher.batcher import StepEvent
+    from stillhouse.watermark.green import RowWatermark
     from stillhouse.serve.app import ChatServer
 
 log = logging.getLogger(__name__)
@@ -47,10 +57,12 @@ class SSEStream:
     the client goes away, so their batch slots free up at the next step.
     """
 
-    def __init__(self, server: ChatServer, req: ChatRequest, prompt_ids: list[int] | None):
+    def __init__(self, server: ChatServer, req: ChatRequest, prompt_ids: list[int] | None,
+                 watermark: RowWatermark | None = None):
         self.server = server
         self.req = req
         self.prompt_ids = prompt_ids
+        self.watermark = watermark
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         srv, req = self.server, self.req
@@ -64,7 +76,8 @@ class SSEStream:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": [
                 (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-                (b"x-accel-buffering", b"no")]})
+                (b"x-accel-buffering", b"no"),
+                *([(APPLIED_HEADER.encode(), self.watermark.key_id.encode())] if self.watermark else [])]})
             cid, created, fp = new_completion_id(), int(time.time()), srv.teacher.revision[:32]
 
             async def emit(obj: Any) -> None:
@@ -76,13 +89,31 @@ class SSEStream:
                 for i in range(n):
                     def on_event(ev: StepEvent, i: int = i) -> None:
                         loop.call_soon_threadsafe(events.put_nowait, (i, ev))
-                    handles.append(srv.local.submit(self.prompt_ids or [], req.params, index=i, on_event=on_event))
+                    handles.append(srv.local.submit(self.prompt_ids or [], req.params, index=i, on_event=on_event,
+                                                    row_processor=self.watermark))
             else:
                 fallback = asyncio.ensure_future(srv.teacher.chat(req.messages, req.params))
                 fallback.add_done_callback(lambda f: events.put_nowait((-1, f)))
             for i in range(n):
                 await emit(chunk_json(cid, srv.model_id, created, i, {"role": "assistant", "content": ""},
                                       fingerprint=fp))
+            field = srv.config.reasoning_field
+            split = srv.config.reasoning_parser == "think"
+            splitters = [ThinkSplitter(srv.reasoning_opened()) for _ in range(n)]
+            hold = srv.parses_tools(req)
+            held = [""] * n  # content held back to read tool calls out of it
+            lps: list[list[Any]] = [[] for _ in range(n)]  # logprob entries not sent yet
+
+            async def send_text(i: int, thought: str, answer: str, keep: bool = hold) -> None:
+                if keep:  # content held back to read tool calls out of it at the end
+                    held[i] += answer
+                    answer = ""
+                for key, piece in ((field, thought), ("content", answer)):
+                    if piece:
+                        lp = {"content": lps[i]} if req.params.logprobs else None
+                        lps[i] = []
+                        await emit(chunk_json(cid, srv.model_id, created, i, {key: piece}, lp, fingerprint=fp))
+
             finished: dict[int, Completion] = {}
             while len(finished) < n:
                 getter = asyncio.ensure_future(events.get())
@@ -99,15 +130,30 @@ class SSEStream:
                     continue
                 ev: StepEvent = item
                 if ev.text or ev.token_ids:
-                    lp = None
                     if req.params.logprobs:
-                        lp = {"content": srv._entries(None, ev.token_ids, ev.logprobs, None, ev.top_ids,
-                                                      ev.top_logprobs)}
-                    await emit(chunk_json(cid, srv.model_id, created, i, {"content": ev.text}, lp,
-                                          fingerprint=fp))
+                        lps[i].extend(srv._entries(None, ev.token_ids, ev.logprobs, None, ev.top_ids,
+                                                   ev.top_logprobs))
+                    if split:
+                        await send_text(i, *splitters[i].feed(ev.text))
+                    else:
+                        await send_text(i, "", ev.text)
                 if ev.finish_reason is not None and ev.completion is not None:
-                    await emit(chunk_json(cid, srv.model_id, created, i, {}, None, ev.finish_reason,
-                                          fingerprint=fp))
+                    if split:
+                        await send_text(i, *splitters[i].flush())
+                    finish: str = ev.finish_reason
+                    if hold:
+                        content, calls = parse_tool_calls(held[i])
+                        held[i] = ""
+                        await send_text(i, "", content, keep=False)
+                        if calls:
+                            await emit(chunk_json(cid, srv.model_id, created, i, {"tool_calls": [
+                                {"index": k, **c} for k, c in enumerate(calls)]}, fingerprint=fp))
+                            finish = "tool_calls" if finish == "stop" else finish
+                    if lps[i]:  # entries of text that never became a delta of its own
+                        await emit(chunk_json(cid, srv.model_id, created, i, {"content": ""},
+                                              {"content": lps[i]}, fingerprint=fp))
+                        lps[i] = []
+                    await emit(chunk_json(cid, srv.model_id, created, i, {}, None, finish, fingerprint=fp))
                     finished[i] = ev.completion
             if req.include_usage:
                 done = list(finished.values())
@@ -138,8 +184,16 @@ class SSEStream:
     async def _send_completion(self, emit: Callable[[Any], Awaitable[None]], cid: str, created: int,
                                fp: str, i: int, c: Completion) -> None:
         srv = self.server
+        c = srv.shape(c, self.req)
         lp = None
         if self.req.params.logprobs:
             lp = srv._choice_logprobs(c) if c.logprobs is not None else {"content": []}
+        found = field_reasoning(c.message)
+        if found is not None:
+            await emit(chunk_json(cid, srv.model_id, created, i, {found[0]: found[1]}, fingerprint=fp))
         await emit(chunk_json(cid, srv.model_id, created, i, {"content": c.text}, lp, fingerprint=fp))
+        calls = c.tool_calls
+        if calls:
+            await emit(chunk_json(cid, srv.model_id, created, i, {"tool_calls": [
+                {"index": k, **call} for k, call in enumerate(calls)]}, fingerprint=fp))
         await emit(chunk_json(cid, srv.model_id, created, i, {}, None, c.finish_reason, fingerprint=fp))

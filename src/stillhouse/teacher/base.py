@@ -21,6 +21,7 @@ Exception tree (every backend maps its own failures into it, with ``raise ... fr
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -28,7 +29,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 Message = dict[str, Any]
 """An OpenAI chat message: ``{"role": "user", "content": "..."}``."""
 
-FinishReason = Literal["stop", "length", "error"]
+FinishReason = Literal["stop", "length", "tool_calls", "error"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,11 @@ class SamplingParams:
     """Return the logprob of each sampled token."""
     top_logprobs: int = 0
     """Also return the k most likely tokens at each position (0..20; needs logprobs)."""
+    extra: str = ""
+    """Further request fields, as the JSON text of an object whose fields are sent as they are: ``tools``,
+    ``tool_choice``, ``response_format``, ``reasoning_effort``, a server's own fields... "" = none.
+    A JSON string keeps the params hashable and the fields' order and bytes exact; :meth:`extra_fields`
+    decodes it."""
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.temperature <= 2.0) or math.isnan(self.temperature):
@@ -66,6 +72,24 @@ class SamplingParams:
             raise ValueError("top_logprobs needs logprobs=True: set both")
         if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
             raise ValueError("stop must be a tuple of strings, e.g. stop=('\\n',)")
+        if self.extra:
+            clash = sorted(set(self.extra_fields()) & _OWN_FIELDS)
+            if clash:
+                raise ValueError(f"extra sets {', '.join(clash)}, which are fields of their own here "
+                                 "(or the request's): set them as such, not as extra request fields")
+
+    def extra_fields(self) -> dict[str, Any]:
+        """The further request fields (:attr:`extra`) decoded; {} when none."""
+        if not self.extra:
+            return {}
+        try:
+            fields = json.loads(self.extra)
+        except ValueError as exc:
+            raise ValueError(f"extra={self.extra[:80]!r}: not valid JSON ({exc})") from None
+        if not isinstance(fields, dict):
+            raise ValueError(  # noqa: TRY004 - a bad value of a str field, as the other checks here
+                f"extra must encode a JSON object of request fields, not {type(fields).__name__}")
+        return fields
 
     def to_openai(self) -> dict[str, Any]:
         """The request fields for an OpenAI chat-completions body."""
@@ -83,7 +107,14 @@ class SamplingParams:
             body["logprobs"] = True
             if self.top_logprobs:
                 body["top_logprobs"] = self.top_logprobs
+        if self.extra:
+            body.update(self.extra_fields())
         return body
+
+
+_OWN_FIELDS = frozenset({"model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "n",
+                         "seed", "stop", "logprobs", "top_logprobs", "stream"})
+"""Request fields that SamplingParams (or the request itself) sets; ``extra`` may not repeat them."""
 
 
 @dataclass
@@ -112,6 +143,23 @@ class Completion:
     completion_tokens: int
     token_ids: list[int] | None = None
     logprobs: TokenLogprobs | None = None
+    message: dict[str, Any] | None = None
+    """The assistant message's fields besides ``role`` and ``content``, as the teacher sent them:
+    ``reasoning_content`` or ``reasoning`` (a chain of thought), ``tool_calls``, ... (fields that were
+    null or empty are left out); ``"content": None`` when the content itself was null (a tool call).
+    None when the message had only role and content. See :mod:`stillhouse.teacher.message`."""
+
+    @property
+    def reasoning(self) -> str | None:
+        """The chain of thought: a reasoning field, else a ``<think>`` block leading the text; None if none."""
+        from stillhouse.teacher.message import reasoning_of
+
+        return reasoning_of(self.text, self.message)
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]] | None:
+        """The OpenAI ``tool_calls`` of the answer, or None."""
+        return (self.message or {}).get("tool_calls") or None
 
 
 @dataclass

@@ -14,8 +14,9 @@ real tokens end at the same slot. Each loop the worker
    samples their first token, and splices their cache into the running one by
    left-padding the shorter of the two along the time axis;
 3. runs one decode forward pass for all rows (each row at its own RoPE position),
-   applies the logits-processor hook, takes logprobs and top-k from the processed
-   logits, picks each row's token (greedy, or temperature/top-p with the row's own
+   applies the logits-processor hook (batch-wide processors, then each request's own
+   ``row_processor``, so rows with different watermark keys share a batch), takes
+   logprobs and top-k from the processed logits, picks each row's token (greedy, or temperature/top-p with the row's own
    seeded generator), and finishes rows on EOS, a stop string or ``max_tokens``;
 4. removes finished rows and trims cache columns no row still needs.
 
@@ -60,6 +61,9 @@ log = logging.getLogger(__name__)
 
 LogitsProcessor = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 """``(input_ids [B, L] left-padded prompt+generated ids, scores [B, V]) -> scores``."""
+RowProcessor = Callable[[list[int], "torch.Tensor"], "torch.Tensor"]
+"""``(one row's prompt+generated ids, that row's scores [V]) -> scores``: a request's own processor
+(e.g. a watermark with the request's key), applied after the batch-wide ones."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,8 @@ class Request:
     """Completion index within its request; offsets the seed."""
     on_event: Callable[[StepEvent], None] | None = None
     """Called from the worker thread after each step that committed text, and at the end."""
+    row_processor: RowProcessor | None = None
+    """This request's own logits processor (applied to its row only, every step)."""
     future: Future[Completion] = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -386,6 +392,9 @@ class Batcher:
                 ids[i, width - len(r.ids):] = torch.tensor(r.ids, dtype=torch.long)
             for proc in self.logits_processors:
                 scores = proc(ids, scores)
+        for i, r in enumerate(rows):
+            if r.req.row_processor is not None:
+                scores[i] = r.req.row_processor(r.ids, scores[i])
         need_lp = any(r.p.logprobs for r in rows)
         logp = torch.log_softmax(scores, dim=-1) if need_lp else None
         k = max((r.p.top_logprobs for r in rows), default=0)

@@ -4,7 +4,9 @@ It owns the model and a :class:`~stillhouse.teacher.batcher.Batcher` worker thre
 concurrent ``await teacher.chat(...)`` calls share forward passes and never block the
 event loop. Besides the protocol it offers
 
-- ``generate(list_of_message_lists, params)``: synchronous batched generation;
+- ``generate(list_of_message_lists, params)``: synchronous batched generation (continuous batching);
+- ``generate_batch(list_of_message_lists, params)``: greedy generation in fixed white-box batches
+  (:mod:`stillhouse.teacher.generate`; what a local harvest runs);
 - ``submit(prompt_ids, params, index, on_event)``: one completion with per-step events
   (what ``stillhouse serve`` streams from);
 - ``logits(sequences)``: full next-token logits of given token sequences, for KD and KL;
@@ -27,8 +29,16 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from stillhouse.teacher.base import ChatResult, Completion, Message, SamplingParams
-from stillhouse.teacher.batcher import BatchConfig, Batcher, Handle, LogitsProcessor, Request, StepEvent
+from stillhouse.teacher.base import ChatResult, Completion, Message, SamplingParams, TokenLogprobs
+from stillhouse.teacher.batcher import (
+    BatchConfig,
+    Batcher,
+    Handle,
+    LogitsProcessor,
+    Request,
+    RowProcessor,
+    StepEvent,
+)
 from stillhouse.teacher.spec import TeacherSpec
 
 if TYPE_CHECKING:
@@ -195,9 +205,12 @@ class LocalTeacher:
         params: SamplingParams,
         index: int = 0,
         on_event: Callable[[StepEvent], None] | None = None,
+        row_processor: RowProcessor | None = None,
     ) -> Handle:
-        """Queue one completion of ``prompt_ids``; ``on_event`` runs in the worker thread."""
-        return self.batcher.submit(Request(list(prompt_ids), params, index=index, on_event=on_event))
+        """Queue one completion of ``prompt_ids``; ``on_event`` runs in the worker thread;
+        ``row_processor`` edits this row's logits each step (a per-request watermark)."""
+        return self.batcher.submit(Request(list(prompt_ids), params, index=index, on_event=on_event,
+                                           row_processor=row_processor))
 
     def generate(self, conversations: list[list[Message]], params: SamplingParams) -> list[ChatResult]:
         """Complete many conversations at once (blocking); one ChatResult each, in order."""
@@ -218,6 +231,36 @@ class LocalTeacher:
                 for h in hs:
                     h.cancel()
             raise
+
+    def generate_batch(self, conversations: list[list[Message]], params: SamplingParams,
+                       batch_size: int = 64) -> list[Completion]:
+        """Complete many conversations greedily in fixed white-box batches (blocking; one Completion each,
+        in order): :func:`stillhouse.teacher.generate.generate` under the model lock, without the
+        continuous batcher. Faster for a harvest of many short prompts, and a rerun gives the same answers;
+        ``top_logprobs`` also cover the stop position. Greedy only, without stop strings or logits
+        processors (ValueError otherwise: use :meth:`generate`); ``n`` is ignored (one completion each)."""
+        from stillhouse.teacher.generate import generate
+
+        if params.temperature > 0 or params.stop or self.logits_processors:
+            raise ValueError("generate_batch is greedy, without stop strings or logits processors: "
+                             "use generate() (continuous batching) for these")
+        encoded = [self.encode(m) for m in conversations]
+        for ids in encoded:
+            self.check_fits(len(ids), params.max_tokens)
+        with self.model_lock:
+            gens = generate(self.model, self.tokenizer, encoded, params.max_tokens, batch_size=batch_size,
+                            logprobs=params.logprobs, top_logprobs=params.top_logprobs)
+        out = []
+        for ids, g in zip(encoded, gens):
+            lp = None
+            if params.logprobs:
+                lp = TokenLogprobs(tokens=self.tokenizer.convert_ids_to_tokens(g.token_ids), logprobs=g.logprobs,
+                                   token_ids=g.token_ids, top_logprobs=g.top_logprobs,
+                                   top_ids=g.top_ids if params.top_logprobs else None)
+            out.append(Completion(text=g.text, finish_reason=g.finish_reason,  # type: ignore[arg-type]
+                                  prompt_tokens=len(ids), completion_tokens=len(g.token_ids),
+                                  token_ids=g.token_ids, logprobs=lp))
+        return out
 
     def logits(self, sequences: list[list[int]], batch_size: int = 8) -> list[torch.Tensor]:
         """Full next-token logits: for each sequence a float32 ``[len, vocab]`` tensor whose row

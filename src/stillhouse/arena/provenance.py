@@ -1,0 +1,211 @@
+"""Provenance in the arena: a campaign harvests through the guard with watermarking on, a student is
+trained on what leaked, and the radioactivity test names the campaign's accounts from the student alone.
+
+1. serve the real teacher with ``--watermark`` on loopback (``stillhouse.serve``);
+2. a real guard (``watermark=True``, keys per account) in front of it, on loopback HTTP; the campaign's
+   accounts ask GSM8K test questions (the arena's campaign pool), ``decoys`` benign accounts ask a few
+   GSM8K train questions each, so the log holds their key ids too (the candidates: 16 or more keys);
+3. the leaked set (the campaign's answered requests) trains a student with ``stillhouse.distill.train`` (SFT);
+4. ``provenance model`` (open-weight: the student reads ``reading`` benign-pool questions nobody asked)
+   tests every key id in the guard's log, Holm-corrected, and reports whose accounts the significant keys are.
+
+Run::
+
+    stillhouse arena --provenance-only --out RUN      # (or from Python: run_provenance(cfg, out))
+
+The watermark secret is generated per run unless ``$STILLHOUSE_WATERMARK_SECRET`` is set; it is
+never written to disk. Cost on 2 busy CPU cores at the defaults: tens of minutes, nearly all of it
+the teacher's answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SERVED_NAME = "arena-teacher"
+
+
+@dataclass(frozen=True)
+class ProvenanceArenaConfig:
+    """The provenance stage of the arena."""
+
+    teacher: str = "bundled"
+    """Local teacher spec, served watermarked to the campaign (and the student's init)."""
+    student: str = "pruned:10"
+    """Student init for ``stillhouse.distill.train``."""
+    campaign_accounts: int = 2
+    """Accounts of the campaign (each gets its own key)."""
+    requests_per_account: int = 80
+    """Questions each campaign account asks."""
+    decoys: int = 14
+    """Benign accounts that each ask ``decoy_requests`` questions (their keys are candidates too)."""
+    decoy_requests: int = 2
+    """Questions per benign account."""
+    max_tokens: int = 128
+    """max_tokens of every request."""
+    temperature: float = 0.7
+    """Sampling temperature of every request."""
+    gamma: float = 0.25
+    """Watermark green share."""
+    delta: float = 2.0
+    """Watermark logit bias."""
+    context: int = 1
+    """Watermark context window."""
+    epochs: int = 3
+    """SFT epochs of the student."""
+    lr: float = 1e-4
+    """SFT learning rate."""
+    batch_size: int = 8
+    """SFT batch size."""
+    alpha: float = 1e-3
+    """Family-wise level at which a key is named."""
+    reading: int = 400
+    """Texts the student reads for the test: questions from the benign pool, none of them asked. Not the leaked
+    answers: their own tuples must be dropped (a clean model predicting them would look radioactive), and what
+    is left of them is biased against the key, which costs the test its power."""
+    concurrency: int = 16
+    """Requests in flight through the guard (the teacher batches them)."""
+    threads: int = 1
+    """torch CPU threads."""
+    seed: int = 0
+    """Which questions are asked."""
+
+    def __post_init__(self) -> None:
+        for name in ("campaign_accounts", "requests_per_account", "decoy_requests", "max_tokens", "epochs",
+                     "batch_size", "concurrency", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.decoys < 0:
+            raise ValueError(f"decoys={self.decoys}: must be >= 0")
+        from stillhouse.watermark.green import WatermarkParams
+
+        WatermarkParams(self.gamma, self.delta, self.context)
+
+
+async def _harvest(guard_url: str, keys: dict[str, str], plan: list[tuple[str, str]], cfg: ProvenanceArenaConfig
+                   ) -> list[tuple[str, str, int, str]]:
+    """Send ``(account, question)`` requests through the guard; (account, question, status, answer)."""
+    import aiohttp
+
+    sem = asyncio.Semaphore(cfg.concurrency)
+
+    async def one(session: aiohttp.ClientSession, i: int, account: str, q: str) -> tuple[str, str, int, str]:
+        body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": q}], "max_tokens": cfg.max_tokens,
+                "temperature": cfg.temperature, "seed": cfg.seed * 100_000 + i}
+        async with sem, session.post(f"{guard_url}/chat/completions", json=body,
+                                     headers={"Authorization": f"Bearer {keys[account]}"}) as r:
+            data = await r.json(content_type=None)
+            text = data["choices"][0]["message"]["content"] if r.status == 200 else ""
+            return account, q, r.status, text
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=7200)) as session:
+        return list(await asyncio.gather(*(one(session, i, a, q) for i, (a, q) in enumerate(plan))))
+
+
+def run_provenance(cfg: ProvenanceArenaConfig, out_dir: str | Path, loaded: tuple[Any, Any, str] | None = None
+                   ) -> dict[str, Any]:
+    """The whole stage (module docstring); returns its metrics (also ``provenance.json`` in ``out_dir``)."""
+    import torch
+
+    from stillhouse.arena.prompts import prompt_pool
+    from stillhouse.config import save_config
+    from stillhouse.distill.train import TrainConfig, train
+    from stillhouse.guard.app import create_app as guard_app
+    from stillhouse.guard.config import GuardConfig, sha256_hex
+    from stillhouse.guard.events import AccountInfo
+    from stillhouse.guard.store import open_store
+    from stillhouse.http.server import ServerThread, start_in_thread
+    from stillhouse.provenance.run import SuspectConfig, model_provenance
+    from stillhouse.serve.app import ServeConfig, create_app
+    from stillhouse.teacher.batcher import BatchConfig
+    from stillhouse.teacher.local import LocalTeacher
+    from stillhouse.watermark.keys import SECRET_ENV
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("guard.db", "guard.db-wal", "guard.db-shm", "leaked.jsonl", "reading.jsonl", "provenance.json"):
+        (out / name).unlink(missing_ok=True)
+    save_config(cfg, out / "provenance_config.json")
+    os.environ.setdefault(SECRET_ENV, secrets.token_urlsafe(32))  # this process only; never written
+    torch.set_num_threads(cfg.threads)
+    t_all = time.perf_counter()
+    timings: dict[str, float] = {}
+    if loaded is None:
+        from stillhouse.distill.modelio import load_causal_lm
+
+        loaded = load_causal_lm(cfg.teacher)
+    model, tok, rev = loaded
+
+    rng = random.Random(cfg.seed)
+    campaign = [f"camp-{i}" for i in range(cfg.campaign_accounts)]
+    decoys = [f"user-{i}" for i in range(cfg.decoys)]
+    questions = rng.sample(list(prompt_pool("campaign").math), cfg.campaign_accounts * cfg.requests_per_account)
+    pool = list(prompt_pool("benign").math)
+    benign_q = rng.sample(pool, min(len(pool), cfg.decoys * cfg.decoy_requests + cfg.reading))
+    reading = benign_q[cfg.decoys * cfg.decoy_requests:]
+    plan = [(campaign[i % len(campaign)], q) for i, q in enumerate(questions)]
+    plan += [(decoys[i % len(decoys)], q) for i, q in enumerate(benign_q[:cfg.decoys * cfg.decoy_requests])]
+    rng.shuffle(plan)
+
+    teacher = LocalTeacher(model, tok, name=SERVED_NAME, revision=rev, batch=BatchConfig(max_batch=32))
+    serve_cfg = ServeConfig(served_name=SERVED_NAME, max_batch=32, threads=cfg.threads, watermark=True,
+                            watermark_gamma=cfg.gamma, watermark_delta=cfg.delta, watermark_context=cfg.context)
+    db_url = f"sqlite:///{(out / 'guard.db').resolve()}"
+    with ServerThread(create_app(teacher, serve_cfg)) as server:
+        gcfg = GuardConfig(upstream_url=server.base_url.removesuffix("/v1"),
+                           admin_token_sha256=sha256_hex(secrets.token_hex(16)), db_url=db_url,
+                           spool_dir=str(out / "spool"), key_refresh_s=0.0, requests_per_min=0, tokens_per_min=0,
+                           max_concurrent_streams=0, upstream_timeout_s=3600.0, watermark=True)
+        store = open_store(db_url)
+        for account in campaign + decoys:
+            store.put_account(AccountInfo(account, org="campaign" if account in campaign else "benign"))
+        app = guard_app(gcfg, store)
+        guard = start_in_thread(app)
+        try:
+            now = time.time()
+            keys = {a: app.keys.issue(a, now).key for a in campaign + decoys}  # before any request
+            t = time.perf_counter()
+            answers = asyncio.run(_harvest(guard.url + "/v1", keys, plan, cfg))
+            timings["harvest_s"] = time.perf_counter() - t
+        finally:
+            guard.stop()
+    teacher.close()
+    leaked = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}], "account": acct}
+              for acct, q, status, a in answers if status == 200 and acct in campaign and a]
+    (out / "leaked.jsonl").write_text("".join(json.dumps(r) + "\n" for r in leaked))
+
+    t = time.perf_counter()
+    tcfg = TrainConfig(data=str(out / "leaked.jsonl"), out=str(out / "student"), teacher=cfg.teacher,
+                       student=cfg.student, loss="sft", epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                       threads=cfg.threads, device="cpu", seed=cfg.seed)
+    final = train(tcfg, teacher=loaded, progress=False).final_dir
+    timings["train_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    (out / "reading.jsonl").write_text("".join(json.dumps({"text": q}) + "\n" for q in reading))
+    report = model_provenance(SuspectConfig(source=str(out / "reading.jsonl"), log=db_url, suspect=f"hf:{final}",
+                                            mode="open", tokenizer=cfg.teacher, gamma=cfg.gamma,
+                                            context=cfg.context, alpha=cfg.alpha, threads=cfg.threads))
+    timings["test_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t_all
+    named = [s for s in report["scores"] if s["p_holm"] < cfg.alpha]
+    named_accounts = sorted({a for s in named for a in s["accounts"]})
+    metrics = {
+        "config": json.loads((out / "provenance_config.json").read_text()), "teacher_revision": rev,
+        "requests": len(plan), "answered": sum(1 for a in answers if a[2] == 200), "leaked_rows": len(leaked),
+        "keys_in_log": report["keys_tried"], "named_keys": [s["key_id"] for s in named],
+        "named_accounts": named_accounts, "campaign_accounts": campaign,
+        "goal_met": bool(named_accounts) and set(named_accounts) <= set(campaign),
+        "best": report["best"], "scored": report["scored"], "timings_s": timings,
+        "scores": report["scores"],
+    }
+    (out / "provenance.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics

@@ -1,0 +1,104 @@
+"""``stillhouse provenance text|model``: did this text, or this model, come from our watermarked answers?
+
+Options are the fields of :class:`~stillhouse.provenance.run.ProvenanceConfig` and
+:class:`~stillhouse.provenance.run.SuspectConfig` (derived by :mod:`stillhouse.cli_config`).
+The report is printed as a short verdict plus a table (``--json`` prints the whole report).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from stillhouse.cli_config import ConfigOptions, Given, config_command, fail
+
+if TYPE_CHECKING:
+    from stillhouse.provenance.run import ProvenanceConfig, SuspectConfig
+
+TEXT_HELP = """Test text for our watermark: which candidate key (account, cluster) it carries, if any.
+
+Each distinct (window, token) tuple is scored once, tuples of the prompt are dropped, and the
+p-value is the exact binomial tail; it is adjusted for the number of keys tried (Holm), so a key
+is named only when its adjusted p-value is below --alpha.
+
+\b
+Examples:
+  stillhouse provenance text leaked.jsonl --log sqlite:///runs/guard.db
+  stillhouse provenance text runs/h --key-ids account/lab/0,account/acme/0 --json
+"""
+
+MODEL_HELP = """The radioactivity test: did a suspect model learn from our watermarked answers?
+
+Open-weight (a local model): the suspect reads SOURCE's texts and its own next-token predictions
+are scored. Closed (an OpenAI-compatible URL): it answers SOURCE's prompts and the answers are
+scored. Distinct tuples only, none from the text read or the prompt, so a clean model gets a
+uniform p-value.
+
+\b
+Examples:
+  stillhouse provenance model reading.jsonl --suspect hf:runs/student/final --log sqlite:///runs/guard.db
+  stillhouse provenance model prompts.jsonl --suspect http://127.0.0.1:8001/v1 --key-ids account/lab/0
+"""
+
+
+def _print(report: dict[str, Any], as_json: bool, out: Path | None) -> None:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1) + "\n")
+    if as_json:
+        typer.echo(json.dumps(report, indent=1))
+        return
+    typer.echo(report["verdict"])
+    typer.echo(f"{'key id':40} {'scored':>7} {'green':>6} {'rate':>6} {'p':>10} {'p (Holm)':>10}  accounts")
+    for s in report["scores"][:10]:
+        typer.echo(f"{s['key_id'][:40]:40} {s['scored']:7d} {s['green']:6d} {s['rate']:6.3f} {s['p']:10.3g} "
+                   f"{s['p_holm']:10.3g}  {','.join(s['accounts'])}")
+    if len(report["scores"]) > 10:
+        typer.echo(f"... {len(report['scores']) - 10} more keys (--json shows all)")
+
+
+def text_command(
+    settings: Given[ProvenanceConfig],
+    as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON."),
+    out: Path | None = typer.Option(None, "--out", help="Also write the report as JSON to this file."),
+) -> None:
+    from stillhouse.provenance.run import text_provenance
+    from stillhouse.provenance.texts import TextSourceError
+    from stillhouse.watermark.keys import WatermarkKeyError
+
+    try:
+        report = text_provenance(settings.config())
+    except (ValueError, TextSourceError, WatermarkKeyError) as exc:
+        fail(exc)
+    _print(report, as_json, out)
+
+
+def model_command(
+    settings: Given[SuspectConfig],
+    as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON."),
+    out: Path | None = typer.Option(None, "--out", help="Also write the report as JSON to this file."),
+) -> None:
+    from stillhouse.provenance.run import model_provenance
+
+    try:
+        report = model_provenance(settings.config())
+    except (ValueError, FileNotFoundError) as exc:
+        fail(exc)
+    _print(report, as_json, out)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``provenance text`` and ``provenance model``."""
+    from stillhouse.provenance.run import ProvenanceConfig, SuspectConfig
+
+    sub = typer.Typer(help="Provenance: test text and suspect models for our watermark keys.", no_args_is_help=True)
+    panels = {"source": "Input", "log": "Candidate keys", "gamma": "Scheme (as served)", "limit": "Scoring"}
+    sub.command("text", help=TEXT_HELP)(config_command(text_command, ConfigOptions(
+        ProvenanceConfig, arguments=("source",), comma=("key_ids",), panels=panels, replay=False)))
+    sub.command("model", help=MODEL_HELP)(config_command(model_command, ConfigOptions(
+        SuspectConfig, arguments=("source",), comma=("key_ids",), flags={"suspect": ("--suspect", "-s")},
+        panels={**panels, "suspect": "Suspect"}, replay=False)))
+    app.add_typer(sub, name="provenance")

@@ -1,0 +1,217 @@
+"""``provenance text`` and ``provenance model`` as library calls: configs in, a JSON-ready report out.
+
+Both take the candidate keys (key ids from the guard's log, or given) and the scheme's parameters,
+and answer with every key's exact p-value, Holm- and Bonferroni-adjusted over the keys tried,
+best first, plus the accounts behind the best key when the ids came from a log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from stillhouse.provenance.candidates import Candidate, derive_all, from_ids, from_log
+from stillhouse.provenance.detect import KeyScore, prompt_tuples, score_keys, unique_tuples
+from stillhouse.provenance.texts import Sample, load_samples
+from stillhouse.watermark.green import WatermarkParams
+from stillhouse.watermark.keys import SECRET_ENV, load_secret
+
+Mode = Literal["auto", "open", "closed"]
+
+
+@dataclass(frozen=True)
+class ProvenanceConfig:
+    """What ``stillhouse provenance text`` tests, against which keys."""
+
+    source: str
+    """Text to test: a text file, a JSONL dataset (rows with messages or text) or a harvest run directory."""
+    log: str = ""
+    """The guard's traffic log (sqlite:///guard.db or postgresql://...): every watermark key id in it is a candidate."""
+    key_ids: tuple[str, ...] = ()
+    """Candidate key ids (account/ID/EPOCH, cluster/ID/EPOCH, server/NAME/EPOCH), besides those of --log."""
+    secret_env: str = SECRET_ENV
+    """Environment variable holding the watermark secret shared with the guard and serve."""
+    tokenizer: str = "bundled"
+    """The watermarking teacher (bundled, hf:DIR, gguf:FILE): its tokenizer's ids are what the green lists are over."""
+    gamma: float = 0.25
+    """Green share used when generating (as served: --watermark-gamma)."""
+    context: int = 1
+    """Context window used when generating (as served: --watermark-context)."""
+    limit: int = 0
+    """Test at most this many samples of the source (0 = all)."""
+    max_tokens: int = 0
+    """Score at most this many leading tokens of each sample (0 = all)."""
+    dedup: bool = True
+    """Score each distinct (window, token) tuple once. Turning it off makes p-values invalid (for demonstration only)."""
+    alpha: float = 1e-3
+    """Family-wise level at which a key is named as the source (Holm-adjusted p below this)."""
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            raise ValueError("source: give a text file, a JSONL dataset or a harvest run directory")
+        WatermarkParams(gamma=self.gamma, context=self.context)  # raises naming the field
+        if self.limit < 0 or self.max_tokens < 0:
+            raise ValueError("limit and max_tokens must be >= 0 (0 = no limit)")
+        if not 0.0 < self.alpha < 1.0:
+            raise ValueError(f"alpha={self.alpha}: must be in (0, 1), e.g. 1e-3")
+        if not self.log and not self.key_ids:
+            raise ValueError("no candidate keys: give --log sqlite:///guard.db (its key ids) or --key-ids ID,...")
+
+    @property
+    def params(self) -> WatermarkParams:
+        return WatermarkParams(gamma=self.gamma, context=self.context)
+
+
+@dataclass(frozen=True)
+class SuspectConfig(ProvenanceConfig):
+    """What ``stillhouse provenance model`` tests: a suspect model, reading or answering ``source``."""
+
+    suspect: str = ""
+    """The suspect: a local model (bundled, hf:DIR, gguf:FILE) tested open-weight, or an OpenAI-compatible
+    URL (http://HOST:PORT/v1[#MODEL]) tested closed."""
+    mode: Mode = "auto"
+    """open = score the suspect's own next-token predictions while it reads source; closed = score its answers
+    to source's prompts; auto = open for a local model, closed for a URL."""
+    reading_max_len: int = 256
+    """Open mode: tokens per text read (prompt plus answer)."""
+    batch_size: int = 8
+    """Open mode: texts per forward pass."""
+    answer_tokens: int = 128
+    """Closed mode: max_tokens of each answer."""
+    temperature: float = 0.7
+    """Closed mode: sampling temperature of the answers."""
+    concurrency: int = 8
+    """Closed mode: requests in flight."""
+    threads: int = 0
+    """torch CPU threads (0 = torch's default)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from stillhouse.teacher.spec import parse_spec
+
+        if not self.suspect:
+            raise ValueError("suspect: give a local model (hf:DIR, bundled, gguf:FILE) or a URL http://HOST:PORT/v1")
+        spec = parse_spec(self.suspect)  # raises listing the accepted forms
+        if self.mode == "open" and not spec.is_local:
+            raise ValueError(f"mode=open needs the suspect's weights; {self.suspect!r} is not local (use mode=closed)")
+        if self.mode == "closed" and spec.kind != "http":
+            raise ValueError(f"mode=closed needs an OpenAI-compatible URL; serve {self.suspect!r} with "
+                             "`stillhouse serve --teacher ...` and give its http://HOST:PORT/v1")
+        for name in ("reading_max_len", "batch_size", "answer_tokens", "concurrency"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+
+    @property
+    def resolved_mode(self) -> Literal["open", "closed"]:
+        from stillhouse.teacher.spec import parse_spec
+
+        if self.mode != "auto":
+            return self.mode
+        return "open" if parse_spec(self.suspect).is_local else "closed"
+
+
+def candidates_for(cfg: ProvenanceConfig) -> list[Candidate]:
+    found = from_log(cfg.log) if cfg.log else []
+    known = {c.key_id for c in found}
+    return found + [c for c in from_ids(cfg.key_ids) if c.key_id not in known] if cfg.key_ids else found
+
+
+def _tokenizer(spec: str) -> Any:
+    from transformers import AutoTokenizer
+
+    from stillhouse.teacher.bundled import resolve_model_dir
+
+    path, _, _ = resolve_model_dir(spec)
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _report(cfg: ProvenanceConfig, scores: list[KeyScore], candidates: list[Candidate], extra: dict[str, Any]
+            ) -> dict[str, Any]:
+    accounts = {c.key_id: sorted(c.accounts) for c in candidates}
+    best = scores[0] if scores else None
+    named = best is not None and best.p_holm < cfg.alpha
+    return {
+        **extra,
+        "keys_tried": len(scores),
+        "params": {"gamma": cfg.gamma, "context": cfg.context},
+        "best": best.to_json() | {"accounts": accounts.get(best.key_id, [])} if best else None,
+        "named": named,
+        "verdict": (f"{best.key_id} (accounts {', '.join(accounts.get(best.key_id, [])) or '-'}): Holm-adjusted "
+                    f"p = {best.p_holm:.3g} over {len(scores)} keys" if best and named else
+                    f"no key at family-wise level {cfg.alpha:g} (smallest Holm-adjusted p "
+                    f"{best.p_holm if best else 1.0:.3g} over {len(scores)} keys)"),
+        "scores": [s.to_json() | {"accounts": accounts.get(s.key_id, [])} for s in scores],
+    }
+
+
+def _ids(tok: Any, samples: list[Sample], max_tokens: int) -> list[list[int]]:
+    """Each sample's token ids (as generated when the source kept them, else tokenized again)."""
+    return [list(s.token_ids if s.token_ids is not None else tok(s.text, add_special_tokens=False)["input_ids"])
+            [: max_tokens or None] for s in samples]
+
+
+def text_provenance(cfg: ProvenanceConfig) -> dict[str, Any]:
+    """``provenance text``: which candidate key, if any, the source's text carries."""
+    t0 = time.perf_counter()
+    secret = load_secret(cfg.secret_env)
+    candidates = candidates_for(cfg)
+    samples = [s for s in load_samples(cfg.source, cfg.limit) if s.text]
+    tok = _tokenizer(cfg.tokenizer)
+    seqs = _ids(tok, samples, cfg.max_tokens)
+    exclude = prompt_tuples((_prompt_ids(tok, s) for s in samples if s.prompt), cfg.context)
+    tuples = unique_tuples(seqs, cfg.context, exclude=exclude, dedup=cfg.dedup)
+    scores = score_keys(tuples, derive_all(secret, candidates), cfg.params)
+    return _report(cfg, scores, candidates, {"source": cfg.source, "samples": len(samples),
+                                             "tokens": sum(map(len, seqs)), "scored": len(tuples),
+                                             "wall_s": round(time.perf_counter() - t0, 2)})
+
+
+def _prompt_ids(tok: Any, s: Sample) -> list[int]:
+    return list(tok("\n".join(str(m.get("content", "")) for m in s.prompt), add_special_tokens=False)["input_ids"])
+
+
+def model_provenance(cfg: SuspectConfig) -> dict[str, Any]:
+    """``provenance model``: the radioactivity test, open-weight or closed."""
+    from stillhouse.provenance.radioactive import (
+        check_same_tokenizer,
+        closed_texts,
+        reading_inputs,
+        reading_tuples,
+    )
+
+    t0 = time.perf_counter()
+    secret = load_secret(cfg.secret_env)
+    candidates = candidates_for(cfg)
+    samples = load_samples(cfg.source, cfg.limit)
+    tok = _tokenizer(cfg.tokenizer)
+    mode = cfg.resolved_mode
+    extra: dict[str, Any] = {"suspect": cfg.suspect, "mode": mode, "source": cfg.source}
+    if mode == "open":
+        import torch
+
+        from stillhouse.teacher.bundled import load_model
+
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        model, stok, revision = load_model(cfg.suspect)
+        check_same_tokenizer(stok, tok)
+        inputs = reading_inputs(tok, samples, cfg.reading_max_len)
+        tuples, counts = reading_tuples(model, inputs, cfg.context, cfg.batch_size,
+                                        tok.pad_token_id if tok.pad_token_id is not None else 0)
+        extra.update(revision=revision, texts_read=len(inputs), **counts)
+    else:
+        from dataclasses import replace
+
+        answers = asyncio.run(closed_texts(cfg.suspect, samples, cfg.answer_tokens, cfg.temperature,
+                                           cfg.concurrency))
+        asked = [s for s in samples if s.prompt]
+        answered = [replace(s, text=a, token_ids=None) for s, a in zip(asked, answers)]
+        seqs = _ids(tok, answered, 0)
+        exclude = prompt_tuples((_prompt_ids(tok, s) for s in asked), cfg.context)
+        tuples = unique_tuples(seqs, cfg.context, exclude=exclude, dedup=cfg.dedup)
+        extra.update(answers=len(answers), tokens=sum(map(len, seqs)))
+    scores = score_keys(tuples, derive_all(secret, candidates), cfg.params)
+    extra.update(scored=len(tuples), wall_s=round(time.perf_counter() - t0, 2))
+    return _report(cfg, scores, candidates, extra)

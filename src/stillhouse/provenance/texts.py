@@ -1,0 +1,109 @@
+"""Text to test, from a plain file, a JSONL dataset or a harvest run directory.
+
+Every source becomes a list of :class:`Sample`: the answer text, the prompt messages when the
+source has them (their tuples are dropped from what is scored), and the generated token ids when
+the source kept them (a harvest run with logprobs; else the text is tokenized again).
+
+- ``FILE.txt`` (any non-JSONL file): the whole file is one sample;
+- ``FILE.jsonl``: one sample per row, from ``messages`` (the last assistant turn is the text, the
+  turns before it the prompt), else ``text``/``response``/``completion``/``output`` (with
+  ``prompt``/``instruction`` as the prompt), optional ``token_ids``;
+- a harvest run directory (``stillhouse harvest --out RUN``): its stored answers.
+
+Errors: :class:`TextSourceError` (a ``ValueError``) names the source and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TEXT_FIELDS = ("text", "response", "completion", "output", "answer")
+PROMPT_FIELDS = ("prompt", "instruction", "question")
+
+
+class TextSourceError(ValueError):
+    """The text source is missing or unreadable; the message names it and the expected shape."""
+
+
+@dataclass
+class Sample:
+    """One answer to test."""
+
+    text: str
+    prompt: list[dict[str, Any]] = field(default_factory=list)
+    """The messages before the answer (may be empty)."""
+    token_ids: list[int] | None = None
+
+
+def _from_row(row: Any, where: str) -> Sample:
+    if not isinstance(row, dict):
+        raise TextSourceError(f"{where}: a row must be a JSON object with 'messages' or 'text'")
+    ids = row.get("token_ids")
+    ids = [int(t) for t in ids] if isinstance(ids, list) and all(isinstance(t, int) for t in ids) else None
+    msgs = row.get("messages")
+    if isinstance(msgs, list) and msgs:
+        if not all(isinstance(m, dict) for m in msgs):
+            raise TextSourceError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects")
+        if msgs[-1].get("role") == "assistant":
+            return Sample(_content(msgs[-1].get("content")), [dict(m) for m in msgs[:-1]], ids)
+        return Sample("", [dict(m) for m in msgs], None)  # a prompt only (closed mode asks it)
+    for name in TEXT_FIELDS:
+        if isinstance(row.get(name), str):
+            prompt = next((row[p] for p in PROMPT_FIELDS if isinstance(row.get(p), str)), "")
+            return Sample(row[name], [{"role": "user", "content": prompt}] if prompt else [], ids)
+    for name in PROMPT_FIELDS:
+        if isinstance(row.get(name), str):
+            return Sample("", [{"role": "user", "content": row[name]}], None)
+    raise TextSourceError(f"{where}: no 'messages' and none of {TEXT_FIELDS + PROMPT_FIELDS}")
+
+
+def _content(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def load_samples(source: str | Path, limit: int = 0) -> list[Sample]:
+    """The samples of a file, JSONL dataset or harvest run (the first ``limit``; 0 = all)."""
+    path = Path(source)
+    if not path.exists():
+        raise TextSourceError(f"{source}: no such file or directory; give a text file, a .jsonl dataset or a "
+                              "harvest run directory")
+    out: list[Sample] = []
+    if path.is_dir():
+        from stillhouse.distill.store import HarvestStore, StoreError
+
+        try:
+            store = HarvestStore(path, readonly=True)
+        except StoreError as exc:
+            raise TextSourceError(f"{source}: {exc}") from None
+        with store:
+            for rec in store.records():
+                msgs = rec.chat()
+                ids = None if rec.token_ids is None else [int(t) for t in rec.token_ids]
+                out.append(Sample(_content(msgs[-1].get("content")), msgs[:-1], ids))
+                if limit and len(out) >= limit:
+                    break
+        return out
+    if path.suffix == ".jsonl":
+        with path.open() as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except (json.JSONDecodeError, RecursionError) as exc:
+                    raise TextSourceError(f"{source}:{n}: not a JSON line ({exc})") from None
+                out.append(_from_row(row, f"{source}:{n}"))
+                if limit and len(out) >= limit:
+                    break
+        return out
+    try:
+        return [Sample(path.read_text())]
+    except UnicodeDecodeError:
+        raise TextSourceError(f"{source}: not UTF-8 text; give a text file, a .jsonl dataset or a harvest run") from None

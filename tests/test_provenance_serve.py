@@ -1,0 +1,93 @@
+"""Watermarking end to end on loopback: the guard picks the key id, ``stillhouse serve`` applies it,
+the log records it, and the provenance test names the account from the answers alone.
+
+A tiny random Llama serves (its near-uniform next-token distributions take the watermark easily);
+the guard and serve are real servers on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from stillhouse.provenance.candidates import Candidate, derive_all, from_log
+from stillhouse.provenance.detect import score_keys, unique_tuples
+from stillhouse.serve.app import ServeConfig, ServerThread, create_app
+from stillhouse.watermark.green import WatermarkParams
+from stillhouse.watermark.keys import HEADER, derive_key, key_u64, sign_header
+from test_guard import Clock, http, make_config, start_guard
+
+SECRET = "integration-secret-0123456789"
+PARAMS = WatermarkParams(gamma=0.25, delta=4.0, context=1)
+
+
+@pytest.fixture
+def wm_serve(tiny_teacher: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("STILLHOUSE_WATERMARK_SECRET", SECRET)
+    cfg = ServeConfig(teacher="hf:/tiny", served_name="tiny", watermark=True, watermark_delta=PARAMS.delta,
+                      watermark_gamma=PARAMS.gamma, watermark_context=PARAMS.context)
+    with ServerThread(create_app(tiny_teacher, cfg)) as srv:
+        yield srv
+
+
+def _ask(url: str, headers: dict[str, str] | None = None, **body: Any) -> tuple[int, dict[str, str], Any]:
+    req = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 48,
+           "temperature": 0.0, **body}
+    return http("POST", url + "/chat/completions", req, headers=headers)
+
+
+def test_serve_refuses_unauthenticated_watermark_headers(wm_serve: Any) -> None:
+    forged = sign_header(b"not-the-shared-secret-000", "account/mallory/0", "r1", __import__("time").time())
+    status, _, body = _ask(wm_serve.base_url, headers={HEADER: forged})
+    assert status == 401 and body["error"]["code"] == "watermark_unauthenticated"
+    assert "mac does not verify" in body["error"]["message"]
+    status, headers, _ = _ask(wm_serve.base_url)  # no header: the server's own key
+    assert status == 200 and headers["x-stillhouse-watermark-applied"] == "server/tiny/0"
+    good = sign_header(SECRET.encode(), "account/bob/4", "r2", __import__("time").time())
+    status, headers, _ = _ask(wm_serve.base_url, headers={HEADER: good}, stream=True)
+    assert status == 200 and headers["x-stillhouse-watermark-applied"] == "account/bob/4"
+
+
+def test_guard_keys_each_account_and_provenance_names_it(wm_serve: Any, tmp_path: Any, smol_tokenizer: Any) -> None:
+    clock = Clock(1_000_000.0)
+    cfg = make_config(tmp_path, wm_serve.base_url[:-3], watermark=True, watermark_rotate_s=86_400.0,
+                      upstream_timeout_s=120.0)  # a loaded 2-core machine: a tiny model can take seconds
+    g = start_guard(cfg, clock=clock)
+    texts: dict[str, list[str]] = {"alice": [], "bob": []}
+    seen_client_headers = []
+    try:
+        keys = {a: g.account_with_key(a) for a in texts}
+        # a client that forges the header (even one signed with the real secret) is ignored: the guard
+        # never forwards client headers and sets its own
+        forged = sign_header(SECRET.encode(), "account/mallory/0", "x", __import__("time").time())
+        for i in range(4):
+            for account, key in keys.items():
+                body = {"model": "tiny", "max_tokens": 64, "temperature": 1.0, "seed": i,
+                        "messages": [{"role": "user", "content": f"Story number {i}, please."}]}
+                status, headers, out = g.chat(key, body, headers={HEADER: forged})
+                assert status == 200, out
+                texts[account].append(out["choices"][0]["message"]["content"])
+                seen_client_headers.append(headers)
+        records = g.records()
+    finally:
+        g.stop()
+    assert {r.account_id: r.watermark_key_id for r in records} == {"alice": "account/alice/11", "bob": "account/bob/11"}
+    assert all("x-stillhouse-watermark-applied" not in h for h in seen_client_headers)  # not relayed
+    secret_forms = []
+    for r in records:
+        k = derive_key(SECRET.encode(), r.watermark_key_id)
+        secret_forms += [k.hex(), str(key_u64(k)), SECRET]
+    dumped = json.dumps([r.__dict__ for r in records]) + json.dumps(texts) + json.dumps(seen_client_headers)
+    assert not any(s in dumped for s in secret_forms)  # keys never in log rows or responses
+
+    candidates = from_log(cfg.db_url)
+    assert {c.key_id: c.accounts for c in candidates} == {"account/alice/11": {"alice"}, "account/bob/11": {"bob"}}
+    candidates += [Candidate(f"account/decoy{i}/11") for i in range(14)]  # 16 keys in all
+    keymap = derive_all(SECRET.encode(), candidates)
+    for account, answers in texts.items():
+        tuples = unique_tuples([smol_tokenizer(t, add_special_tokens=False)["input_ids"] for t in answers], 1)
+        ranked = score_keys(tuples, keymap, PARAMS)
+        assert ranked[0].key_id == f"account/{account}/11", ranked[:3]
+        assert ranked[0].p_holm < 1e-6 and ranked[1].p_holm > 1e-3, ranked[:2]

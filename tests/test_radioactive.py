@@ -1,0 +1,122 @@
+"""The radioactivity test's reading mode on stand-in models, and the provenance CLI.
+
+Stand-in "models" return logits whose argmax is chosen by rule: green under the key (a
+radioactive student), seeded noise (a clean model), or the text's own next token (a clean model
+that merely predicts the watermarked text it reads). The last one is why tuples that occur in
+the text read are dropped: scored naively it looks radioactive.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from stillhouse.cli import app
+from stillhouse.provenance.detect import score_key, score_keys, unique_tuples
+from stillhouse.provenance.radioactive import reading_tuples
+from stillhouse.watermark.green import WatermarkParams, green_mask, token_hashes
+from stillhouse.watermark.keys import derive_key, key_u64
+
+V = 400
+P = WatermarkParams(gamma=0.25, delta=2.0, context=1)
+SECRET = "radioactive-test-secret-0123"
+KEY = key_u64(derive_key(SECRET.encode(), "account/camp/0"))
+HASHES = token_hashes(V)
+
+
+def watermarked_texts(n: int, length: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        seq = [int(rng.integers(V))]
+        for _ in range(length - 1):
+            mask = green_mask(KEY, seq[-1:], HASHES, P)
+            pool = np.flatnonzero(mask) if rng.random() < 0.7 else np.arange(V)
+            seq.append(int(rng.choice(pool)))
+        out.append(seq)
+    return out
+
+
+class StandIn:
+    """``model(input_ids=..) .logits``: argmax by rule, as a suspect's forward pass would give."""
+
+    def __init__(self, rule: str, seed: int = 0, share: float = 1.0):
+        self.rule, self.rng, self.share = rule, np.random.default_rng(seed), share
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool) -> Any:
+        b, width = input_ids.shape
+        logits = torch.zeros((b, width, V))
+        for j in range(b):
+            ids = input_ids[j].tolist()
+            for i in range(width):
+                if self.rule == "copier" and i + 1 < width and self.rng.random() < self.share:
+                    tok = ids[i + 1]
+                elif self.rule == "radioactive" and self.rng.random() < self.share:
+                    tok = int(self.rng.choice(np.flatnonzero(green_mask(KEY, [ids[i]], HASHES, P))))
+                else:
+                    tok = int(self.rng.integers(V))
+                logits[j, i, tok] = 1.0
+        return type("Out", (), {"logits": logits})()
+
+
+def test_reading_mode_detects_a_biased_suspect_and_not_clean_ones() -> None:
+    texts = watermarked_texts(40, 60, seed=0)
+    inputs = [(t, 0) for t in texts]
+    keys = {"account/camp/0": KEY, **{f"account/other{i}/0": key_u64(derive_key(SECRET.encode(), f"account/other{i}/0"))
+                                      for i in range(15)}}
+    student, counts = reading_tuples(StandIn("radioactive", share=0.3), inputs, 1, batch_size=8)
+    ranked = score_keys(student, keys, P)
+    assert ranked[0].key_id == "account/camp/0" and ranked[0].p_holm < 1e-6
+    assert counts["predictions"] == sum(len(t) - 1 for t in texts)
+    for seed in range(3):
+        clean, _ = reading_tuples(StandIn("noise", seed=seed), inputs, 1)
+        assert score_key(KEY, clean, P).p > 1e-3
+
+
+def test_predicting_the_watermarked_text_is_not_radioactivity() -> None:
+    """A clean model that predicts the text it reads: its tuples are the text's own, which are green.
+    Scored naively that is 'radioactive'; reading_tuples drops tuples found in the text read."""
+    texts = watermarked_texts(40, 60, seed=1)
+    naive = unique_tuples(texts, 1)  # what a perfect predictor of the text would be scored on
+    assert score_key(KEY, naive, P).p < 1e-20
+    for share in (1.0, 0.7):
+        tuples, counts = reading_tuples(StandIn("copier", seed=2, share=share), [(t, 0) for t in texts], 1)
+        assert counts["in_text"] > 0.5 * share * counts["predictions"]
+        assert score_key(KEY, tuples, P).p > 1e-3
+
+
+def test_scoring_starts_at_the_answer() -> None:
+    texts = watermarked_texts(2, 30, seed=3)
+    all_, _ = reading_tuples(StandIn("noise"), [(t, 0) for t in texts], 1)
+    tail, counts = reading_tuples(StandIn("noise"), [(t, 20) for t in texts], 1)
+    assert counts["predictions"] == 2 * 10 and len(tail) < len(all_)
+
+
+def _write_rows(path: Path, seqs: list[list[int]]) -> None:
+    path.write_text("".join(json.dumps({"text": "x", "token_ids": s}) + "\n" for s in seqs))
+
+
+def test_provenance_text_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STILLHOUSE_WATERMARK_SECRET", SECRET)
+    src = tmp_path / "leaked.jsonl"
+    _write_rows(src, watermarked_texts(6, 50, seed=4))
+    runner = CliRunner()
+    res = runner.invoke(app, ["provenance", "text", str(src), "--key-ids",
+                              "account/camp/0,account/a/0,account/b/0", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert report["named"] and report["best"]["key_id"] == "account/camp/0"
+    assert report["keys_tried"] == 3 and report["best"]["p_holm"] == pytest.approx(min(1, 3 * report["best"]["p"]))
+    assert SECRET not in res.output and str(KEY) not in res.output
+    for args, needle in ((["provenance", "text", str(tmp_path / "none.jsonl"), "--key-ids", "account/a/0"],
+                          "no such file"),
+                         (["provenance", "text", str(src)], "no candidate keys"),
+                         (["provenance", "text", str(src), "--key-ids", "lab"], "SCOPE/SUBJECT/EPOCH")):
+        res = runner.invoke(app, args)
+        assert res.exit_code != 0 and needle in res.output and "Traceback" not in res.output, res.output
