@@ -92,14 +92,18 @@ class DetectConfig:
     rate p0 is that of the rare phrases alone. 0 counts every phrase (the fixed list as it stands)."""
     top_signals: int = 6
     """How many of the largest per-signal surprisals (-ln p) a verdict lists as its reasons."""
-    throttle_fpr: float = 5e-3
-    """Benign per-account FPR at which an account is throttled. Half the 1e-2 an operator would accept: a
-    threshold set on ~1,000 held-out calibration accounts comes out high or low by chance, and a target
-    at the limit would break the limit on about every other population."""
-    block_fpr: float = 5e-4
-    """Benign per-account FPR at which an account is blocked (half the 1e-3 an operator would accept, as
+    throttle_fpr: float = 2.5e-3
+    """Benign per-account FPR at which an account is throttled: a quarter of the 1e-2 an operator would accept.
+    A threshold set on ~1,000 held-out calibration accounts comes out high or low by chance, and the realized
+    FPR on a new population of the development seed sets ran up to 1.2x the target (6.2e-3 at 5e-3 on dev3);
+    campaign accounts score far above it (61+ against thresholds of 26-38 on dev1-dev3), so the margin costs
+    no detection there."""
+    block_fpr: float = 3e-4
+    """Benign per-account FPR at which an account is blocked (a third of the 1e-3 an operator would accept, as
     ``throttle_fpr``). Below the resolution of the calibration accounts, the threshold comes from the
-    exponential tail fitted to their largest scores (``stats.benign_threshold``)."""
+    exponential tail fitted to their largest scores (``stats.benign_threshold``). Chosen on dev1-dev3: at
+    5e-4 the threshold came within 0.4 of a benign evaluation account's score on dev2 (35.7 vs 35.3); at 2e-4
+    within 4 of the lowest campaign account's on dev1 (57.5 vs 61.3)."""
     block_requires: tuple[str, ...] = ("asks", "cluster")
     """Evidence a block needs besides its score: "asks" (the account, or the cluster it is scored with, made
     a rare ask: chain-of-thought or grader wording uncommon among benign accounts), "cluster" (the score is
