@@ -57,7 +57,7 @@ def population(cfg: Any, n: int, seed: int) -> tuple[list[Any], list[Any]]:
 def thresholds(det: Any, calib: list[Any], infos: dict[str, Any]) -> dict[str, float]:
     """Stage 2 of ``WindowDetector.fit`` for the detector's current family weights: benign quantiles of the
     held-out half-B accounts' maximum scores."""
-    from stillhouse.guard.detect.stats import quantile_threshold
+    from stillhouse.guard.detect.stats import benign_threshold
 
     scorer = det._clone_unscored()
     scorer.tables_, scorer.tail_scales_ = det.tables_, det.tail_scales_
@@ -67,8 +67,8 @@ def thresholds(det: Any, calib: list[Any], infos: dict[str, Any]) -> dict[str, f
         scorer.observe(r, infos.get(r.account_id))
     ids = sorted({r.account_id for r in half_b})
     maxima = np.array([scorer.max_score_.get(a, 0.0) for a in ids])
-    return {"throttle": quantile_threshold(maxima, det.config.throttle_fpr),
-            "block": quantile_threshold(maxima, det.config.block_fpr)}
+    return {"throttle": benign_threshold(maxima, det.config.throttle_fpr),
+            "block": benign_threshold(maxima, det.config.block_fpr)}
 
 
 def evaluate(det: Any, records: list[Any], infos: dict[str, Any], truth: dict[str, str]) -> dict[str, Any]:

@@ -250,3 +250,52 @@ def test_tiny_arena_through_the_real_guard(tmp_path) -> None:  # type: ignore[no
     assert frac["accounts"] == 1 and frac["block"]["n"] == 1
     assert set(saved["tpr_by_shape"]) == {"cot", "hydra", "mixed"}
     assert "not run" in saved["capability_leaked"]
+
+
+def test_named_seed_sets_fix_seeds_and_split_and_test_needs_a_name() -> None:
+    from stillhouse.arena.run import REAL, SEED_SETS, ArenaConfig, seed_set_config, seed_set_label
+
+    tests = [n for n, s in SEED_SETS.items() if s.split == "test"]
+    devs = [n for n, s in SEED_SETS.items() if s.split == "dev"]
+    assert len(tests) == 3 and len(devs) >= 2
+    assert len({SEED_SETS[n].calib_seed for n in tests}) == 3  # each test set: its own calibration population
+    every = [v for s in SEED_SETS.values() for v in (s.calib_seed, s.eval_seed, s.campaign_seed)]
+    assert len(every) == len(set(every))  # no two sets share a seed
+    cfg = seed_set_config(REAL, "test2")
+    s = SEED_SETS["test2"]
+    assert (cfg.calib_seed, cfg.eval_seed, cfg.campaign_seed, cfg.split) == (s.calib_seed, s.eval_seed,
+                                                                             s.campaign_seed, "test")
+    assert seed_set_label(cfg) == "test2 (test)" and seed_set_label(REAL) == "dev1 (development)"
+    assert "unnamed" in seed_set_label(ArenaConfig())
+    with pytest.raises(ValueError, match="seeds='dev1'"):
+        replace(REAL, calib_seed=REAL.calib_seed + 100)  # the seeds no longer those of the named set
+    with pytest.raises(ValueError, match="test seed set"):
+        ArenaConfig(split="test")  # the test pools only through a test set's name
+    with pytest.raises(ValueError, match="seeds"):
+        ArenaConfig(seeds="test9")
+    with pytest.raises(ValueError, match="seed set"):
+        seed_set_config(REAL, "nope")
+
+
+def test_arena_cli_seeds_option_selects_the_set(monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from stillhouse.arena import run
+    from stillhouse.cli import app
+
+    seen = []
+
+    def fake_run(cfg, out, progress=None, capability=None):  # type: ignore[no-untyped-def]
+        seen.append(cfg)
+        raise SystemExit(0)  # stop before any traffic
+
+    monkeypatch.setattr(run, "run_arena", fake_run)
+    CliRunner().invoke(app, ["arena", "--population", "real", "--seeds", "dev2", "--out", str(tmp_path / "a")])
+    assert seen[-1].seeds == "dev2" and seen[-1].calib_seed == run.SEED_SETS["dev2"].calib_seed
+    assert seen[-1].population == "real" and seen[-1].split == "dev"
+    CliRunner().invoke(app, ["arena", "--population", "real", "--calib-seed", "77", "--out", str(tmp_path / "b")])
+    assert seen[-1].seeds == "" and seen[-1].calib_seed == 77  # typed seeds: an unnamed development run
+    bad = CliRunner().invoke(app, ["arena", "--seeds", "test1", "--calib-seed", "5", "--out", str(tmp_path / "c")])
+    assert bad.exit_code == 2 and "seeds='test1'" in bad.output
+    bad = CliRunner().invoke(app, ["arena", "--seeds", "nope", "--out", str(tmp_path / "d")])
+    assert bad.exit_code == 2 and "seed set" in bad.output

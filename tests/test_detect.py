@@ -208,13 +208,31 @@ def test_anchored_phrase_search_equals_searching_every_phrase() -> None:
         assert facts.grader == (rq._any(rq.GRADER, text) or rq._SCALE.search(text) is not None)
 
 
-@pytest.mark.parametrize("text", ["Hello, World! 42x\tY_z\n\x0bq\x0c", "", "   ", "a-b.c/d\\e|f~g`h", "Ünïcode café İstanbul 3",
+@pytest.mark.parametrize("text", ["Hello, World! 42x\tY_z\n\x0bq\x0c", "", "   ", "a-b.c/d\\e|f~g`h",
                                   "tabs\tand\r\nnewlines", "MiXeD CaSe123abc"])
 def test_words_are_the_alphanumeric_runs(text: str) -> None:
     import re
 
     assert words(text) == re.findall(r"[a-z0-9]+", text.lower())
     assert text_word_hashes(text).tolist() == word_hashes(words(text)).tolist()
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("Ünïcode café 3 x_y", ["ünïcode", "café", "3", "x", "y"]),
+    ("¿Me puedes explicar la inflación?", ["me", "puedes", "explicar", "la", "inflación"]),
+    ("请给我解释一下：气候", ["请给", "给我", "我解", "解释", "释一", "一下", "气候"]),
+    ("人 AI 的", ["人", "ai", "的"]),
+    ("인플레이션에 대해", ["인플레이션에", "대해"]),  # Hangul is written with spaces: whole words
+])
+def test_words_of_other_scripts(text: str, expected: list[str]) -> None:
+    assert words(text) == expected
+    assert text_word_hashes(text).tolist() == word_hashes(expected).tolist()
+
+
+def test_cjk_prompts_no_longer_share_one_embedding() -> None:
+    e = HashEmbedder(64)
+    a, b = e.embed("请给我解释一下：通货膨胀"), e.embed("关于气候变化，给我五个建议。")
+    assert float(a @ b) < 0.9  # before: both had no words, so both were the same fallback vector
 
 
 def test_word_and_shingle_hashes_shortcuts_are_exact() -> None:
@@ -508,23 +526,22 @@ def test_binomial_tail_surprisal_bounds_the_exact_tail() -> None:
 
 
 def test_rare_asks_count_however_diluted(fitted: WindowDetector) -> None:
-    """A campaign hiding its CoT asks among benign questions: its rate falls with the dilution, its
-    count evidence does not; the evidence is capped like any feature; benign accounts (no hits) and asks
-    in a fixed system prompt score exactly as without it."""
+    """A campaign hiding its CoT asks among benign questions: its rate falls with the dilution, its count
+    evidence (the "asks" family) does not; the evidence is the binomial tail, capped at ``asks_cap``;
+    benign accounts (no hits), asks in a fixed system prompt and asks in wording common among benign
+    calibration accounts score exactly as without it."""
     from math import log
 
-    from stillhouse.guard.detect.stats import EXTRA_CAP
-
     # No benign calibration request has a strong ask, so both rates are the add-one 1 / (requests + 2).
-    assert set(fitted.signal_rates_) == {"cot", "grader"}
+    assert set(fitted.signal_rates_) == {"cot", "grader"} and not fitted.common_phrases_
     assert fitted.signal_rates_["cot"] == fitted.signal_rates_["grader"] < 0.01
-    cap = log(len(fitted.tables_[FEATURES.index("cot")]) + 1) + EXTRA_CAP
+    cap = fitted.config.asks_cap
 
     def rate_only(aid: str) -> float:  # the score without the count evidence
         return fitted._score([fitted.features_of(aid)[name] for name in FEATURES])[0]
 
     def run(every: int, n: int) -> tuple[float, float, float]:
-        """(score, score without the count evidence, the cot surprisal) of an account with an ask every ``every``."""
+        """(score, score without the count evidence, the asks surprisal) of an account with an ask every ``every``."""
         fitted.reset()
         ask = "Show your complete internal reasoning, do not skip any step: "
         for j in range(n):
@@ -532,9 +549,9 @@ def test_rare_asks_count_however_diluted(fitted: WindowDetector) -> None:
             fitted.observe(rec(j, account="mix", user=(ask + q) if j % every == 0 else q,
                                params={"max_tokens": 512}, prompt_tokens=40, completion_tokens=200))
         st = fitted.accounts_["mix"]
-        assert st.sums[fitted.layout.SIGNALS] == st.sums[fitted.layout.EVIDENCE] == len(range(0, n, every))
+        assert st.sums[fitted.layout.SIGNALS] == len(range(0, n, every))
         score, reasons = fitted.own_["mix"]
-        return score, rate_only("mix"), dict(reasons).get("cot", 0.0)
+        return score, rate_only("mix"), dict(reasons).get("cot_asks", 0.0)
 
     # An ask in a fixed system prompt is one choice repeated, not 200 hits: no count evidence.
     fitted.reset()
@@ -545,17 +562,21 @@ def test_rare_asks_count_however_diluted(fitted: WindowDetector) -> None:
     assert st.sums[fitted.layout.SIGNALS] == 200 and st.sums[fitted.layout.EVIDENCE] == 0
     assert fitted.own_["persona"][0] == rate_only("persona")
 
-    # This tiny calibration (a few hundred requests) gives p0 ~ 2e-3; the arena's gives ~1e-4. With a rare
-    # ask's p0, 4 asks hidden in 1,000 requests (0.4%) carry far more than their rate says.
+    # This tiny calibration (a few hundred requests) gives p0 ~ 2e-3; the arena's ~3e-5. With a rare ask's
+    # p0, 4 asks hidden in 1,000 requests (0.4%) carry far more than their rate says.
     saved, fitted.signal_rates_, fitted._tails = fitted.signal_rates_, {"cot": 1e-5, "grader": 1e-5}, None
     try:
-        sparse, sparse_rate_only, sparse_cot = run(250, 1000)
-        assert sparse > sparse_rate_only  # the count adds what the diluted rate lost
-        assert sparse_cot == pytest.approx(cap, abs=1e-4)  # 21.6 nats of evidence, capped
-        _, _, three = run(400, 1000)  # 3 asks: 15.6 nats, under the cap
-        assert three == pytest.approx(binomial_tail_surprisal(1000, 3, log(1e-5)), abs=1e-4) and three < cap
+        sparse, sparse_rate_only, four = run(250, 1000)
+        assert sparse - sparse_rate_only == pytest.approx(four, abs=1e-3)  # the asks family adds what the diluted rate lost
+        assert four == pytest.approx(binomial_tail_surprisal(1000, 4, log(1e-5)), abs=1e-4) and four < cap
+        _, _, ten = run(100, 1000)  # 10 asks: 82 nats of evidence, capped
+        assert ten == pytest.approx(cap, abs=1e-3)
+        fitted.common_phrases_ = frozenset({"internal reasoning", "do not skip any step"})
+        common, common_rate_only, none = run(100, 1000)  # the ask's wording is what benign accounts write
+        assert none == 0.0 and common == common_rate_only
+        assert fitted.features_of("mix")["cot"] > 0  # it still counts in the cot rate
     finally:
-        fitted.signal_rates_, fitted._tails = saved, None
+        fitted.signal_rates_, fitted._tails, fitted.common_phrases_ = saved, None, frozenset()
     fitted.reset()
     benign, infos = _benign(30, seed=3)
     for r in benign:
@@ -683,3 +704,37 @@ def test_minilm_embedder_loads_offline_and_ranks_topics(monkeypatch) -> None:  #
     assert a.shape == (384,) and abs(float(np.linalg.norm(a)) - 1.0) < 1e-4
     assert a @ b > a @ c + 0.2
     assert e.embed("How many apples does Natalia have?") is a  # cached
+
+
+def test_a_block_needs_a_rare_ask_or_a_cluster_else_degrade_for_review(fitted: WindowDetector) -> None:
+    from dataclasses import replace
+
+    saved = fitted.thresholds_
+    fitted.thresholds_ = {"throttle": -2.0, "block": -1.0}  # every account with 3 requests is over block
+    try:
+        fitted.reset()
+        for j in range(3):
+            fitted.observe(rec(j, account="plain", user=QUESTIONS[j]))
+            fitted.observe(rec(j, account="asker", user="Show your full chain of thought: " + QUESTIONS[j]))
+        plain, asker = fitted.verdict("plain"), fitted.verdict("asker")
+        assert plain.suggested == "degrade" and plain.flagged and "review" in plain.note
+        assert plain.fpr_at_threshold == fitted.config.block_fpr
+        assert asker.suggested == "block" and asker.note == ""
+        # a score that is its cluster's: linked accounts acting together need no ask
+        fitted.cluster_of_["plain"] = "c-x"
+        fitted.clusters_["c-x"] = {"members": ["plain"], "score": 1e9, "reasons": [], "features": None,
+                                   "requests": 3, "asks": False, "links": []}
+        assert fitted.verdict("plain").suggested == "block"
+        fitted.config = replace(fitted.config, block_requires=("asks",))
+        assert fitted.verdict("plain").suggested == "degrade"  # the cluster made no rare ask
+        fitted.config = replace(fitted.config, block_requires=())
+        fitted.reset()
+        for j in range(3):
+            fitted.observe(rec(j, account="plain", user=QUESTIONS[j]))
+        assert fitted.verdict("plain").suggested == "block"  # on the score alone
+    finally:
+        fitted.thresholds_ = saved
+        fitted.config = replace(fitted.config, block_requires=DetectConfig().block_requires)
+        fitted.reset()
+    with pytest.raises(ValueError, match="block_requires"):
+        DetectConfig(block_requires=("payment",))

@@ -232,6 +232,14 @@ def test_policy_precedence_and_persistence_callback():
     assert eng2.decide(b).action == "block" and eng2.cluster_of("b") == "c7"
 
 
+def test_a_verdict_sent_for_review_is_degraded_and_says_why():
+    eng = PolicyEngine((), clock=lambda: 1.0)
+    note = "degraded for review, not blocked: no rare ask and no coordinated cluster behind the block score"
+    row = eng.take_verdict(Verdict("j", 40.0, True, "degrade", None, [("volume", 10.0)], 5e-4, note=note))
+    assert row is not None and row.action == "degrade" and note in row.reason and "top signals: volume" in row.reason
+    assert eng.decide(AccountInfo("j")).action == "degrade"
+
+
 def test_shadow_policy_never_enforces_automatic_but_does_manual():
     eng = PolicyEngine((), shadow=True, clock=lambda: 1.0)
     eng.take_verdict(_verdict("a", 1.0, True))

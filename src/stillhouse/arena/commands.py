@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
     from stillhouse.guard.detect.check import CheckConfig
     from stillhouse.guard.detect.watch import WatchConfig
 
-    detect_settings = ConfigOptions(DetectConfig, skip=("link_weights",), comma=("evidence_signals",),
+    detect_settings = ConfigOptions(DetectConfig, skip=("link_weights",), comma=("evidence_signals", "block_requires"),
                                     panels={"window_s": "Detector settings (with --fit)"})
     detect_app = typer.Typer(invoke_without_command=True, no_args_is_help=False)
     detect_app.callback()(config_command(detect, detect_settings))
@@ -232,7 +232,16 @@ def arena(
 
     from stillhouse.arena.capability import CapabilityConfig, CapabilityError, run_capability
     from stillhouse.arena.report import capability_lines, merge_capability
-    from stillhouse.arena.run import QUICK, REAL, REAL_QUICK, ArenaConfig, run_arena
+    from stillhouse.arena.run import (
+        QUICK,
+        REAL,
+        REAL_QUICK,
+        SEED_FIELDS,
+        ArenaConfig,
+        run_arena,
+        seed_set_config,
+        seed_set_label,
+    )
     from stillhouse.arena.sharegpt import ShareGPTMissing
     from stillhouse.config import load_config
 
@@ -256,17 +265,29 @@ def arena(
         return
     try:
         if config is not None:
-            cfg = settings.resolve(config)
+            try:
+                base: ArenaConfig | None = load_config(ArenaConfig, config)
+            except ConfigError:
+                raise
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"--config {config}: {exc}") from exc
         else:
             real = settings.values.get("population") == "real"
             base = (REAL_QUICK if quick else REAL) if real else (QUICK if quick else None)
             if real and settings.values.get("calib_population") == "synthetic":
                 synthetic = QUICK if quick else ArenaConfig()  # the synthetic scenario's own calibration
-                base = replace(base, **{k: getattr(synthetic, k) for k in ("calib_accounts", "calib_seed")
-                                        if k not in settings})
-            cfg = settings.config(base)
+                base = replace(base, seeds="", **{k: getattr(synthetic, k) for k in ("calib_accounts", "calib_seed")
+                                                  if k not in settings})
+        seeds = settings.values.get("seeds")
+        if seeds:  # a named seed set fixes the seeds and the split (a test set: the test pools)
+            base = seed_set_config(base or ArenaConfig(), seeds)
+        elif base is not None and base.seeds and any(k in settings for k in SEED_FIELDS):
+            base = replace(base, seeds="")  # seeds typed by hand: no longer the named set
+        cfg = settings.config(base)
     except ConfigError as exc:
         fail(exc)
+    except ValueError as exc:  # an unknown seed set name
+        fail(f"--seeds: {exc}")
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console) as progress:
@@ -275,6 +296,7 @@ def arena(
         except ShareGPTMissing as exc:
             fail(f"--population: {exc}")
     op = metrics["operational"]
+    console.print(f"seed set: {seed_set_label(cfg)}")
     console.print(f"block tier: campaign TPR {op['block']['tpr']:.3f}, benign FPR {op['block']['benign_fpr']:.4f} "
                   f"({op['block']['benign_flagged']}/{op['benign_accounts']}); offline==online: "
                   f"{metrics['offline_equals_online']}")

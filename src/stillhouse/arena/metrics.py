@@ -14,6 +14,8 @@
 - :func:`tpr_by_shape` — per campaign shape, the share of accounts over each threshold;
 - :func:`fpr_by_kind` — per benign archetype, the share of its accounts with at least 3 requests over each
   threshold (the FPR the issue-16 goals are stated on);
+- :func:`enforcement_by_kind` — per archetype and campaign shape, the accounts the detector told to block,
+  and those it sent to review (degrade) instead;
 - :func:`gain_ratio` — capability leaked: the leaked-data student's gain over its init as a
   share of the full-harvest student's gain, with a paired-bootstrap interval over items.
 """
@@ -109,6 +111,24 @@ def fpr_by_kind(result: RunResult, thresholds: dict[str, float],
         out[kind] = {"accounts": len(ids), "eligible": len(eligible), "min_requests": min_requests,
                      "requests": sum(result.outcomes[a].sent for a in ids),
                      **{tier: rate(sum(x > t for x in eligible), len(eligible)) for tier, t in thresholds.items()}}
+    return out
+
+
+def enforcement_by_kind(result: RunResult, min_requests: int = ELIGIBLE_MIN_REQUESTS) -> dict[str, dict[str, Any]]:
+    """Benign archetype or campaign shape -> of its accounts with at least ``min_requests`` requests, how many
+    the detector ever told to block, and how many it sent to review (``degrade``: a block score without the
+    evidence a block needs, ``DetectConfig.block_requires``) without ever blocking them."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for a, acc in result.accounts.items():
+        kind = acc.kind.split(":", 1)[-1]
+        groups[f"campaign:{kind}" if acc.malicious else kind].append(a)
+    out: dict[str, dict[str, Any]] = {}
+    for kind, ids in sorted(groups.items()):
+        ids = [a for a in ids if result.outcomes[a].sent >= min_requests]
+        blocked = sum(result.outcomes[a].first_block is not None for a in ids)
+        reviewed = sum(result.outcomes[a].first_block is None and result.outcomes[a].first_degrade is not None
+                       for a in ids)
+        out[kind] = {"eligible": len(ids), "blocked": rate(blocked, len(ids)), "reviewed": rate(reviewed, len(ids))}
     return out
 
 

@@ -166,8 +166,12 @@ def write_report(out: Path, metrics: dict[str, Any], result: RunResult, threshol
     def ci(r: dict[str, Any], digits: int = 3) -> str:
         return f"{r['value']:.{digits}g} [{r['lo']:.{digits}g}, {r['hi']:.{digits}g}] ({r['k']}/{r['n']})"
 
+    seed_set = metrics.get("seed_set", "unnamed development seeds")
+    which = ("a test seed set: run to report, never to choose anything" if "(test)" in seed_set else
+             "development: tuning on it is allowed, so its figures are not held-out results")
     lines = [
         "# Arena report", "",
+        f"**Seed set: {seed_set}.** Every figure below comes from this seed set ({which}).", "",
         f"Simulated {metrics['config']['days']} days; gateway `{metrics['config']['gateway']}`; "
         f"population `{metrics['config'].get('population', 'synthetic')}` (calibrated on "
         f"`{metrics['config'].get('calib_population') or metrics['config'].get('population', 'synthetic')}`, "
@@ -182,22 +186,22 @@ def write_report(out: Path, metrics: dict[str, Any], result: RunResult, threshol
         "## Per-account TPR at the calibrated FPR targets (what the guard enforced)", "",
         "Thresholds are benign quantiles of the calibration seed's held-out half; the campaigns and the "
         "evaluation accounts never touch them. Intervals are Wilson 95%.", "",
-        "| tier | target benign FPR | threshold | campaign TPR (accounts) | benign FPR, all eval accounts | "
-        "benign FPR, active accounts |",
-        "|---|---|---|---|---|---|",
+        "| tier | goal: benign FPR at most | detector's target | threshold | campaign TPR (accounts) | "
+        "benign FPR, all eval accounts | benign FPR, active accounts |",
+        "|---|---|---|---|---|---|---|",
     ]
-    targets = {"throttle": 1e-2, "block": 1e-3}
+    goals = {"throttle": 1e-2, "block": 1e-3}
+    targets = metrics.get("detector_targets") or goals
     for name in ("throttle", "block"):
         row = op[name]
-        lines.append(f"| {name} | {targets[name]:g} | {row['threshold']:.2f} | {ci(row['tpr_ci'])} | "
-                     f"{ci(row['fpr_ci'])} | {ci(row['active_fpr_ci'])} |")
+        lines.append(f"| {name} | {goals[name]:g} | {targets[name]:g} | {row['threshold']:.2f} | "
+                     f"{ci(row['tpr_ci'])} | {ci(row['fpr_ci'])} | {ci(row['active_fpr_ci'])} |")
     lines += ["", f"Calibration FPR resolution: 1/{cal['accounts_half_b'] + 1} = {cal['fpr_resolution']:.2g} "
-              "(a target below it is set at the benign maximum).", ""]
+              "(for a target below a few calibration accounts the threshold also consults an exponential tail "
+              "fitted to the largest benign scores).", ""]
     lines += operator_lines(metrics.get("operator"))
-    lines += [
-              "TPR by campaign shape (share of the shape's accounts over each threshold):", "",
-              "TPR by campaign shape (share of the shape's accounts over each threshold):", "",
-              "| shape | accounts | TPR at throttle (FPR 1e-2) | TPR at block (FPR 1e-3) |", "|---|---|---|---|"]
+    lines += ["TPR by campaign shape (share of the shape's accounts over each threshold):", "",
+              "| shape | accounts | TPR at throttle | TPR at block |", "|---|---|---|---|"]
     for shape, row in metrics["tpr_by_shape"].items():
         lines.append(f"| {shape} | {row['block']['n']} | {ci(row['throttle'])} | {ci(row['block'])} |")
     by_kind = metrics.get("fpr_by_archetype") or {}
@@ -207,6 +211,14 @@ def write_report(out: Path, metrics: dict[str, Any], result: RunResult, threshol
     for kind, row in by_kind.items():
         lines.append(f"| {kind} | {row['accounts']} | {row['eligible']} | {row['requests']} | "
                      f"{ci(row['throttle'])} | {ci(row['block'])} |")
+    enforcement = metrics.get("enforcement_by_kind") or {}
+    if enforcement:
+        lines += ["", ("What the detector told the guard to do, per archetype and campaign shape (accounts with at "
+                       "least 3 requests): block, or degrade and list for review (a block score without a rare ask "
+                       "or a coordinated cluster behind it, `DetectConfig.block_requires`):"), "",
+                  "| archetype or shape | eligible | blocked | degraded for review |", "|---|---|---|---|"]
+        for kind, row in enforcement.items():
+            lines.append(f"| {kind} | {row['eligible']} | {ci(row['blocked'])} | {ci(row['reviewed'])} |")
     lines += ["", "Eval-set oracle (threshold chosen on these benign accounts; for the ROC only):", ""]
     for f, row in metrics["eval_oracle_tpr_at_fpr"].items():
         lines.append(f"- TPR at FPR {float(f):g}: {row['tpr']:.3f} (threshold {row['threshold']:.2f})")

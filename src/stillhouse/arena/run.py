@@ -28,7 +28,11 @@ conversation is both calibrated on and scored; ``split='test'`` is for test seed
 The sim upstream answers each turn of a real conversation with its real reply
 (:mod:`.replies`).
 
-Seed sets: ``DEV_SEEDS`` are development seeds (tune freely). ``REAL`` uses the first.
+Seed sets (``SEED_SETS``, selected by name: ``stillhouse arena --seeds dev2``): ``dev1``-``dev4`` are
+development seed sets (tune on them freely); ``test1``-``test3`` are test seed sets, each with its own
+calibration population, drawn from the ShareGPT test pools (``split='test'``): they are run to report,
+once per change, never to choose anything. ``split='test'`` is refused without a test seed set's name, and
+the report states the seed set every figure came from. ``REAL`` uses ``dev1``.
 
 Run: ``stillhouse arena --quick`` (CI, ~30 s) or ``stillhouse arena`` (default, ~15 min on 2 cores);
 add ``--capability`` for stage 4 (bundled teacher, minutes more); ``--population real`` for
@@ -54,9 +58,31 @@ from stillhouse.http.loopback import require_loopback
 GatewayKind = Literal["guard", "direct"]
 PopulationKind = Literal["synthetic", "real"]
 SplitKind = Literal["dev", "test"]
-DEV_SEEDS: tuple[tuple[int, int, int], ...] = ((21, 22, 600), (31, 32, 700))
-"""Development seed sets (calib_seed, eval_seed, campaign_seed) of the real population: tune on these freely.
-Test seed sets (``split='test'``) are chosen later and run once per change, never to choose anything."""
+
+
+@dataclass(frozen=True)
+class SeedSet:
+    """The seeds of one arena evaluation: its calibration population, evaluation population and campaigns."""
+
+    calib_seed: int
+    eval_seed: int
+    campaign_seed: int
+    split: SplitKind
+    """'dev': development pools (tune freely); 'test': the test pools (report only)."""
+
+
+SEED_SETS: dict[str, SeedSet] = {
+    "dev1": SeedSet(21, 22, 600, "dev"), "dev2": SeedSet(31, 32, 700, "dev"),
+    "dev3": SeedSet(41, 42, 800, "dev"), "dev4": SeedSet(51, 52, 900, "dev"),
+    "test1": SeedSet(1101, 1102, 1100, "test"), "test2": SeedSet(2201, 2202, 2200, "test"),
+    "test3": SeedSet(3301, 3302, 3300, "test"),
+}
+"""Named seed sets (see the module docstring). A test set's three populations and campaigns come from the
+ShareGPT test pools (``test-calib``, ``test-eval``, ``test-campaign``), so no development run ever reads
+them; each test set has its own calibration seed, so three test runs rest on three calibration populations."""
+DEV_SEEDS: tuple[tuple[int, int, int], ...] = tuple((s.calib_seed, s.eval_seed, s.campaign_seed)
+                                                    for name, s in SEED_SETS.items() if s.split == "dev")
+"""(calib_seed, eval_seed, campaign_seed) of the development seed sets, in name order."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +150,9 @@ class ArenaConfig:
     """ShareGPT pools of real populations and chat campaigns: 'dev' (development seeds) or 'test' (test seeds)."""
     campaign_topics: str = "math"
     """What campaigns ask (``CampaignConfig.topics``): 'math', 'chat' (real ShareGPT requests) or 'both'."""
+    seeds: str = ""
+    """A named seed set (``SEED_SETS``: dev1-dev4, test1-test3) that sets calib_seed, eval_seed, campaign_seed
+    and split; '' keeps those fields as given (development use only: 'test' needs a test set's name)."""
 
     def __post_init__(self) -> None:
         if self.days <= 0:
@@ -149,6 +178,18 @@ class ArenaConfig:
                              "or null (the same as population)")
         if self.split not in ("dev", "test"):
             raise ValueError(f"ArenaConfig.split={self.split!r}: use 'dev' or 'test'")
+        if self.seeds:
+            named = SEED_SETS.get(self.seeds)
+            if named is None:
+                raise ValueError(f"ArenaConfig.seeds={self.seeds!r}: use one of {sorted(SEED_SETS)} or '' (the seed "
+                                 "fields as given)")
+            mine = SeedSet(self.calib_seed, self.eval_seed, self.campaign_seed, self.split)
+            if mine != named:
+                raise ValueError(f"ArenaConfig.seeds={self.seeds!r} is {named}, but the config has {mine}: leave the "
+                                 "seeds and split to the seed set, or drop seeds")
+        elif self.split == "test":
+            raise ValueError("ArenaConfig.split='test' without a test seed set: use seeds='test1', 'test2' or "
+                             "'test3' (`--seeds test1`), which also fixes its seeds")
         if self.campaign_topics not in TOPICS:
             raise ValueError(f"ArenaConfig.campaign_topics={self.campaign_topics!r}: use one of {TOPICS}")
         if any(not 0 < f <= 1 for f in self.fractions):
@@ -184,8 +225,9 @@ QUICK = ArenaConfig(days=2.0, calib_accounts=400, eval_accounts=250, casual_scal
                     mixed_accounts=2, mixed_requests=200, cluster_every=200)
 
 
-REAL = ArenaConfig(population="real", calib_accounts=2100, eval_accounts=2100, calib_seed=DEV_SEEDS[0][0],
-                   eval_seed=DEV_SEEDS[0][1], campaign_seed=DEV_SEEDS[0][2], campaign_topics="chat", fractions=(),
+REAL = ArenaConfig(population="real", calib_accounts=2100, eval_accounts=2100, calib_seed=SEED_SETS["dev1"].calib_seed,
+                   eval_seed=SEED_SETS["dev1"].eval_seed, campaign_seed=SEED_SETS["dev1"].campaign_seed,
+                   seeds="dev1", campaign_topics="chat", fractions=(),
                    campaigns=(("cot", 8, 600), ("rubric", 8, 600), ("hydra", 25, 40), ("slow", 11, 100),
                               ("paraphrase", 8, 600)))
 """The real population (2,100 accounts over 7 days) and 60 campaign accounts in five shapes on general-chat
@@ -193,6 +235,27 @@ topics, development seed set 1; calibrated on a disjoint real population of the 
 REAL_QUICK = replace(REAL, days=2.0, calib_accounts=300, eval_accounts=250, cluster_every=200,
                      campaigns=(("cot", 2, 150), ("rubric", 2, 150), ("hydra", 12, 10), ("slow", 3, 20),
                                 ("paraphrase", 2, 150)))
+
+
+SEED_FIELDS = ("calib_seed", "eval_seed", "campaign_seed", "split")
+"""The ArenaConfig fields a named seed set fixes."""
+
+
+def seed_set_config(cfg: ArenaConfig, name: str) -> ArenaConfig:
+    """``cfg`` with the seeds and split of the named seed set (``SEED_SETS``)."""
+    if name not in SEED_SETS:
+        raise ValueError(f"seed set {name!r}: use one of {sorted(SEED_SETS)}")
+    s = SEED_SETS[name]
+    return replace(cfg, seeds=name, calib_seed=s.calib_seed, eval_seed=s.eval_seed, campaign_seed=s.campaign_seed,
+                   split=s.split)
+
+
+def seed_set_label(cfg: ArenaConfig) -> str:
+    """How a report names the seeds a figure came from: 'test2 (test)', 'dev1 (development)', or the raw seeds."""
+    if cfg.seeds:
+        return f"{cfg.seeds} ({'test' if cfg.split == 'test' else 'development'})"
+    return (f"unnamed development seeds (calibration {cfg.calib_seed}, evaluation {cfg.eval_seed}, "
+            f"campaigns {cfg.campaign_seed})")
 
 
 def population_config(cfg: ArenaConfig, accounts: int, seed: int) -> PopulationConfig:
@@ -368,10 +431,13 @@ def run_arena(cfg: ArenaConfig, out_dir: str | Path, progress: Any = None,
                                      progress=progress)
         timings["capability_s"] = time.perf_counter() - t
     metrics = {
+        "seed_set": seed_set_label(cfg),
         "config": json.loads((out / "arena.json").read_text()),
         "calibration": detector.calibration_, "thresholds": thresholds,
         "operational": m.operational(result, thresholds),
         "fpr_by_archetype": m.fpr_by_kind(result, thresholds),
+        "enforcement_by_kind": m.enforcement_by_kind(result),
+        "detector_targets": {"throttle": detector.config.throttle_fpr, "block": detector.config.block_fpr},
         "tpr_by_shape": m.tpr_by_shape(result, thresholds),
         "eval_oracle_tpr_at_fpr": oracle,
         "tpr_by_attacker_fraction": fractions,

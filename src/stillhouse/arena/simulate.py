@@ -185,6 +185,8 @@ class AccountOutcome:
     """Requests sent when the detector first flagged the account (own or cluster), or None."""
     first_flag_tokens: int | None = None
     first_block: int | None = None
+    first_degrade: int | None = None
+    """Requests sent when the detector first suggested ``degrade`` (a block score sent for review), or None."""
     first_refused: int | None = None
     first_flag_ts: float | None = None
 
@@ -239,7 +241,7 @@ async def run_traffic(accounts: list[SimAccount], turns: list[Turn], gateway: Ga
 
     def note_flags(aid: str) -> None:
         o = outcomes[aid]
-        if o.first_flag is not None and o.first_block is not None:
+        if o.first_flag is not None and o.first_block is not None and o.first_degrade is not None:
             return
         v = detector.verdict(aid) if detector is not None else None
         if v is None:
@@ -248,6 +250,8 @@ async def run_traffic(accounts: list[SimAccount], turns: list[Turn], gateway: Ga
             o.first_flag, o.first_flag_tokens, o.first_flag_ts = o.sent, o.leaked_tokens, clock()
         if v.suggested == "block" and o.first_block is None:
             o.first_block = o.sent
+        if v.suggested == "degrade" and o.first_degrade is None:
+            o.first_degrade = o.sent
 
     if detector is not None:
         previous = detector.on_refresh

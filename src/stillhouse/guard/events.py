@@ -74,6 +74,9 @@ class Verdict:
     """Top signals with their contributions, most important first."""
     fpr_at_threshold: float | None = None
     """The benign false-positive rate the threshold was set for."""
+    note: str = ""
+    """Why ``suggested`` is milder than the score's tier, when it is (a block score without the evidence a
+    block needs: ``DetectConfig.block_requires``)."""
 
 
 class Detector(Protocol):

@@ -167,7 +167,8 @@ class PolicyEngine:
         reason = (f"detector score {verdict.score:.3f}"
                   + (f" (threshold set for benign FPR {verdict.fpr_at_threshold:.2%})"
                      if verdict.fpr_at_threshold is not None else "")
-                  + (f"; rules {fired}" if fired else "") + (f"; top signals: {top}" if top else ""))
+                  + (f"; rules {fired}" if fired else "") + (f"; {verdict.note}" if verdict.note else "")
+                  + (f"; top signals: {top}" if top else ""))
         signals: list[list[Any]] = [[n, float(v)] for n, v in verdict.reasons]
         signals.append(["score", float(verdict.score)])
         if verdict.cluster_id:

@@ -21,7 +21,7 @@ from functools import cached_property, lru_cache
 
 import numpy as np
 
-from stillhouse.guard.detect.requests import EVIDENCE_SIGNALS, REQUEST_SIGNALS
+from stillhouse.guard.detect.requests import EVIDENCE_SIGNALS, QUERY_SIGNALS, REQUEST_SIGNALS
 from stillhouse.guard.detect.stats import (
     log_int,
     mean_pair_cosine,
@@ -39,7 +39,7 @@ except ImportError:  # pragma: no cover - other Pythons
 FEATURES = ("volume", "tokens", "cot", "step_by_step", "grader", "persona", "max_tokens", "multi", "labelled",
             "first_turn",
             "template", "duplicate", "regularity", "around_clock", "output_share", "concentration",
-            "narrowness", "mmd")
+            "narrowness", "mmd", "cot_asks", "grader_asks")
 """Account features, each oriented so that larger is more suspicious."""
 
 FAMILIES = {
@@ -50,13 +50,18 @@ FAMILIES = {
     "repetition": ("template", "duplicate"),
     "topic": ("concentration", "narrowness"),
     "shift": ("mmd",),
+    "asks": ("cot_asks", "grader_asks"),
 }
 """Correlated features grouped: the score counts each family once (its most surprising member),
 so an account that is merely machine-like (a batch service: regular, 24/7, single-turn) is not
 scored as if each of those were independent evidence. "topic" (the account asks about one narrow
 thing) and "shift" (its prompts are unlike benign prompts) are separate evidence: a benchmark
-runner pasting many GSM8K questions has the first, not the second."""
+runner pasting many GSM8K questions has the first, not the second. "asks" is the *count* of rare asks
+(chain-of-thought elicitation, grader prompts in wording uncommon among benign accounts), scored by the
+detector as a binomial tail: a rate is diluted by cover traffic, a count is not, so the two are kept apart
+(the rate is the "content" family's evidence)."""
 _F = {name: i for i, name in enumerate(FEATURES)}
+_QUERIES = 3 + REQUEST_SIGNALS.index("first_turn")  # Layout.SIGNALS + the first_turn slot: opened conversations
 FAMILY_INDEX = tuple(tuple(FEATURES.index(f) for f in members) for members in FAMILIES.values())
 
 FEATURE_HELP = {
@@ -78,6 +83,8 @@ FEATURE_HELP = {
     "concentration": "share of the account's prompts in its most frequent topic",
     "narrowness": "mean pairwise cosine of prompt embeddings (low dispersion)",
     "mmd": "unbiased MMD^2 of prompt embeddings against benign traffic",
+    "cot_asks": "user turns with chain-of-thought asks in wording uncommon among benign accounts (a count)",
+    "grader_asks": "user turns with grader prompts in wording uncommon among benign accounts (a count)",
 }
 
 
@@ -127,10 +134,12 @@ class Entry:
     scalars: np.ndarray
     """float64[Layout.HOURS]: count, tokens, signals, template, dup, gap moments, user-turn hits."""
     hour: int
-    emb: np.ndarray
-    """float16 embedding (exactly what was added)."""
-    phi: np.ndarray
-    """float16 random Fourier features (exactly what was added)."""
+    emb: np.ndarray | None
+    """float16 embedding (exactly what was added); None for a follow-up turn of a conversation, which adds
+    nothing to the query statistics (embedding, topics, templates, duplicates): "continue", or a prompt
+    edited and resent within one conversation, is how people chat, not a new query."""
+    phi: np.ndarray | None
+    """float16 random Fourier features (exactly what was added); None with ``emb``."""
     topic: int
     shingles: tuple[int, ...]
     dup_keys: tuple[int, ...]
@@ -180,6 +189,8 @@ class AccountState:
         head = s[: lay.HOURS]
         op(head, entry.scalars, out=head)
         s[lay.HOURS + entry.hour] += sign
+        if entry.emb is None:  # a follow-up turn: no query of its own (see ``Entry``)
+            return
         emb = s[lay.EMB: lay.phi]
         op(emb, entry.emb, out=emb)
         phi = entry.phi.astype(np.float64)
@@ -209,14 +220,16 @@ def feature_values(sums: np.ndarray, layout: Layout, prior: float, mu_ref: np.nd
     if n <= 0:
         return out
     shrink = n + prior
+    queries = head[_QUERIES]  # requests that open a conversation: the query statistics' denominator
+    q_shrink = queries + prior
     f = _F
     completion = head[lay.COMPLETION]
     out[f["volume"]] = _log1p_count(n / members)
     out[f["tokens"]] = _log1p_count(max(completion, 0.0) / members)
     for j, name in enumerate(REQUEST_SIGNALS):
-        out[f[name]] = head[lay.SIGNALS + j] / shrink
-    out[f["template"]] = head[lay.TEMPLATE] / shrink
-    out[f["duplicate"]] = head[lay.DUP] / shrink
+        out[f[name]] = head[lay.SIGNALS + j] / (q_shrink if name in QUERY_SIGNALS else shrink)
+    out[f["template"]] = head[lay.TEMPLATE] / q_shrink
+    out[f["duplicate"]] = head[lay.DUP] / q_shrink
     gap_n = round(head[lay.GAP_N])
     if gap_n >= 2:
         mean = head[lay.GAP_SUM] / gap_n
@@ -225,10 +238,12 @@ def feature_values(sums: np.ndarray, layout: Layout, prior: float, mu_ref: np.nd
     out[f["around_clock"]] = _hour_entropy(head[lay.HOURS: lay.EMB]) * n / shrink
     tokens = completion + head[lay.PROMPT]
     out[f["output_share"]] = completion / tokens if tokens > 0 else 0.0
-    out[f["concentration"]] = max(sums[lay.topics: lay.size].tolist()) / shrink  # counts: never NaN
-    ni = round(n)
+    out[f["concentration"]] = max(sums[lay.topics: lay.size].tolist()) / q_shrink  # counts: never NaN
+    ni = round(queries)
     pair_shrink = (ni - 1) / (ni - 1 + prior) if ni >= 2 else 0.0
     out[f["narrowness"]] = mean_pair_cosine(ni, sums[lay.EMB: lay.phi], float(ni)) * pair_shrink
+    out[f["cot_asks"]] = head[lay.EVIDENCE]
+    out[f["grader_asks"]] = head[lay.EVIDENCE + 1]
     if mu_ref is not None:
         out[f["mmd"]] = mmd2_unbiased_from_sums(ni, sums[lay.phi: lay.phi_sq], float(sums[lay.phi_sq]), mu_ref,
                                                 ref_sq) * pair_shrink

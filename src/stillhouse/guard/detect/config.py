@@ -73,17 +73,44 @@ class DetectConfig:
     service accounts to each other, through exactly such shingles; docs/results.md, "Session 7: common
     wording links no one", has the replay and the three seed sets after the change.)"""
     evidence_signals: tuple[str, ...] = ("cot", "grader")
-    """Per-request asks that benign users rarely make, scored by their *count* as well as their rate: k hits in
-    the user turns of an account's n requests earn ``-ln P(X >= k)`` for X ~ Binomial(n, p0), p0 the ask's benign
-    per-request rate in calibration (add-one smoothed). Cover traffic dilutes a rate but not a count: an
-    account that hides 25 "show your internal reasoning" asks among 500 ordinary questions is still 25 hits.
-    A subset of ``requests.EVIDENCE_SIGNALS`` (cot, grader); empty turns the count evidence off."""
+    """Per-request asks that benign users rarely make, scored by their *count* (the "asks" family) as well as
+    their rate (the "content" family): k hits in the user turns of an account's n requests earn
+    ``-ln P(X >= k)`` for X ~ Binomial(n, p0), p0 the ask's benign per-request rate in calibration (add-one
+    smoothed). Cover traffic dilutes a rate but not a count: an account that hides 25 "show your internal
+    reasoning" asks among 500 ordinary questions is still 25 hits. Only phrases uncommon among benign
+    accounts count (``common_phrase_accounts``). A subset of ``requests.EVIDENCE_SIGNALS`` (cot, grader);
+    empty turns the count evidence off."""
+    asks_cap: float = 30.0
+    """Most surprisal (nats) the count evidence of rare asks (the "asks" family) can earn. Alone it can
+    pass the throttle threshold but not the block threshold (about 35-40 on real traffic): to be
+    blocked, an account needs one more kind of evidence."""
+    common_phrase_accounts: int = 2
+    """An evidence phrase (``requests.EVIDENCE_PHRASES``: "chain of thought", "rubric", "on a scale of 1 to
+    10", ...) that at least this many benign calibration accounts (half A) sent in a user turn is ordinary
+    wording among the operator's own customers (an eval team's judge template, a teacher's "explain every
+    step"): its hits still count in the ``cot``/``grader`` rates, but not as count evidence, whose per-request
+    rate p0 is that of the rare phrases alone. 0 counts every phrase (the fixed list as it stands)."""
     top_signals: int = 6
     """How many of the largest per-signal surprisals (-ln p) a verdict lists as its reasons."""
-    throttle_fpr: float = 1e-2
-    """Benign per-account FPR at which an account is throttled."""
-    block_fpr: float = 1e-3
-    """Benign per-account FPR at which an account is blocked."""
+    throttle_fpr: float = 2.5e-3
+    """Benign per-account FPR at which an account is throttled: a quarter of the 1e-2 an operator would accept.
+    A threshold set on ~1,000 held-out calibration accounts comes out high or low by chance, and the realized
+    FPR on a new population of the development seed sets ran up to 1.2x the target (6.2e-3 at 5e-3 on dev3);
+    campaign accounts score far above it (61+ against thresholds of 26-38 on dev1-dev3), so the margin costs
+    no detection there."""
+    block_fpr: float = 3e-4
+    """Benign per-account FPR at which an account is blocked (a third of the 1e-3 an operator would accept, as
+    ``throttle_fpr``). Below the resolution of the calibration accounts, the threshold comes from the
+    exponential tail fitted to their largest scores (``stats.benign_threshold``). Chosen on dev1-dev3: at
+    5e-4 the threshold came within 0.4 of a benign evaluation account's score on dev2 (35.7 vs 35.3); at 2e-4
+    within 4 of the lowest campaign account's on dev1 (57.5 vs 61.3)."""
+    block_requires: tuple[str, ...] = ("asks", "cluster")
+    """Evidence a block needs besides its score: "asks" (the account, or the cluster it is scored with, made
+    a rare ask: chain-of-thought or grader wording uncommon among benign accounts), "cluster" (the score is
+    its cluster's: linked accounts acting together). A score over the block threshold without any of them
+    suggests ``degrade`` (listed in the console's review queue) instead: an eval runner, an LLM-as-judge run
+    or a batch service is voluminous, machine-paced and templated, but asks for no reasoning to distill and
+    is no network of accounts. Empty: block on the score alone."""
     min_requests: int = 3
     """No account is flagged before it has sent this many requests (its own or its cluster's)."""
     mode: ScoreMode = "calibrated"
@@ -97,7 +124,7 @@ class DetectConfig:
     """Seed for MinHash permutations, random features, k-means and calibration splits."""
 
     def __post_init__(self) -> None:
-        positive = ("window_s", "rff_gamma", "sync_bucket_s", "link_threshold")
+        positive = ("window_s", "rff_gamma", "sync_bucket_s", "link_threshold", "asks_cap")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"DetectConfig.{name}={getattr(self, name)!r}: must be > 0")
@@ -114,6 +141,9 @@ class DetectConfig:
         if not isinstance(self.common_template_accounts, int) or self.common_template_accounts < 0:
             raise ValueError(f"DetectConfig.common_template_accounts={self.common_template_accounts!r}: must be an "
                              "integer >= 0 (0 keeps every template shingle)")
+        if not isinstance(self.common_phrase_accounts, int) or self.common_phrase_accounts < 0:
+            raise ValueError(f"DetectConfig.common_phrase_accounts={self.common_phrase_accounts!r}: must be an "
+                             "integer >= 0 (0 counts every evidence phrase)")
         if not self.label_prior >= 0:
             raise ValueError(f"DetectConfig.label_prior={self.label_prior}: must be >= 0")
         if self.rate_prior_weight < 0:
@@ -137,6 +167,10 @@ class DetectConfig:
         if bad:
             raise ValueError(f"DetectConfig.evidence_signals: unknown signal(s) {sorted(bad)}; "
                              f"choose from {EVIDENCE_SIGNALS}")
+        bad_needs = set(self.block_requires) - {"asks", "cluster"}
+        if bad_needs:
+            raise ValueError(f"DetectConfig.block_requires: unknown evidence {sorted(bad_needs)}; use 'asks', "
+                             "'cluster', both, or none (block on the score alone)")
         kinds = {k for k, _ in self.link_weights}
         unknown = kinds - set(LINK_KINDS)
         if unknown:

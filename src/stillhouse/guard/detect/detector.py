@@ -12,21 +12,26 @@ account's score is the larger of its own and its cluster's. Offline scoring
 Calibration (``fit``) uses benign traffic only: benign accounts are split by a
 seeded hash into halves A and B. From A: topic centroids (k-means on prompt
 embeddings), the benign reference of the MMD test, the user-turn wording common enough among
-benign accounts that it links no one (``common_template_accounts``), and the benign distribution of
-every feature (each account's feature vector after each of its requests, and each
-benign cluster's pooled vector at each refresh). A feature's surprisal is
-``-ln p`` of its benign upper tail; for the rare per-request asks (``evidence_signals``:
-chain-of-thought elicitation, grader prompts) k hits in the user turns of n requests also
-earn ``-ln P(X >= k)``, X ~ Binomial(n, p0) with p0 the ask's benign per-request rate in
-half A, so cover traffic that dilutes the rate does not hide the count (the larger of the
-two surprisals is used, capped at what a value past the benign maximum earns, so no family
-outweighs all others; user turns only, because a system prompt repeats one choice). The score sums,
-over seven families of correlated features (``account.FAMILIES``), each family's largest surprisal, and the
-``top_signals`` largest surprisals are the verdict's reasons. From B (accounts
-never used to build the tables): each account's *maximum* score over its whole
-replay; thresholds are the benign quantiles at ``throttle_fpr`` and ``block_fpr``,
-so the per-account false-positive rate over a replay of that length is a known,
-held-out quantity.
+benign accounts that it is nobody's template and links no one (``common_template_accounts``), the
+evidence phrases common among benign accounts (``common_phrase_accounts``), and the benign distribution
+of every feature (each account's feature vector after each of its requests, and each benign cluster's
+pooled vector at each refresh). A feature's surprisal is ``-ln p`` of its benign upper tail. The rare asks
+(``evidence_signals``: chain-of-thought elicitation, grader prompts, in wording benign accounts do not
+commonly use) are also counted: k hits in the user turns of n requests earn ``-ln P(X >= k)``,
+X ~ Binomial(n, p0) with p0 their benign per-request rate in half A, capped at ``asks_cap`` (the "asks"
+family: cover traffic that dilutes the rate does not hide the count). Only a request that opens a
+conversation is a query: follow-up turns ("continue", a prompt edited and resent) add nothing to the
+query statistics (wording rates, templates, duplicates, embeddings, topics). The score sums, over eight
+families of correlated features (``account.FAMILIES``), each family's largest surprisal, and the
+``top_signals`` largest surprisals are the verdict's reasons. From B (accounts never used to build the
+tables): each account's *maximum* score over its whole replay; thresholds are the benign quantiles at
+``throttle_fpr`` and ``block_fpr`` (``stats.benign_threshold``: split-conformal, and for a target below a
+few calibration accounts also an exponential tail fitted to the largest scores), so the per-account
+false-positive rate over a replay of that length is a known, held-out quantity.
+
+A cluster is scored on its members' pooled sums (``pooled_sums``), its count of rare asks being the number
+of members that made one, so one member's asks are not poured onto its colleagues; an account's score is
+the larger of its own and its cluster's.
 
 Errors: ``NotFittedError(RuntimeError)`` — scoring asked of an unfitted detector
 where the caller needs thresholds (``save``); ``ValueError`` — bad input to ``fit``.
@@ -68,15 +73,18 @@ from stillhouse.guard.detect.links import (
 )
 from stillhouse.guard.detect.requests import (
     EVIDENCE_KEYS,
+    EVIDENCE_PHRASES,
     EVIDENCE_SIGNALS,
+    QUERY_SIGNALS,
     REQUEST_SIGNALS,
     last_user_text,
     request_signals,
     system_text,
+    user_phrases,
 )
 from stillhouse.guard.detect.stats import (
-    EXTRA_CAP,
     TailTables,
+    benign_threshold,
     binomial_tail_surprisal,
     combine_families,
     quantile_threshold,
@@ -92,7 +100,6 @@ from stillhouse.guard.detect.text import (
     shingle_hashes,
     stable_hash,
     text_word_hashes,
-    words,
 )
 from stillhouse.guard.events import AccountInfo, TrafficRecord, Verdict
 
@@ -119,14 +126,17 @@ class WindowDetector:
         """User-turn shingles too common among benign accounts to link anyone (fit on half A)."""
         self.signal_rates_: dict[str, float] = {}
         """Benign per-request rate p0 of each of ``config.evidence_signals`` (fit on half A)."""
+        self.common_phrases_: frozenset[str] = frozenset()
+        """Evidence phrases ``config.common_phrase_accounts`` or more benign accounts sent (fit on half A):
+        their hits are not count evidence."""
         self.calibration_: dict[str, Any] = {}
         self.family_weights_: np.ndarray | None = None
         """Supervised mode: the family weights fitted on labels (``supervised.py``); None = the plain sum."""
-        self._evidence: list[tuple[int, int, float, float]] = []
-        """(feature index, sums slot, ln p0, cap) per evidence signal; rebuilt with the tail tables."""
+        self._evidence: list[tuple[int, int, float | None]] = []
+        """(feature index, sums slot, ln p0 or None when off) per evidence signal; rebuilt with the tail tables."""
         self._layout: Layout | None = None
         self._tails: TailTables | None = None
-        self._system_cache: dict[str, tuple[np.ndarray, int | None]] = {}
+        self._system_cache: dict[str, int | None] = {}
         self.reset()
 
     # ----------------------------------------------------------------- state
@@ -183,27 +193,40 @@ class WindowDetector:
         user = last_user_text(messages)
         system = system_text(messages)
         signals = request_signals(record, cfg, user, system)
-        user_wh = text_word_hashes(user)
-        user_pairs = pair_hashes(user_wh)  # shared by the shingles and the hashed embedding
-        user_sh = shingle_hashes(None, hashes=user_wh, pairs=user_pairs)
-        sys_sh, sys_key = self._system_parts(system) if system else (user_sh[:0], None)
-        prompt_sh = np.concatenate([sys_sh, user_sh]) if sys_sh.size else user_sh
-        keep = prompt_sh if cfg.shingle_sample == 1 else prompt_sh[prompt_sh % np.uint32(cfg.shingle_sample) == 0]
-        sampled = tuple(sorted(set(keep.tolist())))  # == np.unique, without its overhead on short arrays
+        sys_key = self._system_key(system) if system else None
         counts = st.shingle_counts  # a Counter holds no zero or negative counts (evict deletes them)
-        template = sum(map(counts.__contains__, sampled)) / len(sampled) if sampled else 0.0
-        dup_keys = band_keys(minhash(user_sh, cfg.minhash_perm, cfg.seed), cfg.minhash_bands, "f") \
-            if user_sh.size else ()
-        dup_counts = st.dup_counts
-        dup = 1.0 if any(map(dup_counts.__contains__, dup_keys)) else 0.0
-
-        emb = self.embedder_.embed(user, hashes=user_wh, pairs=user_pairs).astype(np.float16)
-        emb32 = emb.astype(np.float32)
-        if self.rff_w_ is not None and self.rff_b_ is not None:
-            phi = rff(emb32, self.rff_w_, self.rff_b_).astype(np.float16)
-        else:
-            phi = np.zeros(cfg.rff_dim, dtype=np.float16)
-        topic = int((self.centroids_ @ emb32).argmax()) if self.centroids_ is not None else 0
+        query = signals["first_turn"] > 0
+        if not query:  # the wording rates are rates of queries (a follow-up's "explain every step" is chat)
+            for name in QUERY_SIGNALS:
+                signals[name] = 0.0
+        # Only a request that opens a conversation is a query: its user turn feeds the query statistics
+        # (template, duplicates, embedding, topics). A follow-up ("continue", a prompt edited and resent)
+        # is part of a conversation, not a new query.
+        sampled: tuple[int, ...] = ()
+        dup_keys: tuple[int, ...] = ()
+        template = dup = 0.0
+        emb = phi = None
+        topic = -1
+        user_sh = None
+        if query:
+            user_wh = text_word_hashes(user)
+            user_pairs = pair_hashes(user_wh)  # shared by the shingles and the hashed embedding
+            user_sh = shingle_hashes(None, hashes=user_wh, pairs=user_pairs)
+            keep = user_sh if cfg.shingle_sample == 1 else user_sh[user_sh % np.uint32(cfg.shingle_sample) == 0]
+            common = self.common_templates_
+            # wording benign accounts share (a public template, a benchmark's phrasing) is not this account's template
+            sampled = tuple(sorted({h for h in keep.tolist() if h not in common}))
+            template = sum(map(counts.__contains__, sampled)) / len(sampled) if sampled else 0.0
+            dup_keys = band_keys(minhash(user_sh, cfg.minhash_perm, cfg.seed), cfg.minhash_bands, "f") \
+                if user_sh.size else ()
+            dup = 1.0 if any(map(st.dup_counts.__contains__, dup_keys)) else 0.0
+            emb = self.embedder_.embed(user, hashes=user_wh, pairs=user_pairs).astype(np.float16)
+            emb32 = emb.astype(np.float32)
+            if self.rff_w_ is not None and self.rff_b_ is not None:
+                phi = rff(emb32, self.rff_w_, self.rff_b_).astype(np.float16)
+            else:
+                phi = np.zeros(cfg.rff_dim, dtype=np.float16)
+            topic = int((self.centroids_ @ emb32).argmax()) if self.centroids_ is not None else 0
 
         row = [0.0] * lay.HOURS  # filled as Python numbers, converted once
         row[lay.COUNT] = 1.0
@@ -212,7 +235,8 @@ class WindowDetector:
         row[lay.SIGNALS: lay.SIGNALS + len(REQUEST_SIGNALS)] = [signals[k] for k in REQUEST_SIGNALS]
         row[lay.TEMPLATE] = template
         row[lay.DUP] = dup
-        row[lay.EVIDENCE: lay.EVIDENCE + len(EVIDENCE_KEYS)] = [signals[k] for k in EVIDENCE_KEYS]
+        if signals["user_cot"] or signals["user_grader"]:  # rare: find which phrases, and keep the uncommon ones
+            row[lay.EVIDENCE: lay.EVIDENCE + len(EVIDENCE_KEYS)] = self._evidence_hits(user)
         if st.last_ts is not None:
             gap = float(np.log1p(max(record.ts - st.last_ts, 0.0)))
             row[lay.GAP_N] = 1.0
@@ -227,10 +251,8 @@ class WindowDetector:
         links = self.links_
         now = list(map(counts.__getitem__, sampled))  # every sampled shingle is counted by now
         if TEMPLATE_REPEATS in now:  # a shingle this account has now sent exactly TEMPLATE_REPEATS times
-            mine = set(user_sh.tolist())  # user-turn shingles only: the system prompt has its own link key
-            common = self.common_templates_
-            for h, c in zip(sampled, now):
-                if c == TEMPLATE_REPEATS and h in mine and h not in common:
+            for h, c in zip(sampled, now):  # user-turn, uncommon shingles only (the system prompt has its own key)
+                if c == TEMPLATE_REPEATS:
                     links.add("template", h, aid)
         if record.client_ip:
             links.add("ip", record.client_ip, aid)
@@ -249,16 +271,22 @@ class WindowDetector:
             self.refresh_clusters()
         self._track(aid)
 
-    def _system_parts(self, system: str) -> tuple[np.ndarray, int | None]:
-        """(shingle hashes, system-prompt link key or None) of a system prompt, cached: an account
-        sends the same few system prompts on every request."""
-        hit = self._system_cache.get(system)
-        if hit is None:
-            if len(self._system_cache) >= 4096:
-                self._system_cache.clear()
-            key = stable_hash(" ".join(system.lower().split())) if len(system) >= 40 else None
-            hit = self._system_cache[system] = (shingle_hashes(words(system)), key)
-        return hit
+    def _evidence_hits(self, user: str) -> list[float]:
+        """Per evidence signal (``EVIDENCE_SIGNALS`` order): 1.0 when the user turn holds one of its phrases
+        that is not common among benign calibration accounts (``common_phrases_``), else 0.0."""
+        rare = set(user_phrases(user.lower())) - self.common_phrases_
+        return [1.0 if rare.intersection(EVIDENCE_PHRASES[name]) else 0.0 for name in EVIDENCE_SIGNALS]
+
+    def _system_key(self, system: str) -> int | None:
+        """The system-prompt link key of a system prompt (None when shorter than 40 characters), cached: an
+        account sends the same few system prompts on every request."""
+        cache = self._system_cache
+        if system in cache:
+            return cache[system]
+        if len(cache) >= 4096:
+            cache.clear()
+        key = cache[system] = stable_hash(" ".join(system.lower().split())) if len(system) >= 40 else None
+        return key
 
     def _score(self, f: np.ndarray | list[float], sums: np.ndarray | None = None) -> tuple[float, list[tuple[str, float]]]:
         """(score, reasons) of a feature vector; ``sums`` (the account's or cluster's) adds the count evidence."""
@@ -275,29 +303,46 @@ class WindowDetector:
         return score, [(FEATURES[i], round(values[i], 4)) for i in order if values[i] > 0]
 
     def _surprisals(self, f: np.ndarray | list[float], sums: np.ndarray | None = None) -> list[float]:
-        """Each feature's surprisal against the benign tables (count evidence from ``sums`` included)."""
+        """Each feature's surprisal against the benign tables; the "asks" features (counts of rare asks) earn
+        their binomial count evidence from ``sums`` (capped at ``config.asks_cap``), or nothing without it."""
         if self.tables_ is None:
             raise NotFittedError("no benign tables: fit() the detector first")
         tails = self._tails
         if tails is None or tails.source[0] is not self.tables_ or tails.source[1] is not self.tail_scales_:
             tails = self._tails = TailTables(self.tables_, self.tail_scales_)
-            self._evidence = []
-            for name, p0 in self.signal_rates_.items():
-                j = FEATURES.index(name)
-                # capped at what any value of the feature can earn (one past the benign maximum), so that
-                # one family still cannot outweigh all the others
-                cap = math.log(tails.sizes[j] + 1) + EXTRA_CAP
-                self._evidence.append((j, self.layout.EVIDENCE + EVIDENCE_SIGNALS.index(name), math.log(p0), cap))
+            self._evidence = [(FEATURES.index(f"{name}_asks"), self.layout.EVIDENCE + EVIDENCE_SIGNALS.index(name),
+                               math.log(p0) if name in self.signal_rates_ and (p0 := self.signal_rates_[name]) > 0
+                               else None) for name in EVIDENCE_SIGNALS]
         values = tails.surprisal_list(f.tolist() if isinstance(f, np.ndarray) else f)
-        if sums is not None and self._evidence:
-            n = round(float(sums[self.layout.COUNT]))
-            for j, slot, log_p0, cap in self._evidence:
-                k = round(float(sums[slot]))
-                if k > 0:
-                    values[j] = max(values[j], min(binomial_tail_surprisal(n, k, log_p0), cap))
+        n = round(float(sums[self.layout.COUNT])) if sums is not None else 0
+        cap = self.config.asks_cap
+        for j, slot, log_p0 in self._evidence:
+            k = round(float(sums[slot])) if sums is not None else 0
+            values[j] = min(binomial_tail_surprisal(n, k, log_p0), cap) if k > 0 and log_p0 is not None else 0.0
         return values
 
-    def _effective(self, aid: str) -> tuple[float, list[tuple[str, float]], str | None, int]:
+    def pooled_sums(self, group: Sequence[str]) -> tuple[np.ndarray, int]:
+        """(the pooled sums a cluster of accounts is scored on, its members' total requests).
+
+        The members' sums added, except the count of rare asks: a cluster's is the number of members that
+        made a rare ask, not the number of asks, so one member's asks stay that member's evidence and do
+        not become every colleague's (a hydra's asks are spread over its members, and still add up).
+        """
+        lay = self.layout
+        ev = slice(lay.EVIDENCE, lay.EVIDENCE + len(EVIDENCE_SIGNALS))
+        pooled = np.zeros(lay.size, dtype=np.float64)
+        askers = np.zeros(len(EVIDENCE_SIGNALS), dtype=np.float64)
+        requests = 0
+        for aid in group:
+            st = self.accounts_[aid]
+            pooled += st.sums
+            askers += st.sums[ev] > 0
+            requests += st.total_requests
+        pooled[ev] = askers
+        return pooled, requests
+
+    def _effective(self, aid: str) -> tuple[float, list[tuple[str, float]], str | None, int, bool]:
+        """(score, reasons, cluster id, requests behind it, whether the score is the cluster's)."""
         own, reasons = self.own_.get(aid, (0.0, []))
         st = self.accounts_.get(aid)
         volume = st.total_requests if st else 0
@@ -308,11 +353,23 @@ class WindowDetector:
             if cluster["score"] > own:
                 reasons = [("cluster:" + k, v) for k, v in cluster["reasons"]] + \
                     [("link:" + k, round(v, 3)) for k, v in cluster["links"][:2]]
-                return cluster["score"], reasons, cid, volume
-        return own, reasons, cid, volume
+                return cluster["score"], reasons, cid, volume, True
+        return own, reasons, cid, volume, False
+
+    def _block_backed(self, aid: str, cid: str | None, from_cluster: bool) -> bool:
+        """Whether a block score has the evidence ``config.block_requires`` asks for (see there)."""
+        needs = self.config.block_requires
+        if not needs or (from_cluster and "cluster" in needs):
+            return True
+        if "asks" in needs:
+            if from_cluster and cid is not None:
+                return bool(self.clusters_[cid]["asks"])
+            lay = self.layout
+            return bool(self.accounts_[aid].sums[lay.EVIDENCE: lay.EVIDENCE + len(EVIDENCE_SIGNALS)].any())
+        return False
 
     def _track(self, aid: str) -> None:
-        score, _, _, volume = self._effective(aid)
+        score, _, _, volume, _ = self._effective(aid)
         if volume >= self.config.min_requests and score > self.max_score_[aid]:
             self.max_score_[aid] = score
 
@@ -329,15 +386,12 @@ class WindowDetector:
         self.clusters_ = {}
         for cid, group in members.items():
             group.sort()
-            pooled = np.zeros(lay.size, dtype=np.float64)
-            requests = 0
-            for aid in group:
-                pooled += self.accounts_[aid].sums
-                requests += self.accounts_[aid].total_requests
+            pooled, requests = self.pooled_sums(group)
             f = features(pooled, lay, cfg.rate_prior_weight, self.mu_ref_, self.ref_sq_, members=len(group))
             score, reasons = self._score(f, pooled)
             self.clusters_[cid] = {"members": group, "score": score, "reasons": reasons, "features": f,
-                                   "requests": requests,
+                                   "requests": requests, "asks": bool(pooled[lay.EVIDENCE: lay.EVIDENCE +
+                                                                             len(EVIDENCE_SIGNALS)].any()),
                                    "links": top_link_kinds(per_kind, accounts, group)}
         for aid in self.cluster_of_:
             self._track(aid)
@@ -349,16 +403,22 @@ class WindowDetector:
         """The current verdict for an account, or None when it has sent nothing."""
         if account_id not in self.own_:
             return None
-        score, reasons, cid, volume = self._effective(account_id)
+        score, reasons, cid, volume, from_cluster = self._effective(account_id)
         suggested = "allow"
         fpr = None
+        note = ""
         if self.thresholds_ is not None and volume >= self.config.min_requests:
             if score > self.thresholds_["block"]:
                 suggested, fpr = "block", self.config.block_fpr
+                if not self._block_backed(account_id, cid, from_cluster):
+                    suggested = "degrade"
+                    note = ("degraded for review, not blocked: no rare ask and no coordinated cluster behind the "
+                            "block score (an eval runner, a judge run or a batch service looks like this)")
             elif score > self.thresholds_["throttle"]:
                 suggested, fpr = "throttle", self.config.throttle_fpr
         return Verdict(account_id=account_id, score=round(score, 6), flagged=suggested != "allow",
-                       suggested=suggested, cluster_id=cid, reasons=reasons, fpr_at_threshold=fpr)  # type: ignore[arg-type]
+                       suggested=suggested, cluster_id=cid, reasons=reasons, fpr_at_threshold=fpr,  # type: ignore[arg-type]
+                       note=note)
 
     def features_of(self, account_id: str) -> dict[str, float]:
         """The account's current feature values by name (for inspection and tests)."""
@@ -402,6 +462,7 @@ class WindowDetector:
                              "calibration halves); give it at least a few hundred benign accounts")
         self._fit_embedding(half_a)
         self._tails = None  # the evidence table is rebuilt with the new rates
+        self.common_phrases_, phrase_accounts = self._common_phrases(half_a)
         self.signal_rates_ = self._signal_rates(half_a)
         self.common_templates_ = self._common_templates(half_a)
 
@@ -434,8 +495,8 @@ class WindowDetector:
             scorer.observe(r, accounts.get(r.account_id))
         b_accounts = sorted({r.account_id for r in half_b})
         maxima = np.array([scorer.max_score_.get(a, 0.0) for a in b_accounts])
-        self.thresholds_ = {"throttle": quantile_threshold(maxima, cfg.throttle_fpr),
-                            "block": quantile_threshold(maxima, cfg.block_fpr)}
+        self.thresholds_ = {"throttle": benign_threshold(maxima, cfg.throttle_fpr),
+                            "block": benign_threshold(maxima, cfg.block_fpr)}
         self.calibration_ = {
             **self.calibration_,
             **({"family_weights": dict(zip(FAMILIES, map(float, self.family_weights_)))}
@@ -443,17 +504,21 @@ class WindowDetector:
             "benign_records": len(records), "accounts_half_a": n_a, "accounts_half_b": n_b,
             "feature_snapshots": int(matrix.shape[0]),
             "common_template_shingles": len(self.common_templates_),
+            "evidence_phrase_accounts": phrase_accounts,
             "fpr_resolution": 1.0 / (n_b + 1),  # the smallest target the conformal threshold can meet
             "benign_max_score_quantiles": {q: float(np.quantile(maxima, q)) for q in (0.5, 0.9, 0.99, 1.0)},
+            "benign_max_score_top": sorted(map(float, maxima))[-20:][::-1],
+            "conformal_thresholds": {"throttle": quantile_threshold(maxima, cfg.throttle_fpr),
+                                     "block": quantile_threshold(maxima, cfg.block_fpr)},
             "span_days": (records[-1].ts - records[0].ts) / 86400.0,
         }
         self.reset()
         return self
 
     def _signal_rates(self, records: Sequence[TrafficRecord]) -> dict[str, float]:
-        """Benign per-request rate of each evidence signal in the user turn, add-one smoothed: (hits + 1) / (requests + 2)."""
+        """Benign per-request rate of each evidence signal's count-evidence hits (user turn, phrases not in
+        ``common_phrases_``: what ``observe`` counts), add-one smoothed: (hits + 1) / (requests + 2)."""
         names = self.config.evidence_signals
-        keys = [EVIDENCE_KEYS[EVIDENCE_SIGNALS.index(name)] for name in names]
         hits = dict.fromkeys(names, 0)
         n = 0
         for r in records:
@@ -461,9 +526,26 @@ class WindowDetector:
                 continue
             n += 1
             signals = request_signals(r, self.config)
-            for name, key in zip(names, keys):
-                hits[name] += signals[key] > 0
+            if signals["user_cot"] or signals["user_grader"]:
+                got = dict(zip(EVIDENCE_SIGNALS, self._evidence_hits(last_user_text(r.messages or []))))
+                for name in names:
+                    hits[name] += got[name] > 0
         return {name: (hits[name] + 1) / (n + 2) for name in names}
+
+    def _common_phrases(self, records: Sequence[TrafficRecord]) -> tuple[frozenset[str], dict[str, int]]:
+        """(evidence phrases sent in a user turn by ``config.common_phrase_accounts`` or more benign accounts,
+        phrase -> how many accounts sent it)."""
+        holders: dict[str, set[str]] = defaultdict(set)
+        for r in records:
+            if r.status >= 400:
+                continue
+            signals = request_signals(r, self.config)
+            if signals["user_cot"] or signals["user_grader"]:
+                for phrase in user_phrases(last_user_text(r.messages or []).lower()):
+                    holders[phrase].add(r.account_id)
+        counts = {p: len(a) for p, a in sorted(holders.items())}
+        need = self.config.common_phrase_accounts
+        return (frozenset(p for p, k in counts.items() if k >= need) if need else frozenset()), counts
 
     def _common_templates(self, records: Sequence[TrafficRecord]) -> frozenset[int]:
         """User-turn shingles that ``config.common_template_accounts`` or more benign accounts each sent
@@ -474,7 +556,7 @@ class WindowDetector:
         sample = np.uint32(self.config.shingle_sample)
         counts: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
         for r in records:
-            if r.status >= 400:
+            if r.status >= 400 or not _opens(r):  # as observe(): only a query's user turn
                 continue
             wh = text_word_hashes(last_user_text(r.messages or []))
             sh = shingle_hashes(None, hashes=wh, pairs=pair_hashes(wh))  # as observe() hashes them
@@ -498,7 +580,7 @@ class WindowDetector:
 
         cfg = self.config
         rng = np.random.default_rng(cfg.seed)
-        texts = [last_user_text(r.messages) for r in records]
+        texts = [last_user_text(r.messages) for r in records if _opens(r)] or [last_user_text(r.messages) for r in records]
         if len(texts) > 5000:
             texts = [texts[i] for i in sorted(rng.choice(len(texts), 5000, replace=False))]
         emb = np.vstack([self.embedder_.embed(t).astype(np.float16) for t in texts]).astype(np.float32)
@@ -521,6 +603,7 @@ class WindowDetector:
         twin.centroids_, twin.rff_w_, twin.rff_b_ = self.centroids_, self.rff_w_, self.rff_b_
         twin.mu_ref_, twin.ref_sq_ = self.mu_ref_, self.ref_sq_
         twin.signal_rates_ = self.signal_rates_
+        twin.common_phrases_ = self.common_phrases_
         twin.common_templates_ = self.common_templates_
         return twin
 
@@ -536,6 +619,7 @@ class WindowDetector:
         meta = {"config": config_to_dict(self.config), "thresholds": self.thresholds_,
                 "calibration": self.calibration_, "features": list(FEATURES), "ref_sq": self.ref_sq_,
                 "tail_scales": self.tail_scales_, "signal_rates": self.signal_rates_,
+                "common_phrases": sorted(self.common_phrases_),
                 "family_weights": None if self.family_weights_ is None else self.family_weights_.tolist(),
                 "embedder_dim": self.embedder_.dim}
         atomic_write_text(d / "detector.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -567,6 +651,9 @@ class WindowDetector:
         arrays = np.load(npz_path)
         det.centroids_, det.rff_w_, det.rff_b_ = arrays["centroids"], arrays["rff_w"], arrays["rff_b"]
         det.mu_ref_, det.ref_sq_ = arrays["mu_ref"], float(meta["ref_sq"])
+        if meta.get("features") != list(FEATURES):
+            raise ValueError(f"{meta_path}: fitted with features {meta.get('features')}, this version scores "
+                             f"{list(FEATURES)}: fit again (`stillhouse detect --fit --log BENIGN_LOG --model {d}`)")
         det.tables_ = [arrays[f"table_{i}"] for i in range(len(FEATURES))]
         if "common_templates" in arrays:  # a detector saved before the common-wording list has none
             det.common_templates_ = frozenset(arrays["common_templates"].tolist())
@@ -575,9 +662,15 @@ class WindowDetector:
         det.calibration_ = meta["calibration"]
         det.signal_rates_ = {k: float(v) for k, v in meta.get("signal_rates", {}).items()
                              if k in cfg.evidence_signals}  # a detector saved before count evidence has none
+        det.common_phrases_ = frozenset(meta.get("common_phrases", ()))  # none before the list existed
         if meta.get("family_weights") is not None:
             det.family_weights_ = np.array(meta["family_weights"], dtype=np.float64)
         return det
+
+
+def _opens(record: TrafficRecord) -> bool:
+    """Whether a request opens a conversation (no earlier assistant turn): the ``first_turn`` signal."""
+    return not any(m.get("role") == "assistant" for m in record.messages or [])
 
 
 def _progress(items: Sequence[TrafficRecord], progress: Any, label: str) -> Iterable[TrafficRecord]:

@@ -30,6 +30,9 @@ from stillhouse.guard.detect.config import DetectConfig
 from stillhouse.guard.events import TrafficRecord
 
 REQUEST_SIGNALS = ("cot", "step_by_step", "grader", "persona", "max_tokens", "multi", "labelled", "first_turn")
+QUERY_SIGNALS = ("cot", "step_by_step", "grader", "labelled")
+"""The wording signals the detector counts on queries only (requests that open a conversation): what a
+follow-up says ("explain every step", "continue") belongs to a conversation already under way."""
 EVIDENCE_SIGNALS = ("cot", "grader")
 """Signals whose user-turn hits the detector can count."""
 EVIDENCE_KEYS = tuple(f"user_{name}" for name in EVIDENCE_SIGNALS)
@@ -54,8 +57,21 @@ _SCALE = re.compile(r"on a scale (?:of|from) \d+")
 _LABEL_LINE = re.compile(
     r"^\s*(?:#+\s*)?(reasoning|answer|final answer|score|justification|explanation|thought|action|action input"
     r"|observation|critique|verdict|rationale|solution|steps?|confidence)\s*:", re.MULTILINE)
+SCALE_PHRASE = "on a scale of <n>"
+"""How :func:`user_phrases` names a match of the ``on a scale of/from N`` pattern."""
+EVIDENCE_PHRASES: dict[str, tuple[str, ...]] = {"cot": COT_STRONG, "grader": (*GRADER, SCALE_PHRASE)}
+"""The phrases whose user-turn hits each evidence signal counts (see :func:`user_phrases`)."""
 FORMAT_ASK = ("the following format", "this format", "exactly this format", "output format", "respond with json",
               "respond in json", "respond with a json", "json only", "output a json", "json object with")
+
+
+def user_phrases(low: str) -> tuple[str, ...]:
+    """Every phrase of ``EVIDENCE_PHRASES`` a lower-cased user turn contains (the scale pattern as
+    ``SCALE_PHRASE``), in list order. Only called on a turn with a hit, so a plain scan is cheap enough."""
+    found = [p for p in COT_STRONG if p in low] + [p for p in GRADER if p in low]
+    if "scale" in low and _SCALE.search(low) is not None:
+        found.append(SCALE_PHRASE)
+    return tuple(found)
 
 
 def last_user_text(messages: list[dict[str, Any]]) -> str:

@@ -102,7 +102,7 @@ def labelled_vectors(det: WindowDetector, records: Iterable[TrafficRecord], acco
         cid = scorer.cluster_of_.get(aid)
         if cid:
             group = scorer.clusters_[cid]["members"]
-            pooled = sum((scorer.accounts_[m].sums for m in group), np.zeros(lay.size))
+            pooled, _ = scorer.pooled_sums(group)
             fc = features(pooled, lay, cfg.rate_prior_weight, scorer.mu_ref_, scorer.ref_sq_, members=len(group))
             cvec = family_max(scorer._surprisals(fc, pooled))
             if sum(cvec) > sum(vec):

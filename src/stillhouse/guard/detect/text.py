@@ -18,7 +18,6 @@ from functools import lru_cache
 
 import numpy as np
 
-_WORD = re.compile(r"[a-z0-9]+")
 _FMIX = (np.uint32(16), np.uint32(0x85EBCA6B), np.uint32(13), np.uint32(0xC2B2AE35), np.uint32(16))
 
 
@@ -30,16 +29,36 @@ def stable_hash(text: str) -> int:
 _SPACE_OUT = bytes(c if 48 <= c <= 57 or 97 <= c <= 122 else 32 for c in range(256))
 
 
-def words(text: str) -> list[str]:
-    """Lower-cased alphanumeric words (numbers kept: they are the variable part of many templates).
+_UWORD = re.compile(r"[^\W_]+")
+_CJK_LO, _CJK_HI = 0x2E80, 0x9FFF  # CJK radicals, kana, ideographs (scripts written without spaces)
 
-    The maximal runs of ``[a-z0-9]``; for ASCII text (nearly all prompts) found by mapping every
-    other byte to a space and splitting, which is twice as fast as the regex and gives the same list.
+
+def unicode_words(low: str) -> list[str]:
+    """The words of lower-cased non-ASCII text: maximal runs of letters and digits in any script, a run
+    holding CJK or kana characters cut into overlapping character pairs (those scripts put no spaces
+    between words, so a whole sentence would otherwise be one 'word'). ASCII runs are as ``[a-z0-9]+``."""
+    out: list[str] = []
+    for tok in _UWORD.findall(low):
+        if len(tok) == 1 or not any(_CJK_LO <= ord(ch) <= _CJK_HI for ch in tok):
+            out.append(tok)
+        else:
+            out.extend(tok[i:i + 2] for i in range(len(tok) - 1))
+    return out
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words (numbers kept: they are the variable part of many templates).
+
+    For ASCII text (nearly all prompts) the maximal runs of ``[a-z0-9]``, found by mapping every other
+    byte to a space and splitting (twice as fast as the regex, the same list); otherwise
+    :func:`unicode_words` (letters of every script, CJK as character pairs: before it, text in Chinese
+    or Japanese had no words at all, so every such prompt had the same embedding and looked like one
+    template repeated).
     """
     low = text.lower()
     if low.isascii():
         return low.encode("ascii").translate(_SPACE_OUT).decode("ascii").split()
-    return _WORD.findall(low)
+    return unicode_words(low)
 
 
 def text_word_hashes(text: str) -> np.ndarray:
@@ -49,7 +68,7 @@ def text_word_hashes(text: str) -> np.ndarray:
     if low.isascii():
         tokens = low.encode("ascii").translate(_SPACE_OUT).split()
         return np.fromiter(map(zlib.crc32, tokens), dtype=np.uint32, count=len(tokens))
-    return word_hashes(_WORD.findall(low))
+    return word_hashes(unicode_words(low))
 
 
 _WORD_CACHE: dict[str, int] = {}
