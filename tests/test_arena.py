@@ -233,6 +233,16 @@ def test_tiny_arena_through_the_real_guard(tmp_path) -> None:  # type: ignore[no
     assert saved["operational"]["campaign_accounts"] == 1 + 12 + 1
     cot = next(r for r in saved["campaigns"] if r["shape"] == "cot")
     assert cot["sent"] == 60 and 0 <= cot["leaked"] <= 60
+    # the operator's path: a shadow guard's log, fit on the calibration window, check on the next one
+    op = saved["operator"]
+    fit, check = op["fit_window"], op["check"]
+    assert fit["until"] == check["window"]["since"] and fit["since"] < fit["until"] < check["window"]["until"]
+    assert fit["accounts"] == saved["calibration"]["accounts_half_a"] + saved["calibration"]["accounts_half_b"]
+    assert fit["records"] == saved["requests"]["calibration"] and fit["excluded_accounts"] == 0
+    assert check["window"]["records"] == saved["requests"]["check"] and check["accounts"] <= 40   # half of 80
+    assert set(check["tiers"]) == {"throttle", "block"} and check["fit_window"] == fit
+    assert json.loads((tmp_path / "run" / "detector" / "check.json").read_text())["passed"] == check["passed"]
+    assert "## The operator's path" in (tmp_path / "run" / "report.md").read_text()
     block = saved["operational"]["block"]
     assert block["fpr_ci"]["n"] == 40 and block["fpr_ci"]["lo"] <= block["benign_fpr"] <= block["fpr_ci"]["hi"]
     assert block["tpr_ci"]["k"] == round(block["tpr"] * 14)

@@ -70,7 +70,7 @@ def _turns_by_conversation(db: Path) -> dict[tuple[str, int], int]:
 def test_kill9_mid_conversation_resumes_at_the_turn(tmp_path):
     src = tmp_path / "convs.jsonl"
     src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _rows()))
-    cfg = FakeServerConfig(latency_ms=15, reasoning="reasoning_content", keep_bodies=True,
+    cfg = FakeServerConfig(latency_ms=40, reasoning="reasoning_content", keep_bodies=True,
                            faults=parse_faults("429=0.03,500=0.03"), retry_after_s=0.02)
     out = tmp_path / "run"
     db = out / "harvest.sqlite"

@@ -100,3 +100,15 @@ def test_select_on_is_checked_before_training(smol_tokenizer, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
     with pytest.raises(TrainConfigError, match="select_batch_size=0"):
         TrainConfig(data="d", out="o", select_batch_size=0)
+
+
+def test_export_epochs_keeps_every_pass_beside_the_chosen_final(smol_tokenizer, tmp_path, monkeypatch):
+    val = write_items(arithmetic_splits(2, 4, 3)["validation"], tmp_path / "val.jsonl")
+    monkeypatch.setattr(select, "score_pass", lambda d, *a, **k: ({"e1": 2, "e2": 1}[d.name], []))
+    cfg = TrainConfig(data=str(_data(tmp_path)), out=str(tmp_path / "run"), student="self", batch_size=4, lr=1e-3,
+                      epochs=2, precision="fp32", select_on=str(val), export_epochs=True)
+    res = train(cfg, teacher=(_teacher(smol_tokenizer), smol_tokenizer, "tiny"), progress=False)
+    run = tmp_path / "run"
+    assert res.selection["chosen_epoch"] == 1
+    assert sorted(d.name for d in (run / "epochs").iterdir()) == ["e1", "e2"]
+    assert _fingerprint(run / "final") == _fingerprint(run / "epochs" / "e1") != _fingerprint(run / "epochs" / "e2")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -153,12 +154,19 @@ def test_a_nan_passed_as_a_python_float_is_out_of_range_not_a_type_error():
 
 
 def _raw_post(port: int, head_extra: bytes, chunks: list[bytes]) -> tuple[int, dict]:
-    """POST /v1/chat/completions by hand: the head, then ``chunks`` as they are; the answer."""
+    """POST /v1/chat/completions by hand: the head, then ``chunks`` as they are; the answer.
+
+    Chunks go one at a time, and sending stops once the server has answered, as a client that reads
+    while it sends does. Bytes the server had not read when it closed would make its kernel answer
+    with a reset that discards the 413 before we read it, so each chunk gets a moment to be read.
+    """
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Connection: close\r\n" + head_extra + b"\r\n")
         try:
             for c in chunks:
+                if select.select([sock], [], [], 0.05)[0]:
+                    break  # the answer is here
                 sock.sendall(c)
         except OSError:  # the server answered and closed while we were still sending: fine
             pass

@@ -24,10 +24,17 @@ def register(app: typer.Typer) -> None:
     """Add this area's verbs to the CLI."""
     from stillhouse.arena.run import ArenaConfig
     from stillhouse.guard.detect import DetectConfig
+    from stillhouse.guard.detect import commands as detect_commands
+    from stillhouse.guard.detect.check import CheckConfig
+    from stillhouse.guard.detect.watch import WatchConfig
 
     detect_settings = ConfigOptions(DetectConfig, skip=("link_weights",), comma=("evidence_signals",),
                                     panels={"window_s": "Detector settings (with --fit)"})
-    app.command("detect")(config_command(detect, detect_settings))
+    detect_app = typer.Typer(invoke_without_command=True, no_args_is_help=False)
+    detect_app.callback()(config_command(detect, detect_settings))
+    detect_app.command("check")(config_command(detect_commands.check, ConfigOptions(CheckConfig, replay=False)))
+    detect_app.command("watch")(config_command(detect_commands.watch, ConfigOptions(WatchConfig, replay=False)))
+    app.add_typer(detect_app, name="detect")
     arena_settings = ConfigOptions(ArenaConfig, skip=("campaigns",),
                                    flags={"calib_population": ("--calib-population", "--calibrate-on")}, panels={
         "days": "Populations", "calib_seed": "Seeds and campaigns", "gateway": "Run"})
@@ -35,9 +42,16 @@ def register(app: typer.Typer) -> None:
 
 
 def detect(
+    ctx: typer.Context,
     settings: Given[DetectConfig],
-    log: str = typer.Option(..., "--log", help="Traffic log: sqlite:///path/guard.db, postgresql://..., or a .jsonl "
-                                                "file of TrafficRecords (one JSON object per line)."),
+    log: str | None = typer.Option(None, "--log", help="Traffic log: sqlite:///path/guard.db, postgresql://..., or "
+                                   "a .jsonl file of TrafficRecords (one JSON object per line). Required."),
+    since: str = typer.Option("", "--since", help="Use the window since this time: an ISO date or date-time "
+                              "(UTC unless it says), unix seconds, or a duration before --until (7d); '' = the "
+                              "start of the log."),
+    until: str = typer.Option("", "--until", help="...until this time (exclusive), in the same forms (a duration "
+                              "counts back from now); '' = the end of the log. With --fit, the accounts under a "
+                              "decision in the window or labelled campaign are left out."),
     model: Path = typer.Option(Path("detector"), "--model", help="Fitted detector directory (detector.json + .npz)."),
     fit: bool = typer.Option(False, "--fit", help="Calibrate: treat --log as BENIGN traffic only and write the "
                                                  "fitted detector to --model (thresholds from benign quantiles)."),
@@ -54,37 +68,57 @@ def detect(
     labelled_log: str | None = typer.Option(None, "--labelled-log", help="With --labels: the traffic of the "
                                             "labelled accounts when it is not in --log (e.g. the guard's log)."),
 ) -> None:
-    """Score a traffic log offline with the same code the guard runs online (identical verdicts).
+    """Fit a detector on a window of a log, or score a log offline with the guard's own code (identical verdicts).
 
     \b
-    Calibrate on benign traffic, then score any log:
-      stillhouse detect --fit --log benign.jsonl --model run/detector
+    The operator path (README, "Operating the detector"): a shadow-mode guard logs; fit on a window of
+    that log (accounts under a decision or labelled campaign left out), check on a later window, enforce,
+    then watch:
+      stillhouse detect --fit --log sqlite:///g.db --since 2026-03-01 --until 2026-03-08 --model det
+      stillhouse detect check --log sqlite:///g.db --since 2026-03-08 --until 2026-03-15 --model det
+      stillhouse detect watch --log sqlite:///g.db --model det --every 24h --window 7d
+    Score any log (or a window of it):
       stillhouse detect --log sqlite:///run/guard.db --model run/detector --out verdicts.jsonl
     With reviewed accounts (the console's labels), weight the evidence by what analysts confirmed:
       stillhouse detect --fit --log benign.jsonl --labels labels.jsonl --labelled-log sqlite:///run/guard.db
     Every verdict lists its top signals; thresholds carry the benign FPR they were set for.
     """
     import dataclasses
+    import time
 
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
 
     from stillhouse.guard.detect import WindowDetector
+    from stillhouse.guard.detect.calibrate import fit_window
+    from stillhouse.guard.detect.logwindow import WindowError, read_window, resolve_window
     from stillhouse.guard.detect.offline import LogError, read_accounts, read_log, replay
 
+    if ctx.invoked_subcommand is not None:
+        return
+    if log is None:
+        fail("missing --log: the traffic log to fit on or score (sqlite:///path/guard.db, postgresql://... or a "
+             ".jsonl file); or run a subcommand: `stillhouse detect check|watch --help`")
     if settings.values and not fit:
         given = ", ".join(settings.options.settings[n].option for n in settings.values)
         fail(f"{given}: detector settings apply with --fit (a fitted detector keeps the config it was fitted with)")
     console = Console()
     try:
-        records, infos = read_log(log)
+        t0, t1 = resolve_window(since, until, time.time())
+        window = read_window(log, t0, t1, exclude=fit)
+    except WindowError as exc:
+        fail(exc)
     except LogError as exc:
         raise typer.BadParameter(str(exc), param_hint="--log") from exc
+    records, infos = window.records, window.accounts
     if accounts is not None:
         infos = {**infos, **read_accounts(accounts)}
+        window.accounts = infos
     if not records:
-        raise typer.BadParameter(f"{log} holds no traffic records", param_hint="--log")
+        raise typer.BadParameter(f"{log} holds no traffic records" + (f" ({window.summary()})" if since or until
+                                                                      or window.excluded_records else ""),
+                                 param_hint="--log")
     if fit:
         try:
             cfg = settings.resolve(config, load=_load_detect_config)
@@ -108,16 +142,23 @@ def detect(
                 except LogError as exc:
                     raise typer.BadParameter(str(exc), param_hint="--labelled-log") from exc
                 infos = {**more, **infos}
+            elif window.excluded_records:  # the labelled accounts' traffic: the window with nobody left out
+                whole = read_window(log, t0, t1, exclude=False)
+                pool, infos = whole.records, {**whole.accounts, **infos}
+            window.accounts = infos
         elif cfg.mode == "supervised":
             raise typer.BadParameter("the config says mode 'supervised': give --labels FILE", param_hint="--labels")
+        console.print(window.summary(), highlight=False, soft_wrap=True)
         with Progress(console=console, transient=True) as progress:
             try:
-                det = WindowDetector(cfg).fit(records, infos, progress=progress, labels=label_map, labelled=pool)
+                det = fit_window(cfg, window, progress=progress, labels=label_map, labelled=pool)
             except ValueError as exc:
-                raise typer.BadParameter(str(exc), param_hint="--labels") from exc
+                raise typer.BadParameter(str(exc), param_hint="--labels" if labels else "--log") from exc
         det.save(model)
         console.print(f"fitted on {len(records)} benign records -> {model}/  thresholds {det.thresholds_}")
         console.print(f"calibration: {det.calibration_}")
+        console.print(f"next: check it on a later window before enforcing: stillhouse detect check --log {log} "
+                      f"--model {model} --since ... --until ...", highlight=False, soft_wrap=True)
         return
     try:
         det = WindowDetector.load(model)

@@ -137,6 +137,21 @@ def capability_lines(cap: Any) -> list[str]:
     return out
 
 
+def operator_lines(op: dict[str, Any] | None) -> list[str]:
+    """The operator's path in the report: the fit window and the check before enforcing (``arena/operator.py``)."""
+    if not op:
+        return []
+    lines = ["## The operator's path: fit on a shadow window, check on the next before enforcing", "",
+             "The calibration and check populations went through a shadow-mode guard into one log; the detector was "
+             "fitted on the first window (`stillhouse detect --fit --since --until`) and checked on the second "
+             "(`stillhouse detect check`), disjoint populations, before the evaluation enforced it.", "",
+             f"- fit: {op['fit_summary']}"]
+    if not op.get("check"):
+        return [*lines, "- check: not run (check_accounts = 0)", ""]
+    lines += [f"- check: {op['check_summary']}", "", "```", *op["check_lines"], "```", ""]
+    return lines
+
+
 def write_report(out: Path, metrics: dict[str, Any], result: RunResult, thresholds: dict[str, float]) -> Path:
     from stillhouse.arena.metrics import split_scores
 
@@ -177,7 +192,10 @@ def write_report(out: Path, metrics: dict[str, Any], result: RunResult, threshol
         lines.append(f"| {name} | {targets[name]:g} | {row['threshold']:.2f} | {ci(row['tpr_ci'])} | "
                      f"{ci(row['fpr_ci'])} | {ci(row['active_fpr_ci'])} |")
     lines += ["", f"Calibration FPR resolution: 1/{cal['accounts_half_b'] + 1} = {cal['fpr_resolution']:.2g} "
-              "(a target below it is set at the benign maximum).", "",
+              "(a target below it is set at the benign maximum).", ""]
+    lines += operator_lines(metrics.get("operator"))
+    lines += [
+              "TPR by campaign shape (share of the shape's accounts over each threshold):", "",
               "TPR by campaign shape (share of the shape's accounts over each threshold):", "",
               "| shape | accounts | TPR at throttle (FPR 1e-2) | TPR at block (FPR 1e-3) |", "|---|---|---|---|"]
     for shape, row in metrics["tpr_by_shape"].items():

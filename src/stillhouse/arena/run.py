@@ -3,8 +3,12 @@ fresh benign traffic, through the real guard in simulated time; write the report
 
 Steps (``run_arena``):
 
-1. benign *calibration* population (seed ``calib_seed``) through a guard with no detector
-   → its traffic log → ``WindowDetector.fit`` (benign only) → ``run/detector/``;
+1. the operator's path (:mod:`.operator`, ``stillhouse detect --fit`` / ``detect check``): a benign
+   *calibration* population (seed ``calib_seed``) through a guard in shadow mode with no detector, then a
+   second, disjoint *check* population (``check_seed``, ``check_accounts``) through the same guard in the
+   span after it → the guard's traffic log; the detector is fitted on the calibration window of that log
+   (benign only; accounts under a decision or labelled campaign left out) → ``run/detector/``, and checked on
+   the check window (realized vs stated FPR per tier, Wilson intervals → ``run/detector/check.json``);
 2. *evaluation* traffic: a new benign population (seed ``eval_seed``) plus every campaign
    (their own seeds; no campaign traffic ever reaches calibration) through a guard with
    the fitted detector and its policy engine enforcing;
@@ -110,6 +114,12 @@ class ArenaConfig:
     """Benign population of the evaluation: 'synthetic' (:mod:`.population`) or 'real' (:mod:`.realpop`)."""
     calib_population: PopulationKind | None = None
     """Benign population the detector is calibrated on (None: the same kind as ``population``)."""
+    check_accounts: int | None = None
+    """Benign accounts of the check population: the operator's second window, replayed through the fitted
+    detector before it enforces (:mod:`.operator`). None: half of calib_accounts; 0: no check."""
+    check_seed: int | None = None
+    """Seed of the check population (None: calib_seed + 5000). A real one draws on the evaluation pool
+    (``{split}-eval``): text the fit never saw, as the next window of a real service brings."""
     split: SplitKind = "dev"
     """ShareGPT pools of real populations and chat campaigns: 'dev' (development seeds) or 'test' (test seeds)."""
     campaign_topics: str = "math"
@@ -128,6 +138,12 @@ class ArenaConfig:
                                  f"{[s for s in SHAPES if s != 'mixed']} (mixed comes from `fractions`)")
         if self.population not in ("synthetic", "real"):
             raise ValueError(f"ArenaConfig.population={self.population!r}: use 'synthetic' or 'real'")
+        if self.check_accounts is not None and (self.check_accounts < 0 or 0 < self.check_accounts < 10):
+            raise ValueError(f"ArenaConfig.check_accounts={self.check_accounts}: 0 (no check), None (half of "
+                             "calib_accounts) or at least 10")
+        if self.check_seed_ in (self.calib_seed, self.eval_seed):
+            raise ValueError(f"ArenaConfig.check_seed={self.check_seed_}: must differ from calib_seed and eval_seed "
+                             "(the check population is disjoint from both)")
         if self.calib_population not in (None, "synthetic", "real"):
             raise ValueError(f"ArenaConfig.calib_population={self.calib_population!r}: use 'synthetic', 'real' "
                              "or null (the same as population)")
@@ -148,6 +164,17 @@ class ArenaConfig:
                              batch_share=self.batch_share, bench_share=self.bench_share)
         except ValueError as exc:
             raise ValueError(f"ArenaConfig population mix: {exc}") from exc
+
+
+    @property
+    def check_seed_(self) -> int:
+        """The check population's seed."""
+        return self.calib_seed + 5000 if self.check_seed is None else self.check_seed
+
+    @property
+    def check_accounts_(self) -> int:
+        """The check population's size (0: no check)."""
+        return max(10, self.calib_accounts // 2) if self.check_accounts is None else self.check_accounts
 
 
 QUICK = ArenaConfig(days=2.0, calib_accounts=400, eval_accounts=250, casual_scale=2.0, power_share=0.06,
@@ -175,17 +202,23 @@ def population_config(cfg: ArenaConfig, accounts: int, seed: int) -> PopulationC
                             batch_share=cfg.batch_share, bench_share=cfg.bench_share)
 
 
-def build_population(cfg: ArenaConfig, phase: Literal["calib", "eval"]) -> tuple[list[SimAccount], list[Turn]]:
-    """The benign population of one phase: its kind, size and seed from ``cfg``; a real one from its own pool."""
-    accounts, seed = (cfg.calib_accounts, cfg.calib_seed) if phase == "calib" else (cfg.eval_accounts, cfg.eval_seed)
+def build_population(cfg: ArenaConfig,
+                     phase: Literal["calib", "eval", "check"]) -> tuple[list[SimAccount], list[Turn]]:
+    """The benign population of one phase: its kind, size and seed from ``cfg``; a real one from its own pool
+    (the check population, of the calibration's kind, from the evaluation pool: see ``ArenaConfig.check_seed``)."""
+    accounts, seed = {"calib": (cfg.calib_accounts, cfg.calib_seed), "eval": (cfg.eval_accounts, cfg.eval_seed),
+                      "check": (cfg.check_accounts_, cfg.check_seed_)}[phase]
     kind = cfg.population if phase == "eval" else (cfg.calib_population or cfg.population)
+    if accounts == 0:
+        return [], []
     if kind == "synthetic":
         return generate_population(population_config(cfg, accounts, seed))
     from stillhouse.arena.realpop import RealPopulationConfig, generate_real_population
 
     small = accounts < 400  # quick scenarios: no fixed groups larger than the population can hold
+    pool = f"{cfg.split}-{'eval' if phase == 'check' else phase}"
     return generate_real_population(RealPopulationConfig(
-        accounts=accounts, days=cfg.days, seed=seed, pool=f"{cfg.split}-{phase}", max_tokens_limit=cfg.max_tokens_limit,
+        accounts=accounts, days=cfg.days, seed=seed, pool=pool, max_tokens_limit=cfg.max_tokens_limit,
         startup_size=min(30, accounts // 10) if small else 30, classroom_size=min(35, accounts // 10) if small else 35))
 
 
@@ -210,7 +243,8 @@ def build_campaigns(cfg: ArenaConfig) -> tuple[list[SimAccount], list[Turn]]:
 
 
 async def _send(cfg: ArenaConfig, run_dir: Path, accounts: list[SimAccount], turns: list[Turn], detector: Any,
-                upstream_url: str, progress: Any, label: str, book: Any = None) -> tuple[RunResult, str | None]:
+                upstream_url: str, progress: Any, label: str, book: Any = None,
+                shadow: bool = False) -> tuple[RunResult, str | None]:
     import shutil
 
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh guard database per run (old blocks must not carry over)
@@ -223,7 +257,7 @@ async def _send(cfg: ArenaConfig, run_dir: Path, accounts: list[SimAccount], tur
 
         records_to_jsonl(gw.log, run_dir / "traffic.jsonl")
         return result, str(run_dir / "traffic.jsonl")
-    guard = GuardGateway(str(run_dir), upstream_url, detector, clock, accounts)
+    guard = GuardGateway(str(run_dir), upstream_url, detector, clock, accounts, shadow=shadow)
     await guard.start()
     try:
         result = await run_traffic(accounts, turns, guard, detector, clock, progress, label)
@@ -251,13 +285,14 @@ def run_arena(cfg: ArenaConfig, out_dir: str | Path, progress: Any = None,
     # Every population up front: the sim upstream's book of real replies covers both phases.
     t = time.perf_counter()
     calib_accounts, calib_turns = build_population(cfg, "calib")
+    check_accounts, check_turns = build_population(cfg, "check")
     ev_accounts, ev_turns = build_population(cfg, "eval")
     c_accounts, c_turns = build_campaigns(cfg)
     book = None
-    if any(turn.reply is not None for turn in calib_turns + ev_turns):
+    if any(turn.reply is not None for turn in calib_turns + check_turns + ev_turns):
         from stillhouse.arena.replies import book_from_turns
 
-        book = book_from_turns(calib_turns + ev_turns)
+        book = book_from_turns(calib_turns + check_turns + ev_turns)
     timings["generate_s"] = time.perf_counter() - t
     upstream = None
     if cfg.upstream == "sim":
@@ -268,19 +303,19 @@ def run_arena(cfg: ArenaConfig, out_dir: str | Path, progress: Any = None,
     else:
         upstream_url = cfg.upstream.rstrip("/").removesuffix("/v1")
     try:
-        # 1. calibration: benign only, through the same gateway, no detector.
-        t = time.perf_counter()
-        _, calib_log = asyncio.run(_send(cfg, out / "calibration", calib_accounts, calib_turns, None,
-                                         upstream_url, progress, "calibration traffic (benign)", book))
-        records, infos = read_log(calib_log) if calib_log else ([], {})
-        infos = infos or {a.info.account_id: a.info for a in calib_accounts}
-        timings["calibration_traffic_s"] = time.perf_counter() - t
-        t = time.perf_counter()
+        # 1. the operator's path: shadow guard log → fit on the calibration window → check on the next one.
+        from stillhouse.arena.operator import calibrate_as_operator
+
         dcfg = DetectConfig(max_tokens_limit=cfg.max_tokens_limit, embedder=cfg.embedder,
                             cluster_every=cfg.cluster_every)
-        detector = WindowDetector(dcfg).fit(records, infos, progress=progress)
-        detector.save(out / "detector")
-        timings["fit_s"] = time.perf_counter() - t
+
+        def send_shadow(accts: list[SimAccount], trns: list[Turn], label: str) -> str | None:
+            return asyncio.run(_send(cfg, out / "calibration", accts, trns, None, upstream_url, progress, label,
+                                     book, shadow=True))[1]
+
+        detector, operator_metrics = calibrate_as_operator(dcfg, (calib_accounts, calib_turns),
+                                                           (check_accounts, check_turns), send_shadow,
+                                                           out / "detector", progress, timings)
 
         # 2. evaluation: fresh benign seed + campaigns, detector online, policy enforcing.
         t = time.perf_counter()
@@ -342,7 +377,8 @@ def run_arena(cfg: ArenaConfig, out_dir: str | Path, progress: Any = None,
         "tpr_by_attacker_fraction": fractions,
         "campaigns": table, "ari": m.cluster_ari(result),
         "offline_equals_online": offline_check,
-        "requests": {"calibration": len(calib_turns), "evaluation": result.requests},
+        "operator": operator_metrics,
+        "requests": {"calibration": len(calib_turns), "check": len(check_turns), "evaluation": result.requests},
         "timings_s": timings,
         "capability_leaked": cap_metrics,
         "leak_curve": result.leak_curve,

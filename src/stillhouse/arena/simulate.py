@@ -93,12 +93,13 @@ class GuardGateway:
     Client IPs reach the guard as ``X-Forwarded-For`` (the arena plays a trusted front proxy);
     headers are sent in each simulated client's own order, so the guard's header fingerprint
     tells client stacks apart as it would live. Rate limits are the guard's defaults unless
-    given; enforcement is the guard's policy engine acting on the detector's verdicts.
+    given; enforcement is the guard's policy engine acting on the detector's verdicts (``shadow``: recorded,
+    not enforced, as an operator collects a calibration window).
     """
 
     def __init__(self, run_dir: str, upstream_url: str, detector: Any, clock: SimClock,
                  accounts: list[SimAccount], requests_per_min: int = 600, tokens_per_min: int = 2_000_000,
-                 model: str = "sim"):
+                 model: str = "sim", shadow: bool = False):
         import secrets
         from pathlib import Path
 
@@ -114,7 +115,8 @@ class GuardGateway:
         self.config = GuardConfig(upstream_url=upstream_url, admin_token_sha256=sha256_hex(secrets.token_hex(16)),
                                   db_url=self.db_url, spool_dir=str(Path(run_dir) / "spool"), key_refresh_s=0.0,
                                   trust_forwarded_for=True, requests_per_min=requests_per_min,
-                                  tokens_per_min=tokens_per_min, log_flush_interval_s=0.2, log_batch_size=2000)
+                                  tokens_per_min=tokens_per_min, log_flush_interval_s=0.2, log_batch_size=2000,
+                                  shadow=shadow)
         self.app = create_app(self.config, self.store, clock=clock, detector=detector)
         self.accounts = accounts
         self.model = model

@@ -16,6 +16,10 @@ Endpoints (JSON in and out; ``stillhouse guard admin ...`` wraps each one):
     GET  /admin/traffic?account_id=&limit=     the latest traffic records as stored (redacted per config)
     GET  /admin/labels                         reviewed accounts as labels (the console's review verdicts)
     GET  /admin/stats                          log writer state (store up/down, spooled, replayed)
+    GET  /admin/detector                       the loaded detector (directory, thresholds) and its reloads
+    POST /admin/detector/reload                load the model GuardConfig.detector_dir points to now, its
+                                               window rebuilt from the log (guard/reload.py); 409 without a
+                                               detector or while one runs, 422 if it holds no fitted model
 
 Admin changes are written to the store synchronously (503 while it is down) and take
 effect in this replica immediately. Decisions set or cleared here land in the audit trail
@@ -53,6 +57,8 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("GET", re.compile(r"^/admin/traffic$"), "traffic"),
     ("GET", re.compile(r"^/admin/labels$"), "labels"),
     ("GET", re.compile(r"^/admin/stats$"), "stats"),
+    ("GET", re.compile(r"^/admin/detector$"), "detector"),
+    ("POST", re.compile(r"^/admin/detector/reload$"), "reload_detector"),
 ]
 
 
@@ -265,6 +271,27 @@ class AdminAPI:
 
         rows = await self.app.db(self.app.store.labels)
         return 200, {"data": [label_json(r) for r in rows]}
+
+    async def detector(self, body: dict[str, Any], q: dict[str, str], _: str | None) -> tuple[int, Any]:
+        return 200, self.app.reloader.state()
+
+    async def reload_detector(self, body: dict[str, Any], q: dict[str, str], _: str | None) -> tuple[int, Any]:
+        import uuid
+
+        from stillhouse.guard.reload import ReloadError
+        from stillhouse.guard.store import AuditRow
+
+        before = self.app.reloader.state()["loaded"]
+        try:
+            out = await self.app.reloader.reload()
+        except ReloadError as exc:
+            raise AdminError(exc.status, str(exc), "detector_reload_conflict" if exc.status == 409
+                             else "detector_reload_failed") from exc
+        after = self.app.reloader.state()["loaded"]
+        await self.app.db(self.app.store.add_audit, AuditRow(
+            uuid.uuid4().hex, self.app.clock(), _opt_str(body, "by") or "admin-api", "detector:reload", "detector",
+            f"reloaded from {out.get('directory')}", before, after))
+        return 200, out
 
     async def stats(self, body: dict[str, Any], q: dict[str, str], _: str | None) -> tuple[int, Any]:
         return 200, {"log": self.app.writer.stats(), "accounts": len(self.app.accounts),

@@ -295,7 +295,10 @@ class GuardApp:
 
             self._wm_secret = load_secret(config.watermark_secret_env)  # a one-line error when missing
         from stillhouse.guard.admin import AdminAPI
+        from stillhouse.guard.reload import DetectorReloader
         self.admin = AdminAPI(self)
+        self.reloader = DetectorReloader(self)
+        """Swaps in a promoted detector without a restart (``POST /admin/detector/reload``, the directory poll)."""
         self._console: Any = None
         """The operator console's ASGI app (guard/console/), built on its first request."""
 
@@ -325,12 +328,14 @@ class GuardApp:
                 await self._remote.start(self._take_verdicts)
             if self.config.key_refresh_s > 0:
                 self._refresh_task = asyncio.create_task(self._refresh_loop(), name="guard-refresh")
+            self.reloader.start()
             self._started = True
 
     async def stop(self) -> None:
         if not self._started:
             return
         self._started = False
+        await self.reloader.stop()
         self._drain_post()
         self._drain_detect(None)
         if self._remote is not None:
@@ -503,6 +508,7 @@ class GuardApp:
         if self._remote is not None and account is not None:
             self._remote.submit(rec, account)
         elif self.detector is not None and account is not None:
+            self.reloader.capture(rec, account)
             q = self._detect_q
             if not q and (self._inflight <= 1 or self.config.detect_max_lag == 0):
                 self._observe(rec, account)

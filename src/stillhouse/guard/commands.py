@@ -126,7 +126,7 @@ _ADMIN_TOKEN = typer.Option(None, "--token", envvar=ADMIN_ENV,
                             help=f"Admin token (default: ${ADMIN_ENV}).")
 
 
-def _call(url: str, token: str | None, method: str, path: str, body: Any = None) -> Any:
+def _call(url: str, token: str | None, method: str, path: str, body: Any = None, timeout: float = 30) -> Any:
     import urllib.error
     import urllib.request
 
@@ -136,7 +136,7 @@ def _call(url: str, token: str | None, method: str, path: str, body: Any = None)
     req = urllib.request.Request(url.rstrip("/") + path, data=data, method=method,
                                  headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             out = json.loads(resp.read() or b"{}")
     except urllib.error.HTTPError as exc:
         try:
@@ -245,6 +245,21 @@ def traffic(account_id: str = typer.Option(None), limit: int = typer.Option(20),
 def stats(url: str = _ADMIN_URL, token: str = _ADMIN_TOKEN) -> None:
     """Log writer state: store up/down, spooled and replayed records."""
     _call(url, token, "GET", "/admin/stats")
+
+
+@admin_app.command("detector")
+def detector(url: str = _ADMIN_URL, token: str = _ADMIN_TOKEN) -> None:
+    """The loaded detector (directory, thresholds) and its reloads."""
+    _call(url, token, "GET", "/admin/detector")
+
+
+@admin_app.command("reload-detector")
+def reload_detector(url: str = _ADMIN_URL, token: str = _ADMIN_TOKEN,
+                    timeout: float = typer.Option(900.0, help="Seconds to wait (the new model replays the log's "
+                                                                "last window first).")) -> None:
+    """Load the model --detector DIR points to now (after `stillhouse detect watch` promoted one), its window
+    rebuilt from the log; the current one keeps scoring until it is ready."""
+    _call(url, token, "POST", "/admin/detector/reload", timeout=timeout)
 
 
 # -- demo ---------------------------------------------------------------------------------

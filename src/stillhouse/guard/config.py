@@ -151,6 +151,11 @@ class GuardConfig:
     the request that earned it (at most this many requests later). 0 = strict: every policy
     decision first feeds the detector every answered request (a verdict for request k
     applies from request k+1). A request alone in flight is always observed at once."""
+    detector_reload_s: float = 0.0
+    """Poll ``detector_dir`` this often (seconds) and reload the detector when it points to a new version
+    (``stillhouse detect watch`` promotes one by swapping a symlink); 0 = reload only on ``POST
+    /admin/detector/reload``. A reload replays the log's last ``window_s`` into the new model, so its verdicts
+    continue those of an offline replay of the log."""
     console: bool = True
     """Serve the operator console at /console (a browser login with the admin token; see guard/console/)."""
     console_session_s: float = 900.0
@@ -197,6 +202,9 @@ class GuardConfig:
                 raise ValueError(f"{name}={getattr(self, name)}: must be > 0 seconds")
         if self.detect_mode not in ("process", "inline"):
             raise ValueError(f"detect_mode={self.detect_mode!r}: use process or inline")
+        if self.detector_reload_s < 0:
+            raise ValueError(f"detector_reload_s={self.detector_reload_s}: must be >= 0 (0 = only on "
+                             "POST /admin/detector/reload)")
         if self.detect_max_lag < 0:
             raise ValueError(f"detect_max_lag={self.detect_max_lag}: must be >= 0 (0 = strict)")
         if not 60 <= self.console_session_s <= 86400:

@@ -21,7 +21,15 @@ detector_queue_depth                   gauge      answered requests the detector
 decisions_total{tier,source,shadow}    counter    decisions taken (detector, rule, manual, console)
 active_decisions{tier,source}          gauge      manual and detector decisions in force
 accounts / live_keys                   gauge      accounts and live API keys known to this replica
+detector_reloads_total{result}         counter    detector reloads (ok, failed): guard/reload.py
+detector_loaded_timestamp_seconds      gauge      when the scoring detector was loaded (wall clock)
+detector_drift_psi                     gauge      the watch's last benign-score drift (PSI; see detect/drift.py)
+detector_watch_alarm                   gauge      1 when the watch's last period raised an alarm (drift, FPR, no data)
+detector_watch_last_run_timestamp      gauge      the time of the watch's last period (``..._seconds``)
 =====================================  =========  =================================================
+
+The ``detector_drift_psi`` and ``detector_watch_*`` gauges come from the status file ``stillhouse detect watch``
+writes beside the model (``DETECTOR_DIR.watch.json``), read at scrape time; absent when there is none.
 
 Tier is the action enforced on the request (allow, throttle, degrade, block); no metric carries
 an account id, a key or any text. ``GuardConfig.metrics_token_sha256`` decides whether a scrape
@@ -154,9 +162,41 @@ class GuardMetrics:
         for pair, n in sorted(active.items()):
             g.add_metric(pair, n)
         yield g
+        yield from self._detector_families()
         yield GaugeMetricFamily(PREFIX + "accounts", "Accounts known to this replica.", value=len(app.accounts))
         yield GaugeMetricFamily(PREFIX + "live_keys", "Live API keys known to this replica.",
                                 value=sum(1 for r in app.keys.rows() if r.revoked_at is None))
+
+    def _detector_families(self) -> Iterator[Any]:
+        """Reloads, the loaded model's age, and the watch's status file (when there is one)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        app = self.app
+        rl = app.reloader
+        c = CounterMetricFamily(PREFIX + "detector_reloads", "Detector reloads without a restart, by result.",
+                                labels=("result",))
+        for result in ("ok", "failed"):
+            c.add_metric((result,), rl.results.get(result, 0))
+        yield c
+        if rl.loaded_at is not None:
+            yield GaugeMetricFamily(PREFIX + "detector_loaded_timestamp_seconds", "When the scoring detector was "
+                                    "loaded (unix seconds).", value=rl.loaded_at)
+        if not app.config.detector_dir:
+            return
+        from stillhouse.guard.detect.watch import default_status_path, read_status
+
+        status = read_status(default_status_path(app.config.detector_dir))
+        if status is None:
+            return
+        psi = (status.get("drift") or {}).get("psi")
+        if isinstance(psi, int | float):
+            yield GaugeMetricFamily(PREFIX + "detector_drift_psi", "Benign max-score drift of the live model at the "
+                                    "watch's last period (PSI; above 0.25 is a significant shift).", value=psi)
+        yield GaugeMetricFamily(PREFIX + "detector_watch_alarm", "1 when the watch's last period raised an alarm.",
+                                value=1.0 if status.get("alarm") else 0.0)
+        if isinstance(status.get("ts"), int | float):
+            yield GaugeMetricFamily(PREFIX + "detector_watch_last_run_timestamp_seconds", "Time of the watch's last "
+                                    "period (unix seconds; simulated time for a simulated log).", value=status["ts"])
 
     def collect(self) -> Iterator[Any]:  # the prometheus-client Collector protocol
         yield from self.families()

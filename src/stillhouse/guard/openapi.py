@@ -171,5 +171,16 @@ def openapi_schema() -> dict[str, Any]:
             "/admin/stats": {"get": {"operationId": "stats", "security": [{"adminToken": []}],
                                      "responses": {"200": _resp("state", {"$ref": "#/components/schemas/Any"}),
                                                    **_ADMIN_ERRORS}}},
+            "/admin/detector": {"get": {"operationId": "detector", "security": [{"adminToken": []}],
+                                        "responses": {"200": _resp("the loaded detector and its reloads",
+                                                                   {"$ref": "#/components/schemas/Any"}),
+                                                      **_ADMIN_ERRORS}}},
+            "/admin/detector/reload": {"post": {
+                "operationId": "reloadDetector", "security": [{"adminToken": []}],
+                "responses": {"200": _resp("reloaded; its window rebuilt from the log",
+                                           {"$ref": "#/components/schemas/Any"}),
+                              **_ADMIN_ERRORS,
+                              "409": _resp("no detector directory, no detector, or a reload already running"),
+                              "422": _resp("the directory holds no fitted detector; the current one keeps scoring")}}},
         },
     }

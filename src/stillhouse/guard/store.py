@@ -32,6 +32,7 @@ import contextlib
 import json
 import sqlite3
 import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,8 @@ _SCHEMA = [
         decision TEXT NOT NULL, decision_reason TEXT NOT NULL, session_id TEXT NOT NULL,
         watermark_key_id TEXT NOT NULL DEFAULT '')""",
     "CREATE INDEX IF NOT EXISTS traffic_account_ts ON traffic (account_id, ts)",
+    # a window of the log in arrival order (detect/logwindow.py: fit, check, watch, detector reload)
+    "CREATE INDEX IF NOT EXISTS traffic_ts ON traffic (ts, request_id)",
     # -- pre-aggregated counters (guard/rollup.py), kept by write_records --------------------
     """CREATE TABLE IF NOT EXISTS traffic_hourly (
         hour DOUBLE PRECISION PRIMARY KEY, requests BIGINT NOT NULL, prompt_tokens BIGINT NOT NULL,
@@ -586,10 +589,10 @@ class SqlStore:
         return list(latest.values())
 
     def read_records(self, account_id: str | None = None, since: float | None = None,
-                     limit: int | None = None, newest: bool = False) -> list[TrafficRecord]:
-        """Traffic in arrival order, optionally for one account / after a time / at most ``limit``
+                     limit: int | None = None, newest: bool = False, until: float | None = None) -> list[TrafficRecord]:
+        """Traffic in arrival order, optionally for one account / in ``[since, until)`` / at most ``limit``
         (the first ones, or with ``newest`` the last ones, still returned oldest first)."""
-        where, args = _where([("account_id = ?", account_id), ("ts >= ?", since)])
+        where, args = _where([("account_id = ?", account_id), ("ts >= ?", since), ("ts < ?", until)])
         sql = f"SELECT {', '.join(_TRAFFIC_COLS)} FROM traffic" + where
         sql += " ORDER BY ts DESC, request_id DESC" if newest else " ORDER BY ts, request_id"
         if limit is not None:
@@ -602,6 +605,48 @@ class SqlStore:
         sql = ("SELECT watermark_key_id, account_id, COUNT(*) FROM traffic WHERE watermark_key_id <> '' "
                "GROUP BY watermark_key_id, account_id ORDER BY watermark_key_id, account_id")
         return [(str(a), str(b), int(n)) for a, b, n in self._run(lambda cur: cur.execute(sql).fetchall())]
+
+    def iter_records(self, since: float | None = None, until: float | None = None,
+                     page: int = 5000) -> Iterator[TrafficRecord]:
+        """Traffic with ``since <= ts < until`` in arrival order (``ts, request_id``), read in pages of
+        ``page`` rows by keyset on the ``traffic_ts`` index: memory stays bounded by one page and no
+        transaction stays open between pages, however long the window."""
+        if page < 1:
+            raise ValueError(f"page={page}: must be >= 1")
+        cols = ", ".join(_TRAFFIC_COLS)
+        tail = " ORDER BY ts, request_id LIMIT " + str(int(page))
+        where, args = _where([("ts >= ?", since), ("ts < ?", until)])
+        sql = self._sql(f"SELECT {cols} FROM traffic" + where + tail)
+        # a row-value comparison: both SQLite and PostgreSQL seek the index to it (an OR of the two cases
+        # made SQLite scan from the index's start on every page)
+        after = self._sql(f"SELECT {cols} FROM traffic WHERE (ts, request_id) > (?, ?)"
+                          + (" AND ts < ?" if until is not None else "") + tail)
+        while True:
+            rows = self._run(lambda cur, q=sql, a=args: cur.execute(q, a).fetchall())
+            for row in rows:
+                yield _row_record(row)
+            if len(rows) < page:
+                return
+            last_id, last_ts = rows[-1][0], rows[-1][1]  # the next page starts after the last (ts, request_id)
+            sql, args = after, [last_ts, last_id, *([until] if until is not None else [])]
+
+    def decisions_between(self, since: float | None, until: float | None) -> list[DecisionRow]:
+        """Decisions in force at some time in ``[since, until)``: created before ``until`` and not cleared
+        by ``since`` (a decision created in the window, active at its end, or cleared during it)."""
+        where, args = _where([("created_at < ?", until), ("(cleared_at IS NULL OR cleared_at > ?)", since)])
+        sql = self._sql(f"SELECT {', '.join(_DECISION_COLS)} FROM decisions" + where
+                        + " ORDER BY created_at, decision_id")
+        return [_row_decision(r) for r in self._run(lambda cur: cur.execute(sql, args).fetchall())]
+
+    def accounts_in_clusters(self, cluster_ids: list[str]) -> dict[str, str]:
+        """account -> cluster for the accounts the detector last put in one of ``cluster_ids`` (``account_stats``)."""
+        out: dict[str, str] = {}
+        for i in range(0, len(cluster_ids), 500):
+            chunk = cluster_ids[i:i + 500]
+            sql = self._sql(f"SELECT account_id, cluster_id FROM account_stats WHERE cluster_id IN "
+                            f"({','.join('?' * len(chunk))})")
+            out.update(dict(self._run(lambda cur, q=sql, c=chunk: cur.execute(q, c).fetchall())))
+        return out
 
     def count_records(self) -> int:
         return int(self._run(lambda cur: cur.execute("SELECT COUNT(*) FROM traffic").fetchone()[0]))

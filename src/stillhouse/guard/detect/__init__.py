@@ -8,7 +8,14 @@
 - :mod:`.links`     — cross-account links and clusters;
 - :mod:`.stats`     — the maths (surprisals, MMD, entropy, thresholds) as plain functions;
 - :mod:`.detector`  — ``WindowDetector``: the ``Detector`` protocol, calibration, save/load;
-- :mod:`.offline`   — read a traffic log (JSONL or the guard's store) and score it.
+- :mod:`.offline`   — read a traffic log (JSONL or the guard's store) and score it;
+- :mod:`.logwindow` — a time window of the guard's log, accounts under a decision or labelled campaign left out;
+- :mod:`.calibrate` — the operator path: fit on a window of the guard's own log (``detect --fit --since --until``);
+- :mod:`.check`     — check a fitted detector on a later window before enforcing (``detect check``);
+- :mod:`.drift`     — the population stability index of the benign score distribution;
+- :mod:`.promote`   — versions beside the model and atomic promotion (a symlink renamed over the model);
+- :mod:`.watch`     — refit on a schedule, alarm on drift, promote a checked candidate (``detect watch``);
+- :mod:`.rebuild`   — a loaded detector's window rebuilt from the log (the guard's reload without a restart).
 
 Run: ``stillhouse detect --help``.
 """

@@ -50,7 +50,8 @@ def records_to_jsonl(records: Iterable[TrafficRecord], path: str | Path) -> int:
     return n
 
 
-def _read_jsonl(path: Path) -> Iterator[TrafficRecord]:
+def iter_jsonl(path: Path) -> Iterator[TrafficRecord]:
+    """The TrafficRecords of a .jsonl log in file order; LogError names the line of a bad one."""
     fields = {f.name for f in dataclasses.fields(TrafficRecord)}
     with path.open() as f:
         for lineno, line in enumerate(f, 1):
@@ -89,7 +90,7 @@ def read_log(source: str) -> tuple[list[TrafficRecord], dict[str, AccountInfo]]:
     path = Path(source)
     if not path.exists():
         raise LogError(f"log {source!r} not found: give a sqlite:///path, postgresql://... URL or a .jsonl file")
-    return list(_read_jsonl(path)), {}
+    return list(iter_jsonl(path)), {}
 
 
 def read_accounts(path: str | Path) -> dict[str, AccountInfo]:
