@@ -96,7 +96,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     lo, hi = SPLITS[args.split]
     prompts = json.loads((OUT / "prompts.json").read_text())[lo:hi][: args.limit]
     teacher = _teacher(args.threads)
-    params = WatermarkParams(args.gamma, args.delta, args.context)
+    params = WatermarkParams(args.gamma, args.delta, args.context, args.entropy)
     vocab = int(teacher.model.get_output_embeddings().weight.shape[0])
     wm = None
     if args.key != "none":
@@ -112,7 +112,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
                      "token_ids": c.token_ids, "key_id": args.key, "params": vars(params) if wm else None})
     wall = time.perf_counter() - t0
     teacher.close()
-    name = args.name or f"{args.split}-{args.key.replace('/', '_')}-d{args.delta:g}-h{args.context}"
+    name = args.name or (f"{args.split}-{args.key.replace('/', '_')}-d{args.delta:g}-h{args.context}"
+                         + (f"-e{args.entropy:g}" if args.entropy else ""))
     path = OUT / f"gen-{name}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tokens = sum(len(r["token_ids"]) for r in rows)
@@ -129,14 +130,25 @@ def cmd_detect(args: argparse.Namespace) -> None:
     from stillhouse.watermark.keys import derive_key, key_u64, load_secret
 
     rows = [json.loads(x) for x in Path(args.file).read_text().splitlines()]
-    params = WatermarkParams(args.gamma, args.delta, args.context)
+    params = WatermarkParams(args.gamma, args.delta, args.context, args.entropy)
     key = key_u64(derive_key(load_secret(), args.key))
-    ps, needed, lengths = [], [], []
-    for r in rows:
+    keeps: list[list[bool] | None] = [None] * len(rows)
+    if args.entropy:  # the gate: the teacher recomputes its entropy before every answer token
+        from stillhouse.provenance.gate import answer_entropies, gate_masks
+        from stillhouse.teacher.local import encode_chat
+
+        teacher = _teacher(args.threads)
+        pairs = [(encode_chat(teacher.tokenizer, r["messages"][:1]), r["token_ids"][: args.max_tokens]) for r in rows]
+        keeps = gate_masks(answer_entropies(teacher.model, pairs), args.entropy)  # type: ignore[assignment]
+        teacher.close()
+    ps, needed, lengths, scored = [], [], [], []
+    for r, keep in zip(rows, keeps):
         ids = r["token_ids"][: args.max_tokens]
         lengths.append(len(ids))
-        ps.append(score_key(key, unique_tuples([ids], params.context), params).p)
-        needed.append(tokens_to_detect(ids, key, params, args.alpha))
+        s = score_key(key, unique_tuples([ids], params.context, keep=[keep] if keep else None), params)
+        ps.append(s.p)
+        scored.append(s.scored)
+        needed.append(tokens_to_detect(ids, key, params, args.alpha, keep=keep))
     hit = [n for n in needed if n is not None]
     print(json.dumps({
         "file": args.file, "key": args.key, "answers": len(rows), "median_tokens": statistics.median(lengths),
@@ -144,6 +156,7 @@ def cmd_detect(args: argparse.Namespace) -> None:
         f"share_ever_below_{args.alpha:g}_descriptive": len(hit) / len(rows),
         "median_tokens_to_detect": statistics.median(hit) if hit else None,
         "median_p": statistics.median(ps), "share_p_below_1e-3": sum(p < 1e-3 for p in ps) / len(ps),
+        "median_scored": statistics.median(scored), "entropy": args.entropy, "delta": args.delta,
     }, indent=1))
 
 
@@ -184,13 +197,14 @@ def main() -> None:
         p.add_argument("--gamma", type=float, default=0.25)
         p.add_argument("--delta", type=float, default=2.0)
         p.add_argument("--context", type=int, default=1)
+        p.add_argument("--entropy", type=float, default=0.0, help="entropy gate in nats (0 = none)")
         p.add_argument("--max-tokens", type=int, default=200)
+        p.add_argument("--threads", type=int, default=1)
         if name == "generate":
             p.add_argument("--split", choices=list(SPLITS), default="dev")
             p.add_argument("--limit", type=int, default=None)
             p.add_argument("--temperature", type=float, default=0.7)
             p.add_argument("--seed", type=int, default=0)
-            p.add_argument("--threads", type=int, default=1)
             p.add_argument("--name", default="")
         else:
             p.add_argument("--file", required=True)

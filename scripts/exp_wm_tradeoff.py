@@ -14,6 +14,7 @@ Stages (OUT = runs/provenance)::
     python scripts/exp_wm_tradeoff.py arith --n 300          # dev items: train-split 2-digit additions
     python scripts/exp_wm_tradeoff.py chat --temperature 0.7  # dev prompts (exp_provenance's dev split)
     python scripts/exp_wm_tradeoff.py table                   # both, one row per (delta, entropy)
+    python scripts/exp_wm_tradeoff.py arith-wm --settings 0.25:0:0,0.25:1:2.5   # confirm: real watermarked greedy
 
 Development data only: arithmetic items come from the *train* split (disjoint from every held-out pair),
 chat prompts from ``exp_provenance.py``'s dev prompts.
@@ -187,6 +188,41 @@ def cmd_chat(args: argparse.Namespace) -> None:
     print(json.dumps({k: v for k, v in res.items() if k != "rows"}))
 
 
+def cmd_arith_wm(args: argparse.Namespace) -> None:
+    """Confirm on the same dev items: greedy accuracy with the watermark really on, per setting (one key).
+
+    The screen's bounds are loose (a changed answer may still be right: a flip in the wording, not a
+    digit), so the candidate settings are generated for real, as ``stillhouse eval`` does."""
+    from stillhouse.distill.evaluate import score_outputs
+    from stillhouse.distill.metrics import wilson_interval
+    from stillhouse.distill.tasks import read_items
+    from stillhouse.teacher.generate import chat_prompt_ids, generate
+    from stillhouse.watermark.green import RowWatermark, WatermarkParams, batch_processor, vocab_hashes
+    from stillhouse.watermark.keys import derive_key, key_u64, load_secret
+
+    items = read_items(OUT / "dev-arith.jsonl")
+    model, tok = _load(args.threads)
+    prompts = [chat_prompt_ids(tok, it.messages) for it in items]
+    hashes = vocab_hashes(int(model.get_output_embeddings().weight.shape[0]))
+    key = key_u64(derive_key(load_secret(), args.key))
+    path = OUT / "screen-arith-wm.jsonl"
+    for setting in args.settings.split(","):
+        gamma, delta, gate = (float(x) for x in setting.split(":"))
+        t0 = time.perf_counter()
+        proc = None
+        if delta > 0:
+            proc = batch_processor(RowWatermark(key, WatermarkParams(gamma, delta, 1, gate), hashes, args.key))
+        gens = generate(model, tok, prompts, 16, batch_size=32, logits_processor=proc)
+        ok = [v.ok for v in score_outputs("arithmetic2", items, [g.text for g in gens])]
+        lo, hi = wilson_interval(sum(ok), len(ok))
+        row = {"gamma": gamma, "delta": delta, "entropy": gate, "key": args.key, "n": len(ok),
+               "accuracy": sum(ok) / len(ok), "wilson95": [lo, hi], "correct": ok,
+               "seconds": round(time.perf_counter() - t0)}
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps({k: v for k, v in row.items() if k != "correct"}), flush=True)
+
+
 def cmd_table(args: argparse.Namespace) -> None:
     a = json.loads((OUT / "screen-arith.json").read_text())
     c = json.loads((OUT / "screen-chat.json").read_text())
@@ -212,9 +248,13 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--max-tokens", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)
+    p = sub.add_parser("arith-wm")
+    p.add_argument("--settings", required=True, help="gamma:delta:entropy,... (delta 0 = no watermark)")
+    p.add_argument("--key", default="server/screen-0/0")
+    p.add_argument("--threads", type=int, default=1)
     sub.add_parser("table")
     args = ap.parse_args()
-    {"arith": cmd_arith, "chat": cmd_chat, "table": cmd_table}[args.cmd](args)
+    {"arith": cmd_arith, "chat": cmd_chat, "arith-wm": cmd_arith_wm, "table": cmd_table}[args.cmd](args)
 
 
 if __name__ == "__main__":
