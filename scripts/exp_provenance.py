@@ -96,23 +96,26 @@ def cmd_generate(args: argparse.Namespace) -> None:
     lo, hi = SPLITS[args.split]
     prompts = json.loads((OUT / "prompts.json").read_text())[lo:hi][: args.limit]
     teacher = _teacher(args.threads)
-    params = WatermarkParams(args.gamma, args.delta, args.context)
+    params = WatermarkParams(args.gamma, args.delta, args.context, args.entropy)
     vocab = int(teacher.model.get_output_embeddings().weight.shape[0])
-    wm = None
-    if args.key != "none":
-        wm = RowWatermark(key_u64(derive_key(load_secret(), args.key)), params, vocab_hashes(vocab), args.key)
+    keys = args.key.split(",")  # several: answer i is watermarked with keys[i % len(keys)] (one batch, mixed keys)
+    wms = [None if k == "none" else RowWatermark(key_u64(derive_key(load_secret(), k)), params, vocab_hashes(vocab), k)
+           for k in keys]
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     t0 = time.perf_counter()
-    handles = [teacher.submit(teacher.encode([{"role": "user", "content": p}]), sp, index=i, row_processor=wm)
-               for i, p in enumerate(prompts)]
+    handles = [teacher.submit(teacher.encode([{"role": "user", "content": p}]), sp, index=i,
+                              row_processor=wms[i % len(wms)]) for i, p in enumerate(prompts)]
     rows = []
-    for p, h in zip(prompts, handles):
+    for i, (p, h) in enumerate(zip(prompts, handles)):
         c = h.future.result()
+        k = keys[i % len(keys)]
         rows.append({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c.text}],
-                     "token_ids": c.token_ids, "key_id": args.key, "params": vars(params) if wm else None})
+                     "token_ids": c.token_ids, "key_id": k, "params": vars(params) if k != "none" else None})
     wall = time.perf_counter() - t0
     teacher.close()
-    name = args.name or f"{args.split}-{args.key.replace('/', '_')}-d{args.delta:g}-h{args.context}"
+    name = args.name or (f"{args.split}-{keys[0].replace('/', '_')}{f'x{len(keys)}' if len(keys) > 1 else ''}"
+                         f"-d{args.delta:g}-h{args.context}"
+                         + (f"-e{args.entropy:g}" if args.entropy else ""))
     path = OUT / f"gen-{name}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tokens = sum(len(r["token_ids"]) for r in rows)
@@ -124,26 +127,54 @@ def cmd_detect(args: argparse.Namespace) -> None:
     advance), and, descriptively, the first prefix length at which p drops below alpha."""
     import statistics
 
-    from stillhouse.provenance.detect import score_key, tokens_to_detect, unique_tuples
+    from stillhouse.provenance.detect import score_key, score_keys, tokens_to_detect, unique_tuples
     from stillhouse.watermark.green import WatermarkParams
     from stillhouse.watermark.keys import derive_key, key_u64, load_secret
 
     rows = [json.loads(x) for x in Path(args.file).read_text().splitlines()]
-    params = WatermarkParams(args.gamma, args.delta, args.context)
-    key = key_u64(derive_key(load_secret(), args.key))
-    ps, needed, lengths = [], [], []
-    for r in rows:
+    params = WatermarkParams(args.gamma, args.delta, args.context, args.entropy)
+    secret = load_secret()
+    candidates = {k: key_u64(derive_key(secret, k)) for k in args.attribute.split(",")} if args.attribute else {}
+    keeps: list[list[bool] | None] = [None] * len(rows)
+    if args.entropy:  # the gate: the teacher recomputes its entropy before every answer token
+        from stillhouse.provenance.gate import answer_entropies, gate_masks
+        from stillhouse.teacher.local import encode_chat
+
+        teacher = _teacher(args.threads)
+        pairs = [(encode_chat(teacher.tokenizer, r["messages"][:1]), r["token_ids"][: args.max_tokens]) for r in rows]
+        keeps = gate_masks(answer_entropies(teacher.model, pairs), args.entropy)  # type: ignore[assignment]
+        teacher.close()
+    ps, needed, lengths, scored, ranks, best_holm, wrong_holm = [], [], [], [], [], [], []
+    for r, keep in zip(rows, keeps):
+        kid = r["key_id"] if args.key == "row" else args.key  # row: each answer against the key it was made with
+        key = key_u64(derive_key(secret, kid))
         ids = r["token_ids"][: args.max_tokens]
         lengths.append(len(ids))
-        ps.append(score_key(key, unique_tuples([ids], params.context), params).p)
-        needed.append(tokens_to_detect(ids, key, params, args.alpha))
+        tuples = unique_tuples([ids], params.context, keep=[keep] if keep else None)
+        s = score_key(key, tuples, params)
+        ps.append(s.p)
+        scored.append(s.scored)
+        needed.append(tokens_to_detect(ids, key, params, args.alpha, keep=keep))
+        if candidates:  # attribution: every candidate on the same tuples, Holm over them
+            ranked = score_keys(tuples, candidates, params)
+            ranks.append(next((i + 1 for i, c in enumerate(ranked) if c.key_id == kid), None))
+            best_holm.append(ranked[0].p_holm)
+            wrong_holm.append(min(c.p_holm for c in ranked if c.key_id != kid))
     hit = [n for n in needed if n is not None]
+    if candidates:
+        print(json.dumps({"candidates": len(candidates), "answers": len(ranks),
+                          "right_key_first": sum(x == 1 for x in ranks),
+                          "right_key_first_and_holm_below_alpha": sum(x == 1 and b < args.alpha
+                                                                      for x, b in zip(ranks, best_holm)),
+                          "wrong_key_holm_below_1e-3": sum(w < 1e-3 for w in wrong_holm),
+                          "min_wrong_key_holm": min(wrong_holm)}, indent=1))
     print(json.dumps({
         "file": args.file, "key": args.key, "answers": len(rows), "median_tokens": statistics.median(lengths),
         f"share_p_below_{args.alpha:g}": sum(p < args.alpha for p in ps) / len(rows),
         f"share_ever_below_{args.alpha:g}_descriptive": len(hit) / len(rows),
         "median_tokens_to_detect": statistics.median(hit) if hit else None,
         "median_p": statistics.median(ps), "share_p_below_1e-3": sum(p < 1e-3 for p in ps) / len(ps),
+        "median_scored": statistics.median(scored), "entropy": args.entropy, "delta": args.delta,
     }, indent=1))
 
 
@@ -180,20 +211,23 @@ def main() -> None:
     sub.add_parser("prompts")
     for name in ("generate", "detect"):
         p = sub.add_parser(name)
-        p.add_argument("--key", default="account/camp-0/0")
+        p.add_argument("--key", default="account/camp-0/0", help="generate: one id or a comma list (cycled); "
+                                                                  "detect: one id, or 'row' (each row's own key)")
         p.add_argument("--gamma", type=float, default=0.25)
         p.add_argument("--delta", type=float, default=2.0)
         p.add_argument("--context", type=int, default=1)
+        p.add_argument("--entropy", type=float, default=0.0, help="entropy gate in nats (0 = none)")
         p.add_argument("--max-tokens", type=int, default=200)
+        p.add_argument("--threads", type=int, default=1)
         if name == "generate":
             p.add_argument("--split", choices=list(SPLITS), default="dev")
             p.add_argument("--limit", type=int, default=None)
             p.add_argument("--temperature", type=float, default=0.7)
             p.add_argument("--seed", type=int, default=0)
-            p.add_argument("--threads", type=int, default=1)
             p.add_argument("--name", default="")
         else:
             p.add_argument("--file", required=True)
+            p.add_argument("--attribute", default="", help="candidate key ids (comma list): rank them per answer")
             p.add_argument("--alpha", type=float, default=1e-5)
     p = sub.add_parser("mix")
     p.add_argument("--wm", nargs="+", required=True)

@@ -305,3 +305,15 @@ def test_bench_serve_runs_the_llama_cpp_column(tmp_path):
     assert r["peer_errors"] == {}
     col = r["columns"]["llama_cpp"]["1"]
     assert col["errors"] == 0 and col["completion_tokens"] > 0 and col["tokens_per_s"] > 0
+
+
+def test_bench_serve_passes_the_watermark_setting_to_the_watermarked_column():
+    from stillhouse.bench.serve import BenchServeConfig, _ServeProcess
+
+    with pytest.raises(ValueError, match="watermark_entropy"):
+        BenchServeConfig(watermark=True, watermark_entropy=-1.0)
+    with pytest.raises(ValueError, match="watermark_delta"):
+        BenchServeConfig(watermark=True, watermark_delta=30.0)
+    args = _ServeProcess("bundled", 32, 1, True, 1.5, 2.0).args
+    assert args[args.index("--watermark-delta") + 1] == "1.5" and args[args.index("--watermark-entropy") + 1] == "2.0"
+    assert "--watermark" not in _ServeProcess("bundled", 32, 1).args

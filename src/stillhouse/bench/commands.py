@@ -196,6 +196,9 @@ def bench_serve(
     threads: int = typer.Option(0, help="torch CPU threads for every column; 0 = torch's default."),
     watermark: bool = typer.Option(False, "--watermark", help="Also measure serve --watermark (keyed green "
                                                              "lists) right after plain serve."),
+    watermark_delta: float = typer.Option(2.0, "--watermark-delta", help="The watermarked column's logit bias."),
+    watermark_entropy: float = typer.Option(0.0, "--watermark-entropy", help="The watermarked column's entropy "
+                                                                             "gate in nats (0 = none)."),
     out: Path = typer.Option(None, "--out", help="Write the full result as JSON here."),
     peers: bool = typer.Option(True, "--peers/--no-peers", help=PEERS_HELP),
     peer_python: list[str] = typer.Option([], "--peer-python", metavar="NAME=PATH", help=PEER_PYTHON_HELP),
@@ -209,7 +212,8 @@ def bench_serve(
         cfg = BenchServeConfig(teacher=teacher, concurrency=levels, requests=requests,
                                baseline_requests=baseline_requests, max_tokens=max_tokens, max_batch=max_batch,
                                threads=threads, peers=peers, peer_python=tuple(peer_python),
-                               watermark=watermark)
+                               watermark=watermark, watermark_delta=watermark_delta,
+                               watermark_entropy=watermark_entropy)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     console = Console(stderr=True)

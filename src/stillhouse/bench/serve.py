@@ -62,6 +62,10 @@ class BenchServeConfig:
     """``llama_cpp=PATH``: run llama.cpp with this python instead of its pinned virtualenv."""
     watermark: bool = False
     """Also measure the batching server with --watermark (a fresh random secret), right after the plain one."""
+    watermark_delta: float = 2.0
+    """The watermarked column's --watermark-delta."""
+    watermark_entropy: float = 0.0
+    """The watermarked column's --watermark-entropy (the entropy gate, nats; 0 = none)."""
 
     def __post_init__(self) -> None:
         from stillhouse.bench.peers import check_overrides
@@ -78,6 +82,12 @@ class BenchServeConfig:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.requests < 0:
             raise ValueError(f"requests={self.requests}: must be >= 0 (0 = max(8, concurrency))")
+        from stillhouse.watermark.green import WatermarkParams
+
+        try:
+            WatermarkParams(delta=self.watermark_delta, entropy=self.watermark_entropy)
+        except ValueError as exc:
+            raise ValueError(f"watermark_{exc}") from exc
 
 
 def prompts(count: int) -> list[list[dict[str, str]]]:
@@ -148,7 +158,8 @@ async def _drive(base_url: str, convs: list[list[dict[str, str]]], concurrency: 
 class _ServeProcess:
     """``stillhouse serve`` in a child process on a free loopback port (as users run it)."""
 
-    def __init__(self, teacher: str, max_batch: int, threads: int, watermark: bool = False):
+    def __init__(self, teacher: str, max_batch: int, threads: int, watermark: bool = False,
+                 wm_delta: float = 2.0, wm_entropy: float = 0.0):
         self.args = ["serve", "--teacher", teacher, "--port", "0", "--max-batch", str(max_batch)]
         if threads:
             self.args += ["--threads", str(threads)]
@@ -156,7 +167,8 @@ class _ServeProcess:
         if watermark:
             import secrets
 
-            self.args += ["--watermark", "--watermark-secret-env", "STILLHOUSE_BENCH_WM_SECRET"]
+            self.args += ["--watermark", "--watermark-secret-env", "STILLHOUSE_BENCH_WM_SECRET",
+                          "--watermark-delta", str(wm_delta), "--watermark-entropy", str(wm_entropy)]
             self.env["STILLHOUSE_BENCH_WM_SECRET"] = secrets.token_urlsafe(32)
         self.proc: subprocess.Popen[str] | None = None
         self.base_url = ""
@@ -301,7 +313,7 @@ def run_bench(cfg: BenchServeConfig, progress: Any = None) -> dict[str, Any]:
     runs = [("serve", cfg.max_batch, False), *([("serve_wm", cfg.max_batch, True)] if cfg.watermark else []),
             ("serve_b1", 1, False)]
     for label, max_batch, wm in runs:
-        with _ServeProcess(cfg.teacher, max_batch, cfg.threads, wm) as srv:
+        with _ServeProcess(cfg.teacher, max_batch, cfg.threads, wm, cfg.watermark_delta, cfg.watermark_entropy) as srv:
             asyncio.run(_drive(srv.base_url, convs[:1], 1, 4, name))  # warm-up, not timed
             for c in cfg.concurrency:
                 n = _requests_at(cfg, c, one_at_a_time=max_batch == 1)

@@ -113,6 +113,8 @@ class EvalConfig:
     """Logit bias of the teacher's watermark (as serve's --watermark-delta)."""
     watermark_context: int = 1
     """Context window of the teacher's watermark (as serve's --watermark-context)."""
+    watermark_entropy: float = 0.0
+    """Entropy gate of the teacher's watermark in nats (as serve's --watermark-entropy; 0 = none)."""
 
     def __post_init__(self) -> None:
         if self.watermark_teacher:
@@ -120,7 +122,7 @@ class EvalConfig:
             from stillhouse.watermark.keys import KeyId
 
             KeyId.parse(self.watermark_teacher)  # raises naming the expected form
-            WatermarkParams(self.watermark_gamma, self.watermark_delta, self.watermark_context)
+            WatermarkParams(self.watermark_gamma, self.watermark_delta, self.watermark_context, self.watermark_entropy)
         if isinstance(self.students, str):
             raise TypeError("students must be a tuple of specs, e.g. ('hf:runs/student',)")
         if self.task not in TASKS:
@@ -552,7 +554,7 @@ def watermark_model(lm: LoadedModel, cfg: EvalConfig) -> None:
     from stillhouse.watermark.green import RowWatermark, WatermarkParams, batch_processor, vocab_hashes
     from stillhouse.watermark.keys import WatermarkKeyError, derive_key, key_u64, load_secret
 
-    params = WatermarkParams(cfg.watermark_gamma, cfg.watermark_delta, cfg.watermark_context)
+    params = WatermarkParams(cfg.watermark_gamma, cfg.watermark_delta, cfg.watermark_context, cfg.watermark_entropy)
     try:
         key = key_u64(derive_key(load_secret(cfg.watermark_secret_env), cfg.watermark_teacher))
     except WatermarkKeyError as exc:
@@ -560,7 +562,8 @@ def watermark_model(lm: LoadedModel, cfg: EvalConfig) -> None:
     vocab = int(lm.model.get_output_embeddings().weight.shape[0])
     lm.processor = batch_processor(RowWatermark(key, params, vocab_hashes(vocab), cfg.watermark_teacher))
     lm.label += "+watermark"
-    lm.revision += f"+watermark:{cfg.watermark_teacher}:g{params.gamma:g}:d{params.delta:g}:h{params.context}"
+    lm.revision += (f"+watermark:{cfg.watermark_teacher}:g{params.gamma:g}:d{params.delta:g}:h{params.context}"
+                    + (f":e{params.entropy:g}" if params.entropy else ""))
 
 
 def run_eval(cfg: EvalConfig, out_dir: str | Path, *, cache_dir: str | Path | None = None,

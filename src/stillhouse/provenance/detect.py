@@ -62,12 +62,21 @@ def prompt_tuples(prompts: Iterable[Sequence[int]], context: int) -> set[Tuple]:
 
 
 def unique_tuples(seqs: Iterable[Sequence[int]], context: int, exclude: set[Tuple] | frozenset[Tuple] = frozenset(),
-                  dedup: bool = True) -> list[Tuple]:
-    """The tuples to score, in first-seen order: each distinct one once, none from ``exclude``."""
+                  dedup: bool = True, keep: Sequence[Sequence[bool]] | None = None) -> list[Tuple]:
+    """The tuples to score, in first-seen order: each distinct one once, none from ``exclude``.
+
+    ``keep[j][i]`` (the entropy gate, :mod:`.gate`) says whether token ``i`` of sequence ``j`` is scored."""
     seen: set[Tuple] = set()
     out: list[Tuple] = []
-    for ids in seqs:
-        for tup in scored_tuples(list(ids), context):
+    for j, ids in enumerate(seqs):
+        ids = list(ids)
+        gate = keep[j] if keep is not None else None
+        if gate is not None and len(gate) != len(ids):
+            raise ValueError(f"keep[{j}] has {len(gate)} flags for {len(ids)} tokens")
+        for i in range(context, len(ids)):
+            if gate is not None and not gate[i]:
+                continue
+            tup = tuple(ids[i - context:i + 1])
             if tup in exclude or (dedup and tup in seen):
                 continue
             seen.add(tup)
@@ -93,20 +102,24 @@ def score_keys(tuples: Sequence[Tuple], keys: Mapping[str, int], params: Waterma
     return sorted(scores, key=lambda s: (s.p, -s.rate, s.key_id))
 
 
-def tokens_to_detect(ids: Sequence[int], key: int, params: WatermarkParams, alpha: float) -> int | None:
-    """The fewest leading tokens of ``ids`` whose deduplicated tuples reach ``p < alpha`` (None: never).
+def tokens_to_detect(ids: Sequence[int], key: int, params: WatermarkParams, alpha: float,
+                     keep: Sequence[bool] | None = None) -> int | None:
+    """The fewest leading tokens of ``ids`` whose deduplicated (and gated, ``keep``) tuples reach ``p < alpha``
+    (None: never).
 
     Descriptive only: stopping at the first prefix below ``alpha`` is not a level-``alpha`` test (looking
     after every token inflates false alarms); a decision uses the p-value at a length fixed in advance."""
     gamma = params.threshold / float(1 << 53)
     seen: set[Tuple] = set()
     n = green = 0
-    for i, tup in enumerate(scored_tuples(list(ids), params.context), start=params.context + 1):
-        if tup in seen:
+    ids = list(ids)
+    for i in range(params.context, len(ids)):
+        tup = tuple(ids[i - params.context:i + 1])
+        if (keep is not None and not keep[i]) or tup in seen:
             continue
         seen.add(tup)
         n += 1
         green += green_flags(key, [tup], params)[0]
         if math.exp(log_binom_sf(green, n, gamma)) < alpha:
-            return i
+            return i + 1
     return None

@@ -39,6 +39,10 @@ class ProvenanceConfig:
     """Green share used when generating (as served: --watermark-gamma)."""
     context: int = 1
     """Context window used when generating (as served: --watermark-context)."""
+    entropy: float = 0.0
+    """Entropy gate used when generating (as served: --watermark-entropy): only tokens where the teacher's
+    next-token entropy is above it are scored; the teacher (--tokenizer) is loaded to recompute them from each
+    answer and its prompt. 0 = score every token."""
     limit: int = 0
     """Test at most this many samples of the source (0 = all)."""
     max_tokens: int = 0
@@ -51,7 +55,7 @@ class ProvenanceConfig:
     def __post_init__(self) -> None:
         if not self.source:
             raise ValueError("source: give a text file, a JSONL dataset or a harvest run directory")
-        WatermarkParams(gamma=self.gamma, context=self.context)  # raises naming the field
+        WatermarkParams(gamma=self.gamma, context=self.context, entropy=self.entropy)  # raises naming the field
         if self.limit < 0 or self.max_tokens < 0:
             raise ValueError("limit and max_tokens must be >= 0 (0 = no limit)")
         if not 0.0 < self.alpha < 1.0:
@@ -61,7 +65,7 @@ class ProvenanceConfig:
 
     @property
     def params(self) -> WatermarkParams:
-        return WatermarkParams(gamma=self.gamma, context=self.context)
+        return WatermarkParams(gamma=self.gamma, context=self.context, entropy=self.entropy)
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,9 @@ class SuspectConfig(ProvenanceConfig):
         super().__post_init__()
         from stillhouse.teacher.spec import parse_spec
 
+        if self.entropy:
+            raise ValueError(f"entropy={self.entropy:g}: provenance model scores every prediction (the gate needs "
+                             "the teacher's entropies, not the suspect's); leave it 0")
         if not self.suspect:
             raise ValueError("suspect: give a local model (hf:DIR, bundled, gguf:FILE) or a URL http://HOST:PORT/v1")
         spec = parse_spec(self.suspect)  # raises listing the accepted forms
@@ -135,7 +142,7 @@ def _report(cfg: ProvenanceConfig, scores: list[KeyScore], candidates: list[Cand
     return {
         **extra,
         "keys_tried": len(scores),
-        "params": {"gamma": cfg.gamma, "context": cfg.context},
+        "params": {"gamma": cfg.gamma, "context": cfg.context, "entropy": cfg.entropy},
         "best": best.to_json() | {"accounts": accounts.get(best.key_id, [])} if best else None,
         "named": named,
         "verdict": (f"{best.key_id} (accounts {', '.join(accounts.get(best.key_id, [])) or '-'}): Holm-adjusted "
@@ -161,11 +168,26 @@ def text_provenance(cfg: ProvenanceConfig) -> dict[str, Any]:
     tok = _tokenizer(cfg.tokenizer)
     seqs = _ids(tok, samples, cfg.max_tokens)
     exclude = prompt_tuples((_prompt_ids(tok, s) for s in samples if s.prompt), cfg.context)
-    tuples = unique_tuples(seqs, cfg.context, exclude=exclude, dedup=cfg.dedup)
+    keep = _gate(cfg, tok, samples, seqs) if cfg.entropy > 0 else None
+    tuples = unique_tuples(seqs, cfg.context, exclude=exclude, dedup=cfg.dedup, keep=keep)
     scores = score_keys(tuples, derive_all(secret, candidates), cfg.params)
-    return _report(cfg, scores, candidates, {"source": cfg.source, "samples": len(samples),
-                                             "tokens": sum(map(len, seqs)), "scored": len(tuples),
-                                             "wall_s": round(time.perf_counter() - t0, 2)})
+    extra: dict[str, Any] = {"source": cfg.source, "samples": len(samples), "tokens": sum(map(len, seqs))}
+    if keep is not None:
+        extra["gated_tokens"] = sum(map(sum, keep))
+    return _report(cfg, scores, candidates, extra | {"scored": len(tuples),
+                                                     "wall_s": round(time.perf_counter() - t0, 2)})
+
+
+def _gate(cfg: ProvenanceConfig, tok: Any, samples: list[Sample], seqs: list[list[int]]) -> list[list[bool]]:
+    """Which answer tokens the entropy gate lets through: the teacher reads each prompt (as served) and answer."""
+    from stillhouse.provenance.gate import answer_entropies, gate_masks
+    from stillhouse.teacher.bundled import load_model
+    from stillhouse.teacher.local import encode_chat
+
+    model, _, _ = load_model(cfg.tokenizer)
+    rows = [(encode_chat(tok, s.prompt) if s.prompt else [], ids) for s, ids in zip(samples, seqs)]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    return gate_masks(answer_entropies(model, rows, pad_id=pad), cfg.entropy)
 
 
 def _prompt_ids(tok: Any, s: Sample) -> list[int]:

@@ -137,6 +137,10 @@ class ServeConfig:
     """Logit bias added to green tokens (larger: stronger mark, more change to the answers)."""
     watermark_context: int = 1
     """Tokens before each token that seed its green list (KGW's h; detection must use the same)."""
+    watermark_entropy: float = 0.0
+    """Entropy gate in nats (SWEET): bias only where the teacher's next-token entropy is above it, so confident
+    tokens (digits of a sum, code syntax) stay as the model chose them; 0 = bias every token. Detection must
+    use the same (provenance text --entropy, which needs the teacher)."""
     reasoning_parser: Literal["think", "off"] = "think"
     """think: a <think>...</think> block leading a completion (or one the prompt opened) is answered in the
     reasoning field, the rest as content; off: the text comes back as the model wrote it."""
@@ -169,7 +173,7 @@ class ServeConfig:
             raise ValueError(f"reasoning_parser={self.reasoning_parser!r}: use think or off")
         if self.reasoning_field not in ("reasoning_content", "reasoning"):
             raise ValueError(f"reasoning_field={self.reasoning_field!r}: use reasoning_content or reasoning")
-        self.watermark_params()  # raises naming gamma, delta or context
+        self.watermark_params()  # raises naming gamma, delta, context or entropy
         if self.watermark and not parse_spec(self.teacher).is_local:
             raise ValueError(f"watermark: needs a local teacher (bundled, hf:DIR, gguf:FILE), not {self.teacher!r}; "
                              "the green-list bias is applied to the model's logits")
@@ -177,7 +181,8 @@ class ServeConfig:
     def watermark_params(self) -> WatermarkParams:
         """The scheme's parameters as the watermark module takes them."""
         try:
-            return WatermarkParams(self.watermark_gamma, self.watermark_delta, self.watermark_context)
+            return WatermarkParams(self.watermark_gamma, self.watermark_delta, self.watermark_context,
+                                   self.watermark_entropy)
         except ValueError as exc:
             raise ValueError(f"watermark_{exc}") from exc
 

@@ -98,6 +98,20 @@ def normalize_messages(messages: Any) -> list[dict[str, str]]:
     return out
 
 
+def encode_chat(tokenizer: Any, messages: Any) -> list[int]:
+    """The prompt ids a local teacher generates from (:meth:`LocalTeacher.encode`): chat template plus the
+    assistant cue, or ``role: content`` lines for a tokenizer without a template."""
+    msgs = normalize_messages(messages)
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    else:
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError("the prompt encodes to zero tokens")
+    return list(ids)
+
+
 class LocalTeacher:
     """A transformers causal LM served in-process with continuous batching."""
 
@@ -200,15 +214,7 @@ class LocalTeacher:
 
         A tokenizer without a chat template (a base model) gets ``role: content`` lines.
         """
-        msgs = normalize_messages(messages)
-        if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        else:
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise ValueError("the prompt encodes to zero tokens")
-        return list(ids)
+        return encode_chat(self.tokenizer, messages)
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
         """Raise ContextTooLong unless ``prompt_tokens + max_tokens`` fits the context."""

@@ -47,6 +47,10 @@ class WatermarkParams:
     """Added to every green token's logit during generation."""
     context: int = 1
     """Tokens in the context window that seeds the green list (KGW's h)."""
+    entropy: float = 0.0
+    """SWEET's gate (Lee et al. 2023), in nats: bias, and score, only the positions whose next-token entropy
+    under the teacher (its raw logits, temperature 1) is above this; 0 = every position (plain KGW).
+    Detection then needs the teacher to recompute the entropies (:mod:`stillhouse.provenance.gate`)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.gamma < 1.0:
@@ -55,6 +59,8 @@ class WatermarkParams:
             raise ValueError(f"delta={self.delta}: must be in [0, 20], e.g. 2.0")
         if isinstance(self.context, bool) or not isinstance(self.context, int) or not 1 <= self.context <= 8:
             raise ValueError(f"context={self.context!r}: must be an integer 1..8")
+        if not 0.0 <= self.entropy <= 20.0:
+            raise ValueError(f"entropy={self.entropy}: must be in [0, 20] nats (0 = no gate), e.g. 1.0")
 
     @property
     def threshold(self) -> int:
@@ -130,8 +136,22 @@ def green_flags(key: int, tuples: Sequence[tuple[int, ...]], params: WatermarkPa
     return out
 
 
+def next_token_entropy(scores: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) of ``softmax(scores)`` over the last axis, computed in float32."""
+    import torch
+
+    logp = torch.log_softmax(scores.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def gate_open(scores: torch.Tensor, params: WatermarkParams) -> bool:
+    """Whether a position with these raw logits is biased (and scored): always without a gate."""
+    return params.entropy <= 0.0 or float(next_token_entropy(scores)) > params.entropy
+
+
 class RowWatermark:
-    """A per-row logits processor: ``scores += delta`` on the green list of the row's last window.
+    """A per-row logits processor: ``scores += delta`` on the green list of the row's last window
+    (only where the entropy gate is open, when the params have one).
 
     One object per request (its key); the batcher calls it with the row's prompt plus generated
     token ids and that row's ``[V]`` logits, so rows with different keys share a batch.
@@ -147,7 +167,7 @@ class RowWatermark:
         import torch
 
         h = self.params.context
-        if len(ids) < h or self.params.delta == 0.0:
+        if len(ids) < h or self.params.delta == 0.0 or not gate_open(scores, self.params):
             return scores
         mask = green_mask(self.key, ids[len(ids) - h:], self.hashes, self.params)
         v = min(scores.shape[-1], mask.shape[0])
