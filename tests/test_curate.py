@@ -280,3 +280,18 @@ def test_near_dup_threshold_one_turns_the_step_off() -> None:
     assert [d["step"] for d in curate_rows(rows, cfg, eval_texts=[]).dropped] == ["near_dup"]
     off = curate_rows(rows, CurateConfig(eval_sets=(), keep_per_prompt=2, near_dup_threshold=1.0), eval_texts=[])
     assert len(off.kept) == 2 and not off.dropped
+
+
+def test_default_eval_sets_skip_data_this_machine_lacks_but_named_sets_must_exist(tmp_path, monkeypatch) -> None:
+    """Without ../shared (GSM8K) curation with the default sets still runs and names what it skipped; a set the
+    user names must be there."""
+    from stillhouse.distill.tasks import TaskDataMissing
+
+    monkeypatch.setenv("STILLHOUSE_SHARED", str(tmp_path))  # holds no data/gsm8k
+    rows = [_row("What is 12 + 30?", "42"), _row("What is 7 + 8?", "15")]
+    res = curate_rows(rows, CurateConfig(verify="annotate"))
+    assert len(res.kept) == 2
+    assert [s.split(":", 2)[:2] for s in res.eval_sets_skipped] == [["builtin", "gsm8k-test"]]
+    assert "gsm8k" in res.summary()["eval_sets_skipped"][0]
+    with pytest.raises(TaskDataMissing, match="GSM8K test split not found"):
+        curate_rows(rows, CurateConfig(verify="annotate", eval_sets=("builtin:gsm8k-test",)))

@@ -79,6 +79,8 @@ def curate_command(
             console.print(f"[red]error:[/red] {escape(str(exc))}")
             raise typer.Exit(2) from exc
     console.print(report_table(result))
+    for why in result.eval_sets_skipped:
+        console.print(f"[yellow]note:[/yellow] not decontaminated against {escape(why)}")
     console.print(f"kept {report['kept']} of {report['rows_in']} rows → {report['out_dir']}/train.jsonl "
                   f"(dropped rows with reasons: dropped.parquet)")
 

@@ -148,12 +148,15 @@ class CurateResult:
     dropped: list[dict[str, Any]]
     steps: list[StepReport]
     config: CurateConfig
+    eval_sets_skipped: list[str] = field(default_factory=list)
+    """Default evaluation sets not decontaminated against because their data is not on this machine (why)."""
 
     def summary(self) -> dict[str, Any]:
         return {
             "rows_in": self.steps[0].rows_in if self.steps else 0,
             "kept": len(self.kept),
             "dropped": len(self.dropped),
+            "eval_sets_skipped": self.eval_sets_skipped,
             "steps": [
                 {"step": s.step, "rows_in": s.rows_in, "rows_out": s.rows_out, "dropped": s.dropped,
                  "reasons": s.reasons, "seconds": round(s.seconds, 3)}
@@ -494,7 +497,10 @@ def curate_rows(
     current = run_step("exact_dup", current, exact)
 
     # 4. decontamination
-    texts = list(eval_texts) if eval_texts is not None else (load_eval_texts(cfg.eval_sets) if cfg.eval_sets else [])
+    # The default sets are skipped where their data is absent (and the report names them); sets the user
+    # named must be there.
+    skipped: list[str] | None = [] if tuple(cfg.eval_sets) == DEFAULT_EVAL_SETS else None
+    texts = list(eval_texts) if eval_texts is not None else load_eval_texts(cfg.eval_sets, missing=skipped)
     deco = Decontaminator(n=cfg.ngram, arithmetic_split_rule=cfg.arithmetic_split_rule).fit(texts)
 
     def decontam(rs: list[dict[str, Any]]) -> list[str | None]:
@@ -564,7 +570,7 @@ def curate_rows(
     for r in current + dropped:
         r.pop("_reference", None)
         r.pop("_task", None)
-    return CurateResult(kept=current, dropped=dropped, steps=steps, config=cfg)
+    return CurateResult(kept=current, dropped=dropped, steps=steps, config=cfg, eval_sets_skipped=skipped or [])
 
 
 # -- writing -----------------------------------------------------------------------------------

@@ -65,14 +65,25 @@ def item_text(item: Any) -> str:
     return " ".join(str(m.get("content", "")) for m in item.messages if m.get("role") == "user")
 
 
-def load_eval_texts(specs: Sequence[str], seed: int = 0) -> list[EvalText]:
-    """The texts of built-in evaluation sets named by spec strings (``builtin:gsm8k-test``...)."""
-    from stillhouse.distill.tasks import load_builtin
+def load_eval_texts(specs: Sequence[str], seed: int = 0, missing: list[str] | None = None) -> list[EvalText]:
+    """The texts of built-in evaluation sets named by spec strings (``builtin:gsm8k-test``...).
+
+    A set whose data is not on this machine raises TaskDataMissing, unless ``missing`` is a list: then the
+    set is skipped and its message appended there (curation's default sets, which a machine without
+    ../shared lacks in part)."""
+    from stillhouse.distill.tasks import TaskDataMissing, load_builtin
 
     out: list[EvalText] = []
     for spec in specs:
         name = spec.split(":")[1] if spec.startswith("builtin:") else spec
-        for item in load_builtin(spec, seed=seed):
+        try:
+            items = load_builtin(spec, seed=seed)
+        except TaskDataMissing as exc:
+            if missing is None:
+                raise
+            missing.append(f"{spec}: {exc}")
+            continue
+        for item in items:
             out.append(EvalText(name, item.id, item_text(item)))
     return out
 
