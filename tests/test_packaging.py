@@ -134,6 +134,12 @@ def test_missing_data_is_one_line_too(tmp_path: Path) -> None:
     res = _cli(["harvest", "--prompts", "builtin:arithmetic:4", "--teacher", "fake", "--out", "run", "--no-progress"],
                [], tmp_path)
     assert res.returncode == 0, res.stderr
-    res = _cli(["curate", "run", "--out", "cur"], [], tmp_path, env={"STILLHOUSE_SHARED": str(tmp_path / "none")})
+    env = {"STILLHOUSE_SHARED": str(tmp_path / "none")}
+    # the default evaluation sets: curation runs and says which one it could not decontaminate against
+    res = _cli(["curate", "run", "--out", "cur"], [], tmp_path, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "not decontaminated against builtin:gsm8k-test" in " ".join(res.stdout.split()), res.stdout
+    # a set the user names must be there: one line that says where it was looked for
+    res = _cli(["curate", "run", "--out", "cur2", "--eval-sets", "builtin:gsm8k-test"], [], tmp_path, env=env)
     assert res.returncode == 1 and "GSM8K test split not found" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr and "╭" not in res.stderr
