@@ -470,12 +470,8 @@ class ConsoleApp:
                 raise _Refused(404, "no such account")
             op = form.get("op", "")
             await act(self.app, s.name, aid, op, form.get("reason", ""))
-        except _Refused as exc:
-            return self.error(request, s, exc.status, str(exc))
-        except ActionError as exc:
-            return self.error(request, s, exc.status, str(exc))
-        except StoreUnavailable as exc:
-            return self.error(request, s, 503, f"the store is unavailable, nothing was changed: {exc}")
+        except (_Refused, ActionError, StoreUnavailable) as exc:
+            return self.error(request, s, *_refusal(exc))
         return RedirectResponse(f"/console/accounts/{aid}?ok={op}", 303)
 
     async def review_action(self, request: Request) -> Response:
@@ -493,15 +489,17 @@ class ConsoleApp:
                 await act(self.app, s.name, d.target, op, form.get("reason", ""))
             else:
                 raise _Refused(400, f"unknown action {op!r}")
-        except _Refused as exc:
-            return self.error(request, s, exc.status, str(exc))
-        except ActionError as exc:
-            return self.error(request, s, exc.status, str(exc))
-        except StoreUnavailable as exc:
-            return self.error(request, s, 503, f"the store is unavailable, nothing was changed: {exc}")
+        except (_Refused, ActionError, StoreUnavailable) as exc:
+            return self.error(request, s, *_refusal(exc))
         target = self.safe_next(form.get("next"), "/console/review").split("?", 1)[0]
         return RedirectResponse(f"{target}?ok={op}", 303)
 
+
+def _refusal(exc: Exception) -> tuple[int, str]:
+    """The status and message a refused console action answers with (nothing was changed)."""
+    if isinstance(exc, StoreUnavailable):
+        return 503, f"the store is unavailable, nothing was changed: {exc}"
+    return exc.status, str(exc)  # type: ignore[attr-defined]  # _Refused and ActionError carry a status
 
 def explain_signal(name: str, help_: dict[str, str]) -> str:
     """What a verdict's reason means, in words (``cluster:x`` and ``link:x`` reasons included)."""
