@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -147,16 +146,11 @@ def stage_train(a: argparse.Namespace, out: Path) -> bool:
 def _run_jobs(a: argparse.Namespace, out: Path, jobs: list[tuple[str, list[tuple[str, ...]], float]]) -> bool:
     """Run (name, stillhouse commands, cost) jobs on distill/jobs.py's pool with this same code; True when
     one ran (False: all were done)."""
-    import stillhouse
-    from stillhouse.distill.jobs import Job, run_jobs
+    from stillhouse.distill.jobs import cli_job, code_env, run_jobs
 
-    src = str(Path(stillhouse.__file__).resolve().parents[1])
-    env = {"PYTHONPATH": os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])])}
-    cli = (sys.executable, "-m", "stillhouse")
-    done = run_jobs([Job(name, tuple((*cli, *c) for c in cmds), cost) for name, cmds, cost in jobs], out / "jobs",
-                    parallel=a.jobs, threads_each=a.threads, log=_log, env=env)
+    done = run_jobs([cli_job(name, cmds, cost) for name, cmds, cost in jobs], out / "jobs",
+                    parallel=a.jobs, threads_each=a.threads, log=_log, env=code_env())
     return any(r.status != "skipped" for r in done)
-
 
 def stage_report(a: argparse.Namespace, out: Path) -> None:
     from stillhouse.distill.metrics import Estimate
@@ -228,20 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     done = {"split": "items/validation.jsonl", "export": "data/export.json", "curate": "curated/report.json",
             "teacher": "evals/.teacher-done"}
-    for name in todo:
-        if name in done and (a.out / done[name]).exists():
-            continue
-        _log(f"stage {name}")
-        t0 = time.time()
-        if STAGE_FUNCS[name](a, a.out) is False or name == "report":
-            continue  # nothing ran: the latest wall time of the stage stands
-        if name == "teacher":
-            (a.out / done[name]).parent.mkdir(parents=True, exist_ok=True)
-            (a.out / done[name]).touch()
-        row = {"stage": name, "seconds": round(time.time() - t0, 1), "load1": round(os.getloadavg()[0], 2),
-               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-        with (a.out / "times.jsonl").open("a") as f:
-            f.write(json.dumps(row) + "\n")
+    from stillhouse.distill.jobs import run_stages
+
+    run_stages(a.out, todo, STAGE_FUNCS, a, done, touch=("teacher",), log=_log)
     return 0
 
 

@@ -276,26 +276,23 @@ def _start_serve(a: argparse.Namespace, out: Path) -> subprocess.Popen[bytes]:
 
 
 def _env() -> dict[str, str]:
-    import stillhouse
+    from stillhouse.distill.jobs import code_env
 
-    src = str(Path(stillhouse.__file__).resolve().parents[1])
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    return {**os.environ, **code_env()}
 
 
 def _is_done(a: argparse.Namespace, out: Path, name: str, cmds: list[tuple[str, ...]]) -> bool:
-    from stillhouse.distill.jobs import Job, is_done
+    from stillhouse.distill.jobs import cli_job, is_done
 
-    return is_done(Job(name, tuple((sys.executable, "-m", "stillhouse", *c) for c in cmds)), out / "jobs")
+    return is_done(cli_job(name, cmds), out / "jobs")
 
 
 def _run_jobs(a: argparse.Namespace, out: Path, jobs: list[tuple[str, list[tuple[str, ...]], float]]) -> bool:
-    from stillhouse.distill.jobs import Job, run_jobs
+    from stillhouse.distill.jobs import cli_job, code_env, run_jobs
 
-    cli = (sys.executable, "-m", "stillhouse")
-    done = run_jobs([Job(name, tuple((*cli, *c) for c in cmds), cost) for name, cmds, cost in jobs], out / "jobs",
-                    parallel=a.jobs, threads_each=a.threads, log=_log, env=_env())
+    done = run_jobs([cli_job(name, cmds, cost) for name, cmds, cost in jobs], out / "jobs",
+                    parallel=a.jobs, threads_each=a.threads, log=_log, env=code_env())
     return any(r.status != "skipped" for r in done)
-
 
 def _est(d: dict[str, Any], digits: int = 3) -> str:
     if d is None or d["value"] is None:
@@ -424,20 +421,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(a.threads)
-    for name in todo:
-        if (name in DONE and (a.out / DONE[name]).exists()) or (name == "gemma" and not a.gemma):
-            continue
-        _log(f"stage {name}")
-        t0 = time.time()
-        if STAGE_FUNCS[name](a, a.out) is False or name == "report":
-            continue
-        if name == "teacher":
-            (a.out / DONE[name]).parent.mkdir(parents=True, exist_ok=True)
-            (a.out / DONE[name]).touch()
-        row = {"stage": name, "seconds": round(time.time() - t0, 1), "load1": round(os.getloadavg()[0], 2),
-               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-        with (a.out / "times.jsonl").open("a") as f:
-            f.write(json.dumps(row) + "\n")
+    from stillhouse.distill.jobs import run_stages
+
+    todo = tuple(name for name in todo if name != "gemma" or a.gemma)
+    run_stages(a.out, todo, STAGE_FUNCS, a, DONE, touch=("teacher",), log=_log)
     return 0
 
 

@@ -109,3 +109,30 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return "\nState:\tZ" not in status
+
+
+def test_run_stages_skips_finished_stages_touches_markers_and_times_the_rest(tmp_path):
+    from stillhouse.distill.jobs import run_stages
+
+    ran: list[str] = []
+
+    def make(name, writes=None, result=None):
+        def stage(args, out):
+            ran.append(name)
+            if writes:
+                (out / writes).write_text("x")
+            return result
+        return stage
+
+    funcs = {"split": make("split", writes="items.jsonl"), "teacher": make("teacher"),
+             "noop": make("noop", result=False), "report": make("report")}
+    done = {"split": "items.jsonl", "teacher": "evals/.teacher-done"}
+    order = ("split", "teacher", "noop", "report")
+    run_stages(tmp_path, order, funcs, None, done, touch=("teacher",), log=lambda _: None)
+    assert ran == list(order)
+    assert (tmp_path / "evals" / ".teacher-done").exists()
+    timed = [json.loads(line)["stage"] for line in (tmp_path / "times.jsonl").read_text().splitlines()]
+    assert timed == ["split", "teacher"], "a stage that did nothing, and the report, are not timed"
+    ran.clear()
+    run_stages(tmp_path, order, funcs, None, done, touch=("teacher",), log=lambda _: None)
+    assert ran == ["noop", "report"], "finished stages are skipped on a rerun"

@@ -19,6 +19,10 @@ command resumes on its own, as ``train`` does from its checkpoints). Children ge
 process dies (Linux ``PR_SET_PDEATHSIG``): a killed run leaves no job behind to race its rerun.
 
 Errors: :class:`JobsFailed` (a RuntimeError) once every job has run, naming the failed ones.
+
+An experiment's stages around those jobs (split, harvest, train, report, ...) run through
+:func:`run_stages`: in order, each skipped once its output exists, with its wall time and the load
+appended to ``OUT/times.jsonl``.
 """
 
 from __future__ import annotations
@@ -27,11 +31,12 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Any, Literal
 
 from stillhouse.config import atomic_write_text
 
@@ -179,3 +184,43 @@ def _die_with_parent(parent: int) -> None:
         return  # not Linux: a killed parent leaves its jobs running to the end
     if os.getppid() != parent:
         os._exit(1)
+
+
+def run_stages(out: Path, todo: Sequence[str], funcs: Mapping[str, Callable[[Any, Path], bool | None]], args: Any,
+               done: Mapping[str, str], touch: Sequence[str] = (), log: Callable[[str], None] = print) -> None:
+    """Run ``funcs[name](args, out)`` for each stage in ``todo``, in order.
+
+    A stage named in ``done`` is skipped when ``out / done[name]`` exists (its output); the stages in ``touch``
+    write no such output, so theirs is an empty marker touched after they ran. A stage that returns False did nothing
+    (its latest wall time stands); the others append ``{"stage", "seconds", "load1", "finished"}`` to
+    ``out/times.jsonl``, except ``report``, which only reads what the others wrote.
+    """
+    for name in todo:
+        marker = out / done[name] if name in done else None
+        if marker is not None and marker.exists():
+            continue
+        log(f"stage {name}")
+        t0 = time.time()
+        if funcs[name](args, out) is False or name == "report":
+            continue
+        if marker is not None and name in touch:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        row = {"stage": name, "seconds": round(time.time() - t0, 1), "load1": round(os.getloadavg()[0], 2),
+               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        with (out / "times.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def cli_job(name: str, commands: Sequence[Sequence[str]], cost: float = 0.0) -> Job:
+    """A job of ``stillhouse`` verbs (``("train", "--config", F)``, ...) run by this Python (``-m stillhouse``)."""
+    return Job(name, tuple((sys.executable, "-m", "stillhouse", *c) for c in commands), cost)
+
+
+def code_env() -> dict[str, str]:
+    """PYTHONPATH with this package's source first, so child processes run the same code as this one (a
+    checkout that is not installed, or a worktree beside an installed one)."""
+    import stillhouse
+
+    src = str(Path(stillhouse.__file__).resolve().parents[1])
+    return {"PYTHONPATH": os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])])}
