@@ -27,6 +27,18 @@ def smol_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(str(path))
 
 
+
+@pytest.fixture(scope="module")
+def tok() -> Any:
+    """The SmolLM2 tokenizer, loaded afresh for each test module (the training tests' name for it; its pad
+    token is id 2, its end of sequence)."""
+    from transformers import AutoTokenizer
+
+    from stillhouse.teacher.bundled import resolve_model_dir
+
+    path, _, _ = resolve_model_dir("bundled")
+    return AutoTokenizer.from_pretrained(str(path))
+
 def build_tiny_model(tokenizer: Any, seed: int = 0, max_positions: int = 4096) -> Any:
     """A tiny random Llama over ``tokenizer``'s vocabulary (cheap on 2 CPU cores)."""
     import torch

@@ -20,17 +20,6 @@ from stillhouse.teacher.local import LocalTeacher
 from test_train import _rows, _tiny_teacher, _write
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from stillhouse.teacher.bundled import resolve_model_dir
-
-    path, _, _ = resolve_model_dir("bundled")
-    t = transformers.AutoTokenizer.from_pretrained(str(path))
-    if t.pad_token_id is None:
-        t.pad_token = t.eos_token
-    return t
-
-
 def _cfg(tmp_path, data, **kw):
     base = {"data": str(data), "out": str(tmp_path / "out"), "student": "pruned:2", "loss": "gkd", "batch_size": 4,
             "lr": 1e-2, "threads": 1, "device": "cpu", "max_new_tokens": 6, "lmbda": 1.0}

@@ -15,17 +15,6 @@ from stillhouse.distill.student import count_parameters, kept_layers, make_stude
 from stillhouse.distill.train import TrainConfig, TrainConfigError, train
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from stillhouse.teacher.bundled import resolve_model_dir
-
-    path, _, _ = resolve_model_dir("bundled")
-    t = transformers.AutoTokenizer.from_pretrained(str(path))
-    if t.pad_token_id is None:
-        t.pad_token = t.eos_token
-    return t
-
-
 def _tiny_teacher(tok, layers: int = 4):
     cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                    num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,

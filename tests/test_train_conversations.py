@@ -43,17 +43,6 @@ HERMES = (
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from stillhouse.teacher.bundled import resolve_model_dir
-
-    path, _, _ = resolve_model_dir("bundled")
-    t = transformers.AutoTokenizer.from_pretrained(str(path))
-    if t.pad_token_id is None:
-        t.pad_token = t.eos_token
-    return t
-
-
-@pytest.fixture(scope="module")
 def hermes(tok):
     t = copy.deepcopy(tok)
     t.chat_template = HERMES
