@@ -184,7 +184,6 @@ def run_ours(student_dir: Path, data: Path, cfg: BenchTrainConfig, precision: st
 def run_trl(student_dir: Path, data: Path, cfg: BenchTrainConfig, precision: str, out: Path,
             python: Path) -> dict[str, Any]:
     """TRL SFTTrainer in its own virtualenv (see trl_worker.py)."""
-    from stillhouse.bench.peers import run_env
 
     pc = out / "trl-data.jsonl"
     with pc.open("w") as f:
@@ -193,13 +192,21 @@ def run_trl(student_dir: Path, data: Path, cfg: BenchTrainConfig, precision: str
             f.write(json.dumps({"prompt": m[:-1], "completion": m[-1:]}) + "\n")
     spec = {"student": str(student_dir), "data": str(pc), "batch_size": cfg.batch_size, "lr": cfg.lr,
             "threads": cfg.threads, "precision": precision, "max_len": 512, "out": str(out / f"trl-{precision}")}
-    (out / "trl-spec.json").write_text(json.dumps(spec))
-    res = out / f"trl-{precision}.json"
+    return _trl_worker(python, out, f"trl-{precision}", "trl-spec.json", spec, "TRL worker")
+
+
+def _trl_worker(python: Any, out: Path, arm: str, spec_name: str, spec: dict[str, Any], what: str) -> dict[str, Any]:
+    """Run bench/trl_worker.py on ``spec`` in TRL's virtualenv; its result (``OUT/ARM.json``), or the arm marked
+    skipped with the end of the worker's stderr."""
+    from stillhouse.bench.peers import run_env
+
+    (out / spec_name).write_text(json.dumps(spec))
+    res = out / f"{arm}.json"
     worker = Path(__file__).with_name("trl_worker.py")
-    proc = subprocess.run([str(python), str(worker), str(out / "trl-spec.json"), str(res)],
+    proc = subprocess.run([str(python), str(worker), str(out / spec_name), str(res)],
                           capture_output=True, text=True, check=False, env=run_env("trl"))
     if proc.returncode != 0:
-        return {"arm": f"trl-{precision}", "skipped": f"TRL worker failed: {proc.stderr.strip()[-600:]}"}
+        return {"arm": arm, "skipped": f"{what} failed: {proc.stderr.strip()[-600:]}"}
     return json.loads(res.read_text())
 
 
@@ -275,20 +282,12 @@ def at_lmbda(seconds_on: float | None, seconds_off: float | None, batch_size: in
 def run_trl_gkd(student_dir: Path, teacher_dir: Path, data: Path, cfg: BenchTrainConfig, precision: str, out: Path,
                 python: Path) -> dict[str, Any]:
     """TRL GKDTrainer in its own virtualenv (trl_worker.py, mode gkd)."""
-    from stillhouse.bench.peers import run_env
 
     spec = {"mode": "gkd", "student": str(student_dir), "teacher": str(teacher_dir), "data": str(data),
             "batch_size": cfg.batch_size, "lr": cfg.lr, "threads": cfg.threads, "precision": precision, "max_len": 512,
             "lmbda": 0.5, "beta": 0.5, "temperature": 0.9, "max_new_tokens": cfg.gkd_max_new_tokens,
             "out": str(out / f"trl_gkd-{precision}")}
-    (out / "trl-gkd-spec.json").write_text(json.dumps(spec))
-    res = out / f"trl_gkd-{precision}.json"
-    worker = Path(__file__).with_name("trl_worker.py")
-    proc = subprocess.run([str(python), str(worker), str(out / "trl-gkd-spec.json"), str(res)],
-                          capture_output=True, text=True, check=False, env=run_env("trl"))
-    if proc.returncode != 0:
-        return {"arm": f"trl_gkd-{precision}", "skipped": f"TRL GKD worker failed: {proc.stderr.strip()[-600:]}"}
-    return json.loads(res.read_text())
+    return _trl_worker(python, out, f"trl_gkd-{precision}", "trl-gkd-spec.json", spec, "TRL GKD worker")
 
 
 def run_bench(cfg: BenchTrainConfig) -> dict[str, Any]:
