@@ -11,7 +11,14 @@ import pytest
 from stillhouse.guard.detect import DetectConfig, WindowDetector
 from stillhouse.guard.detect.account import FEATURES
 from stillhouse.guard.detect.embed import HashEmbedder
-from stillhouse.guard.detect.links import LinkIndex, clusters, link_matrix, subnet_of
+from stillhouse.guard.detect.links import (
+    TEMPLATE_REPEATS,
+    LinkIndex,
+    clusters,
+    link_matrix,
+    subnet_of,
+    template_need,
+)
 from stillhouse.guard.detect.requests import request_signals
 from stillhouse.guard.detect.stats import (
     binomial_tail_surprisal,
@@ -429,6 +436,53 @@ def test_a_shared_persona_prompt_is_one_piece_of_evidence() -> None:
     assert det2.cluster_of_.get("p1") == det2.cluster_of_.get("p2") is not None
 
 
+def test_template_need_is_the_repeats_or_the_share_of_queries() -> None:
+    assert template_need(0, 0.1) == TEMPLATE_REPEATS
+    assert template_need(30, 0.1) == 3
+    assert template_need(31, 0.1) == 4
+    assert template_need(400, 0.1) == 40
+    assert template_need(400, 0.0) == TEMPLATE_REPEATS
+
+
+def _judge_like(det: WindowDetector, account: str, texts: list[str], start: int, share_wording: str = "") -> None:
+    for k, body in enumerate(texts):
+        det.observe(rec(start + k, account=account, user=f"{share_wording}{body}", ts=T0 + 86400.0 * (start // 1000)
+                        + 2.0 * k, client_ip=f"10.{start // 1000}.0.1"))
+
+
+def test_ordinary_wording_a_busy_account_repeats_by_chance_is_no_template() -> None:
+    # Two judge runs pasting 60 different texts each: a few ordinary 3-grams ("and i want", "as well as")
+    # recur in a handful of them by chance, which is not a template the two share. A wording in every
+    # prompt of both is.
+    filler = "and i want to ask as well as the"  # 6 three-word shingles
+
+    def texts(tag: str) -> list[str]:
+        out = []
+        for k in range(60):
+            words_ = " ".join(f"{tag}w{k}x{j}" for j in range(12))  # words no other text has
+            out.append(f"{words_} {filler}" if k % 10 == 0 else words_)  # in 6 of 60 texts: 10%
+        return out
+    a_texts, b_texts = texts("a"), texts("b")
+    shared_counts = {}
+    for share, name in ((0.0, "plain"), (0.2, "share")):
+        det = WindowDetector(DetectConfig(cluster_every=10_000, template_share=share))
+        _judge_like(det, "j1", a_texts, 1000)
+        _judge_like(det, "j2", b_texts, 2000)
+        accounts, _, per_kind = link_matrix(det.links_, det.config)
+        i = {a: n for n, a in enumerate(accounts)}
+        shared_counts[name] = per_kind["template"][i["j1"], i["j2"]] if "template" in per_kind else 0.0
+    assert shared_counts["plain"] > 0, "with the plain repeat count, chance recurrences link the two"
+    assert shared_counts["share"] == 0
+    # A fixed wording in every prompt of both is still a shared template under the share rule.
+    tmpl = "Grade the reply below for tone and accuracy, then output a verdict line. "
+    det = WindowDetector(DetectConfig(cluster_every=10_000, template_share=0.2))
+    _judge_like(det, "j1", a_texts, 1000, tmpl)
+    _judge_like(det, "j2", b_texts, 2000, tmpl)
+    accounts, _, per_kind = link_matrix(det.links_, det.config)
+    i = {a: n for n, a in enumerate(accounts)}
+    assert per_kind["template"][i["j1"], i["j2"]] > 0
+
+
 def test_synchronized_timing_links_accounts() -> None:
     det = WindowDetector(DetectConfig(cluster_every=10_000))
     i = 0
@@ -677,6 +731,7 @@ def test_observe_cost_is_small(fitted: WindowDetector) -> None:
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("window_s", 0, "window_s"), ("minhash_bands", 5, "minhash_bands"), ("embedder", "bert", "embedder"),
     ("block_fpr", 0.5, "block_fpr"), ("link_weights", (("dns", 1.0),), "unknown kind"),
+    ("template_share", 1.5, "template_share"),
 ])
 def test_config_errors_name_the_field(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -64,6 +64,13 @@ class DetectConfig:
     """Weight each kind of shared evidence adds to a pair of accounts. Shared content (system prompt,
     template) sums to 0.8, below the link threshold: many unrelated customers run the same open-source
     tool's prompts, so content alone never links accounts; with any shared infrastructure it does."""
+    template_share: float = 0.1
+    """A user-turn shingle becomes a template link key once the account has sent it ``TEMPLATE_REPEATS`` (3)
+    times *and* in at least this share of its queries in the window (``links.template_need``). Without the
+    share, two busy accounts that paste real text into their prompts (LLM-as-judge runs grading hundreds of
+    real replies) each repeated hundreds of ordinary 3-grams ("don't hesitate to", "and I want") 3 times and
+    shared enough of them to be linked (dev3: 5 judge accounts in one cluster through 489 such shingles,
+    scored together over the throttle threshold). 0 keeps the plain repeat count."""
     common_template_accounts: int = 2
     """A user-turn shingle that at least this many benign calibration accounts (half A) each repeated
     ``TEMPLATE_REPEATS`` times is common wording: a public prompt pool's ("how much money does", from
@@ -144,6 +151,9 @@ class DetectConfig:
         if not isinstance(self.common_phrase_accounts, int) or self.common_phrase_accounts < 0:
             raise ValueError(f"DetectConfig.common_phrase_accounts={self.common_phrase_accounts!r}: must be an "
                              "integer >= 0 (0 counts every evidence phrase)")
+        if not 0.0 <= self.template_share <= 1.0:
+            raise ValueError(f"DetectConfig.template_share={self.template_share}: must be in [0, 1] (0 keeps the "
+                             "plain repeat count)")
         if not self.label_prior >= 0:
             raise ValueError(f"DetectConfig.label_prior={self.label_prior}: must be >= 0")
         if self.rate_prior_weight < 0:

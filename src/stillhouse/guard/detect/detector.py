@@ -69,6 +69,7 @@ from stillhouse.guard.detect.links import (
     clusters,
     link_matrix,
     subnet_of,
+    template_need,
     top_link_kinds,
 )
 from stillhouse.guard.detect.requests import (
@@ -102,6 +103,8 @@ from stillhouse.guard.detect.text import (
     text_word_hashes,
 )
 from stillhouse.guard.events import AccountInfo, TrafficRecord, Verdict
+
+_FIRST_TURN = REQUEST_SIGNALS.index("first_turn")
 
 
 class NotFittedError(RuntimeError):
@@ -249,11 +252,17 @@ class WindowDetector:
         st.last_ts = record.ts if st.last_ts is None else max(st.last_ts, record.ts)
 
         links = self.links_
-        now = list(map(counts.__getitem__, sampled))  # every sampled shingle is counted by now
-        if TEMPLATE_REPEATS in now:  # a shingle this account has now sent exactly TEMPLATE_REPEATS times
-            for h, c in zip(sampled, now):  # user-turn, uncommon shingles only (the system prompt has its own key)
-                if c == TEMPLATE_REPEATS:
-                    links.add("template", h, aid)
+        if sampled:
+            # A template key: a shingle in at least TEMPLATE_REPEATS and ``template_share`` of the account's
+            # queries in the window (user-turn, uncommon shingles only: the system prompt has its own key).
+            # The share keeps a busy account's ordinary wording out: a judge run pasting 400 real replies
+            # repeats "don't hesitate to" a few times by chance, which is no template.
+            need = template_need(st.sums[lay.SIGNALS + _FIRST_TURN], cfg.template_share)
+            now = list(map(counts.__getitem__, sampled))  # every sampled shingle is counted by now
+            if max(now) >= need:
+                for h, c in zip(sampled, now):
+                    if c >= need:
+                        links.add("template", h, aid)
         if record.client_ip:
             links.add("ip", record.client_ip, aid)
             links.add("subnet", subnet_of(record.client_ip), aid)

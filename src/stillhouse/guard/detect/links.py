@@ -28,6 +28,7 @@ common SDK user-agent reached the link threshold and tied unrelated customers of
 from __future__ import annotations
 
 import ipaddress
+import math
 from collections import defaultdict
 from functools import lru_cache
 
@@ -36,6 +37,14 @@ import numpy as np
 from stillhouse.guard.detect.config import LINK_KINDS, DetectConfig
 
 TEMPLATE_REPEATS = 3
+"""The fewest times an account must send a shingle before it can be a template key."""
+
+
+def template_need(queries: float, share: float) -> int:
+    """How many of an account's ``queries`` (in its window) must hold a shingle for it to be a template key:
+    ``TEMPLATE_REPEATS``, or ``share`` of the queries when that is more. A template's fixed wording is in
+    most of the prompts sent with it; ordinary wording recurs in a small share of any busy account's."""
+    return max(TEMPLATE_REPEATS, math.ceil(share * queries - 1e-9))
 _NEED = {"template": 3}
 
 
