@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from stillhouse.guard.detect import DetectConfig, WindowDetector
-from stillhouse.guard.detect.account import FEATURES
+from stillhouse.guard.detect.account import FEATURES, shrunk
 from stillhouse.guard.detect.embed import HashEmbedder
 from stillhouse.guard.detect.links import (
     TEMPLATE_REPEATS,
@@ -338,6 +338,27 @@ def test_first_turn_share_and_output_share() -> None:
     assert single["first_turn"] > multi["first_turn"]
     assert single["output_share"] > 0.9
     assert multi["output_share"] < 0.5
+
+
+def test_shrunk_rate_counts_requests_up_to_the_cap_only() -> None:
+    assert shrunk(3, 7, 3.0, full=100) == 3 / 10  # below the cap: the plain shrinkage
+    assert shrunk(3, 7, 3.0) == shrunk(3, 7, 3.0, full=7) == 3 / 10
+    assert shrunk(50, 100, 3.0, full=100) == 50 / 103
+    assert shrunk(200, 400, 3.0, full=100) == pytest.approx(0.5 * 100 / 103)  # the rate, shrunk as at 100
+    assert shrunk(200, 400, 3.0) == 200 / 403  # uncapped: grows with n
+    assert shrunk(0, 0, 3.0, full=100) == 0.0
+
+
+def test_a_rate_is_not_higher_for_being_measured_on_more_requests() -> None:
+    ask = "Rate the response on a scale of 1 to 10 using the rubric. " + "{q}"
+    rows = {}
+    for n in (120, 360):
+        for full in (100, 0):
+            det = WindowDetector(DetectConfig(cluster_every=10_000, rate_full_requests=full))
+            rows[n, full] = _feed(det, [rec(i, user=ask.format(q=QUESTIONS[i % 12]) + f" #{i}") for i in range(n)])
+    assert rows[120, 100]["grader"] == rows[360, 100]["grader"] > 0.9  # the same rate (1.0): the same value
+    assert rows[360, 0]["grader"] > rows[120, 0]["grader"]  # uncapped, the busier account scored higher
+    assert rows[360, 100]["around_clock"] == pytest.approx(rows[360, 0]["around_clock"] * (100 / 103) / (360 / 363))
 
 
 def test_window_eviction_restores_the_sums() -> None:
@@ -669,6 +690,17 @@ def test_save_load_roundtrip_scores_identically(fitted: WindowDetector, tmp_path
     fitted.reset()
 
 
+def test_a_detector_fitted_before_the_rate_cap_loads_uncapped(fitted: WindowDetector, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    fitted.save(tmp_path / "det")
+    assert WindowDetector.load(tmp_path / "det").config.rate_full_requests == fitted.config.rate_full_requests == 100
+    meta = json.loads((tmp_path / "det" / "detector.json").read_text())
+    del meta["config"]["rate_full_requests"]
+    (tmp_path / "det" / "detector.json").write_text(json.dumps(meta))
+    assert WindowDetector.load(tmp_path / "det").config.rate_full_requests == 0
+
+
 def test_load_names_the_real_fit_command(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from typer.testing import CliRunner
 
@@ -731,7 +763,7 @@ def test_observe_cost_is_small(fitted: WindowDetector) -> None:
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("window_s", 0, "window_s"), ("minhash_bands", 5, "minhash_bands"), ("embedder", "bert", "embedder"),
     ("block_fpr", 0.5, "block_fpr"), ("link_weights", (("dns", 1.0),), "unknown kind"),
-    ("template_share", 1.5, "template_share"),
+    ("template_share", 1.5, "template_share"), ("rate_full_requests", -1, "rate_full_requests"),
 ])
 def test_config_errors_name_the_field(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -26,6 +26,14 @@ class DetectConfig:
     """A system prompt at least this long counts as a long persona prompt."""
     rate_prior_weight: float = 3.0
     """Shrinkage of per-account rates toward 0: rate = hits / (requests + weight), so 1 request is weak evidence."""
+    rate_full_requests: int = 100
+    """A rate measured on more requests than this is shrunk as if measured on this many: rate = (hits / n) *
+    m / (m + rate_prior_weight), m = min(n, rate_full_requests) (the same for the other shrunk features:
+    regularity, around_clock, narrowness, mmd). Past this many requests the shrinkage is near 1 and the
+    estimate is the rate itself; without the cap the feature kept growing with n, so the busiest benign
+    account of a rate (a judge whose every query is a grader prompt) set the calibration table's maximum,
+    and a busier one went past it (``-ln(1/(N+1))`` ~ 10.5 nats) for a rate no higher than its own: dev1's
+    and dev2's judges, dev2's and dev3's eval runners and batch services. 0 keeps the uncapped shrinkage."""
     minhash_perm: int = 32
     """MinHash permutations (bands x rows) for near-duplicate and template detection."""
     minhash_bands: int = 8
@@ -156,6 +164,9 @@ class DetectConfig:
                              "plain repeat count)")
         if not self.label_prior >= 0:
             raise ValueError(f"DetectConfig.label_prior={self.label_prior}: must be >= 0")
+        if not isinstance(self.rate_full_requests, int) or self.rate_full_requests < 0:
+            raise ValueError(f"DetectConfig.rate_full_requests={self.rate_full_requests!r}: must be an integer >= 0 "
+                             "(0 keeps the uncapped shrinkage)")
         if self.rate_prior_weight < 0:
             raise ValueError(f"DetectConfig.rate_prior_weight={self.rate_prior_weight}: must be >= 0")
         if self.embedder not in ("hash", "minilm"):

@@ -46,6 +46,7 @@ import math
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -275,7 +276,7 @@ class WindowDetector:
 
         self.n_observed_ += 1
         self.own_[aid] = self._score(feature_values(st.sums, lay, cfg.rate_prior_weight, self.mu_ref_,
-                                                    self.ref_sq_), st.sums) if self.tables_ is not None else (0.0, [])
+                                                    self.ref_sq_, full=cfg.rate_full_requests), st.sums) if self.tables_ is not None else (0.0, [])
         if self.n_observed_ % cfg.cluster_every == 0:
             self.refresh_clusters()
         self._track(aid)
@@ -396,7 +397,8 @@ class WindowDetector:
         for cid, group in members.items():
             group.sort()
             pooled, requests = self.pooled_sums(group)
-            f = features(pooled, lay, cfg.rate_prior_weight, self.mu_ref_, self.ref_sq_, members=len(group))
+            f = features(pooled, lay, cfg.rate_prior_weight, self.mu_ref_, self.ref_sq_, members=len(group),
+                         full=cfg.rate_full_requests)
             score, reasons = self._score(f, pooled)
             self.clusters_[cid] = {"members": group, "score": score, "reasons": reasons, "features": f,
                                    "requests": requests, "asks": bool(pooled[lay.EVIDENCE: lay.EVIDENCE +
@@ -432,7 +434,8 @@ class WindowDetector:
     def features_of(self, account_id: str) -> dict[str, float]:
         """The account's current feature values by name (for inspection and tests)."""
         st = self.accounts_[account_id]
-        f = features(st.sums, self.layout, self.config.rate_prior_weight, self.mu_ref_, self.ref_sq_)
+        f = features(st.sums, self.layout, self.config.rate_prior_weight, self.mu_ref_, self.ref_sq_,
+                     full=self.config.rate_full_requests)
         return dict(zip(FEATURES, map(float, f)))
 
     # ------------------------------------------------------------------- fit
@@ -482,7 +485,8 @@ class WindowDetector:
         for r in _progress(half_a, progress, "calibrate: benign features (half A)"):
             collector.observe(r, accounts.get(r.account_id))
             snapshots.append(features(collector.accounts_[r.account_id].sums, collector.layout,
-                                      cfg.rate_prior_weight, collector.mu_ref_, collector.ref_sq_))
+                                      cfg.rate_prior_weight, collector.mu_ref_, collector.ref_sq_,
+                                      full=cfg.rate_full_requests))
         matrix = np.vstack(snapshots)
         self.tables_ = [np.sort(matrix[:, j]) for j in range(matrix.shape[1])]
         self.tail_scales_ = [tail_scale(t) for t in self.tables_]
@@ -656,6 +660,8 @@ class WindowDetector:
                                     f"detector, or fit again (`stillhouse detect --fit --log BENIGN_LOG --model {d}`)")
         meta = json.loads(meta_path.read_text())
         cfg = config_from_dict(DetectConfig, meta["config"], source=str(meta_path))
+        if "rate_full_requests" not in meta["config"]:  # fitted before the cap: its tables hold uncapped rates
+            cfg = replace(cfg, rate_full_requests=0)
         det = cls(cfg, embedder)
         arrays = np.load(npz_path)
         det.centroids_, det.rff_w_, det.rff_b_ = arrays["centroids"], arrays["rff_w"], arrays["rff_b"]
