@@ -15,6 +15,7 @@ from stillhouse.guard.detect.links import (
     TEMPLATE_REPEATS,
     LinkIndex,
     clusters,
+    expected_cotimed,
     link_matrix,
     subnet_of,
     template_need,
@@ -520,6 +521,46 @@ def test_synchronized_timing_links_accounts() -> None:
     assert "lone" not in det.cluster_of_
 
 
+def test_expected_cotimed_matches_simulated_buckets() -> None:
+    rng = np.random.default_rng(5)
+    a = np.array([[300.0, 0.0, 40.0], [12.0, 5.0, 0.0]])
+    b = np.array([[10.0, 7.0, 40.0], [12.0, 0.0, 3.0]])
+    buckets = 360
+    got = expected_cotimed(a, b, buckets)
+    sims = np.zeros(2)
+    for _ in range(400):
+        for row in range(2):
+            for p in range(3):
+                ka, kb = int(a[row, p]), int(b[row, p])
+                sims[row] += len(set(rng.integers(0, buckets, ka).tolist()) & set(rng.integers(0, buckets, kb).tolist()))
+    np.testing.assert_allclose(got, sims / 400, rtol=0.05)
+    # two bursts in the same hour of a week: uniform over the week (one period), the overlap looks like 1/80 of it
+    burst = expected_cotimed(np.array([[600.0] + [0.0] * 167]), np.array([[12.0] + [0.0] * 167]), buckets)
+    week = expected_cotimed(np.array([[600.0]]), np.array([[12.0]]), 168 * buckets)
+    assert burst[0] > 80 * week[0]
+
+
+def test_a_burst_does_not_link_people_active_during_it() -> None:
+    """A judge run's 600 requests in one hour, and two people chatting in that hour: co-timed by chance,
+    not synchronised. Uniform over the whole week, the same overlap was taken for coordination."""
+    def run(session_s: float) -> WindowDetector:
+        det = WindowDetector(DetectConfig(cluster_every=10_000, sync_session_s=session_s))
+        rng = np.random.default_rng(7)
+        events = [("judge", T0 + 86400.0 * 3 + float(rng.uniform(0, 3600))) for _ in range(600)]
+        for who in ("alice", "bob"):
+            events += [(who, T0 + 86400.0 * 3 + float(rng.uniform(0, 3600))) for _ in range(12)]
+            events += [(who, T0 + 86400.0 * d + float(rng.uniform(0, 3600))) for d in (0, 5) for _ in range(6)]
+        events += [("x", T0), ("x", T0 + 7 * 86400.0)]  # the span: one week
+        for i, (who, ts) in enumerate(sorted(events, key=lambda e: e[1])):
+            det.observe(rec(i, account=who, user=QUESTIONS[i % 12], ts=ts, client_ip=f"10.{len(who)}.{i % 7}.1"))
+        det.refresh_clusters()
+        return det
+
+    assert "judge" not in run(3600.0).cluster_of_
+    week = run(7 * 86400.0)  # one period: the old baseline
+    assert week.cluster_of_.get("judge") is not None
+
+
 # ------------------------------------------------------------------ calibration and scoring
 def _benign(n_accounts: int, seed: int) -> tuple[list[TrafficRecord], dict[str, AccountInfo]]:
     rng = np.random.default_rng(seed)
@@ -764,6 +805,7 @@ def test_observe_cost_is_small(fitted: WindowDetector) -> None:
     ("window_s", 0, "window_s"), ("minhash_bands", 5, "minhash_bands"), ("embedder", "bert", "embedder"),
     ("block_fpr", 0.5, "block_fpr"), ("link_weights", (("dns", 1.0),), "unknown kind"),
     ("template_share", 1.5, "template_share"), ("rate_full_requests", -1, "rate_full_requests"),
+    ("sync_session_s", 15.0, "sync_session_s"), ("sync_session_s", 0.0, "sync_session_s"),
 ])
 def test_config_errors_name_the_field(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):

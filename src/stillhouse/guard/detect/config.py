@@ -55,6 +55,13 @@ class DetectConfig:
     """RBF kernel exp(-gamma ||x - y||^2) on unit-normalized embeddings."""
     sync_bucket_s: float = 10.0
     """Requests from two accounts in the same bucket of this many seconds count as co-timed."""
+    sync_session_s: float = 3600.0
+    """Timing's chance baseline: two independent accounts' requests are taken to fall uniformly within each
+    period of this many seconds that each was active in (``links.expected_cotimed``), so bursts of activity
+    are expected to overlap by chance. A baseline uniform over the whole span (one period of 7 days) linked
+    LLM-as-judge runs and eval runners, which send hundreds of requests in an hour or two, to people who
+    happened to chat then: dev1, 35 benign pairs linked by timing alone. Must be a multiple of
+    ``sync_bucket_s``."""
     sync_min_events: int = 4
     """Co-timed buckets needed before timing links two accounts."""
     sync_max_bucket_accounts: int = 64
@@ -150,6 +157,10 @@ class DetectConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"DetectConfig.{name}={value!r}: must be a positive integer")
+        ratio = self.sync_session_s / self.sync_bucket_s
+        if not (ratio >= 1 and abs(ratio - round(ratio)) < 1e-9):
+            raise ValueError(f"DetectConfig.sync_session_s={self.sync_session_s}: must be a positive multiple of "
+                             f"sync_bucket_s={self.sync_bucket_s} (e.g. 3600 for 10 s buckets)")
         if self.minhash_perm % self.minhash_bands:
             raise ValueError(f"DetectConfig.minhash_bands={self.minhash_bands} must divide "
                              f"minhash_perm={self.minhash_perm} (e.g. 32 and 8)")

@@ -165,7 +165,7 @@ class WindowDetector:
         """Forget all traffic (keep the calibration)."""
         self.accounts_: dict[str, AccountState] = {}
         self.infos_: dict[str, AccountInfo] = {}
-        self.links_ = LinkIndex()
+        self.links_ = LinkIndex(self.config.sync_session_s)
         self.cluster_of_: dict[str, str] = {}
         self.clusters_: dict[str, dict[str, Any]] = {}
         self.own_: dict[str, tuple[float, list[tuple[str, float]]]] = {}

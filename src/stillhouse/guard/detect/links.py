@@ -13,9 +13,11 @@ matrix: for each kind, ``A_k A_k^T`` counts the keys two accounts share (keys sh
 by more than ``link_max_key_accounts`` accounts, or — for time buckets — more than
 ``sync_max_bucket_accounts``, are too common to be evidence and are dropped); each
 count becomes ``weight_k * min(1, shared / need_k)``. Timing needs
-``sync_min_events`` co-timed buckets *and* at least 5x the co-occurrences two
-independent accounts of that volume would have by chance; its weight doubles (so
-timing alone can link two accounts) at twice that many. :func:`clusters` takes
+``sync_min_events`` co-timed buckets *and* at least 5x the co-timed buckets two
+independent accounts with the same activity would share by chance (:func:`expected_cotimed`: each
+account's requests uniform within each ``sync_session_s`` period it was active in, not over the whole
+span, so a judge run's burst and a person chatting through it are not "synchronised"); its weight
+doubles (so timing alone can link two accounts) at twice that many. :func:`clusters` takes
 the connected components of links at or above ``link_threshold``.
 
 An address lies inside its subnet, so the two are one piece of evidence at two strengths: a pair
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from functools import lru_cache
 
 import numpy as np
@@ -61,12 +63,30 @@ def subnet_of(ip: str) -> str:
     return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False))
 
 
-class LinkIndex:
-    """key -> accounts per kind, and per-account request counts (for the timing baseline)."""
+def expected_cotimed(a: np.ndarray, b: np.ndarray, buckets: float) -> np.ndarray:
+    """Expected co-timed buckets of two independent accounts, per pair: ``sum_p B (1 - e^(-a_p / B))
+    (1 - e^(-b_p / B))`` over periods p, with ``a_p``, ``b_p`` the two accounts' requests in period p
+    (rows of ``a`` and ``b``, one pair per row) and B ``buckets`` per period.
 
-    def __init__(self) -> None:
+    Each account's requests are taken to fall uniformly at random in the periods it was active in (a
+    bucket is occupied with probability ``1 - (1 - 1/B)^a_p``, about ``1 - e^(-a_p / B)``): two people
+    chatting in the same hour share buckets by chance, and an account busy in every bucket of an hour shares
+    one with anyone active then. The uniform-over-the-whole-span baseline (one period) undercounts both.
+    """
+    occ_a = -np.expm1(-np.asarray(a, dtype=np.float64) / buckets)
+    occ_b = -np.expm1(-np.asarray(b, dtype=np.float64) / buckets)
+    return buckets * (occ_a * occ_b).sum(axis=1)
+
+
+class LinkIndex:
+    """key -> accounts per kind, per-account request counts, and per-account requests in each period of
+    ``session_s`` seconds (for the timing baseline)."""
+
+    def __init__(self, session_s: float = 3600.0) -> None:
         self.keys: dict[str, dict[object, set[str]]] = {k: defaultdict(set) for k in LINK_KINDS}
         self.requests: dict[str, int] = defaultdict(int)
+        self.session_s = session_s
+        self.periods: dict[str, Counter[int]] = defaultdict(Counter)
         self.first_ts: float | None = None
         self.last_ts: float | None = None
 
@@ -77,8 +97,24 @@ class LinkIndex:
 
     def count_request(self, account_id: str, ts: float) -> None:
         self.requests[account_id] += 1
+        self.periods[account_id][int(ts // self.session_s)] += 1
         self.first_ts = ts if self.first_ts is None else min(self.first_ts, ts)
         self.last_ts = ts if self.last_ts is None else max(self.last_ts, ts)
+
+    def period_matrix(self, accounts: list[str]) -> object:
+        """accounts x periods CSR matrix of request counts (rows in ``accounts`` order)."""
+        from scipy import sparse
+
+        cols: dict[int, int] = {}
+        rows: list[int] = []
+        idx: list[int] = []
+        vals: list[float] = []
+        for i, a in enumerate(accounts):
+            for p, k in self.periods.get(a, {}).items():
+                rows.append(i)
+                idx.append(cols.setdefault(p, len(cols)))
+                vals.append(float(k))
+        return sparse.csr_matrix((vals, (rows, idx)), shape=(len(accounts), max(len(cols), 1)))
 
 
 def link_matrix(index: LinkIndex, cfg: DetectConfig) -> tuple[list[str], object, dict[str, object]]:
@@ -90,8 +126,7 @@ def link_matrix(index: LinkIndex, cfg: DetectConfig) -> tuple[list[str], object,
     n = len(accounts)
     total = sparse.csr_matrix((n, n), dtype=np.float64)
     per_kind: dict[str, object] = {}
-    span = max((index.last_ts or 0.0) - (index.first_ts or 0.0), cfg.sync_bucket_s)
-    counts = np.array([index.requests[a] for a in accounts], dtype=np.float64)
+    periods = None
     for kind in LINK_KINDS:
         weight = cfg.link_weight(kind)
         if weight <= 0:
@@ -115,7 +150,10 @@ def link_matrix(index: LinkIndex, cfg: DetectConfig) -> tuple[list[str], object,
         keep = shared.row != shared.col
         r, c, v = shared.row[keep], shared.col[keep], shared.data[keep]
         if kind == "timing":
-            expected = counts[r] * counts[c] * cfg.sync_bucket_s / span
+            if periods is None:
+                periods = index.period_matrix(accounts)
+            expected = expected_cotimed(periods[r].toarray(), periods[c].toarray(),  # type: ignore[index]
+                                        index.session_s / cfg.sync_bucket_s)
             need = np.maximum(float(cfg.sync_min_events), 5.0 * expected)
         else:
             need = np.full(v.shape, float(_NEED.get(kind, 1)))
