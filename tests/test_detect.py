@@ -534,6 +534,13 @@ def test_expected_cotimed_matches_simulated_buckets() -> None:
                 ka, kb = int(a[row, p]), int(b[row, p])
                 sims[row] += len(set(rng.integers(0, buckets, ka).tolist()) & set(rng.integers(0, buckets, kb).tolist()))
     np.testing.assert_allclose(got, sims / 400, rtol=0.05)
+    idx = LinkIndex(session_s=3600.0)  # the link matrix's sparse form: the same expectation
+    for who, row in (("a", a[0]), ("b", b[0])):
+        for p, k in enumerate(row):
+            for j in range(int(k)):
+                idx.count_request(who, T0 + 3600.0 * p + j)
+    occ = idx.occupancy_matrix(["a", "b"], buckets).toarray()
+    assert buckets * float(occ[0] @ occ[1]) == pytest.approx(got[0])
     # two bursts in the same hour of a week: uniform over the week (one period), the overlap looks like 1/80 of it
     burst = expected_cotimed(np.array([[600.0] + [0.0] * 167]), np.array([[12.0] + [0.0] * 167]), buckets)
     week = expected_cotimed(np.array([[600.0]]), np.array([[12.0]]), 168 * buckets)

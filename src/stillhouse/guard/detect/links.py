@@ -73,9 +73,13 @@ def expected_cotimed(a: np.ndarray, b: np.ndarray, buckets: float) -> np.ndarray
     chatting in the same hour share buckets by chance, and an account busy in every bucket of an hour shares
     one with anyone active then. The uniform-over-the-whole-span baseline (one period) undercounts both.
     """
-    occ_a = -np.expm1(-np.asarray(a, dtype=np.float64) / buckets)
-    occ_b = -np.expm1(-np.asarray(b, dtype=np.float64) / buckets)
-    return buckets * (occ_a * occ_b).sum(axis=1)
+    return buckets * (occupancy(np.asarray(a, dtype=np.float64), buckets) *
+                      occupancy(np.asarray(b, dtype=np.float64), buckets)).sum(axis=1)
+
+
+def occupancy(requests: np.ndarray, buckets: float) -> np.ndarray:
+    """The chance that a period's ``requests``, uniform over its ``buckets`` buckets, occupy a given bucket."""
+    return -np.expm1(-requests / buckets)
 
 
 class LinkIndex:
@@ -101,8 +105,9 @@ class LinkIndex:
         self.first_ts = ts if self.first_ts is None else min(self.first_ts, ts)
         self.last_ts = ts if self.last_ts is None else max(self.last_ts, ts)
 
-    def period_matrix(self, accounts: list[str]) -> object:
-        """accounts x periods CSR matrix of request counts (rows in ``accounts`` order)."""
+    def occupancy_matrix(self, accounts: list[str], buckets: float) -> object:
+        """accounts x periods CSR matrix of :func:`occupancy` (rows in ``accounts`` order): a pair's
+        :func:`expected_cotimed` is ``buckets`` times the dot product of its two rows."""
         from scipy import sparse
 
         cols: dict[int, int] = {}
@@ -114,7 +119,8 @@ class LinkIndex:
                 rows.append(i)
                 idx.append(cols.setdefault(p, len(cols)))
                 vals.append(float(k))
-        return sparse.csr_matrix((vals, (rows, idx)), shape=(len(accounts), max(len(cols), 1)))
+        occ = occupancy(np.array(vals, dtype=np.float64), buckets)
+        return sparse.csr_matrix((occ, (rows, idx)), shape=(len(accounts), max(len(cols), 1)))
 
 
 def link_matrix(index: LinkIndex, cfg: DetectConfig) -> tuple[list[str], object, dict[str, object]]:
@@ -126,7 +132,6 @@ def link_matrix(index: LinkIndex, cfg: DetectConfig) -> tuple[list[str], object,
     n = len(accounts)
     total = sparse.csr_matrix((n, n), dtype=np.float64)
     per_kind: dict[str, object] = {}
-    periods = None
     for kind in LINK_KINDS:
         weight = cfg.link_weight(kind)
         if weight <= 0:
@@ -150,10 +155,13 @@ def link_matrix(index: LinkIndex, cfg: DetectConfig) -> tuple[list[str], object,
         keep = shared.row != shared.col
         r, c, v = shared.row[keep], shared.col[keep], shared.data[keep]
         if kind == "timing":
-            if periods is None:
-                periods = index.period_matrix(accounts)
-            expected = expected_cotimed(periods[r].toarray(), periods[c].toarray(),  # type: ignore[index]
-                                        index.session_s / cfg.sync_bucket_s)
+            few = v >= cfg.sync_min_events  # fewer co-timed buckets never link: skip their baseline
+            r, c, v = r[few], c[few], v[few]
+            buckets = index.session_s / cfg.sync_bucket_s
+            involved = np.unique(np.concatenate([r, c]))  # rows for these accounts only: cheap per refresh
+            occ = index.occupancy_matrix([accounts[i] for i in involved], buckets)
+            ri, ci = np.searchsorted(involved, r), np.searchsorted(involved, c)
+            expected = buckets * np.asarray(occ[ri].multiply(occ[ci]).sum(axis=1)).ravel()  # type: ignore[index]
             need = np.maximum(float(cfg.sync_min_events), 5.0 * expected)
         else:
             need = np.full(v.shape, float(_NEED.get(kind, 1)))
