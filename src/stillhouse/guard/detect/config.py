@@ -26,14 +26,20 @@ class DetectConfig:
     """A system prompt at least this long counts as a long persona prompt."""
     rate_prior_weight: float = 3.0
     """Shrinkage of per-account rates toward 0: rate = hits / (requests + weight), so 1 request is weak evidence."""
-    rate_full_requests: int = 100
+    rate_full_requests: int = 0
     """A rate measured on more requests than this is shrunk as if measured on this many: rate = (hits / n) *
     m / (m + rate_prior_weight), m = min(n, rate_full_requests) (the same for the other shrunk features:
     regularity, around_clock, narrowness, mmd). Past this many requests the shrinkage is near 1 and the
     estimate is the rate itself; without the cap the feature kept growing with n, so the busiest benign
     account of a rate (a judge whose every query is a grader prompt) set the calibration table's maximum,
     and a busier one went past it (``-ln(1/(N+1))`` ~ 10.5 nats) for a rate no higher than its own: dev1's
-    and dev2's judges, dev2's and dev3's eval runners and batch services. 0 keeps the uncapped shrinkage."""
+    and dev2's judges, dev2's and dev3's eval runners and batch services. 0 keeps the uncapped shrinkage.
+
+    Off by default (0), chosen on development data: the cap lowers every benign score and with it the
+    thresholds (dev1 38.3/49.7 -> 30.1/41.2), and on the dev3 replay with the judge templates' wording made
+    rare in calibration (as it was on the test sets) it let 25 of 25 judge accounts over block, against 8 of
+    25 uncapped; on dev1-dev3 as they are, the two agree within one account per set (uncapped: 0, 4, 3 benign
+    accounts over throttle, 0 over block; 100: 1, 3, 2 and 0)."""
     minhash_perm: int = 32
     """MinHash permutations (bands x rows) for near-duplicate and template detection."""
     minhash_bands: int = 8
