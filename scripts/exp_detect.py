@@ -235,7 +235,8 @@ def score(args: argparse.Namespace) -> None:
             st = det.accounts_.get(a)
             if st is None:
                 continue
-            f = features(st.sums, det.layout, det.config.rate_prior_weight, det.mu_ref_, det.ref_sq_)
+            f = features(st.sums, det.layout, det.config.rate_prior_weight, det.mu_ref_, det.ref_sq_,
+                         full=det.config.rate_full_requests)
             final[a] = {"max": maxs.get(a, 0.0), "sent": res[a]["sent"], "cluster": det.cluster_of_.get(a),
                         "surprisal": dict(zip(FEATURES, det._surprisals(f, st.sums))),
                         "evidence": st.sums[det.layout.EVIDENCE: det.layout.EVIDENCE + 2].tolist()}

@@ -9,9 +9,17 @@ import numpy as np
 import pytest
 
 from stillhouse.guard.detect import DetectConfig, WindowDetector
-from stillhouse.guard.detect.account import FEATURES
+from stillhouse.guard.detect.account import FEATURES, shrunk
 from stillhouse.guard.detect.embed import HashEmbedder
-from stillhouse.guard.detect.links import LinkIndex, clusters, link_matrix, subnet_of
+from stillhouse.guard.detect.links import (
+    TEMPLATE_REPEATS,
+    LinkIndex,
+    clusters,
+    expected_cotimed,
+    link_matrix,
+    subnet_of,
+    template_need,
+)
 from stillhouse.guard.detect.requests import request_signals
 from stillhouse.guard.detect.stats import (
     binomial_tail_surprisal,
@@ -333,6 +341,27 @@ def test_first_turn_share_and_output_share() -> None:
     assert multi["output_share"] < 0.5
 
 
+def test_shrunk_rate_counts_requests_up_to_the_cap_only() -> None:
+    assert shrunk(3, 7, 3.0, full=100) == 3 / 10  # below the cap: the plain shrinkage
+    assert shrunk(3, 7, 3.0) == shrunk(3, 7, 3.0, full=7) == 3 / 10
+    assert shrunk(50, 100, 3.0, full=100) == 50 / 103
+    assert shrunk(200, 400, 3.0, full=100) == pytest.approx(0.5 * 100 / 103)  # the rate, shrunk as at 100
+    assert shrunk(200, 400, 3.0) == 200 / 403  # uncapped: grows with n
+    assert shrunk(0, 0, 3.0, full=100) == 0.0
+
+
+def test_a_rate_is_not_higher_for_being_measured_on_more_requests() -> None:
+    ask = "Rate the response on a scale of 1 to 10 using the rubric. " + "{q}"
+    rows = {}
+    for n in (120, 360):
+        for full in (100, 0):
+            det = WindowDetector(DetectConfig(cluster_every=10_000, rate_full_requests=full))
+            rows[n, full] = _feed(det, [rec(i, user=ask.format(q=QUESTIONS[i % 12]) + f" #{i}") for i in range(n)])
+    assert rows[120, 100]["grader"] == rows[360, 100]["grader"] > 0.9  # the same rate (1.0): the same value
+    assert rows[360, 0]["grader"] > rows[120, 0]["grader"]  # uncapped, the busier account scored higher
+    assert rows[360, 100]["around_clock"] == pytest.approx(rows[360, 0]["around_clock"] * (100 / 103) / (360 / 363))
+
+
 def test_window_eviction_restores_the_sums() -> None:
     det = WindowDetector(DetectConfig(window_s=3600.0))
     early = [rec(i, user=QUESTIONS[i], ts=T0 + i) for i in range(6)]
@@ -429,6 +458,53 @@ def test_a_shared_persona_prompt_is_one_piece_of_evidence() -> None:
     assert det2.cluster_of_.get("p1") == det2.cluster_of_.get("p2") is not None
 
 
+def test_template_need_is_the_repeats_or_the_share_of_queries() -> None:
+    assert template_need(0, 0.1) == TEMPLATE_REPEATS
+    assert template_need(30, 0.1) == 3
+    assert template_need(31, 0.1) == 4
+    assert template_need(400, 0.1) == 40
+    assert template_need(400, 0.0) == TEMPLATE_REPEATS
+
+
+def _judge_like(det: WindowDetector, account: str, texts: list[str], start: int, share_wording: str = "") -> None:
+    for k, body in enumerate(texts):
+        det.observe(rec(start + k, account=account, user=f"{share_wording}{body}", ts=T0 + 86400.0 * (start // 1000)
+                        + 2.0 * k, client_ip=f"10.{start // 1000}.0.1"))
+
+
+def test_ordinary_wording_a_busy_account_repeats_by_chance_is_no_template() -> None:
+    # Two judge runs pasting 60 different texts each: a few ordinary 3-grams ("and i want", "as well as")
+    # recur in a handful of them by chance, which is not a template the two share. A wording in every
+    # prompt of both is.
+    filler = "and i want to ask as well as the"  # 6 three-word shingles
+
+    def texts(tag: str) -> list[str]:
+        out = []
+        for k in range(60):
+            words_ = " ".join(f"{tag}w{k}x{j}" for j in range(12))  # words no other text has
+            out.append(f"{words_} {filler}" if k % 10 == 0 else words_)  # in 6 of 60 texts: 10%
+        return out
+    a_texts, b_texts = texts("a"), texts("b")
+    shared_counts = {}
+    for share, name in ((0.0, "plain"), (0.2, "share")):
+        det = WindowDetector(DetectConfig(cluster_every=10_000, template_share=share))
+        _judge_like(det, "j1", a_texts, 1000)
+        _judge_like(det, "j2", b_texts, 2000)
+        accounts, _, per_kind = link_matrix(det.links_, det.config)
+        i = {a: n for n, a in enumerate(accounts)}
+        shared_counts[name] = per_kind["template"][i["j1"], i["j2"]] if "template" in per_kind else 0.0
+    assert shared_counts["plain"] > 0, "with the plain repeat count, chance recurrences link the two"
+    assert shared_counts["share"] == 0
+    # A fixed wording in every prompt of both is still a shared template under the share rule.
+    tmpl = "Grade the reply below for tone and accuracy, then output a verdict line. "
+    det = WindowDetector(DetectConfig(cluster_every=10_000, template_share=0.2))
+    _judge_like(det, "j1", a_texts, 1000, tmpl)
+    _judge_like(det, "j2", b_texts, 2000, tmpl)
+    accounts, _, per_kind = link_matrix(det.links_, det.config)
+    i = {a: n for n, a in enumerate(accounts)}
+    assert per_kind["template"][i["j1"], i["j2"]] > 0
+
+
 def test_synchronized_timing_links_accounts() -> None:
     det = WindowDetector(DetectConfig(cluster_every=10_000))
     i = 0
@@ -443,6 +519,53 @@ def test_synchronized_timing_links_accounts() -> None:
     det.refresh_clusters()
     assert det.cluster_of_.get("h1") == det.cluster_of_.get("h2") == det.cluster_of_.get("h3") is not None
     assert "lone" not in det.cluster_of_
+
+
+def test_expected_cotimed_matches_simulated_buckets() -> None:
+    rng = np.random.default_rng(5)
+    a = np.array([[300.0, 0.0, 40.0], [12.0, 5.0, 0.0]])
+    b = np.array([[10.0, 7.0, 40.0], [12.0, 0.0, 3.0]])
+    buckets = 360
+    got = expected_cotimed(a, b, buckets)
+    sims = np.zeros(2)
+    for _ in range(400):
+        for row in range(2):
+            for p in range(3):
+                ka, kb = int(a[row, p]), int(b[row, p])
+                sims[row] += len(set(rng.integers(0, buckets, ka).tolist()) & set(rng.integers(0, buckets, kb).tolist()))
+    np.testing.assert_allclose(got, sims / 400, rtol=0.05)
+    idx = LinkIndex(session_s=3600.0)  # the link matrix's sparse form: the same expectation
+    for who, row in (("a", a[0]), ("b", b[0])):
+        for p, k in enumerate(row):
+            for j in range(int(k)):
+                idx.count_request(who, T0 + 3600.0 * p + j)
+    occ = idx.occupancy_matrix(["a", "b"], buckets).toarray()
+    assert buckets * float(occ[0] @ occ[1]) == pytest.approx(got[0])
+    # two bursts in the same hour of a week: uniform over the week (one period), the overlap looks like 1/80 of it
+    burst = expected_cotimed(np.array([[600.0] + [0.0] * 167]), np.array([[12.0] + [0.0] * 167]), buckets)
+    week = expected_cotimed(np.array([[600.0]]), np.array([[12.0]]), 168 * buckets)
+    assert burst[0] > 80 * week[0]
+
+
+def test_a_burst_does_not_link_people_active_during_it() -> None:
+    """A judge run's 600 requests in one hour, and two people chatting in that hour: co-timed by chance,
+    not synchronised. Uniform over the whole week, the same overlap was taken for coordination."""
+    def run(session_s: float) -> WindowDetector:
+        det = WindowDetector(DetectConfig(cluster_every=10_000, sync_session_s=session_s))
+        rng = np.random.default_rng(7)
+        events = [("judge", T0 + 86400.0 * 3 + float(rng.uniform(0, 3600))) for _ in range(600)]
+        for who in ("alice", "bob"):
+            events += [(who, T0 + 86400.0 * 3 + float(rng.uniform(0, 3600))) for _ in range(12)]
+            events += [(who, T0 + 86400.0 * d + float(rng.uniform(0, 3600))) for d in (0, 5) for _ in range(6)]
+        events += [("x", T0), ("x", T0 + 7 * 86400.0)]  # the span: one week
+        for i, (who, ts) in enumerate(sorted(events, key=lambda e: e[1])):
+            det.observe(rec(i, account=who, user=QUESTIONS[i % 12], ts=ts, client_ip=f"10.{len(who)}.{i % 7}.1"))
+        det.refresh_clusters()
+        return det
+
+    assert "judge" not in run(3600.0).cluster_of_
+    week = run(7 * 86400.0)  # one period: the old baseline
+    assert week.cluster_of_.get("judge") is not None
 
 
 # ------------------------------------------------------------------ calibration and scoring
@@ -615,6 +738,20 @@ def test_save_load_roundtrip_scores_identically(fitted: WindowDetector, tmp_path
     fitted.reset()
 
 
+def test_a_detector_fitted_before_the_rate_cap_loads_uncapped(fitted: WindowDetector, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from dataclasses import replace
+
+    fitted = WindowDetector(replace(fitted.config, rate_full_requests=100)).fit(*_benign(160, seed=1))
+    fitted.save(tmp_path / "det")
+    assert WindowDetector.load(tmp_path / "det").config.rate_full_requests == 100
+    meta = json.loads((tmp_path / "det" / "detector.json").read_text())
+    del meta["config"]["rate_full_requests"]
+    (tmp_path / "det" / "detector.json").write_text(json.dumps(meta))
+    assert WindowDetector.load(tmp_path / "det").config.rate_full_requests == 0
+
+
 def test_load_names_the_real_fit_command(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from typer.testing import CliRunner
 
@@ -677,6 +814,8 @@ def test_observe_cost_is_small(fitted: WindowDetector) -> None:
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("window_s", 0, "window_s"), ("minhash_bands", 5, "minhash_bands"), ("embedder", "bert", "embedder"),
     ("block_fpr", 0.5, "block_fpr"), ("link_weights", (("dns", 1.0),), "unknown kind"),
+    ("template_share", 1.5, "template_share"), ("rate_full_requests", -1, "rate_full_requests"),
+    ("sync_session_s", 15.0, "sync_session_s"), ("sync_session_s", 0.0, "sync_session_s"),
 ])
 def test_config_errors_name_the_field(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):

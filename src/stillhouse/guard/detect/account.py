@@ -201,17 +201,31 @@ class AccountState:
 
 
 def features(sums: np.ndarray, layout: Layout, prior: float, mu_ref: np.ndarray | None,
-             ref_sq: float, members: int = 1) -> np.ndarray:
+             ref_sq: float, members: int = 1, full: int = 0) -> np.ndarray:
     """The account features (order of :data:`FEATURES`) of a sums vector (an account or a pooled cluster).
 
     For a cluster (``members`` > 1) volume and tokens are per member: a large legitimate
-    organisation is many ordinary accounts, not one enormous one.
+    organisation is many ordinary accounts, not one enormous one. Rates are shrunk toward 0 with
+    weight ``prior``, as if measured on at most ``full`` requests (:func:`shrunk`; 0: no cap).
     """
-    return np.array(feature_values(sums, layout, prior, mu_ref, ref_sq, members), dtype=np.float64)
+    return np.array(feature_values(sums, layout, prior, mu_ref, ref_sq, members, full), dtype=np.float64)
+
+
+def shrunk(hits: float, n: float, prior: float, full: int = 0) -> float:
+    """``hits / (n + prior)``: a rate shrunk toward 0, so that 1 of 1 is weak evidence; for ``n`` past ``full``
+    (when ``full`` > 0) the rate ``hits / n`` shrunk as if measured on ``full`` requests.
+
+    Uncapped, the shrunk rate of an account whose every request hits grows with n toward 1, so a benign
+    account busier than every calibration account lands beyond the calibration table for no higher a rate.
+    Capped, every account that measured a rate on ``full`` or more requests is compared on the rate alone.
+    """
+    if not full or n <= full:
+        return hits / (n + prior)
+    return hits / n * (full / (full + prior))
 
 
 def feature_values(sums: np.ndarray, layout: Layout, prior: float, mu_ref: np.ndarray | None,
-                   ref_sq: float, members: int = 1) -> list[float]:
+                   ref_sq: float, members: int = 1, full: int = 0) -> list[float]:
     """:func:`features` as a list of Python floats (the request path's form: no array round trip)."""
     lay = layout
     head = sums[: lay.EMB].tolist()  # the scalar slots as Python floats: the same IEEE arithmetic, less overhead
@@ -219,28 +233,26 @@ def feature_values(sums: np.ndarray, layout: Layout, prior: float, mu_ref: np.nd
     out: list[float] = [0.0] * len(FEATURES)
     if n <= 0:
         return out
-    shrink = n + prior
     queries = head[_QUERIES]  # requests that open a conversation: the query statistics' denominator
-    q_shrink = queries + prior
     f = _F
     completion = head[lay.COMPLETION]
     out[f["volume"]] = _log1p_count(n / members)
     out[f["tokens"]] = _log1p_count(max(completion, 0.0) / members)
     for j, name in enumerate(REQUEST_SIGNALS):
-        out[f[name]] = head[lay.SIGNALS + j] / (q_shrink if name in QUERY_SIGNALS else shrink)
-    out[f["template"]] = head[lay.TEMPLATE] / q_shrink
-    out[f["duplicate"]] = head[lay.DUP] / q_shrink
+        out[f[name]] = shrunk(head[lay.SIGNALS + j], queries if name in QUERY_SIGNALS else n, prior, full)
+    out[f["template"]] = shrunk(head[lay.TEMPLATE], queries, prior, full)
+    out[f["duplicate"]] = shrunk(head[lay.DUP], queries, prior, full)
     gap_n = round(head[lay.GAP_N])
     if gap_n >= 2:
         mean = head[lay.GAP_SUM] / gap_n
         std = math.sqrt(max(head[lay.GAP_SQ] / gap_n - mean * mean, 0.0))  # sqrt is correctly rounded
-        out[f["regularity"]] = (1.0 / (1.0 + std)) * (gap_n - 1) / (gap_n - 1 + prior)
-    out[f["around_clock"]] = _hour_entropy(head[lay.HOURS: lay.EMB]) * n / shrink
+        out[f["regularity"]] = (1.0 / (1.0 + std)) * shrunk(gap_n - 1, gap_n - 1, prior, full)
+    out[f["around_clock"]] = _hour_entropy(head[lay.HOURS: lay.EMB]) * shrunk(n, n, prior, full)
     tokens = completion + head[lay.PROMPT]
     out[f["output_share"]] = completion / tokens if tokens > 0 else 0.0
-    out[f["concentration"]] = max(sums[lay.topics: lay.size].tolist()) / q_shrink  # counts: never NaN
+    out[f["concentration"]] = shrunk(max(sums[lay.topics: lay.size].tolist()), queries, prior, full)  # never NaN
     ni = round(queries)
-    pair_shrink = (ni - 1) / (ni - 1 + prior) if ni >= 2 else 0.0
+    pair_shrink = shrunk(ni - 1, ni - 1, prior, full) if ni >= 2 else 0.0
     out[f["narrowness"]] = mean_pair_cosine(ni, sums[lay.EMB: lay.phi], float(ni)) * pair_shrink
     out[f["cot_asks"]] = head[lay.EVIDENCE]
     out[f["grader_asks"]] = head[lay.EVIDENCE + 1]

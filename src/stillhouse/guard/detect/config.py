@@ -26,6 +26,20 @@ class DetectConfig:
     """A system prompt at least this long counts as a long persona prompt."""
     rate_prior_weight: float = 3.0
     """Shrinkage of per-account rates toward 0: rate = hits / (requests + weight), so 1 request is weak evidence."""
+    rate_full_requests: int = 0
+    """A rate measured on more requests than this is shrunk as if measured on this many: rate = (hits / n) *
+    m / (m + rate_prior_weight), m = min(n, rate_full_requests) (the same for the other shrunk features:
+    regularity, around_clock, narrowness, mmd). Past this many requests the shrinkage is near 1 and the
+    estimate is the rate itself; without the cap the feature kept growing with n, so the busiest benign
+    account of a rate (a judge whose every query is a grader prompt) set the calibration table's maximum,
+    and a busier one went past it (``-ln(1/(N+1))`` ~ 10.5 nats) for a rate no higher than its own: dev1's
+    and dev2's judges, dev2's and dev3's eval runners and batch services. 0 keeps the uncapped shrinkage.
+
+    Off by default (0), chosen on development data: the cap lowers every benign score and with it the
+    thresholds (dev1 38.3/49.7 -> 30.1/41.2), and on the dev3 replay with the judge templates' wording made
+    rare in calibration (as it was on the test sets) it let 25 of 25 judge accounts over block, against 8 of
+    25 uncapped; on dev1-dev3 as they are, the two agree within one account per set (uncapped: 0, 4, 3 benign
+    accounts over throttle, 0 over block; 100: 1, 3, 2 and 0)."""
     minhash_perm: int = 32
     """MinHash permutations (bands x rows) for near-duplicate and template detection."""
     minhash_bands: int = 8
@@ -47,6 +61,13 @@ class DetectConfig:
     """RBF kernel exp(-gamma ||x - y||^2) on unit-normalized embeddings."""
     sync_bucket_s: float = 10.0
     """Requests from two accounts in the same bucket of this many seconds count as co-timed."""
+    sync_session_s: float = 3600.0
+    """Timing's chance baseline: two independent accounts' requests are taken to fall uniformly within each
+    period of this many seconds that each was active in (``links.expected_cotimed``), so bursts of activity
+    are expected to overlap by chance. A baseline uniform over the whole span (one period of 7 days) linked
+    LLM-as-judge runs and eval runners, which send hundreds of requests in an hour or two, to people who
+    happened to chat then: dev1, 35 benign pairs linked by timing alone. Must be a multiple of
+    ``sync_bucket_s``."""
     sync_min_events: int = 4
     """Co-timed buckets needed before timing links two accounts."""
     sync_max_bucket_accounts: int = 64
@@ -64,6 +85,13 @@ class DetectConfig:
     """Weight each kind of shared evidence adds to a pair of accounts. Shared content (system prompt,
     template) sums to 0.8, below the link threshold: many unrelated customers run the same open-source
     tool's prompts, so content alone never links accounts; with any shared infrastructure it does."""
+    template_share: float = 0.1
+    """A user-turn shingle becomes a template link key once the account has sent it ``TEMPLATE_REPEATS`` (3)
+    times *and* in at least this share of its queries in the window (``links.template_need``). Without the
+    share, two busy accounts that paste real text into their prompts (LLM-as-judge runs grading hundreds of
+    real replies) each repeated hundreds of ordinary 3-grams ("don't hesitate to", "and I want") 3 times and
+    shared enough of them to be linked (dev3: 5 judge accounts in one cluster through 489 such shingles,
+    scored together over the throttle threshold). 0 keeps the plain repeat count."""
     common_template_accounts: int = 2
     """A user-turn shingle that at least this many benign calibration accounts (half A) each repeated
     ``TEMPLATE_REPEATS`` times is common wording: a public prompt pool's ("how much money does", from
@@ -135,6 +163,10 @@ class DetectConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"DetectConfig.{name}={value!r}: must be a positive integer")
+        ratio = self.sync_session_s / self.sync_bucket_s
+        if not (ratio >= 1 and abs(ratio - round(ratio)) < 1e-9):
+            raise ValueError(f"DetectConfig.sync_session_s={self.sync_session_s}: must be a positive multiple of "
+                             f"sync_bucket_s={self.sync_bucket_s} (e.g. 3600 for 10 s buckets)")
         if self.minhash_perm % self.minhash_bands:
             raise ValueError(f"DetectConfig.minhash_bands={self.minhash_bands} must divide "
                              f"minhash_perm={self.minhash_perm} (e.g. 32 and 8)")
@@ -144,8 +176,14 @@ class DetectConfig:
         if not isinstance(self.common_phrase_accounts, int) or self.common_phrase_accounts < 0:
             raise ValueError(f"DetectConfig.common_phrase_accounts={self.common_phrase_accounts!r}: must be an "
                              "integer >= 0 (0 counts every evidence phrase)")
+        if not 0.0 <= self.template_share <= 1.0:
+            raise ValueError(f"DetectConfig.template_share={self.template_share}: must be in [0, 1] (0 keeps the "
+                             "plain repeat count)")
         if not self.label_prior >= 0:
             raise ValueError(f"DetectConfig.label_prior={self.label_prior}: must be >= 0")
+        if not isinstance(self.rate_full_requests, int) or self.rate_full_requests < 0:
+            raise ValueError(f"DetectConfig.rate_full_requests={self.rate_full_requests!r}: must be an integer >= 0 "
+                             "(0 keeps the uncapped shrinkage)")
         if self.rate_prior_weight < 0:
             raise ValueError(f"DetectConfig.rate_prior_weight={self.rate_prior_weight}: must be >= 0")
         if self.embedder not in ("hash", "minilm"):

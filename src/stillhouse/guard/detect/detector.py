@@ -46,6 +46,7 @@ import math
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,7 @@ from stillhouse.guard.detect.links import (
     clusters,
     link_matrix,
     subnet_of,
+    template_need,
     top_link_kinds,
 )
 from stillhouse.guard.detect.requests import (
@@ -102,6 +104,8 @@ from stillhouse.guard.detect.text import (
     text_word_hashes,
 )
 from stillhouse.guard.events import AccountInfo, TrafficRecord, Verdict
+
+_FIRST_TURN = REQUEST_SIGNALS.index("first_turn")
 
 
 class NotFittedError(RuntimeError):
@@ -161,7 +165,7 @@ class WindowDetector:
         """Forget all traffic (keep the calibration)."""
         self.accounts_: dict[str, AccountState] = {}
         self.infos_: dict[str, AccountInfo] = {}
-        self.links_ = LinkIndex()
+        self.links_ = LinkIndex(self.config.sync_session_s)
         self.cluster_of_: dict[str, str] = {}
         self.clusters_: dict[str, dict[str, Any]] = {}
         self.own_: dict[str, tuple[float, list[tuple[str, float]]]] = {}
@@ -249,11 +253,17 @@ class WindowDetector:
         st.last_ts = record.ts if st.last_ts is None else max(st.last_ts, record.ts)
 
         links = self.links_
-        now = list(map(counts.__getitem__, sampled))  # every sampled shingle is counted by now
-        if TEMPLATE_REPEATS in now:  # a shingle this account has now sent exactly TEMPLATE_REPEATS times
-            for h, c in zip(sampled, now):  # user-turn, uncommon shingles only (the system prompt has its own key)
-                if c == TEMPLATE_REPEATS:
-                    links.add("template", h, aid)
+        if sampled:
+            # A template key: a shingle in at least TEMPLATE_REPEATS and ``template_share`` of the account's
+            # queries in the window (user-turn, uncommon shingles only: the system prompt has its own key).
+            # The share keeps a busy account's ordinary wording out: a judge run pasting 400 real replies
+            # repeats "don't hesitate to" a few times by chance, which is no template.
+            need = template_need(st.sums[lay.SIGNALS + _FIRST_TURN], cfg.template_share)
+            now = list(map(counts.__getitem__, sampled))  # every sampled shingle is counted by now
+            if max(now) >= need:
+                for h, c in zip(sampled, now):
+                    if c >= need:
+                        links.add("template", h, aid)
         if record.client_ip:
             links.add("ip", record.client_ip, aid)
             links.add("subnet", subnet_of(record.client_ip), aid)
@@ -266,7 +276,7 @@ class WindowDetector:
 
         self.n_observed_ += 1
         self.own_[aid] = self._score(feature_values(st.sums, lay, cfg.rate_prior_weight, self.mu_ref_,
-                                                    self.ref_sq_), st.sums) if self.tables_ is not None else (0.0, [])
+                                                    self.ref_sq_, full=cfg.rate_full_requests), st.sums) if self.tables_ is not None else (0.0, [])
         if self.n_observed_ % cfg.cluster_every == 0:
             self.refresh_clusters()
         self._track(aid)
@@ -387,7 +397,8 @@ class WindowDetector:
         for cid, group in members.items():
             group.sort()
             pooled, requests = self.pooled_sums(group)
-            f = features(pooled, lay, cfg.rate_prior_weight, self.mu_ref_, self.ref_sq_, members=len(group))
+            f = features(pooled, lay, cfg.rate_prior_weight, self.mu_ref_, self.ref_sq_, members=len(group),
+                         full=cfg.rate_full_requests)
             score, reasons = self._score(f, pooled)
             self.clusters_[cid] = {"members": group, "score": score, "reasons": reasons, "features": f,
                                    "requests": requests, "asks": bool(pooled[lay.EVIDENCE: lay.EVIDENCE +
@@ -423,7 +434,8 @@ class WindowDetector:
     def features_of(self, account_id: str) -> dict[str, float]:
         """The account's current feature values by name (for inspection and tests)."""
         st = self.accounts_[account_id]
-        f = features(st.sums, self.layout, self.config.rate_prior_weight, self.mu_ref_, self.ref_sq_)
+        f = features(st.sums, self.layout, self.config.rate_prior_weight, self.mu_ref_, self.ref_sq_,
+                     full=self.config.rate_full_requests)
         return dict(zip(FEATURES, map(float, f)))
 
     # ------------------------------------------------------------------- fit
@@ -473,7 +485,8 @@ class WindowDetector:
         for r in _progress(half_a, progress, "calibrate: benign features (half A)"):
             collector.observe(r, accounts.get(r.account_id))
             snapshots.append(features(collector.accounts_[r.account_id].sums, collector.layout,
-                                      cfg.rate_prior_weight, collector.mu_ref_, collector.ref_sq_))
+                                      cfg.rate_prior_weight, collector.mu_ref_, collector.ref_sq_,
+                                      full=cfg.rate_full_requests))
         matrix = np.vstack(snapshots)
         self.tables_ = [np.sort(matrix[:, j]) for j in range(matrix.shape[1])]
         self.tail_scales_ = [tail_scale(t) for t in self.tables_]
@@ -647,6 +660,8 @@ class WindowDetector:
                                     f"detector, or fit again (`stillhouse detect --fit --log BENIGN_LOG --model {d}`)")
         meta = json.loads(meta_path.read_text())
         cfg = config_from_dict(DetectConfig, meta["config"], source=str(meta_path))
+        if "rate_full_requests" not in meta["config"]:  # fitted before the cap: its tables hold uncapped rates
+            cfg = replace(cfg, rate_full_requests=0)
         det = cls(cfg, embedder)
         arrays = np.load(npz_path)
         det.centroids_, det.rff_w_, det.rff_b_ = arrays["centroids"], arrays["rff_w"], arrays["rff_b"]

@@ -13,9 +13,11 @@ matrix: for each kind, ``A_k A_k^T`` counts the keys two accounts share (keys sh
 by more than ``link_max_key_accounts`` accounts, or — for time buckets — more than
 ``sync_max_bucket_accounts``, are too common to be evidence and are dropped); each
 count becomes ``weight_k * min(1, shared / need_k)``. Timing needs
-``sync_min_events`` co-timed buckets *and* at least 5x the co-occurrences two
-independent accounts of that volume would have by chance; its weight doubles (so
-timing alone can link two accounts) at twice that many. :func:`clusters` takes
+``sync_min_events`` co-timed buckets *and* at least 5x the co-timed buckets two
+independent accounts with the same activity would share by chance (:func:`expected_cotimed`: each
+account's requests uniform within each ``sync_session_s`` period it was active in, not over the whole
+span, so a judge run's burst and a person chatting through it are not "synchronised"); its weight
+doubles (so timing alone can link two accounts) at twice that many. :func:`clusters` takes
 the connected components of links at or above ``link_threshold``.
 
 An address lies inside its subnet, so the two are one piece of evidence at two strengths: a pair
@@ -28,7 +30,8 @@ common SDK user-agent reached the link threshold and tied unrelated customers of
 from __future__ import annotations
 
 import ipaddress
-from collections import defaultdict
+import math
+from collections import Counter, defaultdict
 from functools import lru_cache
 
 import numpy as np
@@ -36,6 +39,14 @@ import numpy as np
 from stillhouse.guard.detect.config import LINK_KINDS, DetectConfig
 
 TEMPLATE_REPEATS = 3
+"""The fewest times an account must send a shingle before it can be a template key."""
+
+
+def template_need(queries: float, share: float) -> int:
+    """How many of an account's ``queries`` (in its window) must hold a shingle for it to be a template key:
+    ``TEMPLATE_REPEATS``, or ``share`` of the queries when that is more. A template's fixed wording is in
+    most of the prompts sent with it; ordinary wording recurs in a small share of any busy account's."""
+    return max(TEMPLATE_REPEATS, math.ceil(share * queries - 1e-9))
 _NEED = {"template": 3}
 
 
@@ -52,12 +63,34 @@ def subnet_of(ip: str) -> str:
     return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False))
 
 
-class LinkIndex:
-    """key -> accounts per kind, and per-account request counts (for the timing baseline)."""
+def expected_cotimed(a: np.ndarray, b: np.ndarray, buckets: float) -> np.ndarray:
+    """Expected co-timed buckets of two independent accounts, per pair: ``sum_p B (1 - e^(-a_p / B))
+    (1 - e^(-b_p / B))`` over periods p, with ``a_p``, ``b_p`` the two accounts' requests in period p
+    (rows of ``a`` and ``b``, one pair per row) and B ``buckets`` per period.
 
-    def __init__(self) -> None:
+    Each account's requests are taken to fall uniformly at random in the periods it was active in (a
+    bucket is occupied with probability ``1 - (1 - 1/B)^a_p``, about ``1 - e^(-a_p / B)``): two people
+    chatting in the same hour share buckets by chance, and an account busy in every bucket of an hour shares
+    one with anyone active then. The uniform-over-the-whole-span baseline (one period) undercounts both.
+    """
+    return buckets * (occupancy(np.asarray(a, dtype=np.float64), buckets) *
+                      occupancy(np.asarray(b, dtype=np.float64), buckets)).sum(axis=1)
+
+
+def occupancy(requests: np.ndarray, buckets: float) -> np.ndarray:
+    """The chance that a period's ``requests``, uniform over its ``buckets`` buckets, occupy a given bucket."""
+    return -np.expm1(-requests / buckets)
+
+
+class LinkIndex:
+    """key -> accounts per kind, per-account request counts, and per-account requests in each period of
+    ``session_s`` seconds (for the timing baseline)."""
+
+    def __init__(self, session_s: float = 3600.0) -> None:
         self.keys: dict[str, dict[object, set[str]]] = {k: defaultdict(set) for k in LINK_KINDS}
         self.requests: dict[str, int] = defaultdict(int)
+        self.session_s = session_s
+        self.periods: dict[str, Counter[int]] = defaultdict(Counter)
         self.first_ts: float | None = None
         self.last_ts: float | None = None
 
@@ -68,8 +101,26 @@ class LinkIndex:
 
     def count_request(self, account_id: str, ts: float) -> None:
         self.requests[account_id] += 1
+        self.periods[account_id][int(ts // self.session_s)] += 1
         self.first_ts = ts if self.first_ts is None else min(self.first_ts, ts)
         self.last_ts = ts if self.last_ts is None else max(self.last_ts, ts)
+
+    def occupancy_matrix(self, accounts: list[str], buckets: float) -> object:
+        """accounts x periods CSR matrix of :func:`occupancy` (rows in ``accounts`` order): a pair's
+        :func:`expected_cotimed` is ``buckets`` times the dot product of its two rows."""
+        from scipy import sparse
+
+        cols: dict[int, int] = {}
+        rows: list[int] = []
+        idx: list[int] = []
+        vals: list[float] = []
+        for i, a in enumerate(accounts):
+            for p, k in self.periods.get(a, {}).items():
+                rows.append(i)
+                idx.append(cols.setdefault(p, len(cols)))
+                vals.append(float(k))
+        occ = occupancy(np.array(vals, dtype=np.float64), buckets)
+        return sparse.csr_matrix((occ, (rows, idx)), shape=(len(accounts), max(len(cols), 1)))
 
 
 def link_matrix(index: LinkIndex, cfg: DetectConfig) -> tuple[list[str], object, dict[str, object]]:
@@ -81,8 +132,6 @@ def link_matrix(index: LinkIndex, cfg: DetectConfig) -> tuple[list[str], object,
     n = len(accounts)
     total = sparse.csr_matrix((n, n), dtype=np.float64)
     per_kind: dict[str, object] = {}
-    span = max((index.last_ts or 0.0) - (index.first_ts or 0.0), cfg.sync_bucket_s)
-    counts = np.array([index.requests[a] for a in accounts], dtype=np.float64)
     for kind in LINK_KINDS:
         weight = cfg.link_weight(kind)
         if weight <= 0:
@@ -106,7 +155,13 @@ def link_matrix(index: LinkIndex, cfg: DetectConfig) -> tuple[list[str], object,
         keep = shared.row != shared.col
         r, c, v = shared.row[keep], shared.col[keep], shared.data[keep]
         if kind == "timing":
-            expected = counts[r] * counts[c] * cfg.sync_bucket_s / span
+            few = v >= cfg.sync_min_events  # fewer co-timed buckets never link: skip their baseline
+            r, c, v = r[few], c[few], v[few]
+            buckets = index.session_s / cfg.sync_bucket_s
+            involved = np.unique(np.concatenate([r, c]))  # rows for these accounts only: cheap per refresh
+            occ = index.occupancy_matrix([accounts[i] for i in involved], buckets)
+            ri, ci = np.searchsorted(involved, r), np.searchsorted(involved, c)
+            expected = buckets * np.asarray(occ[ri].multiply(occ[ci]).sum(axis=1)).ravel()  # type: ignore[index]
             need = np.maximum(float(cfg.sync_min_events), 5.0 * expected)
         else:
             need = np.full(v.shape, float(_NEED.get(kind, 1)))

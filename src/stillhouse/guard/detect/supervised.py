@@ -97,13 +97,14 @@ def labelled_vectors(det: WindowDetector, records: Iterable[TrafficRecord], acco
         st = scorer.accounts_.get(aid)
         if st is None:
             continue
-        f = features(st.sums, lay, cfg.rate_prior_weight, scorer.mu_ref_, scorer.ref_sq_)
+        f = features(st.sums, lay, cfg.rate_prior_weight, scorer.mu_ref_, scorer.ref_sq_, full=cfg.rate_full_requests)
         vec = family_max(scorer._surprisals(f, st.sums))
         cid = scorer.cluster_of_.get(aid)
         if cid:
             group = scorer.clusters_[cid]["members"]
             pooled, _ = scorer.pooled_sums(group)
-            fc = features(pooled, lay, cfg.rate_prior_weight, scorer.mu_ref_, scorer.ref_sq_, members=len(group))
+            fc = features(pooled, lay, cfg.rate_prior_weight, scorer.mu_ref_, scorer.ref_sq_, members=len(group),
+                          full=cfg.rate_full_requests)
             cvec = family_max(scorer._surprisals(fc, pooled))
             if sum(cvec) > sum(vec):
                 vec = cvec
