@@ -203,7 +203,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     cfg = TrainConfig(data=str(OUT / f"data-{args.name}.jsonl"), out=str(OUT / f"student-{args.name}-s{args.seed}"),
                       teacher="bundled", student=args.student, loss="sft", epochs=args.epochs, batch_size=8,
-                      lr=args.lr, seed=args.seed, threads=args.threads, device="cpu", max_len=args.max_len)
+                      lr=args.lr, seed=args.seed, threads=args.threads, device="cpu", max_len=args.max_len,
+                      export_epochs=args.export_epochs)
     res = train(cfg, progress=False)
     print(f"trained {res.steps} steps, {res.examples_seen} examples in {res.wall_s:.0f}s -> {res.final_dir}")
 
@@ -246,6 +247,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--export-epochs", action="store_true", help="keep an HF export per epoch (OUT/epochs/eK)")
     args = ap.parse_args()
     {"prompts": cmd_prompts, "generate": cmd_generate, "detect": cmd_detect, "mix": cmd_mix,
      "train": cmd_train}[args.cmd](args)
