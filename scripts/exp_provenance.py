@@ -9,6 +9,7 @@ Stages (each writes under OUT, default runs/provenance; run them in order)::
     python scripts/exp_provenance.py detect --split text --key account/camp-0/0
     python scripts/exp_provenance.py mix --wm train-camp-0 --share 0.05 --rows 2000 --seed 0 --name mix5
     python scripts/exp_provenance.py train --name mix5 --seed 0
+    python scripts/exp_provenance.py mix --share 0 --rows 96 --seed 1 --name clean96-s1   # clean: no --wm
     stillhouse provenance model ...                   # the test itself (see docs/results.md)
 
 Only ShareGPT conversations whose base id hashes (sha256) to a first hex digit 0-7 are read; their
@@ -186,6 +187,8 @@ def cmd_mix(args: argparse.Namespace) -> None:
     for name in args.wm:
         wm += [{"messages": json.loads(x)["messages"]} for x in (OUT / f"gen-{name}.jsonl").read_text().splitlines()]
     n_wm = round(args.share * args.rows)
+    if n_wm and not args.wm:
+        raise SystemExit(f"--share {args.share:g} needs watermarked answers: name them with --wm NAME (gen-NAME.jsonl)")
     if n_wm > len(wm) or args.rows - n_wm > len(clean):
         raise SystemExit(f"need {n_wm} watermarked rows (have {len(wm)}) and {args.rows - n_wm} clean (have {len(clean)})")
     rows = rng.sample(wm, n_wm) + rng.sample(clean, args.rows - n_wm)
@@ -200,7 +203,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     cfg = TrainConfig(data=str(OUT / f"data-{args.name}.jsonl"), out=str(OUT / f"student-{args.name}-s{args.seed}"),
                       teacher="bundled", student=args.student, loss="sft", epochs=args.epochs, batch_size=8,
-                      lr=args.lr, seed=args.seed, threads=args.threads, device="cpu", max_len=args.max_len)
+                      lr=args.lr, seed=args.seed, threads=args.threads, device="cpu", max_len=args.max_len,
+                      export_epochs=args.export_epochs)
     res = train(cfg, progress=False)
     print(f"trained {res.steps} steps, {res.examples_seen} examples in {res.wall_s:.0f}s -> {res.final_dir}")
 
@@ -230,7 +234,7 @@ def main() -> None:
             p.add_argument("--attribute", default="", help="candidate key ids (comma list): rank them per answer")
             p.add_argument("--alpha", type=float, default=1e-5)
     p = sub.add_parser("mix")
-    p.add_argument("--wm", nargs="+", required=True)
+    p.add_argument("--wm", nargs="*", default=[], help="generated answer sets (gen-NAME.jsonl); none for --share 0")
     p.add_argument("--share", type=float, required=True)
     p.add_argument("--rows", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
@@ -243,6 +247,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--export-epochs", action="store_true", help="keep an HF export per epoch (OUT/epochs/eK)")
     args = ap.parse_args()
     {"prompts": cmd_prompts, "generate": cmd_generate, "detect": cmd_detect, "mix": cmd_mix,
      "train": cmd_train}[args.cmd](args)
