@@ -47,6 +47,8 @@ def template_need(queries: float, share: float) -> int:
     ``TEMPLATE_REPEATS``, or ``share`` of the queries when that is more. A template's fixed wording is in
     most of the prompts sent with it; ordinary wording recurs in a small share of any busy account's."""
     return max(TEMPLATE_REPEATS, math.ceil(share * queries - 1e-9))
+
+
 _NEED = {"template": 3}
 
 
@@ -83,16 +85,13 @@ def occupancy(requests: np.ndarray, buckets: float) -> np.ndarray:
 
 
 class LinkIndex:
-    """key -> accounts per kind, per-account request counts, and per-account requests in each period of
-    ``session_s`` seconds (for the timing baseline)."""
+    """key -> accounts per kind, and per-account requests in each period of ``session_s`` seconds (the
+    accounts that sent any, and the timing baseline)."""
 
     def __init__(self, session_s: float = 3600.0) -> None:
         self.keys: dict[str, dict[object, set[str]]] = {k: defaultdict(set) for k in LINK_KINDS}
-        self.requests: dict[str, int] = defaultdict(int)
         self.session_s = session_s
         self.periods: dict[str, Counter[int]] = defaultdict(Counter)
-        self.first_ts: float | None = None
-        self.last_ts: float | None = None
 
     def add(self, kind: str, key: object, account_id: str) -> None:
         if key == "" or key is None:
@@ -100,10 +99,7 @@ class LinkIndex:
         self.keys[kind][key].add(account_id)
 
     def count_request(self, account_id: str, ts: float) -> None:
-        self.requests[account_id] += 1
         self.periods[account_id][int(ts // self.session_s)] += 1
-        self.first_ts = ts if self.first_ts is None else min(self.first_ts, ts)
-        self.last_ts = ts if self.last_ts is None else max(self.last_ts, ts)
 
     def occupancy_matrix(self, accounts: list[str], buckets: float) -> object:
         """accounts x periods CSR matrix of :func:`occupancy` (rows in ``accounts`` order): a pair's
@@ -127,7 +123,7 @@ def link_matrix(index: LinkIndex, cfg: DetectConfig) -> tuple[list[str], object,
     """(account ids, total link weight as a scipy CSR matrix, per-kind weight matrices)."""
     from scipy import sparse
 
-    accounts = sorted(index.requests)
+    accounts = sorted(index.periods)
     row = {a: i for i, a in enumerate(accounts)}
     n = len(accounts)
     total = sparse.csr_matrix((n, n), dtype=np.float64)
