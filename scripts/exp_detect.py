@@ -175,18 +175,14 @@ def score(args: argparse.Namespace) -> None:
         elif res[a]["sent"] >= 3:
             by_kind[tr["kind"]].append(a)
             by_kind["(all)"].append(a)
-    print("\n| shape | n | TPR throttle | TPR block |\n|---|---|---|---|")
-    for s, ids in sorted(by_shape.items()):
-        k_t = sum(maxs.get(a, 0) > thr["throttle"] for a in ids)
-        k_b = sum(maxs.get(a, 0) > thr["block"] for a in ids)
-        print(f"| {s} | {len(ids)} | {rate(k_t, len(ids))} | {rate(k_b, len(ids))} |")
-        report.setdefault("tpr", {})[s] = {"n": len(ids), "throttle": k_t, "block": k_b}
-    print("\n| archetype | eligible | FPR throttle | FPR block |\n|---|---|---|---|")
-    for s, ids in sorted(by_kind.items()):
-        k_t = sum(maxs.get(a, 0) > thr["throttle"] for a in ids)
-        k_b = sum(maxs.get(a, 0) > thr["block"] for a in ids)
-        print(f"| {s} | {len(ids)} | {rate(k_t, len(ids))} | {rate(k_b, len(ids))} |")
-        report.setdefault("fpr", {})[s] = {"n": len(ids), "throttle": k_t, "block": k_b}
+    for key, head, groups in (("tpr", "| shape | n | TPR throttle | TPR block |", by_shape),
+                              ("fpr", "| archetype | eligible | FPR throttle | FPR block |", by_kind)):
+        print(f"\n{head}\n|---|---|---|---|")
+        for s, ids in sorted(groups.items()):
+            k_t = sum(maxs.get(a, 0) > thr["throttle"] for a in ids)
+            k_b = sum(maxs.get(a, 0) > thr["block"] for a in ids)
+            print(f"| {s} | {len(ids)} | {rate(k_t, len(ids))} | {rate(k_b, len(ids))} |")
+            report.setdefault(key, {})[s] = {"n": len(ids), "throttle": k_t, "block": k_b}
     print("\n| archetype or shape | eligible | told to block | degraded for review (never blocked) |\n|---|---|---|---|")
     for s, ids in sorted(by_kind.items()) + sorted((f"campaign:{k}", v) for k, v in by_shape.items()):
         blocked = sum(res[a]["block"] is not None for a in ids)
