@@ -22,23 +22,38 @@ import sys
 import time
 
 
-def gkd(spec: dict, result_path: str) -> None:
-    """One epoch of TRL GKDTrainer; the student is saved to spec['out']."""
+def _student_and_data(spec: dict) -> tuple:
+    """(tokenizer, fp32 student, dataset) of ``spec``, torch on ``spec['threads']`` threads: both arms' start."""
     import torch
     from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(spec["threads"])
     tok = AutoTokenizer.from_pretrained(spec["student"])
     model = AutoModelForCausalLM.from_pretrained(spec["student"], dtype=torch.float32)
-    teacher = AutoModelForCausalLM.from_pretrained(spec["teacher"], dtype=torch.float32)
-    data = load_dataset("json", data_files=spec["data"], split="train")
-    stamps: list[float] = []
+    return tok, model, load_dataset("json", data_files=spec["data"], split="train")
+
+
+def _stamper(stamps: list[float]) -> object:
+    """A TrainerCallback that appends the time at the end of every optimizer step to ``stamps``."""
+    from transformers import TrainerCallback
 
     class Stamp(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):  # TRL's callback signature
             stamps.append(time.perf_counter())
+
+    return Stamp()
+
+
+def gkd(spec: dict, result_path: str) -> None:
+    """One epoch of TRL GKDTrainer; the student is saved to spec['out']."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    tok, model, data = _student_and_data(spec)
+    teacher = AutoModelForCausalLM.from_pretrained(spec["teacher"], dtype=torch.float32)
+    stamps: list[float] = []
 
     cfg = GKDConfig(output_dir=spec["out"] + "-trainer", per_device_train_batch_size=spec["batch_size"],
                     num_train_epochs=1, learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,
@@ -47,7 +62,7 @@ def gkd(spec: dict, result_path: str) -> None:
                     bf16=spec["precision"] == "bf16", use_cpu=True, save_strategy="no", report_to=[],
                     logging_steps=10_000, dataloader_num_workers=0, seed=0, disable_tqdm=True)
     trainer = GKDTrainer(model=model, teacher_model=teacher, args=cfg, train_dataset=data, processing_class=tok,
-                         callbacks=[Stamp()])
+                         callbacks=[_stamper(stamps)])
     on_policy_at: list[int] = []  # the steps TRL drew on-policy (it calls generate_on_policy_outputs only then)
     generate = trainer.generate_on_policy_outputs
 
@@ -71,9 +86,6 @@ def gkd(spec: dict, result_path: str) -> None:
 
 
 def main(spec_path: str, result_path: str) -> None:
-    import torch
-    from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     with open(spec_path) as f:
@@ -81,22 +93,15 @@ def main(spec_path: str, result_path: str) -> None:
     if spec.get("mode") == "gkd":
         gkd(spec, result_path)
         return
-    torch.set_num_threads(spec["threads"])
-    tok = AutoTokenizer.from_pretrained(spec["student"])
-    model = AutoModelForCausalLM.from_pretrained(spec["student"], dtype=torch.float32)
-    data = load_dataset("json", data_files=spec["data"], split="train")
+    tok, model, data = _student_and_data(spec)
     stamps: list[float] = []
-
-    class Stamp(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):  # TRL's callback signature
-            stamps.append(time.perf_counter())
 
     cfg = SFTConfig(output_dir=spec["out"], per_device_train_batch_size=spec["batch_size"], num_train_epochs=1,
                     learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,
                     max_length=spec["max_len"], packing=False, completion_only_loss=True,
                     bf16=spec["precision"] == "bf16", use_cpu=True, save_strategy="no", report_to=[],
                     logging_steps=10_000, dataloader_num_workers=0, seed=0, disable_tqdm=True)
-    trainer = SFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok, callbacks=[Stamp()])
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok, callbacks=[_stamper(stamps)])
     lengths = [len(x) for x in trainer.train_dataset["input_ids"]]
     trainer.train()
     steps = len(stamps)
