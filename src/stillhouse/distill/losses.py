@@ -41,6 +41,7 @@ the loss is not rescaled by T^2.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported inside functions so that importing this module stays cheap
@@ -100,6 +101,16 @@ def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
 
 
+def _jsd_per_position(s: torch.Tensor, t: torch.Tensor, beta: float,
+                      kl: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """beta KL(t || m) + (1 - beta) KL(s || m), m = (1 - beta) s + beta t as a mixture of probabilities (log space,
+    ``s`` and ``t`` log-probabilities); ``kl(log_p, log_q)`` is the per-position KL over the vocabulary or buckets."""
+    import torch
+
+    log_m = torch.logsumexp(torch.stack([s + math.log(1.0 - beta), t + math.log(beta)]), dim=0)
+    return beta * kl(t, log_m) + (1.0 - beta) * kl(s, log_m)
+
+
 def _kl_per_position(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """KL(p || q) summed over the last axis, with 0 * log 0 = 0."""
     import torch
@@ -150,8 +161,6 @@ def generalized_jsd(
     end points are defined as the KLs they tend to in TRL: beta=0 gives forward KL
     KL(teacher || student) and beta=1 gives reverse KL KL(student || teacher).
     """
-    import torch
-
     if not (0.0 <= beta <= 1.0):
         raise ValueError(f"beta={beta}: must be in [0, 1] (0 = forward KL, 1 = reverse KL)")
     if beta == 0.0:
@@ -159,9 +168,7 @@ def generalized_jsd(
     if beta == 1.0:
         return reverse_kl(student_logits, teacher_logits, mask, temperature)
     s, t = _paired_log_probs(student_logits, teacher_logits, temperature)
-    log_m = torch.logsumexp(torch.stack([s + math.log(1.0 - beta), t + math.log(beta)]), dim=0)
-    per_pos = beta * _kl_per_position(t, log_m) + (1.0 - beta) * _kl_per_position(s, log_m)
-    return _masked_mean(per_pos, mask)
+    return _masked_mean(_jsd_per_position(s, t, beta, _kl_per_position), mask)
 
 
 def topk_kd(
@@ -302,8 +309,7 @@ def topk_generalized_jsd(
     elif beta == 1.0:
         per_pos = kl(s, t)
     else:
-        log_m = torch.logsumexp(torch.stack([s + math.log(1.0 - beta), t + math.log(beta)]), dim=0)
-        per_pos = beta * kl(t, log_m) + (1.0 - beta) * kl(s, log_m)
+        per_pos = _jsd_per_position(s, t, beta, kl)
     return _masked_mean(per_pos, mask)
 
 
