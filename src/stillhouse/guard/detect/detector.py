@@ -46,7 +46,6 @@ import math
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -660,8 +659,6 @@ class WindowDetector:
                                     f"detector, or fit again (`stillhouse detect --fit --log BENIGN_LOG --model {d}`)")
         meta = json.loads(meta_path.read_text())
         cfg = config_from_dict(DetectConfig, meta["config"], source=str(meta_path))
-        if "rate_full_requests" not in meta["config"]:  # fitted before the cap: its tables hold uncapped rates
-            cfg = replace(cfg, rate_full_requests=0)
         det = cls(cfg, embedder)
         arrays = np.load(npz_path)
         det.centroids_, det.rff_w_, det.rff_b_ = arrays["centroids"], arrays["rff_w"], arrays["rff_b"]
