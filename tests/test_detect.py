@@ -4,6 +4,7 @@ calibration, save/load, and online == offline on the same log."""
 from __future__ import annotations
 
 import zlib
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from stillhouse.guard.detect.links import (
     subnet_of,
     template_need,
 )
-from stillhouse.guard.detect.requests import request_signals
+from stillhouse.guard.detect.requests import own_words, request_signals
 from stillhouse.guard.detect.stats import (
     binomial_tail_surprisal,
     mean_pair_cosine,
@@ -604,7 +605,12 @@ def test_fit_sets_thresholds_from_benign_only(fitted: WindowDetector) -> None:
     assert fitted.thresholds_["block"] >= fitted.thresholds_["throttle"] > 0
     cal = fitted.calibration_
     assert cal["accounts_half_a"] + cal["accounts_half_b"] == 160
-    assert cal["fpr_resolution"] == pytest.approx(1 / (cal["accounts_half_b"] + 1))
+    # thresholds come from the held-out accounts the detector can flag (min_requests of their own), as counted
+    # by `detect check` and the goals: _benign gives each account 2-11 requests, so a few have too few
+    eligible = sum(1 for a, n in Counter(r.account_id for r in _benign(160, seed=1)[0]).items()
+                   if n >= fitted.config.min_requests and fitted._half(a) == 1)
+    assert 0 < cal["threshold_accounts"] == eligible < cal["accounts_half_b"]
+    assert cal["fpr_resolution"] == pytest.approx(1 / (eligible + 1))
 
 
 def test_wording_common_among_benign_accounts_links_no_one(fitted: WindowDetector, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -709,6 +715,56 @@ def test_rare_asks_count_however_diluted(fitted: WindowDetector) -> None:
     fitted.reset()
 
 
+@pytest.mark.parametrize(("text", "own", "quoted"), [
+    # MT-bench style: the instruction, then the material under bracketed headers
+    ("Rate the response on a scale of 1 to 10.\n\n[Question]\nWhy?\n\n[Response]\nMy chain of thought: ...",
+     "on a scale of 1 to 10", "chain of thought"),
+    ("Which response is better?\n\nQuestion: Q\n\nResponse A: I show every step.\n\nResponse B: no",
+     "which response is better", "every step"),
+    ("Grade the answer below with this rubric: accuracy (0-4).\n\nQuestion: Q\n\nAnswer: full reasoning here",
+     "rubric", "full reasoning"),
+    ("[The Start of Assistant's Answer]\nthink out loud\n[The End of Assistant's Answer]\n\nRate it.",
+     "rate it", "think out loud"),
+    ("Summarize:\n```\nthe chain of thought of the model\n```\nin two lines", "in two lines", "chain of thought"),
+    ("> every step counts\nwhat does this quote mean?", "what does this quote mean", "every step"),
+    # a campaign's own ask stays, before or after its question, and in its format section
+    ("Answer the request below; do not skip any step.\n\nRequest: Q\n\nFormat:\nReasoning: <full reasoning>",
+     "do not skip any step", ""),  # 'request' names no material: nothing is left out
+    ("Question: what is 2+2?\n\nShow your full chain of thought.", "chain of thought", "2+2"),
+])
+def test_own_words_leave_quoted_material_out(text: str, own: str, quoted: str) -> None:
+    got = own_words(text.lower())
+    assert own in got
+    assert quoted not in got if quoted else got == text.lower()
+    assert own_words("what is the capital of france?") == "what is the capital of france?"
+
+
+def test_asks_in_pasted_replies_and_in_followups_are_not_count_evidence(fitted: WindowDetector) -> None:
+    """A judge pasting replies that say "chain of thought" and a student's follow-up "explain every step" earn no
+    count evidence; the same phrases as the user's own query do, and the config switches bring the old rule back."""
+    judge = "Rate the response on a scale of 1 to 10.\n\n[Question]\n{q}\n\n[Response]\nMy chain of thought: {q}"
+    ask = "Show your full chain of thought.\n\n{q}"
+    follow = [{"role": "user", "content": "{q}"}, {"role": "assistant", "content": "It is 4."},
+              {"role": "user", "content": "Explain every step and show your full chain of thought."}]
+
+    def asks(det: WindowDetector, kind: str) -> float:
+        det.reset()
+        for j in range(20):
+            q = QUESTIONS[j % 12]
+            if kind == "followup":
+                det.observe(rec(j, account=kind, messages=[dict(m, content=m["content"].format(q=q)) for m in follow]))
+            else:
+                det.observe(rec(j, account=kind, user=(judge if kind == "judge" else ask).format(q=q)))
+        return float(det.accounts_[kind].sums[det.layout.EVIDENCE])
+
+    assert asks(fitted, "ask") == 20
+    assert asks(fitted, "judge") == 0 and asks(fitted, "followup") == 0
+    quoted = WindowDetector(DetectConfig(cluster_every=200, seed=0, count_quoted_asks=True, asks_in_followups=True))
+    quoted.tables_, quoted.common_phrases_ = fitted.tables_, fitted.common_phrases_
+    assert asks(quoted, "judge") == 20 and asks(quoted, "followup") == 20
+    fitted.reset()
+
+
 def test_campaign_is_flagged_and_explained_benign_mostly_not(fitted: WindowDetector) -> None:
     fitted.reset()
     benign, infos = _benign(100, seed=2)
@@ -740,7 +796,6 @@ def test_save_load_roundtrip_scores_identically(fitted: WindowDetector, tmp_path
 
 def test_a_detector_fitted_before_the_rate_cap_loads_uncapped(fitted: WindowDetector, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import json
-
     from dataclasses import replace
 
     fitted = WindowDetector(replace(fitted.config, rate_full_requests=100)).fit(*_benign(160, seed=1))

@@ -118,6 +118,16 @@ class DetectConfig:
     wording among the operator's own customers (an eval team's judge template, a teacher's "explain every
     step"): its hits still count in the ``cot``/``grader`` rates, but not as count evidence, whose per-request
     rate p0 is that of the rare phrases alone. 0 counts every phrase (the fixed list as it stands)."""
+    count_quoted_asks: bool = False
+    """Whether an evidence phrase inside material the user quotes (a pasted reply after "[Response]" or
+    "Answer:", a fenced block; ``requests.own_words``) counts as the user's ask. Off: an LLM-as-judge run pastes
+    replies that say "chain of thought" or "every step" themselves (on the test seed sets of 2026-12-05 judge
+    accounts earned 13-26 nats of count evidence that way). Applies to the common-phrase list and p0 too."""
+    asks_in_followups: bool = False
+    """Whether an evidence phrase in a follow-up (a turn after an assistant reply) counts. Off: asks are counted
+    in queries, as the wording rates are (``requests.QUERY_SIGNALS``); a student's "explain every step" after
+    the answer is part of a conversation. On a development stress replay (dev3, "every step" not common in
+    calibration) counting follow-ups put 20 of a classroom's accounts over throttle and 3 over block."""
     top_signals: int = 6
     """How many of the largest per-signal surprisals (-ln p) a verdict lists as its reasons."""
     throttle_fpr: float = 2.5e-3

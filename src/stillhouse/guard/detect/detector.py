@@ -44,7 +44,7 @@ from __future__ import annotations
 import json
 import math
 import zlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,7 @@ from stillhouse.guard.detect.requests import (
     QUERY_SIGNALS,
     REQUEST_SIGNALS,
     last_user_text,
+    own_words,
     request_signals,
     system_text,
     user_phrases,
@@ -238,7 +239,7 @@ class WindowDetector:
         row[lay.SIGNALS: lay.SIGNALS + len(REQUEST_SIGNALS)] = [signals[k] for k in REQUEST_SIGNALS]
         row[lay.TEMPLATE] = template
         row[lay.DUP] = dup
-        if signals["user_cot"] or signals["user_grader"]:  # rare: find which phrases, and keep the uncommon ones
+        if (signals["user_cot"] or signals["user_grader"]) and (query or cfg.asks_in_followups):  # rare
             row[lay.EVIDENCE: lay.EVIDENCE + len(EVIDENCE_KEYS)] = self._evidence_hits(user)
         if st.last_ts is not None:
             gap = float(np.log1p(max(record.ts - st.last_ts, 0.0)))
@@ -283,8 +284,14 @@ class WindowDetector:
     def _evidence_hits(self, user: str) -> list[float]:
         """Per evidence signal (``EVIDENCE_SIGNALS`` order): 1.0 when the user turn holds one of its phrases
         that is not common among benign calibration accounts (``common_phrases_``), else 0.0."""
-        rare = set(user_phrases(user.lower())) - self.common_phrases_
+        rare = set(self._phrases(user)) - self.common_phrases_
         return [1.0 if rare.intersection(EVIDENCE_PHRASES[name]) else 0.0 for name in EVIDENCE_SIGNALS]
+
+    def _phrases(self, user: str) -> tuple[str, ...]:
+        """The evidence phrases of a user turn that count: in the user's own words (quoted material left out,
+        :func:`~.requests.own_words`) unless ``config.count_quoted_asks``."""
+        low = user.lower()
+        return user_phrases(low if self.config.count_quoted_asks else own_words(low))
 
     def _system_key(self, system: str) -> int | None:
         """The system-prompt link key of a system prompt (None when shorter than 40 characters), cached: an
@@ -505,7 +512,14 @@ class WindowDetector:
         scorer.family_weights_ = self.family_weights_
         for r in _progress(half_b, progress, "calibrate: benign thresholds (half B)"):
             scorer.observe(r, accounts.get(r.account_id))
-        b_accounts = sorted({r.account_id for r in half_b})
+        # Over the accounts with min_requests of their own, as check_window and the goals count them: with the
+        # 1- and 2-request accounts (a third of a real population, scored 0 or at most their cluster's score)
+        # in the denominator, a threshold set for FPR p realised about 1.4p among the accounts it can flag.
+        sent = Counter(r.account_id for r in half_b if r.status < 400)
+        b_accounts = sorted(a for a, n in sent.items() if n >= cfg.min_requests)
+        if len(b_accounts) < 2:
+            raise ValueError(f"fit() needs held-out benign accounts with at least {cfg.min_requests} requests (got "
+                             f"{len(b_accounts)}); give it a longer window or more accounts")
         maxima = np.array([scorer.max_score_.get(a, 0.0) for a in b_accounts])
         self.thresholds_ = {"throttle": benign_threshold(maxima, cfg.throttle_fpr),
                             "block": benign_threshold(maxima, cfg.block_fpr)}
@@ -514,10 +528,11 @@ class WindowDetector:
             **({"family_weights": dict(zip(FAMILIES, map(float, self.family_weights_)))}
                if self.family_weights_ is not None else {}),
             "benign_records": len(records), "accounts_half_a": n_a, "accounts_half_b": n_b,
+            "threshold_accounts": len(b_accounts),
             "feature_snapshots": int(matrix.shape[0]),
             "common_template_shingles": len(self.common_templates_),
             "evidence_phrase_accounts": phrase_accounts,
-            "fpr_resolution": 1.0 / (n_b + 1),  # the smallest target the conformal threshold can meet
+            "fpr_resolution": 1.0 / (len(b_accounts) + 1),  # the smallest target the conformal threshold can meet
             "benign_max_score_quantiles": {q: float(np.quantile(maxima, q)) for q in (0.5, 0.9, 0.99, 1.0)},
             "benign_max_score_top": sorted(map(float, maxima))[-20:][::-1],
             "conformal_thresholds": {"throttle": quantile_threshold(maxima, cfg.throttle_fpr),
@@ -538,7 +553,7 @@ class WindowDetector:
                 continue
             n += 1
             signals = request_signals(r, self.config)
-            if signals["user_cot"] or signals["user_grader"]:
+            if (signals["user_cot"] or signals["user_grader"]) and (self.config.asks_in_followups or _opens(r)):
                 got = dict(zip(EVIDENCE_SIGNALS, self._evidence_hits(last_user_text(r.messages or []))))
                 for name in names:
                     hits[name] += got[name] > 0
@@ -553,7 +568,7 @@ class WindowDetector:
                 continue
             signals = request_signals(r, self.config)
             if signals["user_cot"] or signals["user_grader"]:
-                for phrase in user_phrases(last_user_text(r.messages or []).lower()):
+                for phrase in self._phrases(last_user_text(r.messages or [])):
                     holders[phrase].add(r.account_id)
         counts = {p: len(a) for p, a in sorted(holders.items())}
         need = self.config.common_phrase_accounts

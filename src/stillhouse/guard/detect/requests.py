@@ -65,9 +65,50 @@ FORMAT_ASK = ("the following format", "this format", "exactly this format", "out
               "respond in json", "respond with a json", "json only", "output a json", "json object with")
 
 
+MATERIAL_NOUNS = frozenset((
+    "question", "response", "answer", "reply", "assistant", "user", "human", "ai", "model", "chatbot", "bot",
+    "completion", "output", "input", "text", "passage", "document", "context", "conversation", "dialogue", "chat",
+    "transcript", "article", "essay", "email", "message", "review", "story", "excerpt", "snippet", "source",
+    "reference", "candidate", "submission", "code", "generation", "summary"))
+"""Words that name pasted material in a header line ("[Response]", "Response A:", "### Answer:", "[The Start of
+Assistant's Answer]"): what follows such a header is someone else's text that the user quotes."""
+_QUOTED_BLOCK = re.compile(r"```.*?(?:```|\Z)|\"\"\".*?(?:\"\"\"|\Z)|^[ \t]*>.*?$", re.DOTALL | re.MULTILINE)
+_HEADER = re.compile(r"^[ \t]*(?:(?:\[|<\|)[ \t]*([a-z0-9' ]{1,60}?)[ \t]*(?:\]|\|>)"
+                     r"|(?:#{1,6}[ \t]*|\*\*)?([a-z0-9']+(?: [a-z0-9']+){0,3})[ \t]*(?:\*\*)?[ \t]*:)", re.MULTILINE)
+"""A header line: a bracketed title ("[Response]", "[The Start of Assistant's Answer]", "<|Answer|>") or a label of
+at most four words before a colon ("Response A:", "### Answer:", "**Reply:**"); an instruction sentence that
+ends in a colon ("Grade the answer below with this rubric:") is longer."""
+
+
+def own_words(low: str) -> str:
+    """The part of a lower-cased user turn written by the user, without the material it quotes.
+
+    An LLM-as-judge prompt pastes a reply to grade, and replies say "chain of thought" or "every step" far more
+    often than people asking for help do: counted as the user's ask, one judge run of a few hundred pasted
+    replies earned 13-26 nats of count evidence on the test seed sets (docs/results.md, #16). Left out:
+    fenced code and triple-quoted blocks, "> " quote lines, and everything from a header line that names
+    material (``MATERIAL_NOUNS``: "[Response]", "Answer:", "Response A: ...") to the end of the turn; when the
+    turn opens with such a header (a pasted text first, the ask after it), only up to the first blank line.
+    What a campaign writes around its question stays; a campaign that puts its ask after a "Question:" header
+    hides it from this count (the other signals still see it).
+    """
+    text = _QUOTED_BLOCK.sub(" ", low) if ("```" in low or '"""' in low or ">" in low) else low
+    if ":" not in text and "]" not in text and "|>" not in text:
+        return text
+    for m in _HEADER.finditer(text):
+        if MATERIAL_NOUNS.isdisjoint((m.group(1) or m.group(2)).split()):
+            continue
+        if text[:m.start()].strip():
+            return text[:m.start()]
+        gap = text.find("\n\n", m.end())
+        return own_words(text[gap:]) if gap >= 0 else ""
+    return text
+
+
 def user_phrases(low: str) -> tuple[str, ...]:
     """Every phrase of ``EVIDENCE_PHRASES`` a lower-cased user turn contains (the scale pattern as
-    ``SCALE_PHRASE``), in list order. Only called on a turn with a hit, so a plain scan is cheap enough."""
+    ``SCALE_PHRASE``), in list order. Only called on a turn with a hit, so a plain scan is cheap enough.
+    The caller passes :func:`own_words` of the turn to leave quoted material out."""
     found = [p for p in COT_STRONG if p in low] + [p for p in GRADER if p in low]
     if "scale" in low and _SCALE.search(low) is not None:
         found.append(SCALE_PHRASE)
