@@ -216,9 +216,14 @@ def test_direct_gateway_enforces_blocks_and_carries_history() -> None:
     assert followups, "follow-up turns must carry the earlier answers"
 
 
-def test_tiny_arena_through_the_real_guard(tmp_path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("check_fails", [False, True])
+def test_tiny_arena_through_the_real_guard(tmp_path, monkeypatch, check_fails: bool) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("stillhouse.guard.app")
     from stillhouse.arena.run import QUICK, run_arena
+    from stillhouse.guard.detect.check import CheckReport
+
+    if check_fails:  # the operator's refit path, whatever this tiny check would have said
+        monkeypatch.setattr(CheckReport, "passed", property(lambda self: False))
 
     cfg = replace(QUICK, days=1.0, calib_accounts=80, eval_accounts=40,
                   campaigns=(("cot", 1, 60), ("hydra", 12, 5)), fractions=(0.5,), mixed_accounts=1,
@@ -237,12 +242,25 @@ def test_tiny_arena_through_the_real_guard(tmp_path) -> None:  # type: ignore[no
     op = saved["operator"]
     fit, check = op["fit_window"], op["check"]
     assert fit["until"] == check["window"]["since"] and fit["since"] < fit["until"] < check["window"]["until"]
-    assert fit["accounts"] == saved["calibration"]["accounts_half_a"] + saved["calibration"]["accounts_half_b"]
+    fitted_on = op["refit"]["window"] if "refit" in op else fit  # the enforced model's calibration
+    assert fitted_on["accounts"] == saved["calibration"]["accounts_half_a"] + saved["calibration"]["accounts_half_b"]
     assert fit["records"] == saved["requests"]["calibration"] and fit["excluded_accounts"] == 0
     assert check["window"]["records"] == saved["requests"]["check"] and check["accounts"] <= 40   # half of 80
     assert set(check["tiers"]) == {"throttle", "block"} and check["fit_window"] == fit
     assert json.loads((tmp_path / "run" / "detector" / "check.json").read_text())["passed"] == check["passed"]
     assert "## The operator's path" in (tmp_path / "run" / "report.md").read_text()
+    enforced = json.loads((tmp_path / "run" / "detector" / "detector.json").read_text())["thresholds"]
+    assert check["passed"] is not check_fails or not check["passed"]
+    if check["passed"]:
+        assert "refit" not in op
+    else:  # the operator refits on both windows, as `detect check` advises, and enforces that model
+        refit = op["refit"]
+        assert refit["window"]["since"] == fit["since"] and refit["window"]["until"] == check["window"]["until"]
+        assert refit["window"]["records"] == fit["records"] + check["window"]["records"]
+        assert refit["first_thresholds"] == {t: check["tiers"][t]["threshold"] for t in ("throttle", "block")}
+        assert "refitted on both windows" in (tmp_path / "run" / "report.md").read_text()
+    assert enforced == (op["refit"]["thresholds"] if "refit" in op else
+                        {t: check["tiers"][t]["threshold"] for t in ("throttle", "block")})
     block = saved["operational"]["block"]
     assert block["fpr_ci"]["n"] == 40 and block["fpr_ci"]["lo"] <= block["benign_fpr"] <= block["fpr_ci"]["hi"]
     assert block["tpr_ci"]["k"] == round(block["tpr"] * 14)

@@ -16,10 +16,15 @@
 Why a second population rather than a second week of the same one: the calibration window stays exactly what
 it was (the fit, its thresholds and every figure downstream are unchanged), and the check population is one
 the fit never saw, drawn (for ``--population real``) from the evaluation pool of ShareGPT conversations, whose
-texts the fit never saw either. Nothing is chosen on the check: the arena enforces the fitted detector in the
-evaluation whatever the check says, and reports both, so the check's prediction can be read against the
-evaluation's realized benign FPR. Its cost is its traffic and one replay: half the calibration population by
+texts the fit never saw either. Its cost is its traffic and one replay: half the calibration population by
 default (``check_accounts``).
+
+4. when the check fails, the operator does what ``stillhouse detect check`` tells them: **refit on the longer
+   window** (the fit and check windows together: ``detect --fit --since T0 --until T2``), which sets the
+   thresholds on half again as many benign accounts, and enforce that (``refit_on_failed_check``; off: enforce
+   the failed model, as the arena did before). The refit is not checked again (there is no third shadow
+   window); the evaluation, a population neither window holds, is its check. Both models' thresholds and the
+   check of the first are reported.
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ def shift(turns: list[Turn], by: float) -> list[Turn]:
 def calibrate_as_operator(detect_config: Any, calib: tuple[list[SimAccount], list[Turn]],
                           check: tuple[list[SimAccount], list[Turn]],
                           send_shadow: Callable[[list[SimAccount], list[Turn], str], str | None], model_dir: Path,
-                          progress: Any = None, timings: dict[str, float] | None = None) -> tuple[Any, dict[str, Any]]:
+                          progress: Any = None, timings: dict[str, float] | None = None,
+                          refit_on_failed_check: bool = True) -> tuple[Any, dict[str, Any]]:
     """Fit a detector on the calibration window of a shadow guard's log and check it on the next window.
 
     ``send_shadow(accounts, turns, label)`` sends traffic through a shadow-mode guard and returns its log (a DB
@@ -100,6 +106,16 @@ def calibrate_as_operator(detect_config: Any, calib: tuple[list[SimAccount], lis
         out.update(check_summary=check_win.summary(), check={k: v for k, v in report.to_dict().items()
                                                                 if k != "reference_scores"},
                    check_lines=report.lines())
+        if refit_on_failed_check and not report.passed:
+            t = time.perf_counter()
+            first = dict(detector.thresholds_)
+            long_win = read_window(log, t0, t2)
+            long_win.accounts = long_win.accounts or _known(long_win, infos)
+            detector = fit_window(detect_config, long_win, progress=progress)
+            detector.save(model_dir)  # check.json stays: the check of the first model, as run
+            timings["refit_s"] = time.perf_counter() - t
+            out["refit"] = {"window": long_win.describe(), "summary": long_win.summary(), "first_thresholds": first,
+                            "thresholds": dict(detector.thresholds_)}
     else:
         out["check"] = None
     return detector, out

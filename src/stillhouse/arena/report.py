@@ -149,6 +149,14 @@ def operator_lines(op: dict[str, Any] | None) -> list[str]:
     if not op.get("check"):
         return [*lines, "- check: not run (check_accounts = 0)", ""]
     lines += [f"- check: {op['check_summary']}", "", "```", *op["check_lines"], "```", ""]
+    refit = op.get("refit")
+    if refit:
+        def thr(t: dict[str, float]) -> str:
+            return f"throttle {t['throttle']:.2f}, block {t['block']:.2f}"
+
+        lines += [f"The check failed, so the detector was refitted on both windows ({refit['summary']}) and that "
+                  f"model was enforced: thresholds {thr(refit['first_thresholds'])} -> {thr(refit['thresholds'])}. "
+                  "It was not checked on a further window; the evaluation below is its check.", ""]
     return lines
 
 

@@ -143,6 +143,9 @@ class ArenaConfig:
     check_accounts: int | None = None
     """Benign accounts of the check population: the operator's second window, replayed through the fitted
     detector before it enforces (:mod:`.operator`). None: half of calib_accounts; 0: no check."""
+    refit_on_failed_check: bool = True
+    """When the check fails, refit on the fit and check windows together and enforce that (what ``stillhouse
+    detect check`` advises); False enforces the model that failed (:mod:`.operator`)."""
     check_seed: int | None = None
     """Seed of the check population (None: calib_seed + 5000). A real one draws on the evaluation pool
     (``{split}-eval``): text the fit never saw, as the next window of a real service brings."""
@@ -378,7 +381,8 @@ def run_arena(cfg: ArenaConfig, out_dir: str | Path, progress: Any = None,
 
         detector, operator_metrics = calibrate_as_operator(dcfg, (calib_accounts, calib_turns),
                                                            (check_accounts, check_turns), send_shadow,
-                                                           out / "detector", progress, timings)
+                                                           out / "detector", progress, timings,
+                                                           cfg.refit_on_failed_check)
 
         # 2. evaluation: fresh benign seed + campaigns, detector online, policy enforcing.
         t = time.perf_counter()
