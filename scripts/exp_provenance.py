@@ -12,10 +12,11 @@ Stages (each writes under OUT, default runs/provenance; run them in order)::
     python scripts/exp_provenance.py mix --share 0 --rows 96 --seed 1 --name clean96-s1   # clean: no --wm
     stillhouse provenance model ...                   # the test itself (see docs/results.md)
     # limits: the answers rewritten, then each scored alone and pooled by `stillhouse provenance text --per-sample`
-    python scripts/exp_provenance.py paraphrase --file runs/provenance/gen-NAME.jsonl --limit 40 \
+    python scripts/exp_provenance.py paraphrase --file runs/provenance/gen-NAME.jsonl --limit 40 \\
         --url http://127.0.0.1:8000/v1 --name NAME        # the teacher under `stillhouse serve --no-watermark`
     python scripts/exp_provenance.py delete --file runs/provenance/gen-NAME.jsonl --limit 40 --share 0.25 --name NAME
-    python scripts/exp_provenance.py limits --key account/acct-0/0 runs/provenance/text-*.json
+    python scripts/exp_provenance.py limits --key account/acct-0/0 --original runs/provenance/gen-NAME.jsonl \\
+        runs/provenance/text-*.json                           # the reports of `provenance text --per-sample --out`
 
 Only ShareGPT conversations whose base id hashes (sha256) to a first hex digit 0-7 are read; their
 text is never written into the repository (OUT is under runs/, ignored by git).
@@ -288,14 +289,21 @@ def cmd_delete(args: argparse.Namespace) -> None:
     print(f"{path}: {len(out)} answers, {kept_share:.1%} of the words kept")
 
 
+def _grams(text: str, n: int = 4) -> set[tuple[str, ...]]:
+    words = re.findall(r"\w+", text.lower())
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
 def cmd_limits(args: argparse.Namespace) -> None:
     """One table row per ``provenance text --per-sample`` report: answers where ``--key`` is detected alone, and
-    the answers pooled. An empty answer counts as p = 1."""
+    the answers pooled. An empty answer counts as p = 1. With ``--original`` (the answers before the attack),
+    also how much of each answer's wording is left: the share of its word 4-grams kept, and its length in words."""
     import statistics
 
+    orig = [r["messages"][-1]["content"] for r in _answers(args.original, None)] if args.original else []
     print("| source | answers | p < 1e-5 | p < 1e-3 | right key named (first, Holm < 1e-3) | median log10 p "
-          "| pooled log10 p | any wrong key Holm < 1e-3 |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| pooled log10 p | any wrong key Holm < 1e-3 | median share of 4-grams kept | median length ratio (words) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for path in args.reports:
         rep = json.loads(Path(path).read_text())
         if "per_sample" not in rep:
@@ -307,8 +315,14 @@ def cmd_limits(args: argparse.Namespace) -> None:
         wrong = sum(any(s["key_id"] != args.key and s["p_holm"] < 1e-3 for s in r["scores"])
                     for r in rep["per_sample"])
         pooled = next(s["log10_p"] for s in rep["scores"] if s["key_id"] == args.key)
+        kept = ratio = "-"
+        if orig:
+            pairs = [(orig[r.get("source_row", i)], r["messages"][-1]["content"])
+                     for i, r in enumerate(_answers(rep["source"], None))]
+            kept = f"{statistics.median(len(_grams(a) & _grams(b)) / max(1, len(_grams(a))) for a, b in pairs):.2f}"
+            ratio = f"{statistics.median(len(b.split()) / max(1, len(a.split())) for a, b in pairs):.2f}"
         print(f"| {rep['source']} | {n} | {sum(x < -5 for x in lp)}/{n} | {sum(x < -3 for x in lp)}/{n} | "
-              f"{named}/{n} | {statistics.median(lp):.2f} | {pooled:.1f} | {wrong}/{n} |")
+              f"{named}/{n} | {statistics.median(lp):.2f} | {pooled:.1f} | {wrong}/{n} | {kept} | {ratio} |")
 
 
 def main() -> None:
@@ -366,6 +380,7 @@ def main() -> None:
             p.add_argument("--share", type=float, required=True, help="probability of deleting each word")
     p = sub.add_parser("limits")
     p.add_argument("--key", required=True, help="the key the answers were made with")
+    p.add_argument("--original", default="", help="the answers before the attack (gen-NAME.jsonl)")
     p.add_argument("reports", nargs="+", help="`stillhouse provenance text --per-sample --out` reports")
     args = ap.parse_args()
     {"prompts": cmd_prompts, "generate": cmd_generate, "detect": cmd_detect, "mix": cmd_mix,

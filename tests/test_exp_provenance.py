@@ -136,8 +136,17 @@ def test_limits_counts_each_answer_and_the_pool(tmp_path):
     assert proc.returncode == 0, proc.stderr
     r, w = ([c.strip() for c in line.strip("| ").split("|")] for line in proc.stdout.splitlines()[2:])
     # four answers (one empty, p = 1): 1 below 1e-5, 2 below 1e-3, 2 named, median of (-7, -4, -0.2, 0)
-    assert r[1:] == ["4", "1/4", "2/4", "2/4", "-2.10", "-42.0", "0/4"]
-    assert w[1:] == ["2", "0/2", "0/2", "0/2", "-0.05", "-42.0", "1/2"]
+    assert r[1:] == ["4", "1/4", "2/4", "2/4", "-2.10", "-42.0", "0/4", "-", "-"]
+    assert w[1:] == ["2", "0/2", "0/2", "0/2", "-0.05", "-42.0", "1/2", "-", "-"]
+    # with the originals: each attacked row against the answer it came from (source_row), not the one in its place
+    (tmp_path / "orig.jsonl").write_text("".join(json.dumps(_row("q", a)) + "\n" for a in ("a b c d e", "p q r s t u")))
+    (tmp_path / "att.jsonl").write_text("".join(json.dumps({**_row("q", a), "source_row": i}) + "\n"
+                                                for a, i in (("p q r s t u", 1), ("a b c d", 0))))
+    (tmp_path / "w.json").write_text(json.dumps({**report([-0.1], 1e-4), "source": "att.jsonl"}))
+    proc = _run(tmp_path, "limits", "--key", "account/a/0", "--original", "orig.jsonl", "w.json")
+    assert proc.returncode == 0, proc.stderr
+    w = [c.strip() for c in proc.stdout.splitlines()[2].strip("| ").split("|")]
+    assert w[-2:] == ["0.75", "0.90"]  # 4-grams kept: 3/3 and 1/2; words: 6/6 and 4/5
     (tmp_path / "plain.json").write_text(json.dumps({"source": "x", "samples": 1, "scores": []}))
     bad = _run(tmp_path, "limits", "--key", "account/a/0", "plain.json")
     assert bad.returncode != 0 and "--per-sample" in bad.stderr and "Traceback" not in bad.stderr
