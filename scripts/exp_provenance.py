@@ -11,6 +11,12 @@ Stages (each writes under OUT, default runs/provenance; run them in order)::
     python scripts/exp_provenance.py train --name mix5 --seed 0
     python scripts/exp_provenance.py mix --share 0 --rows 96 --seed 1 --name clean96-s1   # clean: no --wm
     stillhouse provenance model ...                   # the test itself (see docs/results.md)
+    # limits: the answers rewritten, then each scored alone and pooled by `stillhouse provenance text --per-sample`
+    python scripts/exp_provenance.py paraphrase --file runs/provenance/gen-NAME.jsonl --limit 40 \\
+        --url http://127.0.0.1:8000/v1 --name NAME        # the teacher under `stillhouse serve --no-watermark`
+    python scripts/exp_provenance.py delete --file runs/provenance/gen-NAME.jsonl --limit 40 --share 0.25 --name NAME
+    python scripts/exp_provenance.py limits --key account/acct-0/0 --original runs/provenance/gen-NAME.jsonl \\
+        runs/provenance/text-*.json                           # the reports of `provenance text --per-sample --out`
 
 Only ShareGPT conversations whose base id hashes (sha256) to a first hex digit 0-7 are read; their
 text is never written into the repository (OUT is under runs/, ignored by git).
@@ -209,6 +215,116 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"trained {res.steps} steps, {res.examples_seen} examples in {res.wall_s:.0f}s -> {res.final_dir}")
 
 
+PARAPHRASE = "Paraphrase the following text. Keep the meaning, change the wording:\n\n{answer}"
+
+
+def _answers(path: str, limit: int | None) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in Path(path).read_text().splitlines()][:limit]
+
+
+def _write(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def cmd_paraphrase(args: argparse.Namespace) -> None:
+    """Each answer rewritten by the teacher at ``--url`` (served without watermark, OpenAI-compatible), with up
+    to ``--ratio`` times the answer's generated tokens; the row keeps its prompt and key id, not its token ids."""
+    import asyncio
+
+    from stillhouse.teacher.base import SamplingParams, TeacherError
+    from stillhouse.teacher.spec import make_teacher
+
+    rows = _answers(args.file, args.limit)
+    if not all(r.get("token_ids") for r in rows):
+        raise SystemExit(f"{args.file}: every row needs the answer's token_ids (the budget is --ratio times their "
+                         "count); give a gen-NAME.jsonl of the generate stage")
+    teacher = make_teacher(args.url, timeout_s=args.timeout)
+    sem = asyncio.Semaphore(args.concurrency)
+
+    async def one(i: int, row: dict[str, Any]) -> dict[str, Any]:
+        params = SamplingParams(max_tokens=int(len(row["token_ids"]) * args.ratio) + 1,
+                                temperature=args.temperature, seed=args.seed + i)
+        ask = [{"role": "user", "content": PARAPHRASE.format(answer=row["messages"][-1]["content"])}]
+        async with sem:
+            res = await teacher.chat(ask, params)
+        c = res.completions[0]
+        return {"messages": row["messages"][:-1] + [{"role": "assistant", "content": c.text}],
+                "key_id": row.get("key_id"), "source_row": i, "paraphraser": res.model,
+                "finish_reason": c.finish_reason, "completion_tokens": c.completion_tokens}
+
+    async def run() -> list[dict[str, Any]]:
+        try:
+            await teacher.resolve()
+            return list(await asyncio.gather(*(one(i, r) for i, r in enumerate(rows))))
+        except TeacherError as exc:
+            raise SystemExit(f"the paraphraser at {args.url} failed: {exc}") from exc
+        finally:
+            await teacher.aclose()
+
+    t0 = time.perf_counter()
+    out = asyncio.run(run())
+    path = OUT / f"para-{args.name}.jsonl"
+    _write(path, out)
+    print(f"{path}: {len(out)} paraphrases, {sum(r['completion_tokens'] for r in out)} tokens in "
+          f"{time.perf_counter() - t0:.0f}s; stopped by the length budget: "
+          f"{sum(r['finish_reason'] == 'length' for r in out)}")
+
+
+def cmd_delete(args: argparse.Namespace) -> None:
+    """A model-free attack: each word (with the whitespace after it) of each answer dropped with probability
+    ``--share``, one seeded stream over the rows. ``--share 0`` keeps the text alone, without its token ids."""
+    if not 0.0 <= args.share <= 1.0:
+        raise SystemExit(f"--share {args.share:g}: must be in [0, 1] (the probability of deleting each word)")
+    rng = random.Random(args.seed)
+    out = []
+    for i, row in enumerate(_answers(args.file, args.limit)):
+        words = re.findall(r"\S+\s*", row["messages"][-1]["content"])
+        kept = "".join(w for w in words if rng.random() >= args.share)
+        out.append({"messages": row["messages"][:-1] + [{"role": "assistant", "content": kept}],
+                    "key_id": row.get("key_id"), "source_row": i, "words": len(words),
+                    "words_kept": sum(1 for _ in re.finditer(r"\S+", kept))})
+    path = OUT / f"drop{args.share:g}-{args.name}.jsonl"
+    _write(path, out)
+    kept_share = sum(r["words_kept"] for r in out) / max(1, sum(r["words"] for r in out))
+    print(f"{path}: {len(out)} answers, {kept_share:.1%} of the words kept")
+
+
+def _grams(text: str, n: int = 4) -> set[tuple[str, ...]]:
+    words = re.findall(r"\w+", text.lower())
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def cmd_limits(args: argparse.Namespace) -> None:
+    """One table row per ``provenance text --per-sample`` report: answers where ``--key`` is detected alone, and
+    the answers pooled. An empty answer counts as p = 1. With ``--original`` (the answers before the attack),
+    also how much of each answer's wording is left: the share of its word 4-grams kept, and its length in words."""
+    import statistics
+
+    orig = [r["messages"][-1]["content"] for r in _answers(args.original, None)] if args.original else []
+    print("| source | answers | p < 1e-5 | p < 1e-3 | right key named (first, Holm < 1e-3) | median log10 p "
+          "| pooled log10 p | any wrong key Holm < 1e-3 | median share of 4-grams kept | median length ratio (words) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for path in args.reports:
+        rep = json.loads(Path(path).read_text())
+        if "per_sample" not in rep:
+            raise SystemExit(f"{path}: no per-sample scores; run `stillhouse provenance text ... --per-sample --out`")
+        n = rep["samples"] + rep["empty"]
+        own = [next(s for s in r["scores"] if s["key_id"] == args.key) for r in rep["per_sample"]]
+        lp = [s["log10_p"] for s in own] + [0.0] * rep["empty"]
+        named = sum(r["named"] and r["best"]["key_id"] == args.key for r in rep["per_sample"])
+        wrong = sum(any(s["key_id"] != args.key and s["p_holm"] < 1e-3 for s in r["scores"])
+                    for r in rep["per_sample"])
+        pooled = next(s["log10_p"] for s in rep["scores"] if s["key_id"] == args.key)
+        kept = ratio = "-"
+        if orig:
+            pairs = [(orig[r.get("source_row", i)], r["messages"][-1]["content"])
+                     for i, r in enumerate(_answers(rep["source"], None))]
+            kept = f"{statistics.median(len(_grams(a) & _grams(b)) / max(1, len(_grams(a))) for a, b in pairs):.2f}"
+            ratio = f"{statistics.median(len(b.split()) / max(1, len(a.split())) for a, b in pairs):.2f}"
+        print(f"| {rep['source']} | {n} | {sum(x < -5 for x in lp)}/{n} | {sum(x < -3 for x in lp)}/{n} | "
+              f"{named}/{n} | {statistics.median(lp):.2f} | {pooled:.1f} | {wrong}/{n} | {kept} | {ratio} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -248,9 +364,27 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--export-epochs", action="store_true", help="keep an HF export per epoch (OUT/epochs/eK)")
+    for name in ("paraphrase", "delete"):
+        p = sub.add_parser(name)
+        p.add_argument("--file", required=True, help="watermarked answers (gen-NAME.jsonl)")
+        p.add_argument("--limit", type=int, default=None, help="the first N answers")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--name", required=True)
+        if name == "paraphrase":
+            p.add_argument("--url", required=True, help="the paraphraser: http://HOST:PORT/v1[#MODEL]")
+            p.add_argument("--timeout", type=float, default=1800.0, help="seconds per answer (a loaded CPU is slow)")
+            p.add_argument("--temperature", type=float, default=0.7)
+            p.add_argument("--ratio", type=float, default=1.2, help="max_tokens = ratio x the answer's tokens")
+            p.add_argument("--concurrency", type=int, default=40)
+        else:
+            p.add_argument("--share", type=float, required=True, help="probability of deleting each word")
+    p = sub.add_parser("limits")
+    p.add_argument("--key", required=True, help="the key the answers were made with")
+    p.add_argument("--original", default="", help="the answers before the attack (gen-NAME.jsonl)")
+    p.add_argument("reports", nargs="+", help="`stillhouse provenance text --per-sample --out` reports")
     args = ap.parse_args()
     {"prompts": cmd_prompts, "generate": cmd_generate, "detect": cmd_detect, "mix": cmd_mix,
-     "train": cmd_train}[args.cmd](args)
+     "train": cmd_train, "paraphrase": cmd_paraphrase, "delete": cmd_delete, "limits": cmd_limits}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -54,3 +54,99 @@ def test_mix_takes_the_share_from_the_named_answers(tmp_path):
     assert proc.returncode == 0, proc.stderr
     texts = [json.loads(x)["messages"][1]["content"] for x in (out / "data-half.jsonl").read_text().splitlines()]
     assert sum(t.startswith("marked ") for t in texts) == 3 and sum(t.startswith("clean ") for t in texts) == 3
+
+
+def _answers(out: Path, n: int, words: int, tokens: int = 8) -> list[dict]:
+    rows = [{**_row(f"question {i}", " ".join(f"w{i}x{j}" for j in range(words))), "token_ids": list(range(tokens)),
+             "key_id": f"account/a{i % 2}/0"} for i in range(n)]
+    (out / "gen-wm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def test_delete_drops_the_share_of_words_in_order_and_under_a_seed(tmp_path):
+    out = _setup(tmp_path)
+    rows = _answers(out, 20, 50)
+    gen = str(out / "gen-wm.jsonl")
+    texts = {}
+    for share, seed in ((0.3, 1), (0.3, 2), (0.0, 1)):
+        proc = _run(tmp_path, "delete", "--file", gen, "--share", str(share), "--seed", str(seed), "--name", f"s{seed}")
+        assert proc.returncode == 0, proc.stderr
+        got = [json.loads(x) for x in (out / f"drop{share:g}-s{seed}.jsonl").read_text().splitlines()]
+        assert [g["key_id"] for g in got] == [r["key_id"] for r in rows] and all("token_ids" not in g for g in got)
+        assert [g["messages"][0] for g in got] == [r["messages"][0] for r in rows]
+        texts[share, seed] = [g["messages"][1]["content"] for g in got]
+    for r, t in zip(rows, texts[0.3, 1]):
+        kept, words = t.split(), r["messages"][1]["content"].split()
+        it = iter(words)
+        assert all(w in it for w in kept)  # the words left are the original's, in order
+    deleted = 1 - sum(len(t.split()) for t in texts[0.3, 1]) / 1000
+    assert 0.24 < deleted < 0.36  # 1,000 words each dropped with p 0.3: sd 0.0145
+    assert texts[0.0, 1] == [r["messages"][1]["content"] for r in rows]  # share 0: the text alone
+    again = _run(tmp_path, "delete", "--file", gen, "--share", "0.3", "--seed", "1", "--name", "again")
+    assert again.returncode == 0
+    assert [json.loads(x)["messages"][1]["content"] for x in (out / "drop0.3-again.jsonl").read_text().splitlines()] \
+        == texts[0.3, 1] != texts[0.3, 2]
+    bad = _run(tmp_path, "delete", "--file", gen, "--share", "1.5", "--name", "bad")
+    assert bad.returncode != 0 and "--share" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_paraphrase_asks_the_url_once_per_answer_within_the_length_budget(tmp_path):
+    from stillhouse.testing.fakeserver import FakeServerConfig, start_in_thread
+
+    out = _setup(tmp_path)
+    rows = _answers(out, 6, 12, tokens=3)  # a budget of int(3 * 1.2) + 1 = 4 words: some answers are cut
+    srv = start_in_thread(FakeServerConfig(latency_ms=1.0, keep_bodies=True))
+    try:
+        proc = _run(tmp_path, "paraphrase", "--file", str(out / "gen-wm.jsonl"), "--limit", "5", "--url",
+                    srv.base_url, "--seed", "7", "--name", "p")
+        sent = {json.loads(body)["seed"]: (json.loads(body), json.loads(ans[0])) for body, ans in srv.server.bodies.items()}
+    finally:
+        srv.stop()
+    assert proc.returncode == 0, proc.stderr
+    got = [json.loads(x) for x in (out / "para-p.jsonl").read_text().splitlines()]
+    assert len(got) == 5 == len(sent) and [g["source_row"] for g in got] == list(range(5))
+    for i, (g, r) in enumerate(zip(got, rows)):
+        body, answer = sent[7 + i]
+        assert r["messages"][1]["content"] in body["messages"][-1]["content"]  # the answer is what is rewritten
+        assert body["max_tokens"] == 4 and body["temperature"] == 0.7
+        assert g["messages"][0] == r["messages"][0] and g["key_id"] == r["key_id"] and "token_ids" not in g
+        assert g["messages"][1]["content"] == answer["choices"][0]["message"]["content"] != r["messages"][1]["content"]
+        assert g["finish_reason"] == answer["choices"][0]["finish_reason"] and g["completion_tokens"] <= 4
+    assert {g["finish_reason"] for g in got} == {"stop", "length"}  # the budget binds on some and not others
+
+
+def test_paraphrase_refuses_answers_without_token_ids(tmp_path):
+    out = _setup(tmp_path)
+    proc = _run(tmp_path, "paraphrase", "--file", str(out / "clean.jsonl"), "--url", "http://127.0.0.1:9/v1",
+                "--name", "p")
+    assert proc.returncode != 0 and "token_ids" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_limits_counts_each_answer_and_the_pool(tmp_path):
+    def report(log10_ps: list[float], wrong_holm: float) -> dict:
+        per = [{"named": lp < -3, "best": {"key_id": "account/a/0" if lp < -1 else "account/b/0"},
+                "scores": [{"key_id": "account/a/0", "log10_p": lp, "p_holm": min(1.0, 2 * 10 ** lp)},
+                           {"key_id": "account/b/0", "log10_p": -0.5, "p_holm": wrong_holm}]} for lp in log10_ps]
+        return {"source": "x.jsonl", "samples": len(per), "empty": 1, "per_sample": per,
+                "scores": [{"key_id": "account/b/0", "log10_p": -1.0}, {"key_id": "account/a/0", "log10_p": -42.0}]}
+
+    (tmp_path / "r.json").write_text(json.dumps(report([-7.0, -4.0, -0.2], 0.5)))
+    (tmp_path / "w.json").write_text(json.dumps(report([-0.1], 1e-4)))
+    proc = _run(tmp_path, "limits", "--key", "account/a/0", "r.json", "w.json")
+    assert proc.returncode == 0, proc.stderr
+    r, w = ([c.strip() for c in line.strip("| ").split("|")] for line in proc.stdout.splitlines()[2:])
+    # four answers (one empty, p = 1): 1 below 1e-5, 2 below 1e-3, 2 named, median of (-7, -4, -0.2, 0)
+    assert r[1:] == ["4", "1/4", "2/4", "2/4", "-2.10", "-42.0", "0/4", "-", "-"]
+    assert w[1:] == ["2", "0/2", "0/2", "0/2", "-0.05", "-42.0", "1/2", "-", "-"]
+    # with the originals: each attacked row against the answer it came from (source_row), not the one in its place
+    (tmp_path / "orig.jsonl").write_text("".join(json.dumps(_row("q", a)) + "\n" for a in ("a b c d e", "p q r s t u")))
+    (tmp_path / "att.jsonl").write_text("".join(json.dumps({**_row("q", a), "source_row": i}) + "\n"
+                                                for a, i in (("p q r s t u", 1), ("a b c d", 0))))
+    (tmp_path / "w.json").write_text(json.dumps({**report([-0.1], 1e-4), "source": "att.jsonl"}))
+    proc = _run(tmp_path, "limits", "--key", "account/a/0", "--original", "orig.jsonl", "w.json")
+    assert proc.returncode == 0, proc.stderr
+    w = [c.strip() for c in proc.stdout.splitlines()[2].strip("| ").split("|")]
+    assert w[-2:] == ["0.75", "0.90"]  # 4-grams kept: 3/3 and 1/2; words: 6/6 and 4/5
+    (tmp_path / "plain.json").write_text(json.dumps({"source": "x", "samples": 1, "scores": []}))
+    bad = _run(tmp_path, "limits", "--key", "account/a/0", "plain.json")
+    assert bad.returncode != 0 and "--per-sample" in bad.stderr and "Traceback" not in bad.stderr

@@ -120,3 +120,32 @@ def test_provenance_text_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
                          (["provenance", "text", str(src), "--key-ids", "lab"], "SCOPE/SUBJECT/EPOCH")):
         res = runner.invoke(app, args)
         assert res.exit_code != 0 and needle in res.output and "Traceback" not in res.output, res.output
+
+
+def test_provenance_text_per_sample_equals_each_row_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         smol_tokenizer: Any) -> None:
+    from stillhouse.provenance.run import ProvenanceConfig, text_provenance
+
+    monkeypatch.setenv("STILLHOUSE_WATERMARK_SECRET", SECRET)
+    text = "The river rose overnight, and by morning the low fields were a lake the colour of tea."
+    ids = smol_tokenizer(text, add_special_tokens=False)["input_ids"]
+    rows = [{"messages": [{"role": "user", "content": "tell me"}, {"role": "assistant", "content": "x"}],
+             "token_ids": s} for s in watermarked_texts(2, 40, seed=7)]
+    rows += [{"text": "y", "token_ids": [int(t) for t in np.random.default_rng(3).integers(V, size=40)]},
+             {"text": ""},  # empty: not scored, still counted
+             {"text": text, "token_ids": ids}, {"text": text}]  # the same text, with and without its token ids
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    keys = ("account/camp/0", "account/a/0", "account/b/0")
+    report = text_provenance(ProvenanceConfig(source=str(src), key_ids=keys, per_sample=True))
+    assert report["samples"] == 5 and report["empty"] == 1
+    assert [p["sample"] for p in report["per_sample"]] == [0, 1, 2, 4, 5]
+    for per in report["per_sample"]:
+        alone = tmp_path / f"row{per['sample']}.jsonl"
+        alone.write_text(json.dumps(rows[per["sample"]]) + "\n")
+        one = text_provenance(ProvenanceConfig(source=str(alone), key_ids=keys))
+        assert (per["scores"], per["tokens"], per["scored"], per["named"]) == \
+            (one["scores"], one["tokens"], one["scored"], one["named"])
+    marked, clean, with_ids, without = (report["per_sample"][i] for i in (0, 2, 3, 4))
+    assert marked["named"] and marked["best"]["key_id"] == "account/camp/0" and not clean["named"]
+    assert without["tokens"] == len(ids) and without["scores"] == with_ids["scores"]  # tokenized by the teacher's tokenizer

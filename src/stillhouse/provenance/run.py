@@ -51,6 +51,9 @@ class ProvenanceConfig:
     """Score each distinct (window, token) tuple once. Turning it off makes p-values invalid (for demonstration only)."""
     alpha: float = 1e-3
     """Family-wise level at which a key is named as the source (Holm-adjusted p below this)."""
+    per_sample: bool = False
+    """Also test each sample alone (its own tuples, its own prompt dropped, Holm over the keys): the report's
+    ``per_sample`` lists one report per sample with text, ``sample`` its row in the source. Text only."""
 
     def __post_init__(self) -> None:
         if not self.source:
@@ -164,16 +167,27 @@ def text_provenance(cfg: ProvenanceConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     secret = load_secret(cfg.secret_env)
     candidates = candidates_for(cfg)
-    samples = [s for s in load_samples(cfg.source, cfg.limit) if s.text]
+    loaded = load_samples(cfg.source, cfg.limit)
+    rows = [i for i, s in enumerate(loaded) if s.text]
+    samples = [loaded[i] for i in rows]
     tok = _tokenizer(cfg.tokenizer)
     seqs = _ids(tok, samples, cfg.max_tokens)
-    exclude = prompt_tuples((_prompt_ids(tok, s) for s in samples if s.prompt), cfg.context)
+    prompts = [_prompt_ids(tok, s) if s.prompt else [] for s in samples]
     keep = _gate(cfg, tok, samples, seqs) if cfg.entropy > 0 else None
-    tuples = unique_tuples(seqs, cfg.context, exclude=exclude, dedup=cfg.dedup, keep=keep)
-    scores = score_keys(tuples, derive_all(secret, candidates), cfg.params)
-    extra: dict[str, Any] = {"source": cfg.source, "samples": len(samples), "tokens": sum(map(len, seqs))}
+    keys = derive_all(secret, candidates)
+    tuples = unique_tuples(seqs, cfg.context, exclude=prompt_tuples(prompts, cfg.context), dedup=cfg.dedup, keep=keep)
+    scores = score_keys(tuples, keys, cfg.params)
+    extra: dict[str, Any] = {"source": cfg.source, "samples": len(samples), "empty": len(loaded) - len(samples),
+                             "tokens": sum(map(len, seqs))}
     if keep is not None:
         extra["gated_tokens"] = sum(map(sum, keep))
+    if cfg.per_sample:  # the same tuples as a one-row source would give
+        extra["per_sample"] = []
+        for j, ids in enumerate(seqs):
+            own = unique_tuples([ids], cfg.context, exclude=prompt_tuples([prompts[j]], cfg.context), dedup=cfg.dedup,
+                                keep=None if keep is None else [keep[j]])
+            extra["per_sample"].append(_report(cfg, score_keys(own, keys, cfg.params), candidates,
+                                               {"sample": rows[j], "tokens": len(ids), "scored": len(own)}))
     return _report(cfg, scores, candidates, extra | {"scored": len(tuples),
                                                      "wall_s": round(time.perf_counter() - t0, 2)})
 
