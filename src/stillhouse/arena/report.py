@@ -154,9 +154,9 @@ def operator_lines(op: dict[str, Any] | None) -> list[str]:
         def thr(t: dict[str, float]) -> str:
             return f"throttle {t['throttle']:.2f}, block {t['block']:.2f}"
 
-        lines += [f"The check failed, so the detector was refitted on both windows ({refit['summary']}) and that "
-                  f"model was enforced: thresholds {thr(refit['first_thresholds'])} -> {thr(refit['thresholds'])}. "
-                  "It was not checked on a further window; the evaluation below is its check.", ""]
+        lines += [(f"The check failed, so the detector was refitted on both windows ({refit['summary']}) and that "
+                   f"model was enforced: thresholds {thr(refit['first_thresholds'])} -> {thr(refit['thresholds'])}. "
+                   "It was not checked on a further window; the evaluation below is its check."), ""]
     return lines
 
 
