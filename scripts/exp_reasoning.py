@@ -59,7 +59,7 @@ STUDENTS: dict[str, dict[str, Any]] = {  # TrainConfig fields; data: verified | 
     "gemma-sft": {"data": "greedy-all", "loss": "sft", "student": "model:bundled:gemma3-270m", "epochs": 1, "lr": 1e-4,
                   "freeze_embeddings": True, "schedule": "cosine", "system_prompt": None, "select_on": ""},
 }
-COMMON = {"shuffle": False, "batch_size": 8, "warmup_steps": 4, "select_batch_size": 64, "max_len": 320}
+COMMON = {"shuffle": False, "batch_size": 8, "warmup_steps": 4, "select_batch_size": 64}
 GSM8K_STUDENTS = ("star",)
 """Students also read on the GSM8K items (besides the teacher)."""
 
@@ -69,10 +69,12 @@ def _log(msg: str) -> None:
 
 
 def stage_split(a: argparse.Namespace, out: Path) -> None:
-    from stillhouse.distill.tasks import gsm8k, wordproblem_splits, write_items
+    from stillhouse.distill.tasks import WORDPROBLEM_SHOTS, few_shot, gsm8k, wordproblem_splits, write_items
 
     for name, items in wordproblem_splits(a.heldout, a.train, a.validation, seed=a.seed, steps=a.steps,
                                           lo=a.lo, hi=a.hi).items():
+        if a.shots:  # every model (teacher and students, training and evaluation) sees the same worked examples
+            items = [few_shot(it, WORDPROBLEM_SHOTS[:a.shots]) for it in items]
         write_items(items, out / "items" / f"{name}.jsonl")
     if a.gsm8k:
         write_items(gsm8k(a.gsm8k, "test"), out / "items" / "gsm8k.jsonl")
@@ -206,7 +208,7 @@ def students(a: argparse.Namespace, out: Path) -> dict[str, Any]:
         if name not in a.students:
             continue
         fields = {"student": a.student, "select_on": str(out / "items" / "validation.jsonl"), **COMMON, **spec,
-                  "max_new_tokens": a.max_new_tokens}
+                  "max_new_tokens": a.max_new_tokens, "max_len": a.max_len}
         data = out / "data" / f"{fields.pop('data')}.jsonl"
         if not data.exists():
             _log(f"{name}: no {data.name}, skipped")
@@ -384,6 +386,8 @@ DONE = {"split": "items/validation.jsonl", "probe": "probe.json", "gemma": "gemm
 
 
 def main(argv: list[str] | None = None) -> int:
+    from stillhouse.distill.tasks import WORDPROBLEM_SHOTS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/exp_reasoning"))
     p.add_argument("--stage", default="all", help=f"all, or some of {', '.join(STAGES)} (comma-separated)")
@@ -400,6 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=2, help="events per word problem")
     p.add_argument("--lo", type=int, default=2, help="smallest number in a problem")
     p.add_argument("--hi", type=int, default=20, help="largest number in a problem")
+    p.add_argument("--shots", type=int, default=0, choices=range(len(WORDPROBLEM_SHOTS) + 1),
+                   help="worked examples (earlier chat turns, no loss on them) before every word problem, for "
+                   "every model")
+    p.add_argument("--max-len", type=int, default=320, help="training sequence cap in tokens (raise it with --shots)")
     p.add_argument("--samples", type=int, default=2, help="chains of thought sampled per training problem")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the rationales")
     p.add_argument("--keep", type=int, default=0, help="verified rationales kept per problem (0 = every distinct one)")
