@@ -119,7 +119,8 @@ def stage_gemma(a: argparse.Namespace, out: Path) -> None:
     from stillhouse.distill.tasks import few_shot, read_items
 
     g = LoadedModel.load(a.gemma, "gemma", device="cpu")
-    items = [few_shot(it) for it in read_items(out / "items" / "validation.jsonl")]
+    items = [it if len(it.messages) > 1 else few_shot(it)  # --shots already put the examples there
+             for it in read_items(out / "items" / "validation.jsonl")]
     t0 = time.time()
     rows = sample_rationales(g.model, g.tokenizer, items, RationaleConfig(samples=1, temperature=0.0,
                                                                          max_new_tokens=a.max_new_tokens))
