@@ -3,7 +3,7 @@ distillation beat SFT at the same teacher cost, and does it carry across model f
 package's verbs and library.
 
 Teacher: the bundled SmolLM2-135M-Instruct. Task: 2-step word problems ("Mia has 6 stamps. She buys 9 more.
-Then she sells 4. How many stamps does Mia have now?", numbers 2-20) asked for a chain of thought ending in
+Then she sells 4. How many stamps does Mia have now?", numbers 2-9) asked for a chain of thought ending in
 ``#### <number>`` and read by GSM8K's answer parser (``verify(task="wordproblem")``); GSM8K test problems are
 read by the same parser. Stages, under OUT (each resumes: a rerun redoes only what is missing):
 
@@ -398,13 +398,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--student", default=SMALL_STUDENT, help="the small student's init (layers of the teacher)")
     p.add_argument("--students", default=",".join(STUDENTS), help="which students to train (comma-separated)")
     p.add_argument("--heldout", type=int, default=100, help="held-out word problems (the test set)")
-    p.add_argument("--train", type=int, default=120, help="training word problems")
+    p.add_argument("--train", type=int, default=200, help="training word problems")
     p.add_argument("--validation", type=int, default=30, help="validation word problems (difficulty, passes)")
     p.add_argument("--gsm8k", type=int, default=20, help="GSM8K test items read by the same parser (0 = none)")
     p.add_argument("--gsm8k-tokens", type=int, default=128, help="completion cap on GSM8K")
     p.add_argument("--steps", type=int, default=2, help="events per word problem")
     p.add_argument("--lo", type=int, default=2, help="smallest number in a problem")
-    p.add_argument("--hi", type=int, default=20, help="largest number in a problem")
+    p.add_argument("--hi", type=int, default=9, help="largest number in a problem (2..9 was chosen on the validation problems: docs/results.md)")
     p.add_argument("--shots", type=int, default=0, choices=range(len(WORDPROBLEM_SHOTS) + 1),
                    help="worked examples (earlier chat turns, no loss on them) before every word problem, for "
                    "every model")
