@@ -3,7 +3,7 @@ distillation beat SFT at the same teacher cost, and does it carry across model f
 package's verbs and library.
 
 Teacher: the bundled SmolLM2-135M-Instruct. Task: 2-step word problems ("Mia has 6 stamps. She buys 9 more.
-Then she sells 4. How many stamps does Mia have now?", numbers 2-20) asked for a chain of thought ending in
+Then she sells 4. How many stamps does Mia have now?", numbers 2-9) asked for a chain of thought ending in
 ``#### <number>`` and read by GSM8K's answer parser (``verify(task="wordproblem")``); GSM8K test problems are
 read by the same parser. Stages, under OUT (each resumes: a rerun redoes only what is missing):
 
@@ -59,7 +59,7 @@ STUDENTS: dict[str, dict[str, Any]] = {  # TrainConfig fields; data: verified | 
     "gemma-sft": {"data": "greedy-all", "loss": "sft", "student": "model:bundled:gemma3-270m", "epochs": 1, "lr": 1e-4,
                   "freeze_embeddings": True, "schedule": "cosine", "system_prompt": None, "select_on": ""},
 }
-COMMON = {"shuffle": False, "batch_size": 8, "warmup_steps": 4, "select_batch_size": 64, "max_len": 320}
+COMMON = {"shuffle": False, "batch_size": 8, "warmup_steps": 4, "select_batch_size": 64}
 GSM8K_STUDENTS = ("star",)
 """Students also read on the GSM8K items (besides the teacher)."""
 
@@ -69,10 +69,12 @@ def _log(msg: str) -> None:
 
 
 def stage_split(a: argparse.Namespace, out: Path) -> None:
-    from stillhouse.distill.tasks import gsm8k, wordproblem_splits, write_items
+    from stillhouse.distill.tasks import WORDPROBLEM_SHOTS, few_shot, gsm8k, wordproblem_splits, write_items
 
     for name, items in wordproblem_splits(a.heldout, a.train, a.validation, seed=a.seed, steps=a.steps,
                                           lo=a.lo, hi=a.hi).items():
+        if a.shots:  # every model (teacher and students, training and evaluation) sees the same worked examples
+            items = [few_shot(it, WORDPROBLEM_SHOTS[:a.shots]) for it in items]
         write_items(items, out / "items" / f"{name}.jsonl")
     if a.gsm8k:
         write_items(gsm8k(a.gsm8k, "test"), out / "items" / "gsm8k.jsonl")
@@ -117,7 +119,8 @@ def stage_gemma(a: argparse.Namespace, out: Path) -> None:
     from stillhouse.distill.tasks import few_shot, read_items
 
     g = LoadedModel.load(a.gemma, "gemma", device="cpu")
-    items = [few_shot(it) for it in read_items(out / "items" / "validation.jsonl")]
+    items = [it if len(it.messages) > 1 else few_shot(it)  # --shots already put the examples there
+             for it in read_items(out / "items" / "validation.jsonl")]
     t0 = time.time()
     rows = sample_rationales(g.model, g.tokenizer, items, RationaleConfig(samples=1, temperature=0.0,
                                                                          max_new_tokens=a.max_new_tokens))
@@ -206,7 +209,7 @@ def students(a: argparse.Namespace, out: Path) -> dict[str, Any]:
         if name not in a.students:
             continue
         fields = {"student": a.student, "select_on": str(out / "items" / "validation.jsonl"), **COMMON, **spec,
-                  "max_new_tokens": a.max_new_tokens}
+                  "max_new_tokens": a.max_new_tokens, "max_len": a.max_len}
         data = out / "data" / f"{fields.pop('data')}.jsonl"
         if not data.exists():
             _log(f"{name}: no {data.name}, skipped")
@@ -384,6 +387,8 @@ DONE = {"split": "items/validation.jsonl", "probe": "probe.json", "gemma": "gemm
 
 
 def main(argv: list[str] | None = None) -> int:
+    from stillhouse.distill.tasks import WORDPROBLEM_SHOTS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/exp_reasoning"))
     p.add_argument("--stage", default="all", help=f"all, or some of {', '.join(STAGES)} (comma-separated)")
@@ -393,13 +398,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--student", default=SMALL_STUDENT, help="the small student's init (layers of the teacher)")
     p.add_argument("--students", default=",".join(STUDENTS), help="which students to train (comma-separated)")
     p.add_argument("--heldout", type=int, default=100, help="held-out word problems (the test set)")
-    p.add_argument("--train", type=int, default=120, help="training word problems")
+    p.add_argument("--train", type=int, default=200, help="training word problems")
     p.add_argument("--validation", type=int, default=30, help="validation word problems (difficulty, passes)")
     p.add_argument("--gsm8k", type=int, default=20, help="GSM8K test items read by the same parser (0 = none)")
     p.add_argument("--gsm8k-tokens", type=int, default=128, help="completion cap on GSM8K")
     p.add_argument("--steps", type=int, default=2, help="events per word problem")
     p.add_argument("--lo", type=int, default=2, help="smallest number in a problem")
-    p.add_argument("--hi", type=int, default=20, help="largest number in a problem")
+    p.add_argument("--hi", type=int, default=9, help="largest number in a problem (2..9 was chosen on the validation problems: docs/results.md)")
+    p.add_argument("--shots", type=int, default=0, choices=range(len(WORDPROBLEM_SHOTS) + 1),
+                   help="worked examples (earlier chat turns, no loss on them) before every word problem, for "
+                   "every model")
+    p.add_argument("--max-len", type=int, default=320, help="training sequence cap in tokens (raise it with --shots)")
     p.add_argument("--samples", type=int, default=2, help="chains of thought sampled per training problem")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the rationales")
     p.add_argument("--keep", type=int, default=0, help="verified rationales kept per problem (0 = every distinct one)")

@@ -74,3 +74,17 @@ def test_reasoning_experiment_end_to_end_on_a_tiny_teacher(tmp_path, smol_tokeni
     assert bb["score_teacher"] == f"http://127.0.0.1:{port}/v1" and bb["loss"] == "gkd"
     assert "| teacher (greedy) | - | - | 0/6 |" in table and "**total**" in table
     assert "tokens per kept" not in table or "verified" in table
+
+
+def test_shots_put_the_same_worked_examples_before_every_problem(tmp_path):
+    plain, shots = tmp_path / "plain", tmp_path / "shots"
+    sizes = ["--heldout", "5", "--train", "4", "--validation", "3", "--gsm8k", "0", "--stage", "split"]
+    _run("--out", str(plain), *sizes)
+    _run("--out", str(shots), *sizes, "--shots", "2")
+    for split in ("heldout", "train", "validation"):
+        a, b = _rows(plain / "items" / f"{split}.jsonl"), _rows(shots / "items" / f"{split}.jsonl")
+        assert [r["id"] for r in a] == [r["id"] for r in b]  # the same problems, only the prompt differs
+        for x, y in zip(a, b):
+            assert y["messages"][-1] == x["messages"][-1] and len(y["messages"]) == 5
+            assert [m.get("weight") for m in y["messages"][1:-1:2]] == [0, 0]
+            assert y["messages"][:4] == b[0]["messages"][:4]

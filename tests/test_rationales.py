@@ -102,3 +102,18 @@ def test_few_shot_puts_worked_examples_before_the_problem():
         start, *events = re.findall(r"(has|buys|finds|wins|gives away|gives|loses|sells) (\d+)", q)
         total = int(start[1]) + sum(int(n) * (1 if verb in ("buys", "finds", "wins") else -1) for verb, n in events)
         assert m["content"] == a and verify("wordproblem", a, str(total)).ok and len(events) == 2
+
+
+def test_few_shot_examples_carry_no_loss_when_a_student_trains_on_the_conversation(tmp_path, smol_tokenizer):
+    from stillhouse.distill.data import IGNORE_INDEX, encode_row
+    from stillhouse.distill.tasks import WORDPROBLEM_SHOTS, few_shot
+
+    item = few_shot(wordproblem_splits(1, 0, 0)["heldout"][0], WORDPROBLEM_SHOTS[:2])
+    assert [m.get("weight") for m in item.messages if m["role"] == "assistant"] == [0, 0]
+    write_items([item], tmp_path / "items.jsonl")
+    assert read_items(tmp_path / "items.jsonl")[0].messages == item.messages  # the weights survive the file
+    answer = "Mia starts with 3.\n#### 3"
+    ex = encode_row({"messages": [*item.messages, {"role": "assistant", "content": answer}]}, smol_tokenizer,
+                    max_len=1024, system_prompt="")
+    trained = [t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE_INDEX]
+    assert trained == smol_tokenizer.encode(answer, add_special_tokens=False) + [smol_tokenizer.eos_token_id]

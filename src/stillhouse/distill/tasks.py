@@ -257,12 +257,15 @@ WORDPROBLEM_SHOTS = (
 def few_shot(item: TaskItem, shots: tuple[tuple[str, str], ...] = WORDPROBLEM_SHOTS,
              template: str = WORDPROBLEM_COT) -> TaskItem:
     """``item`` asked after ``shots`` (question, worked answer) as earlier user/assistant turns: how a base model
-    (bundled:gemma3-270m) is prompted as a teacher. The item's own turn keeps its text."""
+    (bundled:gemma3-270m) is prompted as a teacher, and how ``exp_reasoning.py --shots`` asks every model. The
+    item's own turn keeps its text. The worked answers carry ``"weight": 0``: context, not a model's output, so
+    a student trained on the item's conversation puts no loss on them (:mod:`stillhouse.distill.data`)."""
     from dataclasses import replace
 
     turns: list[Message] = []
     for q, a in shots:
-        turns += [{"role": "user", "content": template.format(question=q)}, {"role": "assistant", "content": a}]
+        turns += [{"role": "user", "content": template.format(question=q)},
+                  {"role": "assistant", "content": a, "weight": 0}]
     return replace(item, messages=[*turns, *item.messages])
 
 
