@@ -207,6 +207,57 @@ def test_refused_connection_is_502_and_an_idle_connection_closed_by_the_server_i
     asyncio.run(main())
 
 
+def test_a_kept_alive_connection_closed_while_the_client_loop_was_stopped_is_retried_once() -> None:
+    """uvicorn closes an idle connection after 5 s; a client whose event loop is stopped meanwhile (between
+    training steps) never sees the FIN, so its next request goes on a dead connection. Nothing was answered
+    on it: the pool sends the request once more on a new connection. A fresh connection's failure is not
+    retried."""
+    import threading
+    import time
+
+    async def answer_then_hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                                  state: dict[str, Any]) -> None:
+        head, body = await read_request(reader)
+        state["requests"].append(head)
+        writer.write(ok(b"{}"))
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the keep-alive timeout, much shorter than uvicorn's 5 s
+
+    server_loop = asyncio.new_event_loop()
+    started = threading.Event()
+    got: dict[str, Any] = {}
+
+    def run_server() -> None:
+        asyncio.set_event_loop(server_loop)
+        got["server"], got["port"], got["state"] = server_loop.run_until_complete(serve(answer_then_hang_up))
+        started.set()
+        server_loop.run_forever()
+
+    threading.Thread(target=run_server, daemon=True).start()
+    assert started.wait(5)
+    loop = asyncio.new_event_loop()
+    pool = HTTP1Pool(max_connections=4)
+
+    async def post() -> bytes:
+        r = await pool.send(("127.0.0.1", got["port"]), b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
+                            "POST /", deadline=asyncio.get_running_loop().time() + 5)
+        return await r.read()
+
+    try:
+        for _ in range(3):
+            assert loop.run_until_complete(post()) == b"{}"
+            time.sleep(0.3)  # the client's loop is stopped: the server's hang-up is not seen
+        assert len(got["state"]["requests"]) == 3 and got["state"]["connections"] == 3
+        server_loop.call_soon_threadsafe(got["server"].close)
+        time.sleep(0.2)
+        with pytest.raises(ConnectFailed):  # the stale connection is retried once; the new one is refused
+            loop.run_until_complete(post())
+    finally:
+        loop.run_until_complete(pool.aclose())
+        loop.close()
+        server_loop.call_soon_threadsafe(server_loop.stop)
+
+
 def test_close_drops_the_connection_so_the_upstream_sees_the_disconnect() -> None:
     async def slow_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: dict[str, Any]) -> None:
         await read_request(reader)

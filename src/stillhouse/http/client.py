@@ -80,6 +80,8 @@ class _Conn(asyncio.Protocol):
         self.idle_since = 0.0
         self.busy = False
         self.read_timeout_s = 0.0
+        self.requests = 0
+        """Requests started on this connection (more than 0 before a start: a kept-alive one, reused)."""
         self._reset()
 
     def _reset(self) -> None:
@@ -225,6 +227,7 @@ class _Conn(asyncio.Protocol):
         """Send one request (head and body in one write) and arm the timers."""
         self._reset()
         self.busy = True
+        self.requests += 1
         self.read_timeout_s = read_timeout_s or 0.0
         if read_timeout_s:
             self.last_data = self.loop.time()
@@ -406,20 +409,30 @@ class HTTP1Pool:
                 break
             c.close()
             self._open -= 1
-        if conn is None:
-            conn = await self._acquire(loop, key, deadline, connect_timeout_s, what, timeout_s)
-        try:
-            conn.start(data, deadline, read_timeout_s, what, timeout_s)
-            while not conn.head_done:
-                if conn.failure is not None:
-                    raise conn.failure
-                await conn.wait()
-        except BaseException:
-            conn.busy = False
-            conn.close()
-            self._release(key, None)
-            raise
-        return (response_class or HTTP1Response)(conn, self, key, url)
+        for retry in (False, True):
+            if conn is None:
+                conn = await self._acquire(loop, key, deadline, connect_timeout_s, what, timeout_s)
+            reused = conn.requests > 0
+            try:
+                conn.start(data, deadline, read_timeout_s, what, timeout_s)
+                while not conn.head_done:
+                    if conn.failure is not None:
+                        raise conn.failure
+                    await conn.wait()
+            except BaseException as exc:
+                conn.busy = False
+                conn.close()
+                self._release(key, None)
+                if isinstance(exc, ConnectFailed) and reused and not conn.received and not retry:
+                    # A kept-alive connection the server had closed while idle (uvicorn closes after 5 s; a
+                    # client whose event loop was stopped, as between training steps, never saw the FIN):
+                    # nothing was answered, so the request goes once more on a new connection.
+                    self._drop_idle(key)  # kept alive as long as this one: as likely closed
+                    conn = None
+                    continue
+                raise
+            return (response_class or HTTP1Response)(conn, self, key, url)
+        raise AssertionError("unreachable: the second try returns or raises")
 
     async def _acquire(self, loop: asyncio.AbstractEventLoop, key: Key, deadline: float | None,
                        connect_timeout_s: float | None, what: str, timeout_s: float) -> _Conn:
@@ -478,6 +491,12 @@ class HTTP1Pool:
             raise
         self.connections_opened += 1
         return conn
+
+    def _drop_idle(self, key: Key) -> None:
+        """Close the idle connections to ``key`` (their slots freed)."""
+        for c in self._idle.pop(key, []):
+            c.close()
+            self._open -= 1
 
     def _release(self, key: Key, conn: _Conn | None) -> None:
         """Give a connection back (None: its slot, the connection being gone)."""
