@@ -64,7 +64,6 @@ def calibrate_as_operator(detect_config: Any, calib: tuple[list[SimAccount], lis
     from stillhouse.config import atomic_write_text
     from stillhouse.guard.detect.calibrate import fit_window
     from stillhouse.guard.detect.check import check_window
-    from stillhouse.guard.detect.logwindow import read_window
 
     timings = timings if timings is not None else {}
     calib_accounts, calib_turns = calib
@@ -89,8 +88,7 @@ def calibrate_as_operator(detect_config: Any, calib: tuple[list[SimAccount], lis
 
     infos = {a.info.account_id: a.info for a in calib_accounts + check_accounts}
     t = time.perf_counter()
-    fit_win = read_window(log, t0, t1)
-    fit_win.accounts = fit_win.accounts or _known(fit_win, infos)  # a .jsonl log (direct gateway) has none: as --accounts
+    fit_win = _window(log, t0, t1, infos)
     detector = fit_window(detect_config, fit_win, progress=progress)
     detector.save(model_dir)
     timings["fit_s"] = time.perf_counter() - t
@@ -98,8 +96,7 @@ def calibrate_as_operator(detect_config: Any, calib: tuple[list[SimAccount], lis
 
     if t2 is not None:
         t = time.perf_counter()
-        check_win = read_window(log, t1, t2)
-        check_win.accounts = check_win.accounts or _known(check_win, infos)
+        check_win = _window(log, t1, t2, infos)
         report = check_window(detector, check_win, model=str(model_dir))
         atomic_write_text(model_dir / "check.json", _json(report.to_dict()))
         timings["check_s"] = time.perf_counter() - t
@@ -109,8 +106,7 @@ def calibrate_as_operator(detect_config: Any, calib: tuple[list[SimAccount], lis
         if refit_on_failed_check and not report.passed:
             t = time.perf_counter()
             first = dict(detector.thresholds_)
-            long_win = read_window(log, t0, t2)
-            long_win.accounts = long_win.accounts or _known(long_win, infos)
+            long_win = _window(log, t0, t2, infos)
             detector = fit_window(detect_config, long_win, progress=progress)
             detector.save(model_dir)  # check.json stays: the check of the first model, as run
             timings["refit_s"] = time.perf_counter() - t
@@ -121,9 +117,16 @@ def calibrate_as_operator(detect_config: Any, calib: tuple[list[SimAccount], lis
     return detector, out
 
 
-def _known(window: Any, infos: dict[str, Any]) -> dict[str, Any]:
-    seen = {r.account_id for r in window.records}
-    return {a: i for a, i in infos.items() if a in seen}
+def _window(log: str, since: float, until: float, infos: dict[str, Any]) -> Any:
+    """``read_window(log, since, until)`` with its accounts: a .jsonl log (the direct gateway) holds none, so they
+    come from ``infos``, as ``--accounts`` gives them to the CLI."""
+    from stillhouse.guard.detect.logwindow import read_window
+
+    window = read_window(log, since, until)
+    if not window.accounts:
+        seen = {r.account_id for r in window.records}
+        window.accounts = {a: i for a, i in infos.items() if a in seen}
+    return window
 
 
 def _json(data: Any) -> str:
