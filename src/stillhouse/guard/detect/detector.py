@@ -239,7 +239,7 @@ class WindowDetector:
         row[lay.SIGNALS: lay.SIGNALS + len(REQUEST_SIGNALS)] = [signals[k] for k in REQUEST_SIGNALS]
         row[lay.TEMPLATE] = template
         row[lay.DUP] = dup
-        if (signals["user_cot"] or signals["user_grader"]) and (query or cfg.asks_in_followups):  # rare
+        if self._asks_counted(signals, query):  # rare: find which phrases, and keep the uncommon ones
             row[lay.EVIDENCE: lay.EVIDENCE + len(EVIDENCE_KEYS)] = self._evidence_hits(user)
         if st.last_ts is not None:
             gap = float(np.log1p(max(record.ts - st.last_ts, 0.0)))
@@ -286,6 +286,11 @@ class WindowDetector:
         that is not common among benign calibration accounts (``common_phrases_``), else 0.0."""
         rare = set(self._phrases(user)) - self.common_phrases_
         return [1.0 if rare.intersection(EVIDENCE_PHRASES[name]) else 0.0 for name in EVIDENCE_SIGNALS]
+
+    def _asks_counted(self, signals: dict[str, float], opens: bool) -> bool:
+        """Whether a request's user turn can hold count evidence: it has an evidence phrase somewhere, and it opens
+        a conversation (a follow-up's asks count only with ``config.asks_in_followups``)."""
+        return bool(signals["user_cot"] or signals["user_grader"]) and (opens or self.config.asks_in_followups)
 
     def _phrases(self, user: str) -> tuple[str, ...]:
         """The evidence phrases of a user turn that count: in the user's own words (quoted material left out,
@@ -553,7 +558,7 @@ class WindowDetector:
                 continue
             n += 1
             signals = request_signals(r, self.config)
-            if (signals["user_cot"] or signals["user_grader"]) and (self.config.asks_in_followups or _opens(r)):
+            if self._asks_counted(signals, _opens(r)):
                 got = dict(zip(EVIDENCE_SIGNALS, self._evidence_hits(last_user_text(r.messages or []))))
                 for name in names:
                     hits[name] += got[name] > 0
