@@ -231,38 +231,26 @@ def cmd_paraphrase(args: argparse.Namespace) -> None:
     to ``--ratio`` times the answer's generated tokens; the row keeps its prompt and key id, not its token ids."""
     import asyncio
 
-    from stillhouse.teacher.base import SamplingParams, TeacherError
+    from stillhouse.teacher.base import SamplingParams, TeacherError, chat_all
     from stillhouse.teacher.spec import make_teacher
 
     rows = _answers(args.file, args.limit)
     if not all(r.get("token_ids") for r in rows):
         raise SystemExit(f"{args.file}: every row needs the answer's token_ids (the budget is --ratio times their "
                          "count); give a gen-NAME.jsonl of the generate stage")
-    teacher = make_teacher(args.url, timeout_s=args.timeout)
-    sem = asyncio.Semaphore(args.concurrency)
-
-    async def one(i: int, row: dict[str, Any]) -> dict[str, Any]:
-        params = SamplingParams(max_tokens=int(len(row["token_ids"]) * args.ratio) + 1,
-                                temperature=args.temperature, seed=args.seed + i)
-        ask = [{"role": "user", "content": PARAPHRASE.format(answer=row["messages"][-1]["content"])}]
-        async with sem:
-            res = await teacher.chat(ask, params)
-        c = res.completions[0]
-        return {"messages": row["messages"][:-1] + [{"role": "assistant", "content": c.text}],
-                "key_id": row.get("key_id"), "source_row": i, "paraphraser": res.model,
-                "finish_reason": c.finish_reason, "completion_tokens": c.completion_tokens}
-
-    async def run() -> list[dict[str, Any]]:
-        try:
-            await teacher.resolve()
-            return list(await asyncio.gather(*(one(i, r) for i, r in enumerate(rows))))
-        except TeacherError as exc:
-            raise SystemExit(f"the paraphraser at {args.url} failed: {exc}") from exc
-        finally:
-            await teacher.aclose()
+    asks = [([{"role": "user", "content": PARAPHRASE.format(answer=row["messages"][-1]["content"])}],
+             SamplingParams(max_tokens=int(len(row["token_ids"]) * args.ratio) + 1, temperature=args.temperature,
+                            seed=args.seed + i)) for i, row in enumerate(rows)]
 
     t0 = time.perf_counter()
-    out = asyncio.run(run())
+    try:
+        results = asyncio.run(chat_all(make_teacher(args.url, timeout_s=args.timeout), asks, args.concurrency))
+    except TeacherError as exc:
+        raise SystemExit(f"the paraphraser at {args.url} failed: {exc}") from exc
+    out = [{"messages": row["messages"][:-1] + [{"role": "assistant", "content": res.completions[0].text}],
+            "key_id": row.get("key_id"), "source_row": i, "paraphraser": res.model,
+            "finish_reason": res.completions[0].finish_reason, "completion_tokens": res.completions[0].completion_tokens}
+           for i, (row, res) in enumerate(zip(rows, results))]
     path = OUT / f"para-{args.name}.jsonl"
     _write(path, out)
     print(f"{path}: {len(out)} paraphrases, {sum(r['completion_tokens'] for r in out)} tokens in "

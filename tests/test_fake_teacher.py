@@ -50,3 +50,45 @@ async def test_top_logprobs_are_sorted_and_contain_sampled_token():
 def test_bad_error_rate():
     with pytest.raises(ValueError, match="error_rate"):
         FakeTeacher(error_rate=1.5)
+
+
+def test_chat_all_answers_in_order_bounded_and_closes_the_teacher_even_on_failure():
+    import asyncio
+
+    from stillhouse.teacher.base import ChatResult, TeacherConnectionError, chat_all
+
+    class Counting(FakeTeacher):
+        """The fake teacher, recording how many chats run at once and whether it was resolved and closed."""
+
+        def __init__(self, fail_on: str = "") -> None:
+            super().__init__(error_rate=0.0)
+            self.running = self.peak = 0
+            self.resolved = self.closed = False
+            self.fail_on = fail_on
+
+        async def resolve(self) -> str:
+            self.resolved = True
+            return await super().resolve()
+
+        async def chat(self, messages, params) -> ChatResult:  # type: ignore[no-untyped-def]
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            await asyncio.sleep(0.01)
+            self.running -= 1
+            if messages[0]["content"] == self.fail_on:
+                raise TeacherConnectionError("gone")
+            return await super().chat(messages, params)
+
+        async def aclose(self) -> None:
+            self.closed = True
+
+    asks = [([{"role": "user", "content": f"What is {i} + {i}?"}], SamplingParams(max_tokens=8)) for i in range(7)]
+    t = Counting()
+    results = asyncio.run(chat_all(t, asks, concurrency=3))
+    assert [r.completions[0].text for r in results] == [
+        asyncio.run(FakeTeacher(error_rate=0.0).chat(m, p)).completions[0].text for m, p in asks]
+    assert t.peak == 3 and t.resolved and t.closed
+    bad = Counting(fail_on="What is 4 + 4?")
+    with pytest.raises(TeacherConnectionError):
+        asyncio.run(chat_all(bad, asks, concurrency=2))
+    assert bad.closed

@@ -23,7 +23,6 @@ teacher's token ids); a model of another family is tested closed (its text is to
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -109,25 +108,16 @@ def check_same_tokenizer(suspect_tok: Any, teacher_tok: Any) -> None:
 async def closed_texts(url: str, samples: Sequence[Sample], max_tokens: int, temperature: float,
                        concurrency: int, seed: int = 0) -> list[str]:
     """The suspect's answers to the samples' prompts through an OpenAI-compatible URL."""
-    from stillhouse.teacher.base import SamplingParams, TeacherError
+    from stillhouse.teacher.base import SamplingParams, TeacherError, chat_all
     from stillhouse.teacher.spec import make_teacher
 
     prompts = [s.prompt for s in samples if s.prompt]
     if not prompts:
         raise SuspectError("closed mode needs prompts: give a JSONL of rows with 'messages' or 'prompt'")
-    teacher = make_teacher(url)
-    sem = asyncio.Semaphore(concurrency)
-
-    async def one(i: int, messages: list[dict[str, Any]]) -> str:
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i)
-        async with sem:
-            result = await teacher.chat(messages, params)
-        return result.completions[0].text
-
+    asks = [(m, SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i))
+            for i, m in enumerate(prompts)]
     try:
-        await teacher.resolve()
-        return list(await asyncio.gather(*(one(i, m) for i, m in enumerate(prompts))))
+        results = await chat_all(make_teacher(url), asks, concurrency)
     except TeacherError as exc:
         raise SuspectError(f"the suspect at {url} failed: {exc}") from exc
-    finally:
-        await teacher.aclose()
+    return [r.completions[0].text for r in results]

@@ -237,6 +237,26 @@ class Teacher(Protocol):
         ...
 
 
+async def chat_all(teacher: Teacher, asks: list[tuple[list[Message], SamplingParams]],
+                   concurrency: int) -> list[ChatResult]:
+    """Every ``(messages, params)`` ask through ``teacher``, at most ``concurrency`` at a time, results in order:
+    the teacher resolved first and closed after, however it ends. A TeacherError propagates for the caller to
+    name the server it came from."""
+    import asyncio
+
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(messages: list[Message], params: SamplingParams) -> ChatResult:
+        async with sem:
+            return await teacher.chat(messages, params)
+
+    try:
+        await teacher.resolve()
+        return list(await asyncio.gather(*(one(m, p) for m, p in asks)))
+    finally:
+        await teacher.aclose()
+
+
 class TeacherError(Exception):
     """Base of every teacher failure."""
 
