@@ -101,7 +101,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from stillhouse.watermark.keys import derive_key, key_u64, load_secret
 
     lo, hi = SPLITS[args.split]
-    prompts = json.loads((OUT / "prompts.json").read_text())[lo:hi][: args.limit]
+    prompts = json.loads((OUT / "prompts.json").read_text())[lo:hi][args.offset:][: args.limit]
     teacher = _teacher(args.threads)
     params = WatermarkParams(args.gamma, args.delta, args.context, args.entropy)
     vocab = int(teacher.model.get_output_embeddings().weight.shape[0])
@@ -330,6 +330,8 @@ def main() -> None:
         if name == "generate":
             p.add_argument("--split", choices=list(SPLITS), default="dev")
             p.add_argument("--limit", type=int, default=None)
+            p.add_argument("--offset", type=int, default=0, help="generate: skip the split's first N prompts "
+                           "(another account asks other questions)")
             p.add_argument("--temperature", type=float, default=0.7)
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("--name", default="")

@@ -149,3 +149,29 @@ def test_provenance_text_per_sample_equals_each_row_alone(tmp_path: Path, monkey
     marked, clean, with_ids, without = (report["per_sample"][i] for i in (0, 2, 3, 4))
     assert marked["named"] and marked["best"]["key_id"] == "account/camp/0" and not clean["named"]
     assert without["tokens"] == len(ids) and without["scores"] == with_ids["scores"]  # tokenized by the teacher's tokenizer
+
+
+def test_own_answers_of_clean_models_name_no_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 smol_tokenizer: Any) -> None:
+    """reading=own: a clean model answers prompts greedily and its answers are scored; it never depends on the
+    key, so no candidate is named (the positive case, a student that learned watermarked answers, is
+    tests/test_arena_provenance.py's)."""
+    from conftest import build_tiny_model
+
+    from stillhouse.provenance.run import SuspectConfig, model_provenance
+
+    monkeypatch.setenv("STILLHOUSE_WATERMARK_SECRET", SECRET)
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}: what is {i} + {i}?"}]})
+                           + "\n" for i in range(12)))
+    keys = tuple(f"account/a{i}/0" for i in range(16))
+    for seed in range(2):
+        path = tmp_path / f"clean-{seed}"
+        build_tiny_model(smol_tokenizer, seed=seed, max_positions=512).save_pretrained(path)
+        smol_tokenizer.save_pretrained(path)
+        report = model_provenance(SuspectConfig(source=str(src), key_ids=keys, suspect=f"hf:{path}", mode="open",
+                                                reading="own", answer_tokens=24))
+        assert report["answers"] == 12 and report["tokens"] > 12 and report["scored"] > 20
+        assert report["named"] is False and min(s["p_holm"] for s in report["scores"]) > 1e-3
+    with pytest.raises(ValueError, match="reading"):
+        SuspectConfig(source=str(src), key_ids=keys, suspect=f"hf:{path}", reading="both")  # type: ignore[arg-type]

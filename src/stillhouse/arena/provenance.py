@@ -6,8 +6,10 @@ trained on what leaked, and the radioactivity test names the campaign's accounts
    accounts ask GSM8K test questions (the arena's campaign pool), ``decoys`` benign accounts ask a few
    GSM8K train questions each, so the log holds their key ids too (the candidates: 16 or more keys);
 3. the leaked set (the campaign's answered requests) trains a student with ``stillhouse.distill.train`` (SFT);
-4. ``provenance model`` (open-weight: the student reads ``reading`` benign-pool questions nobody asked)
-   tests every key id in the guard's log, Holm-corrected, and reports whose accounts the significant keys are.
+4. ``provenance model`` (open-weight) tests every key id in the guard's log, Holm-corrected, and reports whose
+   accounts the significant keys are. With ``own_answers`` the student answers, greedily, every question the
+   log holds (campaign and benign alike; the supervised setting of Sander et al.: the provider knows what it
+   was asked), and its answers are scored; otherwise it reads ``reading`` benign-pool questions nobody asked.
 
 Run::
 
@@ -67,8 +69,13 @@ class ProvenanceArenaConfig:
     """SFT batch size."""
     alpha: float = 1e-3
     """Family-wise level at which a key is named."""
+    own_answers: bool = False
+    """The test: the student answers every question in the guard's log (``provenance model --reading own``).
+    False: it reads ``reading`` questions nobody asked (``--reading text``)."""
+    answer_tokens: int = 128
+    """max_tokens of each of the student's answers with ``own_answers``."""
     reading: int = 400
-    """Texts the student reads for the test: questions from the benign pool, none of them asked. Not the leaked
+    """Texts the student reads for the test (without ``own_answers``): questions from the benign pool, none of them asked. Not the leaked
     answers: their own tuples must be dropped (a clean model predicting them would look radioactive), and what
     is left of them is biased against the key, which costs the test its power."""
     concurrency: int = 16
@@ -80,7 +87,7 @@ class ProvenanceArenaConfig:
 
     def __post_init__(self) -> None:
         for name in ("campaign_accounts", "requests_per_account", "decoy_requests", "max_tokens", "epochs",
-                     "batch_size", "concurrency", "threads"):
+                     "batch_size", "concurrency", "threads", "answer_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.decoys < 0:
@@ -190,10 +197,16 @@ def run_provenance(cfg: ProvenanceArenaConfig, out_dir: str | Path, loaded: tupl
     timings["train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    (out / "reading.jsonl").write_text("".join(json.dumps({"text": q}) + "\n" for q in reading))
+    if cfg.own_answers:  # every question the log holds, in the order asked
+        rows = [{"messages": [{"role": "user", "content": q}]} for _, q, status, _ in answers if status == 200]
+    else:
+        rows = [{"text": q} for q in reading]
+    (out / "reading.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     report = model_provenance(SuspectConfig(source=str(out / "reading.jsonl"), log=db_url, suspect=f"hf:{final}",
-                                            mode="open", tokenizer=cfg.teacher, gamma=cfg.gamma,
-                                            context=cfg.context, alpha=cfg.alpha, threads=cfg.threads))
+                                            mode="open", reading="own" if cfg.own_answers else "text",
+                                            answer_tokens=cfg.answer_tokens, tokenizer=cfg.teacher,
+                                            gamma=cfg.gamma, context=cfg.context, alpha=cfg.alpha,
+                                            threads=cfg.threads))
     timings["test_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_all
     named = [s for s in report["scores"] if s["p_holm"] < cfg.alpha]

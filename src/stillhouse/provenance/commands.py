@@ -33,13 +33,16 @@ Examples:
 MODEL_HELP = """The radioactivity test: did a suspect model learn from our watermarked answers?
 
 Open-weight (a local model): the suspect reads SOURCE's texts and its own next-token predictions
-are scored. Closed (an OpenAI-compatible URL): it answers SOURCE's prompts and the answers are
-scored. Distinct tuples only, none from the text read or the prompt, so a clean model gets a
-uniform p-value.
+are scored; with --reading own it answers SOURCE's prompts greedily on this machine instead, and
+its answers are scored (give it the prompts our watermarked answers went to: a student that
+learned them writes them again). Closed (an OpenAI-compatible URL): it answers SOURCE's prompts
+and the answers are scored. Distinct tuples only, none from the text read or the prompt, so a
+clean model gets a uniform p-value.
 
 \b
 Examples:
   stillhouse provenance model reading.jsonl --suspect hf:runs/student/final --log sqlite:///runs/guard.db
+  stillhouse provenance model asked.jsonl --suspect hf:runs/student/final --reading own --key-ids account/lab/0
   stillhouse provenance model prompts.jsonl --suspect http://127.0.0.1:8001/v1 --key-ids account/lab/0
 """
 

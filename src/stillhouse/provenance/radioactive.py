@@ -7,6 +7,11 @@ the test looks for that bias in what the suspect itself predicts or writes.
 - **open-weight** (``reading_tuples``): the suspect reads texts (teacher-forced, one forward pass
   per batch) and its top-1 next-token prediction at every position is scored as the tuple
   ``(the h tokens read before it, the predicted token)``;
+- **open-weight, its own answers** (``own_answers``): the suspect answers prompts greedily on this
+  machine, so every token it writes is its top-1 prediction after its own text, and those tuples are
+  scored. With the prompts our watermarked answers went to (the guard's log has them: Sander et al.'s
+  supervised setting) this finds a student that learned those answers: it writes them again, green
+  tuples and all. A clean model's answers never depend on the key, so the test stays exact;
 - **closed** (``closed_texts``): the suspect answers prompts through any OpenAI-compatible URL and
   its answers are scored like any text (:mod:`.detect`).
 
@@ -103,6 +108,27 @@ def check_same_tokenizer(suspect_tok: Any, teacher_tok: Any) -> None:
         raise SuspectError("the suspect's tokenizer differs from the teacher's, so its token ids are not the "
                            "ones the green lists are over: test it closed (serve it, then "
                            "--suspect http://HOST:PORT/v1) so that its text is tokenized again")
+
+
+def own_answers(suspect: str, samples: Sequence[Sample], max_tokens: int,
+                max_batch: int = 32) -> tuple[list[list[int]], list[list[int]]]:
+    """The prompt ids (chat template and assistant cue) and the suspect's greedy answer ids for every sample
+    with a prompt, generated locally with continuous batching."""
+    from stillhouse.teacher.base import SamplingParams
+    from stillhouse.teacher.local import LocalTeacher
+
+    asked = [s.prompt for s in samples if s.prompt]
+    if not asked:
+        raise SuspectError("reading=own needs prompts: give a JSONL of rows with 'messages' or 'prompt'")
+    teacher = LocalTeacher.from_spec(suspect, max_batch=max_batch)
+    try:
+        prompts = [teacher.encode(m) for m in asked]
+        greedy = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        handles = [teacher.submit(p, greedy, index=i) for i, p in enumerate(prompts)]
+        answers = [list(h.future.result().token_ids) for h in handles]
+    finally:
+        teacher.close()
+    return prompts, answers
 
 
 async def closed_texts(url: str, samples: Sequence[Sample], max_tokens: int, temperature: float,

@@ -81,12 +81,17 @@ class SuspectConfig(ProvenanceConfig):
     mode: Mode = "auto"
     """open = score the suspect's own next-token predictions while it reads source; closed = score its answers
     to source's prompts; auto = open for a local model, closed for a URL."""
+    reading: Literal["text", "own"] = "text"
+    """Open mode: what the suspect reads. text = SOURCE's texts (prompt plus answer), its top-1 prediction at
+    each position scored; own = its own greedy answers to SOURCE's prompts (at most --answer-tokens each),
+    written on this machine, every token scored. Use own with the prompts our watermarked answers went to
+    (the suspect accounts' prompts in the guard's log): a student that learned those answers writes them again."""
     reading_max_len: int = 256
-    """Open mode: tokens per text read (prompt plus answer)."""
+    """Open mode, reading=text: tokens per text read (prompt plus answer)."""
     batch_size: int = 8
     """Open mode: texts per forward pass."""
     answer_tokens: int = 128
-    """Closed mode: max_tokens of each answer."""
+    """Closed mode, and open mode with reading=own: max_tokens of each answer."""
     temperature: float = 0.7
     """Closed mode: sampling temperature of the answers."""
     concurrency: int = 8
@@ -106,6 +111,8 @@ class SuspectConfig(ProvenanceConfig):
         spec = parse_spec(self.suspect)  # raises listing the accepted forms
         if self.mode == "open" and not spec.is_local:
             raise ValueError(f"mode=open needs the suspect's weights; {self.suspect!r} is not local (use mode=closed)")
+        if self.reading not in ("text", "own"):
+            raise ValueError(f"reading={self.reading!r}: use text (read SOURCE's texts) or own (answer its prompts)")
         if self.mode == "closed" and spec.kind != "http":
             raise ValueError(f"mode=closed needs an OpenAI-compatible URL; serve {self.suspect!r} with "
                              "`stillhouse serve --teacher ...` and give its http://HOST:PORT/v1")
@@ -213,6 +220,7 @@ def model_provenance(cfg: SuspectConfig) -> dict[str, Any]:
     from stillhouse.provenance.radioactive import (
         check_same_tokenizer,
         closed_texts,
+        own_answers,
         reading_inputs,
         reading_tuples,
     )
@@ -233,10 +241,16 @@ def model_provenance(cfg: SuspectConfig) -> dict[str, Any]:
             torch.set_num_threads(cfg.threads)
         model, stok, revision = load_model(cfg.suspect)
         check_same_tokenizer(stok, tok)
-        inputs = reading_inputs(tok, samples, cfg.reading_max_len)
-        tuples, counts = reading_tuples(model, inputs, cfg.context, cfg.batch_size,
-                                        tok.pad_token_id if tok.pad_token_id is not None else 0)
-        extra.update(revision=revision, texts_read=len(inputs), **counts)
+        if cfg.reading == "own":
+            del model  # the batched generator loads its own copy
+            prompts, answers = own_answers(cfg.suspect, samples, cfg.answer_tokens)
+            tuples = unique_tuples(answers, cfg.context, exclude=prompt_tuples(prompts, cfg.context), dedup=cfg.dedup)
+            extra.update(revision=revision, reading="own", answers=len(answers), tokens=sum(map(len, answers)))
+        else:
+            inputs = reading_inputs(tok, samples, cfg.reading_max_len)
+            tuples, counts = reading_tuples(model, inputs, cfg.context, cfg.batch_size,
+                                            tok.pad_token_id if tok.pad_token_id is not None else 0)
+            extra.update(revision=revision, reading="text", texts_read=len(inputs), **counts)
     else:
         from dataclasses import replace
 
