@@ -157,7 +157,6 @@ def test_own_answers_of_clean_models_name_no_key(tmp_path: Path, monkeypatch: py
     key, so no candidate is named (the positive case, a student that learned watermarked answers, is
     tests/test_arena_provenance.py's)."""
     from conftest import build_tiny_model
-
     from stillhouse.provenance.run import SuspectConfig, model_provenance
 
     monkeypatch.setenv("STILLHOUSE_WATERMARK_SECRET", SECRET)

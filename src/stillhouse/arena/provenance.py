@@ -197,6 +197,7 @@ def run_provenance(cfg: ProvenanceArenaConfig, out_dir: str | Path, loaded: tupl
     timings["train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    rows: list[dict[str, Any]]
     if cfg.own_answers:  # every question the log holds, in the order asked
         rows = [{"messages": [{"role": "user", "content": q}]} for _, q, status, _ in answers if status == 200]
     else:

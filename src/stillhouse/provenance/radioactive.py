@@ -125,7 +125,7 @@ def own_answers(suspect: str, samples: Sequence[Sample], max_tokens: int,
         prompts = [teacher.encode(m) for m in asked]
         greedy = SamplingParams(max_tokens=max_tokens, temperature=0.0)
         handles = [teacher.submit(p, greedy, index=i) for i, p in enumerate(prompts)]
-        answers = [list(h.future.result().token_ids) for h in handles]
+        answers = [list(h.future.result().token_ids or []) for h in handles]  # a local teacher always has ids
     finally:
         teacher.close()
     return prompts, answers

@@ -243,9 +243,9 @@ def model_provenance(cfg: SuspectConfig) -> dict[str, Any]:
         check_same_tokenizer(stok, tok)
         if cfg.reading == "own":
             del model  # the batched generator loads its own copy
-            prompts, answers = own_answers(cfg.suspect, samples, cfg.answer_tokens)
-            tuples = unique_tuples(answers, cfg.context, exclude=prompt_tuples(prompts, cfg.context), dedup=cfg.dedup)
-            extra.update(revision=revision, reading="own", answers=len(answers), tokens=sum(map(len, answers)))
+            prompts, written = own_answers(cfg.suspect, samples, cfg.answer_tokens)
+            tuples = unique_tuples(written, cfg.context, exclude=prompt_tuples(prompts, cfg.context), dedup=cfg.dedup)
+            extra.update(revision=revision, reading="own", answers=len(written), tokens=sum(map(len, written)))
         else:
             inputs = reading_inputs(tok, samples, cfg.reading_max_len)
             tuples, counts = reading_tuples(model, inputs, cfg.context, cfg.batch_size,
