@@ -197,11 +197,15 @@ def cmd_mix(args: argparse.Namespace) -> None:
         raise SystemExit(f"--share {args.share:g} needs watermarked answers: name them with --wm NAME (gen-NAME.jsonl)")
     if n_wm > len(wm) or args.rows - n_wm > len(clean):
         raise SystemExit(f"need {n_wm} watermarked rows (have {len(wm)}) and {args.rows - n_wm} clean (have {len(clean)})")
-    rows = rng.sample(wm, n_wm) + rng.sample(clean, args.rows - n_wm)
+    marked = rng.sample(wm, n_wm)
+    rows = marked + rng.sample(clean, args.rows - n_wm)
     rng.shuffle(rows)
     path = OUT / f"data-{args.name}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    print(f"{path}: {len(rows)} rows, {n_wm} watermarked")
+    # the watermarked rows alone: what the guard's log holds for the account(s), the prompts `provenance model
+    # --reading own` asks the student again
+    _write(OUT / f"data-{args.name}-wm.jsonl", marked)
+    print(f"{path}: {len(rows)} rows, {n_wm} watermarked (also data-{args.name}-wm.jsonl)")
 
 
 def cmd_train(args: argparse.Namespace) -> None:

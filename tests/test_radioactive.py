@@ -172,5 +172,12 @@ def test_own_answers_of_clean_models_name_no_key(tmp_path: Path, monkeypatch: py
                                                 reading="own", answer_tokens=24))
         assert report["answers"] == 12 and report["tokens"] > 12 and report["scored"] > 20
         assert report["named"] is False and min(s["p_holm"] for s in report["scores"]) > 1e-3
+    # the entropy gate on its answers: the teacher's entropies decide which tokens are scored, never the key
+    gated = model_provenance(SuspectConfig(source=str(src), key_ids=keys, suspect=f"hf:{path}", mode="open",
+                                           reading="own", answer_tokens=24, entropy=2.0))
+    assert 0 < gated["gated_tokens"] < gated["tokens"] and gated["scored"] <= gated["gated_tokens"]
+    assert gated["named"] is False
+    with pytest.raises(ValueError, match="the gate scores answer text"):
+        SuspectConfig(source=str(src), key_ids=keys, suspect=f"hf:{path}", mode="open", entropy=2.0)
     with pytest.raises(ValueError, match="reading"):
         SuspectConfig(source=str(src), key_ids=keys, suspect=f"hf:{path}", reading="both")  # type: ignore[arg-type]

@@ -42,7 +42,7 @@ class ProvenanceConfig:
     entropy: float = 0.0
     """Entropy gate used when generating (as served: --watermark-entropy): only tokens where the teacher's
     next-token entropy is above it are scored; the teacher (--tokenizer) is loaded to recompute them from each
-    answer and its prompt. 0 = score every token."""
+    answer and its prompt. 0 = score every token. (provenance model: for its answers, --reading own or closed.)"""
     limit: int = 0
     """Test at most this many samples of the source (0 = all)."""
     max_tokens: int = 0
@@ -103,9 +103,6 @@ class SuspectConfig(ProvenanceConfig):
         super().__post_init__()
         from stillhouse.teacher.spec import parse_spec
 
-        if self.entropy:
-            raise ValueError(f"entropy={self.entropy:g}: provenance model scores every prediction (the gate needs "
-                             "the teacher's entropies, not the suspect's); leave it 0")
         if not self.suspect:
             raise ValueError("suspect: give a local model (hf:DIR, bundled, gguf:FILE) or a URL http://HOST:PORT/v1")
         spec = parse_spec(self.suspect)  # raises listing the accepted forms
@@ -116,6 +113,9 @@ class SuspectConfig(ProvenanceConfig):
         if self.mode == "closed" and spec.kind != "http":
             raise ValueError(f"mode=closed needs an OpenAI-compatible URL; serve {self.suspect!r} with "
                              "`stillhouse serve --teacher ...` and give its http://HOST:PORT/v1")
+        if self.entropy and self.resolved_mode == "open" and self.reading == "text":
+            raise ValueError(f"entropy={self.entropy:g}: the gate scores answer text (--reading own, or closed mode); "
+                             "reading SOURCE's texts scores every prediction, so leave it 0 there")
         for name in ("reading_max_len", "batch_size", "answer_tokens", "concurrency"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
@@ -244,8 +244,12 @@ def model_provenance(cfg: SuspectConfig) -> dict[str, Any]:
         if cfg.reading == "own":
             del model  # the batched generator loads its own copy
             prompts, written = own_answers(cfg.suspect, samples, cfg.answer_tokens)
-            tuples = unique_tuples(written, cfg.context, exclude=prompt_tuples(prompts, cfg.context), dedup=cfg.dedup)
+            keep = _gate(cfg, tok, [s for s in samples if s.prompt], written) if cfg.entropy > 0 else None
+            tuples = unique_tuples(written, cfg.context, exclude=prompt_tuples(prompts, cfg.context), dedup=cfg.dedup,
+                                   keep=keep)
             extra.update(revision=revision, reading="own", answers=len(written), tokens=sum(map(len, written)))
+            if keep is not None:
+                extra["gated_tokens"] = sum(map(sum, keep))
         else:
             inputs = reading_inputs(tok, samples, cfg.reading_max_len)
             tuples, counts = reading_tuples(model, inputs, cfg.context, cfg.batch_size,
@@ -260,8 +264,11 @@ def model_provenance(cfg: SuspectConfig) -> dict[str, Any]:
         answered = [replace(s, text=a, token_ids=None) for s, a in zip(asked, answers)]
         seqs = _ids(tok, answered, 0)
         exclude = prompt_tuples((_prompt_ids(tok, s) for s in asked), cfg.context)
-        tuples = unique_tuples(seqs, cfg.context, exclude=exclude, dedup=cfg.dedup)
+        keep = _gate(cfg, tok, answered, seqs) if cfg.entropy > 0 else None
+        tuples = unique_tuples(seqs, cfg.context, exclude=exclude, dedup=cfg.dedup, keep=keep)
         extra.update(answers=len(answers), tokens=sum(map(len, seqs)))
+        if keep is not None:
+            extra["gated_tokens"] = sum(map(sum, keep))
     scores = score_keys(tuples, derive_all(secret, candidates), cfg.params)
     extra.update(scored=len(tuples), wall_s=round(time.perf_counter() - t0, 2))
     return _report(cfg, scores, candidates, extra)
