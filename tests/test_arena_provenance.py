@@ -55,7 +55,31 @@ def test_student_answering_the_logged_questions_names_the_campaign(tmp_path: Pat
                                 decoy_requests=1, max_tokens=32, temperature=1.0, delta=4.0, epochs=12, lr=1e-2,
                                 own_answers=True, answer_tokens=32, batch_size=4)
     m = run_provenance(cfg, tmp_path / "prov", loaded=(model, smol_tokenizer, "tiny-0"))
-    print({k: m[k] for k in ("named_accounts", "best", "scored")})
     assert m["named_accounts"] == ["camp-0"] and m["best"]["key_id"].startswith("account/camp-0/")
-    rows = [json.loads(x) for x in (tmp_path / "prov" / "reading.jsonl").read_text().splitlines()]
-    assert len(rows) == 16 + 15 and all(r["messages"][0]["role"] == "user" for r in rows)
+    assert not (tmp_path / "prov" / "reading.jsonl").exists()  # the questions came from the guard's log
+
+
+def test_guard_log_as_a_source(tmp_path: Path) -> None:
+    """A guard's traffic log is a text source: its watermarked answers with their prompts, one account's alone
+    on request; a missing log or an account without a log is a clear error."""
+    from stillhouse.guard.events import TrafficRecord
+    from stillhouse.guard.store import open_store
+    from stillhouse.provenance.texts import TextSourceError, load_samples
+
+    url = f"sqlite:///{tmp_path / 'guard.db'}"
+    store = open_store(url)
+    recs = [TrafficRecord(request_id=f"r{i}", ts=float(i), account_id=f"a{i % 2}", key_id="k",
+                          messages=[{"role": "user", "content": f"q{i}"}], response_text=f"answer {i}",
+                          status=200 if i != 3 else 429, watermark_key_id="" if i == 4 else f"account/a{i % 2}/0")
+            for i in range(6)]
+    store.write_records(recs)
+    store.close()
+    got = load_samples(url)
+    assert [s.text for s in got] == ["answer 0", "answer 1", "answer 2", "answer 5"]  # 3 refused, 4 not watermarked
+    assert got[0].prompt == [{"role": "user", "content": "q0"}]
+    assert [s.text for s in load_samples(url, account="a1")] == ["answer 1", "answer 5"]
+    assert len(load_samples(url, limit=2)) == 2
+    with pytest.raises(TextSourceError, match="no such file"):
+        load_samples(f"sqlite:///{tmp_path / 'none.db'}")
+    with pytest.raises(TextSourceError, match="only a guard log"):
+        load_samples(str(tmp_path / "x.jsonl"), account="a1")

@@ -197,13 +197,12 @@ def run_provenance(cfg: ProvenanceArenaConfig, out_dir: str | Path, loaded: tupl
     timings["train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    rows: list[dict[str, Any]]
-    if cfg.own_answers:  # every question the log holds, in the order asked
-        rows = [{"messages": [{"role": "user", "content": q}]} for _, q, status, _ in answers if status == 200]
+    if cfg.own_answers:  # the source is the guard's log: every watermarked question it answered
+        source = db_url
     else:
-        rows = [{"text": q} for q in reading]
-    (out / "reading.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    report = model_provenance(SuspectConfig(source=str(out / "reading.jsonl"), log=db_url, suspect=f"hf:{final}",
+        source = str(out / "reading.jsonl")
+        (out / "reading.jsonl").write_text("".join(json.dumps({"text": q}) + "\n" for q in reading))
+    report = model_provenance(SuspectConfig(source=source, log=db_url, suspect=f"hf:{final}",
                                             mode="open", reading="own" if cfg.own_answers else "text",
                                             answer_tokens=cfg.answer_tokens, tokenizer=cfg.teacher,
                                             gamma=cfg.gamma, context=cfg.context, alpha=cfg.alpha,

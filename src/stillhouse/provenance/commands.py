@@ -32,17 +32,14 @@ Examples:
 
 MODEL_HELP = """The radioactivity test: did a suspect model learn from our watermarked answers?
 
-Open-weight (a local model): the suspect reads SOURCE's texts and its own next-token predictions
-are scored; with --reading own it answers SOURCE's prompts greedily on this machine instead, and
-its answers are scored (give it the prompts our watermarked answers went to: a student that
-learned them writes them again). Closed (an OpenAI-compatible URL): it answers SOURCE's prompts
-and the answers are scored. Distinct tuples only, none from the text read or the prompt, so a
-clean model gets a uniform p-value.
+Open-weight (a local model): the suspect reads SOURCE's texts and its own next-token predictions are scored. With --reading own it answers SOURCE's prompts greedily on this machine instead, and its answers are scored: give it the questions our watermarked answers went to (SOURCE may be the guard's log itself, --account one account's), and a student that learned those answers writes them again. Closed (an OpenAI-compatible URL): it answers SOURCE's prompts and the answers are scored.
+
+Distinct tuples only, none from the text read or the prompt, so a clean model gets a uniform p-value. --entropy (the serve setting) scores only the answer tokens the teacher was unsure of.
 
 \b
 Examples:
   stillhouse provenance model reading.jsonl --suspect hf:runs/student/final --log sqlite:///runs/guard.db
-  stillhouse provenance model asked.jsonl --suspect hf:runs/student/final --reading own --key-ids account/lab/0
+  stillhouse provenance model sqlite:///runs/guard.db --account lab --reading own --suspect hf:runs/s/final --log sqlite:///runs/guard.db
   stillhouse provenance model prompts.jsonl --suspect http://127.0.0.1:8001/v1 --key-ids account/lab/0
 """
 

@@ -26,7 +26,10 @@ class ProvenanceConfig:
     """What ``stillhouse provenance text`` tests, against which keys."""
 
     source: str
-    """Text to test: a text file, a JSONL dataset (rows with messages or text) or a harvest run directory."""
+    """Text to test: a text file, a JSONL dataset (rows with messages or text), a harvest run directory, or a
+    guard's traffic log (sqlite:///guard.db, postgresql://...: the watermarked answers it served, with prompts)."""
+    account: str = ""
+    """With a guard's log as SOURCE: that account's requests alone (e.g. a suspect account's questions)."""
     log: str = ""
     """The guard's traffic log (sqlite:///guard.db or postgresql://...): every watermark key id in it is a candidate."""
     key_ids: tuple[str, ...] = ()
@@ -174,7 +177,7 @@ def text_provenance(cfg: ProvenanceConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     secret = load_secret(cfg.secret_env)
     candidates = candidates_for(cfg)
-    loaded = load_samples(cfg.source, cfg.limit)
+    loaded = load_samples(cfg.source, cfg.limit, cfg.account)
     rows = [i for i, s in enumerate(loaded) if s.text]
     samples = [loaded[i] for i in rows]
     tok = _tokenizer(cfg.tokenizer)
@@ -228,7 +231,7 @@ def model_provenance(cfg: SuspectConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     secret = load_secret(cfg.secret_env)
     candidates = candidates_for(cfg)
-    samples = load_samples(cfg.source, cfg.limit)
+    samples = load_samples(cfg.source, cfg.limit, cfg.account)
     tok = _tokenizer(cfg.tokenizer)
     mode = cfg.resolved_mode
     extra: dict[str, Any] = {"suspect": cfg.suspect, "mode": mode, "source": cfg.source}

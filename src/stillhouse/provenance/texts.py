@@ -8,7 +8,10 @@ the source kept them (a harvest run with logprobs; else the text is tokenized ag
 - ``FILE.jsonl``: one sample per row, from ``messages`` (the last assistant turn is the text, the
   turns before it the prompt), else ``text``/``response``/``completion``/``output`` (with
   ``prompt``/``instruction`` as the prompt), optional ``token_ids``;
-- a harvest run directory (``stillhouse harvest --out RUN``): its stored answers.
+- a harvest run directory (``stillhouse harvest --out RUN``): its stored answers;
+- a guard's traffic log (``sqlite:///guard.db``, ``postgresql://...``): the watermarked answers it
+  served, with their prompts (one account's alone with ``account``), so ``provenance model --reading
+  own`` can ask a suspect the very questions our watermarked answers went to.
 
 Errors: :class:`TextSourceError` (a ``ValueError``) names the source and what was expected.
 """
@@ -69,8 +72,41 @@ def _content(content: Any) -> str:
     return ""
 
 
-def load_samples(source: str | Path, limit: int = 0) -> list[Sample]:
-    """The samples of a file, JSONL dataset or harvest run (the first ``limit``; 0 = all)."""
+LOG_URLS = ("sqlite:///", "postgresql://", "postgres://")
+"""A source that starts with one of these is a guard's traffic log."""
+
+
+def _from_log(db_url: str, limit: int, account: str) -> list[Sample]:
+    """The watermarked answers (status 200, a watermark key id) in a guard's traffic log, with their prompts,
+    in arrival order; only ``account``'s when given."""
+    from stillhouse.guard.store import open_store
+
+    if db_url.startswith("sqlite:///") and not Path(db_url.removeprefix("sqlite:///")).is_file():
+        raise TextSourceError(f"{db_url}: no such file; give the guard's --db URL (sqlite:///path/to/guard.db)")
+    out: list[Sample] = []
+    try:
+        store = open_store(db_url, init=False)
+        try:
+            for rec in store.iter_records():
+                if rec.watermark_key_id and rec.status == 200 and (not account or rec.account_id == account):
+                    out.append(Sample(rec.response_text, [dict(m) for m in rec.messages], None))
+                    if limit and len(out) >= limit:
+                        break
+        finally:
+            store.close()
+    except Exception as exc:  # noqa: BLE001 - sqlite3 or psycopg: a server down, not a guard's log, ...
+        raise TextSourceError(f"{db_url}: cannot read the guard's traffic log ({type(exc).__name__}: {exc})") from None
+    return out
+
+
+def load_samples(source: str | Path, limit: int = 0, account: str = "") -> list[Sample]:
+    """The samples of a file, JSONL dataset, harvest run or guard log URL (the first ``limit``; 0 = all).
+    ``account`` (a guard log only): that account's requests alone."""
+    if isinstance(source, str) and source.startswith(LOG_URLS):
+        return _from_log(source, limit, account)
+    if account:
+        raise TextSourceError(f"account={account!r}: only a guard log (sqlite:///... or postgresql://...) "
+                              "knows accounts; drop it, or give the log as the source")
     path = Path(source)
     if not path.exists():
         raise TextSourceError(f"{source}: no such file or directory; give a text file, a .jsonl dataset or a "
