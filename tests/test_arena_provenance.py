@@ -83,3 +83,16 @@ def test_guard_log_as_a_source(tmp_path: Path) -> None:
         load_samples(f"sqlite:///{tmp_path / 'none.db'}")
     with pytest.raises(TextSourceError, match="only a guard log"):
         load_samples(str(tmp_path / "x.jsonl"), account="a1")
+
+
+def test_provenance_arena_cli_errors(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from stillhouse.cli import app
+
+    runner = CliRunner()
+    for args, needle in ((["--entropy", "2"], "needs own_answers"), (["--campaign-accounts", "0"], "campaign_accounts"),
+                         (["--gamma", "1.5"], "gamma")):
+        res = runner.invoke(app, ["provenance", "arena", "--out", str(tmp_path / "run"), *args])
+        assert res.exit_code != 0 and needle in res.output and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "run" / "provenance.json").exists()

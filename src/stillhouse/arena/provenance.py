@@ -13,7 +13,7 @@ trained on what leaked, and the radioactivity test names the campaign's accounts
 
 Run::
 
-    stillhouse arena --provenance-only --out RUN      # (or from Python: run_provenance(cfg, out))
+    stillhouse provenance arena --out RUN --own-answers   # (or from Python: run_provenance(cfg, out))
 
 The watermark secret is generated per run unless ``$STILLHOUSE_WATERMARK_SECRET`` is set; it is
 never written to disk. Cost on 2 busy CPU cores at the defaults: tens of minutes, nearly all of it
@@ -61,6 +61,9 @@ class ProvenanceArenaConfig:
     """Watermark logit bias."""
     context: int = 1
     """Watermark context window."""
+    entropy: float = 0.0
+    """Watermark entropy gate in nats (serve's --watermark-entropy; 0 = none). The test scores the gated tokens
+    of the student's answers, so it needs ``own_answers``."""
     epochs: int = 3
     """SFT epochs of the student."""
     lr: float = 1e-4
@@ -94,7 +97,10 @@ class ProvenanceArenaConfig:
             raise ValueError(f"decoys={self.decoys}: must be >= 0")
         from stillhouse.watermark.green import WatermarkParams
 
-        WatermarkParams(self.gamma, self.delta, self.context)
+        WatermarkParams(self.gamma, self.delta, self.context, self.entropy)
+        if self.entropy and not self.own_answers:
+            raise ValueError(f"entropy={self.entropy:g} needs own_answers: the gate scores answer text, and reading "
+                             "questions scores every prediction")
 
 
 async def _harvest(guard_url: str, keys: dict[str, str], plan: list[tuple[str, str]], cfg: ProvenanceArenaConfig
@@ -164,7 +170,8 @@ def run_provenance(cfg: ProvenanceArenaConfig, out_dir: str | Path, loaded: tupl
 
     teacher = LocalTeacher(model, tok, name=SERVED_NAME, revision=rev, batch=BatchConfig(max_batch=32))
     serve_cfg = ServeConfig(served_name=SERVED_NAME, max_batch=32, threads=cfg.threads, watermark=True,
-                            watermark_gamma=cfg.gamma, watermark_delta=cfg.delta, watermark_context=cfg.context)
+                            watermark_gamma=cfg.gamma, watermark_delta=cfg.delta, watermark_context=cfg.context,
+                            watermark_entropy=cfg.entropy)
     db_url = f"sqlite:///{(out / 'guard.db').resolve()}"
     with ServerThread(create_app(teacher, serve_cfg)) as server:
         gcfg = GuardConfig(upstream_url=server.base_url.removesuffix("/v1"),
@@ -205,7 +212,8 @@ def run_provenance(cfg: ProvenanceArenaConfig, out_dir: str | Path, loaded: tupl
     report = model_provenance(SuspectConfig(source=source, log=db_url, suspect=f"hf:{final}",
                                             mode="open", reading="own" if cfg.own_answers else "text",
                                             answer_tokens=cfg.answer_tokens, tokenizer=cfg.teacher,
-                                            gamma=cfg.gamma, context=cfg.context, alpha=cfg.alpha,
+                                            gamma=cfg.gamma, context=cfg.context, entropy=cfg.entropy,
+                                            alpha=cfg.alpha,
                                             threads=cfg.threads))
     timings["test_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_all

@@ -16,6 +16,7 @@ import typer
 from stillhouse.cli_config import ConfigOptions, Given, config_command, fail
 
 if TYPE_CHECKING:
+    from stillhouse.arena.provenance import ProvenanceArenaConfig
     from stillhouse.provenance.run import ProvenanceConfig, SuspectConfig
 
 TEXT_HELP = """Test text for our watermark: which candidate key (account, cluster) it carries, if any.
@@ -90,6 +91,37 @@ def model_command(
     _print(report, as_json, out)
 
 
+ARENA_HELP = """The whole provenance loop on loopback: a campaign harvests through a real guard in front of the
+watermarking teacher, a student trains on what leaked, and the radioactivity test over every key id in the
+guard's log says whose accounts it learned from.
+
+Writes OUT/provenance.json (named accounts, every key's score, timings), the guard's log, the leaked rows and the student. The secret is $STILLHOUSE_WATERMARK_SECRET, or one made for this run and never written.
+
+\b
+Examples:
+  stillhouse provenance arena --out runs/prov-arena --own-answers
+  stillhouse provenance arena --out runs/prov-arena --own-answers --student self --epochs 2 --delta 1.5 --entropy 2.0
+"""
+
+
+def arena_command(
+    settings: Given[ProvenanceArenaConfig],
+    out: Path = typer.Option(Path("provenance-arena"), "--out", help="Run directory."),
+) -> None:
+    from stillhouse.arena.provenance import run_provenance
+
+    try:
+        m = run_provenance(settings.config(), out)
+    except (ValueError, FileNotFoundError) as exc:
+        fail(exc)
+    best = m["best"] or {}
+    typer.echo(f"{m['leaked_rows']} rows leaked from {len(m['campaign_accounts'])} campaign accounts; "
+               f"{m['keys_in_log']} keys in the guard's log")
+    typer.echo(f"named: {', '.join(m['named_accounts']) or 'nobody'} (best key {best.get('key_id', '-')}, "
+               f"Holm-adjusted p = {best.get('p_holm', 1.0):.3g} over {m['keys_in_log']} keys); "
+               f"goal {'met' if m['goal_met'] else 'not met'}; {out / 'provenance.json'}")
+
+
 def register(app: typer.Typer) -> None:
     """Add ``provenance text`` and ``provenance model``."""
     from stillhouse.provenance.run import ProvenanceConfig, SuspectConfig
@@ -101,4 +133,7 @@ def register(app: typer.Typer) -> None:
     sub.command("model", help=MODEL_HELP)(config_command(model_command, ConfigOptions(
         SuspectConfig, arguments=("source",), comma=("key_ids",), flags={"suspect": ("--suspect", "-s")},
         panels={**panels, "suspect": "Suspect"}, replay=False)))
+    from stillhouse.arena.provenance import ProvenanceArenaConfig
+
+    sub.command("arena", help=ARENA_HELP)(config_command(arena_command, ConfigOptions(ProvenanceArenaConfig)))
     app.add_typer(sub, name="provenance")
