@@ -68,8 +68,11 @@ def test_entropy_threshold_is_validated_where_it_is_configured() -> None:
     with pytest.raises(ValueError, match="entropy"):
         ProvenanceConfig(source="x.jsonl", key_ids=("account/a/0",), entropy=-1.0)
     assert ProvenanceConfig(source="x.jsonl", key_ids=("account/a/0",), entropy=1.5).params.entropy == 1.5
-    with pytest.raises(ValueError, match="entropy=1.5: provenance model"):
+    with pytest.raises(ValueError, match="entropy=1.5: the gate scores answer text"):
         SuspectConfig(source="x.jsonl", key_ids=("account/a/0",), suspect="bundled", entropy=1.5)
+    # the suspect's own answers are text: the gate applies to them
+    assert SuspectConfig(source="x.jsonl", key_ids=("account/a/0",), suspect="bundled", reading="own",
+                         entropy=1.5).entropy == 1.5
 
 
 def test_batched_answer_entropies_equal_one_row_at_a_time(tiny_model: Any) -> None:

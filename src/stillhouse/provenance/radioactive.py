@@ -110,17 +110,18 @@ def check_same_tokenizer(suspect_tok: Any, teacher_tok: Any) -> None:
                            "--suspect http://HOST:PORT/v1) so that its text is tokenized again")
 
 
-def own_answers(suspect: str, samples: Sequence[Sample], max_tokens: int,
+def own_answers(model: Any, tokenizer: Any, samples: Sequence[Sample], max_tokens: int,
                 max_batch: int = 32) -> tuple[list[list[int]], list[list[int]]]:
     """The prompt ids (chat template and assistant cue) and the suspect's greedy answer ids for every sample
-    with a prompt, generated locally with continuous batching."""
+    with a prompt, generated here with continuous batching."""
     from stillhouse.teacher.base import SamplingParams
+    from stillhouse.teacher.batcher import BatchConfig
     from stillhouse.teacher.local import LocalTeacher
 
     asked = [s.prompt for s in samples if s.prompt]
     if not asked:
         raise SuspectError("reading=own needs prompts: give a JSONL of rows with 'messages' or 'prompt'")
-    teacher = LocalTeacher.from_spec(suspect, max_batch=max_batch)
+    teacher = LocalTeacher(model, tokenizer, name="suspect", revision="", batch=BatchConfig(max_batch=max_batch))
     try:
         prompts = [teacher.encode(m) for m in asked]
         greedy = SamplingParams(max_tokens=max_tokens, temperature=0.0)

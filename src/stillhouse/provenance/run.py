@@ -183,14 +183,12 @@ def text_provenance(cfg: ProvenanceConfig) -> dict[str, Any]:
     tok = _tokenizer(cfg.tokenizer)
     seqs = _ids(tok, samples, cfg.max_tokens)
     prompts = [_prompt_ids(tok, s) if s.prompt else [] for s in samples]
-    keep = _gate(cfg, tok, samples, seqs) if cfg.entropy > 0 else None
+    extra: dict[str, Any] = {"source": cfg.source, "samples": len(samples), "empty": len(loaded) - len(samples),
+                             "tokens": sum(map(len, seqs))}
+    keep = _gated(cfg, tok, samples, seqs, extra)
     keys = derive_all(secret, candidates)
     tuples = unique_tuples(seqs, cfg.context, exclude=prompt_tuples(prompts, cfg.context), dedup=cfg.dedup, keep=keep)
     scores = score_keys(tuples, keys, cfg.params)
-    extra: dict[str, Any] = {"source": cfg.source, "samples": len(samples), "empty": len(loaded) - len(samples),
-                             "tokens": sum(map(len, seqs))}
-    if keep is not None:
-        extra["gated_tokens"] = sum(map(sum, keep))
     if cfg.per_sample:  # the same tuples as a one-row source would give
         extra["per_sample"] = []
         for j, ids in enumerate(seqs):
@@ -202,8 +200,12 @@ def text_provenance(cfg: ProvenanceConfig) -> dict[str, Any]:
                                                      "wall_s": round(time.perf_counter() - t0, 2)})
 
 
-def _gate(cfg: ProvenanceConfig, tok: Any, samples: list[Sample], seqs: list[list[int]]) -> list[list[bool]]:
-    """Which answer tokens the entropy gate lets through: the teacher reads each prompt (as served) and answer."""
+def _gated(cfg: ProvenanceConfig, tok: Any, samples: list[Sample], seqs: list[list[int]], extra: dict[str, Any]
+           ) -> list[list[bool]] | None:
+    """Which answer tokens the entropy gate lets through (None without a gate; ``extra["gated_tokens"]`` counts
+    them): the teacher reads each prompt (as served) and answer."""
+    if cfg.entropy <= 0:
+        return None
     from stillhouse.provenance.gate import answer_entropies, gate_masks
     from stillhouse.teacher.bundled import load_model
     from stillhouse.teacher.local import encode_chat
@@ -211,7 +213,9 @@ def _gate(cfg: ProvenanceConfig, tok: Any, samples: list[Sample], seqs: list[lis
     model, _, _ = load_model(cfg.tokenizer)
     rows = [(encode_chat(tok, s.prompt) if s.prompt else [], ids) for s, ids in zip(samples, seqs)]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    return gate_masks(answer_entropies(model, rows, pad_id=pad), cfg.entropy)
+    keep = gate_masks(answer_entropies(model, rows, pad_id=pad), cfg.entropy)
+    extra["gated_tokens"] = sum(map(sum, keep))
+    return keep
 
 
 def _prompt_ids(tok: Any, s: Sample) -> list[int]:
@@ -245,14 +249,11 @@ def model_provenance(cfg: SuspectConfig) -> dict[str, Any]:
         model, stok, revision = load_model(cfg.suspect)
         check_same_tokenizer(stok, tok)
         if cfg.reading == "own":
-            del model  # the batched generator loads its own copy
-            prompts, written = own_answers(cfg.suspect, samples, cfg.answer_tokens)
-            keep = _gate(cfg, tok, [s for s in samples if s.prompt], written) if cfg.entropy > 0 else None
+            prompts, written = own_answers(model, stok, samples, cfg.answer_tokens)
+            keep = _gated(cfg, tok, [s for s in samples if s.prompt], written, extra)
             tuples = unique_tuples(written, cfg.context, exclude=prompt_tuples(prompts, cfg.context), dedup=cfg.dedup,
                                    keep=keep)
             extra.update(revision=revision, reading="own", answers=len(written), tokens=sum(map(len, written)))
-            if keep is not None:
-                extra["gated_tokens"] = sum(map(sum, keep))
         else:
             inputs = reading_inputs(tok, samples, cfg.reading_max_len)
             tuples, counts = reading_tuples(model, inputs, cfg.context, cfg.batch_size,
@@ -267,11 +268,9 @@ def model_provenance(cfg: SuspectConfig) -> dict[str, Any]:
         answered = [replace(s, text=a, token_ids=None) for s, a in zip(asked, answers)]
         seqs = _ids(tok, answered, 0)
         exclude = prompt_tuples((_prompt_ids(tok, s) for s in asked), cfg.context)
-        keep = _gate(cfg, tok, answered, seqs) if cfg.entropy > 0 else None
+        keep = _gated(cfg, tok, answered, seqs, extra)
         tuples = unique_tuples(seqs, cfg.context, exclude=exclude, dedup=cfg.dedup, keep=keep)
         extra.update(answers=len(answers), tokens=sum(map(len, seqs)))
-        if keep is not None:
-            extra["gated_tokens"] = sum(map(sum, keep))
     scores = score_keys(tuples, derive_all(secret, candidates), cfg.params)
     extra.update(scored=len(tuples), wall_s=round(time.perf_counter() - t0, 2))
     return _report(cfg, scores, candidates, extra)
