@@ -81,8 +81,8 @@ def cmd_prompts(args: argparse.Namespace) -> None:
     clean = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a[:700]}]}
              for q, a in pairs[SPLITS["train"][1]:]]
     (OUT / "prompts.json").write_text(json.dumps(prompts))
-    (OUT / "clean.jsonl").write_text("".join(json.dumps(r) + "\n" for r in clean[:-READING]))
-    (OUT / "reading.jsonl").write_text("".join(json.dumps(r) + "\n" for r in clean[-READING:]))
+    _write(OUT / "clean.jsonl", clean[:-READING])
+    _write(OUT / "reading.jsonl", clean[-READING:])
     print(f"{len(prompts)} prompts, {len(clean) - READING} clean SFT rows, {READING} reading texts (ShareGPT)")
 
 
@@ -124,7 +124,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                          f"-d{args.delta:g}-h{args.context}"
                          + (f"-e{args.entropy:g}" if args.entropy else ""))
     path = OUT / f"gen-{name}.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _write(path, rows)
     tokens = sum(len(r["token_ids"]) for r in rows)
     print(f"{path}: {len(rows)} answers, {tokens} tokens in {wall:.0f}s ({tokens / wall:.1f} tok/s)")
 
@@ -201,7 +201,7 @@ def cmd_mix(args: argparse.Namespace) -> None:
     rows = marked + rng.sample(clean, args.rows - n_wm)
     rng.shuffle(rows)
     path = OUT / f"data-{args.name}.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _write(path, rows)
     # the watermarked rows alone: what the guard's log holds for the account(s), the prompts `provenance model
     # --reading own` asks the student again
     _write(OUT / f"data-{args.name}-wm.jsonl", marked)

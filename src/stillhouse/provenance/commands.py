@@ -123,7 +123,8 @@ def arena_command(
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``provenance text`` and ``provenance model``."""
+    """Add ``provenance text``, ``provenance model`` and ``provenance arena``."""
+    from stillhouse.arena.provenance import ProvenanceArenaConfig
     from stillhouse.provenance.run import ProvenanceConfig, SuspectConfig
 
     sub = typer.Typer(help="Provenance: test text and suspect models for our watermark keys.", no_args_is_help=True)
@@ -133,7 +134,5 @@ def register(app: typer.Typer) -> None:
     sub.command("model", help=MODEL_HELP)(config_command(model_command, ConfigOptions(
         SuspectConfig, arguments=("source",), comma=("key_ids",), flags={"suspect": ("--suspect", "-s")},
         panels={**panels, "suspect": "Suspect"}, replay=False)))
-    from stillhouse.arena.provenance import ProvenanceArenaConfig
-
     sub.command("arena", help=ARENA_HELP)(config_command(arena_command, ConfigOptions(ProvenanceArenaConfig)))
     app.add_typer(sub, name="provenance")

@@ -72,10 +72,6 @@ def _content(content: Any) -> str:
     return ""
 
 
-LOG_URLS = ("sqlite:///", "postgresql://", "postgres://")
-"""A source that starts with one of these is a guard's traffic log."""
-
-
 def _from_log(db_url: str, limit: int, account: str) -> list[Sample]:
     """The watermarked answers (status 200, a watermark key id) in a guard's traffic log, with their prompts,
     in arrival order; only ``account``'s when given."""
@@ -102,7 +98,9 @@ def _from_log(db_url: str, limit: int, account: str) -> list[Sample]:
 def load_samples(source: str | Path, limit: int = 0, account: str = "") -> list[Sample]:
     """The samples of a file, JSONL dataset, harvest run or guard log URL (the first ``limit``; 0 = all).
     ``account`` (a guard log only): that account's requests alone."""
-    if isinstance(source, str) and source.startswith(LOG_URLS):
+    from stillhouse.guard.detect.logwindow import is_store_url
+
+    if isinstance(source, str) and is_store_url(source):
         return _from_log(source, limit, account)
     if account:
         raise TextSourceError(f"account={account!r}: only a guard log (sqlite:///... or postgresql://...) "
