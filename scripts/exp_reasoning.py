@@ -23,7 +23,10 @@ Students: ``star`` (the small student, SFT on the verified rationales), ``star-s
 them), ``sft-greedy`` (SFT on the teacher's
 greedy answers), ``gkd`` (on-policy, lmbda 1: the student's own samples on the same prompts, scored by the
 white-box teacher; one pass costs about the teacher tokens of the greedy answers), ``gkd-bb`` (the same through
-``stillhouse serve``'s POST /v1/score, top-20 logprobs: black-box), ``gemma-star`` (Gemma 3 270M, another family,
+``stillhouse serve``'s POST /v1/score, top-20 logprobs: black-box), ``sft-first`` (SFT on the first half of the
+greedy answers) and the two that go on from it at about equal teacher tokens, ``sft-more`` (SFT on the second
+half) and ``gkd-more`` (GKD on the second half's prompts, one pass; the recipe of the on-policy distillation
+reports: SFT first, then on-policy), ``gemma-star`` (Gemma 3 270M, another family,
 SFT on the verified rationales' text), ``gemma-sft`` (Gemma 3 270M on the teacher's greedy answers, right or wrong:
 plain sequence-level distillation across families).
 
@@ -53,12 +56,20 @@ STUDENTS: dict[str, dict[str, Any]] = {  # TrainConfig fields; data: verified | 
     "gkd": {**SMALL, "data": "greedy-all", "loss": "gkd", "lmbda": 1.0, "epochs": 1, "lr": 3e-4},
     "gkd-bb": {**SMALL, "data": "greedy-all", "loss": "gkd", "lmbda": 1.0, "epochs": 1, "lr": 3e-4,
                "score_teacher": "SERVE"},
+    # on-policy after SFT, at equal teacher tokens: a student SFT'd on the first half of the greedy answers goes
+    # on either with SFT on the second half or with GKD on the second half's prompts (one pass)
+    "sft-first": {**SMALL, "data": "greedy-first", "loss": "sft", "epochs": 3, "lr": 3e-4},
+    "sft-more": {**SMALL, "after": "sft-first", "data": "greedy-second", "loss": "sft", "epochs": 2, "lr": 1e-4},
+    "gkd-more": {**SMALL, "after": "sft-first", "data": "greedy-second", "loss": "gkd", "lmbda": 1.0, "epochs": 1,
+                 "lr": 1e-4},
     "star-self": {"data": "verified", "loss": "sft", "student": "self", "epochs": 2, "lr": 5e-5, "system_prompt": ""},
     "gemma-star": {"data": "verified", "loss": "sft", "student": "model:bundled:gemma3-270m", "epochs": 2, "lr": 1e-4,
                    "freeze_embeddings": True, "schedule": "cosine", "system_prompt": None, "select_on": ""},
     "gemma-sft": {"data": "greedy-all", "loss": "sft", "student": "model:bundled:gemma3-270m", "epochs": 1, "lr": 1e-4,
                   "freeze_embeddings": True, "schedule": "cosine", "system_prompt": None, "select_on": ""},
 }
+HALVES = ("greedy-first", "greedy-second")
+"""The teacher's greedy answers split in two (first and second half of the training problems)."""
 COMMON = {"shuffle": False, "batch_size": 8, "warmup_steps": 4, "select_batch_size": 64}
 GSM8K_STUDENTS = ("star",)
 """Students also read on the GSM8K items (besides the teacher)."""
@@ -211,6 +222,13 @@ def students(a: argparse.Namespace, out: Path) -> dict[str, Any]:
         fields = {"student": a.student, "select_on": str(out / "items" / "validation.jsonl"), **COMMON, **spec,
                   "max_new_tokens": a.max_new_tokens, "max_len": a.max_len}
         data = out / "data" / f"{fields.pop('data')}.jsonl"
+        after = fields.pop("after", None)
+        if after:
+            fields["student"] = f"model:hf:{out / 'runs' / after / 'final'}"
+        if data.stem in HALVES and not data.exists() and (out / "data" / "greedy-all.jsonl").exists():
+            rows = (out / "data" / "greedy-all.jsonl").read_text().splitlines(keepends=True)
+            for name_, part in zip(HALVES, (rows[:len(rows) // 2], rows[len(rows) // 2:])):
+                (out / "data" / f"{name_}.jsonl").write_text("".join(part))
         if not data.exists():
             _log(f"{name}: no {data.name}, skipped")
             continue
@@ -224,7 +242,7 @@ def students(a: argparse.Namespace, out: Path) -> dict[str, Any]:
 def stage_train(a: argparse.Namespace, out: Path) -> bool:
     from stillhouse.config import save_config
 
-    jobs, serve = [], None
+    jobs, serve, after = [], None, []
     for name, cfg in students(a, out).items():
         train_cfg = out / "configs" / f"train-{name}.json"
         save_config(cfg, train_cfg)
@@ -241,14 +259,15 @@ def stage_train(a: argparse.Namespace, out: Path) -> bool:
             cmds.append(("eval", "--config", str(ecfg), "--out", str(out / "evals" / f"{name}-{items}"),
                          "--cache-dir", str(out / ".eval-cache")))
         cost = {"gemma-star": 6.0, "gemma-sft": 7.0, "gkd": 3.0, "gkd-bb": 3.5, "star-self": 4.0}.get(name, 1.0)
-        jobs.append((name, cmds, cost))
+        (after if STUDENTS[name].get("after") else jobs).append((name, cmds, cost))
         if cfg.score_teacher:
             serve = cfg.score_teacher
     proc = None
     try:
         if serve is not None and not all(_is_done(a, out, n, c) for n, c, _ in jobs if n == "gkd-bb"):
             proc = _start_serve(a, out)
-        return _run_jobs(a, out, jobs)
+        ran = _run_jobs(a, out, jobs)  # then the students that go on from one of these
+        return _run_jobs(a, out, after) or ran
     finally:
         if proc is not None:
             proc.terminate()
@@ -336,14 +355,25 @@ def stage_report(a: argparse.Namespace, out: Path) -> None:
                            f"{round(t_sub['value'] * t_sub['n'])}/{t_sub['n']}")
             src = "verified" if "verified" in cfg.data else "greedy"
             pool = "verified_pool" if src == "verified" else "greedy"
-            rows = len(Path(cfg.data).read_text().splitlines())
+            data_rows = [json.loads(x) for x in Path(cfg.data).read_text().splitlines()]
+            rows = len(data_rows)
             if cfg.loss == "gkd":
                 tokens = info.get("teacher_scored_tokens", 0)
                 data = f"own samples on {rows} prompts, {cfg.epochs} pass, scored by the teacher" + (
                     " over HTTP (top-20)" if cfg.score_teacher else "")
+            elif Path(cfg.data).stem in HALVES:
+                tokens = sum(r.get("teacher_tokens", 0) for r in data_rows)
+                data = f"{rows} greedy answers ({Path(cfg.data).stem}), {cfg.epochs} passes"
             else:
                 tokens = cost[pool]["teacher_tokens"]
                 data = f"{rows} {src} rationales, {cfg.epochs} passes"
+            init = STUDENTS[name].get("after")
+            if init:
+                first = [json.loads(x) for x in (out / "data" / f"{STUDENTS[init]['data']}.jsonl").read_text()
+                         .splitlines()]
+                init_tokens = sum(r.get("teacher_tokens", 0) for r in first)
+                data = f"from {init} ({init_tokens:,} teacher tokens), then {data}"
+                tokens += init_tokens
             lines.append(f"| {name} ({s['n_params'] / 1e6:.1f}M) | {data} | {tokens:,} | "
                          f"{round(acc['value'] * acc['n'])}/{acc['n']} | {_est(acc)} | {_est(ratio, 2)} | "
                          f"{passes} |")

@@ -44,7 +44,7 @@ def test_reasoning_experiment_end_to_end_on_a_tiny_teacher(tmp_path, smol_tokeni
         port = s.getsockname()[1]
     common = ["--out", str(out), "--teacher", f"hf:{tdir}", "--heldout", "6", "--train", "8", "--validation", "4",
               "--gsm8k", "0", "--samples", "2", "--max-new-tokens", "8", "--student", "pruned:1", "--precision",
-              "fp32", "--students", "star,sft-greedy,gkd,gkd-bb", "--port", str(port), "--gemma", ""]
+              "fp32", "--students", "star,sft-greedy,gkd,gkd-bb,sft-first,sft-more,gkd-more", "--port", str(port), "--gemma", ""]
     _run(*common, "--stage", "split,probe,rationales")
     items = {k: _rows(out / "items" / f"{k}.jsonl") for k in ("heldout", "train", "validation")}
     assert [len(v) for v in items.values()] == [6, 8, 4]
@@ -70,6 +70,14 @@ def test_reasoning_experiment_end_to_end_on_a_tiny_teacher(tmp_path, smol_tokeni
     for name in ("gkd", "gkd-bb"):
         info = json.loads((out / "runs" / name / "final" / "train_result.json").read_text())
         assert info["on_policy_steps"] == info["step"] == 1 and info["teacher_scored_tokens"] > 0
+    # SFT first, then SFT or GKD on the second half: both start from sft-first's final, each half read once
+    assert [len(_rows(out / "data" / f"greedy-{h}.jsonl")) for h in ("first", "second")] == [4, 4]
+    assert _rows(out / "data" / "greedy-first.jsonl") + _rows(out / "data" / "greedy-second.jsonl") == greedy
+    for name in ("sft-more", "gkd-more"):
+        cfg = json.loads((out / "runs" / name / "final" / "train_config.json").read_text())
+        assert cfg["student"] == f"model:hf:{out / 'runs' / 'sft-first' / 'final'}" and f"| {name} (" in table
+        assert cfg["data"].endswith("greedy-second.jsonl") and "then" in table.split(f"| {name} (")[1].split("\n")[0]
+    assert json.loads((out / "runs" / "gkd-more" / "final" / "train_result.json").read_text())["on_policy_steps"] == 1
     bb = json.loads((out / "runs" / "gkd-bb" / "final" / "train_config.json").read_text())
     assert bb["score_teacher"] == f"http://127.0.0.1:{port}/v1" and bb["loss"] == "gkd"
     assert "| teacher (greedy) | - | - | 0/6 |" in table and "**total**" in table

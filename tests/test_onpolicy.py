@@ -203,7 +203,30 @@ def test_a_student_of_another_family_learns_from_the_teachers_text(tmp_path, tok
     assert final.config.vocab_size == len(wtok) and res.steps == 2
     assert transformers.AutoTokenizer.from_pretrained(res.final_dir).get_vocab() == wtok.get_vocab()
     assert all(not torch.equal(p, before[n]) for n, p in final.named_parameters())
-    with pytest.raises(TrainConfigError, match="own tokenizer"):
-        _cfg(tmp_path, data, loss="gkd", student=f"model:hf:{sdir}")
+    with pytest.raises(TrainConfigError, match="another vocabulary.*use loss=sft"):
+        train(_cfg(tmp_path, data, loss="gkd", student=f"model:hf:{sdir}", out=str(tmp_path / "gkd")),
+              teacher=(_tiny_teacher(tok), tok, "t"), progress=False)
     with pytest.raises(TrainConfigError, match="local model"):
         _cfg(tmp_path, data, loss="sft", student="model:fake")
+
+
+def test_gkd_goes_on_from_a_student_trained_before(tmp_path, tok):
+    """student=model:hf:RUN/final of the teacher's vocabulary (say an SFT'd student) goes on with loss gkd: the
+    run starts from those weights, not from a new cut of the teacher, and one on-policy step moves them."""
+    teacher = _tiny_teacher(tok)
+    saved = make_student(teacher, "pruned:2")
+    with torch.no_grad():
+        for p in saved.parameters():
+            p.add_(0.5)  # far from any cut of the teacher
+    sdir = tmp_path / "sft-final"
+    saved.save_pretrained(sdir)
+    tok.save_pretrained(sdir)
+    data = _write(tmp_path, _rows(tok))
+    res = train(_cfg(tmp_path, data, student=f"model:hf:{sdir}", lr=1e-4), teacher=(teacher, tok, "t"),
+                progress=False)
+    final = transformers.AutoModelForCausalLM.from_pretrained(res.final_dir)
+    before = dict(saved.named_parameters())
+    moved = [(final.state_dict()[n] - p.detach()).abs().max().item() for n, p in before.items()]
+    assert max(moved) < 0.05 and sum(m > 0 for m in moved) > len(moved) // 2, moved  # near the saved weights, not a new cut
+    m = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[0])
+    assert m["on_policy"] is True and m["teacher_scored_tokens"] > 0

@@ -9,9 +9,10 @@ Student specs (``stillhouse train --student ...``)::
     fresh           the teacher's architecture, randomly initialised
     fresh:N         the same with N layers
     self            the teacher itself (self-distillation)
-    model:SPEC      another local model as it is (bundled:gemma3-270m, hf:DIR, gguf:FILE), e.g. of
-                    another family: it keeps its own tokenizer, so only sequence-level distillation
-                    (loss sft on the teacher's text) applies
+    model:SPEC      another local model as it is (bundled:gemma3-270m, hf:DIR, gguf:FILE): of another
+                    family it keeps its own tokenizer, so only sequence-level distillation (loss sft on
+                    the teacher's text) applies; a student trained before (model:hf:RUN/final) can go on
+                    with any loss when its vocabulary is the teacher's (SFT first, then on-policy GKD)
 
 The pruned copy takes the embeddings, final norm and head of the teacher and, for each
 kept layer, that layer's weights; it is built with ``from_config`` (so it has no GGUF

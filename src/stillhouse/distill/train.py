@@ -77,8 +77,9 @@ class TrainConfig:
     """Teacher spec (local: bundled, hf:DIR, gguf:FILE). The student is built from it."""
     student: str = "pruned:10"
     """pruned:N (N of the teacher's layers, evenly spaced) | every:K | layers:I,J,... (exactly those) |
-    fresh | fresh:N (random init) | self (a copy of the teacher) | model:SPEC (another local model as it is,
-    e.g. model:bundled:gemma3-270m: its own tokenizer, loss sft only)."""
+    fresh | fresh:N (random init) | self (a copy of the teacher) | model:SPEC (another local model as it is:
+    model:bundled:gemma3-270m, another family, loss sft only; or model:hf:DIR, a student trained before, e.g. an
+    SFT'd student continued on-policy with loss gkd: logit losses need the teacher's vocabulary)."""
     loss: LossKind = "sft"
     """sft (CE on the teacher's text) | fkl | rkl | jsd (live teacher logits) | topk (harvested) |
     gkd (on-policy: the student's own samples scored by the teacher; see stillhouse.distill.onpolicy)."""
@@ -225,12 +226,9 @@ class TrainConfig:
         from stillhouse.distill.student import parse_student
 
         try:
-            st = parse_student(self.student)
+            parse_student(self.student)
         except ValueError as exc:
             raise TrainConfigError(f"student: {exc}") from exc
-        if st.kind == "model" and self.loss != "sft":
-            raise TrainConfigError(f"student={self.student} keeps its own tokenizer, so the teacher's logits do not "
-                                   f"line up with its tokens: use loss=sft (sequence-level), not loss={self.loss}")
 
 
 @dataclass
@@ -506,14 +504,18 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
             raise TrainConfigError(f"select_on: {exc}") from exc
     s_spec = parse_student(cfg.student)
     s_model = None
-    if s_spec.kind == "model":  # another model (family): its own tokenizer reads the teacher's text
-        t_rev = teacher[2] if teacher is not None else f"text of {cfg.teacher}"
-        s_model, tok, _ = load_causal_lm(s_spec.target)
-        t_model = None
+    if s_spec.kind == "model":
+        s_model, s_tok, _ = load_causal_lm(s_spec.target)
+    if s_model is not None and cfg.loss == "sft":  # another model as it is: its own tokenizer reads the text
+        t_rev, tok, t_model = teacher[2] if teacher is not None else f"text of {cfg.teacher}", s_tok, None
         rows = [{k: v for k, v in r.items() if k not in ("token_ids", "top_ids", "top_logprobs", "logprobs")}
-                for r in rows]  # the teacher's token ids belong to another vocabulary
+                for r in rows]  # the teacher's token ids may belong to another vocabulary
     else:
         t_model, tok, t_rev = teacher if teacher is not None else load_causal_lm(cfg.teacher)
+        if s_model is not None and s_tok.get_vocab() != tok.get_vocab():
+            raise TrainConfigError(f"student={cfg.student} has another vocabulary than the teacher {cfg.teacher}, "
+                                   f"so the teacher's logits do not line up with its tokens: use loss=sft "
+                                   f"(sequence-level), not loss={cfg.loss}")
     examples = encode_rows(rows, tok, cfg.max_len, source=cfg.data, system_prompt=cfg.system_prompt,
                            reasoning=cfg.reasoning)
     k = 0
