@@ -503,11 +503,12 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
         except (FileNotFoundError, ValueError) as exc:
             raise TrainConfigError(f"select_on: {exc}") from exc
     s_spec = parse_student(cfg.student)
-    s_model = None
+    s_model: Any = None
+    t_model: Any = None
     if s_spec.kind == "model":
         s_model, s_tok, _ = load_causal_lm(s_spec.target)
     if s_model is not None and cfg.loss == "sft":  # another model as it is: its own tokenizer reads the text
-        t_rev, tok, t_model = teacher[2] if teacher is not None else f"text of {cfg.teacher}", s_tok, None
+        t_rev, tok = teacher[2] if teacher is not None else f"text of {cfg.teacher}", s_tok
         rows = [{k: v for k, v in r.items() if k not in ("token_ids", "top_ids", "top_logprobs", "logprobs")}
                 for r in rows]  # the teacher's token ids may belong to another vocabulary
     else:
