@@ -143,6 +143,27 @@ def test_bench_train_gkd_arms_on_a_tiny_student(tok, tmp_path):
     assert "ours_gkd-fp32" in format_table(res)
 
 
+def test_bench_train_gkd_arms_start_from_the_sft_student(tok, tmp_path):
+    """gkd_sft: the cut student learns training-split additions first (none of them held out); student-init and
+    both GKD arms start from that student; a second run reuses it."""
+    from stillhouse.bench.train import heldout_items, run_bench
+    from stillhouse.config import ConfigError
+
+    cfg = _bench_cfg(tok, tmp_path, arms=("ours_gkd-fp32",), gkd_sft=8)
+    res = run_bench(cfg)
+    sft = tmp_path / "bench" / "gkd-sft" / "final"
+    assert res["arms"]["student-init"]["model_dir"] == str(sft)
+    ours = json.loads((tmp_path / "bench" / "ours_gkd-fp32" / "final" / "train_config.json").read_text())
+    assert ours["student"] == f"model:hf:{sft}" and ours["loss"] == "gkd"
+    asked = {json.loads(r)["messages"][1]["content"] for r in (tmp_path / "bench" / "gkd-sft-data.jsonl").open()}
+    assert len(asked) == 8 and not asked & {it.messages[0]["content"] for it in heldout_items(200)}
+    stamp = (sft / "model.safetensors").stat().st_mtime_ns
+    run_bench(cfg)
+    assert (sft / "model.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(ConfigError, match="gkd_sft=2"):
+        _bench_cfg(tok, tmp_path, gkd_sft=2)
+
+
 def test_step_seconds_and_at_lmbda():
     from stillhouse.bench.train import at_lmbda, step_seconds
 

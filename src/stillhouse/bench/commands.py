@@ -71,6 +71,9 @@ def bench_train_command(
     gkd_max_new_tokens: int = typer.Option(16, "--gkd-max-new-tokens",
                                            help="Most tokens the student samples per on-policy completion (GKD arms)."),
     heldout: int = typer.Option(200, "--heldout", help="Held-out 2-digit additions each GKD arm's student answers."),
+    gkd_sft: int = typer.Option(0, "--gkd-sft", help="Teach the cut student N training-split additions first (our "
+                                "SFT, untimed, one pass); both GKD arms start from it, so their held-out accuracy "
+                                "is not 0 = 0. 0 = start from the cut student."),
 ) -> None:
     """Training tokens/s: ours vs TRL SFTTrainer vs a plain PyTorch loop, same student/data/batch; MFU.
     GKD: examples/s of `train --loss gkd` vs TRL's GKDTrainer at their held-out accuracy.
@@ -89,7 +92,7 @@ def bench_train_command(
                                peers=peers and trl_python != "",
                                peer_python=(*peer_python, *([f"trl={trl_python}"] if trl_python else [])),
                                out=str(out), gkd_examples=gkd_examples, gkd_max_new_tokens=gkd_max_new_tokens,
-                               heldout=heldout)
+                               heldout=heldout, gkd_sft=gkd_sft)
     except ConfigError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from exc

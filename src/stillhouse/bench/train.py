@@ -22,7 +22,10 @@ an HF directory under OUT/student):
   Speed is examples/s over the same timed span as the other arms (sampling included); then each trained
   student answers ``heldout`` held-out 2-digit additions greedily (the rows' system prompt), checked by
   the verifier: the speed counts only at equal or better held-out accuracy. The student before training
-  is scored too (``student-init``), for scale. Each trainer draws its own on-policy steps (ours from
+  is scored too (``student-init``), for scale. A student cut from the teacher answers no addition at this
+  scale, so that check holds only vacuously; ``gkd_sft`` = N first teaches the cut student N additions of the
+  training split (our SFT trainer, untimed, one pass), and both GKD arms start from that student
+  (OUT/gkd-sft/final): the recipe of the on-policy reports, SFT first, then on-policy. Each trainer draws its own on-policy steps (ours from
   (seed, step), TRL from Python's ``random``), and an on-policy step costs several off-policy ones, so the
   table also gives each arm's mean seconds per on- and per off-policy step and the examples/s those imply
   at exactly lmbda 0.5 (:func:`at_lmbda`): the ratio that does not depend on the coin flips of a short run.
@@ -80,6 +83,9 @@ class BenchTrainConfig:
     """Most tokens the student samples per on-policy completion in the GKD arms."""
     heldout: int = 200
     """Held-out 2-digit additions each GKD arm's student answers after training."""
+    gkd_sft: int = 0
+    """2-digit additions of the training split (right answers) the student learns first, with our SFT trainer,
+    untimed, one pass; both GKD arms start from that student. 0 = from the cut student."""
 
     def __post_init__(self) -> None:
         from stillhouse.bench.peers import check_overrides
@@ -96,6 +102,9 @@ class BenchTrainConfig:
             raise ConfigError(f"examples={self.examples}: need at least two batches ({2 * self.batch_size})")
         if self.threads < 1:
             raise ConfigError(f"threads={self.threads}: must be at least 1")
+        if self.gkd_sft < 0 or 0 < self.gkd_sft < self.batch_size:
+            raise ConfigError(f"gkd_sft={self.gkd_sft}: 0 (the GKD arms start from the cut student) or at least "
+                              f"one batch ({self.batch_size}) of additions to learn first")
 
 
 def make_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -233,13 +242,37 @@ def score_student(model_dir: Path, items: list[Any], threads: int) -> dict[str, 
             "heldout_verdicts": ok}
 
 
-def run_ours_gkd(teacher: tuple[Any, Any, str], teacher_spec: str, data: Path, cfg: BenchTrainConfig,
-                 precision: str, out: Path) -> dict[str, Any]:
-    """``stillhouse train --loss gkd`` (TRL's GKD defaults), white-box, as the CLI runs it."""
+def sft_first(student_dir: Path, cfg: BenchTrainConfig, out: Path) -> Path:
+    """The GKD arms' start when ``cfg.gkd_sft``: the cut student after one pass of our SFT trainer over
+    ``cfg.gkd_sft`` additions of the training split (disjoint from the held-out ones), right answers in the
+    rows' format. Untimed; reused when OUT/gkd-sft/final exists for the same rows."""
+    from stillhouse.distill.tasks import arithmetic
+    from stillhouse.distill.train import TrainConfig, train
+
+    data = out / "gkd-sft-data.jsonl"
+    rows = "".join(json.dumps({"messages": [{"role": "system", "content": SYSTEM}, *it.messages, {
+        "role": "assistant", "content": f"{it.meta['a']} + {it.meta['b']} = {it.answer}"}]}) + "\n"
+        for it in arithmetic(cfg.gkd_sft, "train", seed=2, digits=(2,)))
+    final = out / "gkd-sft" / "final"
+    if final.exists() and data.exists() and data.read_text() == rows:
+        return final
+    data.write_text(rows)
+    shutil.rmtree(out / "gkd-sft", ignore_errors=True)
+    tcfg = TrainConfig(data=str(data), out=str(out / "gkd-sft"), teacher=f"hf:{student_dir}", student="self",
+                       loss="sft", epochs=1, shuffle=True, batch_size=cfg.batch_size, lr=3e-4, threads=cfg.threads,
+                       precision="fp32", max_len=512)
+    return train(tcfg, progress=False).final_dir
+
+
+def run_ours_gkd(teacher: tuple[Any, Any, str], teacher_spec: str, student_dir: Path, data: Path,
+                 cfg: BenchTrainConfig, precision: str, out: Path) -> dict[str, Any]:
+    """``stillhouse train --loss gkd`` (TRL's GKD defaults), white-box, as the CLI runs it, from the student in
+    ``student_dir`` (the teacher's vocabulary)."""
     from stillhouse.distill.train import TrainConfig, train
 
     shutil.rmtree(out, ignore_errors=True)
-    tcfg = TrainConfig(data=str(data), out=str(out), teacher=teacher_spec, student=cfg.student, loss="gkd",
+    tcfg = TrainConfig(data=str(data), out=str(out), teacher=teacher_spec, student=f"model:hf:{student_dir}",
+                       loss="gkd",
                        lmbda=0.5, beta=0.5, gen_temperature=0.9, max_new_tokens=cfg.gkd_max_new_tokens,
                        shuffle=False, batch_size=cfg.batch_size, lr=cfg.lr, threads=cfg.threads,
                        precision=precision, max_len=512)  # type: ignore[arg-type]
@@ -321,21 +354,23 @@ def run_bench(cfg: BenchTrainConfig) -> dict[str, Any]:
     gkd_data = out / "gkd-data.jsonl"
     gkd_data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(cfg.gkd_examples, seed=1)))
     items = heldout_items(cfg.heldout) if gkd_arms else []
+    gkd_student = sft_first(student_dir, cfg, out) if gkd_arms and cfg.gkd_sft else student_dir
 
     results: dict[str, Any] = {"config": cfg.__dict__, "parameters": params, "head_parameters": head, "arms": {}}
     peaks = {}
     if gkd_arms:
-        results["arms"]["student-init"] = {"arm": "student-init", **score_student(student_dir, items, cfg.threads)}
+        results["arms"]["student-init"] = {"arm": "student-init", "model_dir": str(gkd_student),
+                                           **score_student(gkd_student, items, cfg.threads)}
     for arm in cfg.arms:
         kind, prec = arm.rsplit("-", 1)
         print(f"[{time.strftime('%H:%M:%S')}] {arm} ...", flush=True)
         if kind in ("ours_gkd", "trl_gkd"):
             if kind == "ours_gkd" and teacher is not None:
-                r = run_ours_gkd(teacher, cfg.teacher, gkd_data, cfg, prec, out / arm)
+                r = run_ours_gkd(teacher, cfg.teacher, gkd_student, gkd_data, cfg, prec, out / arm)
             elif "trl" in peer_py:
                 from stillhouse.teacher.bundled import resolve_model_dir
 
-                r = run_trl_gkd(student_dir, resolve_model_dir(cfg.teacher)[0], gkd_data, cfg, prec, out,
+                r = run_trl_gkd(gkd_student, resolve_model_dir(cfg.teacher)[0], gkd_data, cfg, prec, out,
                                 peer_py["trl"])
             else:
                 r = {"arm": arm, "skipped": peer_errors.get("trl", "--no-peers")}
@@ -409,7 +444,9 @@ def format_table(results: dict[str, Any]) -> str:
     if gkd:
         c = results["config"]
         lines += ["", (f"GKD: {c.get('gkd_examples')} examples, batch {c['batch_size']}, lmbda 0.5, beta 0.5, sampling "
-                       f"temperature 0.9, at most {c.get('gkd_max_new_tokens')} new tokens; held-out 2-digit additions"),
+                       f"temperature 0.9, at most {c.get('gkd_max_new_tokens')} new tokens; held-out 2-digit additions"
+                       + (f"; both start from the cut student after one SFT pass over {c['gkd_sft']} training-split "
+                          "additions (student-init)" if c.get("gkd_sft") else "")),
                   "", ("| arm | examples/s | ÷ TRL GKD fp32 | on-policy steps | s per on- / off-policy step | "
                        "examples/s at lmbda 0.5 | ÷ TRL GKD fp32 | held-out correct | accuracy [95% CI] |"),
                   "|---|---|---|---|---|---|---|---|---|"]
