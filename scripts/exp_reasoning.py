@@ -28,7 +28,12 @@ greedy answers) and the two that go on from it at about equal teacher tokens, ``
 half) and ``gkd-more`` (GKD on the second half's prompts, one pass; the recipe of the on-policy distillation
 reports: SFT first, then on-policy), ``gemma-star`` (Gemma 3 270M, another family,
 SFT on the verified rationales' text), ``gemma-sft`` (Gemma 3 270M on the teacher's greedy answers, right or wrong:
-plain sequence-level distillation across families).
+plain sequence-level distillation across families); ``gemma-base`` is Gemma 3 270M untrained, scored as it is.
+
+The report gives each model's accuracy as the verifier reads it (GSM8K's parser: ``#### N``, else "the answer
+is N", else the last number) and, descriptively, a strict count: the answers whose ``#### N`` or "the answer is
+N" line is right (a model that echoes the problem scores by its last number under the first reading, never
+under the second).
 
     .venv/bin/python scripts/exp_reasoning.py --out runs/exp_reasoning
     .venv/bin/python scripts/exp_reasoning.py --out runs/exp_reasoning --stage report
@@ -68,6 +73,9 @@ STUDENTS: dict[str, dict[str, Any]] = {  # TrainConfig fields; data: verified | 
     "gemma-sft": {"data": "greedy-all", "loss": "sft", "student": "model:bundled:gemma3-270m", "epochs": 1, "lr": 1e-4,
                   "freeze_embeddings": True, "schedule": "cosine", "system_prompt": None, "select_on": ""},
 }
+UNTRAINED = {"gemma-base": "bundled:gemma3-270m"}
+"""Models scored as they are, no training: the other family's starting point, so a Gemma student's gain is its
+own (``--students gemma-base``)."""
 HALVES = ("greedy-first", "greedy-second")
 """The teacher's greedy answers split in two (first and second half of the training problems)."""
 COMMON = {"shuffle": False, "batch_size": 8, "warmup_steps": 4, "select_batch_size": 64}
@@ -239,25 +247,39 @@ def students(a: argparse.Namespace, out: Path) -> dict[str, Any]:
     return runs
 
 
+def _eval_sets(a: argparse.Namespace, out: Path, name: str) -> tuple[str, ...]:
+    if name.startswith("gemma-") and a.gemma_heldout:
+        from stillhouse.distill.tasks import read_items, write_items
+
+        write_items(read_items(out / "items" / "heldout.jsonl")[:a.gemma_heldout], out / "items" / "heldout-gemma.jsonl")
+        return ("heldout-gemma",)
+    return ("heldout", "gsm8k") if (a.gsm8k and name in GSM8K_STUDENTS) else ("heldout",)
+
+
+def _eval_cmds(a: argparse.Namespace, out: Path, name: str, model: str,
+               system_prompt: str | None) -> list[tuple[str, ...]]:
+    from stillhouse.config import save_config
+
+    cmds = []
+    for items in _eval_sets(a, out, name):
+        ecfg = out / "configs" / f"eval-{name}-{items}.json"
+        save_config(_eval_config(a, out, name, model, items, system_prompt), ecfg)
+        cmds.append(("eval", "--config", str(ecfg), "--out", str(out / "evals" / f"{name}-{items}"),
+                     "--cache-dir", str(out / ".eval-cache")))
+    return cmds
+
+
 def stage_train(a: argparse.Namespace, out: Path) -> bool:
     from stillhouse.config import save_config
 
-    jobs, serve, after = [], None, []
+    jobs: list[tuple[str, list[tuple[str, ...]], float]] = [
+        (name, _eval_cmds(a, out, name, spec, None), 2.0) for name, spec in UNTRAINED.items() if name in a.students]
+    serve, after = None, []
     for name, cfg in students(a, out).items():
         train_cfg = out / "configs" / f"train-{name}.json"
         save_config(cfg, train_cfg)
-        cmds = [("train", "--config", str(train_cfg))]
-        sets = ("heldout", "gsm8k") if (a.gsm8k and name in GSM8K_STUDENTS) else ("heldout",)
-        if name.startswith("gemma-") and a.gemma_heldout:
-            from stillhouse.distill.tasks import read_items, write_items
-
-            write_items(read_items(out / "items" / "heldout.jsonl")[:a.gemma_heldout], out / "items" / "heldout-gemma.jsonl")
-            sets = ("heldout-gemma",)
-        for items in sets:
-            ecfg = out / "configs" / f"eval-{name}-{items}.json"
-            save_config(_eval_config(a, out, name, f"hf:{cfg.out}/final", items, cfg.system_prompt), ecfg)
-            cmds.append(("eval", "--config", str(ecfg), "--out", str(out / "evals" / f"{name}-{items}"),
-                         "--cache-dir", str(out / ".eval-cache")))
+        cmds = [("train", "--config", str(train_cfg)), *_eval_cmds(a, out, name, f"hf:{cfg.out}/final",
+                                                                    cfg.system_prompt)]
         cost = {"gemma-star": 6.0, "gemma-sft": 7.0, "gkd": 3.0, "gkd-bb": 3.5, "star-self": 4.0}.get(name, 1.0)
         (after if STUDENTS[name].get("after") else jobs).append((name, cmds, cost))
         if cfg.score_teacher:
@@ -322,12 +344,37 @@ def _est(d: dict[str, Any], digits: int = 3) -> str:
     return f"{d['value']:.{digits}f} [{d['lo']:.{digits}f}, {d['hi']:.{digits}f}]"
 
 
+def strict_correct(samples: Path, who: str, items: Path) -> int:
+    """Answers of ``who`` in an eval's samples.jsonl whose ``#### N`` (else "the answer is N") line gives the
+    right N: the strict reading, beside the verifier's lenient one (which falls back to the last number)."""
+    import re
+
+    answers = {r["id"]: r["answer"] for r in map(json.loads, items.read_text().splitlines())}
+    n = 0
+    for r in map(json.loads, samples.read_text().splitlines()):
+        text = r[who]["output"]
+        m = re.search(r"####\s*(-?\d+)", text) or re.search(r"answer is:?\s*\$?(-?\d+)", text)
+        n += bool(m) and m.group(1) == str(answers[r["id"]])
+    return n
+
+
 def stage_report(a: argparse.Namespace, out: Path) -> None:
     cost = json.loads((out / "data" / "cost.json").read_text())
     lines = [("| model | training data | teacher tokens | held-out correct | accuracy [95% CI] | ÷ teacher [95% CI] "
-              "| validation by pass |"), "|---|---|---|---|---|---|---|"]
+              "| strict: #### / answer-is line right | validation by pass |"), "|---|---|---|---|---|---|---|---|"]
     teacher = gsm = None
     gsm_rows = []
+    strict_teacher = ""
+    for name in (n for n in UNTRAINED if n in a.students):
+        for items in _eval_sets(a, out, name):
+            path = out / "evals" / f"{name}-{items}"
+            if items != "gsm8k" and (path / "results.json").exists():
+                s = json.loads((path / "results.json").read_text())["students"][0]
+                acc = s["accuracy"]
+                strict = strict_correct(path / "samples.jsonl", name, out / "items" / f"{items}.jsonl")
+                lines.append(f"| {name} ({s['n_params'] / 1e6:.1f}M) | none: {UNTRAINED[name]} as it is | 0 | "
+                             f"{round(acc['value'] * acc['n'])}/{acc['n']} | {_est(acc)} | "
+                             f"{_est(s['ceiling_ratio'], 2)} | {strict}/{acc['n']} | - |")
     for name, cfg in students(a, out).items():
         for items in ("heldout", "heldout-gemma", "gsm8k"):
             path = out / "evals" / f"{name}-{items}" / "results.json"
@@ -374,13 +421,17 @@ def stage_report(a: argparse.Namespace, out: Path) -> None:
                 init_tokens = sum(r.get("teacher_tokens", 0) for r in first)
                 data = f"from {init} ({init_tokens:,} teacher tokens), then {data}"
                 tokens += init_tokens
+            strict = strict_correct(path.parent / "samples.jsonl", name, out / "items" / f"{items}.jsonl")
+            if items == "heldout":
+                strict_teacher = f"{strict_correct(path.parent / 'samples.jsonl', 'teacher', out / 'items' / 'heldout.jsonl')}/{acc['n']}"
             lines.append(f"| {name} ({s['n_params'] / 1e6:.1f}M) | {data} | {tokens:,} | "
                          f"{round(acc['value'] * acc['n'])}/{acc['n']} | {_est(acc)} | {_est(ratio, 2)} | "
-                         f"{passes} |")
+                         f"{strict}/{acc['n']} | {passes} |")
     if teacher is None:
         raise SystemExit(f"no student evaluated yet in {out / 'evals'}: run the train stage first")
     t = teacher["accuracy"]
-    lines.insert(2, f"| teacher (greedy) | - | - | {round(t['value'] * t['n'])}/{t['n']} | {_est(t)} | 1 | - |")
+    lines.insert(2, f"| teacher (greedy) | - | - | {round(t['value'] * t['n'])}/{t['n']} | {_est(t)} | 1 | "
+                    f"{strict_teacher or '-'} | - |")
     if gsm is not None:
         g = gsm["accuracy"]
         lines += ["", "GSM8K test (first items, the same answer parser):", "",
@@ -426,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gemma", default="bundled:gemma3-270m", help="the other family's model (few-shot teacher probe, "
                    "student init); '' skips the gemma stage")
     p.add_argument("--student", default=SMALL_STUDENT, help="the small student's init (layers of the teacher)")
-    p.add_argument("--students", default=",".join(STUDENTS), help="which students to train (comma-separated)")
+    p.add_argument("--students", default=",".join(STUDENTS), help="which students to train (comma-separated); gemma-base: Gemma untrained, only scored")
     p.add_argument("--heldout", type=int, default=100, help="held-out word problems (the test set)")
     p.add_argument("--train", type=int, default=200, help="training word problems")
     p.add_argument("--validation", type=int, default=30, help="validation word problems (difficulty, passes)")
@@ -454,9 +505,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     a.students = tuple(x for x in a.students.split(",") if x)
     todo = STAGES if a.stage == "all" else tuple(a.stage.split(","))
-    if set(todo) - set(STAGES) or set(a.students) - set(STUDENTS) or a.jobs < 1 or a.threads < 1:
+    if set(todo) - set(STAGES) or set(a.students) - set(STUDENTS) - set(UNTRAINED) or a.jobs < 1 or a.threads < 1:
         p.error(f"--stage {a.stage} --students {','.join(a.students)}: stages are {', '.join(STAGES)}, students "
-                f"{', '.join(STUDENTS)}; --jobs and --threads at least 1")
+                f"{', '.join([*STUDENTS, *UNTRAINED])}; --jobs and --threads at least 1")
     import torch
 
     torch.set_num_threads(a.threads)

@@ -80,7 +80,7 @@ def test_reasoning_experiment_end_to_end_on_a_tiny_teacher(tmp_path, smol_tokeni
     assert json.loads((out / "runs" / "gkd-more" / "final" / "train_result.json").read_text())["on_policy_steps"] == 1
     bb = json.loads((out / "runs" / "gkd-bb" / "final" / "train_config.json").read_text())
     assert bb["score_teacher"] == f"http://127.0.0.1:{port}/v1" and bb["loss"] == "gkd"
-    assert "| teacher (greedy) | - | - | 0/6 |" in table and "**total**" in table
+    assert "| teacher (greedy) | - | - | 0/6 |" in table and "**total**" in table and "| strict:" in table
     assert "tokens per kept" not in table or "verified" in table
 
 
@@ -96,3 +96,21 @@ def test_shots_put_the_same_worked_examples_before_every_problem(tmp_path):
             assert y["messages"][-1] == x["messages"][-1] and len(y["messages"]) == 5
             assert [m.get("weight") for m in y["messages"][1:-1:2]] == [0, 0]
             assert y["messages"][:4] == b[0]["messages"][:4]
+
+
+def test_strict_reading_needs_the_final_answer_line(tmp_path):
+    """The strict count takes `#### N`, else "the answer is N"; an echo of the problem whose last number happens to
+    be the answer (which the lenient verifier accepts) does not count."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("exp_reasoning", ROOT / "scripts" / "exp_reasoning.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps({"id": f"p{i}", "answer": a}) + "\n" for i, a in enumerate(["8", "5", "3"])))
+    outs = ["7 + 6 = 13\n13 - 5 = 8\n#### 8", "The answer is 5.", "Zoe has 7. She loses 4. How many now? 3"]
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps({"id": f"p{i}", "m": {"output": o}}) + "\n" for i, o in enumerate(outs)))
+    assert mod.strict_correct(samples, "m", items) == 2
+    samples.write_text(json.dumps({"id": "p0", "m": {"output": "#### 9 and the answer is 8"}}) + "\n")
+    assert mod.strict_correct(samples, "m", items) == 0  # the #### line speaks first
