@@ -64,8 +64,8 @@ def test_matched_sets_and_pooled_triples_against_a_naive_reference() -> None:
     assert (got.scored, got.green) == (5, green)
     assert got.p == pytest.approx(float(binom_sf_reference(green, 5, gamma)), rel=1e-9)
     one = score_pooled({"account/b/0": per["account/b/0"]}, keys, P, "account/b/0")
-    assert (one.scored, one.green, one.p) == (lambda s: (s.scored, s.green, s.p))(
-        score_key(keys["account/b/0"], per["account/b/0"], P))
+    plain = score_key(keys["account/b/0"], per["account/b/0"], P)
+    assert (one.scored, one.green, one.p) == (plain.scored, plain.green, plain.p)
     with pytest.raises(ValueError, match="key ids for"):
         matched_tuples(seqs, kids[:2], 1, exclude=set())
 
