@@ -110,6 +110,7 @@ Writes OUT/provenance.json (named accounts, every key's score, timings), the gua
 Examples:
   stillhouse provenance arena --out runs/prov-arena --own-answers
   stillhouse provenance arena --out runs/prov-arena --own-answers --student self --epochs 2 --delta 1.5 --entropy 2.0
+  stillhouse provenance arena --out runs/prov-arena --own-answers --match-keys --requests-per-account 120
 """
 
 
