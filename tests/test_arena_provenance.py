@@ -96,3 +96,32 @@ def test_provenance_arena_cli_errors(tmp_path: Path) -> None:
         res = runner.invoke(app, ["provenance", "arena", "--out", str(tmp_path / "run"), *args])
         assert res.exit_code != 0 and needle in res.output and "Traceback" not in res.output, res.output
     assert not (tmp_path / "run" / "provenance.json").exists()
+
+
+def test_matched_keys_and_the_campaign_group(tmp_path: Path, smol_tokenizer: Any,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """``match_keys``: each key is scored on the answers to its own questions, the campaign's two accounts are one
+    pooled group beside two decoy groups of the same size; the campaign's group is named, no decoy and no decoy
+    group is, and Holm runs over the 16 keys and 3 groups together."""
+    from conftest import build_tiny_model
+
+    monkeypatch.setenv("STILLHOUSE_WATERMARK_SECRET", "arena-provenance-test-secret")
+    model = build_tiny_model(smol_tokenizer, max_positions=512)
+    cfg = ProvenanceArenaConfig(student="self", campaign_accounts=2, requests_per_account=8, decoys=14,
+                                decoy_requests=1, max_tokens=32, temperature=1.0, delta=4.0, epochs=12, lr=1e-2,
+                                own_answers=True, answer_tokens=32, batch_size=4, match_keys=True)
+    m = run_provenance(cfg, tmp_path / "prov", loaded=(model, smol_tokenizer, "tiny-0"))
+    groups = {g["name"]: g for g in m["groups"]}
+    assert set(groups) == {"group:camp-0+camp-1", "group:user-0+user-1", "group:user-2+user-3"}
+    camp = groups["group:camp-0+camp-1"]
+    assert camp["given_by"] == "operator" and "arena" in m["group_given_by"]
+    assert camp["keys"] == sorted(s["key_id"] for s in m["scores"] if s["accounts"][0] in ("camp-0", "camp-1"))
+    by_key = {s["accounts"][0]: s for s in m["scores"]}
+    # matched: a key is scored on its own answers only, and the group's triples are its members' tuples
+    assert camp["scored"] == by_key["camp-0"]["scored"] + by_key["camp-1"]["scored"]
+    assert camp["green"] == by_key["camp-0"]["green"] + by_key["camp-1"]["green"]
+    assert 0 < by_key["user-5"]["scored"] < by_key["camp-0"]["scored"]
+    ps = sorted([s["p"] for s in m["scores"]] + [g["p"] for g in m["groups"]])
+    assert min(s["p_holm"] for s in m["scores"] + m["groups"]) == pytest.approx(min(1.0, 19 * ps[0]))
+    assert "group:camp-0+camp-1" in m["named_groups"] and m["goal_met"]
+    assert set(m["named_accounts"]) <= {"camp-0", "camp-1"}

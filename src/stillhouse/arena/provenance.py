@@ -7,7 +7,11 @@ trained on what leaked, and the radioactivity test names the campaign's accounts
    GSM8K train questions each, so the log holds their key ids too (the candidates: 16 or more keys);
 3. the leaked set (the campaign's answered requests) trains a student with ``stillhouse.distill.train`` (SFT);
 4. ``provenance model`` (open-weight) tests every key id in the guard's log, Holm-corrected, and reports whose
-   accounts the significant keys are. With ``own_answers`` the student answers, greedily, every question the
+   accounts the significant keys are. With ``match_keys`` each key is tested only on the answers to the
+   questions it answered, and the campaign's accounts are one pooled group (given by the arena, which knows
+   the campaign: the guard here runs no detector to link them), beside ``decoy_groups`` decoy groups of the
+   same size as the group test's false-alarm check; Holm over keys and groups together
+   (:mod:`stillhouse.provenance.matched`). With ``own_answers`` the student answers, greedily, every question the
    log holds (campaign and benign alike; the supervised setting of Sander et al.: the provider knows what it
    was asked), and its answers are scored; otherwise it reads ``reading`` benign-pool questions nobody asked.
 
@@ -77,6 +81,12 @@ class ProvenanceArenaConfig:
     False: it reads ``reading`` questions nobody asked (``--reading text``)."""
     answer_tokens: int = 128
     """max_tokens of each of the student's answers with ``own_answers``."""
+    match_keys: bool = False
+    """With ``own_answers``: each key is tested only on the student's answers to the questions that key answered
+    (``provenance model --match-keys``), and the campaign's accounts are one pooled group; ``decoy_groups`` groups
+    of as many decoys are tested beside it as the group test's own false-alarm check."""
+    decoy_groups: int = 2
+    """With ``match_keys``: groups of ``campaign_accounts`` decoy accounts each, tested like the campaign's group."""
     reading: int = 400
     """Texts the student reads for the test (without ``own_answers``): questions from the benign pool, none of them asked. Not the leaked
     answers: their own tuples must be dropped (a clean model predicting them would look radioactive), and what
@@ -93,8 +103,15 @@ class ProvenanceArenaConfig:
                      "batch_size", "concurrency", "threads", "answer_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
-        if self.decoys < 0:
-            raise ValueError(f"decoys={self.decoys}: must be >= 0")
+        if self.decoys < 0 or self.decoy_groups < 0:
+            raise ValueError(f"decoys={self.decoys}, decoy_groups={self.decoy_groups}: must be >= 0")
+        if self.match_keys and not self.own_answers:
+            raise ValueError("match_keys needs own_answers: the matched test scores the student's answers to the "
+                             "questions in the guard's log")
+        if self.match_keys and self.decoy_groups * self.campaign_accounts > self.decoys:
+            raise ValueError(f"decoy_groups={self.decoy_groups}: {self.decoy_groups} groups of "
+                             f"{self.campaign_accounts} need that many decoys, there are {self.decoys}; "
+                             "lower decoy_groups or raise decoys")
         from stillhouse.watermark.green import WatermarkParams
 
         WatermarkParams(self.gamma, self.delta, self.context, self.entropy)
@@ -204,6 +221,10 @@ def run_provenance(cfg: ProvenanceArenaConfig, out_dir: str | Path, loaded: tupl
     timings["train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    groups: tuple[str, ...] = ()
+    if cfg.match_keys:  # the arena knows the campaign; its guard runs no detector, so nothing links the accounts
+        n = cfg.campaign_accounts
+        groups = (",".join(campaign), *(",".join(decoys[i * n:(i + 1) * n]) for i in range(cfg.decoy_groups)))
     if cfg.own_answers:  # the source is the guard's log: every watermarked question it answered
         source = db_url
     else:
@@ -213,16 +234,22 @@ def run_provenance(cfg: ProvenanceArenaConfig, out_dir: str | Path, loaded: tupl
                                             mode="open", reading="own" if cfg.own_answers else "text",
                                             answer_tokens=cfg.answer_tokens, tokenizer=cfg.teacher,
                                             gamma=cfg.gamma, context=cfg.context, entropy=cfg.entropy,
-                                            alpha=cfg.alpha,
+                                            alpha=cfg.alpha, match_keys=cfg.match_keys, groups=groups,
                                             threads=cfg.threads))
     timings["test_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_all
-    named = [s for s in report["scores"] if s["p_holm"] < cfg.alpha]
+    hyps = report["scores"] + report.get("groups", [])
+    named = [s for s in hyps if s["p_holm"] < cfg.alpha]
     named_accounts = sorted({a for s in named for a in s["accounts"]})
     metrics = {
         "config": json.loads((out / "provenance_config.json").read_text()), "teacher_revision": rev,
         "requests": len(plan), "answered": sum(1 for a in answers if a[2] == 200), "leaked_rows": len(leaked),
-        "keys_in_log": report["keys_tried"], "named_keys": [s["key_id"] for s in named],
+        "keys_in_log": report["keys_tried"], "named_keys": [s["key_id"] for s in named if "key_id" in s and
+                                                            "name" not in s],
+        "named_groups": [s["name"] for s in named if "name" in s],
+        "groups": report.get("groups", []),
+        "group_given_by": ("the arena (it knows the campaign's accounts; its guard runs no detector, so no cluster "
+                           "links them)") if cfg.match_keys else "",
         "named_accounts": named_accounts, "campaign_accounts": campaign,
         "goal_met": bool(named_accounts) and set(named_accounts) <= set(campaign),
         "best": report["best"], "scored": report["scored"], "timings_s": timings,

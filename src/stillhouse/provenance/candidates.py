@@ -39,6 +39,21 @@ def from_log(db_url: str) -> list[Candidate]:
     return sorted(out.values(), key=lambda c: c.key_id)
 
 
+def clusters_from_log(db_url: str) -> dict[str, list[str]]:
+    """``{cluster id: accounts}`` as the guard's detector last linked them (``account_stats.cluster_id``)."""
+    from stillhouse.guard.store import open_store
+
+    store = open_store(db_url, init=False)
+    try:
+        rows = store.fetch("SELECT account_id, cluster_id FROM account_stats WHERE cluster_id <> ''")
+    finally:
+        store.close()
+    out: dict[str, list[str]] = {}
+    for account, cluster in rows:
+        out.setdefault(str(cluster), []).append(str(account))
+    return {c: sorted(a) for c, a in sorted(out.items())}
+
+
 def from_ids(key_ids: Iterable[str]) -> list[Candidate]:
     """Candidates from key ids as written (``account/lab/0``); a malformed one is an error naming it."""
     out = []

@@ -37,11 +37,14 @@ Open-weight (a local model): the suspect reads SOURCE's texts and its own next-t
 
 Distinct tuples only, none from the text read or the prompt, so a clean model gets a uniform p-value. --entropy (the serve setting) scores only the answer tokens the teacher was unsure of.
 
+With the guard's log as SOURCE, --match-keys tests each key only on the suspect's answers to the prompts that key answered, and --group A,B,... (repeatable) tests accounts together: each member's answers under the key that answered them, pooled into one exact test (so are the clusters the guard's detector linked, unless --no-cluster-groups). Holm runs over keys and groups together.
+
 \b
 Examples:
   stillhouse provenance model reading.jsonl --suspect hf:runs/student/final --log sqlite:///runs/guard.db
   stillhouse provenance model sqlite:///runs/guard.db --account lab --reading own --suspect hf:runs/s/final --log sqlite:///runs/guard.db
   stillhouse provenance model prompts.jsonl --suspect http://127.0.0.1:8001/v1 --key-ids account/lab/0
+  stillhouse provenance model sqlite:///runs/guard.db --reading own --suspect hf:runs/s/final --log sqlite:///runs/guard.db --match-keys --group camp-0,camp-1
 """
 
 
@@ -59,6 +62,12 @@ def _print(report: dict[str, Any], as_json: bool, out: Path | None) -> None:
                    f"{s['p_holm']:10.3g}  {','.join(s['accounts'])}")
     if len(report["scores"]) > 10:
         typer.echo(f"... {len(report['scores']) - 10} more keys (--json shows all)")
+    if report.get("groups"):
+        typer.echo(f"{'group (pooled, keys matched)':40} {'scored':>7} {'green':>6} {'rate':>6} {'p':>10} "
+                   f"{'p (Holm)':>10}  accounts (given by)")
+        for g in report["groups"]:
+            typer.echo(f"{g['name'][:40]:40} {g['scored']:7d} {g['green']:6d} {g['rate']:6.3f} {g['p']:10.3g} "
+                       f"{g['p_holm']:10.3g}  {','.join(g['accounts'])} ({g['given_by']})")
 
 
 def text_command(
@@ -101,6 +110,7 @@ Writes OUT/provenance.json (named accounts, every key's score, timings), the gua
 Examples:
   stillhouse provenance arena --out runs/prov-arena --own-answers
   stillhouse provenance arena --out runs/prov-arena --own-answers --student self --epochs 2 --delta 1.5 --entropy 2.0
+  stillhouse provenance arena --out runs/prov-arena --own-answers --match-keys --requests-per-account 120
 """
 
 
@@ -117,8 +127,10 @@ def arena_command(
     best = m["best"] or {}
     typer.echo(f"{m['leaked_rows']} rows leaked from {len(m['campaign_accounts'])} campaign accounts; "
                f"{m['keys_in_log']} keys in the guard's log")
-    typer.echo(f"named: {', '.join(m['named_accounts']) or 'nobody'} (best key {best.get('key_id', '-')}, "
-               f"Holm-adjusted p = {best.get('p_holm', 1.0):.3g} over {m['keys_in_log']} keys); "
+    tested = (f"{len(m['scores']) + len(m['groups'])} hypotheses ({m['keys_in_log']} keys, {len(m['groups'])} groups)"
+              if m.get("groups") else f"{m['keys_in_log']} keys")
+    typer.echo(f"named: {', '.join(m['named_accounts']) or 'nobody'} (best {best.get('name', best.get('key_id', '-'))}, "
+               f"Holm-adjusted p = {best.get('p_holm', 1.0):.3g} over {tested}); "
                f"goal {'met' if m['goal_met'] else 'not met'}; {out / 'provenance.json'}")
 
 
@@ -132,7 +144,8 @@ def register(app: typer.Typer) -> None:
     sub.command("text", help=TEXT_HELP)(config_command(text_command, ConfigOptions(
         ProvenanceConfig, arguments=("source",), comma=("key_ids",), panels=panels, replay=False)))
     sub.command("model", help=MODEL_HELP)(config_command(model_command, ConfigOptions(
-        SuspectConfig, arguments=("source",), comma=("key_ids",), flags={"suspect": ("--suspect", "-s")},
+        SuspectConfig, arguments=("source",), comma=("key_ids",),
+        flags={"suspect": ("--suspect", "-s"), "groups": ("--group",)},
         panels={**panels, "suspect": "Suspect"}, replay=False)))
     sub.command("arena", help=ARENA_HELP)(config_command(arena_command, ConfigOptions(ProvenanceArenaConfig)))
     app.add_typer(sub, name="provenance")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from stillhouse.provenance.candidates import Candidate, derive_all, from_ids, from_log
-from stillhouse.provenance.detect import KeyScore, prompt_tuples, score_keys, unique_tuples
+from stillhouse.provenance.detect import KeyScore, Tuple, prompt_tuples, score_keys, unique_tuples
 from stillhouse.provenance.texts import Sample, load_samples
 from stillhouse.watermark.green import WatermarkParams
 from stillhouse.watermark.keys import SECRET_ENV, load_secret
@@ -101,9 +101,20 @@ class SuspectConfig(ProvenanceConfig):
     """Closed mode: requests in flight."""
     threads: int = 0
     """torch CPU threads (0 = torch's default)."""
+    match_keys: bool = False
+    """With a guard's log as SOURCE (--reading own, or closed): test each key only on the suspect's answers to
+    the prompts that key answered (the log says which), not on every answer; still exact (provenance/matched.py)."""
+    groups: tuple[str, ...] = ()
+    """With --match-keys: accounts to test together as one hypothesis, comma-separated, repeatable (--group
+    camp-0,camp-1): each member's answers scored under the key that answered it, pooled, one exact test."""
+    cluster_groups: bool = True
+    """With --match-keys: also test, as a group, each cluster of two or more accounts that the guard's detector
+    linked in the log (its account_stats) and that asked in SOURCE."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        from stillhouse.guard.detect.logwindow import is_store_url
+        from stillhouse.provenance.matched import operator_groups
         from stillhouse.teacher.spec import parse_spec
 
         if not self.suspect:
@@ -122,6 +133,17 @@ class SuspectConfig(ProvenanceConfig):
         for name in ("reading_max_len", "batch_size", "answer_tokens", "concurrency"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.groups and not self.match_keys:
+            raise ValueError(f"groups={list(self.groups)}: a group is scored on the keys that answered its accounts; "
+                             "add --match-keys (with the guard's log as SOURCE)")
+        if self.match_keys:
+            if not is_store_url(self.source):
+                raise ValueError(f"match_keys: {self.source!r} is not a guard log, and only the log knows which key "
+                                 "answered each prompt; give it as SOURCE (sqlite:///guard.db or postgresql://...) "
+                                 "or drop --match-keys")
+            if self.resolved_mode == "open" and self.reading != "own":
+                raise ValueError("match_keys scores the suspect's answers: use --reading own (or closed mode)")
+            operator_groups(self.groups)  # raises naming a malformed group
 
     @property
     def resolved_mode(self) -> Literal["open", "closed"]:
@@ -249,11 +271,14 @@ def model_provenance(cfg: SuspectConfig) -> dict[str, Any]:
         model, stok, revision = load_model(cfg.suspect)
         check_same_tokenizer(stok, tok)
         if cfg.reading == "own":
+            asked = [s for s in samples if s.prompt]
             prompts, written = own_answers(model, stok, samples, cfg.answer_tokens)
-            keep = _gated(cfg, tok, [s for s in samples if s.prompt], written, extra)
-            tuples = unique_tuples(written, cfg.context, exclude=prompt_tuples(prompts, cfg.context), dedup=cfg.dedup,
-                                   keep=keep)
+            keep = _gated(cfg, tok, asked, written, extra)
+            exclude = prompt_tuples(prompts, cfg.context)
             extra.update(revision=revision, reading="own", answers=len(written), tokens=sum(map(len, written)))
+            if cfg.match_keys:
+                return _matched(cfg, asked, written, exclude, keep, secret, candidates, extra, t0)
+            tuples = unique_tuples(written, cfg.context, exclude=exclude, dedup=cfg.dedup, keep=keep)
         else:
             inputs = reading_inputs(tok, samples, cfg.reading_max_len)
             tuples, counts = reading_tuples(model, inputs, cfg.context, cfg.batch_size,
@@ -269,8 +294,66 @@ def model_provenance(cfg: SuspectConfig) -> dict[str, Any]:
         seqs = _ids(tok, answered, 0)
         exclude = prompt_tuples((_prompt_ids(tok, s) for s in asked), cfg.context)
         keep = _gated(cfg, tok, answered, seqs, extra)
-        tuples = unique_tuples(seqs, cfg.context, exclude=exclude, dedup=cfg.dedup, keep=keep)
         extra.update(answers=len(answers), tokens=sum(map(len, seqs)))
+        if cfg.match_keys:
+            return _matched(cfg, asked, seqs, exclude, keep, secret, candidates, extra, t0)
+        tuples = unique_tuples(seqs, cfg.context, exclude=exclude, dedup=cfg.dedup, keep=keep)
     scores = score_keys(tuples, derive_all(secret, candidates), cfg.params)
     extra.update(scored=len(tuples), wall_s=round(time.perf_counter() - t0, 2))
     return _report(cfg, scores, candidates, extra)
+
+
+def _matched(cfg: SuspectConfig, asked: list[Sample], seqs: list[list[int]], exclude: set[Tuple],
+             keep: list[list[bool]] | None, secret: bytes, candidates: list[Candidate], extra: dict[str, Any],
+             t0: float) -> dict[str, Any]:
+    """--match-keys: each candidate key on the answers to its own prompts, each group pooled over its members'
+    answers under their keys; Holm over keys and groups together (provenance/matched.py)."""
+    from stillhouse.provenance.candidates import clusters_from_log
+    from stillhouse.provenance.matched import (
+        Group,
+        adjust,
+        check_groups,
+        matched_tuples,
+        operator_groups,
+        pooled_parts,
+        score_pooled,
+    )
+
+    key_ids = [s.key_id for s in asked]
+    accounts = [s.account for s in asked]
+    groups = operator_groups(cfg.groups)
+    check_groups(groups, accounts)
+    if cfg.cluster_groups:
+        for cid, members in clusters_from_log(cfg.source).items():
+            present = tuple(a for a in members if a in set(accounts))
+            if len(present) >= 2:
+                groups.append(Group(f"cluster:{cid}", present, "cluster"))
+    keys = derive_all(secret, [*candidates, *(Candidate(k) for k in sorted(set(key_ids)))])
+    per_key = matched_tuples(seqs, key_ids, cfg.context, exclude, dedup=cfg.dedup, keep=keep)
+    key_scores = [score_pooled({c.key_id: per_key.get(c.key_id, [])}, keys, cfg.params, c.key_id)
+                  for c in candidates]
+    parts = [pooled_parts(seqs, key_ids, accounts, g.accounts, cfg.context, exclude, dedup=cfg.dedup, keep=keep)
+             for g in groups]
+    group_scores = [score_pooled(p, keys, cfg.params, g.name) for g, p in zip(groups, parts)]
+    adjust([*key_scores, *group_scores])
+    report = _report(cfg, sorted(key_scores, key=lambda s: (s.p, -s.rate, s.key_id)), candidates, extra)
+    report["groups"] = sorted(({**s.to_json(), "name": g.name, "accounts": list(g.accounts), "given_by": g.given_by,
+                                "keys": sorted(p)} for g, p, s in zip(groups, parts, group_scores)),
+                              key=lambda r: (r["p"], r["name"]))
+    hyps = [{**r, "kind": "key", "name": r["key_id"]} for r in report["scores"]]
+    hyps += [{**r, "kind": "group"} for r in report["groups"]]
+    hyps.sort(key=lambda r: (r["p"], r["name"]))
+    named = [r for r in hyps if r["p_holm"] < cfg.alpha]
+    n = len(hyps)
+    report.update(
+        match_keys=True, hypotheses=n, scored=sum(len(t) for t in per_key.values()),
+        best=hyps[0] if hyps else None, named=bool(named), named_hypotheses=[r["name"] for r in named],
+        named_accounts=sorted({a for r in named for a in r["accounts"]}),
+        verdict=("; ".join(f"{r['name']} (accounts {', '.join(r['accounts']) or '-'}): Holm-adjusted p = "
+                           f"{r['p_holm']:.3g}" for r in named) + f" (Holm over {n} hypotheses: "
+                 f"{len(key_scores)} keys, {len(group_scores)} groups)" if named else
+                 f"no key or group at family-wise level {cfg.alpha:g} (smallest Holm-adjusted p "
+                 f"{hyps[0]['p_holm'] if hyps else 1.0:.3g} over {n} hypotheses: {len(key_scores)} keys, "
+                 f"{len(group_scores)} groups)"),
+        wall_s=round(time.perf_counter() - t0, 2))
+    return report

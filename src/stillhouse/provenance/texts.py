@@ -11,7 +11,8 @@ the source kept them (a harvest run with logprobs; else the text is tokenized ag
 - a harvest run directory (``stillhouse harvest --out RUN``): its stored answers;
 - a guard's traffic log (``sqlite:///guard.db``, ``postgresql://...``): the watermarked answers it
   served, with their prompts (one account's alone with ``account``), so ``provenance model --reading
-  own`` can ask a suspect the very questions our watermarked answers went to.
+  own`` can ask a suspect the very questions our watermarked answers went to; each sample keeps the
+  account that asked and the key id that answered (for key-matched scoring, :mod:`.matched`).
 
 Errors: :class:`TextSourceError` (a ``ValueError``) names the source and what was expected.
 """
@@ -40,6 +41,10 @@ class Sample:
     prompt: list[dict[str, Any]] = field(default_factory=list)
     """The messages before the answer (may be empty)."""
     token_ids: list[int] | None = None
+    account: str = ""
+    """The account that asked (a guard log only)."""
+    key_id: str = ""
+    """The watermark key id that answered (a guard log only)."""
 
 
 def _from_row(row: Any, where: str) -> Sample:
@@ -85,7 +90,8 @@ def _from_log(db_url: str, limit: int, account: str) -> list[Sample]:
         try:
             for rec in store.iter_records():
                 if rec.watermark_key_id and rec.status == 200 and (not account or rec.account_id == account):
-                    out.append(Sample(rec.response_text, [dict(m) for m in rec.messages], None))
+                    out.append(Sample(rec.response_text, [dict(m) for m in rec.messages], None, rec.account_id,
+                                      rec.watermark_key_id))
                     if limit and len(out) >= limit:
                         break
         finally:

@@ -1,0 +1,127 @@
+"""Key-matched and pooled scoring: each key tested only on answers to the prompts it answered.
+
+The plain test (:func:`.detect.score_keys`) scores every one of the suspect's answers under every
+candidate key, so answers to prompts that key never answered dilute its test. A guard's traffic log
+knows, for every watermarked answer, which key id answered it and which account asked; with that log
+as the source the suspect answers the same prompts, and
+
+- **matched** (:func:`matched_tuples`): key ``k`` is tested on the suspect's answers to the prompts
+  ``k`` answered, and no others (distinct tuples within that set, prompt tuples dropped as before);
+- **pooled** (:func:`pooled_parts`, :func:`score_pooled`): a group of accounts (a campaign, or a
+  cluster the guard's detector linked) is one hypothesis, "the suspect learned from this group's
+  answers": every member's answer is scored under the key that answered it, and the evidence is the
+  distinct ``(key, window, token)`` triples; one exact binomial test per group.
+
+Why it stays exact. Under H0 for key ``k`` the suspect never learned from ``k``'s answers, so what it
+writes does not depend on ``k``'s green lists. Which answers are scored for ``k`` depends only on the
+log (who asked what, which key id answered), the suspect and the teacher's entropy gate, never on
+``k``'s green lists. So the green bits of ``k``'s distinct tuples are independent Bernoulli(gamma)
+(the PRF model the whole test rests on), and ``P(Binomial(N, gamma) >= green)`` is exact. For a group
+the same holds for each member key; distinct keys are independent PRF keys, so the green bits of
+distinct ``(key, tuple)`` triples are independent too, and their sum is Binomial(N, gamma) under the
+group's H0 (the suspect learned from none of the group's keys). Learning from *other* keys' answers
+does not break either H0: other keys are independent of these. Holm runs over every hypothesis tested,
+single keys and groups together (:func:`adjust`), so the chance of naming any key or group falsely is
+at most the level.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from stillhouse.provenance.detect import KeyScore, Tuple, unique_tuples
+from stillhouse.provenance.stats import bonferroni, holm, log_binom_sf, z_score
+from stillhouse.watermark.green import WatermarkParams, green_flags
+
+GivenBy = Literal["operator", "cluster"]
+
+
+@dataclass(frozen=True)
+class Group:
+    """Accounts tested together as one hypothesis."""
+
+    name: str
+    """``group:a+b`` (given by the operator) or ``cluster:ID`` (linked by the guard's detector)."""
+    accounts: tuple[str, ...]
+    given_by: GivenBy
+    """Who said these accounts belong together: the operator (``--group``) or the detector (its cluster)."""
+
+
+def _subset_tuples(seqs: Sequence[Sequence[int]], rows: Sequence[int], context: int, exclude: set[Tuple],
+                   dedup: bool, keep: Sequence[Sequence[bool]] | None) -> list[Tuple]:
+    return unique_tuples([seqs[j] for j in rows], context, exclude=exclude, dedup=dedup,
+                         keep=None if keep is None else [keep[j] for j in rows])
+
+
+def _rows_by_key(key_ids: Sequence[str], rows: Sequence[int]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for j in rows:
+        out.setdefault(key_ids[j], []).append(j)
+    return out
+
+
+def matched_tuples(seqs: Sequence[Sequence[int]], key_ids: Sequence[str], context: int, exclude: set[Tuple],
+                   dedup: bool = True, keep: Sequence[Sequence[bool]] | None = None) -> dict[str, list[Tuple]]:
+    """``{key id: the distinct tuples of the answers that key answered}``; ``key_ids[j]`` answered ``seqs[j]``."""
+    if len(key_ids) != len(seqs):
+        raise ValueError(f"{len(key_ids)} key ids for {len(seqs)} answers")
+    return {kid: _subset_tuples(seqs, rows, context, exclude, dedup, keep)
+            for kid, rows in _rows_by_key(key_ids, range(len(seqs))).items()}
+
+
+def pooled_parts(seqs: Sequence[Sequence[int]], key_ids: Sequence[str], accounts: Sequence[str],
+                 members: Sequence[str], context: int, exclude: set[Tuple], dedup: bool = True,
+                 keep: Sequence[Sequence[bool]] | None = None) -> dict[str, list[Tuple]]:
+    """A group's evidence: ``{key id: distinct tuples}`` over the members' answers, each under the key that
+    answered it (so the distinct ``(key, tuple)`` triples are what is scored)."""
+    if not len(key_ids) == len(accounts) == len(seqs):
+        raise ValueError(f"{len(seqs)} answers, {len(key_ids)} key ids, {len(accounts)} accounts: must be equal")
+    rows = [j for j, a in enumerate(accounts) if a in set(members)]
+    return {kid: _subset_tuples(seqs, r, context, exclude, dedup, keep) for kid, r in _rows_by_key(key_ids, rows).items()}
+
+
+def score_pooled(parts: Mapping[str, Sequence[Tuple]], keys: Mapping[str, int], params: WatermarkParams,
+                 name: str) -> KeyScore:
+    """Green triples among all of ``parts`` (each key's tuples under that key) and the exact binomial p-value."""
+    missing = sorted(set(parts) - set(keys))
+    if missing:
+        raise ValueError(f"no key derived for {missing}")
+    green = sum(sum(green_flags(keys[kid], tuples, params)) for kid, tuples in parts.items())
+    n = sum(len(t) for t in parts.values())
+    gamma = params.threshold / float(1 << 53)  # the exact green probability
+    log_p = log_binom_sf(green, n, gamma) if n else 0.0
+    return KeyScore(name, n, green, math.exp(log_p), z=z_score(green, n, gamma), log10_p=log_p / math.log(10))
+
+
+def adjust(scores: Sequence[KeyScore]) -> None:
+    """Holm and Bonferroni over every hypothesis in ``scores`` together (in place)."""
+    ps = [s.p for s in scores]
+    for s, ph, pb in zip(scores, holm(ps), bonferroni(ps)):
+        s.p_holm, s.p_bonferroni = ph, pb
+
+
+def check_groups(groups: Sequence[Group], known: Sequence[str]) -> None:
+    """Raise ValueError naming any group member that asked nothing in the source."""
+    have = set(known)
+    for g in groups:
+        unknown = [a for a in g.accounts if a not in have]
+        if unknown:
+            shown = ", ".join(sorted(have)[:20]) + (" ..." if len(have) > 20 else "")
+            raise ValueError(f"group {','.join(g.accounts)}: account(s) {', '.join(unknown)} have no watermarked "
+                             f"answer in the source; name accounts from the guard's log ({shown})")
+
+
+def operator_groups(specs: Sequence[str]) -> list[Group]:
+    """Groups as given (``--group a,b,c``, repeatable); an empty or duplicated member is an error."""
+    out = []
+    for spec in specs:
+        members = tuple(a.strip() for a in spec.split(","))
+        if not members or any(not a for a in members):
+            raise ValueError(f"group {spec!r}: give account ids separated by commas, e.g. --group camp-0,camp-1")
+        if len(set(members)) != len(members):
+            raise ValueError(f"group {spec!r}: an account is named twice")
+        out.append(Group("group:" + "+".join(members), members, "operator"))
+    return out
