@@ -298,7 +298,8 @@ def run_ours_gkd(teacher: tuple[Any, Any, str], teacher_spec: str, student_dir: 
 def step_seconds(stamps: list[float], on_policy_at: list[int]) -> tuple[float | None, float | None]:
     """Mean seconds of the on-policy and of the off-policy steps after the first (the warm-up step, whose start
     is not stamped); None for a kind with no timed step. Step i runs from stamps[i-1] to stamps[i]."""
-    on, off = [], []
+    on: list[float] = []
+    off: list[float] = []
     for i in range(1, len(stamps)):
         (on if i in on_policy_at else off).append(stamps[i] - stamps[i - 1])
     return (sum(on) / len(on) if on else None), (sum(off) / len(off) if off else None)

@@ -73,12 +73,12 @@ def sample_rationales(model: Any, tok: Any, items: Sequence[Any], cfg: Rationale
     for r in range(cfg.samples):
         gens = generate(model, tok, prompts, cfg.max_new_tokens, batch_size=cfg.batch_size,
                         temperature=cfg.temperature, seed=cfg.seed + 1000 * r if cfg.temperature > 0 else None)
-        verdicts = []
+        scored = []
         for task in sorted({it.task for it in items}):  # one verifier per task kind
             idx = [i for i, it in enumerate(items) if it.task == task]
             for i, v in zip(idx, score_outputs(task, [items[i] for i in idx], [gens[i].text for i in idx])):
-                verdicts.append((i, v))
-        rounds.append((gens, dict(verdicts)))
+                scored.append((i, v))
+        rounds.append((gens, dict(scored)))
         if progress is not None:
             progress(r + 1, cfg.samples)
     rows = []

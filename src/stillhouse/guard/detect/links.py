@@ -33,6 +33,7 @@ import ipaddress
 import math
 from collections import Counter, defaultdict
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -127,7 +128,7 @@ def link_matrix(index: LinkIndex, cfg: DetectConfig) -> tuple[list[str], object,
     row = {a: i for i, a in enumerate(accounts)}
     n = len(accounts)
     total = sparse.csr_matrix((n, n), dtype=np.float64)
-    per_kind: dict[str, object] = {}
+    per_kind: dict[str, Any] = {}  # scipy has no type hints: to mypy its matrices are Any, not object
     for kind in LINK_KINDS:
         weight = cfg.link_weight(kind)
         if weight <= 0:
