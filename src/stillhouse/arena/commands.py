@@ -272,12 +272,14 @@ def arena(
             except (ValueError, TypeError) as exc:
                 raise ConfigError(f"--config {config}: {exc}") from exc
         else:
-            real = settings.values.get("population") == "real"
-            base = (REAL_QUICK if quick else REAL) if real else (QUICK if quick else None)
-            if real and settings.values.get("calib_population") == "synthetic":
-                synthetic = QUICK if quick else ArenaConfig()  # the synthetic scenario's own calibration
-                base = replace(base, seeds="", **{k: getattr(synthetic, k) for k in ("calib_accounts", "calib_seed")
-                                                  if k not in settings})
+            if settings.values.get("population") == "real":
+                base = REAL_QUICK if quick else REAL
+                if settings.values.get("calib_population") == "synthetic":
+                    synthetic = QUICK if quick else ArenaConfig()  # the synthetic scenario's own calibration
+                    base = replace(base, seeds="", **{k: getattr(synthetic, k)
+                                                      for k in ("calib_accounts", "calib_seed") if k not in settings})
+            else:
+                base = QUICK if quick else None
         seeds = settings.values.get("seeds")
         if seeds:  # a named seed set fixes the seeds and the split (a test set: the test pools)
             base = seed_set_config(base or ArenaConfig(), seeds)

@@ -24,7 +24,7 @@ import hashlib
 import json
 import re
 from dataclasses import asdict
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 from stillhouse.teacher.base import (
     ChatResult,
@@ -40,6 +40,11 @@ ReasoningForm = Literal["off", "reasoning_content", "reasoning", "think"]
 REASONING_FORMS: tuple[str, ...] = ("off", "reasoning_content", "reasoning", "think")
 
 _SUM = re.compile(r"(-?\d+)\s*([+\-*])\s*(-?\d+)")
+
+
+def _is_chat(prompt: Prompt) -> TypeGuard[list[Message]]:
+    """Whether ``prompt`` is chat messages: empty, or not starting with a token id."""
+    return not (prompt and isinstance(prompt[0], int))
 
 
 def _digest(*parts: object) -> int:
@@ -201,8 +206,8 @@ class FakeTeacher:
             lp.top_logprobs = [[x - 0.5 * r for r in range(top_logprobs)] for x in lps]
             if ids is not None:
                 lp.top_ids = [[t] + [(t + r) % 50_000 for r in range(1, top_logprobs)] for t in ids]
-        n_prompt = len(prompt) if prompt and isinstance(prompt[0], int) else \
-            sum(len(str(m.get("content", "")).split()) for m in prompt) + 3 * len(prompt)  # type: ignore[union-attr]
+        n_prompt = sum(len(str(m.get("content", "")).split()) for m in prompt) + 3 * len(prompt) \
+            if _is_chat(prompt) else len(prompt)
         return ScoreResult(lp, n_prompt, self.name)
 
     async def aclose(self) -> None:

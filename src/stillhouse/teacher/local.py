@@ -29,7 +29,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from stillhouse.teacher.base import (
     ChatResult,
@@ -96,6 +96,11 @@ def normalize_messages(messages: Any) -> list[dict[str, str]]:
         out.append({"role": "system" if role == "developer" else role,
                     "content": message_text(m.get("content", ""))})
     return out
+
+
+def _is_token_ids(prompt: Prompt) -> TypeGuard[list[int]]:
+    """Whether every item of ``prompt`` is a token id (an int, not a bool) rather than a chat message."""
+    return all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
 
 
 def encode_chat(tokenizer: Any, messages: Any) -> list[int]:
@@ -288,8 +293,8 @@ class LocalTeacher:
         """Prompt and completion token ids for :meth:`score`, checked (ValueError, ContextTooLong)."""
         if not isinstance(prompt, list) or not prompt:
             raise ValueError("prompt must be a non-empty list of chat messages or of token ids")
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            p = list(prompt)  # type: ignore[arg-type]
+        if _is_token_ids(prompt):
+            p = list(prompt)
         else:
             p = self.encode(prompt)  # type: ignore[arg-type]
         if isinstance(completion, str):
