@@ -34,9 +34,12 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stillhouse.arena.traffic import SimAccount, Turn
+
+if TYPE_CHECKING:
+    from stillhouse.guard.detect.detector import WindowDetector
 
 DAY = 86400.0
 
@@ -105,16 +108,25 @@ def calibrate_as_operator(detect_config: Any, calib: tuple[list[SimAccount], lis
                    check_lines=report.lines())
         if refit_on_failed_check and not report.passed:
             t = time.perf_counter()
-            first = dict(detector.thresholds_)
+            first = _thresholds(detector)
             long_win = _window(log, t0, t2, infos)
             detector = fit_window(detect_config, long_win, progress=progress)
             detector.save(model_dir)  # check.json stays: the check of the first model, as run
             timings["refit_s"] = time.perf_counter() - t
             out["refit"] = {"window": long_win.describe(), "summary": long_win.summary(), "first_thresholds": first,
-                            "thresholds": dict(detector.thresholds_)}
+                            "thresholds": _thresholds(detector)}
     else:
         out["check"] = None
     return detector, out
+
+
+def _thresholds(detector: WindowDetector) -> dict[str, float]:
+    """A copy of a fitted detector's thresholds (NotFittedError, not a TypeError from dict(None), if none)."""
+    from stillhouse.guard.detect.detector import NotFittedError
+
+    if detector.thresholds_ is None:
+        raise NotFittedError("the detector has no thresholds: fit() it before reading them")
+    return dict(detector.thresholds_)
 
 
 def _window(log: str, since: float, until: float, infos: dict[str, Any]) -> Any:

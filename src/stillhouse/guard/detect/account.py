@@ -191,6 +191,8 @@ class AccountState:
         s[lay.HOURS + entry.hour] += sign
         if entry.emb is None:  # a follow-up turn: no query of its own (see ``Entry``)
             return
+        if entry.phi is None:
+            raise ValueError("Entry.phi is None but Entry.emb is set: give both or neither (see Entry)")
         emb = s[lay.EMB: lay.phi]
         op(emb, entry.emb, out=emb)
         phi = entry.phi.astype(np.float64)
