@@ -65,7 +65,8 @@ class ServerThread:
         self.port = sock.getsockname()[1]
         self._server = uvicorn.Server(uvicorn.Config(
             self.app, log_level="warning", lifespan="on", access_log=False, proxy_headers=False,
-            timeout_graceful_shutdown=self.graceful_shutdown_s))
+            # uvicorn annotates int | None but only hands it to asyncio.timeout, which takes float seconds
+            timeout_graceful_shutdown=self.graceful_shutdown_s))  # type: ignore[arg-type]
 
         def run() -> None:
             try:
