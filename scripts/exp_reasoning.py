@@ -163,9 +163,10 @@ def stage_rationales(a: argparse.Namespace, out: Path) -> None:
 
     items = read_items(out / "items" / "train.jsonl")
     t = None
-    parts = {"greedy": RationaleConfig(samples=1, temperature=0.0, max_new_tokens=a.max_new_tokens),
-             "samples": RationaleConfig(samples=a.samples, temperature=a.temperature, max_new_tokens=a.max_new_tokens,
-                                        seed=a.seed)}
+    parts = {"greedy": RationaleConfig(samples=1, temperature=0.0, max_new_tokens=a.max_new_tokens)}
+    if a.samples:  # 0: the greedy answers only (what the sft-* and gkd-* students use)
+        parts["samples"] = RationaleConfig(samples=a.samples, temperature=a.temperature,
+                                           max_new_tokens=a.max_new_tokens, seed=a.seed)
     rows: dict[str, list[dict[str, Any]]] = {}
     seconds = json.loads((out / "data" / "seconds.json").read_text()) if (out / "data" / "seconds.json").exists() else {}
     for name, cfg in parts.items():
@@ -181,6 +182,7 @@ def stage_rationales(a: argparse.Namespace, out: Path) -> None:
         (out / "data" / "seconds.json").write_text(json.dumps(seconds))
         _log(f"{name}: {json.dumps(cost_report(rows[name]))}")
     greedy = [{**r, "sample": "greedy"} for r in rows["greedy"]]
+    rows.setdefault("samples", [])
     pool = mark_kept([*greedy, *rows["samples"]], a.keep)  # greedy first, then the samples in order
     cost = {"greedy": {**cost_report(rows["greedy"]), "seconds": seconds.get("greedy")},
             "samples": {**cost_report(rows["samples"]), "seconds": seconds.get("samples")},
@@ -490,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="worked examples (earlier chat turns, no loss on them) before every word problem, for "
                    "every model")
     p.add_argument("--max-len", type=int, default=320, help="training sequence cap in tokens (raise it with --shots)")
-    p.add_argument("--samples", type=int, default=2, help="chains of thought sampled per training problem")
+    p.add_argument("--samples", type=int, default=2, help="chains of thought sampled per training problem (0: the "
+                   "greedy answers only)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the rationales")
     p.add_argument("--keep", type=int, default=0, help="verified rationales kept per problem (0 = every distinct one)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="completion cap on the word problems")

@@ -114,3 +114,17 @@ def test_strict_reading_needs_the_final_answer_line(tmp_path):
     assert mod.strict_correct(samples, "m", items) == 2
     samples.write_text(json.dumps({"id": "p0", "m": {"output": "#### 9 and the answer is 8"}}) + "\n")
     assert mod.strict_correct(samples, "m", items) == 0  # the #### line speaks first
+
+
+def test_samples_0_keeps_the_greedy_answers_only(tmp_path, smol_tokenizer):
+    from conftest import build_tiny_model
+
+    tdir = tmp_path / "teacher"
+    build_tiny_model(smol_tokenizer).save_pretrained(tdir)
+    smol_tokenizer.save_pretrained(tdir)
+    out = tmp_path / "exp"
+    _run("--out", str(out), "--teacher", f"hf:{tdir}", "--heldout", "3", "--train", "4", "--validation", "2",
+         "--gsm8k", "0", "--samples", "0", "--max-new-tokens", "4", "--gemma", "", "--stage", "split,rationales")
+    assert len(_rows(out / "data" / "greedy-all.jsonl")) == 4 and not (out / "data" / "samples.jsonl").exists()
+    cost = json.loads((out / "data" / "cost.json").read_text())
+    assert cost["samples"]["samples"] == 0 and cost["greedy"]["samples"] == 4
