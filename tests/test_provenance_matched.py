@@ -20,10 +20,9 @@ import pytest
 from typer.testing import CliRunner
 
 from stillhouse.cli import app
-from stillhouse.provenance.detect import score_key
+from stillhouse.provenance.detect import adjust, score_key
 from stillhouse.provenance.matched import (
     Group,
-    adjust,
     check_groups,
     matched_tuples,
     operator_groups,

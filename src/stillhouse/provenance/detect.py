@@ -84,21 +84,29 @@ def unique_tuples(seqs: Iterable[Sequence[int]], context: int, exclude: set[Tupl
     return out
 
 
-def score_key(key: int, tuples: Sequence[Tuple], params: WatermarkParams, key_id: str = "") -> KeyScore:
-    """Green count and exact p-value of one key on already-deduplicated tuples."""
-    green = sum(green_flags(key, tuples, params))
-    n = len(tuples)
+def binomial_score(green: int, n: int, params: WatermarkParams, key_id: str = "") -> KeyScore:
+    """``green`` green ones among ``n`` distinct tuples (or (key, tuple) triples): the exact binomial p-value."""
     gamma = params.threshold / float(1 << 53)  # the exact green probability
     log_p = log_binom_sf(green, n, gamma) if n else 0.0
     return KeyScore(key_id, n, green, math.exp(log_p), z=z_score(green, n, gamma), log10_p=log_p / math.log(10))
 
 
-def score_keys(tuples: Sequence[Tuple], keys: Mapping[str, int], params: WatermarkParams) -> list[KeyScore]:
-    """Every candidate on the same tuples, Holm- and Bonferroni-adjusted, best (smallest p) first."""
-    scores = [score_key(k, tuples, params, kid) for kid, k in keys.items()]
+def score_key(key: int, tuples: Sequence[Tuple], params: WatermarkParams, key_id: str = "") -> KeyScore:
+    """Green count and exact p-value of one key on already-deduplicated tuples."""
+    return binomial_score(sum(green_flags(key, tuples, params)), len(tuples), params, key_id)
+
+
+def adjust(scores: Sequence[KeyScore]) -> None:
+    """Holm and Bonferroni over every hypothesis in ``scores`` together (in place)."""
     ps = [s.p for s in scores]
     for s, ph, pb in zip(scores, holm(ps), bonferroni(ps)):
         s.p_holm, s.p_bonferroni = ph, pb
+
+
+def score_keys(tuples: Sequence[Tuple], keys: Mapping[str, int], params: WatermarkParams) -> list[KeyScore]:
+    """Every candidate on the same tuples, Holm- and Bonferroni-adjusted, best (smallest p) first."""
+    scores = [score_key(k, tuples, params, kid) for kid, k in keys.items()]
+    adjust(scores)
     return sorted(scores, key=lambda s: (s.p, -s.rate, s.key_id))
 
 

@@ -21,19 +21,17 @@ the same holds for each member key; distinct keys are independent PRF keys, so t
 distinct ``(key, tuple)`` triples are independent too, and their sum is Binomial(N, gamma) under the
 group's H0 (the suspect learned from none of the group's keys). Learning from *other* keys' answers
 does not break either H0: other keys are independent of these. Holm runs over every hypothesis tested,
-single keys and groups together (:func:`adjust`), so the chance of naming any key or group falsely is
+single keys and groups together (:func:`.detect.adjust`), so the chance of naming any key or group falsely is
 at most the level.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from stillhouse.provenance.detect import KeyScore, Tuple, unique_tuples
-from stillhouse.provenance.stats import bonferroni, holm, log_binom_sf, z_score
+from stillhouse.provenance.detect import KeyScore, Tuple, binomial_score, unique_tuples
 from stillhouse.watermark.green import WatermarkParams, green_flags
 
 GivenBy = Literal["operator", "cluster"]
@@ -79,7 +77,8 @@ def pooled_parts(seqs: Sequence[Sequence[int]], key_ids: Sequence[str], accounts
     answered it (so the distinct ``(key, tuple)`` triples are what is scored)."""
     if not len(key_ids) == len(accounts) == len(seqs):
         raise ValueError(f"{len(seqs)} answers, {len(key_ids)} key ids, {len(accounts)} accounts: must be equal")
-    rows = [j for j, a in enumerate(accounts) if a in set(members)]
+    wanted = set(members)
+    rows = [j for j, a in enumerate(accounts) if a in wanted]
     return {kid: _subset_tuples(seqs, r, context, exclude, dedup, keep) for kid, r in _rows_by_key(key_ids, rows).items()}
 
 
@@ -90,17 +89,7 @@ def score_pooled(parts: Mapping[str, Sequence[Tuple]], keys: Mapping[str, int], 
     if missing:
         raise ValueError(f"no key derived for {missing}")
     green = sum(sum(green_flags(keys[kid], tuples, params)) for kid, tuples in parts.items())
-    n = sum(len(t) for t in parts.values())
-    gamma = params.threshold / float(1 << 53)  # the exact green probability
-    log_p = log_binom_sf(green, n, gamma) if n else 0.0
-    return KeyScore(name, n, green, math.exp(log_p), z=z_score(green, n, gamma), log10_p=log_p / math.log(10))
-
-
-def adjust(scores: Sequence[KeyScore]) -> None:
-    """Holm and Bonferroni over every hypothesis in ``scores`` together (in place)."""
-    ps = [s.p for s in scores]
-    for s, ph, pb in zip(scores, holm(ps), bonferroni(ps)):
-        s.p_holm, s.p_bonferroni = ph, pb
+    return binomial_score(green, sum(len(t) for t in parts.values()), params, name)
 
 
 def check_groups(groups: Sequence[Group], known: Sequence[str]) -> None:

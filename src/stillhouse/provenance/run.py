@@ -309,9 +309,9 @@ def _matched(cfg: SuspectConfig, asked: list[Sample], seqs: list[list[int]], exc
     """--match-keys: each candidate key on the answers to its own prompts, each group pooled over its members'
     answers under their keys; Holm over keys and groups together (provenance/matched.py)."""
     from stillhouse.provenance.candidates import clusters_from_log
+    from stillhouse.provenance.detect import adjust
     from stillhouse.provenance.matched import (
         Group,
-        adjust,
         check_groups,
         matched_tuples,
         operator_groups,
@@ -324,8 +324,9 @@ def _matched(cfg: SuspectConfig, asked: list[Sample], seqs: list[list[int]], exc
     groups = operator_groups(cfg.groups)
     check_groups(groups, accounts)
     if cfg.cluster_groups:
+        asked_by = set(accounts)
         for cid, members in clusters_from_log(cfg.source).items():
-            present = tuple(a for a in members if a in set(accounts))
+            present = tuple(a for a in members if a in asked_by)
             if len(present) >= 2:
                 groups.append(Group(f"cluster:{cid}", present, "cluster"))
     keys = derive_all(secret, [*candidates, *(Candidate(k) for k in sorted(set(key_ids)))])
