@@ -238,15 +238,14 @@ def run_provenance(cfg: ProvenanceArenaConfig, out_dir: str | Path, loaded: tupl
                                             threads=cfg.threads))
     timings["test_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_all
-    hyps = report["scores"] + report.get("groups", [])
-    named = [s for s in hyps if s["p_holm"] < cfg.alpha]
-    named_accounts = sorted({a for s in named for a in s["accounts"]})
+    named_keys = [s for s in report["scores"] if s["p_holm"] < cfg.alpha]
+    named_groups = [g for g in report.get("groups", []) if g["p_holm"] < cfg.alpha]
+    named_accounts = sorted({a for s in (*named_keys, *named_groups) for a in s["accounts"]})
     metrics = {
         "config": json.loads((out / "provenance_config.json").read_text()), "teacher_revision": rev,
         "requests": len(plan), "answered": sum(1 for a in answers if a[2] == 200), "leaked_rows": len(leaked),
-        "keys_in_log": report["keys_tried"], "named_keys": [s["key_id"] for s in named if "key_id" in s and
-                                                            "name" not in s],
-        "named_groups": [s["name"] for s in named if "name" in s],
+        "keys_in_log": report["keys_tried"], "named_keys": [s["key_id"] for s in named_keys],
+        "named_groups": [g["name"] for g in named_groups],
         "groups": report.get("groups", []),
         "group_given_by": ("the arena (it knows the campaign's accounts; its guard runs no detector, so no cluster "
                            "links them)") if cfg.match_keys else "",
