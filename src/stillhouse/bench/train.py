@@ -107,6 +107,15 @@ class BenchTrainConfig:
                               f"one batch ({self.batch_size}) of additions to learn first")
 
 
+def addition_row(a: int, b: int) -> dict[str, Any]:
+    """``a + b`` as a chat example, answered right in the teacher's echo format."""
+    from stillhouse.distill.tasks import ARITHMETIC_TEMPLATE
+
+    return {"messages": [{"role": "system", "content": SYSTEM},
+                         {"role": "user", "content": ARITHMETIC_TEMPLATE.format(a=a, b=b)},
+                         {"role": "assistant", "content": f"{a} + {b} = {a + b}"}]}
+
+
 def make_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
     """Short chat examples (2- and 3-digit additions answered in the teacher's echo format)."""
     rng = random.Random(seed)
@@ -114,9 +123,7 @@ def make_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
     for _ in range(n):
         hi = rng.choice((100, 1000))
         a, b = rng.randrange(10, hi), rng.randrange(10, hi)
-        rows.append({"messages": [{"role": "system", "content": SYSTEM},
-                                  {"role": "user", "content": f"What is {a} + {b}? Reply with just the number."},
-                                  {"role": "assistant", "content": f"{a} + {b} = {a + b}"}]})
+        rows.append(addition_row(a, b))
     return rows
 
 
@@ -250,9 +257,8 @@ def sft_first(student_dir: Path, cfg: BenchTrainConfig, out: Path) -> Path:
     from stillhouse.distill.train import TrainConfig, train
 
     data = out / "gkd-sft-data.jsonl"
-    rows = "".join(json.dumps({"messages": [{"role": "system", "content": SYSTEM}, *it.messages, {
-        "role": "assistant", "content": f"{it.meta['a']} + {it.meta['b']} = {it.answer}"}]}) + "\n"
-        for it in arithmetic(cfg.gkd_sft, "train", seed=2, digits=(2,)))
+    rows = "".join(json.dumps(addition_row(it.meta["a"], it.meta["b"])) + "\n"
+                   for it in arithmetic(cfg.gkd_sft, "train", seed=2, digits=(2,)))
     final = out / "gkd-sft" / "final"
     if final.exists() and data.exists() and data.read_text() == rows:
         return final
