@@ -360,6 +360,11 @@ def strict_correct(samples: Path, who: str, items: Path) -> int:
     return n
 
 
+def _teacher_tokens(data: Path) -> int:
+    """The teacher tokens the rows of a data file cost (their ``teacher_tokens``)."""
+    return sum(json.loads(x).get("teacher_tokens", 0) for x in data.read_text().splitlines())
+
+
 def stage_report(a: argparse.Namespace, out: Path) -> None:
     cost = json.loads((out / "data" / "cost.json").read_text())
     lines = [("| model | training data | teacher tokens | held-out correct | accuracy [95% CI] | ÷ teacher [95% CI] "
@@ -404,27 +409,24 @@ def stage_report(a: argparse.Namespace, out: Path) -> None:
                            f"{round(t_sub['value'] * t_sub['n'])}/{t_sub['n']}")
             src = "verified" if "verified" in cfg.data else "greedy"
             pool = "verified_pool" if src == "verified" else "greedy"
-            data_rows = [json.loads(x) for x in Path(cfg.data).read_text().splitlines()]
-            rows = len(data_rows)
+            rows = len(Path(cfg.data).read_text().splitlines())
             if cfg.loss == "gkd":
                 tokens = info.get("teacher_scored_tokens", 0)
                 data = f"own samples on {rows} prompts, {cfg.epochs} pass, scored by the teacher" + (
                     " over HTTP (top-20)" if cfg.score_teacher else "")
             elif Path(cfg.data).stem in HALVES:
-                tokens = sum(r.get("teacher_tokens", 0) for r in data_rows)
+                tokens = _teacher_tokens(Path(cfg.data))
                 data = f"{rows} greedy answers ({Path(cfg.data).stem}), {cfg.epochs} passes"
             else:
                 tokens = cost[pool]["teacher_tokens"]
                 data = f"{rows} {src} rationales, {cfg.epochs} passes"
             init = STUDENTS[name].get("after")
             if init:
-                first = [json.loads(x) for x in (out / "data" / f"{STUDENTS[init]['data']}.jsonl").read_text()
-                         .splitlines()]
-                init_tokens = sum(r.get("teacher_tokens", 0) for r in first)
+                init_tokens = _teacher_tokens(out / "data" / f"{STUDENTS[init]['data']}.jsonl")
                 data = f"from {init} ({init_tokens:,} teacher tokens), then {data}"
                 tokens += init_tokens
             strict = strict_correct(path.parent / "samples.jsonl", name, out / "items" / f"{items}.jsonl")
-            if items == "heldout":
+            if items == "heldout" and not strict_teacher:  # the same teacher answers in every held-out eval
                 strict_teacher = f"{strict_correct(path.parent / 'samples.jsonl', 'teacher', out / 'items' / 'heldout.jsonl')}/{acc['n']}"
             lines.append(f"| {name} ({s['n_params'] / 1e6:.1f}M) | {data} | {tokens:,} | "
                          f"{round(acc['value'] * acc['n'])}/{acc['n']} | {_est(acc)} | {_est(ratio, 2)} | "
