@@ -26,7 +26,9 @@ white-box teacher; one pass costs about the teacher tokens of the greedy answers
 ``stillhouse serve``'s POST /v1/score, top-20 logprobs: black-box), ``sft-first`` (SFT on the first half of the
 greedy answers) and the two that go on from it at about equal teacher tokens, ``sft-more`` (SFT on the second
 half) and ``gkd-more`` (GKD on the second half's prompts, one pass; the recipe of the on-policy distillation
-reports: SFT first, then on-policy), ``gemma-star`` (Gemma 3 270M, another family,
+reports: SFT first, then on-policy), ``sft-full`` and ``gkd-full`` (the same two ways with a student of the
+teacher's size: the bundled model itself, on the greedy answers, or on-policy on their prompts, one pass),
+``gemma-star`` (Gemma 3 270M, another family,
 SFT on the verified rationales' text), ``gemma-sft`` (Gemma 3 270M on the teacher's greedy answers, right or wrong:
 plain sequence-level distillation across families); ``gemma-base`` is Gemma 3 270M untrained, scored as it is.
 
@@ -67,6 +69,12 @@ STUDENTS: dict[str, dict[str, Any]] = {  # TrainConfig fields; data: verified | 
     "sft-more": {**SMALL, "after": "sft-first", "data": "greedy-second", "loss": "sft", "epochs": 2, "lr": 1e-4},
     "gkd-more": {**SMALL, "after": "sft-first", "data": "greedy-second", "loss": "gkd", "lmbda": 1.0, "epochs": 1,
                  "lr": 1e-4},
+    # the same comparison with a student of the teacher's own size and architecture: the bundled model (a
+    # copy of what star-self was before its training), on the greedy answers or on-policy, from the same start
+    "sft-full": {"data": "greedy-all", "loss": "sft", "student": "model:bundled", "epochs": 2, "lr": 5e-5,
+                 "system_prompt": ""},
+    "gkd-full": {"data": "greedy-all", "loss": "gkd", "lmbda": 1.0, "student": "model:bundled", "epochs": 1,
+                 "lr": 5e-5, "system_prompt": ""},
     "star-self": {"data": "verified", "loss": "sft", "student": "self", "epochs": 2, "lr": 5e-5, "system_prompt": ""},
     "gemma-star": {"data": "verified", "loss": "sft", "student": "model:bundled:gemma3-270m", "epochs": 2, "lr": 1e-4,
                    "freeze_embeddings": True, "schedule": "cosine", "system_prompt": None, "select_on": ""},
@@ -282,7 +290,8 @@ def stage_train(a: argparse.Namespace, out: Path) -> bool:
         save_config(cfg, train_cfg)
         cmds = [("train", "--config", str(train_cfg)), *_eval_cmds(a, out, name, f"hf:{cfg.out}/final",
                                                                     cfg.system_prompt)]
-        cost = {"gemma-star": 6.0, "gemma-sft": 7.0, "gkd": 3.0, "gkd-bb": 3.5, "star-self": 4.0}.get(name, 1.0)
+        cost = {"gemma-star": 6.0, "gemma-sft": 7.0, "gkd": 3.0, "gkd-bb": 3.5, "star-self": 4.0, "sft-full": 3.0,
+                "gkd-full": 6.0}.get(name, 1.0)
         (after if STUDENTS[name].get("after") else jobs).append((name, cmds, cost))
         if cfg.score_teacher:
             serve = cfg.score_teacher

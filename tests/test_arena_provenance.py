@@ -30,7 +30,7 @@ def test_provenance_stage_names_the_campaign(tmp_path: Path, smol_tokenizer: Any
     model = build_tiny_model(smol_tokenizer, max_positions=512)
     cfg = ProvenanceArenaConfig(student="self", campaign_accounts=1, requests_per_account=16, decoys=15,
                                 decoy_requests=1, max_tokens=32, temperature=1.0, delta=4.0, epochs=3, lr=3e-3, reading=200,
-                                batch_size=4)
+                                batch_size=4, own_answers=False, match_keys=False, entropy=0.0)
     m = run_provenance(cfg, tmp_path / "prov", loaded=(model, smol_tokenizer, "tiny-0"))
     assert m["requests"] == 16 + 15 and m["answered"] == m["requests"] and m["leaked_rows"] == 16
     assert m["keys_in_log"] == 16  # one key id per account: the campaign's and the 15 decoys'
@@ -41,6 +41,7 @@ def test_provenance_stage_names_the_campaign(tmp_path: Path, smol_tokenizer: Any
     rows = [json.loads(x) for x in (tmp_path / "prov" / "leaked.jsonl").read_text().splitlines()]
     assert {r["account"] for r in rows} == {"camp-0"}
     assert "arena-provenance-test-secret" not in (tmp_path / "prov" / "provenance.json").read_text()
+    assert not (tmp_path / "prov" / "watermark.secret").exists() and "not written" in m["secret"]
 
 
 def test_student_answering_the_logged_questions_names_the_campaign(tmp_path: Path, smol_tokenizer: Any,
@@ -53,7 +54,7 @@ def test_student_answering_the_logged_questions_names_the_campaign(tmp_path: Pat
     model = build_tiny_model(smol_tokenizer, max_positions=512)
     cfg = ProvenanceArenaConfig(student="self", campaign_accounts=1, requests_per_account=16, decoys=15,
                                 decoy_requests=1, max_tokens=32, temperature=1.0, delta=4.0, epochs=12, lr=1e-2,
-                                own_answers=True, answer_tokens=32, batch_size=4)
+                                own_answers=True, answer_tokens=32, batch_size=4, match_keys=False, entropy=0.0)
     m = run_provenance(cfg, tmp_path / "prov", loaded=(model, smol_tokenizer, "tiny-0"))
     assert m["named_accounts"] == ["camp-0"] and m["best"]["key_id"].startswith("account/camp-0/")
     assert not (tmp_path / "prov" / "reading.jsonl").exists()  # the questions came from the guard's log
@@ -91,8 +92,9 @@ def test_provenance_arena_cli_errors(tmp_path: Path) -> None:
     from stillhouse.cli import app
 
     runner = CliRunner()
-    for args, needle in ((["--entropy", "2"], "needs own_answers"), (["--campaign-accounts", "0"], "campaign_accounts"),
-                         (["--gamma", "1.5"], "gamma")):
+    for args, needle in ((["--no-own-answers", "--no-match-keys"], "needs own_answers"),
+                         (["--no-own-answers", "--entropy", "0"], "--no-match-keys"),
+                         (["--campaign-accounts", "0"], "campaign_accounts"), (["--gamma", "1.5"], "gamma")):
         res = runner.invoke(app, ["provenance", "arena", "--out", str(tmp_path / "run"), *args])
         assert res.exit_code != 0 and needle in res.output and "Traceback" not in res.output, res.output
     assert not (tmp_path / "run" / "provenance.json").exists()
@@ -100,17 +102,39 @@ def test_provenance_arena_cli_errors(tmp_path: Path) -> None:
 
 def test_matched_keys_and_the_campaign_group(tmp_path: Path, smol_tokenizer: Any,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """``match_keys``: each key is scored on the answers to its own questions, the campaign's two accounts are one
-    pooled group beside two decoy groups of the same size; the campaign's group is named, no decoy and no decoy
-    group is, and Holm runs over the 16 keys and 3 groups together."""
-    from conftest import build_tiny_model
+    """``match_keys`` (the default): each key is scored on the answers to its own questions, the campaign's two
+    accounts are one pooled group beside two decoy groups of the same size; the campaign's group is named, no
+    decoy and no decoy group is, and Holm runs over the 16 keys and 3 groups together. Without
+    $STILLHOUSE_WATERMARK_SECRET the run makes a secret, keeps it in OUT/watermark.secret (0600) only, and the
+    report's re-test command, run later with that file, gives the same scores."""
+    import os
+    import shlex
 
-    monkeypatch.setenv("STILLHOUSE_WATERMARK_SECRET", "arena-provenance-test-secret")
+    from conftest import build_tiny_model
+    from typer.testing import CliRunner
+
+    from stillhouse.cli import app
+
+    monkeypatch.delenv("STILLHOUSE_WATERMARK_SECRET", raising=False)
     model = build_tiny_model(smol_tokenizer, max_positions=512)
     cfg = ProvenanceArenaConfig(student="self", campaign_accounts=2, requests_per_account=8, decoys=14,
                                 decoy_requests=1, max_tokens=32, temperature=1.0, delta=4.0, epochs=12, lr=1e-2,
-                                own_answers=True, answer_tokens=32, batch_size=4, match_keys=True)
+                                answer_tokens=32, batch_size=4, entropy=0.0)
     m = run_provenance(cfg, tmp_path / "prov", loaded=(model, smol_tokenizer, "tiny-0"))
+    secret_file = tmp_path / "prov" / "watermark.secret"
+    secret = secret_file.read_text().strip()
+    assert len(secret) >= 32 and secret_file.stat().st_mode & 0o777 == 0o600 and "0600" in m["secret"]
+    assert "STILLHOUSE_WATERMARK_SECRET" not in os.environ  # set for the run only
+    for name in ("provenance.json", "guard.db", "leaked.jsonl"):
+        assert secret.encode() not in (tmp_path / "prov" / name).read_bytes(), name
+    argv = shlex.split(m["retest"].split(") ", 1)[1])  # after the STILLHOUSE_WATERMARK_SECRET=$(cat FILE) prefix
+    assert argv[:3] == ["stillhouse", "provenance", "model"] and str(secret_file) in m["retest"]
+    res = CliRunner().invoke(app, [*argv[1:], "--out", str(tmp_path / "again.json")],
+                             env={"STILLHOUSE_WATERMARK_SECRET": secret})
+    assert res.exit_code == 0, res.output
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert {s["key_id"]: s["p"] for s in again["scores"]} == {s["key_id"]: s["p"] for s in m["scores"]}
+    assert {g["name"]: g["p"] for g in again["groups"]} == {g["name"]: g["p"] for g in m["groups"]}
     groups = {g["name"]: g for g in m["groups"]}
     assert set(groups) == {"group:camp-0+camp-1", "group:user-0+user-1", "group:user-2+user-3"}
     camp = groups["group:camp-0+camp-1"]

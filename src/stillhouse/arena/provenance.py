@@ -17,10 +17,10 @@ trained on what leaked, and the radioactivity test names the campaign's accounts
 
 Run::
 
-    stillhouse provenance arena --out RUN --own-answers   # (or from Python: run_provenance(cfg, out))
+    stillhouse provenance arena --out RUN   # (or from Python: run_provenance(cfg, out))
 
-The watermark secret is generated per run unless ``$STILLHOUSE_WATERMARK_SECRET`` is set; it is
-never written to disk. Cost on 2 busy CPU cores at the defaults: tens of minutes, nearly all of it
+The watermark secret is ``$STILLHOUSE_WATERMARK_SECRET`` when set; otherwise one is made for the run and written to
+``OUT/watermark.secret`` (mode 0600) so the log can be tested again (``provenance.json`` holds the command). Cost on 2 busy CPU cores at the defaults: tens of minutes, nearly all of it
 the teacher's answers.
 """
 
@@ -45,11 +45,12 @@ class ProvenanceArenaConfig:
 
     teacher: str = "bundled"
     """Local teacher spec, served watermarked to the campaign (and the student's init)."""
-    student: str = "pruned:10"
-    """Student init for ``stillhouse.distill.train``."""
+    student: str = "self"
+    """Student init for ``stillhouse.distill.train`` (self: a copy of the teacher, the recipe measured in
+    docs/results.md; pruned:10 and the other cuts learn too little from a few hundred rows to be named)."""
     campaign_accounts: int = 2
     """Accounts of the campaign (each gets its own key)."""
-    requests_per_account: int = 80
+    requests_per_account: int = 120
     """Questions each campaign account asks."""
     decoys: int = 14
     """Benign accounts that each ask ``decoy_requests`` questions (their keys are candidates too)."""
@@ -61,14 +62,15 @@ class ProvenanceArenaConfig:
     """Sampling temperature of every request."""
     gamma: float = 0.25
     """Watermark green share."""
-    delta: float = 2.0
-    """Watermark logit bias."""
+    delta: float = 1.5
+    """Watermark logit bias (1.5 with the 2.0-nat gate: the setting chosen on development data to keep the
+    teacher's accuracy; docs/results.md)."""
     context: int = 1
     """Watermark context window."""
-    entropy: float = 0.0
+    entropy: float = 2.0
     """Watermark entropy gate in nats (serve's --watermark-entropy; 0 = none). The test scores the gated tokens
     of the student's answers, so it needs ``own_answers``."""
-    epochs: int = 3
+    epochs: int = 2
     """SFT epochs of the student."""
     lr: float = 1e-4
     """SFT learning rate."""
@@ -76,12 +78,13 @@ class ProvenanceArenaConfig:
     """SFT batch size."""
     alpha: float = 1e-3
     """Family-wise level at which a key is named."""
-    own_answers: bool = False
+    own_answers: bool = True
     """The test: the student answers every question in the guard's log (``provenance model --reading own``).
-    False: it reads ``reading`` questions nobody asked (``--reading text``)."""
+    False: it reads ``reading`` questions nobody asked (``--reading text``; it named nobody in
+    docs/results.md)."""
     answer_tokens: int = 128
     """max_tokens of each of the student's answers with ``own_answers``."""
-    match_keys: bool = False
+    match_keys: bool = True
     """With ``own_answers``: each key is tested only on the student's answers to the questions that key answered
     (``provenance model --match-keys``), and the campaign's accounts are one pooled group; ``decoy_groups`` groups
     of as many decoys are tested beside it as the group test's own false-alarm check."""
@@ -107,7 +110,8 @@ class ProvenanceArenaConfig:
             raise ValueError(f"decoys={self.decoys}, decoy_groups={self.decoy_groups}: must be >= 0")
         if self.match_keys and not self.own_answers:
             raise ValueError("match_keys needs own_answers: the matched test scores the student's answers to the "
-                             "questions in the guard's log")
+                             "questions in the guard's log (for the reading test give --no-own-answers "
+                             "--no-match-keys --entropy 0)")
         if self.match_keys and self.decoy_groups * self.campaign_accounts > self.decoys:
             raise ValueError(f"decoy_groups={self.decoy_groups}: {self.decoy_groups} groups of "
                              f"{self.campaign_accounts} need that many decoys, there are {self.decoys}; "
@@ -117,7 +121,7 @@ class ProvenanceArenaConfig:
         WatermarkParams(self.gamma, self.delta, self.context, self.entropy)
         if self.entropy and not self.own_answers:
             raise ValueError(f"entropy={self.entropy:g} needs own_answers: the gate scores answer text, and reading "
-                             "questions scores every prediction")
+                             "questions scores every prediction (with --no-own-answers give --entropy 0)")
 
 
 async def _harvest(guard_url: str, keys: dict[str, str], plan: list[tuple[str, str]], cfg: ProvenanceArenaConfig
@@ -140,9 +144,48 @@ async def _harvest(guard_url: str, keys: dict[str, str], plan: list[tuple[str, s
         return list(await asyncio.gather(*(one(session, i, a, q) for i, (a, q) in enumerate(plan))))
 
 
+SECRET_FILE = "watermark.secret"
+
+
 def run_provenance(cfg: ProvenanceArenaConfig, out_dir: str | Path, loaded: tuple[Any, Any, str] | None = None
                    ) -> dict[str, Any]:
-    """The whole stage (module docstring); returns its metrics (also ``provenance.json`` in ``out_dir``)."""
+    """The whole stage (module docstring); returns its metrics (also ``provenance.json`` in ``out_dir``).
+
+    The watermark secret is ``$STILLHOUSE_WATERMARK_SECRET`` when set (nothing written); otherwise one is made for
+    this run, written to ``OUT/watermark.secret`` (mode 0600, never into the log, the report or a response) so that
+    the guard's log can be tested again later, and set in this process's environment for the run only."""
+    from stillhouse.watermark.keys import SECRET_ENV
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SECRET_FILE).unlink(missing_ok=True)
+    made = not os.environ.get(SECRET_ENV)
+    if made:
+        secret = secrets.token_urlsafe(32)
+        fd = os.open(out / SECRET_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret + "\n")
+        os.environ[SECRET_ENV] = secret
+    try:
+        return _run(cfg, out, loaded, secret_file=str(out / SECRET_FILE) if made else "")
+    finally:
+        if made:
+            os.environ.pop(SECRET_ENV, None)
+
+
+def _retest(cfg: ProvenanceArenaConfig, db_url: str, student: Path, groups: tuple[str, ...], secret_file: str) -> str:
+    """The command line that runs this run's test again on its guard log (with other options, or another suspect)."""
+    env = f"STILLHOUSE_WATERMARK_SECRET=$(cat {secret_file}) " if secret_file else ""
+    test = (f"--mode open --reading own --answer-tokens {cfg.answer_tokens} --entropy {cfg.entropy:g}"
+            if cfg.own_answers else f"--mode open --reading text")
+    source = db_url if cfg.own_answers else str(student.parent.parent / "reading.jsonl")
+    extra = " --match-keys" + "".join(f" --group {g}" for g in groups) if cfg.match_keys else ""
+    return (f"{env}stillhouse provenance model {source} --log {db_url} --suspect hf:{student} {test} "
+            f"--gamma {cfg.gamma:g} --context {cfg.context} --tokenizer {cfg.teacher}{extra}")
+
+
+def _run(cfg: ProvenanceArenaConfig, out: Path, loaded: tuple[Any, Any, str] | None, secret_file: str
+         ) -> dict[str, Any]:
     import torch
 
     from stillhouse.arena.prompts import prompt_pool
@@ -157,14 +200,10 @@ def run_provenance(cfg: ProvenanceArenaConfig, out_dir: str | Path, loaded: tupl
     from stillhouse.serve.app import ServeConfig, create_app
     from stillhouse.teacher.batcher import BatchConfig
     from stillhouse.teacher.local import LocalTeacher
-    from stillhouse.watermark.keys import SECRET_ENV
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     for name in ("guard.db", "guard.db-wal", "guard.db-shm", "leaked.jsonl", "reading.jsonl", "provenance.json"):
         (out / name).unlink(missing_ok=True)
     save_config(cfg, out / "provenance_config.json")
-    os.environ.setdefault(SECRET_ENV, secrets.token_urlsafe(32))  # this process only; never written
     torch.set_num_threads(cfg.threads)
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
@@ -250,6 +289,9 @@ def run_provenance(cfg: ProvenanceArenaConfig, out_dir: str | Path, loaded: tupl
         "group_given_by": ("the arena (it knows the campaign's accounts; its guard runs no detector, so no cluster "
                            "links them)") if cfg.match_keys else "",
         "named_accounts": named_accounts, "campaign_accounts": campaign,
+        "secret": (f"made for this run, in {secret_file} (mode 0600)" if secret_file
+                   else "$STILLHOUSE_WATERMARK_SECRET (not written)"),
+        "retest": _retest(cfg, db_url, Path(final), groups, secret_file),
         "goal_met": bool(named_accounts) and set(named_accounts) <= set(campaign),
         "best": report["best"], "scored": report["scored"], "timings_s": timings,
         "scores": report["scores"],
