@@ -81,12 +81,17 @@ STUDENTS: dict[str, dict[str, Any]] = {  # TrainConfig fields; data: verified | 
     "gemma-sft": {"data": "greedy-all", "loss": "sft", "student": "model:bundled:gemma3-270m", "epochs": 1, "lr": 1e-4,
                   "freeze_embeddings": True, "schedule": "cosine", "system_prompt": None, "select_on": ""},
 }
-UNTRAINED = {"gemma-base": "bundled:gemma3-270m"}
-"""Models scored as they are, no training: the other family's starting point, so a Gemma student's gain is its
-own (``--students gemma-base``)."""
+UNTRAINED: dict[str, tuple[str, str | None]] = {"gemma-base": ("bundled:gemma3-270m", None),
+                                                "smol-start": ("bundled", "")}
+"""Models scored as they are, no training, with the system prompt their students are read with (None: the
+template's own): the other family's starting point, so a Gemma student's gain is its own (``gemma-base``), and
+the bundled model that ``sft-full`` and ``gkd-full`` start from (``smol-start``)."""
 HALVES = ("greedy-first", "greedy-second")
 """The teacher's greedy answers split in two (first and second half of the training problems)."""
 COMMON = {"shuffle": False, "batch_size": 8, "warmup_steps": 4, "select_batch_size": 64}
+PAIRS = (("gkd-more", "sft-more"), ("gkd-more", "sft-first"), ("sft-more", "sft-first"),
+         ("gkd-full", "sft-full"), ("gkd-full", "smol-start"), ("sft-full", "smol-start"))
+"""Students compared item by item in the report (a ÷ b over the same held-out problems, paired bootstrap)."""
 GSM8K_STUDENTS = ("star",)
 """Students also read on the GSM8K items (besides the teacher)."""
 
@@ -283,7 +288,8 @@ def stage_train(a: argparse.Namespace, out: Path) -> bool:
     from stillhouse.config import save_config
 
     jobs: list[tuple[str, list[tuple[str, ...]], float]] = [
-        (name, _eval_cmds(a, out, name, spec, None), 2.0) for name, spec in UNTRAINED.items() if name in a.students]
+        (name, _eval_cmds(a, out, name, spec, system), 2.0) for name, (spec, system) in UNTRAINED.items()
+        if name in a.students]
     serve, after = None, []
     for name, cfg in students(a, out).items():
         train_cfg = out / "configs" / f"train-{name}.json"
@@ -374,6 +380,33 @@ def _teacher_tokens(data: Path) -> int:
     return sum(json.loads(x).get("teacher_tokens", 0) for x in data.read_text().splitlines())
 
 
+def _held_out_correct(out: Path, name: str) -> dict[str, bool] | None:
+    """``name``'s correctness per held-out problem id (its eval's samples.jsonl), or None."""
+    path = out / "evals" / f"{name}-heldout" / "samples.jsonl"
+    if not path.exists():
+        return None
+    return {r["id"]: bool(r[name]["correct"]) for r in map(json.loads, path.read_text().splitlines())}
+
+
+def paired_lines(out: Path, n_boot: int = 4000) -> list[str]:
+    """The PAIRS whose two evals exist: a's and b's correct counts and a ÷ b [95% paired bootstrap]."""
+    from stillhouse.distill.metrics import ceiling_ratio
+
+    lines = []
+    for x, y in PAIRS:
+        dx, dy = _held_out_correct(out, x), _held_out_correct(out, y)
+        if dx is None or dy is None:
+            continue
+        if set(dx) != set(dy):
+            raise SystemExit(f"{x} and {y} were scored on different held-out problems: rerun their evals")
+        cx, cy = [dx[i] for i in sorted(dx)], [dy[i] for i in sorted(dx)]
+        r = ceiling_ratio(cx, cy, n_boot=n_boot, seed=0)
+        lines.append(f"| {x} ÷ {y} | {sum(cx)}/{len(cx)} vs {sum(cy)}/{len(cy)} | "
+                     f"{_est({'value': r.value, 'lo': r.lo, 'hi': r.hi}, 2)} |")
+    return ["", f"Paired over the same held-out problems ({n_boot:,} bootstrap draws):", "",
+            "| comparison | correct | ratio [95% CI] |", "|---|---|---|", *lines] if lines else []
+
+
 def stage_report(a: argparse.Namespace, out: Path) -> None:
     cost = json.loads((out / "data" / "cost.json").read_text())
     lines = [("| model | training data | teacher tokens | held-out correct | accuracy [95% CI] | ÷ teacher [95% CI] "
@@ -388,7 +421,7 @@ def stage_report(a: argparse.Namespace, out: Path) -> None:
                 s = json.loads((path / "results.json").read_text())["students"][0]
                 acc = s["accuracy"]
                 strict = strict_correct(path / "samples.jsonl", name, out / "items" / f"{items}.jsonl")
-                lines.append(f"| {name} ({s['n_params'] / 1e6:.1f}M) | none: {UNTRAINED[name]} as it is | 0 | "
+                lines.append(f"| {name} ({s['n_params'] / 1e6:.1f}M) | none: {UNTRAINED[name][0]} as it is | 0 | "
                              f"{round(acc['value'] * acc['n'])}/{acc['n']} | {_est(acc)} | "
                              f"{_est(s['ceiling_ratio'], 2)} | {strict}/{acc['n']} | - |")
     for name, cfg in students(a, out).items():
@@ -445,6 +478,7 @@ def stage_report(a: argparse.Namespace, out: Path) -> None:
     t = teacher["accuracy"]
     lines.insert(2, f"| teacher (greedy) | - | - | {round(t['value'] * t['n'])}/{t['n']} | {_est(t)} | 1 | "
                     f"{strict_teacher or '-'} | - |")
+    lines += paired_lines(out)
     if gsm is not None:
         g = gsm["accuracy"]
         lines += ["", "GSM8K test (first items, the same answer parser):", "",

@@ -82,6 +82,7 @@ def test_reasoning_experiment_end_to_end_on_a_tiny_teacher(tmp_path, smol_tokeni
     assert bb["score_teacher"] == f"http://127.0.0.1:{port}/v1" and bb["loss"] == "gkd"
     assert "| teacher (greedy) | - | - | 0/6 |" in table and "**total**" in table and "| strict:" in table
     assert "tokens per kept" not in table or "verified" in table
+    assert "| gkd-more ÷ sft-more | " in table and "| gkd-more ÷ sft-first | " in table  # paired, item by item
 
 
 def test_shots_put_the_same_worked_examples_before_every_problem(tmp_path):
@@ -114,6 +115,37 @@ def test_strict_reading_needs_the_final_answer_line(tmp_path):
     assert mod.strict_correct(samples, "m", items) == 2
     samples.write_text(json.dumps({"id": "p0", "m": {"output": "#### 9 and the answer is 8"}}) + "\n")
     assert mod.strict_correct(samples, "m", items) == 0  # the #### line speaks first
+
+
+def test_paired_comparisons_match_items_by_id(tmp_path):
+    """The report's paired rows: a ÷ b over the same problems, matched by id (not by line order); evals over
+    different problems are refused."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("exp_reasoning", ROOT / "scripts" / "exp_reasoning.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def write(name, correct, ids):
+        d = tmp_path / "evals" / f"{name}-heldout"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "samples.jsonl").write_text("".join(json.dumps({"id": i, name: {"correct": c}}) + "\n"
+                                                 for i, c in zip(ids, correct)))
+
+    ids = [f"p{i}" for i in range(40)]
+    write("gkd-full", [i % 2 == 0 for i in range(40)], ids)  # 20 right
+    write("sft-full", [i % 4 == 0 for i in range(40)][::-1], ids[::-1])  # 10 right, lines in reverse order
+    lines = mod.paired_lines(tmp_path, n_boot=200)
+    row = next(x for x in lines if x.startswith("| gkd-full ÷ sft-full"))
+    from stillhouse.distill.metrics import ceiling_ratio
+
+    order = sorted(ids)  # the interval depends on the pairing: matched by id, whatever the files' line order
+    want = ceiling_ratio([int(i[1:]) % 2 == 0 for i in order], [int(i[1:]) % 4 == 0 for i in order], n_boot=200)
+    assert "20/40 vs 10/40" in row and f"| 2.00 [{want.lo:.2f}, {want.hi:.2f}] |" in row
+    assert not any("smol-start" in x for x in lines)  # no eval, no row
+    write("sft-full", [True] * 39, ids[:39])
+    with pytest.raises(SystemExit, match="different held-out problems"):
+        mod.paired_lines(tmp_path, n_boot=200)
 
 
 def test_samples_0_keeps_the_greedy_answers_only(tmp_path, smol_tokenizer):
