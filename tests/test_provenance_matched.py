@@ -176,3 +176,24 @@ def test_bad_groups_are_one_line_errors(tmp_path: Path, monkeypatch: pytest.Monk
         assert res.exit_code == 2 and needle in res.output and "Traceback" not in res.output, (args, res.output)
     res = runner.invoke(app, [*base[:2], url, *base[2:], "--reading", "own", "--match-keys", "--group", "a0,a1"])
     assert res.exit_code == 0 and "group:a0+a1" in res.output and "(operator)" in res.output, res.output
+
+
+def test_a_log_that_is_not_there_or_not_a_guards_is_one_line_error(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """--log (and a log as SOURCE) naming a missing SQLite file is refused without creating it (a typo must not
+    leave an empty database behind); a file that is no guard's log gets one line naming it, never a traceback."""
+    monkeypatch.setenv("STILLHOUSE_WATERMARK_SECRET", SECRET)
+    text = tmp_path / "t.txt"
+    text.write_text("some text\n")
+    missing = tmp_path / "typo" / "guard.db"
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    runner = CliRunner()
+    for args, needle in (
+            (["provenance", "text", str(text), "--log", f"sqlite:///{missing}"], "no such file"),
+            (["provenance", "text", str(text), "--log", f"sqlite:///{empty}"], "cannot read the guard's traffic log"),
+            (["provenance", "model", f"sqlite:///{empty}", "--log", f"sqlite:///{empty}", "--suspect", "bundled",
+              "--reading", "own", "--match-keys"], "cannot read the guard's traffic log")):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2 and needle in res.output and "Traceback" not in res.output, (args, res.output)
+    assert not missing.parent.exists()

@@ -24,13 +24,9 @@ class Candidate:
 
 def from_log(db_url: str) -> list[Candidate]:
     """Distinct watermark key ids in a guard log, with their accounts and request counts."""
-    from stillhouse.guard.store import open_store
+    from stillhouse.provenance.texts import read_log
 
-    store = open_store(db_url, init=False)
-    try:
-        rows = store.watermark_key_usage()
-    finally:
-        store.close()
+    rows = read_log(db_url, lambda store: store.watermark_key_usage())
     out: dict[str, Candidate] = {}
     for kid, account, n in rows:
         c = out.setdefault(kid, Candidate(kid))
@@ -41,13 +37,10 @@ def from_log(db_url: str) -> list[Candidate]:
 
 def clusters_from_log(db_url: str) -> dict[str, list[str]]:
     """``{cluster id: accounts}`` as the guard's detector last linked them (``account_stats.cluster_id``)."""
-    from stillhouse.guard.store import open_store
+    from stillhouse.provenance.texts import read_log
 
-    store = open_store(db_url, init=False)
-    try:
-        rows = store.fetch("SELECT account_id, cluster_id FROM account_stats WHERE cluster_id <> ''")
-    finally:
-        store.close()
+    rows = read_log(db_url, lambda store: store.fetch("SELECT account_id, cluster_id FROM account_stats "
+                                                      "WHERE cluster_id <> ''"))
     out: dict[str, list[str]] = {}
     for account, cluster in rows:
         out.setdefault(str(cluster), []).append(str(account))

@@ -19,11 +19,14 @@ Errors: :class:`TextSourceError` (a ``ValueError``) names the source and what wa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from stillhouse.jsonl import iter_jsonl
+
+T = TypeVar("T")
 
 TEXT_FIELDS = ("text", "response", "completion", "output", "answer")
 PROMPT_FIELDS = ("prompt", "instruction", "question")
@@ -77,28 +80,39 @@ def _content(content: Any) -> str:
     return ""
 
 
-def _from_log(db_url: str, limit: int, account: str) -> list[Sample]:
-    """The watermarked answers (status 200, a watermark key id) in a guard's traffic log, with their prompts,
-    in arrival order; only ``account``'s when given."""
+def read_log(db_url: str, read: Callable[[Any], T]) -> T:
+    """``read(store)`` on a guard's traffic log, opened read-only in spirit: a SQLite path that does not exist is
+    an error (not a new empty database), and anything the store raises (a server down, a file that is not a
+    guard's log) becomes one TextSourceError naming the URL."""
     from stillhouse.guard.store import open_store
 
     if db_url.startswith("sqlite:///") and not Path(db_url.removeprefix("sqlite:///")).is_file():
         raise TextSourceError(f"{db_url}: no such file; give the guard's --db URL (sqlite:///path/to/guard.db)")
-    out: list[Sample] = []
     try:
         store = open_store(db_url, init=False)
         try:
-            for rec in store.iter_records():
-                if rec.watermark_key_id and rec.status == 200 and (not account or rec.account_id == account):
-                    out.append(Sample(rec.response_text, [dict(m) for m in rec.messages], None, rec.account_id,
-                                      rec.watermark_key_id))
-                    if limit and len(out) >= limit:
-                        break
+            return read(store)
         finally:
             store.close()
     except Exception as exc:  # noqa: BLE001 - sqlite3 or psycopg: a server down, not a guard's log, ...
-        raise TextSourceError(f"{db_url}: cannot read the guard's traffic log ({type(exc).__name__}: {exc})") from None
-    return out
+        raise TextSourceError(f"{db_url}: cannot read the guard's traffic log ({type(exc).__name__}: {exc}); "
+                              "give the guard's --db URL") from None
+
+
+def _from_log(db_url: str, limit: int, account: str) -> list[Sample]:
+    """The watermarked answers (status 200, a watermark key id) in a guard's traffic log, with their prompts,
+    in arrival order; only ``account``'s when given."""
+    def read(store: Any) -> list[Sample]:
+        out: list[Sample] = []
+        for rec in store.iter_records():
+            if rec.watermark_key_id and rec.status == 200 and (not account or rec.account_id == account):
+                out.append(Sample(rec.response_text, [dict(m) for m in rec.messages], None, rec.account_id,
+                                  rec.watermark_key_id))
+                if limit and len(out) >= limit:
+                    break
+        return out
+
+    return read_log(db_url, read)
 
 
 def load_samples(source: str | Path, limit: int = 0, account: str = "") -> list[Sample]:
