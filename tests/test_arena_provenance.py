@@ -110,9 +110,9 @@ def test_matched_keys_and_the_campaign_group(tmp_path: Path, smol_tokenizer: Any
     import os
     import shlex
 
-    from conftest import build_tiny_model
     from typer.testing import CliRunner
 
+    from conftest import build_tiny_model
     from stillhouse.cli import app
 
     monkeypatch.delenv("STILLHOUSE_WATERMARK_SECRET", raising=False)

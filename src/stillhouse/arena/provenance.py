@@ -177,7 +177,7 @@ def _retest(cfg: ProvenanceArenaConfig, db_url: str, student: Path, groups: tupl
     """The command line that runs this run's test again on its guard log (with other options, or another suspect)."""
     env = f"STILLHOUSE_WATERMARK_SECRET=$(cat {secret_file}) " if secret_file else ""
     test = (f"--mode open --reading own --answer-tokens {cfg.answer_tokens} --entropy {cfg.entropy:g}"
-            if cfg.own_answers else f"--mode open --reading text")
+            if cfg.own_answers else "--mode open --reading text")
     source = db_url if cfg.own_answers else str(student.parent.parent / "reading.jsonl")
     extra = " --match-keys" + "".join(f" --group {g}" for g in groups) if cfg.match_keys else ""
     return (f"{env}stillhouse provenance model {source} --log {db_url} --suspect hf:{student} {test} "
