@@ -19,9 +19,10 @@ Run::
 
     stillhouse provenance arena --out RUN   # (or from Python: run_provenance(cfg, out))
 
-The watermark secret is ``$STILLHOUSE_WATERMARK_SECRET`` when set; otherwise one is made for the run and written to
-``OUT/watermark.secret`` (mode 0600) so the log can be tested again (``provenance.json`` holds the command). Cost on 2 busy CPU cores at the defaults: tens of minutes, nearly all of it
-the teacher's answers.
+The watermark secret is ``$STILLHOUSE_WATERMARK_SECRET`` when set; otherwise one is made for the run and
+written to ``OUT/watermark.secret`` (mode 0600) so the log can be tested again (``provenance.json`` holds the
+command): a simulated provider's key file, so a run directory is not for sharing. Cost on 2 CPU cores at the
+defaults: about half an hour, nearly all of it the teacher's answers and the student's.
 """
 
 from __future__ import annotations
@@ -167,18 +168,19 @@ def run_provenance(cfg: ProvenanceArenaConfig, out_dir: str | Path, loaded: tupl
             f.write(secret + "\n")
         os.environ[SECRET_ENV] = secret
     try:
-        return _run(cfg, out, loaded, secret_file=str(out / SECRET_FILE) if made else "")
+        return _run(cfg, out, loaded, secret_file=str((out / SECRET_FILE).resolve()) if made else "")
     finally:
         if made:
             os.environ.pop(SECRET_ENV, None)
 
 
-def _retest(cfg: ProvenanceArenaConfig, db_url: str, student: Path, groups: tuple[str, ...], secret_file: str) -> str:
+def _retest(cfg: ProvenanceArenaConfig, out: Path, db_url: str, student: Path, groups: tuple[str, ...],
+            secret_file: str) -> str:
     """The command line that runs this run's test again on its guard log (with other options, or another suspect)."""
     env = f"STILLHOUSE_WATERMARK_SECRET=$(cat {secret_file}) " if secret_file else ""
     test = (f"--mode open --reading own --answer-tokens {cfg.answer_tokens} --entropy {cfg.entropy:g}"
             if cfg.own_answers else "--mode open --reading text")
-    source = db_url if cfg.own_answers else str(student.parent.parent / "reading.jsonl")
+    source = db_url if cfg.own_answers else str(out.resolve() / "reading.jsonl")
     extra = " --match-keys" + "".join(f" --group {g}" for g in groups) if cfg.match_keys else ""
     return (f"{env}stillhouse provenance model {source} --log {db_url} --suspect hf:{student} {test} "
             f"--gamma {cfg.gamma:g} --context {cfg.context} --tokenizer {cfg.teacher}{extra}")
@@ -291,7 +293,7 @@ def _run(cfg: ProvenanceArenaConfig, out: Path, loaded: tuple[Any, Any, str] | N
         "named_accounts": named_accounts, "campaign_accounts": campaign,
         "secret": (f"made for this run, in {secret_file} (mode 0600)" if secret_file
                    else "$STILLHOUSE_WATERMARK_SECRET (not written)"),
-        "retest": _retest(cfg, db_url, Path(final), groups, secret_file),
+        "retest": _retest(cfg, out, db_url, Path(final).resolve(), groups, secret_file),
         "goal_met": bool(named_accounts) and set(named_accounts) <= set(campaign),
         "best": report["best"], "scored": report["scored"], "timings_s": timings,
         "scores": report["scores"],
