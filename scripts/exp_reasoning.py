@@ -504,6 +504,13 @@ def stage_report(a: argparse.Namespace, out: Path) -> None:
     lines += ["", "| stage | wall min | load (1 min) at end | finished |", "|---|---|---|---|"]
     lines += [f"| {k} | {r['seconds'] / 60:.1f} | {r['load1']} | {r['finished']} |" for k, r in latest.items()]
     lines.append(f"| **total** | **{sum(r['seconds'] for r in latest.values()) / 60:.1f}** | | |")
+    done = sorted((out / "jobs").glob("*.done")) if (out / "jobs").exists() else []
+    if done:  # a rerun of the train stage times only the jobs it ran; each job's own record stays
+        lines += ["", "| job (training, validation passes, evaluation) | wall min | load (1 min) at end | finished |",
+                  "|---|---|---|---|"]
+        for path in done:
+            r = json.loads(path.read_text())
+            lines.append(f"| {path.stem} | {r['seconds'] / 60:.1f} | {r['load1']} | {r['finished']} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -83,6 +83,7 @@ def test_reasoning_experiment_end_to_end_on_a_tiny_teacher(tmp_path, smol_tokeni
     assert "| teacher (greedy) | - | - | 0/6 |" in table and "**total**" in table and "| strict:" in table
     assert "tokens per kept" not in table or "verified" in table
     assert "| gkd-more ÷ sft-more | " in table and "| gkd-more ÷ sft-first | " in table  # paired, item by item
+    assert "| gkd-bb | " in table.split("| job (training")[1]  # each job's own wall time
 
 
 def test_shots_put_the_same_worked_examples_before_every_problem(tmp_path):
