@@ -181,3 +181,45 @@ def test_own_answers_of_clean_models_name_no_key(tmp_path: Path, monkeypatch: py
         SuspectConfig(source=str(src), key_ids=keys, suspect=f"hf:{path}", mode="open", entropy=2.0)
     with pytest.raises(ValueError, match="reading"):
         SuspectConfig(source=str(src), key_ids=keys, suspect=f"hf:{path}", reading="both")  # type: ignore[arg-type]
+
+
+def test_closed_mode_asks_greedy_over_http_for_what_open_own_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    smol_tokenizer: Any) -> None:
+    """mode=closed (the suspect behind a real `stillhouse serve` on loopback) asks at temperature 0 by default and
+    gets the very answers mode=open, reading=own writes from the same weights (closed mode then scores their text,
+    tokenized again); a clean model is named by neither."""
+    import asyncio
+
+    from conftest import build_tiny_model
+    from stillhouse.provenance.radioactive import closed_texts, own_answers
+    from stillhouse.provenance.run import SuspectConfig, model_provenance
+    from stillhouse.provenance.texts import load_samples
+    from stillhouse.serve.app import ServeConfig, ServerThread, create_app
+    from stillhouse.teacher.local import LocalTeacher
+
+    monkeypatch.setenv("STILLHOUSE_WATERMARK_SECRET", SECRET)
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}: what is {i} + {i}?"}]})
+                           + "\n" for i in range(12)))
+    keys = tuple(f"account/a{i}/0" for i in range(16))
+    path = tmp_path / "clean"
+    model = build_tiny_model(smol_tokenizer, seed=5, max_positions=512)
+    model.save_pretrained(path)
+    smol_tokenizer.save_pretrained(path)
+    samples = load_samples(str(src))
+    written = own_answers(model, smol_tokenizer, samples, 24)[1]
+    opened = model_provenance(SuspectConfig(source=str(src), key_ids=keys, answer_tokens=24, suspect=f"hf:{path}",
+                                            mode="open", reading="own", tokenizer=f"hf:{path}"))
+    teacher = LocalTeacher(model, smol_tokenizer, name="suspect", revision="tiny-5")
+    try:
+        with ServerThread(create_app(teacher, ServeConfig(teacher=f"hf:{path}", served_name="suspect"))) as srv:
+            url = f"{srv.base_url}#suspect"
+            texts = asyncio.run(closed_texts(url, samples, 24, SuspectConfig.temperature, 8))
+            closed = model_provenance(SuspectConfig(source=str(src), key_ids=keys, answer_tokens=24, suspect=url,
+                                                    mode="closed", tokenizer=f"hf:{path}"))
+    finally:
+        teacher.close()
+    assert SuspectConfig.temperature == 0.0
+    assert texts == [smol_tokenizer.decode(ids, skip_special_tokens=True) for ids in written]
+    assert closed["mode"] == "closed" and closed["answers"] == opened["answers"] == 12 and closed["scored"] > 20
+    assert not closed["named"] and not opened["named"]

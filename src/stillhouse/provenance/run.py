@@ -95,8 +95,10 @@ class SuspectConfig(ProvenanceConfig):
     """Open mode: texts per forward pass."""
     answer_tokens: int = 128
     """Closed mode, and open mode with reading=own: max_tokens of each answer."""
-    temperature: float = 0.7
-    """Closed mode: sampling temperature of the answers."""
+    temperature: float = 0.0
+    """Closed mode: sampling temperature of the answers. 0 (greedy, as the open test's own answers): a student
+    writes the answers it learned again along its most likely path, and sampling spreads it away from them (a 5%
+    student of docs/results.md: p = 4.6e-4 greedy over HTTP, 0.45 at 0.7). The test is exact at any temperature."""
     concurrency: int = 8
     """Closed mode: requests in flight."""
     threads: int = 0
