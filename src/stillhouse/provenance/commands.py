@@ -104,21 +104,16 @@ ARENA_HELP = """The whole provenance loop on loopback: a campaign harvests throu
 watermarking teacher, a student trains on what leaked, and the radioactivity test over every key id in the
 guard's log says whose accounts it learned from.
 
-Writes OUT/provenance.json (named accounts, every key's and group's score, timings, and the command that runs the
-test again), the guard's log, the leaked rows and the student. The secret is $STILLHOUSE_WATERMARK_SECRET, or one
-made for this run and written to OUT/watermark.secret (mode 0600; never into the log or the report).
+Writes OUT/provenance.json (named accounts, every key's and group's score, timings, and the command that runs the test again), the guard's log, the leaked rows and the student. The secret is $STILLHOUSE_WATERMARK_SECRET, or one made for this run and written to OUT/watermark.secret (mode 0600; never into the log or the report).
 
-The defaults are the recipe measured in docs/results.md: two campaign accounts ask 120 questions each, the
-teacher answers with the gated watermark (delta 1.5, gate 2.0 nats), a copy of the teacher learns the leak
-(2 passes), answers every question in the log, and each key is tested on its own questions, the campaign as a
-pooled group beside two decoy groups (Holm over all). About half an hour on 2 CPU cores.
+The defaults are the recipe measured in docs/results.md: two campaign accounts ask 120 questions each, the teacher answers with the gated watermark (delta 1.5, gate 2.0 nats), a copy of the teacher learns the leak (2 passes), answers every question in the log, and each key is tested on its own questions, the campaign as a pooled group beside two decoy groups (Holm over all). About half an hour on 2 CPU cores.
 
 \b
 Examples:
-  stillhouse provenance arena --out runs/prov-arena
-  stillhouse provenance arena --out runs/prov-arena --seed 1 --requests-per-account 80
-  stillhouse provenance arena --out runs/prov-arena --no-match-keys          # every answer under every key
-  stillhouse provenance arena --out runs/prov-arena --no-own-answers --no-match-keys --entropy 0   # reading test
+  stillhouse provenance arena --out runs/pa
+  stillhouse provenance arena --out runs/pa --seed 1 --requests-per-account 80
+  stillhouse provenance arena --out runs/pa --no-match-keys   # all answers, all keys
+  stillhouse provenance arena --out runs/pa --no-own-answers --no-match-keys --entropy 0
 """
 
 
