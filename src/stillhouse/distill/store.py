@@ -48,6 +48,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import sqlite3
 import time
 import zlib
@@ -384,12 +385,8 @@ class HarvestStore:
             self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
         else:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL under WAL: a committed transaction survives a process kill (not a power cut).
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
+            self._init_writable()
         self._db.execute("PRAGMA busy_timeout=10000")
         try:
             row = self._db.execute("SELECT v FROM meta WHERE k='schema_version'").fetchone()
@@ -407,6 +404,27 @@ class HarvestStore:
         if version != SCHEMA_VERSION:
             raise StoreError(f"{self.path}: schema version {version} is not {SCHEMA_VERSION}; "
                              "harvest into a new --out directory")
+
+    def _init_writable(self, patience_s: float = 30.0) -> None:
+        """WAL, the schema and its version row, all idempotent. Several processes open one new store at once in a
+        sharded harvest, and SQLite answers one of them "database is locked" at once, without waiting out the busy
+        timeout, when both try to switch the journal mode or create the schema together (its deadlock avoidance:
+        1 in 6 six-process openings failed here), so these first steps are retried for up to ``patience_s``."""
+        deadline = time.monotonic() + patience_s
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                # NORMAL under WAL: a committed transaction survives a process kill (not a power cut).
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.executescript(_SCHEMA)
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                time.sleep(0.02 + 0.08 * random.random())
 
     def _upgrade_from_1(self) -> None:
         """Add schema 2's columns to a version-1 store (one transaction)."""
