@@ -407,6 +407,11 @@ def paired_lines(out: Path, n_boot: int = 4000) -> list[str]:
             "| comparison | correct | ratio [95% CI] |", "|---|---|---|", *lines] if lines else []
 
 
+def _time_row(name: str, r: dict[str, Any]) -> str:
+    """A stage's (times.jsonl) or a job's (jobs/NAME.done) timing record as a table row."""
+    return f"| {name} | {r['seconds'] / 60:.1f} | {r['load1']} | {r['finished']} |"
+
+
 def stage_report(a: argparse.Namespace, out: Path) -> None:
     cost = json.loads((out / "data" / "cost.json").read_text())
     lines = [("| model | training data | teacher tokens | held-out correct | accuracy [95% CI] | ÷ teacher [95% CI] "
@@ -502,15 +507,13 @@ def stage_report(a: argparse.Namespace, out: Path) -> None:
     times = out / "times.jsonl"
     latest = {r["stage"]: r for r in map(json.loads, times.read_text().splitlines() if times.exists() else [])}
     lines += ["", "| stage | wall min | load (1 min) at end | finished |", "|---|---|---|---|"]
-    lines += [f"| {k} | {r['seconds'] / 60:.1f} | {r['load1']} | {r['finished']} |" for k, r in latest.items()]
+    lines += [_time_row(k, r) for k, r in latest.items()]
     lines.append(f"| **total** | **{sum(r['seconds'] for r in latest.values()) / 60:.1f}** | | |")
     done = sorted((out / "jobs").glob("*.done")) if (out / "jobs").exists() else []
     if done:  # a rerun of the train stage times only the jobs it ran; each job's own record stays
         lines += ["", "| job (training, validation passes, evaluation) | wall min | load (1 min) at end | finished |",
                   "|---|---|---|---|"]
-        for path in done:
-            r = json.loads(path.read_text())
-            lines.append(f"| {path.stem} | {r['seconds'] / 60:.1f} | {r['load1']} | {r['finished']} |")
+        lines += [_time_row(path.stem, json.loads(path.read_text())) for path in done]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

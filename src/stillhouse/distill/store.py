@@ -382,12 +382,11 @@ class HarvestStore:
             if not self.path.is_file():
                 raise StoreError(f"{self.run_dir} is not a harvest run directory (no {DB_NAME}); "
                                  "run `stillhouse harvest --out DIR` first")
-            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, timeout=10.0)
         else:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
             self._init_writable()
-        self._db.execute("PRAGMA busy_timeout=10000")
         try:
             row = self._db.execute("SELECT v FROM meta WHERE k='schema_version'").fetchone()
         except sqlite3.DatabaseError as exc:
