@@ -20,14 +20,14 @@ from stillhouse.watermark.keys import HEADER, derive_key, key_u64, sign_header
 from test_guard import Clock, http, make_config, start_guard
 
 SECRET = "integration-secret-0123456789"
-PARAMS = WatermarkParams(gamma=0.25, delta=4.0, context=1)
+PARAMS = WatermarkParams(gamma=0.25, delta=4.0, context=1, entropy=0.0)  # plain KGW: every token biased, scored
 
 
 @pytest.fixture
 def wm_serve(tiny_teacher: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setenv("STILLHOUSE_WATERMARK_SECRET", SECRET)
     cfg = ServeConfig(teacher="hf:/tiny", served_name="tiny", watermark=True, watermark_delta=PARAMS.delta,
-                      watermark_gamma=PARAMS.gamma, watermark_context=PARAMS.context)
+                      watermark_gamma=PARAMS.gamma, watermark_context=PARAMS.context, watermark_entropy=PARAMS.entropy)
     with ServerThread(create_app(tiny_teacher, cfg)) as srv:
         yield srv
 

@@ -36,7 +36,7 @@ from stillhouse.watermark.keys import (
 )
 
 SECRET = b"test-secret-0123456789abcdef"
-P = WatermarkParams(gamma=0.25, delta=4.0, context=1)
+P = WatermarkParams(gamma=0.25, delta=4.0, context=1, entropy=0.0)  # plain KGW: every position biased
 
 
 # -- keys and the channel ---------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def test_entropy_matches_the_definition_and_the_gate_opens_above_the_threshold()
     peaked[3] = 0.0  # entropy ~ 0
     gated = WatermarkParams(gamma=0.25, delta=2.0, entropy=1.0)
     assert gate_open(flat, gated) and not gate_open(peaked, gated)
-    assert gate_open(peaked, WatermarkParams(gamma=0.25, delta=2.0))  # no gate: always open
+    assert gate_open(peaked, WatermarkParams(gamma=0.25, delta=2.0, entropy=0.0))  # no gate: always open
     assert not gate_open(flat, WatermarkParams(gamma=0.25, delta=2.0, entropy=math.log(100) + 0.01))
 
     hashes = token_hashes(100)

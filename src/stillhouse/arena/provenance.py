@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stillhouse.watermark.green import DEFAULT_PARAMS
+
 SERVED_NAME = "arena-teacher"
 
 
@@ -61,14 +63,14 @@ class ProvenanceArenaConfig:
     """max_tokens of every request."""
     temperature: float = 0.7
     """Sampling temperature of every request."""
-    gamma: float = 0.25
+    gamma: float = DEFAULT_PARAMS.gamma
     """Watermark green share."""
-    delta: float = 1.5
-    """Watermark logit bias (1.5 with the 2.0-nat gate: the setting chosen on development data to keep the
-    teacher's accuracy; docs/results.md)."""
-    context: int = 1
+    delta: float = DEFAULT_PARAMS.delta
+    """Watermark logit bias (serve's default, 1.5 with the 2.0-nat gate: the setting chosen on development data to
+    keep the teacher's accuracy; docs/results.md)."""
+    context: int = DEFAULT_PARAMS.context
     """Watermark context window."""
-    entropy: float = 2.0
+    entropy: float = DEFAULT_PARAMS.entropy
     """Watermark entropy gate in nats (serve's --watermark-entropy; 0 = none). The test scores the gated tokens
     of the student's answers, so it needs ``own_answers``."""
     epochs: int = 2

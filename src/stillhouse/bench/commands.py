@@ -15,6 +15,7 @@ from pathlib import Path
 import typer
 
 from stillhouse.bench.train import ARMS
+from stillhouse.watermark.green import DEFAULT_PARAMS
 
 PEERS_HELP = ("Run the peer columns, building each peer's pinned virtualenv under $STILLHOUSE_CACHE/peers on "
               "first use (`stillhouse bench peers --install` builds them up front).")
@@ -199,9 +200,12 @@ def bench_serve(
     threads: int = typer.Option(0, help="torch CPU threads for every column; 0 = torch's default."),
     watermark: bool = typer.Option(False, "--watermark", help="Also measure serve --watermark (keyed green "
                                                              "lists) right after plain serve."),
-    watermark_delta: float = typer.Option(2.0, "--watermark-delta", help="The watermarked column's logit bias."),
-    watermark_entropy: float = typer.Option(0.0, "--watermark-entropy", help="The watermarked column's entropy "
-                                                                             "gate in nats (0 = none)."),
+    watermark_delta: float = typer.Option(DEFAULT_PARAMS.delta, "--watermark-delta",
+                                          help="The watermarked column's logit bias (serve's default)."),
+    watermark_entropy: float = typer.Option(DEFAULT_PARAMS.entropy, "--watermark-entropy",
+                                            help="The watermarked column's entropy gate in nats (0 = none; serve's "
+                                                 "default, which with delta 1.5 kept the teacher's accuracy and "
+                                                 "throughput in docs/results.md)."),
     out: Path = typer.Option(None, "--out", help="Write the full result as JSON here."),
     peers: bool = typer.Option(True, "--peers/--no-peers", help=PEERS_HELP),
     peer_python: list[str] = typer.Option([], "--peer-python", metavar="NAME=PATH", help=PEER_PYTHON_HELP),

@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Self
 
+from stillhouse.watermark.green import DEFAULT_PARAMS
+
 
 @dataclass(frozen=True)
 class BenchServeConfig:
@@ -62,10 +64,10 @@ class BenchServeConfig:
     """``llama_cpp=PATH``: run llama.cpp with this python instead of its pinned virtualenv."""
     watermark: bool = False
     """Also measure the batching server with --watermark (a fresh random secret), right after the plain one."""
-    watermark_delta: float = 2.0
-    """The watermarked column's --watermark-delta."""
-    watermark_entropy: float = 0.0
-    """The watermarked column's --watermark-entropy (the entropy gate, nats; 0 = none)."""
+    watermark_delta: float = DEFAULT_PARAMS.delta
+    """The watermarked column's --watermark-delta (serve's default)."""
+    watermark_entropy: float = DEFAULT_PARAMS.entropy
+    """The watermarked column's --watermark-entropy (the entropy gate, nats; 0 = none; serve's default)."""
 
     def __post_init__(self) -> None:
         from stillhouse.bench.peers import check_overrides
@@ -159,7 +161,7 @@ class _ServeProcess:
     """``stillhouse serve`` in a child process on a free loopback port (as users run it)."""
 
     def __init__(self, teacher: str, max_batch: int, threads: int, watermark: bool = False,
-                 wm_delta: float = 2.0, wm_entropy: float = 0.0):
+                 wm_delta: float = DEFAULT_PARAMS.delta, wm_entropy: float = DEFAULT_PARAMS.entropy):
         self.args = ["serve", "--teacher", teacher, "--port", "0", "--max-batch", str(max_batch)]
         if threads:
             self.args += ["--threads", str(threads)]

@@ -51,6 +51,7 @@ from typing import Any, Literal
 from stillhouse.distill.data import with_system
 from stillhouse.distill.metrics import Estimate, accuracy, agreement, ceiling_ratio
 from stillhouse.teacher.generate import Generation, chat_prompt_ids, generate
+from stillhouse.watermark.green import DEFAULT_PARAMS
 
 TASKS = ("arithmetic2", "arithmetic3", "gsm8k", "wordproblem", "humaneval")
 DEFAULT_MAX_NEW_TOKENS = {"arithmetic2": 16, "arithmetic3": 16, "gsm8k": 320, "wordproblem": 80, "humaneval": 384}
@@ -107,14 +108,16 @@ class EvalConfig:
     score it both ways on the same items in one run."""
     watermark_secret_env: str = "STILLHOUSE_WATERMARK_SECRET"
     """Environment variable holding the watermark secret (for watermark_teacher)."""
-    watermark_gamma: float = 0.25
+    watermark_gamma: float = DEFAULT_PARAMS.gamma
     """Green share of the teacher's watermark (as serve's --watermark-gamma)."""
-    watermark_delta: float = 2.0
-    """Logit bias of the teacher's watermark (as serve's --watermark-delta)."""
-    watermark_context: int = 1
+    watermark_delta: float = DEFAULT_PARAMS.delta
+    """Logit bias of the teacher's watermark (as serve's --watermark-delta; its default, 1.5 with the 2.0-nat gate,
+    kept the teacher's accuracy: 0.243 vs 0.263 plain, delta 2 ungated 0.107, docs/results.md)."""
+    watermark_context: int = DEFAULT_PARAMS.context
     """Context window of the teacher's watermark (as serve's --watermark-context)."""
-    watermark_entropy: float = 0.0
-    """Entropy gate of the teacher's watermark in nats (as serve's --watermark-entropy; 0 = none)."""
+    watermark_entropy: float = DEFAULT_PARAMS.entropy
+    """Entropy gate of the teacher's watermark in nats (as serve's --watermark-entropy; 0 = none; the default 2.0
+    with delta 1.5 kept the teacher's accuracy, docs/results.md)."""
 
     def __post_init__(self) -> None:
         if self.watermark_teacher:

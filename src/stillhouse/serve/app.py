@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from stillhouse.http.asgi import RequestError, content_length, loads_strict, read_body
 from stillhouse.http.server import ServerThread, bind_socket
 from stillhouse.teacher.base import ChatResult, Completion, Teacher
-from stillhouse.watermark.green import RowWatermark, WatermarkParams
+from stillhouse.watermark.green import DEFAULT_PARAMS, RowWatermark, WatermarkParams
 from stillhouse.serve.schema import (
     APIError,
     ChatRequest,
@@ -131,16 +131,19 @@ class ServeConfig:
     Needs a local teacher and the secret in watermark_secret_env."""
     watermark_secret_env: str = "STILLHOUSE_WATERMARK_SECRET"
     """Environment variable holding the secret shared with the guard (keys and the header's mac derive from it)."""
-    watermark_gamma: float = 0.25
+    watermark_gamma: float = DEFAULT_PARAMS.gamma
     """Green share of the vocabulary per context window (detection must use the same)."""
-    watermark_delta: float = 2.0
-    """Logit bias added to green tokens (larger: stronger mark, more change to the answers)."""
-    watermark_context: int = 1
+    watermark_delta: float = DEFAULT_PARAMS.delta
+    """Logit bias added to green tokens (larger: stronger mark, more change to the answers). The default, 1.5 with
+    the 2.0-nat gate, kept the teacher's arithmetic accuracy (0.243 vs 0.263 plain; delta 2 ungated: 0.107,
+    docs/results.md)."""
+    watermark_context: int = DEFAULT_PARAMS.context
     """Tokens before each token that seed its green list (KGW's h; detection must use the same)."""
-    watermark_entropy: float = 0.0
+    watermark_entropy: float = DEFAULT_PARAMS.entropy
     """Entropy gate in nats (SWEET): bias only where the teacher's next-token entropy is above it, so confident
-    tokens (digits of a sum, code syntax) stay as the model chose them; 0 = bias every token. Detection must
-    use the same (provenance text --entropy, which needs the teacher)."""
+    tokens (digits of a sum, code syntax) stay as the model chose them; 0 = bias every token. The default, 2.0
+    with delta 1.5, kept the teacher's accuracy (docs/results.md). Detection must use the same (provenance
+    text and model --entropy, whose default is this one; it needs the teacher)."""
     reasoning_parser: Literal["think", "off"] = "think"
     """think: a <think>...</think> block leading a completion (or one the prompt opened) is answered in the
     reasoning field, the rest as content; off: the text comes back as the model wrote it."""
