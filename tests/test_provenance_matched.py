@@ -138,7 +138,7 @@ def test_clean_model_names_no_key_and_no_group(tmp_path: Path, monkeypatch: pyte
     build_tiny_model(smol_tokenizer, seed=3, max_positions=512).save_pretrained(path)
     smol_tokenizer.save_pretrained(path)
     report = model_provenance(SuspectConfig(source=url, log=url, suspect=f"hf:{path}", mode="open", reading="own",
-                                            answer_tokens=24, match_keys=True, groups=("a0,a1",)))
+                                            answer_tokens=24, match_keys=True, groups=("a0,a1",), entropy=0.0))
     assert report["match_keys"] and report["keys_tried"] == 4 and report["answers"] == 16
     groups = {g["name"]: g for g in report["groups"]}
     assert set(groups) == {"group:a0+a1", "cluster:c7"}  # c9 has one account: its key is already tested
@@ -164,7 +164,8 @@ def test_bad_groups_are_one_line_errors(tmp_path: Path, monkeypatch: pytest.Monk
     smol_tokenizer.save_pretrained(path)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
-    base = ["provenance", "model", "--suspect", f"hf:{path}", "--mode", "open", "--log", url, "--answer-tokens", "4"]
+    base = ["provenance", "model", "--suspect", f"hf:{path}", "--mode", "open", "--log", url, "--answer-tokens", "4",
+            "--entropy", "0"]  # every token: no teacher to load for the gate
     runner = CliRunner()
     for args, needle in (
             ([url, "--reading", "own", "--match-keys", "--group", "a0,ghost"], "ghost have no watermarked answer"),

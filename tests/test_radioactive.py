@@ -107,8 +107,9 @@ def test_provenance_text_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     src = tmp_path / "leaked.jsonl"
     _write_rows(src, watermarked_texts(6, 50, seed=4))
     runner = CliRunner()
+    # the stand-in texts are plain KGW, every token biased: scored as such (--entropy 0), not through the default gate
     res = runner.invoke(app, ["provenance", "text", str(src), "--key-ids",
-                              "account/camp/0,account/a/0,account/b/0", "--json"])
+                              "account/camp/0,account/a/0,account/b/0", "--entropy", "0", "--json"])
     assert res.exit_code == 0, res.output
     report = json.loads(res.output)
     assert report["named"] and report["best"]["key_id"] == "account/camp/0"
@@ -137,13 +138,13 @@ def test_provenance_text_per_sample_equals_each_row_alone(tmp_path: Path, monkey
     src = tmp_path / "rows.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     keys = ("account/camp/0", "account/a/0", "account/b/0")
-    report = text_provenance(ProvenanceConfig(source=str(src), key_ids=keys, per_sample=True))
+    report = text_provenance(ProvenanceConfig(source=str(src), key_ids=keys, per_sample=True, entropy=0.0))
     assert report["samples"] == 5 and report["empty"] == 1
     assert [p["sample"] for p in report["per_sample"]] == [0, 1, 2, 4, 5]
     for per in report["per_sample"]:
         alone = tmp_path / f"row{per['sample']}.jsonl"
         alone.write_text(json.dumps(rows[per["sample"]]) + "\n")
-        one = text_provenance(ProvenanceConfig(source=str(alone), key_ids=keys))
+        one = text_provenance(ProvenanceConfig(source=str(alone), key_ids=keys, entropy=0.0))
         assert (per["scores"], per["tokens"], per["scored"], per["named"]) == \
             (one["scores"], one["tokens"], one["scored"], one["named"])
     marked, clean, with_ids, without = (report["per_sample"][i] for i in (0, 2, 3, 4))
@@ -169,12 +170,15 @@ def test_own_answers_of_clean_models_name_no_key(tmp_path: Path, monkeypatch: py
         build_tiny_model(smol_tokenizer, seed=seed, max_positions=512).save_pretrained(path)
         smol_tokenizer.save_pretrained(path)
         report = model_provenance(SuspectConfig(source=str(src), key_ids=keys, suspect=f"hf:{path}", mode="open",
-                                                reading="own", answer_tokens=24))
+                                                reading="own", answer_tokens=24, entropy=0.0))  # every token
+        assert report["params"]["entropy"] == 0.0 and "gated_tokens" not in report
         assert report["answers"] == 12 and report["tokens"] > 12 and report["scored"] > 20
         assert report["named"] is False and min(s["p_holm"] for s in report["scores"]) > 1e-3
-    # the entropy gate on its answers: the teacher's entropies decide which tokens are scored, never the key
+    # the entropy gate on its answers, by default (serve's): the teacher's entropies decide which tokens are
+    # scored, never the key
     gated = model_provenance(SuspectConfig(source=str(src), key_ids=keys, suspect=f"hf:{path}", mode="open",
-                                           reading="own", answer_tokens=24, entropy=2.0))
+                                           reading="own", answer_tokens=24))
+    assert gated["params"]["entropy"] == WatermarkParams().entropy == 2.0
     assert 0 < gated["gated_tokens"] < gated["tokens"] and gated["scored"] <= gated["gated_tokens"]
     assert gated["named"] is False
     with pytest.raises(ValueError, match="the gate scores answer text"):

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from stillhouse.provenance.candidates import Candidate, derive_all, from_ids, from_log
 from stillhouse.provenance.detect import KeyScore, Tuple, prompt_tuples, score_keys, unique_tuples
 from stillhouse.provenance.texts import Sample, load_samples
-from stillhouse.watermark.green import WatermarkParams
+from stillhouse.watermark.green import DEFAULT_PARAMS, WatermarkParams
 from stillhouse.watermark.keys import SECRET_ENV, load_secret
 
 Mode = Literal["auto", "open", "closed"]
@@ -38,14 +38,16 @@ class ProvenanceConfig:
     """Environment variable holding the watermark secret shared with the guard and serve."""
     tokenizer: str = "bundled"
     """The watermarking teacher (bundled, hf:DIR, gguf:FILE): its tokenizer's ids are what the green lists are over."""
-    gamma: float = 0.25
+    gamma: float = DEFAULT_PARAMS.gamma
     """Green share used when generating (as served: --watermark-gamma)."""
-    context: int = 1
+    context: int = DEFAULT_PARAMS.context
     """Context window used when generating (as served: --watermark-context)."""
-    entropy: float = 0.0
-    """Entropy gate used when generating (as served: --watermark-entropy): only tokens where the teacher's
-    next-token entropy is above it are scored; the teacher (--tokenizer) is loaded to recompute them from each
-    answer and its prompt. 0 = score every token. (provenance model: for its answers, --reading own or closed.)"""
+    entropy: float | None = None
+    """Entropy gate used when generating (as served: --watermark-entropy), in nats: only tokens where the teacher's
+    next-token entropy is above it are scored, the teacher (--tokenizer) recomputing them from each answer and its
+    prompt; 0 = score every token. Unset (none): serve's default, 2.0 (with delta 1.5 it kept the teacher's
+    accuracy, docs/results.md), for answers (text; model --reading own or closed); no gate for model --reading
+    text."""
     limit: int = 0
     """Test at most this many samples of the source (0 = all)."""
     max_tokens: int = 0
@@ -61,7 +63,8 @@ class ProvenanceConfig:
     def __post_init__(self) -> None:
         if not self.source:
             raise ValueError("source: give a text file, a JSONL dataset or a harvest run directory")
-        WatermarkParams(gamma=self.gamma, context=self.context, entropy=self.entropy)  # raises naming the field
+        WatermarkParams(gamma=self.gamma, context=self.context,  # raises naming the field
+                        entropy=DEFAULT_PARAMS.entropy if self.entropy is None else self.entropy)
         if self.limit < 0 or self.max_tokens < 0:
             raise ValueError("limit and max_tokens must be >= 0 (0 = no limit)")
         if not 0.0 < self.alpha < 1.0:
@@ -70,8 +73,15 @@ class ProvenanceConfig:
             raise ValueError("no candidate keys: give --log sqlite:///guard.db (its key ids) or --key-ids ID,...")
 
     @property
+    def gate(self) -> float:
+        """The entropy gate the test applies: ``entropy``, or the scheme's default when it is unset.
+
+        Which tokens it keeps depends on the text and the teacher alone, never on a key, so the test stays exact."""
+        return DEFAULT_PARAMS.entropy if self.entropy is None else self.entropy
+
+    @property
     def params(self) -> WatermarkParams:
-        return WatermarkParams(gamma=self.gamma, context=self.context, entropy=self.entropy)
+        return WatermarkParams(gamma=self.gamma, context=self.context, entropy=self.gate)
 
 
 @dataclass(frozen=True)
@@ -129,9 +139,9 @@ class SuspectConfig(ProvenanceConfig):
         if self.mode == "closed" and spec.kind != "http":
             raise ValueError(f"mode=closed needs an OpenAI-compatible URL; serve {self.suspect!r} with "
                              "`stillhouse serve --teacher ...` and give its http://HOST:PORT/v1")
-        if self.entropy and self.resolved_mode == "open" and self.reading == "text":
+        if self.entropy and self.reads_text:
             raise ValueError(f"entropy={self.entropy:g}: the gate scores answer text (--reading own, or closed mode); "
-                             "reading SOURCE's texts scores every prediction, so leave it 0 there")
+                             "reading SOURCE's texts scores every prediction, so leave --entropy out (or give 0)")
         for name in ("reading_max_len", "batch_size", "answer_tokens", "concurrency"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
@@ -154,6 +164,16 @@ class SuspectConfig(ProvenanceConfig):
         if self.mode != "auto":
             return self.mode
         return "open" if parse_spec(self.suspect).is_local else "closed"
+
+    @property
+    def reads_text(self) -> bool:
+        """Open mode reading SOURCE's texts: the suspect's predictions are scored, never answer text."""
+        return self.resolved_mode == "open" and self.reading == "text"
+
+    @property
+    def gate(self) -> float:
+        """As :attr:`ProvenanceConfig.gate`, but no gate by default when the suspect reads SOURCE's texts."""
+        return 0.0 if self.entropy is None and self.reads_text else super().gate
 
 
 def candidates_for(cfg: ProvenanceConfig) -> list[Candidate]:
@@ -179,7 +199,7 @@ def _report(cfg: ProvenanceConfig, scores: list[KeyScore], candidates: list[Cand
     return {
         **extra,
         "keys_tried": len(scores),
-        "params": {"gamma": cfg.gamma, "context": cfg.context, "entropy": cfg.entropy},
+        "params": {"gamma": cfg.gamma, "context": cfg.context, "entropy": cfg.gate},
         "best": best.to_json() | {"accounts": accounts.get(best.key_id, [])} if best else None,
         "named": named,
         "verdict": (f"{best.key_id} (accounts {', '.join(accounts.get(best.key_id, [])) or '-'}): Holm-adjusted "
@@ -228,7 +248,7 @@ def _gated(cfg: ProvenanceConfig, tok: Any, samples: list[Sample], seqs: list[li
            ) -> list[list[bool]] | None:
     """Which answer tokens the entropy gate lets through (None without a gate; ``extra["gated_tokens"]`` counts
     them): the teacher reads each prompt (as served) and answer."""
-    if cfg.entropy <= 0:
+    if cfg.gate <= 0:
         return None
     from stillhouse.provenance.gate import answer_entropies, gate_masks
     from stillhouse.teacher.bundled import load_model
@@ -237,7 +257,7 @@ def _gated(cfg: ProvenanceConfig, tok: Any, samples: list[Sample], seqs: list[li
     model, _, _ = load_model(cfg.tokenizer)
     rows = [(encode_chat(tok, s.prompt) if s.prompt else [], ids) for s, ids in zip(samples, seqs)]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    keep = gate_masks(answer_entropies(model, rows, pad_id=pad), cfg.entropy)
+    keep = gate_masks(answer_entropies(model, rows, pad_id=pad), cfg.gate)
     extra["gated_tokens"] = sum(map(sum, keep))
     return keep
 
