@@ -28,6 +28,8 @@ greedy answers) and the two that go on from it at about equal teacher tokens, ``
 half) and ``gkd-more`` (GKD on the second half's prompts, one pass; the recipe of the on-policy distillation
 reports: SFT first, then on-policy), ``sft-full`` and ``gkd-full`` (the same two ways with a student of the
 teacher's size: the bundled model itself, on the greedy answers, or on-policy on their prompts, one pass),
+``sft-low`` and ``gkd-low`` (the same pair for a low teacher budget, run with ``--train 100``; ``sft-low-fast``,
+``gkd-low-fast`` and ``gkd-low-rkl`` are the grid their lr and loss were chosen from on a development draw),
 ``gemma-star`` (Gemma 3 270M, another family,
 SFT on the verified rationales' text), ``gemma-sft`` (Gemma 3 270M on the teacher's greedy answers, right or wrong:
 plain sequence-level distillation across families); ``gemma-base`` is Gemma 3 270M untrained, scored as it is.
@@ -75,6 +77,19 @@ STUDENTS: dict[str, dict[str, Any]] = {  # TrainConfig fields; data: verified | 
                  "system_prompt": ""},
     "gkd-full": {"data": "greedy-all", "loss": "gkd", "lmbda": 1.0, "student": "model:bundled", "epochs": 1,
                  "lr": 5e-5, "system_prompt": ""},
+    # the same two at a low teacher budget (run with --train 100): the pair sits below the teacher's ceiling, where
+    # a method's gain per teacher token can show; the variants are the grid the lr and loss are chosen from on a
+    # development draw
+    "sft-low": {"data": "greedy-all", "loss": "sft", "student": "model:bundled", "epochs": 3, "lr": 5e-5,
+                "system_prompt": ""},
+    "sft-low-fast": {"data": "greedy-all", "loss": "sft", "student": "model:bundled", "epochs": 3, "lr": 2e-4,
+                     "system_prompt": ""},
+    "gkd-low": {"data": "greedy-all", "loss": "gkd", "lmbda": 1.0, "student": "model:bundled", "epochs": 1,
+                "lr": 5e-5, "system_prompt": ""},
+    "gkd-low-fast": {"data": "greedy-all", "loss": "gkd", "lmbda": 1.0, "student": "model:bundled", "epochs": 1,
+                     "lr": 2e-4, "system_prompt": ""},
+    "gkd-low-rkl": {"data": "greedy-all", "loss": "gkd", "lmbda": 1.0, "beta": 1.0, "student": "model:bundled",
+                    "epochs": 1, "lr": 2e-4, "system_prompt": ""},
     "star-self": {"data": "verified", "loss": "sft", "student": "self", "epochs": 2, "lr": 5e-5, "system_prompt": ""},
     "gemma-star": {"data": "verified", "loss": "sft", "student": "model:bundled:gemma3-270m", "epochs": 2, "lr": 1e-4,
                    "freeze_embeddings": True, "schedule": "cosine", "system_prompt": None, "select_on": ""},
@@ -90,7 +105,8 @@ HALVES = ("greedy-first", "greedy-second")
 """The teacher's greedy answers split in two (first and second half of the training problems)."""
 COMMON = {"shuffle": False, "batch_size": 8, "warmup_steps": 4, "select_batch_size": 64}
 PAIRS = (("gkd-more", "sft-more"), ("gkd-more", "sft-first"), ("sft-more", "sft-first"),
-         ("gkd-full", "sft-full"), ("gkd-full", "smol-start"), ("sft-full", "smol-start"))
+         ("gkd-full", "sft-full"), ("gkd-full", "smol-start"), ("sft-full", "smol-start"),
+         *((g, s) for g in ("gkd-low", "gkd-low-fast", "gkd-low-rkl") for s in ("sft-low", "sft-low-fast")))
 """Students compared item by item in the report (a ÷ b over the same held-out problems, paired bootstrap)."""
 GSM8K_STUDENTS = ("star",)
 """Students also read on the GSM8K items (besides the teacher)."""
@@ -297,7 +313,7 @@ def stage_train(a: argparse.Namespace, out: Path) -> bool:
         cmds = [("train", "--config", str(train_cfg)), *_eval_cmds(a, out, name, f"hf:{cfg.out}/final",
                                                                     cfg.system_prompt)]
         cost = {"gemma-star": 6.0, "gemma-sft": 7.0, "gkd": 3.0, "gkd-bb": 3.5, "star-self": 4.0, "sft-full": 3.0,
-                "gkd-full": 6.0}.get(name, 1.0)
+                "gkd-full": 6.0, "gkd-low": 1.5, "gkd-low-fast": 1.5, "gkd-low-rkl": 1.5}.get(name, 1.0)
         (after if STUDENTS[name].get("after") else jobs).append((name, cmds, cost))
         if cfg.score_teacher:
             serve = cfg.score_teacher
