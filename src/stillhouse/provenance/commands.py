@@ -21,9 +21,7 @@ if TYPE_CHECKING:
 
 TEXT_HELP = """Test text for our watermark: which candidate key (account, cluster) it carries, if any.
 
-Each distinct (window, token) tuple is scored once, tuples of the prompt are dropped, and the
-p-value is the exact binomial tail; it is adjusted for the number of keys tried (Holm), so a key
-is named only when its adjusted p-value is below --alpha.
+Each distinct (window, token) tuple is scored once, tuples of the prompt are dropped, and the p-value is the exact binomial tail; it is adjusted for the number of keys tried (Holm), so a key is named only when its adjusted p-value is below --alpha.
 
 By default only the answer tokens the teacher was unsure of are scored, as serve's default watermark biases only those (entropy gate 2.0 nats, with delta 1.5: the setting that kept the teacher's accuracy, docs/results.md); the teacher (--tokenizer) recomputes the entropies. --entropy 0 scores every token (text served with --watermark-entropy 0).
 
