@@ -59,6 +59,8 @@ from typing import Any
 STAGES = ("split", "probe", "gemma", "rationales", "teacher", "train", "report")
 SMALL_STUDENT = "layers:0,1,2,3,14,15,26,27,28,29"
 SMALL = {"freeze_embeddings": True, "schedule": "cosine", "system_prompt": ""}
+FULL = {"data": "greedy-all", "student": "model:bundled", "system_prompt": ""}
+"""A student of the teacher's size from the bundled model, on the teacher's greedy answers (or their prompts)."""
 STUDENTS: dict[str, dict[str, Any]] = {  # TrainConfig fields; data: verified | greedy
     "star": {**SMALL, "data": "verified", "loss": "sft", "epochs": 3, "lr": 3e-4},
     "sft-greedy": {**SMALL, "data": "greedy-all", "loss": "sft", "epochs": 3, "lr": 3e-4},
@@ -73,23 +75,16 @@ STUDENTS: dict[str, dict[str, Any]] = {  # TrainConfig fields; data: verified | 
                  "lr": 1e-4},
     # the same comparison with a student of the teacher's own size and architecture: the bundled model (a
     # copy of what star-self was before its training), on the greedy answers or on-policy, from the same start
-    "sft-full": {"data": "greedy-all", "loss": "sft", "student": "model:bundled", "epochs": 2, "lr": 5e-5,
-                 "system_prompt": ""},
-    "gkd-full": {"data": "greedy-all", "loss": "gkd", "lmbda": 1.0, "student": "model:bundled", "epochs": 1,
-                 "lr": 5e-5, "system_prompt": ""},
+    "sft-full": {**FULL, "loss": "sft", "epochs": 2, "lr": 5e-5},
+    "gkd-full": {**FULL, "loss": "gkd", "lmbda": 1.0, "epochs": 1, "lr": 5e-5},
     # the same two at a low teacher budget (run with --train 100): the pair sits below the teacher's ceiling, where
     # a method's gain per teacher token can show; the variants are the grid the lr and loss are chosen from on a
     # development draw
-    "sft-low": {"data": "greedy-all", "loss": "sft", "student": "model:bundled", "epochs": 3, "lr": 5e-5,
-                "system_prompt": ""},
-    "sft-low-fast": {"data": "greedy-all", "loss": "sft", "student": "model:bundled", "epochs": 3, "lr": 2e-4,
-                     "system_prompt": ""},
-    "gkd-low": {"data": "greedy-all", "loss": "gkd", "lmbda": 1.0, "student": "model:bundled", "epochs": 1,
-                "lr": 5e-5, "system_prompt": ""},
-    "gkd-low-fast": {"data": "greedy-all", "loss": "gkd", "lmbda": 1.0, "student": "model:bundled", "epochs": 1,
-                     "lr": 2e-4, "system_prompt": ""},
-    "gkd-low-rkl": {"data": "greedy-all", "loss": "gkd", "lmbda": 1.0, "beta": 1.0, "student": "model:bundled",
-                    "epochs": 1, "lr": 2e-4, "system_prompt": ""},
+    "sft-low": {**FULL, "loss": "sft", "epochs": 3, "lr": 5e-5},
+    "sft-low-fast": {**FULL, "loss": "sft", "epochs": 3, "lr": 2e-4},
+    "gkd-low": {**FULL, "loss": "gkd", "lmbda": 1.0, "epochs": 1, "lr": 5e-5},
+    "gkd-low-fast": {**FULL, "loss": "gkd", "lmbda": 1.0, "epochs": 1, "lr": 2e-4},
+    "gkd-low-rkl": {**FULL, "loss": "gkd", "lmbda": 1.0, "beta": 1.0, "epochs": 1, "lr": 2e-4},
     "star-self": {"data": "verified", "loss": "sft", "student": "self", "epochs": 2, "lr": 5e-5, "system_prompt": ""},
     "gemma-star": {"data": "verified", "loss": "sft", "student": "model:bundled:gemma3-270m", "epochs": 2, "lr": 1e-4,
                    "freeze_embeddings": True, "schedule": "cosine", "system_prompt": None, "select_on": ""},
@@ -101,6 +96,9 @@ UNTRAINED: dict[str, tuple[str, str | None]] = {"gemma-base": ("bundled:gemma3-2
 """Models scored as they are, no training, with the system prompt their students are read with (None: the
 template's own): the other family's starting point, so a Gemma student's gain is its own (``gemma-base``), and
 the bundled model that ``sft-full`` and ``gkd-full`` start from (``smol-start``)."""
+COST = {"gemma-star": 6.0, "gemma-sft": 7.0, "gkd": 3.0, "gkd-bb": 3.5, "star-self": 4.0, "sft-full": 3.0,
+        "gkd-full": 6.0, "gkd-low": 1.5, "gkd-low-fast": 1.5, "gkd-low-rkl": 1.5}
+"""A job's relative cost (1 when not listed): the scheduler starts the costliest first."""
 HALVES = ("greedy-first", "greedy-second")
 """The teacher's greedy answers split in two (first and second half of the training problems)."""
 COMMON = {"shuffle": False, "batch_size": 8, "warmup_steps": 4, "select_batch_size": 64}
@@ -312,9 +310,7 @@ def stage_train(a: argparse.Namespace, out: Path) -> bool:
         save_config(cfg, train_cfg)
         cmds = [("train", "--config", str(train_cfg)), *_eval_cmds(a, out, name, f"hf:{cfg.out}/final",
                                                                     cfg.system_prompt)]
-        cost = {"gemma-star": 6.0, "gemma-sft": 7.0, "gkd": 3.0, "gkd-bb": 3.5, "star-self": 4.0, "sft-full": 3.0,
-                "gkd-full": 6.0, "gkd-low": 1.5, "gkd-low-fast": 1.5, "gkd-low-rkl": 1.5}.get(name, 1.0)
-        (after if STUDENTS[name].get("after") else jobs).append((name, cmds, cost))
+        (after if STUDENTS[name].get("after") else jobs).append((name, cmds, COST.get(name, 1.0)))
         if cfg.score_teacher:
             serve = cfg.score_teacher
     proc = None
