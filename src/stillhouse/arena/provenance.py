@@ -66,8 +66,8 @@ class ProvenanceArenaConfig:
     gamma: float = DEFAULT_PARAMS.gamma
     """Watermark green share."""
     delta: float = DEFAULT_PARAMS.delta
-    """Watermark logit bias (serve's default, 1.5 with the 2.0-nat gate: the setting chosen on development data to
-    keep the teacher's accuracy; docs/results.md)."""
+    """Watermark logit bias (serve's default: the setting chosen on development data to keep the teacher's
+    accuracy, :class:`~stillhouse.watermark.green.WatermarkParams`)."""
     context: int = DEFAULT_PARAMS.context
     """Watermark context window."""
     entropy: float = DEFAULT_PARAMS.entropy

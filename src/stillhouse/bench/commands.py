@@ -203,9 +203,8 @@ def bench_serve(
     watermark_delta: float = typer.Option(DEFAULT_PARAMS.delta, "--watermark-delta",
                                           help="The watermarked column's logit bias (serve's default)."),
     watermark_entropy: float = typer.Option(DEFAULT_PARAMS.entropy, "--watermark-entropy",
-                                            help="The watermarked column's entropy gate in nats (0 = none; serve's "
-                                                 "default, which with delta 1.5 kept the teacher's accuracy and "
-                                                 "throughput in docs/results.md)."),
+                                            help="The watermarked column's entropy gate in nats (0 = none; "
+                                                 "serve's default)."),
     out: Path = typer.Option(None, "--out", help="Write the full result as JSON here."),
     peers: bool = typer.Option(True, "--peers/--no-peers", help=PEERS_HELP),
     peer_python: list[str] = typer.Option([], "--peer-python", metavar="NAME=PATH", help=PEER_PYTHON_HELP),

@@ -111,13 +111,13 @@ class EvalConfig:
     watermark_gamma: float = DEFAULT_PARAMS.gamma
     """Green share of the teacher's watermark (as serve's --watermark-gamma)."""
     watermark_delta: float = DEFAULT_PARAMS.delta
-    """Logit bias of the teacher's watermark (as serve's --watermark-delta; its default, 1.5 with the 2.0-nat gate,
-    kept the teacher's accuracy: 0.243 vs 0.263 plain, delta 2 ungated 0.107, docs/results.md)."""
+    """Logit bias of the teacher's watermark (as serve's --watermark-delta; the default is the scheme's,
+    :class:`~stillhouse.watermark.green.WatermarkParams`, measured to keep the teacher's accuracy)."""
     watermark_context: int = DEFAULT_PARAMS.context
     """Context window of the teacher's watermark (as serve's --watermark-context)."""
     watermark_entropy: float = DEFAULT_PARAMS.entropy
-    """Entropy gate of the teacher's watermark in nats (as serve's --watermark-entropy; 0 = none; the default 2.0
-    with delta 1.5 kept the teacher's accuracy, docs/results.md)."""
+    """Entropy gate of the teacher's watermark in nats (as serve's --watermark-entropy; 0 = none; the default is
+    the scheme's, as for watermark_delta)."""
 
     def __post_init__(self) -> None:
         if self.watermark_teacher:

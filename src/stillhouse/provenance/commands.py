@@ -14,16 +14,17 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from stillhouse.cli_config import ConfigOptions, Given, config_command, fail
+from stillhouse.watermark.green import DEFAULT_PARAMS
 
 if TYPE_CHECKING:
     from stillhouse.arena.provenance import ProvenanceArenaConfig
     from stillhouse.provenance.run import ProvenanceConfig, SuspectConfig
 
-TEXT_HELP = """Test text for our watermark: which candidate key (account, cluster) it carries, if any.
+TEXT_HELP = f"""Test text for our watermark: which candidate key (account, cluster) it carries, if any.
 
 Each distinct (window, token) tuple is scored once, tuples of the prompt are dropped, and the p-value is the exact binomial tail; it is adjusted for the number of keys tried (Holm), so a key is named only when its adjusted p-value is below --alpha.
 
-By default only the answer tokens the teacher was unsure of are scored, as serve's default watermark biases only those (entropy gate 2.0 nats, with delta 1.5: the setting that kept the teacher's accuracy, docs/results.md); the teacher (--tokenizer) recomputes the entropies. --entropy 0 scores every token (text served with --watermark-entropy 0).
+By default only the answer tokens the teacher was unsure of are scored, as serve's default watermark biases only those (entropy gate {DEFAULT_PARAMS.entropy:g} nats, with delta {DEFAULT_PARAMS.delta:g}: the setting that kept the teacher's accuracy, docs/results.md); the teacher (--tokenizer) recomputes the entropies. --entropy 0 scores every token (text served with --watermark-entropy 0).
 
 \b
 Examples:
@@ -31,11 +32,11 @@ Examples:
   stillhouse provenance text runs/h --key-ids account/lab/0,account/acme/0 --json
 """
 
-MODEL_HELP = """The radioactivity test: did a suspect model learn from our watermarked answers?
+MODEL_HELP = f"""The radioactivity test: did a suspect model learn from our watermarked answers?
 
 Open-weight (a local model): the suspect reads SOURCE's texts and its own next-token predictions are scored. With --reading own it answers SOURCE's prompts greedily on this machine instead, and its answers are scored: give it the questions our watermarked answers went to (SOURCE may be the guard's log itself, --account one account's), and a student that learned those answers writes them again. Closed (an OpenAI-compatible URL): it answers SOURCE's prompts and the answers are scored.
 
-Distinct tuples only, none from the text read or the prompt, so a clean model gets a uniform p-value. Answers (--reading own, closed) are scored only where the teacher was unsure, as serve's default watermark biases only there (--entropy: default 2.0 nats, the setting that kept the teacher's accuracy, docs/results.md; 0 scores every token); reading SOURCE's texts scores every prediction.
+Distinct tuples only, none from the text read or the prompt, so a clean model gets a uniform p-value. Answers (--reading own, closed) are scored only where the teacher was unsure, as serve's default watermark biases only there (--entropy: default {DEFAULT_PARAMS.entropy:g} nats, the setting that kept the teacher's accuracy, docs/results.md; 0 scores every token); reading SOURCE's texts scores every prediction.
 
 With the guard's log as SOURCE, --match-keys tests each key only on the suspect's answers to the prompts that key answered, and --group A,B,... (repeatable) tests accounts together: each member's answers under the key that answered them, pooled into one exact test (so are the clusters the guard's detector linked, unless --no-cluster-groups). Holm runs over keys and groups together.
 
