@@ -134,7 +134,7 @@ def cmd_detect(args: argparse.Namespace) -> None:
     advance), and, descriptively, the first prefix length at which p drops below alpha."""
     import statistics
 
-    from stillhouse.provenance.detect import score_key, score_keys, tokens_to_detect, unique_tuples
+    from stillhouse.provenance.detect import score_key, score_keys, tokens_to_detect, unique_positions
     from stillhouse.watermark.green import WatermarkParams
     from stillhouse.watermark.keys import derive_key, key_u64, load_secret
 
@@ -143,27 +143,36 @@ def cmd_detect(args: argparse.Namespace) -> None:
     secret = load_secret()
     candidates = {k: key_u64(derive_key(secret, k)) for k in args.attribute.split(",")} if args.attribute else {}
     keeps: list[list[bool] | None] = [None] * len(rows)
-    if args.entropy:  # the gate: the teacher recomputes its entropy before every answer token
-        from stillhouse.provenance.gate import answer_entropies, gate_masks
+    levels: list[list[int] | None] = [None] * len(rows)
+    if args.entropy or args.score == "weighted":  # the teacher reads each answer: entropies (gate), probabilities
+        from stillhouse.provenance.detect import weight_levels
+        from stillhouse.provenance.gate import answer_views, gate_masks
         from stillhouse.teacher.local import encode_chat
 
         teacher = _teacher(args.threads)
         pairs = [(encode_chat(teacher.tokenizer, r["messages"][:1]), r["token_ids"][: args.max_tokens]) for r in rows]
-        keeps = gate_masks(answer_entropies(teacher.model, pairs), args.entropy)  # type: ignore[assignment]
+        views = answer_views(teacher.model, pairs, args.temperature)
         teacher.close()
-    ps, needed, lengths, scored, ranks, best_holm, wrong_holm = [], [], [], [], [], [], []
-    for r, keep in zip(rows, keeps):
+        if args.entropy:
+            keeps = gate_masks(views, args.entropy)  # type: ignore[assignment]
+        if args.score == "weighted":
+            levels = [weight_levels(v.prob, args.delta / args.temperature, args.gamma) for v in views]
+    ps, logs, needed, lengths, scored, ranks, best_holm, wrong_holm = [], [], [], [], [], [], [], []
+    for r, keep, level in zip(rows, keeps, levels):
         kid = r["key_id"] if args.key == "row" else args.key  # row: each answer against the key it was made with
         key = key_u64(derive_key(secret, kid))
         ids = r["token_ids"][: args.max_tokens]
         lengths.append(len(ids))
-        tuples = unique_tuples([ids], params.context, keep=[keep] if keep else None)
-        s = score_key(key, tuples, params)
+        pos = unique_positions([ids], params.context, keep=[keep] if keep else None)
+        tuples = [tuple(ids[i - params.context:i + 1]) for _, i in pos]
+        weights = None if level is None else [level[i] for _, i in pos]
+        s = score_key(key, tuples, params, levels=weights)
         ps.append(s.p)
+        logs.append(s.log10_p)
         scored.append(s.scored)
-        needed.append(tokens_to_detect(ids, key, params, args.alpha, keep=keep))
+        needed.append(tokens_to_detect(ids, key, params, args.alpha, keep=keep, levels=level))
         if candidates:  # attribution: every candidate on the same tuples, Holm over them
-            ranked = score_keys(tuples, candidates, params)
+            ranked = score_keys(tuples, candidates, params, weights)
             ranks.append(next((i + 1 for i, c in enumerate(ranked) if c.key_id == kid), None))
             best_holm.append(ranked[0].p_holm)
             wrong_holm.append(min(c.p_holm for c in ranked if c.key_id != kid))
@@ -181,7 +190,8 @@ def cmd_detect(args: argparse.Namespace) -> None:
         f"share_ever_below_{args.alpha:g}_descriptive": len(hit) / len(rows),
         "median_tokens_to_detect": statistics.median(hit) if hit else None,
         "median_p": statistics.median(ps), "share_p_below_1e-3": sum(p < 1e-3 for p in ps) / len(ps),
-        "median_scored": statistics.median(scored), "entropy": args.entropy, "delta": args.delta,
+        "median_scored": statistics.median(scored), "entropy": args.entropy, "delta": args.delta, "score": args.score,
+        "median_log10_p": statistics.median(logs),
     }, indent=1))
 
 
@@ -342,6 +352,11 @@ def main() -> None:
         else:
             p.add_argument("--file", required=True)
             p.add_argument("--attribute", default="", help="candidate key ids (comma list): rank them per answer")
+            p.add_argument("--score", choices=("count", "weighted"), default="count",
+                           help="count: the binomial test (the earlier figures); weighted: each token weighted by "
+                           "the evidence it can carry (provenance text's default)")
+            p.add_argument("--temperature", type=float, default=0.7, help="weighted: the answers' sampling "
+                           "temperature (generate's default)")
             p.add_argument("--alpha", type=float, default=1e-5)
     p = sub.add_parser("mix")
     p.add_argument("--wm", nargs="*", default=[], help="generated answer sets (gen-NAME.jsonl); none for --share 0")

@@ -107,12 +107,14 @@ def test_provenance_text_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     src = tmp_path / "leaked.jsonl"
     _write_rows(src, watermarked_texts(6, 50, seed=4))
     runner = CliRunner()
-    # the stand-in texts are plain KGW, every token biased: scored as such (--entropy 0), not through the default gate
+    # the stand-in texts are plain KGW, every token biased: scored as such (--entropy 0), not through the default gate;
+    # the default weighted score has the bundled teacher read them (its progress goes to stderr, the JSON to stdout)
     res = runner.invoke(app, ["provenance", "text", str(src), "--key-ids",
                               "account/camp/0,account/a/0,account/b/0", "--entropy", "0", "--json"])
     assert res.exit_code == 0, res.output
-    report = json.loads(res.output)
+    report = json.loads(res.stdout)
     assert report["named"] and report["best"]["key_id"] == "account/camp/0"
+    assert report["test"] == "weighted" and report["best"]["test"] == "weighted"
     assert report["keys_tried"] == 3 and report["best"]["p_holm"] == pytest.approx(min(1, 3 * report["best"]["p"]))
     assert SECRET not in res.output and str(KEY) not in res.output
     for args, needle in ((["provenance", "text", str(tmp_path / "none.jsonl"), "--key-ids", "account/a/0"],
@@ -138,13 +140,16 @@ def test_provenance_text_per_sample_equals_each_row_alone(tmp_path: Path, monkey
     src = tmp_path / "rows.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     keys = ("account/camp/0", "account/a/0", "account/b/0")
-    report = text_provenance(ProvenanceConfig(source=str(src), key_ids=keys, per_sample=True, entropy=0.0))
+    # count: the exact equality below is about which tuples each row gives (the weighted score reads the rows in
+    # batches, whose float rounding may move a weight level; its per-sample run is tests/test_weighted_score.py's)
+    report = text_provenance(ProvenanceConfig(source=str(src), key_ids=keys, per_sample=True, entropy=0.0,
+                                              score="count"))
     assert report["samples"] == 5 and report["empty"] == 1
     assert [p["sample"] for p in report["per_sample"]] == [0, 1, 2, 4, 5]
     for per in report["per_sample"]:
         alone = tmp_path / f"row{per['sample']}.jsonl"
         alone.write_text(json.dumps(rows[per["sample"]]) + "\n")
-        one = text_provenance(ProvenanceConfig(source=str(alone), key_ids=keys, entropy=0.0))
+        one = text_provenance(ProvenanceConfig(source=str(alone), key_ids=keys, entropy=0.0, score="count"))
         assert (per["scores"], per["tokens"], per["scored"], per["named"]) == \
             (one["scores"], one["tokens"], one["scored"], one["named"])
     marked, clean, with_ids, without = (report["per_sample"][i] for i in (0, 2, 3, 4))

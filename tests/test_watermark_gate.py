@@ -2,7 +2,7 @@
 
 Unit tests on hand-made logits (the gate opens exactly above the threshold), the batched teacher-forced
 entropies against a one-row naive reference, and the property detection relies on: the positions the
-batcher biased while decoding are the ones ``gate.answer_entropies`` recomputes from the finished text.
+batcher biased while decoding are the ones ``gate.answer_views`` recomputes from the finished text.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from stillhouse.provenance.detect import score_key, tokens_to_detect, unique_tuples
-from stillhouse.provenance.gate import answer_entropies, gate_masks
+from stillhouse.provenance.gate import answer_views, gate_masks
 from stillhouse.watermark.green import (
     RowWatermark,
     WatermarkParams,
@@ -75,22 +75,31 @@ def test_entropy_threshold_is_validated_where_it_is_configured() -> None:
                          entropy=1.5).entropy == 1.5
 
 
-def test_batched_answer_entropies_equal_one_row_at_a_time(tiny_model: Any) -> None:
+def test_batched_answer_views_equal_one_row_at_a_time(tiny_model: Any) -> None:
+    """Entropies and the written tokens' probabilities (at a temperature) against a naive one-row reference."""
     import torch
 
     rng = np.random.default_rng(1)
     rows = [(rng.integers(0, 1000, size=n).tolist(), rng.integers(0, 1000, size=m).tolist())
             for n, m in ((5, 9), (12, 3), (1, 14), (0, 6))]
-    batched = answer_entropies(tiny_model, rows, batch_size=3)
+    batched = answer_views(tiny_model, rows, temperature=0.7, batch_size=3)
     for (prompt, answer), got in zip(rows, batched):
         ids = torch.tensor([prompt + answer])
         with torch.inference_mode():
-            logits = tiny_model(input_ids=ids).logits[0].float().numpy()
-        want = [_naive_entropy(logits[len(prompt) + i - 1]) if len(prompt) + i >= 1 else math.nan
-                for i in range(len(answer))]
-        assert len(got) == len(answer)
-        np.testing.assert_allclose(got, want, atol=2e-3)
-    assert math.isnan(batched[3][0]) and not any(gate_masks(batched, 0.5)[3][:1])
+            logits = tiny_model(input_ids=ids).logits[0].double().numpy()
+        want_e, want_p = [], []
+        for i, tok in enumerate(answer):
+            row = logits[len(prompt) + i - 1] if len(prompt) + i >= 1 else None
+            want_e.append(math.nan if row is None else _naive_entropy(row))
+            z = None if row is None else np.exp(row / 0.7 - np.max(row / 0.7))
+            want_p.append(math.nan if z is None else float(z[tok] / z.sum()))
+        assert len(got.entropy) == len(got.prob) == len(answer)
+        np.testing.assert_allclose(got.entropy, want_e, atol=2e-3)
+        np.testing.assert_allclose(got.prob, want_p, rtol=1e-3, atol=1e-6)
+    assert math.isnan(batched[3].entropy[0]) and math.isnan(batched[3].prob[0])
+    assert not any(gate_masks(batched, 0.5)[3][:1])
+    with pytest.raises(ValueError, match="temperature=0"):
+        answer_views(tiny_model, rows, temperature=0.0)
     assert gate_masks(batched, 0.0) == [[True] * len(a) for _, a in rows]
 
 
@@ -101,11 +110,11 @@ def test_detection_recomputes_the_positions_generation_gated(tiny_teacher: Any, 
 
     vocab = int(tiny_model.get_output_embeddings().weight.shape[0])
     prompts = [tiny_teacher.encode([{"role": "user", "content": t}]) for t in ("Hi there", "What is 2+2?")]
-    probe = answer_entropies(tiny_model, [(p, []) for p in prompts])  # nothing yet: find a useful threshold
+    probe = answer_views(tiny_model, [(p, []) for p in prompts])  # nothing yet: find a useful threshold
     plain = [tiny_teacher.submit(p, SamplingParams(max_tokens=40, temperature=0.0)).future.result(60).token_ids
              for p in prompts]
-    ent = np.concatenate([np.array(e) for e in answer_entropies(tiny_model, list(zip(prompts, plain)))])
-    assert probe == [[], []]
+    ent = np.concatenate([np.array(v.entropy) for v in answer_views(tiny_model, list(zip(prompts, plain)))])
+    assert [v.entropy for v in probe] == [[], []]
     threshold = float(np.median(ent))  # about half the positions gated
     params = WatermarkParams(gamma=0.25, delta=4.0, entropy=threshold)
     key = key_u64(derive_key(SECRET, "account/a/0"))
@@ -122,7 +131,7 @@ def test_detection_recomputes_the_positions_generation_gated(tiny_teacher: Any, 
     handles = [tiny_teacher.submit(p, SamplingParams(max_tokens=40, temperature=0.0), row_processor=recorder(j))
                for j, p in enumerate(prompts)]
     answers = [h.future.result(60).token_ids for h in handles]
-    keep = gate_masks(answer_entropies(tiny_model, list(zip(prompts, answers))), threshold)
+    keep = gate_masks(answer_views(tiny_model, list(zip(prompts, answers))), threshold)
     flat_gen = [o for j in range(2) for o in opened[j][:len(answers[j])]]
     flat_det = [k for row in keep for k in row]
     assert len(flat_gen) == len(flat_det) > 40

@@ -1,4 +1,8 @@
-"""The entropy gate at detection time: which answer tokens the watermark could have biased.
+"""The teacher's view of an answer at detection time: the entropy gate, and each token's probability.
+
+The teacher reads prompt plus answer once (teacher-forced, one forward pass per batch) and reports, before each
+answer token, its next-token entropy (the gate) and the probability it gave that token at the sampling temperature
+(the weighted score's evidence, :func:`stillhouse.provenance.detect.llr_weight`).
 
 With ``WatermarkParams.entropy > 0`` (SWEET, Lee et al. 2023) generation biases only the positions
 whose next-token entropy under the teacher is above the threshold, so detection scores only those:
@@ -14,25 +18,37 @@ known, float rounding at the threshold) only costs power.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 
-def answer_entropies(model: Any, rows: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 8,
-                     pad_id: int = 0) -> list[list[float]]:
-    """For each ``(prompt ids, answer ids)``: the model's next-token entropy (nats) before every answer token.
+@dataclass
+class AnswerView:
+    """What the teacher saw before each answer token; ``nan`` for the first token of an answer with no prompt."""
 
-    ``out[j][i]`` is the entropy of the distribution that predicts ``answer[i]`` (from the prompt and
-    ``answer[:i]``); the first answer token needs a non-empty prompt, else its entropy is ``nan``."""
+    entropy: list[float]
+    """Next-token entropy (nats) at temperature 1, as the gate measures it."""
+    prob: list[float]
+    """The probability of the token that was written, at the sampling temperature."""
+
+
+def answer_views(model: Any, rows: Sequence[tuple[Sequence[int], Sequence[int]]], temperature: float = 1.0,
+                 batch_size: int = 8, pad_id: int = 0) -> list[AnswerView]:
+    """For each ``(prompt ids, answer ids)``: the teacher's :class:`AnswerView` of every answer token.
+
+    Position ``i`` describes the distribution that predicts ``answer[i]`` (from the prompt and ``answer[:i]``)."""
     import torch
 
     from stillhouse.watermark.green import next_token_entropy
 
-    out: list[list[float]] = []
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature}: the answers' sampling temperature must be > 0 (1 if unknown)")
+    out: list[AnswerView] = []
     for start in range(0, len(rows), batch_size):
         chunk = [(list(p), list(a)) for p, a in rows[start:start + batch_size]]
         width = max(len(p) + len(a) for p, a in chunk)
         if width == 0:
-            out.extend([] for _ in chunk)
+            out.extend(AnswerView([], []) for _ in chunk)
             continue
         batch = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -41,15 +57,20 @@ def answer_entropies(model: Any, rows: Sequence[tuple[Sequence[int], Sequence[in
             batch[j, :len(ids)] = torch.tensor(ids, dtype=torch.long)
             mask[j, :len(ids)] = 1
         with torch.inference_mode():
-            ent = next_token_entropy(model(input_ids=batch, attention_mask=mask, use_cache=False).logits)
+            logits = model(input_ids=batch, attention_mask=mask, use_cache=False).logits.float()
+            ent = next_token_entropy(logits)
+            nxt = torch.cat([batch[:, 1:], batch[:, :1]], dim=1)  # position t predicts token t + 1
+            prob = torch.log_softmax(logits / temperature, dim=-1).gather(-1, nxt[..., None])[..., 0].exp()
         for j, (p, a) in enumerate(chunk):
-            row = ent[j].tolist()
-            out.append([row[len(p) + i - 1] if len(p) + i >= 1 else float("nan") for i in range(len(a))])
+            pos = [len(p) + i - 1 for i in range(len(a))]
+            e, q = ent[j].tolist(), prob[j].tolist()
+            out.append(AnswerView([e[t] if t >= 0 else float("nan") for t in pos],
+                                  [q[t] if t >= 0 else float("nan") for t in pos]))
     return out
 
 
-def gate_masks(entropies: Sequence[Sequence[float]], threshold: float) -> list[list[bool]]:
+def gate_masks(views: Sequence[AnswerView], threshold: float) -> list[list[bool]]:
     """Which answer tokens are scored: entropy above ``threshold`` (every token when it is 0)."""
     if threshold <= 0:
-        return [[True] * len(e) for e in entropies]
-    return [[h > threshold for h in e] for e in entropies]  # nan (no context) compares False
+        return [[True] * len(v.entropy) for v in views]
+    return [[h > threshold for h in v.entropy] for v in views]  # nan (no context) compares False

@@ -6,6 +6,15 @@ is anti-conservative out there: for 200 scored tuples at gamma 0.25, 81 green tu
 tail of 1.08e-6 and a normal tail of 2.07e-7 (5x too small), 90 green 6.5e-10 against 3.2e-11 (20x). :func:`binom_sf_reference` is the naive exact reference with
 rational arithmetic for the unit tests.
 
+``log_weighted_sf(counts, greens, gamma)`` is the exact tail of a *weighted* green count, ``S = sum_u u X_u`` with
+``X_u ~ Binomial(counts[u], gamma)`` independent (``u`` an integer weight level): the likelihood-ratio score of
+:mod:`stillhouse.provenance.detect` when tokens carry unequal evidence. No library computes this tail (scipy has
+the binomial, not a sum of scaled ones), so it is exponential tilting (Esscher) plus one FFT convolution: under the
+tilt ``lambda`` that moves the mean of ``S`` to the observed ``s``, ``P(S >= s) = exp(K(lambda) - lambda s)
+E_lambda[exp(-lambda (S - s)); S >= s]``, and the tilted distribution near ``s`` is of order ``1/sd`` so no term
+underflows. Exact up to float rounding (checked against rational enumeration in the tests, and equal to
+``log_binom_sf`` when every weight is 1); a pooled 7,600 tuples at 16 levels takes milliseconds.
+
 Family-wise corrections over the K keys tried: :func:`bonferroni` (``min(1, K p)``) and
 :func:`holm` (step-down; never larger than Bonferroni, same guarantee: the probability that any
 key is falsely named is at most the level).
@@ -16,6 +25,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from fractions import Fraction
+
+import numpy as np
 
 
 def log_binom_pmf(k: int, n: int, p: float) -> float:
@@ -66,6 +77,53 @@ def binom_sf_reference(k: int, n: int, p: Fraction | float) -> Fraction:
     q = Fraction(p)
     return sum((Fraction(math.comb(n, j)) * q**j * (1 - q) ** (n - j) for j in range(max(k, 0), n + 1)),
                Fraction(0))
+
+
+def _tilted_mean(levels: list[tuple[int, int]], logit: float, lam: float) -> float:
+    """Mean of ``S`` under the tilt ``lam``: each level's green probability ``expit(logit + lam u)``."""
+    return sum(c * u / (1.0 + math.exp(-(logit + lam * u))) for u, c in levels)
+
+
+def log_weighted_sf(counts: Sequence[int], greens: Sequence[int], gamma: float) -> float:
+    """``log P(S >= s)`` for ``S = sum_u u X_u``, ``X_u ~ Binomial(counts[u], gamma)`` independent, at the observed
+    ``s = sum_u u greens[u]`` (``counts[u]``: scored tuples of integer weight ``u``; ``greens[u]``: green among them)."""
+    if len(greens) != len(counts) or any(not 0 <= g <= c for g, c in zip(greens, counts)):
+        raise ValueError("greens[u] must be within 0..counts[u], one entry per weight level")
+    if not 0.0 < gamma < 1.0:
+        raise ValueError(f"gamma={gamma}: must be in (0, 1)")
+    levels = [(u, int(c)) for u, c in enumerate(counts) if u > 0 and c > 0]
+    s = sum(u * int(g) for u, g in enumerate(greens))
+    top = sum(u * c for u, c in levels)
+    if s <= 0:
+        return 0.0
+    logit = math.log(gamma / (1.0 - gamma))
+    lam = 0.0
+    if s > gamma * top:  # the saddle point: the tilt whose mean is s (just short of the top, where it is infinite)
+        target, hi = min(float(s), top - 0.5), 1.0
+        while _tilted_mean(levels, logit, hi) < target and hi < 1e6:
+            hi *= 2.0
+        lo = 0.0
+        for _ in range(100):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if _tilted_mean(levels, logit, mid) < target else (lo, mid)
+        lam = lo
+    size = 1 << max(1, top).bit_length()  # >= top + 1: the FFT's circular convolution never wraps
+    spectrum = np.ones(size // 2 + 1, dtype=complex)
+    log_mgf = 0.0
+    for u, c in levels:
+        z = logit + lam * u  # the tilted green probability is expit(z)
+        log_q, log_p = -np.logaddexp(0.0, z), -np.logaddexp(0.0, -z)  # log(1 - expit(z)), log expit(z)
+        log_mgf += c * (math.log1p(-gamma) + float(np.logaddexp(0.0, z)))  # log E[exp(lam u X)] of one tuple
+        k = np.arange(c + 1)
+        log_comb = np.concatenate(([0.0], np.cumsum(np.log((c - k[:-1]) / (k[:-1] + 1.0)))))
+        arr = np.zeros(size)
+        arr[0:u * c + 1:u] = np.exp(log_comb + k * log_p + (c - k) * log_q)
+        spectrum *= np.fft.rfft(arr)
+    dist = np.clip(np.fft.irfft(spectrum, n=size)[: top + 1], 0.0, None)
+    tail = float(np.sum(np.exp(-lam * (np.arange(s, top + 1) - s)) * dist[s:]))
+    if tail <= 0.0:
+        return -math.inf
+    return min(0.0, log_mgf - lam * s + math.log(tail))
 
 
 def bonferroni(pvalues: Sequence[float]) -> list[float]:
