@@ -22,7 +22,9 @@ if TYPE_CHECKING:
 
 TEXT_HELP = f"""Test text for our watermark: which candidate key (account, cluster) it carries, if any.
 
-Each distinct (window, token) tuple is scored once, tuples of the prompt are dropped, and the p-value is the exact binomial tail; it is adjusted for the number of keys tried (Holm), so a key is named only when its adjusted p-value is below --alpha.
+Each distinct (window, token) tuple is scored once, tuples of the prompt are dropped, and the p-value is exact; it is adjusted for the number of keys tried (Holm), so a key is named only when its adjusted p-value is below --alpha.
+
+By default (--score weighted) each tuple counts by the evidence it can carry: the teacher (--tokenizer) reads the answer, and a token it would have written anyway counts little, one written against the odds counts up to 1 (its log-likelihood ratio under the watermarked sampler, from --delta and --temperature; wrong values cost power, never validity); the p-value is the exact tail of the weighted sum. --score count counts every tuple 1 (the binomial test).
 
 By default only the answer tokens the teacher was unsure of are scored, as serve's default watermark biases only those (entropy gate {DEFAULT_PARAMS.entropy:g} nats, with delta {DEFAULT_PARAMS.delta:g}: the setting that kept the teacher's accuracy, docs/results.md); the teacher (--tokenizer) recomputes the entropies. --entropy 0 scores every token (text served with --watermark-entropy 0).
 
