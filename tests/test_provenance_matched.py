@@ -51,19 +51,20 @@ def test_matched_sets_and_pooled_triples_against_a_naive_reference() -> None:
     kids = ["account/a/0", "account/b/0", "account/b/0", "account/c/0"]
     accts = ["a", "b", "b", "c"]
     per = matched_tuples(seqs, kids, 1, exclude={(8, 7)})
-    assert per == {"account/a/0": [(1, 2), (2, 3)], "account/b/0": [(2, 3), (3, 4), (1, 2)], "account/c/0": [(9, 8)]}
-    assert matched_tuples(seqs, kids, 1, exclude={(9, 8)})["account/c/0"] == []  # prompt tuples dropped
+    assert {k: v.tuples for k, v in per.items()} == \
+        {"account/a/0": [(1, 2), (2, 3)], "account/b/0": [(2, 3), (3, 4), (1, 2)], "account/c/0": [(9, 8)]}
+    assert matched_tuples(seqs, kids, 1, exclude={(9, 8)})["account/c/0"].tuples == []  # prompt tuples dropped
     parts = pooled_parts(seqs, kids, accts, ["a", "b"], 1, exclude=set())
     assert parts == {"account/a/0": per["account/a/0"], "account/b/0": per["account/b/0"]}  # (2,3) twice: two keys
     keys = _keys(SECRET, sorted(set(kids)))
     got = score_pooled(parts, keys, P, "group:a+b")
-    triples = [(k, t) for k, ts in parts.items() for t in ts]
+    triples = [(k, t) for k, sel in parts.items() for t in sel.tuples]
     green = sum(green_flags(keys[k], [t], P)[0] for k, t in triples)
     gamma = Fraction(P.threshold, 1 << 53)
     assert (got.scored, got.green) == (5, green)
     assert got.p == pytest.approx(float(binom_sf_reference(green, 5, gamma)), rel=1e-9)
     one = score_pooled({"account/b/0": per["account/b/0"]}, keys, P, "account/b/0")
-    plain = score_key(keys["account/b/0"], per["account/b/0"], P)
+    plain = score_key(keys["account/b/0"], per["account/b/0"].tuples, P)
     assert (one.scored, one.green, one.p) == (plain.scored, plain.green, plain.p)
     with pytest.raises(ValueError, match="key ids for"):
         matched_tuples(seqs, kids[:2], 1, exclude=set())
@@ -71,19 +72,24 @@ def test_matched_sets_and_pooled_triples_against_a_naive_reference() -> None:
 
 def test_group_p_value_under_the_null_is_exact_over_random_keys() -> None:
     """Fixed answers of a 2-account group (its accounts' answers share many tuples), 600 random secrets: the
-    share of p < 0.05 is about 0.05 (binomial 99.9% band), for the pooled group and for a matched key."""
+    share of p < 0.05 is about 0.05 (binomial 99.9% band), for the pooled group (counted and weighted) and for a
+    matched key."""
     seqs = _answers(40, 40, seed=0, vocab=40)  # a small vocabulary: tuples repeat across the two keys
     kids = [f"account/a{j % 2}/0" for j in range(40)]
     accts = [f"a{j % 2}" for j in range(40)]
     parts = pooled_parts(seqs, kids, accts, ["a0", "a1"], 1, exclude=set())
-    shared = set(parts["account/a0/0"]) & set(parts["account/a1/0"])
-    assert len(shared) > 100 and sum(len(t) for t in parts.values()) > 1000
-    group, single = [], []
+    shared = set(parts["account/a0/0"].tuples) & set(parts["account/a1/0"].tuples)
+    assert len(shared) > 100 and sum(len(t.tuples) for t in parts.values()) > 1000
+    levels = [[int(u) for u in np.random.default_rng(j).integers(0, 17, size=len(s))] for j, s in enumerate(seqs)]
+    weighted = pooled_parts(seqs, kids, accts, ["a0", "a1"], 1, exclude=set(), levels=levels)
+    assert [len(sel.levels or []) for sel in weighted.values()] == [len(sel.tuples) for sel in parts.values()]
+    group, single, wgroup = [], [], []
     for i in range(600):
         keys = _keys(f"null-secret-{i}", ["account/a0/0", "account/a1/0"])
         group.append(score_pooled(parts, keys, P, "g").p)
         single.append(score_pooled({"account/a0/0": parts["account/a0/0"]}, keys, P, "k").p)
-    for ps in (group, single):
+        wgroup.append(score_pooled(weighted, keys, P, "g").p)  # weights from the text, never the key: still exact
+    for ps in (group, single, wgroup):
         share = sum(p < 0.05 for p in ps) / len(ps)
         assert 0.015 < share < 0.09, share  # 600 draws at 0.05: mean 30, sd 5.3
         assert 0.4 < float(np.mean(ps)) < 0.6

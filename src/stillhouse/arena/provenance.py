@@ -35,7 +35,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from stillhouse.watermark.green import DEFAULT_PARAMS
 
@@ -73,6 +73,10 @@ class ProvenanceArenaConfig:
     entropy: float = DEFAULT_PARAMS.entropy
     """Watermark entropy gate in nats (serve's --watermark-entropy; 0 = none). The test scores the gated tokens
     of the student's answers, so it needs ``own_answers``."""
+    score: Literal["weighted", "count"] = "weighted"
+    """How the student's answers are scored (``provenance model --score``): weighted by the evidence each token can
+    carry (the default), or count (the binomial test; the arena runs in docs/results.md). With --no-own-answers the
+    student's predictions are scored, always counted."""
     epochs: int = 2
     """SFT epochs of the student."""
     lr: float = 1e-4
@@ -111,6 +115,8 @@ class ProvenanceArenaConfig:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.decoys < 0 or self.decoy_groups < 0:
             raise ValueError(f"decoys={self.decoys}, decoy_groups={self.decoy_groups}: must be >= 0")
+        if self.score not in ("weighted", "count"):
+            raise ValueError(f"score={self.score!r}: use weighted (the default) or count")
         if self.match_keys and not self.own_answers:
             raise ValueError("match_keys needs own_answers: the matched test scores the student's answers to the "
                              "questions in the guard's log (for the reading test give --no-own-answers "
@@ -180,8 +186,8 @@ def _retest(cfg: ProvenanceArenaConfig, out: Path, db_url: str, student: Path, g
             secret_file: str) -> str:
     """The command line that runs this run's test again on its guard log (with other options, or another suspect)."""
     env = f"STILLHOUSE_WATERMARK_SECRET=$(cat {secret_file}) " if secret_file else ""
-    test = (f"--mode open --reading own --answer-tokens {cfg.answer_tokens} --entropy {cfg.entropy:g}"
-            if cfg.own_answers else "--mode open --reading text")
+    test = (f"--mode open --reading own --answer-tokens {cfg.answer_tokens} --entropy {cfg.entropy:g} "
+            f"--score {cfg.score} --delta {cfg.delta:g}" if cfg.own_answers else "--mode open --reading text")
     source = db_url if cfg.own_answers else str(out.resolve() / "reading.jsonl")
     extra = " --match-keys" + "".join(f" --group {g}" for g in groups) if cfg.match_keys else ""
     return (f"{env}stillhouse provenance model {source} --log {db_url} --suspect hf:{student} {test} "
@@ -277,6 +283,7 @@ def _run(cfg: ProvenanceArenaConfig, out: Path, loaded: tuple[Any, Any, str] | N
                                             mode="open", reading="own" if cfg.own_answers else "text",
                                             answer_tokens=cfg.answer_tokens, tokenizer=cfg.teacher,
                                             gamma=cfg.gamma, context=cfg.context, entropy=cfg.entropy,
+                                            delta=cfg.delta, score=cfg.score if cfg.own_answers else "count",
                                             alpha=cfg.alpha, match_keys=cfg.match_keys, groups=groups,
                                             threads=cfg.threads))
     timings["test_s"] = time.perf_counter() - t

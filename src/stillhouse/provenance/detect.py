@@ -108,6 +108,25 @@ def unique_tuples(seqs: Iterable[Sequence[int]], context: int, exclude: set[Tupl
     return [tuple(seqs[j][i - context:i + 1]) for j, i in unique_positions(seqs, context, exclude, dedup, keep)]
 
 
+@dataclass
+class Selection:
+    """The distinct tuples to score and, for the weighted score, each one's weight level (None: count them)."""
+
+    tuples: list[Tuple]
+    levels: list[int] | None = None
+
+
+def select(seqs: Sequence[Sequence[int]], rows: Sequence[int], context: int,
+           exclude: set[Tuple] | frozenset[Tuple] = frozenset(), dedup: bool = True,
+           keep: Sequence[Sequence[bool]] | None = None, levels: Sequence[Sequence[int]] | None = None) -> Selection:
+    """:func:`unique_positions` of ``seqs[rows]`` as a :class:`Selection`; ``levels[j][i]`` is token ``i`` of
+    sequence ``j``'s weight level (:func:`weight_levels`), ``keep`` the gate, both indexed like ``seqs``."""
+    part = [seqs[j] for j in rows]
+    pos = unique_positions(part, context, exclude, dedup, None if keep is None else [keep[j] for j in rows])
+    return Selection([tuple(part[a][i - context:i + 1]) for a, i in pos],
+                     None if levels is None else [levels[rows[a]][i] for a, i in pos])
+
+
 def llr_weight(prob: float, delta: float, gamma: float) -> float:
     """``log P(token | green) / P(token | red)`` under a sampler that adds ``delta`` (already divided by the sampling
     temperature) to the green logits, for a token of probability ``prob`` without the watermark; the rest of the

@@ -12,6 +12,10 @@ as the source the suspect answers the same prompts, and
   answers": every member's answer is scored under the key that answered it, and the evidence is the
   distinct ``(key, window, token)`` triples; one exact binomial test per group.
 
+With weight levels (the weighted score of :mod:`.detect`) each tuple or triple carries its level and the exact
+test is that of the weighted sum; the levels come from the text and the teacher, never a key, so the argument below
+holds for them unchanged.
+
 Why it stays exact. Under H0 for key ``k`` the suspect never learned from ``k``'s answers, so what it
 writes does not depend on ``k``'s green lists. Which answers are scored for ``k`` depends only on the
 log (who asked what, which key id answered), the suspect and the teacher's entropy gate, never on
@@ -31,7 +35,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from stillhouse.provenance.detect import KeyScore, Tuple, binomial_score, unique_tuples
+from stillhouse.provenance.detect import KeyScore, Selection, Tuple, binomial_score, select, weighted_score
 from stillhouse.watermark.green import WatermarkParams, green_flags
 
 GivenBy = Literal["operator", "cluster"]
@@ -48,12 +52,6 @@ class Group:
     """Who said these accounts belong together: the operator (``--group``) or the detector (its cluster)."""
 
 
-def _subset_tuples(seqs: Sequence[Sequence[int]], rows: Sequence[int], context: int, exclude: set[Tuple],
-                   dedup: bool, keep: Sequence[Sequence[bool]] | None) -> list[Tuple]:
-    return unique_tuples([seqs[j] for j in rows], context, exclude=exclude, dedup=dedup,
-                         keep=None if keep is None else [keep[j] for j in rows])
-
-
 def _rows_by_key(key_ids: Sequence[str], rows: Sequence[int]) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     for j in rows:
@@ -62,34 +60,40 @@ def _rows_by_key(key_ids: Sequence[str], rows: Sequence[int]) -> dict[str, list[
 
 
 def matched_tuples(seqs: Sequence[Sequence[int]], key_ids: Sequence[str], context: int, exclude: set[Tuple],
-                   dedup: bool = True, keep: Sequence[Sequence[bool]] | None = None) -> dict[str, list[Tuple]]:
+                   dedup: bool = True, keep: Sequence[Sequence[bool]] | None = None,
+                   levels: Sequence[Sequence[int]] | None = None) -> dict[str, Selection]:
     """``{key id: the distinct tuples of the answers that key answered}``; ``key_ids[j]`` answered ``seqs[j]``."""
     if len(key_ids) != len(seqs):
         raise ValueError(f"{len(key_ids)} key ids for {len(seqs)} answers")
-    return {kid: _subset_tuples(seqs, rows, context, exclude, dedup, keep)
+    return {kid: select(seqs, rows, context, exclude, dedup, keep, levels)
             for kid, rows in _rows_by_key(key_ids, range(len(seqs))).items()}
 
 
 def pooled_parts(seqs: Sequence[Sequence[int]], key_ids: Sequence[str], accounts: Sequence[str],
                  members: Sequence[str], context: int, exclude: set[Tuple], dedup: bool = True,
-                 keep: Sequence[Sequence[bool]] | None = None) -> dict[str, list[Tuple]]:
+                 keep: Sequence[Sequence[bool]] | None = None,
+                 levels: Sequence[Sequence[int]] | None = None) -> dict[str, Selection]:
     """A group's evidence: ``{key id: distinct tuples}`` over the members' answers, each under the key that
     answered it (so the distinct ``(key, tuple)`` triples are what is scored)."""
     if not len(key_ids) == len(accounts) == len(seqs):
         raise ValueError(f"{len(seqs)} answers, {len(key_ids)} key ids, {len(accounts)} accounts: must be equal")
     wanted = set(members)
     rows = [j for j, a in enumerate(accounts) if a in wanted]
-    return {kid: _subset_tuples(seqs, r, context, exclude, dedup, keep) for kid, r in _rows_by_key(key_ids, rows).items()}
+    return {kid: select(seqs, r, context, exclude, dedup, keep, levels)
+            for kid, r in _rows_by_key(key_ids, rows).items()}
 
 
-def score_pooled(parts: Mapping[str, Sequence[Tuple]], keys: Mapping[str, int], params: WatermarkParams,
+def score_pooled(parts: Mapping[str, Selection], keys: Mapping[str, int], params: WatermarkParams,
                  name: str) -> KeyScore:
-    """Green triples among all of ``parts`` (each key's tuples under that key) and the exact binomial p-value."""
+    """Green triples among all of ``parts`` (each key's tuples under that key) and the exact p-value (binomial, or
+    of the weighted sum when the parts carry levels)."""
     missing = sorted(set(parts) - set(keys))
     if missing:
         raise ValueError(f"no key derived for {missing}")
-    green = sum(sum(green_flags(keys[kid], tuples, params)) for kid, tuples in parts.items())
-    return binomial_score(green, sum(len(t) for t in parts.values()), params, name)
+    flags = [f for kid, sel in parts.items() for f in green_flags(keys[kid], sel.tuples, params)]
+    if any(sel.levels is not None for sel in parts.values()):
+        return weighted_score(flags, [u for sel in parts.values() for u in sel.levels or []], params, name)
+    return binomial_score(sum(flags), len(flags), params, name)
 
 
 def check_groups(groups: Sequence[Group], known: Sequence[str]) -> None:

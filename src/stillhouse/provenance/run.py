@@ -15,14 +15,14 @@ from typing import Any, Literal
 from stillhouse.provenance.candidates import Candidate, derive_all, from_ids, from_log
 from stillhouse.provenance.detect import (
     KeyScore,
+    Selection,
     Tuple,
     prompt_tuples,
     score_keys,
-    unique_positions,
-    unique_tuples,
+    select,
     weight_levels,
 )
-from stillhouse.provenance.gate import AnswerView, gate_masks
+from stillhouse.provenance.gate import gate_masks
 from stillhouse.provenance.texts import Sample, load_samples
 from stillhouse.watermark.green import DEFAULT_PARAMS, WatermarkParams
 from stillhouse.watermark.keys import SECRET_ENV, load_secret
@@ -65,6 +65,15 @@ class ScoringConfig:
     """Score each distinct (window, token) tuple once. Turning it off makes p-values invalid (for demonstration only)."""
     alpha: float = 1e-3
     """Family-wise level at which a key is named as the source (Holm-adjusted p below this)."""
+    score: Literal["weighted", "count"] | None = None
+    """weighted: each scored answer token weighted by the evidence it can carry, from the probability the teacher
+    (--tokenizer) gave it (a token it would have written anyway says little; one written against the odds, much),
+    the p-value the exact tail of the weighted sum (docs/results.md: 78/96 answers at p < 1e-5 within 200 tokens
+    against 71/96 counted; a student of 100% watermarked data 1e-17 against 1e-12); count: every scored token counts
+    1, the binomial test. Unset (none): weighted for answers (text; model --reading own or closed), count for model
+    --reading text (it scores predictions, not answers)."""
+    delta: float = DEFAULT_PARAMS.delta
+    """Delta used when generating (as served: --watermark-delta); the weighted score's weights depend on it."""
 
     def __post_init__(self) -> None:
         if not self.source:
@@ -77,6 +86,15 @@ class ScoringConfig:
             raise ValueError(f"alpha={self.alpha}: must be in (0, 1), e.g. 1e-3")
         if not self.log and not self.key_ids:
             raise ValueError("no candidate keys: give --log sqlite:///guard.db (its key ids) or --key-ids ID,...")
+        if self.score not in (None, "weighted", "count"):
+            raise ValueError(f"score={self.score!r}: use weighted (the default for answers) or count")
+        WatermarkParams(delta=self.delta)  # raises naming the field
+
+    def _check_weights(self) -> None:
+        """The weighted score needs a delta (each subclass calls this once its own fields are checked)."""
+        if self.weighted and self.delta <= 0:
+            raise ValueError("delta=0: the weighted score needs the delta the answers were generated with "
+                             "(serve's --watermark-delta), or use --score count")
 
     @property
     def gate(self) -> float:
@@ -86,21 +104,19 @@ class ScoringConfig:
         return DEFAULT_PARAMS.entropy if self.entropy is None else self.entropy
 
     @property
+    def weighted(self) -> bool:
+        """Whether the weighted score applies: ``score``, or by default for answers."""
+        return self.score == "weighted" or self.score is None
+
+    @property
     def params(self) -> WatermarkParams:
-        return WatermarkParams(gamma=self.gamma, context=self.context, entropy=self.gate)
+        return WatermarkParams(gamma=self.gamma, delta=self.delta, context=self.context, entropy=self.gate)
 
 
 @dataclass(frozen=True)
 class ProvenanceConfig(ScoringConfig):
     """What ``stillhouse provenance text`` tests, against which keys, with which score."""
 
-    score: Literal["weighted", "count"] = "weighted"
-    """weighted: each scored token weighted by the evidence it can carry, from the probability the teacher (--tokenizer)
-    gave it (a token it would have written anyway says little; one written against the odds, much), the exact tail
-    of the weighted sum (82/96 development answers at p < 1e-5 within 200 tokens, against 72/96 counted,
-    docs/results.md); count: every scored token counts 1, the binomial test (no teacher pass without a gate)."""
-    delta: float = DEFAULT_PARAMS.delta
-    """Delta used when generating (as served: --watermark-delta); the weighted score's weights depend on it."""
     temperature: float = 1.0
     """Temperature the answers were sampled at (the weighted score's weights; 1 = the API's default). A wrong value
     costs power, never validity."""
@@ -110,19 +126,10 @@ class ProvenanceConfig(ScoringConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.score not in ("weighted", "count"):
-            raise ValueError(f"score={self.score!r}: use weighted (the default) or count")
-        WatermarkParams(delta=self.delta)  # raises naming the field
-        if self.score == "weighted" and self.delta <= 0:
-            raise ValueError("delta=0: the weighted score needs the delta the answers were generated with "
-                             "(serve's --watermark-delta), or use --score count")
         if not 0.0 < self.temperature <= 10.0:
             raise ValueError(f"temperature={self.temperature}: the answers' sampling temperature, in (0, 10] "
                              "(1 if unknown)")
-
-    @property
-    def params(self) -> WatermarkParams:
-        return WatermarkParams(gamma=self.gamma, delta=self.delta, context=self.context, entropy=self.gate)
+        self._check_weights()
 
 
 @dataclass(frozen=True)
@@ -183,6 +190,9 @@ class SuspectConfig(ScoringConfig):
         if self.entropy and self.reads_text:
             raise ValueError(f"entropy={self.entropy:g}: the gate scores answer text (--reading own, or closed mode); "
                              "reading SOURCE's texts scores every prediction, so leave --entropy out (or give 0)")
+        if self.score == "weighted" and self.reads_text:
+            raise ValueError("score=weighted weighs answer tokens (--reading own, or closed mode); reading SOURCE's "
+                             "texts scores predictions, so leave --score out (or give count)")
         for name in ("reading_max_len", "batch_size", "answer_tokens", "concurrency"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
@@ -197,6 +207,7 @@ class SuspectConfig(ScoringConfig):
             if self.resolved_mode == "open" and self.reading != "own":
                 raise ValueError("match_keys scores the suspect's answers: use --reading own (or closed mode)")
             operator_groups(self.groups)  # raises naming a malformed group
+        self._check_weights()
 
     @property
     def resolved_mode(self) -> Literal["open", "closed"]:
@@ -215,6 +226,11 @@ class SuspectConfig(ScoringConfig):
     def gate(self) -> float:
         """As :attr:`ScoringConfig.gate`, but no gate by default when the suspect reads SOURCE's texts."""
         return 0.0 if self.entropy is None and self.reads_text else super().gate
+
+    @property
+    def weighted(self) -> bool:
+        """As :attr:`ScoringConfig.weighted`, but never when the suspect reads SOURCE's texts."""
+        return super().weighted and not self.reads_text
 
 
 def candidates_for(cfg: ScoringConfig) -> list[Candidate]:
@@ -240,7 +256,8 @@ def _report(cfg: ScoringConfig, scores: list[KeyScore], candidates: list[Candida
     return {
         **extra,
         "keys_tried": len(scores),
-        "params": {"gamma": cfg.gamma, "context": cfg.context, "entropy": cfg.gate},
+        "params": {"gamma": cfg.gamma, "context": cfg.context, "entropy": cfg.gate, "delta": cfg.delta},
+        "test": "weighted" if cfg.weighted else "binomial",
         "best": best.to_json() | {"accounts": accounts.get(best.key_id, [])} if best else None,
         "named": named,
         "verdict": (f"{best.key_id} (accounts {', '.join(accounts.get(best.key_id, [])) or '-'}): Holm-adjusted "
@@ -270,61 +287,46 @@ def text_provenance(cfg: ProvenanceConfig) -> dict[str, Any]:
     prompts = [_prompt_ids(tok, s) if s.prompt else [] for s in samples]
     extra: dict[str, Any] = {"source": cfg.source, "samples": len(samples), "empty": len(loaded) - len(samples),
                              "tokens": sum(map(len, seqs))}
-    weighted = cfg.score == "weighted"
-    views = _views(cfg, tok, samples, seqs, cfg.temperature) if weighted or cfg.gate > 0 else None
-    keep = _gate(cfg, views, extra)
-    levels = None
-    if views is not None and weighted:
-        levels = [weight_levels(v.prob, cfg.delta / cfg.temperature, cfg.gamma) for v in views]
+    keep, levels = _read(cfg, tok, samples, seqs, extra, cfg.temperature)
     keys = derive_all(secret, candidates)
 
-    def scored(idx: list[int]) -> tuple[list[Tuple], list[int] | None]:
-        """The distinct tuples of samples ``idx`` (their prompts' tuples dropped) and their weight levels."""
-        part = [seqs[j] for j in idx]
-        pos = unique_positions(part, cfg.context, exclude=prompt_tuples([prompts[j] for j in idx], cfg.context),
-                               dedup=cfg.dedup, keep=None if keep is None else [keep[j] for j in idx])
-        tuples = [tuple(part[a][i - cfg.context:i + 1]) for a, i in pos]
-        return tuples, None if levels is None else [levels[idx[a]][i] for a, i in pos]
+    def scored(idx: list[int]) -> Selection:
+        """The distinct tuples of samples ``idx``, their prompts' tuples dropped (and their weight levels)."""
+        return select(seqs, idx, cfg.context, prompt_tuples([prompts[j] for j in idx], cfg.context), cfg.dedup,
+                      keep, levels)
 
-    tuples, weights = scored(list(range(len(seqs))))
-    scores = score_keys(tuples, keys, cfg.params, weights)
+    sel = scored(list(range(len(seqs))))
+    scores = score_keys(sel.tuples, keys, cfg.params, sel.levels)
     if cfg.per_sample:  # the same tuples as a one-row source would give
         extra["per_sample"] = []
         for j, ids in enumerate(seqs):
-            own, own_weights = scored([j])
-            extra["per_sample"].append(_report(cfg, score_keys(own, keys, cfg.params, own_weights), candidates,
-                                               {"sample": rows[j], "tokens": len(ids), "scored": len(own)}))
-    return _report(cfg, scores, candidates, extra | {"scored": len(tuples), "test": cfg.score,
+            own = scored([j])
+            extra["per_sample"].append(_report(cfg, score_keys(own.tuples, keys, cfg.params, own.levels), candidates,
+                                               {"sample": rows[j], "tokens": len(ids), "scored": len(own.tuples)}))
+    return _report(cfg, scores, candidates, extra | {"scored": len(sel.tuples),
                                                      "wall_s": round(time.perf_counter() - t0, 2)})
 
 
-def _views(cfg: ScoringConfig, tok: Any, samples: list[Sample], seqs: list[list[int]], temperature: float = 1.0
-           ) -> list[AnswerView]:
-    """The teacher (``cfg.tokenizer``) reads each prompt (as served) and answer: entropies and token probabilities."""
+def _read(cfg: ScoringConfig, tok: Any, samples: list[Sample], seqs: list[list[int]], extra: dict[str, Any],
+          temperature: float = 1.0) -> tuple[list[list[bool]] | None, list[list[int]] | None]:
+    """The teacher (``cfg.tokenizer``) reads each prompt (as served) and answer, when the gate or the weighted score
+    needs it: which tokens the gate lets through (None without a gate; ``extra["gated_tokens"]`` counts them), and
+    each token's weight level at the answers' sampling ``temperature`` (None for the count)."""
+    if cfg.gate <= 0 and not cfg.weighted:
+        return None, None
     from stillhouse.provenance.gate import answer_views
     from stillhouse.teacher.bundled import load_model
     from stillhouse.teacher.local import encode_chat
 
     model, _, _ = load_model(cfg.tokenizer)
     rows = [(encode_chat(tok, s.prompt) if s.prompt else [], ids) for s, ids in zip(samples, seqs)]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    return answer_views(model, rows, temperature, pad_id=pad)
-
-
-def _gate(cfg: ScoringConfig, views: list[AnswerView] | None, extra: dict[str, Any]) -> list[list[bool]] | None:
-    """Which answer tokens the entropy gate lets through (None without a gate; ``extra["gated_tokens"]`` counts
-    them)."""
-    if cfg.gate <= 0 or views is None:
-        return None
-    keep = gate_masks(views, cfg.gate)
-    extra["gated_tokens"] = sum(map(sum, keep))
-    return keep
-
-
-def _gated(cfg: ScoringConfig, tok: Any, samples: list[Sample], seqs: list[list[int]], extra: dict[str, Any]
-           ) -> list[list[bool]] | None:
-    """The entropy gate's flags for answers (None without a gate): the teacher reads each prompt and answer."""
-    return _gate(cfg, _views(cfg, tok, samples, seqs) if cfg.gate > 0 else None, extra)
+    views = answer_views(model, rows, temperature, pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
+    keep = None
+    if cfg.gate > 0:
+        keep = gate_masks(views, cfg.gate)
+        extra["gated_tokens"] = sum(map(sum, keep))
+    levels = [weight_levels(v.prob, cfg.delta / temperature, cfg.gamma) for v in views] if cfg.weighted else None
+    return keep, levels
 
 
 def _prompt_ids(tok: Any, s: Sample) -> list[int]:
@@ -360,16 +362,17 @@ def model_provenance(cfg: SuspectConfig) -> dict[str, Any]:
         if cfg.reading == "own":
             asked = [s for s in samples if s.prompt]
             prompts, written = own_answers(model, stok, samples, cfg.answer_tokens)
-            keep = _gated(cfg, tok, asked, written, extra)
+            keep, levels = _read(cfg, tok, asked, written, extra)
             exclude = prompt_tuples(prompts, cfg.context)
             extra.update(revision=revision, reading="own", answers=len(written), tokens=sum(map(len, written)))
             if cfg.match_keys:
-                return _matched(cfg, asked, written, exclude, keep, secret, candidates, extra, t0)
-            tuples = unique_tuples(written, cfg.context, exclude=exclude, dedup=cfg.dedup, keep=keep)
+                return _matched(cfg, asked, written, exclude, keep, levels, secret, candidates, extra, t0)
+            sel = select(written, range(len(written)), cfg.context, exclude, cfg.dedup, keep, levels)
         else:
             inputs = reading_inputs(tok, samples, cfg.reading_max_len)
             tuples, counts = reading_tuples(model, inputs, cfg.context, cfg.batch_size,
                                             tok.pad_token_id if tok.pad_token_id is not None else 0)
+            sel = Selection(tuples)
             extra.update(revision=revision, reading="text", texts_read=len(inputs), **counts)
     else:
         from dataclasses import replace
@@ -380,19 +383,19 @@ def model_provenance(cfg: SuspectConfig) -> dict[str, Any]:
         answered = [replace(s, text=a, token_ids=None) for s, a in zip(asked, answers)]
         seqs = _ids(tok, answered, 0)
         exclude = prompt_tuples((_prompt_ids(tok, s) for s in asked), cfg.context)
-        keep = _gated(cfg, tok, answered, seqs, extra)
+        keep, levels = _read(cfg, tok, answered, seqs, extra)
         extra.update(answers=len(answers), tokens=sum(map(len, seqs)))
         if cfg.match_keys:
-            return _matched(cfg, asked, seqs, exclude, keep, secret, candidates, extra, t0)
-        tuples = unique_tuples(seqs, cfg.context, exclude=exclude, dedup=cfg.dedup, keep=keep)
-    scores = score_keys(tuples, derive_all(secret, candidates), cfg.params)
-    extra.update(scored=len(tuples), wall_s=round(time.perf_counter() - t0, 2))
+            return _matched(cfg, asked, seqs, exclude, keep, levels, secret, candidates, extra, t0)
+        sel = select(seqs, range(len(seqs)), cfg.context, exclude, cfg.dedup, keep, levels)
+    scores = score_keys(sel.tuples, derive_all(secret, candidates), cfg.params, sel.levels)
+    extra.update(scored=len(sel.tuples), wall_s=round(time.perf_counter() - t0, 2))
     return _report(cfg, scores, candidates, extra)
 
 
 def _matched(cfg: SuspectConfig, asked: list[Sample], seqs: list[list[int]], exclude: set[Tuple],
-             keep: list[list[bool]] | None, secret: bytes, candidates: list[Candidate], extra: dict[str, Any],
-             t0: float) -> dict[str, Any]:
+             keep: list[list[bool]] | None, levels: list[list[int]] | None, secret: bytes,
+             candidates: list[Candidate], extra: dict[str, Any], t0: float) -> dict[str, Any]:
     """--match-keys: each candidate key on the answers to its own prompts, each group pooled over its members'
     answers under their keys; Holm over keys and groups together (provenance/matched.py)."""
     from stillhouse.provenance.candidates import clusters_from_log
@@ -417,11 +420,12 @@ def _matched(cfg: SuspectConfig, asked: list[Sample], seqs: list[list[int]], exc
             if len(present) >= 2:
                 groups.append(Group(f"cluster:{cid}", present, "cluster"))
     keys = derive_all(secret, [*candidates, *(Candidate(k) for k in sorted(set(key_ids)))])
-    per_key = matched_tuples(seqs, key_ids, cfg.context, exclude, dedup=cfg.dedup, keep=keep)
-    key_scores = [score_pooled({c.key_id: per_key.get(c.key_id, [])}, keys, cfg.params, c.key_id)
+    per_key = matched_tuples(seqs, key_ids, cfg.context, exclude, dedup=cfg.dedup, keep=keep, levels=levels)
+    nothing = Selection([], None if levels is None else [])
+    key_scores = [score_pooled({c.key_id: per_key.get(c.key_id, nothing)}, keys, cfg.params, c.key_id)
                   for c in candidates]
-    parts = [pooled_parts(seqs, key_ids, accounts, g.accounts, cfg.context, exclude, dedup=cfg.dedup, keep=keep)
-             for g in groups]
+    parts = [pooled_parts(seqs, key_ids, accounts, g.accounts, cfg.context, exclude, dedup=cfg.dedup, keep=keep,
+                          levels=levels) for g in groups]
     group_scores = [score_pooled(p, keys, cfg.params, g.name) for g, p in zip(groups, parts)]
     adjust([*key_scores, *group_scores])
     report = _report(cfg, sorted(key_scores, key=lambda s: (s.p, -s.rate, s.key_id)), candidates, extra)
@@ -434,7 +438,7 @@ def _matched(cfg: SuspectConfig, asked: list[Sample], seqs: list[list[int]], exc
     named = [r for r in hyps if r["p_holm"] < cfg.alpha]
     n = len(hyps)
     report.update(
-        match_keys=True, hypotheses=n, scored=sum(len(t) for t in per_key.values()),
+        match_keys=True, hypotheses=n, scored=sum(len(t.tuples) for t in per_key.values()),
         best=hyps[0] if hyps else None, named=bool(named), named_hypotheses=[r["name"] for r in named],
         named_accounts=sorted({a for r in named for a in r["accounts"]}),
         verdict=("; ".join(f"{r['name']} (accounts {', '.join(r['accounts']) or '-'}): Holm-adjusted p = "
