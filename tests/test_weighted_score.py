@@ -172,3 +172,18 @@ def test_provenance_text_weighted_per_sample(tmp_path: Path, monkeypatch: pytest
         ProvenanceConfig(source=str(src), temperature=0.0, **cfg)
     with pytest.raises(ValueError, match="delta=0"):
         ProvenanceConfig(source=str(src), delta=0.0, **cfg)
+
+
+def test_suspect_scoring_defaults_weighted_for_answers_and_count_for_reading_text() -> None:
+    from stillhouse.provenance.run import SuspectConfig
+
+    base = {"source": "x.jsonl", "key_ids": ("account/a/0",), "suspect": "bundled"}
+    assert SuspectConfig(**base, reading="own").weighted
+    assert SuspectConfig(**base, reading="own", score="count").weighted is False
+    assert SuspectConfig(source="x.jsonl", key_ids=("account/a/0",), suspect="http://127.0.0.1:9/v1").weighted
+    assert not SuspectConfig(**base).weighted  # reading text scores predictions: counted
+    with pytest.raises(ValueError, match="score=weighted weighs answer tokens"):
+        SuspectConfig(**base, score="weighted")
+    with pytest.raises(ValueError, match="delta=0"):
+        SuspectConfig(**base, reading="own", delta=0.0)
+    assert SuspectConfig(**base, reading="own", delta=0.0, score="count").params.delta == 0.0
