@@ -23,8 +23,8 @@ import pytest
 from stillhouse.guard.app import create_app
 from stillhouse.guard.config import GuardConfig, sha256_hex
 from stillhouse.guard.events import AccountInfo, TrafficRecord, Verdict
-from stillhouse.http.server import ServerThread, start_in_thread
 from stillhouse.guard.store import open_store
+from stillhouse.http.server import ServerThread, start_in_thread
 from stillhouse.testing.fakeserver import FakeServerConfig
 from stillhouse.testing.fakeserver import start_in_thread as start_fake
 

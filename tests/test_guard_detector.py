@@ -187,8 +187,8 @@ def _scored_records() -> tuple[list[Any], dict[str, Any]]:
 
 async def test_process_detector_gives_exactly_the_inline_verdicts(detector_dir: Path) -> None:
     """Same records, same order: the child's verdicts equal an inline detector's, one per record."""
-    from stillhouse.guard.detect.remote import ProcessDetector
     from stillhouse.guard.detect.load import load_detector
+    from stillhouse.guard.detect.remote import ProcessDetector
 
     records, infos = _scored_records()
     inline = load_detector(detector_dir)

@@ -13,8 +13,8 @@ import json
 from stillhouse.distill.harvest import HarvestConfig, run_harvest
 from stillhouse.distill.prompts import load_prompts
 from stillhouse.distill.store import HarvestStore
-from stillhouse.testing.fakeserver import FakeServerConfig, choose_fault, parse_faults, start_in_thread
 from stillhouse.teacher.openai import OpenAITeacher
+from stillhouse.testing.fakeserver import FakeServerConfig, choose_fault, parse_faults, start_in_thread
 
 N = 120
 

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from stillhouse.guard.upstream import Http1Upstream, UpstreamTimeout, UpstreamUnavailable
-from stillhouse.http.errors import BadResponse, ConnectFailed, TimedOut
 from stillhouse.http.client import HTTP1Pool, RawHTTPTransport
+from stillhouse.http.errors import BadResponse, ConnectFailed, TimedOut
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, dict[str, Any]], Awaitable[None]]
 

@@ -15,9 +15,9 @@ from stillhouse.teacher.base import (
     TeacherResponseError,
     TeacherTimeout,
 )
-from stillhouse.testing.fakeserver import FakeServerConfig, choose_fault, parse_faults, start_in_thread
 from stillhouse.teacher.openai import OpenAITeacher, parse_retry_after
 from stillhouse.teacher.spec import make_teacher
+from stillhouse.testing.fakeserver import FakeServerConfig, choose_fault, parse_faults, start_in_thread
 
 MSGS = [{"role": "user", "content": "What is 12 + 30? Reply with just the number."}]
 

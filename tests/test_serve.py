@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 
+from stillhouse.serve.app import ServeConfig, ServerThread, create_app
 from stillhouse.teacher.base import SamplingParams
 from stillhouse.teacher.fake import FakeTeacher
 from stillhouse.teacher.local import LocalTeacher
-from stillhouse.serve.app import ServeConfig, ServerThread, create_app
 
 HI = [{"role": "user", "content": "Say hi."}]
 

@@ -75,8 +75,8 @@ def run_demo(upstream: str | None = None, fake: bool = False, prompt: str = "Wha
     """Run the demo; returns the logged traffic record."""
     from stillhouse.guard.app import create_app
     from stillhouse.guard.config import GuardConfig, sha256_hex
-    from stillhouse.http.server import start_in_thread
     from stillhouse.guard.store import open_store
+    from stillhouse.http.server import start_in_thread
 
     work = Path(tempfile.mkdtemp(prefix="stillhouse-guard-demo-"))
     proc = None

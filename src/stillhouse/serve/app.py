@@ -62,8 +62,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from stillhouse.http.asgi import RequestError, content_length, loads_strict, read_body
 from stillhouse.http.server import ServerThread, bind_socket
-from stillhouse.teacher.base import ChatResult, Completion, Teacher
-from stillhouse.watermark.green import DEFAULT_PARAMS, RowWatermark, WatermarkParams
 from stillhouse.serve.schema import (
     APIError,
     ChatRequest,
@@ -74,8 +72,10 @@ from stillhouse.serve.schema import (
     parse_chat_request,
 )
 from stillhouse.serve.stream import SSEStream, wait_disconnect
+from stillhouse.teacher.base import ChatResult, Completion, Teacher
 from stillhouse.teacher.message import field_reasoning, parse_tool_calls, split_think
 from stillhouse.teacher.template import TemplateTraits, render_ids, traits
+from stillhouse.watermark.green import DEFAULT_PARAMS, RowWatermark, WatermarkParams
 from stillhouse.watermark.keys import APPLIED_HEADER
 
 __all__ = ["ChatServer", "ServeConfig", "ServerThread", "create_app", "load_teacher", "run"]

@@ -23,8 +23,6 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from stillhouse.http.asgi import Receive, Scope, Send
-from stillhouse.teacher.base import ChatResult, Completion
-from stillhouse.teacher.message import ThinkSplitter, field_reasoning, parse_tool_calls
 from stillhouse.serve.schema import (
     ChatRequest,
     chunk_json,
@@ -32,13 +30,14 @@ from stillhouse.serve.schema import (
     new_completion_id,
     usage_json,
 )
-
+from stillhouse.teacher.base import ChatResult, Completion
+from stillhouse.teacher.message import ThinkSplitter, field_reasoning, parse_tool_calls
 from stillhouse.watermark.keys import APPLIED_HEADER
 
 if TYPE_CHECKING:
+    from stillhouse.serve.app import ChatServer
     from stillhouse.teacher.batcher import StepEvent
     from stillhouse.watermark.green import RowWatermark
-    from stillhouse.serve.app import ChatServer
 
 log = logging.getLogger(__name__)
 
