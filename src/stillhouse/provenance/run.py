@@ -253,17 +253,18 @@ def _report(cfg: ScoringConfig, scores: list[KeyScore], candidates: list[Candida
     accounts = {c.key_id: sorted(c.accounts) for c in candidates}
     best = scores[0] if scores else None
     named = best is not None and best.p_holm < cfg.alpha
+    test = "weighted" if cfg.weighted else "binomial"
     return {
         **extra,
         "keys_tried": len(scores),
         "params": {"gamma": cfg.gamma, "context": cfg.context, "entropy": cfg.gate, "delta": cfg.delta},
-        "test": "weighted" if cfg.weighted else "binomial",
+        "test": test,
         "best": best.to_json() | {"accounts": accounts.get(best.key_id, [])} if best else None,
         "named": named,
         "verdict": (f"{best.key_id} (accounts {', '.join(accounts.get(best.key_id, [])) or '-'}): Holm-adjusted "
-                    f"p = {best.p_holm:.3g} over {len(scores)} keys" if best and named else
+                    f"p = {best.p_holm:.3g} over {len(scores)} keys, {test} test" if best and named else
                     f"no key at family-wise level {cfg.alpha:g} (smallest Holm-adjusted p "
-                    f"{best.p_holm if best else 1.0:.3g} over {len(scores)} keys)"),
+                    f"{best.p_holm if best else 1.0:.3g} over {len(scores)} keys, {test} test)"),
         "scores": [s.to_json() | {"accounts": accounts.get(s.key_id, [])} for s in scores],
     }
 
