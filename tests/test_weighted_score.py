@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from stillhouse.provenance.detect import (
+    GREEDY_TEMPERATURE,
     llr_weight,
     score_key,
     tokens_to_detect,
@@ -96,21 +97,30 @@ def test_weighted_p_values_are_valid_on_text_no_key_saw() -> None:
     assert float(np.mean(ps <= 0.5)) > 0.4  # not conservative to the point of uselessness
 
 
-def _sampled(key: int, steps: int, rng: np.random.Generator, certain: float = 0.6) -> tuple[list[int], list[float]]:
+def _sampled(key: int, steps: int, rng: np.random.Generator, certain: float = 0.6,
+             greedy: bool = False) -> tuple[list[int], list[float]]:
     """A watermarked sampler (delta added to the green logits) over a 2,000-token vocabulary whose positions are
     near-certain (one token at ~0.92; a share ``certain`` of them, at random) or flat; returns the tokens and each
-    token's probability without the watermark."""
+    token's probability without the watermark. ``greedy``: the argmax of the biased logits (plain logits drawn
+    at random, a clear first choice where certain), probabilities at :data:`GREEDY_TEMPERATURE`."""
     vocab = 2000
     hashes = token_hashes(vocab)
     ids, probs = [int(rng.integers(vocab))], [math.nan]
     for _ in range(steps):
-        logits = np.zeros(vocab)
+        logits = rng.normal(size=vocab) if greedy else np.zeros(vocab)
         if rng.random() < certain:
             logits[int(rng.integers(vocab))] = 10.0
-        plain = np.exp(logits - logits.max())
+        green = green_mask(key, ids[-1:], hashes, P)
+        if greedy:
+            tok = int(np.argmax(logits + P.delta * green))
+            z = logits / GREEDY_TEMPERATURE
+        else:
+            z = logits
+        plain = np.exp(z - z.max())
         plain /= plain.sum()
-        biased = plain * np.exp(P.delta * green_mask(key, ids[-1:], hashes, P))
-        tok = int(rng.choice(vocab, p=biased / biased.sum()))
+        if not greedy:
+            biased = plain * np.exp(P.delta * green)
+            tok = int(rng.choice(vocab, p=biased / biased.sum()))
         ids.append(tok)
         probs.append(float(plain[tok]))
     return ids, probs
@@ -125,6 +135,16 @@ def test_weights_add_power_where_some_positions_are_near_certain() -> None:
         tuples = unique_tuples([ids], 1)
         levels = weight_levels(probs, P.delta, P.gamma)
         pos = unique_positions([ids], 1)
+        count_logs.append(score_key(key, tuples, P).log10_p)
+        weighted_logs.append(score_key(key, tuples, P, levels=[levels[i] for _, i in pos]).log10_p)
+    assert np.median(weighted_logs) < np.median(count_logs) - 1.0, (weighted_logs, count_logs)
+    # greedy decoding: a token that is not the plain first choice was written because it is green
+    count_logs, weighted_logs = [], []
+    for _ in range(12):
+        ids, probs = _sampled(key, 120, rng, certain=0.3, greedy=True)
+        pos = unique_positions([ids], 1)
+        tuples = [tuple(ids[i - 1:i + 1]) for _, i in pos]
+        levels = weight_levels(probs, P.delta / GREEDY_TEMPERATURE, P.gamma)
         count_logs.append(score_key(key, tuples, P).log10_p)
         weighted_logs.append(score_key(key, tuples, P, levels=[levels[i] for _, i in pos]).log10_p)
     assert np.median(weighted_logs) < np.median(count_logs) - 1.0, (weighted_logs, count_logs)
@@ -168,8 +188,8 @@ def test_provenance_text_weighted_per_sample(tmp_path: Path, monkeypatch: pytest
     assert report["per_sample"][0]["named"] and not report["per_sample"][1]["named"]
     with pytest.raises(ValueError, match="score='z'"):
         ProvenanceConfig(source=str(src), score="z", **cfg)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="temperature=0"):
-        ProvenanceConfig(source=str(src), temperature=0.0, **cfg)
+    with pytest.raises(ValueError, match="temperature=-1"):
+        ProvenanceConfig(source=str(src), temperature=-1.0, **cfg)
     with pytest.raises(ValueError, match="delta=0"):
         ProvenanceConfig(source=str(src), delta=0.0, **cfg)
 
@@ -187,3 +207,24 @@ def test_suspect_scoring_defaults_weighted_for_answers_and_count_for_reading_tex
     with pytest.raises(ValueError, match="delta=0"):
         SuspectConfig(**base, reading="own", delta=0.0)
     assert SuspectConfig(**base, reading="own", delta=0.0, score="count").params.delta == 0.0
+
+
+def test_sources_carry_the_temperature_their_answers_were_sampled_at(tmp_path: Path) -> None:
+    """The weighted score's weights use each answer's own temperature where the source recorded it."""
+    from stillhouse.guard.events import TrafficRecord
+    from stillhouse.guard.store import open_store
+    from stillhouse.provenance.texts import load_samples
+
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in (
+        {"text": "a", "temperature": 0.7}, {"text": "b"}, {"text": "c", "temperature": "hot"},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "d"}], "temperature": 0})))
+    assert [s.temperature for s in load_samples(src)] == [0.7, None, None, 0.0]
+    url = f"sqlite:///{tmp_path / 'guard.db'}"
+    store = open_store(url)
+    store.write_records([TrafficRecord(request_id=f"r{i}", ts=float(i), account_id="a", key_id="k",
+                                       messages=[{"role": "user", "content": "q"}], response_text="x",
+                                       watermark_key_id="account/a/0", params=params)
+                         for i, params in enumerate(({"temperature": 0.2}, {}, {"temperature": 0}))])
+    store.close()
+    assert [s.temperature for s in load_samples(url)] == [0.2, 1.0, 0.0]  # absent: the API's default, 1

@@ -34,6 +34,10 @@ from stillhouse.watermark.green import WatermarkParams, green_flags, scored_tupl
 
 Tuple = tuple[int, ...]
 
+GREEDY_TEMPERATURE = 0.1
+"""Greedy answers (temperature 0) are weighed as if sampled at this: a token that is not the teacher's first choice
+(written only because the watermark raised it) counts fully, its first choice by a clear margin about nothing."""
+
 WEIGHT_LEVELS = 16
 """Integer weight levels of the weighted score (a token's evidence rounded to 1/16 of the most a token can carry;
 4 levels scored the development answers within 0.2 of log10 p of 16)."""

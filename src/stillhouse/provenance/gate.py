@@ -32,17 +32,22 @@ class AnswerView:
     """The probability of the token that was written, at the sampling temperature."""
 
 
-def answer_views(model: Any, rows: Sequence[tuple[Sequence[int], Sequence[int]]], temperature: float = 1.0,
-                 batch_size: int = 8, pad_id: int = 0) -> list[AnswerView]:
-    """For each ``(prompt ids, answer ids)``: the teacher's :class:`AnswerView` of every answer token.
+def answer_views(model: Any, rows: Sequence[tuple[Sequence[int], Sequence[int]]],
+                 temperature: float | Sequence[float] = 1.0, batch_size: int = 8, pad_id: int = 0) -> list[AnswerView]:
+    """For each ``(prompt ids, answer ids)``: the teacher's :class:`AnswerView` of every answer token, the
+    probabilities at ``temperature`` (one for all rows, or one per row).
 
     Position ``i`` describes the distribution that predicts ``answer[i]`` (from the prompt and ``answer[:i]``)."""
     import torch
 
     from stillhouse.watermark.green import next_token_entropy
 
-    if not temperature > 0:
-        raise ValueError(f"temperature={temperature}: the answers' sampling temperature must be > 0 (1 if unknown)")
+    temps = [float(temperature)] * len(rows) if isinstance(temperature, (int, float)) else list(temperature)
+    if len(temps) != len(rows):
+        raise ValueError(f"{len(temps)} temperatures for {len(rows)} answers")
+    for t in temps:
+        if not t > 0:
+            raise ValueError(f"temperature={t}: the answers' sampling temperature must be > 0 (1 if unknown)")
     out: list[AnswerView] = []
     for start in range(0, len(rows), batch_size):
         chunk = [(list(p), list(a)) for p, a in rows[start:start + batch_size]]
@@ -60,7 +65,8 @@ def answer_views(model: Any, rows: Sequence[tuple[Sequence[int], Sequence[int]]]
             logits = model(input_ids=batch, attention_mask=mask, use_cache=False).logits.float()
             ent = next_token_entropy(logits)
             nxt = torch.cat([batch[:, 1:], batch[:, :1]], dim=1)  # position t predicts token t + 1
-            prob = torch.log_softmax(logits / temperature, dim=-1).gather(-1, nxt[..., None])[..., 0].exp()
+            temp = torch.tensor(temps[start:start + len(chunk)], dtype=logits.dtype)[:, None, None]
+            prob = torch.log_softmax(logits / temp, dim=-1).gather(-1, nxt[..., None])[..., 0].exp()
         for j, (p, a) in enumerate(chunk):
             pos = [len(p) + i - 1 for i in range(len(a))]
             e, q = ent[j].tolist(), prob[j].tolist()

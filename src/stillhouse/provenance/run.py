@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from stillhouse.provenance.candidates import Candidate, derive_all, from_ids, from_log
 from stillhouse.provenance.detect import (
+    GREEDY_TEMPERATURE,
     KeyScore,
     Selection,
     Tuple,
@@ -118,17 +119,18 @@ class ProvenanceConfig(ScoringConfig):
     """What ``stillhouse provenance text`` tests, against which keys, with which score."""
 
     temperature: float = 1.0
-    """Temperature the answers were sampled at (the weighted score's weights; 1 = the API's default). A wrong value
-    costs power, never validity."""
+    """Temperature the answers were sampled at, for answers whose source does not say (a guard's log and a harvest
+    run record each request's; a JSONL row may carry 'temperature'): the weighted score's weights use it, greedy
+    (0) weighed as at 0.1. 1 = the API's default. A wrong value costs power, never validity."""
     per_sample: bool = False
     """Also test each sample alone (its own tuples, its own prompt dropped, Holm over the keys): the report's
     ``per_sample`` lists one report per sample with text, ``sample`` its row in the source."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 < self.temperature <= 10.0:
-            raise ValueError(f"temperature={self.temperature}: the answers' sampling temperature, in (0, 10] "
-                             "(1 if unknown)")
+        if not 0.0 <= self.temperature <= 10.0:
+            raise ValueError(f"temperature={self.temperature}: the answers' sampling temperature, in [0, 10] "
+                             "(0 = greedy; 1 if unknown)")
         self._check_weights()
 
 
@@ -288,7 +290,8 @@ def text_provenance(cfg: ProvenanceConfig) -> dict[str, Any]:
     prompts = [_prompt_ids(tok, s) if s.prompt else [] for s in samples]
     extra: dict[str, Any] = {"source": cfg.source, "samples": len(samples), "empty": len(loaded) - len(samples),
                              "tokens": sum(map(len, seqs))}
-    keep, levels = _read(cfg, tok, samples, seqs, extra, cfg.temperature)
+    temps = [cfg.temperature if s.temperature is None else s.temperature for s in samples]  # the source's, if it says
+    keep, levels = _read(cfg, tok, samples, seqs, extra, temps)
     keys = derive_all(secret, candidates)
 
     def scored(idx: list[int]) -> Selection:
@@ -309,10 +312,11 @@ def text_provenance(cfg: ProvenanceConfig) -> dict[str, Any]:
 
 
 def _read(cfg: ScoringConfig, tok: Any, samples: list[Sample], seqs: list[list[int]], extra: dict[str, Any],
-          temperature: float = 1.0) -> tuple[list[list[bool]] | None, list[list[int]] | None]:
+          temperatures: list[float] | None = None) -> tuple[list[list[bool]] | None, list[list[int]] | None]:
     """The teacher (``cfg.tokenizer``) reads each prompt (as served) and answer, when the gate or the weighted score
     needs it: which tokens the gate lets through (None without a gate; ``extra["gated_tokens"]`` counts them), and
-    each token's weight level at the answers' sampling ``temperature`` (None for the count)."""
+    each token's weight level at its answer's sampling temperature (``temperatures``, one per answer, 1 when not
+    given; greedy as :data:`GREEDY_TEMPERATURE`), None for the count."""
     if cfg.gate <= 0 and not cfg.weighted:
         return None, None
     from stillhouse.provenance.gate import answer_views
@@ -321,12 +325,16 @@ def _read(cfg: ScoringConfig, tok: Any, samples: list[Sample], seqs: list[list[i
 
     model, _, _ = load_model(cfg.tokenizer)
     rows = [(encode_chat(tok, s.prompt) if s.prompt else [], ids) for s, ids in zip(samples, seqs)]
-    views = answer_views(model, rows, temperature, pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
+    temps = [max(t, GREEDY_TEMPERATURE) for t in (temperatures or [1.0] * len(seqs))]
+    views = answer_views(model, rows, temps, pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
     keep = None
     if cfg.gate > 0:
         keep = gate_masks(views, cfg.gate)
         extra["gated_tokens"] = sum(map(sum, keep))
-    levels = [weight_levels(v.prob, cfg.delta / temperature, cfg.gamma) for v in views] if cfg.weighted else None
+    levels = None
+    if cfg.weighted:
+        levels = [weight_levels(v.prob, cfg.delta / t, cfg.gamma) for v, t in zip(views, temps)]
+        extra["weight_temperatures"] = sorted(set(temps))
     return keep, levels
 
 

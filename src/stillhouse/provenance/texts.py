@@ -7,7 +7,7 @@ the source kept them (a harvest run with logprobs; else the text is tokenized ag
 - ``FILE.txt`` (any non-JSONL file): the whole file is one sample;
 - ``FILE.jsonl``: one sample per row, from ``messages`` (the last assistant turn is the text, the
   turns before it the prompt), else ``text``/``response``/``completion``/``output`` (with
-  ``prompt``/``instruction`` as the prompt), optional ``token_ids``;
+  ``prompt``/``instruction`` as the prompt), optional ``token_ids`` and ``temperature``;
 - a harvest run directory (``stillhouse harvest --out RUN``): its stored answers;
 - a guard's traffic log (``sqlite:///guard.db``, ``postgresql://...``): the watermarked answers it
   served, with their prompts (one account's alone with ``account``), so ``provenance model --reading
@@ -48,6 +48,15 @@ class Sample:
     """The account that asked (a guard log only)."""
     key_id: str = ""
     """The watermark key id that answered (a guard log only)."""
+    temperature: float | None = None
+    """The temperature the answer was sampled at, where the source says (a guard's log and a harvest run record the
+    request's; a JSONL row's ``temperature``): the weighted score's weights use it."""
+
+
+def _temperature(value: Any) -> float | None:
+    """A recorded sampling temperature, or None when there is none (or it is not a number >= 0)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+    return float(value) if ok else None
 
 
 def _from_row(row: Any, where: str) -> Sample:
@@ -55,17 +64,18 @@ def _from_row(row: Any, where: str) -> Sample:
         raise TextSourceError(f"{where}: a row must be a JSON object with 'messages' or 'text'")
     ids = row.get("token_ids")
     ids = [int(t) for t in ids] if isinstance(ids, list) and all(isinstance(t, int) for t in ids) else None
+    temp = _temperature(row.get("temperature"))
     msgs = row.get("messages")
     if isinstance(msgs, list) and msgs:
         if not all(isinstance(m, dict) for m in msgs):
             raise TextSourceError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects")
         if msgs[-1].get("role") == "assistant":
-            return Sample(_content(msgs[-1].get("content")), [dict(m) for m in msgs[:-1]], ids)
+            return Sample(_content(msgs[-1].get("content")), [dict(m) for m in msgs[:-1]], ids, temperature=temp)
         return Sample("", [dict(m) for m in msgs], None)  # a prompt only (closed mode asks it)
     for name in TEXT_FIELDS:
         if isinstance(row.get(name), str):
             prompt = next((row[p] for p in PROMPT_FIELDS if isinstance(row.get(p), str)), "")
-            return Sample(row[name], [{"role": "user", "content": prompt}] if prompt else [], ids)
+            return Sample(row[name], [{"role": "user", "content": prompt}] if prompt else [], ids, temperature=temp)
     for name in PROMPT_FIELDS:
         if isinstance(row.get(name), str):
             return Sample("", [{"role": "user", "content": row[name]}], None)
@@ -107,7 +117,7 @@ def _from_log(db_url: str, limit: int, account: str) -> list[Sample]:
         for rec in store.iter_records():
             if rec.watermark_key_id and rec.status == 200 and (not account or rec.account_id == account):
                 out.append(Sample(rec.response_text, [dict(m) for m in rec.messages], None, rec.account_id,
-                                  rec.watermark_key_id))
+                                  rec.watermark_key_id, _temperature(rec.params.get("temperature", 1.0))))
                 if limit and len(out) >= limit:
                     break
         return out
@@ -141,7 +151,8 @@ def load_samples(source: str | Path, limit: int = 0, account: str = "") -> list[
             for rec in store.records():
                 msgs = rec.chat()
                 ids = None if rec.token_ids is None else [int(t) for t in rec.token_ids]
-                out.append(Sample(_content(msgs[-1].get("content")), msgs[:-1], ids))
+                out.append(Sample(_content(msgs[-1].get("content")), msgs[:-1], ids,
+                                  temperature=_temperature(rec.params.get("temperature"))))
                 if limit and len(out) >= limit:
                     break
         return out
