@@ -100,7 +100,10 @@ def test_batched_answer_views_equal_one_row_at_a_time(tiny_model: Any) -> None:
     assert not any(gate_masks(batched, 0.5)[3][:1])
     with pytest.raises(ValueError, match="temperature=0"):
         answer_views(tiny_model, rows, temperature=0.0)
-    per_row = answer_views(tiny_model, rows, temperature=[0.7, 1.0, 0.7, 2.0], batch_size=3)  # one per answer
+    calls: list[tuple[str, int, int]] = []
+    per_row = answer_views(tiny_model, rows, temperature=[0.7, 1.0, 0.7, 2.0], batch_size=3,  # one per answer
+                           progress=lambda step, done, total: calls.append((step, done, total)))
+    assert [c[1:] for c in calls] == [(3, 4), (4, 4)]  # after each batch
     assert per_row[0].prob == batched[0].prob and per_row[2].prob == batched[2].prob
     assert per_row[1].prob != batched[1].prob and per_row[1].entropy == batched[1].entropy
     with pytest.raises(ValueError, match="3 temperatures for 4 answers"):

@@ -12,7 +12,7 @@ happen inside the functions so ``stillhouse --help`` stays fast.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -52,9 +52,9 @@ def curate_command(
     """
     from rich.console import Console
     from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from stillhouse.distill.curate import CurateError, curate_run, report_table
+    from stillhouse.progress import step_bars
 
     console = Console(stderr=False)
     try:
@@ -64,15 +64,7 @@ def curate_command(
     if config is not None:
         console.print(f"replaying {config}")
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, transient=True) as bar:
-        tasks: dict[str, Any] = {}
-
-        def progress(step: str, done: int, total: int) -> None:
-            if step not in tasks:
-                tasks[step] = bar.add_task(step, total=total)
-            bar.update(tasks[step], completed=done)
-
+    with step_bars(console) as progress:
         try:
             result, report = curate_run(run_dir, cfg, out_dir=out, progress=progress)
         except CurateError as exc:

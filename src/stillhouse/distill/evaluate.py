@@ -575,7 +575,7 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, *, cache_dir: str | Path | No
     import shlex
     import sys
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from stillhouse.progress import step_bars
 
     out = Path(out_dir)
     if not cfg.students:
@@ -588,15 +588,7 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, *, cache_dir: str | Path | No
     labels = cfg.labels or parse_model_args(cfg.students)[0]
     students = [LoadedModel.load(spec, label=label, device=cfg.device, dtype=cfg.dtype)
                 for spec, label in zip(cfg.students, labels)]
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
-        ids: dict[str, Any] = {}
-
-        def progress(name: str, done: int, total: int) -> None:
-            if name not in ids:
-                ids[name] = bar.add_task(name, total=total)
-            bar.update(ids[name], completed=done)
-
+    with step_bars(console, remaining=False) as progress:
         result = evaluate_models(items, cfg.task, teacher, students, cfg, cache_dir=cache, progress=progress)
     write_report(result, out, command="stillhouse " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     return result

@@ -51,6 +51,15 @@ Examples:
 """
 
 
+def _bars() -> Any:
+    """Progress on stderr (stdout keeps the report, --json included)."""
+    from rich.console import Console
+
+    from stillhouse.progress import step_bars
+
+    return step_bars(Console(stderr=True))
+
+
 def _print(report: dict[str, Any], as_json: bool, out: Path | None) -> None:
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +92,8 @@ def text_command(
     from stillhouse.watermark.keys import WatermarkKeyError
 
     try:
-        report = text_provenance(settings.config())
+        with _bars() as progress:
+            report = text_provenance(settings.config(), progress)
     except (ValueError, TextSourceError, WatermarkKeyError) as exc:
         fail(exc)
     _print(report, as_json, out)
@@ -97,7 +107,8 @@ def model_command(
     from stillhouse.provenance.run import model_provenance
 
     try:
-        report = model_provenance(settings.config())
+        with _bars() as progress:
+            report = model_provenance(settings.config(), progress)
     except (ValueError, FileNotFoundError) as exc:
         fail(exc)
     _print(report, as_json, out)

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from stillhouse.progress import StepProgress
 
 
 @dataclass
@@ -33,9 +36,10 @@ class AnswerView:
 
 
 def answer_views(model: Any, rows: Sequence[tuple[Sequence[int], Sequence[int]]],
-                 temperature: float | Sequence[float] = 1.0, batch_size: int = 8, pad_id: int = 0) -> list[AnswerView]:
+                 temperature: float | Sequence[float] = 1.0, batch_size: int = 8, pad_id: int = 0,
+                 progress: StepProgress | None = None) -> list[AnswerView]:
     """For each ``(prompt ids, answer ids)``: the teacher's :class:`AnswerView` of every answer token, the
-    probabilities at ``temperature`` (one for all rows, or one per row).
+    probabilities at ``temperature`` (one for all rows, or one per row); ``progress`` hears of each batch.
 
     Position ``i`` describes the distribution that predicts ``answer[i]`` (from the prompt and ``answer[:i]``)."""
     import torch
@@ -72,6 +76,8 @@ def answer_views(model: Any, rows: Sequence[tuple[Sequence[int], Sequence[int]]]
             e, q = ent[j].tolist(), prob[j].tolist()
             out.append(AnswerView([e[t] if t >= 0 else float("nan") for t in pos],
                                   [q[t] if t >= 0 else float("nan") for t in pos]))
+        if progress is not None:
+            progress("teacher reads the answers", len(out), len(rows))
     return out
 
 

@@ -35,6 +35,7 @@ from stillhouse.provenance.detect import Tuple
 from stillhouse.watermark.green import scored_tuples
 
 if TYPE_CHECKING:
+    from stillhouse.progress import StepProgress
     from stillhouse.provenance.texts import Sample
 
 
@@ -111,9 +112,9 @@ def check_same_tokenizer(suspect_tok: Any, teacher_tok: Any) -> None:
 
 
 def own_answers(model: Any, tokenizer: Any, samples: Sequence[Sample], max_tokens: int,
-                max_batch: int = 32) -> tuple[list[list[int]], list[list[int]]]:
+                max_batch: int = 32, progress: StepProgress | None = None) -> tuple[list[list[int]], list[list[int]]]:
     """The prompt ids (chat template and assistant cue) and the suspect's greedy answer ids for every sample
-    with a prompt, generated here with continuous batching."""
+    with a prompt, generated here with continuous batching (``progress`` hears of each answer, in order)."""
     from stillhouse.teacher.base import SamplingParams
     from stillhouse.teacher.batcher import BatchConfig
     from stillhouse.teacher.local import LocalTeacher
@@ -126,7 +127,11 @@ def own_answers(model: Any, tokenizer: Any, samples: Sequence[Sample], max_token
         prompts = [teacher.encode(m) for m in asked]
         greedy = SamplingParams(max_tokens=max_tokens, temperature=0.0)
         handles = [teacher.submit(p, greedy, index=i) for i, p in enumerate(prompts)]
-        answers = [list(h.future.result().token_ids or []) for h in handles]  # a local teacher always has ids
+        answers = []
+        for h in handles:
+            answers.append(list(h.future.result().token_ids or []))  # a local teacher always has ids
+            if progress is not None:
+                progress("suspect answers", len(answers), len(handles))
     finally:
         teacher.close()
     return prompts, answers

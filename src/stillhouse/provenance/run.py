@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from stillhouse.provenance.candidates import Candidate, derive_all, from_ids, from_log
 from stillhouse.provenance.detect import (
@@ -27,6 +27,9 @@ from stillhouse.provenance.gate import gate_masks
 from stillhouse.provenance.texts import Sample, load_samples
 from stillhouse.watermark.green import DEFAULT_PARAMS, WatermarkParams
 from stillhouse.watermark.keys import SECRET_ENV, load_secret
+
+if TYPE_CHECKING:
+    from stillhouse.progress import StepProgress
 
 Mode = Literal["auto", "open", "closed"]
 
@@ -277,8 +280,9 @@ def _ids(tok: Any, samples: list[Sample], max_tokens: int) -> list[list[int]]:
             [: max_tokens or None] for s in samples]
 
 
-def text_provenance(cfg: ProvenanceConfig) -> dict[str, Any]:
-    """``provenance text``: which candidate key, if any, the source's text carries."""
+def text_provenance(cfg: ProvenanceConfig, progress: StepProgress | None = None) -> dict[str, Any]:
+    """``provenance text``: which candidate key, if any, the source's text carries (``progress`` hears of the
+    teacher's pass over the answers)."""
     t0 = time.perf_counter()
     secret = load_secret(cfg.secret_env)
     candidates = candidates_for(cfg)
@@ -291,7 +295,7 @@ def text_provenance(cfg: ProvenanceConfig) -> dict[str, Any]:
     extra: dict[str, Any] = {"source": cfg.source, "samples": len(samples), "empty": len(loaded) - len(samples),
                              "tokens": sum(map(len, seqs))}
     temps = [cfg.temperature if s.temperature is None else s.temperature for s in samples]  # the source's, if it says
-    keep, levels = _read(cfg, tok, samples, seqs, extra, temps)
+    keep, levels = _read(cfg, tok, samples, seqs, extra, temps, progress)
     keys = derive_all(secret, candidates)
 
     def scored(idx: list[int]) -> Selection:
@@ -312,7 +316,8 @@ def text_provenance(cfg: ProvenanceConfig) -> dict[str, Any]:
 
 
 def _read(cfg: ScoringConfig, tok: Any, samples: list[Sample], seqs: list[list[int]], extra: dict[str, Any],
-          temperatures: list[float] | None = None) -> tuple[list[list[bool]] | None, list[list[int]] | None]:
+          temperatures: list[float] | None = None, progress: StepProgress | None = None
+          ) -> tuple[list[list[bool]] | None, list[list[int]] | None]:
     """The teacher (``cfg.tokenizer``) reads each prompt (as served) and answer, when the gate or the weighted score
     needs it: which tokens the gate lets through (None without a gate; ``extra["gated_tokens"]`` counts them), and
     each token's weight level at its answer's sampling temperature (``temperatures``, one per answer, 1 when not
@@ -326,7 +331,8 @@ def _read(cfg: ScoringConfig, tok: Any, samples: list[Sample], seqs: list[list[i
     model, _, _ = load_model(cfg.tokenizer)
     rows = [(encode_chat(tok, s.prompt) if s.prompt else [], ids) for s, ids in zip(samples, seqs)]
     temps = [max(t, GREEDY_TEMPERATURE) for t in (temperatures or [1.0] * len(seqs))]
-    views = answer_views(model, rows, temps, pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
+    views = answer_views(model, rows, temps, pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
+                         progress=progress)
     keep = None
     if cfg.gate > 0:
         keep = gate_masks(views, cfg.gate)
@@ -342,8 +348,9 @@ def _prompt_ids(tok: Any, s: Sample) -> list[int]:
     return list(tok("\n".join(str(m.get("content", "")) for m in s.prompt), add_special_tokens=False)["input_ids"])
 
 
-def model_provenance(cfg: SuspectConfig) -> dict[str, Any]:
-    """``provenance model``: the radioactivity test, open-weight or closed."""
+def model_provenance(cfg: SuspectConfig, progress: StepProgress | None = None) -> dict[str, Any]:
+    """``provenance model``: the radioactivity test, open-weight or closed (``progress`` hears of the suspect's
+    answers and the teacher's pass over them)."""
     from stillhouse.provenance.radioactive import (
         check_same_tokenizer,
         closed_texts,
@@ -370,8 +377,8 @@ def model_provenance(cfg: SuspectConfig) -> dict[str, Any]:
         check_same_tokenizer(stok, tok)
         if cfg.reading == "own":
             asked = [s for s in samples if s.prompt]
-            prompts, written = own_answers(model, stok, samples, cfg.answer_tokens)
-            keep, levels = _read(cfg, tok, asked, written, extra)
+            prompts, written = own_answers(model, stok, samples, cfg.answer_tokens, progress=progress)
+            keep, levels = _read(cfg, tok, asked, written, extra, progress=progress)
             exclude = prompt_tuples(prompts, cfg.context)
             extra.update(revision=revision, reading="own", answers=len(written), tokens=sum(map(len, written)))
             if cfg.match_keys:
@@ -392,7 +399,7 @@ def model_provenance(cfg: SuspectConfig) -> dict[str, Any]:
         answered = [replace(s, text=a, token_ids=None) for s, a in zip(asked, answers)]
         seqs = _ids(tok, answered, 0)
         exclude = prompt_tuples((_prompt_ids(tok, s) for s in asked), cfg.context)
-        keep, levels = _read(cfg, tok, answered, seqs, extra)
+        keep, levels = _read(cfg, tok, answered, seqs, extra, progress=progress)
         extra.update(answers=len(answers), tokens=sum(map(len, seqs)))
         if cfg.match_keys:
             return _matched(cfg, asked, seqs, exclude, keep, levels, secret, candidates, extra, t0)
