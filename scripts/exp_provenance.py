@@ -134,7 +134,7 @@ def cmd_detect(args: argparse.Namespace) -> None:
     advance), and, descriptively, the first prefix length at which p drops below alpha."""
     import statistics
 
-    from stillhouse.provenance.detect import score_key, score_keys, tokens_to_detect, unique_positions
+    from stillhouse.provenance.detect import score_key, score_keys, select, tokens_to_detect
     from stillhouse.watermark.green import WatermarkParams
     from stillhouse.watermark.keys import derive_key, key_u64, load_secret
 
@@ -163,9 +163,9 @@ def cmd_detect(args: argparse.Namespace) -> None:
         key = key_u64(derive_key(secret, kid))
         ids = r["token_ids"][: args.max_tokens]
         lengths.append(len(ids))
-        pos = unique_positions([ids], params.context, keep=[keep] if keep else None)
-        tuples = [tuple(ids[i - params.context:i + 1]) for _, i in pos]
-        weights = None if level is None else [level[i] for _, i in pos]
+        sel = select([ids], [0], params.context, keep=[keep] if keep else None,
+                     levels=None if level is None else [level])
+        tuples, weights = sel.tuples, sel.levels
         s = score_key(key, tuples, params, levels=weights)
         ps.append(s.p)
         logs.append(s.log10_p)

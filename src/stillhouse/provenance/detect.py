@@ -109,7 +109,7 @@ def unique_tuples(seqs: Iterable[Sequence[int]], context: int, exclude: set[Tupl
                   dedup: bool = True, keep: Sequence[Sequence[bool]] | None = None) -> list[Tuple]:
     """The tuples to score (:func:`unique_positions`), in first-seen order."""
     seqs = [list(ids) for ids in seqs]
-    return [tuple(seqs[j][i - context:i + 1]) for j, i in unique_positions(seqs, context, exclude, dedup, keep)]
+    return select(seqs, range(len(seqs)), context, exclude, dedup, keep).tuples
 
 
 @dataclass

@@ -112,8 +112,9 @@ def log_weighted_sf(counts: Sequence[int], greens: Sequence[int], gamma: float) 
     log_mgf = 0.0
     for u, c in levels:
         z = logit + lam * u  # the tilted green probability is expit(z)
-        log_q, log_p = -np.logaddexp(0.0, z), -np.logaddexp(0.0, -z)  # log(1 - expit(z)), log expit(z)
-        log_mgf += c * (math.log1p(-gamma) + float(np.logaddexp(0.0, z)))  # log E[exp(lam u X)] of one tuple
+        softplus = float(np.logaddexp(0.0, z))
+        log_q, log_p = -softplus, z - softplus  # log(1 - expit(z)), log expit(z)
+        log_mgf += c * (math.log1p(-gamma) + softplus)  # log E[exp(lam u X)] of one tuple
         k = np.arange(c + 1)
         log_comb = np.concatenate(([0.0], np.cumsum(np.log((c - k[:-1]) / (k[:-1] + 1.0)))))
         arr = np.zeros(size)
