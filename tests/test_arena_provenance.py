@@ -116,6 +116,9 @@ def test_matched_keys_and_the_campaign_group(tmp_path: Path, smol_tokenizer: Any
     from stillhouse.cli import app
 
     monkeypatch.delenv("STILLHOUSE_WATERMARK_SECRET", raising=False)
+    # the run makes its own secret; a fixed one here keeps the tiny student (and so every count below) the same from
+    # run to run: with a fresh random secret a decoy's one answer came out empty about once in seven runs
+    monkeypatch.setattr("secrets.token_urlsafe", lambda nbytes=32: "arena-test-secret-" + "x" * 25)
     model = build_tiny_model(smol_tokenizer, max_positions=512)
     cfg = ProvenanceArenaConfig(student="self", campaign_accounts=2, requests_per_account=8, decoys=14,
                                 decoy_requests=1, max_tokens=32, temperature=1.0, delta=4.0, epochs=12, lr=1e-2,
