@@ -43,5 +43,6 @@ test-all: venv postgres chromium
 	$(BIN)/python -m pytest -q -m ''
 
 lint: venv
-	$(BIN)/ruff check src tests
+	test -x $(BIN)/ruff -a -x $(BIN)/mypy || $(BIN)/pip install -q 'ruff>=0.5' 'mypy>=1.10'
+	$(BIN)/ruff check src tests scripts
 	$(BIN)/mypy src

@@ -200,8 +200,9 @@ def cmd_mix(args: argparse.Namespace) -> None:
     rng = random.Random(args.seed)
     clean = [json.loads(x) for x in (OUT / "clean.jsonl").read_text().splitlines()]
     wm: list[dict[str, Any]] = []
-    for name in args.wm:
-        wm += [{"messages": json.loads(x)["messages"]} for x in (OUT / f"gen-{name}.jsonl").read_text().splitlines()]
+    for name in args.wm:  # a generate stage's NAME, or any JSONL of chat rows (a paraphrase stage's para-NAME.jsonl)
+        path = Path(name) if name.endswith(".jsonl") else OUT / f"gen-{name}.jsonl"
+        wm += [{"messages": json.loads(x)["messages"]} for x in path.read_text().splitlines()]
     n_wm = round(args.share * args.rows)
     if n_wm and not args.wm:
         raise SystemExit(f"--share {args.share:g} needs watermarked answers: name them with --wm NAME (gen-NAME.jsonl)")
@@ -359,7 +360,8 @@ def main() -> None:
                            "temperature (generate's default)")
             p.add_argument("--alpha", type=float, default=1e-5)
     p = sub.add_parser("mix")
-    p.add_argument("--wm", nargs="*", default=[], help="generated answer sets (gen-NAME.jsonl); none for --share 0")
+    p.add_argument("--wm", nargs="*", default=[], help="generated answer sets (NAME for OUT/gen-NAME.jsonl, or a "
+                   ".jsonl path such as a paraphrase stage's output); none for --share 0")
     p.add_argument("--share", type=float, required=True)
     p.add_argument("--rows", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)

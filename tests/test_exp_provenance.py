@@ -56,6 +56,18 @@ def test_mix_takes_the_share_from_the_named_answers(tmp_path):
     assert sum(t.startswith("marked ") for t in texts) == 3 and sum(t.startswith("clean ") for t in texts) == 3
 
 
+def test_mix_takes_a_jsonl_path_such_as_the_paraphrases(tmp_path):
+    out = _setup(tmp_path)
+    para = tmp_path / "para-x.jsonl"  # a paraphrase stage's rows: messages and key id, no token ids
+    para.write_text("".join(json.dumps({**_row(f"w{i}", f"reworded {i}"), "key_id": "account/a/0"}) + "\n"
+                            for i in range(4)))
+    proc = _run(tmp_path, "mix", "--wm", str(para), "--share", "1", "--rows", "4", "--name", "para")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(x) for x in (out / "data-para.jsonl").read_text().splitlines()]
+    assert sorted(r["messages"][1]["content"] for r in rows) == [f"reworded {i}" for i in range(4)]
+    assert all(set(r) == {"messages"} for r in rows)
+
+
 def _answers(out: Path, n: int, words: int, tokens: int = 8) -> list[dict]:
     rows = [{**_row(f"question {i}", " ".join(f"w{i}x{j}" for j in range(words))), "token_ids": list(range(tokens)),
              "key_id": f"account/a{i % 2}/0"} for i in range(n)]
