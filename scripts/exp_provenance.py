@@ -300,10 +300,12 @@ def _grams(text: str, n: int = 4) -> set[tuple[str, ...]]:
 def cmd_limits(args: argparse.Namespace) -> None:
     """One table row per ``provenance text --per-sample`` report: answers where ``--key`` is detected alone, and
     the answers pooled. An empty answer counts as p = 1. With ``--original`` (the answers before the attack),
-    also how much of each answer's wording is left: the share of its word 4-grams kept, and its length in words."""
+    also how much of each answer's wording is left: the share of its word 4-grams kept, and its length in words.
+    With ``--plot``, a PNG of each report's per-answer p-values (share of answers below each level)."""
     import statistics
 
     orig = [r["messages"][-1]["content"] for r in _answers(args.original, None)] if args.original else []
+    curves: list[tuple[str, list[float]]] = []
     print("| source | answers | p < 1e-5 | p < 1e-3 | right key named (first, Holm < 1e-3) | median log10 p "
           "| pooled log10 p | any wrong key Holm < 1e-3 | median share of 4-grams kept | median length ratio (words) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -326,6 +328,31 @@ def cmd_limits(args: argparse.Namespace) -> None:
             ratio = f"{statistics.median(len(b.split()) / max(1, len(a.split())) for a, b in pairs):.2f}"
         print(f"| {rep['source']} | {n} | {sum(x < -5 for x in lp)}/{n} | {sum(x < -3 for x in lp)}/{n} | "
               f"{named}/{n} | {statistics.median(lp):.2f} | {pooled:.1f} | {wrong}/{n} | {kept} | {ratio} |")
+        curves.append((Path(rep["source"]).stem, lp))
+    if args.plot:
+        _plot_limits(curves, args.plot)
+
+
+def _plot_limits(curves: list[tuple[str, list[float]]], path: str) -> None:
+    """Per report, the share of answers whose right-key p is below each level: where each attack leaves them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for label, lp in curves:
+        xs = sorted(-x for x in lp)
+        ax.step([0.0, *xs], [1.0] + [1 - (i + 1) / len(xs) for i in range(len(xs))], where="post", label=label)
+    for level, style in ((3, ":"), (5, "--")):
+        ax.axvline(level, color="grey", linestyle=style, linewidth=0.8)
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlabel("-log10 p of the right key, each answer alone (dashed: 1e-5, dotted: 1e-3)")
+    ax.set_ylabel("share of answers at least this strong")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"{path}: the per-answer p-values of {len(curves)} reports")
 
 
 def main() -> None:
@@ -392,6 +419,7 @@ def main() -> None:
     p = sub.add_parser("limits")
     p.add_argument("--key", required=True, help="the key the answers were made with")
     p.add_argument("--original", default="", help="the answers before the attack (gen-NAME.jsonl)")
+    p.add_argument("--plot", default="", help="also draw each report's per-answer p-values to this PNG")
     p.add_argument("reports", nargs="+", help="`stillhouse provenance text --per-sample --out` reports")
     args = ap.parse_args()
     {"prompts": cmd_prompts, "generate": cmd_generate, "detect": cmd_detect, "mix": cmd_mix,

@@ -144,9 +144,10 @@ def test_limits_counts_each_answer_and_the_pool(tmp_path):
 
     (tmp_path / "r.json").write_text(json.dumps(report([-7.0, -4.0, -0.2], 0.5)))
     (tmp_path / "w.json").write_text(json.dumps(report([-0.1], 1e-4)))
-    proc = _run(tmp_path, "limits", "--key", "account/a/0", "r.json", "w.json")
+    proc = _run(tmp_path, "limits", "--key", "account/a/0", "r.json", "w.json", "--plot", "limits.png")
     assert proc.returncode == 0, proc.stderr
-    r, w = ([c.strip() for c in line.strip("| ").split("|")] for line in proc.stdout.splitlines()[2:])
+    assert (tmp_path / "limits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r, w = ([c.strip() for c in line.strip("| ").split("|")] for line in proc.stdout.splitlines()[2:4])
     # four answers (one empty, p = 1): 1 below 1e-5, 2 below 1e-3, 2 named, median of (-7, -4, -0.2, 0)
     assert r[1:] == ["4", "1/4", "2/4", "2/4", "-2.10", "-42.0", "0/4", "-", "-"]
     assert w[1:] == ["2", "0/2", "0/2", "0/2", "-0.05", "-42.0", "1/2", "-", "-"]
