@@ -347,6 +347,7 @@ def _plot_limits(curves: list[tuple[str, list[float]]], path: str) -> None:
     for level, style in ((3, ":"), (5, "--")):
         ax.axvline(level, color="grey", linestyle=style, linewidth=0.8)
     ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlim(left=0.0)
     ax.set_xlabel("-log10 p of the right key, each answer alone (dashed: 1e-5, dotted: 1e-3)")
     ax.set_ylabel("share of answers at least this strong")
     ax.legend(fontsize=8)
