@@ -16,7 +16,9 @@ Stages (each writes under OUT, default runs/provenance; run them in order)::
         --url http://127.0.0.1:8000/v1 --name NAME        # the teacher under `stillhouse serve --no-watermark`
     python scripts/exp_provenance.py delete --file runs/provenance/gen-NAME.jsonl --limit 40 --share 0.25 --name NAME
     python scripts/exp_provenance.py limits --key account/acct-0/0 --original runs/provenance/gen-NAME.jsonl \\
-        runs/provenance/text-*.json                           # the reports of `provenance text --per-sample --out`
+        runs/provenance/text-*.json --plot limits.png         # the reports of `provenance text --per-sample --out`
+    # a student on the paraphrases (then `provenance model --reading own`, as for any student)
+    python scripts/exp_provenance.py mix --wm runs/provenance/para-NAME.jsonl --share 1 --rows 160 --name para160
 
 Only ShareGPT conversations whose base id hashes (sha256) to a first hex digit 0-7 are read; their
 text is never written into the repository (OUT is under runs/, ignored by git).
