@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from stillhouse.arena.campaigns import SHAPES, CampaignConfig, generate_campaign
-from stillhouse.arena.metrics import cluster_ari, roc, tpr_at_fpr
+from stillhouse.arena.metrics import campaign_table, cluster_ari, roc, tpr_at_fpr
 from stillhouse.arena.population import PopulationConfig, generate_population
 from stillhouse.arena.simteacher import answer
 from stillhouse.arena.simulate import AccountOutcome, DirectGateway, RunResult, SimClock, run_traffic
@@ -181,6 +181,19 @@ def test_cluster_ari_perfect_and_wrong() -> None:
     assert cluster_ari(perfect)["campaign_accounts"] == pytest.approx(1.0)
     lumped = replace(perfect, clusters={a: "c" for a in accs})
     assert cluster_ari(lumped)["campaign_accounts"] < 0.5
+
+
+def test_campaign_table_tells_blocked_from_degraded() -> None:
+    """Over the block threshold is not blocked: a block score without the evidence a block needs is degraded and
+    keeps being answered, and the table says which accounts the policy blocked and which it only degraded."""
+    accs = {a: SimAccount(AccountInfo(a), "campaign:harvest", campaign="h", planned=10) for a in ("x", "y", "z")}
+    outs = {"x": AccountOutcome(sent=10, leaked=3, first_block=3, first_degrade=None),
+            "y": AccountOutcome(sent=10, leaked=10, first_degrade=4),      # degraded, never blocked: all answered
+            "z": AccountOutcome(sent=10, leaked=10, first_degrade=2, first_block=8)}
+    row, = campaign_table(RunResult(accs, outs, {"x": 50.0, "y": 45.0, "z": 41.0}, {a: None for a in accs}),
+                          {"throttle": 10.0, "block": 40.0})
+    assert (row["detected_accounts"], row["blocked_accounts"], row["degraded_accounts"]) == (3, 2, 1)
+    assert row["leaked"] == 23 and row["leaked_share"] == pytest.approx(23 / 30)
 
 
 class _BlockAfter:

@@ -159,6 +159,9 @@ def campaign_table(result: RunResult, thresholds: dict[str, float]) -> list[dict
             "sent": sum(o.sent for o in outs), "leaked": sum(o.leaked for o in outs),
             "leaked_share": sum(o.leaked for o in outs) / planned if planned else 0.0,
             "detected_accounts": sum(result.max_scores.get(a, 0.0) > thresholds["block"] for a in accs),
+            # what the policy did: a block score without the evidence a block needs is degraded for review instead
+            "blocked_accounts": sum(o.first_block is not None for o in outs),
+            "degraded_accounts": sum(o.first_degrade is not None and o.first_block is None for o in outs),
             "flagged_accounts": len(flag_ts),
             "median_queries_to_flag": float(np.median(q)) if q else None,
             "median_tokens_to_flag": float(np.median(tok)) if tok else None,

@@ -241,16 +241,22 @@ def write_report(out: Path, metrics: dict[str, Any], result: RunResult, threshol
                          f"{ci(row['block'])} |")
         lines += ["", "![TPR by attacker fraction](fractions.png)", ""]
     lines += ["## Campaigns", "",
-              "| campaign | shape | accts | planned | sent | leaked | leaked/planned | blocked accts | "
-              "median queries to flag | median tokens to flag | volume at 1st flag | volume at half flagged |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| campaign | shape | accts | planned | sent | leaked | leaked/planned | over block threshold | blocked | "
+              "degraded, not blocked | median queries to flag | median tokens to flag | volume at 1st flag | "
+              "volume at half flagged |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in metrics["campaigns"]:
         lines.append(
             f"| {r['campaign']} | {r['shape']} | {r['accounts']} | {r['planned']} | {r['sent']} | {r['leaked']} | "
-            f"{r['leaked_share']:.3f} | {r['detected_accounts']}/{r['accounts']} | {_fmt(r['median_queries_to_flag'])} | "
+            f"{r['leaked_share']:.3f} | {r['detected_accounts']}/{r['accounts']} | {r['blocked_accounts']}/{r['accounts']} | "
+            f"{r['degraded_accounts']}/{r['accounts']} | {_fmt(r['median_queries_to_flag'])} | "
             f"{_fmt(r['median_tokens_to_flag'])} | {_fmt(r['volume_share_at_first_flag'])} | "
             f"{_fmt(r['volume_share_at_half_flagged'])} |")
-    lines += ["", "'volume at …' = share of the campaign's planned requests it had sent when its first account "
+    lines += ["", "'leaked' = distillation requests answered, degraded answers included (cover traffic is not "
+              "counted). 'over block threshold': accounts whose score ever passed it; 'blocked': those the policy "
+              "blocked; 'degraded, not blocked': a block score without the evidence a block needs "
+              "(`DetectConfig.block_requires`), so the account was degraded and listed for review, and kept being "
+              "answered. 'volume at …' = share of the campaign's planned requests it had sent when its first account "
               "(or half its accounts) was first flagged.", "",
               f"Cluster recovery (ARI): all accounts {metrics['ari']['all_accounts']:.3f}, "
               f"campaign accounts {metrics['ari']['campaign_accounts']:.3f}.", "",
