@@ -527,13 +527,18 @@ def test_degrade_caps_tokens_and_refuses_logprobs_and_n(tmp_path, fake):
         g.stop()
 
 
-def test_throttle_tightens_limits(tmp_path, fake):
+@pytest.mark.parametrize("action", ["throttle", "degrade"])
+def test_throttle_tightens_limits(tmp_path, fake, action: str):
+    """Throttle tightens the limits, and so does degrade, which is harsher: an account whose score moves on from
+    the throttle tier to a degrade must not get its full limits back."""
     g = start_guard(make_config(tmp_path, f"http://127.0.0.1:{fake.port}", requests_per_min=30,
                                 throttle_factor=0.1), clock=Clock())
     try:
         key = g.account_with_key("ray")
-        g.admin("POST", "/admin/decisions", {"target": "ray", "action": "throttle"})
+        g.admin("POST", "/admin/decisions", {"target": "ray", "action": action})
         assert [g.chat(key)[0] for _ in range(4)] == [200, 200, 200, 429]
+        other = g.account_with_key("sue")  # an account with no decision keeps the full limits
+        assert [g.chat(other)[0] for _ in range(4)] == [200] * 4
     finally:
         g.stop()
 

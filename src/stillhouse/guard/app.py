@@ -9,7 +9,7 @@ app (run it with uvicorn; ``stillhouse guard`` does). Per request, in this order
 3. read the body with a size limit (Content-Length checked before reading) → 413; parse the
    JSON strictly (no NaN/Infinity, nesting depth bounded: ``http/asgi.py``) and check it → 400;
 4. policy: block → 403; degrade → cap max_tokens, refuse logprobs / n>1 (403), strip
-   reasoning from the answer; throttle → tighter limits;
+   reasoning from the answer, and the limits of throttle; throttle → tighter limits;
 5. limits: requests/min, tokens/min, concurrent streams → 429 with Retry-After;
 6. forward through the pooled upstream client (``Http1Upstream``, over ``http/client.py``, by
    default; aiohttp on request);
@@ -514,7 +514,8 @@ class GuardApp:
             raw = json.dumps(body2).encode()
 
         # 5. limits.
-        limits = self.limits_for(account.account_id, eff.action == "throttle")
+        # degrade is harsher than throttle, so it keeps throttle's tighter limits (it used to restore the full ones)
+        limits = self.limits_for(account.account_id, eff.action in ("throttle", "degrade"))
         refusal_ = self.limiter.admit(account.account_id, limits, stream)
         if refusal_ is not None:
             await self._refuse(send, rec, account, 429, refusal_.message,
