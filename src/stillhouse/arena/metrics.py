@@ -126,8 +126,7 @@ def enforcement_by_kind(result: RunResult, min_requests: int = ELIGIBLE_MIN_REQU
     for kind, ids in sorted(groups.items()):
         ids = [a for a in ids if result.outcomes[a].sent >= min_requests]
         blocked = sum(result.outcomes[a].first_block is not None for a in ids)
-        reviewed = sum(result.outcomes[a].first_block is None and result.outcomes[a].first_degrade is not None
-                       for a in ids)
+        reviewed = sum(result.outcomes[a].degraded_only for a in ids)
         out[kind] = {"eligible": len(ids), "blocked": rate(blocked, len(ids)), "reviewed": rate(reviewed, len(ids))}
     return out
 
@@ -161,7 +160,7 @@ def campaign_table(result: RunResult, thresholds: dict[str, float]) -> list[dict
             "detected_accounts": sum(result.max_scores.get(a, 0.0) > thresholds["block"] for a in accs),
             # what the policy did: a block score without the evidence a block needs is degraded for review instead
             "blocked_accounts": sum(o.first_block is not None for o in outs),
-            "degraded_accounts": sum(o.first_degrade is not None and o.first_block is None for o in outs),
+            "degraded_accounts": sum(o.degraded_only for o in outs),
             "flagged_accounts": len(flag_ts),
             "median_queries_to_flag": float(np.median(q)) if q else None,
             "median_tokens_to_flag": float(np.median(tok)) if tok else None,

@@ -190,6 +190,11 @@ class AccountOutcome:
     first_refused: int | None = None
     first_flag_ts: float | None = None
 
+    @property
+    def degraded_only(self) -> bool:
+        """Degraded for review and never blocked: a block score without the evidence a block needs."""
+        return self.first_degrade is not None and self.first_block is None
+
 
 @dataclass
 class RunResult:
