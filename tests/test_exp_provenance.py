@@ -40,6 +40,20 @@ def test_clean_mix_needs_no_watermarked_file(tmp_path):
     assert all(r["messages"][1]["content"].startswith("clean ") for r in rows)
 
 
+def test_a_mix_larger_than_clean_jsonl_fills_from_the_later_turns_only_then(tmp_path):
+    out = _setup(tmp_path)
+    (out / "clean-later.jsonl").write_text("".join(json.dumps(_row(f"l{i}", f"later {i}")) + "\n" for i in range(10)))
+    assert _run(tmp_path, "mix", "--share", "0", "--rows", "6", "--name", "small").returncode == 0
+    small = [json.loads(x)["messages"][1]["content"] for x in (out / "data-small.jsonl").read_text().splitlines()]
+    assert all(t.startswith("clean ") for t in small)  # clean.jsonl suffices: the later turns are not drawn
+    proc = _run(tmp_path, "mix", "--wm", "wm", "--share", "0.25", "--rows", "16", "--name", "big")
+    assert proc.returncode == 0, proc.stderr
+    texts = [json.loads(x)["messages"][1]["content"] for x in (out / "data-big.jsonl").read_text().splitlines()]
+    assert [sum(t.startswith(p) for t in texts) for p in ("marked ", "clean ", "later ")] == [4, 10, 2]
+    too_big = _run(tmp_path, "mix", "--share", "0", "--rows", "21", "--name", "huge")
+    assert too_big.returncode != 0 and "21 clean (have 20)" in too_big.stderr
+
+
 def test_watermarked_share_without_wm_is_one_line_error(tmp_path):
     _setup(tmp_path)
     proc = _run(tmp_path, "mix", "--share", "0.5", "--rows", "6", "--name", "half")
