@@ -96,7 +96,14 @@ def cmd_prompts(args: argparse.Namespace) -> None:
     (OUT / "prompts.json").write_text(json.dumps(prompts))
     _write(OUT / "clean.jsonl", clean[:-READING])
     _write(OUT / "reading.jsonl", clean[-READING:])
-    # conversations none of the above comes from: the clean rows a mix larger than clean.jsonl draws on
+    # conversations none of the above comes from: the clean rows a mix larger than clean.jsonl draws on; a later
+    # turn's question can be dense (numbers, code), so it must leave room for an answer under train's --max-len 256
+    from transformers import AutoTokenizer
+
+    from stillhouse.teacher.bundled import resolve_model_dir
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_dir("bundled")[0])
+    later = [(q, a) for q, a in later if len(tok.encode(q)) <= 160]
     _write(OUT / "clean-later.jsonl", _chat(later))
     print(f"{len(prompts)} prompts, {len(clean) - READING} clean SFT rows (+{len(later)} later turns of other "
           f"conversations), {READING} reading texts (ShareGPT)")
