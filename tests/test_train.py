@@ -224,6 +224,16 @@ def test_bad_config_and_data_errors(tmp_path, tok):
         train(_cfg(tmp_path, data, loss="topk"), teacher=(_tiny_teacher(tok), tok, "t"), progress=False)
 
 
+def test_a_bad_row_is_named_by_its_line_in_the_file_after_the_shuffle(tmp_path, tok):
+    rows = _rows(tok)
+    rows[2]["messages"][0]["content"] = "What is " + " + ".join(str(i) for i in range(60)) + "?"
+    data = _write(tmp_path, rows)
+    for shuffle in (True, False):  # the shuffle moves row 3 elsewhere; the error names the file's line 3
+        with pytest.raises(D.DataError, match=r"data\.jsonl:3: the prompt fills max_len=64"):
+            train(_cfg(tmp_path, data, max_len=64, shuffle=shuffle, seed=1), teacher=(_tiny_teacher(tok), tok, "t"),
+                  progress=False)
+
+
 def test_answer_logits_equal_full_forward_at_selected_positions(tok):
     from stillhouse.distill.train import answer_logits, loss_positions
 

@@ -82,6 +82,12 @@ class Example:
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a ``.jsonl`` file (or a ``.json`` list), with errors that give the line number."""
+    return [row for _, row in read_numbered_rows(path)]
+
+
+def read_numbered_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line, row) for each row of a ``.jsonl`` file (a ``.json`` list: its position from 1), so that errors
+    found after a shuffle still name the row's place in the file."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"training data {p} does not exist: pass a curated .jsonl file or a harvest export")
@@ -94,11 +100,11 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
             raise DataError(f"{p}: {TOO_DEEP}; fix or remove the row") from None
         if not isinstance(rows, list):
             raise DataError(f"{p}: a .json data file must hold a list of rows")
-        return rows
-    rows = [row for _, row in iter_jsonl(p, DataError, "one training row (a JSON object) per line", objects=False)]
-    if not rows:
+        return list(enumerate(rows, 1))
+    numbered = list(iter_jsonl(p, DataError, "one training row (a JSON object) per line", objects=False))
+    if not numbered:
         raise DataError(f"{p} holds no rows")
-    return rows
+    return numbered
 
 
 def _chat(row: dict[str, Any], where: str) -> tuple[list[dict[str, Any]], str]:
@@ -297,9 +303,12 @@ def _finish(row: dict[str, Any], tok: Any, p: list[int], answer: str | None, sam
 
 
 def encode_rows(rows: list[dict[str, Any]], tok: Any, max_len: int = 512, source: str = "data",
-                system_prompt: str | None = None, reasoning: ReasoningUse = "keep") -> list[Example]:
-    """Tokenize every row; errors name the row."""
-    return [encode_row(r, tok, max_len, where=f"{source} row {i}", system_prompt=system_prompt, reasoning=reasoning)
+                system_prompt: str | None = None, reasoning: ReasoningUse = "keep",
+                lines: list[int] | None = None) -> list[Example]:
+    """Tokenize every row; errors name the row: ``SOURCE:LINE`` with the rows' ``lines`` in the file (from
+    read_numbered_rows), else ``SOURCE row I``, its index in ``rows``."""
+    return [encode_row(r, tok, max_len, where=f"{source}:{lines[i]}" if lines else f"{source} row {i}",
+                       system_prompt=system_prompt, reasoning=reasoning)
             for i, r in enumerate(rows)]
 
 

@@ -495,7 +495,7 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
     out.mkdir(parents=True, exist_ok=True)
     device = _device(cfg)
 
-    rows = _training_rows(cfg)
+    lines, rows = _training_rows(cfg)
     sel_items: list[Any] = []
     if cfg.select_on:
         try:
@@ -518,7 +518,7 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
                                    f"so the teacher's logits do not line up with its tokens: use loss=sft "
                                    f"(sequence-level), not loss={cfg.loss}")
     examples = encode_rows(rows, tok, cfg.max_len, source=cfg.data, system_prompt=cfg.system_prompt,
-                           reasoning=cfg.reasoning)
+                           reasoning=cfg.reasoning, lines=lines)
     k = 0
     if cfg.loss == "topk":
         k = max((len(p) for e in examples if e.top_ids for p in e.top_ids), default=0)
@@ -675,21 +675,22 @@ def _score_pass(out: Path, cfg: TrainConfig, tok: Any, sel_items: list[Any], epo
     mf.flush()
 
 
-def _training_rows(cfg: TrainConfig) -> list[dict[str, Any]]:
-    """The rows ``cfg`` trains on: read, only the correct ones if asked, shuffled if asked, the first
-    ``max_examples``."""
-    from stillhouse.distill.data import read_rows
+def _training_rows(cfg: TrainConfig) -> tuple[list[int], list[dict[str, Any]]]:
+    """The rows ``cfg`` trains on, with their lines in the file: read, only the correct ones if asked,
+    shuffled if asked, the first ``max_examples``."""
+    from stillhouse.distill.data import read_numbered_rows
 
-    rows = read_rows(cfg.data)
+    numbered = read_numbered_rows(cfg.data)
     if cfg.only_correct:
-        rows = [r for r in rows if r.get("correct", True)]
+        numbered = [(n, r) for n, r in numbered if r.get("correct", True)]
     if cfg.shuffle:
-        random.Random(cfg.seed).shuffle(rows)
+        random.Random(cfg.seed).shuffle(numbered)
     if cfg.max_examples:
-        if cfg.max_examples > len(rows):
-            raise TrainConfigError(f"max_examples={cfg.max_examples} but {cfg.data} has only {len(rows)} usable rows")
-        rows = rows[: cfg.max_examples]
-    return rows
+        if cfg.max_examples > len(numbered):
+            raise TrainConfigError(f"max_examples={cfg.max_examples} but {cfg.data} has only {len(numbered)} "
+                                   "usable rows")
+        numbered = numbered[: cfg.max_examples]
+    return [n for n, _ in numbered], [r for _, r in numbered]
 
 
 def _resume(out: Path, cfg: TrainConfig, student: Any, opt: Any, state: dict[str, Any], device: str) -> bool:
