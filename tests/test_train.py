@@ -149,6 +149,29 @@ def test_eager_and_sdpa_attention_train_alike_and_the_export_keeps_no_choice(tmp
         _cfg(tmp_path, data, attention="flash")
 
 
+def test_gradient_checkpointing_keeps_fewer_activations_and_trains_the_same(tmp_path, tok):
+    teacher = _tiny_teacher(tok)
+    data = _write(tmp_path, _rows(tok))
+    saved, states, losses = {}, {}, {}
+    for on in (False, True):
+        out = tmp_path / f"checkpointing-{on}"
+        cfg = _cfg(tmp_path, data, gradient_checkpointing=on, precision="fp32", out=str(out))
+        saved[on] = 0
+
+        def pack(t, on=on):  # counts the tensors the forward passes keep for backward (none inside a checkpoint)
+            saved[on] += 1
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            train(cfg, teacher=(teacher, tok, "test"), progress=False, stop_after_steps=2)
+        states[on] = torch.load(max((out / "checkpoints").iterdir()) / "state.pt", weights_only=False)["model"]
+        losses[on] = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert saved[True] < saved[False] / 2, f"checkpointing kept {saved[True]} tensors for backward, {saved[False]} without"
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+    for name, weight in states[False].items():
+        assert torch.allclose(states[True][name], weight, atol=1e-6), f"{name} differs with checkpointing"
+
+
 def test_resume_continues_and_final_export_loads(tmp_path, tok):
     teacher = _tiny_teacher(tok)
     data = _write(tmp_path, _rows(tok))
