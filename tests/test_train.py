@@ -255,6 +255,9 @@ def test_a_bad_row_is_named_by_its_line_in_the_file_after_the_shuffle(tmp_path, 
         with pytest.raises(D.DataError, match=r"data\.jsonl:3: the prompt fills max_len=64"):
             train(_cfg(tmp_path, data, max_len=64, shuffle=shuffle, seed=1), teacher=(_tiny_teacher(tok), tok, "t"),
                   progress=False)
+    with pytest.raises(D.DataError, match=r"data\.jsonl:3: the prompt fills max_len=64"):
+        D.encode_file(data, tok, 64)  # what the training bench reads its data with
+    assert [e.input_ids for e in D.encode_file(data, tok)] == [e.input_ids for e in D.encode_rows(rows, tok)]
 
 
 def test_answer_logits_equal_full_forward_at_selected_positions(tok):

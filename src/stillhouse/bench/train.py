@@ -154,12 +154,12 @@ def run_plain(student_dir: Path, data: Path, cfg: BenchTrainConfig) -> dict[str,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stillhouse.distill.data import collate, encode_rows, read_rows
+    from stillhouse.distill.data import collate, encode_file
 
     torch.set_num_threads(cfg.threads)
     tok = AutoTokenizer.from_pretrained(student_dir)
     model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).train()
-    examples = encode_rows(read_rows(data), tok, 512)
+    examples = encode_file(data, tok, 512)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     stamps = []
@@ -178,7 +178,7 @@ def run_plain(student_dir: Path, data: Path, cfg: BenchTrainConfig) -> dict[str,
 
 def run_ours(student_dir: Path, data: Path, cfg: BenchTrainConfig, precision: str, out: Path) -> dict[str, Any]:
     """The stillhouse trainer, as ``stillhouse train`` runs it."""
-    from stillhouse.distill.data import encode_rows, read_rows
+    from stillhouse.distill.data import encode_file
     from stillhouse.distill.modelio import load_causal_lm
     from stillhouse.distill.train import TrainConfig, train
 
@@ -189,7 +189,7 @@ def run_ours(student_dir: Path, data: Path, cfg: BenchTrainConfig, precision: st
                        precision=precision, max_len=512)  # type: ignore[arg-type]
     stamps: list[float] = []
     train(tcfg, teacher=teacher, on_step=lambda _row: stamps.append(time.perf_counter()), progress=False)
-    examples = encode_rows(read_rows(data), teacher[1], 512)
+    examples = encode_file(data, teacher[1], 512)
     tokens = sum(len(e.input_ids) for e in examples)
     answer = sum(sum(1 for x in e.labels[1:] if x >= 0) for e in examples)
     timed_tokens, timed_s = _timed(stamps, tokens)

@@ -312,6 +312,13 @@ def encode_rows(rows: list[dict[str, Any]], tok: Any, max_len: int = 512, source
             for i, r in enumerate(rows)]
 
 
+def encode_file(path: str | Path, tok: Any, max_len: int = 512) -> list[Example]:
+    """Every row of a data file tokenized, in file order; errors name ``PATH:LINE``."""
+    numbered = read_numbered_rows(path)
+    return encode_rows([row for _, row in numbered], tok, max_len, source=str(path),
+                       lines=[line for line, _ in numbered])
+
+
 def collate(examples: list[Example], pad_id: int, k: int = 0) -> dict[str, Any]:
     """Right-padded batch tensors; with ``k > 0`` also ``top_ids``/``top_logprobs`` of shape (B, T, k).
 
