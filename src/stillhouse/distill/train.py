@@ -396,15 +396,16 @@ def answer_logits(model: Any, input_ids: Any, attention_mask: Any, sel: tuple[An
 
     The LM head (49k x 576 in SmolLM2, as big as a third of its layers) then runs on the
     answer positions alone, not on the prompt - most of every sequence here. The logits come
-    back in fp32 (also under bf16 autocast), so every loss is computed in fp32.
+    back in fp32 (also under bf16 autocast), so every loss is computed in fp32. No KV cache: nothing
+    decodes after this pass.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     head = base.get_output_embeddings()
     if decoder is None or head is None or getattr(base.config, "final_logit_softcapping", None):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         return logits[sel].unsqueeze(0).float()
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     return head_logits(head, hidden[sel]).unsqueeze(0).float()
 
 
