@@ -172,6 +172,44 @@ def test_gradient_checkpointing_keeps_fewer_activations_and_trains_the_same(tmp_
         assert torch.allclose(states[True][name], weight, atol=1e-6), f"{name} differs with checkpointing"
 
 
+@pytest.mark.parametrize("loss", ["sft", "fkl"])
+def test_micro_batches_give_the_whole_batch_gradient(tmp_path, tok, monkeypatch, loss):
+    import stillhouse.distill.train as T
+
+    teacher = _tiny_teacher(tok)
+    data = _write(tmp_path, _rows(tok))  # rows of different lengths: each part is padded on its own
+    grads: dict[int, list] = {}
+    real_optimizer = T.make_optimizer
+
+    def recording_optimizer(params, cfg):  # keeps the gradient each step applies
+        opt = real_optimizer(params, cfg)
+        apply = opt.step
+
+        def step(*args, **kwargs):
+            grads.setdefault(cfg.micro_batch, []).append([p.grad.clone() for p in params])
+            return apply(*args, **kwargs)
+
+        opt.step = step
+        return opt
+
+    monkeypatch.setattr(T, "make_optimizer", recording_optimizer)
+    logs = {}
+    for micro in (0, 3, 1):  # 0: the batch of 4 at once; 3: parts of 3 and 1; 1: four parts
+        out = tmp_path / f"micro-{micro}"
+        cfg = _cfg(tmp_path, data, loss=loss, alpha=0.5, micro_batch=micro, precision="fp32", out=str(out))
+        train(cfg, teacher=(teacher, tok, "test"), progress=False, stop_after_steps=2)
+        logs[micro] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for micro in (3, 1):
+        assert [m["loss"] for m in logs[micro]] == pytest.approx([m["loss"] for m in logs[0]], rel=1e-5)
+        assert [m["examples_seen"] for m in logs[micro]] == [4, 8]
+        # the first step's gradient, from the same weights (after it, Adam's first update, about lr * sign(g),
+        # turns rounding differences in gradients near 0 into visible ones)
+        for g0, g1 in zip(grads[0][0], grads[micro][0]):
+            assert torch.allclose(g0, g1, rtol=1e-4, atol=1e-7), f"micro_batch={micro}: the gradient differs"
+    with pytest.raises(TrainConfigError, match="micro_batch=8 is larger than batch_size=4"):
+        _cfg(tmp_path, data, micro_batch=8)
+
+
 def test_resume_continues_and_final_export_loads(tmp_path, tok):
     teacher = _tiny_teacher(tok)
     data = _write(tmp_path, _rows(tok))

@@ -124,6 +124,10 @@ class TrainConfig:
     """Passes over the (cut) rows."""
     batch_size: int = 8
     """Rows per optimizer step."""
+    micro_batch: int = 0
+    """Rows per forward pass (0 = batch_size): each step's gradient is accumulated over the batch's parts,
+    each weighted by its share of the batch's loss positions, so the step is the whole batch's (the same
+    loss, up to float rounding) in the memory of one part."""
     lr: float = 1e-4
     """Peak learning rate (AdamW)."""
     schedule: Literal["constant", "cosine"] = "constant"
@@ -215,7 +219,10 @@ class TrainConfig:
                      "score_concurrency"):
             if getattr(self, name) < 1:
                 raise TrainConfigError(f"{name}={getattr(self, name)}: must be at least 1")
-        for name in ("max_examples", "warmup_steps", "lora_r", "save_every", "threads"):
+        if self.micro_batch > self.batch_size:
+            raise TrainConfigError(f"micro_batch={self.micro_batch} is larger than batch_size={self.batch_size}: "
+                                   "a micro-batch is a part of the batch (0 = the whole batch at once)")
+        for name in ("max_examples", "warmup_steps", "lora_r", "save_every", "threads", "micro_batch"):
             if getattr(self, name) < 0:
                 raise TrainConfigError(f"{name}={getattr(self, name)}: must not be negative")
         if not (self.lr > 0):
@@ -575,31 +582,26 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
                 on_policy = False
                 if cfg.loss == "gkd":
                     rows_now, on_policy = _gkd_rows(cfg, student, tok, rows_now, step, scorer, state)
-                batch = collate(rows_now, pad, scorer.k if scorer is not None else k)
-                batch = {name: t.to(device) for name, t in batch.items()}
+                micro = cfg.micro_batch or cfg.batch_size
+                batches = [{name: t.to(device) for name, t in
+                            collate(rows_now[c:c + micro], pad, scorer.k if scorer is not None else k).items()}
+                           for c in range(0, len(rows_now), micro)]
                 lr = _lr_at(cfg, step, total_steps)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                sel = loss_positions(batch["labels"])
-                with autocast(device, precision):
-                    logits = answer_logits(student, batch["input_ids"], batch["attention_mask"], sel)
-                    t_logits = None
-                    if need_teacher:
-                        with torch.no_grad():
-                            t_logits = answer_logits(t_model, batch["input_ids"], batch["attention_mask"], sel)
-                loss, parts = compute_losses(cfg, logits, batch, t_logits)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                loss, parts = _accumulate_gradient(cfg, student, t_model if need_teacher else None, batches,
+                                                   device, precision)
                 gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf")))
                 opt.step()
-                ntok = int(batch["attention_mask"].sum())
+                ntok = sum(int(b["attention_mask"].sum()) for b in batches)
                 dt = time.time() - t0
                 state["step"] += 1
                 state["examples_seen"] += len(idx)
                 state["tokens_seen"] += ntok
                 state["train_s"] += dt
                 last = {"step": state["step"], "epoch": epoch, "examples_seen": state["examples_seen"],
-                        "loss": loss.item(), **parts, "lr": lr, "grad_norm": gnorm, "tok_per_s": ntok / dt}
+                        "loss": loss, **parts, "lr": lr, "grad_norm": gnorm, "tok_per_s": ntok / dt}
                 if cfg.loss == "gkd":
                     last.update(on_policy=on_policy, teacher_scored_tokens=state["teacher_scored_tokens"],
                                 step_s=dt)
@@ -641,6 +643,31 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
         final = export_hf(student, tok, cfg, out / "final", {**meta, **state, "last": last})
     return TrainResult(out, final, state["step"], state["examples_seen"], state["tokens_seen"],
                        time.time() - t_start, last, snapshots, selection)
+
+
+def _accumulate_gradient(cfg: TrainConfig, student: Any, t_model: Any, batches: list[dict[str, Any]], device: str,
+                         precision: str) -> tuple[float, dict[str, float]]:
+    """Backward over the parts of one step's batch, each part's loss weighted by its share of the batch's
+    loss positions: every loss is a mean over positions, so the summed gradient is the whole batch's. Returns
+    the batch's loss and parts (``ce``, ``kd``) as the same weighted sums."""
+    import torch
+
+    sels = [loss_positions(b["labels"]) for b in batches]
+    total = sum(len(rows) for rows, _ in sels)
+    loss_sum, parts_sum = 0.0, {"ce": 0.0, "kd": 0.0}
+    for batch, sel in zip(batches, sels):
+        weight = len(sel[0]) / total if total else 1 / len(batches)
+        with autocast(device, precision):
+            logits = answer_logits(student, batch["input_ids"], batch["attention_mask"], sel)
+            t_logits = None
+            if t_model is not None:
+                with torch.no_grad():
+                    t_logits = answer_logits(t_model, batch["input_ids"], batch["attention_mask"], sel)
+        loss, parts = compute_losses(cfg, logits, batch, t_logits)
+        (loss * weight).backward()
+        loss_sum += loss.item() * weight
+        parts_sum = {name: parts_sum[name] + parts[name] * weight for name in parts_sum}
+    return loss_sum, parts_sum
 
 
 def _student(cfg: TrainConfig, s_model: Any, t_model: Any, device: str) -> tuple[Any, str]:
