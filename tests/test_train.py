@@ -231,6 +231,12 @@ def test_resume_continues_and_final_export_loads(tmp_path, tok):
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.allclose(p, q, atol=1e-6), n
     assert (res.final_dir / "train_config.json").exists()
+    import resource
+
+    peak_now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak so far (MiB)
+    assert 100 < res.peak_memory_mib <= peak_now, "the run's peak is this process's RSS peak at its end"
+    result = json.loads((res.final_dir / "train_result.json").read_text())
+    assert result["peak_memory_mib"] == round(res.peak_memory_mib)
     assert transformers.AutoTokenizer.from_pretrained(str(res.final_dir)).eos_token_id == tok.eos_token_id
     from stillhouse.teacher.bundled import load_model  # what `stillhouse serve --teacher hf:DIR` loads
 

@@ -257,6 +257,19 @@ class TrainResult:
     snapshots: dict[int, Path]
     selection: dict[str, Any] | None = None
     """With select_on: the validation score of every epoch and the chosen one (OUT/selection.json)."""
+    peak_memory_mib: float = 0.0
+    """The most memory the run held: the process's peak RSS on the CPU, torch's peak allocation on CUDA."""
+
+
+def peak_memory_mib(device: str) -> float:
+    """The process's peak resident memory (CPU) or torch's peak CUDA allocation, in MiB."""
+    import resource
+
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _device(cfg: TrainConfig) -> str:
@@ -640,9 +653,10 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
         final = select.finish(out, state["selection"], cfg.select_on, keep_epochs=cfg.export_epochs)
         selection = {"chosen_epoch": select.best_epoch(state["selection"]), "epochs": state["selection"]}
     else:
-        final = export_hf(student, tok, cfg, out / "final", {**meta, **state, "last": last})
+        final = export_hf(student, tok, cfg, out / "final",
+                          {**meta, **state, "last": last, "peak_memory_mib": round(peak_memory_mib(device))})
     return TrainResult(out, final, state["step"], state["examples_seen"], state["tokens_seen"],
-                       time.time() - t_start, last, snapshots, selection)
+                       time.time() - t_start, last, snapshots, selection, peak_memory_mib(device))
 
 
 def _accumulate_gradient(cfg: TrainConfig, student: Any, t_model: Any, batches: list[dict[str, Any]], device: str,

@@ -58,7 +58,8 @@ def train_command(
     last = res.last
     typer.echo(f"trained {res.steps} steps, {res.examples_seen} examples, {res.tokens_seen} tokens in "
                f"{res.wall_s:.0f}s; last loss {last.get('loss', float('nan')):.4f} "
-               f"(ce {last.get('ce', float('nan')):.4f}, kd {last.get('kd', float('nan')):.4f})")
+               f"(ce {last.get('ce', float('nan')):.4f}, kd {last.get('kd', float('nan')):.4f}); "
+               f"peak memory {res.peak_memory_mib:,.0f} MiB")
     typer.echo(f"model: {res.final_dir}  (serve: stillhouse serve --teacher hf:{res.final_dir})")
 
 
