@@ -240,6 +240,22 @@ def test_a_verdict_sent_for_review_is_degraded_and_says_why():
     assert eng.decide(AccountInfo("j")).action == "degrade"
 
 
+def test_a_later_manual_decision_wins_at_the_same_clock_tick_also_after_a_restart():
+    # an analyst confirms a decision and then blocks, within one tick of the clock: the block stands,
+    # whatever the random decision ids (the tie used to go to the larger id: half the time the confirm won)
+    for _ in range(20):
+        eng = PolicyEngine((), clock=lambda: 5.0)
+        rows = []
+        for action in ("degrade", "block"):
+            rows.append(eng.manual("account", "a", action, "review", "ann"))
+            eng.apply_row(rows[-1])
+        assert eng.decide(AccountInfo("a")).action == "block"
+        assert rows[1].created_at > rows[0].created_at
+        fresh = PolicyEngine((), clock=lambda: 6.0)
+        fresh.load(rows)
+        assert fresh.decide(AccountInfo("a")).action == "block"
+
+
 def test_shadow_policy_never_enforces_automatic_but_does_manual():
     eng = PolicyEngine((), shadow=True, clock=lambda: 1.0)
     eng.take_verdict(_verdict("a", 1.0, True))

@@ -25,6 +25,7 @@ Plug a detector in with ``engine.take_verdict(detector.verdict(account_id))`` af
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -135,9 +136,12 @@ class PolicyEngine:
             raise ValueError(f"action={action!r}: use one of {ACTIONS}")
         if not target:
             raise ValueError("target: give the account id or cluster id the decision applies to")
-        row = DecisionRow(uuid.uuid4().hex, scope, target, action, reason or f"set by {by}", "manual",
-                          self.clock(), by, [], False)
-        return row
+        now = self.clock()
+        cur = self._manual.get((scope, target))
+        if cur is not None and now <= cur.created_at:  # the same clock tick: still after the one it replaces,
+            now = math.nextafter(cur.created_at, math.inf)  # else the tie goes to the larger random id
+        return DecisionRow(uuid.uuid4().hex, scope, target, action, reason or f"set by {by}", "manual", now, by, [],
+                           False)
 
     # -- detector -----------------------------------------------------------------------
     def take_verdict(self, verdict: Verdict | None) -> DecisionRow | None:
