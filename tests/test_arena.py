@@ -240,7 +240,7 @@ def test_tiny_arena_through_the_real_guard(tmp_path, monkeypatch, check_fails: b
 
     cfg = replace(QUICK, days=1.0, calib_accounts=80, eval_accounts=40,
                   campaigns=(("cot", 1, 60), ("hydra", 12, 5)), fractions=(0.5,), mixed_accounts=1,
-                  mixed_requests=40, cluster_every=100)
+                  mixed_requests=40, cluster_every=100, review_every_h=12.0)
     metrics = run_arena(cfg, tmp_path / "run")
     assert metrics["offline_equals_online"]["checked"] and metrics["offline_equals_online"]["mismatches"] == 0
     assert metrics["offline_equals_online"]["accounts"] > 40
@@ -281,6 +281,9 @@ def test_tiny_arena_through_the_real_guard(tmp_path, monkeypatch, check_fails: b
     assert frac["accounts"] == 1 and frac["block"]["n"] == 1
     assert set(saved["tpr_by_shape"]) == {"cot", "hydra", "mixed"}
     assert "not run" in saved["capability_leaked"]
+    assert saved["review"]["reviewer"] == "oracle" and saved["review"]["rounds"] >= 1  # an operator every 12 h
+    assert saved["review"]["blocked_accounts"]["benign"] == 0  # the oracle never blocks a benign account
+    assert "## The review queue: an operator works it" in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_named_seed_sets_fix_seeds_and_split_and_test_needs_a_name() -> None:
@@ -330,3 +333,47 @@ def test_arena_cli_seeds_option_selects_the_set(monkeypatch, tmp_path) -> None: 
     assert bad.exit_code == 2 and "seeds='test1'" in bad.output
     bad = CliRunner().invoke(app, ["arena", "--seeds", "nope", "--out", str(tmp_path / "d")])
     assert bad.exit_code == 2 and "seed set" in bad.output
+
+
+class _DegradeAfter(_BlockAfter):
+    """A stand-in detector that sends every account to review (a block score without the evidence a block
+    needs: ``degrade``) from its second request on."""
+
+    def verdict(self, account_id: str) -> Verdict | None:
+        n = self.n.get(account_id, 0)
+        return Verdict(account_id, float(n), n >= 2, "degrade" if n >= 2 else "allow") if n else None
+
+
+@pytest.mark.parametrize("reviewer", ["oracle", "rubber-stamp"])
+def test_an_operator_works_the_review_queue_through_the_real_guard(tmp_path, reviewer: str) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("stillhouse.guard.app")
+    from stillhouse.arena.run import QUICK, _send
+    from stillhouse.arena.simteacher import SimUpstream
+    from stillhouse.arena.traffic import Turn
+
+    accounts = [SimAccount(AccountInfo(f"camp-{i}"), "campaign:harvest", campaign="h", planned=12) for i in range(2)]
+    accounts += [SimAccount(AccountInfo(f"user-{i}"), "benign:batch", planned=12) for i in range(2)]
+    turns = [Turn(ts=3600.0 * h, account_id=a.info.account_id, session_id=f"{a.info.account_id}-{h}",
+                  user_text=f"What is {h} + 7?", params={"max_tokens": 16}) for h in range(12) for a in accounts]
+    cfg = replace(QUICK, review_every_h=3.0, reviewer=reviewer)  # type: ignore[arg-type]
+    review: dict = {}
+    with SimUpstream() as upstream:
+        result, _log = asyncio.run(_send(cfg, tmp_path / "run", accounts, turns, _DegradeAfter(),
+                                         f"http://127.0.0.1:{upstream.port}",
+                                         None, "review", review=review))
+    accepted = {a: o.accepted for a, o in result.outcomes.items()}
+    # degraded after 2 requests, served degraded until the first review at 3 h; then the operator acts
+    campaign_blocked = {"camp-0": 3, "camp-1": 3}
+    if reviewer == "oracle":  # blocks the campaign, dismisses the benign accounts (served from then on)
+        assert accepted == {**campaign_blocked, "user-0": 12, "user-1": 12}
+        assert review["blocked_accounts"] == {"campaign": 2, "benign": 0}
+        assert review["actions"]["benign"].get("dismiss", 0) >= 2 and "block" not in review["actions"]["benign"]
+    else:  # blocks whatever the detector degraded for review: the benign batch accounts too
+        assert accepted == {**campaign_blocked, "user-0": 3, "user-1": 3}
+        assert review["blocked_accounts"] == {"campaign": 2, "benign": 2}
+        assert review["benign_blocked"] == ["user-0", "user-1"]
+    assert review["rounds"] == 3 and review["reviewer"] == reviewer  # at 3, 6 and 9 h (the last turn is at 11 h)
+    with pytest.raises(ValueError, match="review_every_h"):
+        replace(QUICK, review_every_h=1.0, gateway="direct")
+    with pytest.raises(ValueError, match="reviewer"):
+        replace(QUICK, reviewer="nobody")  # type: ignore[arg-type]

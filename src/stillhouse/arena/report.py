@@ -137,6 +137,25 @@ def capability_lines(cap: Any) -> list[str]:
     return out
 
 
+def review_lines(review: Any) -> list[str]:
+    """The review queue's operator in the report (``arena/review.py``), when one worked it."""
+    if not isinstance(review, dict):
+        return []
+    acts = review["actions"]
+
+    def counts(side: str) -> str:
+        return ", ".join(f"{n} {what}" for what, n in sorted(acts[side].items())) or "none"
+
+    return ["## The review queue: an operator works it", "",
+            f"A **{review['reviewer']}** operator read the console's review queue every {review['every_h']:g} "
+            f"simulated hours ({review['rounds']} rounds) and acted through the console's actions: on campaign "
+            f"accounts' decisions {counts('campaign')}; on benign accounts' {counts('benign')}. Blocked by the "
+            f"operator: **{review['blocked_accounts']['campaign']} campaign accounts, "
+            f"{review['blocked_accounts']['benign']} benign** "
+            + (f"({', '.join(review['benign_blocked'])})" if review["benign_blocked"] else "")
+            + ". The leaks in the campaign table below are what went out before each block.", ""]
+
+
 def operator_lines(op: dict[str, Any] | None) -> list[str]:
     """The operator's path in the report: the fit window and the check before enforcing (``arena/operator.py``)."""
     if not op:
@@ -208,6 +227,7 @@ def write_report(out: Path, metrics: dict[str, Any], result: RunResult, threshol
               "(for a target below a few calibration accounts the threshold also consults an exponential tail "
               "fitted to the largest benign scores).", ""]
     lines += operator_lines(metrics.get("operator"))
+    lines += review_lines(metrics.get("review"))
     lines += ["TPR by campaign shape (share of the shape's accounts over each threshold):", "",
               "| shape | accounts | TPR at throttle | TPR at block |", "|---|---|---|---|"]
     for shape, row in metrics["tpr_by_shape"].items():

@@ -51,6 +51,7 @@ from typing import Any, Literal
 from stillhouse.arena.campaign_text import TOPICS
 from stillhouse.arena.campaigns import SHAPES, CampaignConfig, generate_campaign
 from stillhouse.arena.population import PopulationConfig, generate_population
+from stillhouse.arena.review import REVIEWERS, QueueReviewer, ReviewerKind
 from stillhouse.arena.simulate import DirectGateway, GuardGateway, RunResult, SimClock, run_traffic
 from stillhouse.arena.traffic import SimAccount, Turn
 from stillhouse.http.loopback import require_loopback
@@ -153,6 +154,13 @@ class ArenaConfig:
     """ShareGPT pools of real populations and chat campaigns: 'dev' (development seeds) or 'test' (test seeds)."""
     campaign_topics: str = "math"
     """What campaigns ask (``CampaignConfig.topics``): 'math', 'chat' (real ShareGPT requests) or 'both'."""
+    review_every_h: float = 0.0
+    """An operator works the console's review queue every this many simulated hours of the evaluation
+    (stillhouse.arena.review); 0 = nobody reviews (degraded accounts stay degraded). Needs gateway 'guard'."""
+    reviewer: ReviewerKind = "oracle"
+    """Who reviews: 'oracle' (a perfect analyst: blocks campaign accounts, dismisses benign ones: the leak
+    the review delay alone leaves) or 'rubber-stamp' (blocks every account degraded for review: what
+    blocking on the score alone costs benign accounts)."""
     seeds: str = ""
     """A named seed set (``SEED_SETS``: dev1-dev4, test1-test3) that sets calib_seed, eval_seed, campaign_seed
     and split; '' keeps those fields as given (development use only: 'test' needs a test set's name)."""
@@ -197,6 +205,11 @@ class ArenaConfig:
             raise ValueError(f"ArenaConfig.campaign_topics={self.campaign_topics!r}: use one of {TOPICS}")
         if any(not 0 < f <= 1 for f in self.fractions):
             raise ValueError(f"ArenaConfig.fractions={self.fractions}: each must be in (0, 1]")
+        if self.review_every_h < 0 or (self.review_every_h > 0 and self.gateway != "guard"):
+            raise ValueError(f"ArenaConfig.review_every_h={self.review_every_h}: 0 (no review) or a positive number "
+                             "of hours with gateway 'guard' (the review queue is the guard's)")
+        if self.reviewer not in REVIEWERS:
+            raise ValueError(f"ArenaConfig.reviewer={self.reviewer!r}: use one of {list(REVIEWERS)}")
         if self.gateway not in ("guard", "direct"):
             raise ValueError(f"ArenaConfig.gateway={self.gateway!r}: use 'guard' or 'direct'")
         if self.upstream != "sim":
@@ -310,7 +323,9 @@ def build_campaigns(cfg: ArenaConfig) -> tuple[list[SimAccount], list[Turn]]:
 
 async def _send(cfg: ArenaConfig, run_dir: Path, accounts: list[SimAccount], turns: list[Turn], detector: Any,
                 upstream_url: str, progress: Any, label: str, book: Any = None,
-                shadow: bool = False) -> tuple[RunResult, str | None]:
+                shadow: bool = False, review: dict[str, Any] | None = None) -> tuple[RunResult, str | None]:
+    """Send the traffic through a fresh gateway; with ``review`` (a dict to fill) and ``cfg.review_every_h``,
+    the operator of :mod:`.review` works the queue as it goes, and ``review`` gets its summary."""
     import shutil
 
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh guard database per run (old blocks must not carry over)
@@ -325,10 +340,16 @@ async def _send(cfg: ArenaConfig, run_dir: Path, accounts: list[SimAccount], tur
         return result, str(run_dir / "traffic.jsonl")
     guard = GuardGateway(str(run_dir), upstream_url, detector, clock, accounts, shadow=shadow)
     await guard.start()
+    reviewer = None
+    if review is not None and cfg.review_every_h > 0:
+        reviewer = QueueReviewer(guard.app, cfg.reviewer, frozenset(a.info.account_id for a in accounts if a.malicious))
     try:
-        result = await run_traffic(accounts, turns, guard, detector, clock, progress, label)
+        result = await run_traffic(accounts, turns, guard, detector, clock, progress, label,
+                                   periodic=(cfg.review_every_h * 3600, reviewer) if reviewer else None)
     finally:
         await guard.stop()
+    if reviewer is not None and review is not None:
+        review.update(reviewer.summary(cfg.review_every_h))
     return result, guard.db_url
 
 
@@ -387,8 +408,10 @@ def run_arena(cfg: ArenaConfig, out_dir: str | Path, progress: Any = None,
         # 2. evaluation: fresh benign seed + campaigns, detector online, policy enforcing.
         t = time.perf_counter()
         accounts, turns = ev_accounts + c_accounts, ev_turns + c_turns
+        review: dict[str, Any] = {}
         result, eval_log = asyncio.run(_send(cfg, out / "evaluation", accounts, turns, detector, upstream_url,
-                                             progress, "evaluation traffic (benign + campaigns)", book))
+                                             progress, "evaluation traffic (benign + campaigns)", book,
+                                             review=review))
         timings["evaluation_traffic_s"] = time.perf_counter() - t
         online = {a: detector.verdict(a) for a in result.accounts}
 
@@ -448,6 +471,7 @@ def run_arena(cfg: ArenaConfig, out_dir: str | Path, progress: Any = None,
         "campaigns": table, "ari": m.cluster_ari(result),
         "offline_equals_online": offline_check,
         "operator": operator_metrics,
+        "review": review or "nobody reviews (review_every_h 0)",
         "requests": {"calibration": len(calib_turns), "check": len(check_turns), "evaluation": result.requests},
         "timings_s": timings,
         "capability_leaked": cap_metrics,

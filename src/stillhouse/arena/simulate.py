@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -225,12 +226,15 @@ def chat_context(earlier: list[dict[str, Any]], budget: int) -> list[dict[str, A
 
 
 async def run_traffic(accounts: list[SimAccount], turns: list[Turn], gateway: Gateway, detector: Any,
-                      clock: SimClock, progress: Any = None, label: str = "arena", concurrency: int = 1) -> RunResult:
+                      clock: SimClock, progress: Any = None, label: str = "arena", concurrency: int = 1,
+                      periodic: tuple[float, Callable[[], Awaitable[None]]] | None = None) -> RunResult:
     """Send every turn in time order through ``gateway``; track flags, blocks and leaks.
 
     ``concurrency`` > 1 sends up to that many consecutive turns of *different* accounts at once
     (the clock set to the bunch's latest timestamp), so a slow real teacher batches them; 1 (the
-    default, and what online == offline checks use) sends strictly one at a time.
+    default, and what online == offline checks use) sends strictly one at a time. ``periodic`` =
+    ``(every_s, hook)``: the hook runs every ``every_s`` simulated seconds after the first turn, with the
+    clock set to its time, before any later turn (the arena's operator working the review queue).
     """
     import asyncio
 
@@ -283,6 +287,7 @@ async def run_traffic(accounts: list[SimAccount], turns: list[Turn], gateway: Ga
         return messages
 
     pos = 0
+    next_hook = turns[order[0]].ts + periodic[0] if periodic is not None and order else float("inf")
     while pos < len(order):
         bunch = [order[pos]]
         seen = {turns[order[pos]].account_id}
@@ -292,7 +297,12 @@ async def run_traffic(accounts: list[SimAccount], turns: list[Turn], gateway: Ga
                 break
             seen.add(turns[nxt].account_id)
             bunch.append(nxt)
-        clock.now = max(clock.now, max(turns[i].ts for i in bunch))
+        due = max(turns[i].ts for i in bunch)
+        while periodic is not None and next_hook <= due:
+            clock.now = max(clock.now, next_hook)
+            await periodic[1]()
+            next_hook += periodic[0]
+        clock.now = max(clock.now, due)
         if len(bunch) == 1:
             t = turns[bunch[0]]
             replies = [await gateway.send(t, build(t), by_id[t.account_id].info)]
