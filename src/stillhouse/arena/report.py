@@ -146,14 +146,16 @@ def review_lines(review: Any) -> list[str]:
     def counts(side: str) -> str:
         return ", ".join(f"{n} {what}" for what, n in sorted(acts[side].items())) or "none"
 
+    benign = review["blocked_accounts"]["benign"]
+    named = f" ({', '.join(review['benign_blocked'])})" if review["benign_blocked"] else ""
     return ["## The review queue: an operator works it", "",
-            f"A **{review['reviewer']}** operator read the console's review queue every {review['every_h']:g} "
+            f"The **{review['reviewer']}** operator read the console's review queue every {review['every_h']:g} "
             f"simulated hours ({review['rounds']} rounds) and acted through the console's actions: on campaign "
             f"accounts' decisions {counts('campaign')}; on benign accounts' {counts('benign')}. Blocked by the "
-            f"operator: **{review['blocked_accounts']['campaign']} campaign accounts, "
-            f"{review['blocked_accounts']['benign']} benign** "
-            + (f"({', '.join(review['benign_blocked'])})" if review["benign_blocked"] else "")
-            + ". The leaks in the campaign table below are what went out before each block.", ""]
+            f"operator (not blocked by the policy before): **{review['blocked_accounts']['campaign']} campaign accounts, {benign} benign**{named}. "
+            "The leaks in the campaign table below are what went out before each block; its 'blocked' and "
+            "'degraded' columns are the detector's verdicts, and an account the operator blocked stops scoring.",
+            ""]
 
 
 def operator_lines(op: dict[str, Any] | None) -> list[str]:

@@ -43,13 +43,16 @@ class QueueReviewer:
     rounds: int = 0
     actions: dict[str, dict[str, int]] = field(default_factory=lambda: {"campaign": {}, "benign": {}})
     first_block_ts: dict[str, float] = field(default_factory=dict)
-    """Account -> simulated time the operator blocked it."""
+    """Account -> simulated time the operator blocked it (accounts the policy had not blocked already)."""
 
     async def __call__(self) -> None:
         from stillhouse.guard.console.actions import act, review
         from stillhouse.guard.console.queries import review_queue
 
         self.rounds += 1
+        # live, the log writer flushes every fraction of a second; simulated hours pass faster than that, so
+        # the operator first lets it write what the policy decided up to now
+        await self.app.writer.flush()
         pending: list[dict[str, Any]] = []
         after = ""
         while True:
@@ -64,12 +67,13 @@ class QueueReviewer:
             aid = d["target"]
             campaign = aid in self.campaign_accounts
             what = self._decide(d, campaign)
+            if what == "block" and d["action"] == "block":
+                what = "confirm"  # the policy blocked it already: the operator only confirms
             reason = f"review round {self.rounds}: {self.kind} operator"
-            # the verdict closes the queue entry (and is a label); a block then overrides the confirmed degrade
+            # the verdict closes the queue entry (and is a label); a block then overrides the confirmed decision
             await review(self.app, ACTOR, d["decision_id"], "dismiss" if what == "dismiss" else "confirm", reason)
-            if what == "block" and d["action"] != "block":
-                await act(self.app, ACTOR, aid, "block", reason)
             if what == "block":
+                await act(self.app, ACTOR, aid, "block", reason)
                 self.first_block_ts.setdefault(aid, self.app.clock())
             side = self.actions["campaign" if campaign else "benign"]
             side[what] = side.get(what, 0) + 1
