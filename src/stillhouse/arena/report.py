@@ -152,7 +152,8 @@ def review_lines(review: Any) -> list[str]:
             f"The **{review['reviewer']}** operator read the console's review queue every {review['every_h']:g} "
             f"simulated hours ({review['rounds']} rounds) and acted through the console's actions: on campaign "
             f"accounts' decisions {counts('campaign')}; on benign accounts' {counts('benign')}. Blocked by the "
-            f"operator (not blocked by the policy before): **{review['blocked_accounts']['campaign']} campaign accounts, {benign} benign**{named}. "
+            f"operator (not blocked by the policy before): **{review['blocked_accounts']['campaign']} campaign "
+            f"accounts, {benign} benign**{named}. "
             "The leaks in the campaign table below are what went out before each block; its 'blocked' and "
             "'degraded' columns are the detector's verdicts, and an account the operator blocked stops scoring.",
             ""]
