@@ -650,14 +650,15 @@ def train(cfg: TrainConfig, *, teacher: tuple[Any, Any, str] | None = None,
         if scorer is not None:
             scorer.close()
     selection = None
+    peak = peak_memory_mib(device)
     if sel_items:
         final = select.finish(out, state["selection"], cfg.select_on, keep_epochs=cfg.export_epochs)
         selection = {"chosen_epoch": select.best_epoch(state["selection"]), "epochs": state["selection"]}
     else:
         final = export_hf(student, tok, cfg, out / "final",
-                          {**meta, **state, "last": last, "peak_memory_mib": round(peak_memory_mib(device))})
+                          {**meta, **state, "last": last, "peak_memory_mib": round(peak)})
     return TrainResult(out, final, state["step"], state["examples_seen"], state["tokens_seen"],
-                       time.time() - t_start, last, snapshots, selection, peak_memory_mib(device))
+                       time.time() - t_start, last, snapshots, selection, peak)
 
 
 def _accumulate_gradient(cfg: TrainConfig, student: Any, t_model: Any, batches: list[dict[str, Any]], device: str,
