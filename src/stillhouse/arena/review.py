@@ -42,8 +42,8 @@ class QueueReviewer:
     campaign_accounts: frozenset[str]
     rounds: int = 0
     actions: dict[str, dict[str, int]] = field(default_factory=lambda: {"campaign": {}, "benign": {}})
-    first_block_ts: dict[str, float] = field(default_factory=dict)
-    """Account -> simulated time the operator blocked it (accounts the policy had not blocked already)."""
+    blocked: set[str] = field(default_factory=set)
+    """Accounts the operator blocked (not those the policy had blocked already)."""
 
     async def __call__(self) -> None:
         from stillhouse.guard.console.actions import act, review
@@ -67,26 +67,26 @@ class QueueReviewer:
             aid = d["target"]
             campaign = aid in self.campaign_accounts
             what = self._decide(d, campaign)
-            if what == "block" and d["action"] == "block":
-                what = "confirm"  # the policy blocked it already: the operator only confirms
             reason = f"review round {self.rounds}: {self.kind} operator"
             # the verdict closes the queue entry (and is a label); a block then overrides the confirmed decision
             await review(self.app, ACTOR, d["decision_id"], "dismiss" if what == "dismiss" else "confirm", reason)
             if what == "block":
                 await act(self.app, ACTOR, aid, "block", reason)
-                self.first_block_ts.setdefault(aid, self.app.clock())
+                self.blocked.add(aid)
             side = self.actions["campaign" if campaign else "benign"]
             side[what] = side.get(what, 0) + 1
 
     def _decide(self, decision: dict[str, Any], campaign: bool) -> str:
-        """``block``, ``confirm`` or ``dismiss`` for one pending decision."""
+        """``block``, ``confirm`` or ``dismiss`` for one pending decision (a block the policy made already is
+        only confirmed)."""
         if self.kind == "oracle":
-            return "block" if campaign else "dismiss"
-        return "block" if decision["action"] == "degrade" else "confirm"
+            want = "block" if campaign else "dismiss"
+        else:
+            want = "block" if decision["action"] == "degrade" else "confirm"
+        return "confirm" if want == "block" and decision["action"] == "block" else want
 
     def summary(self, every_h: float) -> dict[str, Any]:
-        blocked = {side: sorted(a for a in self.first_block_ts if (a in self.campaign_accounts) == (side == "campaign"))
-                   for side in ("campaign", "benign")}
+        benign = sorted(self.blocked - self.campaign_accounts)
         return {"reviewer": self.kind, "every_h": every_h, "rounds": self.rounds, "actions": self.actions,
-                "blocked_accounts": {side: len(ids) for side, ids in blocked.items()},
-                "benign_blocked": blocked["benign"][:20]}
+                "blocked_accounts": {"campaign": len(self.blocked) - len(benign), "benign": len(benign)},
+                "benign_blocked": benign[:20]}
