@@ -160,6 +160,11 @@ def test_review_queue_confirm_dismiss_evaluator_and_labels(tmp_path, fake):
         # Confirming a shadow proposal enforces it from the next request; the others stay served.
         assert g.chat(keys["camp_1"])[0] == 403
         assert g.chat(keys["fp_1"])[0] == 200 and g.chat(keys["eval_1"])[0] == 200
+        # the confirmation is stored as a floor (the detector may still escalate past it), the others exact
+        manual = {d["target"]: d for d in g.admin("GET", "/admin/decisions?active=true")[1]["data"]
+                  if d["source"] == "manual"}
+        assert manual["camp_1"]["signals"] == [["floor", did["camp_1"]]]
+        assert manual["fp_1"]["signals"] == [] and manual["eval_1"]["signals"] == []
         status, body = c.get("/console/labels.jsonl")
         labels = {d["account_id"]: d for d in map(json.loads, body.splitlines())}
         assert {a: (d["label"], d["verdict"], d["actor"]) for a, d in labels.items()} == {
@@ -169,7 +174,7 @@ def test_review_queue_confirm_dismiss_evaluator_and_labels(tmp_path, fake):
         status, html = c.get("/console/audit")
         assert html.count("review:") == 3
         status, html = c.get("/console/accounts/camp_1")
-        assert "template harvest" in html and "confirmed" in html
+        assert "template harvest" in html and "confirmed" in html and ">at least</span>" in html
         status, html = c.get("/console/clusters/c1")                      # FlagEveryone puts all in c1
         assert status == 200 and "camp_1" in html and "<svg" in html
         assert c.post(f"/console/review/{did['camp_1']}", {"op": "nonsense", "reason": "x"})[0] == 400

@@ -256,6 +256,37 @@ def test_a_later_manual_decision_wins_at_the_same_clock_tick_also_after_a_restar
         assert fresh.decide(AccountInfo("a")).action == "block"
 
 
+def test_a_confirmed_decision_is_a_floor_and_an_explicit_one_is_exact():
+    # an analyst confirms the detector's throttle: the detector's later block still applies, and when its
+    # score falls the account keeps the confirmed throttle; a throttle set by hand overrides the block
+    eng = PolicyEngine((), clock=lambda: 1.0)
+    a, b = AccountInfo("a"), AccountInfo("b")
+    for acct in ("a", "b"):
+        eng.take_verdict(_verdict(acct, 0.6, True, "throttle"))
+    confirm = eng.manual("account", "a", "throttle", "confirmed", "ann", confirms="d-1")
+    eng.apply_row(confirm)
+    eng.apply_row(eng.manual("account", "b", "throttle", "by hand", "ann"))
+    assert [eng.decide(x).action for x in (a, b)] == ["throttle", "throttle"]
+    for acct in ("a", "b"):
+        eng.take_verdict(_verdict(acct, 0.9, True, "block"))
+    ea = eng.decide(a)
+    assert ea.action == "block" and ea.source == "detector" and "above the confirmed throttle" in ea.reason
+    assert eng.decide(b).action == "throttle" and eng.decide(b).source == "manual"
+    eng.take_verdict(_verdict("a", 0.1, False))
+    assert eng.decide(a).action == "throttle" and eng.decide(a).source == "manual"
+    # after a restart: the floor is in the stored row, not in memory only
+    eng.take_verdict(_verdict("a", 0.9, True, "degrade"))
+    fresh = PolicyEngine((), clock=lambda: 2.0)
+    fresh.load([confirm, *[r for r in eng.active() if r.source == "detector"]])
+    assert fresh.decide(a).action == "degrade"
+    # in shadow mode the confirmed floor is enforced and the escalation is only what the policy would do
+    shadow = PolicyEngine((), shadow=True, clock=lambda: 1.0)
+    shadow.apply_row(shadow.manual("account", "a", "throttle", "confirmed", "ann", confirms="d-1"))
+    shadow.take_verdict(_verdict("a", 0.9, True, "block"))
+    eff = shadow.decide(a)
+    assert (eff.action, eff.would) == ("throttle", "block")
+
+
 def test_shadow_policy_never_enforces_automatic_but_does_manual():
     eng = PolicyEngine((), shadow=True, clock=lambda: 1.0)
     eng.take_verdict(_verdict("a", 1.0, True))

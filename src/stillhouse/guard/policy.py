@@ -4,7 +4,9 @@ Inputs, from strongest to weakest:
 
 1. **manual decisions** set by an admin, on an account, then on a cluster — always enforced,
    also in shadow mode; an admin reverses any automatic decision by setting a manual
-   ``allow`` (and clears it again to hand control back);
+   ``allow`` (and clears it again to hand control back). A manual decision that confirms an
+   automatic one (the console's review ``confirm``) is a floor instead: at least its action,
+   and the rules and the detector still escalate past it (``FLOOR``);
 2. **automatic decisions**: the harshest of the config's metadata rules (country, signup
    path, org, payment fingerprint) and the detector's verdicts (``Detector`` in
    ``guard/events.py``: ``verdict.suggested`` when flagged, and the config's score rules).
@@ -39,6 +41,17 @@ from stillhouse.guard.store import DecisionRow
 def harsher(a: str, b: str) -> str:
     """The harsher of two actions (allow < throttle < degrade < block)."""
     return a if ACTIONS.index(a) >= ACTIONS.index(b) else b  # type: ignore[arg-type]
+
+
+FLOOR = "floor"
+"""The signal that makes a manual decision a floor (``[FLOOR, decision id it confirms]``): the account gets at
+least its action, and the rules and the detector may still go harsher. A console review's ``confirm`` writes
+one; every other manual decision is exact (an analyst's throttle overrides a detector's block)."""
+
+
+def is_floor(signals: list[list[Any]]) -> bool:
+    """Whether a manual decision with these signals is a floor (see ``FLOOR``)."""
+    return any(s and s[0] == FLOOR for s in signals)
 
 
 def rule_matches(rule: PolicyRule, account: AccountInfo | None, score: float | None) -> bool:
@@ -128,8 +141,11 @@ class PolicyEngine:
         return self._cluster_of.get(account_id)
 
     # -- admin --------------------------------------------------------------------------
-    def manual(self, scope: str, target: str, action: str, reason: str, by: str) -> DecisionRow:
-        """A new manual decision (replaces the previous one on the same target). Caller persists it."""
+    def manual(self, scope: str, target: str, action: str, reason: str, by: str,
+               confirms: str | None = None) -> DecisionRow:
+        """A new manual decision (replaces the previous one on the same target). Caller persists it.
+
+        ``confirms``: the id of the automatic decision it confirms; the decision is then a floor (``FLOOR``)."""
         if scope not in ("account", "cluster"):
             raise ValueError(f"scope={scope!r}: use 'account' or 'cluster'")
         if action not in ACTIONS:
@@ -140,8 +156,9 @@ class PolicyEngine:
         cur = self._manual.get((scope, target))
         if cur is not None and now <= cur.created_at:  # the same clock tick: still after the one it replaces,
             now = math.nextafter(cur.created_at, math.inf)  # else the tie goes to the larger random id
-        return DecisionRow(uuid.uuid4().hex, scope, target, action, reason or f"set by {by}", "manual", now, by, [],
-                           False)
+        signals: list[list[Any]] = [[FLOOR, confirms]] if confirms else []
+        return DecisionRow(uuid.uuid4().hex, scope, target, action, reason or f"set by {by}", "manual", now, by,
+                           signals, False)
 
     # -- detector -----------------------------------------------------------------------
     def take_verdict(self, verdict: Verdict | None) -> DecisionRow | None:
@@ -199,10 +216,13 @@ class PolicyEngine:
         if row is None:
             cluster = self._cluster_of.get(aid)
             row = self._manual.get(("cluster", cluster)) if cluster else None
+        manual: Effective | None = None
         if row is not None:
             a: Action = row.action  # type: ignore[assignment]
-            return Effective(a, a, f"manual {row.scope} decision {row.decision_id[:8]}: {row.reason}",
-                             "manual", row.decision_id, row.signals)
+            manual = Effective(a, a, f"manual {row.scope} decision {row.decision_id[:8]}: {row.reason}",
+                               "manual", row.decision_id, row.signals)
+            if not is_floor(row.signals):
+                return manual
         best: Effective = _ALLOW
         for rule in self.rules:
             if (rule.field != "score" and rule_matches(rule, account, None)
@@ -218,6 +238,14 @@ class PolicyEngine:
             self._rule_seen.add(best.decision_id or "")
             self.persist(DecisionRow(best.decision_id or "", "account", aid, best.would, best.reason, "rule",
                                      self.clock(), "rule", best.signals, self.shadow))
+        if manual is not None:  # a confirmation: at least its action, harsher when the automatic decision is
+            if ACTIONS.index(best.would) <= ACTIONS.index(manual.action):
+                return manual
+            if self.shadow:
+                return Effective(manual.action, best.would, f"{manual.reason}; shadow: would {best.would} "
+                                 f"({best.reason})", "manual", manual.decision_id, manual.signals)
+            return Effective(best.action, best.would, f"{best.reason} (above the confirmed {manual.action})",
+                             best.source, best.decision_id, best.signals)
         if self.shadow and best.would != "allow":
             return Effective("allow", best.would, f"shadow: would {best.would} ({best.reason})", best.source,
                              best.decision_id, best.signals)

@@ -11,8 +11,9 @@ Review verdicts on an automatic decision (``review``), each also a label for
 ``stillhouse detect --fit --labels``:
 
 - ``confirm`` (label 1): the analyst adopts the decision: a manual decision with its action, so a
-  proposal made in shadow mode is enforced from the next request and a later change of score does
-  not undo it;
+  proposal made in shadow mode is enforced from the next request and a later fall of the score does
+  not undo it. It is a floor, not a ceiling: the detector and the rules still escalate past it (a
+  confirmed throttle becomes a block when the evidence for one comes);
 - ``dismiss`` (label 0): a false positive: a manual ``allow`` overrides it (``clear`` on the account
   hands control back to the detector);
 - ``evaluator`` (label 0): a known evaluator (benchmark runner, red team): a manual ``allow``.
@@ -75,8 +76,9 @@ async def _known(app: GuardApp, account_id: str) -> None:
             raise ActionError(f"no account {account_id!r}", 404) from exc
 
 
-async def _manual(app: GuardApp, account_id: str, action: str, reason: str, actor: str) -> None:
-    row = app.policy.manual("account", account_id, action, reason, actor)
+async def _manual(app: GuardApp, account_id: str, action: str, reason: str, actor: str,
+                  confirms: str | None = None) -> None:
+    row = app.policy.manual("account", account_id, action, reason, actor, confirms)
     await app.db(app.store.add_decision, row)
     app.policy.apply_row(row)
     app.metrics.decision(row)
@@ -127,7 +129,7 @@ async def review(app: GuardApp, actor: str, decision_id: str, verdict: str, reas
     if verdict == "confirm":
         if d.action != "allow":
             await _manual(app, aid, d.action, f"confirmed {d.source} decision {decision_id[:8]}: {reason} "
-                                              f"(by {actor})", actor)
+                                              f"(by {actor})", actor, confirms=decision_id)
     else:
         what = "known evaluator" if verdict == "evaluator" else f"dismissed {d.source} decision {decision_id[:8]}"
         await _manual(app, aid, "allow", f"{what}: {reason} (by {actor})", actor)

@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from stillhouse.guard.policy import is_floor
 from stillhouse.guard.store import SqlStore
 
 PAGE = 50
@@ -225,6 +226,7 @@ def account_detail(store: SqlStore, account_id: str, before: str = "") -> dict[s
         "ORDER BY created_at DESC, decision_id DESC LIMIT 50", targets)]
     for d in out["decisions"]:
         d["signals"] = _json(d["signals"], [])
+        d["floor"] = d["source"] == "manual" and is_floor(d["signals"])
     out["reviews"] = reviews_for(store, account_id)
     out["audit"] = [_audit_row(r) for r in store.fetch(
         "SELECT audit_id, ts, actor, action, target, reason, before_state, after_state FROM audit WHERE target = ? "
