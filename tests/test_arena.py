@@ -356,11 +356,10 @@ def test_an_operator_works_the_review_queue_through_the_real_guard(tmp_path, rev
     turns = [Turn(ts=3600.0 * h, account_id=a.info.account_id, session_id=f"{a.info.account_id}-{h}",
                   user_text=f"What is {h} + 7?", params={"max_tokens": 16}) for h in range(12) for a in accounts]
     cfg = replace(QUICK, review_every_h=3.0, reviewer=reviewer)  # type: ignore[arg-type]
-    review: dict = {}
     with SimUpstream() as upstream:
-        result, _log = asyncio.run(_send(cfg, tmp_path / "run", accounts, turns, _DegradeAfter(),
-                                         f"http://127.0.0.1:{upstream.port}",
-                                         None, "review", review=review))
+        result, _log, review = asyncio.run(_send(cfg, tmp_path / "run", accounts, turns, _DegradeAfter(),
+                                                 f"http://127.0.0.1:{upstream.port}", None, "review", review=True))
+    assert review is not None
     accepted = {a: o.accepted for a, o in result.outcomes.items()}
     # degraded after 2 requests, served degraded until the first review at 3 h; then the operator acts
     campaign_blocked = {"camp-0": 3, "camp-1": 3}

@@ -46,7 +46,7 @@ import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from stillhouse.arena.campaign_text import TOPICS
 from stillhouse.arena.campaigns import SHAPES, CampaignConfig, generate_campaign
@@ -321,11 +321,21 @@ def build_campaigns(cfg: ArenaConfig) -> tuple[list[SimAccount], list[Turn]]:
     return accounts, turns
 
 
+class Sent(NamedTuple):
+    """What ``_send`` gives back."""
+
+    result: RunResult
+    log: str | None
+    """The gateway's log (the guard's DB URL, or the direct gateway's JSONL)."""
+    review: dict[str, Any] | None
+    """The review queue operator's summary (``QueueReviewer.summary``), when one worked the queue."""
+
+
 async def _send(cfg: ArenaConfig, run_dir: Path, accounts: list[SimAccount], turns: list[Turn], detector: Any,
                 upstream_url: str, progress: Any, label: str, book: Any = None,
-                shadow: bool = False, review: dict[str, Any] | None = None) -> tuple[RunResult, str | None]:
-    """Send the traffic through a fresh gateway; with ``review`` (a dict to fill) and ``cfg.review_every_h``,
-    the operator of :mod:`.review` works the queue as it goes, and ``review`` gets its summary."""
+                shadow: bool = False, review: bool = False) -> Sent:
+    """Send the traffic through a fresh gateway; with ``review`` and ``cfg.review_every_h``, the operator of
+    :mod:`.review` works the queue as it goes."""
     import shutil
 
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh guard database per run (old blocks must not carry over)
@@ -337,20 +347,18 @@ async def _send(cfg: ArenaConfig, run_dir: Path, accounts: list[SimAccount], tur
         from stillhouse.guard.detect.offline import records_to_jsonl
 
         records_to_jsonl(gw.log, run_dir / "traffic.jsonl")
-        return result, str(run_dir / "traffic.jsonl")
+        return Sent(result, str(run_dir / "traffic.jsonl"), None)
     guard = GuardGateway(str(run_dir), upstream_url, detector, clock, accounts, shadow=shadow)
     await guard.start()
     reviewer = None
-    if review is not None and cfg.review_every_h > 0:
+    if review and cfg.review_every_h > 0:
         reviewer = QueueReviewer(guard.app, cfg.reviewer, frozenset(a.info.account_id for a in accounts if a.malicious))
     try:
         result = await run_traffic(accounts, turns, guard, detector, clock, progress, label,
                                    periodic=(cfg.review_every_h * 3600, reviewer) if reviewer else None)
     finally:
         await guard.stop()
-    if reviewer is not None and review is not None:
-        review.update(reviewer.summary(cfg.review_every_h))
-    return result, guard.db_url
+    return Sent(result, guard.db_url, reviewer.summary(cfg.review_every_h) if reviewer else None)
 
 
 def run_arena(cfg: ArenaConfig, out_dir: str | Path, progress: Any = None,
@@ -398,7 +406,7 @@ def run_arena(cfg: ArenaConfig, out_dir: str | Path, progress: Any = None,
 
         def send_shadow(accts: list[SimAccount], trns: list[Turn], label: str) -> str | None:
             return asyncio.run(_send(cfg, out / "calibration", accts, trns, None, upstream_url, progress, label,
-                                     book, shadow=True))[1]
+                                     book, shadow=True)).log
 
         detector, operator_metrics = calibrate_as_operator(dcfg, (calib_accounts, calib_turns),
                                                            (check_accounts, check_turns), send_shadow,
@@ -408,10 +416,9 @@ def run_arena(cfg: ArenaConfig, out_dir: str | Path, progress: Any = None,
         # 2. evaluation: fresh benign seed + campaigns, detector online, policy enforcing.
         t = time.perf_counter()
         accounts, turns = ev_accounts + c_accounts, ev_turns + c_turns
-        review: dict[str, Any] = {}
-        result, eval_log = asyncio.run(_send(cfg, out / "evaluation", accounts, turns, detector, upstream_url,
-                                             progress, "evaluation traffic (benign + campaigns)", book,
-                                             review=review))
+        result, eval_log, review = asyncio.run(_send(cfg, out / "evaluation", accounts, turns, detector,
+                                                     upstream_url, progress,
+                                                     "evaluation traffic (benign + campaigns)", book, review=True))
         timings["evaluation_traffic_s"] = time.perf_counter() - t
         online = {a: detector.verdict(a) for a in result.accounts}
 
