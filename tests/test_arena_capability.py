@@ -120,3 +120,40 @@ def test_nothing_refused_means_leaked_is_the_full_harvest(tmp_path: Path, smol_t
     assert m["leaked"] == m["planned"] == 6 and m["blocked_accounts"] == 0
     assert m["accuracy"]["leaked"] == m["accuracy"]["full"]
     assert not (tmp_path / "cap" / "leaked" / "student").exists()  # one training run serves both
+
+
+class _DegradeAfter3(_BlockAfter3):
+    """Sends an account for review (degrade: still served) from its third request on."""
+
+    def verdict(self, account_id: str) -> Verdict | None:
+        n = self.n.get(account_id, 0)
+        return Verdict(account_id, float(n), n >= 3, "degrade" if n >= 3 else "allow")
+
+
+def test_an_operator_working_the_queue_stops_a_degraded_harvest(tmp_path: Path, smol_tokenizer: Any) -> None:
+    from conftest import build_tiny_model
+    from stillhouse.arena.campaigns import CampaignConfig, generate_campaign
+
+    model = build_tiny_model(smol_tokenizer, max_positions=256)
+    every_h = 3.0
+    cfg = CapabilityConfig(accounts=2, requests_per_account=8, days=0.5, verified_only=False, epochs=1,
+                           batch_size=4, eval_limit=4, max_batch=4, concurrency=1, review_every_h=every_h)
+    # degraded answers are served, so without review all 16 leak; the operator's first round after an account's
+    # 3rd request (rounds every 3 h from the first request) blocks it, and what it sent before that round leaked
+    _, turns = generate_campaign(CampaignConfig(shape="harvest", accounts=2, requests_per_account=8, days=0.5,
+                                                seed=cfg.seed, name="capability-harvest"))
+    t0, step = min(t.ts for t in turns), every_h * 3600
+    expect = 0
+    for aid in {t.account_id for t in turns}:
+        ts = sorted(t.ts for t in turns if t.account_id == aid)
+        first_round = t0 + step * (int((ts[2] - t0) // step) + 1)
+        expect += sum(x < first_round for x in ts)
+    m = run_capability(cfg, tmp_path / "unused", tmp_path / "cap", loaded=(model, smol_tokenizer, "tiny-0"),
+                       detector=_DegradeAfter3())
+    assert m["planned"] == 16 and 6 <= m["leaked"] == expect < 16
+    assert m["review"]["blocked_accounts"] == {"campaign": 2, "benign": 0} and m["review"]["every_h"] == every_h
+    assert "oracle operator reviewed the queue every 3 simulated hours" in capability_lines(m)[0]
+    with pytest.raises(CapabilityError, match="reviewer"):
+        CapabilityConfig(reviewer="nobody")
+    with pytest.raises(CapabilityError, match="review_every_h"):
+        CapabilityConfig(review_every_h=-1)

@@ -90,6 +90,13 @@ class CapabilityConfig:
     concurrency: int = 3
     """Turns of different accounts sent through the guard at once (``run_traffic(concurrency=)``), so
     the real teacher batches them; 1 = strictly one at a time."""
+    review_every_h: float = 0.0
+    """An operator works the guard's review queue every this many simulated hours of the harvest
+    (:mod:`.review`); 0 = nobody reviews. Inside ``stillhouse arena --capability`` a 0 here takes the
+    arena's own ``review_every_h`` and ``reviewer`` (the same operator works both stages)."""
+    reviewer: str = "oracle"
+    """Who reviews: 'oracle' or 'rubber-stamp' (:mod:`.review`). Only campaign traffic is sent here, so
+    both block every account the detector degraded for review, an oracle also the throttled ones."""
 
     def __post_init__(self) -> None:
         for name in ("accounts", "requests_per_account", "epochs", "batch_size", "eval_limit", "threads",
@@ -99,6 +106,13 @@ class CapabilityConfig:
                 raise CapabilityError(f"CapabilityConfig.{name}={value!r}: must be an integer >= 1")
         if self.days <= 0:
             raise CapabilityError(f"CapabilityConfig.days={self.days}: must be > 0")
+        if not self.review_every_h >= 0:
+            raise CapabilityError(f"CapabilityConfig.review_every_h={self.review_every_h}: 0 (no review) or a "
+                                  "positive number of simulated hours, e.g. 24")
+        from stillhouse.arena.review import REVIEWERS
+
+        if self.reviewer not in REVIEWERS:
+            raise CapabilityError(f"CapabilityConfig.reviewer={self.reviewer!r}: use one of {list(REVIEWERS)}")
         if not self.lr > 0:
             raise CapabilityError(f"CapabilityConfig.lr={self.lr}: must be > 0, e.g. 5e-5")
         if self.warmup_steps < 0:
@@ -212,7 +226,7 @@ def run_capability(cfg: CapabilityConfig, detector_dir: str | Path, out_dir: str
     answers = {str(it.messages[-1]["content"]): str(it.answer)
                for it in arithmetic(cfg.accounts * cfg.requests_per_account, "train", seed=cfg.seed)}
 
-    result, leaked_pairs, full_pairs, missing = _harvest(cfg, out, loaded, detector, detector_dir, accounts, turns,
+    result, leaked_pairs, full_pairs, missing, review = _harvest(cfg, out, loaded, detector, detector_dir, accounts, turns,
                                                          progress, timings)
 
     leaked_rows, full_rows = _rows(leaked_pairs, answers), _rows(full_pairs, answers)
@@ -249,6 +263,7 @@ def run_capability(cfg: CapabilityConfig, detector_dir: str | Path, out_dir: str
         "trained": {k: v is not None for k, v in dirs.items()},
         "eval_items": n_items,
         "accuracy": {k: {"value": e.value, "lo": e.lo, "hi": e.hi, "n": e.n} for k, e in scores.items()},
+        "review": review or "nobody reviews (review_every_h 0)",
         "gain_ratio": ratio,
         "goal_met": bool(ratio["value"] <= 0.5) if ratio["value"] == ratio["value"] else None,
         "timings_s": timings,
@@ -258,11 +273,14 @@ def run_capability(cfg: CapabilityConfig, detector_dir: str | Path, out_dir: str
 
 
 def _harvest(cfg: CapabilityConfig, out: Path, loaded: tuple[Any, Any, str], detector: Any, detector_dir: str | Path,
-             accounts: Any, turns: Any, progress: Any, timings: dict[str, float]) -> tuple[Any, list, list, list]:
-    """Steps 1-2: the campaign through the guard in front of the real teacher served on loopback, then
-    the prompts it refused straight to the same teacher. Returns (traffic result, leaked (prompt, answer)
-    pairs, the full harvest's pairs, the refused prompts)."""
+             accounts: Any, turns: Any, progress: Any,
+             timings: dict[str, float]) -> tuple[Any, list, list, list, dict[str, Any] | None]:
+    """Steps 1-2: the campaign through the guard in front of the real teacher served on loopback (and the
+    review queue's operator, with ``cfg.review_every_h``), then the prompts it refused straight to the same
+    teacher. Returns (traffic result, leaked (prompt, answer) pairs, the full harvest's pairs, the refused
+    prompts, the operator's summary or None)."""
     from stillhouse.arena.campaigns import HARVEST_MAX_TOKENS
+    from stillhouse.arena.review import QueueReviewer
     from stillhouse.arena.simulate import GuardGateway, RecordingGateway, SimClock, run_traffic
     from stillhouse.guard.detect import WindowDetector
     from stillhouse.http.server import ServerThread
@@ -283,17 +301,24 @@ def _harvest(cfg: CapabilityConfig, out: Path, loaded: tuple[Any, Any, str], det
         clock = SimClock()
         guard = GuardGateway(str(out / "guard"), base, detector, clock, accounts, model=SERVED_NAME)
         recorder = RecordingGateway(guard)
+        reviewer = None
 
         async def guarded() -> Any:
+            nonlocal reviewer
             await guard.start()
+            if cfg.review_every_h > 0:
+                reviewer = QueueReviewer(guard.app, cfg.reviewer,  # type: ignore[arg-type]
+                                         frozenset(a.info.account_id for a in accounts))
             try:
                 return await run_traffic(accounts, turns, recorder, detector, clock, progress,
                                          "capability: harvest through the guard (real teacher)",
-                                         concurrency=cfg.concurrency)
+                                         concurrency=cfg.concurrency,
+                                         periodic=(cfg.review_every_h * 3600, reviewer) if reviewer else None)
             finally:
                 await guard.stop()
 
         result = asyncio.run(guarded())
+        review = reviewer.summary(cfg.review_every_h) if reviewer else None
         timings["guarded_harvest_s"] = time.perf_counter() - t
         leaked_pairs = [(tu.user_text, r.text) for tu, r in recorder.sent if r.status == 200]
         got = dict(leaked_pairs)
@@ -306,7 +331,7 @@ def _harvest(cfg: CapabilityConfig, out: Path, loaded: tuple[Any, Any, str], det
     full_pairs = [(tu.user_text, got.get(tu.user_text, "")) for tu, _ in recorder.sent]
     rest = dict(zip(missing, extra))
     full_pairs = [(p, a if p in got else rest[p]) for p, a in full_pairs]
-    return result, leaked_pairs, full_pairs, missing
+    return result, leaked_pairs, full_pairs, missing, review
 
 
 def _evaluate(cfg: CapabilityConfig, loaded: tuple[Any, Any, str],

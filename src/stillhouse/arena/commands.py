@@ -251,6 +251,9 @@ def arena(
     except (ConfigError, ValueError) as exc:
         fail(f"--capability-config: {exc}")
     if capability_only:
+        if cap_cfg.review_every_h == 0 and settings.values.get("review_every_h"):  # as inside a whole arena run
+            cap_cfg = replace(cap_cfg, review_every_h=settings.values["review_every_h"],
+                              reviewer=settings.values.get("reviewer", ArenaConfig.reviewer))
         console = Console()
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=console) as progress:

@@ -104,6 +104,14 @@ def plot_fractions(path: Path, fractions: dict[str, dict[str, Any]]) -> None:
     plt.close(fig)
 
 
+def _capability_review(review: Any) -> str:
+    """Who worked the capability stage's review queue, for its first sentence."""
+    if not isinstance(review, dict):
+        return " (nobody reviewed the queue)"
+    return (f" (the {review['reviewer']} operator reviewed the queue every {review['every_h']:g} simulated hours and "
+            f"blocked {review['blocked_accounts']['campaign']} of them)")
+
+
 def capability_lines(cap: Any) -> list[str]:
     """The capability-leaked section (a sentence when the stage did not run)."""
     if not isinstance(cap, dict):
@@ -118,7 +126,8 @@ def capability_lines(cap: Any) -> list[str]:
     out = [f"A `harvest` campaign ({cap['accounts']} accounts, {cap['planned']} planned additions over "
            f"{cfg['days']:g} simulated days) through the guard with the fitted detector to the real teacher "
            f"(`{cfg['teacher']}`, revision {str(cap['teacher_revision'])[:24]}): {cap['leaked']} answers leaked "
-           f"({cap['leaked_share']:.1%} of plan), {cap['blocked_accounts']}/{cap['accounts']} accounts blocked. "
+           f"({cap['leaked_share']:.1%} of plan), {cap['blocked_accounts']}/{cap['accounts']} accounts blocked"
+           f"{_capability_review(cap.get('review'))}. "
            f"Students: `{cfg['student']}` init, SFT {cfg['epochs']} epochs, batch {cfg['batch_size']}, lr {cfg['lr']:g}"
            f"{', verified rows only' if cfg['verified_only'] else ''} (leaked: {cap['train_rows']['leaked']} rows, "
            f"full harvest: {cap['train_rows']['full']} rows). Eval: {cap['eval_items']} held-out 2-digit additions, "

@@ -461,7 +461,10 @@ def run_arena(cfg: ArenaConfig, out_dir: str | Path, progress: Any = None,
         from stillhouse.arena.capability import CapabilityConfig, run_capability
 
         t = time.perf_counter()
-        cap_metrics = run_capability(capability or CapabilityConfig(), out / "detector", out / "capability",
+        cap_cfg = capability or CapabilityConfig()
+        if cap_cfg.review_every_h == 0 and cfg.review_every_h > 0:  # the arena's operator works this queue too
+            cap_cfg = replace(cap_cfg, review_every_h=cfg.review_every_h, reviewer=cfg.reviewer)
+        cap_metrics = run_capability(cap_cfg, out / "detector", out / "capability",
                                      progress=progress)
         timings["capability_s"] = time.perf_counter() - t
     metrics = {
