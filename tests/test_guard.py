@@ -477,6 +477,28 @@ def test_decisions_persist_across_restart_and_are_reversible(tmp_path, fake):
         g.stop()
 
 
+def test_an_at_least_decision_lets_the_detector_go_harsher(tmp_path, fake):
+    g = start_guard(make_config(tmp_path, f"http://127.0.0.1:{fake.port}"), detector=FlagEveryone(after=2))
+    try:
+        keys = {a: g.account_with_key(a) for a in ("ola", "pim")}
+        for aid, at_least in (("ola", True), ("pim", False)):
+            status, row = g.admin("POST", "/admin/decisions", {"target": aid, "action": "throttle",
+                                                                "reason": "watch list", "at_least": at_least})
+            assert status == 201 and (row["signals"] == [["floor", ""]]) is at_least
+            assert g.admin("GET", f"/admin/accounts/{aid}")[1]["decision"]["action"] == "throttle"
+        for aid, key in keys.items():
+            for _ in range(3):
+                g.chat(key)
+        # the detector's block (after 2 requests) goes past ola's "at least throttle", not past pim's throttle
+        ola, pim = (g.admin("GET", f"/admin/accounts/{a}")[1]["decision"] for a in ("ola", "pim"))
+        assert (ola["action"], ola["source"]) == ("block", "detector") and g.chat(keys["ola"])[0] == 403
+        assert (pim["action"], pim["source"]) == ("throttle", "manual")
+        status, out = g.admin("POST", "/admin/decisions", {"target": "ola", "action": "block", "at_least": "yes"})
+        assert status == 400 and "at_least" in out["error"]["message"]
+    finally:
+        g.stop()
+
+
 def test_cluster_decision_applies_to_every_member(tmp_path, fake):
     g = start_guard(make_config(tmp_path, f"http://127.0.0.1:{fake.port}"), detector=FlagEveryone(after=100))
     try:

@@ -263,7 +263,7 @@ def test_a_confirmed_decision_is_a_floor_and_an_explicit_one_is_exact():
     a, b = AccountInfo("a"), AccountInfo("b")
     for acct in ("a", "b"):
         eng.take_verdict(_verdict(acct, 0.6, True, "throttle"))
-    confirm = eng.manual("account", "a", "throttle", "confirmed", "ann", confirms="d-1")
+    confirm = eng.manual("account", "a", "throttle", "confirmed", "ann", floor="d-1")
     eng.apply_row(confirm)
     eng.apply_row(eng.manual("account", "b", "throttle", "by hand", "ann"))
     assert [eng.decide(x).action for x in (a, b)] == ["throttle", "throttle"]
@@ -281,7 +281,7 @@ def test_a_confirmed_decision_is_a_floor_and_an_explicit_one_is_exact():
     assert fresh.decide(a).action == "degrade"
     # in shadow mode the confirmed floor is enforced and the escalation is only what the policy would do
     shadow = PolicyEngine((), shadow=True, clock=lambda: 1.0)
-    shadow.apply_row(shadow.manual("account", "a", "throttle", "confirmed", "ann", confirms="d-1"))
+    shadow.apply_row(shadow.manual("account", "a", "throttle", "confirmed", "ann", floor="d-1"))
     shadow.take_verdict(_verdict("a", 0.9, True, "block"))
     eff = shadow.decide(a)
     assert (eff.action, eff.would) == ("throttle", "block")

@@ -223,9 +223,14 @@ class AdminAPI:
             raise AdminError(400, "'target' must be an account id or cluster id", "invalid_field", "target")
         if scope == "account" and target not in self.app.accounts:
             await self.app.db(self.app.store.get_account, target)  # NotFound → 404
+        at_least = body.get("at_least", False)
+        if not isinstance(at_least, bool):
+            raise AdminError(400, "'at_least' must be true (at least this action: the detector and the rules may "
+                                  "still go harsher) or false (exactly this action, the default)",
+                             "invalid_field", "at_least")
         by = _opt_str(body, "by") or "admin-api"
         before = self._state(target) if scope == "account" else {}
-        row = self.app.policy.manual(scope, target, action, _opt_str(body, "reason"), by)
+        row = self.app.policy.manual(scope, target, action, _opt_str(body, "reason"), by, "" if at_least else None)
         await self.app.db(self.app.store.add_decision, row)
         self.app.policy.apply_row(row)
         self.app.metrics.decision(row)

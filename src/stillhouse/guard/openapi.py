@@ -87,7 +87,9 @@ def openapi_schema() -> dict[str, Any]:
                 "DecisionIn": {"type": "object", "required": ["target", "action"], "properties": {
                     "scope": {"type": "string", "enum": ["account", "cluster"]}, "target": _ID,
                     "action": {"type": "string", "enum": ["allow", "throttle", "degrade", "block"]},
-                    "reason": {"type": "string", "maxLength": 512}, "by": {"type": "string", "maxLength": 512}}},
+                    "reason": {"type": "string", "maxLength": 512}, "by": {"type": "string", "maxLength": 512},
+                    "at_least": {"type": "boolean", "description": "at least this action: the detector and the "
+                                 "rules may still go harsher (default false: exactly this action)"}}},
                 "Health": {"type": "object", "required": ["status", "store", "upstream"],
                            "additionalProperties": False, "properties": {
                                "status": {"type": "string", "enum": ["ok"]},

@@ -46,7 +46,8 @@ def harsher(a: str, b: str) -> str:
 FLOOR = "floor"
 """The signal that makes a manual decision a floor (``[FLOOR, decision id it confirms]``): the account gets at
 least its action, and the rules and the detector may still go harsher. A console review's ``confirm`` writes
-one; every other manual decision is exact (an analyst's throttle overrides a detector's block)."""
+one, and so does the admin API's ``"at_least": true``; every other manual decision is exact (an analyst's
+throttle overrides a detector's block)."""
 
 
 def is_floor(signals: list[list[Any]]) -> bool:
@@ -142,10 +143,11 @@ class PolicyEngine:
 
     # -- admin --------------------------------------------------------------------------
     def manual(self, scope: str, target: str, action: str, reason: str, by: str,
-               confirms: str | None = None) -> DecisionRow:
+               floor: str | None = None) -> DecisionRow:
         """A new manual decision (replaces the previous one on the same target). Caller persists it.
 
-        ``confirms``: the id of the automatic decision it confirms; the decision is then a floor (``FLOOR``)."""
+        ``floor``: make it a floor (``FLOOR``), not exact; the value is the id of the automatic decision it
+        confirms ("" when it confirms none: an admin's "at least")."""
         if scope not in ("account", "cluster"):
             raise ValueError(f"scope={scope!r}: use 'account' or 'cluster'")
         if action not in ACTIONS:
@@ -156,7 +158,7 @@ class PolicyEngine:
         cur = self._manual.get((scope, target))
         if cur is not None and now <= cur.created_at:  # the same clock tick: still after the one it replaces,
             now = math.nextafter(cur.created_at, math.inf)  # else the tie goes to the larger random id
-        signals: list[list[Any]] = [[FLOOR, confirms]] if confirms else []
+        signals: list[list[Any]] = [[FLOOR, floor]] if floor is not None else []
         return DecisionRow(uuid.uuid4().hex, scope, target, action, reason or f"set by {by}", "manual", now, by,
                            signals, False)
 

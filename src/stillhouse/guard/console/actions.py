@@ -77,8 +77,8 @@ async def _known(app: GuardApp, account_id: str) -> None:
 
 
 async def _manual(app: GuardApp, account_id: str, action: str, reason: str, actor: str,
-                  confirms: str | None = None) -> None:
-    row = app.policy.manual("account", account_id, action, reason, actor, confirms)
+                  floor: str | None = None) -> None:
+    row = app.policy.manual("account", account_id, action, reason, actor, floor)
     await app.db(app.store.add_decision, row)
     app.policy.apply_row(row)
     app.metrics.decision(row)
@@ -129,7 +129,7 @@ async def review(app: GuardApp, actor: str, decision_id: str, verdict: str, reas
     if verdict == "confirm":
         if d.action != "allow":
             await _manual(app, aid, d.action, f"confirmed {d.source} decision {decision_id[:8]}: {reason} "
-                                              f"(by {actor})", actor, confirms=decision_id)
+                                              f"(by {actor})", actor, floor=decision_id)
     else:
         what = "known evaluator" if verdict == "evaluator" else f"dismissed {d.source} decision {decision_id[:8]}"
         await _manual(app, aid, "allow", f"{what}: {reason} (by {actor})", actor)
