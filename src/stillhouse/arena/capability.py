@@ -46,6 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stillhouse.arena.review import REVIEWERS, QueueReviewer, ReviewerKind
+
 SERVED_NAME = "arena-teacher"
 
 
@@ -94,7 +96,7 @@ class CapabilityConfig:
     """An operator works the guard's review queue every this many simulated hours of the harvest
     (:mod:`.review`); 0 = nobody reviews. Inside ``stillhouse arena --capability`` a 0 here takes the
     arena's own ``review_every_h`` and ``reviewer`` (the same operator works both stages)."""
-    reviewer: str = "oracle"
+    reviewer: ReviewerKind = "oracle"
     """Who reviews: 'oracle' or 'rubber-stamp' (:mod:`.review`). Only campaign traffic is sent here, so
     both block every account the detector degraded for review, an oracle also the throttled ones."""
 
@@ -109,8 +111,6 @@ class CapabilityConfig:
         if not self.review_every_h >= 0:
             raise CapabilityError(f"CapabilityConfig.review_every_h={self.review_every_h}: 0 (no review) or a "
                                   "positive number of simulated hours, e.g. 24")
-        from stillhouse.arena.review import REVIEWERS
-
         if self.reviewer not in REVIEWERS:
             raise CapabilityError(f"CapabilityConfig.reviewer={self.reviewer!r}: use one of {list(REVIEWERS)}")
         if not self.lr > 0:
@@ -226,8 +226,8 @@ def run_capability(cfg: CapabilityConfig, detector_dir: str | Path, out_dir: str
     answers = {str(it.messages[-1]["content"]): str(it.answer)
                for it in arithmetic(cfg.accounts * cfg.requests_per_account, "train", seed=cfg.seed)}
 
-    result, leaked_pairs, full_pairs, missing, review = _harvest(cfg, out, loaded, detector, detector_dir, accounts, turns,
-                                                         progress, timings)
+    result, leaked_pairs, full_pairs, missing, review = _harvest(cfg, out, loaded, detector, detector_dir, accounts,
+                                                                 turns, progress, timings)
 
     leaked_rows, full_rows = _rows(leaked_pairs, answers), _rows(full_pairs, answers)
     for name, rows in (("leaked", leaked_rows), ("full", full_rows)):
@@ -280,7 +280,6 @@ def _harvest(cfg: CapabilityConfig, out: Path, loaded: tuple[Any, Any, str], det
     teacher. Returns (traffic result, leaked (prompt, answer) pairs, the full harvest's pairs, the refused
     prompts, the operator's summary or None)."""
     from stillhouse.arena.campaigns import HARVEST_MAX_TOKENS
-    from stillhouse.arena.review import QueueReviewer
     from stillhouse.arena.simulate import GuardGateway, RecordingGateway, SimClock, run_traffic
     from stillhouse.guard.detect import WindowDetector
     from stillhouse.http.server import ServerThread
@@ -307,8 +306,7 @@ def _harvest(cfg: CapabilityConfig, out: Path, loaded: tuple[Any, Any, str], det
             nonlocal reviewer
             await guard.start()
             if cfg.review_every_h > 0:
-                reviewer = QueueReviewer(guard.app, cfg.reviewer,  # type: ignore[arg-type]
-                                         frozenset(a.info.account_id for a in accounts))
+                reviewer = QueueReviewer(guard.app, cfg.reviewer, frozenset(a.info.account_id for a in accounts))
             try:
                 return await run_traffic(accounts, turns, recorder, detector, clock, progress,
                                          "capability: harvest through the guard (real teacher)",
