@@ -182,6 +182,43 @@ def test_review_queue_confirm_dismiss_evaluator_and_labels(tmp_path, fake):
         g.stop()
 
 
+class _BlockThenThrottle(FlagEveryone):
+    """Says block after an account's 2nd request, throttle from its 4th (its score fell)."""
+
+    def verdict(self, account_id: str) -> Any:
+        v = super().verdict(account_id)
+        if v is not None and self.seen[account_id] >= 4:
+            v.suggested = "throttle"
+        return v
+
+
+def test_confirming_a_lower_decision_keeps_the_account_blocked(tmp_path, fake):
+    g = start_guard(make_config(tmp_path, f"http://127.0.0.1:{fake.port}"), detector=_BlockThenThrottle(after=2))
+    try:
+        key = g.account_with_key("rex")
+        assert [g.chat(key)[0] for _ in range(3)] == [200, 200, 403]
+        c = ConsoleClient(g.url)
+        c.login("ann", ADMIN)
+
+        def confirm_pending() -> str:
+            time.sleep(0.2)
+            (d,) = [d for d in _decisions(g, "rex") if d["source"] == "detector"]
+            assert c.post(f"/console/review/{d['decision_id']}", {"op": "confirm", "reason": "harvest"})[0] == 200
+            return str(d["action"])
+
+        assert confirm_pending() == "block"
+        assert g.chat(key)[0] == 403                    # the 4th request: the detector now says throttle
+        # confirming the detector's throttle records the label and keeps the confirmed block
+        assert confirm_pending() == "throttle"
+        assert [g.chat(key)[0] for _ in range(2)] == [403, 403]
+        manual = [d for d in _decisions(g, "rex") if d["source"] == "manual"]
+        assert [d["action"] for d in manual] == ["block"]
+        status, body = c.get("/console/labels.jsonl")
+        assert [json.loads(x)["verdict"] for x in body.splitlines()] == ["confirmed"]
+    finally:
+        g.stop()
+
+
 def test_account_list_pages_by_keyset_and_filters(tmp_path, fake):
     cfg = make_config(tmp_path, f"http://127.0.0.1:{fake.port}")
     store = open_store(cfg.db_url)

@@ -141,6 +141,10 @@ class PolicyEngine:
     def cluster_of(self, account_id: str) -> str | None:
         return self._cluster_of.get(account_id)
 
+    def manual_decision(self, scope: str, target: str) -> DecisionRow | None:
+        """The active manual decision on an account or cluster, if any."""
+        return self._manual.get((scope, target))
+
     # -- admin --------------------------------------------------------------------------
     def manual(self, scope: str, target: str, action: str, reason: str, by: str,
                floor: str | None = None) -> DecisionRow:

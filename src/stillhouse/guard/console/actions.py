@@ -13,7 +13,9 @@ Review verdicts on an automatic decision (``review``), each also a label for
 - ``confirm`` (label 1): the analyst adopts the decision: a manual decision with its action, so a
   proposal made in shadow mode is enforced from the next request and a later fall of the score does
   not undo it. It is a floor, not a ceiling: the detector and the rules still escalate past it (a
-  confirmed throttle becomes a block when the evidence for one comes);
+  confirmed throttle becomes a block when the evidence for one comes). It never lowers the account's
+  manual decision: confirming the detector's throttle of an account that stands blocked by hand, or by
+  an earlier confirmation, records the label and keeps the block;
 - ``dismiss`` (label 0): a false positive: a manual ``allow`` overrides it (``clear`` on the account
   hands control back to the detector);
 - ``evaluator`` (label 0): a known evaluator (benchmark runner, red team): a manual ``allow``.
@@ -98,7 +100,7 @@ async def act(app: GuardApp, actor: str, account_id: str, action: str, reason: s
     await _known(app, account_id)
     before = state(app, account_id)
     if action == "clear":
-        row = app.policy._manual.get(("account", account_id))
+        row = app.policy.manual_decision("account", account_id)
         if row is None:
             raise ActionError(f"{account_id} has no manual decision to clear")
         cleared = await app.db(app.store.clear_decision, row.decision_id, app.clock(), actor)
@@ -127,7 +129,8 @@ async def review(app: GuardApp, actor: str, decision_id: str, verdict: str, reas
     before = state(app, aid)
     name, label = VERDICTS[verdict]
     if verdict == "confirm":
-        if d.action != "allow":
+        cur = app.policy.manual_decision("account", aid)
+        if d.action != "allow" and not (cur is not None and ACTIONS.index(cur.action) > ACTIONS.index(d.action)):
             await _manual(app, aid, d.action, f"confirmed {d.source} decision {decision_id[:8]}: {reason} "
                                               f"(by {actor})", actor, floor=decision_id)
     else:
