@@ -622,6 +622,9 @@ def test_admin_cli_wraps_the_admin_api(guard):
     assert json.loads(run("account", "cli1").stdout)["decision"]["reason"].endswith("cli test")
     assert run("clear-decision", did).exit_code == 0
     assert guard.chat(key)[0] == 200
+    watch = json.loads(run("decide", "cli1", "throttle", "--at-least", "--reason", "watch list").stdout)
+    assert watch["signals"] == [["floor", ""]]
+    assert run("clear-decision", watch["decision_id"]).exit_code == 0
     kid = json.loads(run("keys", "cli1").stdout)["data"][0]["key_id"]
     assert run("revoke-key", kid).exit_code == 0
     assert guard.chat(key)[0] == 401

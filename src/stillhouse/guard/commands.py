@@ -221,10 +221,13 @@ def decisions(target: str = typer.Option(None, help="Account or cluster id."),
 def decide(target: str, action: str = typer.Argument(..., help="allow | throttle | degrade | block"),
            scope: str = typer.Option("account", help="account or cluster"),
            reason: str = typer.Option("", help="Why (kept with the decision)."),
+           at_least: bool = typer.Option(False, "--at-least", help="At least this action: the detector and the "
+                                         "rules may still go harsher (a watch list: `decide ACCT throttle "
+                                         "--at-least`). Without it the decision is exact and overrides them."),
            url: str = _ADMIN_URL, token: str = _ADMIN_TOKEN) -> None:
-    """Set a manual decision on an account or cluster (overrides automatic ones)."""
+    """Set a manual decision on an account or cluster (overrides automatic ones, or with --at-least, a floor)."""
     _call(url, token, "POST", "/admin/decisions", {"scope": scope, "target": target, "action": action,
-                                                    "reason": reason})
+                                                    "reason": reason, "at_least": at_least})
 
 
 @admin_app.command("clear-decision")
