@@ -270,7 +270,7 @@ def test_a_confirmed_decision_is_a_floor_and_an_explicit_one_is_exact():
     for acct in ("a", "b"):
         eng.take_verdict(_verdict(acct, 0.9, True, "block"))
     ea = eng.decide(a)
-    assert ea.action == "block" and ea.source == "detector" and "above the confirmed throttle" in ea.reason
+    assert ea.action == "block" and ea.source == "detector" and "above the manual floor, throttle" in ea.reason
     assert eng.decide(b).action == "throttle" and eng.decide(b).source == "manual"
     eng.take_verdict(_verdict("a", 0.1, False))
     assert eng.decide(a).action == "throttle" and eng.decide(a).source == "manual"

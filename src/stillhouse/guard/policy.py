@@ -5,8 +5,9 @@ Inputs, from strongest to weakest:
 1. **manual decisions** set by an admin, on an account, then on a cluster — always enforced,
    also in shadow mode; an admin reverses any automatic decision by setting a manual
    ``allow`` (and clears it again to hand control back). A manual decision that confirms an
-   automatic one (the console's review ``confirm``) is a floor instead: at least its action,
-   and the rules and the detector still escalate past it (``FLOOR``);
+   automatic one (the console's review ``confirm``), or one set "at least" (the admin API's
+   ``at_least``), is a floor instead: at least its action, and the rules and the detector
+   still escalate past it (``FLOOR``);
 2. **automatic decisions**: the harshest of the config's metadata rules (country, signup
    path, org, payment fingerprint) and the detector's verdicts (``Detector`` in
    ``guard/events.py``: ``verdict.suggested`` when flagged, and the config's score rules).
@@ -244,13 +245,13 @@ class PolicyEngine:
             self._rule_seen.add(best.decision_id or "")
             self.persist(DecisionRow(best.decision_id or "", "account", aid, best.would, best.reason, "rule",
                                      self.clock(), "rule", best.signals, self.shadow))
-        if manual is not None:  # a confirmation: at least its action, harsher when the automatic decision is
+        if manual is not None:  # a floor: at least its action, harsher when the automatic decision is
             if ACTIONS.index(best.would) <= ACTIONS.index(manual.action):
                 return manual
             if self.shadow:
                 return Effective(manual.action, best.would, f"{manual.reason}; shadow: would {best.would} "
                                  f"({best.reason})", "manual", manual.decision_id, manual.signals)
-            return Effective(best.action, best.would, f"{best.reason} (above the confirmed {manual.action})",
+            return Effective(best.action, best.would, f"{best.reason} (above the manual floor, {manual.action})",
                              best.source, best.decision_id, best.signals)
         if self.shadow and best.would != "allow":
             return Effective("allow", best.would, f"shadow: would {best.would} ({best.reason})", best.source,
