@@ -287,6 +287,22 @@ def test_a_confirmed_decision_is_a_floor_and_an_explicit_one_is_exact():
     assert (eff.action, eff.would) == ("throttle", "block")
 
 
+def test_a_floor_on_an_account_does_not_hide_its_clusters_manual_decision():
+    # confirming a member's throttle must not lift a block set by hand on its cluster, nor undo a cluster allow
+    eng = PolicyEngine((), clock=lambda: 1.0)
+    a = AccountInfo("a")
+    eng.take_verdict(_verdict("a", 0.6, True, "throttle", cluster="c9"))
+    eng.apply_row(eng.manual("account", "a", "throttle", "confirmed", "ann", floor="d-1"))
+    blocked = eng.manual("cluster", "c9", "block", "ring", "admin")
+    eng.apply_row(blocked)
+    eff = eng.decide(a)
+    assert (eff.action, eff.source, eff.decision_id) == ("block", "manual", blocked.decision_id)
+    eng.apply_row(eng.manual("cluster", "c9", "allow", "a lab's accounts", "admin"))
+    assert (eng.decide(a).action, eng.decide(a).source) == ("throttle", "manual")    # the floor still holds
+    eng.apply_row(eng.manual("account", "a", "allow", "false positive", "ann"))        # an exact one wins
+    assert eng.decide(a).action == "allow"
+
+
 def test_shadow_policy_never_enforces_automatic_but_does_manual():
     eng = PolicyEngine((), shadow=True, clock=lambda: 1.0)
     eng.take_verdict(_verdict("a", 1.0, True))

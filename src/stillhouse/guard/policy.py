@@ -81,6 +81,13 @@ class Effective:
 _ALLOW = Effective("allow", "allow", "", "default")
 
 
+def _manual_effective(row: DecisionRow) -> Effective:
+    """A manual decision as it is enforced (also in shadow mode)."""
+    a: Action = row.action  # type: ignore[assignment]
+    return Effective(a, a, f"manual {row.scope} decision {row.decision_id[:8]}: {row.reason}", "manual",
+                     row.decision_id, row.signals)
+
+
 class PolicyEngine:
     """Holds the active decisions in memory; persistence goes through ``persist``."""
 
@@ -219,17 +226,39 @@ class PolicyEngine:
 
     def _decide(self, account: AccountInfo) -> Effective:
         aid = account.account_id
-        row = self._manual.get(("account", aid))
-        if row is None:
-            cluster = self._cluster_of.get(aid)
-            row = self._manual.get(("cluster", cluster)) if cluster else None
-        manual: Effective | None = None
-        if row is not None:
-            a: Action = row.action  # type: ignore[assignment]
-            manual = Effective(a, a, f"manual {row.scope} decision {row.decision_id[:8]}: {row.reason}",
-                               "manual", row.decision_id, row.signals)
+        cluster = self._cluster_of.get(aid)
+        # the account's manual decision, then its cluster's: the first exact one is the base; floors on the
+        # way (a confirmation, an admin's "at least") only raise what would apply without them
+        floor: DecisionRow | None = None
+        exact: DecisionRow | None = None
+        for row in (self._manual.get(("account", aid)), self._manual.get(("cluster", cluster)) if cluster else None):
+            if row is None:
+                continue
             if not is_floor(row.signals):
-                return manual
+                exact = row
+                break
+            if floor is None or ACTIONS.index(row.action) > ACTIONS.index(floor.action):  # type: ignore[arg-type]
+                floor = row
+        best = _manual_effective(exact) if exact is not None else self._automatic(account)
+        if floor is not None:
+            if ACTIONS.index(best.would) <= ACTIONS.index(floor.action):  # type: ignore[arg-type]
+                return _manual_effective(floor)
+            if best.source == "manual":  # an exact manual decision harsher than the floor
+                return best
+            fa: Action = floor.action  # type: ignore[assignment]
+            if self.shadow:
+                return Effective(fa, best.would, f"{_manual_effective(floor).reason}; shadow: would {best.would} "
+                                 f"({best.reason})", "manual", floor.decision_id, floor.signals)
+            return Effective(best.action, best.would, f"{best.reason} (above the manual floor, {fa})",
+                             best.source, best.decision_id, best.signals)
+        if self.shadow and best.source != "manual" and best.would != "allow":
+            return Effective("allow", best.would, f"shadow: would {best.would} ({best.reason})", best.source,
+                             best.decision_id, best.signals)
+        return best
+
+    def _automatic(self, account: AccountInfo) -> Effective:
+        """The harshest of the metadata rules and the detector's decision (shadow mode not applied)."""
+        aid = account.account_id
         best: Effective = _ALLOW
         for rule in self.rules:
             if (rule.field != "score" and rule_matches(rule, account, None)
@@ -245,17 +274,6 @@ class PolicyEngine:
             self._rule_seen.add(best.decision_id or "")
             self.persist(DecisionRow(best.decision_id or "", "account", aid, best.would, best.reason, "rule",
                                      self.clock(), "rule", best.signals, self.shadow))
-        if manual is not None:  # a floor: at least its action, harsher when the automatic decision is
-            if ACTIONS.index(best.would) <= ACTIONS.index(manual.action):
-                return manual
-            if self.shadow:
-                return Effective(manual.action, best.would, f"{manual.reason}; shadow: would {best.would} "
-                                 f"({best.reason})", "manual", manual.decision_id, manual.signals)
-            return Effective(best.action, best.would, f"{best.reason} (above the manual floor, {manual.action})",
-                             best.source, best.decision_id, best.signals)
-        if self.shadow and best.would != "allow":
-            return Effective("allow", best.would, f"shadow: would {best.would} ({best.reason})", best.source,
-                             best.decision_id, best.signals)
         return best
 
     def explain(self, account: AccountInfo) -> dict[str, Any]:
