@@ -157,3 +157,13 @@ def test_an_operator_working_the_queue_stops_a_degraded_harvest(tmp_path: Path, 
         CapabilityConfig(reviewer="nobody")
     with pytest.raises(CapabilityError, match="review_every_h"):
         CapabilityConfig(review_every_h=-1)
+
+
+def test_the_arenas_operator_works_the_capability_stage_unless_it_names_its_own() -> None:
+    from stillhouse.arena.capability import with_operator
+
+    assert with_operator(CapabilityConfig(), 0.0, "rubber-stamp") == CapabilityConfig()
+    taken = with_operator(CapabilityConfig(), 24.0, "rubber-stamp")
+    assert (taken.review_every_h, taken.reviewer) == (24.0, "rubber-stamp")
+    own = CapabilityConfig(review_every_h=6.0)
+    assert with_operator(own, 24.0, "rubber-stamp") == own

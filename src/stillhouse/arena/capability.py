@@ -42,7 +42,7 @@ import asyncio
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +132,14 @@ class CapabilityConfig:
             parse_student(self.student)
         except ValueError as exc:
             raise CapabilityError(f"CapabilityConfig.student: {exc}") from exc
+
+
+def with_operator(cfg: CapabilityConfig, every_h: float, reviewer: ReviewerKind) -> CapabilityConfig:
+    """``cfg`` with the arena's review operator when it names none of its own (the same operator works the
+    evaluation's queue and this stage's)."""
+    if cfg.review_every_h == 0 and every_h > 0:
+        return replace(cfg, review_every_h=every_h, reviewer=reviewer)
+    return cfg
 
 
 def _rows(pairs: list[tuple[str, str]], answers: dict[str, str]) -> list[dict[str, Any]]:
@@ -300,22 +308,20 @@ def _harvest(cfg: CapabilityConfig, out: Path, loaded: tuple[Any, Any, str], det
         clock = SimClock()
         guard = GuardGateway(str(out / "guard"), base, detector, clock, accounts, model=SERVED_NAME)
         recorder = RecordingGateway(guard)
-        reviewer = None
 
-        async def guarded() -> Any:
-            nonlocal reviewer
+        async def guarded() -> tuple[Any, QueueReviewer | None]:
             await guard.start()
-            if cfg.review_every_h > 0:
-                reviewer = QueueReviewer(guard.app, cfg.reviewer, frozenset(a.info.account_id for a in accounts))
+            reviewer = (QueueReviewer(guard.app, cfg.reviewer, frozenset(a.info.account_id for a in accounts))
+                        if cfg.review_every_h > 0 else None)
             try:
                 return await run_traffic(accounts, turns, recorder, detector, clock, progress,
                                          "capability: harvest through the guard (real teacher)",
                                          concurrency=cfg.concurrency,
-                                         periodic=(cfg.review_every_h * 3600, reviewer) if reviewer else None)
+                                         periodic=(cfg.review_every_h * 3600, reviewer) if reviewer else None), reviewer
             finally:
                 await guard.stop()
 
-        result = asyncio.run(guarded())
+        result, reviewer = asyncio.run(guarded())
         review = reviewer.summary(cfg.review_every_h) if reviewer else None
         timings["guarded_harvest_s"] = time.perf_counter() - t
         leaked_pairs = [(tu.user_text, r.text) for tu, r in recorder.sent if r.status == 200]

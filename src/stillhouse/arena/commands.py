@@ -230,7 +230,7 @@ def arena(
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from stillhouse.arena.capability import CapabilityConfig, CapabilityError, run_capability
+    from stillhouse.arena.capability import CapabilityConfig, CapabilityError, run_capability, with_operator
     from stillhouse.arena.report import capability_lines, merge_capability
     from stillhouse.arena.run import (
         QUICK,
@@ -251,9 +251,8 @@ def arena(
     except (ConfigError, ValueError) as exc:
         fail(f"--capability-config: {exc}")
     if capability_only:
-        if cap_cfg.review_every_h == 0 and settings.values.get("review_every_h"):  # as inside a whole arena run
-            cap_cfg = replace(cap_cfg, review_every_h=settings.values["review_every_h"],
-                              reviewer=settings.values.get("reviewer", ArenaConfig.reviewer))
+        cap_cfg = with_operator(cap_cfg, settings.values.get("review_every_h", 0.0),  # as inside a whole arena run
+                                settings.values.get("reviewer", ArenaConfig.reviewer))
         console = Console()
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=console) as progress:

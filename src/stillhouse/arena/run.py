@@ -458,14 +458,11 @@ def run_arena(cfg: ArenaConfig, out_dir: str | Path, progress: Any = None,
                            **{tier: m.rate(sum(x > t for x in scores), len(scores)) for tier, t in thresholds.items()}}
     cap_metrics: Any = "not run (add --capability)"
     if cfg.capability:
-        from stillhouse.arena.capability import CapabilityConfig, run_capability
+        from stillhouse.arena.capability import CapabilityConfig, run_capability, with_operator
 
         t = time.perf_counter()
-        cap_cfg = capability or CapabilityConfig()
-        if cap_cfg.review_every_h == 0 and cfg.review_every_h > 0:  # the arena's operator works this queue too
-            cap_cfg = replace(cap_cfg, review_every_h=cfg.review_every_h, reviewer=cfg.reviewer)
-        cap_metrics = run_capability(cap_cfg, out / "detector", out / "capability",
-                                     progress=progress)
+        cap_cfg = with_operator(capability or CapabilityConfig(), cfg.review_every_h, cfg.reviewer)
+        cap_metrics = run_capability(cap_cfg, out / "detector", out / "capability", progress=progress)
         timings["capability_s"] = time.perf_counter() - t
     metrics = {
         "seed_set": seed_set_label(cfg),
