@@ -565,6 +565,33 @@ def test_throttle_tightens_limits(tmp_path, fake, action: str):
         g.stop()
 
 
+def test_degrade_holds_a_paced_account_to_its_daily_cap(tmp_path, fake):
+    """A degraded account sending one request an hour meets no per-minute limit; the daily cap answers it 429 with a
+    Retry-After that says when, names the limit, and lets it back as the day's bucket refills. Throttled and allowed
+    accounts keep no daily cap by default."""
+    clock = Clock()
+    g = start_guard(make_config(tmp_path, f"http://127.0.0.1:{fake.port}", degrade_requests_per_day=3), clock=clock)
+    try:
+        keys = {a: g.account_with_key(a) for a in ("dee", "tim", "al")}
+        g.admin("POST", "/admin/decisions", {"target": "dee", "action": "degrade"})
+        g.admin("POST", "/admin/decisions", {"target": "tim", "action": "throttle"})
+        got: dict[str, list[int]] = {a: [] for a in keys}
+        for _ in range(6):
+            clock.t += 3600.0
+            for a, key in keys.items():
+                got[a].append(g.chat(key)[0])
+        assert got == {"dee": [200, 200, 200, 429, 429, 429], "tim": [200] * 6, "al": [200] * 6}
+        status, headers, out = g.chat(keys["dee"])
+        assert status == 429 and out["error"]["code"] == "rate_limit_exceeded"
+        assert "3 requests/day" in out["error"]["message"]
+        assert 0 < int(headers["retry-after"]) <= 8 * 3600
+        clock.t += int(headers["retry-after"])
+        assert g.chat(keys["dee"])[0] == 200
+        assert [r.status for r in g.records("dee")][-2:] == [429, 200]   # refusals are logged
+    finally:
+        g.stop()
+
+
 # -- the traffic log ----------------------------------------------------------------------
 def test_traffic_record_fields_and_redaction(tmp_path, fake):
     g = start_guard(make_config(tmp_path, f"http://127.0.0.1:{fake.port}", redact="patterns"))

@@ -97,7 +97,7 @@ def test_a_queued_record_is_drained_before_the_policy_decides(tmp_path) -> None:
             from stillhouse.guard.events import TrafficRecord
 
             rec = TrafficRecord("queued-by-hand", 0.0, "bo", "k", status=200)
-            app._post.append((rec, _info("bo"), app.limits_for("bo", False), {}, "POST", b"", False))
+            app._post.append((rec, _info("bo"), app.limits_for("bo", "allow"), {}, "POST", b"", False))
             status, _ = await call(app, key, chat_body("second"))
             assert status == 403, "the queued record's verdict did not apply to the next decision"
             assert det.order[0] == rec.request_id and len(det.order) == 2  # queued first, then the refusal

@@ -129,6 +129,33 @@ def test_tokens_bucket_goes_negative_and_retry_after_says_when():
     assert lim.admit("a", limits, False) is None
 
 
+def test_daily_bucket_starts_full_when_it_first_applies_and_refills_over_a_day():
+    """A paced client (one request an hour, far under any per-minute limit) is held to requests_per_day."""
+    clock = [0.0]
+    lim = RateLimiter(lambda: clock[0])
+    free, daily = Limits(60, 0, 0), Limits(60, 0, 0, requests_per_day=5)
+    for h in range(10):                        # 10 requests with no daily limit: nothing is counted
+        clock[0] = h * 3600.0
+        assert lim.admit("a", free, False) is None
+    got = []
+    for h in range(10, 21):                    # then 5 a day: full at first, refilled by 5/24 an hour
+        clock[0] = h * 3600.0
+        refusal = lim.admit("a", daily, False)
+        got.append(refusal is None)
+        if refusal is not None:
+            assert refusal.which == "requests_per_day" and "5 requests/day" in refusal.message
+    # Levels before each request: 5, 4.21, 3.42, 2.63, 1.83, 1.04 (served), 0.25 .. 0.88 (refused), 1.08 (served)
+    assert got == [True] * 6 + [False] * 4 + [True]
+    clock[0] = 21 * 3600.0
+    refusal = lim.admit("a", daily, False)  # 0.29: a whole request in 0.71 / (5/24) h = 12,240 s
+    assert refusal is not None and abs(refusal.retry_after_s - 12_240) <= 1
+    assert lim.admit("b", daily, False) is None                           # per account
+    assert Limits(30, 0, 0, 400).capped_per_day(50).requests_per_day == 50
+    assert Limits(30, 0, 0, 20).capped_per_day(50).requests_per_day == 20  # a tighter limit stays
+    assert Limits(30, 0, 0, 20).capped_per_day(0).requests_per_day == 20   # 0 = no cap
+    assert Limits(30, 1000, 4, 100).scaled(0.1) == Limits(3, 100, 1, 10)
+
+
 def test_stream_slots_are_released():
     lim = RateLimiter(lambda: 0.0)
     limits = Limits(0, 0, 2)

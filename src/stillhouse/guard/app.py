@@ -50,7 +50,7 @@ from typing import Any
 
 from stillhouse.guard.config import GuardConfig
 from stillhouse.guard.degrade import SSEReasoningStripper, degrade_request, strip_reasoning
-from stillhouse.guard.events import AccountInfo, Detector, TrafficRecord
+from stillhouse.guard.events import AccountInfo, Action, Detector, TrafficRecord
 from stillhouse.guard.keys import KeyRing
 from stillhouse.guard.limits import Limits, RateLimiter
 from stillhouse.guard.metrics import GuardMetrics
@@ -123,7 +123,8 @@ class GuardApp:
         self.policy = PolicyEngine(config.rules, config.shadow, clock, persist=self._persist_decision)
         self.limiter = RateLimiter(clock)
         self.redactor = Redactor(config.redact, config.redact_patterns)
-        self.default_limits = Limits(config.requests_per_min, config.tokens_per_min, config.max_concurrent_streams)
+        self.default_limits = Limits(config.requests_per_min, config.tokens_per_min, config.max_concurrent_streams,
+                                     config.requests_per_day)
         self._limits: dict[str, Limits] = {}
         self._started = False
         self._start_lock = asyncio.Lock()
@@ -338,8 +339,11 @@ class GuardApp:
                 return
 
     # -- the proxy ----------------------------------------------------------------------
-    def limits_for(self, account_id: str, throttled: bool) -> Limits:
-        key = account_id + ("\0t" if throttled else "")
+    def limits_for(self, account_id: str, action: Action) -> Limits:
+        """The limits in force for an account under ``action``: its own (or the defaults); a throttled account's
+        scaled by ``throttle_factor``; a degraded one's too (degrade is harsher than throttle), and at most
+        ``degrade_requests_per_day`` requests a day."""
+        key = account_id + "\0" + action
         lim = self._limits.get(key)
         if lim is None:
             over = self.accounts.get(account_id, (None, AccountLimits()))[1]
@@ -347,9 +351,11 @@ class GuardApp:
             lim = Limits(d.requests_per_min if over.requests_per_min is None else over.requests_per_min,
                          d.tokens_per_min if over.tokens_per_min is None else over.tokens_per_min,
                          d.max_concurrent_streams if over.max_concurrent_streams is None
-                         else over.max_concurrent_streams)
-            if throttled:
+                         else over.max_concurrent_streams, d.requests_per_day)
+            if action in ("throttle", "degrade"):
                 lim = lim.scaled(self.config.throttle_factor)
+            if action == "degrade":
+                lim = lim.capped_per_day(self.config.degrade_requests_per_day)
             self._limits[key] = lim
         return lim
 
@@ -514,8 +520,7 @@ class GuardApp:
             raw = json.dumps(body2).encode()
 
         # 5. limits.
-        # degrade is harsher than throttle, so it keeps throttle's tighter limits (it used to restore the full ones)
-        limits = self.limits_for(account.account_id, eff.action in ("throttle", "degrade"))
+        limits = self.limits_for(account.account_id, eff.action)
         refusal_ = self.limiter.admit(account.account_id, limits, stream)
         if refusal_ is not None:
             await self._refuse(send, rec, account, 429, refusal_.message,

@@ -1,7 +1,10 @@
-"""Per-account limits: requests/min, tokens/min, concurrent streams → 429 + Retry-After.
+"""Per-account limits: requests/min, tokens/min, requests/day, concurrent streams → 429 + Retry-After.
 
-Rates are token buckets (capacity = the per-minute limit, refilled continuously), kept as
-plain functions of (level, last time, now) so the arithmetic can be checked by hand.
+Rates are token buckets (capacity = the per-minute or per-day limit, refilled continuously), kept as
+plain functions of (level, last time, now) so the arithmetic can be checked by hand. The daily
+bucket is the one that bites a paced campaign: a harvest sent at a steady 100 requests a day never
+meets a per-minute limit, however tight. It is tracked only while a daily limit is in force (by
+default, while an account is degraded: ``GuardConfig.degrade_requests_per_day``), starting full.
 Tokens are only known after a response, so the tokens/min bucket is charged afterwards
 and may go negative: while it is below zero the account's next request is refused, with a
 Retry-After that says when it will be back above zero.
@@ -12,14 +15,17 @@ replica: N replicas behind a balancer allow up to N× the configured rates.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 
-def bucket_refill(level: float, last: float, now: float, per_min: float) -> float:
-    """Bucket level at ``now``: refilled at ``per_min``/60 per second, capped at ``per_min``."""
-    return min(float(per_min), level + max(0.0, now - last) * per_min / 60.0)
+def bucket_refill(level: float, last: float, now: float, per_min: float, capacity: float | None = None) -> float:
+    """Bucket level at ``now``: refilled at ``per_min``/60 per second, capped at ``capacity`` (default
+    ``per_min``: a minute's worth)."""
+    cap = float(per_min) if capacity is None else capacity
+    return min(cap, level + max(0.0, now - last) * per_min / 60.0)
 
 
 def seconds_until(level: float, need: float, per_min: float) -> float:
@@ -29,6 +35,10 @@ def seconds_until(level: float, need: float, per_min: float) -> float:
     return (need - level) * 60.0 / per_min
 
 
+DAY_MIN = 1440.0
+"""Minutes in a day: a daily bucket is a per-minute one of ``per_day / DAY_MIN``."""
+
+
 @dataclass(frozen=True)
 class Limits:
     """The limits in force for one account (0 = unlimited)."""
@@ -36,12 +46,20 @@ class Limits:
     requests_per_min: int
     tokens_per_min: int
     max_concurrent_streams: int
+    requests_per_day: int = 0
 
     def scaled(self, factor: float) -> Limits:
         """Tighter limits for a throttled account (never below 1 where a limit exists)."""
         def f(x: int) -> int:
             return max(1, int(x * factor)) if x else 0
-        return Limits(f(self.requests_per_min), f(self.tokens_per_min), f(self.max_concurrent_streams))
+        return Limits(f(self.requests_per_min), f(self.tokens_per_min), f(self.max_concurrent_streams),
+                      f(self.requests_per_day))
+
+    def capped_per_day(self, cap: int) -> Limits:
+        """These limits with at most ``cap`` requests a day (0 = no cap; a tighter daily limit stays)."""
+        if not cap or 0 < self.requests_per_day <= cap:
+            return self
+        return dataclasses.replace(self, requests_per_day=cap)
 
 
 @dataclass(frozen=True)
@@ -49,19 +67,22 @@ class Refusal:
     """Why a request was refused, and when to come back."""
 
     which: str
-    """"requests_per_min", "tokens_per_min" or "max_concurrent_streams"."""
+    """"requests_per_min", "tokens_per_min", "requests_per_day" or "max_concurrent_streams"."""
     retry_after_s: int
     message: str
 
 
 class _State:
-    __slots__ = ("req_last", "req_level", "streams", "tok_last", "tok_level")
+    __slots__ = ("day_last", "day_level", "req_last", "req_level", "streams", "tok_last", "tok_level")
 
     def __init__(self, now: float, limits: Limits):
         self.req_level = float(limits.requests_per_min)
         self.req_last = now
         self.tok_level = float(limits.tokens_per_min)
         self.tok_last = now
+        self.day_level: float | None = None
+        """None until a daily limit first applies; then the bucket starts full."""
+        self.day_last = now
         self.streams = 0
 
 
@@ -93,6 +114,16 @@ class RateLimiter:
             return Refusal("max_concurrent_streams", 1,
                            f"too many concurrent streams (limit {limits.max_concurrent_streams}); "
                            "wait for one to finish")
+        if limits.requests_per_day:
+            per_min = limits.requests_per_day / DAY_MIN
+            st.day_level = (float(limits.requests_per_day) if st.day_level is None
+                            else bucket_refill(st.day_level, st.day_last, now, per_min, limits.requests_per_day))
+            st.day_last = now
+            if st.day_level < 1.0:
+                wait = seconds_until(st.day_level, 1.0, per_min)
+                return Refusal("requests_per_day", max(1, math.ceil(wait)),
+                               f"daily request limit reached ({limits.requests_per_day} requests/day for this "
+                               f"account now); retry in {wait:.0f}s")
         if limits.requests_per_min:
             st.req_level = bucket_refill(st.req_level, st.req_last, now, limits.requests_per_min)
             st.req_last = now
@@ -102,6 +133,8 @@ class RateLimiter:
                                f"request limit reached ({limits.requests_per_min} requests/min); "
                                f"retry in {wait:.1f}s")
             st.req_level -= 1.0
+        if limits.requests_per_day and st.day_level is not None:
+            st.day_level -= 1.0
         if stream:
             st.streams += 1
         return None
