@@ -568,11 +568,12 @@ def test_throttle_tightens_limits(tmp_path, fake, action: str):
 def test_degrade_holds_a_paced_account_to_its_daily_cap(tmp_path, fake):
     """A degraded account sending one request an hour meets no per-minute limit; the daily cap answers it 429 with a
     Retry-After that says when, names the limit, and lets it back as the day's bucket refills. Throttled and allowed
-    accounts keep no daily cap by default."""
+    accounts keep no daily cap by default; an account's own requests_per_day applies whatever its action."""
     clock = Clock()
     g = start_guard(make_config(tmp_path, f"http://127.0.0.1:{fake.port}", degrade_requests_per_day=3), clock=clock)
     try:
         keys = {a: g.account_with_key(a) for a in ("dee", "tim", "al")}
+        keys["pat"] = g.account_with_key("pat", limits={"requests_per_day": 2})  # its own daily limit, allowed
         g.admin("POST", "/admin/decisions", {"target": "dee", "action": "degrade"})
         g.admin("POST", "/admin/decisions", {"target": "tim", "action": "throttle"})
         got: dict[str, list[int]] = {a: [] for a in keys}
@@ -580,7 +581,8 @@ def test_degrade_holds_a_paced_account_to_its_daily_cap(tmp_path, fake):
             clock.t += 3600.0
             for a, key in keys.items():
                 got[a].append(g.chat(key)[0])
-        assert got == {"dee": [200, 200, 200, 429, 429, 429], "tim": [200] * 6, "al": [200] * 6}
+        assert got == {"dee": [200, 200, 200, 429, 429, 429], "tim": [200] * 6, "al": [200] * 6,
+                       "pat": [200, 200, 429, 429, 429, 429]}
         status, headers, out = g.chat(keys["dee"])
         assert status == 429 and out["error"]["code"] == "rate_limit_exceeded"
         assert "3 requests/day" in out["error"]["message"]
@@ -637,11 +639,12 @@ def test_admin_cli_wraps_the_admin_api(guard):
         res = runner.invoke(app, ["guard", "admin", *args], env=kw.get("env", env))
         return res
 
-    res = run("create-account", "--account-id", "cli1", "--country", "FR", "--rpm", "5",
+    res = run("create-account", "--account-id", "cli1", "--country", "FR", "--rpm", "5", "--rpd", "400",
               "--payment-fingerprint", "card-123")
     assert res.exit_code == 0, res.output
     acct = json.loads(res.stdout)
     assert acct["limits"]["requests_per_min"] == 5 and acct["payment_fingerprint"] == sha256_hex("card-123")
+    assert acct["limits"]["requests_per_day"] == 400
     key = json.loads(run("issue-key", "cli1").stdout)["key"]
     assert guard.chat(key)[0] == 200
     did = json.loads(run("decide", "cli1", "block", "--reason", "cli test").stdout)["decision_id"]

@@ -351,7 +351,8 @@ class GuardApp:
             lim = Limits(d.requests_per_min if over.requests_per_min is None else over.requests_per_min,
                          d.tokens_per_min if over.tokens_per_min is None else over.tokens_per_min,
                          d.max_concurrent_streams if over.max_concurrent_streams is None
-                         else over.max_concurrent_streams, d.requests_per_day)
+                         else over.max_concurrent_streams,
+                         d.requests_per_day if over.requests_per_day is None else over.requests_per_day)
             if action in ("throttle", "degrade"):
                 lim = lim.scaled(self.config.throttle_factor)
             if action == "degrade":

@@ -160,13 +160,15 @@ def create_account(
     rpm: int = typer.Option(None, "--rpm", help="Requests/min override."),
     tpm: int = typer.Option(None, "--tpm", help="Tokens/min override."),
     max_streams: int = typer.Option(None, help="Concurrent streams override."),
+    rpd: int = typer.Option(None, "--rpd", help="Requests/day override (a degraded account gets at most the "
+                            "guard's --degrade-requests-per-day)."),
     url: str = _ADMIN_URL, token: str = _ADMIN_TOKEN,
 ) -> None:
     """Create (or update) an account."""
     body: dict[str, Any] = {"org": org, "signup_path": signup_path, "country": country,
                             "payment_fingerprint": payment_fingerprint,
                             "limits": {"requests_per_min": rpm, "tokens_per_min": tpm,
-                                       "max_concurrent_streams": max_streams}}
+                                       "max_concurrent_streams": max_streams, "requests_per_day": rpd}}
     if account_id:
         body["account_id"] = account_id
     _call(url, token, "POST", "/admin/accounts", body)

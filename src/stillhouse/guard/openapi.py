@@ -83,7 +83,8 @@ def openapi_schema() -> dict[str, Any]:
                     "limits": {"type": "object", "additionalProperties": False, "properties": {
                         "requests_per_min": {"type": "integer", "minimum": 0, "nullable": True},
                         "tokens_per_min": {"type": "integer", "minimum": 0, "nullable": True},
-                        "max_concurrent_streams": {"type": "integer", "minimum": 0, "nullable": True}}}}},
+                        "max_concurrent_streams": {"type": "integer", "minimum": 0, "nullable": True},
+                        "requests_per_day": {"type": "integer", "minimum": 0, "nullable": True}}}}},
                 "DecisionIn": {"type": "object", "required": ["target", "action"], "properties": {
                     "scope": {"type": "string", "enum": ["account", "cluster"]}, "target": _ID,
                     "action": {"type": "string", "enum": ["allow", "throttle", "degrade", "block"]},

@@ -60,6 +60,7 @@ class AccountLimits:
     requests_per_min: int | None = None
     tokens_per_min: int | None = None
     max_concurrent_streams: int | None = None
+    requests_per_day: int | None = None
 
 
 @dataclass
