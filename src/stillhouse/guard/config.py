@@ -110,7 +110,7 @@ class GuardConfig:
     degrade_requests_per_day: int = 50
     """A degraded account may send at most this many requests a day (0 = no daily cap). Degrade is where a
     block score waits for an analyst (``block_requires``), and a paced harvest meets no per-minute limit, so
-    without this it is served whole until someone reviews it. 50 keeps 96% of benign account-days whole in the
+    without this it is served whole until someone reviews it. 50 keeps 96.6% of benign account-days whole in the
     default arena's calibration traffic (dev; 95th percentile 35 requests, 97.5th 74)."""
     degrade_strip_reasoning: bool = True
     """Degraded responses lose reasoning fields and <think>...</think> blocks."""
