@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from stillhouse.arena.campaigns import CampaignConfig, generate_campaign
 from stillhouse.arena.capability import CapabilityConfig, CapabilityError, run_capability
 from stillhouse.arena.metrics import gain_ratio, rate
 from stillhouse.arena.report import capability_lines, merge_capability
@@ -81,6 +82,14 @@ def test_capability_stage_on_a_tiny_model(tmp_path: Path, smol_tokenizer: Any) -
     leaked = [json.loads(x) for x in (tmp_path / "cap" / "leaked.jsonl").read_text().splitlines()]
     full = {json.dumps(r["messages"]) for r in map(json.loads, (tmp_path / "cap" / "full.jsonl").read_text().splitlines())}
     assert len(full) == 16 and all(json.dumps(r["messages"]) in full for r in leaked)
+    # both files follow the plan's order (the students train in it), not the order concurrent answers came back
+    _, turns = generate_campaign(CampaignConfig(shape="harvest", accounts=2, requests_per_account=8, days=0.5,
+                                                seed=cfg.seed, name="capability-harvest"))
+    plan = [t.user_text for t in sorted(turns, key=lambda t: (t.ts, t.session_id))]
+    full_order = [json.loads(x)["messages"][0]["content"] for x in (tmp_path / "cap" / "full.jsonl").read_text().splitlines()]
+    assert full_order == plan
+    leaked_order = [r["messages"][0]["content"] for r in leaked]
+    assert leaked_order == [p for p in plan if p in set(leaked_order)]
     for name in ("init", "leaked", "full"):
         assert m["accuracy"][name]["n"] == 6 and 0 <= m["accuracy"][name]["value"] <= 1
     for name in ("leaked", "full"):

@@ -324,15 +324,18 @@ def _harvest(cfg: CapabilityConfig, out: Path, loaded: tuple[Any, Any, str], det
         result, reviewer = asyncio.run(guarded())
         review = reviewer.summary(cfg.review_every_h) if reviewer else None
         timings["guarded_harvest_s"] = time.perf_counter() - t
-        leaked_pairs = [(tu.user_text, r.text) for tu, r in recorder.sent if r.status == 200]
+        # In the plan's order, not the order the answers came back in (concurrent requests finish in an order
+        # that depends on the machine's load, and the students' training follows the rows' order).
+        sent = sorted(recorder.sent, key=lambda x: (x[0].ts, x[0].session_id))
+        leaked_pairs = [(tu.user_text, r.text) for tu, r in sent if r.status == 200]
         got = dict(leaked_pairs)
         # 2. the unblocked harvest: the refused prompts straight to the same teacher.
         t = time.perf_counter()
-        missing = [tu.user_text for tu, r in recorder.sent if r.status != 200]
+        missing = [tu.user_text for tu, r in sent if r.status != 200]
         extra = asyncio.run(_ask_directly(base, missing, params, cfg.max_batch)) if missing else []
         timings["unguarded_rest_s"] = time.perf_counter() - t
     teacher.close()
-    full_pairs = [(tu.user_text, got.get(tu.user_text, "")) for tu, _ in recorder.sent]
+    full_pairs = [(tu.user_text, got.get(tu.user_text, "")) for tu, _ in sent]
     rest = dict(zip(missing, extra))
     full_pairs = [(p, a if p in got else rest[p]) for p, a in full_pairs]
     return result, leaked_pairs, full_pairs, missing, review
