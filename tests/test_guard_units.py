@@ -149,6 +149,7 @@ def test_daily_bucket_starts_full_when_it_first_applies_and_refills_over_a_day()
     clock[0] = 21 * 3600.0
     refusal = lim.admit("a", daily, False)  # 0.29: a whole request in 0.71 / (5/24) h = 12,240 s
     assert refusal is not None and abs(refusal.retry_after_s - 12_240) <= 1
+    assert refusal.message.endswith("retry in 3.4 h")
     assert lim.admit("b", daily, False) is None                           # per account
     assert Limits(30, 0, 0, 400).capped_per_day(50).requests_per_day == 50
     assert Limits(30, 0, 0, 20).capped_per_day(50).requests_per_day == 20  # a tighter limit stays

@@ -35,6 +35,13 @@ def seconds_until(level: float, need: float, per_min: float) -> float:
     return (need - level) * 60.0 / per_min
 
 
+def _duration(seconds: float) -> str:
+    """A wait as a person reads it: 45s, 12 min, 3.4 h."""
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 DAY_MIN = 1440.0
 """Minutes in a day: a daily bucket is a per-minute one of ``per_day / DAY_MIN``."""
 
@@ -123,7 +130,7 @@ class RateLimiter:
                 wait = seconds_until(st.day_level, 1.0, per_min)
                 return Refusal("requests_per_day", max(1, math.ceil(wait)),
                                f"daily request limit reached ({limits.requests_per_day} requests/day for this "
-                               f"account now); retry in {wait:.0f}s")
+                               f"account now); retry in {_duration(wait)}")
         if limits.requests_per_min:
             st.req_level = bucket_refill(st.req_level, st.req_last, now, limits.requests_per_min)
             st.req_last = now
