@@ -288,8 +288,9 @@ def write_report(out: Path, metrics: dict[str, Any], result: RunResult, threshol
               "counted). 'over block threshold': accounts whose score ever passed it; 'blocked': those the policy "
               "blocked; 'degraded, not blocked': a block score without the evidence a block needs "
               "(`DetectConfig.block_requires`), so the account was degraded and listed for review, and kept being "
-              "answered, up to the guard's `degrade_requests_per_day` (429 past it). 'volume at …' = share of the campaign's planned requests it had sent when its first account "
-              "(or half its accounts) was first flagged.", "",
+              "answered, up to the guard's `degrade_requests_per_day` (429 past it). 'volume at …' = share of the "
+              "campaign's planned requests it had sent when its first account (or half its accounts) was first "
+              "flagged.", "",
               f"Cluster recovery (ARI): all accounts {metrics['ari']['all_accounts']:.3f}, "
               f"campaign accounts {metrics['ari']['campaign_accounts']:.3f}.", "",
               "![leak curve](leak_curve.png)", "",
