@@ -80,14 +80,14 @@ def test_capability_stage_on_a_tiny_model(tmp_path: Path, smol_tokenizer: Any) -
     assert m["blocked_accounts"] == 2 and m["leaked"] == 2 * 3
     assert m["train_rows"] == {"leaked": 6, "full": 16} and m["trained"] == {"leaked": True, "full": True}
     leaked = [json.loads(x) for x in (tmp_path / "cap" / "leaked.jsonl").read_text().splitlines()]
-    full = {json.dumps(r["messages"]) for r in map(json.loads, (tmp_path / "cap" / "full.jsonl").read_text().splitlines())}
+    full_rows = [json.loads(x) for x in (tmp_path / "cap" / "full.jsonl").read_text().splitlines()]
+    full = {json.dumps(r["messages"]) for r in full_rows}
     assert len(full) == 16 and all(json.dumps(r["messages"]) in full for r in leaked)
     # both files follow the plan's order (the students train in it), not the order concurrent answers came back
     _, turns = generate_campaign(CampaignConfig(shape="harvest", accounts=2, requests_per_account=8, days=0.5,
                                                 seed=cfg.seed, name="capability-harvest"))
     plan = [t.user_text for t in sorted(turns, key=lambda t: (t.ts, t.session_id))]
-    full_order = [json.loads(x)["messages"][0]["content"] for x in (tmp_path / "cap" / "full.jsonl").read_text().splitlines()]
-    assert full_order == plan
+    assert [r["messages"][0]["content"] for r in full_rows] == plan
     leaked_order = [r["messages"][0]["content"] for r in leaked]
     assert leaked_order == [p for p in plan if p in set(leaked_order)]
     for name in ("init", "leaked", "full"):
