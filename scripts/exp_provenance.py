@@ -8,6 +8,10 @@ Stages (each writes under OUT, default runs/provenance; run them in order)::
     python scripts/exp_provenance.py generate --split dev --key account/dev/0 --delta 2
     python scripts/exp_provenance.py generate --split text --key account/camp-0/0
     python scripts/exp_provenance.py detect --split text --key account/camp-0/0
+    # EXP: generate with --scheme exp, test with the product path, tabulate per answer
+    stillhouse provenance text runs/provenance/gen-NAME.jsonl --key-ids ... --scheme exp --temperature 0.7 \\
+        --max-tokens 200 --per-sample --out runs/provenance/NAME.json
+    python scripts/exp_provenance.py answers --file runs/provenance/gen-NAME.jsonl --report runs/provenance/NAME.json
     python scripts/exp_provenance.py mix --wm train-camp-0 --share 0.05 --rows 2000 --seed 0 --name mix5
     python scripts/exp_provenance.py train --name mix5 --seed 0
     python scripts/exp_provenance.py mix --share 0 --rows 96 --seed 1 --name clean96-s1   # clean: no --wm
@@ -126,7 +130,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     lo, hi = SPLITS[args.split]
     prompts = json.loads((OUT / "prompts.json").read_text())[lo:hi][args.offset:][: args.limit]
     teacher = _teacher(args.threads)
-    params = WatermarkParams(args.gamma, args.delta, args.context, args.entropy)
+    params = WatermarkParams(args.gamma, args.delta, args.context, args.entropy, args.scheme)
     vocab = int(teacher.model.get_output_embeddings().weight.shape[0])
     keys = args.key.split(",")  # several: answer i is watermarked with keys[i % len(keys)] (one batch, mixed keys)
     wms = [None if k == "none" else RowWatermark(key_u64(derive_key(load_secret(), k)), params, vocab_hashes(vocab), k)
@@ -145,7 +149,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     teacher.close()
     name = args.name or (f"{args.split}-{keys[0].replace('/', '_')}{f'x{len(keys)}' if len(keys) > 1 else ''}"
                          f"-d{args.delta:g}-h{args.context}"
-                         + (f"-e{args.entropy:g}" if args.entropy else ""))
+                         + (f"-e{args.entropy:g}" if args.entropy else "") + ("-exp" if args.scheme == "exp" else ""))
     path = OUT / f"gen-{name}.jsonl"
     _write(path, rows)
     tokens = sum(len(r["token_ids"]) for r in rows)
@@ -325,6 +329,42 @@ def _grams(text: str, n: int = 4) -> set[tuple[str, ...]]:
     return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
+def cmd_answers(args: argparse.Namespace) -> None:
+    """Per answer, from ``provenance text --per-sample --out REPORT`` on a generated file: its own key's p-value
+    (each row's key_id; 'none' rows against every key: false alarms), whether that key ranks first, and how
+    distinct its text is (bigram share of its first 200 tokens: repetition loops)."""
+    import statistics
+
+    rows = [json.loads(x) for x in Path(args.file).read_text().splitlines()]
+    report = json.loads(Path(args.report).read_text())
+    per = {p["sample"]: p for p in report["per_sample"]}
+    own, first, holm_first, wrong, clean, distinct = [], [], [], [], [], []
+    for i, r in enumerate(rows):
+        ids = r["token_ids"][:200]
+        distinct.append(len(set(zip(ids, ids[1:]))) / max(1, len(ids) - 1))
+        scores = per[i]["scores"]
+        if r["key_id"] == "none":
+            clean += [s["p"] for s in scores]
+            continue
+        mine = next(s for s in scores if s["key_id"] == r["key_id"])
+        own.append(mine["p"])
+        first.append(scores[0]["key_id"] == r["key_id"])
+        holm_first.append(first[-1] and scores[0]["p_holm"] < args.alpha)
+        wrong.append(min(s["p_holm"] for s in scores if s["key_id"] != r["key_id"]))
+    out: dict[str, Any] = {"file": args.file, "answers": len(rows), "keys": report["keys_tried"],
+                           "test": report["test"], "median_distinct_bigram_share": round(statistics.median(distinct), 3),
+                           "answers_under_0.3_distinct": sum(d < 0.3 for d in distinct)}
+    if own:
+        out.update({"own_key_p_below_1e-5": sum(p < 1e-5 for p in own), "own_key_p_below_1e-3": sum(p < 1e-3 for p in own),
+                    "median_own_key_p": statistics.median(own), "own_key_first": sum(first),
+                    f"own_key_first_holm_below_{args.alpha:g}": sum(holm_first),
+                    "wrong_key_holm_below_1e-3": sum(w < 1e-3 for w in wrong), "min_wrong_key_holm": min(wrong)})
+    if clean:
+        out.update({"clean_tests": len(clean), "clean_p_below_1e-3": sum(p < 1e-3 for p in clean),
+                    "clean_p_below_1e-5": sum(p < 1e-5 for p in clean), "clean_min_p": min(clean)})
+    print(json.dumps(out, indent=1))
+
+
 def cmd_limits(args: argparse.Namespace) -> None:
     """One table row per ``provenance text --per-sample`` report: answers where ``--key`` is detected alone, and
     the answers pooled. An empty answer counts as p = 1. With ``--original`` (the answers before the attack),
@@ -388,6 +428,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("prompts")
+    p = sub.add_parser("answers")
+    p.add_argument("--file", required=True, help="a generated file (gen-NAME.jsonl)")
+    p.add_argument("--report", required=True, help="provenance text --per-sample --out of that file")
+    p.add_argument("--alpha", type=float, default=1e-3)
     for name in ("generate", "detect"):
         p = sub.add_parser(name)
         p.add_argument("--key", default="account/camp-0/0", help="generate: one id or a comma list (cycled); "
@@ -406,6 +450,8 @@ def main() -> None:
             p.add_argument("--temperature", type=float, default=0.7)
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("--name", default="")
+            p.add_argument("--scheme", choices=("kgw", "exp"), default="kgw",
+                           help="exp: sampled answers drawn by EXP (detect them with provenance text --scheme exp)")
         else:
             p.add_argument("--file", required=True)
             p.add_argument("--attribute", default="", help="candidate key ids (comma list): rank them per answer")
@@ -452,7 +498,8 @@ def main() -> None:
     p.add_argument("reports", nargs="+", help="`stillhouse provenance text --per-sample --out` reports")
     args = ap.parse_args()
     {"prompts": cmd_prompts, "generate": cmd_generate, "detect": cmd_detect, "mix": cmd_mix,
-     "train": cmd_train, "paraphrase": cmd_paraphrase, "delete": cmd_delete, "limits": cmd_limits}[args.cmd](args)
+     "train": cmd_train, "paraphrase": cmd_paraphrase, "delete": cmd_delete, "limits": cmd_limits,
+     "answers": cmd_answers}[args.cmd](args)
 
 
 if __name__ == "__main__":

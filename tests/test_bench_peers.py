@@ -314,6 +314,37 @@ def test_bench_serve_passes_the_watermark_setting_to_the_watermarked_column():
         BenchServeConfig(watermark=True, watermark_entropy=-1.0)
     with pytest.raises(ValueError, match="watermark_delta"):
         BenchServeConfig(watermark=True, watermark_delta=30.0)
-    args = _ServeProcess("bundled", 32, 1, True, 1.5, 2.0).args
+    with pytest.raises(ValueError, match="watermark_scheme='aar'"):
+        BenchServeConfig(watermark=True, watermark_scheme="aar")
+    with pytest.raises(ValueError, match="temperature=-0.5"):
+        BenchServeConfig(temperature=-0.5)
+    args = _ServeProcess("bundled", 32, 1, True, 1.5, 2.0, "exp").args
     assert args[args.index("--watermark-delta") + 1] == "1.5" and args[args.index("--watermark-entropy") + 1] == "2.0"
+    assert args[args.index("--watermark-scheme") + 1] == "exp"
     assert "--watermark" not in _ServeProcess("bundled", 32, 1).args
+
+
+def test_bench_serve_client_sends_the_temperature_and_a_seed_per_request():
+    """The load generator against a real loopback server that records what it was sent."""
+    import asyncio
+
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from stillhouse.bench.serve import _drive
+    from stillhouse.serve.app import ServerThread
+
+    seen = []
+
+    async def chat(request):
+        seen.append(await request.json())
+        return JSONResponse({"usage": {"completion_tokens": 3}})
+
+    convs = [[{"role": "user", "content": f"q{i}"}] for i in range(4)]
+    with ServerThread(Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])) as srv:
+        hot = asyncio.run(_drive(srv.base_url, convs, 2, 8, "m", 0.7))
+        asyncio.run(_drive(srv.base_url, convs[:1], 1, 8, "m"))
+    assert hot["completion_tokens"] == 12 and hot["errors"] == 0
+    assert sorted((b["temperature"], b["seed"]) for b in seen[:4]) == [(0.7, 0), (0.7, 1), (0.7, 2), (0.7, 3)]
+    assert seen[4]["temperature"] == 0 and "seed" not in seen[4]

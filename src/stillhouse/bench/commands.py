@@ -195,7 +195,7 @@ def bench_serve(
     concurrency: str = typer.Option("1,8,32", help="Comma-separated client concurrency levels."),
     requests: int = typer.Option(0, help="Requests per level; 0 = max(8, concurrency)."),
     baseline_requests: int = typer.Option(8, help="Requests for the generate() baseline."),
-    max_tokens: int = typer.Option(64, help="max_tokens per request (greedy)."),
+    max_tokens: int = typer.Option(64, help="max_tokens per request."),
     max_batch: int = typer.Option(32, help="max_batch of the batching server."),
     threads: int = typer.Option(0, help="torch CPU threads for every column; 0 = torch's default."),
     watermark: bool = typer.Option(False, "--watermark", help="Also measure serve --watermark (keyed green "
@@ -205,6 +205,11 @@ def bench_serve(
     watermark_entropy: float = typer.Option(DEFAULT_PARAMS.entropy, "--watermark-entropy",
                                             help="The watermarked column's entropy gate in nats (0 = none; "
                                                  "serve's default)."),
+    watermark_scheme: str = typer.Option(DEFAULT_PARAMS.scheme, "--watermark-scheme",
+                                         help="The watermarked column's scheme: kgw, or exp (draws sampled answers "
+                                              "itself; measure it with --temperature)."),
+    temperature: float = typer.Option(0.0, "--temperature", help="Temperature of the server columns' requests "
+                                                                "(0 = greedy; each request its own seed)."),
     out: Path = typer.Option(None, "--out", help="Write the full result as JSON here."),
     peers: bool = typer.Option(True, "--peers/--no-peers", help=PEERS_HELP),
     peer_python: list[str] = typer.Option([], "--peer-python", metavar="NAME=PATH", help=PEER_PYTHON_HELP),
@@ -219,7 +224,8 @@ def bench_serve(
                                baseline_requests=baseline_requests, max_tokens=max_tokens, max_batch=max_batch,
                                threads=threads, peers=peers, peer_python=tuple(peer_python),
                                watermark=watermark, watermark_delta=watermark_delta,
-                               watermark_entropy=watermark_entropy)
+                               watermark_entropy=watermark_entropy, watermark_scheme=watermark_scheme,
+                               temperature=temperature)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     console = Console(stderr=True)

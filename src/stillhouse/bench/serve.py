@@ -12,7 +12,7 @@ One run, one model, four ways of serving it on the same prompts:
     serve+wm     the same with ``--watermark`` (``watermark=True``): what keyed green lists cost
 
 Each server column is measured at concurrency 1, 8 and 32 by an aiohttp client on
-loopback (greedy, ``max_tokens`` per request, tokens counted from ``usage``). Each server
+loopback (greedy unless ``temperature`` is given, ``max_tokens`` per request, tokens counted from ``usage``). Each server
 is a child process; the baseline runs in this process before and after the server columns
 and their mean is the reference for every ratio. The llama.cpp column needs a GGUF teacher
 (``bundled`` or ``gguf:FILE``); ``--no-peers`` leaves it out.
@@ -53,7 +53,7 @@ class BenchServeConfig:
     baseline_requests: int = 8
     """Requests for the one-at-a-time generate() baseline."""
     max_tokens: int = 64
-    """max_tokens of every request (greedy, so lengths match across columns)."""
+    """max_tokens of every request (greedy by default, so lengths match across columns)."""
     max_batch: int = 32
     """max_batch of the batching server."""
     threads: int = 0
@@ -68,6 +68,11 @@ class BenchServeConfig:
     """The watermarked column's --watermark-delta (serve's default)."""
     watermark_entropy: float = DEFAULT_PARAMS.entropy
     """The watermarked column's --watermark-entropy (the entropy gate, nats; 0 = none; serve's default)."""
+    watermark_scheme: str = DEFAULT_PARAMS.scheme
+    """The watermarked column's --watermark-scheme (exp draws sampled answers itself: measure it with temperature)."""
+    temperature: float = 0.0
+    """Temperature of every server column's requests (0 = greedy; above 0 each request carries its own seed). The
+    generate() baseline stays greedy."""
 
     def __post_init__(self) -> None:
         from stillhouse.bench.peers import check_overrides
@@ -84,10 +89,12 @@ class BenchServeConfig:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.requests < 0:
             raise ValueError(f"requests={self.requests}: must be >= 0 (0 = max(8, concurrency))")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"temperature={self.temperature}: must be in [0, 2] (0 = greedy)")
         from stillhouse.watermark.green import WatermarkParams
 
         try:
-            WatermarkParams(delta=self.watermark_delta, entropy=self.watermark_entropy)
+            WatermarkParams(delta=self.watermark_delta, entropy=self.watermark_entropy, scheme=self.watermark_scheme)
         except ValueError as exc:
             raise ValueError(f"watermark_{exc}") from exc
 
@@ -123,24 +130,26 @@ def baseline_generate(model: Any, tokenizer: Any, convs: list[list[dict[str, str
 
 
 async def _drive(base_url: str, convs: list[list[dict[str, str]]], concurrency: int, max_tokens: int,
-                 model: str) -> dict[str, Any]:
+                 model: str, temperature: float = 0.0) -> dict[str, Any]:
     import aiohttp
 
-    todo: asyncio.Queue[list[dict[str, str]]] = asyncio.Queue()
-    for c in convs:
-        todo.put_nowait(c)
+    todo: asyncio.Queue[tuple[int, list[dict[str, str]]]] = asyncio.Queue()
+    for i, c in enumerate(convs):
+        todo.put_nowait((i, c))
     tokens, lat, errors = 0, [], 0
 
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal tokens, errors
         while True:
             try:
-                conv = todo.get_nowait()
+                i, conv = todo.get_nowait()
             except asyncio.QueueEmpty:
                 return
             s = time.perf_counter()
-            async with session.post(f"{base_url}/chat/completions", json={
-                    "model": model, "messages": conv, "max_tokens": max_tokens, "temperature": 0}) as r:
+            body = {"model": model, "messages": conv, "max_tokens": max_tokens, "temperature": temperature}
+            if temperature > 0:
+                body["seed"] = i  # the same draws in every column
+            async with session.post(f"{base_url}/chat/completions", json=body) as r:
                 body = await r.json()
             if r.status != 200:
                 errors += 1
@@ -161,7 +170,8 @@ class _ServeProcess:
     """``stillhouse serve`` in a child process on a free loopback port (as users run it)."""
 
     def __init__(self, teacher: str, max_batch: int, threads: int, watermark: bool = False,
-                 wm_delta: float = DEFAULT_PARAMS.delta, wm_entropy: float = DEFAULT_PARAMS.entropy):
+                 wm_delta: float = DEFAULT_PARAMS.delta, wm_entropy: float = DEFAULT_PARAMS.entropy,
+                 wm_scheme: str = DEFAULT_PARAMS.scheme):
         self.args = ["serve", "--teacher", teacher, "--port", "0", "--max-batch", str(max_batch)]
         if threads:
             self.args += ["--threads", str(threads)]
@@ -170,7 +180,8 @@ class _ServeProcess:
             import secrets
 
             self.args += ["--watermark", "--watermark-secret-env", "STILLHOUSE_BENCH_WM_SECRET",
-                          "--watermark-delta", str(wm_delta), "--watermark-entropy", str(wm_entropy)]
+                          "--watermark-delta", str(wm_delta), "--watermark-entropy", str(wm_entropy),
+                          "--watermark-scheme", wm_scheme]
             self.env["STILLHOUSE_BENCH_WM_SECRET"] = secrets.token_urlsafe(32)
         self.proc: subprocess.Popen[str] | None = None
         self.base_url = ""
@@ -315,12 +326,13 @@ def run_bench(cfg: BenchServeConfig, progress: Any = None) -> dict[str, Any]:
     runs = [("serve", cfg.max_batch, False), *([("serve_wm", cfg.max_batch, True)] if cfg.watermark else []),
             ("serve_b1", 1, False)]
     for label, max_batch, wm in runs:
-        with _ServeProcess(cfg.teacher, max_batch, cfg.threads, wm, cfg.watermark_delta, cfg.watermark_entropy) as srv:
+        with _ServeProcess(cfg.teacher, max_batch, cfg.threads, wm, cfg.watermark_delta, cfg.watermark_entropy,
+                           cfg.watermark_scheme) as srv:
             asyncio.run(_drive(srv.base_url, convs[:1], 1, 4, name))  # warm-up, not timed
             for c in cfg.concurrency:
                 n = _requests_at(cfg, c, one_at_a_time=max_batch == 1)
                 say(f"{label} (max_batch={max_batch}) at concurrency {c}: {n} requests")
-                res = asyncio.run(_drive(srv.base_url, convs[:n], c, cfg.max_tokens, name))
+                res = asyncio.run(_drive(srv.base_url, convs[:n], c, cfg.max_tokens, name, cfg.temperature))
                 res["max_batch_seen"] = srv.health().get("max_batch_seen")
                 columns.setdefault(label, {})[str(c)] = res
                 say(f"  {res['tokens_per_s']:.2f} tok/s")
@@ -333,7 +345,7 @@ def run_bench(cfg: BenchServeConfig, progress: Any = None) -> dict[str, Any]:
                 for c in cfg.concurrency:
                     n = _requests_at(cfg, c, one_at_a_time=True)
                     say(f"llama_cpp ({threads} threads) at concurrency {c}: {n} requests")
-                    res = asyncio.run(_drive(peer.base_url, convs[:n], c, cfg.max_tokens, name))
+                    res = asyncio.run(_drive(peer.base_url, convs[:n], c, cfg.max_tokens, name, cfg.temperature))
                     columns.setdefault("llama_cpp", {})[str(c)] = res
                     say(f"  {res['tokens_per_s']:.2f} tok/s")
         except RuntimeError as exc:
@@ -383,6 +395,10 @@ def render_markdown(result: dict[str, Any]) -> str:
                     f"**{a['tokens_per_s'] / p['tokens_per_s']:.2f}x** | " if p["tokens_per_s"] else "- | - | ")
         lines.append(row + f"{base['tokens_per_s']:.2f} tok/s (1.00x; {base['before']['tokens_per_s']:.2f} before, "
                            f"{base['after']['tokens_per_s']:.2f} after) |")
+    cfg = result["config"]
+    if cfg.get("temperature", 0.0) > 0 or (wm and cfg.get("watermark_scheme", "kgw") != "kgw"):
+        lines.append(f"\nServer requests at temperature {cfg.get('temperature', 0.0):g}"
+                     + (f"; watermark scheme {cfg.get('watermark_scheme', 'kgw')}" if wm else "") + ".")
     for name, why in result.get("peer_errors", {}).items():
         lines.append(f"\n{name}: not run: {why}")
     return "\n".join(lines)

@@ -18,6 +18,14 @@ is exact (:func:`stillhouse.provenance.stats.log_weighted_sf`). Wrong probabilit
 mismatched teacher) cost power, never validity. Measured (docs/results.md, "the weighted score"): p < 1e-5 within
 200 tokens for 82/96 development answers against 72/96 counted, then 78/96 against 71/96 on the held-out split.
 
+**EXP** (answers sampled under ``scheme="exp"``, :mod:`stillhouse.watermark.green`): each distinct tuple's
+``-log u(k, w, t)`` is Exp(1) under the null, so their sum over ``n`` tuples has the exact Gamma(n, 1) tail
+(:func:`stillhouse.provenance.stats.log_gamma_sf`). Scored are the tuples whose window occurs first in the answer
+(EXP keyed only those) and whose token the teacher gave less than :data:`EXP_MAX_PROB` at the sampling temperature
+(a token it would have written anyway carries little evidence): a choice from text and teacher, never the key. A body
+with greedy answers (KGW-scored) and sampled ones (EXP-scored) combines the two tests' p-values by Fisher's exact
+rule for two; the tuples are distinct across both.
+
 ``score_keys`` tests every candidate on the same tuples and corrects for trying K keys (Holm; the
 Bonferroni figure is reported too): the best key is named only as strongly as its adjusted p-value.
 """
@@ -29,14 +37,27 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from stillhouse.provenance.stats import bonferroni, holm, log_binom_sf, log_weighted_sf, z_score
-from stillhouse.watermark.green import WatermarkParams, green_flags, scored_tuples
+from stillhouse.provenance.stats import (
+    bonferroni,
+    holm,
+    log_binom_sf,
+    log_fisher2,
+    log_gamma_sf,
+    log_weighted_sf,
+    z_score,
+)
+from stillhouse.watermark.green import WatermarkParams, first_windows, green_flags, scored_tuples, uniform
 
 Tuple = tuple[int, ...]
 
 GREEDY_TEMPERATURE = 0.1
 """Greedy answers (temperature 0) are weighed as if sampled at this: a token that is not the teacher's first choice
 (written only because the watermark raised it) counts fully, its first choice by a clear margin about nothing."""
+
+EXP_MAX_PROB = 0.7
+"""EXP scores a token only if the teacher gave it less than this at the sampling temperature. Chosen on 96
+development answers at T 0.7 (p < 1e-5 within 200 tokens: 91/96 with it, 81/96 scoring every first window; 0.9
+gave 89/96, an entropy gate of 1 nat 88/96), docs/results.md "EXP"."""
 
 WEIGHT_LEVELS = 16
 """Integer weight levels of the weighted score (a token's evidence rounded to 1/16 of the most a token can carry;
@@ -63,7 +84,9 @@ class KeyScore:
     log10_p: float = 0.0
     """``log10(p)``, finite where ``p`` itself underflows to 0."""
     test: str = "binomial"
-    """binomial (every tuple counts 1) or weighted (each tuple's weight level; ``p`` is that sum's exact tail)."""
+    """binomial (every tuple counts 1), weighted (each tuple's weight level; ``p`` is that sum's exact tail), exp
+    (the Gamma tail of ``sum -log u``; ``green`` still counts ``u < gamma``), or ``exp+binomial``/``exp+weighted``
+    (Fisher's combination of the two, over disjoint tuples)."""
 
     @property
     def rate(self) -> float:
@@ -118,17 +141,22 @@ class Selection:
 
     tuples: list[Tuple]
     levels: list[int] | None = None
+    exp: list[bool] | None = None
+    """Which tuples the EXP score takes (answers sampled under the exp scheme); None: none of them."""
 
 
 def select(seqs: Sequence[Sequence[int]], rows: Sequence[int], context: int,
            exclude: set[Tuple] | frozenset[Tuple] = frozenset(), dedup: bool = True,
-           keep: Sequence[Sequence[bool]] | None = None, levels: Sequence[Sequence[int]] | None = None) -> Selection:
+           keep: Sequence[Sequence[bool]] | None = None, levels: Sequence[Sequence[int]] | None = None,
+           exp: Sequence[bool] | None = None) -> Selection:
     """:func:`unique_positions` of ``seqs[rows]`` as a :class:`Selection`; ``levels[j][i]`` is token ``i`` of
-    sequence ``j``'s weight level (:func:`weight_levels`), ``keep`` the gate, both indexed like ``seqs``."""
+    sequence ``j``'s weight level (:func:`weight_levels`), ``keep`` the gate, both indexed like ``seqs``;
+    ``exp[j]`` whether sequence ``j`` is EXP-scored."""
     part = [seqs[j] for j in rows]
     pos = unique_positions(part, context, exclude, dedup, None if keep is None else [keep[j] for j in rows])
     return Selection([tuple(part[a][i - context:i + 1]) for a, i in pos],
-                     None if levels is None else [levels[rows[a]][i] for a, i in pos])
+                     None if levels is None else [levels[rows[a]][i] for a, i in pos],
+                     None if exp is None or not any(exp) else [bool(exp[rows[a]]) for a, _ in pos])
 
 
 def llr_weight(prob: float, delta: float, gamma: float) -> float:
@@ -146,6 +174,12 @@ def weight_levels(probs: Sequence[float], delta: float, gamma: float, levels: in
     if delta <= 0:
         raise ValueError(f"delta={delta}: the weighted score needs the watermark's delta (> 0)")
     return [0 if math.isnan(q) else round(levels * llr_weight(q, delta, gamma) / delta) for q in probs]
+
+
+def exp_keep(ids: Sequence[int], probs: Sequence[float], context: int) -> list[bool]:
+    """Which tokens of an EXP-sampled answer are scored: first occurrence of their window, teacher's probability
+    below :data:`EXP_MAX_PROB` (``nan``, no context before the token: not scored)."""
+    return [f and q < EXP_MAX_PROB for f, q in zip(first_windows(ids, context), probs)]
 
 
 def binomial_score(green: int, n: int, params: WatermarkParams, key_id: str = "") -> KeyScore:
@@ -171,9 +205,33 @@ def weighted_score(flags: Sequence[bool], levels: Sequence[int], params: Waterma
                     test="weighted")
 
 
+def exp_score(key: int, tuples: Sequence[Tuple], params: WatermarkParams, key_id: str = "") -> KeyScore:
+    """The EXP test of one key on distinct tuples: ``P(Gamma(n, 1) >= sum -log u)``."""
+    us = [uniform(key, t) for t in tuples]
+    total = sum(-math.log(u) if u > 0 else 745.0 for u in us)  # u = 0 has probability 2**-53: as e**-745
+    log_p = log_gamma_sf(len(us), total)
+    gamma = params.threshold / float(1 << 53)
+    green = sum(u < gamma for u in us)
+    return KeyScore(key_id, len(us), green, math.exp(log_p), z=z_score(green, len(us), gamma),
+                    log10_p=log_p / math.log(10), test="exp")
+
+
 def score_key(key: int, tuples: Sequence[Tuple], params: WatermarkParams, key_id: str = "",
-              levels: Sequence[int] | None = None) -> KeyScore:
-    """Green count and exact p-value of one key on already-deduplicated tuples (weighted when ``levels`` are given)."""
+              levels: Sequence[int] | None = None, exp: Sequence[bool] | None = None) -> KeyScore:
+    """Green count and exact p-value of one key on already-deduplicated tuples (weighted when ``levels`` are given);
+    the tuples flagged in ``exp`` take the EXP test, combined with the rest's by Fisher when both are there."""
+    if exp is not None and any(exp):
+        sampled = exp_score(key, [t for t, e in zip(tuples, exp) if e], params, key_id)
+        if all(exp):
+            return sampled
+        rest = [i for i, e in enumerate(exp) if not e]
+        other = score_key(key, [tuples[i] for i in rest], params, key_id,
+                          None if levels is None else [levels[i] for i in rest])
+        log_p = log_fisher2(sampled.log10_p * math.log(10), other.log10_p * math.log(10))
+        n, green = sampled.scored + other.scored, sampled.green + other.green
+        gamma = params.threshold / float(1 << 53)
+        return KeyScore(key_id, n, green, math.exp(log_p), z=z_score(green, n, gamma), log10_p=log_p / math.log(10),
+                        test=f"exp+{other.test}")
     flags = green_flags(key, tuples, params)
     if levels is not None:
         return weighted_score(flags, levels, params, key_id)
@@ -188,9 +246,10 @@ def adjust(scores: Sequence[KeyScore]) -> None:
 
 
 def score_keys(tuples: Sequence[Tuple], keys: Mapping[str, int], params: WatermarkParams,
-               levels: Sequence[int] | None = None) -> list[KeyScore]:
-    """Every candidate on the same tuples (and weight levels), Holm- and Bonferroni-adjusted, best (smallest p) first."""
-    scores = [score_key(k, tuples, params, kid, levels) for kid, k in keys.items()]
+               levels: Sequence[int] | None = None, exp: Sequence[bool] | None = None) -> list[KeyScore]:
+    """Every candidate on the same tuples (weight levels, EXP flags), Holm- and Bonferroni-adjusted, best (smallest
+    p) first."""
+    scores = [score_key(k, tuples, params, kid, levels, exp) for kid, k in keys.items()]
     adjust(scores)
     return sorted(scores, key=lambda s: (s.p, -s.rate, s.key_id))
 

@@ -18,6 +18,7 @@ from stillhouse.provenance.detect import (
     KeyScore,
     Selection,
     Tuple,
+    exp_keep,
     prompt_tuples,
     score_keys,
     select,
@@ -78,6 +79,11 @@ class ScoringConfig:
     --reading text (it scores predictions, not answers)."""
     delta: float = DEFAULT_PARAMS.delta
     """Delta used when generating (as served: --watermark-delta); the weighted score's weights depend on it."""
+    scheme: Literal["kgw", "exp"] = DEFAULT_PARAMS.scheme  # type: ignore[assignment]
+    """Scheme used when generating (as served: --watermark-scheme). exp: answers sampled at a temperature above 0
+    take the EXP test (the Gamma tail of sum -log u; their temperature from the source, else --temperature), greedy
+    ones the green-list test; kgw: the green-list test for every answer. provenance model always uses the green-list
+    test (valid for either; built and measured for kgw)."""
 
     def __post_init__(self) -> None:
         if not self.source:
@@ -92,7 +98,7 @@ class ScoringConfig:
             raise ValueError("no candidate keys: give --log sqlite:///guard.db (its key ids) or --key-ids ID,...")
         if self.score not in (None, "weighted", "count"):
             raise ValueError(f"score={self.score!r}: use weighted (the default for answers) or count")
-        WatermarkParams(delta=self.delta)  # raises naming the field
+        WatermarkParams(delta=self.delta, scheme=self.scheme)  # raises naming the field
 
     def _check_weights(self) -> None:
         """The weighted score needs a delta (each subclass calls this once its own fields are checked)."""
@@ -114,7 +120,8 @@ class ScoringConfig:
 
     @property
     def params(self) -> WatermarkParams:
-        return WatermarkParams(gamma=self.gamma, delta=self.delta, context=self.context, entropy=self.gate)
+        return WatermarkParams(gamma=self.gamma, delta=self.delta, context=self.context, entropy=self.gate,
+                               scheme=self.scheme)
 
 
 @dataclass(frozen=True)
@@ -258,11 +265,12 @@ def _report(cfg: ScoringConfig, scores: list[KeyScore], candidates: list[Candida
     accounts = {c.key_id: sorted(c.accounts) for c in candidates}
     best = scores[0] if scores else None
     named = best is not None and best.p_holm < cfg.alpha
-    test = "weighted" if cfg.weighted else "binomial"
+    test = scores[0].test if scores else "weighted" if cfg.weighted else "binomial"
     return {
         **extra,
         "keys_tried": len(scores),
-        "params": {"gamma": cfg.gamma, "context": cfg.context, "entropy": cfg.gate, "delta": cfg.delta},
+        "params": {"gamma": cfg.gamma, "context": cfg.context, "entropy": cfg.gate, "delta": cfg.delta,
+                   "scheme": cfg.scheme},
         "test": test,
         "best": best.to_json() | {"accounts": accounts.get(best.key_id, [])} if best else None,
         "named": named,
@@ -295,34 +303,40 @@ def text_provenance(cfg: ProvenanceConfig, progress: StepProgress | None = None)
     extra: dict[str, Any] = {"source": cfg.source, "samples": len(samples), "empty": len(loaded) - len(samples),
                              "tokens": sum(map(len, seqs))}
     temps = [cfg.temperature if s.temperature is None else s.temperature for s in samples]  # the source's, if it says
-    keep, levels = _read(cfg, tok, samples, seqs, extra, temps, progress)
+    exp = [cfg.scheme == "exp" and t > 0 for t in temps]
+    keep, levels = _read(cfg, tok, samples, seqs, extra, temps, progress, exp)
     keys = derive_all(secret, candidates)
+    if any(exp):
+        extra["exp_samples"] = sum(exp)
 
     def scored(idx: list[int]) -> Selection:
         """The distinct tuples of samples ``idx``, their prompts' tuples dropped (and their weight levels)."""
         return select(seqs, idx, cfg.context, prompt_tuples([prompts[j] for j in idx], cfg.context), cfg.dedup,
-                      keep, levels)
+                      keep, levels, exp)
 
     sel = scored(list(range(len(seqs))))
-    scores = score_keys(sel.tuples, keys, cfg.params, sel.levels)
+    scores = score_keys(sel.tuples, keys, cfg.params, sel.levels, sel.exp)
     if cfg.per_sample:  # the same tuples as a one-row source would give
         extra["per_sample"] = []
         for j, ids in enumerate(seqs):
             own = scored([j])
-            extra["per_sample"].append(_report(cfg, score_keys(own.tuples, keys, cfg.params, own.levels), candidates,
+            extra["per_sample"].append(_report(cfg, score_keys(own.tuples, keys, cfg.params, own.levels, own.exp),
+                                               candidates,
                                                {"sample": rows[j], "tokens": len(ids), "scored": len(own.tuples)}))
     return _report(cfg, scores, candidates, extra | {"scored": len(sel.tuples),
                                                      "wall_s": round(time.perf_counter() - t0, 2)})
 
 
 def _read(cfg: ScoringConfig, tok: Any, samples: list[Sample], seqs: list[list[int]], extra: dict[str, Any],
-          temperatures: list[float] | None = None, progress: StepProgress | None = None
-          ) -> tuple[list[list[bool]] | None, list[list[int]] | None]:
-    """The teacher (``cfg.tokenizer``) reads each prompt (as served) and answer, when the gate or the weighted score
-    needs it: which tokens the gate lets through (None without a gate; ``extra["gated_tokens"]`` counts them), and
-    each token's weight level at its answer's sampling temperature (``temperatures``, one per answer, 1 when not
-    given; greedy as :data:`GREEDY_TEMPERATURE`), None for the count."""
-    if cfg.gate <= 0 and not cfg.weighted:
+          temperatures: list[float] | None = None, progress: StepProgress | None = None,
+          exp: list[bool] | None = None) -> tuple[list[list[bool]] | None, list[list[int]] | None]:
+    """The teacher (``cfg.tokenizer``) reads each prompt (as served) and answer, when the gate, the weighted score or
+    the EXP test needs it: which tokens the gate lets through (None without a gate; ``extra["gated_tokens"]`` counts
+    them; an answer flagged in ``exp`` keeps :func:`~stillhouse.provenance.detect.exp_keep`'s tokens), and each
+    token's weight level at its answer's sampling temperature (``temperatures``, one per answer, 1 when not given;
+    greedy as :data:`GREEDY_TEMPERATURE`), None for the count."""
+    exp = exp or [False] * len(seqs)
+    if cfg.gate <= 0 and not cfg.weighted and not any(exp):
         return None, None
     from stillhouse.provenance.gate import answer_views
     from stillhouse.teacher.bundled import load_model
@@ -334,8 +348,9 @@ def _read(cfg: ScoringConfig, tok: Any, samples: list[Sample], seqs: list[list[i
     views = answer_views(model, rows, temps, pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
                          progress=progress)
     keep = None
-    if cfg.gate > 0:
+    if cfg.gate > 0 or any(exp):
         keep = gate_masks(views, cfg.gate)
+        keep = [exp_keep(ids, v.prob, cfg.context) if e else k for ids, v, k, e in zip(seqs, views, keep, exp)]
         extra["gated_tokens"] = sum(map(sum, keep))
     levels = None
     if cfg.weighted:

@@ -15,6 +15,12 @@ E_lambda[exp(-lambda (S - s)); S >= s]``, and the tilted distribution near ``s``
 underflows. Exact up to float rounding (checked against rational enumeration in the tests, and equal to
 ``log_binom_sf`` when every weight is 1); a pooled 7,600 tuples at 16 levels takes milliseconds.
 
+``log_gamma_sf(n, x)`` is ``log P(G >= x)`` for ``G ~ Gamma(n, 1)`` (a sum of ``n`` independent Exp(1)), the null
+distribution of the EXP score ``sum -log u`` over ``n`` distinct tuples: for integer ``n`` it is the Poisson sum
+``exp(-x) sum_{k<n} x^k / k!``, summed in log space (scipy's ``gammaincc`` underflows to 0 below 1e-308).
+:func:`log_fisher2` combines two independent p-values (a body of greedy answers, KGW-scored, and sampled ones,
+EXP-scored) exactly: ``P(chi2_4 >= -2 log(p1 p2)) = p1 p2 (1 - log(p1 p2))``.
+
 Family-wise corrections over the K keys tried: :func:`bonferroni` (``min(1, K p)``) and
 :func:`holm` (step-down; never larger than Bonferroni, same guarantee: the probability that any
 key is falsely named is at most the level).
@@ -125,6 +131,25 @@ def log_weighted_sf(counts: Sequence[int], greens: Sequence[int], gamma: float) 
     if tail <= 0.0:
         return -math.inf
     return min(0.0, log_mgf - lam * s + math.log(tail))
+
+
+def log_gamma_sf(n: int, x: float) -> float:
+    """``log P(G >= x)`` for ``G ~ Gamma(n, 1)``, ``n`` a non-negative integer (n = 0: G = 0)."""
+    if n <= 0:
+        return 0.0 if x <= 0 else -math.inf
+    if x <= 0:
+        return 0.0
+    k = np.arange(n, dtype=np.float64)
+    log_fact = np.concatenate(([0.0], np.cumsum(np.log(k[1:]))))  # log k!
+    terms = k * math.log(x) - log_fact
+    top = float(terms.max())
+    return min(0.0, -x + top + math.log(float(np.exp(terms - top).sum())))
+
+
+def log_fisher2(log_p1: float, log_p2: float) -> float:
+    """Fisher's exact combination of two independent p-values (given as logs): ``log(p1 p2 (1 - log(p1 p2)))``."""
+    s = log_p1 + log_p2
+    return min(0.0, s + math.log1p(-s))
 
 
 def bonferroni(pvalues: Sequence[float]) -> list[float]:

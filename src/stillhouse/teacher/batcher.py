@@ -17,7 +17,8 @@ real tokens end at the same slot. Each loop the worker
    applies the logits-processor hook (batch-wide processors, then each request's own
    ``row_processor``, so rows with different watermark keys share a batch), takes
    logprobs and top-k from the processed logits, picks each row's token (greedy, or temperature/top-p with the row's own
-   seeded generator), and finishes rows on EOS, a stop string or ``max_tokens``;
+   seeded generator; a watermark that ``samples`` (EXP) picks a sampled row's token itself, from the unbiased
+   logits), and finishes rows on EOS, a stop string or ``max_tokens``;
 4. removes finished rows and trims cache columns no row still needs.
 
 Caches whose layers are not plain ``DynamicLayer`` (sliding-window models) cannot be
@@ -63,7 +64,9 @@ LogitsProcessor = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 """``(input_ids [B, L] left-padded prompt+generated ids, scores [B, V]) -> scores``."""
 RowProcessor = Callable[[list[int], "torch.Tensor"], "torch.Tensor"]
 """``(one row's prompt+generated ids, that row's scores [V]) -> scores``: a request's own processor
-(e.g. a watermark with the request's key), applied after the batch-wide ones."""
+(e.g. a watermark with the request's key), applied after the batch-wide ones. One whose ``samples`` attribute is
+true (:class:`stillhouse.watermark.green.RowWatermark` under EXP) instead picks a sampled row's token with
+``choose(ids, answer_start, scores, temperature, top_p) -> token | None`` (None: sample as usual)."""
 
 
 @dataclass(frozen=True)
@@ -392,9 +395,17 @@ class Batcher:
                 ids[i, width - len(r.ids):] = torch.tensor(r.ids, dtype=torch.long)
             for proc in self.logits_processors:
                 scores = proc(ids, scores)
+        forced: dict[int, int] = {}  # rows whose watermark drew the token itself (EXP on a sampled row)
         for i, r in enumerate(rows):
-            if r.req.row_processor is not None:
-                scores[i] = r.req.row_processor(r.ids, scores[i])
+            row_proc: Any = r.req.row_processor
+            if row_proc is None:
+                continue
+            if r.p.temperature > 0 and getattr(row_proc, "samples", False):
+                tok = row_proc.choose(r.ids, len(r.ids) - len(r.gen), scores[i], r.p.temperature, r.p.top_p)
+                if tok is not None:
+                    forced[i] = tok
+            else:
+                scores[i] = row_proc(r.ids, scores[i])
         need_lp = any(r.p.logprobs for r in rows)
         logp = torch.log_softmax(scores, dim=-1) if need_lp else None
         k = max((r.p.top_logprobs for r in rows), default=0)
@@ -405,6 +416,8 @@ class Batcher:
             index = torch.tensor(sampled, dtype=torch.long)
             picks[index] = sample_rows(scores[index], [rows[i].p.temperature for i in sampled],
                                        [rows[i].p.top_p for i in sampled], [rows[i].generator for i in sampled])
+        for i, tok in forced.items():
+            picks[i] = tok
         for i, r in enumerate(rows):
             tok = int(picks[i])
             r.pending = tok

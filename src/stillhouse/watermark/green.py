@@ -1,4 +1,4 @@
-"""KGW green lists (Kirchenbauer et al., ICML 2023) keyed per row, as plain functions.
+"""KGW green lists (Kirchenbauer et al., ICML 2023) and EXP sampling (Aaronson 2022), keyed per row, as plain functions.
 
 A token ``t`` that follows the context window ``w`` (the ``context`` tokens before it) is
 **green** under key ``k`` when ``PRF(k, w, t) < gamma``; generation adds ``delta`` to the logits
@@ -9,6 +9,18 @@ The PRF: ``s = seed(k, w)`` chains splitmix64's finaliser over the window's toke
 For distinct tuples the green bits of a key the text never saw are independent Bernoulli(gamma)
 (up to the PRF), which is what makes the exact binomial test of :mod:`stillhouse.provenance.detect`
 valid at any level once repeated tuples are dropped.
+
+**EXP** (``scheme="exp"``): a *sampled* row draws its token by Gumbel-max from the same PRF's uniforms,
+``argmax_t log(1 - u(k, w, t)) / p_t`` with ``p`` the model's distribution at the request's temperature (and top-p).
+Over the key that is exactly a draw from ``p`` (distortion-free: no delta, no loss of answer quality), and the token
+written has a small ``u``; detection sums ``-log u`` over distinct tuples, a Gamma(n, 1) variable under the null
+(:func:`stillhouse.provenance.stats.log_gamma_sf`). A window that already occurred earlier in the answer is sampled
+without the key: with one token of context, reusing a window's uniforms locks the text into loops (measured on 96
+development answers at T 0.7: 39 with under 30% distinct bigrams, 1 without a watermark, 5 with this rule), and
+a repeated window's tuple carries no new evidence anyway. Greedy rows have no randomness to key, so they get
+KGW's bias (``delta``, the entropy gate) as under ``scheme="kgw"``: greedy answers are the same under both schemes.
+Measured on those development answers at 200 tokens: p < 1e-5 for 91/96 (EXP) against 69/96 (KGW, weighted
+score), docs/results.md "EXP".
 
 Why not transformers' ``WatermarkLogitsProcessor``/``WatermarkDetector``: it is built for
 ``generate()`` with one ``hashing_key`` per processor (the whole batch shares a key), seeds a
@@ -23,6 +35,7 @@ adding it 1 ms on one core, against ~300 ms for a decode step of 32 rows.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -57,6 +70,9 @@ class WatermarkParams:
     """SWEET's gate (Lee et al. 2023), in nats: bias, and score, only the positions whose next-token entropy
     under the teacher (its raw logits, temperature 1) is above this; 0 = every position (plain KGW).
     Detection then needs the teacher to recompute the entropies (:mod:`stillhouse.provenance.gate`)."""
+    scheme: str = "kgw"
+    """kgw: every row gets the green-list bias. exp: sampled rows are drawn by EXP (Gumbel-max on the key's
+    uniforms, distortion-free), greedy rows get the green-list bias as under kgw."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.gamma < 1.0:
@@ -67,12 +83,17 @@ class WatermarkParams:
             raise ValueError(f"context={self.context!r}: must be an integer 1..8")
         if not 0.0 <= self.entropy <= 20.0:
             raise ValueError(f"entropy={self.entropy}: must be in [0, 20] nats (0 = no gate), e.g. 2.0")
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme={self.scheme!r}: use one of {', '.join(SCHEMES)}")
 
     @property
     def threshold(self) -> int:
         """``green <=> (mix >> 11) < threshold``; the exact green probability is threshold / 2**53."""
         return int(self.gamma * (1 << 53))
 
+
+SCHEMES: Final = ("kgw", "exp")
+"""kgw: green-list bias on every row; exp: EXP sampling on sampled rows, the green-list bias on greedy ones."""
 
 DEFAULT_PARAMS: Final = WatermarkParams()
 """The scheme's defaults: every config's watermark fields default to these, never to literals of their own."""
@@ -125,6 +146,41 @@ def green_mask(key: int, window: Sequence[int], hashes: np.ndarray, params: Wate
     """The green list of one window as a boolean vector over the vocabulary (``hashes = T``)."""
     s = np.uint64(seed(key, window))
     return (mix_array(hashes ^ s) >> np.uint64(11)) < np.uint64(params.threshold)
+
+
+def uniforms(key: int, window: Sequence[int], hashes: np.ndarray) -> np.ndarray:
+    """The PRF's uniform ``u(k, w, t)`` in [0, 1) for every token of the vocabulary (green <=> ``u < gamma``)."""
+    s = np.uint64(seed(key, window))
+    return (mix_array(hashes ^ s) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def uniform(key: int, tup: Sequence[int]) -> float:
+    """``u(k, w, t)`` of one ``(window..., token)`` tuple."""
+    return (mix(seed(key, tup[:-1]) ^ token_hash(tup[-1])) >> 11) * (1.0 / (1 << 53))
+
+
+def first_windows(ids: Sequence[int], context: int) -> list[bool]:
+    """For each position ``i`` of an answer, whether EXP keyed it: its window ``ids[i - context:i]`` did not occur
+    at an earlier position of the answer (positions before ``context`` reach into the prompt: always keyed)."""
+    seen: set[tuple[int, ...]] = set()
+    out = []
+    for i in range(len(ids)):
+        if i < context:
+            out.append(True)
+            continue
+        w = tuple(ids[i - context:i])
+        out.append(w not in seen)
+        seen.add(w)
+    return out
+
+
+def _seen_before(ids: Sequence[int], start: int, h: int) -> bool:
+    """Whether the last ``h`` tokens of ``ids`` occurred as a window at an earlier answer position (``>= start + h``)."""
+    n = len(ids)
+    if h == 1:
+        return ids[n - 1] in ids[start:n - 1]
+    w = list(ids[n - h:])
+    return any(list(ids[j - h:j]) == w for j in range(start + h, n))
 
 
 def scored_tuples(ids: Sequence[int], context: int, start: int = 0) -> list[tuple[int, ...]]:
@@ -183,6 +239,35 @@ class RowWatermark:
         v = min(scores.shape[-1], mask.shape[0])
         scores[:v].add_(torch.from_numpy(mask[:v].view(np.uint8)), alpha=self.params.delta)
         return scores
+
+    @property
+    def samples(self) -> bool:
+        """Whether this watermark draws sampled rows' tokens itself (EXP) instead of biasing their logits."""
+        return self.params.scheme == "exp"
+
+    def choose(self, ids: Sequence[int], answer_start: int, scores: torch.Tensor, temperature: float,
+               top_p: float = 1.0) -> int | None:
+        """EXP: the token a sampled row writes after ``ids`` (its answer starts at ``answer_start``), drawn by
+        Gumbel-max on the key's uniforms from ``softmax(scores / temperature)`` (top-p filtered); None when the
+        window already occurred in the answer (the caller samples as usual)."""
+        import torch
+
+        from stillhouse.teacher.decoding import top_p_filter
+
+        h = self.params.context
+        n = len(ids)
+        if n < h:
+            return None
+        window = list(ids[n - h:])
+        if n - h >= answer_start and _seen_before(ids, answer_start, h):  # key a window's first occurrence only
+            return None
+        v = min(scores.shape[-1], self.hashes.shape[0])
+        p = torch.softmax(scores[:v].double() / temperature, dim=-1)
+        if top_p < 1.0:
+            p = top_p_filter(p, top_p)
+        u = torch.from_numpy(uniforms(self.key, window, self.hashes[:v]))
+        val = torch.where(p > 0, torch.log1p(-u) / p.clamp_min(1e-300), torch.tensor(-math.inf, dtype=p.dtype))
+        return int(torch.argmax(val))
 
     def __repr__(self) -> str:  # never the key
         return f"RowWatermark(key_id={self.key_id!r}, {self.params})"
