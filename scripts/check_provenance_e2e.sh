@@ -7,11 +7,14 @@
 #
 #   python scripts/exp_provenance.py prompts            # once: runs/provenance/prompts.json (ShareGPT, allowed half)
 #   STILLHOUSE_WATERMARK_SECRET=any-fixed-secret scripts/check_provenance_e2e.sh   # OUT=runs/provenance-e2e
+#   SCHEME=exp ...   # serve --watermark-scheme exp: lab's greedy answers keep the green lists, other's sampled ones
+#                    # are drawn by EXP; provenance text --scheme exp tests each answer by its own scheme
 #
 # About 2 minutes on 2 cores (docs/results.md, "the weighted score").
 set -e
 cd "$(dirname "$0")/.."
 S=${OUT:-runs/provenance-e2e}; rm -rf "$S"; mkdir -p "$S"
+SCHEME=${SCHEME:-kgw}
 : "${STILLHOUSE_WATERMARK_SECRET:?set it to any fixed secret (guard, serve and the test share it)}"
 export STILLHOUSE_GUARD_ADMIN_TOKEN=e2e-admin-token-xyz
 export OMP_NUM_THREADS=1
@@ -19,7 +22,7 @@ export OMP_NUM_THREADS=1
 import json; d=json.load(open('runs/provenance/prompts.json'))
 for name, part in (('lab', d[0:12]), ('other', d[12:24])):
     open('$S/'+name+'.jsonl','w').write(''.join(json.dumps({'messages':[{'role':'user','content':p}]})+'\n' for p in part))"
-.venv/bin/stillhouse serve --teacher bundled --port 8941 --watermark --threads 2 > $S/serve.log 2>&1 &
+.venv/bin/stillhouse serve --teacher bundled --port 8941 --watermark --watermark-scheme $SCHEME --threads 2 > $S/serve.log 2>&1 &
 SP=$!
 .venv/bin/stillhouse guard --upstream http://127.0.0.1:8941 --port 8942 --db sqlite:///$S/guard.db --watermark --shadow > $S/guard.log 2>&1 &
 GP=$!
@@ -43,12 +46,12 @@ from stillhouse.provenance.texts import load_samples; import json
 print(''.join(json.dumps({'messages': s.prompt + [{'role': 'assistant', 'content': s.text}], 'token_ids': s.token_ids})+'\n' for s in load_samples('$S/h-$n')), end='')" > $S/$n-notemp.jsonl
       src=$S/$n-notemp.jsonl
     fi
-    .venv/bin/stillhouse provenance text $src --log sqlite:///$S/guard.db --per-sample $extra --json --out $S/prov-$n-$m.json > /dev/null 2>&1
+    .venv/bin/stillhouse provenance text $src --log sqlite:///$S/guard.db --per-sample --scheme $SCHEME $extra --json --out $S/prov-$n-$m.json > /dev/null 2>&1
     .venv/bin/python -c "
 import json; r=json.load(open('$S/prov-$n-$m.json'))
 own='account/$n/0'
 ps=[next(x for x in p['scores'] if x['key_id'].startswith('account/$n/'))['log10_p'] for p in r['per_sample']]
 import statistics
-print('$n $m', 'pooled best', r['best']['key_id'], round(r['best']['log10_p'],1), 'per-answer p<1e-5:', sum(p < -5 for p in ps), '/', len(ps), 'median log10p', round(statistics.median(ps),2), r.get('weight_temperatures'))"
+print('$n $m', 'pooled best', r['best']['key_id'], round(r['best']['log10_p'],1), 'per-answer p<1e-5:', sum(p < -5 for p in ps), '/', len(ps), 'median log10p', round(statistics.median(ps),2), r.get('weight_temperatures'), r['test'])"
   done
 done

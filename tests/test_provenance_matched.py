@@ -95,6 +95,30 @@ def test_group_p_value_under_the_null_is_exact_over_random_keys() -> None:
         assert 0.4 < float(np.mean(ps)) < 0.6
 
 
+def test_exp_scored_groups_are_exact_over_random_keys() -> None:
+    """The EXP test on pooled (key, tuple) triples, alone and mixed with the green-list test (Fisher): under the
+    null the share of p < 0.05 is about 0.05 over 600 random secrets."""
+    seqs = _answers(40, 40, seed=1, vocab=40)
+    kids = [f"account/a{j % 2}/0" for j in range(40)]
+    accts = [f"a{j % 2}" for j in range(40)]
+    every = pooled_parts(seqs, kids, accts, ["a0", "a1"], 1, exclude=set(), exp=[True] * 40)
+    half = pooled_parts(seqs, kids, accts, ["a0", "a1"], 1, exclude=set(), exp=[j % 4 < 2 for j in range(40)])
+    assert all(sel.exp is not None and all(sel.exp) for sel in every.values())
+    assert {e for sel in half.values() for e in sel.exp or []} == {True, False}
+    tests, ps, mixed = set(), [], []
+    for i in range(600):
+        keys = _keys(f"exp-null-{i}", ["account/a0/0", "account/a1/0"])
+        a, b = score_pooled(every, keys, P, "g"), score_pooled(half, keys, P, "g")
+        tests |= {a.test, b.test}
+        ps.append(a.p)
+        mixed.append(b.p)
+    assert tests == {"exp", "exp+binomial"}
+    for got in (ps, mixed):
+        share = sum(p < 0.05 for p in got) / len(got)
+        assert 0.015 < share < 0.09, share
+        assert 0.4 < float(np.mean(got)) < 0.6
+
+
 def test_holm_over_keys_and_groups_together() -> None:
     from stillhouse.provenance.detect import KeyScore
 

@@ -179,6 +179,10 @@ def test_own_answers_of_clean_models_name_no_key(tmp_path: Path, monkeypatch: py
         assert report["params"]["entropy"] == 0.0 and "gated_tokens" not in report
         assert report["answers"] == 12 and report["tokens"] > 12 and report["scored"] > 20
         assert report["named"] is False and min(s["p_holm"] for s in report["scores"]) > 1e-3
+    exp = model_provenance(SuspectConfig(source=str(src), key_ids=keys, suspect=f"hf:{path}", mode="open",
+                                         reading="own", answer_tokens=24, entropy=0.0, scheme="exp",
+                                         tokenizer=f"hf:{path}"))  # the EXP test: the teacher reads the answers
+    assert exp["test"] == "exp" and exp["scored"] > 5 and exp["named"] is False
     # the entropy gate on its answers, by default (serve's): the teacher's entropies decide which tokens are
     # scored, never the key
     gated = model_provenance(SuspectConfig(source=str(src), key_ids=keys, suspect=f"hf:{path}", mode="open",

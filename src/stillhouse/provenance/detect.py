@@ -207,13 +207,34 @@ def weighted_score(flags: Sequence[bool], levels: Sequence[int], params: Waterma
 
 def exp_score(key: int, tuples: Sequence[Tuple], params: WatermarkParams, key_id: str = "") -> KeyScore:
     """The EXP test of one key on distinct tuples: ``P(Gamma(n, 1) >= sum -log u)``."""
-    us = [uniform(key, t) for t in tuples]
-    total = sum(-math.log(u) if u > 0 else 745.0 for u in us)  # u = 0 has probability 2**-53: as e**-745
-    log_p = log_gamma_sf(len(us), total)
-    gamma = params.threshold / float(1 << 53)
-    green = sum(u < gamma for u in us)
-    return KeyScore(key_id, len(us), green, math.exp(log_p), z=z_score(green, len(us), gamma),
-                    log10_p=log_p / math.log(10), test="exp")
+    return score_uniforms([uniform(key, t) for t in tuples], params, key_id, exp=[True] * len(tuples))
+
+
+def score_uniforms(us: Sequence[float], params: WatermarkParams, key_id: str = "", levels: Sequence[int] | None = None,
+                   exp: Sequence[bool] | None = None) -> KeyScore:
+    """The exact test on distinct tuples' uniforms ``u`` under one key (green <=> ``u < gamma``, exactly): the
+    green-list test (weighted when ``levels`` are given), the EXP test on the tuples flagged in ``exp``, Fisher's
+    combination of the two when both kinds are there."""
+    gamma = params.threshold / float(1 << 53)  # the exact green probability: u < gamma <=> green
+    if exp is not None and any(exp):
+        sampled = [u for u, e in zip(us, exp) if e]
+        total = sum(-math.log(u) if u > 0 else 745.0 for u in sampled)  # u = 0 has probability 2**-53
+        log_p = log_gamma_sf(len(sampled), total)
+        green = sum(u < gamma for u in sampled)
+        test = "exp"
+        if not all(exp):
+            rest = [i for i, e in enumerate(exp) if not e]
+            other = score_uniforms([us[i] for i in rest], params, key_id,
+                                   None if levels is None else [levels[i] for i in rest])
+            log_p = log_fisher2(log_p, other.log10_p * math.log(10))
+            green += other.green
+            test = f"exp+{other.test}"
+        return KeyScore(key_id, len(us), green, math.exp(log_p), z=z_score(green, len(us), gamma),
+                        log10_p=log_p / math.log(10), test=test)
+    flags = [u < gamma for u in us]
+    if levels is not None:
+        return weighted_score(flags, levels, params, key_id)
+    return binomial_score(sum(flags), len(flags), params, key_id)
 
 
 def score_key(key: int, tuples: Sequence[Tuple], params: WatermarkParams, key_id: str = "",
@@ -221,17 +242,7 @@ def score_key(key: int, tuples: Sequence[Tuple], params: WatermarkParams, key_id
     """Green count and exact p-value of one key on already-deduplicated tuples (weighted when ``levels`` are given);
     the tuples flagged in ``exp`` take the EXP test, combined with the rest's by Fisher when both are there."""
     if exp is not None and any(exp):
-        sampled = exp_score(key, [t for t, e in zip(tuples, exp) if e], params, key_id)
-        if all(exp):
-            return sampled
-        rest = [i for i, e in enumerate(exp) if not e]
-        other = score_key(key, [tuples[i] for i in rest], params, key_id,
-                          None if levels is None else [levels[i] for i in rest])
-        log_p = log_fisher2(sampled.log10_p * math.log(10), other.log10_p * math.log(10))
-        n, green = sampled.scored + other.scored, sampled.green + other.green
-        gamma = params.threshold / float(1 << 53)
-        return KeyScore(key_id, n, green, math.exp(log_p), z=z_score(green, n, gamma), log10_p=log_p / math.log(10),
-                        test=f"exp+{other.test}")
+        return score_uniforms([uniform(key, t) for t in tuples], params, key_id, levels, exp)
     flags = green_flags(key, tuples, params)
     if levels is not None:
         return weighted_score(flags, levels, params, key_id)

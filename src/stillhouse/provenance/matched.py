@@ -35,7 +35,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from stillhouse.provenance.detect import KeyScore, Selection, Tuple, binomial_score, select, weighted_score
+from stillhouse.provenance.detect import (
+    KeyScore,
+    Selection,
+    Tuple,
+    binomial_score,
+    score_uniforms,
+    select,
+    weighted_score,
+)
 from stillhouse.watermark.green import WatermarkParams, green_flags
 
 GivenBy = Literal["operator", "cluster"]
@@ -61,25 +69,28 @@ def _rows_by_key(key_ids: Sequence[str], rows: Sequence[int]) -> dict[str, list[
 
 def matched_tuples(seqs: Sequence[Sequence[int]], key_ids: Sequence[str], context: int, exclude: set[Tuple],
                    dedup: bool = True, keep: Sequence[Sequence[bool]] | None = None,
-                   levels: Sequence[Sequence[int]] | None = None) -> dict[str, Selection]:
-    """``{key id: the distinct tuples of the answers that key answered}``; ``key_ids[j]`` answered ``seqs[j]``."""
+                   levels: Sequence[Sequence[int]] | None = None,
+                   exp: Sequence[bool] | None = None) -> dict[str, Selection]:
+    """``{key id: the distinct tuples of the answers that key answered}``; ``key_ids[j]`` answered ``seqs[j]``
+    (``exp[j]``: EXP-scored)."""
     if len(key_ids) != len(seqs):
         raise ValueError(f"{len(key_ids)} key ids for {len(seqs)} answers")
-    return {kid: select(seqs, rows, context, exclude, dedup, keep, levels)
+    return {kid: select(seqs, rows, context, exclude, dedup, keep, levels, exp)
             for kid, rows in _rows_by_key(key_ids, range(len(seqs))).items()}
 
 
 def pooled_parts(seqs: Sequence[Sequence[int]], key_ids: Sequence[str], accounts: Sequence[str],
                  members: Sequence[str], context: int, exclude: set[Tuple], dedup: bool = True,
                  keep: Sequence[Sequence[bool]] | None = None,
-                 levels: Sequence[Sequence[int]] | None = None) -> dict[str, Selection]:
+                 levels: Sequence[Sequence[int]] | None = None,
+                 exp: Sequence[bool] | None = None) -> dict[str, Selection]:
     """A group's evidence: ``{key id: distinct tuples}`` over the members' answers, each under the key that
     answered it (so the distinct ``(key, tuple)`` triples are what is scored)."""
     if not len(key_ids) == len(accounts) == len(seqs):
         raise ValueError(f"{len(seqs)} answers, {len(key_ids)} key ids, {len(accounts)} accounts: must be equal")
     wanted = set(members)
     rows = [j for j, a in enumerate(accounts) if a in wanted]
-    return {kid: select(seqs, r, context, exclude, dedup, keep, levels)
+    return {kid: select(seqs, r, context, exclude, dedup, keep, levels, exp)
             for kid, r in _rows_by_key(key_ids, rows).items()}
 
 
@@ -90,6 +101,14 @@ def score_pooled(parts: Mapping[str, Selection], keys: Mapping[str, int], params
     missing = sorted(set(parts) - set(keys))
     if missing:
         raise ValueError(f"no key derived for {missing}")
+    if any(sel.exp is not None for sel in parts.values()):  # EXP-scored triples among them
+        from stillhouse.watermark.green import uniform
+
+        us = [uniform(keys[kid], t) for kid, sel in parts.items() for t in sel.tuples]
+        has_levels = any(sel.levels is not None for sel in parts.values())
+        return score_uniforms(us, params, name, [u for sel in parts.values() for u in sel.levels or []]
+                              if has_levels else None,
+                              [e for sel in parts.values() for e in (sel.exp or [False] * len(sel.tuples))])
     flags = [f for kid, sel in parts.items() for f in green_flags(keys[kid], sel.tuples, params)]
     if any(sel.levels is not None for sel in parts.values()):
         return weighted_score(flags, [u for sel in parts.values() for u in sel.levels or []], params, name)

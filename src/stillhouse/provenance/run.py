@@ -80,10 +80,11 @@ class ScoringConfig:
     delta: float = DEFAULT_PARAMS.delta
     """Delta used when generating (as served: --watermark-delta); the weighted score's weights depend on it."""
     scheme: Literal["kgw", "exp"] = DEFAULT_PARAMS.scheme  # type: ignore[assignment]
-    """Scheme used when generating (as served: --watermark-scheme). exp: answers sampled at a temperature above 0
+    """Scheme used when generating (as served: --watermark-scheme). exp: text answers sampled at a temperature above 0
     take the EXP test (the Gamma tail of sum -log u; their temperature from the source, else --temperature), greedy
-    ones the green-list test; kgw: the green-list test for every answer. provenance model always uses the green-list
-    test (valid for either; built and measured for kgw)."""
+    ones the green-list test; a suspect's answers (model --reading own, closed) all take the EXP test (a student of
+    EXP-sampled answers writes their small-u tokens again); reading text is always counted. kgw: the green-list test
+    for everything. Either test is exact on any text; the wrong one only costs power."""
 
     def __post_init__(self) -> None:
         if not self.source:
@@ -393,12 +394,13 @@ def model_provenance(cfg: SuspectConfig, progress: StepProgress | None = None) -
         if cfg.reading == "own":
             asked = [s for s in samples if s.prompt]
             prompts, written = own_answers(model, stok, samples, cfg.answer_tokens, progress=progress)
-            keep, levels = _read(cfg, tok, asked, written, extra, progress=progress)
+            exp = [cfg.scheme == "exp"] * len(written)
+            keep, levels = _read(cfg, tok, asked, written, extra, progress=progress, exp=exp)
             exclude = prompt_tuples(prompts, cfg.context)
             extra.update(revision=revision, reading="own", answers=len(written), tokens=sum(map(len, written)))
             if cfg.match_keys:
-                return _matched(cfg, asked, written, exclude, keep, levels, secret, candidates, extra, t0)
-            sel = select(written, range(len(written)), cfg.context, exclude, cfg.dedup, keep, levels)
+                return _matched(cfg, asked, written, exclude, keep, levels, exp, secret, candidates, extra, t0)
+            sel = select(written, range(len(written)), cfg.context, exclude, cfg.dedup, keep, levels, exp)
         else:
             inputs = reading_inputs(tok, samples, cfg.reading_max_len)
             tuples, counts = reading_tuples(model, inputs, cfg.context, cfg.batch_size,
@@ -414,18 +416,19 @@ def model_provenance(cfg: SuspectConfig, progress: StepProgress | None = None) -
         answered = [replace(s, text=a, token_ids=None) for s, a in zip(asked, answers)]
         seqs = _ids(tok, answered, 0)
         exclude = prompt_tuples((_prompt_ids(tok, s) for s in asked), cfg.context)
-        keep, levels = _read(cfg, tok, answered, seqs, extra, progress=progress)
+        exp = [cfg.scheme == "exp"] * len(seqs)
+        keep, levels = _read(cfg, tok, answered, seqs, extra, progress=progress, exp=exp)
         extra.update(answers=len(answers), tokens=sum(map(len, seqs)))
         if cfg.match_keys:
-            return _matched(cfg, asked, seqs, exclude, keep, levels, secret, candidates, extra, t0)
-        sel = select(seqs, range(len(seqs)), cfg.context, exclude, cfg.dedup, keep, levels)
-    scores = score_keys(sel.tuples, derive_all(secret, candidates), cfg.params, sel.levels)
+            return _matched(cfg, asked, seqs, exclude, keep, levels, exp, secret, candidates, extra, t0)
+        sel = select(seqs, range(len(seqs)), cfg.context, exclude, cfg.dedup, keep, levels, exp)
+    scores = score_keys(sel.tuples, derive_all(secret, candidates), cfg.params, sel.levels, sel.exp)
     extra.update(scored=len(sel.tuples), wall_s=round(time.perf_counter() - t0, 2))
     return _report(cfg, scores, candidates, extra)
 
 
 def _matched(cfg: SuspectConfig, asked: list[Sample], seqs: list[list[int]], exclude: set[Tuple],
-             keep: list[list[bool]] | None, levels: list[list[int]] | None, secret: bytes,
+             keep: list[list[bool]] | None, levels: list[list[int]] | None, exp: list[bool], secret: bytes,
              candidates: list[Candidate], extra: dict[str, Any], t0: float) -> dict[str, Any]:
     """--match-keys: each candidate key on the answers to its own prompts, each group pooled over its members'
     answers under their keys; Holm over keys and groups together (provenance/matched.py)."""
@@ -451,12 +454,12 @@ def _matched(cfg: SuspectConfig, asked: list[Sample], seqs: list[list[int]], exc
             if len(present) >= 2:
                 groups.append(Group(f"cluster:{cid}", present, "cluster"))
     keys = derive_all(secret, [*candidates, *(Candidate(k) for k in sorted(set(key_ids)))])
-    per_key = matched_tuples(seqs, key_ids, cfg.context, exclude, dedup=cfg.dedup, keep=keep, levels=levels)
+    per_key = matched_tuples(seqs, key_ids, cfg.context, exclude, dedup=cfg.dedup, keep=keep, levels=levels, exp=exp)
     nothing = Selection([], None if levels is None else [])
     key_scores = [score_pooled({c.key_id: per_key.get(c.key_id, nothing)}, keys, cfg.params, c.key_id)
                   for c in candidates]
     parts = [pooled_parts(seqs, key_ids, accounts, g.accounts, cfg.context, exclude, dedup=cfg.dedup, keep=keep,
-                          levels=levels) for g in groups]
+                          levels=levels, exp=exp) for g in groups]
     group_scores = [score_pooled(p, keys, cfg.params, g.name) for g, p in zip(groups, parts)]
     adjust([*key_scores, *group_scores])
     report = _report(cfg, sorted(key_scores, key=lambda s: (s.p, -s.rate, s.key_id)), candidates, extra)
