@@ -20,6 +20,8 @@ def test_config_errors() -> None:
         ProvenanceArenaConfig(campaign_accounts=0)
     with pytest.raises(ValueError, match="gamma"):
         ProvenanceArenaConfig(gamma=1.0)
+    with pytest.raises(ValueError, match="scheme=exp needs own_answers"):
+        ProvenanceArenaConfig(scheme="exp", own_answers=False, match_keys=False, entropy=0.0)
 
 
 def test_provenance_stage_names_the_campaign(tmp_path: Path, smol_tokenizer: Any,
@@ -44,19 +46,23 @@ def test_provenance_stage_names_the_campaign(tmp_path: Path, smol_tokenizer: Any
     assert not (tmp_path / "prov" / "watermark.secret").exists() and "not written" in m["secret"]
 
 
+@pytest.mark.parametrize("scheme", ["kgw", "exp"])
 def test_student_answering_the_logged_questions_names_the_campaign(tmp_path: Path, smol_tokenizer: Any,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                   monkeypatch: pytest.MonkeyPatch, scheme: str) -> None:
     """The supervised test (``own_answers``): the student answers the questions in the guard's log and
-    writes the campaign's watermarked answers again; the campaign's key is named and no decoy's."""
+    writes the campaign's watermarked answers again; the campaign's key is named and no decoy's (under EXP, the
+    campaign's sampled answers were drawn by the key and the student's answers take the EXP test)."""
     from conftest import build_tiny_model
 
     monkeypatch.setenv("STILLHOUSE_WATERMARK_SECRET", "arena-provenance-test-secret")
     model = build_tiny_model(smol_tokenizer, max_positions=512)
     cfg = ProvenanceArenaConfig(student="self", campaign_accounts=1, requests_per_account=16, decoys=15,
                                 decoy_requests=1, max_tokens=32, temperature=1.0, delta=4.0, epochs=12, lr=1e-2,
-                                own_answers=True, answer_tokens=32, batch_size=4, match_keys=False, entropy=0.0)
+                                own_answers=True, answer_tokens=32, batch_size=4, match_keys=False, entropy=0.0,
+                                scheme=scheme)  # type: ignore[arg-type]
     m = run_provenance(cfg, tmp_path / "prov", loaded=(model, smol_tokenizer, "tiny-0"))
     assert m["named_accounts"] == ["camp-0"] and m["best"]["key_id"].startswith("account/camp-0/")
+    assert m["best"]["test"] == ("exp" if scheme == "exp" else "weighted")
     assert not (tmp_path / "prov" / "reading.jsonl").exists()  # the questions came from the guard's log
 
 

@@ -73,6 +73,9 @@ class ProvenanceArenaConfig:
     entropy: float = DEFAULT_PARAMS.entropy
     """Watermark entropy gate in nats (serve's --watermark-entropy; 0 = none). The test scores the gated tokens
     of the student's answers, so it needs ``own_answers``."""
+    scheme: Literal["kgw", "exp"] = DEFAULT_PARAMS.scheme  # type: ignore[assignment]
+    """Watermark scheme (serve's --watermark-scheme): exp draws the campaign's sampled answers by EXP, and the test
+    scores the student's answers with the EXP test (``provenance model --scheme exp``; needs ``own_answers``)."""
     score: Literal["weighted", "count"] = "weighted"
     """How the student's answers are scored (``provenance model --score``): weighted by the evidence each token can
     carry (the default), or count (the binomial test; the arena runs in docs/results.md). With --no-own-answers the
@@ -127,7 +130,10 @@ class ProvenanceArenaConfig:
                              "lower decoy_groups or raise decoys")
         from stillhouse.watermark.green import WatermarkParams
 
-        WatermarkParams(self.gamma, self.delta, self.context, self.entropy)
+        WatermarkParams(self.gamma, self.delta, self.context, self.entropy, self.scheme)
+        if self.scheme == "exp" and not self.own_answers:
+            raise ValueError("scheme=exp needs own_answers: the EXP test scores the student's answers (reading "
+                             "questions is counted; give --scheme kgw with --no-own-answers)")
         if self.entropy and not self.own_answers:
             raise ValueError(f"entropy={self.entropy:g} needs own_answers: the gate scores answer text, and reading "
                              "questions scores every prediction (with --no-own-answers give --entropy 0)")
@@ -187,7 +193,8 @@ def _retest(cfg: ProvenanceArenaConfig, out: Path, db_url: str, student: Path, g
     """The command line that runs this run's test again on its guard log (with other options, or another suspect)."""
     env = f"STILLHOUSE_WATERMARK_SECRET=$(cat {secret_file}) " if secret_file else ""
     test = (f"--mode open --reading own --answer-tokens {cfg.answer_tokens} --entropy {cfg.entropy:g} "
-            f"--score {cfg.score} --delta {cfg.delta:g}" if cfg.own_answers else "--mode open --reading text")
+            f"--score {cfg.score} --delta {cfg.delta:g} --scheme {cfg.scheme}" if cfg.own_answers
+            else "--mode open --reading text")
     source = db_url if cfg.own_answers else str(out.resolve() / "reading.jsonl")
     extra = " --match-keys" + "".join(f" --group {g}" for g in groups) if cfg.match_keys else ""
     return (f"{env}stillhouse provenance model {source} --log {db_url} --suspect hf:{student} {test} "
@@ -237,7 +244,7 @@ def _run(cfg: ProvenanceArenaConfig, out: Path, loaded: tuple[Any, Any, str] | N
     teacher = LocalTeacher(model, tok, name=SERVED_NAME, revision=rev, batch=BatchConfig(max_batch=32))
     serve_cfg = ServeConfig(served_name=SERVED_NAME, max_batch=32, threads=cfg.threads, watermark=True,
                             watermark_gamma=cfg.gamma, watermark_delta=cfg.delta, watermark_context=cfg.context,
-                            watermark_entropy=cfg.entropy)
+                            watermark_entropy=cfg.entropy, watermark_scheme=cfg.scheme)
     db_url = f"sqlite:///{(out / 'guard.db').resolve()}"
     with ServerThread(create_app(teacher, serve_cfg)) as server:
         gcfg = GuardConfig(upstream_url=server.base_url.removesuffix("/v1"),
@@ -284,6 +291,7 @@ def _run(cfg: ProvenanceArenaConfig, out: Path, loaded: tuple[Any, Any, str] | N
                                             answer_tokens=cfg.answer_tokens, tokenizer=cfg.teacher,
                                             gamma=cfg.gamma, context=cfg.context, entropy=cfg.entropy,
                                             delta=cfg.delta, score=cfg.score if cfg.own_answers else "count",
+                                            scheme=cfg.scheme,
                                             alpha=cfg.alpha, match_keys=cfg.match_keys, groups=groups,
                                             threads=cfg.threads))
     timings["test_s"] = time.perf_counter() - t
