@@ -191,3 +191,25 @@ def test_provenance_text_scheme_exp_end_to_end(tmp_path: Any, monkeypatch: pytes
     assert kgw_only["test"] == "weighted"
     with pytest.raises(ValueError, match="scheme='gumbel'"):
         ProvenanceConfig(**{**cfg.__dict__, "scheme": "gumbel"})
+
+
+def test_exp_answers_depend_on_key_and_context_not_on_the_seed(tiny_teacher: Any) -> None:
+    """EXP's known cost, stated in serve's help: the draw is a function of the key and the window, so the same
+    prompt under the same key gives the same answer whatever the request's seed (until a window repeats and plain
+    sampling takes over); the green lists, and another key, still vary."""
+    from stillhouse.teacher.base import SamplingParams
+    from stillhouse.watermark.green import vocab_hashes
+
+    hashes = vocab_hashes(int(tiny_teacher.model.get_output_embeddings().weight.shape[0]))
+    prompt = tiny_teacher.encode([{"role": "user", "content": "Tell me something."}])
+
+    def answer(params: WatermarkParams, key: int, seed: int) -> list[int]:
+        sp = SamplingParams(max_tokens=12, temperature=1.0, seed=seed)
+        return tiny_teacher.submit(prompt, sp, row_processor=RowWatermark(key, params, hashes)).future.result(
+            timeout=60).token_ids
+
+    first = answer(EXP, _key(0), 1)
+    assert len(set(first)) == len(first)  # no window repeats in these 12 tokens: every one keyed
+    assert answer(EXP, _key(0), 2) == first
+    assert answer(EXP, _key(1), 1) != first
+    assert answer(KGW, _key(0), 1) != answer(KGW, _key(0), 2)
