@@ -328,8 +328,8 @@ def run_bench(cfg: BenchServeConfig, progress: Any = None) -> dict[str, Any]:
     for label, max_batch, wm in runs:
         with _ServeProcess(cfg.teacher, max_batch, cfg.threads, wm, cfg.watermark_delta, cfg.watermark_entropy,
                            cfg.watermark_scheme) as srv:
-            # warm-up, not timed: two whole requests (a 4-token one left the first column measured cold: serve at
-            # concurrency 1 read 12.2-12.8 tok/s where serve --watermark, measured next, read 15.8-15.9)
+            # warm-up, not timed: two whole requests (the first measured column still reads low at concurrency 1 at
+            # T 0.7 after it, 11.9 tok/s against 14.3 for the next; one config started four times read 12.2-14.6)
             asyncio.run(_drive(srv.base_url, convs[:2], 1, cfg.max_tokens, name, cfg.temperature))
             for c in cfg.concurrency:
                 n = _requests_at(cfg, c, one_at_a_time=max_batch == 1)
