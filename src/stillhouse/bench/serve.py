@@ -146,10 +146,11 @@ async def _drive(base_url: str, convs: list[list[dict[str, str]]], concurrency: 
             except asyncio.QueueEmpty:
                 return
             s = time.perf_counter()
-            body = {"model": model, "messages": conv, "max_tokens": max_tokens, "temperature": temperature}
+            req: dict[str, Any] = {"model": model, "messages": conv, "max_tokens": max_tokens,
+                                   "temperature": temperature}
             if temperature > 0:
-                body["seed"] = i  # the same draws in every column
-            async with session.post(f"{base_url}/chat/completions", json=body) as r:
+                req["seed"] = i  # the same draws in every column
+            async with session.post(f"{base_url}/chat/completions", json=req) as r:
                 body = await r.json()
             if r.status != 200:
                 errors += 1

@@ -205,6 +205,15 @@ def weighted_score(flags: Sequence[bool], levels: Sequence[int], params: Waterma
                     test="weighted")
 
 
+def green_test(flags: Sequence[bool], params: WatermarkParams, key_id: str = "",
+               levels: Sequence[int] | None = None) -> KeyScore:
+    """The green-list test on distinct tuples' (or triples') green bits: weighted when ``levels`` are given, else
+    the binomial count."""
+    if levels is not None:
+        return weighted_score(flags, levels, params, key_id)
+    return binomial_score(sum(flags), len(flags), params, key_id)
+
+
 def exp_score(key: int, tuples: Sequence[Tuple], params: WatermarkParams, key_id: str = "") -> KeyScore:
     """The EXP test of one key on distinct tuples: ``P(Gamma(n, 1) >= sum -log u)``."""
     return score_uniforms([uniform(key, t) for t in tuples], params, key_id, exp=[True] * len(tuples))
@@ -231,10 +240,7 @@ def score_uniforms(us: Sequence[float], params: WatermarkParams, key_id: str = "
             test = f"exp+{other.test}"
         return KeyScore(key_id, len(us), green, math.exp(log_p), z=z_score(green, len(us), gamma),
                         log10_p=log_p / math.log(10), test=test)
-    flags = [u < gamma for u in us]
-    if levels is not None:
-        return weighted_score(flags, levels, params, key_id)
-    return binomial_score(sum(flags), len(flags), params, key_id)
+    return green_test([u < gamma for u in us], params, key_id, levels)
 
 
 def score_key(key: int, tuples: Sequence[Tuple], params: WatermarkParams, key_id: str = "",
@@ -243,10 +249,7 @@ def score_key(key: int, tuples: Sequence[Tuple], params: WatermarkParams, key_id
     the tuples flagged in ``exp`` take the EXP test, combined with the rest's by Fisher when both are there."""
     if exp is not None and any(exp):
         return score_uniforms([uniform(key, t) for t in tuples], params, key_id, levels, exp)
-    flags = green_flags(key, tuples, params)
-    if levels is not None:
-        return weighted_score(flags, levels, params, key_id)
-    return binomial_score(sum(flags), len(tuples), params, key_id)
+    return green_test(green_flags(key, tuples, params), params, key_id, levels)
 
 
 def adjust(scores: Sequence[KeyScore]) -> None:

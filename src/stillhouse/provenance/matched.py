@@ -35,16 +35,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from stillhouse.provenance.detect import (
-    KeyScore,
-    Selection,
-    Tuple,
-    binomial_score,
-    score_uniforms,
-    select,
-    weighted_score,
-)
-from stillhouse.watermark.green import WatermarkParams, green_flags
+from stillhouse.provenance.detect import KeyScore, Selection, Tuple, green_test, score_uniforms, select
+from stillhouse.watermark.green import WatermarkParams, green_flags, uniform
 
 GivenBy = Literal["operator", "cluster"]
 
@@ -101,18 +93,14 @@ def score_pooled(parts: Mapping[str, Selection], keys: Mapping[str, int], params
     missing = sorted(set(parts) - set(keys))
     if missing:
         raise ValueError(f"no key derived for {missing}")
+    levels = ([u for sel in parts.values() for u in sel.levels or []]
+              if any(sel.levels is not None for sel in parts.values()) else None)
     if any(sel.exp is not None for sel in parts.values()):  # EXP-scored triples among them
-        from stillhouse.watermark.green import uniform
-
         us = [uniform(keys[kid], t) for kid, sel in parts.items() for t in sel.tuples]
-        has_levels = any(sel.levels is not None for sel in parts.values())
-        return score_uniforms(us, params, name, [u for sel in parts.values() for u in sel.levels or []]
-                              if has_levels else None,
+        return score_uniforms(us, params, name, levels,
                               [e for sel in parts.values() for e in (sel.exp or [False] * len(sel.tuples))])
     flags = [f for kid, sel in parts.items() for f in green_flags(keys[kid], sel.tuples, params)]
-    if any(sel.levels is not None for sel in parts.values()):
-        return weighted_score(flags, [u for sel in parts.values() for u in sel.levels or []], params, name)
-    return binomial_score(sum(flags), len(flags), params, name)
+    return green_test(flags, params, name, levels)
 
 
 def check_groups(groups: Sequence[Group], known: Sequence[str]) -> None:
