@@ -82,6 +82,22 @@ def test_exp_keys_a_window_only_at_its_first_occurrence() -> None:
     assert first_windows([5, 4, 7, 4, 7, 4, 7], 2) == [True, True, True, True, True, False, False]
 
 
+@pytest.mark.parametrize("h", [1, 2, 3])
+def test_generation_and_detection_agree_on_which_windows_were_keyed(h: int) -> None:
+    """The sampler's rule (``_seen_before`` on prompt + answer so far) and the detector's (``first_windows`` on the
+    answer) are written twice, for speed on each side: they must name the same positions on any sequence."""
+    from stillhouse.watermark.green import _seen_before
+
+    rng = np.random.default_rng(h)
+    for _ in range(200):
+        prompt = rng.integers(0, 4, size=int(rng.integers(0, 5))).tolist()
+        answer = rng.integers(0, 3 + h, size=int(rng.integers(1, 30))).tolist()
+        ids = prompt + answer
+        start = len(prompt)
+        sampler = [not (n - h >= start and _seen_before(ids[:n], start, h)) for n in range(start, len(ids))]
+        assert sampler == first_windows(answer, h), (prompt, answer)
+
+
 def test_exp_keep_scores_first_windows_the_teacher_was_unsure_of() -> None:
     ids = [5, 4, 7, 4, 7]
     assert exp_keep(ids, [float("nan"), 0.2, 0.9, 0.1, 0.1], 1) == [False, True, False, True, False]
