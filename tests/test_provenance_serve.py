@@ -45,14 +45,19 @@ def test_serve_refuses_unauthenticated_watermark_headers(wm_serve: Any) -> None:
     assert "mac does not verify" in body["error"]["message"]
     status, headers, _ = _ask(wm_serve.base_url)  # no header: the server's own key
     assert status == 200 and headers["x-stillhouse-watermark-applied"] == "server/tiny/0"
+    assert headers["x-stillhouse-watermark-scheme"] == "kgw"
     good = sign_header(SECRET.encode(), "account/bob/4", "r2", __import__("time").time())
     status, headers, _ = _ask(wm_serve.base_url, headers={HEADER: good}, stream=True)
     assert status == 200 and headers["x-stillhouse-watermark-applied"] == "account/bob/4"
+    assert headers["x-stillhouse-watermark-scheme"] == "kgw"  # streamed too: the guard logs it
 
 
-def test_guard_keys_each_account_and_provenance_names_it(wm_serve: Any, tmp_path: Any, smol_tokenizer: Any) -> None:
+@pytest.mark.parametrize("client", ["http1", "aiohttp"])
+def test_guard_keys_each_account_and_provenance_names_it(wm_serve: Any, tmp_path: Any, smol_tokenizer: Any,
+                                                         client: str) -> None:
     clock = Clock(1_000_000.0)
     cfg = make_config(tmp_path, wm_serve.base_url[:-3], watermark=True, watermark_rotate_s=86_400.0,
+                      upstream_client=client,
                       upstream_timeout_s=120.0)  # a loaded 2-core machine: a tiny model can take seconds
     g = start_guard(cfg, clock=clock)
     texts: dict[str, list[str]] = {"alice": [], "bob": []}
@@ -74,6 +79,7 @@ def test_guard_keys_each_account_and_provenance_names_it(wm_serve: Any, tmp_path
     finally:
         g.stop()
     assert {r.account_id: r.watermark_key_id for r in records} == {"alice": "account/alice/11", "bob": "account/bob/11"}
+    assert {r.watermark_scheme for r in records} == {"kgw"}  # as the upstream confirmed it
     assert all("x-stillhouse-watermark-applied" not in h for h in seen_client_headers)  # not relayed
     secret_forms = []
     for r in records:

@@ -213,7 +213,7 @@ def test_eval_generate_and_the_batcher_watermark_alike(tiny_teacher: Any, tiny_m
     assert via_eval != plain
 
 
-def test_an_older_guard_log_gains_the_key_id_column(tmp_path: Any) -> None:
+def test_an_older_guard_log_gains_the_watermark_columns(tmp_path: Any) -> None:
     import sqlite3
 
     from stillhouse.guard.events import TrafficRecord
@@ -222,15 +222,19 @@ def test_an_older_guard_log_gains_the_key_id_column(tmp_path: Any) -> None:
     db = tmp_path / "old.db"
     conn = sqlite3.connect(db)
     traffic = next(s for s in _SCHEMA if "CREATE TABLE IF NOT EXISTS traffic " in s)
-    old = traffic.replace(",\n        watermark_key_id TEXT NOT NULL DEFAULT '')", ")")
-    assert "watermark_key_id" not in old
+    old = traffic.replace(",\n        watermark_key_id TEXT NOT NULL DEFAULT '', watermark_scheme TEXT NOT NULL "
+                          "DEFAULT '')", ")")
+    assert "watermark" not in old
     conn.execute(old)
     conn.execute("INSERT INTO traffic VALUES ('r0', 1.0, 'a', 'k', '', '', '', 'm', '{}', '[]', '', 0, 0, 0.0, 200, "
                  "'allow', '', '')")
     conn.commit()
     conn.close()
+    reader = open_store(f"sqlite:///{db}", init=False)  # a detector fit or provenance reads it as it is
+    assert [(r.request_id, r.watermark_key_id, r.watermark_scheme) for r in reader.iter_records()] == [("r0", "", "")]
+    reader.close()
     store = open_store(f"sqlite:///{db}")  # migrates
-    store.write_records([TrafficRecord("r1", 2.0, "a", "k", watermark_key_id="account/a/0")])
-    assert [r.watermark_key_id for r in store.read_records()] == ["", "account/a/0"]
+    store.write_records([TrafficRecord("r1", 2.0, "a", "k", watermark_key_id="account/a/0", watermark_scheme="exp")])
+    assert [(r.watermark_key_id, r.watermark_scheme) for r in store.read_records()] == [("", ""), ("account/a/0", "exp")]
     assert store.watermark_key_usage() == [("account/a/0", "a", 1)]
     store.close()

@@ -205,6 +205,20 @@ def test_provenance_text_scheme_exp_end_to_end(tmp_path: Any, monkeypatch: pytes
     assert not per[3]["named"]
     kgw_only = text_provenance(ProvenanceConfig(**{**cfg.__dict__, "scheme": "kgw", "per_sample": False}))
     assert kgw_only["test"] == "weighted"
+    # a guard's log records the scheme its upstream confirmed: the test follows it without --scheme
+    from stillhouse.guard.events import TrafficRecord
+    from stillhouse.guard.store import open_store
+
+    url = f"sqlite:///{tmp_path / 'guard.db'}"
+    store = open_store(url)
+    store.write_records([TrafficRecord(f"r{i}", float(i), "camp", "k", messages=r["messages"][:1],
+                                       response_text=r["messages"][1]["content"], params={"temperature": r["temperature"]},
+                                       watermark_key_id="account/camp/0", watermark_scheme="exp")
+                         for i, r in enumerate(rows[:3])])
+    store.close()
+    logged = text_provenance(ProvenanceConfig(**{**cfg.__dict__, "source": url, "scheme": "kgw", "per_sample": False}))
+    assert logged["schemes_recorded"] == {"exp": 3} and logged["exp_samples"] == 2  # the greedy one: green lists
+    assert logged["test"] == "exp+weighted" and logged["best"]["key_id"] == "account/camp/0" and logged["named"]
     with pytest.raises(ValueError, match="scheme='gumbel'"):
         ProvenanceConfig(**{**cfg.__dict__, "scheme": "gumbel"})
 

@@ -615,6 +615,7 @@ class GuardApp:
                 rec.status = resp.status
                 if extra:
                     rec.watermark_key_id = getattr(resp, "watermark_key_id", "")
+                    rec.watermark_scheme = getattr(resp, "watermark_scheme", "")
                 if not stream or resp.status != 200:
                     data = await resp.read()
                     collected.append(data)

@@ -58,6 +58,8 @@ class TrafficRecord:
     """Client-supplied conversation id when present (header ``X-Session-Id``), else empty."""
     watermark_key_id: str = ""
     """The watermark key id the upstream confirmed it answered with (never the key), else empty."""
+    watermark_scheme: str = ""
+    """That watermark's scheme as the upstream confirmed it (kgw or exp), else empty (an older upstream)."""
 
 
 @dataclass

@@ -148,7 +148,7 @@ _SCHEMA = [
         params TEXT NOT NULL, messages TEXT NOT NULL, response_text TEXT NOT NULL, prompt_tokens INTEGER NOT NULL,
         completion_tokens INTEGER NOT NULL, latency_ms DOUBLE PRECISION NOT NULL, status INTEGER NOT NULL,
         decision TEXT NOT NULL, decision_reason TEXT NOT NULL, session_id TEXT NOT NULL,
-        watermark_key_id TEXT NOT NULL DEFAULT '')""",
+        watermark_key_id TEXT NOT NULL DEFAULT '', watermark_scheme TEXT NOT NULL DEFAULT '')""",
     "CREATE INDEX IF NOT EXISTS traffic_account_ts ON traffic (account_id, ts)",
     # a window of the log in arrival order (detect/logwindow.py: fit, check, watch, detector reload)
     "CREATE INDEX IF NOT EXISTS traffic_ts ON traffic (ts, request_id)",
@@ -196,7 +196,11 @@ ROLLUP_VERSION = "1"
 
 _TRAFFIC_COLS = ("request_id", "ts", "account_id", "key_id", "client_ip", "user_agent", "header_fingerprint",
                  "model", "params", "messages", "response_text", "prompt_tokens", "completion_tokens",
-                 "latency_ms", "status", "decision", "decision_reason", "session_id", "watermark_key_id")
+                 "latency_ms", "status", "decision", "decision_reason", "session_id", "watermark_key_id",
+                 "watermark_scheme")
+_ADDED_COLS = ("watermark_key_id", "watermark_scheme")
+"""Traffic columns newer than the first schema: ``init`` adds them to an older log, and a reader that opened one
+without ``init`` (a detector fit, the console, provenance) reads them as empty."""
 _HOURLY_COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "errors", "refused",
                     *(f"n_{t}" for t in TIERS))
 _ACCOUNT_COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "errors", "refused")
@@ -208,7 +212,7 @@ def _record_row(r: TrafficRecord) -> tuple[Any, ...]:
     return (r.request_id, r.ts, r.account_id, r.key_id, r.client_ip, r.user_agent, r.header_fingerprint,
             r.model, json.dumps(r.params), json.dumps(r.messages), r.response_text, int(r.prompt_tokens),
             int(r.completion_tokens), float(r.latency_ms), int(r.status), r.decision, r.decision_reason,
-            r.session_id, r.watermark_key_id)
+            r.session_id, r.watermark_key_id, r.watermark_scheme)
 
 
 def _row_record(row: tuple[Any, ...]) -> TrafficRecord:
@@ -247,6 +251,7 @@ class SqlStore:
         self.url = url
         self._conn: Any = None
         self._lock = threading.RLock()
+        self._select: str | None = None
 
     # -- plumbing -----------------------------------------------------------------------
     def _connect(self) -> Any:
@@ -306,6 +311,7 @@ class SqlStore:
                 cur.execute(stmt)
             self._add_columns(cur)
         self._run(go)
+        self._select = None
         self.migrate()
 
     # -- migration ----------------------------------------------------------------------
@@ -381,8 +387,19 @@ class SqlStore:
 
     def _add_columns(self, cur: Any) -> None:
         """Add columns that newer versions of the schema have (a log written by an older guard)."""
-        if "watermark_key_id" not in self._columns(cur, "traffic"):
-            cur.execute("ALTER TABLE traffic ADD COLUMN watermark_key_id TEXT NOT NULL DEFAULT ''")
+        have = self._columns(cur, "traffic")
+        for col in _ADDED_COLS:
+            if col not in have:
+                cur.execute(f"ALTER TABLE traffic ADD COLUMN {col} TEXT NOT NULL DEFAULT ''")
+
+    def _traffic_select(self) -> str:
+        """The select list of a traffic row: ``_TRAFFIC_COLS``, with ``'' AS col`` for an added column that an
+        older log, opened without ``init``, lacks."""
+        if self._select is None:
+            have = self._run(lambda cur: self._columns(cur, "traffic"))
+            self._select = ", ".join(f"'' AS {c}" if have and c in _ADDED_COLS and c not in have else c
+                                     for c in _TRAFFIC_COLS)
+        return self._select
 
     def ping(self) -> None:
         """Raise StoreUnavailable unless the database answers."""
@@ -594,7 +611,7 @@ class SqlStore:
         """Traffic in arrival order, optionally for one account / in ``[since, until)`` / at most ``limit``
         (the first ones, or with ``newest`` the last ones, still returned oldest first)."""
         where, args = _where([("account_id = ?", account_id), ("ts >= ?", since), ("ts < ?", until)])
-        sql = f"SELECT {', '.join(_TRAFFIC_COLS)} FROM traffic" + where
+        sql = f"SELECT {self._traffic_select()} FROM traffic" + where
         sql += " ORDER BY ts DESC, request_id DESC" if newest else " ORDER BY ts, request_id"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
@@ -614,7 +631,7 @@ class SqlStore:
         transaction stays open between pages, however long the window."""
         if page < 1:
             raise ValueError(f"page={page}: must be >= 1")
-        cols = ", ".join(_TRAFFIC_COLS)
+        cols = self._traffic_select()
         tail = " ORDER BY ts, request_id LIMIT " + str(int(page))
         where, args = _where([("ts >= ?", since), ("ts < ?", until)])
         sql = self._sql(f"SELECT {cols} FROM traffic" + where + tail)

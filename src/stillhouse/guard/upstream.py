@@ -47,6 +47,8 @@ class UpstreamTimeout(UpstreamError):
 PASSTHROUGH_HEADERS = frozenset({"retry-after", "x-request-id", "openai-processing-ms"})
 WATERMARK_APPLIED = "x-stillhouse-watermark-applied"
 """The key id the upstream says it watermarked with (kept for the log, never relayed to the client)."""
+WATERMARK_SCHEME = "x-stillhouse-watermark-scheme"
+"""The scheme of that watermark, kgw or exp (kept for the log: detection picks its test by it)."""
 
 
 class UpstreamResponse:
@@ -62,6 +64,7 @@ class UpstreamResponse:
             for k, v in resp.headers.items() if k.lower() in PASSTHROUGH_HEADERS or k.lower().startswith("x-ratelimit-")]
         """Upstream headers a client needs to behave (Retry-After on 429/503, rate-limit state)."""
         self.watermark_key_id: str = resp.headers.get(WATERMARK_APPLIED, "")
+        self.watermark_scheme: str = resp.headers.get(WATERMARK_SCHEME, "")
 
     async def read(self) -> bytes:
         import aiohttp
@@ -157,12 +160,15 @@ class Http1Response(HTTP1Response):
         ctype = b"application/json"
         passthrough: list[tuple[bytes, bytes]] = []
         self.watermark_key_id: str = ""
+        self.watermark_scheme: str = ""
         for k, v in self.headers:
             k = k.lower()
             if k == b"content-type":
                 ctype = v
             elif k == b"x-stillhouse-watermark-applied":
                 self.watermark_key_id = v.decode("latin-1")
+            elif k == b"x-stillhouse-watermark-scheme":
+                self.watermark_scheme = v.decode("latin-1")
             elif k.startswith(b"x-ratelimit-") or k.decode("latin-1") in PASSTHROUGH_HEADERS:
                 passthrough.append((k, v))
         self.content_type: str = ctype.decode("latin-1")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -80,7 +81,8 @@ class ScoringConfig:
     delta: float = DEFAULT_PARAMS.delta
     """Delta used when generating (as served: --watermark-delta); the weighted score's weights depend on it."""
     scheme: Literal["kgw", "exp"] = DEFAULT_PARAMS.scheme  # type: ignore[assignment]
-    """Scheme used when generating (as served: --watermark-scheme). exp: text answers sampled at a temperature above 0
+    """Scheme used when generating (as served: --watermark-scheme), for answers whose source does not record it (a
+    guard's log records each answer's, as its upstream confirmed it). exp: text answers sampled at a temperature above 0
     take the EXP test (the Gamma tail of sum -log u; their temperature from the source, else --temperature), greedy
     ones the green-list test; a suspect's answers (model --reading own, closed) all take the EXP test (a student of
     EXP-sampled answers writes their small-u tokens again); reading text is always counted. kgw: the green-list test
@@ -304,7 +306,7 @@ def text_provenance(cfg: ProvenanceConfig, progress: StepProgress | None = None)
     extra: dict[str, Any] = {"source": cfg.source, "samples": len(samples), "empty": len(loaded) - len(samples),
                              "tokens": sum(map(len, seqs))}
     temps = [cfg.temperature if s.temperature is None else s.temperature for s in samples]  # the source's, if it says
-    exp = [cfg.scheme == "exp" and t > 0 for t in temps]
+    exp = [sch == "exp" and t > 0 for sch, t in zip(_schemes(cfg, samples, extra), temps)]
     keep, levels = _read(cfg, tok, samples, seqs, extra, temps, progress, exp)
     keys = derive_all(secret, candidates)
     if any(exp):
@@ -326,6 +328,15 @@ def text_provenance(cfg: ProvenanceConfig, progress: StepProgress | None = None)
                                                {"sample": rows[j], "tokens": len(ids), "scored": len(own.tuples)}))
     return _report(cfg, scores, candidates, extra | {"scored": len(sel.tuples),
                                                      "wall_s": round(time.perf_counter() - t0, 2)})
+
+
+def _schemes(cfg: ScoringConfig, samples: list[Sample], extra: dict[str, Any]) -> list[str]:
+    """Each sample's watermark scheme: the one its source recorded, else ``cfg.scheme``; the recorded ones are
+    counted into ``extra`` (``schemes_recorded``)."""
+    recorded = Counter(s.scheme for s in samples if s.scheme)
+    if recorded:
+        extra["schemes_recorded"] = dict(sorted(recorded.items()))
+    return [s.scheme or cfg.scheme for s in samples]
 
 
 def _read(cfg: ScoringConfig, tok: Any, samples: list[Sample], seqs: list[list[int]], extra: dict[str, Any],
@@ -394,7 +405,7 @@ def model_provenance(cfg: SuspectConfig, progress: StepProgress | None = None) -
         if cfg.reading == "own":
             asked = [s for s in samples if s.prompt]
             prompts, written = own_answers(model, stok, samples, cfg.answer_tokens, progress=progress)
-            exp = [cfg.scheme == "exp"] * len(written)
+            exp = [sch == "exp" for sch in _schemes(cfg, asked, extra)]
             keep, levels = _read(cfg, tok, asked, written, extra, progress=progress, exp=exp)
             exclude = prompt_tuples(prompts, cfg.context)
             extra.update(revision=revision, reading="own", answers=len(written), tokens=sum(map(len, written)))
@@ -416,7 +427,7 @@ def model_provenance(cfg: SuspectConfig, progress: StepProgress | None = None) -
         answered = [replace(s, text=a, token_ids=None) for s, a in zip(asked, answers)]
         seqs = _ids(tok, answered, 0)
         exclude = prompt_tuples((_prompt_ids(tok, s) for s in asked), cfg.context)
-        exp = [cfg.scheme == "exp"] * len(seqs)
+        exp = [sch == "exp" for sch in _schemes(cfg, asked, extra)]
         keep, levels = _read(cfg, tok, answered, seqs, extra, progress=progress, exp=exp)
         extra.update(answers=len(answers), tokens=sum(map(len, seqs)))
         if cfg.match_keys:

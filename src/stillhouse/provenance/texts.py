@@ -51,6 +51,9 @@ class Sample:
     temperature: float | None = None
     """The temperature the answer was sampled at, where the source says (a guard's log and a harvest run record the
     request's; a JSONL row's ``temperature``): the weighted score's weights use it."""
+    scheme: str = ""
+    """The watermark scheme that answered, where the source says (a guard's log: the upstream confirms it), else
+    empty (the test takes ``--scheme``)."""
 
 
 def _temperature(value: Any) -> float | None:
@@ -117,7 +120,8 @@ def _from_log(db_url: str, limit: int, account: str) -> list[Sample]:
         for rec in store.iter_records():
             if rec.watermark_key_id and rec.status == 200 and (not account or rec.account_id == account):
                 out.append(Sample(rec.response_text, [dict(m) for m in rec.messages], None, rec.account_id,
-                                  rec.watermark_key_id, _temperature(rec.params.get("temperature", 1.0))))
+                                  rec.watermark_key_id, _temperature(rec.params.get("temperature", 1.0)),
+                                  rec.watermark_scheme))
                 if limit and len(out) >= limit:
                     break
         return out

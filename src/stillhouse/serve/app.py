@@ -76,7 +76,6 @@ from stillhouse.teacher.base import ChatResult, Completion, Teacher
 from stillhouse.teacher.message import field_reasoning, parse_tool_calls, split_think
 from stillhouse.teacher.template import TemplateTraits, render_ids, traits
 from stillhouse.watermark.green import DEFAULT_PARAMS, RowWatermark, WatermarkParams
-from stillhouse.watermark.keys import APPLIED_HEADER
 
 __all__ = ["ChatServer", "ServeConfig", "ServerThread", "create_app", "load_teacher", "run"]
 
@@ -375,7 +374,7 @@ class ChatServer:
             raise APIError(404, f"the model {req.model!r} does not exist here; this server serves "
                                 f"{self.model_id!r} (see GET /v1/models)", param="model", code="model_not_found")
         wm = self.watermark_for(request.headers)
-        wm_headers = {APPLIED_HEADER: wm.key_id} if wm is not None else None
+        wm_headers = dict(wm.applied_headers()) if wm is not None else None
         prompt_ids: list[int] | None = None
         if self.local is not None:
             self._check_tools(req)

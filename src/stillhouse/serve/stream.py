@@ -32,7 +32,6 @@ from stillhouse.serve.schema import (
 )
 from stillhouse.teacher.base import ChatResult, Completion
 from stillhouse.teacher.message import ThinkSplitter, field_reasoning, parse_tool_calls
-from stillhouse.watermark.keys import APPLIED_HEADER
 
 if TYPE_CHECKING:
     from stillhouse.serve.app import ChatServer
@@ -76,7 +75,7 @@ class SSEStream:
             await send({"type": "http.response.start", "status": 200, "headers": [
                 (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                 (b"x-accel-buffering", b"no"),
-                *([(APPLIED_HEADER.encode(), self.watermark.key_id.encode())] if self.watermark else [])]})
+                *[(k.encode(), v.encode()) for k, v in (self.watermark.applied_headers() if self.watermark else [])]]})
             cid, created, fp = new_completion_id(), int(time.time()), srv.teacher.revision[:32]
 
             async def emit(obj: Any) -> None:

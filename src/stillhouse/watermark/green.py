@@ -269,6 +269,12 @@ class RowWatermark:
         val = torch.where(p > 0, torch.log1p(-u) / p.clamp_min(1e-300), torch.tensor(-math.inf, dtype=p.dtype))
         return int(torch.argmax(val))
 
+    def applied_headers(self) -> list[tuple[str, str]]:
+        """The response headers that tell the guard which key id and scheme answered (never the key)."""
+        from stillhouse.watermark.keys import APPLIED_HEADER, SCHEME_HEADER
+
+        return [(APPLIED_HEADER, self.key_id), (SCHEME_HEADER, self.params.scheme)]
+
     def __repr__(self) -> str:  # never the key
         return f"RowWatermark(key_id={self.key_id!r}, {self.params})"
 

@@ -37,6 +37,8 @@ HEADER = "x-stillhouse-watermark"
 """Request header, guard -> server (lower case, as ASGI presents it)."""
 APPLIED_HEADER = "x-stillhouse-watermark-applied"
 """Response header, server -> guard: the key id the answer was watermarked with."""
+SCHEME_HEADER = "x-stillhouse-watermark-scheme"
+"""Response header, server -> guard: the scheme of that watermark (kgw or exp), which detection needs."""
 MIN_SECRET_CHARS = 16
 MAX_SKEW_S = 300.0
 
