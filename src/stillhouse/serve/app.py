@@ -147,9 +147,11 @@ class ServeConfig:
     """kgw: the green-list bias on every answer. exp: answers sampled at a temperature above 0 are drawn by EXP
     (Gumbel-max on the key's uniforms: each token's distribution is the model's, so sampled answers lose nothing;
     91/96 development answers at p < 1e-5 within 200 tokens against 69/96 under kgw, docs/results.md); greedy
-    answers get the green-list bias as under kgw. Detection: provenance text --scheme exp. The cost: a draw is a
-    function of the key and the context, so the same prompt asked again by the same account (another seed, or n > 1
-    choices) gets the same answer until a window repeats in it; use kgw where sampled variety matters."""
+    answers get the green-list bias as under kgw. Each answer's x-stillhouse-watermark-scheme header names the
+    scheme and a guard logs it, so provenance on the guard's log picks the test (on a file: --scheme exp). The
+    cost: a draw is a function of the key and the context, so the same prompt asked again by the same account
+    (another seed, or n > 1 choices) gets the same answer until a window repeats in it; use kgw where sampled
+    variety matters."""
     reasoning_parser: Literal["think", "off"] = "think"
     """think: a <think>...</think> block leading a completion (or one the prompt opened) is answered in the
     reasoning field, the rest as content; off: the text comes back as the model wrote it."""
