@@ -257,7 +257,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = TrainConfig(data=str(OUT / f"data-{args.name}.jsonl"), out=str(OUT / f"student-{args.name}-s{args.seed}"),
                       teacher="bundled", student=args.student, loss="sft", epochs=args.epochs, batch_size=8,
                       lr=args.lr, seed=args.seed, threads=args.threads, device="cpu", max_len=args.max_len,
-                      export_epochs=args.export_epochs)
+                      export_epochs=args.export_epochs, save_every=args.save_every)
     res = train(cfg, progress=False)
     print(f"trained {res.steps} steps, {res.examples_seen} examples in {res.wall_s:.0f}s -> {res.final_dir}")
 
@@ -477,6 +477,8 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--export-epochs", action="store_true", help="keep an HF export per epoch (OUT/epochs/eK)")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="also checkpoint every N steps (a run that spans sessions loses at most N; 0: at epoch ends)")
     for name in ("paraphrase", "delete"):
         p = sub.add_parser(name)
         p.add_argument("--file", required=True, help="watermarked answers (gen-NAME.jsonl)")
