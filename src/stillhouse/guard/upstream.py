@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 from stillhouse.http.client import HTTP1Pool, HTTP1Response
 from stillhouse.http.errors import ClientError, TimedOut
+from stillhouse.watermark.keys import APPLIED_HEADER, SCHEME_HEADER
 
 
 class UpstreamError(Exception):
@@ -45,10 +46,7 @@ class UpstreamTimeout(UpstreamError):
 
 
 PASSTHROUGH_HEADERS = frozenset({"retry-after", "x-request-id", "openai-processing-ms"})
-WATERMARK_APPLIED = "x-stillhouse-watermark-applied"
-"""The key id the upstream says it watermarked with (kept for the log, never relayed to the client)."""
-WATERMARK_SCHEME = "x-stillhouse-watermark-scheme"
-"""The scheme of that watermark, kgw or exp (kept for the log: detection picks its test by it)."""
+# The upstream's watermark key id and scheme (APPLIED_HEADER, SCHEME_HEADER) are kept for the log, never relayed.
 
 
 class UpstreamResponse:
@@ -63,8 +61,8 @@ class UpstreamResponse:
             (k.lower().encode("latin-1", "replace"), v.encode("latin-1", "replace"))
             for k, v in resp.headers.items() if k.lower() in PASSTHROUGH_HEADERS or k.lower().startswith("x-ratelimit-")]
         """Upstream headers a client needs to behave (Retry-After on 429/503, rate-limit state)."""
-        self.watermark_key_id: str = resp.headers.get(WATERMARK_APPLIED, "")
-        self.watermark_scheme: str = resp.headers.get(WATERMARK_SCHEME, "")
+        self.watermark_key_id: str = resp.headers.get(APPLIED_HEADER, "")
+        self.watermark_scheme: str = resp.headers.get(SCHEME_HEADER, "")
 
     async def read(self) -> bytes:
         import aiohttp
@@ -152,6 +150,9 @@ class Upstream:
         return UpstreamResponse(resp, url)
 
 
+_APPLIED, _SCHEME = APPLIED_HEADER.encode(), SCHEME_HEADER.encode()
+
+
 class Http1Response(HTTP1Response):
     """An upstream response from the lean pool; body failures mapped to 502/504."""
 
@@ -165,9 +166,9 @@ class Http1Response(HTTP1Response):
             k = k.lower()
             if k == b"content-type":
                 ctype = v
-            elif k == b"x-stillhouse-watermark-applied":
+            elif k == _APPLIED:
                 self.watermark_key_id = v.decode("latin-1")
-            elif k == b"x-stillhouse-watermark-scheme":
+            elif k == _SCHEME:
                 self.watermark_scheme = v.decode("latin-1")
             elif k.startswith(b"x-ratelimit-") or k.decode("latin-1") in PASSTHROUGH_HEADERS:
                 passthrough.append((k, v))
