@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -247,6 +248,35 @@ def test_resume_continues_and_final_export_loads(tmp_path, tok):
     from stillhouse.distill.train import _checkpoints
 
     assert _checkpoints(tmp_path / "out")[-1].name != "step-9999999"
+
+
+def test_resume_refuses_a_changed_recipe_and_takes_a_changed_run_setting(tmp_path, tok):
+    teacher = _tiny_teacher(tok)
+    data = _write(tmp_path, _rows(tok))
+    train(_cfg(tmp_path, data, epochs=2, save_every=1), teacher=(teacher, tok, "t"), progress=False,
+          stop_after_steps=1)
+    for change, named in (({"lr": 3e-4}, "lr: 0.01 -> 0.0003"), ({"seed": 1}, "seed: 0 -> 1"),
+                          ({"loss": "fkl"}, "loss: 'sft' -> 'fkl'")):
+        with pytest.raises(TrainConfigError, match=re.escape(named)):
+            train(_cfg(tmp_path, data, epochs=2, save_every=1, **change), teacher=(teacher, tok, "t"),
+                  progress=False)
+    import typer
+    from typer.testing import CliRunner
+
+    from stillhouse.distill import train_commands
+
+    app = typer.Typer()
+    train_commands.register(app)
+    app.command("noop")(lambda: None)  # a second verb keeps typer in multi-command mode
+    r = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "out"), "--student", "pruned:2",
+                                 "--batch-size", "4", "--lr", "3e-4", "--epochs", "2", "--save-every", "1",
+                                 "--threads", "1", "--device", "cpu"])
+    assert r.exit_code == 2 and "lr: 0.01 -> 0.0003" in r.output and "new --out" in r.output, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+    seen = []  # how it runs and how far it goes may change: one more epoch, another thread count
+    train(_cfg(tmp_path, data, epochs=3, save_every=1, threads=1), teacher=(teacher, tok, "t"), progress=False,
+          on_step=lambda m: seen.append(m["step"]), stop_after_steps=3)
+    assert seen == [2, 3], "the run resumes after step 1"
 
 
 def test_snapshots_equal_separate_runs_on_prefix(tmp_path, tok):

@@ -753,6 +753,7 @@ def _resume(out: Path, cfg: TrainConfig, student: Any, opt: Any, state: dict[str
     ckpts = _checkpoints(out)
     if not ckpts:
         return False
+    _check_same_recipe(ckpts[-1], cfg)
     saved = torch.load(ckpts[-1] / "state.pt", map_location=device, weights_only=False)
     _missing, unexpected = student.load_state_dict(saved["model"], strict=not cfg.lora_r)
     if unexpected:
@@ -761,6 +762,31 @@ def _resume(out: Path, cfg: TrainConfig, student: Any, opt: Any, state: dict[str
     torch.set_rng_state(saved["torch_rng"])
     state.update(json.loads((ckpts[-1] / "progress.json").read_text()))
     return True
+
+
+# What a resumed run may change: where and how it runs, what it writes, how far it goes (more epochs, more rows
+# of a file in its order), and where the data file lies now. Anything else changes what the steps already taken
+# would have learnt, so resuming with it would mix two recipes in one student.
+_RESUMABLE_CHANGES = frozenset({"data", "out", "epochs", "max_examples", "threads", "device", "save_every",
+                                "keep_checkpoints", "snapshot_at", "export_epochs", "select_on",
+                                "select_batch_size", "score_concurrency", "gradient_checkpointing", "micro_batch",
+                                "attention"})
+
+
+def _check_same_recipe(ckpt: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume ``ckpt`` under a config that trains differently from the one that wrote it."""
+    path = ckpt / "train_config.json"
+    if not path.exists():  # a checkpoint from before configs were saved beside it
+        return
+    saved = json.loads(path.read_text())
+    now = asdict(cfg)
+    changed = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in sorted(now)
+               if k not in _RESUMABLE_CHANGES and k in saved
+               and json.loads(json.dumps(now[k])) != saved[k]]
+    if changed:
+        raise TrainConfigError(
+            f"{cfg.out} holds a run that trained with other settings ({'; '.join(changed)}): resuming would mix "
+            f"two recipes in one student. Rerun with the settings in {path}, or give a new --out to start over")
 
 
 def _progress_bar(total: int, done: int) -> tuple[Any, Any]:

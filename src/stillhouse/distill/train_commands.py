@@ -48,13 +48,13 @@ def train_command(
 ) -> None:
     from stillhouse.config import ConfigError
     from stillhouse.distill.data import DataError
-    from stillhouse.distill.train import train
+    from stillhouse.distill.train import TrainConfigError, train
 
     try:
         cfg = settings.resolve(config)
         res = train(cfg)
-    except (ConfigError, DataError) as exc:  # TrainConfigError is a ValueError the resolve maps to ConfigError
-        fail(exc)
+    except (ConfigError, DataError, TrainConfigError) as exc:  # resolve maps a bad field to ConfigError; train
+        fail(exc)  # raises TrainConfigError itself when OUT holds a run of other settings
     last = res.last
     typer.echo(f"trained {res.steps} steps, {res.examples_seen} examples, {res.tokens_seen} tokens in "
                f"{res.wall_s:.0f}s; last loss {last.get('loss', float('nan')):.4f} "
