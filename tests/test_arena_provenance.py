@@ -7,6 +7,7 @@ teacher's student is named is measured in docs/results.md."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,10 @@ def test_provenance_stage_names_the_campaign(tmp_path: Path, smol_tokenizer: Any
     assert {r["account"] for r in rows} == {"camp-0"}
     assert "arena-provenance-test-secret" not in (tmp_path / "prov" / "provenance.json").read_text()
     assert not (tmp_path / "prov" / "watermark.secret").exists() and "not written" in m["secret"]
+    # A rerun into the same directory starts over: its student learns this harvest alone, from the init.
+    m2 = run_provenance(replace(cfg, epochs=1), tmp_path / "prov", loaded=(model, smol_tokenizer, "tiny-0"))
+    steps = [json.loads(x)["step"] for x in (tmp_path / "prov" / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4] and m2["config"]["epochs"] == 1
 
 
 @pytest.mark.parametrize("scheme", ["kgw", "exp"])

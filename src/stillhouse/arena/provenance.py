@@ -32,6 +32,7 @@ import json
 import os
 import random
 import secrets
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,8 +219,12 @@ def _run(cfg: ProvenanceArenaConfig, out: Path, loaded: tuple[Any, Any, str] | N
     from stillhouse.teacher.batcher import BatchConfig
     from stillhouse.teacher.local import LocalTeacher
 
+    # A rerun starts the stage over: a new harvest (under this run's secret) and a student trained on it alone, not
+    # the last run's student resumed from its checkpoint.
     for name in ("guard.db", "guard.db-wal", "guard.db-shm", "leaked.jsonl", "reading.jsonl", "provenance.json"):
         (out / name).unlink(missing_ok=True)
+    for name in ("student", "spool"):
+        shutil.rmtree(out / name, ignore_errors=True)
     save_config(cfg, out / "provenance_config.json")
     torch.set_num_threads(cfg.threads)
     t_all = time.perf_counter()
