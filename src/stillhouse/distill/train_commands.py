@@ -36,7 +36,11 @@ Examples:
   stillhouse train --data curated.jsonl --student self --loss topk --alpha 0.5 --out runs/s2
   stillhouse train --config runs/s1/train_config.json --epochs 4      (replay, one setting changed)
 
-Re-running the same command resumes from the newest checkpoint in OUT/checkpoints.
+Re-running the same command resumes from the newest checkpoint in OUT/checkpoints (after a kill -9 too). \
+A rerun may go further (--epochs, --max-examples) or run differently (--threads, --device, --save-every); \
+one that would train differently (--lr, --seed, --loss, --student, ...) is refused, naming each change: \
+give a new --out to start over.
+
 Serve the result with: stillhouse serve --teacher hf:OUT/final
 """
 
