@@ -102,6 +102,18 @@ def _write_rows(path: Path, seqs: list[list[int]]) -> None:
     path.write_text("".join(json.dumps({"text": "x", "token_ids": s}) + "\n" for s in seqs))
 
 
+def _unwatermarked_log(tmp_path: Path) -> str:
+    """A guard log whose guard ran without --watermark: traffic, no key ids."""
+    from stillhouse.guard.events import TrafficRecord
+    from stillhouse.guard.store import open_store
+
+    url = f"sqlite:///{tmp_path / 'plain.db'}"
+    store = open_store(url)
+    store.write_records([TrafficRecord("r1", 1.0, "a", "k")])
+    store.close()
+    return url
+
+
 def test_provenance_text_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STILLHOUSE_WATERMARK_SECRET", SECRET)
     src = tmp_path / "leaked.jsonl"
@@ -120,6 +132,8 @@ def test_provenance_text_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     for args, needle in ((["provenance", "text", str(tmp_path / "none.jsonl"), "--key-ids", "account/a/0"],
                           "no such file"),
                          (["provenance", "text", str(src)], "no candidate keys"),
+                         (["provenance", "text", str(src), "--log", _unwatermarked_log(tmp_path)],
+                          "records no watermark key id"),
                          (["provenance", "text", str(src), "--key-ids", "lab"], "SCOPE/SUBJECT/EPOCH")):
         res = runner.invoke(app, args)
         assert res.exit_code != 0 and needle in res.output and "Traceback" not in res.output, res.output

@@ -232,6 +232,7 @@ def test_an_older_guard_log_gains_the_watermark_columns(tmp_path: Any) -> None:
     conn.close()
     reader = open_store(f"sqlite:///{db}", init=False)  # a detector fit or provenance reads it as it is
     assert [(r.request_id, r.watermark_key_id, r.watermark_scheme) for r in reader.iter_records()] == [("r0", "", "")]
+    assert reader.watermark_key_usage() == []  # provenance's candidates from the log: none, not a failed query
     reader.close()
     store = open_store(f"sqlite:///{db}")  # migrates
     store.write_records([TrafficRecord("r1", 2.0, "a", "k", watermark_key_id="account/a/0", watermark_scheme="exp")])

@@ -619,7 +619,10 @@ class SqlStore:
         return rows[::-1] if newest else rows
 
     def watermark_key_usage(self) -> list[tuple[str, str, int]]:
-        """``(watermark key id, account id, requests)`` for every pair in the log with a key id."""
+        """``(watermark key id, account id, requests)`` for every pair in the log with a key id (none in a log
+        older than the column, opened without ``init``)."""
+        if "'' AS watermark_key_id" in self._traffic_select():
+            return []
         sql = ("SELECT watermark_key_id, account_id, COUNT(*) FROM traffic WHERE watermark_key_id <> '' "
                "GROUP BY watermark_key_id, account_id ORDER BY watermark_key_id, account_id")
         return [(str(a), str(b), int(n)) for a, b, n in self._run(lambda cur: cur.execute(sql).fetchall())]

@@ -28,7 +28,7 @@ from stillhouse.provenance.detect import (
 from stillhouse.provenance.gate import gate_masks
 from stillhouse.provenance.texts import Sample, load_samples
 from stillhouse.watermark.green import DEFAULT_PARAMS, WatermarkParams
-from stillhouse.watermark.keys import SECRET_ENV, load_secret
+from stillhouse.watermark.keys import SECRET_ENV, WatermarkKeyError, load_secret
 
 if TYPE_CHECKING:
     from stillhouse.progress import StepProgress
@@ -250,6 +250,9 @@ class SuspectConfig(ScoringConfig):
 
 def candidates_for(cfg: ScoringConfig) -> list[Candidate]:
     found = from_log(cfg.log) if cfg.log else []
+    if cfg.log and not found and not cfg.key_ids:
+        raise WatermarkKeyError(f"{cfg.log}: the log records no watermark key id (its guard ran without --watermark, "
+                                "or the log predates key ids): give the keys to try with --key-ids account/ID/EPOCH,...")
     known = {c.key_id for c in found}
     return found + [c for c in from_ids(cfg.key_ids) if c.key_id not in known] if cfg.key_ids else found
 
