@@ -36,10 +36,29 @@ from pathlib import Path
 from typing import Any
 
 
-def free_port() -> int:
+def free_port(want: int = 0) -> int:
+    """``want`` if it is free on loopback, else any free port."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        try:
+            s.bind(("127.0.0.1", want))
+        except OSError:
+            s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def last_ports(out: Path, names: tuple[str, ...]) -> list[int]:
+    """The ports the last run under ``out`` used, where they are free now. The harvest keys its records by the
+    teacher's URL (the guard's), so a rerun on the same URL carries on where the last one stopped instead of asking
+    every prompt again."""
+    path = out / "ports.json"
+    try:
+        last = json.loads(path.read_text())
+    except (OSError, ValueError):
+        last = {}
+    ports = [free_port(last.get(n, 0) if isinstance(last, dict) and isinstance(last.get(n), int) else 0)
+             for n in names]
+    path.write_text(json.dumps(dict(zip(names, ports))) + "\n")
+    return ports
 
 
 def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 600.0) -> None:
@@ -116,7 +135,7 @@ def main() -> None:
 
     services = Services()
     try:
-        serve_port, guard_port = free_port(), free_port()
+        serve_port, guard_port = last_ports(out, ("serve", "guard"))
         serve_url, guard_url = f"http://127.0.0.1:{serve_port}", f"http://127.0.0.1:{guard_port}"
         t = step(1, f"serve the bundled teacher on {serve_url}")
         server = services.start([sh, "serve", "--teacher", "bundled", "--port", str(serve_port)],
