@@ -54,9 +54,9 @@ def last_ports(out: Path, names: tuple[str, ...]) -> list[int]:
     try:
         last = json.loads(path.read_text())
     except (OSError, ValueError):
-        last = {}
-    ports = [free_port(last.get(n, 0) if isinstance(last, dict) and isinstance(last.get(n), int) else 0)
-             for n in names]
+        last = None
+    last = last if isinstance(last, dict) else {}
+    ports = [free_port(p if isinstance(p := last.get(n), int) else 0) for n in names]
     path.write_text(json.dumps(dict(zip(names, ports))) + "\n")
     return ports
 

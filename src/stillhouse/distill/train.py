@@ -56,7 +56,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from stillhouse.config import atomic_write_text, save_config
+from stillhouse.config import atomic_write_text, config_to_dict, save_config
 
 LossKind = Literal["sft", "fkl", "rkl", "jsd", "topk", "gkd"]
 
@@ -779,10 +779,9 @@ def _check_same_recipe(ckpt: Path, cfg: TrainConfig) -> None:
     if not path.exists():  # a checkpoint from before configs were saved beside it
         return
     saved = json.loads(path.read_text())
-    now = asdict(cfg)
+    now = config_to_dict(cfg)  # as save_config wrote it
     changed = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in sorted(now)
-               if k not in _RESUMABLE_CHANGES and k in saved
-               and json.loads(json.dumps(now[k])) != saved[k]]
+               if k not in _RESUMABLE_CHANGES and k in saved and now[k] != saved[k]]
     if changed:
         raise TrainConfigError(
             f"{cfg.out} holds a run that trained with other settings ({'; '.join(changed)}): resuming would mix "

@@ -54,11 +54,12 @@ def train_command(
     from stillhouse.distill.data import DataError
     from stillhouse.distill.train import TrainConfigError, train
 
+    # resolve maps a bad field to ConfigError; train raises TrainConfigError when OUT holds a run of other settings
     try:
         cfg = settings.resolve(config)
         res = train(cfg)
-    except (ConfigError, DataError, TrainConfigError) as exc:  # resolve maps a bad field to ConfigError; train
-        fail(exc)  # raises TrainConfigError itself when OUT holds a run of other settings
+    except (ConfigError, DataError, TrainConfigError) as exc:
+        fail(exc)
     last = res.last
     typer.echo(f"trained {res.steps} steps, {res.examples_seen} examples, {res.tokens_seen} tokens in "
                f"{res.wall_s:.0f}s; last loss {last.get('loss', float('nan')):.4f} "

@@ -251,7 +251,7 @@ class SqlStore:
         self.url = url
         self._conn: Any = None
         self._lock = threading.RLock()
-        self._select: str | None = None
+        self._missing: frozenset[str] | None = None  # _ADDED_COLS this log lacks (read once)
 
     # -- plumbing -----------------------------------------------------------------------
     def _connect(self) -> Any:
@@ -311,7 +311,7 @@ class SqlStore:
                 cur.execute(stmt)
             self._add_columns(cur)
         self._run(go)
-        self._select = None
+        self._missing = None
         self.migrate()
 
     # -- migration ----------------------------------------------------------------------
@@ -392,14 +392,17 @@ class SqlStore:
             if col not in have:
                 cur.execute(f"ALTER TABLE traffic ADD COLUMN {col} TEXT NOT NULL DEFAULT ''")
 
-    def _traffic_select(self) -> str:
-        """The select list of a traffic row: ``_TRAFFIC_COLS``, with ``'' AS col`` for an added column that an
-        older log, opened without ``init``, lacks."""
-        if self._select is None:
+    def _missing_cols(self) -> frozenset[str]:
+        """The added traffic columns (``_ADDED_COLS``) that an older log, opened without ``init``, lacks."""
+        if self._missing is None:
             have = self._run(lambda cur: self._columns(cur, "traffic"))
-            self._select = ", ".join(f"'' AS {c}" if have and c in _ADDED_COLS and c not in have else c
-                                     for c in _TRAFFIC_COLS)
-        return self._select
+            self._missing = frozenset(c for c in _ADDED_COLS if have and c not in have)
+        return self._missing
+
+    def _traffic_select(self) -> str:
+        """The select list of a traffic row: ``_TRAFFIC_COLS``, with ``'' AS col`` for a missing added column."""
+        missing = self._missing_cols()
+        return ", ".join(f"'' AS {c}" if c in missing else c for c in _TRAFFIC_COLS)
 
     def ping(self) -> None:
         """Raise StoreUnavailable unless the database answers."""
@@ -621,7 +624,7 @@ class SqlStore:
     def watermark_key_usage(self) -> list[tuple[str, str, int]]:
         """``(watermark key id, account id, requests)`` for every pair in the log with a key id (none in a log
         older than the column, opened without ``init``)."""
-        if "'' AS watermark_key_id" in self._traffic_select():
+        if "watermark_key_id" in self._missing_cols():
             return []
         sql = ("SELECT watermark_key_id, account_id, COUNT(*) FROM traffic WHERE watermark_key_id <> '' "
                "GROUP BY watermark_key_id, account_id ORDER BY watermark_key_id, account_id")
