@@ -365,6 +365,55 @@ def cmd_answers(args: argparse.Namespace) -> None:
     print(json.dumps(out, indent=1))
 
 
+def cmd_gate_sweep(args: argparse.Namespace) -> None:
+    """The EXP suspect test (``provenance model --reading own --scheme exp``) under other settings, on one
+    suspect's greedy answers written once: the EXP gate (score a token only if the teacher, at temperature 1, gave
+    it less than G; the product's ``EXP_MAX_PROB``) and how many leading answer tokens are scored. Every setting
+    stays exact (the gate reads the teacher, never a key), so it is a development sweep of power alone: run it on
+    students already seen, then test a chosen setting once on a fresh draw."""
+    import torch
+
+    from stillhouse.provenance.candidates import derive_all, from_ids
+    from stillhouse.provenance.detect import prompt_tuples, score_keys, select
+    from stillhouse.provenance.gate import answer_views
+    from stillhouse.provenance.radioactive import own_answers
+    from stillhouse.provenance.texts import load_samples
+    from stillhouse.teacher.bundled import load_model
+    from stillhouse.teacher.local import encode_chat
+    from stillhouse.watermark.green import WatermarkParams, first_windows
+    from stillhouse.watermark.keys import load_secret
+
+    torch.set_num_threads(args.threads)
+    samples = [s for src in args.source for s in load_samples(src) if s.prompt]
+    model, tok, _ = load_model(args.suspect)
+    prompts, written = own_answers(model, tok, samples, args.answer_tokens)
+    teacher, ttok, _ = load_model("bundled")
+    rows = [(encode_chat(ttok, s.prompt), ids) for s, ids in zip(samples, written)]
+    views = answer_views(teacher, rows, [1.0] * len(rows), pad_id=ttok.pad_token_id or 0)
+    keys = derive_all(load_secret(), from_ids(args.keys.split(",")))
+    params = WatermarkParams(gamma=0.25, context=1, scheme="exp")
+    exclude = prompt_tuples(prompts, 1)
+    out = []
+    print(f"{args.suspect}: {len(written)} answers, {sum(map(len, written))} tokens")
+    print("| gate G | tokens | scored | right key p | rank | best Holm (key) |")
+    print("|---|---|---|---|---|---|")
+    for gate in args.gates:
+        for n in args.tokens:
+            seqs = [ids[:n] for ids in written]
+            keep = [[f and q < gate for f, q in zip(first_windows(ids, 1), v.prob[:n])] for ids, v in zip(seqs, views)]
+            sel = select(seqs, range(len(seqs)), 1, exclude, True, keep, None, [True] * len(seqs))
+            scores = score_keys(sel.tuples, keys, params, None, sel.exp)
+            rank = next(i for i, sc in enumerate(scores) if sc.key_id == args.key) + 1
+            right = scores[rank - 1]
+            row = {"gate": gate, "tokens": n, "scored": len(sel.tuples), "p": right.p, "log10_p": right.log10_p,
+                   "rank": rank, "best_holm": scores[0].p_holm, "best_key": scores[0].key_id}
+            out.append(row)
+            print(f"| {gate} | {n} | {row['scored']} | {right.p:.3g} | {rank} | {scores[0].p_holm:.3g} "
+                  f"({scores[0].key_id}) |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"suspect": args.suspect, "source": args.source, "rows": out}, indent=1))
+
+
 def cmd_limits(args: argparse.Namespace) -> None:
     """One table row per ``provenance text --per-sample`` report: answers where ``--key`` is detected alone, and
     the answers pooled. An empty answer counts as p = 1. With ``--original`` (the answers before the attack),
@@ -493,6 +542,16 @@ def main() -> None:
             p.add_argument("--concurrency", type=int, default=40)
         else:
             p.add_argument("--share", type=float, required=True, help="probability of deleting each word")
+    p = sub.add_parser("gate-sweep")
+    p.add_argument("--suspect", required=True, help="bundled or hf:DIR")
+    p.add_argument("--source", nargs="+", required=True, help="JSONL files whose prompts the suspect answers")
+    p.add_argument("--key", required=True, help="the right key id (its rank is reported)")
+    p.add_argument("--keys", required=True, help="candidate key ids, comma-separated")
+    p.add_argument("--gates", type=float, nargs="+", default=[0.7, 0.5, 0.3, 0.1])
+    p.add_argument("--tokens", type=int, nargs="+", default=[128, 64])
+    p.add_argument("--answer-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="")
     p = sub.add_parser("limits")
     p.add_argument("--key", required=True, help="the key the answers were made with")
     p.add_argument("--original", default="", help="the answers before the attack (gen-NAME.jsonl)")
@@ -501,7 +560,7 @@ def main() -> None:
     args = ap.parse_args()
     {"prompts": cmd_prompts, "generate": cmd_generate, "detect": cmd_detect, "mix": cmd_mix,
      "train": cmd_train, "paraphrase": cmd_paraphrase, "delete": cmd_delete, "limits": cmd_limits,
-     "answers": cmd_answers}[args.cmd](args)
+     "answers": cmd_answers, "gate-sweep": cmd_gate_sweep}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -396,6 +396,7 @@ def model_provenance(cfg: SuspectConfig, progress: StepProgress | None = None) -
     tok = _tokenizer(cfg.tokenizer)
     mode = cfg.resolved_mode
     extra: dict[str, Any] = {"suspect": cfg.suspect, "mode": mode, "source": cfg.source}
+    asked = [s for s in samples if s.prompt]
     if mode == "open":
         import torch
 
@@ -405,37 +406,35 @@ def model_provenance(cfg: SuspectConfig, progress: StepProgress | None = None) -
             torch.set_num_threads(cfg.threads)
         model, stok, revision = load_model(cfg.suspect)
         check_same_tokenizer(stok, tok)
-        if cfg.reading == "own":
-            asked = [s for s in samples if s.prompt]
-            prompts, written = own_answers(model, stok, samples, cfg.answer_tokens, progress=progress)
-            exp = [sch == "exp" for sch in _schemes(cfg, asked, extra)]
-            keep, levels = _read(cfg, tok, asked, written, extra, progress=progress, exp=exp)
-            exclude = prompt_tuples(prompts, cfg.context)
-            extra.update(revision=revision, reading="own", answers=len(written), tokens=sum(map(len, written)))
-            if cfg.match_keys:
-                return _matched(cfg, asked, written, exclude, keep, levels, exp, secret, candidates, extra, t0)
-            sel = select(written, range(len(written)), cfg.context, exclude, cfg.dedup, keep, levels, exp)
-        else:
+        extra.update(revision=revision, reading=cfg.reading)
+        if cfg.reading == "text":
             inputs = reading_inputs(tok, samples, cfg.reading_max_len)
             tuples, counts = reading_tuples(model, inputs, cfg.context, cfg.batch_size,
                                             tok.pad_token_id if tok.pad_token_id is not None else 0)
-            sel = Selection(tuples)
-            extra.update(revision=revision, reading="text", texts_read=len(inputs), **counts)
+            extra.update(texts_read=len(inputs), **counts)
+            return _scored(cfg, Selection(tuples), secret, candidates, extra, t0)
+        prompts, seqs = own_answers(model, stok, samples, cfg.answer_tokens, progress=progress)
     else:
         from dataclasses import replace
 
         answers = asyncio.run(closed_texts(cfg.suspect, samples, cfg.answer_tokens, cfg.temperature,
                                            cfg.concurrency))
-        asked = [s for s in samples if s.prompt]
-        answered = [replace(s, text=a, token_ids=None) for s, a in zip(asked, answers)]
-        seqs = _ids(tok, answered, 0)
-        exclude = prompt_tuples((_prompt_ids(tok, s) for s in asked), cfg.context)
-        exp = [sch == "exp" for sch in _schemes(cfg, asked, extra)]
-        keep, levels = _read(cfg, tok, answered, seqs, extra, progress=progress, exp=exp)
-        extra.update(answers=len(answers), tokens=sum(map(len, seqs)))
-        if cfg.match_keys:
-            return _matched(cfg, asked, seqs, exclude, keep, levels, exp, secret, candidates, extra, t0)
-        sel = select(seqs, range(len(seqs)), cfg.context, exclude, cfg.dedup, keep, levels, exp)
+        seqs = _ids(tok, [replace(s, text=a, token_ids=None) for s, a in zip(asked, answers)], 0)
+        prompts = [_prompt_ids(tok, s) for s in asked]
+    # the suspect's answers to the prompts asked: scored as answers (gate, weights, EXP), the prompts' tuples dropped
+    extra.update(answers=len(seqs), tokens=sum(map(len, seqs)))
+    exp = [sch == "exp" for sch in _schemes(cfg, asked, extra)]
+    keep, levels = _read(cfg, tok, asked, seqs, extra, progress=progress, exp=exp)
+    exclude = prompt_tuples(prompts, cfg.context)
+    if cfg.match_keys:
+        return _matched(cfg, asked, seqs, exclude, keep, levels, exp, secret, candidates, extra, t0)
+    sel = select(seqs, range(len(seqs)), cfg.context, exclude, cfg.dedup, keep, levels, exp)
+    return _scored(cfg, sel, secret, candidates, extra, t0)
+
+
+def _scored(cfg: SuspectConfig, sel: Selection, secret: bytes, candidates: list[Candidate], extra: dict[str, Any],
+            t0: float) -> dict[str, Any]:
+    """Every candidate key on the selected tuples: the report."""
     scores = score_keys(sel.tuples, derive_all(secret, candidates), cfg.params, sel.levels, sel.exp)
     extra.update(scored=len(sel.tuples), wall_s=round(time.perf_counter() - t0, 2))
     return _report(cfg, scores, candidates, extra)
