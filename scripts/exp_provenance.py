@@ -390,7 +390,7 @@ def cmd_gate_sweep(args: argparse.Namespace) -> None:
     samples = [s for src in args.source for s in load_samples(src) if s.prompt]
     model, tok, _ = load_model(args.suspect)
     prompts, written = own_answers(model, tok, samples, args.answer_tokens)
-    teacher, ttok, _ = load_model("bundled")
+    teacher, ttok, _ = load_model(args.tokenizer)
     rows = [(encode_chat(ttok, s.prompt), ids) for s, ids in zip(samples, written)]
     views = answer_views(teacher, rows, [1.0] * len(rows), pad_id=ttok.pad_token_id or 0)
     keys = derive_all(load_secret(), from_ids(args.keys.split(",")))
@@ -553,6 +553,7 @@ def main() -> None:
     p.add_argument("--gates", type=float, nargs="+", default=[0.7, 0.5, 0.3, 0.1])
     p.add_argument("--tokens", type=int, nargs="+", default=[128, 64])
     p.add_argument("--answer-tokens", type=int, default=128)
+    p.add_argument("--tokenizer", default="bundled", help="the watermarking teacher (as provenance --tokenizer)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="")
     p = sub.add_parser("limits")

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -177,3 +179,32 @@ def test_limits_counts_each_answer_and_the_pool(tmp_path):
     (tmp_path / "plain.json").write_text(json.dumps({"source": "x", "samples": 1, "scores": []}))
     bad = _run(tmp_path, "limits", "--key", "account/a/0", "plain.json")
     assert bad.returncode != 0 and "--per-sample" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_gate_sweep_at_the_default_setting_is_the_product_test(tmp_path, monkeypatch, smol_tokenizer):
+    """gate-sweep's row at the product's EXP gate (0.7) and answer length is `provenance model --reading own
+    --scheme exp` on the same suspect: the same tuples and the same p for every key; a lower gate or fewer
+    leading tokens score a subset (a gate of 0 lets nothing through)."""
+    from conftest import build_tiny_model
+    from stillhouse.provenance.run import SuspectConfig, model_provenance
+
+    monkeypatch.setenv("STILLHOUSE_WATERMARK_SECRET", "gate-sweep-test-secret-0123")
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}: what is {i} + {i}?"}]})
+                           + "\n" for i in range(8)))
+    path = tmp_path / "suspect"
+    build_tiny_model(smol_tokenizer, seed=3, max_positions=512).save_pretrained(path)
+    smol_tokenizer.save_pretrained(path)
+    keys = [f"account/a{i}/0" for i in range(4)]
+    r = _run(tmp_path, "gate-sweep", "--suspect", f"hf:{path}", "--tokenizer", f"hf:{path}", "--source", str(src),
+             "--key", keys[2], "--keys", ",".join(keys), "--gates", "0.7", "0", "--tokens", "24", "12",
+             "--answer-tokens", "24", "--out", str(tmp_path / "sweep.json"))
+    assert r.returncode == 0, r.stderr
+    rows = {(x["gate"], x["tokens"]): x for x in json.loads((tmp_path / "sweep.json").read_text())["rows"]}
+    product = model_provenance(SuspectConfig(source=str(src), key_ids=tuple(keys), answer_tokens=24, scheme="exp",
+                                             suspect=f"hf:{path}", mode="open", reading="own", tokenizer=f"hf:{path}"))
+    right = next(s for s in product["scores"] if s["key_id"] == keys[2])
+    assert product["test"] == "exp" and product["scored"] > 20
+    assert rows[(0.7, 24)]["scored"] == product["scored"] and rows[(0.7, 24)]["p"] == pytest.approx(right["p"], rel=1e-9)
+    assert rows[(0.7, 24)]["rank"] == [s["key_id"] for s in product["scores"]].index(keys[2]) + 1
+    assert rows[(0.0, 24)]["scored"] == 0 and 0 < rows[(0.7, 12)]["scored"] < rows[(0.7, 24)]["scored"]
