@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import random
 import re
 import time
@@ -417,6 +418,55 @@ def cmd_gate_sweep(args: argparse.Namespace) -> None:
         Path(args.out).write_text(json.dumps({"suspect": args.suspect, "source": args.source, "rows": out}, indent=1))
 
 
+def cmd_radioactivity(args: argparse.Namespace) -> None:
+    """One picture of the radioactivity tests: for each ``provenance model --json --out`` report given as
+    SHARE=REPORT (SHARE: the watermarked share of the student's SFT data, e.g. 0.05, or ``clean``), the right key's
+    -log10 p (``--key``; for a clean model, the smallest p of any key), open or closed, by the test it took, against
+    the goals' levels (1e-3, 1e-5). Prints the points it drew."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shares = sorted({x.split("=", 1)[0] for x in args.points if not x.startswith("clean=")}, key=float)
+    cols = [*shares, "clean"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    seen: set[str] = set()
+    rng = random.Random(0)
+    print("| share | report | mode | test | key | p | -log10 p |")
+    print("|---|---|---|---|---|---|---|")
+    for point in args.points:
+        share, path = point.split("=", 1)
+        rep = json.loads(Path(path).read_text())
+        mine = [s for s in rep["scores"] if s["key_id"] == args.key]
+        if share != "clean" and not mine:
+            raise SystemExit(f"{path}: no score for {args.key}; give the key the answers were made with (--key)")
+        score = min(rep["scores"], key=lambda s: s["p"]) if share == "clean" else mine[0]
+        y = -score["log10_p"] if "log10_p" in score else -math.log10(max(score["p"], 1e-300))
+        test = "EXP test" if rep["test"].startswith("exp") else "green-list test"
+        label = f"{test}, {rep['mode']}"
+        ax.scatter(cols.index(share) + rng.uniform(-0.15, 0.15), y, marker="o" if rep["mode"] == "open" else "s",
+                   color="tab:red" if test == "EXP test" else "tab:green", alpha=0.8,
+                   label=None if label in seen else label)
+        seen.add(label)
+        print(f"| {share} | {Path(path).name} | {rep['mode']} | {rep['test']} | {score['key_id']} | {score['p']:.3g} | "
+              f"{y:.2f} |")
+    for level, style, text in ((3, ":", "1e-3 (the 1% goal)"), (5, "--", "1e-5 (the 5% goal)")):
+        ax.axhline(level, color="grey", linestyle=style, linewidth=0.8)
+        ax.text(len(cols) - 0.5, level, text, fontsize=7, va="bottom", ha="right", color="grey")
+    ax.set_yscale("symlog", linthresh=10.0, linscale=1.5)
+    ticks = [t for t in (0, 1, 3, 5, 10, 20, 50, 100, 200) if t <= 2 * max(ax.get_ylim()[1], 10)]
+    ax.set_yticks(ticks, [str(t) for t in ticks])
+    ax.set_ylim(0, 2 * ax.get_ylim()[1])
+    ax.set_xticks(range(len(cols)), [c if c == "clean" else f"{float(c):.0%}" for c in cols])
+    ax.set_xlabel("watermarked share of the student's SFT data (clean: never saw our answers)")
+    ax.set_ylabel("-log10 p, right key (clean: smallest of any)")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=120)
+    print(f"{args.plot}: {len(args.points)} reports")
+
+
 def cmd_limits(args: argparse.Namespace) -> None:
     """One table row per ``provenance text --per-sample`` report: answers where ``--key`` is detected alone, and
     the answers pooled. An empty answer counts as p = 1. With ``--original`` (the answers before the attack),
@@ -556,6 +606,10 @@ def main() -> None:
     p.add_argument("--tokenizer", default="bundled", help="the watermarking teacher (as provenance --tokenizer)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="")
+    p = sub.add_parser("radioactivity")
+    p.add_argument("--key", required=True, help="the key the watermarked answers were made with")
+    p.add_argument("--plot", required=True, help="the PNG to draw")
+    p.add_argument("points", nargs="+", help="SHARE=REPORT (SHARE a fraction, or clean): `provenance model --out` reports")
     p = sub.add_parser("limits")
     p.add_argument("--key", required=True, help="the key the answers were made with")
     p.add_argument("--original", default="", help="the answers before the attack (gen-NAME.jsonl)")
@@ -564,7 +618,8 @@ def main() -> None:
     args = ap.parse_args()
     {"prompts": cmd_prompts, "generate": cmd_generate, "detect": cmd_detect, "mix": cmd_mix,
      "train": cmd_train, "paraphrase": cmd_paraphrase, "delete": cmd_delete, "limits": cmd_limits,
-     "answers": cmd_answers, "gate-sweep": cmd_gate_sweep}[args.cmd](args)
+     "answers": cmd_answers, "gate-sweep": cmd_gate_sweep,
+     "radioactivity": cmd_radioactivity}[args.cmd](args)
 
 
 if __name__ == "__main__":

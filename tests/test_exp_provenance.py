@@ -208,3 +208,23 @@ def test_gate_sweep_at_the_default_setting_is_the_product_test(tmp_path, monkeyp
     assert rows[(0.7, 24)]["scored"] == product["scored"] and rows[(0.7, 24)]["p"] == pytest.approx(right["p"], rel=1e-9)
     assert rows[(0.7, 24)]["rank"] == [s["key_id"] for s in product["scores"]].index(keys[2]) + 1
     assert rows[(0.0, 24)]["scored"] == 0 and 0 < rows[(0.7, 12)]["scored"] < rows[(0.7, 24)]["scored"]
+
+
+def test_radioactivity_plots_the_right_key_and_for_clean_models_the_smallest_p(tmp_path):
+    def report(name: str, mode: str, test: str, ps: dict[str, float]) -> str:
+        scores = sorted(({"key_id": k, "p": p} for k, p in ps.items()), key=lambda s: s["p"])
+        (tmp_path / name).write_text(json.dumps({"mode": mode, "test": test, "scores": scores}))
+        return str(tmp_path / name)
+
+    student = report("s.json", "open", "exp", {"k0": 1e-6, "k1": 1e-9})  # a wrong key smallest: still k0's p
+    closed = report("c.json", "closed", "weighted", {"k0": 0.02, "k1": 0.5})
+    clean = report("n.json", "open", "exp", {"k0": 0.4, "k1": 0.05})
+    png = tmp_path / "r.png"
+    r = _run(tmp_path, "radioactivity", "--key", "k0", "--plot", str(png), f"0.05={student}", f"1.0={closed}",
+             f"clean={clean}")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split("|")[2].strip(): line.split("|") for line in r.stdout.splitlines() if ".json" in line}
+    assert rows["s.json"][5].strip() == "k0" and rows["s.json"][6].strip() == "1e-06"
+    assert rows["c.json"][3].strip() == "closed" and rows["c.json"][6].strip() == "0.02"
+    assert rows["n.json"][5].strip() == "k1" and rows["n.json"][6].strip() == "0.05"
+    assert png.stat().st_size > 10_000
