@@ -16,8 +16,9 @@ Stages (each writes under OUT, default runs/provenance; run them in order)::
     python scripts/exp_provenance.py train --name mix5 --seed 0
     python scripts/exp_provenance.py mix --share 0 --rows 96 --seed 1 --name clean96-s1   # clean: no --wm
     stillhouse provenance model ...                   # the test itself (see docs/results.md)
+    python scripts/exp_provenance.py radioactivity --key account/acct-0/0 --plot radio.png 0.05=REPORT clean=REPORT
     # the EXP suspect test under other gates and answer lengths, on a student already seen (development only)
-    python scripts/exp_provenance.py gate-sweep --suspect hf:runs/provenance/student-mix5-exp-s0/final \
+    python scripts/exp_provenance.py gate-sweep --suspect hf:runs/provenance/student-mix5-exp-s0/final \\
         --source runs/provenance/data-mix5-exp-wm.jsonl --key account/acct-0/0 --keys account/acct-0/0,...
     # limits: the answers rewritten, then each scored alone and pooled by `stillhouse provenance text --per-sample`
     python scripts/exp_provenance.py paraphrase --file runs/provenance/gen-NAME.jsonl --limit 40 \\
