@@ -379,13 +379,13 @@ def cmd_gate_sweep(args: argparse.Namespace) -> None:
     import torch
 
     from stillhouse.provenance.candidates import derive_all, from_ids
-    from stillhouse.provenance.detect import prompt_tuples, score_keys, select
+    from stillhouse.provenance.detect import exp_keep, prompt_tuples, score_keys, select
     from stillhouse.provenance.gate import answer_views
     from stillhouse.provenance.radioactive import own_answers
     from stillhouse.provenance.texts import load_samples
     from stillhouse.teacher.bundled import load_model
     from stillhouse.teacher.local import encode_chat
-    from stillhouse.watermark.green import WatermarkParams, first_windows
+    from stillhouse.watermark.green import WatermarkParams
     from stillhouse.watermark.keys import load_secret
 
     torch.set_num_threads(args.threads)
@@ -405,7 +405,7 @@ def cmd_gate_sweep(args: argparse.Namespace) -> None:
     for gate in args.gates:
         for n in args.tokens:
             seqs = [ids[:n] for ids in written]
-            keep = [[f and q < gate for f, q in zip(first_windows(ids, 1), v.prob[:n])] for ids, v in zip(seqs, views)]
+            keep = [exp_keep(ids, v.prob[:n], 1, max_prob=gate) for ids, v in zip(seqs, views)]
             sel = select(seqs, range(len(seqs)), 1, exclude, True, keep, None, [True] * len(seqs))
             scores = score_keys(sel.tuples, keys, params, None, sel.exp)
             rank = next(i for i, sc in enumerate(scores) if sc.key_id == args.key) + 1

@@ -176,10 +176,11 @@ def weight_levels(probs: Sequence[float], delta: float, gamma: float, levels: in
     return [0 if math.isnan(q) else round(levels * llr_weight(q, delta, gamma) / delta) for q in probs]
 
 
-def exp_keep(ids: Sequence[int], probs: Sequence[float], context: int) -> list[bool]:
+def exp_keep(ids: Sequence[int], probs: Sequence[float], context: int,
+             max_prob: float = EXP_MAX_PROB) -> list[bool]:
     """Which tokens of an EXP-sampled answer are scored: first occurrence of their window, teacher's probability
-    below :data:`EXP_MAX_PROB` (``nan``, no context before the token: not scored)."""
-    return [f and q < EXP_MAX_PROB for f, q in zip(first_windows(ids, context), probs)]
+    below ``max_prob`` (:data:`EXP_MAX_PROB`; ``nan``, no context before the token: not scored)."""
+    return [f and q < max_prob for f, q in zip(first_windows(ids, context), probs)]
 
 
 def binomial_score(green: int, n: int, params: WatermarkParams, key_id: str = "") -> KeyScore:
