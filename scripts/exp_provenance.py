@@ -20,6 +20,7 @@ Stages (each writes under OUT, default runs/provenance; run them in order)::
     # the EXP suspect test under other gates and answer lengths, on a student already seen (development only)
     python scripts/exp_provenance.py gate-sweep --suspect hf:runs/provenance/student-mix5-exp-s0/final \\
         --source runs/provenance/data-mix5-exp-wm.jsonl --key account/acct-0/0 --keys account/acct-0/0,...
+    # ... and the soft test (the suspect's whole next-token distribution; measured weaker, not adopted): --soft 16 4
     # limits: the answers rewritten, then each scored alone and pooled by `stillhouse provenance text --per-sample`
     python scripts/exp_provenance.py paraphrase --file runs/provenance/gen-NAME.jsonl --limit 40 \\
         --url http://127.0.0.1:8000/v1 --name NAME        # the teacher under `stillhouse serve --no-watermark`
@@ -43,8 +44,15 @@ import math
 import random
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from stillhouse.provenance.detect import KeyScore
+    from stillhouse.watermark.green import WatermarkParams
+
+Tuple = tuple[int, ...]
 
 OUT = Path("runs/provenance")
 SPLITS = {"dev": (0, 24), "text": (24, 120), "train": (120, 1320)}
@@ -370,6 +378,163 @@ def cmd_answers(args: argparse.Namespace) -> None:
     print(json.dumps(out, indent=1))
 
 
+# --- the soft suspect test (development only; measured weaker than the product's top-1 test, not adopted) ---
+# The suspect's whole next-token distribution at the product EXP test's positions, each token it gives >= 1/(2L)
+# scored with weight round(L p) and its EXP score binned (an integer, so the tail below is exact). On the development
+# student mix5d-exp (2026-12-07) it gave p = 3.0e-7 (L 16) and 1.6e-7 (L 4) where the top-1 test gave 5.3e-8
+# (docs/results.md, Radioactivity): the spread of the distribution adds noise faster than evidence.
+
+def suspect_tops(model: Any, rows: Sequence[tuple[Sequence[int], Sequence[int]]], min_prob: float,
+                 batch_size: int = 8, pad_id: int = 0) -> list[list[list[tuple[int, float]]]]:
+    """For each ``(prompt ids, answer ids)``: before every answer token, the tokens the suspect gives at least
+    ``min_prob`` (temperature 1) with their probabilities, most probable first (teacher-forced, one pass per batch).
+    Position ``i`` is the distribution that predicts ``answer[i]``; empty when there is no context before it."""
+    import torch
+
+    out: list[list[list[tuple[int, float]]]] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = [(list(p), list(a)) for p, a in rows[start:start + batch_size]]
+        width = max(len(p) + len(a) for p, a in chunk)
+        batch = torch.full((len(chunk), max(width, 1)), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(batch)
+        for j, (p, a) in enumerate(chunk):
+            batch[j, :len(p) + len(a)] = torch.tensor(p + a, dtype=torch.long)
+            mask[j, :len(p) + len(a)] = 1
+        with torch.inference_mode():
+            probs = torch.softmax(model(input_ids=batch, attention_mask=mask, use_cache=False).logits.float(), -1)
+        for j, (p, a) in enumerate(chunk):
+            tops: list[list[tuple[int, float]]] = []
+            for i in range(len(a)):
+                t = len(p) + i - 1
+                if t < 0:
+                    tops.append([])
+                    continue
+                row = probs[j, t]
+                idx = torch.nonzero(row >= min_prob).flatten().tolist()
+                tops.append(sorted(((int(v), float(row[v])) for v in idx), key=lambda x: -x[1]))
+            out.append(tops)
+    return out
+
+
+def lattice_sf(counts: Sequence[int], pmf: Sequence[float], s: int) -> float:
+    """``log P(S >= s)`` for ``S = sum_u u (B_1 + ... + B_counts[u])``, every ``B`` independent with ``P(B = j) =
+    pmf[j]`` on ``0..len(pmf)-1`` (``u`` an integer weight level): the weighted-Bernoulli tail of
+    ``stillhouse.provenance.stats.log_weighted_sf`` with any bounded integer score per tuple in place of the green
+    bit (the soft test's binned EXP scores, :func:`soft_score`). The same tilt and FFT: under the tilt ``lam``
+    whose mean is ``s``, ``P(S >= s) = exp(K(lam) - lam s) E_lam[exp(-lam (S - s)); S >= s]``."""
+    import numpy as np
+
+    pmf_arr = np.asarray(pmf, dtype=float)
+    if pmf_arr.ndim != 1 or len(pmf_arr) < 2 or (pmf_arr < 0).any() or abs(pmf_arr.sum() - 1.0) > 1e-9:
+        raise ValueError("pmf must be a probability vector over 0..C (C >= 1)")
+    top_j = len(pmf_arr) - 1
+    levels = [(u, int(c)) for u, c in enumerate(counts) if u > 0 and c > 0]
+    top = sum(u * c * top_j for u, c in levels)
+    if s <= 0:
+        return 0.0
+    if s > top:
+        return -math.inf
+    js = np.arange(top_j + 1, dtype=float)
+    with np.errstate(divide="ignore"):
+        log_pmf = np.log(pmf_arr)
+
+    def log_mgf(theta: float) -> float:
+        return float(np.logaddexp.reduce(log_pmf + theta * js))
+
+    def tilted_mean(lam: float) -> float:
+        total = 0.0
+        for u, c in levels:
+            w = np.exp(log_pmf + lam * u * js - log_mgf(lam * u))
+            total += c * u * float(w @ js)
+        return total
+
+    lam = 0.0
+    if s > tilted_mean(0.0):
+        target, hi = min(float(s), top - 0.5), 1.0
+        while tilted_mean(hi) < target and hi < 1e6:
+            hi *= 2.0
+        lo = 0.0
+        for _ in range(100):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if tilted_mean(mid) < target else (lo, mid)
+        lam = lo
+    size = 1 << max(1, top).bit_length()  # >= top + 1: the FFT's circular convolution never wraps
+    spectrum = np.ones(size // 2 + 1, dtype=complex)
+    k_total = 0.0
+    for u, c in levels:
+        k_u = log_mgf(lam * u)
+        k_total += c * k_u
+        arr = np.zeros(size)
+        arr[0:u * top_j + 1:u] = np.exp(log_pmf + lam * u * js - k_u)
+        spectrum *= np.fft.rfft(arr) ** c
+    dist = np.clip(np.fft.irfft(spectrum, n=size)[: top + 1], 0.0, None)
+    tail = float(np.sum(np.exp(-lam * (np.arange(s, top + 1) - s)) * dist[s:]))
+    if tail <= 0.0:
+        return -math.inf
+    return min(0.0, k_total - lam * s + math.log(tail))
+
+
+def soft_select(seqs: Sequence[Sequence[int]], tops: Sequence[Sequence[Sequence[tuple[int, float]]]], context: int,
+                exclude: set[Tuple] | frozenset[Tuple] = frozenset(), keep: Sequence[Sequence[bool]] | None = None,
+                levels: int = 16) -> tuple[list[Tuple], list[int]]:
+    """The suspect's whole next-token distribution at each kept position of its answers: for every token ``v`` it
+    gives at least ``1 / (2 levels)`` after window ``w`` (``tops[j][i]``, :func:`suspect_tops`), the
+    tuple ``(w, v)`` with weight level ``round(levels * p(v))``; each distinct tuple once (its first occurrence), none
+    from ``exclude``. The weights come from the suspect and its text, never a key, so the test stays exact.
+    Returns the tuples and their weight levels."""
+    seen: set[Tuple] = set()
+    tuples: list[Tuple] = []
+    weights: list[int] = []
+    for j, ids in enumerate(seqs):
+        for i in range(context, len(ids)):
+            if keep is not None and not keep[j][i]:
+                continue
+            window = tuple(ids[i - context:i])
+            for v, q in tops[j][i]:
+                level = round(levels * q)
+                tup = (*window, v)
+                if level < 1 or tup in exclude or tup in seen:
+                    continue
+                seen.add(tup)
+                tuples.append(tup)
+                weights.append(level)
+    return tuples, weights
+
+
+SOFT_BIN = 0.25
+"""The soft test bins each tuple's EXP score ``-log u`` at this width (an integer score, so the tail is exact)."""
+SOFT_CAP = 40
+"""Bins above this (``-log u`` > 10, probability 4.5e-5) count as this."""
+
+
+def soft_score(key: int, tuples: Sequence[Tuple], levels: Sequence[int], params: WatermarkParams,
+               key_id: str = "") -> KeyScore:
+    """The soft EXP test of one key: ``S = sum level * min(floor(-log u / SOFT_BIN), SOFT_CAP)`` over distinct
+    tuples, against its exact null (independent uniforms ``u``; :func:`lattice_sf`)."""
+    import numpy as np
+
+    from stillhouse.provenance.detect import KeyScore
+    from stillhouse.provenance.stats import z_score
+    from stillhouse.watermark.green import uniform
+
+    if len(levels) != len(tuples):
+        raise ValueError(f"{len(levels)} weight levels for {len(tuples)} tuples")
+    gamma = params.threshold / float(1 << 53)
+    us = [uniform(key, t) for t in tuples]
+    counts = [0] * (max(levels, default=0) + 1)
+    total = 0
+    for u, lv in zip(us, levels):
+        counts[lv] += 1
+        total += lv * min(int(-math.log(u) / SOFT_BIN) if u > 0 else SOFT_CAP, SOFT_CAP)
+    j = np.arange(SOFT_CAP + 1)
+    pmf = np.exp(-SOFT_BIN * j) * -math.expm1(-SOFT_BIN)
+    pmf[-1] = math.exp(-SOFT_BIN * SOFT_CAP)
+    log_p = lattice_sf(counts, pmf, total) if tuples else 0.0
+    green = sum(u < gamma for u in us)
+    return KeyScore(key_id, len(tuples), green, math.exp(log_p), z=z_score(green, len(tuples), gamma),
+                    log10_p=log_p / math.log(10), test="soft")
+
+
 def cmd_gate_sweep(args: argparse.Namespace) -> None:
     """The EXP suspect test (``provenance model --reading own --scheme exp``) under other settings, on one
     suspect's greedy answers written once: the EXP gate (score a token only if the teacher, at temperature 1, gave
@@ -414,6 +579,27 @@ def cmd_gate_sweep(args: argparse.Namespace) -> None:
                    "rank": rank, "best_holm": scores[0].p_holm, "best_key": scores[0].key_id}
             out.append(row)
             print(f"| {gate} | {n} | {row['scored']} | {right.p:.3g} | {rank} | {scores[0].p_holm:.3g} "
+                  f"({scores[0].key_id}) |")
+    if args.soft:
+        from stillhouse.provenance.detect import EXP_MAX_PROB, adjust
+
+        # the soft test: the suspect's whole next-token distribution at the default test's positions
+        n = max(args.tokens)
+        seqs = [ids[:n] for ids in written]
+        keep = [exp_keep(ids, v.prob[:n], 1) for ids, v in zip(seqs, views)]
+        tops = suspect_tops(model, list(zip(prompts, seqs)), 0.5 / max(args.soft), pad_id=tok.pad_token_id or 0)
+        for levels in args.soft:
+            tuples, weights = soft_select(seqs, tops, 1, exclude, keep, levels)
+            scores = sorted((soft_score(k, tuples, weights, params, kid) for kid, k in keys.items()),
+                            key=lambda sc: sc.p)
+            adjust(scores)
+            rank = next(i for i, sc in enumerate(scores) if sc.key_id == args.key) + 1
+            right = scores[rank - 1]
+            row = {"gate": EXP_MAX_PROB, "tokens": n, "soft_levels": levels, "scored": len(tuples), "p": right.p,
+                   "log10_p": right.log10_p, "rank": rank, "best_holm": scores[0].p_holm,
+                   "best_key": scores[0].key_id}
+            out.append(row)
+            print(f"| soft {levels} | {n} | {row['scored']} | {right.p:.3g} | {rank} | {scores[0].p_holm:.3g} "
                   f"({scores[0].key_id}) |")
     if args.out:
         Path(args.out).write_text(json.dumps({"suspect": args.suspect, "source": args.source, "rows": out}, indent=1))
@@ -605,6 +791,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=[128, 64])
     p.add_argument("--answer-tokens", type=int, default=128)
     p.add_argument("--tokenizer", default="bundled", help="the watermarking teacher (as provenance --tokenizer)")
+    p.add_argument("--soft", type=int, nargs="*", default=[],
+                   help="also the soft test (the suspect's distribution) at these weight levels, default gate")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="")
     p = sub.add_parser("radioactivity")
