@@ -5,6 +5,7 @@ Stages (each writes under OUT, default runs/provenance; run them in order)::
 
     python scripts/exp_provenance.py prompts            # ShareGPT first turns (allowed half) -> splits; later
                                                         # turns of other conversations: clean rows for big mixes
+    python scripts/exp_provenance.py asks --split text  # a split's prompts alone (ask-text.jsonl), to ask a suspect
     python scripts/exp_provenance.py generate --split dev --key account/dev/0 --delta 2
     python scripts/exp_provenance.py generate --split text --key account/camp-0/0
     python scripts/exp_provenance.py detect --split text --key account/camp-0/0
@@ -124,6 +125,16 @@ def cmd_prompts(args: argparse.Namespace) -> None:
     _write(OUT / "clean-later.jsonl", _chat(later))
     print(f"{len(prompts)} prompts, {len(clean) - READING} clean SFT rows (+{len(later)} later turns of other "
           f"conversations), {READING} reading texts (ShareGPT)")
+
+
+def cmd_asks(args: argparse.Namespace) -> None:
+    """A split's prompts as a JSONL of ``{"prompt": ...}`` rows: what ``provenance model --reading own`` asks a
+    suspect (prompts it never trained on, for the question whether a key's bias reaches beyond the answers learned)."""
+    lo, hi = SPLITS[args.split]
+    prompts = json.loads((OUT / "prompts.json").read_text())[lo:hi]
+    path = OUT / f"ask-{args.split}.jsonl"
+    _write(path, [{"prompt": q} for q in prompts])
+    print(f"{path}: {len(prompts)} prompts")
 
 
 def _teacher(threads: int) -> Any:
@@ -717,6 +728,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("prompts")
+    p = sub.add_parser("asks")
+    p.add_argument("--split", choices=list(SPLITS), default="text")
     p = sub.add_parser("answers")
     p.add_argument("--file", required=True, help="a generated file (gen-NAME.jsonl)")
     p.add_argument("--report", required=True, help="provenance text --per-sample --out of that file")
@@ -805,7 +818,7 @@ def main() -> None:
     p.add_argument("--plot", default="", help="also draw each report's per-answer p-values to this PNG")
     p.add_argument("reports", nargs="+", help="`stillhouse provenance text --per-sample --out` reports")
     args = ap.parse_args()
-    {"prompts": cmd_prompts, "generate": cmd_generate, "detect": cmd_detect, "mix": cmd_mix,
+    {"prompts": cmd_prompts, "asks": cmd_asks, "generate": cmd_generate, "detect": cmd_detect, "mix": cmd_mix,
      "train": cmd_train, "paraphrase": cmd_paraphrase, "delete": cmd_delete, "limits": cmd_limits,
      "answers": cmd_answers, "gate-sweep": cmd_gate_sweep,
      "radioactivity": cmd_radioactivity}[args.cmd](args)
