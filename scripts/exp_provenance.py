@@ -393,7 +393,8 @@ def cmd_answers(args: argparse.Namespace) -> None:
 # The suspect's whole next-token distribution at the product EXP test's positions, each token it gives >= 1/(2L)
 # scored with weight round(L p) and its EXP score binned (an integer, so the tail below is exact). On the development
 # student mix5d-exp (2026-12-07) it gave p = 3.0e-7 (L 16) and 1.6e-7 (L 4) where the top-1 test gave 5.3e-8
-# (docs/results.md, Radioactivity): the spread of the distribution adds noise faster than evidence.
+# (docs/results.md, Radioactivity): on that student the top-1 token carries more of the key than the rest of the
+# distribution adds.
 
 def suspect_tops(model: Any, rows: Sequence[tuple[Sequence[int], Sequence[int]]], min_prob: float,
                  batch_size: int = 8, pad_id: int = 0) -> list[list[list[tuple[int, float]]]]:
