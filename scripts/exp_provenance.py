@@ -665,15 +665,23 @@ def cmd_counterfactual(args: argparse.Namespace) -> None:
     if args.generate_only:
         return
     suspect, stok, _ = load_model(args.suspect)
-    reference = None if args.reference == "none" else load_model(args.reference)[0]
     pad = stok.pad_token_id or 0
+    encs = [[(list(encode_chat(stok, m)), list(stok(t, add_special_tokens=False)["input_ids"]))
+             for t in [r["messages"][-1]["content"], *alts]] for m, r, alts in zip(prompts, rows, cf)]
+    ref: list[list[float]] | None = None
+    if args.reference != "none":  # the reference's log-probabilities are the same for every suspect: cached
+        ref_cache = cache.with_name(f"{cache.stem}-ref-{re.sub(r'[^A-Za-z0-9_.-]', '_', args.reference)}.json")
+        if ref_cache.exists():
+            ref = json.loads(ref_cache.read_text())
+        else:
+            reference = load_model(args.reference)[0]
+            ref = [_answer_logprobs(reference, enc, pad_id=pad) for enc in encs]
+            ref_cache.write_text(json.dumps(ref))
     ranks, table = [], []
-    for i, (m, r, alts) in enumerate(zip(prompts, rows, cf)):
-        texts = [r["messages"][-1]["content"], *alts]
-        enc = [(list(encode_chat(stok, m)), list(stok(t, add_special_tokens=False)["input_ids"])) for t in texts]
+    for i, enc in enumerate(encs):
         score = _answer_logprobs(suspect, enc, pad_id=pad)
-        if reference is not None:
-            score = [a - b for a, b in zip(score, _answer_logprobs(reference, enc, pad_id=pad))]
+        if ref is not None:
+            score = [a - b for a, b in zip(score, ref[i])]
         ties = sum(x == score[0] for x in score[1:])
         rank = 1 + sum(x > score[0] for x in score[1:]) + random.Random(i).randint(0, ties)
         ranks.append(rank)
