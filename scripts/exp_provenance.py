@@ -396,6 +396,20 @@ def cmd_answers(args: argparse.Namespace) -> None:
 # (docs/results.md, Radioactivity): on that student the top-1 token carries more of the key than the rest of the
 # distribution adds.
 
+def _logits(model: Any, chunk: list[tuple[list[int], list[int]]], pad_id: int) -> Any:
+    """The model's float logits over ``prompt + answer`` for each pair of ``chunk``, right-padded into one batch."""
+    import torch
+
+    width = max(1, max(len(p) + len(a) for p, a in chunk))
+    batch = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for j, (p, a) in enumerate(chunk):
+        batch[j, :len(p) + len(a)] = torch.tensor(p + a, dtype=torch.long)
+        mask[j, :len(p) + len(a)] = 1
+    with torch.inference_mode():
+        return model(input_ids=batch, attention_mask=mask, use_cache=False).logits.float()
+
+
 def suspect_tops(model: Any, rows: Sequence[tuple[Sequence[int], Sequence[int]]], min_prob: float,
                  batch_size: int = 8, pad_id: int = 0) -> list[list[list[tuple[int, float]]]]:
     """For each ``(prompt ids, answer ids)``: before every answer token, the tokens the suspect gives at least
@@ -406,14 +420,7 @@ def suspect_tops(model: Any, rows: Sequence[tuple[Sequence[int], Sequence[int]]]
     out: list[list[list[tuple[int, float]]]] = []
     for start in range(0, len(rows), batch_size):
         chunk = [(list(p), list(a)) for p, a in rows[start:start + batch_size]]
-        width = max(len(p) + len(a) for p, a in chunk)
-        batch = torch.full((len(chunk), max(width, 1)), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(batch)
-        for j, (p, a) in enumerate(chunk):
-            batch[j, :len(p) + len(a)] = torch.tensor(p + a, dtype=torch.long)
-            mask[j, :len(p) + len(a)] = 1
-        with torch.inference_mode():
-            probs = torch.softmax(model(input_ids=batch, attention_mask=mask, use_cache=False).logits.float(), -1)
+        probs = torch.softmax(_logits(model, chunk, pad_id), -1)
         for j, (p, a) in enumerate(chunk):
             tops: list[list[tuple[int, float]]] = []
             for i in range(len(a)):
@@ -625,14 +632,7 @@ def _answer_logprobs(model: Any, rows: list[tuple[list[int], list[int]]], batch_
     out: list[float] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        width = max(len(p) + len(a) for p, a in chunk)
-        batch = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(batch)
-        for j, (p, a) in enumerate(chunk):
-            batch[j, :len(p) + len(a)] = torch.tensor(p + a, dtype=torch.long)
-            mask[j, :len(p) + len(a)] = 1
-        with torch.inference_mode():
-            logp = torch.log_softmax(model(input_ids=batch, attention_mask=mask, use_cache=False).logits.float(), -1)
+        logp = torch.log_softmax(_logits(model, chunk, pad_id), -1)
         for j, (p, a) in enumerate(chunk):
             pos = torch.arange(len(p) - 1, len(p) + len(a) - 1)
             out.append(float(logp[j, pos, torch.tensor(a, dtype=torch.long)].sum()))
