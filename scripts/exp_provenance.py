@@ -50,10 +50,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from stillhouse.provenance.detect import KeyScore
+    from stillhouse.provenance.detect import KeyScore, Tuple
     from stillhouse.watermark.green import WatermarkParams
-
-Tuple = tuple[int, ...]
 
 OUT = Path("runs/provenance")
 SPLITS = {"dev": (0, 24), "text": (24, 120), "train": (120, 1320)}
@@ -592,13 +590,7 @@ def cmd_gate_sweep(args: argparse.Namespace) -> None:
             keep = [exp_keep(ids, v.prob[:n], 1, max_prob=gate) for ids, v in zip(seqs, views)]
             sel = select(seqs, range(len(seqs)), 1, exclude, True, keep, None, [True] * len(seqs))
             scores = score_keys(sel.tuples, keys, params, None, sel.exp)
-            rank = next(i for i, sc in enumerate(scores) if sc.key_id == args.key) + 1
-            right = scores[rank - 1]
-            row = {"gate": gate, "tokens": n, "scored": len(sel.tuples), "p": right.p, "log10_p": right.log10_p,
-                   "rank": rank, "best_holm": scores[0].p_holm, "best_key": scores[0].key_id}
-            out.append(row)
-            print(f"| {gate} | {n} | {row['scored']} | {right.p:.3g} | {rank} | {scores[0].p_holm:.3g} "
-                  f"({scores[0].key_id}) |")
+            out.append(_sweep_row(scores, args.key, str(gate), {"gate": gate, "tokens": n}))
     if args.soft:
         from stillhouse.provenance.detect import EXP_MAX_PROB, adjust
 
@@ -610,18 +602,23 @@ def cmd_gate_sweep(args: argparse.Namespace) -> None:
         for levels in args.soft:
             tuples, weights = soft_select(seqs, tops, 1, exclude, keep, levels)
             scores = sorted((soft_score(k, tuples, weights, params, kid) for kid, k in keys.items()),
-                            key=lambda sc: sc.p)
+                            key=lambda sc: (sc.p, -sc.rate, sc.key_id))  # score_keys' order
             adjust(scores)
-            rank = next(i for i, sc in enumerate(scores) if sc.key_id == args.key) + 1
-            right = scores[rank - 1]
-            row = {"gate": EXP_MAX_PROB, "tokens": n, "soft_levels": levels, "scored": len(tuples), "p": right.p,
-                   "log10_p": right.log10_p, "rank": rank, "best_holm": scores[0].p_holm,
-                   "best_key": scores[0].key_id}
-            out.append(row)
-            print(f"| soft {levels} | {n} | {row['scored']} | {right.p:.3g} | {rank} | {scores[0].p_holm:.3g} "
-                  f"({scores[0].key_id}) |")
+            out.append(_sweep_row(scores, args.key, f"soft {levels}",
+                                  {"gate": EXP_MAX_PROB, "tokens": n, "soft_levels": levels}))
     if args.out:
         Path(args.out).write_text(json.dumps({"suspect": args.suspect, "source": args.source, "rows": out}, indent=1))
+
+
+def _sweep_row(scores: list[KeyScore], key: str, label: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """One sweep setting's row (``scores`` best first, Holm-adjusted): printed as a table line, returned for --out."""
+    rank = next(i for i, sc in enumerate(scores) if sc.key_id == key) + 1
+    right = scores[rank - 1]
+    row = {**fields, "scored": right.scored, "p": right.p, "log10_p": right.log10_p, "rank": rank,
+           "best_holm": scores[0].p_holm, "best_key": scores[0].key_id}
+    print(f"| {label} | {fields['tokens']} | {row['scored']} | {right.p:.3g} | {rank} | {scores[0].p_holm:.3g} "
+          f"({scores[0].key_id}) |")
+    return row
 
 
 def _answer_logprobs(model: Any, rows: list[tuple[list[int], list[int]]], batch_size: int = 8,
@@ -642,7 +639,7 @@ def _answer_logprobs(model: Any, rows: list[tuple[list[int], list[int]]], batch_
 def cmd_counterfactual(args: argparse.Namespace) -> None:
     """Does a suspect prefer our answers to the ones other keys would have drawn for the same prompts? For each
     prompt of SOURCE (our answers, EXP-drawn), K answers drawn the same way, each under its own key ``cf/<i>/<j>``
-    (cached in OUT/cf-SOURCE-kK.jsonl); every answer scored ``log p_suspect - log p_reference`` (teacher-forced; raw
+    (cached in OUT/cf-SOURCE-kK-RECIPE.jsonl); every answer scored ``log p_suspect - log p_reference`` (teacher-forced; raw
     ``log p_suspect`` with ``--reference none``); our answer's rank among the K + 1 (1 = the suspect's favourite, ties
     broken at random). A model that never saw our answers sees K + 1 draws of one sampler under independent keys, so
     when every answer of SOURCE had its own key (``--own-keys``: keys per request) the ranks are independent and
@@ -656,7 +653,9 @@ def cmd_counterfactual(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     rows = [json.loads(x) for x in Path(args.source).read_text().splitlines()]
     prompts = [r["messages"][:-1] for r in rows]
-    cache = OUT / f"cf-{Path(args.source).stem}-k{args.k}.jsonl"
+    recipe = f"{args.gamma:g}-{args.delta:g}-{args.context}-{args.entropy:g}-{args.max_tokens}-{args.temperature:g}"
+    tag = hashlib.sha256(recipe.encode()).hexdigest()[:8]  # another recipe draws (and caches) its own answers
+    cache = OUT / f"cf-{Path(args.source).stem}-k{args.k}-{tag}.jsonl"
     if cache.exists():
         cf = [json.loads(x)["answers"] for x in cache.read_text().splitlines()]
     else:
@@ -666,8 +665,11 @@ def cmd_counterfactual(args: argparse.Namespace) -> None:
         return
     suspect, stok, _ = load_model(args.suspect)
     pad = stok.pad_token_id or 0
-    encs = [[(list(encode_chat(stok, m)), list(stok(t, add_special_tokens=False)["input_ids"]))
-             for t in [r["messages"][-1]["content"], *alts]] for m, r, alts in zip(prompts, rows, cf)]
+    encs = []
+    for m, r, alts in zip(prompts, rows, cf):
+        prompt_ids = list(encode_chat(stok, m))
+        encs.append([(prompt_ids, list(stok(t, add_special_tokens=False)["input_ids"]))
+                     for t in [r["messages"][-1]["content"], *alts]])
     ref: list[list[float]] | None = None
     if args.reference != "none":  # the reference's log-probabilities are the same for every suspect: cached
         ref_cache = cache.with_name(f"{cache.stem}-ref-{re.sub(r'[^A-Za-z0-9_.-]', '_', args.reference)}.json")

@@ -1,7 +1,7 @@
 """scripts/exp_provenance.py's development tools: the soft suspect test (not adopted: the suspect's whole
 next-token distribution, scored with binned EXP scores) and the counterfactual check's answer log-probabilities.
 
-Its tail (:func:`log_lattice_sf`) is checked against enumeration and against the weighted-Bernoulli tail it
+The tail (``lattice_sf``) is checked against enumeration and against the weighted-Bernoulli tail it
 generalises; validity is the share of random keys below each level on fixed tuples and weights; the selection is
 checked for its weights, dedup and prompt filter, and the suspect's distribution against a softmax.
 """
