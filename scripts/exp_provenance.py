@@ -166,7 +166,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         c = h.future.result()
         k = keys[i % len(keys)]
         rows.append({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c.text}],
-                     "token_ids": c.token_ids, "key_id": k, "params": vars(params) if k != "none" else None})
+                     "token_ids": c.token_ids, "key_id": k, "params": vars(params) if k != "none" else None,
+                     "account": k.split("/")[1] if k != "none" else "", "temperature": args.temperature,
+                     "max_tokens": args.max_tokens})
     wall = time.perf_counter() - t0
     teacher.close()
     name = args.name or (f"{args.split}-{keys[0].replace('/', '_')}{f'x{len(keys)}' if len(keys) > 1 else ''}"
@@ -256,14 +258,16 @@ def cmd_mix(args: argparse.Namespace) -> None:
     wm: list[dict[str, Any]] = []
     for name in args.wm:  # a generate stage's NAME, or any JSONL of chat rows (a paraphrase stage's para-NAME.jsonl)
         path = Path(name) if name.endswith(".jsonl") else OUT / f"gen-{name}.jsonl"
-        wm += [{"messages": json.loads(x)["messages"]} for x in path.read_text().splitlines()]
+        # the request's key id and sampling recipe ride along into data-NAME-wm.jsonl (as a guard's log keeps them)
+        wm += [{k: v for k, v in json.loads(x).items() if k in ("messages", "key_id", "account", "temperature", "max_tokens")}
+               for x in path.read_text().splitlines()]
     n_wm = round(args.share * args.rows)
     if n_wm and not args.wm:
         raise SystemExit(f"--share {args.share:g} needs watermarked answers: name them with --wm NAME (gen-NAME.jsonl)")
     if n_wm > len(wm) or args.rows - n_wm > len(clean):
         raise SystemExit(f"need {n_wm} watermarked rows (have {len(wm)}) and {args.rows - n_wm} clean (have {len(clean)})")
     marked = rng.sample(wm, n_wm)
-    rows = marked + rng.sample(clean, args.rows - n_wm)
+    rows = [{"messages": r["messages"]} for r in marked] + rng.sample(clean, args.rows - n_wm)
     rng.shuffle(rows)
     path = OUT / f"data-{args.name}.jsonl"
     _write(path, rows)
@@ -621,107 +625,6 @@ def _sweep_row(scores: list[KeyScore], key: str, label: str, fields: dict[str, A
     return row
 
 
-def _answer_logprobs(model: Any, rows: list[tuple[list[int], list[int]]], batch_size: int = 8,
-                     pad_id: int = 0) -> list[float]:
-    """``log p(answer | prompt)`` under ``model`` for each ``(prompt ids, answer ids)`` (teacher-forced)."""
-    import torch
-
-    out: list[float] = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        logp = torch.log_softmax(_logits(model, chunk, pad_id), -1)
-        for j, (p, a) in enumerate(chunk):
-            pos = torch.arange(len(p) - 1, len(p) + len(a) - 1)
-            out.append(float(logp[j, pos, torch.tensor(a, dtype=torch.long)].sum()))
-    return out
-
-
-def cmd_counterfactual(args: argparse.Namespace) -> None:
-    """Does a suspect prefer our answers to the ones other keys would have drawn for the same prompts? For each
-    prompt of SOURCE (our answers, EXP-drawn), K answers drawn the same way, each under its own key ``cf/<i>/<j>``
-    (cached in OUT/cf-SOURCE-kK-RECIPE.jsonl); every answer scored ``log p_suspect - log p_reference`` (teacher-forced; raw
-    ``log p_suspect`` with ``--reference none``); our answer's rank among the K + 1 (1 = the suspect's favourite, ties
-    broken at random). A model that never saw our answers sees K + 1 draws of one sampler under independent keys, so
-    when every answer of SOURCE had its own key (``--own-keys``: keys per request) the ranks are independent and
-    uniform and ``sum(K + 1 - rank)`` has an exact tail (sum of uniforms on 0..K). Under one key for all of SOURCE
-    the key shapes every answer, the ranks are not independent, and no p-value is printed."""
-    import torch
-
-    from stillhouse.teacher.bundled import load_model
-    from stillhouse.teacher.local import encode_chat
-
-    torch.set_num_threads(args.threads)
-    rows = [json.loads(x) for x in Path(args.source).read_text().splitlines()]
-    prompts = [r["messages"][:-1] for r in rows]
-    recipe = f"{args.gamma:g}-{args.delta:g}-{args.context}-{args.entropy:g}-{args.max_tokens}-{args.temperature:g}"
-    tag = hashlib.sha256(recipe.encode()).hexdigest()[:8]  # another recipe draws (and caches) its own answers
-    cache = OUT / f"cf-{Path(args.source).stem}-k{args.k}-{tag}.jsonl"
-    if cache.exists():
-        cf = [json.loads(x)["answers"] for x in cache.read_text().splitlines()]
-    else:
-        cf = _counterfactuals(args, prompts)
-        _write(cache, [{"messages": m, "answers": a} for m, a in zip(prompts, cf)])
-    if args.generate_only:
-        return
-    suspect, stok, _ = load_model(args.suspect)
-    pad = stok.pad_token_id or 0
-    encs = []
-    for m, r, alts in zip(prompts, rows, cf):
-        prompt_ids = list(encode_chat(stok, m))
-        encs.append([(prompt_ids, list(stok(t, add_special_tokens=False)["input_ids"]))
-                     for t in [r["messages"][-1]["content"], *alts]])
-    ref: list[list[float]] | None = None
-    if args.reference != "none":  # the reference's log-probabilities are the same for every suspect: cached
-        ref_cache = cache.with_name(f"{cache.stem}-ref-{re.sub(r'[^A-Za-z0-9_.-]', '_', args.reference)}.json")
-        if ref_cache.exists():
-            ref = json.loads(ref_cache.read_text())
-        else:
-            reference = load_model(args.reference)[0]
-            ref = [_answer_logprobs(reference, enc, pad_id=pad) for enc in encs]
-            ref_cache.write_text(json.dumps(ref))
-    ranks, table = [], []
-    for i, enc in enumerate(encs):
-        score = _answer_logprobs(suspect, enc, pad_id=pad)
-        if ref is not None:
-            score = [a - b for a, b in zip(score, ref[i])]
-        ties = sum(x == score[0] for x in score[1:])
-        rank = 1 + sum(x > score[0] for x in score[1:]) + random.Random(i).randint(0, ties)
-        ranks.append(rank)
-        table.append({"rank": rank, "ours": score[0], "others": score[1:]})
-    report: dict[str, Any] = {"suspect": args.suspect, "reference": args.reference, "source": args.source,
-                              "k": args.k, "ranks": ranks, "first": sum(x == 1 for x in ranks), "rows": table}
-    print(f"{args.suspect} against {args.reference}: our answer's rank among {args.k + 1}, per prompt: {ranks}")
-    print(f"first in {report['first']} of {len(ranks)}; mean rank {sum(ranks) / len(ranks):.2f} "
-          f"(uniform: {(args.k + 2) / 2:.1f})")
-    if args.own_keys:
-        stat = sum(args.k + 1 - x for x in ranks)
-        report["log10_p"] = lattice_sf([0, len(ranks)], [1 / (args.k + 1)] * (args.k + 1), stat) / math.log(10)
-        print(f"sum of (K + 1 - rank) = {stat} of {len(ranks) * args.k}: p = 10^{report['log10_p']:.2f} (exact)")
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1))
-
-
-def _counterfactuals(args: argparse.Namespace, prompts: list[list[dict[str, Any]]]) -> list[list[str]]:
-    """K answers per prompt, each EXP-drawn under its own key ``cf/<prompt>/<j>`` with SOURCE's recipe."""
-    from stillhouse.teacher.base import SamplingParams
-    from stillhouse.watermark.green import RowWatermark, WatermarkParams, vocab_hashes
-    from stillhouse.watermark.keys import derive_key, key_u64, load_secret
-
-    teacher = _teacher(args.threads)
-    params = WatermarkParams(args.gamma, args.delta, args.context, args.entropy, "exp")
-    hashes = vocab_hashes(int(teacher.model.get_output_embeddings().weight.shape[0]))
-    secret = load_secret()
-    sp = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=0)
-    t0 = time.perf_counter()
-    handles = [[teacher.submit(teacher.encode(m), sp, index=i * args.k + j, row_processor=RowWatermark(
-        key_u64(derive_key(secret, f"cf/{i}/{j}")), params, hashes, f"cf/{i}/{j}")) for j in range(args.k)]
-        for i, m in enumerate(prompts)]
-    cf = [[h.future.result().text for h in hs] for hs in handles]
-    teacher.close()
-    print(f"{len(prompts) * args.k} counterfactual answers in {time.perf_counter() - t0:.0f}s")
-    return cf
-
-
 def cmd_radioactivity(args: argparse.Namespace) -> None:
     """One picture of the radioactivity tests: for each ``provenance model --json --out`` report given as
     SHARE=REPORT (SHARE: the watermarked share of the student's SFT data, e.g. 0.05, or ``clean``), the right key's
@@ -914,23 +817,6 @@ def main() -> None:
                    help="also the soft test (the suspect's distribution) at these weight levels, default gate")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="")
-    p = sub.add_parser("counterfactual")
-    p.add_argument("--suspect", default="bundled", help="bundled or hf:DIR")
-    p.add_argument("--source", required=True, help="our answers with their prompts (data-NAME-wm.jsonl)")
-    p.add_argument("--reference", default="bundled", help="the score is log p_suspect - log p_reference (none: "
-                   "log p_suspect)")
-    p.add_argument("--k", type=int, default=9, help="counterfactual answers per prompt")
-    p.add_argument("--gamma", type=float, default=0.25)
-    p.add_argument("--delta", type=float, default=1.5)
-    p.add_argument("--context", type=int, default=1)
-    p.add_argument("--entropy", type=float, default=2.0)
-    p.add_argument("--max-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--own-keys", action="store_true",
-                   help="every answer of SOURCE had its own key (keys per request): print the exact p-value")
-    p.add_argument("--generate-only", action="store_true", help="only draw (and cache) the counterfactual answers")
-    p.add_argument("--out", default="")
     p = sub.add_parser("radioactivity")
     p.add_argument("--key", required=True, help="the key the watermarked answers were made with")
     p.add_argument("--plot", required=True, help="the PNG to draw")
@@ -943,7 +829,7 @@ def main() -> None:
     args = ap.parse_args()
     {"prompts": cmd_prompts, "asks": cmd_asks, "generate": cmd_generate, "detect": cmd_detect, "mix": cmd_mix,
      "train": cmd_train, "paraphrase": cmd_paraphrase, "delete": cmd_delete, "limits": cmd_limits,
-     "answers": cmd_answers, "gate-sweep": cmd_gate_sweep, "counterfactual": cmd_counterfactual,
+     "answers": cmd_answers, "gate-sweep": cmd_gate_sweep,
      "radioactivity": cmd_radioactivity}[args.cmd](args)
 
 

@@ -1,5 +1,6 @@
 """scripts/exp_provenance.py's development tools: the soft suspect test (not adopted: the suspect's whole
-next-token distribution, scored with binned EXP scores) and the counterfactual check's answer log-probabilities.
+next-token distribution, scored with binned EXP scores). The counterfactual test moved into the product
+(tests/test_provenance_counterfactual.py).
 
 The tail (``lattice_sf``) is checked against enumeration and against the weighted-Bernoulli tail it
 generalises; validity is the share of random keys below each level on fixed tuples and weights; the selection is
@@ -128,21 +129,3 @@ def test_suspect_tops_are_the_softmax_above_the_floor() -> None:
         assert sorted(v for v, _ in got) == sorted(v for v, _ in want)
         assert [q for _, q in got] == sorted((q for _, q in got), reverse=True)
         assert dict(got) == pytest.approx(dict(want), rel=1e-4)
-
-
-def test_answer_logprobs_sum_the_answer_tokens_alone_in_a_padded_batch() -> None:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=30, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64))
-    model.eval()
-    rows = [([1, 2, 3], [4, 5]), ([6], [7, 8, 9, 10]), ([11, 12], [13])]
-    got = script._answer_logprobs(model, rows, batch_size=2)
-    for (p, a), lp in zip(rows, got):
-        ids = torch.tensor([p + a])
-        with torch.inference_mode():
-            logp = torch.log_softmax(model(input_ids=ids).logits[0], -1)
-        want = sum(float(logp[len(p) - 1 + i, t]) for i, t in enumerate(a))  # the prompt's own tokens not counted
-        assert lp == pytest.approx(want, abs=1e-4)

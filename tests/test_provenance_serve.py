@@ -97,3 +97,32 @@ def test_guard_keys_each_account_and_provenance_names_it(wm_serve: Any, tmp_path
         ranked = score_keys(tuples, keymap, PARAMS)
         assert ranked[0].key_id == f"account/{account}/11", ranked[:3]
         assert ranked[0].p_holm < 1e-6 and ranked[1].p_holm > 1e-3, ranked[:2]
+
+
+def test_guard_keys_each_request_under_its_account(wm_serve: Any, tmp_path: Any) -> None:
+    """--watermark-per-request: every request its own key id (account/ID/EPOCH/REQUEST), applied by serve as the
+    log says, so the counterfactual test can rank each answer independently; the account stays in the id."""
+    from stillhouse.provenance.texts import load_samples
+    from stillhouse.watermark.keys import KeyId
+
+    cfg = make_config(tmp_path, wm_serve.base_url[:-3], watermark=True, watermark_rotate_s=86_400.0,
+                      watermark_per_request=True, upstream_timeout_s=120.0)
+    g = start_guard(cfg, clock=Clock(1_000_000.0))
+    try:
+        keys = {a: g.account_with_key(a) for a in ("alice", "bob")}
+        for i in range(3):
+            for key in keys.values():
+                body = {"model": "tiny", "max_tokens": 8, "temperature": 1.0,
+                        "messages": [{"role": "user", "content": f"Story number {i}, please."}]}
+                status, _, out = g.chat(key, body)
+                assert status == 200, out
+        records = g.records()
+    finally:
+        g.stop()
+    ids = [KeyId.parse(r.watermark_key_id) for r in records]
+    assert len(records) == 6 and len({str(k) for k in ids}) == 6  # one key per request
+    for r, k in zip(records, ids):  # the id serve applied names the account, the epoch and this very request
+        assert (k.scope, k.subject, k.epoch, k.request) == ("account", r.account_id, 11, r.request_id)
+    samples = load_samples(cfg.db_url)  # what the counterfactual test reads: each answer's key and recipe
+    assert {s.key_id for s in samples} == {r.watermark_key_id for r in records}
+    assert all(s.params.get("max_tokens") == 8 and s.temperature == 1.0 for s in samples)

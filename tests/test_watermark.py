@@ -52,6 +52,12 @@ def test_keys_derive_per_id_and_rotate_by_epoch() -> None:
     assert KeyId.parse(str(odd)) == odd and "/" not in str(odd).split("/", 1)[1].rsplit("/", 1)[0]
     with pytest.raises(WatermarkKeyError, match="SCOPE/SUBJECT/EPOCH"):
         KeyId.parse("alice")
+    per_request = KeyId("account", "alice", 3, "req/1 x")  # keys per request: a key of its own, same account
+    assert str(per_request).count("/") == 3 and KeyId.parse(str(per_request)) == per_request
+    assert derive_key(SECRET, per_request) != derive_key(SECRET, KeyId("account", "alice", 3))
+    for bad in ("account/alice/3/", "account/alice/x/r1", "account/alice/3/r1/extra"):
+        with pytest.raises(WatermarkKeyError, match="SCOPE/SUBJECT/EPOCH"):
+            KeyId.parse(bad)
 
 
 def test_secret_must_be_set_and_long(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -556,18 +556,21 @@ class GuardApp:
                     self._post_scheduled = True
                     asyncio.get_running_loop().call_soon(self._drain_post)
 
-    def watermark_key_id(self, account_id: str) -> str:
-        """The key id that answers this account now: its own, or its cluster's (``watermark_scope``)."""
+    def watermark_key_id(self, account_id: str, request_id: str = "") -> str:
+        """The key id that answers this account's request now: its own, or its cluster's (``watermark_scope``),
+        and with ``watermark_per_request`` that request's own key under it."""
         from stillhouse.watermark.keys import KeyId, epoch_of
 
         epoch = epoch_of(self.clock(), self.config.watermark_rotate_s)
         cluster = self.policy.cluster_of(account_id) if self.config.watermark_scope == "cluster" else None
-        return str(KeyId("cluster", cluster, epoch) if cluster else KeyId("account", account_id, epoch))
+        request = request_id if self.config.watermark_per_request else ""
+        return str(KeyId("cluster", cluster, epoch, request) if cluster else
+                   KeyId("account", account_id, epoch, request))
 
     def _watermark_header(self, rec: TrafficRecord, account: AccountInfo) -> list[tuple[str, str]]:
         from stillhouse.watermark.keys import HEADER, sign_header
 
-        kid = self.watermark_key_id(account.account_id)
+        kid = self.watermark_key_id(account.account_id, rec.request_id)
         # wall time, not self.clock: the upstream checks freshness against its own clock
         return [(HEADER, sign_header(self._wm_secret, kid, rec.request_id, time.time()))]
 

@@ -184,6 +184,12 @@ class GuardConfig:
     watermark_scope: WatermarkScope = "account"
     """Whose key answers a request: "account" (one key per account) or "cluster" (the detector's cluster of
     linked accounts once it has one, else the account's own key)."""
+    watermark_per_request: bool = False
+    """A key of its own for every request, derived from its account's (or cluster's) key id and the request id
+    (key id ``account/ID/EPOCH/REQUEST``, logged; attribution still names the account). Makes the counterfactual
+    test exact (``provenance model --test counterfactual``: each answer's rank among answers other keys would have
+    drawn is then independent of every other's); the green-list tests then need the log as source (``--match-keys``
+    with accounts as ``--group``s), since no single key covers an account's answers."""
     watermark_rotate_s: float = 2_592_000.0
     """Keys rotate every this many seconds of the guard's clock (key id epoch = floor(t / this)); 0 = never."""
 

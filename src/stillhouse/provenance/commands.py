@@ -71,6 +71,17 @@ def _print(report: dict[str, Any], as_json: bool, out: Path | None) -> None:
         typer.echo(json.dumps(report, indent=1))
         return
     typer.echo(report["verdict"])
+    if report.get("test") == "counterfactual":
+        k = report["k"]
+        typer.echo(f"our answer's rank among {k + 1} ({report['score']}), per hypothesis:")
+        typer.echo(f"{'account or group':40} {'answers':>7} {'first':>6} {'mean rank':>9} {'p':>10} {'p (Holm)':>10}")
+        for h in report["hypotheses"][:10]:
+            typer.echo(f"{h['name'][:40]:40} {h['answers']:7d} {h['first']:6d} {h['mean_rank']:9.2f} {h['p']:10.3g} "
+                       f"{h['p_holm']:10.3g}")
+        if len(report["hypotheses"]) > 10:
+            typer.echo(f"... {len(report['hypotheses']) - 10} more (--json shows all)")
+        typer.echo(f"(under H0 each rank is uniform: mean rank {(k + 2) / 2:g})")
+        return
     typer.echo(f"{'key id':40} {'scored':>7} {'green':>6} {'rate':>6} {'p':>10} {'p (Holm)':>10}  accounts")
     for s in report["scores"][:10]:
         typer.echo(f"{s['key_id'][:40]:40} {s['scored']:7d} {s['green']:6d} {s['rate']:6.3f} {s['p']:10.3g} "

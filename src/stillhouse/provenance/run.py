@@ -97,11 +97,17 @@ class ScoringConfig:
             raise ValueError("limit and max_tokens must be >= 0 (0 = no limit)")
         if not 0.0 < self.alpha < 1.0:
             raise ValueError(f"alpha={self.alpha}: must be in (0, 1), e.g. 1e-3")
-        if not self.log and not self.key_ids:
+        if not self.log and not self.key_ids and self.needs_candidates:
             raise ValueError("no candidate keys: give --log sqlite:///guard.db (its key ids) or --key-ids ID,...")
         if self.score not in (None, "weighted", "count"):
             raise ValueError(f"score={self.score!r}: use weighted (the default for answers) or count")
         WatermarkParams(delta=self.delta, scheme=self.scheme)  # raises naming the field
+
+    @property
+    def needs_candidates(self) -> bool:
+        """Whether the test tries candidate keys (every test but the counterfactual one, which reads each answer's
+        own key id from the source)."""
+        return True
 
     def _check_weights(self) -> None:
         """The weighted score needs a delta (each subclass calls this once its own fields are checked)."""
@@ -183,8 +189,29 @@ class SuspectConfig(ScoringConfig):
     """With --match-keys: accounts to test together as one hypothesis, comma-separated, repeatable (--group
     camp-0,camp-1): each member's answers scored under the key that answered it, pooled, one exact test."""
     cluster_groups: bool = True
-    """With --match-keys: also test, as a group, each cluster of two or more accounts that the guard's detector
-    linked in the log (its account_stats) and that asked in SOURCE."""
+    """With --match-keys (or --test counterfactual): also test, as a group, each cluster of two or more accounts
+    that the guard's detector linked in the log (its account_stats) and that asked in SOURCE."""
+    test: Literal["tuples", "counterfactual"] = "tuples"
+    """tuples: score the suspect's tuples for the candidate keys' green lists (everything above). counterfactual:
+    rank each of SOURCE's answers among K answers the teacher (--tokenizer) draws again for its prompt under other
+    keys, by how much the suspect prefers it (reading text: its log-likelihood over the reference's; its own
+    answers, closed or --reading own: their 4-gram overlap); the exact tail of the ranks' sum per account, Holm over
+    accounts and groups (provenance/counterfactual.py). Needs a key per request (the guard's
+    --watermark-per-request) and the teacher's weights; no candidate keys."""
+    counterfactuals: int = 9
+    """--test counterfactual: answers drawn per answer of SOURCE (K); n answers can reach p = (K + 1)^-n at best."""
+    reference: str = ""
+    """--test counterfactual, reading text: the score is log p_suspect - log p_reference; empty = the teacher
+    (--tokenizer), none = the suspect's raw log-likelihood."""
+    cache: str = ""
+    """--test counterfactual: a JSONL file that keeps the drawn answers (they depend on the teacher, the recipe and
+    the secret, never on the suspect) and gives them back to the next run; empty = draw every time."""
+    default_max_tokens: int = 512
+    """--test counterfactual: max_tokens of answers whose request gave none (serve's --default-max-tokens)."""
+
+    @property
+    def needs_candidates(self) -> bool:
+        return self.test != "counterfactual"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -211,7 +238,19 @@ class SuspectConfig(ScoringConfig):
         for name in ("reading_max_len", "batch_size", "answer_tokens", "concurrency"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
-        if self.groups and not self.match_keys:
+        if self.test not in ("tuples", "counterfactual"):
+            raise ValueError(f"test={self.test!r}: use tuples (the green-list tests) or counterfactual")
+        if self.test == "counterfactual":
+            if self.counterfactuals < 1:
+                raise ValueError(f"counterfactuals={self.counterfactuals}: draw at least 1 answer per answer (9 "
+                                 "gives p = 10^-n for n answers all ranked first)")
+            if self.default_max_tokens < 1:
+                raise ValueError(f"default_max_tokens={self.default_max_tokens}: must be >= 1")
+            if self.match_keys:
+                raise ValueError("match_keys: the counterfactual test already reads each answer's own key; drop it")
+            if self.reference not in ("", "none"):
+                parse_spec(self.reference)  # raises listing the accepted forms
+        elif self.groups and not self.match_keys:
             raise ValueError(f"groups={list(self.groups)}: a group is scored on the keys that answered its accounts; "
                              "add --match-keys (with the guard's log as SOURCE)")
         if self.match_keys:
@@ -391,6 +430,8 @@ def model_provenance(cfg: SuspectConfig, progress: StepProgress | None = None) -
 
     t0 = time.perf_counter()
     secret = load_secret(cfg.secret_env)
+    if cfg.test == "counterfactual":
+        return _counterfactual(cfg, load_samples(cfg.source, cfg.limit, cfg.account), secret, progress, t0)
     candidates = candidates_for(cfg)
     samples = load_samples(cfg.source, cfg.limit, cfg.account)
     tok = _tokenizer(cfg.tokenizer)
@@ -496,3 +537,78 @@ def _matched(cfg: SuspectConfig, asked: list[Sample], seqs: list[list[int]], exc
                  f"{len(group_scores)} groups)"),
         wall_s=round(time.perf_counter() - t0, 2))
     return report
+
+
+def _counterfactual(cfg: SuspectConfig, samples: list[Sample], secret: bytes, progress: StepProgress | None,
+                    t0: float) -> dict[str, Any]:
+    """``--test counterfactual``: our answers ranked among the teacher's redraws under other keys, per account."""
+    from dataclasses import replace
+
+    from stillhouse.provenance import counterfactual as cf
+    from stillhouse.provenance.matched import operator_groups
+
+    asked = [s for s in samples if s.prompt]
+    if not asked:
+        raise cf.CounterfactualError(f"{cfg.source}: no answer with its prompt; the test draws other answers to the "
+                                     "same prompts (give the guard's log, or JSONL rows with 'messages')")
+    cf.check_keys(asked)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    params = [replace(cfg.params, scheme=s.scheme or cfg.scheme) for s in asked]  # type: ignore[arg-type]
+    recipes = [cf.sampling(s, cfg.default_max_tokens, 1.0) for s in asked]
+    from pathlib import Path
+
+    drawn = cf.draw(cfg.tokenizer, asked, cfg.counterfactuals, params, secret, recipes,
+                    Path(cfg.cache) if cfg.cache else None, progress)
+    candidates = [[s.text, *d] for s, d in zip(asked, drawn)]
+    extra: dict[str, Any] = {"suspect": cfg.suspect, "mode": cfg.resolved_mode, "source": cfg.source,
+                             "test": "counterfactual", "k": cfg.counterfactuals, "answers": len(asked)}
+    if cfg.reads_text:
+        reference = "" if cfg.reference == "none" else cfg.reference or cfg.tokenizer
+        scores = cf.likelihoods(cfg.suspect, asked, candidates, cfg.batch_size, progress, "suspect")
+        if reference:
+            base = cf.likelihoods(reference, asked, candidates, cfg.batch_size, progress, "reference")
+            scores = [[a - b for a, b in zip(x, y)] for x, y in zip(scores, base)]
+        extra.update(score="likelihood", reference=reference or "none")
+    else:
+        answers = _suspect_answers(cfg, asked, progress)
+        scores = cf.overlaps(_tokenizer(cfg.tokenizer), answers, candidates)
+        extra.update(score="overlap", answer_tokens=cfg.answer_tokens)
+    ranks = [cf.rank(sc, s.key_id) for sc, s in zip(scores, asked)]
+    groups = [(g.name, g.given_by, g.accounts) for g in operator_groups(cfg.groups)]
+    from stillhouse.guard.detect.logwindow import is_store_url
+
+    if cfg.cluster_groups and is_store_url(cfg.source):
+        from stillhouse.provenance.candidates import clusters_from_log
+
+        present = {cf.subject(s) for s in asked}
+        for cid, members in clusters_from_log(cfg.source).items():
+            mine = tuple(a for a in members if a in present)
+            if len(mine) >= 2:
+                groups.append((f"cluster:{cid}", "cluster", mine))
+    hyps = [h.to_json(p_holm) for h, p_holm in cf.hypotheses(asked, ranks, cfg.counterfactuals, groups)]
+    named = [h for h in hyps if h["p_holm"] < cfg.alpha]
+    n = len(hyps)
+    verdict = ("; ".join(f"{h['name']} ({h['first']} of {h['answers']} answers ranked first): Holm-adjusted p = "
+                         f"{h['p_holm']:.3g}" for h in named) + f" (Holm over {n} hypotheses, counterfactual test)"
+               if named else f"no account or group at family-wise level {cfg.alpha:g} (smallest Holm-adjusted p "
+               f"{hyps[0]['p_holm'] if hyps else 1.0:.3g} over {n} hypotheses, counterfactual test)")
+    return {**extra, "hypotheses": hyps, "best": hyps[0] if hyps else None, "named": bool(named),
+            "named_hypotheses": [h["name"] for h in named],
+            "named_accounts": sorted({a for h in named for a in h["accounts"]}), "verdict": verdict,
+            "scores": [], "wall_s": round(time.perf_counter() - t0, 2)}
+
+
+def _suspect_answers(cfg: SuspectConfig, asked: list[Sample], progress: StepProgress | None) -> list[str]:
+    """The suspect's answers (greedy here, or over HTTP at --temperature) to the prompts asked, as text."""
+    from stillhouse.provenance.radioactive import closed_texts, own_answers
+
+    if cfg.resolved_mode == "closed":
+        return asyncio.run(closed_texts(cfg.suspect, asked, cfg.answer_tokens, cfg.temperature, cfg.concurrency))
+    from stillhouse.teacher.bundled import load_model
+
+    model, stok, _ = load_model(cfg.suspect)
+    _, ids = own_answers(model, stok, asked, cfg.answer_tokens, progress=progress)
+    return [str(stok.decode(a, skip_special_tokens=True)) for a in ids]

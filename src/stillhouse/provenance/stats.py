@@ -21,6 +21,9 @@ distribution of the EXP score ``sum -log u`` over ``n`` distinct tuples: for int
 :func:`log_fisher2` combines two independent p-values (a body of greedy answers, KGW-scored, and sampled ones,
 EXP-scored) exactly: ``P(chi2_4 >= -2 log(p1 p2)) = p1 p2 (1 - log(p1 p2))``.
 
+``log_rank_sum_sf(n, k, s)`` is the exact tail of a sum of ``n`` independent uniforms on ``0..k`` (the counterfactual
+test's null, :mod:`stillhouse.provenance.counterfactual`), in integer arithmetic.
+
 Family-wise corrections over the K keys tried: :func:`bonferroni` (``min(1, K p)``) and
 :func:`holm` (step-down; never larger than Bonferroni, same guarantee: the probability that any
 key is falsely named is at most the level).
@@ -150,6 +153,24 @@ def log_fisher2(log_p1: float, log_p2: float) -> float:
     """Fisher's exact combination of two independent p-values (given as logs): ``log(p1 p2 (1 - log(p1 p2)))``."""
     s = log_p1 + log_p2
     return min(0.0, s + math.log1p(-s))
+
+
+def log_rank_sum_sf(n: int, k: int, s: int) -> float:
+    """``log P(S >= s)`` for ``S`` the sum of ``n`` independent uniforms on ``0..k``: the null of the counterfactual
+    test (each of ``n`` answers outranks a uniform number of its ``k`` counterfactuals).
+
+    Exact in integers: ``P(S <= t) (k+1)^n = sum_j (-1)^j C(n, j) C(t - j(k+1) + n, n)`` (inclusion-exclusion over
+    the parts that overflow ``k``), and ``P(S >= s) = P(S <= nk - s)`` by symmetry. Python's integers keep the
+    alternating sum exact, so the tail holds at 1e-300 and below (2,000 answers at k = 9: 0.4 s)."""
+    if n < 0 or k < 1:
+        raise ValueError(f"rank sum of n={n} uniforms on 0..{k}: need n >= 0 and k >= 1")
+    t = n * k - s
+    if t >= n * k:
+        return 0.0
+    if t < 0:
+        return -math.inf
+    ways = sum((-1) ** j * math.comb(n, j) * math.comb(t - j * (k + 1) + n, n) for j in range(t // (k + 1) + 1))
+    return min(0.0, math.log(ways) - n * math.log(k + 1))
 
 
 def bonferroni(pvalues: Sequence[float]) -> list[float]:

@@ -7,7 +7,9 @@ the source kept them (a harvest run with logprobs; else the text is tokenized ag
 - ``FILE.txt`` (any non-JSONL file): the whole file is one sample;
 - ``FILE.jsonl``: one sample per row, from ``messages`` (the last assistant turn is the text, the
   turns before it the prompt), else ``text``/``response``/``completion``/``output`` (with
-  ``prompt``/``instruction`` as the prompt), optional ``token_ids`` and ``temperature``;
+  ``prompt``/``instruction`` as the prompt), optional ``token_ids`` and ``temperature``, and, for the
+  counterfactual test, the ``key_id`` that answered, the ``account`` that asked and the request's
+  sampling fields (``max_tokens``, ``top_p``, ``seed``, ``stop``);
 - a harvest run directory (``stillhouse harvest --out RUN``): its stored answers;
 - a guard's traffic log (``sqlite:///guard.db``, ``postgresql://...``): the watermarked answers it
   served, with their prompts (one account's alone with ``account``), so ``provenance model --reading
@@ -54,6 +56,12 @@ class Sample:
     scheme: str = ""
     """The watermark scheme that answered, where the source says (a guard's log: the upstream confirms it), else
     empty (the test takes ``--scheme``)."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """The request's sampling fields as recorded (a guard's log: the request's; a JSONL row: those of
+    :data:`SAMPLING_FIELDS` it has), which the counterfactual test draws its answers with."""
+
+
+SAMPLING_FIELDS = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop")
 
 
 def _temperature(value: Any) -> float | None:
@@ -68,17 +76,21 @@ def _from_row(row: Any, where: str) -> Sample:
     ids = row.get("token_ids")
     ids = [int(t) for t in ids] if isinstance(ids, list) and all(isinstance(t, int) for t in ids) else None
     temp = _temperature(row.get("temperature"))
+    who: dict[str, Any] = {"account": str(row.get("account") or ""), "key_id": str(row.get("key_id") or ""),
+                           "params": {k: row[k] for k in SAMPLING_FIELDS if row.get(k) is not None}}
     msgs = row.get("messages")
     if isinstance(msgs, list) and msgs:
         if not all(isinstance(m, dict) for m in msgs):
             raise TextSourceError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects")
         if msgs[-1].get("role") == "assistant":
-            return Sample(_content(msgs[-1].get("content")), [dict(m) for m in msgs[:-1]], ids, temperature=temp)
+            return Sample(_content(msgs[-1].get("content")), [dict(m) for m in msgs[:-1]], ids, temperature=temp,
+                          **who)
         return Sample("", [dict(m) for m in msgs], None)  # a prompt only (closed mode asks it)
     for name in TEXT_FIELDS:
         if isinstance(row.get(name), str):
             prompt = next((row[p] for p in PROMPT_FIELDS if isinstance(row.get(p), str)), "")
-            return Sample(row[name], [{"role": "user", "content": prompt}] if prompt else [], ids, temperature=temp)
+            return Sample(row[name], [{"role": "user", "content": prompt}] if prompt else [], ids, temperature=temp,
+                          **who)
     for name in PROMPT_FIELDS:
         if isinstance(row.get(name), str):
             return Sample("", [{"role": "user", "content": row[name]}], None)
@@ -121,7 +133,7 @@ def _from_log(db_url: str, limit: int, account: str) -> list[Sample]:
             if rec.watermark_key_id and rec.status == 200 and (not account or rec.account_id == account):
                 out.append(Sample(rec.response_text, [dict(m) for m in rec.messages], None, rec.account_id,
                                   rec.watermark_key_id, _temperature(rec.params.get("temperature", 1.0)),
-                                  rec.watermark_scheme))
+                                  rec.watermark_scheme, dict(rec.params)))
                 if limit and len(out) >= limit:
                     break
         return out

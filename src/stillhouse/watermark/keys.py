@@ -8,7 +8,8 @@ One secret (``$STILLHOUSE_WATERMARK_SECRET``, shared by the guard and the server
 
 A key id names whose key it is and when: ``account/<id>/<epoch>``, ``cluster/<id>/<epoch>`` or
 ``server/<name>/<epoch>``, the subject percent-encoded; ``epoch = floor(t / rotate_s)``, so keys
-rotate without any state. The key itself never travels or gets stored: the guard logs the key id,
+rotate without any state. With keys per request (the guard's ``watermark_per_request``) the request id
+follows: ``account/<id>/<epoch>/<request id>``, a key of its own for every answer, still naming its account. The key itself never travels or gets stored: the guard logs the key id,
 the server derives the key from the id, ``provenance`` re-derives candidates from ids.
 
 The header the guard sets on every upstream request (clients never reach the upstream's headers:
@@ -61,6 +62,8 @@ class KeyId:
     scope: KeyScope
     subject: str
     epoch: int = 0
+    request: str = ""
+    """The request this key answered alone (keys per request), or empty (one key for the subject's epoch)."""
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
@@ -71,15 +74,19 @@ class KeyId:
             raise WatermarkKeyError(f"key epoch {self.epoch!r}: must be an integer >= 0")
 
     def __str__(self) -> str:
-        return f"{self.scope}/{quote(self.subject, safe='')}/{self.epoch}"
+        base = f"{self.scope}/{quote(self.subject, safe='')}/{self.epoch}"
+        return f"{base}/{quote(self.request, safe='')}" if self.request else base
 
     @classmethod
     def parse(cls, text: str) -> KeyId:
-        """The inverse of ``str()``: ``account/lab/3`` -> KeyId("account", "lab", 3)."""
+        """The inverse of ``str()``: ``account/lab/3`` -> KeyId("account", "lab", 3); ``account/lab/3/r9`` ->
+        KeyId("account", "lab", 3, "r9")."""
         parts = text.split("/")
-        if len(parts) != 3 or not parts[2].isdigit():
-            raise WatermarkKeyError(f"key id {text!r}: expected SCOPE/SUBJECT/EPOCH, e.g. account/lab/0")
-        return cls(parts[0], unquote(parts[1]), int(parts[2]))  # type: ignore[arg-type]
+        if len(parts) not in (3, 4) or not parts[2].isdigit() or (len(parts) == 4 and not parts[3]):
+            raise WatermarkKeyError(f"key id {text!r}: expected SCOPE/SUBJECT/EPOCH or SCOPE/SUBJECT/EPOCH/REQUEST, "
+                                    "e.g. account/lab/0")
+        return cls(parts[0], unquote(parts[1]), int(parts[2]),  # type: ignore[arg-type]
+                   unquote(parts[3]) if len(parts) == 4 else "")
 
 
 def epoch_of(ts: float, rotate_s: float) -> int:
