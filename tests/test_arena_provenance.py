@@ -163,3 +163,25 @@ def test_matched_keys_and_the_campaign_group(tmp_path: Path, smol_tokenizer: Any
     assert min(s["p_holm"] for s in m["scores"] + m["groups"]) == pytest.approx(min(1.0, 19 * ps[0]))
     assert "group:camp-0+camp-1" in m["named_groups"] and m["goal_met"]
     assert set(m["named_accounts"]) <= {"camp-0", "camp-1"}
+
+
+def test_counterfactual_arena_keys_each_request_and_names_the_campaign(tmp_path: Path, smol_tokenizer: Any,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """test=counterfactual: the guard keys every request on its own, the student reads each logged answer beside
+    the teacher's redraws under other keys, and the campaign (all its answers ranked first) is named; no decoy is."""
+    from conftest import build_tiny_model
+
+    monkeypatch.setenv("STILLHOUSE_WATERMARK_SECRET", "arena-provenance-test-secret")
+    model = build_tiny_model(smol_tokenizer, max_positions=512)
+    cfg = ProvenanceArenaConfig(student="self", campaign_accounts=1, requests_per_account=8, decoys=4,
+                                decoy_requests=1, max_tokens=24, temperature=1.0, epochs=12, lr=1e-2, batch_size=4,
+                                entropy=0.0, scheme="exp", test="counterfactual", counterfactuals=3, decoy_groups=2)
+    m = run_provenance(cfg, tmp_path / "prov", loaded=(model, smol_tokenizer, "tiny-0"))
+    assert m["keys_in_log"] == 8 + 4  # a key per request
+    by = {h["name"]: h for h in m["hypotheses"]}
+    assert set(by) == {"camp-0", "user-0", "user-1", "user-2", "user-3", "group:camp-0", "group:user-0",
+                       "group:user-1"}
+    assert by["camp-0"]["first"] == 8 and by["camp-0"]["p"] == pytest.approx(4.0 ** -8)
+    assert m["named_accounts"] == ["camp-0"] and m["goal_met"]
+    drawn = (tmp_path / "prov" / "counterfactuals.jsonl").read_text().splitlines()
+    assert len(drawn) == 12 and "--test counterfactual" in m["retest"]

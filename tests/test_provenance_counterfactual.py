@@ -190,3 +190,29 @@ def test_model_command_refuses_one_key_per_account(tiny_dir: Path, tmp_path: Pat
     res = CliRunner().invoke(app, ["provenance", "model", str(src), "--suspect", f"hf:{tiny_dir}", "--test",
                                    "counterfactual", "--tokenizer", f"hf:{tiny_dir}"])
     assert res.exit_code == 2 and "--watermark-per-request" in res.output and "Traceback" not in res.output
+
+
+def test_redraws_use_the_served_recipe_whatever_the_suspect_reads(tiny_dir: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading text, the tuple tests score with no gate; the redraws must still use serve's gate and the recorded
+    sampling, or our answer and its counterfactuals would come from different samplers."""
+    from stillhouse.provenance.run import SuspectConfig, model_provenance
+    from stillhouse.watermark.green import DEFAULT_PARAMS
+
+    monkeypatch.setenv("STILLHOUSE_WATERMARK_SECRET", SECRET)
+    src = tmp_path / "ours.jsonl"
+    src.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                               "key_id": "account/lab/0/r1", "temperature": 0.7, "max_tokens": 5}) + "\n")
+    seen: dict[str, Any] = {}
+
+    def fake_draw(spec: str, samples: Any, k: int, params: Any, secret: bytes, recipes: Any, *_: Any) -> Any:
+        seen.update(params=params, recipes=recipes, k=k)
+        return [["b"] * k for _ in samples]
+
+    monkeypatch.setattr(cf, "draw", fake_draw)
+    spec = f"hf:{tiny_dir}"
+    model_provenance(SuspectConfig(source=str(src), suspect=spec, tokenizer=spec, test="counterfactual",
+                                   counterfactuals=3, scheme="exp"))
+    (p,), (sp,) = seen["params"], seen["recipes"]
+    assert p.entropy == DEFAULT_PARAMS.entropy and p.scheme == "exp" and seen["k"] == 3
+    assert (sp.temperature, sp.max_tokens) == (0.7, 5)

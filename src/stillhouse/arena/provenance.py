@@ -105,6 +105,13 @@ class ProvenanceArenaConfig:
     """Texts the student reads for the test (without ``own_answers``): questions from the benign pool, none of them asked. Not the leaked
     answers: their own tuples must be dropped (a clean model predicting them would look radioactive), and what
     is left of them is biased against the key, which costs the test its power."""
+    test: Literal["tuples", "counterfactual"] = "tuples"
+    """tuples: the green-list tests over the log's key ids (above). counterfactual: the guard gives every request a
+    key of its own (--watermark-per-request), and the student reads every answer in the log beside ``counterfactuals``
+    answers the teacher draws again for each under other keys (``provenance model --test counterfactual``: accounts,
+    the campaign's group and the decoy groups are the hypotheses)."""
+    counterfactuals: int = 9
+    """With test=counterfactual: answers redrawn per logged answer."""
     concurrency: int = 16
     """Requests in flight through the guard (the teacher batches them)."""
     threads: int = 1
@@ -121,6 +128,10 @@ class ProvenanceArenaConfig:
             raise ValueError(f"decoys={self.decoys}, decoy_groups={self.decoy_groups}: must be >= 0")
         if self.score not in ("weighted", "count"):
             raise ValueError(f"score={self.score!r}: use weighted (the default) or count")
+        if self.test not in ("tuples", "counterfactual"):
+            raise ValueError(f"test={self.test!r}: use tuples or counterfactual")
+        if self.test == "counterfactual" and self.counterfactuals < 1:
+            raise ValueError(f"counterfactuals={self.counterfactuals}: must be >= 1")
         if self.match_keys and not self.own_answers:
             raise ValueError("match_keys needs own_answers: the matched test scores the student's answers to the "
                              "questions in the guard's log (for the reading test give --no-own-answers "
@@ -221,7 +232,8 @@ def _run(cfg: ProvenanceArenaConfig, out: Path, loaded: tuple[Any, Any, str] | N
 
     # A rerun starts the stage over: a new harvest (under this run's secret) and a student trained on it alone, not
     # the last run's student resumed from its checkpoint.
-    for name in ("guard.db", "guard.db-wal", "guard.db-shm", "leaked.jsonl", "reading.jsonl", "provenance.json"):
+    for name in ("guard.db", "guard.db-wal", "guard.db-shm", "leaked.jsonl", "reading.jsonl", "provenance.json",
+                 "counterfactuals.jsonl"):
         (out / name).unlink(missing_ok=True)
     for name in ("student", "spool"):
         shutil.rmtree(out / name, ignore_errors=True)
@@ -255,7 +267,8 @@ def _run(cfg: ProvenanceArenaConfig, out: Path, loaded: tuple[Any, Any, str] | N
         gcfg = GuardConfig(upstream_url=server.base_url.removesuffix("/v1"),
                            admin_token_sha256=sha256_hex(secrets.token_hex(16)), db_url=db_url,
                            spool_dir=str(out / "spool"), key_refresh_s=0.0, requests_per_min=0, tokens_per_min=0,
-                           max_concurrent_streams=0, upstream_timeout_s=3600.0, watermark=True)
+                           max_concurrent_streams=0, upstream_timeout_s=3600.0, watermark=True,
+                           watermark_per_request=cfg.test == "counterfactual")
         store = open_store(db_url)
         for account in campaign + decoys:
             store.put_account(AccountInfo(account, org="campaign" if account in campaign else "benign"))
@@ -286,6 +299,9 @@ def _run(cfg: ProvenanceArenaConfig, out: Path, loaded: tuple[Any, Any, str] | N
     if cfg.match_keys:  # the arena knows the campaign; its guard runs no detector, so nothing links the accounts
         n = cfg.campaign_accounts
         groups = (",".join(campaign), *(",".join(decoys[i * n:(i + 1) * n]) for i in range(cfg.decoy_groups)))
+    if cfg.test == "counterfactual":
+        return _counterfactual_metrics(cfg, out, db_url, final, plan, answers, leaked, campaign, decoys, rev,
+                                       timings, t, t_all, secret_file)
     if cfg.own_answers:  # the source is the guard's log: every watermarked question it answered
         source = db_url
     else:
@@ -319,6 +335,45 @@ def _run(cfg: ProvenanceArenaConfig, out: Path, loaded: tuple[Any, Any, str] | N
         "goal_met": bool(named_accounts) and set(named_accounts) <= set(campaign),
         "best": report["best"], "scored": report["scored"], "timings_s": timings,
         "scores": report["scores"],
+    }
+    (out / "provenance.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def _counterfactual_metrics(cfg: ProvenanceArenaConfig, out: Path, db_url: str, final: Any,
+                            plan: list[tuple[str, str]], answers: list[tuple[str, str, int, str]],
+                            leaked: list[dict[str, Any]], campaign: list[str], decoys: list[str], rev: str,
+                            timings: dict[str, float], t: float, t_all: float, secret_file: str) -> dict[str, Any]:
+    """test=counterfactual: the student reads every answer in the guard's log against its redraws; accounts, the
+    campaign's group and ``decoy_groups`` decoy groups are the hypotheses."""
+    from stillhouse.provenance.run import SuspectConfig, model_provenance
+
+    n = cfg.campaign_accounts
+    groups = (",".join(campaign), *(",".join(decoys[i * n:(i + 1) * n]) for i in range(cfg.decoy_groups)))
+    scfg = SuspectConfig(source=db_url, suspect=f"hf:{final}", mode="open", reading="text", tokenizer=cfg.teacher,
+                         gamma=cfg.gamma, context=cfg.context, entropy=cfg.entropy, delta=cfg.delta,
+                         scheme=cfg.scheme, alpha=cfg.alpha, groups=groups, threads=cfg.threads,
+                         test="counterfactual", counterfactuals=cfg.counterfactuals,
+                         cache=str(out / "counterfactuals.jsonl"))
+    report = model_provenance(scfg)
+    timings["test_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t_all
+    named = report["named_accounts"]
+    env = f"STILLHOUSE_WATERMARK_SECRET=$(cat {secret_file}) " if secret_file else ""
+    metrics = {
+        "config": json.loads((out / "provenance_config.json").read_text()), "teacher_revision": rev,
+        "requests": len(plan), "answered": sum(1 for a in answers if a[2] == 200), "leaked_rows": len(leaked),
+        "keys_in_log": report["answers"], "test": "counterfactual", "named_hypotheses": report["named_hypotheses"],
+        "named_accounts": named, "campaign_accounts": campaign, "hypotheses": report["hypotheses"],
+        "secret": (f"made for this run, in {secret_file} (mode 0600)" if secret_file
+                   else "$STILLHOUSE_WATERMARK_SECRET (not written)"),
+        "retest": (f"{env}stillhouse provenance model {db_url} --suspect hf:{Path(final).resolve()} --mode open "
+                   f"--test counterfactual --counterfactuals {cfg.counterfactuals} --tokenizer {cfg.teacher} "
+                   f"--gamma {cfg.gamma:g} --delta {cfg.delta:g} --context {cfg.context} --entropy {cfg.entropy:g} "
+                   f"--scheme {cfg.scheme} --cache {(out / 'counterfactuals.jsonl').resolve()}"
+                   + "".join(f" --group {g}" for g in groups)),
+        "goal_met": bool(named) and set(named) <= set(campaign), "best": report["best"], "timings_s": timings,
+        "scores": [], "groups": [h for h in report["hypotheses"] if h["kind"] != "account"],
     }
     (out / "provenance.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

@@ -158,8 +158,12 @@ def arena_command(
     best = m["best"] or {}
     typer.echo(f"{m['leaked_rows']} rows leaked from {len(m['campaign_accounts'])} campaign accounts; "
                f"{m['keys_in_log']} keys in the guard's log")
-    tested = (f"{len(m['scores']) + len(m['groups'])} hypotheses ({m['keys_in_log']} keys, {len(m['groups'])} groups)"
-              if m.get("groups") else f"{m['keys_in_log']} keys")
+    if m.get("test") == "counterfactual":
+        tested = f"{len(m['hypotheses'])} hypotheses (accounts and groups, counterfactual test)"
+    elif m.get("groups"):
+        tested = f"{len(m['scores']) + len(m['groups'])} hypotheses ({m['keys_in_log']} keys, {len(m['groups'])} groups)"
+    else:
+        tested = f"{m['keys_in_log']} keys"
     typer.echo(f"named: {', '.join(m['named_accounts']) or 'nobody'} (best {best.get('name', best.get('key_id', '-'))}, "
                f"Holm-adjusted p = {best.get('p_holm', 1.0):.3g} over {tested}); "
                f"goal {'met' if m['goal_met'] else 'not met'}; {out / 'provenance.json'}")

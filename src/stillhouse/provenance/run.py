@@ -58,7 +58,8 @@ class ScoringConfig:
     context: int = DEFAULT_PARAMS.context
     """Context window used when generating (as served: --watermark-context)."""
     entropy: float | None = None
-    """Entropy gate used when generating (as served: --watermark-entropy), in nats: only tokens where the teacher's
+    """Entropy gate used when generating (as served: --watermark-entropy; the counterfactual test draws with it), in
+    nats: only tokens where the teacher's
     next-token entropy is above it are scored, the teacher (--tokenizer) recomputing them from each answer and its
     prompt; 0 = score every token. Unset (none): serve's default, 2.0 (with delta 1.5 it kept the teacher's
     accuracy, docs/results.md), for answers (text; model --reading own or closed); no gate for model --reading
@@ -229,7 +230,7 @@ class SuspectConfig(ScoringConfig):
         if self.mode == "closed" and spec.kind != "http":
             raise ValueError(f"mode=closed needs an OpenAI-compatible URL; serve {self.suspect!r} with "
                              "`stillhouse serve --teacher ...` and give its http://HOST:PORT/v1")
-        if self.entropy and self.reads_text:
+        if self.entropy and self.reads_text and self.test == "tuples":
             raise ValueError(f"entropy={self.entropy:g}: the gate scores answer text (--reading own, or closed mode); "
                              "reading SOURCE's texts scores every prediction, so leave --entropy out (or give 0)")
         if self.score == "weighted" and self.reads_text:
@@ -556,7 +557,10 @@ def _counterfactual(cfg: SuspectConfig, samples: list[Sample], secret: bytes, pr
         import torch
 
         torch.set_num_threads(cfg.threads)
-    params = [replace(cfg.params, scheme=s.scheme or cfg.scheme) for s in asked]  # type: ignore[arg-type]
+    # the recipe serve drew with: its gate whatever the suspect reads (the tuple tests' "no gate when reading")
+    served = WatermarkParams(gamma=cfg.gamma, delta=cfg.delta, context=cfg.context, scheme=cfg.scheme,
+                             entropy=DEFAULT_PARAMS.entropy if cfg.entropy is None else cfg.entropy)
+    params = [replace(served, scheme=s.scheme or cfg.scheme) for s in asked]  # type: ignore[arg-type]
     recipes = [cf.sampling(s, cfg.default_max_tokens, 1.0) for s in asked]
     from pathlib import Path
 
