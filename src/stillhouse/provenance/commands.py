@@ -45,12 +45,15 @@ Distinct tuples only, none from the text read or the prompt, so a clean model ge
 
 With the guard's log as SOURCE, --match-keys tests each key only on the suspect's answers to the prompts that key answered, and --group A,B,... (repeatable) tests accounts together: each member's answers under the key that answered them, pooled into one exact test (so are the clusters the guard's detector linked, unless --no-cluster-groups). Holm runs over keys and groups together.
 
+--test counterfactual asks whether the suspect prefers our answers, as whole answers, to the ones other keys would have drawn: for every answer in SOURCE the teacher (--tokenizer) draws --counterfactuals K more for the same prompt with the recorded recipe, each under a key of its own, and our answer is ranked among the K + 1 by the suspect (reading text: its log-likelihood minus the reference's; its own answers, --reading own or closed: their 4-gram overlap). Per account (and --group, and linked cluster) the ranks' sum has an exact tail; Holm runs over all. It needs a key per request (the guard's --watermark-per-request), so SOURCE is that guard's log or JSONL rows with each answer's key_id; --cache keeps the drawn answers for the next suspect.
+
 \b
 Examples:
   stillhouse provenance model reading.jsonl --suspect hf:runs/student/final --log sqlite:///runs/guard.db
   stillhouse provenance model sqlite:///runs/guard.db --account lab --reading own --suspect hf:runs/s/final --log sqlite:///runs/guard.db
   stillhouse provenance model prompts.jsonl --suspect http://127.0.0.1:8001/v1 --key-ids account/lab/0
   stillhouse provenance model sqlite:///runs/guard.db --reading own --suspect hf:runs/s/final --log sqlite:///runs/guard.db --match-keys --group camp-0,camp-1
+  stillhouse provenance model sqlite:///runs/guard.db --suspect hf:runs/s/final --test counterfactual --scheme exp --cache runs/cf.jsonl
 """
 
 
@@ -142,6 +145,7 @@ Examples:
   stillhouse provenance arena --out runs/pa --seed 1 --requests-per-account 80
   stillhouse provenance arena --out runs/pa --no-match-keys   # all answers, all keys
   stillhouse provenance arena --out runs/pa --no-own-answers --no-match-keys --entropy 0
+  stillhouse provenance arena --out runs/pa --scheme exp --test counterfactual   # a key per request
 """
 
 
