@@ -108,14 +108,16 @@ def test_guard_keys_each_request_under_its_account(wm_serve: Any, tmp_path: Any)
     cfg = make_config(tmp_path, wm_serve.base_url[:-3], watermark=True, watermark_rotate_s=86_400.0,
                       watermark_per_request=True, upstream_timeout_s=120.0)
     g = start_guard(cfg, clock=Clock(1_000_000.0))
+    leaked: list[dict[str, Any]] = []
     try:
         keys = {a: g.account_with_key(a) for a in ("alice", "bob")}
         for i in range(3):
             for key in keys.values():
-                body = {"model": "tiny", "max_tokens": 8, "temperature": 1.0,
+                body = {"model": "tiny", "max_tokens": 24, "temperature": 1.0,
                         "messages": [{"role": "user", "content": f"Story number {i}, please."}]}
                 status, _, out = g.chat(key, body)
                 assert status == 200, out
+                leaked.append({"messages": [*body["messages"], out["choices"][0]["message"]]})
         records = g.records()
     finally:
         g.stop()
@@ -125,4 +127,18 @@ def test_guard_keys_each_request_under_its_account(wm_serve: Any, tmp_path: Any)
         assert (k.scope, k.subject, k.epoch, k.request) == ("account", r.account_id, 11, r.request_id)
     samples = load_samples(cfg.db_url)  # what the counterfactual test reads: each answer's key and recipe
     assert {s.key_id for s in samples} == {r.watermark_key_id for r in records}
-    assert all(s.params.get("max_tokens") == 8 and s.temperature == 1.0 for s in samples)
+    assert all(s.params.get("max_tokens") == 24 and s.temperature == 1.0 for s in samples)
+    # a leaked dataset (no key ids in it): each text is matched to its request in the log by its prompt and scored
+    # under that request's key, pooled per account
+    from stillhouse.provenance.run import ProvenanceConfig, SuspectConfig, model_provenance, text_provenance
+
+    src = tmp_path / "leaked-alice.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in leaked[0::2]))  # alice asked first in each round
+    report = text_provenance(ProvenanceConfig(source=str(src), log=cfg.db_url, gamma=PARAMS.gamma, delta=PARAMS.delta,
+                                              context=PARAMS.context, entropy=0.0, score="count"))
+    assert report["matched"] == 3 and report["unmatched"] == 0 and report["keys"] == "per request"
+    # bob asked the same prompts: his keys are tried on the same texts, and only alice's fit
+    assert [s["key_id"] for s in report["scores"]] == ["account:alice", "account:bob"]
+    assert report["named"] and report["scores"][0]["p_holm"] < 1e-6 and report["scores"][1]["p_holm"] > 1e-3
+    with pytest.raises(ValueError, match="keys per request"):  # no single key to try on a suspect's text
+        model_provenance(SuspectConfig(source=str(src), log=cfg.db_url, suspect="hf:/nonexistent", mode="open"))

@@ -188,8 +188,9 @@ class GuardConfig:
     """A key of its own for every request, derived from its account's (or cluster's) key id and the request id
     (key id ``account/ID/EPOCH/REQUEST``, logged; attribution still names the account). Makes the counterfactual
     test exact (``provenance model --test counterfactual``: each answer's rank among answers other keys would have
-    drawn is then independent of every other's); the green-list tests then need the log as source (``--match-keys``
-    with accounts as ``--group``s), since no single key covers an account's answers."""
+    drawn is then independent of every other's). No single key then covers an account's answers, so ``provenance
+    text --log`` scores each text under the key of the request it answers and pools per account, and ``provenance
+    model``'s tuple tests need the log as source with ``--match-keys`` and the accounts as ``--group``s."""
     watermark_rotate_s: float = 2_592_000.0
     """Keys rotate every this many seconds of the guard's clock (key id epoch = floor(t / this)); 0 = never."""
 

@@ -28,6 +28,8 @@ By default (--score weighted) each tuple counts by the evidence it can carry: th
 
 By default only the answer tokens the teacher was unsure of are scored, as serve's default watermark biases only those (entropy gate {DEFAULT_PARAMS.entropy:g} nats, with delta {DEFAULT_PARAMS.delta:g}: the setting that kept the teacher's accuracy, docs/results.md); the teacher (--tokenizer) recomputes the entropies. --entropy 0 scores every token (text served with --watermark-entropy 0).
 
+Keys per request (the guard ran with --watermark-per-request): each account is one hypothesis, and each text is scored under the key of the account's logged request it answers (the same answer, else the same prompt), pooled per account; give the log with --log.
+
 Text served with --watermark-scheme exp: a guard's log records each answer's scheme (serve confirms it to the guard) and the test follows it; for a file, dataset or harvest run give --scheme exp. Answers sampled at a temperature above 0 (the guard's log and a harvest run record each one's; else --temperature) then take the EXP test: the sum of -log u over the distinct tuples whose window comes first in the answer and whose token the teacher gave less than 0.7, against its exact Gamma tail. Greedy answers take the green-list test; a body with both combines the two p-values (Fisher).
 
 \b

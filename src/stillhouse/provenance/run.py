@@ -360,6 +360,8 @@ def text_provenance(cfg: ProvenanceConfig, progress: StepProgress | None = None)
         return select(seqs, idx, cfg.context, prompt_tuples([prompts[j] for j in idx], cfg.context), cfg.dedup,
                       keep, levels, exp)
 
+    if per_request(candidates):
+        return _text_per_request(cfg, samples, seqs, prompts, keep, levels, exp, keys, extra, t0)
     sel = scored(list(range(len(seqs))))
     scores = score_keys(sel.tuples, keys, cfg.params, sel.levels, sel.exp)
     if cfg.per_sample:  # the same tuples as a one-row source would give
@@ -371,6 +373,67 @@ def text_provenance(cfg: ProvenanceConfig, progress: StepProgress | None = None)
                                                {"sample": rows[j], "tokens": len(ids), "scored": len(own.tuples)}))
     return _report(cfg, scores, candidates, extra | {"scored": len(sel.tuples),
                                                      "wall_s": round(time.perf_counter() - t0, 2)})
+
+
+def per_request(candidates: list[Candidate]) -> bool:
+    """Whether the candidate keys are keys per request (the guard's --watermark-per-request): each answered one
+    request, so no single key covers an account's text."""
+    from stillhouse.watermark.keys import KeyId
+
+    def has_request(kid: str) -> bool:
+        try:
+            return bool(KeyId.parse(kid).request)
+        except WatermarkKeyError:
+            return False
+
+    return any(has_request(c.key_id) for c in candidates)
+
+
+def _text_per_request(cfg: ProvenanceConfig, samples: list[Sample], seqs: list[list[int]],
+                      prompts: list[list[int]], keep: list[list[bool]] | None, levels: list[list[int]] | None,
+                      exp: list[bool], keys: dict[str, int], extra: dict[str, Any], t0: float) -> dict[str, Any]:
+    """Keys per request: each account is one hypothesis, and each text is scored under the key of that account's
+    logged request it answers (the same answer text, else the same prompt; a text none of its requests answers is
+    not scored for it), pooled (:func:`~stillhouse.provenance.matched.pooled_parts`; exact for the reason given
+    there: which key a text is scored under depends on the log and the text, never on a key's green lists). A
+    prompt two accounts both asked is scored for each under its own key. Holm over the accounts."""
+    import json
+
+    from stillhouse.provenance.detect import adjust
+    from stillhouse.provenance.matched import pooled_parts, score_pooled
+
+    if not cfg.log:
+        raise WatermarkKeyError("the candidate keys are keys per request: give the guard's log with --log, so each "
+                                "text can be matched to the request that answered it")
+    by_prompt: dict[str, dict[str, list[Sample]]] = {}
+    by_text: dict[str, dict[str, str]] = {}
+    for rec in load_samples(cfg.log):
+        by_prompt.setdefault(rec.account, {}).setdefault(json.dumps(rec.prompt, sort_keys=True), []).append(rec)
+        by_text.setdefault(rec.account, {}).setdefault(rec.text, rec.key_id)
+
+    def key_for(account: str, s: Sample) -> str:
+        if s.key_id:  # the log itself as the source: its own key, for its own account only
+            return s.key_id if s.account == account else ""
+        asked = by_prompt[account].get(json.dumps(s.prompt, sort_keys=True), []) if s.prompt else []
+        same = by_text[account].get(s.text, "")
+        return same or next((r.key_id for r in asked if r.text == s.text), asked[0].key_id if asked else "")
+
+    exclude = prompt_tuples(prompts, cfg.context)
+    scores, used, matched = [], [], set()
+    for account in sorted(by_prompt):
+        kids = [key_for(account, s) for s in samples]
+        if not any(kids):
+            continue
+        matched |= {j for j, k in enumerate(kids) if k}
+        parts = pooled_parts(seqs, kids, [account if k else "" for k in kids], [account], cfg.context, exclude,
+                             cfg.dedup, keep, levels, exp)
+        scores.append(score_pooled(parts, keys, cfg.params, f"account:{account}"))
+        used.append(Candidate(f"account:{account}", {account}, sum(map(bool, kids))))
+    adjust(scores)
+    scores.sort(key=lambda s: (s.p, -s.rate, s.key_id))
+    extra.update(keys="per request", matched=len(matched), unmatched=len(samples) - len(matched),
+                 scored=sum(s.scored for s in scores), wall_s=round(time.perf_counter() - t0, 2))
+    return _report(cfg, scores, used, extra)
 
 
 def _schemes(cfg: ScoringConfig, samples: list[Sample], extra: dict[str, Any]) -> list[str]:
@@ -434,6 +497,10 @@ def model_provenance(cfg: SuspectConfig, progress: StepProgress | None = None) -
     if cfg.test == "counterfactual":
         return _counterfactual(cfg, load_samples(cfg.source, cfg.limit, cfg.account), secret, progress, t0)
     candidates = candidates_for(cfg)
+    if per_request(candidates) and not cfg.match_keys:
+        raise WatermarkKeyError("the candidate keys are keys per request (the guard ran with --watermark-per-request), "
+                                "so no one key covers an account's answers: use --test counterfactual, or the log as "
+                                "SOURCE with --reading own --match-keys --group ACCOUNT")
     samples = load_samples(cfg.source, cfg.limit, cfg.account)
     tok = _tokenizer(cfg.tokenizer)
     mode = cfg.resolved_mode
