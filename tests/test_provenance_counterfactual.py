@@ -174,6 +174,16 @@ def test_model_command_names_a_suspect_that_writes_our_answers(tiny_dir: Path, t
     again = model_provenance(cfg)
     assert again["hypotheses"][0]["ranks"] == h["ranks"]
     assert len([x for x in cache.read_text().splitlines() if x.strip()]) == 5  # the torn line, nothing new
+    from typer.testing import CliRunner
+
+    from stillhouse.cli import app
+
+    res = CliRunner().invoke(app, ["provenance", "model", str(src), "--suspect", spec, "--tokenizer", spec,
+                                   "--reading", "own", "--mode", "open", "--answer-tokens", "16", "--test",
+                                   "counterfactual", "--cache", str(cache), "--scheme", "exp", "--entropy", "0",
+                                   "--alpha", "0.01"])
+    assert res.exit_code == 0, res.output
+    assert "lab (4 of 4 answers ranked first)" in res.output and "rank among 10 (overlap)" in res.output
 
 
 def test_model_command_refuses_one_key_per_account(tiny_dir: Path, tmp_path: Path,

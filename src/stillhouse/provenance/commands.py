@@ -8,6 +8,7 @@ The report is printed as a short verdict plus a table (``--json`` prints the who
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +69,15 @@ def _bars() -> Any:
     return step_bars(Console(stderr=True))
 
 
+def _top(header: str, rows: list[dict[str, Any]], line: Callable[[dict[str, Any]], str], what: str) -> None:
+    """A table of the first ten rows (the report keeps them all)."""
+    typer.echo(header)
+    for r in rows[:10]:
+        typer.echo(line(r))
+    if len(rows) > 10:
+        typer.echo(f"... {len(rows) - 10} more {what} (--json shows all)")
+
+
 def _print(report: dict[str, Any], as_json: bool, out: Path | None) -> None:
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -79,20 +89,14 @@ def _print(report: dict[str, Any], as_json: bool, out: Path | None) -> None:
     if report.get("test") == "counterfactual":
         k = report["k"]
         typer.echo(f"our answer's rank among {k + 1} ({report['score']}), per hypothesis:")
-        typer.echo(f"{'account or group':40} {'answers':>7} {'first':>6} {'mean rank':>9} {'p':>10} {'p (Holm)':>10}")
-        for h in report["hypotheses"][:10]:
-            typer.echo(f"{h['name'][:40]:40} {h['answers']:7d} {h['first']:6d} {h['mean_rank']:9.2f} {h['p']:10.3g} "
-                       f"{h['p_holm']:10.3g}")
-        if len(report["hypotheses"]) > 10:
-            typer.echo(f"... {len(report['hypotheses']) - 10} more (--json shows all)")
+        _top(f"{'account or group':40} {'answers':>7} {'first':>6} {'mean rank':>9} {'p':>10} {'p (Holm)':>10}",
+             report["hypotheses"], lambda h: f"{h['name'][:40]:40} {h['answers']:7d} {h['first']:6d} "
+             f"{h['mean_rank']:9.2f} {h['p']:10.3g} {h['p_holm']:10.3g}", "hypotheses")
         typer.echo(f"(under H0 each rank is uniform: mean rank {(k + 2) / 2:g})")
         return
-    typer.echo(f"{'key id':40} {'scored':>7} {'green':>6} {'rate':>6} {'p':>10} {'p (Holm)':>10}  accounts")
-    for s in report["scores"][:10]:
-        typer.echo(f"{s['key_id'][:40]:40} {s['scored']:7d} {s['green']:6d} {s['rate']:6.3f} {s['p']:10.3g} "
-                   f"{s['p_holm']:10.3g}  {','.join(s['accounts'])}")
-    if len(report["scores"]) > 10:
-        typer.echo(f"... {len(report['scores']) - 10} more keys (--json shows all)")
+    _top(f"{'key id':40} {'scored':>7} {'green':>6} {'rate':>6} {'p':>10} {'p (Holm)':>10}  accounts", report["scores"],
+         lambda s: f"{s['key_id'][:40]:40} {s['scored']:7d} {s['green']:6d} {s['rate']:6.3f} {s['p']:10.3g} "
+         f"{s['p_holm']:10.3g}  {','.join(s['accounts'])}", "keys")
     if report.get("groups"):
         typer.echo(f"{'group (pooled, keys matched)':40} {'scored':>7} {'green':>6} {'rate':>6} {'p':>10} "
                    f"{'p (Holm)':>10}  accounts (given by)")
