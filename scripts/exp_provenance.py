@@ -30,6 +30,10 @@ Stages (each writes under OUT, default runs/provenance; run them in order)::
         runs/provenance/text-*.json --plot limits.png         # the reports of `provenance text --per-sample --out`
     # a student on the paraphrases (then `provenance model --reading own`, as for any student)
     python scripts/exp_provenance.py mix --wm runs/provenance/para-NAME.jsonl --share 1 --rows 160 --name para160
+    # keys per request: one key id per answer; the -wm file keeps each answer's key_id, account and recipe, which
+    # `stillhouse provenance model runs/provenance/data-NAME-wm.jsonl --test counterfactual ...` reads
+    python scripts/exp_provenance.py generate --split train --limit 160 --key account/acct-0/r0,...,account/acct-0/r159 \
+        --delta 1.5 --entropy 2.0 --scheme exp --name train-acct0-req
 
 Only ShareGPT conversations whose base id hashes (sha256) to a first hex digit 0-7 are read; their
 text is never written into the repository (OUT is under runs/, ignored by git).
