@@ -96,6 +96,13 @@ def test_sampling_follows_the_recorded_request() -> None:
     assert (bare.temperature, bare.max_tokens, bare.seed) == (1.0, 512, None)
 
 
+def test_redraws_are_shaped_as_serve_answers_them() -> None:
+    # a reasoning model's answer is logged without its <think> block (serve moves it to reasoning_content), so its
+    # counterfactuals must lose theirs too, or the logged answer would stand out by form alone
+    assert cf.served_text("<think>step 1</think>\n\nThe answer is 4.") == "The answer is 4."
+    assert cf.served_text("The answer is 4.") == "The answer is 4."
+
+
 def test_overlap_counts_the_candidates_4grams_in_the_suspects_answer(smol_tokenizer: Any) -> None:
     ours = "the quick brown fox jumps over the lazy dog"
     other = "a completely different sentence about cats and mice"

@@ -3,8 +3,10 @@
 For every watermarked answer in the source (a guard's log, or JSONL rows with their ``key_id``), the watermarking
 teacher draws ``K`` more answers to the same prompt with the same recipe (scheme, delta, gate, temperature, top-p,
 max_tokens, seed as the request recorded them), each under a key of its own derived from the secret and the
-answer's key id (``counterfactual/<j>/<key id>``). The suspect scores all ``K + 1`` and our answer gets its rank
-(1 = the suspect's favourite, ties broken by a coin seeded from the key id):
+answer's key id (``counterfactual/<j>/<key id>``), each shaped as serve answers (a leading ``<think>`` block moved
+out of the content the guard logs; requests with ``tools`` are left out, as the redraw does not replay them). The
+suspect scores all ``K + 1`` and our answer gets its rank (1 = the suspect's favourite, ties broken by a coin seeded
+from the key id):
 
 - **likelihood** (open weights, ``--reading text``): ``log p_suspect(answer | prompt) - log p_reference(answer |
   prompt)``, teacher-forced, the reference the watermarking teacher by default (it takes out how likely the teacher
@@ -136,6 +138,15 @@ def sampling(sample: Sample, default_max_tokens: int, fallback_temperature: floa
                           seed=seed if isinstance(seed, int) else None, stop=stops)
 
 
+def served_text(text: str) -> str:
+    """A drawn answer as serve answers it and the guard logs it: a leading ``<think>`` block goes to the reasoning
+    field, so the content is what follows it (serve's ``shape``); any other text as drawn."""
+    from stillhouse.teacher.message import split_think
+
+    thought, answer = split_think(text)
+    return answer if thought is not None else text
+
+
 def _recipe(teacher: str, params: WatermarkParams, sp: SamplingParams, k: int) -> str:
     text = json.dumps([teacher, vars(params), [sp.temperature, sp.top_p, sp.max_tokens, sp.seed, list(sp.stop)], k])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -182,7 +193,7 @@ def draw(teacher_spec: str, samples: Sequence[Sample], k: int, params: Sequence[
                 handles.append([teacher.submit(ids, recipes[i], index=j, row_processor=RowWatermark(
                     key_u64(derive_key(secret, kid)), params[i], hashes, kid)) for j, kid in enumerate(kids)])
             for n, (i, hs) in enumerate(zip(todo, handles)):
-                answers = [h.future.result().text for h in hs]
+                answers = [served_text(h.future.result().text) for h in hs]
                 kept[(samples[i].key_id, tags[i])] = answers
                 if cache is not None:  # one line per answer's draws, flushed: a kill loses at most the torn line
                     with open(cache, "a") as f:

@@ -59,9 +59,8 @@ class ScoringConfig:
     """Context window used when generating (as served: --watermark-context)."""
     entropy: float | None = None
     """Entropy gate used when generating (as served: --watermark-entropy; the counterfactual test draws with it), in
-    nats: only tokens where the teacher's
-    next-token entropy is above it are scored, the teacher (--tokenizer) recomputing them from each answer and its
-    prompt; 0 = score every token. Unset (none): serve's default, 2.0 (with delta 1.5 it kept the teacher's
+    nats: only tokens where the teacher's next-token entropy is above it are scored, the teacher (--tokenizer)
+    recomputing them from each answer and its prompt; 0 = score every token. Unset (none): serve's default, 2.0 (with delta 1.5 it kept the teacher's
     accuracy, docs/results.md), for answers (text; model --reading own or closed); no gate for model --reading
     text."""
     limit: int = 0
@@ -611,11 +610,15 @@ def _counterfactual(cfg: SuspectConfig, samples: list[Sample], secret: bytes, pr
                     t0: float) -> dict[str, Any]:
     """``--test counterfactual``: our answers ranked among the teacher's redraws under other keys, per account."""
     from dataclasses import replace
+    from pathlib import Path
 
+    from stillhouse.guard.detect.logwindow import is_store_url
     from stillhouse.provenance import counterfactual as cf
     from stillhouse.provenance.matched import operator_groups
 
-    asked = [s for s in samples if s.prompt]
+    # requests with tools are left out (chosen by the request, never by our answer, so the rest stay exchangeable):
+    # their prompts carry the tools, which the redraw does not replay
+    asked = [s for s in samples if s.prompt and not s.params.get("tools")]
     if not asked:
         raise cf.CounterfactualError(f"{cfg.source}: no answer with its prompt; the test draws other answers to the "
                                      "same prompts (give the guard's log, or JSONL rows with 'messages')")
@@ -629,13 +632,12 @@ def _counterfactual(cfg: SuspectConfig, samples: list[Sample], secret: bytes, pr
                              entropy=DEFAULT_PARAMS.entropy if cfg.entropy is None else cfg.entropy)
     params = [replace(served, scheme=s.scheme or cfg.scheme) for s in asked]  # type: ignore[arg-type]
     recipes = [cf.sampling(s, cfg.default_max_tokens, 1.0) for s in asked]
-    from pathlib import Path
-
     drawn = cf.draw(cfg.tokenizer, asked, cfg.counterfactuals, params, secret, recipes,
                     Path(cfg.cache) if cfg.cache else None, progress)
     candidates = [[s.text, *d] for s, d in zip(asked, drawn)]
     extra: dict[str, Any] = {"suspect": cfg.suspect, "mode": cfg.resolved_mode, "source": cfg.source,
-                             "test": "counterfactual", "k": cfg.counterfactuals, "answers": len(asked)}
+                             "test": "counterfactual", "k": cfg.counterfactuals, "answers": len(asked),
+                             "left_out_with_tools": sum(1 for s in samples if s.prompt and s.params.get("tools"))}
     if cfg.reads_text:
         reference = "" if cfg.reference == "none" else cfg.reference or cfg.tokenizer
         scores = cf.likelihoods(cfg.suspect, asked, candidates, cfg.batch_size, progress, "suspect")
@@ -649,8 +651,6 @@ def _counterfactual(cfg: SuspectConfig, samples: list[Sample], secret: bytes, pr
         extra.update(score="overlap", answer_tokens=cfg.answer_tokens)
     ranks = [cf.rank(sc, s.key_id) for sc, s in zip(scores, asked)]
     groups = [(g.name, g.given_by, g.accounts) for g in operator_groups(cfg.groups)]
-    from stillhouse.guard.detect.logwindow import is_store_url
-
     if cfg.cluster_groups and is_store_url(cfg.source):
         from stillhouse.provenance.candidates import clusters_from_log
 
