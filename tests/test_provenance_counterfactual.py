@@ -94,6 +94,8 @@ def test_sampling_follows_the_recorded_request() -> None:
     assert (sp.temperature, sp.top_p, sp.max_tokens, sp.seed, sp.stop) == (0.7, 0.9, 40, 3, ("\n\n",))
     bare = cf.sampling(Sample("a", []), 512, 1.0)  # nothing recorded: serve's defaults
     assert (bare.temperature, bare.max_tokens, bare.seed) == (1.0, 512, None)
+    with pytest.raises(cf.CounterfactualError, match="cannot be replayed"):
+        cf.sampling(Sample("a", [], key_id="k", params={"max_tokens": "many"}), 512, 1.0)
 
 
 def test_redraws_are_shaped_as_serve_answers_them() -> None:

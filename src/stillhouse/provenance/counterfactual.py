@@ -134,8 +134,12 @@ def sampling(sample: Sample, default_max_tokens: int, fallback_temperature: floa
     stop = p.get("stop")
     stops = (stop,) if isinstance(stop, str) else tuple(str(x) for x in stop) if isinstance(stop, list) else ()
     seed = p.get("seed")
-    return SamplingParams(temperature=temperature, top_p=float(p.get("top_p", 1.0)), max_tokens=int(max_tokens),
-                          seed=seed if isinstance(seed, int) else None, stop=stops)
+    try:
+        return SamplingParams(temperature=temperature, top_p=float(p.get("top_p", 1.0)), max_tokens=int(max_tokens),
+                              seed=seed if isinstance(seed, int) else None, stop=stops)
+    except (TypeError, ValueError) as exc:
+        raise CounterfactualError(f"answer keyed {sample.key_id!r}: its recorded sampling fields cannot be replayed "
+                                  f"({exc}); give max_tokens as an integer and top_p as a number in (0, 1]") from None
 
 
 def served_text(text: str) -> str:

@@ -9,7 +9,8 @@ One secret (``$STILLHOUSE_WATERMARK_SECRET``, shared by the guard and the server
 A key id names whose key it is and when: ``account/<id>/<epoch>``, ``cluster/<id>/<epoch>`` or
 ``server/<name>/<epoch>``, the subject percent-encoded; ``epoch = floor(t / rotate_s)``, so keys
 rotate without any state. With keys per request (the guard's ``watermark_per_request``) the request id
-follows: ``account/<id>/<epoch>/<request id>``, a key of its own for every answer, still naming its account. The key itself never travels or gets stored: the guard logs the key id,
+follows: ``account/<id>/<epoch>/<request id>``, a key of its own for every answer, still naming its
+account. The key itself never travels or gets stored: the guard logs the key id,
 the server derives the key from the id, ``provenance`` re-derives candidates from ids.
 
 The header the guard sets on every upstream request (clients never reach the upstream's headers:
