@@ -204,13 +204,18 @@ def _retest(cfg: ProvenanceArenaConfig, out: Path, db_url: str, student: Path, g
             secret_file: str) -> str:
     """The command line that runs this run's test again on its guard log (with other options, or another suspect)."""
     env = f"STILLHOUSE_WATERMARK_SECRET=$(cat {secret_file}) " if secret_file else ""
+    tail = f"--gamma {cfg.gamma:g} --context {cfg.context} --tokenizer {cfg.teacher}"
+    if cfg.test == "counterfactual":
+        return (f"{env}stillhouse provenance model {db_url} --suspect hf:{student} --mode open --test counterfactual "
+                f"--counterfactuals {cfg.counterfactuals} --entropy {cfg.entropy:g} --delta {cfg.delta:g} "
+                f"--scheme {cfg.scheme} --cache {out.resolve() / 'counterfactuals.jsonl'} {tail}"
+                + "".join(f" --group {g}" for g in groups))
     test = (f"--mode open --reading own --answer-tokens {cfg.answer_tokens} --entropy {cfg.entropy:g} "
             f"--score {cfg.score} --delta {cfg.delta:g} --scheme {cfg.scheme}" if cfg.own_answers
             else "--mode open --reading text")
     source = db_url if cfg.own_answers else str(out.resolve() / "reading.jsonl")
     extra = " --match-keys" + "".join(f" --group {g}" for g in groups) if cfg.match_keys else ""
-    return (f"{env}stillhouse provenance model {source} --log {db_url} --suspect hf:{student} {test} "
-            f"--gamma {cfg.gamma:g} --context {cfg.context} --tokenizer {cfg.teacher}{extra}")
+    return f"{env}stillhouse provenance model {source} --log {db_url} --suspect hf:{student} {test} {tail}{extra}"
 
 
 def _run(cfg: ProvenanceArenaConfig, out: Path, loaded: tuple[Any, Any, str] | None, secret_file: str
@@ -296,84 +301,55 @@ def _run(cfg: ProvenanceArenaConfig, out: Path, loaded: tuple[Any, Any, str] | N
 
     t = time.perf_counter()
     groups: tuple[str, ...] = ()
-    if cfg.match_keys:  # the arena knows the campaign; its guard runs no detector, so nothing links the accounts
+    if cfg.match_keys or cfg.test == "counterfactual":
+        # the arena knows the campaign; its guard runs no detector, so nothing links the accounts
         n = cfg.campaign_accounts
         groups = (",".join(campaign), *(",".join(decoys[i * n:(i + 1) * n]) for i in range(cfg.decoy_groups)))
-    if cfg.test == "counterfactual":
-        return _counterfactual_metrics(cfg, out, db_url, final, plan, answers, leaked, campaign, decoys, rev,
-                                       timings, t, t_all, secret_file)
-    if cfg.own_answers:  # the source is the guard's log: every watermarked question it answered
-        source = db_url
+    found: dict[str, Any]
+    if cfg.test == "counterfactual":  # every answer in the log against its redraws; accounts and groups
+        report = model_provenance(SuspectConfig(source=db_url, suspect=f"hf:{final}", mode="open", reading="text",
+                                                tokenizer=cfg.teacher, gamma=cfg.gamma, context=cfg.context,
+                                                entropy=cfg.entropy, delta=cfg.delta, scheme=cfg.scheme,
+                                                alpha=cfg.alpha, groups=groups, threads=cfg.threads,
+                                                test="counterfactual", counterfactuals=cfg.counterfactuals,
+                                                cache=str(out / "counterfactuals.jsonl")))
+        named_accounts = report["named_accounts"]
+        found = {"keys_in_log": report["answers"], "test": "counterfactual",
+                 "named_hypotheses": report["named_hypotheses"], "hypotheses": report["hypotheses"],
+                 "groups": [h for h in report["hypotheses"] if h["kind"] != "account"], "scores": []}
     else:
-        source = str(out / "reading.jsonl")
-        (out / "reading.jsonl").write_text("".join(json.dumps({"text": q}) + "\n" for q in reading))
-    report = model_provenance(SuspectConfig(source=source, log=db_url, suspect=f"hf:{final}",
-                                            mode="open", reading="own" if cfg.own_answers else "text",
-                                            answer_tokens=cfg.answer_tokens, tokenizer=cfg.teacher,
-                                            gamma=cfg.gamma, context=cfg.context, entropy=cfg.entropy,
-                                            delta=cfg.delta, score=cfg.score if cfg.own_answers else "count",
-                                            scheme=cfg.scheme,
-                                            alpha=cfg.alpha, match_keys=cfg.match_keys, groups=groups,
-                                            threads=cfg.threads))
+        if cfg.own_answers:  # the source is the guard's log: every watermarked question it answered
+            source = db_url
+        else:
+            source = str(out / "reading.jsonl")
+            (out / "reading.jsonl").write_text("".join(json.dumps({"text": q}) + "\n" for q in reading))
+        report = model_provenance(SuspectConfig(source=source, log=db_url, suspect=f"hf:{final}",
+                                                mode="open", reading="own" if cfg.own_answers else "text",
+                                                answer_tokens=cfg.answer_tokens, tokenizer=cfg.teacher,
+                                                gamma=cfg.gamma, context=cfg.context, entropy=cfg.entropy,
+                                                delta=cfg.delta, score=cfg.score if cfg.own_answers else "count",
+                                                scheme=cfg.scheme,
+                                                alpha=cfg.alpha, match_keys=cfg.match_keys, groups=groups,
+                                                threads=cfg.threads))
+        named_keys = [s for s in report["scores"] if s["p_holm"] < cfg.alpha]
+        named_groups = [g for g in report.get("groups", []) if g["p_holm"] < cfg.alpha]
+        named_accounts = sorted({a for s in (*named_keys, *named_groups) for a in s["accounts"]})
+        found = {"keys_in_log": report["keys_tried"], "named_keys": [s["key_id"] for s in named_keys],
+                 "named_groups": [g["name"] for g in named_groups], "groups": report.get("groups", []),
+                 "group_given_by": ("the arena (it knows the campaign's accounts; its guard runs no detector, so no "
+                                    "cluster links them)") if cfg.match_keys else "",
+                 "scored": report["scored"], "scores": report["scores"]}
     timings["test_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_all
-    named_keys = [s for s in report["scores"] if s["p_holm"] < cfg.alpha]
-    named_groups = [g for g in report.get("groups", []) if g["p_holm"] < cfg.alpha]
-    named_accounts = sorted({a for s in (*named_keys, *named_groups) for a in s["accounts"]})
     metrics = {
         "config": json.loads((out / "provenance_config.json").read_text()), "teacher_revision": rev,
         "requests": len(plan), "answered": sum(1 for a in answers if a[2] == 200), "leaked_rows": len(leaked),
-        "keys_in_log": report["keys_tried"], "named_keys": [s["key_id"] for s in named_keys],
-        "named_groups": [g["name"] for g in named_groups],
-        "groups": report.get("groups", []),
-        "group_given_by": ("the arena (it knows the campaign's accounts; its guard runs no detector, so no cluster "
-                           "links them)") if cfg.match_keys else "",
-        "named_accounts": named_accounts, "campaign_accounts": campaign,
+        **found, "named_accounts": named_accounts, "campaign_accounts": campaign,
         "secret": (f"made for this run, in {secret_file} (mode 0600)" if secret_file
                    else "$STILLHOUSE_WATERMARK_SECRET (not written)"),
         "retest": _retest(cfg, out, db_url, Path(final).resolve(), groups, secret_file),
         "goal_met": bool(named_accounts) and set(named_accounts) <= set(campaign),
-        "best": report["best"], "scored": report["scored"], "timings_s": timings,
-        "scores": report["scores"],
-    }
-    (out / "provenance.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics
-
-
-def _counterfactual_metrics(cfg: ProvenanceArenaConfig, out: Path, db_url: str, final: Any,
-                            plan: list[tuple[str, str]], answers: list[tuple[str, str, int, str]],
-                            leaked: list[dict[str, Any]], campaign: list[str], decoys: list[str], rev: str,
-                            timings: dict[str, float], t: float, t_all: float, secret_file: str) -> dict[str, Any]:
-    """test=counterfactual: the student reads every answer in the guard's log against its redraws; accounts, the
-    campaign's group and ``decoy_groups`` decoy groups are the hypotheses."""
-    from stillhouse.provenance.run import SuspectConfig, model_provenance
-
-    n = cfg.campaign_accounts
-    groups = (",".join(campaign), *(",".join(decoys[i * n:(i + 1) * n]) for i in range(cfg.decoy_groups)))
-    scfg = SuspectConfig(source=db_url, suspect=f"hf:{final}", mode="open", reading="text", tokenizer=cfg.teacher,
-                         gamma=cfg.gamma, context=cfg.context, entropy=cfg.entropy, delta=cfg.delta,
-                         scheme=cfg.scheme, alpha=cfg.alpha, groups=groups, threads=cfg.threads,
-                         test="counterfactual", counterfactuals=cfg.counterfactuals,
-                         cache=str(out / "counterfactuals.jsonl"))
-    report = model_provenance(scfg)
-    timings["test_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - t_all
-    named = report["named_accounts"]
-    env = f"STILLHOUSE_WATERMARK_SECRET=$(cat {secret_file}) " if secret_file else ""
-    metrics = {
-        "config": json.loads((out / "provenance_config.json").read_text()), "teacher_revision": rev,
-        "requests": len(plan), "answered": sum(1 for a in answers if a[2] == 200), "leaked_rows": len(leaked),
-        "keys_in_log": report["answers"], "test": "counterfactual", "named_hypotheses": report["named_hypotheses"],
-        "named_accounts": named, "campaign_accounts": campaign, "hypotheses": report["hypotheses"],
-        "secret": (f"made for this run, in {secret_file} (mode 0600)" if secret_file
-                   else "$STILLHOUSE_WATERMARK_SECRET (not written)"),
-        "retest": (f"{env}stillhouse provenance model {db_url} --suspect hf:{Path(final).resolve()} --mode open "
-                   f"--test counterfactual --counterfactuals {cfg.counterfactuals} --tokenizer {cfg.teacher} "
-                   f"--gamma {cfg.gamma:g} --delta {cfg.delta:g} --context {cfg.context} --entropy {cfg.entropy:g} "
-                   f"--scheme {cfg.scheme} --cache {(out / 'counterfactuals.jsonl').resolve()}"
-                   + "".join(f" --group {g}" for g in groups)),
-        "goal_met": bool(named) and set(named) <= set(campaign), "best": report["best"], "timings_s": timings,
-        "scores": [], "groups": [h for h in report["hypotheses"] if h["kind"] != "account"],
+        "best": report["best"], "timings_s": timings,
     }
     (out / "provenance.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
