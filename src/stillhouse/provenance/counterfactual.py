@@ -36,9 +36,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,13 +78,12 @@ class Hypothesis:
     def statistic(self) -> int:
         return sum(self.k + 1 - r for r in self.ranks)
 
-    @property
+    @cached_property
     def log_p(self) -> float:
+        """The exact tail, computed once (it takes 0.4 s at 2,000 answers, and the report reads it four times)."""
         return log_rank_sum_sf(len(self.ranks), self.k, self.statistic)
 
     def to_json(self, p_holm: float) -> dict[str, Any]:
-        import math
-
         n = len(self.ranks)
         return {"name": self.name, "kind": self.kind, "accounts": list(self.accounts), "answers": n,
                 "first": sum(r == 1 for r in self.ranks), "mean_rank": sum(self.ranks) / n if n else None,
@@ -214,8 +215,6 @@ def likelihoods(spec: str, samples: Sequence[Sample], answers: Sequence[Sequence
                 progress: StepProgress | None = None, what: str = "suspect") -> list[list[float]]:
     """``log p(answer | prompt)`` under the model ``spec`` (its own tokenizer and chat template) for every answer
     of every sample, teacher-forced; rows read shortest first so a batch pads little."""
-    import math
-
     from stillhouse.provenance.gate import answer_views
     from stillhouse.teacher.bundled import load_model
     from stillhouse.teacher.local import encode_chat
@@ -276,7 +275,5 @@ def hypotheses(samples: Sequence[Sample], ranks: Sequence[int], k: int,
     for name, kind, members in groups:
         rs = tuple(r for a in members for r in by.get(a, []))
         hyps.append(Hypothesis(name, kind, tuple(members), rs, k))
-    import math
-
     adjusted = holm([math.exp(h.log_p) for h in hyps])
     return sorted(zip(hyps, adjusted), key=lambda x: (x[0].log_p, x[0].name))
