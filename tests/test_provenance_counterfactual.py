@@ -235,3 +235,17 @@ def test_redraws_use_the_served_recipe_whatever_the_suspect_reads(tiny_dir: Path
     (p,), (sp,) = seen["params"], seen["recipes"]
     assert p.entropy == DEFAULT_PARAMS.entropy and p.scheme == "exp" and seen["k"] == 3
     assert (sp.temperature, sp.max_tokens) == (0.7, 5)
+
+
+def test_cache_must_be_a_file_for_the_counterfactual_test(tiny_dir: Path, tmp_path: Path) -> None:
+    from stillhouse.provenance.run import SuspectConfig
+
+    spec = f"hf:{tiny_dir}"
+    base = dict(source=str(tmp_path / "ours.jsonl"), suspect=spec, tokenizer=spec)
+    with pytest.raises(ValueError, match="is a directory: give a JSONL file in it"):
+        SuspectConfig(**base, test="counterfactual", cache=str(tmp_path))
+    with pytest.raises(ValueError, match="does not exist; create it first"):
+        SuspectConfig(**base, test="counterfactual", cache=str(tmp_path / "no" / "cf.jsonl"))
+    with pytest.raises(ValueError, match="add --test counterfactual or drop it"):
+        SuspectConfig(**base, key_ids=("account/a/0",), cache=str(tmp_path / "cf.jsonl"))
+    assert SuspectConfig(**base, test="counterfactual", cache=str(tmp_path / "cf.jsonl")).cache.endswith("cf.jsonl")

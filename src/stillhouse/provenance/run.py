@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from stillhouse.provenance.candidates import Candidate, derive_all, from_ids, from_log
@@ -250,6 +251,14 @@ class SuspectConfig(ScoringConfig):
                 raise ValueError("match_keys: the counterfactual test already reads each answer's own key; drop it")
             if self.reference not in ("", "none"):
                 parse_spec(self.reference)  # raises listing the accepted forms
+            if self.cache and Path(self.cache).is_dir():
+                raise ValueError(f"cache={self.cache!r} is a directory: give a JSONL file in it, such as "
+                                 f"{Path(self.cache) / 'counterfactuals.jsonl'}")
+            if self.cache and not Path(self.cache).parent.is_dir():
+                raise ValueError(f"cache={self.cache!r}: its directory {Path(self.cache).parent} does not exist; "
+                                 "create it first or give a file in an existing one")
+        elif self.cache:
+            raise ValueError("cache keeps the counterfactual test's drawn answers; add --test counterfactual or drop it")
         elif self.groups and not self.match_keys:
             raise ValueError(f"groups={list(self.groups)}: a group is scored on the keys that answered its accounts; "
                              "add --match-keys (with the guard's log as SOURCE)")
@@ -610,7 +619,6 @@ def _counterfactual(cfg: SuspectConfig, samples: list[Sample], secret: bytes, pr
                     t0: float) -> dict[str, Any]:
     """``--test counterfactual``: our answers ranked among the teacher's redraws under other keys, per account."""
     from dataclasses import replace
-    from pathlib import Path
 
     from stillhouse.guard.detect.logwindow import is_store_url
     from stillhouse.provenance import counterfactual as cf
