@@ -63,6 +63,7 @@ def test_config_round_trip_and_loud_failures(tmp_path):
     ({"redact_patterns": ("([",)}, "redact_patterns"),
     ({"rules": ({"name": "r", "field": "country", "action": "block"},)}, "equals"),
     ({"rules": ({"name": "r", "field": "score", "action": "nuke"},)}, "action"),
+    ({"watermark_per_request": True}, "add --watermark"),
 ])
 def test_config_validation_names_the_field(kw, msg):
     base = {"upstream_url": "http://127.0.0.1:9", "admin_token_sha256": TOKEN_HASH}

@@ -231,6 +231,9 @@ class GuardConfig:
             raise ValueError(f"watermark_scope={self.watermark_scope!r}: use one of {typing.get_args(WatermarkScope)}")
         if self.watermark_rotate_s < 0:
             raise ValueError(f"watermark_rotate_s={self.watermark_rotate_s}: must be >= 0 (0 = keys never rotate)")
+        if self.watermark_per_request and not self.watermark:
+            raise ValueError("watermark_per_request: keys per request are watermark keys; add --watermark (and serve "
+                             "the upstream with --watermark under the same secret) or drop --watermark-per-request")
         if self.watermark and not self.watermark_secret_env:
             raise ValueError("watermark_secret_env is empty: name the environment variable holding the shared secret")
         if self.key_refresh_s < 0:
