@@ -30,6 +30,8 @@ Stages (each writes under OUT, default runs/provenance; run them in order)::
         runs/provenance/text-*.json --plot limits.png         # the reports of `provenance text --per-sample --out`
     # a student on the paraphrases (then `provenance model --reading own`, as for any student)
     python scripts/exp_provenance.py mix --wm runs/provenance/para-NAME.jsonl --share 1 --rows 160 --name para160
+    # the counterfactual test's ranks, students against clean models (reports pooled per label)
+    python scripts/exp_provenance.py ranks --plot ranks.png "5% open=cfp-mix5p-open.json" "clean=cfp-a.json,cfp-b.json"
     # keys per request: one key id per answer; the -wm file keeps each answer's key_id, account and recipe, which
     # `stillhouse provenance model runs/provenance/data-NAME-wm.jsonl --test counterfactual ...` reads
     python scripts/exp_provenance.py generate --split train --limit 160 --key account/acct-0/r0,...,account/acct-0/r159 \
@@ -678,6 +680,52 @@ def cmd_radioactivity(args: argparse.Namespace) -> None:
     print(f"{args.plot}: {len(args.points)} reports")
 
 
+def cmd_ranks(args: argparse.Namespace) -> None:
+    """One picture of the counterfactual test: for each ``provenance model --test counterfactual --out`` report given
+    as LABEL=REPORT[,REPORT...] (reports under one label pooled, e.g. every clean model's), the share of answers
+    whose logged answer the suspect ranked 1st, 2nd, ... among the K + 1, against the uniform 1 / (K + 1) that the
+    null gives. Prints each label's answers, share ranked first, mean rank and the reports' p-values."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ks: set[int] = set()
+    print("| label | reports | answers | ranked first | mean rank (uniform) | p (per report) |")
+    print("|---|---|---|---|---|---|")
+    for point in args.points:
+        label, paths = point.split("=", 1)
+        ranks: list[int] = []
+        ps: list[str] = []
+        for path in paths.split(","):
+            rep = json.loads(Path(path).read_text())
+            if rep.get("test") != "counterfactual":
+                raise SystemExit(f"{path}: not a counterfactual report; run `stillhouse provenance model ... --test "
+                                 "counterfactual --out FILE`")
+            ks.add(rep["k"])
+            accounts = [h for h in rep["hypotheses"] if h["kind"] == "account"]
+            ranks += [r for h in accounts for r in h["ranks"]]
+            ps += [f"{h['p']:.2g}" for h in accounts]
+        if len(ks) > 1:
+            raise SystemExit(f"reports drawn with different K ({sorted(ks)}): their ranks do not share a scale")
+        k = ks.pop()
+        ks.add(k)
+        share = [sum(r == i for r in ranks) / len(ranks) for i in range(1, k + 2)]
+        ax.plot(range(1, k + 2), share, marker="o", label=f"{label} ({len(ranks)} answers)")
+        print(f"| {label} | {len(paths.split(','))} | {len(ranks)} | {share[0]:.2f} | "
+              f"{sum(ranks) / len(ranks):.2f} ({(k + 2) / 2:g}) | {', '.join(ps)} |")
+    k = ks.pop()
+    ax.axhline(1 / (k + 1), color="grey", linestyle="--", linewidth=0.8, label="uniform (the null)")
+    ax.set_xticks(range(1, k + 2))
+    ax.set_xlabel(f"rank of the logged answer among its {k + 1} (1: the suspect prefers ours)")
+    ax.set_ylabel("share of answers")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=120)
+    print(f"{args.plot}: {len(args.points)} labels")
+
+
 def cmd_limits(args: argparse.Namespace) -> None:
     """One table row per ``provenance text --per-sample`` report: answers where ``--key`` is detected alone, and
     the answers pooled. An empty answer counts as p = 1. With ``--original`` (the answers before the attack),
@@ -825,6 +873,10 @@ def main() -> None:
     p.add_argument("--key", required=True, help="the key the watermarked answers were made with")
     p.add_argument("--plot", required=True, help="the PNG to draw")
     p.add_argument("points", nargs="+", help="SHARE=REPORT (SHARE a fraction, or clean): `provenance model --out` reports")
+    p = sub.add_parser("ranks")
+    p.add_argument("--plot", required=True, help="the PNG to draw")
+    p.add_argument("points", nargs="+", help="LABEL=REPORT[,REPORT...]: `provenance model --test counterfactual "
+                   "--out` reports (several under one label are pooled)")
     p = sub.add_parser("limits")
     p.add_argument("--key", required=True, help="the key the answers were made with")
     p.add_argument("--original", default="", help="the answers before the attack (gen-NAME.jsonl)")
@@ -834,7 +886,7 @@ def main() -> None:
     {"prompts": cmd_prompts, "asks": cmd_asks, "generate": cmd_generate, "detect": cmd_detect, "mix": cmd_mix,
      "train": cmd_train, "paraphrase": cmd_paraphrase, "delete": cmd_delete, "limits": cmd_limits,
      "answers": cmd_answers, "gate-sweep": cmd_gate_sweep,
-     "radioactivity": cmd_radioactivity}[args.cmd](args)
+     "radioactivity": cmd_radioactivity, "ranks": cmd_ranks}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -129,3 +129,24 @@ def test_suspect_tops_are_the_softmax_above_the_floor() -> None:
         assert sorted(v for v, _ in got) == sorted(v for v, _ in want)
         assert [q for _, q in got] == sorted((q for _, q in got), reverse=True)
         assert dict(got) == pytest.approx(dict(want), rel=1e-4)
+
+
+def test_ranks_pools_reports_under_a_label_and_refuses_other_tests(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+    import json
+
+    def report(name: str, ranks: list[int], test: str = "counterfactual") -> str:
+        hyp = [{"kind": "account", "ranks": ranks, "p": 0.5}, {"kind": "group", "ranks": ranks, "p": 0.5}]
+        (tmp_path / name).write_text(json.dumps({"test": test, "k": 3, "hypotheses": hyp}))
+        return str(tmp_path / name)
+
+    a, b = report("a.json", [1, 1, 2, 4]), report("b.json", [1, 3, 3, 3])
+    png = tmp_path / "ranks.png"
+    script.cmd_ranks(argparse.Namespace(plot=str(png), points=[f"both={a},{b}", f"one={a}"]))
+    out = capsys.readouterr().out
+    assert "| both | 2 | 8 | 0.38 | 2.25 (2.5) |" in out  # 3 of 8 first; the group's ranks are not counted twice
+    assert "| one | 1 | 4 | 0.50 | 2.00 (2.5) |" in out
+    assert png.stat().st_size > 0
+    with pytest.raises(SystemExit, match="not a counterfactual report"):
+        script.cmd_ranks(argparse.Namespace(plot=str(png), points=[f"x={report('c.json', [1], 'tuples')}"]))
