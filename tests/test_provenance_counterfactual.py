@@ -249,3 +249,30 @@ def test_cache_must_be_a_file_for_the_counterfactual_test(tiny_dir: Path, tmp_pa
     with pytest.raises(ValueError, match="add --test counterfactual or drop it"):
         SuspectConfig(**base, key_ids=("account/a/0",), cache=str(tmp_path / "cf.jsonl"))
     assert SuspectConfig(**base, test="counterfactual", cache=str(tmp_path / "cf.jsonl")).cache.endswith("cf.jsonl")
+
+
+def test_sampled_answers_pool_a_closed_suspects_answers(tiny_dir: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from stillhouse.provenance import radioactive
+    from stillhouse.provenance.run import SuspectConfig, _suspect_answers
+
+    calls: list[tuple[float, int]] = []
+
+    async def fake_closed(url: str, samples: Any, max_tokens: int, temperature: float, concurrency: int,
+                          seed: int = 0) -> list[str]:
+        calls.append((temperature, seed))
+        return [f"{s.text} T{temperature} s{seed}" for s in samples]
+
+    monkeypatch.setattr(radioactive, "closed_texts", fake_closed)
+    base = dict(source=str(tmp_path / "ours.jsonl"), suspect="http://127.0.0.1:9/v1", tokenizer=f"hf:{tiny_dir}",
+                test="counterfactual")
+    cfg = SuspectConfig(**base, sampled_answers=2)
+    got = _suspect_answers(cfg, [Sample(text="a"), Sample(text="b")], None)
+    assert calls == [(0.0, 0), (0.7, 0), (0.7, 1000)]  # the one answer, then two sampled with their own seeds
+    assert got == ["a T0.0 s0\n\na T0.7 s0\n\na T0.7 s1000", "b T0.0 s0\n\nb T0.7 s0\n\nb T0.7 s1000"]
+    with pytest.raises(ValueError, match="pools answers a closed suspect writes"):
+        SuspectConfig(**{**base, "suspect": f"hf:{tiny_dir}"}, mode="open", sampled_answers=2)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        SuspectConfig(**base, sampled_answers=-1)
+    with pytest.raises(ValueError, match="add it or drop --sampled-answers"):
+        SuspectConfig(**{**base, "test": "tuples"}, key_ids=("account/a/0",), sampled_answers=2)

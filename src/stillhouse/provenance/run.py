@@ -181,6 +181,11 @@ class SuspectConfig(ScoringConfig):
     student of docs/results.md: p = 4.6e-4 greedy over HTTP, 0.45 at 0.7). The test is exact at any temperature."""
     concurrency: int = 8
     """Closed mode: requests in flight."""
+    sampled_answers: int = 0
+    """Closed mode with --test counterfactual: also this many answers per prompt sampled at T 0.7 (seeds 1000 j + i),
+    pooled with the --temperature one (their 4-grams together). On two development students (whose one-answer figures
+    had been read) greedy + 4 sampled took p from 3.8e-7 to 3.2e-9 and from 6.1e-3 to 5.7e-5; not yet tested on a
+    fresh student, so 0 (one answer) stays the default."""
     threads: int = 0
     """torch CPU threads (0 = torch's default)."""
     match_keys: bool = False
@@ -239,6 +244,11 @@ class SuspectConfig(ScoringConfig):
         for name in ("reading_max_len", "batch_size", "answer_tokens", "concurrency"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.sampled_answers < 0:
+            raise ValueError(f"sampled_answers={self.sampled_answers}: must be >= 0 (0 = the one answer)")
+        if self.sampled_answers and self.test != "counterfactual":
+            raise ValueError("sampled_answers pools a closed suspect's answers for --test counterfactual; add it or "
+                             "drop --sampled-answers")
         if self.test not in ("tuples", "counterfactual"):
             raise ValueError(f"test={self.test!r}: use tuples (the green-list tests) or counterfactual")
         if self.test == "counterfactual":
@@ -251,6 +261,9 @@ class SuspectConfig(ScoringConfig):
                 raise ValueError("match_keys: the counterfactual test already reads each answer's own key; drop it")
             if self.reference not in ("", "none"):
                 parse_spec(self.reference)  # raises listing the accepted forms
+            if self.sampled_answers and self.resolved_mode != "closed":
+                raise ValueError(f"sampled_answers={self.sampled_answers}: pools answers a closed suspect writes; give "
+                                 "--mode closed with an http://HOST:PORT/v1 suspect, or drop it")
             if self.cache and Path(self.cache).is_dir():
                 raise ValueError(f"cache={self.cache!r} is a directory: give a JSONL file in it, such as "
                                  f"{Path(self.cache) / 'counterfactuals.jsonl'}")
@@ -685,7 +698,10 @@ def _suspect_answers(cfg: SuspectConfig, asked: list[Sample], progress: StepProg
     from stillhouse.provenance.radioactive import closed_texts, own_answers
 
     if cfg.resolved_mode == "closed":
-        return asyncio.run(closed_texts(cfg.suspect, asked, cfg.answer_tokens, cfg.temperature, cfg.concurrency))
+        first = asyncio.run(closed_texts(cfg.suspect, asked, cfg.answer_tokens, cfg.temperature, cfg.concurrency))
+        more = [asyncio.run(closed_texts(cfg.suspect, asked, cfg.answer_tokens, 0.7, cfg.concurrency, seed=1000 * j))
+                for j in range(cfg.sampled_answers)]
+        return ["\n\n".join(texts) for texts in zip(first, *more)]
     from stillhouse.teacher.bundled import load_model
 
     model, stok, _ = load_model(cfg.suspect)
