@@ -669,7 +669,7 @@ def _counterfactual(cfg: SuspectConfig, samples: list[Sample], secret: bytes, pr
     else:
         answers = _suspect_answers(cfg, asked, progress)
         scores = cf.overlaps(_tokenizer(cfg.tokenizer), answers, candidates)
-        extra.update(score="overlap", answer_tokens=cfg.answer_tokens)
+        extra.update(score="overlap", answer_tokens=cfg.answer_tokens, sampled_answers=cfg.sampled_answers)
     ranks = [cf.rank(sc, s.key_id) for sc, s in zip(scores, asked)]
     groups = [(g.name, g.given_by, g.accounts) for g in operator_groups(cfg.groups)]
     if cfg.cluster_groups and is_store_url(cfg.source):
@@ -694,7 +694,8 @@ def _counterfactual(cfg: SuspectConfig, samples: list[Sample], secret: bytes, pr
 
 
 def _suspect_answers(cfg: SuspectConfig, asked: list[Sample], progress: StepProgress | None) -> list[str]:
-    """The suspect's answers (greedy here, or over HTTP at --temperature) to the prompts asked, as text."""
+    """The suspect's answers (greedy here, or over HTTP at --temperature, then --sampled-answers more at T 0.7,
+    joined) to the prompts asked, as text."""
     from stillhouse.provenance.radioactive import closed_texts, own_answers
 
     if cfg.resolved_mode == "closed":
