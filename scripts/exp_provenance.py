@@ -709,13 +709,12 @@ def cmd_ranks(args: argparse.Namespace) -> None:
             ps += [f"{h['p']:.2g}" for h in accounts]
         if len(ks) > 1:
             raise SystemExit(f"reports drawn with different K ({sorted(ks)}): their ranks do not share a scale")
-        k = ks.pop()
-        ks.add(k)
+        k = next(iter(ks))
         share = [sum(r == i for r in ranks) / len(ranks) for i in range(1, k + 2)]
         ax.plot(range(1, k + 2), share, marker="o", label=f"{label} ({len(ranks)} answers)")
         print(f"| {label} | {len(paths.split(','))} | {len(ranks)} | {share[0]:.2f} | "
               f"{sum(ranks) / len(ranks):.2f} ({(k + 2) / 2:g}) | {', '.join(ps)} |")
-    k = ks.pop()
+    k = next(iter(ks))
     ax.axhline(1 / (k + 1), color="grey", linestyle="--", linewidth=0.8, label="uniform (the null)")
     ax.set_xticks(range(1, k + 2))
     ax.set_xlabel(f"rank of the logged answer among its {k + 1} (1: the suspect prefers ours)")

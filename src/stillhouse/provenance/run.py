@@ -61,9 +61,9 @@ class ScoringConfig:
     entropy: float | None = None
     """Entropy gate used when generating (as served: --watermark-entropy; the counterfactual test draws with it), in
     nats: only tokens where the teacher's next-token entropy is above it are scored, the teacher (--tokenizer)
-    recomputing them from each answer and its prompt; 0 = score every token. Unset (none): serve's default, 2.0 (with delta 1.5 it kept the teacher's
-    accuracy, docs/results.md), for answers (text; model --reading own or closed); no gate for model --reading
-    text."""
+    recomputing them from each answer and its prompt; 0 = score every token. Unset (none): serve's default, 2.0
+    (with delta 1.5 it kept the teacher's accuracy, docs/results.md), for answers (text; model --reading own or
+    closed); no gate for model --reading text."""
     limit: int = 0
     """Test at most this many samples of the source (0 = all)."""
     max_tokens: int = 0
@@ -246,9 +246,6 @@ class SuspectConfig(ScoringConfig):
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.sampled_answers < 0:
             raise ValueError(f"sampled_answers={self.sampled_answers}: must be >= 0 (0 = the one answer)")
-        if self.sampled_answers and self.test != "counterfactual":
-            raise ValueError("sampled_answers pools a closed suspect's answers for --test counterfactual; add it or "
-                             "drop --sampled-answers")
         if self.test not in ("tuples", "counterfactual"):
             raise ValueError(f"test={self.test!r}: use tuples (the green-list tests) or counterfactual")
         if self.test == "counterfactual":
@@ -272,6 +269,9 @@ class SuspectConfig(ScoringConfig):
                                  "create it first or give a file in an existing one")
         elif self.cache:
             raise ValueError("cache keeps the counterfactual test's drawn answers; add --test counterfactual or drop it")
+        elif self.sampled_answers:
+            raise ValueError("sampled_answers pools a closed suspect's answers for --test counterfactual; add it or "
+                             "drop --sampled-answers")
         elif self.groups and not self.match_keys:
             raise ValueError(f"groups={list(self.groups)}: a group is scored on the keys that answered its accounts; "
                              "add --match-keys (with the guard's log as SOURCE)")
@@ -639,7 +639,8 @@ def _counterfactual(cfg: SuspectConfig, samples: list[Sample], secret: bytes, pr
 
     # requests with tools are left out (chosen by the request, never by our answer, so the rest stay exchangeable):
     # their prompts carry the tools, which the redraw does not replay
-    asked = [s for s in samples if s.prompt and not s.params.get("tools")]
+    with_prompt = [s for s in samples if s.prompt]
+    asked = [s for s in with_prompt if not s.params.get("tools")]
     if not asked:
         raise cf.CounterfactualError(f"{cfg.source}: no answer with its prompt; the test draws other answers to the "
                                      "same prompts (give the guard's log, or JSONL rows with 'messages')")
@@ -658,7 +659,7 @@ def _counterfactual(cfg: SuspectConfig, samples: list[Sample], secret: bytes, pr
     candidates = [[s.text, *d] for s, d in zip(asked, drawn)]
     extra: dict[str, Any] = {"suspect": cfg.suspect, "mode": cfg.resolved_mode, "source": cfg.source,
                              "test": "counterfactual", "k": cfg.counterfactuals, "answers": len(asked),
-                             "left_out_with_tools": sum(1 for s in samples if s.prompt and s.params.get("tools"))}
+                             "left_out_with_tools": len(with_prompt) - len(asked)}
     if cfg.reads_text:
         reference = "" if cfg.reference == "none" else cfg.reference or cfg.tokenizer
         scores = cf.likelihoods(cfg.suspect, asked, candidates, cfg.batch_size, progress, "suspect")
@@ -695,7 +696,7 @@ def _counterfactual(cfg: SuspectConfig, samples: list[Sample], secret: bytes, pr
 
 def _suspect_answers(cfg: SuspectConfig, asked: list[Sample], progress: StepProgress | None) -> list[str]:
     """The suspect's answers (greedy here, or over HTTP at --temperature, then --sampled-answers more at T 0.7,
-    joined) to the prompts asked, as text."""
+    joined by a blank line) to the prompts asked, as text."""
     from stillhouse.provenance.radioactive import closed_texts, own_answers
 
     if cfg.resolved_mode == "closed":
