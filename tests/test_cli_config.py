@@ -246,3 +246,21 @@ def test_old_flag_spellings_still_parse():
                      "--capability-only", "--capability-config"}}
     for verb, flags in old.items():
         assert flags <= spelled[verb], (verb, flags - spelled[verb])
+
+
+def test_verb_help_prose_is_wrapped_by_the_terminal_not_the_source():
+    """A docstring paragraph wrapped in the source prints as one paragraph; ``\\b`` blocks keep their lines."""
+    from stillhouse.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200", "TERM": "dumb"})
+    assert result.exit_code == 0, result.output
+    lines = [" ".join(line.strip(" │").split()) for line in result.output.splitlines()]
+    # the source breaks this paragraph after "later loads"; a wide terminal prints it on one line
+    assert any("safetensors once (~25-40 s); later loads read the cache" in line for line in lines), result.output
+    # an example block keeps one command per line
+    assert any(line == "stillhouse serve --teacher bundled --port 8000" for line in lines), result.output
+    # the command list shows each verb's first paragraph: prose, one line for the terminal to wrap
+    group = typer.main.get_command(app)
+    for verb, command in group.commands.items():  # type: ignore[attr-defined]
+        first = (command.help or "").split("\n\n")[0]
+        assert first.startswith("\b") or "\n" not in first, (verb, first)

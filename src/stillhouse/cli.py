@@ -11,6 +11,8 @@ functions, so ``stillhouse --help`` stays fast.
 
 from __future__ import annotations
 
+import inspect
+
 import typer
 
 from stillhouse import __version__
@@ -61,7 +63,30 @@ def _register() -> None:
     bench_commands.register(bench_app)
 
 
+def _unwrap(text: str) -> str:
+    """A help text with each prose paragraph on one line, so that the terminal wraps it.
+
+    typer 0.29's rich help keeps the single line breaks of a docstring inside a paragraph, so a
+    paragraph wrapped at 110 columns in the source printed ragged in an 80-column terminal (a short
+    line after every source line). Paragraphs that start with ``\\b`` (examples, command lines) keep
+    their lines, as click documents.
+    """
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(p if p.startswith("\b") else " ".join(p.split("\n")) for p in paragraphs)
+
+
+def _unwrap_all(typer_app: typer.Typer) -> None:
+    for info in typer_app.registered_commands:
+        text = info.help or inspect.getdoc(info.callback)
+        if text:
+            info.help = _unwrap(text)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _unwrap_all(group.typer_instance)
+
+
 _register()
+_unwrap_all(app)
 
 
 def run() -> None:

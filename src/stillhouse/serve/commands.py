@@ -18,8 +18,11 @@ if TYPE_CHECKING:
     from stillhouse.serve.app import ServeConfig
 
 SERVE_HELP = """Serve a teacher over an OpenAI-compatible API (chat completions, SSE streaming,
-logprobs and top_logprobs, n, seed, stop) with continuous batching: concurrent requests
-share forward passes.
+logprobs and top_logprobs, n, seed, stop, tools, reasoning_content) with continuous batching:
+concurrent requests share forward passes.
+
+POST /v1/score returns the log-probabilities of a given completion (vLLM's prompt_logprobs), what
+black-box on-policy distillation asks. --watermark keys each answer (the guard chooses the key).
 
 \b
 Examples:
