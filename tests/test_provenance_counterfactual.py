@@ -276,3 +276,26 @@ def test_sampled_answers_pool_a_closed_suspects_answers(tiny_dir: Path, tmp_path
         SuspectConfig(**base, sampled_answers=-1)
     with pytest.raises(ValueError, match="add it or drop --sampled-answers"):
         SuspectConfig(**{**base, "test": "tuples"}, key_ids=("account/a/0",), sampled_answers=2)
+
+
+def test_distinct_windows_count_a_repetition_loop_once(tiny_dir: Path) -> None:
+    assert cf.first_windows([5, 6, 7, 5, 6, 7, 5, 6, 7, 8], 3) == [True] * 5 + [False] * 4 + [True]
+    assert cf.first_windows([1, 1, 1, 1], 2) == [True, True, False, False]
+    assert cf.first_windows([1, 1, 1], 0) == [True] * 3
+    samples = [Sample("x", [{"role": "user", "content": "Say something."}])]
+    loop = "intelligence, intelligence, intelligence, intelligence, intelligence"
+    every = cf.likelihoods(f"hf:{tiny_dir}", samples, [["plain words here", loop]])
+    once = cf.likelihoods(f"hf:{tiny_dir}", samples, [["plain words here", loop]], distinct=4)
+    assert once[0][0] == pytest.approx(every[0][0])  # no window repeats: the same sum
+    assert once[0][1] > every[0][1]  # the loop's repeated windows no longer add their log p (each < 0)
+    from stillhouse.provenance.run import SuspectConfig
+
+    base = dict(source="ours.jsonl", tokenizer=f"hf:{tiny_dir}", test="counterfactual")
+    assert SuspectConfig(**base, suspect=f"hf:{tiny_dir}", distinct_windows=4).distinct_windows == 4
+    with pytest.raises(ValueError, match="applies to the likelihood score"):
+        SuspectConfig(**base, suspect="http://127.0.0.1:9/v1", distinct_windows=4)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        SuspectConfig(**base, suspect=f"hf:{tiny_dir}", distinct_windows=-1)
+    with pytest.raises(ValueError, match="add it or drop --distinct-windows"):
+        SuspectConfig(**{**base, "test": "tuples"}, suspect=f"hf:{tiny_dir}", key_ids=("account/a/0",),
+                      distinct_windows=4)
