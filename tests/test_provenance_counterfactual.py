@@ -278,24 +278,28 @@ def test_sampled_answers_pool_a_closed_suspects_answers(tiny_dir: Path, tmp_path
         SuspectConfig(**{**base, "test": "tuples"}, key_ids=("account/a/0",), sampled_answers=2)
 
 
-def test_distinct_windows_count_a_repetition_loop_once(tiny_dir: Path) -> None:
-    assert cf.first_windows([5, 6, 7, 5, 6, 7, 5, 6, 7, 8], 3) == [True] * 5 + [False] * 4 + [True]
-    assert cf.first_windows([1, 1, 1, 1], 2) == [True, True, False, False]
-    assert cf.first_windows([1, 1, 1], 0) == [True] * 3
-    samples = [Sample("x", [{"role": "user", "content": "Say something."}])]
-    loop = "intelligence, intelligence, intelligence, intelligence, intelligence"
-    every = cf.likelihoods(f"hf:{tiny_dir}", samples, [["plain words here", loop]])
-    once = cf.likelihoods(f"hf:{tiny_dir}", samples, [["plain words here", loop]], distinct=4)
-    assert once[0][0] == pytest.approx(every[0][0])  # no window repeats: the same sum
-    assert once[0][1] > every[0][1]  # the loop's repeated windows no longer add their log p (each < 0)
+def test_prefix_tokens_score_only_each_answers_opening(tiny_dir: Path) -> None:
     from stillhouse.provenance.run import SuspectConfig
 
+    samples = [Sample("x", [{"role": "user", "content": "Say something."}])]
+    answers = [["one two three four five six seven eight", "nine"]]
+    every = cf.likelihoods(f"hf:{tiny_dir}", samples, answers)
+    head = cf.likelihoods(f"hf:{tiny_dir}", samples, answers, prefix=3)
+    assert head[0][1] == pytest.approx(every[0][1])  # shorter than the prefix: the whole answer
+    assert head[0][0] > every[0][0]  # the tail's log p (each < 0) no longer added
+    # reading causally, the first n tokens of the long answer score as the short answer made of them
+    from stillhouse.teacher.bundled import load_model
+
+    _, tok, _ = load_model(f"hf:{tiny_dir}")
+    n = len(tok("one two three", add_special_tokens=False)["input_ids"])
+    short = cf.likelihoods(f"hf:{tiny_dir}", samples, [["one two three"]])
+    assert cf.likelihoods(f"hf:{tiny_dir}", samples, answers, prefix=n)[0][0] == pytest.approx(short[0][0], abs=1e-3)
     base = dict(source="ours.jsonl", tokenizer=f"hf:{tiny_dir}", test="counterfactual")
-    assert SuspectConfig(**base, suspect=f"hf:{tiny_dir}", distinct_windows=4).distinct_windows == 4
+    assert SuspectConfig(**base, suspect=f"hf:{tiny_dir}", prefix_tokens=64).prefix_tokens == 64
     with pytest.raises(ValueError, match="applies to the likelihood score"):
-        SuspectConfig(**base, suspect="http://127.0.0.1:9/v1", distinct_windows=4)
+        SuspectConfig(**base, suspect="http://127.0.0.1:9/v1", prefix_tokens=64)
     with pytest.raises(ValueError, match="must be >= 0"):
-        SuspectConfig(**base, suspect=f"hf:{tiny_dir}", distinct_windows=-1)
-    with pytest.raises(ValueError, match="add it or drop --distinct-windows"):
+        SuspectConfig(**base, suspect=f"hf:{tiny_dir}", prefix_tokens=-1)
+    with pytest.raises(ValueError, match="add it or drop --prefix-tokens"):
         SuspectConfig(**{**base, "test": "tuples"}, suspect=f"hf:{tiny_dir}", key_ids=("account/a/0",),
-                      distinct_windows=4)
+                      prefix_tokens=64)

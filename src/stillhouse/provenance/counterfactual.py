@@ -211,25 +211,11 @@ def draw(teacher_spec: str, samples: Sequence[Sample], k: int, params: Sequence[
     return [kept[(s.key_id, t)] for s, t in zip(samples, tags)]
 
 
-def first_windows(ids: Sequence[int], n: int) -> list[bool]:
-    """Which tokens open a window (the token and the ``n - 1`` before it) not seen earlier in the same answer: a
-    repetition loop's tokens count once. ``n`` = 0 keeps every token."""
-    if n <= 0:
-        return [True] * len(ids)
-    seen: set[tuple[int, ...]] = set()
-    keep = []
-    for i in range(len(ids)):
-        w = tuple(ids[max(0, i - n + 1):i + 1])
-        keep.append(w not in seen)
-        seen.add(w)
-    return keep
-
-
 def likelihoods(spec: str, samples: Sequence[Sample], answers: Sequence[Sequence[str]], batch_size: int = 8,
-                progress: StepProgress | None = None, what: str = "suspect", distinct: int = 0) -> list[list[float]]:
+                progress: StepProgress | None = None, what: str = "suspect", prefix: int = 0) -> list[list[float]]:
     """``log p(answer | prompt)`` under the model ``spec`` (its own tokenizer and chat template) for every answer
-    of every sample, teacher-forced; rows read shortest first so a batch pads little. ``distinct`` = n > 0 sums
-    only the tokens that open a window of n not seen earlier in the answer (:func:`first_windows`)."""
+    of every sample, teacher-forced; rows read shortest first so a batch pads little. ``prefix`` > 0 sums only
+    the answer's first ``prefix`` tokens (the model's own tokens)."""
     from stillhouse.provenance.gate import answer_views
     from stillhouse.teacher.bundled import load_model
     from stillhouse.teacher.local import encode_chat
@@ -253,8 +239,8 @@ def likelihoods(spec: str, samples: Sequence[Sample], answers: Sequence[Sequence
     out = [[0.0] * len(a) for a in answers]
     for r, v in zip(order, views):
         i, j = where[r]
-        keep = first_windows(rows[r][1], distinct)
-        out[i][j] = sum(math.log(q) if q > 0 else TINY_LOG for q, k in zip(v.prob, keep) if k)
+        read = v.prob[:prefix] if prefix > 0 else v.prob
+        out[i][j] = sum(math.log(q) if q > 0 else TINY_LOG for q in read)
     return out
 
 

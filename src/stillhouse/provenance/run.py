@@ -209,10 +209,12 @@ class SuspectConfig(ScoringConfig):
     reference: str = ""
     """--test counterfactual, reading text: the score is log p_suspect - log p_reference; empty = the teacher
     (--tokenizer), none = the suspect's raw log-likelihood."""
-    distinct_windows: int = 0
-    """--test counterfactual, reading text: sum log p only over the tokens that open a window of this many tokens
-    (the token and those before it) not seen earlier in the same answer, so a repetition loop counts once and
-    neither model's taste for loops moves the rank; 0 = every token. In development (not yet the default)."""
+    prefix_tokens: int = 0
+    """--test counterfactual, reading text: score only each answer's first N tokens (each model's own tokens), 0 =
+    all. A student remembers an answer's opening best (training cuts long rows at its max length, and a repetition
+    loop late in an answer, which the reference likes, no longer outweighs it). In development on four students
+    whose figures had been read (64: 1% p 8.0e-3 -> 1e-6, 5% 3.5e-24 -> 1e-32); not yet tested on a fresh
+    student, so 0 stays the default."""
     cache: str = ""
     """--test counterfactual: a JSONL file that keeps the drawn answers (they depend on the teacher, the recipe and
     the secret, never on the suspect) and gives them back to the next run; empty = draw every time."""
@@ -262,11 +264,11 @@ class SuspectConfig(ScoringConfig):
                 raise ValueError("match_keys: the counterfactual test already reads each answer's own key; drop it")
             if self.reference not in ("", "none"):
                 parse_spec(self.reference)  # raises listing the accepted forms
-            if self.distinct_windows < 0:
-                raise ValueError(f"distinct_windows={self.distinct_windows}: must be >= 0 (0 = every token)")
-            if self.distinct_windows and not self.reads_text:
-                raise ValueError(f"distinct_windows={self.distinct_windows}: applies to the likelihood score (the "
-                                 "suspect reading SOURCE's texts, open mode); drop it for --reading own or closed")
+            if self.prefix_tokens < 0:
+                raise ValueError(f"prefix_tokens={self.prefix_tokens}: must be >= 0 (0 = every token)")
+            if self.prefix_tokens and not self.reads_text:
+                raise ValueError(f"prefix_tokens={self.prefix_tokens}: applies to the likelihood score (the suspect "
+                                 "reading SOURCE's texts, open mode); drop it for --reading own or closed")
             if self.sampled_answers and self.resolved_mode != "closed":
                 raise ValueError(f"sampled_answers={self.sampled_answers}: pools answers a closed suspect writes; give "
                                  "--mode closed with an http://HOST:PORT/v1 suspect, or drop it")
@@ -278,9 +280,9 @@ class SuspectConfig(ScoringConfig):
                                  "create it first or give a file in an existing one")
         elif self.cache:
             raise ValueError("cache keeps the counterfactual test's drawn answers; add --test counterfactual or drop it")
-        elif self.distinct_windows:
-            raise ValueError("distinct_windows applies to --test counterfactual's likelihood score; add it or drop "
-                             "--distinct-windows")
+        elif self.prefix_tokens:
+            raise ValueError("prefix_tokens applies to --test counterfactual's likelihood score; add it or drop "
+                             "--prefix-tokens")
         elif self.sampled_answers:
             raise ValueError("sampled_answers pools a closed suspect's answers for --test counterfactual; add it or "
                              "drop --sampled-answers")
@@ -675,12 +677,12 @@ def _counterfactual(cfg: SuspectConfig, samples: list[Sample], secret: bytes, pr
     if cfg.reads_text:
         reference = "" if cfg.reference == "none" else cfg.reference or cfg.tokenizer
         scores = cf.likelihoods(cfg.suspect, asked, candidates, cfg.batch_size, progress, "suspect",
-                                cfg.distinct_windows)
+                                cfg.prefix_tokens)
         if reference:
             base = cf.likelihoods(reference, asked, candidates, cfg.batch_size, progress, "reference",
-                                  cfg.distinct_windows)
+                                  cfg.prefix_tokens)
             scores = [[a - b for a, b in zip(x, y)] for x, y in zip(scores, base)]
-        extra.update(score="likelihood", reference=reference or "none", distinct_windows=cfg.distinct_windows)
+        extra.update(score="likelihood", reference=reference or "none", prefix_tokens=cfg.prefix_tokens)
     else:
         answers = _suspect_answers(cfg, asked, progress)
         scores = cf.overlaps(_tokenizer(cfg.tokenizer), answers, candidates)
