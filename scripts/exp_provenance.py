@@ -22,6 +22,13 @@ Stages (each writes under OUT, default runs/provenance; run them in order)::
     python scripts/exp_provenance.py gate-sweep --suspect hf:runs/provenance/student-mix5-exp-s0/final \\
         --source runs/provenance/data-mix5-exp-wm.jsonl --key account/acct-0/0 --keys account/acct-0/0,...
     # ... and the soft test (the suspect's whole next-token distribution; measured weaker, not adopted): --soft 16 4
+    # counterfactual score variants (development): each candidate's per-token log p dumped once per model, then
+    # the exact p of each variant (sum = the product's score, first64 = --prefix-tokens 64)
+    python scripts/exp_provenance.py token-logp --tag teacher --model bundled --sets mix1t-exp \\
+        --cache runs/provenance/cf-mix1t.jsonl
+    python scripts/exp_provenance.py token-logp --tag mix1t --model hf:runs/provenance/student-mix1t-exp-s0/final \\
+        --sets mix1t-exp --cache runs/provenance/cf-mix1t.jsonl
+    python scripts/exp_provenance.py score-variants mix1t:mix1t-exp
     # limits: the answers rewritten, then each scored alone and pooled by `stillhouse provenance text --per-sample`
     python scripts/exp_provenance.py paraphrase --file runs/provenance/gen-NAME.jsonl --limit 40 \\
         --url http://127.0.0.1:8000/v1 --name NAME        # the teacher under `stillhouse serve --no-watermark`
@@ -680,6 +687,89 @@ def cmd_radioactivity(args: argparse.Namespace) -> None:
     print(f"{args.plot}: {len(args.points)} reports")
 
 
+def cmd_token_logp(args: argparse.Namespace) -> None:
+    """Development: each token's log p under MODEL (and, for the teacher, its next-token entropy) for every
+    candidate of a counterfactual test (the logged answer, then the K drawn ones the --cache kept), written once to
+    OUT/variants/TAG-SET.json so that score variants can be compared without reading again (`score-variants`)."""
+    import math
+
+    import torch
+
+    from stillhouse.provenance.gate import answer_views
+    from stillhouse.teacher.bundled import load_model
+    from stillhouse.teacher.local import encode_chat
+
+    torch.set_num_threads(args.threads)
+    model, tok, _ = load_model(args.model)
+    (OUT / "variants").mkdir(exist_ok=True)
+    for name in args.sets.split(","):
+        rows = [json.loads(x) for x in (OUT / f"data-{name}-wm.jsonl").read_text().splitlines()]
+        drawn: dict[str, list[str]] = {}
+        for line in Path(args.cache.format(set=name)).read_text().splitlines():
+            c = json.loads(line)
+            drawn.setdefault(c["key_id"], c["answers"])
+        items, where = [], []
+        for i, r in enumerate(rows):
+            prompt = list(encode_chat(tok, r["messages"][:-1]))
+            for j, text in enumerate([r["messages"][-1]["content"], *drawn[r["key_id"]][:args.k]]):
+                items.append((prompt, list(tok(text, add_special_tokens=False)["input_ids"])))
+                where.append((i, j))
+        order = sorted(range(len(items)), key=lambda x: len(items[x][0]) + len(items[x][1]))
+        views = answer_views(model, [items[x] for x in order], 1.0, 8, tok.pad_token_id or 0)
+        out: list[list[dict[str, Any]]] = [[{} for _ in range(args.k + 1)] for _ in rows]
+        for x, v in zip(order, views):
+            i, j = where[x]
+            out[i][j] = {"ids": items[x][1], "lp": [math.log(q) if q > 0 else -103.3 for q in v.prob], "h": v.entropy}
+        path = OUT / "variants" / f"{args.tag}-{name}.json"
+        path.write_text(json.dumps({"keys": [r["key_id"] for r in rows], "candidates": out}))
+        print(f"{path}: {len(rows)} answers x {args.k + 1}")
+
+
+def _variants(sus: dict[str, Any], ref: dict[str, Any]) -> dict[str, float]:
+    """Scores of one candidate from the suspect's and the reference's per-token log p (one tokenizer): ``sum`` is
+    the product's likelihood score; ``first64`` its ``--prefix-tokens 64``."""
+    import statistics
+
+    from stillhouse.watermark.green import first_windows
+
+    d = [a - b for a, b in zip(sus["lp"], ref["lp"])]
+    n = len(d) or 1
+    new4 = first_windows([*sus["ids"], -1], 4)[1:]  # token i with the 3 before it not seen earlier in the answer
+    return {"sum": sum(d), "distinct4": sum(x for x, k in zip(d, new4) if k),
+            "mean": sum(d) / n, "sign": sum(x > 0 for x in d) / n,
+            "clip1": sum(max(-1.0, min(1.0, x)) for x in d), "clip2": sum(max(-2.0, min(2.0, x)) for x in d),
+            "median": statistics.median(d) if d else 0.0, "first64": sum(d[:64]), "first128": sum(d[:128]),
+            "gate1": sum(x for x, h in zip(d, ref["h"]) if h > 1.0),
+            "gate2": sum(x for x, h in zip(d, ref["h"]) if h > 2.0)}
+
+
+def cmd_score_variants(args: argparse.Namespace) -> None:
+    """Development: the counterfactual test's exact p under each score variant, from `token-logp` dumps; one row
+    per SUSPECT:SET (the reference's dump is REFERENCE-SET)."""
+    import math
+
+    from stillhouse.provenance import counterfactual as cf
+    from stillhouse.provenance.stats import log_rank_sum_sf
+
+    names: list[str] = []
+    for point in args.points:
+        sus_tag, name = point.split(":", 1)
+        sus = json.loads((OUT / "variants" / f"{sus_tag}-{name}.json").read_text())
+        ref = json.loads((OUT / "variants" / f"{args.reference}-{name}.json").read_text())
+        ranks: dict[str, list[int]] = {}
+        for key, cs, cr in zip(sus["keys"], sus["candidates"], ref["candidates"]):
+            scored = [_variants(a, b) for a, b in zip(cs, cr)]
+            for v in scored[0]:
+                ranks.setdefault(v, []).append(cf.rank([x[v] for x in scored], key))
+        if not names:
+            names = list(ranks)
+            print("| suspect on set | " + " | ".join(names) + " |")
+            print("|---" * (len(names) + 1) + "|")
+        k = len(sus["candidates"][0]) - 1
+        ps = [math.exp(log_rank_sum_sf(len(rs), k, sum(k + 1 - r for r in rs))) for rs in ranks.values()]
+        print(f"| {sus_tag} on {name} | " + " | ".join(f"{p:.2g}" for p in ps) + " |")
+
+
 def cmd_ranks(args: argparse.Namespace) -> None:
     """One picture of the counterfactual test: for each ``provenance model --test counterfactual --out`` report given
     as LABEL=REPORT[,REPORT...] (reports under one label pooled, e.g. every clean model's), the share of answers
@@ -876,6 +966,16 @@ def main() -> None:
     p.add_argument("--plot", required=True, help="the PNG to draw")
     p.add_argument("points", nargs="+", help="LABEL=REPORT[,REPORT...]: `provenance model --test counterfactual "
                    "--out` reports (several under one label are pooled)")
+    p = sub.add_parser("token-logp")
+    p.add_argument("--tag", required=True, help="a name for MODEL's dumps (OUT/variants/TAG-SET.json)")
+    p.add_argument("--model", required=True, help="bundled (the reference), or hf:DIR of a suspect")
+    p.add_argument("--sets", required=True, help="comma list of mix names (OUT/data-NAME-wm.jsonl)")
+    p.add_argument("--cache", default=str(OUT / "cf-{set}.jsonl"), help="the counterfactual cache of each set")
+    p.add_argument("--k", type=int, default=9)
+    p.add_argument("--threads", type=int, default=1)
+    p = sub.add_parser("score-variants")
+    p.add_argument("--reference", default="teacher", help="the reference's TAG")
+    p.add_argument("points", nargs="+", help="SUSPECT_TAG:SET")
     p = sub.add_parser("limits")
     p.add_argument("--key", required=True, help="the key the answers were made with")
     p.add_argument("--original", default="", help="the answers before the attack (gen-NAME.jsonl)")
@@ -885,7 +985,8 @@ def main() -> None:
     {"prompts": cmd_prompts, "asks": cmd_asks, "generate": cmd_generate, "detect": cmd_detect, "mix": cmd_mix,
      "train": cmd_train, "paraphrase": cmd_paraphrase, "delete": cmd_delete, "limits": cmd_limits,
      "answers": cmd_answers, "gate-sweep": cmd_gate_sweep,
-     "radioactivity": cmd_radioactivity, "ranks": cmd_ranks}[args.cmd](args)
+     "radioactivity": cmd_radioactivity, "ranks": cmd_ranks,
+     "token-logp": cmd_token_logp, "score-variants": cmd_score_variants}[args.cmd](args)
 
 
 if __name__ == "__main__":

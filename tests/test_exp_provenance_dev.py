@@ -150,3 +150,27 @@ def test_ranks_pools_reports_under_a_label_and_refuses_other_tests(tmp_path: Pat
     assert png.stat().st_size > 0
     with pytest.raises(SystemExit, match="not a counterfactual report"):
         script.cmd_ranks(argparse.Namespace(plot=str(png), points=[f"x={report('c.json', [1], 'tuples')}"]))
+
+
+def test_score_variants_rank_each_candidate_under_each_score(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+    import json
+
+    monkeypatch.setattr(script, "OUT", tmp_path)
+    (tmp_path / "variants").mkdir()
+
+    def cand(deltas: list[float]) -> dict[str, list[float] | list[int]]:
+        return {"ids": list(range(len(deltas))), "lp": deltas, "h": [3.0] * len(deltas)}
+
+    # ours: the suspect likes its first 64 tokens (+1 each) and dislikes a long tail (-5 each); the others: 0
+    ours = cand([1.0] * 64 + [-5.0] * 36)
+    flat = cand([0.0] * 100)
+    keys = [f"account/a/r{i}" for i in range(3)]
+    (tmp_path / "variants" / "sus-s.json").write_text(json.dumps({"keys": keys, "candidates": [[ours, flat, flat]] * 3}))
+    (tmp_path / "variants" / "teacher-s.json").write_text(json.dumps({"keys": keys, "candidates": [[flat] * 3] * 3}))
+    script.cmd_score_variants(argparse.Namespace(reference="teacher", points=["sus:s"]))
+    head, _, row = capsys.readouterr().out.splitlines()
+    p = dict(zip(head.strip("| ").split(" | ")[1:], row.strip("| ").split(" | ")[1:]))
+    assert p["sum"] == "1"  # ranked last of 3, three times: the tail outweighs the opening
+    assert p["first64"] == p["sign"] == "0.037"  # first of 3, three times: (1/3)^3
