@@ -276,6 +276,11 @@ def test_sampled_answers_pool_a_closed_suspects_answers(tiny_dir: Path, tmp_path
         SuspectConfig(**base, sampled_answers=-1)
     with pytest.raises(ValueError, match="add it or drop --sampled-answers"):
         SuspectConfig(**{**base, "test": "tuples"}, key_ids=("account/a/0",), sampled_answers=2)
+    # unless given: 4 for a closed suspect under the counterfactual test, none elsewhere
+    assert SuspectConfig(**base).pooled_answers == 4
+    assert SuspectConfig(**base, sampled_answers=0).pooled_answers == 0
+    assert SuspectConfig(**{**base, "suspect": f"hf:{tiny_dir}"}).pooled_answers == 0
+    assert SuspectConfig(**{**base, "test": "tuples"}, key_ids=("account/a/0",)).pooled_answers == 0
 
 
 def test_prefix_tokens_score_only_each_answers_opening(tiny_dir: Path) -> None:

@@ -181,11 +181,11 @@ class SuspectConfig(ScoringConfig):
     student of docs/results.md: p = 4.6e-4 greedy over HTTP, 0.45 at 0.7). The test is exact at any temperature."""
     concurrency: int = 8
     """Closed mode: requests in flight."""
-    sampled_answers: int = 0
+    sampled_answers: int | None = None
     """Closed mode with --test counterfactual: also this many answers per prompt sampled at T 0.7 (seeds 1000 j + i),
-    pooled with the --temperature one (their 4-grams together). On two development students (whose one-answer figures
-    had been read) greedy + 4 sampled took p from 3.8e-7 to 3.2e-9 and from 6.1e-3 to 5.7e-5; not yet tested on a
-    fresh student, so 0 (one answer) stays the default."""
+    pooled with the --temperature one (their 4-grams together); None = 4 there (0 elsewhere). Chosen on two
+    development students (greedy alone 3.8e-7 and 6.1e-3, with 4 sampled 3.2e-9 and 5.7e-5); on a fresh 5% student,
+    greedy + 4 sampled gave 1.2e-10 (docs/results.md). 0 keeps the one answer."""
     threads: int = 0
     """torch CPU threads (0 = torch's default)."""
     match_keys: bool = False
@@ -250,7 +250,7 @@ class SuspectConfig(ScoringConfig):
         for name in ("reading_max_len", "batch_size", "answer_tokens", "concurrency"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
-        if self.sampled_answers < 0:
+        if self.sampled_answers is not None and self.sampled_answers < 0:
             raise ValueError(f"sampled_answers={self.sampled_answers}: must be >= 0 (0 = the one answer)")
         if self.test not in ("tuples", "counterfactual"):
             raise ValueError(f"test={self.test!r}: use tuples (the green-list tests) or counterfactual")
@@ -306,6 +306,14 @@ class SuspectConfig(ScoringConfig):
         if self.mode != "auto":
             return self.mode
         return "open" if parse_spec(self.suspect).is_local else "closed"
+
+    @property
+    def pooled_answers(self) -> int:
+        """The answers sampled per prompt besides the first (--sampled-answers, resolved): 4 for a closed suspect
+        under --test counterfactual unless given, else 0."""
+        if self.sampled_answers is not None:
+            return self.sampled_answers
+        return 4 if self.test == "counterfactual" and self.resolved_mode == "closed" else 0
 
     @property
     def reads_text(self) -> bool:
@@ -686,7 +694,7 @@ def _counterfactual(cfg: SuspectConfig, samples: list[Sample], secret: bytes, pr
     else:
         answers = _suspect_answers(cfg, asked, progress)
         scores = cf.overlaps(_tokenizer(cfg.tokenizer), answers, candidates)
-        extra.update(score="overlap", answer_tokens=cfg.answer_tokens, sampled_answers=cfg.sampled_answers)
+        extra.update(score="overlap", answer_tokens=cfg.answer_tokens, sampled_answers=cfg.pooled_answers)
     ranks = [cf.rank(sc, s.key_id) for sc, s in zip(scores, asked)]
     groups = [(g.name, g.given_by, g.accounts) for g in operator_groups(cfg.groups)]
     if cfg.cluster_groups and is_store_url(cfg.source):
@@ -718,7 +726,7 @@ def _suspect_answers(cfg: SuspectConfig, asked: list[Sample], progress: StepProg
     if cfg.resolved_mode == "closed":
         first = asyncio.run(closed_texts(cfg.suspect, asked, cfg.answer_tokens, cfg.temperature, cfg.concurrency))
         more = [asyncio.run(closed_texts(cfg.suspect, asked, cfg.answer_tokens, 0.7, cfg.concurrency, seed=1000 * j))
-                for j in range(cfg.sampled_answers)]
+                for j in range(cfg.pooled_answers)]
         return ["\n\n".join(texts) for texts in zip(first, *more)]
     from stillhouse.teacher.bundled import load_model
 
