@@ -13,7 +13,8 @@ from the key id):
   itself found each draw; ``--reference none`` keeps the raw log-probability). Each model reads with its own
   tokenizer and chat template, so a suspect of another family can be tested;
 - **overlap** (the suspect's own answers: closed mode over HTTP, or ``--reading own``): the share of a candidate's
-  distinct 4-grams (teacher tokens) that the suspect's greedy answer to the prompt contains.
+  distinct 4-grams (teacher tokens) that the suspect's answer to the prompt contains (greedy; in closed mode pooled
+  with 4 more sampled at T 0.7 by default, ``--sampled-answers``).
 
 Why it is exact. Under H0 for an account ("the suspect learned nothing from this account's answers") the suspect
 is independent of the keys that drew them. With a key per request (the guard's ``watermark_per_request``) our

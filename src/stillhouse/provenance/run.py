@@ -184,8 +184,8 @@ class SuspectConfig(ScoringConfig):
     sampled_answers: int | None = None
     """Closed mode with --test counterfactual: also this many answers per prompt sampled at T 0.7 (seeds 1000 j + i),
     pooled with the --temperature one (their 4-grams together); None = 4 there (0 elsewhere). Chosen on two
-    development students (greedy alone 3.8e-7 and 6.1e-3, with 4 sampled 3.2e-9 and 5.7e-5); on a fresh 5% student,
-    greedy + 4 sampled gave 1.2e-10 (docs/results.md). 0 keeps the one answer."""
+    development students (greedy alone 3.8e-7 and 6.1e-3, with 4 sampled 3.2e-9 and 5.7e-5); on two fresh 5% students,
+    greedy + 4 sampled gave 1.2e-10 and 7.5e-6 (docs/results.md). 0 keeps the one answer."""
     threads: int = 0
     """torch CPU threads (0 = torch's default)."""
     match_keys: bool = False
@@ -213,8 +213,9 @@ class SuspectConfig(ScoringConfig):
     """--test counterfactual, reading text: score only each answer's first N tokens (each model's own tokens), 0 =
     all. A student remembers an answer's opening best (training cuts long rows at its max length, and a repetition
     loop late in an answer, which the reference likes, no longer outweighs it). In development on four students
-    whose figures had been read (64: 1% p 8.0e-3 -> 1e-6, 5% 3.5e-24 -> 1e-32); not yet tested on a fresh
-    student, so 0 stays the default."""
+    whose figures had been read (64: 1% p 8.0e-3 -> 1e-6, 5% 3.5e-24 -> 1e-32); on four fresh students as strong
+    or stronger (5% 3.3e-31 -> 1e-32, the rest equal), but no fresh 1% student ranked an answer last, the case it
+    was chosen for, so 0 stays the default."""
     cache: str = ""
     """--test counterfactual: a JSONL file that keeps the drawn answers (they depend on the teacher, the recipe and
     the secret, never on the suspect) and gives them back to the next run; empty = draw every time."""
