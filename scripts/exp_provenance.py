@@ -689,18 +689,15 @@ def cmd_radioactivity(args: argparse.Namespace) -> None:
 
 def cmd_token_logp(args: argparse.Namespace) -> None:
     """Development: each token's log p under MODEL (and, for the teacher, its next-token entropy) for every
-    candidate of a counterfactual test (the logged answer, then the K drawn ones the --cache kept), written once to
-    OUT/variants/TAG-SET.json so that score variants can be compared without reading again (`score-variants`)."""
-    import math
-
+    candidate of a counterfactual test (the logged answer, then the K drawn ones the --cache kept), read as the
+    product reads them (`counterfactual.readings`) and written once to OUT/variants/TAG-SET.json so that score
+    variants can be compared without reading again (`score-variants`)."""
     import torch
 
-    from stillhouse.provenance.gate import answer_views
-    from stillhouse.teacher.bundled import load_model
-    from stillhouse.teacher.local import encode_chat
+    from stillhouse.provenance import counterfactual as cf
+    from stillhouse.provenance.texts import Sample
 
     torch.set_num_threads(args.threads)
-    model, tok, _ = load_model(args.model)
     (OUT / "variants").mkdir(exist_ok=True)
     for name in args.sets.split(","):
         rows = [json.loads(x) for x in (OUT / f"data-{name}-wm.jsonl").read_text().splitlines()]
@@ -708,18 +705,10 @@ def cmd_token_logp(args: argparse.Namespace) -> None:
         for line in Path(args.cache.format(set=name)).read_text().splitlines():
             c = json.loads(line)
             drawn.setdefault(c["key_id"], c["answers"])
-        items, where = [], []
-        for i, r in enumerate(rows):
-            prompt = list(encode_chat(tok, r["messages"][:-1]))
-            for j, text in enumerate([r["messages"][-1]["content"], *drawn[r["key_id"]][:args.k]]):
-                items.append((prompt, list(tok(text, add_special_tokens=False)["input_ids"])))
-                where.append((i, j))
-        order = sorted(range(len(items)), key=lambda x: len(items[x][0]) + len(items[x][1]))
-        views = answer_views(model, [items[x] for x in order], 1.0, 8, tok.pad_token_id or 0)
-        out: list[list[dict[str, Any]]] = [[{} for _ in range(args.k + 1)] for _ in rows]
-        for x, v in zip(order, views):
-            i, j = where[x]
-            out[i][j] = {"ids": items[x][1], "lp": [math.log(q) if q > 0 else -103.3 for q in v.prob], "h": v.entropy}
+        samples = [Sample(r["messages"][-1]["content"], r["messages"][:-1]) for r in rows]
+        answers = [[s.text, *drawn[r["key_id"]][:args.k]] for s, r in zip(samples, rows)]
+        read = cf.readings(args.model, samples, answers)
+        out = [[{"ids": ids, "lp": cf.log_probs(v), "h": v.entropy} for ids, v in row] for row in read]
         path = OUT / "variants" / f"{args.tag}-{name}.json"
         path.write_text(json.dumps({"keys": [r["key_id"] for r in rows], "candidates": out}))
         print(f"{path}: {len(rows)} answers x {args.k + 1}")

@@ -52,6 +52,7 @@ from stillhouse.watermark.keys import KeyId, WatermarkKeyError
 
 if TYPE_CHECKING:
     from stillhouse.progress import StepProgress
+    from stillhouse.provenance.gate import AnswerView
     from stillhouse.teacher.base import SamplingParams
 
 OVERLAP_N = 4
@@ -212,11 +213,11 @@ def draw(teacher_spec: str, samples: Sequence[Sample], k: int, params: Sequence[
     return [kept[(s.key_id, t)] for s, t in zip(samples, tags)]
 
 
-def likelihoods(spec: str, samples: Sequence[Sample], answers: Sequence[Sequence[str]], batch_size: int = 8,
-                progress: StepProgress | None = None, what: str = "suspect", prefix: int = 0) -> list[list[float]]:
-    """``log p(answer | prompt)`` under the model ``spec`` (its own tokenizer and chat template) for every answer
-    of every sample, teacher-forced; rows read shortest first so a batch pads little. ``prefix`` > 0 sums only
-    the answer's first ``prefix`` tokens (the model's own tokens)."""
+def readings(spec: str, samples: Sequence[Sample], answers: Sequence[Sequence[str]], batch_size: int = 8,
+             progress: StepProgress | None = None, what: str = "suspect") -> list[list[tuple[list[int], AnswerView]]]:
+    """Every answer of every sample read by the model ``spec`` (its own tokenizer and chat template) after the
+    sample's prompt, teacher-forced: the answer's token ids and the model's :class:`AnswerView` of each; rows read
+    shortest first so a batch pads little."""
     from stillhouse.provenance.gate import answer_views
     from stillhouse.teacher.bundled import load_model
     from stillhouse.teacher.local import encode_chat
@@ -237,12 +238,21 @@ def likelihoods(spec: str, samples: Sequence[Sample], answers: Sequence[Sequence
 
     views = answer_views(model, [rows[r] for r in order], 1.0, batch_size,
                          tok.pad_token_id if tok.pad_token_id is not None else 0, heard)
-    out = [[0.0] * len(a) for a in answers]
-    for r, v in zip(order, views):
-        i, j = where[r]
-        read = v.prob[:prefix] if prefix > 0 else v.prob
-        out[i][j] = sum(math.log(q) if q > 0 else TINY_LOG for q in read)
-    return out
+    placed = {where[r]: (rows[r][1], v) for r, v in zip(order, views)}
+    return [[placed[(i, j)] for j in range(len(alts))] for i, alts in enumerate(answers)]
+
+
+def log_probs(view: AnswerView) -> list[float]:
+    """Each answer token's log p (:data:`TINY_LOG` where the probability underflowed to 0)."""
+    return [math.log(q) if q > 0 else TINY_LOG for q in view.prob]
+
+
+def likelihoods(spec: str, samples: Sequence[Sample], answers: Sequence[Sequence[str]], batch_size: int = 8,
+                progress: StepProgress | None = None, what: str = "suspect", prefix: int = 0) -> list[list[float]]:
+    """``log p(answer | prompt)`` under the model ``spec`` for every answer of every sample (:func:`readings`).
+    ``prefix`` > 0 sums only the answer's first ``prefix`` tokens (the model's own tokens)."""
+    return [[sum(log_probs(v)[:prefix] if prefix > 0 else log_probs(v)) for _, v in row]
+            for row in readings(spec, samples, answers, batch_size, progress, what)]
 
 
 def overlaps(tok: Any, suspect_answers: Sequence[str], answers: Sequence[Sequence[str]]) -> list[list[float]]:
