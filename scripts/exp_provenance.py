@@ -687,6 +687,101 @@ def cmd_radioactivity(args: argparse.Namespace) -> None:
     print(f"{args.plot}: {len(args.points)} reports")
 
 
+def _candidates(name: str, cache: str, k: int) -> tuple[list[dict[str, Any]], list[Any], list[list[str]]]:
+    """A mix's watermarked rows, their Samples, and each one's K + 1 candidates (the logged answer first, then the
+    K the counterfactual --cache drew for its key id)."""
+    from stillhouse.provenance.texts import Sample
+
+    rows = [json.loads(x) for x in (OUT / f"data-{name}-wm.jsonl").read_text().splitlines()]
+    drawn: dict[str, list[str]] = {}
+    for line in Path(cache.format(set=name)).read_text().splitlines():
+        c = json.loads(line)
+        drawn.setdefault(c["key_id"], c["answers"])
+    samples = [Sample(r["messages"][-1]["content"], r["messages"][:-1], key_id=r["key_id"]) for r in rows]
+    return rows, samples, [[s.text, *drawn[r["key_id"]][:k]] for s, r in zip(samples, rows)]
+
+
+def cmd_closed_dump(args: argparse.Namespace) -> None:
+    """Development: a closed suspect's answers to each set's prompts over HTTP (greedy, then --sampled more at
+    --temperature, seeds as `provenance model` draws them), written once to OUT/variants/closed-TAG-SET.json so that
+    overlap variants can be compared without asking again (`closed-variants`)."""
+    import asyncio
+
+    from stillhouse.provenance.radioactive import closed_texts
+
+    (OUT / "variants").mkdir(exist_ok=True)
+    for name in args.sets.split(","):
+        rows, samples, _ = _candidates(name, args.cache, 0)
+        async def ask_all() -> list[list[str]]:  # every run at once: the server batches them
+            return list(await asyncio.gather(
+                closed_texts(args.url, samples, args.answer_tokens, 0.0, args.concurrency),
+                *(closed_texts(args.url, samples, args.answer_tokens, args.temperature, args.concurrency,
+                               seed=1000 * j) for j in range(args.sampled))))
+
+        runs = asyncio.run(ask_all())
+        path = OUT / "variants" / f"closed-{args.tag}-{name}.json"
+        path.write_text(json.dumps({"keys": [r["key_id"] for r in rows], "answers": [list(a) for a in zip(*runs)]}))
+        print(f"{path}: {len(rows)} prompts x {1 + args.sampled} answers")
+
+
+def _closed_variants(tok: Any, answers: list[str], cands: list[str]) -> dict[str, list[float]]:
+    """Overlap scores of every candidate against a suspect's answers (greedy first): ``s4`` is the product's
+    (greedy + 4 sampled, joined, share of a candidate's distinct 4-grams); ``idf`` weights each n-gram by 1 / the
+    number of candidates holding it; ``uniq`` counts only n-grams no other candidate holds."""
+    def grams(text: str, n: int) -> set[tuple[int, ...]]:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        return {tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)}
+
+    out: dict[str, list[float]] = {}
+    for n in (4, 6, 8):
+        cg = [grams(c, n) for c in cands]
+        df: dict[tuple[int, ...], int] = {}
+        for g in cg:
+            for x in g:
+                df[x] = df.get(x, 0) + 1
+        for m in (0, 4, 8, 16):
+            if m >= len(answers):
+                continue
+            have = set().union(*(grams(a, n) for a in answers[:1 + m]))
+            tag = f"n{n}-s{m}"
+            out[f"share-{tag}"] = [len(g & have) / len(g) if g else 0.0 for g in cg]
+            out[f"idf-{tag}"] = [sum(1 / df[x] for x in g & have) / sum(1 / df[x] for x in g) if g else 0.0
+                                 for g in cg]
+            out[f"uniq-{tag}"] = [float(sum(df[x] == 1 for x in g & have)) for g in cg]
+            out[f"uniqshare-{tag}"] = [sum(df[x] == 1 for x in g & have) / max(1, sum(df[x] == 1 for x in g))
+                                       for g in cg]
+            # each answer on its own: the mean of its shares (a pooled text lets one long answer dominate)
+            per = [[len(g & grams(a, n)) / len(g) if g else 0.0 for g in cg] for a in answers[:1 + m]]
+            out[f"mean-{tag}"] = [sum(col) / len(per) for col in zip(*per)]
+    return out
+
+
+def cmd_closed_variants(args: argparse.Namespace) -> None:
+    """Development: the counterfactual test's exact p under each overlap variant, from `closed-dump` dumps; one row
+    per SUSPECT_TAG:SET, variants as columns (--only: a comma list of variant names)."""
+    from stillhouse.provenance import counterfactual as cf
+    from stillhouse.provenance.run import _tokenizer
+    from stillhouse.provenance.stats import log_rank_sum_sf
+
+    tok = _tokenizer("bundled")
+    table: dict[str, dict[str, float]] = {}
+    for point in args.points:
+        tag, name = point.split(":", 1)
+        dump = json.loads((OUT / "variants" / f"closed-{tag}-{name}.json").read_text())
+        _, samples, cands = _candidates(name, args.cache, args.k)
+        ranks: dict[str, list[int]] = {}
+        for s, answers, cs in zip(samples, dump["answers"], cands):
+            for v, sc in _closed_variants(tok, answers, cs).items():
+                ranks.setdefault(v, []).append(cf.rank(sc, s.key_id))
+        table[point] = {v: math.exp(log_rank_sum_sf(len(rs), args.k, sum(args.k + 1 - r for r in rs)))
+                        for v, rs in ranks.items()}
+    names = args.only.split(",") if args.only else list(next(iter(table.values())))
+    print("| variant | " + " | ".join(table) + " |")
+    print("|---" * (len(table) + 1) + "|")
+    for v in names:
+        print(f"| {v} | " + " | ".join(f"{row.get(v, float('nan')):.2g}" for row in table.values()) + " |")
+
+
 def cmd_token_logp(args: argparse.Namespace) -> None:
     """Development: each token's log p under MODEL (and, for the teacher, its next-token entropy) for every
     candidate of a counterfactual test (the logged answer, then the K drawn ones the --cache kept), read as the
@@ -700,13 +795,7 @@ def cmd_token_logp(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     (OUT / "variants").mkdir(exist_ok=True)
     for name in args.sets.split(","):
-        rows = [json.loads(x) for x in (OUT / f"data-{name}-wm.jsonl").read_text().splitlines()]
-        drawn: dict[str, list[str]] = {}
-        for line in Path(args.cache.format(set=name)).read_text().splitlines():
-            c = json.loads(line)
-            drawn.setdefault(c["key_id"], c["answers"])
-        samples = [Sample(r["messages"][-1]["content"], r["messages"][:-1]) for r in rows]
-        answers = [[s.text, *drawn[r["key_id"]][:args.k]] for s, r in zip(samples, rows)]
+        rows, samples, answers = _candidates(name, args.cache, args.k)
         read = cf.readings(args.model, samples, answers)
         out = [[{"ids": ids, "lp": cf.log_probs(v), "h": v.entropy} for ids, v in row] for row in read]
         path = OUT / "variants" / f"{args.tag}-{name}.json"
@@ -965,6 +1054,20 @@ def main() -> None:
     p = sub.add_parser("score-variants")
     p.add_argument("--reference", default="teacher", help="the reference's TAG")
     p.add_argument("points", nargs="+", help="SUSPECT_TAG:SET")
+    p = sub.add_parser("closed-dump")
+    p.add_argument("--tag", required=True, help="a name for the suspect's dumps (OUT/variants/closed-TAG-SET.json)")
+    p.add_argument("--url", required=True, help="the suspect's OpenAI-compatible URL (e.g. `stillhouse serve`)")
+    p.add_argument("--sets", required=True, help="comma list of mix names (OUT/data-NAME-wm.jsonl)")
+    p.add_argument("--cache", default=str(OUT / "cf-{set}.jsonl"), help="the counterfactual cache of each set")
+    p.add_argument("--sampled", type=int, default=16, help="sampled answers after the greedy one")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--answer-tokens", type=int, default=200)
+    p.add_argument("--concurrency", type=int, default=8)
+    p = sub.add_parser("closed-variants")
+    p.add_argument("--cache", default=str(OUT / "cf-{set}.jsonl"), help="the counterfactual cache of each set")
+    p.add_argument("--k", type=int, default=9)
+    p.add_argument("--only", default="", help="comma list of variants to print (default: all)")
+    p.add_argument("points", nargs="+", help="SUSPECT_TAG:SET")
     p = sub.add_parser("limits")
     p.add_argument("--key", required=True, help="the key the answers were made with")
     p.add_argument("--original", default="", help="the answers before the attack (gen-NAME.jsonl)")
@@ -975,7 +1078,8 @@ def main() -> None:
      "train": cmd_train, "paraphrase": cmd_paraphrase, "delete": cmd_delete, "limits": cmd_limits,
      "answers": cmd_answers, "gate-sweep": cmd_gate_sweep,
      "radioactivity": cmd_radioactivity, "ranks": cmd_ranks,
-     "token-logp": cmd_token_logp, "score-variants": cmd_score_variants}[args.cmd](args)
+     "token-logp": cmd_token_logp, "score-variants": cmd_score_variants, "closed-dump": cmd_closed_dump,
+     "closed-variants": cmd_closed_variants}[args.cmd](args)
 
 
 if __name__ == "__main__":
