@@ -790,7 +790,6 @@ def cmd_token_logp(args: argparse.Namespace) -> None:
     import torch
 
     from stillhouse.provenance import counterfactual as cf
-    from stillhouse.provenance.texts import Sample
 
     torch.set_num_threads(args.threads)
     (OUT / "variants").mkdir(exist_ok=True)
