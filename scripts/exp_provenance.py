@@ -712,13 +712,8 @@ def cmd_closed_dump(args: argparse.Namespace) -> None:
     (OUT / "variants").mkdir(exist_ok=True)
     for name in args.sets.split(","):
         rows, samples, _ = _candidates(name, args.cache, 0)
-        async def ask_all() -> list[list[str]]:  # every run at once: the server batches them
-            return list(await asyncio.gather(
-                closed_texts(args.url, samples, args.answer_tokens, 0.0, args.concurrency),
-                *(closed_texts(args.url, samples, args.answer_tokens, args.temperature, args.concurrency,
-                               seed=1000 * j) for j in range(args.sampled))))
-
-        runs = asyncio.run(ask_all())
+        asked = [(0.0, 0)] + [(args.temperature, 1000 * j) for j in range(args.sampled)]
+        runs = asyncio.run(closed_texts(args.url, samples, args.answer_tokens, asked, args.concurrency))
         path = OUT / "variants" / f"closed-{args.tag}-{name}.json"
         path.write_text(json.dumps({"keys": [r["key_id"] for r in rows], "answers": [list(a) for a in zip(*runs)]}))
         print(f"{path}: {len(rows)} prompts x {1 + args.sampled} answers")

@@ -258,10 +258,10 @@ def test_sampled_answers_pool_a_closed_suspects_answers(tiny_dir: Path, tmp_path
 
     calls: list[tuple[float, int]] = []
 
-    async def fake_closed(url: str, samples: Any, max_tokens: int, temperature: float, concurrency: int,
-                          seed: int = 0) -> list[str]:
-        calls.append((temperature, seed))
-        return [f"{s.text} T{temperature} s{seed}" for s in samples]
+    async def fake_closed(url: str, samples: Any, max_tokens: int, runs: list[tuple[float, int]],
+                          concurrency: int) -> list[list[str]]:
+        calls.extend(runs)
+        return [[f"{s.text} T{t} s{seed}" for s in samples] for t, seed in runs]
 
     monkeypatch.setattr(radioactive, "closed_texts", fake_closed)
     base = dict(source=str(tmp_path / "ours.jsonl"), suspect="http://127.0.0.1:9/v1", tokenizer=f"hf:{tiny_dir}",

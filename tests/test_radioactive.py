@@ -241,12 +241,13 @@ def test_closed_mode_asks_greedy_over_http_for_what_open_own_writes(tmp_path: Pa
     try:
         with ServerThread(create_app(teacher, ServeConfig(teacher=f"hf:{path}", served_name="suspect"))) as srv:
             url = f"{srv.base_url}#suspect"
-            texts = asyncio.run(closed_texts(url, samples, 24, SuspectConfig.temperature, 8))
+            texts, again = asyncio.run(closed_texts(url, samples, 24, [(SuspectConfig.temperature, 0)] * 2, 8))
             closed = model_provenance(SuspectConfig(source=str(src), key_ids=keys, answer_tokens=24, suspect=url,
                                                     mode="closed", tokenizer=f"hf:{path}"))
     finally:
         teacher.close()
     assert SuspectConfig.temperature == 0.0
     assert texts == [smol_tokenizer.decode(ids, skip_special_tokens=True) for ids in written]
+    assert again == texts  # two runs in one pool come back each in its own prompt order
     assert closed["mode"] == "closed" and closed["answers"] == opened["answers"] == 12 and closed["scored"] > 20
     assert not closed["named"] and not opened["named"]

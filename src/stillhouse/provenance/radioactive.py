@@ -137,19 +137,22 @@ def own_answers(model: Any, tokenizer: Any, samples: Sequence[Sample], max_token
     return prompts, answers
 
 
-async def closed_texts(url: str, samples: Sequence[Sample], max_tokens: int, temperature: float,
-                       concurrency: int, seed: int = 0) -> list[str]:
-    """The suspect's answers to the samples' prompts through an OpenAI-compatible URL."""
+async def closed_texts(url: str, samples: Sequence[Sample], max_tokens: int, runs: Sequence[tuple[float, int]],
+                       concurrency: int) -> list[list[str]]:
+    """The suspect's answers to the samples' prompts through an OpenAI-compatible URL, once per ``(temperature,
+    seed)`` run (prompt ``i`` asked with ``seed + i``). Every run's requests share one pool of ``concurrency`` in
+    flight, so a few prompts asked several times still fill the server's batch."""
     from stillhouse.teacher.base import SamplingParams, TeacherError, chat_all
     from stillhouse.teacher.spec import make_teacher
 
     prompts = [s.prompt for s in samples if s.prompt]
     if not prompts:
         raise SuspectError("closed mode needs prompts: give a JSONL of rows with 'messages' or 'prompt'")
-    asks = [(m, SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i))
-            for i, m in enumerate(prompts)]
+    asks = [(m, SamplingParams(max_tokens=max_tokens, temperature=t, seed=seed + i))
+            for t, seed in runs for i, m in enumerate(prompts)]
     try:
         results = await chat_all(make_teacher(url), asks, concurrency)
     except TeacherError as exc:
         raise SuspectError(f"the suspect at {url} failed: {exc}") from exc
-    return [r.completions[0].text for r in results]
+    texts = [r.completions[0].text for r in results]
+    return [texts[j * len(prompts):(j + 1) * len(prompts)] for j in range(len(runs))]

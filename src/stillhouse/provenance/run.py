@@ -179,8 +179,10 @@ class SuspectConfig(ScoringConfig):
     """Closed mode: sampling temperature of the answers. 0 (greedy, as the open test's own answers): a student
     writes the answers it learned again along its most likely path, and sampling spreads it away from them (a 5%
     student of docs/results.md: p = 4.6e-4 greedy over HTTP, 0.45 at 0.7). The test is exact at any temperature."""
-    concurrency: int = 8
-    """Closed mode: requests in flight."""
+    concurrency: int = 32
+    """Closed mode: requests in flight, shared by every answer asked (the --temperature one and --sampled-answers
+    per prompt), so a few prompts asked five times fill a batch (`stillhouse serve` batches up to 32 rows). Lower it
+    for an API that limits concurrent requests (a 429 stops the test with the server's message)."""
     sampled_answers: int | None = None
     """Closed mode with --test counterfactual: also this many answers per prompt sampled at T 0.7 (seeds 1000 j + i),
     pooled with the --temperature one (their 4-grams together); None = 4 there (0 elsewhere). Chosen on two
@@ -570,8 +572,8 @@ def model_provenance(cfg: SuspectConfig, progress: StepProgress | None = None) -
     else:
         from dataclasses import replace
 
-        answers = asyncio.run(closed_texts(cfg.suspect, samples, cfg.answer_tokens, cfg.temperature,
-                                           cfg.concurrency))
+        answers = asyncio.run(closed_texts(cfg.suspect, samples, cfg.answer_tokens, [(cfg.temperature, 0)],
+                                           cfg.concurrency))[0]
         seqs = _ids(tok, [replace(s, text=a, token_ids=None) for s, a in zip(asked, answers)], 0)
         prompts = [_prompt_ids(tok, s) for s in asked]
     # the suspect's answers to the prompts asked: scored as answers (gate, weights, EXP), the prompts' tuples dropped
@@ -725,10 +727,9 @@ def _suspect_answers(cfg: SuspectConfig, asked: list[Sample], progress: StepProg
     from stillhouse.provenance.radioactive import closed_texts, own_answers
 
     if cfg.resolved_mode == "closed":
-        first = asyncio.run(closed_texts(cfg.suspect, asked, cfg.answer_tokens, cfg.temperature, cfg.concurrency))
-        more = [asyncio.run(closed_texts(cfg.suspect, asked, cfg.answer_tokens, 0.7, cfg.concurrency, seed=1000 * j))
-                for j in range(cfg.pooled_answers)]
-        return ["\n\n".join(texts) for texts in zip(first, *more)]
+        runs = [(cfg.temperature, 0)] + [(0.7, 1000 * j) for j in range(cfg.pooled_answers)]
+        texts = asyncio.run(closed_texts(cfg.suspect, asked, cfg.answer_tokens, runs, cfg.concurrency))
+        return ["\n\n".join(each) for each in zip(*texts)]
     from stillhouse.teacher.bundled import load_model
 
     model, stok, _ = load_model(cfg.suspect)
