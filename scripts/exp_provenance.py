@@ -694,7 +694,7 @@ def _candidates(name: str, cache: str, k: int) -> tuple[list[dict[str, Any]], li
 
     rows = [json.loads(x) for x in (OUT / f"data-{name}-wm.jsonl").read_text().splitlines()]
     drawn: dict[str, list[str]] = {}
-    for line in Path(cache.format(set=name)).read_text().splitlines():
+    for line in Path(cache.format(set=name, short=name.removesuffix("-exp"))).read_text().splitlines():
         c = json.loads(line)
         drawn.setdefault(c["key_id"], c["answers"])
     samples = [Sample(r["messages"][-1]["content"], r["messages"][:-1], key_id=r["key_id"]) for r in rows]
@@ -722,7 +722,8 @@ def cmd_closed_dump(args: argparse.Namespace) -> None:
 def _closed_variants(tok: Any, answers: list[str], cands: list[str]) -> dict[str, list[float]]:
     """Overlap scores of every candidate against a suspect's answers (greedy first): ``s4`` is the product's
     (greedy + 4 sampled, joined, share of a candidate's distinct 4-grams); ``idf`` weights each n-gram by 1 / the
-    number of candidates holding it; ``uniq`` counts only n-grams no other candidate holds."""
+    number of candidates holding it; ``uniq`` counts only n-grams no other candidate holds; ``*count`` counts them
+    answer by answer (an n-gram in three answers counts three times)."""
     def grams(text: str, n: int) -> set[tuple[int, ...]]:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         return {tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)}
@@ -745,9 +746,12 @@ def _closed_variants(tok: Any, answers: list[str], cands: list[str]) -> dict[str
             out[f"uniq-{tag}"] = [float(sum(df[x] == 1 for x in g & have)) for g in cg]
             out[f"uniqshare-{tag}"] = [sum(df[x] == 1 for x in g & have) / max(1, sum(df[x] == 1 for x in g))
                                        for g in cg]
-            # each answer on its own: the mean of its shares (a pooled text lets one long answer dominate)
-            per = [[len(g & grams(a, n)) / len(g) if g else 0.0 for g in cg] for a in answers[:1 + m]]
-            out[f"mean-{tag}"] = [sum(col) / len(per) for col in zip(*per)]
+            # each answer on its own: the mean of its shares (a pooled text lets one long answer dominate), and
+            # how many times the answers hold a candidate's own n-grams (the union counts a repeat once)
+            each = [grams(a, n) for a in answers[:1 + m]]
+            out[f"mean-{tag}"] = [sum(len(g & a) / len(g) if g else 0.0 for a in each) / len(each) for g in cg]
+            out[f"uniqcount-{tag}"] = [float(sum(df[x] == 1 for a in each for x in g & a)) for g in cg]
+            out[f"idfcount-{tag}"] = [sum(1 / df[x] for a in each for x in g & a) for g in cg]
     return out
 
 
@@ -1042,7 +1046,8 @@ def main() -> None:
     p.add_argument("--tag", required=True, help="a name for MODEL's dumps (OUT/variants/TAG-SET.json)")
     p.add_argument("--model", required=True, help="bundled (the reference), or hf:DIR of a suspect")
     p.add_argument("--sets", required=True, help="comma list of mix names (OUT/data-NAME-wm.jsonl)")
-    p.add_argument("--cache", default=str(OUT / "cf-{set}.jsonl"), help="the counterfactual cache of each set")
+    p.add_argument("--cache", default=str(OUT / "cf-{short}.jsonl"),
+                   help="the counterfactual cache of each set ({set}: its name, {short}: without -exp)")
     p.add_argument("--k", type=int, default=9)
     p.add_argument("--threads", type=int, default=1)
     p = sub.add_parser("score-variants")
@@ -1052,13 +1057,15 @@ def main() -> None:
     p.add_argument("--tag", required=True, help="a name for the suspect's dumps (OUT/variants/closed-TAG-SET.json)")
     p.add_argument("--url", required=True, help="the suspect's OpenAI-compatible URL (e.g. `stillhouse serve`)")
     p.add_argument("--sets", required=True, help="comma list of mix names (OUT/data-NAME-wm.jsonl)")
-    p.add_argument("--cache", default=str(OUT / "cf-{set}.jsonl"), help="the counterfactual cache of each set")
+    p.add_argument("--cache", default=str(OUT / "cf-{short}.jsonl"),
+                   help="the counterfactual cache of each set ({set}: its name, {short}: without -exp)")
     p.add_argument("--sampled", type=int, default=16, help="sampled answers after the greedy one")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--answer-tokens", type=int, default=200)
-    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--concurrency", type=int, default=32, help="requests in flight (as provenance model's)")
     p = sub.add_parser("closed-variants")
-    p.add_argument("--cache", default=str(OUT / "cf-{set}.jsonl"), help="the counterfactual cache of each set")
+    p.add_argument("--cache", default=str(OUT / "cf-{short}.jsonl"),
+                   help="the counterfactual cache of each set ({set}: its name, {short}: without -exp)")
     p.add_argument("--k", type=int, default=9)
     p.add_argument("--only", default="", help="comma list of variants to print (default: all)")
     p.add_argument("points", nargs="+", help="SUSPECT_TAG:SET")

@@ -141,7 +141,10 @@ async def closed_texts(url: str, samples: Sequence[Sample], max_tokens: int, run
                        concurrency: int) -> list[list[str]]:
     """The suspect's answers to the samples' prompts through an OpenAI-compatible URL, once per ``(temperature,
     seed)`` run (prompt ``i`` asked with ``seed + i``). Every run's requests share one pool of ``concurrency`` in
-    flight, so a few prompts asked several times still fill the server's batch."""
+    flight, so a few prompts asked several times still fill the server's batch: 6 prompts asked 17 times of a
+    student behind `stillhouse serve` took 210-280 s in one pool of 32, against 620 s run by run (beside two
+    trainings on 2 cores, 2026-12-07). Each run in a pool of its own (136 in flight) timed out: requests beyond the
+    server's batch wait in its queue."""
     from stillhouse.teacher.base import SamplingParams, TeacherError, chat_all
     from stillhouse.teacher.spec import make_teacher
 
