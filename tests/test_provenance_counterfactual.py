@@ -112,6 +112,21 @@ def test_overlap_counts_the_candidates_4grams_in_the_suspects_answer(smol_tokeni
     assert got[0] == 1.0 and got[1] == 0.0 and got[2] == 0.0  # "hi" has no 4-gram
 
 
+def test_idf_overlap_weighs_each_4gram_by_the_candidates_that_hold_it() -> None:
+    vocab: dict[str, int] = {}
+
+    def tok(text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:  # one id per word
+        return {"input_ids": [vocab.setdefault(w, len(vocab)) for w in text.split()]}
+
+    a, b = "w1 w2 w3 w4 w5", "w1 w2 w3 w4 x5"  # (w1..w4) in both, one 4-gram of their own each
+    assert cf.overlaps(tok, [b], [[a, b]]) == [[0.5, 1.0]]
+    # idf: the shared 4-gram weighs 1/2, each own one 1, so a's score is 0.5 / 1.5 and b's (0.5 + 1) / 1.5
+    assert cf.overlaps(tok, [b], [[a, b]], idf=True) == [[pytest.approx(1 / 3), pytest.approx(1.0)]]
+    assert cf.overlaps(tok, [a], [[a, b]], idf=True) == [[pytest.approx(1.0), pytest.approx(1 / 3)]]
+    # a suspect that writes only what every candidate shares: share gives each 0.5, idf each 1/3
+    assert cf.overlaps(tok, ["w1 w2 w3 w4"], [[a, b]], idf=True) == [[pytest.approx(1 / 3)] * 2]
+
+
 # -- the whole test on a tiny model ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: Any, smol_tokenizer: Any) -> Path:
@@ -276,6 +291,13 @@ def test_sampled_answers_pool_a_closed_suspects_answers(tiny_dir: Path, tmp_path
         SuspectConfig(**base, sampled_answers=-1)
     with pytest.raises(ValueError, match="add it or drop --sampled-answers"):
         SuspectConfig(**{**base, "test": "tuples"}, key_ids=("account/a/0",), sampled_answers=2)
+    with pytest.raises(ValueError, match="drop --overlap"):
+        SuspectConfig(**{**base, "suspect": f"hf:{tiny_dir}"}, mode="open", overlap="idf")
+    with pytest.raises(ValueError, match="use share or idf"):
+        SuspectConfig(**base, overlap="tfidf")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="add it or drop --overlap"):
+        SuspectConfig(**{**base, "test": "tuples"}, key_ids=("account/a/0",), overlap="idf")
+    SuspectConfig(**{**base, "suspect": f"hf:{tiny_dir}"}, mode="open", reading="own", overlap="idf")  # its answers
     # unless given: 4 for a closed suspect under the counterfactual test, none elsewhere
     assert SuspectConfig(**base).pooled_answers == 4
     assert SuspectConfig(**base, sampled_answers=0).pooled_answers == 0

@@ -14,7 +14,8 @@ from the key id):
   tokenizer and chat template, so a suspect of another family can be tested;
 - **overlap** (the suspect's own answers: closed mode over HTTP, or ``--reading own``): the share of a candidate's
   distinct 4-grams (teacher tokens) that the suspect's answer to the prompt contains (greedy; in closed mode pooled
-  with 4 more sampled at T 0.7 by default, ``--sampled-answers``).
+  with 4 more sampled at T 0.7 by default, ``--sampled-answers``); ``--overlap idf`` weighs each 4-gram by 1 / the
+  number of candidates holding it.
 
 Why it is exact. Under H0 for an account ("the suspect learned nothing from this account's answers") the suspect
 is independent of the keys that drew them. With a key per request (the guard's ``watermark_per_request``) our
@@ -255,9 +256,12 @@ def likelihoods(spec: str, samples: Sequence[Sample], answers: Sequence[Sequence
             for row in readings(spec, samples, answers, batch_size, progress, what)]
 
 
-def overlaps(tok: Any, suspect_answers: Sequence[str], answers: Sequence[Sequence[str]]) -> list[list[float]]:
+def overlaps(tok: Any, suspect_answers: Sequence[str], answers: Sequence[Sequence[str]],
+             idf: bool = False) -> list[list[float]]:
     """For each sample, the share of each candidate's distinct 4-grams (``tok``'s tokens) found in the suspect's
-    answer to its prompt (0 for a candidate shorter than 4 tokens)."""
+    answer to its prompt (0 for a candidate shorter than 4 tokens). ``idf``: each 4-gram weighted by 1 / the number
+    of that sample's candidates holding it (the same weights for every candidate, so the score stays symmetric in
+    them and the rank uniform under H0)."""
     def grams(text: str) -> set[tuple[int, ...]]:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         return {tuple(ids[i:i + OVERLAP_N]) for i in range(len(ids) - OVERLAP_N + 1)}
@@ -265,7 +269,13 @@ def overlaps(tok: Any, suspect_answers: Sequence[str], answers: Sequence[Sequenc
     out = []
     for mine, alts in zip(suspect_answers, answers):
         have = grams(mine)
-        out.append([len(g & have) / len(g) if g else 0.0 for g in map(grams, alts)])
+        held = [grams(a) for a in alts]
+        df: dict[tuple[int, ...], int] = {}
+        for g in held:
+            for x in g:
+                df[x] = df.get(x, 0) + 1
+        weight = (lambda x: 1.0 / df[x]) if idf else (lambda x: 1.0)
+        out.append([sum(map(weight, g & have)) / sum(map(weight, g)) if g else 0.0 for g in held])
     return out
 
 

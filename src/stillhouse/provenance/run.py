@@ -211,6 +211,11 @@ class SuspectConfig(ScoringConfig):
     reference: str = ""
     """--test counterfactual, reading text: the score is log p_suspect - log p_reference; empty = the teacher
     (--tokenizer), none = the suspect's raw log-likelihood."""
+    overlap: Literal["share", "idf"] = "share"
+    """--test counterfactual, the suspect's own answers (closed, or --reading own): share = the share of a
+    candidate's distinct 4-grams found in them; idf = each 4-gram weighted by 1 / the number of the K + 1
+    candidates that hold it, so the words every candidate shares (the prompt's own, the teacher's set phrases) count
+    little and a candidate's own turns count most."""
     prefix_tokens: int = 0
     """--test counterfactual, reading text: score only each answer's first N tokens (each model's own tokens), 0 =
     all. A student remembers an answer's opening best (training cuts long rows at its max length, and a repetition
@@ -272,6 +277,11 @@ class SuspectConfig(ScoringConfig):
             if self.prefix_tokens and not self.reads_text:
                 raise ValueError(f"prefix_tokens={self.prefix_tokens}: applies to the likelihood score (the suspect "
                                  "reading SOURCE's texts, open mode); drop it for --reading own or closed")
+            if self.overlap not in ("share", "idf"):
+                raise ValueError(f"overlap={self.overlap!r}: use share or idf")
+            if self.overlap != "share" and self.reads_text:
+                raise ValueError(f"overlap={self.overlap}: weighs the suspect's own answers (closed, or --reading "
+                                 "own); reading SOURCE's texts scores likelihoods, so drop --overlap")
             if self.sampled_answers and self.resolved_mode != "closed":
                 raise ValueError(f"sampled_answers={self.sampled_answers}: pools answers a closed suspect writes; give "
                                  "--mode closed with an http://HOST:PORT/v1 suspect, or drop it")
@@ -286,6 +296,8 @@ class SuspectConfig(ScoringConfig):
         elif self.prefix_tokens:
             raise ValueError("prefix_tokens applies to --test counterfactual's likelihood score; add it or drop "
                              "--prefix-tokens")
+        elif self.overlap != "share":
+            raise ValueError(f"overlap={self.overlap}: a score of --test counterfactual; add it or drop --overlap")
         elif self.sampled_answers:
             raise ValueError("sampled_answers pools a closed suspect's answers for --test counterfactual; add it or "
                              "drop --sampled-answers")
@@ -696,8 +708,9 @@ def _counterfactual(cfg: SuspectConfig, samples: list[Sample], secret: bytes, pr
         extra.update(score="likelihood", reference=reference or "none", prefix_tokens=cfg.prefix_tokens)
     else:
         answers = _suspect_answers(cfg, asked, progress)
-        scores = cf.overlaps(_tokenizer(cfg.tokenizer), answers, candidates)
-        extra.update(score="overlap", answer_tokens=cfg.answer_tokens, sampled_answers=cfg.pooled_answers)
+        scores = cf.overlaps(_tokenizer(cfg.tokenizer), answers, candidates, idf=cfg.overlap == "idf")
+        extra.update(score="overlap", overlap=cfg.overlap, answer_tokens=cfg.answer_tokens,
+                     sampled_answers=cfg.pooled_answers)
     ranks = [cf.rank(sc, s.key_id) for sc, s in zip(scores, asked)]
     groups = [(g.name, g.given_by, g.accounts) for g in operator_groups(cfg.groups)]
     if cfg.cluster_groups and is_store_url(cfg.source):
