@@ -712,11 +712,15 @@ def cmd_closed_dump(args: argparse.Namespace) -> None:
     (OUT / "variants").mkdir(exist_ok=True)
     for name in args.sets.split(","):
         rows, samples, _ = _candidates(name, args.cache, 0)
-        asked = [(0.0, 0)] + [(args.temperature, 1000 * j) for j in range(args.sampled)]
-        runs = asyncio.run(closed_texts(args.url, samples, args.answer_tokens, asked, args.concurrency))
         path = OUT / "variants" / f"closed-{args.tag}-{name}.json"
-        path.write_text(json.dumps({"keys": [r["key_id"] for r in rows], "answers": [list(a) for a in zip(*runs)]}))
-        print(f"{path}: {len(rows)} prompts x {1 + args.sampled} answers")
+        had = json.loads(path.read_text())["answers"] if args.more and path.exists() else [[] for _ in rows]
+        first = len(had[0]) - 1 if had[0] else -1  # sampled answers already there (the greedy one is first)
+        asked = [(0.0, 0)] if first < 0 else []
+        asked += [(args.temperature, 1000 * j) for j in range(max(first, 0), max(first, 0) + args.sampled)]
+        runs = asyncio.run(closed_texts(args.url, samples, args.answer_tokens, asked, args.concurrency))
+        answers = [[*h, *new] for h, new in zip(had, zip(*runs))]
+        path.write_text(json.dumps({"keys": [r["key_id"] for r in rows], "answers": answers}))
+        print(f"{path}: {len(rows)} prompts x {len(answers[0])} answers")
 
 
 def _closed_variants(tok: Any, answers: list[str], cands: list[str]) -> dict[str, list[float]]:
@@ -735,7 +739,7 @@ def _closed_variants(tok: Any, answers: list[str], cands: list[str]) -> dict[str
         for g in cg:
             for x in g:
                 df[x] = df.get(x, 0) + 1
-        for m in (0, 4, 8, 16):
+        for m in (0, 4, 8, 16, 32, 64):
             if m >= len(answers):
                 continue
             have = set().union(*(grams(a, n) for a in answers[:1 + m]))
@@ -950,6 +954,14 @@ def _plot_limits(curves: list[tuple[str, list[float]]], path: str) -> None:
     print(f"{path}: the per-answer p-values of {len(curves)} reports")
 
 
+def _set_args(p: argparse.ArgumentParser, sets: bool = True) -> None:
+    """--sets (mix names) and --cache (their counterfactual draws), as the variant stages read them."""
+    if sets:
+        p.add_argument("--sets", required=True, help="comma list of mix names (OUT/data-NAME-wm.jsonl)")
+    p.add_argument("--cache", default=str(OUT / "cf-{short}.jsonl"),
+                   help="the counterfactual cache of each set ({set}: its name, {short}: without -exp)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -1045,9 +1057,7 @@ def main() -> None:
     p = sub.add_parser("token-logp")
     p.add_argument("--tag", required=True, help="a name for MODEL's dumps (OUT/variants/TAG-SET.json)")
     p.add_argument("--model", required=True, help="bundled (the reference), or hf:DIR of a suspect")
-    p.add_argument("--sets", required=True, help="comma list of mix names (OUT/data-NAME-wm.jsonl)")
-    p.add_argument("--cache", default=str(OUT / "cf-{short}.jsonl"),
-                   help="the counterfactual cache of each set ({set}: its name, {short}: without -exp)")
+    _set_args(p)
     p.add_argument("--k", type=int, default=9)
     p.add_argument("--threads", type=int, default=1)
     p = sub.add_parser("score-variants")
@@ -1056,16 +1066,14 @@ def main() -> None:
     p = sub.add_parser("closed-dump")
     p.add_argument("--tag", required=True, help="a name for the suspect's dumps (OUT/variants/closed-TAG-SET.json)")
     p.add_argument("--url", required=True, help="the suspect's OpenAI-compatible URL (e.g. `stillhouse serve`)")
-    p.add_argument("--sets", required=True, help="comma list of mix names (OUT/data-NAME-wm.jsonl)")
-    p.add_argument("--cache", default=str(OUT / "cf-{short}.jsonl"),
-                   help="the counterfactual cache of each set ({set}: its name, {short}: without -exp)")
+    _set_args(p)
     p.add_argument("--sampled", type=int, default=16, help="sampled answers after the greedy one")
+    p.add_argument("--more", action="store_true", help="add --sampled answers to the dump already there")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--answer-tokens", type=int, default=200)
     p.add_argument("--concurrency", type=int, default=32, help="requests in flight (as provenance model's)")
     p = sub.add_parser("closed-variants")
-    p.add_argument("--cache", default=str(OUT / "cf-{short}.jsonl"),
-                   help="the counterfactual cache of each set ({set}: its name, {short}: without -exp)")
+    _set_args(p, sets=False)
     p.add_argument("--k", type=int, default=9)
     p.add_argument("--only", default="", help="comma list of variants to print (default: all)")
     p.add_argument("points", nargs="+", help="SUSPECT_TAG:SET")

@@ -174,3 +174,35 @@ def test_score_variants_rank_each_candidate_under_each_score(tmp_path: Path, mon
     p = dict(zip(head.strip("| ").split(" | ")[1:], row.strip("| ").split(" | ")[1:]))
     assert p["sum"] == "1"  # ranked last of 3, three times: the tail outweighs the opening
     assert p["first64"] == p["sign"] == "0.037"  # first of 3, three times: (1/3)^3
+
+
+def test_closed_variants_rank_the_answer_the_suspect_writes_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+    import json
+
+    monkeypatch.setattr(script, "OUT", tmp_path)
+    (tmp_path / "variants").mkdir()
+    ours = ["the quick brown fox jumps over the lazy dog", "seven green apples sit in a wooden bowl today",
+            "rain falls softly on the old tin roof at night"]
+    others = [["a completely different sentence about cats and mice", "numbers like one two three four five six"],
+              ["music plays loudly from the small red radio now", "birds sing early in the cold spring morning"],
+              ["trains leave the station every ten minutes or so", "paper boats float down the narrow stream fast"]]
+    keys = [f"account/a/r{i}" for i in range(3)]
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": a}], "key_id": k}
+            for i, (a, k) in enumerate(zip(ours, keys))]
+    (tmp_path / "data-s-wm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "cf-s.jsonl").write_text("".join(json.dumps({"key_id": k, "answers": o}) + "\n"
+                                                 for k, o in zip(keys, others)))
+    # greedy: ours again; four sampled answers: the first counterfactual's words each time
+    dump = {"keys": keys, "answers": [[a, *[o[0]] * 4] for a, o in zip(ours, others)]}
+    (tmp_path / "variants" / "closed-sus-s.json").write_text(json.dumps(dump))
+    script.cmd_closed_variants(argparse.Namespace(cache=str(tmp_path / "cf-{set}.jsonl"), k=2, only="",
+                                                  points=["sus:s"]))
+    p = dict(line.strip("| ").split(" | ") for line in capsys.readouterr().out.splitlines()[2:])
+    assert p["share-n4-s0"] == p["idf-n4-s0"] == p["uniqcount-n4-s0"] == "0.037"  # ours first of 3, 3 times
+    # pooled, ours and the first counterfactual are both held whole: a tie the seeded coin breaks (rank 1 or 2)
+    assert p["share-n4-s4"] in ("0.037", "0.15", "0.37", "0.63")
+    # counted answer by answer, the counterfactual written four times outranks ours written once: second of 3,
+    # three times: S = 3 of at most 6, P(S >= 3) = 17/27
+    assert p["uniqcount-n4-s4"] == "0.63"
