@@ -274,7 +274,8 @@ def test_sampled_answers_pool_a_closed_suspects_answers(tiny_dir: Path, tmp_path
     calls: list[tuple[float, int]] = []
 
     async def fake_closed(url: str, samples: Any, max_tokens: int, runs: list[tuple[float, int]],
-                          concurrency: int) -> list[list[str]]:
+                          concurrency: int, timeout_s: float) -> list[list[str]]:
+        assert (concurrency, timeout_s) == (32, 600.0)
         calls.extend(runs)
         return [[f"{s.text} T{t} s{seed}" for s in samples] for t, seed in runs]
 
@@ -291,6 +292,8 @@ def test_sampled_answers_pool_a_closed_suspects_answers(tiny_dir: Path, tmp_path
         SuspectConfig(**base, sampled_answers=-1)
     with pytest.raises(ValueError, match="add it or drop --sampled-answers"):
         SuspectConfig(**{**base, "test": "tuples"}, key_ids=("account/a/0",), sampled_answers=2)
+    with pytest.raises(ValueError, match="must be > 0 seconds"):
+        SuspectConfig(**base, request_timeout=0)
     with pytest.raises(ValueError, match="drop --overlap"):
         SuspectConfig(**{**base, "suspect": f"hf:{tiny_dir}"}, mode="open", overlap="idf")
     with pytest.raises(ValueError, match="use share or idf"):

@@ -138,13 +138,14 @@ def own_answers(model: Any, tokenizer: Any, samples: Sequence[Sample], max_token
 
 
 async def closed_texts(url: str, samples: Sequence[Sample], max_tokens: int, runs: Sequence[tuple[float, int]],
-                       concurrency: int) -> list[list[str]]:
+                       concurrency: int, timeout_s: float = 600.0) -> list[list[str]]:
     """The suspect's answers to the samples' prompts through an OpenAI-compatible URL, once per ``(temperature,
     seed)`` run (prompt ``i`` asked with ``seed + i``). Every run's requests share one pool of ``concurrency`` in
     flight, so a few prompts asked several times still fill the server's batch: 6 prompts asked 17 times of a
     student behind `stillhouse serve` took 210-280 s in one pool of 32, against 620 s run by run (beside two
     trainings on 2 cores, 2026-12-07). Each run in a pool of its own (136 in flight) timed out: requests beyond the
-    server's batch wait in its queue."""
+    server's batch wait in its queue. ``timeout_s``: seconds to wait for one answer (32 answers of 200 tokens
+    from a student on one loaded core took more than 120 s)."""
     from stillhouse.teacher.base import SamplingParams, TeacherError, chat_all
     from stillhouse.teacher.spec import make_teacher
 
@@ -154,7 +155,7 @@ async def closed_texts(url: str, samples: Sequence[Sample], max_tokens: int, run
     asks = [(m, SamplingParams(max_tokens=max_tokens, temperature=t, seed=seed + i))
             for t, seed in runs for i, m in enumerate(prompts)]
     try:
-        results = await chat_all(make_teacher(url), asks, concurrency)
+        results = await chat_all(make_teacher(url, timeout_s=timeout_s), asks, concurrency)
     except TeacherError as exc:
         raise SuspectError(f"the suspect at {url} failed: {exc}") from exc
     texts = [r.completions[0].text for r in results]

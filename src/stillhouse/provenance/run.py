@@ -183,6 +183,9 @@ class SuspectConfig(ScoringConfig):
     """Closed mode: requests in flight, shared by every answer asked (the --temperature one and --sampled-answers
     per prompt), so a few prompts asked five times fill a batch (`stillhouse serve` batches up to 32 rows). Lower it
     for an API that limits concurrent requests (a 429 stops the test with the server's message)."""
+    request_timeout: float = 600.0
+    """Closed mode: seconds to wait for one answer before the test stops with the server named (a suspect on a
+    busy CPU answering --concurrency requests at once can take minutes)."""
     sampled_answers: int | None = None
     """Closed mode with --test counterfactual: also this many answers per prompt sampled at T 0.7 (seeds 1000 j + i),
     pooled with the --temperature one (their 4-grams together); None = 4 there (0 elsewhere). Chosen on two
@@ -258,6 +261,8 @@ class SuspectConfig(ScoringConfig):
         for name in ("reading_max_len", "batch_size", "answer_tokens", "concurrency"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if not self.request_timeout > 0:
+            raise ValueError(f"request_timeout={self.request_timeout}: must be > 0 seconds")
         if self.sampled_answers is not None and self.sampled_answers < 0:
             raise ValueError(f"sampled_answers={self.sampled_answers}: must be >= 0 (0 = the one answer)")
         if self.test not in ("tuples", "counterfactual"):
@@ -585,7 +590,7 @@ def model_provenance(cfg: SuspectConfig, progress: StepProgress | None = None) -
         from dataclasses import replace
 
         answers = asyncio.run(closed_texts(cfg.suspect, samples, cfg.answer_tokens, [(cfg.temperature, 0)],
-                                           cfg.concurrency))[0]
+                                           cfg.concurrency, cfg.request_timeout))[0]
         seqs = _ids(tok, [replace(s, text=a, token_ids=None) for s, a in zip(asked, answers)], 0)
         prompts = [_prompt_ids(tok, s) for s in asked]
     # the suspect's answers to the prompts asked: scored as answers (gate, weights, EXP), the prompts' tuples dropped
@@ -741,7 +746,8 @@ def _suspect_answers(cfg: SuspectConfig, asked: list[Sample], progress: StepProg
 
     if cfg.resolved_mode == "closed":
         runs = [(cfg.temperature, 0)] + [(0.7, 1000 * j) for j in range(cfg.pooled_answers)]
-        texts = asyncio.run(closed_texts(cfg.suspect, asked, cfg.answer_tokens, runs, cfg.concurrency))
+        texts = asyncio.run(closed_texts(cfg.suspect, asked, cfg.answer_tokens, runs, cfg.concurrency,
+                                         cfg.request_timeout))
         return ["\n\n".join(each) for each in zip(*texts)]
     from stillhouse.teacher.bundled import load_model
 
