@@ -190,7 +190,9 @@ class SuspectConfig(ScoringConfig):
     """Closed mode with --test counterfactual: also this many answers per prompt sampled at T 0.7 (seeds 1000 j + i),
     pooled with the --temperature one (their 4-grams together); None = 4 there (0 elsewhere). Chosen on two
     development students (greedy alone 3.8e-7 and 6.1e-3, with 4 sampled 3.2e-9 and 5.7e-5); on two fresh 5% students,
-    greedy + 4 sampled gave 1.2e-10 and 7.5e-6 (docs/results.md). 0 keeps the one answer."""
+    greedy + 4 sampled gave 1.2e-10 and 7.5e-6 (docs/results.md). 0 keeps the one answer. A few answers per account
+    need more: at 1% (6 answers) 64 with --overlap idf gave 8.4e-5 and 8.0e-3 on two fresh students, where 4 gave
+    0.091 and 0.037 on two others (about 12 minutes a student served on one thread)."""
     threads: int = 0
     """torch CPU threads (0 = torch's default)."""
     match_keys: bool = False
@@ -218,7 +220,8 @@ class SuspectConfig(ScoringConfig):
     """--test counterfactual, the suspect's own answers (closed, or --reading own): share = the share of a
     candidate's distinct 4-grams found in them; idf = each 4-gram weighted by 1 / the number of the K + 1
     candidates that hold it, so the words every candidate shares (the prompt's own, the teacher's set phrases) count
-    little and a candidate's own turns count most."""
+    little and a candidate's own turns count most. On three 1% development students with 64 sampled answers: idf
+    9.2e-4, 2.8e-5, 4.6e-4 against share 1.7e-3, 2.1e-4, 1.7e-3 (docs/results.md)."""
     prefix_tokens: int = 0
     """--test counterfactual, reading text: score only each answer's first N tokens (each model's own tokens), 0 =
     all. A student remembers an answer's opening best (training cuts long rows at its max length, and a repetition
