@@ -301,6 +301,14 @@ def test_sampled_answers_pool_a_closed_suspects_answers(tiny_dir: Path, tmp_path
     with pytest.raises(ValueError, match="add it or drop --overlap"):
         SuspectConfig(**{**base, "test": "tuples"}, key_ids=("account/a/0",), overlap="idf")
     SuspectConfig(**{**base, "suspect": f"hf:{tiny_dir}"}, mode="open", reading="own", overlap="idf")  # its answers
+    # a test that named nobody says what would take it further
+    from stillhouse.provenance.run import _counterfactual_hint
+    few = [{"name": "acct-0", "answers": 2}]  # 10^-2 at best with K = 9: never below alpha 1e-3
+    assert "reach p = 0.01 at best, above 0.001" in _counterfactual_hint(SuspectConfig(**base, alpha=1e-3), few)
+    six = [{"name": "acct-0", "answers": 6}]
+    assert "--sampled-answers 64 --overlap idf" in _counterfactual_hint(SuspectConfig(**base, alpha=1e-3), six)
+    assert _counterfactual_hint(SuspectConfig(**base, alpha=1e-3, sampled_answers=64), six) == ""
+    assert _counterfactual_hint(SuspectConfig(**base, alpha=1e-3), [{"name": "a", "answers": 32}]) == ""
     # unless given: 4 for a closed suspect under the counterfactual test, none elsewhere
     assert SuspectConfig(**base).pooled_answers == 4
     assert SuspectConfig(**base, sampled_answers=0).pooled_answers == 0

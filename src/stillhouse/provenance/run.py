@@ -8,6 +8,7 @@ best first, plus the accounts behind the best key when the ids came from a log.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -735,11 +736,28 @@ def _counterfactual(cfg: SuspectConfig, samples: list[Sample], secret: bytes, pr
     verdict = ("; ".join(f"{h['name']} ({h['first']} of {h['answers']} answers ranked first): Holm-adjusted p = "
                          f"{h['p_holm']:.3g}" for h in named) + f" (Holm over {n} hypotheses, counterfactual test)"
                if named else f"no account or group at family-wise level {cfg.alpha:g} (smallest Holm-adjusted p "
-               f"{hyps[0]['p_holm'] if hyps else 1.0:.3g} over {n} hypotheses, counterfactual test)")
+               f"{hyps[0]['p_holm'] if hyps else 1.0:.3g} over {n} hypotheses, counterfactual test)"
+               + _counterfactual_hint(cfg, hyps))
     return {**extra, "hypotheses": hyps, "best": hyps[0] if hyps else None, "named": bool(named),
             "named_hypotheses": [h["name"] for h in named],
             "named_accounts": sorted({a for h in named for a in h["accounts"]}), "verdict": verdict,
             "scores": [], "wall_s": round(time.perf_counter() - t0, 2)}
+
+
+def _counterfactual_hint(cfg: SuspectConfig, hyps: list[dict[str, Any]]) -> str:
+    """What would let a test that named nobody go further: its best hypothesis' answers cannot reach --alpha
+    (``(K + 1)^-n`` at best), or a closed suspect asked few times per prompt (docs/results.md: at 6 answers,
+    greedy + 4 gave 0.091 and 0.037, greedy + 64 with idf 8.4e-5 and 0.008)."""
+    if not hyps:
+        return ""
+    n, k = hyps[0]["answers"], cfg.counterfactuals
+    if n * math.log10(k + 1) < -math.log10(cfg.alpha):
+        return (f"; {hyps[0]['name']}'s {n} answers reach p = {(k + 1) ** -n:.3g} at best, above {cfg.alpha:g}: "
+                "draw more per answer (--counterfactuals) or give more answers")
+    if cfg.resolved_mode == "closed" and cfg.pooled_answers < 64 and n <= 16:
+        return (f"; with {n} answers, more of the suspect's own help: --sampled-answers 64 --overlap idf "
+                "(about 13x the requests)")
+    return ""
 
 
 def _suspect_answers(cfg: SuspectConfig, asked: list[Sample], progress: StepProgress | None) -> list[str]:
