@@ -714,9 +714,9 @@ def cmd_closed_dump(args: argparse.Namespace) -> None:
         rows, samples, _ = _candidates(name, args.cache, 0)
         path = OUT / "variants" / f"closed-{args.tag}-{name}.json"
         had = json.loads(path.read_text())["answers"] if args.more and path.exists() else [[] for _ in rows]
-        first = len(had[0]) - 1 if had[0] else -1  # sampled answers already there (the greedy one is first)
-        asked = [(0.0, 0)] if first < 0 else []
-        asked += [(args.temperature, 1000 * j) for j in range(max(first, 0), max(first, 0) + args.sampled)]
+        done = len(had[0]) - 1 if had[0] else 0  # sampled answers already there (after the greedy one)
+        asked = ([] if had[0] else [(0.0, 0)]) + [(args.temperature, 1000 * j)
+                                                  for j in range(done, done + args.sampled)]
         runs = asyncio.run(closed_texts(args.url, samples, args.answer_tokens, asked, args.concurrency))
         answers = [[*h, *new] for h, new in zip(had, zip(*runs))]
         path.write_text(json.dumps({"keys": [r["key_id"] for r in rows], "answers": answers}))
@@ -724,35 +724,30 @@ def cmd_closed_dump(args: argparse.Namespace) -> None:
 
 
 def _closed_variants(tok: Any, answers: list[str], cands: list[str]) -> dict[str, list[float]]:
-    """Overlap scores of every candidate against a suspect's answers (greedy first): ``s4`` is the product's
-    (greedy + 4 sampled, joined, share of a candidate's distinct 4-grams); ``idf`` weights each n-gram by 1 / the
-    number of candidates holding it; ``uniq`` counts only n-grams no other candidate holds; ``*count`` counts them
-    answer by answer (an n-gram in three answers counts three times)."""
-    def grams(text: str, n: int) -> set[tuple[int, ...]]:
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        return {tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)}
+    """Overlap scores of every candidate against a suspect's answers (greedy first), pooled as the product pools
+    them (joined by a blank line): ``share-n4-s4`` is the product's default score (greedy + 4 sampled) and
+    ``idf-n4-*`` its ``--overlap idf`` (`counterfactual.overlaps`); ``uniq`` counts only n-grams no other candidate
+    holds; ``mean`` and ``*count`` read the answers one by one (an n-gram in three answers counts three times)."""
+    from stillhouse.provenance import counterfactual as cf
 
     out: dict[str, list[float]] = {}
     for n in (4, 6, 8):
-        cg = [grams(c, n) for c in cands]
-        df: dict[tuple[int, ...], int] = {}
-        for g in cg:
-            for x in g:
-                df[x] = df.get(x, 0) + 1
+        cg = [cf.grams(tok, c, n) for c in cands]
+        df = cf.holders(cg)
         for m in (0, 4, 8, 16, 32, 64):
             if m >= len(answers):
                 continue
-            have = set().union(*(grams(a, n) for a in answers[:1 + m]))
+            pooled = "\n\n".join(answers[:1 + m])
+            have = cf.grams(tok, pooled, n)
             tag = f"n{n}-s{m}"
-            out[f"share-{tag}"] = [len(g & have) / len(g) if g else 0.0 for g in cg]
-            out[f"idf-{tag}"] = [sum(1 / df[x] for x in g & have) / sum(1 / df[x] for x in g) if g else 0.0
-                                 for g in cg]
+            out[f"share-{tag}"] = cf.overlaps(tok, [pooled], [cands], n=n)[0]
+            out[f"idf-{tag}"] = cf.overlaps(tok, [pooled], [cands], idf=True, n=n)[0]
             out[f"uniq-{tag}"] = [float(sum(df[x] == 1 for x in g & have)) for g in cg]
             out[f"uniqshare-{tag}"] = [sum(df[x] == 1 for x in g & have) / max(1, sum(df[x] == 1 for x in g))
                                        for g in cg]
             # each answer on its own: the mean of its shares (a pooled text lets one long answer dominate), and
-            # how many times the answers hold a candidate's own n-grams (the union counts a repeat once)
-            each = [grams(a, n) for a in answers[:1 + m]]
+            # how many times the answers hold a candidate's own n-grams (the pool counts a repeat once)
+            each = [cf.grams(tok, a, n) for a in answers[:1 + m]]
             out[f"mean-{tag}"] = [sum(len(g & a) / len(g) if g else 0.0 for a in each) / len(each) for g in cg]
             out[f"uniqcount-{tag}"] = [float(sum(df[x] == 1 for a in each for x in g & a)) for g in cg]
             out[f"idfcount-{tag}"] = [sum(1 / df[x] for a in each for x in g & a) for g in cg]
@@ -826,8 +821,6 @@ def _variants(sus: dict[str, Any], ref: dict[str, Any]) -> dict[str, float]:
 def cmd_score_variants(args: argparse.Namespace) -> None:
     """Development: the counterfactual test's exact p under each score variant, from `token-logp` dumps; one row
     per SUSPECT:SET (the reference's dump is REFERENCE-SET)."""
-    import math
-
     from stillhouse.provenance import counterfactual as cf
     from stillhouse.provenance.stats import log_rank_sum_sf
 

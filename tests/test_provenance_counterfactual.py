@@ -306,7 +306,8 @@ def test_sampled_answers_pool_a_closed_suspects_answers(tiny_dir: Path, tmp_path
     few = [{"name": "acct-0", "answers": 2}]  # 10^-2 at best with K = 9: never below alpha 1e-3
     assert "reach p = 0.01 at best, above 0.001" in _counterfactual_hint(SuspectConfig(**base, alpha=1e-3), few)
     six = [{"name": "acct-0", "answers": 6}]
-    assert "--sampled-answers 64 --overlap idf" in _counterfactual_hint(SuspectConfig(**base, alpha=1e-3), six)
+    assert "--sampled-answers 64 --overlap idf (about 13x" in _counterfactual_hint(SuspectConfig(**base, alpha=1e-3),
+                                                                                  six)
     assert _counterfactual_hint(SuspectConfig(**base, alpha=1e-3, sampled_answers=64), six) == ""
     assert _counterfactual_hint(SuspectConfig(**base, alpha=1e-3), [{"name": "a", "answers": 32}]) == ""
     # unless given: 4 for a closed suspect under the counterfactual test, none elsewhere

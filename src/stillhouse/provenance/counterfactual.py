@@ -40,6 +40,7 @@ import hashlib
 import json
 import math
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -256,24 +257,28 @@ def likelihoods(spec: str, samples: Sequence[Sample], answers: Sequence[Sequence
             for row in readings(spec, samples, answers, batch_size, progress, what)]
 
 
-def overlaps(tok: Any, suspect_answers: Sequence[str], answers: Sequence[Sequence[str]],
-             idf: bool = False) -> list[list[float]]:
-    """For each sample, the share of each candidate's distinct 4-grams (``tok``'s tokens) found in the suspect's
-    answer to its prompt (0 for a candidate shorter than 4 tokens). ``idf``: each 4-gram weighted by 1 / the number
-    of that sample's candidates holding it (the same weights for every candidate, so the score stays symmetric in
-    them and the rank uniform under H0)."""
-    def grams(text: str) -> set[tuple[int, ...]]:
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        return {tuple(ids[i:i + OVERLAP_N]) for i in range(len(ids) - OVERLAP_N + 1)}
+def grams(tok: Any, text: str, n: int = OVERLAP_N) -> set[tuple[int, ...]]:
+    """The distinct ``n``-grams of ``text`` in ``tok``'s tokens."""
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return {tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)}
 
+
+def holders(sets: Sequence[set[tuple[int, ...]]]) -> Counter[tuple[int, ...]]:
+    """How many of ``sets`` (one per candidate) hold each n-gram."""
+    return Counter(x for g in sets for x in g)
+
+
+def overlaps(tok: Any, suspect_answers: Sequence[str], answers: Sequence[Sequence[str]],
+             idf: bool = False, n: int = OVERLAP_N) -> list[list[float]]:
+    """For each sample, the share of each candidate's distinct ``n``-grams (``tok``'s tokens) found in the suspect's
+    answer to its prompt (0 for a candidate shorter than ``n`` tokens). ``idf``: each n-gram weighted by 1 / the
+    number of that sample's candidates holding it (the same weights for every candidate, so the score stays
+    symmetric in them and the rank uniform under H0)."""
     out = []
     for mine, alts in zip(suspect_answers, answers):
-        have = grams(mine)
-        held = [grams(a) for a in alts]
-        df: dict[tuple[int, ...], int] = {}
-        for g in held:
-            for x in g:
-                df[x] = df.get(x, 0) + 1
+        have = grams(tok, mine, n)
+        held = [grams(tok, a, n) for a in alts]
+        df = holders(held)
         weight = (lambda x: 1.0 / df[x]) if idf else (lambda x: 1.0)
         out.append([sum(map(weight, g & have)) / sum(map(weight, g)) if g else 0.0 for g in held])
     return out

@@ -222,7 +222,7 @@ class SuspectConfig(ScoringConfig):
     candidate's distinct 4-grams found in them; idf = each 4-gram weighted by 1 / the number of the K + 1
     candidates that hold it, so the words every candidate shares (the prompt's own, the teacher's set phrases) count
     little and a candidate's own turns count most. On three 1% development students with 64 sampled answers: idf
-    9.2e-4, 2.8e-5, 4.6e-4 against share 1.7e-3, 2.1e-4, 1.7e-3 (docs/results.md)."""
+    4.6e-4, 2.8e-5, 4.6e-4 against share 9.2e-4, 2.1e-4, 4.6e-4 (docs/results.md)."""
     prefix_tokens: int = 0
     """--test counterfactual, reading text: score only each answer's first N tokens (each model's own tokens), 0 =
     all. A student remembers an answer's opening best (training cuts long rows at its max length, and a repetition
@@ -756,7 +756,7 @@ def _counterfactual_hint(cfg: SuspectConfig, hyps: list[dict[str, Any]]) -> str:
                 "draw more per answer (--counterfactuals) or give more answers")
     if cfg.resolved_mode == "closed" and cfg.pooled_answers < 64 and n <= 16:
         return (f"; with {n} answers, more of the suspect's own help: --sampled-answers 64 --overlap idf "
-                "(about 13x the requests)")
+                f"(about {65 / (1 + cfg.pooled_answers):.0f}x the requests)")
     return ""
 
 
