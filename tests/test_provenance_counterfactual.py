@@ -334,7 +334,12 @@ def test_prefix_tokens_score_only_each_answers_opening(tiny_dir: Path) -> None:
     short = cf.likelihoods(f"hf:{tiny_dir}", samples, [["one two three"]])
     assert cf.likelihoods(f"hf:{tiny_dir}", samples, answers, prefix=n)[0][0] == pytest.approx(short[0][0], abs=1e-3)
     base = dict(source="ours.jsonl", tokenizer=f"hf:{tiny_dir}", test="counterfactual")
-    assert SuspectConfig(**base, suspect=f"hf:{tiny_dir}", prefix_tokens=64).prefix_tokens == 64
+    assert SuspectConfig(**base, suspect=f"hf:{tiny_dir}", prefix_tokens=32).scored_prefix == 32
+    # unless given: the first 64 tokens when the suspect reads our texts, every token otherwise
+    assert SuspectConfig(**base, suspect=f"hf:{tiny_dir}").scored_prefix == 64
+    assert SuspectConfig(**base, suspect=f"hf:{tiny_dir}", prefix_tokens=0).scored_prefix == 0
+    assert SuspectConfig(**base, suspect=f"hf:{tiny_dir}", reading="own").scored_prefix == 0
+    assert SuspectConfig(**base, suspect="http://127.0.0.1:9/v1").scored_prefix == 0
     with pytest.raises(ValueError, match="applies to the likelihood score"):
         SuspectConfig(**base, suspect="http://127.0.0.1:9/v1", prefix_tokens=64)
     with pytest.raises(ValueError, match="must be >= 0"):

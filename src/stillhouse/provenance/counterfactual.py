@@ -9,7 +9,8 @@ suspect scores all ``K + 1`` and our answer gets its rank (1 = the suspect's fav
 from the key id):
 
 - **likelihood** (open weights, ``--reading text``): ``log p_suspect(answer | prompt) - log p_reference(answer |
-  prompt)``, teacher-forced, the reference the watermarking teacher by default (it takes out how likely the teacher
+  prompt)``, teacher-forced, over each answer's first 64 tokens by default (``--prefix-tokens``: a student remembers
+  an answer's opening best), the reference the watermarking teacher by default (it takes out how likely the teacher
   itself found each draw; ``--reference none`` keeps the raw log-probability). Each model reads with its own
   tokenizer and chat template, so a suspect of another family can be tested;
 - **overlap** (the suspect's own answers: closed mode over HTTP, or ``--reading own``): the share of a candidate's

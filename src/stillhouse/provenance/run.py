@@ -223,13 +223,13 @@ class SuspectConfig(ScoringConfig):
     candidates that hold it, so the words every candidate shares (the prompt's own, the teacher's set phrases) count
     little and a candidate's own turns count most. On three 1% development students with 64 sampled answers: idf
     4.6e-4, 2.8e-5, 4.6e-4 against share 9.2e-4, 2.1e-4, 4.6e-4 (docs/results.md)."""
-    prefix_tokens: int = 0
+    prefix_tokens: int | None = None
     """--test counterfactual, reading text: score only each answer's first N tokens (each model's own tokens), 0 =
-    all. A student remembers an answer's opening best (training cuts long rows at its max length, and a repetition
-    loop late in an answer, which the reference likes, no longer outweighs it). In development on four students
-    whose figures had been read (64: 1% p 8.0e-3 -> 1e-6, 5% 3.5e-24 -> 1e-32); on four fresh students as strong
-    or stronger (5% 3.3e-31 -> 1e-32, the rest equal), but no fresh 1% student ranked an answer last, the case it
-    was chosen for, so 0 stays the default."""
+    all; None = 64 there. A student remembers an answer's opening best (training cuts long rows at its max length,
+    and a repetition loop late in an answer, which the reference likes, no longer outweighs it). Chosen at 64 on
+    four students whose figures had been read (a 1% student 8.0e-3 -> 1e-6, 5% 3.5e-24 -> 1e-32); on six fresh
+    students as strong or stronger (two 5%: 3.3e-31 -> 1e-32 and 1e-32; four 1%: 1e-6 under both), and clean9 on a
+    5% student's answers 0.88 against 0.37 (docs/results.md)."""
     cache: str = ""
     """--test counterfactual: a JSONL file that keeps the drawn answers (they depend on the teacher, the recipe and
     the secret, never on the suspect) and gives them back to the next run; empty = draw every time."""
@@ -281,7 +281,7 @@ class SuspectConfig(ScoringConfig):
                 raise ValueError("match_keys: the counterfactual test already reads each answer's own key; drop it")
             if self.reference not in ("", "none"):
                 parse_spec(self.reference)  # raises listing the accepted forms
-            if self.prefix_tokens < 0:
+            if self.prefix_tokens is not None and self.prefix_tokens < 0:
                 raise ValueError(f"prefix_tokens={self.prefix_tokens}: must be >= 0 (0 = every token)")
             if self.prefix_tokens and not self.reads_text:
                 raise ValueError(f"prefix_tokens={self.prefix_tokens}: applies to the likelihood score (the suspect "
@@ -338,6 +338,14 @@ class SuspectConfig(ScoringConfig):
         if self.sampled_answers is not None:
             return self.sampled_answers
         return 4 if self.test == "counterfactual" and self.resolved_mode == "closed" else 0
+
+    @property
+    def scored_prefix(self) -> int:
+        """The tokens of each answer the likelihood score reads (--prefix-tokens, resolved): 64 when the suspect
+        reads SOURCE's texts under --test counterfactual unless given, else 0 (every token)."""
+        if self.prefix_tokens is not None:
+            return self.prefix_tokens
+        return 64 if self.test == "counterfactual" and self.reads_text else 0
 
     @property
     def reads_text(self) -> bool:
@@ -709,12 +717,12 @@ def _counterfactual(cfg: SuspectConfig, samples: list[Sample], secret: bytes, pr
     if cfg.reads_text:
         reference = "" if cfg.reference == "none" else cfg.reference or cfg.tokenizer
         scores = cf.likelihoods(cfg.suspect, asked, candidates, cfg.batch_size, progress, "suspect",
-                                cfg.prefix_tokens)
+                                cfg.scored_prefix)
         if reference:
             base = cf.likelihoods(reference, asked, candidates, cfg.batch_size, progress, "reference",
-                                  cfg.prefix_tokens)
+                                  cfg.scored_prefix)
             scores = [[a - b for a, b in zip(x, y)] for x, y in zip(scores, base)]
-        extra.update(score="likelihood", reference=reference or "none", prefix_tokens=cfg.prefix_tokens)
+        extra.update(score="likelihood", reference=reference or "none", prefix_tokens=cfg.scored_prefix)
     else:
         answers = _suspect_answers(cfg, asked, progress)
         scores = cf.overlaps(_tokenizer(cfg.tokenizer), answers, candidates, idf=cfg.overlap == "idf")
