@@ -23,6 +23,11 @@ def test_config_errors() -> None:
         ProvenanceArenaConfig(gamma=1.0)
     with pytest.raises(ValueError, match="scheme=exp needs own_answers"):
         ProvenanceArenaConfig(scheme="exp", own_answers=False, match_keys=False, entropy=0.0)
+    with pytest.raises(ValueError, match="give --test counterfactual or drop --prefix-tokens"):
+        ProvenanceArenaConfig(prefix_tokens=64)  # the default test reads green lists, not likelihoods
+    with pytest.raises(ValueError, match="N >= 0"):
+        ProvenanceArenaConfig(test="counterfactual", prefix_tokens=-1)
+    assert ProvenanceArenaConfig(test="counterfactual", prefix_tokens=0).prefix_tokens == 0
 
 
 def test_provenance_stage_names_the_campaign(tmp_path: Path, smol_tokenizer: Any,

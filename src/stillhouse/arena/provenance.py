@@ -112,6 +112,9 @@ class ProvenanceArenaConfig:
     the campaign's group and the decoy groups are the hypotheses)."""
     counterfactuals: int = 9
     """With test=counterfactual: answers redrawn per logged answer."""
+    prefix_tokens: int | None = None
+    """With test=counterfactual: each answer's tokens the likelihood score reads (None = provenance model's default,
+    the first 64; 0 = every token)."""
     concurrency: int = 16
     """Requests in flight through the guard (the teacher batches them)."""
     threads: int = 1
@@ -132,6 +135,10 @@ class ProvenanceArenaConfig:
             raise ValueError(f"test={self.test!r}: use tuples or counterfactual")
         if self.test == "counterfactual" and self.counterfactuals < 1:
             raise ValueError(f"counterfactuals={self.counterfactuals}: must be >= 1")
+        if self.prefix_tokens is not None and (self.test != "counterfactual" or self.prefix_tokens < 0):
+            raise ValueError(f"prefix_tokens={self.prefix_tokens}: the counterfactual test's likelihood score reads "
+                             "each answer's first N tokens (N >= 0, 0 = every token); give --test counterfactual or "
+                             "drop --prefix-tokens")
         if self.match_keys and not self.own_answers:
             raise ValueError("match_keys needs own_answers: the matched test scores the student's answers to the "
                              "questions in the guard's log (for the reading test give --no-own-answers "
@@ -312,7 +319,7 @@ def _run(cfg: ProvenanceArenaConfig, out: Path, loaded: tuple[Any, Any, str] | N
                                                 entropy=cfg.entropy, delta=cfg.delta, scheme=cfg.scheme,
                                                 alpha=cfg.alpha, groups=groups, threads=cfg.threads,
                                                 test="counterfactual", counterfactuals=cfg.counterfactuals,
-                                                cache=str(out / "counterfactuals.jsonl")))
+                                                prefix_tokens=cfg.prefix_tokens, cache=str(out / "counterfactuals.jsonl")))
         named_accounts = report["named_accounts"]
         found = {"keys_in_log": report["answers"], "test": "counterfactual",
                  "named_hypotheses": report["named_hypotheses"], "hypotheses": report["hypotheses"],
