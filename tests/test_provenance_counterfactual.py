@@ -333,6 +333,11 @@ def test_prefix_tokens_score_only_each_answers_opening(tiny_dir: Path) -> None:
     n = len(tok("one two three", add_special_tokens=False)["input_ids"])
     short = cf.likelihoods(f"hf:{tiny_dir}", samples, [["one two three"]])
     assert cf.likelihoods(f"hf:{tiny_dir}", samples, answers, prefix=n)[0][0] == pytest.approx(short[0][0], abs=1e-3)
+    # reading only the first n tokens gives their log p read within the whole answer (a causal model)
+    whole = cf.readings(f"hf:{tiny_dir}", samples, answers)[0][0][1]
+    assert sum(cf.log_probs(whole)[:n]) == pytest.approx(
+        cf.likelihoods(f"hf:{tiny_dir}", samples, answers, prefix=n)[0][0], abs=1e-3)
+    assert len(cf.readings(f"hf:{tiny_dir}", samples, answers, prefix=n)[0][0][0]) == n
     base = dict(source="ours.jsonl", tokenizer=f"hf:{tiny_dir}", test="counterfactual")
     assert SuspectConfig(**base, suspect=f"hf:{tiny_dir}", prefix_tokens=32).scored_prefix == 32
     # unless given: the first 64 tokens when the suspect reads our texts, every token otherwise

@@ -217,10 +217,12 @@ def draw(teacher_spec: str, samples: Sequence[Sample], k: int, params: Sequence[
 
 
 def readings(spec: str, samples: Sequence[Sample], answers: Sequence[Sequence[str]], batch_size: int = 8,
-             progress: StepProgress | None = None, what: str = "suspect") -> list[list[tuple[list[int], AnswerView]]]:
+             progress: StepProgress | None = None, what: str = "suspect",
+             prefix: int = 0) -> list[list[tuple[list[int], AnswerView]]]:
     """Every answer of every sample read by the model ``spec`` (its own tokenizer and chat template) after the
     sample's prompt, teacher-forced: the answer's token ids and the model's :class:`AnswerView` of each; rows read
-    shortest first so a batch pads little."""
+    shortest first so a batch pads little. ``prefix`` > 0 reads only each answer's first ``prefix`` tokens (a causal
+    model's view of them is the same without the rest)."""
     from stillhouse.provenance.gate import answer_views
     from stillhouse.teacher.bundled import load_model
     from stillhouse.teacher.local import encode_chat
@@ -231,7 +233,8 @@ def readings(spec: str, samples: Sequence[Sample], answers: Sequence[Sequence[st
     for i, (s, alts) in enumerate(zip(samples, answers)):
         prompt = list(encode_chat(tok, s.prompt))
         for j, text in enumerate(alts):
-            rows.append((prompt, list(tok(text, add_special_tokens=False)["input_ids"])))
+            ids = list(tok(text, add_special_tokens=False)["input_ids"])
+            rows.append((prompt, ids[:prefix] if prefix > 0 else ids))
             where.append((i, j))
     order = sorted(range(len(rows)), key=lambda r: len(rows[r][0]) + len(rows[r][1]))
 
@@ -254,8 +257,8 @@ def likelihoods(spec: str, samples: Sequence[Sample], answers: Sequence[Sequence
                 progress: StepProgress | None = None, what: str = "suspect", prefix: int = 0) -> list[list[float]]:
     """``log p(answer | prompt)`` under the model ``spec`` for every answer of every sample (:func:`readings`).
     ``prefix`` > 0 sums only the answer's first ``prefix`` tokens (the model's own tokens)."""
-    return [[sum(log_probs(v)[:prefix] if prefix > 0 else log_probs(v)) for _, v in row]
-            for row in readings(spec, samples, answers, batch_size, progress, what)]
+    return [[sum(log_probs(v)) for _, v in row] for row in readings(spec, samples, answers, batch_size, progress, what,
+                                                                    prefix)]
 
 
 def grams(tok: Any, text: str, n: int = OVERLAP_N) -> set[tuple[int, ...]]:
