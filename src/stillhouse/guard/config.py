@@ -193,8 +193,8 @@ class GuardConfig:
     model``'s tuple tests need the log as source with ``--match-keys`` and the accounts as ``--group``s. Turn it on
     to prove what a student learned from a small share of answers: in docs/results.md a student whose data held 5%
     of an account's answers is named at p < 1e-5 and one with 1% at p < 1e-3 (every draw, open weights), where one
-    key per account reaches 1e-5 at 5% in two draws of five and misses 1%. The cost: a text is tested only with the guard's log and its own prompt
-    or answer text, so text that reached the world without either is not tested."""
+    key per account reaches 1e-5 at 5% in two draws of five and misses 1%. The cost: a text is tested only with the
+    guard's log and its own prompt or answer text, so text that reached the world without either is not tested."""
     watermark_rotate_s: float = 2_592_000.0
     """Keys rotate every this many seconds of the guard's clock (key id epoch = floor(t / this)); 0 = never."""
 

@@ -228,8 +228,9 @@ class SuspectConfig(ScoringConfig):
     all; None = 64 there. A student remembers an answer's opening best (training cuts long rows at its max length,
     and a repetition loop late in an answer, which the reference likes, no longer outweighs it). Chosen at 64 on
     four students whose figures had been read (a 1% student 8.0e-3 -> 1e-6, 5% 3.5e-24 -> 1e-32); on six fresh
-    students as strong or stronger (two 5%: 3.3e-31 -> 1e-32 and 1e-32; four 1%: 1e-6 under both), and clean9 on a
-    5% student's answers 0.88 against 0.37 (docs/results.md)."""
+    students as strong or stronger (two 5%: 3.3e-31 -> 1e-32 and 1e-32; four 1%: 1e-6 under both). As the default:
+    two fresh 1% students 1e-6 and 1e-6; seven clean models in 21 tests none below 1e-3, smallest 0.0061
+    (docs/results.md)."""
     cache: str = ""
     """--test counterfactual: a JSONL file that keeps the drawn answers (they depend on the teacher, the recipe and
     the secret, never on the suspect) and gives them back to the next run; empty = draw every time."""
