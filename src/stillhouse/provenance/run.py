@@ -229,7 +229,7 @@ class SuspectConfig(ScoringConfig):
     and a repetition loop late in an answer, which the reference likes, no longer outweighs it). Chosen at 64 on
     four students whose figures had been read (a 1% student 8.0e-3 -> 1e-6, 5% 3.5e-24 -> 1e-32); on six fresh
     students as strong or stronger (two 5%: 3.3e-31 -> 1e-32 and 1e-32; four 1%: 1e-6 under both). As the default:
-    two fresh 1% students 1e-6 and 1e-6; seven clean models in 21 tests none below 1e-3, smallest 0.0061
+    two fresh 1% students 1e-6 and 1e-6; eight clean models in 25 tests none below 1e-3, smallest 0.0061
     (docs/results.md)."""
     cache: str = ""
     """--test counterfactual: a JSONL file that keeps the drawn answers (they depend on the teacher, the recipe and
