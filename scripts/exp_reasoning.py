@@ -29,7 +29,8 @@ half) and ``gkd-more`` (GKD on the second half's prompts, one pass; the recipe o
 reports: SFT first, then on-policy), ``sft-full`` and ``gkd-full`` (the same two ways with a student of the
 teacher's size: the bundled model itself, on the greedy answers, or on-policy on their prompts, one pass),
 ``sft-low`` and ``gkd-low`` (the same pair for a low teacher budget, run with ``--train 100``; ``sft-low-fast``,
-``gkd-low-fast`` and ``gkd-low-rkl`` are the grid their lr and loss were chosen from on a development draw),
+``gkd-low-fast`` and ``gkd-low-rkl`` are the grid their lr and loss were chosen from on a development draw;
+``gkd-low-rkl5``, ``gkd-low-cool`` and ``gkd-low-mid`` a second grid, one change each from ``gkd-low``),
 ``gemma-star`` (Gemma 3 270M, another family,
 SFT on the verified rationales' text), ``gemma-sft`` (Gemma 3 270M on the teacher's greedy answers, right or wrong:
 plain sequence-level distillation across families); ``gemma-base`` is Gemma 3 270M untrained, scored as it is.
@@ -85,6 +86,11 @@ STUDENTS: dict[str, dict[str, Any]] = {  # TrainConfig fields; data: verified | 
     "gkd-low": {**FULL, "loss": "gkd", "lmbda": 1.0, "epochs": 1, "lr": 5e-5},
     "gkd-low-fast": {**FULL, "loss": "gkd", "lmbda": 1.0, "epochs": 1, "lr": 2e-4},
     "gkd-low-rkl": {**FULL, "loss": "gkd", "lmbda": 1.0, "beta": 1.0, "epochs": 1, "lr": 2e-4},
+    # a second grid (2026-12-07), each one change from gkd-low: reverse KL at its lr, cooler samples (nearer the
+    # greedy path the students are read on), a middle lr
+    "gkd-low-rkl5": {**FULL, "loss": "gkd", "lmbda": 1.0, "beta": 1.0, "epochs": 1, "lr": 5e-5},
+    "gkd-low-cool": {**FULL, "loss": "gkd", "lmbda": 1.0, "epochs": 1, "lr": 5e-5, "gen_temperature": 0.5},
+    "gkd-low-mid": {**FULL, "loss": "gkd", "lmbda": 1.0, "epochs": 1, "lr": 1e-4},
     "star-self": {"data": "verified", "loss": "sft", "student": "self", "epochs": 2, "lr": 5e-5, "system_prompt": ""},
     "gemma-star": {"data": "verified", "loss": "sft", "student": "model:bundled:gemma3-270m", "epochs": 2, "lr": 1e-4,
                    "freeze_embeddings": True, "schedule": "cosine", "system_prompt": None, "select_on": ""},
@@ -97,14 +103,16 @@ UNTRAINED: dict[str, tuple[str, str | None]] = {"gemma-base": ("bundled:gemma3-2
 template's own): the other family's starting point, so a Gemma student's gain is its own (``gemma-base``), and
 the bundled model that ``sft-full`` and ``gkd-full`` start from (``smol-start``)."""
 COST = {"gemma-star": 6.0, "gemma-sft": 7.0, "gkd": 3.0, "gkd-bb": 3.5, "star-self": 4.0, "sft-full": 3.0,
-        "gkd-full": 6.0, "gkd-low": 1.5, "gkd-low-fast": 1.5, "gkd-low-rkl": 1.5}
+        "gkd-full": 6.0, "gkd-low": 1.5, "gkd-low-fast": 1.5, "gkd-low-rkl": 1.5,
+        "gkd-low-rkl5": 1.5, "gkd-low-cool": 1.5, "gkd-low-mid": 1.5}
 """A job's relative cost (1 when not listed): the scheduler starts the costliest first."""
 HALVES = ("greedy-first", "greedy-second")
 """The teacher's greedy answers split in two (first and second half of the training problems)."""
 COMMON = {"shuffle": False, "batch_size": 8, "warmup_steps": 4, "select_batch_size": 64}
 PAIRS = (("gkd-more", "sft-more"), ("gkd-more", "sft-first"), ("sft-more", "sft-first"),
          ("gkd-full", "sft-full"), ("gkd-full", "smol-start"), ("sft-full", "smol-start"),
-         *((g, s) for g in ("gkd-low", "gkd-low-fast", "gkd-low-rkl") for s in ("sft-low", "sft-low-fast")))
+         *((g, s) for g in ("gkd-low", "gkd-low-fast", "gkd-low-rkl", "gkd-low-rkl5", "gkd-low-cool", "gkd-low-mid")
+               for s in ("sft-low", "sft-low-fast")))
 """Students compared item by item in the report (a ÷ b over the same held-out problems, paired bootstrap)."""
 GSM8K_STUDENTS = ("star",)
 """Students also read on the GSM8K items (besides the teacher)."""
