@@ -408,22 +408,32 @@ def _held_out_correct(out: Path, name: str) -> dict[str, bool] | None:
     return {r["id"]: bool(r[name]["correct"]) for r in map(json.loads, path.read_text().splitlines())}
 
 
-def paired_lines(out: Path, n_boot: int = 4000) -> list[str]:
-    """The PAIRS whose two evals exist: a's and b's correct counts and a ÷ b [95% paired bootstrap]."""
+def paired_lines(outs: Path | list[Path], n_boot: int = 4000) -> list[str]:
+    """The PAIRS whose two evals exist in every one of ``outs``: a's and b's correct counts and a ÷ b [95% paired
+    bootstrap], the draws' held-out problems concatenated (each draw matched by id within itself)."""
     from stillhouse.distill.metrics import ceiling_ratio
 
+    outs = [outs] if isinstance(outs, Path) else outs
     lines = []
     for x, y in PAIRS:
-        dx, dy = _held_out_correct(out, x), _held_out_correct(out, y)
-        if dx is None or dy is None:
-            continue
-        if set(dx) != set(dy):
-            raise SystemExit(f"{x} and {y} were scored on different held-out problems: rerun their evals")
-        cx, cy = [dx[i] for i in sorted(dx)], [dy[i] for i in sorted(dx)]
-        r = ceiling_ratio(cx, cy, n_boot=n_boot, seed=0)
-        lines.append(f"| {x} ÷ {y} | {sum(cx)}/{len(cx)} vs {sum(cy)}/{len(cy)} | "
-                     f"{_est({'value': r.value, 'lo': r.lo, 'hi': r.hi}, 2)} |")
-    return ["", f"Paired over the same held-out problems ({n_boot:,} bootstrap draws):", "",
+        cx: list[bool] = []
+        cy: list[bool] = []
+        for out in outs:
+            dx, dy = _held_out_correct(out, x), _held_out_correct(out, y)
+            if dx is None or dy is None:
+                break
+            if set(dx) != set(dy):
+                raise SystemExit(f"{x} and {y} were scored on different held-out problems in {out}: "
+                                 "rerun their evals")
+            cx += [dx[i] for i in sorted(dx)]
+            cy += [dy[i] for i in sorted(dx)]
+        else:
+            r = ceiling_ratio(cx, cy, n_boot=n_boot, seed=0)
+            lines.append(f"| {x} ÷ {y} | {sum(cx)}/{len(cx)} vs {sum(cy)}/{len(cy)} | "
+                         f"{_est({'value': r.value, 'lo': r.lo, 'hi': r.hi}, 2)} |")
+    over = "the same held-out problems" + (f", {len(outs)} draws pooled ({', '.join(map(str, outs))})"
+                                           if len(outs) > 1 else "")
+    return ["", f"Paired over {over} ({n_boot:,} bootstrap draws):", "",
             "| comparison | correct | ratio [95% CI] |", "|---|---|---|", *lines] if lines else []
 
 
@@ -503,7 +513,7 @@ def stage_report(a: argparse.Namespace, out: Path) -> None:
     t = teacher["accuracy"]
     lines.insert(2, f"| teacher (greedy) | - | - | {round(t['value'] * t['n'])}/{t['n']} | {_est(t)} | 1 | "
                     f"{strict_teacher or '-'} | - |")
-    lines += paired_lines(out)
+    lines += paired_lines(out) + (paired_lines([out, *a.pool]) if a.pool else [])
     if gsm is not None:
         g = gsm["accuracy"]
         lines += ["", "GSM8K test (first items, the same answer parser):", "",
@@ -576,6 +586,9 @@ def main(argv: list[str] | None = None) -> int:
                    "held-out problems (the teacher is scored on the same N); 0 = all")
     p.add_argument("--probe-sampled", action="store_true", help="the probe also samples (2 per problem)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pool", type=Path, nargs="*", default=[], metavar="DIR",
+                   help="the report's paired rows also pool these draws' held-out problems (other --out directories "
+                        "of the same students)")
     p.add_argument("--port", type=int, default=8765, help="loopback port of the black-box teacher (gkd-bb)")
     p.add_argument("--jobs", type=int, default=2, help="training jobs side by side")
     p.add_argument("--threads", type=int, default=1, help="CPU threads of each job")

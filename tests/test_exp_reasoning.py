@@ -127,8 +127,8 @@ def test_paired_comparisons_match_items_by_id(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
 
-    def write(name, correct, ids):
-        d = tmp_path / "evals" / f"{name}-heldout"
+    def write(name, correct, ids, out=tmp_path):
+        d = out / "evals" / f"{name}-heldout"
         d.mkdir(parents=True, exist_ok=True)
         (d / "samples.jsonl").write_text("".join(json.dumps({"id": i, name: {"correct": c}}) + "\n"
                                                  for i, c in zip(ids, correct)))
@@ -144,6 +144,13 @@ def test_paired_comparisons_match_items_by_id(tmp_path):
     want = ceiling_ratio([int(i[1:]) % 2 == 0 for i in order], [int(i[1:]) % 4 == 0 for i in order], n_boot=200)
     assert "20/40 vs 10/40" in row and f"| 2.00 [{want.lo:.2f}, {want.hi:.2f}] |" in row
     assert not any("smol-start" in x for x in lines)  # no eval, no row
+    other = tmp_path / "draw2"  # a second draw pooled: its problems follow the first's, matched by id within it
+    write("gkd-full", [True] * 5 + [False] * 5, ids[:10], other)
+    write("sft-full", [False] * 5 + [True] * 5, ids[:10], other)
+    pooled = next(x for x in mod.paired_lines([tmp_path, other], n_boot=200) if x.startswith("| gkd-full ÷ sft-full"))
+    want = ceiling_ratio([int(i[1:]) % 2 == 0 for i in order] + [int(i[1:]) < 5 for i in sorted(ids[:10])],
+                         [int(i[1:]) % 4 == 0 for i in order] + [int(i[1:]) >= 5 for i in sorted(ids[:10])], n_boot=200)
+    assert "25/50 vs 15/50" in pooled and f"| {want.value:.2f} [{want.lo:.2f}, {want.hi:.2f}] |" in pooled
     write("sft-full", [True] * 39, ids[:39])
     with pytest.raises(SystemExit, match="different held-out problems"):
         mod.paired_lines(tmp_path, n_boot=200)
