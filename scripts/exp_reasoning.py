@@ -31,6 +31,8 @@ teacher's size: the bundled model itself, on the greedy answers, or on-policy on
 ``sft-low`` and ``gkd-low`` (the same pair for a low teacher budget, run with ``--train 100``; ``sft-low-fast``,
 ``gkd-low-fast`` and ``gkd-low-rkl`` are the grid their lr and loss were chosen from on a development draw;
 ``gkd-low-rkl5``, ``gkd-low-cool`` and ``gkd-low-mid`` a second grid, one change each from ``gkd-low``),
+``sft-first-full``, ``sft-more-full`` and ``gkd-more-full`` (SFT first, then SFT or GKD, with the student of the
+teacher's size; run with ``--train 100``),
 ``gemma-star`` (Gemma 3 270M, another family,
 SFT on the verified rationales' text), ``gemma-sft`` (Gemma 3 270M on the teacher's greedy answers, right or wrong:
 plain sequence-level distillation across families); ``gemma-base`` is Gemma 3 270M untrained, scored as it is.
@@ -91,6 +93,13 @@ STUDENTS: dict[str, dict[str, Any]] = {  # TrainConfig fields; data: verified | 
     "gkd-low-rkl5": {**FULL, "loss": "gkd", "lmbda": 1.0, "beta": 1.0, "epochs": 1, "lr": 5e-5},
     "gkd-low-cool": {**FULL, "loss": "gkd", "lmbda": 1.0, "epochs": 1, "lr": 5e-5, "gen_temperature": 0.5},
     "gkd-low-mid": {**FULL, "loss": "gkd", "lmbda": 1.0, "epochs": 1, "lr": 1e-4},
+    # SFT first, then on-policy, with the student of the teacher's size (run with --train 100: 50 + 50 prompts):
+    # sft-low's settings on the first half, then sft-low's or gkd-low's on the second
+    "sft-first-full": {**FULL, "data": "greedy-first", "loss": "sft", "epochs": 3, "lr": 5e-5},
+    "sft-more-full": {**FULL, "after": "sft-first-full", "data": "greedy-second", "loss": "sft", "epochs": 3,
+                      "lr": 5e-5},
+    "gkd-more-full": {**FULL, "after": "sft-first-full", "data": "greedy-second", "loss": "gkd", "lmbda": 1.0,
+                      "epochs": 1, "lr": 5e-5},
     "star-self": {"data": "verified", "loss": "sft", "student": "self", "epochs": 2, "lr": 5e-5, "system_prompt": ""},
     "gemma-star": {"data": "verified", "loss": "sft", "student": "model:bundled:gemma3-270m", "epochs": 2, "lr": 1e-4,
                    "freeze_embeddings": True, "schedule": "cosine", "system_prompt": None, "select_on": ""},
@@ -110,6 +119,8 @@ HALVES = ("greedy-first", "greedy-second")
 """The teacher's greedy answers split in two (first and second half of the training problems)."""
 COMMON = {"shuffle": False, "batch_size": 8, "warmup_steps": 4, "select_batch_size": 64}
 PAIRS = (("gkd-more", "sft-more"), ("gkd-more", "sft-first"), ("sft-more", "sft-first"),
+         ("gkd-more-full", "sft-more-full"), ("gkd-more-full", "sft-first-full"),
+         ("sft-more-full", "sft-first-full"),
          ("gkd-full", "sft-full"), ("gkd-full", "smol-start"), ("sft-full", "smol-start"),
          *((g, s) for g in ("gkd-low", "gkd-low-fast", "gkd-low-rkl", "gkd-low-rkl5", "gkd-low-cool", "gkd-low-mid")
                for s in ("sft-low", "sft-low-fast")))
