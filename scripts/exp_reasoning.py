@@ -64,6 +64,9 @@ SMALL_STUDENT = "layers:0,1,2,3,14,15,26,27,28,29"
 SMALL = {"freeze_embeddings": True, "schedule": "cosine", "system_prompt": ""}
 FULL = {"data": "greedy-all", "student": "model:bundled", "system_prompt": ""}
 """A student of the teacher's size from the bundled model, on the teacher's greedy answers (or their prompts)."""
+SFT_LOW = {**FULL, "loss": "sft", "epochs": 3, "lr": 5e-5}
+GKD_LOW = {**FULL, "loss": "gkd", "lmbda": 1.0, "epochs": 1, "lr": 5e-5}
+"""The low-budget pair (``sft-low``, ``gkd-low``); their variants below are one or two changes from these."""
 STUDENTS: dict[str, dict[str, Any]] = {  # TrainConfig fields; data: verified | greedy
     "star": {**SMALL, "data": "verified", "loss": "sft", "epochs": 3, "lr": 3e-4},
     "sft-greedy": {**SMALL, "data": "greedy-all", "loss": "sft", "epochs": 3, "lr": 3e-4},
@@ -83,23 +86,21 @@ STUDENTS: dict[str, dict[str, Any]] = {  # TrainConfig fields; data: verified | 
     # the same two at a low teacher budget (run with --train 100): the pair sits below the teacher's ceiling, where
     # a method's gain per teacher token can show; the variants are the grid the lr and loss are chosen from on a
     # development draw
-    "sft-low": {**FULL, "loss": "sft", "epochs": 3, "lr": 5e-5},
-    "sft-low-fast": {**FULL, "loss": "sft", "epochs": 3, "lr": 2e-4},
-    "gkd-low": {**FULL, "loss": "gkd", "lmbda": 1.0, "epochs": 1, "lr": 5e-5},
-    "gkd-low-fast": {**FULL, "loss": "gkd", "lmbda": 1.0, "epochs": 1, "lr": 2e-4},
-    "gkd-low-rkl": {**FULL, "loss": "gkd", "lmbda": 1.0, "beta": 1.0, "epochs": 1, "lr": 2e-4},
+    "sft-low": SFT_LOW,
+    "sft-low-fast": {**SFT_LOW, "lr": 2e-4},
+    "gkd-low": GKD_LOW,
+    "gkd-low-fast": {**GKD_LOW, "lr": 2e-4},
+    "gkd-low-rkl": {**GKD_LOW, "beta": 1.0, "lr": 2e-4},
     # a second grid (2026-12-07), each one change from gkd-low: reverse KL at its lr, cooler samples (nearer the
     # greedy path the students are read on), a middle lr
-    "gkd-low-rkl5": {**FULL, "loss": "gkd", "lmbda": 1.0, "beta": 1.0, "epochs": 1, "lr": 5e-5},
-    "gkd-low-cool": {**FULL, "loss": "gkd", "lmbda": 1.0, "epochs": 1, "lr": 5e-5, "gen_temperature": 0.5},
-    "gkd-low-mid": {**FULL, "loss": "gkd", "lmbda": 1.0, "epochs": 1, "lr": 1e-4},
+    "gkd-low-rkl5": {**GKD_LOW, "beta": 1.0},
+    "gkd-low-cool": {**GKD_LOW, "gen_temperature": 0.5},
+    "gkd-low-mid": {**GKD_LOW, "lr": 1e-4},
     # SFT first, then on-policy, with the student of the teacher's size (run with --train 100: 50 + 50 prompts):
     # sft-low's settings on the first half, then sft-low's or gkd-low's on the second
-    "sft-first-full": {**FULL, "data": "greedy-first", "loss": "sft", "epochs": 3, "lr": 5e-5},
-    "sft-more-full": {**FULL, "after": "sft-first-full", "data": "greedy-second", "loss": "sft", "epochs": 3,
-                      "lr": 5e-5},
-    "gkd-more-full": {**FULL, "after": "sft-first-full", "data": "greedy-second", "loss": "gkd", "lmbda": 1.0,
-                      "epochs": 1, "lr": 5e-5},
+    "sft-first-full": {**SFT_LOW, "data": "greedy-first"},
+    "sft-more-full": {**SFT_LOW, "after": "sft-first-full", "data": "greedy-second"},
+    "gkd-more-full": {**GKD_LOW, "after": "sft-first-full", "data": "greedy-second"},
     "star-self": {"data": "verified", "loss": "sft", "student": "self", "epochs": 2, "lr": 5e-5, "system_prompt": ""},
     "gemma-star": {"data": "verified", "loss": "sft", "student": "model:bundled:gemma3-270m", "epochs": 2, "lr": 1e-4,
                    "freeze_embeddings": True, "schedule": "cosine", "system_prompt": None, "select_on": ""},
@@ -112,8 +113,7 @@ UNTRAINED: dict[str, tuple[str, str | None]] = {"gemma-base": ("bundled:gemma3-2
 template's own): the other family's starting point, so a Gemma student's gain is its own (``gemma-base``), and
 the bundled model that ``sft-full`` and ``gkd-full`` start from (``smol-start``)."""
 COST = {"gemma-star": 6.0, "gemma-sft": 7.0, "gkd": 3.0, "gkd-bb": 3.5, "star-self": 4.0, "sft-full": 3.0,
-        "gkd-full": 6.0, "gkd-low": 1.5, "gkd-low-fast": 1.5, "gkd-low-rkl": 1.5,
-        "gkd-low-rkl5": 1.5, "gkd-low-cool": 1.5, "gkd-low-mid": 1.5}
+        "gkd-full": 6.0, **{name: 1.5 for name in STUDENTS if name.startswith("gkd-low")}}
 """A job's relative cost (1 when not listed): the scheduler starts the costliest first."""
 HALVES = ("greedy-first", "greedy-second")
 """The teacher's greedy answers split in two (first and second half of the training problems)."""
@@ -122,8 +122,7 @@ PAIRS = (("gkd-more", "sft-more"), ("gkd-more", "sft-first"), ("sft-more", "sft-
          ("gkd-more-full", "sft-more-full"), ("gkd-more-full", "sft-first-full"),
          ("sft-more-full", "sft-first-full"),
          ("gkd-full", "sft-full"), ("gkd-full", "smol-start"), ("sft-full", "smol-start"),
-         *((g, s) for g in ("gkd-low", "gkd-low-fast", "gkd-low-rkl", "gkd-low-rkl5", "gkd-low-cool", "gkd-low-mid")
-               for s in ("sft-low", "sft-low-fast")))
+         *((g, s) for g in STUDENTS if g.startswith("gkd-low") for s in ("sft-low", "sft-low-fast")))
 """Students compared item by item in the report (a ÷ b over the same held-out problems, paired bootstrap)."""
 GSM8K_STUDENTS = ("star",)
 """Students also read on the GSM8K items (besides the teacher)."""
@@ -419,12 +418,11 @@ def _held_out_correct(out: Path, name: str) -> dict[str, bool] | None:
     return {r["id"]: bool(r[name]["correct"]) for r in map(json.loads, path.read_text().splitlines())}
 
 
-def paired_lines(outs: Path | list[Path], n_boot: int = 4000) -> list[str]:
+def paired_lines(outs: list[Path], n_boot: int = 4000) -> list[str]:
     """The PAIRS whose two evals exist in every one of ``outs``: a's and b's correct counts and a ÷ b [95% paired
     bootstrap], the draws' held-out problems concatenated (each draw matched by id within itself)."""
     from stillhouse.distill.metrics import ceiling_ratio
 
-    outs = [outs] if isinstance(outs, Path) else outs
     lines = []
     for x, y in PAIRS:
         cx: list[bool] = []
@@ -524,7 +522,7 @@ def stage_report(a: argparse.Namespace, out: Path) -> None:
     t = teacher["accuracy"]
     lines.insert(2, f"| teacher (greedy) | - | - | {round(t['value'] * t['n'])}/{t['n']} | {_est(t)} | 1 | "
                     f"{strict_teacher or '-'} | - |")
-    lines += paired_lines(out) + (paired_lines([out, *a.pool]) if a.pool else [])
+    lines += paired_lines([out]) + (paired_lines([out, *a.pool]) if a.pool else [])
     if gsm is not None:
         g = gsm["accuracy"]
         lines += ["", "GSM8K test (first items, the same answer parser):", "",

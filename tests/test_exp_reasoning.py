@@ -136,7 +136,7 @@ def test_paired_comparisons_match_items_by_id(tmp_path):
     ids = [f"p{i}" for i in range(40)]
     write("gkd-full", [i % 2 == 0 for i in range(40)], ids)  # 20 right
     write("sft-full", [i % 4 == 0 for i in range(40)][::-1], ids[::-1])  # 10 right, lines in reverse order
-    lines = mod.paired_lines(tmp_path, n_boot=200)
+    lines = mod.paired_lines([tmp_path], n_boot=200)
     row = next(x for x in lines if x.startswith("| gkd-full ÷ sft-full"))
     from stillhouse.distill.metrics import ceiling_ratio
 
@@ -153,7 +153,7 @@ def test_paired_comparisons_match_items_by_id(tmp_path):
     assert "25/50 vs 15/50" in pooled and f"| {want.value:.2f} [{want.lo:.2f}, {want.hi:.2f}] |" in pooled
     write("sft-full", [True] * 39, ids[:39])
     with pytest.raises(SystemExit, match="different held-out problems"):
-        mod.paired_lines(tmp_path, n_boot=200)
+        mod.paired_lines([tmp_path], n_boot=200)
 
 
 def test_samples_0_keeps_the_greedy_answers_only(tmp_path, smol_tokenizer):
