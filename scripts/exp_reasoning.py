@@ -30,7 +30,8 @@ reports: SFT first, then on-policy), ``sft-full`` and ``gkd-full`` (the same two
 teacher's size: the bundled model itself, on the greedy answers, or on-policy on their prompts, one pass),
 ``sft-low`` and ``gkd-low`` (the same pair for a low teacher budget, run with ``--train 100``; ``sft-low-fast``,
 ``gkd-low-fast`` and ``gkd-low-rkl`` are the grid their lr and loss were chosen from on a development draw;
-``gkd-low-rkl5``, ``gkd-low-cool`` and ``gkd-low-mid`` a second grid, one change each from ``gkd-low``),
+``gkd-low-rkl5``, ``gkd-low-cool`` and ``gkd-low-mid`` a second grid, one change each from ``gkd-low``;
+``gkd-low-sharp`` and ``gkd-low-sharp25`` a third, the teacher's target sharpened to temperature 0.5 and 0.25),
 ``sft-first-full``, ``sft-more-full`` and ``gkd-more-full`` (SFT first, then SFT or GKD, with the student of the
 teacher's size; run with ``--train 100``),
 ``gemma-star`` (Gemma 3 270M, another family,
@@ -96,6 +97,9 @@ STUDENTS: dict[str, dict[str, Any]] = {  # TrainConfig fields; data: verified | 
     "gkd-low-rkl5": {**GKD_LOW, "beta": 1.0},
     "gkd-low-cool": {**GKD_LOW, "gen_temperature": 0.5},
     "gkd-low-mid": {**GKD_LOW, "lr": 1e-4},
+    # a third (2026-12-08): the teacher's target sharpened toward its greedy token, as SFT learns its greedy answers
+    "gkd-low-sharp": {**GKD_LOW, "teacher_temperature": 0.5},
+    "gkd-low-sharp25": {**GKD_LOW, "teacher_temperature": 0.25},
     # SFT first, then on-policy, with the student of the teacher's size (run with --train 100: 50 + 50 prompts):
     # sft-low's settings on the first half, then sft-low's or gkd-low's on the second
     "sft-first-full": {**SFT_LOW, "data": "greedy-first"},

@@ -112,9 +112,35 @@ def test_gkd_config_errors(tmp_path):
     for bad, field in [({"lmbda": 1.5}, "lmbda"), ({"gen_temperature": 0.0}, "gen_temperature"),
                        ({"score_top_k": 21}, "score_top_k"), ({"max_new_tokens": 0}, "max_new_tokens"),
                        ({"loss": "sft", "score_teacher": "http://127.0.0.1:1/v1"}, "score_teacher"),
-                       ({"score_teacher": "ftp://x"}, "score_teacher")]:
+                       ({"score_teacher": "ftp://x"}, "score_teacher"),
+                       ({"teacher_temperature": 0.0}, "teacher_temperature"),
+                       ({"loss": "sft", "teacher_temperature": 0.5}, "teacher_temperature"),
+                       ({"loss": "topk", "teacher_temperature": 0.5}, "teacher_temperature"),
+                       ({"score_teacher": "http://127.0.0.1:1/v1", "teacher_temperature": 0.5},
+                        "teacher_temperature")]:
         with pytest.raises(TrainConfigError, match=field):
             TrainConfig(data="d", out="o", **{"loss": "gkd", **bad})
+
+
+@pytest.mark.parametrize("loss", ["gkd", "fkl", "jsd"])
+def test_teacher_temperature_sharpens_the_target_toward_the_teachers_greedy_token(loss):
+    from stillhouse.distill import losses as L
+    from stillhouse.distill.train import compute_losses
+
+    g = torch.Generator().manual_seed(3)
+    labels = torch.tensor([[L.IGNORE_INDEX, L.IGNORE_INDEX, 4, 1, 6, 2]])
+    n, v = 4, 9  # 4 labelled tokens (positions 1-4 predict them), vocabulary of 9
+    s, t = torch.randn(1, n, v, generator=g) * 2, torch.randn(1, n, v, generator=g) * 2
+    mask = torch.ones(1, n, dtype=torch.bool)
+    cfg = TrainConfig(data="d", out="o", loss=loss, lmbda=1.0, beta=0.5, teacher_temperature=0.5)
+    got, _ = compute_losses(cfg, s, {"labels": labels}, t)
+    reference = L.forward_kl if loss == "fkl" else lambda a, b, m: L.generalized_jsd(a, b, m, 0.5)
+    assert got.item() == pytest.approx(reference(s, t / 0.5, mask).item(), rel=1e-6)
+    assert got.item() != pytest.approx(reference(s, t, mask).item(), rel=1e-3)  # it is not the teacher as it is
+    # nearly cold: forward KL to the sharpened teacher is cross-entropy on the teacher's argmax (SFT on greedy)
+    cold = TrainConfig(data="d", out="o", loss="fkl", teacher_temperature=1e-3)
+    greedy_ce = L.sft_loss(s, t.argmax(-1))
+    assert compute_losses(cold, s, {"labels": labels}, t)[0].item() == pytest.approx(greedy_ce.item(), rel=1e-4)
 
 
 def _bench_cfg(tok, tmp_path, **kw):

@@ -89,6 +89,10 @@ class TrainConfig:
     """Generalized-JSD beta (0 = forward KL, 1 = reverse KL)."""
     temperature: float = 1.0
     """KD softening temperature (dense losses; topk softens the student only)."""
+    teacher_temperature: float = 1.0
+    """The live teacher's own temperature (fkl, rkl, jsd, white-box gkd): the target is
+    softmax(teacher_logits / teacher_temperature), on top of ``temperature``. Below 1 sharpens it toward the
+    teacher's greedy choice (the token-level counterpart of SFT on greedy answers); 1 = the teacher as it is."""
     lmbda: float = 0.5
     """gkd: probability that a step trains on the student's own samples instead of the data's completions
     (TRL GKDTrainer's lmbda)."""
@@ -212,6 +216,12 @@ class TrainConfig:
             raise TrainConfigError(f"beta={self.beta}: must be in [0, 1]")
         if not (self.temperature > 0):
             raise TrainConfigError(f"temperature={self.temperature}: must be positive")
+        if not (self.teacher_temperature > 0):
+            raise TrainConfigError(f"teacher_temperature={self.teacher_temperature}: must be positive (1 = as it is)")
+        if self.teacher_temperature != 1.0 and (self.loss in ("sft", "topk") or self.score_teacher):
+            raise TrainConfigError(f"teacher_temperature={self.teacher_temperature} needs the live teacher's logits "
+                                   "(loss fkl, rkl, jsd or white-box gkd); leave it at 1 for sft, topk and "
+                                   "score_teacher")
         if self.reasoning not in ("keep", "drop"):
             raise TrainConfigError(f"reasoning={self.reasoning!r}: use keep or drop")
         if self.attention not in ("auto", "sdpa", "eager"):
@@ -481,6 +491,8 @@ def compute_losses(cfg: TrainConfig, logits: Any, batch: dict[str, Any],
     ce = L.sft_loss(logits.detach() if pure_kd else logits, targets)
     if cfg.loss == "sft":
         return ce, {"ce": ce.item(), "kd": float("nan")}
+    if teacher_logits is not None and cfg.teacher_temperature != 1.0:
+        teacher_logits = teacher_logits / cfg.teacher_temperature
     if cfg.loss == "gkd":
         from stillhouse.distill.onpolicy import gkd_loss
 

@@ -23,7 +23,8 @@ _HELP = """Train a student on teacher data and export it as an HF directory (OUT
 
 Losses: sft = cross-entropy on the teacher's text (sequence-level KD, assistant tokens only);
 fkl / rkl / jsd = dense logit KD against the live local teacher (forward KL, reverse KL,
-generalized JSD with --beta), softened by --temperature; topk = KD from the harvested top-k
+generalized JSD with --beta), softened by --temperature (the teacher alone sharpened toward its
+greedy token by --teacher-temperature below 1); topk = KD from the harvested top-k
 logprobs with a tail bucket (API teachers). KD losses mix in CE with --alpha
 (loss = alpha*CE + (1-alpha)*KD); both terms are logged in OUT/metrics.jsonl.
 
