@@ -31,7 +31,8 @@ teacher's size: the bundled model itself, on the greedy answers, or on-policy on
 ``sft-low`` and ``gkd-low`` (the same pair for a low teacher budget, run with ``--train 100``; ``sft-low-fast``,
 ``gkd-low-fast`` and ``gkd-low-rkl`` are the grid their lr and loss were chosen from on a development draw;
 ``gkd-low-rkl5``, ``gkd-low-cool`` and ``gkd-low-mid`` a second grid, one change each from ``gkd-low``;
-``gkd-low-sharp`` and ``gkd-low-sharp25`` a third, the teacher's target sharpened to temperature 0.5 and 0.25),
+``gkd-low-sharp`` and ``gkd-low-sharp25`` a third, the teacher's target sharpened to temperature 0.5 and 0.25;
+``kd-low-sharp25`` its off-policy ablation: the same loss on the teacher's greedy answers, sft-low's passes),
 ``sft-first-full``, ``sft-more-full`` and ``gkd-more-full`` (SFT first, then SFT or GKD, with the student of the
 teacher's size; run with ``--train 100``),
 ``gemma-star`` (Gemma 3 270M, another family,
@@ -100,6 +101,9 @@ STUDENTS: dict[str, dict[str, Any]] = {  # TrainConfig fields; data: verified | 
     # a third (2026-12-08): the teacher's target sharpened toward its greedy token, as SFT learns its greedy answers
     "gkd-low-sharp": {**GKD_LOW, "teacher_temperature": 0.5},
     "gkd-low-sharp25": {**GKD_LOW, "teacher_temperature": 0.25},
+    # its off-policy ablation: sft-low's data and passes, the loss gkd-low-sharp25's (lmbda 0: the teacher's greedy
+    # answers, never the student's samples)
+    "kd-low-sharp25": {**SFT_LOW, "loss": "gkd", "lmbda": 0.0, "teacher_temperature": 0.25},
     # SFT first, then on-policy, with the student of the teacher's size (run with --train 100: 50 + 50 prompts):
     # sft-low's settings on the first half, then sft-low's or gkd-low's on the second
     "sft-first-full": {**SFT_LOW, "data": "greedy-first"},
@@ -126,7 +130,8 @@ PAIRS = (("gkd-more", "sft-more"), ("gkd-more", "sft-first"), ("sft-more", "sft-
          ("gkd-more-full", "sft-more-full"), ("gkd-more-full", "sft-first-full"),
          ("sft-more-full", "sft-first-full"),
          ("gkd-full", "sft-full"), ("gkd-full", "smol-start"), ("sft-full", "smol-start"),
-         *((g, s) for g in STUDENTS if g.startswith("gkd-low") for s in ("sft-low", "sft-low-fast")))
+         *((g, s) for g in STUDENTS if g.startswith("gkd-low") for s in ("sft-low", "sft-low-fast")),
+         ("kd-low-sharp25", "sft-low"), ("gkd-low-sharp25", "kd-low-sharp25"))
 """Students compared item by item in the report (a ÷ b over the same held-out problems, paired bootstrap)."""
 GSM8K_STUDENTS = ("star",)
 """Students also read on the GSM8K items (besides the teacher)."""
@@ -500,7 +505,10 @@ def stage_report(a: argparse.Namespace, out: Path) -> None:
             src = "verified" if "verified" in cfg.data else "greedy"
             pool = "verified_pool" if src == "verified" else "greedy"
             rows = len(Path(cfg.data).read_text().splitlines())
-            if cfg.loss == "gkd":
+            if cfg.loss == "gkd" and cfg.lmbda == 0.0:  # the teacher's scores of its own answers: kept at generation
+                tokens = cost[pool]["teacher_tokens"]
+                data = f"{rows} {src} answers with the teacher's scores, {cfg.epochs} passes"
+            elif cfg.loss == "gkd":
                 tokens = info.get("teacher_scored_tokens", 0)
                 data = f"own samples on {rows} prompts, {cfg.epochs} pass, scored by the teacher" + (
                     " over HTTP (top-20)" if cfg.score_teacher else "")
