@@ -121,7 +121,7 @@ UNTRAINED: dict[str, tuple[str, str | None]] = {"gemma-base": ("bundled:gemma3-2
 template's own): the other family's starting point, so a Gemma student's gain is its own (``gemma-base``), and
 the bundled model that ``sft-full`` and ``gkd-full`` start from (``smol-start``)."""
 COST = {"gemma-star": 6.0, "gemma-sft": 7.0, "gkd": 3.0, "gkd-bb": 3.5, "star-self": 4.0, "sft-full": 3.0,
-        "gkd-full": 6.0, **{name: 1.5 for name in STUDENTS if name.startswith("gkd-low")}}
+        "gkd-full": 6.0, **{name: 1.5 for name in STUDENTS if name.startswith(("gkd-low", "kd-low"))}}
 """A job's relative cost (1 when not listed): the scheduler starts the costliest first."""
 HALVES = ("greedy-first", "greedy-second")
 """The teacher's greedy answers split in two (first and second half of the training problems)."""
